@@ -1,0 +1,67 @@
+"""Parameter gradients from the adjoint solution of the reduced KKT system.
+
+With the active set J and the symmetric reduced KKT matrix
+
+    K = [[P, Aᵀ, C_Jᵀ], [A, 0, 0], [C_J, 0, 0]],
+
+the adjoint ``y = (y_z, y_λ, y_μ) = K⁻¹ (ḡ_z, ḡ_λ, ḡ_μJ)`` gives (DESIGN-NOTES §1)
+
+    ∇q = −y_z      ∇b = y_λ      ∇d_J = y_μ      ∇P = −½(y_z zᵀ + z y_zᵀ)
+    ∇A = −(λ y_zᵀ + y_λ zᵀ)      ∇C_J = −(μ_J y_zᵀ + y_μ zᵀ)
+
+and zero for inactive rows. The functions here evaluate these formulas, batched, in torch
+(any device), or on a sparsity pattern without densifying.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+import torch
+
+
+def dense_grads(y_z: torch.Tensor, y_lam: Optional[torch.Tensor], y_mu: Optional[torch.Tensor],
+                z: torch.Tensor, lam: Optional[torch.Tensor], mu: Optional[torch.Tensor],
+                active: Optional[torch.Tensor]):
+    """Dense gradients for a batch.
+
+    Parameters
+    ----------
+    y_z : (B, n)
+    y_lam : (B, p) or None
+    y_mu : (B, m) or None
+        Adjoint for the inequality rows (any value on inactive rows; it is masked here).
+    z : (B, n)
+    lam : (B, p) or None
+    mu : (B, m) or None
+    active : (B, m) bool or None
+
+    Returns
+    -------
+    tuple
+        ``(dP, dq, dC, dd, dA, db)`` with shapes ``(B,n,n), (B,n), (B,m,n), (B,m), (B,p,n), (B,p)``
+        (``None`` for absent constraints).
+    """
+    dq = -y_z
+    dP = -0.5 * (y_z.unsqueeze(-1) * z.unsqueeze(-2) + z.unsqueeze(-1) * y_z.unsqueeze(-2))
+    dC = dd = dA = db = None
+    if y_mu is not None:
+        a = active.to(y_mu.dtype)
+        y_mu = y_mu * a
+        mu_a = mu * a
+        dd = y_mu
+        dC = -(mu_a.unsqueeze(-1) * y_z.unsqueeze(-2) + y_mu.unsqueeze(-1) * z.unsqueeze(-2))
+    if y_lam is not None:
+        db = y_lam
+        dA = -(lam.unsqueeze(-1) * y_z.unsqueeze(-2) + y_lam.unsqueeze(-1) * z.unsqueeze(-2))
+    return dP, dq, dC, dd, dA, db
+
+
+def pattern_grad(u: np.ndarray, v: np.ndarray, w: np.ndarray, x: np.ndarray,
+                 rows: np.ndarray, cols: np.ndarray, scale: float = -1.0) -> np.ndarray:
+    """Gradient ``scale·(u vᵀ + w xᵀ)`` evaluated only at ``(rows[k], cols[k])``, in that order.
+
+    Used for sparse parameters: the result is aligned with the tensor's stored values, explicit
+    zeros included, and no dense matrix is formed.
+    """
+    return scale * (u[rows] * v[cols] + w[rows] * x[cols])

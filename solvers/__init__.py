@@ -1,0 +1,13 @@
+"""Forward solvers of dqp (installed as ``dqp.solvers``)."""
+from dqp.solvers.base import (  # noqa: F401
+    ForwardSolver,
+    RawSolution,
+    available_solvers,
+    get_solver,
+    register_solver,
+    registered_solvers,
+    resolve_solver_name,
+    solver_table,
+)
+from dqp.solvers import qpsolvers_backend  # noqa: F401,E402  (registers the qpsolvers backends)
+from dqp.solvers import ipm  # noqa: F401,E402  (registers the built-in interior-point method)
