@@ -1,1 +1,23 @@
-"""x"""
+"""dqp: differentiable quadratic programming layers for PyTorch.
+
+``min ½zᵀPz + qᵀz  s.t.  Cz ≤ d,  Az = b`` as a layer, with gradients to P, q, C, d, A, b.
+
+* ``from dqp import dQP`` — ``dQP.build_settings(...)`` and ``dQP.dQP_layer(settings=...)``: any
+  :mod:`qpsolvers` backend forward (dense or sparse), exact active-set KKT backward.
+* ``from dqp.qpth import QPFunction`` — the qpth/OptNet API on the built-in batched
+  interior-point method (CPU or GPU).
+"""
+import logging as _logging
+
+from dqp import dQP  # noqa: F401
+from dqp.errors import (  # noqa: F401
+    DQPError, InfeasibleError, InputError, LayoutError, MaxIterationsError, NonFiniteError, NotPSDError,
+    NotSymmetricError, SettingsError, ShapeError, SolveError, SolverFailedError, SolverNotAvailableError,
+    Status, UnboundedError,
+)
+from dqp.layer import dQP_layer  # noqa: F401
+from dqp.result import QPOutput, SolveInfo  # noqa: F401
+from dqp.settings import Settings, build_settings  # noqa: F401
+
+__version__ = "0.1.0"
+_logging.getLogger("dqp").addHandler(_logging.NullHandler())

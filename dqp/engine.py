@@ -1,0 +1,244 @@
+"""The element-wise engine: black-box forward, active-set polish, and the KKT backward.
+
+For each batch element (NumPy float64 on the CPU):
+
+1. the forward solver returns an approximate primal-dual point;
+2. :func:`detect_active` classifies the inequalities from the slack *and* the dual, each scaled;
+3. :func:`polish` solves the reduced KKT system on that set and verifies the result (primal
+   feasible, duals nonnegative); with ``refine_active`` it repairs the set until the check holds.
+   A verified point satisfies the KKT conditions of the convex QP, so it is the exact solution
+   whatever the forward solver's accuracy;
+4. the same factorization serves :func:`backward_element`.
+"""
+from __future__ import annotations
+
+import logging
+import time
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import List, Optional, Sequence, Tuple
+
+import numpy as np
+import scipy.sparse as sp
+
+from dqp.errors import Status
+from dqp.kkt import RobustKKT, auto_linsolver
+from dqp.linsolve import get_linsolver
+from dqp.settings import Settings
+from dqp.solvers.base import ForwardSolver, RawSolution
+
+logger = logging.getLogger("dqp")
+
+
+@dataclass
+class ElementResult:
+    """Forward result of one element (kept for its backward)."""
+
+    z: np.ndarray
+    lam: np.ndarray
+    mu: np.ndarray
+    active: np.ndarray
+    status: Status
+    kkt: Optional[RobustKKT] = None
+    verified: bool = False
+    refine_iterations: int = 0
+    n_weak: int = 0
+    iterations: Optional[int] = None
+    solve_time: float = 0.0
+    message: str = ""
+    residuals: Tuple[float, float, float] = (0.0, 0.0, 0.0)
+
+
+def _mv(M, x):
+    return M @ x
+
+
+def detect_active(C, d: np.ndarray, x: np.ndarray, mu: Optional[np.ndarray], eps: float) -> Tuple[np.ndarray, int]:
+    """Active inequalities from the slack and (when given) the dual, each scaled.
+
+    Constraint ``i`` is active when ``d_i − C_i x ≤ eps·(1+|d_i|)`` or ``μ_i > eps·max(1, ‖μ‖∞)``.
+    Returns the mask and the number of weakly active constraints (small slack *and* small dual).
+    """
+    slack = d - _mv(C, x)
+    near = slack <= eps * (1.0 + np.abs(d))
+    if mu is None:
+        return near, 0
+    big = mu > eps * max(1.0, float(np.max(np.abs(mu), initial=0.0)))
+    weak = int(np.count_nonzero(near & ~big))
+    return near | big, weak
+
+
+def polish(P, q, C, d, A, b, active: np.ndarray, solver, sparse: bool, eps: float, refine: bool,
+           max_iter: int):
+    """Solve the reduced KKT on ``active`` and verify; repair the set when ``refine``.
+
+    Returns ``(z, lam, mu_full, active, kkt, verified, iterations)``.
+    """
+    n = P.shape[0]
+    p = 0 if A is None else A.shape[0]
+    m = 0 if C is None else C.shape[0]
+    active = active.copy()
+    best = None
+    for it in range(max_iter + 1):
+        J = np.flatnonzero(active)
+        CJ = None if C is None else (C[J] if not sp.issparse(C) else C.tocsr()[J].tocsc())
+        kkt = RobustKKT(P, A, CJ, sparse, solver)
+        rhs = np.concatenate([-q, b if b is not None else np.zeros(0), d[J] if m else np.zeros(0)])
+        sol = kkt.solve(rhs)
+        z, lam, muJ = sol[:n], sol[n:n + p], sol[n + p:]
+        mu = np.zeros(m)
+        mu[J] = muJ
+        if not np.all(np.isfinite(sol)):
+            return None
+        viol = np.zeros(m) if m == 0 else (_mv(C, z) - d) - eps * (1.0 + np.abs(d))
+        if m:
+            viol[J] = -np.inf
+        mu_scale = eps * max(1.0, float(np.max(np.abs(muJ), initial=0.0)))
+        neg = muJ < -mu_scale
+        bad_primal = m and np.any(viol > 0)
+        verified = not bad_primal and not np.any(neg)
+        score = (max(float(np.max(viol, initial=0.0)), 0.0) + float(np.sum(np.maximum(-muJ - mu_scale, 0.0))))
+        if best is None or score < best[0]:
+            best = (score, z, lam, mu, active.copy(), kkt, verified, it)
+        if verified or not refine or it == max_iter:
+            break
+        if bad_primal:
+            active[viol > 0] = True
+        else:
+            active[J[neg]] = False
+    _, z, lam, mu, active, kkt, verified, it = best
+    return z, lam, mu, active, kkt, verified, it
+
+
+def residuals(P, q, C, d, A, b, z, lam, mu) -> Tuple[float, float, float]:
+    """Primal infeasibility, dual (stationarity) residual, complementarity (all ∞-norms)."""
+    r_dual = _mv(P, z) + q
+    r_prim = 0.0
+    comp = 0.0
+    if A is not None:
+        r_dual = r_dual + A.T @ lam
+        r_prim = float(np.max(np.abs(_mv(A, z) - b), initial=0.0))
+    if C is not None:
+        r_dual = r_dual + C.T @ mu
+        s = d - _mv(C, z)
+        r_prim = max(r_prim, float(np.max(np.maximum(-s, 0.0), initial=0.0)))
+        comp = float(np.max(np.abs(mu * s), initial=0.0))
+    return r_prim, float(np.max(np.abs(r_dual), initial=0.0)), comp
+
+
+def classify_failure(P, q, C, d, A, b) -> Status:
+    """Decide primal/dual infeasibility with Clarabel when a solver failed without saying why."""
+    try:
+        from dqp.solvers import get_solver
+
+        ref = get_solver("clarabel").solve(P, q, C, d, A, b)
+    except Exception:  # pragma: no cover - clarabel is a core dependency
+        return Status.SOLVER_ERROR
+    if ref.status in (Status.PRIMAL_INFEASIBLE, Status.DUAL_INFEASIBLE):
+        return ref.status
+    return Status.SOLVER_ERROR
+
+
+class Engine:
+    """Runs the forward and backward of the element-wise (black-box solver) path."""
+
+    def __init__(self, settings: Settings, solver: ForwardSolver, lin_solver_name: str):
+        self.settings = settings
+        self.solver = solver
+        self.lin_solver_name = lin_solver_name
+        self._pool: Optional[ThreadPoolExecutor] = None
+        self.warm: List[Optional[Tuple[np.ndarray, ...]]] = []
+
+    # -- forward -----------------------------------------------------------------------------
+    def _linsolver(self, sparse: bool, size: int):
+        name = self.lin_solver_name if self.lin_solver_name != "auto" else auto_linsolver(sparse, size)
+        return get_linsolver(name)
+
+    def solve_element(self, data, sparse: bool, warm=None) -> ElementResult:
+        s = self.settings
+        P, q, C, d, A, b = data
+        n, m, p = P.shape[0], 0 if C is None else C.shape[0], 0 if A is None else A.shape[0]
+        kw = {**self.solver.tolerance_keywords(s.eps_abs, s.eps_rel), **s.qp_solver_keywords}
+        if s.verbose:
+            kw.setdefault("verbose", True)
+        initvals = None if warm is None else warm[0]
+        t0 = time.perf_counter()
+        raw: RawSolution = self.solver.solve(P, q, C, d, A, b, initvals=initvals, keywords=kw)
+        solve_time = raw.info.get("time", time.perf_counter() - t0)
+        if raw.x is None:
+            status = raw.status
+            if status == Status.SOLVER_ERROR:
+                status = classify_failure(P, q, C, d, A, b)
+            msg = raw.info.get("error", "") or raw.info.get("raw_status", "")
+            return ElementResult(np.zeros(n), np.zeros(p), np.zeros(m), np.zeros(m, bool), status,
+                                 solve_time=solve_time, message=msg, iterations=raw.iterations)
+        mu0 = raw.z if (s.dual_available and raw.z is not None) else None
+        if m:
+            active, n_weak = detect_active(C, d, raw.x, mu0, s.eps_active)
+        else:
+            active, n_weak = np.zeros(0, bool), 0
+        linsolver = self._linsolver(sparse, n + p + m)
+        out = polish(P, q, C, d, A, b, active, linsolver, sparse, s.eps_active, s.refine_active,
+                     s.max_refine_iter if s.refine_active else 0)
+        message = ""
+        if out is None:
+            status = Status.NUMERICAL
+            return ElementResult(np.zeros(n), np.zeros(p), np.zeros(m), np.zeros(m, bool), status,
+                                 solve_time=solve_time, message="non-finite polished solution")
+        z, lam, mu, active, kkt, verified, it = out
+        status = Status.SOLVED
+        if raw.status != Status.SOLVED:
+            if verified:
+                message = f"solver reported {raw.status.name}; the polished solution passed the KKT check"
+            else:
+                status = raw.status
+                message = "solver failed and the polish could not be verified"
+        elif not verified:
+            # keep the solver's own primal-dual point: the set could not be made consistent
+            z = raw.x
+            lam = raw.y if raw.y is not None else lam
+            mu = np.maximum(raw.z, 0.0) if raw.z is not None else mu
+            message = ("active set could not be verified (degenerate problem or inaccurate solver); "
+                       "returned the solver's point, gradients use the detected active set")
+        mu = np.where(active, np.maximum(mu, 0.0), 0.0) if m else mu
+        res = residuals(P, q, C, d, A, b, z, lam, mu)
+        return ElementResult(z, lam, mu, active, status, kkt, verified, it, n_weak, raw.iterations,
+                             solve_time, message, res)
+
+    def forward(self, batch) -> List[ElementResult]:
+        nb = batch.numpy()
+        B = batch.B
+        if len(self.warm) != B:
+            self.warm = [None] * B
+        use_warm = self.settings.warm_start_from_previous
+
+        def run(i):
+            return self.solve_element(nb.element(i), batch.sparse, self.warm[i] if use_warm else None)
+
+        if self.settings.omp_parallel and B > 1:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(max_workers=self.settings.n_cpu, thread_name_prefix="dqp")
+            results = list(self._pool.map(run, range(B)))
+        else:
+            results = [run(i) for i in range(B)]
+        if use_warm:
+            self.warm = [(r.z, r.lam, r.mu) if r.status == Status.SOLVED else None for r in results]
+        return results
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False)
+            self._pool = None
+
+    # -- backward ----------------------------------------------------------------------------
+    @staticmethod
+    def backward_element(r: ElementResult, gz: np.ndarray, glam: np.ndarray, gmu: np.ndarray):
+        """Adjoint solve ``K y = (ḡ_z, ḡ_λ, ḡ_μJ)``; returns ``(y_z, y_lam, y_mu_full, residual)``."""
+        n, p, m = len(r.z), len(r.lam), len(r.mu)
+        J = np.flatnonzero(r.active)
+        rhs = np.concatenate([gz, glam, gmu[J]])
+        y = r.kkt.solve(rhs)
+        y_mu = np.zeros(m)
+        y_mu[J] = y[n + p:]
+        return y[:n], y[n:n + p], y_mu, r.kkt.residual

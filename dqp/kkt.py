@@ -1,0 +1,145 @@
+"""Reduced KKT systems: assembly and a robust factorization shared by the polish and the backward.
+
+``K = [[P, Aᵀ, C_Jᵀ], [A, 0, 0], [C_J, 0, 0]]`` is factorized once per forward call. When ``K``
+is singular (dependent active rows, or P only semidefinite on the null space of the constraints),
+the direct factorization fails or is inaccurate; :class:`RobustKKT` then factorizes the
+quasi-definite regularization ``K + diag(δI, −δI)`` and applies iterative refinement against the
+true ``K``. For a consistent right-hand side this converges to a solution of ``K y = r`` with a small
+null-space component (a regularized, minimum-norm-like choice). The path taken is recorded.
+"""
+from __future__ import annotations
+
+import logging
+import warnings
+from typing import Optional, Tuple
+
+import numpy as np
+import scipy.sparse as sp
+
+from dqp.linsolve import get_linsolver
+from dqp.linsolve.base import Factorization, LinearSolver
+
+logger = logging.getLogger("dqp")
+
+#: paths recorded in the diagnostics
+DIRECT, REGULARIZED = "direct", "regularized"
+
+
+class SingularKKTWarning(UserWarning):
+    """The reduced KKT matrix was singular; a regularized solve was used (warned once)."""
+
+
+_warned_singular = False
+
+
+def assemble_kkt(P, A, CJ, sparse: bool, reg: float = 0.0):
+    """Assemble ``[[P + reg·I, Aᵀ, C_Jᵀ], [A, −reg·I, 0], [C_J, 0, −reg·I]]``.
+
+    ``A`` and ``CJ`` may be ``None`` or have zero rows. Returns a SciPy CSC matrix when ``sparse``,
+    else a dense ndarray.
+    """
+    n = P.shape[0]
+    blocks = [M for M in (A, CJ) if M is not None and M.shape[0] > 0]
+    if sparse:
+        G = sp.vstack([sp.csc_matrix(M) for M in blocks], format="csc") if blocks else sp.csc_matrix((0, n))
+        k = G.shape[0]
+        Pm = sp.csc_matrix(P) + reg * sp.eye(n, format="csc") if reg else sp.csc_matrix(P)
+        if k == 0:
+            return Pm.tocsc()
+        D = -reg * sp.eye(k, format="csc") if reg else sp.csc_matrix((k, k))
+        return sp.bmat([[Pm, G.T], [G, D]], format="csc")
+    G = np.vstack([np.asarray(M.toarray() if sp.issparse(M) else M) for M in blocks]) if blocks else np.zeros((0, n))
+    k = G.shape[0]
+    Pd = np.asarray(P.toarray() if sp.issparse(P) else P, dtype=np.float64)
+    K = np.zeros((n + k, n + k))
+    K[:n, :n] = Pd + reg * np.eye(n)
+    K[:n, n:] = G.T
+    K[n:, :n] = G
+    K[n:, n:] = -reg * np.eye(k)
+    return K
+
+
+class RobustKKT(Factorization):
+    """Factorization of a reduced KKT matrix with a regularized fallback.
+
+    Parameters
+    ----------
+    P, A, CJ
+        Blocks of ``K`` (NumPy or SciPy; ``A``/``CJ`` may be ``None``).
+    sparse : bool
+        Assemble ``K`` sparse (CSC) or dense.
+    solver : LinearSolver
+        Factorizes ``K`` (and its regularization when needed).
+    delta : float
+        Regularization for the fallback.
+
+    Attributes
+    ----------
+    path : str
+        ``"direct"`` or ``"regularized"``.
+    residual : float
+        Relative residual of the last solve (after refinement): an estimate of the solve's error.
+    """
+
+    def __init__(self, P, A, CJ, sparse: bool, solver: LinearSolver, delta: float = 1e-9,
+                 refine_steps: int = 10):
+        self.n = P.shape[0]
+        self.K = assemble_kkt(P, A, CJ, sparse)
+        self.solver = solver
+        self.refine_steps = refine_steps
+        self.residual = 0.0
+        self.path = DIRECT
+        self._F: Optional[Factorization] = None
+        scale = float(abs(self.K).max()) if self.K.shape[0] else 1.0
+        self._tol = 1e-10
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                F = solver.factor(self.K)
+                probe = np.random.default_rng(0).standard_normal(self.K.shape[0])
+                rhs = self.K @ probe
+                err = np.linalg.norm(F.solve(rhs) - probe) / max(np.linalg.norm(probe), 1e-300)
+            if np.isfinite(err) and err < 1e-6:
+                self._F = F
+        except Exception as exc:  # any factorization failure -> regularize
+            logger.debug("direct KKT factorization failed: %s", exc)
+        if self._F is None:
+            self.path = REGULARIZED
+            d = delta * max(scale, 1.0)
+            Kreg = assemble_kkt(P, A, CJ, sparse, reg=d)
+            try:
+                self._F = solver.factor(Kreg)
+            except Exception:  # e.g. QDLDL on an awkward pattern: SuperLU always works on Kreg
+                from dqp.linsolve.scipy_solvers import SuperLUSolver
+                self._F = SuperLUSolver().factor(sp.csc_matrix(Kreg))
+            global _warned_singular
+            if not _warned_singular:
+                _warned_singular = True
+                warnings.warn("The reduced KKT matrix is singular (dependent active constraints or a "
+                              "semidefinite P): using a regularized solve with iterative refinement. "
+                              "See layer.info.backward_path; this warning is shown once.",
+                              SingularKKTWarning, stacklevel=3)
+
+    def solve(self, rhs: np.ndarray) -> np.ndarray:
+        rhs = np.asarray(rhs, dtype=np.float64)
+        x = self._F.solve(rhs)
+        norm_r = max(np.linalg.norm(rhs), 1e-300)
+        steps = self.refine_steps if self.path == REGULARIZED else 2
+        res = np.linalg.norm(rhs - self.K @ x) / norm_r
+        for _ in range(steps):
+            if not np.isfinite(res) or res < 1e-14:
+                break
+            x_new = x + self._F.solve(rhs - self.K @ x)
+            res_new = np.linalg.norm(rhs - self.K @ x_new) / norm_r
+            if not res_new < res:
+                break
+            x, res = x_new, res_new
+        self.residual = float(res)
+        return x
+
+
+def auto_linsolver(sparse: bool, size: int) -> str:
+    """The linear solver ``lin_solver='auto'`` picks for a KKT system of this format and size."""
+    if sparse or size > 3000:
+        return "qdldl"
+    return "scipy_lu"

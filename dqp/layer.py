@@ -1,0 +1,281 @@
+"""The dQP layer: ``nn.Module`` front door of dqp."""
+from __future__ import annotations
+
+import logging
+import time
+from typing import Optional, Tuple
+
+import numpy as np
+import torch
+from torch import nn
+
+from dqp.autograd import QPFunction, Work, run_forward
+from dqp.engine import Engine
+from dqp.errors import SettingsError, Status, error_for_statuses
+from dqp.problem import QPBatch, SparseArg, validate
+from dqp.result import QPOutput, SolveInfo
+from dqp.settings import Settings, build_settings
+
+logger = logging.getLogger("dqp")
+
+
+def _row_scale_dense(M: torch.Tensor) -> torch.Tensor:
+    r = M.norm(dim=-1)
+    return torch.where(r > 0, r, torch.ones_like(r))
+
+
+def _row_scale_sparse(M: SparseArg, B: int) -> Tuple[SparseArg, torch.Tensor]:
+    """Scale each row of a sparse argument to unit norm (differentiably); returns (scaled, norms (B, rows))."""
+    norms, new_vals = [], []
+    count = 1 if M.shared else B
+    for k in range(count):
+        lo, nnz = M.offsets[k], len(M.rows[k])
+        v = M.values[lo:lo + nnz]
+        rows = torch.as_tensor(M.rows[k], device=v.device)
+        sq = torch.zeros(M.shape[0], dtype=v.dtype, device=v.device).index_add(0, rows, v * v)
+        r = torch.where(sq > 0, sq.sqrt(), torch.ones_like(sq))
+        norms.append(r)
+        new_vals.append(v / r[rows])
+    vals = new_vals[0] if count == 1 else torch.cat(new_vals)
+    r = torch.stack(norms)
+    if M.shared:
+        r = r.expand(B, -1)
+    return SparseArg(vals, M.ccols, M.rows, M.offsets, M.shape, M.shared), r
+
+
+def normalize_rows(batch: QPBatch) -> Tuple[QPBatch, Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """Scale the rows of C and A (and d, b) to unit norm; return the batch and the row norms."""
+    rC = rA = None
+    C, d, A, b = batch.C, batch.d, batch.A, batch.b
+    if C is not None:
+        if isinstance(C, SparseArg):
+            C, rC = _row_scale_sparse(C, batch.B)
+        else:
+            rC = _row_scale_dense(C)
+            C = C / rC.unsqueeze(-1)
+        d = d / rC
+    if A is not None:
+        if isinstance(A, SparseArg):
+            A, rA = _row_scale_sparse(A, batch.B)
+        else:
+            rA = _row_scale_dense(A)
+            A = A / rA.unsqueeze(-1)
+        b = b / rA
+    out = QPBatch(batch.P, batch.q, C, d, A, b, batch.B, batch.n, batch.m, batch.p, batch.batched,
+                  batch.sparse, batch.dtype, batch.device)
+    return out, rC, rA
+
+
+def _data(M):
+    return M.values if isinstance(M, SparseArg) else M
+
+
+class dQP_layer(nn.Module):  # noqa: N801  (the name users know from the reference implementation)
+    """A differentiable QP layer: ``min ½zᵀPz + qᵀz  s.t.  Cz ≤ d,  Az = b``.
+
+    Parameters
+    ----------
+    settings : Settings, optional
+        From :func:`dqp.dQP.build_settings`. Keyword options may be given instead.
+    **options
+        Shortcut for ``settings=build_settings(**options)``.
+
+    Attributes
+    ----------
+    active : Tensor or None
+        Active inequality constraints of the last call (bool, ``(m,)`` or ``(B, m)``).
+    info : SolveInfo or None
+        Diagnostics of the last call, per batch element (status, residuals, active-set
+        verification, KKT path, backward residual after ``backward``).
+
+    Examples
+    --------
+    >>> layer = dQP_layer(settings=build_settings(qp_solver="clarabel"))
+    >>> z, lam, mu, _, _ = layer(P, q, C, d)          # doctest: +SKIP
+    """
+
+    def __init__(self, settings: Optional[Settings] = None, **options):
+        super().__init__()
+        if settings is not None and options:
+            raise SettingsError("Pass either settings=... or keyword options, not both.")
+        if settings is not None and not isinstance(settings, Settings):
+            raise SettingsError(f"settings must come from dQP.build_settings(...), got {type(settings).__name__}.")
+        self.settings = settings if settings is not None else build_settings(**options)
+        self.active: Optional[torch.Tensor] = None
+        self.info: Optional[SolveInfo] = None
+        self._engines = {}
+
+    # -- solver choice --------------------------------------------------------------------------
+    def _choose(self, batch: QPBatch) -> Tuple[str, str]:
+        from dqp.solvers import available_solvers, get_solver
+
+        s = self.settings
+        qp = s.qp_solver
+        if qp == "auto":
+            on_gpu = batch.device.type != "cpu"
+            qp = "dqp_ipm" if (not batch.sparse and (on_gpu or batch.B > 16) and "dqp_ipm" in available_solvers()) \
+                else "clarabel"
+            logger.log(logging.INFO if s.verbose else logging.DEBUG,
+                       "qp_solver='auto' picked %r (%s inputs, batch %d, %s)", qp,
+                       "sparse" if batch.sparse else "dense", batch.B, batch.device)
+        solver = get_solver(qp)
+        if batch.sparse and not solver.sparse and not solver.dense:  # pragma: no cover
+            raise SettingsError(f"qp_solver={qp!r} accepts neither dense nor sparse matrices.")
+        if solver.batched and batch.sparse:
+            raise SettingsError(f"qp_solver={qp!r} is a batched dense solver; it does not take sparse input. "
+                                f"Use solve_type='dense' (P.to_dense()) or a sparse qp_solver such as 'clarabel'.")
+        lin = s.lin_solver
+        if solver.batched:
+            if lin not in ("auto", "torch"):
+                raise SettingsError(f"qp_solver={qp!r} runs on torch tensors and differentiates with the batched "
+                                    f"torch KKT solver; use lin_solver='torch' or 'auto' (got {lin!r}).")
+            lin = "torch"
+        elif lin == "torch":
+            raise SettingsError("lin_solver='torch' pairs with the batched qp_solver='dqp_ipm'; for element-wise "
+                                "solvers pick a CPU linear solver (e.g. 'qdldl', 'scipy_lu') or 'auto'.")
+        return qp, lin
+
+    def _engine(self, qp: str, lin: str) -> Engine:
+        from dqp.solvers import get_solver
+
+        key = (qp, lin)
+        if key not in self._engines:
+            self._engines[key] = Engine(self.settings, get_solver(qp), lin)
+        return self._engines[key]
+
+    # -- call ---------------------------------------------------------------------------------
+    def forward(self, P: torch.Tensor, q: torch.Tensor, C: Optional[torch.Tensor] = None,
+                d: Optional[torch.Tensor] = None, A: Optional[torch.Tensor] = None,
+                b: Optional[torch.Tensor] = None) -> QPOutput:
+        """Solve the QP(s) and return ``(z, lam, mu, solve_time, forward_time)``.
+
+        Parameters
+        ----------
+        P : Tensor
+            ``(n, n)`` or ``(B, n, n)`` symmetric PSD; a torch sparse CSC tensor (or a list of them for a
+            batch) with ``solve_type="sparse"``.
+        q : Tensor
+            ``(n,)`` or ``(B, n)``.
+        C, d : Tensor, optional
+            Inequalities ``C z ≤ d``: ``(m, n)``/``(B, m, n)`` and ``(m,)``/``(B, m)``.
+        A, b : Tensor, optional
+            Equalities ``A z = b``: ``(p, n)``/``(B, p, n)`` and ``(p,)``/``(B, p)``.
+
+        Any argument may be batched or shared; a shared argument's gradient is the sum over the
+        batch. Outputs have the dtype and device of ``q``.
+
+        Raises
+        ------
+        InputError
+            Malformed data (:class:`ShapeError`, :class:`NonFiniteError`, ...).
+        SolveError
+            An element failed (:class:`InfeasibleError`, :class:`UnboundedError`, ...) and
+            ``on_failure='raise'``; the message names the batch elements.
+        """
+        s = self.settings
+        t_start = time.perf_counter()
+        batch = validate(P, q, C, d, A, b, sparse=s.solve_type == "sparse", check_psd=s.check_PSD)
+        rC = rA = None
+        if s.normalize_constraints:
+            batch, rC, rA = normalize_rows(batch)
+        qp, lin = self._choose(batch)
+        inputs = (_data(batch.P), batch.q, _data(batch.C), batch.d, _data(batch.A), batch.b)
+        needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs)
+        from dqp.solvers import get_solver
+
+        if get_solver(qp).batched:
+            z, lam, mu, info = self._forward_batched(batch, qp)
+        else:
+            engine = self._engine(qp, lin)
+            work = Work(engine, batch)
+            info = SolveInfo(qp_solver=qp, lin_solver=lin)
+            work.info = info
+            if needs_grad:
+                z, lam, mu = QPFunction.apply(work, *inputs)
+            else:
+                with torch.no_grad():
+                    z, lam, mu = run_forward(work)
+            rs = work.results
+            info.status = [r.status for r in rs]
+            info.active = [r.active for r in rs]
+            info.n_weakly_active = [r.n_weak for r in rs]
+            info.verified = [r.verified for r in rs]
+            info.refine_iterations = [r.refine_iterations for r in rs]
+            info.primal_residual = [r.residuals[0] for r in rs]
+            info.dual_residual = [r.residuals[1] for r in rs]
+            info.complementarity = [r.residuals[2] for r in rs]
+            info.kkt_path = [r.kkt.path if r.kkt is not None else "none" for r in rs]
+            info.iterations = [r.iterations for r in rs]
+            info.solve_time = [r.solve_time for r in rs]
+            info.messages = [r.message for r in rs]
+            if lin == "auto":
+                info.lin_solver = "auto (qdldl)" if batch.sparse else "auto (scipy_lu)"
+        self.info = info
+        if s.on_failure == "raise":
+            err = error_for_statuses(info.status, qp, info.messages)
+            if err is not None:
+                raise err
+        elif info.failed:
+            logger.warning("dQP: %d of %d batch elements failed (statuses in layer.info.status); their "
+                           "outputs and gradients are zero.", len(info.failed), batch.B)
+        if rC is not None:
+            mu = mu / rC
+        if rA is not None:
+            lam = lam / rA
+        active = torch.as_tensor(np.stack(info.active)) if batch.m else torch.zeros(batch.B, 0, dtype=torch.bool)
+        if not batch.batched and not s.empty_batch:
+            z, lam, mu, active = z[0], lam[0], mu[0], active[0]
+        self.active = active
+        solve_time = float(sum(info.solve_time)) if s.time else None
+        fwd_time = time.perf_counter() - t_start if s.time else None
+        if s.verbose:
+            logger.info("dQP: %s", info.summary())
+        return QPOutput(z, lam, mu, solve_time, fwd_time)
+
+    def _forward_batched(self, batch: QPBatch, qp: str):
+        """The batched (torch) path: the built-in interior-point method and batched KKT backward."""
+        from dqp.ipm_layer import solve_qp_batch
+
+        s = self.settings
+        t0 = time.perf_counter()
+        kw = dict(s.qp_solver_keywords)
+        kw.setdefault("eps", s.eps_abs)
+        z, lam, mu, status, active = solve_qp_batch(batch.P, batch.q, batch.C, batch.d, batch.A, batch.b,
+                                                    on_failure="mask", **kw)
+        elapsed = time.perf_counter() - t0
+        B = batch.B
+        st = [Status(int(x)) for x in status.tolist()]
+        info = SolveInfo(qp_solver=qp, lin_solver="torch", status=st,
+                         active=[a for a in (active.cpu().numpy() if active is not None
+                                             else np.zeros((B, 0), bool))],
+                         solve_time=[elapsed / B] * B, messages=[""] * B)
+        if lam is None:
+            lam = batch.q.new_zeros(B, 0)
+        if mu is None:
+            mu = batch.q.new_zeros(B, 0)
+        zd = z.detach()
+        info.primal_residual, info.dual_residual, info.complementarity = _torch_residuals(batch, zd, lam.detach(), mu.detach())
+        return z, lam, mu, info
+
+    def extra_repr(self) -> str:
+        s = self.settings
+        return f"qp_solver={s.qp_solver!r}, lin_solver={s.lin_solver!r}, solve_type={s.solve_type!r}"
+
+
+def _torch_residuals(batch: QPBatch, z, lam, mu):
+    """Residuals of a dense batch computed in torch (lists of floats)."""
+    P = batch.P.detach()
+    r_dual = (P @ z.unsqueeze(-1)).squeeze(-1) + batch.q.detach()
+    r_prim = torch.zeros(batch.B, dtype=z.dtype, device=z.device)
+    comp = torch.zeros_like(r_prim)
+    if batch.A is not None:
+        A = batch.A.detach()
+        r_dual = r_dual + (A.transpose(-1, -2) @ lam.unsqueeze(-1)).squeeze(-1)
+        r_prim = (A @ z.unsqueeze(-1)).squeeze(-1).sub(batch.b.detach()).abs().amax(-1)
+    if batch.C is not None:
+        C = batch.C.detach()
+        r_dual = r_dual + (C.transpose(-1, -2) @ mu.unsqueeze(-1)).squeeze(-1)
+        slack = batch.d.detach() - (C @ z.unsqueeze(-1)).squeeze(-1)
+        r_prim = torch.maximum(r_prim, (-slack).clamp_min(0).amax(-1))
+        comp = (mu * slack).abs().amax(-1)
+    return r_prim.tolist(), r_dual.abs().amax(-1).tolist(), comp.tolist()

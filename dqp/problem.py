@@ -1,0 +1,349 @@
+"""Validated QP batches: the data model the layer and the engine share.
+
+:func:`validate` checks the six arguments once (types, layouts, shapes, batch sizes, finiteness,
+symmetry, optionally PSD), broadcasts them to a common batch, and returns a :class:`QPBatch`. The
+engine only reads ``QPBatch``: it never sees raw user input.
+
+Dense matrices are stored as torch tensors with a batch dimension (shared arguments are expanded
+with ``expand``, so autograd sums their gradients over the batch). Sparse matrices are stored as a
+:class:`SparseArg`: one values tensor (the concatenation of each element's CSC values, or a single
+shared one) plus the CSC patterns.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+
+from dqp.errors import (LayoutError, NonFiniteError, NotPSDError, NotSymmetricError, ShapeError)
+
+_NAMES = ("P", "q", "C", "d", "A", "b")
+_SPARSE_LAYOUTS = (torch.sparse_coo, torch.sparse_csr, torch.sparse_csc, torch.sparse_bsr, torch.sparse_bsc)
+
+
+@dataclass
+class SparseArg:
+    """A sparse matrix argument: one CSC pattern per element, values concatenated.
+
+    Attributes
+    ----------
+    values : Tensor
+        Concatenated CSC values (differentiable); for a shared matrix, its values once.
+    ccols, rows : list of ndarray
+        CSC column pointers and row indices per *distinct* matrix.
+    offsets : list of int
+        Start of each distinct matrix's values in ``values``.
+    shape : (rows, cols)
+    shared : bool
+        One matrix for the whole batch.
+    """
+
+    values: torch.Tensor
+    ccols: List[np.ndarray]
+    rows: List[np.ndarray]
+    offsets: List[int]
+    shape: Tuple[int, int]
+    shared: bool
+
+    def index(self, i: int) -> int:
+        return 0 if self.shared else i
+
+    def scipy(self, i: int, values_np: np.ndarray) -> sp.csc_matrix:
+        """Element ``i`` as a SciPy CSC matrix, given the float64 NumPy copy of ``values``."""
+        k = self.index(i)
+        lo = self.offsets[k]
+        nnz = len(self.rows[k])
+        return sp.csc_matrix((values_np[lo:lo + nnz], self.rows[k], self.ccols[k]), shape=self.shape)
+
+    def col_indices(self, k: int) -> np.ndarray:
+        """Column index of each stored value of distinct matrix ``k`` (CSC value order)."""
+        return np.repeat(np.arange(self.shape[1]), np.diff(self.ccols[k]))
+
+
+@dataclass
+class QPBatch:
+    """A validated batch of QPs. Absent constraints are ``None``; ``m``/``p`` are then 0."""
+
+    P: Union[torch.Tensor, SparseArg]
+    q: torch.Tensor
+    C: Union[torch.Tensor, SparseArg, None]
+    d: Optional[torch.Tensor]
+    A: Union[torch.Tensor, SparseArg, None]
+    b: Optional[torch.Tensor]
+    B: int
+    n: int
+    m: int
+    p: int
+    batched: bool
+    sparse: bool
+    dtype: torch.dtype
+    device: torch.device
+
+    def numpy(self) -> "NumpyBatch":
+        """float64 CPU copies for element-wise solvers (one transfer for the whole batch)."""
+        return NumpyBatch(self)
+
+
+class NumpyBatch:
+    """float64 NumPy/SciPy views of a :class:`QPBatch`, element by element."""
+
+    def __init__(self, batch: QPBatch):
+        self.batch = batch
+        conv = lambda t: None if t is None else t.detach().to("cpu", torch.float64).numpy()
+        self._mats = {}
+        for name in ("P", "C", "A"):
+            M = getattr(batch, name)
+            self._mats[name] = (M, conv(M.values) if isinstance(M, SparseArg) else conv(M))
+        self.q, self.d, self.b = conv(batch.q), conv(batch.d), conv(batch.b)
+
+    def matrix(self, name: str, i: int):
+        M, data = self._mats[name]
+        if M is None:
+            return None
+        if isinstance(M, SparseArg):
+            return M.scipy(i, data)
+        return data[i]
+
+    def element(self, i: int):
+        """``(P, q, C, d, A, b)`` of element ``i`` (``None`` for absent constraints)."""
+        return (self.matrix("P", i), self.q[i], self.matrix("C", i),
+                None if self.d is None else self.d[i], self.matrix("A", i),
+                None if self.b is None else self.b[i])
+
+
+def _describe(x) -> str:
+    if isinstance(x, torch.Tensor):
+        return f"tensor of shape {tuple(x.shape)}, layout {x.layout}, dtype {x.dtype}"
+    return type(x).__name__
+
+
+def _check_finite(name: str, t: torch.Tensor, batched: bool) -> None:
+    vals = t.values() if t.layout in _SPARSE_LAYOUTS and t.layout != torch.sparse_coo else (
+        t.coalesce().values() if t.layout == torch.sparse_coo else t)
+    ok = torch.isfinite(vals)
+    if not bool(ok.all()):
+        where = ""
+        if batched and t.layout == torch.strided and t.dim() >= 2:
+            bad = (~ok).reshape(t.shape[0], -1).any(dim=1).nonzero().flatten().tolist()
+            where = f" (batch elements {bad[:10]})"
+        raise NonFiniteError(f"Argument {name} contains NaN or Inf{where}. dqp needs finite problem data; "
+                             f"check the layer that produced {name} (e.g. for exploding values).")
+
+
+def _to_csc(name: str, M: torch.Tensor) -> torch.Tensor:
+    if M.layout == torch.sparse_csc:
+        if M.requires_grad and M.is_leaf:
+            raise LayoutError(
+                f"Argument {name} is a sparse CSC leaf tensor with requires_grad=True; torch cannot "
+                f"accumulate gradients into it. Make the values the leaf instead: "
+                f"vals.requires_grad_(); {name} = torch.sparse_csc_tensor(ccol, row, vals, size), "
+                f"then read vals.grad.")
+        return M
+    if M.layout in (torch.sparse_coo, torch.sparse_csr):
+        return M.to_sparse_csc()  # differentiable; gradients reach the original values in their order
+    raise LayoutError(f"Argument {name}: solve_type='sparse' expects a torch sparse CSC (or COO/CSR) tensor, "
+                      f"got {_describe(M)}. Convert with {name}.to_sparse_csc(), or use solve_type='dense'.")
+
+
+def _sparse_arg(name: str, M, shape_rows: Optional[int], n: int) -> Tuple[SparseArg, int, Optional[int]]:
+    mats = list(M) if isinstance(M, (list, tuple)) else [M]
+    if not mats:
+        raise ShapeError(f"Argument {name} is an empty list; give one sparse matrix or one per batch element.")
+    csc = []
+    for i, Mi in enumerate(mats):
+        if not isinstance(Mi, torch.Tensor):
+            raise LayoutError(f"Argument {name}{'' if len(mats) == 1 else f'[{i}]'} must be a torch sparse tensor, "
+                              f"got {_describe(Mi)}.")
+        if Mi.dim() != 2:
+            raise ShapeError(f"Argument {name}: each sparse matrix must be 2-D, got shape {tuple(Mi.shape)}. "
+                             f"Pass a batch of sparse matrices as a list.")
+        csc.append(_to_csc(name, Mi))
+    shapes = {tuple(c.shape) for c in csc}
+    if len(shapes) != 1:
+        raise ShapeError(f"Argument {name}: all matrices of a batch must have one shape, got {sorted(shapes)}.")
+    (r, c), = shapes
+    if c != n:
+        raise ShapeError(f"Argument {name} has {c} columns but q has {n} entries; expected ({'n' if name == 'P' else 'rows'}, {n}).")
+    ccols = [t.ccol_indices().cpu().numpy().astype(np.int64) for t in csc]
+    rows = [t.row_indices().cpu().numpy().astype(np.int64) for t in csc]
+    nnz = [len(x) for x in rows]
+    offsets = list(np.concatenate([[0], np.cumsum(nnz)[:-1]]).astype(int))
+    values = csc[0].values() if len(csc) == 1 else torch.cat([t.values() for t in csc])
+    B = None if len(csc) == 1 and not isinstance(M, (list, tuple)) else len(csc)
+    return SparseArg(values, ccols, rows, offsets, (r, c), shared=len(csc) == 1), r, B
+
+
+def validate(P, q, C=None, d=None, A=None, b=None, *, sparse: bool = False, check_psd: bool = False,
+             sym_tol: float = 1e-9) -> QPBatch:
+    """Check the problem data and broadcast it to a common batch.
+
+    Parameters
+    ----------
+    P, q, C, d, A, b
+        Problem data (see :class:`dqp.dQP.dQP_layer`). ``C``/``d`` and ``A``/``b`` come in pairs and
+        may be ``None`` (or have zero rows).
+    sparse : bool
+        Whether the matrices are sparse (CSC, or COO/CSR converted differentiably).
+    check_psd : bool
+        Also check that P is positive semidefinite.
+
+    Raises
+    ------
+    ShapeError, NonFiniteError, NotSymmetricError, NotPSDError, LayoutError
+    """
+    args = dict(P=P, q=q, C=C, d=d, A=A, b=b)
+    for mat, vec in (("C", "d"), ("A", "b")):
+        if (args[mat] is None) != (args[vec] is None):
+            given, missing = (mat, vec) if args[mat] is not None else (vec, mat)
+            raise ShapeError(f"Argument {given} is given but {missing} is None; constraints need both "
+                             f"({'C z <= d' if mat == 'C' else 'A z = b'}). Pass both or neither.")
+    if P is None or q is None:
+        raise ShapeError("Arguments P and q are required.")
+    # vectors: dense tensors of one floating dtype and device
+    ref = q
+    if not isinstance(q, torch.Tensor) or q.layout != torch.strided:
+        raise LayoutError(f"Argument q must be a dense torch tensor, got {_describe(q)}.")
+    if not q.is_floating_point():
+        raise LayoutError(f"Argument q must be floating point (float32/float64), got {q.dtype}. Use q.double().")
+    for name, x in args.items():
+        if x is None or (sparse and name in ("P", "C", "A")):
+            continue
+        if not isinstance(x, torch.Tensor):
+            raise LayoutError(f"Argument {name} must be a torch tensor, got {_describe(x)}.")
+        if x.layout != torch.strided:
+            raise LayoutError(f"Argument {name} is sparse ({x.layout}) but solve_type='dense'. Use "
+                              f"solve_type='sparse' (torch CSC tensors), or {name}.to_dense().")
+        if x.dtype != ref.dtype:
+            raise LayoutError(f"Argument {name} has dtype {x.dtype} but q has {ref.dtype}; all arguments must "
+                              f"share one dtype. Convert with .to({ref.dtype}).")
+        if x.device != ref.device:
+            raise LayoutError(f"Argument {name} is on {x.device} but q is on {ref.device}; move all arguments "
+                              f"to one device.")
+    if q.dim() not in (1, 2):
+        raise ShapeError(f"Argument q must have shape (n,) or (B, n), got {tuple(q.shape)}.")
+    n = q.shape[-1]
+    if n == 0:
+        raise ShapeError("Argument q has zero entries: the QP needs at least one variable.")
+    batch_sizes = {}
+    if q.dim() == 2:
+        batch_sizes["q"] = q.shape[0]
+    vec_len = {}
+    for name in ("d", "b"):
+        v = args[name]
+        if v is None:
+            continue
+        if v.dim() not in (1, 2):
+            raise ShapeError(f"Argument {name} must have shape (k,) or (B, k), got {tuple(v.shape)}.")
+        vec_len[name] = v.shape[-1]
+        if v.dim() == 2:
+            batch_sizes[name] = v.shape[0]
+    mats = {}
+    for name, vec in (("P", None), ("C", "d"), ("A", "b")):
+        M = args[name]
+        if M is None:
+            continue
+        rows_expected = n if name == "P" else vec_len[vec]
+        if sparse:
+            if isinstance(M, torch.Tensor) and M.layout == torch.strided:
+                raise LayoutError(f"Argument {name}: solve_type='sparse' expects a torch sparse CSC tensor, got a "
+                                  f"dense tensor. Use {name}.to_sparse_csc() or solve_type='dense'.")
+            arg, r, Bm = _sparse_arg(name, M, rows_expected, n)
+            if r != rows_expected:
+                raise ShapeError(f"Argument {name} has {r} rows but {'q' if name == 'P' else vec} has "
+                                 f"{rows_expected} entries; expected shape ({rows_expected}, {n}).")
+            _check_finite(name, arg.values, False)
+            mats[name] = arg
+            if Bm is not None:
+                batch_sizes[name] = Bm
+        else:
+            if M.dim() not in (2, 3):
+                raise ShapeError(f"Argument {name} must have shape (k, n) or (B, k, n), got {tuple(M.shape)}.")
+            if M.shape[-2:] != (rows_expected, n):
+                raise ShapeError(f"Argument {name} has shape {tuple(M.shape)}; expected (..., {rows_expected}, {n}) "
+                                 f"to match {'q' if name == 'P' else vec + ' and q'}.")
+            if M.dim() == 3:
+                batch_sizes[name] = M.shape[0]
+            mats[name] = M
+    bs = set(batch_sizes.values())
+    if len(bs) > 1:
+        raise ShapeError(f"Batch sizes do not agree: {batch_sizes}. Give every batched argument the same "
+                         f"leading dimension B (unbatched arguments are shared across the batch).")
+    batched = bool(bs)
+    B = bs.pop() if bs else 1
+    if B == 0:
+        raise ShapeError("The batch is empty (B = 0).")
+    for name in ("q", "d", "b") + (() if sparse else ("P", "C", "A")):
+        x = args[name]
+        if x is not None:
+            _check_finite(name, x, x.dim() == (2 if name in "qdb" else 3))
+
+    def expand_vec(v):
+        return None if v is None else (v if v.dim() == 2 else v.unsqueeze(0).expand(B, -1))
+
+    def expand_mat(M):
+        if M is None or isinstance(M, SparseArg):
+            return M
+        return M if M.dim() == 3 else M.unsqueeze(0).expand(B, -1, -1)
+
+    Pm, Cm, Am = expand_mat(mats["P"]), expand_mat(mats.get("C")), expand_mat(mats.get("A"))
+    qv, dv, bv = expand_vec(q), expand_vec(d), expand_vec(b)
+    m = vec_len.get("d", 0)
+    p = vec_len.get("b", 0)
+    if m == 0:
+        Cm = dv = None
+    if p == 0:
+        Am = bv = None
+    batch = QPBatch(Pm, qv, Cm, dv, Am, bv, B, n, m, p, batched, sparse, q.dtype, q.device)
+    _check_symmetric(batch, sym_tol)
+    if check_psd:
+        _check_psd(batch)
+    return batch
+
+
+def _check_symmetric(batch: QPBatch, tol: float) -> None:
+    P = batch.P
+    if isinstance(P, SparseArg):
+        vals = P.values.detach().to("cpu", torch.float64).numpy()
+        for k in range(len(P.rows)):
+            M = P.scipy(k if not P.shared else 0, vals) if not P.shared else P.scipy(0, vals)
+            asym = abs(M - M.T).max() if M.nnz else 0.0
+            scale = 1.0 + (abs(M).max() if M.nnz else 0.0)
+            if asym > tol * scale:
+                where = "" if P.shared else f" (batch element {k})"
+                raise NotSymmetricError(
+                    f"Argument P is not symmetric{where}: max |P - Pᵀ| = {asym:.3g}. dqp needs the full symmetric "
+                    f"matrix (both triangles). If you store one triangle, use P + P.T - diag(P); if P is a "
+                    f"learned matrix, symmetrize it: 0.5 * (P + P.T).")
+            if P.shared:
+                break
+        return
+    Pd = P.detach()
+    asym = (Pd - Pd.transpose(-1, -2)).abs().amax(dim=(-1, -2))
+    scale = 1.0 + Pd.abs().amax(dim=(-1, -2))
+    bad = (asym > tol * scale).nonzero().flatten().tolist()
+    if bad:
+        where = f" (batch elements {bad[:10]})" if batch.batched else ""
+        raise NotSymmetricError(
+            f"Argument P is not symmetric{where}: max |P - Pᵀ| = {float(asym.max()):.3g}. Symmetrize it, "
+            f"e.g. P = 0.5 * (P + P.transpose(-1, -2)), or build it as L @ L.T.")
+
+
+def _check_psd(batch: QPBatch, tol: float = 1e-9) -> None:
+    P = batch.P
+    if isinstance(P, SparseArg):
+        vals = P.values.detach().to("cpu", torch.float64).numpy()
+        mats = [P.scipy(k, vals).toarray() for k in range(1 if P.shared else batch.B)]
+        eig = torch.as_tensor(np.stack([np.linalg.eigvalsh(M) for M in mats]))
+    else:
+        eig = torch.linalg.eigvalsh(P.detach().to(torch.float64))
+    lo = eig[..., 0]
+    scale = 1.0 + eig.abs().amax(dim=-1)
+    bad = (lo < -tol * scale).nonzero().flatten().tolist()
+    if bad:
+        where = f" (batch elements {bad[:10]})" if batch.batched else ""
+        raise NotPSDError(f"Argument P is not positive semidefinite{where}: smallest eigenvalue "
+                          f"{float(lo.min()):.3g}. The QP is then nonconvex. Build P as L @ L.T (+ eps*I), or "
+                          f"turn off check_PSD if you know P is PSD up to rounding.")

@@ -1,0 +1,154 @@
+"""Validated settings of a dQP layer.
+
+:func:`build_settings` is the one place options are checked; the layer trusts the resulting
+:class:`Settings`. The option table in the docs and README is generated from :data:`OPTIONS`.
+"""
+from __future__ import annotations
+
+import difflib
+import os
+from dataclasses import dataclass, field, fields, replace
+from typing import Any, Dict, Mapping, Optional, Tuple
+
+from dqp.errors import SettingsError
+
+#: name -> (default, allowed types, one-line description). The single source of truth.
+OPTIONS: Dict[str, Tuple[Any, tuple, str]] = {
+    "qp_solver": ("auto", (str,), "Forward solver: a registered name (see `dqp.solvers.solver_table()`), "
+                  "or 'auto' (the batched IPM for dense inputs on a GPU, Clarabel otherwise)."),
+    "lin_solver": ("auto", (str,), "Backward linear solver for the reduced KKT system: a registered name "
+                   "(see `dqp.linsolve.linsolver_table()`) or 'auto' (QDLDL for sparse, dense LDL/LU "
+                   "for dense, batched torch for the batched IPM)."),
+    "solve_type": ("dense", (str,), "'dense' (torch dense tensors) or 'sparse' (torch CSC tensors)."),
+    "eps_abs": (1e-8, (float, int), "Absolute tolerance, translated to each solver's own keywords."),
+    "eps_rel": (1e-8, (float, int), "Relative tolerance, translated to each solver's own keywords."),
+    "eps_active": (1e-6, (float, int), "Active-set threshold: constraint i is active when its slack is "
+                   "below eps_active·(1+|d_i|) or its dual above eps_active·(1+‖μ‖∞)."),
+    "dual_available": (True, (bool,), "Use the solver's duals for the active set. False: detect from "
+                       "slacks only and compute the duals from the reduced KKT system."),
+    "normalize_constraints": (False, (bool,), "Scale the rows of C and A to unit norm (differentiably) "
+                              "before solving; duals are reported in the original scale."),
+    "refine_active": (True, (bool,), "Polish the solution on the detected active set and repair the set "
+                      "(add violated rows, drop negative duals) until it is consistent."),
+    "max_refine_iter": (10, (int,), "Maximum repairs of the active set when refine_active=True."),
+    "warm_start_from_previous": (False, (bool,), "Start each solve from the previous call's solution "
+                                 "(per batch element)."),
+    "omp_parallel": (False, (bool,), "Solve the elements of a batch concurrently (thread pool created once)."),
+    "n_cpu": (None, (int, type(None)), "Workers for omp_parallel (default: os.cpu_count())."),
+    "empty_batch": (False, (bool,), "Return outputs with a leading batch dimension of 1 for unbatched "
+                    "inputs (False: unbatched inputs give unbatched outputs)."),
+    "qp_solver_keywords": (None, (dict, type(None)), "Extra keyword arguments passed to the forward solver."),
+    "verbose": (False, (bool,), "Log what the layer chooses and does at INFO level (logger 'dqp'), and "
+                "let the solver print its own output."),
+    "time": (False, (bool,), "Measure and return solve_time and forward_time (seconds); None otherwise."),
+    "check_PSD": (False, (bool,), "Check that P is positive semidefinite (an eigenvalue test) and raise "
+                  "NotPSDError if not."),
+    "on_failure": ("raise", (str,), "'raise': a failed element raises a typed SolveError naming it. "
+                   "'mask': failed elements return zeros, zero gradients and a status in layer.info."),
+}
+
+_CHOICES = {
+    "solve_type": ("dense", "sparse"),
+    "on_failure": ("raise", "mask"),
+}
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Validated layer settings; build with :func:`build_settings`."""
+
+    qp_solver: str = "auto"
+    lin_solver: str = "auto"
+    solve_type: str = "dense"
+    eps_abs: float = 1e-8
+    eps_rel: float = 1e-8
+    eps_active: float = 1e-6
+    dual_available: bool = True
+    normalize_constraints: bool = False
+    refine_active: bool = True
+    max_refine_iter: int = 10
+    warm_start_from_previous: bool = False
+    omp_parallel: bool = False
+    n_cpu: Optional[int] = None
+    empty_batch: bool = False
+    qp_solver_keywords: Mapping[str, Any] = field(default_factory=dict)
+    verbose: bool = False
+    time: bool = False
+    check_PSD: bool = False
+    on_failure: str = "raise"
+
+    def replace(self, **changes: Any) -> "Settings":
+        """A copy with some options changed (validated again)."""
+        return build_settings(**{**self.as_dict(), **changes})
+
+    def as_dict(self) -> Dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+def build_settings(**options: Any) -> Settings:
+    """Validate options and return :class:`Settings`.
+
+    Parameters
+    ----------
+    **options
+        Any of the options in :data:`OPTIONS` (see the docs' options table).
+
+    Raises
+    ------
+    SettingsError
+        An unknown option, a wrong type or an out-of-range value; the message lists valid choices.
+    SolverNotAvailableError
+        ``qp_solver`` or ``lin_solver`` names a known solver that is not installed; the message
+        gives the pip command.
+    """
+    from dqp.linsolve import get_linsolver, resolve_linsolver_name  # registries (lazy: avoid cycles)
+    from dqp.solvers import get_solver, resolve_solver_name
+
+    unknown = [k for k in options if k not in OPTIONS]
+    if unknown:
+        hints = []
+        for k in unknown:
+            close = difflib.get_close_matches(k, OPTIONS, n=1)
+            hints.append(f"{k!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+        raise SettingsError(f"Unknown option(s) {', '.join(hints)}. Valid options: {', '.join(OPTIONS)}.")
+    values: Dict[str, Any] = {k: v[0] for k, v in OPTIONS.items()}
+    values.update(options)
+    for k, v in values.items():
+        default, types, _ = OPTIONS[k]
+        if isinstance(v, bool) and bool not in types:
+            raise SettingsError(f"Option {k!r} expects {_typename(types)}, got bool {v!r}.")
+        if not isinstance(v, types):
+            raise SettingsError(f"Option {k!r} expects {_typename(types)}, got {type(v).__name__} {v!r}.")
+        if k in _CHOICES and v not in _CHOICES[k]:
+            raise SettingsError(f"Option {k!r} must be one of {_CHOICES[k]}, got {v!r}.")
+    for k in ("eps_abs", "eps_rel", "eps_active"):
+        if not (0 < float(values[k]) < 1):
+            raise SettingsError(f"Option {k!r} must lie in (0, 1), got {values[k]!r}.")
+        values[k] = float(values[k])
+    if values["max_refine_iter"] < 0:
+        raise SettingsError(f"Option 'max_refine_iter' must be >= 0, got {values['max_refine_iter']}.")
+    if values["n_cpu"] is not None and values["n_cpu"] < 1:
+        raise SettingsError(f"Option 'n_cpu' must be a positive integer or None, got {values['n_cpu']}.")
+    if values["n_cpu"] is None:
+        values["n_cpu"] = os.cpu_count() or 1
+    values["qp_solver_keywords"] = dict(values["qp_solver_keywords"] or {})
+    if values["qp_solver"] != "auto":
+        values["qp_solver"] = resolve_solver_name(values["qp_solver"])
+        get_solver(values["qp_solver"])  # raises SolverNotAvailableError with the install hint
+    if values["lin_solver"] != "auto":
+        values["lin_solver"] = resolve_linsolver_name(values["lin_solver"])
+        get_linsolver(values["lin_solver"])
+    return Settings(**values)
+
+
+def options_table() -> str:
+    """Markdown table of every option (generated for the README and docs)."""
+    rows = ["| option | default | meaning |", "|---|---|---|"]
+    for k, (default, _, text) in OPTIONS.items():
+        rows.append(f"| `{k}` | `{default!r}` | {text} |")
+    return "\n".join(rows)
+
+
+def _typename(types: tuple) -> str:
+    names = [t.__name__ if t is not type(None) else "None" for t in types]
+    return " or ".join(names)

@@ -1,0 +1,121 @@
+"""CPU linear solvers for the reduced KKT system: QDLDL, Pardiso, SciPy SuperLU/LU/LDL, Cholesky.
+
+Each factorizes a symmetric KKT matrix once; :class:`dqp.kkt.RobustKKT` adds the singular-matrix
+fallback (regularization + iterative refinement) on top of any of them.
+"""
+from __future__ import annotations
+
+import numpy as np
+import scipy.linalg as sla
+import scipy.sparse as sp
+import scipy.sparse.linalg as spla
+
+from dqp.linsolve.base import Factorization, LinearSolver, Matrix, register_linsolver
+
+
+class _CallableFactorization(Factorization):
+    def __init__(self, solve_fn):
+        self._solve = solve_fn
+
+    def solve(self, rhs: np.ndarray) -> np.ndarray:
+        return self._solve(np.asarray(rhs, dtype=np.float64))
+
+
+def _as_csc(K: Matrix) -> sp.csc_matrix:
+    return K.tocsc() if sp.issparse(K) else sp.csc_matrix(K)
+
+
+def _as_dense(K: Matrix) -> np.ndarray:
+    return K.toarray() if sp.issparse(K) else np.asarray(K, dtype=np.float64)
+
+
+def _columnwise(solve_vec):
+    """Lift a solver of one right-hand side to (N,) or (N, k) right-hand sides."""
+    def solve(rhs: np.ndarray) -> np.ndarray:
+        if rhs.ndim == 1:
+            return solve_vec(rhs)
+        return np.stack([solve_vec(rhs[:, j]) for j in range(rhs.shape[1])], axis=1)
+    return solve
+
+
+@register_linsolver
+class QDLDLSolver(LinearSolver):
+    name = "qdldl"
+    aliases = ("QDLDL",)
+    modules = ("qdldl",)
+    description = "Sparse LDLᵀ of the quasi-definite KKT matrix (OSQP's factorization); the sparse default."
+
+    def factor(self, K: Matrix) -> Factorization:
+        import qdldl
+
+        F = qdldl.Solver(_as_csc(K))
+        return _CallableFactorization(_columnwise(lambda r: np.asarray(F.solve(np.ascontiguousarray(r)))))
+
+
+@register_linsolver
+class PardisoSolver(LinearSolver):
+    name = "pardiso"
+    aliases = ("Pardiso", "pypardiso", "mkl_pardiso")
+    modules = ("pypardiso",)
+    description = "Intel MKL Pardiso through pypardiso (x86-64); sparse, multithreaded."
+
+    def factor(self, K: Matrix) -> Factorization:
+        import pypardiso
+
+        Kc = sp.csr_matrix(K)
+        ps = pypardiso.PyPardisoSolver()
+        ps.set_statistical_info_off() if hasattr(ps, "set_statistical_info_off") else None
+        ps.factorize(Kc)
+
+        def solve(rhs: np.ndarray) -> np.ndarray:
+            x = ps.solve(Kc, np.ascontiguousarray(rhs))
+            return np.asarray(x).reshape(rhs.shape)
+        return _CallableFactorization(solve)
+
+
+@register_linsolver
+class SuperLUSolver(LinearSolver):
+    name = "scipy_splu"
+    aliases = ("scipy SPLU", "splu", "superlu", "scipy_superlu")
+    modules = ("scipy",)
+    description = "SciPy's SuperLU sparse LU; robust to zero pivots."
+
+    def factor(self, K: Matrix) -> Factorization:
+        lu = spla.splu(_as_csc(K))
+        return _CallableFactorization(lu.solve)
+
+
+@register_linsolver
+class DenseLUSolver(LinearSolver):
+    name = "scipy_lu"
+    aliases = ("scipy LU", "lu", "dense_lu")
+    modules = ("scipy",)
+    description = "Dense LU (LAPACK getrf); the dense default for small systems."
+
+    def factor(self, K: Matrix) -> Factorization:
+        lu_piv = sla.lu_factor(_as_dense(K), check_finite=False)
+        return _CallableFactorization(lambda r: sla.lu_solve(lu_piv, r, check_finite=False))
+
+
+@register_linsolver
+class DenseLDLSolver(LinearSolver):
+    name = "scipy_ldl"
+    aliases = ("scipy LDL", "ldl", "dense_ldl")
+    modules = ("scipy",)
+    description = "Dense Bunch-Kaufman LDLᵀ (LAPACK sytrf) for the symmetric indefinite KKT matrix."
+
+    def factor(self, K: Matrix) -> Factorization:
+        Kd = _as_dense(K)
+        lu, D, perm = sla.ldl(Kd, lower=True, check_finite=False)
+        L = lu[perm]  # triangular after the row permutation
+        Dlu = sla.lu_factor(D, check_finite=False)  # D is block diagonal with 1x1 / 2x2 blocks
+
+        def solve(rhs: np.ndarray) -> np.ndarray:
+            y = sla.solve_triangular(L, rhs[perm], lower=True, unit_diagonal=True, check_finite=False)
+            w = sla.lu_solve(Dlu, y, check_finite=False)
+            x = np.empty_like(w)
+            x[perm] = sla.solve_triangular(L.T, w, lower=False, unit_diagonal=True, check_finite=False)
+            return x
+        if not np.all(np.isfinite(Dlu[0])) or np.min(np.abs(np.diag(Dlu[0]))) == 0.0:
+            raise np.linalg.LinAlgError("singular D block in LDLᵀ")
+        return _CallableFactorization(solve)
