@@ -1,0 +1,718 @@
+#!/usr/bin/env python3
+"""qpth-style benchmark of dqp's batched interior-point layer against qpth and qpax.
+
+Problems follow the generator of the qpth/OptNet benchmark (no equality constraints)::
+
+    Q = UᵀU + 1e-3·I   (U standard normal, n×n)      p ~ N(0, 1)
+    G ~ N(0, 1) (m×n)   z0 ~ N(0, 1)   s0 ~ U(0, 1)   h = G z0 + s0
+
+Each cell (device, dtype, B, n=m, method) times one forward + backward pass of
+``loss = Σ w·z`` (w a fixed random weight) with respect to Q, p, G and h: the median of
+``--reps`` synchronized repetitions after a warm-up call. The gradients are compared with an
+independent float64 reference computed here: Clarabel solves each problem to high accuracy,
+the active set is polished with exact equality-constrained KKT solves in NumPy, and the
+gradient is the adjoint of that reduced KKT system (nothing of dqp is used for it). The data
+are rounded to float32-representable values once, so one reference serves both dtypes.
+
+Methods
+-------
+dqp   ``dqp.qpth.QPFunction`` (the drop-in replacement for ``qpth.qp.QPFunction``)
+qpth  ``qpth.qp.QPFunction`` (PDIPM_BATCHED), if importable
+qpax  ``qpax.solve_qp_primal`` under ``jax.jit(jax.value_and_grad(Σ w·vmap(solve)))``, if
+      importable; note that qpax differentiates a *relaxed* QP (``target_kappa=1e-3``) by
+      design, so its gradient differs from the exact one at the 1e-2 level.
+
+``check_Q_spd=False`` is passed to both torch layers (the check is an eigen-decomposition,
+not solver work); all other options are each library's defaults.
+
+Outputs (in ``--out``): ``qpth_<tag>.csv`` (one row per cell), ``qpth_<tag>.md`` (tables with
+speedups dqp vs each peer) and ``qpth_<tag>.png`` (time vs n, one panel per B, log scale).
+
+Examples
+--------
+    python experiments/bench_qpth.py --short --out /tmp/b           # seconds
+    python experiments/bench_qpth.py --device cuda --dtypes float64,float32 --out results/
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import gc
+import logging
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+import types
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+# JAX must not grab most of the GPU before torch runs; set before any jax import.
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+
+import torch  # noqa: E402
+
+log = logging.getLogger("bench_qpth")
+
+DTYPES = {"float64": torch.float64, "float32": torch.float32}
+ALL_METHODS = ("dqp", "qpth", "qpax")
+PARAMS = ("Q", "p", "G", "h")
+
+
+# --------------------------------------------------------------------------------------------
+# Problems
+# --------------------------------------------------------------------------------------------
+@dataclass
+class ProblemSet:
+    """A batch of B problems (float64, float32-representable) plus loss weights, on a device."""
+
+    Q: torch.Tensor
+    p: torch.Tensor
+    G: torch.Tensor
+    h: torch.Tensor
+    w: torch.Tensor
+
+    @property
+    def B(self) -> int:
+        return self.Q.shape[0]
+
+
+def make_problems(B: int, n: int, m: int, seed: int, device: str) -> ProblemSet:
+    """qpth's generator, float64 arithmetic, then rounded to float32-representable values."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    kw = dict(dtype=torch.float64, device=device, generator=g)
+    U = torch.randn(B, n, n, **kw)
+    Q = U.mT @ U
+    del U
+    Q.diagonal(dim1=-2, dim2=-1).add_(1e-3)
+    G = torch.randn(B, m, n, **kw)
+    z0 = torch.randn(B, n, **kw)
+    s0 = torch.rand(B, m, **kw)
+    h = (G @ z0.unsqueeze(-1)).squeeze(-1) + s0
+    p = torch.randn(B, n, **kw)
+    w = torch.randn(B, n, **kw)
+    r = lambda x: x.to(torch.float32).to(torch.float64)  # noqa: E731
+    Q = r(0.5 * (Q + Q.mT))
+    return ProblemSet(Q=Q, p=r(p), G=r(G), h=r(h), w=r(w))
+
+
+# --------------------------------------------------------------------------------------------
+# Independent float64 reference: Clarabel + active-set polish + adjoint of the reduced KKT
+# --------------------------------------------------------------------------------------------
+@dataclass
+class Reference:
+    """Reference solution and gradients for the first k problems of a set (NumPy, float64)."""
+
+    idx: np.ndarray  # problems used (non-degenerate ones)
+    z: np.ndarray
+    grads: Dict[str, np.ndarray]
+    n_degenerate: int
+    n_total: int
+
+
+def _clarabel_solve(Q: np.ndarray, p: np.ndarray, G: np.ndarray, h: np.ndarray):
+    import clarabel
+    from scipy import sparse
+
+    s = clarabel.DefaultSettings()
+    s.verbose = False
+    s.max_iter = 200
+    for name in ("tol_gap_abs", "tol_gap_rel", "tol_feas", "tol_ktratio"):
+        setattr(s, name, 1e-11)
+    solver = clarabel.DefaultSolver(sparse.csc_matrix(np.triu(Q)), p, sparse.csc_matrix(G), h,
+                                    [clarabel.NonnegativeConeT(G.shape[0])], s)
+    sol = solver.solve()
+    return np.asarray(sol.x), np.asarray(sol.z), np.asarray(sol.s), str(sol.status)
+
+
+def reference_one(Q: np.ndarray, p: np.ndarray, G: np.ndarray, h: np.ndarray, w: np.ndarray,
+                  degenerate_tol: float = 1e-7):
+    """Exact solution and gradient of ``Σ w·z`` for one problem.
+
+    Returns ``(z, grads, degenerate)``. The active set J starts from Clarabel's solution
+    (μ_i > s_i) and is repaired until the equality-constrained solve on J is primal feasible
+    with μ_J ≥ 0. Then, with K = [[Q, G_Jᵀ], [G_J, 0]] and y = K⁻¹ [w; 0]:
+    ∇p = −y_z, ∇h_J = y_μ, ∇Q = −½(y_z zᵀ + z y_zᵀ), ∇G_J = −(μ_J y_zᵀ + y_μ zᵀ), zero on ¬J.
+    """
+    n, m = Q.shape[0], G.shape[0]
+    z0, mu0, s0, status = _clarabel_solve(Q, p, G, h)
+    if "Solved" not in status:
+        raise RuntimeError(f"reference Clarabel status {status}")
+    J = mu0 > s0
+    scale_h = 1.0 + np.abs(h)
+    for _ in range(50):
+        Gj = G[J]
+        k = Gj.shape[0]
+        K = np.zeros((n + k, n + k))
+        K[:n, :n] = Q
+        K[:n, n:] = Gj.T
+        K[n:, :n] = Gj
+        sol = np.linalg.solve(K, np.concatenate([-p, h[J]]))
+        z, muJ = sol[:n], sol[n:]
+        viol = (G @ z - h > 1e-12 * scale_h) & ~J
+        neg = np.zeros(m, dtype=bool)
+        neg[np.flatnonzero(J)[muJ < -1e-12 * (1.0 + np.abs(muJ).max(initial=0.0))]] = True
+        if not viol.any() and not neg.any():
+            break
+        J = (J | viol) & ~neg
+    else:
+        raise RuntimeError("reference active-set repair did not converge")
+    mu = np.zeros(m)
+    mu[J] = muJ
+    slack = h - G @ z
+    margin = min(np.min(muJ, initial=np.inf) / (1.0 + np.abs(mu).max()),
+                 np.min(slack[~J] / scale_h[~J], initial=np.inf))
+    y = np.linalg.solve(K, np.concatenate([w, np.zeros(k)]))
+    yz, ymu = y[:n], y[n:]
+    gQ = -0.5 * (np.outer(yz, z) + np.outer(z, yz))
+    gG = np.zeros((m, n))
+    gG[J] = -(np.outer(muJ, yz) + np.outer(ymu, z))
+    gh = np.zeros(m)
+    gh[J] = ymu
+    grads = {"Q": gQ, "p": -yz, "G": gG, "h": gh}
+    return z, grads, bool(margin < degenerate_tol)
+
+
+def compute_reference(ps: ProblemSet, k: int) -> Reference:
+    """Reference for the first ``k`` problems; degenerate ones are excluded from error stats."""
+    k = min(k, ps.B)
+    arrs = {name: getattr(ps, name)[:k].cpu().numpy() for name in ("Q", "p", "G", "h", "w")}
+    keep, zs, gs, ndeg = [], [], {name: [] for name in PARAMS}, 0
+    for i in range(k):
+        z, g, deg = reference_one(arrs["Q"][i], arrs["p"][i], arrs["G"][i], arrs["h"][i],
+                                  arrs["w"][i])
+        if deg:
+            ndeg += 1
+            continue
+        keep.append(i)
+        zs.append(z)
+        for name in PARAMS:
+            gs[name].append(g[name])
+    n = ps.Q.shape[-1]
+    stack = lambda xs, shape: np.stack(xs) if xs else np.zeros((0,) + shape)  # noqa: E731
+    return Reference(idx=np.asarray(keep, dtype=int), z=stack(zs, (n,)),
+                     grads={name: stack(gs[name], getattr(ps, name).shape[1:]) for name in PARAMS},
+                     n_degenerate=ndeg, n_total=k)
+
+
+def errors_vs_reference(ref: Reference, z: np.ndarray, grads: Dict[str, np.ndarray]
+                        ) -> Tuple[float, Dict[str, float]]:
+    """(relative z error, relative gradient error per parameter) on the reference subset.
+
+    Relative errors are ‖x − x_ref‖_F / ‖x_ref‖_F over the stacked subset; ∇Q is compared
+    through its symmetric part (Q enters symmetric, so only that part is meaningful).
+    """
+    if len(ref.idx) == 0:
+        return float("nan"), {name: float("nan") for name in PARAMS}
+
+    def rel(a: np.ndarray, b: np.ndarray) -> float:
+        nb = np.linalg.norm(b)
+        return float(np.linalg.norm(a - b) / (nb if nb > 0 else 1.0))
+
+    ez = rel(z[ref.idx], ref.z)
+    eg = {}
+    for name in PARAMS:
+        g = grads[name][ref.idx]
+        if name == "Q":
+            g = 0.5 * (g + np.swapaxes(g, -1, -2))
+        eg[name] = rel(g, ref.grads[name])
+    return ez, eg
+
+
+# --------------------------------------------------------------------------------------------
+# Methods
+# --------------------------------------------------------------------------------------------
+class Method:
+    """A benchmarked layer: ``prepare`` builds a closure running one forward+backward."""
+
+    name = ""
+
+    def available(self) -> Tuple[bool, str]:
+        raise NotImplementedError
+
+    def version(self) -> str:
+        return ""
+
+    def prepare(self, ps: ProblemSet, dtype: torch.dtype, device: str
+                ) -> Tuple[Callable[[], object], Callable[[object], Tuple[np.ndarray, Dict]]]:
+        """Return ``(run, fetch)``: ``run()`` does fwd+bwd and syncs; ``fetch(out)`` → numpy."""
+        raise NotImplementedError
+
+
+class _TorchLayer(Method):
+    def _layer(self):
+        raise NotImplementedError
+
+    def prepare(self, ps, dtype, device):
+        layer = self._layer()
+        leaves = [getattr(ps, name).to(dtype).detach().requires_grad_(True) for name in PARAMS]
+        w = ps.w.to(dtype)
+        e = torch.empty(0, dtype=dtype, device=device)
+        sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+
+        def run():
+            z = layer(*leaves, e, e)
+            grads = torch.autograd.grad((z * w).sum(), leaves)
+            sync()
+            return z.detach(), grads
+
+        def fetch(out):
+            z, grads = out
+            return (z.double().cpu().numpy(),
+                    {name: g.double().cpu().numpy() for name, g in zip(PARAMS, grads)})
+
+        return run, fetch
+
+
+class DqpMethod(_TorchLayer):
+    name = "dqp"
+
+    def available(self):
+        try:
+            from dqp.qpth import QPFunction  # noqa: F401
+        except Exception as exc:  # noqa: BLE001 - report any import failure
+            return False, f"dqp.qpth not importable: {exc!r}"
+        return True, ""
+
+    def version(self):
+        import dqp
+        return getattr(dqp, "__version__", "?")
+
+    def _layer(self):
+        from dqp.qpth import QPFunction
+        return QPFunction(verbose=-1, check_Q_spd=False)
+
+
+def _import_qpth():
+    """Import qpth; its package imports cvxpy eagerly (only for its CVXPY solver, unused here)."""
+    try:
+        import qpth  # noqa: F401
+    except ModuleNotFoundError as exc:
+        if exc.name != "cvxpy":
+            raise
+        log.info("qpth imports cvxpy eagerly; cvxpy is absent, so a stub module stands in "
+                 "(only qpth's CVXPY solver would use it; PDIPM_BATCHED is benchmarked)")
+        sys.modules["cvxpy"] = types.ModuleType("cvxpy")
+        import qpth  # noqa: F401
+    import qpth.qp
+    return qpth
+
+
+class QpthMethod(_TorchLayer):
+    name = "qpth"
+
+    def available(self):
+        try:
+            _import_qpth()
+        except Exception as exc:  # noqa: BLE001
+            return False, f"qpth not importable: {exc!r}"
+        return True, ""
+
+    def version(self):
+        from importlib.metadata import version
+        try:
+            return version("qpth")
+        except Exception:  # noqa: BLE001
+            return "?"
+
+    def _layer(self):
+        qpth = _import_qpth()
+        return qpth.qp.QPFunction(verbose=-1, check_Q_spd=False)
+
+
+class QpaxMethod(Method):
+    name = "qpax"
+
+    def available(self):
+        try:
+            import jax  # noqa: F401
+            import qpax  # noqa: F401
+        except Exception as exc:  # noqa: BLE001
+            return False, f"jax/qpax not importable: {exc!r}"
+        return True, ""
+
+    def version(self):
+        import jax
+        from importlib.metadata import version
+        try:
+            v = version("qpax")
+        except Exception:  # noqa: BLE001
+            v = "?"
+        return f"{v} (jax {jax.__version__})"
+
+    def prepare(self, ps, dtype, device):
+        import jax
+        jax.config.update("jax_enable_x64", True)
+        import jax.numpy as jnp
+        import qpax
+
+        platform_ = "gpu" if device.startswith("cuda") else "cpu"
+        try:
+            dev = jax.devices(platform_)[0]
+        except RuntimeError as exc:
+            raise RuntimeError(f"JAX has no {platform_} device: {exc}") from exc
+        np_dtype = np.float64 if dtype == torch.float64 else np.float32
+        args = [jax.device_put(getattr(ps, name).cpu().numpy().astype(np_dtype), dev)
+                for name in PARAMS + ("w",)]
+        n = ps.Q.shape[-1]
+
+        def loss(Q, q, G, h, w):
+            A = jnp.zeros((0, n), Q.dtype)
+            b = jnp.zeros((0,), Q.dtype)
+            z = jax.vmap(lambda Q_, q_, G_, h_: qpax.solve_qp_primal(Q_, q_, A, b, G_, h_))(
+                Q, q, G, h)
+            return jnp.sum(z * w), z
+
+        f = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3), has_aux=True))
+
+        def run():
+            out = f(*args)
+            jax.block_until_ready(out)
+            return out
+
+        def fetch(out):
+            (_, z), grads = out
+            return (np.asarray(z, dtype=np.float64),
+                    {name: np.asarray(g, dtype=np.float64) for name, g in zip(PARAMS, grads)})
+
+        return run, fetch
+
+
+METHODS: Dict[str, Method] = {m.name: m for m in (DqpMethod(), QpthMethod(), QpaxMethod())}
+
+
+# --------------------------------------------------------------------------------------------
+# Cells
+# --------------------------------------------------------------------------------------------
+@dataclass
+class Cell:
+    device: str
+    dtype: str
+    B: int
+    n: int
+    m: int
+    method: str
+    status: str = "ok"  # ok | skipped (...) | error: ... | unavailable
+    time_median_s: float = float("nan")
+    time_min_s: float = float("nan")
+    time_max_s: float = float("nan")
+    reps: int = 0
+    z_rel_err: float = float("nan")
+    grad_rel_err: float = float("nan")  # max over the four below
+    err_Q: float = float("nan")
+    err_p: float = float("nan")
+    err_G: float = float("nan")
+    err_h: float = float("nan")
+    nonfinite: bool = False
+    ref_problems: int = 0
+    note: str = ""
+
+
+def estimate_time(done: Sequence[Cell], method: str, dtype: str, B: int, n: int
+                  ) -> Optional[float]:
+    """Estimated seconds of one fwd+bwd, from measured cells of the same method and dtype.
+
+    Same B and the largest smaller n: t·(n/n')³ (the per-iteration factorizations are cubic);
+    same n and the largest smaller B: t·B/B'. The smaller estimate is used (skip only when
+    even the optimistic estimate is over budget).
+    """
+    ests = []
+    same = [c for c in done if c.method == method and c.dtype == dtype and c.status == "ok"]
+    by_n = [c for c in same if c.B == B and c.n < n]
+    if by_n:
+        c = max(by_n, key=lambda c: c.n)
+        ests.append(c.time_median_s * (n / c.n) ** 3)
+    by_b = [c for c in same if c.n == n and c.B < B]
+    if by_b:
+        c = max(by_b, key=lambda c: c.B)
+        ests.append(c.time_median_s * B / c.B)
+    return min(ests) if ests else None
+
+
+def run_cell(cell: Cell, method: Method, ps: ProblemSet, ref: Optional[Reference],
+             reps: int, budget_s: float) -> None:
+    """Warm up once, then time up to ``reps`` repetitions (fewer if the budget runs out)."""
+    device, dtype = cell.device, DTYPES[cell.dtype]
+    prev_threads = torch.get_num_threads()
+    if (method.name == "qpth" and device == "cpu" and cell.n > 150 and prev_threads > 1):
+        # Known MKL trap on this CPU build: batched LU (qpth's lu_factor) on matrices >~160
+        # with several threads fails ("DLASWP") and can hang; one thread works.
+        torch.set_num_threads(1)
+        cell.note = "qpth ran with 1 thread (MKL batched-LU bug with >1 thread)"
+    try:
+        run, fetch = method.prepare(ps, dtype, device)
+        t0 = time.perf_counter()
+        out = run()  # warm-up (JIT compilation, handles, allocator)
+        warm = time.perf_counter() - t0
+        z, grads = fetch(out)
+        del out
+        cell.nonfinite = bool(not np.isfinite(z).all()
+                              or any(not np.isfinite(g).all() for g in grads.values()))
+        if ref is not None:
+            cell.z_rel_err, eg = errors_vs_reference(ref, z, grads)
+            for name, e in eg.items():
+                setattr(cell, f"err_{name}", e)
+            cell.grad_rel_err = max(eg.values())
+            cell.ref_problems = len(ref.idx)
+        del z, grads
+        times: List[float] = []
+        spent = warm
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            out = run()
+            times.append(time.perf_counter() - t0)
+            del out
+            spent += times[-1]
+            if spent + times[-1] > budget_s:
+                break
+        cell.reps = len(times)
+        cell.time_median_s = statistics.median(times)
+        cell.time_min_s, cell.time_max_s = min(times), max(times)
+    except Exception as exc:  # noqa: BLE001 - a failing cell must not stop the study
+        msg = f"{type(exc).__name__}: {exc}".splitlines()[0][:160]
+        cell.status = f"error: {msg}"
+        log.warning("%s %s B=%d n=%d %s failed: %s", device, cell.dtype, cell.B, cell.n,
+                    method.name, msg)
+    finally:
+        torch.set_num_threads(prev_threads)
+        _free(device)
+
+
+def _free(device: str) -> None:
+    gc.collect()
+    if device.startswith("cuda") and torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    if "jax" in sys.modules:
+        try:
+            sys.modules["jax"].clear_caches()
+        except Exception:  # noqa: BLE001
+            pass
+
+
+# --------------------------------------------------------------------------------------------
+# Output
+# --------------------------------------------------------------------------------------------
+def _fmt_t(c: Optional[Cell]) -> str:
+    if c is None:
+        return "—"
+    if c.status != "ok":
+        return c.status
+    t = c.time_median_s
+    s = f"{t * 1e3:.3g} ms" if t < 1 else f"{t:.3g} s"
+    return s + (" (NaN!)" if c.nonfinite else "")
+
+
+def _fmt_e(x: float) -> str:
+    return "—" if not math.isfinite(x) else f"{x:.1e}"
+
+
+def write_outputs(cells: List[Cell], out: str, tag: str, meta: Dict[str, str],
+                  methods: Sequence[str], plot: bool = True) -> str:
+    """Write CSV and markdown (and a PNG if matplotlib is there); return the markdown text."""
+    os.makedirs(out, exist_ok=True)
+    csv_path = os.path.join(out, f"qpth_{tag}.csv")
+    with open(csv_path, "w", newline="") as f:
+        wr = csv.DictWriter(f, fieldnames=list(asdict(cells[0]).keys()) if cells else ["device"])
+        wr.writeheader()
+        for c in cells:
+            wr.writerow(asdict(c))
+    md = [f"### qpth-style benchmark: {tag}", "",
+          "Forward + backward of `Σ w·z` w.r.t. Q, p, G, h (median wall time). "
+          "`err` = max relative error of the gradients (Q sym. part, p, G, h) vs the float64 "
+          "Clarabel + active-set KKT reference on the first problems of the batch.", ""]
+    md += [f"- {k}: {v}" for k, v in meta.items()] + [""]
+    peers = [m for m in methods if m != "dqp"]
+    for dtype in dict.fromkeys(c.dtype for c in cells):
+        sub = [c for c in cells if c.dtype == dtype]
+        head = ["B", "n=m"] + [f"{m} time" for m in methods] \
+            + [f"dqp vs {p}" for p in peers if "dqp" in methods] \
+            + [f"{m} err" for m in methods]
+        md += [f"#### {dtype}", "", "| " + " | ".join(head) + " |",
+               "|" + "---|" * len(head)]
+        for B in dict.fromkeys(c.B for c in sub):
+            for n in dict.fromkeys(c.n for c in sub if c.B == B):
+                get = {c.method: c for c in sub if c.B == B and c.n == n}
+                row = [str(B), str(n)] + [_fmt_t(get.get(m)) for m in methods]
+                d = get.get("dqp")
+                for p in peers if "dqp" in methods else []:
+                    c = get.get(p)
+                    if d and c and d.status == "ok" and c.status == "ok":
+                        row.append(f"{c.time_median_s / d.time_median_s:.1f}×")
+                    else:
+                        row.append("—")
+                row += [_fmt_e(get[m].grad_rel_err) if m in get else "—" for m in methods]
+                md.append("| " + " | ".join(row) + " |")
+        md.append("")
+        worst = []
+        for m in methods:
+            errs = {name: max((getattr(c, f"err_{name}") for c in sub if c.method == m
+                               and math.isfinite(getattr(c, f"err_{name}"))), default=float("nan"))
+                    for name in PARAMS}
+            worst.append(f"{m}: " + ", ".join(f"∇{k} {_fmt_e(v)}" for k, v in errs.items()))
+        md += ["Worst gradient error per parameter — " + "; ".join(worst) + ".", ""]
+    text = "\n".join(md)
+    with open(os.path.join(out, f"qpth_{tag}.md"), "w") as f:
+        f.write(text + "\n")
+    if plot:
+        _plot(cells, os.path.join(out, f"qpth_{tag}.png"), tag, methods)
+    return text
+
+
+def _plot(cells: List[Cell], path: str, tag: str, methods: Sequence[str]) -> None:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log.warning("matplotlib not installed: no plot (pip install matplotlib)")
+        return
+    Bs = list(dict.fromkeys(c.B for c in cells))
+    if not Bs:
+        return
+    fig, axes = plt.subplots(1, len(Bs), figsize=(4.2 * len(Bs), 3.6), squeeze=False)
+    styles = {"float64": "-", "float32": "--"}
+    colors = {"dqp": "C0", "qpth": "C1", "qpax": "C2"}
+    for ax, B in zip(axes[0], Bs):
+        for m in methods:
+            for dtype in dict.fromkeys(c.dtype for c in cells):
+                pts = sorted((c.n, c.time_median_s) for c in cells
+                             if c.B == B and c.method == m and c.dtype == dtype
+                             and c.status == "ok")
+                if pts:
+                    ax.plot(*zip(*pts), styles.get(dtype, ":"), marker="o", ms=3,
+                            color=colors.get(m), label=f"{m} {dtype}")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_title(f"batch size {B}")
+        ax.set_xlabel("n = m")
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0][0].set_ylabel("fwd+bwd time [s]")
+    axes[0][-1].legend(fontsize=7)
+    fig.suptitle(f"qpth-style benchmark ({tag})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# --------------------------------------------------------------------------------------------
+# Main
+# --------------------------------------------------------------------------------------------
+def _csv_list(s: str, conv=str) -> List:
+    return [conv(x) for x in s.split(",") if x.strip()]
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtypes", default="float64,float32")
+    ap.add_argument("--sizes", default="10,50,100,200,500", help="n = m values")
+    ap.add_argument("--batches", default="1,128,1024")
+    ap.add_argument("--methods", default=",".join(ALL_METHODS))
+    ap.add_argument("--reps", type=int, default=5, help="timed repetitions after one warm-up")
+    ap.add_argument("--budget", type=float, default=60.0,
+                    help="seconds per cell: skip a cell whose estimated warm-up + one rep "
+                         "exceeds it, and stop repetitions when it is spent")
+    ap.add_argument("--deadline", type=float, default=float("inf"),
+                    help="seconds for the whole study; later cells are skipped (results so far "
+                         "are written after every cell)")
+    ap.add_argument("--ref-count", type=int, default=8,
+                    help="problems per batch checked against the float64 reference")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--short", action="store_true",
+                    help="tiny grid for a smoke test (n=m in {10, 20}, B in {1, 8}, 2 reps)")
+    ap.add_argument("--tag", default=None, help="file name tag (default: the device)")
+    ap.add_argument("--out", default="experiments/results")
+    ap.add_argument("--no-plot", action="store_true")
+    ap.add_argument("-v", "--verbose", action="store_true")
+    args = ap.parse_args(argv)
+    if args.short:
+        args.sizes, args.batches, args.reps = "10,20", "1,8", 2
+        args.ref_count = min(args.ref_count, 4)
+    return args
+
+
+def main(argv: Optional[Sequence[str]] = None) -> List[Cell]:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    device = args.device
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit("--device cuda requested but torch.cuda.is_available() is False")
+    dtypes = _csv_list(args.dtypes)
+    for d in dtypes:
+        if d not in DTYPES:
+            raise SystemExit(f"unknown dtype {d!r}; choose from {sorted(DTYPES)}")
+    sizes = _csv_list(args.sizes, int)
+    batches = _csv_list(args.batches, int)
+    tag = args.tag or device.split(":")[0]
+
+    methods: List[str] = []
+    meta = {"command": "python " + " ".join([os.path.relpath(__file__)] + list(argv or sys.argv[1:])),
+            "torch": torch.__version__, "python": platform.python_version(),
+            "host": f"{platform.machine()}, {os.cpu_count()} CPUs, torch threads "
+                    f"{torch.get_num_threads()}"}
+    if device.startswith("cuda"):
+        meta["gpu"] = torch.cuda.get_device_name()
+    for name in _csv_list(args.methods):
+        if name not in METHODS:
+            raise SystemExit(f"unknown method {name!r}; choose from {ALL_METHODS}")
+        ok, why = METHODS[name].available()
+        if ok:
+            methods.append(name)
+            meta[name] = METHODS[name].version()
+        else:
+            log.warning("method %s unavailable: %s", name, why)
+            meta[name] = f"unavailable ({why})"
+    if not methods:
+        raise SystemExit("no method available")
+
+    grid = [(B, n) for B in batches for n in sizes]
+    cells: List[Cell] = []
+    try:
+        from tqdm import tqdm
+        bar = tqdm(total=len(grid) * len(dtypes) * len(methods), desc="cells", file=sys.stderr)
+    except ImportError:
+        bar = None
+    start = time.perf_counter()
+    for B, n in grid:
+        m = n
+        ps = make_problems(B, n, m, seed=args.seed + 1000 * B + n, device=device)
+        t0 = time.perf_counter()
+        ref = compute_reference(ps, args.ref_count) if args.ref_count > 0 else None
+        if ref is not None:
+            log.info("B=%d n=m=%d: reference on %d problems (%d degenerate excluded) in %.1f s",
+                     B, n, len(ref.idx), ref.n_degenerate, time.perf_counter() - t0)
+        for dtype in dtypes:
+            for name in methods:
+                cell = Cell(device=device, dtype=dtype, B=B, n=n, m=m, method=name)
+                est = estimate_time(cells, name, dtype, B, n)
+                if time.perf_counter() - start > args.deadline:
+                    cell.status = "skipped (deadline)"
+                elif est is not None and 2 * est > args.budget:
+                    cell.status = f"skipped (est. {est:.3g} s)"
+                else:
+                    run_cell(cell, METHODS[name], ps, ref, args.reps, args.budget)
+                cells.append(cell)
+                log.info("%s %s B=%d n=m=%d %-5s %s  grad err %s  z err %s%s", device, dtype, B,
+                         n, name, _fmt_t(cell), _fmt_e(cell.grad_rel_err),
+                         _fmt_e(cell.z_rel_err), f"  [{cell.note}]" if cell.note else "")
+                if bar is not None:
+                    bar.update(1)
+                write_outputs(cells, args.out, tag, meta, methods, plot=False)
+        del ps, ref
+        _free(device)
+    if bar is not None:
+        bar.close()
+    meta["wall time of the study"] = f"{time.perf_counter() - start:.0f} s"
+    text = write_outputs(cells, args.out, tag, meta, methods, plot=not args.no_plot)
+    print(text)  # the final table (CLI output)
+    return cells
+
+
+if __name__ == "__main__":
+    main()
