@@ -62,6 +62,17 @@ def assemble_kkt(P, A, CJ, sparse: bool, reg: float = 0.0):
 class RobustKKT(Factorization):
     """Factorization of a reduced KKT matrix with a regularized fallback.
 
+    The attempts, in order, each accepted only if a probe solve (with iterative refinement against
+    the true ``K``) is accurate to 1e-8:
+
+    1. the chosen solver on ``K``;
+    2. the chosen solver on the quasi-definite ``K + diag(δ₀I, −δ₀I)`` with a tiny ``δ₀`` (how
+       QDLDL is meant to handle the zero block) — still exact after refinement;
+    3. SciPy's SuperLU on ``K`` (pivoting handles any nonsingular ``K``).
+
+    If all fail, ``K`` is singular: the solver (or SuperLU) factorizes ``K + diag(δI, −δI)`` and
+    refinement drives the residual down for consistent right-hand sides (``path="regularized"``).
+
     Parameters
     ----------
     P, A, CJ
@@ -71,63 +82,64 @@ class RobustKKT(Factorization):
     solver : LinearSolver
         Factorizes ``K`` (and its regularization when needed).
     delta : float
-        Regularization for the fallback.
+        Relative regularization for the singular fallback.
 
     Attributes
     ----------
     path : str
-        ``"direct"`` or ``"regularized"``.
+        ``"direct"`` (K nonsingular) or ``"regularized"`` (K singular).
     residual : float
         Relative residual of the last solve (after refinement): an estimate of the solve's error.
     """
 
-    def __init__(self, P, A, CJ, sparse: bool, solver: LinearSolver, delta: float = 1e-9,
+    def __init__(self, P, A, CJ, sparse: bool, solver: LinearSolver, delta: float = 1e-8,
                  refine_steps: int = 10):
+        from dqp.linsolve.scipy_solvers import SuperLUSolver
+
         self.n = P.shape[0]
         self.K = assemble_kkt(P, A, CJ, sparse)
-        self.solver = solver
         self.refine_steps = refine_steps
         self.residual = 0.0
         self.path = DIRECT
         self._F: Optional[Factorization] = None
-        scale = float(abs(self.K).max()) if self.K.shape[0] else 1.0
-        self._tol = 1e-10
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                F = solver.factor(self.K)
-                probe = np.random.default_rng(0).standard_normal(self.K.shape[0])
-                rhs = self.K @ probe
-                err = np.linalg.norm(F.solve(rhs) - probe) / max(np.linalg.norm(probe), 1e-300)
-            if np.isfinite(err) and err < 1e-6:
-                self._F = F
-        except Exception as exc:  # any factorization failure -> regularize
-            logger.debug("direct KKT factorization failed: %s", exc)
-        if self._F is None:
-            self.path = REGULARIZED
-            d = delta * max(scale, 1.0)
-            Kreg = assemble_kkt(P, A, CJ, sparse, reg=d)
+        N = self.K.shape[0]
+        scale = max(float(abs(self.K).max()) if N else 1.0, 1.0)
+        probe = np.random.default_rng(0).standard_normal(N)
+        probe_rhs = self.K @ probe
+        attempts = [(solver, None), (solver, 1e-11 * scale), (SuperLUSolver(), None)]
+        for lin, reg in attempts:
             try:
-                self._F = solver.factor(Kreg)
-            except Exception:  # e.g. QDLDL on an awkward pattern: SuperLU always works on Kreg
-                from dqp.linsolve.scipy_solvers import SuperLUSolver
-                self._F = SuperLUSolver().factor(sp.csc_matrix(Kreg))
-            global _warned_singular
-            if not _warned_singular:
-                _warned_singular = True
-                warnings.warn("The reduced KKT matrix is singular (dependent active constraints or a "
-                              "semidefinite P): using a regularized solve with iterative refinement. "
-                              "See layer.info.backward_path; this warning is shown once.",
-                              SingularKKTWarning, stacklevel=3)
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    M = self.K if reg is None else assemble_kkt(P, A, CJ, sparse, reg=reg)
+                    self._F = lin.factor(M if sparse or lin.dense else sp.csc_matrix(M))
+                    err = np.linalg.norm(self.solve(probe_rhs) - probe) / max(np.linalg.norm(probe), 1e-300)
+                if np.isfinite(err) and err < 1e-8:
+                    return
+            except Exception as exc:  # a failed factorization just moves on to the next attempt
+                logger.debug("KKT factorization attempt (%s, reg=%s) failed: %s", lin.name, reg, exc)
+            self._F = None
+        self.path = REGULARIZED
+        Kreg = assemble_kkt(P, A, CJ, sparse, reg=delta * scale)
+        try:
+            self._F = solver.factor(Kreg)
+        except Exception:  # SuperLU factorizes any nonsingular Kreg
+            self._F = SuperLUSolver().factor(sp.csc_matrix(Kreg))
+        global _warned_singular
+        if not _warned_singular:
+            _warned_singular = True
+            warnings.warn("The reduced KKT matrix is singular (dependent active constraints or a "
+                          "semidefinite P): using a regularized solve with iterative refinement. "
+                          "See layer.info.kkt_path; this warning is shown once.",
+                          SingularKKTWarning, stacklevel=3)
 
     def solve(self, rhs: np.ndarray) -> np.ndarray:
         rhs = np.asarray(rhs, dtype=np.float64)
         x = self._F.solve(rhs)
         norm_r = max(np.linalg.norm(rhs), 1e-300)
-        steps = self.refine_steps if self.path == REGULARIZED else 2
         res = np.linalg.norm(rhs - self.K @ x) / norm_r
-        for _ in range(steps):
-            if not np.isfinite(res) or res < 1e-14:
+        for _ in range(self.refine_steps):
+            if not np.isfinite(res) or res < 1e-15:
                 break
             x_new = x + self._F.solve(rhs - self.K @ x)
             res_new = np.linalg.norm(rhs - self.K @ x_new) / norm_r

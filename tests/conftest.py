@@ -1,0 +1,93 @@
+"""Shared fixtures: random QP generators and the solver capability table."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import dqp.solvers as solvers
+
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+
+
+@dataclass(frozen=True)
+class SolverCase:
+    """One row of the solver table: name, what it supports, and the tolerance its gradients meet."""
+
+    name: str
+    dense: bool
+    sparse: bool
+    needs_pd: bool  # P must be positive definite (quadprog, ecos)
+    grad_rtol: float
+
+
+#: The one table the tests are parametrized over. Tolerances are what dqp guarantees after the
+#: active-set polish (the forward solver's accuracy does not enter).
+SOLVER_TABLE = [
+    SolverCase("clarabel", True, True, False, 1e-6),
+    SolverCase("osqp", True, True, False, 1e-6),
+    SolverCase("piqp", True, True, False, 1e-6),
+    SolverCase("proxqp", True, True, False, 1e-6),
+    SolverCase("daqp", True, False, True, 1e-6),
+    SolverCase("quadprog", True, False, True, 1e-6),
+    SolverCase("highs", True, True, False, 1e-6),
+    SolverCase("cvxopt", True, True, False, 1e-6),
+    SolverCase("ecos", True, False, True, 1e-6),
+    SolverCase("scs", True, True, False, 1e-6),
+    SolverCase("qpalm", True, True, False, 1e-6),
+]
+
+
+def installed(case: SolverCase):
+    return pytest.param(case, id=case.name, marks=pytest.mark.skipif(
+        not solvers.get_solver.__globals__["_SOLVERS"][case.name].is_available(),
+        reason=f"{case.name} not installed"))
+
+
+ALL_SOLVERS = [installed(c) for c in SOLVER_TABLE]
+SPARSE_SOLVERS = [installed(c) for c in SOLVER_TABLE if c.sparse]
+
+
+def random_qp(n: int, m: int, p: int = 0, seed: int = 0, batch: int | None = None, dtype=torch.float64,
+              frac_active: float = 0.3):
+    """qpth-style random QP with a known interior-ish solution and a fraction of active rows.
+
+    ``P = UᵀU + 1e-3·I``, ``C`` normal, ``d = C z0 + s0`` with ``s0 = 0`` on ~frac_active of the rows
+    (so those are active for suitable duals: q is chosen so that z0 with duals mu0 > 0 is optimal).
+    """
+    g = np.random.default_rng(seed)
+    shape = () if batch is None else (batch,)
+
+    def one():
+        U = g.standard_normal((n, n))
+        P = U.T @ U / n + 1e-1 * np.eye(n)
+        C = g.standard_normal((m, n))
+        z0 = g.standard_normal(n)
+        k = min(int(round(frac_active * m)), n - p)  # keep [A; C_J] full row rank (LICQ)
+        act = np.zeros(m, bool)
+        act[g.choice(m, size=k, replace=False)] = True
+        s0 = np.where(act, 0.0, g.uniform(0.5, 1.5, m))
+        mu0 = np.where(act, g.uniform(0.5, 1.5, m), 0.0)
+        d = C @ z0 + s0
+        A = g.standard_normal((p, n))
+        b = A @ z0
+        lam0 = g.standard_normal(p)
+        q = -(P @ z0 + C.T @ mu0 + A.T @ lam0)
+        return P, q, C, d, A, b, z0, mu0, lam0
+
+    items = [one() for _ in range(batch or 1)]
+    out = [np.stack([it[k] for it in items]) for k in range(9)]
+    if batch is None:
+        out = [o[0] for o in out]
+    return [torch.tensor(o, dtype=dtype) for o in out]
+
+
+def cuda_available() -> bool:
+    return torch.cuda.is_available()
