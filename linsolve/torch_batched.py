@@ -1,0 +1,311 @@
+"""Batched masked reduced-KKT solves in torch, on any device (DESIGN-NOTES §5).
+
+For a batch of problems with active masks ``a ∈ {0,1}^m`` the reduced KKT matrix is kept the
+same size for every element:
+
+    K = [[P,      Aᵀ,  (aC)ᵀ      ],
+         [A,      0,   0          ],
+         [aC,     0,   −diag(1−a) ]]      (aC = diag(a) C)
+
+so an inactive row ``i`` reads ``−y_μi = g_μi`` and decouples. Write ``Ā = [A; aC]`` and
+``D = diag(0, 1−a)``. :class:`BatchedKKT` factorizes ``K`` for the whole batch with Cholesky only,
+choosing per element the first path that works:
+
+0. ``"cholesky"`` — P ≻ 0: Cholesky of P and of the Schur complement ``S = Ā P⁻¹ Āᵀ + D``
+   (SPD when the active rows ``[A; C_J]`` have full row rank).
+1. ``"augmented"`` — P only PSD (an LP, a QP with a flat direction): the equivalent system with
+   ``H = P + ρ ĀᵀĀ`` in place of P and right-hand side ``g_z + ρ Āᵀ g_y`` (exact, not a
+   regularization: it adds ρĀᵀ times the second block row). H ≻ 0 whenever K is nonsingular.
+2. ``"minimum-norm"`` — K singular (dependent active rows, a flat direction not fixed by the
+   active constraints): the minimum-norm least-squares solution ``K⁺g`` from a symmetric
+   eigendecomposition of the dense K of those elements only (they are rare; a regularized
+   quasi-definite solve with iterative refinement was tried first and rejected: on an
+   inconsistent right-hand side, which the backward pass produces with dependent rows, the
+   refinement diverges like 1/δ). Exact when K is nonsingular, minimum-norm when singular.
+
+Paths 0 and 1 end with ``refine`` steps of iterative refinement against the true K, so the
+answer's residual is at round-off level. :attr:`BatchedKKT.path` records, per element, which
+path ran (0, 1, 2). A shared P (2-D, or a batch view with stride 0 from ``expand``) is
+factorized once for the batch.
+"""
+from __future__ import annotations
+
+import logging
+from typing import ClassVar, Optional, Tuple
+
+import torch
+
+from dqp.errors import ShapeError
+from dqp.linsolve.base import LinearSolver, register_linsolver
+
+logger = logging.getLogger(__name__)
+Tensor = torch.Tensor
+
+__all__ = ["BatchedKKT", "TorchBatchedSolver", "PATH_NAMES"]
+
+PATH_NAMES = ("cholesky", "augmented", "minimum-norm")
+
+
+def _shared(M: Optional[Tensor]) -> Optional[Tensor]:
+    """Return the 2-D matrix if ``M`` is 2-D or a stride-0 batch view of one, else None."""
+    if M is None:
+        return None
+    if M.dim() == 2:
+        return M
+    if M.shape[0] == 1 or M.stride(0) == 0:
+        return M[0]
+    return None
+
+
+class BatchedKKT:
+    """Factorization of a batch of masked reduced KKT matrices (see the module docstring).
+
+    Parameters
+    ----------
+    P : (B, n, n) or (n, n)
+    A : (B, p, n), (p, n) or None
+    C : (B, m, n), (m, n) or None
+    active : (B, m) bool or None
+        Active inequality rows (required when C is given).
+    batch : int, optional
+        Batch size when every argument is shared.
+    refine : int
+        Iterative-refinement steps against the true K after every solve (default 2).
+
+    Attributes
+    ----------
+    path : (B,) int64 tensor, 0 = cholesky, 1 = augmented, 2 = minimum-norm (see PATH_NAMES).
+    """
+
+    def __init__(self, P: Tensor, A: Optional[Tensor], C: Optional[Tensor], active: Optional[Tensor],
+                 *, batch: Optional[int] = None, refine: int = 2):
+        if A is not None and A.shape[-2] == 0:
+            A = None
+        if C is not None and C.shape[-2] == 0:
+            C = None
+        if C is not None and active is None:
+            raise ShapeError("BatchedKKT: C was given without the active mask (B, m).")
+        sizes = {t.shape[0] for t, nd in ((P, 3), (A, 3), (C, 3)) if t is not None and t.dim() == nd}
+        if active is not None and C is not None:
+            sizes.add(active.shape[0])
+        if batch is not None:
+            sizes.add(batch)
+        if len(sizes) > 1:
+            raise ShapeError(f"BatchedKKT: inconsistent batch sizes {sorted(sizes)}.")
+        B = sizes.pop() if sizes else 1
+        n = P.shape[-1]
+        dtype, device = P.dtype, P.device
+        self.B, self.n = B, n
+        self.p = A.shape[-2] if A is not None else 0
+        self.m = C.shape[-2] if C is not None else 0
+        self.k = self.p + self.m
+        self.refine = int(refine)
+        self.P = P
+        self.A = A
+        self.C = C
+        blocks = []
+        if A is not None:
+            blocks.append(A.expand(B, self.p, n))
+        if C is not None:
+            a = active.to(dtype)
+            self.a = a
+            blocks.append(C.expand(B, self.m, n) * a.unsqueeze(-1))
+        else:
+            self.a = None
+        self.Abar = torch.cat(blocks, dim=-2) if blocks else None        # (B, k, n)
+        D = torch.zeros(B, self.k, dtype=dtype, device=device)
+        if self.m:
+            D[:, self.p:] = 1.0 - self.a
+        self.D = D
+        eps = torch.finfo(dtype).eps
+        self._eps = eps
+
+        # --- attempt 0: plain Cholesky (P shared → one factorization)
+        rho = torch.zeros(B, dtype=dtype, device=device)
+        delta = torch.zeros(B, dtype=dtype, device=device)
+        self.path = torch.zeros(B, dtype=torch.int64, device=device)
+        ok = self._factor(rho, delta)
+        if not bool(ok.all()):
+            # --- attempt 1: augmented H = P + ρĀᵀĀ for the elements that failed
+            Pmax = P.abs().flatten(-2).amax(-1).expand(B)
+            if self.k:
+                amax = (self.Abar ** 2).sum(-1).amax(-1)
+            else:
+                amax = torch.ones(B, dtype=dtype, device=device)
+            base = torch.where(Pmax > 0, Pmax, torch.ones_like(Pmax)) / torch.where(amax > 0, amax, torch.ones_like(amax))
+            bad = ~ok
+            rho = torch.where(bad, base, rho)
+            self.path = torch.where(bad, torch.ones_like(self.path), self.path)
+            ok = self._factor(rho, delta)
+            if not bool(ok.all()):
+                # --- attempt 2: K singular → minimum-norm solve by a symmetric eigendecomposition
+                self._setup_pinv(~ok)
+                ok = torch.ones_like(ok)
+        self.ok = ok
+        self.rho, self.delta = rho, delta
+        if not hasattr(self, "_pinv_idx"):
+            self._pinv_idx = None
+
+    def _dense_K(self, idx: Tensor) -> Tensor:
+        """Dense K for the batch elements ``idx`` (only used for the rare singular ones)."""
+        n, k = self.n, self.k
+        P = self.P.expand(self.B, n, n)[idx]
+        K = P.new_zeros(idx.numel(), n + k, n + k)
+        K[:, :n, :n] = P
+        if k:
+            Ab = self.Abar[idx]
+            K[:, :n, n:] = Ab.transpose(-1, -2)
+            K[:, n:, :n] = Ab
+            K[:, n:, n:] = -torch.diag_embed(self.D[idx])
+        return K
+
+    def _setup_pinv(self, bad: Tensor) -> None:
+        """Minimum-norm (pseudo-inverse) solve for the elements ``bad`` via ``eigh`` of K."""
+        idx = torch.nonzero(bad).squeeze(-1)
+        K = self._dense_K(idx)
+        K = 0.5 * (K + K.transpose(-1, -2))
+        evals, V = torch.linalg.eigh(K)
+        tol = evals.abs().amax(-1, keepdim=True) * K.shape[-1] * self._eps * 10
+        inv = torch.where(evals.abs() > tol, 1.0 / evals, torch.zeros_like(evals))
+        self._pinv_idx, self._pinv_V, self._pinv_inv = idx, V, inv
+        self.path[idx] = 2
+        logger.info("BatchedKKT: %d batch elements have a singular reduced KKT matrix; using the "
+                    "minimum-norm solution", idx.numel())
+        # keep the Cholesky factors of those elements finite (their answers are overwritten)
+        if self.L.dim() == 3:
+            L = self.L.clone()
+            L[idx] = torch.eye(self.n, dtype=L.dtype, device=L.device)
+            self.L = L
+            if self.k:
+                LS = self.LS.clone()
+                LS[idx] = torch.eye(self.k, dtype=LS.dtype, device=LS.device)
+                self.LS = LS
+                HiAbt = self.HiAbt.clone()
+                HiAbt[idx] = 0.0
+                self.HiAbt = HiAbt
+
+    # ------------------------------------------------------------------------------------------
+    def _factor(self, rho: Tensor, delta: Tensor) -> Tensor:
+        B, n, k = self.B, self.n, self.k
+        P = self.P
+        Ps = _shared(P)
+        use_shared = Ps is not None and not bool((rho != 0).any()) and not bool((delta != 0).any())
+        if use_shared:
+            L, info = torch.linalg.cholesky_ex(Ps)
+            ok = (info == 0).expand(B)
+            self.L = L                                                # (n, n)
+        else:
+            H = P.expand(B, n, n)
+            if k:
+                AtA = torch.matmul(self.Abar.transpose(-1, -2), self.Abar)
+                H = H + rho.view(-1, 1, 1) * AtA
+            H = H + torch.diag_embed(delta.view(-1, 1).expand(B, n))
+            L, info = torch.linalg.cholesky_ex(H)
+            ok = info == 0
+            self.L = L                                                # (B, n, n)
+        if k:
+            Abt = self.Abar.transpose(-1, -2)                         # (B, n, k)
+            if self.L.dim() == 2:
+                rhs = Abt.permute(1, 0, 2).reshape(n, B * k)         # one solve for the batch
+                self.HiAbt = torch.cholesky_solve(rhs, self.L).reshape(n, B, k).permute(1, 0, 2)
+            else:
+                self.HiAbt = torch.cholesky_solve(Abt, self.L)
+            S = torch.matmul(self.Abar, self.HiAbt) + torch.diag_embed(self.D + delta.view(-1, 1))
+            self.LS, info2 = torch.linalg.cholesky_ex(S)
+            ok = ok & (info2 == 0)
+        return ok & torch.isfinite(self.L).flatten(-2).all(-1).expand(B)
+
+    def _solve_reg(self, gz: Tensor, gy: Optional[Tensor]) -> Tuple[Tensor, Optional[Tensor]]:
+        """Solve the (augmented, possibly regularized) system once."""
+        if self.k:
+            gz = gz + self.rho.unsqueeze(-1) * torch.matmul(gy.unsqueeze(-2), self.Abar).squeeze(-2)
+        if self.L.dim() == 2:
+            t = torch.cholesky_solve(gz.T, self.L).T
+        else:
+            t = torch.cholesky_solve(gz.unsqueeze(-1), self.L).squeeze(-1)
+        if not self.k:
+            return t, None
+        rhs = torch.matmul(self.Abar, t.unsqueeze(-1)).squeeze(-1) - gy
+        yy = torch.cholesky_solve(rhs.unsqueeze(-1), self.LS).squeeze(-1)
+        yz = t - torch.matmul(self.HiAbt, yy.unsqueeze(-1)).squeeze(-1)
+        return yz, yy
+
+    def _residual(self, gz, gy, yz, yy):
+        """g − K y for the true (unregularized, unaugmented) K."""
+        Pyz = torch.matmul(yz.unsqueeze(-2), self.P.transpose(-1, -2)).squeeze(-2)
+        if not self.k:
+            return gz - Pyz, None
+        rz = gz - Pyz - torch.matmul(yy.unsqueeze(-2), self.Abar).squeeze(-2)
+        ry = gy - torch.matmul(self.Abar, yz.unsqueeze(-1)).squeeze(-1) + self.D * yy
+        return rz, ry
+
+    def apply(self, yz: Tensor, ylam: Optional[Tensor] = None, ymu: Optional[Tensor] = None):
+        """``K y`` (for checks)."""
+        yy = self._pack(ylam, ymu, yz)
+        Pyz = torch.matmul(yz.unsqueeze(-2), self.P.transpose(-1, -2)).squeeze(-2)
+        if not self.k:
+            return Pyz, None, None
+        rz = Pyz + torch.matmul(yy.unsqueeze(-2), self.Abar).squeeze(-2)
+        ry = torch.matmul(self.Abar, yz.unsqueeze(-1)).squeeze(-1) - self.D * yy
+        return (rz,) + self._unpack(ry)
+
+    def _pack(self, glam, gmu, ref):
+        if not self.k:
+            return None
+        parts = []
+        if self.p:
+            parts.append(glam if glam is not None else ref.new_zeros(self.B, self.p))
+        if self.m:
+            parts.append(gmu if gmu is not None else ref.new_zeros(self.B, self.m))
+        return torch.cat(parts, dim=-1) if len(parts) > 1 else parts[0]
+
+    def _unpack(self, y):
+        if y is None:
+            return None, None
+        return (y[:, :self.p] if self.p else None), (y[:, self.p:] if self.m else None)
+
+    def solve(self, g_z: Tensor, g_lam: Optional[Tensor] = None, g_mu: Optional[Tensor] = None,
+              refine: Optional[int] = None) -> Tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
+        """Solve ``K (y_z, y_λ, y_μ) = (g_z, g_λ, g_μ)`` for the batch (any missing g is 0).
+
+        Returns ``(y_z, y_λ, y_μ)`` with ``y_λ``/``y_μ`` None when there are no such rows.
+        """
+        g_z = g_z.expand(self.B, self.n)
+        gy = self._pack(g_lam, g_mu, g_z)
+        yz, yy = self._solve_reg(g_z, gy)
+        steps = self.refine if refine is None else int(refine)
+        for _ in range(steps):
+            rz, ry = self._residual(g_z, gy, yz, yy)
+            dz, dy = self._solve_reg(rz, ry)
+            yz = yz + dz
+            if yy is not None:
+                yy = yy + dy
+        if self._pinv_idx is not None:
+            idx = self._pinv_idx
+            g = g_z[idx] if gy is None else torch.cat([g_z[idx], gy[idx]], dim=-1)
+            V = self._pinv_V
+            y = torch.matmul(V, (self._pinv_inv * torch.matmul(g.unsqueeze(-2), V).squeeze(-2)).unsqueeze(-1)).squeeze(-1)
+            yz = yz.clone()
+            yz[idx] = y[:, :self.n]
+            if yy is not None:
+                yy = yy.clone()
+                yy[idx] = y[:, self.n:]
+        return (yz,) + self._unpack(yy)
+
+
+@register_linsolver
+class TorchBatchedSolver(LinearSolver):
+    """Registry entry for :class:`BatchedKKT` (batched, torch, any device)."""
+
+    name: ClassVar[str] = "torch"
+    aliases: ClassVar[tuple] = ("torch_batched", "batched")
+    modules: ClassVar[tuple] = ("torch",)
+    dense: ClassVar[bool] = True
+    sparse: ClassVar[bool] = False
+    batched: ClassVar[bool] = True
+    description: ClassVar[str] = "batched masked reduced-KKT Cholesky in torch (CPU and GPU)"
+
+    def factor_batch(self, P: Tensor, A: Optional[Tensor], C: Optional[Tensor], active: Optional[Tensor],
+                     **kwargs) -> BatchedKKT:
+        """Factorize a batch of masked reduced KKT matrices; see :class:`BatchedKKT`."""
+        return BatchedKKT(P, A, C, active, **kwargs)

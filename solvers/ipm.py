@@ -1,0 +1,654 @@
+"""Built-in batched primal-dual interior-point method (pure torch, any device).
+
+Solves a batch of convex QPs
+
+    min ½ zᵀPz + qᵀz   s.t.   Cz ≤ d  (duals μ ≥ 0),   Az = b  (duals λ)
+
+with Mehrotra's predictor-corrector on the slack form ``Cz + s = d, s ≥ 0``. The same code runs
+on CPU and CUDA, in float32 and float64, for a whole batch at once.
+
+Linear algebra (DESIGN-NOTES §6), Cholesky only (batched LU hangs on some MKL builds). The
+Newton system, after eliminating the slack step ``Δs = −r_in − CΔz``, reads
+
+    [[P, Aᵀ, Cᵀ], [A, 0, 0], [C, 0, −W⁻¹]] [Δz; Δλ; Δμ] = [a; b; c],     W = diag(μ/s).
+
+Two eliminations of it are implemented; the solver picks one per call (``form="auto"``):
+
+* ``"primal"``: ``H = P + CᵀWC + δI`` (n×n Cholesky every iteration), equalities through the
+  Schur complement ``A H⁻¹ Aᵀ + δ_d I`` (p×p Cholesky). Works for PSD ``P`` (LPs included), for
+  ``m > n`` and for dependent rows (the small δ's make the systems quasi-definite; the IPM
+  computes its residuals from the unregularized data, so δ only perturbs the direction).
+* ``"dual"``: when ``P`` is positive definite and well conditioned, eliminate ``Δz`` instead:
+  ``S = Ā P⁻¹ Āᵀ + diag(0, W⁻¹) + δ_d I`` with ``Ā = [A; C]``. ``Ā P⁻¹ Āᵀ`` is formed once
+  (once for the whole batch when P, A and C are shared), so an iteration costs one
+  (p+m)×(p+m) Cholesky. Chosen when its estimated cost is lower (``m + p`` not much larger than n).
+
+Per-instance logic without host synchronization inside the loop: every instance carries its own
+``done`` flag, step lengths of finished instances are zero (``torch.where``, so a NaN in a
+finished or failing instance never leaks), a failed Cholesky (``cholesky_ex`` info) raises that
+instance's regularization for the next iteration, and the host reads ``done.all()`` only every
+``check_every`` iterations (every iteration on CPU, where that costs nothing).
+
+Stopping rule (scaled, relative, dtype dependent; ``eps`` defaults to 1e-9 in float64 and 1e-5 in
+float32), for every instance:
+
+    ‖Az − b‖∞, ‖Cz + s − d‖∞ ≤ eps·(1 + max(‖Az‖∞, ‖b‖∞, ‖Cz‖∞, ‖d‖∞, ‖s‖∞))
+    ‖Pz + q + Aᵀλ + Cᵀμ‖∞   ≤ eps·(1 + max(‖Pz‖∞, ‖q‖∞, ‖Aᵀλ‖∞, ‖Cᵀμ‖∞))
+    sᵀμ                       ≤ eps·(1 + |zᵀPz| + |qᵀz|)
+
+Infeasibility (no homogeneous embedding): the iterates of an infeasible instance diverge along a
+certificate, which is checked on the normalized iterates and on the last step, for instances whose
+residual is *not* small:
+
+* primal infeasible: ‖Aᵀλ̂ + Cᵀμ̂‖∞ ≤ ε_inf·scale and bᵀλ̂ + dᵀμ̂ < −ε_inf (μ̂ ≥ 0);
+* dual infeasible:  ‖Px̂‖∞, ‖Ax̂‖∞, max(Cx̂) ≤ ε_inf·scale and qᵀx̂ < −ε_inf·‖q‖∞.
+
+A certificate must hold at two consecutive iterations before the instance is flagged.
+Statuses are :class:`dqp.errors.Status` values; a non-SOLVED status is never silent (the
+layer raises or masks on it).
+"""
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from typing import Any, Dict, Optional, Tuple
+
+import torch
+
+from dqp.errors import LayoutError, SettingsError, ShapeError, Status
+from dqp.solvers.base import ForwardSolver, register_solver
+
+logger = logging.getLogger(__name__)
+
+Tensor = torch.Tensor
+
+__all__ = ["IPMResult", "ipm_solve", "IPMSolver", "default_eps"]
+
+
+@dataclass
+class IPMResult:
+    """Solution of a batch of QPs by :func:`ipm_solve`.
+
+    Attributes
+    ----------
+    z : (B, n) primal solution.
+    lam : (B, p) equality duals, or ``None`` without equalities.
+    mu : (B, m) inequality duals (≥ 0), or ``None`` without inequalities.
+    s : (B, m) slacks ``d − Cz`` as maintained by the IPM (> 0); ``(B, 0)`` without inequalities.
+    status : (B,) int64, :class:`dqp.errors.Status` values.
+    iterations : (B,) int64, iterations each instance ran.
+    form : which elimination ran (``"primal"`` or ``"dual"``).
+    """
+
+    z: Tensor
+    lam: Optional[Tensor]
+    mu: Optional[Tensor]
+    s: Tensor
+    status: Tensor
+    iterations: Tensor
+    form: str = "primal"
+
+
+def default_eps(dtype: torch.dtype) -> float:
+    """Default relative stopping tolerance for ``dtype`` (1e-9 float64, 1e-5 float32/half)."""
+    return 1e-9 if dtype == torch.float64 else 1e-5
+
+
+# --------------------------------------------------------------------------------------------
+# small batched helpers (work for shared (k, n) and batched (B, k, n) matrices)
+# --------------------------------------------------------------------------------------------
+
+def _mv(M: Tensor, x: Tensor) -> Tensor:
+    """``M x`` for x (B, n); M (k, n) or (B, k, n)."""
+    return torch.matmul(x.unsqueeze(-2), M.transpose(-1, -2)).squeeze(-2)
+
+
+def _tmv(M: Tensor, y: Tensor) -> Tensor:
+    """``Mᵀ y`` for y (B, k); M (k, n) or (B, k, n)."""
+    return torch.matmul(y.unsqueeze(-2), M).squeeze(-2)
+
+
+def _amax(x: Tensor) -> Tensor:
+    """Row-wise ∞-norm, 0 for empty rows."""
+    if x.shape[-1] == 0:
+        return x.new_zeros(x.shape[:-1])
+    return x.abs().amax(-1)
+
+
+def _eye_like(k: int, ref: Tensor) -> Tensor:
+    return torch.eye(k, dtype=ref.dtype, device=ref.device)
+
+
+def _chol_solve(L: Tensor, r: Tensor) -> Tensor:
+    """Solve with a (batched or shared) Cholesky factor for r (B, k) or (B, k, j)."""
+    if r.dim() == 2:
+        if L.dim() == 2:
+            return torch.cholesky_solve(r.T, L).T
+        return torch.cholesky_solve(r.unsqueeze(-1), L).squeeze(-1)
+    return torch.cholesky_solve(r, L)
+
+
+def _max_step(v: Tensor, dv: Tensor) -> Tensor:
+    """Largest α ≥ 0 with v + α dv ≥ 0 (v > 0), per row (capped at 1e30)."""
+    if v.shape[-1] == 0:
+        return v.new_full(v.shape[:-1], 1e30)
+    ratio = torch.where(dv < 0, -v / dv.clamp(max=-torch.finfo(v.dtype).tiny), torch.full_like(v, 1e30))
+    return ratio.amin(-1)
+
+
+# --------------------------------------------------------------------------------------------
+# input normalization
+# --------------------------------------------------------------------------------------------
+
+def _prepare(P, q, C, d, A, b):
+    """Check shapes, find the batch size, drop 0-row constraints. Returns tensors + (B, n, m, p)."""
+    if not isinstance(P, Tensor) or not isinstance(q, Tensor):
+        raise LayoutError("ipm_solve: P and q must be torch tensors "
+                          f"(got {type(P).__name__}, {type(q).__name__}).")
+    dtype, device = P.dtype, P.device
+    if not dtype.is_floating_point:
+        raise LayoutError(f"ipm_solve: P must be a floating tensor (got dtype {dtype}); "
+                          "convert with P.double() or P.float().")
+    for name, t in (("q", q), ("C", C), ("d", d), ("A", A), ("b", b)):
+        if t is not None and (t.dtype != dtype or t.device != device):
+            raise LayoutError(f"ipm_solve: {name} has dtype {t.dtype} on {t.device}, but P has dtype "
+                              f"{dtype} on {device}; pass all data with one dtype on one device.")
+    if q.dim() not in (1, 2):
+        raise ShapeError(f"ipm_solve: q must be (n,) or (B, n), got shape {tuple(q.shape)}.")
+    n = q.shape[-1]
+    if P.dim() not in (2, 3) or P.shape[-2:] != (n, n):
+        raise ShapeError(f"ipm_solve: P must be ({n}, {n}) or (B, {n}, {n}) to match q, got {tuple(P.shape)}.")
+    if (C is None) != (d is None):
+        raise ShapeError("ipm_solve: give both C and d, or neither.")
+    if (A is None) != (b is None):
+        raise ShapeError("ipm_solve: give both A and b, or neither.")
+
+    batch = set()
+    for name, t, nd in (("P", P, 3), ("q", q, 2), ("C", C, 3), ("d", d, 2), ("A", A, 3), ("b", b, 2)):
+        if t is None:
+            continue
+        if t.dim() not in (nd - 1, nd):
+            raise ShapeError(f"ipm_solve: {name} must have {nd - 1} or {nd} dimensions, got shape {tuple(t.shape)}.")
+        if t.dim() == nd:
+            batch.add(t.shape[0])
+    if len(batch) > 1:
+        raise ShapeError(f"ipm_solve: batched arguments disagree on the batch size: {sorted(batch)}.")
+    B = batch.pop() if batch else 1
+
+    def _rows(M, v, name):
+        if M is None:
+            return None, None, 0
+        if M.shape[-1] != n:
+            raise ShapeError(f"ipm_solve: {name} must have {n} columns, got shape {tuple(M.shape)}.")
+        k = M.shape[-2]
+        if v.shape[-1] != k:
+            raise ShapeError(f"ipm_solve: {name} has {k} rows but its right-hand side has {v.shape[-1]}.")
+        if k == 0:
+            return None, None, 0
+        return M, v, k
+
+    C, d, m = _rows(C, d, "C")
+    A, b, p = _rows(A, b, "A")
+    q = q.expand(B, n)
+    if d is not None:
+        d = d.expand(B, m)
+    if b is not None:
+        b = b.expand(B, p)
+    return P, q, C, d, A, b, B, n, m, p
+
+
+def _row_normalize(M: Optional[Tensor], v: Optional[Tensor]):
+    """Scale rows of ``M`` (and v) to unit 2-norm. Returns (M, v, scale) with scale (…, k)."""
+    if M is None:
+        return None, None, None
+    nrm = torch.linalg.vector_norm(M, dim=-1)
+    nrm = torch.where(nrm > 0, nrm, torch.ones_like(nrm))
+    return M / nrm.unsqueeze(-1), v / nrm, nrm
+
+
+# --------------------------------------------------------------------------------------------
+# Newton-system solvers
+# --------------------------------------------------------------------------------------------
+
+class _PrimalNewton:
+    """``H = P + CᵀWC + δI`` (n×n Cholesky), equalities by the Schur complement ``A H⁻¹ Aᵀ``."""
+
+    form = "primal"
+
+    def __init__(self, P, C, A, B, n, m, p, reg_p, reg_d):
+        self.P, self.C, self.A = P, C, A
+        self.B, self.n, self.m, self.p = B, n, m, p
+        self.reg_p, self.reg_d = reg_p, reg_d
+        self.I = _eye_like(n, P)
+        self.Ip = _eye_like(p, P) if p else None
+        self._const = None  # cached factorization when m == 0
+
+    def factor(self, winv: Optional[Tensor], delta: Tensor) -> Tensor:
+        """Factorize for W = 1/winv (B, m); returns per-instance ok flags (B,)."""
+        if self.m == 0 and self._const is not None:
+            self.LH, self.HiAt, self.LS = self._const
+            return self._const_ok
+        P, C, A = self.P, self.C, self.A
+        H = P.expand(self.B, self.n, self.n)
+        if self.m:
+            w = 1.0 / winv
+            H = H + torch.matmul(C.transpose(-1, -2) * w.unsqueeze(-2), C)
+        H = H + (delta * self.reg_p).view(-1, 1, 1) * self.I
+        self.LH, info = torch.linalg.cholesky_ex(H)
+        ok = info == 0
+        if self.p:
+            self.HiAt = torch.cholesky_solve(A.transpose(-1, -2).expand(self.B, self.n, self.p), self.LH)
+            S = torch.matmul(A, self.HiAt)
+            sd = torch.diagonal(S, dim1=-2, dim2=-1).abs().amax(-1).clamp(min=1.0)
+            S = S + (delta * self.reg_d * sd).view(-1, 1, 1) * self.Ip
+            self.LS, info2 = torch.linalg.cholesky_ex(S)
+            ok = ok & (info2 == 0)
+        else:
+            self.HiAt = self.LS = None
+        if self.m == 0:
+            self._const = (self.LH, self.HiAt, self.LS)
+            self._const_ok = ok
+        return ok
+
+    def solve(self, a: Tensor, bb: Optional[Tensor], c: Optional[Tensor], winv: Optional[Tensor]):
+        r = a
+        if self.m:
+            wc = c / winv
+            r = r + _tmv(self.C, wc)
+        v = _chol_solve(self.LH, r)
+        dlam = None
+        if self.p:
+            dlam = _chol_solve(self.LS, _mv(self.A, v) - bb)
+            v = v - torch.matmul(self.HiAt, dlam.unsqueeze(-1)).squeeze(-1)
+        dmu = None
+        if self.m:
+            dmu = (_mv(self.C, v) - c) / winv
+        return v, dlam, dmu
+
+
+class _DualNewton:
+    """``P ≻ 0``: ``S = Ā P⁻¹ Āᵀ + diag(0, W⁻¹) + δ_d I`` with ``Ā = [A; C]``; ``Ā P⁻¹ Āᵀ`` formed once."""
+
+    form = "dual"
+
+    def __init__(self, LP, P, C, A, B, n, m, p, reg_d):
+        self.LP = LP
+        self.B, self.n, self.m, self.p = B, n, m, p
+        self.reg_d = reg_d
+        self.Abar = A if C is None else (C if A is None else torch.cat(
+            [A.expand(B, p, n) if (A.dim() == 3 or C.dim() == 3) else A,
+             C.expand(B, m, n) if (A.dim() == 3 or C.dim() == 3) else C], dim=-2))
+        k = m + p
+        self.k = k
+        Abt = self.Abar.transpose(-1, -2)
+        if LP.dim() == 2 and Abt.dim() == 2:
+            self.PiAbt = torch.cholesky_solve(Abt, LP)              # shared (n, k)
+        else:
+            shp = (B, n, k)
+            self.PiAbt = torch.cholesky_solve(Abt.expand(shp), LP.expand(B, n, n) if LP.dim() == 2 else LP)
+        self.M = torch.matmul(self.Abar, self.PiAbt)                # (k, k) or (B, k, k)
+        self.Md = torch.diagonal(self.M, dim1=-2, dim2=-1).abs().amax(-1).clamp(min=1e-30)
+        self.Ik = _eye_like(k, LP)
+        self._const = None
+
+    def factor(self, winv: Optional[Tensor], delta: Tensor) -> Tensor:
+        if self.m == 0 and self._const is not None:
+            self.LS = self._const
+            return self._const_ok
+        S = self.M.expand(self.B, self.k, self.k)
+        reg = (delta * self.reg_d * self.Md).view(-1, 1) * torch.ones(self.k, dtype=S.dtype, device=S.device)
+        if self.m:
+            reg = reg + torch.cat([winv.new_zeros(self.B, self.p), winv], dim=-1)
+        S = S + torch.diag_embed(reg)
+        self.LS, info = torch.linalg.cholesky_ex(S)
+        ok = info == 0
+        if self.m == 0:
+            self._const, self._const_ok = self.LS, ok
+        return ok
+
+    def solve(self, a: Tensor, bb: Optional[Tensor], c: Optional[Tensor], winv: Optional[Tensor]):
+        t = _chol_solve(self.LP, a)
+        rhs = _mv(self.Abar, t)
+        parts = [x for x in (bb, c) if x is not None]
+        rhs = rhs - (torch.cat(parts, dim=-1) if len(parts) > 1 else parts[0])
+        dy = _chol_solve(self.LS, rhs)
+        dz = t - _mv(self.PiAbt, dy)
+        dlam = dy[:, :self.p] if self.p else None
+        dmu = dy[:, self.p:] if self.m else None
+        return dz, dlam, dmu
+
+
+def _choose_form(form, P, B, n, m, p, dtype, est_iters=15):
+    """Return (form, LP) — LP the Cholesky factor of P when the dual form is used."""
+    if form not in ("auto", "primal", "dual"):
+        raise SettingsError(f"ipm_solve: form must be 'auto', 'primal' or 'dual', got {form!r}.")
+    if form == "primal":
+        return "primal", None
+    k = m + p
+    if form == "auto":
+        nb = 1 if P.dim() == 2 else B
+        cost_primal = est_iters * B * (2.0 * m * n * n + n ** 3 / 3 + 2.0 * p * n * n + p ** 3 / 3)
+        cost_dual = nb * (n ** 3 / 3 + 2.0 * n * n * k + 2.0 * n * k * k) + est_iters * B * (k ** 3 / 3 + 4.0 * n * k)
+        if cost_dual >= cost_primal or k == 0:
+            return "primal", None
+    LP, info = torch.linalg.cholesky_ex(P)
+    diag = torch.diagonal(LP, dim1=-2, dim2=-1)
+    # conditioning estimate from the Cholesky diagonal (cheap; one host sync, outside the loop)
+    pd = (info == 0) & torch.isfinite(diag).all(-1)
+    dmin = diag.abs().amin(-1) ** 2
+    dmax = torch.diagonal(P, dim1=-2, dim2=-1).abs().amax(-1).clamp(min=torch.finfo(dtype).tiny)
+    limit = 1e-12 if dtype == torch.float64 else 1e-4
+    good = bool((pd & (dmin >= limit * dmax)).all())
+    if not good:
+        if form == "dual":
+            raise SettingsError("ipm_solve: form='dual' needs a positive definite, well-conditioned P; "
+                                "use form='primal' or 'auto'.")
+        return "primal", None
+    return "dual", LP
+
+
+# --------------------------------------------------------------------------------------------
+# the solver
+# --------------------------------------------------------------------------------------------
+
+def ipm_solve(P: Tensor, q: Tensor, C: Optional[Tensor] = None, d: Optional[Tensor] = None,
+              A: Optional[Tensor] = None, b: Optional[Tensor] = None, *, eps: Optional[float] = None,
+              max_iter: int = 100, check_every: Optional[int] = None, form: str = "auto",
+              separate_steps: bool = True, step_fraction: float = 0.99,
+              eps_infeasible: Optional[float] = None) -> IPMResult:
+    """Solve a batch of convex QPs with a primal-dual interior-point method.
+
+    Parameters
+    ----------
+    P : (n, n) or (B, n, n)
+        Symmetric positive semidefinite.
+    q : (n,) or (B, n)
+    C, d : (m, n) / (B, m, n) and (m,) / (B, m), or None
+        Inequalities ``Cz ≤ d``. A 0-row C means none.
+    A, b : (p, n) / (B, p, n) and (p,) / (B, p), or None
+        Equalities ``Az = b``. A 0-row A means none.
+    eps : float, optional
+        Relative stopping tolerance (see the module docstring); default :func:`default_eps`.
+    max_iter : int
+        Iteration limit; instances not converged by then get ``Status.MAX_ITER``.
+    check_every : int, optional
+        How often the host reads the ``all done`` flag (a device sync). Default 1 on CPU, 4 on
+        other devices. Per-instance convergence is tracked on the device every iteration.
+    form : {"auto", "primal", "dual"}
+        Which elimination of the Newton system to use (module docstring).
+    separate_steps : bool
+        Separate primal and dual step lengths (default) or one common step.
+    step_fraction : float
+        Fraction of the step to the boundary (0.99).
+    eps_infeasible : float, optional
+        Tolerance of the infeasibility certificates (default 1e-7 float64, 1e-4 float32).
+
+    Returns
+    -------
+    IPMResult
+        Shapes ``(B, ·)``; B = 1 when no argument is batched.
+    """
+    P, q, C, d, A, b, B, n, m, p = _prepare(P, q, C, d, A, b)
+    dtype, device = P.dtype, P.device
+    if max_iter < 1:
+        raise SettingsError(f"ipm_solve: max_iter must be >= 1, got {max_iter}.")
+    if not 0.0 < step_fraction < 1.0:
+        raise SettingsError(f"ipm_solve: step_fraction must be in (0, 1), got {step_fraction}.")
+    eps = default_eps(dtype) if eps is None else float(eps)
+    if not eps > 0:
+        raise SettingsError(f"ipm_solve: eps must be positive, got {eps}.")
+    eps_inf = (1e-7 if dtype == torch.float64 else 1e-4) if eps_infeasible is None else float(eps_infeasible)
+    if check_every is None:
+        check_every = 1 if device.type == "cpu" else 4
+    check_every = max(int(check_every), 1)
+    f64 = dtype == torch.float64
+    reg_p = 1e-10 if f64 else 1e-7
+    reg_d = 1e-12 if f64 else 1e-7
+
+    # row scaling of the constraints (unit-norm rows); undone on return
+    C_u, A_u = C, A
+    C, d, c_scale = _row_normalize(C, d)
+    A, b, a_scale = _row_normalize(A, b)
+    if c_scale is not None:
+        c_scale = c_scale.expand(B, m)
+    if a_scale is not None:
+        a_scale = a_scale.expand(B, p)
+
+    Pscale = P.abs().flatten(-2).amax(-1).expand(B) if n else P.new_zeros(B)
+    pscale = Pscale.clamp(min=1.0)
+    qnorm = _amax(q)
+
+    fm, LP = _choose_form(form, P, B, n, m, p, dtype)
+    if fm == "dual":
+        newton = _DualNewton(LP, P, C, A, B, n, m, p, reg_d)
+    else:
+        newton = _PrimalNewton(P, C, A, B, n, m, p, reg_p * pscale, reg_d)
+
+    delta = torch.ones(B, dtype=dtype, device=device)         # per-instance regularization multiplier
+    one_m = torch.ones(B, m, dtype=dtype, device=device)
+
+    # ---- starting point: solve the KKT system with W = I, then shift s and μ into the interior
+    newton.factor(one_m if m else None, delta)
+    z, lam, mu_hat = newton.solve(-q, b, d if m else None, one_m if m else None)
+    if m:
+        s_hat = d - _mv(C, z)
+        # (the W = I system gives μ̂ = Cz − d = −ŝ)
+        def _shift(v):
+            lo = v.amin(-1, keepdim=True)
+            return torch.where(lo > 0, v, v + (1.0 - lo))      # strictly ≥ 1 when shifted
+        s = _shift(s_hat)
+        mu = _shift(-s_hat)
+    else:
+        s = q.new_zeros(B, 0)
+        mu = q.new_zeros(B, 0)
+    if lam is None:
+        lam = q.new_zeros(B, 0)
+    bad0 = ~(torch.isfinite(z).all(-1) & torch.isfinite(s).all(-1) & torch.isfinite(mu).all(-1)
+             & torch.isfinite(lam).all(-1))
+    z = torch.where(bad0.unsqueeze(-1), torch.zeros_like(z), z)
+    s = torch.where(bad0.unsqueeze(-1), torch.ones_like(s), s)
+    mu = torch.where(bad0.unsqueeze(-1), torch.ones_like(mu), mu)
+    lam = torch.where(bad0.unsqueeze(-1), torch.zeros_like(lam), lam)
+
+    status = torch.full((B,), int(Status.MAX_ITER), dtype=torch.int64, device=device)
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    iters = torch.zeros(B, dtype=torch.int64, device=device)
+    nfail = torch.zeros(B, dtype=torch.int64, device=device)
+    pinf_prev = torch.zeros(B, dtype=torch.bool, device=device)
+    dinf_prev = torch.zeros(B, dtype=torch.bool, device=device)
+    dz = torch.zeros_like(z)
+    dlam_last = torch.zeros_like(lam)
+    dmu_last = torch.zeros_like(mu)
+    Cscale = 1.0 if m else 0.0   # rows are unit norm after scaling
+    Ascale = 1.0 if p else 0.0
+    tiny = torch.finfo(dtype).tiny
+    SOLVED, PINF, DINF, NUM = (int(Status.SOLVED), int(Status.PRIMAL_INFEASIBLE),
+                               int(Status.DUAL_INFEASIBLE), int(Status.NUMERICAL))
+
+    for it in range(max_iter + 1):
+        # ---------------- residuals and per-instance convergence (all on device)
+        Pz = _mv(P, z)
+        rd = Pz + q
+        ATl = _tmv(A, lam) if p else None
+        CTm = _tmv(C, mu) if m else None
+        if p:
+            rd = rd + ATl
+        if m:
+            rd = rd + CTm
+        Az = _mv(A, z) if p else None
+        Cz = _mv(C, z) if m else None
+        req = Az - b if p else None
+        rin = Cz + s - d if m else None
+        pres = torch.zeros(B, dtype=dtype, device=device)
+        pscl = torch.ones(B, dtype=dtype, device=device)
+        if p:
+            pres = torch.maximum(pres, _amax(req))
+            pscl = torch.maximum(pscl, torch.maximum(_amax(Az), _amax(b)))
+        if m:
+            pres = torch.maximum(pres, _amax(rin))
+            pscl = torch.maximum(pscl, torch.maximum(torch.maximum(_amax(Cz), _amax(d)), _amax(s)))
+        dres = _amax(rd)
+        dscl = torch.maximum(_amax(Pz), qnorm)
+        if p:
+            dscl = torch.maximum(dscl, _amax(ATl))
+        if m:
+            dscl = torch.maximum(dscl, _amax(CTm))
+        dscl = dscl + 1.0
+        gap = (s * mu).sum(-1)
+        zPz = (z * Pz).sum(-1)
+        qz = (q * z).sum(-1)
+        gscl = 1.0 + zPz.abs() + qz.abs()
+        p_ok = pres <= eps * pscl
+        d_ok = dres <= eps * dscl
+        conv = p_ok & d_ok & (gap <= eps * gscl)
+
+        # ---------------- infeasibility certificates (only for instances that are not converging)
+        if m or p:
+            ynorm = torch.maximum(_amax(lam), _amax(mu)).clamp(min=tiny)
+            def _pcert(lv, mv):
+                yn = torch.maximum(_amax(lv), _amax(mv)).clamp(min=tiny)
+                lh, mh = lv / yn.unsqueeze(-1), mv / yn.unsqueeze(-1)
+                r = torch.zeros_like(z)
+                val = torch.zeros(B, dtype=dtype, device=device)
+                if p:
+                    r = r + _tmv(A, lh)
+                    val = val + (b * lh).sum(-1)
+                if m:
+                    r = r + _tmv(C, mh)
+                    val = val + (d * mh).sum(-1)
+                return (_amax(r) <= eps_inf * (Ascale + Cscale)) & (val < -eps_inf)
+            pinf = _pcert(lam, mu) & (ynorm > 1.0 / eps_inf ** 0.5)
+            pinf = pinf | (_pcert(dlam_last, dmu_last) & (mu.amin(-1) >= 0 if m else True)
+                           & ((dmu_last.amin(-1) >= -eps_inf * _amax(dmu_last)) if m else True))
+            pinf = pinf & ~p_ok
+        else:
+            pinf = torch.zeros(B, dtype=torch.bool, device=device)
+
+        def _dcert(x):
+            xn = _amax(x).clamp(min=tiny)
+            xh = x / xn.unsqueeze(-1)
+            okc = _amax(_mv(P, xh)) <= eps_inf * pscale
+            if p:
+                okc = okc & (_amax(_mv(A, xh)) <= eps_inf * Ascale)
+            if m:
+                okc = okc & (_mv(C, xh).amax(-1) <= eps_inf * Cscale)
+            return okc & ((q * xh).sum(-1) < -eps_inf * qnorm.clamp(min=tiny)) & (xn > 0)
+        dinf = (_dcert(z) & (_amax(z) > 1.0 / eps_inf ** 0.5)) | _dcert(dz)
+        dinf = dinf & ~d_ok
+
+        new_conv = conv & ~done
+        status = torch.where(new_conv, torch.full_like(status, SOLVED), status)
+        done = done | conv
+        pinf_hit = pinf & pinf_prev & ~done
+        dinf_hit = dinf & dinf_prev & ~done & ~pinf_hit
+        status = torch.where(pinf_hit, torch.full_like(status, PINF), status)
+        status = torch.where(dinf_hit, torch.full_like(status, DINF), status)
+        done = done | pinf_hit | dinf_hit
+        pinf_prev, dinf_prev = pinf, dinf
+        numfail = (nfail >= 8) & ~done
+        status = torch.where(numfail, torch.full_like(status, NUM), status)
+        done = done | numfail
+
+        if it == max_iter:
+            break
+        if it % check_every == check_every - 1 or it == 0:
+            if bool(done.all()):
+                break
+        running = ~done
+        iters = iters + running.to(torch.int64)
+
+        # ---------------- predictor (affine) step
+        winv = s / mu if m else None
+        fact_ok = newton.factor(winv, delta)
+        a = -rd
+        bb = -req if p else None
+        c_aff = (-rin + s) if m else None          # −r_in + r_c/μ with r_c = s∘μ
+        dz_a, dl_a, dm_a = newton.solve(a, bb, c_aff, winv)
+        if m:
+            ds_a = -rin - _mv(C, dz_a)
+            ap_a = _max_step(s, ds_a).clamp(max=1.0)
+            ad_a = _max_step(mu, dm_a).clamp(max=1.0)
+            if not separate_steps:
+                ap_a = ad_a = torch.minimum(ap_a, ad_a)
+            tau = gap / m
+            mu_aff = ((s + ap_a.unsqueeze(-1) * ds_a) * (mu + ad_a.unsqueeze(-1) * dm_a)).sum(-1) / m
+            sigma = (mu_aff / tau.clamp(min=tiny)).clamp(min=0.0, max=1.0) ** 3
+            # ---------------- corrector (centering + second order) with the same factorization
+            rc = s * mu + ds_a * dm_a - (sigma * tau).unsqueeze(-1)
+            c_cor = -rin + rc / mu
+            dz_, dl_, dm_ = newton.solve(a, bb, c_cor, winv)
+            ds_ = -rin - _mv(C, dz_)
+            ap = (step_fraction * _max_step(s, ds_)).clamp(max=1.0)
+            ad = (step_fraction * _max_step(mu, dm_)).clamp(max=1.0)
+            if not separate_steps:
+                ap = ad = torch.minimum(ap, ad)
+        else:
+            dz_, dl_, dm_ = dz_a, dl_a, dm_a
+            ds_ = s
+            ap = torch.ones(B, dtype=dtype, device=device)
+            ad = ap
+
+        finite = torch.isfinite(dz_).all(-1)
+        if p:
+            finite = finite & torch.isfinite(dl_).all(-1)
+        if m:
+            finite = finite & torch.isfinite(dm_).all(-1) & torch.isfinite(ds_).all(-1)
+        ok = fact_ok & finite
+        upd = running & ok
+        # failed factorization / non-finite step: raise that instance's regularization and retry
+        delta = torch.where(running & ~ok, (delta * 100.0).clamp(max=1e12), (delta * 0.5).clamp(min=1.0))
+        nfail = torch.where(running & ~ok, nfail + 1, torch.zeros_like(nfail))
+        u = upd.unsqueeze(-1)
+        dz = torch.where(u, dz_, torch.zeros_like(dz_))
+        z = torch.where(u, z + ap.unsqueeze(-1) * dz_, z)
+        if m:
+            s = torch.where(u, s + ap.unsqueeze(-1) * ds_, s)
+            mu = torch.where(u, mu + ad.unsqueeze(-1) * dm_, mu)
+            dmu_last = torch.where(u, dm_, torch.zeros_like(dm_))
+            # keep strict interiority against round-off
+            s = s.clamp(min=tiny)
+            mu = mu.clamp(min=tiny)
+        if p:
+            lam = torch.where(u, lam + ad.unsqueeze(-1) * dl_, lam)
+            dlam_last = torch.where(u, dl_, torch.zeros_like(dl_))
+
+    # ---------------- undo the row scaling
+    lam_out = lam / a_scale if p else None
+    mu_out = mu / c_scale if m else None
+    s_out = s * c_scale if m else s
+    return IPMResult(z=z, lam=lam_out, mu=mu_out, s=s_out, status=status, iterations=iters, form=fm)
+
+
+@register_solver
+class IPMSolver(ForwardSolver):
+    """dqp's built-in batched interior-point method (torch; CPU and CUDA; float32/float64)."""
+
+    name = "dqp_ipm"
+    aliases = ("ipm", "dqp")
+    modules = ("torch",)
+    dense = True
+    sparse = False
+    batched = True
+    duals = True
+    description = "built-in batched primal-dual interior point (Mehrotra), pure torch, CPU and GPU"
+
+    _KEYS = ("eps", "max_iter", "check_every", "form", "separate_steps", "step_fraction", "eps_infeasible")
+
+    def tolerance_keywords(self, eps_abs: float, eps_rel: float) -> Dict[str, Any]:
+        return {"eps": max(min(eps_abs, eps_rel), 1e-14)}
+
+    def solve_batch(self, P, q, C=None, d=None, A=None, b=None, *, keywords: Optional[Dict[str, Any]] = None,
+                    warm=None) -> IPMResult:
+        """Solve a batch given as torch tensors (None for absent constraints).
+
+        ``keywords`` may hold any keyword of :func:`ipm_solve` (eps, max_iter, check_every, form,
+        separate_steps, step_fraction, eps_infeasible). ``warm`` is accepted and ignored: an
+        interior-point method gains little from a warm start.
+        """
+        kw = dict(keywords or {})
+        unknown = sorted(set(kw) - set(self._KEYS))
+        if unknown:
+            raise SettingsError(f"qp_solver='dqp_ipm' does not take the keywords {unknown}; "
+                                f"valid: {', '.join(self._KEYS)}.")
+        return ipm_solve(P, q, C, d, A, b, **kw)
