@@ -97,7 +97,14 @@ def polish(P, q, C, d, A, b, active: np.ndarray, solver, sparse: bool, eps: floa
         mu_scale = eps * max(1.0, float(np.max(np.abs(muJ), initial=0.0)))
         neg = muJ < -mu_scale
         bad_primal = m and np.any(viol > 0)
-        verified = not bad_primal and not np.any(neg)
+        # the reduced system itself must be solved (a singular, inconsistent K is not): check the
+        # equalities, the active rows and stationarity too
+        r_p, r_d, _ = residuals(P, q, C, d, A, b, z, lam, mu)
+        scale_p = 1.0 + max(float(np.max(np.abs(d), initial=0.0)) if m else 0.0,
+                            float(np.max(np.abs(b), initial=0.0)) if p else 0.0)
+        scale_d = 1.0 + float(np.max(np.abs(q), initial=0.0))
+        consistent = r_p <= eps * scale_p and r_d <= eps * scale_d
+        verified = consistent and not bad_primal and not np.any(neg)
         score = (max(float(np.max(viol, initial=0.0)), 0.0) + float(np.sum(np.maximum(-muJ - mu_scale, 0.0))))
         if best is None or score < best[0]:
             best = (score, z, lam, mu, active.copy(), kkt, verified, it)
@@ -166,7 +173,7 @@ class Engine:
         t0 = time.perf_counter()
         raw: RawSolution = self.solver.solve(P, q, C, d, A, b, initvals=initvals, keywords=kw)
         solve_time = raw.info.get("time", time.perf_counter() - t0)
-        if raw.x is None:
+        if raw.x is None or raw.status in (Status.PRIMAL_INFEASIBLE, Status.DUAL_INFEASIBLE):
             status = raw.status
             if status == Status.SOLVER_ERROR:
                 status = classify_failure(P, q, C, d, A, b)
@@ -193,7 +200,11 @@ class Engine:
                 message = f"solver reported {raw.status.name}; the polished solution passed the KKT check"
             else:
                 status = raw.status
-                message = "solver failed and the polish could not be verified"
+                if status == Status.SOLVER_ERROR:
+                    status = classify_failure(P, q, C, d, A, b)
+                message = f"solver failed ({raw.info.get('raw_status') or raw.status.name}) and its point could not be polished"
+                return ElementResult(np.zeros(n), np.zeros(p), np.zeros(m), np.zeros(m, bool), status,
+                                     solve_time=solve_time, message=message, iterations=raw.iterations)
         elif not verified:
             # keep the solver's own primal-dual point: the set could not be made consistent
             z = raw.x
