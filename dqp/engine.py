@@ -213,6 +213,11 @@ class Engine:
             message = ("active set could not be verified (degenerate problem or inaccurate solver); "
                        "returned the solver's point, gradients use the detected active set")
         mu = np.where(active, np.maximum(mu, 0.0), 0.0) if m else mu
+        if m:  # weakly active: on the boundary with a (near) zero multiplier, after the polish
+            slack = d - _mv(C, z)
+            at_bound = slack <= s.eps_active * (1.0 + np.abs(d))
+            zero_dual = mu <= s.eps_active * max(1.0, float(np.max(mu, initial=0.0)))
+            n_weak = int(np.count_nonzero(at_bound & zero_dual))
         res = residuals(P, q, C, d, A, b, z, lam, mu)
         return ElementResult(z, lam, mu, active, status, kkt, verified, it, n_weak, raw.iterations,
                              solve_time, message, res)

@@ -1,0 +1,165 @@
+"""Infeasible/unbounded problems, masked failures, and degenerate active sets."""
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+import dqp
+from dqp import dQP
+from dqp.errors import Status, error_for_statuses
+from conftest import ALL_SOLVERS, random_qp
+
+F64 = torch.float64
+
+
+def infeasible_batch():
+    P = torch.eye(2, dtype=F64).expand(3, 2, 2).clone()
+    q = torch.zeros(3, 2, dtype=F64)
+    C = torch.tensor([[1.0, 0], [-1, 0]], dtype=F64).expand(3, 2, 2).clone()
+    d = torch.tensor([[1.0, 1], [-1, -1], [1, 1]], dtype=F64)  # element 1: x1 <= -1 and x1 >= 1
+    return P, q, C, d
+
+
+@pytest.mark.parametrize("case", ALL_SOLVERS)
+def test_infeasible_element_is_named(case):
+    with pytest.raises(dqp.InfeasibleError) as e:
+        dQP.dQP_layer(qp_solver=case.name)(*infeasible_batch())
+    assert e.value.batch_indices == [1]
+    assert "batch element 1" in str(e.value) and "on_failure='mask'" in str(e.value)
+
+
+@pytest.mark.parametrize("solver", ["clarabel", "osqp", "piqp", "proxqp", "highs", "scs", "qpalm"])
+def test_unbounded_is_reported(solver):
+    P = torch.zeros(2, 2, dtype=F64)
+    q = torch.tensor([-1.0, 0], dtype=F64)
+    C = torch.tensor([[0.0, 1.0]], dtype=F64)
+    d = torch.tensor([1.0], dtype=F64)
+    with pytest.raises(dqp.UnboundedError, match="unbounded"):
+        dQP.dQP_layer(qp_solver=solver)(P, q, C, d)
+
+
+def test_mask_mode_returns_zeros_and_status():
+    P, q, C, d = infeasible_batch()
+    layer = dQP.dQP_layer(qp_solver="clarabel", on_failure="mask")
+    qq = q.clone().requires_grad_()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        z, lam, mu, _, _ = layer(P, qq, C, d)
+    assert layer.info.status == [Status.SOLVED, Status.PRIMAL_INFEASIBLE, Status.SOLVED]
+    assert layer.info.failed == [1] and not layer.info.ok
+    z.sum().backward()
+    assert torch.all(z[1] == 0) and torch.all(qq.grad[1] == 0)
+    assert torch.isfinite(qq.grad).all() and torch.allclose(qq.grad[0], -torch.ones(2, dtype=F64))
+
+
+def test_error_for_statuses_lists_all_failures():
+    err = error_for_statuses([Status.SOLVED, Status.MAX_ITER, Status.NUMERICAL] + [Status.SOLVER_ERROR] * 25, "x")
+    assert isinstance(err, dqp.MaxIterationsError) and err.batch_indices[0] == 1
+    assert "and 7 more" in str(err)
+    assert error_for_statuses([Status.SOLVED], "x") is None
+    assert isinstance(error_for_statuses([Status.NUMERICAL], "x"), dqp.SolverFailedError)
+
+
+def test_max_iterations_is_recovered_or_reported():
+    """OSQP stopped after 2 iterations: dqp either certifies the polished point or raises."""
+    P, q, C, d, *_ = random_qp(10, 15, 0, seed=3)
+    layer = dQP.dQP_layer(qp_solver="osqp", qp_solver_keywords={"max_iter": 2}, refine_active=False)
+    try:
+        z = layer(P, q, C, d)[0]
+    except dqp.SolveError as e:
+        assert isinstance(e, (dqp.MaxIterationsError, dqp.SolverFailedError))
+    else:
+        ref = dQP.dQP_layer(qp_solver="clarabel")(P, q, C, d)[0]
+        assert layer.info.verified == [True] and torch.allclose(z, ref, atol=1e-8)
+
+
+def test_inaccurate_solver_is_repaired_by_refinement():
+    """A loose OSQP tolerance mislabels constraints; refine_active repairs the set exactly."""
+    P, q, C, d, *_ = random_qp(20, 40, 0, seed=8, frac_active=0.4)
+    ref = dQP.dQP_layer(qp_solver="clarabel")(P, q, C, d)[0]
+    layer = dQP.dQP_layer(qp_solver="osqp", eps_abs=1e-3, eps_rel=1e-3, eps_active=1e-7)
+    z = layer(P, q, C, d)[0]
+    assert layer.info.verified == [True]
+    assert torch.allclose(z, ref, atol=1e-9)
+
+
+# ---------------------------------------------------------------- degenerate cases
+def test_duplicate_active_rows_licq_failure():
+    """The same active constraint twice: K is singular; gradients w.r.t. z stay finite and right."""
+    n = 3
+    P = torch.eye(n, dtype=F64)
+    q = torch.tensor([-2.0, 0.5, 0.1], dtype=F64)
+    C = torch.tensor([[1.0, 0, 0], [1.0, 0, 0], [0, 1.0, 0]], dtype=F64)
+    d = torch.tensor([1.0, 1.0, 5.0], dtype=F64)
+    layer = dQP.dQP_layer(qp_solver="clarabel")
+    qq = q.clone().requires_grad_()
+    with warnings.catch_warnings(record=True):
+        warnings.simplefilter("always")
+        z, lam, mu, _, _ = layer(P, qq, C, d)
+    assert torch.allclose(z, torch.tensor([1.0, -0.5, -0.1], dtype=F64), atol=1e-8)
+    assert abs(float(mu[0] + mu[1]) - 1.0) < 1e-8  # the split of the dual is not unique
+    assert layer.info.kkt_path == ["regularized"]
+    z.sum().backward()
+    assert torch.allclose(qq.grad, torch.tensor([0.0, -1.0, -1.0], dtype=F64), atol=1e-6)
+
+
+def test_more_active_rows_than_variables():
+    """Four constraints active at a vertex of a 2-D problem (LICQ fails)."""
+    P = torch.eye(2, dtype=F64)
+    q = torch.tensor([-3.0, -3.0], dtype=F64)
+    C = torch.tensor([[1.0, 0], [0, 1.0], [1.0, 1.0], [2.0, 1.0]], dtype=F64)
+    d = torch.tensor([1.0, 1.0, 2.0, 3.0], dtype=F64)
+    layer = dQP.dQP_layer(qp_solver="clarabel")
+    qq = q.clone().requires_grad_()
+    z = layer(P, qq, C, d)[0]
+    z.sum().backward()
+    assert torch.allclose(z, torch.ones(2, dtype=F64), atol=1e-8)
+    assert torch.isfinite(qq.grad).all()
+    assert torch.allclose(qq.grad, torch.zeros(2, dtype=F64), atol=1e-6)  # z is pinned at the vertex
+
+
+def test_weakly_active_constraint_is_flagged():
+    """min ½‖z − (1,0)‖² s.t. z1 <= 1: at the boundary with a zero multiplier."""
+    P = torch.eye(2, dtype=F64)
+    q = torch.tensor([-1.0, 0.0], dtype=F64)
+    C = torch.tensor([[1.0, 0.0]], dtype=F64)
+    d = torch.tensor([1.0], dtype=F64)
+    layer = dQP.dQP_layer(qp_solver="clarabel")
+    qq = q.clone().requires_grad_()
+    z = layer(P, qq, C, d)[0]
+    z.sum().backward()
+    assert layer.info.n_weakly_active == [1]
+    assert torch.isfinite(qq.grad).all()
+
+
+def test_rank_deficient_equalities():
+    P = torch.eye(3, dtype=F64)
+    q = torch.tensor([1.0, 2.0, 3.0], dtype=F64)
+    A = torch.tensor([[1.0, 1.0, 0.0], [2.0, 2.0, 0.0]], dtype=F64)
+    b = torch.tensor([1.0, 2.0], dtype=F64)
+    layer = dQP.dQP_layer(qp_solver="clarabel")
+    qq = q.clone().requires_grad_()
+    with warnings.catch_warnings(record=True):
+        warnings.simplefilter("always")
+        z = layer(P, qq, None, None, A, b)[0]
+    assert torch.allclose(z, torch.tensor([1.0, 0.0, -3.0], dtype=F64), atol=1e-7)
+    z.sum().backward()
+    assert torch.isfinite(qq.grad).all()
+    assert torch.allclose(qq.grad, torch.tensor([0.0, 0.0, -1.0], dtype=F64), atol=1e-6)
+
+
+def test_semidefinite_P_lp():
+    """An LP (P = 0) with a unique vertex solution."""
+    P = torch.zeros(2, 2, dtype=F64)
+    q = torch.tensor([-1.0, -1.0], dtype=F64)
+    C = torch.tensor([[1.0, 0], [0, 1.0], [-1.0, 0], [0, -1.0]], dtype=F64)
+    d = torch.tensor([1.0, 2.0, 0.0, 0.0], dtype=F64)
+    layer = dQP.dQP_layer(qp_solver="clarabel")
+    dd = d.clone().requires_grad_()
+    z = layer(P, q, C, dd)[0]
+    assert torch.allclose(z, torch.tensor([1.0, 2.0], dtype=F64), atol=1e-8)
+    z.sum().backward()
+    assert torch.allclose(dd.grad, torch.tensor([1.0, 1.0, 0.0, 0.0], dtype=F64), atol=1e-8)
