@@ -125,7 +125,7 @@ class QPProblem:
         return v
 
     def to_torch(self, dtype: Any = None, sparse: bool = True, device: Any = None,
-                 requires_grad: bool = False) -> Tuple[Any, ...]:
+                 requires_grad: bool = False, return_leaves: bool = False) -> Tuple[Any, ...]:
         """Return ``(P, q, C, d, A, b)`` as torch tensors for :class:`dqp.dQP.dQP_layer`.
 
         Parameters
@@ -137,36 +137,47 @@ class QPProblem:
             of the SciPy matrices (same value order). ``False``: dense strided tensors.
         device : torch.device or str, optional
         requires_grad : bool
-            Mark every returned tensor as a leaf requiring gradients.
+            Make the data differentiable. Dense tensors and vectors become leaves; a sparse matrix
+            is built from a leaf tensor of its *values* (gradients live on the values; torch cannot
+            accumulate into a sparse CSC leaf), so read gradients through ``return_leaves``.
+        return_leaves : bool
+            Also return a dict ``{"P": leaf, "q": leaf, ...}`` of the tensors whose ``.grad`` holds
+            the gradients (for sparse matrices: the values, in CSC order).
 
         Returns
         -------
         tuple
-            ``(P, q, C, d, A, b)``; ``A`` and ``b`` are ``None`` without equality constraints.
+            ``(P, q, C, d, A, b)`` (``A``, ``b`` are ``None`` without equality constraints), or
+            ``((P, q, C, d, A, b), leaves)`` with ``return_leaves=True``.
         """
         import torch
 
         dtype = torch.float64 if dtype is None else dtype
+        leaves: Dict[str, Any] = {}
 
-        def mat(M: sp.csc_matrix) -> "torch.Tensor":
+        def mat(key: str, M: sp.csc_matrix) -> "torch.Tensor":
             if sparse:
                 M = _canonical_csc(M)
-                t = torch.sparse_csc_tensor(
-                    torch.from_numpy(M.indptr.astype(np.int64)),
-                    torch.from_numpy(M.indices.astype(np.int64)),
-                    torch.from_numpy(np.asarray(M.data, dtype=np.float64)).to(dtype),
-                    size=M.shape, dtype=dtype, device=device, check_invariants=True)
-            else:
-                t = torch.as_tensor(M.toarray(), dtype=dtype, device=device)
-            return t.requires_grad_(requires_grad)
+                vals = torch.as_tensor(np.asarray(M.data, dtype=np.float64), dtype=dtype, device=device)
+                vals = vals.clone().requires_grad_(requires_grad)
+                leaves[key] = vals
+                return torch.sparse_csc_tensor(
+                    torch.as_tensor(M.indptr.astype(np.int64), device=device),
+                    torch.as_tensor(M.indices.astype(np.int64), device=device),
+                    vals, size=M.shape, dtype=dtype, device=device, check_invariants=True)
+            t = torch.as_tensor(M.toarray(), dtype=dtype, device=device).requires_grad_(requires_grad)
+            leaves[key] = t
+            return t
 
-        def vec(v: np.ndarray) -> "torch.Tensor":
-            return torch.as_tensor(np.array(v, dtype=np.float64), dtype=dtype,
-                                   device=device).requires_grad_(requires_grad)
+        def vec(key: str, v: np.ndarray) -> "torch.Tensor":
+            t = torch.as_tensor(np.array(v, dtype=np.float64), dtype=dtype, device=device).requires_grad_(requires_grad)
+            leaves[key] = t
+            return t
 
-        A = None if self.A is None else mat(self.A)
-        b = None if self.b is None else vec(self.b)
-        return mat(self.P), vec(self.q), mat(self.C), vec(self.d), A, b
+        A = None if self.A is None else mat("A", self.A)
+        b = None if self.b is None else vec("b", self.b)
+        out = (mat("P", self.P), vec("q", self.q), mat("C", self.C), vec("d", self.d), A, b)
+        return (out, leaves) if return_leaves else out
 
     def to_numpy(self, dense: bool = False) -> Tuple[Any, ...]:
         """Return ``(P, q, C, d, A, b)`` as SciPy CSC (or dense NumPy with ``dense=True``)."""

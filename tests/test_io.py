@@ -111,8 +111,15 @@ def test_to_torch_matches_scipy(sparse):
     np.testing.assert_array_equal(C.numpy(), qp.C.toarray())
     np.testing.assert_array_equal(d.numpy(), qp.d)
     assert A is None and b is None  # HS118 has no equality rows
-    P32 = qp.to_torch(dtype=torch.float32, sparse=sparse, requires_grad=True)[0]
-    assert P32.dtype == torch.float32 and P32.requires_grad
+    (P32, q32, *_), leaves = qp.to_torch(dtype=torch.float32, sparse=sparse, requires_grad=True, return_leaves=True)
+    assert P32.dtype == torch.float32 and P32.requires_grad and q32.requires_grad
+    assert set(leaves) == {"P", "q", "C", "d"}
+    assert all(t.is_leaf and t.requires_grad for t in leaves.values())
+    # gradients reach the leaves (for sparse: the values, in CSC order)
+    dense_P = P32.to_dense() if sparse else P32
+    (2.0 * dense_P).sum().backward()
+    expected = np.full(qp.P.nnz, 2.0) if sparse else np.full((qp.n, qp.n), 2.0)
+    np.testing.assert_array_equal(leaves["P"].grad.numpy(), expected)
 
 
 @needs_mm
