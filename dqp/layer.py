@@ -239,7 +239,6 @@ class dQP_layer(nn.Module):  # noqa: N801  (the name users know from the referen
         s = self.settings
         t0 = time.perf_counter()
         kw = dict(s.qp_solver_keywords)
-        kw.setdefault("eps", s.eps_abs)
         z, lam, mu, status, active = solve_qp_batch(batch.P, batch.q, batch.C, batch.d, batch.A, batch.b,
                                                     on_failure="mask", **kw)
         elapsed = time.perf_counter() - t0

@@ -42,6 +42,7 @@ SOLVER_TABLE = [
     SolverCase("ecos", True, False, True, 1e-6),
     SolverCase("scs", True, True, False, 1e-6),
     SolverCase("qpalm", True, True, False, 1e-6),
+    SolverCase("dqp_ipm", True, False, False, 1e-6),  # built-in batched interior point (torch)
 ]
 
 
