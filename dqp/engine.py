@@ -162,7 +162,7 @@ class Engine:
         name = self.lin_solver_name if self.lin_solver_name != "auto" else auto_linsolver(sparse, size)
         return get_linsolver(name)
 
-    def solve_element(self, data, sparse: bool, warm=None) -> ElementResult:
+    def solve_element(self, data, sparse: bool, warm=None, slot: Optional[int] = None) -> ElementResult:
         s = self.settings
         P, q, C, d, A, b = data
         n, m, p = P.shape[0], 0 if C is None else C.shape[0], 0 if A is None else A.shape[0]
@@ -170,8 +170,10 @@ class Engine:
         if s.verbose:
             kw.setdefault("verbose", True)
         initvals = None if warm is None else warm[0]
+        warm_duals = None if warm is None else (warm[1], warm[2])
         t0 = time.perf_counter()
-        raw: RawSolution = self.solver.solve(P, q, C, d, A, b, initvals=initvals, keywords=kw)
+        raw: RawSolution = self.solver.solve(P, q, C, d, A, b, initvals=initvals, warm_duals=warm_duals,
+                                             keywords=kw, slot=slot)
         solve_time = raw.info.get("time", time.perf_counter() - t0)
         if raw.x is None or raw.status in (Status.PRIMAL_INFEASIBLE, Status.DUAL_INFEASIBLE):
             status = raw.status
@@ -230,7 +232,7 @@ class Engine:
         use_warm = self.settings.warm_start_from_previous
 
         def run(i):
-            return self.solve_element(nb.element(i), batch.sparse, self.warm[i] if use_warm else None)
+            return self.solve_element(nb.element(i), batch.sparse, self.warm[i] if use_warm else None, slot=i)
 
         if self.settings.omp_parallel and B > 1:
             if self._pool is None:

@@ -100,7 +100,13 @@ class ForwardSolver(ABC):
         return {}
 
     # Element-wise solvers implement solve(); batched solvers implement solve_batch().
-    def solve(self, P, q, C, d, A, b, *, initvals=None, warm_duals=None, keywords=None) -> RawSolution:  # pragma: no cover - interface
+    def solve(self, P, q, C, d, A, b, *, initvals=None, warm_duals=None, keywords=None,
+              slot=None) -> RawSolution:  # pragma: no cover - interface
+        """Solve one problem given as NumPy/SciPy float64 data (``None`` for absent constraints).
+
+        ``initvals`` / ``warm_duals`` = ``(lam, mu)`` warm-start the solve when the solver can use
+        them; ``slot`` identifies the batch element so a solver may keep a workspace per element.
+        """
         raise SettingsError(f"qp_solver={self.name!r} is a batched solver; it has no element-wise solve")
 
     def solve_batch(self, problem, *, keywords=None, warm=None):  # pragma: no cover - interface

@@ -92,15 +92,30 @@ def status_from_extras(extras: Dict[str, Any]) -> Optional[Status]:
 
 
 class QPSolversBackend(ForwardSolver):
-    """A :mod:`qpsolvers` backend; subclasses set ``name`` (created below for each backend)."""
+    """A :mod:`qpsolvers` backend; subclasses set ``name`` (created below for each backend) and may set
+    ``qpsolvers_name`` when the registry name differs from qpsolvers' own."""
 
     duals = True
+    qpsolvers_name: str = ""
+
+    @classmethod
+    def backend(cls) -> str:
+        return cls.qpsolvers_name or cls.name
+
+    @classmethod
+    def is_available(cls) -> bool:
+        import qpsolvers
+
+        return cls.backend() in qpsolvers.available_solvers
 
     def tolerance_keywords(self, eps_abs: float, eps_rel: float) -> Dict[str, Any]:
-        return tolerance_keywords(self.name, eps_abs, eps_rel)
+        return tolerance_keywords(self.backend(), eps_abs, eps_rel)
 
-    def solve(self, P, q, C, d, A, b, *, initvals=None, warm_duals=None, keywords=None) -> RawSolution:
-        """Solve one problem (NumPy/SciPy float64; ``None`` for absent constraints)."""
+    def solve(self, P, q, C, d, A, b, *, initvals=None, warm_duals=None, keywords=None, slot=None) -> RawSolution:
+        """Solve one problem (NumPy/SciPy float64; ``None`` for absent constraints).
+
+        qpsolvers warm-starts the primal only (``initvals``); ``warm_duals`` and ``slot`` are ignored.
+        """
         import qpsolvers
 
         if not self.sparse:  # dense-only backend
@@ -113,7 +128,7 @@ class QPSolversBackend(ForwardSolver):
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                sol = qpsolvers.solve_problem(problem, solver=self.name, initvals=initvals, **kw)
+                sol = qpsolvers.solve_problem(problem, solver=self.backend(), initvals=initvals, **kw)
         except Exception as exc:  # solvers raise many different types; classify below
             return RawSolution(None, None, None, Status.SOLVER_ERROR,
                                info={"error": f"{type(exc).__name__}: {exc}", "time": time.perf_counter() - t0})
@@ -144,7 +159,6 @@ def _make_backend(name: str, module: str, extra: str, formats: str, description:
         "sparse": "S" in formats,
         "description": description,
     })
-    cls.is_available = classmethod(lambda c: c.name in qpsolvers.available_solvers)
     return register_solver(cls)
 
 
