@@ -23,7 +23,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from dqp.errors import Status
-from dqp.kkt import RobustKKT, auto_linsolver
+from dqp.kkt import REGULARIZED, RobustKKT, auto_linsolver, warn_singular_once
 from dqp.linsolve import get_linsolver
 from dqp.settings import Settings
 from dqp.solvers.base import ForwardSolver, RawSolution
@@ -221,6 +221,8 @@ class Engine:
             zero_dual = mu <= s.eps_active * max(1.0, float(np.max(mu, initial=0.0)))
             n_weak = int(np.count_nonzero(at_bound & zero_dual))
         res = residuals(P, q, C, d, A, b, z, lam, mu)
+        if kkt.path == REGULARIZED:
+            warn_singular_once()
         return ElementResult(z, lam, mu, active, status, kkt, verified, it, n_weak, raw.iterations,
                              solve_time, message, res)
 

@@ -32,6 +32,16 @@ class SingularKKTWarning(UserWarning):
 _warned_singular = False
 
 
+def warn_singular_once() -> None:
+    """Warn (once per process) that a singular reduced KKT system was solved with regularization."""
+    global _warned_singular
+    if not _warned_singular:
+        _warned_singular = True
+        warnings.warn("The reduced KKT matrix is singular (dependent active constraints or a semidefinite P): "
+                      "dqp used a regularized solve with iterative refinement (a minimum-norm-like derivative). "
+                      "See layer.info.kkt_path; this warning is shown once.", SingularKKTWarning, stacklevel=4)
+
+
 def assemble_kkt(P, A, CJ, sparse: bool, reg: float = 0.0):
     """Assemble ``[[P + reg·I, Aᵀ, C_Jᵀ], [A, −reg·I, 0], [C_J, 0, −reg·I]]``.
 
@@ -125,13 +135,6 @@ class RobustKKT(Factorization):
             self._F = solver.factor(Kreg)
         except Exception:  # SuperLU factorizes any nonsingular Kreg
             self._F = SuperLUSolver().factor(sp.csc_matrix(Kreg))
-        global _warned_singular
-        if not _warned_singular:
-            _warned_singular = True
-            warnings.warn("The reduced KKT matrix is singular (dependent active constraints or a "
-                          "semidefinite P): using a regularized solve with iterative refinement. "
-                          "See layer.info.kkt_path; this warning is shown once.",
-                          SingularKKTWarning, stacklevel=3)
 
     def solve(self, rhs: np.ndarray) -> np.ndarray:
         rhs = np.asarray(rhs, dtype=np.float64)

@@ -121,12 +121,21 @@ def _eye_like(k: int, ref: Tensor) -> Tensor:
 
 
 def _chol_solve(L: Tensor, r: Tensor) -> Tensor:
-    """Solve with a (batched or shared) Cholesky factor for r (B, k) or (B, k, j)."""
-    if r.dim() == 2:
-        if L.dim() == 2:
-            return torch.cholesky_solve(r.T, L).T
-        return torch.cholesky_solve(r.unsqueeze(-1), L).squeeze(-1)
-    return torch.cholesky_solve(r, L)
+    """Solve ``L Lᵀ x = r`` with a (batched or shared) Cholesky factor; r (B, k) or (B, k, j).
+
+    Two ``solve_triangular`` calls: on CPU this is ~10× faster than ``torch.cholesky_solve``,
+    which copies its operands to column-major layout on every call.
+    """
+    vec = r.dim() == 2
+    if L.dim() == 2 and vec:
+        x = torch.linalg.solve_triangular(L, r.T, upper=False)
+        return torch.linalg.solve_triangular(L.mT, x, upper=True).T
+    rr = r.unsqueeze(-1) if vec else r
+    if L.dim() == 2:
+        L = L.expand(rr.shape[0], *L.shape)
+    x = torch.linalg.solve_triangular(L, rr, upper=False)
+    x = torch.linalg.solve_triangular(L.mT, x, upper=True)
+    return x.squeeze(-1) if vec else x
 
 
 def _max_step(v: Tensor, dv: Tensor) -> Tensor:
@@ -220,8 +229,6 @@ class _PrimalNewton:
         self.P, self.C, self.A = P, C, A
         self.B, self.n, self.m, self.p = B, n, m, p
         self.reg_p, self.reg_d = reg_p, reg_d
-        self.I = _eye_like(n, P)
-        self.Ip = _eye_like(p, P) if p else None
         self._const = None  # cached factorization when m == 0
 
     def factor(self, winv: Optional[Tensor], delta: Tensor) -> Tensor:
@@ -234,14 +241,16 @@ class _PrimalNewton:
         if self.m:
             w = 1.0 / winv
             H = H + torch.matmul(C.transpose(-1, -2) * w.unsqueeze(-2), C)
-        H = H + (delta * self.reg_p).view(-1, 1, 1) * self.I
+        else:
+            H = H.clone()
+        torch.diagonal(H, dim1=-2, dim2=-1).add_((delta * self.reg_p).unsqueeze(-1))
         self.LH, info = torch.linalg.cholesky_ex(H)
         ok = info == 0
         if self.p:
-            self.HiAt = torch.cholesky_solve(A.transpose(-1, -2).expand(self.B, self.n, self.p), self.LH)
+            self.HiAt = _chol_solve(self.LH, A.transpose(-1, -2).expand(self.B, self.n, self.p))
             S = torch.matmul(A, self.HiAt)
-            sd = torch.diagonal(S, dim1=-2, dim2=-1).abs().amax(-1).clamp(min=1.0)
-            S = S + (delta * self.reg_d * sd).view(-1, 1, 1) * self.Ip
+            Sd = torch.diagonal(S, dim1=-2, dim2=-1)
+            Sd.add_((delta * self.reg_d * Sd.abs().amax(-1).clamp(min=1.0)).unsqueeze(-1))
             self.LS, info2 = torch.linalg.cholesky_ex(S)
             ok = ok & (info2 == 0)
         else:
@@ -283,24 +292,23 @@ class _DualNewton:
         self.k = k
         Abt = self.Abar.transpose(-1, -2)
         if LP.dim() == 2 and Abt.dim() == 2:
-            self.PiAbt = torch.cholesky_solve(Abt, LP)              # shared (n, k)
+            self.PiAbt = _chol_solve(LP, Abt.unsqueeze(0))[0]       # shared (n, k)
         else:
-            shp = (B, n, k)
-            self.PiAbt = torch.cholesky_solve(Abt.expand(shp), LP.expand(B, n, n) if LP.dim() == 2 else LP)
+            self.PiAbt = _chol_solve(LP, Abt.expand(B, n, k))
         self.M = torch.matmul(self.Abar, self.PiAbt)                # (k, k) or (B, k, k)
         self.Md = torch.diagonal(self.M, dim1=-2, dim2=-1).abs().amax(-1).clamp(min=1e-30)
-        self.Ik = _eye_like(k, LP)
         self._const = None
+        self._a = None
 
     def factor(self, winv: Optional[Tensor], delta: Tensor) -> Tensor:
         if self.m == 0 and self._const is not None:
             self.LS = self._const
             return self._const_ok
-        S = self.M.expand(self.B, self.k, self.k)
-        reg = (delta * self.reg_d * self.Md).view(-1, 1) * torch.ones(self.k, dtype=S.dtype, device=S.device)
+        S = self.M.expand(self.B, self.k, self.k).clone()
+        Sd = torch.diagonal(S, dim1=-2, dim2=-1)
+        Sd.add_((delta * self.reg_d * self.Md).unsqueeze(-1))
         if self.m:
-            reg = reg + torch.cat([winv.new_zeros(self.B, self.p), winv], dim=-1)
-        S = S + torch.diag_embed(reg)
+            Sd[:, self.p:].add_(winv)
         self.LS, info = torch.linalg.cholesky_ex(S)
         ok = info == 0
         if self.m == 0:
@@ -308,8 +316,13 @@ class _DualNewton:
         return ok
 
     def solve(self, a: Tensor, bb: Optional[Tensor], c: Optional[Tensor], winv: Optional[Tensor]):
-        t = _chol_solve(self.LP, a)
-        rhs = _mv(self.Abar, t)
+        # predictor and corrector share a = −r_d: P⁻¹a and Ā P⁻¹a are computed once per iteration
+        if self._a is not a:
+            self._a = a
+            self._t = _chol_solve(self.LP, a)
+            self._At = _mv(self.Abar, self._t)
+        t = self._t
+        rhs = self._At
         parts = [x for x in (bb, c) if x is not None]
         rhs = rhs - (torch.cat(parts, dim=-1) if len(parts) > 1 else parts[0])
         dy = _chol_solve(self.LS, rhs)
@@ -356,7 +369,8 @@ def ipm_solve(P: Tensor, q: Tensor, C: Optional[Tensor] = None, d: Optional[Tens
               A: Optional[Tensor] = None, b: Optional[Tensor] = None, *, eps: Optional[float] = None,
               max_iter: int = 100, check_every: Optional[int] = None, form: str = "auto",
               separate_steps: bool = True, step_fraction: float = 0.99,
-              eps_infeasible: Optional[float] = None) -> IPMResult:
+              eps_infeasible: Optional[float] = None, refine: Optional[int] = None,
+              trace: Optional[list] = None) -> IPMResult:
     """Solve a batch of convex QPs with a primal-dual interior-point method.
 
     Parameters
@@ -383,6 +397,13 @@ def ipm_solve(P: Tensor, q: Tensor, C: Optional[Tensor] = None, d: Optional[Tens
         Fraction of the step to the boundary (0.99).
     eps_infeasible : float, optional
         Tolerance of the infeasibility certificates (default 1e-7 float64, 1e-4 float32).
+    refine : int, optional
+        Iterative-refinement steps of the (corrector) Newton direction on the unreduced system.
+        Default 1 for the primal form, whose ``H = P + CᵀWC`` loses accuracy as W grows, and 0
+        for the dual form.
+    trace : list, optional
+        Diagnostics: when given, a dict of per-instance tensors (residuals, gap, step lengths,
+        regularization) is appended every iteration.
 
     Returns
     -------
@@ -424,6 +445,8 @@ def ipm_solve(P: Tensor, q: Tensor, C: Optional[Tensor] = None, d: Optional[Tens
         newton = _DualNewton(LP, P, C, A, B, n, m, p, reg_d)
     else:
         newton = _PrimalNewton(P, C, A, B, n, m, p, reg_p * pscale, reg_d)
+    if refine is None:
+        refine = 1 if fm == "primal" else 0
 
     delta = torch.ones(B, dtype=dtype, device=device)         # per-instance regularization multiplier
     one_m = torch.ones(B, m, dtype=dtype, device=device)
@@ -578,6 +601,19 @@ def ipm_solve(P: Tensor, q: Tensor, C: Optional[Tensor] = None, d: Optional[Tens
             rc = s * mu + ds_a * dm_a - (sigma * tau).unsqueeze(-1)
             c_cor = -rin + rc / mu
             dz_, dl_, dm_ = newton.solve(a, bb, c_cor, winv)
+            for _ in range(refine):
+                # iterative refinement on the unreduced Newton system (same factorization)
+                e1 = a - _mv(P, dz_) - _tmv(C, dm_)
+                e2 = None
+                if p:
+                    e1 = e1 - _tmv(A, dl_)
+                    e2 = bb - _mv(A, dz_)
+                e3 = c_cor - _mv(C, dz_) + winv * dm_
+                cz, cl, cm = newton.solve(e1, e2, e3, winv)
+                dz_ = dz_ + cz
+                dm_ = dm_ + cm
+                if p:
+                    dl_ = dl_ + cl
             ds_ = -rin - _mv(C, dz_)
             ap = (step_fraction * _max_step(s, ds_)).clamp(max=1.0)
             ad = (step_fraction * _max_step(mu, dm_)).clamp(max=1.0)
@@ -599,6 +635,9 @@ def ipm_solve(P: Tensor, q: Tensor, C: Optional[Tensor] = None, d: Optional[Tens
         # failed factorization / non-finite step: raise that instance's regularization and retry
         delta = torch.where(running & ~ok, (delta * 100.0).clamp(max=1e12), (delta * 0.5).clamp(min=1.0))
         nfail = torch.where(running & ~ok, nfail + 1, torch.zeros_like(nfail))
+        if trace is not None:
+            trace.append(dict(it=it, pres=pres / pscl, dres=dres / dscl, gap=gap / gscl, ap=ap, ad=ad,
+                              delta=delta, ok=ok, done=done.clone()))
         u = upd.unsqueeze(-1)
         dz = torch.where(u, dz_, torch.zeros_like(dz_))
         z = torch.where(u, z + ap.unsqueeze(-1) * dz_, z)
@@ -633,7 +672,8 @@ class IPMSolver(ForwardSolver):
     duals = True
     description = "built-in batched primal-dual interior point (Mehrotra), pure torch, CPU and GPU"
 
-    _KEYS = ("eps", "max_iter", "check_every", "form", "separate_steps", "step_fraction", "eps_infeasible")
+    _KEYS = ("eps", "max_iter", "check_every", "form", "separate_steps", "step_fraction", "eps_infeasible",
+             "refine")
 
     def tolerance_keywords(self, eps_abs: float, eps_rel: float) -> Dict[str, Any]:
         return {"eps": max(min(eps_abs, eps_rel), 1e-14)}

@@ -98,7 +98,7 @@ class OSQPNative(ForwardSolver):
                 ws.warm_start(x=np.asarray(initvals, dtype=np.float64), y=y0)
             elif reused:  # a reused workspace remembers its last iterate: start cold when not asked to warm-start
                 ws.warm_start(x=np.zeros(n), y=np.zeros(M.shape[0]))
-            res = ws.solve()
+            res = ws.solve(raise_error=False)
         except Exception as exc:  # OSQP raises ValueError on bad data, and others on internal errors
             if slot is not None:
                 with self._lock:

@@ -100,7 +100,7 @@ def test_duplicate_active_rows_licq_failure():
         warnings.simplefilter("always")
         z, lam, mu, _, _ = layer(P, qq, C, d)
     assert torch.allclose(z, torch.tensor([1.0, -0.5, -0.1], dtype=F64), atol=1e-8)
-    assert abs(float(mu[0] + mu[1]) - 1.0) < 1e-8  # the split of the dual is not unique
+    assert abs((mu[0] + mu[1]).item() - 1.0) < 1e-8  # the split of the dual is not unique
     assert layer.info.kkt_path == ["regularized"]
     z.sum().backward()
     assert torch.allclose(qq.grad, torch.tensor([0.0, -1.0, -1.0], dtype=F64), atol=1e-6)

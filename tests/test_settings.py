@@ -213,3 +213,20 @@ def test_no_grad_path_skips_autograd():
     with torch.no_grad():
         z = dQP.dQP_layer(qp_solver="clarabel")(P, q.clone().requires_grad_(), C, d)[0]
     assert z.grad_fn is None
+
+
+def test_osqp_warm_start_saves_iterations():
+    """Primal-dual warm starts in a loop of nearby problems (the bilevel use case)."""
+    P, q, C, d, A, b, *_ = random_qp(40, 60, 4, seed=1)
+    totals = {}
+    for warm in (False, True):
+        layer = dQP.dQP_layer(qp_solver="osqp", warm_start_from_previous=warm)
+        its = []
+        for k in range(8):
+            z = layer(P, q + 0.01 * k, C, d, A, b)[0]
+            its.append(layer.info.iterations[0])
+            assert layer.info.verified == [True]
+        totals[warm] = sum(its[1:])
+    ref = dQP.dQP_layer(qp_solver="clarabel")(P, q + 0.07, C, d, A, b)[0]
+    assert torch.allclose(z, ref, atol=1e-9)
+    assert totals[True] < totals[False]
