@@ -122,7 +122,7 @@ class RobustKKT(Factorization):
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
                     M = self.K if reg is None else assemble_kkt(P, A, CJ, sparse, reg=reg)
-                    self._F = lin.factor(M if sparse or lin.dense else sp.csc_matrix(M))
+                    self._F = lin.factor(M if sparse or lin.dense else sp.csc_matrix(M), n=self.n)
                     err = np.linalg.norm(self.solve(probe_rhs) - probe) / max(np.linalg.norm(probe), 1e-300)
                 if np.isfinite(err) and err < 1e-8:
                     return
@@ -132,7 +132,7 @@ class RobustKKT(Factorization):
         self.path = REGULARIZED
         Kreg = assemble_kkt(P, A, CJ, sparse, reg=delta * scale)
         try:
-            self._F = solver.factor(Kreg)
+            self._F = solver.factor(Kreg, n=self.n)
         except Exception:  # SuperLU factorizes any nonsingular Kreg
             self._F = SuperLUSolver().factor(sp.csc_matrix(Kreg))
 

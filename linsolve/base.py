@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import importlib.util
 from abc import ABC, abstractmethod
-from typing import ClassVar, Dict, List, Type, Union
+from typing import ClassVar, Dict, List, Optional, Type, Union
 
 import numpy as np
 import scipy.sparse as sp
@@ -56,8 +56,9 @@ class LinearSolver(ABC):
     def install_hint(cls) -> str:
         return f"pip install {' '.join(cls.modules)}" if cls.modules else "(built in)"
 
-    def factor(self, K: Matrix) -> Factorization:  # pragma: no cover - interface
-        """Factorize the symmetric KKT matrix ``K``."""
+    def factor(self, K: Matrix, n: Optional[int] = None) -> Factorization:  # pragma: no cover - interface
+        """Factorize the symmetric KKT matrix ``K``; ``n`` is the size of its (1,1) block (the primal
+        variables), which block-structured solvers such as the Cholesky Schur complement need."""
         raise SettingsError(f"lin_solver={self.name!r} is batched; use its batched interface")
 
 

@@ -5,6 +5,8 @@ fallback (regularization + iterative refinement) on top of any of them.
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import numpy as np
 import scipy.linalg as sla
 import scipy.sparse as sp
@@ -45,7 +47,7 @@ class QDLDLSolver(LinearSolver):
     modules = ("qdldl",)
     description = "Sparse LDLᵀ of the quasi-definite KKT matrix (OSQP's factorization); the sparse default."
 
-    def factor(self, K: Matrix) -> Factorization:
+    def factor(self, K: Matrix, n: Optional[int] = None) -> Factorization:
         import qdldl
 
         F = qdldl.Solver(_as_csc(K))
@@ -59,7 +61,7 @@ class PardisoSolver(LinearSolver):
     modules = ("pypardiso",)
     description = "Intel MKL Pardiso through pypardiso (x86-64); sparse, multithreaded."
 
-    def factor(self, K: Matrix) -> Factorization:
+    def factor(self, K: Matrix, n: Optional[int] = None) -> Factorization:
         import pypardiso
 
         Kc = sp.csr_matrix(K)
@@ -80,7 +82,7 @@ class SuperLUSolver(LinearSolver):
     modules = ("scipy",)
     description = "SciPy's SuperLU sparse LU; robust to zero pivots."
 
-    def factor(self, K: Matrix) -> Factorization:
+    def factor(self, K: Matrix, n: Optional[int] = None) -> Factorization:
         lu = spla.splu(_as_csc(K))
         return _CallableFactorization(lu.solve)
 
@@ -92,7 +94,7 @@ class DenseLUSolver(LinearSolver):
     modules = ("scipy",)
     description = "Dense LU (LAPACK getrf); the dense default for small systems."
 
-    def factor(self, K: Matrix) -> Factorization:
+    def factor(self, K: Matrix, n: Optional[int] = None) -> Factorization:
         lu_piv = sla.lu_factor(_as_dense(K), check_finite=False)
         return _CallableFactorization(lambda r: sla.lu_solve(lu_piv, r, check_finite=False))
 
@@ -104,7 +106,7 @@ class DenseLDLSolver(LinearSolver):
     modules = ("scipy",)
     description = "Dense Bunch-Kaufman LDLᵀ (LAPACK sytrf) for the symmetric indefinite KKT matrix."
 
-    def factor(self, K: Matrix) -> Factorization:
+    def factor(self, K: Matrix, n: Optional[int] = None) -> Factorization:
         Kd = _as_dense(K)
         lu, D, perm = sla.ldl(Kd, lower=True, check_finite=False)
         L = lu[perm]  # triangular after the row permutation
@@ -119,3 +121,33 @@ class DenseLDLSolver(LinearSolver):
         if not np.all(np.isfinite(Dlu[0])) or np.min(np.abs(np.diag(Dlu[0]))) == 0.0:
             raise np.linalg.LinAlgError("singular D block in LDLᵀ")
         return _CallableFactorization(solve)
+
+
+@register_linsolver
+class DenseCholeskySolver(LinearSolver):
+    name = "scipy_cholesky"
+    aliases = ("scipy Cholesky", "cholesky", "dense_cholesky")
+    modules = ("scipy",)
+    description = ("Dense Cholesky of P and of the Schur complement G P⁻¹ Gᵀ (needs P ≻ 0 and independent "
+                   "active rows; otherwise dqp falls back automatically).")
+
+    def factor(self, K: Matrix, n: Optional[int] = None) -> Factorization:
+        if n is None:
+            raise ValueError("scipy_cholesky needs the primal block size n")
+        Kd = _as_dense(K)
+        H, G, E = Kd[:n, :n], Kd[n:, :n], Kd[n:, n:]
+        cH = sla.cho_factor(H, lower=True, check_finite=False)  # raises LinAlgError unless H ≻ 0
+        k = G.shape[0]
+        if k:
+            W = sla.solve_triangular(cH[0], G.T, lower=True, check_finite=False)  # L⁻¹Gᵀ
+            cS = sla.cho_factor(W.T @ W - E, lower=True, check_finite=False)    # G H⁻¹ Gᵀ − E
+
+        def solve_vec(r: np.ndarray) -> np.ndarray:
+            r1, r2 = r[:n], r[n:]
+            h = sla.cho_solve(cH, r1, check_finite=False)
+            if not k:
+                return h
+            y = sla.cho_solve(cS, G @ h - r2, check_finite=False)
+            x = sla.cho_solve(cH, r1 - G.T @ y, check_finite=False)
+            return np.concatenate([x, y])
+        return _CallableFactorization(_columnwise(solve_vec))

@@ -109,7 +109,7 @@ def test_solver_pairing_errors():
         dQP.dQP_layer(qp_solver="clarabel", lin_solver="torch")(P, q, C, d)
 
 
-@pytest.mark.parametrize("lin", ["qdldl", "pardiso", "scipy_splu", "scipy_lu", "scipy_ldl"])
+@pytest.mark.parametrize("lin", ["qdldl", "pardiso", "scipy_splu", "scipy_lu", "scipy_ldl", "scipy_cholesky"])
 @pytest.mark.parametrize("solve_type", ["dense", "sparse"])
 def test_every_linear_solver_gives_the_same_gradient(lin, solve_type):
     P, q, C, d, A, b, *_ = random_qp(6, 8, 2, seed=3)

@@ -1,0 +1,71 @@
+"""Linear solvers on their own: accuracy, interface errors, and the singular fallback."""
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+
+import dqp
+from dqp.kkt import REGULARIZED, RobustKKT, assemble_kkt
+from dqp.linsolve import available_linsolvers, get_linsolver, registered_linsolvers
+from dqp.solvers import get_solver
+
+CPU_SOLVERS = [n for n, c in registered_linsolvers().items() if not c.batched and c.is_available()]
+
+
+def kkt_blocks(n=6, k=3, seed=0):
+    g = np.random.default_rng(seed)
+    L = g.standard_normal((n, n))
+    P = L @ L.T + np.eye(n)
+    G = g.standard_normal((k, n))
+    return P, G
+
+
+@pytest.mark.parametrize("name", CPU_SOLVERS)
+@pytest.mark.parametrize("sparse", [False, True])
+def test_linear_solvers_solve_kkt(name, sparse):
+    P, G = kkt_blocks()
+    K = assemble_kkt(P, None, G, sparse)
+    rhs = np.random.default_rng(1).standard_normal((K.shape[0], 2))
+    F = RobustKKT(P, None, G, sparse, get_linsolver(name))
+    for j in range(2):
+        x = F.solve(rhs[:, j])
+        assert np.linalg.norm(K @ x - rhs[:, j]) < 1e-10 * np.linalg.norm(rhs[:, j])
+    assert F.path == "direct"
+    # several right-hand sides at once
+    X = F.solve(rhs)
+    assert X.shape == rhs.shape and np.linalg.norm(K @ X - rhs) < 1e-10 * np.linalg.norm(rhs)
+
+
+def test_cholesky_needs_block_size():
+    P, G = kkt_blocks()
+    with pytest.raises(ValueError, match="primal block size"):
+        get_linsolver("scipy_cholesky").factor(assemble_kkt(P, None, G, False))
+
+
+def test_ldl_rejects_singular_matrix():
+    with pytest.raises(np.linalg.LinAlgError, match="singular"):
+        get_linsolver("scipy_ldl").factor(np.zeros((3, 3)))
+
+
+def test_singular_kkt_uses_regularized_path():
+    P, G = kkt_blocks(k=2)
+    G = np.vstack([G[0], G[0]])  # dependent rows
+    F = RobustKKT(P, None, G, True, get_linsolver("qdldl"))
+    assert F.path == REGULARIZED
+    rhs = np.concatenate([np.ones(6), [1.0, 1.0]])  # consistent: equal right-hand sides for equal rows
+    x = F.solve(rhs)
+    assert F.residual < 1e-10 and np.all(np.isfinite(x))
+
+
+def test_interface_errors():
+    with pytest.raises(dqp.SettingsError, match="batched solver"):
+        get_solver("dqp_ipm").solve(np.eye(2), np.zeros(2), None, None, None, None)
+    with pytest.raises(dqp.SettingsError, match="element-wise solver"):
+        get_solver("clarabel").solve_batch(None)
+
+
+def test_available_linsolvers_are_importable():
+    assert {"qdldl", "scipy_lu", "scipy_splu", "scipy_ldl", "scipy_cholesky"} <= set(available_linsolvers())
