@@ -368,7 +368,7 @@ def _choose_form(form, P, B, n, m, p, dtype, est_iters=15):
 def ipm_solve(P: Tensor, q: Tensor, C: Optional[Tensor] = None, d: Optional[Tensor] = None,
               A: Optional[Tensor] = None, b: Optional[Tensor] = None, *, eps: Optional[float] = None,
               max_iter: int = 100, check_every: Optional[int] = None, form: str = "auto",
-              separate_steps: bool = True, step_fraction: float = 0.99,
+              separate_steps: bool = True, step_fraction: float = 0.995,
               eps_infeasible: Optional[float] = None, refine: Optional[int] = None,
               trace: Optional[list] = None) -> IPMResult:
     """Solve a batch of convex QPs with a primal-dual interior-point method.
@@ -394,13 +394,14 @@ def ipm_solve(P: Tensor, q: Tensor, C: Optional[Tensor] = None, d: Optional[Tens
     separate_steps : bool
         Separate primal and dual step lengths (default) or one common step.
     step_fraction : float
-        Fraction of the step to the boundary (0.99).
+        Fraction of the step to the boundary (0.995).
     eps_infeasible : float, optional
         Tolerance of the infeasibility certificates (default 1e-7 float64, 1e-4 float32).
     refine : int, optional
         Iterative-refinement steps of the (corrector) Newton direction on the unreduced system.
-        Default 1 for the primal form, whose ``H = P + CᵀWC`` loses accuracy as W grows, and 0
-        for the dual form.
+        Default 1: as W grows, the eliminated systems lose accuracy and the IPM stalls with a
+        dual residual around 1e-8 (measured on qpth's generator); one refinement step removes
+        that stall and saves ~2 iterations of the batch's slowest element.
     trace : list, optional
         Diagnostics: when given, a dict of per-instance tensors (residuals, gap, step lengths,
         regularization) is appended every iteration.
@@ -446,7 +447,7 @@ def ipm_solve(P: Tensor, q: Tensor, C: Optional[Tensor] = None, d: Optional[Tens
     else:
         newton = _PrimalNewton(P, C, A, B, n, m, p, reg_p * pscale, reg_d)
     if refine is None:
-        refine = 1 if fm == "primal" else 0
+        refine = 1
 
     delta = torch.ones(B, dtype=dtype, device=device)         # per-instance regularization multiplier
     one_m = torch.ones(B, m, dtype=dtype, device=device)
