@@ -70,8 +70,11 @@ def detect_active(C, d: np.ndarray, x: np.ndarray, mu: Optional[np.ndarray], eps
 
 
 def polish(P, q, C, d, A, b, active: np.ndarray, solver, sparse: bool, eps: float, refine: bool,
-           max_iter: int):
+           max_iter: int, start: Optional[Tuple[np.ndarray, Optional[np.ndarray], Optional[np.ndarray]]] = None):
     """Solve the reduced KKT on ``active`` and verify; repair the set when ``refine``.
+
+    ``start`` = the forward solver's ``(x, y, z)``: the refinement starts there, so when the reduced
+    system is singular (a non-unique solution) the polished point stays next to the solver's.
 
     Returns ``(z, lam, mu_full, active, kkt, verified, iterations)``.
     """
@@ -85,7 +88,12 @@ def polish(P, q, C, d, A, b, active: np.ndarray, solver, sparse: bool, eps: floa
         CJ = None if C is None else (C[J] if not sp.issparse(C) else C.tocsr()[J].tocsc())
         kkt = RobustKKT(P, A, CJ, sparse, solver)
         rhs = np.concatenate([-q, b if b is not None else np.zeros(0), d[J] if m else np.zeros(0)])
-        sol = kkt.solve(rhs)
+        x0 = None
+        if start is not None:
+            sx, sy, sz = start
+            x0 = np.concatenate([sx, sy if (p and sy is not None) else np.zeros(p),
+                                 sz[J] if (m and sz is not None) else np.zeros(len(J))])
+        sol = kkt.solve(rhs, x0=x0)
         z, lam, muJ = sol[:n], sol[n:n + p], sol[n + p:]
         mu = np.zeros(m)
         mu[J] = muJ
@@ -175,7 +183,7 @@ class Engine:
         raw: RawSolution = self.solver.solve(P, q, C, d, A, b, initvals=initvals, warm_duals=warm_duals,
                                              keywords=kw, slot=slot)
         solve_time = raw.info.get("time", time.perf_counter() - t0)
-        if raw.x is None or raw.status in (Status.PRIMAL_INFEASIBLE, Status.DUAL_INFEASIBLE):
+        if raw.x is None:
             status = raw.status
             if status == Status.SOLVER_ERROR:
                 status = classify_failure(P, q, C, d, A, b)
@@ -183,16 +191,23 @@ class Engine:
             return ElementResult(np.zeros(n), np.zeros(p), np.zeros(m), np.zeros(m, bool), status,
                                  solve_time=solve_time, message=msg, iterations=raw.iterations)
         mu0 = raw.z if (s.dual_available and raw.z is not None) else None
-        if m:
-            active, n_weak = detect_active(C, d, raw.x, mu0, s.eps_active)
-        else:
-            active, n_weak = np.zeros(0, bool), 0
         linsolver = self._linsolver(sparse, n + p + m)
-        out = polish(P, q, C, d, A, b, active, linsolver, sparse, s.eps_active, s.refine_active,
-                     s.max_refine_iter if s.refine_active else 0)
+        out = None
+        # The detection threshold is eps_active; when the set it gives cannot be verified (the solver's
+        # accuracy and eps_active disagree, as on badly scaled problems), stricter and looser thresholds
+        # are tried: the check, not the threshold, decides.
+        thresholds = [s.eps_active] + ([s.eps_active * f for f in (1e-2, 1e-4, 1e2)] if s.refine_active else [])
+        for eps in thresholds:
+            active = detect_active(C, d, raw.x, mu0, eps)[0] if m else np.zeros(0, bool)
+            cand = polish(P, q, C, d, A, b, active, linsolver, sparse, s.eps_active, s.refine_active,
+                          s.max_refine_iter if s.refine_active else 0, start=(raw.x, raw.y, raw.z))
+            if out is None or (cand is not None and cand[5] and not out[5]):
+                out = cand
+            if out is not None and out[5]:
+                break
         message = ""
         if out is None:
-            status = Status.NUMERICAL
+            status = raw.status if raw.status != Status.SOLVED else Status.NUMERICAL
             return ElementResult(np.zeros(n), np.zeros(p), np.zeros(m), np.zeros(m, bool), status,
                                  solve_time=solve_time, message="non-finite polished solution")
         z, lam, mu, active, kkt, verified, it = out
@@ -204,7 +219,8 @@ class Engine:
                 status = raw.status
                 if status == Status.SOLVER_ERROR:
                     status = classify_failure(P, q, C, d, A, b)
-                message = f"solver failed ({raw.info.get('raw_status') or raw.status.name}) and its point could not be polished"
+                message = (f"{self.solver.name} reported {raw.info.get('raw_status') or raw.status.name!r}; "
+                           f"no verified KKT point could be recovered from its output")
                 return ElementResult(np.zeros(n), np.zeros(p), np.zeros(m), np.zeros(m, bool), status,
                                      solve_time=solve_time, message=message, iterations=raw.iterations)
         elif not verified:
@@ -215,6 +231,7 @@ class Engine:
             message = ("active set could not be verified (degenerate problem or inaccurate solver); "
                        "returned the solver's point, gradients use the detected active set")
         mu = np.where(active, np.maximum(mu, 0.0), 0.0) if m else mu
+        n_weak = 0
         if m:  # weakly active: on the boundary with a (near) zero multiplier, after the polish
             slack = d - _mv(C, z)
             at_bound = slack <= s.eps_active * (1.0 + np.abs(d))

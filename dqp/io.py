@@ -34,8 +34,9 @@ logger = logging.getLogger(__name__)
 
 PathLike = Union[str, "os.PathLike[str]"]
 
-#: Bounds at least this large in magnitude mean "no bound" in the Maros–Meszaros files.
-INFINITY_BOUND = 1e20
+#: Bounds at least this large in magnitude mean "no bound" in the Maros–Meszaros files (they store
+#: 1e20, sometimes rounded to 9.99999999999999e19, hence the margin).
+INFINITY_BOUND = 1e19
 
 _MM_KEYS = ("P", "q", "A", "l", "u")
 _ENV_DIR = "DQP_MAROS_MESZAROS_DIR"

@@ -78,9 +78,7 @@ class RobustKKT(Factorization):
     1. the chosen solver on ``K``;
     2. the chosen solver on the quasi-definite ``K + diag(δ₀I, −δ₀I)`` with a tiny ``δ₀`` (how
        QDLDL is meant to handle the zero block) — still exact after refinement;
-    3. SciPy's SuperLU on ``K`` (pivoting handles any nonsingular ``K``).
-
-    If all fail, ``K`` is singular: the solver (or SuperLU) factorizes ``K + diag(δI, −δI)`` and
+    If both fail, ``K`` is singular: the solver (or SuperLU) factorizes ``K + diag(δI, −δI)`` and
     refinement drives the residual down for consistent right-hand sides (``path="regularized"``).
 
     Parameters
@@ -103,7 +101,7 @@ class RobustKKT(Factorization):
     """
 
     def __init__(self, P, A, CJ, sparse: bool, solver: LinearSolver, delta: float = 1e-8,
-                 refine_steps: int = 10):
+                 refine_steps: int = 30):
         from dqp.linsolve.scipy_solvers import SuperLUSolver
 
         self.n = P.shape[0]
@@ -116,7 +114,7 @@ class RobustKKT(Factorization):
         scale = max(float(abs(self.K).max()) if N else 1.0, 1.0)
         probe = np.random.default_rng(0).standard_normal(N)
         probe_rhs = self.K @ probe
-        attempts = [(solver, None), (solver, 1e-11 * scale), (SuperLUSolver(), None)]
+        attempts = [(solver, None), (solver, 1e-11 * scale)]
         for lin, reg in attempts:
             try:
                 with warnings.catch_warnings():
@@ -136,9 +134,14 @@ class RobustKKT(Factorization):
         except Exception:  # SuperLU factorizes any nonsingular Kreg
             self._F = SuperLUSolver().factor(sp.csc_matrix(Kreg))
 
-    def solve(self, rhs: np.ndarray) -> np.ndarray:
+    def solve(self, rhs: np.ndarray, x0: Optional[np.ndarray] = None) -> np.ndarray:
+        """Solve ``K x = rhs`` with iterative refinement.
+
+        ``x0`` is a starting point (e.g. the forward solver's primal-dual point): when ``K`` is singular
+        the refinement then converges to a solution close to ``x0`` instead of an arbitrary one.
+        """
         rhs = np.asarray(rhs, dtype=np.float64)
-        x = self._F.solve(rhs)
+        x = self._F.solve(rhs) if x0 is None else x0 + self._F.solve(rhs - self.K @ x0)
         norm_r = max(np.linalg.norm(rhs), 1e-300)
         res = np.linalg.norm(rhs - self.K @ x) / norm_r
         for _ in range(self.refine_steps):

@@ -83,7 +83,9 @@ class SuperLUSolver(LinearSolver):
     description = "SciPy's SuperLU sparse LU; robust to zero pivots."
 
     def factor(self, K: Matrix, n: Optional[int] = None) -> Factorization:
-        lu = spla.splu(_as_csc(K))
+        # MMD on AᵀA+A suits the symmetric KKT pattern; SciPy's default COLAMD ordering has been seen to
+        # crash (segfault) on exactly singular KKT matrices instead of raising
+        lu = spla.splu(_as_csc(K), permc_spec="MMD_AT_PLUS_A")
         return _CallableFactorization(lu.solve)
 
 

@@ -87,11 +87,19 @@ def test_gradcheck_dense_single(p):
 
 
 def test_gradcheck_dense_batched_and_broadcast():
-    P, q, C, d, A, b, *_ = random_qp(4, 5, 1, seed=4, batch=3)
+    g = np.random.default_rng(4)
+    n, m, B = 4, 5, 3
+    L = torch.tensor(g.standard_normal((n, n)))
+    P = L @ L.T + torch.eye(n, dtype=torch.float64)
+    A = torch.tensor(g.standard_normal((1, n)))
+    z0 = torch.tensor(g.standard_normal((B, n)))
+    C = torch.tensor(g.standard_normal((B, m, n)))
+    d = (C @ z0.unsqueeze(-1)).squeeze(-1) + torch.tensor(g.uniform(0.0, 1.0, (B, m)))
+    b = z0 @ A.T
+    q = torch.tensor(g.standard_normal((B, n)))
     layer = layer_for("piqp")
     # P and A shared (unbatched), the rest batched
-    args = [P[0].clone().requires_grad_(), q.clone().requires_grad_(), C.clone().requires_grad_(),
-            d.clone().requires_grad_(), A[0].clone().requires_grad_(), (A[0] @ torch.randn(4, dtype=torch.float64)).expand(3, 1).clone().requires_grad_()]
+    args = [t.clone().requires_grad_() for t in (P, q, C, d, A, b)]
 
     def fn(P, q, C, d, A, b):
         z, lam, mu, _, _ = layer(sym(P), q, C, d, A, b)
