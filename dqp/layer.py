@@ -119,8 +119,6 @@ class dQP_layer(nn.Module):  # noqa: N801  (the name users know from the referen
                        "qp_solver='auto' picked %r (%s inputs, batch %d, %s)", qp,
                        "sparse" if batch.sparse else "dense", batch.B, batch.device)
         solver = get_solver(qp)
-        if batch.sparse and not solver.sparse and not solver.dense:  # pragma: no cover
-            raise SettingsError(f"qp_solver={qp!r} accepts neither dense nor sparse matrices.")
         if solver.batched and batch.sparse:
             raise SettingsError(f"qp_solver={qp!r} is a batched dense solver; it does not take sparse input. "
                                 f"Use solve_type='dense' (P.to_dense()) or a sparse qp_solver such as 'clarabel'.")

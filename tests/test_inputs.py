@@ -152,3 +152,21 @@ def test_contradictory_bounds_are_infeasible():
     d = torch.tensor([-1.0, -1.0], dtype=torch.float64)
     with pytest.raises(dqp.InfeasibleError, match="primal infeasible"):
         layer(torch.ones(1, 1, dtype=torch.float64), torch.zeros(1, dtype=torch.float64), C, d)
+
+
+@pytest.mark.parametrize("over, words", [
+    (dict(q=torch.zeros(0, 4, dtype=torch.float64)), "empty"),
+    (dict(d=torch.zeros(5, 1, 1, dtype=torch.float64)), "(k,) or (B, k)"),
+    (dict(C=torch.zeros(1, 1, 5, 4, dtype=torch.float64)), "(k, n) or (B, k, n)"),
+])
+def test_more_shape_errors(layer, prob, over, words):
+    with pytest.raises(dqp.ShapeError) as e:
+        call(layer, prob, **over)
+    assert words in str(e.value)
+
+
+def test_batched_solver_pairings(prob):
+    with pytest.raises(dqp.SettingsError, match="does not take sparse input"):
+        dQP.dQP_layer(qp_solver="dqp_ipm", solve_type="sparse")(prob["P"].to_sparse_csc(), prob["q"])
+    with pytest.raises(dqp.SettingsError, match="lin_solver='torch' or 'auto'"):
+        dQP.dQP_layer(qp_solver="dqp_ipm", lin_solver="qdldl")(prob["P"], prob["q"])

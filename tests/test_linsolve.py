@@ -69,3 +69,8 @@ def test_interface_errors():
 
 def test_available_linsolvers_are_importable():
     assert {"qdldl", "scipy_lu", "scipy_splu", "scipy_ldl", "scipy_cholesky"} <= set(available_linsolvers())
+
+
+def test_batched_linsolver_has_no_elementwise_factor():
+    with pytest.raises(dqp.SettingsError, match="batched"):
+        get_linsolver("torch").factor(np.eye(2))
