@@ -164,10 +164,12 @@ class Engine:
         self.lin_solver_name = lin_solver_name
         self._pool: Optional[ThreadPoolExecutor] = None
         self.warm: List[Optional[Tuple[np.ndarray, ...]]] = []
+        self.used_linsolvers: set = set()
 
     # -- forward -----------------------------------------------------------------------------
     def _linsolver(self, sparse: bool, size: int):
         name = self.lin_solver_name if self.lin_solver_name != "auto" else auto_linsolver(sparse, size)
+        self.used_linsolvers.add(name)
         return get_linsolver(name)
 
     def solve_element(self, data, sparse: bool, warm=None, slot: Optional[int] = None) -> ElementResult:
@@ -244,6 +246,7 @@ class Engine:
                              solve_time, message, res)
 
     def forward(self, batch) -> List[ElementResult]:
+        self.used_linsolvers = set()
         nb = batch.numpy()
         B = batch.B
         if len(self.warm) != B:

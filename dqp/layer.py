@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import time
+import warnings
 from typing import Optional, Tuple
 
 import numpy as np
@@ -17,6 +18,10 @@ from dqp.result import QPOutput, SolveInfo
 from dqp.settings import Settings, build_settings
 
 logger = logging.getLogger("dqp")
+
+
+class UnverifiedSolutionWarning(UserWarning):
+    """An element's active set did not pass the KKT check (see :attr:`SolveInfo.verified`)."""
 
 
 def _row_scale_dense(M: torch.Tensor) -> torch.Tensor:
@@ -207,7 +212,16 @@ class dQP_layer(nn.Module):  # noqa: N801  (the name users know from the referen
             info.solve_time = [r.solve_time for r in rs]
             info.messages = [r.message for r in rs]
             if lin == "auto":
-                info.lin_solver = "auto (qdldl)" if batch.sparse else "auto (scipy_lu)"
+                info.lin_solver = f"auto ({', '.join(sorted(engine.used_linsolvers))})"
+                logger.log(logging.INFO if s.verbose else logging.DEBUG, "lin_solver='auto' picked %s",
+                           info.lin_solver[6:-1])
+            unverified = [i for i, r in enumerate(rs) if r.status == Status.SOLVED and not r.verified]
+            if unverified:
+                warnings.warn(
+                    f"dQP: the active set of batch element(s) {unverified[:10]} could not be verified (a degenerate "
+                    f"problem, e.g. a non-unique solution, or an inaccurate solver): the solver's point is returned "
+                    f"and the gradient uses the detected active set. See layer.info.verified / messages; a tighter "
+                    f"eps_abs or another qp_solver may help.", UnverifiedSolutionWarning, stacklevel=2)
         self.info = info
         if s.on_failure == "raise":
             err = error_for_statuses(info.status, qp, info.messages)

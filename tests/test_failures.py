@@ -163,3 +163,32 @@ def test_semidefinite_P_lp():
     assert torch.allclose(z, torch.tensor([1.0, 2.0], dtype=F64), atol=1e-8)
     z.sum().backward()
     assert torch.allclose(dd.grad, torch.tensor([1.0, 1.0, 0.0, 0.0], dtype=F64), atol=1e-8)
+
+
+def test_unverified_solution_is_flagged_and_warned():
+    """A solver that claims success with a wrong point: without refinement dqp cannot verify it."""
+    from dqp.layer import UnverifiedSolutionWarning
+    from dqp.solvers import ForwardSolver, RawSolution, register_solver
+    from dqp.solvers import base as sb
+
+    @register_solver
+    class WrongSolver(ForwardSolver):
+        name = "test_wrong_solver"
+        modules = ("numpy",)
+
+        def solve(self, P, q, C, d, A, b, **kw):
+            return RawSolution(np.full(P.shape[0], 5.0), None, np.zeros(C.shape[0]), Status.SOLVED)
+
+    try:
+        P, q, C, d, *_ = random_qp(4, 6, 0, seed=2)
+        layer = dQP.dQP_layer(qp_solver="test_wrong_solver", refine_active=False)
+        with pytest.warns(UnverifiedSolutionWarning, match="could not be verified"):
+            z = layer(P, q, C, d)[0]
+        assert layer.info.verified == [False] and "could not be verified" in layer.info.messages[0]
+        assert torch.allclose(z, torch.full((4,), 5.0, dtype=F64))
+        # with refinement the same wrong start is repaired into the true solution
+        good = dQP.dQP_layer(qp_solver="test_wrong_solver")(P, q, C, d)[0]
+        ref = dQP.dQP_layer(qp_solver="clarabel")(P, q, C, d)[0]
+        assert torch.allclose(good, ref, atol=1e-8)
+    finally:
+        sb._SOLVERS.pop("test_wrong_solver")
