@@ -48,6 +48,7 @@ class ElementResult:
     solve_time: float = 0.0
     message: str = ""
     residuals: Tuple[float, float, float] = (0.0, 0.0, 0.0)
+    margin: float = float("inf")
 
 
 def _mv(M, x):
@@ -124,6 +125,15 @@ def polish(P, q, C, d, A, b, active: np.ndarray, solver, sparse: bool, eps: floa
             active[J[neg]] = False
     _, z, lam, mu, active, kkt, verified, it = best
     return z, lam, mu, active, kkt, verified, it
+
+
+def strict_complementarity_margin(slack: np.ndarray, mu: np.ndarray, active: np.ndarray) -> float:
+    """``min(min_{i∈J} μ_i, min_{i∉J} slack_i)``: how far the solution is from a change of active set.
+
+    Small values mean the derivative may change abruptly nearby (``inf`` without inequalities).
+    """
+    vals = np.concatenate([mu[active], slack[~active]])
+    return float(np.min(vals)) if vals.size else float("inf")
 
 
 def residuals(P, q, C, d, A, b, z, lam, mu) -> Tuple[float, float, float]:
@@ -233,17 +243,18 @@ class Engine:
             message = ("active set could not be verified (degenerate problem or inaccurate solver); "
                        "returned the solver's point, gradients use the detected active set")
         mu = np.where(active, np.maximum(mu, 0.0), 0.0) if m else mu
-        n_weak = 0
+        n_weak, margin = 0, float("inf")
         if m:  # weakly active: on the boundary with a (near) zero multiplier, after the polish
             slack = d - _mv(C, z)
             at_bound = slack <= s.eps_active * (1.0 + np.abs(d))
             zero_dual = mu <= s.eps_active * max(1.0, float(np.max(mu, initial=0.0)))
             n_weak = int(np.count_nonzero(at_bound & zero_dual))
+            margin = strict_complementarity_margin(slack, mu, active)
         res = residuals(P, q, C, d, A, b, z, lam, mu)
         if kkt.path == REGULARIZED:
             warn_singular_once()
         return ElementResult(z, lam, mu, active, status, kkt, verified, it, n_weak, raw.iterations,
-                             solve_time, message, res)
+                             solve_time, message, res, margin)
 
     def forward(self, batch) -> List[ElementResult]:
         self.used_linsolvers = set()

@@ -54,6 +54,9 @@ class SolveInfo:
         ``True`` means z, λ, μ are exact up to the linear solve.
     refine_iterations : list of int
         Active-set repairs made by ``refine_active``.
+    complementarity_margin : list of float
+        ``min(min_{i∈J} μ_i, min_{i∉J} (d − Cz)_i)``: distance to a change of active set (small:
+        the derivative may jump nearby; ``inf`` without inequalities).
     primal_residual, dual_residual, complementarity : list of float
         ``max(‖Az−b‖∞, ‖max(Cz−d, 0)‖∞)``, ``‖Pz+q+Aᵀλ+Cᵀμ‖∞`` and ``max |μ_i (d−Cz)_i|``.
     kkt_path : list of str
@@ -79,6 +82,7 @@ class SolveInfo:
     primal_residual: List[float] = field(default_factory=list)
     dual_residual: List[float] = field(default_factory=list)
     complementarity: List[float] = field(default_factory=list)
+    complementarity_margin: List[float] = field(default_factory=list)
     kkt_path: List[str] = field(default_factory=list)
     backward_residual: List[Optional[float]] = field(default_factory=list)
     iterations: List[Optional[int]] = field(default_factory=list)

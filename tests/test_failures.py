@@ -192,3 +192,31 @@ def test_unverified_solution_is_flagged_and_warned():
         assert torch.allclose(good, ref, atol=1e-8)
     finally:
         sb._SOLVERS.pop("test_wrong_solver")
+
+
+def test_complementarity_margin_reports_distance_to_active_set_change():
+    P = torch.eye(2, dtype=F64)
+    C = torch.tensor([[1.0, 0.0], [0.0, 1.0]], dtype=F64)
+    d = torch.tensor([1.0, 1.0], dtype=F64)
+    layer = dQP.dQP_layer(qp_solver="clarabel")
+    layer(P, torch.tensor([-3.0, -0.25], dtype=F64), C, d)  # z = (1, 0.25): mu_1 = 2, slack_2 = 0.75
+    assert abs(layer.info.complementarity_margin[0] - 0.75) < 1e-8
+    layer(P, torch.tensor([-1.0, 0.0], dtype=F64), C, d)  # z1 = 1 exactly with mu_1 = 0: weakly active
+    assert layer.info.complementarity_margin[0] < 1e-8
+
+
+def test_non_unique_solution_lp_face():
+    """min -z1 over the unit box: every z2 in [0, 1] is optimal. dqp returns a verified optimal point."""
+    P = torch.zeros(2, 2, dtype=F64)
+    q = torch.tensor([-1.0, 0.0], dtype=F64)
+    C = torch.cat([torch.eye(2), -torch.eye(2)]).double()
+    d = torch.tensor([1.0, 1.0, 0.0, 0.0], dtype=F64)
+    layer = dQP.dQP_layer(qp_solver="clarabel")
+    dd = d.clone().requires_grad_()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        z = layer(P, q, C, dd)[0]
+    assert abs(z[0].item() - 1.0) < 1e-8 and -1e-8 <= z[1].item() <= 1 + 1e-8
+    assert layer.info.verified == [True]
+    z[0].backward()
+    assert torch.isfinite(dd.grad).all() and abs(dd.grad[0].item() - 1.0) < 1e-6
