@@ -10,8 +10,8 @@ recorded, not fatal) does
    primal feasibility ``max(‖max(Cz−d,0)‖∞, ‖Az−b‖∞)``, dual stationarity
    ``‖Pz+q+Aᵀλ+Cᵀμ‖∞``, complementarity ``max|μ_i (d−Cz)_i|``, dual sign ``max(−μ)``,
    each also relative to the size of the data,
-4. the objective against a high-accuracy reference solve (Clarabel at 1e-12, then polished on
-   its active set),
+4. the objective against a high-accuracy reference solve (Clarabel at 1e-12, falling back to
+   HiGHS and ProxQP where Clarabel fails, then polished on its active set),
 5. a directional central finite-difference check of ``∇_q loss`` and ``∇_d loss`` along a random
    direction, each perturbed problem re-solved with the reference solver, when the layer's
    solution is strictly complementary (no constraint with both slack and dual ≈ 0).
@@ -62,6 +62,13 @@ FD_RTOL = 1e-3          # FD check passes if |fd − an| ≤ FD_RTOL·max(|fd|, 
 FD_ATOL = 1e-8
 FD_STEPS = (1e-3, 1e-5, 1e-7)  # absolute steps along a unit direction (the closest agreement is kept)
 STRICT_TOL = 1e-6       # weakly active: slack ≤ tol·(1+|d_i|) and μ_i ≤ tol·(1+‖μ‖∞)
+# reference solvers, tried in order until one reports success (Clarabel wrongly reports
+# PRIMALC1/PRIMALC2 dual infeasible and stalls on QISRAEL; HiGHS and ProxQP solve them)
+REFERENCE_SOLVERS = (
+    ("clarabel", dict(tol_gap_abs=1e-12, tol_gap_rel=1e-12, tol_feas=1e-12, tol_ktratio=1e-10, max_iter=400)),
+    ("highs", dict(primal_feasibility_tolerance=1e-10, dual_feasibility_tolerance=1e-10)),
+    ("proxqp", dict(eps_abs=1e-10, eps_rel=0.0)),
+)
 KKT_OK = 1e-5           # a "success" whose relative KKT residual exceeds this is flagged inaccurate
 
 
@@ -136,25 +143,67 @@ def weakly_active_count(prob: Dict[str, Any], z: np.ndarray, mu: np.ndarray, tol
     return int(weak.sum())
 
 
+def _solve_kkt(K: sp.spmatrix, rhs: np.ndarray) -> Optional[np.ndarray]:
+    """Solve the reduced KKT system, or None if it is (numerically) singular.
+
+    Dense LU up to 4000 unknowns, QDLDL above. SciPy's SuperLU is avoided on purpose: on exactly
+    singular KKT matrices it prints BLAS "illegal value" errors and can segfault (seen on QGROW7).
+    """
+    N = K.shape[0]
+    if N <= 4000:
+        import scipy.linalg as sla
+
+        try:
+            lu, piv = sla.lu_factor(K.toarray(), check_finite=False)
+        except Exception:  # noqa: BLE001
+            return None
+        diag = np.abs(np.diag(lu))
+        if not np.all(np.isfinite(diag)) or diag.min() <= 1e-13 * max(diag.max(), 1e-300):
+            return None
+        x = sla.lu_solve((lu, piv), rhs, check_finite=False)
+    else:
+        try:
+            import qdldl
+
+            x = qdldl.Solver(sp.triu(K, format="csc")).solve(rhs)
+        except Exception:  # noqa: BLE001 - zero pivot (singular) or qdldl missing
+            return None
+    if not np.all(np.isfinite(x)) or np.linalg.norm(K @ x - rhs) > 1e-8 * max(1.0, np.linalg.norm(rhs)):
+        return None
+    return x
+
+
 def reference_solve(prob: Dict[str, Any], q: np.ndarray, d: np.ndarray
                     ) -> Tuple[Optional[np.ndarray], Optional[np.ndarray], str]:
-    """High-accuracy solve: Clarabel at 1e-12 tolerances, then polish on the detected active set.
+    """High-accuracy solve (first of REFERENCE_SOLVERS that succeeds), polished on its active set.
 
-    Returns (z or None, μ or None, how) where how is 'polished', 'raw' (polish rejected or
-    impossible: a singular reduced KKT) or a failure note.
+    Returns (z or None, μ or None, how) where how is 'polished:<solver>', 'raw:<solver>' (polish
+    rejected or impossible: a singular reduced KKT) or a failure note.
     """
+    import warnings
+
     import qpsolvers
 
     P, C, A, b = prob["P"], prob["C"], prob["A"], prob["b"]
     has_C = C is not None and C.shape[0] > 0
-    kw = dict(tol_gap_abs=1e-12, tol_gap_rel=1e-12, tol_feas=1e-12, tol_ktratio=1e-10, max_iter=400)
     problem = qpsolvers.Problem(P, q, C if has_C else None, d if has_C else None, A, b)
-    try:
-        sol = qpsolvers.solve_problem(problem, solver="clarabel", **kw)
-    except Exception as exc:  # noqa: BLE001 - record whatever the reference solver raises
-        return None, None, f"reference solver raised {type(exc).__name__}"
-    if sol.x is None or not np.all(np.isfinite(sol.x)):
-        return None, None, "reference solver returned no solution"
+    sol, notes = None, []
+    for solver, kw in REFERENCE_SOLVERS:
+        if solver not in qpsolvers.available_solvers:
+            continue
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                s = qpsolvers.solve_problem(problem, solver=solver, **kw)
+        except Exception as exc:  # noqa: BLE001 - record whatever the reference solver raises
+            notes.append(f"{solver} raised {type(exc).__name__}")
+            continue
+        if s.found and s.x is not None and np.all(np.isfinite(s.x)):
+            sol, used = s, solver
+            break
+        notes.append(f"{solver} not solved")
+    if sol is None:
+        return None, None, "no reference: " + ", ".join(notes)
     z = sol.x
     mu = np.zeros(C.shape[0] if has_C else 0) if sol.z is None else np.asarray(sol.z)
     if not has_C:
@@ -169,16 +218,11 @@ def reference_solve(prob: Dict[str, Any], q: np.ndarray, d: np.ndarray
     k = Abar.shape[0]
     K = sp.bmat([[P, Abar.T], [Abar, None]], format="csc") if k else sp.csc_matrix(P)
     rhs = np.concatenate([-q, rhs_c])
-    import warnings
-    from scipy.sparse.linalg import MatrixRankWarning, spsolve
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", MatrixRankWarning)
-        try:
-            x = spsolve(K, rhs)
-        except Exception:  # noqa: BLE001 - singular reduced KKT: keep the raw solution
-            return z, mu, "raw"
+    x = _solve_kkt(K, rhs)
+    if x is None:
+        return z, mu, f"raw:{used}"
     if not np.all(np.isfinite(x)):
-        return z, mu, "raw"
+        return z, mu, f"raw:{used}"
     zp = x[:n]
     scale = 1.0 + float(np.max(np.abs(rhs))) if rhs.size else 1.0
     ok = True
@@ -191,11 +235,11 @@ def reference_solve(prob: Dict[str, Any], q: np.ndarray, d: np.ndarray
         if np.min(muJ) < -1e-9 * max(1.0, float(np.max(np.abs(muJ)))):
             ok = False
     if not ok:
-        return z, mu, "raw"
+        return z, mu, f"raw:{used}"
     mu_p = np.zeros_like(mu)
     if has_C and len(J):
         mu_p[J] = x[n + (A.shape[0] if A is not None else 0):]
-    return zp, mu_p, "polished"
+    return zp, mu_p, f"polished:{used}"
 
 
 def fd_check(prob: Dict[str, Any], w: np.ndarray, grad_q: np.ndarray, grad_d: np.ndarray, name: str
@@ -348,12 +392,12 @@ def worker(args: argparse.Namespace) -> Dict[str, Any]:
             obj_ref = float(0.5 * zr @ (prob["P"] @ zr) + prob["q"] @ zr)
             rec.update(objective_ref=obj_ref, obj_rel_err=abs(obj - obj_ref) / max(1.0, abs(obj_ref)),
                        z_err_vs_ref=float(np.max(np.abs(zn - zr))) / max(1.0, float(np.max(np.abs(zr)))),
-                       n_weak_ref=weakly_active_count(prob, zr, mur) if how == "polished" else -1)
+                       n_weak_ref=weakly_active_count(prob, zr, mur) if how.startswith("polished") else -1)
         # strict complementarity is judged on the polished reference solution (the same for every
         # implementation), not on each implementation's own (possibly less accurate) duals
         if args.no_fd:
             rec["fd_status"] = "off"
-        elif zr is None or how != "polished":
+        elif zr is None or not how.startswith("polished"):
             rec["fd_status"] = "skipped"
             rec["fd_note"] = f"reference not polished ({how}): strict complementarity unknown"
         elif rec["n_weak_ref"] > 0:
@@ -434,6 +478,7 @@ def summarize(rows: List[Dict[str, Any]], impl: str) -> Dict[str, Any]:
     s["crashes"] = sum(1 for r in rs if r["status"] == "crash")
     s["inaccurate"] = sum(1 for r in ok if max(r.get("prim_rel", 0), r.get("dual_rel", 0), r.get("comp_rel", 0)) > KKT_OK)
     s["obj_off"] = sum(1 for r in ok if (r.get("obj_rel_err") or 0) > 1e-6)
+    s["unverified"] = sum(1 for r in ok if r.get("info_verified") is False) if impl == "ours" else "–"
     for k in ("pass", "fail", "skipped", "error"):
         s[f"fd_{k}"] = sum(1 for r in ok if r.get("fd_status") == k)
     for k in ("prim_res", "dual_res", "comp_res", "prim_rel", "dual_rel", "comp_rel", "obj_rel_err", "z_err_vs_ref",
@@ -465,15 +510,16 @@ def write_markdown(rows: List[Dict[str, Any]], path: Path, impls: List[str], com
     L = [f"# Maros–Meszaros: forward + backward, {len(names)} problems", "",
          f"Command: `{command}`  ", f"Forward solver: `{solver}` for every implementation; loss = wᵀz (fixed random w); "
          f"KKT residuals computed by the script from (z, λ, μ); FD = directional central difference in (q, d) "
-         f"re-solved with Clarabel at 1e-12 + active-set polish, steps {FD_STEPS} (closest kept), run only where the polished reference solution is strictly complementary (pass: |fd−an| ≤ {FD_RTOL:g}·max(|fd|,|an|) + {FD_ATOL:g}).", "",
+         f"re-solved with the reference solver (Clarabel at 1e-12, else HiGHS, else ProxQP) + active-set polish, steps {FD_STEPS} (closest kept), run only where the polished reference solution is strictly complementary (pass: |fd−an| ≤ {FD_RTOL:g}·max(|fd|,|an|) + {FD_ATOL:g}).", "",
          "## Counts", "", "| | " + " | ".join(impls) + " |", "|---|" + "---|" * len(impls)]
     labels = [("problems", "problems run"), ("ok", "forward + backward succeeded"), ("typed_errors", "typed dqp error (DQPError)"),
               ("untyped_errors", "other exception"), ("silent_nan", "silent NaN/Inf (no exception)"),
               ("timeouts", "timeout (killed)"), ("crashes", "crash (no result)"),
               ("inaccurate", f"succeeded but relative KKT residual > {KKT_OK:g}"),
               ("obj_off", "succeeded but objective off the reference by > 1e-6 (relative)"),
+              ("unverified", "succeeded, layer.info.verified False (ours only)"),
               ("fd_pass", "FD check passed"), ("fd_fail", "FD check failed"),
-              ("fd_skipped", "FD skipped (not strictly complementary)"), ("fd_error", "FD reference solve failed")]
+              ("fd_skipped", "FD skipped (reference not strictly complementary, or its reduced KKT singular)"), ("fd_error", "FD reference solve failed")]
     for key, lab in labels:
         L.append(f"| {lab} | " + " | ".join(str(sums[i][key]) for i in impls) + " |")
     L += ["", "## Worst residuals over the successful problems", "", "| residual | " + " | ".join(impls) + " |",

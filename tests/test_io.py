@@ -10,7 +10,7 @@ import scipy.sparse as sp
 import torch
 
 from dqp.errors import InputError, NonFiniteError, NotSymmetricError, ShapeError
-from dqp.io import (QPProblem, list_maros_meszaros, load_maros_meszaros, load_problem,
+from dqp.io import (INFINITY_BOUND, QPProblem, list_maros_meszaros, load_maros_meszaros, load_problem,
                     maros_meszaros_dir, save_problem)
 
 REPO = Path(__file__).resolve().parent.parent
@@ -64,13 +64,13 @@ def test_load_small_problem_shapes_and_symmetry(name):
 def test_conversion_preserves_feasibility(name):
     prob = load_maros_meszaros(MM_DIR / f"{name}.mat")
     qp = prob.to_qp()
-    finite_l = np.abs(prob.l) < 1e20
-    finite_u = np.abs(prob.u) < 1e20
+    finite_l = np.abs(prob.l) < INFINITY_BOUND
+    finite_u = np.abs(prob.u) < INFINITY_BOUND
     eq = finite_l & finite_u & (prob.l == prob.u)
     assert qp.n_eq == int(eq.sum())
     assert qp.n_ineq == int((finite_u & ~eq).sum() + (finite_l & ~eq).sum())
     assert qp.C.shape == (qp.n_ineq, qp.n) and qp.d.shape == (qp.n_ineq,)
-    assert np.all(np.abs(qp.d) < 1e20)
+    assert np.all(np.abs(qp.d) < INFINITY_BOUND)
     rng = np.random.default_rng(0)
     # points at several scales, some feasible some not: violations must agree exactly
     for scale in (0.0, 0.1, 1.0, 10.0, 1e3):
