@@ -508,7 +508,7 @@ def write_markdown(rows: List[Dict[str, Any]], path: Path, impls: List[str], com
         "n" in r for r in rows if r["name"] == nm) else 0)
     sums = {i: summarize(rows, i) for i in impls}
     L = [f"# Maros–Meszaros: forward + backward, {len(names)} problems", "",
-         f"Command: `{command}`  ", f"Forward solver: `{solver}` for every implementation; loss = wᵀz (fixed random w); "
+         f"Command: `{command})  ", f"Forward solver: `{solver}` for every implementation; loss = wᵀz (fixed random w); "
          f"KKT residuals computed by the script from (z, λ, μ); FD = directional central difference in (q, d) "
          f"re-solved with the reference solver (Clarabel at 1e-12, else HiGHS, else ProxQP) + active-set polish, steps {FD_STEPS} (closest kept), run only where the polished reference solution is strictly complementary (pass: |fd−an| ≤ {FD_RTOL:g}·max(|fd|,|an|) + {FD_ATOL:g}).", "",
          "## Counts", "", "| | " + " | ".join(impls) + " |", "|---|" + "---|" * len(impls)]
@@ -612,6 +612,20 @@ def plot(csv_path: Path, png_path: Path) -> bool:
     return True
 
 
+def _git_state() -> str:
+    """Commit of the checkout, plus the dqp source files with uncommitted changes (runs are
+    taken while the library is being developed)."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
+                              timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "dqp", "solvers", "linsolve"], cwd=REPO,
+                               capture_output=True, text=True, timeout=10).stdout.split("\n")
+        dirty = [ln[3:] for ln in dirty if ln.strip()]
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return f"commit {head}" + (f", uncommitted changes in {', '.join(dirty)}" if dirty else ", clean")
+
+
 def driver(args: argparse.Namespace) -> int:
     from dqp.io import list_maros_meszaros, load_maros_meszaros, maros_meszaros_dir, save_problem
 
@@ -634,6 +648,7 @@ def driver(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     command = "python experiments/maros_meszaros.py " + " ".join(sys.argv[1:])
+    command += f"` (code: {_git_state()}"
     fastest = [s.strip() for s in args.fastest_over.split(",") if s.strip()] if args.fastest_over else []
     rows: List[Dict[str, Any]] = []
     try:
