@@ -152,6 +152,9 @@ class dQP_layer(nn.Module):  # noqa: N801  (the name users know from the referen
                 b: Optional[torch.Tensor] = None) -> QPOutput:
         """Solve the QP(s) and return ``(z, lam, mu, solve_time, forward_time)``.
 
+        Any argument may be batched or shared; a shared argument's gradient is the sum over the
+        batch. Outputs have the dtype and device of ``q``.
+
         Parameters
         ----------
         P : Tensor
@@ -163,9 +166,6 @@ class dQP_layer(nn.Module):  # noqa: N801  (the name users know from the referen
             Inequalities ``C z ≤ d``: ``(m, n)``/``(B, m, n)`` and ``(m,)``/``(B, m)``.
         A, b : Tensor, optional
             Equalities ``A z = b``: ``(p, n)``/``(B, p, n)`` and ``(p,)``/``(B, p)``.
-
-        Any argument may be batched or shared; a shared argument's gradient is the sum over the
-        batch. Outputs have the dtype and device of ``q``.
 
         Raises
         ------
