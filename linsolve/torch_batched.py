@@ -96,6 +96,8 @@ class BatchedKKT:
         n = P.shape[-1]
         dtype, device = P.dtype, P.device
         self.B, self.n = B, n
+        eps = torch.finfo(dtype).eps
+        self._eps = eps
         self.p = A.shape[-2] if A is not None else 0
         self.m = C.shape[-2] if C is not None else 0
         self.k = self.p + self.m
@@ -117,8 +119,6 @@ class BatchedKKT:
         if self.m:
             D[:, self.p:] = 1.0 - self.a
         self.D = D
-        eps = torch.finfo(dtype).eps
-        self._eps = eps
 
         # --- attempt 0: plain Cholesky (P shared → one factorization)
         rho = torch.zeros(B, dtype=dtype, device=device)
@@ -192,7 +192,7 @@ class BatchedKKT:
         use_shared = Ps is not None and not bool((rho != 0).any()) and not bool((delta != 0).any())
         if use_shared:
             L, info = torch.linalg.cholesky_ex(Ps)
-            ok = (info == 0).expand(B)
+            ok = ((info == 0) & self._pivots_ok(L, Ps)).expand(B)
             self.L = L                                                # (n, n)
         else:
             H = P.expand(B, n, n)
@@ -201,7 +201,7 @@ class BatchedKKT:
                 H = H + rho.view(-1, 1, 1) * AtA
             H = H + torch.diag_embed(delta.view(-1, 1).expand(B, n))
             L, info = torch.linalg.cholesky_ex(H)
-            ok = info == 0
+            ok = (info == 0) & self._pivots_ok(L, H)
             self.L = L                                                # (B, n, n)
         if k:
             Abt = self.Abar.transpose(-1, -2)                         # (B, n, k)
@@ -212,8 +212,14 @@ class BatchedKKT:
                 self.HiAbt = torch.cholesky_solve(Abt, self.L)
             S = torch.matmul(self.Abar, self.HiAbt) + torch.diag_embed(self.D + delta.view(-1, 1))
             self.LS, info2 = torch.linalg.cholesky_ex(S)
-            ok = ok & (info2 == 0)
+            ok = ok & (info2 == 0) & self._pivots_ok(self.LS, S)
         return ok & torch.isfinite(self.L).flatten(-2).all(-1).expand(B)
+
+    def _pivots_ok(self, L: Tensor, M: Tensor) -> Tensor:
+        """Reject a numerically singular factorization: smallest pivot² vs the largest diagonal."""
+        piv = torch.diagonal(L, dim1=-2, dim2=-1)
+        big = torch.diagonal(M, dim1=-2, dim2=-1).abs().amax(-1)
+        return (piv.abs().amin(-1) ** 2 > 100 * self._eps * M.shape[-1] * big) & torch.isfinite(piv).all(-1)
 
     def _solve_reg(self, gz: Tensor, gy: Optional[Tensor]) -> Tuple[Tensor, Optional[Tensor]]:
         """Solve the (augmented, possibly regularized) system once."""

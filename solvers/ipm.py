@@ -43,7 +43,10 @@ residual is *not* small:
 * primal infeasible: ‖Aᵀλ̂ + Cᵀμ̂‖∞ ≤ ε_inf·scale and bᵀλ̂ + dᵀμ̂ < −ε_inf (μ̂ ≥ 0);
 * dual infeasible:  ‖Px̂‖∞, ‖Ax̂‖∞, max(Cx̂) ≤ ε_inf·scale and qᵀx̂ < −ε_inf·‖q‖∞.
 
-A certificate must hold at two consecutive iterations before the instance is flagged.
+A certificate must hold at two iterations before the instance is flagged; the primal one is also
+accepted in the weaker form "no feasible point within ‖z‖∞ ≤ −v/‖r‖₁, a ball 1000× larger than
+the iterates", because the duals of an infeasible instance grow so fast (1e11 and more) that the
+normalized residual ‖r‖ only reaches ~1e-6.
 Statuses are :class:`dqp.errors.Status` values; a non-SOLVED status is never silent (the
 layer raises or masks on it).
 """
@@ -229,6 +232,7 @@ class _PrimalNewton:
         self.P, self.C, self.A = P, C, A
         self.B, self.n, self.m, self.p = B, n, m, p
         self.reg_p, self.reg_d = reg_p, reg_d
+        self.reg_fail = 1e-15 if P.dtype == torch.float64 else 1e-7
         self._const = None  # cached factorization when m == 0
 
     def factor(self, winv: Optional[Tensor], delta: Tensor) -> Tensor:
@@ -243,7 +247,11 @@ class _PrimalNewton:
             H = H + torch.matmul(C.transpose(-1, -2) * w.unsqueeze(-2), C)
         else:
             H = H.clone()
-        torch.diagonal(H, dim1=-2, dim2=-1).add_((delta * self.reg_p).unsqueeze(-1))
+        Hd = torch.diagonal(H, dim1=-2, dim2=-1)
+        # static δ = reg_p·max|P|; after a failed factorization (delta > 1) also relative to diag(H),
+        # whose scale grows with W = μ/s
+        rel = torch.where(delta > 1, delta * self.reg_fail * Hd.abs().amax(-1), torch.zeros_like(delta))
+        Hd.add_((delta * self.reg_p + rel).unsqueeze(-1))
         self.LH, info = torch.linalg.cholesky_ex(H)
         ok = info == 0
         if self.p:
@@ -479,14 +487,15 @@ def ipm_solve(P: Tensor, q: Tensor, C: Optional[Tensor] = None, d: Optional[Tens
     done = torch.zeros(B, dtype=torch.bool, device=device)
     iters = torch.zeros(B, dtype=torch.int64, device=device)
     nfail = torch.zeros(B, dtype=torch.int64, device=device)
-    pinf_prev = torch.zeros(B, dtype=torch.bool, device=device)
-    dinf_prev = torch.zeros(B, dtype=torch.bool, device=device)
+    pinf_cnt = torch.zeros(B, dtype=torch.int64, device=device)
+    dinf_cnt = torch.zeros(B, dtype=torch.int64, device=device)
     dz = torch.zeros_like(z)
     dlam_last = torch.zeros_like(lam)
     dmu_last = torch.zeros_like(mu)
     Cscale = 1.0 if m else 0.0   # rows are unit norm after scaling
     Ascale = 1.0 if p else 0.0
     tiny = torch.finfo(dtype).tiny
+    wlo = 1e-60 if f64 else 1e-16
     SOLVED, PINF, DINF, NUM = (int(Status.SOLVED), int(Status.PRIMAL_INFEASIBLE),
                                int(Status.DUAL_INFEASIBLE), int(Status.NUMERICAL))
 
@@ -530,7 +539,11 @@ def ipm_solve(P: Tensor, q: Tensor, C: Optional[Tensor] = None, d: Optional[Tens
         # ---------------- infeasibility certificates (only for instances that are not converging)
         if m or p:
             ynorm = torch.maximum(_amax(lam), _amax(mu)).clamp(min=tiny)
+            radius = 1e3 * (1.0 + _amax(z))
             def _pcert(lv, mv):
+                # y = (λ, μ) normalized: Aᵀŷ_λ + Cᵀŷ_μ = r and bᵀŷ_λ + dᵀŷ_μ = v < 0 prove that no
+                # feasible z has |rᵀz| < −v, i.e. none within ‖z‖∞ ≤ −v/‖r‖₁. Accept when r is
+                # tiny (a certificate) or when that ball is much larger than the iterates.
                 yn = torch.maximum(_amax(lv), _amax(mv)).clamp(min=tiny)
                 lh, mh = lv / yn.unsqueeze(-1), mv / yn.unsqueeze(-1)
                 r = torch.zeros_like(z)
@@ -541,7 +554,8 @@ def ipm_solve(P: Tensor, q: Tensor, C: Optional[Tensor] = None, d: Optional[Tens
                 if m:
                     r = r + _tmv(C, mh)
                     val = val + (d * mh).sum(-1)
-                return (_amax(r) <= eps_inf * (Ascale + Cscale)) & (val < -eps_inf)
+                small = (_amax(r) <= eps_inf * (Ascale + Cscale)) | (r.abs().sum(-1) * radius <= -val)
+                return small & (val < -eps_inf)
             pinf = _pcert(lam, mu) & (ynorm > 1.0 / eps_inf ** 0.5)
             pinf = pinf | (_pcert(dlam_last, dmu_last) & (mu.amin(-1) >= 0 if m else True)
                            & ((dmu_last.amin(-1) >= -eps_inf * _amax(dmu_last)) if m else True))
@@ -564,14 +578,19 @@ def ipm_solve(P: Tensor, q: Tensor, C: Optional[Tensor] = None, d: Optional[Tens
         new_conv = conv & ~done
         status = torch.where(new_conv, torch.full_like(status, SOLVED), status)
         done = done | conv
-        pinf_hit = pinf & pinf_prev & ~done
-        dinf_hit = dinf & dinf_prev & ~done & ~pinf_hit
+        # a certificate must be seen twice (not necessarily in consecutive iterations)
+        pinf_cnt = pinf_cnt + (pinf & ~done).to(torch.int64)
+        dinf_cnt = dinf_cnt + (dinf & ~done).to(torch.int64)
+        pinf_hit = (pinf_cnt >= 2) & ~done
+        dinf_hit = (dinf_cnt >= 2) & ~done & ~pinf_hit
         status = torch.where(pinf_hit, torch.full_like(status, PINF), status)
         status = torch.where(dinf_hit, torch.full_like(status, DINF), status)
         done = done | pinf_hit | dinf_hit
-        pinf_prev, dinf_prev = pinf, dinf
+        # repeated factorization failures: a certificate seen once decides, else NUMERICAL
         numfail = (nfail >= 8) & ~done
-        status = torch.where(numfail, torch.full_like(status, NUM), status)
+        fail_st = torch.where(pinf_cnt > 0, torch.full_like(status, PINF),
+                              torch.where(dinf_cnt > 0, torch.full_like(status, DINF), torch.full_like(status, NUM)))
+        status = torch.where(numfail, fail_st, status)
         done = done | numfail
 
         if it == max_iter:
@@ -583,7 +602,8 @@ def ipm_solve(P: Tensor, q: Tensor, C: Optional[Tensor] = None, d: Optional[Tens
         iters = iters + running.to(torch.int64)
 
         # ---------------- predictor (affine) step
-        winv = s / mu if m else None
+        # W⁻¹ = s/μ, kept inside the range where W and W⁻¹ are finite in this dtype
+        winv = (s / mu).clamp(min=wlo, max=1.0 / wlo) if m else None
         fact_ok = newton.factor(winv, delta)
         a = -rd
         bb = -req if p else None
@@ -638,7 +658,7 @@ def ipm_solve(P: Tensor, q: Tensor, C: Optional[Tensor] = None, d: Optional[Tens
         nfail = torch.where(running & ~ok, nfail + 1, torch.zeros_like(nfail))
         if trace is not None:
             trace.append(dict(it=it, pres=pres / pscl, dres=dres / dscl, gap=gap / gscl, ap=ap, ad=ad,
-                              delta=delta, ok=ok, done=done.clone()))
+                              delta=delta, ok=ok, fact_ok=fact_ok, pinf=pinf, dinf=dinf, done=done.clone(), mumax=_amax(mu), smin=s.amin(-1) if m else None))
         u = upd.unsqueeze(-1)
         dz = torch.where(u, dz_, torch.zeros_like(dz_))
         z = torch.where(u, z + ap.unsqueeze(-1) * dz_, z)

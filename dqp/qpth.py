@@ -1,0 +1,132 @@
+"""Drop-in replacement for ``qpth.qp.QPFunction`` on dqp's batched interior-point method.
+
+Change one import and existing qpth code runs::
+
+    # from qpth.qp import QPFunction, QPSolvers
+    from dqp.qpth import QPFunction, QPSolvers
+
+    z = QPFunction(verbose=-1)(Q, p, G, h, A, b)        # min ½zᵀQz + pᵀz  s.t. Gz ≤ h, Az = b
+
+What is the same as qpth
+    Constructor arguments and defaults, the call ``(Q, p, G, h, A, b)``, batched ``(B, ·)`` or
+    unbatched arguments in any mix, empty tensors (``torch.Tensor()``, any tensor with
+    ``numel() == 0``) for absent constraints — G/h as well as A/b —, the result ``z`` of shape
+    ``(B, n)`` (``(1, n)`` when no argument is batched, as qpth returns), float32 and float64, CPU
+    and CUDA, and ``check_Q_spd`` (Q must be positive definite unless it is turned off).
+
+What differs, on purpose
+    * Broadcast gradients are **summed** over the batch (qpth averages them with ``mean(0)``):
+      the sum is the gradient of the batch loss w.r.t. the shared tensor.
+    * Failures are not silent: an infeasible, unbounded or unsolved element raises
+      :class:`dqp.errors.InfeasibleError` / ``UnboundedError`` / ``MaxIterationsError`` /
+      ``SolverFailedError`` naming the batch elements (qpth prints a warning and returns an
+      inaccurate point). ``check_Q_spd`` raises :class:`dqp.errors.NotPSDError` (a ``ValueError``;
+      qpth raises ``RuntimeError('Q is not SPD.')``).
+    * Degenerate problems qpth gets wrong are solved: an exactly zero starting slack (qpth's
+      initial shift only fixes negative slacks), PSD Q with ``check_Q_spd=False`` (LPs; qpth
+      LU-factorizes Q), no constraints at all (qpth asserts at least one), and m > n.
+    * Gradients are exact for the active set at the solution (the solution is polished on its
+      active set) instead of using the IPM's interior point with clamped slacks.
+
+Parameter mapping
+    ``eps``: qpth's eps bounds the *sum of absolute residual norms* and its default (1e-12) is
+    below what float32 — and often float64 — can reach (qpth then stops on ``notImprovedLim``).
+    dqp uses a relative tolerance ``max(eps, default)`` with default 1e-9 (float64) / 1e-5
+    (float32), and then polishes the point on its active set, so the answer is accurate to
+    round-off whenever the active set is identified.
+    ``maxIter``: dqp's IPM usually needs 8–20 iterations, about what qpth's default 20 allows,
+    but an element that needs more must not fail where qpth would return *something*: the limit
+    used is ``max(maxIter, 100)``.
+    ``notImprovedLim``: ignored (convergence is decided per element by the stopping rule).
+    ``verbose``: ≥ 1 logs one line per call at INFO level on logger ``dqp.qpth``.
+    ``solver``: accepted for compatibility; both :class:`QPSolvers` values run dqp's IPM
+    (``CVXPY`` would solve element by element on the CPU — use ``dqp``'s core layer with a
+    qpsolvers backend for that).
+"""
+from __future__ import annotations
+
+import logging
+from enum import Enum
+from typing import Optional
+
+import torch
+
+from dqp.errors import NotPSDError, ShapeError
+from dqp.ipm_layer import solve_qp_batch
+from dqp.solvers.ipm import default_eps
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["QPFunction", "QPSolvers"]
+
+
+class QPSolvers(Enum):
+    """qpth's solver choice, accepted for compatibility (both run dqp's batched IPM)."""
+
+    PDIPM_BATCHED = 1
+    CVXPY = 2
+
+
+def _present(x: Optional[torch.Tensor]) -> bool:
+    return x is not None and x.numel() > 0
+
+
+class QPFunction:
+    """qpth-compatible differentiable batched QP solve (see the module docstring).
+
+    Parameters
+    ----------
+    eps : float
+        Requested accuracy; dqp uses ``max(eps, 1e-9 / 1e-5)`` as its relative tolerance.
+    verbose : int
+        ≥ 1 logs one line per call; 0 and -1 are quiet.
+    notImprovedLim : int
+        Ignored (kept for signature compatibility).
+    maxIter : int
+        Iteration limit; dqp uses ``max(maxIter, 100)``.
+    solver : QPSolvers
+        Ignored (kept for compatibility).
+    check_Q_spd : bool
+        Raise :class:`dqp.errors.NotPSDError` when Q is not positive definite.
+    """
+
+    def __init__(self, eps: float = 1e-12, verbose: int = 0, notImprovedLim: int = 3, maxIter: int = 20,
+                 solver: QPSolvers = QPSolvers.PDIPM_BATCHED, check_Q_spd: bool = True):
+        self.eps = eps
+        self.verbose = verbose
+        self.notImprovedLim = notImprovedLim
+        self.maxIter = maxIter
+        self.solver = solver
+        self.check_Q_spd = check_Q_spd
+
+    def __repr__(self) -> str:
+        return (f"QPFunction(eps={self.eps}, verbose={self.verbose}, maxIter={self.maxIter}, "
+                f"check_Q_spd={self.check_Q_spd}) [dqp batched IPM]")
+
+    def __call__(self, Q: torch.Tensor, p: torch.Tensor, G: torch.Tensor, h: torch.Tensor,
+                 A: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """Solve ``min ½zᵀQz + pᵀz s.t. Gz ≤ h, Az = b``; returns z of shape (B, n)."""
+        if _present(G) != _present(h):
+            raise ShapeError("QPFunction: G and h must both be given or both be empty "
+                             f"(got G with {G.numel()} and h with {h.numel()} elements).")
+        if _present(A) != _present(b):
+            raise ShapeError("QPFunction: A and b must both be given or both be empty "
+                             f"(got A with {A.numel()} and b with {b.numel()} elements).")
+        C, d = (G, h) if _present(G) else (None, None)
+        Ae, be = (A, b) if _present(A) else (None, None)
+        if self.check_Q_spd:
+            _, info = torch.linalg.cholesky_ex(0.5 * (Q + Q.transpose(-1, -2)))
+            info = info.reshape(-1)
+            if bool((info != 0).any()):
+                bad = torch.nonzero(info != 0).flatten().tolist()
+                where = f" (batch elements {bad[:10]}{'...' if len(bad) > 10 else ''})" if Q.dim() == 3 else ""
+                raise NotPSDError(
+                    f"QPFunction: Q is not symmetric positive definite{where}. qpth requires Q ≻ 0; "
+                    "dqp's solver also handles positive semidefinite Q (e.g. LPs with Q = 0): pass "
+                    "check_Q_spd=False to allow it, or add a small multiple of the identity to Q.")
+        eps = max(float(self.eps), default_eps(Q.dtype))
+        z, _, _, status, _ = solve_qp_batch(Q, p, C, d, Ae, be, eps=eps, max_iter=max(int(self.maxIter), 100),
+                                            on_failure="raise")
+        if self.verbose >= 1:
+            logger.info("dqp.qpth.QPFunction: solved a batch of %d QPs (n=%d)", z.shape[0], z.shape[1])
+        return z

@@ -1,0 +1,529 @@
+"""Tests of the built-in batched IPM (dqp.solvers.ipm), BatchedKKT and the IPM layer.
+
+References: problems built with a known primal-dual solution (strict complementarity by
+construction), and Clarabel through qpsolvers on random QPs.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from dqp.errors import (InfeasibleError, LayoutError, MaxIterationsError, SettingsError, ShapeError,
+                        SolverFailedError, Status, UnboundedError)
+from dqp.ipm_layer import IPMQPFunction, classify_active, solve_qp_batch
+from dqp.linsolve import get_linsolver
+from dqp.linsolve.torch_batched import BatchedKKT
+from dqp.solvers import get_solver
+from dqp.solvers.ipm import IPMSolver, ipm_solve
+
+F64, F32 = torch.float64, torch.float32
+
+DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA")])]
+
+
+def known_qp(B, n, m, p, *, seed=0, dtype=F64, device="cpu", psd=False, n_active=None):
+    """Random QPs with a known solution (z0, lam0, mu0): the first n_active inequality rows are
+    active with mu > 0, the others have slack > 0."""
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g, dtype=F64)
+    U = r(B, n, n)
+    if psd:
+        P = torch.zeros(B, n, n, dtype=F64)
+    else:
+        P = U @ U.transpose(1, 2) / n + 0.5 * torch.eye(n, dtype=F64)
+    C, A = r(B, m, n), r(B, p, n)
+    z0, lam0 = r(B, n), r(B, p)
+    k = min(m, max(n - p, 0)) // 2 if n_active is None else n_active
+    mu0 = torch.zeros(B, m, dtype=F64)
+    mu0[:, :k] = 0.5 + torch.rand(B, k, generator=g, dtype=F64)
+    slack = torch.zeros(B, m, dtype=F64)
+    slack[:, k:] = 0.5 + torch.rand(B, m - k, generator=g, dtype=F64)
+    d = (C @ z0.unsqueeze(-1)).squeeze(-1) + slack
+    b = (A @ z0.unsqueeze(-1)).squeeze(-1)
+    q = -(P @ z0.unsqueeze(-1)).squeeze(-1) - (A.transpose(1, 2) @ lam0.unsqueeze(-1)).squeeze(-1) \
+        - (C.transpose(1, 2) @ mu0.unsqueeze(-1)).squeeze(-1)
+    out = [t.to(dtype=dtype, device=device) for t in (P, q, C, d, A, b, z0, lam0, mu0)]
+    return out
+
+
+def _rel(a, b):
+    return ((a - b).abs().max() / (1 + b.abs().max())).item()
+
+
+# ------------------------------------------------------------------------------------------------
+# forward accuracy
+# ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype,tol", [(F64, 1e-6), (F32, 2e-3)])
+@pytest.mark.parametrize("n,m,p", [(6, 4, 0), (6, 10, 2), (5, 0, 2), (4, 12, 0), (8, 6, 3)])
+@pytest.mark.parametrize("form", ["auto", "primal", "dual"])
+def test_ipm_known_solution(device, dtype, tol, n, m, p, form):
+    P, q, C, d, A, b, z0, lam0, mu0 = known_qp(5, n, m, p, seed=n + m + p, dtype=dtype, device=device)
+    res = ipm_solve(P, q, C, d, A, b, form=form)
+    assert (res.status == int(Status.SOLVED)).all()
+    assert res.z.shape == (5, n)
+    assert _rel(res.z, z0) < tol
+    if p:
+        assert _rel(res.lam, lam0) < tol
+    else:
+        assert res.lam is None
+    if m:
+        assert _rel(res.mu, mu0) < tol
+        assert (res.mu >= 0).all() and (res.s > 0).all()
+    else:
+        assert res.mu is None and res.s.shape == (5, 0)
+
+
+@pytest.mark.parametrize("n,m,p", [(8, 5, 0), (10, 25, 3), (12, 6, 4)])
+def test_ipm_vs_clarabel(n, m, p):
+    qpsolvers = pytest.importorskip("qpsolvers")
+    g = torch.Generator().manual_seed(7)
+    B = 4
+    U = torch.randn(B, n, n, generator=g, dtype=F64)
+    P = U @ U.transpose(1, 2) / n + 1e-2 * torch.eye(n, dtype=F64)
+    q = torch.randn(B, n, generator=g, dtype=F64)
+    C = torch.randn(B, m, n, generator=g, dtype=F64)
+    d = torch.rand(B, m, generator=g, dtype=F64) - 0.3
+    A = torch.randn(B, p, n, generator=g, dtype=F64)
+    b = 0.1 * torch.randn(B, p, generator=g, dtype=F64)
+    res = ipm_solve(P, q, C, d, A if p else None, b if p else None)
+    for i in range(B):
+        prob = qpsolvers.Problem(P[i].numpy(), q[i].numpy(), C[i].numpy(), d[i].numpy(),
+                                 A[i].numpy() if p else None, b[i].numpy() if p else None)
+        sol = qpsolvers.solve_problem(prob, solver="clarabel", tol_feas=1e-10, tol_gap_abs=1e-10,
+                                      tol_gap_rel=1e-10)
+        if not sol.found:
+            assert res.status[i] == int(Status.PRIMAL_INFEASIBLE)
+            continue
+        assert res.status[i] == int(Status.SOLVED)
+        np.testing.assert_allclose(res.z[i].numpy(), sol.x, atol=1e-6)
+        np.testing.assert_allclose(res.mu[i].numpy(), sol.z, atol=1e-6)
+        if p:
+            np.testing.assert_allclose(res.lam[i].numpy(), sol.y, atol=1e-6)
+
+
+def test_shared_and_batched_mix_equals_expanded():
+    P, q, C, d, A, b, *_ = known_qp(4, 6, 5, 2, seed=3)
+    shared = ipm_solve(P[0], q, C[0], d[0], A[0], b[0])
+    expanded = ipm_solve(P[0].expand(4, 6, 6), q, C[0].expand(4, 5, 6), d[0].expand(4, 5),
+                         A[0].expand(4, 2, 6), b[0].expand(4, 2))
+    assert (shared.status == 0).all() and (expanded.status == 0).all()
+    assert torch.allclose(shared.z, expanded.z, atol=1e-8)
+    one = ipm_solve(P[0], q[0], C[0], d[0])          # nothing batched -> B = 1
+    assert one.z.shape == (1, 6)
+
+
+def test_finished_instances_stop_changing():
+    """An instance that converged early keeps its iterate while others run on."""
+    P, q, C, d, A, b, *_ = known_qp(3, 6, 8, 0, seed=5)
+    qs = q.clone()
+    qs[1] *= 1e3                                          # a harder instance (more iterations)
+    res_all = ipm_solve(P, qs, C, d)
+    res_0 = ipm_solve(P[:1], qs[:1], C[:1], d[:1])
+    assert res_all.iterations[0] == res_0.iterations[0]
+    assert torch.equal(res_all.z[0], res_0.z[0])
+
+
+# ------------------------------------------------------------------------------------------------
+# degenerate and special problems (via the polished layer)
+# ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype,tol", [(F64, 1e-10), (F32, 1e-5)])
+def test_zero_starting_slack(device, dtype, tol):
+    """min ½‖x‖² − x₁ s.t. x₂ ≤ 0, x₁ ≤ 2 → x = (1, 0) (qpth's shift leaves a zero slack here)."""
+    kw = dict(dtype=dtype, device=device)
+    P = torch.eye(2, **kw)
+    q = torch.tensor([-1.0, 0.0], **kw)
+    C = torch.tensor([[0.0, 1.0], [1.0, 0.0]], **kw)
+    d = torch.tensor([0.0, 2.0], **kw)
+    z, lam, mu, status, active = solve_qp_batch(P, q, C, d)
+    assert status.tolist() == [0]
+    assert torch.allclose(z, torch.tensor([[1.0, 0.0]], **kw), atol=tol)
+    assert torch.allclose(mu, torch.zeros(1, 2, **kw), atol=tol)
+
+
+@pytest.mark.parametrize("dtype", [F64, F32])
+def test_lp_box(dtype):
+    n = 5
+    P = torch.zeros(n, n, dtype=dtype)
+    q = torch.tensor([1.0, -2.0, 3.0, -1.0, 0.5], dtype=dtype)
+    C = torch.cat([torch.eye(n), -torch.eye(n)]).to(dtype)
+    d = torch.ones(2 * n, dtype=dtype)
+    z, _, mu, status, active = solve_qp_batch(P, q, C, d)
+    assert status.tolist() == [0]
+    assert torch.allclose(z[0], -torch.sign(q), atol=1e-6)
+    # duals: μ_upper = max(-q, 0), μ_lower = max(q, 0)
+    assert torch.allclose(mu[0], torch.cat([(-q).clamp(min=0), q.clamp(min=0)]), atol=1e-6)
+    assert active.sum().item() == n
+
+
+@pytest.mark.parametrize("dtype", [F64, F32])
+def test_equality_only_and_unconstrained(dtype):
+    P, q, C, d, A, b, z0, lam0, mu0 = known_qp(3, 5, 0, 2, seed=11, dtype=dtype)
+    z, lam, mu, status, active = solve_qp_batch(P, q, None, None, A, b)
+    assert status.tolist() == [0, 0, 0] and mu is None and active is None
+    assert _rel(z, z0) < 1e-5 and _rel(lam, lam0) < 1e-4
+    z, lam, mu, status, _ = solve_qp_batch(P, q)
+    assert lam is None and mu is None
+    ref = torch.linalg.solve(P.double(), -q.double().unsqueeze(-1)).squeeze(-1)
+    assert _rel(z.double(), ref) < 1e-5
+
+
+def test_equality_only_psd():
+    P = torch.diag(torch.tensor([1.0, 0.0], dtype=F64))
+    q = torch.tensor([0.0, 1.0], dtype=F64)
+    z, lam, *_ = solve_qp_batch(P, q, None, None, torch.tensor([[0.0, 1.0]], dtype=F64), torch.tensor([3.0], dtype=F64))
+    assert torch.allclose(z, torch.tensor([[0.0, 3.0]], dtype=F64), atol=1e-10)
+    assert torch.allclose(lam, torch.tensor([[-1.0]], dtype=F64), atol=1e-10)
+
+
+@pytest.mark.parametrize("dtype", [F64, F32])
+def test_inequality_only_m_greater_than_n(dtype):
+    P, q, C, d, A, b, z0, lam0, mu0 = known_qp(4, 3, 20, 0, seed=2, dtype=dtype, n_active=2)
+    z, lam, mu, status, active = solve_qp_batch(P, q, C, d)
+    assert (status == 0).all()
+    tol = 1e-9 if dtype == F64 else 1e-4
+    assert _rel(z, z0) < tol and _rel(mu, mu0) < tol
+    assert active[:, :2].all() and not active[:, 2:].any()
+
+
+def test_dependent_active_rows():
+    """Two identical active rows: K is singular; the polish/backward take the minimum-norm path."""
+    P = torch.eye(2, dtype=F64)
+    q = torch.tensor([-2.0, -2.0], dtype=F64)
+    C = torch.tensor([[1.0, 0.0], [1.0, 0.0]], dtype=F64, requires_grad=True)
+    d = torch.tensor([1.0, 1.0], dtype=F64, requires_grad=True)
+    z, lam, mu, status, active = solve_qp_batch(P, q, C, d)
+    assert torch.allclose(z, torch.tensor([[1.0, 2.0]], dtype=F64), atol=1e-8)
+    assert abs(mu.sum().item() - 1.0) < 1e-8          # only the sum of the duals is determined
+    z.sum().backward()
+    assert torch.isfinite(C.grad).all() and torch.isfinite(d.grad).all()
+    # d(z1)/d(d_i): moving both bounds moves z1 one-for-one; min-norm splits it evenly
+    assert torch.allclose(d.grad, torch.tensor([0.5, 0.5], dtype=F64), atol=1e-8)
+
+
+# ------------------------------------------------------------------------------------------------
+# infeasible, unbounded, iteration limit, numerical failure: statuses and errors
+# ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [F64, F32])
+def test_infeasible_element_in_batch(device, dtype):
+    kw = dict(dtype=dtype, device=device)
+    P = torch.eye(2, **kw).expand(3, 2, 2)
+    q = torch.zeros(3, 2, **kw)
+    C = torch.tensor([[1.0, 0.0], [-1.0, 0.0]], **kw)
+    d = torch.tensor([[1.0, 1.0], [-1.0, -1.0], [1.0, 0.0]], **kw)    # element 1: x ≤ −1 and x ≥ 1
+    res = ipm_solve(P, q, C, d)
+    assert res.status.tolist() == [0, int(Status.PRIMAL_INFEASIBLE), 0]
+    with pytest.raises(InfeasibleError) as ei:
+        solve_qp_batch(P, q, C, d)
+    assert ei.value.batch_indices == [1]
+    assert "batch element 1" in str(ei.value)
+    Pg = P.clone().requires_grad_()
+    z, lam, mu, status, active = solve_qp_batch(Pg, q, C, d, on_failure="mask")
+    assert status.tolist() == [0, 2, 0]
+    assert torch.equal(z[1], torch.zeros(2, **kw)) and torch.equal(mu[1], torch.zeros(2, **kw))
+    (z.sum() + mu.sum()).backward()
+    assert torch.isfinite(Pg.grad).all() and torch.equal(Pg.grad[1], torch.zeros(2, 2, **kw))
+
+
+def test_infeasible_equalities():
+    res = ipm_solve(torch.eye(2, dtype=F64), torch.zeros(2, dtype=F64),
+                    torch.tensor([[1.0, 0.0]], dtype=F64), torch.tensor([1.0], dtype=F64),
+                    torch.tensor([[1.0, 0.0]], dtype=F64), torch.tensor([2.0], dtype=F64))
+    assert res.status.tolist() == [int(Status.PRIMAL_INFEASIBLE)]
+
+
+@pytest.mark.parametrize("dtype", [F64, F32])
+def test_unbounded(dtype):
+    P = torch.zeros(2, 2, dtype=dtype)
+    q = torch.tensor([-1.0, 0.0], dtype=dtype)
+    C = torch.stack([torch.tensor([[0.0, 1.0], [-1.0, 0.0]]), torch.tensor([[1.0, 0.0], [-1.0, 0.0]])]).to(dtype)
+    d = torch.zeros(2, dtype=dtype)
+    res = ipm_solve(P, q, C, d)
+    assert res.status.tolist() == [int(Status.DUAL_INFEASIBLE), 0]
+    with pytest.raises(UnboundedError) as ei:
+        solve_qp_batch(P, q, C, d)
+    assert ei.value.batch_indices == [0]
+    # unconstrained and unbounded
+    res = ipm_solve(torch.zeros(2, 2, dtype=dtype), torch.ones(2, dtype=dtype))
+    assert res.status.tolist() == [int(Status.DUAL_INFEASIBLE)]
+
+
+def test_max_iter_status_and_error():
+    P, q, C, d, *_ = known_qp(2, 6, 8, 0, seed=1)
+    res = ipm_solve(P, q, C, d, max_iter=2)
+    assert res.status.tolist() == [int(Status.MAX_ITER)] * 2
+    assert res.iterations.tolist() == [2, 2]
+    with pytest.raises(MaxIterationsError):
+        solve_qp_batch(P, q, C, d, max_iter=2)
+
+
+def test_nonfinite_data_gives_numerical_status():
+    P, q, C, d, *_ = known_qp(2, 4, 3, 0, seed=1)
+    q = q.clone()
+    q[1, 0] = float("nan")
+    res = ipm_solve(P, q, C, d)
+    assert res.status[0] == int(Status.SOLVED)
+    assert res.status[1] == int(Status.NUMERICAL)
+    assert torch.isfinite(res.z).all()
+    with pytest.raises(SolverFailedError) as ei:
+        solve_qp_batch(P, q, C, d)
+    assert ei.value.batch_indices == [1]
+
+
+# ------------------------------------------------------------------------------------------------
+# gradients
+# ------------------------------------------------------------------------------------------------
+
+def _fn(P, q, C, d, A, b):
+    z, lam, mu, _, _ = solve_qp_batch(P, q, C, d, A, b)
+    return z, lam, mu
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("case", ["single", "batched", "broadcast"])
+def test_gradcheck(device, case):
+    P, q, C, d, A, b, *_ = known_qp(2, 4, 5, 1, seed=4, device=device)
+    if case == "single":
+        args = [P[0], q[0], C[0], d[0], A[0], b[0]]
+    elif case == "batched":
+        args = [P, q, C, d, A, b]
+    else:
+        args = [P[0], q, C[0], d[0], A, b[0]]       # P, C, d, b shared
+    args = [t.detach().clone().requires_grad_() for t in args]
+    assert torch.autograd.gradcheck(_fn, args, eps=1e-6, atol=1e-6, rtol=1e-5, fast_mode=True)
+
+
+def test_gradcheck_lp_and_m_gt_n():
+    n = 3
+    P = torch.zeros(n, n, dtype=F64)
+    q = torch.tensor([1.0, -2.0, 0.5], dtype=F64)
+    C = torch.cat([torch.eye(n), -torch.eye(n), torch.ones(1, n)]).to(F64)
+    d = torch.tensor([1.0, 2.0, 1.5, 1.0, 1.0, 3.0, 1.2], dtype=F64)
+    args = [t.clone().requires_grad_() for t in (P, q, C, d)]
+    f = lambda P, q, C, d: solve_qp_batch(P, q, C, d)[0]
+    assert torch.autograd.gradcheck(f, args, eps=1e-6, atol=1e-6, rtol=1e-5, fast_mode=True)
+
+
+def test_broadcast_grad_is_sum():
+    P, q, C, d, A, b, *_ = known_qp(4, 5, 6, 2, seed=8)
+    Ps, Cs, ds = P[0].clone().requires_grad_(), C[0].clone().requires_grad_(), d[0].clone().requires_grad_()
+    w = torch.randn(4, 5, dtype=F64)
+    z = solve_qp_batch(Ps, q, Cs, ds, A, b)[0]
+    (z * w).sum().backward()
+    gP, gC, gd = torch.zeros_like(Ps), torch.zeros_like(Cs), torch.zeros_like(ds)
+    for i in range(4):
+        Pi, Ci, di = (t.detach().clone().requires_grad_() for t in (Ps, Cs, ds))
+        zi = solve_qp_batch(Pi, q[i], Ci, di, A[i], b[i])[0]
+        (zi[0] * w[i]).sum().backward()
+        gP += Pi.grad
+        gC += Ci.grad
+        gd += di.grad
+    assert torch.allclose(Ps.grad, gP, atol=1e-10)
+    assert torch.allclose(Cs.grad, gC, atol=1e-10)
+    assert torch.allclose(ds.grad, gd, atol=1e-10)
+
+
+def test_known_gradients_of_the_objective():
+    """L = ½z*ᵀPz* + qᵀz* (the optimal value): ∇q = z*, ∇d = −μ*, ∇P = ½z*z*ᵀ, ∇C = μ*z*ᵀ."""
+    P, q, C, d, A, b, *_ = known_qp(2, 5, 6, 0, seed=9)
+    args = [t.clone().requires_grad_() for t in (P, q, C, d)]
+    z, _, mu, _, _ = solve_qp_batch(*args)
+    zd, mud = z.detach(), mu.detach()
+    # optimal value as a function of the data, through z
+    val = 0.5 * (z.unsqueeze(-2) @ args[0] @ z.unsqueeze(-1)).sum() + (args[1] * z).sum()
+    val.backward()
+    assert torch.allclose(args[1].grad, zd, atol=1e-9)
+    assert torch.allclose(args[3].grad, -mud, atol=1e-9)
+    assert torch.allclose(args[0].grad, 0.5 * zd.unsqueeze(-1) * zd.unsqueeze(-2), atol=1e-9)
+    assert torch.allclose(args[2].grad, mud.unsqueeze(-1) * zd.unsqueeze(-2), atol=1e-9)
+
+
+def test_float32_gradients_match_float64():
+    P, q, C, d, A, b, *_ = known_qp(3, 6, 8, 2, seed=12)
+    w = torch.randn(3, 6, dtype=F64)
+    grads = {}
+    for dt in (F64, F32):
+        args = [t.to(dt).clone().requires_grad_() for t in (P, q, C, d, A, b)]
+        z, lam, mu, status, _ = solve_qp_batch(*args)
+        assert (status == 0).all()
+        ((z * w.to(dt)).sum() + lam.sum() + mu.sum()).backward()
+        grads[dt] = [a.grad.double() for a in args]
+        assert all(torch.isfinite(g).all() for g in grads[dt])
+    for g64, g32 in zip(grads[F64], grads[F32]):
+        assert ((g64 - g32).abs().max() / (1 + g64.abs().max())).item() < 1e-3
+
+
+def test_polish_makes_gradients_exact():
+    """Without polish the IPM point is accurate to ~eps; with polish the KKT residual is round-off."""
+    P, q, C, d, A, b, z0, lam0, mu0 = known_qp(4, 6, 8, 2, seed=13)
+    z_np = solve_qp_batch(P, q, C, d, A, b, polish=False, eps=1e-6)[0]
+    z_p = solve_qp_batch(P, q, C, d, A, b, polish=True, eps=1e-6)[0]
+    assert _rel(z_p, z0) < 1e-12
+    assert _rel(z_np, z0) > _rel(z_p, z0)
+
+
+def test_ipm_function_requires_batched_inputs():
+    P, q, C, d, A, b, *_ = known_qp(1, 3, 2, 0, seed=1)
+    with pytest.raises(ShapeError):
+        IPMQPFunction.apply(P[0], q[0], None, None, None, None, {})
+
+
+# ------------------------------------------------------------------------------------------------
+# BatchedKKT
+# ------------------------------------------------------------------------------------------------
+
+def _dense_K(P, A, C, a):
+    B, n, _ = P.shape
+    p, m = A.shape[1], C.shape[1]
+    K = torch.zeros(B, n + p + m, n + p + m, dtype=P.dtype)
+    aC = C * a.unsqueeze(-1).to(P.dtype)
+    K[:, :n, :n] = P
+    K[:, :n, n:n + p] = A.transpose(1, 2)
+    K[:, n:n + p, :n] = A
+    K[:, :n, n + p:] = aC.transpose(1, 2)
+    K[:, n + p:, :n] = aC
+    K[:, n + p:, n + p:] = -torch.diag_embed(1 - a.to(P.dtype))
+    return K
+
+
+@pytest.mark.parametrize("case,path", [("pd", 0), ("psd", 1), ("lp", 1), ("dependent", 2)])
+def test_batched_kkt_paths(case, path):
+    g = torch.Generator().manual_seed(0)
+    B, n, p, m = 4, 6, 2, 7
+    U = torch.randn(B, n, n, generator=g, dtype=F64)
+    P = U @ U.transpose(1, 2) + 0.1 * torch.eye(n, dtype=F64)
+    if case == "psd":
+        V = torch.randn(B, n, 2, generator=g, dtype=F64)
+        P = V @ V.transpose(1, 2)
+    if case in ("lp", "dependent"):
+        P = torch.zeros(B, n, n, dtype=F64)
+    A = torch.randn(B, p, n, generator=g, dtype=F64)
+    C = torch.randn(B, m, n, generator=g, dtype=F64)
+    a = torch.zeros(B, m, dtype=torch.bool)
+    a[:, :n - p] = True
+    if case == "dependent":
+        C[:, 1] = C[:, 0]
+    K = _dense_K(P, A, C, a)
+    rhs = torch.randn(B, n + p + m, generator=g, dtype=F64)
+    kkt = BatchedKKT(P, A, C, a)
+    assert kkt.path.tolist() == [path] * B
+    yz, yl, ym = kkt.solve(rhs[:, :n], rhs[:, n:n + p], rhs[:, n + p:])
+    y = torch.cat([yz, yl, ym], 1)
+    if case == "dependent":
+        ref = (torch.linalg.pinv(K) @ rhs.unsqueeze(-1)).squeeze(-1)
+        assert torch.allclose(y, ref, atol=1e-9)
+    else:
+        ref = torch.linalg.solve(K, rhs.unsqueeze(-1)).squeeze(-1)
+        assert _rel(y, ref) < 1e-10
+
+
+def test_batched_kkt_shared_P_factorized_once():
+    P = 2.0 * torch.eye(3, dtype=F64)
+    C = torch.eye(3, dtype=F64)
+    a = torch.tensor([[True, False, False], [False, True, True]])
+    kkt = BatchedKKT(P, None, C, a)
+    assert kkt.L.shape == (3, 3) and kkt.path.tolist() == [0, 0]
+    yz, _, ym = kkt.solve(torch.ones(2, 3, dtype=F64), None, torch.ones(2, 3, dtype=F64))
+    # element 0: z0 = 1 (active), z1 = z2 = 1/2; μ0 from 2·1 + μ0 = 1
+    assert torch.allclose(yz[0], torch.tensor([1.0, 0.5, 0.5], dtype=F64))
+    assert torch.allclose(ym[0], torch.tensor([-1.0, -1.0, -1.0], dtype=F64))
+
+
+def test_batched_kkt_errors():
+    P = torch.eye(3, dtype=F64)
+    with pytest.raises(ShapeError):
+        BatchedKKT(P, None, torch.eye(3, dtype=F64), None)
+    with pytest.raises(ShapeError):
+        BatchedKKT(torch.eye(3, dtype=F64).expand(2, 3, 3), None, torch.eye(3, dtype=F64).expand(3, 3, 3),
+                   torch.ones(3, 3, dtype=torch.bool))
+
+
+def test_classify_active_is_scale_invariant_in_rows():
+    C = torch.tensor([[[1.0, 0.0], [0.0, 100.0]]], dtype=F64)
+    s = torch.tensor([[1e-9, 1e-7]], dtype=F64)      # second row: slack 1e-9 in unit-row scaling
+    mu = torch.tensor([[1.0, 1e-2]], dtype=F64)      # second row: μ = 1 in unit-row scaling
+    assert classify_active(C, s, mu).tolist() == [[True, True]]
+
+
+# ------------------------------------------------------------------------------------------------
+# registry and argument checking
+# ------------------------------------------------------------------------------------------------
+
+def test_registry_entries():
+    for name in ("dqp_ipm", "ipm", "dqp"):
+        assert isinstance(get_solver(name), IPMSolver)
+    assert IPMSolver.batched and not IPMSolver.sparse and IPMSolver.modules == ("torch",)
+    P, q, C, d, *_ = known_qp(2, 4, 3, 0, seed=1)
+    res = get_solver("ipm").solve_batch(P, q, C, d, None, None, keywords={"eps": 1e-8, "max_iter": 50})
+    assert (res.status == 0).all()
+    with pytest.raises(SettingsError):
+        get_solver("ipm").solve_batch(P, q, C, d, None, None, keywords={"bogus": 1})
+    lin = get_linsolver("batched")
+    assert lin.name == "torch" and lin.batched
+    kkt = lin.factor_batch(P, None, C, torch.ones(2, 3, dtype=torch.bool))
+    assert isinstance(kkt, BatchedKKT)
+
+
+def test_argument_errors():
+    P, q, C, d, A, b, *_ = known_qp(2, 4, 3, 2, seed=1)
+    with pytest.raises(LayoutError):
+        ipm_solve(P.numpy(), q)
+    with pytest.raises(LayoutError):
+        ipm_solve(P.to(torch.int64), q)
+    with pytest.raises(LayoutError):
+        ipm_solve(P, q.float())
+    with pytest.raises(ShapeError):
+        ipm_solve(P, q.unsqueeze(0))
+    with pytest.raises(ShapeError):
+        ipm_solve(P[:, :3], q)
+    with pytest.raises(ShapeError):
+        ipm_solve(P, q, C, None)
+    with pytest.raises(ShapeError):
+        ipm_solve(P, q, None, None, A, None)
+    with pytest.raises(ShapeError):
+        ipm_solve(P, q, C.unsqueeze(0), d)
+    with pytest.raises(ShapeError):
+        ipm_solve(P, q[:1].expand(3, 4), C, d)
+    with pytest.raises(ShapeError):
+        ipm_solve(P, q, C[..., :3], d)
+    with pytest.raises(ShapeError):
+        ipm_solve(P, q, C, d[..., :2])
+    with pytest.raises(SettingsError):
+        ipm_solve(P, q, C, d, max_iter=0)
+    with pytest.raises(SettingsError):
+        ipm_solve(P, q, C, d, step_fraction=1.0)
+    with pytest.raises(SettingsError):
+        ipm_solve(P, q, C, d, eps=0.0)
+    with pytest.raises(SettingsError):
+        ipm_solve(P, q, C, d, form="lu")
+    with pytest.raises(SettingsError):
+        ipm_solve(torch.zeros(4, 4, dtype=F64), q, C, d, form="dual")
+    with pytest.raises(SettingsError):
+        solve_qp_batch(P, q, C, d, on_failure="ignore")
+    with pytest.raises(ShapeError):
+        solve_qp_batch(P.numpy(), q)
+    with pytest.raises(ShapeError):
+        solve_qp_batch(P, q.unsqueeze(0))
+    with pytest.raises(ShapeError):
+        solve_qp_batch(P, q, C, None)
+    with pytest.raises(ShapeError):
+        solve_qp_batch(P, q[:1].expand(3, 4))
+    with pytest.raises(ShapeError):
+        solve_qp_batch(P, q, C[0, :, :3], d[0])
+
+
+def test_zero_row_constraints_are_absent():
+    P, q, C, d, *_ = known_qp(2, 4, 3, 0, seed=1)
+    empty = torch.zeros(0, 4, dtype=F64)
+    z1 = solve_qp_batch(P, q, C, d, empty, torch.zeros(0, dtype=F64))
+    z2 = solve_qp_batch(P, q, C, d)
+    assert z1[1] is None and torch.allclose(z1[0], z2[0])
+    res = ipm_solve(P, q, empty, torch.zeros(0, dtype=F64))
+    assert res.mu is None
