@@ -24,6 +24,7 @@ class Status(IntEnum):
     SOLVER_ERROR = 5
 
     def describe(self) -> str:
+        """What the status means, as a sentence fragment ("is primal infeasible (...)")."""
         return _STATUS_TEXT[self]
 
 

@@ -120,6 +120,7 @@ class IPMQPFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(P, q, C, d, A, b, options: Optional[Dict[str, Any]] = None):
+        """IPM solve, active-set classification and polish; returns ``(z, lam, mu, status, active, kkt)``."""
         opts = dict(options or {})
         do_polish = opts.pop("polish", True)
         rounds = opts.pop("polish_rounds", 3)
@@ -148,6 +149,7 @@ class IPMQPFunction(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx, inputs, output):
+        """Keep the factorized reduced KKT system and the solution for the backward."""
         z, lam, mu, status, active, kkt = output
         ctx.kkt = kkt
         ctx.shapes = [None if t is None else t.shape for t in inputs[:6]]
@@ -163,6 +165,7 @@ class IPMQPFunction(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, gz, glam, gmu, _gstatus=None, _gactive=None, _gkkt=None):
+        """One solve with the saved KKT factorization, then :func:`dqp.gradients.dense_grads`."""
         z, lam, mu, status, active = ctx.saved_tensors
         kkt: BatchedKKT = ctx.kkt
         if gz is None:

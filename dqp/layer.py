@@ -270,6 +270,7 @@ class dQP_layer(nn.Module):  # noqa: N801  (the name users know from the referen
         return z, lam, mu, info
 
     def extra_repr(self) -> str:
+        """The solver choice shown by ``repr(layer)``."""
         s = self.settings
         return f"qp_solver={s.qp_solver!r}, lin_solver={s.lin_solver!r}, solve_type={s.solve_type!r}"
 

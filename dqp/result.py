@@ -96,6 +96,7 @@ class SolveInfo:
 
     @property
     def ok(self) -> bool:
+        """True when every element solved."""
         return not self.failed
 
     def summary(self) -> str:

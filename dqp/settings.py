@@ -82,6 +82,7 @@ class Settings:
         return build_settings(**{**self.as_dict(), **changes})
 
     def as_dict(self) -> Dict[str, Any]:
+        """The options as a plain dict (what :func:`build_settings` accepts)."""
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
 

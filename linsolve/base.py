@@ -50,10 +50,12 @@ class LinearSolver(ABC):
 
     @classmethod
     def is_available(cls) -> bool:
+        """Whether every module in ``modules`` is importable (nothing is imported)."""
         return all(importlib.util.find_spec(m) is not None for m in cls.modules)
 
     @classmethod
     def install_hint(cls) -> str:
+        """The pip command that installs this linear solver (``"(built in)"`` when nothing is needed)."""
         return f"pip install {' '.join(cls.modules)}" if cls.modules else "(built in)"
 
     def factor(self, K: Matrix, n: Optional[int] = None) -> Factorization:  # pragma: no cover - interface

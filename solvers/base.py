@@ -86,10 +86,12 @@ class ForwardSolver(ABC):
 
     @classmethod
     def is_available(cls) -> bool:
+        """Whether every module in ``modules`` is importable (nothing is imported)."""
         return all(importlib.util.find_spec(m) is not None for m in cls.modules)
 
     @classmethod
     def install_hint(cls) -> str:
+        """The pip command that installs this solver."""
         pkgs = " ".join(cls.modules)
         if cls.extra:
             return f"pip install 'dqp[{cls.extra}]'  (or: pip install {pkgs})"
@@ -110,6 +112,7 @@ class ForwardSolver(ABC):
         raise SettingsError(f"qp_solver={self.name!r} is a batched solver; it has no element-wise solve")
 
     def solve_batch(self, problem, *, keywords=None, warm=None):  # pragma: no cover - interface
+        """Solve a whole batch given as torch tensors (batched solvers only)."""
         raise SettingsError(f"qp_solver={self.name!r} is an element-wise solver; it has no batched solve")
 
 
