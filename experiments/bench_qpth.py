@@ -287,6 +287,27 @@ class DqpMethod(_TorchLayer):
         return QPFunction(verbose=-1, check_Q_spd=False)
 
 
+class DqpBatchMethod(_TorchLayer):
+    """``dqp.ipm_layer.solve_qp_batch`` called directly (no qpth-API wrapper); not in the
+    default method list, useful to see the wrapper's overhead."""
+
+    name = "dqp_batch"
+
+    def available(self):
+        try:
+            from dqp.ipm_layer import solve_qp_batch  # noqa: F401
+        except Exception as exc:  # noqa: BLE001
+            return False, f"dqp.ipm_layer not importable: {exc!r}"
+        return True, ""
+
+    def version(self):
+        return DqpMethod().version()
+
+    def _layer(self):
+        from dqp.ipm_layer import solve_qp_batch
+        return lambda Q, p, G, h, A, b: solve_qp_batch(Q, p, G, h)[0]
+
+
 def _import_qpth():
     """Import qpth; its package imports cvxpy eagerly (only for its CVXPY solver, unused here)."""
     try:
@@ -382,7 +403,8 @@ class QpaxMethod(Method):
         return run, fetch
 
 
-METHODS: Dict[str, Method] = {m.name: m for m in (DqpMethod(), QpthMethod(), QpaxMethod())}
+METHODS: Dict[str, Method] = {m.name: m for m in (DqpMethod(), QpthMethod(), QpaxMethod(),
+                                                 DqpBatchMethod())}
 
 
 # --------------------------------------------------------------------------------------------
@@ -575,7 +597,7 @@ def _plot(cells: List[Cell], path: str, tag: str, methods: Sequence[str]) -> Non
         return
     fig, axes = plt.subplots(1, len(Bs), figsize=(4.2 * len(Bs), 3.6), squeeze=False)
     styles = {"float64": "-", "float32": "--"}
-    colors = {"dqp": "C0", "qpth": "C1", "qpax": "C2"}
+    colors = {"dqp": "C0", "qpth": "C1", "qpax": "C2", "dqp_batch": "C3"}
     for ax, B in zip(axes[0], Bs):
         for m in methods:
             for dtype in dict.fromkeys(c.dtype for c in cells):
@@ -658,9 +680,11 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Cell]:
                     f"{torch.get_num_threads()}"}
     if device.startswith("cuda"):
         meta["gpu"] = torch.cuda.get_device_name()
+    if hasattr(os, "getloadavg"):
+        meta["load average at start"] = "%.1f %.1f %.1f" % os.getloadavg()
     for name in _csv_list(args.methods):
         if name not in METHODS:
-            raise SystemExit(f"unknown method {name!r}; choose from {ALL_METHODS}")
+            raise SystemExit(f"unknown method {name!r}; choose from {sorted(METHODS)}")
         ok, why = METHODS[name].available()
         if ok:
             methods.append(name)
@@ -709,6 +733,8 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Cell]:
     if bar is not None:
         bar.close()
     meta["wall time of the study"] = f"{time.perf_counter() - start:.0f} s"
+    if hasattr(os, "getloadavg"):
+        meta["load average at end"] = "%.1f %.1f %.1f" % os.getloadavg()
     text = write_outputs(cells, args.out, tag, meta, methods, plot=not args.no_plot)
     print(text)  # the final table (CLI output)
     return cells
