@@ -461,6 +461,26 @@ def write_csv(rows: List[Dict[str, Any]], path: Path) -> None:
             wr.writerow({k: r.get(k, "") for k in COLUMNS})
 
 
+def read_csv_rows(path: Path) -> List[Dict[str, Any]]:
+    """Rows of an earlier run's CSV, with numbers and booleans restored (empty cells dropped)."""
+    out = []
+    with open(path) as f:
+        for raw in csv.DictReader(f):
+            row: Dict[str, Any] = {}
+            for k, v in raw.items():
+                if v == "" or v is None:
+                    continue
+                if v in ("True", "False"):
+                    row[k] = v == "True"
+                    continue
+                try:
+                    row[k] = int(v) if k in ("n", "m_ineq", "p_eq", "nnz", "n_active", "n_weak", "n_weak_ref") else float(v)
+                except ValueError:
+                    row[k] = v
+            out.append(row)
+    return out
+
+
 def _fmt(x: Any, spec: str = ".1e") -> str:
     if x is None or x == "" or (isinstance(x, float) and math.isnan(x)):
         return "–"
@@ -645,6 +665,8 @@ def driver(args: argparse.Namespace) -> int:
         logger.error("Maros–Meszaros data not found; pass --data-dir")
         return 2
     entries = list_maros_meszaros(data_dir, max_n=args.max_n, max_m=args.max_m)
+    if args.exclude_within is not None:  # complement of --max-n/--max-m (to split a full sweep)
+        entries = [e for e in entries if e.n > args.exclude_within or e.m > args.exclude_within]
     if args.names:
         want = {s.strip().upper() for s in args.names.split(",") if s.strip()}
         entries = [e for e in entries if e.name.upper() in want]
@@ -705,27 +727,53 @@ def driver(args: argparse.Namespace) -> int:
                 write_csv(rows, out.with_suffix(".csv"))
     write_csv(rows, out.with_suffix(".csv"))
     text = write_markdown(rows, out.with_suffix(".md"), impls, command, args.solver)
-    png = out.with_suffix(".png")
-    if not plot(out.with_suffix(".csv"), png):
-        peer = Path(libdqp_py)
-        if peer.exists():
-            subprocess.run([str(peer), str(Path(__file__).resolve()), "--impl", "plot", "--csv",
-                            str(out.with_suffix(".csv")), "--png", str(png)], cwd=tempfile.gettempdir(), check=False)
-        if not png.exists():
-            logger.warning("matplotlib not available: no plot written")
+    _plot_any(out, Path(libdqp_py))
     logger.info("done in %.0f s; wrote %s(.csv/.md/.png)", time.perf_counter() - t_start, out)
     print(text.split("## Per problem")[0])
     ours = summarize(rows, "ours") if "ours" in impls else None
     return 1 if ours and ours["silent_nan"] else 0
 
 
+def report(args: argparse.Namespace) -> int:
+    """Merge earlier CSVs (e.g. the n, m ≤ 1000 run and the rest) into one report."""
+    rows: List[Dict[str, Any]] = []
+    for p in args.merge.split(","):
+        rows += read_csv_rows(Path(p.strip()))
+    impls = [i for i in ("ours", "libdqp") if any(r["impl"] == i for r in rows)]
+    out = Path(args.out)
+    write_csv(rows, out.with_suffix(".csv"))
+    command = f"python experiments/maros_meszaros.py --impl report --merge {args.merge} --out {args.out}"
+    command += "` (merged runs; see their own reports for the code state"
+    solver = ",".join(sorted({str(r.get("solver")) for r in rows}))
+    text = write_markdown(rows, out.with_suffix(".md"), impls, command, solver)
+    _plot_any(out, Path(args.libdqp_python))
+    print(text.split("## Per problem")[0])
+    return 0
+
+
+def _plot_any(out: Path, libdqp_py: Path) -> None:
+    """Plot with this interpreter's matplotlib, else with the libdqp venv's."""
+    png = out.with_suffix(".png")
+    if plot(out.with_suffix(".csv"), png):
+        return
+    if libdqp_py.exists():
+        subprocess.run([str(libdqp_py), str(Path(__file__).resolve()), "--impl", "plot", "--csv",
+                        str(out.with_suffix(".csv")), "--png", str(png)], cwd=tempfile.gettempdir(), check=False)
+    if not png.exists():
+        logger.warning("matplotlib not available: no plot written")
+
+
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--impl", default="both", choices=["ours", "libdqp", "both", "ours-worker", "libdqp-worker", "plot"])
+    ap.add_argument("--impl", default="both", choices=["ours", "libdqp", "both", "ours-worker", "libdqp-worker", "plot", "report"],
+                    help="report: rebuild .md/.csv/.png at --out from the CSVs given with --merge")
     ap.add_argument("--max-n", type=int, default=None)
     ap.add_argument("--max-m", type=int, default=None, help="max rows of l ≤ Ax ≤ u (the collection's m)")
     ap.add_argument("--names", default=None, help="comma-separated problem names")
+    ap.add_argument("--exclude-within", type=int, default=None,
+                    help="skip problems with n ≤ N and m ≤ N (the part a --max-n N --max-m N run covers)")
+    ap.add_argument("--merge", default=None, help="comma list of earlier CSVs whose rows are added to the report")
     ap.add_argument("--limit", type=int, default=None, help="first N problems (smallest first)")
     ap.add_argument("--timeout-per-problem", type=float, default=600.0)
     ap.add_argument("--solver", default="clarabel", help="forward solver for every implementation")
@@ -757,6 +805,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 0
     if args.impl == "plot":
         return 0 if plot(Path(args.csv), Path(args.png)) else 1
+    if args.impl == "report":
+        return report(args)
     return driver(args)
 
 
