@@ -367,9 +367,10 @@ def driver(args: argparse.Namespace) -> int:
             rec.setdefault("method", method)
             rows.append(rec)
             _log_row(rec)
-    RESULTS.mkdir(parents=True, exist_ok=True)
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
     stem = args.out_stem
-    csv_path, md_path, png_path = (RESULTS / f"{stem}.{e}" for e in ("csv", "md", "png"))
+    csv_path, md_path, png_path = (out_dir / f"{stem}.{e}" for e in ("csv", "md", "png"))
     write_csv(rows, csv_path)
     command = "python experiments/simplex_scaling.py " + " ".join(args.argv)
     md = write_markdown(rows, md_path, methods, args, command.strip())
@@ -544,6 +545,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     ap.add_argument("--libdqp-solver", default="osqp")
     ap.add_argument("--peer-python", nargs="*", default=[], help="KIND=/path/to/python overrides")
     ap.add_argument("--out-stem", default=None)
+    ap.add_argument("--out-dir", default=str(RESULTS))
     ap.add_argument("--inprocess", action="store_true", help="run dqp cells in this process (default with --short)")
     # worker / plot internals
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
