@@ -91,6 +91,8 @@ class ComboResult:
         ``"direct"``, ``"regularized"`` or ``""`` when not reported.
     n_weakly_active, n_active, refine_iterations : int or None
         From ``layer.info``.
+    complementarity_margin : float or None
+        ``layer.info.complementarity_margin``: distance to a change of active set.
     backward_residual : float or None
         Relative residual of the backward linear solve.
     z_rel_diff, grad_rel_diff : float
@@ -122,6 +124,7 @@ class ComboResult:
     n_weakly_active: Optional[int] = None
     n_active: Optional[int] = None
     refine_iterations: Optional[int] = None
+    complementarity_margin: Optional[float] = None
     backward_residual: Optional[float] = None
     z_rel_diff: float = math.nan
     grad_rel_diff: float = math.nan
@@ -538,6 +541,8 @@ def _run_combo(problem: QPProblem, qp: str, lin: str, solve_type: str, w: np.nda
     res.kkt_path = info.kkt_path[0] if info.kkt_path else ""
     res.n_weakly_active = int(info.n_weakly_active[0]) if info.n_weakly_active else None
     res.refine_iterations = int(info.refine_iterations[0]) if info.refine_iterations else None
+    margin = getattr(info, "complementarity_margin", None)
+    res.complementarity_margin = float(margin[0]) if margin else None
     res.n_active = int(np.count_nonzero(info.active[0])) if info.active else None
     br = info.backward_residual[0] if info.backward_residual else None
     res.backward_residual = None if br is None else float(br)

@@ -70,6 +70,9 @@ def test_diagnose_random_problem(dense):
         assert r.t_forward > 0 and r.t_backward > 0
     element_wise = [r for r in report.results if r.qp_solver != "dqp_ipm"]
     assert all(r.verified is True and r.kkt_path == "direct" for r in element_wise)
+    # random_qp's duals are >= 0.5 on active rows and slacks >= 0.5 on the others
+    assert all(r.complementarity_margin >= 0.5 - 1e-8 for r in element_wise)
+    assert all(r.n_weakly_active == 0 for r in element_wise)
     md = report.to_markdown()
     assert "| rank | qp_solver | lin_solver |" in md
     assert f"qp_solver={report.recommended.qp_solver!r}" in md
