@@ -1,6 +1,7 @@
 """The autograd Function of the element-wise path (black-box forward, KKT backward)."""
 from __future__ import annotations
 
+import warnings
 from typing import Any, List, Optional, Tuple
 
 import numpy as np
@@ -10,6 +11,14 @@ from dqp.engine import ElementResult, Engine
 from dqp.errors import Status
 from dqp.gradients import dense_grads, pattern_grad
 from dqp.problem import QPBatch, SparseArg
+
+
+#: relative residual of the adjoint solve above which the gradient is reported as inaccurate
+BACKWARD_TOL = 1e-6
+
+
+class GradientAccuracyWarning(UserWarning):
+    """The backward linear solve did not reach ``BACKWARD_TOL`` (see ``SolveInfo.backward_residual``)."""
 
 
 class Work:
@@ -75,6 +84,14 @@ class QPFunction(torch.autograd.Function):
             back_res.append(res)
         if info is not None:
             info.backward_residual = back_res
+        inaccurate = [i for i, res in enumerate(back_res) if res is not None and not res <= BACKWARD_TOL]
+        if inaccurate:
+            warnings.warn(
+                f"dQP backward: the adjoint KKT solve of batch element(s) {inaccurate[:10]} has relative residual "
+                f"{max(back_res[i] for i in inaccurate):.1e} (> {BACKWARD_TOL:g}); their gradients are inaccurate "
+                f"(a singular or very ill-conditioned reduced KKT system). See layer.info.backward_residual and "
+                f"kkt_path; normalize_constraints=True or another lin_solver may help.",
+                GradientAccuracyWarning, stacklevel=2)
         need = ctx.needs_input_grad  # (work, P, q, C, d, A, b)
         like = batch.q
         t = lambda a: torch.as_tensor(a, dtype=like.dtype).to(like.device)

@@ -209,10 +209,11 @@ class Engine:
         # accuracy and eps_active disagree, as on badly scaled problems), stricter and looser thresholds
         # are tried: the check, not the threshold, decides.
         thresholds = [s.eps_active] + ([s.eps_active * f for f in (1e-2, 1e-4, 1e2)] if s.refine_active else [])
-        for eps in thresholds:
+        for k, eps in enumerate(thresholds):
             active = detect_active(C, d, raw.x, mu0, eps)[0] if m else np.zeros(0, bool)
+            repairs = 0 if not s.refine_active else (s.max_refine_iter if k == 0 else min(3, s.max_refine_iter))
             cand = polish(P, q, C, d, A, b, active, linsolver, sparse, s.eps_active, s.refine_active,
-                          s.max_refine_iter if s.refine_active else 0, start=(raw.x, raw.y, raw.z))
+                          repairs, start=(raw.x, raw.y, raw.z))
             if out is None or (cand is not None and cand[5] and not out[5]):
                 out = cand
             if out is not None and out[5]:

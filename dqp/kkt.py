@@ -69,17 +69,48 @@ def assemble_kkt(P, A, CJ, sparse: bool, reg: float = 0.0):
     return K
 
 
+def ruiz_scaling(K, iters: int = 15) -> np.ndarray:
+    """Symmetric Ruiz equilibration: ``D`` with ``D K D`` of rows with ∞-norm ≈ 1.
+
+    Badly scaled data (Maros–Meszaros problems have entries from 1e-6 to 1e7) makes the reduced KKT
+    matrix look numerically singular; equilibrating first restores accurate factorizations.
+    """
+    N = K.shape[0]
+    D = np.ones(N)
+    if N == 0:
+        return D
+    absK = abs(K).tocsr() if sp.issparse(K) else np.abs(K)
+    for _ in range(iters):
+        scaled = sp.diags(D) @ absK @ sp.diags(D) if sp.issparse(absK) else D[:, None] * absK * D[None, :]
+        row = np.asarray(scaled.max(axis=1).todense()).ravel() if sp.issparse(scaled) else scaled.max(axis=1)
+        row = np.where(row > 0, row, 1.0)
+        if np.max(np.abs(row - 1.0)) < 1e-3:
+            break
+        D = D / np.sqrt(row)
+    return D
+
+
+def _scaled(M, D):
+    return (sp.diags(D) @ M @ sp.diags(D)).tocsc() if sp.issparse(M) else D[:, None] * M * D[None, :]
+
+
 class RobustKKT(Factorization):
     """Factorization of a reduced KKT matrix with a regularized fallback.
 
-    The attempts, in order, each accepted only if a probe solve (with iterative refinement against
-    the true ``K``) is accurate to 1e-8:
+    ``K`` is first equilibrated (:func:`ruiz_scaling`). Then, in order, each attempt accepted only if a
+    probe solve (with iterative refinement) recovers a random vector to 1e-6:
 
     1. the chosen solver on ``K``;
     2. the chosen solver on the quasi-definite ``K + diag(δ₀I, −δ₀I)`` with a tiny ``δ₀`` (how
-       QDLDL is meant to handle the zero block) — still exact after refinement;
-    If both fail, ``K`` is singular: the solver (or SuperLU) factorizes ``K + diag(δI, −δI)`` and
-    refinement drives the residual down for consistent right-hand sides (``path="regularized"``).
+       QDLDL handles the zero block), made exact again by the refinement;
+    3. a pivoting LU: LAPACK on ``K`` for dense data up to 3000 rows, else SuperLU on the
+       quasi-definite form with ``δ₀ = 1e-12``.
+
+    Solvers that may crash on singular input (``safe_on_singular = False``, e.g. SuperLU) skip step 1.
+
+    If all fail, ``K`` is singular: the solver (or SuperLU) factorizes ``K + diag(δI, −δI)`` and
+    refinement drives the residual down for consistent right-hand sides (``path="regularized"``);
+    started from a given point (:meth:`solve`'s ``x0``) it stays close to it.
 
     Parameters
     ----------
@@ -90,7 +121,7 @@ class RobustKKT(Factorization):
     solver : LinearSolver
         Factorizes ``K`` (and its regularization when needed).
     delta : float
-        Relative regularization for the singular fallback.
+        Regularization of the (equilibrated) singular fallback.
 
     Attributes
     ----------
@@ -102,37 +133,56 @@ class RobustKKT(Factorization):
 
     def __init__(self, P, A, CJ, sparse: bool, solver: LinearSolver, delta: float = 1e-8,
                  refine_steps: int = 30):
-        from dqp.linsolve.scipy_solvers import SuperLUSolver
+        from dqp.linsolve.scipy_solvers import DenseLUSolver, SuperLUSolver
 
         self.n = P.shape[0]
         self.K = assemble_kkt(P, A, CJ, sparse)
+        N = self.K.shape[0]
+        self.D = ruiz_scaling(self.K)
+        self.Ks = _scaled(self.K, self.D)
         self.refine_steps = refine_steps
         self.residual = 0.0
         self.path = DIRECT
         self._F: Optional[Factorization] = None
-        N = self.K.shape[0]
-        scale = max(float(abs(self.K).max()) if N else 1.0, 1.0)
         probe = np.random.default_rng(0).standard_normal(N)
-        probe_rhs = self.K @ probe
-        attempts = [(solver, None), (solver, 1e-11 * scale)]
+        probe_rhs = self.Ks @ probe
+        # LAPACK's LU is safe on singular matrices; SuperLU only gets the (nonsingular) quasi-definite form
+        pivoting = (DenseLUSolver(), 0.0) if (not sparse and N <= 3000) else (SuperLUSolver(), 1e-12)
+        attempts = ([(solver, 0.0)] if solver.safe_on_singular else []) + [(solver, 1e-10), pivoting]
         for lin, reg in attempts:
             try:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
-                    M = self.K if reg is None else assemble_kkt(P, A, CJ, sparse, reg=reg)
+                    M = self.Ks if not reg else self.Ks + _reg_diag(self.n, N, reg, sparse)
                     self._F = lin.factor(M if sparse or lin.dense else sp.csc_matrix(M), n=self.n)
-                    err = np.linalg.norm(self.solve(probe_rhs) - probe) / max(np.linalg.norm(probe), 1e-300)
-                if np.isfinite(err) and err < 1e-8:
+                    err = np.linalg.norm(self._solve_scaled(probe_rhs) - probe) / np.linalg.norm(probe)
+                if np.isfinite(err) and err < 1e-6:
                     return
             except Exception as exc:  # a failed factorization just moves on to the next attempt
                 logger.debug("KKT factorization attempt (%s, reg=%s) failed: %s", lin.name, reg, exc)
             self._F = None
         self.path = REGULARIZED
-        Kreg = assemble_kkt(P, A, CJ, sparse, reg=delta * scale)
+        Kreg = self.Ks + _reg_diag(self.n, N, delta, sparse)
         try:
-            self._F = solver.factor(Kreg, n=self.n)
+            self._F = solver.factor(Kreg if sparse or solver.dense else sp.csc_matrix(Kreg), n=self.n)
         except Exception:  # SuperLU factorizes any nonsingular Kreg
             self._F = SuperLUSolver().factor(sp.csc_matrix(Kreg))
+
+    def _solve_scaled(self, rhs: np.ndarray, x0: Optional[np.ndarray] = None) -> np.ndarray:
+        K, F = self.Ks, self._F
+        x = F.solve(rhs) if x0 is None else x0 + F.solve(rhs - K @ x0)
+        norm_r = max(np.linalg.norm(rhs), 1e-300)
+        res = np.linalg.norm(rhs - K @ x) / norm_r
+        for _ in range(self.refine_steps):
+            if not np.isfinite(res) or res < 1e-15:
+                break
+            x_new = x + F.solve(rhs - K @ x)
+            res_new = np.linalg.norm(rhs - K @ x_new) / norm_r
+            if not res_new < res:
+                break
+            x, res = x_new, res_new
+        self.residual = float(res)
+        return x
 
     def solve(self, rhs: np.ndarray, x0: Optional[np.ndarray] = None) -> np.ndarray:
         """Solve ``K x = rhs`` with iterative refinement.
@@ -141,19 +191,14 @@ class RobustKKT(Factorization):
         the refinement then converges to a solution close to ``x0`` instead of an arbitrary one.
         """
         rhs = np.asarray(rhs, dtype=np.float64)
-        x = self._F.solve(rhs) if x0 is None else x0 + self._F.solve(rhs - self.K @ x0)
-        norm_r = max(np.linalg.norm(rhs), 1e-300)
-        res = np.linalg.norm(rhs - self.K @ x) / norm_r
-        for _ in range(self.refine_steps):
-            if not np.isfinite(res) or res < 1e-15:
-                break
-            x_new = x + self._F.solve(rhs - self.K @ x)
-            res_new = np.linalg.norm(rhs - self.K @ x_new) / norm_r
-            if not res_new < res:
-                break
-            x, res = x_new, res_new
-        self.residual = float(res)
-        return x
+        D = self.D if rhs.ndim == 1 else self.D[:, None]
+        xs = self._solve_scaled(D * rhs, None if x0 is None else np.asarray(x0, dtype=np.float64) / D)
+        return D * xs
+
+
+def _reg_diag(n: int, N: int, delta: float, sparse: bool):
+    diag = np.concatenate([np.full(n, delta), np.full(N - n, -delta)])
+    return sp.diags(diag, format="csc") if sparse else np.diag(diag)
 
 
 def auto_linsolver(sparse: bool, size: int) -> str:

@@ -47,6 +47,9 @@ class LinearSolver(ABC):
     sparse: ClassVar[bool] = True
     batched: ClassVar[bool] = False
     description: ClassVar[str] = ""
+    #: False for solvers that may crash (not just fail) on an exactly singular matrix; dqp then only
+    #: gives them the nonsingular quasi-definite regularization ``K + diag(δI, −δI)``.
+    safe_on_singular: ClassVar[bool] = True
 
     @classmethod
     def is_available(cls) -> bool:

@@ -80,11 +80,11 @@ class SuperLUSolver(LinearSolver):
     name = "scipy_splu"
     aliases = ("scipy SPLU", "splu", "superlu", "scipy_superlu")
     modules = ("scipy",)
-    description = "SciPy's SuperLU sparse LU; robust to zero pivots."
+    description = "SciPy's SuperLU sparse LU with partial pivoting."
+    safe_on_singular = False  # SciPy's SuperLU has segfaulted on exactly singular KKT matrices
 
     def factor(self, K: Matrix, n: Optional[int] = None) -> Factorization:
-        # MMD on AᵀA+A suits the symmetric KKT pattern; SciPy's default COLAMD ordering has been seen to
-        # crash (segfault) on exactly singular KKT matrices instead of raising
+        # MMD on AᵀA+A suits the symmetric KKT pattern
         lu = spla.splu(_as_csc(K), permc_spec="MMD_AT_PLUS_A")
         return _CallableFactorization(lu.solve)
 

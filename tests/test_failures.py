@@ -220,3 +220,20 @@ def test_non_unique_solution_lp_face():
     assert layer.info.verified == [True]
     z[0].backward()
     assert torch.isfinite(dd.grad).all() and abs(dd.grad[0].item() - 1.0) < 1e-6
+
+
+def test_inaccurate_backward_solve_is_warned():
+    """An inconsistent adjoint system (gradient w.r.t. a non-unique dual) cannot be solved: warn."""
+    from dqp.autograd import GradientAccuracyWarning
+    P = torch.eye(2, dtype=F64)
+    q = torch.tensor([-2.0, 0.0], dtype=F64)
+    C = torch.tensor([[1.0, 0.0], [1.0, 0.0]], dtype=F64)  # the same constraint twice
+    d = torch.tensor([1.0, 1.0], dtype=F64)
+    layer = dQP.dQP_layer(qp_solver="clarabel")
+    qq = q.clone().requires_grad_()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        z, lam, mu, _, _ = layer(P, qq, C, d)
+    with pytest.warns(GradientAccuracyWarning, match="inaccurate"):
+        mu[0].backward()  # mu_0 alone is not a function of the data (only mu_0 + mu_1 is)
+    assert layer.info.backward_residual[0] > 1e-6
