@@ -450,7 +450,7 @@ COLUMNS = ["name", "impl", "solver", "n", "m_ineq", "p_eq", "nnz", "status", "st
            "prim_rel", "dual_rel", "comp_rel", "n_active", "n_weak", "objective", "objective_ref", "obj_rel_err",
            "z_err_vs_ref", "n_weak_ref", "ref_how", "fd_status", "fd_rel_err", "fd_an", "fd_num", "fd_h", "fd_note", "info_kkt_path",
            "info_verified", "info_n_weakly_active", "info_refine_iterations", "libdqp_non_differentiable",
-           "fastest_solver", "fastest_t_forward", "wall"]
+           "fastest_solver", "fastest_t_forward", "wall", "module"]
 
 
 def write_csv(rows: List[Dict[str, Any]], path: Path) -> None:
