@@ -714,8 +714,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         ap.print_usage(sys.stderr)
         print("dqp-diagnose: error: a problem file is required (or --list)", file=sys.stderr)
         return 2
-    if not args.no_progress:
-        logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if not args.no_progress:  # the progress lines when tqdm is missing; dqp's own warnings as usual
+        logging.basicConfig(format="%(message)s")
+        logger.setLevel(logging.INFO)
     try:
         report = diagnose_file(args.problem, solvers=_names(args.solvers), lin_solvers=_names(args.lin_solvers),
                                dense=args.dense, repeat=args.repeat, tol=args.tol, grad_tol=args.grad_tol,

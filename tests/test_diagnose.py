@@ -238,13 +238,16 @@ def test_main_maros_meszaros_with_equalities(capsys):
     _check_ranked_table(capsys.readouterr().out, "HS51")
 
 
-def test_cli_npz_subprocess(tmp_path):
+def test_console_script_npz(tmp_path):
     P, q, C, d, A, b, _ = _problem(n=4, m=5, p=1)
     prob = QPProblem("rand", sp.csc_matrix(P.numpy()), q.numpy(), sp.csc_matrix(C.numpy()), d.numpy(),
                      sp.csc_matrix(A.numpy()), b.numpy())
     path = save_problem(tmp_path / "rand.npz", prob)
-    proc = _cli(path, "--solvers", "clarabel", "--lin-solvers", "qdldl", "--dense", "--repeat", "2",
-                "--no-progress")
+    script = Path(sys.executable).parent / "dqp-diagnose"  # the console script of pyproject.toml
+    if not script.is_file():
+        pytest.skip(f"console script {script} not installed (pip install -e . creates it)")
+    proc = subprocess.run([str(script), str(path), "--solvers", "clarabel", "--lin-solvers", "qdldl", "--dense",
+                           "--repeat", "2", "--no-progress"], capture_output=True, text=True, cwd=REPO, timeout=240)
     assert proc.returncode == 0, proc.stderr
     assert "| 1 | clarabel | qdldl | dense | yes |" in proc.stdout
     assert "median of 2 run(s)" in proc.stdout
