@@ -99,7 +99,7 @@ def _experiments_table() -> str:
     return "\n".join(rows) if len(rows) > 2 else "*(no studies in `experiments/`)*"
 
 
-def _benchmarks_section() -> str:
+def _benchmarks_section(files) -> str:
     files = _result_files()
     if not files:
         return ('!!! note "No results yet"\n    `experiments/results/` holds no reports in this checkout; '
@@ -110,22 +110,37 @@ def _benchmarks_section() -> str:
         by_stem.setdefault(p.relative_to(RESULTS).with_suffix("").as_posix(), []).append(p)
     for stem, group in sorted(by_stem.items()):
         out.append(f"### {stem}\n")
+        inline = []
         for p in sorted(group, key=lambda x: (x.suffix != ".md", x.suffix)):
             uri = f"{RESULTS_URI}/{p.relative_to(RESULTS).as_posix()}"
             if p.suffix.lower() in _IMAGES:
                 out.append(f"![{stem}]({uri})\n")
             elif p.suffix.lower() == ".md":
-                out.append(f"- Report: [{p.name}]({uri})")
+                out.append(f"- Report: [{p.name}]({uri}) (also below)")
+                inline.append(_inline_report(p, uri, files))
             elif p.suffix.lower() == ".csv":
                 rows = max(sum(1 for _ in p.open(encoding="utf-8", errors="replace")) - 1, 0)
                 out.append(f"- Data: [{p.name}]({uri}) ({rows} rows)")
             else:
                 out.append(f"- [{p.name}]({uri})")
         out.append("")
+        out.extend(inline)
     return "\n".join(out)
 
 
-def _delink_missing(markdown: str, page_src: str, files) -> str:
+def _inline_report(path: Path, uri: str, files) -> str:
+    """A results report as a collapsed block on the benchmarks page (headings become bold lines)."""
+    text = _delink_missing(path.read_text(encoding="utf-8", errors="replace"), uri, files,
+                           rebase=True)
+    lines = []
+    for line in text.splitlines():
+        if line.startswith("#"):
+            line = f"**{line.lstrip('#').strip()}**"
+        lines.append(("    " + line) if line.strip() else "")
+    return f'??? abstract "Report: {path.name}"\n' + "\n".join(lines) + "\n"
+
+
+def _delink_missing(markdown: str, page_src: str, files, rebase: bool = False) -> str:
     """In a copied results report, turn links to files the site does not have into plain text."""
     base = Path(page_src).parent
 
@@ -143,6 +158,8 @@ def _delink_missing(markdown: str, page_src: str, files) -> str:
             else:
                 parts.append(part)
         if files.get_file_from_path("/".join(parts)) is not None:
+            if rebase:  # the text moves to a page at the docs root: make the link relative to it
+                return f"{bang}[{text}]({'/'.join(parts)})"
             return m.group(0)
         return f"{text} (`{target}`)" if not bang else f"*(image `{target}` not available)*"
 
@@ -161,7 +178,7 @@ def on_page_markdown(markdown, page, config, files):
     if "<!-- experiment-scripts -->" in markdown:
         markdown = markdown.replace("<!-- experiment-scripts -->", _experiments_table())
     if "<!-- benchmark-results -->" in markdown:
-        markdown = markdown.replace("<!-- benchmark-results -->", _benchmarks_section())
+        markdown = markdown.replace("<!-- benchmark-results -->", _benchmarks_section(files))
     return markdown
 
 
