@@ -563,6 +563,22 @@ def write_markdown(rows: List[Dict[str, Any]], path: Path, impls: List[str], com
             rb = [b["t_backward"] / a["t_backward"] for a, b in both if a["t_backward"] > 0]
             L.append(f"| {impls[1]}/{impls[0]} time ratio on the {len(both)} problems both solved (median, forward / backward) | "
                      f"{_fmt(float(np.median(rf)), '.2f')} | {_fmt(float(np.median(rb)), '.2f')} |")
+    fast = [r for r in rows if r.get("fastest_solver")]
+    if fast:
+        L += ["", "## Fastest solver per problem (forward + backward succeeded)", ""]
+        for i in impls:
+            fi = [r for r in fast if r["impl"] == i]
+            if not fi:
+                continue
+            wins: Dict[str, int] = {}
+            for r in fi:
+                wins[r["fastest_solver"]] = wins.get(r["fastest_solver"], 0) + 1
+            sp_up = [r["t_forward"] / r["fastest_t_forward"] for r in fi
+                     if r["status"] == "ok" and r.get("fastest_t_forward")]
+            rescued = sum(1 for r in fi if r["status"] != "ok")
+            L.append(f"- **{i}**: fastest = " + ", ".join(f"{k} × {v}" for k, v in sorted(wins.items(), key=lambda kv: -kv[1]))
+                     + (f"; median forward speed-up over `{solver}` {float(np.median(sp_up)):.2f}×" if sp_up else "")
+                     + f"; {rescued} problem(s) that failed with `{solver}` went through with another solver")
     L += ["", "## Failures by class", ""]
     for i in impls:
         fc = sums[i]["failures_by_class"]
