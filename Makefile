@@ -17,10 +17,10 @@ demo: setup
 	$(PY) examples/quickstart.py
 
 test: setup
-	$(PY) -m pytest -q --timeout=300
+	$(VENV)/bin/pytest -q --timeout=300
 
 test-all: setup
-	$(PY) -m pytest -q --timeout=1800 -m "slow or not slow"
+	$(VENV)/bin/pytest -q --timeout=1800 -m "slow or not slow"
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

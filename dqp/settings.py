@@ -14,17 +14,17 @@ from dqp.errors import SettingsError
 
 #: name -> (default, allowed types, one-line description). The single source of truth.
 OPTIONS: Dict[str, Tuple[Any, tuple, str]] = {
-    "qp_solver": ("auto", (str,), "Forward solver: a registered name (see `dqp.solvers.solver_table()`), "
-                  "or 'auto' (the batched IPM for dense inputs on a GPU, Clarabel otherwise)."),
-    "lin_solver": ("auto", (str,), "Backward linear solver for the reduced KKT system: a registered name "
-                   "(see `dqp.linsolve.linsolver_table()`) or 'auto' (QDLDL for sparse, dense LDL/LU "
+    "qp_solver": ("auto", (str, type(None)), "Forward solver: a registered name (see `dqp.solvers.solver_table()`), "
+                  "or 'auto' / None (the batched IPM for dense inputs on a GPU or large batches, Clarabel otherwise)."),
+    "lin_solver": ("auto", (str, type(None)), "Backward linear solver for the reduced KKT system: a registered name "
+                   "(see `dqp.linsolve.linsolver_table()`) or 'auto' / None (QDLDL for sparse, dense LDL/LU "
                    "for dense, batched torch for the batched IPM)."),
     "solve_type": ("dense", (str,), "'dense' (torch dense tensors) or 'sparse' (torch CSC tensors)."),
     "eps_abs": (1e-8, (float, int), "Absolute tolerance, translated to each solver's own keywords."),
-    "eps_rel": (1e-8, (float, int), "Relative tolerance, translated to each solver's own keywords."),
+    "eps_rel": (1e-8, (float, int), "Relative tolerance, translated to each solver's own keywords (0 allowed)."),
     "eps_active": (1e-6, (float, int), "Active-set threshold: constraint i is active when its slack is "
                    "below eps_active·(1+|d_i|) or its dual above eps_active·(1+‖μ‖∞)."),
-    "dual_available": (True, (bool,), "Use the solver's duals for the active set. False: detect from "
+    "dual_available": (True, (bool, type(None)), "Use the solver's duals for the active set. False: detect from "
                        "slacks only and compute the duals from the reduced KKT system."),
     "normalize_constraints": (False, (bool,), "Scale the rows of C and A to unit norm (differentiably) "
                               "before solving; duals are reported in the original scale."),
@@ -123,9 +123,17 @@ def build_settings(**options: Any) -> Settings:
         if k in _CHOICES and v not in _CHOICES[k]:
             raise SettingsError(f"Option {k!r} must be one of {_CHOICES[k]}, got {v!r}.")
     for k in ("eps_abs", "eps_rel", "eps_active"):
-        if not (0 < float(values[k]) < 1):
-            raise SettingsError(f"Option {k!r} must lie in (0, 1), got {values[k]!r}.")
+        lo_ok = float(values[k]) >= 0 if k == "eps_rel" else float(values[k]) > 0
+        if not (lo_ok and float(values[k]) < 1):
+            raise SettingsError(f"Option {k!r} must lie in {'[0, 1)' if k == 'eps_rel' else '(0, 1)'}, "
+                                f"got {values[k]!r}.")
         values[k] = float(values[k])
+    # None means "choose for me", as in the reference implementation
+    for k in ("qp_solver", "lin_solver"):
+        if values[k] is None:
+            values[k] = "auto"
+    if values["dual_available"] is None:
+        values["dual_available"] = True
     if values["max_refine_iter"] < 0:
         raise SettingsError(f"Option 'max_refine_iter' must be >= 0, got {values['max_refine_iter']}.")
     if values["n_cpu"] is not None and values["n_cpu"] < 1:

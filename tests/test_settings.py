@@ -230,3 +230,11 @@ def test_osqp_warm_start_saves_iterations():
     ref = dQP.dQP_layer(qp_solver="clarabel")(P, q + 0.07, C, d, A, b)[0]
     assert torch.allclose(z, ref, atol=1e-9)
     assert totals[True] < totals[False]
+
+
+def test_reference_defaults_are_accepted():
+    """libdqp-style calls: None means 'choose', eps_rel may be 0."""
+    s = dQP.build_settings(qp_solver=None, lin_solver=None, dual_available=None, eps_rel=0)
+    assert (s.qp_solver, s.lin_solver, s.dual_available, s.eps_rel) == ("auto", "auto", True, 0.0)
+    with pytest.raises(dqp.SettingsError, match=r"\[0, 1\)"):
+        dQP.build_settings(eps_rel=-0.1)
