@@ -100,13 +100,13 @@ def _experiments_table() -> str:
 
 
 def _benchmarks_section(files) -> str:
-    files = _result_files()
-    if not files:
+    found = _result_files()
+    if not found:
         return ('!!! note "No results yet"\n    `experiments/results/` holds no reports in this checkout; '
                 'run the scripts in `experiments/` (see below) and rebuild the docs.\n')
     out = []
     by_stem = {}
-    for p in files:
+    for p in found:
         by_stem.setdefault(p.relative_to(RESULTS).with_suffix("").as_posix(), []).append(p)
     for stem, group in sorted(by_stem.items()):
         out.append(f"### {stem}\n")

@@ -111,3 +111,41 @@ def test_mkdocs_build_strict(tmp_path):
     solvers_api = (site / "api" / "solvers" / "index.html").read_text(encoding="utf-8")
     assert "solver_table" in solvers_api  # dqp.solvers lives in solvers/: the hook's mirror found it
     assert ":class:" not in api
+
+
+def _load_hooks():
+    if importlib.util.find_spec("mkdocs") is None:
+        pytest.skip("mkdocs not installed: pip install -e '.[docs]'")
+    spec = importlib.util.spec_from_file_location("dqp_docs_hooks", REPO / "docs" / "hooks.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_benchmarks_page_without_results(tmp_path, monkeypatch):
+    hooks = _load_hooks()
+    monkeypatch.setattr(hooks, "RESULTS", tmp_path / "missing")
+    assert hooks._result_files() == []
+    assert "No results yet" in hooks._benchmarks_section(files=None)
+
+
+def test_benchmarks_page_with_results(tmp_path, monkeypatch):
+    from mkdocs.structure.files import File, Files
+
+    hooks = _load_hooks()
+    res = tmp_path / "results"
+    res.mkdir()
+    (res / "study.md").write_text("# Study\n\n![plot](study.png) see [data](study.csv) and [code](../study.py)\n")
+    (res / "study.png").write_bytes(b"\x89PNG\r\n\x1a\n")
+    (res / "study.csv").write_text("a,b\n1,2\n3,4\n")
+    monkeypatch.setattr(hooks, "RESULTS", res)
+    files = Files([File(f"benchmarks/results/{p.name}", src_dir=str(tmp_path), dest_dir=str(tmp_path / "site"),
+                        use_directory_urls=True) for p in sorted(res.iterdir())])
+    section = hooks._benchmarks_section(files)
+    assert "![study](benchmarks/results/study.png)" in section
+    assert "[study.csv](benchmarks/results/study.csv) (2 rows)" in section
+    assert '??? abstract "Report: study.md"' in section
+    assert "    **Study**" in section
+    # links inside the inlined report point at the copied files; a link to a missing file becomes text
+    assert "[data](benchmarks/results/study.csv)" in section
+    assert "code (`../study.py`)" in section
