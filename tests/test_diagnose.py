@@ -16,7 +16,6 @@ from dqp.errors import InputError, NonFiniteError, SettingsError, ShapeError
 from dqp.io import QPProblem, save_problem
 from dqp.solvers import registered_solvers
 
-REPO = Path(__file__).resolve().parents[1]
 MM_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "maros_meszaros"
 
 FAST = dict(repeat=1, progress=False)
@@ -197,9 +196,11 @@ def test_plot_and_missing_matplotlib(tmp_path, monkeypatch):
 # ---------------------------------------------------------------------------------------------
 # command line
 # ---------------------------------------------------------------------------------------------
-def _cli(*args, timeout=240):
+def _cli(*args, cwd, timeout=240):
+    # run outside the checkout: `python -m` puts the working directory first on sys.path, and the
+    # checkout's dqp/ lacks dqp.solvers (installed from solvers/) in a non-editable install
     return subprocess.run([sys.executable, "-m", "dqp.diagnose", *map(str, args)], capture_output=True,
-                          text=True, cwd=REPO, timeout=timeout)
+                          text=True, cwd=cwd, timeout=timeout)
 
 
 def _check_ranked_table(stdout, name):
@@ -225,7 +226,7 @@ def test_cli_maros_meszaros_subprocess(tmp_path):
     pytest.importorskip("matplotlib", reason="matplotlib (bench extra) not installed")
     out = tmp_path / "plot.png"
     proc = _cli(path, "--solvers", "clarabel", "osqp", "--lin-solvers", "qdldl,scipy_lu", "--repeat", "1",
-                "--no-progress", "--out", out)
+                "--no-progress", "--out", out, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     _check_ranked_table(proc.stdout, "HS21")
     assert out.is_file() and out.stat().st_size > 1000
@@ -247,7 +248,7 @@ def test_console_script_npz(tmp_path):
     if not script.is_file():
         pytest.skip(f"console script {script} not installed (pip install -e . creates it)")
     proc = subprocess.run([str(script), str(path), "--solvers", "clarabel", "--lin-solvers", "qdldl", "--dense",
-                           "--repeat", "2", "--no-progress"], capture_output=True, text=True, cwd=REPO, timeout=240)
+                           "--repeat", "2", "--no-progress"], capture_output=True, text=True, cwd=tmp_path, timeout=240)
     assert proc.returncode == 0, proc.stderr
     assert "| 1 | clarabel | qdldl | dense | yes |" in proc.stdout
     assert "median of 2 run(s)" in proc.stdout

@@ -96,7 +96,10 @@ def test_mkdocs_build_strict(tmp_path):
         pytest.skip("mkdocs / mkdocstrings[python] not installed: pip install -e '.[docs]' to build the docs")
     site = tmp_path / "site"
     env = {**os.environ, "NO_MKDOCS_2_WARNING": "1"}
-    proc = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(site)],
+    # mkdocs must run in the repository root (mkdocs.yml's relative paths), but the checkout must not
+    # shadow the installed dqp (dqp.solvers comes from solvers/): drop the working directory from sys.path
+    launcher = "import sys; sys.path = [p for p in sys.path if p not in ('', '.')]; from mkdocs.__main__ import cli; cli()"
+    proc = subprocess.run([sys.executable, "-c", launcher, "build", "--strict", "--site-dir", str(site)],
                           cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     options_html = (site / "options" / "index.html").read_text(encoding="utf-8")
