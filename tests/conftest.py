@@ -48,7 +48,7 @@ SOLVER_TABLE = [
 
 def installed(case: SolverCase):
     return pytest.param(case, id=case.name, marks=pytest.mark.skipif(
-        not solvers.get_solver.__globals__["_SOLVERS"][case.name].is_available(),
+        not solvers.registered_solvers()[case.name].is_available(),
         reason=f"{case.name} not installed"))
 
 

@@ -191,7 +191,7 @@ def test_unverified_solution_is_flagged_and_warned():
         ref = dQP.dQP_layer(qp_solver="clarabel")(P, q, C, d)[0]
         assert torch.allclose(good, ref, atol=1e-8)
     finally:
-        sb._SOLVERS.pop("test_wrong_solver")
+        sb.SOLVERS.unregister("test_wrong_solver")
 
 
 def test_complementarity_margin_reports_distance_to_active_set_change():

@@ -73,8 +73,8 @@ def test_missing_package_gives_install_hint():
     finally:
         from dqp.solvers import base as sb
         from dqp.linsolve import base as lb
-        sb._SOLVERS.pop("missing_test_solver")
-        lb._LINSOLVERS.pop("missing_test_lin")
+        sb.SOLVERS.unregister("missing_test_solver")
+        lb.LINSOLVERS.unregister("missing_test_lin")
 
 
 def test_registry_rejects_nameless_classes():
