@@ -15,7 +15,6 @@
 """
 from __future__ import annotations
 
-import logging
 import os
 import re
 import shutil
@@ -23,7 +22,6 @@ from pathlib import Path
 
 from mkdocs.structure.files import File
 
-log = logging.getLogger("mkdocs.hooks.dqp")
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "experiments" / "results"

@@ -12,7 +12,7 @@ import torch
 
 from conftest import random_qp
 from dqp import diagnose as dg
-from dqp.errors import InputError, NonFiniteError, SettingsError, ShapeError
+from dqp.errors import NonFiniteError, SettingsError, ShapeError
 from dqp.io import QPProblem, save_problem
 from dqp.solvers import registered_solvers
 

@@ -5,7 +5,6 @@ import importlib
 import importlib.util
 import inspect
 import os
-import shutil
 import subprocess
 import sys
 import types
