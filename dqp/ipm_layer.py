@@ -59,46 +59,66 @@ def polish(P: Tensor, q: Tensor, C: Optional[Tensor], d: Optional[Tensor], A: Op
            active: Optional[Tensor], solved: Tensor, *, rounds: int = 3):
     """Solve the reduced KKT system for the active set and accept it where it is consistent.
 
-    Returns ``(z, lam, mu, active, kkt, polished)`` with ``polished`` (B,) bool (accepted).
+    Round 1 factorizes the whole batch; the (usually few) rejected elements are retried with
+    their offending rows moved, on a sub-batch, and the accepted retries are merged into the
+    factorization that the backward pass uses. Returns ``(z, lam, mu, active, kkt, polished)``
+    with ``polished`` (B,) bool.
     """
     dtype = P.dtype
     B = q.shape[0]
     tol = math.sqrt(torch.finfo(dtype).eps)
-    polished = torch.zeros(B, dtype=torch.bool, device=q.device)
-    kkt = None
-    cur = active
-    for r in range(max(rounds, 1)):
-        kkt = BatchedKKT(P, A, C, cur, batch=B)
-        gmu = d * cur.to(dtype) if C is not None else None
-        zp, lp, mp = kkt.solve(-q, b, gmu)
-        ok = torch.isfinite(zp).all(-1)
+
+    def attempt(kkt, qq, bb, CC, dd, cur, ok_in):
+        gmu = dd * cur.to(dtype) if CC is not None else None
+        zp, lp, mp = kkt.solve(-qq, bb, gmu)
+        ok = ok_in & torch.isfinite(zp).all(-1)
         if lp is not None:
             ok &= torch.isfinite(lp).all(-1)
         bad_rows = None
-        if C is not None:
+        if CC is not None:
             ok &= torch.isfinite(mp).all(-1)
             scale = 1.0 + mp.abs().amax(-1, keepdim=True)
             neg = cur & (mp < -tol * scale)
-            Cz = torch.matmul(C, zp.unsqueeze(-1)).squeeze(-1)
-            viol = (~cur) & (Cz - d > tol * (1.0 + d.abs()))
+            Cz = torch.matmul(CC, zp.unsqueeze(-1)).squeeze(-1) if CC.dim() == 3 else zp @ CC.T
+            viol = (~cur) & (Cz - dd > tol * (1.0 + dd.abs()))
             bad_rows = neg | viol
             ok &= ~bad_rows.any(-1)
-        ok &= solved
-        take = ok & ~polished
-        t = take.unsqueeze(-1)
-        z = torch.where(t, zp, z)
-        if lp is not None:
-            lam = torch.where(t, lp, lam)
-        if C is not None:
-            mu = torch.where(t, mp.clamp(min=0.0), mu)
-            active = torch.where(t, cur, active)
-        polished |= take
-        if C is None or bool((polished | ~solved).all()) or r == rounds - 1:
-            break
-        cur = torch.where((~polished & solved).unsqueeze(-1), cur ^ bad_rows, cur)
-    # the backward must use the factorization of the final active sets
-    if C is not None and not bool((active == cur).all()):
-        kkt = BatchedKKT(P, A, C, active, batch=B)
+        return zp, lp, mp, ok, bad_rows
+
+    # round 1: the whole batch
+    kkt = BatchedKKT(P, A, C, active, batch=B)
+    zp, lp, mp, ok, bad_rows = attempt(kkt, q, b, C, d, active, solved)
+    t = ok.unsqueeze(-1)
+    z = torch.where(t, zp, z)
+    if lp is not None:
+        lam = torch.where(t, lp, lam)
+    if C is not None:
+        mu = torch.where(t, mp.clamp(min=0.0), mu)
+    polished = ok
+    # later rounds: only the rejected elements, with the offending rows moved
+    if C is not None and rounds > 1:
+        idx = torch.nonzero(solved & ~ok).squeeze(-1)
+        cur = (active ^ bad_rows)[idx]
+        for _ in range(rounds - 1):
+            if idx.numel() == 0:
+                break
+            sub = kkt.subset(idx, cur)
+            pick = lambda M: M if M is None or M.dim() == 2 else M[idx]
+            zp, lp, mp, ok_s, bad_s = attempt(sub, q[idx], pick(b), pick(C), d[idx], cur,
+                                              torch.ones(idx.numel(), dtype=torch.bool, device=q.device))
+            rows = torch.nonzero(ok_s).squeeze(-1)
+            gi = idx[rows]
+            z[gi] = zp[rows]
+            if lam is not None:
+                lam[gi] = lp[rows]
+            mu[gi] = mp[rows].clamp(min=0.0)
+            active = active.clone()
+            active[gi] = cur[rows]
+            polished = polished.clone()
+            polished[gi] = True
+            kkt.absorb(gi, sub, rows)
+            keep = torch.nonzero(~ok_s).squeeze(-1)
+            idx, cur = idx[keep], (cur ^ bad_s)[keep]
     return z, lam, mu, active, kkt, polished
 
 

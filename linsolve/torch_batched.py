@@ -37,6 +37,7 @@ import torch
 
 from dqp.errors import ShapeError
 from dqp.linsolve.base import LinearSolver, register_linsolver
+from dqp.solvers.ipm import _chol_solve, _cholesky
 
 logger = logging.getLogger(__name__)
 Tensor = torch.Tensor
@@ -70,7 +71,7 @@ class BatchedKKT:
     batch : int, optional
         Batch size when every argument is shared.
     refine : int
-        Iterative-refinement steps against the true K after every solve (default 2).
+        Iterative-refinement steps against the true K after every solve (default 1).
 
     Attributes
     ----------
@@ -78,7 +79,7 @@ class BatchedKKT:
     """
 
     def __init__(self, P: Tensor, A: Optional[Tensor], C: Optional[Tensor], active: Optional[Tensor],
-                 *, batch: Optional[int] = None, refine: int = 2):
+                 *, batch: Optional[int] = None, refine: int = 1):
         if A is not None and A.shape[-2] == 0:
             A = None
         if C is not None and C.shape[-2] == 0:
@@ -146,6 +147,56 @@ class BatchedKKT:
         if not hasattr(self, "_pinv_idx"):
             self._pinv_idx = None
 
+    def subset(self, idx: Tensor, active: Optional[Tensor]) -> "BatchedKKT":
+        """A new :class:`BatchedKKT` for the batch elements ``idx`` with other active masks."""
+        def pick(M):
+            if M is None or M.dim() == 2 or _shared(M) is not None:
+                return None if M is None else (_shared(M) if M.dim() == 3 else M)
+            return M[idx]
+        return BatchedKKT(pick(self.P), pick(self.A), pick(self.C), active, batch=int(idx.numel()),
+                          refine=self.refine)
+
+    def absorb(self, idx: Tensor, sub: "BatchedKKT", rows: Tensor) -> None:
+        """Take over the factorization of ``sub``'s elements ``rows`` as this batch's ``idx``."""
+        if idx.numel() == 0:
+            return
+        B, n = self.B, self.n
+        if self.m:
+            self.a = self.a.clone()
+            self.a[idx] = sub.a[rows]
+        if self.k:
+            self.Abar = self.Abar.clone()
+            self.Abar[idx] = sub.Abar[rows]
+            self.D = self.D.clone()
+            self.D[idx] = sub.D[rows]
+            self.HiAbt = self.HiAbt.clone()
+            self.HiAbt[idx] = sub.HiAbt[rows]
+            self.LS = self.LS.clone()
+            self.LS[idx] = sub.LS[rows]
+        if not (self.L.dim() == 2 and sub.L.dim() == 2):
+            L = self.L.expand(B, n, n).clone()
+            L[idx] = sub.L.expand(sub.B, n, n)[rows]
+            self.L = L
+        self.rho = self.rho.clone()
+        self.rho[idx] = sub.rho[rows]
+        self.path = self.path.clone()
+        self.path[idx] = sub.path[rows]
+        # merge the minimum-norm elements
+        keep = [] if self._pinv_idx is None else [
+            (i, V, inv) for i, V, inv in zip(self._pinv_idx.tolist(), self._pinv_V, self._pinv_inv)
+            if i not in set(idx.tolist())]
+        if sub._pinv_idx is not None:
+            pos = {r: j for j, r in enumerate(rows.tolist())}
+            for j, r in enumerate(sub._pinv_idx.tolist()):
+                if r in pos:
+                    keep.append((int(idx[pos[r]]), sub._pinv_V[j], sub._pinv_inv[j]))
+        if keep:
+            self._pinv_idx = torch.tensor([k[0] for k in keep], device=self.path.device)
+            self._pinv_V = torch.stack([k[1] for k in keep])
+            self._pinv_inv = torch.stack([k[2] for k in keep])
+        else:
+            self._pinv_idx = None
+
     def _dense_K(self, idx: Tensor) -> Tensor:
         """Dense K for the batch elements ``idx`` (only used for the rare singular ones)."""
         n, k = self.n, self.k
@@ -191,7 +242,7 @@ class BatchedKKT:
         Ps = _shared(P)
         use_shared = Ps is not None and not bool((rho != 0).any()) and not bool((delta != 0).any())
         if use_shared:
-            L, info = torch.linalg.cholesky_ex(Ps)
+            L, info = _cholesky(Ps)
             ok = ((info == 0) & self._pivots_ok(L, Ps)).expand(B)
             self.L = L                                                # (n, n)
         else:
@@ -200,18 +251,18 @@ class BatchedKKT:
                 AtA = torch.matmul(self.Abar.transpose(-1, -2), self.Abar)
                 H = H + rho.view(-1, 1, 1) * AtA
             H = H + torch.diag_embed(delta.view(-1, 1).expand(B, n))
-            L, info = torch.linalg.cholesky_ex(H)
+            L, info = _cholesky(H)
             ok = (info == 0) & self._pivots_ok(L, H)
             self.L = L                                                # (B, n, n)
         if k:
             Abt = self.Abar.transpose(-1, -2)                         # (B, n, k)
             if self.L.dim() == 2:
                 rhs = Abt.permute(1, 0, 2).reshape(n, B * k)         # one solve for the batch
-                self.HiAbt = torch.cholesky_solve(rhs, self.L).reshape(n, B, k).permute(1, 0, 2)
+                self.HiAbt = _chol_solve(self.L, rhs.unsqueeze(0))[0].reshape(n, B, k).permute(1, 0, 2)
             else:
-                self.HiAbt = torch.cholesky_solve(Abt, self.L)
+                self.HiAbt = _chol_solve(self.L, Abt)
             S = torch.matmul(self.Abar, self.HiAbt) + torch.diag_embed(self.D + delta.view(-1, 1))
-            self.LS, info2 = torch.linalg.cholesky_ex(S)
+            self.LS, info2 = _cholesky(S)
             ok = ok & (info2 == 0) & self._pivots_ok(self.LS, S)
         return ok & torch.isfinite(self.L).flatten(-2).all(-1).expand(B)
 
@@ -225,14 +276,11 @@ class BatchedKKT:
         """Solve the (augmented, possibly regularized) system once."""
         if self.k:
             gz = gz + self.rho.unsqueeze(-1) * torch.matmul(gy.unsqueeze(-2), self.Abar).squeeze(-2)
-        if self.L.dim() == 2:
-            t = torch.cholesky_solve(gz.T, self.L).T
-        else:
-            t = torch.cholesky_solve(gz.unsqueeze(-1), self.L).squeeze(-1)
+        t = _chol_solve(self.L, gz)
         if not self.k:
             return t, None
         rhs = torch.matmul(self.Abar, t.unsqueeze(-1)).squeeze(-1) - gy
-        yy = torch.cholesky_solve(rhs.unsqueeze(-1), self.LS).squeeze(-1)
+        yy = _chol_solve(self.LS, rhs)
         yz = t - torch.matmul(self.HiAbt, yy.unsqueeze(-1)).squeeze(-1)
         return yz, yy
 
