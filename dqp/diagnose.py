@@ -39,7 +39,7 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import scipy.sparse as sp
@@ -176,6 +176,8 @@ class DiagnosisReport:
         Seed of the random linear loss.
     consensus_size : int
         Number of combinations the consensus gradient is the median of.
+    device : str
+        Device of the tensors handed to the layer.
     """
 
     problem: str
@@ -191,6 +193,7 @@ class DiagnosisReport:
     grad_tol: float
     seed: int
     consensus_size: int
+    device: str = "cpu"
 
     @property
     def correct(self) -> List[ComboResult]:
@@ -235,7 +238,7 @@ class DiagnosisReport:
         kind = "sparse" if self.input_sparse else "dense"
         lines = [f"# dqp solver diagnosis: {self.problem}", "",
                  f"n = {self.n} variables, m = {self.m} inequalities, p = {self.p} equalities, "
-                 f"{self.nnz} stored nonzeros ({kind} input); float64; median of {self.repeat} run(s); "
+                 f"{self.nnz} stored nonzeros ({kind} input); float64 on {self.device}; median of {self.repeat} run(s); "
                  f"loss wᵀz with a random w (seed {self.seed}); consensus of {self.consensus_size} solved "
                  f"combination(s).", "",
                  f"**Recommendation.** {self.recommendation()}", "",
@@ -325,7 +328,7 @@ def diagnose(P, q, C=None, d=None, A=None, b=None, *, solvers: Optional[Sequence
              lin_solvers: Optional[Sequence[str]] = None, dense: Optional[bool] = None, repeat: int = 3,
              tol: float = 1e-6, grad_tol: float = 1e-5, seed: int = 0,
              options: Optional[Mapping[str, Any]] = None, progress: bool = True,
-             name: str = "problem") -> DiagnosisReport:
+             name: str = "problem", device: Optional[Union[str, torch.device]] = None) -> DiagnosisReport:
     """Run one QP through every installed solver combination and rank them.
 
     Parameters
@@ -359,6 +362,10 @@ def diagnose(P, q, C=None, d=None, A=None, b=None, *, solvers: Optional[Sequence
         Show a progress bar (tqdm when installed, else INFO log lines on logger ``dqp.diagnose``).
     name : str
         Problem name for the report.
+    device : str or torch.device, optional
+        Device of the tensors handed to the layer (default CPU). On ``"cuda"`` the built-in IPM
+        solves on the GPU, element-wise solvers include the host transfers in their time, and
+        timings synchronize the device.
 
     Returns
     -------
@@ -369,15 +376,15 @@ def diagnose(P, q, C=None, d=None, A=None, b=None, *, solvers: Optional[Sequence
     ShapeError
         A batched ``q`` (diagnose one problem at a time), or half a constraint pair.
     SettingsError
-        ``repeat < 1``, an unknown solver name, an option of ``options`` that is invalid, or no
-        combination left to run.
+        ``repeat < 1``, an unknown solver name, an option of ``options`` that is invalid, an
+        invalid or unavailable ``device``, or no combination left to run.
     InputError
         The data fails dqp's validation (shapes, NaN, asymmetric P, ...).
     """
     problem, was_sparse = _as_problem(P, q, C, d, A, b, name)
     return diagnose_problem(problem, solvers=solvers, lin_solvers=lin_solvers,
                             dense=(not was_sparse) if dense is None else dense, repeat=repeat, tol=tol,
-                            grad_tol=grad_tol, seed=seed, options=options, progress=progress)
+                            grad_tol=grad_tol, seed=seed, options=options, progress=progress, device=device)
 
 
 def diagnose_file(path: PathLike, **kwargs: Any) -> DiagnosisReport:
@@ -393,7 +400,8 @@ def diagnose_file(path: PathLike, **kwargs: Any) -> DiagnosisReport:
 def diagnose_problem(problem: QPProblem, *, solvers: Optional[Sequence[str]] = None,
                      lin_solvers: Optional[Sequence[str]] = None, dense: bool = False, repeat: int = 3,
                      tol: float = 1e-6, grad_tol: float = 1e-5, seed: int = 0,
-                     options: Optional[Mapping[str, Any]] = None, progress: bool = True) -> DiagnosisReport:
+                     options: Optional[Mapping[str, Any]] = None, progress: bool = True,
+                     device: Optional[Union[str, torch.device]] = None) -> DiagnosisReport:
     """Diagnose a :class:`dqp.io.QPProblem` (see :func:`diagnose` for the parameters).
 
     ``dense`` defaults to ``False`` here: a ``QPProblem`` holds SciPy CSC matrices.
@@ -412,6 +420,12 @@ def diagnose_problem(problem: QPProblem, *, solvers: Optional[Sequence[str]] = N
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=UserWarning, message="Sparse")
         validate(*problem.to_torch(sparse=not dense), sparse=not dense)  # typed InputError on bad data
+    try:
+        dev = torch.device(device) if device is not None else torch.device("cpu")
+    except (RuntimeError, TypeError) as exc:
+        raise SettingsError(f"device={device!r} is not a torch device ({exc}).") from exc
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise SettingsError(f"device={device!r} but CUDA is not available in this torch build or machine.")
     combos, skipped = _plan(problem, solvers, lin_solvers, dense)
     if not combos:
         reasons = "; ".join(f"{qp} × {lin}: {why}" for qp, lin, why in skipped) or "nothing selected"
@@ -419,12 +433,12 @@ def diagnose_problem(problem: QPProblem, *, solvers: Optional[Sequence[str]] = N
     w = np.random.default_rng(seed).standard_normal(problem.n)
     results = []
     for qp, lin, solve_type in _progress(combos, progress):
-        results.append(_run_combo(problem, qp, lin, solve_type, w, repeat, options))
+        results.append(_run_combo(problem, qp, lin, solve_type, w, repeat, options, dev))
     consensus_size = _score(results, problem, tol, grad_tol)
     results.sort(key=lambda r: (not r.correct, not r.solved, r.t_total if np.isfinite(r.t_total) else math.inf))
     nnz = int(problem.P.nnz + problem.C.nnz + (problem.A.nnz if problem.A is not None else 0))
     return DiagnosisReport(problem.name, problem.n, problem.n_ineq, problem.n_eq, nnz, not dense, results,
-                           skipped, repeat, tol, grad_tol, seed, consensus_size)
+                           skipped, repeat, tol, grad_tol, seed, consensus_size, str(dev))
 
 
 def _plan(problem: QPProblem, solvers: Optional[Sequence[str]], lin_solvers: Optional[Sequence[str]],
@@ -490,7 +504,7 @@ def _progress(items: List[Tuple[str, str, str]], enabled: bool) -> Iterator[Tupl
 
 
 def _run_combo(problem: QPProblem, qp: str, lin: str, solve_type: str, w: np.ndarray, repeat: int,
-               options: Mapping[str, Any]) -> ComboResult:
+               options: Mapping[str, Any], device: torch.device = torch.device("cpu")) -> ComboResult:
     """Forward + backward ``repeat`` times; record times, ``layer.info`` and the gradient."""
     from dqp.dQP import build_settings, dQP_layer
 
@@ -501,17 +515,20 @@ def _run_combo(problem: QPProblem, qp: str, lin: str, solve_type: str, w: np.nda
         with warnings.catch_warnings(record=True) as wlist:
             warnings.simplefilter("always")
             layer = dQP_layer(settings=build_settings(qp_solver=qp, lin_solver=lin, solve_type=solve_type, **options))
-            wt = torch.as_tensor(w, dtype=torch.float64)
+            wt = torch.as_tensor(w, dtype=torch.float64, device=device)
             for _ in range(repeat):
                 # fresh tensors each run: a sparse matrix built from its value leaves is a graph node
-                (P, q, C, d, A, b), leaves = problem.to_torch(sparse=solve_type == "sparse", requires_grad=True,
+                (P, q, C, d, A, b), leaves = problem.to_torch(sparse=solve_type == "sparse", requires_grad=True, device=device,
                                                               return_leaves=True)
                 keys = [k for k in ("q", "d", "b") if k in leaves]
                 inputs = list(leaves.values())
+                _sync(device)
                 t0 = time.perf_counter()
                 z, lam, mu, _, _ = layer(P, q, C, d, A, b)
+                _sync(device)
                 t1 = time.perf_counter()
                 grads = torch.autograd.grad((wt * z).sum(), inputs, allow_unused=True)
+                _sync(device)
                 t2 = time.perf_counter()
                 t_fwd.append(t1 - t0)
                 t_bwd.append(t2 - t1)
@@ -550,6 +567,11 @@ def _run_combo(problem: QPProblem, qp: str, lin: str, solve_type: str, w: np.nda
         res.notes.append(info.messages[0])
     res.notes += caught
     return res
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def _np(g: Optional[torch.Tensor], like: torch.Tensor) -> np.ndarray:
@@ -689,6 +711,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--tol", type=float, default=1e-6, help="relative KKT residual tolerance")
     ap.add_argument("--grad-tol", type=float, default=1e-5, help="agreement tolerance vs the consensus")
     ap.add_argument("--seed", type=int, default=0, help="seed of the random linear loss")
+    ap.add_argument("--device", default=None, help="device of the tensors, e.g. cuda (default: cpu)")
     ap.add_argument("--max-rows", type=int, default=None, help="show only the best rows of the table")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")
     ap.add_argument("--list", action="store_true", help="list the registered solvers and exit")
@@ -720,7 +743,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         report = diagnose_file(args.problem, solvers=_names(args.solvers), lin_solvers=_names(args.lin_solvers),
                                dense=args.dense, repeat=args.repeat, tol=args.tol, grad_tol=args.grad_tol,
-                               seed=args.seed, progress=not args.no_progress)
+                               seed=args.seed, progress=not args.no_progress, device=args.device)
     except DQPError as exc:
         print(f"dqp-diagnose: error: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 2

@@ -144,6 +144,9 @@ def test_diagnose_skips_uninstalled_and_dense_only(monkeypatch):
     (dict(solvers=["no_such_solver"]), "not a known solver"),
     (dict(solvers=["clarabel"], lin_solvers=["torch"]), "No solver combination to run"),
     (dict(solvers=["dqp_ipm"], lin_solvers=["qdldl"]), "differentiates with lin_solver='torch'"),
+    (dict(device="not-a-device"), "is not a torch device"),
+    pytest.param(dict(device="cuda"), "CUDA is not available",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available here")),
 ])
 def test_diagnose_settings_errors(kwargs, match):
     P, q, C, d, A, b, _ = _problem(n=3, m=4, p=1)
@@ -284,3 +287,16 @@ def test_main_in_process(tmp_path, monkeypatch, capsys):
     assert dg.main([str(path), "--solvers", "clarabel", "--lin-solvers", "qdldl", "--repeat", "1",
                     "--no-progress", "--out", str(tmp_path / "x.png")]) == 2
     assert "pip install matplotlib" in capsys.readouterr().err
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_diagnose_on_cuda():
+    P, q, C, d, A, b, z0 = _problem()
+    report = dg.diagnose(P, q, C, d, A, b, solvers=["clarabel", "dqp_ipm"], lin_solvers=["scipy_lu", "torch"],
+                         device="cuda", **FAST)
+    assert report.device.startswith("cuda")
+    assert {(r.qp_solver, r.lin_solver) for r in report.results} == {("clarabel", "scipy_lu"), ("dqp_ipm", "torch")}
+    assert all(r.correct for r in report.results), report.to_markdown()
+    for r in report.results:
+        np.testing.assert_allclose(r.z, z0.numpy(), atol=1e-8)
