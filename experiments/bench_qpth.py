@@ -368,6 +368,8 @@ class QpaxMethod(Method):
     def prepare(self, ps, dtype, device):
         import jax
         jax.config.update("jax_enable_x64", True)
+        # full-precision float32 matmuls (JAX uses TF32 on NVIDIA GPUs by default; torch does not)
+        jax.config.update("jax_default_matmul_precision", "highest")
         import jax.numpy as jnp
         import qpax
 
@@ -621,6 +623,91 @@ def _plot(cells: List[Cell], path: str, tag: str, methods: Sequence[str]) -> Non
 
 
 # --------------------------------------------------------------------------------------------
+# Profile of dqp (where the time goes)
+# --------------------------------------------------------------------------------------------
+def _timed(fn: Callable[[], object], reps: int, sync: Callable[[], None]) -> float:
+    fn()
+    sync()
+    ts = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        ts.append(time.perf_counter() - t0)
+    return statistics.median(ts)
+
+
+def profile_dqp(ps: ProblemSet, dtype: torch.dtype, device: str, reps: int) -> List[str]:
+    """Markdown lines: IPM-only / forward / fwd+bwd times, iterations, launches, syncs, top ops."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from dqp.qpth import QPFunction
+    from dqp.solvers.ipm import ipm_solve
+
+    cuda = device.startswith("cuda")
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    Q, p, G, h, w = (getattr(ps, k).to(dtype) for k in ("Q", "p", "G", "h", "w"))
+    e = torch.empty(0, dtype=dtype, device=device)
+    layer = QPFunction(verbose=-1, check_Q_spd=False)
+    res = ipm_solve(Q, p, G, h)
+    it = res.iterations.double()
+    t_ipm = _timed(lambda: ipm_solve(Q, p, G, h), reps, sync)
+    with torch.no_grad():
+        t_fwd = _timed(lambda: layer(Q, p, G, h, e, e), reps, sync)
+    leaves = [x.detach().requires_grad_(True) for x in (Q, p, G, h)]
+
+    def fb():
+        z = layer(*leaves, e, e)
+        return torch.autograd.grad((z * w).sum(), leaves)
+
+    t_fb = _timed(fb, reps, sync)
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=acts) as prof:
+        fb()
+        sync()
+    ev = prof.key_averages()
+    count = {x.key: x.count for x in ev}
+    launches = sum(c for k, c in count.items() if k in ("cudaLaunchKernel", "cuLaunchKernel",
+                                                           "cudaLaunchKernelExC", "cuLaunchKernelEx"))
+    syncs = {k: c for k, c in count.items() if "Synchronize" in k or "Memcpy" in k}
+    from torch.autograd import DeviceType
+    dev_time = (sum(x.self_device_time_total for x in ev if x.device_type == DeviceType.CUDA) / 1e6
+                if cuda else float("nan"))
+    lines = [f"- B={ps.B} n=m={ps.Q.shape[-1]} {dtype}: ipm_solve {t_ipm * 1e3:.3g} ms, "
+             f"forward (no grad) {t_fwd * 1e3:.3g} ms, forward+backward {t_fb * 1e3:.3g} ms; "
+             f"IPM form '{res.form}', iterations median {it.median().item():.0f} / max "
+             f"{it.max().item():.0f}; statuses {sorted(set(res.status.tolist()))}",
+             f"  - one fwd+bwd under the profiler: {launches} kernel launches, GPU busy "
+             f"{dev_time * 1e3:.3g} ms (sum of kernel times), sync/copy calls {syncs}"]
+    sort = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+    table = ev.table(sort_by=sort, row_limit=18, max_name_column_width=48)
+    lines += ["", "```", table, "```", ""]
+    return lines
+
+
+def run_profile(args: argparse.Namespace, device: str, dtypes: List[str], sizes: List[int],
+                batches: List[int], tag: str) -> None:
+    out = [f"### dqp profile ({tag})", "", f"torch {torch.__version__}" + (
+        f", {torch.cuda.get_device_name()}" if device.startswith("cuda") else ""), ""]
+    for B in batches:
+        for n in sizes:
+            ps = make_problems(B, n, n, seed=args.seed + 1000 * B + n, device=device)
+            for dtype in dtypes:
+                try:
+                    lines = profile_dqp(ps, DTYPES[dtype], device, args.reps)
+                except Exception as exc:  # noqa: BLE001
+                    lines = [f"- B={B} n={n} {dtype}: profile failed: {exc!r}"]
+                log.info("%s", lines[0])
+                out += lines
+            del ps
+            _free(device)
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, f"qpth_profile_{tag}.md"), "w") as f:
+        f.write("\n".join(out) + "\n")
+    print("\n".join(line for line in out if line.startswith(("-", "  -"))))
+
+
+# --------------------------------------------------------------------------------------------
 # Main
 # --------------------------------------------------------------------------------------------
 def _csv_list(s: str, conv=str) -> List:
@@ -649,7 +736,14 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                     help="tiny grid for a smoke test (n=m in {10, 20}, B in {1, 8}, 2 reps)")
     ap.add_argument("--tag", default=None, help="file name tag (default: the device)")
     ap.add_argument("--out", default="experiments/results")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch CPU threads (default: torch's). Under CPU load from other "
+                         "processes, set OMP_WAIT_POLICY=PASSIVE or use 1 thread: spinning "
+                         "OpenMP workers make tiny batched matmuls ~1000x slower")
     ap.add_argument("--no-plot", action="store_true")
+    ap.add_argument("--profile", action="store_true",
+                    help="instead of the comparison: profile dqp on the grid (IPM-only / forward / "
+                         "backward split, iterations, kernel launches, syncs, top ops)")
     ap.add_argument("-v", "--verbose", action="store_true")
     args = ap.parse_args(argv)
     if args.short:
@@ -663,6 +757,8 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Cell]:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     device = args.device
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit("--device cuda requested but torch.cuda.is_available() is False")
     dtypes = _csv_list(args.dtypes)
@@ -673,11 +769,16 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Cell]:
     batches = _csv_list(args.batches, int)
     tag = args.tag or device.split(":")[0]
 
+    if args.profile:
+        run_profile(args, device, dtypes, sizes, batches, tag)
+        return []
+
     methods: List[str] = []
     meta = {"command": "python " + " ".join([os.path.relpath(__file__)] + list(argv or sys.argv[1:])),
             "torch": torch.__version__, "python": platform.python_version(),
             "host": f"{platform.machine()}, {os.cpu_count()} CPUs, torch threads "
-                    f"{torch.get_num_threads()}"}
+                    f"{torch.get_num_threads()}, OMP_WAIT_POLICY="
+                    f"{os.environ.get('OMP_WAIT_POLICY', '(unset)')}"}
     if device.startswith("cuda"):
         meta["gpu"] = torch.cuda.get_device_name()
     if hasattr(os, "getloadavg"):
