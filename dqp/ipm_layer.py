@@ -103,8 +103,8 @@ def polish(P: Tensor, q: Tensor, C: Optional[Tensor], d: Optional[Tensor], A: Op
             if idx.numel() == 0:
                 break
             sub = kkt.subset(idx, cur)
-            pick = lambda M: M if M is None or M.dim() == 2 else M[idx]
-            zp, lp, mp, ok_s, bad_s = attempt(sub, q[idx], pick(b), pick(C), d[idx], cur,
+            pick = lambda M: M if M is None or M.dim() == 2 else M[idx]     # matrices: shared or batched
+            zp, lp, mp, ok_s, bad_s = attempt(sub, q[idx], None if b is None else b[idx], pick(C), d[idx], cur,
                                               torch.ones(idx.numel(), dtype=torch.bool, device=q.device))
             rows = torch.nonzero(ok_s).squeeze(-1)
             gi = idx[rows]

@@ -527,3 +527,25 @@ def test_zero_row_constraints_are_absent():
     assert z1[1] is None and torch.allclose(z1[0], z2[0])
     res = ipm_solve(P, q, empty, torch.zeros(0, dtype=F64))
     assert res.mu is None
+
+
+def test_polish_repairs_a_wrong_active_set_on_a_sub_batch():
+    from dqp.ipm_layer import polish
+    P, q, C, d, A, b, z0, lam0, mu0 = known_qp(3, 6, 8, 1, seed=21, n_active=2)
+    true_active = torch.zeros(3, 8, dtype=torch.bool)
+    true_active[:, :2] = True
+    guess = true_active.clone()
+    guess[1] = False                                  # element 1: misses both active rows
+    guess[2, 5] = True                                # element 2: one inactive row marked active
+    solved = torch.ones(3, dtype=torch.bool)
+    z, lam, mu, active, kkt, polished = polish(P, q, C, d, A, b, torch.zeros_like(z0), torch.zeros_like(lam0),
+                                               torch.zeros_like(mu0), guess, solved)
+    assert polished.all()
+    assert torch.equal(active, true_active)
+    assert _rel(z, z0) < 1e-12 and _rel(mu, mu0) < 1e-10 and _rel(lam, lam0) < 1e-10
+    # the merged factorization equals a fresh one for the final active sets
+    g = torch.randn(3, 6, dtype=F64)
+    fresh = BatchedKKT(P, A, C, true_active).solve(g)
+    merged = kkt.solve(g)
+    for x, y in zip(fresh, merged):
+        assert torch.allclose(x, y, atol=1e-10)
