@@ -76,9 +76,28 @@ def _tables() -> dict:
     from dqp.settings import options_table
     from dqp.solvers import solver_table
 
-    return {"<!-- options-table -->": options_table(),
-            "<!-- solver-table -->": solver_table(),
-            "<!-- linsolver-table -->": linsolver_table()}
+    return {"<!-- options-table -->": _escape_cells(options_table()),
+            "<!-- solver-table -->": _escape_cells(solver_table()),
+            "<!-- linsolver-table -->": _escape_cells(linsolver_table())}
+
+
+def _escape_cells(table: str) -> str:
+    """Escape ``|`` inside the last cell of each row (e.g. ``|d_i|`` in a description).
+
+    The column count comes from the header row; extra separators in a body row can only come
+    from the text of its last cell, which is where the generated tables put free text.
+    """
+    lines = table.splitlines()
+    if not lines:
+        return table
+    ncols = len(lines[0].strip().strip("|").split("|"))
+    out = []
+    for line in lines:
+        parts = line.strip().strip("|").split("|")
+        if len(parts) > ncols and not line.startswith("|---"):
+            parts = parts[:ncols - 1] + ["\\|".join(parts[ncols - 1:])]
+        out.append("|" + "|".join(parts) + "|")
+    return "\n".join(out)
 
 
 def _experiments_table() -> str:

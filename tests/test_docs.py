@@ -104,6 +104,7 @@ def test_mkdocs_build_strict(tmp_path):
     options_html = (site / "options" / "index.html").read_text(encoding="utf-8")
     assert "eps_active" in options_html and "<!-- options-table -->" not in options_html
     assert "qdldl" in options_html and "clarabel" in options_html  # solver tables filled in
+    assert "eps_active·(1+|d_i|)" in options_html  # a '|' inside a description does not split the cell
     theory = (site / "theory" / "index.html").read_text(encoding="utf-8")
     for question in ("Does dqp use a neural network to solve QPs?", "How is the forward pass solved?",
                      "Why differentiate the KKT conditions", "Why take gradients with respect to P, q, C, d, A, b"):
@@ -151,3 +152,12 @@ def test_benchmarks_page_with_results(tmp_path, monkeypatch):
     # links inside the inlined report point at the copied files; a link to a missing file becomes text
     assert "[data](benchmarks/results/study.csv)" in section
     assert "code (`../study.py`)" in section
+
+
+def test_table_cells_with_pipes_are_escaped():
+    hooks = _load_hooks()
+    table = "| a | b | c |\n|---|---|---|\n| `x` | 1 | norm |d| and |q| |\n| `y` | 2 | plain |"
+    fixed = hooks._escape_cells(table).splitlines()
+    assert fixed[2] == "| `x` | 1 | norm \\|d\\| and \\|q\\| |"
+    assert fixed[3] == "| `y` | 2 | plain |"
+    assert fixed[:2] == ["| a | b | c |", "|---|---|---|"]
