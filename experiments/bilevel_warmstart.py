@@ -52,7 +52,7 @@ RESULTS = REPO / "experiments" / "results"
 PEERS = REPO / ".peers"
 #: ``name@eps`` runs a solver at its own forward tolerance: dqp polishes the result to the exact KKT
 #: point of the detected active set, so a loose forward tolerance is enough when the set is right
-DEFAULT_SOLVERS = ["osqp", "osqp@1e-5", "osqp_qpsolvers", "proxqp", "qpalm", "clarabel"]
+DEFAULT_SOLVERS = ["osqp", "osqp@1e-5", "osqp_qpsolvers", "qpalm", "clarabel"]  # proxqp: see --solvers, slow here
 
 
 def tv_problem(n: int, seed: int):
@@ -166,8 +166,11 @@ def _f(x: Optional[float], spec: str) -> str:
 
 def write_markdown(rows: List[Dict[str, Any]], path: Path, args: argparse.Namespace, command: str,
                    skipped: Dict[str, str]) -> str:
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from simplex_scaling import git_version
+
     out = ["# Bilevel loop with and without warm starts", "",
-           f"`{command}` — {platform.machine()}, 1 thread. 1-D TV denoising QP, n={args.n} "
+           f"`{command}` — dqp {git_version()}, {platform.machine()}, 1 thread. 1-D TV denoising QP, n={args.n} "
            f"(QP: {2 * args.n - 1} variables, {2 * (args.n - 1)} inequalities), learned per-edge TV weights "
            f"α = softplus(θ) from α={args.alpha}, {args.steps} gradient steps (lr={args.lr}), tolerance eps={args.eps}.", "",
            "`solver@eps` runs that solver at forward tolerance eps (dqp polishes the result). "
@@ -214,16 +217,25 @@ def plot(csv_path: Path, png_path: Path) -> bool:
             data.setdefault(r["solver"], {}).setdefault(r["warm"] == "True", []).append(
                 (int(r["step"]), float(r["solve_time"]), r["iterations"]))
     solvers = list(data)
-    fig, axes = plt.subplots(1, len(solvers), figsize=(3.2 * len(solvers), 3.2), dpi=100, squeeze=False)
-    for ax, s in zip(axes[0], solvers):
+    fig, axes = plt.subplots(2, len(solvers), figsize=(3.2 * len(solvers), 5.6), dpi=90, squeeze=False,
+                             sharex=True)
+    for j, s in enumerate(solvers):
         for warm, color in ((False, "tab:red"), (True, "tab:blue")):
             pts = sorted(data[s].get(warm, []))
-            ax.semilogy([p[0] for p in pts], [p[1] * 1e3 for p in pts], color=color, lw=1,
-                        label="warm start" if warm else "cold start")
-        ax.set_title(s, fontsize=9)
-        ax.set_xlabel("outer step")
-        ax.grid(True, which="both", alpha=0.3)
+            lab = "warm start" if warm else "cold start"
+            axes[0][j].semilogy([p[0] for p in pts], [p[1] * 1e3 for p in pts], color=color, lw=1, label=lab)
+            its = [(p[0], float(p[2])) for p in pts if p[2] not in ("", "None")]
+            if its:
+                axes[1][j].plot([p[0] for p in its], [p[1] for p in its], color=color, lw=1, label=lab)
+        if not any(p[2] not in ("", "None") for v in data[s].values() for p in v):
+            axes[1][j].text(0.5, 0.5, "iterations not reported\nby this backend", ha="center", va="center",
+                            transform=axes[1][j].transAxes, fontsize=8)
+        axes[0][j].set_title(s, fontsize=9)
+        axes[1][j].set_xlabel("outer step")
+        for i in range(2):
+            axes[i][j].grid(True, which="both", alpha=0.3)
     axes[0][0].set_ylabel("forward solve time [ms]")
+    axes[1][0].set_ylabel("solver iterations")
     axes[0][0].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(png_path)

@@ -270,6 +270,7 @@ def worker(args: argparse.Namespace) -> Dict[str, Any]:
         rec["verified"] = bool(all(info.verified)) if info.verified else None
         it = info.iterations[0] if info.iterations else None
         rec["iterations"] = it
+        rec["t_solver"] = float(sum(info.solve_time)) if info.solve_time else None  # last run's forward solver
     if "setup_time" in notes:
         rec["layer_setup_time"] = notes["setup_time"]
     return rec
@@ -334,7 +335,7 @@ def methods_for(args: argparse.Namespace) -> List[str]:
     if not args.no_ipm:
         ms.append("dqp-ipm")
     for p in args.peers:
-        ms.append(f"libdqp:{args.libdqp_solver}" if p == "libdqp" else p)
+        ms += [f"libdqp:{s}" for s in args.libdqp_solver] if p == "libdqp" else [p]
     return ms
 
 
@@ -401,7 +402,7 @@ def _log_row(rec: Dict[str, Any]) -> None:
         logger.info("%-24s n=%-7d %s: %s", rec["method"], rec["n"], rec.get("status"), rec.get("error", ""))
 
 
-COLUMNS = ["method", "n", "status", "t_forward", "t_backward", "t_total", "z_err", "grad_err", "reps", "iterations",
+COLUMNS = ["method", "n", "status", "t_forward", "t_backward", "t_total", "t_solver", "z_err", "grad_err", "reps", "iterations",
            "verified", "k_support", "setup_time", "layer_setup_time", "wall", "error"]
 
 
@@ -419,12 +420,23 @@ def _t(x: Optional[float]) -> str:
     return f"{x * 1e3:.3g} ms" if x < 1 else f"{x:.3g} s"
 
 
+def git_version() -> str:
+    """Short commit of the repository, with ``+dirty`` when tracked dqp files are modified."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "dqp", "solvers", "linsolve"],
+                               capture_output=True, text=True, cwd=REPO).stdout.strip()
+        return head + ("+dirty" if dirty else "")
+    except OSError:
+        return "unknown"
+
+
 def write_markdown(rows: List[Dict[str, Any]], path: Path, methods: List[str], args: argparse.Namespace,
                    command: str) -> str:
     grid = args.grid
     cell = {(r["method"], r["n"]): r for r in rows}
     out = [f"# Simplex projection scaling (forward + backward)", "",
-           f"`{command}` — {platform.processor() or platform.machine()}, {args.threads} thread(s) per worker, "
+           f"`{command}` — dqp {git_version()}, {platform.machine()}, {args.threads} thread(s) per worker, "
            f"fraction of active bounds {args.frac_active}, tolerance eps={args.eps}, "
            f"median of up to {args.reps} runs after a warm-up, cell budget {args.cell_timeout:.0f} s. "
            f"Loss wᵀz*, gradient w.r.t. x; errors are relative (‖·‖∞ / ‖exact‖∞) against the sort-based "
@@ -447,6 +459,18 @@ def write_markdown(rows: List[Dict[str, Any]], path: Path, methods: List[str], a
             cells.append(f"{r['t_forward'] * 1e3:.3g} / {r['t_backward'] * 1e3:.3g}" if r.get("status") == "ok"
                          else r.get("status", "-"))
         out.append(f"| {label(m)} | " + " | ".join(cells) + " |")
+    out += ["", "dqp: forward-solver share of the forward time (the rest is validation, active-set polish, "
+            "KKT factorization and verification):", "",
+            "| method | " + " | ".join(f"n={n:g}" for n in grid) + " |", "|---|" + "---|" * len(grid)]
+    for m in methods:
+        if not m.startswith("dqp") or m == "dqp-ipm":
+            continue
+        cells = []
+        for n in grid:
+            r = cell.get((m, n), {})
+            ok = r.get("status") == "ok" and r.get("t_solver") not in (None, "")
+            cells.append(f"{100 * float(r['t_solver']) / r['t_forward']:.0f}%" if ok else "-")
+        out.append(f"| {label(m)} | " + " | ".join(cells) + " |")
     # ratios: peer time / best dqp time at the same n
     dqp_methods = [m for m in methods if m.startswith("dqp")]
     peers = [m for m in methods if not m.startswith("dqp")]
@@ -466,18 +490,20 @@ def write_markdown(rows: List[Dict[str, Any]], path: Path, methods: List[str], a
             cells.append(f"{r['t_total'] / best[n][1]:.3g}×" if r.get("status") == "ok" and n in best
                          else r.get("status", "-"))
         out.append(f"| {label(m)} | " + " | ".join(cells) + " |")
-    sp = [m for m in dqp_methods if m.startswith("dqp-sparse")]
-    if sp and "libdqp" in " ".join(peers):
-        lib = [m for m in peers if m.startswith("libdqp")][0]
+    for lib in [m for m in peers if m.startswith("libdqp")]:
         same = f"dqp-sparse:{lib.split(':')[1]}"
-        if same in methods:
-            cells = []
-            for n in grid:
-                a, b2 = cell.get((same, n), {}), cell.get((lib, n), {})
-                cells.append(f"{b2['t_total'] / a['t_total']:.3g}×" if a.get("status") == b2.get("status") == "ok"
-                             else "-")
-            out += ["", f"Same forward solver: {label(lib)} / {label(same)}: " + ", ".join(
-                f"n={n:g}: {c}" for n, c in zip(grid, cells))]
+        if same not in methods:
+            continue
+        cells = []
+        for n in grid:
+            a, b2 = cell.get((same, n), {}), cell.get((lib, n), {})
+            cells.append(f"{b2['t_total'] / a['t_total']:.3g}×" if a.get("status") == b2.get("status") == "ok" else "-")
+        if not any(c != "-" for c in cells):
+            continue
+        if "Same forward solver" not in "".join(out):
+            out += ["", "Same forward solver (libdqp time / dqp time, > 1: dqp is faster):", "",
+                    "| pair | " + " | ".join(f"n={n:g}" for n in grid) + " |", "|---|" + "---|" * len(grid)]
+        out.append(f"| {label(lib)} / {label(same)} | " + " | ".join(cells) + " |")
     out += ["", "## Errors against the closed form (max over n of the relative ∞-norm error)", "",
             "| method | z error | gradient error | cells |", "|---|---|---|---|"]
     for m in methods:
@@ -542,7 +568,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     ap.add_argument("--dqp-dense", nargs="*", default=DQP_DENSE)
     ap.add_argument("--no-ipm", action="store_true")
     ap.add_argument("--peers", nargs="*", default=["libdqp", "qplayer", "qpth", "cvxpylayers"])
-    ap.add_argument("--libdqp-solver", default="osqp")
+    ap.add_argument("--libdqp-solver", nargs="+", default=["osqp", "piqp"],
+                    help="libdqp forward solvers (each compared with dqp on the same solver)")
     ap.add_argument("--peer-python", nargs="*", default=[], help="KIND=/path/to/python overrides")
     ap.add_argument("--out-stem", default=None)
     ap.add_argument("--out-dir", default=str(RESULTS))
@@ -576,8 +603,13 @@ def main(argv: Optional[List[str]] = None) -> int:
         try:
             rec = worker(args)
         except Exception as exc:  # noqa: BLE001 - the study records failures
+            import traceback
+
+            where = traceback.extract_tb(exc.__traceback__)[-1]
+            msg = str(exc).strip().splitlines()[0][:250] if str(exc).strip() else ""
             rec = {"method": args.method, "n": args.n, "status": "error",
-                   "error": f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:250] if str(exc).strip() else ''}"}
+                   "error": f"{type(exc).__name__}: {msg} (in {Path(where.filename).parent.name}/"
+                            f"{Path(where.filename).name}:{where.name})"}
         print(MARKER + json.dumps(rec), flush=True)
         return 0
     logging.basicConfig(level=logging.INFO, format="%(message)s")
