@@ -3,12 +3,12 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.dqp-installed
 
-.PHONY: setup demo test test-all clean
+.PHONY: setup demo test test-all docs clean
 
 $(STAMP): pyproject.toml constraints.txt
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -c constraints.txt -e ".[test,solvers]"
+	$(PY) -m pip install -q -c constraints.txt -e ".[test,solvers,docs,plots]"
 	touch $(STAMP)
 
 setup: $(STAMP)
@@ -21,6 +21,9 @@ test: setup
 
 test-all: setup
 	$(VENV)/bin/pytest -q --timeout=1800 -m "slow or not slow"
+
+docs: setup
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

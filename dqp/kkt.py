@@ -79,10 +79,23 @@ def ruiz_scaling(K, iters: int = 15) -> np.ndarray:
     D = np.ones(N)
     if N == 0:
         return D
-    absK = abs(K).tocsr() if sp.issparse(K) else np.abs(K)
+    if sp.issparse(K):
+        M = sp.csr_matrix(K, copy=True)
+        M.sum_duplicates()
+        absdata = np.abs(M.data)
+        rows = np.repeat(np.arange(N), np.diff(M.indptr))
+        cols = M.indices
+        nonempty = np.diff(M.indptr) > 0
+        starts = M.indptr[:-1][nonempty]
+    else:
+        absK = np.abs(np.asarray(K))
     for _ in range(iters):
-        scaled = sp.diags(D) @ absK @ sp.diags(D) if sp.issparse(absK) else D[:, None] * absK * D[None, :]
-        row = np.asarray(scaled.max(axis=1).todense()).ravel() if sp.issparse(scaled) else scaled.max(axis=1)
+        if sp.issparse(K):
+            row = np.ones(N)
+            if absdata.size:
+                row[nonempty] = np.maximum.reduceat(absdata * D[rows] * D[cols], starts)
+        else:
+            row = (D[:, None] * absK * D[None, :]).max(axis=1)
         row = np.where(row > 0, row, 1.0)
         if np.max(np.abs(row - 1.0)) < 1e-3:
             break

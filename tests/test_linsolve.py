@@ -74,3 +74,17 @@ def test_available_linsolvers_are_importable():
 def test_batched_linsolver_has_no_elementwise_factor():
     with pytest.raises(dqp.SettingsError, match="batched"):
         get_linsolver("torch").factor(np.eye(2))
+
+
+@pytest.mark.skipif("pardiso" not in available_linsolvers(), reason="pypardiso not installed")
+def test_pardiso_factorizations_stay_independent():
+    """One Pardiso instance per thread is reused; an older factorization must still solve its matrix."""
+    P1, G1 = kkt_blocks(seed=1)
+    P2, G2 = kkt_blocks(seed=2)
+    K1, K2 = assemble_kkt(P1, None, G1, True), assemble_kkt(P2, None, G2, True)
+    lin = get_linsolver("pardiso")
+    F1 = lin.factor(K1)
+    F2 = lin.factor(K2)
+    r = np.arange(K1.shape[0], dtype=float)
+    assert np.allclose(K1 @ F1.solve(r), r) and np.allclose(K2 @ F2.solve(r), r)
+    assert np.allclose(K1 @ F1.solve(r), r)
