@@ -20,4 +20,10 @@ from dqp.result import QPOutput, SolveInfo  # noqa: F401
 from dqp.settings import Settings, build_settings  # noqa: F401
 
 __version__ = "0.1.0"
+__all__ = [
+    "dQP", "dQP_layer", "build_settings", "Settings", "QPOutput", "SolveInfo", "Status",
+    "DQPError", "SettingsError", "SolverNotAvailableError", "InputError", "ShapeError", "NonFiniteError",
+    "NotSymmetricError", "NotPSDError", "LayoutError", "SolveError", "InfeasibleError", "UnboundedError",
+    "MaxIterationsError", "SolverFailedError",
+]
 _logging.getLogger("dqp").addHandler(_logging.NullHandler())

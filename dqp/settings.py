@@ -23,7 +23,8 @@ OPTIONS: Dict[str, Tuple[Any, tuple, str]] = {
     "eps_abs": (1e-8, (float, int), "Absolute tolerance, translated to each solver's own keywords."),
     "eps_rel": (1e-8, (float, int), "Relative tolerance, translated to each solver's own keywords (0 allowed)."),
     "eps_active": (1e-6, (float, int), "Active-set threshold: constraint i is active when its slack is "
-                   "below eps_active·(1+|d_i|) or its dual above eps_active·(1+‖μ‖∞)."),
+                   "below eps_active·(1+|d_i|) or its dual above eps_active·max(1, ‖μ‖∞). With refine_active, "
+                   "stricter and looser thresholds are tried when the set fails the KKT check."),
     "dual_available": (True, (bool, type(None)), "Use the solver's duals for the active set. False: detect from "
                        "slacks only and compute the duals from the reduced KKT system."),
     "normalize_constraints": (False, (bool,), "Scale the rows of C and A to unit norm (differentiably) "
