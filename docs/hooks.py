@@ -90,10 +90,11 @@ def _escape_cells(table: str) -> str:
     lines = table.splitlines()
     if not lines:
         return table
-    ncols = len(lines[0].strip().strip("|").split("|"))
+    cells = lambda line: re.split(r"(?<!\\)\|", line.strip().strip("|"))  # already-escaped \| stays
+    ncols = len(cells(lines[0]))
     out = []
     for line in lines:
-        parts = line.strip().strip("|").split("|")
+        parts = cells(line)
         if len(parts) > ncols and not line.startswith("|---"):
             parts = parts[:ncols - 1] + ["\\|".join(parts[ncols - 1:])]
         out.append("|" + "|".join(parts) + "|")

@@ -155,7 +155,7 @@ def options_table() -> str:
     """Markdown table of every option (generated for the README and docs)."""
     rows = ["| option | default | meaning |", "|---|---|---|"]
     for k, (default, _, text) in OPTIONS.items():
-        rows.append(f"| `{k}` | `{default!r}` | {text.replace('|', '&#124;')} |")
+        rows.append(f"| `{k}` | `{default!r}` | {text.replace('|', chr(92) + '|')} |")
     return "\n".join(rows)
 
 
