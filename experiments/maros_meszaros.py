@@ -275,6 +275,33 @@ def _finite(*arrays: Optional[np.ndarray]) -> bool:
 # =============================================================================================
 # Worker (runs inside one implementation's environment)
 # =============================================================================================
+def _fast_csc(ccol, row, vals, size):
+    """CSC tensor from a values leaf, with an O(nnz) backward.
+
+    torch's own autograd node for ``torch.sparse_csc_tensor(ccol, row, vals)`` costs O(n²) in the
+    backward (9 s at n = 10⁴, one thread), which would swamp both layers' backward times on the
+    large problems. Same helper as ``dqp.io._csc_from_values`` (duplicated: this file also runs in
+    libdqp's venv, where ``dqp`` is libdqp). Used for both implementations.
+    """
+    import torch
+
+    class _CSC(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, v):
+            return torch.sparse_csc_tensor(ccol, row, v, size=size, dtype=v.dtype)
+
+        @staticmethod
+        def backward(ctx, grad):
+            if grad.layout == torch.sparse_csc and grad.values().shape == vals.shape and torch.equal(
+                    grad.ccol_indices(), ccol) and torch.equal(grad.row_indices(), row):
+                return grad.values()
+            dense = grad.to_dense() if grad.layout != torch.strided else grad
+            cols = torch.repeat_interleave(torch.arange(size[1]), ccol.diff())
+            return dense[row, cols]
+
+    return _CSC.apply(vals)
+
+
 def _torch_inputs(prob: Dict[str, Any], impl: str):
     """Torch tensors with gradients: CSC tensors built from value leaves (both implementations)."""
     import torch
@@ -290,9 +317,8 @@ def _torch_inputs(prob: Dict[str, Any], impl: str):
         # gradients live on the values: the values are the leaf, the CSC tensor is built from them
         vals = torch.tensor(M.data, dtype=torch.float64, requires_grad=True)
         leaves[key] = vals
-        return torch.sparse_csc_tensor(torch.tensor(M.indptr, dtype=torch.int64),
-                                       torch.tensor(M.indices, dtype=torch.int64), vals, size=M.shape,
-                                       dtype=torch.float64)
+        return _fast_csc(torch.tensor(M.indptr, dtype=torch.int64), torch.tensor(M.indices, dtype=torch.int64),
+                         vals, M.shape)
 
     def vec(key):
         v = prob[key]

@@ -343,3 +343,33 @@ def test_load_problem_missing_and_corrupt(tmp_path):
     f.write_bytes(b"garbage" * 20)
     with pytest.raises(InputError, match="Could not read"):
         load_problem(f)
+
+
+@pytest.mark.parametrize("grad_layout", ["csc_same_pattern", "dense"])
+def test_csc_from_values_backward(grad_layout):
+    """to_torch's CSC constructor hands the values their gradient (fast path and gather path)."""
+    from dqp.io import _csc_from_values
+
+    M = sp.csc_matrix(np.array([[1.0, 0.0, 2.0], [0.0, 3.0, 0.0], [4.0, 0.0, 5.0]]))
+    ccol, row = torch.tensor(M.indptr, dtype=torch.int64), torch.tensor(M.indices, dtype=torch.int64)
+    vals = torch.tensor(M.data, requires_grad=True)
+    T = _csc_from_values(ccol, row, vals, M.shape)
+    G = torch.arange(9, dtype=torch.float64).reshape(3, 3)  # gradient wrt the dense matrix entries
+
+    class Probe(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, t):
+            return torch.zeros((), dtype=torch.float64)
+
+        @staticmethod
+        def backward(ctx, g):
+            if grad_layout == "dense":
+                return G
+            cols = torch.repeat_interleave(torch.arange(3), ccol.diff())
+            return torch.sparse_csc_tensor(ccol, row, G[row, cols], size=(3, 3))
+
+    Probe.apply(T).backward()
+    rows, cols = M.nonzero()  # CSC order for a canonical csc_matrix: by column, then row
+    order = np.lexsort((rows, cols))
+    expected = G.numpy()[rows[order], cols[order]]
+    np.testing.assert_array_equal(vals.grad.numpy(), expected)
