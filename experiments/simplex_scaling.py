@@ -238,7 +238,7 @@ def worker(args: argparse.Namespace) -> Dict[str, Any]:
     solve, notes = build_method(args.method, args.n, args.eps)
     rec["setup_time"] = time.perf_counter() - t0
     w = torch.tensor(w_np)
-    fwd, bwd = [], []
+    fwd, bwd, solver_t = [], [], []
     deadline = time.perf_counter() + args.rep_budget
     z = g = None
     for r in range(args.reps + 1):  # the first run is a warm-up (imports, JIT, allocations)
@@ -249,18 +249,25 @@ def worker(args: argparse.Namespace) -> Dict[str, Any]:
         (z.reshape(-1) @ w).backward()
         t2 = time.perf_counter()
         g = x.grad
+        st = sum(notes["info"].solve_time) if notes.get("info") is not None and notes["info"].solve_time else None
         if r > 0 or args.reps == 0:
             fwd.append(t1 - t0)
             bwd.append(t2 - t1)
+            solver_t.append(st)
         if r == 0 and (t2 - t0) * (args.reps + 1) > args.rep_budget:
             fwd.append(t1 - t0)  # slow cell: the warm-up run is the measurement
             bwd.append(t2 - t1)
+            solver_t.append(st)
             break
         if r > 0 and time.perf_counter() > deadline:
             break
     zn = z.detach().reshape(-1).numpy()
     gn = g.detach().reshape(-1).numpy()
-    rec.update(status="ok", t_forward=float(np.median(fwd)), t_backward=float(np.median(bwd)), reps=len(fwd))
+    # best of the runs: this machine is shared, and the minimum is the least disturbed measurement
+    tot = [a + b for a, b in zip(fwd, bwd)]
+    best = int(np.argmin(tot))
+    rec.update(status="ok", t_forward=fwd[best], t_backward=bwd[best], reps=len(fwd),
+               t_total_median=float(np.median(tot)))
     rec["t_total"] = rec["t_forward"] + rec["t_backward"]
     rec["z_err"] = float(np.max(np.abs(zn - z_ex)) / np.max(np.abs(z_ex)))
     rec["grad_err"] = float(np.max(np.abs(gn - g_ex)) / max(np.max(np.abs(g_ex)), 1e-300))
@@ -270,7 +277,7 @@ def worker(args: argparse.Namespace) -> Dict[str, Any]:
         rec["verified"] = bool(all(info.verified)) if info.verified else None
         it = info.iterations[0] if info.iterations else None
         rec["iterations"] = it
-        rec["t_solver"] = float(sum(info.solve_time)) if info.solve_time else None  # last run's forward solver
+        rec["t_solver"] = solver_t[best]  # forward-solver seconds of the reported run
     if "setup_time" in notes:
         rec["layer_setup_time"] = notes["setup_time"]
     return rec
@@ -402,7 +409,7 @@ def _log_row(rec: Dict[str, Any]) -> None:
         logger.info("%-24s n=%-7d %s: %s", rec["method"], rec["n"], rec.get("status"), rec.get("error", ""))
 
 
-COLUMNS = ["method", "n", "status", "t_forward", "t_backward", "t_total", "t_solver", "z_err", "grad_err", "reps", "iterations",
+COLUMNS = ["method", "n", "status", "t_forward", "t_backward", "t_total", "t_total_median", "t_solver", "z_err", "grad_err", "reps", "iterations",
            "verified", "k_support", "setup_time", "layer_setup_time", "wall", "error"]
 
 
@@ -438,7 +445,7 @@ def write_markdown(rows: List[Dict[str, Any]], path: Path, methods: List[str], a
     out = [f"# Simplex projection scaling (forward + backward)", "",
            f"`{command}` — dqp {git_version()}, {platform.machine()}, {args.threads} thread(s) per worker, "
            f"fraction of active bounds {args.frac_active}, tolerance eps={args.eps}, "
-           f"median of up to {args.reps} runs after a warm-up, cell budget {args.cell_timeout:.0f} s. "
+           f"best of up to {args.reps} runs after a warm-up (medians in the CSV), cell budget {args.cell_timeout:.0f} s. "
            f"Loss wᵀz*, gradient w.r.t. x; errors are relative (‖·‖∞ / ‖exact‖∞) against the sort-based "
            f"closed form and its Jacobian diag(s) − ssᵀ/|s|.", "",
            "## Forward + backward time", "",
