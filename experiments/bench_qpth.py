@@ -38,6 +38,7 @@ from __future__ import annotations
 import argparse
 import csv
 import gc
+import json
 import logging
 import math
 import os
@@ -565,7 +566,8 @@ def write_outputs(cells: List[Cell], out: str, tag: str, meta: Dict[str, str],
                 for p in peers if "dqp" in methods else []:
                     c = get.get(p)
                     if d and c and d.status == "ok" and c.status == "ok":
-                        row.append(f"{c.time_median_s / d.time_median_s:.1f}×")
+                        r = c.time_median_s / d.time_median_s
+                        row.append(f"{r:.1f}×" if r >= 1 else f"{r:.2g}×")
                     else:
                         row.append("—")
                 row += [_fmt_e(get[m].grad_rel_err) if m in get else "—" for m in methods]
@@ -579,11 +581,46 @@ def write_outputs(cells: List[Cell], out: str, tag: str, meta: Dict[str, str],
             worst.append(f"{m}: " + ", ".join(f"∇{k} {_fmt_e(v)}" for k, v in errs.items()))
         md += ["Worst gradient error per parameter — " + "; ".join(worst) + ".", ""]
     text = "\n".join(md)
+    with open(os.path.join(out, f"qpth_{tag}.json"), "w") as f:
+        json.dump({"meta": meta, "methods": list(methods)}, f, indent=1)
     with open(os.path.join(out, f"qpth_{tag}.md"), "w") as f:
         f.write(text + "\n")
     if plot:
         _plot(cells, os.path.join(out, f"qpth_{tag}.png"), tag, methods)
     return text
+
+
+def load_cells(csv_path: str) -> List[Cell]:
+    """Read the cells back from a CSV written by :func:`write_outputs`."""
+    types_ = {f.name: f.type for f in Cell.__dataclass_fields__.values()}
+    cells = []
+    with open(csv_path, newline="") as f:
+        for row in csv.DictReader(f):
+            kw = {}
+            for k, v in row.items():
+                t = types_.get(k)
+                if t in (int, "int"):
+                    kw[k] = int(v)
+                elif t in (float, "float"):
+                    kw[k] = float(v)
+                elif t in (bool, "bool"):
+                    kw[k] = v == "True"
+                elif t is not None:
+                    kw[k] = v
+            cells.append(Cell(**kw))
+    return cells
+
+
+def remake(csv_path: str, out: str, tag: str, plot: bool = True) -> str:
+    """Rewrite markdown/PNG from a CSV (and its JSON metadata, when present)."""
+    cells = load_cells(csv_path)
+    meta, methods = {}, list(dict.fromkeys(c.method for c in cells))
+    js = os.path.splitext(csv_path)[0] + ".json"
+    if os.path.exists(js):
+        with open(js) as f:
+            d = json.load(f)
+        meta, methods = d["meta"], d["methods"]
+    return write_outputs(cells, out, tag, meta, methods, plot=plot)
 
 
 def _plot(cells: List[Cell], path: str, tag: str, methods: Sequence[str]) -> None:
@@ -741,6 +778,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                          "processes, set OMP_WAIT_POLICY=PASSIVE or use 1 thread: spinning "
                          "OpenMP workers make tiny batched matmuls ~1000x slower")
     ap.add_argument("--no-plot", action="store_true")
+    ap.add_argument("--remake", metavar="CSV", default=None,
+                    help="only rewrite the markdown/PNG (tag from --tag) from a CSV of an earlier run")
     ap.add_argument("--profile", action="store_true",
                     help="instead of the comparison: profile dqp on the grid (IPM-only / forward / "
                          "backward split, iterations, kernel launches, syncs, top ops)")
@@ -769,6 +808,9 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Cell]:
     batches = _csv_list(args.batches, int)
     tag = args.tag or device.split(":")[0]
 
+    if args.remake:
+        print(remake(args.remake, args.out, tag, plot=not args.no_plot))
+        return []
     if args.profile:
         run_profile(args, device, dtypes, sizes, batches, tag)
         return []
