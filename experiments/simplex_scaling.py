@@ -544,11 +544,13 @@ def plot(csv_path: Path, png_path: Path) -> bool:
         for r in csv.DictReader(f):
             if r["status"] == "ok":
                 series.setdefault(r["method"], []).append((float(r["n"]), float(r["t_total"])))
-    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
-    for m, pts in series.items():
+    fig, ax = plt.subplots(figsize=(7.5, 4.8), dpi=110)
+    cmap = plt.get_cmap("tab20")
+    for i, (m, pts) in enumerate(series.items()):
         pts.sort()
-        style = "-" if m.startswith("dqp") else "--"
-        ax.loglog([p[0] for p in pts], [p[1] for p in pts], style, marker="o", ms=4, label=label(m))
+        ours = m.startswith("dqp")
+        ax.loglog([p[0] for p in pts], [p[1] for p in pts], "-" if ours else "--", marker="o" if ours else "s",
+                  ms=4, color=cmap(i % 20), label=label(m))
     ax.set_xlabel("n (simplex dimension)")
     ax.set_ylabel("forward + backward time [s]")
     ax.set_title("Differentiable projection onto the simplex")
