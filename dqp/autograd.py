@@ -71,6 +71,8 @@ class QPFunction(torch.autograd.Function):
         batch = work.batch
         z, lam, mu = ctx.saved_tensors
         B, n, m, p = batch.B, batch.n, batch.m, batch.p
+        if work.engine.lin_solver_name == "torch":
+            return (None, *_batched_torch_backward(ctx, work, z, lam, mu, gz, glam, gmu))
         to_np = lambda g, k: np.zeros((B, k)) if g is None else g.detach().to("cpu", torch.float64).numpy()
         gz_, glam_, gmu_ = to_np(gz, n), to_np(glam, p), to_np(gmu, m)
         y_z, y_lam, y_mu = np.zeros((B, n)), np.zeros((B, p)), np.zeros((B, m))
@@ -132,3 +134,36 @@ class QPFunction(torch.autograd.Function):
         dd = t(y_mu * a_np) if (m and need[4]) else None
         db = t(y_lam) if (p and need[6]) else None
         return None, dP, dq, dC, dd, dA, db
+
+
+def _batched_torch_backward(ctx: Any, work: Work, z, lam, mu, gz, glam, gmu):
+    """Backward on the data's device with the batched torch KKT solver (``lin_solver='torch'``).
+
+    The forward (a black-box solver and the CPU polish) fixed the active sets; here one batched
+    factorization of the masked reduced KKT systems (DESIGN-NOTES §5) gives every adjoint at once.
+    """
+    from dqp.linsolve.torch_batched import BatchedKKT
+
+    batch = work.batch
+    B, m, p = batch.B, batch.m, batch.p
+    solved = torch.tensor([r.status == Status.SOLVED for r in work.results], device=z.device)
+    active = (torch.as_tensor(np.stack([r.active for r in work.results])).to(z.device) & solved.unsqueeze(-1)
+              if m else None)
+    P, C, A = (None if M is None else M.detach() for M in (batch.P, batch.C, batch.A))
+    kkt = BatchedKKT(P, A, C, active, batch=B)
+    gz = torch.zeros_like(z) if gz is None else gz
+    glam = (torch.zeros_like(lam) if glam is None else glam) if p else None
+    gmu = ((torch.zeros_like(mu) if gmu is None else gmu) * active.to(mu.dtype)) if m else None
+    y_z, y_lam, y_mu = kkt.solve(gz, glam, gmu)
+    grads = dense_grads(y_z, y_lam, y_mu, z, lam if p else None, mu if m else None, active)
+    keep = solved.view(-1, 1)
+    need = ctx.needs_input_grad[1:]
+    out = []
+    for g, nd in zip(grads, need):
+        if g is None or not nd:
+            out.append(None)
+        else:
+            out.append(torch.where(keep.view(-1, *([1] * (g.dim() - 1))), g, torch.zeros_like(g)))
+    if getattr(work, "info", None) is not None:
+        work.info.backward_residual = [None] * B
+    return tuple(out)

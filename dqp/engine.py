@@ -178,7 +178,8 @@ class Engine:
 
     # -- forward -----------------------------------------------------------------------------
     def _linsolver(self, sparse: bool, size: int):
-        name = self.lin_solver_name if self.lin_solver_name != "auto" else auto_linsolver(sparse, size)
+        # the batched torch solver serves the backward only; the CPU polish then uses the auto choice
+        name = self.lin_solver_name if self.lin_solver_name not in ("auto", "torch") else auto_linsolver(sparse, size)
         self.used_linsolvers.add(name)
         return get_linsolver(name)
 

@@ -133,9 +133,9 @@ class dQP_layer(nn.Module):  # noqa: N801  (the name users know from the referen
                 raise SettingsError(f"qp_solver={qp!r} runs on torch tensors and differentiates with the batched "
                                     f"torch KKT solver; use lin_solver='torch' or 'auto' (got {lin!r}).")
             lin = "torch"
-        elif lin == "torch":
-            raise SettingsError("lin_solver='torch' pairs with the batched qp_solver='dqp_ipm'; for element-wise "
-                                "solvers pick a CPU linear solver (e.g. 'qdldl', 'scipy_lu') or 'auto'.")
+        elif lin == "torch" and batch.sparse:
+            raise SettingsError("lin_solver='torch' is a dense batched solver; with solve_type='sparse' pick a "
+                                "sparse linear solver ('qdldl', 'pardiso', 'scipy_splu') or 'auto'.")
         return qp, lin
 
     def _engine(self, qp: str, lin: str) -> Engine:

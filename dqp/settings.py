@@ -17,8 +17,9 @@ OPTIONS: Dict[str, Tuple[Any, tuple, str]] = {
     "qp_solver": ("auto", (str, type(None)), "Forward solver: a registered name (see `dqp.solvers.solver_table()`), "
                   "or 'auto' / None (the batched IPM for dense inputs on a GPU or large batches, Clarabel otherwise)."),
     "lin_solver": ("auto", (str, type(None)), "Backward linear solver for the reduced KKT system: a registered name "
-                   "(see `dqp.linsolve.linsolver_table()`) or 'auto' / None (QDLDL for sparse, dense LDL/LU "
-                   "for dense, batched torch for the batched IPM)."),
+                   "(see `dqp.linsolve.linsolver_table()`) or 'auto' / None (QDLDL for sparse, dense LU for dense, "
+                   "batched torch for the batched IPM). Chosen independently of qp_solver: e.g. 'torch' "
+                   "differentiates a black-box forward with one batched factorization on the data's device."),
     "solve_type": ("dense", (str,), "'dense' (torch dense tensors) or 'sparse' (torch CSC tensors)."),
     "eps_abs": (1e-8, (float, int), "Absolute tolerance, translated to each solver's own keywords."),
     "eps_rel": (1e-8, (float, int), "Relative tolerance, translated to each solver's own keywords (0 allowed)."),

@@ -105,8 +105,21 @@ def test_layer_constructor_checks():
 
 def test_solver_pairing_errors():
     P, q, C, d, *_ = random_qp(3, 2, 0, seed=0)
-    with pytest.raises(dqp.SettingsError, match="lin_solver='torch'"):
-        dQP.dQP_layer(qp_solver="clarabel", lin_solver="torch")(P, q, C, d)
+    with pytest.raises(dqp.SettingsError, match="dense batched solver"):
+        dQP.dQP_layer(qp_solver="clarabel", lin_solver="torch", solve_type="sparse")(P.to_sparse_csc(), q)
+
+
+def test_black_box_forward_with_batched_torch_backward():
+    """Forward and backward solvers are independent: Clarabel forward, batched torch KKT backward."""
+    P, q, C, d, A, b, *_ = random_qp(6, 8, 2, seed=3, batch=4)
+    grads = []
+    for lin in ("scipy_lu", "torch"):
+        ts = [t.clone().requires_grad_() for t in (P, q, C, d, A, b)]
+        z, lam, mu, _, _ = dQP.dQP_layer(qp_solver="clarabel", lin_solver=lin)(*ts)
+        (z.sum() + mu.sum() + lam.sum()).backward()
+        grads.append([t.grad for t in ts])
+    for g1, g2 in zip(*grads):
+        assert torch.allclose(g1, g2, atol=1e-10)
 
 
 @pytest.mark.parametrize("lin", ["qdldl", "pardiso", "scipy_splu", "scipy_lu", "scipy_ldl", "scipy_cholesky"])
