@@ -15,11 +15,13 @@ layer). Consecutive outer steps solve nearby QPs, which is where a warm start he
 For each solver (forward solvers that use a starting point: OSQP — dqp's native backend, which
 also keeps the factorization and warm-starts the duals — and the qpsolvers backends that take
 ``initvals``; Clarabel as an interior-point control that ignores it), the loop runs twice from the
-same y₀: cold (``warm_start_from_previous=False``) and warm (``True``). Recorded per outer step:
+same θ₀: cold (``warm_start_from_previous=False``) and warm (``True``), interleaved step by step
+(alternating which goes first) so that both see the same load on a shared machine. Recorded per outer step:
 forward-solver time (``layer.info.solve_time``), whole-forward time, iterations
 (``layer.info.iterations``, where the backend reports them), loss. dqp polishes every forward solution
 to the exact KKT point of its active set, so both runs must follow the same trajectory: the final
-losses are compared.
+losses are compared. (ProxQP is not in the default list: at n=2000 one cold solve takes ~80 s here, and
+at n=300 its warm-started solve stalls at outer step 73, see experiments/README.md.)
 
 Usage::
 
@@ -41,7 +43,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, Iterator, List, Optional
 
 import numpy as np
 
@@ -92,8 +94,13 @@ def parse_spec(spec: str, default_eps: float):
 
 
 def run_loop(spec: str, warm: bool, n: int, steps: int, lr: float, alpha: float, seed: int,
-             eps: float) -> Dict[str, Any]:
-    """Gradient descent on θ through the dqp layer; returns per-step records and the final state."""
+             eps: float) -> Iterator[Dict[str, Any]]:
+    """Gradient descent on θ through the dqp layer, one outer step per ``next()``.
+
+    Yields each step's record, then once more ``{"steps": [...], "final_loss": L, "theta": θ}``.
+    A generator, so that the driver can interleave the cold and the warm loop step by step: both
+    then see the same load on a shared machine.
+    """
     import torch
     from dqp import dQP
 
@@ -123,12 +130,13 @@ def run_loop(spec: str, warm: bool, n: int, steps: int, lr: float, alpha: float,
                           "verified": bool(info.verified[0]) if info.verified else None,
                           "n_active": int(np.count_nonzero(info.active[0])) if info.active else None,
                           "n_weak": int(info.n_weakly_active[0]) if info.n_weakly_active else None})
+        yield steps_out[-1]
         opt.step()
     with torch.no_grad():  # the loss at the final θ
         q = torch.cat([-y, torch.nn.functional.softplus(theta)])
         z = layer(P, q, C, d)[0][:n]
         final = float(0.5 * ((z - t) ** 2).sum())
-    return {"steps": steps_out, "final_loss": final, "theta": theta.detach().numpy().copy()}
+    yield {"steps": steps_out, "final_loss": final, "theta": theta.detach().numpy().copy()}
 
 
 def summarize(runs: Dict[tuple, Dict[str, Any]], solvers: List[str]) -> List[Dict[str, Any]]:
@@ -263,21 +271,29 @@ def driver(args: argparse.Namespace) -> int:
     runs: Dict[tuple, Dict[str, Any]] = {}
     all_steps: List[Dict[str, Any]] = []
     for s in solvers:
+        t0 = time.perf_counter()
+        loops = {warm: run_loop(s, warm, args.n, args.steps, args.lr, args.alpha, args.seed, args.eps)
+                 for warm in (False, True)}
+        try:
+            for k in range(args.steps + 1):  # interleaved, alternating which of the two goes first
+                for warm in ((False, True) if k % 2 == 0 else (True, False)):
+                    out = next(loops[warm])
+                    if k == args.steps:
+                        runs[(s, warm)] = out
+        except Exception as exc:  # noqa: BLE001 - the study records the failure
+            skipped[s] = f"{type(exc).__name__}: {exc}"[:200]
+            logger.warning("%s failed: %s", s, exc)
+            runs.pop((s, False), None)
+            runs.pop((s, True), None)
+            continue
         for warm in (False, True):
-            t0 = time.perf_counter()
-            try:
-                run = run_loop(s, warm, args.n, args.steps, args.lr, args.alpha, args.seed, args.eps)
-            except Exception as exc:  # noqa: BLE001 - the study records the failure
-                skipped[f"{s} ({'warm' if warm else 'cold'})"] = f"{type(exc).__name__}: {exc}"[:200]
-                logger.warning("%s warm=%s failed: %s", s, warm, exc)
-                continue
-            runs[(s, warm)] = run
-            all_steps += run["steps"]
-            st = run["steps"]
-            logger.info("%-15s %-5s %.1fs  solve total %.3fs  final loss %.10g  mean iters %s", s,
-                        "warm" if warm else "cold", time.perf_counter() - t0, sum(x["solve_time"] for x in st),
-                        run["final_loss"], _f(np.mean([x["iterations"] for x in st]) if st[0]["iterations"] is not None
-                                              else None, ".1f"))
+            st = runs[(s, warm)]["steps"]
+            all_steps += st
+            its = [x["iterations"] for x in st if x["iterations"] is not None]
+            logger.info("%-15s %-5s solve total %.3fs  final loss %.10g  mean iters %s", s, "warm" if warm else "cold",
+                        sum(x["solve_time"] for x in st), runs[(s, warm)]["final_loss"],
+                        _f(float(np.mean(its)) if its else None, ".1f"))
+        logger.info("%-15s both loops %.1fs", s, time.perf_counter() - t0)
     rows = summarize(runs, solvers)
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
