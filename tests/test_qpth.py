@@ -157,3 +157,18 @@ def test_mismatched_empty_pairs_raise():
         QPFunction()(Q, p, G, e, e, e)
     with pytest.raises(ShapeError, match="A and b"):
         QPFunction()(Q, p, G, h, A, e)
+
+
+@pytest.mark.parametrize("script,expect", [("optnet_classifier.py", "OptNet head: test accuracy"),
+                                           ("sudoku.py", "after 2 epochs")])
+def test_examples_short_mode(script, expect):
+    """The qpth-API examples run unchanged in their short mode and reach their own assertions."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    path = Path(__file__).resolve().parents[1] / "examples" / script
+    env = {**os.environ, "DQP_EXAMPLES_SHORT": "1", "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, str(path)], capture_output=True, text=True, timeout=280, env=env)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert expect in out.stdout
