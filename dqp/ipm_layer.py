@@ -26,9 +26,11 @@ an element when ``μ_J ≥ −τ`` and ``C_¬J z ≤ d_¬J + τ`` (τ = √eps_m
 offending rows move (violated inactive → active, negative active → inactive) and the polish is
 repeated (at most ``polish_rounds`` times); an element whose polish is still rejected keeps the
 IPM point. The polished solution satisfies the KKT conditions to round-off, so the gradients
-are exact for that active set (measured: without polish, gradients of a float64 solve at
-eps=1e-9 are off by ~1e-6 relative on random QPs, and far more on degenerate ones — e.g. the
-``x₂ ≤ 0`` example below where the IPM's z is off by 3e-5; with polish, 1e-12).
+are exact for that active set. Measured (qpth's generator, B=8, n=m=20, p=2, float64): gradients
+with polish agree with an independent Clarabel + dense-KKT reference to 3e-11 (relative); without
+polish they differ by ~2e-9, i.e. by the IPM tolerance. On degenerate problems the difference is
+larger: for ``min ½‖x‖² − x₁ s.t. x₂ ≤ 0, x₁ ≤ 2`` the IPM's x₂ is −3e-5 (float64) / −4e-3
+(float32) and the polished one is exactly 0.
 """
 from __future__ import annotations
 
@@ -56,7 +58,7 @@ def classify_active(C: Tensor, s: Tensor, mu: Tensor) -> Tensor:
 
 def polish(P: Tensor, q: Tensor, C: Optional[Tensor], d: Optional[Tensor], A: Optional[Tensor],
            b: Optional[Tensor], z: Tensor, lam: Optional[Tensor], mu: Optional[Tensor],
-           active: Optional[Tensor], solved: Tensor, *, rounds: int = 3):
+           active: Optional[Tensor], solved: Tensor, *, rounds: int = 3, factors: Optional[dict] = None):
     """Solve the reduced KKT system for the active set and accept it where it is consistent.
 
     Round 1 factorizes the whole batch; the (usually few) rejected elements are retried with
@@ -85,8 +87,8 @@ def polish(P: Tensor, q: Tensor, C: Optional[Tensor], d: Optional[Tensor], A: Op
             ok &= ~bad_rows.any(-1)
         return zp, lp, mp, ok, bad_rows
 
-    # round 1: the whole batch
-    kkt = BatchedKKT(P, A, C, active, batch=B)
+    # round 1: the whole batch (reusing the IPM's factorization of P when it has one)
+    kkt = BatchedKKT(P, A, C, active, batch=B, factors=factors)
     zp, lp, mp, ok, bad_rows = attempt(kkt, q, b, C, d, active, solved)
     t = ok.unsqueeze(-1)
     z = torch.where(t, zp, z)
@@ -155,9 +157,10 @@ class IPMQPFunction(torch.autograd.Function):
         if active is not None:
             active = active & solved.unsqueeze(-1)
         if do_polish:
-            z, lam, mu, active, kkt, _ = polish(P, q, C, d, A, b, z, lam, mu, active, solved, rounds=rounds)
+            z, lam, mu, active, kkt, _ = polish(P, q, C, d, A, b, z, lam, mu, active, solved, rounds=rounds,
+                                                factors=res.factors)
         else:
-            kkt = BatchedKKT(P, A, C, active, batch=q.shape[0])
+            kkt = BatchedKKT(P, A, C, active, batch=q.shape[0], factors=res.factors)
         # failed elements: zeros, never NaN
         sv = solved.unsqueeze(-1)
         z = torch.where(sv, z, torch.zeros_like(z))

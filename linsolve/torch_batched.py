@@ -72,6 +72,10 @@ class BatchedKKT:
         Batch size when every argument is shared.
     refine : int
         Iterative-refinement steps against the true K after every solve (default 1).
+    factors : dict, optional
+        ``L`` (Cholesky factor of P), ``PiAbt`` = P⁻¹[A; C]ᵀ and ``M`` = [A; C]P⁻¹[A; C]ᵀ, as
+        computed by the IPM's dual form (:attr:`dqp.solvers.ipm.IPMResult.factors`): the
+        Cholesky path then only masks them and factorizes the Schur complement.
 
     Attributes
     ----------
@@ -79,7 +83,7 @@ class BatchedKKT:
     """
 
     def __init__(self, P: Tensor, A: Optional[Tensor], C: Optional[Tensor], active: Optional[Tensor],
-                 *, batch: Optional[int] = None, refine: int = 1):
+                 *, batch: Optional[int] = None, refine: int = 1, factors: Optional[dict] = None):
         if A is not None and A.shape[-2] == 0:
             A = None
         if C is not None and C.shape[-2] == 0:
@@ -125,7 +129,7 @@ class BatchedKKT:
         rho = torch.zeros(B, dtype=dtype, device=device)
         delta = torch.zeros(B, dtype=dtype, device=device)
         self.path = torch.zeros(B, dtype=torch.int64, device=device)
-        ok = self._factor(rho, delta)
+        ok = self._factor_pre(factors) if factors is not None and self.k else self._factor(rho, delta)
         if not bool(ok.all()):
             # --- attempt 1: augmented H = P + ρĀᵀĀ for the elements that failed
             Pmax = P.abs().flatten(-2).amax(-1).expand(B)
@@ -265,6 +269,22 @@ class BatchedKKT:
             self.LS, info2 = _cholesky(S)
             ok = ok & (info2 == 0) & self._pivots_ok(self.LS, S)
         return ok & torch.isfinite(self.L).flatten(-2).all(-1).expand(B)
+
+    def _factor_pre(self, f: dict) -> Tensor:
+        """Cholesky path from precomputed P⁻¹[A; C]ᵀ and [A; C]P⁻¹[A; C]ᵀ: mask, add D, factorize S."""
+        B, n, k = self.B, self.n, self.k
+        cm = torch.ones(B, k, dtype=self.D.dtype, device=self.D.device)
+        if self.m:
+            cm[:, self.p:] = self.a
+        self.L = f["L"]
+        self.HiAbt = f["PiAbt"] * cm.unsqueeze(-2)
+        S = f["M"] * cm.unsqueeze(-1) * cm.unsqueeze(-2)
+        S = S + torch.diag_embed(self.D)
+        self.LS, info = _cholesky(S)
+        ok = (info == 0) & self._pivots_ok(self.LS, S)
+        if self.L.dim() == 3:
+            ok = ok & torch.isfinite(self.L).flatten(-2).all(-1)
+        return ok
 
     def _pivots_ok(self, L: Tensor, M: Tensor) -> Tensor:
         """Reject a numerically singular factorization: smallest pivot² vs the largest diagonal."""

@@ -82,6 +82,9 @@ class IPMResult:
     status : (B,) int64, :class:`dqp.errors.Status` values.
     iterations : (B,) int64, iterations each instance ran.
     form : which elimination ran (``"primal"`` or ``"dual"``).
+    factors : for the dual form, ``L`` (Cholesky factor of P), ``PiAbt`` = P⁻¹[A; C]ᵀ and
+        ``M`` = [A; C] P⁻¹ [A; C]ᵀ in the caller's scaling, for reuse by
+        :class:`dqp.linsolve.torch_batched.BatchedKKT` (the polish and the backward).
     """
 
     z: Tensor
@@ -91,6 +94,7 @@ class IPMResult:
     status: Tensor
     iterations: Tensor
     form: str = "primal"
+    factors: Optional[Dict[str, Tensor]] = None
 
 
 def default_eps(dtype: torch.dtype) -> float:
@@ -335,6 +339,7 @@ class _DualNewton:
         else:
             self.PiAbt = _chol_solve(LP, Abt.expand(B, n, k))
         self.M = torch.matmul(self.Abar, self.PiAbt)                # (k, k) or (B, k, k)
+        self._point = None
         self.Md = torch.diagonal(self.M, dim1=-2, dim2=-1).abs().amax(-1).clamp(min=1e-30)
         self._const = None
         self._a = None
@@ -382,12 +387,34 @@ class _DualNewton:
         dmu = dy[:, self.p:] if self.m else None
         return dz, dlam, dmu, None
 
+    def set_point(self, q, z, y, Abar_z):
+        """Current iterate, so that ``a = −(Pz + q + Āᵀy)`` is used through the identities
+        ``P⁻¹a = −z − P⁻¹q − P⁻¹Āᵀy`` and ``ĀP⁻¹a = −Āz − ĀP⁻¹q − My`` (no triangular solve with
+        P per iteration)."""
+        if self._point is None or self._point[0] is not q:
+            self._Piq = _chol_solve(self.LP, q)
+            self._g = _mv(self.Abar, self._Piq)
+            self._point = (q,)
+        self._z, self._y = z, y
+        self._pending = Abar_z
+
     def direction(self, a, bb, c, winv, need_dz: bool, refine: int):
         """Newton direction ``(Δz or None, Δλ, Δμ, CΔz)``: ``CΔz = C P⁻¹a − (M Δy)_C`` needs no
         n-space product, so the predictor never forms Δz."""
+        if getattr(self, "_pending", None) is not None:
+            # a = −r_d at the point given to set_point: ĀP⁻¹a from k-space products only
+            self._a = a
+            self._At = -self._pending - self._g - _mv(self.M, self._y)
+            self._t = None
+            self._pending = None
         self._prepare(a)
         dy, My = self._dy(bb, c, refine)
-        dz = self._t - _mv(self.PiAbt, dy) if need_dz else None
+        if not need_dz:
+            dz = None
+        elif self._t is None:
+            dz = -self._z - self._Piq - _mv(self.PiAbt, self._y + dy)
+        else:
+            dz = self._t - _mv(self.PiAbt, dy)
         dlam = dy[:, :self.p] if self.p else None
         dmu = Cdz = None
         if self.m:
@@ -464,10 +491,11 @@ def ipm_solve(P: Tensor, q: Tensor, C: Optional[Tensor] = None, d: Optional[Tens
         Tolerance of the infeasibility certificates (default 1e-7 float64, 1e-4 float32).
     refine : int, optional
         Iterative-refinement steps of the (corrector) Newton direction on the unreduced system.
-        Default 1: as W grows, the eliminated systems lose accuracy and the IPM stalls with a
-        dual residual around 1e-8 (measured on qpth's generator); one refinement step removes
-        that stall and saves ~2 iterations of the batch's slowest element. The primal form
-        refines on the unreduced system, the dual form on its Schur system (k-space only).
+        Default 1 for the primal form: as W grows, ``H = P + CᵀWC`` loses accuracy and the IPM
+        stalls with a dual residual around 1e-8; one step of refinement on the unreduced system
+        removes the stall (measured on qpth's generator, n=50, m=150: 17 of 128 instances stall
+        without it). Default 0 for the dual form, where a refinement of its Schur system changed
+        no iteration count in the same measurements.
     stall_iters : int
         An instance whose worst scaled residual has not halved for this many iterations stops
         with ``Status.NUMERICAL`` instead of running to ``max_iter`` (and holding up its batch).
@@ -527,7 +555,7 @@ def ipm_solve(P: Tensor, q: Tensor, C: Optional[Tensor] = None, d: Optional[Tens
     else:
         newton = _PrimalNewton(P, C, A, B, n, m, p, reg_p * pscale, reg_d)
     if refine is None:
-        refine = 1
+        refine = 1 if fm == "primal" else 0
 
     delta = torch.ones(B, dtype=dtype, device=device)         # per-instance regularization multiplier
     one_m = torch.ones(B, m, dtype=dtype, device=device)
@@ -588,8 +616,8 @@ def ipm_solve(P: Tensor, q: Tensor, C: Optional[Tensor] = None, d: Optional[Tens
         gscl = 1.0 + (z * Pz).sum(-1).abs() + (q * z).sum(-1).abs()
         return Pz, rd, ATl, CTm, Az, Cz, req, rin, gap, gscl
 
-    def _step(z, s, mu, lam, delta, nfail, iters, done, rd, req, rin, gap, gscl, it=0, pres=None, pscl=None,
-              dres=None, dscl=None):
+    def _step(z, s, mu, lam, delta, nfail, iters, done, rd, req, rin, gap, gscl, Az_s=None, Cz_s=None, it=0,
+              pres=None, pscl=None, dres=None, dscl=None):
         running = ~done
         iters = iters + running.to(torch.int64)
 
@@ -597,6 +625,10 @@ def ipm_solve(P: Tensor, q: Tensor, C: Optional[Tensor] = None, d: Optional[Tens
         # W⁻¹ = s/μ, kept inside the range where W and W⁻¹ are finite in this dtype
         winv = (s / mu).clamp(min=wlo, max=1.0 / wlo) if m else None
         fact_ok = newton.factor(winv, delta)
+        if fm == "dual":
+            yv = torch.cat([lam, mu], dim=-1) if (p and m) else (lam if p else mu)
+            Az_ = [v for v in (Az_s, Cz_s) if v is not None]
+            newton.set_point(q, z, yv, torch.cat(Az_, dim=-1) if len(Az_) > 1 else Az_[0])
         a = -rd
         bb = -req if p else None
         c_aff = (-rin + s) if m else None          # −r_in + r_c/μ with r_c = s∘μ
@@ -771,7 +803,7 @@ def ipm_solve(P: Tensor, q: Tensor, C: Optional[Tensor] = None, d: Optional[Tens
             graph.replay()
             continue
         z, s, mu, lam, delta, nfail, iters = _step(z, s, mu, lam, delta, nfail, iters, done, rd, req, rin, gap,
-                                                   gscl, it, pres, pscl, dres, dscl)
+                                                   gscl, Az, Cz, it, pres, pscl, dres, dscl)
     if graph is not None:
         z, s, mu, lam, delta, nfail, iters = (t.clone() for t in st[:7])
         del graph
@@ -780,7 +812,16 @@ def ipm_solve(P: Tensor, q: Tensor, C: Optional[Tensor] = None, d: Optional[Tens
     lam_out = lam / a_scale if p else None
     mu_out = mu / c_scale if m else None
     s_out = s * c_scale if m else s
-    res = IPMResult(z=z, lam=lam_out, mu=mu_out, s=s_out, status=status, iterations=iters, form=fm)
+    factors = None
+    if fm == "dual":
+        sc = [t for t in (a_scale, c_scale) if t is not None]
+        sc = torch.cat(sc, dim=-1) if len(sc) > 1 else sc[0]                  # (B, k) row norms
+        if newton.PiAbt.dim() == 2 and bool((sc == sc[:1]).all()):
+            sc = sc[0]                                                          # shared scaling
+        factors = dict(L=newton.LP, PiAbt=newton.PiAbt * sc.unsqueeze(-2),
+                       M=newton.M * sc.unsqueeze(-1) * sc.unsqueeze(-2))
+    res = IPMResult(z=z, lam=lam_out, mu=mu_out, s=s_out, status=status, iterations=iters, form=fm,
+                    factors=factors)
     if fallback64 and dtype != torch.float64:
         bad = (status == int(Status.MAX_ITER)) | (status == NUM)
         if bool(bad.any()):
@@ -797,8 +838,9 @@ def _capture(resid, step, state):
         st = [t.clone() for t in state]
 
         def body(buf):
-            _, rd, _, _, _, _, req, rin, gap, gscl = resid(buf[0], buf[1], buf[2], buf[3])
-            return step(buf[0], buf[1], buf[2], buf[3], buf[4], buf[5], buf[6], buf[7], rd, req, rin, gap, gscl)
+            _, rd, _, _, Az, Cz, req, rin, gap, gscl = resid(buf[0], buf[1], buf[2], buf[3])
+            return step(buf[0], buf[1], buf[2], buf[3], buf[4], buf[5], buf[6], buf[7], rd, req, rin, gap, gscl,
+                        Az, Cz)
 
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())

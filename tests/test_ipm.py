@@ -568,3 +568,21 @@ def test_float32_stall_falls_back_to_float64():
     ref = ipm_solve(*[t.double() for t in data32])
     assert fixed.status.item() == 0 and fixed.z.dtype == F32
     assert _rel(fixed.z.double(), ref.z) < 1e-5
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_batched_kkt_reuses_ipm_factors(shared):
+    P, q, C, d, A, b, *_ = known_qp(3, 6, 8, 2, seed=31)
+    if shared:
+        P, C, A = P[0], C[0], A[0]
+    res = ipm_solve(P, q, C, d, A, b, form="dual")
+    assert res.factors is not None and res.form == "dual"
+    active = classify_active(C.expand(3, 8, 6), res.s, res.mu)
+    g = torch.randn(3, 6, dtype=F64)
+    gm = torch.randn(3, 8, dtype=F64)
+    fast = BatchedKKT(P, A, C, active, batch=3, factors=res.factors)
+    slow = BatchedKKT(P, A, C, active, batch=3)
+    assert fast.path.tolist() == [0, 0, 0]
+    for x, y in zip(fast.solve(g, None, gm), slow.solve(g, None, gm)):
+        assert torch.allclose(x, y, atol=1e-10)
+    assert ipm_solve(P, q, C, d, A, b, form="primal").factors is None
