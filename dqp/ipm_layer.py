@@ -133,9 +133,10 @@ class IPMQPFunction(torch.autograd.Function):
     ``options`` a dict of :func:`dqp.solvers.ipm.ipm_solve` keywords plus ``polish`` (bool,
     default True) and ``polish_rounds`` (int, default 3).
 
-    Returns ``(z, lam, mu, status, active)``: ``z (B,n)``, ``lam (B,p)`` or None, ``mu (B,m)``
+    Returns ``(z, lam, mu, status, active, kkt)``: ``z (B,n)``, ``lam (B,p)`` or None, ``mu (B,m)``
     or None (differentiable), ``status (B,)`` int64 and ``active (B,m)`` bool or None (not
-    differentiable). Only ``P``'s symmetric part enters the problem (the forward uses
+    differentiable), and the :class:`~dqp.linsolve.torch_batched.BatchedKKT` factorization the
+    backward uses (for diagnostics: ``kkt.path``). Only ``P``'s symmetric part enters the problem (the forward uses
     ``½(P + Pᵀ)``), so ``∇P`` is symmetric. Elements whose status is not SOLVED return zeros
     and receive zero gradients.
     """
