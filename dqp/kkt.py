@@ -45,19 +45,30 @@ def warn_singular_once() -> None:
 def assemble_kkt(P, A, CJ, sparse: bool, reg: float = 0.0):
     """Assemble ``[[P + reg·I, Aᵀ, C_Jᵀ], [A, −reg·I, 0], [C_J, 0, −reg·I]]``.
 
-    ``A`` and ``CJ`` may be ``None`` or have zero rows. Returns a SciPy CSC matrix when ``sparse``,
-    else a dense ndarray.
+    ``A`` and ``CJ`` may be ``None`` or have zero rows. Returns a SciPy CSC matrix when ``sparse``
+    (with every diagonal entry stored, explicit zeros included, so a regularization only changes
+    values), else a dense ndarray.
     """
     n = P.shape[0]
     blocks = [M for M in (A, CJ) if M is not None and M.shape[0] > 0]
     if sparse:
-        G = sp.vstack([sp.csc_matrix(M) for M in blocks], format="csc") if blocks else sp.csc_matrix((0, n))
-        k = G.shape[0]
-        Pm = sp.csc_matrix(P) + reg * sp.eye(n, format="csc") if reg else sp.csc_matrix(P)
-        if k == 0:
-            return Pm.tocsc()
-        D = -reg * sp.eye(k, format="csc") if reg else sp.csc_matrix((k, k))
-        return sp.bmat([[Pm, G.T], [G, D]], format="csc")
+        Pc = sp.coo_matrix(P)
+        rows, cols, vals = [Pc.row], [Pc.col], [Pc.data]
+        off = n
+        for M in blocks:
+            Mc = sp.coo_matrix(M)
+            rows += [Mc.row + off, Mc.col]  # the block and its transpose
+            cols += [Mc.col, Mc.row + off]
+            vals += [Mc.data, Mc.data]
+            off += M.shape[0]
+        N = off
+        diag = np.arange(N)
+        rows.append(diag)
+        cols.append(diag)
+        vals.append(np.concatenate([np.full(n, reg), np.full(N - n, -reg)]))
+        K = sp.csc_matrix((np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))), shape=(N, N))
+        K.sum_duplicates()
+        return K
     G = np.vstack([np.asarray(M.toarray() if sp.issparse(M) else M) for M in blocks]) if blocks else np.zeros((0, n))
     k = G.shape[0]
     Pd = np.asarray(P.toarray() if sp.issparse(P) else P, dtype=np.float64)
@@ -104,7 +115,13 @@ def ruiz_scaling(K, iters: int = 15) -> np.ndarray:
 
 
 def _scaled(M, D):
-    return (sp.diags(D) @ M @ sp.diags(D)).tocsc() if sp.issparse(M) else D[:, None] * M * D[None, :]
+    """``diag(D) M diag(D)`` (for CSC: the same pattern, values scaled in place of a product)."""
+    if not sp.issparse(M):
+        return D[:, None] * M * D[None, :]
+    S = M.copy()
+    cols = np.repeat(np.arange(M.shape[1]), np.diff(M.indptr))
+    S.data = S.data * D[M.indices] * D[cols]
+    return S
 
 
 class RobustKKT(Factorization):
@@ -161,12 +178,13 @@ class RobustKKT(Factorization):
         probe_rhs = self.Ks @ probe
         # LAPACK's LU is safe on singular matrices; SuperLU only gets the (nonsingular) quasi-definite form
         pivoting = (DenseLUSolver(), 0.0) if (not sparse and N <= 3000) else (SuperLUSolver(), 1e-12)
-        attempts = ([(solver, 0.0)] if solver.safe_on_singular else []) + [(solver, 1e-10), pivoting]
+        direct_ok = solver.safe_on_singular and not (solver.quasi_definite_only and N > self.n)
+        attempts = ([(solver, 0.0)] if direct_ok else []) + [(solver, 1e-10), pivoting]
         for lin, reg in attempts:
             try:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
-                    M = self.Ks if not reg else self.Ks + _reg_diag(self.n, N, reg, sparse)
+                    M = self.Ks if not reg else _plus_reg(self.Ks, self.n, reg)
                     self._F = lin.factor(M if sparse or lin.dense else sp.csc_matrix(M), n=self.n)
                     err = np.linalg.norm(self._solve_scaled(probe_rhs) - probe) / np.linalg.norm(probe)
                 if np.isfinite(err) and err < 1e-6:
@@ -175,7 +193,7 @@ class RobustKKT(Factorization):
                 logger.debug("KKT factorization attempt (%s, reg=%s) failed: %s", lin.name, reg, exc)
             self._F = None
         self.path = REGULARIZED
-        Kreg = self.Ks + _reg_diag(self.n, N, delta, sparse)
+        Kreg = _plus_reg(self.Ks, self.n, delta)
         try:
             self._F = solver.factor(Kreg if sparse or solver.dense else sp.csc_matrix(Kreg), n=self.n)
         except Exception:  # SuperLU factorizes any nonsingular Kreg
@@ -209,9 +227,15 @@ class RobustKKT(Factorization):
         return D * xs
 
 
-def _reg_diag(n: int, N: int, delta: float, sparse: bool):
+def _plus_reg(K, n: int, delta: float):
+    """``K + diag(δI_n, −δI)``; for CSC from :func:`assemble_kkt` the diagonal is stored, so only values change."""
+    N = K.shape[0]
     diag = np.concatenate([np.full(n, delta), np.full(N - n, -delta)])
-    return sp.diags(diag, format="csc") if sparse else np.diag(diag)
+    if not sp.issparse(K):
+        return K + np.diag(diag)
+    R = K.copy()
+    R.setdiag(R.diagonal() + diag)  # no structural change: every diagonal entry exists
+    return R
 
 
 def auto_linsolver(sparse: bool, size: int) -> str:

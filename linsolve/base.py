@@ -42,6 +42,9 @@ class LinearSolver(Plugin, ABC):
     #: False for solvers that may crash (not just fail) on an exactly singular matrix; dqp then only
     #: gives them the nonsingular quasi-definite regularization ``K + diag(δI, −δI)``.
     safe_on_singular: ClassVar[bool] = True
+    #: True for solvers that factorize only quasi-definite matrices (QDLDL): a KKT matrix with a zero
+    #: (2,2) block then goes straight to the regularized form ``K + diag(δ₀I, −δ₀I)``.
+    quasi_definite_only: ClassVar[bool] = False
 
     def factor(self, K: Matrix, n: Optional[int] = None) -> Factorization:  # pragma: no cover - interface
         """Factorize the symmetric KKT matrix ``K``; ``n`` is the size of its (1,1) block (the primal

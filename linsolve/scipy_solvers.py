@@ -47,6 +47,7 @@ class QDLDLSolver(LinearSolver):
     aliases = ("QDLDL",)
     modules = ("qdldl",)
     description = "Sparse LDLᵀ of the quasi-definite KKT matrix (OSQP's factorization); the sparse default."
+    quasi_definite_only = True
 
     def factor(self, K: Matrix, n: Optional[int] = None) -> Factorization:
         import qdldl

@@ -77,6 +77,19 @@ def _status_text(extras: Dict[str, Any]) -> str:
     return " ".join(parts).lower().replace("-", " ")
 
 
+def _iterations(extras: Dict[str, Any]) -> Optional[int]:
+    """Iteration count from a backend's raw output (``None`` when it does not report one)."""
+    for key in ("iter", "iterations"):
+        if isinstance(extras.get(key), (int, np.integer)):
+            return int(extras[key])
+    info = extras.get("info")
+    for attr in ("iter", "iterations"):
+        val = getattr(info, attr, None)
+        if isinstance(val, (int, np.integer)):
+            return int(val)
+    return None
+
+
 def status_from_extras(extras: Dict[str, Any]) -> Optional[Status]:
     """Best-effort status from a backend's raw output; ``None`` when it does not say."""
     text = _status_text(extras)
@@ -144,7 +157,7 @@ class QPSolversBackend(ForwardSolver):
         z = None if sol.z is None or C is None else np.asarray(sol.z, dtype=np.float64)
         if x is not None and not np.all(np.isfinite(x)):
             x = None
-        return RawSolution(x, y, z, status, info=info)
+        return RawSolution(x, y, z, status, iterations=_iterations(extras), info=info)
 
 
 def _make_backend(name: str, module: str, extra: str, formats: str, description: str):
