@@ -795,7 +795,7 @@ def ipm_solve(P: Tensor, q: Tensor, C: Optional[Tensor] = None, d: Optional[Tens
                 break
             if graph is not None:
                 st[7].copy_(done)
-        if use_graph and graph is None and it >= 1:
+        if use_graph and graph is None:
             graph, st = _capture(_resid, _step, [z, s, mu, lam, delta, nfail, iters, done])
             if graph is None:
                 use_graph = False
