@@ -625,7 +625,9 @@ def ipm_solve(P: Tensor, q: Tensor, C: Optional[Tensor] = None, d: Optional[Tens
         # W⁻¹ = s/μ, kept inside the range where W and W⁻¹ are finite in this dtype
         winv = (s / mu).clamp(min=wlo, max=1.0 / wlo) if m else None
         fact_ok = newton.factor(winv, delta)
-        if fm == "dual":
+        if fm == "dual" and f64:
+            # (float64 only: in float32 the identities cancel badly — measured: every instance of
+            # qpth's generator at n = m = 100 stalls — so float32 solves with P each iteration)
             yv = torch.cat([lam, mu], dim=-1) if (p and m) else (lam if p else mu)
             Az_ = [v for v in (Az_s, Cz_s) if v is not None]
             newton.set_point(q, z, yv, torch.cat(Az_, dim=-1) if len(Az_) > 1 else Az_[0])

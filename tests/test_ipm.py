@@ -552,22 +552,25 @@ def test_polish_repairs_a_wrong_active_set_on_a_sub_batch():
 
 
 def test_float32_stall_falls_back_to_float64():
-    """qpth's generator, n = m = 40: one float32 instance stalls; it is re-solved in float64."""
-    g = torch.Generator().manual_seed(2)
-    B, n = 64, 40
+    """qpth's generator, n = m = 60: float32 instances stall; they are re-solved in float64."""
+    g = torch.Generator().manual_seed(0)
+    B, n = 64, 60
     U = torch.randn(B, n, n, generator=g, dtype=F32)
     Q = U.transpose(1, 2) @ U + 1e-3 * torch.eye(n, dtype=F32)
     p = torch.randn(B, n, generator=g, dtype=F32)
     G = torch.randn(B, n, n, generator=g, dtype=F32)
     z0 = torch.randn(B, n, generator=g, dtype=F32)
     h = (G @ z0.unsqueeze(-1)).squeeze(-1) + torch.rand(B, n, generator=g, dtype=F32)
-    data32 = [t[48:49] for t in (Q, p, G, h)]
+    data32 = (Q, p, G, h)
     plain = ipm_solve(*data32, fallback64=False)
-    assert plain.status.item() in (int(Status.NUMERICAL), int(Status.MAX_ITER))
+    failed = (plain.status != 0)
+    assert failed.any()
+    assert set(plain.status[failed].tolist()) <= {int(Status.NUMERICAL), int(Status.MAX_ITER)}
     fixed = ipm_solve(*data32)
     ref = ipm_solve(*[t.double() for t in data32])
-    assert fixed.status.item() == 0 and fixed.z.dtype == F32
-    assert _rel(fixed.z.double(), ref.z) < 1e-5
+    assert (fixed.status == 0).all() and fixed.z.dtype == F32
+    assert _rel(fixed.z[failed].double(), ref.z[failed]) < 1e-6        # re-solved in float64
+    assert _rel(fixed.z.double(), ref.z) < 1e-2                        # float32 IPM, cond(P) ~ 1e5
 
 
 @pytest.mark.parametrize("shared", [False, True])
