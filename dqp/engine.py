@@ -55,38 +55,60 @@ def _mv(M, x):
     return M @ x
 
 
-def detect_active(C, d: np.ndarray, x: np.ndarray, mu: Optional[np.ndarray], eps: float) -> Tuple[np.ndarray, int]:
-    """Active inequalities from the slack and (when given) the dual, each scaled.
+_TINY = np.finfo(np.float64).tiny
 
-    Constraint ``i`` is active when ``d_i − C_i x ≤ eps·(1+|d_i|)`` or ``μ_i > eps·max(1, ‖μ‖∞)``.
+
+def _abs_rows(C, x: np.ndarray) -> np.ndarray:
+    """``|C| |x|`` row by row: the natural size of ``C x`` (for scale-invariant tolerances)."""
+    return abs(C) @ np.abs(x)
+
+
+def detect_active(C, d: np.ndarray, x: np.ndarray, mu: Optional[np.ndarray], eps: float) -> Tuple[np.ndarray, int]:
+    """Active inequalities from the slack and (when given) the dual, each relative to its own scale.
+
+    Constraint ``i`` is active when ``d_i − C_i x ≤ eps·max(|d_i|, |C_i||x|)`` or
+    ``μ_i > eps·‖μ‖∞``: multiplying C and d (or P and q) by any factor leaves the set unchanged.
     Returns the mask and the number of weakly active constraints (small slack *and* small dual).
     """
     slack = d - _mv(C, x)
-    near = slack <= eps * (1.0 + np.abs(d))
+    near = slack <= eps * np.maximum(np.maximum(np.abs(d), _abs_rows(C, x)), _TINY)
     if mu is None:
         return near, 0
-    big = mu > eps * max(1.0, float(np.max(np.abs(mu), initial=0.0)))
+    big = mu > eps * max(float(np.max(np.abs(mu), initial=0.0)), _TINY)
     weak = int(np.count_nonzero(near & ~big))
     return near | big, weak
+
+
+def _inf(v) -> float:
+    return float(np.max(np.abs(v), initial=0.0)) if v is not None else 0.0
 
 
 def polish(P, q, C, d, A, b, active: np.ndarray, solver, sparse: bool, eps: float, refine: bool,
            max_iter: int, start: Optional[Tuple[np.ndarray, Optional[np.ndarray], Optional[np.ndarray]]] = None):
     """Solve the reduced KKT on ``active`` and verify; repair the set when ``refine``.
 
+    The check is scale-invariant, with tolerance ``tol = 1e-2·eps`` relative to each quantity's own
+    size: inactive rows satisfy ``C_i z − d_i ≤ tol·max(|d_i|, |C_i||z|)``, active duals
+    ``μ_J ≥ −tol·max(‖μ_J‖∞, (‖Pz‖∞+‖q‖∞)/‖C_J‖∞)``, and the equalities, active rows and
+    stationarity hold to ``tol`` relative to the norms of their terms. A point that passes satisfies
+    the KKT conditions of the (convex) QP, so it is the solution, whatever the solver's accuracy.
+
     ``start`` = the forward solver's ``(x, y, z)``: the refinement starts there, so when the reduced
     system is singular (a non-unique solution) the polished point stays next to the solver's.
 
-    Returns ``(z, lam, mu_full, active, kkt, verified, iterations)``.
+    Returns ``(z, lam, mu_full, active, kkt, verified, iterations)``, or ``None`` if the solve is
+    not finite.
     """
     n = P.shape[0]
     p = 0 if A is None else A.shape[0]
     m = 0 if C is None else C.shape[0]
+    tol = max(1e-2 * eps, 1e-13)
     active = active.copy()
+    Cr = None if C is None else (C.tocsr() if sp.issparse(C) else C)
     best = None
     for it in range(max_iter + 1):
         J = np.flatnonzero(active)
-        CJ = None if C is None else (C[J] if not sp.issparse(C) else C.tocsr()[J].tocsc())
+        CJ = None if C is None else Cr[J]
         kkt = RobustKKT(P, A, CJ, sparse, solver)
         rhs = np.concatenate([-q, b if b is not None else np.zeros(0), d[J] if m else np.zeros(0)])
         x0 = None
@@ -95,36 +117,79 @@ def polish(P, q, C, d, A, b, active: np.ndarray, solver, sparse: bool, eps: floa
             x0 = np.concatenate([sx, sy if (p and sy is not None) else np.zeros(p),
                                  sz[J] if (m and sz is not None) else np.zeros(len(J))])
         sol = kkt.solve(rhs, x0=x0)
+        if not np.all(np.isfinite(sol)):
+            return None
         z, lam, muJ = sol[:n], sol[n:n + p], sol[n + p:]
         mu = np.zeros(m)
         mu[J] = muJ
-        if not np.all(np.isfinite(sol)):
-            return None
-        viol = np.zeros(m) if m == 0 else (_mv(C, z) - d) - eps * (1.0 + np.abs(d))
+        Pz = _mv(P, z)
+        # stationarity and the equality-type rows (A, C_J) hold to tol relative to their terms
+        terms = [_abs_rows(P, z), q]  # |P||z|, not Pz: the terms' size survives cancellation
+        r_stat = Pz + q
+        r_prim = 0.0
+        scale_p = _TINY
+        if p:
+            ATl = A.T @ lam
+            r_stat = r_stat + ATl
+            terms.append(abs(A).T @ np.abs(lam))
+            Az = _mv(A, z)
+            r_prim = _inf(Az - b)
+            scale_p = max(scale_p, _inf(b), _inf(_abs_rows(A, z)))  # |A||z|: the size of the terms of Az
+        viol = np.zeros(m)
+        neg = np.zeros(0, bool)
+        mu_scale = _TINY
         if m:
-            viol[J] = -np.inf
-        mu_scale = eps * max(1.0, float(np.max(np.abs(muJ), initial=0.0)))
-        neg = muJ < -mu_scale
-        bad_primal = m and np.any(viol > 0)
-        # the reduced system itself must be solved (a singular, inconsistent K is not): check the
-        # equalities, the active rows and stationarity too
-        r_p, r_d, _ = residuals(P, q, C, d, A, b, z, lam, mu)
-        scale_p = 1.0 + max(float(np.max(np.abs(d), initial=0.0)) if m else 0.0,
-                            float(np.max(np.abs(b), initial=0.0)) if p else 0.0)
-        scale_d = 1.0 + float(np.max(np.abs(q), initial=0.0))
-        consistent = r_p <= eps * scale_p and r_d <= eps * scale_d
+            CTm = C.T @ mu
+            r_stat = r_stat + CTm
+            terms.append(abs(C).T @ np.abs(mu))
+            Cz = _mv(C, z)
+            row_size = np.maximum(np.maximum(np.abs(d), _abs_rows(C, z)), _TINY)
+            viol = (Cz - d) - tol * row_size
+            if len(J):
+                r_prim = max(r_prim, _inf(Cz[J] - d[J]))
+                scale_p = max(scale_p, _inf(row_size[J]))
+                viol[J] = -np.inf
+                row_norm = _inf(np.asarray(abs(CJ).sum(axis=1)).ravel())
+                mu_scale = tol * max(_inf(muJ), (_inf(Pz) + _inf(q)) / max(row_norm, _TINY), _TINY)
+                neg = muJ < -mu_scale
+        scale_d = max(max(_inf(t) for t in terms), _TINY)
+        consistent = _inf(r_stat) <= tol * scale_d and r_prim <= tol * scale_p
+        bad_primal = bool(m) and bool(np.any(viol > 0))
         verified = consistent and not bad_primal and not np.any(neg)
-        score = (max(float(np.max(viol, initial=0.0)), 0.0) + float(np.sum(np.maximum(-muJ - mu_scale, 0.0))))
+        score = (max(float(np.max(viol, initial=0.0)), 0.0) + float(np.sum(np.maximum(-muJ - mu_scale, 0.0)))
+                 + (0.0 if consistent else 1.0))
         if best is None or score < best[0]:
             best = (score, z, lam, mu, active.copy(), kkt, verified, it)
         if verified or not refine or it == max_iter:
             break
         if bad_primal:
             active[viol > 0] = True
-        else:
+        elif np.any(neg):
             active[J[neg]] = False
+        else:  # inconsistent reduced system (dependent rows with incompatible right-hand sides)
+            break
     _, z, lam, mu, active, kkt, verified, it = best
     return z, lam, mu, active, kkt, verified, it
+
+
+def _include_weakly_active(P, q, C, d, A, b, out, linsolver, sparse: bool, eps: float):
+    """Canonical treatment of weakly active rows: every row at its bound joins the active set.
+
+    At a weakly active row (zero slack *and* zero multiplier) the solution map has a kink, and
+    whether the solver's point put the row in or out of the set is an accident of its iterates. dqp
+    always takes it *in* (the one-sided derivative of keeping the constraint tight), so the gradient
+    does not depend on which solver, tolerance or warm start produced the point.
+    """
+    z, lam, mu, active, kkt, verified, it = out
+    slack = d - _mv(C, z)
+    at_bound = (~active) & (slack <= eps * np.maximum(np.maximum(np.abs(d), _abs_rows(C, z)), _TINY))
+    if not np.any(at_bound):
+        return out
+    cand = polish(P, q, C, d, A, b, active | at_bound, linsolver, sparse, eps, False, 0,
+                  start=(z, lam, mu))
+    if cand is not None and cand[5]:
+        return cand[:6] + (it,)
+    return out
 
 
 def strict_complementarity_margin(slack: np.ndarray, mu: np.ndarray, active: np.ndarray) -> float:
@@ -184,32 +249,67 @@ class Engine:
         return get_linsolver(name)
 
     def solve_element(self, data, sparse: bool, warm=None, slot: Optional[int] = None) -> ElementResult:
+        """Forward of one element: direct KKT solve without inequalities, else solver + polish.
+
+        When the chosen solver fails (or its point cannot be verified after it reported a failure),
+        the ``fallback_solver`` (Clarabel by default) gets one try before the failure is reported.
+        """
         s = self.settings
         P, q, C, d, A, b = data
         n, m, p = P.shape[0], 0 if C is None else C.shape[0], 0 if A is None else A.shape[0]
-        kw = {**self.solver.tolerance_keywords(s.eps_abs, s.eps_rel), **s.qp_solver_keywords}
+        linsolver = self._linsolver(sparse, n + p + m)
+        if m == 0:  # no inequalities: the KKT system *is* the problem; no solver needed
+            out = polish(P, q, C, d, A, b, np.zeros(0, bool), linsolver, sparse, s.eps_active, False, 0)
+            if out is not None and out[5]:
+                return self._result(data, out, None, 0.0, "no inequalities: solved the KKT system directly")
+        if warm is not None and (len(warm[0]), len(warm[1]), len(warm[2])) != (n, p, m):
+            warm = None  # the problem changed size since the previous call
+        res = self._solve_with(self.solver, data, sparse, linsolver, warm, slot)
+        fb = s.fallback_solver
+        if res.status != Status.SOLVED and fb and fb != self.solver.name:
+            from dqp.solvers import get_solver
+
+            res2 = self._solve_with(get_solver(fb), data, sparse, linsolver, None, None)
+            if res2.status == Status.SOLVED:
+                res2.message = (f"{self.solver.name} failed ({res.message or res.status.name}); "
+                                f"solved by fallback_solver={fb!r}. " + res2.message).strip()
+                res2.solve_time += res.solve_time
+                return res2
+            res.message += f"; fallback_solver={fb!r} also failed ({res2.status.name})"
+            if res.status == Status.SOLVER_ERROR or res2.status in (Status.PRIMAL_INFEASIBLE,
+                                                                     Status.DUAL_INFEASIBLE):
+                res.status = res2.status  # the fallback's (Clarabel's) verdict names the failure
+        return res
+
+    def _solve_with(self, solver: ForwardSolver, data, sparse: bool, linsolver, warm, slot) -> ElementResult:
+        s = self.settings
+        P, q, C, d, A, b = data
+        n, m, p = P.shape[0], 0 if C is None else C.shape[0], 0 if A is None else A.shape[0]
+        kw = {**solver.tolerance_keywords(s.eps_abs, s.eps_rel)}
+        if solver is self.solver:
+            kw.update(s.qp_solver_keywords)
         if s.verbose:
             kw.setdefault("verbose", True)
         initvals = None if warm is None else warm[0]
         warm_duals = None if warm is None else (warm[1], warm[2])
         t0 = time.perf_counter()
-        raw: RawSolution = self.solver.solve(P, q, C, d, A, b, initvals=initvals, warm_duals=warm_duals,
-                                             keywords=kw, slot=slot)
+        raw: RawSolution = solver.solve(P, q, C, d, A, b, initvals=initvals, warm_duals=warm_duals,
+                                        keywords=kw, slot=slot)
         solve_time = raw.info.get("time", time.perf_counter() - t0)
-        if raw.x is None:
-            status = raw.status
-            if status == Status.SOLVER_ERROR:
-                status = classify_failure(P, q, C, d, A, b)
-            msg = raw.info.get("error", "") or raw.info.get("raw_status", "")
+
+        def failed(status: Status, message: str) -> ElementResult:
             return ElementResult(np.zeros(n), np.zeros(p), np.zeros(m), np.zeros(m, bool), status,
-                                 solve_time=solve_time, message=msg, iterations=raw.iterations)
+                                 solve_time=solve_time, message=message, iterations=raw.iterations)
+
+        if raw.x is None:
+            return failed(raw.status, f"{solver.name}: " + (raw.info.get("error", "") or raw.info.get("raw_status", "")
+                                                             or raw.status.name))
         mu0 = raw.z if (s.dual_available and raw.z is not None) else None
-        linsolver = self._linsolver(sparse, n + p + m)
         out = None
         # The detection threshold is eps_active; when the set it gives cannot be verified (the solver's
         # accuracy and eps_active disagree, as on badly scaled problems), stricter and looser thresholds
         # are tried: the check, not the threshold, decides.
-        thresholds = [s.eps_active] + ([s.eps_active * f for f in (1e-2, 1e-4, 1e2)] if s.refine_active else [])
+        thresholds = [s.eps_active] + ([s.eps_active * f for f in (1e-2, 1e-4, 1e2)] if s.refine_active and m else [])
         for k, eps in enumerate(thresholds):
             active = detect_active(C, d, raw.x, mu0, eps)[0] if m else np.zeros(0, bool)
             repairs = 0 if not s.refine_active else (s.max_refine_iter if k == 0 else min(3, s.max_refine_iter))
@@ -219,25 +319,27 @@ class Engine:
                 out = cand
             if out is not None and out[5]:
                 break
-        message = ""
         if out is None:
-            status = raw.status if raw.status != Status.SOLVED else Status.NUMERICAL
-            return ElementResult(np.zeros(n), np.zeros(p), np.zeros(m), np.zeros(m, bool), status,
-                                 solve_time=solve_time, message="non-finite polished solution")
-        z, lam, mu, active, kkt, verified, it = out
-        status = Status.SOLVED
+            return failed(raw.status if raw.status != Status.SOLVED else Status.NUMERICAL,
+                          f"{solver.name}: non-finite polished solution")
+        verified = out[5]
+        if verified and m:
+            out = _include_weakly_active(P, q, C, d, A, b, out, linsolver, sparse, s.eps_active)
+        message = ""
         if raw.status != Status.SOLVED:
-            if verified:
-                message = f"solver reported {raw.status.name}; the polished solution passed the KKT check"
-            else:
-                status = raw.status
-                if status == Status.SOLVER_ERROR:
-                    status = classify_failure(P, q, C, d, A, b)
-                message = (f"{self.solver.name} reported {raw.info.get('raw_status') or raw.status.name!r}; "
-                           f"no verified KKT point could be recovered from its output")
-                return ElementResult(np.zeros(n), np.zeros(p), np.zeros(m), np.zeros(m, bool), status,
-                                     solve_time=solve_time, message=message, iterations=raw.iterations)
-        elif not verified:
+            if not verified:
+                return failed(raw.status, f"{solver.name} reported {raw.info.get('raw_status') or raw.status.name!r}; "
+                                          f"no verified KKT point could be recovered from its output")
+            message = f"{solver.name} reported {raw.status.name}; the polished solution passed the KKT check"
+        return self._result(data, out, raw, solve_time, message)
+
+    def _result(self, data, out, raw: Optional[RawSolution], solve_time: float, message: str) -> ElementResult:
+        """Assemble the element's result from a polish outcome (and the solver's point when unverified)."""
+        s = self.settings
+        P, q, C, d, A, b = data
+        m = 0 if C is None else C.shape[0]
+        z, lam, mu, active, kkt, verified, it = out
+        if not verified and raw is not None:
             # keep the solver's own primal-dual point: the set could not be made consistent
             z = raw.x
             lam = raw.y if raw.y is not None else lam
@@ -248,15 +350,15 @@ class Engine:
         n_weak, margin = 0, float("inf")
         if m:  # weakly active: on the boundary with a (near) zero multiplier, after the polish
             slack = d - _mv(C, z)
-            at_bound = slack <= s.eps_active * (1.0 + np.abs(d))
-            zero_dual = mu <= s.eps_active * max(1.0, float(np.max(mu, initial=0.0)))
+            at_bound = slack <= s.eps_active * np.maximum(np.maximum(np.abs(d), _abs_rows(C, z)), _TINY)
+            zero_dual = mu <= s.eps_active * max(float(np.max(mu, initial=0.0)), _TINY)
             n_weak = int(np.count_nonzero(at_bound & zero_dual))
             margin = strict_complementarity_margin(slack, mu, active)
         res = residuals(P, q, C, d, A, b, z, lam, mu)
         if kkt.path == REGULARIZED:
             warn_singular_once()
-        return ElementResult(z, lam, mu, active, status, kkt, verified, it, n_weak, raw.iterations,
-                             solve_time, message, res, margin)
+        return ElementResult(z, lam, mu, active, Status.SOLVED, kkt, verified, it, n_weak,
+                             None if raw is None else raw.iterations, solve_time, message, res, margin)
 
     def forward(self, batch) -> List[ElementResult]:
         self.used_linsolvers = set()

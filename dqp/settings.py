@@ -45,6 +45,9 @@ OPTIONS: Dict[str, Tuple[Any, tuple, str]] = {
     "time": (False, (bool,), "Measure and return solve_time and forward_time (seconds); None otherwise."),
     "check_PSD": (False, (bool,), "Check that P is positive semidefinite (an eigenvalue test) and raise "
                   "NotPSDError if not."),
+    "fallback_solver": ("clarabel", (str, type(None)), "When qp_solver fails on an element (or claims "
+                        "infeasibility that a second opinion does not confirm), this solver gets one try "
+                        "before the failure is reported; None disables it."),
     "on_failure": ("raise", (str,), "'raise': a failed element raises a typed SolveError naming it. "
                    "'mask': failed elements return zeros, zero gradients and a status in layer.info."),
 }
@@ -77,6 +80,7 @@ class Settings:
     verbose: bool = False
     time: bool = False
     check_PSD: bool = False
+    fallback_solver: Optional[str] = "clarabel"
     on_failure: str = "raise"
 
     def replace(self, **changes: Any) -> "Settings":
@@ -146,6 +150,9 @@ def build_settings(**options: Any) -> Settings:
     if values["qp_solver"] != "auto":
         values["qp_solver"] = resolve_solver_name(values["qp_solver"])
         get_solver(values["qp_solver"])  # raises SolverNotAvailableError with the install hint
+    if values["fallback_solver"] is not None:
+        values["fallback_solver"] = resolve_solver_name(values["fallback_solver"])
+        get_solver(values["fallback_solver"])
     if values["lin_solver"] != "auto":
         values["lin_solver"] = resolve_linsolver_name(values["lin_solver"])
         get_linsolver(values["lin_solver"])
