@@ -104,7 +104,7 @@ def test_small_sweep_has_no_silent_nan(tmp_path):
     """All n, m ≤ 1000 problems: each goes through or raises a typed dqp error; no silent NaN."""
     out = tmp_path / "mm"
     proc = subprocess.run([sys.executable, str(REPO / "experiments" / "maros_meszaros.py"), "--impl", "ours",
-                           "--max-n", "1000", "--max-m", "1000", "--timeout-per-problem", "300", "--no-fd",
+                           "--max-n", "1000", "--max-m", "1000", "--timeout-per-problem", "300", "--no-reference",
                            "--out", str(out)], capture_output=True, text=True, timeout=3600)
     assert out.with_suffix(".csv").exists(), proc.stderr[-2000:]
     with open(out.with_suffix(".csv")) as f:
