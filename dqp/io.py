@@ -15,7 +15,8 @@ Both end in a :class:`QPProblem` (SciPy CSC matrices and NumPy vectors) whose
 Conversion from ``l ≤ Ax ≤ u`` to dqp's form (:meth:`MarosMeszarosProblem.to_qp`): a row with
 ``l_i == u_i`` (finite) becomes an equality ``A_i z = u_i``; otherwise a finite ``u_i`` gives the
 inequality ``A_i z ≤ u_i`` and a finite ``l_i`` gives ``−A_i z ≤ −l_i``. Bounds with
-``|bound| ≥ 1e20`` (the collection's encoding of infinity) or ``±inf`` are dropped.
+``|bound| ≥ INFINITY_BOUND = 1e19`` (the collection encodes infinity as 1e20, sometimes stored as
+9.99999999999999e19) or ``±inf`` are dropped.
 """
 from __future__ import annotations
 
@@ -233,7 +234,7 @@ class MarosMeszarosProblem:
     q : ndarray, shape (n,)
     A : scipy.sparse.csc_matrix, shape (m, n)
     l, u : ndarray, shape (m,)
-        ``±1e20`` (or ``±inf``) mean no bound.
+        ``|bound| ≥ INFINITY_BOUND`` (the files use ±1e20) or ``±inf`` mean no bound.
     r : float
     path : Path or None
     """
