@@ -66,6 +66,7 @@ class QPFunction(torch.autograd.Function):
     #   ∇q = −y_z, ∇b = y_λ, ∇d_J = y_μ, ∇P = −½(y_z zᵀ + z y_zᵀ), ∇A = −(λ y_zᵀ + y_λ zᵀ),
     #   ∇C_J = −(μ_J y_zᵀ + y_μ zᵀ); inactive rows get zero (μ ≡ 0 near the solution).
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx: Any, gz, glam, gmu):  # type: ignore[override]
         work: Work = ctx.work
         batch = work.batch
@@ -101,7 +102,7 @@ class QPFunction(torch.autograd.Function):
         if not batch.sparse:
             dP, dq, dC, dd, dA, db = dense_grads(t(y_z), t(y_lam) if p else None, t(y_mu) if m else None,
                                                  z, lam if p else None, mu if m else None,
-                                                 None if active is None else active.to(like.device))
+                                                 None if active is None else active.to(like.device), need[1:])
             return (None, dP if need[1] else None, dq if need[2] else None, dC if need[3] else None,
                     dd if need[4] else None, dA if need[5] else None, db if need[6] else None)
         # sparse: gradients on the stored values only, in the tensor's own value order
@@ -155,7 +156,8 @@ def _batched_torch_backward(ctx: Any, work: Work, z, lam, mu, gz, glam, gmu):
     glam = (torch.zeros_like(lam) if glam is None else glam) if p else None
     gmu = ((torch.zeros_like(mu) if gmu is None else gmu) * active.to(mu.dtype)) if m else None
     y_z, y_lam, y_mu = kkt.solve(gz, glam, gmu)
-    grads = dense_grads(y_z, y_lam, y_mu, z, lam if p else None, mu if m else None, active)
+    grads = dense_grads(y_z, y_lam, y_mu, z, lam if p else None, mu if m else None, active,
+                        ctx.needs_input_grad[1:])
     keep = solved.view(-1, 1)
     need = ctx.needs_input_grad[1:]
     out = []

@@ -14,7 +14,7 @@ and zero for inactive rows. The functions here evaluate these formulas, batched,
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
@@ -22,7 +22,7 @@ import torch
 
 def dense_grads(y_z: torch.Tensor, y_lam: Optional[torch.Tensor], y_mu: Optional[torch.Tensor],
                 z: torch.Tensor, lam: Optional[torch.Tensor], mu: Optional[torch.Tensor],
-                active: Optional[torch.Tensor]):
+                active: Optional[torch.Tensor], need: Optional[Sequence[bool]] = None):
     """Dense gradients for a batch.
 
     Parameters
@@ -35,6 +35,9 @@ def dense_grads(y_z: torch.Tensor, y_lam: Optional[torch.Tensor], y_mu: Optional
     lam : (B, p) or None
     mu : (B, m) or None
     active : (B, m) bool or None
+    need : sequence of 6 bool, optional
+        Which of ``(P, q, C, d, A, b)`` need a gradient; the others are returned as ``None`` without
+        forming their (possibly large) outer products.
 
     Returns
     -------
@@ -42,18 +45,20 @@ def dense_grads(y_z: torch.Tensor, y_lam: Optional[torch.Tensor], y_mu: Optional
         ``(dP, dq, dC, dd, dA, db)`` with shapes ``(B,n,n), (B,n), (B,m,n), (B,m), (B,p,n), (B,p)``
         (``None`` for absent constraints).
     """
-    dq = -y_z
-    dP = -0.5 * (y_z.unsqueeze(-1) * z.unsqueeze(-2) + z.unsqueeze(-1) * y_z.unsqueeze(-2))
+    nP, nq, nC, nd, nA, nb = need if need is not None else (True,) * 6
+    dq = -y_z if nq else None
+    dP = -0.5 * (y_z.unsqueeze(-1) * z.unsqueeze(-2) + z.unsqueeze(-1) * y_z.unsqueeze(-2)) if nP else None
     dC = dd = dA = db = None
     if y_mu is not None:
         a = active.to(y_mu.dtype)
         y_mu = y_mu * a
-        mu_a = mu * a
-        dd = y_mu
-        dC = -(mu_a.unsqueeze(-1) * y_z.unsqueeze(-2) + y_mu.unsqueeze(-1) * z.unsqueeze(-2))
+        dd = y_mu if nd else None
+        if nC:
+            dC = -((mu * a).unsqueeze(-1) * y_z.unsqueeze(-2) + y_mu.unsqueeze(-1) * z.unsqueeze(-2))
     if y_lam is not None:
-        db = y_lam
-        dA = -(lam.unsqueeze(-1) * y_z.unsqueeze(-2) + y_lam.unsqueeze(-1) * z.unsqueeze(-2))
+        db = y_lam if nb else None
+        if nA:
+            dA = -(lam.unsqueeze(-1) * y_z.unsqueeze(-2) + y_lam.unsqueeze(-1) * z.unsqueeze(-2))
     return dP, dq, dC, dd, dA, db
 
 

@@ -194,9 +194,13 @@ class RobustKKT(Factorization):
             self._F = None
         self.path = REGULARIZED
         Kreg = _plus_reg(self.Ks, self.n, delta)
+        # an indefinite factorization of the quasi-definite Kreg (a Schur-complement Cholesky of it
+        # squares the regularization's conditioning and gives another derivative)
+        fallback = solver if solver.name in ("qdldl", "pardiso", "scipy_lu", "scipy_ldl") else (
+            SuperLUSolver() if sparse else DenseLUSolver())
         try:
-            self._F = solver.factor(Kreg if sparse or solver.dense else sp.csc_matrix(Kreg), n=self.n)
-        except Exception:  # SuperLU factorizes any nonsingular Kreg
+            self._F = fallback.factor(Kreg if sparse or fallback.dense else sp.csc_matrix(Kreg), n=self.n)
+        except Exception:  # SuperLU factorizes any nonsingular (quasi-definite) Kreg
             self._F = SuperLUSolver().factor(sp.csc_matrix(Kreg))
 
     def _solve_scaled(self, rhs: np.ndarray, x0: Optional[np.ndarray] = None) -> np.ndarray:

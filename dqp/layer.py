@@ -25,7 +25,9 @@ class UnverifiedSolutionWarning(UserWarning):
 
 
 def _row_scale_dense(M: torch.Tensor) -> torch.Tensor:
-    r = M.norm(dim=-1)
+    a = M.abs().amax(dim=-1, keepdim=True)  # ‖v‖ = a‖v/a‖: no overflow for entries beyond 1e154
+    a_safe = torch.where(a > 0, a, torch.ones_like(a))
+    r = a_safe.squeeze(-1) * (M / a_safe).norm(dim=-1)
     return torch.where(r > 0, r, torch.ones_like(r))
 
 
@@ -37,8 +39,11 @@ def _row_scale_sparse(M: SparseArg, B: int) -> Tuple[SparseArg, torch.Tensor]:
         lo, nnz = M.offsets[k], len(M.rows[k])
         v = M.values[lo:lo + nnz]
         rows = torch.as_tensor(M.rows[k], device=v.device)
-        sq = torch.zeros(M.shape[0], dtype=v.dtype, device=v.device).index_add(0, rows, v * v)
-        r = torch.where(sq > 0, sq.sqrt(), torch.ones_like(sq))
+        a = torch.zeros(M.shape[0], dtype=v.dtype, device=v.device).scatter_reduce(
+            0, rows, v.detach().abs(), reduce="amax", include_self=True)
+        a = torch.where(a > 0, a, torch.ones_like(a))  # scale first: no overflow beyond 1e154
+        sq = torch.zeros(M.shape[0], dtype=v.dtype, device=v.device).index_add(0, rows, (v / a[rows]) ** 2)
+        r = torch.where(sq > 0, a * sq.sqrt(), torch.ones_like(sq))
         norms.append(r)
         new_vals.append(v / r[rows])
     vals = new_vals[0] if count == 1 else torch.cat(new_vals)

@@ -297,7 +297,8 @@ def validate(P, q, C=None, d=None, A=None, b=None, *, sparse: bool = False, chec
     if p == 0:
         Am = bv = None
     batch = QPBatch(Pm, qv, Cm, dv, Am, bv, B, n, m, p, batched, sparse, q.dtype, q.device)
-    _check_symmetric(batch, sym_tol)
+    # rounding in the user's own P = L @ L.T is ~n·eps relative: allow for it in the working precision
+    _check_symmetric(batch, max(sym_tol, 64 * torch.finfo(q.dtype).eps))
     if check_psd:
         _check_psd(batch)
     return batch

@@ -237,3 +237,72 @@ def test_inaccurate_backward_solve_is_warned():
     with pytest.warns(GradientAccuracyWarning, match="inaccurate"):
         mu[0].backward()  # mu_0 alone is not a function of the data (only mu_0 + mu_1 is)
     assert layer.info.backward_residual[0] > 1e-6
+
+
+def test_double_backward_raises_instead_of_returning_wrong_numbers():
+    P, q, C, d, *_ = random_qp(3, 2, 0, seed=1)
+    qq = q.clone().requires_grad_()
+    z = dQP.dQP_layer(qp_solver="clarabel")(P, qq, C, d)[0]
+    (g,) = torch.autograd.grad((z ** 2).sum(), qq, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable|does not require grad|double backward"):
+        g.sum().backward()
+
+
+def test_float32_inputs_built_as_LLt_are_accepted():
+    torch.manual_seed(0)
+    L = torch.randn(6, 6)
+    P = L @ L.T + torch.eye(6)
+    z = dQP.dQP_layer(qp_solver="clarabel")(P, torch.ones(6), torch.ones(1, 6), -torch.ones(1))[0]
+    assert z.dtype == torch.float32 and torch.isfinite(z).all()
+
+
+@pytest.mark.parametrize("solve_type", ["dense", "sparse"])
+def test_normalize_constraints_survives_huge_rows(solve_type):
+    P = torch.eye(2, dtype=F64)
+    q = torch.ones(2, dtype=F64)
+    for s in (1.0, 1e160):
+        C = torch.tensor([[s, s]], dtype=F64)
+        d = torch.tensor([-3.0 * s], dtype=F64)
+        layer = dQP.dQP_layer(qp_solver="clarabel", normalize_constraints=True, solve_type=solve_type)
+        z = layer(P.to_sparse_csc() if solve_type == "sparse" else P, q,
+                  C.to_sparse_csc() if solve_type == "sparse" else C, d)[0]
+        assert torch.allclose(z, torch.tensor([-1.5, -1.5], dtype=F64), atol=1e-8), (s, z)
+
+
+def test_scale_invariance_of_the_verified_solution():
+    """The same constraints in other units give the same verified solution (no looser check)."""
+    P = torch.eye(2, dtype=F64)
+    q = torch.tensor([-3.0, 0.0], dtype=F64)
+    C = torch.tensor([[2.0, 1.0], [1.0, 1.0], [-1.0, -1.0]], dtype=F64)
+    d = torch.tensor([2.0, 0.0, 2.0], dtype=F64)
+    for s in (1.0, 1e-7, 1e7):
+        layer = dQP.dQP_layer(qp_solver="clarabel")
+        z = layer(P, q, s * C, s * d)[0]
+        assert layer.info.verified == [True]
+        assert torch.allclose(z, torch.tensor([1.5, -1.5], dtype=F64), atol=1e-7), (s, z)
+
+
+def test_unconstrained_problem_is_solved_without_a_solver():
+    n = 300
+    P = torch.diag(torch.full((n,), 4.0, dtype=F64)) - torch.diag(torch.ones(n - 1, dtype=F64), 1) \
+        - torch.diag(torch.ones(n - 1, dtype=F64), -1)
+    q = torch.ones(n, dtype=F64)
+    layer = dQP.dQP_layer()
+    z = layer(P, q)[0]
+    assert torch.allclose(P @ z, -q, atol=1e-10) and "directly" in layer.info.messages[0]
+
+
+def test_singular_fallback_does_not_depend_on_the_linear_solver():
+    P = torch.tensor([[1.0, 0.0], [0.0, 0.0]], dtype=F64)
+    q = torch.tensor([-2.0, 0.0], dtype=F64)
+    C = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [0.0, -1.0]], dtype=F64)
+    d = torch.tensor([1.0, 1.0, 1.0, 1.0], dtype=F64)
+    grads = []
+    for lin in ("scipy_lu", "scipy_cholesky"):
+        dd = d.clone().requires_grad_()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            z = dQP.dQP_layer(qp_solver="clarabel", lin_solver=lin)(P, q, C, dd)[0]
+            z[0].backward()
+        grads.append(dd.grad)
+    assert torch.allclose(grads[0], grads[1], atol=1e-6)
