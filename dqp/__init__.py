@@ -18,12 +18,13 @@ from dqp.errors import (  # noqa: F401
 from dqp.layer import dQP_layer  # noqa: F401
 from dqp.result import QPOutput, SolveInfo  # noqa: F401
 from dqp.settings import Settings, build_settings  # noqa: F401
+from dqp.sparse import sparse_csc_tensor  # noqa: F401
 
 __version__ = "0.1.0"
 __all__ = [
     "dQP", "dQP_layer", "build_settings", "Settings", "QPOutput", "SolveInfo", "Status",
     "DQPError", "SettingsError", "SolverNotAvailableError", "InputError", "ShapeError", "NonFiniteError",
     "NotSymmetricError", "NotPSDError", "LayoutError", "SolveError", "InfeasibleError", "UnboundedError",
-    "MaxIterationsError", "SolverFailedError",
+    "MaxIterationsError", "SolverFailedError", "sparse_csc_tensor",
 ]
 _logging.getLogger("dqp").addHandler(_logging.NullHandler())

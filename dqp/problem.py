@@ -139,7 +139,7 @@ def _to_csc(name: str, M: torch.Tensor) -> torch.Tensor:
             raise LayoutError(
                 f"Argument {name} is a sparse CSC leaf tensor with requires_grad=True; torch cannot "
                 f"accumulate gradients into it. Make the values the leaf instead: "
-                f"vals.requires_grad_(); {name} = torch.sparse_csc_tensor(ccol, row, vals, size), "
+                f"vals.requires_grad_(); {name} = dqp.sparse_csc_tensor(ccol, row, vals, size) (O(nnz) backward), "
                 f"then read vals.grad.")
         return M
     if M.layout in (torch.sparse_coo, torch.sparse_csr):
