@@ -120,6 +120,16 @@ def _describe(x) -> str:
     return type(x).__name__
 
 
+def _check_dtype_device(name: str, x: torch.Tensor, ref: torch.Tensor) -> None:
+    """``x`` (a dense tensor or sparse values) must share q's floating dtype and device."""
+    if x.dtype != ref.dtype:
+        raise LayoutError(f"Argument {name} has dtype {x.dtype} but q has {ref.dtype}; all arguments must "
+                          f"share one floating dtype (float32 or float64). Convert with .to({ref.dtype}).")
+    if x.device != ref.device:
+        raise LayoutError(f"Argument {name} is on {x.device} but q is on {ref.device}; move all arguments "
+                          f"to one device.")
+
+
 def _check_finite(name: str, t: torch.Tensor, batched: bool) -> None:
     vals = t.values() if t.layout in _SPARSE_LAYOUTS and t.layout != torch.sparse_coo else (
         t.coalesce().values() if t.layout == torch.sparse_coo else t)
@@ -208,6 +218,8 @@ def validate(P, q, C=None, d=None, A=None, b=None, *, sparse: bool = False, chec
         raise LayoutError(f"Argument q must be a dense torch tensor, got {_describe(q)}.")
     if not q.is_floating_point():
         raise LayoutError(f"Argument q must be floating point (float32/float64), got {q.dtype}. Use q.double().")
+    if q.device.type == "meta":
+        raise LayoutError("Argument q is a 'meta' tensor (no data); dqp needs real values on a CPU or CUDA device.")
     for name, x in args.items():
         if x is None or (sparse and name in ("P", "C", "A")):
             continue
@@ -216,12 +228,7 @@ def validate(P, q, C=None, d=None, A=None, b=None, *, sparse: bool = False, chec
         if x.layout != torch.strided:
             raise LayoutError(f"Argument {name} is sparse ({x.layout}) but solve_type='dense'. Use "
                               f"solve_type='sparse' (torch CSC tensors), or {name}.to_dense().")
-        if x.dtype != ref.dtype:
-            raise LayoutError(f"Argument {name} has dtype {x.dtype} but q has {ref.dtype}; all arguments must "
-                              f"share one dtype. Convert with .to({ref.dtype}).")
-        if x.device != ref.device:
-            raise LayoutError(f"Argument {name} is on {x.device} but q is on {ref.device}; move all arguments "
-                              f"to one device.")
+        _check_dtype_device(name, x, ref)
     if q.dim() not in (1, 2):
         raise ShapeError(f"Argument q must have shape (n,) or (B, n), got {tuple(q.shape)}.")
     n = q.shape[-1]
@@ -251,6 +258,7 @@ def validate(P, q, C=None, d=None, A=None, b=None, *, sparse: bool = False, chec
                 raise LayoutError(f"Argument {name}: solve_type='sparse' expects a torch sparse CSC tensor, got a "
                                   f"dense tensor. Use {name}.to_sparse_csc() or solve_type='dense'.")
             arg, r, Bm = _sparse_arg(name, M, rows_expected, n)
+            _check_dtype_device(name, arg.values, ref)
             if r != rows_expected:
                 raise ShapeError(f"Argument {name} has {r} rows but {'q' if name == 'P' else vec} has "
                                  f"{rows_expected} entries; expected shape ({rows_expected}, {n}).")
@@ -336,8 +344,19 @@ def _check_psd(batch: QPBatch, tol: float = 1e-9) -> None:
     P = batch.P
     if isinstance(P, SparseArg):
         vals = P.values.detach().to("cpu", torch.float64).numpy()
-        mats = [P.scipy(k, vals).toarray() for k in range(1 if P.shared else batch.B)]
-        eig = torch.as_tensor(np.stack([np.linalg.eigvalsh(M) for M in mats]))
+        ext = []
+        for k in range(1 if P.shared else batch.B):
+            M = P.scipy(k, vals)
+            if M.shape[0] <= 1000:  # dense eigenvalues: exact and fast at this size
+                e = np.linalg.eigvalsh(M.toarray())
+                ext.append((e[0], e[-1]))
+            else:  # O(nnz) per Lanczos step instead of an O(n³) dense decomposition
+                from scipy.sparse.linalg import eigsh
+
+                hi = eigsh(M, k=1, which="LA", return_eigenvectors=False, tol=1e-6)[0]
+                lo = eigsh(M, k=1, which="SA", return_eigenvectors=False, tol=1e-6)[0]
+                ext.append((lo, hi))
+        eig = torch.tensor(ext, dtype=torch.float64)
     else:
         eig = torch.linalg.eigvalsh(P.detach().to(torch.float64))
     lo = eig[..., 0]

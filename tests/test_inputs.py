@@ -1,6 +1,7 @@
 """Bad input gets a specific, explained error (never a silent NaN)."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -170,3 +171,33 @@ def test_batched_solver_pairings(prob):
         dQP.dQP_layer(qp_solver="dqp_ipm", solve_type="sparse")(prob["P"].to_sparse_csc(), prob["q"])
     with pytest.raises(dqp.SettingsError, match="lin_solver='torch' or 'auto'"):
         dQP.dQP_layer(qp_solver="dqp_ipm", lin_solver="qdldl")(prob["P"], prob["q"])
+
+
+@pytest.mark.parametrize("dtype, words", [(torch.complex128, "dtype"), (torch.int64, "dtype"),
+                                          (torch.float32, "dtype")])
+def test_sparse_values_must_match_q_dtype(prob, dtype, words):
+    layer = dQP.dQP_layer(qp_solver="clarabel", solve_type="sparse")
+    P = prob["P"].to(dtype).to_sparse_csc()
+    with pytest.raises(dqp.LayoutError, match=words):
+        layer(P, prob["q"])
+
+
+def test_meta_tensors_are_refused(prob):
+    with pytest.raises(dqp.LayoutError, match="meta"):
+        dQP.dQP_layer(qp_solver="clarabel")(prob["P"].to("meta"), prob["q"].to("meta"))
+
+
+def test_check_psd_on_large_sparse_P_is_fast():
+    import time
+
+    import scipy.sparse as sp
+
+    n = 3000
+    T = sp.diags([-np.ones(n - 1), 2.5 * np.ones(n), -np.ones(n - 1)], [-1, 0, 1], format="csc")
+    layer = dQP.dQP_layer(qp_solver="clarabel", solve_type="sparse", check_PSD=True)
+    q = torch.ones(n, dtype=torch.float64)
+    t0 = time.perf_counter()
+    layer(torch.tensor(T.toarray()).to_sparse_csc(), q)
+    assert time.perf_counter() - t0 < 20
+    with pytest.raises(dqp.NotPSDError):
+        layer(torch.tensor((T - 3 * sp.eye(n)).toarray()).to_sparse_csc(), q)
