@@ -366,6 +366,8 @@ class Engine:
         B = batch.B
         if len(self.warm) != B:
             self.warm = [None] * B
+            if hasattr(self.solver, "prune"):  # per-slot workspaces (OSQP) of a larger batch
+                self.solver.prune(B)
         use_warm = self.settings.warm_start_from_previous
 
         def run(i):

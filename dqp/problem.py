@@ -276,6 +276,9 @@ def validate(P, q, C=None, d=None, A=None, b=None, *, sparse: bool = False, chec
                 batch_sizes[name] = M.shape[0]
             mats[name] = M
     bs = set(batch_sizes.values())
+    sparse_lists = {k for k in batch_sizes if sparse and k in ("P", "C", "A")}
+    if len(bs) == 2 and 1 in bs and not any(batch_sizes[k] == 1 for k in sparse_lists):
+        bs.discard(1)  # a dense leading dimension of 1 broadcasts, as in torch
     if len(bs) > 1:
         raise ShapeError(f"Batch sizes do not agree: {batch_sizes}. Give every batched argument the same "
                          f"leading dimension B (unbatched arguments are shared across the batch).")
@@ -289,12 +292,12 @@ def validate(P, q, C=None, d=None, A=None, b=None, *, sparse: bool = False, chec
             _check_finite(name, x, x.dim() == (2 if name in "qdb" else 3))
 
     def expand_vec(v):
-        return None if v is None else (v if v.dim() == 2 else v.unsqueeze(0).expand(B, -1))
+        return None if v is None else (v if v.dim() == 2 else v.unsqueeze(0)).expand(B, -1)
 
     def expand_mat(M):
         if M is None or isinstance(M, SparseArg):
             return M
-        return M if M.dim() == 3 else M.unsqueeze(0).expand(B, -1, -1)
+        return (M if M.dim() == 3 else M.unsqueeze(0)).expand(B, -1, -1)
 
     Pm, Cm, Am = expand_mat(mats["P"]), expand_mat(mats.get("C")), expand_mat(mats.get("A"))
     qv, dv, bv = expand_vec(q), expand_vec(d), expand_vec(b)

@@ -60,6 +60,12 @@ class OSQPNative(ForwardSolver):
         self._workspaces: Dict[Any, Tuple[Any, tuple, Dict[str, Any]]] = {}
         self._lock = threading.Lock()
 
+    def prune(self, batch_size: int) -> None:
+        """Drop the workspaces of batch slots beyond ``batch_size`` (the batch shrank)."""
+        with self._lock:
+            for slot in [s for s in self._workspaces if s is None or s >= batch_size]:
+                del self._workspaces[slot]
+
     def tolerance_keywords(self, eps_abs: float, eps_rel: float) -> Dict[str, Any]:
         return {"eps_abs": eps_abs, "eps_rel": eps_rel, "max_iter": 20000}
 

@@ -239,3 +239,15 @@ def test_sparse_csc_tensor_from_value_leaves_is_fast_and_right():
     assert time.perf_counter() - t0 < 5.0
     # z = -q/2, L = sum z, dL/dP_ii = -½(y_i z_i + z_i y_i) with y = P⁻¹·1 = 1/2
     assert torch.allclose(vals.grad, -0.5 * z.detach(), atol=1e-12)
+
+
+def test_leading_dimension_one_broadcasts_like_torch():
+    P, q, C, d, *_ = random_qp(4, 5, 0, seed=21, batch=3)
+    layer = layer_for("clarabel")
+    q1 = q[:1].clone().requires_grad_()  # (1, n) against (B, n, n)
+    z = layer(P, q1, C, d)[0]
+    assert z.shape == (3, 4)
+    z.sum().backward()
+    total = sum(torch.autograd.functional.jacobian(lambda qq: layer(P[i], qq, C[i], d[i])[0].sum(), q[0])
+                for i in range(3))
+    assert torch.allclose(q1.grad[0], total, atol=1e-8)

@@ -251,3 +251,15 @@ def test_reference_defaults_are_accepted():
     assert (s.qp_solver, s.lin_solver, s.dual_available, s.eps_rel) == ("auto", "auto", True, 0.0)
     with pytest.raises(dqp.SettingsError, match=r"\[0, 1\)"):
         dQP.build_settings(eps_rel=-0.1)
+
+
+def test_osqp_workspaces_follow_the_batch_size():
+    P, q, C, d, *_ = random_qp(5, 6, 0, seed=2, batch=4)
+    layer = dQP.dQP_layer(qp_solver="osqp")
+    layer(P, q, C, d)
+    solver = layer._engine("osqp", "auto").solver
+    assert set(solver._workspaces) == {0, 1, 2, 3}
+    z = layer(P[:2], q[:2], C[:2], d[:2])[0]
+    assert set(solver._workspaces) == {0, 1}
+    ref = dQP.dQP_layer(qp_solver="clarabel")(P[:2], q[:2], C[:2], d[:2])[0]
+    assert torch.allclose(z, ref, atol=1e-9)
