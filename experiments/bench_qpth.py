@@ -441,16 +441,23 @@ def estimate_time(done: Sequence[Cell], method: str, dtype: str, B: int, n: int
                   ) -> Optional[float]:
     """Estimated seconds of one fwd+bwd, from measured cells of the same method and dtype.
 
-    Same B and the largest smaller n: t·(n/n')³ (the per-iteration factorizations are cubic);
-    same n and the largest smaller B: t·B/B'. The smaller estimate is used (skip only when
-    even the optimistic estimate is over budget).
+    Same B: extrapolate in n from the two largest smaller n with their measured exponent
+    (clamped to [0.5, 3]; with a single point, exponent 3 on the CPU and 2 on a GPU, where small
+    sizes are overhead-bound and a cubic law overestimates by far). Same n, smaller B: t·B/B'.
+    The smaller estimate is used (skip only when even the optimistic estimate is over budget).
     """
     ests = []
     same = [c for c in done if c.method == method and c.dtype == dtype and c.status == "ok"]
-    by_n = [c for c in same if c.B == B and c.n < n]
+    by_n = sorted((c for c in same if c.B == B and c.n < n), key=lambda c: c.n)
     if by_n:
-        c = max(by_n, key=lambda c: c.n)
-        ests.append(c.time_median_s * (n / c.n) ** 3)
+        c1 = by_n[-1]
+        k = 3.0 if c1.device == "cpu" else 2.0
+        if len(by_n) >= 2:
+            c0 = by_n[-2]
+            if c0.time_median_s > 0 and c1.n > c0.n:
+                k = math.log(c1.time_median_s / c0.time_median_s) / math.log(c1.n / c0.n)
+                k = min(max(k, 0.5), 3.0)
+        ests.append(c1.time_median_s * (n / c1.n) ** k)
     by_b = [c for c in same if c.n == n and c.B < B]
     if by_b:
         c = max(by_b, key=lambda c: c.B)
@@ -580,6 +587,9 @@ def write_outputs(cells: List[Cell], out: str, tag: str, meta: Dict[str, str],
                     for name in PARAMS}
             worst.append(f"{m}: " + ", ".join(f"∇{k} {_fmt_e(v)}" for k, v in errs.items()))
         md += ["Worst gradient error per parameter — " + "; ".join(worst) + ".", ""]
+    notes = [f"- {c.dtype} B={c.B} n={c.n} {c.method}: {c.note}" for c in cells if c.note]
+    if notes:
+        md += ["Notes:", ""] + notes + [""]
     text = "\n".join(md)
     with open(os.path.join(out, f"qpth_{tag}.json"), "w") as f:
         json.dump({"meta": meta, "methods": list(methods)}, f, indent=1)

@@ -53,11 +53,19 @@ def test_reference_gradient_matches_finite_differences(bench, seed):
 def test_estimate_scales_from_smaller_cells(bench):
     done = [bench.Cell("cpu", "float64", 128, 100, 100, "qpth", time_median_s=0.5),
             bench.Cell("cpu", "float64", 1, 500, 500, "qpth", time_median_s=0.1)]
-    # same B, n 100 -> 200: cubic; same n, B 1 -> 128: linear; the smaller one is used
+    # one point at the same B: cubic on the CPU; same n, B 1 -> 128: linear; the smaller one wins
     assert bench.estimate_time(done, "qpth", "float64", 128, 200) == pytest.approx(4.0)
     assert bench.estimate_time(done, "qpth", "float64", 128, 500) == pytest.approx(12.8)
     assert bench.estimate_time(done, "qpth", "float32", 128, 200) is None
     assert bench.estimate_time(done, "dqp", "float64", 128, 200) is None
+    # two points: the measured exponent (here 1: 0.1 s at n=50, 0.2 s at n=100) extrapolates
+    gpu = [bench.Cell("cuda", "float64", 128, 50, 50, "qpth", time_median_s=0.1),
+           bench.Cell("cuda", "float64", 128, 100, 100, "qpth", time_median_s=0.2)]
+    assert bench.estimate_time(gpu, "qpth", "float64", 128, 500) == pytest.approx(1.0)
+    # the exponent is clamped to [0.5, 3]
+    steep = [bench.Cell("cpu", "float64", 1, 10, 10, "dqp", time_median_s=0.001),
+             bench.Cell("cpu", "float64", 1, 20, 20, "dqp", time_median_s=0.1)]
+    assert bench.estimate_time(steep, "dqp", "float64", 1, 40) == pytest.approx(0.8)
 
 
 def test_short_mode_runs_and_dqp_gradients_are_accurate(tmp_path):
