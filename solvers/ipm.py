@@ -52,8 +52,10 @@ layer raises or masks on it).
 """
 from __future__ import annotations
 
+import copy
 import logging
 import math
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Dict, Optional, Tuple
 
@@ -66,7 +68,7 @@ logger = logging.getLogger(__name__)
 
 Tensor = torch.Tensor
 
-__all__ = ["IPMResult", "ipm_solve", "IPMSolver", "default_eps"]
+__all__ = ["IPMResult", "ipm_solve", "IPMSolver", "default_eps", "clear_graph_cache"]
 
 
 @dataclass
@@ -148,9 +150,13 @@ def _chol_solve(L: Tensor, r: Tensor) -> Tensor:
 def _cholesky(M: Tensor) -> Tuple[Tensor, Tensor]:
     """Batched Cholesky ``M = L Lᵀ`` without the host sync of ``torch.linalg.cholesky``.
 
-    Factorizing ``Mᵀ`` (= M, column-major view) as upper ``U`` lets LAPACK work without a layout
-    copy: about 2× faster on CPU than ``cholesky_ex(M)``; ``L = Uᵀ`` is a view.
+    On CPU, factorizing ``Mᵀ`` (= M, column-major view) as upper ``U`` lets LAPACK work without a
+    layout copy: about 2× faster than ``cholesky_ex(M)``; ``L = Uᵀ`` is a view. On CUDA the lower
+    factor is computed directly.
     """
+    if M.device.type != "cpu":
+        # on CUDA the transpose trick costs two layout conversions and a triu kernel
+        return torch.linalg.cholesky_ex(M)
     U, info = torch.linalg.cholesky_ex(M.mT, upper=True)
     return U.mT, info
 
@@ -387,14 +393,18 @@ class _DualNewton:
         dmu = dy[:, self.p:] if self.m else None
         return dz, dlam, dmu, None
 
+    def prime(self, q):
+        """Precompute ``P⁻¹q`` and ``ĀP⁻¹q`` for :meth:`set_point` (outside any CUDA graph)."""
+        self._Piq = _chol_solve(self.LP, q)
+        self._g = _mv(self.Abar, self._Piq)
+        self._point = (q,)
+
     def set_point(self, q, z, y, Abar_z):
         """Current iterate, so that ``a = −(Pz + q + Āᵀy)`` is used through the identities
         ``P⁻¹a = −z − P⁻¹q − P⁻¹Āᵀy`` and ``ĀP⁻¹a = −Āz − ĀP⁻¹q − My`` (no triangular solve with
         P per iteration)."""
         if self._point is None or self._point[0] is not q:
-            self._Piq = _chol_solve(self.LP, q)
-            self._g = _mv(self.Abar, self._Piq)
-            self._point = (q,)
+            self.prime(q)
         self._z, self._y = z, y
         self._pending = Abar_z
 
@@ -462,7 +472,7 @@ def ipm_solve(P: Tensor, q: Tensor, C: Optional[Tensor] = None, d: Optional[Tens
               separate_steps: bool = True, step_fraction: float = 0.995,
               eps_infeasible: Optional[float] = None, refine: Optional[int] = None,
               stall_iters: int = 12, fallback64: bool = True, cuda_graph: bool = True,
-              trace: Optional[list] = None) -> IPMResult:
+              graph_cache: bool = True, trace: Optional[list] = None) -> IPMResult:
     """Solve a batch of convex QPs with a primal-dual interior-point method.
 
     Parameters
@@ -509,6 +519,11 @@ def ipm_solve(P: Tensor, q: Tensor, C: Optional[Tensor] = None, d: Optional[Tens
         has no host synchronization, so only the status checks every ``check_every`` iterations
         run eagerly. Cuts the per-iteration launch overhead that dominates small problems. Falls
         back to eager execution if the capture fails.
+    graph_cache : bool
+        Keep the captured iteration for later calls with the same shapes, dtype, device, form and
+        options (LRU of ``GRAPH_CACHE_SIZE`` entries, ``GRAPH_CACHE_MAX_BYTES`` in all): those
+        calls copy their data into the graph's static buffers instead of capturing again, so a
+        training loop captures once. :func:`clear_graph_cache` frees them.
     trace : list, optional
         Diagnostics: when given, a dict of per-instance tensors (residuals, gap, step lengths,
         regularization) is appended every iteration.
@@ -599,7 +614,12 @@ def ipm_solve(P: Tensor, q: Tensor, C: Optional[Tensor] = None, d: Optional[Tens
     SOLVED, PINF, DINF, NUM = (int(Status.SOLVED), int(Status.PRIMAL_INFEASIBLE),
                                int(Status.DUAL_INFEASIBLE), int(Status.NUMERICAL))
 
-    def _resid(z, s, mu, lam):
+    live = _GraphData(P, q, C, d, A, b, newton)
+    if fm == "dual" and f64:
+        newton.prime(q)
+
+    def _resid(z, s, mu, lam, D=live):
+        P, q, C, d, A, b = D.P, D.q, D.C, D.d, D.A, D.b
         Pz = _mv(P, z)
         rd = Pz + q
         ATl = _tmv(A, lam) if p else None
@@ -617,7 +637,8 @@ def ipm_solve(P: Tensor, q: Tensor, C: Optional[Tensor] = None, d: Optional[Tens
         return Pz, rd, ATl, CTm, Az, Cz, req, rin, gap, gscl
 
     def _step(z, s, mu, lam, delta, nfail, iters, done, rd, req, rin, gap, gscl, Az_s=None, Cz_s=None, it=0,
-              pres=None, pscl=None, dres=None, dscl=None):
+              pres=None, pscl=None, dres=None, dscl=None, D=live):
+        newton, q = D.newton, D.q
         running = ~done
         iters = iters + running.to(torch.int64)
 
@@ -686,7 +707,12 @@ def ipm_solve(P: Tensor, q: Tensor, C: Optional[Tensor] = None, d: Optional[Tens
             lam = torch.where(u, lam + ad.unsqueeze(-1) * dl_, lam)
         return z, s, mu, lam, delta, nfail, iters
 
-    use_graph = (cuda_graph and device.type == "cuda" and trace is None and torch.cuda.is_available())
+    use_graph = cuda_graph and trace is None and _graph_device_ok(device)
+    gkey = None
+    if use_graph and m and graph_cache:
+        # cache key: everything the captured iteration depends on besides tensor values
+        gkey = (fm, dtype, str(device), B, n, m, p, separate_steps, float(step_fraction), int(refine),
+                live.signature())
     graph = None
     st = None
     for it in range(max_iter + 1):
@@ -798,7 +824,7 @@ def ipm_solve(P: Tensor, q: Tensor, C: Optional[Tensor] = None, d: Optional[Tens
             if graph is not None:
                 st[7].copy_(done)
         if use_graph and graph is None:
-            graph, st = _capture(_resid, _step, [z, s, mu, lam, delta, nfail, iters, done])
+            graph, st = _graph_for(gkey, live, _resid, _step, [z, s, mu, lam, delta, nfail, iters, done])
             if graph is None:
                 use_graph = False
         if graph is not None:
@@ -808,7 +834,7 @@ def ipm_solve(P: Tensor, q: Tensor, C: Optional[Tensor] = None, d: Optional[Tens
                                                    gscl, Az, Cz, it, pres, pscl, dres, dscl)
     if graph is not None:
         z, s, mu, lam, delta, nfail, iters = (t.clone() for t in st[:7])
-        del graph
+        del graph, st
 
     # ---------------- undo the row scaling
     lam_out = lam / a_scale if p else None
@@ -830,30 +856,132 @@ def ipm_solve(P: Tensor, q: Tensor, C: Optional[Tensor] = None, d: Optional[Tens
             res = _fallback64(res, bad, (P0, q0, C_u, d0, A_u, b0), dict(
                 eps=None, max_iter=max_iter, check_every=check_every, form=form,
                 separate_steps=separate_steps, step_fraction=step_fraction, refine=refine,
-                stall_iters=stall_iters, cuda_graph=cuda_graph))
+                stall_iters=stall_iters, cuda_graph=cuda_graph, graph_cache=False))
     return res
+
+
+class _GraphData:
+    """The tensors one interior-point iteration reads besides its state: the (row-scaled) data
+    and the Newton solver. A CUDA graph is captured on a private copy (:meth:`static`) that
+    later calls with the same shapes refill (:meth:`refill`), so the graph is captured once."""
+
+    _DATA = ("P", "q", "C", "d", "A", "b")
+    # Newton-solver tensors computed before the loop and only read inside it
+    _NEWTON = {"dual": ("LP", "Abar", "PiAbt", "M", "Md", "_Piq", "_g"), "primal": ("reg_p",)}
+
+    def __init__(self, P, q, C, d, A, b, newton):
+        self.P, self.q, self.C, self.d, self.A, self.b, self.newton = P, q, C, d, A, b, newton
+
+    def _newton_inputs(self):
+        nt = self.newton
+        return [(k, getattr(nt, k)) for k in self._NEWTON[nt.form]
+                if isinstance(getattr(nt, k, None), Tensor)]
+
+    def signature(self) -> tuple:
+        """Shapes (and so code paths) of every tensor the iteration reads."""
+        sh = lambda t: None if t is None else tuple(t.shape)
+        return (tuple(sh(getattr(self, k)) for k in self._DATA),
+                tuple((k, tuple(t.shape)) for k, t in self._newton_inputs()))
+
+    def nbytes(self) -> int:
+        """Device memory a :meth:`static` copy takes."""
+        ts = [getattr(self, k) for k in self._DATA] + [t for _, t in self._newton_inputs()]
+        return sum(t.numel() * t.element_size() for t in ts if t is not None)
+
+    def static(self) -> "_GraphData":
+        """A copy on freshly allocated tensors (materialized: expanded views become dense)."""
+        cl = lambda t: None if t is None else t.clone(memory_format=torch.contiguous_format)
+        nt = copy.copy(self.newton)
+        st = _GraphData(*(cl(getattr(self, k)) for k in self._DATA), nt)
+        for k, t in self._newton_inputs():
+            setattr(nt, k, cl(t))
+        if nt.form == "primal":
+            nt.P, nt.C, nt.A = st.P, st.C, st.A
+        else:
+            nt._a = nt._pending = None
+            if getattr(nt, "_point", None) is not None:
+                nt._point = (st.q,)
+        return st
+
+    def refill(self, src: "_GraphData") -> None:
+        """Copy the values of ``src`` (same signature) into these tensors."""
+        for k in self._DATA:
+            t = getattr(self, k)
+            if t is not None:
+                t.copy_(getattr(src, k))
+        for k, t in src._newton_inputs():
+            getattr(self.newton, k).copy_(t)
+
+
+def _graph_device_ok(device: torch.device) -> bool:
+    """Whether iterations on ``device`` are captured as CUDA graphs."""
+    return device.type == "cuda" and torch.cuda.is_available()
+
+
+# captured iterations, keyed by shapes/dtype/device/form/options (LRU); see _graph_for
+_GRAPH_CACHE: "OrderedDict[tuple, tuple]" = OrderedDict()
+GRAPH_CACHE_SIZE = 8
+# the cached static copies of the data (P, C, the Newton factors) live on the device as long as
+# their entry: entries are also evicted to keep their total below this many bytes, and a problem
+# larger than it is captured per call without caching (it is GPU-bound; launches matter little)
+GRAPH_CACHE_MAX_BYTES = 2 * 1024 ** 3
+_graph_stats = {"captures": 0, "hits": 0}
+
+
+def clear_graph_cache() -> None:
+    """Drop the cached CUDA graphs of :func:`ipm_solve` (frees their memory pools)."""
+    _GRAPH_CACHE.clear()
+
+
+def _graph_for(key, live, resid, step, state):
+    """The CUDA graph of one iteration for ``live``'s data: from the cache (inputs and state
+    copied into its static buffers) or freshly captured. ``(graph, static_state)`` or
+    ``(None, None)`` when the capture fails. ``key=None``: capture without caching."""
+    if key is not None and live.nbytes() > GRAPH_CACHE_MAX_BYTES:
+        key = None
+    ent = _GRAPH_CACHE.get(key) if key is not None else None
+    if ent is not None:
+        graph, st, sdata = ent
+        _GRAPH_CACHE.move_to_end(key)
+        sdata.refill(live)
+        for buf, t in zip(st, state):
+            buf.copy_(t)
+        _graph_stats["hits"] += 1
+        return graph, st
+    sdata = live.static() if key is not None else live
+    graph, st = _capture(lambda *a: resid(*a, D=sdata), lambda *a: step(*a, D=sdata), state)
+    if graph is not None:
+        _graph_stats["captures"] += 1
+        if key is not None:
+            _GRAPH_CACHE[key] = (graph, st, sdata)
+            while len(_GRAPH_CACHE) > max(int(GRAPH_CACHE_SIZE), 0) or (
+                    len(_GRAPH_CACHE) > 1
+                    and sum(e[2].nbytes() for e in _GRAPH_CACHE.values()) > GRAPH_CACHE_MAX_BYTES):
+                _GRAPH_CACHE.popitem(last=False)
+    return graph, st
 
 
 def _capture(resid, step, state):
     """Capture ``state ← step(state, resid(state))`` as a CUDA graph; ``(graph, static_state)``."""
     try:
-        st = [t.clone() for t in state]
+        with torch.no_grad():
+            st = [t.clone() for t in state]
 
-        def body(buf):
-            _, rd, _, _, Az, Cz, req, rin, gap, gscl = resid(buf[0], buf[1], buf[2], buf[3])
-            return step(buf[0], buf[1], buf[2], buf[3], buf[4], buf[5], buf[6], buf[7], rd, req, rin, gap, gscl,
-                        Az, Cz)
+            def body(buf):
+                _, rd, _, _, Az, Cz, req, rin, gap, gscl = resid(buf[0], buf[1], buf[2], buf[3])
+                return step(buf[0], buf[1], buf[2], buf[3], buf[4], buf[5], buf[6], buf[7], rd, req, rin, gap,
+                            gscl, Az, Cz)
 
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            body([t.clone() for t in state])          # warm-up: library handles and workspaces
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            out = body(st)
-            for buf, new in zip(st[:7], out):
-                buf.copy_(new)
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                body([t.clone() for t in state])          # warm-up: library handles and workspaces
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                out = body(st)
+                for buf, new in zip(st[:7], out):
+                    buf.copy_(new)
         return graph, st
     except Exception as exc:  # pragma: no cover - depends on the CUDA/torch build
         logger.warning("ipm_solve: CUDA graph capture failed (%s: %s); running eagerly", type(exc).__name__, exc)
@@ -897,7 +1025,7 @@ class IPMSolver(ForwardSolver):
     description = "built-in batched primal-dual interior point (Mehrotra), pure torch, CPU and GPU"
 
     _KEYS = ("eps", "max_iter", "check_every", "form", "separate_steps", "step_fraction", "eps_infeasible",
-             "refine", "stall_iters", "fallback64", "cuda_graph")
+             "refine", "stall_iters", "fallback64", "cuda_graph", "graph_cache")
 
     def tolerance_keywords(self, eps_abs: float, eps_rel: float) -> Dict[str, Any]:
         return {"eps": max(min(eps_abs, eps_rel), 1e-14)}

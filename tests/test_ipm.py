@@ -589,3 +589,99 @@ def test_batched_kkt_reuses_ipm_factors(shared):
     for x, y in zip(fast.solve(g, None, gm), slow.solve(g, None, gm)):
         assert torch.allclose(x, y, atol=1e-10)
     assert ipm_solve(P, q, C, d, A, b, form="primal").factors is None
+
+
+# ------------------------------------------------------------------------------------------------
+# CUDA-graph cache: a captured iteration is reused by later calls with the same shapes
+# ------------------------------------------------------------------------------------------------
+
+def _graph_cases():
+    # (form, P shared, dtype): both Newton forms, the float64 dual identities and float32
+    return [("dual", False, F64), ("dual", True, F64), ("primal", False, F64), ("dual", False, F32),
+            ("primal", True, F32)]
+
+
+def _run_twice_vs_eager(device, form, shared, dtype):
+    """Three calls with different data and one shape through the graph path vs eager."""
+    import dqp.solvers.ipm as ipm
+    ipm.clear_graph_cache()
+    c0 = dict(ipm._graph_stats)
+    for seed in range(3):
+        P, q, C, d, A, b, *_ = known_qp(6, 7, 9, 2, seed=seed, dtype=dtype, device=device)
+        if shared:
+            P = P[0]
+        kw = dict(form=form, check_every=3, fallback64=False)
+        g = ipm_solve(P, q, C, d, A, b, cuda_graph=True, **kw)
+        e = ipm_solve(P, q, C, d, A, b, cuda_graph=False, **kw)
+        assert g.form == e.form == form
+        assert torch.equal(g.status, e.status) and torch.equal(g.iterations, e.iterations)
+        tol = 1e-12 if dtype == F64 else 1e-5
+        for x, y in ((g.z, e.z), (g.lam, e.lam), (g.mu, e.mu), (g.s, e.s)):
+            assert _rel(x, y) <= tol
+    assert ipm._graph_stats["captures"] - c0["captures"] == 1        # captured once, reused twice
+    assert ipm._graph_stats["hits"] - c0["hits"] == 2
+
+
+@pytest.mark.parametrize("form,shared,dtype", _graph_cases())
+def test_graph_cache_refills_all_inputs_emulated(monkeypatch, form, shared, dtype):
+    """CPU: the capture replaced by an eager replay on the static buffers. A tensor that the
+    iteration reads but the cache does not refill would keep the first call's values here
+    exactly as in a real graph, so the later calls would differ from eager."""
+    import dqp.solvers.ipm as ipm
+
+    class _Replay:
+        def __init__(self, body, st):
+            self.body, self.st = body, st
+
+        def replay(self):
+            out = self.body(self.st)
+            for buf, new in zip(self.st[:7], out):
+                buf.copy_(new)
+
+    def fake_capture(resid, step, state):
+        st = [t.clone() for t in state]
+
+        def body(buf):
+            _, rd, _, _, Az, Cz, req, rin, gap, gscl = resid(*buf[:4])
+            return step(*buf[:8], rd, req, rin, gap, gscl, Az, Cz)
+        return _Replay(body, st), st
+
+    monkeypatch.setattr(ipm, "_graph_device_ok", lambda dev: True)
+    monkeypatch.setattr(ipm, "_capture", fake_capture)
+    _run_twice_vs_eager("cpu", form, shared, dtype)
+    ipm.clear_graph_cache()
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("form,shared,dtype", _graph_cases())
+def test_cuda_graph_cached_matches_eager(form, shared, dtype):
+    _run_twice_vs_eager("cuda", form, shared, dtype)
+
+
+def test_graph_cache_is_bounded(monkeypatch):
+    import dqp.solvers.ipm as ipm
+    monkeypatch.setattr(ipm, "_graph_device_ok", lambda dev: True)
+    monkeypatch.setattr(ipm, "_capture", lambda resid, step, state: (None, None))  # capture "fails"
+    ipm.clear_graph_cache()
+    P, q, C, d, *_ = known_qp(3, 4, 5, 0)
+    r = ipm_solve(P, q, C, d)                        # falls back to eager, caches nothing
+    assert (r.status == 0).all() and len(ipm._GRAPH_CACHE) == 0
+    monkeypatch.setattr(ipm, "GRAPH_CACHE_SIZE", 2)
+    monkeypatch.setattr(ipm, "_capture", lambda resid, step, state: (object(), [t.clone() for t in state]))
+    class _Live:
+        def static(self):
+            return self
+
+        def nbytes(self):
+            return 100
+    for key in range(4):
+        ipm._graph_for(("k", key), _Live(), None, None, [q])
+    assert list(ipm._GRAPH_CACHE) == [("k", 2), ("k", 3)]
+    monkeypatch.setattr(ipm, "GRAPH_CACHE_MAX_BYTES", 150)             # room for one entry only
+    ipm._graph_for(("k", 4), _Live(), None, None, [q])
+    assert list(ipm._GRAPH_CACHE) == [("k", 4)]
+    monkeypatch.setattr(ipm, "GRAPH_CACHE_MAX_BYTES", 50)              # too large: not cached
+    ipm._graph_for(("k", 5), _Live(), None, None, [q])
+    assert list(ipm._GRAPH_CACHE) == [("k", 4)]
+    ipm.clear_graph_cache()
