@@ -161,12 +161,12 @@ def _cholesky(M: Tensor) -> Tuple[Tensor, Tensor]:
     return U.mT, info
 
 
-def _max_step(v: Tensor, dv: Tensor) -> Tensor:
-    """Largest α ≥ 0 with v + α dv ≥ 0 (v > 0), per row (capped at 1e30)."""
+def _max_step(v: Tensor, dv: Tensor, cap: float = 1e30) -> Tensor:
+    """Largest α ≥ 0 with v + α dv ≥ 0 (v > 0), per row, capped at ``cap``."""
     if v.shape[-1] == 0:
-        return v.new_full(v.shape[:-1], 1e30)
-    ratio = torch.where(dv < 0, -v / dv.clamp(max=-torch.finfo(v.dtype).tiny), torch.full_like(v, 1e30))
-    return ratio.amin(-1)
+        return v.new_full(v.shape[:-1], cap)
+    # min over dv_i < 0 of v_i/(−dv_i) = −1/min_i(dv_i/v_i): 5 kernels, 3 of them on (B,)
+    return (dv / v).amin(-1).clamp(max=-1.0 / cap).reciprocal().neg()
 
 
 # --------------------------------------------------------------------------------------------
@@ -359,7 +359,7 @@ class _DualNewton:
         Sd.add_((delta * self.reg_d * self.Md).unsqueeze(-1))
         if self.m:
             Sd[:, self.p:].add_(winv)
-        self._Sdiag = Sd - torch.diagonal(self.M, dim1=-2, dim2=-1)     # what was added to M
+        self._Sd = Sd                                                      # for _Sdiag (refinement)
         self.LS, info = _cholesky(S)
         ok = info == 0
         if self.m == 0:
@@ -378,9 +378,11 @@ class _DualNewton:
         rhs = self._At - (torch.cat(parts, dim=-1) if len(parts) > 1 else parts[0])
         dy = _chol_solve(self.LS, rhs)
         My = _mv(self.M, dy)
+        if refine:
+            Sdiag = self._Sd - torch.diagonal(self.M, dim1=-2, dim2=-1)   # what was added to M
         for _ in range(refine):
             # refinement of the Schur system S Δy = rhs (k-space, cheap)
-            dd = _chol_solve(self.LS, rhs - My - self._Sdiag * dy)
+            dd = _chol_solve(self.LS, rhs - My - Sdiag * dy)
             dy = dy + dd
             My = My + _mv(self.M, dd)
         return dy, My
@@ -640,7 +642,7 @@ def ipm_solve(P: Tensor, q: Tensor, C: Optional[Tensor] = None, d: Optional[Tens
               pres=None, pscl=None, dres=None, dscl=None, D=live):
         newton, q = D.newton, D.q
         running = ~done
-        iters = iters + running.to(torch.int64)
+        iters = iters + running
 
         # ---------------- predictor (affine) step
         # W⁻¹ = s/μ, kept inside the range where W and W⁻¹ are finite in this dtype
@@ -654,24 +656,26 @@ def ipm_solve(P: Tensor, q: Tensor, C: Optional[Tensor] = None, d: Optional[Tens
             newton.set_point(q, z, yv, torch.cat(Az_, dim=-1) if len(Az_) > 1 else Az_[0])
         a = -rd
         bb = -req if p else None
-        c_aff = (-rin + s) if m else None          # −r_in + r_c/μ with r_c = s∘μ
+        nrin = -rin if m else None
+        c_aff = (nrin + s) if m else None          # −r_in + r_c/μ with r_c = s∘μ
         if m:
             _, dl_a, dm_a, Cdz_a = newton.direction(a, bb, c_aff, winv, False, 0)
-            ds_a = -rin - Cdz_a
-            ap_a = _max_step(s, ds_a).clamp(max=1.0)
-            ad_a = _max_step(mu, dm_a).clamp(max=1.0)
+            ds_a = nrin - Cdz_a
+            ap_a = _max_step(s, ds_a, 1.0)
+            ad_a = _max_step(mu, dm_a, 1.0)
             if not separate_steps:
                 ap_a = ad_a = torch.minimum(ap_a, ad_a)
             tau = gap / m
-            mu_aff = ((s + ap_a.unsqueeze(-1) * ds_a) * (mu + ad_a.unsqueeze(-1) * dm_a)).sum(-1) / m
+            mu_aff = (torch.addcmul(s, ap_a.unsqueeze(-1), ds_a)
+                      * torch.addcmul(mu, ad_a.unsqueeze(-1), dm_a)).sum(-1) / m
             sigma = (mu_aff / tau.clamp(min=tiny)).clamp(min=0.0, max=1.0) ** 3
             # ---------------- corrector (centering + second order) with the same factorization
-            rc = s * mu + ds_a * dm_a - (sigma * tau).unsqueeze(-1)
-            c_cor = -rin + rc / mu
+            rc = torch.addcmul(s * mu, ds_a, dm_a).sub_((sigma * tau).unsqueeze(-1))
+            c_cor = torch.addcdiv(nrin, rc, mu)
             dz_, dl_, dm_, Cdz = newton.direction(a, bb, c_cor, winv, True, refine)
-            ds_ = -rin - Cdz
+            ds_ = nrin - Cdz
             # fraction to the boundary, → 1 as the instance converges (per instance)
-            eta = torch.maximum(torch.full_like(gap, step_fraction), 1.0 - (gap / gscl).sqrt())
+            eta = (1.0 - (gap / gscl).sqrt()).clamp(min=step_fraction)
             ap = (eta * _max_step(s, ds_)).clamp(max=1.0)
             ad = (eta * _max_step(mu, dm_)).clamp(max=1.0)
             if not separate_steps:
@@ -690,21 +694,20 @@ def ipm_solve(P: Tensor, q: Tensor, C: Optional[Tensor] = None, d: Optional[Tens
         ok = fact_ok & finite
         upd = running & ok
         # failed factorization / non-finite step: raise that instance's regularization and retry
-        delta = torch.where(running & ~ok, (delta * 100.0).clamp(max=1e12), (delta * 0.5).clamp(min=1.0))
-        nfail = torch.where(running & ~ok, nfail + 1, torch.zeros_like(nfail))
+        bad = running & ~ok
+        delta = torch.where(bad, (delta * 100.0).clamp(max=1e12), (delta * 0.5).clamp(min=1.0))
+        nfail = torch.where(bad, nfail + 1, 0)
         if trace is not None:
             trace.append(dict(it=it, pres=pres / pscl, dres=dres / dscl, gap=gap / gscl, ap=ap, ad=ad,
                               delta=delta, ok=ok, fact_ok=fact_ok, done=done.clone(), mumax=_amax(mu), smin=s.amin(-1) if m else None))
         u = upd.unsqueeze(-1)
-        z = torch.where(u, z + ap.unsqueeze(-1) * dz_, z)
+        z = torch.where(u, torch.addcmul(z, ap.unsqueeze(-1), dz_), z)
         if m:
-            s = torch.where(u, s + ap.unsqueeze(-1) * ds_, s)
-            mu = torch.where(u, mu + ad.unsqueeze(-1) * dm_, mu)
-            # keep strict interiority against round-off
-            s = s.clamp(min=tiny)
-            mu = mu.clamp(min=tiny)
+            # (clamp: keep strict interiority against round-off)
+            s = torch.where(u, torch.addcmul(s, ap.unsqueeze(-1), ds_), s).clamp_(min=tiny)
+            mu = torch.where(u, torch.addcmul(mu, ad.unsqueeze(-1), dm_), mu).clamp_(min=tiny)
         if p:
-            lam = torch.where(u, lam + ad.unsqueeze(-1) * dl_, lam)
+            lam = torch.where(u, torch.addcmul(lam, ad.unsqueeze(-1), dl_), lam)
         return z, s, mu, lam, delta, nfail, iters
 
     use_graph = cuda_graph and trace is None and _graph_device_ok(device)
@@ -794,20 +797,20 @@ def ipm_solve(P: Tensor, q: Tensor, C: Optional[Tensor] = None, d: Optional[Tens
             prev = dict(z=z, Pz=Pz, Az=Az, Cz=Cz, lam=lam, mu=mu, Ay=Ay)
 
             new_conv = conv & ~done
-            status = torch.where(new_conv, torch.full_like(status, SOLVED), status)
+            status = torch.where(new_conv, SOLVED, status)
             done = done | conv
             # a certificate must be seen twice (not necessarily in consecutive iterations)
             pinf_cnt = pinf_cnt + (pinf & ~done).to(torch.int64)
             dinf_cnt = dinf_cnt + (dinf & ~done).to(torch.int64)
             pinf_hit = (pinf_cnt >= 2) & ~done
             dinf_hit = (dinf_cnt >= 2) & ~done & ~pinf_hit
-            status = torch.where(pinf_hit, torch.full_like(status, PINF), status)
-            status = torch.where(dinf_hit, torch.full_like(status, DINF), status)
+            status = torch.where(pinf_hit, PINF, status)
+            status = torch.where(dinf_hit, DINF, status)
             done = done | pinf_hit | dinf_hit
             # repeated factorization failures: a certificate seen once decides, else NUMERICAL
             numfail = (nfail >= 8) & ~done
-            fail_st = torch.where(pinf_cnt > 0, torch.full_like(status, PINF),
-                                  torch.where(dinf_cnt > 0, torch.full_like(status, DINF), torch.full_like(status, NUM)))
+            fail_st = torch.where(pinf_cnt > 0, PINF,
+                                  torch.where(dinf_cnt > 0, DINF, NUM))
             status = torch.where(numfail, fail_st, status)
             done = done | numfail
 
@@ -815,9 +818,9 @@ def ipm_solve(P: Tensor, q: Tensor, C: Optional[Tensor] = None, d: Optional[Tens
             merit = torch.maximum(torch.maximum(pres / pscl, dres / dscl), gap / gscl)
             improved = merit < 0.5 * best
             best = torch.where(improved, merit, best)
-            last_impr = torch.where(improved, torch.full_like(last_impr, it), last_impr)
+            last_impr = torch.where(improved, it, last_impr)
             stalled = (it - last_impr >= stall_iters) & ~done
-            status = torch.where(stalled, torch.full_like(status, NUM), status)
+            status = torch.where(stalled, NUM, status)
             done = done | stalled
             if it == max_iter or bool(done.all()):
                 break
@@ -937,6 +940,11 @@ def _graph_for(key, live, resid, step, state):
     """The CUDA graph of one iteration for ``live``'s data: from the cache (inputs and state
     copied into its static buffers) or freshly captured. ``(graph, static_state)`` or
     ``(None, None)`` when the capture fails. ``key=None``: capture without caching."""
+    with torch.no_grad():
+        return _graph_for_impl(key, live, resid, step, state)
+
+
+def _graph_for_impl(key, live, resid, step, state):
     if key is not None and live.nbytes() > GRAPH_CACHE_MAX_BYTES:
         key = None
     ent = _GRAPH_CACHE.get(key) if key is not None else None
