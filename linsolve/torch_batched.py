@@ -250,11 +250,13 @@ class BatchedKKT:
             ok = ((info == 0) & self._pivots_ok(L, Ps)).expand(B)
             self.L = L                                                # (n, n)
         else:
-            H = P.expand(B, n, n)
             if k:
                 AtA = torch.matmul(self.Abar.transpose(-1, -2), self.Abar)
-                H = H + rho.view(-1, 1, 1) * AtA
-            H = H + torch.diag_embed(delta.view(-1, 1).expand(B, n))
+                H = torch.addcmul(P.expand(B, n, n), rho.view(-1, 1, 1), AtA)
+            else:
+                H = P.expand(B, n, n).clone()
+            # δ on the diagonal in place (no dense diag_embed: two fewer passes over (B, n, n))
+            torch.diagonal(H, dim1=-2, dim2=-1).add_(delta.view(-1, 1))
             L, info = _cholesky(H)
             ok = (info == 0) & self._pivots_ok(L, H)
             self.L = L                                                # (B, n, n)
@@ -265,7 +267,8 @@ class BatchedKKT:
                 self.HiAbt = _chol_solve(self.L, rhs.unsqueeze(0))[0].reshape(n, B, k).permute(1, 0, 2)
             else:
                 self.HiAbt = _chol_solve(self.L, Abt)
-            S = torch.matmul(self.Abar, self.HiAbt) + torch.diag_embed(self.D + delta.view(-1, 1))
+            S = torch.matmul(self.Abar, self.HiAbt)
+            torch.diagonal(S, dim1=-2, dim2=-1).add_(self.D + delta.view(-1, 1))
             self.LS, info2 = _cholesky(S)
             ok = ok & (info2 == 0) & self._pivots_ok(self.LS, S)
         return ok & torch.isfinite(self.L).flatten(-2).all(-1).expand(B)
@@ -278,8 +281,8 @@ class BatchedKKT:
             cm[:, self.p:] = self.a
         self.L = f["L"]
         self.HiAbt = f["PiAbt"] * cm.unsqueeze(-2)
-        S = f["M"] * cm.unsqueeze(-1) * cm.unsqueeze(-2)
-        S = S + torch.diag_embed(self.D)
+        S = f["M"] * (cm.unsqueeze(-1) * cm.unsqueeze(-2))            # cm is 0/1: exact
+        torch.diagonal(S, dim1=-2, dim2=-1).add_(self.D)
         self.LS, info = _cholesky(S)
         ok = (info == 0) & self._pivots_ok(self.LS, S)
         if self.L.dim() == 3:

@@ -729,7 +729,9 @@ def ipm_solve(P: Tensor, q: Tensor, C: Optional[Tensor] = None, d: Optional[Tens
         # kernels on GPU); the host reads `done` only here
         if check:
             if graph is not None:
-                z, s, mu, lam, delta, nfail, iters = (t.clone() for t in st[:7])
+                # `prev` keeps z, λ, μ across replays, which overwrite the static state
+                z, mu, lam = st[0].clone(), st[2].clone(), st[3].clone()
+                s, delta, nfail, iters = st[1], st[4], st[5], st[6]
             pres = torch.zeros(B, dtype=dtype, device=device)
             pscl = torch.ones(B, dtype=dtype, device=device)
             if p:
