@@ -55,6 +55,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Dict, Optional, Tuple
@@ -714,8 +715,11 @@ def ipm_solve(P: Tensor, q: Tensor, C: Optional[Tensor] = None, d: Optional[Tens
     gkey = None
     if use_graph and m and graph_cache:
         # cache key: everything the captured iteration depends on besides tensor values
+        # (the thread and stream too: a cached graph's static buffers are reused only by calls
+        # that are ordered after one another on the device)
         gkey = (fm, dtype, str(device), B, n, m, p, separate_steps, float(step_fraction), int(refine),
-                live.signature())
+                live.signature(), threading.get_ident(),
+                torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0)
     graph = None
     st = None
     for it in range(max_iter + 1):
