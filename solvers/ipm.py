@@ -360,7 +360,7 @@ class _DualNewton:
         Sd.add_((delta * self.reg_d * self.Md).unsqueeze(-1))
         if self.m:
             Sd[:, self.p:].add_(winv)
-        self._Sd = Sd                                                      # for _Sdiag (refinement)
+        self._Sdiag = Sd - torch.diagonal(self.M, dim1=-2, dim2=-1)     # what was added to M
         self.LS, info = _cholesky(S)
         ok = info == 0
         if self.m == 0:
@@ -379,11 +379,9 @@ class _DualNewton:
         rhs = self._At - (torch.cat(parts, dim=-1) if len(parts) > 1 else parts[0])
         dy = _chol_solve(self.LS, rhs)
         My = _mv(self.M, dy)
-        if refine:
-            Sdiag = self._Sd - torch.diagonal(self.M, dim1=-2, dim2=-1)   # what was added to M
         for _ in range(refine):
             # refinement of the Schur system S Δy = rhs (k-space, cheap)
-            dd = _chol_solve(self.LS, rhs - My - Sdiag * dy)
+            dd = _chol_solve(self.LS, rhs - My - self._Sdiag * dy)
             dy = dy + dd
             My = My + _mv(self.M, dd)
         return dy, My
@@ -882,9 +880,14 @@ class _GraphData:
         self.P, self.q, self.C, self.d, self.A, self.b, self.newton = P, q, C, d, A, b, newton
 
     def _newton_inputs(self):
+        """Newton tensors read inside the loop, less those that are data tensors themselves."""
         nt = self.newton
+        data = [getattr(self, k) for k in self._DATA]
+        # (the float64 dual form uses the identities of set_point: no solve with P in the loop)
+        skip = ("LP",) if nt.form == "dual" and getattr(nt, "_point", None) is not None else ()
         return [(k, getattr(nt, k)) for k in self._NEWTON[nt.form]
-                if isinstance(getattr(nt, k, None), Tensor)]
+                if k not in skip and isinstance(getattr(nt, k, None), Tensor)
+                and not any(getattr(nt, k) is t for t in data)]
 
     def signature(self) -> tuple:
         """Shapes (and so code paths) of every tensor the iteration reads."""
@@ -904,12 +907,15 @@ class _GraphData:
         st = _GraphData(*(cl(getattr(self, k)) for k in self._DATA), nt)
         for k, t in self._newton_inputs():
             setattr(nt, k, cl(t))
-        if nt.form == "primal":
-            nt.P, nt.C, nt.A = st.P, st.C, st.A
-        else:
+        for k in self._NEWTON[nt.form] + ("P", "C", "A"):        # aliases of the data
+            for dk in self._DATA:
+                if getattr(self, dk) is not None and getattr(self.newton, k, None) is getattr(self, dk):
+                    setattr(nt, k, getattr(st, dk))
+        if nt.form == "dual":
             nt._a = nt._pending = None
             if getattr(nt, "_point", None) is not None:
                 nt._point = (st.q,)
+                nt.LP = None                     # not read in the loop; do not keep it alive
         return st
 
     def refill(self, src: "_GraphData") -> None:

@@ -596,18 +596,19 @@ def test_batched_kkt_reuses_ipm_factors(shared):
 # ------------------------------------------------------------------------------------------------
 
 def _graph_cases():
-    # (form, P shared, dtype): both Newton forms, the float64 dual identities and float32
-    return [("dual", False, F64), ("dual", True, F64), ("primal", False, F64), ("dual", False, F32),
-            ("primal", True, F32)]
+    # (form, P shared, dtype, p): both Newton forms, the float64 dual identities, float32, and
+    # no equalities (the dual form's [A; C] is then C itself)
+    return [("dual", False, F64, 2), ("dual", True, F64, 2), ("primal", False, F64, 2), ("dual", False, F32, 2),
+            ("primal", True, F32, 2), ("dual", False, F64, 0), ("primal", False, F64, 0)]
 
 
-def _run_twice_vs_eager(device, form, shared, dtype):
+def _run_twice_vs_eager(device, form, shared, dtype, p):
     """Three calls with different data and one shape through the graph path vs eager."""
     import dqp.solvers.ipm as ipm
     ipm.clear_graph_cache()
     c0 = dict(ipm._graph_stats)
     for seed in range(3):
-        P, q, C, d, A, b, *_ = known_qp(6, 7, 9, 2, seed=seed, dtype=dtype, device=device)
+        P, q, C, d, A, b, *_ = known_qp(6, 7, 9, p, seed=seed, dtype=dtype, device=device)
         if shared:
             P = P[0]
         kw = dict(form=form, check_every=3, fallback64=False)
@@ -616,14 +617,16 @@ def _run_twice_vs_eager(device, form, shared, dtype):
         assert g.form == e.form == form
         assert torch.equal(g.status, e.status) and torch.equal(g.iterations, e.iterations)
         tol = 1e-12 if dtype == F64 else 1e-5
+        assert (g.lam is None) == (e.lam is None) == (p == 0)
         for x, y in ((g.z, e.z), (g.lam, e.lam), (g.mu, e.mu), (g.s, e.s)):
-            assert _rel(x, y) <= tol
+            if x is not None:
+                assert _rel(x, y) <= tol
     assert ipm._graph_stats["captures"] - c0["captures"] == 1        # captured once, reused twice
     assert ipm._graph_stats["hits"] - c0["hits"] == 2
 
 
-@pytest.mark.parametrize("form,shared,dtype", _graph_cases())
-def test_graph_cache_refills_all_inputs_emulated(monkeypatch, form, shared, dtype):
+@pytest.mark.parametrize("form,shared,dtype,p", _graph_cases())
+def test_graph_cache_refills_all_inputs_emulated(monkeypatch, form, shared, dtype, p):
     """CPU: the capture replaced by an eager replay on the static buffers. A tensor that the
     iteration reads but the cache does not refill would keep the first call's values here
     exactly as in a real graph, so the later calls would differ from eager."""
@@ -648,15 +651,15 @@ def test_graph_cache_refills_all_inputs_emulated(monkeypatch, form, shared, dtyp
 
     monkeypatch.setattr(ipm, "_graph_device_ok", lambda dev: True)
     monkeypatch.setattr(ipm, "_capture", fake_capture)
-    _run_twice_vs_eager("cpu", form, shared, dtype)
+    _run_twice_vs_eager("cpu", form, shared, dtype, p)
     ipm.clear_graph_cache()
 
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("form,shared,dtype", _graph_cases())
-def test_cuda_graph_cached_matches_eager(form, shared, dtype):
-    _run_twice_vs_eager("cuda", form, shared, dtype)
+@pytest.mark.parametrize("form,shared,dtype,p", _graph_cases())
+def test_cuda_graph_cached_matches_eager(form, shared, dtype, p):
+    _run_twice_vs_eager("cuda", form, shared, dtype, p)
 
 
 def test_graph_cache_is_bounded(monkeypatch):
