@@ -564,6 +564,8 @@ def ipm_solve(P: Tensor, q: Tensor, C: Optional[Tensor] = None, d: Optional[Tens
     Pscale = P.abs().flatten(-2).amax(-1).expand(B) if n else P.new_zeros(B)
     pscale = Pscale.clamp(min=1.0)
     qnorm = _amax(q)
+    bnorm = _amax(b) if p else None          # constant: once, not at every check
+    dnorm = _amax(d) if m else None
 
     fm, LP = _choose_form(form, P, B, n, m, p, dtype)
     if fm == "dual":
@@ -734,14 +736,20 @@ def ipm_solve(P: Tensor, q: Tensor, C: Optional[Tensor] = None, d: Optional[Tens
                 # `prev` keeps z, λ, μ across replays, which overwrite the static state
                 z, mu, lam = st[0].clone(), st[2].clone(), st[3].clone()
                 s, delta, nfail, iters = st[1], st[4], st[5], st[6]
-            pres = torch.zeros(B, dtype=dtype, device=device)
-            pscl = torch.ones(B, dtype=dtype, device=device)
+            # (∞-norms are ≥ 0: max with 0 only where there is no constraint at all)
+            pres = pscl = None
             if p:
-                pres = torch.maximum(pres, _amax(req))
-                pscl = torch.maximum(pscl, torch.maximum(_amax(Az), _amax(b)))
+                pres = _amax(req)
+                pscl = torch.maximum(_amax(Az), bnorm)
             if m:
-                pres = torch.maximum(pres, _amax(rin))
-                pscl = torch.maximum(pscl, torch.maximum(torch.maximum(_amax(Cz), _amax(d)), _amax(s)))
+                pres = _amax(rin) if pres is None else torch.maximum(pres, _amax(rin))
+                ci = torch.maximum(torch.maximum(_amax(Cz), dnorm), _amax(s))
+                pscl = ci if pscl is None else torch.maximum(pscl, ci)
+            if pres is None:
+                pres = torch.zeros(B, dtype=dtype, device=device)
+                pscl = torch.ones(B, dtype=dtype, device=device)
+            else:
+                pscl = pscl.clamp(min=1.0)
             dres = _amax(rd)
             dscl = torch.maximum(_amax(Pz), qnorm)
             if p:
@@ -755,11 +763,7 @@ def ipm_solve(P: Tensor, q: Tensor, C: Optional[Tensor] = None, d: Optional[Tens
 
             # ---------------- infeasibility certificates (only for instances that are not converging),
             # from products already computed: the iterates and their change since the last iteration
-            Ay = torch.zeros_like(z)
-            if p:
-                Ay = Ay + ATl
-            if m:
-                Ay = Ay + CTm
+            Ay = (ATl + CTm) if (p and m) else (ATl if p else (CTm if m else torch.zeros_like(z)))
             radius = 1e3 * (1.0 + _amax(z))
             have_prev = prev is not None
             if prev is None:
