@@ -133,7 +133,8 @@ class RobustKKT(Factorization):
     1. the chosen solver on ``K``;
     2. the chosen solver on the quasi-definite ``K + diag(δ₀I, −δ₀I)`` with a tiny ``δ₀`` (how
        QDLDL handles the zero block), made exact again by the refinement;
-    3. a pivoting LU: LAPACK on ``K`` for dense data up to 3000 rows, else SuperLU on the
+    3. a pivoting LU: LAPACK on ``K`` for dense data up to 3000 rows, else SuperLU (up to 5000
+       rows; Pardiso above, if installed) on the
        quasi-definite form with ``δ₀ = 1e-12``.
 
     Solvers that may crash on singular input (``safe_on_singular = False``, e.g. SuperLU) skip step 1.
@@ -177,9 +178,18 @@ class RobustKKT(Factorization):
         probe = np.random.default_rng(0).standard_normal(N)
         probe_rhs = self.Ks @ probe
         # LAPACK's LU is safe on singular matrices; SuperLU only gets the (nonsingular) quasi-definite form
-        pivoting = (DenseLUSolver(), 0.0) if (not sparse and N <= 3000) else (SuperLUSolver(), 1e-12)
+        # (SuperLU's fill-in makes it impractical beyond a few thousand rows: Pardiso there, if installed)
+        if not sparse and N <= 3000:
+            pivoting = [(DenseLUSolver(), 0.0)]
+        elif N <= 5000:
+            pivoting = [(SuperLUSolver(), 1e-12)]
+        else:
+            from dqp.linsolve import available_linsolvers, get_linsolver
+
+            pivoting = [(get_linsolver("pardiso"), 1e-12)] if ("pardiso" in available_linsolvers()
+                                                               and solver.name != "pardiso") else []
         direct_ok = solver.safe_on_singular and not (solver.quasi_definite_only and N > self.n)
-        attempts = ([(solver, 0.0)] if direct_ok else []) + [(solver, 1e-10), pivoting]
+        attempts = ([(solver, 0.0)] if direct_ok else []) + [(solver, 1e-10)] + pivoting
         for lin, reg in attempts:
             try:
                 with warnings.catch_warnings():
@@ -196,8 +206,16 @@ class RobustKKT(Factorization):
         Kreg = _plus_reg(self.Ks, self.n, delta)
         # an indefinite factorization of the quasi-definite Kreg (a Schur-complement Cholesky of it
         # squares the regularization's conditioning and gives another derivative)
-        fallback = solver if solver.name in ("qdldl", "pardiso", "scipy_lu", "scipy_ldl") else (
-            SuperLUSolver() if sparse else DenseLUSolver())
+        if solver.name in ("qdldl", "pardiso", "scipy_lu", "scipy_ldl"):
+            fallback = solver
+        elif not sparse:
+            fallback = DenseLUSolver()
+        elif N <= 5000:
+            fallback = SuperLUSolver()
+        else:
+            from dqp.linsolve import get_linsolver
+
+            fallback = get_linsolver("qdldl")  # Kreg is quasi-definite: QDLDL's home ground
         try:
             self._F = fallback.factor(Kreg if sparse or fallback.dense else sp.csc_matrix(Kreg), n=self.n)
         except Exception:  # SuperLU factorizes any nonsingular (quasi-definite) Kreg
