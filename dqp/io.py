@@ -191,31 +191,10 @@ class QPProblem:
 
 
 def _csc_from_values(ccol: Any, row: Any, values: Any, size: Tuple[int, int]) -> Any:
-    """``torch.sparse_csc_tensor(ccol, row, values, size)`` whose backward hands the values their
-    gradient in O(nnz).
+    """CSC tensor on a fixed pattern with an O(nnz) backward: :func:`dqp.sparse.sparse_csc_tensor`."""
+    from dqp.sparse import sparse_csc_tensor
 
-    torch's own autograd node for the constructor is O(n²) in the backward (9 s for n = 10⁴); this
-    one returns ``grad.values()`` when the incoming gradient is a CSC tensor on the same pattern (as
-    dqp's is), and gathers the pattern's entries from any other layout.
-    """
-    import torch
-
-    class _CSC(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx: Any, vals: Any) -> Any:
-            return torch.sparse_csc_tensor(ccol, row, vals, size=size, dtype=vals.dtype, device=vals.device,
-                                           check_invariants=True)
-
-        @staticmethod
-        def backward(ctx: Any, grad: Any) -> Any:
-            if grad.layout == torch.sparse_csc and grad.values().shape == values.shape and torch.equal(
-                    grad.ccol_indices(), ccol) and torch.equal(grad.row_indices(), row):
-                return grad.values()
-            dense = grad.to_dense() if grad.layout != torch.strided else grad
-            cols = torch.repeat_interleave(torch.arange(size[1], device=ccol.device), ccol.diff())
-            return dense[row, cols]
-
-    return _CSC.apply(values)
+    return sparse_csc_tensor(ccol, row, values, size)
 
 
 # --------------------------------------------------------------------------------------------

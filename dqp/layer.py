@@ -1,6 +1,7 @@
 """The dQP layer: ``nn.Module`` front door of dqp."""
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 import warnings
@@ -53,27 +54,21 @@ def _row_scale_sparse(M: SparseArg, B: int) -> Tuple[SparseArg, torch.Tensor]:
     return SparseArg(vals, M.ccols, M.rows, M.offsets, M.shape, M.shared), r
 
 
+def _scale_rows(M, v: torch.Tensor, B: int):
+    """Rows of ``M`` (dense or sparse) and entries of ``v`` divided by the row norms; returns the norms too."""
+    if isinstance(M, SparseArg):
+        M, r = _row_scale_sparse(M, B)
+    else:
+        r = _row_scale_dense(M)
+        M = M / r.unsqueeze(-1)
+    return M, v / r, r
+
+
 def normalize_rows(batch: QPBatch) -> Tuple[QPBatch, Optional[torch.Tensor], Optional[torch.Tensor]]:
     """Scale the rows of C and A (and d, b) to unit norm; return the batch and the row norms."""
-    rC = rA = None
-    C, d, A, b = batch.C, batch.d, batch.A, batch.b
-    if C is not None:
-        if isinstance(C, SparseArg):
-            C, rC = _row_scale_sparse(C, batch.B)
-        else:
-            rC = _row_scale_dense(C)
-            C = C / rC.unsqueeze(-1)
-        d = d / rC
-    if A is not None:
-        if isinstance(A, SparseArg):
-            A, rA = _row_scale_sparse(A, batch.B)
-        else:
-            rA = _row_scale_dense(A)
-            A = A / rA.unsqueeze(-1)
-        b = b / rA
-    out = QPBatch(batch.P, batch.q, C, d, A, b, batch.B, batch.n, batch.m, batch.p, batch.batched,
-                  batch.sparse, batch.dtype, batch.device)
-    return out, rC, rA
+    C, d, rC = (None, None, None) if batch.C is None else _scale_rows(batch.C, batch.d, batch.B)
+    A, b, rA = (None, None, None) if batch.A is None else _scale_rows(batch.A, batch.b, batch.B)
+    return dataclasses.replace(batch, C=C, d=d, A=A, b=b), rC, rA
 
 
 def _data(M):
