@@ -252,7 +252,8 @@ class Engine:
         """Forward of one element: direct KKT solve without inequalities, else solver + polish.
 
         When the chosen solver fails (or its point cannot be verified after it reported a failure),
-        the ``fallback_solver`` (Clarabel by default) gets one try before the failure is reported.
+        the ``fallback_solver`` chain is tried in turn (settings: the first verified answer wins, a
+        solved-but-unverified one is kept if none verifies, an infeasibility certificate stops it).
         """
         s = self.settings
         P, q, C, d, A, b = data
@@ -265,20 +266,37 @@ class Engine:
         if warm is not None and (len(warm[0]), len(warm[1]), len(warm[2])) != (n, p, m):
             warm = None  # the problem changed size since the previous call
         res = self._solve_with(self.solver, data, sparse, linsolver, warm, slot)
-        fb = s.fallback_solver
-        if res.status != Status.SOLVED and fb and fb != self.solver.name:
-            from dqp.solvers import get_solver
+        if res.status == Status.SOLVED:
+            return res
+        from dqp.solvers import get_solver
 
+        kept: Optional[ElementResult] = None          # first solved-but-unverified fallback answer
+        tried = []
+        for fb in s.fallback_solver:
+            if fb == self.solver.name:
+                continue
             res2 = self._solve_with(get_solver(fb), data, sparse, linsolver, None, None)
+            tried.append(f"{fb}: {res2.status.name}" + ("" if res2.status != Status.SOLVED or res2.verified
+                                                          else " (unverified)"))
+            res.solve_time += res2.solve_time
             if res2.status == Status.SOLVED:
                 res2.message = (f"{self.solver.name} failed ({res.message or res.status.name}); "
-                                f"solved by fallback_solver={fb!r}. " + res2.message).strip()
-                res2.solve_time += res.solve_time
-                return res2
-            res.message += f"; fallback_solver={fb!r} also failed ({res2.status.name})"
-            if res.status == Status.SOLVER_ERROR or res2.status in (Status.PRIMAL_INFEASIBLE,
-                                                                     Status.DUAL_INFEASIBLE):
-                res.status = res2.status  # the fallback's (Clarabel's) verdict names the failure
+                                f"solved by fallback_solver {fb!r}. " + res2.message).strip()
+                if res2.verified:
+                    res2.solve_time = res.solve_time
+                    return res2
+                kept = kept or res2
+                continue
+            if res2.status in (Status.PRIMAL_INFEASIBLE, Status.DUAL_INFEASIBLE):
+                res.status = res2.status  # a certificate (Clarabel's, PIQP's, HiGHS's) names the failure
+                break
+            if res.status == Status.SOLVER_ERROR:
+                res.status = res2.status
+        if kept is not None:
+            kept.solve_time = res.solve_time
+            return kept
+        if tried:
+            res.message += "; fallback solvers: " + ", ".join(tried)
         return res
 
     def _solve_with(self, solver: ForwardSolver, data, sparse: bool, linsolver, warm, slot) -> ElementResult:

@@ -1,0 +1,148 @@
+"""The fallback_solver chain: when qp_solver fails on an element, other solvers are tried in turn."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List
+
+import numpy as np
+import pytest
+import torch
+
+from dqp import dQP
+from dqp.errors import InfeasibleError, SettingsError, SolverFailedError, SolverNotAvailableError, Status
+from dqp.settings import AUTO_FALLBACKS
+from dqp.solvers import available_solvers, get_solver
+from dqp.solvers.base import SOLVERS, ForwardSolver, RawSolution, register_solver
+
+CALLS: List[str] = []
+
+
+class _Failing(ForwardSolver):
+    """Returns no solution (like a solver that crashed)."""
+
+    name = "test_failing"
+    modules = ()
+    dense = sparse = True
+    batched = False
+    description = "test double: always fails"
+
+    def solve(self, P, q, C, d, A, b, **kw) -> RawSolution:
+        CALLS.append(self.name)
+        return RawSolution(None, None, None, Status.SOLVER_ERROR, info={"raw_status": "boom"})
+
+
+class _Counting(ForwardSolver):
+    """Delegates to Clarabel and records that it was called."""
+
+    name = "test_counting"
+    modules = ()
+    dense = sparse = True
+    batched = False
+    description = "test double: Clarabel with a call log"
+
+    def solve(self, P, q, C, d, A, b, **kw) -> RawSolution:
+        CALLS.append(self.name)
+        return get_solver("clarabel").solve(P, q, C, d, A, b)
+
+
+@pytest.fixture(autouse=True)
+def _doubles():
+    for cls in (_Failing, _Counting):
+        register_solver(cls)
+    CALLS.clear()
+    yield
+    for cls in (_Failing, _Counting):
+        SOLVERS.unregister(cls.name)
+
+
+def _qp():
+    """min ½‖z‖² − z₁ s.t. z₂ ≤ 0, z₁ ≤ 2 → z = (1, 0)."""
+    P = torch.eye(2, dtype=torch.float64)
+    q = torch.tensor([-1.0, 0.0], dtype=torch.float64, requires_grad=True)
+    C = torch.tensor([[0.0, 1.0], [1.0, 0.0]], dtype=torch.float64)
+    d = torch.tensor([0.0, 2.0], dtype=torch.float64)
+    return P, q, C, d
+
+
+def test_failed_solver_is_rescued_by_the_chain_in_order():
+    layer = dQP.dQP_layer(settings=dQP.build_settings(qp_solver="test_failing",
+                                                      fallback_solver=("test_failing", "test_counting")))
+    P, q, C, d = _qp()
+    z = layer(P, q, C, d)[0]
+    assert torch.allclose(z.detach(), torch.tensor([1.0, 0.0], dtype=torch.float64), atol=1e-8)
+    assert CALLS == ["test_failing", "test_counting"]           # the primary is not retried
+    assert layer.info.verified == [True]
+    assert any("test_counting" in msg for msg in layer.info.messages)
+    g, = torch.autograd.grad(z[0], q)
+    assert torch.allclose(g, torch.tensor([-1.0, 0.0], dtype=torch.float64), atol=1e-8)
+
+
+def test_no_fallback_raises_with_the_solvers_message():
+    layer = dQP.dQP_layer(settings=dQP.build_settings(qp_solver="test_failing", fallback_solver=None))
+    with pytest.raises(SolverFailedError, match="boom"):
+        layer(*_qp())
+    assert CALLS == ["test_failing"]
+
+
+def test_duplicates_and_the_primary_are_skipped():
+    s = dQP.build_settings(qp_solver="test_failing", fallback_solver=["test_failing", "test_counting",
+                                                                      "test_counting"])
+    assert s.fallback_solver == ("test_failing", "test_counting")
+    layer = dQP.dQP_layer(settings=dQP.build_settings(qp_solver="test_failing",
+                                                      fallback_solver=["test_failing"]))
+    with pytest.raises(SolverFailedError):
+        layer(*_qp())
+    assert CALLS == ["test_failing"]
+
+
+def test_infeasibility_certificate_ends_the_chain():
+    # z ≤ −1 and −z ≤ −1 (z ≥ 1): infeasible; Clarabel proves it, the next solver is never asked
+    P = torch.eye(1, dtype=torch.float64)
+    q = torch.zeros(1, dtype=torch.float64)
+    C = torch.tensor([[1.0], [-1.0]], dtype=torch.float64)
+    d = torch.tensor([-1.0, -1.0], dtype=torch.float64)
+    layer = dQP.dQP_layer(settings=dQP.build_settings(qp_solver="test_failing",
+                                                      fallback_solver=("clarabel", "test_counting")))
+    with pytest.raises(InfeasibleError):
+        layer(P, q, C, d)
+    assert CALLS == ["test_failing"]
+
+
+def test_auto_is_the_installed_subset_in_order():
+    s = dQP.build_settings()
+    have = set(available_solvers())
+    assert s.fallback_solver == tuple(x for x in AUTO_FALLBACKS if x in have)
+    assert s.fallback_solver[0] == "clarabel"                   # a core dependency
+
+
+@pytest.mark.parametrize("bad, err", [((3,), SettingsError), ("no_such_solver", SettingsError),
+                                      (1.5, SettingsError)])
+def test_bad_fallback_values(bad, err):
+    with pytest.raises(err):
+        dQP.build_settings(fallback_solver=bad)
+
+
+def test_fallback_not_installed_names_the_install(monkeypatch):
+    monkeypatch.setattr(_Counting, "modules", ("surely_not_a_module_xyz",))
+    with pytest.raises(SolverNotAvailableError, match="test_counting"):
+        dQP.build_settings(fallback_solver=("test_counting",))
+
+
+MM_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "maros_meszaros"
+
+
+@pytest.mark.skipif(not MM_DIR.is_dir(), reason=f"Maros–Meszaros data not found at {MM_DIR}")
+@pytest.mark.parametrize("name", ["YAO", pytest.param("QSIERRA", marks=pytest.mark.slow)])
+def test_maros_meszaros_almostsolved_is_rescued(name):
+    """Clarabel stops at 'almostsolved' on these; the auto chain (PIQP, HiGHS) gives verified points."""
+    pytest.importorskip("piqp")
+    pytest.importorskip("highspy")
+    import dqp.io
+
+    P, q, C, d, A, b = dqp.io.load_maros_meszaros(MM_DIR / f"{name}.mat").to_qp().to_torch(sparse=True)
+    layer = dQP.dQP_layer(settings=dQP.build_settings(qp_solver="clarabel", solve_type="sparse"))
+    z = layer(P, q, C, d, A, b)[0]
+    assert torch.isfinite(z).all()
+    assert layer.info.verified == [True]
+    assert any("clarabel failed" in msg for msg in layer.info.messages)
+    assert np.isfinite(layer.info.primal_residual[0])
