@@ -37,7 +37,7 @@ import torch
 
 from dqp.errors import ShapeError
 from dqp.linsolve.base import LinearSolver, register_linsolver
-from dqp.solvers.ipm import _chol_solve, _cholesky
+from dqp.solvers.ipm import _chol_solve, _cholesky, _cholesky_inplace, _mv, _tmv
 
 logger = logging.getLogger(__name__)
 Tensor = torch.Tensor
@@ -283,47 +283,54 @@ class BatchedKKT:
         self.HiAbt = f["PiAbt"] * cm.unsqueeze(-2)
         S = f["M"] * (cm.unsqueeze(-1) * cm.unsqueeze(-2))            # cm is 0/1: exact
         torch.diagonal(S, dim1=-2, dim2=-1).add_(self.D)
-        self.LS, info = _cholesky(S)
-        ok = (info == 0) & self._pivots_ok(self.LS, S)
+        big = self._diag_max(S)
+        self.LS, info = _cholesky_inplace(S)                          # S is a fresh buffer
+        ok = (info == 0) & self._pivots_ok(self.LS, None, big)
         if self.L.dim() == 3:
             ok = ok & torch.isfinite(self.L).flatten(-2).all(-1)
         return ok
 
-    def _pivots_ok(self, L: Tensor, M: Tensor) -> Tensor:
-        """Reject a numerically singular factorization: smallest pivot² vs the largest diagonal."""
+    @staticmethod
+    def _diag_max(M: Tensor) -> Tensor:
+        return torch.diagonal(M, dim1=-2, dim2=-1).abs().amax(-1)
+
+    def _pivots_ok(self, L: Tensor, M: Optional[Tensor], big: Optional[Tensor] = None) -> Tensor:
+        """Reject a numerically singular factorization: smallest pivot² vs the largest diagonal of
+        the factorized matrix M (or ``big``, that maximum taken before an in-place factorization)."""
         piv = torch.diagonal(L, dim1=-2, dim2=-1)
-        big = torch.diagonal(M, dim1=-2, dim2=-1).abs().amax(-1)
-        return (piv.abs().amin(-1) ** 2 > 100 * self._eps * M.shape[-1] * big) & torch.isfinite(piv).all(-1)
+        if big is None:
+            big = self._diag_max(M)
+        return (piv.abs().amin(-1) ** 2 > 100 * self._eps * L.shape[-1] * big) & torch.isfinite(piv).all(-1)
 
     def _solve_reg(self, gz: Tensor, gy: Optional[Tensor]) -> Tuple[Tensor, Optional[Tensor]]:
         """Solve the (augmented, possibly regularized) system once."""
         if self.k:
-            gz = gz + self.rho.unsqueeze(-1) * torch.matmul(gy.unsqueeze(-2), self.Abar).squeeze(-2)
+            gz = gz + self.rho.unsqueeze(-1) * _tmv(self.Abar, gy)
         t = _chol_solve(self.L, gz)
         if not self.k:
             return t, None
-        rhs = torch.matmul(self.Abar, t.unsqueeze(-1)).squeeze(-1) - gy
+        rhs = _mv(self.Abar, t) - gy
         yy = _chol_solve(self.LS, rhs)
-        yz = t - torch.matmul(self.HiAbt, yy.unsqueeze(-1)).squeeze(-1)
+        yz = t - _mv(self.HiAbt, yy)
         return yz, yy
 
     def _residual(self, gz, gy, yz, yy):
         """g − K y for the true (unregularized, unaugmented) K."""
-        Pyz = torch.matmul(yz.unsqueeze(-2), self.P.transpose(-1, -2)).squeeze(-2)
+        Pyz = _mv(self.P, yz)
         if not self.k:
             return gz - Pyz, None
-        rz = gz - Pyz - torch.matmul(yy.unsqueeze(-2), self.Abar).squeeze(-2)
-        ry = gy - torch.matmul(self.Abar, yz.unsqueeze(-1)).squeeze(-1) + self.D * yy
+        rz = gz - Pyz - _tmv(self.Abar, yy)
+        ry = gy - _mv(self.Abar, yz) + self.D * yy
         return rz, ry
 
     def apply(self, yz: Tensor, ylam: Optional[Tensor] = None, ymu: Optional[Tensor] = None):
         """``K y`` (for checks)."""
         yy = self._pack(ylam, ymu, yz)
-        Pyz = torch.matmul(yz.unsqueeze(-2), self.P.transpose(-1, -2)).squeeze(-2)
+        Pyz = _mv(self.P, yz)
         if not self.k:
             return Pyz, None, None
-        rz = Pyz + torch.matmul(yy.unsqueeze(-2), self.Abar).squeeze(-2)
-        ry = torch.matmul(self.Abar, yz.unsqueeze(-1)).squeeze(-1) - self.D * yy
+        rz = Pyz + _tmv(self.Abar, yy)
+        ry = _mv(self.Abar, yz) - self.D * yy
         return (rz,) + self._unpack(ry)
 
     def _pack(self, glam, gmu, ref):

@@ -109,13 +109,31 @@ def default_eps(dtype: torch.dtype) -> float:
 # small batched helpers (work for shared (k, n) and batched (B, k, n) matrices)
 # --------------------------------------------------------------------------------------------
 
+def _numpy_ok(M: Tensor, x: Tensor) -> bool:
+    """Whether a batched CPU product may go through NumPy (no autograd graph is being built)."""
+    return (M.dim() == 3 and M.device.type == "cpu" and x.device.type == "cpu"
+            and M.dtype in (torch.float64, torch.float32) and x.dtype == M.dtype
+            and not (torch.is_grad_enabled() and (M.requires_grad or x.requires_grad)))
+
+
 def _mv(M: Tensor, x: Tensor) -> Tensor:
-    """``M x`` for x (B, n); M (k, n) or (B, k, n)."""
+    """``M x`` for x (B, n); M (k, n) or (B, k, n).
+
+    Batched on the CPU through NumPy's stacked ``matmul``: for B=128, k=n=100 in float64 it takes
+    0.15 ms where ``torch.matmul`` takes 0.86 ms (1 thread; torch's batched matrix-vector
+    product is a loop of small GEMMs). Zero-copy views both ways.
+    """
+    if _numpy_ok(M, x):
+        import numpy as np
+        return torch.from_numpy(np.matmul(M.numpy(), x.detach().numpy()[..., None])[..., 0])
     return torch.matmul(x.unsqueeze(-2), M.transpose(-1, -2)).squeeze(-2)
 
 
 def _tmv(M: Tensor, y: Tensor) -> Tensor:
-    """``Mᵀ y`` for y (B, k); M (k, n) or (B, k, n)."""
+    """``Mᵀ y`` for y (B, k); M (k, n) or (B, k, n) (batched CPU: NumPy, as :func:`_mv`)."""
+    if _numpy_ok(M, y):
+        import numpy as np
+        return torch.from_numpy(np.matmul(y.detach().numpy()[..., None, :], M.numpy())[..., 0, :])
     return torch.matmul(y.unsqueeze(-2), M).squeeze(-2)
 
 
@@ -160,6 +178,44 @@ def _cholesky(M: Tensor) -> Tuple[Tensor, Tensor]:
         return torch.linalg.cholesky_ex(M)
     U, info = torch.linalg.cholesky_ex(M.mT, upper=True)
     return U.mT, info
+
+
+def _cholesky_inplace(S: Tensor, rows: Optional[list] = None) -> Tuple[Tensor, Tensor]:
+    """Factorize the symmetric batch ``S`` (B, k, k), contiguous, *in place*; ``(L, info)``.
+
+    ``rows``: factorize only these batch elements (the others keep S and report info 0; the IPM
+    passes its unfinished instances, whose directions alone are used).
+
+    ``L`` is a view of ``S`` whose **lower triangle only** holds the factor (the strict upper
+    triangle keeps stale values): use it only through :func:`_chol_solve` (triangular solves read
+    one triangle). On CPU this calls LAPACK ``potrf`` per matrix on the buffer itself: no
+    allocation, no layout copy and no ``triu`` pass, which ``torch.linalg.cholesky_ex`` spends
+    more time on than on the factorization (measured, B=128, k=100, float64, 1 thread: 5.1 ms vs
+    8.2 ms, and an iteration reuses one buffer instead of allocating 10 MB twice). A NaN in S may
+    pass LAPACK's check; the IPM rejects the non-finite direction it gives. Elsewhere (CUDA, half
+    precision, a non-contiguous S) it falls back to :func:`_cholesky`.
+    """
+    potrf = _lapack_potrf(S)
+    if potrf is None:
+        return _cholesky(S)
+    Sn = S.detach().numpy()
+    info = [0] * S.shape[0]
+    for i in (range(S.shape[0]) if rows is None else rows):
+        # S[i] is symmetric, so its row-major buffer is also its column-major buffer; the upper
+        # factor U of the column-major view is the lower factor L = Uᵀ of the row-major one, which
+        # keeps L row-major (torch's triangular solves are 2.5× slower on a column-major L)
+        _, info[i] = potrf(Sn[i].T, lower=0, clean=0, overwrite_a=1)
+    return S, torch.tensor(info, dtype=torch.int32)
+
+
+def _lapack_potrf(S: Tensor):
+    """SciPy's LAPACK ``?potrf`` for S's dtype when S can be factorized in place on the CPU."""
+    if S.device.type != "cpu" or S.dim() != 3 or not S.is_contiguous():
+        return None
+    if S.dtype not in (torch.float64, torch.float32):
+        return None
+    from scipy.linalg import lapack
+    return lapack.dpotrf if S.dtype == torch.float64 else lapack.spotrf
 
 
 def _max_step(v: Tensor, dv: Tensor, cap: float = 1e30) -> Tensor:
@@ -256,8 +312,9 @@ class _PrimalNewton:
         self.reg_fail = 1e-15 if P.dtype == torch.float64 else 1e-7
         self._const = None  # cached factorization when m == 0
 
-    def factor(self, winv: Optional[Tensor], delta: Tensor) -> Tensor:
-        """Factorize for W = 1/winv (B, m); returns per-instance ok flags (B,)."""
+    def factor(self, winv: Optional[Tensor], delta: Tensor, running: Optional[Tensor] = None) -> Tensor:
+        """Factorize for W = 1/winv (B, m); returns per-instance ok flags (B,). (``running``: as
+        :meth:`_DualNewton.factor`; unused here.)"""
         if self.m == 0 and self._const is not None:
             self.LH, self.HiAt, self.LS = self._const
             return self._const_ok
@@ -351,17 +408,28 @@ class _DualNewton:
         self._const = None
         self._a = None
 
-    def factor(self, winv: Optional[Tensor], delta: Tensor) -> Tensor:
+    def factor(self, winv: Optional[Tensor], delta: Tensor, running: Optional[Tensor] = None) -> Tensor:
+        """Factorize S for W = 1/winv; ``running`` (B,) bool, optional: only those elements' factors
+        are used (the CPU path then skips the others). Returns per-instance ok flags (B,)."""
         if self.m == 0 and self._const is not None:
             self.LS = self._const
             return self._const_ok
-        S = self.M.expand(self.B, self.k, self.k).clone()
+        inplace = self.m > 0 and self.M.device.type == "cpu" and self.M.dtype in (torch.float64, torch.float32)
+        if inplace:
+            # CPU: one buffer for every iteration, factorized in place (_cholesky_inplace)
+            if getattr(self, "_Sbuf", None) is None:
+                self._Sbuf = torch.empty(self.B, self.k, self.k, dtype=self.M.dtype)
+            S = self._Sbuf
+            S.copy_(self.M.expand(self.B, self.k, self.k))
+        else:
+            S = self.M.expand(self.B, self.k, self.k).clone()
         Sd = torch.diagonal(S, dim1=-2, dim2=-1)
         Sd.add_((delta * self.reg_d * self.Md).unsqueeze(-1))
         if self.m:
             Sd[:, self.p:].add_(winv)
         self._Sdiag = Sd - torch.diagonal(self.M, dim1=-2, dim2=-1)     # what was added to M
-        self.LS, info = _cholesky(S)
+        rows = None if running is None or not inplace else torch.nonzero(running).flatten().tolist()
+        self.LS, info = _cholesky_inplace(S, rows) if inplace else _cholesky(S)
         ok = info == 0
         if self.m == 0:
             self._const, self._const_ok = self.LS, ok
@@ -648,7 +716,7 @@ def ipm_solve(P: Tensor, q: Tensor, C: Optional[Tensor] = None, d: Optional[Tens
         # ---------------- predictor (affine) step
         # W⁻¹ = s/μ, kept inside the range where W and W⁻¹ are finite in this dtype
         winv = (s / mu).clamp(min=wlo, max=1.0 / wlo) if m else None
-        fact_ok = newton.factor(winv, delta)
+        fact_ok = newton.factor(winv, delta, running if not use_graph else None)
         if fm == "dual" and f64:
             # (float64 only: in float32 the identities cancel badly — measured: every instance of
             # qpth's generator at n = m = 100 stalls — so float32 solves with P each iteration)
