@@ -218,6 +218,23 @@ def _lapack_potrf(S: Tensor):
     return lapack.dpotrf if S.dtype == torch.float64 else lapack.spotrf
 
 
+def _potrs_inplace(S: Tensor, r: Tensor, rows: Optional[list] = None) -> Tensor:
+    """Solve with the factor that :func:`_cholesky_inplace` left in ``S``: ``(L Lᵀ)⁻¹ r`` for r (B, k).
+
+    One LAPACK ``potrs`` per matrix, so both triangular sweeps run while that matrix is in cache:
+    one pass over the (B, k, k) factor instead of two (the batch does not fit in cache; on the
+    2-core CI machine a pass over B=128, k=100 float64 costs ~1 ms). ``rows``: only these
+    elements (the others return r unchanged).
+    """
+    from scipy.linalg import lapack
+    potrs = lapack.dpotrs if S.dtype == torch.float64 else lapack.spotrs
+    x = r.detach().clone(memory_format=torch.contiguous_format)
+    Sn, xn = S.detach().numpy(), x.numpy()
+    for i in (range(S.shape[0]) if rows is None else rows):
+        potrs(Sn[i].T, xn[i][:, None], lower=0, overwrite_b=1)
+    return x
+
+
 def _max_step(v: Tensor, dv: Tensor, cap: float = 1e30) -> Tensor:
     """Largest α ≥ 0 with v + α dv ≥ 0 (v > 0), per row, capped at ``cap``."""
     if v.shape[-1] == 0:
@@ -430,6 +447,7 @@ class _DualNewton:
         self._Sdiag = Sd - torch.diagonal(self.M, dim1=-2, dim2=-1)     # what was added to M
         rows = None if running is None or not inplace else torch.nonzero(running).flatten().tolist()
         self.LS, info = _cholesky_inplace(S, rows) if inplace else _cholesky(S)
+        self._lapack_rows = rows if inplace else False        # solves with LS go through _solve_S
         ok = info == 0
         if self.m == 0:
             self._const, self._const_ok = self.LS, ok
@@ -442,21 +460,30 @@ class _DualNewton:
             self._t = _chol_solve(self.LP, a)
             self._At = _mv(self.Abar, self._t)
 
-    def _dy(self, bb, c, refine):
+    def _solve_S(self, rhs: Tensor) -> Tensor:
+        """``S⁻¹ rhs`` with the current factorization (LAPACK per matrix on CPU, else batched)."""
+        rows = getattr(self, "_lapack_rows", False)
+        if rows is not False:
+            return _potrs_inplace(self.LS, rhs, rows)
+        return _chol_solve(self.LS, rhs)
+
+    def _dy(self, bb, c, refine, need_My: bool = True):
         parts = [x for x in (bb, c) if x is not None]
         rhs = self._At - (torch.cat(parts, dim=-1) if len(parts) > 1 else parts[0])
-        dy = _chol_solve(self.LS, rhs)
+        dy = self._solve_S(rhs)
+        if not need_My and not refine:
+            return dy, None
         My = _mv(self.M, dy)
         for _ in range(refine):
             # refinement of the Schur system S Δy = rhs (k-space, cheap)
-            dd = _chol_solve(self.LS, rhs - My - self._Sdiag * dy)
+            dd = self._solve_S(rhs - My - self._Sdiag * dy)
             dy = dy + dd
             My = My + _mv(self.M, dd)
         return dy, My
 
     def solve(self, a: Tensor, bb: Optional[Tensor], c: Optional[Tensor], winv: Optional[Tensor]):
         self._prepare(a)
-        dy, _ = self._dy(bb, c, 0)
+        dy, _ = self._dy(bb, c, 0, need_My=False)
         dz = self._t - _mv(self.PiAbt, dy)
         dlam = dy[:, :self.p] if self.p else None
         dmu = dy[:, self.p:] if self.m else None
@@ -468,14 +495,15 @@ class _DualNewton:
         self._g = _mv(self.Abar, self._Piq)
         self._point = (q,)
 
-    def set_point(self, q, z, y, Abar_z):
+    def set_point(self, q, z, y, Abar_z, My=None):
         """Current iterate, so that ``a = −(Pz + q + Āᵀy)`` is used through the identities
         ``P⁻¹a = −z − P⁻¹q − P⁻¹Āᵀy`` and ``ĀP⁻¹a = −Āz − ĀP⁻¹q − My`` (no triangular solve with
-        P per iteration)."""
+        P per iteration). ``My``: ``M y`` when the caller tracks it (else one product here)."""
         if self._point is None or self._point[0] is not q:
             self.prime(q)
         self._z, self._y = z, y
         self._pending = Abar_z
+        self._My_given = My
 
     def direction(self, a, bb, c, winv, need_dz: bool, refine: int):
         """Newton direction ``(Δz or None, Δλ, Δμ, CΔz)``: ``CΔz = C P⁻¹a − (M Δy)_C`` needs no
@@ -483,11 +511,18 @@ class _DualNewton:
         if getattr(self, "_pending", None) is not None:
             # a = −r_d at the point given to set_point: ĀP⁻¹a from k-space products only
             self._a = a
-            self._At = -self._pending - self._g - _mv(self.M, self._y)
+            My0 = getattr(self, "_My_given", None)
+            self.My_point = My0 if My0 is not None else _mv(self.M, self._y)
+            self._At = -self._pending - self._g - self.My_point
             self._t = None
             self._pending = None
         self._prepare(a)
-        dy, My = self._dy(bb, c, refine)
+        # the predictor (need_dz False) only needs CΔz, which the Schur system gives without a pass
+        # over M: S Δy = rhs ⇒ (M Δy)_C = rhs_C − diag(S − M)_C Δμ, so CΔz = c + diag(S − M)_C Δμ
+        # (exact up to the solve's residual; the corrector, which moves the iterate, uses M Δy)
+        # (float64 only: in float32 the identity's error costs iterations — measured on qpth's generator,
+        # n = m = 100, B = 128: max iterations 14 → 35)
+        dy, My = self._dy(bb, c, refine, need_My=need_dz or not self.m or self.M.dtype != torch.float64)
         if not need_dz:
             dz = None
         elif self._t is None:
@@ -496,9 +531,12 @@ class _DualNewton:
             dz = self._t - _mv(self.PiAbt, dy)
         dlam = dy[:, :self.p] if self.p else None
         dmu = Cdz = None
+        # for a caller that tracks products across iterations: M Δy and Ā Δz of this direction
+        self.last_My = My
+        self.last_Abdz = None if My is None else self._At - My
         if self.m:
             dmu = dy[:, self.p:]
-            Cdz = self._At[:, self.p:] - My[:, self.p:]
+            Cdz = (self._At[:, self.p:] - My[:, self.p:]) if My is not None else c + self._Sdiag[:, self.p:] * dmu
         return dz, dlam, dmu, Cdz
 
 
@@ -689,18 +727,18 @@ def ipm_solve(P: Tensor, q: Tensor, C: Optional[Tensor] = None, d: Optional[Tens
     if fm == "dual" and f64:
         newton.prime(q)
 
-    def _resid(z, s, mu, lam, D=live):
+    def _resid(z, s, mu, lam, D=live, T=None):
         P, q, C, d, A, b = D.P, D.q, D.C, D.d, D.A, D.b
-        Pz = _mv(P, z)
+        if T is None:
+            Pz, ATl, CTm = _mv(P, z), _tmv(A, lam) if p else None, _tmv(C, mu) if m else None
+            Az, Cz = _mv(A, z) if p else None, _mv(C, z) if m else None
+        else:   # products tracked by _step (see `track` below)
+            Pz, ATl, CTm, Az, Cz = T["Pz"], T["ATl"], T["CTm"], T["Az"], T["Cz"]
         rd = Pz + q
-        ATl = _tmv(A, lam) if p else None
-        CTm = _tmv(C, mu) if m else None
         if p:
             rd = rd + ATl
         if m:
             rd = rd + CTm
-        Az = _mv(A, z) if p else None
-        Cz = _mv(C, z) if m else None
         req = Az - b if p else None
         rin = Cz + s - d if m else None
         gap = (s * mu).sum(-1)
@@ -722,7 +760,8 @@ def ipm_solve(P: Tensor, q: Tensor, C: Optional[Tensor] = None, d: Optional[Tens
             # qpth's generator at n = m = 100 stalls — so float32 solves with P each iteration)
             yv = torch.cat([lam, mu], dim=-1) if (p and m) else (lam if p else mu)
             Az_ = [v for v in (Az_s, Cz_s) if v is not None]
-            newton.set_point(q, z, yv, torch.cat(Az_, dim=-1) if len(Az_) > 1 else Az_[0])
+            newton.set_point(q, z, yv, torch.cat(Az_, dim=-1) if len(Az_) > 1 else Az_[0],
+                             trk.get("My") if track else None)
         a = -rd
         bb = -req if p else None
         nrin = -rin if m else None
@@ -777,6 +816,23 @@ def ipm_solve(P: Tensor, q: Tensor, C: Optional[Tensor] = None, d: Optional[Tens
             mu = torch.where(u, torch.addcmul(mu, ad.unsqueeze(-1), dm_), mu).clamp_(min=tiny)
         if p:
             lam = torch.where(u, torch.addcmul(lam, ad.unsqueeze(-1), dl_), lam)
+        if track:
+            # products at the new iterate from this step's own quantities: P Δz = a − Āᵀ Δy (the
+            # first block row, which the dual form satisfies by construction), Ā Δz and M Δy from the
+            # Schur solve; one pass over [A; C] instead of recomputing P z, C z, Cᵀμ, A z, Aᵀλ, M y
+            # (an error in a tracked product decays by (1 − α) per step: it enters the next
+            # direction through the residual it is used for)
+            ATd = _tmv(D.A, dl_) if p else None
+            CTd = _tmv(D.C, dm_) if m else None
+            Pdz = a - (ATd if p else 0.0) - (CTd if m else 0.0)
+            apc, adc = ap.unsqueeze(-1), ad.unsqueeze(-1)
+            Abdz = newton.last_Abdz
+            upd_ = lambda v, dv, st: torch.where(u, torch.addcmul(v, st, dv), v)   # noqa: E731
+            trk.update(Pz=upd_(trk["Pz_cur"], Pdz, apc), My=upd_(newton.My_point, newton.last_My, adc),
+                       ATl=upd_(trk["ATl_cur"], ATd, adc) if p else None,
+                       CTm=upd_(trk["CTm_cur"], CTd, adc) if m else None,
+                       Az=upd_(Az_s, Abdz[:, :p], apc) if p else None,
+                       Cz=upd_(Cz_s, Abdz[:, p:], apc) if m else None)
         return z, s, mu, lam, delta, nfail, iters
 
     use_graph = cuda_graph and trace is None and _graph_device_ok(device)
@@ -790,13 +846,24 @@ def ipm_solve(P: Tensor, q: Tensor, C: Optional[Tensor] = None, d: Optional[Tens
                 torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0)
     graph = None
     st = None
+    # eager float64 dual form: carry P z, Aᵀλ, Cᵀμ, A z, C z and M y from step to step (see _step)
+    # instead of recomputing them — on the CPU each product is a pass over a (B, ·, n) matrix that
+    # does not fit in cache; recomputed exactly every `exact_every` iterations
+    track = fm == "dual" and f64 and not use_graph and m > 0
+    trk: Dict[str, Any] = {}
+    exact_every = 5
     for it in range(max_iter + 1):
         # ---------------- residuals and per-instance convergence (all on device)
         check = it % check_every == 0 or it == max_iter
         if check or graph is None:
             if graph is not None:
                 z, s, mu, lam = st[0], st[1], st[2], st[3]
-            Pz, rd, ATl, CTm, Az, Cz, req, rin, gap, gscl = _resid(z, s, mu, lam)
+            use_T = track and "Pz" in trk and it % exact_every != 0
+            Pz, rd, ATl, CTm, Az, Cz, req, rin, gap, gscl = _resid(z, s, mu, lam, T=trk if use_T else None)
+            if track:
+                trk.update(Pz_cur=Pz, ATl_cur=ATl, CTm_cur=CTm)
+                if not use_T:
+                    trk.pop("My", None)          # exact M y too at the exact iterations
         # norms, convergence, certificates and statuses: every `check_every` iterations (fewer
         # kernels on GPU); the host reads `done` only here
         if check:
