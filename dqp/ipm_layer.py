@@ -249,9 +249,12 @@ class IPMQPFunction(torch.autograd.Function):
         yz, ylam, ymu = cast(yz, dtype), cast(ylam, dtype), cast(ymu, dtype)
         dP, dq, dC, dd, dA, db = dense_grads(yz, ylam, ymu, z, lam, mu, active)
         ok = (status == int(Status.SOLVED))
+        # (on the CPU, reading the flags costs nothing: skip the masking passes when all solved)
+        all_ok = ok.device.type == "cpu" and bool(ok.all())
+
         def _m(g):
-            if g is None:
-                return None
+            if g is None or all_ok:
+                return g
             return torch.where(ok.view(-1, *([1] * (g.dim() - 1))), g, torch.zeros_like(g))
         need = ctx.needs_input_grad
         out = [_m(dP) if need[0] else None, _m(dq) if need[1] else None,
