@@ -261,9 +261,10 @@ class Engine:
     def solve_element(self, data, sparse: bool, warm=None, slot: Optional[int] = None) -> ElementResult:
         """Forward of one element: direct KKT solve without inequalities, else solver + polish.
 
-        When the chosen solver fails (or its point cannot be verified after it reported a failure),
-        the ``fallback_solver`` chain is tried in turn (settings: the first verified answer wins, a
-        solved-but-unverified one is kept if none verifies, an infeasibility certificate stops it).
+        When the chosen solver fails, or (``fallback_on_unverified``) its point cannot be verified, the
+        ``fallback_solver`` chain is tried in turn (settings): the first verified answer wins, a
+        solved-but-unverified one (the primary's first) is kept if none verifies, and a certificate of
+        infeasibility stops a chain that started from a failure.
         """
         s = self.settings
         P, q, C, d, A, b = data
@@ -276,11 +277,12 @@ class Engine:
         if warm is not None and (len(warm[0]), len(warm[1]), len(warm[2])) != (n, p, m):
             warm = None  # the problem changed size since the previous call
         res = self._solve_with(self.solver, data, sparse, linsolver, warm, slot)
-        if res.status == Status.SOLVED:
+        if res.status == Status.SOLVED and (res.verified or not s.fallback_on_unverified):
             return res
         from dqp.solvers import get_solver
 
-        kept: Optional[ElementResult] = None          # first solved-but-unverified fallback answer
+        # an unverified answer (the primary's first) is kept unless a fallback verifies one
+        kept: Optional[ElementResult] = res if res.status == Status.SOLVED else None
         tried = []
         for fb in s.fallback_solver:
             if fb == self.solver.name:
@@ -290,20 +292,28 @@ class Engine:
                                                           else " (unverified)"))
             res.solve_time += res2.solve_time
             if res2.status == Status.SOLVED:
-                res2.message = (f"{self.solver.name} failed ({res.message or res.status.name}); "
-                                f"solved by fallback_solver {fb!r}. " + res2.message).strip()
+                why = ("its point could not be verified" if res.status == Status.SOLVED
+                       else f"failed ({res.message or res.status.name})")
+                res2.message = (f"{self.solver.name} {why}; solved by fallback_solver {fb!r}. "
+                                + res2.message).strip()
                 if res2.verified:
                     res2.solve_time = res.solve_time
                     return res2
                 kept = kept or res2
                 continue
+            if res.status == Status.SOLVED:
+                continue                  # the primary found a point: a fallback's failure changes nothing
             if res2.status in (Status.PRIMAL_INFEASIBLE, Status.DUAL_INFEASIBLE):
                 res.status = res2.status  # a certificate (Clarabel's, PIQP's, HiGHS's) names the failure
                 break
             if res.status == Status.SOLVER_ERROR:
                 res.status = res2.status
         if kept is not None:
-            kept.solve_time = res.solve_time
+            if kept is not res:
+                kept.solve_time = res.solve_time
+            elif tried:
+                kept.message = (kept.message + "; " if kept.message else "") + "no fallback verified it (" + \
+                    ", ".join(tried) + ")"
             return kept
         if tried:
             res.message += "; fallback solvers: " + ", ".join(tried)

@@ -57,6 +57,10 @@ OPTIONS: Dict[str, Tuple[Any, tuple, str]] = {
                         "'auto' (the installed ones of " + ", ".join(repr(x) for x in AUTO_FALLBACKS) + ") "
                         "or None (no fallback). The first verified solution is kept; a certificate of "
                         "infeasibility ends the chain."),
+    "fallback_on_unverified": (True, (bool,), "Also run the fallback_solver chain when qp_solver's answer "
+                               "is solved but its KKT point cannot be verified (often the solver's accuracy, "
+                               "not the problem: on Maros–Meszaros PIQP verifies GOULDQP3, QSCFXM1, QGROW22 "
+                               "where Clarabel's point does not); the first verified answer replaces it."),
     "on_failure": ("raise", (str,), "'raise': a failed element raises a typed SolveError naming it. "
                    "'mask': failed elements return zeros, zero gradients and a status in layer.info."),
 }
@@ -90,6 +94,7 @@ class Settings:
     time: bool = False
     check_PSD: bool = False
     fallback_solver: Tuple[str, ...] = ("clarabel",)
+    fallback_on_unverified: bool = True
     on_failure: str = "raise"
 
     def replace(self, **changes: Any) -> "Settings":

@@ -181,7 +181,7 @@ def test_unverified_solution_is_flagged_and_warned():
 
     try:
         P, q, C, d, *_ = random_qp(4, 6, 0, seed=2)
-        layer = dQP.dQP_layer(qp_solver="test_wrong_solver", refine_active=False)
+        layer = dQP.dQP_layer(qp_solver="test_wrong_solver", refine_active=False, fallback_solver=None)
         with pytest.warns(UnverifiedSolutionWarning, match="could not be verified"):
             z = layer(P, q, C, d)[0]
         assert layer.info.verified == [False] and "could not be verified" in layer.info.messages[0]

@@ -45,13 +45,30 @@ class _Counting(ForwardSolver):
         return get_solver("clarabel").solve(P, q, C, d, A, b)
 
 
+class _Sloppy(ForwardSolver):
+    """Claims success with an inaccurate point and no duals."""
+
+    name = "test_sloppy"
+    modules = ()
+    dense = sparse = True
+    batched = False
+    description = "test double: an inaccurate 'solved' point"
+
+    def solve(self, P, q, C, d, A, b, **kw) -> RawSolution:
+        CALLS.append(self.name)
+        return RawSolution(np.array([1.5, 0.0]), None, None, Status.SOLVED)
+
+
+DOUBLES = (_Failing, _Counting, _Sloppy)
+
+
 @pytest.fixture(autouse=True)
 def _doubles():
-    for cls in (_Failing, _Counting):
+    for cls in DOUBLES:
         register_solver(cls)
     CALLS.clear()
     yield
-    for cls in (_Failing, _Counting):
+    for cls in DOUBLES:
         SOLVERS.unregister(cls.name)
 
 
@@ -75,6 +92,50 @@ def test_failed_solver_is_rescued_by_the_chain_in_order():
     assert any("test_counting" in msg for msg in layer.info.messages)
     g, = torch.autograd.grad(z[0], q)
     assert torch.allclose(g, torch.tensor([-1.0, 0.0], dtype=torch.float64), atol=1e-8)
+
+
+def _qp_strong():
+    """min ½‖z‖² − 3 z₁ s.t. z₁ ≤ 2 → z = (2, 0), μ = 1 (strictly active)."""
+    P = torch.eye(2, dtype=torch.float64)
+    q = torch.tensor([-3.0, 0.0], dtype=torch.float64, requires_grad=True)
+    C = torch.tensor([[1.0, 0.0]], dtype=torch.float64)
+    d = torch.tensor([2.0], dtype=torch.float64, requires_grad=True)
+    return P, q, C, d
+
+
+@pytest.mark.parametrize("on_unverified", [True, False])
+def test_unverified_answer_triggers_the_chain(on_unverified):
+    # the sloppy point (1.5, 0) puts the row z₁ ≤ 2 out of the active set; without repairs its polish
+    # (z = (3, 0)) fails the KKT check, so the answer is unverified
+    layer = dQP.dQP_layer(settings=dQP.build_settings(qp_solver="test_sloppy", refine_active=False,
+                                                      fallback_solver=("test_counting",),
+                                                      fallback_on_unverified=on_unverified))
+    P, q, C, d = _qp_strong()
+    if on_unverified:
+        z = layer(P, q, C, d)[0]
+        assert CALLS == ["test_sloppy", "test_counting"]
+        assert layer.info.verified == [True]
+        assert torch.allclose(z.detach(), torch.tensor([2.0, 0.0], dtype=torch.float64), atol=1e-8)
+        assert any("could not be verified; solved by fallback_solver 'test_counting'" in msg
+                   for msg in layer.info.messages)
+        gd, = torch.autograd.grad(z[0], d)
+        assert torch.allclose(gd, torch.ones(1, dtype=torch.float64), atol=1e-8)
+    else:
+        with pytest.warns(UserWarning):
+            layer(P, q, C, d)
+        assert CALLS == ["test_sloppy"]
+        assert layer.info.verified == [False]
+
+
+def test_unverified_answer_is_kept_when_no_fallback_verifies():
+    layer = dQP.dQP_layer(settings=dQP.build_settings(qp_solver="test_sloppy", refine_active=False,
+                                                      fallback_solver=("test_failing",)))
+    with pytest.warns(UserWarning):
+        layer(*_qp_strong())
+    assert CALLS == ["test_sloppy", "test_failing"]
+    assert layer.info.verified == [False]
+    assert layer.info.status == [Status.SOLVED]
+    assert any("no fallback verified it (test_failing: SOLVER_ERROR)" in msg for msg in layer.info.messages)
 
 
 def test_no_fallback_raises_with_the_solvers_message():
@@ -132,9 +193,10 @@ MM_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "maros
 
 
 @pytest.mark.skipif(not MM_DIR.is_dir(), reason=f"Maros–Meszaros data not found at {MM_DIR}")
-@pytest.mark.parametrize("name", ["YAO", pytest.param("QSIERRA", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("name", ["YAO", "GOULDQP3", pytest.param("QSIERRA", marks=pytest.mark.slow)])
 def test_maros_meszaros_almostsolved_is_rescued(name):
-    """Clarabel stops at 'almostsolved' on these; the auto chain (PIQP, HiGHS) gives verified points."""
+    """Clarabel stops at 'almostsolved' on YAO and QSIERRA, and its point on GOULDQP3 does not verify;
+    the auto chain (PIQP, HiGHS) gives verified points."""
     pytest.importorskip("piqp")
     pytest.importorskip("highspy")
     import dqp.io
@@ -144,5 +206,5 @@ def test_maros_meszaros_almostsolved_is_rescued(name):
     z = layer(P, q, C, d, A, b)[0]
     assert torch.isfinite(z).all()
     assert layer.info.verified == [True]
-    assert any("clarabel failed" in msg for msg in layer.info.messages)
+    assert any("solved by fallback_solver" in msg for msg in layer.info.messages)
     assert np.isfinite(layer.info.primal_residual[0])
