@@ -299,6 +299,8 @@ class Engine:
                 if res2.verified:
                     res2.solve_time = res.solve_time
                     return res2
+                if kept is res:
+                    break      # an unverified primary gets one second opinion that solves, not the whole chain
                 kept = kept or res2
                 continue
             if res.status == Status.SOLVED:
