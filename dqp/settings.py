@@ -60,7 +60,8 @@ OPTIONS: Dict[str, Tuple[Any, tuple, str]] = {
     "fallback_on_unverified": (True, (bool,), "Also run the fallback_solver chain when qp_solver's answer "
                                "is solved but its KKT point cannot be verified (often the solver's accuracy, "
                                "not the problem: on Maros–Meszaros PIQP verifies GOULDQP3, QSCFXM1, QGROW22 "
-                               "where Clarabel's point does not); the first verified answer replaces it."),
+                               "where Clarabel's point does not); a verified answer replaces it. One second opinion: the "
+                               "chain stops at the first fallback that solves."),
     "on_failure": ("raise", (str,), "'raise': a failed element raises a typed SolveError naming it. "
                    "'mask': failed elements return zeros, zero gradients and a status in layer.info."),
 }
