@@ -287,7 +287,11 @@ class Engine:
         for fb in s.fallback_solver:
             if fb == self.solver.name:
                 continue
-            res2 = self._solve_with(get_solver(fb), data, sparse, linsolver, None, None)
+            fsolver = get_solver(fb)
+            # a second opinion on a solved-but-unverified answer gets a time limit (10× the first solve,
+            # at least 1 s) where the solver has one: HiGHS took minutes on QPILOTNO
+            extra = fsolver.time_limit_keywords(max(10.0 * res.solve_time, 1.0)) if kept is res else {}
+            res2 = self._solve_with(fsolver, data, sparse, linsolver, None, None, extra)
             tried.append(f"{fb}: {res2.status.name}" + ("" if res2.status != Status.SOLVED or res2.verified
                                                           else " (unverified)"))
             res.solve_time += res2.solve_time
@@ -321,11 +325,12 @@ class Engine:
             res.message += "; fallback solvers: " + ", ".join(tried)
         return res
 
-    def _solve_with(self, solver: ForwardSolver, data, sparse: bool, linsolver, warm, slot) -> ElementResult:
+    def _solve_with(self, solver: ForwardSolver, data, sparse: bool, linsolver, warm, slot,
+                    extra: Optional[dict] = None) -> ElementResult:
         s = self.settings
         P, q, C, d, A, b = data
         n, m, p = P.shape[0], 0 if C is None else C.shape[0], 0 if A is None else A.shape[0]
-        kw = {**solver.tolerance_keywords(s.eps_abs, s.eps_rel)}
+        kw = {**solver.tolerance_keywords(s.eps_abs, s.eps_rel), **(extra or {})}
         if solver is self.solver:
             kw.update(s.qp_solver_keywords)
         if s.verbose:

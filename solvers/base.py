@@ -80,6 +80,10 @@ class ForwardSolver(Plugin, ABC):
         """Translate dqp's ``eps_abs``/``eps_rel`` to this solver's own keywords."""
         return {}
 
+    def time_limit_keywords(self, seconds: float) -> Dict[str, Any]:
+        """This solver's keywords for a wall-clock limit, or ``{}`` when it has none."""
+        return {}
+
     # Element-wise solvers implement solve(); batched solvers implement solve_batch().
     def solve(self, P, q, C, d, A, b, *, initvals=None, warm_duals=None, keywords=None,
               slot=None) -> RawSolution:  # pragma: no cover - interface

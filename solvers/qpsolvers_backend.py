@@ -124,6 +124,13 @@ class QPSolversBackend(ForwardSolver):
     def tolerance_keywords(self, eps_abs: float, eps_rel: float) -> Dict[str, Any]:
         return tolerance_keywords(self.backend(), eps_abs, eps_rel)
 
+    #: the backends' own time-limit settings (seconds), as qpsolvers passes them through
+    _TIME_LIMIT = {"clarabel": "time_limit", "highs": "time_limit", "osqp": "time_limit", "scs": "time_limit_secs"}
+
+    def time_limit_keywords(self, seconds: float) -> Dict[str, Any]:
+        key = self._TIME_LIMIT.get(self.backend())
+        return {key: float(seconds)} if key else {}
+
     def solve(self, P, q, C, d, A, b, *, initvals=None, warm_duals=None, keywords=None, slot=None) -> RawSolution:
         """Solve one problem (NumPy/SciPy float64; ``None`` for absent constraints).
 

@@ -208,3 +208,10 @@ def test_maros_meszaros_almostsolved_is_rescued(name):
     assert layer.info.verified == [True]
     assert any("solved by fallback_solver" in msg for msg in layer.info.messages)
     assert np.isfinite(layer.info.primal_residual[0])
+
+
+def test_time_limit_keywords_come_from_the_backend():
+    assert get_solver("clarabel").time_limit_keywords(2.5) == {"time_limit": 2.5}
+    assert get_solver("test_counting").time_limit_keywords(2.5) == {}     # no limit: nothing passed
+    if "highs" in available_solvers():
+        assert get_solver("highs").time_limit_keywords(1) == {"time_limit": 1.0}
