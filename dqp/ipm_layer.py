@@ -75,6 +75,12 @@ Tensor = torch.Tensor
 __all__ = ["IPMQPFunction", "solve_qp_batch", "classify_active", "polish"]
 
 
+#: IPM tolerance (float64) when the polish follows: 1e-8 instead of 1e-9. Measured on qpth's
+#: generator (B=128, n=m=100 and 200): 2 fewer iterations for the slowest element (14 → 12, 15 → 14),
+#: the same final active sets, z within 5e-15 and gradients within 1e-15 (relative) of eps=1e-9.
+POLISHED_IPM_EPS = 1e-8
+
+
 def _wide_dtype(P: Tensor) -> Optional[torch.dtype]:
     """float64 for float32/float16/bfloat16 data on a device with float64 (the polish dtype), else None."""
     if P.dtype == torch.float64 or not P.dtype.is_floating_point or P.device.type == "mps":
@@ -197,6 +203,9 @@ class IPMQPFunction(torch.autograd.Function):
             if opts.get("eps") is not None and opts["eps"] >= default_eps(dtype_in):
                 opts["eps"] = None                   # a float32-level tolerance → float64's default
             wide = None
+        if do_polish and opts.get("eps") is None and P.dtype == torch.float64:
+            # the polish makes the answer exact on the active set; the IPM only has to find that set
+            opts["eps"] = POLISHED_IPM_EPS
         res = ipm_solve(P, q, C, d, A, b, **opts)
         z, lam, mu = res.z, res.lam, res.mu
         solved = res.status == int(Status.SOLVED)
@@ -336,7 +345,9 @@ def solve_qp_batch(P: Tensor, q: Tensor, C: Optional[Tensor] = None, d: Optional
         Any mix of batched and shared arguments; shared ones are broadcast with ``expand``, so
         their gradient is the *sum* over the batch.
     eps : float, optional
-        IPM relative tolerance (default 1e-9 float64, 1e-5 float32).
+        IPM relative tolerance. Default with the polish: ``POLISHED_IPM_EPS`` = 1e-8 for float64
+        data (and float32 data on the CPU, solved in float64), 1e-5 for float32 on other devices;
+        without the polish 1e-9 / 1e-5.
     max_iter : int
         IPM iteration limit.
     on_failure : {"raise", "mask"}

@@ -124,7 +124,9 @@ class QPFunction:
                     f"QPFunction: Q is not symmetric positive definite{where}. qpth requires Q ≻ 0; "
                     "dqp's solver also handles positive semidefinite Q (e.g. LPs with Q = 0): pass "
                     "check_Q_spd=False to allow it, or add a small multiple of the identity to Q.")
-        eps = max(float(self.eps), default_eps(Q.dtype))
+        # qpth's eps below dqp's default means "as accurate as you can": dqp's default (None), which
+        # with the polish is accurate to round-off
+        eps = float(self.eps) if float(self.eps) > default_eps(Q.dtype) else None
         z, _, _, status, _ = solve_qp_batch(Q, p, C, d, Ae, be, eps=eps, max_iter=max(int(self.maxIter), 100),
                                             on_failure="raise")
         if self.verbose >= 1:
