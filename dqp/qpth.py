@@ -31,8 +31,9 @@ What differs, on purpose
 Parameter mapping
     ``eps``: qpth's eps bounds the *sum of absolute residual norms* and its default (1e-12) is
     below what float32 — and often float64 — can reach (qpth then stops on ``notImprovedLim``).
-    dqp uses a relative tolerance ``max(eps, default)`` with default 1e-9 (float64) / 1e-5
-    (float32), and then polishes the point on its active set, so the answer is accurate to
+    dqp uses ``eps`` as its IPM's relative tolerance only when it is looser than dqp's default
+    (1e-9 float64 / 1e-5 float32); otherwise dqp's own default for a polished solve (1e-8 in
+    float64), and then polishes the point on its active set, so the answer is accurate to
     round-off whenever the active set is identified.
     ``maxIter``: dqp's IPM usually needs 8–20 iterations, about what qpth's default 20 allows,
     but an element that needs more must not fail where qpth would return *something*: the limit
@@ -77,7 +78,8 @@ class QPFunction:
     Parameters
     ----------
     eps : float
-        Requested accuracy; dqp uses ``max(eps, 1e-9 / 1e-5)`` as its relative tolerance.
+        Requested accuracy; used as the IPM's relative tolerance only when looser than dqp's
+        default (module docstring).
     verbose : int
         ≥ 1 logs one line per call; 0 and -1 are quiet.
     notImprovedLim : int
