@@ -532,8 +532,9 @@ class _DualNewton:
         dlam = dy[:, :self.p] if self.p else None
         dmu = Cdz = None
         # for a caller that tracks products across iterations: M Δy and Ā Δz of this direction
+        # (no kernel otherwise: on the GPU this runs inside the captured iteration)
         self.last_My = My
-        self.last_Abdz = None if My is None else self._At - My
+        self.last_Abdz = None if (My is None or not getattr(self, "tracking", False)) else self._At - My
         if self.m:
             dmu = dy[:, self.p:]
             Cdz = (self._At[:, self.p:] - My[:, self.p:]) if My is not None else c + self._Sdiag[:, self.p:] * dmu
@@ -850,6 +851,7 @@ def ipm_solve(P: Tensor, q: Tensor, C: Optional[Tensor] = None, d: Optional[Tens
     # instead of recomputing them — on the CPU each product is a pass over a (B, ·, n) matrix that
     # does not fit in cache; recomputed exactly every `exact_every` iterations
     track = fm == "dual" and f64 and not use_graph and m > 0
+    newton.tracking = track
     trk: Dict[str, Any] = {}
     exact_every = 5
     for it in range(max_iter + 1):
