@@ -17,46 +17,28 @@ from dqp.solvers.base import SOLVERS, ForwardSolver, RawSolution, register_solve
 CALLS: List[str] = []
 
 
-class _Failing(ForwardSolver):
-    """Returns no solution (like a solver that crashed)."""
+def _double(name: str, description: str, answer):
+    """A registered-able test solver that logs its call in CALLS and returns ``answer(P, q, C, d, A, b)``."""
 
-    name = "test_failing"
-    modules = ()
-    dense = sparse = True
-    batched = False
-    description = "test double: always fails"
+    class Double(ForwardSolver):
+        modules = ()
+        dense = sparse = True
+        batched = False
 
-    def solve(self, P, q, C, d, A, b, **kw) -> RawSolution:
-        CALLS.append(self.name)
-        return RawSolution(None, None, None, Status.SOLVER_ERROR, info={"raw_status": "boom"})
+        def solve(self, P, q, C, d, A, b, **kw) -> RawSolution:
+            CALLS.append(self.name)
+            return answer(P, q, C, d, A, b)
 
-
-class _Counting(ForwardSolver):
-    """Delegates to Clarabel and records that it was called."""
-
-    name = "test_counting"
-    modules = ()
-    dense = sparse = True
-    batched = False
-    description = "test double: Clarabel with a call log"
-
-    def solve(self, P, q, C, d, A, b, **kw) -> RawSolution:
-        CALLS.append(self.name)
-        return get_solver("clarabel").solve(P, q, C, d, A, b)
+    Double.name, Double.description = name, f"test double: {description}"
+    return Double
 
 
-class _Sloppy(ForwardSolver):
-    """Claims success with an inaccurate point and no duals."""
-
-    name = "test_sloppy"
-    modules = ()
-    dense = sparse = True
-    batched = False
-    description = "test double: an inaccurate 'solved' point"
-
-    def solve(self, P, q, C, d, A, b, **kw) -> RawSolution:
-        CALLS.append(self.name)
-        return RawSolution(np.array([1.5, 0.0]), None, None, Status.SOLVED)
+# no solution (like a solver that crashed); Clarabel with a call log; an inaccurate "solved" point
+_Failing = _double("test_failing", "always fails",
+                   lambda *data: RawSolution(None, None, None, Status.SOLVER_ERROR, info={"raw_status": "boom"}))
+_Counting = _double("test_counting", "Clarabel with a call log", lambda *data: get_solver("clarabel").solve(*data))
+_Sloppy = _double("test_sloppy", "an inaccurate 'solved' point",
+                  lambda *data: RawSolution(np.array([1.5, 0.0]), None, None, Status.SOLVED))
 
 
 DOUBLES = (_Failing, _Counting, _Sloppy)
