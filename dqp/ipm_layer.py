@@ -67,7 +67,7 @@ import torch
 
 from dqp.errors import SettingsError, ShapeError, Status, error_for_statuses
 from dqp.gradients import dense_grads
-from dqp.linsolve.torch_batched import BatchedKKT
+from dqp.linsolve.torch_batched import PATH_NAMES, BatchedKKT
 from dqp.solvers.ipm import default_eps, ipm_solve
 
 Tensor = torch.Tensor
@@ -218,15 +218,18 @@ class IPMQPFunction(torch.autograd.Function):
             # float32/float16 data: polish (and keep the factorization for the backward) in float64,
             # with float64's acceptance tolerance (module docstring, "Low precision")
             up = lambda t: None if t is None else t.to(wide)     # noqa: E731
-            z, lam, mu, active, kkt, _ = polish(up(P), up(q), up(C), up(d), up(A), up(b), up(z), up(lam),
+            z, lam, mu, active, kkt, polished = polish(up(P), up(q), up(C), up(d), up(A), up(b), up(z), up(lam),
                                                 up(mu), active, solved, rounds=rounds)
             down = lambda t: None if t is None else t.to(P.dtype)  # noqa: E731
             z, lam, mu = down(z), down(lam), down(mu)
         elif do_polish:
-            z, lam, mu, active, kkt, _ = polish(P, q, C, d, A, b, z, lam, mu, active, solved, rounds=rounds,
+            z, lam, mu, active, kkt, polished = polish(P, q, C, d, A, b, z, lam, mu, active, solved, rounds=rounds,
                                                 factors=res.factors)
         else:
             kkt = BatchedKKT(P, A, C, active, batch=q.shape[0], factors=res.factors)
+            polished = torch.zeros_like(solved)
+        # per-element diagnostics for the caller (solve_qp_batch's `diagnostics`)
+        kkt.polished, kkt.iterations = polished & solved, res.iterations
         if z.dtype != dtype_in:                       # solved in float64 for float32 data (CPU)
             down = lambda t: None if t is None else t.to(dtype_in)  # noqa: E731
             z, lam, mu = down(z), down(lam), down(mu)
@@ -334,7 +337,7 @@ def _broadcast(P, q, C, d, A, b):
 def solve_qp_batch(P: Tensor, q: Tensor, C: Optional[Tensor] = None, d: Optional[Tensor] = None,
                    A: Optional[Tensor] = None, b: Optional[Tensor] = None, *, eps: Optional[float] = None,
                    max_iter: int = 100, on_failure: str = "raise", polish: bool = True,
-                   **ipm_options) -> Tuple[Tensor, Optional[Tensor], Optional[Tensor], Tensor, Optional[Tensor]]:
+                   diagnostics: Optional[Dict[str, Any]] = None, **ipm_options) -> Tuple[Tensor, Optional[Tensor], Optional[Tensor], Tensor, Optional[Tensor]]:
     """Solve a batch of QPs differentiably with the built-in IPM (stable entry point).
 
     Parameters
@@ -357,6 +360,11 @@ def solve_qp_batch(P: Tensor, q: Tensor, C: Optional[Tensor] = None, d: Optional
         the caller read ``status``.
     polish : bool
         Polish the IPM point on its active set (see the module docstring).
+    diagnostics : dict, optional
+        Filled, per element, with ``verified`` ((B,) bool: the polished point was accepted, i.e. it
+        satisfies the KKT conditions of its active set to round-off), ``iterations`` ((B,) IPM
+        iterations) and ``kkt_path`` (list of ``"cholesky"``, ``"augmented"`` or
+        ``"minimum-norm"``: how the reduced KKT system was solved).
     **ipm_options
         Further :func:`dqp.solvers.ipm.ipm_solve` keywords (check_every, form, ...), and
         ``polish_rounds``.
@@ -371,7 +379,10 @@ def solve_qp_batch(P: Tensor, q: Tensor, C: Optional[Tensor] = None, d: Optional
     P, q, C, d, A, b = _broadcast(P, q, C, d, A, b)
     opts = dict(ipm_options)
     opts.update(eps=eps, max_iter=max_iter, polish=polish)
-    z, lam, mu, status, active, _ = IPMQPFunction.apply(P, q, C, d, A, b, opts)
+    z, lam, mu, status, active, kkt = IPMQPFunction.apply(P, q, C, d, A, b, opts)
+    if diagnostics is not None:
+        diagnostics.update(verified=kkt.polished, iterations=kkt.iterations,
+                           kkt_path=[PATH_NAMES[i] for i in kkt.path.tolist()])
     if on_failure == "raise":
         st = status.tolist()
         if any(s != int(Status.SOLVED) for s in st):

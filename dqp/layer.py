@@ -252,14 +252,17 @@ class dQP_layer(nn.Module):  # noqa: N801  (the name users know from the referen
         s = self.settings
         t0 = time.perf_counter()
         kw = dict(s.qp_solver_keywords)
+        diag: dict = {}
         z, lam, mu, status, active = solve_qp_batch(batch.P, batch.q, batch.C, batch.d, batch.A, batch.b,
-                                                    on_failure="mask", **kw)
+                                                    on_failure="mask", diagnostics=diag, **kw)
         elapsed = time.perf_counter() - t0
         B = batch.B
         st = [Status(int(x)) for x in status.tolist()]
         info = SolveInfo(qp_solver=qp, lin_solver="torch", status=st,
                          active=[a for a in (active.cpu().numpy() if active is not None
                                              else np.zeros((B, 0), bool))],
+                         verified=diag["verified"].tolist(), kkt_path=diag["kkt_path"],
+                         iterations=diag["iterations"].tolist(),
                          solve_time=[elapsed / B] * B, messages=[""] * B)
         if lam is None:
             lam = batch.q.new_zeros(B, 0)
@@ -267,12 +270,42 @@ class dQP_layer(nn.Module):  # noqa: N801  (the name users know from the referen
             mu = batch.q.new_zeros(B, 0)
         zd = z.detach()
         info.primal_residual, info.dual_residual, info.complementarity = _torch_residuals(batch, zd, lam.detach(), mu.detach())
+        info.n_weakly_active, info.complementarity_margin = _torch_margins(batch, zd, mu.detach(), active, s.eps_active)
+        if kw.get("polish", True):
+            unverified = [i for i, v in enumerate(info.verified) if st[i] == Status.SOLVED and not v]
+            for i in unverified:
+                info.messages[i] = ("the polished point was rejected (active set not confirmed): returned the "
+                                    "interior-point solution; gradients use its active set")
+            if unverified:
+                warnings.warn(
+                    f"dQP: the active set of batch element(s) {unverified[:10]} could not be verified by the "
+                    f"polish of the interior-point solution (a degenerate problem): the IPM's point is returned "
+                    f"and the gradient uses its active set. See layer.info.verified / messages.",
+                    UnverifiedSolutionWarning, stacklevel=3)
         return z, lam, mu, info
 
     def extra_repr(self) -> str:
         """The solver choice shown by ``repr(layer)``."""
         s = self.settings
         return f"qp_solver={s.qp_solver!r}, lin_solver={s.lin_solver!r}, solve_type={s.solve_type!r}"
+
+
+def _torch_margins(batch: QPBatch, z, mu, active, eps: float):
+    """Per element: weakly active rows (at the bound with a ~zero multiplier, the core path's rule)
+    and the strict-complementarity margin ``min(min_J μ, min_¬J slack)`` (lists)."""
+    B = batch.B
+    if batch.C is None or active is None:
+        return [0] * B, [float("inf")] * B
+    C, d = batch.C.detach(), batch.d.detach()
+    Cz = (C @ z.unsqueeze(-1)).squeeze(-1)
+    slack = d - Cz
+    size = torch.maximum(d.abs(), (C.abs() @ z.abs().unsqueeze(-1)).squeeze(-1))
+    at_bound = slack <= eps * size.clamp_min(torch.finfo(z.dtype).tiny)
+    zero_dual = mu <= eps * mu.amax(-1, keepdim=True).clamp_min(torch.finfo(z.dtype).tiny)
+    weak = (at_bound & zero_dual).sum(-1)
+    inf = torch.full_like(slack, float("inf"))
+    margin = torch.minimum(torch.where(active, mu, inf).amin(-1), torch.where(active, inf, slack).amin(-1))
+    return weak.tolist(), margin.tolist()
 
 
 def _torch_residuals(batch: QPBatch, z, lam, mu):
