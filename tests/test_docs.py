@@ -161,3 +161,12 @@ def test_table_cells_with_pipes_are_escaped():
     assert fixed[2] == "| `x` | 1 | norm \\|d\\| and \\|q\\| |"
     assert fixed[3] == "| `y` | 2 | plain |"
     assert fixed[:2] == ["| a | b | c |", "|---|---|---|"]
+
+
+def test_readme_options_table_matches_the_settings():
+    """README.md carries a copy of the generated table (GitHub shows no hook output): it must be current.
+    Regenerate it with ``dQP.options_table()`` after changing dqp.settings.OPTIONS."""
+    from dqp.settings import options_table
+
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    assert options_table() in readme
