@@ -81,6 +81,11 @@ __all__ = ["IPMQPFunction", "solve_qp_batch", "classify_active", "polish"]
 POLISHED_IPM_EPS = 1e-8
 
 
+def _cast(t: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
+    """``t`` in ``dtype`` (no copy when it already is), None stays None."""
+    return None if t is None else t.to(dtype)
+
+
 def _wide_dtype(P: Tensor) -> Optional[torch.dtype]:
     """float64 for float32/float16/bfloat16 data on a device with float64 (the polish dtype), else None."""
     if P.dtype == torch.float64 or not P.dtype.is_floating_point or P.device.type == "mps":
@@ -198,8 +203,7 @@ class IPMQPFunction(torch.autograd.Function):
             # float32 IPM gains nothing here (the CPU is not faster in float32 at these sizes) and
             # stalls: on qpth's generator, B=128, n=m=200, 68 of 128 elements re-solved in float64,
             # 6.0 s forward+backward against 2.6 s for float64 data
-            up = lambda t: None if t is None else t.to(wide)     # noqa: E731
-            P, q, C, d, A, b = up(P), up(q), up(C), up(d), up(A), up(b)
+            P, q, C, d, A, b = (_cast(t, wide) for t in (P, q, C, d, A, b))
             if opts.get("eps") is not None and opts["eps"] >= default_eps(dtype_in):
                 opts["eps"] = None                   # a float32-level tolerance → float64's default
             wide = None
@@ -217,11 +221,8 @@ class IPMQPFunction(torch.autograd.Function):
         if do_polish and wide is not None:
             # float32/float16 data: polish (and keep the factorization for the backward) in float64,
             # with float64's acceptance tolerance (module docstring, "Low precision")
-            up = lambda t: None if t is None else t.to(wide)     # noqa: E731
-            z, lam, mu, active, kkt, polished = polish(up(P), up(q), up(C), up(d), up(A), up(b), up(z), up(lam),
-                                                up(mu), active, solved, rounds=rounds)
-            down = lambda t: None if t is None else t.to(P.dtype)  # noqa: E731
-            z, lam, mu = down(z), down(lam), down(mu)
+            z, lam, mu, active, kkt, polished = polish(*(_cast(t, wide) for t in (P, q, C, d, A, b, z, lam, mu)),
+                                                       active, solved, rounds=rounds)
         elif do_polish:
             z, lam, mu, active, kkt, polished = polish(P, q, C, d, A, b, z, lam, mu, active, solved, rounds=rounds,
                                                 factors=res.factors)
@@ -230,9 +231,8 @@ class IPMQPFunction(torch.autograd.Function):
             polished = torch.zeros_like(solved)
         # per-element diagnostics for the caller (solve_qp_batch's `diagnostics`)
         kkt.polished, kkt.iterations = polished & solved, res.iterations
-        if z.dtype != dtype_in:                       # solved in float64 for float32 data (CPU)
-            down = lambda t: None if t is None else t.to(dtype_in)  # noqa: E731
-            z, lam, mu = down(z), down(lam), down(mu)
+        # outputs in the input dtype (solved or polished in float64 for float32/float16 data)
+        z, lam, mu = (_cast(t, dtype_in) for t in (z, lam, mu))
         # failed elements: zeros, never NaN
         sv = solved.unsqueeze(-1)
         z = torch.where(sv, z, torch.zeros_like(z))

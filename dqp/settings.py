@@ -94,7 +94,7 @@ class Settings:
     verbose: bool = False
     time: bool = False
     check_PSD: bool = False
-    fallback_solver: Tuple[str, ...] = ("clarabel",)
+    fallback_solver: Tuple[str, ...] = AUTO_FALLBACKS   # build_settings keeps the installed ones
     fallback_on_unverified: bool = True
     on_failure: str = "raise"
 

@@ -60,6 +60,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Dict, Optional, Tuple
 
+import numpy as np
 import torch
 
 from dqp.errors import LayoutError, SettingsError, ShapeError, Status
@@ -124,7 +125,6 @@ def _mv(M: Tensor, x: Tensor) -> Tensor:
     product is a loop of small GEMMs). Zero-copy views both ways.
     """
     if _numpy_ok(M, x):
-        import numpy as np
         return torch.from_numpy(np.matmul(M.numpy(), x.detach().numpy()[..., None])[..., 0])
     return torch.matmul(x.unsqueeze(-2), M.transpose(-1, -2)).squeeze(-2)
 
@@ -132,7 +132,6 @@ def _mv(M: Tensor, x: Tensor) -> Tensor:
 def _tmv(M: Tensor, y: Tensor) -> Tensor:
     """``Mᵀ y`` for y (B, k); M (k, n) or (B, k, n) (batched CPU: NumPy, as :func:`_mv`)."""
     if _numpy_ok(M, y):
-        import numpy as np
         return torch.from_numpy(np.matmul(y.detach().numpy()[..., None, :], M.numpy())[..., 0, :])
     return torch.matmul(y.unsqueeze(-2), M).squeeze(-2)
 
@@ -212,10 +211,16 @@ def _lapack_potrf(S: Tensor):
     """SciPy's LAPACK ``?potrf`` for S's dtype when S can be factorized in place on the CPU."""
     if S.device.type != "cpu" or S.dim() != 3 or not S.is_contiguous():
         return None
-    if S.dtype not in (torch.float64, torch.float32):
+    return _lapack(S.dtype, "potrf")
+
+
+def _lapack(dtype: torch.dtype, name: str):
+    """SciPy's LAPACK routine ``d<name>`` / ``s<name>`` for float64 / float32, else None."""
+    prefix = {torch.float64: "d", torch.float32: "s"}.get(dtype)
+    if prefix is None:
         return None
     from scipy.linalg import lapack
-    return lapack.dpotrf if S.dtype == torch.float64 else lapack.spotrf
+    return getattr(lapack, prefix + name)
 
 
 def _potrs_inplace(S: Tensor, r: Tensor, rows: Optional[list] = None) -> Tensor:
@@ -226,8 +231,7 @@ def _potrs_inplace(S: Tensor, r: Tensor, rows: Optional[list] = None) -> Tensor:
     2-core CI machine a pass over B=128, k=100 float64 costs ~1 ms). ``rows``: only these
     elements (the others return r unchanged).
     """
-    from scipy.linalg import lapack
-    potrs = lapack.dpotrs if S.dtype == torch.float64 else lapack.spotrs
+    potrs = _lapack(S.dtype, "potrs")
     x = r.detach().clone(memory_format=torch.contiguous_format)
     Sn, xn = S.detach().numpy(), x.numpy()
     for i in (range(S.shape[0]) if rows is None else rows):
