@@ -210,7 +210,8 @@ class IPMQPFunction(torch.autograd.Function):
         if do_polish and opts.get("eps") is None and P.dtype == torch.float64:
             # the polish makes the answer exact on the active set; the IPM only has to find that set
             opts["eps"] = POLISHED_IPM_EPS
-        res = ipm_solve(P, q, C, d, A, b, **opts)
+        with torch.profiler.record_function("dqp::ipm_solve"):
+            res = ipm_solve(P, q, C, d, A, b, **opts)
         z, lam, mu = res.z, res.lam, res.mu
         solved = res.status == int(Status.SOLVED)
         active = classify_active(C, res.s, mu) if mu is not None else None
@@ -218,17 +219,18 @@ class IPMQPFunction(torch.autograd.Function):
             active = active & solved.unsqueeze(-1)
         if rounds is None:
             rounds = 3 if wide is None else 6        # a float32 IPM point misclassifies more rows
-        if do_polish and wide is not None:
-            # float32/float16 data: polish (and keep the factorization for the backward) in float64,
-            # with float64's acceptance tolerance (module docstring, "Low precision")
-            z, lam, mu, active, kkt, polished = polish(*(_cast(t, wide) for t in (P, q, C, d, A, b, z, lam, mu)),
-                                                       active, solved, rounds=rounds)
-        elif do_polish:
-            z, lam, mu, active, kkt, polished = polish(P, q, C, d, A, b, z, lam, mu, active, solved, rounds=rounds,
-                                                factors=res.factors)
-        else:
-            kkt = BatchedKKT(P, A, C, active, batch=q.shape[0], factors=res.factors)
-            polished = torch.zeros_like(solved)
+        with torch.profiler.record_function("dqp::polish"):
+            if do_polish and wide is not None:
+                # float32/float16 data: polish (and keep the factorization for the backward) in float64,
+                # with float64's acceptance tolerance (module docstring, "Low precision")
+                z, lam, mu, active, kkt, polished = polish(
+                    *(_cast(t, wide) for t in (P, q, C, d, A, b, z, lam, mu)), active, solved, rounds=rounds)
+            elif do_polish:
+                z, lam, mu, active, kkt, polished = polish(P, q, C, d, A, b, z, lam, mu, active, solved,
+                                                           rounds=rounds, factors=res.factors)
+            else:
+                kkt = BatchedKKT(P, A, C, active, batch=q.shape[0], factors=res.factors)
+                polished = torch.zeros_like(solved)
         # per-element diagnostics for the caller (solve_qp_batch's `diagnostics`)
         kkt.polished, kkt.iterations = polished & solved, res.iterations
         # outputs in the input dtype (solved or polished in float64 for float32/float16 data)
@@ -261,6 +263,11 @@ class IPMQPFunction(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, gz, glam, gmu, _gstatus=None, _gactive=None, _gkkt=None):
         """One solve with the saved KKT factorization, then :func:`dqp.gradients.dense_grads`."""
+        with torch.profiler.record_function("dqp::backward"):
+            return IPMQPFunction._backward(ctx, gz, glam, gmu)
+
+    @staticmethod
+    def _backward(ctx, gz, glam, gmu):
         z, lam, mu, status, active = ctx.saved_tensors
         kkt: BatchedKKT = ctx.kkt
         if gz is None:

@@ -70,7 +70,7 @@ logger = logging.getLogger(__name__)
 
 Tensor = torch.Tensor
 
-__all__ = ["IPMResult", "ipm_solve", "IPMSolver", "default_eps", "clear_graph_cache"]
+__all__ = ["IPMResult", "ipm_solve", "IPMSolver", "default_eps", "clear_graph_cache", "INVERSE_SOLVE_DEVICES"]
 
 
 @dataclass
@@ -147,13 +147,36 @@ def _eye_like(k: int, ref: Tensor) -> Tensor:
     return torch.eye(k, dtype=ref.dtype, device=ref.device)
 
 
+#: Devices (``torch.device.type``) on which a batched Cholesky factor from :func:`_cholesky` also
+#: carries its explicit inverse ``L⁻¹`` (one many-right-hand-side triangular solve per
+#: factorization), so that every later solve with it is two batched matrix-vector products instead
+#: of two one-right-hand-side triangular solves (cuBLAS's batched ``trsm`` with one right-hand side
+#: is latency-bound: see experiments/gpu_kernels.py).
+INVERSE_SOLVE_DEVICES: set = set()
+
+
+def _attach_inverse(L: Tensor) -> Tensor:
+    """Attach ``L⁻¹`` to the batched lower factor L (as ``L._dqp_linv``) on the devices listed in
+    :data:`INVERSE_SOLVE_DEVICES`; returns L."""
+    if L.dim() == 3 and L.device.type in INVERSE_SOLVE_DEVICES:
+        eye = torch.eye(L.shape[-1], dtype=L.dtype, device=L.device).expand(L.shape)
+        L._dqp_linv = torch.linalg.solve_triangular(L, eye, upper=False)
+    return L
+
+
 def _chol_solve(L: Tensor, r: Tensor) -> Tensor:
     """Solve ``L Lᵀ x = r`` with a (batched or shared) Cholesky factor; r (B, k) or (B, k, j).
 
     Two ``solve_triangular`` calls: on CPU this is ~10× faster than ``torch.cholesky_solve``,
-    which copies its operands to column-major layout on every call.
+    which copies its operands to column-major layout on every call. With an attached inverse
+    (:func:`_attach_inverse`): two batched products.
     """
     vec = r.dim() == 2
+    Li = getattr(L, "_dqp_linv", None)
+    if Li is not None:
+        rr = r.unsqueeze(-1) if vec else r
+        x = torch.matmul(Li.mT, torch.matmul(Li, rr))
+        return x.squeeze(-1) if vec else x
     if L.dim() == 2 and vec:
         x = torch.linalg.solve_triangular(L, r.T, upper=False)
         return torch.linalg.solve_triangular(L.mT, x, upper=True).T
@@ -174,9 +197,10 @@ def _cholesky(M: Tensor) -> Tuple[Tensor, Tensor]:
     """
     if M.device.type != "cpu":
         # on CUDA the transpose trick costs two layout conversions and a triu kernel
-        return torch.linalg.cholesky_ex(M)
+        L, info = torch.linalg.cholesky_ex(M)
+        return _attach_inverse(L), info
     U, info = torch.linalg.cholesky_ex(M.mT, upper=True)
-    return U.mT, info
+    return _attach_inverse(U.mT), info
 
 
 def _cholesky_inplace(S: Tensor, rows: Optional[list] = None) -> Tuple[Tensor, Tensor]:
@@ -712,15 +736,24 @@ def ipm_solve(P: Tensor, q: Tensor, C: Optional[Tensor] = None, d: Optional[Tens
     mu = torch.where(bad0.unsqueeze(-1), torch.ones_like(mu), mu)
     lam = torch.where(bad0.unsqueeze(-1), torch.zeros_like(lam), lam)
 
-    status = torch.full((B,), int(Status.MAX_ITER), dtype=torch.int64, device=device)
-    done = torch.zeros(B, dtype=torch.bool, device=device)
-    iters = torch.zeros(B, dtype=torch.int64, device=device)
-    nfail = torch.zeros(B, dtype=torch.int64, device=device)
-    pinf_cnt = torch.zeros(B, dtype=torch.int64, device=device)
-    dinf_cnt = torch.zeros(B, dtype=torch.int64, device=device)
-    prev = None
-    best = torch.full((B,), math.inf, dtype=dtype, device=device)
-    last_impr = torch.zeros(B, dtype=torch.int64, device=device)
+    zB = lambda k, dt=dtype: torch.zeros(B, k, dtype=dt, device=device)      # noqa: E731
+    # the iteration's whole state, device tensors only (the CUDA graph's static buffers)
+    S: Dict[str, Tensor] = dict(
+        z=z, s=s, mu=mu, lam=lam,
+        delta=torch.ones(B, dtype=dtype, device=device),        # per-instance regularization multiplier
+        nfail=torch.zeros(B, dtype=torch.int64, device=device),
+        iters=torch.zeros(B, dtype=torch.int64, device=device),
+        done=torch.zeros(B, dtype=torch.bool, device=device),
+        status=torch.full((B,), int(Status.MAX_ITER), dtype=torch.int64, device=device),
+        pinf_cnt=torch.zeros(B, dtype=torch.int64, device=device),
+        dinf_cnt=torch.zeros(B, dtype=torch.int64, device=device),
+        best=torch.full((B,), math.inf, dtype=dtype, device=device),
+        last_impr=torch.zeros(B, dtype=torch.int64, device=device),
+        it=torch.zeros((), dtype=torch.int64, device=device),
+        # the previous check's iterate (certificates along the step); have_prev: there was one
+        have_prev=torch.zeros((), dtype=torch.bool, device=device),
+        prev_z=zB(n), prev_Pz=zB(n), prev_Az=zB(p), prev_Cz=zB(m), prev_lam=zB(p), prev_mu=zB(m),
+        prev_Ay=zB(n))
     Cscale = 1.0 if m else 0.0   # rows are unit norm after scaling
     Ascale = 1.0 if p else 0.0
     tiny = torch.finfo(dtype).tiny
@@ -728,7 +761,8 @@ def ipm_solve(P: Tensor, q: Tensor, C: Optional[Tensor] = None, d: Optional[Tens
     SOLVED, PINF, DINF, NUM = (int(Status.SOLVED), int(Status.PRIMAL_INFEASIBLE),
                                int(Status.DUAL_INFEASIBLE), int(Status.NUMERICAL))
 
-    live = _GraphData(P, q, C, d, A, b, newton)
+    live = _GraphData(P, q, C, d, A, b, newton,
+                      dict(pscale=pscale, qnorm=qnorm, bnorm=bnorm, dnorm=dnorm))
     if fm == "dual" and f64:
         newton.prime(q)
 
@@ -840,17 +874,145 @@ def ipm_solve(P: Tensor, q: Tensor, C: Optional[Tensor] = None, d: Optional[Tens
                        Cz=upd_(Cz_s, Abdz[:, p:], apc) if m else None)
         return z, s, mu, lam, delta, nfail, iters
 
+    def _check(S, R, D=live):
+        """Norms, convergence, infeasibility certificates, stalls and statuses at the iterate of
+        ``S`` with its residuals ``R`` (from ``_resid``). Device tensors only (it runs inside the
+        captured iteration); returns the updated entries of S and (pres, pscl, dres, dscl)."""
+        Pz, rd, ATl, CTm, Az, Cz, req, rin, gap, gscl = R
+        z, s, mu, lam = S["z"], S["s"], S["mu"], S["lam"]
+        q, b, d = D.q, D.b, D.d
+        pscale, qnorm, bnorm, dnorm = D.norms["pscale"], D.norms["qnorm"], D.norms["bnorm"], D.norms["dnorm"]
+        # (∞-norms are ≥ 0: max with 0 only where there is no constraint at all)
+        pres = pscl = None
+        if p:
+            pres = _amax(req)
+            pscl = torch.maximum(_amax(Az), bnorm)
+        if m:
+            pres = _amax(rin) if pres is None else torch.maximum(pres, _amax(rin))
+            ci = torch.maximum(torch.maximum(_amax(Cz), dnorm), _amax(s))
+            pscl = ci if pscl is None else torch.maximum(pscl, ci)
+        if pres is None:
+            pres = torch.zeros(B, dtype=dtype, device=device)
+            pscl = torch.ones(B, dtype=dtype, device=device)
+        else:
+            pscl = pscl.clamp(min=1.0)
+        dres = _amax(rd)
+        dscl = torch.maximum(_amax(Pz), qnorm)
+        if p:
+            dscl = torch.maximum(dscl, _amax(ATl))
+        if m:
+            dscl = torch.maximum(dscl, _amax(CTm))
+        dscl = dscl + 1.0
+        p_ok = pres <= eps * pscl
+        d_ok = dres <= eps * dscl
+        conv = p_ok & d_ok & (gap <= eps * gscl)
+
+        # ---------------- infeasibility certificates (only for instances that are not converging),
+        # from products already computed: the iterates and their change since the last check
+        Ay = (ATl + CTm) if (p and m) else (ATl if p else (CTm if m else torch.zeros_like(z)))
+        radius = 1e3 * (1.0 + _amax(z))
+        have_prev = S["have_prev"]
+
+        def _pcert(lv, mv, Ayv):
+            # y = (λ, μ) normalized: Aᵀŷ_λ + Cᵀŷ_μ = r and bᵀŷ_λ + dᵀŷ_μ = v < 0 prove that no
+            # feasible z has |rᵀz| < −v, i.e. none within ‖z‖∞ ≤ −v/‖r‖₁. Accept when r is
+            # tiny (a certificate) or when that ball is much larger than the iterates.
+            yn = torch.maximum(_amax(lv), _amax(mv)).clamp(min=tiny)
+            r = Ayv / yn.unsqueeze(-1)
+            val = ((b * lv).sum(-1) if p else 0.0) + ((d * mv).sum(-1) if m else 0.0)
+            val = val / yn
+            small = (_amax(r) <= eps_inf * (Ascale + Cscale)) | (r.abs().sum(-1) * radius <= -val)
+            return small & (val < -eps_inf), yn
+
+        def _dcert(x, Px, Ax, Cx):
+            xn = _amax(x).clamp(min=tiny)
+            okc = _amax(Px) <= eps_inf * pscale * xn
+            if p:
+                okc = okc & (_amax(Ax) <= eps_inf * Ascale * xn)
+            if m:
+                okc = okc & (Cx.amax(-1) <= eps_inf * Cscale * xn)
+            return okc & ((q * x).sum(-1) < -eps_inf * qnorm.clamp(min=tiny) * xn), xn
+
+        if m or p:
+            c1, ynorm = _pcert(lam, mu, Ay)
+            dmu_s = mu - S["prev_mu"] if m else mu
+            c2, dyn = _pcert(lam - S["prev_lam"], dmu_s, Ay - S["prev_Ay"])
+            if m:
+                c2 = c2 & (dmu_s.amin(-1) >= -eps_inf * dyn)
+            pinf = ((c1 & (ynorm > 1.0 / eps_inf ** 0.5)) | (c2 & have_prev)) & ~p_ok
+        else:
+            pinf = torch.zeros(B, dtype=torch.bool, device=device)
+        e1, zn = _dcert(z, Pz, Az, Cz)
+        e2, _ = _dcert(z - S["prev_z"], Pz - S["prev_Pz"], Az - S["prev_Az"] if p else None,
+                       Cz - S["prev_Cz"] if m else None)
+        dinf = ((e1 & (zn > 1.0 / eps_inf ** 0.5)) | (e2 & have_prev)) & ~d_ok
+
+        done, status = S["done"], S["status"]
+        new_conv = conv & ~done
+        status = torch.where(new_conv, SOLVED, status)
+        done = done | conv
+        # a certificate must be seen twice (not necessarily in consecutive checks)
+        pinf_cnt = S["pinf_cnt"] + (pinf & ~done).to(torch.int64)
+        dinf_cnt = S["dinf_cnt"] + (dinf & ~done).to(torch.int64)
+        pinf_hit = (pinf_cnt >= 2) & ~done
+        dinf_hit = (dinf_cnt >= 2) & ~done & ~pinf_hit
+        status = torch.where(pinf_hit, PINF, status)
+        status = torch.where(dinf_hit, DINF, status)
+        done = done | pinf_hit | dinf_hit
+        # repeated factorization failures: a certificate seen once decides, else NUMERICAL
+        numfail = (S["nfail"] >= 8) & ~done
+        fail_st = torch.where(pinf_cnt > 0, PINF, torch.where(dinf_cnt > 0, DINF, NUM))
+        status = torch.where(numfail, fail_st, status)
+        done = done | numfail
+
+        # stall: no halving of the worst scaled residual for `stall_iters` iterations
+        merit = torch.maximum(torch.maximum(pres / pscl, dres / dscl), gap / gscl)
+        improved = merit < 0.5 * S["best"]
+        best = torch.where(improved, merit, S["best"])
+        last_impr = torch.where(improved, S["it"], S["last_impr"])
+        stalled = (S["it"] - last_impr >= stall_iters) & ~done
+        status = torch.where(stalled, NUM, status)
+        done = done | stalled
+        upd = dict(done=done, status=status, pinf_cnt=pinf_cnt, dinf_cnt=dinf_cnt, best=best,
+                   last_impr=last_impr, have_prev=torch.ones_like(have_prev),
+                   prev_z=z, prev_Pz=Pz, prev_lam=lam, prev_mu=mu, prev_Ay=Ay)
+        if p:
+            upd["prev_Az"] = Az
+        if m:
+            upd["prev_Cz"] = Cz
+        return upd, (pres, pscl, dres, dscl)
+
+    def _advance(S, R, D=live, it=0, scaled=(None, None, None, None)):
+        """One predictor-corrector step from S with its residuals R; the updated entries of S."""
+        Pz, rd, ATl, CTm, Az, Cz, req, rin, gap, gscl = R
+        z, s, mu, lam, delta, nfail, iters = _step(
+            S["z"], S["s"], S["mu"], S["lam"], S["delta"], S["nfail"], S["iters"], S["done"], rd, req, rin,
+            gap, gscl, Az, Cz, it, *scaled, D=D)
+        return dict(z=z, s=s, mu=mu, lam=lam, delta=delta, nfail=nfail, iters=iters, it=S["it"] + 1)
+
+    def _make_body(D):
+        """``check_every`` iterations (a check, then steps), as one function of the state: what
+        the CUDA graph captures."""
+        def body(S):
+            S = dict(S)
+            for j in range(check_every):
+                R = _resid(S["z"], S["s"], S["mu"], S["lam"], D=D)
+                if j == 0:
+                    S.update(_check(S, R, D=D)[0])
+                S.update(_advance(S, R, D=D))
+            return S
+        return body
+
     use_graph = cuda_graph and trace is None and _graph_device_ok(device)
     gkey = None
-    if use_graph and m and graph_cache:
-        # cache key: everything the captured iteration depends on besides tensor values
+    if use_graph and graph_cache:
+        # cache key: everything the captured iterations depend on besides tensor values
         # (the thread and stream too: a cached graph's static buffers are reused only by calls
         # that are ordered after one another on the device)
         gkey = (fm, dtype, str(device), B, n, m, p, separate_steps, float(step_fraction), int(refine),
-                live.signature(), threading.get_ident(),
+                check_every, eps, eps_inf, int(stall_iters), live.signature(), threading.get_ident(),
                 torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0)
     graph = None
-    st = None
     # eager float64 dual form: carry P z, Aᵀλ, Cᵀμ, A z, C z and M y from step to step (see _step)
     # instead of recomputing them — on the CPU each product is a pass over a (B, ·, n) matrix that
     # does not fit in cache; recomputed exactly every `exact_every` iterations
@@ -858,135 +1020,47 @@ def ipm_solve(P: Tensor, q: Tensor, C: Optional[Tensor] = None, d: Optional[Tens
     newton.tracking = track
     trk: Dict[str, Any] = {}
     exact_every = 5
-    for it in range(max_iter + 1):
-        # ---------------- residuals and per-instance convergence (all on device)
-        check = it % check_every == 0 or it == max_iter
-        if check or graph is None:
-            if graph is not None:
-                z, s, mu, lam = st[0], st[1], st[2], st[3]
+    it = 0
+    while True:
+        if use_graph and it % check_every == 0 and it + check_every <= max_iter:
+            # GPU: `check_every` whole iterations per graph replay; the host reads one flag per replay
+            if graph is None:
+                with torch.profiler.record_function("dqp::ipm_capture"):
+                    graph, st = _graph_for(gkey, live, _make_body, S)
+                if graph is None:
+                    use_graph = False
+                    continue
+                S = st
+            with torch.profiler.record_function("dqp::ipm_replay"):
+                graph.replay()
+                it += check_every
+                if bool(S["done"].all()):
+                    break
+            continue
+        # ---------------- eager iteration (CPU; on the GPU the tail after the last replay)
+        with torch.profiler.record_function("dqp::ipm_eager_iteration"):
+            check = it % check_every == 0 or it == max_iter
             use_T = track and "Pz" in trk and it % exact_every != 0
-            Pz, rd, ATl, CTm, Az, Cz, req, rin, gap, gscl = _resid(z, s, mu, lam, T=trk if use_T else None)
+            R = _resid(S["z"], S["s"], S["mu"], S["lam"], T=trk if use_T else None)
             if track:
-                trk.update(Pz_cur=Pz, ATl_cur=ATl, CTm_cur=CTm)
+                trk.update(Pz_cur=R[0], ATl_cur=R[2], CTm_cur=R[3])
                 if not use_T:
                     trk.pop("My", None)          # exact M y too at the exact iterations
-        # norms, convergence, certificates and statuses: every `check_every` iterations (fewer
-        # kernels on GPU); the host reads `done` only here
-        if check:
-            if graph is not None:
-                # `prev` keeps z, λ, μ across replays, which overwrite the static state
-                z, mu, lam = st[0].clone(), st[2].clone(), st[3].clone()
-                s, delta, nfail, iters = st[1], st[4], st[5], st[6]
-            # (∞-norms are ≥ 0: max with 0 only where there is no constraint at all)
-            pres = pscl = None
-            if p:
-                pres = _amax(req)
-                pscl = torch.maximum(_amax(Az), bnorm)
-            if m:
-                pres = _amax(rin) if pres is None else torch.maximum(pres, _amax(rin))
-                ci = torch.maximum(torch.maximum(_amax(Cz), dnorm), _amax(s))
-                pscl = ci if pscl is None else torch.maximum(pscl, ci)
-            if pres is None:
-                pres = torch.zeros(B, dtype=dtype, device=device)
-                pscl = torch.ones(B, dtype=dtype, device=device)
-            else:
-                pscl = pscl.clamp(min=1.0)
-            dres = _amax(rd)
-            dscl = torch.maximum(_amax(Pz), qnorm)
-            if p:
-                dscl = torch.maximum(dscl, _amax(ATl))
-            if m:
-                dscl = torch.maximum(dscl, _amax(CTm))
-            dscl = dscl + 1.0
-            p_ok = pres <= eps * pscl
-            d_ok = dres <= eps * dscl
-            conv = p_ok & d_ok & (gap <= eps * gscl)
-
-            # ---------------- infeasibility certificates (only for instances that are not converging),
-            # from products already computed: the iterates and their change since the last iteration
-            Ay = (ATl + CTm) if (p and m) else (ATl if p else (CTm if m else torch.zeros_like(z)))
-            radius = 1e3 * (1.0 + _amax(z))
-            have_prev = prev is not None
-            if prev is None:
-                prev = dict(z=z, Pz=Pz, Az=Az, Cz=Cz, lam=lam, mu=mu, Ay=Ay)
-
-            def _pcert(lv, mv, Ayv):
-                # y = (λ, μ) normalized: Aᵀŷ_λ + Cᵀŷ_μ = r and bᵀŷ_λ + dᵀŷ_μ = v < 0 prove that no
-                # feasible z has |rᵀz| < −v, i.e. none within ‖z‖∞ ≤ −v/‖r‖₁. Accept when r is
-                # tiny (a certificate) or when that ball is much larger than the iterates.
-                yn = torch.maximum(_amax(lv), _amax(mv)).clamp(min=tiny)
-                r = Ayv / yn.unsqueeze(-1)
-                val = ((b * lv).sum(-1) if p else 0.0) + ((d * mv).sum(-1) if m else 0.0)
-                val = val / yn
-                small = (_amax(r) <= eps_inf * (Ascale + Cscale)) | (r.abs().sum(-1) * radius <= -val)
-                return small & (val < -eps_inf), yn
-
-            def _dcert(x, Px, Ax, Cx):
-                xn = _amax(x).clamp(min=tiny)
-                okc = _amax(Px) <= eps_inf * pscale * xn
-                if p:
-                    okc = okc & (_amax(Ax) <= eps_inf * Ascale * xn)
-                if m:
-                    okc = okc & (Cx.amax(-1) <= eps_inf * Cscale * xn)
-                return okc & ((q * x).sum(-1) < -eps_inf * qnorm.clamp(min=tiny) * xn), xn
-
-            if m or p:
-                c1, ynorm = _pcert(lam, mu, Ay)
-                dmu_s = mu - prev["mu"] if m else mu
-                c2, dyn = _pcert(lam - prev["lam"], dmu_s, Ay - prev["Ay"])
-                if m:
-                    c2 = c2 & (dmu_s.amin(-1) >= -eps_inf * dyn)
-                pinf = ((c1 & (ynorm > 1.0 / eps_inf ** 0.5)) | (c2 & have_prev)) & ~p_ok
-            else:
-                pinf = torch.zeros(B, dtype=torch.bool, device=device)
-            e1, zn = _dcert(z, Pz, Az, Cz)
-            e2, _ = _dcert(z - prev["z"], Pz - prev["Pz"], Az - prev["Az"] if p else None,
-                           Cz - prev["Cz"] if m else None)
-            dinf = ((e1 & (zn > 1.0 / eps_inf ** 0.5)) | (e2 & have_prev)) & ~d_ok
-            prev = dict(z=z, Pz=Pz, Az=Az, Cz=Cz, lam=lam, mu=mu, Ay=Ay)
-
-            new_conv = conv & ~done
-            status = torch.where(new_conv, SOLVED, status)
-            done = done | conv
-            # a certificate must be seen twice (not necessarily in consecutive iterations)
-            pinf_cnt = pinf_cnt + (pinf & ~done).to(torch.int64)
-            dinf_cnt = dinf_cnt + (dinf & ~done).to(torch.int64)
-            pinf_hit = (pinf_cnt >= 2) & ~done
-            dinf_hit = (dinf_cnt >= 2) & ~done & ~pinf_hit
-            status = torch.where(pinf_hit, PINF, status)
-            status = torch.where(dinf_hit, DINF, status)
-            done = done | pinf_hit | dinf_hit
-            # repeated factorization failures: a certificate seen once decides, else NUMERICAL
-            numfail = (nfail >= 8) & ~done
-            fail_st = torch.where(pinf_cnt > 0, PINF,
-                                  torch.where(dinf_cnt > 0, DINF, NUM))
-            status = torch.where(numfail, fail_st, status)
-            done = done | numfail
-
-            # stall: no halving of the worst scaled residual for `stall_iters` iterations
-            merit = torch.maximum(torch.maximum(pres / pscl, dres / dscl), gap / gscl)
-            improved = merit < 0.5 * best
-            best = torch.where(improved, merit, best)
-            last_impr = torch.where(improved, it, last_impr)
-            stalled = (it - last_impr >= stall_iters) & ~done
-            status = torch.where(stalled, NUM, status)
-            done = done | stalled
-            if it == max_iter or bool(done.all()):
-                break
-            if graph is not None:
-                st[7].copy_(done)
-        if use_graph and graph is None:
-            graph, st = _graph_for(gkey, live, _resid, _step, [z, s, mu, lam, delta, nfail, iters, done])
-            if graph is None:
-                use_graph = False
-        if graph is not None:
-            graph.replay()
-            continue
-        z, s, mu, lam, delta, nfail, iters = _step(z, s, mu, lam, delta, nfail, iters, done, rd, req, rin, gap,
-                                                   gscl, Az, Cz, it, pres, pscl, dres, dscl)
+            scaled = (None, None, None, None)
+            stop = False
+            if check:
+                upd, scaled = _check(S, R)
+                S = {**S, **upd}
+                stop = it == max_iter or bool(S["done"].all())
+            if not stop:
+                S = {**S, **_advance(S, R, it=it, scaled=scaled)}
+                it += 1
+        if stop:
+            break
     if graph is not None:
-        z, s, mu, lam, delta, nfail, iters = (t.clone() for t in st[:7])
+        S = {k: t.clone() for k, t in S.items()}          # the static buffers belong to the graph
         del graph, st
+    z, s, mu, lam, status, iters = S["z"], S["s"], S["mu"], S["lam"], S["status"], S["iters"]
 
     # ---------------- undo the row scaling
     lam_out = lam / a_scale if p else None
@@ -1021,8 +1095,10 @@ class _GraphData:
     # Newton-solver tensors computed before the loop and only read inside it
     _NEWTON = {"dual": ("LP", "Abar", "PiAbt", "M", "Md", "_Piq", "_g"), "primal": ("reg_p",)}
 
-    def __init__(self, P, q, C, d, A, b, newton):
+    def __init__(self, P, q, C, d, A, b, newton, norms: Optional[Dict[str, Optional[Tensor]]] = None):
         self.P, self.q, self.C, self.d, self.A, self.b, self.newton = P, q, C, d, A, b, newton
+        # per-instance norms of the data that the convergence check reads (None where absent)
+        self.norms: Dict[str, Optional[Tensor]] = dict(norms or {})
 
     def _newton_inputs(self):
         """Newton tensors read inside the loop, less those that are data tensors themselves."""
@@ -1038,18 +1114,21 @@ class _GraphData:
         """Shapes (and so code paths) of every tensor the iteration reads."""
         sh = lambda t: None if t is None else tuple(t.shape)
         return (tuple(sh(getattr(self, k)) for k in self._DATA),
-                tuple((k, tuple(t.shape)) for k, t in self._newton_inputs()))
+                tuple((k, tuple(t.shape)) for k, t in self._newton_inputs()),
+                tuple((k, sh(t)) for k, t in sorted(self.norms.items())))
 
     def nbytes(self) -> int:
         """Device memory a :meth:`static` copy takes."""
-        ts = [getattr(self, k) for k in self._DATA] + [t for _, t in self._newton_inputs()]
+        ts = ([getattr(self, k) for k in self._DATA] + [t for _, t in self._newton_inputs()]
+              + list(self.norms.values()))
         return sum(t.numel() * t.element_size() for t in ts if t is not None)
 
     def static(self) -> "_GraphData":
         """A copy on freshly allocated tensors (materialized: expanded views become dense)."""
         cl = lambda t: None if t is None else t.clone(memory_format=torch.contiguous_format)
         nt = copy.copy(self.newton)
-        st = _GraphData(*(cl(getattr(self, k)) for k in self._DATA), nt)
+        st = _GraphData(*(cl(getattr(self, k)) for k in self._DATA), nt,
+                        {k: cl(t) for k, t in self.norms.items()})
         for k, t in self._newton_inputs():
             setattr(nt, k, cl(t))
         for k in self._NEWTON[nt.form] + ("P", "C", "A"):        # aliases of the data
@@ -1071,6 +1150,9 @@ class _GraphData:
                 t.copy_(getattr(src, k))
         for k, t in src._newton_inputs():
             getattr(self.newton, k).copy_(t)
+        for k, t in src.norms.items():
+            if t is not None:
+                self.norms[k].copy_(t)
 
 
 def _graph_device_ok(device: torch.device) -> bool:
@@ -1093,15 +1175,16 @@ def clear_graph_cache() -> None:
     _GRAPH_CACHE.clear()
 
 
-def _graph_for(key, live, resid, step, state):
-    """The CUDA graph of one iteration for ``live``'s data: from the cache (inputs and state
-    copied into its static buffers) or freshly captured. ``(graph, static_state)`` or
-    ``(None, None)`` when the capture fails. ``key=None``: capture without caching."""
+def _graph_for(key, live, make_body, state):
+    """The CUDA graph of ``make_body(data)`` (a function of the state dict) for ``live``'s data:
+    from the cache (inputs and state copied into its static buffers) or freshly captured.
+    ``(graph, static_state)`` or ``(None, None)`` when the capture fails. ``key=None``: capture
+    without caching."""
     with torch.no_grad():
-        return _graph_for_impl(key, live, resid, step, state)
+        return _graph_for_impl(key, live, make_body, state)
 
 
-def _graph_for_impl(key, live, resid, step, state):
+def _graph_for_impl(key, live, make_body, state):
     if key is not None and live.nbytes() > GRAPH_CACHE_MAX_BYTES:
         key = None
     ent = _GRAPH_CACHE.get(key) if key is not None else None
@@ -1109,12 +1192,12 @@ def _graph_for_impl(key, live, resid, step, state):
         graph, st, sdata = ent
         _GRAPH_CACHE.move_to_end(key)
         sdata.refill(live)
-        for buf, t in zip(st, state):
-            buf.copy_(t)
+        for k, t in state.items():
+            st[k].copy_(t)
         _graph_stats["hits"] += 1
         return graph, st
     sdata = live.static() if key is not None else live
-    graph, st = _capture(lambda *a: resid(*a, D=sdata), lambda *a: step(*a, D=sdata), state)
+    graph, st = _capture(make_body(sdata), state)
     if graph is not None:
         _graph_stats["captures"] += 1
         if key is not None:
@@ -1126,27 +1209,22 @@ def _graph_for_impl(key, live, resid, step, state):
     return graph, st
 
 
-def _capture(resid, step, state):
-    """Capture ``state ← step(state, resid(state))`` as a CUDA graph; ``(graph, static_state)``."""
+def _capture(body, state):
+    """Capture ``state ← body(state)`` (dicts of tensors) as a CUDA graph; ``(graph, static_state)``."""
     try:
         with torch.no_grad():
-            st = [t.clone() for t in state]
-
-            def body(buf):
-                _, rd, _, _, Az, Cz, req, rin, gap, gscl = resid(buf[0], buf[1], buf[2], buf[3])
-                return step(buf[0], buf[1], buf[2], buf[3], buf[4], buf[5], buf[6], buf[7], rd, req, rin, gap,
-                            gscl, Az, Cz)
-
+            st = {k: t.clone() for k, t in state.items()}
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
-                body([t.clone() for t in state])          # warm-up: library handles and workspaces
+                body({k: t.clone() for k, t in state.items()})     # warm-up: library handles, workspaces
             torch.cuda.current_stream().wait_stream(side)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
                 out = body(st)
-                for buf, new in zip(st[:7], out):
-                    buf.copy_(new)
+                for k, buf in st.items():
+                    if out[k] is not buf:
+                        buf.copy_(out[k])
         return graph, st
     except Exception as exc:  # pragma: no cover - depends on the CUDA/torch build
         logger.warning("ipm_solve: CUDA graph capture failed (%s: %s); running eagerly", type(exc).__name__, exc)

@@ -638,15 +638,11 @@ def test_graph_cache_refills_all_inputs_emulated(monkeypatch, form, shared, dtyp
 
         def replay(self):
             out = self.body(self.st)
-            for buf, new in zip(self.st[:7], out):
-                buf.copy_(new)
+            for k, buf in self.st.items():
+                buf.copy_(out[k])
 
-    def fake_capture(resid, step, state):
-        st = [t.clone() for t in state]
-
-        def body(buf):
-            _, rd, _, _, Az, Cz, req, rin, gap, gscl = resid(*buf[:4])
-            return step(*buf[:8], rd, req, rin, gap, gscl, Az, Cz)
+    def fake_capture(body, state):
+        st = {k: t.clone() for k, t in state.items()}
         return _Replay(body, st), st
 
     monkeypatch.setattr(ipm, "_graph_device_ok", lambda dev: True)
@@ -665,13 +661,13 @@ def test_cuda_graph_cached_matches_eager(form, shared, dtype, p):
 def test_graph_cache_is_bounded(monkeypatch):
     import dqp.solvers.ipm as ipm
     monkeypatch.setattr(ipm, "_graph_device_ok", lambda dev: True)
-    monkeypatch.setattr(ipm, "_capture", lambda resid, step, state: (None, None))  # capture "fails"
+    monkeypatch.setattr(ipm, "_capture", lambda body, state: (None, None))  # capture "fails"
     ipm.clear_graph_cache()
     P, q, C, d, *_ = known_qp(3, 4, 5, 0)
     r = ipm_solve(P, q, C, d)                        # falls back to eager, caches nothing
     assert (r.status == 0).all() and len(ipm._GRAPH_CACHE) == 0
     monkeypatch.setattr(ipm, "GRAPH_CACHE_SIZE", 2)
-    monkeypatch.setattr(ipm, "_capture", lambda resid, step, state: (object(), [t.clone() for t in state]))
+    monkeypatch.setattr(ipm, "_capture", lambda body, state: (object(), {k: t.clone() for k, t in state.items()}))
     class _Live:
         def static(self):
             return self
@@ -679,12 +675,44 @@ def test_graph_cache_is_bounded(monkeypatch):
         def nbytes(self):
             return 100
     for key in range(4):
-        ipm._graph_for(("k", key), _Live(), None, None, [q])
+        ipm._graph_for(("k", key), _Live(), lambda D: None, {"q": q})
     assert list(ipm._GRAPH_CACHE) == [("k", 2), ("k", 3)]
     monkeypatch.setattr(ipm, "GRAPH_CACHE_MAX_BYTES", 150)             # room for one entry only
-    ipm._graph_for(("k", 4), _Live(), None, None, [q])
+    ipm._graph_for(("k", 4), _Live(), lambda D: None, {"q": q})
     assert list(ipm._GRAPH_CACHE) == [("k", 4)]
     monkeypatch.setattr(ipm, "GRAPH_CACHE_MAX_BYTES", 50)              # too large: not cached
-    ipm._graph_for(("k", 5), _Live(), None, None, [q])
+    ipm._graph_for(("k", 5), _Live(), lambda D: None, {"q": q})
     assert list(ipm._GRAPH_CACHE) == [("k", 4)]
     ipm.clear_graph_cache()
+
+
+# ------------------------------------------------------------------------------------------------
+# solves with an explicit inverse of the Cholesky factor (INVERSE_SOLVE_DEVICES)
+# ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("form,p", [("primal", 2), ("dual", 2), ("dual", 0)])
+def test_inverse_solves_match_triangular_solves(monkeypatch, device, form, p):
+    """Forward (IPM + polish) and gradients agree whether solves with a batched Cholesky factor
+    use triangular solves or the factor's attached inverse."""
+    import dqp.solvers.ipm as ipm
+    P, q, C, d, A, b, z0, *_ = known_qp(5, 8, 10, p, seed=3, device=device)
+    A, b = (A, b) if p else (None, None)
+    out = {}
+    for mode in ("trsm", "inverse"):
+        monkeypatch.setattr(ipm, "INVERSE_SOLVE_DEVICES", {device} if mode == "inverse" else set())
+        leaves = [t.clone().requires_grad_(True) for t in (P, q, C, d)]
+        z, lam, mu, status, _ = solve_qp_batch(*leaves, A, b, form=form)
+        assert (status == 0).all()
+        grads = torch.autograd.grad((z * z0).sum() + mu.sum(), leaves)
+        out[mode] = (z, mu, *grads)
+    if device == "cpu":
+        # the primal form and the polish/backward factorize through _cholesky: the inverse is used
+        monkeypatch.setattr(ipm, "INVERSE_SOLVE_DEVICES", set())
+        L, _ = ipm._cholesky(P)
+        monkeypatch.setattr(ipm, "INVERSE_SOLVE_DEVICES", {device})
+        assert getattr(ipm._cholesky(P)[0], "_dqp_linv", None) is not None
+        assert getattr(L, "_dqp_linv", None) is None
+    assert _rel(out["trsm"][0], z0) < 1e-8
+    for x, y in zip(out["trsm"], out["inverse"]):
+        assert _rel(x, y) < 1e-9

@@ -1,0 +1,148 @@
+"""Where the time of a batched dqp QP layer call goes, for a few IPM variants (one device run).
+
+For qpth's generator (experiments/bench_qpth.py) at the issue-3 acceptance cells, times
+``dqp.qpth.QPFunction`` forward+backward (median of ``--reps``), the IPM alone, and splits one
+profiled call by the ``dqp::*`` ranges the library records (IPM setup/replays/eager iterations,
+polish, backward), for each variant:
+
+* ``solve``: ``trsm`` (two triangular solves per right-hand side) or ``inverse`` (the Cholesky
+  factor's explicit inverse, :data:`dqp.solvers.ipm.INVERSE_SOLVE_DEVICES`);
+* ``check_every``: iterations per CUDA-graph replay (one host read of the "all done" flag each).
+
+Usage::
+
+    python experiments/gpu_probe.py --device cuda --out /tmp/probe.md
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Dict, List
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_qpth import make_problems  # noqa: E402
+
+
+def _timed(fn: Callable[[], object], reps: int, sync: Callable[[], None]) -> List[float]:
+    fn()
+    sync()
+    ts = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        ts.append(time.perf_counter() - t0)
+    return ts
+
+
+def probe_cell(B: int, n: int, device: str, variant: Dict, reps: int) -> Dict:
+    import dqp.solvers.ipm as ipm
+    from dqp.qpth import QPFunction
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.startswith("cuda")
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    ipm.INVERSE_SOLVE_DEVICES = {torch.device(device).type} if variant["solve"] == "inverse" else set()
+    ps = make_problems(B, n, n, 0, device)
+    Q, p, G, h, w = ps.Q, ps.p, ps.G, ps.h, ps.w
+    e = torch.empty(0, dtype=Q.dtype, device=device)
+    kw = dict(check_every=variant["check_every"])
+    res = ipm.ipm_solve(Q, p, G, h, **kw)
+    it = res.iterations.double()
+    t_ipm = _timed(lambda: ipm.ipm_solve(Q, p, G, h, **kw), reps, sync)
+
+    # the layer with the same IPM options
+    from dqp.ipm_layer import solve_qp_batch
+    leaves = [x.detach().requires_grad_(True) for x in (Q, p, G, h)]
+
+    def fb():
+        z = solve_qp_batch(*leaves, None, None, **kw)[0]
+        return torch.autograd.grad((z * w).sum(), leaves)
+
+    g0 = dict(ipm._graph_stats)
+    t_fb = _timed(fb, reps, sync)
+    g1 = dict(ipm._graph_stats)
+    layer = QPFunction(verbose=-1, check_Q_spd=False)
+    t_qpf = _timed(lambda: torch.autograd.grad((layer(*leaves, e, e) * w).sum(), leaves), reps, sync)
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=acts) as prof:
+        fb()
+        sync()
+    ev = prof.key_averages()
+    ranges = {}
+    for x in ev:
+        if x.key.startswith("dqp::"):
+            dev_t = getattr(x, "device_time_total", None)
+            if dev_t is None:
+                dev_t = getattr(x, "cuda_time_total", 0.0)
+            ranges[x.key] = dict(count=x.count, cpu_ms=x.cpu_time_total / 1e3, dev_ms=dev_t / 1e3)
+    launches = sum(x.count for x in ev if x.key in ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC",
+                                                      "cuLaunchKernelEx", "cudaGraphLaunch"))
+    graph_launches = sum(x.count for x in ev if x.key == "cudaGraphLaunch")
+    top = ev.table(sort_by="self_cuda_time_total" if cuda else "self_cpu_time_total", row_limit=12,
+                   max_name_column_width=50)
+    return dict(B=B, n=n, variant=variant, ipm_ms=1e3 * statistics.median(t_ipm),
+                fb_ms=1e3 * statistics.median(t_fb), fb_min_ms=1e3 * min(t_fb),
+                qpfunction_ms=1e3 * statistics.median(t_qpf),
+                iters_median=float(it.median()), iters_max=float(it.max()),
+                statuses=sorted(set(res.status.tolist())), form=res.form,
+                graph_captures=g1["captures"] - g0["captures"], graph_hits=g1["hits"] - g0["hits"],
+                ranges=ranges, launches=launches, graph_launches=graph_launches, top=top)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--cells", default="128x100,1024x100,128x500")
+    ap.add_argument("--solves", default="trsm,inverse")
+    ap.add_argument("--check-every", default="4,8")
+    ap.add_argument("--reps", type=int, default=10)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    import logging
+    logging.basicConfig(level=logging.WARNING)
+    lines = [f"### dqp layer probe on {torch.cuda.get_device_name() if args.device.startswith('cuda') else 'cpu'}"
+             f" (torch {torch.__version__})", "",
+             "| B | n=m | solve | check_every | fwd+bwd (solve_qp_batch) | QPFunction fwd+bwd | ipm_solve | iters med/max "
+             "| ranges (cpu ms / device ms) | launches (graph) |", "|---|---|---|---|---|---|---|---|---|---|"]
+    results = []
+    for cell in args.cells.split(","):
+        B, n = (int(x) for x in cell.split("x"))
+        for solve in args.solves.split(","):
+            for ce in (int(x) for x in args.check_every.split(",")):
+                v = dict(solve=solve, check_every=ce)
+                try:
+                    r = probe_cell(B, n, args.device, v, args.reps)
+                except Exception as exc:  # noqa: BLE001 - report and go on
+                    import traceback
+                    traceback.print_exc()
+                    lines.append(f"| {B} | {n} | {solve} | {ce} | failed: {type(exc).__name__}: {exc} |||||")
+                    continue
+                results.append(r)
+                rg = "; ".join(f"{k[5:]} ×{v_['count']}: {v_['cpu_ms']:.2f}/{v_['dev_ms']:.2f}"
+                               for k, v_ in sorted(r["ranges"].items()))
+                lines.append(f"| {B} | {n} | {solve} | {ce} | {r['fb_ms']:.2f} ms (min {r['fb_min_ms']:.2f}) "
+                             f"| {r['qpfunction_ms']:.2f} ms | {r['ipm_ms']:.2f} ms | {r['iters_median']:.0f}/"
+                             f"{r['iters_max']:.0f} {r['statuses']} | {rg} | {r['launches']} "
+                             f"({r['graph_launches']}; captures {r['graph_captures']}, hits {r['graph_hits']}) |")
+                print(lines[-1], flush=True)
+                if args.device.startswith("cuda"):
+                    torch.cuda.empty_cache()
+    lines.append("")
+    for r in results:
+        lines += [f"#### B={r['B']} n={r['n']} {r['variant']}", "```", r["top"], "```", ""]
+    if args.out:
+        Path(args.out).write_text("\n".join(lines) + "\n")
+        Path(args.out).with_suffix(".json").write_text(json.dumps(
+            [{k: v for k, v in r.items() if k != "top"} for r in results], indent=1))
+
+
+if __name__ == "__main__":
+    main()

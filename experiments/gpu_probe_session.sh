@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# One device call: the layer probe (variants of the IPM's GPU path), kernel costs, CUDA tests.
+# Prepare the wheels as in experiments/gpu_session.sh, then through the device tool, `.whl` carried:
+#   bash experiments/gpu_probe_session.sh
+set -uo pipefail
+OUT=${OUT:-/tmp/gpu_out}
+mkdir -p "$OUT"
+REPO=$(cd "$(dirname "$0")/.." && pwd)
+cd "$REPO"
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    || { echo "wheels missing in .whl/"; exit 1; }
+rm -rf /tmp/pkg && mkdir -p /tmp/pkg/dqp && cp -r dqp/* /tmp/pkg/dqp/ && cp -r solvers /tmp/pkg/dqp/solvers \
+    && cp -r linsolve /tmp/pkg/dqp/linsolve
+export PYTHONPATH=/tmp/pkg:/tmp/site:$REPO/experiments PYTHONUNBUFFERED=1
+nvidia-smi -L
+python3 -c 'import torch; print("torch", torch.__version__)'
+timeout ${PROBE_S:-260} python3 experiments/gpu_probe.py --device cuda --out "$OUT/probe.md" ${PROBE_ARGS:-} 2>&1 \
+    | grep -v USDT | tee "$OUT/probe_log.txt" | grep -E "^\||Error|error" | head -40
+timeout ${KERNELS_S:-90} python3 experiments/gpu_kernels.py --dtypes float64 --libs default --reps 5 \
+    --out "$OUT/gpu_kernels.md" 2>&1 | tail -20
+(cd /tmp && timeout ${TESTS_S:-200} python3 -m pytest -q -p no:cacheprovider --timeout=150 -m "cuda" -x \
+    "$REPO/tests/test_ipm.py" "$REPO/tests/test_qpth.py" 2>&1 | tee "$OUT/cuda_tests.log" | tail -8)
