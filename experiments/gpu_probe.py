@@ -7,7 +7,8 @@ polish, backward), for each variant:
 
 * ``solve``: ``trsm`` (two triangular solves per right-hand side) or ``inverse`` (the Cholesky
   factor's explicit inverse, :data:`dqp.solvers.ipm.INVERSE_SOLVE_DEVICES`);
-* ``check_every``: iterations per CUDA-graph replay (one host read of the "all done" flag each).
+* ``check_every``: iterations per CUDA-graph replay (one host read of the "all done" flag each);
+* ``compile``: the captured iteration compiled with ``torch.compile`` first (``ipm_solve(compile=True)``).
 
 Usage::
 
@@ -52,8 +53,11 @@ def probe_cell(B: int, n: int, device: str, variant: Dict, reps: int) -> Dict:
     ps = make_problems(B, n, n, 0, device)
     Q, p, G, h, w = ps.Q, ps.p, ps.G, ps.h, ps.w
     e = torch.empty(0, dtype=Q.dtype, device=device)
-    kw = dict(check_every=variant["check_every"])
+    kw = dict(check_every=variant["check_every"], compile=variant["compile"])
+    t0 = time.perf_counter()
     res = ipm.ipm_solve(Q, p, G, h, **kw)
+    sync()
+    t_first = time.perf_counter() - t0
     it = res.iterations.double()
     t_ipm = _timed(lambda: ipm.ipm_solve(Q, p, G, h, **kw), reps, sync)
 
@@ -88,7 +92,7 @@ def probe_cell(B: int, n: int, device: str, variant: Dict, reps: int) -> Dict:
     graph_launches = sum(x.count for x in ev if x.key == "cudaGraphLaunch")
     top = ev.table(sort_by="self_cuda_time_total" if cuda else "self_cpu_time_total", row_limit=12,
                    max_name_column_width=50)
-    return dict(B=B, n=n, variant=variant, ipm_ms=1e3 * statistics.median(t_ipm),
+    return dict(B=B, n=n, variant=variant, first_call_s=t_first, ipm_ms=1e3 * statistics.median(t_ipm),
                 fb_ms=1e3 * statistics.median(t_fb), fb_min_ms=1e3 * min(t_fb),
                 qpfunction_ms=1e3 * statistics.median(t_qpf),
                 iters_median=float(it.median()), iters_max=float(it.max()),
@@ -101,8 +105,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--cells", default="128x100,1024x100,128x500")
-    ap.add_argument("--solves", default="trsm,inverse")
-    ap.add_argument("--check-every", default="4,8")
+    ap.add_argument("--variants", default="trsm:4:0,trsm:4:1,inverse:4:0,inverse:4:1",
+                    help="solve:check_every:compile list")
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
@@ -110,28 +114,31 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING)
     lines = [f"### dqp layer probe on {torch.cuda.get_device_name() if args.device.startswith('cuda') else 'cpu'}"
              f" (torch {torch.__version__})", "",
-             "| B | n=m | solve | check_every | fwd+bwd (solve_qp_batch) | QPFunction fwd+bwd | ipm_solve | iters med/max "
-             "| ranges (cpu ms / device ms) | launches (graph) |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "| B | n=m | solve | check_every, compile | fwd+bwd (solve_qp_batch) | QPFunction fwd+bwd | ipm_solve | iters med/max "
+             "| ranges (cpu ms / device ms) | launches (graph) | first call |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     results = []
     for cell in args.cells.split(","):
         B, n = (int(x) for x in cell.split("x"))
-        for solve in args.solves.split(","):
-            for ce in (int(x) for x in args.check_every.split(",")):
-                v = dict(solve=solve, check_every=ce)
+        for vs in args.variants.split(","):
+            solve, ce, comp = vs.split(":")
+            ce, comp = int(ce), bool(int(comp))
+            if True:
+                v = dict(solve=solve, check_every=ce, compile=comp)
                 try:
                     r = probe_cell(B, n, args.device, v, args.reps)
                 except Exception as exc:  # noqa: BLE001 - report and go on
                     import traceback
                     traceback.print_exc()
-                    lines.append(f"| {B} | {n} | {solve} | {ce} | failed: {type(exc).__name__}: {exc} |||||")
+                    lines.append(f"| {B} | {n} | {solve} | {ce}, {comp} | failed: {type(exc).__name__}: {exc} ||||||")
                     continue
                 results.append(r)
                 rg = "; ".join(f"{k[5:]} ×{v_['count']}: {v_['cpu_ms']:.2f}/{v_['dev_ms']:.2f}"
                                for k, v_ in sorted(r["ranges"].items()))
-                lines.append(f"| {B} | {n} | {solve} | {ce} | {r['fb_ms']:.2f} ms (min {r['fb_min_ms']:.2f}) "
+                lines.append(f"| {B} | {n} | {solve} | {ce}, {comp} | {r['fb_ms']:.2f} ms (min {r['fb_min_ms']:.2f}) "
                              f"| {r['qpfunction_ms']:.2f} ms | {r['ipm_ms']:.2f} ms | {r['iters_median']:.0f}/"
                              f"{r['iters_max']:.0f} {r['statuses']} | {rg} | {r['launches']} "
-                             f"({r['graph_launches']}; captures {r['graph_captures']}, hits {r['graph_hits']}) |")
+                             f"({r['graph_launches']}; captures {r['graph_captures']}, hits {r['graph_hits']}) "
+                             f"| {r['first_call_s']:.1f} s |")
                 print(lines[-1], flush=True)
                 if args.device.startswith("cuda"):
                     torch.cuda.empty_cache()

@@ -16,7 +16,9 @@ nvidia-smi -L
 python3 -c 'import torch; print("torch", torch.__version__)'
 timeout ${PROBE_S:-260} python3 experiments/gpu_probe.py --device cuda --out "$OUT/probe.md" ${PROBE_ARGS:-} 2>&1 \
     | grep -v USDT | tee "$OUT/probe_log.txt" | grep -E "^\||Error|error" | head -40
-timeout ${KERNELS_S:-90} python3 experiments/gpu_kernels.py --dtypes float64 --libs default --reps 5 \
-    --out "$OUT/gpu_kernels.md" 2>&1 | tail -20
+if [ "${KERNELS_S:-0}" != 0 ]; then
+    timeout ${KERNELS_S} python3 experiments/gpu_kernels.py --dtypes float64 --libs ${KERNEL_LIBS:-default} --reps 5 \
+        --out "$OUT/gpu_kernels.md" 2>&1 | tail -24
+fi
 (cd /tmp && timeout ${TESTS_S:-200} python3 -m pytest -q -p no:cacheprovider --timeout=150 -m "cuda" -x \
     "$REPO/tests/test_ipm.py" "$REPO/tests/test_qpth.py" 2>&1 | tee "$OUT/cuda_tests.log" | tail -8)

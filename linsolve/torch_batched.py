@@ -129,7 +129,11 @@ class BatchedKKT:
         rho = torch.zeros(B, dtype=dtype, device=device)
         delta = torch.zeros(B, dtype=dtype, device=device)
         self.path = torch.zeros(B, dtype=torch.int64, device=device)
-        ok = self._factor_pre(factors) if factors is not None and self.k else self._factor(rho, delta)
+        # precomputed factors (the IPM's): kept for subset(), which re-masks them instead of
+        # factorizing P again; _L_fresh: L was computed here (else it is the caller's factor of P)
+        self._factors = factors if factors is not None and self.k else None
+        self._L_fresh = False
+        ok = self._factor_pre(factors) if self._factors is not None else self._factor(rho, delta)
         if not bool(ok.all()):
             # --- attempt 1: augmented H = P + ρĀᵀĀ for the elements that failed
             Pmax = P.abs().flatten(-2).amax(-1).expand(B)
@@ -157,8 +161,12 @@ class BatchedKKT:
             if M is None or M.dim() == 2 or _shared(M) is not None:
                 return None if M is None else (_shared(M) if M.dim() == 3 else M)
             return M[idx]
+        factors = None
+        if self._factors is not None:
+            # the IPM's factor of P and P⁻¹[A; C]ᵀ do not depend on the active set: re-mask them
+            factors = {k: (v[idx] if v.dim() == 3 and v.shape[0] == self.B else v) for k, v in self._factors.items()}
         return BatchedKKT(pick(self.P), pick(self.A), pick(self.C), active, batch=int(idx.numel()),
-                          refine=self.refine)
+                          refine=self.refine, factors=factors)
 
     def absorb(self, idx: Tensor, sub: "BatchedKKT", rows: Tensor) -> None:
         """Take over the factorization of ``sub``'s elements ``rows`` as this batch's ``idx``."""
@@ -177,7 +185,8 @@ class BatchedKKT:
             self.HiAbt[idx] = sub.HiAbt[rows]
             self.LS = self.LS.clone()
             self.LS[idx] = sub.LS[rows]
-        if not (self.L.dim() == 2 and sub.L.dim() == 2):
+        if not (self.L.dim() == 2 and sub.L.dim() == 2) and (sub._L_fresh or self._L_fresh):
+            # (both from the same precomputed factor of P: nothing to copy)
             L = self.L.expand(B, n, n).clone()
             L[idx] = sub.L.expand(sub.B, n, n)[rows]
             self.L = L
@@ -242,6 +251,7 @@ class BatchedKKT:
     # ------------------------------------------------------------------------------------------
     def _factor(self, rho: Tensor, delta: Tensor) -> Tensor:
         B, n, k = self.B, self.n, self.k
+        self._L_fresh = True
         P = self.P
         Ps = _shared(P)
         use_shared = Ps is not None and not bool((rho != 0).any()) and not bool((delta != 0).any())

@@ -110,9 +110,14 @@ def default_eps(dtype: torch.dtype) -> float:
 # small batched helpers (work for shared (k, n) and batched (B, k, n) matrices)
 # --------------------------------------------------------------------------------------------
 
+#: CPU fast paths through NumPy and SciPy's LAPACK (batched products, in-place Cholesky). Tests
+#: switch them off to run the code path that CUDA takes on the CPU.
+CPU_FAST_PATHS = True
+
+
 def _numpy_ok(M: Tensor, x: Tensor) -> bool:
     """Whether a batched CPU product may go through NumPy (no autograd graph is being built)."""
-    return (M.dim() == 3 and M.device.type == "cpu" and x.device.type == "cpu"
+    return (CPU_FAST_PATHS and M.dim() == 3 and M.device.type == "cpu" and x.device.type == "cpu"
             and M.dtype in (torch.float64, torch.float32) and x.dtype == M.dtype
             and not (torch.is_grad_enabled() and (M.requires_grad or x.requires_grad)))
 
@@ -233,7 +238,7 @@ def _cholesky_inplace(S: Tensor, rows: Optional[list] = None) -> Tuple[Tensor, T
 
 def _lapack_potrf(S: Tensor):
     """SciPy's LAPACK ``?potrf`` for S's dtype when S can be factorized in place on the CPU."""
-    if S.device.type != "cpu" or S.dim() != 3 or not S.is_contiguous():
+    if not CPU_FAST_PATHS or S.device.type != "cpu" or S.dim() != 3 or not S.is_contiguous():
         return None
     return _lapack(S.dtype, "potrf")
 
@@ -459,7 +464,8 @@ class _DualNewton:
         if self.m == 0 and self._const is not None:
             self.LS = self._const
             return self._const_ok
-        inplace = self.m > 0 and self.M.device.type == "cpu" and self.M.dtype in (torch.float64, torch.float32)
+        inplace = (self.m > 0 and CPU_FAST_PATHS and self.M.device.type == "cpu"
+                   and self.M.dtype in (torch.float64, torch.float32))
         if inplace:
             # CPU: one buffer for every iteration, factorized in place (_cholesky_inplace)
             if getattr(self, "_Sbuf", None) is None:
@@ -608,7 +614,7 @@ def ipm_solve(P: Tensor, q: Tensor, C: Optional[Tensor] = None, d: Optional[Tens
               separate_steps: bool = True, step_fraction: float = 0.995,
               eps_infeasible: Optional[float] = None, refine: Optional[int] = None,
               stall_iters: int = 12, fallback64: bool = True, cuda_graph: bool = True,
-              graph_cache: bool = True, trace: Optional[list] = None) -> IPMResult:
+              graph_cache: bool = True, compile: bool = False, trace: Optional[list] = None) -> IPMResult:
     """Solve a batch of convex QPs with a primal-dual interior-point method.
 
     Parameters
@@ -660,6 +666,11 @@ def ipm_solve(P: Tensor, q: Tensor, C: Optional[Tensor] = None, d: Optional[Tens
         options (LRU of ``GRAPH_CACHE_SIZE`` entries, ``GRAPH_CACHE_MAX_BYTES`` in all): those
         calls copy their data into the graph's static buffers instead of capturing again, so a
         training loop captures once. :func:`clear_graph_cache` frees them.
+    compile : bool
+        With ``cuda_graph``: compile the captured iteration with ``torch.compile`` first, which
+        fuses its element-wise work (about 140 small kernels per iteration) into a few generated
+        kernels. The first call for each shape then takes the compilation time (tens of seconds);
+        later calls reuse the cached graph. Off by default.
     trace : list, optional
         Diagnostics: when given, a dict of per-instance tensors (residuals, gap, step lengths,
         regularization) is appended every iteration.
@@ -845,7 +856,8 @@ def ipm_solve(P: Tensor, q: Tensor, C: Optional[Tensor] = None, d: Optional[Tens
         delta = torch.where(bad, (delta * 100.0).clamp(max=1e12), (delta * 0.5).clamp(min=1.0))
         nfail = torch.where(bad, nfail + 1, 0)
         if trace is not None:
-            trace.append(dict(it=it, pres=pres / pscl, dres=dres / dscl, gap=gap / gscl, ap=ap, ad=ad,
+            sc = (lambda a, b: None if a is None else a / b)        # noqa: E731 (no check this iteration)
+            trace.append(dict(it=it, pres=sc(pres, pscl), dres=sc(dres, dscl), gap=gap / gscl, ap=ap, ad=ad,
                               delta=delta, ok=ok, fact_ok=fact_ok, done=done.clone(), mumax=_amax(mu), smin=s.amin(-1) if m else None))
         u = upd.unsqueeze(-1)
         z = torch.where(u, torch.addcmul(z, ap.unsqueeze(-1), dz_), z)
@@ -991,16 +1003,23 @@ def ipm_solve(P: Tensor, q: Tensor, C: Optional[Tensor] = None, d: Optional[Tens
         return dict(z=z, s=s, mu=mu, lam=lam, delta=delta, nfail=nfail, iters=iters, it=S["it"] + 1)
 
     def _make_body(D):
-        """``check_every`` iterations (a check, then steps), as one function of the state: what
-        the CUDA graph captures."""
+        """``check_every`` steps, then the check at the new iterate, as one function of the state:
+        what the CUDA graph captures."""
+        def one(S):
+            return {**S, **_advance(S, _resid(S["z"], S["s"], S["mu"], S["lam"], D=D), D=D)}
+
+        def chk(S):
+            return {**S, **_check(S, _resid(S["z"], S["s"], S["mu"], S["lam"], D=D), D=D)[0]}
+
+        if compile:
+            # fuse the element-wise work between the factorizations and solves (torch.compile;
+            # the linear algebra stays ATen/cuSOLVER): compiled once per captured graph
+            one, chk = torch.compile(one, dynamic=False), torch.compile(chk, dynamic=False)
+
         def body(S):
-            S = dict(S)
-            for j in range(check_every):
-                R = _resid(S["z"], S["s"], S["mu"], S["lam"], D=D)
-                if j == 0:
-                    S.update(_check(S, R, D=D)[0])
-                S.update(_advance(S, R, D=D))
-            return S
+            for _ in range(check_every):
+                S = one(S)
+            return chk(S)
         return body
 
     use_graph = cuda_graph and trace is None and _graph_device_ok(device)
@@ -1010,7 +1029,8 @@ def ipm_solve(P: Tensor, q: Tensor, C: Optional[Tensor] = None, d: Optional[Tens
         # (the thread and stream too: a cached graph's static buffers are reused only by calls
         # that are ordered after one another on the device)
         gkey = (fm, dtype, str(device), B, n, m, p, separate_steps, float(step_fraction), int(refine),
-                check_every, eps, eps_inf, int(stall_iters), live.signature(), threading.get_ident(),
+                check_every, eps, eps_inf, int(stall_iters), device.type in INVERSE_SOLVE_DEVICES, bool(compile),
+                live.signature(), threading.get_ident(),
                 torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0)
     graph = None
     # eager float64 dual form: carry P z, Aᵀλ, Cᵀμ, A z, C z and M y from step to step (see _step)
@@ -1020,10 +1040,12 @@ def ipm_solve(P: Tensor, q: Tensor, C: Optional[Tensor] = None, d: Optional[Tens
     newton.tracking = track
     trk: Dict[str, Any] = {}
     exact_every = 5
+    # the iterate is checked after every `check_every`-th step and after the last one (max_iter)
     it = 0
+    checked = -1                      # the iteration whose iterate the last check saw
     while True:
         if use_graph and it % check_every == 0 and it + check_every <= max_iter:
-            # GPU: `check_every` whole iterations per graph replay; the host reads one flag per replay
+            # GPU: `check_every` steps and the check per graph replay; the host reads one flag per replay
             if graph is None:
                 with torch.profiler.record_function("dqp::ipm_capture"):
                     graph, st = _graph_for(gkey, live, _make_body, S)
@@ -1034,12 +1056,13 @@ def ipm_solve(P: Tensor, q: Tensor, C: Optional[Tensor] = None, d: Optional[Tens
             with torch.profiler.record_function("dqp::ipm_replay"):
                 graph.replay()
                 it += check_every
-                if bool(S["done"].all()):
+                checked = it
+                if bool(S["done"].all()) or it == max_iter:
                     break
             continue
         # ---------------- eager iteration (CPU; on the GPU the tail after the last replay)
         with torch.profiler.record_function("dqp::ipm_eager_iteration"):
-            check = it % check_every == 0 or it == max_iter
+            check = (it > 0 and it % check_every == 0 or it == max_iter) and checked != it
             use_T = track and "Pz" in trk and it % exact_every != 0
             R = _resid(S["z"], S["s"], S["mu"], S["lam"], T=trk if use_T else None)
             if track:
@@ -1051,6 +1074,7 @@ def ipm_solve(P: Tensor, q: Tensor, C: Optional[Tensor] = None, d: Optional[Tens
             if check:
                 upd, scaled = _check(S, R)
                 S = {**S, **upd}
+                checked = it
                 stop = it == max_iter or bool(S["done"].all())
             if not stop:
                 S = {**S, **_advance(S, R, it=it, scaled=scaled)}
@@ -1268,7 +1292,7 @@ class IPMSolver(ForwardSolver):
     description = "built-in batched primal-dual interior point (Mehrotra), pure torch, CPU and GPU"
 
     _KEYS = ("eps", "max_iter", "check_every", "form", "separate_steps", "step_fraction", "eps_infeasible",
-             "refine", "stall_iters", "fallback64", "cuda_graph", "graph_cache")
+             "refine", "stall_iters", "fallback64", "cuda_graph", "graph_cache", "compile")
 
     def tolerance_keywords(self, eps_abs: float, eps_rel: float) -> Dict[str, Any]:
         return {"eps": max(min(eps_abs, eps_rel), 1e-14)}

@@ -625,8 +625,9 @@ def _run_twice_vs_eager(device, form, shared, dtype, p):
     assert ipm._graph_stats["hits"] - c0["hits"] == 2
 
 
+@pytest.mark.parametrize("fast_paths", [True, False])
 @pytest.mark.parametrize("form,shared,dtype,p", _graph_cases())
-def test_graph_cache_refills_all_inputs_emulated(monkeypatch, form, shared, dtype, p):
+def test_graph_cache_refills_all_inputs_emulated(monkeypatch, form, shared, dtype, p, fast_paths):
     """CPU: the capture replaced by an eager replay on the static buffers. A tensor that the
     iteration reads but the cache does not refill would keep the first call's values here
     exactly as in a real graph, so the later calls would differ from eager."""
@@ -647,8 +648,56 @@ def test_graph_cache_refills_all_inputs_emulated(monkeypatch, form, shared, dtyp
 
     monkeypatch.setattr(ipm, "_graph_device_ok", lambda dev: True)
     monkeypatch.setattr(ipm, "_capture", fake_capture)
+    # fast_paths=False: the CUDA code path (no NumPy/LAPACK shortcuts) on the CPU
+    monkeypatch.setattr(ipm, "CPU_FAST_PATHS", fast_paths)
     _run_twice_vs_eager("cpu", form, shared, dtype, p)
     ipm.clear_graph_cache()
+
+
+def _compiled_vs_eager(device):
+    import dqp.solvers.ipm as ipm
+    ipm.clear_graph_cache()
+    for seed in range(2):
+        P, q, C, d, A, b, *_ = known_qp(4, 6, 7, 2, seed=seed, device=device)
+        kw = dict(check_every=3, fallback64=False)
+        g = ipm_solve(P, q, C, d, A, b, compile=True, **kw)
+        e = ipm_solve(P, q, C, d, A, b, cuda_graph=False, **kw)
+        assert torch.equal(g.status, e.status) and torch.equal(g.iterations, e.iterations)
+        for x, y in ((g.z, e.z), (g.lam, e.lam), (g.mu, e.mu)):
+            assert _rel(x, y) <= 1e-10
+    ipm.clear_graph_cache()
+
+
+@pytest.mark.slow
+def test_compiled_graph_body_emulated(monkeypatch):
+    """ipm_solve(compile=True): the torch.compile'd iteration (CUDA code path, CPU inductor) gives
+    the eager iterates (slow: ~20 s of compilation)."""
+    import dqp.solvers.ipm as ipm
+
+    class _Replay:
+        def __init__(self, body, st):
+            self.body, self.st = body, st
+
+        def replay(self):
+            with torch.no_grad():
+                out = self.body(self.st)
+            for k, buf in self.st.items():
+                buf.copy_(out[k])
+
+    def fake_capture(body, state):
+        r = _Replay(body, {k: t.clone() for k, t in state.items()})
+        return r, r.st
+
+    monkeypatch.setattr(ipm, "_graph_device_ok", lambda dev: True)
+    monkeypatch.setattr(ipm, "_capture", fake_capture)
+    monkeypatch.setattr(ipm, "CPU_FAST_PATHS", False)
+    _compiled_vs_eager("cpu")
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_compiled_graph_body_cuda():
+    _compiled_vs_eager("cuda")
 
 
 @pytest.mark.cuda
