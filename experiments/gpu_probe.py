@@ -6,7 +6,7 @@ profiled call by the ``dqp::*`` ranges the library records (IPM setup/replays/ea
 polish, backward), for each variant:
 
 * ``solve``: ``trsm`` (two triangular solves per right-hand side) or ``inverse`` (the Cholesky
-  factor's explicit inverse, :data:`dqp.solvers.ipm.INVERSE_SOLVE_DEVICES`);
+  factor's explicit inverse) or ``auto`` (:data:`dqp.solvers.ipm.INVERSE_SOLVE`);
 * ``check_every``: iterations per CUDA-graph replay (one host read of the "all done" flag each);
 * ``compile``: the captured iteration compiled with ``torch.compile`` first (``ipm_solve(compile=True)``).
 
@@ -49,7 +49,7 @@ def probe_cell(B: int, n: int, device: str, variant: Dict, reps: int) -> Dict:
 
     cuda = device.startswith("cuda")
     sync = torch.cuda.synchronize if cuda else (lambda: None)
-    ipm.INVERSE_SOLVE_DEVICES = {torch.device(device).type} if variant["solve"] == "inverse" else set()
+    ipm.INVERSE_SOLVE = {"inverse": "always", "trsm": "never"}.get(variant["solve"], variant["solve"])
     ps = make_problems(B, n, n, 0, device)
     Q, p, G, h, w = ps.Q, ps.p, ps.G, ps.h, ps.w
     e = torch.empty(0, dtype=Q.dtype, device=device)

@@ -9,8 +9,8 @@
 #   python3 -m pip wheel --no-deps -w .whl qpth==0.0.18      # qpth ships an sdist only
 # Then, through the device tool, with `.whl` carried:
 #   bash experiments/gpu_session.sh
-# Results land in $OUT (default /tmp/gpu_out): gpu_kernels.md, cuda tests log, qpth_cuda_acc.*,
-# qpth_profile_cuda.md.
+# Results land in $OUT (default /tmp/gpu_out): cuda tests log, qpth_cuda_acc.*, qpth_cuda_f32.*.
+# (experiments/gpu_probe_session.sh: the per-phase probe of IPM variants and the kernel costs.)
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu_out}
 mkdir -p "$OUT"
@@ -26,16 +26,16 @@ nvidia-smi -L
 python3 -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__)'
 
 # 1. CUDA tests (run from outside the repo root so that `dqp` is the copied package)
-(cd /tmp && timeout 420 python3 -m pytest -q -p no:cacheprovider --timeout=300 -m "cuda" \
-    "$REPO/tests/test_ipm.py" "$REPO/tests/test_qpth.py" 2>&1 | tee "$OUT/cuda_tests.log" | tail -5)
+(cd /tmp && timeout ${TESTS_S:-150} python3 -m pytest -q -p no:cacheprovider --timeout=120 -m "cuda" \
+    "$REPO/tests/test_ipm.py" "$REPO/tests/test_qpth.py" 2>&1 | tee "$OUT/cuda_tests.log" | tail -3)
 
-# 2. per-kernel costs: which batched solve to use inside the IPM iteration
-timeout 240 python3 experiments/gpu_kernels.py --out "$OUT/gpu_kernels.md" 2>&1 | tail -40
+# 2. the acceptance cells, float64, against qpth and qpax in the same run; dqp as shipped and with
+#    the compiled IPM iteration (solve_qp_batch(compile=True))
+timeout ${F64_S:-400} python3 experiments/bench_qpth.py --device cuda --dtypes float64 --sizes 100,500 \
+    --batches 128,1024 --methods dqp,dqp_compile,qpth,qpax --reps 5 --budget 12 --deadline $(( ${F64_S:-400} - 30 )) \
+    --out "$OUT" --tag cuda_acc --no-plot 2>&1 | grep -v USDT | tail -14
 
-# 3. the acceptance cells, against qpth and qpax in the same run (float64 and float32)
-timeout 600 python3 experiments/bench_qpth.py --device cuda --dtypes float64,float32 --sizes 100,500 \
-    --batches 128,1024 --reps 3 --budget 20 --deadline 400 --out "$OUT" --tag cuda_acc 2>&1 | tail -30
-
-# 4. where the time goes now
-timeout 300 python3 experiments/bench_qpth.py --profile --device cuda --dtypes float64 --sizes 100,500 \
-    --batches 128 --reps 3 --out "$OUT" --tag cuda 2>&1 | tail -5
+# 3. float32 (gradient accuracy and time) on the n = m = 100 / 500, B = 128 cells
+timeout ${F32_S:-100} python3 experiments/bench_qpth.py --device cuda --dtypes float32 --sizes 100,500 \
+    --batches 128 --methods dqp,qpth,qpax --reps 3 --budget 8 --deadline $(( ${F32_S:-100} - 15 )) \
+    --out "$OUT" --tag cuda_f32 --no-plot 2>&1 | grep -v USDT | tail -8

@@ -70,7 +70,7 @@ logger = logging.getLogger(__name__)
 
 Tensor = torch.Tensor
 
-__all__ = ["IPMResult", "ipm_solve", "IPMSolver", "default_eps", "clear_graph_cache", "INVERSE_SOLVE_DEVICES"]
+__all__ = ["IPMResult", "ipm_solve", "IPMSolver", "default_eps", "clear_graph_cache", "INVERSE_SOLVE"]
 
 
 @dataclass
@@ -152,18 +152,34 @@ def _eye_like(k: int, ref: Tensor) -> Tensor:
     return torch.eye(k, dtype=ref.dtype, device=ref.device)
 
 
-#: Devices (``torch.device.type``) on which a batched Cholesky factor from :func:`_cholesky` also
-#: carries its explicit inverse ``L⁻¹`` (one many-right-hand-side triangular solve per
-#: factorization), so that every later solve with it is two batched matrix-vector products instead
-#: of two one-right-hand-side triangular solves (cuBLAS's batched ``trsm`` with one right-hand side
-#: is latency-bound: see experiments/gpu_kernels.py).
-INVERSE_SOLVE_DEVICES: set = set()
+#: How solves with a batched Cholesky factor from :func:`_cholesky` run: ``"never"`` — two
+#: one-right-hand-side triangular solves each; ``"always"`` — the factor carries its explicit
+#: inverse ``L⁻¹`` (one many-right-hand-side triangular solve per factorization) and every solve
+#: is two batched matrix-vector products; ``"auto"`` (default) — the inverse on CUDA for small
+#: batches, where cuBLAS's one-right-hand-side batched ``trsm`` is latency-bound. Measured on an
+#: H100, float64, µs per call in a CUDA graph (experiments/gpu_kernels.py): B=128, k=100: inverse
+#: 104 vs two solves 266 (an IPM iteration solves twice); B=1024, k=100: 553 vs 377; B=128, k=500:
+#: 2524 vs 1868 — hence the inverse only while ``B·k² ≤ INVERSE_SOLVE_MAX_WORK``.
+INVERSE_SOLVE = "auto"
+INVERSE_SOLVE_MAX_WORK = 2_000_000
+
+
+def _use_inverse(shape: Tuple[int, ...], device: torch.device) -> bool:
+    """Whether a batched factor of this shape on this device gets its explicit inverse."""
+    if len(shape) != 3 or INVERSE_SOLVE == "never":
+        return False
+    if INVERSE_SOLVE == "always":
+        return True
+    if INVERSE_SOLVE != "auto":
+        raise SettingsError(f"dqp.solvers.ipm.INVERSE_SOLVE must be 'auto', 'always' or 'never', "
+                            f"got {INVERSE_SOLVE!r}.")
+    return device.type == "cuda" and shape[0] * shape[-1] ** 2 <= INVERSE_SOLVE_MAX_WORK
 
 
 def _attach_inverse(L: Tensor) -> Tensor:
-    """Attach ``L⁻¹`` to the batched lower factor L (as ``L._dqp_linv``) on the devices listed in
-    :data:`INVERSE_SOLVE_DEVICES`; returns L."""
-    if L.dim() == 3 and L.device.type in INVERSE_SOLVE_DEVICES:
+    """Attach ``L⁻¹`` to the batched lower factor L (as ``L._dqp_linv``) where
+    :func:`_use_inverse` says so; returns L."""
+    if _use_inverse(tuple(L.shape), L.device):
         eye = torch.eye(L.shape[-1], dtype=L.dtype, device=L.device).expand(L.shape)
         L._dqp_linv = torch.linalg.solve_triangular(L, eye, upper=False)
     return L
@@ -1029,7 +1045,7 @@ def ipm_solve(P: Tensor, q: Tensor, C: Optional[Tensor] = None, d: Optional[Tens
         # (the thread and stream too: a cached graph's static buffers are reused only by calls
         # that are ordered after one another on the device)
         gkey = (fm, dtype, str(device), B, n, m, p, separate_steps, float(step_fraction), int(refine),
-                check_every, eps, eps_inf, int(stall_iters), device.type in INVERSE_SOLVE_DEVICES, bool(compile),
+                check_every, eps, eps_inf, int(stall_iters), INVERSE_SOLVE, bool(compile),
                 live.signature(), threading.get_ident(),
                 torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0)
     graph = None
@@ -1081,10 +1097,11 @@ def ipm_solve(P: Tensor, q: Tensor, C: Optional[Tensor] = None, d: Optional[Tens
                 it += 1
         if stop:
             break
-    if graph is not None:
-        S = {k: t.clone() for k, t in S.items()}          # the static buffers belong to the graph
-        del graph, st
     z, s, mu, lam, status, iters = S["z"], S["s"], S["mu"], S["lam"], S["status"], S["iters"]
+    if graph is not None:
+        # the static buffers belong to the graph (a cached graph overwrites them in a later call)
+        z, s, mu, lam, status, iters = (t.clone() for t in (z, s, mu, lam, status, iters))
+        del graph, st, S
 
     # ---------------- undo the row scaling
     lam_out = lam / a_scale if p else None

@@ -736,7 +736,7 @@ def test_graph_cache_is_bounded(monkeypatch):
 
 
 # ------------------------------------------------------------------------------------------------
-# solves with an explicit inverse of the Cholesky factor (INVERSE_SOLVE_DEVICES)
+# solves with an explicit inverse of the Cholesky factor (INVERSE_SOLVE)
 # ------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -749,7 +749,7 @@ def test_inverse_solves_match_triangular_solves(monkeypatch, device, form, p):
     A, b = (A, b) if p else (None, None)
     out = {}
     for mode in ("trsm", "inverse"):
-        monkeypatch.setattr(ipm, "INVERSE_SOLVE_DEVICES", {device} if mode == "inverse" else set())
+        monkeypatch.setattr(ipm, "INVERSE_SOLVE", "always" if mode == "inverse" else "never")
         leaves = [t.clone().requires_grad_(True) for t in (P, q, C, d)]
         z, lam, mu, status, _ = solve_qp_batch(*leaves, A, b, form=form)
         assert (status == 0).all()
@@ -757,11 +757,29 @@ def test_inverse_solves_match_triangular_solves(monkeypatch, device, form, p):
         out[mode] = (z, mu, *grads)
     if device == "cpu":
         # the primal form and the polish/backward factorize through _cholesky: the inverse is used
-        monkeypatch.setattr(ipm, "INVERSE_SOLVE_DEVICES", set())
+        monkeypatch.setattr(ipm, "INVERSE_SOLVE", "never")
         L, _ = ipm._cholesky(P)
-        monkeypatch.setattr(ipm, "INVERSE_SOLVE_DEVICES", {device})
+        monkeypatch.setattr(ipm, "INVERSE_SOLVE", "always")
         assert getattr(ipm._cholesky(P)[0], "_dqp_linv", None) is not None
         assert getattr(L, "_dqp_linv", None) is None
     assert _rel(out["trsm"][0], z0) < 1e-8
     for x, y in zip(out["trsm"], out["inverse"]):
         assert _rel(x, y) < 1e-9
+
+
+def test_inverse_solve_policy(monkeypatch):
+    import dqp.solvers.ipm as ipm
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    monkeypatch.setattr(ipm, "INVERSE_SOLVE", "auto")
+    assert ipm._use_inverse((128, 100, 100), cuda)             # measured: inverse faster
+    assert not ipm._use_inverse((1024, 100, 100), cuda)        # measured: triangular solves faster
+    assert not ipm._use_inverse((128, 500, 500), cuda)
+    assert not ipm._use_inverse((128, 100, 100), cpu)          # CPU: LAPACK paths
+    assert not ipm._use_inverse((100, 100), cuda)              # shared factor: many-RHS solves
+    monkeypatch.setattr(ipm, "INVERSE_SOLVE", "always")
+    assert ipm._use_inverse((4, 3, 3), cpu)
+    monkeypatch.setattr(ipm, "INVERSE_SOLVE", "never")
+    assert not ipm._use_inverse((4, 3, 3), cuda)
+    monkeypatch.setattr(ipm, "INVERSE_SOLVE", "sometimes")
+    with pytest.raises(SettingsError, match="INVERSE_SOLVE"):
+        ipm._use_inverse((4, 3, 3), cuda)
