@@ -56,6 +56,7 @@ import copy
 import logging
 import math
 import threading
+import warnings
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Dict, Optional, Tuple
@@ -1039,6 +1040,10 @@ def ipm_solve(P: Tensor, q: Tensor, C: Optional[Tensor] = None, d: Optional[Tens
         return body
 
     use_graph = cuda_graph and trace is None and _graph_device_ok(device)
+    if compile and not use_graph:
+        warnings.warn(f"ipm_solve: compile=True compiles the captured CUDA-graph iteration; it has no effect "
+                      f"here (device {device.type}, cuda_graph={cuda_graph}, trace given: {trace is not None}) "
+                      "and the iterations run eagerly.", stacklevel=2)
     gkey = None
     if use_graph and graph_cache:
         # cache key: everything the captured iterations depend on besides tensor values

@@ -783,3 +783,11 @@ def test_inverse_solve_policy(monkeypatch):
     monkeypatch.setattr(ipm, "INVERSE_SOLVE", "sometimes")
     with pytest.raises(SettingsError, match="INVERSE_SOLVE"):
         ipm._use_inverse((4, 3, 3), cuda)
+
+
+def test_compile_without_graph_warns():
+    """compile=True only acts on the captured CUDA iteration: elsewhere it says so and solves."""
+    P, q, C, d, *_ = known_qp(2, 4, 5, 0)
+    with pytest.warns(UserWarning, match="compile=True"):
+        r = ipm_solve(P, q, C, d, compile=True)
+    assert (r.status == 0).all()
