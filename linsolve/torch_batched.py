@@ -127,13 +127,13 @@ class BatchedKKT:
 
         # --- attempt 0: plain Cholesky (P shared → one factorization)
         rho = torch.zeros(B, dtype=dtype, device=device)
-        delta = torch.zeros(B, dtype=dtype, device=device)
         self.path = torch.zeros(B, dtype=torch.int64, device=device)
         # precomputed factors (the IPM's): kept for subset(), which re-masks them instead of
         # factorizing P again; _L_fresh: L was computed here (else it is the caller's factor of P)
         self._factors = factors if factors is not None and self.k else None
         self._L_fresh = False
-        ok = self._factor_pre(factors) if self._factors is not None else self._factor(rho, delta)
+        self._augmented = False
+        ok = self._factor_pre(factors) if self._factors is not None else self._factor(rho)
         if not bool(ok.all()):
             # --- attempt 1: augmented H = P + ρĀᵀĀ for the elements that failed
             Pmax = P.abs().flatten(-2).amax(-1).expand(B)
@@ -143,15 +143,16 @@ class BatchedKKT:
                 amax = torch.ones(B, dtype=dtype, device=device)
             base = torch.where(Pmax > 0, Pmax, torch.ones_like(Pmax)) / torch.where(amax > 0, amax, torch.ones_like(amax))
             bad = ~ok
+            self._augmented = True                 # some element has ρ > 0 (see _solve_reg)
             rho = torch.where(bad, base, rho)
             self.path = torch.where(bad, torch.ones_like(self.path), self.path)
-            ok = self._factor(rho, delta)
+            ok = self._factor(rho)
             if not bool(ok.all()):
                 # --- attempt 2: K singular → minimum-norm solve by a symmetric eigendecomposition
                 self._setup_pinv(~ok)
                 ok = torch.ones_like(ok)
         self.ok = ok
-        self.rho, self.delta = rho, delta
+        self.rho = rho
         if not hasattr(self, "_pinv_idx"):
             self._pinv_idx = None
 
@@ -192,6 +193,7 @@ class BatchedKKT:
             self.L = L
         self.rho = self.rho.clone()
         self.rho[idx] = sub.rho[rows]
+        self._augmented = self._augmented or sub._augmented
         self.path = self.path.clone()
         self.path[idx] = sub.path[rows]
         # merge the minimum-norm elements
@@ -249,24 +251,23 @@ class BatchedKKT:
                 self.HiAbt = HiAbt
 
     # ------------------------------------------------------------------------------------------
-    def _factor(self, rho: Tensor, delta: Tensor) -> Tensor:
+    def _factor(self, rho: Tensor) -> Tensor:
         B, n, k = self.B, self.n, self.k
         self._L_fresh = True
         P = self.P
         Ps = _shared(P)
-        use_shared = Ps is not None and not bool((rho != 0).any()) and not bool((delta != 0).any())
+        # (ρ is nonzero only after a failed attempt 0: no device read needed here)
+        use_shared = Ps is not None and not self._augmented
         if use_shared:
             L, info = _cholesky(Ps)
             ok = ((info == 0) & self._pivots_ok(L, Ps)).expand(B)
             self.L = L                                                # (n, n)
         else:
-            if k:
+            if k and self._augmented:
                 AtA = torch.matmul(self.Abar.transpose(-1, -2), self.Abar)
                 H = torch.addcmul(P.expand(B, n, n), rho.view(-1, 1, 1), AtA)
             else:
                 H = P.expand(B, n, n).clone()
-            # δ on the diagonal in place (no dense diag_embed: two fewer passes over (B, n, n))
-            torch.diagonal(H, dim1=-2, dim2=-1).add_(delta.view(-1, 1))
             L, info = _cholesky(H)
             ok = (info == 0) & self._pivots_ok(L, H)
             self.L = L                                                # (B, n, n)
@@ -278,7 +279,7 @@ class BatchedKKT:
             else:
                 self.HiAbt = _chol_solve(self.L, Abt)
             S = torch.matmul(self.Abar, self.HiAbt)
-            torch.diagonal(S, dim1=-2, dim2=-1).add_(self.D + delta.view(-1, 1))
+            torch.diagonal(S, dim1=-2, dim2=-1).add_(self.D)
             self.LS, info2 = _cholesky(S)
             ok = ok & (info2 == 0) & self._pivots_ok(self.LS, S)
         return ok & torch.isfinite(self.L).flatten(-2).all(-1).expand(B)
@@ -314,7 +315,7 @@ class BatchedKKT:
 
     def _solve_reg(self, gz: Tensor, gy: Optional[Tensor]) -> Tuple[Tensor, Optional[Tensor]]:
         """Solve the (augmented, possibly regularized) system once."""
-        if self.k:
+        if self.k and self._augmented:
             gz = gz + self.rho.unsqueeze(-1) * _tmv(self.Abar, gy)
         t = _chol_solve(self.L, gz)
         if not self.k:
