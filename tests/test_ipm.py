@@ -654,6 +654,45 @@ def test_graph_cache_refills_all_inputs_emulated(monkeypatch, form, shared, dtyp
     ipm.clear_graph_cache()
 
 
+@pytest.mark.parametrize("max_iter", [3, 6, 8])
+def test_graph_replays_and_eager_tail_emulated(monkeypatch, max_iter):
+    """check_every=4 steps per replay; a max_iter that is not a multiple of it ends with eager
+    iterations and a last check. Statuses, iteration counts and iterates equal the eager run's,
+    MAX_ITER included (eps below round-off: no element converges)."""
+    import dqp.solvers.ipm as ipm
+
+    class _Replay:
+        def __init__(self, body, st):
+            self.body, self.st, self.n = body, st, 0
+
+        def replay(self):
+            self.n += 1
+            out = self.body(self.st)
+            for k, buf in self.st.items():
+                buf.copy_(out[k])
+
+    made = []
+
+    def fake_capture(body, state):
+        r = _Replay(body, {k: t.clone() for k, t in state.items()})
+        made.append(r)
+        return r, r.st
+
+    monkeypatch.setattr(ipm, "_graph_device_ok", lambda dev: True)
+    monkeypatch.setattr(ipm, "_capture", fake_capture)
+    monkeypatch.setattr(ipm, "CPU_FAST_PATHS", False)
+    ipm.clear_graph_cache()
+    P, q, C, d, A, b, *_ = known_qp(5, 8, 12, 2, seed=4)
+    kw = dict(check_every=4, max_iter=max_iter, fallback64=False, form="primal", eps=1e-18)
+    e = ipm_solve(P, q, C, d, A, b, cuda_graph=False, **kw)
+    g = ipm_solve(P, q, C, d, A, b, cuda_graph=True, **kw)
+    ipm.clear_graph_cache()
+    assert [r.n for r in made] == ([max_iter // 4] if max_iter >= 4 else [])   # whole replays only
+    assert torch.equal(g.status, e.status) and torch.equal(g.iterations, e.iterations)
+    assert (e.status == int(Status.MAX_ITER)).all() and (e.iterations == max_iter).all()
+    assert _rel(g.z, e.z) <= 1e-12 and _rel(g.mu, e.mu) <= 1e-12
+
+
 def _compiled_vs_eager(device):
     import dqp.solvers.ipm as ipm
     ipm.clear_graph_cache()
