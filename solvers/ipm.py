@@ -26,8 +26,10 @@ Two eliminations of it are implemented; the solver picks one per call (``form="a
 Per-instance logic without host synchronization inside the loop: every instance carries its own
 ``done`` flag, step lengths of finished instances are zero (``torch.where``, so a NaN in a
 finished or failing instance never leaks), a failed Cholesky (``cholesky_ex`` info) raises that
-instance's regularization for the next iteration, and the host reads ``done.all()`` only every
-``check_every`` iterations (every iteration on CPU, where that costs nothing).
+instance's regularization for the next iteration, and the convergence check (residual norms,
+certificates, statuses) runs after every ``check_every``-th step and after the last one, where the
+host reads ``done.all()`` (every step on CPU, where that costs nothing). On CUDA ``check_every``
+steps and the check are one captured CUDA graph.
 
 Stopping rule (scaled, relative, dtype dependent; ``eps`` defaults to 1e-9 in float64 and 1e-5 in
 float32), for every instance:
@@ -648,8 +650,9 @@ def ipm_solve(P: Tensor, q: Tensor, C: Optional[Tensor] = None, d: Optional[Tens
     max_iter : int
         Iteration limit; instances not converged by then get ``Status.MAX_ITER``.
     check_every : int, optional
-        How often the host reads the ``all done`` flag (a device sync). Default 1 on CPU, 4 on
-        other devices. Per-instance convergence is tracked on the device every iteration.
+        Steps between convergence checks; the host reads the ``all done`` flag (a device sync)
+        after each check. Default 1 on CPU, 4 on other devices. An instance that converges
+        between checks keeps stepping (towards the same solution) until the next check.
     form : {"auto", "primal", "dual"}
         Which elimination of the Newton system to use (module docstring).
     separate_steps : bool
@@ -673,10 +676,10 @@ def ipm_solve(P: Tensor, q: Tensor, C: Optional[Tensor] = None, d: Optional[Tens
         float64 (outputs are cast back). Float32 stalls on ill-conditioned problems (measured on
         qpth's generator, n = m = 100: 1 of 128 instances stalls at a dual residual ~1e-3).
     cuda_graph : bool
-        On CUDA, capture one interior-point iteration (residuals, both factorizations, predictor,
-        corrector, step) as a CUDA graph after the first iteration and replay it: the iteration
-        has no host synchronization, so only the status checks every ``check_every`` iterations
-        run eagerly. Cuts the per-iteration launch overhead that dominates small problems. Falls
+        On CUDA, capture ``check_every`` interior-point steps (residuals, factorization,
+        predictor, corrector, step) and the convergence check as one CUDA graph and replay it until
+        every instance is done: nothing in it synchronizes with the host, which reads one flag
+        per replay. Cuts the per-iteration launch overhead that dominates small problems. Falls
         back to eager execution if the capture fails.
     graph_cache : bool
         Keep the captured iteration for later calls with the same shapes, dtype, device, form and
