@@ -691,7 +691,8 @@ def _plot(cells: List[Cell], path: str, tag: str, methods: Sequence[str]) -> Non
 # --------------------------------------------------------------------------------------------
 # Profile of dqp (where the time goes)
 # --------------------------------------------------------------------------------------------
-def _timed(fn: Callable[[], object], reps: int, sync: Callable[[], None]) -> float:
+def _times(fn: Callable[[], object], reps: int, sync: Callable[[], None]) -> List[float]:
+    """Wall times (s) of ``reps`` synchronized calls after one warm-up call."""
     fn()
     sync()
     ts = []
@@ -700,7 +701,11 @@ def _timed(fn: Callable[[], object], reps: int, sync: Callable[[], None]) -> flo
         fn()
         sync()
         ts.append(time.perf_counter() - t0)
-    return statistics.median(ts)
+    return ts
+
+
+def _timed(fn: Callable[[], object], reps: int, sync: Callable[[], None]) -> float:
+    return statistics.median(_times(fn, reps, sync))
 
 
 def profile_dqp(ps: ProblemSet, dtype: torch.dtype, device: str, reps: int) -> List[str]:

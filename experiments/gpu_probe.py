@@ -22,24 +22,12 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Dict, List
+from typing import Dict
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_qpth import make_problems  # noqa: E402
-
-
-def _timed(fn: Callable[[], object], reps: int, sync: Callable[[], None]) -> List[float]:
-    fn()
-    sync()
-    ts = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        ts.append(time.perf_counter() - t0)
-    return ts
+from bench_qpth import _times as _timed, make_problems  # noqa: E402
 
 
 def probe_cell(B: int, n: int, device: str, variant: Dict, reps: int) -> Dict:

@@ -2,18 +2,8 @@
 # One device call: the layer probe (variants of the IPM's GPU path), kernel costs, CUDA tests.
 # Prepare the wheels as in experiments/gpu_session.sh, then through the device tool, `.whl` carried:
 #   bash experiments/gpu_probe_session.sh
-set -uo pipefail
-OUT=${OUT:-/tmp/gpu_out}
-mkdir -p "$OUT"
-REPO=$(cd "$(dirname "$0")/.." && pwd)
-cd "$REPO"
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    || { echo "wheels missing in .whl/"; exit 1; }
-rm -rf /tmp/pkg && mkdir -p /tmp/pkg/dqp && cp -r dqp/* /tmp/pkg/dqp/ && cp -r solvers /tmp/pkg/dqp/solvers \
-    && cp -r linsolve /tmp/pkg/dqp/linsolve
-export PYTHONPATH=/tmp/pkg:/tmp/site:$REPO/experiments PYTHONUNBUFFERED=1
-nvidia-smi -L
-python3 -c 'import torch; print("torch", torch.__version__)'
+source "$(dirname "$0")/gpu_env.sh"
+
 timeout ${PROBE_S:-260} python3 experiments/gpu_probe.py --device cuda --out "$OUT/probe.md" ${PROBE_ARGS:-} 2>&1 \
     | grep -v USDT | tee "$OUT/probe_log.txt" | grep -E "^\||Error|error" | head -40
 if [ "${KERNELS_S:-0}" != 0 ]; then

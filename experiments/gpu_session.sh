@@ -11,19 +11,7 @@
 #   bash experiments/gpu_session.sh
 # Results land in $OUT (default /tmp/gpu_out): cuda tests log, qpth_cuda_acc.*, qpth_cuda_f32.*.
 # (experiments/gpu_probe_session.sh: the per-phase probe of IPM variants and the kernel costs.)
-set -uo pipefail
-OUT=${OUT:-/tmp/gpu_out}
-mkdir -p "$OUT"
-REPO=$(cd "$(dirname "$0")/.." && pwd)
-cd "$REPO"
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    || { echo "wheels missing in .whl/ (see the header of this script)"; exit 1; }
-# dqp importable without installing: solvers/ and linsolve/ are the packages dqp.solvers / dqp.linsolve
-rm -rf /tmp/pkg && mkdir -p /tmp/pkg/dqp && cp -r dqp/* /tmp/pkg/dqp/ && cp -r solvers /tmp/pkg/dqp/solvers \
-    && cp -r linsolve /tmp/pkg/dqp/linsolve
-export PYTHONPATH=/tmp/pkg:/tmp/site:$REPO/experiments PYTHONUNBUFFERED=1
-nvidia-smi -L
-python3 -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__)'
+source "$(dirname "$0")/gpu_env.sh"
 
 # 1. CUDA tests (run from outside the repo root so that `dqp` is the copied package)
 (cd /tmp && timeout ${TESTS_S:-150} python3 -m pytest -q -p no:cacheprovider --timeout=120 -m "cuda" \
