@@ -690,7 +690,9 @@ def ipm_solve(P: Tensor, q: Tensor, C: Optional[Tensor] = None, d: Optional[Tens
         With ``cuda_graph``: compile the captured iteration with ``torch.compile`` first, which
         fuses its element-wise work (about 140 small kernels per iteration) into a few generated
         kernels. The first call for each shape then takes the compilation time (tens of seconds);
-        later calls reuse the cached graph. Off by default.
+        later calls reuse the cached graph. Each capture compiles anew, and past
+        ``torch._dynamo.config.cache_size_limit`` captures in one process torch.compile runs the
+        iteration uncompiled (with its own warning). Off by default.
     trace : list, optional
         Diagnostics: when given, a dict of per-instance tensors (residuals, gap, step lengths,
         regularization) is appended every iteration.
