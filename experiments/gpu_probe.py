@@ -114,26 +114,25 @@ def main() -> None:
         for vs in args.variants.split(","):
             solve, ce, comp = vs.split(":")
             ce, comp = int(ce), bool(int(comp))
-            if True:
-                v = dict(solve=solve, check_every=ce, compile=comp)
-                try:
-                    r = probe_cell(B, n, args.device, v, args.reps)
-                except Exception as exc:  # noqa: BLE001 - report and go on
-                    import traceback
-                    traceback.print_exc()
-                    lines.append(f"| {B} | {n} | {solve} | {ce}, {comp} | failed: {type(exc).__name__}: {exc} ||||||")
-                    continue
-                results.append(r)
-                rg = "; ".join(f"{k[5:]} ×{v_['count']}: {v_['cpu_ms']:.2f}/{v_['dev_ms']:.2f}"
-                               for k, v_ in sorted(r["ranges"].items()))
-                lines.append(f"| {B} | {n} | {solve} | {ce}, {comp} | {r['fb_ms']:.2f} ms (min {r['fb_min_ms']:.2f}) "
-                             f"| {r['qpfunction_ms']:.2f} ms | {r['ipm_ms']:.2f} / {r['fwd_ms']:.2f} ms | {r['iters_median']:.0f}/"
-                             f"{r['iters_max']:.0f} {r['statuses']} | {rg} | {r['launches']} "
-                             f"({r['graph_launches']}; captures {r['graph_captures']}, hits {r['graph_hits']}) "
-                             f"| {r['first_call_s']:.1f} s |")
-                print(lines[-1], flush=True)
-                if args.device.startswith("cuda"):
-                    torch.cuda.empty_cache()
+            v = dict(solve=solve, check_every=ce, compile=comp)
+            try:
+                r = probe_cell(B, n, args.device, v, args.reps)
+            except Exception as exc:  # noqa: BLE001 - report and go on
+                import traceback
+                traceback.print_exc()
+                lines.append(f"| {B} | {n} | {solve} | {ce}, {comp} | failed: {type(exc).__name__}: {exc} ||||||")
+                continue
+            results.append(r)
+            rg = "; ".join(f"{k[5:]} ×{v_['count']}: {v_['cpu_ms']:.2f}/{v_['dev_ms']:.2f}"
+                           for k, v_ in sorted(r["ranges"].items()))
+            lines.append(f"| {B} | {n} | {solve} | {ce}, {comp} | {r['fb_ms']:.2f} ms (min {r['fb_min_ms']:.2f}) "
+                         f"| {r['qpfunction_ms']:.2f} ms | {r['ipm_ms']:.2f} / {r['fwd_ms']:.2f} ms | {r['iters_median']:.0f}/"
+                         f"{r['iters_max']:.0f} {r['statuses']} | {rg} | {r['launches']} "
+                         f"({r['graph_launches']}; captures {r['graph_captures']}, hits {r['graph_hits']}) "
+                         f"| {r['first_call_s']:.1f} s |")
+            print(lines[-1], flush=True)
+            if args.device.startswith("cuda"):
+                torch.cuda.empty_cache()
     lines.append("")
     for r in results:
         lines += [f"#### B={r['B']} n={r['n']} {r['variant']}", "```", r["top"], "```", ""]

@@ -769,7 +769,7 @@ def ipm_solve(P: Tensor, q: Tensor, C: Optional[Tensor] = None, d: Optional[Tens
     mu = torch.where(bad0.unsqueeze(-1), torch.ones_like(mu), mu)
     lam = torch.where(bad0.unsqueeze(-1), torch.zeros_like(lam), lam)
 
-    zB = lambda k, dt=dtype: torch.zeros(B, k, dtype=dt, device=device)      # noqa: E731
+    zB = lambda k: torch.zeros(B, k, dtype=dtype, device=device)      # noqa: E731
     # the iteration's whole state, device tensors only (the CUDA graph's static buffers)
     S: Dict[str, Tensor] = dict(
         z=z, s=s, mu=mu, lam=lam,
@@ -817,8 +817,13 @@ def ipm_solve(P: Tensor, q: Tensor, C: Optional[Tensor] = None, d: Optional[Tens
         gscl = 1.0 + (z * Pz).sum(-1).abs() + (q * z).sum(-1).abs()
         return Pz, rd, ATl, CTm, Az, Cz, req, rin, gap, gscl
 
-    def _step(z, s, mu, lam, delta, nfail, iters, done, rd, req, rin, gap, gscl, Az_s=None, Cz_s=None, it=0,
-              pres=None, pscl=None, dres=None, dscl=None, D=live):
+    def _step(S, R, D=live, it=0, scaled=(None, None, None, None)):
+        """One predictor-corrector step from the state S with its residuals R (from ``_resid``);
+        returns the updated entries of S. ``it``, ``scaled``: for ``trace`` only."""
+        z, s, mu, lam, delta, nfail, iters, done = (S[k] for k in ("z", "s", "mu", "lam", "delta", "nfail",
+                                                                 "iters", "done"))
+        _, rd, _, _, Az_s, Cz_s, req, rin, gap, gscl = R
+        pres, pscl, dres, dscl = scaled
         newton, q = D.newton, D.q
         running = ~done
         iters = iters + running
@@ -906,7 +911,7 @@ def ipm_solve(P: Tensor, q: Tensor, C: Optional[Tensor] = None, d: Optional[Tens
                        CTm=upd_(trk["CTm_cur"], CTd, adc) if m else None,
                        Az=upd_(Az_s, Abdz[:, :p], apc) if p else None,
                        Cz=upd_(Cz_s, Abdz[:, p:], apc) if m else None)
-        return z, s, mu, lam, delta, nfail, iters
+        return dict(z=z, s=s, mu=mu, lam=lam, delta=delta, nfail=nfail, iters=iters, it=S["it"] + 1)
 
     def _check(S, R, D=live):
         """Norms, convergence, infeasibility certificates, stalls and statuses at the iterate of
@@ -1016,19 +1021,11 @@ def ipm_solve(P: Tensor, q: Tensor, C: Optional[Tensor] = None, d: Optional[Tens
             upd["prev_Cz"] = Cz
         return upd, (pres, pscl, dres, dscl)
 
-    def _advance(S, R, D=live, it=0, scaled=(None, None, None, None)):
-        """One predictor-corrector step from S with its residuals R; the updated entries of S."""
-        Pz, rd, ATl, CTm, Az, Cz, req, rin, gap, gscl = R
-        z, s, mu, lam, delta, nfail, iters = _step(
-            S["z"], S["s"], S["mu"], S["lam"], S["delta"], S["nfail"], S["iters"], S["done"], rd, req, rin,
-            gap, gscl, Az, Cz, it, *scaled, D=D)
-        return dict(z=z, s=s, mu=mu, lam=lam, delta=delta, nfail=nfail, iters=iters, it=S["it"] + 1)
-
     def _make_body(D):
         """``check_every`` steps, then the check at the new iterate, as one function of the state:
         what the CUDA graph captures."""
         def one(S):
-            return {**S, **_advance(S, _resid(S["z"], S["s"], S["mu"], S["lam"], D=D), D=D)}
+            return {**S, **_step(S, _resid(S["z"], S["s"], S["mu"], S["lam"], D=D), D=D)}
 
         def chk(S):
             return {**S, **_check(S, _resid(S["z"], S["s"], S["mu"], S["lam"], D=D), D=D)[0]}
@@ -1103,7 +1100,7 @@ def ipm_solve(P: Tensor, q: Tensor, C: Optional[Tensor] = None, d: Optional[Tens
                 checked = it
                 stop = it == max_iter or bool(S["done"].all())
             if not stop:
-                S = {**S, **_advance(S, R, it=it, scaled=scaled)}
+                S = {**S, **_step(S, R, it=it, scaled=scaled)}
                 it += 1
         if stop:
             break

@@ -625,6 +625,37 @@ def _run_twice_vs_eager(device, form, shared, dtype, p):
     assert ipm._graph_stats["hits"] - c0["hits"] == 2
 
 
+class _EmulatedGraph:
+    """Stands in for a captured CUDA graph on the CPU: a replay runs the body eagerly on the static
+    buffers (under no_grad, as the capture does) and writes the result back into them."""
+
+    def __init__(self, body, state):
+        self.body, self.st, self.n = body, {k: t.clone() for k, t in state.items()}, 0
+
+    def replay(self):
+        self.n += 1
+        with torch.no_grad():
+            out = self.body(self.st)
+        for k, buf in self.st.items():
+            buf.copy_(out[k])
+
+
+def _emulate_graphs(monkeypatch, fast_paths=False):
+    """Route ipm_solve's CUDA-graph path through :class:`_EmulatedGraph` on the CPU; returns the
+    list of graphs it "captures". ``fast_paths=False``: the CUDA code path (no NumPy/LAPACK)."""
+    import dqp.solvers.ipm as ipm
+    made = []
+
+    def fake_capture(body, state):
+        made.append(_EmulatedGraph(body, state))
+        return made[-1], made[-1].st
+
+    monkeypatch.setattr(ipm, "_graph_device_ok", lambda dev: True)
+    monkeypatch.setattr(ipm, "_capture", fake_capture)
+    monkeypatch.setattr(ipm, "CPU_FAST_PATHS", fast_paths)
+    return made
+
+
 @pytest.mark.parametrize("fast_paths", [True, False])
 @pytest.mark.parametrize("form,shared,dtype,p", _graph_cases())
 def test_graph_cache_refills_all_inputs_emulated(monkeypatch, form, shared, dtype, p, fast_paths):
@@ -632,24 +663,8 @@ def test_graph_cache_refills_all_inputs_emulated(monkeypatch, form, shared, dtyp
     iteration reads but the cache does not refill would keep the first call's values here
     exactly as in a real graph, so the later calls would differ from eager."""
     import dqp.solvers.ipm as ipm
-
-    class _Replay:
-        def __init__(self, body, st):
-            self.body, self.st = body, st
-
-        def replay(self):
-            out = self.body(self.st)
-            for k, buf in self.st.items():
-                buf.copy_(out[k])
-
-    def fake_capture(body, state):
-        st = {k: t.clone() for k, t in state.items()}
-        return _Replay(body, st), st
-
-    monkeypatch.setattr(ipm, "_graph_device_ok", lambda dev: True)
-    monkeypatch.setattr(ipm, "_capture", fake_capture)
     # fast_paths=False: the CUDA code path (no NumPy/LAPACK shortcuts) on the CPU
-    monkeypatch.setattr(ipm, "CPU_FAST_PATHS", fast_paths)
+    _emulate_graphs(monkeypatch, fast_paths)
     _run_twice_vs_eager("cpu", form, shared, dtype, p)
     ipm.clear_graph_cache()
 
@@ -660,27 +675,7 @@ def test_graph_replays_and_eager_tail_emulated(monkeypatch, max_iter):
     iterations and a last check. Statuses, iteration counts and iterates equal the eager run's,
     MAX_ITER included (eps below round-off: no element converges)."""
     import dqp.solvers.ipm as ipm
-
-    class _Replay:
-        def __init__(self, body, st):
-            self.body, self.st, self.n = body, st, 0
-
-        def replay(self):
-            self.n += 1
-            out = self.body(self.st)
-            for k, buf in self.st.items():
-                buf.copy_(out[k])
-
-    made = []
-
-    def fake_capture(body, state):
-        r = _Replay(body, {k: t.clone() for k, t in state.items()})
-        made.append(r)
-        return r, r.st
-
-    monkeypatch.setattr(ipm, "_graph_device_ok", lambda dev: True)
-    monkeypatch.setattr(ipm, "_capture", fake_capture)
-    monkeypatch.setattr(ipm, "CPU_FAST_PATHS", False)
+    made = _emulate_graphs(monkeypatch)
     ipm.clear_graph_cache()
     P, q, C, d, A, b, *_ = known_qp(5, 8, 12, 2, seed=4)
     kw = dict(check_every=4, max_iter=max_iter, fallback64=False, form="primal", eps=1e-18)
@@ -713,23 +708,7 @@ def test_compiled_graph_body_emulated(monkeypatch):
     the eager iterates (slow: ~20 s of compilation)."""
     import dqp.solvers.ipm as ipm
 
-    class _Replay:
-        def __init__(self, body, st):
-            self.body, self.st = body, st
-
-        def replay(self):
-            with torch.no_grad():
-                out = self.body(self.st)
-            for k, buf in self.st.items():
-                buf.copy_(out[k])
-
-    def fake_capture(body, state):
-        r = _Replay(body, {k: t.clone() for k, t in state.items()})
-        return r, r.st
-
-    monkeypatch.setattr(ipm, "_graph_device_ok", lambda dev: True)
-    monkeypatch.setattr(ipm, "_capture", fake_capture)
-    monkeypatch.setattr(ipm, "CPU_FAST_PATHS", False)
+    _emulate_graphs(monkeypatch)
     _compiled_vs_eager("cpu")
 
 
