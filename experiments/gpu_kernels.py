@@ -10,6 +10,7 @@ CUDA graph and replayed, so the numbers are device time without Python or launch
 Usage (on a machine with CUDA)::
 
     python experiments/gpu_kernels.py --out experiments/results/gpu_kernels.md
+    python experiments/gpu_kernels.py --blocked 32,64,128 --libs default --out .../gpu_blocked.md
 
 The table decides how the IPM solves with its factor on the GPU (see solvers/ipm.py).
 """
@@ -89,6 +90,39 @@ def ops_for(B: int, k: int, dtype: torch.dtype) -> Dict[str, Callable[[], object
     return out
 
 
+def blocked_ops_for(B: int, k: int, dtype: torch.dtype, nbs: List[int]) -> Dict[str, object]:
+    """Library Cholesky/solves against the blocked ones of dqp.linsolve.blocked, per block size."""
+    from dqp.linsolve.blocked import blocked_chol_solve, blocked_cholesky, diag_block_inverses
+    dev = "cuda"
+    g = torch.Generator(device=dev).manual_seed(0)
+    X = torch.randn(B, k, k, dtype=dtype, device=dev, generator=g)
+    S = X @ X.mT / k + torch.eye(k, dtype=dtype, device=dev)
+    L = torch.linalg.cholesky(S)
+    Linv = torch.linalg.solve_triangular(L, torch.eye(k, dtype=dtype, device=dev).expand(B, k, k), upper=False)
+    r = torch.randn(B, k, 1, dtype=dtype, device=dev, generator=g)
+    out: Dict[str, object] = {
+        "cholesky_ex": lambda: torch.linalg.cholesky_ex(S),
+        "solve: 2 trsm": lambda: torch.linalg.solve_triangular(
+            L.mT, torch.linalg.solve_triangular(L, r, upper=False), upper=True),
+        "solve: 2 bmv with L⁻¹": lambda: torch.matmul(Linv.mT, torch.matmul(Linv, r)),
+    }
+    for nb in nbs:
+        if nb >= k:
+            for name in (f"blocked_cholesky nb={nb}", f"diag_block_inverses nb={nb}", f"solve: blocked nb={nb}",
+                         f"rel. residual ‖Sx − r‖∞/‖r‖∞, nb={nb}"):
+                out[name] = "–"
+            continue
+        dinv = diag_block_inverses(L, nb)
+        out[f"blocked_cholesky nb={nb}"] = (lambda nb=nb: blocked_cholesky(S, nb))
+        out[f"diag_block_inverses nb={nb}"] = (lambda nb=nb: diag_block_inverses(L, nb))
+        out[f"solve: blocked nb={nb}"] = (lambda dinv=dinv: blocked_chol_solve(L, dinv, r))
+        Lb, db, _ = blocked_cholesky(S, nb)
+        x = blocked_chol_solve(Lb, db, r)
+        res = (torch.matmul(S, x) - r).abs().amax() / r.abs().amax()
+        out[f"rel. residual ‖Sx − r‖∞/‖r‖∞, nb={nb}"] = f"{res.item():.1e}"     # a value, not timed
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shapes", default="128x100,1024x100,128x500", help="BxK list")
@@ -97,6 +131,8 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--libs", default="default,magma,cusolver")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--blocked", default=None, help="block sizes, e.g. 32,64,128: time the blocked "
+                    "Cholesky/solves of dqp.linsolve.blocked instead of the library table")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("gpu_kernels.py needs CUDA")
@@ -114,7 +150,12 @@ def main() -> None:
                       "|---|" + "---|" * len(shapes)]
             table: Dict[str, List[str]] = {}
             for B, k in shapes:
-                for name, fn in ops_for(B, k, dtype).items():
+                ops = (ops_for(B, k, dtype) if args.blocked is None else
+                       blocked_ops_for(B, k, dtype, [int(x) for x in args.blocked.split(",")]))
+                for name, fn in ops.items():
+                    if isinstance(fn, str):
+                        table.setdefault(name, []).append(fn)
+                        continue
                     try:
                         gt = _graph_time(fn, args.inner, args.reps)
                         et = _eager_time(fn, args.reps)

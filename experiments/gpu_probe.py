@@ -5,8 +5,11 @@ For qpth's generator (experiments/bench_qpth.py) at the issue-3 acceptance cells
 profiled call by the ``dqp::*`` ranges the library records (IPM setup/replays/eager iterations,
 polish, backward), for each variant:
 
-* ``solve``: ``trsm`` (two triangular solves per right-hand side) or ``inverse`` (the Cholesky
-  factor's explicit inverse) or ``auto`` (:data:`dqp.solvers.ipm.INVERSE_SOLVE`);
+* ``solve``: ``trsm`` (two triangular solves per right-hand side), ``inverse`` (the Cholesky
+  factor's explicit inverse), ``blocked<nb>`` (blocked Cholesky and solves with block size nb,
+  :mod:`dqp.linsolve.blocked`), ``old`` (the inverse policy without the blocked path) or ``auto``
+  (the shipped policy: :data:`dqp.solvers.ipm.INVERSE_SOLVE`, :data:`dqp.solvers.ipm.BLOCKED`);
+  a suffix ``-nc`` switches the tail compaction off (:data:`dqp.solvers.ipm.COMPACT`);
 * ``check_every``: iterations per CUDA-graph replay (one host read of the "all done" flag each);
 * ``compile``: the captured iteration compiled with ``torch.compile`` first (``ipm_solve(compile=True)``).
 
@@ -30,6 +33,25 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_qpth import _times as _timed, make_problems  # noqa: E402
 
 
+def set_solve_variant(solve: str) -> None:
+    """Set the IPM's factorization/solve policy switches for a probe variant name."""
+    import dqp.solvers.ipm as ipm
+    ipm.INVERSE_SOLVE, ipm.BLOCKED, ipm.BLOCK_SIZE, ipm.COMPACT = "auto", "auto", None, True
+    if solve.endswith("-nc"):                       # without tail compaction
+        ipm.COMPACT = False
+        solve = solve[:-3]
+    if solve == "inverse":
+        ipm.INVERSE_SOLVE, ipm.BLOCKED = "always", "never"
+    elif solve == "trsm":
+        ipm.INVERSE_SOLVE, ipm.BLOCKED = "never", "never"
+    elif solve == "old":
+        ipm.BLOCKED = "never"
+    elif solve.startswith("blocked"):
+        ipm.INVERSE_SOLVE, ipm.BLOCKED, ipm.BLOCK_SIZE = "never", "always", int(solve[len("blocked"):])
+    elif solve != "auto":
+        raise ValueError(f"unknown solve variant {solve!r}")
+
+
 def probe_cell(B: int, n: int, device: str, variant: Dict, reps: int) -> Dict:
     import dqp.solvers.ipm as ipm
     from dqp.qpth import QPFunction
@@ -37,7 +59,7 @@ def probe_cell(B: int, n: int, device: str, variant: Dict, reps: int) -> Dict:
 
     cuda = device.startswith("cuda")
     sync = torch.cuda.synchronize if cuda else (lambda: None)
-    ipm.INVERSE_SOLVE = {"inverse": "always", "trsm": "never"}.get(variant["solve"], variant["solve"])
+    set_solve_variant(variant["solve"])
     ps = make_problems(B, n, n, 0, device)
     Q, p, G, h, w = ps.Q, ps.p, ps.G, ps.h, ps.w
     e = torch.empty(0, dtype=Q.dtype, device=device)
@@ -82,6 +104,9 @@ def probe_cell(B: int, n: int, device: str, variant: Dict, reps: int) -> Dict:
     graph_launches = sum(x.count for x in ev if x.key == "cudaGraphLaunch")
     top = ev.table(sort_by="self_cuda_time_total" if cuda else "self_cpu_time_total", row_limit=12,
                    max_name_column_width=50)
+    if cuda:
+        # where the host spends its time (synchronizations, allocations, launches)
+        top += "\n" + ev.table(sort_by="self_cpu_time_total", row_limit=14, max_name_column_width=50)
     return dict(B=B, n=n, variant=variant, first_call_s=t_first, ipm_ms=1e3 * statistics.median(t_ipm),
                 fb_ms=1e3 * statistics.median(t_fb), fb_min_ms=1e3 * min(t_fb),
                 fwd_ms=1e3 * statistics.median(t_fwd),
@@ -89,6 +114,7 @@ def probe_cell(B: int, n: int, device: str, variant: Dict, reps: int) -> Dict:
                 iters_median=float(it.median()), iters_max=float(it.max()),
                 statuses=sorted(set(res.status.tolist())), form=res.form,
                 graph_captures=g1["captures"] - g0["captures"], graph_hits=g1["hits"] - g0["hits"],
+                compactions=g1["compactions"] - g0["compactions"],
                 ranges=ranges, launches=launches, graph_launches=graph_launches, top=top)
 
 
@@ -128,7 +154,8 @@ def main() -> None:
             lines.append(f"| {B} | {n} | {solve} | {ce}, {comp} | {r['fb_ms']:.2f} ms (min {r['fb_min_ms']:.2f}) "
                          f"| {r['qpfunction_ms']:.2f} ms | {r['ipm_ms']:.2f} / {r['fwd_ms']:.2f} ms | {r['iters_median']:.0f}/"
                          f"{r['iters_max']:.0f} {r['statuses']} | {rg} | {r['launches']} "
-                         f"({r['graph_launches']}; captures {r['graph_captures']}, hits {r['graph_hits']}) "
+                         f"({r['graph_launches']}; captures {r['graph_captures']}, hits {r['graph_hits']}, "
+                         f"compactions {r['compactions']}) "
                          f"| {r['first_call_s']:.1f} s |")
             print(lines[-1], flush=True)
             if args.device.startswith("cuda"):

@@ -67,6 +67,7 @@ import numpy as np
 import torch
 
 from dqp.errors import LayoutError, SettingsError, ShapeError, Status
+from dqp.linsolve.blocked import blocked_chol_solve, blocked_cholesky
 from dqp.solvers.base import ForwardSolver, register_solver
 
 logger = logging.getLogger(__name__)
@@ -162,9 +163,41 @@ def _eye_like(k: int, ref: Tensor) -> Tensor:
 #: batches, where cuBLAS's one-right-hand-side batched ``trsm`` is latency-bound. Measured on an
 #: H100, float64, µs per call in a CUDA graph (experiments/gpu_kernels.py): B=128, k=100: inverse
 #: 104 vs two solves 266 (an IPM iteration solves twice); B=1024, k=100: 553 vs 377; B=128, k=500:
-#: 2524 vs 1868 — hence the inverse only while ``B·k² ≤ INVERSE_SOLVE_MAX_WORK``.
+#: 2524 vs 1868 — hence the inverse only while ``B·k² ≤ INVERSE_SOLVE_MAX_WORK`` (and where the
+#: blocked path below is not taken).
 INVERSE_SOLVE = "auto"
 INVERSE_SOLVE_MAX_WORK = 2_000_000
+
+#: Blocked Cholesky factorization and solves (:mod:`dqp.linsolve.blocked`) for batched factors:
+#: ``"never"``, ``"always"`` (any batched factor larger than its block) or ``"auto"`` (default: on
+#: CUDA for batched factors with ``k ≥ BLOCKED_MIN_K`` and too much work for the explicit inverse,
+#: ``B·k² > INVERSE_SOLVE_MAX_WORK``). ``BLOCK_SIZE``: the block size, or None for 64 below k = 256
+#: and 128 from there. Measured on an H100, float64, µs per factorization + two solves (an IPM
+#: iteration), CUDA graph (experiments/results/gpu_blocked.md): B=128, k=500: library 1813 + 2·933,
+#: blocked (nb 128) 2106 + 2·183; B=128, k=200: 324 + 2·289 vs (nb 64) 527 + 2·67; B=1024, k=100:
+#: 422 + 2·189 vs 736 + 2·83 — hence not below k = 160.
+BLOCKED = "auto"
+BLOCK_SIZE: Optional[int] = None
+BLOCKED_MIN_K = 160
+
+
+def _block_size(k: int) -> int:
+    """Block size of the blocked path for a k × k factor."""
+    if BLOCK_SIZE is not None:
+        return int(BLOCK_SIZE)
+    return 64 if k < 256 else 128
+
+
+def _use_blocked(shape: Tuple[int, ...], device: torch.device) -> bool:
+    """Whether a batched factorization of this shape on this device takes the blocked path."""
+    if len(shape) != 3 or BLOCKED == "never" or shape[-1] <= _block_size(shape[-1]):
+        return False
+    if BLOCKED == "always":
+        return True
+    if BLOCKED != "auto":
+        raise SettingsError(f"dqp.solvers.ipm.BLOCKED must be 'auto', 'always' or 'never', got {BLOCKED!r}.")
+    k = shape[-1]
+    return device.type == "cuda" and k >= BLOCKED_MIN_K and shape[0] * k * k > INVERSE_SOLVE_MAX_WORK
 
 
 def _use_inverse(shape: Tuple[int, ...], device: torch.device) -> bool:
@@ -193,9 +226,13 @@ def _chol_solve(L: Tensor, r: Tensor) -> Tensor:
 
     Two ``solve_triangular`` calls: on CPU this is ~10× faster than ``torch.cholesky_solve``,
     which copies its operands to column-major layout on every call. With an attached inverse
-    (:func:`_attach_inverse`): two batched products.
+    (:func:`_attach_inverse`): two batched products; with attached diagonal-block inverses (a
+    factor from the blocked path): block substitution (:func:`dqp.linsolve.blocked.blocked_chol_solve`).
     """
     vec = r.dim() == 2
+    dinv = getattr(L, "_dqp_dinv", None)
+    if dinv is not None:
+        return blocked_chol_solve(L, dinv, r)
     Li = getattr(L, "_dqp_linv", None)
     if Li is not None:
         rr = r.unsqueeze(-1) if vec else r
@@ -212,19 +249,39 @@ def _chol_solve(L: Tensor, r: Tensor) -> Tensor:
     return x.squeeze(-1) if vec else x
 
 
-def _cholesky(M: Tensor) -> Tuple[Tensor, Tensor]:
+def _cholesky(M: Tensor, overwrite: bool = False) -> Tuple[Tensor, Tensor]:
     """Batched Cholesky ``M = L Lᵀ`` without the host sync of ``torch.linalg.cholesky``.
+
+    ``overwrite``: M is a scratch buffer the factorization may overwrite (the blocked path then
+    works in it instead of a copy).
 
     On CPU, factorizing ``Mᵀ`` (= M, column-major view) as upper ``U`` lets LAPACK work without a
     layout copy: about 2× faster than ``cholesky_ex(M)``; ``L = Uᵀ`` is a view. On CUDA the lower
-    factor is computed directly.
+    factor is computed directly, by the blocked path where :func:`_use_blocked` says so (the
+    factor then carries its diagonal-block inverses for :func:`_chol_solve`).
     """
+    if _use_blocked(tuple(M.shape), M.device):
+        L, dinv, info = blocked_cholesky(M, _block_size(M.shape[-1]), overwrite=overwrite and M.is_contiguous())
+        L._dqp_dinv = dinv
+        return L, info
     if M.device.type != "cpu":
         # on CUDA the transpose trick costs two layout conversions and a triu kernel
         L, info = torch.linalg.cholesky_ex(M)
         return _attach_inverse(L), info
     U, info = torch.linalg.cholesky_ex(M.mT, upper=True)
     return _attach_inverse(U.mT), info
+
+
+def _index_factor(L: Tensor, idx: Tensor) -> Tensor:
+    """``L[idx]`` for a batched matrix, keeping an attached inverse or diagonal-block inverses."""
+    out = L[idx]
+    Li = getattr(L, "_dqp_linv", None)
+    if Li is not None:
+        out._dqp_linv = Li[idx]
+    dinv = getattr(L, "_dqp_dinv", None)
+    if dinv is not None:
+        out._dqp_dinv = [D[idx] for D in dinv]
+    return out
 
 
 def _cholesky_inplace(S: Tensor, rows: Optional[list] = None) -> Tuple[Tensor, Tensor]:
@@ -244,7 +301,7 @@ def _cholesky_inplace(S: Tensor, rows: Optional[list] = None) -> Tuple[Tensor, T
     """
     potrf = _lapack_potrf(S)
     if potrf is None:
-        return _cholesky(S)
+        return _cholesky(S, overwrite=True)
     Sn = S.detach().numpy()
     info = [0] * S.shape[0]
     for i in (range(S.shape[0]) if rows is None else rows):
@@ -499,7 +556,7 @@ class _DualNewton:
             Sd[:, self.p:].add_(winv)
         self._Sdiag = Sd - torch.diagonal(self.M, dim1=-2, dim2=-1)     # what was added to M
         rows = None if running is None or not inplace else torch.nonzero(running).flatten().tolist()
-        self.LS, info = _cholesky_inplace(S, rows) if inplace else _cholesky(S)
+        self.LS, info = _cholesky_inplace(S, rows) if inplace else _cholesky(S, overwrite=True)
         self._lapack_rows = rows if inplace else False        # solves with LS go through _solve_S
         ok = info == 0
         if self.m == 0:
@@ -868,7 +925,7 @@ def ipm_solve(P: Tensor, q: Tensor, C: Optional[Tensor] = None, d: Optional[Tens
         else:
             dz_, dl_, dm_, _ = newton.direction(a, bb, None, None, True, refine)
             ds_ = s
-            ap = torch.ones(B, dtype=dtype, device=device)
+            ap = torch.ones(z.shape[0], dtype=dtype, device=device)
             ad = ap
 
         finite = torch.isfinite(dz_).all(-1)
@@ -931,8 +988,8 @@ def ipm_solve(P: Tensor, q: Tensor, C: Optional[Tensor] = None, d: Optional[Tens
             ci = torch.maximum(torch.maximum(_amax(Cz), dnorm), _amax(s))
             pscl = ci if pscl is None else torch.maximum(pscl, ci)
         if pres is None:
-            pres = torch.zeros(B, dtype=dtype, device=device)
-            pscl = torch.ones(B, dtype=dtype, device=device)
+            pres = torch.zeros(z.shape[0], dtype=dtype, device=device)
+            pscl = torch.ones(z.shape[0], dtype=dtype, device=device)
         else:
             pscl = pscl.clamp(min=1.0)
         dres = _amax(rd)
@@ -980,7 +1037,7 @@ def ipm_solve(P: Tensor, q: Tensor, C: Optional[Tensor] = None, d: Optional[Tens
                 c2 = c2 & (dmu_s.amin(-1) >= -eps_inf * dyn)
             pinf = ((c1 & (ynorm > 1.0 / eps_inf ** 0.5)) | (c2 & have_prev)) & ~p_ok
         else:
-            pinf = torch.zeros(B, dtype=torch.bool, device=device)
+            pinf = torch.zeros(z.shape[0], dtype=torch.bool, device=device)
         e1, zn = _dcert(z, Pz, Az, Cz)
         e2, _ = _dcert(z - S["prev_z"], Pz - S["prev_Pz"], Az - S["prev_Az"] if p else None,
                        Cz - S["prev_Cz"] if m else None)
@@ -1046,15 +1103,17 @@ def ipm_solve(P: Tensor, q: Tensor, C: Optional[Tensor] = None, d: Optional[Tens
         warnings.warn(f"ipm_solve: compile=True compiles the captured CUDA-graph iteration; it has no effect "
                       f"here (device {device.type}, cuda_graph={cuda_graph}, trace given: {trace is not None}) "
                       "and the iterations run eagerly.", stacklevel=2)
-    gkey = None
-    if use_graph and graph_cache:
+    def _gkey(D, Bc):
+        if not (use_graph and graph_cache):
+            return None
         # cache key: everything the captured iterations depend on besides tensor values
         # (the thread and stream too: a cached graph's static buffers are reused only by calls
         # that are ordered after one another on the device)
-        gkey = (fm, dtype, str(device), B, n, m, p, separate_steps, float(step_fraction), int(refine),
-                check_every, eps, eps_inf, int(stall_iters), INVERSE_SOLVE, bool(compile),
-                live.signature(), threading.get_ident(),
+        return (fm, dtype, str(device), Bc, n, m, p, separate_steps, float(step_fraction), int(refine),
+                check_every, eps, eps_inf, int(stall_iters), INVERSE_SOLVE, BLOCKED, BLOCK_SIZE,
+                BLOCKED_MIN_K, bool(compile), D.signature(), threading.get_ident(),
                 torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0)
+    gkey = _gkey(live, B)
     graph = None
     # eager float64 dual form: carry P z, Aᵀλ, Cᵀμ, A z, C z and M y from step to step (see _step)
     # instead of recomputing them — on the CPU each product is a pass over a (B, ·, n) matrix that
@@ -1063,12 +1122,17 @@ def ipm_solve(P: Tensor, q: Tensor, C: Optional[Tensor] = None, d: Optional[Tens
     newton.tracking = track
     trk: Dict[str, Any] = {}
     exact_every = 5
+    # tail compaction (captured iterations only): once few instances are left, continue on those
+    # alone; `full` holds the whole batch's state, `gidx` the current rows' places in it
+    full: Optional[Dict[str, Tensor]] = None
+    gidx: Optional[Tensor] = None
+    Bc = B
     # the iterate is checked after every `check_every`-th step and after the last one (max_iter)
     it = 0
     checked = -1                      # the iteration whose iterate the last check saw
     while True:
         if use_graph and it % check_every == 0 and it + check_every <= max_iter:
-            # GPU: `check_every` steps and the check per graph replay; the host reads one flag per replay
+            # GPU: `check_every` steps and the check per graph replay; the host reads one count per replay
             if graph is None:
                 with torch.profiler.record_function("dqp::ipm_capture"):
                     graph, st = _graph_for(gkey, live, _make_body, S)
@@ -1080,14 +1144,32 @@ def ipm_solve(P: Tensor, q: Tensor, C: Optional[Tensor] = None, d: Optional[Tens
                 graph.replay()
                 it += check_every
                 checked = it
-                if bool(S["done"].all()) or it == max_iter:
+                nleft = int((~S["done"]).sum())
+                if nleft == 0 or it == max_iter:
                     break
+            bucket = _compact_size(nleft, Bc, max(n, m + p))
+            if bucket is not None:
+                with torch.profiler.record_function("dqp::ipm_compact"):
+                    if full is None:
+                        # (the graph's static buffers: copied, a cached graph overwrites them later)
+                        full = {k: v.clone() for k, v in S.items() if v.dim() >= 1}
+                    else:
+                        _scatter_state(full, gidx, S)
+                    idx = torch.nonzero(~S["done"]).squeeze(-1)
+                    idx = torch.cat([idx, idx[:1].expand(bucket - nleft)])   # pad: repeats of a live row
+                    gidx = idx if gidx is None else gidx[idx]
+                    S = {k: (v[idx] if v.dim() >= 1 else v.clone()) for k, v in S.items()}
+                    live = live.subset(idx)
+                    Bc = bucket
+                    gkey = _gkey(live, Bc)
+                    graph = None
+                    _graph_stats["compactions"] += 1
             continue
         # ---------------- eager iteration (CPU; on the GPU the tail after the last replay)
         with torch.profiler.record_function("dqp::ipm_eager_iteration"):
             check = (it > 0 and it % check_every == 0 or it == max_iter) and checked != it
             use_T = track and "Pz" in trk and it % exact_every != 0
-            R = _resid(S["z"], S["s"], S["mu"], S["lam"], T=trk if use_T else None)
+            R = _resid(S["z"], S["s"], S["mu"], S["lam"], D=live, T=trk if use_T else None)
             if track:
                 trk.update(Pz_cur=R[0], ATl_cur=R[2], CTm_cur=R[3])
                 if not use_T:
@@ -1095,20 +1177,23 @@ def ipm_solve(P: Tensor, q: Tensor, C: Optional[Tensor] = None, d: Optional[Tens
             scaled = (None, None, None, None)
             stop = False
             if check:
-                upd, scaled = _check(S, R)
+                upd, scaled = _check(S, R, D=live)
                 S = {**S, **upd}
                 checked = it
                 stop = it == max_iter or bool(S["done"].all())
             if not stop:
-                S = {**S, **_step(S, R, it=it, scaled=scaled)}
+                S = {**S, **_step(S, R, D=live, it=it, scaled=scaled)}
                 it += 1
         if stop:
             break
-    z, s, mu, lam, status, iters = S["z"], S["s"], S["mu"], S["lam"], S["status"], S["iters"]
-    if graph is not None:
+    if full is not None:
+        _scatter_state(full, gidx, S)
+        S = full
+    elif graph is not None:
         # the static buffers belong to the graph (a cached graph overwrites them in a later call)
-        z, s, mu, lam, status, iters = (t.clone() for t in (z, s, mu, lam, status, iters))
-        del graph, st, S
+        S = {k: S[k].clone() for k in ("z", "s", "mu", "lam", "status", "iters")}
+    z, s, mu, lam, status, iters = S["z"], S["s"], S["mu"], S["lam"], S["status"], S["iters"]
+    graph = st = S = None
 
     # ---------------- undo the row scaling
     lam_out = lam / a_scale if p else None
@@ -1190,6 +1275,35 @@ class _GraphData:
                 nt.LP = None                     # not read in the loop; do not keep it alive
         return st
 
+    # per-instance tensors (B, ·) whatever their rank; the matrices are batched when 3-D
+    _VECTORS = ("q", "d", "b", "Md", "_Piq", "_g", "reg_p")
+
+    def subset(self, idx: Tensor) -> "_GraphData":
+        """The data of the batch rows ``idx`` (with a Newton solver for them), for tail compaction."""
+        def pick(name, t):
+            if not isinstance(t, Tensor):
+                return t
+            if name in self._VECTORS:
+                return t[idx] if t.dim() >= 1 else t
+            return _index_factor(t, idx) if t.dim() == 3 else t
+        nt = copy.copy(self.newton)
+        nt.B = int(idx.numel())
+        for k in self._NEWTON[nt.form] + ("P", "C", "A"):
+            if hasattr(nt, k):
+                setattr(nt, k, pick(k, getattr(nt, k)))
+        sub = _GraphData(*(pick(k, getattr(self, k)) for k in self._DATA), nt,
+                         {k: pick("q", t) for k, t in self.norms.items()})
+        for k in self._NEWTON[nt.form] + ("P", "C", "A"):        # keep aliases of the data aliases
+            for dk in self._DATA:
+                if getattr(self, dk) is not None and getattr(self.newton, k, None) is getattr(self, dk):
+                    setattr(nt, k, getattr(sub, dk))
+        nt._const = nt._Sbuf = None
+        if nt.form == "dual":
+            nt._a = nt._pending = None
+            if getattr(self.newton, "_point", None) is not None:
+                nt._point = (sub.q,)
+        return sub
+
     def refill(self, src: "_GraphData") -> None:
         """Copy the values of ``src`` (same signature) into these tensors."""
         for k in self._DATA:
@@ -1208,6 +1322,31 @@ def _graph_device_ok(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.is_available()
 
 
+#: Tail compaction of the captured iterations: when at most ``COMPACT_FRACTION`` of the current
+#: batch is still running after a replay, the rest of the solve runs on those instances alone
+#: (padded to a power of two, at least 8, so that a training loop meets few batch sizes and their
+#: graphs stay cached). Only where the batch is large enough for the saving to outweigh the new
+#: graph: ``B·k² ≥ COMPACT_MIN_WORK`` for the factorized size ``k``. ``COMPACT = False``: never.
+COMPACT = True
+COMPACT_FRACTION = 0.25
+COMPACT_MIN_WORK = 4_000_000
+
+
+def _compact_size(nleft: int, Bc: int, k: int) -> Optional[int]:
+    """Batch size to compact to (``None``: stay) with ``nleft`` of ``Bc`` instances running."""
+    if not COMPACT or nleft > COMPACT_FRACTION * Bc or Bc * k * k < COMPACT_MIN_WORK:
+        return None
+    bucket = max(8, 1 << max(nleft - 1, 0).bit_length())
+    return bucket if bucket < Bc else None
+
+
+def _scatter_state(full: Dict[str, Tensor], gidx: Tensor, S: Dict[str, Tensor]) -> None:
+    """Write the per-instance entries of the compacted state ``S`` into ``full`` at rows ``gidx``
+    (repeated rows carry identical values)."""
+    for k, v in full.items():
+        v[gidx] = S[k]
+
+
 # captured iterations, keyed by shapes/dtype/device/form/options (LRU); see _graph_for
 _GRAPH_CACHE: "OrderedDict[tuple, tuple]" = OrderedDict()
 GRAPH_CACHE_SIZE = 8
@@ -1215,7 +1354,7 @@ GRAPH_CACHE_SIZE = 8
 # their entry: entries are also evicted to keep their total below this many bytes, and a problem
 # larger than it is captured per call without caching (it is GPU-bound; launches matter little)
 GRAPH_CACHE_MAX_BYTES = 2 * 1024 ** 3
-_graph_stats = {"captures": 0, "hits": 0}
+_graph_stats = {"captures": 0, "hits": 0, "compactions": 0}
 
 
 def clear_graph_cache() -> None:

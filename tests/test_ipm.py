@@ -688,6 +688,66 @@ def test_graph_replays_and_eager_tail_emulated(monkeypatch, max_iter):
     assert _rel(g.z, e.z) <= 1e-12 and _rel(g.mu, e.mu) <= 1e-12
 
 
+def _compacted_vs_eager(device, form, shared, dtype, p, max_iter=100):
+    """Tail compaction forced (any batch, any fraction): statuses, iteration counts and iterates
+    equal the run without it, an infeasible element inside the batch included; a second call with
+    the same shapes reuses the sub-batch graphs."""
+    import dqp.solvers.ipm as ipm
+    ipm.clear_graph_cache()
+    P, q, C, d, A, b, *_ = known_qp(24, 7, 9, p, seed=5, dtype=dtype, device=device)
+    d = d.clone()
+    d[3, 0], d[3, 1] = -1.0, -1.0
+    C = C.clone()
+    C[3, 1] = -C[3, 0]                         # c₀ᵀz ≤ −1 and −c₀ᵀz ≤ −1: element 3 infeasible
+    if shared:
+        P = P[0]
+    kw = dict(form=form, check_every=3, fallback64=False, max_iter=max_iter)
+    ref = ipm_solve(P, q, C, d, A, b, cuda_graph=True, **kw)
+    assert ref.status[3] == int(Status.PRIMAL_INFEASIBLE)
+    tol = 1e-12 if dtype == F64 else 1e-4
+    for call in range(2):
+        c0 = dict(ipm._graph_stats)
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(ipm, "COMPACT_MIN_WORK", 0)
+            mp.setattr(ipm, "COMPACT_FRACTION", 1.0)
+            g = ipm_solve(P, q, C, d, A, b, cuda_graph=True, **kw)
+        assert ipm._graph_stats["compactions"] > c0["compactions"]
+        if call == 1:
+            assert ipm._graph_stats["captures"] == c0["captures"]      # every graph from the cache
+        assert torch.equal(g.status, ref.status) and torch.equal(g.iterations, ref.iterations)
+        # (float32: an instance that stalls (NUMERICAL) ends where round-off took it; compare the rest)
+        keep = torch.ones_like(ref.status, dtype=torch.bool) if dtype == F64 else ref.status != int(Status.NUMERICAL)
+        for x, y in ((g.z, ref.z), (g.lam, ref.lam), (g.mu, ref.mu), (g.s, ref.s)):
+            if x is not None:
+                assert _rel(x[keep], y[keep]) <= tol
+    ipm.clear_graph_cache()
+
+
+@pytest.mark.parametrize("form,shared,dtype,p", _graph_cases())
+def test_tail_compaction_emulated(monkeypatch, form, shared, dtype, p):
+    _emulate_graphs(monkeypatch)
+    _compacted_vs_eager("cpu", form, shared, dtype, p)
+
+
+@pytest.mark.parametrize("max_iter", [7, 11])
+def test_tail_compaction_then_eager_tail_emulated(monkeypatch, max_iter):
+    """A max_iter that is not a multiple of check_every: the eager tail runs on the compacted batch."""
+    _emulate_graphs(monkeypatch)
+    _compacted_vs_eager("cpu", "dual", False, F64, 2, max_iter=max_iter)
+
+
+def test_compact_size_policy(monkeypatch):
+    import dqp.solvers.ipm as ipm
+    assert ipm._compact_size(17, 1024, 100) == 32            # B·k² = 1e7: compacted, power of two
+    assert ipm._compact_size(3, 1024, 100) == 8               # at least 8
+    assert ipm._compact_size(300, 1024, 100) is None          # more than a quarter left
+    assert ipm._compact_size(9, 128, 100) is None             # too little work to pay for a graph
+    assert ipm._compact_size(9, 128, 500) == 16
+    assert ipm._compact_size(5, 8, 500) is None               # nothing smaller than the batch
+    monkeypatch.setattr(ipm, "COMPACT", False)
+    assert ipm._compact_size(17, 1024, 100) is None
+
+
 def _compiled_vs_eager(device):
     import dqp.solvers.ipm as ipm
     ipm.clear_graph_cache()
@@ -723,6 +783,13 @@ def test_compiled_graph_body_cuda():
 @pytest.mark.parametrize("form,shared,dtype,p", _graph_cases())
 def test_cuda_graph_cached_matches_eager(form, shared, dtype, p):
     _run_twice_vs_eager("cuda", form, shared, dtype, p)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("form,shared,dtype,p", _graph_cases())
+def test_tail_compaction_cuda(form, shared, dtype, p):
+    _compacted_vs_eager("cuda", form, shared, dtype, p)
 
 
 def test_graph_cache_is_bounded(monkeypatch):

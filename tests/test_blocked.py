@@ -1,0 +1,118 @@
+"""Blocked batched Cholesky and solves (dqp.linsolve.blocked) and the IPM's choice of them."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import dqp.solvers.ipm as ipm
+from dqp.errors import SettingsError
+from dqp.ipm_layer import solve_qp_batch
+from dqp.linsolve.blocked import (block_starts, blocked_chol_solve, blocked_cholesky, diag_block_inverses,
+                                  _tri_inverse)
+
+F64 = torch.float64
+DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA")])]
+
+
+def _spd(B, k, seed=0, device="cpu", dtype=F64):
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(B, k, k, generator=g, dtype=F64)
+    return (X @ X.mT / k + 0.1 * torch.eye(k, dtype=F64)).to(device=device, dtype=dtype)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("B,k,nb", [(4, 100, 32), (3, 50, 64), (2, 130, 40), (5, 7, 3), (2, 300, 128)])
+def test_blocked_cholesky_and_solve_match_library(device, B, k, nb):
+    M = _spd(B, k, seed=k, device=device)
+    L0 = torch.linalg.cholesky(M)
+    L, dinv, info = blocked_cholesky(M, nb)
+    assert (info == 0).all()
+    assert torch.allclose(L, L0, rtol=0, atol=1e-12)
+    assert torch.equal(L.triu(1), torch.zeros_like(L))          # a clean lower factor
+    assert len(dinv) == len(block_starts(k, nb))
+    g = torch.Generator().manual_seed(1)
+    for r in (torch.randn(B, k, generator=g, dtype=F64), torch.randn(B, k, 3, generator=g, dtype=F64)):
+        r = r.to(device)
+        x = blocked_chol_solve(L, dinv, r)
+        x0 = torch.cholesky_solve(r.unsqueeze(-1) if r.dim() == 2 else r, L0)
+        assert x.shape == r.shape
+        assert torch.allclose(x, x0.reshape(r.shape), rtol=1e-10, atol=1e-10)
+
+
+def test_blocked_cholesky_overwrites_only_when_asked():
+    M = _spd(3, 90)
+    keep = M.clone()
+    L, _, _ = blocked_cholesky(M, 32)
+    assert torch.equal(M, keep) and L.data_ptr() != M.data_ptr()
+    L2, _, _ = blocked_cholesky(M, 32, overwrite=True)
+    assert L2.data_ptr() == M.data_ptr() and torch.allclose(L2, L, rtol=0, atol=1e-14)
+
+
+def test_blocked_cholesky_reports_first_bad_pivot_like_the_library():
+    M = _spd(3, 70, seed=2)
+    M[1, 45, 45] = -1.0                       # leading minor 46 of element 1 is not positive definite
+    _, _, info = blocked_cholesky(M, 16)
+    _, info0 = torch.linalg.cholesky_ex(M)
+    assert info.tolist() == info0.tolist() == [0, 46, 0]
+
+
+def test_triangular_inverse_by_halves():
+    L = torch.linalg.cholesky(_spd(2, 200, seed=3))
+    X = _tri_inverse(L)                      # 200 > TRI_INVERSE_LEAF: split recursively
+    eye = torch.eye(200, dtype=F64).expand(2, 200, 200)
+    assert torch.allclose(X @ L, eye, rtol=0, atol=1e-10)
+    assert torch.equal(X.triu(1), torch.zeros_like(X))
+    D = diag_block_inverses(L, 64)
+    assert [t.shape[-1] for t in D] == [64, 64, 64, 8]
+
+
+def test_block_size_must_be_positive():
+    with pytest.raises(ValueError, match="nb must be"):
+        block_starts(10, 0)
+
+
+def test_blocked_policy(monkeypatch):
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    monkeypatch.setattr(ipm, "BLOCKED", "auto")
+    monkeypatch.setattr(ipm, "BLOCK_SIZE", None)
+    assert ipm._use_blocked((128, 500, 500), cuda)              # measured: blocked faster
+    assert ipm._use_blocked((128, 200, 200), cuda)
+    assert not ipm._use_blocked((1024, 100, 100), cuda)         # measured: library faster
+    assert not ipm._use_blocked((128, 100, 100), cuda)          # the explicit inverse's range
+    assert not ipm._use_blocked((128, 500, 500), cpu)           # CPU: LAPACK
+    assert not ipm._use_blocked((500, 500), cuda)               # shared factor
+    assert ipm._block_size(200) == 64 and ipm._block_size(500) == 128
+    monkeypatch.setattr(ipm, "BLOCKED", "always")
+    assert ipm._use_blocked((2, 100, 100), cpu) and not ipm._use_blocked((2, 40, 40), cpu)   # k ≤ nb: no blocks
+    monkeypatch.setattr(ipm, "BLOCKED", "never")
+    assert not ipm._use_blocked((128, 500, 500), cuda)
+    monkeypatch.setattr(ipm, "BLOCKED", "sometimes")
+    with pytest.raises(SettingsError, match="BLOCKED"):
+        ipm._use_blocked((128, 500, 500), cuda)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_layer_with_blocked_path_matches_plain(monkeypatch, device):
+    """Forward and gradients of the IPM layer (IPM, polish, backward) with every batched Cholesky
+    factorization and solve on the blocked path equal those with the library's."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
+    from bench_qpth import make_problems
+    monkeypatch.setattr(ipm, "CPU_FAST_PATHS", False)
+    ps = make_problems(6, 40, 40, 0, device)
+    out = {}
+    for mode in ("never", "always"):
+        monkeypatch.setattr(ipm, "BLOCKED", mode)
+        monkeypatch.setattr(ipm, "BLOCK_SIZE", 16)
+        ipm.clear_graph_cache()
+        leaves = [x.detach().requires_grad_(True) for x in (ps.Q, ps.p, ps.G, ps.h)]
+        z = solve_qp_batch(*leaves, None, None)[0]
+        out[mode] = (z, torch.autograd.grad((z * ps.w).sum(), leaves))
+    ipm.clear_graph_cache()
+    (z0, g0), (z1, g1) = out["never"], out["always"]
+    assert torch.allclose(z0, z1, rtol=0, atol=1e-10)
+    for a, b in zip(g0, g1):
+        assert ((a - b).abs().max() / (1 + a.abs().max())).item() < 1e-10
