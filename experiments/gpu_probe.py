@@ -81,6 +81,16 @@ def probe_cell(B: int, n: int, device: str, variant: Dict, reps: int) -> Dict:
 
     with torch.no_grad():
         t_fwd = _timed(lambda: solve_qp_batch(Q, p, G, h, None, None, **kw), reps, sync)
+
+    def bwd_only():
+        z = solve_qp_batch(*leaves, None, None, **kw)[0]
+        loss = (z * w).sum()
+        sync()
+        t0 = time.perf_counter()
+        torch.autograd.grad(loss, leaves)
+        sync()
+        return time.perf_counter() - t0
+    t_bwd = [bwd_only() for _ in range(reps)]
     g0 = dict(ipm._graph_stats)
     t_fb = _timed(fb, reps, sync)
     g1 = dict(ipm._graph_stats)
@@ -109,7 +119,7 @@ def probe_cell(B: int, n: int, device: str, variant: Dict, reps: int) -> Dict:
         top += "\n" + ev.table(sort_by="self_cpu_time_total", row_limit=14, max_name_column_width=50)
     return dict(B=B, n=n, variant=variant, first_call_s=t_first, ipm_ms=1e3 * statistics.median(t_ipm),
                 fb_ms=1e3 * statistics.median(t_fb), fb_min_ms=1e3 * min(t_fb),
-                fwd_ms=1e3 * statistics.median(t_fwd),
+                fwd_ms=1e3 * statistics.median(t_fwd), bwd_ms=1e3 * statistics.median(t_bwd),
                 qpfunction_ms=1e3 * statistics.median(t_qpf),
                 iters_median=float(it.median()), iters_max=float(it.max()),
                 statuses=sorted(set(res.status.tolist())), form=res.form,
@@ -132,7 +142,7 @@ def main() -> None:
     lines = [f"### dqp layer probe on {torch.cuda.get_device_name() if args.device.startswith('cuda') else 'cpu'}"
              f" (torch {torch.__version__})", "",
              "| B | n=m | solve | check_every, compile | fwd+bwd (solve_qp_batch) | QPFunction fwd+bwd | ipm_solve / forward "
-             "(no grad) | iters med/max "
+             "(no grad) / backward alone | iters med/max "
              "| ranges (cpu ms / device ms) | launches (graph) | first call |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     results = []
     for cell in args.cells.split(","):
@@ -152,7 +162,7 @@ def main() -> None:
             rg = "; ".join(f"{k[5:]} ×{v_['count']}: {v_['cpu_ms']:.2f}/{v_['dev_ms']:.2f}"
                            for k, v_ in sorted(r["ranges"].items()))
             lines.append(f"| {B} | {n} | {solve} | {ce}, {comp} | {r['fb_ms']:.2f} ms (min {r['fb_min_ms']:.2f}) "
-                         f"| {r['qpfunction_ms']:.2f} ms | {r['ipm_ms']:.2f} / {r['fwd_ms']:.2f} ms | {r['iters_median']:.0f}/"
+                         f"| {r['qpfunction_ms']:.2f} ms | {r['ipm_ms']:.2f} / {r['fwd_ms']:.2f} / {r['bwd_ms']:.2f} ms | {r['iters_median']:.0f}/"
                          f"{r['iters_max']:.0f} {r['statuses']} | {rg} | {r['launches']} "
                          f"({r['graph_launches']}; captures {r['graph_captures']}, hits {r['graph_hits']}, "
                          f"compactions {r['compactions']}) "

@@ -37,7 +37,8 @@ import torch
 
 from dqp.errors import ShapeError
 from dqp.linsolve.base import LinearSolver, register_linsolver
-from dqp.solvers.ipm import _chol_solve, _cholesky, _cholesky_inplace, _mv, _tmv
+from dqp.linsolve.blocked import diag_block_inverses
+from dqp.solvers.ipm import _chol_solve, _cholesky, _cholesky_inplace, _index_factor, _mv, _tmv
 
 logger = logging.getLogger(__name__)
 Tensor = torch.Tensor
@@ -56,6 +57,32 @@ def _shared(M: Optional[Tensor]) -> Optional[Tensor]:
     if M.shape[0] == 1 or M.stride(0) == 0:
         return M[0]
     return None
+
+
+def _put_factor(L: Tensor, idx: Tensor, Ls: Tensor, rows: Tensor) -> None:
+    """``L[idx] = Ls[rows]`` for batched Cholesky factors, keeping what is attached to L — the
+    explicit inverse (:func:`dqp.solvers.ipm._attach_inverse`) or the blocked path's
+    diagonal-block inverses — for the new rows too (taken from Ls, or computed for those rows
+    where Ls was factorized another way)."""
+    new = Ls[rows]
+    L[idx] = new
+    Li = getattr(L, "_dqp_linv", None)
+    if Li is not None:
+        Lsi = getattr(Ls, "_dqp_linv", None)
+        if Lsi is not None:
+            Li[idx] = Lsi[rows]
+        else:
+            eye = torch.eye(new.shape[-1], dtype=new.dtype, device=new.device).expand(new.shape)
+            Li[idx] = torch.linalg.solve_triangular(new, eye, upper=False)
+    D = getattr(L, "_dqp_dinv", None)
+    if D is not None:
+        Ds = getattr(Ls, "_dqp_dinv", None)
+        if Ds is None or [t.shape[-1] for t in D] != [t.shape[-1] for t in Ds]:
+            Dn = diag_block_inverses(new, D[0].shape[-1])
+        else:
+            Dn = [t[rows] for t in Ds]
+        for t, tn in zip(D, Dn):
+            t[idx] = tn
 
 
 class BatchedKKT:
@@ -165,7 +192,9 @@ class BatchedKKT:
         factors = None
         if self._factors is not None:
             # the IPM's factor of P and P⁻¹[A; C]ᵀ do not depend on the active set: re-mask them
-            factors = {k: (v[idx] if v.dim() == 3 and v.shape[0] == self.B else v) for k, v in self._factors.items()}
+            # (_index_factor: a factor keeps its attached inverse / diagonal-block inverses)
+            factors = {k: (_index_factor(v, idx) if v.dim() == 3 and v.shape[0] == self.B else v)
+                       for k, v in self._factors.items()}
         return BatchedKKT(pick(self.P), pick(self.A), pick(self.C), active, batch=int(idx.numel()),
                           refine=self.refine, factors=factors)
 
@@ -178,18 +207,20 @@ class BatchedKKT:
             self.a = self.a.clone()
             self.a[idx] = sub.a[rows]
         if self.k:
-            self.Abar = self.Abar.clone()
+            # (Abar, D, HiAbt and LS were computed by this object, nobody else holds them: updated
+            # in place — a copy of a (B, k, k) factor costs as much as a solve with it)
             self.Abar[idx] = sub.Abar[rows]
-            self.D = self.D.clone()
             self.D[idx] = sub.D[rows]
-            self.HiAbt = self.HiAbt.clone()
             self.HiAbt[idx] = sub.HiAbt[rows]
-            self.LS = self.LS.clone()
-            self.LS[idx] = sub.LS[rows]
+            _put_factor(self.LS, idx, sub.LS, rows)
         if not (self.L.dim() == 2 and sub.L.dim() == 2) and (sub._L_fresh or self._L_fresh):
             # (both from the same precomputed factor of P: nothing to copy)
             L = self.L.expand(B, n, n).clone()
-            L[idx] = sub.L.expand(sub.B, n, n)[rows]
+            for name in ("_dqp_linv", "_dqp_dinv"):
+                if getattr(self.L, name, None) is not None and self.L.dim() == 3:
+                    att = getattr(self.L, name)
+                    setattr(L, name, att.clone() if isinstance(att, torch.Tensor) else [t.clone() for t in att])
+            _put_factor(L, idx, sub.L.expand(sub.B, n, n), rows)
             self.L = L
         self.rho = self.rho.clone()
         self.rho[idx] = sub.rho[rows]

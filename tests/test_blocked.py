@@ -116,3 +116,47 @@ def test_layer_with_blocked_path_matches_plain(monkeypatch, device):
     assert torch.allclose(z0, z1, rtol=0, atol=1e-10)
     for a, b in zip(g0, g1):
         assert ((a - b).abs().max() / (1 + a.abs().max())).item() < 1e-10
+
+
+@pytest.mark.parametrize("parent,child", [("inverse", "inverse"), ("blocked", "blocked"), ("blocked", "plain"),
+                                          ("inverse", "plain"), ("plain", "blocked")])
+@pytest.mark.parametrize("with_factors", [True, False])
+def test_absorb_keeps_attached_inverses(monkeypatch, parent, child, with_factors):
+    """The polish's retry merges a sub-batch factorization into the batch's (BatchedKKT.absorb):
+    the batch's factors keep their attached inverses for the new rows — taken over, or computed
+    where the sub-batch was factorized another way — and solves equal a fresh factorization."""
+    from dqp.linsolve.torch_batched import BatchedKKT
+
+    def policy(mode):
+        monkeypatch.setattr(ipm, "INVERSE_SOLVE", "always" if mode == "inverse" else "never")
+        monkeypatch.setattr(ipm, "BLOCKED", "always" if mode == "blocked" else "never")
+        monkeypatch.setattr(ipm, "BLOCK_SIZE", 8)
+    monkeypatch.setattr(ipm, "CPU_FAST_PATHS", False)
+    g = torch.Generator().manual_seed(0)
+    B, n, m = 6, 24, 20
+    P = _spd(B, n, seed=4)
+    C = torch.randn(B, m, n, generator=g, dtype=F64)
+    a0 = torch.rand(B, m, generator=g) < 0.5
+    a1 = torch.rand(B, m, generator=g) < 0.5
+    idx, rows = torch.tensor([1, 4]), torch.tensor([0, 1])
+    policy(parent)
+    factors = None
+    if with_factors:
+        L, _ = ipm._cholesky(P.clone())
+        PiCt = torch.cholesky_solve(C.mT, torch.linalg.cholesky(P))
+        factors = dict(L=L, PiAbt=PiCt, M=C @ PiCt)
+    kkt = BatchedKKT(P, None, C, a0, factors=factors)
+    policy(child)
+    sub = kkt.subset(idx, a1[idx])
+    kkt.absorb(idx, sub, rows)
+    merged = a0.clone()
+    merged[idx] = a1[idx]
+    policy("plain")
+    ref = BatchedKKT(P, None, C, merged)
+    attach = {"inverse": "_dqp_linv", "blocked": "_dqp_dinv"}.get(parent)
+    if attach is not None:
+        assert getattr(kkt.LS, attach, None) is not None
+    gz, gmu = torch.randn(B, n, generator=g, dtype=F64), torch.randn(B, m, generator=g, dtype=F64)
+    yz, _, ymu = kkt.solve(gz, None, gmu, refine=0)
+    rz, _, rmu = ref.solve(gz, None, gmu, refine=0)
+    assert torch.allclose(yz, rz, rtol=1e-9, atol=1e-9) and torch.allclose(ymu, rmu, rtol=1e-9, atol=1e-9)
