@@ -9,7 +9,8 @@ polish, backward), for each variant:
   factor's explicit inverse), ``blocked<nb>`` (blocked Cholesky and solves with block size nb,
   :mod:`dqp.linsolve.blocked`), ``old`` (the inverse policy without the blocked path) or ``auto``
   (the shipped policy: :data:`dqp.solvers.ipm.INVERSE_SOLVE`, :data:`dqp.solvers.ipm.BLOCKED`);
-  a suffix ``-nc`` switches the tail compaction off (:data:`dqp.solvers.ipm.COMPACT`);
+  a suffix ``-nc`` switches the tail compaction off (:data:`dqp.solvers.ipm.COMPACT`), ``-pe`` the
+  polish and backward graphs (:data:`dqp.ipm_layer.POLISH_GRAPH`);
 * ``check_every``: iterations per CUDA-graph replay (one host read of the "all done" flag each);
 * ``compile``: the captured iteration compiled with ``torch.compile`` first (``ipm_solve(compile=True)``).
 
@@ -36,7 +37,12 @@ from bench_qpth import _times as _timed, make_problems  # noqa: E402
 def set_solve_variant(solve: str) -> None:
     """Set the IPM's factorization/solve policy switches for a probe variant name."""
     import dqp.solvers.ipm as ipm
+    import dqp.ipm_layer as lay
     ipm.INVERSE_SOLVE, ipm.BLOCKED, ipm.BLOCK_SIZE, ipm.COMPACT = "auto", "auto", None, True
+    lay.POLISH_GRAPH = True
+    if solve.endswith("-pe"):                       # eager polish and backward
+        lay.POLISH_GRAPH = False
+        solve = solve[:-3]
     if solve.endswith("-nc"):                       # without tail compaction
         ipm.COMPACT = False
         solve = solve[:-3]

@@ -103,6 +103,10 @@ class BatchedKKT:
         ``L`` (Cholesky factor of P), ``PiAbt`` = P⁻¹[A; C]ᵀ and ``M`` = [A; C]P⁻¹[A; C]ᵀ, as
         computed by the IPM's dual form (:attr:`dqp.solvers.ipm.IPMResult.factors`): the
         Cholesky path then only masks them and factorizes the Schur complement.
+    fallback : bool
+        Default True: elements whose Cholesky path fails take the augmented or minimum-norm path
+        (which reads the flags on the host). False: the Cholesky path only, without a host
+        synchronization (capturable in a CUDA graph); ``ok`` says where it failed.
 
     Attributes
     ----------
@@ -110,7 +114,8 @@ class BatchedKKT:
     """
 
     def __init__(self, P: Tensor, A: Optional[Tensor], C: Optional[Tensor], active: Optional[Tensor],
-                 *, batch: Optional[int] = None, refine: int = 1, factors: Optional[dict] = None):
+                 *, batch: Optional[int] = None, refine: int = 1, factors: Optional[dict] = None,
+                 fallback: bool = True):
         if A is not None and A.shape[-2] == 0:
             A = None
         if C is not None and C.shape[-2] == 0:
@@ -161,7 +166,8 @@ class BatchedKKT:
         self._L_fresh = False
         self._augmented = False
         ok = self._factor_pre(factors) if self._factors is not None else self._factor(rho)
-        if not bool(ok.all()):
+        # fallback=False: the Cholesky path only, no host sync (the caller reads self.ok)
+        if fallback and not bool(ok.all()):
             # --- attempt 1: augmented H = P + ρĀᵀĀ for the elements that failed
             Pmax = P.abs().flatten(-2).amax(-1).expand(B)
             if self.k:
@@ -182,6 +188,53 @@ class BatchedKKT:
         self.rho = rho
         if not hasattr(self, "_pinv_idx"):
             self._pinv_idx = None
+
+    # tensors that describe a Cholesky-path factorization (see state() / from_state())
+    _STATE = ("P", "A", "C", "a", "Abar", "D", "L", "HiAbt", "LS", "ok", "path", "rho")
+
+    def state(self) -> dict:
+        """The factorization's tensors (Cholesky path only: no minimum-norm elements)."""
+        if self._pinv_idx is not None:
+            raise ValueError("BatchedKKT.state: minimum-norm elements have no tensor state")
+        return {k: getattr(self, k) for k in self._STATE if getattr(self, k, None) is not None}
+
+    @classmethod
+    def from_state(cls, st: dict, *, refine: int = 1) -> "BatchedKKT":
+        """A factorization from the tensors of :meth:`state` (e.g. the outputs of a CUDA graph)."""
+        self = cls.__new__(cls)
+        for k in cls._STATE:
+            setattr(self, k, st.get(k))
+        self.B, self.n = self.ok.shape[0], self.P.shape[-1]
+        self.p = self.A.shape[-2] if self.A is not None else 0
+        self.m = self.C.shape[-2] if self.C is not None else 0
+        self.k = self.p + self.m
+        self.refine = int(refine)
+        self._eps = torch.finfo(self.P.dtype).eps
+        self._factors, self._L_fresh, self._pinv_idx = None, False, None
+        self._augmented = False
+        return self
+
+    def merge(self, sel: Tensor, other: "BatchedKKT") -> None:
+        """Take ``other``'s factorization (same batch and data, other active masks, Cholesky path)
+        for the elements ``sel`` ((B,) bool), without a host synchronization (torch.where per tensor)."""
+        if self._augmented or other._augmented:
+            raise ValueError("BatchedKKT.merge: Cholesky-path factorizations only")
+
+        def pick(mine, theirs, name):
+            if mine is None or mine is theirs:
+                return mine
+            out = torch.where(sel.view(-1, *([1] * (mine.dim() - 1))), theirs, mine)
+            for a in ("_dqp_linv", "_dqp_dinv"):
+                am, at = getattr(mine, a, None), getattr(theirs, a, None)
+                if am is None:
+                    continue
+                if at is None:
+                    raise ValueError(f"BatchedKKT.merge: the {name} factors differ in their attached {a}")
+                setattr(out, a, pick(am, at, name) if isinstance(am, Tensor)
+                        else [pick(x, y, name) for x, y in zip(am, at)])
+            return out
+        for k in ("a", "Abar", "D", "HiAbt", "LS", "L", "ok", "path", "rho"):
+            setattr(self, k, pick(getattr(self, k), getattr(other, k), k))
 
     def subset(self, idx: Tensor, active: Optional[Tensor]) -> "BatchedKKT":
         """A new :class:`BatchedKKT` for the batch elements ``idx`` with other active masks."""

@@ -1358,8 +1358,9 @@ _graph_stats = {"captures": 0, "hits": 0, "compactions": 0}
 
 
 def clear_graph_cache() -> None:
-    """Drop the cached CUDA graphs of :func:`ipm_solve` (frees their memory pools)."""
+    """Drop the cached CUDA graphs of :func:`ipm_solve` and :func:`graphed_call` (frees their memory pools)."""
     _GRAPH_CACHE.clear()
+    _FN_GRAPHS.clear()
 
 
 def _graph_for(key, live, make_body, state):
@@ -1416,6 +1417,121 @@ def _capture(body, state):
     except Exception as exc:  # pragma: no cover - depends on the CUDA/torch build
         logger.warning("ipm_solve: CUDA graph capture failed (%s: %s); running eagerly", type(exc).__name__, exc)
         return None, None
+
+
+# --------------------------------------------------------------------------------------------
+# whole functions as cached CUDA graphs (the layer's polish and backward for small batches)
+# --------------------------------------------------------------------------------------------
+
+#: Attributes of a factor tensor that travel with it through :func:`graphed_call`.
+_ATTACHED = ("_dqp_linv", "_dqp_dinv")
+
+
+def _flatten(d: Dict[str, Any]) -> Dict[str, Tensor]:
+    """Tensors of ``d`` with their attached inverses as entries of their own (``key@attr[i]``)."""
+    out: Dict[str, Tensor] = {}
+    for k, v in d.items():
+        if not isinstance(v, Tensor):
+            continue
+        out[k] = v
+        for a in _ATTACHED:
+            att = getattr(v, a, None)
+            if isinstance(att, Tensor):
+                out[f"{k}@{a}"] = att
+            elif att is not None:
+                for i, t in enumerate(att):
+                    out[f"{k}@{a}[{i}]"] = t
+    return out
+
+
+def _unflatten(flat: Dict[str, Tensor]) -> Dict[str, Tensor]:
+    """Inverse of :func:`_flatten`: attach the ``key@attr`` entries to their tensors again."""
+    out = {k: v for k, v in flat.items() if "@" not in k}
+    lists: Dict[Tuple[str, str], Dict[int, Tensor]] = {}
+    for k, v in flat.items():
+        if "@" not in k:
+            continue
+        base, a = k.split("@", 1)
+        if a.endswith("]"):
+            a, i = a[:-1].split("[")
+            lists.setdefault((base, a), {})[int(i)] = v
+        else:
+            setattr(out[base], a, v)
+    for (base, a), items in lists.items():
+        setattr(out[base], a, [items[i] for i in range(len(items))])
+    return out
+
+
+_FN_GRAPHS: "OrderedDict[tuple, tuple]" = OrderedDict()
+FN_GRAPH_CACHE_SIZE = 16
+#: Device memory the graphs of :func:`graphed_call` may hold (their static inputs and outputs,
+#: counted ×3 for the intermediates in their pools): None = a tenth of the device's memory. A call
+#: whose graph would not fit runs eagerly; older graphs are evicted to make room.
+FN_GRAPH_MAX_BYTES: Optional[int] = None
+
+
+def _fn_graph_budget(device: torch.device) -> int:
+    if FN_GRAPH_MAX_BYTES is not None:
+        return int(FN_GRAPH_MAX_BYTES)
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory // 10
+    return 2 * 1024 ** 3
+
+
+def _nbytes(d: Dict[str, Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in d.values())
+
+
+def _capture_fn(fn, static_in: Dict[str, Tensor]):
+    """Capture ``fn(static_in)`` (a dict of tensors → dict of tensors); ``(graph, static_out)``."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn(_unflatten({k: v.clone() for k, v in static_in.items()}))         # warm-up
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = _flatten(fn(_unflatten(static_in)))
+    return graph, out
+
+
+def graphed_call(key: tuple, fn, inputs: Dict[str, Any]) -> Optional[Dict[str, Tensor]]:
+    """``fn(inputs)`` replayed from a cached CUDA graph: the inputs are copied into the graph's
+    static buffers and the outputs are returned as fresh tensors (attached inverses included).
+
+    ``fn`` takes and returns dicts of tensors and must not synchronize with the host or branch on
+    tensor values; the key must determine everything else it depends on (shapes, dtypes,
+    options). Returns None when the graph cannot be captured (the caller runs ``fn`` eagerly).
+    """
+    flat = _flatten(inputs)
+    key = key + tuple((k, tuple(v.shape), v.dtype, str(v.device)) for k, v in sorted(flat.items()))
+    ent = _FN_GRAPHS.get(key)
+    with torch.no_grad():
+        if ent is None:
+            budget = _fn_graph_budget(next(iter(flat.values())).device)
+            if 3 * _nbytes(flat) > budget:
+                return None
+            while _FN_GRAPHS and 3 * (_nbytes(flat) + sum(_nbytes(e[1]) + _nbytes(e[2]) for e in _FN_GRAPHS.values())) > budget:
+                _FN_GRAPHS.popitem(last=False)
+            static_in = {k: v.clone(memory_format=torch.contiguous_format) for k, v in flat.items()}
+            try:
+                graph, static_out = _capture_fn(fn, static_in)
+            except Exception as exc:  # pragma: no cover - depends on the CUDA/torch build
+                logger.warning("graphed_call: CUDA graph capture failed (%s: %s); running eagerly",
+                               type(exc).__name__, exc)
+                return None
+            _graph_stats["captures"] += 1
+            _FN_GRAPHS[key] = ent = (graph, static_in, static_out)
+            while len(_FN_GRAPHS) > FN_GRAPH_CACHE_SIZE:
+                _FN_GRAPHS.popitem(last=False)
+        else:
+            _FN_GRAPHS.move_to_end(key)
+            _graph_stats["hits"] += 1
+        graph, static_in, static_out = ent
+        for k, v in flat.items():
+            static_in[k].copy_(v)
+        graph.replay()
+        return _unflatten({k: v.clone() for k, v in static_out.items()})
 
 
 def _fallback64(res: IPMResult, bad: Tensor, data, kw) -> IPMResult:

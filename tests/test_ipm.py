@@ -640,9 +640,28 @@ class _EmulatedGraph:
             buf.copy_(out[k])
 
 
+class _EmulatedFnGraph:
+    """:func:`dqp.solvers.ipm.graphed_call`'s capture on the CPU: a replay runs ``fn`` on the static
+    inputs and copies its outputs into static output buffers (fresh tensors from the first run)."""
+
+    def __init__(self, fn, static_in):
+        import dqp.solvers.ipm as ipm
+        self.fn, self.static_in, self.ipm = fn, static_in, ipm
+        self.out = {k: v.clone() for k, v in self._run().items()}
+
+    def _run(self):
+        with torch.no_grad():
+            return self.ipm._flatten(self.fn(self.ipm._unflatten(self.static_in)))
+
+    def replay(self):
+        for k, v in self._run().items():
+            self.out[k].copy_(v)
+
+
 def _emulate_graphs(monkeypatch, fast_paths=False):
-    """Route ipm_solve's CUDA-graph path through :class:`_EmulatedGraph` on the CPU; returns the
-    list of graphs it "captures". ``fast_paths=False``: the CUDA code path (no NumPy/LAPACK)."""
+    """Route ipm_solve's CUDA-graph path through :class:`_EmulatedGraph` (and graphed_call through
+    :class:`_EmulatedFnGraph`) on the CPU; returns the list of iteration graphs it "captures".
+    ``fast_paths=False``: the CUDA code path (no NumPy/LAPACK)."""
     import dqp.solvers.ipm as ipm
     made = []
 
@@ -650,10 +669,175 @@ def _emulate_graphs(monkeypatch, fast_paths=False):
         made.append(_EmulatedGraph(body, state))
         return made[-1], made[-1].st
 
+    def fake_capture_fn(fn, static_in):
+        g = _EmulatedFnGraph(fn, static_in)
+        return g, g.out
+
     monkeypatch.setattr(ipm, "_graph_device_ok", lambda dev: True)
     monkeypatch.setattr(ipm, "_capture", fake_capture)
+    monkeypatch.setattr(ipm, "_capture_fn", fake_capture_fn)
     monkeypatch.setattr(ipm, "CPU_FAST_PATHS", fast_paths)
     return made
+
+
+def _layer_run(P, q, C, d, A, b, w, calls=2):
+    """Two forward+backward calls of solve_qp_batch; (z, lam, mu, active, verified, kkt_path, grads)."""
+    for _ in range(calls):
+        leaves = [None if x is None else x.detach().requires_grad_(True) for x in (P, q, C, d, A, b)]
+        diag = {}
+        z, lam, mu, _, act = solve_qp_batch(*leaves, diagnostics=diag)
+        loss = (z * w).sum() + mu.sum() + (lam.sum() if lam is not None else 0.0)
+        grads = torch.autograd.grad(loss, [x for x in leaves if x is not None])
+    return z, lam, mu, act, diag["verified"], diag["kkt_path"], grads
+
+
+def _misclassify(monkeypatch, rows=4):
+    """Make the active-set classification drop one active row of the first ``rows`` elements, so
+    that the polish rejects round 1 there and accepts round 2 (row moved back)."""
+    import dqp.ipm_layer as lay
+    orig = lay.classify_active
+
+    def wrong(C, s, mu):
+        a = orig(C, s, mu).clone()
+        for i in range(min(rows, a.shape[0])):
+            j = torch.nonzero(a[i]).flatten()
+            if j.numel():
+                a[i, j[0]] = False
+        return a
+    monkeypatch.setattr(lay, "classify_active", wrong)
+
+
+@pytest.mark.parametrize("p,retries", [(0, False), (2, False), (0, True)])
+def test_polish_and_backward_graphs_match_eager_emulated(monkeypatch, p, retries):
+    """The polish (every round on the whole batch) and the backward as cached graphs give the
+    eager polish's points, active sets, verified flags and gradients; the second call replays."""
+    import dqp.ipm_layer as lay
+    import dqp.solvers.ipm as ipm
+    _emulate_graphs(monkeypatch)
+    if retries:
+        _misclassify(monkeypatch)
+    P, q, C, d, A, b, *_ = known_qp(12, 8, 10, p, seed=7)
+    if not p:
+        A = b = None
+    w = torch.randn(12, 8, dtype=F64, generator=torch.Generator().manual_seed(0))
+    out = {}
+    for graphed in (False, True):
+        monkeypatch.setattr(lay, "POLISH_GRAPH", graphed)
+        ipm.clear_graph_cache()
+        c0 = dict(ipm._graph_stats)
+        out[graphed] = _layer_run(P, q, C, d, A, b, w)
+        # IPM iterations always; polish and backward only with POLISH_GRAPH: one capture each, then hits
+        assert ipm._graph_stats["captures"] - c0["captures"] == (3 if graphed else 1)
+        assert ipm._graph_stats["hits"] - c0["hits"] == (3 if graphed else 1)
+    e, g = out[False], out[True]
+    assert torch.equal(e[4], g[4]) and e[4][4:].all()  # (the misclassified ones need retries)
+    if retries:
+        assert e[4][:4].any()                           # verified after a retry round
+    assert torch.equal(e[3], g[3]) and e[5] == g[5]
+    for x, y in zip(e[:3], g[:3]):
+        if x is not None:
+            assert _rel(y, x) <= 1e-12
+    for x, y in zip(e[6], g[6]):
+        assert _rel(y, x) <= 1e-12
+    ipm.clear_graph_cache()
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("p", [0, 2])
+def test_polish_and_backward_graphs_cuda(monkeypatch, p):
+    import dqp.ipm_layer as lay
+    import dqp.solvers.ipm as ipm
+    P, q, C, d, A, b, *_ = known_qp(12, 8, 10, p, seed=7, device="cuda")
+    if not p:
+        A = b = None
+    w = torch.randn(12, 8, dtype=F64, generator=torch.Generator().manual_seed(0)).cuda()
+    out = {}
+    for graphed in (False, True):
+        monkeypatch.setattr(lay, "POLISH_GRAPH", graphed)
+        ipm.clear_graph_cache()
+        c0 = dict(ipm._graph_stats)
+        out[graphed] = _layer_run(P, q, C, d, A, b, w)
+        assert ipm._graph_stats["captures"] - c0["captures"] == (3 if graphed else 1)
+    e, g = out[False], out[True]
+    assert torch.equal(e[3], g[3]) and torch.equal(e[4], g[4]) and e[5] == g[5]
+    for x, y in list(zip(e[:3], g[:3])) + list(zip(e[6], g[6])):
+        if x is not None:
+            assert _rel(y, x) <= 1e-10
+    ipm.clear_graph_cache()
+
+
+def test_polish_graph_falls_back_to_eager_polish(monkeypatch):
+    """An element whose reduced KKT matrix is singular on the Cholesky path (a duplicated active
+    row): the graph's result is discarded and the eager polish (with its other paths) runs."""
+    import dqp.ipm_layer as lay
+    import dqp.solvers.ipm as ipm
+    _emulate_graphs(monkeypatch)
+    P, q, C, d, A, b, *_ = known_qp(6, 8, 10, 0, seed=3, n_active=3)
+    C, d = torch.cat([C, C[:, :1]], dim=1), torch.cat([d, d[:, :1]], dim=1)   # row 0 twice, active
+    A = b = None
+    w = torch.ones(6, 8, dtype=F64)
+    res = {}
+    for graphed in (False, True):
+        monkeypatch.setattr(lay, "POLISH_GRAPH", graphed)
+        ipm.clear_graph_cache()
+        res[graphed] = _layer_run(P, q, C, d, A, b, w, calls=1)
+    assert any(path != "cholesky" for path in res[True][5])    # the eager polish's other paths ran
+    assert res[True][5] == res[False][5]
+    for x, y in zip(res[False][6], res[True][6]):
+        assert _rel(y, x) <= 1e-12
+    ipm.clear_graph_cache()
+
+
+def test_graphed_call_memory_budget_and_attachments(monkeypatch):
+    """graphed_call: inputs with attached inverses (a tensor and a list) reach fn and come back;
+    a call whose graph would not fit the memory budget returns None (the caller runs eagerly), and
+    older graphs are evicted to make room for a new one."""
+    import dqp.solvers.ipm as ipm
+    _emulate_graphs(monkeypatch)
+    ipm.clear_graph_cache()
+    L = torch.eye(3, dtype=F64).expand(2, 3, 3).clone()
+    L._dqp_linv = 2 * L
+    L._dqp_dinv = [3 * L[:, :2, :2], 4 * L[:, 2:, 2:]]
+
+    def fn(t):
+        out = t["L"] + t["x"].unsqueeze(-1)
+        out._dqp_linv = t["L"]._dqp_linv + 1
+        out._dqp_dinv = [D + 1 for D in t["L"]._dqp_dinv]
+        return {"y": out}
+    x = torch.ones(2, 3, dtype=F64)
+    y = ipm.graphed_call(("t",), fn, {"L": L, "x": x})["y"]
+    assert torch.equal(y, L + 1) and torch.equal(y._dqp_linv, 2 * L + 1)
+    assert [torch.equal(a, b + 1) for a, b in zip(y._dqp_dinv, L._dqp_dinv)] == [True, True]
+    y2 = ipm.graphed_call(("t",), fn, {"L": L, "x": 2 * x})["y"]          # replay with new values
+    assert torch.equal(y2, L + 2) and len(ipm._FN_GRAPHS) == 1
+    monkeypatch.setattr(ipm, "FN_GRAPH_MAX_BYTES", 3 * 8 * (3 * 18 + 8 + 1 + 6) + 1)   # room for one such graph
+    assert ipm.graphed_call(("t",), fn, {"L": L, "x": x.expand(2, 3).clone()[:, :3]}) is not None
+    ipm.graphed_call(("u",), fn, {"L": L, "x": x})                           # evicts the older one
+    assert len(ipm._FN_GRAPHS) == 1
+    monkeypatch.setattr(ipm, "FN_GRAPH_MAX_BYTES", 100)
+    assert ipm.graphed_call(("v",), fn, {"L": L, "x": x}) is None            # does not fit at all
+    ipm.clear_graph_cache()
+
+
+def test_polish_graph_policy(monkeypatch):
+    import dqp.ipm_layer as lay
+    import dqp.solvers.ipm as ipm
+    monkeypatch.setattr(ipm, "_graph_device_ok", lambda dev: True)
+    P = torch.zeros(128, 100, 100, dtype=F64)
+    q, C = torch.zeros(128, 100, dtype=F64), torch.zeros(128, 100, 100, dtype=F64)
+    res = type("R", (), {"factors": {"L": None}})()
+    assert lay._polish_graph_ok(P, q, C, None, res, {})                  # B·k² = 1.28e6
+    monkeypatch.setattr(lay, "POLISH_GRAPH_MAX_WORK", 2_000_000)
+    assert not lay._polish_graph_ok(P, q, torch.zeros(128, 130, 100, dtype=F64), None, res, {})   # 2.2e6
+    assert not lay._polish_graph_ok(P.float(), q, C, None, res, {})      # float32 data: polished in float64, eager
+    assert not lay._polish_graph_ok(P, q, C, None, res, {"cuda_graph": False})
+    assert not lay._polish_graph_ok(P, q, C, None, type("R", (), {"factors": None})(), {})   # primal form
+    monkeypatch.setattr(lay, "POLISH_GRAPH", False)
+    assert not lay._polish_graph_ok(P, q, C, None, res, {})
+    monkeypatch.setattr(ipm, "_graph_device_ok", lambda dev: False)
+    monkeypatch.setattr(lay, "POLISH_GRAPH", True)
+    assert not lay._polish_graph_ok(P, q, C, None, res, {})
 
 
 @pytest.mark.parametrize("fast_paths", [True, False])
