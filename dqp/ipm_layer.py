@@ -75,6 +75,10 @@ Tensor = torch.Tensor
 __all__ = ["IPMQPFunction", "solve_qp_batch", "classify_active", "polish"]
 
 
+#: CPU, float32/float16 data: solve in float64 throughout (module docstring, "Low precision").
+#: Tests switch it off to run the GPU's path (float32 IPM, float64 polish) on the CPU.
+WIDEN_ON_CPU = True
+
 #: IPM tolerance (float64) when the polish follows: 1e-8 instead of 1e-9. Measured on qpth's
 #: generator (B=128, n=m=100 and 200): 2 fewer iterations for the slowest element (14 → 12, 15 → 14),
 #: the same final active sets, z within 5e-15 and gradients within 1e-15 (relative) of eps=1e-9.
@@ -190,10 +194,14 @@ POLISH_GRAPH_MAX_WORK = 2_000_000
 
 
 def _polish_graph_ok(P, q, C, A, res, opts) -> bool:
-    """Whether the polish (and then the backward) of this float64 batch runs as a CUDA graph."""
+    """Whether the polish (and then the backward) of this batch runs as a CUDA graph: float64
+    with the IPM's dual-form factors (``res``), or float32 data polished in float64 (``res`` None:
+    the graph factorizes P itself)."""
     from dqp.solvers.ipm import _graph_device_ok
-    if not (POLISH_GRAPH and opts.get("cuda_graph", True) and res.factors is not None
+    if not (POLISH_GRAPH and opts.get("cuda_graph", True) and (res is None or res.factors is not None)
             and P.dtype == torch.float64 and _graph_device_ok(P.device)):
+        return False
+    if C is None and A is None:
         return False
     k = (C.shape[-2] if C is not None else 0) + (A.shape[-2] if A is not None else 0)
     return q.shape[0] * max(q.shape[-1], k) ** 2 <= POLISH_GRAPH_MAX_WORK
@@ -242,25 +250,50 @@ def _polish_masked(P, q, C, d, A, b, z, lam, mu, active, solved, factors, rounds
 _KKT_TENSORS = ("a", "Abar", "D", "HiAbt", "LS", "ok", "path", "rho")
 
 
+def _factors_of(P: Tensor, C: Optional[Tensor], A: Optional[Tensor]) -> Tuple[dict, Tensor]:
+    """What the IPM's dual form hands the polish (``L`` = chol(P), ``PiAbt`` = P⁻¹[A; C]ᵀ,
+    ``M`` = [A; C]P⁻¹[A; C]ᵀ), computed without a host sync; and where chol(P) succeeded."""
+    from dqp.solvers.ipm import _chol_solve, _cholesky
+    L, info = _cholesky(P)
+    piv = torch.diagonal(L, dim1=-2, dim2=-1)
+    big = torch.diagonal(P, dim1=-2, dim2=-1).abs().amax(-1)
+    pd = (info == 0) & torch.isfinite(piv).all(-1) & (piv.abs().amin(-1) ** 2 > 1e-12 * big)
+    Abar = torch.cat([M for M in (A, C) if M is not None], dim=-2)
+    PiAbt = _chol_solve(L, Abar.mT)
+    return dict(L=L, PiAbt=PiAbt, M=torch.matmul(Abar, PiAbt)), pd
+
+
 def _polish_graphed(P, q, C, d, A, b, z, lam, mu, active, solved, factors, rounds):
-    """:func:`_polish_masked` as a cached CUDA graph; None where the caller must run :func:`polish`."""
+    """:func:`_polish_masked` as a cached CUDA graph; None where the caller must run :func:`polish`.
+    ``factors=None`` (float32 data polished in float64, which has no IPM factors of that dtype):
+    they are computed inside the graph."""
     from dqp.solvers.ipm import graphed_call
+    own = factors is None
 
     def fn(t):
+        if own:
+            f, pd = _factors_of(t["P"], t.get("C"), t.get("A"))
+        else:
+            f, pd = dict(L=t["L"], PiAbt=t["PiAbt"], M=t["M"]), None
         zz, ll, mm, aa, kkt, pol, fb = _polish_masked(
             t["P"], t["q"], t.get("C"), t.get("d"), t.get("A"), t.get("b"), t["z"], t.get("lam"),
-            t.get("mu"), t.get("active"), t["solved"], dict(L=t["L"], PiAbt=t["PiAbt"], M=t["M"]), rounds)
-        out = {"z": zz, "polished": pol, "fallback": fb}
+            t.get("mu"), t.get("active"), t["solved"], f, rounds)
+        out = {"z": zz, "polished": pol, "fallback": fb if pd is None else fb | (t["solved"] & ~pd)}
         out.update({k: v for k, v in (("lam", ll), ("mu", mm), ("active", aa)) if v is not None})
         out.update({"kkt." + k: getattr(kkt, k) for k in _KKT_TENSORS if getattr(kkt, k, None) is not None})
+        if own:
+            out["kkt.L"] = f["L"]
         return out
-    inputs = dict(P=P, q=q, C=C, d=d, A=A, b=b, z=z, lam=lam, mu=mu, active=active, solved=solved,
-                  L=factors["L"], PiAbt=factors["PiAbt"], M=factors["M"])
-    out = graphed_call(("dqp_polish", int(rounds)), fn, inputs)
+    inputs = dict(P=P, q=q, C=C, d=d, A=A, b=b, z=z, lam=lam, mu=mu, active=active, solved=solved)
+    if not own:
+        inputs.update(L=factors["L"], PiAbt=factors["PiAbt"], M=factors["M"])
+    out = graphed_call(("dqp_polish", int(rounds), own), fn, inputs)
     if out is None or bool(out["fallback"].any()):
         return None
     st = {k[4:]: v for k, v in out.items() if k.startswith("kkt.")}
-    st.update(P=P, A=A, C=C, L=factors["L"])
+    st.update(P=P, A=A, C=C)
+    if not own:
+        st["L"] = factors["L"]
     kkt = BatchedKKT.from_state(st)
     kkt._graphed = True                         # its backward may run as a graph too
     return out["z"], out.get("lam"), out.get("mu"), out.get("active"), kkt, out["polished"]
@@ -296,7 +329,7 @@ class IPMQPFunction(torch.autograd.Function):
         P = 0.5 * (P + P.transpose(-1, -2))
         wide = _wide_dtype(P)
         dtype_in = P.dtype
-        if do_polish and wide is not None and P.device.type == "cpu":
+        if do_polish and wide is not None and P.device.type == "cpu" and WIDEN_ON_CPU:
             # CPU, float32/float16 data: solve in float64 throughout and cast the answer back. The
             # float32 IPM gains nothing here (the CPU is not faster in float32 at these sizes) and
             # stalls: on qpth's generator, B=128, n=m=200, 68 of 128 elements re-solved in float64,
@@ -321,8 +354,13 @@ class IPMQPFunction(torch.autograd.Function):
             if do_polish and wide is not None:
                 # float32/float16 data: polish (and keep the factorization for the backward) in float64,
                 # with float64's acceptance tolerance (module docstring, "Low precision")
-                z, lam, mu, active, kkt, polished = polish(
-                    *(_cast(t, wide) for t in (P, q, C, d, A, b, z, lam, mu)), active, solved, rounds=rounds)
+                wargs = [_cast(t, wide) for t in (P, q, C, d, A, b, z, lam, mu)]
+                out = None
+                if _polish_graph_ok(wargs[0], q, C, A, None, opts):
+                    out = _polish_graphed(*wargs, active, solved, None, rounds)
+                if out is None:
+                    out = polish(*wargs, active, solved, rounds=rounds)
+                z, lam, mu, active, kkt, polished = out
             elif do_polish:
                 out = None
                 if _polish_graph_ok(P, q, C, A, res, opts):

@@ -767,6 +767,34 @@ def test_polish_and_backward_graphs_cuda(monkeypatch, p):
     ipm.clear_graph_cache()
 
 
+@pytest.mark.parametrize("p", [0, 2])
+def test_polish_graph_float32_data_emulated(monkeypatch, p):
+    """Float32 data on a GPU: the IPM runs in float32, the polish in float64 without IPM factors of
+    that dtype; as a graph it factorizes P itself. Same answers and gradients as the eager polish."""
+    import dqp.ipm_layer as lay
+    import dqp.solvers.ipm as ipm
+    _emulate_graphs(monkeypatch)
+    monkeypatch.setattr(lay, "WIDEN_ON_CPU", False)        # the GPU's path: float32 IPM, float64 polish
+    P, q, C, d, A, b, *_ = known_qp(12, 8, 10, p, seed=11, dtype=F32)
+    if not p:
+        A = b = None
+    w = torch.randn(12, 8, generator=torch.Generator().manual_seed(0)).to(F32)
+    out = {}
+    for graphed in (False, True):
+        monkeypatch.setattr(lay, "POLISH_GRAPH", graphed)
+        ipm.clear_graph_cache()
+        c0 = dict(ipm._graph_stats)
+        out[graphed] = _layer_run(P, q, C, d, A, b, w)
+        assert ipm._graph_stats["captures"] - c0["captures"] == (3 if graphed else 1)
+    e, g = out[False], out[True]
+    assert g[0].dtype == F32 and g[6][0].dtype == F32
+    assert torch.equal(e[3], g[3]) and torch.equal(e[4], g[4]) and e[5] == g[5] and e[4].all()
+    for x, y in list(zip(e[:3], g[:3])) + list(zip(e[6], g[6])):
+        if x is not None:
+            assert _rel(y, x) <= 1e-6
+    ipm.clear_graph_cache()
+
+
 def test_polish_graph_falls_back_to_eager_polish(monkeypatch):
     """An element whose reduced KKT matrix is singular on the Cholesky path (a duplicated active
     row): the graph's result is discarded and the eager polish (with its other paths) runs."""
@@ -830,7 +858,9 @@ def test_polish_graph_policy(monkeypatch):
     assert lay._polish_graph_ok(P, q, C, None, res, {})                  # B·k² = 1.28e6
     monkeypatch.setattr(lay, "POLISH_GRAPH_MAX_WORK", 2_000_000)
     assert not lay._polish_graph_ok(P, q, torch.zeros(128, 130, 100, dtype=F64), None, res, {})   # 2.2e6
-    assert not lay._polish_graph_ok(P.float(), q, C, None, res, {})      # float32 data: polished in float64, eager
+    assert not lay._polish_graph_ok(P.float(), q, C, None, res, {})      # (float32 data reach it in float64)
+    assert lay._polish_graph_ok(P, q, C, None, None, {})                 # float32 data: factors of its own
+    assert not lay._polish_graph_ok(P, q, None, None, None, {})          # no constraints
     assert not lay._polish_graph_ok(P, q, C, None, res, {"cuda_graph": False})
     assert not lay._polish_graph_ok(P, q, C, None, type("R", (), {"factors": None})(), {})   # primal form
     monkeypatch.setattr(lay, "POLISH_GRAPH", False)
