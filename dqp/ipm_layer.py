@@ -126,6 +126,17 @@ def _attempt(kkt: BatchedKKT, qq, bb, CC, dd, cur, ok_in, tol):
     return zp, lp, mp, ok, bad_rows
 
 
+def _accept(ok: Tensor, zp, lp, mp, z, lam, mu):
+    """``(z, lam, mu)`` with the polished ``(zp, lp, mp)`` (μ clamped at 0) where ``ok`` (B,)."""
+    t = ok.unsqueeze(-1)
+    z = torch.where(t, zp, z)
+    if lp is not None:
+        lam = torch.where(t, lp, lam)
+    if mp is not None:
+        mu = torch.where(t, mp.clamp(min=0.0), mu)
+    return z, lam, mu
+
+
 def polish(P: Tensor, q: Tensor, C: Optional[Tensor], d: Optional[Tensor], A: Optional[Tensor],
            b: Optional[Tensor], z: Tensor, lam: Optional[Tensor], mu: Optional[Tensor],
            active: Optional[Tensor], solved: Tensor, *, rounds: int = 3, factors: Optional[dict] = None):
@@ -146,12 +157,7 @@ def polish(P: Tensor, q: Tensor, C: Optional[Tensor], d: Optional[Tensor], A: Op
     # round 1: the whole batch (reusing the IPM's factorization of P when it has one)
     kkt = BatchedKKT(P, A, C, active, batch=B, factors=factors)
     zp, lp, mp, ok, bad_rows = attempt(kkt, q, b, C, d, active, solved)
-    t = ok.unsqueeze(-1)
-    z = torch.where(t, zp, z)
-    if lp is not None:
-        lam = torch.where(t, lp, lam)
-    if C is not None:
-        mu = torch.where(t, mp.clamp(min=0.0), mu)
+    z, lam, mu = _accept(ok, zp, lp, mp, z, lam, mu)
     polished = ok
     # later rounds: only the rejected elements, with the offending rows moved
     if C is not None and rounds > 1:
@@ -219,12 +225,7 @@ def _polish_masked(P, q, C, d, A, b, z, lam, mu, active, solved, factors, rounds
     kkt = BatchedKKT(P, A, C, active, batch=B, factors=factors, fallback=False)
     zp, lp, mp, ok, bad = _attempt(kkt, q, b, C, d, active, solved & kkt.ok, tol)
     fallback = solved & ~kkt.ok
-    t = ok.unsqueeze(-1)
-    z = torch.where(t, zp, z)
-    if lp is not None:
-        lam = torch.where(t, lp, lam)
-    if C is not None:
-        mu = torch.where(t, mp.clamp(min=0.0), mu)
+    z, lam, mu = _accept(ok, zp, lp, mp, z, lam, mu)
     polished = ok
     if C is not None:
         pending = solved & ~ok & ~fallback
@@ -234,12 +235,8 @@ def _polish_masked(P, q, C, d, A, b, z, lam, mu, active, solved, factors, rounds
             zp, lp, mp, ok_s, bad_s = _attempt(sub, q, b, C, d, cur, pending & sub.ok, tol)
             fallback = fallback | (pending & ~sub.ok)
             acc = pending & ok_s
-            t = acc.unsqueeze(-1)
-            z = torch.where(t, zp, z)
-            if lam is not None:
-                lam = torch.where(t, lp, lam)
-            mu = torch.where(t, mp.clamp(min=0.0), mu)
-            active = torch.where(t, cur, active)
+            z, lam, mu = _accept(acc, zp, lp, mp, z, lam, mu)
+            active = torch.where(acc.unsqueeze(-1), cur, active)
             polished = polished | acc
             kkt.merge(acc, sub)
             pending = pending & ~ok_s & sub.ok

@@ -58,15 +58,23 @@ def _eager_time(fn: Callable[[], object], reps: int) -> float:
     return best * 1e6
 
 
-def ops_for(B: int, k: int, dtype: torch.dtype) -> Dict[str, Callable[[], object]]:
+def _spd_system(B: int, k: int, dtype: torch.dtype):
+    """A batch of SPD matrices S, their Cholesky factors L and L⁻¹, one right-hand side r, and the
+    generator that made them (on CUDA)."""
     dev = "cuda"
     g = torch.Generator(device=dev).manual_seed(0)
     X = torch.randn(B, k, k, dtype=dtype, device=dev, generator=g)
     S = X @ X.mT / k + torch.eye(k, dtype=dtype, device=dev)
     L = torch.linalg.cholesky(S)
     Linv = torch.linalg.solve_triangular(L, torch.eye(k, dtype=dtype, device=dev).expand(B, k, k), upper=False)
-    Sinv = Linv.mT @ Linv
     r = torch.randn(B, k, 1, dtype=dtype, device=dev, generator=g)
+    return S, L, Linv, r, g
+
+
+def ops_for(B: int, k: int, dtype: torch.dtype) -> Dict[str, Callable[[], object]]:
+    dev = "cuda"
+    S, L, Linv, r, g = _spd_system(B, k, dtype)
+    Sinv = Linv.mT @ Linv
     v = torch.randn(B, k, dtype=dtype, device=dev, generator=g)
     w = torch.randn(B, k, dtype=dtype, device=dev, generator=g)
     I = torch.eye(k, dtype=dtype, device=dev).expand(B, k, k)
@@ -93,13 +101,7 @@ def ops_for(B: int, k: int, dtype: torch.dtype) -> Dict[str, Callable[[], object
 def blocked_ops_for(B: int, k: int, dtype: torch.dtype, nbs: List[int]) -> Dict[str, object]:
     """Library Cholesky/solves against the blocked ones of dqp.linsolve.blocked, per block size."""
     from dqp.linsolve.blocked import blocked_chol_solve, blocked_cholesky, diag_block_inverses
-    dev = "cuda"
-    g = torch.Generator(device=dev).manual_seed(0)
-    X = torch.randn(B, k, k, dtype=dtype, device=dev, generator=g)
-    S = X @ X.mT / k + torch.eye(k, dtype=dtype, device=dev)
-    L = torch.linalg.cholesky(S)
-    Linv = torch.linalg.solve_triangular(L, torch.eye(k, dtype=dtype, device=dev).expand(B, k, k), upper=False)
-    r = torch.randn(B, k, 1, dtype=dtype, device=dev, generator=g)
+    S, L, Linv, r, _ = _spd_system(B, k, dtype)
     out: Dict[str, object] = {
         "cholesky_ex": lambda: torch.linalg.cholesky_ex(S),
         "solve: 2 trsm": lambda: torch.linalg.solve_triangular(

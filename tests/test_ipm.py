@@ -707,19 +707,11 @@ def _misclassify(monkeypatch, rows=4):
     monkeypatch.setattr(lay, "classify_active", wrong)
 
 
-@pytest.mark.parametrize("p,retries", [(0, False), (2, False), (0, True)])
-def test_polish_and_backward_graphs_match_eager_emulated(monkeypatch, p, retries):
-    """The polish (every round on the whole batch) and the backward as cached graphs give the
-    eager polish's points, active sets, verified flags and gradients; the second call replays."""
+def _graphs_vs_eager(monkeypatch, P, q, C, d, A, b, w):
+    """Two layer calls with POLISH_GRAPH off, then on: captures (IPM; IPM + polish + backward) and
+    cache hits of the second calls; returns both runs' outputs (see _layer_run)."""
     import dqp.ipm_layer as lay
     import dqp.solvers.ipm as ipm
-    _emulate_graphs(monkeypatch)
-    if retries:
-        _misclassify(monkeypatch)
-    P, q, C, d, A, b, *_ = known_qp(12, 8, 10, p, seed=7)
-    if not p:
-        A = b = None
-    w = torch.randn(12, 8, dtype=F64, generator=torch.Generator().manual_seed(0))
     out = {}
     for graphed in (False, True):
         monkeypatch.setattr(lay, "POLISH_GRAPH", graphed)
@@ -729,42 +721,44 @@ def test_polish_and_backward_graphs_match_eager_emulated(monkeypatch, p, retries
         # IPM iterations always; polish and backward only with POLISH_GRAPH: one capture each, then hits
         assert ipm._graph_stats["captures"] - c0["captures"] == (3 if graphed else 1)
         assert ipm._graph_stats["hits"] - c0["hits"] == (3 if graphed else 1)
-    e, g = out[False], out[True]
-    assert torch.equal(e[4], g[4]) and e[4][4:].all()  # (the misclassified ones need retries)
+    ipm.clear_graph_cache()
+    return out[False], out[True]
+
+
+def _same_outputs(e, g, tol):
+    assert torch.equal(e[3], g[3]) and torch.equal(e[4], g[4]) and e[5] == g[5]
+    for x, y in list(zip(e[:3], g[:3])) + list(zip(e[6], g[6])):
+        if x is not None:
+            assert _rel(y, x) <= tol
+
+
+@pytest.mark.parametrize("p,retries", [(0, False), (2, False), (0, True)])
+def test_polish_and_backward_graphs_match_eager_emulated(monkeypatch, p, retries):
+    """The polish (every round on the whole batch) and the backward as cached graphs give the
+    eager polish's points, active sets, verified flags and gradients; the second call replays."""
+    _emulate_graphs(monkeypatch)
+    if retries:
+        _misclassify(monkeypatch)
+    P, q, C, d, A, b, *_ = known_qp(12, 8, 10, p, seed=7)
+    if not p:
+        A = b = None
+    w = torch.randn(12, 8, dtype=F64, generator=torch.Generator().manual_seed(0))
+    e, g = _graphs_vs_eager(monkeypatch, P, q, C, d, A, b, w)
+    _same_outputs(e, g, 1e-12)
+    assert e[4][4:].all()                               # (the misclassified ones need retries)
     if retries:
         assert e[4][:4].any()                           # verified after a retry round
-    assert torch.equal(e[3], g[3]) and e[5] == g[5]
-    for x, y in zip(e[:3], g[:3]):
-        if x is not None:
-            assert _rel(y, x) <= 1e-12
-    for x, y in zip(e[6], g[6]):
-        assert _rel(y, x) <= 1e-12
-    ipm.clear_graph_cache()
 
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("p", [0, 2])
 def test_polish_and_backward_graphs_cuda(monkeypatch, p):
-    import dqp.ipm_layer as lay
-    import dqp.solvers.ipm as ipm
     P, q, C, d, A, b, *_ = known_qp(12, 8, 10, p, seed=7, device="cuda")
     if not p:
         A = b = None
     w = torch.randn(12, 8, dtype=F64, generator=torch.Generator().manual_seed(0)).cuda()
-    out = {}
-    for graphed in (False, True):
-        monkeypatch.setattr(lay, "POLISH_GRAPH", graphed)
-        ipm.clear_graph_cache()
-        c0 = dict(ipm._graph_stats)
-        out[graphed] = _layer_run(P, q, C, d, A, b, w)
-        assert ipm._graph_stats["captures"] - c0["captures"] == (3 if graphed else 1)
-    e, g = out[False], out[True]
-    assert torch.equal(e[3], g[3]) and torch.equal(e[4], g[4]) and e[5] == g[5]
-    for x, y in list(zip(e[:3], g[:3])) + list(zip(e[6], g[6])):
-        if x is not None:
-            assert _rel(y, x) <= 1e-10
-    ipm.clear_graph_cache()
+    _same_outputs(*_graphs_vs_eager(monkeypatch, P, q, C, d, A, b, w), 1e-10)
 
 
 @pytest.mark.parametrize("p", [0, 2])
@@ -772,27 +766,15 @@ def test_polish_graph_float32_data_emulated(monkeypatch, p):
     """Float32 data on a GPU: the IPM runs in float32, the polish in float64 without IPM factors of
     that dtype; as a graph it factorizes P itself. Same answers and gradients as the eager polish."""
     import dqp.ipm_layer as lay
-    import dqp.solvers.ipm as ipm
     _emulate_graphs(monkeypatch)
     monkeypatch.setattr(lay, "WIDEN_ON_CPU", False)        # the GPU's path: float32 IPM, float64 polish
     P, q, C, d, A, b, *_ = known_qp(12, 8, 10, p, seed=11, dtype=F32)
     if not p:
         A = b = None
     w = torch.randn(12, 8, generator=torch.Generator().manual_seed(0)).to(F32)
-    out = {}
-    for graphed in (False, True):
-        monkeypatch.setattr(lay, "POLISH_GRAPH", graphed)
-        ipm.clear_graph_cache()
-        c0 = dict(ipm._graph_stats)
-        out[graphed] = _layer_run(P, q, C, d, A, b, w)
-        assert ipm._graph_stats["captures"] - c0["captures"] == (3 if graphed else 1)
-    e, g = out[False], out[True]
-    assert g[0].dtype == F32 and g[6][0].dtype == F32
-    assert torch.equal(e[3], g[3]) and torch.equal(e[4], g[4]) and e[5] == g[5] and e[4].all()
-    for x, y in list(zip(e[:3], g[:3])) + list(zip(e[6], g[6])):
-        if x is not None:
-            assert _rel(y, x) <= 1e-6
-    ipm.clear_graph_cache()
+    e, g = _graphs_vs_eager(monkeypatch, P, q, C, d, A, b, w)
+    assert g[0].dtype == F32 and g[6][0].dtype == F32 and e[4].all()
+    _same_outputs(e, g, 1e-6)
 
 
 def test_polish_graph_falls_back_to_eager_polish(monkeypatch):
