@@ -151,12 +151,9 @@ def polish(P: Tensor, q: Tensor, C: Optional[Tensor], d: Optional[Tensor], A: Op
     B = q.shape[0]
     tol = math.sqrt(torch.finfo(dtype).eps)
 
-    def attempt(kkt, qq, bb, CC, dd, cur, ok_in):
-        return _attempt(kkt, qq, bb, CC, dd, cur, ok_in, tol)
-
     # round 1: the whole batch (reusing the IPM's factorization of P when it has one)
     kkt = BatchedKKT(P, A, C, active, batch=B, factors=factors)
-    zp, lp, mp, ok, bad_rows = attempt(kkt, q, b, C, d, active, solved)
+    zp, lp, mp, ok, bad_rows = _attempt(kkt, q, b, C, d, active, solved, tol)
     z, lam, mu = _accept(ok, zp, lp, mp, z, lam, mu)
     polished = ok
     # later rounds: only the rejected elements, with the offending rows moved
@@ -168,8 +165,8 @@ def polish(P: Tensor, q: Tensor, C: Optional[Tensor], d: Optional[Tensor], A: Op
                 break
             sub = kkt.subset(idx, cur)
             pick = lambda M: M if M is None or M.dim() == 2 else M[idx]     # matrices: shared or batched
-            zp, lp, mp, ok_s, bad_s = attempt(sub, q[idx], None if b is None else b[idx], pick(C), d[idx], cur,
-                                              torch.ones(idx.numel(), dtype=torch.bool, device=q.device))
+            zp, lp, mp, ok_s, bad_s = _attempt(sub, q[idx], None if b is None else b[idx], pick(C), d[idx], cur,
+                                               torch.ones(idx.numel(), dtype=torch.bool, device=q.device), tol)
             rows = torch.nonzero(ok_s).squeeze(-1)
             gi = idx[rows]
             z[gi] = zp[rows]

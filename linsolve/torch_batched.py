@@ -370,7 +370,7 @@ class BatchedKKT:
 
     def _factor_pre(self, f: dict) -> Tensor:
         """Cholesky path from precomputed P⁻¹[A; C]ᵀ and [A; C]P⁻¹[A; C]ᵀ: mask, add D, factorize S."""
-        B, n, k = self.B, self.n, self.k
+        B, k = self.B, self.k
         cm = torch.ones(B, k, dtype=self.D.dtype, device=self.D.device)
         if self.m:
             cm[:, self.p:] = self.a

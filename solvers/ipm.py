@@ -1504,11 +1504,16 @@ def graphed_call(key: tuple, fn, inputs: Dict[str, Any]) -> Optional[Dict[str, T
     options). Returns None when the graph cannot be captured (the caller runs ``fn`` eagerly).
     """
     flat = _flatten(inputs)
-    key = key + tuple((k, tuple(v.shape), v.dtype, str(v.device)) for k, v in sorted(flat.items()))
+    dev = next(iter(flat.values())).device
+    # besides the caller's key: the shapes, the module-level solve policies the code reads while
+    # capturing, and the thread and stream (static buffers are reused by ordered calls only)
+    key = key + tuple((k, tuple(v.shape), v.dtype, str(v.device)) for k, v in sorted(flat.items())) + (
+        INVERSE_SOLVE, INVERSE_SOLVE_MAX_WORK, BLOCKED, BLOCK_SIZE, BLOCKED_MIN_K, threading.get_ident(),
+        torch.cuda.current_stream(dev).cuda_stream if dev.type == "cuda" else 0)
     ent = _FN_GRAPHS.get(key)
     with torch.no_grad():
         if ent is None:
-            budget = _fn_graph_budget(next(iter(flat.values())).device)
+            budget = _fn_graph_budget(dev)
             if 3 * _nbytes(flat) > budget:
                 return None
             while _FN_GRAPHS and 3 * (_nbytes(flat) + sum(_nbytes(e[1]) + _nbytes(e[2]) for e in _FN_GRAPHS.values())) > budget:

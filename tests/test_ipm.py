@@ -821,6 +821,10 @@ def test_graphed_call_memory_budget_and_attachments(monkeypatch):
     assert [torch.equal(a, b + 1) for a, b in zip(y._dqp_dinv, L._dqp_dinv)] == [True, True]
     y2 = ipm.graphed_call(("t",), fn, {"L": L, "x": 2 * x})["y"]          # replay with new values
     assert torch.equal(y2, L + 2) and len(ipm._FN_GRAPHS) == 1
+    monkeypatch.setattr(ipm, "INVERSE_SOLVE", "never")                   # a policy read while capturing
+    ipm.graphed_call(("t",), fn, {"L": L, "x": x})
+    assert len(ipm._FN_GRAPHS) == 2
+    ipm.clear_graph_cache()
     monkeypatch.setattr(ipm, "FN_GRAPH_MAX_BYTES", 3 * 8 * (3 * 18 + 8 + 1 + 6) + 1)   # room for one such graph
     assert ipm.graphed_call(("t",), fn, {"L": L, "x": x.expand(2, 3).clone()[:, :3]}) is not None
     ipm.graphed_call(("u",), fn, {"L": L, "x": x})                           # evicts the older one
@@ -962,8 +966,6 @@ def _compiled_vs_eager(device):
 def test_compiled_graph_body_emulated(monkeypatch):
     """ipm_solve(compile=True): the torch.compile'd iteration (CUDA code path, CPU inductor) gives
     the eager iterates (slow: ~20 s of compilation)."""
-    import dqp.solvers.ipm as ipm
-
     _emulate_graphs(monkeypatch)
     _compiled_vs_eager("cpu")
 
