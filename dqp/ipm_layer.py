@@ -197,11 +197,11 @@ POLISH_GRAPH_MAX_WORK = 2_000_000
 
 
 def _polish_graph_ok(P, q, C, A, res, opts) -> bool:
-    """Whether the polish (and then the backward) of this batch runs as a CUDA graph: float64
-    with the IPM's dual-form factors (``res``), or float32 data polished in float64 (``res`` None:
-    the graph factorizes P itself)."""
+    """Whether the polish (and then the backward) of this batch runs as a CUDA graph: the IPM took
+    its dual form (``res.factors``: P positive definite and well conditioned) and the polish runs in
+    float64 (for float32 data the graph factorizes P again in float64)."""
     from dqp.solvers.ipm import _graph_device_ok
-    if not (POLISH_GRAPH and opts.get("cuda_graph", True) and (res is None or res.factors is not None)
+    if not (POLISH_GRAPH and opts.get("cuda_graph", True) and res.factors is not None
             and P.dtype == torch.float64 and _graph_device_ok(P.device)):
         return False
     if C is None and A is None:
@@ -350,7 +350,7 @@ class IPMQPFunction(torch.autograd.Function):
                 # with float64's acceptance tolerance (module docstring, "Low precision")
                 wargs = [_cast(t, wide) for t in (P, q, C, d, A, b, z, lam, mu)]
                 out = None
-                if _polish_graph_ok(wargs[0], q, C, A, None, opts):
+                if _polish_graph_ok(wargs[0], q, C, A, res, opts):
                     out = _polish_graphed(*wargs, active, solved, None, rounds)
                 if out is None:
                     out = polish(*wargs, active, solved, rounds=rounds)

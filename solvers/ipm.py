@@ -200,6 +200,12 @@ def _use_blocked(shape: Tuple[int, ...], device: torch.device) -> bool:
     return device.type == "cuda" and k >= BLOCKED_MIN_K and shape[0] * k * k > INVERSE_SOLVE_MAX_WORK
 
 
+def _policy_key() -> tuple:
+    """The module-level linear-algebra policies that captured code reads (part of graph cache keys)."""
+    from dqp.linsolve import blocked
+    return (INVERSE_SOLVE, INVERSE_SOLVE_MAX_WORK, BLOCKED, BLOCK_SIZE, BLOCKED_MIN_K, blocked.TRI_INVERSE_LEAF)
+
+
 def _use_inverse(shape: Tuple[int, ...], device: torch.device) -> bool:
     """Whether a batched factor of this shape on this device gets its explicit inverse."""
     if len(shape) != 3 or INVERSE_SOLVE == "never":
@@ -1110,8 +1116,8 @@ def ipm_solve(P: Tensor, q: Tensor, C: Optional[Tensor] = None, d: Optional[Tens
         # (the thread and stream too: a cached graph's static buffers are reused only by calls
         # that are ordered after one another on the device)
         return (fm, dtype, str(device), Bc, n, m, p, separate_steps, float(step_fraction), int(refine),
-                check_every, eps, eps_inf, int(stall_iters), INVERSE_SOLVE, BLOCKED, BLOCK_SIZE,
-                BLOCKED_MIN_K, bool(compile), D.signature(), threading.get_ident(),
+                check_every, eps, eps_inf, int(stall_iters), _policy_key(), bool(compile), D.signature(),
+                threading.get_ident(),
                 torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0)
     gkey = _gkey(live, B)
     graph = None
@@ -1155,8 +1161,11 @@ def ipm_solve(P: Tensor, q: Tensor, C: Optional[Tensor] = None, d: Optional[Tens
                         full = {k: v.clone() for k, v in S.items() if v.dim() >= 1}
                     else:
                         _scatter_state(full, gidx, S)
-                    idx = torch.nonzero(~S["done"]).squeeze(-1)
-                    idx = torch.cat([idx, idx[:1].expand(bucket - nleft)])   # pad: repeats of a live row
+                    run = torch.nonzero(~S["done"]).squeeze(-1)
+                    # pad with finished rows (there are Bc − nleft ≥ bucket − nleft of them): they take
+                    # no steps, keep their values and do not count as running in later reads
+                    fin = torch.nonzero(S["done"]).squeeze(-1)[:bucket - nleft]
+                    idx = torch.cat([run, fin])
                     gidx = idx if gidx is None else gidx[idx]
                     S = {k: (v[idx] if v.dim() >= 1 else v.clone()) for k, v in S.items()}
                     live = live.subset(idx)
@@ -1324,8 +1333,8 @@ def _graph_device_ok(device: torch.device) -> bool:
 
 #: Tail compaction of the captured iterations: when at most ``COMPACT_FRACTION`` of the current
 #: batch is still running after a replay, the rest of the solve runs on those instances alone
-#: (padded to a power of two, at least 8, so that a training loop meets few batch sizes and their
-#: graphs stay cached). Only where the batch is large enough for the saving to outweigh the new
+#: (padded with finished ones to a power of two, at least 8, so that a training loop meets few batch
+#: sizes and their graphs stay cached). Only where the batch is large enough for the saving to outweigh the new
 #: graph: ``B·k² ≥ COMPACT_MIN_WORK`` for the factorized size ``k``. ``COMPACT = False``: never.
 COMPACT = True
 COMPACT_FRACTION = 0.25
@@ -1341,8 +1350,7 @@ def _compact_size(nleft: int, Bc: int, k: int) -> Optional[int]:
 
 
 def _scatter_state(full: Dict[str, Tensor], gidx: Tensor, S: Dict[str, Tensor]) -> None:
-    """Write the per-instance entries of the compacted state ``S`` into ``full`` at rows ``gidx``
-    (repeated rows carry identical values)."""
+    """Write the per-instance entries of the compacted state ``S`` into ``full`` at rows ``gidx``."""
     for k, v in full.items():
         v[gidx] = S[k]
 
@@ -1508,7 +1516,7 @@ def graphed_call(key: tuple, fn, inputs: Dict[str, Any]) -> Optional[Dict[str, T
     # besides the caller's key: the shapes, the module-level solve policies the code reads while
     # capturing, and the thread and stream (static buffers are reused by ordered calls only)
     key = key + tuple((k, tuple(v.shape), v.dtype, str(v.device)) for k, v in sorted(flat.items())) + (
-        INVERSE_SOLVE, INVERSE_SOLVE_MAX_WORK, BLOCKED, BLOCK_SIZE, BLOCKED_MIN_K, threading.get_ident(),
+        _policy_key(), threading.get_ident(),
         torch.cuda.current_stream(dev).cuda_stream if dev.type == "cuda" else 0)
     ent = _FN_GRAPHS.get(key)
     with torch.no_grad():

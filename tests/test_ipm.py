@@ -777,6 +777,22 @@ def test_polish_graph_float32_data_emulated(monkeypatch, p):
     _same_outputs(e, g, 1e-6)
 
 
+def test_polish_graph_not_taken_without_dual_form(monkeypatch):
+    """Float32 data with a singular P: the IPM takes its primal form (no factors), and the polish
+    runs eagerly rather than as a graph whose factorization of P would fail on every call."""
+    import dqp.ipm_layer as lay
+    import dqp.solvers.ipm as ipm
+    _emulate_graphs(monkeypatch)
+    monkeypatch.setattr(lay, "WIDEN_ON_CPU", False)
+    P, q, C, d, *_ = known_qp(6, 8, 10, 0, seed=2, dtype=F32)
+    P = P.clone()
+    P[:, :, 0] = P[:, 0, :] = 0.0                            # singular, still PSD
+    ipm.clear_graph_cache()
+    _layer_run(P, q, C, d, None, None, torch.ones(6, 8), calls=1)
+    assert len(ipm._FN_GRAPHS) == 0                          # no polish or backward graph
+    ipm.clear_graph_cache()
+
+
 def test_polish_graph_falls_back_to_eager_polish(monkeypatch):
     """An element whose reduced KKT matrix is singular on the Cholesky path (a duplicated active
     row): the graph's result is discarded and the eager polish (with its other paths) runs."""
@@ -845,10 +861,10 @@ def test_polish_graph_policy(monkeypatch):
     monkeypatch.setattr(lay, "POLISH_GRAPH_MAX_WORK", 2_000_000)
     assert not lay._polish_graph_ok(P, q, torch.zeros(128, 130, 100, dtype=F64), None, res, {})   # 2.2e6
     assert not lay._polish_graph_ok(P.float(), q, C, None, res, {})      # (float32 data reach it in float64)
-    assert lay._polish_graph_ok(P, q, C, None, None, {})                 # float32 data: factors of its own
-    assert not lay._polish_graph_ok(P, q, None, None, None, {})          # no constraints
+    assert not lay._polish_graph_ok(P, q, None, None, res, {})           # no constraints
     assert not lay._polish_graph_ok(P, q, C, None, res, {"cuda_graph": False})
-    assert not lay._polish_graph_ok(P, q, C, None, type("R", (), {"factors": None})(), {})   # primal form
+    assert not lay._polish_graph_ok(P, q, C, None, type("R", (), {"factors": None})(), {})   # primal form:
+    # P not (well enough) positive definite for the factors the graph relies on
     monkeypatch.setattr(lay, "POLISH_GRAPH", False)
     assert not lay._polish_graph_ok(P, q, C, None, res, {})
     monkeypatch.setattr(ipm, "_graph_device_ok", lambda dev: False)
@@ -914,9 +930,15 @@ def _compacted_vs_eager(device, form, shared, dtype, p, max_iter=100):
         assert ipm._graph_stats["compactions"] > c0["compactions"]
         if call == 1:
             assert ipm._graph_stats["captures"] == c0["captures"]      # every graph from the cache
-        assert torch.equal(g.status, ref.status) and torch.equal(g.iterations, ref.iterations)
-        # (float32: an instance that stalls (NUMERICAL) ends where round-off took it; compare the rest)
-        keep = torch.ones_like(ref.status, dtype=torch.bool) if dtype == F64 else ref.status != int(Status.NUMERICAL)
+        # float64: identical; float32: the round-off of batched kernels depends on the batch they run
+        # in, so an instance near stalling may end NUMERICAL in one run and SOLVED in the other —
+        # compare the instances that neither run declared NUMERICAL
+        if dtype == F64:
+            assert torch.equal(g.status, ref.status) and torch.equal(g.iterations, ref.iterations)
+            keep = torch.ones_like(ref.status, dtype=torch.bool)
+        else:
+            keep = (ref.status != int(Status.NUMERICAL)) & (g.status != int(Status.NUMERICAL))
+            assert torch.equal(g.status[keep], ref.status[keep]) and keep.sum() >= 12
         for x, y in ((g.z, ref.z), (g.lam, ref.lam), (g.mu, ref.mu), (g.s, ref.s)):
             if x is not None:
                 assert _rel(x[keep], y[keep]) <= tol
@@ -934,6 +956,37 @@ def test_tail_compaction_then_eager_tail_emulated(monkeypatch, max_iter):
     """A max_iter that is not a multiple of check_every: the eager tail runs on the compacted batch."""
     _emulate_graphs(monkeypatch)
     _compacted_vs_eager("cpu", "dual", False, F64, 2, max_iter=max_iter)
+
+
+def test_tail_compaction_pads_with_finished_rows(monkeypatch):
+    """The padding of a compacted batch takes finished instances, so the running count read after a
+    replay counts real instances only and the tail keeps shrinking (a padding of copies of a
+    running row would count as running and hold the batch at its size)."""
+    import sys as _sys
+    import dqp.solvers.ipm as ipm
+    _emulate_graphs(monkeypatch)
+    log = []
+    orig = ipm._compact_size
+
+    def logged(nleft, Bc, k):
+        f = _sys._getframe(1).f_locals
+        run = torch.nonzero(~f["S"]["done"]).squeeze(-1)
+        real = run.numel() if f["gidx"] is None else f["gidx"][run].unique().numel()
+        log.append((nleft, real, Bc))
+        return orig(nleft, Bc, k)
+    monkeypatch.setattr(ipm, "_compact_size", logged)
+    monkeypatch.setattr(ipm, "COMPACT_MIN_WORK", 0)
+    B = 128
+    P, q, C, d, *_ = known_qp(B, 6, 10, 0, seed=1)
+    scale = torch.exp(4 * torch.rand(B, generator=torch.Generator().manual_seed(0), dtype=F64))
+    scale[:20] = 1e3                                         # a spread of iteration counts
+    ipm.clear_graph_cache()
+    res = ipm_solve(P * scale.view(-1, 1, 1), q, C, d, cuda_graph=True, check_every=1, form="primal",
+                    fallback64=False)
+    ipm.clear_graph_cache()
+    assert (res.status == int(Status.SOLVED)).all()
+    assert all(nleft == real for nleft, real, _ in log)
+    assert len({Bc for *_, Bc in log}) >= 3                 # compacted at least twice
 
 
 def test_compact_size_policy(monkeypatch):
