@@ -247,14 +247,11 @@ _KKT_TENSORS = ("a", "Abar", "D", "HiAbt", "LS", "ok", "path", "rho")
 def _factors_of(P: Tensor, C: Optional[Tensor], A: Optional[Tensor]) -> Tuple[dict, Tensor]:
     """What the IPM's dual form hands the polish (``L`` = chol(P), ``PiAbt`` = P⁻¹[A; C]ᵀ,
     ``M`` = [A; C]P⁻¹[A; C]ᵀ), computed without a host sync; and where chol(P) succeeded."""
-    from dqp.solvers.ipm import _chol_solve, _cholesky
+    from dqp.solvers.ipm import _cholesky, _DualNewton, _factor_ok
     L, info = _cholesky(P)
-    piv = torch.diagonal(L, dim1=-2, dim2=-1)
-    big = torch.diagonal(P, dim1=-2, dim2=-1).abs().amax(-1)
-    pd = (info == 0) & torch.isfinite(piv).all(-1) & (piv.abs().amin(-1) ** 2 > 1e-12 * big)
-    Abar = torch.cat([M for M in (A, C) if M is not None], dim=-2)
-    PiAbt = _chol_solve(L, Abar.mT)
-    return dict(L=L, PiAbt=PiAbt, M=torch.matmul(Abar, PiAbt)), pd
+    m, p = (C.shape[-2] if C is not None else 0), (A.shape[-2] if A is not None else 0)
+    nt = _DualNewton(L, P, C, A, P.shape[0], P.shape[-1], m, p, 0.0)   # P⁻¹Āᵀ, ĀP⁻¹Āᵀ as the IPM forms them
+    return dict(L=L, PiAbt=nt.PiAbt, M=nt.M), _factor_ok(L, info, P)
 
 
 def _polish_graphed(P, q, C, d, A, b, z, lam, mu, active, solved, factors, rounds):

@@ -38,7 +38,8 @@ import torch
 from dqp.errors import ShapeError
 from dqp.linsolve.base import LinearSolver, register_linsolver
 from dqp.linsolve.blocked import diag_block_inverses
-from dqp.solvers.ipm import _chol_solve, _cholesky, _cholesky_inplace, _index_factor, _mv, _tmv
+from dqp.solvers.ipm import (_ATTACHED, _chol_solve, _cholesky, _cholesky_inplace, _index_factor, _map_attached,
+                             _mv, _tmv)
 
 logger = logging.getLogger(__name__)
 Tensor = torch.Tensor
@@ -224,7 +225,7 @@ class BatchedKKT:
             if mine is None or mine is theirs:
                 return mine
             out = torch.where(sel.view(-1, *([1] * (mine.dim() - 1))), theirs, mine)
-            for a in ("_dqp_linv", "_dqp_dinv"):
+            for a in _ATTACHED:
                 am, at = getattr(mine, a, None), getattr(theirs, a, None)
                 if am is None:
                     continue
@@ -269,10 +270,8 @@ class BatchedKKT:
         if not (self.L.dim() == 2 and sub.L.dim() == 2) and (sub._L_fresh or self._L_fresh):
             # (both from the same precomputed factor of P: nothing to copy)
             L = self.L.expand(B, n, n).clone()
-            for name in ("_dqp_linv", "_dqp_dinv"):
-                if getattr(self.L, name, None) is not None and self.L.dim() == 3:
-                    att = getattr(self.L, name)
-                    setattr(L, name, att.clone() if isinstance(att, torch.Tensor) else [t.clone() for t in att])
+            if self.L.dim() == 3:
+                _map_attached(self.L, L, torch.clone)
             _put_factor(L, idx, sub.L.expand(sub.B, n, n), rows)
             self.L = L
         self.rho = self.rho.clone()

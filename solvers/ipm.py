@@ -278,16 +278,23 @@ def _cholesky(M: Tensor, overwrite: bool = False) -> Tuple[Tensor, Tensor]:
     return _attach_inverse(U.mT), info
 
 
+#: What a factor from :func:`_cholesky` may carry for :func:`_chol_solve`: its explicit inverse
+#: (a tensor) or the inverses of its diagonal blocks (a list of tensors).
+_ATTACHED = ("_dqp_linv", "_dqp_dinv")
+
+
+def _map_attached(L: Tensor, out: Tensor, fn) -> Tensor:
+    """Give ``out`` the attachments of ``L``, each tensor of them mapped by ``fn``; returns out."""
+    for a in _ATTACHED:
+        att = getattr(L, a, None)
+        if att is not None:
+            setattr(out, a, fn(att) if isinstance(att, Tensor) else [fn(t) for t in att])
+    return out
+
+
 def _index_factor(L: Tensor, idx: Tensor) -> Tensor:
     """``L[idx]`` for a batched matrix, keeping an attached inverse or diagonal-block inverses."""
-    out = L[idx]
-    Li = getattr(L, "_dqp_linv", None)
-    if Li is not None:
-        out._dqp_linv = Li[idx]
-    dinv = getattr(L, "_dqp_dinv", None)
-    if dinv is not None:
-        out._dqp_dinv = [D[idx] for D in dinv]
-    return out
+    return _map_attached(L, L[idx], lambda t: t[idx])
 
 
 def _cholesky_inplace(S: Tensor, rows: Optional[list] = None) -> Tuple[Tensor, Tensor]:
@@ -657,6 +664,16 @@ class _DualNewton:
         return dz, dlam, dmu, Cdz
 
 
+def _factor_ok(LP: Tensor, info: Tensor, P: Tensor) -> Tensor:
+    """Per element: the Cholesky factor of P succeeded and P is well conditioned enough for the
+    dual form (an estimate from the factor's diagonal: min pivot² ≥ limit · max |P_ii|)."""
+    diag = torch.diagonal(LP, dim1=-2, dim2=-1)
+    dmin = diag.abs().amin(-1) ** 2
+    dmax = torch.diagonal(P, dim1=-2, dim2=-1).abs().amax(-1).clamp(min=torch.finfo(P.dtype).tiny)
+    limit = 1e-12 if P.dtype == torch.float64 else 1e-4
+    return (info == 0) & torch.isfinite(diag).all(-1) & (dmin >= limit * dmax)
+
+
 def _choose_form(form, P, B, n, m, p, dtype, est_iters=15):
     """Return (form, LP) — LP the Cholesky factor of P when the dual form is used."""
     if form not in ("auto", "primal", "dual"):
@@ -671,14 +688,7 @@ def _choose_form(form, P, B, n, m, p, dtype, est_iters=15):
         if cost_dual >= cost_primal or k == 0:
             return "primal", None
     LP, info = _cholesky(P)
-    diag = torch.diagonal(LP, dim1=-2, dim2=-1)
-    # conditioning estimate from the Cholesky diagonal (cheap; one host sync, outside the loop)
-    pd = (info == 0) & torch.isfinite(diag).all(-1)
-    dmin = diag.abs().amin(-1) ** 2
-    dmax = torch.diagonal(P, dim1=-2, dim2=-1).abs().amax(-1).clamp(min=torch.finfo(dtype).tiny)
-    limit = 1e-12 if dtype == torch.float64 else 1e-4
-    good = bool((pd & (dmin >= limit * dmax)).all())
-    if not good:
+    if not bool(_factor_ok(LP, info, P).all()):      # (one host sync, outside the loop)
         if form == "dual":
             raise SettingsError("ipm_solve: form='dual' needs a positive definite, well-conditioned P; "
                                 "use form='primal' or 'auto'.")
@@ -1430,10 +1440,6 @@ def _capture(body, state):
 # --------------------------------------------------------------------------------------------
 # whole functions as cached CUDA graphs (the layer's polish and backward for small batches)
 # --------------------------------------------------------------------------------------------
-
-#: Attributes of a factor tensor that travel with it through :func:`graphed_call`.
-_ATTACHED = ("_dqp_linv", "_dqp_dinv")
-
 
 def _flatten(d: Dict[str, Any]) -> Dict[str, Tensor]:
     """Tensors of ``d`` with their attached inverses as entries of their own (``key@attr[i]``)."""
