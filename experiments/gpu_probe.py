@@ -10,7 +10,9 @@ polish, backward), for each variant:
   :mod:`dqp.linsolve.blocked`), ``old`` (the inverse policy without the blocked path) or ``auto``
   (the shipped policy: :data:`dqp.solvers.ipm.INVERSE_SOLVE`, :data:`dqp.solvers.ipm.BLOCKED`);
   a suffix ``-nc`` switches the tail compaction off (:data:`dqp.solvers.ipm.COMPACT`), ``-pe`` the
-  polish and backward graphs (:data:`dqp.ipm_layer.POLISH_GRAPH`);
+  polish and backward graphs (:data:`dqp.ipm_layer.POLISH_GRAPH`), ``-ns`` the graph per step
+  (:data:`dqp.solvers.ipm.SPLIT_GRAPHS`), ``-ng`` the setup graph (:data:`dqp.solvers.ipm.SETUP_GRAPH`),
+  and ``-pg`` raises :data:`dqp.ipm_layer.POLISH_GRAPH_MAX_WORK` to 2e7, in the order ``auto-nc-pe-ns-ng-pg``;
 * ``check_every``: iterations per CUDA-graph replay (one host read of the "all done" flag each);
 * ``compile``: the captured iteration compiled with ``torch.compile`` first (``ipm_solve(compile=True)``).
 
@@ -39,7 +41,17 @@ def set_solve_variant(solve: str) -> None:
     import dqp.solvers.ipm as ipm
     import dqp.ipm_layer as lay
     ipm.INVERSE_SOLVE, ipm.BLOCKED, ipm.BLOCK_SIZE, ipm.COMPACT = "auto", "auto", None, True
-    lay.POLISH_GRAPH = True
+    ipm.SPLIT_GRAPHS = ipm.SETUP_GRAPH = lay.POLISH_GRAPH = True
+    lay.POLISH_GRAPH_MAX_WORK = 2_000_000
+    if solve.endswith("-pg"):                       # polish and backward graphs up to B·k² = 2e7
+        lay.POLISH_GRAPH_MAX_WORK = 20_000_000
+        solve = solve[:-3]
+    if solve.endswith("-ng"):                       # eager IPM setup
+        ipm.SETUP_GRAPH = False
+        solve = solve[:-3]
+    if solve.endswith("-ns"):                       # one graph per replay (not one per step)
+        ipm.SPLIT_GRAPHS = False
+        solve = solve[:-3]
     if solve.endswith("-pe"):                       # eager polish and backward
         lay.POLISH_GRAPH = False
         solve = solve[:-3]

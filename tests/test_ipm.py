@@ -621,8 +621,10 @@ def _run_twice_vs_eager(device, form, shared, dtype, p):
         for x, y in ((g.z, e.z), (g.lam, e.lam), (g.mu, e.mu), (g.s, e.s)):
             if x is not None:
                 assert _rel(x, y) <= tol
-    assert ipm._graph_stats["captures"] - c0["captures"] == 1        # captured once, reused twice
-    assert ipm._graph_stats["hits"] - c0["hits"] == 2
+    # captured once, reused twice (the iterations, and the setup of the dual form: _init_graphed)
+    setup = 1 if (form == "dual" and ipm.SETUP_GRAPH) else 0
+    assert ipm._graph_stats["captures"] - c0["captures"] == 1 + setup
+    assert ipm._graph_stats["hits"] - c0["hits"] == 2 + 2 * setup
 
 
 class _EmulatedGraph:
@@ -718,9 +720,11 @@ def _graphs_vs_eager(monkeypatch, P, q, C, d, A, b, w):
         ipm.clear_graph_cache()
         c0 = dict(ipm._graph_stats)
         out[graphed] = _layer_run(P, q, C, d, A, b, w)
-        # IPM iterations always; polish and backward only with POLISH_GRAPH: one capture each, then hits
-        assert ipm._graph_stats["captures"] - c0["captures"] == (3 if graphed else 1)
-        assert ipm._graph_stats["hits"] - c0["hits"] == (3 if graphed else 1)
+        # IPM setup (dual form) and iterations always; polish and backward only with POLISH_GRAPH: one
+        # capture each, then hits
+        expect = (3 if graphed else 1) + (1 if ipm.SETUP_GRAPH else 0)
+        assert ipm._graph_stats["captures"] - c0["captures"] == expect
+        assert ipm._graph_stats["hits"] - c0["hits"] == expect
     ipm.clear_graph_cache()
     return out[False], out[True]
 
@@ -789,7 +793,53 @@ def test_polish_graph_not_taken_without_dual_form(monkeypatch):
     P[:, :, 0] = P[:, 0, :] = 0.0                            # singular, still PSD
     ipm.clear_graph_cache()
     _layer_run(P, q, C, d, None, None, torch.ones(6, 8), calls=1)
-    assert len(ipm._FN_GRAPHS) == 0                          # no polish or backward graph
+    # no polish or backward graph (the IPM's setup graph was tried for the dual form and rejected)
+    assert [k[0] for k in ipm._FN_GRAPHS] == ["dqp_ipm_init"]
+    ipm.clear_graph_cache()
+
+
+@pytest.mark.parametrize("form", ["auto", "dual"])
+def test_setup_graph_rejects_singular_P_emulated(monkeypatch, form):
+    """The dual form's setup as a graph (_init_graphed) factorizes P inside; when that fails the
+    test of _choose_form, the solve goes on as without the graph: the primal form for "auto" (same
+    results as eager), an error naming the fix for "dual"."""
+    import dqp.solvers.ipm as ipm
+    _emulate_graphs(monkeypatch)
+    ipm.clear_graph_cache()
+    P, q, C, d, *_ = known_qp(6, 8, 10, 0, seed=2)
+    P = P.clone()
+    P[:, :, 0] = P[:, 0, :] = 0.0                            # singular, still PSD
+    kw = dict(form=form, fallback64=False)
+    if form == "dual":
+        with pytest.raises(SettingsError, match="form='primal'"):
+            ipm_solve(P, q, C, d, cuda_graph=True, **kw)
+    else:
+        g = ipm_solve(P, q, C, d, cuda_graph=True, **kw)
+        e = ipm_solve(P, q, C, d, cuda_graph=False, **kw)
+        assert g.form == e.form == "primal"
+        assert torch.equal(g.status, e.status) and _rel(g.z, e.z) <= 1e-12
+    assert [k[0] for k in ipm._FN_GRAPHS] == ["dqp_ipm_init"]
+    ipm.clear_graph_cache()
+
+
+@pytest.mark.parametrize("setting", ["off", "too_large"])
+def test_setup_graph_switches_emulated(monkeypatch, setting):
+    """SETUP_GRAPH = False, or a batch above SETUP_GRAPH_MAX_WORK: the setup runs eagerly (no
+    graph of it), with the same results."""
+    import dqp.solvers.ipm as ipm
+    _emulate_graphs(monkeypatch)
+    ipm.clear_graph_cache()
+    P, q, C, d, *_ = known_qp(6, 8, 10, 0, seed=1)
+    ref = ipm_solve(P, q, C, d, cuda_graph=True, form="dual")
+    assert [k[0] for k in ipm._FN_GRAPHS] == ["dqp_ipm_init"]
+    ipm.clear_graph_cache()
+    if setting == "off":
+        monkeypatch.setattr(ipm, "SETUP_GRAPH", False)
+    else:
+        monkeypatch.setattr(ipm, "SETUP_GRAPH_MAX_WORK", 6 * 10 ** 2 - 1)
+    g = ipm_solve(P, q, C, d, cuda_graph=True, form="dual")
+    assert len(ipm._FN_GRAPHS) == 0
+    assert torch.equal(g.status, ref.status) and _rel(g.z, ref.z) <= 1e-12
     ipm.clear_graph_cache()
 
 
