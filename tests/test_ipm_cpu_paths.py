@@ -105,3 +105,32 @@ def test_float32_dual_form_solves():
     r64 = ipm.ipm_solve(P.double(), q.double(), C.double(), d.double(), A.double(), b.double(), form="dual")
     # (the float32 IPM stops at a relative residual of 1e-5; the polish makes z accurate)
     assert torch.allclose(r.z.double(), r64.z, atol=1e-2, rtol=1e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("inplace", [False, True])
+def test_potrs_rows_matches_solve(monkeypatch, dtype, inplace):
+    """_potrs_rows (the dual form's P⁻¹Āᵀ on the CPU): rows of R (L Lᵀ)⁻¹, with L from _cholesky or
+    from _cholesky_inplace (whose strict upper triangle keeps stale values); the dual-form solver
+    gets the same P⁻¹Āᵀ with and without it."""
+    g = torch.Generator().manual_seed(5)
+    X = torch.randn(5, 8, 8, generator=g, dtype=torch.float64)
+    P = X @ X.mT + torch.eye(8, dtype=torch.float64)
+    R = torch.randn(5, 6, 8, generator=g, dtype=torch.float64)
+    ref = torch.linalg.solve(P, R.mT).mT
+    P, R = P.to(dtype), R.to(dtype)
+    L = ipm._cholesky_inplace(P.clone())[0] if inplace else ipm._cholesky(P)[0]
+    assert ipm._lapack_potrs_rows_ok(L, R)
+    Rc = R.clone()
+    out = ipm._potrs_rows(L, R)
+    tol = 1e-10 if dtype == torch.float64 else 1e-3
+    assert torch.equal(R, Rc) and out.dtype == dtype
+    assert torch.allclose(out.double(), ref, atol=tol, rtol=tol)
+    L2 = ipm._cholesky(P)[0]
+    a = ipm._DualNewton(L2, P, R, None, 5, 8, 6, 0, 1e-12).PiAbt
+    # (not for a factor that needs a gradient, or off the CPU fast paths)
+    assert not ipm._lapack_potrs_rows_ok(L.detach().requires_grad_(True), R)
+    monkeypatch.setattr(ipm, "CPU_FAST_PATHS", False)
+    assert not ipm._lapack_potrs_rows_ok(L, R)
+    b = ipm._DualNewton(L2, P, R, None, 5, 8, 6, 0, 1e-12).PiAbt
+    assert torch.allclose(a, b, atol=tol, rtol=tol)
