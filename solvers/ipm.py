@@ -1021,45 +1021,49 @@ def ipm_solve(P: Tensor, q: Tensor, C: Optional[Tensor] = None, d: Optional[Tens
         bb = -req if p else None
         nrin = -rin if m else None
         c_aff = (nrin + s) if m else None          # −r_in + r_c/μ with r_c = s∘μ
+        # (s and μ, and their directions, are stacked (B, 2, m) where both take the same operations:
+        # one kernel for both; an iteration is a few hundred small kernels at B=128, n=m=100)
         if m:
             _, dl_a, dm_a, Cdz_a = newton.direction(a, bb, c_aff, winv, False, 0)
-            ds_a = nrin - Cdz_a
-            ap_a = _max_step(s, ds_a, 1.0)
-            ad_a = _max_step(mu, dm_a, 1.0)
+            sm = torch.stack([s, mu], 1)
+            dsm_a = torch.stack([nrin - Cdz_a, dm_a], 1)                  # (Δs, Δμ) affine
+            st_a = _max_step(sm, dsm_a, 1.0)                             # (B, 2): primal, dual
             if not separate_steps:
-                ap_a = ad_a = torch.minimum(ap_a, ad_a)
+                st_a = st_a.amin(-1, keepdim=True)
             tau = gap / m
-            mu_aff = (torch.addcmul(s, ap_a.unsqueeze(-1), ds_a)
-                      * torch.addcmul(mu, ad_a.unsqueeze(-1), dm_a)).sum(-1) / m
+            sm_a = torch.addcmul(sm, st_a.unsqueeze(-1), dsm_a)
+            mu_aff = (sm_a[:, 0] * sm_a[:, 1]).sum(-1) / m
             sigma = (mu_aff / tau.clamp(min=tiny)).clamp(min=0.0, max=1.0) ** 3
             # ---------------- corrector (centering + second order) with the same factorization
-            rc = torch.addcmul(s * mu, ds_a, dm_a).sub_((sigma * tau).unsqueeze(-1))
+            rc = torch.addcmul(s * mu, dsm_a[:, 0], dm_a).sub_((sigma * tau).unsqueeze(-1))
             c_cor = torch.addcdiv(nrin, rc, mu)
             dz_, dl_, dm_, Cdz = newton.direction(a, bb, c_cor, winv, True, refine)
-            ds_ = nrin - Cdz
+            dsm = torch.stack([nrin - Cdz, dm_], 1)
             # fraction to the boundary, → 1 as the instance converges (per instance)
             eta = (1.0 - (gap / gscl).sqrt()).clamp(min=step_fraction)
-            ap = (eta * _max_step(s, ds_)).clamp(max=1.0)
-            ad = (eta * _max_step(mu, dm_)).clamp(max=1.0)
+            st = (eta.unsqueeze(-1) * _max_step(sm, dsm)).clamp(max=1.0)
             if not separate_steps:
-                ap = ad = torch.minimum(ap, ad)
+                st = st.amin(-1, keepdim=True)
+            ap, ad = st[:, 0], st[:, -1]
         else:
             dz_, dl_, dm_, _ = newton.direction(a, bb, None, None, True, refine)
-            ds_ = s
             ap = torch.ones(z.shape[0], dtype=dtype, device=device)
             ad = ap
 
-        finite = torch.isfinite(dz_).all(-1)
+        # finite direction: a NaN or ±inf anywhere makes the sum non-finite (x − x ≠ 0; a sum that
+        # overflows counts as non-finite too)
+        tot = dz_.sum(-1)
         if p:
-            finite = finite & torch.isfinite(dl_).all(-1)
+            tot = tot + dl_.sum(-1)
         if m:
-            finite = finite & torch.isfinite(dm_).all(-1) & torch.isfinite(ds_).all(-1)
-        ok = fact_ok & finite
+            tot = tot + dsm.sum((-2, -1))
+        ok = fact_ok & ((tot - tot) == 0)
         upd = running & ok
         # failed factorization / non-finite step: raise that instance's regularization and retry
+        # (δ ∈ [1, 1e12]: ×100 after a failure, ×0.5 after a success)
         bad = running & ~ok
-        delta = torch.where(bad, (delta * 100.0).clamp(max=1e12), (delta * 0.5).clamp(min=1.0))
-        nfail = torch.where(bad, nfail + 1, 0)
+        delta = (delta * torch.where(bad, 100.0, 0.5)).clamp(min=1.0, max=1e12)
+        nfail = (nfail + 1) * bad
         if trace is not None:
             sc = (lambda a, b: None if a is None else a / b)        # noqa: E731 (no check this iteration)
             trace.append(dict(it=it, pres=sc(pres, pscl), dres=sc(dres, dscl), gap=gap / gscl, ap=ap, ad=ad,
@@ -1068,8 +1072,8 @@ def ipm_solve(P: Tensor, q: Tensor, C: Optional[Tensor] = None, d: Optional[Tens
         z = torch.where(u, torch.addcmul(z, ap.unsqueeze(-1), dz_), z)
         if m:
             # (clamp: keep strict interiority against round-off)
-            s = torch.where(u, torch.addcmul(s, ap.unsqueeze(-1), ds_), s).clamp_(min=tiny)
-            mu = torch.where(u, torch.addcmul(mu, ad.unsqueeze(-1), dm_), mu).clamp_(min=tiny)
+            sm = torch.where(u.unsqueeze(-1), torch.addcmul(sm, st.unsqueeze(-1), dsm), sm).clamp_(min=tiny)
+            s, mu = sm[:, 0], sm[:, 1]
         if p:
             lam = torch.where(u, torch.addcmul(lam, ad.unsqueeze(-1), dl_), lam)
         if track:

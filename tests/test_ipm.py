@@ -709,9 +709,10 @@ def _misclassify(monkeypatch, rows=4):
     monkeypatch.setattr(lay, "classify_active", wrong)
 
 
-def _graphs_vs_eager(monkeypatch, P, q, C, d, A, b, w):
+def _graphs_vs_eager(monkeypatch, P, q, C, d, A, b, w, retries=False):
     """Two layer calls with POLISH_GRAPH off, then on: captures (IPM; IPM + polish + backward) and
-    cache hits of the second calls; returns both runs' outputs (see _layer_run)."""
+    cache hits of the second calls; returns both runs' outputs (see _layer_run). ``retries``: some
+    element needs a retry round of the polish (its graph of one round, then that of all rounds)."""
     import dqp.ipm_layer as lay
     import dqp.solvers.ipm as ipm
     out = {}
@@ -722,7 +723,7 @@ def _graphs_vs_eager(monkeypatch, P, q, C, d, A, b, w):
         out[graphed] = _layer_run(P, q, C, d, A, b, w)
         # IPM setup (dual form) and iterations always; polish and backward only with POLISH_GRAPH: one
         # capture each, then hits
-        expect = (3 if graphed else 1) + (1 if ipm.SETUP_GRAPH else 0)
+        expect = (3 + int(retries) if graphed else 1) + (1 if ipm.SETUP_GRAPH else 0)
         assert ipm._graph_stats["captures"] - c0["captures"] == expect
         assert ipm._graph_stats["hits"] - c0["hits"] == expect
     ipm.clear_graph_cache()
@@ -747,7 +748,7 @@ def test_polish_and_backward_graphs_match_eager_emulated(monkeypatch, p, retries
     if not p:
         A = b = None
     w = torch.randn(12, 8, dtype=F64, generator=torch.Generator().manual_seed(0))
-    e, g = _graphs_vs_eager(monkeypatch, P, q, C, d, A, b, w)
+    e, g = _graphs_vs_eager(monkeypatch, P, q, C, d, A, b, w, retries)
     _same_outputs(e, g, 1e-12)
     assert e[4][4:].all()                               # (the misclassified ones need retries)
     if retries:
