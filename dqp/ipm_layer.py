@@ -60,7 +60,6 @@ polish (``polish=False``), the float32 path keeps its float32 factorization.
 """
 from __future__ import annotations
 
-import functools
 import math
 from typing import Any, Dict, Optional, Tuple
 
@@ -192,8 +191,7 @@ def polish(P: Tensor, q: Tensor, C: Optional[Tensor], d: Optional[Tensor], A: Op
 #: an H100 (qpth's generator, forward+backward, experiments/gpu_probe.py): B=128, n=m=100 25.8 →
 #: 18.7 ms (backward alone 3.3 → 1.1 ms); B=1024, n=m=100 no clear difference (44.0 vs 47.2 ms);
 #: B=128, n=m=500 105.6 → 210.7 ms (the polish and backward graphs do not both fit the cache's
-#: memory budget and are captured again on every call) — hence the limit. The graph of the first
-#: round alone runs first; the graph of all rounds only where some element needs a retry.
+#: memory budget and are captured again on every call) — hence the limit.
 POLISH_GRAPH = True
 POLISH_GRAPH_MAX_WORK = 2_000_000
 
@@ -263,7 +261,7 @@ def _polish_graphed(P, q, C, d, A, b, z, lam, mu, active, solved, factors, round
     from dqp.solvers.ipm import graphed_call
     own = factors is None
 
-    def fn(t, rounds):
+    def fn(t):
         if own:
             f, pd = _factors_of(t["P"], t.get("C"), t.get("A"))
         else:
@@ -280,18 +278,11 @@ def _polish_graphed(P, q, C, d, A, b, z, lam, mu, active, solved, factors, round
     inputs = dict(P=P, q=q, C=C, d=d, A=A, b=b, z=z, lam=lam, mu=mu, active=active, solved=solved)
     if not own:
         inputs.update(L=factors["L"], PiAbt=factors["PiAbt"], M=factors["M"])
-    # first the graph of one round: where it accepts every solved element (the common case) the
-    # retry rounds would only cost device time; else the graph of all rounds
-    for r in dict.fromkeys((1, int(rounds))):
-        out = graphed_call(("dqp_polish", r, own), functools.partial(fn, rounds=r), inputs)
-        if out is None:
-            return None
-        retry = solved & ~out["polished"] & ~out["fallback"]
-        fallback, retry = torch.stack([out["fallback"].any(), retry.any()]).tolist()   # (one host sync)
-        if fallback:
-            return None
-        if not retry:
-            break
+    # (all rounds in one graph: on qpth's generator, B=128, n=m=100, the first round accepts 113–124
+    # of the 128 elements, so a graph of the first round alone would nearly always need a second)
+    out = graphed_call(("dqp_polish", int(rounds), own), fn, inputs)
+    if out is None or bool(out["fallback"].any()):
+        return None
     st = {k[4:]: v for k, v in out.items() if k.startswith("kkt.")}
     st.update(P=P, A=A, C=C)
     if not own:

@@ -709,10 +709,9 @@ def _misclassify(monkeypatch, rows=4):
     monkeypatch.setattr(lay, "classify_active", wrong)
 
 
-def _graphs_vs_eager(monkeypatch, P, q, C, d, A, b, w, retries=False):
+def _graphs_vs_eager(monkeypatch, P, q, C, d, A, b, w):
     """Two layer calls with POLISH_GRAPH off, then on: captures (IPM; IPM + polish + backward) and
-    cache hits of the second calls; returns both runs' outputs (see _layer_run). ``retries``: some
-    element needs a retry round of the polish (its graph of one round, then that of all rounds)."""
+    cache hits of the second calls; returns both runs' outputs (see _layer_run)."""
     import dqp.ipm_layer as lay
     import dqp.solvers.ipm as ipm
     out = {}
@@ -723,7 +722,7 @@ def _graphs_vs_eager(monkeypatch, P, q, C, d, A, b, w, retries=False):
         out[graphed] = _layer_run(P, q, C, d, A, b, w)
         # IPM setup (dual form) and iterations always; polish and backward only with POLISH_GRAPH: one
         # capture each, then hits
-        expect = (3 + int(retries) if graphed else 1) + (1 if ipm.SETUP_GRAPH else 0)
+        expect = (3 if graphed else 1) + (1 if ipm.SETUP_GRAPH else 0)
         assert ipm._graph_stats["captures"] - c0["captures"] == expect
         assert ipm._graph_stats["hits"] - c0["hits"] == expect
     ipm.clear_graph_cache()
@@ -748,7 +747,7 @@ def test_polish_and_backward_graphs_match_eager_emulated(monkeypatch, p, retries
     if not p:
         A = b = None
     w = torch.randn(12, 8, dtype=F64, generator=torch.Generator().manual_seed(0))
-    e, g = _graphs_vs_eager(monkeypatch, P, q, C, d, A, b, w, retries)
+    e, g = _graphs_vs_eager(monkeypatch, P, q, C, d, A, b, w)
     _same_outputs(e, g, 1e-12)
     assert e[4][4:].all()                               # (the misclassified ones need retries)
     if retries:
