@@ -1547,30 +1547,44 @@ class _GraphChain:
                 g.replay()
 
 
+def _write_back(st: Dict[str, Tensor], out: Dict[str, Tensor]) -> None:
+    """Copy the entries of ``out`` into the buffers of ``st`` (those that are new tensors)."""
+    for k, buf in st.items():
+        if out[k] is not buf:
+            buf.copy_(out[k])
+
+
+def _run_parts(parts, st: Dict[str, Tensor]) -> None:
+    """Run ``parts`` ((function, repeats) pairs) as their graphs will: each call reads the buffers of
+    ``st`` and writes its result back into them. The capture's warm-up: it initializes library
+    handles and workspaces, and calls each function (compiled with ``torch.compile`` under
+    ``compile=True``) on inputs laid out as in the capture: a function that saw other strides in the
+    warm-up would be compiled again while capturing, which invalidates the capture."""
+    for fn, reps in parts:
+        for _ in range(reps):
+            _write_back(st, fn(st))
+
+
 def _capture(body, state):
     """Capture ``state ← body(state)`` (dicts of tensors) as a CUDA graph; ``(graph, static_state)``.
     With ``body.parts`` ((function, repeats) pairs that make up body) and :data:`SPLIT_GRAPHS`: one
     graph per part, sharing a memory pool, as a :class:`_GraphChain`."""
     try:
         with torch.no_grad():
+            parts = (getattr(body, "parts", None) if SPLIT_GRAPHS else None) or ((body, 1),)
             st = {k: t.clone() for k, t in state.items()}
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
-                body({k: t.clone() for k, t in state.items()})     # warm-up: library handles, workspaces
+                _run_parts(parts, {k: t.clone() for k, t in state.items()})   # warm-up
             torch.cuda.current_stream().wait_stream(side)
-            parts = getattr(body, "parts", None) if SPLIT_GRAPHS else None
             graphs = []
-            for fn, reps in (parts or ((body, 1),)):
+            for fn, reps in parts:
                 # each part writes its result into the static state: a part's graph reads only st and
                 # the static data, so the parts can share one pool (they run one after the other)
                 g = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(g, pool=graphs[0][0].pool() if graphs else None):
-                    out = fn(st)
-                    for k, buf in st.items():
-                        if out[k] is not buf:
-                            buf.copy_(out[k])
-                del out
+                    _write_back(st, fn(st))
                 graphs.append((g, reps))
         return (graphs[0][0] if len(graphs) == 1 else _GraphChain(graphs)), st
     except Exception as exc:  # pragma: no cover - depends on the CUDA/torch build
