@@ -1062,6 +1062,9 @@ def _compiled_vs_eager(device):
         assert torch.equal(g.status, e.status) and torch.equal(g.iterations, e.iterations)
         for x, y in ((g.z, e.z), (g.lam, e.lam), (g.mu, e.mu)):
             assert _rel(x, y) <= 1e-10
+    # the compiled iteration was captured (a failed capture runs eagerly, with the same results, and
+    # caches nothing)
+    assert len(ipm._GRAPH_CACHE) == 1
     ipm.clear_graph_cache()
 
 
