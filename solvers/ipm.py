@@ -913,11 +913,12 @@ def ipm_solve(P: Tensor, q: Tensor, C: Optional[Tensor] = None, d: Optional[Tens
         float64 (outputs are cast back). Float32 stalls on ill-conditioned problems (measured on
         qpth's generator, n = m = 100: 1 of 128 instances stalls at a dual residual ~1e-3).
     cuda_graph : bool
-        On CUDA, capture ``check_every`` interior-point steps (residuals, factorization,
-        predictor, corrector, step) and the convergence check as one CUDA graph and replay it until
-        every instance is done: nothing in it synchronizes with the host, which reads one flag
-        per replay. Cuts the per-iteration launch overhead that dominates small problems. Falls
-        back to eager execution if the capture fails.
+        On CUDA, capture an interior-point step (residuals, factorization, predictor, corrector,
+        step) and the convergence check as CUDA graphs (one per step, :data:`SPLIT_GRAPHS`) and
+        replay ``check_every`` steps and a check until every instance is done: nothing in them
+        synchronizes with the host, which reads one flag per replay. Cuts the per-iteration launch
+        overhead that dominates small problems. The dual form's setup runs as a cached graph too
+        (:data:`SETUP_GRAPH`, with ``graph_cache``). Falls back to eager execution if the capture fails.
     graph_cache : bool
         Keep the captured iteration for later calls with the same shapes, dtype, device, form and
         options (LRU of ``GRAPH_CACHE_SIZE`` entries, ``GRAPH_CACHE_MAX_BYTES`` in all): those
@@ -925,8 +926,9 @@ def ipm_solve(P: Tensor, q: Tensor, C: Optional[Tensor] = None, d: Optional[Tens
         training loop captures once. :func:`clear_graph_cache` frees them.
     compile : bool
         With ``cuda_graph``: compile the captured iteration with ``torch.compile`` first, which
-        fuses its element-wise work (about 140 small kernels per iteration) into a few generated
-        kernels. The first call for each shape then takes the compilation time (tens of seconds);
+        fuses its element-wise work (about 100 small kernels per step) into a few generated
+        kernels. The first call for each shape then takes the compilation time (about 100 s on an
+        H100 host);
         later calls reuse the cached graph. Each capture compiles anew, and past
         ``torch._dynamo.config.cache_size_limit`` captures in one process torch.compile runs the
         iteration uncompiled (with its own warning). Off by default.
