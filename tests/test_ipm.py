@@ -634,12 +634,16 @@ class _EmulatedGraph:
     def __init__(self, body, state):
         self.body, self.st, self.n = body, {k: t.clone() for k, t in state.items()}, 0
 
-    def replay(self):
+    def replay(self, steps=None):
+        """As :meth:`dqp.solvers.ipm._GraphChain.replay`: ``steps`` repeats the body's first part."""
+        import dqp.solvers.ipm as ipm
         self.n += 1
         with torch.no_grad():
-            out = self.body(self.st)
-        for k, buf in self.st.items():
-            buf.copy_(out[k])
+            if steps is None:
+                ipm._write_back(self.st, self.body(self.st))
+            else:
+                (one, _), (chk, _) = self.body.parts
+                ipm._run_parts(((one, steps), (chk, 1)), self.st)
 
 
 class _EmulatedFnGraph:
@@ -1213,3 +1217,64 @@ def test_graph_parts_warm_up_sees_capture_layout(monkeypatch):
         ipm._run_parts([(rec(one), n_one), (rec(chk), n_chk)], st)
     assert len(seen) == 3 and all(s == {k: v.stride() for k, v in st.items()} for s in seen)
     assert not torch.equal(st["z"], got["state"]["z"])       # the parts wrote their results back
+
+
+def test_check_schedule():
+    """_CheckSchedule: every check_every steps, then 1, 1, 2, 4, 4 … steps once at most
+    TAIL_FRACTION of the batch runs; fixed when not adaptive or check_every is 1."""
+    import dqp.solvers.ipm as ipm
+    s = ipm._CheckSchedule(4, 100, True)
+    seen = [s.next]
+    for nleft in (100, 50, 10, 3, 2, 2, 1, 1):
+        s.checked(seen[-1], nleft)
+        seen.append(s.next)
+    assert seen == [4, 8, 12, 13, 14, 16, 20, 24, 28]
+    for sch in (ipm._CheckSchedule(4, 100, False), ipm._CheckSchedule(1, 100, True)):
+        nxt = [sch.next]
+        for nleft in (100, 3, 1, 1):
+            sch.checked(nxt[-1], nleft)
+            nxt.append(sch.next)
+        assert nxt == [sch.ce * i for i in range(1, 6)]
+
+
+def _tail_checks_vs_eager(monkeypatch, device, form, made=None):
+    """TAIL_CHECKS: the captured iterations (replays of a variable number of steps) and the eager
+    ones follow the same check schedule: the same statuses, iteration counts and iterates; instances
+    in the tail stop earlier than with checks every check_every steps only, none later."""
+    import dqp.solvers.ipm as ipm
+    P, q, C, d, A, b, *_ = known_qp(40, 8, 12, 0, seed=9, device=device)
+    P = P.clone()
+    w = torch.logspace(0, 3, 8, dtype=F64, device=device)
+    P[:5] = w.unsqueeze(-1) * P[:5] * w                      # a few harder (ill-conditioned) elements
+    kw = dict(form=form, check_every=4, fallback64=False)
+    out = {}
+    for tail in (False, True):
+        monkeypatch.setattr(ipm, "TAIL_CHECKS", tail)
+        ipm.clear_graph_cache()
+        if made is not None:
+            made.clear()
+        g = ipm_solve(P, q, C, d, cuda_graph=True, **kw)
+        e = ipm_solve(P, q, C, d, cuda_graph=False, **kw)
+        assert torch.equal(g.status, e.status) and torch.equal(g.iterations, e.iterations)
+        # (the eager dual form carries products from step to step: round-off differs)
+        assert _rel(g.z, e.z) <= 1e-9 and _rel(g.mu, e.mu) <= 1e-9
+        assert (g.status == int(Status.SOLVED)).all()
+        out[tail] = (g, None if made is None else sum(r.n for r in made))
+    ipm.clear_graph_cache()
+    (g0, n0), (g1, n1) = out[False], out[True]
+    assert (g1.iterations <= g0.iterations).all() and (g1.iterations < g0.iterations).any()
+    assert (g0.iterations % 4 == 0).all() and not (g1.iterations % 4 == 0).all()
+    assert n1 is None or n1 > n0                                 # more, shorter replays
+    assert _rel(g1.z, g0.z) <= 1e-6
+
+
+@pytest.mark.parametrize("form", ["dual", "primal"])
+def test_tail_checks_graph_matches_eager_emulated(monkeypatch, form):
+    _tail_checks_vs_eager(monkeypatch, "cpu", form, _emulate_graphs(monkeypatch))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("form", ["dual", "primal"])
+def test_tail_checks_graph_matches_eager_cuda(monkeypatch, form):
+    _tail_checks_vs_eager(monkeypatch, "cuda", form)
