@@ -12,7 +12,8 @@ polish, backward), for each variant:
   a suffix ``-nc`` switches the tail compaction off (:data:`dqp.solvers.ipm.COMPACT`), ``-pe`` the
   polish and backward graphs (:data:`dqp.ipm_layer.POLISH_GRAPH`), ``-ns`` the graph per step
   (:data:`dqp.solvers.ipm.SPLIT_GRAPHS`), ``-ng`` the setup graph (:data:`dqp.solvers.ipm.SETUP_GRAPH`),
-  and ``-pg`` raises :data:`dqp.ipm_layer.POLISH_GRAPH_MAX_WORK` to 2e7, in the order ``auto-nc-pe-ns-ng-pg``;
+  ``-pg`` raises :data:`dqp.ipm_layer.POLISH_GRAPH_MAX_WORK` to 2e7 and ``-nt`` switches the tail checks
+  off (:data:`dqp.solvers.ipm.TAIL_CHECKS`), in the order ``auto-nc-pe-ns-ng-pg-nt``;
 * ``check_every``: iterations per CUDA-graph replay (one host read of the "all done" flag each);
 * ``compile``: the captured iteration compiled with ``torch.compile`` first (``ipm_solve(compile=True)``).
 
@@ -41,7 +42,10 @@ def set_solve_variant(solve: str) -> None:
     import dqp.solvers.ipm as ipm
     import dqp.ipm_layer as lay
     ipm.INVERSE_SOLVE, ipm.BLOCKED, ipm.BLOCK_SIZE, ipm.COMPACT = "auto", "auto", None, True
-    ipm.SPLIT_GRAPHS = ipm.SETUP_GRAPH = lay.POLISH_GRAPH = True
+    ipm.SPLIT_GRAPHS = ipm.SETUP_GRAPH = ipm.TAIL_CHECKS = lay.POLISH_GRAPH = True
+    if solve.endswith("-nt"):                       # checks every check_every steps, also in the tail
+        ipm.TAIL_CHECKS = False
+        solve = solve[:-3]
     lay.POLISH_GRAPH_MAX_WORK = 2_000_000
     if solve.endswith("-pg"):                       # polish and backward graphs up to B·k² = 2e7
         lay.POLISH_GRAPH_MAX_WORK = 20_000_000
