@@ -467,6 +467,9 @@ class _PrimalNewton:
     """``H = P + CᵀWC + δI`` (n×n Cholesky), equalities by the Schur complement ``A H⁻¹ Aᵀ``."""
 
     form = "primal"
+    #: Keep the factorization of the first call when m == 0 (it does not change across iterations);
+    #: off in captured code (see ipm_solve's _make_body)
+    cache_const = True
 
     def __init__(self, P, C, A, B, n, m, p, reg_p, reg_d):
         self.P, self.C, self.A = P, C, A
@@ -478,7 +481,7 @@ class _PrimalNewton:
     def factor(self, winv: Optional[Tensor], delta: Tensor, running: Optional[Tensor] = None) -> Tensor:
         """Factorize for W = 1/winv (B, m); returns per-instance ok flags (B,). (``running``: as
         :meth:`_DualNewton.factor`; unused here.)"""
-        if self.m == 0 and self._const is not None:
+        if self.m == 0 and self.cache_const and self._const is not None:
             self.LH, self.HiAt, self.LS = self._const
             return self._const_ok
         P, C, A = self.P, self.C, self.A
@@ -504,7 +507,7 @@ class _PrimalNewton:
             ok = ok & (info2 == 0)
         else:
             self.HiAt = self.LS = None
-        if self.m == 0:
+        if self.m == 0 and self.cache_const:
             self._const = (self.LH, self.HiAt, self.LS)
             self._const_ok = ok
         return ok
@@ -550,6 +553,7 @@ class _DualNewton:
     """``P ≻ 0``: ``S = Ā P⁻¹ Āᵀ + diag(0, W⁻¹) + δ_d I`` with ``Ā = [A; C]``; ``Ā P⁻¹ Āᵀ`` formed once."""
 
     form = "dual"
+    cache_const = True          # as _PrimalNewton.cache_const
 
     def __init__(self, LP, P, C, A, B, n, m, p, reg_d, pre: Optional[Dict[str, Tensor]] = None,
                  q: Optional[Tensor] = None):
@@ -586,7 +590,7 @@ class _DualNewton:
     def factor(self, winv: Optional[Tensor], delta: Tensor, running: Optional[Tensor] = None) -> Tensor:
         """Factorize S for W = 1/winv; ``running`` (B,) bool, optional: only those elements' factors
         are used (the CPU path then skips the others). Returns per-instance ok flags (B,)."""
-        if self.m == 0 and self._const is not None:
+        if self.m == 0 and self.cache_const and self._const is not None:
             self.LS = self._const
             return self._const_ok
         inplace = (self.m > 0 and CPU_FAST_PATHS and self.M.device.type == "cpu"
@@ -608,7 +612,7 @@ class _DualNewton:
         self.LS, info = _cholesky_inplace(S, rows) if inplace else _cholesky(S, overwrite=True)
         self._lapack_rows = rows if inplace else False        # solves with LS go through _solve_S
         ok = info == 0
-        if self.m == 0:
+        if self.m == 0 and self.cache_const:
             self._const, self._const_ok = self.LS, ok
         return ok
 
@@ -1208,6 +1212,11 @@ def ipm_solve(P: Tensor, q: Tensor, C: Optional[Tensor] = None, d: Optional[Tens
     def _make_body(D):
         """``check_every`` steps, then the check at the new iterate, as one function of the state:
         what the CUDA graph captures."""
+        # a captured step factorizes every time: a factor cached by an earlier (warm-up or eager)
+        # call is a tensor outside the graph's static data, which a cached graph would keep reading
+        # after later calls refilled that data
+        D.newton.cache_const, D.newton._const = False, None
+
         def one(S):
             return {**S, **_step(S, _resid(S["z"], S["s"], S["mu"], S["lam"], D=D), D=D)}
 

@@ -1305,3 +1305,25 @@ def test_tail_checks_left_to_compaction(monkeypatch):
     assert (ipm_solve(P, q, C, d, **kw).iterations % 4 == 0).all()
     monkeypatch.setattr(ipm, "COMPACT", False)
     assert not (ipm_solve(P, q, C, d, **kw).iterations % 4 == 0).all()
+
+
+@pytest.mark.parametrize("form", ["dual", "primal"])
+@pytest.mark.parametrize("dtype", [F64, F32])
+@pytest.mark.parametrize("shared", [False, True])
+def test_equality_only_graph_cache_refactorizes_emulated(monkeypatch, form, dtype, shared):
+    """m == 0: the eager solvers keep their first factorization (it does not change across
+    iterations), but a captured step must factorize: a cached graph replayed for new data read the
+    first call's factor (found by review: z off by 4e62 in float64, primal form)."""
+    import dqp.solvers.ipm as ipm
+    _emulate_graphs(monkeypatch)
+    ipm.clear_graph_cache()
+    for seed in range(3):
+        P, q, C, d, A, b, *_ = known_qp(5, 7, 0, 2, seed=seed, dtype=dtype)
+        if shared:
+            P = P[0]
+        kw = dict(form=form, check_every=3, fallback64=False)
+        g = ipm_solve(P * (10.0 ** seed), q, None, None, A, b, cuda_graph=True, **kw)
+        e = ipm_solve(P * (10.0 ** seed), q, None, None, A, b, cuda_graph=False, **kw)
+        assert torch.equal(g.status, e.status) and (g.status == int(Status.SOLVED)).all()
+        assert _rel(g.z, e.z) <= (1e-12 if dtype == F64 else 1e-5)
+    ipm.clear_graph_cache()
