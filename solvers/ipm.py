@@ -719,9 +719,12 @@ def _form_by_cost(form, P, B, n, m, p, est_iters=15) -> str:
     needs P's factor to succeed (:func:`_choose_form`)."""
     if form not in ("auto", "primal", "dual"):
         raise SettingsError(f"ipm_solve: form must be 'auto', 'primal' or 'dual', got {form!r}.")
+    k = m + p
+    if form == "dual" and k == 0:
+        raise SettingsError("ipm_solve: form='dual' eliminates the constraints, and this problem has "
+                            "none; use form='auto' or 'primal'.")
     if form != "auto":
         return form
-    k = m + p
     nb = 1 if P.dim() == 2 else B
     cost_primal = est_iters * B * (2.0 * m * n * n + n ** 3 / 3 + 2.0 * p * n * n + p ** 3 / 3)
     cost_dual = nb * (n ** 3 / 3 + 2.0 * n * n * k + 2.0 * n * k * k) + est_iters * B * (k ** 3 / 3 + 4.0 * n * k)
@@ -1056,14 +1059,14 @@ def ipm_solve(P: Tensor, q: Tensor, C: Optional[Tensor] = None, d: Optional[Tens
             ap = torch.ones(z.shape[0], dtype=dtype, device=device)
             ad = ap
 
-        # finite direction: a NaN or ±inf anywhere makes the sum non-finite (x − x ≠ 0; a sum that
-        # overflows counts as non-finite too)
+        # finite direction: a NaN or ±inf anywhere makes the sum non-finite (a sum that overflows
+        # counts as non-finite too)
         tot = dz_.sum(-1)
         if p:
             tot = tot + dl_.sum(-1)
         if m:
             tot = tot + dsm.sum((-2, -1))
-        ok = fact_ok & ((tot - tot) == 0)
+        ok = fact_ok & torch.isfinite(tot)
         upd = running & ok
         # failed factorization / non-finite step: raise that instance's regularization and retry
         # (δ ∈ [1, 1e12]: ×100 after a failure, ×0.5 after a success)

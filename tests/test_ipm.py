@@ -1327,3 +1327,14 @@ def test_equality_only_graph_cache_refactorizes_emulated(monkeypatch, form, dtyp
         assert torch.equal(g.status, e.status) and (g.status == int(Status.SOLVED)).all()
         assert _rel(g.z, e.z) <= (1e-12 if dtype == F64 else 1e-5)
     ipm.clear_graph_cache()
+
+
+def test_dual_form_without_constraints_is_a_settings_error():
+    """form='dual' eliminates the constraints; with none it names the fix (it raised an
+    AttributeError before); 'auto' takes the primal form."""
+    P, q, *_ = known_qp(3, 4, 2, 0, seed=0)
+    with pytest.raises(SettingsError, match="form='auto' or 'primal'"):
+        ipm_solve(P, q, form="dual")
+    r = ipm_solve(P, q, form="auto")
+    assert r.form == "primal" and (r.status == int(Status.SOLVED)).all()
+    assert torch.allclose(r.z, -torch.linalg.solve(P, q.unsqueeze(-1)).squeeze(-1), atol=1e-8)
