@@ -731,7 +731,7 @@ def _form_by_cost(form, P, B, n, m, p, est_iters=15) -> str:
     return "primal" if cost_dual >= cost_primal or k == 0 else "dual"
 
 
-def _choose_form(form, P, B, n, m, p, dtype):
+def _choose_form(form, P, B, n, m, p):
     """Return (form, LP) — LP the Cholesky factor of P when the dual form is used."""
     if _form_by_cost(form, P, B, n, m, p) == "primal":
         return "primal", None
@@ -809,7 +809,7 @@ def _init(P, q, C, d, A, b, B: int, n: int, m: int, p: int, fm: str, LP: Optiona
     # the iteration's whole state, device tensors only (the CUDA graph's static buffers)
     S: Dict[str, Tensor] = dict(
         z=z, s=s, mu=mu, lam=lam,
-        delta=torch.ones(B, dtype=dtype, device=device),        # per-instance regularization multiplier
+        delta=delta,
         nfail=torch.zeros(B, dtype=torch.int64, device=device),
         iters=torch.zeros(B, dtype=torch.int64, device=device),
         done=torch.zeros(B, dtype=torch.bool, device=device),
@@ -935,8 +935,7 @@ def ipm_solve(P: Tensor, q: Tensor, C: Optional[Tensor] = None, d: Optional[Tens
         With ``cuda_graph``: compile the captured iteration with ``torch.compile`` first, which
         fuses its element-wise work (about 100 small kernels per step) into a few generated
         kernels. The first call for each shape then takes the compilation time (about 100 s on an
-        H100 host);
-        later calls reuse the cached graph. Each capture compiles anew, and past
+        H100 host); later calls reuse the cached graph. Each capture compiles anew, and past
         ``torch._dynamo.config.cache_size_limit`` captures in one process torch.compile runs the
         iteration uncompiled (with its own warning). Off by default.
     trace : list, optional
@@ -971,7 +970,7 @@ def ipm_solve(P: Tensor, q: Tensor, C: Optional[Tensor] = None, d: Optional[Tens
         if use_graph and graph_cache and SETUP_GRAPH and _form_by_cost(form, P, B, n, m, p) == "dual":
             init = _init_graphed(P, q, C, d, A, b, B, n, m, p)
         if init is None:
-            fm, LP = _choose_form(form, P, B, n, m, p, dtype)
+            fm, LP = _choose_form(form, P, B, n, m, p)
             init = _init(P, q, C, d, A, b, B, n, m, p, fm, LP)
     C, d, A, b, c_scale, a_scale, norms, newton, S = init
     fm = newton.form
