@@ -326,6 +326,23 @@ class DqpCompileMethod(_TorchLayer):
         return lambda Q, p, G, h, A, b: solve_qp_batch(Q, p, G, h, compile=True)[0]
 
 
+class DqpLoopMethod(_TorchLayer):
+    """``solve_qp_batch(..., fused=False)``: the torch loop (CUDA graphs) instead of the fused
+    kernel (dqp.solvers.fused), for a same-run comparison of the two."""
+
+    name = "dqp_loop"
+
+    def available(self):
+        return DqpBatchMethod().available()
+
+    def version(self):
+        return DqpMethod().version()
+
+    def _layer(self):
+        from dqp.ipm_layer import solve_qp_batch
+        return lambda Q, p, G, h, A, b: solve_qp_batch(Q, p, G, h, fused=False)[0]
+
+
 def _import_qpth():
     """Import qpth; its package imports cvxpy eagerly (only for its CVXPY solver, unused here)."""
     try:
@@ -424,7 +441,7 @@ class QpaxMethod(Method):
 
 
 METHODS: Dict[str, Method] = {m.name: m for m in (DqpMethod(), QpthMethod(), QpaxMethod(),
-                                                 DqpBatchMethod(), DqpCompileMethod())}
+                                                 DqpBatchMethod(), DqpCompileMethod(), DqpLoopMethod())}
 
 
 # --------------------------------------------------------------------------------------------

@@ -68,6 +68,7 @@ import torch
 
 from dqp.errors import LayoutError, SettingsError, ShapeError, Status
 from dqp.linsolve.blocked import blocked_chol_solve, blocked_cholesky
+from dqp.solvers import fused as _fused
 from dqp.solvers.base import ForwardSolver, register_solver
 
 logger = logging.getLogger(__name__)
@@ -871,13 +872,39 @@ def _init_graphed(P, q, C, d, A, b, B: int, n: int, m: int, p: int):
     return Cs, ds, As, bs, out.get("c_scale"), out.get("a_scale"), norms, newton, S
 
 
+def _use_fused(fused: Optional[bool], fm: str, dtype: torch.dtype, device: torch.device, n: int, m: int,
+               p: int, trace: Optional[list]) -> bool:
+    """Whether this solve runs the fused kernel (see ``ipm_solve``'s ``fused``)."""
+    if fused is None:
+        fused = _fused.FUSED
+    if fused is False:
+        return False
+    if fused not in (True, "auto"):
+        raise SettingsError(f"ipm_solve: fused must be True, False or None, got {fused!r}.")
+    fits = _fused.fused_available(device, dtype, n, m, p) or (device.type == "cpu" and fused is True)
+    reasons = [why for bad, why in (
+        (fm != "dual", f"the {fm} form was chosen (the kernel runs the dual form: P positive definite "
+                       "and well conditioned, form='dual' or 'auto')"),
+        (dtype != torch.float64, f"the data are {dtype} (the kernel is float64)"),
+        (m + p == 0, "the problem has no constraints"),
+        (trace is not None, "trace is given"),
+        (not fits, f"no fused build fits on {device} (CUDA, shared memory for k = {m + p})")) if bad]
+    if fused == "auto":
+        return device.type == "cuda" and not reasons
+    if reasons:
+        raise SettingsError("ipm_solve: fused=True does not apply here: " + "; ".join(reasons)
+                            + ". Use fused=None (automatic) or False.")
+    return True
+
+
 def ipm_solve(P: Tensor, q: Tensor, C: Optional[Tensor] = None, d: Optional[Tensor] = None,
               A: Optional[Tensor] = None, b: Optional[Tensor] = None, *, eps: Optional[float] = None,
               max_iter: int = 100, check_every: Optional[int] = None, form: str = "auto",
               separate_steps: bool = True, step_fraction: float = 0.995,
               eps_infeasible: Optional[float] = None, refine: Optional[int] = None,
               stall_iters: int = 12, fallback64: bool = True, cuda_graph: bool = True,
-              graph_cache: bool = True, compile: bool = False, trace: Optional[list] = None) -> IPMResult:
+              graph_cache: bool = True, compile: bool = False, fused: Optional[bool] = None,
+              trace: Optional[list] = None) -> IPMResult:
     """Solve a batch of convex QPs with a primal-dual interior-point method.
 
     Parameters
@@ -938,6 +965,12 @@ def ipm_solve(P: Tensor, q: Tensor, C: Optional[Tensor] = None, d: Optional[Tens
         H100 host); later calls reuse the cached graph. Each capture compiles anew, and past
         ``torch._dynamo.config.cache_size_limit`` captures in one process torch.compile runs the
         iteration uncompiled (with its own warning). Off by default.
+    fused : bool, optional
+        Run the whole iteration loop as one fused kernel (:mod:`dqp.solvers.fused`: a thread
+        block per QP). ``None`` (default) follows :data:`dqp.solvers.fused.FUSED` (``"auto"``: on
+        CUDA for float64 dual-form problems whose Schur matrix fits a block's shared memory);
+        ``True`` requires it (on the CPU it runs the kernel's C++ build, for tests) and raises
+        :class:`~dqp.errors.SettingsError` where it does not apply; ``False``: the torch loop.
     trace : list, optional
         Diagnostics: when given, a dict of per-instance tensors (residuals, gap, step lengths,
         regularization) is appended every iteration.
@@ -1255,6 +1288,13 @@ def ipm_solve(P: Tensor, q: Tensor, C: Optional[Tensor] = None, d: Optional[Tens
                 torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0)
     gkey = _gkey(live, B)
     graph = None
+    fused_out = None
+    if _use_fused(fused, fm, dtype, device, n, m, p, trace):
+        with torch.profiler.record_function("dqp::ipm_fused"):
+            fused_out = _fused.solve_dual(
+                P, q, C, d, A, b, newton.M, newton.PiAbt, newton._Piq, newton._g, norms, newton.Md, S,
+                max_iter=max_iter, stall_iters=stall_iters, separate_steps=separate_steps, eps=eps,
+                eps_inf=eps_inf, step_fraction=step_fraction, reg_d=newton.reg_d, wlo=wlo)
     # eager float64 dual form: carry P z, Aᵀλ, Cᵀμ, A z, C z and M y from step to step (see _step)
     # instead of recomputing them — on the CPU each product is a pass over a (B, ·, n) matrix that
     # does not fit in cache; recomputed exactly every `exact_every` iterations
@@ -1275,7 +1315,7 @@ def ipm_solve(P: Tensor, q: Tensor, C: Optional[Tensor] = None, d: Optional[Tens
     # (where the tail compaction applies, it deals with the tail: see TAIL_CHECKS)
     sched = _CheckSchedule(check_every, B, TAIL_CHECKS and SPLIT_GRAPHS
                            and not (COMPACT and B * max(n, m + p) ** 2 >= COMPACT_MIN_WORK))
-    while True:
+    while fused_out is None:
         if use_graph and it == max(checked, 0) and sched.next <= max_iter:
             # GPU: the steps up to the next check and the check per graph replay; the host reads one
             # count per replay
@@ -1342,7 +1382,9 @@ def ipm_solve(P: Tensor, q: Tensor, C: Optional[Tensor] = None, d: Optional[Tens
                 it += 1
         if stop:
             break
-    if full is not None:
+    if fused_out is not None:
+        S = fused_out
+    elif full is not None:
         _scatter_state(full, gidx, S)
         S = full
     elif graph is not None:

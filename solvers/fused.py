@@ -1,0 +1,259 @@
+"""Fused interior-point iterations: the whole IPM loop of the dual form in one kernel launch.
+
+The torch loop of :func:`dqp.solvers.ipm.ipm_solve` runs each iteration as ~150 small kernels
+(factorization, solves, element-wise work, reductions); at B=128, n=m=100 on an H100 that is
+~430 µs of device time per step and ~60 % of a forward+backward call, bound by kernel count, not
+arithmetic. Here one CUDA thread block solves one QP: the Schur matrix ``S = ĀP⁻¹Āᵀ + diag(0, W⁻¹)
++ δI`` and the iterate live in shared memory, and the block runs every iteration (residuals, the
+convergence check with the infeasibility certificates, Cholesky, predictor, corrector, step) until
+its QP is done. The algorithm is the torch loop's dual form (float64, checked every iteration),
+which stays the reference: ``tests/test_fused.py`` compares the two.
+
+When it runs (:data:`FUSED` ``"auto"``): CUDA, float64, the dual form (P positive definite and
+well conditioned, chosen by ``ipm_solve``), at least one constraint, no ``trace``, and ``S`` plus
+the iterate fitting one block's shared memory (k = m + p up to ~150 on an H100). Everything
+else takes the torch loop. The kernel source (``fused_ipm.cu``) is compiled at first use with
+NVRTC through ``torch.cuda._compile_kernel``; the same source also compiles as plain C++
+(``-DDQP_CPU``, one thread per block), which is how CI tests its logic without a GPU
+(``fused=True`` on a CPU tensor, with a C++ compiler on the PATH).
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+from typing import Dict, Optional, Tuple, Union
+
+import torch
+
+from dqp.errors import SettingsError, SolverNotAvailableError, Status
+
+logger = logging.getLogger(__name__)
+
+Tensor = torch.Tensor
+
+__all__ = ["FUSED", "THREADS", "smem_bytes", "fused_available", "solve_dual"]
+
+#: ``"auto"``: the fused kernel wherever it applies on CUDA (module docstring); ``False``: never
+#: (the torch loop everywhere). ``ipm_solve(fused=...)`` overrides it per call.
+FUSED: Union[str, bool] = "auto"
+
+#: Threads per block (8 warps). The kernel's reductions and its Cholesky assume a multiple of 32.
+THREADS = 256
+_MAXRED = 40          # as MAXRED in fused_ipm.cu
+
+#: Diagnostics (experiments/fused_check.py): a CUDA int64 tensor of 8 zeros makes every call run
+#: the kernel built with ``-DDQP_PROFILE``, which adds each iteration phase's clock cycles there.
+PROFILE: Optional[Tensor] = None
+
+_SRC = Path(__file__).with_name("fused_ipm.cu")
+_lock = threading.Lock()
+_cuda_kernels: Dict[Tuple[int, int, int, bool], object] = {}
+_cpu_libs: Dict[int, ctypes.CDLL] = {}
+
+
+def smem_bytes(n: int, m: int, p: int, threads: int = THREADS) -> int:
+    """Shared memory (bytes) one block needs (the layout at the top of the kernel): M and S in one
+    k×(k|1) array, 14 k-vectors, 11 n-vectors and a per-warp n-vector scratch, 3 m-vectors, the
+    reduction scratch and a flag."""
+    k = m + p
+    nwarps = max(threads // 32, 1)
+    words = k * (k | 1) + 14 * k + (11 + nwarps) * n + 3 * (m + 1) + (nwarps + 1) * _MAXRED + 1
+    return 8 * words
+
+
+def _source() -> str:
+    """The kernel source with the Status codes defined from :class:`dqp.errors.Status`."""
+    defs = "".join(f"#define ST_{s.name} {int(s)}\n" for s in Status)
+    return defs + _SRC.read_text()
+
+
+#: Largest k = m + p the kernel takes on CUDA: each thread holds a ⌈k/8⌉×⌈k/32⌉ tile of S in
+#: registers (64 doubles at k = 128); larger tiles would spill.
+KMAX = 128
+
+
+def _tiles(k: int, device_type: str) -> Tuple[int, int]:
+    """(DQP_RR, DQP_RC): a thread's tile of S, rows × columns (the kernel's thread grid is 32 lanes
+    × THREADS/32 warps on CUDA, one thread in the C++ build)."""
+    if device_type == "cuda":
+        return -(-k // (THREADS // 32)), -(-k // 32)
+    return k, k
+
+
+def _max_smem(device: torch.device) -> int:
+    props = torch.cuda.get_device_properties(device)
+    return int(getattr(props, "shared_memory_per_block_optin", 0) or getattr(props, "shared_memory_per_block", 49152))
+
+
+def fused_available(device: torch.device, dtype: torch.dtype, n: int, m: int, p: int) -> bool:
+    """Whether the fused kernel can solve this problem shape on ``device`` (CUDA, float64, at least
+    one and at most :data:`KMAX` constraints, the block's shared memory within the device's limit)."""
+    if dtype != torch.float64 or m + p == 0 or n == 0:
+        return False
+    if device.type == "cuda":
+        return (hasattr(torch.cuda, "_compile_kernel") and m + p <= KMAX
+                and smem_bytes(n, m, p) <= _max_smem(device))
+    return False
+
+
+def _set_smem(kernel, nbytes: int) -> None:
+    """Opt the kernel in to ``nbytes`` of dynamic shared memory (above the 48 KiB default)."""
+    if hasattr(kernel, "set_shared_memory_config"):
+        kernel.set_shared_memory_config(nbytes)
+        return
+    # older torch: cuFuncSetAttribute(CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES = 8) ourselves
+    from torch.cuda._utils import _check_cuda, _get_gpu_runtime_library
+    _check_cuda(_get_gpu_runtime_library().cuFuncSetAttribute(kernel.func, 8, ctypes.c_int(nbytes)))
+    kernel._max_shared_mem_bytes = nbytes
+
+
+def _cuda_kernel(device: torch.device, k: int, profile: bool = False):
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    rr, rc = _tiles(k, "cuda")
+    key = (idx, rr, rc, profile)
+    with _lock:
+        kern = _cuda_kernels.get(key)
+        if kern is None:
+            opts = ["-std=c++17", f"-DDQP_RR={rr}", f"-DDQP_RC={rc}"] + (["-DDQP_PROFILE"] if profile else [])
+            with torch.cuda.device(idx):
+                kern = torch.cuda._compile_kernel(_source(), "dqp_ipm_dual", nvcc_options=opts)
+                _set_smem(kern, _max_smem(device))
+            _cuda_kernels[key] = kern
+            logger.info("dqp fused IPM: kernel compiled for device %d, tile %dx%d", idx, rr, rc)
+    return kern
+
+
+def _cpu_library(k: int) -> ctypes.CDLL:
+    """The kernel compiled as C++ (``-DDQP_CPU``, tiles for this k) into a shared library, cached
+    by source hash and k."""
+    with _lock:
+        if k in _cpu_libs:
+            return _cpu_libs[k]
+        cxx = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
+        if cxx is None:
+            raise SolverNotAvailableError(
+                "fused IPM on the CPU: the kernel's C++ build needs a C++ compiler (c++, g++ or clang++) "
+                "on the PATH, or set CXX; or use fused=False (the torch loop).")
+        src = _source()
+        tag = hashlib.sha256(src.encode()).hexdigest()[:16]
+        out = Path(tempfile.gettempdir()) / f"dqp_fused_ipm_{tag}_k{k}.so"
+        if not out.exists():
+            cpp = out.with_suffix(".cpp")
+            cpp.write_text(src)
+            tmp = out.with_suffix(f".{os.getpid()}.tmp.so")
+            rr, rc = _tiles(k, "cpu")
+            cmd = [cxx, "-O2", "-shared", "-fPIC", "-std=c++17", "-DDQP_CPU", f"-DDQP_RR={rr}", f"-DDQP_RC={rc}",
+                   str(cpp), "-o", str(tmp)]
+            res = subprocess.run(cmd, capture_output=True, text=True)
+            if res.returncode != 0:
+                raise SolverNotAvailableError(f"fused IPM on the CPU: compiling the kernel failed ({' '.join(cmd)}):\n"
+                                              f"{res.stderr[-4000:]}")
+            os.replace(tmp, out)
+        lib = ctypes.CDLL(str(out))
+        fn = lib.dqp_ipm_dual_cpu
+        ptr, i32, f64 = ctypes.c_void_p, ctypes.c_int, ctypes.c_double
+        fn.argtypes = ([ptr, i32] * 8 + [ptr] * 3 + [ptr] * 5 + [ptr] * 6 + [i32] * 6 + [f64] * 5 + [i32])
+        fn.restype = None
+        _cpu_libs[k] = lib
+        return lib
+
+
+def _mat(M: Optional[Tensor], like: Tensor) -> Tuple[Tensor, int]:
+    """A matrix argument: contiguous rows and its batch stride (0 for a shared matrix)."""
+    if M is None:
+        return like.new_zeros(1), 0
+    M = M.contiguous()
+    return M, (M.shape[-2] * M.shape[-1] if M.dim() == 3 else 0)
+
+
+def _vec(v: Optional[Tensor], like: Tensor) -> Tuple[Tensor, int]:
+    """A (B, ·) vector argument: unit stride in the last dimension and its batch stride."""
+    if v is None:
+        return like.new_zeros(1), 0
+    if v.dim() == 1:
+        return v.contiguous(), 0
+    if v.stride(-1) != 1 or (v.stride(0) not in (0, v.shape[-1]) and v.shape[0] > 1):
+        v = v.contiguous()
+    return v, (v.stride(0) if v.shape[0] > 1 else 0)
+
+
+def solve_dual(P: Tensor, q: Tensor, C: Optional[Tensor], d: Optional[Tensor], A: Optional[Tensor],
+               b: Optional[Tensor], M: Tensor, PiAbt: Tensor, Piq: Tensor, g: Tensor,
+               norms: Dict[str, Optional[Tensor]], Md: Tensor, state: Dict[str, Tensor], *,
+               max_iter: int, stall_iters: int, separate_steps: bool, eps: float, eps_inf: float,
+               step_fraction: float, reg_d: float, wlo: float, profile: Optional[Tensor] = None) -> Dict[str, Tensor]:
+    """Run the interior-point iterations of the dual form from ``state`` (the starting point of
+    :func:`dqp.solvers.ipm._init`) to the end, in one launch.
+
+    Parameters are the row-scaled data and the dual form's tensors as ``ipm_solve`` holds them
+    (``M = ĀP⁻¹Āᵀ``, ``PiAbt = P⁻¹Āᵀ``, ``Piq = P⁻¹q``, ``g = ĀP⁻¹q`` with ``Ā = [A; C]``; ``Md`` the
+    largest |diagonal| of M), and the options of :func:`dqp.solvers.ipm.ipm_solve`. Returns
+    ``z, s, mu, lam, status, iters`` (new tensors). ``profile`` (CUDA, int64 of 8 zeros): the kernel
+    built with ``-DDQP_PROFILE`` adds the clock cycles of each phase of an iteration there.
+    """
+    dev, dt = P.device, P.dtype
+    if profile is None and PROFILE is not None and dev.type == "cuda":
+        profile = PROFILE
+    if dt != torch.float64:
+        raise SettingsError(f"fused IPM: float64 data only (got {dt}); use fused=False.")
+    B, n = q.shape
+    m = 0 if C is None else C.shape[-2]
+    p = 0 if A is None else A.shape[-2]
+    k = m + p
+    if k == 0:
+        raise SettingsError("fused IPM: the problem has no constraints (the dual form needs some); use fused=False.")
+    one = P.new_zeros(1)
+    Pm, sP = _mat(P, one)
+    Cm, sC = _mat(C, one)
+    Am, sA = _mat(A, one)
+    Mm, sM = _mat(M, one)
+    Pi, sPi = _mat(PiAbt, one)
+    qv, sq = _vec(q, one)
+    dv, sd = _vec(d, one)
+    bv, sb = _vec(b, one)
+    zeros = q.new_zeros(B)
+    nrm = torch.stack([norms["pscale"].expand(B), norms["qnorm"].expand(B),
+                       zeros if norms.get("bnorm") is None else norms["bnorm"].expand(B),
+                       zeros if norms.get("dnorm") is None else norms["dnorm"].expand(B),
+                       Md.expand(B)], dim=-1).contiguous()
+    Piq = Piq.expand(B, n).contiguous()
+    g = g.expand(B, k).contiguous()
+    z0 = state["z"].contiguous()
+    s0 = state["s"].contiguous() if m else one
+    mu0 = state["mu"].contiguous() if m else one
+    lam0 = state["lam"].contiguous() if p else one
+    delta0 = state["delta"].contiguous()
+    z = torch.empty(B, n, dtype=dt, device=dev)
+    s = torch.empty(B, m, dtype=dt, device=dev)
+    mu = torch.empty(B, m, dtype=dt, device=dev)
+    lam = torch.empty(B, p, dtype=dt, device=dev)
+    status = torch.empty(B, dtype=torch.int64, device=dev)
+    iters = torch.empty(B, dtype=torch.int64, device=dev)
+    so = s if m else one.clone()
+    muo = mu if m else one.clone()
+    lamo = lam if p else one.clone()
+    tensors = [Pm, sP, qv, sq, Cm, sC, dv, sd, Am, sA, bv, sb, Mm, sM, Pi, sPi, Piq, g, nrm,
+               z0, s0, mu0, lam0, delta0, z, so, muo, lamo, status, iters]
+    scalars = [int(n), int(m), int(p), int(max_iter), int(stall_iters), int(bool(separate_steps)),
+               float(eps), float(eps_inf), float(step_fraction), float(reg_d), float(wlo)]
+    if B == 0:
+        pass
+    elif dev.type == "cuda":
+        kern = _cuda_kernel(dev, k, profile is not None)
+        prof = [profile if profile is not None else one]     # (read only by a -DDQP_PROFILE build)
+        kern(grid=(B, 1, 1), block=(THREADS, 1, 1), args=tensors + scalars + prof,
+             shared_mem=smem_bytes(n, m, p))
+    elif dev.type == "cpu":
+        fn = _cpu_library(k).dqp_ipm_dual_cpu
+        args = [a.data_ptr() if isinstance(a, Tensor) else a for a in tensors] + scalars + [int(B)]
+        fn(*args)
+    else:
+        raise SettingsError(f"fused IPM: no build for device type {dev.type!r}; use fused=False.")
+    return dict(z=z, s=s, mu=mu, lam=lam, status=status, iters=iters)

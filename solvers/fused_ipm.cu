@@ -1,0 +1,645 @@
+// Fused interior-point iterations of dqp's batched IPM, dual form, float64 (dqp.solvers.fused).
+//
+// One thread block solves one QP: every iteration (residuals, convergence check and infeasibility
+// certificates, the Schur-complement factorization S = Ā P⁻¹ Āᵀ + diag(0, W⁻¹) + δI, predictor,
+// corrector, step) runs inside one launch, with S and the iterate in shared memory. It is the
+// same algorithm as the torch loop of solvers/ipm.py (its `_step` and `_check`, checked every
+// iteration), which stays the reference: tests compare the two.
+//
+// The source also compiles as plain C++ with -DDQP_CPU: a "block" is then one thread
+// (TID = 0, NT = 1, WARP = 1), barriers are no-ops and block reductions are identities, so each
+// parallel loop runs sequentially over its whole range. CI compiles it that way to test the
+// logic without a GPU. Rules that keep both builds right: parallel work only in loops of the form
+// `for (i = TID; i < N; i += NT)` (or over warps/lanes), values that cross a barrier live in
+// shared memory, and reductions go through block_reduce().
+//
+// The host side prepends #define lines for the Status codes (ST_SOLVED, ...).
+
+#ifdef DQP_CPU
+#include <cmath>
+#include <cstdlib>
+#define KERNEL static void
+#define DEV static inline
+static int dqp_block_id = 0;
+static double* dqp_smem = nullptr;
+#define TID 0
+#define NT 1
+#define WARP 1
+#define BID dqp_block_id
+#define SYNC() ((void)0)
+#define SYNCWARP() ((void)0)
+#define DQP_SQRT std::sqrt
+#define DQP_ISFINITE std::isfinite
+DEV double warp_sum(double v) { return v; }
+DEV double warp_max(double v) { return v; }
+#else
+#define KERNEL extern "C" __global__ void __launch_bounds__(256)
+#define DEV __device__ __forceinline__
+extern __shared__ double dqp_smem[];
+#define TID ((int)threadIdx.x)
+#define NT ((int)blockDim.x)
+#define WARP 32
+#define BID ((long long)blockIdx.x)
+#define SYNC() __syncthreads()
+#define SYNCWARP() __syncwarp()
+#define DQP_SQRT sqrt
+#define DQP_ISFINITE isfinite
+DEV double warp_sum(double v) {
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+DEV double warp_max(double v) {
+    for (int o = 16; o > 0; o >>= 1) v = fmax(v, __shfl_xor_sync(0xffffffffu, v, o));
+    return v;
+}
+#endif
+
+// -DDQP_PROFILE (experiments/fused_check.py): thread 0 of each block adds the clock cycles of
+// each phase of an iteration to prof[phase] (atomically, over all blocks).
+#if defined(DQP_PROFILE) && !defined(DQP_CPU)
+#define PROF_INIT long long prof_t = clock64();
+#define PROF(ph) if (TID == 0 && prof) { const long long t_ = clock64(); atomicAdd((unsigned long long*)&prof[ph], (unsigned long long)(t_ - prof_t)); prof_t = t_; }
+#else
+#define PROF_INIT
+#define PROF(ph)
+#endif
+
+#define LANE (TID % WARP)
+#define WID (TID / WARP)
+#define NWARPS (NT / WARP)
+
+#define DQP_TINY 2.2250738585072014e-308
+#define DQP_BIG 1.7e308
+#define MAXRED 40
+
+// Reduce ns sums and nx maxima over the block; every thread gets the totals back in place.
+// red: shared scratch of (NWARPS + 1) * MAXRED doubles.
+DEV void block_reduce(double* sums, int ns, double* maxs, int nx, double* red) {
+#ifndef DQP_CPU
+    const int nv = ns + nx;
+    for (int j = 0; j < ns; ++j) sums[j] = warp_sum(sums[j]);
+    for (int j = 0; j < nx; ++j) maxs[j] = warp_max(maxs[j]);
+    SYNC();     // (red may still be read by the previous call's threads)
+    if (LANE == 0) {
+        for (int j = 0; j < ns; ++j) red[WID * MAXRED + j] = sums[j];
+        for (int j = 0; j < nx; ++j) red[WID * MAXRED + ns + j] = maxs[j];
+    }
+    SYNC();
+    if (TID < nv) {
+        double acc = red[TID];
+        for (int w = 1; w < NWARPS; ++w) {
+            double v = red[w * MAXRED + TID];
+            acc = TID < ns ? acc + v : fmax(acc, v);
+        }
+        red[NWARPS * MAXRED + TID] = acc;
+    }
+    SYNC();
+    for (int j = 0; j < ns; ++j) sums[j] = red[NWARPS * MAXRED + j];
+    for (int j = 0; j < nx; ++j) maxs[j] = red[NWARPS * MAXRED + ns + j];
+#else
+    (void)sums; (void)ns; (void)maxs; (void)nx; (void)red;
+#endif
+}
+
+DEV double dmax(double a, double b) { return a > b ? a : b; }
+DEV double dmin(double a, double b) { return a < b ? a : b; }
+DEV double dabs(double a) { return a < 0 ? -a : a; }
+
+// y[r] = Σ_c M[r, c] x[c] for a row-major rows×cols matrix in global memory (leading dimension
+// ld); a warp takes 4 rows at a time, so that each lane has 4 independent loads in flight.
+DEV void matvec(const double* __restrict__ M, int rows, int cols, int ld, const double* x, double* y) {
+    for (int r0 = WID * 4; r0 < rows; r0 += NWARPS * 4) {
+        const int r1 = r0 + 1 < rows ? r0 + 1 : rows - 1;
+        const int r2 = r0 + 2 < rows ? r0 + 2 : rows - 1;
+        const int r3 = r0 + 3 < rows ? r0 + 3 : rows - 1;
+        const double *m0 = M + (long long)r0 * ld, *m1 = M + (long long)r1 * ld;
+        const double *m2 = M + (long long)r2 * ld, *m3 = M + (long long)r3 * ld;
+        double a0 = 0.0, a1 = 0.0, a2 = 0.0, a3 = 0.0;
+        for (int c = LANE; c < cols; c += WARP) {
+            const double xc = x[c];
+            a0 += m0[c] * xc; a1 += m1[c] * xc; a2 += m2[c] * xc; a3 += m3[c] * xc;
+        }
+        a0 = warp_sum(a0); a1 = warp_sum(a1); a2 = warp_sum(a2); a3 = warp_sum(a3);
+        if (LANE == 0) {
+            y[r0] = a0;
+            if (r0 + 1 < rows) y[r0 + 1] = a1;
+            if (r0 + 2 < rows) y[r0 + 2] = a2;
+            if (r0 + 3 < rows) y[r0 + 3] = a3;
+        }
+    }
+}
+
+#define TCH 4
+// y[c] = Σ_r M[r, c] x[r] (Mᵀx) for M in global memory: each warp sums its share of the rows
+// (coalesced row reads, TCH columns per lane), then the warps' partial sums (scratch: NWARPS·cols
+// doubles of shared memory) are added. Ends with a barrier.
+DEV void matvec_t(const double* __restrict__ M, int rows, int cols, int ld, const double* x, double* y,
+                  double* scratch) {
+    for (int c0 = 0; c0 < cols; c0 += WARP * TCH) {
+        double acc[TCH];
+        for (int t = 0; t < TCH; ++t) acc[t] = 0.0;
+        for (int r = WID; r < rows; r += NWARPS) {
+            const double xr = x[r];
+            const double* row = M + (long long)r * ld;
+            for (int t = 0; t < TCH; ++t) {
+                const int c = c0 + LANE + t * WARP;
+                if (c < cols) acc[t] += row[c] * xr;
+            }
+        }
+        for (int t = 0; t < TCH; ++t) {
+            const int c = c0 + LANE + t * WARP;
+            if (c < cols) scratch[WID * cols + c] = acc[t];
+        }
+    }
+    SYNC();
+    for (int c = TID; c < cols; c += NT) {
+        double v = 0.0;
+        for (int w = 0; w < NWARPS; ++w) v += scratch[w * cols + c];
+        y[c] = v;
+    }
+    SYNC();
+}
+
+// y = M x for the symmetric M kept in shared memory as W's strict lower triangle (W[i, l], i > l,
+// leading dimension ld) and its diagonal Mdg. One warp per row.
+DEV void symv_lower(const double* W, const double* Mdg, int k, int ld, const double* x, double* y) {
+    for (int i = WID; i < k; i += NWARPS) {
+        double acc = 0.0;
+        for (int l = LANE; l < k; l += WARP) {
+            const double w = l < i ? W[i * ld + l] : (l > i ? W[l * ld + i] : Mdg[i]);
+            acc += w * x[l];
+        }
+        acc = warp_sum(acc);
+        if (LANE == 0) y[i] = acc;
+    }
+}
+
+// Tile sizes (compile-time, from the host: dqp.solvers.fused): a thread of the TX×TY grid
+// (TX = WARP lanes, TY = NT/WARP warps) owns rows ty + TY·a (a < DQP_RR) and columns tx + TX·c
+// (c < DQP_RC) of S, DQP_RR ≥ ⌈k/TY⌉ and DQP_RC ≥ ⌈k/TX⌉; the triangular solves keep entry
+// LANE + WARP·c of a vector in lane LANE's register c.
+#ifndef DQP_RR
+#define DQP_RR 1
+#endif
+#ifndef DQP_RC
+#define DQP_RC 1
+#endif
+
+// Upper Cholesky S = UᵀU of S = M + diag(Sd) (M: the strict lower triangle of W and Mdg), with
+// the trailing matrix held in registers (each thread its tile). Phase j: the owners of row j
+// write it to W's upper triangle, a barrier, every thread scales row j−1 there (its pivot saved)
+// and updates its tile from row j. U ends up in W's upper triangle, 1/U_jj in invd. Returns 1
+// when every pivot was positive and finite. piv: shared k doubles; flag: shared int.
+DEV int chol_upper(double* W, const double* Mdg, const double* Sd, int k, int ld, double* piv,
+                   double* invd, int* flag) {
+    const int TX = WARP, TY = NT / WARP;
+    const int tx = TID % TX, ty = TID / TX;
+    double R[DQP_RR][DQP_RC];
+#pragma unroll
+    for (int a = 0; a < DQP_RR; ++a) {
+        const int i = ty + TY * a;
+#pragma unroll
+        for (int c = 0; c < DQP_RC; ++c) {
+            const int l = tx + TX * c;
+            R[a][c] = (i < k && l < k && l >= i) ? (l == i ? Mdg[i] + Sd[i] : W[l * ld + i]) : 0.0;
+        }
+    }
+    if (TID == 0) *flag = 1;
+    for (int j = 0; j < k; ++j) {
+        if (j % TY == ty) {          // the owners of row j publish it (entries l ≥ j)
+            const int aj = j / TY;
+#pragma unroll
+            for (int a = 0; a < DQP_RR; ++a) {
+                if (a == aj) {
+#pragma unroll
+                    for (int c = 0; c < DQP_RC; ++c) {
+                        const int l = tx + TX * c;
+                        if (l >= j && l < k) W[j * ld + l] = R[a][c];
+                    }
+                }
+            }
+        }
+        SYNC();
+        if (j > 0) {                 // row j−1 of U: S_{j−1, l} / sqrt(pivot)
+            const double r = 1.0 / DQP_SQRT(piv[j - 1]);
+            for (int l = j - 1 + TID; l < k; l += NT) W[(j - 1) * ld + l] *= r;
+        }
+        const double djj = W[j * ld + j];
+        const int good = djj > 0.0 && DQP_ISFINITE(djj);
+        const double inv = good ? 1.0 / djj : 0.0;
+        if (TID == 0) {
+            piv[j] = good ? djj : 1.0;
+            if (!good) *flag = 0;
+        }
+        const double* rj = W + j * ld;
+        double rl[DQP_RC];
+#pragma unroll
+        for (int c = 0; c < DQP_RC; ++c) {
+            const int l = tx + TX * c;
+            rl[c] = (l > j && l < k) ? rj[l] : 0.0;
+        }
+#pragma unroll
+        for (int a = 0; a < DQP_RR; ++a) {
+            const int i = ty + TY * a;
+            const double f = (i > j && i < k) ? rj[i] * inv : 0.0;
+#pragma unroll
+            for (int c = 0; c < DQP_RC; ++c) R[a][c] -= f * rl[c];
+        }
+    }
+    SYNC();
+    if (TID == 0) W[(k - 1) * ld + (k - 1)] *= 1.0 / DQP_SQRT(piv[k - 1]);
+    SYNC();
+    for (int j = TID; j < k; j += NT) invd[j] = 1.0 / W[j * ld + j];
+    SYNC();
+    return *flag;
+}
+
+#ifdef DQP_CPU
+#define DQP_SHFL(v, src) (v)
+#else
+#define DQP_SHFL(v, src) __shfl_sync(0xffffffffu, (v), (src))
+#endif
+
+// x ← S⁻¹ x with S = UᵀU from chol_upper (U in W's upper triangle). Warp 0 works with x in
+// registers (entry LANE + WARP·c in register c); each step's pivot value is broadcast by a
+// shuffle from its owner lane. The block waits at the final barrier.
+DEV void chol_solve(const double* U, int k, int ld, const double* invd, double* x) {
+    if (WID == 0) {
+        double xr[DQP_RC];
+#pragma unroll
+        for (int c = 0; c < DQP_RC; ++c) {
+            const int i = LANE + WARP * c;
+            xr[c] = i < k ? x[i] : 0.0;
+        }
+        // Uᵀ w = x (row j of U is contiguous)
+        for (int j = 0; j < k; ++j) {
+            const int cj = j / WARP;
+            double v = 0.0;
+#pragma unroll
+            for (int c = 0; c < DQP_RC; ++c) if (c == cj) v = xr[c];
+            const double wj = DQP_SHFL(v * invd[j], j % WARP);
+            const double* uj = U + j * ld;
+#pragma unroll
+            for (int c = 0; c < DQP_RC; ++c) {
+                const int i = LANE + WARP * c;
+                if (i > j && i < k) xr[c] -= uj[i] * wj;
+                else if (i == j) xr[c] = wj;
+            }
+        }
+        // U x = w (column j of U, strided)
+        for (int j = k - 1; j >= 0; --j) {
+            const int cj = j / WARP;
+            double v = 0.0;
+#pragma unroll
+            for (int c = 0; c < DQP_RC; ++c) if (c == cj) v = xr[c];
+            const double xj = DQP_SHFL(v * invd[j], j % WARP);
+#pragma unroll
+            for (int c = 0; c < DQP_RC; ++c) {
+                const int i = LANE + WARP * c;
+                if (i < j) xr[c] -= U[i * ld + j] * xj;
+                else if (i == j) xr[c] = xj;
+            }
+        }
+#pragma unroll
+        for (int c = 0; c < DQP_RC; ++c) {
+            const int i = LANE + WARP * c;
+            if (i < k) x[i] = xr[c];
+        }
+    }
+    SYNC();
+}
+
+// Largest α ≥ 0 with v + α dv ≥ 0, capped (as solvers/ipm.py's _max_step): 1/max(max(−dv/v), 1/cap).
+// The caller reduces `part` (this thread's max of −dv/v) over the block.
+DEV double step_part(const double* v, const double* dv, int m) {
+    double acc = -DQP_BIG;
+    for (int i = TID; i < m; i += NT) acc = dmax(acc, -dv[i] / v[i]);
+    return acc;
+}
+
+KERNEL dqp_ipm_dual(
+    // data (row-scaled constraints), matrices with a batch stride (0: shared)
+    const double* __restrict__ P, int sP,
+    const double* __restrict__ q, int sq,
+    const double* __restrict__ C, int sC,
+    const double* __restrict__ d, int sd,
+    const double* __restrict__ A, int sA,
+    const double* __restrict__ b, int sb,
+    const double* __restrict__ M, int sM,          // (k, k): [A; C] P⁻¹ [A; C]ᵀ
+    const double* __restrict__ PiAbt, int sPi,     // (n, k): P⁻¹ [A; C]ᵀ
+    const double* __restrict__ Piq,                // (B, n): P⁻¹ q
+    const double* __restrict__ g,                  // (B, k): [A; C] P⁻¹ q
+    const double* __restrict__ norms,              // (B, 5): pscale, qnorm, bnorm, dnorm, max|diag M|
+    // starting point (in) and result (out)
+    const double* __restrict__ z0, const double* __restrict__ s0, const double* __restrict__ mu0,
+    const double* __restrict__ lam0, const double* __restrict__ delta0,
+    double* __restrict__ z_out, double* __restrict__ s_out, double* __restrict__ mu_out,
+    double* __restrict__ lam_out, long long* __restrict__ status_out, long long* __restrict__ iters_out,
+    int n, int m, int p, int max_iter, int stall_iters, int separate_steps,
+    double eps, double eps_inf, double step_fraction, double reg_d, double wlo, long long* prof)
+{
+    const int k = m + p;
+    const long long e = BID;
+    P += e * sP; q += e * sq; C += e * sC; d += e * sd; A += e * sA; b += e * sb;
+    M += e * sM; PiAbt += e * sPi;
+    // ---- shared memory layout
+    double* sm = dqp_smem;
+    const int ld = k | 1;          // odd leading dimension: column access without bank conflicts
+    double* S = sm; sm += (long long)k * ld;      // lower: M (constant), upper: S and its factor
+    double* Mdg = sm; sm += k;     double* invd = sm; sm += k;
+    double* tsc = sm; sm += (long long)NWARPS * n;
+    double* z = sm; sm += n;       double* Pz = sm; sm += n;     double* ATl = sm; sm += n;
+    double* CTm = sm; sm += n;     double* rd = sm; sm += n;     double* dz = sm; sm += n;
+    double* pz = sm; sm += n;      double* pPz = sm; sm += n;    double* pAy = sm; sm += n;
+    double* qv = sm; sm += n;      double* piq = sm; sm += n;
+    double* y = sm; sm += k;       double* Abz = sm; sm += k;    double* At = sm; sm += k;
+    double* dy = sm; sm += k;      double* My = sm; sm += k;     double* Sd = sm; sm += k;
+    double* py = sm; sm += k;      double* pAbz = sm; sm += k;   double* gv = sm; sm += k;
+    double* bd = sm; sm += k;      double* piv = sm; sm += k;    double* yt = sm; sm += k;
+    double* s = sm; sm += m + 1;   double* dsa = sm; sm += m + 1; double* ds = sm; sm += m + 1;
+    double* red = sm; sm += (NWARPS + 1) * MAXRED;
+    int* flag = (int*)sm;
+    double* lam = y;               // y = [λ; μ]
+    double* mu = y + p;
+
+    for (int i = TID; i < n; i += NT) {
+        z[i] = z0[e * n + i]; qv[i] = q[i]; piq[i] = Piq[e * n + i];
+        pz[i] = 0.0; pPz[i] = 0.0; pAy[i] = 0.0;
+    }
+    for (int j = TID; j < k; j += NT) {
+        y[j] = j < p ? lam0[e * p + j] : mu0[e * m + j - p];
+        gv[j] = g[e * k + j];
+        bd[j] = j < p ? b[j] : d[j - p];
+        py[j] = 0.0; pAbz[j] = 0.0;
+    }
+    for (int i = TID; i < m; i += NT) s[i] = s0[e * m + i];
+    for (long long t = TID; t < (long long)k * k; t += NT) {
+        const int i = (int)(t / k), l = (int)(t % k);
+        if (i > l) S[i * ld + l] = M[t];
+        else if (i == l) Mdg[i] = M[t];
+    }
+    const double pscale = norms[e * 5 + 0], qnorm = norms[e * 5 + 1];
+    const double bnorm = norms[e * 5 + 2], dnorm = norms[e * 5 + 3], Md = norms[e * 5 + 4];
+    const double Ascale = p ? 1.0 : 0.0, Cscale = m ? 1.0 : 0.0;
+    double delta = delta0[e];
+    int nfail = 0, iters = 0, pinf_cnt = 0, dinf_cnt = 0, have_prev = 0, last_impr = 0;
+    long long status = ST_MAX_ITER;
+    double best = DQP_BIG;
+    SYNC();
+
+    PROF_INIT
+    for (int it = 0;; ++it) {
+        // ---------------- products at the iterate: P z, [A; C] z, Aᵀλ, Cᵀμ
+        matvec(P, n, n, n, z, Pz);
+        if (p) matvec(A, p, n, n, z, Abz);
+        if (m) matvec(C, m, n, n, z, Abz + p);
+        if (p) matvec_t(A, p, n, n, lam, ATl, tsc);
+        if (m) matvec_t(C, m, n, n, mu, CTm, tsc);
+        SYNC();
+        for (int i = TID; i < n; i += NT)
+            rd[i] = Pz[i] + qv[i] + (p ? ATl[i] : 0.0) + (m ? CTm[i] : 0.0);
+        SYNC();
+
+        PROF(0)
+        // ---------------- the check (solvers/ipm.py `_check`), every iteration
+        // sums: gap, zᵀPz, qᵀz, ‖Ay‖₁, ‖ΔAy‖₁, bᵀλ+dᵀμ, bᵀΔλ+dᵀΔμ, qᵀΔz
+        // maxs: |req|, |rin|, |Az|, |Cz|, |s|, |rd|, |Pz|, |ATl|, |CTm|, |z|, |λ|, |μ|, |Ay|,
+        //       |Δλ|, |Δμ|, |ΔAy|, |Δz|, |ΔPz|, |ΔAz|, max Cz, max ΔCz, −min Δμ
+        double su[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+        double mx[22];
+        for (int j = 0; j < 22; ++j) mx[j] = 0.0;
+        mx[19] = -DQP_BIG; mx[20] = -DQP_BIG; mx[21] = -DQP_BIG;
+        for (int i = TID; i < n; i += NT) {
+            const double ay = (p ? ATl[i] : 0.0) + (m ? CTm[i] : 0.0);
+            const double day = ay - pAy[i];
+            su[1] += z[i] * Pz[i]; su[2] += qv[i] * z[i];
+            su[3] += dabs(ay); su[4] += dabs(day); su[7] += qv[i] * (z[i] - pz[i]);
+            mx[5] = dmax(mx[5], dabs(rd[i])); mx[6] = dmax(mx[6], dabs(Pz[i]));
+            if (p) mx[7] = dmax(mx[7], dabs(ATl[i]));
+            if (m) mx[8] = dmax(mx[8], dabs(CTm[i]));
+            mx[9] = dmax(mx[9], dabs(z[i])); mx[12] = dmax(mx[12], dabs(ay));
+            mx[15] = dmax(mx[15], dabs(day)); mx[16] = dmax(mx[16], dabs(z[i] - pz[i]));
+            mx[17] = dmax(mx[17], dabs(Pz[i] - pPz[i]));
+        }
+        for (int j = TID; j < k; j += NT) {
+            const double dyj = y[j] - py[j];
+            su[5] += bd[j] * y[j]; su[6] += bd[j] * dyj;
+            if (j < p) {
+                mx[0] = dmax(mx[0], dabs(Abz[j] - bd[j])); mx[2] = dmax(mx[2], dabs(Abz[j]));
+                mx[10] = dmax(mx[10], dabs(y[j])); mx[13] = dmax(mx[13], dabs(dyj));
+                mx[18] = dmax(mx[18], dabs(Abz[j] - pAbz[j]));
+            } else {
+                const double sj = s[j - p];
+                su[0] += sj * y[j];
+                mx[1] = dmax(mx[1], dabs(Abz[j] + sj - bd[j])); mx[3] = dmax(mx[3], dabs(Abz[j]));
+                mx[4] = dmax(mx[4], dabs(sj)); mx[11] = dmax(mx[11], dabs(y[j]));
+                mx[14] = dmax(mx[14], dabs(dyj)); mx[19] = dmax(mx[19], Abz[j]);
+                mx[20] = dmax(mx[20], Abz[j] - pAbz[j]); mx[21] = dmax(mx[21], -dyj);
+            }
+        }
+        block_reduce(su, 8, mx, 22, red);
+        const double gap = su[0];
+        const double gscl = 1.0 + dabs(su[1]) + dabs(su[2]);
+        double pres = 0.0, pscl = 0.0;
+        if (p) { pres = mx[0]; pscl = dmax(mx[2], bnorm); }
+        if (m) { pres = dmax(pres, mx[1]); pscl = dmax(pscl, dmax(dmax(mx[3], dnorm), mx[4])); }
+        pscl = dmax(pscl, 1.0);
+        const double dres = mx[5];
+        double dscl = dmax(mx[6], qnorm);
+        if (p) dscl = dmax(dscl, mx[7]);
+        if (m) dscl = dmax(dscl, mx[8]);
+        dscl += 1.0;
+        const int p_ok = pres <= eps * pscl, d_ok = dres <= eps * dscl;
+        const int conv = p_ok && d_ok && gap <= eps * gscl;
+        // infeasibility certificates (ipm.py _pcert/_dcert)
+        const double radius = 1e3 * (1.0 + mx[9]);
+        const double ynorm = dmax(dmax(mx[10], mx[11]), DQP_TINY);
+        const double val1 = su[5] / ynorm;
+        const int small1 = (mx[12] / ynorm <= eps_inf * (Ascale + Cscale)) || (su[3] / ynorm * radius <= -val1);
+        const int c1 = small1 && val1 < -eps_inf;
+        const double dyn = dmax(dmax(mx[13], mx[14]), DQP_TINY);
+        const double val2 = su[6] / dyn;
+        const int small2 = (mx[15] / dyn <= eps_inf * (Ascale + Cscale)) || (su[4] / dyn * radius <= -val2);
+        int c2 = small2 && val2 < -eps_inf;
+        if (m) c2 = c2 && (-mx[21] >= -eps_inf * dyn);
+        const int pinf = ((c1 && ynorm > 1.0 / DQP_SQRT(eps_inf)) || (c2 && have_prev)) && !p_ok;
+        const double qn = dmax(qnorm, DQP_TINY);
+        const double zn = dmax(mx[9], DQP_TINY);
+        int e1 = mx[6] <= eps_inf * pscale * zn;
+        if (p) e1 = e1 && mx[2] <= eps_inf * Ascale * zn;
+        if (m) e1 = e1 && mx[19] <= eps_inf * Cscale * zn;
+        e1 = e1 && su[2] < -eps_inf * qn * zn;
+        const double dzn = dmax(mx[16], DQP_TINY);
+        int e2 = mx[17] <= eps_inf * pscale * dzn;
+        if (p) e2 = e2 && mx[18] <= eps_inf * Ascale * dzn;
+        if (m) e2 = e2 && mx[20] <= eps_inf * Cscale * dzn;
+        e2 = e2 && su[7] < -eps_inf * qn * dzn;
+        const int dinf = ((e1 && zn > 1.0 / DQP_SQRT(eps_inf)) || (e2 && have_prev)) && !d_ok;
+
+        // (no check at the starting point, as the torch loop: the first check follows the first step)
+        if (it > 0) {
+        int done = 0;
+        if (conv) { status = ST_SOLVED; done = 1; }
+        if (!done) { pinf_cnt += pinf; dinf_cnt += dinf; }
+        if (!done && pinf_cnt >= 2) { status = ST_PRIMAL_INFEASIBLE; done = 1; }
+        if (!done && dinf_cnt >= 2) { status = ST_DUAL_INFEASIBLE; done = 1; }
+        if (!done && nfail >= 8) {
+            status = pinf_cnt > 0 ? ST_PRIMAL_INFEASIBLE : (dinf_cnt > 0 ? ST_DUAL_INFEASIBLE : ST_NUMERICAL);
+            done = 1;
+        }
+        const double merit = dmax(dmax(pres / pscl, dres / dscl), gap / gscl);
+        if (merit < 0.5 * best) { best = merit; last_impr = it; }
+        if (!done && it - last_impr >= stall_iters) { status = ST_NUMERICAL; done = 1; }
+        have_prev = 1;
+        if (done || it == max_iter) break;
+        // (the previous iterate, for the certificates along the step)
+        for (int i = TID; i < n; i += NT) {
+            pz[i] = z[i]; pPz[i] = Pz[i]; pAy[i] = (p ? ATl[i] : 0.0) + (m ? CTm[i] : 0.0);
+        }
+        for (int j = TID; j < k; j += NT) { py[j] = y[j]; pAbz[j] = Abz[j]; }
+        }
+
+        PROF(1)
+        // ---------------- one predictor-corrector step (ipm.py `_step`, dual form, float64)
+        ++iters;
+        const double reg = delta * reg_d * Md;
+        for (int j = TID; j < k; j += NT) {
+            double add = reg;
+            if (j >= p) {
+                const double w = s[j - p] / y[j];
+                add += w < wlo ? wlo : (w > 1.0 / wlo ? 1.0 / wlo : w);
+            }
+            Sd[j] = add;
+        }
+        SYNC();
+        // M y, for ĀP⁻¹a = −Āz − ĀP⁻¹q − M y (a = −r_d: no solve with P per iteration)
+        symv_lower(S, Mdg, k, ld, y, My);
+        SYNC();
+        PROF(2)
+        const int fact_ok = chol_upper(S, Mdg, Sd, k, ld, piv, invd, flag);   // S = M + diag(Sd)
+        PROF(3)
+        for (int j = TID; j < k; j += NT) {
+            At[j] = -Abz[j] - gv[j] - My[j];
+            // predictor right-hand side: At − [−r_eq; −r_in + s]
+            dy[j] = j < p ? At[j] + (Abz[j] - bd[j]) : At[j] + (Abz[j] + s[j - p] - bd[j]) - s[j - p];
+        }
+        SYNC();
+        chol_solve(S, k, ld, invd, dy);
+        PROF(4)
+        double ap = 1.0, ad = 1.0;
+        if (m) {
+            // affine step: CΔz = c + diag(S − M)_C Δμ, Δs = −r_in − CΔz
+            for (int i = TID; i < m; i += NT) {
+                const double rin = Abz[p + i] + s[i] - bd[p + i];
+                const double caff = -rin + s[i];
+                dsa[i] = -rin - (caff + Sd[p + i] * dy[p + i]);
+            }
+            SYNC();
+            double su1[1] = {0.0};
+            double mx2[2] = {step_part(s, dsa, m), step_part(mu, dy + p, m)};
+            block_reduce(su1, 0, mx2, 2, red);
+            double apa = 1.0 / dmax(mx2[0], 1.0), ada = 1.0 / dmax(mx2[1], 1.0);
+            if (!separate_steps) { apa = dmin(apa, ada); ada = apa; }
+            const double tau = gap / m;
+            double sa[1] = {0.0};
+            for (int i = TID; i < m; i += NT) sa[0] += (s[i] + apa * dsa[i]) * (mu[i] + ada * dy[p + i]);
+            block_reduce(sa, 1, mx2, 0, red);
+            const double mu_aff = sa[0] / m;
+            double sig = mu_aff / dmax(tau, DQP_TINY);
+            sig = sig < 0.0 ? 0.0 : (sig > 1.0 ? 1.0 : sig);
+            sig = sig * sig * sig;
+            // corrector right-hand side: At − [−r_eq; −r_in + r_c/μ], r_c = sμ + Δs_aΔμ_a − στ
+            // (dsa keeps Δs_a; dy's μ part, Δμ_a, is read before it is overwritten)
+            for (int j = TID; j < k; j += NT) {
+                if (j < p) {
+                    yt[j] = At[j] + (Abz[j] - bd[j]);
+                } else {
+                    const int i = j - p;
+                    const double rin = Abz[j] + s[i] - bd[j];
+                    const double rc = s[i] * mu[i] + dsa[i] * dy[j] - sig * tau;
+                    yt[j] = At[j] - (-rin + rc / mu[i]);
+                }
+            }
+        } else {
+            for (int j = TID; j < k; j += NT) yt[j] = At[j] + (Abz[j] - bd[j]);
+        }
+        SYNC();
+        for (int j = TID; j < k; j += NT) dy[j] = yt[j];
+        SYNC();
+        chol_solve(S, k, ld, invd, dy);
+        symv_lower(S, Mdg, k, ld, dy, My);
+        for (int j = TID; j < k; j += NT) yt[j] = y[j] + dy[j];
+        SYNC();
+        PROF(5)
+        // Δz = −z − P⁻¹q − P⁻¹Āᵀ(y + Δy)
+        matvec(PiAbt, n, k, k, yt, dz);
+        SYNC();
+        for (int i = TID; i < n; i += NT) dz[i] = -z[i] - piq[i] - dz[i];
+        for (int i = TID; i < m; i += NT) {
+            const double rin = Abz[p + i] + s[i] - bd[p + i];
+            ds[i] = -rin - (At[p + i] - My[p + i]);
+        }
+        SYNC();
+        double tot[1] = {0.0};
+        for (int i = TID; i < n; i += NT) tot[0] += dz[i];
+        for (int j = TID; j < k; j += NT) tot[0] += dy[j];
+        for (int i = TID; i < m; i += NT) tot[0] += ds[i];
+        if (m) {
+            double mx2[2] = {step_part(s, ds, m), step_part(mu, dy + p, m)};
+            block_reduce(tot, 1, mx2, 2, red);
+            const double eta = dmax(1.0 - DQP_SQRT(gap / gscl), step_fraction);
+            ap = dmin(eta * (1.0 / dmax(mx2[0], 1e-30)), 1.0);
+            ad = dmin(eta * (1.0 / dmax(mx2[1], 1e-30)), 1.0);
+            if (!separate_steps) { ap = dmin(ap, ad); ad = ap; }
+        } else {
+            double none[1];
+            block_reduce(tot, 1, none, 0, red);
+        }
+        const int ok = fact_ok && DQP_ISFINITE(tot[0]);
+        delta = delta * (ok ? 0.5 : 100.0);
+        delta = delta < 1.0 ? 1.0 : (delta > 1e12 ? 1e12 : delta);
+        nfail = ok ? 0 : nfail + 1;
+        if (ok) {
+            for (int i = TID; i < n; i += NT) z[i] += ap * dz[i];
+            for (int j = TID; j < p; j += NT) lam[j] += ad * dy[j];
+            for (int i = TID; i < m; i += NT) {
+                s[i] = dmax(s[i] + ap * ds[i], DQP_TINY);
+                mu[i] = dmax(mu[i] + ad * dy[p + i], DQP_TINY);
+            }
+        }
+        SYNC();
+        PROF(6)
+    }
+    for (int i = TID; i < n; i += NT) z_out[e * n + i] = z[i];
+    for (int i = TID; i < m; i += NT) { s_out[e * m + i] = s[i]; mu_out[e * m + i] = mu[i]; }
+    for (int j = TID; j < p; j += NT) lam_out[e * p + j] = lam[j];
+    if (TID == 0) { status_out[e] = status; iters_out[e] = iters; }
+}
+
+// Shared memory the kernel needs, in bytes (dqp.solvers.fused.smem_bytes computes the same):
+// doubles: k·(k|1) + 14k + (11 + NWARPS)n + 3(m+1) + (NWARPS+1)·MAXRED, plus an int.
+
+#ifdef DQP_CPU
+extern "C" void dqp_ipm_dual_cpu(
+    const double* P, int sP, const double* q, int sq, const double* C, int sC, const double* d, int sd,
+    const double* A, int sA, const double* b, int sb, const double* M, int sM, const double* PiAbt, int sPi,
+    const double* Piq, const double* g, const double* norms,
+    const double* z0, const double* s0, const double* mu0, const double* lam0, const double* delta0,
+    double* z_out, double* s_out, double* mu_out, double* lam_out, long long* status_out, long long* iters_out,
+    int n, int m, int p, int max_iter, int stall_iters, int separate_steps,
+    double eps, double eps_inf, double step_fraction, double reg_d, double wlo, int B)
+{
+    const int k = m + p;
+    const long long words = (long long)k * (k | 1) + 14LL * k + 12LL * n + 3LL * (m + 1) + 2LL * MAXRED + 2;
+    double* buf = (double*)std::malloc(sizeof(double) * words);
+    dqp_smem = buf;
+    for (int blk = 0; blk < B; ++blk) {
+        dqp_block_id = blk;
+        dqp_ipm_dual(P, sP, q, sq, C, sC, d, sd, A, sA, b, sb, M, sM, PiAbt, sPi, Piq, g, norms,
+                     z0, s0, mu0, lam0, delta0, z_out, s_out, mu_out, lam_out, status_out, iters_out,
+                     n, m, p, max_iter, stall_iters, separate_steps, eps, eps_inf, step_fraction, reg_d, wlo,
+                     nullptr);
+    }
+    std::free(buf);
+}
+#endif
