@@ -60,11 +60,11 @@ _cpu_libs: Dict[int, ctypes.CDLL] = {}
 
 def smem_bytes(n: int, m: int, p: int, threads: int = THREADS) -> int:
     """Shared memory (bytes) one block needs (the layout at the top of the kernel): M and S in one
-    k×(k|1) array, 14 k-vectors, 11 n-vectors and a per-warp n-vector scratch, 3 m-vectors, the
+    k×(k|1) array, 15 k-vectors, 11 n-vectors and a per-warp n-vector scratch, 3 m-vectors, the
     reduction scratch and a flag."""
     k = m + p
     nwarps = max(threads // 32, 1)
-    words = k * (k | 1) + 14 * k + (11 + nwarps) * n + 3 * (m + 1) + (nwarps + 1) * _MAXRED + 1
+    words = k * (k | 1) + 15 * k + (11 + nwarps) * n + 3 * (m + 1) + (nwarps + 1) * _MAXRED + 1
     return 8 * words
 
 

@@ -187,11 +187,14 @@ DEV void symv_lower(const double* W, const double* Mdg, int k, int ld, const dou
 
 // Upper Cholesky S = UᵀU of S = M + diag(Sd) (M: the strict lower triangle of W and Mdg), with
 // the trailing matrix held in registers (each thread its tile). Phase j: the owners of row j
-// write it to W's upper triangle, a barrier, every thread scales row j−1 there (its pivot saved)
-// and updates its tile from row j. U ends up in W's upper triangle, 1/U_jj in invd. Returns 1
-// when every pivot was positive and finite. piv: shared k doubles; flag: shared int.
-DEV int chol_upper(double* W, const double* Mdg, const double* Sd, int k, int ld, double* piv,
-                   double* invd, int* flag) {
+// write it to W's upper triangle, a barrier, every thread scales row j−1 there and updates its
+// tile from row j (warps skip their finished rows). The pivot's reciprocal and reciprocal square
+// root are computed once, by the thread that owns the diagonal entry, as soon as it is final
+// (the end of the previous phase), into inv[] and rs[]. U ends up in W's upper triangle and
+// 1/U_jj in invd. Returns 1 when every pivot was positive and finite.
+// inv, rs, invd: shared k doubles; flag: shared int.
+DEV int chol_upper(double* W, const double* Mdg, const double* Sd, int k, int ld, double* inv,
+                   double* rs, double* invd, int* flag) {
     const int TX = WARP, TY = NT / WARP;
     const int tx = TID % TX, ty = TID / TX;
     double R[DQP_RR][DQP_RC];
@@ -204,7 +207,14 @@ DEV int chol_upper(double* W, const double* Mdg, const double* Sd, int k, int ld
             R[a][c] = (i < k && l < k && l >= i) ? (l == i ? Mdg[i] + Sd[i] : W[l * ld + i]) : 0.0;
         }
     }
-    if (TID == 0) *flag = 1;
+    if (TID == 0) {
+        *flag = 1;
+        const double d0 = Mdg[0] + Sd[0];
+        const int good = d0 > 0.0 && DQP_ISFINITE(d0);
+        inv[0] = good ? 1.0 / d0 : 0.0;
+        rs[0] = good ? 1.0 / DQP_SQRT(d0) : 1.0;
+        if (!good) *flag = 0;
+    }
     for (int j = 0; j < k; ++j) {
         if (j % TY == ty) {          // the owners of row j publish it (entries l ≥ j)
             const int aj = j / TY;
@@ -221,16 +231,10 @@ DEV int chol_upper(double* W, const double* Mdg, const double* Sd, int k, int ld
         }
         SYNC();
         if (j > 0) {                 // row j−1 of U: S_{j−1, l} / sqrt(pivot)
-            const double r = 1.0 / DQP_SQRT(piv[j - 1]);
+            const double r = rs[j - 1];
             for (int l = j - 1 + TID; l < k; l += NT) W[(j - 1) * ld + l] *= r;
         }
-        const double djj = W[j * ld + j];
-        const int good = djj > 0.0 && DQP_ISFINITE(djj);
-        const double inv = good ? 1.0 / djj : 0.0;
-        if (TID == 0) {
-            piv[j] = good ? djj : 1.0;
-            if (!good) *flag = 0;
-        }
+        const double ij = inv[j];
         const double* rj = W + j * ld;
         double rl[DQP_RC];
 #pragma unroll
@@ -241,13 +245,27 @@ DEV int chol_upper(double* W, const double* Mdg, const double* Sd, int k, int ld
 #pragma unroll
         for (int a = 0; a < DQP_RR; ++a) {
             const int i = ty + TY * a;
-            const double f = (i > j && i < k) ? rj[i] * inv : 0.0;
+            if (i > j && i < k) {    // (uniform within a warp: one ty per warp)
+                const double f = rj[i] * ij;
 #pragma unroll
-            for (int c = 0; c < DQP_RC; ++c) R[a][c] -= f * rl[c];
+                for (int c = 0; c < DQP_RC; ++c) R[a][c] -= f * rl[c];
+                if (i == j + 1) {    // the next pivot is final: its owner inverts it
+#pragma unroll
+                    for (int c = 0; c < DQP_RC; ++c) {
+                        if (tx + TX * c == i) {
+                            const double d = R[a][c];
+                            const int good = d > 0.0 && DQP_ISFINITE(d);
+                            inv[i] = good ? 1.0 / d : 0.0;
+                            rs[i] = good ? 1.0 / DQP_SQRT(d) : 1.0;
+                            if (!good) *flag = 0;
+                        }
+                    }
+                }
+            }
         }
     }
     SYNC();
-    if (TID == 0) W[(k - 1) * ld + (k - 1)] *= 1.0 / DQP_SQRT(piv[k - 1]);
+    if (TID == 0) W[(k - 1) * ld + (k - 1)] *= rs[k - 1];
     SYNC();
     for (int j = TID; j < k; j += NT) invd[j] = 1.0 / W[j * ld + j];
     SYNC();
@@ -261,8 +279,9 @@ DEV int chol_upper(double* W, const double* Mdg, const double* Sd, int k, int ld
 #endif
 
 // x ← S⁻¹ x with S = UᵀU from chol_upper (U in W's upper triangle). Warp 0 works with x in
-// registers (entry LANE + WARP·c in register c); each step's pivot value is broadcast by a
-// shuffle from its owner lane. The block waits at the final barrier.
+// registers (entry LANE + WARP·c in register c), by blocks of WARP rows: the block index is a
+// compile-time register index, and each step's value comes from its owner lane by a shuffle.
+// The block waits at the final barrier.
 DEV void chol_solve(const double* U, int k, int ld, const double* invd, double* x) {
     if (WID == 0) {
         double xr[DQP_RC];
@@ -272,32 +291,35 @@ DEV void chol_solve(const double* U, int k, int ld, const double* invd, double* 
             xr[c] = i < k ? x[i] : 0.0;
         }
         // Uᵀ w = x (row j of U is contiguous)
-        for (int j = 0; j < k; ++j) {
-            const int cj = j / WARP;
-            double v = 0.0;
 #pragma unroll
-            for (int c = 0; c < DQP_RC; ++c) if (c == cj) v = xr[c];
-            const double wj = DQP_SHFL(v * invd[j], j % WARP);
-            const double* uj = U + j * ld;
+        for (int cb = 0; cb < DQP_RC; ++cb) {
+            const int jend = k - WARP * cb < WARP ? k - WARP * cb : WARP;
+            for (int jj = 0; jj < jend; ++jj) {
+                const int j = WARP * cb + jj;
+                const double wj = DQP_SHFL(xr[cb], jj) * invd[j];
+                const double* uj = U + j * ld;
+                const int i0 = LANE + WARP * cb;
+                if (i0 == j) xr[cb] = wj;
+                else if (i0 > j && i0 < k) xr[cb] -= uj[i0] * wj;
 #pragma unroll
-            for (int c = 0; c < DQP_RC; ++c) {
-                const int i = LANE + WARP * c;
-                if (i > j && i < k) xr[c] -= uj[i] * wj;
-                else if (i == j) xr[c] = wj;
+                for (int c = cb + 1; c < DQP_RC; ++c) {
+                    const int i = LANE + WARP * c;
+                    if (i < k) xr[c] -= uj[i] * wj;
+                }
             }
         }
         // U x = w (column j of U, strided)
-        for (int j = k - 1; j >= 0; --j) {
-            const int cj = j / WARP;
-            double v = 0.0;
 #pragma unroll
-            for (int c = 0; c < DQP_RC; ++c) if (c == cj) v = xr[c];
-            const double xj = DQP_SHFL(v * invd[j], j % WARP);
+        for (int cb = DQP_RC - 1; cb >= 0; --cb) {
+            const int jend = k - WARP * cb < WARP ? k - WARP * cb : WARP;
+            for (int jj = jend - 1; jj >= 0; --jj) {
+                const int j = WARP * cb + jj;
+                const double xj = DQP_SHFL(xr[cb], jj) * invd[j];
+                const int i0 = LANE + WARP * cb;
+                if (i0 == j) xr[cb] = xj;
+                else if (i0 < j) xr[cb] -= U[i0 * ld + j] * xj;
 #pragma unroll
-            for (int c = 0; c < DQP_RC; ++c) {
-                const int i = LANE + WARP * c;
-                if (i < j) xr[c] -= U[i * ld + j] * xj;
-                else if (i == j) xr[c] = xj;
+                for (int c = 0; c < cb; ++c) xr[c] -= U[(LANE + WARP * c) * ld + j] * xj;
             }
         }
 #pragma unroll
@@ -346,7 +368,7 @@ KERNEL dqp_ipm_dual(
     double* sm = dqp_smem;
     const int ld = k | 1;          // odd leading dimension: column access without bank conflicts
     double* S = sm; sm += (long long)k * ld;      // lower: M (constant), upper: S and its factor
-    double* Mdg = sm; sm += k;     double* invd = sm; sm += k;
+    double* Mdg = sm; sm += k;     double* invd = sm; sm += k;   double* rsq = sm; sm += k;
     double* tsc = sm; sm += (long long)NWARPS * n;
     double* z = sm; sm += n;       double* Pz = sm; sm += n;     double* ATl = sm; sm += n;
     double* CTm = sm; sm += n;     double* rd = sm; sm += n;     double* dz = sm; sm += n;
@@ -516,7 +538,7 @@ KERNEL dqp_ipm_dual(
         symv_lower(S, Mdg, k, ld, y, My);
         SYNC();
         PROF(2)
-        const int fact_ok = chol_upper(S, Mdg, Sd, k, ld, piv, invd, flag);   // S = M + diag(Sd)
+        const int fact_ok = chol_upper(S, Mdg, Sd, k, ld, piv, rsq, invd, flag);   // S = M + diag(Sd)
         PROF(3)
         for (int j = TID; j < k; j += NT) {
             At[j] = -Abz[j] - gv[j] - My[j];
@@ -617,7 +639,7 @@ KERNEL dqp_ipm_dual(
 }
 
 // Shared memory the kernel needs, in bytes (dqp.solvers.fused.smem_bytes computes the same):
-// doubles: k·(k|1) + 14k + (11 + NWARPS)n + 3(m+1) + (NWARPS+1)·MAXRED, plus an int.
+// doubles: k·(k|1) + 15k + (11 + NWARPS)n + 3(m+1) + (NWARPS+1)·MAXRED, plus an int.
 
 #ifdef DQP_CPU
 extern "C" void dqp_ipm_dual_cpu(
@@ -630,7 +652,7 @@ extern "C" void dqp_ipm_dual_cpu(
     double eps, double eps_inf, double step_fraction, double reg_d, double wlo, int B)
 {
     const int k = m + p;
-    const long long words = (long long)k * (k | 1) + 14LL * k + 12LL * n + 3LL * (m + 1) + 2LL * MAXRED + 2;
+    const long long words = (long long)k * (k | 1) + 15LL * k + 12LL * n + 3LL * (m + 1) + 2LL * MAXRED + 2;
     double* buf = (double*)std::malloc(sizeof(double) * words);
     dqp_smem = buf;
     for (int blk = 0; blk < B; ++blk) {
