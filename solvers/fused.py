@@ -60,11 +60,11 @@ _cpu_libs: Dict[int, ctypes.CDLL] = {}
 
 def smem_bytes(n: int, m: int, p: int, threads: int = THREADS) -> int:
     """Shared memory (bytes) one block needs (the layout at the top of the kernel): M and S in one
-    k×(k|1) array, 15 k-vectors, 11 n-vectors and a per-warp n-vector scratch, 3 m-vectors, the
+    k×(k|1) array, 14 k-vectors, 11 n-vectors and a per-warp n-vector scratch, 3 m-vectors, the
     reduction scratch and a flag."""
     k = m + p
     nwarps = max(threads // 32, 1)
-    words = k * (k | 1) + 15 * k + (11 + nwarps) * n + 3 * (m + 1) + (nwarps + 1) * _MAXRED + 1
+    words = k * (k | 1) + 14 * k + (11 + nwarps) * n + 3 * (m + 1) + (nwarps + 1) * _MAXRED + 1
     return 8 * words
 
 
@@ -203,6 +203,8 @@ def solve_dual(P: Tensor, q: Tensor, C: Optional[Tensor], d: Optional[Tensor], A
         profile = PROFILE
     if dt != torch.float64:
         raise SettingsError(f"fused IPM: float64 data only (got {dt}); use fused=False.")
+    if dev.type not in ("cuda", "cpu"):
+        raise SettingsError(f"fused IPM: no build for device type {dev.type!r}; use fused=False.")
     B, n = q.shape
     m = 0 if C is None else C.shape[-2]
     p = 0 if A is None else A.shape[-2]
@@ -250,10 +252,8 @@ def solve_dual(P: Tensor, q: Tensor, C: Optional[Tensor], d: Optional[Tensor], A
         prof = [profile if profile is not None else one]     # (read only by a -DDQP_PROFILE build)
         kern(grid=(B, 1, 1), block=(THREADS, 1, 1), args=tensors + scalars + prof,
              shared_mem=smem_bytes(n, m, p))
-    elif dev.type == "cpu":
+    else:
         fn = _cpu_library(k).dqp_ipm_dual_cpu
         args = [a.data_ptr() if isinstance(a, Tensor) else a for a in tensors] + scalars + [int(B)]
         fn(*args)
-    else:
-        raise SettingsError(f"fused IPM: no build for device type {dev.type!r}; use fused=False.")
     return dict(z=z, s=s, mu=mu, lam=lam, status=status, iters=iters)

@@ -23,6 +23,14 @@ DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skip
     not torch.cuda.is_available(), reason="needs CUDA")])]
 
 
+@pytest.fixture(autouse=True)
+def _torch_loop(monkeypatch):
+    """These tests are of the torch loop (its CUDA graphs, compaction, tail checks) on every device;
+    the fused kernel, which takes the float64 dual form on CUDA by default, has tests/test_fused.py."""
+    import dqp.solvers.fused as fused
+    monkeypatch.setattr(fused, "FUSED", False)
+
+
 def known_qp(B, n, m, p, *, seed=0, dtype=F64, device="cpu", psd=False, n_active=None):
     """Random QPs with a known solution (z0, lam0, mu0): the first n_active inequality rows are
     active with mu > 0, the others have slack > 0."""

@@ -1,0 +1,230 @@
+"""The fused IPM kernel (dqp.solvers.fused, solvers/fused_ipm.cu) against the torch loop.
+
+On the CPU the kernel runs its C++ build (``fused=True``: the same source with one thread per
+block), so CI checks the kernel's logic: statuses, iteration counts and iterates equal to the torch
+loop's, which checks every iteration on the CPU as the kernel does. The CUDA tests (marked, skipped
+without a GPU) run the real kernel.
+"""
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+import dqp.solvers.fused as fused
+from dqp.errors import SettingsError, SolverNotAvailableError, Status
+from dqp.ipm_layer import solve_qp_batch
+from dqp.solvers.ipm import ipm_solve
+
+from test_ipm import known_qp
+
+F64, F32 = torch.float64, torch.float32
+
+needs_cxx = pytest.mark.skipif(not (shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")),
+                               reason="the kernel's C++ build needs a C++ compiler")
+cuda = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+
+
+def _rel(a, b):
+    return ((a - b).abs().max() / (1 + b.abs().max())).item()
+
+
+def _qpth_problem(B, n, m, seed=0, device="cpu"):
+    """qpth's benchmark generator (Q = UᵀU + 1e-3 I, h = G z0 + s0): ill-conditioned Q."""
+    g = torch.Generator().manual_seed(seed)
+    U = torch.randn(B, n, n, generator=g, dtype=F64)
+    Q = U.mT @ U + 1e-3 * torch.eye(n, dtype=F64)
+    G = torch.randn(B, m, n, generator=g, dtype=F64)
+    h = (G @ torch.randn(B, n, 1, generator=g, dtype=F64)).squeeze(-1) + torch.rand(B, m, generator=g, dtype=F64)
+    p = torch.randn(B, n, generator=g, dtype=F64)
+    return [t.to(device) for t in (Q, p, G, h)]
+
+
+def _same_as_loop(data, tol=1e-8, device="cpu", **kw):
+    kw.setdefault("form", "dual")        # (m > n: "auto" would take the primal form, which has no kernel)
+    loop = ipm_solve(*data, fused=False, check_every=1, **kw)
+    fus = ipm_solve(*data, fused=True, **kw)
+    assert loop.form == fus.form == "dual"
+    assert torch.equal(fus.status, loop.status)
+    if device == "cpu":          # (the same arithmetic up to summation order: the same iterations)
+        assert torch.equal(fus.iterations, loop.iterations)
+    ok = fus.status == int(Status.SOLVED)
+    for a, b in ((fus.z, loop.z), (fus.mu, loop.mu), (fus.lam, loop.lam), (fus.s, loop.s)):
+        if a is not None and a.numel() and bool(ok.any()):
+            assert _rel(a[ok], b[ok]) <= tol
+    return fus, loop
+
+
+# (n, m, p, shared): inequalities and equalities, inequality-only, equality-only, m > n,
+# shared matrices with batched vectors
+CASES = [(8, 10, 3, False), (12, 9, 0, False), (10, 0, 4, False), (6, 15, 2, False), (9, 11, 2, True)]
+
+
+@needs_cxx
+@pytest.mark.parametrize("n,m,p,shared", CASES)
+def test_cpu_build_matches_torch_loop(n, m, p, shared):
+    P, q, C, d, A, b, z0, lam0, mu0 = known_qp(6, n, m, p, seed=n + m + p)
+    if shared:
+        P, C, A = P[0], C[0], A[0]
+        z0 = lam0 = mu0 = None
+    data = (P, q, C if m else None, d if m else None, A if p else None, b if p else None)
+    fus, _ = _same_as_loop(data)
+    assert bool((fus.status == int(Status.SOLVED)).all())
+    if z0 is not None:
+        assert _rel(fus.z, z0) <= 1e-6          # the known solution
+
+
+@needs_cxx
+def test_cpu_build_qpth_generator_and_infeasible_element():
+    Q, p, G, h = _qpth_problem(10, 20, 20, seed=4)
+    G, h = G.clone(), h.clone()
+    G[3, 1] = -G[3, 0]
+    h[3, 0] = h[3, 1] = -1.0               # g·z ≤ −1 and −g·z ≤ −1
+    fus, _ = _same_as_loop((Q, p, G, h, None, None), tol=1e-7)
+    expect = torch.full((10,), int(Status.SOLVED))
+    expect[3] = int(Status.PRIMAL_INFEASIBLE)
+    assert torch.equal(fus.status, expect)
+
+
+@needs_cxx
+def test_cpu_build_iteration_limit():
+    P, q, C, d, A, b, *_ = known_qp(4, 8, 10, 2, seed=1)
+    fus, loop = _same_as_loop((P, q, C, d, A, b), tol=1e-12, max_iter=2)
+    assert bool((fus.status == int(Status.MAX_ITER)).all()) and bool((fus.iterations == 2).all())
+
+
+@needs_cxx
+def test_layer_gradients_with_the_fused_forward():
+    """solve_qp_batch(fused=True): the polish and the backward see the same IPM point, so z and every
+    gradient agree with the torch loop's to round-off."""
+    P, q, C, d, A, b, *_ = known_qp(5, 7, 9, 2, seed=3)
+    w = torch.randn(5, 7, dtype=F64, generator=torch.Generator().manual_seed(1))
+    out = {}
+    for flag in (True, False):
+        ins = [t.clone().requires_grad_() for t in (P, q, C, d, A, b)]
+        z = solve_qp_batch(*ins, fused=flag)[0]
+        (w * z).sum().backward()
+        out[flag] = [z.detach()] + [t.grad for t in ins]
+    for a, b in zip(out[True], out[False]):
+        assert _rel(a, b) <= 1e-9
+
+
+def test_auto_takes_the_torch_loop_on_cpu(monkeypatch):
+    def boom(*a, **k):
+        raise AssertionError("the fused kernel ran")
+    monkeypatch.setattr(fused, "solve_dual", boom)
+    P, q, C, d, A, b, *_ = known_qp(3, 5, 6, 1, seed=0)
+    assert bool((ipm_solve(P, q, C, d, A, b).status == 0).all())
+    monkeypatch.setattr(fused, "FUSED", False)
+    assert bool((ipm_solve(P, q, C, d, A, b, fused=None).status == 0).all())
+
+
+@pytest.mark.parametrize("what", ["float32", "primal", "trace", "bad_value"])
+def test_fused_true_where_it_does_not_apply_raises(what):
+    P, q, C, d, A, b, *_ = known_qp(3, 5, 6, 1, seed=0)
+    kw = dict(fused=True)
+    if what == "float32":
+        P, q, C, d, A, b = (t.float() for t in (P, q, C, d, A, b))
+        match = "float32"
+    elif what == "primal":
+        kw["form"] = "primal"
+        match = "primal form"
+    elif what == "trace":
+        kw["trace"] = []
+        match = "trace"
+    else:
+        kw["fused"] = "yes"
+        match = "fused must be"
+    with pytest.raises(SettingsError, match=match):
+        ipm_solve(P, q, C, d, A, b, **kw)
+
+
+def test_solve_dual_rejects_what_it_cannot_run():
+    P, q, C, d, *_ = known_qp(2, 4, 5, 0, seed=0)
+    st = dict(z=q.clone(), s=d.clone(), mu=d.clone(), lam=q.new_zeros(2, 0), delta=q.new_ones(2))
+    kw = dict(max_iter=5, stall_iters=5, separate_steps=True, eps=1e-9, eps_inf=1e-7, step_fraction=0.99,
+              reg_d=1e-12, wlo=1e-60)
+    norms = dict(pscale=q.new_ones(2), qnorm=q.new_ones(2))
+    M = torch.eye(5, dtype=F64)
+    with pytest.raises(SettingsError, match="float64 data only"):
+        fused.solve_dual(P.float(), q.float(), C.float(), d.float(), None, None, M, M, q, d, norms, M[0, 0], st, **kw)
+    with pytest.raises(SettingsError, match="no constraints"):
+        fused.solve_dual(P, q, None, None, None, None, M, M, q, d, norms, M[0, 0], st, **kw)
+    with pytest.raises(SettingsError, match="no build for device type"):
+        fused.solve_dual(P.to("meta"), q.to("meta"), C.to("meta"), d.to("meta"), None, None, M, M, q, d,
+                         norms, M[0, 0], st, **kw)
+
+
+def test_missing_compiler_is_a_clear_error(monkeypatch):
+    monkeypatch.setattr(fused, "_cpu_libs", {})
+    monkeypatch.delenv("CXX", raising=False)
+    monkeypatch.setattr(fused.shutil, "which", lambda name: None)
+    with pytest.raises(SolverNotAvailableError, match="needs a C\\+\\+ compiler"):
+        fused._cpu_library(7)
+
+
+def test_compile_failure_is_a_clear_error(monkeypatch, tmp_path):
+    monkeypatch.setattr(fused, "_cpu_libs", {})
+    monkeypatch.setenv("CXX", "false")                 # a "compiler" that always fails
+    monkeypatch.setattr(fused.tempfile, "gettempdir", lambda: str(tmp_path))
+    with pytest.raises(SolverNotAvailableError, match="compiling the kernel failed"):
+        fused._cpu_library(7)
+
+
+def test_tiles_and_shared_memory():
+    assert fused._tiles(100, "cuda") == (13, 4) and fused._tiles(100, "cpu") == (100, 100)
+    assert fused._tiles(128, "cuda") == (16, 4)
+    # (k = n = 100: S and M in one 100×101 array, the rest ~20 KiB; two blocks fit an H100's SM)
+    assert 2 * fused.smem_bytes(100, 100, 0) <= 228 * 1024
+    assert not fused.fused_available(torch.device("cpu"), F64, 10, 10, 0)
+    assert not fused.fused_available(torch.device("cpu"), F64, 10, 0, 0)
+
+
+# ------------------------------------------------------------------------------------------------
+# CUDA: the real kernel
+# ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("n,m,p,shared", CASES)
+@pytest.mark.parametrize("_", [0], ids=["cuda"])
+def test_cuda_kernel_matches_torch_loop(n, m, p, shared, _):
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    P, q, C, d, A, b, z0, *_r = known_qp(6, n, m, p, seed=n + m + p, device="cuda")
+    if shared:
+        P, C, A = P[0], C[0], A[0]
+    data = (P, q, C if m else None, d if m else None, A if p else None, b if p else None)
+    fus, _l = _same_as_loop(data, tol=1e-7, device="cuda")
+    assert bool((fus.status == int(Status.SOLVED)).all())
+    if not shared:
+        assert _rel(fus.z, z0) <= 1e-6
+
+
+for _mark in cuda:
+    test_cuda_kernel_matches_torch_loop = _mark(test_cuda_kernel_matches_torch_loop)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_auto_uses_the_kernel_and_gradients_match():
+    Q, p, G, h = _qpth_problem(64, 30, 30, seed=2, device="cuda")
+    calls = []
+    real = fused.solve_dual
+
+    def spy(*a, **k):
+        calls.append(1)
+        return real(*a, **k)
+    w = torch.randn(64, 30, dtype=F64, device="cuda")
+    out = {}
+    for flag in (None, False):
+        ins = [t.clone().requires_grad_() for t in (Q, p, G, h)]
+        fused.solve_dual = spy
+        try:
+            z = solve_qp_batch(*ins, fused=flag)[0]
+        finally:
+            fused.solve_dual = real
+        (w * z).sum().backward()
+        out[flag] = [z.detach()] + [t.grad for t in ins]
+    assert len(calls) == 1                         # the automatic choice took the kernel
+    for a, b in zip(out[None], out[False]):
+        assert _rel(a, b) <= 1e-8
