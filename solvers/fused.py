@@ -44,8 +44,8 @@ __all__ = ["FUSED", "THREADS", "smem_bytes", "fused_available", "solve_dual"]
 #: (the torch loop everywhere). ``ipm_solve(fused=...)`` overrides it per call.
 FUSED: Union[str, bool] = "auto"
 
-#: Threads per block (8 warps). The kernel's reductions and its Cholesky assume a multiple of 32.
-THREADS = 256
+#: Threads per block, a multiple of 32 (environment variable ``DQP_FUSED_THREADS``, default 256).
+THREADS = int(os.environ.get("DQP_FUSED_THREADS", "256"))
 _MAXRED = 40          # as MAXRED in fused_ipm.cu
 
 #: Diagnostics (experiments/fused_check.py): a CUDA int64 tensor of 8 zeros makes every call run
@@ -54,17 +54,19 @@ PROFILE: Optional[Tensor] = None
 
 _SRC = Path(__file__).with_name("fused_ipm.cu")
 _lock = threading.Lock()
-_cuda_kernels: Dict[Tuple[int, int, int, bool], object] = {}
+_cuda_kernels: Dict[Tuple[int, int, int, int, bool], object] = {}
 _cpu_libs: Dict[int, ctypes.CDLL] = {}
 
 
 def smem_bytes(n: int, m: int, p: int, threads: int = THREADS) -> int:
     """Shared memory (bytes) one block needs (the layout at the top of the kernel): M and S in one
-    k×(k|1) array, 14 k-vectors, 11 n-vectors and a per-warp n-vector scratch, 3 m-vectors, the
+    k×(k|1) array (with slack), 13 k-vectors, 11 n-vectors and a per-warp n-vector scratch, 3 m-vectors, the
     reduction scratch and a flag."""
     k = m + p
     nwarps = max(threads // 32, 1)
-    words = k * (k | 1) + 14 * k + (11 + nwarps) * n + 3 * (m + 1) + (nwarps + 1) * _MAXRED + 1
+    rr, rc = _tiles(k, "cuda", threads)
+    pad = 32 * rc + nwarps * rr           # DQP_PAD
+    words = k * (k | 1) + pad + 13 * k + (11 + nwarps) * n + 3 * (m + 1) + (nwarps + 1) * _MAXRED + 1
     return 8 * words
 
 
@@ -79,11 +81,11 @@ def _source() -> str:
 KMAX = 128
 
 
-def _tiles(k: int, device_type: str) -> Tuple[int, int]:
+def _tiles(k: int, device_type: str, threads: Optional[int] = None) -> Tuple[int, int]:
     """(DQP_RR, DQP_RC): a thread's tile of S, rows × columns (the kernel's thread grid is 32 lanes
-    × THREADS/32 warps on CUDA, one thread in the C++ build)."""
+    × threads/32 warps on CUDA, one thread in the C++ build)."""
     if device_type == "cuda":
-        return -(-k // (THREADS // 32)), -(-k // 32)
+        return -(-k // ((threads or THREADS) // 32)), -(-k // 32)
     return k, k
 
 
@@ -117,11 +119,12 @@ def _set_smem(kernel, nbytes: int) -> None:
 def _cuda_kernel(device: torch.device, k: int, profile: bool = False):
     idx = device.index if device.index is not None else torch.cuda.current_device()
     rr, rc = _tiles(k, "cuda")
-    key = (idx, rr, rc, profile)
+    key = (idx, rr, rc, THREADS, profile)
     with _lock:
         kern = _cuda_kernels.get(key)
         if kern is None:
-            opts = ["-std=c++17", f"-DDQP_RR={rr}", f"-DDQP_RC={rc}"] + (["-DDQP_PROFILE"] if profile else [])
+            opts = (["-std=c++17", f"-DDQP_RR={rr}", f"-DDQP_RC={rc}", f"-DDQP_THREADS={THREADS}"]
+                    + (["-DDQP_PROFILE"] if profile else []))
             with torch.cuda.device(idx):
                 kern = torch.cuda._compile_kernel(_source(), "dqp_ipm_dual", nvcc_options=opts)
                 _set_smem(kern, _max_smem(device))

@@ -33,7 +33,10 @@ static double* dqp_smem = nullptr;
 DEV double warp_sum(double v) { return v; }
 DEV double warp_max(double v) { return v; }
 #else
-#define KERNEL extern "C" __global__ void __launch_bounds__(256)
+#ifndef DQP_THREADS
+#define DQP_THREADS 256
+#endif
+#define KERNEL extern "C" __global__ void __launch_bounds__(DQP_THREADS)
 #define DEV __device__ __forceinline__
 extern __shared__ double dqp_smem[];
 #define TID ((int)threadIdx.x)
@@ -184,16 +187,21 @@ DEV void symv_lower(const double* W, const double* Mdg, int k, int ld, const dou
 #ifndef DQP_RC
 #define DQP_RC 1
 #endif
+// slack after W for chol_upper's unpredicated tile reads past row k−1
+#define DQP_PAD (WARP * DQP_RC + (NT / WARP) * DQP_RR)
 
-// Upper Cholesky S = UᵀU of S = M + diag(Sd) (M: the strict lower triangle of W and Mdg), with
-// the trailing matrix held in registers (each thread its tile). (Measured on an H200, k = 100:
-// 201K cycles; a variant where warps skip finished rows and each pivot is inverted once by its
-// owner took 267K: the branches cost more than the skipped work.) Phase j: the owners of row j
-// write it to W's upper triangle, a barrier, every thread scales row j−1 there (its pivot saved)
-// and updates its tile from row j. U ends up in W's upper triangle, 1/U_jj in invd. Returns 1
-// when every pivot was positive and finite. piv: shared k doubles; flag: shared int.
-DEV int chol_upper(double* W, const double* Mdg, const double* Sd, int k, int ld, double* piv,
-                   double* invd, int* flag) {
+// Cholesky-type factorization S = Ũᵀ D⁻¹ Ũ of S = M + diag(Sd) (M: the strict lower triangle of W
+// and Mdg), D = diag(Ũ_jj): row j of Ũ is row j of the Schur complement at step j, unscaled (so
+// U = D^{-1/2} Ũ is the Cholesky factor; no square roots are taken). The trailing matrix is held in
+// registers, each thread its tile. Phase j: the owners of row j write it to W's upper triangle, a
+// barrier, every thread updates its tile from row j. Tile entries of finished rows (i ≤ j) and
+// of the lower triangle are dead (never written back), so the update runs unpredicated over the
+// whole tile. Ũ ends up in W's upper triangle, 1/Ũ_jj in invd. Returns 1 when every pivot was
+// positive and finite. invd: shared k doubles; flag: shared int. W needs DQP_PAD doubles of
+// slack after its k·ld (the unpredicated reads of row k−1 run past it).
+// (Measured on an H200, k = 100, per factorization: the predicated version 201K cycles; one where
+// warps skipped finished rows by a branch 267K.)
+DEV int chol_upper(double* W, const double* Mdg, const double* Sd, int k, int ld, double* invd, int* flag) {
     const int TX = WARP, TY = NT / WARP;
     const int tx = TID % TX, ty = TID / TX;
     double R[DQP_RR][DQP_RC];
@@ -222,36 +230,26 @@ DEV int chol_upper(double* W, const double* Mdg, const double* Sd, int k, int ld
             }
         }
         SYNC();
-        if (j > 0) {                 // row j−1 of U: S_{j−1, l} / sqrt(pivot)
-            const double r = 1.0 / DQP_SQRT(piv[j - 1]);
-            for (int l = j - 1 + TID; l < k; l += NT) W[(j - 1) * ld + l] *= r;
-        }
-        const double djj = W[j * ld + j];
+        const double* rj = W + j * ld;
+        const double djj = rj[j];
         const int good = djj > 0.0 && DQP_ISFINITE(djj);
         const double inv = good ? 1.0 / djj : 0.0;
         if (TID == 0) {
-            piv[j] = good ? djj : 1.0;
+            invd[j] = inv;
             if (!good) *flag = 0;
         }
-        const double* rj = W + j * ld;
+        const double* rt = rj + tx;
         double rl[DQP_RC];
 #pragma unroll
-        for (int c = 0; c < DQP_RC; ++c) {
-            const int l = tx + TX * c;
-            rl[c] = (l > j && l < k) ? rj[l] : 0.0;
-        }
+        for (int c = 0; c < DQP_RC; ++c) rl[c] = rt[TX * c];
+        const double* rs = rj + ty;
 #pragma unroll
         for (int a = 0; a < DQP_RR; ++a) {
-            const int i = ty + TY * a;
-            const double f = (i > j && i < k) ? rj[i] * inv : 0.0;
+            const double f = rs[TY * a] * inv;
 #pragma unroll
             for (int c = 0; c < DQP_RC; ++c) R[a][c] -= f * rl[c];
         }
     }
-    SYNC();
-    if (TID == 0) W[(k - 1) * ld + (k - 1)] *= 1.0 / DQP_SQRT(piv[k - 1]);
-    SYNC();
-    for (int j = TID; j < k; j += NT) invd[j] = 1.0 / W[j * ld + j];
     SYNC();
     return *flag;
 }
@@ -262,19 +260,21 @@ DEV int chol_upper(double* W, const double* Mdg, const double* Sd, int k, int ld
 #define DQP_SHFL(v, src) __shfl_sync(0xffffffffu, (v), (src))
 #endif
 
-// x ← S⁻¹ x with S = UᵀU from chol_upper (U in W's upper triangle). Warp 0 works with x in
-// registers (entry LANE + WARP·c in register c), by blocks of WARP rows: the block index is a
-// compile-time register index, and each step's value comes from its owner lane by a shuffle.
-// The block waits at the final barrier.
+// x ← S⁻¹ x with S = Ũᵀ D⁻¹ Ũ from chol_upper (Ũ in W's upper triangle, invd = 1/Ũ_jj):
+// Ũᵀ ŵ = x (ŵ_j = (x_j − Σ_{i<j} Ũ_ij ŵ_i)/Ũ_jj), then x_j = ŵ_j − (1/Ũ_jj) Σ_{l>j} Ũ_jl x_l.
+// Warp 0 works with x in registers (entry LANE + WARP·c in register c), by blocks of WARP rows:
+// the block index is a compile-time register index, and each step's value comes from its owner
+// lane by a shuffle. The block waits at the final barrier.
 DEV void chol_solve(const double* U, int k, int ld, const double* invd, double* x) {
     if (WID == 0) {
-        double xr[DQP_RC];
+        double xr[DQP_RC], gr[DQP_RC];
 #pragma unroll
         for (int c = 0; c < DQP_RC; ++c) {
             const int i = LANE + WARP * c;
             xr[c] = i < k ? x[i] : 0.0;
+            gr[c] = i < k ? invd[i] : 0.0;
         }
-        // Uᵀ w = x (row j of U is contiguous)
+        // Ũᵀ ŵ = x (row j of Ũ is contiguous)
 #pragma unroll
         for (int cb = 0; cb < DQP_RC; ++cb) {
             const int jend = k - WARP * cb < WARP ? k - WARP * cb : WARP;
@@ -292,18 +292,17 @@ DEV void chol_solve(const double* U, int k, int ld, const double* invd, double* 
                 }
             }
         }
-        // U x = w (column j of U, strided)
+        // x_j = ŵ_j − invd_j Σ_{l>j} Ũ_jl x_l, column-oriented (column j of Ũ, strided)
 #pragma unroll
         for (int cb = DQP_RC - 1; cb >= 0; --cb) {
             const int jend = k - WARP * cb < WARP ? k - WARP * cb : WARP;
             for (int jj = jend - 1; jj >= 0; --jj) {
                 const int j = WARP * cb + jj;
-                const double xj = DQP_SHFL(xr[cb], jj) * invd[j];
+                const double xj = DQP_SHFL(xr[cb], jj);
                 const int i0 = LANE + WARP * cb;
-                if (i0 == j) xr[cb] = xj;
-                else if (i0 < j) xr[cb] -= U[i0 * ld + j] * xj;
+                if (i0 < j) xr[cb] -= gr[cb] * (U[i0 * ld + j] * xj);
 #pragma unroll
-                for (int c = 0; c < cb; ++c) xr[c] -= U[(LANE + WARP * c) * ld + j] * xj;
+                for (int c = 0; c < cb; ++c) xr[c] -= gr[c] * (U[(LANE + WARP * c) * ld + j] * xj);
             }
         }
 #pragma unroll
@@ -351,7 +350,7 @@ KERNEL dqp_ipm_dual(
     // ---- shared memory layout
     double* sm = dqp_smem;
     const int ld = k | 1;          // odd leading dimension: column access without bank conflicts
-    double* S = sm; sm += (long long)k * ld;      // lower: M (constant), upper: S and its factor
+    double* S = sm; sm += (long long)k * ld + DQP_PAD;   // lower: M (constant), upper: S and its factor
     double* Mdg = sm; sm += k;     double* invd = sm; sm += k;
     double* tsc = sm; sm += (long long)NWARPS * n;
     double* z = sm; sm += n;       double* Pz = sm; sm += n;     double* ATl = sm; sm += n;
@@ -361,7 +360,7 @@ KERNEL dqp_ipm_dual(
     double* y = sm; sm += k;       double* Abz = sm; sm += k;    double* At = sm; sm += k;
     double* dy = sm; sm += k;      double* My = sm; sm += k;     double* Sd = sm; sm += k;
     double* py = sm; sm += k;      double* pAbz = sm; sm += k;   double* gv = sm; sm += k;
-    double* bd = sm; sm += k;      double* piv = sm; sm += k;    double* yt = sm; sm += k;
+    double* bd = sm; sm += k;      double* yt = sm; sm += k;
     double* s = sm; sm += m + 1;   double* dsa = sm; sm += m + 1; double* ds = sm; sm += m + 1;
     double* red = sm; sm += (NWARPS + 1) * MAXRED;
     int* flag = (int*)sm;
@@ -522,7 +521,7 @@ KERNEL dqp_ipm_dual(
         symv_lower(S, Mdg, k, ld, y, My);
         SYNC();
         PROF(2)
-        const int fact_ok = chol_upper(S, Mdg, Sd, k, ld, piv, invd, flag);   // S = M + diag(Sd)
+        const int fact_ok = chol_upper(S, Mdg, Sd, k, ld, invd, flag);   // S = M + diag(Sd)
         PROF(3)
         for (int j = TID; j < k; j += NT) {
             At[j] = -Abz[j] - gv[j] - My[j];
@@ -623,7 +622,7 @@ KERNEL dqp_ipm_dual(
 }
 
 // Shared memory the kernel needs, in bytes (dqp.solvers.fused.smem_bytes computes the same):
-// doubles: k·(k|1) + 14k + (11 + NWARPS)n + 3(m+1) + (NWARPS+1)·MAXRED, plus an int.
+// doubles: k·(k|1) + DQP_PAD + 13k + (11 + NWARPS)n + 3(m+1) + (NWARPS+1)·MAXRED, plus an int.
 
 #ifdef DQP_CPU
 extern "C" void dqp_ipm_dual_cpu(
@@ -636,7 +635,7 @@ extern "C" void dqp_ipm_dual_cpu(
     double eps, double eps_inf, double step_fraction, double reg_d, double wlo, int B)
 {
     const int k = m + p;
-    const long long words = (long long)k * (k | 1) + 14LL * k + 12LL * n + 3LL * (m + 1) + 2LL * MAXRED + 2;
+    const long long words = (long long)k * (k | 1) + DQP_PAD + 13LL * k + 12LL * n + 3LL * (m + 1) + 2LL * MAXRED + 2;
     double* buf = (double*)std::malloc(sizeof(double) * words);
     dqp_smem = buf;
     for (int blk = 0; blk < B; ++blk) {
