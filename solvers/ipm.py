@@ -838,10 +838,15 @@ SETUP_GRAPH = True
 SETUP_GRAPH_MAX_WORK = 20_000_000
 
 
-def _init_graphed(P, q, C, d, A, b, B: int, n: int, m: int, p: int):
+#: The state entries the fused kernel reads (:func:`dqp.solvers.fused.solve_dual`).
+_FUSED_STATE = ("z", "s", "mu", "lam", "delta")
+
+
+def _init_graphed(P, q, C, d, A, b, B: int, n: int, m: int, p: int, minimal: bool = False):
     """:func:`_init` with ``fm="dual"`` (P factorized inside) replayed from a cached graph; None
     when P's factor fails the dual form's test in some element (the caller then chooses the form
-    eagerly, :func:`_choose_form`) or the graph cannot be used."""
+    eagerly, :func:`_choose_form`) or the graph cannot be used. ``minimal``: return only the state
+    entries the fused kernel reads (the graph's outputs are copied on every call)."""
     if B * max(n, m + p) ** 2 > SETUP_GRAPH_MAX_WORK:
         return None
     inputs = {k: v for k, v in zip(_GraphData._DATA, (P, q, C, d, A, b)) if v is not None}
@@ -858,10 +863,10 @@ def _init_graphed(P, q, C, d, A, b, B: int, n: int, m: int, p: int):
         # (Abar when it is C or A itself: not a tensor of its own, see _DualNewton)
         out.update({"nt." + k: getattr(nt, k, None) for k in names
                     if not (k == "Abar" and (nt.Abar is C2 or nt.Abar is A2))})
-        out.update({"S." + k: v for k, v in S.items()})
+        out.update({"S." + k: v for k, v in S.items() if not minimal or k in _FUSED_STATE})
         return {k: v for k, v in out.items() if isinstance(v, Tensor)}
 
-    out = graphed_call(("dqp_ipm_init", B, n, m, p), fn, inputs)
+    out = graphed_call(("dqp_ipm_init", B, n, m, p, minimal), fn, inputs)
     if out is None or not bool(out["ok"]):          # (one host sync, as in _choose_form)
         return None
     Cs, ds, As, bs = (out.get(k) for k in ("C", "d", "A", "b"))
@@ -1001,7 +1006,8 @@ def ipm_solve(P: Tensor, q: Tensor, C: Optional[Tensor] = None, d: Optional[Tens
     with torch.profiler.record_function("dqp::ipm_setup"):
         init = None
         if use_graph and graph_cache and SETUP_GRAPH and _form_by_cost(form, P, B, n, m, p) == "dual":
-            init = _init_graphed(P, q, C, d, A, b, B, n, m, p)
+            init = _init_graphed(P, q, C, d, A, b, B, n, m, p,
+                                 minimal=_use_fused(fused, "dual", dtype, device, n, m, p, trace))
         if init is None:
             fm, LP = _choose_form(form, P, B, n, m, p)
             init = _init(P, q, C, d, A, b, B, n, m, p, fm, LP)

@@ -17,7 +17,7 @@ from dqp.errors import SettingsError, SolverNotAvailableError, Status
 from dqp.ipm_layer import solve_qp_batch
 from dqp.solvers.ipm import ipm_solve
 
-from test_ipm import known_qp
+from test_ipm import _emulate_graphs, known_qp
 
 F64, F32 = torch.float64, torch.float32
 
@@ -108,6 +108,35 @@ def test_layer_gradients_with_the_fused_forward():
         out[flag] = [z.detach()] + [t.grad for t in ins]
     for a, b in zip(out[True], out[False]):
         assert _rel(a, b) <= 1e-9
+
+
+@needs_cxx
+def test_graphed_setup_hands_the_kernel_a_minimal_state(monkeypatch):
+    """With the setup as a (here: emulated) CUDA graph and the kernel to follow, the graph returns
+    only the state the kernel reads; the result is the one of the eager setup, and a torch-loop call
+    of the same shape gets the whole state from a graph of its own."""
+    import dqp.solvers.ipm as ipm
+    P, q, C, d, A, b, *_ = known_qp(5, 7, 9, 2, seed=5)
+    eager = ipm_solve(P, q, C, d, A, b, fused=True, cuda_graph=False)
+    _emulate_graphs(monkeypatch)
+    ipm.clear_graph_cache()
+    c0 = dict(ipm._graph_stats)
+    seen = {}
+    real = fused.solve_dual
+
+    def spy(*a, **k):
+        seen["state"] = sorted(a[12])
+        return real(*a, **k)
+    monkeypatch.setattr(fused, "solve_dual", spy)
+    g = ipm_solve(P, q, C, d, A, b, fused=True)
+    assert seen["state"] == sorted(ipm._FUSED_STATE)
+    assert ipm._graph_stats["captures"] - c0["captures"] == 1          # the setup graph only
+    assert torch.equal(g.status, eager.status) and torch.equal(g.iterations, eager.iterations)
+    assert _rel(g.z, eager.z) <= 1e-12 and _rel(g.mu, eager.mu) <= 1e-12
+    loop = ipm_solve(P, q, C, d, A, b, fused=False, check_every=1)
+    assert ipm._graph_stats["captures"] - c0["captures"] == 3          # + its setup and iterations
+    assert torch.equal(loop.status, g.status)
+    ipm.clear_graph_cache()
 
 
 def test_auto_takes_the_torch_loop_on_cpu(monkeypatch):
