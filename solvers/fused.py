@@ -44,8 +44,10 @@ __all__ = ["FUSED", "THREADS", "smem_bytes", "fused_available", "solve_dual"]
 #: (the torch loop everywhere). ``ipm_solve(fused=...)`` overrides it per call.
 FUSED: Union[str, bool] = "auto"
 
-#: Threads per block, a multiple of 32 (environment variable ``DQP_FUSED_THREADS``, default 256).
-THREADS = int(os.environ.get("DQP_FUSED_THREADS", "256"))
+#: Threads per block, a multiple of 32 (environment variable ``DQP_FUSED_THREADS``, default 512:
+#: on an H200, B=128, n=m=100, forward+backward 7.4 ms with 512 vs 8.2 ms with 256, and faster in
+#: every cell measured; experiments/results/fused_check_256.json, fused_check_512.json).
+THREADS = int(os.environ.get("DQP_FUSED_THREADS", "512"))
 _MAXRED = 40          # as MAXRED in fused_ipm.cu
 
 #: Diagnostics (experiments/fused_check.py): a CUDA int64 tensor of 8 zeros makes every call run

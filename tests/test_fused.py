@@ -202,10 +202,13 @@ def test_compile_failure_is_a_clear_error(monkeypatch, tmp_path):
 
 
 def test_tiles_and_shared_memory():
-    assert fused._tiles(100, "cuda") == (13, 4) and fused._tiles(100, "cpu") == (100, 100)
-    assert fused._tiles(128, "cuda") == (16, 4)
-    # (k = n = 100: S and M in one 100×101 array, the rest ~20 KiB; two blocks fit an H100's SM)
-    assert 2 * fused.smem_bytes(100, 100, 0) <= 228 * 1024
+    assert fused._tiles(100, "cuda", 256) == (13, 4) and fused._tiles(100, "cuda", 512) == (7, 4)
+    assert fused._tiles(128, "cuda", 256) == (16, 4) and fused._tiles(100, "cpu") == (100, 100)
+    # (k = n = 100: S and M in one 100×101 array, the rest 20–40 KiB: with 256 threads two blocks
+    # fit an H100/H200 SM (228 KiB), with 512 one; k = KMAX fits one block)
+    assert 2 * fused.smem_bytes(100, 100, 0, threads=256) <= 228 * 1024
+    assert fused.smem_bytes(100, 100, 0, threads=512) <= 227 * 1024
+    assert fused.smem_bytes(fused.KMAX, fused.KMAX, 0, threads=512) <= 227 * 1024
     assert not fused.fused_available(torch.device("cpu"), F64, 10, 10, 0)
     assert not fused.fused_available(torch.device("cpu"), F64, 10, 0, 0)
 
