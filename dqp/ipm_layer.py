@@ -90,6 +90,24 @@ def _cast(t: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
     return None if t is None else t.to(dtype)
 
 
+def _fused_widen(P: Tensor, C: Optional[Tensor], A: Optional[Tensor], opts: Dict[str, Any]) -> bool:
+    """CUDA, float32/float16 data: solve in float64 throughout when the fused float64 kernel
+    (:mod:`dqp.solvers.fused`) takes the widened problem — the kernel runs the float64 problem
+    faster than the float32 torch loop runs the float32 one (H200, qpth's generator, B=128,
+    n=m=100: experiments/README.md), and the answer is float64's."""
+    from dqp.solvers import fused as fm
+    from dqp.solvers.ipm import _form_by_cost
+    flag = opts.get("fused")
+    flag = fm.FUSED if flag is None else flag
+    if flag is False or P.device.type != "cuda" or opts.get("trace") is not None:
+        return False
+    B, n = P.shape[0], P.shape[-1]
+    m = 0 if C is None else C.shape[-2]
+    p = 0 if A is None else A.shape[-2]
+    return (fm.fused_available(P.device, torch.float64, n, m, p)
+            and _form_by_cost(opts.get("form", "auto"), P, B, n, m, p) == "dual")
+
+
 def _wide_dtype(P: Tensor) -> Optional[torch.dtype]:
     """float64 for float32/float16/bfloat16 data on a device with float64 (the polish dtype), else None."""
     if P.dtype == torch.float64 or not P.dtype.is_floating_point or P.device.type == "mps":
@@ -322,11 +340,13 @@ class IPMQPFunction(torch.autograd.Function):
         P = 0.5 * (P + P.transpose(-1, -2))
         wide = _wide_dtype(P)
         dtype_in = P.dtype
-        if do_polish and wide is not None and P.device.type == "cpu" and WIDEN_ON_CPU:
+        if do_polish and wide is not None and ((P.device.type == "cpu" and WIDEN_ON_CPU)
+                                               or _fused_widen(P, C, A, opts)):
             # CPU, float32/float16 data: solve in float64 throughout and cast the answer back. The
             # float32 IPM gains nothing here (the CPU is not faster in float32 at these sizes) and
             # stalls: on qpth's generator, B=128, n=m=200, 68 of 128 elements re-solved in float64,
-            # 6.0 s forward+backward against 2.6 s for float64 data
+            # 6.0 s forward+backward against 2.6 s for float64 data. On CUDA: where the fused
+            # float64 kernel takes the problem (_fused_widen)
             P, q, C, d, A, b = (_cast(t, wide) for t in (P, q, C, d, A, b))
             if opts.get("eps") is not None and opts["eps"] >= default_eps(dtype_in):
                 opts["eps"] = None                   # a float32-level tolerance → float64's default

@@ -260,3 +260,31 @@ def test_cuda_auto_uses_the_kernel_and_gradients_match():
     assert len(calls) == 1                         # the automatic choice took the kernel
     for a, b in zip(out[None], out[False]):
         assert _rel(a, b) <= 1e-8
+
+
+def test_float32_widening_for_the_kernel_is_cuda_only_and_optional():
+    import dqp.ipm_layer as lay
+    P, q, C, d, A, b, *_ = known_qp(3, 5, 6, 1, seed=0, dtype=F32)
+    assert not lay._fused_widen(P, C, A, {})                     # CPU: the kernel is not automatic
+    assert not lay._fused_widen(P, C, A, {"fused": False})
+
+
+@needs_cxx
+def test_float32_data_widened_for_the_kernel(monkeypatch):
+    """Float32 data where the float64 kernel applies (forced here on the CPU, with the GPU's float32
+    path otherwise): solved, polished and differentiated in float64, returned in float32 — the same
+    answer and gradients as float64 data, to float32 rounding."""
+    import dqp.ipm_layer as lay
+    monkeypatch.setattr(lay, "WIDEN_ON_CPU", False)
+    monkeypatch.setattr(lay, "_fused_widen", lambda P, C, A, opts: True)
+    P, q, C, d, A, b, *_ = known_qp(4, 6, 8, 2, seed=9)
+    w = torch.randn(4, 6, dtype=F64, generator=torch.Generator().manual_seed(2))
+    out = {}
+    for dt in (F32, F64):
+        ins = [t.to(dt).clone().requires_grad_() for t in (P, q, C, d, A, b)]
+        z = solve_qp_batch(*ins, fused=True)[0]
+        (w.to(dt) * z).sum().backward()
+        assert z.dtype == dt and all(t.grad.dtype == dt for t in ins)
+        out[dt] = [z.detach().double()] + [t.grad.double() for t in ins]
+    for a, b_ in zip(out[F32], out[F64]):
+        assert _rel(a, b_) <= 1e-5
