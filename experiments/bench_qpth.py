@@ -48,7 +48,7 @@ import sys
 import time
 import types
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -309,38 +309,37 @@ class DqpBatchMethod(_TorchLayer):
         return lambda Q, p, G, h, A, b: solve_qp_batch(Q, p, G, h)[0]
 
 
-class DqpCompileMethod(_TorchLayer):
+class _DqpBatchVariant(_TorchLayer):
+    """``solve_qp_batch(..., **kw)``: dqp with non-default IPM options (the subclass's ``kw``)."""
+
+    kw: Dict[str, Any] = {}
+
+    def available(self):
+        return DqpBatchMethod().available()
+
+    def version(self):
+        return DqpMethod().version()
+
+    def _layer(self):
+        from dqp.ipm_layer import solve_qp_batch
+        kw = dict(self.kw)
+        return lambda Q, p, G, h, A, b: solve_qp_batch(Q, p, G, h, **kw)[0]
+
+
+class DqpCompileMethod(_DqpBatchVariant):
     """``solve_qp_batch(..., compile=True)``: the captured IPM iteration compiled with
     ``torch.compile`` (CUDA; the first call per shape compiles, which the warm-up absorbs)."""
 
     name = "dqp_compile"
-
-    def available(self):
-        return DqpBatchMethod().available()
-
-    def version(self):
-        return DqpMethod().version()
-
-    def _layer(self):
-        from dqp.ipm_layer import solve_qp_batch
-        return lambda Q, p, G, h, A, b: solve_qp_batch(Q, p, G, h, compile=True)[0]
+    kw = dict(compile=True)
 
 
-class DqpLoopMethod(_TorchLayer):
+class DqpLoopMethod(_DqpBatchVariant):
     """``solve_qp_batch(..., fused=False)``: the torch loop (CUDA graphs) instead of the fused
     kernel (dqp.solvers.fused), for a same-run comparison of the two."""
 
     name = "dqp_loop"
-
-    def available(self):
-        return DqpBatchMethod().available()
-
-    def version(self):
-        return DqpMethod().version()
-
-    def _layer(self):
-        from dqp.ipm_layer import solve_qp_batch
-        return lambda Q, p, G, h, A, b: solve_qp_batch(Q, p, G, h, fused=False)[0]
+    kw = dict(fused=False)
 
 
 def _import_qpth():
