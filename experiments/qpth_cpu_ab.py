@@ -31,7 +31,11 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--n", type=int, default=100)
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--fused", choices=("auto", "off"), default="auto",
+                    help="dqp.solvers.fused.FUSED: the kernel's C++ build (auto) or the torch loop (off)")
     args = ap.parse_args()
+    import dqp.solvers.fused as fused_mod
+    fused_mod.FUSED = "auto" if args.fused == "auto" else False
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch.set_num_threads(args.threads)
     qpth = _import_qpth()
@@ -54,9 +58,9 @@ def main() -> None:
         ta.append(run(ours))
         tb.append(run(theirs))
     a, b = statistics.median(ta), statistics.median(tb)
-    log.info("B=%d n=m=%d float64 fwd+bwd, %d thread(s), %d rounds: dqp %.0f ms (min %.0f), qpth %.0f ms "
-             "(min %.0f), qpth/dqp %.2f", args.batch, args.n, torch.get_num_threads(), args.rounds, 1e3 * a,
-             1e3 * min(ta), 1e3 * b, 1e3 * min(tb), b / a)
+    log.info("B=%d n=m=%d float64 fwd+bwd, %d thread(s), fused %s, %d rounds: dqp %.0f ms (min %.0f), qpth %.0f ms "
+             "(min %.0f), qpth/dqp %.2f", args.batch, args.n, torch.get_num_threads(), args.fused, args.rounds,
+             1e3 * a, 1e3 * min(ta), 1e3 * b, 1e3 * min(tb), b / a)
 
 
 if __name__ == "__main__":

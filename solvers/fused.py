@@ -9,13 +9,21 @@ convergence check with the infeasibility certificates, Cholesky, predictor, corr
 its QP is done. The algorithm is the torch loop's dual form (float64, checked every iteration),
 which stays the reference: ``tests/test_fused.py`` compares the two.
 
-When it runs (:data:`FUSED` ``"auto"``): CUDA, float64, the dual form (P positive definite and
-well conditioned, chosen by ``ipm_solve``), at least one constraint, no ``trace``, and ``S`` plus
-the iterate fitting one block's shared memory (k = m + p up to ~150 on an H100). Everything
-else takes the torch loop. The kernel source (``fused_ipm.cu``) is compiled at first use with
-NVRTC through ``torch.cuda._compile_kernel``; the same source also compiles as plain C++
-(``-DDQP_CPU``, one thread per block), which is how CI tests its logic without a GPU
-(``fused=True`` on a CPU tensor, with a C++ compiler on the PATH).
+When it runs (:data:`FUSED` ``"auto"``): float64, the dual form (P positive definite and well
+conditioned, chosen by ``ipm_solve``), at least one constraint, no ``trace``, and
+
+* on CUDA: 1 ≤ m + p ≤ :data:`KMAX` (128; S, M and the iterate in one block's shared memory, a
+  register tile of S per thread). The source (``fused_ipm.cu``) is compiled at first use with
+  NVRTC through ``torch.cuda._compile_kernel``, a few seconds per size class.
+* on the CPU: the same source compiled as plain C++ (``-DDQP_CPU``: a "block" is one thread, its
+  factorization and solves plain loops), with the batch split over ``torch.get_num_threads()``
+  threads, where a C++ compiler is available and m + p ≤ :data:`CPU_KMAX`. It is faster than the
+  torch loop there too (:data:`CPU_AUTO`). Without a compiler, or if the build fails (logged once),
+  the CPU keeps the torch loop.
+
+Everything else takes the torch loop. ``ipm_solve(fused=False)`` or ``FUSED = False`` forces the
+torch loop; ``fused=True`` requires the kernel. Tests also build the CUDA code's register-tile
+factorization as C++ (:data:`CPU_TILES`), so CI checks that logic too.
 """
 from __future__ import annotations
 
@@ -27,6 +35,7 @@ import shutil
 import subprocess
 import tempfile
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Dict, Optional, Tuple, Union
 
@@ -96,6 +105,38 @@ def _max_smem(device: torch.device) -> int:
     return int(getattr(props, "shared_memory_per_block_optin", 0) or getattr(props, "shared_memory_per_block", 49152))
 
 
+#: CPU: ``FUSED="auto"`` takes the C++ build where it can be built (a C++ compiler on the PATH or in
+#: ``CXX``; compiled on first use, a few seconds, and cached in the temporary directory) and
+#: m + p ≤ :data:`CPU_KMAX`. Measured on a 2-core x86-64 machine, 2 threads, qpth's generator,
+#: ``ipm_solve`` alone, torch loop vs C++ build: n=m=50, B=128 171 vs 76 ms; n=m=100, B=128
+#: ~400 vs ~240 ms; n=m=150, B=64 478 vs 355 ms; n=m=200, B=32 389 vs 309 ms; n=m=300, B=16
+#: 524 vs 508 ms (LAPACK's blocked factorization catches up) — hence the limit.
+CPU_AUTO = True
+CPU_KMAX = 256
+_cpu_build_ok: Optional[bool] = None
+
+
+def _compiler() -> Optional[str]:
+    return os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
+
+
+def _cpu_build_available() -> bool:
+    """Whether the C++ build (loops) exists or can be made; a failure is logged once and the
+    automatic choice then keeps the torch loop."""
+    global _cpu_build_ok
+    if _cpu_build_ok is None:
+        if _compiler() is None:
+            _cpu_build_ok = False
+        else:
+            try:
+                _cpu_library(0, tiles=False)
+                _cpu_build_ok = True
+            except SolverNotAvailableError as exc:
+                logger.warning("dqp fused IPM: the C++ build failed, the CPU keeps the torch loop: %s", exc)
+                _cpu_build_ok = False
+    return _cpu_build_ok
+
+
 def fused_available(device: torch.device, dtype: torch.dtype, n: int, m: int, p: int) -> bool:
     """Whether the fused kernel can solve this problem shape on ``device`` (CUDA, float64, at least
     one and at most :data:`KMAX` constraints, the block's shared memory within the device's limit)."""
@@ -104,6 +145,8 @@ def fused_available(device: torch.device, dtype: torch.dtype, n: int, m: int, p:
     if device.type == "cuda":
         return (hasattr(torch.cuda, "_compile_kernel") and m + p <= KMAX
                 and smem_bytes(n, m, p) <= _max_smem(device))
+    if device.type == "cpu":
+        return CPU_AUTO and m + p <= CPU_KMAX and _cpu_build_available()
     return False
 
 
@@ -135,28 +178,46 @@ def _cuda_kernel(device: torch.device, k: int, profile: bool = False):
     return kern
 
 
-def _cpu_library(k: int) -> ctypes.CDLL:
-    """The kernel compiled as C++ (``-DDQP_CPU``, tiles for this k) into a shared library, cached
-    by source hash and k."""
+#: The C++ build on the CPU: ``False`` (default) its own loops over the triangle for the
+#: factorization and solves, one library for every k, built with ``-O3 -march=native`` (it is
+#: compiled on the machine that runs it); ``True``: the CUDA code's register-tile factorization
+#: and solves, built per k, so that CPU tests exercise that logic.
+CPU_TILES = False
+
+
+def _cpu_library(k: int, tiles: Optional[bool] = None) -> ctypes.CDLL:
+    """The kernel compiled as C++ (``-DDQP_CPU``) into a shared library, cached by source hash
+    (and by k for the tile build, ``tiles`` — default :data:`CPU_TILES`)."""
+    tiles = CPU_TILES if tiles is None else tiles
+    key = k if tiles else 0
     with _lock:
-        if k in _cpu_libs:
-            return _cpu_libs[k]
-        cxx = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
+        if key in _cpu_libs:
+            return _cpu_libs[key]
+        cxx = _compiler()
         if cxx is None:
             raise SolverNotAvailableError(
                 "fused IPM on the CPU: the kernel's C++ build needs a C++ compiler (c++, g++ or clang++) "
                 "on the PATH, or set CXX; or use fused=False (the torch loop).")
         src = _source()
         tag = hashlib.sha256(src.encode()).hexdigest()[:16]
-        out = Path(tempfile.gettempdir()) / f"dqp_fused_ipm_{tag}_k{k}.so"
+        name = f"dqp_fused_ipm_{tag}_tiles{k}.so" if tiles else f"dqp_fused_ipm_{tag}.so"
+        out = Path(tempfile.gettempdir()) / name
         if not out.exists():
-            cpp = out.with_suffix(".cpp")
+            # (per-process file names: concurrent first builds do not read each other's partial files)
+            cpp = out.with_suffix(f".{os.getpid()}.{threading.get_ident()}.cpp")
             cpp.write_text(src)
-            tmp = out.with_suffix(f".{os.getpid()}.tmp.so")
-            rr, rc = _tiles(k, "cpu")
-            cmd = [cxx, "-O2", "-shared", "-fPIC", "-std=c++17", "-DDQP_CPU", f"-DDQP_RR={rr}", f"-DDQP_RC={rc}",
-                   str(cpp), "-o", str(tmp)]
+            tmp = out.with_suffix(f".{os.getpid()}.{threading.get_ident()}.tmp.so")
+            if tiles:
+                rr, rc = _tiles(k, "cpu")
+                flags = ["-O2", "-DDQP_CPU_TILES", f"-DDQP_RR={rr}", f"-DDQP_RC={rc}"]
+            else:
+                flags = ["-O3", "-march=native"]
+            cmd = [cxx, *flags, "-shared", "-fPIC", "-std=c++17", "-DDQP_CPU", str(cpp), "-o", str(tmp)]
             res = subprocess.run(cmd, capture_output=True, text=True)
+            if res.returncode != 0 and "-march=native" in cmd:        # (a compiler without it)
+                cmd.remove("-march=native")
+                res = subprocess.run(cmd, capture_output=True, text=True)
+            cpp.unlink(missing_ok=True)
             if res.returncode != 0:
                 raise SolverNotAvailableError(f"fused IPM on the CPU: compiling the kernel failed ({' '.join(cmd)}):\n"
                                               f"{res.stderr[-4000:]}")
@@ -164,10 +225,30 @@ def _cpu_library(k: int) -> ctypes.CDLL:
         lib = ctypes.CDLL(str(out))
         fn = lib.dqp_ipm_dual_cpu
         ptr, i32, f64 = ctypes.c_void_p, ctypes.c_int, ctypes.c_double
-        fn.argtypes = ([ptr, i32] * 8 + [ptr] * 3 + [ptr] * 5 + [ptr] * 6 + [i32] * 6 + [f64] * 5 + [i32])
+        fn.argtypes = ([ptr, i32] * 8 + [ptr] * 3 + [ptr] * 5 + [ptr] * 6 + [i32] * 6 + [f64] * 5 + [i32, i32])
         fn.restype = None
-        _cpu_libs[k] = lib
+        _cpu_libs[key] = lib
         return lib
+
+
+_pool: Optional[ThreadPoolExecutor] = None
+
+
+def _run_cpu(fn, args: list, B: int) -> None:
+    """Run the C++ build over the batch, split in contiguous ranges over ``torch.get_num_threads()``
+    threads (ctypes releases the GIL during each call)."""
+    global _pool
+    nt = max(1, min(torch.get_num_threads(), B))
+    if nt == 1:
+        fn(*args, 0, B)
+        return
+    with _lock:
+        if _pool is None or _pool._max_workers < nt:
+            _pool = ThreadPoolExecutor(max_workers=nt, thread_name_prefix="dqp-fused")
+        pool = _pool
+    cuts = [B * i // nt for i in range(nt + 1)]
+    for f in [pool.submit(fn, *args, cuts[i], cuts[i + 1]) for i in range(nt)]:
+        f.result()
 
 
 def _mat(M: Optional[Tensor], like: Tensor) -> Tuple[Tensor, int]:
@@ -259,6 +340,5 @@ def solve_dual(P: Tensor, q: Tensor, C: Optional[Tensor], d: Optional[Tensor], A
              shared_mem=smem_bytes(n, m, p))
     else:
         fn = _cpu_library(k).dqp_ipm_dual_cpu
-        args = [a.data_ptr() if isinstance(a, Tensor) else a for a in tensors] + scalars + [int(B)]
-        fn(*args)
+        _run_cpu(fn, [a.data_ptr() if isinstance(a, Tensor) else a for a in tensors] + scalars, B)
     return dict(z=z, s=s, mu=mu, lam=lam, status=status, iters=iters)

@@ -20,8 +20,8 @@
 #include <cstdlib>
 #define KERNEL static void
 #define DEV static inline
-static int dqp_block_id = 0;
-static double* dqp_smem = nullptr;
+static thread_local int dqp_block_id = 0;
+static thread_local double* dqp_smem = nullptr;
 #define TID 0
 #define NT 1
 #define WARP 1
@@ -190,6 +190,49 @@ DEV void symv_lower(const double* W, const double* Mdg, int k, int ld, const dou
 // slack after W for chol_upper's unpredicated tile reads past row k−1
 #define DQP_PAD (WARP * DQP_RC + (NT / WARP) * DQP_RR)
 
+#if defined(DQP_CPU) && !defined(DQP_CPU_TILES)
+// The C++ build's factorization and solves (one thread per block): the same S = Ũᵀ D⁻¹ Ũ in W's
+// upper triangle and 1/Ũ_jj in invd as the CUDA code below, by plain loops over the triangle (the
+// register tiles would update all k² entries at every step with one thread). Tests also build the
+// tile code on the CPU (-DDQP_CPU_TILES).
+DEV int chol_upper(double* W, const double* Mdg, const double* Sd, int k, int ld, double* invd, int* flag) {
+    for (int i = 0; i < k; ++i) {
+        W[i * ld + i] = Mdg[i] + Sd[i];
+        for (int l = i + 1; l < k; ++l) W[i * ld + l] = W[l * ld + i];
+    }
+    int ok = 1;
+    for (int j = 0; j < k; ++j) {
+        const double* rj = W + j * ld;
+        const double djj = rj[j];
+        const int good = djj > 0.0 && DQP_ISFINITE(djj);
+        const double inv = good ? 1.0 / djj : 0.0;
+        invd[j] = inv;
+        if (!good) ok = 0;
+        for (int i = j + 1; i < k; ++i) {
+            const double f = rj[i] * inv;
+            double* ri = W + i * ld;
+            for (int l = i; l < k; ++l) ri[l] -= f * rj[l];
+        }
+    }
+    *flag = ok;
+    return ok;
+}
+
+DEV void chol_solve(const double* U, int k, int ld, const double* invd, double* x) {
+    for (int j = 0; j < k; ++j) {
+        const double wj = x[j] * invd[j];
+        x[j] = wj;
+        const double* uj = U + j * ld;
+        for (int i = j + 1; i < k; ++i) x[i] -= uj[i] * wj;
+    }
+    for (int j = k - 1; j >= 0; --j) {
+        const double* uj = U + j * ld;
+        double acc = 0.0;
+        for (int l = j + 1; l < k; ++l) acc += uj[l] * x[l];
+        x[j] -= invd[j] * acc;
+    }
+}
+#else
 // Cholesky-type factorization S = Ũᵀ D⁻¹ Ũ of S = M + diag(Sd) (M: the strict lower triangle of W
 // and Mdg), D = diag(Ũ_jj): row j of Ũ is row j of the Schur complement at step j, unscaled (so
 // U = D^{-1/2} Ũ is the Cholesky factor; no square roots are taken). The trailing matrix is held in
@@ -313,6 +356,8 @@ DEV void chol_solve(const double* U, int k, int ld, const double* invd, double* 
     }
     SYNC();
 }
+
+#endif  // DQP_CPU && !DQP_CPU_TILES
 
 // Largest α ≥ 0 with v + α dv ≥ 0, capped (as solvers/ipm.py's _max_step): 1/max(max(−dv/v), 1/cap).
 // The caller reduces `part` (this thread's max of −dv/v) over the block.
@@ -632,13 +677,13 @@ extern "C" void dqp_ipm_dual_cpu(
     const double* z0, const double* s0, const double* mu0, const double* lam0, const double* delta0,
     double* z_out, double* s_out, double* mu_out, double* lam_out, long long* status_out, long long* iters_out,
     int n, int m, int p, int max_iter, int stall_iters, int separate_steps,
-    double eps, double eps_inf, double step_fraction, double reg_d, double wlo, int B)
+    double eps, double eps_inf, double step_fraction, double reg_d, double wlo, int b0, int b1)
 {
     const int k = m + p;
     const long long words = (long long)k * (k | 1) + DQP_PAD + 13LL * k + 12LL * n + 3LL * (m + 1) + 2LL * MAXRED + 2;
     double* buf = (double*)std::malloc(sizeof(double) * words);
     dqp_smem = buf;
-    for (int blk = 0; blk < B; ++blk) {
+    for (int blk = b0; blk < b1; ++blk) {
         dqp_block_id = blk;
         dqp_ipm_dual(P, sP, q, sq, C, sC, d, sd, A, sA, b, sb, M, sM, PiAbt, sPi, Piq, g, norms,
                      z0, s0, mu0, lam0, delta0, z_out, s_out, mu_out, lam_out, status_out, iters_out,

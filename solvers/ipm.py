@@ -895,7 +895,7 @@ def _use_fused(fused: Optional[bool], fm: str, dtype: torch.dtype, device: torch
         (trace is not None, "trace is given"),
         (not fits, f"no fused build fits on {device} (CUDA, shared memory for k = {m + p})")) if bad]
     if fused == "auto":
-        return device.type == "cuda" and not reasons
+        return not reasons
     if reasons:
         raise SettingsError("ipm_solve: fused=True does not apply here: " + "; ".join(reasons)
                             + ". Use fused=None (automatic) or False.")

@@ -18,6 +18,14 @@ DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skip
     not torch.cuda.is_available(), reason="needs CUDA")])]
 
 
+@pytest.fixture(autouse=True)
+def _torch_loop(monkeypatch):
+    """These tests are of the torch loop; the fused kernel (which the float64 dual form takes by
+    default where it can be built) has tests/test_fused.py."""
+    import dqp.solvers.fused as fused
+    monkeypatch.setattr(fused, "FUSED", False)
+
+
 def _spd(B, k, seed=0, device="cpu", dtype=F64):
     g = torch.Generator().manual_seed(seed)
     X = torch.randn(B, k, k, generator=g, dtype=F64)

@@ -1,9 +1,10 @@
 """The fused IPM kernel (dqp.solvers.fused, solvers/fused_ipm.cu) against the torch loop.
 
-On the CPU the kernel runs its C++ build (``fused=True``: the same source with one thread per
-block), so CI checks the kernel's logic: statuses, iteration counts and iterates equal to the torch
-loop's, which checks every iteration on the CPU as the kernel does. The CUDA tests (marked, skipped
-without a GPU) run the real kernel.
+On the CPU the kernel runs its C++ build (the same source with one thread per block; the default
+there where a compiler exists), in two variants: the CPU's own loops and the CUDA code's register
+tiles (``CPU_TILES``), so CI checks the kernel's logic: statuses, iteration counts and iterates equal
+to the torch loop's, which checks every iteration on the CPU as the kernel does. The CUDA tests
+(marked, skipped without a GPU) run the real kernel.
 """
 from __future__ import annotations
 
@@ -61,9 +62,16 @@ def _same_as_loop(data, tol=1e-8, device="cpu", **kw):
 CASES = [(8, 10, 3, False), (12, 9, 0, False), (10, 0, 4, False), (6, 15, 2, False), (9, 11, 2, True)]
 
 
+@pytest.fixture(params=[False, True], ids=["loops", "tiles"])
+def cpu_build(request, monkeypatch):
+    """Both C++ builds: the CPU's own loops, and the CUDA code's register tiles (CPU_TILES)."""
+    monkeypatch.setattr(fused, "CPU_TILES", request.param)
+    return request.param
+
+
 @needs_cxx
 @pytest.mark.parametrize("n,m,p,shared", CASES)
-def test_cpu_build_matches_torch_loop(n, m, p, shared):
+def test_cpu_build_matches_torch_loop(n, m, p, shared, cpu_build):
     P, q, C, d, A, b, z0, lam0, mu0 = known_qp(6, n, m, p, seed=n + m + p)
     if shared:
         P, C, A = P[0], C[0], A[0]
@@ -76,7 +84,7 @@ def test_cpu_build_matches_torch_loop(n, m, p, shared):
 
 
 @needs_cxx
-def test_cpu_build_qpth_generator_and_infeasible_element():
+def test_cpu_build_qpth_generator_and_infeasible_element(cpu_build):
     Q, p, G, h = _qpth_problem(10, 20, 20, seed=4)
     G, h = G.clone(), h.clone()
     G[3, 1] = -G[3, 0]
@@ -139,14 +147,34 @@ def test_graphed_setup_hands_the_kernel_a_minimal_state(monkeypatch):
     ipm.clear_graph_cache()
 
 
-def test_auto_takes_the_torch_loop_on_cpu(monkeypatch):
-    def boom(*a, **k):
-        raise AssertionError("the fused kernel ran")
-    monkeypatch.setattr(fused, "solve_dual", boom)
+@needs_cxx
+def test_auto_on_cpu_takes_the_cpp_build_unless_switched_off(monkeypatch):
+    calls = []
+    real = fused.solve_dual
+
+    def spy(*a, **k):
+        calls.append(1)
+        return real(*a, **k)
+    monkeypatch.setattr(fused, "solve_dual", spy)
     P, q, C, d, A, b, *_ = known_qp(3, 5, 6, 1, seed=0)
-    assert bool((ipm_solve(P, q, C, d, A, b).status == 0).all())
+    assert bool((ipm_solve(P, q, C, d, A, b).status == 0).all()) and len(calls) == 1
+    monkeypatch.setattr(fused, "CPU_AUTO", False)
+    assert bool((ipm_solve(P, q, C, d, A, b).status == 0).all()) and len(calls) == 1
+    monkeypatch.setattr(fused, "CPU_AUTO", True)
     monkeypatch.setattr(fused, "FUSED", False)
-    assert bool((ipm_solve(P, q, C, d, A, b, fused=None).status == 0).all())
+    assert bool((ipm_solve(P, q, C, d, A, b, fused=None).status == 0).all()) and len(calls) == 1
+
+
+def test_auto_on_cpu_keeps_the_torch_loop_when_the_build_fails(monkeypatch, tmp_path, caplog):
+    monkeypatch.setattr(fused, "_cpu_libs", {})
+    monkeypatch.setattr(fused, "_cpu_build_ok", None)
+    monkeypatch.setenv("CXX", "false")
+    monkeypatch.setattr(fused.tempfile, "gettempdir", lambda: str(tmp_path))
+    P, q, C, d, A, b, *_ = known_qp(3, 5, 6, 1, seed=0)
+    with caplog.at_level("WARNING", logger="dqp.solvers.fused"):
+        res = ipm_solve(P, q, C, d, A, b)
+    assert bool((res.status == 0).all())
+    assert fused._cpu_build_ok is False and "C++ build failed" in caplog.text
 
 
 @pytest.mark.parametrize("what", ["float32", "primal", "trace", "bad_value"])
@@ -209,8 +237,10 @@ def test_tiles_and_shared_memory():
     assert 2 * fused.smem_bytes(100, 100, 0, threads=256) <= 228 * 1024
     assert fused.smem_bytes(100, 100, 0, threads=512) <= 227 * 1024
     assert fused.smem_bytes(fused.KMAX, fused.KMAX, 0, threads=512) <= 227 * 1024
-    assert not fused.fused_available(torch.device("cpu"), F64, 10, 10, 0)
-    assert not fused.fused_available(torch.device("cpu"), F64, 10, 0, 0)
+    cpu = torch.device("cpu")
+    assert not fused.fused_available(cpu, F64, 10, 0, 0)                      # no constraints
+    assert not fused.fused_available(cpu, F32, 10, 10, 0)                     # float64 only
+    assert not fused.fused_available(cpu, F64, 10, fused.CPU_KMAX + 1, 0)     # too large for the C++ build
 
 
 # ------------------------------------------------------------------------------------------------

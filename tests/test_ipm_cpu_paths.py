@@ -15,6 +15,14 @@ import dqp.solvers.ipm as ipm
 from dqp.errors import Status
 
 
+@pytest.fixture(autouse=True)
+def _torch_loop(monkeypatch):
+    """These tests are of the torch loop; the fused kernel (which the float64 dual form takes by
+    default where it can be built) has tests/test_fused.py."""
+    import dqp.solvers.fused as fused
+    monkeypatch.setattr(fused, "FUSED", False)
+
+
 def _problems(B, n, m, p, seed=0, dtype=torch.float64):
     g = torch.Generator().manual_seed(seed)
     U = torch.randn(B, n, n, generator=g, dtype=dtype)
