@@ -69,12 +69,22 @@ _cuda_kernels: Dict[Tuple[int, int, int, int, bool], object] = {}
 _cpu_libs: Dict[int, ctypes.CDLL] = {}
 
 
-def smem_bytes(n: int, m: int, p: int, threads: int = THREADS) -> int:
+def _threads(threads: Optional[int] = None) -> int:
+    """Threads per block (``threads`` or :data:`THREADS`), checked: a multiple of 32 in [32, 1024]."""
+    t = THREADS if threads is None else threads
+    if not (isinstance(t, int) and 32 <= t <= 1024 and t % 32 == 0):
+        raise SettingsError(f"fused IPM: threads per block (dqp.solvers.fused.THREADS or DQP_FUSED_THREADS) "
+                            f"must be a multiple of 32 from 32 to 1024, got {t!r}.")
+    return t
+
+
+def smem_bytes(n: int, m: int, p: int, threads: Optional[int] = None) -> int:
     """Shared memory (bytes) one block needs (the layout at the top of the kernel): M and S in one
     k×(k|1) array (with slack), 13 k-vectors, 11 n-vectors and a per-warp n-vector scratch, 3 m-vectors, the
     reduction scratch and a flag."""
+    threads = _threads(threads)
     k = m + p
-    nwarps = max(threads // 32, 1)
+    nwarps = threads // 32
     rr, rc = _tiles(k, "cuda", threads)
     pad = 32 * rc + nwarps * rr           # DQP_PAD
     words = k * (k | 1) + pad + 13 * k + (11 + nwarps) * n + 3 * (m + 1) + (nwarps + 1) * _MAXRED + 1
@@ -96,7 +106,7 @@ def _tiles(k: int, device_type: str, threads: Optional[int] = None) -> Tuple[int
     """(DQP_RR, DQP_RC): a thread's tile of S, rows × columns (the kernel's thread grid is 32 lanes
     × threads/32 warps on CUDA, one thread in the C++ build)."""
     if device_type == "cuda":
-        return -(-k // ((threads or THREADS) // 32)), -(-k // 32)
+        return -(-k // (_threads(threads) // 32)), -(-k // 32)
     return k, k
 
 
@@ -118,6 +128,27 @@ _cpu_build_ok: Optional[bool] = None
 
 def _compiler() -> Optional[str]:
     return os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
+
+
+_cuda_build_failed: Dict[tuple, str] = {}
+
+
+def _cuda_build_available(device: torch.device, k: int) -> bool:
+    """Whether the kernel for this device and size class compiles (compiled here, cached); a failure
+    (no NVRTC, a driver too old for the PTX, ...) is logged once and the automatic choice then keeps
+    the torch loop."""
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    key = (idx, _tiles(k, "cuda"), THREADS)
+    if key in _cuda_build_failed:
+        return False
+    try:
+        _cuda_kernel(device, k)
+        return True
+    except Exception as exc:  # noqa: BLE001 - any compile/load failure means: no kernel here
+        _cuda_build_failed[key] = f"{type(exc).__name__}: {exc}"
+        logger.warning("dqp fused IPM: the CUDA kernel could not be built (%s); the torch loop runs instead",
+                       _cuda_build_failed[key])
+        return False
 
 
 def _cpu_build_available() -> bool:
@@ -144,7 +175,7 @@ def fused_available(device: torch.device, dtype: torch.dtype, n: int, m: int, p:
         return False
     if device.type == "cuda":
         return (hasattr(torch.cuda, "_compile_kernel") and m + p <= KMAX
-                and smem_bytes(n, m, p) <= _max_smem(device))
+                and smem_bytes(n, m, p) <= _max_smem(device) and _cuda_build_available(device, m + p))
     if device.type == "cpu":
         return CPU_AUTO and m + p <= CPU_KMAX and _cpu_build_available()
     return False
@@ -164,11 +195,12 @@ def _set_smem(kernel, nbytes: int) -> None:
 def _cuda_kernel(device: torch.device, k: int, profile: bool = False):
     idx = device.index if device.index is not None else torch.cuda.current_device()
     rr, rc = _tiles(k, "cuda")
-    key = (idx, rr, rc, THREADS, profile)
+    threads = _threads()
+    key = (idx, rr, rc, threads, profile)
     with _lock:
         kern = _cuda_kernels.get(key)
         if kern is None:
-            opts = (["-std=c++17", f"-DDQP_RR={rr}", f"-DDQP_RC={rc}", f"-DDQP_THREADS={THREADS}"]
+            opts = (["-std=c++17", f"-DDQP_RR={rr}", f"-DDQP_RC={rc}", f"-DDQP_THREADS={threads}"]
                     + (["-DDQP_PROFILE"] if profile else []))
             with torch.cuda.device(idx):
                 kern = torch.cuda._compile_kernel(_source(), "dqp_ipm_dual", nvcc_options=opts)
@@ -201,7 +233,7 @@ def _cpu_library(k: int, tiles: Optional[bool] = None) -> ctypes.CDLL:
         src = _source()
         tag = hashlib.sha256(src.encode()).hexdigest()[:16]
         name = f"dqp_fused_ipm_{tag}_tiles{k}.so" if tiles else f"dqp_fused_ipm_{tag}.so"
-        out = Path(tempfile.gettempdir()) / name
+        out = _cache_dir() / name
         if not out.exists():
             # (per-process file names: concurrent first builds do not read each other's partial files)
             cpp = out.with_suffix(f".{os.getpid()}.{threading.get_ident()}.cpp")
@@ -229,6 +261,20 @@ def _cpu_library(k: int, tiles: Optional[bool] = None) -> ctypes.CDLL:
         fn.restype = None
         _cpu_libs[key] = lib
         return lib
+
+
+def _cache_dir() -> Path:
+    """Where the C++ builds are kept: ``DQP_CACHE_DIR``, else a directory of this user's in the
+    temporary directory, created private (0700); one that another user owns or can write is not
+    used (a fresh private one is made instead)."""
+    env = os.environ.get("DQP_CACHE_DIR")
+    base = Path(env) if env else Path(tempfile.gettempdir()) / f"dqp-{os.getuid() if hasattr(os, 'getuid') else 'user'}"
+    base.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if hasattr(os, "getuid") and not env:
+        st = base.stat()
+        if st.st_uid != os.getuid() or st.st_mode & 0o022:
+            return Path(tempfile.mkdtemp(prefix="dqp-"))
+    return base
 
 
 _pool: Optional[ThreadPoolExecutor] = None
@@ -336,8 +382,9 @@ def solve_dual(P: Tensor, q: Tensor, C: Optional[Tensor], d: Optional[Tensor], A
     elif dev.type == "cuda":
         kern = _cuda_kernel(dev, k, profile is not None)
         prof = [profile if profile is not None else one]     # (read only by a -DDQP_PROFILE build)
-        kern(grid=(B, 1, 1), block=(THREADS, 1, 1), args=tensors + scalars + prof,
-             shared_mem=smem_bytes(n, m, p))
+        with torch.cuda.device(dev):
+            kern(grid=(B, 1, 1), block=(_threads(), 1, 1), args=tensors + scalars + prof,
+                 shared_mem=smem_bytes(n, m, p), stream=torch.cuda.current_stream(dev))
     else:
         fn = _cpu_library(k).dqp_ipm_dual_cpu
         _run_cpu(fn, [a.data_ptr() if isinstance(a, Tensor) else a for a in tensors] + scalars, B)

@@ -878,7 +878,7 @@ def _init_graphed(P, q, C, d, A, b, B: int, n: int, m: int, p: int, minimal: boo
 
 
 def _use_fused(fused: Optional[bool], fm: str, dtype: torch.dtype, device: torch.device, n: int, m: int,
-               p: int, trace: Optional[list]) -> bool:
+               p: int, trace: Optional[list], refine: Optional[int] = None) -> bool:
     """Whether this solve runs the fused kernel (see ``ipm_solve``'s ``fused``)."""
     if fused is None:
         fused = _fused.FUSED
@@ -893,6 +893,7 @@ def _use_fused(fused: Optional[bool], fm: str, dtype: torch.dtype, device: torch
         (dtype != torch.float64, f"the data are {dtype} (the kernel is float64)"),
         (m + p == 0, "the problem has no constraints"),
         (trace is not None, "trace is given"),
+        (refine not in (None, 0), f"refine={refine} (the kernel does not refine the Newton direction)"),
         (not fits, f"no fused build fits on {device} (CUDA, shared memory for k = {m + p})")) if bad]
     if fused == "auto":
         return not reasons
@@ -1007,7 +1008,7 @@ def ipm_solve(P: Tensor, q: Tensor, C: Optional[Tensor] = None, d: Optional[Tens
         init = None
         if use_graph and graph_cache and SETUP_GRAPH and _form_by_cost(form, P, B, n, m, p) == "dual":
             init = _init_graphed(P, q, C, d, A, b, B, n, m, p,
-                                 minimal=_use_fused(fused, "dual", dtype, device, n, m, p, trace))
+                                 minimal=_use_fused(fused, "dual", dtype, device, n, m, p, trace, refine))
         if init is None:
             fm, LP = _choose_form(form, P, B, n, m, p)
             init = _init(P, q, C, d, A, b, B, n, m, p, fm, LP)
@@ -1088,6 +1089,7 @@ def ipm_solve(P: Tensor, q: Tensor, C: Optional[Tensor] = None, d: Optional[Tens
             dsm = torch.stack([nrin - Cdz, dm_], 1)
             # fraction to the boundary, → 1 as the instance converges (per instance)
             eta = (1.0 - (gap / gscl).sqrt()).clamp(min=step_fraction)
+            eta = torch.nan_to_num(eta, nan=step_fraction)       # (a NaN gap must not reach the step)
             st = (eta.unsqueeze(-1) * _max_step(sm, dsm)).clamp(max=1.0)
             if not separate_steps:
                 st = st.amin(-1, keepdim=True)
@@ -1295,7 +1297,7 @@ def ipm_solve(P: Tensor, q: Tensor, C: Optional[Tensor] = None, d: Optional[Tens
     gkey = _gkey(live, B)
     graph = None
     fused_out = None
-    if _use_fused(fused, fm, dtype, device, n, m, p, trace):
+    if _use_fused(fused, fm, dtype, device, n, m, p, trace, refine):
         with torch.profiler.record_function("dqp::ipm_fused"):
             fused_out = _fused.solve_dual(
                 P, q, C, d, A, b, newton.M, newton.PiAbt, newton._Piq, newton._g, norms, newton.Md, S,
@@ -1378,6 +1380,14 @@ def ipm_solve(P: Tensor, q: Tensor, C: Optional[Tensor] = None, d: Optional[Tens
             stop = False
             if check:
                 upd, scaled = _check(S, R, D=live)
+                if use_T and bool((upd["done"] & ~S["done"]).any()):
+                    # a tracked product drifts from the exact one and can hide a residual (q scaled by
+                    # 1e8: SOLVED with a true scaled primal residual of 1.6e-7 against eps = 1e-9):
+                    # an element stops only on exact products
+                    R = _resid(S["z"], S["s"], S["mu"], S["lam"], D=live)
+                    trk.update(Pz_cur=R[0], ATl_cur=R[2], CTm_cur=R[3])
+                    trk.pop("My", None)
+                    upd, scaled = _check(S, R, D=live)
                 S = {**S, **upd}
                 checked = it
                 nleft = int((~S["done"]).sum())

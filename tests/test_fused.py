@@ -318,3 +318,49 @@ def test_float32_data_widened_for_the_kernel(monkeypatch):
         out[dt] = [z.detach().double()] + [t.grad.double() for t in ins]
     for a, b_ in zip(out[F32], out[F64]):
         assert _rel(a, b_) <= 1e-5
+
+
+def test_threads_per_block_are_checked(monkeypatch):
+    for bad in (16, 100, 2048, "512"):
+        with pytest.raises(SettingsError, match="multiple of 32"):
+            fused._threads(bad)
+    monkeypatch.setattr(fused, "THREADS", 100)
+    with pytest.raises(SettingsError, match="DQP_FUSED_THREADS"):
+        fused.smem_bytes(10, 10, 0)
+    monkeypatch.setattr(fused, "THREADS", 1024)          # read at call time, not at import
+    assert fused.smem_bytes(10, 10, 0) == fused.smem_bytes(10, 10, 0, threads=1024)
+
+
+@needs_cxx
+def test_refine_is_not_run_by_the_kernel(monkeypatch):
+    P, q, C, d, A, b, *_ = known_qp(3, 5, 6, 1, seed=0)
+    with pytest.raises(SettingsError, match="refine=1"):
+        ipm_solve(P, q, C, d, A, b, fused=True, refine=1)
+
+    def boom(*a, **k):
+        raise AssertionError("the fused kernel ran")
+    monkeypatch.setattr(fused, "solve_dual", boom)
+    assert bool((ipm_solve(P, q, C, d, A, b, refine=1).status == 0).all())     # auto: the torch loop
+
+
+def test_cuda_build_failure_keeps_the_torch_loop(monkeypatch, caplog):
+    def fail(device, k, profile=False):
+        raise RuntimeError("no NVRTC here")
+    monkeypatch.setattr(fused, "_cuda_kernel", fail)
+    monkeypatch.setattr(fused, "_cuda_build_failed", {})
+    with caplog.at_level("WARNING", logger="dqp.solvers.fused"):
+        assert not fused._cuda_build_available(torch.device("cuda", 0), 50)
+        assert not fused._cuda_build_available(torch.device("cuda", 0), 50)    # remembered
+    assert caplog.text.count("could not be built") == 1 and "no NVRTC here" in caplog.text
+
+
+def test_build_cache_directory_is_private(monkeypatch, tmp_path):
+    monkeypatch.setenv("DQP_CACHE_DIR", str(tmp_path / "mine"))
+    assert fused._cache_dir() == tmp_path / "mine"
+    monkeypatch.delenv("DQP_CACHE_DIR")
+    monkeypatch.setattr(fused.tempfile, "gettempdir", lambda: str(tmp_path))
+    d = fused._cache_dir()
+    assert d.parent == tmp_path and (d.stat().st_mode & 0o777) == 0o700
+    d.chmod(0o777)                                       # writable by others: not used
+    other = fused._cache_dir()
+    assert other != d and (other.stat().st_mode & 0o022) == 0

@@ -70,6 +70,23 @@ def test_dual_form_fast_paths_reach_true_tolerance(p):
     assert pres.max() < 1e-8
 
 
+def test_tracked_products_never_declare_a_false_convergence():
+    """A badly scaled element (q × 1e8) whose tracked residual products drift: the tracked check
+    once reported SOLVED at a true scaled primal residual of 1.6e-7 (eps = 1e-9). An element now
+    stops only on exact products: SOLVED elements meet the rule when it is recomputed from scratch."""
+    from test_ipm import known_qp
+    P, q, C, d, A, b, *_ = known_qp(4, 8, 6, 3, seed=7)
+    q = q.clone()
+    q[3] *= 1e8
+    r = ipm.ipm_solve(P, q, C, d, A, b, form="dual", check_every=1)
+    dres, pres = _true_residuals(P, q, C, d, A, b, r)
+    ok = r.status == int(Status.SOLVED)
+    assert bool(ok[:3].all())
+    # (scaled primal residual: relative to the scale of the iterate, as the rule; 1 + |d| bounds it)
+    scale = 1.0 + d.abs().amax(-1) + (C @ r.z.unsqueeze(-1)).squeeze(-1).abs().amax(-1)
+    assert bool((pres[ok] <= 1e-8 * scale[ok]).all()) and bool((dres[ok] <= 1e-8).all())
+
+
 @pytest.mark.parametrize("p", [0, 3])
 def test_dual_form_matches_primal_form(p):
     P, q, C, d, A, b = _problems(12, 15, 25, p, seed=1)
