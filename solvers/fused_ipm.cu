@@ -528,25 +528,25 @@ KERNEL dqp_ipm_dual(
 
         // (no check at the starting point, as the torch loop: the first check follows the first step)
         if (it > 0) {
-        int done = 0;
-        if (conv) { status = ST_SOLVED; done = 1; }
-        if (!done) { pinf_cnt += pinf; dinf_cnt += dinf; }
-        if (!done && pinf_cnt >= 2) { status = ST_PRIMAL_INFEASIBLE; done = 1; }
-        if (!done && dinf_cnt >= 2) { status = ST_DUAL_INFEASIBLE; done = 1; }
-        if (!done && nfail >= 8) {
-            status = pinf_cnt > 0 ? ST_PRIMAL_INFEASIBLE : (dinf_cnt > 0 ? ST_DUAL_INFEASIBLE : ST_NUMERICAL);
-            done = 1;
-        }
-        const double merit = dmax(dmax(pres / pscl, dres / dscl), gap / gscl);
-        if (merit < 0.5 * best) { best = merit; last_impr = it; }
-        if (!done && it - last_impr >= stall_iters) { status = ST_NUMERICAL; done = 1; }
-        have_prev = 1;
-        if (done || it == max_iter) break;
-        // (the previous iterate, for the certificates along the step)
-        for (int i = TID; i < n; i += NT) {
-            pz[i] = z[i]; pPz[i] = Pz[i]; pAy[i] = (p ? ATl[i] : 0.0) + (m ? CTm[i] : 0.0);
-        }
-        for (int j = TID; j < k; j += NT) { py[j] = y[j]; pAbz[j] = Abz[j]; }
+            int done = 0;
+            if (conv) { status = ST_SOLVED; done = 1; }
+            if (!done) { pinf_cnt += pinf; dinf_cnt += dinf; }
+            if (!done && pinf_cnt >= 2) { status = ST_PRIMAL_INFEASIBLE; done = 1; }
+            if (!done && dinf_cnt >= 2) { status = ST_DUAL_INFEASIBLE; done = 1; }
+            if (!done && nfail >= 8) {
+                status = pinf_cnt > 0 ? ST_PRIMAL_INFEASIBLE : (dinf_cnt > 0 ? ST_DUAL_INFEASIBLE : ST_NUMERICAL);
+                done = 1;
+            }
+            const double merit = dmax(dmax(pres / pscl, dres / dscl), gap / gscl);
+            if (merit < 0.5 * best) { best = merit; last_impr = it; }
+            if (!done && it - last_impr >= stall_iters) { status = ST_NUMERICAL; done = 1; }
+            have_prev = 1;
+            if (done || it == max_iter) break;
+            // (the previous iterate, for the certificates along the step)
+            for (int i = TID; i < n; i += NT) {
+                pz[i] = z[i]; pPz[i] = Pz[i]; pAy[i] = (p ? ATl[i] : 0.0) + (m ? CTm[i] : 0.0);
+            }
+            for (int j = TID; j < k; j += NT) { py[j] = y[j]; pAbz[j] = Abz[j]; }
         }
 
         PROF(1)

@@ -268,6 +268,16 @@ for _mark in cuda:
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("n,m,p", [(100, 100, 0), (60, 120, 8)])
+def test_cuda_kernel_large_tiles(n, m, p):
+    """k = 100 and k = KMAX = 128: several 32-row blocks in the solves, multi-row tiles per thread."""
+    P, q, C, d, A, b, z0, *_ = known_qp(8, n, m, p, seed=3, device="cuda")
+    fus, _l = _same_as_loop((P, q, C, d, A if p else None, b if p else None), tol=1e-7, device="cuda")
+    assert bool((fus.status == int(Status.SOLVED)).all()) and _rel(fus.z, z0) <= 1e-6
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_auto_uses_the_kernel_and_gradients_match():
     Q, p, G, h = _qpth_problem(64, 30, 30, seed=2, device="cuda")
     calls = []
