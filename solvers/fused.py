@@ -31,6 +31,7 @@ import ctypes
 import hashlib
 import logging
 import os
+import platform
 import shutil
 import subprocess
 import tempfile
@@ -231,7 +232,10 @@ def _cpu_library(k: int, tiles: Optional[bool] = None) -> ctypes.CDLL:
                 "fused IPM on the CPU: the kernel's C++ build needs a C++ compiler (c++, g++ or clang++) "
                 "on the PATH, or set CXX; or use fused=False (the torch loop).")
         src = _source()
-        tag = hashlib.sha256(src.encode()).hexdigest()[:16]
+        # (the build is -march=native: a cache directory shared between machines must not hand one
+        # machine's library to another, so the host and the compiler are part of the name)
+        ident = "\0".join((src, cxx, platform.node(), platform.machine(), platform.processor()))
+        tag = hashlib.sha256(ident.encode()).hexdigest()[:16]
         name = f"dqp_fused_ipm_{tag}_tiles{k}.so" if tiles else f"dqp_fused_ipm_{tag}.so"
         out = _cache_dir() / name
         if not out.exists():
@@ -278,19 +282,22 @@ def _cache_dir() -> Path:
 
 
 _pool: Optional[ThreadPoolExecutor] = None
+_pool_pid = 0
 
 
 def _run_cpu(fn, args: list, B: int) -> None:
     """Run the C++ build over the batch, split in contiguous ranges over ``torch.get_num_threads()``
     threads (ctypes releases the GIL during each call)."""
-    global _pool
+    global _pool, _pool_pid
     nt = max(1, min(torch.get_num_threads(), B))
     if nt == 1:
         fn(*args, 0, B)
         return
     with _lock:
-        if _pool is None or _pool._max_workers < nt:
+        # (a pool inherited through fork, e.g. by a DataLoader worker, has no threads: a new one)
+        if _pool is None or _pool._max_workers < nt or _pool_pid != os.getpid():
             _pool = ThreadPoolExecutor(max_workers=nt, thread_name_prefix="dqp-fused")
+            _pool_pid = os.getpid()
         pool = _pool
     cuts = [B * i // nt for i in range(nt + 1)]
     for f in [pool.submit(fn, *args, cuts[i], cuts[i + 1]) for i in range(nt)]:

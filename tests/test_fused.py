@@ -374,3 +374,47 @@ def test_build_cache_directory_is_private(monkeypatch, tmp_path):
     d.chmod(0o777)                                       # writable by others: not used
     other = fused._cache_dir()
     assert other != d and (other.stat().st_mode & 0o022) == 0
+
+
+@needs_cxx
+def test_cpu_pool_is_remade_after_fork(monkeypatch):
+    """A pool inherited through fork has no threads: the batch split makes a new one (the pid it was
+    made in differs), and the answers are those of one thread."""
+    P, q, C, d, A, b, *_ = known_qp(6, 7, 9, 2, seed=4)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    r1 = ipm_solve(P, q, C, d, A, b, fused=True)
+    old = fused._pool
+    monkeypatch.setattr(fused, "_pool_pid", -1)               # as if inherited from a parent
+    r2 = ipm_solve(P, q, C, d, A, b, fused=True)
+    assert fused._pool is not old and fused._pool_pid > 0
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+    r3 = ipm_solve(P, q, C, d, A, b, fused=True)
+    for r in (r2, r3):
+        assert torch.equal(r.status, r1.status) and torch.equal(r.z, r1.z)
+
+
+@needs_cxx
+def test_cpu_fused_under_a_forked_dataloader_worker():
+    """The CPU build in a forked child process (DataLoader workers fork after the parent used it),
+    with the batch split over the child's own pool."""
+    import multiprocessing as mp
+    P, q, C, d, A, b, *_ = known_qp(4, 6, 8, 1, seed=6)
+    real = torch.get_num_threads
+    torch.get_num_threads = lambda: 2
+    try:
+        ipm_solve(P, q, C, d, A, b, fused=True)                # the parent's pool exists now
+    finally:
+        torch.get_num_threads = real
+    assert fused._pool is not None
+    ctx = mp.get_context("fork")
+    with ctx.Pool(1) as pool:
+        st = pool.apply_async(_child_solve, ((P, q, C, d, A, b),)).get(timeout=60)
+    assert st == [0, 0, 0, 0]
+
+
+def _child_solve(data):
+    # as a DataLoader worker: one torch (OpenMP) thread — OpenMP used before a fork hangs in the
+    # child — while the fused build still splits the batch over 2 threads of its own pool
+    torch.set_num_threads(1)
+    fused.torch.get_num_threads = lambda: 2
+    return ipm_solve(*data, fused=True).status.tolist()
