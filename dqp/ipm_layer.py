@@ -95,17 +95,16 @@ def _fused_widen(P: Tensor, C: Optional[Tensor], A: Optional[Tensor], opts: Dict
     (:mod:`dqp.solvers.fused`) takes the widened problem — the kernel runs the float64 problem
     faster than the float32 torch loop runs the float32 one (H200, qpth's generator, B=128,
     n=m=100: experiments/README.md), and the answer is float64's."""
-    from dqp.solvers import fused as fm
-    from dqp.solvers.ipm import _form_by_cost
-    flag = opts.get("fused")
-    flag = fm.FUSED if flag is None else flag
-    if flag is False or P.device.type != "cuda" or opts.get("trace") is not None:
+    from dqp.solvers.ipm import _form_by_cost, _fused_flag, _fused_reasons
+    flag = _fused_flag(opts.get("fused"))
+    if flag is False or P.device.type != "cuda":
         return False
     B, n = P.shape[0], P.shape[-1]
     m = 0 if C is None else C.shape[-2]
     p = 0 if A is None else A.shape[-2]
-    return (fm.fused_available(P.device, torch.float64, n, m, p)
-            and _form_by_cost(opts.get("form", "auto"), P, B, n, m, p) == "dual")
+    return (_form_by_cost(opts.get("form", "auto"), P, B, n, m, p) == "dual"
+            and not _fused_reasons(flag, "dual", torch.float64, P.device, n, m, p, opts.get("trace"),
+                                   opts.get("refine")))
 
 
 def _wide_dtype(P: Tensor) -> Optional[torch.dtype]:

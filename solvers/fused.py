@@ -58,7 +58,7 @@ FUSED: Union[str, bool] = "auto"
 #: on an H200, B=128, n=m=100, forward+backward 7.4 ms with 512 vs 8.2 ms with 256, and faster in
 #: every cell measured; experiments/results/fused_check_256.json, fused_check_512.json).
 THREADS = int(os.environ.get("DQP_FUSED_THREADS", "512"))
-_MAXRED = 40          # as MAXRED in fused_ipm.cu
+_MAXRED = 40          # reduction slots per warp (MAXRED in fused_ipm.cu, defined from here)
 
 #: Diagnostics (experiments/fused_check.py): a CUDA int64 tensor of 8 zeros makes every call run
 #: the kernel built with ``-DDQP_PROFILE``, which adds each iteration phase's clock cycles there.
@@ -93,13 +93,14 @@ def smem_bytes(n: int, m: int, p: int, threads: Optional[int] = None) -> int:
 
 
 def _source() -> str:
-    """The kernel source with the Status codes defined from :class:`dqp.errors.Status`."""
-    defs = "".join(f"#define ST_{s.name} {int(s)}\n" for s in Status)
+    """The kernel source with the Status codes (from :class:`dqp.errors.Status`) and the reduction
+    size defined."""
+    defs = "".join(f"#define ST_{s.name} {int(s)}\n" for s in Status) + f"#define MAXRED {_MAXRED}\n"
     return defs + _SRC.read_text()
 
 
-#: Largest k = m + p the kernel takes on CUDA: each thread holds a ⌈k/8⌉×⌈k/32⌉ tile of S in
-#: registers (64 doubles at k = 128); larger tiles would spill.
+#: Largest k = m + p the kernel takes on CUDA: each thread holds a ⌈k/(THREADS/32)⌉×⌈k/32⌉ tile of
+#: S in registers (8×4 doubles at k = 128 with 512 threads); larger tiles would spill.
 KMAX = 128
 
 
@@ -117,7 +118,7 @@ def _max_smem(device: torch.device) -> int:
 
 
 #: CPU: ``FUSED="auto"`` takes the C++ build where it can be built (a C++ compiler on the PATH or in
-#: ``CXX``; compiled on first use, a few seconds, and cached in the temporary directory) and
+#: ``CXX``; compiled on first use, a few seconds, and cached: :func:`_cache_dir`) and
 #: m + p ≤ :data:`CPU_KMAX`. Measured on a 2-core x86-64 machine, 2 threads, qpth's generator,
 #: ``ipm_solve`` alone, torch loop vs C++ build: n=m=50, B=128 171 vs 76 ms; n=m=100, B=128
 #: ~400 vs ~240 ms; n=m=150, B=64 478 vs 355 ms; n=m=200, B=32 389 vs 309 ms; n=m=300, B=16
@@ -305,17 +306,19 @@ def _run_cpu(fn, args: list, B: int) -> None:
 
 
 def _mat(M: Optional[Tensor], like: Tensor) -> Tuple[Tensor, int]:
-    """A matrix argument: contiguous rows and its batch stride (0 for a shared matrix)."""
+    """A matrix argument: contiguous rows and its batch stride (0 for a shared matrix); ``like``
+    stands in for an absent one (the kernel does not read it)."""
     if M is None:
-        return like.new_zeros(1), 0
+        return like, 0
     M = M.contiguous()
     return M, (M.shape[-2] * M.shape[-1] if M.dim() == 3 else 0)
 
 
 def _vec(v: Optional[Tensor], like: Tensor) -> Tuple[Tensor, int]:
-    """A (B, ·) vector argument: unit stride in the last dimension and its batch stride."""
+    """A (B, ·) vector argument: unit stride in the last dimension and its batch stride; ``like``
+    stands in for an absent one."""
     if v is None:
-        return like.new_zeros(1), 0
+        return like, 0
     if v.dim() == 1:
         return v.contiguous(), 0
     if v.stride(-1) != 1 or (v.stride(0) not in (0, v.shape[-1]) and v.shape[0] > 1):
@@ -359,11 +362,11 @@ def solve_dual(P: Tensor, q: Tensor, C: Optional[Tensor], d: Optional[Tensor], A
     qv, sq = _vec(q, one)
     dv, sd = _vec(d, one)
     bv, sb = _vec(b, one)
-    zeros = q.new_zeros(B)
+    zero = one.expand(B)
     nrm = torch.stack([norms["pscale"].expand(B), norms["qnorm"].expand(B),
-                       zeros if norms.get("bnorm") is None else norms["bnorm"].expand(B),
-                       zeros if norms.get("dnorm") is None else norms["dnorm"].expand(B),
-                       Md.expand(B)], dim=-1).contiguous()
+                       zero if norms.get("bnorm") is None else norms["bnorm"].expand(B),
+                       zero if norms.get("dnorm") is None else norms["dnorm"].expand(B),
+                       Md.expand(B)], dim=-1)
     Piq = Piq.expand(B, n).contiguous()
     g = g.expand(B, k).contiguous()
     z0 = state["z"].contiguous()
@@ -377,11 +380,10 @@ def solve_dual(P: Tensor, q: Tensor, C: Optional[Tensor], d: Optional[Tensor], A
     lam = torch.empty(B, p, dtype=dt, device=dev)
     status = torch.empty(B, dtype=torch.int64, device=dev)
     iters = torch.empty(B, dtype=torch.int64, device=dev)
-    so = s if m else one.clone()
-    muo = mu if m else one.clone()
-    lamo = lam if p else one.clone()
+    # (an absent output gets the dummy: the kernel writes s, μ only when m > 0 and λ when p > 0)
     tensors = [Pm, sP, qv, sq, Cm, sC, dv, sd, Am, sA, bv, sb, Mm, sM, Pi, sPi, Piq, g, nrm,
-               z0, s0, mu0, lam0, delta0, z, so, muo, lamo, status, iters]
+               z0, s0, mu0, lam0, delta0, z, s if m else one, mu if m else one, lam if p else one,
+               status, iters]
     scalars = [int(n), int(m), int(p), int(max_iter), int(stall_iters), int(bool(separate_steps)),
                float(eps), float(eps_inf), float(step_fraction), float(reg_d), float(wlo)]
     if B == 0:

@@ -73,7 +73,9 @@ DEV double warp_max(double v) {
 
 #define DQP_TINY 2.2250738585072014e-308
 #define DQP_BIG 1.7e308
-#define MAXRED 40
+#ifndef MAXRED
+#define MAXRED 40      // (the host defines it: dqp.solvers.fused._MAXRED)
+#endif
 
 // Reduce ns sums and nx maxima over the block; every thread gets the totals back in place.
 // red: shared scratch of (NWARPS + 1) * MAXRED doubles.

@@ -877,17 +877,19 @@ def _init_graphed(P, q, C, d, A, b, B: int, n: int, m: int, p: int, minimal: boo
     return Cs, ds, As, bs, out.get("c_scale"), out.get("a_scale"), norms, newton, S
 
 
-def _use_fused(fused: Optional[bool], fm: str, dtype: torch.dtype, device: torch.device, n: int, m: int,
-               p: int, trace: Optional[list], refine: Optional[int] = None) -> bool:
-    """Whether this solve runs the fused kernel (see ``ipm_solve``'s ``fused``)."""
-    if fused is None:
-        fused = _fused.FUSED
-    if fused is False:
-        return False
-    if fused not in (True, "auto"):
+def _fused_flag(fused: Optional[bool]):
+    """The effective ``fused`` setting: the call's, else :data:`dqp.solvers.fused.FUSED`."""
+    fused = _fused.FUSED if fused is None else fused
+    if fused not in (True, False, "auto"):
         raise SettingsError(f"ipm_solve: fused must be True, False or None, got {fused!r}.")
+    return fused
+
+
+def _fused_reasons(fused, fm: str, dtype: torch.dtype, device: torch.device, n: int, m: int, p: int,
+                   trace: Optional[list], refine: Optional[int] = None) -> list:
+    """Why the fused kernel cannot run this solve (empty: it can)."""
     fits = _fused.fused_available(device, dtype, n, m, p) or (device.type == "cpu" and fused is True)
-    reasons = [why for bad, why in (
+    return [why for bad, why in (
         (fm != "dual", f"the {fm} form was chosen (the kernel runs the dual form: P positive definite "
                        "and well conditioned, form='dual' or 'auto')"),
         (dtype != torch.float64, f"the data are {dtype} (the kernel is float64)"),
@@ -895,6 +897,15 @@ def _use_fused(fused: Optional[bool], fm: str, dtype: torch.dtype, device: torch
         (trace is not None, "trace is given"),
         (refine not in (None, 0), f"refine={refine} (the kernel does not refine the Newton direction)"),
         (not fits, f"no fused build fits on {device} (CUDA, shared memory for k = {m + p})")) if bad]
+
+
+def _use_fused(fused: Optional[bool], fm: str, dtype: torch.dtype, device: torch.device, n: int, m: int,
+               p: int, trace: Optional[list], refine: Optional[int] = None) -> bool:
+    """Whether this solve runs the fused kernel (see ``ipm_solve``'s ``fused``)."""
+    fused = _fused_flag(fused)
+    if fused is False:
+        return False
+    reasons = _fused_reasons(fused, fm, dtype, device, n, m, p, trace, refine)
     if fused == "auto":
         return not reasons
     if reasons:
@@ -1006,9 +1017,10 @@ def ipm_solve(P: Tensor, q: Tensor, C: Optional[Tensor] = None, d: Optional[Tens
     use_graph = cuda_graph and trace is None and _graph_device_ok(device)
     with torch.profiler.record_function("dqp::ipm_setup"):
         init = None
+        fused_dual = None            # the kernel's verdict should the dual form be taken (decided once)
         if use_graph and graph_cache and SETUP_GRAPH and _form_by_cost(form, P, B, n, m, p) == "dual":
-            init = _init_graphed(P, q, C, d, A, b, B, n, m, p,
-                                 minimal=_use_fused(fused, "dual", dtype, device, n, m, p, trace, refine))
+            fused_dual = _use_fused(fused, "dual", dtype, device, n, m, p, trace, refine)
+            init = _init_graphed(P, q, C, d, A, b, B, n, m, p, minimal=fused_dual)
         if init is None:
             fm, LP = _choose_form(form, P, B, n, m, p)
             init = _init(P, q, C, d, A, b, B, n, m, p, fm, LP)
@@ -1022,6 +1034,16 @@ def ipm_solve(P: Tensor, q: Tensor, C: Optional[Tensor] = None, d: Optional[Tens
     wlo = 1e-60 if f64 else 1e-16
     SOLVED, PINF, DINF, NUM = (int(Status.SOLVED), int(Status.PRIMAL_INFEASIBLE),
                                int(Status.DUAL_INFEASIBLE), int(Status.NUMERICAL))
+
+    # the fused kernel runs the whole loop: nothing of the torch loop's machinery is needed then
+    fused_out = None
+    if (fused_dual if (fm == "dual" and fused_dual is not None)
+            else _use_fused(fused, fm, dtype, device, n, m, p, trace, refine)):
+        with torch.profiler.record_function("dqp::ipm_fused"):
+            fused_out = _fused.solve_dual(
+                P, q, C, d, A, b, newton.M, newton.PiAbt, newton._Piq, newton._g, norms, newton.Md, S,
+                max_iter=max_iter, stall_iters=stall_iters, separate_steps=separate_steps, eps=eps,
+                eps_inf=eps_inf, step_fraction=step_fraction, reg_d=newton.reg_d, wlo=wlo)
 
     live = _GraphData(P, q, C, d, A, b, newton, norms)
 
@@ -1294,15 +1316,8 @@ def ipm_solve(P: Tensor, q: Tensor, C: Optional[Tensor] = None, d: Optional[Tens
                 check_every, eps, eps_inf, int(stall_iters), _policy_key(), bool(compile), D.signature(),
                 threading.get_ident(),
                 torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0)
-    gkey = _gkey(live, B)
+    gkey = _gkey(live, B) if fused_out is None else None
     graph = None
-    fused_out = None
-    if _use_fused(fused, fm, dtype, device, n, m, p, trace, refine):
-        with torch.profiler.record_function("dqp::ipm_fused"):
-            fused_out = _fused.solve_dual(
-                P, q, C, d, A, b, newton.M, newton.PiAbt, newton._Piq, newton._g, norms, newton.Md, S,
-                max_iter=max_iter, stall_iters=stall_iters, separate_steps=separate_steps, eps=eps,
-                eps_inf=eps_inf, step_fraction=step_fraction, reg_d=newton.reg_d, wlo=wlo)
     # eager float64 dual form: carry P z, Aᵀλ, Cᵀμ, A z, C z and M y from step to step (see _step)
     # instead of recomputing them — on the CPU each product is a pass over a (B, ·, n) matrix that
     # does not fit in cache; recomputed exactly every `exact_every` iterations

@@ -18,17 +18,13 @@ from dqp.errors import SettingsError, SolverNotAvailableError, Status
 from dqp.ipm_layer import solve_qp_batch
 from dqp.solvers.ipm import ipm_solve
 
-from test_ipm import _emulate_graphs, known_qp
+from test_ipm import _emulate_graphs, _rel, known_qp
 
 F64, F32 = torch.float64, torch.float32
 
 needs_cxx = pytest.mark.skipif(not (shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")),
                                reason="the kernel's C++ build needs a C++ compiler")
 cuda = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
-
-
-def _rel(a, b):
-    return ((a - b).abs().max() / (1 + b.abs().max())).item()
 
 
 def _qpth_problem(B, n, m, seed=0, device="cpu"):
