@@ -309,6 +309,42 @@ def _polish_graphed(P, q, C, d, A, b, z, lam, mu, active, solved, factors, round
     return out["z"], out.get("lam"), out.get("mu"), out.get("active"), kkt, out["polished"]
 
 
+#: The backward of a batch whose polish ran in the fused kernel runs as a cached CUDA graph where
+#: ``B·k² ≤ BACKWARD_GRAPH_MAX_WORK`` (k = max(n, rows)), as after a graphed polish.
+BACKWARD_GRAPH_MAX_WORK = 20_000_000
+
+
+def _kkt_of_kernel(P: Tensor, C: Optional[Tensor], A: Optional[Tensor], active: Optional[Tensor],
+                   res, graphs: bool = True) -> BatchedKKT:
+    """The :class:`BatchedKKT` (Cholesky path) of the polish the fused kernel ran: its factor of the
+    reduced system's Schur complement (``res.polish["LS"]``) with the IPM's factors of P."""
+    from dqp.solvers.ipm import _graph_device_ok
+    B, n = P.shape[0], P.shape[-1]
+    dtype = P.dtype
+    p = A.shape[-2] if A is not None else 0
+    m = C.shape[-2] if C is not None else 0
+    blocks, cm = [], []
+    a = None
+    if A is not None:
+        blocks.append(A.expand(B, p, n))
+        cm.append(torch.ones(B, p, dtype=dtype, device=P.device))
+    if C is not None:
+        a = active.to(dtype)
+        blocks.append(C.expand(B, m, n) * a.unsqueeze(-1))
+        cm.append(a)
+    cm = torch.cat(cm, dim=-1) if len(cm) > 1 else cm[0]
+    D = torch.cat([torch.zeros(B, p, dtype=dtype, device=P.device), 1.0 - a], dim=-1) if m else torch.zeros_like(cm)
+    f = res.factors
+    pol = res.polish
+    kkt = BatchedKKT.from_state(dict(
+        P=P, A=A, C=C, a=a, Abar=torch.cat(blocks, dim=-2) if len(blocks) > 1 else blocks[0], D=D, L=f["L"],
+        HiAbt=f["PiAbt"] * cm.unsqueeze(-2), LS=pol["LS"], ok=pol["ok"],
+        path=torch.zeros(B, dtype=torch.int64, device=P.device), rho=torch.zeros(B, dtype=dtype, device=P.device)))
+    kkt._graphed = (graphs and POLISH_GRAPH and _graph_device_ok(P.device)
+                    and B * max(n, m + p) ** 2 <= BACKWARD_GRAPH_MAX_WORK)
+    return kkt
+
+
 class IPMQPFunction(torch.autograd.Function):
     """Batched QP solve with gradients w.r.t. all of ``(P, q, C, d, A, b)``.
 
@@ -353,17 +389,26 @@ class IPMQPFunction(torch.autograd.Function):
         if do_polish and opts.get("eps") is None and P.dtype == torch.float64:
             # the polish makes the answer exact on the active set; the IPM only has to find that set
             opts["eps"] = POLISHED_IPM_EPS
-        with torch.profiler.record_function("dqp::ipm_solve"):
-            res = ipm_solve(P, q, C, d, A, b, **opts)
-        z, lam, mu = res.z, res.lam, res.mu
-        solved = res.status == int(Status.SOLVED)
-        active = classify_active(C, res.s, mu) if mu is not None else None
-        if active is not None:
-            active = active & solved.unsqueeze(-1)
         if rounds is None:
             rounds = 3 if wide is None else 6        # a float32 IPM point misclassifies more rows
+        with torch.profiler.record_function("dqp::ipm_solve"):
+            # (where the fused kernel runs, it polishes too, in the same launch: IPMResult.polish)
+            res = ipm_solve(P, q, C, d, A, b, polish_rounds=int(rounds) if do_polish and wide is None else 0,
+                            **opts)
+        z, lam, mu = res.z, res.lam, res.mu
+        solved = res.status == int(Status.SOLVED)
+        kernel_polish = res.polish is not None and not bool(res.polish["fallback"].any())
+        if kernel_polish:
+            active = res.polish["active"]
+        else:
+            active = classify_active(C, res.s, mu) if mu is not None else None
+            if active is not None:
+                active = active & solved.unsqueeze(-1)
         with torch.profiler.record_function("dqp::polish"):
-            if do_polish and wide is not None:
+            if kernel_polish:
+                kkt = _kkt_of_kernel(P, C, A, active, res, graphs=opts.get("cuda_graph", True))
+                polished = res.polish["polished"]
+            elif do_polish and wide is not None:
                 # float32/float16 data: polish (and keep the factorization for the backward) in float64,
                 # with float64's acceptance tolerance (module docstring, "Low precision")
                 wargs = [_cast(t, wide) for t in (P, q, C, d, A, b, z, lam, mu)]

@@ -262,7 +262,7 @@ def _cpu_library(k: int, tiles: Optional[bool] = None) -> ctypes.CDLL:
         lib = ctypes.CDLL(str(out))
         fn = lib.dqp_ipm_dual_cpu
         ptr, i32, f64 = ctypes.c_void_p, ctypes.c_int, ctypes.c_double
-        fn.argtypes = ([ptr, i32] * 8 + [ptr] * 3 + [ptr] * 5 + [ptr] * 6 + [i32] * 6 + [f64] * 5 + [i32, i32])
+        fn.argtypes = ([ptr, i32] * 8 + [ptr] * 3 + [ptr] * 5 + [ptr] * 6 + [ptr] * 4 + [i32] * 7 + [f64] * 5 + [i32, i32])
         fn.restype = None
         _cpu_libs[key] = lib
         return lib
@@ -330,7 +330,8 @@ def solve_dual(P: Tensor, q: Tensor, C: Optional[Tensor], d: Optional[Tensor], A
                b: Optional[Tensor], M: Tensor, PiAbt: Tensor, Piq: Tensor, g: Tensor,
                norms: Dict[str, Optional[Tensor]], Md: Tensor, state: Dict[str, Tensor], *,
                max_iter: int, stall_iters: int, separate_steps: bool, eps: float, eps_inf: float,
-               step_fraction: float, reg_d: float, wlo: float, profile: Optional[Tensor] = None) -> Dict[str, Tensor]:
+               step_fraction: float, reg_d: float, wlo: float, polish_rounds: int = 0,
+               row_scale: Optional[Tensor] = None, profile: Optional[Tensor] = None) -> Dict[str, Tensor]:
     """Run the interior-point iterations of the dual form from ``state`` (the starting point of
     :func:`dqp.solvers.ipm._init`) to the end, in one launch.
 
@@ -339,6 +340,14 @@ def solve_dual(P: Tensor, q: Tensor, C: Optional[Tensor], d: Optional[Tensor], A
     largest |diagonal| of M), and the options of :func:`dqp.solvers.ipm.ipm_solve`. Returns
     ``z, s, mu, lam, status, iters`` (new tensors). ``profile`` (CUDA, int64 of 8 zeros): the kernel
     built with ``-DDQP_PROFILE`` adds the clock cycles of each phase of an iteration there.
+
+    ``polish_rounds > 0``: the kernel goes on with the polish of :func:`dqp.ipm_layer.polish`
+    (Cholesky path, at most that many rounds) from the IPM point; ``row_scale`` (B, k) are the row
+    norms of ``[A; C]`` that undo the scaling. ``z, mu, lam`` are then the polished point where it
+    was accepted, and the result has ``active`` (B, m) bool, ``pflag`` (B,) int64 (1: polished,
+    2: the first round's factorization failed, the caller must polish; 4: that factorization passed
+    BatchedKKT's pivot test) and ``LS`` (B, k, k), the lower Cholesky factor of the accepted reduced
+    system (else of the first round's) in the caller's scaling.
     """
     dev, dt = P.device, P.dtype
     if profile is None and PROFILE is not None and dev.type == "cuda":
@@ -380,11 +389,22 @@ def solve_dual(P: Tensor, q: Tensor, C: Optional[Tensor], d: Optional[Tensor], A
     lam = torch.empty(B, p, dtype=dt, device=dev)
     status = torch.empty(B, dtype=torch.int64, device=dev)
     iters = torch.empty(B, dtype=torch.int64, device=dev)
+    rounds = int(polish_rounds)
+    if rounds:
+        if row_scale is None or tuple(row_scale.shape[-1:]) != (k,):
+            raise SettingsError("fused IPM: polish_rounds > 0 needs row_scale, the (B, k) row norms of [A; C].")
+        sc = row_scale.to(dt).expand(B, k).contiguous()
+        active = torch.empty(B, m, dtype=torch.bool, device=dev)
+        pflag = torch.empty(B, dtype=torch.int64, device=dev)
+        LS = torch.empty(B, k, k, dtype=dt, device=dev)
+        pol = [sc, active if m else one, pflag, LS]
+    else:
+        pol = [one, one, one, one]
     # (an absent output gets the dummy: the kernel writes s, μ only when m > 0 and λ when p > 0)
     tensors = [Pm, sP, qv, sq, Cm, sC, dv, sd, Am, sA, bv, sb, Mm, sM, Pi, sPi, Piq, g, nrm,
                z0, s0, mu0, lam0, delta0, z, s if m else one, mu if m else one, lam if p else one,
-               status, iters]
-    scalars = [int(n), int(m), int(p), int(max_iter), int(stall_iters), int(bool(separate_steps)),
+               status, iters] + pol
+    scalars = [int(n), int(m), int(p), int(max_iter), int(stall_iters), int(bool(separate_steps)), rounds,
                float(eps), float(eps_inf), float(step_fraction), float(reg_d), float(wlo)]
     if B == 0:
         pass
@@ -397,4 +417,7 @@ def solve_dual(P: Tensor, q: Tensor, C: Optional[Tensor], d: Optional[Tensor], A
     else:
         fn = _cpu_library(k).dqp_ipm_dual_cpu
         _run_cpu(fn, [a.data_ptr() if isinstance(a, Tensor) else a for a in tensors] + scalars, B)
-    return dict(z=z, s=s, mu=mu, lam=lam, status=status, iters=iters)
+    out = dict(z=z, s=s, mu=mu, lam=lam, status=status, iters=iters)
+    if rounds:
+        out.update(active=active, pflag=pflag, LS=LS)
+    return out

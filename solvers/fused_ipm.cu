@@ -197,10 +197,12 @@ DEV void symv_lower(const double* W, const double* Mdg, int k, int ld, const dou
 // upper triangle and 1/Ũ_jj in invd as the CUDA code below, by plain loops over the triangle (the
 // register tiles would update all k² entries at every step with one thread). Tests also build the
 // tile code on the CPU (-DDQP_CPU_TILES).
-DEV int chol_upper(double* W, const double* Mdg, const double* Sd, int k, int ld, double* invd, int* flag) {
+DEV int chol_upper(double* W, const double* Mdg, const double* Sd, int k, int ld, double* invd, int* flag,
+                   const double* cm) {
     for (int i = 0; i < k; ++i) {
-        W[i * ld + i] = Mdg[i] + Sd[i];
-        for (int l = i + 1; l < k; ++l) W[i * ld + l] = W[l * ld + i];
+        const double ci = cm ? cm[i] : 1.0;
+        W[i * ld + i] = ci * Mdg[i] + Sd[i];
+        for (int l = i + 1; l < k; ++l) W[i * ld + l] = cm ? ci * cm[l] * W[l * ld + i] : W[l * ld + i];
     }
     int ok = 1;
     for (int j = 0; j < k; ++j) {
@@ -236,7 +238,7 @@ DEV void chol_solve(const double* U, int k, int ld, const double* invd, double* 
 }
 #else
 // Cholesky-type factorization S = Ũᵀ D⁻¹ Ũ of S = M + diag(Sd) (M: the strict lower triangle of W
-// and Mdg), D = diag(Ũ_jj): row j of Ũ is row j of the Schur complement at step j, unscaled (so
+// and Mdg; with a 0/1 mask cm, S = diag(cm) M diag(cm) + diag(Sd): the polish's reduced system), D = diag(Ũ_jj): row j of Ũ is row j of the Schur complement at step j, unscaled (so
 // U = D^{-1/2} Ũ is the Cholesky factor; no square roots are taken). The trailing matrix is held in
 // registers, each thread its tile. Phase j: the owners of row j write it to W's upper triangle, a
 // barrier, every thread updates its tile from row j. Tile entries of finished rows (i ≤ j) and
@@ -246,7 +248,8 @@ DEV void chol_solve(const double* U, int k, int ld, const double* invd, double* 
 // slack after its k·ld (the unpredicated reads of row k−1 run past it).
 // (Measured on an H200, k = 100, per factorization: the predicated version 201K cycles; one where
 // warps skipped finished rows by a branch 267K.)
-DEV int chol_upper(double* W, const double* Mdg, const double* Sd, int k, int ld, double* invd, int* flag) {
+DEV int chol_upper(double* W, const double* Mdg, const double* Sd, int k, int ld, double* invd, int* flag,
+                   const double* cm) {
     const int TX = WARP, TY = NT / WARP;
     const int tx = TID % TX, ty = TID / TX;
     double R[DQP_RR][DQP_RC];
@@ -256,7 +259,12 @@ DEV int chol_upper(double* W, const double* Mdg, const double* Sd, int k, int ld
 #pragma unroll
         for (int c = 0; c < DQP_RC; ++c) {
             const int l = tx + TX * c;
-            R[a][c] = (i < k && l < k && l >= i) ? (l == i ? Mdg[i] + Sd[i] : W[l * ld + i]) : 0.0;
+            double v = 0.0;
+            if (i < k && l < k && l >= i) {
+                const double ci = cm ? cm[i] : 1.0;
+                v = l == i ? ci * Mdg[i] + Sd[i] : (cm ? ci * cm[l] : 1.0) * W[l * ld + i];
+            }
+            R[a][c] = v;
         }
     }
     if (TID == 0) *flag = 1;
@@ -369,6 +377,17 @@ DEV double step_part(const double* v, const double* dv, int m) {
     return acc;
 }
 
+// out[i, j] (row-major k×k) = the lower Cholesky factor of diag(sc) S diag(sc), S = Ũᵀ D⁻¹ Ũ from
+// chol_upper: sc_i Ũ_ji (1/Ũ_jj)^{1/2} for i ≥ j, 0 above (the polish's reduced system in the
+// caller's scaling, the factor dqp.linsolve.torch_batched.BatchedKKT keeps as LS).
+DEV void store_factor(const double* W, const double* invd, const double* scv, int k, int ld,
+                      double* __restrict__ out) {
+    for (long long t = TID; t < (long long)k * k; t += NT) {
+        const int i = (int)(t / k), j = (int)(t % k);
+        out[t] = j <= i ? scv[i] * W[j * ld + i] * DQP_SQRT(invd[j]) : 0.0;
+    }
+}
+
 KERNEL dqp_ipm_dual(
     // data (row-scaled constraints), matrices with a batch stride (0: shared)
     const double* __restrict__ P, int sP,
@@ -387,7 +406,12 @@ KERNEL dqp_ipm_dual(
     const double* __restrict__ lam0, const double* __restrict__ delta0,
     double* __restrict__ z_out, double* __restrict__ s_out, double* __restrict__ mu_out,
     double* __restrict__ lam_out, long long* __restrict__ status_out, long long* __restrict__ iters_out,
-    int n, int m, int p, int max_iter, int stall_iters, int separate_steps,
+    // the polish (polish_rounds > 0): row norms of [A; C] (B, k) in; active rows (B, m), flags (B,)
+    // (1 polished, 2 the caller must polish, 4 the first round's factorization passed) and the
+    // reduced system's factor (B, k, k) out
+    const double* __restrict__ sc, unsigned char* __restrict__ act_out, long long* __restrict__ pflag_out,
+    double* __restrict__ LS_out,
+    int n, int m, int p, int max_iter, int stall_iters, int separate_steps, int polish_rounds,
     double eps, double eps_inf, double step_fraction, double reg_d, double wlo, long long* prof)
 {
     const int k = m + p;
@@ -568,7 +592,7 @@ KERNEL dqp_ipm_dual(
         symv_lower(S, Mdg, k, ld, y, My);
         SYNC();
         PROF(2)
-        const int fact_ok = chol_upper(S, Mdg, Sd, k, ld, invd, flag);   // S = M + diag(Sd)
+        const int fact_ok = chol_upper(S, Mdg, Sd, k, ld, invd, flag, nullptr);   // S = M + diag(Sd)
         PROF(3)
         for (int j = TID; j < k; j += NT) {
             At[j] = -Abz[j] - gv[j] - My[j];
@@ -662,6 +686,103 @@ KERNEL dqp_ipm_dual(
         SYNC();
         PROF(6)
     }
+
+    // ---------------- the polish (dqp.ipm_layer.polish, its Cholesky path, in the row scaling)
+    // Rows J: the equalities and the active inequalities (s < μ). The reduced KKT system
+    // [P Ā_Jᵀ; Ā_J 0] is solved through its Schur complement M_JJ, a masked copy of the M kept in
+    // S's lower triangle: M_JJ y = −(ĀP⁻¹q + [b; d])_J, one step of iterative refinement, z =
+    // −P⁻¹q − P⁻¹Ā_Jᵀ y. Rows outside J get the diagonal 1/sc² (1 in the caller's scaling, as
+    // BatchedKKT's D) and y = 0. Accepted where finite with multipliers ≥ −τ(1 + max|μ|) and the
+    // other rows satisfied to τ(1 + |d|) (τ = √eps, in the caller's scaling); else the offending
+    // rows move and the next round tries again. The factor of the accepted round (else of the
+    // first) goes to LS_out for the backward.
+    if (polish_rounds > 0) {
+        const int solved = status == ST_SOLVED;
+        const double* scv = sc + e * k;
+        double* cm = py;           // the mask of J (1.0 / 0.0)
+        double* badv = At;         // rows that fail the acceptance test
+        for (int j = TID; j < k; j += NT)
+            cm[j] = j < p ? 1.0 : ((solved && s[j - p] < mu[j - p]) ? 1.0 : 0.0);
+        for (int i = TID; i < m; i += NT) act_out[e * m + i] = (unsigned char)(cm[p + i] != 0.0);
+        SYNC();
+        long long pflag = 0;
+        const double tol = 1.4901161193847656e-08;        // √eps of float64
+        for (int r = 0; r < polish_rounds; ++r) {
+            for (int j = TID; j < k; j += NT) {
+                Sd[j] = cm[j] != 0.0 ? 0.0 : 1.0 / (scv[j] * scv[j]);
+                dy[j] = cm[j] != 0.0 ? -(gv[j] + bd[j]) : 0.0;
+                yt[j] = dy[j];
+            }
+            SYNC();
+            const int fok = chol_upper(S, Mdg, Sd, k, ld, invd, flag, cm);
+            // BatchedKKT._pivots_ok in the caller's scaling: min pivot² > 100 eps k max|diag|
+            double pm[2] = {0.0, -DQP_BIG};
+            for (int j = TID; j < k; j += NT) {
+                const double s2 = scv[j] * scv[j];
+                pm[0] = dmax(pm[0], cm[j] != 0.0 ? dabs(s2 * Mdg[j]) : 1.0);
+                pm[1] = dmax(pm[1], -s2 * S[j * ld + j]);
+            }
+            double none[1];
+            block_reduce(none, 0, pm, 2, red);
+            const int kok = fok && -pm[1] > 100.0 * 2.220446049250313e-16 * k * pm[0];
+            if (r == 0) {
+                if (kok) pflag |= 4;
+                store_factor(S, invd, scv, k, ld, LS_out + e * (long long)k * k);
+            }
+            if (!solved || !kok) {
+                if (solved) pflag |= 2;
+                break;
+            }
+            chol_solve(S, k, ld, invd, dy);
+            symv_lower(S, Mdg, k, ld, dy, My);        // (y is 0 outside J)
+            SYNC();
+            for (int j = TID; j < k; j += NT) yt[j] -= cm[j] * My[j] + Sd[j] * dy[j];
+            SYNC();
+            chol_solve(S, k, ld, invd, yt);
+            for (int j = TID; j < k; j += NT) dy[j] += yt[j];
+            SYNC();
+            matvec(PiAbt, n, k, k, dy, dz);
+            SYNC();
+            for (int i = TID; i < n; i += NT) dz[i] = -piq[i] - dz[i];
+            SYNC();
+            if (m) matvec(C, m, n, n, dz, pAbz);
+            SYNC();
+            double fin[2] = {0.0, 0.0};
+            double amax[1] = {0.0};
+            for (int i = TID; i < n; i += NT) fin[0] += dz[i];
+            for (int j = TID; j < k; j += NT) {
+                fin[0] += dy[j];
+                if (j >= p) amax[0] = dmax(amax[0], dabs(dy[j] / scv[j]));
+            }
+            block_reduce(fin, 1, amax, 1, red);
+            const double scale = 1.0 + amax[0];
+            for (int i = TID; i < m; i += NT) {
+                const int j = p + i;
+                const int bad = cm[j] != 0.0 ? (dy[j] / scv[j] < -tol * scale)
+                                             : (scv[j] * (pAbz[i] - bd[j]) > tol * (1.0 + dabs(scv[j] * bd[j])));
+                badv[j] = bad;
+                fin[1] += bad;
+            }
+            block_reduce(fin + 1, 1, none, 0, red);
+            if (DQP_ISFINITE(fin[0]) && fin[1] == 0.0) {
+                for (int i = TID; i < n; i += NT) z[i] = dz[i];
+                for (int j = TID; j < p; j += NT) lam[j] = dy[j];
+                for (int i = TID; i < m; i += NT) {
+                    mu[i] = dmax(dy[p + i], 0.0);
+                    act_out[e * m + i] = (unsigned char)(cm[p + i] != 0.0);
+                }
+                if (r > 0) store_factor(S, invd, scv, k, ld, LS_out + e * (long long)k * k);
+                pflag |= 1;
+                break;
+            }
+            if (!DQP_ISFINITE(fin[0]) || m == 0) break;
+            for (int i = TID; i < m; i += NT)
+                if (badv[p + i] != 0.0) cm[p + i] = 1.0 - cm[p + i];
+            SYNC();
+        }
+        if (TID == 0) pflag_out[e] = pflag;
+        SYNC();
+    }
     for (int i = TID; i < n; i += NT) z_out[e * n + i] = z[i];
     for (int i = TID; i < m; i += NT) { s_out[e * m + i] = s[i]; mu_out[e * m + i] = mu[i]; }
     for (int j = TID; j < p; j += NT) lam_out[e * p + j] = lam[j];
@@ -678,7 +799,8 @@ extern "C" void dqp_ipm_dual_cpu(
     const double* Piq, const double* g, const double* norms,
     const double* z0, const double* s0, const double* mu0, const double* lam0, const double* delta0,
     double* z_out, double* s_out, double* mu_out, double* lam_out, long long* status_out, long long* iters_out,
-    int n, int m, int p, int max_iter, int stall_iters, int separate_steps,
+    const double* sc, unsigned char* act_out, long long* pflag_out, double* LS_out,
+    int n, int m, int p, int max_iter, int stall_iters, int separate_steps, int polish_rounds,
     double eps, double eps_inf, double step_fraction, double reg_d, double wlo, int b0, int b1)
 {
     const int k = m + p;
@@ -689,7 +811,9 @@ extern "C" void dqp_ipm_dual_cpu(
         dqp_block_id = blk;
         dqp_ipm_dual(P, sP, q, sq, C, sC, d, sd, A, sA, b, sb, M, sM, PiAbt, sPi, Piq, g, norms,
                      z0, s0, mu0, lam0, delta0, z_out, s_out, mu_out, lam_out, status_out, iters_out,
-                     n, m, p, max_iter, stall_iters, separate_steps, eps, eps_inf, step_fraction, reg_d, wlo,
+                     sc, act_out, pflag_out, LS_out,
+                     n, m, p, max_iter, stall_iters, separate_steps, polish_rounds,
+                     eps, eps_inf, step_fraction, reg_d, wlo,
                      nullptr);
     }
     std::free(buf);

@@ -94,6 +94,12 @@ class IPMResult:
     factors : for the dual form, ``L`` (Cholesky factor of P), ``PiAbt`` = P⁻¹[A; C]ᵀ and
         ``M`` = [A; C] P⁻¹ [A; C]ᵀ in the caller's scaling, for reuse by
         :class:`dqp.linsolve.torch_batched.BatchedKKT` (the polish and the backward).
+    polish : when the fused kernel ran with ``polish_rounds > 0``: ``active`` (B, m) bool,
+        ``polished`` (B,) bool (``z, lam, mu`` are then the polished point), ``fallback`` (B,)
+        bool (the kernel could not polish: the caller must), ``ok`` (B,) bool (the first round's
+        factorization passed) and ``LS`` (B, k, k), the lower Cholesky factor of the reduced
+        system's Schur complement ``S = Ā_J P⁻¹ Ā_Jᵀ + diag(0, 1 − a)`` as BatchedKKT keeps it.
+        Otherwise None.
     """
 
     z: Tensor
@@ -104,6 +110,7 @@ class IPMResult:
     iterations: Tensor
     form: str = "primal"
     factors: Optional[Dict[str, Tensor]] = None
+    polish: Optional[Dict[str, Tensor]] = None
 
 
 def default_eps(dtype: torch.dtype) -> float:
@@ -838,6 +845,12 @@ SETUP_GRAPH = True
 SETUP_GRAPH_MAX_WORK = 20_000_000
 
 
+def _row_scales(a_scale: Optional[Tensor], c_scale: Optional[Tensor], B: int) -> Tensor:
+    """The row norms of ``[A; C]`` (B, k) from the scaling's per-block ones."""
+    sc = [t.expand(B, t.shape[-1]) for t in (a_scale, c_scale) if t is not None]
+    return torch.cat(sc, dim=-1) if len(sc) > 1 else sc[0]
+
+
 #: The state entries the fused kernel reads (:func:`dqp.solvers.fused.solve_dual`).
 _FUSED_STATE = ("z", "s", "mu", "lam", "delta")
 
@@ -921,7 +934,7 @@ def ipm_solve(P: Tensor, q: Tensor, C: Optional[Tensor] = None, d: Optional[Tens
               eps_infeasible: Optional[float] = None, refine: Optional[int] = None,
               stall_iters: int = 12, fallback64: bool = True, cuda_graph: bool = True,
               graph_cache: bool = True, compile: bool = False, fused: Optional[bool] = None,
-              trace: Optional[list] = None) -> IPMResult:
+              polish_rounds: int = 0, trace: Optional[list] = None) -> IPMResult:
     """Solve a batch of convex QPs with a primal-dual interior-point method.
 
     Parameters
@@ -988,6 +1001,10 @@ def ipm_solve(P: Tensor, q: Tensor, C: Optional[Tensor] = None, d: Optional[Tens
         CUDA for float64 dual-form problems whose Schur matrix fits a block's shared memory);
         ``True`` requires it (on the CPU it runs the kernel's C++ build, for tests) and raises
         :class:`~dqp.errors.SettingsError` where it does not apply; ``False``: the torch loop.
+    polish_rounds : int
+        Where the fused kernel runs: go on, in the same launch, with the active-set polish of
+        :func:`dqp.ipm_layer.polish` (at most this many rounds; 0: none) and return it in
+        :attr:`IPMResult.polish`. The torch loop ignores it (``polish`` is None: the caller polishes).
     trace : list, optional
         Diagnostics: when given, a dict of per-instance tensors (residuals, gap, step lengths,
         regularization) is appended every iteration.
@@ -1002,6 +1019,8 @@ def ipm_solve(P: Tensor, q: Tensor, C: Optional[Tensor] = None, d: Optional[Tens
     dtype, device = P.dtype, P.device
     if max_iter < 1:
         raise SettingsError(f"ipm_solve: max_iter must be >= 1, got {max_iter}.")
+    if not (isinstance(polish_rounds, int) and polish_rounds >= 0):
+        raise SettingsError(f"ipm_solve: polish_rounds must be an integer >= 0, got {polish_rounds!r}.")
     if not 0.0 < step_fraction < 1.0:
         raise SettingsError(f"ipm_solve: step_fraction must be in (0, 1), got {step_fraction}.")
     eps = default_eps(dtype) if eps is None else float(eps)
@@ -1043,7 +1062,8 @@ def ipm_solve(P: Tensor, q: Tensor, C: Optional[Tensor] = None, d: Optional[Tens
             fused_out = _fused.solve_dual(
                 P, q, C, d, A, b, newton.M, newton.PiAbt, newton._Piq, newton._g, norms, newton.Md, S,
                 max_iter=max_iter, stall_iters=stall_iters, separate_steps=separate_steps, eps=eps,
-                eps_inf=eps_inf, step_fraction=step_fraction, reg_d=newton.reg_d, wlo=wlo)
+                eps_inf=eps_inf, step_fraction=step_fraction, reg_d=newton.reg_d, wlo=wlo,
+                polish_rounds=polish_rounds, row_scale=_row_scales(a_scale, c_scale, B))
 
     live = _GraphData(P, q, C, d, A, b, newton, norms)
 
@@ -1429,15 +1449,19 @@ def ipm_solve(P: Tensor, q: Tensor, C: Optional[Tensor] = None, d: Optional[Tens
     mu_out = mu / c_scale if m else None
     s_out = s * c_scale if m else s
     factors = None
+    polished = None
+    if fused_out is not None and "pflag" in fused_out:
+        pf = fused_out["pflag"]
+        polished = dict(active=fused_out["active"] if m else None, polished=(pf & 1) != 0,
+                        fallback=(pf & 2) != 0, ok=(pf & 4) != 0, LS=fused_out["LS"])
     if fm == "dual":
-        sc = [t for t in (a_scale, c_scale) if t is not None]
-        sc = torch.cat(sc, dim=-1) if len(sc) > 1 else sc[0]                  # (B, k) row norms
+        sc = _row_scales(a_scale, c_scale, B)                                  # (B, k) row norms
         if newton.PiAbt.dim() == 2 and bool((sc == sc[:1]).all()):
             sc = sc[0]                                                          # shared scaling
         factors = dict(L=newton.LP, PiAbt=newton.PiAbt * sc.unsqueeze(-2),
                        M=newton.M * sc.unsqueeze(-1) * sc.unsqueeze(-2))
     res = IPMResult(z=z, lam=lam_out, mu=mu_out, s=s_out, status=status, iterations=iters, form=fm,
-                    factors=factors)
+                    factors=factors, polish=polished)
     if fallback64 and dtype != torch.float64:
         bad = (status == int(Status.MAX_ITER)) | (status == NUM)
         if bool(bad.any()):

@@ -207,6 +207,94 @@ def test_solve_dual_rejects_what_it_cannot_run():
     with pytest.raises(SettingsError, match="no build for device type"):
         fused.solve_dual(P.to("meta"), q.to("meta"), C.to("meta"), d.to("meta"), None, None, M, M, q, d,
                          norms, M[0, 0], st, **kw)
+    with pytest.raises(SettingsError, match="needs row_scale"):
+        fused.solve_dual(P, q, C, d, None, None, M, M, q, d, norms, M[0, 0], st, polish_rounds=3, **kw)
+
+
+@pytest.mark.parametrize("bad", [-1, 1.5])
+def test_polish_rounds_are_checked(bad):
+    P, q, C, d, *_ = known_qp(2, 4, 5, 0, seed=0)
+    with pytest.raises(SettingsError, match="polish_rounds must be an integer >= 0"):
+        ipm_solve(P, q, C, d, polish_rounds=bad)
+
+
+def _torch_polish(P, q, C, d, A, b, res, rounds=3):
+    """dqp.ipm_layer's masked polish (the one its CUDA graph runs) from the IPM point of ``res``."""
+    from dqp.ipm_layer import _polish_masked, classify_active
+    solved = res.status == int(Status.SOLVED)
+    act = classify_active(C, res.s, res.mu) & solved.unsqueeze(-1) if C is not None else None
+    return _polish_masked(P, q, C, d, A, b, res.z, res.lam, res.mu, act, solved, res.factors, rounds)
+
+
+@needs_cxx
+@pytest.mark.parametrize("eps", [1e-8, 1e-3, 1e-2])
+@pytest.mark.parametrize("n,m,p,shared", CASES)
+def test_kernel_polish_matches_the_torch_polish(n, m, p, shared, eps, cpu_build):
+    """ipm_solve(polish_rounds=3) with the kernel: from the same IPM point, the same active sets,
+    accepted elements, fallbacks and polished point as the torch polish, and its factor of the
+    reduced system (loose eps: misclassified rows, so that later rounds and fallbacks occur)."""
+    _check_kernel_polish(_polish_data(n, m, p, shared), eps)
+
+
+def _polish_data(n, m, p, shared, B=16, device="cpu"):
+    # (inequalities only: qpth's generator, degenerate enough for later rounds; else a known QP)
+    if m and not p:
+        data = _qpth_problem(B, n, m, seed=n + m) + [None, None]
+    else:
+        P, q, C, d, A, b, *_ = known_qp(B, n, m, p, seed=n + m + p)
+        data = [P, q, C if m else None, d if m else None, A, b]
+    if shared:
+        data = [t[0] if t is not None and i in (0, 2, 4) else t for i, t in enumerate(data)]
+    return [None if t is None else t.to(device) for t in data]
+
+
+def _check_kernel_polish(data, eps):
+    kw = dict(fused=True, form="dual", eps=eps)
+    base = ipm_solve(*data, **kw)
+    res = ipm_solve(*data, polish_rounds=3, **kw)
+    assert torch.equal(res.status, base.status)
+    z, lam, mu, act, kkt, pol, fb = _torch_polish(*data, base)
+    kp = res.polish
+    assert torch.equal(kp["polished"], pol) and torch.equal(kp["fallback"], fb)
+    assert torch.equal(kp["ok"], kkt.ok)
+    if data[2] is not None:
+        assert torch.equal(kp["active"], act)
+    assert bool(pol.any())
+    ok = pol & ~fb
+    assert _rel(res.z[ok], z[ok]) <= 1e-10
+    for a, t in ((res.mu, mu), (res.lam, lam)):
+        if t is not None:
+            assert _rel(a[ok], t[ok]) <= 1e-9
+    keep = ~fb & (base.status == int(Status.SOLVED))
+    assert _rel(kp["LS"][keep], torch.tril(kkt.LS)[keep]) <= 1e-10
+    assert torch.equal(res.z[~pol], base.z[~pol])       # not accepted: the IPM point
+
+
+@needs_cxx
+def test_layer_takes_the_kernels_polish_and_falls_back_where_it_must(monkeypatch):
+    """solve_qp_batch with the kernel polishes in the kernel (no torch polish runs) and its
+    gradients match the torch loop's; where the kernel reports a fallback (eps = 1e-2 on this batch:
+    an element's reduced system fails the pivot test) the torch polish runs instead."""
+    import dqp.ipm_layer as il
+    calls = []
+    real = il.polish
+    monkeypatch.setattr(il, "polish", lambda *a, **k: calls.append(1) or real(*a, **k))
+    Q, p, G, h = _qpth_problem(64, 20, 30, seed=1)
+    w = torch.randn(64, 20, dtype=F64, generator=torch.Generator().manual_seed(2))
+    for eps, torch_polish in ((None, False), (1e-2, True)):
+        out = {}
+        for flag in (True, False):
+            calls.clear()
+            ins = [t.clone().requires_grad_() for t in (Q, p, G, h)]
+            diag = {}
+            z = solve_qp_batch(*ins, fused=flag, form="dual", eps=eps, on_failure="mask", diagnostics=diag)[0]
+            (w * z).sum().backward()
+            out[flag] = [z.detach(), diag["verified"]] + [t.grad for t in ins]
+            if flag:
+                assert bool(calls) == torch_polish
+        assert torch.equal(out[True][1], out[False][1])
+        for a, b in zip(out[True][:1] + out[True][2:], out[False][:1] + out[False][2:]):
+            assert _rel(a, b) <= 1e-8
 
 
 def test_missing_compiler_is_a_clear_error(monkeypatch):
@@ -260,6 +348,18 @@ def test_cuda_kernel_matches_torch_loop(n, m, p, shared, _):
 
 for _mark in cuda:
     test_cuda_kernel_matches_torch_loop = _mark(test_cuda_kernel_matches_torch_loop)
+
+
+@pytest.mark.parametrize("eps", [1e-8, 1e-2])
+@pytest.mark.parametrize("n,m,p,shared", CASES + [(100, 100, 0, False), (60, 120, 8, False)])
+def test_cuda_kernel_polish_matches_the_torch_polish(n, m, p, shared, eps):
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    _check_kernel_polish(_polish_data(n, m, p, shared, B=32, device="cuda"), eps)
+
+
+for _mark in cuda:
+    test_cuda_kernel_polish_matches_the_torch_polish = _mark(test_cuda_kernel_polish_matches_the_torch_polish)
 
 
 @pytest.mark.cuda
