@@ -345,6 +345,20 @@ def _kkt_of_kernel(P: Tensor, C: Optional[Tensor], A: Optional[Tensor], active: 
     return kkt
 
 
+def _finish(res, z, lam, mu, active, kkt, polished, solved, dtype_in):
+    """IPMQPFunction.forward's outputs: per-element diagnostics on ``kkt``, the point in the input
+    dtype, zeros (never NaN) for failed elements."""
+    kkt.polished, kkt.iterations = polished & solved, res.iterations
+    z, lam, mu = (_cast(t, dtype_in) for t in (z, lam, mu))
+    sv = solved.unsqueeze(-1)
+    z = torch.where(sv, z, torch.zeros_like(z))
+    if lam is not None:
+        lam = torch.where(sv, lam, torch.zeros_like(lam))
+    if mu is not None:
+        mu = torch.where(sv, mu, torch.zeros_like(mu))
+    return z, lam, mu, res.status, active, kkt
+
+
 class IPMQPFunction(torch.autograd.Function):
     """Batched QP solve with gradients w.r.t. all of ``(P, q, C, d, A, b)``.
 
@@ -395,20 +409,22 @@ class IPMQPFunction(torch.autograd.Function):
             # (where the fused kernel runs, it polishes too, in the same launch: IPMResult.polish)
             res = ipm_solve(P, q, C, d, A, b, polish_rounds=int(rounds) if do_polish and wide is None else 0,
                             **opts)
-        z, lam, mu = res.z, res.lam, res.mu
         solved = res.status == int(Status.SOLVED)
-        kernel_polish = res.polish is not None and not bool(res.polish["fallback"].any())
-        if kernel_polish:
-            active = res.polish["active"]
-        else:
-            active = classify_active(C, res.s, mu) if mu is not None else None
-            if active is not None:
-                active = active & solved.unsqueeze(-1)
-        with torch.profiler.record_function("dqp::polish"):
-            if kernel_polish:
+        if res.polish is not None:
+            # the kernel polished: its outputs are queued before the one host sync (its fallback
+            # flags), which then waits for the kernel while the device works
+            with torch.profiler.record_function("dqp::polish"):
+                active = res.polish["active"]
                 kkt = _kkt_of_kernel(P, C, A, active, res, graphs=opts.get("cuda_graph", True))
-                polished = res.polish["polished"]
-            elif do_polish and wide is not None:
+                out = _finish(res, res.z, res.lam, res.mu, active, kkt, res.polish["polished"], solved, dtype_in)
+            if not bool(res.polish["fallback"].any()):
+                return out
+        z, lam, mu = res.z, res.lam, res.mu
+        active = classify_active(C, res.s, mu) if mu is not None else None
+        if active is not None:
+            active = active & solved.unsqueeze(-1)
+        with torch.profiler.record_function("dqp::polish"):
+            if do_polish and wide is not None:
                 # float32/float16 data: polish (and keep the factorization for the backward) in float64,
                 # with float64's acceptance tolerance (module docstring, "Low precision")
                 wargs = [_cast(t, wide) for t in (P, q, C, d, A, b, z, lam, mu)]
@@ -430,18 +446,7 @@ class IPMQPFunction(torch.autograd.Function):
             else:
                 kkt = BatchedKKT(P, A, C, active, batch=q.shape[0], factors=res.factors)
                 polished = torch.zeros_like(solved)
-        # per-element diagnostics for the caller (solve_qp_batch's `diagnostics`)
-        kkt.polished, kkt.iterations = polished & solved, res.iterations
-        # outputs in the input dtype (solved or polished in float64 for float32/float16 data)
-        z, lam, mu = (_cast(t, dtype_in) for t in (z, lam, mu))
-        # failed elements: zeros, never NaN
-        sv = solved.unsqueeze(-1)
-        z = torch.where(sv, z, torch.zeros_like(z))
-        if lam is not None:
-            lam = torch.where(sv, lam, torch.zeros_like(lam))
-        if mu is not None:
-            mu = torch.where(sv, mu, torch.zeros_like(mu))
-        return z, lam, mu, res.status, active, kkt
+        return _finish(res, z, lam, mu, active, kkt, polished, solved, dtype_in)
 
     @staticmethod
     def setup_context(ctx, inputs, output):

@@ -855,11 +855,23 @@ def _row_scales(a_scale: Optional[Tensor], c_scale: Optional[Tensor], B: int) ->
 _FUSED_STATE = ("z", "s", "mu", "lam", "delta")
 
 
-def _init_graphed(P, q, C, d, A, b, B: int, n: int, m: int, p: int, minimal: bool = False):
+#: Setup graphs (their keys) whose dual-form test failed in a call that had deferred it (see
+#: ``_init_graphed``'s ``defer_ok``): later calls with that key test before going on.
+_SETUP_DEFER_FAILED: set = set()
+
+
+def _init_graphed(P, q, C, d, A, b, B: int, n: int, m: int, p: int, minimal: bool = False,
+                  defer_ok: bool = False):
     """:func:`_init` with ``fm="dual"`` (P factorized inside) replayed from a cached graph; None
     when P's factor fails the dual form's test in some element (the caller then chooses the form
     eagerly, :func:`_choose_form`) or the graph cannot be used. ``minimal``: return only the state
-    entries the fused kernel reads (the graph's outputs are copied on every call)."""
+    entries the fused kernel reads (the graph's outputs are copied on every call).
+
+    Returns ``(init, ok)``: ``init`` as :func:`_init`'s result and ``ok`` None (the test passed) or,
+    with ``defer_ok``, the test's (0-d bool) device tensor, not yet read: the caller launches its
+    work first (no host sync between the setup and the fused kernel) and then reads ``ok``; where
+    it is False the caller must discard that work, add the key (``init`` key) to
+    :data:`_SETUP_DEFER_FAILED` and start again."""
     if B * max(n, m + p) ** 2 > SETUP_GRAPH_MAX_WORK:
         return None
     inputs = {k: v for k, v in zip(_GraphData._DATA, (P, q, C, d, A, b)) if v is not None}
@@ -879,15 +891,18 @@ def _init_graphed(P, q, C, d, A, b, B: int, n: int, m: int, p: int, minimal: boo
         out.update({"S." + k: v for k, v in S.items() if not minimal or k in _FUSED_STATE})
         return {k: v for k, v in out.items() if isinstance(v, Tensor)}
 
-    out = graphed_call(("dqp_ipm_init", B, n, m, p, minimal), fn, inputs)
-    if out is None or not bool(out["ok"]):          # (one host sync, as in _choose_form)
+    key = ("dqp_ipm_init", B, n, m, p, minimal)
+    defer_ok = defer_ok and key not in _SETUP_DEFER_FAILED
+    out = graphed_call(key, fn, inputs)
+    if out is None or (not defer_ok and not bool(out["ok"])):          # (one host sync, as in _choose_form)
         return None
     Cs, ds, As, bs = (out.get(k) for k in ("C", "d", "A", "b"))
     pre = {k[3:]: v for k, v in out.items() if k.startswith("nt.")}
     newton = _DualNewton(pre["LP"], P, Cs, As, B, n, m, p, _regularization(P.dtype)[1], pre=pre, q=q)
     norms = {k: out.get("norm." + k) for k in ("pscale", "qnorm", "bnorm", "dnorm")}
     S = {k[2:]: v for k, v in out.items() if k.startswith("S.")}
-    return Cs, ds, As, bs, out.get("c_scale"), out.get("a_scale"), norms, newton, S
+    return (Cs, ds, As, bs, out.get("c_scale"), out.get("a_scale"), norms, newton, S), \
+        ((key, out["ok"]) if defer_ok else None)
 
 
 def _fused_flag(fused: Optional[bool]):
@@ -1014,6 +1029,10 @@ def ipm_solve(P: Tensor, q: Tensor, C: Optional[Tensor] = None, d: Optional[Tens
     IPMResult
         Shapes ``(B, ·)``; B = 1 when no argument is batched.
     """
+    again = dict(eps=eps, max_iter=max_iter, check_every=check_every, form=form, separate_steps=separate_steps,
+                 step_fraction=step_fraction, eps_infeasible=eps_infeasible, refine=refine,
+                 stall_iters=stall_iters, fallback64=fallback64, cuda_graph=cuda_graph, graph_cache=graph_cache,
+                 compile=compile, fused=fused, polish_rounds=polish_rounds, trace=trace)
     P, q, C, d, A, b, B, n, m, p = _prepare(P, q, C, d, A, b)
     P0, q0, d0, b0 = P, q, d, b
     dtype, device = P.dtype, P.device
@@ -1035,11 +1054,14 @@ def ipm_solve(P: Tensor, q: Tensor, C: Optional[Tensor] = None, d: Optional[Tens
     C_u, A_u = C, A
     use_graph = cuda_graph and trace is None and _graph_device_ok(device)
     with torch.profiler.record_function("dqp::ipm_setup"):
-        init = None
+        init = deferred = None
         fused_dual = None            # the kernel's verdict should the dual form be taken (decided once)
         if use_graph and graph_cache and SETUP_GRAPH and _form_by_cost(form, P, B, n, m, p) == "dual":
             fused_dual = _use_fused(fused, "dual", dtype, device, n, m, p, trace, refine)
-            init = _init_graphed(P, q, C, d, A, b, B, n, m, p, minimal=fused_dual)
+            # (with the kernel to follow, the dual form's test is read after its launch)
+            got = _init_graphed(P, q, C, d, A, b, B, n, m, p, minimal=fused_dual, defer_ok=fused_dual)
+            if got is not None:
+                init, deferred = got
         if init is None:
             fm, LP = _choose_form(form, P, B, n, m, p)
             init = _init(P, q, C, d, A, b, B, n, m, p, fm, LP)
@@ -1064,6 +1086,11 @@ def ipm_solve(P: Tensor, q: Tensor, C: Optional[Tensor] = None, d: Optional[Tens
                 max_iter=max_iter, stall_iters=stall_iters, separate_steps=separate_steps, eps=eps,
                 eps_inf=eps_inf, step_fraction=step_fraction, reg_d=newton.reg_d, wlo=wlo,
                 polish_rounds=polish_rounds, row_scale=_row_scales(a_scale, c_scale, B))
+        if deferred is not None and not bool(deferred[1]):
+            # P failed the dual form's test in some element: the kernel's answer is void; this
+            # setup graph tests before going on from now on, and the solve starts again
+            _SETUP_DEFER_FAILED.add(deferred[0])
+            return ipm_solve(P0, q0, C_u, d0, A_u, b0, **again)
 
     live = _GraphData(P, q, C, d, A, b, newton, norms)
 
@@ -1613,6 +1640,7 @@ def clear_graph_cache() -> None:
     """Drop the cached CUDA graphs of :func:`ipm_solve` and :func:`graphed_call` (frees their memory pools)."""
     _GRAPH_CACHE.clear()
     _FN_GRAPHS.clear()
+    _SETUP_DEFER_FAILED.clear()
 
 
 def _graph_for(key, live, make_body, state):

@@ -144,6 +144,32 @@ def test_graphed_setup_hands_the_kernel_a_minimal_state(monkeypatch):
 
 
 @needs_cxx
+def test_deferred_setup_test_that_fails_solves_again(monkeypatch):
+    """The graphed setup's dual-form test is read after the kernel's launch; where it fails (here
+    an element with an indefinite P) the kernel's answer is dropped and the solve starts again with
+    the test first (the primal form, torch loop); later calls of that shape test first, with no
+    wasted kernel run."""
+    import dqp.solvers.ipm as ipm
+    P, q, C, d, A, b, *_ = known_qp(4, 7, 9, 2, seed=6)
+    P = P.clone()
+    P[2] = -P[2]
+    eager = ipm_solve(P, q, C, d, A, b, cuda_graph=False)
+    assert eager.form == "primal"
+    _emulate_graphs(monkeypatch)
+    ipm.clear_graph_cache()
+    runs = []
+    real = fused.solve_dual
+    monkeypatch.setattr(fused, "solve_dual", lambda *a, **k: runs.append(1) or real(*a, **k))
+    for expect_runs in (1, 1):
+        g = ipm_solve(P, q, C, d, A, b)
+        assert len(runs) == expect_runs and g.form == "primal"
+        assert torch.equal(g.status, eager.status) and _rel(g.z, eager.z) <= 1e-10
+    assert len(ipm._SETUP_DEFER_FAILED) == 1
+    ipm.clear_graph_cache()
+    assert not ipm._SETUP_DEFER_FAILED
+
+
+@needs_cxx
 def test_auto_on_cpu_takes_the_cpp_build_unless_switched_off(monkeypatch):
     calls = []
     real = fused.solve_dual
