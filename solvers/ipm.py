@@ -867,10 +867,11 @@ def _init_graphed(P, q, C, d, A, b, B: int, n: int, m: int, p: int, minimal: boo
     eagerly, :func:`_choose_form`) or the graph cannot be used. ``minimal``: return only the state
     entries the fused kernel reads (the graph's outputs are copied on every call).
 
-    Returns ``(init, ok)``: ``init`` as :func:`_init`'s result and ``ok`` None (the test passed) or,
-    with ``defer_ok``, the test's (0-d bool) device tensor, not yet read: the caller launches its
-    work first (no host sync between the setup and the fused kernel) and then reads ``ok``; where
-    it is False the caller must discard that work, add the key (``init`` key) to
+    Returns ``(init, deferred)``: ``init`` as :func:`_init`'s result and ``deferred`` None (the test
+    passed) or, with ``defer_ok``, ``(key, ok, event)``: the test's outcome on its way to pinned
+    host memory (a 0-d bool tensor, valid once ``event`` has completed), not yet read. The caller
+    launches its work first (no host sync between the setup and the fused kernel), then reads it
+    (:func:`_deferred_ok`); where it is False the caller must discard that work, add ``key`` to
     :data:`_SETUP_DEFER_FAILED` and start again."""
     if B * max(n, m + p) ** 2 > SETUP_GRAPH_MAX_WORK:
         return None
@@ -901,8 +902,26 @@ def _init_graphed(P, q, C, d, A, b, B: int, n: int, m: int, p: int, minimal: boo
     newton = _DualNewton(pre["LP"], P, Cs, As, B, n, m, p, _regularization(P.dtype)[1], pre=pre, q=q)
     norms = {k: out.get("norm." + k) for k in ("pscale", "qnorm", "bnorm", "dnorm")}
     S = {k[2:]: v for k, v in out.items() if k.startswith("S.")}
-    return (Cs, ds, As, bs, out.get("c_scale"), out.get("a_scale"), norms, newton, S), \
-        ((key, out["ok"]) if defer_ok else None)
+    ok = None
+    if defer_ok and out["ok"].device.type == "cuda":
+        # (copied to pinned host memory now, read after the caller's launches: the read then waits
+        # for the setup only, not for the work queued after it)
+        ok = torch.empty((), dtype=torch.bool, pin_memory=True)
+        ok.copy_(out["ok"], non_blocking=True)
+        ev = torch.cuda.Event()
+        ev.record()
+        ok = (key, ok, ev)
+    elif defer_ok:
+        ok = (key, out["ok"], None)
+    return (Cs, ds, As, bs, out.get("c_scale"), out.get("a_scale"), norms, newton, S), ok
+
+
+def _deferred_ok(deferred) -> bool:
+    """The outcome of a deferred dual-form test (see :func:`_init_graphed`), waiting for the setup only."""
+    _, ok, ev = deferred
+    if ev is not None:
+        ev.synchronize()
+    return bool(ok)
 
 
 def _fused_flag(fused: Optional[bool]):
@@ -1086,7 +1105,7 @@ def ipm_solve(P: Tensor, q: Tensor, C: Optional[Tensor] = None, d: Optional[Tens
                 max_iter=max_iter, stall_iters=stall_iters, separate_steps=separate_steps, eps=eps,
                 eps_inf=eps_inf, step_fraction=step_fraction, reg_d=newton.reg_d, wlo=wlo,
                 polish_rounds=polish_rounds, row_scale=_row_scales(a_scale, c_scale, B))
-        if deferred is not None and not bool(deferred[1]):
+        if deferred is not None and not _deferred_ok(deferred):
             # P failed the dual form's test in some element: the kernel's answer is void; this
             # setup graph tests before going on from now on, and the solve starts again
             _SETUP_DEFER_FAILED.add(deferred[0])

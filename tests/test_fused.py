@@ -390,6 +390,27 @@ for _mark in cuda:
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_deferred_setup_test_that_fails_solves_again(monkeypatch):
+    """On CUDA (real graphs, the test read from pinned memory after the kernel's launch): an
+    element with an indefinite P voids the kernel's answer once; the result is the eager one's."""
+    import dqp.solvers.ipm as ipm
+    P, q, C, d, A, b, *_ = known_qp(4, 7, 9, 2, seed=6, device="cuda")
+    P = P.clone()
+    P[2] = -P[2]
+    eager = ipm_solve(P, q, C, d, A, b, cuda_graph=False)
+    ipm.clear_graph_cache()
+    runs = []
+    real = fused.solve_dual
+    monkeypatch.setattr(fused, "solve_dual", lambda *a, **k: runs.append(1) or real(*a, **k))
+    for _ in range(2):
+        g = ipm_solve(P, q, C, d, A, b)
+        assert len(runs) == 1 and g.form == "primal"
+        assert torch.equal(g.status, eager.status) and _rel(g.z, eager.z) <= 1e-8
+    ipm.clear_graph_cache()
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("n,m,p", [(100, 100, 0), (60, 120, 8)])
 def test_cuda_kernel_large_tiles(n, m, p):
     """k = 100 and k = KMAX = 128: several 32-row blocks in the solves, multi-row tiles per thread."""
