@@ -314,34 +314,47 @@ def _polish_graphed(P, q, C, d, A, b, z, lam, mu, active, solved, factors, round
 BACKWARD_GRAPH_MAX_WORK = 20_000_000
 
 
-def _kkt_of_kernel(P: Tensor, C: Optional[Tensor], A: Optional[Tensor], active: Optional[Tensor],
-                   res, graphs: bool = True) -> BatchedKKT:
-    """The :class:`BatchedKKT` (Cholesky path) of the polish the fused kernel ran: its factor of the
-    reduced system's Schur complement (``res.polish["LS"]``) with the IPM's factors of P."""
-    from dqp.solvers.ipm import _graph_device_ok
+def _kernel_kkt_state(P: Tensor, C: Optional[Tensor], A: Optional[Tensor], active: Optional[Tensor],
+                      L: Tensor, PiAbt: Tensor, LS: Tensor, ok: Tensor) -> dict:
+    """:meth:`BatchedKKT.from_state`'s tensors (Cholesky path) of the reduced system whose Schur
+    complement's factor ``LS`` the fused kernel computed, from the IPM's factors of P (``L``,
+    ``PiAbt`` = P⁻¹[A; C]ᵀ); device work only (it also runs inside the backward's CUDA graph)."""
     B, n = P.shape[0], P.shape[-1]
-    dtype = P.dtype
+    dtype, dev = P.dtype, P.device
     p = A.shape[-2] if A is not None else 0
     m = C.shape[-2] if C is not None else 0
     blocks, cm = [], []
     a = None
     if A is not None:
         blocks.append(A.expand(B, p, n))
-        cm.append(torch.ones(B, p, dtype=dtype, device=P.device))
+        cm.append(torch.ones(B, p, dtype=dtype, device=dev))
     if C is not None:
         a = active.to(dtype)
         blocks.append(C.expand(B, m, n) * a.unsqueeze(-1))
         cm.append(a)
     cm = torch.cat(cm, dim=-1) if len(cm) > 1 else cm[0]
-    D = torch.cat([torch.zeros(B, p, dtype=dtype, device=P.device), 1.0 - a], dim=-1) if m else torch.zeros_like(cm)
-    f = res.factors
-    pol = res.polish
-    kkt = BatchedKKT.from_state(dict(
-        P=P, A=A, C=C, a=a, Abar=torch.cat(blocks, dim=-2) if len(blocks) > 1 else blocks[0], D=D, L=f["L"],
-        HiAbt=f["PiAbt"] * cm.unsqueeze(-2), LS=pol["LS"], ok=pol["ok"],
-        path=torch.zeros(B, dtype=torch.int64, device=P.device), rho=torch.zeros(B, dtype=dtype, device=P.device)))
+    D = torch.cat([torch.zeros(B, p, dtype=dtype, device=dev), 1.0 - a], dim=-1) if m else torch.zeros_like(cm)
+    return dict(P=P, A=A, C=C, a=a, Abar=torch.cat(blocks, dim=-2) if len(blocks) > 1 else blocks[0], D=D, L=L,
+                HiAbt=PiAbt * cm.unsqueeze(-2), LS=LS, ok=ok, path=torch.zeros(B, dtype=torch.int64, device=dev),
+                rho=torch.zeros(B, dtype=dtype, device=dev))
+
+
+def _kkt_of_kernel(P: Tensor, C: Optional[Tensor], A: Optional[Tensor], active: Optional[Tensor],
+                   res, graphs: bool = True) -> BatchedKKT:
+    """The :class:`BatchedKKT` (Cholesky path) of the polish the fused kernel ran: its factor of the
+    reduced system's Schur complement (``res.polish["LS"]``) with the IPM's factors of P. Where its
+    backward runs as a CUDA graph, the graph's inputs are the few tensors it is made of
+    (``kkt._raw``, see :func:`_kernel_kkt_state`), not its dozen derived ones."""
+    from dqp.solvers.ipm import _graph_device_ok
+    raw = dict(P=P, C=C, A=A, active=active, L=res.factors["L"], PiAbt=res.factors["PiAbt"],
+               LS=res.polish["LS"], ok=res.polish["ok"])
+    kkt = BatchedKKT.from_state(_kernel_kkt_state(**raw))
+    B, n = P.shape[0], P.shape[-1]
+    k = (A.shape[-2] if A is not None else 0) + (C.shape[-2] if C is not None else 0)
     kkt._graphed = (graphs and POLISH_GRAPH and _graph_device_ok(P.device)
-                    and B * max(n, m + p) ** 2 <= BACKWARD_GRAPH_MAX_WORK)
+                    and B * max(n, k) ** 2 <= BACKWARD_GRAPH_MAX_WORK)
+    if kkt._graphed:
+        kkt._raw = raw
     return kkt
 
 
@@ -485,13 +498,20 @@ class IPMQPFunction(torch.autograd.Function):
             # the forward's polish ran as a CUDA graph: so does this (same shapes, Cholesky path)
             from dqp.solvers.ipm import graphed_call
 
+            raw = getattr(kkt, "_raw", None)
+
             def fn(t):
-                k = BatchedKKT.from_state({n: t.get(n) for n in BatchedKKT._STATE}, refine=kkt.refine)
+                if raw is not None:
+                    st = _kernel_kkt_state(*(t.get(n) for n in ("P", "C", "A", "active", "L", "PiAbt", "LS", "ok")))
+                else:
+                    st = {n: t.get(n) for n in BatchedKKT._STATE}
+                k = BatchedKKT.from_state(st, refine=kkt.refine)
                 g = _backward_math(k, t["gz"], t.get("glam"), t.get("gmu"), t["z"], t.get("lam"), t.get("mu"),
                                    t["status"], t.get("active"), need)
                 return {f"g{i}": v for i, v in enumerate(g) if v is not None}
-            inputs = dict(kkt.state(), gz=gz, glam=glam, gmu=gmu, z=z, lam=lam, mu=mu, status=status, active=active)
-            out = graphed_call(("dqp_backward", need, kkt.refine), fn, inputs)
+            inputs = dict(raw if raw is not None else kkt.state(), gz=gz, glam=glam, gmu=gmu, z=z, lam=lam, mu=mu,
+                          status=status, active=active)
+            out = graphed_call(("dqp_backward", need, kkt.refine, raw is not None), fn, inputs)
             if out is not None:
                 return tuple(out.get(f"g{i}") for i in range(6)) + (None,)
         return _backward_math(kkt, gz, glam, gmu, z, lam, mu, status, active, need) + (None,)

@@ -61,7 +61,7 @@ import threading
 import warnings
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import numpy as np
 import torch
@@ -894,7 +894,9 @@ def _init_graphed(P, q, C, d, A, b, B: int, n: int, m: int, p: int, minimal: boo
 
     key = ("dqp_ipm_init", B, n, m, p, minimal)
     defer_ok = defer_ok and key not in _SETUP_DEFER_FAILED
-    out = graphed_call(key, fn, inputs)
+    # (with the kernel to follow, ipm_solve reads the outputs only in work it queues before it
+    # returns, except P's factor, which the result's factors keep: the rest is not copied)
+    out = graphed_call(key, fn, inputs, fresh=(lambda name: name.startswith("nt.LP")) if minimal else None)
     if out is None or (not defer_ok and not bool(out["ok"])):          # (one host sync, as in _choose_form)
         return None
     Cs, ds, As, bs = (out.get(k) for k in ("C", "d", "A", "b"))
@@ -1866,9 +1868,14 @@ def _capture_fn(fn, static_in: Dict[str, Tensor]):
     return graph, out
 
 
-def graphed_call(key: tuple, fn, inputs: Dict[str, Any]) -> Optional[Dict[str, Tensor]]:
+def graphed_call(key: tuple, fn, inputs: Dict[str, Any],
+                 fresh: Optional[Callable[[str], bool]] = None) -> Optional[Dict[str, Tensor]]:
     """``fn(inputs)`` replayed from a cached CUDA graph: the inputs are copied into the graph's
     static buffers and the outputs are returned as fresh tensors (attached inverses included).
+
+    ``fresh``: only the outputs whose (flattened) name it accepts are copied; the others are the
+    graph's static buffers themselves, for a caller that has queued all its reads of them before it
+    returns (the next replay, on the same stream, comes after those reads).
 
     ``fn`` takes and returns dicts of tensors and must not synchronize with the host or branch on
     tensor values; the key must determine everything else it depends on (shapes, dtypes,
@@ -1907,7 +1914,7 @@ def graphed_call(key: tuple, fn, inputs: Dict[str, Any]) -> Optional[Dict[str, T
         for k, v in flat.items():
             static_in[k].copy_(v)
         graph.replay()
-        return _unflatten({k: v.clone() for k, v in static_out.items()})
+        return _unflatten({k: v.clone() if fresh is None or fresh(k) else v for k, v in static_out.items()})
 
 
 def _fallback64(res: IPMResult, bad: Tensor, data, kw) -> IPMResult:

@@ -144,6 +144,43 @@ def test_graphed_setup_hands_the_kernel_a_minimal_state(monkeypatch):
 
 
 @needs_cxx
+def test_graphed_layer_with_the_kernel_interleaved_calls(monkeypatch):
+    """With (emulated) CUDA graphs and the kernel: two forward calls of one shape, then their two
+    backward calls in reverse order, give each call's own gradients (the setup graph's outputs that
+    the call does not keep are reused buffers, the backward graph's inputs are copied per call),
+    and the backward graph gets the polish's few raw tensors."""
+    import dqp.solvers.ipm as ipm
+    data = [_qpth_problem(6, 9, 12, seed=s) for s in (7, 8)]
+    w = torch.randn(6, 9, dtype=F64, generator=torch.Generator().manual_seed(3))
+
+    def grads(eager):
+        outs = []
+        for d in data:
+            ins = [t.clone().requires_grad_() for t in d]
+            z = solve_qp_batch(*ins, fused=True, form="dual", cuda_graph=not eager)[0]
+            outs.append((ins, z))
+        res = []
+        for ins, z in reversed(outs):
+            (w * z).sum().backward()
+            res.append([z.detach()] + [t.grad for t in ins])
+        return res
+    ref = grads(eager=True)
+    _emulate_graphs(monkeypatch)
+    ipm.clear_graph_cache()
+    keys = []
+    real = ipm.graphed_call
+    monkeypatch.setattr(ipm, "graphed_call", lambda key, fn, inputs, **k: keys.append((key, sorted(inputs)))
+                        or real(key, fn, inputs, **k))
+    got = grads(eager=False)
+    for a, b in zip(got, ref):
+        for x, y in zip(a, b):
+            assert _rel(x, y) <= 1e-10
+    bwd = [names for key, names in keys if key[0] == "dqp_backward"]
+    assert len(bwd) == 2 and all("LS" in n and "Abar" not in n and "HiAbt" not in n for n in bwd)
+    ipm.clear_graph_cache()
+
+
+@needs_cxx
 def test_deferred_setup_test_that_fails_solves_again(monkeypatch):
     """The graphed setup's dual-form test is read after the kernel's launch; where it fails (here
     an element with an indefinite P) the kernel's answer is dropped and the solve starts again with
