@@ -25,7 +25,10 @@ solved once (the factorization is reused by the backward). The polished point is
 an element when ``μ_J ≥ −τ`` and ``C_¬J z ≤ d_¬J + τ`` (τ = √eps_machine · scale); otherwise the
 offending rows move (violated inactive → active, negative active → inactive) and the polish is
 repeated (at most ``polish_rounds`` times); an element whose polish is still rejected keeps the
-IPM point. The polished solution satisfies the KKT conditions to round-off, so the gradients
+IPM point. Where the fused kernel solves the batch (:mod:`dqp.solvers.fused`), the same polish
+runs at the end of its launch (``ipm_solve(polish_rounds=...)``) and its factor goes to the
+backward; the torch polish below then runs only when the kernel reports an element whose first
+reduced system failed the pivot test (its fallback). The polished solution satisfies the KKT conditions to round-off, so the gradients
 are exact for that active set. Measured (qpth's generator, B=8, n=m=20, p=2, float64): gradients
 with polish agree with an independent Clarabel + dense-KKT reference to 3e-11 (relative); without
 polish they differ by ~2e-9, i.e. by the IPM tolerance. On degenerate problems the difference is

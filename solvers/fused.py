@@ -9,6 +9,11 @@ convergence check with the infeasibility certificates, Cholesky, predictor, corr
 its QP is done. The algorithm is the torch loop's dual form (float64, checked every iteration),
 which stays the reference: ``tests/test_fused.py`` compares the two.
 
+With ``polish_rounds > 0`` (the layer, :mod:`dqp.ipm_layer`) the block goes on with the active-set
+polish: the reduced KKT system's Schur complement is M restricted to the active rows, a masked copy
+of the matrix already in shared memory, so each round is one more factorization and a few solves;
+the accepted round's factor is written out for the backward.
+
 When it runs (:data:`FUSED` ``"auto"``): float64, the dual form (P positive definite and well
 conditioned, chosen by ``ipm_solve``), at least one constraint, no ``trace``, and
 
