@@ -27,8 +27,8 @@ offending rows move (violated inactive → active, negative active → inactive)
 repeated (at most ``polish_rounds`` times); an element whose polish is still rejected keeps the
 IPM point. Where the fused kernel solves the batch (:mod:`dqp.solvers.fused`), the same polish
 runs at the end of its launch (``ipm_solve(polish_rounds=...)``) and its factor goes to the
-backward; the torch polish below then runs only when the kernel reports an element whose first
-reduced system failed the pivot test (its fallback). The polished solution satisfies the KKT conditions to round-off, so the gradients
+backward; the torch polish below then runs only for the elements the kernel reports as fallbacks
+(a round's reduced system failed the pivot test), with its augmented and minimum-norm paths. The polished solution satisfies the KKT conditions to round-off, so the gradients
 are exact for that active set. Measured (qpth's generator, B=8, n=m=20, p=2, float64): gradients
 with polish agree with an independent Clarabel + dense-KKT reference to 3e-11 (relative); without
 polish they differ by ~2e-9, i.e. by the IPM tolerance. On degenerate problems the difference is
@@ -423,7 +423,8 @@ class IPMQPFunction(torch.autograd.Function):
             rounds = 3 if wide is None else 6        # a float32 IPM point misclassifies more rows
         with torch.profiler.record_function("dqp::ipm_solve"):
             # (where the fused kernel runs, it polishes too, in the same launch: IPMResult.polish)
-            res = ipm_solve(P, q, C, d, A, b, polish_rounds=int(rounds) if do_polish and wide is None else 0,
+            # (the torch polish always runs its first round: so does the kernel's)
+            res = ipm_solve(P, q, C, d, A, b, polish_rounds=max(int(rounds), 1) if do_polish and wide is None else 0,
                             **opts)
         solved = res.status == int(Status.SOLVED)
         if res.polish is not None:
@@ -433,8 +434,19 @@ class IPMQPFunction(torch.autograd.Function):
                 active = res.polish["active"]
                 kkt = _kkt_of_kernel(P, C, A, active, res, graphs=opts.get("cuda_graph", True))
                 out = _finish(res, res.z, res.lam, res.mu, active, kkt, res.polish["polished"], solved, dtype_in)
-            if not bool(res.polish["fallback"].any()):
+            fb = res.polish["fallback"]
+            if not bool(fb.any()):
                 return out
+            # some elements' reduced systems failed the kernel's pivot test: the torch polish (with
+            # its augmented and minimum-norm paths) for those alone, from their IPM point (the kernel
+            # did not touch it); the others keep the kernel's polish, its active set and factor
+            with torch.profiler.record_function("dqp::polish"):
+                act = res.polish["active"]
+                if act is not None:
+                    act = torch.where(fb.unsqueeze(-1), classify_active(C, res.s, res.mu) & solved.unsqueeze(-1), act)
+                z, lam, mu, active, kkt, polished = polish(P, q, C, d, A, b, res.z, res.lam, res.mu, act,
+                                                           solved & fb, rounds=rounds, factors=res.factors)
+            return _finish(res, z, lam, mu, active, kkt, polished | res.polish["polished"], solved, dtype_in)
         z, lam, mu = res.z, res.lam, res.mu
         active = classify_active(C, res.s, mu) if mu is not None else None
         if active is not None:

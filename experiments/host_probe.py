@@ -1,7 +1,8 @@
 """Host vs device time of one dqp forward+backward on the GPU (where the wall time of a small
 batch goes when the device idles): synchronized wall times of the forward, the backward and both;
-the host time of each (until the call returns, device not awaited); device time of the IPM kernel
-with and without the in-kernel polish (CUDA events); and a cProfile of the host's Python.
+the host time of each (until the call returns, device not awaited); the time of ``ipm_solve`` with
+and without the in-kernel polish between CUDA events (setup, kernel and host gaps); and a cProfile
+of the host's Python.
 
 Usage::
 

@@ -350,8 +350,8 @@ def solve_dual(P: Tensor, q: Tensor, C: Optional[Tensor], d: Optional[Tensor], A
     (Cholesky path, at most that many rounds) from the IPM point; ``row_scale`` (B, k) are the row
     norms of ``[A; C]`` that undo the scaling. ``z, mu, lam`` are then the polished point where it
     was accepted, and the result has ``active`` (B, m) bool, ``pflag`` (B,) int64 (1: polished,
-    2: the first round's factorization failed, the caller must polish; 4: that factorization passed
-    BatchedKKT's pivot test) and ``LS`` (B, k, k), the lower Cholesky factor of the accepted reduced
+    2: a round's factorization failed BatchedKKT's pivot test, the caller must polish that element;
+    4: the first round's factorization passed it) and ``LS`` (B, k, k), the lower Cholesky factor of the accepted reduced
     system (else of the first round's) in the caller's scaling.
     """
     dev, dt = P.device, P.dtype

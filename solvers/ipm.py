@@ -95,8 +95,9 @@ class IPMResult:
         ``M`` = [A; C] P⁻¹ [A; C]ᵀ in the caller's scaling, for reuse by
         :class:`dqp.linsolve.torch_batched.BatchedKKT` (the polish and the backward).
     polish : when the fused kernel ran with ``polish_rounds > 0``: ``active`` (B, m) bool,
-        ``polished`` (B,) bool (``z, lam, mu`` are then the polished point), ``fallback`` (B,)
-        bool (the kernel could not polish: the caller must), ``ok`` (B,) bool (the first round's
+        ``polished`` (B,) bool (``z, lam, mu`` are then the polished point; ``s`` stays the IPM's
+        slack), ``fallback`` (B,) bool (a round's reduced system failed the pivot test: the
+        kernel left the IPM point, the caller polishes that element), ``ok`` (B,) bool (the first round's
         factorization passed) and ``LS`` (B, k, k), the lower Cholesky factor of the reduced
         system's Schur complement ``S = Ā_J P⁻¹ Ā_Jᵀ + diag(0, 1 − a)`` as BatchedKKT keeps it.
         Otherwise None.
@@ -865,7 +866,8 @@ def _init_graphed(P, q, C, d, A, b, B: int, n: int, m: int, p: int, minimal: boo
     """:func:`_init` with ``fm="dual"`` (P factorized inside) replayed from a cached graph; None
     when P's factor fails the dual form's test in some element (the caller then chooses the form
     eagerly, :func:`_choose_form`) or the graph cannot be used. ``minimal``: return only the state
-    entries the fused kernel reads (the graph's outputs are copied on every call).
+    entries the fused kernel reads, and copy out of the graph only P's factor (the caller's
+    other reads of the outputs are queued before the next replay).
 
     Returns ``(init, deferred)``: ``init`` as :func:`_init`'s result and ``deferred`` None (the test
     passed) or, with ``defer_ok``, ``(key, ok, event)``: the test's outcome on its way to pinned
@@ -911,7 +913,7 @@ def _init_graphed(P, q, C, d, A, b, B: int, n: int, m: int, p: int, minimal: boo
         ok = torch.empty((), dtype=torch.bool, pin_memory=True)
         ok.copy_(out["ok"], non_blocking=True)
         ev = torch.cuda.Event()
-        ev.record()
+        ev.record(torch.cuda.current_stream(out["ok"].device))
         ok = (key, ok, ev)
     elif defer_ok:
         ok = (key, out["ok"], None)
@@ -1504,8 +1506,9 @@ def ipm_solve(P: Tensor, q: Tensor, C: Optional[Tensor] = None, d: Optional[Tens
                         fallback=(pf & 2) != 0, ok=(pf & 4) != 0, LS=fused_out["LS"])
     if fm == "dual":
         sc = _row_scales(a_scale, c_scale, B)                                  # (B, k) row norms
-        if newton.PiAbt.dim() == 2 and bool((sc == sc[:1]).all()):
-            sc = sc[0]                                                          # shared scaling
+        if newton.PiAbt.dim() == 2:
+            # (P⁻¹Āᵀ is shared only when P, A and C are: their row norms are then one vector)
+            sc = sc[0]
         factors = dict(L=newton.LP, PiAbt=newton.PiAbt * sc.unsqueeze(-2),
                        M=newton.M * sc.unsqueeze(-1) * sc.unsqueeze(-2))
     res = IPMResult(z=z, lam=lam_out, mu=mu_out, s=s_out, status=status, iterations=iters, form=fm,

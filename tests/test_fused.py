@@ -144,6 +144,32 @@ def test_graphed_setup_hands_the_kernel_a_minimal_state(monkeypatch):
 
 
 @needs_cxx
+def test_a_fallback_leaves_the_other_elements_to_the_kernels_polish():
+    """Element 1's two identical rows make its reduced system singular (a fallback, polished by
+    the torch code); element 0, weakly degenerate (x₂ ≤ 0 active with μ ≈ 1e-8), keeps the
+    kernel's polish: z, the active set and the gradients are those of the torch path and of
+    element 0 solved alone."""
+    P = torch.eye(2, dtype=F64).expand(2, 2, 2).clone()
+    q = torch.tensor([[-1.0, -1e-8], [-3.0, 0.0]], dtype=F64)
+    C = torch.tensor([[[0.0, 1.0], [1.0, 0.0]], [[1.0, 0.0], [1.0, 0.0]]], dtype=F64)
+    d = torch.tensor([[0.0, 2.0], [1.0, 1.0]], dtype=F64)
+    res = ipm_solve(P, q, C, d, fused=True, form="dual", polish_rounds=3, eps=1e-8)
+    assert res.polish["fallback"].tolist() == [False, True]
+
+    def run(batch, fused_flag):
+        ins = [t.clone().requires_grad_() for t in batch]
+        z, _, _, _, active = solve_qp_batch(*ins, fused=fused_flag, form="dual")
+        z[:, 1].sum().backward()
+        return [z.detach(), active] + [t.grad for t in ins]
+    got, ref = run((P, q, C, d), True), run((P, q, C, d), False)
+    alone = run((P[:1], q[:1], C[:1], d[:1]), True)
+    for a, b, c in zip(got, ref, alone):
+        assert torch.equal(a, b) if a.dtype == torch.bool else _rel(a, b) <= 1e-10
+        assert torch.equal(a[:1], c) if a.dtype == torch.bool else _rel(a[:1], c) <= 1e-10
+    assert got[1][0].tolist() == [True, False] and abs(float(got[0][0, 1])) <= 1e-14
+
+
+@needs_cxx
 def test_graphed_layer_with_the_kernel_interleaved_calls(monkeypatch):
     """With (emulated) CUDA graphs and the kernel: two forward calls of one shape, then their two
     backward calls in reverse order, give each call's own gradients (the setup graph's outputs that
@@ -299,6 +325,18 @@ def test_kernel_polish_matches_the_torch_polish(n, m, p, shared, eps, cpu_build)
     _check_kernel_polish(_polish_data(n, m, p, shared), eps)
 
 
+@needs_cxx
+@pytest.mark.parametrize("eps,rounds", [(1e-2, 3), (1e-1, 3), (1e-1, 1)])
+def test_kernel_polish_fallbacks_and_rejections(eps, rounds, cpu_build):
+    """Loose IPM tolerances on qpth's generator: some elements fall back (a reduced system fails
+    the pivot test) and some solved ones are rejected after every round; the kernel agrees with the
+    torch polish on both, and a rejected element keeps its IPM point."""
+    data = _qpth_problem(64, 20, 30, seed=1) + [None, None]
+    res, base, pol, fb = _check_kernel_polish(data, eps, rounds)
+    solved = base.status == int(Status.SOLVED)
+    assert bool(fb.any()) and bool((solved & ~pol & ~fb).any())
+
+
 def _polish_data(n, m, p, shared, B=16, device="cpu"):
     # (inequalities only: qpth's generator, degenerate enough for later rounds; else a known QP)
     if m and not p:
@@ -311,12 +349,12 @@ def _polish_data(n, m, p, shared, B=16, device="cpu"):
     return [None if t is None else t.to(device) for t in data]
 
 
-def _check_kernel_polish(data, eps):
+def _check_kernel_polish(data, eps, rounds=3):
     kw = dict(fused=True, form="dual", eps=eps)
     base = ipm_solve(*data, **kw)
-    res = ipm_solve(*data, polish_rounds=3, **kw)
+    res = ipm_solve(*data, polish_rounds=rounds, **kw)
     assert torch.equal(res.status, base.status)
-    z, lam, mu, act, kkt, pol, fb = _torch_polish(*data, base)
+    z, lam, mu, act, kkt, pol, fb = _torch_polish(*data, base, rounds=rounds)
     kp = res.polish
     assert torch.equal(kp["polished"], pol) and torch.equal(kp["fallback"], fb)
     assert torch.equal(kp["ok"], kkt.ok)
@@ -331,6 +369,7 @@ def _check_kernel_polish(data, eps):
     keep = ~fb & (base.status == int(Status.SOLVED))
     assert _rel(kp["LS"][keep], torch.tril(kkt.LS)[keep]) <= 1e-10
     assert torch.equal(res.z[~pol], base.z[~pol])       # not accepted: the IPM point
+    return res, base, pol, fb
 
 
 @needs_cxx
