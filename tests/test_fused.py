@@ -337,6 +337,25 @@ def test_kernel_polish_fallbacks_and_rejections(eps, rounds, cpu_build):
     assert bool(fb.any()) and bool((solved & ~pol & ~fb).any())
 
 
+@needs_cxx
+def test_kernel_polish_fallback_in_a_later_round(cpu_build):
+    """m = 2n, eps = 1e-2: some elements pass the first round's pivot test and fail a later
+    round's (their flags: fallback and ok); the kernel agrees with the torch polish there too, and
+    the layer gives the torch path's z and gradients."""
+    data = _qpth_problem(64, 10, 20, seed=0) + [None, None]
+    res, *_ = _check_kernel_polish(data, 1e-2, 3)
+    assert bool((res.polish["fallback"] & res.polish["ok"]).any())
+    w = torch.randn(64, 10, dtype=F64, generator=torch.Generator().manual_seed(4))
+    out = {}
+    for flag in (True, False):
+        ins = [t.clone().requires_grad_() for t in data[:4]]
+        z = solve_qp_batch(*ins, fused=flag, form="dual", eps=1e-2, on_failure="mask")[0]
+        (w * z).sum().backward()
+        out[flag] = [z.detach()] + [t.grad for t in ins]
+    for a, b in zip(out[True], out[False]):
+        assert _rel(a, b) <= 1e-8
+
+
 def _polish_data(n, m, p, shared, B=16, device="cpu"):
     # (inequalities only: qpth's generator, degenerate enough for later rounds; else a known QP)
     if m and not p:
