@@ -317,41 +317,16 @@ def _polish_graphed(P, q, C, d, A, b, z, lam, mu, active, solved, factors, round
 BACKWARD_GRAPH_MAX_WORK = 20_000_000
 
 
-def _kernel_kkt_state(P: Tensor, C: Optional[Tensor], A: Optional[Tensor], active: Optional[Tensor],
-                      L: Tensor, PiAbt: Tensor, LS: Tensor, ok: Tensor) -> dict:
-    """:meth:`BatchedKKT.from_state`'s tensors (Cholesky path) of the reduced system whose Schur
-    complement's factor ``LS`` the fused kernel computed, from the IPM's factors of P (``L``,
-    ``PiAbt`` = P⁻¹[A; C]ᵀ); device work only (it also runs inside the backward's CUDA graph)."""
-    B, n = P.shape[0], P.shape[-1]
-    dtype, dev = P.dtype, P.device
-    p = A.shape[-2] if A is not None else 0
-    m = C.shape[-2] if C is not None else 0
-    blocks, cm = [], []
-    a = None
-    if A is not None:
-        blocks.append(A.expand(B, p, n))
-        cm.append(torch.ones(B, p, dtype=dtype, device=dev))
-    if C is not None:
-        a = active.to(dtype)
-        blocks.append(C.expand(B, m, n) * a.unsqueeze(-1))
-        cm.append(a)
-    cm = torch.cat(cm, dim=-1) if len(cm) > 1 else cm[0]
-    D = torch.cat([torch.zeros(B, p, dtype=dtype, device=dev), 1.0 - a], dim=-1) if m else torch.zeros_like(cm)
-    return dict(P=P, A=A, C=C, a=a, Abar=torch.cat(blocks, dim=-2) if len(blocks) > 1 else blocks[0], D=D, L=L,
-                HiAbt=PiAbt * cm.unsqueeze(-2), LS=LS, ok=ok, path=torch.zeros(B, dtype=torch.int64, device=dev),
-                rho=torch.zeros(B, dtype=dtype, device=dev))
-
-
 def _kkt_of_kernel(P: Tensor, C: Optional[Tensor], A: Optional[Tensor], active: Optional[Tensor],
                    res, graphs: bool = True) -> BatchedKKT:
     """The :class:`BatchedKKT` (Cholesky path) of the polish the fused kernel ran: its factor of the
     reduced system's Schur complement (``res.polish["LS"]``) with the IPM's factors of P. Where its
     backward runs as a CUDA graph, the graph's inputs are the few tensors it is made of
-    (``kkt._raw``, see :func:`_kernel_kkt_state`), not its dozen derived ones."""
+    (``kkt._raw``, for :meth:`BatchedKKT.from_schur_factor`), not its dozen derived ones."""
     from dqp.solvers.ipm import _graph_device_ok
-    raw = dict(P=P, C=C, A=A, active=active, L=res.factors["L"], PiAbt=res.factors["PiAbt"],
+    raw = dict(P=P, A=A, C=C, active=active, L=res.factors["L"], PiAbt=res.factors["PiAbt"],
                LS=res.polish["LS"], ok=res.polish["ok"])
-    kkt = BatchedKKT.from_state(_kernel_kkt_state(**raw))
+    kkt = BatchedKKT.from_schur_factor(**raw)
     B, n = P.shape[0], P.shape[-1]
     k = (A.shape[-2] if A is not None else 0) + (C.shape[-2] if C is not None else 0)
     kkt._graphed = (graphs and POLISH_GRAPH and _graph_device_ok(P.device)
@@ -517,10 +492,9 @@ class IPMQPFunction(torch.autograd.Function):
 
             def fn(t):
                 if raw is not None:
-                    st = _kernel_kkt_state(*(t.get(n) for n in ("P", "C", "A", "active", "L", "PiAbt", "LS", "ok")))
+                    k = BatchedKKT.from_schur_factor(**{n: t.get(n) for n in raw}, refine=kkt.refine)
                 else:
-                    st = {n: t.get(n) for n in BatchedKKT._STATE}
-                k = BatchedKKT.from_state(st, refine=kkt.refine)
+                    k = BatchedKKT.from_state({n: t.get(n) for n in BatchedKKT._STATE}, refine=kkt.refine)
                 g = _backward_math(k, t["gz"], t.get("glam"), t.get("gmu"), t["z"], t.get("lam"), t.get("mu"),
                                    t["status"], t.get("active"), need)
                 return {f"g{i}": v for i, v in enumerate(g) if v is not None}

@@ -60,6 +60,27 @@ def _shared(M: Optional[Tensor]) -> Optional[Tensor]:
     return None
 
 
+def _masked_rows(P: Tensor, A: Optional[Tensor], C: Optional[Tensor], active: Optional[Tensor], B: int):
+    """``(a, Abar, D)`` of the masked reduced system (module docstring): the active mask as P's
+    dtype (None without C), ``Ā = [A; aC]`` (B, k, n) (None without rows) and ``D = diag(0, 1 − a)``
+    as (B, k)."""
+    n, dtype = P.shape[-1], P.dtype
+    p = A.shape[-2] if A is not None else 0
+    m = C.shape[-2] if C is not None else 0
+    blocks = []
+    a = None
+    if A is not None:
+        blocks.append(A.expand(B, p, n))
+    if C is not None:
+        a = active.to(dtype)
+        blocks.append(C.expand(B, m, n) * a.unsqueeze(-1))
+    Abar = torch.cat(blocks, dim=-2) if blocks else None      # (a buffer of its own: absorb() writes it)
+    D = torch.zeros(B, p + m, dtype=dtype, device=P.device)
+    if m:
+        D[:, p:] = 1.0 - a
+    return a, Abar, D
+
+
 def _put_factor(L: Tensor, idx: Tensor, Ls: Tensor, rows: Tensor) -> None:
     """``L[idx] = Ls[rows]`` for batched Cholesky factors, keeping what is attached to L — the
     explicit inverse (:func:`dqp.solvers.ipm._attach_inverse`) or the blocked path's
@@ -143,20 +164,7 @@ class BatchedKKT:
         self.P = P
         self.A = A
         self.C = C
-        blocks = []
-        if A is not None:
-            blocks.append(A.expand(B, self.p, n))
-        if C is not None:
-            a = active.to(dtype)
-            self.a = a
-            blocks.append(C.expand(B, self.m, n) * a.unsqueeze(-1))
-        else:
-            self.a = None
-        self.Abar = torch.cat(blocks, dim=-2) if blocks else None        # (B, k, n)
-        D = torch.zeros(B, self.k, dtype=dtype, device=device)
-        if self.m:
-            D[:, self.p:] = 1.0 - self.a
-        self.D = D
+        self.a, self.Abar, self.D = _masked_rows(P, A, C, active, B)
 
         # --- attempt 0: plain Cholesky (P shared → one factorization)
         rho = torch.zeros(B, dtype=dtype, device=device)
@@ -189,6 +197,19 @@ class BatchedKKT:
         self.rho = rho
         if not hasattr(self, "_pinv_idx"):
             self._pinv_idx = None
+
+    @classmethod
+    def from_schur_factor(cls, P: Tensor, A: Optional[Tensor], C: Optional[Tensor], active: Optional[Tensor],
+                          L: Tensor, PiAbt: Tensor, LS: Tensor, ok: Tensor, *, refine: int = 1) -> "BatchedKKT":
+        """The Cholesky path from factors computed elsewhere: ``L`` = chol(P), ``PiAbt`` =
+        P⁻¹[A; C]ᵀ and ``LS`` the lower Cholesky factor of the Schur complement S (the fused
+        kernel's polish, :mod:`dqp.solvers.fused`); ``ok`` (B,) where LS passed the pivot test.
+        Device work only (it may run inside a CUDA graph)."""
+        B = (active if active is not None else LS).shape[0]
+        a, Abar, D = _masked_rows(P, A, C, active, B)
+        zeros = torch.zeros(B, dtype=P.dtype, device=P.device)
+        return cls.from_state(dict(P=P, A=A, C=C, a=a, Abar=Abar, D=D, L=L, HiAbt=PiAbt * (1.0 - D).unsqueeze(-2),
+                                   LS=LS, ok=ok, path=zeros.to(torch.int64), rho=zeros), refine=refine)
 
     # tensors that describe a Cholesky-path factorization (see state() / from_state())
     _STATE = ("P", "A", "C", "a", "Abar", "D", "L", "HiAbt", "LS", "ok", "path", "rho")
@@ -369,10 +390,7 @@ class BatchedKKT:
 
     def _factor_pre(self, f: dict) -> Tensor:
         """Cholesky path from precomputed P⁻¹[A; C]ᵀ and [A; C]P⁻¹[A; C]ᵀ: mask, add D, factorize S."""
-        B, k = self.B, self.k
-        cm = torch.ones(B, k, dtype=self.D.dtype, device=self.D.device)
-        if self.m:
-            cm[:, self.p:] = self.a
+        cm = 1.0 - self.D                                             # 1 on the rows in the system
         self.L = f["L"]
         self.HiAbt = f["PiAbt"] * cm.unsqueeze(-2)
         S = f["M"] * (cm.unsqueeze(-1) * cm.unsqueeze(-2))            # cm is 0/1: exact
