@@ -7,6 +7,8 @@ import torch
 import dqp.solvers.fused as fm
 from dqp.solvers.ipm import ipm_solve
 
+fm.NVRTC_OPTIONS = ("-lineinfo",)          # (source lines in the profiler's source view)
+
 if "--src" in sys.argv:
     open(sys.argv[sys.argv.index("--src") + 1], "w").write(fm._source())
     sys.exit(0)

@@ -59,11 +59,16 @@ __all__ = ["FUSED", "THREADS", "smem_bytes", "fused_available", "solve_dual"]
 #: (the torch loop everywhere). ``ipm_solve(fused=...)`` overrides it per call.
 FUSED: Union[str, bool] = "auto"
 
-#: Threads per block, a multiple of 32 (environment variable ``DQP_FUSED_THREADS``, default 512:
-#: on an H200, B=128, n=m=100, forward+backward 7.4 ms with 512 vs 8.2 ms with 256, and faster in
-#: every cell measured; experiments/results/fused_check_256.json, fused_check_512.json).
-THREADS = int(os.environ.get("DQP_FUSED_THREADS", "512"))
+#: Threads per block, a multiple of 32 (environment variable ``DQP_FUSED_THREADS``, default 384).
+#: Measured on an H200, n=m=100, float64 (experiments/kernel_probe.py, two runs; results/
+#: kernel_probe_session8.md): cycles per block-iteration 293K with 384 threads, 324K with 512 (whose
+#: 128-register cap spills), 333K with 256, 360K with 320, 403K with 448; ``ipm_solve`` at B=1024
+#: 17.9–18.4 ms against 19.6–19.7 ms with 512.
+THREADS = int(os.environ.get("DQP_FUSED_THREADS", "384"))
 _MAXRED = 40          # reduction slots per warp (MAXRED in fused_ipm.cu, defined from here)
+
+#: Diagnostics: extra NVRTC options for the CUDA build (``("-lineinfo",)`` for a profiler's source view).
+NVRTC_OPTIONS: Tuple[str, ...] = ()
 
 #: Diagnostics (experiments/fused_check.py): a CUDA int64 tensor of 8 zeros makes every call run
 #: the kernel built with ``-DDQP_PROFILE``, which adds each iteration phase's clock cycles there.
@@ -71,7 +76,7 @@ PROFILE: Optional[Tensor] = None
 
 _SRC = Path(__file__).with_name("fused_ipm.cu")
 _lock = threading.Lock()
-_cuda_kernels: Dict[Tuple[int, int, int, int, bool], object] = {}
+_cuda_kernels: Dict[tuple, object] = {}
 _cpu_libs: Dict[int, ctypes.CDLL] = {}
 
 
@@ -203,12 +208,12 @@ def _cuda_kernel(device: torch.device, k: int, profile: bool = False):
     idx = device.index if device.index is not None else torch.cuda.current_device()
     rr, rc = _tiles(k, "cuda")
     threads = _threads()
-    key = (idx, rr, rc, threads, profile)
+    key = (idx, rr, rc, threads, profile, tuple(NVRTC_OPTIONS))
     with _lock:
         kern = _cuda_kernels.get(key)
         if kern is None:
             opts = (["-std=c++17", f"-DDQP_RR={rr}", f"-DDQP_RC={rc}", f"-DDQP_THREADS={threads}"]
-                    + (["-DDQP_PROFILE"] if profile else []))
+                    + (["-DDQP_PROFILE"] if profile else []) + list(NVRTC_OPTIONS))
             with torch.cuda.device(idx):
                 kern = torch.cuda._compile_kernel(_source(), "dqp_ipm_dual", nvcc_options=opts)
                 _set_smem(kern, _max_smem(device))

@@ -30,6 +30,7 @@ static thread_local double* dqp_smem = nullptr;
 #define SYNCWARP() ((void)0)
 #define DQP_SQRT std::sqrt
 #define DQP_ISFINITE std::isfinite
+#define DQP_RCP(x) (1.0 / (x))
 DEV double warp_sum(double v) { return v; }
 DEV double warp_max(double v) { return v; }
 #else
@@ -40,13 +41,17 @@ DEV double warp_max(double v) { return v; }
 #define DEV __device__ __forceinline__
 extern __shared__ double dqp_smem[];
 #define TID ((int)threadIdx.x)
-#define NT ((int)blockDim.x)
+// (the launch has exactly DQP_THREADS threads, dqp.solvers.fused: a compile-time block size makes
+// the factorization's row-owner arithmetic, j % (NT/WARP) and j / (NT/WARP), shifts and multiplies;
+// with blockDim.x it was integer division, ~6 % of a kernel's stall samples in Nsight Compute)
+#define NT DQP_THREADS
 #define WARP 32
 #define BID ((long long)blockIdx.x)
 #define SYNC() __syncthreads()
 #define SYNCWARP() __syncwarp()
 #define DQP_SQRT sqrt
 #define DQP_ISFINITE isfinite
+#define DQP_RCP(x) __drcp_rn(x)      // = 1.0 / x (both correctly rounded), without division's slow-path branch
 DEV double warp_sum(double v) {
     for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
     return v;
@@ -286,7 +291,7 @@ DEV int chol_upper(double* W, const double* Mdg, const double* Sd, int k, int ld
         const double* rj = W + j * ld;
         const double djj = rj[j];
         const int good = djj > 0.0 && DQP_ISFINITE(djj);
-        const double inv = good ? 1.0 / djj : 0.0;
+        const double inv = good ? DQP_RCP(djj) : 0.0;
         if (TID == 0) {
             invd[j] = inv;
             if (!good) *flag = 0;
