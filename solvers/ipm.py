@@ -67,7 +67,7 @@ import numpy as np
 import torch
 
 from dqp.errors import LayoutError, SettingsError, ShapeError, Status
-from dqp.linsolve.blocked import blocked_chol_solve, blocked_cholesky
+from dqp.linsolve.blocked import _tri_inverse, blocked_chol_solve, blocked_cholesky
 from dqp.solvers import fused as _fused
 from dqp.solvers.base import ForwardSolver, register_solver
 
@@ -213,7 +213,7 @@ def _policy_key() -> tuple:
     """The module-level linear-algebra policies that captured code reads (part of graph cache keys)."""
     from dqp.linsolve import blocked
     return (INVERSE_SOLVE, INVERSE_SOLVE_MAX_WORK, BLOCKED, BLOCK_SIZE, BLOCKED_MIN_K, blocked.TRI_INVERSE_LEAF,
-            SPLIT_GRAPHS)
+            SPLIT_GRAPHS, SETUP_PRODUCTS)
 
 
 def _use_inverse(shape: Tuple[int, ...], device: torch.device) -> bool:
@@ -558,6 +558,27 @@ class _PrimalNewton:
         return dz, dl, dm, Cdz
 
 
+#: How the dual form's one-time products ``P⁻¹Āᵀ`` and ``M = ĀP⁻¹Āᵀ`` are formed for a batched P
+#: on CUDA: ``"solve"`` — solves with P's Cholesky factor L (two triangular solves with k
+#: right-hand sides, or the substitution of a factor with an attached inverse or blocked);
+#: ``"inverse"`` — through ``X = L⁻¹`` (:func:`dqp.linsolve.blocked._tri_inverse`, mostly matrix
+#: products): ``W = XĀᵀ``, ``P⁻¹Āᵀ = XᵀW``, ``M = WᵀW``; ``"auto"`` (default) — the inverse
+#: where L carries neither an inverse nor block inverses (:func:`_cholesky`) and k ≥ n. Measured
+#: on an H200, float64, k = n, ms (experiments/kernel_probe.py): B=1024, n=100: solve 1.22,
+#: inverse 0.83; B=128, n=100 (L has its inverse): 0.12 vs 0.39; B=128, n=500 (blocked): 2.78
+#: vs 3.50. (The CPU and a shared P always solve.)
+SETUP_PRODUCTS = "auto"
+
+
+def _setup_by_inverse(LP: Tensor, k: int) -> bool:
+    if SETUP_PRODUCTS not in ("auto", "solve", "inverse"):
+        raise SettingsError(f"dqp.solvers.ipm.SETUP_PRODUCTS must be 'auto', 'solve' or 'inverse', "
+                            f"got {SETUP_PRODUCTS!r}.")
+    if SETUP_PRODUCTS == "solve" or LP.dim() != 3 or LP.device.type != "cuda":
+        return False
+    return SETUP_PRODUCTS == "inverse" or (k >= LP.shape[-1] and not any(hasattr(LP, a) for a in _ATTACHED))
+
+
 class _DualNewton:
     """``P ≻ 0``: ``S = Ā P⁻¹ Āᵀ + diag(0, W⁻¹) + δ_d I`` with ``Ā = [A; C]``; ``Ā P⁻¹ Āᵀ`` formed once."""
 
@@ -587,13 +608,21 @@ class _DualNewton:
             [A.expand(B, p, n) if (A.dim() == 3 or C.dim() == 3) else A,
              C.expand(B, m, n) if (A.dim() == 3 or C.dim() == 3) else C], dim=-2))
         Abt = self.Abar.transpose(-1, -2)
+        self.M = None
+        by_inverse = _setup_by_inverse(LP, k)
         if LP.dim() == 2 and Abt.dim() == 2:
             self.PiAbt = _chol_solve(LP, Abt.unsqueeze(0))[0]       # shared (n, k)
         elif _lapack_potrs_rows_ok(LP, self.Abar):
             self.PiAbt = _potrs_rows(LP, self.Abar.expand(B, k, n)).mT
+        elif by_inverse:
+            X = _tri_inverse(LP)                                     # L⁻¹, mostly matrix products
+            W = torch.matmul(X, Abt)                                 # L⁻¹Āᵀ
+            self.PiAbt = torch.matmul(X.mT, W)
+            self.M = torch.matmul(W.mT, W)                           # symmetric by construction
         else:
             self.PiAbt = _chol_solve(LP, Abt.expand(B, n, k))
-        self.M = torch.matmul(self.Abar, self.PiAbt)                # (k, k) or (B, k, k)
+        if self.M is None:
+            self.M = torch.matmul(self.Abar, self.PiAbt)            # (k, k) or (B, k, k)
         self.Md = torch.diagonal(self.M, dim1=-2, dim2=-1).abs().amax(-1).clamp(min=1e-30)
 
     def factor(self, winv: Optional[Tensor], delta: Tensor, running: Optional[Tensor] = None) -> Tensor:

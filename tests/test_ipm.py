@@ -1346,3 +1346,35 @@ def test_dual_form_without_constraints_is_a_settings_error():
     r = ipm_solve(P, q, form="auto")
     assert r.form == "primal" and (r.status == int(Status.SOLVED)).all()
     assert torch.allclose(r.z, -torch.linalg.solve(P, q.unsqueeze(-1)).squeeze(-1), atol=1e-8)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_setup_products_by_inverse_match_solves(device, monkeypatch):
+    """SETUP_PRODUCTS="inverse" (CUDA, batched P: P⁻¹Āᵀ and M through L⁻¹) gives the solves' answer
+    (on the CPU the setting does not apply: the same path runs); a bad value is refused."""
+    import dqp.solvers.ipm as ipm
+    P, q, C, d, A, b, *_ = known_qp(5, 12, 9, 3, seed=4, device=device)
+    monkeypatch.setattr(ipm, "SETUP_PRODUCTS", "solve")
+    ipm.clear_graph_cache()
+    ref = ipm_solve(P, q, C, d, A, b, form="dual", fused=False)
+    monkeypatch.setattr(ipm, "SETUP_PRODUCTS", "inverse")
+    ipm.clear_graph_cache()
+    got = ipm_solve(P, q, C, d, A, b, form="dual", fused=False)
+    assert (got.status == 0).all() and torch.equal(got.status, ref.status)
+    assert (got.z - ref.z).abs().max() < 1e-9 and (got.mu - ref.mu).abs().max() < 1e-9
+    nt = ipm._DualNewton(torch.linalg.cholesky(P), P, C, A, 5, 12, 9, 3, 0.0)
+    Ab = torch.cat([A, C], dim=-2)
+    M = Ab @ torch.cholesky_solve(Ab.mT, torch.linalg.cholesky(P))
+    assert (nt.M - M).abs().max() < 1e-10 * M.abs().max()
+    if device == "cuda":
+        assert torch.equal(nt.M, nt.M.mT)             # M = WᵀW
+    # "auto": the inverse only for a factor without an attached inverse and k ≥ n
+    monkeypatch.setattr(ipm, "SETUP_PRODUCTS", "auto")
+    L = torch.linalg.cholesky(P)
+    assert ipm._setup_by_inverse(L, 12) == (device == "cuda") and not ipm._setup_by_inverse(L, 11)
+    L._dqp_linv = L
+    assert not ipm._setup_by_inverse(L, 12) and not ipm._setup_by_inverse(L[0], 12)
+    monkeypatch.setattr(ipm, "SETUP_PRODUCTS", "lu")
+    with pytest.raises(SettingsError, match="SETUP_PRODUCTS"):
+        ipm._DualNewton(torch.linalg.cholesky(P), P, C, A, 5, 12, 9, 3, 0.0)
+    ipm.clear_graph_cache()
