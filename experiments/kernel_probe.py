@@ -2,7 +2,8 @@
 
 Three probes, each printed as a small table (and written to ``--out``):
 
-1. **occupancy**: the fused kernel built for each number of threads per block in ``--configs``:
+1. **occupancy**: the fused kernel built for each configuration in ``--configs``, ``THREADS`` or
+   ``THREADS:OPTION+OPTION`` (threads per block, extra NVRTC options such as ``-DDQP_SOLVE_BLOCKED=0``):
    registers per thread, local memory, blocks per SM the driver reports for the launch's shared
    memory, the median time of ``ipm_solve`` (polish on) and of a ``QPFunction`` forward+backward
    at n = m = 100, B ∈ {128, 1024}, and the clock cycles per block-iteration of the Cholesky phase
@@ -83,14 +84,16 @@ def occupancy(configs, reps, lines):
     dev = torch.device("cuda")
     cells = {B: gen(B, 100, 100) for B in (128, 1024)}
     lines.append("## occupancy (n = m = 100, float64; ms, medians)")
-    lines.append("| threads x min blocks, pair | regs | local B | blocks/SM | smem KiB | ipm B=128 | ipm B=1024 "
+    lines.append("| configuration | regs | local B | blocks/SM | smem KiB | ipm B=128 | ipm B=1024 "
                  "| fwd+bwd B=128 | fwd+bwd B=1024 | cycles/iter: cholesky, all |")
     lines.append("|---|---|---|---|---|---|---|---|---|---|")
     ref = {}
-    t0 = fused_mod.THREADS
+    t0 = fused_mod.THREADS, fused_mod.NVRTC_OPTIONS
     for cfg in configs:
-        t = int(cfg)
+        # "THREADS" or "THREADS:OPTION+OPTION" (extra NVRTC options, e.g. 384:-DDQP_SOLVE_BLOCKED=0)
+        t = int(cfg.split(":")[0])
         fused_mod.THREADS = t
+        fused_mod.NVRTC_OPTIONS = tuple(cfg.split(":", 1)[1].split("+")) if ":" in cfg else ()
         clear_graph_cache()
         try:
             kern = fused_mod._cuda_kernel(dev, 100)
@@ -116,7 +119,7 @@ def occupancy(configs, reps, lines):
         row.append(f"{prof[3] / nit:.0f}, {sum(prof[:7]) / nit:.0f}")
         lines.append("| " + " | ".join(row) + " |")
         print(lines[-1], flush=True)
-    fused_mod.THREADS = t0
+    fused_mod.THREADS, fused_mod.NVRTC_OPTIONS = t0
     clear_graph_cache()
 
 
