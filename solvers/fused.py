@@ -59,9 +59,10 @@ __all__ = ["FUSED", "THREADS", "smem_bytes", "fused_available", "solve_dual"]
 #: (the torch loop everywhere). ``ipm_solve(fused=...)`` overrides it per call.
 FUSED: Union[str, bool] = "auto"
 
-#: Threads per block, a multiple of 32 (environment variable ``DQP_FUSED_THREADS``, default 384).
-#: Measured on an H200, n=m=100, float64 (experiments/kernel_probe.py, two runs; results/
-#: kernel_probe_session8.md): cycles per block-iteration 293K with 384 threads, 324K with 512 (whose
+#: Threads per block, a multiple of 32 (environment variable ``DQP_FUSED_THREADS``, default 384;
+#: the kernel is compiled for it, ``-DDQP_THREADS``). Measured on an H200, n=m=100, float64
+#: (experiments/kernel_probe.py; results/kernel_probe_session8_run{1,2}.md, before the
+#: factorization's phases): cycles per block-iteration 293K with 384 threads, 324K with 512 (whose
 #: 128-register cap spills), 333K with 256, 360K with 320, 403K with 448; ``ipm_solve`` at B=1024
 #: 17.9–18.4 ms against 19.6–19.7 ms with 512.
 THREADS = int(os.environ.get("DQP_FUSED_THREADS", "384"))
@@ -110,7 +111,7 @@ def _source() -> str:
 
 
 #: Largest k = m + p the kernel takes on CUDA: each thread holds a ⌈k/(THREADS/32)⌉×⌈k/32⌉ tile of
-#: S in registers (8×4 doubles at k = 128 with 512 threads); larger tiles would spill.
+#: S in registers (11×4 doubles at k = 128 with 384 threads); larger tiles would spill.
 KMAX = 128
 
 
@@ -150,7 +151,7 @@ def _cuda_build_available(device: torch.device, k: int) -> bool:
     (no NVRTC, a driver too old for the PTX, ...) is logged once and the automatic choice then keeps
     the torch loop."""
     idx = device.index if device.index is not None else torch.cuda.current_device()
-    key = (idx, _tiles(k, "cuda"), THREADS)
+    key = (idx, _tiles(k, "cuda"), THREADS, tuple(NVRTC_OPTIONS))
     if key in _cuda_build_failed:
         return False
     try:
@@ -204,10 +205,12 @@ def _set_smem(kernel, nbytes: int) -> None:
     kernel._max_shared_mem_bytes = nbytes
 
 
-def _cuda_kernel(device: torch.device, k: int, profile: bool = False):
+def _cuda_kernel(device: torch.device, k: int, profile: bool = False, threads: Optional[int] = None):
+    """The kernel for this device and size class, built for ``threads`` per block (default
+    :data:`THREADS`: the launch must use the same number, the kernel's block size is a constant)."""
     idx = device.index if device.index is not None else torch.cuda.current_device()
-    rr, rc = _tiles(k, "cuda")
-    threads = _threads()
+    threads = _threads(threads)
+    rr, rc = _tiles(k, "cuda", threads)
     key = (idx, rr, rc, threads, profile, tuple(NVRTC_OPTIONS))
     with _lock:
         kern = _cuda_kernels.get(key)
@@ -419,11 +422,13 @@ def solve_dual(P: Tensor, q: Tensor, C: Optional[Tensor], d: Optional[Tensor], A
     if B == 0:
         pass
     elif dev.type == "cuda":
-        kern = _cuda_kernel(dev, k, profile is not None)
+        # (THREADS read once: the kernel is compiled for exactly the block size it is launched with)
+        threads = _threads()
+        kern = _cuda_kernel(dev, k, profile is not None, threads=threads)
         prof = [profile if profile is not None else one]     # (read only by a -DDQP_PROFILE build)
         with torch.cuda.device(dev):
-            kern(grid=(B, 1, 1), block=(_threads(), 1, 1), args=tensors + scalars + prof,
-                 shared_mem=smem_bytes(n, m, p), stream=torch.cuda.current_stream(dev))
+            kern(grid=(B, 1, 1), block=(threads, 1, 1), args=tensors + scalars + prof,
+                 shared_mem=smem_bytes(n, m, p, threads), stream=torch.cuda.current_stream(dev))
     else:
         fn = _cpu_library(k).dqp_ipm_dual_cpu
         _run_cpu(fn, [a.data_ptr() if isinstance(a, Tensor) else a for a in tensors] + scalars, B)

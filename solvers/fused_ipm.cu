@@ -35,15 +35,15 @@ DEV double warp_sum(double v) { return v; }
 DEV double warp_max(double v) { return v; }
 #else
 #ifndef DQP_THREADS
-#define DQP_THREADS 256
+#define DQP_THREADS 384       // (the host always defines it: dqp.solvers.fused.THREADS)
 #endif
 #define KERNEL extern "C" __global__ void __launch_bounds__(DQP_THREADS)
 #define DEV __device__ __forceinline__
 extern __shared__ double dqp_smem[];
 #define TID ((int)threadIdx.x)
-// (the launch has exactly DQP_THREADS threads, dqp.solvers.fused: a compile-time block size makes
-// the factorization's row-owner arithmetic, j % (NT/WARP) and j / (NT/WARP), shifts and multiplies;
-// with blockDim.x it was integer division, ~6 % of a kernel's stall samples in Nsight Compute)
+// (the launch has exactly DQP_THREADS threads, dqp.solvers.fused: with a compile-time block size,
+// arithmetic on the warp count compiles to shifts and multiplies; with blockDim.x the
+// factorization's row-owner test was an integer division, ~6 % of the stall samples, Nsight Compute)
 #define NT DQP_THREADS
 #define WARP 32
 #define BID ((long long)blockIdx.x)
@@ -245,14 +245,15 @@ DEV void chol_solve(const double* U, int k, int ld, const double* invd, double* 
 // Cholesky-type factorization S = Ũᵀ D⁻¹ Ũ of S = M + diag(Sd) (M: the strict lower triangle of W
 // and Mdg; with a 0/1 mask cm, S = diag(cm) M diag(cm) + diag(Sd): the polish's reduced system), D = diag(Ũ_jj): row j of Ũ is row j of the Schur complement at step j, unscaled (so
 // U = D^{-1/2} Ũ is the Cholesky factor; no square roots are taken). The trailing matrix is held in
-// registers, each thread its tile. Phase j: the owners of row j write it to W's upper triangle, a
+// registers, each thread its tile. Step j: the owners of row j write it to W's upper triangle, a
 // barrier, every thread updates its tile from row j. Tile entries of finished rows (i ≤ j) and
 // of the lower triangle are dead (never written back), so the update runs unpredicated over the
-// whole tile. Ũ ends up in W's upper triangle, 1/Ũ_jj in invd. Returns 1 when every pivot was
-// positive and finite. invd: shared k doubles; flag: shared int. W needs DQP_PAD doubles of
-// slack after its k·ld (the unpredicated reads of row k−1 run past it).
-// (Measured on an H200, k = 100, per factorization: the predicated version 201K cycles; one where
-// warps skipped finished rows by a branch 267K.)
+// tile rows that may still be live (a ≥ a0, see the phases below). Ũ ends up in W's upper
+// triangle, 1/Ũ_jj in invd. Returns 1 when every pivot was positive and finite. invd: shared k
+// doubles; flag: shared int. W needs DQP_PAD doubles of slack after its k·ld (the unpredicated
+// reads of row k−1 run past it).
+// (Measured on an H200, k = 100, 512 threads, per factorization, session 6: a predicated version
+// 201K cycles, one where warps skipped finished rows by a runtime branch 267K.)
 DEV int chol_upper(double* W, const double* Mdg, const double* Sd, int k, int ld, double* invd, int* flag,
                    const double* cm) {
     const int TX = WARP, TY = NT / WARP;

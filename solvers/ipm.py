@@ -618,7 +618,7 @@ class _DualNewton:
             X = _tri_inverse(LP)                                     # L⁻¹, mostly matrix products
             W = torch.matmul(X, Abt)                                 # L⁻¹Āᵀ
             self.PiAbt = torch.matmul(X.mT, W)
-            self.M = torch.matmul(W.mT, W)                           # symmetric by construction
+            self.M = torch.matmul(W.mT, W)                           # symmetric (to rounding)
         else:
             self.PiAbt = _chol_solve(LP, Abt.expand(B, n, k))
         if self.M is None:

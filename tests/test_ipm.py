@@ -1350,31 +1350,38 @@ def test_dual_form_without_constraints_is_a_settings_error():
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_setup_products_by_inverse_match_solves(device, monkeypatch):
-    """SETUP_PRODUCTS="inverse" (CUDA, batched P: P⁻¹Āᵀ and M through L⁻¹) gives the solves' answer
-    (on the CPU the setting does not apply: the same path runs); a bad value is refused."""
+    """SETUP_PRODUCTS="inverse" (CUDA, batched P: P⁻¹Āᵀ and M through X = L⁻¹, a triangle larger
+    than TRI_INVERSE_LEAF so that _tri_inverse recurses) gives the solves' P⁻¹Āᵀ and M, and the
+    same solution; the setting is part of the graph-cache key (the second solve is not the cached
+    first one). On the CPU the setting does not apply. A bad value is refused."""
     import dqp.solvers.ipm as ipm
-    P, q, C, d, A, b, *_ = known_qp(5, 12, 9, 3, seed=4, device=device)
-    monkeypatch.setattr(ipm, "SETUP_PRODUCTS", "solve")
-    ipm.clear_graph_cache()
-    ref = ipm_solve(P, q, C, d, A, b, form="dual", fused=False)
-    monkeypatch.setattr(ipm, "SETUP_PRODUCTS", "inverse")
-    ipm.clear_graph_cache()
-    got = ipm_solve(P, q, C, d, A, b, form="dual", fused=False)
-    assert (got.status == 0).all() and torch.equal(got.status, ref.status)
-    assert (got.z - ref.z).abs().max() < 1e-9 and (got.mu - ref.mu).abs().max() < 1e-9
-    nt = ipm._DualNewton(torch.linalg.cholesky(P), P, C, A, 5, 12, 9, 3, 0.0)
-    Ab = torch.cat([A, C], dim=-2)
-    M = Ab @ torch.cholesky_solve(Ab.mT, torch.linalg.cholesky(P))
-    assert (nt.M - M).abs().max() < 1e-10 * M.abs().max()
-    if device == "cuda":
-        assert torch.equal(nt.M, nt.M.mT)             # M = WᵀW
-    # "auto": the inverse only for a factor without an attached inverse and k ≥ n
-    monkeypatch.setattr(ipm, "SETUP_PRODUCTS", "auto")
+    from dqp.linsolve import blocked
+    n, m, p = 70, 40, 5
+    P, q, C, d, A, b, *_ = known_qp(3, n, m, p, seed=4, device=device)
     L = torch.linalg.cholesky(P)
-    assert ipm._setup_by_inverse(L, 12) == (device == "cuda") and not ipm._setup_by_inverse(L, 11)
-    L._dqp_linv = L
-    assert not ipm._setup_by_inverse(L, 12) and not ipm._setup_by_inverse(L[0], 12)
+    Ab = torch.cat([A, C], dim=-2)
+    Pi = torch.cholesky_solve(Ab.mT, L)
+    assert n > blocked.TRI_INVERSE_LEAF
+    ipm.clear_graph_cache()
+    out = {}
+    for how in ("solve", "inverse"):
+        monkeypatch.setattr(ipm, "SETUP_PRODUCTS", how)
+        assert ipm._setup_by_inverse(L, m + p) == (how == "inverse" and device == "cuda")
+        nt = ipm._DualNewton(L, P, C, A, 3, n, m, p, 0.0)
+        assert (nt.PiAbt - Pi).abs().max() <= 1e-10 * Pi.abs().max()
+        assert (nt.M - Ab @ Pi).abs().max() <= 1e-10 * nt.M.abs().max()
+        assert (nt.M - nt.M.mT).abs().max() <= 1e-12 * nt.M.abs().max()
+        out[how] = ipm_solve(P, q, C, d, A, b, form="dual", fused=False)      # (no cache clearing)
+    ref, got = out["solve"], out["inverse"]
+    assert (got.status == 0).all() and torch.equal(got.status, ref.status)
+    assert (got.z - ref.z).abs().max() < 1e-8 * (1 + ref.z.abs().max())
+    # "auto": the inverse only on CUDA, for a batched factor without an attached inverse, k ≥ n
+    monkeypatch.setattr(ipm, "SETUP_PRODUCTS", "auto")
+    assert ipm._setup_by_inverse(L, n) == (device == "cuda") and not ipm._setup_by_inverse(L, n - 1)
+    L2 = L.clone()
+    L2._dqp_linv = L2
+    assert not ipm._setup_by_inverse(L2, n) and not ipm._setup_by_inverse(L[0], n)
     monkeypatch.setattr(ipm, "SETUP_PRODUCTS", "lu")
     with pytest.raises(SettingsError, match="SETUP_PRODUCTS"):
-        ipm._DualNewton(torch.linalg.cholesky(P), P, C, A, 5, 12, 9, 3, 0.0)
+        ipm._DualNewton(L, P, C, A, 3, n, m, p, 0.0)
     ipm.clear_graph_cache()
