@@ -22,11 +22,27 @@
 #define DEV static inline
 static thread_local int dqp_block_id = 0;
 static thread_local double* dqp_smem = nullptr;
+#ifdef DQP_CPU_THREADS
+// A test build (tests/test_fused.py): the register-tile factorization chol_upper run by
+// DQP_THREADS real threads as one block (warps of 32, a std::barrier for the block's barrier), so
+// that CI checks its logic with several warps. Only dqp_chol_upper_threads below is meant to be
+// called in this build (the reductions and shuffles elsewhere assume one thread).
+#include <barrier>
+#include <thread>
+#include <vector>
+static thread_local int dqp_tid = 0;
+static std::barrier<>* dqp_bar = nullptr;
+#define TID dqp_tid
+#define NT DQP_THREADS
+#define WARP 32
+#define SYNC() dqp_bar->arrive_and_wait()
+#else
 #define TID 0
 #define NT 1
 #define WARP 1
-#define BID dqp_block_id
 #define SYNC() ((void)0)
+#endif
+#define BID dqp_block_id
 #define SYNCWARP() ((void)0)
 #define DQP_SQRT std::sqrt
 #define DQP_ISFINITE std::isfinite
@@ -802,6 +818,24 @@ KERNEL dqp_ipm_dual(
 
 // Shared memory the kernel needs, in bytes (dqp.solvers.fused.smem_bytes computes the same):
 // doubles: k·(k|1) + DQP_PAD + 13k + (11 + NWARPS)n + 3(m+1) + (NWARPS+1)·MAXRED, plus an int.
+
+#ifdef DQP_CPU_THREADS
+// chol_upper on DQP_THREADS threads (see the top of the file); returns its flag, W and invd in place.
+extern "C" int dqp_chol_upper_threads(double* W, const double* Mdg, const double* Sd, int k, int ld,
+                                      double* invd, const double* cm) {
+    std::barrier<> bar(NT);
+    dqp_bar = &bar;
+    int flag = -1;
+    std::vector<int> ret(NT);
+    std::vector<std::thread> th;
+    for (int t = 0; t < NT; ++t)
+        th.emplace_back([&, t] { dqp_tid = t; ret[t] = chol_upper(W, Mdg, Sd, k, ld, invd, &flag, cm); });
+    for (auto& x : th) x.join();
+    for (int t = 1; t < NT; ++t)
+        if (ret[t] != ret[0]) return -1;
+    return ret[0];
+}
+#endif
 
 #ifdef DQP_CPU
 extern "C" void dqp_ipm_dual_cpu(

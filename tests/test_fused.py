@@ -638,3 +638,68 @@ def _child_solve(data):
     torch.set_num_threads(1)
     fused.torch.get_num_threads = lambda: 2
     return ipm_solve(*data, fused=True).status.tolist()
+
+
+def _threaded_chol_library(threads: int, k: int):
+    """The kernel source built with -DDQP_CPU_THREADS: chol_upper run by ``threads`` real threads
+    as one block (warps of 32), exported as dqp_chol_upper_threads."""
+    import ctypes
+    import subprocess
+    import tempfile
+    from pathlib import Path
+    rr, rc = -(-k // (threads // 32)), -(-k // 32)
+    d = Path(tempfile.mkdtemp(prefix="dqp-chol-"))
+    src = d / "k.cpp"
+    src.write_text(fused._source())
+    lib = d / "k.so"
+    cxx = fused._compiler()
+    cmd = [cxx, "-std=c++20", "-O1", "-pthread", "-shared", "-fPIC", "-DDQP_CPU", "-DDQP_CPU_TILES",
+           "-DDQP_CPU_THREADS", f"-DDQP_THREADS={threads}", f"-DDQP_RR={rr}", f"-DDQP_RC={rc}", str(src), "-o", str(lib)]
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    if res.returncode != 0 and "c++20" in res.stderr:
+        pytest.skip(f"the C++ compiler has no C++20 (std::barrier): {res.stderr[-300:]}")
+    assert res.returncode == 0, res.stderr[-3000:]
+    fn = ctypes.CDLL(str(lib)).dqp_chol_upper_threads
+    fn.restype = ctypes.c_int
+    fn.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int] * 2 + [ctypes.c_void_p] * 2
+    return fn, 32 * rc + (threads // 32) * rr
+
+
+@needs_cxx
+@pytest.mark.parametrize("threads,k", [(64, 13), (128, 40), (384, 100), (384, 97), (384, 128)])
+def test_register_tile_factorization_with_several_warps(threads, k):
+    """chol_upper, the CUDA code's factorization, run by several warps of real threads (CPU, one
+    block): its phases of tile rows, the owners' publication and the barriers give S = Ũᵀ D⁻¹ Ũ
+    (Ũ in W's upper triangle, invd = 1/Ũ_jj) for the plain, the masked (polish) and an indefinite S,
+    with M's lower triangle untouched — k a multiple of the warp count or not."""
+    import ctypes
+    fn, pad = _threaded_chol_library(threads, k)
+    g = torch.Generator().manual_seed(k)
+    ld = k | 1
+    for case in ("plain", "masked", "indefinite"):
+        G = torch.randn(k, k, generator=g, dtype=F64)
+        M = G @ G.T / k
+        Sd = 0.1 + torch.rand(k, generator=g, dtype=F64)
+        cm = (torch.rand(k, generator=g) < 0.6).to(F64) if case == "masked" else None
+        if case == "indefinite":
+            Sd = Sd - 2.0 * float(torch.linalg.eigvalsh(M).max())
+        W = torch.full((k * ld + pad,), float("nan"), dtype=F64)
+        Wm = W[:k * ld].view(k, ld)
+        Wm[:, :k] = 1e300 * torch.randn(k, k, generator=g, dtype=F64)        # garbage above
+        low = torch.tril(torch.ones(k, k, dtype=torch.bool), -1)
+        Wm[:, :k][low] = M[low]
+        invd = torch.zeros(k, dtype=F64)
+        Mdg = torch.diagonal(M).clone()                     # (held: ctypes gets its pointer)
+        ok = fn(W.data_ptr(), Mdg.data_ptr(), Sd.data_ptr(), k, ld, invd.data_ptr(),
+                None if cm is None else cm.data_ptr())
+        assert torch.equal(Wm[:, :k][low], M[low])                       # the lower triangle (M) untouched
+        if case == "indefinite":
+            assert ok == 0
+            continue
+        assert ok == 1
+        S = (M * cm[:, None] * cm[None, :] if cm is not None else M) + torch.diag(Sd)
+        U = torch.linalg.cholesky(S).T                                      # S = UᵀU, U upper
+        Ut = torch.diagonal(U)[:, None] * U                                 # Ũ = D^{1/2} U
+        got = torch.triu(Wm[:, :k])
+        assert (got - Ut).abs().max() <= 1e-12 * Ut.abs().max()
+        assert (invd - 1.0 / torch.diagonal(Ut)).abs().max() <= 1e-12 * (1.0 / torch.diagonal(Ut)).abs().max()
