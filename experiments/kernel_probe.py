@@ -30,18 +30,12 @@ import torch
 import dqp.solvers.fused as fused_mod
 from dqp.qpth import QPFunction
 from dqp.solvers.ipm import clear_graph_cache, ipm_solve
+from fused_check import gen as _gen
 
 
 def gen(B, n, m, seed=0, device="cuda"):
-    g = torch.Generator().manual_seed(seed)
-    U = torch.randn(B, n, n, generator=g, dtype=torch.float64)
-    Q = U.mT @ U + 1e-3 * torch.eye(n, dtype=torch.float64)
-    G = torch.randn(B, m, n, generator=g, dtype=torch.float64)
-    z0 = torch.randn(B, n, generator=g, dtype=torch.float64)
-    s0 = torch.rand(B, m, generator=g, dtype=torch.float64)
-    h = (G @ z0.unsqueeze(-1)).squeeze(-1) + s0
-    p = torch.randn(B, n, generator=g, dtype=torch.float64)
-    return tuple(t.to(device) for t in (Q, p, G, h))
+    """qpth's generator (fused_check.gen), without equalities: (Q, p, G, h)."""
+    return _gen(B, n, m, seed=seed, device=device)[:4]
 
 
 def med_time(fn, reps):
