@@ -439,7 +439,7 @@ KERNEL dqp_ipm_dual(
     const double* __restrict__ sc, unsigned char* __restrict__ act_out, long long* __restrict__ pflag_out,
     double* __restrict__ LS_out,
     int n, int m, int p, int max_iter, int stall_iters, int separate_steps, int polish_rounds,
-    double eps, double eps_inf, double step_fraction, double reg_d, double wlo, long long* prof)
+    double eps, double eps_inf, double step_fraction, double reg_d, double wlo, double eps2, long long* prof)
 {
     const int k = m + p;
     const long long e = BID;
@@ -491,7 +491,14 @@ KERNEL dqp_ipm_dual(
     SYNC();
 
     PROF_INIT
-    for (int it = 0;; ++it) {
+    // Two stages where eps2 > eps (and the polish runs): the IPM stops at the looser eps and
+    // polishes; an element whose polished point is rejected goes on from its IPM point to eps2 and
+    // polishes again (see the end of the stage loop).
+    int it = 0;
+    double eps_cur = eps;
+    long long pflag_last = 0;
+    for (int stage = 0;; ++stage) {
+    for (;; ++it) {
         // ---------------- products at the iterate: P z, [A; C] z, Aᵀλ, Cᵀμ
         matvec(P, n, n, n, z, Pz);
         if (p) matvec(A, p, n, n, z, Abz);
@@ -552,8 +559,8 @@ KERNEL dqp_ipm_dual(
         if (p) dscl = dmax(dscl, mx[7]);
         if (m) dscl = dmax(dscl, mx[8]);
         dscl += 1.0;
-        const int p_ok = pres <= eps * pscl, d_ok = dres <= eps * dscl;
-        const int conv = p_ok && d_ok && gap <= eps * gscl;
+        const int p_ok = pres <= eps_cur * pscl, d_ok = dres <= eps_cur * dscl;
+        const int conv = p_ok && d_ok && gap <= eps_cur * gscl;
         // infeasibility certificates (ipm.py _pcert/_dcert)
         const double radius = 1e3 * (1.0 + mx[9]);
         const double ynorm = dmax(dmax(mx[10], mx[11]), DQP_TINY);
@@ -808,7 +815,21 @@ KERNEL dqp_ipm_dual(
             SYNC();
         }
         if (TID == 0) pflag_out[e] = pflag;
+        pflag_last = pflag;
         SYNC();
+    }
+    // the second stage: the IPM point of a solved element whose polish was rejected is intact (the
+    // polish writes z, μ, λ only when it accepts), so the IPM goes on from it to eps2 — the
+    // iterates a single stage at eps2 would take, its counters untouched, except that the
+    // certificates along the step wait one check (the polish's scratch holds their previous
+    // iterate: have_prev = 0) — and polishes again
+    if (stage > 0 || !(eps2 > 0.0 && eps2 < eps_cur) || polish_rounds == 0 || status != ST_SOLVED
+        || (pflag_last & 1))
+        break;
+    eps_cur = eps2;
+    status = ST_MAX_ITER;
+    have_prev = 0;
+    SYNC();
     }
     for (int i = TID; i < n; i += NT) z_out[e * n + i] = z[i];
     for (int i = TID; i < m; i += NT) { s_out[e * m + i] = s[i]; mu_out[e * m + i] = mu[i]; }
@@ -846,7 +867,7 @@ extern "C" void dqp_ipm_dual_cpu(
     double* z_out, double* s_out, double* mu_out, double* lam_out, long long* status_out, long long* iters_out,
     const double* sc, unsigned char* act_out, long long* pflag_out, double* LS_out,
     int n, int m, int p, int max_iter, int stall_iters, int separate_steps, int polish_rounds,
-    double eps, double eps_inf, double step_fraction, double reg_d, double wlo, int b0, int b1)
+    double eps, double eps_inf, double step_fraction, double reg_d, double wlo, double eps2, int b0, int b1)
 {
     const int k = m + p;
     const long long words = (long long)k * (k | 1) + DQP_PAD + 13LL * k + 12LL * n + 3LL * (m + 1) + 2LL * MAXRED + 2;
@@ -858,7 +879,7 @@ extern "C" void dqp_ipm_dual_cpu(
                      z0, s0, mu0, lam0, delta0, z_out, s_out, mu_out, lam_out, status_out, iters_out,
                      sc, act_out, pflag_out, LS_out,
                      n, m, p, max_iter, stall_iters, separate_steps, polish_rounds,
-                     eps, eps_inf, step_fraction, reg_d, wlo,
+                     eps, eps_inf, step_fraction, reg_d, wlo, eps2,
                      nullptr);
     }
     std::free(buf);

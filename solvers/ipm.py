@@ -1001,7 +1001,8 @@ def ipm_solve(P: Tensor, q: Tensor, C: Optional[Tensor] = None, d: Optional[Tens
               eps_infeasible: Optional[float] = None, refine: Optional[int] = None,
               stall_iters: int = 12, fallback64: bool = True, cuda_graph: bool = True,
               graph_cache: bool = True, compile: bool = False, fused: Optional[bool] = None,
-              polish_rounds: int = 0, trace: Optional[list] = None) -> IPMResult:
+              polish_rounds: int = 0, polish_eps: Optional[float] = None,
+              trace: Optional[list] = None) -> IPMResult:
     """Solve a batch of convex QPs with a primal-dual interior-point method.
 
     Parameters
@@ -1072,6 +1073,12 @@ def ipm_solve(P: Tensor, q: Tensor, C: Optional[Tensor] = None, d: Optional[Tens
         Where the fused kernel runs: go on, in the same launch, with the active-set polish of
         :func:`dqp.ipm_layer.polish` (at most this many rounds; 0: none) and return it in
         :attr:`IPMResult.polish`. The torch loop ignores it (``polish`` is None: the caller polishes).
+    polish_eps : float, optional
+        With the kernel's polish (``polish_rounds > 0``) and ``polish_eps > eps``: two stages. The
+        IPM first stops at ``polish_eps`` and polishes; where the polish rejects a solved element's
+        point, that element goes on to ``eps`` (the iterates of a single solve at ``eps``) and is
+        polished again. So an element is either polished or solved to ``eps``, as without it, in
+        fewer iterations where the looser point already shows the active set. Ignored elsewhere.
     trace : list, optional
         Diagnostics: when given, a dict of per-instance tensors (residuals, gap, step lengths,
         regularization) is appended every iteration.
@@ -1084,7 +1091,7 @@ def ipm_solve(P: Tensor, q: Tensor, C: Optional[Tensor] = None, d: Optional[Tens
     again = dict(eps=eps, max_iter=max_iter, check_every=check_every, form=form, separate_steps=separate_steps,
                  step_fraction=step_fraction, eps_infeasible=eps_infeasible, refine=refine,
                  stall_iters=stall_iters, fallback64=fallback64, cuda_graph=cuda_graph, graph_cache=graph_cache,
-                 compile=compile, fused=fused, polish_rounds=polish_rounds, trace=trace)
+                 compile=compile, fused=fused, polish_rounds=polish_rounds, polish_eps=polish_eps, trace=trace)
     P, q, C, d, A, b, B, n, m, p = _prepare(P, q, C, d, A, b)
     P0, q0, d0, b0 = P, q, d, b
     dtype, device = P.dtype, P.device
@@ -1097,6 +1104,8 @@ def ipm_solve(P: Tensor, q: Tensor, C: Optional[Tensor] = None, d: Optional[Tens
     eps = default_eps(dtype) if eps is None else float(eps)
     if not eps > 0:
         raise SettingsError(f"ipm_solve: eps must be positive, got {eps}.")
+    if polish_eps is not None and not float(polish_eps) > 0:
+        raise SettingsError(f"ipm_solve: polish_eps must be positive (or None), got {polish_eps}.")
     eps_inf = (1e-7 if dtype == torch.float64 else 1e-4) if eps_infeasible is None else float(eps_infeasible)
     if check_every is None:
         check_every = 1 if device.type == "cpu" else 4
@@ -1135,9 +1144,11 @@ def ipm_solve(P: Tensor, q: Tensor, C: Optional[Tensor] = None, d: Optional[Tens
         with torch.profiler.record_function("dqp::ipm_fused"):
             fused_out = _fused.solve_dual(
                 P, q, C, d, A, b, newton.M, newton.PiAbt, newton._Piq, newton._g, norms, newton.Md, S,
-                max_iter=max_iter, stall_iters=stall_iters, separate_steps=separate_steps, eps=eps,
+                max_iter=max_iter, stall_iters=stall_iters, separate_steps=separate_steps,
                 eps_inf=eps_inf, step_fraction=step_fraction, reg_d=newton.reg_d, wlo=wlo,
-                polish_rounds=polish_rounds, row_scale=_row_scales(a_scale, c_scale, B))
+                polish_rounds=polish_rounds, row_scale=_row_scales(a_scale, c_scale, B),
+                **(dict(eps=float(polish_eps), eps2=eps) if (polish_rounds and polish_eps is not None
+                                                             and float(polish_eps) > eps) else dict(eps=eps)))
         if deferred is not None and not _deferred_ok(deferred):
             # P failed the dual form's test in some element: the kernel's answer is void; this
             # setup graph tests before going on from now on, and the solve starts again

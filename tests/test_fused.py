@@ -703,3 +703,70 @@ def test_register_tile_factorization_with_several_warps(threads, k):
         got = torch.triu(Wm[:, :k])
         assert (got - Ut).abs().max() <= 1e-12 * Ut.abs().max()
         assert (invd - 1.0 / torch.diagonal(Ut)).abs().max() <= 1e-12 * (1.0 / torch.diagonal(Ut)).abs().max()
+
+
+def _nearly_lp(B, n, seed=0):
+    """Q = 1e-3 UᵀU/n + 1e-4 I (ill-conditioned, nearly an LP), m = 2n inequalities with many
+    active at the solution: at a loose IPM tolerance the polish rejects some elements' points."""
+    g = torch.Generator().manual_seed(seed)
+    U = torch.randn(B, n, n, generator=g, dtype=F64)
+    Q = 1e-3 * U.mT @ U / n + 1e-4 * torch.eye(n, dtype=F64)
+    G = torch.randn(B, 2 * n, n, generator=g, dtype=F64)
+    h = (G @ torch.randn(B, n, 1, generator=g, dtype=F64)).squeeze(-1) + torch.rand(B, 2 * n, generator=g, dtype=F64)
+    return Q, torch.randn(B, n, generator=g, dtype=F64), G, h
+
+
+@needs_cxx
+def test_two_stage_polish_matches_one_stage(cpu_build):
+    """ipm_solve(polish_eps=1e-5, eps=1e-8): the elements whose polish rejects the 1e-5 point go on
+    to 1e-8 along the one-stage iterates (same iteration counts) and are polished again; the
+    result — statuses, polished elements, z, active sets, the backward's factor — is that of one
+    stage at 1e-8, in fewer iterations."""
+    data = _nearly_lp(64, 50)
+    kw = dict(fused=True, form="dual", polish_rounds=3)
+    one = ipm_solve(*data, eps=1e-8, **kw)
+    loose = ipm_solve(*data, eps=1e-5, **kw)
+    two = ipm_solve(*data, eps=1e-8, polish_eps=1e-5, **kw)
+    rej = (loose.status == int(Status.SOLVED)) & ~loose.polish["polished"]
+    assert 0 < int(rej.sum()) < 64                        # the second stage ran for some elements
+    assert bool(one.polish["polished"].all())
+    assert torch.equal(two.status, one.status) and torch.equal(two.polish["polished"], one.polish["polished"])
+    assert torch.equal(two.polish["active"], one.polish["active"])
+    assert (two.z - one.z).abs().max() <= 1e-13 * one.z.abs().max()
+    assert (two.polish["LS"] - one.polish["LS"]).abs().max() <= 1e-13 * one.polish["LS"].abs().max()
+    assert torch.equal(two.iterations[rej], one.iterations[rej])
+    assert bool((two.iterations <= one.iterations).all()) and int(two.iterations.sum()) < int(one.iterations.sum())
+    # without the polish there is no second stage: polish_eps is ignored
+    plain = ipm_solve(*data, eps=1e-8, fused=True, form="dual", polish_eps=1e-5)
+    assert torch.equal(plain.iterations, ipm_solve(*data, eps=1e-8, fused=True, form="dual").iterations)
+
+
+@needs_cxx
+def test_layer_two_stage_gradients_are_one_stage_gradients(monkeypatch):
+    """The layer's two stages (POLISH_STAGE_EPS) change iteration counts, not answers: z and the
+    gradients equal those of one stage on a batch where the loose point is rejected for some."""
+    import dqp.ipm_layer as il
+    data = _nearly_lp(32, 40, seed=3)
+    loose = ipm_solve(*data, eps=1e-5, fused=True, form="dual", polish_rounds=3)
+    assert int((~loose.polish["polished"]).sum()) > 0          # (the second stage has work here)
+    w = torch.randn(32, 40, dtype=F64, generator=torch.Generator().manual_seed(1))
+    out = {}
+    for stage_eps in (None, 1e-5):
+        monkeypatch.setattr(il, "POLISH_STAGE_EPS", stage_eps)
+        ins = [t.clone().requires_grad_() for t in data]
+        diag = {}
+        z = solve_qp_batch(*ins, fused=True, form="dual", diagnostics=diag)[0]
+        (z * w).sum().backward()
+        out[stage_eps] = (z.detach(), [t.grad for t in ins], diag["iterations"], diag["verified"])
+    (z1, g1, it1, v1), (z2, g2, it2, v2) = out[None], out[1e-5]
+    assert bool(v1.all()) and torch.equal(v1, v2)
+    assert (z2 - z1).abs().max() <= 1e-13 * z1.abs().max()
+    for a, b in zip(g2, g1):
+        assert (a - b).abs().max() <= 1e-11 * b.abs().max()
+    assert int(it2.sum()) < int(it1.sum())
+
+
+def test_polish_eps_is_checked():
+    P, q, C, d, *_ = known_qp(2, 4, 5, 0, seed=0)
+    with pytest.raises(SettingsError, match="polish_eps must be positive"):
+        ipm_solve(P, q, C, d, polish_eps=0.0)
