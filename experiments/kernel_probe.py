@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import ctypes
 import os
-import statistics
 import time
 
 import torch
@@ -31,6 +30,7 @@ import dqp.solvers.fused as fused_mod
 from dqp.qpth import QPFunction
 from dqp.solvers.ipm import clear_graph_cache, ipm_solve
 from fused_check import gen as _gen
+from fused_check import sync_time
 
 
 def gen(B, n, m, seed=0, device="cuda"):
@@ -39,15 +39,9 @@ def gen(B, n, m, seed=0, device="cuda"):
 
 
 def med_time(fn, reps):
+    """Median ms of ``fn`` over ``reps`` CUDA-synchronized calls, after one warm-up call."""
     fn()
-    ts = []
-    for _ in range(reps):
-        torch.cuda.synchronize()
-        t = time.perf_counter()
-        fn()
-        torch.cuda.synchronize()
-        ts.append(time.perf_counter() - t)
-    return 1e3 * statistics.median(ts)
+    return 1e3 * sync_time(fn, reps)
 
 
 def fwd_bwd(data):
