@@ -342,6 +342,14 @@ class DqpLoopMethod(_DqpBatchVariant):
     kw = dict(fused=False)
 
 
+class Dqp1StageMethod(_DqpBatchVariant):
+    """``solve_qp_batch(..., polish_eps=None)``: one IPM stage to 1e-8 before the kernel's polish
+    instead of the default two (dqp.ipm_layer.POLISH_STAGE_EPS), for a same-run comparison."""
+
+    name = "dqp_1stage"
+    kw = dict(polish_eps=None)
+
+
 def _import_qpth():
     """Import qpth; its package imports cvxpy eagerly (only for its CVXPY solver, unused here)."""
     try:
@@ -440,7 +448,8 @@ class QpaxMethod(Method):
 
 
 METHODS: Dict[str, Method] = {m.name: m for m in (DqpMethod(), QpthMethod(), QpaxMethod(),
-                                                 DqpBatchMethod(), DqpCompileMethod(), DqpLoopMethod())}
+                                                 DqpBatchMethod(), DqpCompileMethod(), DqpLoopMethod(),
+                                                 Dqp1StageMethod())}
 
 
 # --------------------------------------------------------------------------------------------

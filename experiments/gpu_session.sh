@@ -9,7 +9,8 @@
 #   python3 -m pip wheel --no-deps -w .whl qpth==0.0.18      # qpth ships an sdist only
 # Then, through the device tool, with `.whl` carried:
 #   bash experiments/gpu_session.sh
-# Results land in $OUT (default /tmp/gpu_out): cuda tests log, host_probe.txt, qpth_cuda_acc.*, qpth_cuda_f32.*.
+# Results land in $OUT (default /tmp/gpu_out): cuda tests log, host_probe.txt, qpth_cuda_acc.*, qpth_cuda_f32.*
+# (and n500_probe.md with N500_S=120). Next session: METHODS=dqp,dqp_1stage,qpth,qpax measures the two stages.
 # (experiments/gpu_probe_session.sh: the per-phase probe of IPM variants and the kernel costs.)
 source "$(dirname "$0")/gpu_env.sh"
 
@@ -28,10 +29,13 @@ source "$(dirname "$0")/gpu_env.sh"
     --reps 30 --out "$OUT/host_probe.txt" 2>&1 | grep -v USDT | grep -A7 "^## B"
 
 # 2. the acceptance cells, float64, against qpth and qpax in the same run (METHODS=dqp,dqp_loop,qpth,qpax
-#    adds the torch loop, solve_qp_batch(fused=False))
+#    adds the torch loop, solve_qp_batch(fused=False); dqp_1stage: one IPM stage before the kernel's polish)
 [ "${F64_S:-300}" != 0 ] && timeout ${F64_S:-300} python3 experiments/bench_qpth.py --device cuda --dtypes float64 \
     --sizes 100,500 --batches 128,1024 --methods ${METHODS:-dqp,qpth,qpax} --reps 9 --budget 14 \
     --deadline $(( ${F64_S:-300} - 10 )) --out "$OUT" --tag cuda_acc --no-plot 2>&1 | grep -v USDT | tail -9
+
+# 2b. B=128, n=m=500: the setup, polish and backward graphed at that size or not (time, memory); off by default
+[ "${N500_S:-0}" != 0 ] && timeout ${N500_S} python3 experiments/n500_probe.py --out "$OUT" 2>&1 | grep -v USDT | grep "^|"
 
 # 3. float32 (gradient accuracy and time) on the n = m = 100, B = 128 cell
 [ "${F32_S:-80}" != 0 ] && timeout ${F32_S:-80} python3 experiments/bench_qpth.py --device cuda --dtypes float32 \
