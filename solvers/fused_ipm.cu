@@ -334,7 +334,20 @@ DEV int chol_upper(double* W, const double* Mdg, const double* Sd, int k, int ld
     return *flag;
 }
 
-#ifdef DQP_CPU
+#if defined(DQP_CPU_THREADS)
+// (the threaded test build: a shuffle among warp 0's threads, the only warp that shuffles, through a
+// shared buffer between two barriers of those 32 threads)
+static double dqp_shfl_buf[32];
+static std::barrier<>* dqp_warp_bar = nullptr;
+DEV double dqp_shfl(double v, int src) {
+    dqp_shfl_buf[LANE] = v;
+    dqp_warp_bar->arrive_and_wait();
+    const double r = dqp_shfl_buf[src];
+    dqp_warp_bar->arrive_and_wait();
+    return r;
+}
+#define DQP_SHFL(v, src) dqp_shfl((v), (src))
+#elif defined(DQP_CPU)
 #define DQP_SHFL(v, src) (v)
 #else
 #define DQP_SHFL(v, src) __shfl_sync(0xffffffffu, (v), (src))
@@ -841,17 +854,24 @@ KERNEL dqp_ipm_dual(
 // doubles: k·(k|1) + DQP_PAD + 13k + (11 + NWARPS)n + 3(m+1) + (NWARPS+1)·MAXRED, plus an int.
 
 #ifdef DQP_CPU_THREADS
-// chol_upper on DQP_THREADS threads (see the top of the file); returns its flag, W and invd in place.
+// chol_upper on DQP_THREADS threads (see the top of the file), W and invd in place; then, where x is
+// given and the factorization succeeded, chol_solve: x ← S⁻¹ x. Returns the factorization's flag
+// (−1: the threads disagreed).
 extern "C" int dqp_chol_upper_threads(double* W, const double* Mdg, const double* Sd, int k, int ld,
-                                      double* invd, const double* cm) {
-    std::barrier<> bar(NT);
+                                      double* invd, const double* cm, double* x) {
+    std::barrier<> bar(NT), wbar(WARP);
     dqp_bar = &bar;
+    dqp_warp_bar = &wbar;
     int flag = -1;
     std::vector<int> ret(NT);
     std::vector<std::thread> th;
     for (int t = 0; t < NT; ++t)
-        th.emplace_back([&, t] { dqp_tid = t; ret[t] = chol_upper(W, Mdg, Sd, k, ld, invd, &flag, cm); });
-    for (auto& x : th) x.join();
+        th.emplace_back([&, t] {
+            dqp_tid = t;
+            ret[t] = chol_upper(W, Mdg, Sd, k, ld, invd, &flag, cm);
+            if (x && ret[t] == 1) chol_solve(W, k, ld, invd, x);
+        });
+    for (auto& x_ : th) x_.join();
     for (int t = 1; t < NT; ++t)
         if (ret[t] != ret[0]) return -1;
     return ret[0];

@@ -661,17 +661,18 @@ def _threaded_chol_library(threads: int, k: int):
     assert res.returncode == 0, res.stderr[-3000:]
     fn = ctypes.CDLL(str(lib)).dqp_chol_upper_threads
     fn.restype = ctypes.c_int
-    fn.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int] * 2 + [ctypes.c_void_p] * 2
+    fn.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int] * 2 + [ctypes.c_void_p] * 3
     return fn, 32 * rc + (threads // 32) * rr
 
 
 @needs_cxx
 @pytest.mark.parametrize("threads,k", [(64, 13), (128, 40), (384, 100), (384, 97), (384, 128)])
 def test_register_tile_factorization_with_several_warps(threads, k):
-    """chol_upper, the CUDA code's factorization, run by several warps of real threads (CPU, one
-    block): its phases of tile rows, the owners' publication and the barriers give S = Ũᵀ D⁻¹ Ũ
-    (Ũ in W's upper triangle, invd = 1/Ũ_jj) for the plain, the masked (polish) and an indefinite S,
-    with M's lower triangle untouched — k a multiple of the warp count or not."""
+    """chol_upper and chol_solve, the CUDA code's factorization and solve, run by several warps of
+    real threads (CPU, one block; warp 0's shuffles emulated): the phases of tile rows, the owners'
+    publication and the barriers give S = Ũᵀ D⁻¹ Ũ (Ũ in W's upper triangle, invd = 1/Ũ_jj) for the
+    plain, the masked (polish) and an indefinite S, with M's lower triangle untouched, and the
+    solve's lanes and 32-row blocks give S⁻¹x — k a multiple of the warp count (and of 32) or not."""
     import ctypes
     fn, pad = _threaded_chol_library(threads, k)
     g = torch.Generator().manual_seed(k)
@@ -690,8 +691,10 @@ def test_register_tile_factorization_with_several_warps(threads, k):
         Wm[:, :k][low] = M[low]
         invd = torch.zeros(k, dtype=F64)
         Mdg = torch.diagonal(M).clone()                     # (held: ctypes gets its pointer)
+        x = torch.randn(k, generator=g, dtype=F64)
+        xs = x.clone()
         ok = fn(W.data_ptr(), Mdg.data_ptr(), Sd.data_ptr(), k, ld, invd.data_ptr(),
-                None if cm is None else cm.data_ptr())
+                None if cm is None else cm.data_ptr(), xs.data_ptr())
         assert torch.equal(Wm[:, :k][low], M[low])                       # the lower triangle (M) untouched
         if case == "indefinite":
             assert ok == 0
@@ -703,6 +706,8 @@ def test_register_tile_factorization_with_several_warps(threads, k):
         got = torch.triu(Wm[:, :k])
         assert (got - Ut).abs().max() <= 1e-12 * Ut.abs().max()
         assert (invd - 1.0 / torch.diagonal(Ut)).abs().max() <= 1e-12 * (1.0 / torch.diagonal(Ut)).abs().max()
+        ref = torch.linalg.solve(S, x)
+        assert (xs - ref).abs().max() <= 1e-10 * ref.abs().max()
 
 
 def _nearly_lp(B, n, seed=0):
