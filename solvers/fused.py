@@ -275,7 +275,7 @@ def _cpu_library(k: int, tiles: Optional[bool] = None) -> ctypes.CDLL:
         lib = ctypes.CDLL(str(out))
         fn = lib.dqp_ipm_dual_cpu
         ptr, i32, f64 = ctypes.c_void_p, ctypes.c_int, ctypes.c_double
-        fn.argtypes = ([ptr, i32] * 8 + [ptr] * 3 + [ptr] * 5 + [ptr] * 6 + [ptr] * 4 + [i32] * 7 + [f64] * 6 + [i32, i32])
+        fn.argtypes = ([ptr, i32] * 8 + [ptr] * 3 + [ptr] * 5 + [ptr] * 6 + [ptr] * 4 + [i32] * 7 + [f64] * 6 + [i32] * 3)
         fn.restype = None
         _cpu_libs[key] = lib
         return lib
@@ -344,7 +344,7 @@ def solve_dual(P: Tensor, q: Tensor, C: Optional[Tensor], d: Optional[Tensor], A
                norms: Dict[str, Optional[Tensor]], Md: Tensor, state: Dict[str, Tensor], *,
                max_iter: int, stall_iters: int, separate_steps: bool, eps: float, eps_inf: float,
                step_fraction: float, reg_d: float, wlo: float, polish_rounds: int = 0,
-               row_scale: Optional[Tensor] = None, eps2: Optional[float] = None,
+               row_scale: Optional[Tensor] = None, eps2: Optional[float] = None, start: bool = False,
                profile: Optional[Tensor] = None) -> Dict[str, Tensor]:
     """Run the interior-point iterations of the dual form from ``state`` (the starting point of
     :func:`dqp.solvers.ipm._init`) to the end, in one launch.
@@ -362,6 +362,9 @@ def solve_dual(P: Tensor, q: Tensor, C: Optional[Tensor], d: Optional[Tensor], A
     2: a round's factorization failed BatchedKKT's pivot test, the caller must polish that element;
     4: the first round's factorization passed it) and ``LS`` (B, k, k), the lower Cholesky factor of the accepted reduced
     system (else of the first round's) in the caller's scaling.
+
+    ``start``: the kernel computes the starting point itself (that of
+    :func:`dqp.solvers.ipm._init`, which then need not); the state's z, s, mu, lam are not read.
 
     ``eps2 < eps`` (with ``polish_rounds > 0``): two stages. The IPM stops at ``eps`` and
     polishes; where the polish rejects a solved element's point, that element's IPM goes on to
@@ -424,7 +427,7 @@ def solve_dual(P: Tensor, q: Tensor, C: Optional[Tensor], d: Optional[Tensor], A
                status, iters] + pol
     scalars = [int(n), int(m), int(p), int(max_iter), int(stall_iters), int(bool(separate_steps)), rounds,
                float(eps), float(eps_inf), float(step_fraction), float(reg_d), float(wlo),
-               float(eps2) if eps2 is not None else 0.0]
+               float(eps2) if eps2 is not None else 0.0, int(bool(start))]
     if B == 0:
         pass
     elif dev.type == "cuda":

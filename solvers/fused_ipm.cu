@@ -452,7 +452,8 @@ KERNEL dqp_ipm_dual(
     const double* __restrict__ sc, unsigned char* __restrict__ act_out, long long* __restrict__ pflag_out,
     double* __restrict__ LS_out,
     int n, int m, int p, int max_iter, int stall_iters, int separate_steps, int polish_rounds,
-    double eps, double eps_inf, double step_fraction, double reg_d, double wlo, double eps2, long long* prof)
+    double eps, double eps_inf, double step_fraction, double reg_d, double wlo, double eps2, int start,
+    long long* prof)
 {
     const int k = m + p;
     const long long e = BID;
@@ -502,6 +503,48 @@ KERNEL dqp_ipm_dual(
     long long status = ST_MAX_ITER;
     double best = DQP_BIG;
     SYNC();
+
+    if (start) {
+        // the starting point of solvers/ipm.py's _init, here instead of z0, s0, μ0, λ0: the KKT
+        // system with W = I, y = −(M + δ reg Md I + diag(0, I))⁻¹ (ĀP⁻¹q + [b; d]), z = −P⁻¹q − P⁻¹Āᵀy,
+        // λ = y_A; ŝ = d − Cz, then s = ŝ and μ = −ŝ shifted to ≥ 1 where not positive; all defaults
+        // (z = 0, s = μ = 1, λ = 0) where the factorization fails or a value is not finite
+        for (int j = TID; j < k; j += NT) {
+            Sd[j] = delta * reg_d * Md + (j >= p ? 1.0 : 0.0);
+            dy[j] = -(gv[j] + bd[j]);
+        }
+        SYNC();
+        const int ok0 = chol_upper(S, Mdg, Sd, k, ld, invd, flag, nullptr);
+        chol_solve(S, k, ld, invd, dy);
+        matvec(PiAbt, n, k, k, dy, dz);
+        SYNC();
+        for (int i = TID; i < n; i += NT) z[i] = -piq[i] - dz[i];
+        SYNC();
+        if (m) matvec(C, m, n, n, z, Abz + p);
+        SYNC();
+        double mx0[3] = {-DQP_BIG, -DQP_BIG, 0.0};    // max(−ŝ), max(ŝ), count of non-finite values
+        for (int i = TID; i < m; i += NT) {
+            const double sh = bd[p + i] - Abz[p + i];
+            ds[i] = sh;
+            mx0[0] = dmax(mx0[0], -sh);
+            mx0[1] = dmax(mx0[1], sh);
+        }
+        for (int i = TID; i < n; i += NT) mx0[2] += DQP_ISFINITE(z[i]) ? 0.0 : 1.0;
+        for (int j = TID; j < p; j += NT) mx0[2] += DQP_ISFINITE(dy[j]) ? 0.0 : 1.0;
+        for (int i = TID; i < m; i += NT) mx0[2] += DQP_ISFINITE(ds[i]) ? 0.0 : 1.0;
+        double cnt[1] = {mx0[2]};
+        block_reduce(cnt, 1, mx0, 2, red);
+        const double lo_s = -mx0[0], lo_mu = -mx0[1];     // min ŝ, min(−ŝ)
+        const int bad0 = !ok0 || cnt[0] != 0.0 || !DQP_ISFINITE(lo_s) || !DQP_ISFINITE(lo_mu);
+        for (int i = TID; i < n; i += NT) z[i] = bad0 ? 0.0 : z[i];
+        for (int j = TID; j < p; j += NT) y[j] = bad0 ? 0.0 : dy[j];
+        for (int i = TID; i < m; i += NT) {
+            const double sh = ds[i];
+            s[i] = bad0 ? 1.0 : (lo_s > 0.0 ? sh : sh + (1.0 - lo_s));
+            mu[i] = bad0 ? 1.0 : (lo_mu > 0.0 ? -sh : -sh + (1.0 - lo_mu));
+        }
+        SYNC();
+    }
 
     PROF_INIT
     // Two stages where eps2 > eps (and the polish runs): the IPM stops at the looser eps and
@@ -887,7 +930,8 @@ extern "C" void dqp_ipm_dual_cpu(
     double* z_out, double* s_out, double* mu_out, double* lam_out, long long* status_out, long long* iters_out,
     const double* sc, unsigned char* act_out, long long* pflag_out, double* LS_out,
     int n, int m, int p, int max_iter, int stall_iters, int separate_steps, int polish_rounds,
-    double eps, double eps_inf, double step_fraction, double reg_d, double wlo, double eps2, int b0, int b1)
+    double eps, double eps_inf, double step_fraction, double reg_d, double wlo, double eps2, int start,
+    int b0, int b1)
 {
     const int k = m + p;
     const long long words = (long long)k * (k | 1) + DQP_PAD + 13LL * k + 12LL * n + 3LL * (m + 1) + 2LL * MAXRED + 2;
@@ -899,7 +943,7 @@ extern "C" void dqp_ipm_dual_cpu(
                      z0, s0, mu0, lam0, delta0, z_out, s_out, mu_out, lam_out, status_out, iters_out,
                      sc, act_out, pflag_out, LS_out,
                      n, m, p, max_iter, stall_iters, separate_steps, polish_rounds,
-                     eps, eps_inf, step_fraction, reg_d, wlo, eps2,
+                     eps, eps_inf, step_fraction, reg_d, wlo, eps2, start,
                      nullptr);
     }
     std::free(buf);

@@ -791,12 +791,15 @@ def _regularization(dtype: torch.dtype) -> Tuple[float, float]:
     return (1e-10, 1e-12) if dtype == torch.float64 else (1e-7, 1e-7)
 
 
-def _init(P, q, C, d, A, b, B: int, n: int, m: int, p: int, fm: str, LP: Optional[Tensor]):
+def _init(P, q, C, d, A, b, B: int, n: int, m: int, p: int, fm: str, LP: Optional[Tensor],
+          start: bool = True):
     """Everything before the first interior-point iteration: the row scaling, the norms the checks
     read, the Newton solver of form ``fm`` (``LP``: P's Cholesky factor for the dual form) and the
     starting point. Device work only, no host sync (on CUDA it may run as a graph, see
     :data:`SETUP_GRAPH`). Returns ``(C, d, A, b, c_scale, a_scale, norms, newton, S)``: the scaled
-    constraints, their row norms, a dict of norms, the solver and the iteration's state."""
+    constraints, their row norms, a dict of norms, the solver and the iteration's state.
+    ``start=False``: the fused kernel computes the starting point (the same one) itself; the
+    state's z, s, mu, lam are then placeholders."""
     dtype, device = P.dtype, P.device
     reg_p, reg_d = _regularization(dtype)
     # row scaling of the constraints (unit-norm rows); undone on return
@@ -821,9 +824,14 @@ def _init(P, q, C, d, A, b, B: int, n: int, m: int, p: int, fm: str, LP: Optiona
     one_m = torch.ones(B, m, dtype=dtype, device=device)
 
     # ---- starting point: solve the KKT system with W = I, then shift s and μ into the interior
-    newton.factor(one_m if m else None, delta)
-    z, lam, mu_hat, _ = newton.solve(-q, b, d if m else None, one_m if m else None)
-    if m:
+    if not start:
+        z, lam, mu_hat = torch.zeros_like(q), (q.new_zeros(B, p) if p else None), None
+    else:
+        newton.factor(one_m if m else None, delta)
+        z, lam, mu_hat, _ = newton.solve(-q, b, d if m else None, one_m if m else None)
+    if m and not start:
+        s, mu = one_m.clone(), one_m.clone()
+    elif m:
         s_hat = d - _mv(C, z)
         # (the W = I system gives μ̂ = Cz − d = −ŝ)
         def _shift(v):
@@ -914,7 +922,7 @@ def _init_graphed(P, q, C, d, A, b, B: int, n: int, m: int, p: int, minimal: boo
         LP, info = _cholesky(P_)
         ok = _factor_ok(LP, info, P_).all()
         C2, d2, A2, b2, cs, as_, norms, nt, S = _init(P_, inp["q"], C_, inp.get("d"), A_, inp.get("b"),
-                                                      B, n, m, p, "dual", LP)
+                                                      B, n, m, p, "dual", LP, start=not minimal)
         out = dict(ok=ok, C=C2, d=d2, A=A2, b=b2, c_scale=cs, a_scale=as_)
         out.update({"norm." + k: v for k, v in norms.items()})
         # (Abar when it is C or A itself: not a tensor of its own, see _DualNewton)
@@ -1125,7 +1133,10 @@ def ipm_solve(P: Tensor, q: Tensor, C: Optional[Tensor] = None, d: Optional[Tens
                 init, deferred = got
         if init is None:
             fm, LP = _choose_form(form, P, B, n, m, p)
-            init = _init(P, q, C, d, A, b, B, n, m, p, fm, LP)
+            if fm == "dual":
+                fused_dual = _use_fused(fused, "dual", dtype, device, n, m, p, trace, refine)
+            # (where the kernel follows, it computes the starting point itself)
+            init = _init(P, q, C, d, A, b, B, n, m, p, fm, LP, start=not (fm == "dual" and fused_dual))
     C, d, A, b, c_scale, a_scale, norms, newton, S = init
     fm = newton.form
     if refine is None:
@@ -1146,7 +1157,7 @@ def ipm_solve(P: Tensor, q: Tensor, C: Optional[Tensor] = None, d: Optional[Tens
                 P, q, C, d, A, b, newton.M, newton.PiAbt, newton._Piq, newton._g, norms, newton.Md, S,
                 max_iter=max_iter, stall_iters=stall_iters, separate_steps=separate_steps,
                 eps_inf=eps_inf, step_fraction=step_fraction, reg_d=newton.reg_d, wlo=wlo,
-                polish_rounds=polish_rounds, row_scale=_row_scales(a_scale, c_scale, B),
+                polish_rounds=polish_rounds, row_scale=_row_scales(a_scale, c_scale, B), start=True,
                 **(dict(eps=float(polish_eps), eps2=eps) if (polish_rounds and polish_eps is not None
                                                              and float(polish_eps) > eps) else dict(eps=eps)))
         if deferred is not None and not _deferred_ok(deferred):

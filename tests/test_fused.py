@@ -775,3 +775,36 @@ def test_polish_eps_is_checked():
     P, q, C, d, *_ = known_qp(2, 4, 5, 0, seed=0)
     with pytest.raises(SettingsError, match="polish_eps must be positive"):
         ipm_solve(P, q, C, d, polish_eps=0.0)
+
+
+@needs_cxx
+@pytest.mark.parametrize("n,m,p,shared", CASES)
+def test_kernel_starting_point_is_the_setups(n, m, p, shared, cpu_build, monkeypatch):
+    """The kernel's own starting point (solve_dual(start=True), what ipm_solve runs) is _init's (the
+    W = I system's z, λ and the shifted s, μ): one step from either gives the same iterate."""
+    import dqp.solvers.ipm as ipm
+    P, q, C, d, A, b, *_ = known_qp(6, n, m, p, seed=n + m + p)
+    if shared:
+        P, C, A = P[0], C[0], A[0]
+    data = (P, q, C if m else None, d if m else None, A if p else None, b if p else None)
+    seen = {}
+    real = fused.solve_dual
+
+    def spy(*a, **k):
+        seen.update(a=a, k=k)
+        return real(*a, **k)
+    monkeypatch.setattr(fused, "solve_dual", spy)
+    ipm_solve(*data, fused=True, form="dual")
+    Pb, qb, Cb, db, Ab, bb, B, nn, mm, pp = ipm._prepare(*data)
+    torch_state = ipm._init(Pb, qb, Cb, db, Ab, bb, B, nn, mm, pp, "dual", ipm._cholesky(Pb)[0])[-1]
+    kw = dict(seen["k"], max_iter=1, polish_rounds=0)
+    args = list(seen["a"])
+    own = real(*args, **dict(kw, start=True))
+    args[12] = {k: v.clone() for k, v in torch_state.items()}
+    given = real(*args, **dict(kw, start=False))
+    assert torch.equal(own["iters"], given["iters"]) and bool((own["iters"] == 1).all())
+    for key in ("z", "s", "mu", "lam"):
+        if given[key].numel():
+            assert (own[key] - given[key]).abs().max() <= 1e-9 * (1 + given[key].abs().max()), key
+    # and the state ipm_solve hands the kernel holds no starting point of its own (placeholders)
+    assert bool((seen["a"][12]["z"] == 0).all())
