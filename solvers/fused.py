@@ -295,6 +295,11 @@ def _cache_dir() -> Path:
     return base
 
 
+#: Tests only: ``None``, or a function of k that returns the C++ function the CPU path of
+#: :func:`solve_dual` calls instead of the build's ``dqp_ipm_dual_cpu`` (the same arguments; e.g.
+#: the multi-threaded test build's ``dqp_ipm_dual_threads``, tests/test_fused.py).
+_CPU_FN_OVERRIDE = None
+
 _pool: Optional[ThreadPoolExecutor] = None
 _pool_pid = 0
 
@@ -439,7 +444,7 @@ def solve_dual(P: Tensor, q: Tensor, C: Optional[Tensor], d: Optional[Tensor], A
             kern(grid=(B, 1, 1), block=(threads, 1, 1), args=tensors + scalars + prof,
                  shared_mem=smem_bytes(n, m, p, threads), stream=torch.cuda.current_stream(dev))
     else:
-        fn = _cpu_library(k).dqp_ipm_dual_cpu
+        fn = _cpu_library(k).dqp_ipm_dual_cpu if _CPU_FN_OVERRIDE is None else _CPU_FN_OVERRIDE(k)
         _run_cpu(fn, [a.data_ptr() if isinstance(a, Tensor) else a for a in tensors] + scalars, B)
     out = dict(z=z, s=s, mu=mu, lam=lam, status=status, iters=iters)
     if rounds:

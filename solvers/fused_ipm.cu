@@ -9,7 +9,9 @@
 // The source also compiles as plain C++ with -DDQP_CPU: a "block" is then one thread
 // (TID = 0, NT = 1, WARP = 1), barriers are no-ops and block reductions are identities, so each
 // parallel loop runs sequentially over its whole range. CI compiles it that way to test the
-// logic without a GPU. Rules that keep both builds right: parallel work only in loops of the form
+// logic without a GPU, and also with -DDQP_CPU_THREADS (a test build, below: a block of real
+// threads, warps of 32 lanes with their shuffles emulated, so that multi-warp logic and races
+// show). Rules that keep both builds right: parallel work only in loops of the form
 // `for (i = TID; i < N; i += NT)` (or over warps/lanes), values that cross a barrier live in
 // shared memory, and reductions go through block_reduce().
 //
@@ -23,32 +25,131 @@
 static thread_local int dqp_block_id = 0;
 static thread_local double* dqp_smem = nullptr;
 #ifdef DQP_CPU_THREADS
-// A test build (tests/test_fused.py): the register-tile factorization chol_upper run by
-// DQP_THREADS real threads as one block (warps of 32, a std::barrier for the block's barrier), so
-// that CI checks its logic with several warps. Only dqp_chol_upper_threads below is meant to be
-// called in this build (the reductions and shuffles elsewhere assume one thread).
+// A test build (tests/test_fused.py): one block is DQP_THREADS real threads (warps of 32 lanes,
+// NT/32 warps), so that CI runs the CUDA code's logic with several warps and lanes:
+// dqp_ipm_dual_threads (the whole kernel) and dqp_chol_upper_threads (factorization and solve)
+// at the end of the file. The warp-level primitives (warp_sum, warp_max, DQP_SHFL, SYNCWARP) are
+// emulated per warp: a lane writes its value to its warp's exchange buffer, waits at its warp's
+// barrier of 32 threads and reads what it needs (all 32 values for the butterflies, computed
+// exactly as the CUDA lanes do, in the same order). Each warp alternates two buffers: a lane
+// writes a buffer again only two exchanges later, after the next exchange's barrier, which every
+// lane reaches only once it has read this one (so one barrier per exchange cannot race).
+// Schedules (dqp_threads_schedule): 0, the OS runs the threads at once (std::barrier for the block
+// and per warp); ±1, one thread at a time, handing over only at barriers, the runnable thread of
+// lowest (+1) or highest (−1) index next. The serialized schedules make races deterministic: a
+// value read without a barrier after another thread's write is then always stale in one of the two
+// orders. There a deadlock (lanes that diverge on a warp-level primitive, undefined with the full
+// mask on CUDA; threads that skip a barrier) aborts with a message; with 0 it hangs.
 #include <barrier>
+#include <cstdio>
+#include <memory>
+#include <semaphore>
 #include <thread>
 #include <vector>
+static int dqp_schedule = 0;
+extern "C" void dqp_threads_schedule(int order) { dqp_schedule = order; }
+struct DqpBlock {           // what the threads of one block share, besides dqp_smem
+    const int order = dqp_schedule;
+    std::barrier<> bar{DQP_THREADS};
+    std::vector<std::unique_ptr<std::barrier<>>> wbar;   // one per warp, 32 threads each
+    double xbuf[DQP_THREADS / 32][2][32];
+    // the serialized schedules: the running thread owns these (handed over by the semaphores)
+    std::vector<std::unique_ptr<std::binary_semaphore>> go;   // per thread: its turn
+    std::vector<int> at;       // per thread: −1 runnable, −2 finished, b ≥ 0 waiting at barrier b
+    std::vector<int> arrived;  // per barrier (0: the block's, 1 + w: warp w's): threads arrived
+    DqpBlock() : at(DQP_THREADS, -1), arrived(1 + DQP_THREADS / 32, 0) {
+        for (int w = 0; w < DQP_THREADS / 32; ++w) wbar.emplace_back(new std::barrier<>(32));
+        for (int t = 0; t < DQP_THREADS; ++t) go.emplace_back(new std::binary_semaphore(0));
+    }
+    int next() const {         // the runnable thread that runs next (−1: none)
+        for (int i = 0; i < DQP_THREADS; ++i) {
+            const int t = order > 0 ? i : DQP_THREADS - 1 - i;
+            if (at[t] == -1) return t;
+        }
+        return -1;
+    }
+};
 static thread_local int dqp_tid = 0;
-static std::barrier<>* dqp_bar = nullptr;
+static thread_local DqpBlock* dqp_blk = nullptr;
+static thread_local int dqp_xpar = 0;      // which of its warp's two buffers the lane uses next
+// (serialized schedules) hand the turn to the next runnable thread; return when it is ours again
+static void dqp_yield(DqpBlock* k) {
+    const int t = k->next();
+    if (t < 0) {
+        bool all_done = true;
+        for (int u = 0; u < DQP_THREADS; ++u) all_done = all_done && k->at[u] == -2;
+        if (all_done) return;
+        std::fprintf(stderr, "dqp threaded kernel: deadlock (thread %d at barrier %d; 0 = block, 1 + w = warp w)\n",
+                     dqp_tid, k->at[dqp_tid]);
+        std::abort();
+    }
+    if (t == dqp_tid) return;
+    const bool done = k->at[dqp_tid] == -2;     // (read before the turn passes: then t owns k)
+    k->go[t]->release();
+    if (!done) k->go[dqp_tid]->acquire();
+}
+// barrier b (0: the block's, 1 + w: warp w's)
+static void dqp_barrier(int b) {
+    DqpBlock* k = dqp_blk;
+    if (k->order == 0) {
+        (b == 0 ? k->bar : *k->wbar[b - 1]).arrive_and_wait();
+        return;
+    }
+    if (++k->arrived[b] == (b == 0 ? DQP_THREADS : 32)) {
+        k->arrived[b] = 0;
+        for (int u = 0; u < DQP_THREADS; ++u)
+            if (k->at[u] == b) k->at[u] = -1;
+    } else {
+        k->at[dqp_tid] = b;
+    }
+    dqp_yield(k);
+}
 #define TID dqp_tid
 #define NT DQP_THREADS
 #define WARP 32
-#define SYNC() dqp_bar->arrive_and_wait()
+#define SYNC() dqp_barrier(0)
+#define SYNCWARP() dqp_barrier(1 + dqp_tid / 32)
+// every lane of the warp publishes v; returns the warp's 32 values (valid until its next exchange)
+static inline const double* dqp_exchange(double v) {
+    const int w = dqp_tid / 32;
+    double* buf = dqp_blk->xbuf[w][dqp_xpar];
+    dqp_xpar ^= 1;
+    buf[dqp_tid % 32] = v;
+    dqp_barrier(1 + w);
+    return buf;
+}
+// the xor butterflies of the CUDA warp_sum/warp_max below, every lane's value at every round
+// (u[l] is lane l's v), so each lane gets exactly what its CUDA lane would
+static inline double dqp_butterfly(double v, bool is_max) {
+    const double* buf = dqp_exchange(v);
+    double u[32], t[32];
+    for (int l = 0; l < 32; ++l) u[l] = buf[l];
+    for (int o = 16; o > 0; o >>= 1) {
+        for (int l = 0; l < 32; ++l) t[l] = is_max ? std::fmax(u[l], u[l ^ o]) : u[l] + u[l ^ o];
+        for (int l = 0; l < 32; ++l) u[l] = t[l];
+    }
+    return u[dqp_tid % 32];
+}
+static inline double warp_sum(double v) { return dqp_butterfly(v, false); }
+static inline double warp_max(double v) { return dqp_butterfly(v, true); }
+// __shfl_sync(full mask, v, src): lane src's v
+static inline double dqp_shfl(double v, int src) { return dqp_exchange(v)[src & 31]; }
+#define DQP_SHFL(v, src) dqp_shfl((v), (src))
 #else
 #define TID 0
 #define NT 1
 #define WARP 1
 #define SYNC() ((void)0)
+#define SYNCWARP() ((void)0)
 #endif
 #define BID dqp_block_id
-#define SYNCWARP() ((void)0)
 #define DQP_SQRT std::sqrt
 #define DQP_ISFINITE std::isfinite
 #define DQP_RCP(x) (1.0 / (x))
+#ifndef DQP_CPU_THREADS
 DEV double warp_sum(double v) { return v; }
 DEV double warp_max(double v) { return v; }
+#endif
 #else
 #ifndef DQP_THREADS
 #define DQP_THREADS 384       // (the host always defines it: dqp.solvers.fused.THREADS)
@@ -101,7 +202,7 @@ DEV double warp_max(double v) {
 // Reduce ns sums and nx maxima over the block; every thread gets the totals back in place.
 // red: shared scratch of (NWARPS + 1) * MAXRED doubles.
 DEV void block_reduce(double* sums, int ns, double* maxs, int nx, double* red) {
-#ifndef DQP_CPU
+#if !defined(DQP_CPU) || defined(DQP_CPU_THREADS)
     const int nv = ns + nx;
     for (int j = 0; j < ns; ++j) sums[j] = warp_sum(sums[j]);
     for (int j = 0; j < nx; ++j) maxs[j] = warp_max(maxs[j]);
@@ -335,18 +436,7 @@ DEV int chol_upper(double* W, const double* Mdg, const double* Sd, int k, int ld
 }
 
 #if defined(DQP_CPU_THREADS)
-// (the threaded test build: a shuffle among warp 0's threads, the only warp that shuffles, through a
-// shared buffer between two barriers of those 32 threads)
-static double dqp_shfl_buf[32];
-static std::barrier<>* dqp_warp_bar = nullptr;
-DEV double dqp_shfl(double v, int src) {
-    dqp_shfl_buf[LANE] = v;
-    dqp_warp_bar->arrive_and_wait();
-    const double r = dqp_shfl_buf[src];
-    dqp_warp_bar->arrive_and_wait();
-    return r;
-}
-#define DQP_SHFL(v, src) dqp_shfl((v), (src))
+// (the threaded test build defines DQP_SHFL at the top: a per-warp emulation)
 #elif defined(DQP_CPU)
 #define DQP_SHFL(v, src) (v)
 #else
@@ -897,31 +987,81 @@ KERNEL dqp_ipm_dual(
 // doubles: k·(k|1) + DQP_PAD + 13k + (11 + NWARPS)n + 3(m+1) + (NWARPS+1)·MAXRED, plus an int.
 
 #ifdef DQP_CPU_THREADS
+// Runs body(t) on DQP_THREADS new threads as one block (thread t: TID = t), with a fresh block context
+// (the schedule of dqp_threads_schedule) and dqp_smem = smem, block id blk.
+template <class F>
+static void dqp_run_block(double* smem, int blk, F body) {
+    DqpBlock ctx;
+    std::vector<std::thread> th;
+    th.reserve(NT);
+    for (int t = 0; t < NT; ++t)
+        th.emplace_back([&, t] {
+            dqp_tid = t;
+            dqp_blk = &ctx;
+            dqp_xpar = 0;
+            dqp_smem = smem;
+            dqp_block_id = blk;
+            if (ctx.order) ctx.go[t]->acquire();        // (serialized: wait for the first turn)
+            body(t);
+            if (ctx.order) {
+                ctx.at[t] = -2;
+                dqp_yield(&ctx);
+            }
+        });
+    if (ctx.order) ctx.go[ctx.next()]->release();
+    for (auto& x_ : th) x_.join();
+}
+
 // chol_upper on DQP_THREADS threads (see the top of the file), W and invd in place; then, where x is
 // given and the factorization succeeded, chol_solve: x ← S⁻¹ x. Returns the factorization's flag
 // (−1: the threads disagreed).
 extern "C" int dqp_chol_upper_threads(double* W, const double* Mdg, const double* Sd, int k, int ld,
                                       double* invd, const double* cm, double* x) {
-    std::barrier<> bar(NT), wbar(WARP);
-    dqp_bar = &bar;
-    dqp_warp_bar = &wbar;
     int flag = -1;
     std::vector<int> ret(NT);
-    std::vector<std::thread> th;
-    for (int t = 0; t < NT; ++t)
-        th.emplace_back([&, t] {
-            dqp_tid = t;
-            ret[t] = chol_upper(W, Mdg, Sd, k, ld, invd, &flag, cm);
-            if (x && ret[t] == 1) chol_solve(W, k, ld, invd, x);
-        });
-    for (auto& x_ : th) x_.join();
+    dqp_run_block(nullptr, 0, [&](int t) {
+        ret[t] = chol_upper(W, Mdg, Sd, k, ld, invd, &flag, cm);
+        if (x && ret[t] == 1) chol_solve(W, k, ld, invd, x);
+    });
     for (int t = 1; t < NT; ++t)
         if (ret[t] != ret[0]) return -1;
     return ret[0];
 }
+
+// The whole kernel, dqp_ipm_dual_cpu's arguments: blocks b0..b1−1 one after the other, each run by
+// DQP_THREADS threads on a "shared memory" of the CUDA launch's size (dqp.solvers.fused.smem_bytes,
+// NWARPS = DQP_THREADS/32 warps), filled with NaNs first (CUDA's shared memory is not initialized:
+// a value read before it is written shows).
+extern "C" void dqp_ipm_dual_threads(
+    const double* P, int sP, const double* q, int sq, const double* C, int sC, const double* d, int sd,
+    const double* A, int sA, const double* b, int sb, const double* M, int sM, const double* PiAbt, int sPi,
+    const double* Piq, const double* g, const double* norms,
+    const double* z0, const double* s0, const double* mu0, const double* lam0, const double* delta0,
+    double* z_out, double* s_out, double* mu_out, double* lam_out, long long* status_out, long long* iters_out,
+    const double* sc, unsigned char* act_out, long long* pflag_out, double* LS_out,
+    int n, int m, int p, int max_iter, int stall_iters, int separate_steps, int polish_rounds,
+    double eps, double eps_inf, double step_fraction, double reg_d, double wlo, double eps2, int start,
+    int b0, int b1)
+{
+    const int k = m + p;
+    const long long words = (long long)k * (k | 1) + DQP_PAD + 13LL * k + (11LL + NWARPS) * n + 3LL * (m + 1)
+                            + (NWARPS + 1LL) * MAXRED + 1;
+    std::vector<double> buf(words);
+    for (int blk = b0; blk < b1; ++blk) {
+        for (auto& w : buf) w = std::nan("");
+        dqp_run_block(buf.data(), blk, [&](int) {
+            dqp_ipm_dual(P, sP, q, sq, C, sC, d, sd, A, sA, b, sb, M, sM, PiAbt, sPi, Piq, g, norms,
+                         z0, s0, mu0, lam0, delta0, z_out, s_out, mu_out, lam_out, status_out, iters_out,
+                         sc, act_out, pflag_out, LS_out,
+                         n, m, p, max_iter, stall_iters, separate_steps, polish_rounds,
+                         eps, eps_inf, step_fraction, reg_d, wlo, eps2, start,
+                         nullptr);
+        });
+    }
+}
 #endif
 
-#ifdef DQP_CPU
+#if defined(DQP_CPU) && !defined(DQP_CPU_THREADS)
 extern "C" void dqp_ipm_dual_cpu(
     const double* P, int sP, const double* q, int sq, const double* C, int sC, const double* d, int sd,
     const double* A, int sA, const double* b, int sb, const double* M, int sM, const double* PiAbt, int sPi,
