@@ -883,7 +883,9 @@ KERNEL dqp_ipm_dual(
         double* badv = At;         // rows that fail the acceptance test
         for (int j = TID; j < k; j += NT)
             cm[j] = j < p ? 1.0 : ((solved && s[j - p] < mu[j - p]) ? 1.0 : 0.0);
-        for (int i = TID; i < m; i += NT) act_out[e * m + i] = (unsigned char)(cm[p + i] != 0.0);
+        // (from s and μ, not from cm: thread t wrote cm[t, t+NT, ...], and cm[p+i] is another
+        // thread's until the barrier — the threaded CPU build caught that race)
+        for (int i = TID; i < m; i += NT) act_out[e * m + i] = (unsigned char)(solved && s[i] < mu[i]);
         SYNC();
         long long pflag = 0;
         const double tol = 1.4901161193847656e-08;        // √eps of float64

@@ -915,20 +915,12 @@ def test_whole_kernel_with_several_warps(threads, n, m, p, B, opts, schedule, mo
 
 
 @needs_cxx
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "a race in the kernel's polish set-up (solvers/fused_ipm.cu, the loops after `double* cm = py;`): "
-    "thread t writes the mask cm[j] for j = t, t+NT, ... and, with no barrier between, writes "
-    "act_out[i] = (cm[p+i] != 0) for i = t, t+NT, ..., reading cm[p+i], which thread (p+i) mod NT "
-    "writes — another thread (of the next warp for the last p lanes of a warp) when p > 0. A stale "
-    "cm (py: the previous iterate's y, nonzero) marks inactive rows active. act_out is written "
-    "again when a round accepts, so only elements whose polish is rejected or falls back keep the "
-    "wrong active set (the layer's backward uses it). Fix: SYNC() between the loops, or act_out from "
-    "`solved && s[i] < mu[i]` directly."))
 def test_threaded_kernel_active_set_of_a_rejected_polish(monkeypatch):
     """eps = 0.1, three rounds, p > 0: some elements' polish is rejected in every round and the
     kernel's active set for them is the classification at the IPM point (as the torch polish's,
-    test_kernel_polish_matches_the_torch_polish). Run one thread at a time, lowest index first, the
-    race above reads the stale mask every time."""
+    test_kernel_polish_matches_the_torch_polish). Run one thread at a time, lowest index first: the
+    kernel's act_out once read the mask cm[p+i] another thread writes, before the barrier (a race
+    on CUDA for p > 0; now act_out comes from s and μ)."""
     got, ref, *_ = _threaded_kernel_vs_one_thread(64, 8, 10, 3, 6, dict(polish_rounds=3, eps=1e-1), "up",
                                                   monkeypatch)
     assert not bool(ref.polish["polished"].all())
