@@ -851,6 +851,7 @@ THREADED_CASES = [
     (128, 12, 40, 0, 2, dict(polish_rounds=3), "down"),
     (128, 20, 33, 5, 2, dict(polish_rounds=0), "free"),
     (128, 20, 33, 5, 4, dict(polish_rounds=3, polish_eps=1e-1), "free"),
+    (384, 60, 60, 8, 2, dict(polish_rounds=3, polish_eps=1e-1), "free"),   # the CUDA build's block size
 ]
 _SCHEDULES = {"free": 0, "up": 1, "down": -1}
 
