@@ -206,7 +206,9 @@ DEV void block_reduce(double* sums, int ns, double* maxs, int nx, double* red) {
     const int nv = ns + nx;
     for (int j = 0; j < ns; ++j) sums[j] = warp_sum(sums[j]);
     for (int j = 0; j < nx; ++j) maxs[j] = warp_max(maxs[j]);
-    SYNC();     // (red may still be read by the previous call's threads)
+    // (no barrier needed here: the previous call's last reads of the per-warp slots came before its
+    // final barrier, and its readers of the totals' slots pass this call's next barrier before
+    // anything writes them again — the threaded CPU build checks this under serialized schedules)
     if (LANE == 0) {
         for (int j = 0; j < ns; ++j) red[WID * MAXRED + j] = sums[j];
         for (int j = 0; j < nx; ++j) red[WID * MAXRED + ns + j] = maxs[j];
