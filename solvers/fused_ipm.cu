@@ -990,6 +990,24 @@ KERNEL dqp_ipm_dual(
 // Shared memory the kernel needs, in bytes (dqp.solvers.fused.smem_bytes computes the same):
 // doubles: k·(k|1) + DQP_PAD + 13k + (11 + NWARPS)n + 3(m+1) + (NWARPS+1)·MAXRED, plus an int.
 
+// The host entry points' parameters (the kernel's, with the block range b0..b1 instead of the
+// profile counters) and the kernel call that forwards them: one list for both C++ entry points.
+#define DQP_HOST_PARAMS \
+    const double* P, int sP, const double* q, int sq, const double* C, int sC, const double* d, int sd, \
+    const double* A, int sA, const double* b, int sb, const double* M, int sM, const double* PiAbt, int sPi, \
+    const double* Piq, const double* g, const double* norms, \
+    const double* z0, const double* s0, const double* mu0, const double* lam0, const double* delta0, \
+    double* z_out, double* s_out, double* mu_out, double* lam_out, long long* status_out, long long* iters_out, \
+    const double* sc, unsigned char* act_out, long long* pflag_out, double* LS_out, \
+    int n, int m, int p, int max_iter, int stall_iters, int separate_steps, int polish_rounds, \
+    double eps, double eps_inf, double step_fraction, double reg_d, double wlo, double eps2, int start, \
+    int b0, int b1
+#define DQP_KERNEL_CALL \
+    dqp_ipm_dual(P, sP, q, sq, C, sC, d, sd, A, sA, b, sb, M, sM, PiAbt, sPi, Piq, g, norms, \
+                 z0, s0, mu0, lam0, delta0, z_out, s_out, mu_out, lam_out, status_out, iters_out, \
+                 sc, act_out, pflag_out, LS_out, n, m, p, max_iter, stall_iters, separate_steps, polish_rounds, \
+                 eps, eps_inf, step_fraction, reg_d, wlo, eps2, start, nullptr)
+
 #ifdef DQP_CPU_THREADS
 // Runs body(t) on DQP_THREADS new threads as one block (thread t: TID = t), with a fresh block context
 // (the schedule of dqp_threads_schedule) and dqp_smem = smem, block id blk.
@@ -1037,15 +1055,7 @@ extern "C" int dqp_chol_upper_threads(double* W, const double* Mdg, const double
 // NWARPS = DQP_THREADS/32 warps), filled with NaNs first (CUDA's shared memory is not initialized:
 // a value read before it is written shows).
 extern "C" void dqp_ipm_dual_threads(
-    const double* P, int sP, const double* q, int sq, const double* C, int sC, const double* d, int sd,
-    const double* A, int sA, const double* b, int sb, const double* M, int sM, const double* PiAbt, int sPi,
-    const double* Piq, const double* g, const double* norms,
-    const double* z0, const double* s0, const double* mu0, const double* lam0, const double* delta0,
-    double* z_out, double* s_out, double* mu_out, double* lam_out, long long* status_out, long long* iters_out,
-    const double* sc, unsigned char* act_out, long long* pflag_out, double* LS_out,
-    int n, int m, int p, int max_iter, int stall_iters, int separate_steps, int polish_rounds,
-    double eps, double eps_inf, double step_fraction, double reg_d, double wlo, double eps2, int start,
-    int b0, int b1)
+    DQP_HOST_PARAMS)
 {
     const int k = m + p;
     const long long words = (long long)k * (k | 1) + DQP_PAD + 13LL * k + (11LL + NWARPS) * n + 3LL * (m + 1)
@@ -1054,12 +1064,7 @@ extern "C" void dqp_ipm_dual_threads(
     for (int blk = b0; blk < b1; ++blk) {
         for (auto& w : buf) w = std::nan("");
         dqp_run_block(buf.data(), blk, [&](int) {
-            dqp_ipm_dual(P, sP, q, sq, C, sC, d, sd, A, sA, b, sb, M, sM, PiAbt, sPi, Piq, g, norms,
-                         z0, s0, mu0, lam0, delta0, z_out, s_out, mu_out, lam_out, status_out, iters_out,
-                         sc, act_out, pflag_out, LS_out,
-                         n, m, p, max_iter, stall_iters, separate_steps, polish_rounds,
-                         eps, eps_inf, step_fraction, reg_d, wlo, eps2, start,
-                         nullptr);
+            DQP_KERNEL_CALL;
         });
     }
 }
@@ -1067,15 +1072,7 @@ extern "C" void dqp_ipm_dual_threads(
 
 #if defined(DQP_CPU) && !defined(DQP_CPU_THREADS)
 extern "C" void dqp_ipm_dual_cpu(
-    const double* P, int sP, const double* q, int sq, const double* C, int sC, const double* d, int sd,
-    const double* A, int sA, const double* b, int sb, const double* M, int sM, const double* PiAbt, int sPi,
-    const double* Piq, const double* g, const double* norms,
-    const double* z0, const double* s0, const double* mu0, const double* lam0, const double* delta0,
-    double* z_out, double* s_out, double* mu_out, double* lam_out, long long* status_out, long long* iters_out,
-    const double* sc, unsigned char* act_out, long long* pflag_out, double* LS_out,
-    int n, int m, int p, int max_iter, int stall_iters, int separate_steps, int polish_rounds,
-    double eps, double eps_inf, double step_fraction, double reg_d, double wlo, double eps2, int start,
-    int b0, int b1)
+    DQP_HOST_PARAMS)
 {
     const int k = m + p;
     const long long words = (long long)k * (k | 1) + DQP_PAD + 13LL * k + 12LL * n + 3LL * (m + 1) + 2LL * MAXRED + 2;
@@ -1083,12 +1080,7 @@ extern "C" void dqp_ipm_dual_cpu(
     dqp_smem = buf;
     for (int blk = b0; blk < b1; ++blk) {
         dqp_block_id = blk;
-        dqp_ipm_dual(P, sP, q, sq, C, sC, d, sd, A, sA, b, sb, M, sM, PiAbt, sPi, Piq, g, norms,
-                     z0, s0, mu0, lam0, delta0, z_out, s_out, mu_out, lam_out, status_out, iters_out,
-                     sc, act_out, pflag_out, LS_out,
-                     n, m, p, max_iter, stall_iters, separate_steps, polish_rounds,
-                     eps, eps_inf, step_fraction, reg_d, wlo, eps2, start,
-                     nullptr);
+        DQP_KERNEL_CALL;
     }
     std::free(buf);
 }
