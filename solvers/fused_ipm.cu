@@ -987,8 +987,10 @@ KERNEL dqp_ipm_dual(
     if (TID == 0) { status_out[e] = status; iters_out[e] = iters; }
 }
 
-// Shared memory the kernel needs, in bytes (dqp.solvers.fused.smem_bytes computes the same):
-// doubles: k·(k|1) + DQP_PAD + 13k + (11 + NWARPS)n + 3(m+1) + (NWARPS+1)·MAXRED, plus an int.
+// Shared memory the kernel needs, in doubles (the layout at the top of dqp_ipm_dual, and a slot for
+// the int flag; dqp.solvers.fused.smem_bytes computes the same for the CUDA launch).
+#define DQP_SMEM_WORDS(k, n, m) ((long long)(k) * ((k) | 1) + DQP_PAD + 13LL * (k) + (11LL + NWARPS) * (n) \
+                                 + 3LL * ((m) + 1) + (NWARPS + 1LL) * MAXRED + 1)
 
 // The host entry points' parameters (the kernel's, with the block range b0..b1 instead of the
 // profile counters) and the kernel call that forwards them: one list for both C++ entry points.
@@ -1057,10 +1059,7 @@ extern "C" int dqp_chol_upper_threads(double* W, const double* Mdg, const double
 extern "C" void dqp_ipm_dual_threads(
     DQP_HOST_PARAMS)
 {
-    const int k = m + p;
-    const long long words = (long long)k * (k | 1) + DQP_PAD + 13LL * k + (11LL + NWARPS) * n + 3LL * (m + 1)
-                            + (NWARPS + 1LL) * MAXRED + 1;
-    std::vector<double> buf(words);
+    std::vector<double> buf(DQP_SMEM_WORDS(m + p, n, m));
     for (int blk = b0; blk < b1; ++blk) {
         for (auto& w : buf) w = std::nan("");
         dqp_run_block(buf.data(), blk, [&](int) {
@@ -1074,9 +1073,7 @@ extern "C" void dqp_ipm_dual_threads(
 extern "C" void dqp_ipm_dual_cpu(
     DQP_HOST_PARAMS)
 {
-    const int k = m + p;
-    const long long words = (long long)k * (k | 1) + DQP_PAD + 13LL * k + 12LL * n + 3LL * (m + 1) + 2LL * MAXRED + 2;
-    double* buf = (double*)std::malloc(sizeof(double) * words);
+    double* buf = (double*)std::malloc(sizeof(double) * (DQP_SMEM_WORDS(m + p, n, m) + 1));
     dqp_smem = buf;
     for (int blk = b0; blk < b1; ++blk) {
         dqp_block_id = blk;
