@@ -791,6 +791,39 @@ def _regularization(dtype: torch.dtype) -> Tuple[float, float]:
     return (1e-10, 1e-12) if dtype == torch.float64 else (1e-7, 1e-7)
 
 
+def _start(newton, q, C, d, b, B: int, m: int, one_m: Tensor, delta: Tensor):
+    """The starting point ``(z, s, mu, lam)``: the KKT system with W = I, then s and μ shifted into
+    the interior; defaults (z = 0, s = μ = 1, λ = 0) for an element with a non-finite value. (The
+    fused kernel computes the same one itself: dqp.solvers.fused.solve_dual(start=True).)"""
+    newton.factor(one_m if m else None, delta)
+    z, lam, _, _ = newton.solve(-q, b, d if m else None, one_m if m else None)
+    if m:
+        s_hat = d - _mv(C, z)
+        # (the W = I system gives μ̂ = Cz − d = −ŝ)
+        def _shift(v):
+            lo = v.amin(-1, keepdim=True)
+            return torch.where(lo > 0, v, v + (1.0 - lo))      # strictly ≥ 1 when shifted
+        s = _shift(s_hat)
+        mu = _shift(-s_hat)
+    else:
+        s = q.new_zeros(B, 0)
+        mu = q.new_zeros(B, 0)
+    if lam is None:
+        lam = q.new_zeros(B, 0)
+    bad0 = ~(torch.isfinite(z).all(-1) & torch.isfinite(s).all(-1) & torch.isfinite(mu).all(-1)
+             & torch.isfinite(lam).all(-1))
+    z = torch.where(bad0.unsqueeze(-1), torch.zeros_like(z), z)
+    s = torch.where(bad0.unsqueeze(-1), torch.ones_like(s), s)
+    mu = torch.where(bad0.unsqueeze(-1), torch.ones_like(mu), mu)
+    lam = torch.where(bad0.unsqueeze(-1), torch.zeros_like(lam), lam)
+    return z, s, mu, lam
+
+
+def _start_placeholders(q: Tensor, B: int, m: int, p: int):
+    """``(z, s, mu, lam)`` buffers for a kernel that computes its own starting point (not read)."""
+    return torch.zeros_like(q), q.new_ones(B, m), q.new_ones(B, m), q.new_zeros(B, p)
+
+
 def _init(P, q, C, d, A, b, B: int, n: int, m: int, p: int, fm: str, LP: Optional[Tensor],
           start: bool = True):
     """Everything before the first interior-point iteration: the row scaling, the norms the checks
@@ -825,31 +858,9 @@ def _init(P, q, C, d, A, b, B: int, n: int, m: int, p: int, fm: str, LP: Optiona
 
     # ---- starting point: solve the KKT system with W = I, then shift s and μ into the interior
     if not start:
-        z, lam, mu_hat = torch.zeros_like(q), (q.new_zeros(B, p) if p else None), None
+        z, s, mu, lam = _start_placeholders(q, B, m, p)
     else:
-        newton.factor(one_m if m else None, delta)
-        z, lam, mu_hat, _ = newton.solve(-q, b, d if m else None, one_m if m else None)
-    if m and not start:
-        s, mu = one_m.clone(), one_m.clone()
-    elif m:
-        s_hat = d - _mv(C, z)
-        # (the W = I system gives μ̂ = Cz − d = −ŝ)
-        def _shift(v):
-            lo = v.amin(-1, keepdim=True)
-            return torch.where(lo > 0, v, v + (1.0 - lo))      # strictly ≥ 1 when shifted
-        s = _shift(s_hat)
-        mu = _shift(-s_hat)
-    else:
-        s = q.new_zeros(B, 0)
-        mu = q.new_zeros(B, 0)
-    if lam is None:
-        lam = q.new_zeros(B, 0)
-    bad0 = ~(torch.isfinite(z).all(-1) & torch.isfinite(s).all(-1) & torch.isfinite(mu).all(-1)
-             & torch.isfinite(lam).all(-1))
-    z = torch.where(bad0.unsqueeze(-1), torch.zeros_like(z), z)
-    s = torch.where(bad0.unsqueeze(-1), torch.ones_like(s), s)
-    mu = torch.where(bad0.unsqueeze(-1), torch.ones_like(mu), mu)
-    lam = torch.where(bad0.unsqueeze(-1), torch.zeros_like(lam), lam)
+        z, s, mu, lam = _start(newton, q, C, d, b, B, m, one_m, delta)
 
     zB = lambda k: torch.zeros(B, k, dtype=dtype, device=device)      # noqa: E731
     # the iteration's whole state, device tensors only (the CUDA graph's static buffers)
@@ -1149,6 +1160,8 @@ def ipm_solve(P: Tensor, q: Tensor, C: Optional[Tensor] = None, d: Optional[Tens
                                int(Status.DUAL_INFEASIBLE), int(Status.NUMERICAL))
 
     # the fused kernel runs the whole loop: nothing of the torch loop's machinery is needed then
+    # (with its polish and a looser polish_eps: two stages, the first to polish_eps)
+    eps_first = max(float(polish_eps), eps) if (polish_rounds and polish_eps is not None) else eps
     fused_out = None
     if (fused_dual if (fm == "dual" and fused_dual is not None)
             else _use_fused(fused, fm, dtype, device, n, m, p, trace, refine)):
@@ -1158,8 +1171,7 @@ def ipm_solve(P: Tensor, q: Tensor, C: Optional[Tensor] = None, d: Optional[Tens
                 max_iter=max_iter, stall_iters=stall_iters, separate_steps=separate_steps,
                 eps_inf=eps_inf, step_fraction=step_fraction, reg_d=newton.reg_d, wlo=wlo,
                 polish_rounds=polish_rounds, row_scale=_row_scales(a_scale, c_scale, B), start=True,
-                **(dict(eps=float(polish_eps), eps2=eps) if (polish_rounds and polish_eps is not None
-                                                             and float(polish_eps) > eps) else dict(eps=eps)))
+                eps=eps_first, eps2=eps if eps_first > eps else None)
         if deferred is not None and not _deferred_ok(deferred):
             # P failed the dual form's test in some element: the kernel's answer is void; this
             # setup graph tests before going on from now on, and the solve starts again
