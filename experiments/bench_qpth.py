@@ -350,6 +350,26 @@ class Dqp1StageMethod(_DqpBatchVariant):
     kw = dict(polish_eps=None)
 
 
+class DqpLibDiagMethod(_DqpBatchVariant):
+    """dqp with ``dqp.solvers.ipm.BLOCK_DIAG = "library"``: the blocked factorization's diagonal
+    blocks by the library's Cholesky and triangular inverse instead of the fused source's kernel
+    (the torch loop at k > 160 on CUDA), for a same-run comparison."""
+
+    name = "dqp_libdiag"
+
+    def _layer(self):
+        import dqp.solvers.ipm as ipm
+        inner = super()._layer()
+
+        def run(*args):
+            old, ipm.BLOCK_DIAG = ipm.BLOCK_DIAG, "library"
+            try:
+                return inner(*args)
+            finally:
+                ipm.BLOCK_DIAG = old
+        return run
+
+
 def _import_qpth():
     """Import qpth; its package imports cvxpy eagerly (only for its CVXPY solver, unused here)."""
     try:
@@ -449,7 +469,7 @@ class QpaxMethod(Method):
 
 METHODS: Dict[str, Method] = {m.name: m for m in (DqpMethod(), QpthMethod(), QpaxMethod(),
                                                  DqpBatchMethod(), DqpCompileMethod(), DqpLoopMethod(),
-                                                 Dqp1StageMethod())}
+                                                 Dqp1StageMethod(), DqpLibDiagMethod())}
 
 
 # --------------------------------------------------------------------------------------------

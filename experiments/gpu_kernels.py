@@ -100,6 +100,7 @@ def ops_for(B: int, k: int, dtype: torch.dtype) -> Dict[str, Callable[[], object
 
 def blocked_ops_for(B: int, k: int, dtype: torch.dtype, nbs: List[int]) -> Dict[str, object]:
     """Library Cholesky/solves against the blocked ones of dqp.linsolve.blocked, per block size."""
+    import dqp.solvers.fused as fused
     from dqp.linsolve.blocked import blocked_chol_solve, blocked_cholesky, diag_block_inverses
     S, L, Linv, r, _ = _spd_system(B, k, dtype)
     out: Dict[str, object] = {
@@ -122,6 +123,25 @@ def blocked_ops_for(B: int, k: int, dtype: torch.dtype, nbs: List[int]) -> Dict[
         x = blocked_chol_solve(Lb, db, r)
         res = (torch.matmul(S, x) - r).abs().amax() / r.abs().amax()
         out[f"rel. residual ‖Sx − r‖∞/‖r‖∞, nb={nb}"] = f"{res.item():.1e}"     # a value, not timed
+        # the diagonal blocks by the fused source's kernel (dqp.solvers.fused.chol_block)
+        name = f"blocked_cholesky nb={nb}, kernel diagonal"
+        if dtype == torch.float64 and fused.chol_block_available(S.device, dtype, nb):
+            diag = (lambda W, j0, j1, info, nb=nb: fused.chol_block(W, j0, j1, info, tile=nb))
+            out[name] = (lambda nb=nb, diag=diag: blocked_cholesky(S, nb, diag_factor=diag))
+            Lk, dk, _ = blocked_cholesky(S, nb, diag_factor=diag)
+            x = blocked_chol_solve(Lk, dk, r)
+            res = (torch.matmul(S, x) - r).abs().amax() / r.abs().amax()
+            out[f"rel. residual, nb={nb}, kernel diagonal"] = f"{res.item():.1e}"
+        else:
+            out[name] = "–"
+    if dtype == torch.float64 and k <= fused.KMAX and fused.chol_block_available(S.device, dtype, k):
+        # the whole factor and its inverse in one launch, against cholesky_ex + the inverse (k ≤ 128)
+        eye = torch.eye(k, dtype=dtype, device=S.device).expand(B, k, k)
+        info = torch.zeros(B, dtype=torch.int32, device=S.device)
+        out["cholesky_ex + inverse (trsm)"] = lambda: torch.linalg.solve_triangular(
+            torch.linalg.cholesky_ex(S)[0], eye, upper=False)
+        out["chol_block: factor + inverse"] = lambda: fused.chol_block(S.clone(), 0, k, info)
+        out["clone (in chol_block's time)"] = lambda: S.clone()
     return out
 
 

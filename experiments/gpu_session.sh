@@ -18,7 +18,7 @@ source "$(dirname "$0")/gpu_env.sh"
 
 # 1. CUDA tests (run from outside the repo root so that `dqp` is the copied package)
 [ "${TESTS_S:-130}" != 0 ] && (cd /tmp && timeout ${TESTS_S:-130} python3 -m pytest -q -p no:cacheprovider --timeout=100 -m "cuda" \
-    "$REPO/tests/test_fused.py" "$REPO/tests/test_ipm.py" "$REPO/tests/test_qpth.py" 2>&1 | tee "$OUT/cuda_tests.log" | tail -3)
+    "$REPO/tests/test_fused.py" "$REPO/tests/test_ipm.py" "$REPO/tests/test_qpth.py" "$REPO/tests/test_blocked.py" 2>&1 | tee "$OUT/cuda_tests.log" | tail -3)
 
 # 1b. the fused kernel against the torch loop (agreement, times, per-phase cycles); off by default
 [ "${FUSED_S:-0}" != 0 ] && timeout ${FUSED_S} python3 experiments/fused_check.py --out "$OUT" --reps 6 \

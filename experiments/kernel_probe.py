@@ -12,7 +12,7 @@ Three probes, each printed as a small table (and written to ``--out``):
    factorization with two columns per barrier: both slower, removed.)
 2. **setup**: the dual form's one-time products (``_DualNewton``: ``P⁻¹Āᵀ``, ``M = ĀP⁻¹Āᵀ``)
    with :data:`dqp.solvers.ipm.SETUP_PRODUCTS` ``"solve"`` and ``"inverse"``, and P's Cholesky.
-3. **profile**: the CUDA kernels of one ``QPFunction`` forward+backward at B = 128, n = m = 500
+3. **profile**: the CUDA kernels of one ``QPFunction`` forward+backward per ``--profile-cells`` (default B = 128, n = m = 500)
    (torch.profiler, the top entries by device time; the chrome trace goes to ``--out``).
 
     python experiments/kernel_probe.py [--configs 384,512] [--skip setup,profile] [--reps 15] [--out DIR]
@@ -132,9 +132,11 @@ def setup_products(reps, lines):
         print(lines[-1], flush=True)
 
 
-def profile_500(lines, top, out):
+def profile_cell(B, n, lines, top, out):
+    """torch.profiler of one QPFunction forward+backward at (B, n = m): the top kernels by device
+    time (and the chrome trace in ``out``)."""
     from torch.profiler import ProfilerActivity, profile
-    run = fwd_bwd(gen(128, 500, 500))
+    run = fwd_bwd(gen(B, n, n))
     run()
     run()
     torch.cuda.synchronize()
@@ -145,8 +147,8 @@ def profile_500(lines, top, out):
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         run()
         torch.cuda.synchronize()
-    prof.export_chrome_trace(os.path.join(out, "trace_500.json"))
-    lines.append(f"\n## profile: QPFunction fwd+bwd, B = 128, n = m = 500 (wall {wall:.1f} ms unprofiled)")
+    prof.export_chrome_trace(os.path.join(out, f"trace_{B}x{n}.json"))
+    lines.append(f"\n## profile: QPFunction fwd+bwd, B = {B}, n = m = {n} (wall {wall:.1f} ms unprofiled)")
     lines.append("```")
     lines.append(prof.key_averages().table(sort_by="cuda_time_total", row_limit=top, max_name_column_width=60))
     lines.append("```")
@@ -160,6 +162,7 @@ def main():
     ap.add_argument("--top", type=int, default=25)
     ap.add_argument("--skip", default="", help="comma-separated probes to skip: occupancy,setup,profile")
     ap.add_argument("--out", default=os.environ.get("OUT", "/tmp"))
+    ap.add_argument("--profile-cells", default="128x500", help="BxN list for the profile probe")
     a = ap.parse_args()
     skip = set(a.skip.split(","))
     lines = [f"# kernel probe on {torch.cuda.get_device_name()}, torch {torch.__version__}\n"]
@@ -168,7 +171,9 @@ def main():
     if "setup" not in skip:
         setup_products(a.reps, lines)
     if "profile" not in skip:
-        profile_500(lines, a.top, a.out)
+        for cell in a.profile_cells.split(","):
+            B, n = (int(x) for x in cell.split("x"))
+            profile_cell(B, n, lines, a.top, a.out)
     with open(os.path.join(a.out, "kernel_probe.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
 

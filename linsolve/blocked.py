@@ -22,13 +22,13 @@ on which device and shape is decided in :mod:`dqp.solvers.ipm` from measurements
 """
 from __future__ import annotations
 
-from typing import List, Tuple
+from typing import Callable, List, Optional, Tuple
 
 import torch
 
 Tensor = torch.Tensor
 
-__all__ = ["blocked_cholesky", "blocked_chol_solve", "diag_block_inverses", "block_starts"]
+__all__ = ["blocked_cholesky", "blocked_chol_solve", "diag_block_inverses", "block_starts", "DiagFactor"]
 
 
 def block_starts(k: int, nb: int) -> List[Tuple[int, int]]:
@@ -69,7 +69,14 @@ def diag_block_inverses(L: Tensor, nb: int) -> List[Tensor]:
     return [_tri_inverse(L[..., j0:j1, j0:j1]) for j0, j1 in block_starts(L.shape[-1], nb)]
 
 
-def blocked_cholesky(M: Tensor, nb: int, overwrite: bool = False) -> Tuple[Tensor, List[Tensor], Tensor]:
+#: ``diag_factor(W, j0, j1, info) -> L_jj⁻¹``: factorizes the diagonal block ``W[:, j0:j1, j0:j1]`` of
+#: a contiguous W in place (lower factor, zeros above), records failures in ``info`` as
+#: :func:`blocked_cholesky` does, and returns the block's inverse (``dqp.solvers.fused.chol_block``).
+DiagFactor = Callable[[Tensor, int, int, Tensor], Tensor]
+
+
+def blocked_cholesky(M: Tensor, nb: int, overwrite: bool = False,
+                     diag_factor: Optional[DiagFactor] = None) -> Tuple[Tensor, List[Tensor], Tensor]:
     """Batched Cholesky ``M = L Lᵀ`` in ``nb × nb`` blocks.
 
     Parameters
@@ -80,6 +87,9 @@ def blocked_cholesky(M: Tensor, nb: int, overwrite: bool = False) -> Tuple[Tenso
         Block size.
     overwrite : bool
         Factorize M's own storage (M must then be contiguous; it becomes L). Default False: a copy.
+    diag_factor : callable, optional
+        Factorizes and inverts each diagonal block (:data:`DiagFactor`) instead of the library's
+        batched Cholesky and :func:`_tri_inverse`.
 
     Returns
     -------
@@ -92,15 +102,19 @@ def blocked_cholesky(M: Tensor, nb: int, overwrite: bool = False) -> Tuple[Tenso
         pivot (as ``torch.linalg.cholesky_ex``; the rest of that element's L is garbage).
     """
     B, k = M.shape[0], M.shape[-1]
-    W = M if overwrite else M.clone()               # the trailing matrix, overwritten by L
+    # the trailing matrix, overwritten by L
+    W = M if overwrite else M.clone(memory_format=torch.contiguous_format)
     dinv: List[Tensor] = []
     info = torch.zeros(B, dtype=torch.int32, device=M.device)
     for j0, j1 in block_starts(k, nb):
-        Ljj, inf = torch.linalg.cholesky_ex(W[:, j0:j1, j0:j1])
-        info = torch.where((info == 0) & (inf > 0), inf + j0, info)
-        Dj = _tri_inverse(Ljj)
+        if diag_factor is not None:
+            Dj = diag_factor(W, j0, j1, info)
+        else:
+            Ljj, inf = torch.linalg.cholesky_ex(W[:, j0:j1, j0:j1])
+            info = torch.where((info == 0) & (inf > 0), inf + j0, info)
+            Dj = _tri_inverse(Ljj)
+            W[:, j0:j1, j0:j1] = Ljj
         dinv.append(Dj)
-        W[:, j0:j1, j0:j1] = Ljj
         if j1 < k:
             panel = torch.matmul(W[:, j1:, j0:j1], Dj.mT)            # L21 = A21 L11⁻ᵀ
             W[:, j1:, j0:j1] = panel

@@ -53,7 +53,7 @@ logger = logging.getLogger(__name__)
 
 Tensor = torch.Tensor
 
-__all__ = ["FUSED", "THREADS", "smem_bytes", "fused_available", "solve_dual"]
+__all__ = ["FUSED", "THREADS", "smem_bytes", "fused_available", "solve_dual", "chol_block", "chol_block_available"]
 
 #: ``"auto"``: the fused kernel wherever it applies on CUDA (module docstring); ``False``: never
 #: (the torch loop everywhere). ``ipm_solve(fused=...)`` overrides it per call.
@@ -205,23 +205,25 @@ def _set_smem(kernel, nbytes: int) -> None:
     kernel._max_shared_mem_bytes = nbytes
 
 
-def _cuda_kernel(device: torch.device, k: int, profile: bool = False, threads: Optional[int] = None):
-    """The kernel for this device and size class, built for ``threads`` per block (default
-    :data:`THREADS`: the launch must use the same number, the kernel's block size is a constant)."""
+def _cuda_kernel(device: torch.device, k: int, profile: bool = False, threads: Optional[int] = None,
+                 name: str = "dqp_ipm_dual"):
+    """The kernel ``name`` of the source for this device and size class, built for ``threads`` per
+    block (default :data:`THREADS`: the launch must use the same number, the kernel's block size is
+    a constant)."""
     idx = device.index if device.index is not None else torch.cuda.current_device()
     threads = _threads(threads)
     rr, rc = _tiles(k, "cuda", threads)
-    key = (idx, rr, rc, threads, profile, tuple(NVRTC_OPTIONS))
+    key = (idx, rr, rc, threads, profile, tuple(NVRTC_OPTIONS), name)
     with _lock:
         kern = _cuda_kernels.get(key)
         if kern is None:
             opts = (["-std=c++17", f"-DDQP_RR={rr}", f"-DDQP_RC={rc}", f"-DDQP_THREADS={threads}"]
                     + (["-DDQP_PROFILE"] if profile else []) + list(NVRTC_OPTIONS))
             with torch.cuda.device(idx):
-                kern = torch.cuda._compile_kernel(_source(), "dqp_ipm_dual", nvcc_options=opts)
+                kern = torch.cuda._compile_kernel(_source(), name, nvcc_options=opts)
                 _set_smem(kern, _max_smem(device))
             _cuda_kernels[key] = kern
-            logger.info("dqp fused IPM: kernel compiled for device %d, tile %dx%d", idx, rr, rc)
+            logger.info("dqp fused IPM: %s compiled for device %d, tile %dx%d", name, idx, rr, rc)
     return kern
 
 
@@ -277,6 +279,9 @@ def _cpu_library(k: int, tiles: Optional[bool] = None) -> ctypes.CDLL:
         ptr, i32, f64 = ctypes.c_void_p, ctypes.c_int, ctypes.c_double
         fn.argtypes = ([ptr, i32] * 8 + [ptr] * 3 + [ptr] * 5 + [ptr] * 6 + [ptr] * 4 + [i32] * 7 + [f64] * 6 + [i32] * 3)
         fn.restype = None
+        cb = lib.dqp_chol_block_cpu
+        cb.argtypes = [ptr, i32, i32, i32, ptr, ptr, i32, i32, i32]
+        cb.restype = None
         _cpu_libs[key] = lib
         return lib
 
@@ -450,3 +455,95 @@ def solve_dual(P: Tensor, q: Tensor, C: Optional[Tensor], d: Optional[Tensor], A
     if rounds:
         out.update(active=active, pflag=pflag, LS=LS)
     return out
+
+
+# ---- the diagonal blocks of the blocked Cholesky factorization (dqp.linsolve.blocked)
+
+def chol_block_words(nb: int, threads: Optional[int] = None) -> int:
+    """Shared memory (doubles) of one block of ``dqp_chol_block`` for an nb × nb block
+    (DQP_CHOL_BLOCK_WORDS in fused_ipm.cu)."""
+    threads = _threads(threads)
+    rr, rc = _tiles(nb, "cuda", threads)
+    return nb * (nb | 1) + 32 * rc + (threads // 32) * rr + 4 * nb + 1
+
+
+def chol_block_available(device: torch.device, dtype: torch.dtype, nb: int) -> bool:
+    """Whether :func:`chol_block` runs for blocks of up to ``nb`` rows here: on CUDA, float64,
+    nb ≤ :data:`KMAX` and the kernel builds (a failure is logged once, as for the IPM kernel)."""
+    if device.type != "cuda" or dtype != torch.float64 or not 1 <= nb <= KMAX:
+        return False
+    if not hasattr(torch.cuda, "_compile_kernel") or 8 * chol_block_words(nb) > _max_smem(device):
+        return False
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    key = (idx, _tiles(nb, "cuda"), THREADS, tuple(NVRTC_OPTIONS), "dqp_chol_block")
+    if key in _cuda_build_failed:
+        return False
+    try:
+        _cuda_kernel(device, nb, name="dqp_chol_block")
+        return True
+    except Exception as exc:  # noqa: BLE001 - any compile/load failure: the library's factorization
+        _cuda_build_failed[key] = f"{type(exc).__name__}: {exc}"
+        logger.warning("dqp blocked Cholesky: the diagonal-block kernel could not be built (%s); the library's "
+                       "factorization runs instead", _cuda_build_failed[key])
+        return False
+
+
+#: Tests only: ``None``, or a function of the tile size class that returns the C++ function the CPU
+#: path of :func:`chol_block` calls instead of the build's ``dqp_chol_block_cpu`` (e.g. the
+#: multi-threaded test build's ``dqp_chol_block_threads``).
+_CPU_CHOL_BLOCK_OVERRIDE = None
+
+
+def chol_block(W: Tensor, j0: int, j1: int, info: Tensor, tile: Optional[int] = None) -> Tensor:
+    """Factorize the diagonal blocks ``W[:, j0:j1, j0:j1]`` in place and return their inverses.
+
+    The kernel's register-tile factorization, one thread block per matrix (the blocked
+    factorization's diagonal step, :func:`dqp.linsolve.blocked.blocked_cholesky`).
+
+    Parameters
+    ----------
+    W : (B, k, k) float64 tensor, contiguous
+        Its diagonal block's lower triangle is read; the block becomes L, the lower Cholesky
+        factor, with zeros above the diagonal.
+    j0, j1 : int
+        The block's rows and columns, ``j1 − j0 ≤`` :data:`KMAX` on CUDA.
+    info : (B,) int32 tensor
+        Updated in place where it is 0 and a pivot of the block is not positive and finite: ``j0``
+        + the 1-based index of the first one (``torch.linalg.cholesky_ex``'s convention for W).
+    tile : int, optional
+        The size class the kernel is built for (≥ j1 − j0, default j1 − j0): a blocked
+        factorization passes its block size, so that a smaller last block reuses the build.
+
+    Returns
+    -------
+    (B, j1 − j0, j1 − j0) tensor
+        ``L⁻¹`` of each block, lower, zeros above the diagonal.
+    """
+    B, k = W.shape[0], W.shape[-1]
+    nb = j1 - j0
+    tile = nb if tile is None else int(tile)
+    if W.dim() != 3 or W.shape[-2] != k or not W.is_contiguous() or W.dtype != torch.float64:
+        raise SettingsError(f"chol_block: W must be a contiguous (B, k, k) float64 tensor, got {tuple(W.shape)} "
+                            f"{W.dtype}{'' if W.is_contiguous() else ', not contiguous'}.")
+    if not (0 <= j0 < j1 <= k and nb <= tile) or info.dtype != torch.int32 or tuple(info.shape) != (B,):
+        raise SettingsError(f"chol_block: need 0 ≤ j0 < j1 ≤ k and j1 − j0 ≤ tile, info (B,) int32; got j0={j0}, "
+                            f"j1={j1}, k={k}, tile={tile}, info {tuple(info.shape)} {info.dtype}.")
+    Dinv = torch.empty(B, nb, nb, dtype=W.dtype, device=W.device)
+    if B == 0:
+        return Dinv
+    base = W.view(-1)[j0 * k + j0:]          # the block's first entry; row stride k, batch stride k²
+    if W.device.type == "cuda":
+        if tile > KMAX:
+            raise SettingsError(f"chol_block: blocks of at most {KMAX} rows on CUDA, got tile={tile}.")
+        threads = _threads()
+        kern = _cuda_kernel(W.device, tile, threads=threads, name="dqp_chol_block")
+        with torch.cuda.device(W.device):
+            kern(grid=(B, 1, 1), block=(threads, 1, 1), args=[base, k * k, k, nb, Dinv, info, int(j0)],
+                 shared_mem=8 * chol_block_words(tile, threads), stream=torch.cuda.current_stream(W.device))
+    elif W.device.type == "cpu":
+        fn = _cpu_library(tile).dqp_chol_block_cpu if _CPU_CHOL_BLOCK_OVERRIDE is None else \
+            _CPU_CHOL_BLOCK_OVERRIDE(tile)
+        _run_cpu(fn, [base.data_ptr(), k * k, k, nb, Dinv.data_ptr(), info.data_ptr(), int(j0)], B)
+    else:
+        raise SettingsError(f"chol_block: no build for device type {W.device.type!r}.")
+    return Dinv

@@ -987,6 +987,95 @@ KERNEL dqp_ipm_dual(
     if (TID == 0) { status_out[e] = status; iters_out[e] = iters; }
 }
 
+// ---- One diagonal block of the blocked batched Cholesky factorization (dqp.linsolve.blocked).
+// Block e factorizes the nb × nb block at A + e·sA (row stride lda; its lower triangle is read)
+// with chol_upper, the register-tile factorization above (nb ≤ the tile's capacity), and writes
+// L, the lower Cholesky factor with zeros above the diagonal, over the block, and L⁻¹ (lower,
+// zeros above) to Dinv + e·nb² (contiguous). Where a pivot is not positive and finite, and info[e]
+// is 0, info[e] = j0 + the 1-based index of the first such pivot (torch.linalg.cholesky_ex's
+// convention, offset to the whole matrix); that element's L and L⁻¹ are then finite garbage.
+// It replaces the library's batched Cholesky of the block and the triangular inverse, the two
+// latency-bound steps of the blocked factorization (a thread block per matrix, all in shared
+// memory: one launch instead of ~10).
+// Shared memory, in doubles: the block (nb × (nb|1), slack DQP_PAD), 4 nb-vectors and the flag.
+#define DQP_CHOL_BLOCK_WORDS(nb) ((long long)(nb) * ((nb) | 1) + DQP_PAD + 4LL * (nb) + 1)
+
+KERNEL dqp_chol_block(double* __restrict__ A, int sA, int lda, int nb, double* __restrict__ Dinv,
+                      int* __restrict__ info, int j0)
+{
+    const long long e = BID;
+    A += e * sA;
+    Dinv += e * (long long)nb * nb;
+    double* sm = dqp_smem;
+    const int ld = nb | 1;
+    double* W = sm; sm += (long long)nb * ld + DQP_PAD;   // lower: the block, then L; upper: Ũ, then L⁻¹ᵀ
+    double* dg = sm; sm += nb;      // the block's diagonal, then L's
+    double* zr = sm; sm += nb;      // zeros (chol_upper's diagonal shift)
+    double* invd = sm; sm += nb;    // 1/Ũ_jj
+    double* rl = sm; sm += nb;      // 1/L_jj = √(1/Ũ_jj)
+    int* flag = (int*)sm;
+    for (int t = TID; t < nb * nb; t += NT) {
+        const int i = t / nb, l = t % nb;
+        if (l < i) W[i * ld + l] = A[(long long)i * lda + l];
+        else if (l == i) { dg[i] = A[(long long)i * lda + i]; zr[i] = 0.0; }
+    }
+    SYNC();
+    chol_upper(W, dg, zr, nb, ld, invd, flag, nullptr);    // S = Ũᵀ D⁻¹ Ũ (ends with a barrier)
+    // L = Ũᵀ D^(-1/2): L[i, j] = Ũ[j, i] √invd_j into the lower triangle, L_jj = √Ũ_jj
+    for (int t = TID; t < nb * nb; t += NT) {
+        const int i = t / nb, j = t % nb;
+        if (j < i) W[i * ld + j] = W[j * ld + i] * DQP_SQRT(invd[j]);
+    }
+    for (int j = TID; j < nb; j += NT) {
+        const double v = invd[j];
+        const int good = v > 0.0 && DQP_ISFINITE(v);
+        rl[j] = good ? DQP_SQRT(v) : 0.0;
+        dg[j] = good ? DQP_SQRT(W[j * ld + j]) : 0.0;
+    }
+    SYNC();
+    // L⁻¹ by forward substitution, thread c column c: X[i, c] (i ≥ c) into W[c·ld + i] (row c of
+    // the upper triangle, no longer needed), from L's lower triangle (read only)
+    for (int c = TID; c < nb; c += NT) {
+        double* x = W + (long long)c * ld;
+        x[c] = rl[c];
+        for (int i = c + 1; i < nb; ++i) {
+            const double* Li = W + (long long)i * ld;
+            double a0 = 0.0, a1 = 0.0;
+            int l = c;
+            for (; l + 1 < i; l += 2) { a0 += Li[l] * x[l]; a1 += Li[l + 1] * x[l + 1]; }
+            if (l < i) a0 += Li[l] * x[l];
+            x[i] = -(a0 + a1) * rl[i];
+        }
+    }
+    SYNC();
+    for (int t = TID; t < nb * nb; t += NT) {
+        const int i = t / nb, l = t % nb;
+        A[(long long)i * lda + l] = l < i ? W[i * ld + l] : (l == i ? dg[i] : 0.0);
+        Dinv[t] = l <= i ? W[(long long)l * ld + i] : 0.0;
+    }
+    if (TID == 0) {
+        int f = 0;
+        for (int j = 0; j < nb && !f; ++j)
+            if (rl[j] == 0.0) f = j + 1;
+        if (f && info[e] == 0) info[e] = j0 + f;
+    }
+}
+
+#if defined(DQP_CPU) && !defined(DQP_CPU_THREADS)
+// dqp_chol_block for blocks b0..b1−1 (the C++ build: one thread per block)
+extern "C" void dqp_chol_block_cpu(double* A, int sA, int lda, int nb, double* Dinv, int* info, int j0,
+                                   int b0, int b1)
+{
+    double* buf = (double*)std::malloc(sizeof(double) * (DQP_CHOL_BLOCK_WORDS(nb) + 1));
+    dqp_smem = buf;
+    for (int blk = b0; blk < b1; ++blk) {
+        dqp_block_id = blk;
+        dqp_chol_block(A, sA, lda, nb, Dinv, info, j0);
+    }
+    std::free(buf);
+}
+#endif
+
 // Shared memory the kernel needs, in doubles (the layout at the top of dqp_ipm_dual, and a slot for
 // the int flag; dqp.solvers.fused.smem_bytes computes the same for the CUDA launch).
 #define DQP_SMEM_WORDS(k, n, m) ((long long)(k) * ((k) | 1) + DQP_PAD + 13LL * (k) + (11LL + NWARPS) * (n) \
@@ -1064,6 +1153,18 @@ extern "C" void dqp_ipm_dual_threads(
         for (auto& w : buf) w = std::nan("");
         dqp_run_block(buf.data(), blk, [&](int) {
             DQP_KERNEL_CALL;
+        });
+    }
+}
+// dqp_chol_block for blocks b0..b1−1, each run by DQP_THREADS threads on a NaN-filled "shared memory"
+extern "C" void dqp_chol_block_threads(double* A, int sA, int lda, int nb, double* Dinv, int* info, int j0,
+                                       int b0, int b1)
+{
+    std::vector<double> buf(DQP_CHOL_BLOCK_WORDS(nb) + 1);
+    for (int blk = b0; blk < b1; ++blk) {
+        for (auto& w : buf) w = std::nan("");
+        dqp_run_block(buf.data(), blk, [&](int) {
+            dqp_chol_block(A, sA, lda, nb, Dinv, info, j0);
         });
     }
 }

@@ -190,6 +190,25 @@ BLOCK_SIZE: Optional[int] = None
 BLOCKED_MIN_K = 160
 
 
+#: The blocked path's diagonal blocks: ``"kernel"`` (factorized and inverted in shared memory by
+#: :func:`dqp.solvers.fused.chol_block`, one thread block per matrix, one launch per block),
+#: ``"library"`` (``torch.linalg.cholesky_ex`` and a triangular inverse, ~10 launches per block) or
+#: ``"auto"`` (default: the kernel where it builds, CUDA and float64).
+BLOCK_DIAG = "auto"
+
+
+def _block_diag_factor(M: Tensor, nb: int):
+    """The ``diag_factor`` of :func:`dqp.linsolve.blocked.blocked_cholesky` for M (None: the library's)."""
+    if BLOCK_DIAG not in ("auto", "kernel", "library"):
+        raise SettingsError(f"dqp.solvers.ipm.BLOCK_DIAG must be 'auto', 'kernel' or 'library', got {BLOCK_DIAG!r}.")
+    if BLOCK_DIAG == "library":
+        return None
+    from dqp.solvers import fused
+    if BLOCK_DIAG == "auto" and not fused.chol_block_available(M.device, M.dtype, nb):
+        return None
+    return lambda W, j0, j1, info: fused.chol_block(W, j0, j1, info, tile=nb)
+
+
 def _block_size(k: int) -> int:
     """Block size of the blocked path for a k × k factor."""
     if BLOCK_SIZE is not None:
@@ -213,7 +232,7 @@ def _policy_key() -> tuple:
     """The module-level linear-algebra policies that captured code reads (part of graph cache keys)."""
     from dqp.linsolve import blocked
     return (INVERSE_SOLVE, INVERSE_SOLVE_MAX_WORK, BLOCKED, BLOCK_SIZE, BLOCKED_MIN_K, blocked.TRI_INVERSE_LEAF,
-            SPLIT_GRAPHS, SETUP_PRODUCTS)
+            SPLIT_GRAPHS, SETUP_PRODUCTS, BLOCK_DIAG)
 
 
 def _use_inverse(shape: Tuple[int, ...], device: torch.device) -> bool:
@@ -277,7 +296,9 @@ def _cholesky(M: Tensor, overwrite: bool = False) -> Tuple[Tensor, Tensor]:
     factor then carries its diagonal-block inverses for :func:`_chol_solve`).
     """
     if _use_blocked(tuple(M.shape), M.device):
-        L, dinv, info = blocked_cholesky(M, _block_size(M.shape[-1]), overwrite=overwrite and M.is_contiguous())
+        nb = _block_size(M.shape[-1])
+        L, dinv, info = blocked_cholesky(M, nb, overwrite=overwrite and M.is_contiguous(),
+                                         diag_factor=_block_diag_factor(M, nb))
         L._dqp_dinv = dinv
         return L, info
     if M.device.type != "cpu":

@@ -1,6 +1,7 @@
 """Blocked batched Cholesky and solves (dqp.linsolve.blocked) and the IPM's choice of them."""
 from __future__ import annotations
 
+import shutil
 import sys
 from pathlib import Path
 
@@ -103,10 +104,93 @@ def test_blocked_policy(monkeypatch):
         ipm._use_blocked((128, 500, 500), cuda)
 
 
-@pytest.mark.parametrize("device", DEVICES)
-def test_layer_with_blocked_path_matches_plain(monkeypatch, device):
+needs_cxx = pytest.mark.skipif(not (shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")),
+                               reason="the kernel's C++ build needs a C++ compiler")
+
+
+def _kernel_diag(nb):
+    import dqp.solvers.fused as fused
+    return lambda W, j0, j1, info: fused.chol_block(W, j0, j1, info, tile=nb)
+
+
+@pytest.mark.parametrize("device", [pytest.param("cpu", marks=needs_cxx), *DEVICES[1:]])
+@pytest.mark.parametrize("B,k,nb", [(3, 300, 128), (2, 200, 64), (4, 90, 37), (2, 128, 128), (3, 5, 2)])
+def test_kernel_diagonal_blocks_match_library(device, B, k, nb):
+    """The diagonal blocks factorized and inverted by the fused source's dqp_chol_block (the C++
+    build on the CPU, the register tiles on CUDA) give the library's factor, inverses with
+    X L_jj = I, clean triangles and, for a matrix that is not positive definite, the library's
+    info — also where the last block is smaller than the one the kernel is built for."""
+    M = _spd(B, k, seed=k + nb, device=device)
+    L0 = torch.linalg.cholesky(M)
+    L, dinv, info = blocked_cholesky(M, nb, diag_factor=_kernel_diag(nb))
+    assert (info == 0).all()
+    assert torch.allclose(L, L0, rtol=0, atol=1e-12)
+    assert torch.equal(L.triu(1), torch.zeros_like(L))
+    for (j0, j1), D in zip(block_starts(k, nb), dinv):
+        eye = torch.eye(j1 - j0, dtype=F64, device=device).expand(B, -1, -1)
+        assert torch.allclose(D @ L[:, j0:j1, j0:j1], eye, rtol=0, atol=1e-12)
+        assert torch.equal(D.triu(1), torch.zeros_like(D))
+    r = torch.randn(B, k, generator=torch.Generator().manual_seed(2), dtype=F64).to(device)
+    x = blocked_chol_solve(L, dinv, r)
+    assert torch.allclose(x, torch.cholesky_solve(r.unsqueeze(-1), L0).squeeze(-1), rtol=1e-10, atol=1e-10)
+    bad = M.clone()
+    bad[1, k // 2, k // 2] = -1.0
+    bad[0, k - 1, k - 1] = float("nan")
+    _, _, info = blocked_cholesky(bad, nb, diag_factor=_kernel_diag(nb))
+    _, info0 = torch.linalg.cholesky_ex(bad.cpu())     # (LAPACK: a NaN pivot fails; cuSOLVER may pass it on)
+    assert info.tolist() == info0.tolist() and info0[1] > 0 and info0[0] == k
+
+
+@needs_cxx
+def test_chol_block_rejects_bad_arguments():
+    import dqp.solvers.fused as fused
+    W = _spd(2, 20)
+    info = torch.zeros(2, dtype=torch.int32)
+    with pytest.raises(SettingsError, match="contiguous"):
+        fused.chol_block(W.transpose(1, 2), 0, 10, info)
+    with pytest.raises(SettingsError, match="float64"):
+        fused.chol_block(W.float(), 0, 10, info)
+    with pytest.raises(SettingsError, match="j0 < j1"):
+        fused.chol_block(W, 10, 5, info)
+    with pytest.raises(SettingsError, match="tile"):
+        fused.chol_block(W, 0, 10, info, tile=8)
+    with pytest.raises(SettingsError, match="int32"):
+        fused.chol_block(W, 0, 10, info.long())
+    with pytest.raises(SettingsError, match="device type"):
+        fused.chol_block(W.to("meta"), 0, 10, info.to("meta"))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.cuda
+def test_chol_block_rejects_blocks_larger_than_the_kernel_holds():
+    import dqp.solvers.fused as fused
+    W = _spd(2, 200, device="cuda")
+    with pytest.raises(SettingsError, match="at most"):
+        fused.chol_block(W, 0, 150, torch.zeros(2, dtype=torch.int32, device="cuda"))
+
+
+def test_block_diag_policy(monkeypatch):
+    M = _spd(2, 200)
+    monkeypatch.setattr(ipm, "BLOCK_DIAG", "library")
+    assert ipm._block_diag_factor(M, 64) is None
+    monkeypatch.setattr(ipm, "BLOCK_DIAG", "auto")
+    assert ipm._block_diag_factor(M, 64) is None                  # the kernel: CUDA only
+    assert ipm._block_diag_factor(M.float(), 64) is None
+    monkeypatch.setattr(ipm, "BLOCK_DIAG", "kernel")
+    assert callable(ipm._block_diag_factor(M, 64))
+    monkeypatch.setattr(ipm, "BLOCK_DIAG", "fast")
+    with pytest.raises(SettingsError, match="BLOCK_DIAG"):
+        ipm._block_diag_factor(M, 64)
+
+
+@pytest.mark.parametrize("device,diag", [("cpu", "library"), pytest.param("cpu", "kernel", marks=needs_cxx),
+                                         *[pytest.param("cuda", dg, marks=DEVICES[1].marks)
+                                           for dg in ("library", "kernel")]])
+def test_layer_with_blocked_path_matches_plain(monkeypatch, device, diag):
     """Forward and gradients of the IPM layer (IPM, polish, backward) with every batched Cholesky
-    factorization and solve on the blocked path equal those with the library's."""
+    factorization and solve on the blocked path (diagonal blocks by the library or by the kernel)
+    equal those with the library's plain factorization."""
+    monkeypatch.setattr(ipm, "BLOCK_DIAG", diag)
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
     from bench_qpth import make_problems
     monkeypatch.setattr(ipm, "CPU_FAST_PATHS", False)

@@ -680,6 +680,8 @@ def _threaded_library(threads: int, k: int):
     so.dqp_ipm_dual_threads.restype = None
     so.dqp_ipm_dual_threads.argtypes = ([ptr, i32] * 8 + [ptr] * 3 + [ptr] * 5 + [ptr] * 6 + [ptr] * 4
                                         + [i32] * 7 + [f64] * 6 + [i32] * 3)
+    so.dqp_chol_block_threads.restype = None
+    so.dqp_chol_block_threads.argtypes = [ptr, i32, i32, i32, ptr, ptr, i32, i32, i32]
     _threaded_libs[threads, k] = so
     return so
 
@@ -733,6 +735,36 @@ def test_register_tile_factorization_with_several_warps(threads, k):
         assert (invd - 1.0 / torch.diagonal(Ut)).abs().max() <= 1e-12 * (1.0 / torch.diagonal(Ut)).abs().max()
         ref = torch.linalg.solve(S, x)
         assert (xs - ref).abs().max() <= 1e-10 * ref.abs().max()
+
+
+@needs_cxx
+@pytest.mark.parametrize("threads,k,nb,schedule", [(384, 300, 128, "free"), (64, 90, 40, "up"), (64, 90, 40, "down")])
+def test_blocked_diagonal_kernel_with_several_warps(threads, k, nb, schedule, monkeypatch):
+    """dqp_chol_block, the blocked factorization's diagonal step (register-tile factorization, the
+    factor and its inverse formed in shared memory), run by several warps of real threads per block
+    (CPU, -DDQP_CPU_THREADS, NaN-filled shared memory; serialized schedules make races show): the
+    library's factor and info through blocked_cholesky, blocks of the built size and a smaller last one."""
+    from dqp.linsolve.blocked import blocked_cholesky, block_starts
+    lib = _threaded_library(threads, nb)
+    monkeypatch.setattr(fused, "_CPU_CHOL_BLOCK_OVERRIDE", lambda tile: lib.dqp_chol_block_threads)
+    monkeypatch.setattr(fused.torch, "get_num_threads", lambda: 2)
+    g = torch.Generator().manual_seed(k)
+    X = torch.randn(3, k, k, generator=g, dtype=F64)
+    M = X @ X.mT / k + 0.1 * torch.eye(k, dtype=F64)
+    M[2, k - 5, k - 5] = -1.0                               # not positive definite from row k − 5
+    diag = lambda W, j0, j1, info: fused.chol_block(W, j0, j1, info, tile=nb)    # noqa: E731
+    lib.dqp_threads_schedule(_SCHEDULES[schedule])
+    try:
+        L, dinv, info = blocked_cholesky(M, nb, diag_factor=diag)
+    finally:
+        lib.dqp_threads_schedule(0)
+    L0, info0 = torch.linalg.cholesky_ex(M)
+    assert info.tolist() == info0.tolist() == [0, 0, k - 4]
+    assert _rel(L[:2], L0[:2]) <= 1e-13 and torch.equal(L.triu(1), torch.zeros_like(L))
+    for (j0, j1), D in zip(block_starts(k, nb), dinv):
+        eye = torch.eye(j1 - j0, dtype=F64).expand(2, -1, -1)
+        assert (D[:2] @ L[:2, j0:j1, j0:j1] - eye).abs().max() <= 1e-12
+        assert torch.equal(D.triu(1), torch.zeros_like(D)) and bool(torch.isfinite(D).all())
 
 
 def _nearly_lp(B, n, seed=0):
