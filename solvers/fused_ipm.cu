@@ -1000,6 +1000,69 @@ KERNEL dqp_ipm_dual(
 // Shared memory, in doubles: the block (nb × (nb|1), slack DQP_PAD), 4 nb-vectors and the flag.
 #define DQP_CHOL_BLOCK_WORDS(nb) ((long long)(nb) * ((nb) | 1) + DQP_PAD + 4LL * (nb) + 1)
 
+// X = L⁻¹ for L in W's strict lower triangle (leading dimension ld) with 1/L_jj in rl: X[i, c]
+// (c ≤ i) goes to W[c·ld + i], the upper triangle and the diagonal (L stays). Ends with a barrier.
+#if defined(DQP_CPU) && !defined(DQP_CPU_TILES)
+// (the C++ build: forward substitution, column by column)
+DEV void tri_inverse_lower(double* W, int k, int ld, const double* rl) {
+    for (int c = 0; c < k; ++c) {
+        double* x = W + (long long)c * ld;
+        x[c] = rl[c];
+        for (int i = c + 1; i < k; ++i) {
+            const double* Li = W + (long long)i * ld;
+            double acc = 0.0;
+            for (int l = c; l < i; ++l) acc += Li[l] * x[l];
+            x[i] = -acc * rl[i];
+        }
+    }
+}
+#else
+// Right-looking, as chol_upper: the rows of X are X[j, :] = (e_j − Σ_{l<j} L[j, l] X[l, :]) / L_jj.
+// The right-hand sides R (starting as I) are held in register tiles, the layout of chol_upper's;
+// step j: the owners of row j publish X[j, :] = R[j, :] / L_jj (entries l ≤ j, to W[l·ld + j]), a
+// barrier, every thread updates its tile rows i from L[i, j] and X[j, :]. Phases of one tile row
+// as in chol_upper (tile rows a < a0 are finished). Rows i ≤ j are dead: their updates read
+// garbage and are never published.
+DEV void tri_inverse_lower(double* W, int k, int ld, const double* rl) {
+    const int TX = WARP, TY = NT / WARP;
+    const int tx = TID % TX, ty = TID / TX;
+    double R[DQP_RR][DQP_RC];
+#pragma unroll
+    for (int a = 0; a < DQP_RR; ++a)
+#pragma unroll
+        for (int c = 0; c < DQP_RC; ++c) R[a][c] = (ty + TY * a == tx + TX * c) ? 1.0 : 0.0;
+#pragma unroll
+    for (int a0 = 0; a0 < DQP_RR; ++a0) {
+        const int jend = TY * (a0 + 1) < k ? TY * (a0 + 1) : k;
+        for (int j = TY * a0; j < jend; ++j) {
+            if (j - TY * a0 == ty) {
+                const double sj = rl[j];
+#pragma unroll
+                for (int c = 0; c < DQP_RC; ++c) {
+                    const int l = tx + TX * c;
+                    if (l <= j) W[(long long)l * ld + j] = R[a0][c] * sj;
+                }
+            }
+            SYNC();
+            double xl[DQP_RC];
+#pragma unroll
+            for (int c = 0; c < DQP_RC; ++c) {
+                const int l = tx + TX * c;
+                xl[c] = l <= j ? W[(long long)l * ld + j] : 0.0;
+            }
+#pragma unroll
+            for (int a = a0; a < DQP_RR; ++a) {
+                const int i = ty + TY * a;
+                const double f = i < k ? W[(long long)i * ld + j] : 0.0;
+#pragma unroll
+                for (int c = 0; c < DQP_RC; ++c) R[a][c] -= f * xl[c];
+            }
+        }
+    }
+    SYNC();
+}
+#endif
+
 KERNEL dqp_chol_block(double* __restrict__ A, int sA, int lda, int nb, double* __restrict__ Dinv,
                       int* __restrict__ info, int j0)
 {
@@ -1033,21 +1096,7 @@ KERNEL dqp_chol_block(double* __restrict__ A, int sA, int lda, int nb, double* _
         dg[j] = good ? DQP_SQRT(W[j * ld + j]) : 0.0;
     }
     SYNC();
-    // L⁻¹ by forward substitution, thread c column c: X[i, c] (i ≥ c) into W[c·ld + i] (row c of
-    // the upper triangle, no longer needed), from L's lower triangle (read only)
-    for (int c = TID; c < nb; c += NT) {
-        double* x = W + (long long)c * ld;
-        x[c] = rl[c];
-        for (int i = c + 1; i < nb; ++i) {
-            const double* Li = W + (long long)i * ld;
-            double a0 = 0.0, a1 = 0.0;
-            int l = c;
-            for (; l + 1 < i; l += 2) { a0 += Li[l] * x[l]; a1 += Li[l + 1] * x[l + 1]; }
-            if (l < i) a0 += Li[l] * x[l];
-            x[i] = -(a0 + a1) * rl[i];
-        }
-    }
-    SYNC();
+    tri_inverse_lower(W, nb, ld, rl);     // (ends with a barrier)
     for (int t = TID; t < nb * nb; t += NT) {
         const int i = t / nb, l = t % nb;
         A[(long long)i * lda + l] = l < i ? W[i * ld + l] : (l == i ? dg[i] : 0.0);
