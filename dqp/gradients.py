@@ -19,9 +19,22 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
+from dqp.errors import SettingsError
+
+
+#: How :func:`_outer2` forms ``u vᵀ + w xᵀ``: ``"auto"`` (default) — one batched product
+#: ``[u w] [v x]ᵀ`` on CUDA (one pass over the (B, k, n) result), a product and an in-place
+#: ``addcmul_`` on the CPU (measured there, B=128, n=100: 0.4 ms, against 3.3 ms for four
+#: passes); ``"matmul"`` or ``"mul"`` everywhere.
+OUTER = "auto"
+
 
 def _outer2(u: torch.Tensor, v: torch.Tensor, w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """Batched ``u vᵀ + w xᵀ`` for (B, k) u, w and (B, n) v, x."""
+    """Batched ``u vᵀ + w xᵀ`` for (B, k) u, w and (B, n) v, x (see :data:`OUTER`)."""
+    if OUTER not in ("auto", "matmul", "mul"):
+        raise SettingsError(f"dqp.gradients.OUTER must be 'auto', 'matmul' or 'mul', got {OUTER!r}.")
+    if OUTER == "matmul" or (OUTER == "auto" and u.device.type == "cuda"):
+        return torch.matmul(torch.stack((u, w), dim=-1), torch.stack((v, x), dim=-2))
     return torch.mul(u.unsqueeze(-1), v.unsqueeze(-2)).addcmul_(w.unsqueeze(-1), x.unsqueeze(-2))
 
 

@@ -532,16 +532,16 @@ def _backward_math(kkt: BatchedKKT, gz, glam, gmu, z, lam, mu, status, active, n
                               refine=0 if wdt != dtype else None)
     # the adjoint is accurate to the input dtype now; the outer products are formed in that dtype
     yz, ylam, ymu = cast(yz, dtype), cast(ylam, dtype), cast(ymu, dtype)
-    dP, dq, dC, dd, dA, db = dense_grads(yz, ylam, ymu, z, lam, mu, active, need=need)
     ok = (status == int(Status.SOLVED))
-    # (on the CPU, reading the flags costs nothing: skip the masking passes when all solved)
-    all_ok = ok.device.type == "cpu" and bool(ok.all())
-
-    def _m(g):
-        if g is None or all_ok:
-            return g
-        return torch.where(ok.view(-1, *([1] * (g.dim() - 1))), g, torch.zeros_like(g))
-    return tuple(_m(g) if nd else None for g, nd in zip((dP, dq, dC, dd, dA, db), need))
+    # failed elements get zero gradients: their vectors are zeroed before the outer products (every
+    # gradient is a sum of products of them), not the (B, ·, n) results after (two passes each).
+    # (on the CPU, reading the flags costs nothing: skip the masking when all solved)
+    if not (ok.device.type == "cpu" and bool(ok.all())):
+        okv = ok.unsqueeze(-1)
+        yz, ylam, ymu, z, lam, mu = (None if t is None else torch.where(okv, t, torch.zeros_like(t))
+                                     for t in (yz, ylam, ymu, z, lam, mu))
+    grads = dense_grads(yz, ylam, ymu, z, lam, mu, active, need=need)
+    return tuple(g if nd else None for g, nd in zip(grads, need))
 
 
 def _broadcast(P, q, C, d, A, b):

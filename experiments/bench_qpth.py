@@ -467,9 +467,55 @@ class QpaxMethod(Method):
         return run, fetch
 
 
+class _DqpPatched(DqpMethod):
+    """``dqp.qpth.QPFunction`` with module-level settings changed for its calls (the subclass's
+    ``patch``: ``(module, attribute, value)`` triples), for a same-run comparison with the default."""
+
+    patch: Tuple[Tuple[str, str, Any], ...] = ()
+
+    def _layer(self):
+        import importlib
+        inner = super()._layer()
+
+        def run(*args):
+            saved = []
+            for mod, attr, val in self.patch:
+                m = importlib.import_module(mod)
+                saved.append((m, attr, getattr(m, attr)))
+                setattr(m, attr, val)
+            try:
+                return inner(*args)
+            finally:
+                for m, attr, val in saved:
+                    setattr(m, attr, val)
+        return run
+
+
+class DqpStage4Method(_DqpPatched):
+    """dqp with the kernel's first IPM stage stopping at 1e-4 (``POLISH_STAGE_EPS``)."""
+
+    name = "dqp_stage4"
+    patch = (("dqp.ipm_layer", "POLISH_STAGE_EPS", 1e-4),)
+
+
+class DqpStage3Method(_DqpPatched):
+    """dqp with the kernel's first IPM stage stopping at 1e-3 (``POLISH_STAGE_EPS``)."""
+
+    name = "dqp_stage3"
+    patch = (("dqp.ipm_layer", "POLISH_STAGE_EPS", 1e-3),)
+
+
+class DqpStage5Method(_DqpPatched):
+    """dqp with the kernel's first IPM stage stopping at 1e-5 (``POLISH_STAGE_EPS``)."""
+
+    name = "dqp_stage5"
+    patch = (("dqp.ipm_layer", "POLISH_STAGE_EPS", 1e-5),)
+
+
 METHODS: Dict[str, Method] = {m.name: m for m in (DqpMethod(), QpthMethod(), QpaxMethod(),
                                                  DqpBatchMethod(), DqpCompileMethod(), DqpLoopMethod(),
-                                                 Dqp1StageMethod(), DqpLibDiagMethod())}
+                                                 Dqp1StageMethod(), DqpLibDiagMethod(), DqpStage5Method(),
+                                                 DqpStage4Method(), DqpStage3Method())}
 
 
 # --------------------------------------------------------------------------------------------

@@ -164,6 +164,7 @@ class BatchedKKT:
         self.P = P
         self.A = A
         self.C = C
+        self._rm = None                           # (a row mask kept as a vector: from_schur_factor)
         self.a, self.Abar, self.D = _masked_rows(P, A, C, active, B)
 
         # --- attempt 0: plain Cholesky (P shared → one factorization)
@@ -204,12 +205,55 @@ class BatchedKKT:
         """The Cholesky path from factors computed elsewhere: ``L`` = chol(P), ``PiAbt`` =
         P⁻¹[A; C]ᵀ and ``LS`` the lower Cholesky factor of the Schur complement S (the fused
         kernel's polish, :mod:`dqp.solvers.fused`); ``ok`` (B,) where LS passed the pivot test.
-        Device work only (it may run inside a CUDA graph)."""
+        Device work only (it may run inside a CUDA graph).
+
+        The row mask stays a vector: ``Ā = diag(r)[A; C]`` and ``H⁻¹Āᵀ = P⁻¹[A; C]ᵀ diag(r)``
+        (r = 1 on the rows in the system) multiply vectors as ``r ⊙ ([A; C] x)`` and
+        ``P⁻¹[A; C]ᵀ (r ⊙ y)`` — the same numbers (r is 0 or 1) without two passes over (B, k, n)
+        matrices; the masked matrices are formed only where a method needs them (:meth:`_materialize`)."""
         B = (active if active is not None else LS).shape[0]
-        a, Abar, D = _masked_rows(P, A, C, active, B)
-        zeros = torch.zeros(B, dtype=P.dtype, device=P.device)
-        return cls.from_state(dict(P=P, A=A, C=C, a=a, Abar=Abar, D=D, L=L, HiAbt=PiAbt * (1.0 - D).unsqueeze(-2),
+        dtype = P.dtype
+        p = A.shape[-2] if A is not None else 0
+        m = C.shape[-2] if C is not None else 0
+        a = active.to(dtype) if m else None
+        D = torch.zeros(B, p + m, dtype=dtype, device=P.device)
+        if m:
+            D[:, p:] = 1.0 - a
+        if p and m:
+            n = P.shape[-1]
+            rows = torch.cat([A.expand(B, p, n), C.expand(B, m, n)], dim=-2)
+        else:
+            rows = A if p else C
+        zeros = torch.zeros(B, dtype=dtype, device=P.device)
+        self = cls.from_state(dict(P=P, A=A, C=C, a=a, Abar=rows, D=D, L=L, HiAbt=PiAbt,
                                    LS=LS, ok=ok, path=zeros.to(torch.int64), rho=zeros), refine=refine)
+        self._rm = 1.0 - D
+        return self
+
+    def _materialize(self) -> None:
+        """Apply a row mask kept as a vector (:meth:`from_schur_factor`) to Ā and H⁻¹Āᵀ themselves."""
+        r = getattr(self, "_rm", None)
+        if r is None:
+            return
+        self.Abar = self.Abar.expand(self.B, self.k, self.n) * r.unsqueeze(-1)
+        self.HiAbt = self.HiAbt * r.unsqueeze(-2)
+        self._rm = None
+
+    def _Av(self, x: Tensor) -> Tensor:
+        """``Ā x``."""
+        y = _mv(self.Abar, x)
+        r = getattr(self, "_rm", None)
+        return y if r is None else y * r
+
+    def _Atv(self, y: Tensor) -> Tensor:
+        """``Āᵀ y``."""
+        r = getattr(self, "_rm", None)
+        return _tmv(self.Abar, y if r is None else y * r)
+
+    def _Hv(self, y: Tensor) -> Tensor:
+        """``H⁻¹Āᵀ y``."""
+        r = getattr(self, "_rm", None)
+        return _mv(self.HiAbt, y if r is None else y * r)
 
     # tensors that describe a Cholesky-path factorization (see state() / from_state())
     _STATE = ("P", "A", "C", "a", "Abar", "D", "L", "HiAbt", "LS", "ok", "path", "rho")
@@ -218,6 +262,7 @@ class BatchedKKT:
         """The factorization's tensors (Cholesky path only: no minimum-norm elements)."""
         if self._pinv_idx is not None:
             raise ValueError("BatchedKKT.state: minimum-norm elements have no tensor state")
+        self._materialize()
         return {k: getattr(self, k) for k in self._STATE if getattr(self, k, None) is not None}
 
     @classmethod
@@ -234,6 +279,7 @@ class BatchedKKT:
         self._eps = torch.finfo(self.P.dtype).eps
         self._factors, self._L_fresh, self._pinv_idx = None, False, None
         self._augmented = False
+        self._rm = None
         return self
 
     def merge(self, sel: Tensor, other: "BatchedKKT") -> None:
@@ -241,6 +287,8 @@ class BatchedKKT:
         for the elements ``sel`` ((B,) bool), without a host synchronization (torch.where per tensor)."""
         if self._augmented or other._augmented:
             raise ValueError("BatchedKKT.merge: Cholesky-path factorizations only")
+        self._materialize()
+        other._materialize()
 
         def pick(mine, theirs, name):
             if mine is None or mine is theirs:
@@ -277,6 +325,8 @@ class BatchedKKT:
         """Take over the factorization of ``sub``'s elements ``rows`` as this batch's ``idx``."""
         if idx.numel() == 0:
             return
+        self._materialize()
+        sub._materialize()
         B, n = self.B, self.n
         if self.m:
             self.a = self.a.clone()
@@ -318,6 +368,7 @@ class BatchedKKT:
 
     def _dense_K(self, idx: Tensor) -> Tensor:
         """Dense K for the batch elements ``idx`` (only used for the rare singular ones)."""
+        self._materialize()
         n, k = self.n, self.k
         P = self.P.expand(self.B, n, n)[idx]
         K = P.new_zeros(idx.numel(), n + k, n + k)
@@ -417,13 +468,13 @@ class BatchedKKT:
     def _solve_reg(self, gz: Tensor, gy: Optional[Tensor]) -> Tuple[Tensor, Optional[Tensor]]:
         """Solve the (augmented, possibly regularized) system once."""
         if self.k and self._augmented:
-            gz = gz + self.rho.unsqueeze(-1) * _tmv(self.Abar, gy)
+            gz = gz + self.rho.unsqueeze(-1) * self._Atv(gy)
         t = _chol_solve(self.L, gz)
         if not self.k:
             return t, None
-        rhs = _mv(self.Abar, t) - gy
+        rhs = self._Av(t) - gy
         yy = _chol_solve(self.LS, rhs)
-        yz = t - _mv(self.HiAbt, yy)
+        yz = t - self._Hv(yy)
         return yz, yy
 
     def _residual(self, gz, gy, yz, yy):
@@ -431,8 +482,8 @@ class BatchedKKT:
         Pyz = _mv(self.P, yz)
         if not self.k:
             return gz - Pyz, None
-        rz = gz - Pyz - _tmv(self.Abar, yy)
-        ry = gy - _mv(self.Abar, yz) + self.D * yy
+        rz = gz - Pyz - self._Atv(yy)
+        ry = gy - self._Av(yz) + self.D * yy
         return rz, ry
 
     def apply(self, yz: Tensor, ylam: Optional[Tensor] = None, ymu: Optional[Tensor] = None):
@@ -441,8 +492,8 @@ class BatchedKKT:
         Pyz = _mv(self.P, yz)
         if not self.k:
             return Pyz, None, None
-        rz = Pyz + _tmv(self.Abar, yy)
-        ry = _mv(self.Abar, yz) - self.D * yy
+        rz = Pyz + self._Atv(yy)
+        ry = self._Av(yz) - self.D * yy
         return (rz,) + self._unpack(ry)
 
     def _pack(self, glam, gmu, ref):

@@ -53,7 +53,8 @@ logger = logging.getLogger(__name__)
 
 Tensor = torch.Tensor
 
-__all__ = ["FUSED", "THREADS", "smem_bytes", "fused_available", "solve_dual", "chol_block", "chol_block_available"]
+__all__ = ["FUSED", "THREADS", "smem_bytes", "fused_available", "solve_dual", "chol_block", "chol_block_available",
+           "chol_solve_vec", "chol_solve_vec_available"]
 
 #: ``"auto"``: the fused kernel wherever it applies on CUDA (module docstring); ``False``: never
 #: (the torch loop everywhere). ``ipm_solve(fused=...)`` overrides it per call.
@@ -282,6 +283,9 @@ def _cpu_library(k: int, tiles: Optional[bool] = None) -> ctypes.CDLL:
         cb = lib.dqp_chol_block_cpu
         cb.argtypes = [ptr, i32, i32, i32, ptr, ptr, i32, i32, i32]
         cb.restype = None
+        cs = lib.dqp_chol_solve_vec_cpu
+        cs.argtypes = [ptr, i32, i32, i32, ptr, i32, i32, i32]
+        cs.restype = None
         _cpu_libs[key] = lib
         return lib
 
@@ -547,3 +551,99 @@ def chol_block(W: Tensor, j0: int, j1: int, info: Tensor, tile: Optional[int] = 
     else:
         raise SettingsError(f"chol_block: no build for device type {W.device.type!r}.")
     return Dinv
+
+
+def chol_solve_words(k: int, threads: Optional[int] = None) -> int:
+    """Shared memory (doubles) of one block of ``dqp_chol_solve_vec`` (DQP_CHOL_SOLVE_WORDS in fused_ipm.cu)."""
+    threads = _threads(threads)
+    rr, rc = _tiles(k, "cuda", threads)
+    return k * (k | 1) + 32 * rc + (threads // 32) * rr + 3 * k
+
+
+def chol_solve_vec_available(device: torch.device, dtype: torch.dtype, k: int) -> bool:
+    """Whether :func:`chol_solve_vec` runs for k × k factors here: on CUDA, float64, k ≤ :data:`KMAX`
+    and the kernel builds (a failure is logged once; the library's triangular solves run instead)."""
+    if device.type != "cuda" or dtype != torch.float64 or not 1 <= k <= KMAX:
+        return False
+    if not hasattr(torch.cuda, "_compile_kernel") or 8 * chol_solve_words(k) > _max_smem(device):
+        return False
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    key = (idx, _tiles(k, "cuda"), THREADS, tuple(NVRTC_OPTIONS), "dqp_chol_solve_vec")
+    if key in _cuda_build_failed:
+        return False
+    try:
+        _cuda_kernel(device, k, name="dqp_chol_solve_vec")
+        return True
+    except Exception as exc:  # noqa: BLE001 - any compile/load failure: the library's solves
+        _cuda_build_failed[key] = f"{type(exc).__name__}: {exc}"
+        logger.warning("dqp batched Cholesky solve: the kernel could not be built (%s); the library's "
+                       "triangular solves run instead", _cuda_build_failed[key])
+        return False
+
+
+#: Tests only: ``None``, or a function of k that returns the C++ function the CPU path of
+#: :func:`chol_solve_vec` calls instead of the build's ``dqp_chol_solve_vec_cpu`` (e.g. the
+#: multi-threaded test build's ``dqp_chol_solve_vec_threads``).
+_CPU_CHOL_SOLVE_OVERRIDE = None
+
+
+def _layout(L: Tensor) -> Optional[int]:
+    """0: each (k, k) matrix of L is row-major, 1: column-major, None: neither (or k = 1: 0)."""
+    k = L.shape[-1]
+    if L.stride(0) not in (0, k * k) and L.shape[0] > 1:
+        return None
+    if k == 1 or (L.stride(-1) == 1 and L.stride(-2) == k):
+        return 0
+    if L.stride(-2) == 1 and L.stride(-1) == k:
+        return 1
+    return None
+
+
+def chol_solve_vec(L: Tensor, r: Tensor) -> Tensor:
+    """``(L Lᵀ)⁻¹ r`` for a batch of lower Cholesky factors and one vector each, in one launch.
+
+    One thread block per matrix reads L's lower triangle once into shared memory and runs both
+    triangular solves there (the fused kernel's ``chol_solve``), where the library's batched
+    ``trsm`` reads L twice.
+
+    Parameters
+    ----------
+    L : (B, k, k) float64 tensor
+        Lower-triangular factors (the strict upper triangle is not read), each matrix dense in
+        row-major or column-major order (strides ``(k², k, 1)`` or ``(k², 1, k)``; a batch stride of
+        0 for one shared factor); k ≤ :data:`KMAX` on CUDA.
+    r : (B, k) tensor of L's dtype and device
+
+    Returns
+    -------
+    (B, k) tensor
+    """
+    if L.dim() != 3 or L.shape[-2] != L.shape[-1] or L.dtype != torch.float64:
+        raise SettingsError(f"chol_solve_vec: L must be a (B, k, k) float64 tensor, got {tuple(L.shape)} {L.dtype}.")
+    B, k = L.shape[0], L.shape[-1]
+    cm = _layout(L)
+    if cm is None:
+        raise SettingsError(f"chol_solve_vec: each matrix of L must be dense, row- or column-major (strides "
+                            f"(k², k, 1) or (k², 1, k), batch stride 0 for a shared one), got strides {L.stride()}.")
+    if tuple(r.shape) != (B, k) or r.dtype != L.dtype or r.device != L.device:
+        raise SettingsError(f"chol_solve_vec: r must be ({B}, {k}) {L.dtype} on {L.device}, got "
+                            f"{tuple(r.shape)} {r.dtype} on {r.device}.")
+    x = r.clone(memory_format=torch.contiguous_format)
+    if B == 0 or k == 0:
+        return x
+    sL = L.stride(0)
+    if L.device.type == "cuda":
+        if k > KMAX:
+            raise SettingsError(f"chol_solve_vec: factors of at most {KMAX} rows on CUDA, got k={k}.")
+        threads = _threads()
+        kern = _cuda_kernel(L.device, k, threads=threads, name="dqp_chol_solve_vec")
+        with torch.cuda.device(L.device):
+            kern(grid=(B, 1, 1), block=(threads, 1, 1), args=[L, sL, k, cm, x, k],
+                 shared_mem=8 * chol_solve_words(k, threads), stream=torch.cuda.current_stream(L.device))
+    elif L.device.type == "cpu":
+        fn = _cpu_library(k).dqp_chol_solve_vec_cpu if _CPU_CHOL_SOLVE_OVERRIDE is None else \
+            _CPU_CHOL_SOLVE_OVERRIDE(k)
+        _run_cpu(fn, [L.data_ptr(), sL, k, cm, x.data_ptr(), k], B)
+    else:
+        raise SettingsError(f"chol_solve_vec: no build for device type {L.device.type!r}.")
+    return x

@@ -1110,6 +1110,44 @@ KERNEL dqp_chol_block(double* __restrict__ A, int sA, int lda, int nb, double* _
     }
 }
 
+// x ← (L Lᵀ)⁻¹ x for a batch of lower Cholesky factors L (k × k, batch stride sL, only the lower
+// triangle read; row-major, or column-major where cm = 1) and vectors x (batch stride sx), one
+// thread block per matrix: L goes to shared memory as chol_solve's Ũ (row j of Ũ = column j of L
+// times L_jj, 1/Ũ_jj = 1/L_jj², so that Ũᵀ diag(1/Ũ_jj) Ũ = L Lᵀ), then chol_solve. One read of L
+// for both triangular solves, where the library's batched trsm reads it twice
+// (dqp.solvers.fused.chol_solve_vec). Shared memory, in doubles: Ũ (k × (k|1), slack DQP_PAD) and
+// 3 k-vectors.
+#define DQP_CHOL_SOLVE_WORDS(k) ((long long)(k) * ((k) | 1) + DQP_PAD + 3LL * (k))
+
+KERNEL dqp_chol_solve_vec(const double* __restrict__ L, int sL, int k, int cm, double* __restrict__ x, int sx)
+{
+    const long long e = BID;
+    L += e * sL;
+    x += e * sx;
+    double* sm = dqp_smem;
+    const int ld = k | 1;
+    double* U = sm; sm += (long long)k * ld + DQP_PAD;
+    double* dg = sm; sm += k;       // L_jj
+    double* invd = sm; sm += k;     // 1/L_jj²
+    double* xs = sm;
+    for (int j = TID; j < k; j += NT) {
+        const double v = L[(long long)j * k + j];
+        dg[j] = v;
+        invd[j] = DQP_RCP(v * v);
+        xs[j] = x[j];
+    }
+    SYNC();
+    // (t runs over memory: consecutive threads read consecutive entries)
+    for (long long t = TID; t < (long long)k * k; t += NT) {
+        const int r = (int)(t / k), c = (int)(t % k);
+        const int i = cm ? c : r, j = cm ? r : c;          // the entry L[i, j]
+        if (j <= i) U[(long long)j * ld + i] = L[t] * dg[j];
+    }
+    SYNC();
+    chol_solve(U, k, ld, invd, xs);      // (ends with a barrier)
+    for (int j = TID; j < k; j += NT) x[j] = xs[j];
+}
+
 #if defined(DQP_CPU) && !defined(DQP_CPU_THREADS)
 // dqp_chol_block for blocks b0..b1−1 (the C++ build: one thread per block)
 extern "C" void dqp_chol_block_cpu(double* A, int sA, int lda, int nb, double* Dinv, int* info, int j0,
@@ -1120,6 +1158,18 @@ extern "C" void dqp_chol_block_cpu(double* A, int sA, int lda, int nb, double* D
     for (int blk = b0; blk < b1; ++blk) {
         dqp_block_id = blk;
         dqp_chol_block(A, sA, lda, nb, Dinv, info, j0);
+    }
+    std::free(buf);
+}
+
+// dqp_chol_solve_vec for blocks b0..b1−1 (the C++ build: one thread per block)
+extern "C" void dqp_chol_solve_vec_cpu(const double* L, int sL, int k, int cm, double* x, int sx, int b0, int b1)
+{
+    double* buf = (double*)std::malloc(sizeof(double) * (DQP_CHOL_SOLVE_WORDS(k) + 1));
+    dqp_smem = buf;
+    for (int blk = b0; blk < b1; ++blk) {
+        dqp_block_id = blk;
+        dqp_chol_solve_vec(L, sL, k, cm, x, sx);
     }
     std::free(buf);
 }
@@ -1214,6 +1264,17 @@ extern "C" void dqp_chol_block_threads(double* A, int sA, int lda, int nb, doubl
         for (auto& w : buf) w = std::nan("");
         dqp_run_block(buf.data(), blk, [&](int) {
             dqp_chol_block(A, sA, lda, nb, Dinv, info, j0);
+        });
+    }
+}
+// dqp_chol_solve_vec for blocks b0..b1−1, each run by DQP_THREADS threads on a NaN-filled "shared memory"
+extern "C" void dqp_chol_solve_vec_threads(const double* L, int sL, int k, int cm, double* x, int sx, int b0, int b1)
+{
+    std::vector<double> buf(DQP_CHOL_SOLVE_WORDS(k) + 1);
+    for (int blk = b0; blk < b1; ++blk) {
+        for (auto& w : buf) w = std::nan("");
+        dqp_run_block(buf.data(), blk, [&](int) {
+            dqp_chol_solve_vec(L, sL, k, cm, x, sx);
         });
     }
 }

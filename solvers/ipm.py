@@ -228,11 +228,31 @@ def _use_blocked(shape: Tuple[int, ...], device: torch.device) -> bool:
     return device.type == "cuda" and k >= BLOCKED_MIN_K and shape[0] * k * k > INVERSE_SOLVE_MAX_WORK
 
 
+#: Batched Cholesky factors on CUDA (float64, k ≤ :data:`dqp.solvers.fused.KMAX`, not blocked) by
+#: the fused source's ``dqp_chol_block`` (:func:`dqp.solvers.fused.chol_block`: the factor and its
+#: inverse in one launch, one thread block per matrix) instead of ``cholesky_ex`` (+ the triangular
+#: inverse): ``"auto"`` (default) where the factor gets its inverse anyway (:func:`_use_inverse`),
+#: ``"always"`` wherever the kernel runs, ``"never"``. Measured on an H200, B=128, k=100, CUDA graph
+#: (results/gpu_blocked_session9b.md): 84 µs against 212 for ``cholesky_ex`` and the inverse.
+FACTOR_KERNEL = "auto"
+
+
+def _factor_by_kernel(shape: Tuple[int, ...], device: torch.device, dtype: torch.dtype) -> bool:
+    if FACTOR_KERNEL not in ("auto", "always", "never"):
+        raise SettingsError(f"dqp.solvers.ipm.FACTOR_KERNEL must be 'auto', 'always' or 'never', "
+                            f"got {FACTOR_KERNEL!r}.")
+    if FACTOR_KERNEL == "never" or len(shape) != 3 or device.type != "cuda" or shape[0] == 0:
+        return False
+    if FACTOR_KERNEL == "auto" and not _use_inverse(shape, device):
+        return False
+    return _fused.chol_block_available(device, dtype, shape[-1])
+
+
 def _policy_key() -> tuple:
     """The module-level linear-algebra policies that captured code reads (part of graph cache keys)."""
     from dqp.linsolve import blocked
     return (INVERSE_SOLVE, INVERSE_SOLVE_MAX_WORK, BLOCKED, BLOCK_SIZE, BLOCKED_MIN_K, blocked.TRI_INVERSE_LEAF,
-            SPLIT_GRAPHS, SETUP_PRODUCTS, BLOCK_DIAG)
+            SPLIT_GRAPHS, SETUP_PRODUCTS, BLOCK_DIAG, FACTOR_KERNEL, SOLVE_KERNEL)
 
 
 def _use_inverse(shape: Tuple[int, ...], device: torch.device) -> bool:
@@ -276,6 +296,8 @@ def _chol_solve(L: Tensor, r: Tensor) -> Tensor:
     if L.dim() == 2 and vec:
         x = torch.linalg.solve_triangular(L, r.T, upper=False)
         return torch.linalg.solve_triangular(L.mT, x, upper=True).T
+    if vec and _solve_by_kernel(L, r):
+        return _fused.chol_solve_vec(L, r)
     rr = r.unsqueeze(-1) if vec else r
     if L.dim() == 2:
         L = L.expand(rr.shape[0], *L.shape)
@@ -302,11 +324,36 @@ def _cholesky(M: Tensor, overwrite: bool = False) -> Tuple[Tensor, Tensor]:
         L._dqp_dinv = dinv
         return L, info
     if M.device.type != "cpu":
+        if _factor_by_kernel(tuple(M.shape), M.device, M.dtype):
+            # factor and inverse in one launch (dqp_chol_block, a thread block per matrix)
+            L = M.clone(memory_format=torch.contiguous_format)
+            info = torch.zeros(M.shape[0], dtype=torch.int32, device=M.device)
+            L._dqp_linv = _fused.chol_block(L, 0, M.shape[-1], info)
+            return L, info
         # on CUDA the transpose trick costs two layout conversions and a triu kernel
         L, info = torch.linalg.cholesky_ex(M)
         return _attach_inverse(L), info
     U, info = torch.linalg.cholesky_ex(M.mT, upper=True)
     return _attach_inverse(U.mT), info
+
+
+#: Batched solves ``(L Lᵀ)⁻¹ r`` with one vector per factor on CUDA (float64, k ≤
+#: :data:`dqp.solvers.fused.KMAX`, a factor without an attached inverse) by the fused source's
+#: ``dqp_chol_solve_vec`` (:func:`dqp.solvers.fused.chol_solve_vec`: one launch that reads L once)
+#: instead of two ``solve_triangular``: ``"auto"`` (default) wherever the kernel runs, ``"never"``.
+SOLVE_KERNEL = "auto"
+
+
+def _solve_by_kernel(L: Tensor, r: Tensor) -> bool:
+    if SOLVE_KERNEL not in ("auto", "never"):
+        raise SettingsError(f"dqp.solvers.ipm.SOLVE_KERNEL must be 'auto' or 'never', got {SOLVE_KERNEL!r}.")
+    if SOLVE_KERNEL == "never" or L.device.type != "cuda" or L.dim() != 3 or r.dim() != 2 or r.dtype != L.dtype:
+        return False
+    if torch.is_grad_enabled() and (L.requires_grad or r.requires_grad):
+        return False                       # (the kernel has no autograd formula: the library's solves)
+    if r.shape[0] != L.shape[0] or _fused._layout(L) is None:
+        return False
+    return _fused.chol_solve_vec_available(L.device, L.dtype, k)
 
 
 #: What a factor from :func:`_cholesky` may carry for :func:`_chol_solve`: its explicit inverse
@@ -637,6 +684,7 @@ class _DualNewton:
             self.PiAbt = _potrs_rows(LP, self.Abar.expand(B, k, n)).mT
         elif by_inverse:
             X = _tri_inverse(LP)                                     # L⁻¹, mostly matrix products
+            LP._dqp_linv = X           # kept: later solves with L (P⁻¹q, the backward's) are products
             W = torch.matmul(X, Abt)                                 # L⁻¹Āᵀ
             self.PiAbt = torch.matmul(X.mT, W)
             self.M = torch.matmul(W.mT, W)                           # symmetric (to rounding)

@@ -252,3 +252,49 @@ def test_absorb_keeps_attached_inverses(monkeypatch, parent, child, with_factors
     yz, _, ymu = kkt.solve(gz, None, gmu, refine=0)
     rz, _, rmu = ref.solve(gz, None, gmu, refine=0)
     assert torch.allclose(yz, rz, rtol=1e-9, atol=1e-9) and torch.allclose(ymu, rmu, rtol=1e-9, atol=1e-9)
+
+
+def test_factor_kernel_policy(monkeypatch):
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    monkeypatch.setattr(ipm, "FACTOR_KERNEL", "always")
+    assert not ipm._factor_by_kernel((8, 50, 50), cpu, F64)          # CUDA only
+    assert not ipm._factor_by_kernel((50, 50), cuda, F64)            # batched factors only
+    monkeypatch.setattr(ipm, "FACTOR_KERNEL", "never")
+    assert not ipm._factor_by_kernel((8, 50, 50), cuda, F64)
+    monkeypatch.setattr(ipm, "FACTOR_KERNEL", "auto")
+    assert not ipm._factor_by_kernel((1024, 100, 100), cuda, F64)    # no inverse for this much work
+    monkeypatch.setattr(ipm, "FACTOR_KERNEL", "kernel")
+    with pytest.raises(SettingsError, match="FACTOR_KERNEL"):
+        ipm._factor_by_kernel((8, 50, 50), cuda, F64)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.cuda
+@pytest.mark.parametrize("fused_on", [False, True])
+def test_layer_with_kernel_factors_matches_library(monkeypatch, fused_on):
+    """The IPM layer's forward and gradients with every batched Cholesky factor of size ≤ KMAX by
+    dqp_chol_block (FACTOR_KERNEL="always") equal those with the library's (the torch loop and
+    the fused kernel's setup); a non-positive-definite matrix is reported by both alike."""
+    import dqp.solvers.fused as fused
+    monkeypatch.setattr(fused, "FUSED", fused_on)
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
+    from bench_qpth import make_problems
+    ps = make_problems(6, 40, 40, 0, "cuda")
+    out = {}
+    for mode in ("never", "always"):
+        monkeypatch.setattr(ipm, "FACTOR_KERNEL", mode)
+        ipm.clear_graph_cache()
+        leaves = [x.detach().requires_grad_(True) for x in (ps.Q, ps.p, ps.G, ps.h)]
+        z = solve_qp_batch(*leaves, None, None)[0]
+        out[mode] = (z, torch.autograd.grad((z * ps.w).sum(), leaves))
+    ipm.clear_graph_cache()
+    (z0, g0), (z1, g1) = out["never"], out["always"]
+    assert torch.allclose(z0, z1, rtol=0, atol=1e-10)
+    for a, b in zip(g0, g1):
+        assert ((a - b).abs().max() / (1 + a.abs().max())).item() < 1e-10
+    M = _spd(3, 30, device="cuda")
+    M[1, 4, 4] = -1.0
+    L, info = ipm._cholesky(M)
+    _, info_lib = torch.linalg.cholesky_ex(M)
+    assert info.tolist() == info_lib.tolist() and info[1] > 0
+    assert torch.allclose(L[0] @ L[0].mT, M[0]) and torch.allclose(L._dqp_linv[2] @ L[2], torch.eye(30, dtype=F64, device="cuda"))

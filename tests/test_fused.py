@@ -10,7 +10,10 @@ run the real kernel.
 """
 from __future__ import annotations
 
+import ctypes
 import shutil
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -958,3 +961,95 @@ def test_threaded_kernel_active_set_of_a_rejected_polish(monkeypatch):
                                                   monkeypatch)
     assert not bool(ref.polish["polished"].all())
     assert torch.equal(got.polish["active"], ref.polish["active"])
+
+
+@needs_cxx
+@pytest.mark.parametrize("threads,k,schedule", [(384, 100, "free"), (64, 45, "up"), (64, 45, "down"), (128, 1, "free")])
+def test_chol_solve_kernel_with_several_warps(threads, k, schedule, monkeypatch):
+    """dqp_chol_solve_vec, the batched (L Lᵀ)⁻¹ r of one launch, run by several warps of real threads
+    per block (CPU, NaN-filled shared memory, serialized schedules): the library's solve, with
+    garbage above L's diagonal (not read), row- and column-major factors, a shared factor (batch
+    stride 0); and the C++ build."""
+    lib = _threaded_library(threads, k)
+    lib.dqp_chol_solve_vec_threads.restype = None
+    lib.dqp_chol_solve_vec_threads.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int,
+                                               ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int]
+    g = torch.Generator().manual_seed(k)
+    X = torch.randn(3, k, k, generator=g, dtype=F64)
+    L0 = torch.linalg.cholesky(X @ X.mT / k + 0.1 * torch.eye(k, dtype=F64))
+    L = (L0 + torch.triu(1e300 * torch.randn(3, k, k, generator=g, dtype=F64), 1)).contiguous()
+    Lc = L.mT.contiguous().mT                              # column-major
+    r = torch.randn(3, k, generator=g, dtype=F64)
+    ref = torch.cholesky_solve(r.unsqueeze(-1), L0).squeeze(-1)
+    ref_shared = torch.cholesky_solve(r.unsqueeze(-1), L0[1]).squeeze(-1)
+    for override in (lambda kk: lib.dqp_chol_solve_vec_threads, None):
+        monkeypatch.setattr(fused, "_CPU_CHOL_SOLVE_OVERRIDE", override)
+        lib.dqp_threads_schedule(_SCHEDULES[schedule])
+        try:
+            x = fused.chol_solve_vec(L, r)
+            xc = fused.chol_solve_vec(Lc, r)
+            xs = fused.chol_solve_vec(L[1:2].expand(3, k, k), r)
+        finally:
+            lib.dqp_threads_schedule(0)
+        assert _rel(x, ref) <= 1e-12 and _rel(xc, ref) <= 1e-12 and _rel(xs, ref_shared) <= 1e-12
+
+
+def test_chol_solve_kernel_rejects_bad_arguments():
+    L = torch.eye(4, dtype=F64).expand(2, 4, 4).contiguous()
+    r = torch.ones(2, 4, dtype=F64)
+    with pytest.raises(SettingsError, match="float64"):
+        fused.chol_solve_vec(L.float(), r.float())
+    with pytest.raises(SettingsError, match="strides"):
+        fused.chol_solve_vec(torch.eye(8, dtype=F64).expand(2, 8, 8)[:, ::2, ::2], r)
+    with pytest.raises(SettingsError, match="r must be"):
+        fused.chol_solve_vec(L, r[:, :3])
+    with pytest.raises(SettingsError, match="no build"):
+        fused.chol_solve_vec(L.to("meta"), r.to("meta"))
+
+
+def test_solve_kernel_policy(monkeypatch):
+    import dqp.solvers.ipm as ipm
+    L = torch.eye(4, dtype=F64).expand(2, 4, 4).contiguous()
+    r = torch.ones(2, 4, dtype=F64)
+    assert not ipm._solve_by_kernel(L, r)                         # CUDA only
+    monkeypatch.setattr(ipm, "SOLVE_KERNEL", "kernel")
+    with pytest.raises(SettingsError, match="SOLVE_KERNEL"):
+        ipm._solve_by_kernel(L, r)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("k", [1, 33, 100, 128])
+def test_cuda_chol_solve_kernel_matches_library(k, monkeypatch):
+    """On CUDA: dqp_chol_solve_vec against the library's solve (a batch, a shared factor), the
+    routing of dqp.solvers.ipm._chol_solve, and the IPM layer's gradients with and without it."""
+    import dqp.solvers.ipm as ipm
+    g = torch.Generator().manual_seed(k)
+    X = torch.randn(5, k, k, generator=g, dtype=F64)
+    L = torch.linalg.cholesky(X @ X.mT / k + 0.1 * torch.eye(k, dtype=F64)).cuda().contiguous()
+    r = torch.randn(5, k, generator=g, dtype=F64).cuda()
+    ref = torch.cholesky_solve(r.unsqueeze(-1), L).squeeze(-1)
+    assert _rel(fused.chol_solve_vec(L, r), ref) <= 1e-12
+    assert _rel(fused.chol_solve_vec(L.mT.contiguous().mT, r), ref) <= 1e-12          # column-major
+    Lx, _ = torch.linalg.cholesky_ex(L @ L.mT)                                         # the library's layout
+    assert ipm._solve_by_kernel(Lx, r) and _rel(ipm._chol_solve(Lx, r), ref) <= 1e-10
+    assert ipm._solve_by_kernel(L, r) and _rel(ipm._chol_solve(L, r), ref) <= 1e-12
+    xs = fused.chol_solve_vec(L[2:3].expand(5, k, k), r)
+    assert _rel(xs, torch.cholesky_solve(r.unsqueeze(-1), L[2]).squeeze(-1)) <= 1e-12
+    with pytest.raises(SettingsError, match="at most"):
+        fused.chol_solve_vec(torch.eye(fused.KMAX + 1, dtype=F64, device="cuda").expand(1, -1, -1).contiguous(),
+                             torch.ones(1, fused.KMAX + 1, dtype=F64, device="cuda"))
+    if k == 100:
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
+        from bench_qpth import make_problems
+        ps = make_problems(4, 30, 30, 0, "cuda")
+        out = {}
+        for mode in ("never", "auto"):
+            monkeypatch.setattr(ipm, "SOLVE_KERNEL", mode)
+            ipm.clear_graph_cache()
+            leaves = [x.detach().requires_grad_(True) for x in (ps.Q, ps.p, ps.G, ps.h)]
+            z = solve_qp_batch(*leaves, None, None)[0]
+            out[mode] = (z, torch.autograd.grad((z * ps.w).sum(), leaves))
+        ipm.clear_graph_cache()
+        for a, b in zip(out["never"][1], out["auto"][1]):
+            assert ((a - b).abs().max() / (1 + a.abs().max())).item() < 1e-10

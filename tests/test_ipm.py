@@ -599,6 +599,63 @@ def test_batched_kkt_reuses_ipm_factors(shared):
     assert ipm_solve(P, q, C, d, A, b, form="primal").factors is None
 
 
+@pytest.mark.parametrize("rows", ["both", "ineq", "eq", "shared"])
+def test_schur_factor_row_mask_as_vector(rows):
+    """from_schur_factor keeps the active-row mask as a vector: its solves and K·y equal those of
+    the masked matrices (state(), merge() and friends form them), on every batch element."""
+    g = torch.Generator().manual_seed(3)
+    B, n, p, m = 3, 6, 2, 7
+    U = torch.randn(B, n, n, generator=g, dtype=F64)
+    P = U @ U.mT + 0.5 * torch.eye(n, dtype=F64)
+    A = torch.randn(B, p, n, generator=g, dtype=F64) if rows in ("both", "eq") else None
+    C = torch.randn(B, m, n, generator=g, dtype=F64) if rows != "eq" else None
+    if rows == "shared":
+        C = C[0]
+    a = None
+    if C is not None:
+        a = torch.zeros(B, m, dtype=torch.bool)
+        a[:, :3] = True
+        a[1, 5] = True
+    ref = BatchedKKT(P, A, C, a)                   # the masked matrices, factorized here
+    k = ref.k
+    assert ref.path.tolist() == [0] * B
+    rows_ = torch.cat([t.expand(B, t.shape[-2], n) for t in (A, C) if t is not None], -2)     # [A; C]
+    PiAbt = torch.cholesky_solve(rows_.mT, ref.L)
+    kkt = BatchedKKT.from_schur_factor(P, A, C, a, ref.L, PiAbt, ref.LS, ref.ok)
+    assert kkt._rm is not None
+    gz = torch.randn(B, n, generator=g, dtype=F64)
+    gl = torch.randn(B, p, generator=g, dtype=F64) if p and A is not None else None
+    gm = torch.randn(B, m, generator=g, dtype=F64) if C is not None else None
+    for x, y in zip(kkt.solve(gz, gl, gm), ref.solve(gz, gl, gm)):
+        assert (x is None) == (y is None)
+        if x is not None:
+            assert torch.allclose(x, y, rtol=1e-12, atol=1e-12)
+    yz, yl, ym = kkt.solve(gz, gl, gm)
+    for x, y in zip(kkt.apply(yz, yl, ym), (gz, gl, gm)):
+        if y is not None:
+            assert _rel(x, y) < 1e-10
+    st = kkt.state()                                # forms the masked matrices
+    assert kkt._rm is None and k == ref.k
+    assert torch.allclose(st["Abar"], ref.Abar) and torch.allclose(st["HiAbt"], ref.HiAbt, atol=1e-12)
+    for x, y in zip(kkt.solve(gz, gl, gm), ref.solve(gz, gl, gm)):
+        if x is not None:
+            assert torch.allclose(x, y, rtol=1e-12, atol=1e-12)
+
+
+def test_outer_products_by_matmul_and_by_mul_agree(monkeypatch):
+    import dqp.gradients as gr
+    g = torch.Generator().manual_seed(4)
+    u, w = torch.randn(2, 3, 5, generator=g, dtype=F64)
+    v, x = torch.randn(2, 3, 4, generator=g, dtype=F64)
+    ref = u.unsqueeze(-1) * v.unsqueeze(-2) + w.unsqueeze(-1) * x.unsqueeze(-2)
+    for how in ("matmul", "mul", "auto"):
+        monkeypatch.setattr(gr, "OUTER", how)
+        assert torch.allclose(gr._outer2(u, v, w, x), ref, rtol=1e-14, atol=1e-14)
+    monkeypatch.setattr(gr, "OUTER", "einsum")
+    with pytest.raises(SettingsError, match="OUTER"):
+        gr._outer2(u, v, w, x)
+
+
 # ------------------------------------------------------------------------------------------------
 # CUDA-graph cache: a captured iteration is reused by later calls with the same shapes
 # ------------------------------------------------------------------------------------------------
