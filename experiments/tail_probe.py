@@ -192,8 +192,8 @@ def main() -> None:
         B, n = (int(x) for x in cell.split("x"))
         parts.append(run_cell(B, n, a.variants.split(","), a.reps, not a.no_kernels))
         print(parts[-1], flush=True)
-    if a.out:
-        Path(a.out).write_text("\n".join(parts))
+        if a.out:
+            Path(a.out).write_text("\n".join(parts))         # (after each cell: a time limit keeps the rest)
 
 
 if __name__ == "__main__":
