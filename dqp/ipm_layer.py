@@ -64,7 +64,7 @@ polish (``polish=False``), the float32 path keeps its float32 factorization.
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple, Union
 
 import torch
 
@@ -96,7 +96,7 @@ POLISHED_IPM_EPS = 1e-8
 #: those of one stage, in 10–16 % fewer iterations on average (the batch's largest count 1–3 fewer);
 #: at 1e-5 alone (without the second stage) 1–4 of 64 nearly-LP elements kept a rejected point
 #: with gradients 10–50 % off. (A keyword ``polish_eps`` of the call overrides it.)
-POLISH_STAGE_EPS: Optional[float] = 1e-5
+POLISH_STAGE_EPS: Union[None, float, Tuple[float, float]] = 1e-5
 
 
 def _cast(t: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:

@@ -505,6 +505,13 @@ class DqpStage3Method(_DqpPatched):
     patch = (("dqp.ipm_layer", "POLISH_STAGE_EPS", 1e-3),)
 
 
+class DqpStage35Method(_DqpPatched):
+    """dqp with three kernel stages: stops and polishes at 1e-3, then (where rejected) 1e-5, then 1e-8."""
+
+    name = "dqp_stage35"
+    patch = (("dqp.ipm_layer", "POLISH_STAGE_EPS", (1e-3, 1e-5)),)
+
+
 class DqpStage5Method(_DqpPatched):
     """dqp with the kernel's first IPM stage stopping at 1e-5 (``POLISH_STAGE_EPS``)."""
 
@@ -515,7 +522,7 @@ class DqpStage5Method(_DqpPatched):
 METHODS: Dict[str, Method] = {m.name: m for m in (DqpMethod(), QpthMethod(), QpaxMethod(),
                                                  DqpBatchMethod(), DqpCompileMethod(), DqpLoopMethod(),
                                                  Dqp1StageMethod(), DqpLibDiagMethod(), DqpStage5Method(),
-                                                 DqpStage4Method(), DqpStage3Method())}
+                                                 DqpStage4Method(), DqpStage3Method(), DqpStage35Method())}
 
 
 # --------------------------------------------------------------------------------------------

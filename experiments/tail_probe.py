@@ -10,7 +10,7 @@ forward), medians of ``--reps``, for each variant of the module switches:
 * ``bwd-refine0``: no refinement step in the backward's solve (for the cost of that step only: not a
   candidate default);
 * ``stage<eps>`` (e.g. ``stage1e-3``): the kernel's first IPM stage stops at eps
-  (``dqp.ipm_layer.POLISH_STAGE_EPS``);
+  (``dqp.ipm_layer.POLISH_STAGE_EPS``); ``stages<eps1>:<eps2>``: three stages (eps1, eps2, then the IPM's);
 * ``outer-mul``: the gradients' outer products by a product and ``addcmul_`` (``dqp.gradients.OUTER``);
 * ``factor-always`` / ``factor-never``: batched Cholesky factors by ``dqp_chol_block`` wherever it
   runs / never (``dqp.solvers.ipm.FACTOR_KERNEL``);
@@ -55,7 +55,9 @@ def set_variant(name: str) -> None:
     gr.OUTER = "auto"
     ipm.FACTOR_KERNEL = "auto"
     ipm.SOLVE_KERNEL = "auto"
-    if name.startswith("stage"):
+    if name.startswith("stages"):
+        lay.POLISH_STAGE_EPS = tuple(float(t) for t in name[6:].split(":"))
+    elif name.startswith("stage"):
         lay.POLISH_STAGE_EPS = float(name[5:])
     elif name == "outer-mul":
         gr.OUTER = "mul"

@@ -278,7 +278,7 @@ def _cpu_library(k: int, tiles: Optional[bool] = None) -> ctypes.CDLL:
         lib = ctypes.CDLL(str(out))
         fn = lib.dqp_ipm_dual_cpu
         ptr, i32, f64 = ctypes.c_void_p, ctypes.c_int, ctypes.c_double
-        fn.argtypes = ([ptr, i32] * 8 + [ptr] * 3 + [ptr] * 5 + [ptr] * 6 + [ptr] * 4 + [i32] * 7 + [f64] * 6 + [i32] * 3)
+        fn.argtypes = ([ptr, i32] * 8 + [ptr] * 3 + [ptr] * 5 + [ptr] * 6 + [ptr] * 4 + [i32] * 7 + [f64] * 7 + [i32] * 3)
         fn.restype = None
         cb = lib.dqp_chol_block_cpu
         cb.argtypes = [ptr, i32, i32, i32, ptr, ptr, i32, i32, i32]
@@ -358,7 +358,8 @@ def solve_dual(P: Tensor, q: Tensor, C: Optional[Tensor], d: Optional[Tensor], A
                norms: Dict[str, Optional[Tensor]], Md: Tensor, state: Dict[str, Tensor], *,
                max_iter: int, stall_iters: int, separate_steps: bool, eps: float, eps_inf: float,
                step_fraction: float, reg_d: float, wlo: float, polish_rounds: int = 0,
-               row_scale: Optional[Tensor] = None, eps2: Optional[float] = None, start: bool = False,
+               row_scale: Optional[Tensor] = None, eps2: Optional[float] = None,
+               eps_mid: Optional[float] = None, start: bool = False,
                profile: Optional[Tensor] = None) -> Dict[str, Tensor]:
     """Run the interior-point iterations of the dual form from ``state`` (the starting point of
     :func:`dqp.solvers.ipm._init`) to the end, in one launch.
@@ -383,6 +384,7 @@ def solve_dual(P: Tensor, q: Tensor, C: Optional[Tensor], d: Optional[Tensor], A
     ``eps2 < eps`` (with ``polish_rounds > 0``): two stages. The IPM stops at ``eps`` and
     polishes; where the polish rejects a solved element's point, that element's IPM goes on to
     ``eps2`` (the iterates of a single stage at ``eps2``) and polishes again. ``iters`` counts both.
+    ``eps2 < eps_mid < eps``: three stages, the second stop and polish at ``eps_mid``.
     """
     dev, dt = P.device, P.dtype
     if profile is None and PROFILE is not None and dev.type == "cuda":
@@ -441,7 +443,8 @@ def solve_dual(P: Tensor, q: Tensor, C: Optional[Tensor], d: Optional[Tensor], A
                status, iters] + pol
     scalars = [int(n), int(m), int(p), int(max_iter), int(stall_iters), int(bool(separate_steps)), rounds,
                float(eps), float(eps_inf), float(step_fraction), float(reg_d), float(wlo),
-               float(eps2) if eps2 is not None else 0.0, int(bool(start))]
+               float(eps2) if eps2 is not None else 0.0, float(eps_mid) if eps_mid is not None else 0.0,
+               int(bool(start))]
     if B == 0:
         pass
     elif dev.type == "cuda":

@@ -544,7 +544,7 @@ KERNEL dqp_ipm_dual(
     const double* __restrict__ sc, unsigned char* __restrict__ act_out, long long* __restrict__ pflag_out,
     double* __restrict__ LS_out,
     int n, int m, int p, int max_iter, int stall_iters, int separate_steps, int polish_rounds,
-    double eps, double eps_inf, double step_fraction, double reg_d, double wlo, double eps2, int start,
+    double eps, double eps_inf, double step_fraction, double reg_d, double wlo, double eps2, double eps_mid, int start,
     long long* prof)
 {
     const int k = m + p;
@@ -639,9 +639,10 @@ KERNEL dqp_ipm_dual(
     }
 
     PROF_INIT
-    // Two stages where eps2 > eps (and the polish runs): the IPM stops at the looser eps and
+    // Two stages where eps2 < eps (and the polish runs): the IPM stops at the looser eps and
     // polishes; an element whose polished point is rejected goes on from its IPM point to eps2 and
-    // polishes again (see the end of the stage loop).
+    // polishes again (see the end of the stage loop). Three where also eps2 < eps_mid < eps: the
+    // second stop and polish at eps_mid, the third at eps2.
     int it = 0;
     double eps_cur = eps;
     long long pflag_last = 0;
@@ -968,15 +969,16 @@ KERNEL dqp_ipm_dual(
         pflag_last = pflag;
         SYNC();
     }
-    // the second stage: the IPM point of a solved element whose polish was rejected is intact (the
-    // polish writes z, μ, λ only when it accepts), so the IPM goes on from it to eps2 — the
+    // the next stage: the IPM point of a solved element whose polish was rejected is intact (the
+    // polish writes z, μ, λ only when it accepts), so the IPM goes on from it to eps_mid or eps2 — the
     // iterates a single stage at eps2 would take, its counters untouched, except that the
     // certificates along the step wait one check (the polish's scratch holds their previous
     // iterate: have_prev = 0) — and polishes again
-    if (stage > 0 || !(eps2 > 0.0 && eps2 < eps_cur) || polish_rounds == 0 || status != ST_SOLVED
+    const double eps_next = (stage == 0 && eps_mid > eps2 && eps_mid < eps_cur) ? eps_mid : eps2;
+    if (stage > 1 || !(eps_next > 0.0 && eps_next < eps_cur) || polish_rounds == 0 || status != ST_SOLVED
         || (pflag_last & 1))
         break;
-    eps_cur = eps2;
+    eps_cur = eps_next;
     status = ST_MAX_ITER;
     have_prev = 0;
     SYNC();
@@ -1190,13 +1192,13 @@ extern "C" void dqp_chol_solve_vec_cpu(const double* L, int sL, int k, int cm, d
     double* z_out, double* s_out, double* mu_out, double* lam_out, long long* status_out, long long* iters_out, \
     const double* sc, unsigned char* act_out, long long* pflag_out, double* LS_out, \
     int n, int m, int p, int max_iter, int stall_iters, int separate_steps, int polish_rounds, \
-    double eps, double eps_inf, double step_fraction, double reg_d, double wlo, double eps2, int start, \
+    double eps, double eps_inf, double step_fraction, double reg_d, double wlo, double eps2, double eps_mid, int start, \
     int b0, int b1
 #define DQP_KERNEL_CALL \
     dqp_ipm_dual(P, sP, q, sq, C, sC, d, sd, A, sA, b, sb, M, sM, PiAbt, sPi, Piq, g, norms, \
                  z0, s0, mu0, lam0, delta0, z_out, s_out, mu_out, lam_out, status_out, iters_out, \
                  sc, act_out, pflag_out, LS_out, n, m, p, max_iter, stall_iters, separate_steps, polish_rounds, \
-                 eps, eps_inf, step_fraction, reg_d, wlo, eps2, start, nullptr)
+                 eps, eps_inf, step_fraction, reg_d, wlo, eps2, eps_mid, start, nullptr)
 
 #ifdef DQP_CPU_THREADS
 // Runs body(t) on DQP_THREADS new threads as one block (thread t: TID = t), with a fresh block context

@@ -61,7 +61,7 @@ import threading
 import warnings
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -1089,7 +1089,7 @@ def ipm_solve(P: Tensor, q: Tensor, C: Optional[Tensor] = None, d: Optional[Tens
               eps_infeasible: Optional[float] = None, refine: Optional[int] = None,
               stall_iters: int = 12, fallback64: bool = True, cuda_graph: bool = True,
               graph_cache: bool = True, compile: bool = False, fused: Optional[bool] = None,
-              polish_rounds: int = 0, polish_eps: Optional[float] = None,
+              polish_rounds: int = 0, polish_eps: Union[None, float, Sequence[float]] = None,
               trace: Optional[list] = None) -> IPMResult:
     """Solve a batch of convex QPs with a primal-dual interior-point method.
 
@@ -1166,7 +1166,9 @@ def ipm_solve(P: Tensor, q: Tensor, C: Optional[Tensor] = None, d: Optional[Tens
         IPM first stops at ``polish_eps`` and polishes; where the polish rejects a solved element's
         point, that element goes on to ``eps`` (the iterates of a single solve at ``eps``) and is
         polished again. So an element is either polished or solved to ``eps``, as without it, in
-        fewer iterations where the looser point already shows the active set. Ignored elsewhere.
+        fewer iterations where the looser point already shows the active set. A pair
+        ``(eps_1, eps_2)`` with ``eps_1 > eps_2 > eps``: three stages, the stops and polishes at
+        eps_1, then (where rejected) eps_2, then eps. Ignored elsewhere.
     trace : list, optional
         Diagnostics: when given, a dict of per-instance tensors (residuals, gap, step lengths,
         regularization) is appended every iteration.
@@ -1192,8 +1194,12 @@ def ipm_solve(P: Tensor, q: Tensor, C: Optional[Tensor] = None, d: Optional[Tens
     eps = default_eps(dtype) if eps is None else float(eps)
     if not eps > 0:
         raise SettingsError(f"ipm_solve: eps must be positive, got {eps}.")
-    if polish_eps is not None and not float(polish_eps) > 0:
-        raise SettingsError(f"ipm_solve: polish_eps must be positive (or None), got {polish_eps}.")
+    stages = () if polish_eps is None else (tuple(float(t) for t in polish_eps)
+                                            if isinstance(polish_eps, (tuple, list)) else (float(polish_eps),))
+    if polish_eps is not None and not (1 <= len(stages) <= 2 and all(t > 0 for t in stages)
+                                       and (len(stages) == 1 or stages[0] > stages[1])):
+        raise SettingsError(f"ipm_solve: polish_eps must be a positive tolerance, a pair of them (the looser "
+                            f"first) or None, got {polish_eps!r}.")
     eps_inf = (1e-7 if dtype == torch.float64 else 1e-4) if eps_infeasible is None else float(eps_infeasible)
     if check_every is None:
         check_every = 1 if device.type == "cpu" else 4
@@ -1230,7 +1236,8 @@ def ipm_solve(P: Tensor, q: Tensor, C: Optional[Tensor] = None, d: Optional[Tens
 
     # the fused kernel runs the whole loop: nothing of the torch loop's machinery is needed then
     # (with its polish and a looser polish_eps: two stages, the first to polish_eps)
-    eps_first = max(float(polish_eps), eps) if (polish_rounds and polish_eps is not None) else eps
+    eps_first = max(stages[0], eps) if (polish_rounds and stages) else eps
+    eps_mid = stages[1] if (polish_rounds and len(stages) == 2 and eps < stages[1] < eps_first) else None
     fused_out = None
     if (fused_dual if (fm == "dual" and fused_dual is not None)
             else _use_fused(fused, fm, dtype, device, n, m, p, trace, refine)):
@@ -1240,7 +1247,7 @@ def ipm_solve(P: Tensor, q: Tensor, C: Optional[Tensor] = None, d: Optional[Tens
                 max_iter=max_iter, stall_iters=stall_iters, separate_steps=separate_steps,
                 eps_inf=eps_inf, step_fraction=step_fraction, reg_d=newton.reg_d, wlo=wlo,
                 polish_rounds=polish_rounds, row_scale=_row_scales(a_scale, c_scale, B), start=True,
-                eps=eps_first, eps2=eps if eps_first > eps else None)
+                eps=eps_first, eps2=eps if eps_first > eps else None, eps_mid=eps_mid)
         if deferred is not None and not _deferred_ok(deferred):
             # P failed the dual form's test in some element: the kernel's answer is void; this
             # setup graph tests before going on from now on, and the solve starts again

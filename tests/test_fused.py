@@ -682,7 +682,7 @@ def _threaded_library(threads: int, k: int):
     so.dqp_threads_schedule.argtypes = [ctypes.c_int]
     so.dqp_ipm_dual_threads.restype = None
     so.dqp_ipm_dual_threads.argtypes = ([ptr, i32] * 8 + [ptr] * 3 + [ptr] * 5 + [ptr] * 6 + [ptr] * 4
-                                        + [i32] * 7 + [f64] * 6 + [i32] * 3)
+                                        + [i32] * 7 + [f64] * 7 + [i32] * 3)
     so.dqp_chol_block_threads.restype = None
     so.dqp_chol_block_threads.argtypes = [ptr, i32, i32, i32, ptr, ptr, i32, i32, i32]
     _threaded_libs[threads, k] = so
@@ -833,8 +833,30 @@ def test_layer_two_stage_gradients_are_one_stage_gradients(monkeypatch):
 
 def test_polish_eps_is_checked():
     P, q, C, d, *_ = known_qp(2, 4, 5, 0, seed=0)
-    with pytest.raises(SettingsError, match="polish_eps must be positive"):
-        ipm_solve(P, q, C, d, polish_eps=0.0)
+    for bad in (0.0, (1e-5, 1e-3), (1e-3, 1e-4, 1e-5), (), (1e-3, -1.0)):
+        with pytest.raises(SettingsError, match="polish_eps must be a positive tolerance"):
+            ipm_solve(P, q, C, d, polish_eps=bad)
+
+
+@needs_cxx
+def test_three_stage_polish_matches_one_stage(cpu_build):
+    """ipm_solve(polish_eps=(1e-3, 1e-5), eps=1e-8): stops and polishes at 1e-3, then where rejected
+    at 1e-5, then at 1e-8, along the one-stage iterates; the result is that of one stage, in fewer
+    iterations than one stage, and the elements that reach the last stage take its iterations."""
+    data = _nearly_lp(64, 50)
+    kw = dict(fused=True, form="dual", polish_rounds=3)
+    one = ipm_solve(*data, eps=1e-8, **kw)
+    three = ipm_solve(*data, eps=1e-8, polish_eps=(1e-3, 1e-5), **kw)
+    mid = ipm_solve(*data, eps=1e-5, polish_eps=1e-3, **kw)
+    rej = (mid.status == int(Status.SOLVED)) & ~mid.polish["polished"]      # rejected at 1e-3 and 1e-5
+    rej1 = ~ipm_solve(*data, eps=1e-3, **kw).polish["polished"]
+    assert int(rej1.sum()) > int(rej.sum()) > 0                              # all three stages ran
+    assert torch.equal(three.status, one.status) and torch.equal(three.polish["polished"], one.polish["polished"])
+    assert torch.equal(three.polish["active"], one.polish["active"])
+    assert (three.z - one.z).abs().max() <= 1e-13 * one.z.abs().max()
+    assert torch.equal(three.iterations[rej], one.iterations[rej])
+    assert torch.equal(three.iterations[rej1 & ~rej], mid.iterations[rej1 & ~rej])
+    assert int(three.iterations.sum()) < int(one.iterations.sum())
 
 
 @needs_cxx
@@ -887,6 +909,7 @@ THREADED_CASES = [
     (128, 20, 33, 5, 2, dict(polish_rounds=0), "free"),
     (128, 20, 33, 5, 4, dict(polish_rounds=3, polish_eps=1e-1), "free"),
     (384, 60, 60, 8, 2, dict(polish_rounds=3, polish_eps=1e-1), "free"),   # the CUDA build's block size
+    (64, 8, 10, 3, 6, dict(polish_rounds=3, polish_eps=(3e-1, 1e-1)), "up"),    # three stages
 ]
 _SCHEDULES = {"free": 0, "up": 1, "down": -1}
 
@@ -904,7 +927,7 @@ def _threaded_kernel_vs_one_thread(threads, n, m, p, B, opts, schedule, monkeypa
     calls = []
 
     def run(*args):
-        calls.append(args[-4:-2])          # (eps2, start)
+        calls.append((args[-5], args[-3]))          # (eps2, start)
         lib.dqp_ipm_dual_threads(*args)
     monkeypatch.setattr(fused, "_CPU_FN_OVERRIDE", lambda k: run)
     monkeypatch.setattr(fused.torch, "get_num_threads", lambda: 2)
@@ -944,7 +967,8 @@ def test_whole_kernel_with_several_warps(threads, n, m, p, B, opts, schedule, mo
         # see test_threaded_kernel_active_set_of_a_rejected_polish for the one written before)
         assert bool(ref.polish["polished"].all())
         if "polish_eps" in opts:         # (the cases exercise both stages)
-            loose = ipm_solve(*data, **dict(kw, eps=opts["polish_eps"], polish_eps=None))
+            pe = opts["polish_eps"]
+            loose = ipm_solve(*data, **dict(kw, eps=pe[-1] if isinstance(pe, tuple) else pe, polish_eps=None))
             again = ~loose.polish["polished"]
             assert bool(again.any())
             assert bool((got.iterations[again] > loose.iterations[again]).all())
