@@ -9,6 +9,7 @@ relative to the reference's max, per tensor; the worst tensor). Device-independe
 the CPU; the time an iteration costs on a GPU is in results/qpth_cuda_session8*.md.
 
     python experiments/polish_eps_study.py [--cells 128x100,32x500] [--eps 1e-8,1e-7,1e-6] [--seeds 2] [--family qpth|nearly-lp]
+    python experiments/polish_eps_study.py --stages none,1e-5,1e-3,1e-3:1e-5 --cells 256x100   # the kernel's polish stages
 """
 from __future__ import annotations
 
@@ -42,8 +43,10 @@ def gen(B, n, m, seed, family="qpth"):
     return (Q, p, G, h), w
 
 
-def run(data, w, eps):
+def run(data, w, eps, stage="default"):
     il.POLISHED_IPM_EPS = eps
+    if stage != "default":
+        il.POLISH_STAGE_EPS = stage
     ins = [t.clone().requires_grad_() for t in data]
     diag = {}
     z = solve_qp_batch(*ins, on_failure="mask", diagnostics=diag)[0]
@@ -65,36 +68,48 @@ def main():
     ap.add_argument("--eps", default="1e-8,1e-7,1e-6,1e-5")
     ap.add_argument("--seeds", type=int, default=2)
     ap.add_argument("--family", default="qpth", choices=["qpth", "nearly-lp"])
+    ap.add_argument("--stages", default=None,
+                    help="vary the kernel's polish stages instead of the IPM tolerance: a comma-separated list "
+                         "of eps1 or eps1:eps2 (dqp.ipm_layer.POLISH_STAGE_EPS; 'none': one stage), IPM at 1e-8")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     a = ap.parse_args()
-    eps_list = [float(e) for e in a.eps.split(",")]
+    default_stage = il.POLISH_STAGE_EPS
+    if a.stages:
+        parse = lambda t: None if t == "none" else (tuple(float(x) for x in t.split(":")) if ":" in t else float(t))  # noqa: E731
+        eps_list = [(1e-8, parse(t)) for t in a.stages.split(",")]
+    else:
+        eps_list = [(float(e), "default") for e in a.eps.split(",")]
     default = il.POLISHED_IPM_EPS
     rows = []
     for cell in a.cells.split(","):
         B, n = (int(x) for x in cell.split("x"))
         for seed in range(a.seeds):
             data, w = gen(B, n, n, seed, a.family)
-            z_ref, g_ref, _ = run(data, w, 1e-10)
-            for eps in eps_list:
-                z, g, diag = run(data, w, eps)
+            z_ref, g_ref, _ = run(data, w, 1e-10, None)
+            for eps, stage in eps_list:
+                z, g, diag = run(data, w, eps, stage)
                 it = diag["iterations"].double()
-                row = dict(family=a.family, B=B, n=n, m=data[2].shape[-2], seed=seed, eps=eps, iters_max=int(it.max()), iters_mean=round(float(it.mean()), 2),
+                row = dict(family=a.family, B=B, n=n, m=data[2].shape[-2], seed=seed, eps=eps,
+                           stage=str(default_stage if stage == "default" else stage),
+                           iters_max=int(it.max()), iters_mean=round(float(it.mean()), 2),
                            verified=int(diag["verified"].sum()), paths=dict(collections.Counter(diag["kkt_path"])),
                            z_err=rel(z, z_ref), grad_err=max(rel(x, r) for x, r in zip(g, g_ref)))
                 rows.append(row)
                 print(json.dumps(row), flush=True)
     il.POLISHED_IPM_EPS = default
+    il.POLISH_STAGE_EPS = default_stage
     lines = [f"# IPM tolerance before the polish ({a.family} problems, float64, CPU)\n",
              "Per cell and seed: iterations (max / mean over the batch), elements whose polished point was "
              "accepted, and the error of z and of the gradients against eps = 1e-10 (max |Δ| over the batch "
              "relative to the reference's max).\n",
-             "| family | B | n | m | seed | eps | iterations max / mean | accepted | z err | grad err |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| family | B | n | m | seed | eps | polish stages | iterations max / mean | accepted | z err | grad err |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['family']} | {r['B']} | {r['n']} | {r['m']} | {r['seed']} | {r['eps']:.0e} | {r['iters_max']} / {r['iters_mean']} | "
+        lines.append(f"| {r['family']} | {r['B']} | {r['n']} | {r['m']} | {r['seed']} | {r['eps']:.0e} | {r['stage']} | "
+                     f"{r['iters_max']} / {r['iters_mean']} | "
                      f"{r['verified']}/{r['B']} | {r['z_err']:.1e} | {r['grad_err']:.1e} |")
     os.makedirs(a.out, exist_ok=True)
-    with open(os.path.join(a.out, f"polish_eps_study_{a.family}.md"), "w") as f:
+    with open(os.path.join(a.out, f"polish_{'stage' if a.stages else 'eps'}_study_{a.family}.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))
 
