@@ -237,6 +237,14 @@ def _use_blocked(shape: Tuple[int, ...], device: torch.device) -> bool:
 FACTOR_KERNEL = "auto"
 
 
+def _compiling() -> bool:
+    """Whether torch.compile is tracing the caller (its graphs take the library's ops only)."""
+    fn = getattr(getattr(torch, "compiler", None), "is_compiling", None)
+    if fn is None:                                       # (torch < 2.3)
+        fn = getattr(getattr(torch, "_dynamo", None), "is_compiling", lambda: False)
+    return bool(fn())
+
+
 def _factor_by_kernel(shape: Tuple[int, ...], device: torch.device, dtype: torch.dtype) -> bool:
     if FACTOR_KERNEL not in ("auto", "always", "never"):
         raise SettingsError(f"dqp.solvers.ipm.FACTOR_KERNEL must be 'auto', 'always' or 'never', "
@@ -245,6 +253,8 @@ def _factor_by_kernel(shape: Tuple[int, ...], device: torch.device, dtype: torch
         return False
     if FACTOR_KERNEL == "auto" and not _use_inverse(shape, device):
         return False
+    if _compiling():
+        return False                       # (torch.compile traces the library's ops, not a raw launch)
     return _fused.chol_block_available(device, dtype, shape[-1])
 
 
@@ -351,9 +361,11 @@ def _solve_by_kernel(L: Tensor, r: Tensor) -> bool:
         return False
     if torch.is_grad_enabled() and (L.requires_grad or r.requires_grad):
         return False                       # (the kernel has no autograd formula: the library's solves)
+    if _compiling():
+        return False                       # (torch.compile traces the library's ops, not a raw launch)
     if r.shape[0] != L.shape[0] or _fused._layout(L) is None:
         return False
-    return _fused.chol_solve_vec_available(L.device, L.dtype, k)
+    return _fused.chol_solve_vec_available(L.device, L.dtype, L.shape[-1])
 
 
 #: What a factor from :func:`_cholesky` may carry for :func:`_chol_solve`: its explicit inverse

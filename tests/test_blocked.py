@@ -263,6 +263,9 @@ def test_factor_kernel_policy(monkeypatch):
     assert not ipm._factor_by_kernel((8, 50, 50), cuda, F64)
     monkeypatch.setattr(ipm, "FACTOR_KERNEL", "auto")
     assert not ipm._factor_by_kernel((1024, 100, 100), cuda, F64)    # no inverse for this much work
+    monkeypatch.setattr(ipm, "FACTOR_KERNEL", "always")
+    monkeypatch.setattr(ipm, "_compiling", lambda: True)
+    assert not ipm._factor_by_kernel((8, 50, 50), cuda, F64)         # torch.compile traces the library's ops
     monkeypatch.setattr(ipm, "FACTOR_KERNEL", "kernel")
     with pytest.raises(SettingsError, match="FACTOR_KERNEL"):
         ipm._factor_by_kernel((8, 50, 50), cuda, F64)

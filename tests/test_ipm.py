@@ -1424,7 +1424,9 @@ def test_setup_products_by_inverse_match_solves(device, monkeypatch):
     for how in ("solve", "inverse"):
         monkeypatch.setattr(ipm, "SETUP_PRODUCTS", how)
         assert ipm._setup_by_inverse(L, m + p) == (how == "inverse" and device == "cuda")
-        nt = ipm._DualNewton(L, P, C, A, 3, n, m, p, 0.0)
+        nt = ipm._DualNewton(L.clone(), P, C, A, 3, n, m, p, 0.0)
+        # (by the inverse, the factor keeps X = L⁻¹ for later solves)
+        assert hasattr(nt.LP, "_dqp_linv") == (how == "inverse" and device == "cuda")
         assert (nt.PiAbt - Pi).abs().max() <= 1e-10 * Pi.abs().max()
         assert (nt.M - Ab @ Pi).abs().max() <= 1e-10 * nt.M.abs().max()
         assert (nt.M - nt.M.mT).abs().max() <= 1e-12 * nt.M.abs().max()
