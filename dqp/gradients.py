@@ -23,9 +23,10 @@ from dqp.errors import SettingsError
 
 
 #: How :func:`_outer2` forms ``u vᵀ + w xᵀ``: ``"auto"`` (default) — one batched product
-#: ``[u w] [v x]ᵀ`` on CUDA (one pass over the (B, k, n) result), a product and an in-place
-#: ``addcmul_`` on the CPU (measured there, B=128, n=100: 0.4 ms, against 3.3 ms for four
-#: passes); ``"matmul"`` or ``"mul"`` everywhere.
+#: ``[u w] [v x]ᵀ`` for float64 on CUDA (one pass over the (B, k, n) result), else a product and
+#: an in-place ``addcmul_`` (measured on the CPU, B=128, n=100: 0.4 ms, against 3.3 ms for four
+#: passes; and float32 matrix products may run in TF32, ``torch.backends.cuda.matmul.allow_tf32``,
+#: which would round the gradients to 10 bits); ``"matmul"`` or ``"mul"`` everywhere.
 OUTER = "auto"
 
 
@@ -33,7 +34,7 @@ def _outer2(u: torch.Tensor, v: torch.Tensor, w: torch.Tensor, x: torch.Tensor) 
     """Batched ``u vᵀ + w xᵀ`` for (B, k) u, w and (B, n) v, x (see :data:`OUTER`)."""
     if OUTER not in ("auto", "matmul", "mul"):
         raise SettingsError(f"dqp.gradients.OUTER must be 'auto', 'matmul' or 'mul', got {OUTER!r}.")
-    if OUTER == "matmul" or (OUTER == "auto" and u.device.type == "cuda"):
+    if OUTER == "matmul" or (OUTER == "auto" and u.device.type == "cuda" and u.dtype == torch.float64):
         return torch.matmul(torch.stack((u, w), dim=-1), torch.stack((v, x), dim=-2))
     return torch.mul(u.unsqueeze(-1), v.unsqueeze(-2)).addcmul_(w.unsqueeze(-1), x.unsqueeze(-2))
 

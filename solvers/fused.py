@@ -474,25 +474,34 @@ def chol_block_words(nb: int, threads: Optional[int] = None) -> int:
     return nb * (nb | 1) + 32 * rc + (threads // 32) * rr + 4 * nb + 1
 
 
-def chol_block_available(device: torch.device, dtype: torch.dtype, nb: int) -> bool:
-    """Whether :func:`chol_block` runs for blocks of up to ``nb`` rows here: on CUDA, float64,
-    nb ≤ :data:`KMAX` and the kernel builds (a failure is logged once, as for the IPM kernel)."""
-    if device.type != "cuda" or dtype != torch.float64 or not 1 <= nb <= KMAX:
+def _helper_available(device: torch.device, dtype: torch.dtype, k: int, words: int, name: str,
+                      what: str, instead: str) -> bool:
+    """Whether the helper kernel ``name`` of the fused source runs for size k here: on CUDA, float64,
+    1 ≤ k ≤ :data:`KMAX`, ``words`` doubles of shared memory within the device's limit, and the
+    kernel builds (a failure is logged once, ``what`` failed and ``instead`` runs)."""
+    if device.type != "cuda" or dtype != torch.float64 or not 1 <= k <= KMAX:
         return False
-    if not hasattr(torch.cuda, "_compile_kernel") or 8 * chol_block_words(nb) > _max_smem(device):
+    if not hasattr(torch.cuda, "_compile_kernel") or 8 * words > _max_smem(device):
         return False
     idx = device.index if device.index is not None else torch.cuda.current_device()
-    key = (idx, _tiles(nb, "cuda"), THREADS, tuple(NVRTC_OPTIONS), "dqp_chol_block")
+    key = (idx, _tiles(k, "cuda"), THREADS, tuple(NVRTC_OPTIONS), name)
     if key in _cuda_build_failed:
         return False
     try:
-        _cuda_kernel(device, nb, name="dqp_chol_block")
+        _cuda_kernel(device, k, name=name)
         return True
-    except Exception as exc:  # noqa: BLE001 - any compile/load failure: the library's factorization
+    except Exception as exc:  # noqa: BLE001 - any compile/load failure: the library's routine
         _cuda_build_failed[key] = f"{type(exc).__name__}: {exc}"
-        logger.warning("dqp blocked Cholesky: the diagonal-block kernel could not be built (%s); the library's "
-                       "factorization runs instead", _cuda_build_failed[key])
+        logger.warning("dqp %s: the kernel could not be built (%s); %s runs instead", what,
+                       _cuda_build_failed[key], instead)
         return False
+
+
+def chol_block_available(device: torch.device, dtype: torch.dtype, nb: int) -> bool:
+    """Whether :func:`chol_block` runs for blocks of up to ``nb`` rows here: on CUDA, float64,
+    nb ≤ :data:`KMAX` and the kernel builds (a failure is logged once, as for the IPM kernel)."""
+    return _helper_available(device, dtype, nb, chol_block_words(nb) if 1 <= nb <= KMAX else 0, "dqp_chol_block",
+                             "blocked Cholesky (diagonal blocks)", "the library's factorization")
 
 
 #: Tests only: ``None``, or a function of the tile size class that returns the C++ function the CPU
@@ -566,22 +575,8 @@ def chol_solve_words(k: int, threads: Optional[int] = None) -> int:
 def chol_solve_vec_available(device: torch.device, dtype: torch.dtype, k: int) -> bool:
     """Whether :func:`chol_solve_vec` runs for k × k factors here: on CUDA, float64, k ≤ :data:`KMAX`
     and the kernel builds (a failure is logged once; the library's triangular solves run instead)."""
-    if device.type != "cuda" or dtype != torch.float64 or not 1 <= k <= KMAX:
-        return False
-    if not hasattr(torch.cuda, "_compile_kernel") or 8 * chol_solve_words(k) > _max_smem(device):
-        return False
-    idx = device.index if device.index is not None else torch.cuda.current_device()
-    key = (idx, _tiles(k, "cuda"), THREADS, tuple(NVRTC_OPTIONS), "dqp_chol_solve_vec")
-    if key in _cuda_build_failed:
-        return False
-    try:
-        _cuda_kernel(device, k, name="dqp_chol_solve_vec")
-        return True
-    except Exception as exc:  # noqa: BLE001 - any compile/load failure: the library's solves
-        _cuda_build_failed[key] = f"{type(exc).__name__}: {exc}"
-        logger.warning("dqp batched Cholesky solve: the kernel could not be built (%s); the library's "
-                       "triangular solves run instead", _cuda_build_failed[key])
-        return False
+    return _helper_available(device, dtype, k, chol_solve_words(k) if 1 <= k <= KMAX else 0, "dqp_chol_solve_vec",
+                             "batched Cholesky solve", "the library's triangular solves")
 
 
 #: Tests only: ``None``, or a function of k that returns the C++ function the CPU path of

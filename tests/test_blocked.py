@@ -191,23 +191,30 @@ def test_layer_with_blocked_path_matches_plain(monkeypatch, device, diag):
     factorization and solve on the blocked path (diagonal blocks by the library or by the kernel)
     equal those with the library's plain factorization."""
     monkeypatch.setattr(ipm, "BLOCK_DIAG", diag)
+    monkeypatch.setattr(ipm, "CPU_FAST_PATHS", False)
+    monkeypatch.setattr(ipm, "BLOCK_SIZE", 16)
+    _layer_same_across(monkeypatch, device, "BLOCKED")
+
+
+def _layer_same_across(monkeypatch, device, setting, modes=("never", "always")):
+    """The IPM layer's z and gradients (qpth's generator, B=6, n=m=40) are the same, to 1e-10, for
+    each value of ``dqp.solvers.ipm.<setting>`` in ``modes``."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
     from bench_qpth import make_problems
-    monkeypatch.setattr(ipm, "CPU_FAST_PATHS", False)
     ps = make_problems(6, 40, 40, 0, device)
-    out = {}
-    for mode in ("never", "always"):
-        monkeypatch.setattr(ipm, "BLOCKED", mode)
-        monkeypatch.setattr(ipm, "BLOCK_SIZE", 16)
+    out = []
+    for mode in modes:
+        monkeypatch.setattr(ipm, setting, mode)
         ipm.clear_graph_cache()
         leaves = [x.detach().requires_grad_(True) for x in (ps.Q, ps.p, ps.G, ps.h)]
         z = solve_qp_batch(*leaves, None, None)[0]
-        out[mode] = (z, torch.autograd.grad((z * ps.w).sum(), leaves))
+        out.append((z, torch.autograd.grad((z * ps.w).sum(), leaves)))
     ipm.clear_graph_cache()
-    (z0, g0), (z1, g1) = out["never"], out["always"]
-    assert torch.allclose(z0, z1, rtol=0, atol=1e-10)
-    for a, b in zip(g0, g1):
-        assert ((a - b).abs().max() / (1 + a.abs().max())).item() < 1e-10
+    (z0, g0) = out[0]
+    for z1, g1 in out[1:]:
+        assert torch.allclose(z0, z1, rtol=0, atol=1e-10)
+        for a, b in zip(g0, g1):
+            assert ((a - b).abs().max() / (1 + a.abs().max())).item() < 1e-10
 
 
 @pytest.mark.parametrize("parent,child", [("inverse", "inverse"), ("blocked", "blocked"), ("blocked", "plain"),
@@ -280,21 +287,7 @@ def test_layer_with_kernel_factors_matches_library(monkeypatch, fused_on):
     the fused kernel's setup); a non-positive-definite matrix is reported by both alike."""
     import dqp.solvers.fused as fused
     monkeypatch.setattr(fused, "FUSED", fused_on)
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
-    from bench_qpth import make_problems
-    ps = make_problems(6, 40, 40, 0, "cuda")
-    out = {}
-    for mode in ("never", "always"):
-        monkeypatch.setattr(ipm, "FACTOR_KERNEL", mode)
-        ipm.clear_graph_cache()
-        leaves = [x.detach().requires_grad_(True) for x in (ps.Q, ps.p, ps.G, ps.h)]
-        z = solve_qp_batch(*leaves, None, None)[0]
-        out[mode] = (z, torch.autograd.grad((z * ps.w).sum(), leaves))
-    ipm.clear_graph_cache()
-    (z0, g0), (z1, g1) = out["never"], out["always"]
-    assert torch.allclose(z0, z1, rtol=0, atol=1e-10)
-    for a, b in zip(g0, g1):
-        assert ((a - b).abs().max() / (1 + a.abs().max())).item() < 1e-10
+    _layer_same_across(monkeypatch, "cuda", "FACTOR_KERNEL")
     M = _spd(3, 30, device="cuda")
     M[1, 4, 4] = -1.0
     L, info = ipm._cholesky(M)

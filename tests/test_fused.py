@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import ctypes
 import shutil
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -1064,16 +1062,5 @@ def test_cuda_chol_solve_kernel_matches_library(k, monkeypatch):
         fused.chol_solve_vec(torch.eye(fused.KMAX + 1, dtype=F64, device="cuda").expand(1, -1, -1).contiguous(),
                              torch.ones(1, fused.KMAX + 1, dtype=F64, device="cuda"))
     if k == 100:
-        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
-        from bench_qpth import make_problems
-        ps = make_problems(4, 30, 30, 0, "cuda")
-        out = {}
-        for mode in ("never", "auto"):
-            monkeypatch.setattr(ipm, "SOLVE_KERNEL", mode)
-            ipm.clear_graph_cache()
-            leaves = [x.detach().requires_grad_(True) for x in (ps.Q, ps.p, ps.G, ps.h)]
-            z = solve_qp_batch(*leaves, None, None)[0]
-            out[mode] = (z, torch.autograd.grad((z * ps.w).sum(), leaves))
-        ipm.clear_graph_cache()
-        for a, b in zip(out["never"][1], out["auto"][1]):
-            assert ((a - b).abs().max() / (1 + a.abs().max())).item() < 1e-10
+        from test_blocked import _layer_same_across
+        _layer_same_across(monkeypatch, "cuda", "SOLVE_KERNEL", modes=("never", "auto"))
