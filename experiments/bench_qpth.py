@@ -467,11 +467,12 @@ class QpaxMethod(Method):
         return run, fetch
 
 
-class _DqpPatched(DqpMethod):
-    """``dqp.qpth.QPFunction`` with module-level settings changed for its calls (the subclass's
-    ``patch``: ``(module, attribute, value)`` triples), for a same-run comparison with the default."""
+class DqpPatchedMethod(DqpMethod):
+    """``dqp.qpth.QPFunction`` with module-level settings changed for its calls (``patch``:
+    ``(module, attribute, value)`` triples), for a same-run comparison with the default."""
 
-    patch: Tuple[Tuple[str, str, Any], ...] = ()
+    def __init__(self, name: str, patch: Tuple[Tuple[str, str, Any], ...]):
+        self.name, self.patch = name, patch
 
     def _layer(self):
         import importlib
@@ -491,38 +492,16 @@ class _DqpPatched(DqpMethod):
         return run
 
 
-class DqpStage4Method(_DqpPatched):
-    """dqp with the kernel's first IPM stage stopping at 1e-4 (``POLISH_STAGE_EPS``)."""
-
-    name = "dqp_stage4"
-    patch = (("dqp.ipm_layer", "POLISH_STAGE_EPS", 1e-4),)
-
-
-class DqpStage3Method(_DqpPatched):
-    """dqp with the kernel's first IPM stage stopping at 1e-3 (``POLISH_STAGE_EPS``)."""
-
-    name = "dqp_stage3"
-    patch = (("dqp.ipm_layer", "POLISH_STAGE_EPS", 1e-3),)
-
-
-class DqpStage35Method(_DqpPatched):
-    """dqp with three kernel stages: stops and polishes at 1e-3, then (where rejected) 1e-5, then 1e-8."""
-
-    name = "dqp_stage35"
-    patch = (("dqp.ipm_layer", "POLISH_STAGE_EPS", (1e-3, 1e-5)),)
-
-
-class DqpStage5Method(_DqpPatched):
-    """dqp with the kernel's first IPM stage stopping at 1e-5 (``POLISH_STAGE_EPS``)."""
-
-    name = "dqp_stage5"
-    patch = (("dqp.ipm_layer", "POLISH_STAGE_EPS", 1e-5),)
+#: The kernel's first IPM stage(s) before the polish (``dqp.ipm_layer.POLISH_STAGE_EPS``): stops
+#: and polishes at 1e-5 (the default), 1e-4, 1e-3, or 1e-3 then 1e-5 (three stages).
+STAGE_METHODS = [DqpPatchedMethod(name, (("dqp.ipm_layer", "POLISH_STAGE_EPS", eps),))
+                 for name, eps in (("dqp_stage5", 1e-5), ("dqp_stage4", 1e-4), ("dqp_stage3", 1e-3),
+                                   ("dqp_stage35", (1e-3, 1e-5)))]
 
 
 METHODS: Dict[str, Method] = {m.name: m for m in (DqpMethod(), QpthMethod(), QpaxMethod(),
                                                  DqpBatchMethod(), DqpCompileMethod(), DqpLoopMethod(),
-                                                 Dqp1StageMethod(), DqpLibDiagMethod(), DqpStage5Method(),
-                                                 DqpStage4Method(), DqpStage3Method(), DqpStage35Method())}
+                                                 Dqp1StageMethod(), DqpLibDiagMethod(), *STAGE_METHODS)}
 
 
 # --------------------------------------------------------------------------------------------

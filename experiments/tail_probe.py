@@ -38,23 +38,23 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_qpth import make_problems  # noqa: E402
 
 
-_DEFAULT_STAGE = None
+#: The module switches the variants change, as (module, attribute); their shipped values are read
+#: once, before the first variant, and restored before each.
+_SWITCHES = (("dqp.ipm_layer", "BACKWARD_GRAPH_MAX_WORK"), ("dqp.ipm_layer", "POLISH_STAGE_EPS"),
+             ("dqp.ipm_layer", "_BWD_REFINE"), ("dqp.solvers.ipm", "SETUP_GRAPH"),
+             ("dqp.solvers.ipm", "FACTOR_KERNEL"), ("dqp.solvers.ipm", "SOLVE_KERNEL"), ("dqp.gradients", "OUTER"))
+_SHIPPED: dict = {}
 
 
 def set_variant(name: str) -> None:
-    global _DEFAULT_STAGE
+    import importlib
     import dqp.gradients as gr
     import dqp.ipm_layer as lay
     import dqp.solvers.ipm as ipm
-    if _DEFAULT_STAGE is None:
-        _DEFAULT_STAGE = lay.POLISH_STAGE_EPS
-    lay.BACKWARD_GRAPH_MAX_WORK = 20_000_000
-    ipm.SETUP_GRAPH = True
-    lay._BWD_REFINE = None
-    lay.POLISH_STAGE_EPS = _DEFAULT_STAGE
-    gr.OUTER = "auto"
-    ipm.FACTOR_KERNEL = "auto"
-    ipm.SOLVE_KERNEL = "auto"
+    for mod, attr in _SWITCHES:
+        m = importlib.import_module(mod)
+        _SHIPPED.setdefault((mod, attr), getattr(m, attr, None))
+        setattr(m, attr, _SHIPPED[mod, attr])
     if name.startswith("stages"):
         lay.POLISH_STAGE_EPS = tuple(float(t) for t in name[6:].split(":"))
     elif name.startswith("stage"):

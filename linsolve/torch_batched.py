@@ -60,10 +60,12 @@ def _shared(M: Optional[Tensor]) -> Optional[Tensor]:
     return None
 
 
-def _masked_rows(P: Tensor, A: Optional[Tensor], C: Optional[Tensor], active: Optional[Tensor], B: int):
+def _masked_rows(P: Tensor, A: Optional[Tensor], C: Optional[Tensor], active: Optional[Tensor], B: int,
+                 mask: bool = True):
     """``(a, Abar, D)`` of the masked reduced system (module docstring): the active mask as P's
     dtype (None without C), ``Ā = [A; aC]`` (B, k, n) (None without rows) and ``D = diag(0, 1 − a)``
-    as (B, k)."""
+    as (B, k). ``mask=False``: ``Abar = [A; C]`` unmasked, and C or A itself (not a copy) where it
+    is the only block."""
     n, dtype = P.shape[-1], P.dtype
     p = A.shape[-2] if A is not None else 0
     m = C.shape[-2] if C is not None else 0
@@ -73,8 +75,12 @@ def _masked_rows(P: Tensor, A: Optional[Tensor], C: Optional[Tensor], active: Op
         blocks.append(A.expand(B, p, n))
     if C is not None:
         a = active.to(dtype)
-        blocks.append(C.expand(B, m, n) * a.unsqueeze(-1))
-    Abar = torch.cat(blocks, dim=-2) if blocks else None      # (a buffer of its own: absorb() writes it)
+        blocks.append(C.expand(B, m, n) * a.unsqueeze(-1) if mask else C)
+    if not mask and len(blocks) == 1:
+        Abar = A if C is None else C
+    else:
+        Abar = torch.cat([t.expand(B, t.shape[-2], n) for t in blocks], dim=-2) if blocks else None
+        # (a buffer of its own: absorb() writes it)
     D = torch.zeros(B, p + m, dtype=dtype, device=P.device)
     if m:
         D[:, p:] = 1.0 - a
@@ -212,19 +218,8 @@ class BatchedKKT:
         ``P⁻¹[A; C]ᵀ (r ⊙ y)`` — the same numbers (r is 0 or 1) without two passes over (B, k, n)
         matrices; the masked matrices are formed only where a method needs them (:meth:`_materialize`)."""
         B = (active if active is not None else LS).shape[0]
-        dtype = P.dtype
-        p = A.shape[-2] if A is not None else 0
-        m = C.shape[-2] if C is not None else 0
-        a = active.to(dtype) if m else None
-        D = torch.zeros(B, p + m, dtype=dtype, device=P.device)
-        if m:
-            D[:, p:] = 1.0 - a
-        if p and m:
-            n = P.shape[-1]
-            rows = torch.cat([A.expand(B, p, n), C.expand(B, m, n)], dim=-2)
-        else:
-            rows = A if p else C
-        zeros = torch.zeros(B, dtype=dtype, device=P.device)
+        a, rows, D = _masked_rows(P, A, C, active, B, mask=False)
+        zeros = torch.zeros(B, dtype=P.dtype, device=P.device)
         self = cls.from_state(dict(P=P, A=A, C=C, a=a, Abar=rows, D=D, L=L, HiAbt=PiAbt,
                                    LS=LS, ok=ok, path=zeros.to(torch.int64), rho=zeros), refine=refine)
         self._rm = 1.0 - D
@@ -232,7 +227,7 @@ class BatchedKKT:
 
     def _materialize(self) -> None:
         """Apply a row mask kept as a vector (:meth:`from_schur_factor`) to Ā and H⁻¹Āᵀ themselves."""
-        r = getattr(self, "_rm", None)
+        r = self._rm
         if r is None:
             return
         self.Abar = self.Abar.expand(self.B, self.k, self.n) * r.unsqueeze(-1)
@@ -242,18 +237,15 @@ class BatchedKKT:
     def _Av(self, x: Tensor) -> Tensor:
         """``Ā x``."""
         y = _mv(self.Abar, x)
-        r = getattr(self, "_rm", None)
-        return y if r is None else y * r
+        return y if self._rm is None else y * self._rm
 
     def _Atv(self, y: Tensor) -> Tensor:
         """``Āᵀ y``."""
-        r = getattr(self, "_rm", None)
-        return _tmv(self.Abar, y if r is None else y * r)
+        return _tmv(self.Abar, y if self._rm is None else y * self._rm)
 
     def _Hv(self, y: Tensor) -> Tensor:
         """``H⁻¹Āᵀ y``."""
-        r = getattr(self, "_rm", None)
-        return _mv(self.HiAbt, y if r is None else y * r)
+        return _mv(self.HiAbt, y if self._rm is None else y * self._rm)
 
     # tensors that describe a Cholesky-path factorization (see state() / from_state())
     _STATE = ("P", "A", "C", "a", "Abar", "D", "L", "HiAbt", "LS", "ok", "path", "rho")

@@ -474,6 +474,9 @@ def chol_block_words(nb: int, threads: Optional[int] = None) -> int:
     return nb * (nb | 1) + 32 * rc + (threads // 32) * rr + 4 * nb + 1
 
 
+_helper_ok: set = set()
+
+
 def _helper_available(device: torch.device, dtype: torch.dtype, k: int, words: int, name: str,
                       what: str, instead: str) -> bool:
     """Whether the helper kernel ``name`` of the fused source runs for size k here: on CUDA, float64,
@@ -481,14 +484,17 @@ def _helper_available(device: torch.device, dtype: torch.dtype, k: int, words: i
     kernel builds (a failure is logged once, ``what`` failed and ``instead`` runs)."""
     if device.type != "cuda" or dtype != torch.float64 or not 1 <= k <= KMAX:
         return False
-    if not hasattr(torch.cuda, "_compile_kernel") or 8 * words > _max_smem(device):
-        return False
     idx = device.index if device.index is not None else torch.cuda.current_device()
     key = (idx, _tiles(k, "cuda"), THREADS, tuple(NVRTC_OPTIONS), name)
+    if (key, words) in _helper_ok:                  # (asked per solve: the verdict is kept)
+        return True
+    if not hasattr(torch.cuda, "_compile_kernel") or 8 * words > _max_smem(device):
+        return False
     if key in _cuda_build_failed:
         return False
     try:
         _cuda_kernel(device, k, name=name)
+        _helper_ok.add((key, words))
         return True
     except Exception as exc:  # noqa: BLE001 - any compile/load failure: the library's routine
         _cuda_build_failed[key] = f"{type(exc).__name__}: {exc}"
@@ -497,10 +503,20 @@ def _helper_available(device: torch.device, dtype: torch.dtype, k: int, words: i
         return False
 
 
+def _launch_per_matrix(name: str, device: torch.device, tile: int, B: int, args: list, words) -> None:
+    """Launch the helper kernel ``name`` (built for the size class ``tile``) with one thread block of
+    :data:`THREADS` threads per matrix, ``words(tile, threads)`` doubles of shared memory each."""
+    threads = _threads()          # (read once: the kernel is compiled for the block size it is launched with)
+    kern = _cuda_kernel(device, tile, threads=threads, name=name)
+    with torch.cuda.device(device):
+        kern(grid=(B, 1, 1), block=(threads, 1, 1), args=args, shared_mem=8 * words(tile, threads),
+             stream=torch.cuda.current_stream(device))
+
+
 def chol_block_available(device: torch.device, dtype: torch.dtype, nb: int) -> bool:
     """Whether :func:`chol_block` runs for blocks of up to ``nb`` rows here: on CUDA, float64,
     nb ≤ :data:`KMAX` and the kernel builds (a failure is logged once, as for the IPM kernel)."""
-    return _helper_available(device, dtype, nb, chol_block_words(nb) if 1 <= nb <= KMAX else 0, "dqp_chol_block",
+    return _helper_available(device, dtype, nb, chol_block_words(nb), "dqp_chol_block",
                              "blocked Cholesky (diagonal blocks)", "the library's factorization")
 
 
@@ -551,11 +567,8 @@ def chol_block(W: Tensor, j0: int, j1: int, info: Tensor, tile: Optional[int] = 
     if W.device.type == "cuda":
         if tile > KMAX:
             raise SettingsError(f"chol_block: blocks of at most {KMAX} rows on CUDA, got tile={tile}.")
-        threads = _threads()
-        kern = _cuda_kernel(W.device, tile, threads=threads, name="dqp_chol_block")
-        with torch.cuda.device(W.device):
-            kern(grid=(B, 1, 1), block=(threads, 1, 1), args=[base, k * k, k, nb, Dinv, info, int(j0)],
-                 shared_mem=8 * chol_block_words(tile, threads), stream=torch.cuda.current_stream(W.device))
+        _launch_per_matrix("dqp_chol_block", W.device, tile, B, [base, k * k, k, nb, Dinv, info, int(j0)],
+                           chol_block_words)
     elif W.device.type == "cpu":
         fn = _cpu_library(tile).dqp_chol_block_cpu if _CPU_CHOL_BLOCK_OVERRIDE is None else \
             _CPU_CHOL_BLOCK_OVERRIDE(tile)
@@ -575,7 +588,7 @@ def chol_solve_words(k: int, threads: Optional[int] = None) -> int:
 def chol_solve_vec_available(device: torch.device, dtype: torch.dtype, k: int) -> bool:
     """Whether :func:`chol_solve_vec` runs for k × k factors here: on CUDA, float64, k ≤ :data:`KMAX`
     and the kernel builds (a failure is logged once; the library's triangular solves run instead)."""
-    return _helper_available(device, dtype, k, chol_solve_words(k) if 1 <= k <= KMAX else 0, "dqp_chol_solve_vec",
+    return _helper_available(device, dtype, k, chol_solve_words(k), "dqp_chol_solve_vec",
                              "batched Cholesky solve", "the library's triangular solves")
 
 
@@ -633,11 +646,7 @@ def chol_solve_vec(L: Tensor, r: Tensor) -> Tensor:
     if L.device.type == "cuda":
         if k > KMAX:
             raise SettingsError(f"chol_solve_vec: factors of at most {KMAX} rows on CUDA, got k={k}.")
-        threads = _threads()
-        kern = _cuda_kernel(L.device, k, threads=threads, name="dqp_chol_solve_vec")
-        with torch.cuda.device(L.device):
-            kern(grid=(B, 1, 1), block=(threads, 1, 1), args=[L, sL, k, cm, x, k],
-                 shared_mem=8 * chol_solve_words(k, threads), stream=torch.cuda.current_stream(L.device))
+        _launch_per_matrix("dqp_chol_solve_vec", L.device, k, B, [L, sL, k, cm, x, k], chol_solve_words)
     elif L.device.type == "cpu":
         fn = _cpu_library(k).dqp_chol_solve_vec_cpu if _CPU_CHOL_SOLVE_OVERRIDE is None else \
             _CPU_CHOL_SOLVE_OVERRIDE(k)
