@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.dqp-installed
 
-.PHONY: setup demo test test-all docs clean
+.PHONY: setup demo lint test test-all docs clean
 
 $(STAMP): pyproject.toml constraints.txt
 	python3 -m venv $(VENV)
@@ -16,14 +16,17 @@ setup: $(STAMP)
 demo: setup
 	$(PY) examples/quickstart.py
 
-test: setup
-	$(VENV)/bin/pytest -q --timeout=300
+lint: setup
+	$(PY) -m ruff check .
+
+test: setup lint
+	$(PY) -m pytest -q --timeout=300
 
 test-all: setup
-	$(VENV)/bin/pytest -q --timeout=1800 -m "slow or not slow"
+	$(PY) -m pytest -q --timeout=1800 -m "slow or not slow"
 
 docs: setup
-	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -3,9 +3,11 @@
 * ``<!-- options-table -->``, ``<!-- solver-table -->`` and ``<!-- linsolver-table -->`` are
   replaced by :func:`dqp.settings.options_table`, :func:`dqp.solvers.solver_table` and
   :func:`dqp.linsolve.linsolver_table`, so the docs never copy the options by hand.
-* ``<!-- benchmark-results -->`` is replaced by whatever ``experiments/results/`` holds when the
-  docs are built: each ``*.md`` report becomes a page under ``benchmarks/results/``, each image
-  is embedded, each CSV is linked. Missing files just mean a shorter page.
+* ``<!-- benchmark-results -->`` is replaced by one section per maintained study (``STUDIES``):
+  what it answers, the command that reproduces it, its plot and its tables, read from
+  ``experiments/results/`` when the docs are built; ``<!-- results-summary -->`` by the table of
+  batched-QP results that the README quotes. The result files are copied under
+  ``benchmarks/results/`` so that plots and CSVs can be linked.
 * Sphinx roles left in docstrings (``:class:`X```) are reduced to ``X`` in the rendered HTML.
 * The package layout maps ``solvers/`` to ``dqp.solvers`` and ``linsolve/`` to ``dqp.linsolve``
   (``package-dir`` in pyproject). mkdocstrings' static analysis (griffe) cannot follow that
@@ -101,61 +103,157 @@ def _escape_cells(table: str) -> str:
     return "\n".join(out)
 
 
-def _experiments_table() -> str:
-    """The studies in ``experiments/*.py`` with the first line of each module docstring."""
+#: The maintained studies, in the order of the benchmarks page: title, script, result stems (files
+#: ``experiments/results/<stem>.{md,png,csv}``) and what the study answers. A study whose results are
+#: absent from the checkout is listed with its command and "no results yet".
+STUDIES = [
+    {"title": "Batched dense QPs: dqp vs qpth vs qpax", "script": "bench_qpth.py",
+     "stems": ["qpth_cuda", "qpth_cpu"],
+     "what": "Many small dense QPs solved at once, the OptNet use case: forward plus backward of a "
+             "batch of qpth's random problems, on a GPU and on the CPU, with every gradient checked "
+             "against an independent reference."},
+    {"title": "The Maros–Meszaros collection", "script": "maros_meszaros.py",
+     "stems": ["maros_meszaros"],
+     "what": "137 hard sparse QPs from the optimization literature through the layer, forward and "
+             "backward, next to libdqp: failures, KKT residuals, finite-difference checks, times."},
+    {"title": "Projection onto the simplex, n = 10 to 100 000", "script": "simplex_scaling.py",
+     "stems": ["simplex_scaling"],
+     "what": "How forward plus backward time grows with the problem size, against an exact "
+             "closed-form reference, for dqp's solvers and the peer libraries."},
+    {"title": "A bilevel loop with and without warm starts", "script": "bilevel_warmstart.py",
+     "stems": ["bilevel_warmstart", "bilevel_warmstart_n300"],
+     "what": "100 outer gradient steps through a sparse denoising QP: what starting each solve from "
+             "the previous solution saves, solver by solver, and that both loops reach the same point."},
+]
+
+#: The README's results table is this summary (``tests/test_docs.py`` checks that they agree).
+SUMMARY_ROWS = {"qpth_cuda": None, "qpth_cpu": [128]}  # stem -> batch sizes shown (None: all)
+
+
+def _read_cells(stem: str):
+    """The rows of ``results/<stem>.csv`` (a ``bench_qpth.py`` table) as dicts; [] if absent."""
+    import csv
+
+    path = RESULTS / f"{stem}.csv"
+    if not path.is_file():
+        return []
+    with path.open(newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f))
+
+
+def _meta(stem: str) -> dict:
+    import json
+
+    path = RESULTS / f"{stem}.json"
+    return json.loads(path.read_text(encoding="utf-8")).get("meta", {}) if path.is_file() else {}
+
+
+def _ms(row) -> str:
+    if row is None:
+        return "—"
+    if row["status"] != "ok":
+        return "not run" if row["status"].startswith("skipped") else row["status"]
+    t = float(row["time_median_s"])
+    return f"{t * 1e3:.3g} ms" if t < 1 else f"{t:.3g} s"
+
+
+def _ratio(ours, peer) -> str:
+    if not ours or not peer or ours["status"] != "ok" or peer["status"] != "ok":
+        return "—"
+    r = float(peer["time_median_s"]) / float(ours["time_median_s"])
+    return f"{r:.1f}×" if r >= 1 else f"{r:.2f}×"
+
+
+def results_summary() -> str:
+    """A markdown table of the float64 batched-QP results: device, B, n, times, dqp's speed-up."""
+    head = ("| device | batch B | n = m | dqp | qpth | qpax | qpth time / dqp time | qpax time / dqp time |\n"
+            "|---|---|---|---|---|---|---|---|")
+    lines = [head]
+    for stem, batches in SUMMARY_ROWS.items():
+        rows = [r for r in _read_cells(stem) if r["dtype"] == "float64"]
+        meta = _meta(stem)
+        device = meta.get("gpu") or ("CPU, " + meta["host"].split(",")[0] + ", 1 thread"
+                                     if "host" in meta else stem)
+        cells = {}
+        for r in rows:
+            cells[(int(r["B"]), int(r["n"]), r["method"])] = r
+        for B, n in dict.fromkeys((int(r["B"]), int(r["n"])) for r in rows):
+            if batches is not None and B not in batches:
+                continue
+            get = lambda m: cells.get((B, n, m))  # noqa: E731
+            lines.append(f"| {device} | {B} | {n} | {_ms(get('dqp'))} | {_ms(get('qpth'))} | {_ms(get('qpax'))} "
+                         f"| {_ratio(get('dqp'), get('qpth'))} | {_ratio(get('dqp'), get('qpax'))} |")
+    return "\n".join(lines) if len(lines) > 1 else "*(no results in `experiments/results/`)*"
+
+
+def _script_summary(script: str) -> str:
+    """The first line of a study script's module docstring."""
     import ast
 
-    rows = ["| script | what it does |", "|---|---|"]
-    for p in sorted((ROOT / "experiments").glob("*.py")):
-        try:
-            doc = ast.get_docstring(ast.parse(p.read_text(encoding="utf-8"))) or ""
-        except SyntaxError:  # a study being edited must not break the docs
-            doc = ""
-        first = doc.strip().splitlines()[0] if doc.strip() else "(no description)"
-        first = first.replace("|", "\\|")
-        rows.append(f"| `experiments/{p.name}` | {first} |")
-    return "\n".join(rows) if len(rows) > 2 else "*(no studies in `experiments/`)*"
+    p = ROOT / "experiments" / script
+    try:
+        doc = ast.get_docstring(ast.parse(p.read_text(encoding="utf-8"))) or ""
+    except (OSError, SyntaxError):  # a missing or half-edited study must not break the docs
+        doc = ""
+    return doc.strip().splitlines()[0] if doc.strip() else ""
+
+
+_COMMAND = re.compile(r"(?:^- command: |^Command: `|^`)(python[^`\n]*experiments/[^`\n]*)", re.M)
+
+
+def _report_command(text: str) -> str:
+    m = _COMMAND.search(text)
+    return m.group(1).strip() if m else ""
+
+
+def _report_body(path: Path, uri: str, files) -> str:
+    """A results report for the page: title dropped, headings demoted below the section's."""
+    text = path.read_text(encoding="utf-8", errors="replace")
+    if files is not None:
+        text = _delink_missing(text, uri, files, rebase=True)
+    out, dropped_title = [], False
+    for line in text.splitlines():
+        if line.startswith("#"):
+            if not dropped_title:
+                dropped_title = True
+                continue
+            line = "#### " + line.lstrip("#").strip()
+        out.append(line)
+    return "\n".join(out).strip() + "\n"
 
 
 def _benchmarks_section(files) -> str:
-    found = _result_files()
-    if not found:
-        return ('!!! note "No results yet"\n    `experiments/results/` holds no reports in this checkout; '
-                'run the scripts in `experiments/` (see below) and rebuild the docs.\n')
+    """One section per maintained study: what it answers, the command, its plot and its tables."""
     out = []
-    by_stem = {}
-    for p in found:
-        by_stem.setdefault(p.relative_to(RESULTS).with_suffix("").as_posix(), []).append(p)
-    for stem, group in sorted(by_stem.items()):
-        out.append(f"### {stem}\n")
-        inline = []
-        for p in sorted(group, key=lambda x: (x.suffix != ".md", x.suffix)):
-            uri = f"{RESULTS_URI}/{p.relative_to(RESULTS).as_posix()}"
-            if p.suffix.lower() in _IMAGES:
-                out.append(f"![{stem}]({uri})\n")
-            elif p.suffix.lower() == ".md":
-                out.append(f"- Report: [{p.name}]({uri}) (also below)")
-                inline.append(_inline_report(p, uri, files))
-            elif p.suffix.lower() == ".csv":
-                rows = max(sum(1 for _ in p.open(encoding="utf-8", errors="replace")) - 1, 0)
-                out.append(f"- Data: [{p.name}]({uri}) ({rows} rows)")
-            else:
-                out.append(f"- [{p.name}]({uri})")
-        out.append("")
-        out.extend(inline)
+    for study in STUDIES:
+        out += [f"## {study['title']}", "", study["what"], ""]
+        summary = _script_summary(study["script"])
+        out += [f"Script: `experiments/{study['script']}`" + (f" — {summary}" if summary else ""), ""]
+        found = False
+        for stem in study["stems"]:
+            report = RESULTS / f"{stem}.md"
+            if not report.is_file():
+                continue
+            found = True
+            uri = f"{RESULTS_URI}/{stem}.md"
+            cmd = _report_command(report.read_text(encoding="utf-8", errors="replace"))
+            if len(study["stems"]) > 1:
+                out += [f"### {stem.replace('_', ' ')}", ""]
+            if cmd:
+                out += ["Reproduce:", "", "```bash", cmd, "```", ""]
+            png = RESULTS / f"{stem}.png"
+            if png.is_file():
+                out += [f"![{stem}]({RESULTS_URI}/{stem}.png)", ""]
+            out += [_report_body(report, uri, files)]
+            data = [f"[{p.name}]({RESULTS_URI}/{p.name})" for p in (RESULTS / f"{stem}.csv", RESULTS / f"{stem}.json")
+                    if p.is_file()]
+            if data:
+                out += ["Data: " + ", ".join(data), ""]
+        if not found:
+            out += ['!!! note "No results yet"',
+                    f"    `experiments/results/` holds no report of this study in this checkout; run "
+                    f"`python experiments/{study['script']}` and rebuild the docs.", ""]
     return "\n".join(out)
-
-
-def _inline_report(path: Path, uri: str, files) -> str:
-    """A results report as a collapsed block on the benchmarks page (headings become bold lines)."""
-    text = _delink_missing(path.read_text(encoding="utf-8", errors="replace"), uri, files,
-                           rebase=True)
-    lines = []
-    for line in text.splitlines():
-        if line.startswith("#"):
-            line = f"**{line.lstrip('#').strip()}**"
-        lines.append(("    " + line) if line.strip() else "")
-    return f'??? abstract "Report: {path.name}"\n' + "\n".join(lines) + "\n"
 
 
 def _delink_missing(markdown: str, page_src: str, files, rebase: bool = False) -> str:
@@ -193,8 +291,8 @@ def on_page_markdown(markdown, page, config, files):
         return markdown
     for marker, table in _tables().items():
         markdown = markdown.replace(marker, table)
-    if "<!-- experiment-scripts -->" in markdown:
-        markdown = markdown.replace("<!-- experiment-scripts -->", _experiments_table())
+    if "<!-- results-summary -->" in markdown:
+        markdown = markdown.replace("<!-- results-summary -->", results_summary())
     if "<!-- benchmark-results -->" in markdown:
         markdown = markdown.replace("<!-- benchmark-results -->", _benchmarks_section(files))
     return markdown

@@ -284,7 +284,7 @@ class DiagnosisReport:
             from matplotlib.figure import Figure
         except ImportError as exc:
             raise ImportError("Saving the diagnosis plot needs matplotlib: pip install matplotlib "
-                              "(or pip install 'dqp[bench]').") from exc
+                              "(or pip install 'dqp-torch[plots]').") from exc
         path = Path(path)
         ran = [r for r in self.results if np.isfinite(r.t_total)]
         height = max(3.0, 0.22 * len(ran) + 1.2)

@@ -34,7 +34,7 @@ class Plugin:
         """The pip command that installs this plugin."""
         pkgs = " ".join(cls.modules)
         if cls.extra:
-            return f"pip install 'dqp[{cls.extra}]'  (or: pip install {pkgs})"
+            return f"pip install 'dqp-torch[{cls.extra}]'  (or: pip install {pkgs})"
         return f"pip install {pkgs}" if pkgs else "(built in)"
 
 

@@ -710,7 +710,7 @@ def write_outputs(cells: List[Cell], out: str, tag: str, meta: Dict[str, str],
     with open(os.path.join(out, f"qpth_{tag}.md"), "w") as f:
         f.write(text + "\n")
     if plot:
-        _plot(cells, os.path.join(out, f"qpth_{tag}.png"), tag, methods)
+        _plot(cells, os.path.join(out, f"qpth_{tag}.png"), tag, methods, meta)
     return text
 
 
@@ -747,7 +747,13 @@ def remake(csv_path: str, out: str, tag: str, plot: bool = True) -> str:
     return write_outputs(cells, out, tag, meta, methods, plot=plot)
 
 
-def _plot(cells: List[Cell], path: str, tag: str, methods: Sequence[str]) -> None:
+def _plot(cells: List[Cell], path: str, tag: str, methods: Sequence[str],
+          meta: Optional[Dict[str, str]] = None) -> None:
+    """One panel per batch size: median forward+backward time against n = m, log-log.
+
+    The title names the device and the versions (from ``meta``) so that a plot read on its own
+    says where its numbers come from.
+    """
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -772,12 +778,15 @@ def _plot(cells: List[Cell], path: str, tag: str, methods: Sequence[str]) -> Non
                             color=colors.get(m), label=f"{m} {dtype}")
         ax.set_xscale("log")
         ax.set_yscale("log")
-        ax.set_title(f"batch size {B}")
-        ax.set_xlabel("n = m")
+        ax.set_title(f"batch size B = {B}")
+        ax.set_xlabel("problem size n = m (variables = inequalities)")
         ax.grid(True, which="both", alpha=0.3)
-    axes[0][0].set_ylabel("fwd+bwd time [s]")
+    axes[0][0].set_ylabel("forward + backward time [s], median")
     axes[0][-1].legend(fontsize=7)
-    fig.suptitle(f"qpth-style benchmark ({tag})")
+    meta = meta or {}
+    device = meta.get("gpu") or meta.get("host") or str(cells[0].device)
+    versions = ", ".join(f"{k} {meta[k]}" for k in ("torch", "qpth", "qpax") if k in meta)
+    fig.suptitle(f"dqp vs qpth vs qpax, qpth's random QPs: {device}\n{versions}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -133,25 +133,31 @@ def test_benchmarks_page_without_results(tmp_path, monkeypatch):
 
 
 def test_benchmarks_page_with_results(tmp_path, monkeypatch):
+    """A study's section: the command from its report, its plot, its tables with headings demoted."""
     from mkdocs.structure.files import File, Files
 
     hooks = _load_hooks()
     res = tmp_path / "results"
     res.mkdir()
-    (res / "study.md").write_text("# Study\n\n![plot](study.png) see [data](study.csv) and [code](../study.py)\n")
-    (res / "study.png").write_bytes(b"\x89PNG\r\n\x1a\n")
-    (res / "study.csv").write_text("a,b\n1,2\n3,4\n")
+    (res / "simplex_scaling.md").write_text(
+        "# Simplex\n\n`python experiments/simplex_scaling.py --grid 10` on a test machine\n\n## Times\n\n"
+        "| n | t |\n|---|---|\n| 10 | 1 ms |\n\nsee [data](simplex_scaling.csv) and [code](../simplex_scaling.py)\n")
+    (res / "simplex_scaling.png").write_bytes(b"\x89PNG\r\n\x1a\n")
+    (res / "simplex_scaling.csv").write_text("a,b\n1,2\n3,4\n")
     monkeypatch.setattr(hooks, "RESULTS", res)
     files = Files([File(f"benchmarks/results/{p.name}", src_dir=str(tmp_path), dest_dir=str(tmp_path / "site"),
                         use_directory_urls=True) for p in sorted(res.iterdir())])
-    section = hooks._benchmarks_section(files)
-    assert "![study](benchmarks/results/study.png)" in section
-    assert "[study.csv](benchmarks/results/study.csv) (2 rows)" in section
-    assert '??? abstract "Report: study.md"' in section
-    assert "    **Study**" in section
-    # links inside the inlined report point at the copied files; a link to a missing file becomes text
-    assert "[data](benchmarks/results/study.csv)" in section
-    assert "code (`../study.py`)" in section
+    page = hooks._benchmarks_section(files)
+    section = page[page.index("## Projection onto the simplex"):page.index("## A bilevel loop")]
+    assert "```bash\npython experiments/simplex_scaling.py --grid 10\n```" in section
+    assert "![simplex_scaling](benchmarks/results/simplex_scaling.png)" in section
+    assert "#### Times" in section and "# Simplex" not in section
+    assert "| 10 | 1 ms |" in section
+    assert "[data](benchmarks/results/simplex_scaling.csv)" in section
+    assert "code (`../simplex_scaling.py`)" in section  # a link to a file the site lacks becomes text
+    # the other studies have no results in this directory: each says so
+    assert page.count("No results yet") == len(hooks.STUDIES) - 1
+    assert [line for line in page.splitlines() if line.startswith("## ")] == [f"## {s['title']}" for s in hooks.STUDIES]
 
 
 def test_table_cells_with_pipes_are_escaped():
@@ -170,3 +176,31 @@ def test_readme_options_table_matches_the_settings():
 
     readme = (REPO / "README.md").read_text(encoding="utf-8")
     assert options_table() in readme
+
+
+def _python_blocks(path: Path):
+    """The ```python code blocks of a markdown file, in order."""
+    import re
+
+    text = path.read_text(encoding="utf-8")
+    return re.findall(r"^```python\n(.*?)^```", text, flags=re.S | re.M)
+
+
+def test_readme_code_runs_as_written(tmp_path):
+    """The README's python blocks, run in order in one fresh interpreter, as a new user would paste them."""
+    blocks = _python_blocks(REPO / "README.md")
+    assert len(blocks) >= 2, "the README has a quickstart"
+    script = tmp_path / "readme.py"
+    script.write_text("\n".join(blocks), encoding="utf-8")
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=240, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "tensor(" in out.stdout  # the quickstart prints the solution and the gradients
+
+
+def test_readme_results_table_matches_the_benchmarks_page():
+    """The README quotes the benchmarks page's summary, generated from experiments/results/."""
+    hooks = _load_hooks()
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    table = hooks.results_summary()
+    assert table.count("\n") >= 2, "the results files of the batched-QP study are present"
+    assert table in readme, "README's results table is stale: paste docs/hooks.results_summary() into it"

@@ -171,10 +171,9 @@ def test_fallback_not_installed_names_the_install(monkeypatch):
         dQP.build_settings(fallback_solver=("test_counting",))
 
 
-MM_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "maros_meszaros"
+MM_DIR = Path(__file__).resolve().parent / "data" / "maros_meszaros"  # a small subset shipped with the tests
 
 
-@pytest.mark.skipif(not MM_DIR.is_dir(), reason=f"Maros–Meszaros data not found at {MM_DIR}")
 @pytest.mark.parametrize("name", ["YAO", "GOULDQP3", pytest.param("QSIERRA", marks=pytest.mark.slow)])
 def test_maros_meszaros_almostsolved_is_rescued(name):
     """Clarabel stops at 'almostsolved' on YAO and QSIERRA, and its point on GOULDQP3 does not verify;

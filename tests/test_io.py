@@ -14,9 +14,7 @@ from dqp.io import (INFINITY_BOUND, QPProblem, list_maros_meszaros, load_maros_m
                     maros_meszaros_dir, save_problem)
 
 REPO = Path(__file__).resolve().parent.parent
-MM_DIR = REPO.parent / "shared" / "data" / "maros_meszaros"
-needs_mm = pytest.mark.skipif(not MM_DIR.is_dir(),
-                              reason=f"Maros–Meszaros data not found at {MM_DIR} (CI has it beside the clone)")
+MM_DIR = REPO / "tests" / "data" / "maros_meszaros"  # a small subset shipped with the tests
 
 SMALL = ["HS21", "HS35", "HS118", "TAME", "DUALC1", "QAFIRO", "GENHS28"]
 
@@ -43,7 +41,6 @@ def _write_mm(path: Path, **overrides) -> Path:
 
 
 # ------------------------------------------------------------------ real collection
-@needs_mm
 @pytest.mark.parametrize("name", SMALL)
 def test_load_small_problem_shapes_and_symmetry(name):
     prob = load_maros_meszaros(MM_DIR / f"{name}.mat")
@@ -59,7 +56,6 @@ def test_load_small_problem_shapes_and_symmetry(name):
     assert prob.r == pytest.approx(float(np.asarray(raw["r"]).ravel()[0]))
 
 
-@needs_mm
 @pytest.mark.parametrize("name", SMALL)
 def test_conversion_preserves_feasibility(name):
     prob = load_maros_meszaros(MM_DIR / f"{name}.mat")
@@ -79,7 +75,6 @@ def test_conversion_preserves_feasibility(name):
         assert qp.objective(x) == pytest.approx(prob.objective(x), rel=1e-12, abs=1e-12)
 
 
-@needs_mm
 @pytest.mark.parametrize("name", ["HS21", "HS118", "DUALC1"])
 def test_conversion_optimum_is_feasible(name):
     """The optimum of the original problem (solved independently) is feasible after conversion."""
@@ -96,7 +91,6 @@ def test_conversion_optimum_is_feasible(name):
     assert prob.violation(x_bad) == pytest.approx(qp.violation(x_bad), rel=1e-12)
 
 
-@needs_mm
 @pytest.mark.parametrize("sparse", [True, False])
 def test_to_torch_matches_scipy(sparse):
     qp = load_maros_meszaros(MM_DIR / "HS118.mat").to_qp()
@@ -122,7 +116,6 @@ def test_to_torch_matches_scipy(sparse):
     np.testing.assert_array_equal(leaves["P"].grad.numpy(), expected)
 
 
-@needs_mm
 def test_to_torch_with_equalities():
     qp = load_maros_meszaros(MM_DIR / "GENHS28.mat").to_qp()
     assert qp.n_eq > 0
@@ -131,7 +124,6 @@ def test_to_torch_with_equalities():
     np.testing.assert_array_equal(b.numpy(), qp.b)
 
 
-@needs_mm
 def test_list_filters_and_sorts():
     everything = list_maros_meszaros(MM_DIR)
     assert len(everything) == len(list(MM_DIR.glob("*.mat")))
@@ -148,12 +140,13 @@ def test_list_filters_and_sorts():
     assert any(x.m > 10 for x in only_n)  # max_n alone does not filter m
 
 
-@needs_mm
-def test_default_dir_found():
-    assert maros_meszaros_dir() is not None
+def test_default_dir_from_environment(monkeypatch):
+    monkeypatch.setenv("DQP_MAROS_MESZAROS_DIR", str(MM_DIR))
+    assert maros_meszaros_dir() == MM_DIR
+    monkeypatch.setenv("DQP_MAROS_MESZAROS_DIR", str(REPO / "docs"))  # no .mat files there: not chosen
+    assert maros_meszaros_dir() != REPO / "docs"
 
 
-@needs_mm
 def test_load_problem_mat_equals_to_qp():
     a = load_problem(MM_DIR / "HS35.mat")
     b = load_maros_meszaros(MM_DIR / "HS35.mat").to_qp()

@@ -65,7 +65,7 @@ def test_missing_package_gives_install_hint():
         modules = ("another_missing_module_xyz",)
 
     try:
-        with pytest.raises(dqp.SolverNotAvailableError, match=r"pip install 'dqp\[missing\]'"):
+        with pytest.raises(dqp.SolverNotAvailableError, match=r"pip install 'dqp-torch\[missing\]'"):
             dQP.build_settings(qp_solver="missing_test_solver")
         with pytest.raises(dqp.SolverNotAvailableError, match="pip install another_missing_module_xyz"):
             dQP.build_settings(lin_solver="missing_test_lin")
