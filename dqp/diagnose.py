@@ -31,8 +31,10 @@ Library functions never print; :func:`main` (the CLI) prints the report.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import math
+import os
 import statistics
 import sys
 import time
@@ -50,11 +52,15 @@ from dqp.io import PathLike, QPProblem, load_problem
 
 logger = logging.getLogger("dqp.diagnose")
 
-__all__ = ["ComboResult", "DiagnosisReport", "diagnose", "diagnose_problem", "diagnose_file", "main"]
+__all__ = ["ComboResult", "DiagnosisReport", "STATUS_CODES", "diagnose", "diagnose_problem", "diagnose_file",
+           "build_parser", "main"]
 
 #: Problems with more variables than this are not densified for dense-only batched solvers
 #: (the built-in IPM) unless ``dense=True`` is asked for.
 DENSE_LIMIT = 2000
+#: A file's problem is handed over dense when at least this fraction of the entries of P, C and A
+#: are stored (and n ≤ DENSE_LIMIT); sparse otherwise. ``--dense``/``--sparse`` override it.
+DENSE_FRACTION = 0.1
 
 _BETA_WARNINGS = ("Sparse CSR tensor support is in beta", "Sparse CSC tensor support is in beta",
                   "Sparse invariant checks are implicitly disabled")
@@ -101,8 +107,11 @@ class ComboResult:
     correct : bool
         Solved, residuals within ``tol``, agreement within ``grad_tol``, not rejected by the
         verification.
+    reasons : list of str
+        Why the combination is not correct (empty when it is).
     notes : list of str
-        Why the combination is not correct, and warnings raised during the call.
+        Why the combination is not correct, then the layer's messages and the warnings raised
+        during the call.
     """
 
     qp_solver: str
@@ -129,6 +138,7 @@ class ComboResult:
     z_rel_diff: float = math.nan
     grad_rel_diff: float = math.nan
     correct: bool = False
+    reasons: List[str] = field(default_factory=list)
     notes: List[str] = field(default_factory=list)
     z: Optional[np.ndarray] = field(default=None, repr=False)
     grad: Optional[np.ndarray] = field(default=None, repr=False)
@@ -143,11 +153,53 @@ class ComboResult:
         """Forward + backward seconds (NaN when the combination failed)."""
         return self.t_forward + self.t_backward
 
+    @property
+    def code(self) -> str:
+        """A short status code for the table (the legend is :data:`STATUS_CODES`)."""
+        if self.error_class:
+            return _ERROR_CODES.get(self.error_class, "error" if self.typed_error else "untyped-error")
+        if not self.solved:
+            return self.status.lower().replace("_", "-")
+        if self.correct:
+            return "ok"
+        first = self.reasons[0] if self.reasons else ""
+        if first.startswith("KKT residual"):
+            return "inexact"
+        if "differs from consensus" in first:
+            return "disagrees"
+        return "unverified" if "not verified" in first else "not-ok"
+
+    @property
+    def messages(self) -> List[str]:
+        """The details behind the row: the error, or the layer's messages and warnings."""
+        if self.error_class:
+            return [f"{self.error_class}{'' if self.typed_error else ' (untyped)'}: {self.error_message}"]
+        return [m for m in self.notes if m not in self.reasons]
+
     def as_dict(self) -> Dict[str, Any]:
         """The scalar fields as a dict (for CSV/JSON); arrays are left out."""
-        out = {k: v for k, v in self.__dict__.items() if k not in ("z", "grad")}
+        out = {k: v for k, v in self.__dict__.items() if k not in ("z", "grad", "reasons")}
+        out["code"] = self.code
         out["notes"] = "; ".join(self.notes)
         return out
+
+
+#: The short codes of the table's status column.
+STATUS_CODES = {
+    "ok": "solved; KKT residual, z and gradient within the tolerances; active set verified",
+    "inexact": "solved, but the relative KKT residual is above --tol",
+    "disagrees": "solved, but z or the gradient differs from the consensus by more than --grad-tol",
+    "unverified": "solved, but the active-set check rejected the point",
+    "infeasible": "the solver reports the problem infeasible (InfeasibleError)",
+    "unbounded": "the solver reports the problem unbounded (UnboundedError)",
+    "max-iter": "the solver stopped at its iteration limit (MaxIterationsError)",
+    "not-psd": "P is not positive semidefinite (NotPSDError)",
+    "failed": "the solver failed (SolverFailedError)",
+    "error": "another dqp error (see the details)",
+    "untyped-error": "an exception that is not a dqp error escaped (a bug: please report it)",
+}
+_ERROR_CODES = {"InfeasibleError": "infeasible", "UnboundedError": "unbounded", "MaxIterationsError": "max-iter",
+                "NotPSDError": "not-psd", "SolverFailedError": "failed"}
 
 
 @dataclass
@@ -178,6 +230,8 @@ class DiagnosisReport:
         Number of combinations the consensus gradient is the median of.
     device : str
         Device of the tensors handed to the layer.
+    input_reason : str
+        How the input kind was chosen (given, or inferred from the data).
     """
 
     problem: str
@@ -194,6 +248,7 @@ class DiagnosisReport:
     seed: int
     consensus_size: int
     device: str = "cpu"
+    input_reason: str = ""
 
     @property
     def correct(self) -> List[ComboResult]:
@@ -233,39 +288,71 @@ class DiagnosisReport:
                      f"{', '.join(x.lin_solver for x in best_lin[:4])}.")
         return text
 
-    def to_markdown(self, max_rows: Optional[int] = None, message_chars: int = 120) -> str:
-        """The report as Markdown: a header, the recommendation, the ranked table, skipped pairs."""
+    def to_markdown(self, max_rows: Optional[int] = None, message_chars: int = 400) -> str:
+        """The report as Markdown: a header, the recommendation, one row per pair, then the details.
+
+        Each row has a short status code (legend below the table) and references ``[k]`` to the
+        messages behind it; each distinct message is printed once, shortened to ``message_chars``.
+        """
         kind = "sparse" if self.input_sparse else "dense"
+        why = f" ({self.input_reason})" if self.input_reason else ""
         lines = [f"# dqp solver diagnosis: {self.problem}", "",
                  f"n = {self.n} variables, m = {self.m} inequalities, p = {self.p} equalities, "
-                 f"{self.nnz} stored nonzeros ({kind} input); float64 on {self.device}; median of {self.repeat} run(s); "
-                 f"loss wᵀz with a random w (seed {self.seed}); consensus of {self.consensus_size} solved "
-                 f"combination(s).", "",
+                 f"{self.nnz} stored nonzeros; {kind} input{why}; float64 on {self.device}; "
+                 f"median of {self.repeat} run(s); loss wᵀz with a random w (seed {self.seed}); "
+                 f"consensus of {self.consensus_size} solved pair(s).", "",
                  f"**Recommendation.** {self.recommendation()}", "",
-                 "| rank | qp_solver | lin_solver | input | correct | forward [ms] | backward [ms] | solver [ms] "
-                 "| rel. KKT residual | grad diff | z diff | verified | KKT path | weak | status / error |",
-                 "|---:|---|---|---|---|---:|---:|---:|---:|---:|---:|---|---|---:|---|"]
+                 "| rank | qp_solver | lin_solver | input | status | forward [ms] | backward [ms] "
+                 "| KKT residual | grad diff | details |",
+                 "|---:|---|---|---|---|---:|---:|---:|---:|---|"]
         rows = self.results if max_rows is None else self.results[:max_rows]
+        index: Dict[str, int] = {}
         for i, r in enumerate(rows, 1):
-            if r.error_class:
-                what = f"{r.error_class}{'' if r.typed_error else ' (untyped)'}: {_oneline(r.error_message, message_chars)}"
-            else:
-                what = r.status + (f" ({'; '.join(r.notes)})" if r.notes else "")
+            refs = [index.setdefault(_oneline(msg, message_chars), len(index) + 1) for msg in r.messages]
             lines.append(
-                f"| {i} | {r.qp_solver} | {r.lin_solver} | {r.solve_type} | {'yes' if r.correct else 'no'} | "
-                f"{_ms(r.t_forward)} | {_ms(r.t_backward)} | {_ms(r.t_solver)} | {_sci(r.rel_residual)} | "
-                f"{_sci(r.grad_rel_diff)} | {_sci(r.z_rel_diff)} | "
-                f"{'-' if r.verified is None else ('yes' if r.verified else 'no')} | {r.kkt_path or '-'} | "
-                f"{'-' if r.n_weakly_active is None else r.n_weakly_active} | {_cell(what)} |")
+                f"| {i} | {r.qp_solver} | {r.lin_solver} | {r.solve_type} | {r.code} | "
+                f"{_ms(r.t_forward)} | {_ms(r.t_backward)} | {_sci(r.rel_residual)} | {_sci(r.grad_rel_diff)} | "
+                f"{', '.join(f'[{k}]' for k in refs)} |")
         if max_rows is not None and len(self.results) > max_rows:
-            lines.append(f"\n({len(self.results) - max_rows} more combinations not shown.)")
+            lines.append(f"\n({len(self.results) - max_rows} more pairs not shown.)")
+        codes = _unique(r.code for r in rows)
+        lines += ["", "Status: " + "; ".join(f"`{c}` {STATUS_CODES.get(c, 'see the details')}" for c in codes) + "."]
+        if index:
+            lines += ["", "Details:", ""] + [f"[{k}] {_cell(msg)}" + "  " for msg, k in index.items()]
+            lines[-1] = lines[-1].rstrip()
         if self.skipped:
             lines += ["", "Not run:", ""]
             lines += [f"- `{qp}` × `{lin}`: {reason}" for qp, lin, reason in self.skipped]
-        lines += ["", f"Correct = solved, relative KKT residual ≤ {self.tol:g}, gradient and z within "
-                      f"{self.grad_tol:g} (relative, ∞-norm) of the consensus, and not rejected by the "
-                      f"active-set verification."]
+        lines += ["", f"A pair is `ok` when it solved, its relative KKT residual is at most {self.tol:g}, z and the "
+                      f"gradient are within {self.grad_tol:g} (relative, ∞-norm) of the consensus (the "
+                      f"element-wise median over the pairs that solved), and the active-set check accepted it."]
         return "\n".join(lines)
+
+    def to_dict(self) -> Dict[str, Any]:
+        """The whole report as plain data (for ``--json``): the header, the recommendation, the
+        ranked rows (:meth:`to_records`) and the pairs not run. NaN becomes ``None``."""
+        head = {k: v for k, v in self.__dict__.items() if k not in ("results", "skipped")}
+        rec = self.recommended
+        return _jsonable({**head, "recommendation": self.recommendation(),
+                          "recommended": None if rec is None else {"qp_solver": rec.qp_solver,
+                                                                   "lin_solver": rec.lin_solver,
+                                                                   "solve_type": rec.solve_type},
+                          "results": self.to_records(),
+                          "skipped": [{"qp_solver": qp, "lin_solver": lin, "reason": why}
+                                      for qp, lin, why in self.skipped]})
+
+    def to_csv(self) -> str:
+        """The ranked rows as CSV text (header line first), for ``--csv``."""
+        import csv
+        import io
+
+        records = self.to_records()
+        buf = io.StringIO()
+        if records:
+            writer = csv.DictWriter(buf, fieldnames=list(records[0]), lineterminator="\n")
+            writer.writeheader()
+            writer.writerows(records)
+        return buf.getvalue()
 
     def to_records(self) -> List[Dict[str, Any]]:
         """One dict per combination, in rank order (for CSV or a DataFrame)."""
@@ -398,13 +485,15 @@ def diagnose_file(path: PathLike, **kwargs: Any) -> DiagnosisReport:
 
 
 def diagnose_problem(problem: QPProblem, *, solvers: Optional[Sequence[str]] = None,
-                     lin_solvers: Optional[Sequence[str]] = None, dense: bool = False, repeat: int = 3,
+                     lin_solvers: Optional[Sequence[str]] = None, dense: Optional[bool] = None, repeat: int = 3,
                      tol: float = 1e-6, grad_tol: float = 1e-5, seed: int = 0,
                      options: Optional[Mapping[str, Any]] = None, progress: bool = True,
                      device: Optional[Union[str, torch.device]] = None) -> DiagnosisReport:
     """Diagnose a :class:`dqp.io.QPProblem` (see :func:`diagnose` for the parameters).
 
-    ``dense`` defaults to ``False`` here: a ``QPProblem`` holds SciPy CSC matrices.
+    A ``QPProblem`` always holds SciPy CSC matrices, so ``dense=None`` (the default) infers the
+    input kind from the data: dense when at least :data:`DENSE_FRACTION` of the entries of
+    ``P``, ``C`` and ``A`` are stored and ``n ≤ DENSE_LIMIT``, sparse otherwise.
     """
     from dqp.dQP import build_settings
     from dqp.problem import validate
@@ -426,6 +515,10 @@ def diagnose_problem(problem: QPProblem, *, solvers: Optional[Sequence[str]] = N
         raise SettingsError(f"device={device!r} is not a torch device ({exc}).") from exc
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise SettingsError(f"device={device!r} but CUDA is not available in this torch build or machine.")
+    if dense is None:
+        dense, input_reason = _infer_dense(problem)
+    else:
+        input_reason = "as given"
     combos, skipped = _plan(problem, solvers, lin_solvers, dense)
     if not combos:
         reasons = "; ".join(f"{qp} × {lin}: {why}" for qp, lin, why in skipped) or "nothing selected"
@@ -438,7 +531,18 @@ def diagnose_problem(problem: QPProblem, *, solvers: Optional[Sequence[str]] = N
     results.sort(key=lambda r: (not r.correct, not r.solved, r.t_total if np.isfinite(r.t_total) else math.inf))
     nnz = int(problem.P.nnz + problem.C.nnz + (problem.A.nnz if problem.A is not None else 0))
     return DiagnosisReport(problem.name, problem.n, problem.n_ineq, problem.n_eq, nnz, not dense, results,
-                           skipped, repeat, tol, grad_tol, seed, consensus_size, str(dev))
+                           skipped, repeat, tol, grad_tol, seed, consensus_size, str(dev), input_reason)
+
+
+def _infer_dense(problem: QPProblem) -> Tuple[bool, str]:
+    """Whether to hand the data over dense, and why (a phrase for the report)."""
+    n = problem.n
+    size = n * n + (problem.n_ineq + problem.n_eq) * n
+    nnz = problem.P.nnz + problem.C.nnz + (problem.A.nnz if problem.A is not None else 0)
+    fill = nnz / size if size else 1.0
+    dense = fill >= DENSE_FRACTION and n <= DENSE_LIMIT
+    return dense, (f"inferred from the data: {100 * fill:.3g} % of the matrix entries are stored; "
+                   f"{'--sparse' if dense else '--dense'} to override")
 
 
 def _plan(problem: QPProblem, solvers: Optional[Sequence[str]], lin_solvers: Optional[Sequence[str]],
@@ -504,10 +608,11 @@ def _progress(items: List[Tuple[str, str, str]], enabled: bool) -> Iterator[Tupl
 
 
 def _run_combo(problem: QPProblem, qp: str, lin: str, solve_type: str, w: np.ndarray, repeat: int,
-               options: Mapping[str, Any], device: torch.device = torch.device("cpu")) -> ComboResult:
+               options: Mapping[str, Any], device: Optional[torch.device] = None) -> ComboResult:
     """Forward + backward ``repeat`` times; record times, ``layer.info`` and the gradient."""
     from dqp.dQP import build_settings, dQP_layer
 
+    device = torch.device("cpu") if device is None else device
     res = ComboResult(qp, lin, solve_type)
     t_fwd, t_bwd, t_sol = [], [], []
     caught: List[str] = []
@@ -609,6 +714,7 @@ def _score(results: List[ComboResult], problem: QPProblem, tol: float, grad_tol:
         if r.verified is False:
             why.append("active set not verified")
         r.correct = not why
+        r.reasons = why
         r.notes = why + r.notes
     return len(members)
 
@@ -686,6 +792,42 @@ def _cell(text: str) -> str:
     return text.replace("|", "\\|")
 
 
+def _jsonable(x: Any) -> Any:
+    """Plain JSON data: NaN/inf -> None, NumPy scalars -> Python numbers, tuples -> lists."""
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, (np.generic,)):
+        x = x.item()
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    return x
+
+
+@contextlib.contextmanager
+def _stdout_to_stderr() -> Iterator[None]:
+    """Send what native code writes to file descriptor 1 (solver banners) to stderr meanwhile.
+
+    The report is the only thing the command prints on stdout, so that it can be piped; solver
+    libraries written in C/C++ (HiGHS, for one) print banners straight to the descriptor.
+    """
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):  # stdout replaced (a test's capture): nothing native to catch
+        yield
+        return
+    sys.stdout.flush()
+    saved = os.dup(fd)
+    try:
+        os.dup2(sys.stderr.fileno(), fd)
+        yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, fd)
+        os.close(saved)
+
+
 # ----------------------------------------------------------------------------------------------
 # command line
 # ----------------------------------------------------------------------------------------------
@@ -695,25 +837,48 @@ def _names(values: Optional[List[str]]) -> Optional[List[str]]:
     return [x for v in values for x in v.split(",") if x.strip()]
 
 
+class _HelpFormatter(argparse.HelpFormatter):
+    """Help lines end with the default value, unless the help already says it or there is none."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" not in text and action.default is not None and action.default is not False \
+                and action.default != argparse.SUPPRESS:
+            text += " (default: %(default)s)"
+        return text
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``python -m dqp.diagnose`` / ``dqp-diagnose``."""
     ap = argparse.ArgumentParser(
-        prog="dqp-diagnose",
-        description="Run a QP through every installed qp_solver × lin_solver combination of dqp "
-                    "(forward + backward) and rank them: correct first, then fastest.")
+        prog="dqp-diagnose", formatter_class=_HelpFormatter,
+        description="Run a QP through every installed qp_solver x lin_solver pair of dqp (forward and "
+                    "backward), check the results, and rank the pairs: correct first, then fastest. "
+                    "The report goes to stdout (Markdown, or --json/--csv); progress and solver output "
+                    "go to stderr.")
     ap.add_argument("problem", nargs="?", help="problem file: .npz (keys P, q[, C, d][, A, b]) or a "
-                                               "Maros–Meszaros .mat")
-    ap.add_argument("--out", help="save a plot (PNG/PDF/SVG; needs matplotlib)")
-    ap.add_argument("--solvers", nargs="+", metavar="NAME", help="forward solvers (default: all installed)")
-    ap.add_argument("--lin-solvers", nargs="+", metavar="NAME", help="linear solvers (default: all installed)")
-    ap.add_argument("--dense", action="store_true", help="pass dense tensors (default: sparse CSC)")
-    ap.add_argument("--repeat", type=int, default=3, help="timed runs per combination (median reported)")
-    ap.add_argument("--tol", type=float, default=1e-6, help="relative KKT residual tolerance")
-    ap.add_argument("--grad-tol", type=float, default=1e-5, help="agreement tolerance vs the consensus")
-    ap.add_argument("--seed", type=int, default=0, help="seed of the random linear loss")
-    ap.add_argument("--device", default=None, help="device of the tensors, e.g. cuda (default: cpu)")
-    ap.add_argument("--max-rows", type=int, default=None, help="show only the best rows of the table")
-    ap.add_argument("--no-progress", action="store_true", help="no progress bar")
+                                               "Maros-Meszaros .mat")
+    ap.add_argument("--solvers", nargs="+", metavar="NAME", default=None,
+                    help="forward solvers, space or comma separated (default: every installed one)")
+    ap.add_argument("--lin-solvers", nargs="+", metavar="NAME", default=None,
+                    help="backward linear solvers (default: every installed one)")
+    kind = ap.add_mutually_exclusive_group()
+    kind.add_argument("--dense", dest="dense", action="store_const", const=True, default=None,
+                      help="hand the data over as dense tensors (default: inferred from the data's fill)")
+    kind.add_argument("--sparse", dest="dense", action="store_const", const=False,
+                      help="hand the data over as sparse CSC tensors")
+    ap.add_argument("--repeat", type=int, default=3, help="timed runs per pair (the median is reported)")
+    ap.add_argument("--tol", type=float, default=1e-6, help="largest relative KKT residual of a correct pair")
+    ap.add_argument("--grad-tol", type=float, default=1e-5,
+                    help="largest relative difference of z and the gradient to the consensus")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the random linear loss w'z")
+    ap.add_argument("--device", default="cpu", help="device of the tensors, e.g. cuda")
+    ap.add_argument("--max-rows", type=int, default=None, help="show only the best N rows (default: all)")
+    out = ap.add_mutually_exclusive_group()
+    out.add_argument("--json", action="store_true", help="print the report as JSON instead of Markdown")
+    out.add_argument("--csv", action="store_true", help="print the ranked rows as CSV instead of Markdown")
+    ap.add_argument("--out", metavar="PLOT", default=None, help="also save a plot (PNG/PDF/SVG; needs matplotlib)")
+    ap.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     ap.add_argument("--list", action="store_true", help="list the registered solvers and exit")
     return ap
 
@@ -741,20 +906,28 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         logging.basicConfig(format="%(message)s")
         logger.setLevel(logging.INFO)
     try:
-        report = diagnose_file(args.problem, solvers=_names(args.solvers), lin_solvers=_names(args.lin_solvers),
-                               dense=args.dense, repeat=args.repeat, tol=args.tol, grad_tol=args.grad_tol,
-                               seed=args.seed, progress=not args.no_progress, device=args.device)
+        with _stdout_to_stderr():
+            report = diagnose_file(args.problem, solvers=_names(args.solvers), lin_solvers=_names(args.lin_solvers),
+                                   dense=args.dense, repeat=args.repeat, tol=args.tol, grad_tol=args.grad_tol,
+                                   seed=args.seed, progress=not args.no_progress, device=args.device)
     except DQPError as exc:
         print(f"dqp-diagnose: error: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 2
-    print(report.to_markdown(max_rows=args.max_rows))
+    if args.json:
+        import json
+
+        print(json.dumps(report.to_dict(), indent=1))
+    elif args.csv:
+        sys.stdout.write(report.to_csv())
+    else:
+        print(report.to_markdown(max_rows=args.max_rows))
     if args.out:
         try:
             path = report.plot(args.out)
         except ImportError as exc:
             print(f"dqp-diagnose: error: {exc}", file=sys.stderr)
             return 2
-        print(f"\nPlot saved to {path}")
+        print(f"Plot saved to {path}", file=sys.stderr)
     return 0 if report.recommended is not None else 1
 
 

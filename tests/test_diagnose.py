@@ -117,6 +117,7 @@ def test_score_flags_disagreement_residuals_and_verification():
     assert wrong.grad_rel_diff == pytest.approx(0.05)
     assert not loose.correct and any("KKT residual" in s for s in loose.notes)
     assert not unverified.correct and "active set not verified" in unverified.notes
+    assert [r.code for r in results] == ["ok"] * 3 + ["disagrees", "inexact", "unverified"]
 
 
 def test_diagnose_skips_uninstalled_and_dense_only(monkeypatch):
@@ -213,7 +214,7 @@ def _check_ranked_table(stdout, name):
     assert [int(l.split("|")[1]) for l in rows] == [1, 2, 3, 4]
     assert {tuple(c.strip() for c in l.split("|")[2:4]) for l in rows} == {
         ("clarabel", "qdldl"), ("clarabel", "scipy_lu"), ("osqp", "qdldl"), ("osqp", "scipy_lu")}
-    assert all(l.split("|")[5].strip() == "yes" for l in rows)
+    assert all(l.split("|")[5].strip() == "ok" for l in rows)
     assert "**Recommendation.** Use `qp_solver=" in stdout
 
 
@@ -252,7 +253,7 @@ def test_console_script_npz(tmp_path):
     proc = subprocess.run([str(script), str(path), "--solvers", "clarabel", "--lin-solvers", "qdldl", "--dense",
                            "--repeat", "2", "--no-progress"], capture_output=True, text=True, cwd=tmp_path, timeout=240)
     assert proc.returncode == 0, proc.stderr
-    assert "| 1 | clarabel | qdldl | dense | yes |" in proc.stdout
+    assert "| 1 | clarabel | qdldl | dense | ok |" in proc.stdout
     assert "median of 2 run(s)" in proc.stdout
 
 
@@ -299,3 +300,64 @@ def test_diagnose_on_cuda():
     assert all(r.correct for r in report.results), report.to_markdown()
     for r in report.results:
         np.testing.assert_allclose(r.z, z0.numpy(), atol=1e-8)
+
+
+def test_markdown_one_row_per_pair_and_each_message_once():
+    prob = QPProblem("toy", sp.eye(2, format="csc"), np.zeros(2), sp.csc_matrix((0, 2)), np.zeros(0))
+    rows = [_fake(f"s{i}", [1.0, 2.0], 0.01 * (i + 1)) for i in range(3)]
+    long_warning = "SingularKKTWarning: " + "the reduced KKT matrix is singular " * 30
+    for r in rows:
+        r.notes.append(long_warning)
+    failed = dg.ComboResult("bad", "qdldl", "sparse", error_class="InfeasibleError",
+                            error_message="element 0: primal infeasible", status="PRIMAL_INFEASIBLE")
+    dg._score(rows + [failed], prob, tol=1e-6, grad_tol=1e-5)
+    report = dg.DiagnosisReport("toy", 2, 0, 0, 2, True, rows + [failed], [], 1, 1e-6, 1e-5, 0, 3)
+    md = report.to_markdown(message_chars=200)
+    table = [line for line in md.splitlines() if line.startswith("| ") and line.split("|")[1].strip().isdigit()]
+    assert len(table) == 4
+    assert [line.split("|")[5].strip() for line in table] == ["ok", "ok", "ok", "infeasible"]
+    assert [line.split("|")[-2].strip() for line in table] == ["[1]", "[1]", "[1]", "[2]"]
+    assert md.count("SingularKKTWarning") == 1 and md.count("primal infeasible") == 1
+    assert "[1] SingularKKTWarning: the reduced" in md and "…" in md  # shortened below the table, once
+    assert max(len(line) for line in table) < 160
+    assert "`infeasible` the solver reports the problem infeasible" in md
+
+
+def test_input_kind_inferred_from_the_data():
+    small = dg.diagnose_file(_mm("HS21"), solvers=["clarabel"], lin_solvers=["qdldl"], **FAST)
+    assert not small.input_sparse and "inferred from the data" in small.input_reason
+    assert {r.solve_type for r in small.results} == {"dense"}
+    big = dg.diagnose_file(_mm("GOULDQP3"), solvers=["osqp"], lin_solvers=["qdldl"], **FAST)
+    assert big.input_sparse and {r.solve_type for r in big.results} == {"sparse"}
+    forced = dg.diagnose_file(_mm("HS21"), solvers=["clarabel"], lin_solvers=["qdldl"], dense=False, **FAST)
+    assert forced.input_sparse and forced.input_reason == "as given"
+
+
+def test_main_json_and_csv(capsys):
+    import csv
+    import io
+    import json
+
+    args = [str(_mm("HS21")), "--solvers", "clarabel,osqp", "--lin-solvers", "qdldl", "--repeat", "1",
+            "--no-progress"]
+    assert dg.main(args + ["--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["problem"] == "HS21" and data["recommended"]["lin_solver"] == "qdldl"
+    assert [r["code"] for r in data["results"]] == ["ok", "ok"]
+    assert dg.main(args + ["--csv"]) == 0
+    rows = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
+    assert {r["qp_solver"] for r in rows} == {"clarabel", "osqp"} and rows[0]["rank"] == "1"
+    with pytest.raises(SystemExit):
+        dg.main(args + ["--json", "--csv"])  # one output format at a time
+
+
+def test_help_shows_defaults_and_stdout_has_only_the_report(tmp_path):
+    help_text = " ".join(dg.build_parser().format_help().split())  # wrapped lines joined
+    for default in ("(default: 3)", "(default: 1e-06)", "(default: 1e-05)", "(default: 0)", "(default: cpu)"):
+        assert default in help_text
+    pytest.importorskip("highspy")
+    proc = _cli(_mm("HS21"), "--solvers", "highs", "--lin-solvers", "qdldl", "--repeat", "1", "--no-progress",
+                "--csv", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines()[0].startswith("rank,qp_solver,lin_solver")
+    assert "HiGHS" not in proc.stdout  # the solver's banner went to stderr
