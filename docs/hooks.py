@@ -256,6 +256,34 @@ def _benchmarks_section(files) -> str:
     return "\n".join(out)
 
 
+#: The examples page, in this order; other ``examples/*.py`` files follow alphabetically.
+EXAMPLES_ORDER = ["quickstart.py", "optnet_classifier.py", "sudoku.py", "bilevel_warmstart.py", "all_solvers.py"]
+
+
+def _examples_section() -> str:
+    """One section per ``examples/*.py``: its docstring as prose, the command, the source."""
+    import ast
+
+    folder = ROOT / "examples"
+    files = sorted(folder.glob("*.py"), key=lambda p: (EXAMPLES_ORDER.index(p.name)
+                                                        if p.name in EXAMPLES_ORDER else len(EXAMPLES_ORDER), p.name))
+    out = []
+    for path in files:
+        source = path.read_text(encoding="utf-8")
+        try:
+            doc = ast.get_docstring(ast.parse(source)) or ""
+        except SyntaxError:
+            doc = ""
+        title, _, rest = doc.strip().partition("\n")
+        out += [f"## {path.stem.replace('_', ' ').capitalize()}", "", f"`examples/{path.name}`: {title}", ""]
+        if rest.strip():
+            out += ["```text", rest.strip("\n"), "```", ""]
+        out += [f"```bash\npython examples/{path.name}\n```", "",
+                f'??? example "Source of examples/{path.name}"', "",
+                "    ```python"] + [("    " + line) if line else "" for line in source.splitlines()] + ["    ```", ""]
+    return "\n".join(out)
+
+
 def _delink_missing(markdown: str, page_src: str, files, rebase: bool = False) -> str:
     """In a copied results report, turn links to files the site does not have into plain text."""
     base = Path(page_src).parent
@@ -291,6 +319,8 @@ def on_page_markdown(markdown, page, config, files):
         return markdown
     for marker, table in _tables().items():
         markdown = markdown.replace(marker, table)
+    if "<!-- examples -->" in markdown:
+        markdown = markdown.replace("<!-- examples -->", _examples_section())
     if "<!-- results-summary -->" in markdown:
         markdown = markdown.replace("<!-- results-summary -->", results_summary())
     if "<!-- benchmark-results -->" in markdown:

@@ -15,7 +15,9 @@ from dqp.errors import (  # noqa: F401
     NotSymmetricError, SettingsError, ShapeError, SolveError, SolverFailedError, SolverNotAvailableError,
     Status, UnboundedError,
 )
-from dqp.layer import dQP_layer  # noqa: F401
+from dqp.autograd import GradientAccuracyWarning  # noqa: F401
+from dqp.kkt import SingularKKTWarning  # noqa: F401
+from dqp.layer import UnverifiedSolutionWarning, dQP_layer  # noqa: F401
 from dqp.result import QPOutput, SolveInfo  # noqa: F401
 from dqp.settings import Settings, build_settings  # noqa: F401
 from dqp.sparse import sparse_csc_tensor  # noqa: F401
@@ -26,5 +28,6 @@ __all__ = [
     "DQPError", "SettingsError", "SolverNotAvailableError", "InputError", "ShapeError", "NonFiniteError",
     "NotSymmetricError", "NotPSDError", "LayoutError", "SolveError", "InfeasibleError", "UnboundedError",
     "MaxIterationsError", "SolverFailedError", "sparse_csc_tensor",
+    "UnverifiedSolutionWarning", "SingularKKTWarning", "GradientAccuracyWarning",
 ]
 _logging.getLogger("dqp").addHandler(_logging.NullHandler())

@@ -596,11 +596,18 @@ def solve_qp_batch(P: Tensor, q: Tensor, C: Optional[Tensor] = None, d: Optional
 
     Parameters
     ----------
-    P : (n, n) or (B, n, n); q : (n,) or (B, n)
-    C, d : inequalities ``Cz ≤ d`` ((m,n)/(B,m,n), (m,)/(B,m)), or None / 0 rows
-    A, b : equalities ``Az = b`` ((p,n)/(B,p,n), (p,)/(B,p)), or None / 0 rows
-        Any mix of batched and shared arguments; shared ones are broadcast with ``expand``, so
-        their gradient is the *sum* over the batch.
+    P : torch.Tensor
+        Quadratic term, ``(n, n)`` or ``(B, n, n)``.
+    q : torch.Tensor
+        Linear term, ``(n,)`` or ``(B, n)``.
+    C, d : torch.Tensor or None
+        Inequalities ``Cz ≤ d``: ``C`` is ``(m, n)`` or ``(B, m, n)``, ``d`` is ``(m,)`` or
+        ``(B, m)``; ``None`` or zero rows when there are none.
+    A, b : torch.Tensor or None
+        Equalities ``Az = b``: ``A`` is ``(p, n)`` or ``(B, p, n)``, ``b`` is ``(p,)`` or
+        ``(B, p)``; ``None`` or zero rows when there are none. Any mix of batched and shared
+        arguments is allowed; shared ones are broadcast, so their gradient is the *sum* over
+        the batch.
     eps : float, optional
         IPM relative tolerance. Default with the polish: ``POLISHED_IPM_EPS`` = 1e-8 for float64
         data (and float32 data on the CPU, solved in float64), 1e-5 for float32 on other devices;
@@ -625,8 +632,16 @@ def solve_qp_batch(P: Tensor, q: Tensor, C: Optional[Tensor] = None, d: Optional
 
     Returns
     -------
-    z : (B, n); lam : (B, p) or None; mu : (B, m) or None; status : (B,) int64; active : (B, m) bool or None
-        B = 1 when no argument is batched.
+    z : torch.Tensor
+        Solutions, ``(B, n)`` (``B = 1`` when no argument is batched).
+    lam : torch.Tensor or None
+        Equality multipliers, ``(B, p)``.
+    mu : torch.Tensor or None
+        Inequality multipliers, ``(B, m)``.
+    status : torch.Tensor
+        ``(B,)`` int64 :class:`dqp.errors.Status` codes.
+    active : torch.Tensor or None
+        ``(B, m)`` bool: the inequalities in the active set.
     """
     if on_failure not in ("raise", "mask"):
         raise SettingsError(f"solve_qp_batch: on_failure must be 'raise' or 'mask', got {on_failure!r}.")
