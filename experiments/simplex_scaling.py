@@ -442,7 +442,7 @@ def write_markdown(rows: List[Dict[str, Any]], path: Path, methods: List[str], a
                    command: str) -> str:
     grid = args.grid
     cell = {(r["method"], r["n"]): r for r in rows}
-    out = [f"# Simplex projection scaling (forward + backward)", "",
+    out = ["# Simplex projection scaling (forward + backward)", "",
            f"`{command}` — dqp {git_version()}, {platform.machine()}, {args.threads} thread(s) per worker, "
            f"fraction of active bounds {args.frac_active}, tolerance eps={args.eps}, "
            f"best of up to {args.reps} runs after a warm-up (medians in the CSV), cell budget {args.cell_timeout:.0f} s. "
