@@ -196,7 +196,7 @@ STATUS_CODES = {
     "not-psd": "P is not positive semidefinite (NotPSDError)",
     "failed": "the solver failed (SolverFailedError)",
     "error": "another dqp error (see the details)",
-    "untyped-error": "an exception that is not a dqp error escaped (a bug: please report it)",
+    "untyped-error": "an exception that is not a dqp error escaped (a bug: report it)",
 }
 _ERROR_CODES = {"InfeasibleError": "infeasible", "UnboundedError": "unbounded", "MaxIterationsError": "max-iter",
                 "NotPSDError": "not-psd", "SolverFailedError": "failed"}
