@@ -245,6 +245,9 @@ def plot(csv_path: Path, png_path: Path) -> bool:
     axes[0][0].set_ylabel("forward solve time [ms]")
     axes[1][0].set_ylabel("solver iterations")
     axes[0][0].legend(fontsize=8)
+    from plot_caption import caption
+
+    fig.suptitle("Bilevel loop, cold vs warm start, per outer step\n" + caption(png_path), fontsize=9)
     fig.tight_layout()
     fig.savefig(png_path)
     return True

@@ -553,7 +553,9 @@ def plot(csv_path: Path, png_path: Path) -> bool:
                   ms=4, color=cmap(i % 20), label=label(m))
     ax.set_xlabel("n (simplex dimension)")
     ax.set_ylabel("forward + backward time [s]")
-    ax.set_title("Differentiable projection onto the simplex")
+    from plot_caption import caption
+
+    ax.set_title("Differentiable projection onto the simplex, forward + backward\n" + caption(png_path), fontsize=9)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
