@@ -109,6 +109,7 @@ def _escape_cells(table: str) -> str:
 STUDIES = [
     {"title": "Batched dense QPs: dqp vs qpth vs qpax", "script": "bench_qpth.py",
      "stems": ["qpth_cuda", "qpth_cpu"],
+     "subtitles": {"qpth_cuda": "On a GPU", "qpth_cpu": "On the CPU"},
      "what": "Many small dense QPs solved at once, the OptNet use case: forward plus backward of a "
              "batch of qpth's random problems, on a GPU and on the CPU, with every gradient checked "
              "against an independent reference."},
@@ -122,6 +123,7 @@ STUDIES = [
              "closed-form reference, for dqp's solvers and the peer libraries."},
     {"title": "A bilevel loop with and without warm starts", "script": "bilevel_warmstart.py",
      "stems": ["bilevel_warmstart", "bilevel_warmstart_n300"],
+     "subtitles": {"bilevel_warmstart": "n = 2000", "bilevel_warmstart_n300": "n = 300, more solvers"},
      "what": "100 outer gradient steps through a sparse denoising QP: what starting each solve from "
              "the previous solution saves, solver by solver, and that both loops reach the same point."},
 ]
@@ -166,14 +168,15 @@ def _ratio(ours, peer) -> str:
 
 def results_summary() -> str:
     """A markdown table of the float64 batched-QP results: device, B, n, times, dqp's speed-up."""
-    head = ("| device | batch B | n = m | dqp | qpth | qpax | qpth time / dqp time | qpax time / dqp time |\n"
-            "|---|---|---|---|---|---|---|---|")
+    head = ("| device | B | n = m | dqp | qpth | qpax | dqp's speed-up over qpth | over qpax |\n"
+            "|---|--:|--:|--:|--:|--:|--:|--:|")
     lines = [head]
     for stem, batches in SUMMARY_ROWS.items():
         rows = [r for r in _read_cells(stem) if r["dtype"] == "float64"]
         meta = _meta(stem)
-        device = meta.get("gpu") or ("CPU, " + meta["host"].split(",")[0] + ", 1 thread"
-                                     if "host" in meta else stem)
+        threads = re.search(r"torch threads (\d+)", meta.get("host", ""))
+        device = meta.get("gpu") or (f"CPU, {threads.group(1)} thread{'s' if threads.group(1) != '1' else ''}"
+                                     if threads else stem)
         cells = {}
         for r in rows:
             cells[(int(r["B"]), int(r["n"]), r["method"])] = r
@@ -198,7 +201,7 @@ def _script_summary(script: str) -> str:
     return doc.strip().splitlines()[0] if doc.strip() else ""
 
 
-_COMMAND = re.compile(r"(?:^- command: |^Command: `|^`)(python[^`\n]*experiments/[^`\n]*)", re.M)
+_COMMAND = re.compile(r"(?:^- command: |^Command: `|^`)((?:[A-Z_]+=\S+ )*python[^`\n]*experiments/[^`\n]*)", re.M)
 
 
 def _report_command(text: str) -> str:
@@ -238,7 +241,7 @@ def _benchmarks_section(files) -> str:
             uri = f"{RESULTS_URI}/{stem}.md"
             cmd = _report_command(report.read_text(encoding="utf-8", errors="replace"))
             if len(study["stems"]) > 1:
-                out += [f"### {stem.replace('_', ' ')}", ""]
+                out += [f"### {study.get('subtitles', {}).get(stem, stem.replace('_', ' '))}", ""]
             if cmd:
                 out += ["Reproduce:", "", "```bash", cmd, "```", ""]
             png = RESULTS / f"{stem}.png"
