@@ -14,10 +14,9 @@ from __future__ import annotations
 
 import logging
 import time
-import warnings
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
-from typing import List, Optional, Sequence, Tuple
+from dataclasses import dataclass
+from typing import List, Optional, Tuple
 
 import numpy as np
 import scipy.sparse as sp
@@ -227,19 +226,6 @@ def residuals(P, q, C, d, A, b, z, lam, mu) -> Tuple[float, float, float]:
     return r_prim, float(np.max(np.abs(r_dual), initial=0.0)), comp
 
 
-def classify_failure(P, q, C, d, A, b) -> Status:
-    """Decide primal/dual infeasibility with Clarabel when a solver failed without saying why."""
-    try:
-        from dqp.solvers import get_solver
-
-        ref = get_solver("clarabel").solve(P, q, C, d, A, b)
-    except Exception:  # pragma: no cover - clarabel is a core dependency
-        return Status.SOLVER_ERROR
-    if ref.status in (Status.PRIMAL_INFEASIBLE, Status.DUAL_INFEASIBLE):
-        return ref.status
-    return Status.SOLVER_ERROR
-
-
 class Engine:
     """Runs the forward and backward of the element-wise (black-box solver) path."""
 
@@ -427,11 +413,6 @@ class Engine:
         if use_warm:
             self.warm = [(r.z, r.lam, r.mu) if r.status == Status.SOLVED else None for r in results]
         return results
-
-    def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=False)
-            self._pool = None
 
     # -- backward ----------------------------------------------------------------------------
     @staticmethod

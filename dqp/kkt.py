@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import logging
 import warnings
-from typing import Optional, Tuple
+from typing import Optional
 
 import numpy as np
 import scipy.sparse as sp
 
-from dqp.linsolve import get_linsolver
 from dqp.linsolve.base import Factorization, LinearSolver
 
 logger = logging.getLogger("dqp")

@@ -12,7 +12,7 @@ shared one) plus the CSC patterns.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import List, Optional, Tuple, Union
 
 import numpy as np
 import scipy.sparse as sp

@@ -7,7 +7,7 @@ docs tables and ``python -m dqp.diagnose`` are all generated from the registries
 from __future__ import annotations
 
 import importlib.util
-from typing import ClassVar, Dict, Generic, List, Sequence, Tuple, Type, TypeVar
+from typing import ClassVar, Dict, Generic, List, Tuple, Type, TypeVar
 
 from dqp.errors import SettingsError, SolverNotAvailableError
 

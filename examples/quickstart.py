@@ -9,7 +9,7 @@ import torch
 warnings.filterwarnings("ignore", message="Sparse (CSR|CSC) tensor support is in beta", category=UserWarning)
 warnings.filterwarnings("ignore", message="Sparse invariant checks", category=UserWarning)
 
-from dqp import dQP
+from dqp import dQP  # noqa: E402  (after the warning filters)
 
 torch.manual_seed(0)
 n, m, p = 4, 6, 1

@@ -12,7 +12,7 @@ Batched solvers (``batched = True``) work on torch tensors on any device; see
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import ClassVar, Dict, List, Optional, Type, Union
+from typing import ClassVar, Optional, Union
 
 import numpy as np
 import scipy.sparse as sp

@@ -10,7 +10,7 @@ import importlib.util
 import logging
 import time
 import warnings
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Dict, Optional
 
 import numpy as np
 import scipy.sparse as sp
@@ -168,8 +168,6 @@ class QPSolversBackend(ForwardSolver):
 
 
 def _make_backend(name: str, module: str, extra: str, formats: str, description: str):
-    import qpsolvers
-
     cls = type(f"QPSolvers_{name}", (QPSolversBackend,), {
         "name": name,
         "aliases": (),

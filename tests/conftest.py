@@ -1,7 +1,6 @@
 """Shared fixtures: random QP generators and the solver capability table."""
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -64,7 +63,6 @@ def random_qp(n: int, m: int, p: int = 0, seed: int = 0, batch: int | None = Non
     (so those are active for suitable duals: q is chosen so that z0 with duals mu0 > 0 is optimal).
     """
     g = np.random.default_rng(seed)
-    shape = () if batch is None else (batch,)
 
     def one():
         U = g.standard_normal((n, n))

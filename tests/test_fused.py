@@ -74,7 +74,7 @@ def test_cpu_build_matches_torch_loop(n, m, p, shared, cpu_build):
     P, q, C, d, A, b, z0, lam0, mu0 = known_qp(6, n, m, p, seed=n + m + p)
     if shared:
         P, C, A = P[0], C[0], A[0]
-        z0 = lam0 = mu0 = None
+        z0 = None
     data = (P, q, C if m else None, d if m else None, A if p else None, b if p else None)
     fus, _ = _same_as_loop(data)
     assert bool((fus.status == int(Status.SOLVED)).all())
@@ -701,7 +701,6 @@ def test_register_tile_factorization_with_several_warps(threads, k):
     publication and the barriers give S = Ũᵀ D⁻¹ Ũ (Ũ in W's upper triangle, invd = 1/Ũ_jj) for the
     plain, the masked (polish) and an indefinite S, with M's lower triangle untouched, and the
     solve's lanes and 32-row blocks give S⁻¹x — k a multiple of the warp count (and of 32) or not."""
-    import ctypes
     fn, pad = _threaded_chol_library(threads, k)
     g = torch.Generator().manual_seed(k)
     ld = k | 1

@@ -1,11 +1,9 @@
 """Linear solvers on their own: accuracy, interface errors, and the singular fallback."""
 from __future__ import annotations
 
-import warnings
 
 import numpy as np
 import pytest
-import scipy.sparse as sp
 
 import dqp
 from dqp.kkt import REGULARIZED, RobustKKT, assemble_kkt
