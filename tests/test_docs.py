@@ -273,3 +273,27 @@ def test_api_reference_covers_every_public_name(modname):
         if not covered:
             missing.append(qualname)
     assert not missing, "public names missing from docs/api/*.md:\n  " + "\n  ".join(missing)
+
+
+def test_install_hints_use_the_distribution_name():
+    """The index's `dqp` is another project: every install hint names `dqp-torch` (the import stays `dqp`)."""
+    import re
+
+    try:
+        import tomllib
+    except ImportError:  # Python < 3.11
+        tomllib = pytest.importorskip("tomli")
+    name = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))["project"]["name"]
+    assert name == "dqp-torch"
+    wrong = re.compile(r"pip install\s+(?:-U\s+)?[\"']?dqp(?:\[|[\"']?\s|[\"']?$)")
+    offenders = []
+    for folder in ("dqp", "solvers", "linsolve", "docs", "examples", "experiments"):
+        for path in (REPO / folder).rglob("*"):
+            if path.suffix in (".py", ".md") and path.is_file():
+                for i, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+                    if wrong.search(line):
+                        offenders.append(f"{path.relative_to(REPO)}:{i}: {line.strip()}")
+    for line in (REPO / "README.md").read_text(encoding="utf-8").splitlines():
+        if wrong.search(line):
+            offenders.append(f"README.md: {line.strip()}")
+    assert not offenders, "\n".join(offenders)
