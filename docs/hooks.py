@@ -334,3 +334,19 @@ def on_page_markdown(markdown, page, config, files):
 def on_page_content(html, page, config, files):
     """Drop Sphinx roles (``:class:`` etc.) that docstrings carry into the rendered API pages."""
     return _ROLE.sub(r"\1", html)
+
+
+def update_readme(path: Path = ROOT / "README.md") -> bool:
+    """Rewrite the README's results table (between its markers) from ``results_summary()``;
+    return whether the file changed. Run ``python docs/hooks.py`` after rerunning a study."""
+    text = path.read_text(encoding="utf-8")
+    start, end = "<!-- results-table-start -->\n", "<!-- results-table-end -->"
+    i, j = text.index(start) + len(start), text.index(end)
+    new = text[:i] + results_summary() + "\n" + text[j:]
+    if new != text:
+        path.write_text(new, encoding="utf-8")
+    return new != text
+
+
+if __name__ == "__main__":
+    print("README.md updated" if update_readme() else "README.md already current")

@@ -203,7 +203,7 @@ def test_readme_results_table_matches_the_benchmarks_page():
     readme = (REPO / "README.md").read_text(encoding="utf-8")
     table = hooks.results_summary()
     assert table.count("\n") >= 2, "the results files of the batched-QP study are present"
-    assert table in readme, "README's results table is stale: paste docs/hooks.results_summary() into it"
+    assert table in readme, "README's results table is stale: run python docs/hooks.py"
 
 
 def test_tutorial_code_runs_as_written(tmp_path):
