@@ -41,25 +41,40 @@ static thread_local double* dqp_smem = nullptr;
 // orders. There a deadlock (lanes that diverge on a warp-level primitive, undefined with the full
 // mask on CUDA; threads that skip a barrier) aborts with a message; with 0 it hangs.
 #include <barrier>
+#include <condition_variable>
 #include <cstdio>
 #include <memory>
-#include <semaphore>
+#include <mutex>
 #include <thread>
 #include <vector>
 static int dqp_schedule = 0;
+struct DqpTurn {            // a binary semaphore: give() hands the turn over, take() waits for it
+    std::mutex m;
+    std::condition_variable cv;
+    bool ready = false;
+    void give() {
+        { std::lock_guard<std::mutex> lock(m); ready = true; }
+        cv.notify_one();
+    }
+    void take() {
+        std::unique_lock<std::mutex> lock(m);
+        cv.wait(lock, [this] { return ready; });
+        ready = false;
+    }
+};
 extern "C" void dqp_threads_schedule(int order) { dqp_schedule = order; }
 struct DqpBlock {           // what the threads of one block share, besides dqp_smem
     const int order = dqp_schedule;
     std::barrier<> bar{DQP_THREADS};
     std::vector<std::unique_ptr<std::barrier<>>> wbar;   // one per warp, 32 threads each
     double xbuf[DQP_THREADS / 32][2][32];
-    // the serialized schedules: the running thread owns these (handed over by the semaphores)
-    std::vector<std::unique_ptr<std::binary_semaphore>> go;   // per thread: its turn
+    // the serialized schedules: the running thread owns these (handed over by the turns)
+    std::vector<std::unique_ptr<DqpTurn>> go;   // per thread: its turn
     std::vector<int> at;       // per thread: −1 runnable, −2 finished, b ≥ 0 waiting at barrier b
     std::vector<int> arrived;  // per barrier (0: the block's, 1 + w: warp w's): threads arrived
     DqpBlock() : at(DQP_THREADS, -1), arrived(1 + DQP_THREADS / 32, 0) {
         for (int w = 0; w < DQP_THREADS / 32; ++w) wbar.emplace_back(new std::barrier<>(32));
-        for (int t = 0; t < DQP_THREADS; ++t) go.emplace_back(new std::binary_semaphore(0));
+        for (int t = 0; t < DQP_THREADS; ++t) go.emplace_back(new DqpTurn());
     }
     int next() const {         // the runnable thread that runs next (−1: none)
         for (int i = 0; i < DQP_THREADS; ++i) {
@@ -85,8 +100,8 @@ static void dqp_yield(DqpBlock* k) {
     }
     if (t == dqp_tid) return;
     const bool done = k->at[dqp_tid] == -2;     // (read before the turn passes: then t owns k)
-    k->go[t]->release();
-    if (!done) k->go[dqp_tid]->acquire();
+    k->go[t]->give();
+    if (!done) k->go[dqp_tid]->take();
 }
 // barrier b (0: the block's, 1 + w: warp w's)
 static void dqp_barrier(int b) {
@@ -1215,14 +1230,14 @@ static void dqp_run_block(double* smem, int blk, F body) {
             dqp_xpar = 0;
             dqp_smem = smem;
             dqp_block_id = blk;
-            if (ctx.order) ctx.go[t]->acquire();        // (serialized: wait for the first turn)
+            if (ctx.order) ctx.go[t]->take();           // (serialized: wait for the first turn)
             body(t);
             if (ctx.order) {
                 ctx.at[t] = -2;
                 dqp_yield(&ctx);
             }
         });
-    if (ctx.order) ctx.go[ctx.next()]->release();
+    if (ctx.order) ctx.go[ctx.next()]->give();
     for (auto& x_ : th) x_.join();
 }
 
