@@ -37,6 +37,7 @@ from __future__ import annotations
 import argparse
 import csv
 import logging
+import os
 import platform
 import subprocess
 import sys
@@ -174,11 +175,14 @@ def _f(x: Optional[float], spec: str) -> str:
 
 def write_markdown(rows: List[Dict[str, Any]], path: Path, args: argparse.Namespace, command: str,
                    skipped: Dict[str, str]) -> str:
+    import torch
+
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from simplex_scaling import git_version
 
     out = ["# Bilevel loop with and without warm starts", "",
-           f"`{command}` — dqp {git_version()}, {platform.machine()}, 1 thread. 1-D TV denoising QP, n={args.n} "
+           f"`{command}` — dqp {git_version()}, {platform.machine()} ({os.cpu_count()} CPUs), torch {torch.__version__}, "
+           f"python {platform.python_version()}, 1 thread. 1-D TV denoising QP, n={args.n} "
            f"(QP: {2 * args.n - 1} variables, {2 * (args.n - 1)} inequalities), learned per-edge TV weights "
            f"α = softplus(θ) from α={args.alpha}, {args.steps} gradient steps (lr={args.lr}), tolerance eps={args.eps}.", "",
            "`solver@eps` runs that solver at forward tolerance eps (dqp polishes the result). "

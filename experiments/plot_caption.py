@@ -9,7 +9,7 @@ import re
 from pathlib import Path
 
 
-def caption(png_path: Path, limit: int = 110) -> str:
+def caption(png_path: Path, limit: int = 140) -> str:
     """The provenance line of ``png_path``'s report (same stem, ``.md``), or ``""`` when absent."""
     report = Path(png_path).with_suffix(".md")
     if not report.is_file():
@@ -18,6 +18,7 @@ def caption(png_path: Path, limit: int = 110) -> str:
         m = re.match(r"^`python [^`]*` — (.*)$", line)
         if m:
             parts = [p.strip() for p in m.group(1).split(",")]
-            text = ", ".join(p for p in parts[:3] if p).rstrip(".")
+            keep = [p for p in parts[:5] if p]
+            text = ", ".join(keep).split(". ")[0].rstrip(".")
             return text if len(text) <= limit else text[: limit - 1] + "…"
     return ""

@@ -427,6 +427,14 @@ def _t(x: Optional[float]) -> str:
     return f"{x * 1e3:.3g} ms" if x < 1 else f"{x:.3g} s"
 
 
+def _torch_version() -> str:
+    try:
+        import torch
+    except ImportError:  # the report of a run without torch in this interpreter
+        return "?"
+    return torch.__version__
+
+
 def git_version() -> str:
     """Short commit of the repository, with ``+dirty`` when tracked dqp files are modified."""
     try:
@@ -443,7 +451,8 @@ def write_markdown(rows: List[Dict[str, Any]], path: Path, methods: List[str], a
     grid = args.grid
     cell = {(r["method"], r["n"]): r for r in rows}
     out = ["# Simplex projection scaling (forward + backward)", "",
-           f"`{command}` — dqp {git_version()}, {platform.machine()}, {args.threads} thread(s) per worker, "
+           f"`{command}` — dqp {git_version()}, {platform.machine()} ({os.cpu_count()} CPUs), "
+           f"torch {_torch_version()}, python {platform.python_version()}, {args.threads} thread(s) per worker, "
            f"fraction of active bounds {args.frac_active}, tolerance eps={args.eps}, "
            f"best of up to {args.reps} runs after a warm-up (medians in the CSV), cell budget {args.cell_timeout:.0f} s. "
            f"Loss wᵀz*, gradient w.r.t. x; errors are relative (‖·‖∞ / ‖exact‖∞) against the sort-based "
