@@ -22,7 +22,7 @@ from typing import Optional, Tuple
 import numpy as np
 import scipy.sparse as sp
 
-from dqp.errors import Status
+from dqp.errors import SolverKeywordWarning, Status
 
 logger = logging.getLogger("dqp")
 
@@ -157,8 +157,9 @@ def find_certificate(data) -> Tuple[Optional[Status], str]:
 def kkt_distance(data, z, lam, mu) -> float:
     """Largest KKT residual of ``(z, λ, μ)`` relative to the size of its terms (scale-invariant).
 
-    Primal rows relative to ``max(|d_i|, |C_i||z|)`` (and likewise for A), stationarity relative to
-    the largest of ``‖Pz‖, ‖q‖, ‖Aᵀλ‖, ‖Cᵀμ‖``, complementarity ``μ_i·|s_i|`` relative to ``‖μ‖∞·max(|d_i|, |C_i||z|)``.
+    Primal violation relative to ``max(‖d‖∞, ‖|C||z|‖∞)`` (likewise for A, b), stationarity relative
+    to the largest of ``‖Pz‖, ‖q‖, ‖Aᵀλ‖, ‖Cᵀμ‖``, complementarity ``max μ_i|s_i|`` relative to
+    ``‖μ‖∞·max(‖d‖∞, ‖|C||z|‖∞)`` (∞-norms: per-row ratios blow up on rows whose terms are ~0).
     """
     P, q, C, d, A, b = data
     tiny = np.finfo(float).tiny
@@ -171,17 +172,17 @@ def kkt_distance(data, z, lam, mu) -> float:
         ATl = A.T @ lam
         r = r + ATl
         sizes.append(_inf(ATl))
-        row = np.maximum(np.abs(b), abs(A) @ np.abs(z))
-        worst = max(worst, float(np.max(np.abs(_mv(A, z) - b) / np.maximum(row, tiny))))
+        size = max(_inf(b), _inf(abs(A) @ np.abs(z)), tiny)
+        worst = max(worst, _inf(_mv(A, z) - b) / size)
     if C is not None and C.shape[0]:
         mu = np.zeros(C.shape[0]) if mu is None else np.maximum(mu, 0.0)
         CTm = C.T @ mu
         r = r + CTm
         sizes.append(_inf(CTm))
-        row = np.maximum(np.abs(d), abs(C) @ np.abs(z))
+        size = max(_inf(d), _inf(abs(C) @ np.abs(z)), tiny)
         slack = d - _mv(C, z)
-        worst = max(worst, float(np.max(np.maximum(-slack, 0.0) / np.maximum(row, tiny))))
-        worst = max(worst, float(np.max(mu * np.abs(slack) / np.maximum(_inf(mu) * row, tiny))))
+        worst = max(worst, float(np.max(np.maximum(-slack, 0.0))) / size)
+        worst = max(worst, _inf(mu * slack) / max(_inf(mu) * size, tiny))
     return max(worst, _inf(r) / max(max(sizes), tiny))
 
 
@@ -202,10 +203,6 @@ def is_nonconvex(P, tol: float = 1e-9) -> bool:
     """Whether P has an eigenvalue below ``−tol·max|λ(P)|`` (rounding of a PSD P passes)."""
     lo, size = min_eigenvalue(P)
     return lo < -tol * max(size, np.finfo(float).tiny)
-
-
-class SolverKeywordWarning(UserWarning):
-    """``qp_solver_keywords`` were passed and the solver raised: the keywords may be the cause."""
 
 
 _KEYWORD_WORDS = ("keyword", "unexpected", "unknown", "invalid", "not a valid", "setting", "attribute",
@@ -236,11 +233,11 @@ def check_keyword_failure(solver: str, raw, user_keywords) -> None:
                   SolverKeywordWarning, stacklevel=2)
 
 
-def finalize(data, res):
+def finalize(data, res, search_on_max_iter: bool = True):
     """The element's final word: classify failures from verified certificates; reject bad points.
 
-    * a solved but unverified point farther than :data:`FAR_FROM_KKT` from the KKT conditions is a
-      failure (``NUMERICAL``), not a warning;
+    * a solved but unverified point farther than :data:`FAR_FROM_KKT` from the KKT conditions (with
+      the returned duals, or the solver's own when closer) is a failure (``NUMERICAL``), not a warning;
     * a verified point whose factorization shows negative curvature (free to read) is checked for
       a nonconvex P (an eigenvalue test, only then), and marked ``nonconvex``;
     * a failure without a verified reason gets one from :func:`find_certificate`, else (when P is
@@ -255,14 +252,18 @@ def finalize(data, res):
         if res.verified:
             return res
         dist = kkt_distance(data, res.z, res.lam, res.mu)
+        if dist > FAR_FROM_KKT and res.raw_duals is not None:  # the solver's own duals may certify z better
+            y, mu = res.raw_duals
+            dist = min(dist, kkt_distance(data, res.z, res.lam if y is None else y, res.mu if mu is None else mu))
         if dist <= FAR_FROM_KKT:
             return res
         res = replace(res, status=Status.NUMERICAL, z=np.zeros_like(res.z), lam=np.zeros_like(res.lam),
                       mu=np.zeros_like(res.mu), active=np.zeros_like(res.active), kkt=None,
                       message=f"the solver's point could not be verified and is far from the KKT conditions "
                               f"(relative residual {dist:.2g} > {FAR_FROM_KKT:g}); " + res.message)
-    # an iteration or time limit is a true diagnosis already (and the LPs would cost the time it saved)
-    if res.status not in (Status.PRIMAL_INFEASIBLE, Status.DUAL_INFEASIBLE, Status.MAX_ITER):
+    # under a time limit, hitting it is the diagnosis (the LPs would spend the time it saved)
+    skip = (Status.PRIMAL_INFEASIBLE, Status.DUAL_INFEASIBLE) + (() if search_on_max_iter else (Status.MAX_ITER,))
+    if res.status not in skip:
         status, note = find_certificate(data)
         if status is not None:
             return replace(res, status=status, message=f"{note}; " + res.message)

@@ -52,6 +52,8 @@ class ElementResult:
     residuals: Tuple[float, float, float] = (0.0, 0.0, 0.0)
     margin: float = float("inf")
     nonconvex: bool = False
+    #: the solver's own duals ``(y, z)`` of an unverified point (judging how far it is from the KKT conditions)
+    raw_duals: Optional[Tuple[Optional[np.ndarray], Optional[np.ndarray]]] = None
 
 
 def _mv(M, x):
@@ -257,7 +259,7 @@ class Engine:
         data, keep, m_full = drop_unbounded_rows(data)
         if keep is not None and warm is not None and len(warm[2]) == m_full:
             warm = (warm[0], warm[1], warm[2][keep])
-        res = finalize(data, self._solve_chain(data, sparse, warm, slot))
+        res = finalize(data, self._solve_chain(data, sparse, warm, slot), self.settings.time_limit is None)
         return res if keep is None else restore_rows(res, keep, m_full)
 
     def _solve_chain(self, data, sparse: bool, warm=None, slot: Optional[int] = None) -> ElementResult:
@@ -415,7 +417,8 @@ class Engine:
         if kkt.path == REGULARIZED:
             warn_singular_once()
         return ElementResult(z, lam, mu, active, Status.SOLVED, kkt, verified, it, n_weak,
-                             None if raw is None else raw.iterations, solve_time, message, res, margin)
+                             None if raw is None else raw.iterations, solve_time, message, res, margin,
+                             raw_duals=None if verified or raw is None else (raw.y, raw.z))
 
     def forward(self, batch) -> List[ElementResult]:
         self.used_linsolvers = set()

@@ -70,7 +70,7 @@ import torch
 
 from dqp.errors import SettingsError, ShapeError, Status, error_for_statuses
 from dqp.gradients import dense_grads
-from dqp.problem import INF_BOUND
+from dqp.problem import INF_BOUND, INF_ROW_RATIO
 from dqp.linsolve.torch_batched import PATH_NAMES, BatchedKKT
 from dqp.solvers.ipm import default_eps, ipm_solve
 
@@ -590,7 +590,8 @@ def _broadcast(P, q, C, d, A, b):
 
 
 def _unbounded_rows(C: Optional[Tensor], d: Optional[Tensor]):
-    """Rows with ``d_i ≥ INF_BOUND`` (``+inf`` included) can never be active: take them out.
+    """Rows whose bound means "none" (``d_i ≥ INF_BOUND``, ``+inf``; see :mod:`dqp.problem`) cannot be active:
+    take them out.
 
     Rows unbounded in every element are dropped; rows unbounded in some elements become ``0·z ≤ 1``
     there (always satisfied, so their multiplier is 0; ``torch.where`` gives the original entries a
@@ -599,7 +600,7 @@ def _unbounded_rows(C: Optional[Tensor], d: Optional[Tensor]):
     """
     if C is None:
         return C, d, None
-    big = d >= INF_BOUND
+    big = (d >= INF_BOUND) & (d >= INF_ROW_RATIO * C.detach().abs().amax(-1))
     if not bool(big.any()):
         return C, d, None
     m = d.shape[-1]

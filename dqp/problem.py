@@ -21,8 +21,17 @@ import torch
 from dqp.errors import (LayoutError, NonFiniteError, NotPSDError, NotSymmetricError, ShapeError)
 
 _NAMES = ("P", "q", "C", "d", "A", "b")
-#: an inequality bound ``d_i`` at or above this (or ``+inf``) means "no bound": the row is left out
+#: an inequality bound ``d_i ≥ INF_BOUND`` (or ``+inf``) means "no bound" and the row is left out,
+#: unless the row is itself that large (``d_i < INF_ROW_RATIO·‖C_i‖∞``: data scaled as a whole keeps
+#: its rows); a left-out row could only be active for ``‖z‖∞ ≥ INF_ROW_RATIO / n``
 INF_BOUND = 1e20
+INF_ROW_RATIO = 1e10
+
+
+def unbounded_mask_np(C, d: np.ndarray) -> np.ndarray:
+    """Rows of one element whose bound means "none" (see :data:`INF_BOUND`)."""
+    row_max = np.asarray(abs(C).max(axis=1).todense()).ravel() if sp.issparse(C) else np.abs(C).max(axis=1)
+    return (d >= INF_BOUND) & (d >= INF_ROW_RATIO * row_max)
 _SPARSE_LAYOUTS = (torch.sparse_coo, torch.sparse_csr, torch.sparse_csc, torch.sparse_bsr, torch.sparse_bsc)
 
 
@@ -434,7 +443,7 @@ def _check_psd(batch: QPBatch, tol: float = 1e-9) -> None:
 
 
 def drop_unbounded_rows(data):
-    """Leave out inequality rows with ``d_i ≥ INF_BOUND`` (``+inf`` included) from one element.
+    """Leave out inequality rows whose bound means "none" (:data:`INF_BOUND`, ``+inf``) from one element.
 
     Returns ``(data, keep, m)``: the reduced ``(P, q, C, d, A, b)``, the kept rows' mask (``None``
     when nothing was dropped) and the original row count.
@@ -442,8 +451,10 @@ def drop_unbounded_rows(data):
     P, q, C, d, A, b = data
     if C is None or not np.any(d >= INF_BOUND):
         return data, None, 0 if C is None else C.shape[0]
-    keep = d < INF_BOUND
+    keep = ~unbounded_mask_np(C, d)
     m = len(d)
+    if keep.all():
+        return data, None, m
     if not keep.any():
         return (P, q, None, None, A, b), keep, m
     Ck = (C.tocsr()[keep] if sp.issparse(C) else C[keep])

@@ -63,8 +63,9 @@ OPTIONS: Dict[str, Tuple[Any, tuple, str]] = {
                                "where Clarabel's point does not); a verified answer replaces it. One second opinion: the "
                                "chain stops at the first fallback that solves."),
     "time_limit": (None, (float, int, type(None)), "Wall-clock limit in seconds for each element's solve, "
-                   "passed to the solver's own option (Clarabel, OSQP, HiGHS, SCS, QPALM); a solver without "
-                   "one raises SettingsError. An element that hits it fails with MaxIterationsError."),
+                   "passed to the solver's own option (Clarabel, OSQP, HiGHS, SCS, QPALM); naming a solver without "
+                   "one (qp_solver or fallback_solver) raises SettingsError, and fallback_solver='auto' keeps only "
+                   "those with one. An element that hits it fails with MaxIterationsError."),
     "on_failure": ("raise", (str,), "'raise': a failed element raises a typed SolveError naming it. "
                    "'mask': failed elements return zeros, zero gradients and a status in layer.info."),
 }
@@ -169,7 +170,11 @@ def build_settings(**options: Any) -> Settings:
     if values["qp_solver"] != "auto":
         values["qp_solver"] = resolve_solver_name(values["qp_solver"])
         get_solver(values["qp_solver"])  # raises SolverNotAvailableError with the install hint
+    auto_chain = values["fallback_solver"] == "auto"
     values["fallback_solver"] = _fallback_chain(values["fallback_solver"])
+    if values["time_limit"] is not None and auto_chain:  # 'auto' keeps the solvers that can honour it
+        values["fallback_solver"] = tuple(n for n in values["fallback_solver"]
+                                          if get_solver(n).time_limit_keywords(1.0))
     if values["time_limit"] is not None:
         values["time_limit"] = _time_limit(values["time_limit"], values["qp_solver"], values["fallback_solver"])
     if values["lin_solver"] != "auto":
