@@ -205,8 +205,8 @@ def is_nonconvex(P, tol: float = 1e-9) -> bool:
     return lo < -tol * max(size, np.finfo(float).tiny)
 
 
-_KEYWORD_WORDS = ("keyword", "unexpected", "unknown", "invalid", "not a valid", "setting", "attribute",
-                  "must be", "expected")
+_KEYWORD_WORDS = ("keyword", "unknown option", "unknown setting", "unknown parameter", "not a valid setting",
+                  "has no attribute", "incompatible function arguments")
 
 
 def check_keyword_failure(solver: str, raw, user_keywords) -> None:

@@ -73,7 +73,11 @@ def _present(x: Optional[torch.Tensor]) -> bool:
 
 
 def _check_inputs(**args: Optional[torch.Tensor]) -> None:
-    """float32/float64 tensors without NaN (``+inf`` in h is an absent bound): typed errors otherwise."""
+    """float32/float64 tensors without NaN (``+inf`` in h is an absent bound): typed errors otherwise.
+
+    One host synchronization for all six arguments (the flags are reduced on the device first).
+    """
+    present = {}
     for name, t in args.items():
         if not isinstance(t, torch.Tensor):
             raise LayoutError(f"QPFunction: {name} must be a torch tensor, got {type(t).__name__}.")
@@ -82,8 +86,12 @@ def _check_inputs(**args: Optional[torch.Tensor]) -> None:
         if t.dtype not in (torch.float32, torch.float64):
             raise LayoutError(f"QPFunction: {name} has dtype {t.dtype}; dqp solves in float32 or float64. "
                               f"Convert with {name}.float() or {name}.double().")
-        bad = torch.isnan(t) | (t == float("-inf") if name == "h" else ~torch.isfinite(t))
+        present[name] = torch.isnan(t) | (t == float("-inf") if name == "h" else ~torch.isfinite(t))
+    if not present or not bool(torch.stack([f.any() for f in present.values()]).any()):
+        return
+    for name, bad in present.items():
         if bool(bad.any()):
+            t = args[name]
             where = ""
             if t.dim() >= 2 and t.dim() == (2 if name in ("p", "h", "b") else 3):
                 where = f" (batch elements {bad.reshape(t.shape[0], -1).any(1).nonzero().flatten().tolist()[:10]})"

@@ -447,3 +447,24 @@ def test_keyboard_interrupt_stops_between_elements(parallel):
     finally:
         timer.cancel()
     assert time.perf_counter() - t0 < 30
+
+
+def test_solver_exception_with_keywords_warns():
+    """An exception that does not name a keyword still is not hidden when keywords were given."""
+    from dqp.errors import SolverKeywordWarning
+
+    class Raises(ForwardSolver):
+        name, modules, dense, sparse, description = "test_raises", (), True, True, "raises"
+
+        def solve(self, P, q, C, d, A, b, **kw):
+            return RawSolution(None, None, None, Status.SOLVER_ERROR, info={"error": "RuntimeError: numerics"})
+
+    register_solver(Raises)
+    try:
+        C, d = _box()
+        layer = dQP.dQP_layer(qp_solver="test_raises", qp_solver_keywords={"rho": 0.1})
+        with pytest.warns(SolverKeywordWarning, match="rho"):
+            z = layer(torch.eye(2, dtype=F64), torch.tensor([-3.0, 0.0], dtype=F64), C, d)[0]
+        assert torch.allclose(z, torch.tensor([1.0, 0.0], dtype=F64), atol=1e-8)  # the chain answered
+    finally:
+        SOLVERS.unregister("test_raises")
