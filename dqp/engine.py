@@ -449,8 +449,9 @@ class Engine:
         if bad:
             raise NotPSDError(
                 f"Argument P is not positive semidefinite{f' (batch elements {bad[:10]})' if batch.batched else ''}: "
-                f"the reduced KKT system at the solver's point has negative curvature (confirmed by P's smallest "
-                f"eigenvalue), so the point is not the minimum of a convex QP. Build P as L @ L.T (+ eps*I); "
+                f"it has a negative eigenvalue (seen in the inertia of the reduced KKT factorization at the "
+                f"solver's point, or after the solve failed, and confirmed by P's smallest eigenvalue), so the QP "
+                f"is not convex and a solver's point is not its minimum. Build P as L @ L.T (+ eps*I); "
                 f"check_PSD=True tests every P before solving.")
         if use_warm:
             self.warm = [(r.z, r.lam, r.mu) if r.status == Status.SOLVED else None for r in results]
