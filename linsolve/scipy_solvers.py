@@ -36,8 +36,8 @@ class _CallableFactorization(Factorization):
 
 def _lu_det_sign(lu: np.ndarray, piv: np.ndarray) -> int:
     """``sign(det)`` from LAPACK's getrf output: the signs of U's diagonal times the pivots' parity."""
-    swaps = int(np.count_nonzero(piv != np.arange(len(piv))))
-    return int(np.prod(np.sign(np.diag(lu)))) * (-1 if swaps % 2 else 1)
+    flips = int(np.count_nonzero(piv != np.arange(len(piv)))) + int(np.count_nonzero(lu.diagonal() < 0))
+    return 0 if not np.all(lu.diagonal()) else (-1 if flips % 2 else 1)
 
 
 def _block_negatives(D: np.ndarray) -> int:
