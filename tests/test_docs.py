@@ -298,3 +298,17 @@ def test_install_hints_use_the_distribution_name():
         if wrong.search(line):
             offenders.append(f"README.md: {line.strip()}")
     assert not offenders, "\n".join(offenders)
+
+
+def test_theory_page_answers_the_users_questions_first():
+    """The questions new users ask are headings of their own, before the mathematics."""
+    text = (REPO / "docs" / "theory.md").read_text(encoding="utf-8")
+    questions = ["### Does dqp use a neural network to solve QPs?",
+                 "### Is the point of a QP layer to solve QPs faster than Gurobi?",
+                 "### Does dqp solve the QP by solving its KKT conditions?",
+                 "### Why differentiate the KKT conditions, and what are the variables there?",
+                 "### Why take gradients with respect to P, q, C, d, A, b when they look like fixed data?"]
+    positions = [text.index(q) for q in questions]
+    assert max(positions) < text.index("## The KKT conditions") < text.index("## The adjoint system")
+    assert "| quadratic term | \\(Q\\) | `Q` | `P` |" in text  # OptNet's and qpth's names mapped to dqp's
+    assert "\\[" in text and "\\begin{bmatrix}" in text  # typeset, not Unicode in code blocks
