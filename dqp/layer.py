@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
+import threading
 import time
 import warnings
 from typing import Optional, Tuple
@@ -88,10 +90,19 @@ class dQP_layer(nn.Module):  # noqa: N801  (the name users know from the referen
     Attributes
     ----------
     active : Tensor or None
-        Active inequality constraints of the last call (bool, ``(m,)`` or ``(B, m)``).
+        Active inequality constraints of the *last call* (bool, ``(m,)`` or ``(B, m)``), whichever
+        thread made it. Each call's own are on its output: ``out.active``.
     info : SolveInfo or None
-        Diagnostics of the last call, per batch element (status, residuals, active-set
-        verification, KKT path, backward residual after ``backward``).
+        Diagnostics of the *last call*, per batch element (status, residuals, active-set
+        verification, KKT path, backward residual after ``backward``). Each call's own are on its
+        output, ``out.info``: read those when several threads share the layer.
+
+    Notes
+    -----
+    The layer can be called from several threads at once: each thread keeps its own solver
+    workspaces, thread pool and warm-start memory. It pickles, deep-copies and ``torch.save``-s at
+    any time; workspaces, pools and warm starts are not part of its state (they are rebuilt on the
+    next call, which starts cold).
 
     Examples
     --------
@@ -108,7 +119,25 @@ class dQP_layer(nn.Module):  # noqa: N801  (the name users know from the referen
         self.settings = settings if settings is not None else build_settings(**options)
         self.active: Optional[torch.Tensor] = None
         self.info: Optional[SolveInfo] = None
-        self._engines = {}
+        self._local = threading.local()
+
+    # -- state: solver workspaces, thread pools and warm starts are per thread and not saved ---------
+    def __getstate__(self) -> dict:
+        state = super().__getstate__()
+        state.pop("_local", None)
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        self._local = threading.local()
+
+    @property
+    def _engines(self) -> dict:
+        """This thread's engines by ``(qp_solver, lin_solver)`` (fresh in a forked process)."""
+        local = self._local
+        if getattr(local, "pid", None) != os.getpid():
+            local.pid, local.engines = os.getpid(), {}
+        return local.engines
 
     # -- solver choice --------------------------------------------------------------------------
     def _choose(self, batch: QPBatch) -> Tuple[str, str]:
@@ -223,7 +252,7 @@ class dQP_layer(nn.Module):  # noqa: N801  (the name users know from the referen
                     f"problem, e.g. a non-unique solution, or an inaccurate solver): the solver's point is returned "
                     f"and the gradient uses the detected active set. See layer.info.verified / messages; a tighter "
                     f"eps_abs or another qp_solver may help.", UnverifiedSolutionWarning, stacklevel=2)
-        self.info = info
+        self.info = info  # the last call's, whichever thread made it (the output carries its own)
         if s.on_failure == "raise":
             err = error_for_statuses(info.status, qp, info.messages)
             if err is not None:
@@ -243,7 +272,7 @@ class dQP_layer(nn.Module):  # noqa: N801  (the name users know from the referen
         fwd_time = time.perf_counter() - t_start if s.time else None
         if s.verbose:
             logger.info("dQP: %s", info.summary())
-        return QPOutput(z, lam, mu, solve_time, fwd_time)
+        return QPOutput(z, lam, mu, solve_time, fwd_time, info=info, active=active)
 
     def _forward_batched(self, batch: QPBatch, qp: str):
         """The batched (torch) path: the built-in interior-point method and batched KKT backward."""
