@@ -19,6 +19,7 @@ from dqp.errors import SettingsError, Status, error_for_statuses
 from dqp.problem import QPBatch, SparseArg, validate
 from dqp.result import QPOutput, SolveInfo
 from dqp.settings import Settings, build_settings
+from dqp.transforms import graph_break, reject_functorch
 
 logger = logging.getLogger("dqp")
 
@@ -176,6 +177,7 @@ class dQP_layer(nn.Module):  # noqa: N801  (the name users know from the referen
         return self._engines[key]
 
     # -- call ---------------------------------------------------------------------------------
+    @graph_break   # torch.compile: the solve runs eagerly, the model around it compiles
     def forward(self, P: torch.Tensor, q: torch.Tensor, C: Optional[torch.Tensor] = None,
                 d: Optional[torch.Tensor] = None, A: Optional[torch.Tensor] = None,
                 b: Optional[torch.Tensor] = None) -> QPOutput:
@@ -204,6 +206,7 @@ class dQP_layer(nn.Module):  # noqa: N801  (the name users know from the referen
             An element failed (:class:`InfeasibleError`, :class:`UnboundedError`, ...) and
             ``on_failure='raise'``; the message names the batch elements.
         """
+        reject_functorch((P, q, C, d, A, b), "dQP_layer")
         s = self.settings
         t_start = time.perf_counter()
         batch = validate(P, q, C, d, A, b, sparse=s.solve_type == "sparse", check_psd=s.check_PSD)
