@@ -127,25 +127,25 @@ def main(argv=None) -> float:
                     "on CPU data, e.g. 'clarabel'")
     ap.add_argument("--short", action="store_true", help="a few seconds (CI); also DQP_EXAMPLES_SHORT=1")
     ap.add_argument("--cpu", action="store_true", help="stay on the CPU (gloo) even with GPUs")
-    ap.add_argument("--n", type=int, default=20, help="QP variables (and the output size)")
-    ap.add_argument("--m", type=int, default=20, help="QP inequalities")
+    ap.add_argument("--n-var", type=int, default=20, help="QP variables (and the output size)")
+    ap.add_argument("--n-ineq", type=int, default=20, help="QP inequalities")
     ap.add_argument("--batch", type=int, default=64, help="samples per rank and step")
     ap.add_argument("--epochs", type=int, default=5)
     ap.add_argument("--dtype", default="float64", choices=["float32", "float64"])
     args = ap.parse_args(argv)
     short = args.short or os.environ.get("DQP_EXAMPLES_SHORT") == "1"
     if short:
-        args.n, args.m, args.batch, args.epochs = 6, 8, 8, 2
+        args.n_var, args.n_ineq, args.batch, args.epochs = 6, 8, 8, 2
     dtype = getattr(torch, args.dtype)
     rank, world, device, backend = _setup(args.solver, args.cpu)
     log = (lambda s: print(f"[rank 0/{world}] {s}", flush=True)) if rank == 0 else None
     n_features = 8
-    x, y = make_data(world * args.batch * (4 if short else 16), n_features, args.n, args.m, dtype)
-    model = OptNetRegressor(n_features, args.n, args.m, solver=args.solver, dtype=dtype).to(device)
+    x, y = make_data(world * args.batch * (4 if short else 16), n_features, args.n_var, args.n_ineq, dtype)
+    model = OptNetRegressor(n_features, args.n_var, args.n_ineq, solver=args.solver, dtype=dtype).to(device)
     if backend is not None:
         model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
     if log:
-        log(f"{args.solver} on {device} ({backend or 'one process'}), n={args.n} m={args.m}, "
+        log(f"{args.solver} on {device} ({backend or 'one process'}), n={args.n_var} m={args.n_ineq}, "
             f"{args.batch} samples per rank and step, {args.dtype}")
     t0 = time.perf_counter()
     losses = train(model, TensorDataset(x, y), batch_per_rank=args.batch, world=world, ranks=[rank],

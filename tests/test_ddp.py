@@ -155,3 +155,19 @@ def test_solve_on_cuda1_leaves_cuda0_alone():
     CUDA graphs (captured on its own device) give the eager results on every call."""
     out = subprocess.run([sys.executable, "-c", _ISOLATION], capture_output=True, text=True, timeout=600, cwd=REPO)
     assert out.returncode == 0 and "isolated" in out.stdout, out.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_scaling_study_runs_on_cpu(tmp_path):
+    """experiments/ddp_scaling.py's sweep in its CPU check mode (1 and 2 gloo processes)."""
+    out_md = tmp_path / "ddp_scaling.md"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, str(REPO / "experiments" / "ddp_scaling.py"), "--sweep", "2", "--cpu",
+                          "--short", "--out", str(out_md)], capture_output=True, text=True, timeout=600, env=env,
+                         cwd=REPO)
+    assert out.returncode == 0, out.stderr[-3000:]
+    text = out_md.read_text()
+    for dt in ("float32", "float64"):
+        for k in (1, 2):
+            assert f"| {dt} | {k} | 16 | 8 |" in text
+        assert f"| {dt} | 8 | ≥ 64 |" in text
