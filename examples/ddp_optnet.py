@@ -117,7 +117,7 @@ def _setup(solver: str, force_cpu: bool) -> Tuple[int, int, torch.device, Option
     backend = None
     if "RANK" in os.environ:
         backend = "nccl" if on_gpu else "gloo"
-        dist.init_process_group(backend, **({"device_id": device} if on_gpu else {}))
+        dist.init_process_group(backend)
     return rank, world, device, backend
 
 
