@@ -128,3 +128,29 @@ def test_qpth_function_pickles():
     f = QpthFunction(verbose=0)
     z = f(Q, p, G, h, torch.empty(0), torch.empty(0))
     torch.testing.assert_close(_pickle(f)(Q, p, G, h, torch.empty(0), torch.empty(0)), z)
+
+
+class _QPDataset(torch.utils.data.Dataset):
+    """Solves a QP per item with a layer made (and used) in the parent process."""
+
+    def __init__(self, layer, data):
+        self.layer, self.data = layer, data
+
+    def __len__(self):
+        return self.data[1].shape[0]
+
+    def __getitem__(self, i):
+        return self.layer(*self.data)[0][i]     # (the whole batch: the thread pool is used)
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="needs fork")
+def test_layer_in_forked_dataloader_workers():
+    """DataLoader workers get the layer by fork after the parent's calls made its thread pool: a pool
+    inherited through fork has no threads, so the workers start their own (per process)."""
+    P, q, C, d, *_ = random_qp(4, 5, 0, seed=8, batch=6)
+    layer = dQP.dQP_layer(qp_solver="clarabel", omp_parallel=True, n_cpu=2)
+    ref = layer(P, q, C, d)[0]                    # the parent's pool now exists
+    loader = torch.utils.data.DataLoader(_QPDataset(layer, (P, q, C, d)), batch_size=3, num_workers=2,
+                                         multiprocessing_context="fork", timeout=120)
+    got = torch.cat(list(loader))
+    torch.testing.assert_close(got, ref, rtol=1e-7, atol=1e-8)
