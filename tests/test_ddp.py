@@ -144,6 +144,12 @@ _ISOLATION = textwrap.dedent("""
         assert torch.allclose(qg.grad.cpu(), qk.grad, rtol=1e-6, atol=1e-8), k
     torch.cuda.synchronize(dev)
     assert torch.cuda.memory_reserved(0) == 0, torch.cuda.memory_reserved(0)
+    import importlib.util, os
+    if importlib.util.find_spec("pynvml") is not None and "CUDA_VISIBLE_DEVICES" not in os.environ:
+        import pynvml                              # no context of this process on cuda:0 either
+        pynvml.nvmlInit()
+        procs = pynvml.nvmlDeviceGetComputeRunningProcesses(pynvml.nvmlDeviceGetHandleByIndex(0))
+        assert os.getpid() not in [p.pid for p in procs], "this process has a context on cuda:0"
     print("isolated")
 """)
 
