@@ -124,7 +124,8 @@ class dQP_layer(nn.Module):  # noqa: N801  (the name users know from the referen
 
     # -- state: solver workspaces, thread pools and warm starts are per thread and not saved ---------
     def __getstate__(self) -> dict:
-        state = super().__getstate__()
+        getter = getattr(super(), "__getstate__", None)     # (a copy: never edit the live __dict__)
+        state = dict(getter()) if getter is not None else self.__dict__.copy()
         state.pop("_local", None)
         return state
 
