@@ -134,6 +134,10 @@ STUDIES = [
      "subtitles": {"bilevel_warmstart": "n = 2000", "bilevel_warmstart_n300": "n = 300, more solvers"},
      "what": "100 outer gradient steps through a sparse denoising QP: what starting each solve from "
              "the previous solution saves, solver by solver, and that both loops reach the same point."},
+    {"title": "Data-parallel training: weak scaling with DDP", "script": "ddp_scaling.py",
+     "stems": ["ddp_scaling"], "command": "python experiments/ddp_scaling.py --sweep 8",
+     "what": "One training step of an OptNet-style model under DistributedDataParallel on 1, 2, 4, ... "
+             "GPUs at a fixed batch per GPU: the weak-scaling efficiency, and the largest batch per GPU."},
 ]
 
 #: The README's results table is this summary (``tests/test_docs.py`` checks that they agree).
@@ -265,7 +269,7 @@ def _benchmarks_section(files) -> str:
         if not found:
             out += ['!!! note "No results yet"',
                     f"    `experiments/results/` holds no report of this study in this checkout; run "
-                    f"`python experiments/{study['script']}` and rebuild the docs.", ""]
+                    f"`{study.get('command', 'python experiments/' + study['script'])}` and rebuild the docs.", ""]
     return "\n".join(out)
 
 

@@ -16,6 +16,7 @@ from dqp.errors import (  # noqa: F401
     Status, UnboundedError,
 )
 from dqp.autograd import GradientAccuracyWarning  # noqa: F401
+from dqp.errors import NotSupportedError  # noqa: F401
 from dqp.kkt import SingularKKTWarning  # noqa: F401
 from dqp.layer import UnverifiedSolutionWarning, dQP_layer  # noqa: F401
 from dqp.result import QPOutput, SolveInfo  # noqa: F401
@@ -28,6 +29,6 @@ __all__ = [
     "DQPError", "SettingsError", "SolverNotAvailableError", "InputError", "ShapeError", "NonFiniteError",
     "NotSymmetricError", "NotPSDError", "LayoutError", "SolveError", "InfeasibleError", "UnboundedError",
     "MaxIterationsError", "SolverFailedError", "sparse_csc_tensor",
-    "UnverifiedSolutionWarning", "SingularKKTWarning", "GradientAccuracyWarning",
+    "NotSupportedError", "UnverifiedSolutionWarning", "SingularKKTWarning", "GradientAccuracyWarning",
 ]
 _logging.getLogger("dqp").addHandler(_logging.NullHandler())
