@@ -71,35 +71,12 @@ import torch
 from dqp.errors import SettingsError, ShapeError, Status, error_for_statuses
 from dqp.gradients import dense_grads
 from dqp.linsolve.torch_batched import PATH_NAMES, BatchedKKT
-from dqp.solvers.ipm import default_eps, ipm_solve
+from dqp.solvers.ipm import (DEFAULT_OPTIONS, IPMOptions, default_eps, dual_factors, form_by_cost, fused_flag,
+                             fused_reasons, graph_device_ok, graphed_call, ipm_solve)
 
 Tensor = torch.Tensor
 
 __all__ = ["IPMQPFunction", "solve_qp_batch", "classify_active", "polish"]
-
-
-#: CPU, float32/float16 data: solve in float64 throughout (module docstring, "Low precision").
-#: Tests switch it off to run the GPU's path (float32 IPM, float64 polish) on the CPU.
-WIDEN_ON_CPU = True
-
-#: IPM tolerance (float64) when the polish follows: 1e-8 instead of 1e-9. Measured on qpth's
-#: generator (B=128, n=m=100 and 200): 2 fewer iterations for the slowest element (14 → 12, 15 → 14),
-#: the same final active sets, z within 5e-15 and gradients within 1e-15 (relative) of eps=1e-9.
-POLISHED_IPM_EPS = 1e-8
-
-#: Where the fused kernel polishes (float64, ``ipm_solve(polish_eps=...)``): the IPM first stops at
-#: this looser tolerance and polishes; an element whose polished point is rejected goes on to the
-#: IPM tolerance (POLISHED_IPM_EPS by default) and is polished again. Each element is then either
-#: polished or solved to that tolerance, as with one stage. None: one stage. Measured with the
-#: kernel's C++ build (experiments/polish_eps_study.py, results/polish_eps_study_*.md): on qpth's
-#: generator and on nearly-LP problems, z, the active sets and the backward's factor are bitwise
-#: those of one stage, in 10–16 % fewer iterations on average (the batch's largest count 1–3 fewer);
-#: at 1e-5 alone (without the second stage) 1–4 of 64 nearly-LP elements kept a rejected point
-#: with gradients 10–50 % off. (A keyword ``polish_eps`` of the call overrides it.) A pair
-#: ``(eps1, eps2)`` gives three stages; on an H200 (session 11, results/qpth_cuda_session11.md)
-#: 1e-3 and (1e-3, 1e-5) took 14–16 % fewer iterations on average than 1e-5 but no less time
-#: (15.4–15.6 vs 15.4 ms at B=1024, n=m=100): a rejected polish costs up to three factorizations.
-POLISH_STAGE_EPS: Union[None, float, Tuple[float, float]] = 1e-5
 
 
 def _cast(t: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
@@ -112,16 +89,26 @@ def _fused_widen(P: Tensor, C: Optional[Tensor], A: Optional[Tensor], opts: Dict
     (:mod:`dqp.solvers.fused`) takes the widened problem — the kernel runs the float64 problem
     faster than the float32 torch loop runs the float32 one (H200, qpth's generator, B=128,
     n=m=100: experiments/README.md), and the answer is float64's."""
-    from dqp.solvers.ipm import _form_by_cost, _fused_flag, _fused_reasons
-    flag = _fused_flag(opts.get("fused"))
+    options = _options(opts)
+    flag = fused_flag(opts.get("fused"), options)
     if flag is False or P.device.type != "cuda":
         return False
     B, n = P.shape[0], P.shape[-1]
     m = 0 if C is None else C.shape[-2]
     p = 0 if A is None else A.shape[-2]
-    return (_form_by_cost(opts.get("form", "auto"), P, B, n, m, p) == "dual"
-            and not _fused_reasons(flag, "dual", torch.float64, P.device, n, m, p, opts.get("trace"),
-                                   opts.get("refine")))
+    return (form_by_cost(opts.get("form", "auto"), P, B, n, m, p) == "dual"
+            and not fused_reasons(flag, "dual", torch.float64, P.device, n, m, p, opts.get("trace"),
+                                  opts.get("refine"), options))
+
+
+def _options(opts: Dict[str, Any]) -> IPMOptions:
+    """The engine options of an options dict (``opts["options"]``, default :data:`DEFAULT_OPTIONS`)."""
+    options = opts.get("options")
+    if options is None:
+        return DEFAULT_OPTIONS
+    if not isinstance(options, IPMOptions):
+        raise SettingsError(f"options must be a dqp.solvers.ipm.IPMOptions, got {type(options).__name__}.")
+    return options
 
 
 def _wide_dtype(P: Tensor) -> Optional[torch.dtype]:
@@ -173,7 +160,8 @@ def _accept(ok: Tensor, zp, lp, mp, z, lam, mu):
 
 def polish(P: Tensor, q: Tensor, C: Optional[Tensor], d: Optional[Tensor], A: Optional[Tensor],
            b: Optional[Tensor], z: Tensor, lam: Optional[Tensor], mu: Optional[Tensor],
-           active: Optional[Tensor], solved: Tensor, *, rounds: int = 3, factors: Optional[dict] = None):
+           active: Optional[Tensor], solved: Tensor, *, rounds: int = 3, factors: Optional[dict] = None,
+           options: IPMOptions = DEFAULT_OPTIONS):
     """Solve the reduced KKT system for the active set and accept it where it is consistent.
 
     Round 1 factorizes the whole batch; the (usually few) rejected elements are retried with
@@ -186,7 +174,7 @@ def polish(P: Tensor, q: Tensor, C: Optional[Tensor], d: Optional[Tensor], A: Op
     tol = math.sqrt(torch.finfo(dtype).eps)
 
     # round 1: the whole batch (reusing the IPM's factorization of P when it has one)
-    kkt = BatchedKKT(P, A, C, active, batch=B, factors=factors)
+    kkt = BatchedKKT(P, A, C, active, batch=B, factors=factors, options=options.linalg)
     zp, lp, mp, ok, bad_rows = _attempt(kkt, q, b, C, d, active, solved, tol)
     z, lam, mu = _accept(ok, zp, lp, mp, z, lam, mu)
     polished = ok
@@ -217,34 +205,26 @@ def polish(P: Tensor, q: Tensor, C: Optional[Tensor], d: Optional[Tensor], A: Op
     return z, lam, mu, active, kkt, polished
 
 
-#: The polish and the backward run as cached CUDA graphs (:func:`dqp.solvers.ipm.graphed_call`)
-#: for float64 dual-form batches with ``B·k² ≤ POLISH_GRAPH_MAX_WORK`` (k = max(n, rows)): the
-#: eager code is bound by the host (hundreds of small kernels, a few synchronizations), while a
-#: polish whose every round runs on the whole batch costs little device time there. Larger
-#: batches take the eager polish, whose retry rounds run on the rejected elements only. Measured on
-#: an H100 (qpth's generator, forward+backward, experiments/gpu_probe.py): B=128, n=m=100 25.8 →
-#: 18.7 ms (backward alone 3.3 → 1.1 ms); B=1024, n=m=100 no clear difference (44.0 vs 47.2 ms);
-#: B=128, n=m=500 105.6 → 210.7 ms (the polish and backward graphs do not both fit the cache's
-#: memory budget and are captured again on every call) — hence the limit.
-POLISH_GRAPH = True
-POLISH_GRAPH_MAX_WORK = 2_000_000
-
-
 def _polish_graph_ok(P, q, C, A, res, opts) -> bool:
-    """Whether the polish (and then the backward) of this batch runs as a CUDA graph: the IPM took
-    its dual form (``res.factors``: P positive definite and well conditioned) and the polish runs in
-    float64 (for float32 data the graph factorizes P again in float64)."""
-    from dqp.solvers.ipm import _graph_device_ok
-    if not (POLISH_GRAPH and opts.get("cuda_graph", True) and res.factors is not None
-            and P.dtype == torch.float64 and _graph_device_ok(P.device)):
+    """Whether the polish (and then the backward) of this batch runs as a CUDA graph
+    (:attr:`IPMOptions.polish_graph`): the IPM took its dual form (``res.factors``: P positive
+    definite and well conditioned) and the polish runs in float64 (for float32 data the graph
+    factorizes P again in float64). The eager code is bound by the host (hundreds of small kernels,
+    a few synchronizations); larger batches (``B·k² > polish_graph_max_work``) take the eager
+    polish, whose retry rounds run on the rejected elements only. Measured on an H100 (qpth's
+    generator, forward+backward): B=128, n=m=100 25.8 → 18.7 ms; B=128, n=m=500 105.6 → 210.7 ms
+    (the polish and backward graphs do not both fit the cache's memory budget) — hence the limit."""
+    options = _options(opts)
+    if not (options.polish_graph and opts.get("cuda_graph", True) and res.factors is not None
+            and P.dtype == torch.float64 and graph_device_ok(P.device, options)):
         return False
     if C is None and A is None:
         return False
     k = (C.shape[-2] if C is not None else 0) + (A.shape[-2] if A is not None else 0)
-    return q.shape[0] * max(q.shape[-1], k) ** 2 <= POLISH_GRAPH_MAX_WORK
+    return q.shape[0] * max(q.shape[-1], k) ** 2 <= options.polish_graph_max_work
 
 
-def _polish_masked(P, q, C, d, A, b, z, lam, mu, active, solved, factors, rounds):
+def _polish_masked(P, q, C, d, A, b, z, lam, mu, active, solved, factors, rounds, options: IPMOptions):
     """:func:`polish` without host synchronization: every round on the whole batch (masks).
 
     Elements accepted in a round keep that round's point and factorization (:meth:`BatchedKKT.merge`).
@@ -253,7 +233,7 @@ def _polish_masked(P, q, C, d, A, b, z, lam, mu, active, solved, factors, rounds
     """
     tol = math.sqrt(torch.finfo(P.dtype).eps)
     B = q.shape[0]
-    kkt = BatchedKKT(P, A, C, active, batch=B, factors=factors, fallback=False)
+    kkt = BatchedKKT(P, A, C, active, batch=B, factors=factors, fallback=False, options=options.linalg)
     zp, lp, mp, ok, bad = _attempt(kkt, q, b, C, d, active, solved & kkt.ok, tol)
     fallback = solved & ~kkt.ok
     z, lam, mu = _accept(ok, zp, lp, mp, z, lam, mu)
@@ -262,7 +242,7 @@ def _polish_masked(P, q, C, d, A, b, z, lam, mu, active, solved, factors, rounds
         pending = solved & ~ok & ~fallback
         cur = torch.where(pending.unsqueeze(-1), active ^ bad, active)
         for _ in range(rounds - 1):
-            sub = BatchedKKT(P, A, C, cur, batch=B, factors=factors, fallback=False)
+            sub = BatchedKKT(P, A, C, cur, batch=B, factors=factors, fallback=False, options=options.linalg)
             zp, lp, mp, ok_s, bad_s = _attempt(sub, q, b, C, d, cur, pending & sub.ok, tol)
             fallback = fallback | (pending & ~sub.ok)
             acc = pending & ok_s
@@ -278,31 +258,20 @@ def _polish_masked(P, q, C, d, A, b, z, lam, mu, active, solved, factors, rounds
 _KKT_TENSORS = ("a", "Abar", "D", "HiAbt", "LS", "ok", "path", "rho")
 
 
-def _factors_of(P: Tensor, C: Optional[Tensor], A: Optional[Tensor]) -> Tuple[dict, Tensor]:
-    """What the IPM's dual form hands the polish (``L`` = chol(P), ``PiAbt`` = P⁻¹[A; C]ᵀ,
-    ``M`` = [A; C]P⁻¹[A; C]ᵀ), computed without a host sync; and where chol(P) succeeded."""
-    from dqp.solvers.ipm import _cholesky, _DualNewton, _factor_ok
-    L, info = _cholesky(P)
-    m, p = (C.shape[-2] if C is not None else 0), (A.shape[-2] if A is not None else 0)
-    nt = _DualNewton(L, P, C, A, P.shape[0], P.shape[-1], m, p, 0.0)   # P⁻¹Āᵀ, ĀP⁻¹Āᵀ as the IPM forms them
-    return dict(L=L, PiAbt=nt.PiAbt, M=nt.M), _factor_ok(L, info, P)
-
-
-def _polish_graphed(P, q, C, d, A, b, z, lam, mu, active, solved, factors, rounds):
+def _polish_graphed(P, q, C, d, A, b, z, lam, mu, active, solved, factors, rounds, options: IPMOptions):
     """:func:`_polish_masked` as a cached CUDA graph; None where the caller must run :func:`polish`.
     ``factors=None`` (float32 data polished in float64, which has no IPM factors of that dtype):
     they are computed inside the graph."""
-    from dqp.solvers.ipm import graphed_call
     own = factors is None
 
     def fn(t):
         if own:
-            f, pd = _factors_of(t["P"], t.get("C"), t.get("A"))
+            f, pd = dual_factors(t["P"], t.get("C"), t.get("A"), options)
         else:
             f, pd = dict(L=t["L"], PiAbt=t["PiAbt"], M=t["M"]), None
         zz, ll, mm, aa, kkt, pol, fb = _polish_masked(
             t["P"], t["q"], t.get("C"), t.get("d"), t.get("A"), t.get("b"), t["z"], t.get("lam"),
-            t.get("mu"), t.get("active"), t["solved"], f, rounds)
+            t.get("mu"), t.get("active"), t["solved"], f, rounds, options)
         out = {"z": zz, "polished": pol, "fallback": fb if pd is None else fb | (t["solved"] & ~pd)}
         out.update({k: v for k, v in (("lam", ll), ("mu", mm), ("active", aa)) if v is not None})
         out.update({"kkt." + k: getattr(kkt, k) for k in _KKT_TENSORS if getattr(kkt, k, None) is not None})
@@ -314,37 +283,32 @@ def _polish_graphed(P, q, C, d, A, b, z, lam, mu, active, solved, factors, round
         inputs.update(L=factors["L"], PiAbt=factors["PiAbt"], M=factors["M"])
     # (all rounds in one graph: on qpth's generator, B=128, n=m=100, the first round accepts 113–124
     # of the 128 elements, so a graph of the first round alone would nearly always need a second)
-    out = graphed_call(("dqp_polish", int(rounds), own), fn, inputs)
+    out = graphed_call(("dqp_polish", int(rounds), own), fn, inputs, options=options)
     if out is None or bool(out["fallback"].any()):
         return None
     st = {k[4:]: v for k, v in out.items() if k.startswith("kkt.")}
     st.update(P=P, A=A, C=C)
     if not own:
         st["L"] = factors["L"]
-    kkt = BatchedKKT.from_state(st)
+    kkt = BatchedKKT.from_state(st, options=options.linalg)
     kkt._graphed = True                         # its backward may run as a graph too
     return out["z"], out.get("lam"), out.get("mu"), out.get("active"), kkt, out["polished"]
 
 
-#: The backward of a batch whose polish ran in the fused kernel runs as a cached CUDA graph where
-#: ``B·k² ≤ BACKWARD_GRAPH_MAX_WORK`` (k = max(n, rows)), as after a graphed polish.
-BACKWARD_GRAPH_MAX_WORK = 20_000_000
-
-
 def _kkt_of_kernel(P: Tensor, C: Optional[Tensor], A: Optional[Tensor], active: Optional[Tensor],
-                   res, graphs: bool = True) -> BatchedKKT:
+                   res, graphs: bool = True, options: IPMOptions = DEFAULT_OPTIONS) -> BatchedKKT:
     """The :class:`BatchedKKT` (Cholesky path) of the polish the fused kernel ran: its factor of the
     reduced system's Schur complement (``res.polish["LS"]``) with the IPM's factors of P. Where its
     backward runs as a CUDA graph, the graph's inputs are the few tensors it is made of
-    (``kkt._raw``, for :meth:`BatchedKKT.from_schur_factor`), not its dozen derived ones."""
-    from dqp.solvers.ipm import _graph_device_ok
+    (``kkt._raw``, for :meth:`BatchedKKT.from_schur_factor`), not its dozen derived ones. Its
+    backward runs as a graph where ``B·k² ≤`` :attr:`IPMOptions.backward_graph_max_work`."""
     raw = dict(P=P, A=A, C=C, active=active, L=res.factors["L"], PiAbt=res.factors["PiAbt"],
                LS=res.polish["LS"], ok=res.polish["ok"])
-    kkt = BatchedKKT.from_schur_factor(**raw)
+    kkt = BatchedKKT.from_schur_factor(**raw, options=options.linalg)
     B, n = P.shape[0], P.shape[-1]
     k = (A.shape[-2] if A is not None else 0) + (C.shape[-2] if C is not None else 0)
-    kkt._graphed = (graphs and POLISH_GRAPH and _graph_device_ok(P.device)
-                    and B * max(n, k) ** 2 <= BACKWARD_GRAPH_MAX_WORK)
+    kkt._graphed = (graphs and options.polish_graph and graph_device_ok(P.device, options)
+                    and B * max(n, k) ** 2 <= options.backward_graph_max_work)
     if kkt._graphed:
         kkt._raw = raw
     return kkt
@@ -386,6 +350,7 @@ class IPMQPFunction(torch.autograd.Function):
     def forward(P, q, C, d, A, b, options: Optional[Dict[str, Any]] = None):
         """IPM solve, active-set classification and polish; returns ``(z, lam, mu, status, active, kkt)``."""
         opts = dict(options or {})
+        eng = _options(opts)
         do_polish = opts.pop("polish", True)
         rounds = opts.pop("polish_rounds", None)
         if P.dim() != 3 or q.dim() != 2:
@@ -394,7 +359,7 @@ class IPMQPFunction(torch.autograd.Function):
         P = 0.5 * (P + P.transpose(-1, -2))
         wide = _wide_dtype(P)
         dtype_in = P.dtype
-        if do_polish and wide is not None and ((P.device.type == "cpu" and WIDEN_ON_CPU)
+        if do_polish and wide is not None and ((P.device.type == "cpu" and eng.widen_on_cpu)
                                                or _fused_widen(P, C, A, opts)):
             # CPU, float32/float16 data: solve in float64 throughout and cast the answer back. The
             # float32 IPM gains nothing here (the CPU is not faster in float32 at these sizes) and
@@ -407,15 +372,15 @@ class IPMQPFunction(torch.autograd.Function):
             wide = None
         if do_polish and opts.get("eps") is None and P.dtype == torch.float64:
             # the polish makes the answer exact on the active set; the IPM only has to find that set
-            opts["eps"] = POLISHED_IPM_EPS
+            opts["eps"] = eng.polished_eps
         if rounds is None:
             rounds = 3 if wide is None else 6        # a float32 IPM point misclassifies more rows
         with torch.profiler.record_function("dqp::ipm_solve"):
             # (where the fused kernel runs, it polishes too, in the same launch: IPMResult.polish)
             # (the torch polish always runs its first round: so does the kernel's)
             kernel_polish = do_polish and wide is None
-            if kernel_polish and POLISH_STAGE_EPS is not None:
-                opts.setdefault("polish_eps", POLISH_STAGE_EPS)
+            if kernel_polish and eng.polish_stage_eps is not None:
+                opts.setdefault("polish_eps", eng.polish_stage_eps)
             res = ipm_solve(P, q, C, d, A, b, polish_rounds=max(int(rounds), 1) if kernel_polish else 0,
                             **opts)
         solved = res.status == int(Status.SOLVED)
@@ -424,7 +389,7 @@ class IPMQPFunction(torch.autograd.Function):
             # flags), which then waits for the kernel while the device works
             with torch.profiler.record_function("dqp::polish"):
                 active = res.polish["active"]
-                kkt = _kkt_of_kernel(P, C, A, active, res, graphs=opts.get("cuda_graph", True))
+                kkt = _kkt_of_kernel(P, C, A, active, res, graphs=opts.get("cuda_graph", True), options=eng)
                 out = _finish(res, res.z, res.lam, res.mu, active, kkt, res.polish["polished"], solved, dtype_in)
             fb = res.polish["fallback"]
             if not bool(fb.any()):
@@ -437,7 +402,8 @@ class IPMQPFunction(torch.autograd.Function):
                 if act is not None:
                     act = torch.where(fb.unsqueeze(-1), classify_active(C, res.s, res.mu) & solved.unsqueeze(-1), act)
                 z, lam, mu, active, kkt, polished = polish(P, q, C, d, A, b, res.z, res.lam, res.mu, act,
-                                                           solved & fb, rounds=rounds, factors=res.factors)
+                                                           solved & fb, rounds=rounds, factors=res.factors,
+                                                           options=eng)
             return _finish(res, z, lam, mu, active, kkt, polished | res.polish["polished"], solved, dtype_in)
         z, lam, mu = res.z, res.lam, res.mu
         active = classify_active(C, res.s, mu) if mu is not None else None
@@ -450,21 +416,21 @@ class IPMQPFunction(torch.autograd.Function):
                 wargs = [_cast(t, wide) for t in (P, q, C, d, A, b, z, lam, mu)]
                 out = None
                 if _polish_graph_ok(wargs[0], q, C, A, res, opts):
-                    out = _polish_graphed(*wargs, active, solved, None, rounds)
+                    out = _polish_graphed(*wargs, active, solved, None, rounds, eng)
                 if out is None:
-                    out = polish(*wargs, active, solved, rounds=rounds)
+                    out = polish(*wargs, active, solved, rounds=rounds, options=eng)
                 z, lam, mu, active, kkt, polished = out
             elif do_polish:
                 out = None
                 if _polish_graph_ok(P, q, C, A, res, opts):
-                    out = _polish_graphed(P, q, C, d, A, b, z, lam, mu, active, solved, res.factors, rounds)
+                    out = _polish_graphed(P, q, C, d, A, b, z, lam, mu, active, solved, res.factors, rounds, eng)
                 if out is not None:
                     z, lam, mu, active, kkt, polished = out
                 else:
                     z, lam, mu, active, kkt, polished = polish(P, q, C, d, A, b, z, lam, mu, active, solved,
-                                                               rounds=rounds, factors=res.factors)
+                                                               rounds=rounds, factors=res.factors, options=eng)
             else:
-                kkt = BatchedKKT(P, A, C, active, batch=q.shape[0], factors=res.factors)
+                kkt = BatchedKKT(P, A, C, active, batch=q.shape[0], factors=res.factors, options=eng.linalg)
                 polished = torch.zeros_like(solved)
         return _finish(res, z, lam, mu, active, kkt, polished, solved, dtype_in)
 
@@ -473,6 +439,7 @@ class IPMQPFunction(torch.autograd.Function):
         """Keep the factorized reduced KKT system and the solution for the backward."""
         z, lam, mu, status, active, kkt = output
         ctx.kkt = kkt
+        ctx.engine_options = _options(dict(inputs[6] or {})) if len(inputs) > 6 else DEFAULT_OPTIONS
         ctx.shapes = [None if t is None else t.shape for t in inputs[:6]]
         ctx.save_for_backward(z, lam, mu, status, active)
         ctx.mark_non_differentiable(status)
@@ -501,29 +468,30 @@ class IPMQPFunction(torch.autograd.Function):
         if mu is not None and gmu is None:
             gmu = torch.zeros_like(mu)
         need = tuple(ctx.needs_input_grad[:6])
+        eng: IPMOptions = ctx.engine_options
         if getattr(kkt, "_graphed", False):
             # the forward's polish ran as a CUDA graph: so does this (same shapes, Cholesky path)
-            from dqp.solvers.ipm import graphed_call
-
             raw = getattr(kkt, "_raw", None)
 
             def fn(t):
                 if raw is not None:
-                    k = BatchedKKT.from_schur_factor(**{n: t.get(n) for n in raw}, refine=kkt.refine)
+                    k = BatchedKKT.from_schur_factor(**{n: t.get(n) for n in raw}, refine=kkt.refine,
+                                                     options=eng.linalg)
                 else:
-                    k = BatchedKKT.from_state({n: t.get(n) for n in BatchedKKT._STATE}, refine=kkt.refine)
+                    k = BatchedKKT.from_state({n: t.get(n) for n in BatchedKKT._STATE}, refine=kkt.refine,
+                                              options=eng.linalg)
                 g = _backward_math(k, t["gz"], t.get("glam"), t.get("gmu"), t["z"], t.get("lam"), t.get("mu"),
-                                   t["status"], t.get("active"), need)
+                                   t["status"], t.get("active"), need, eng.outer)
                 return {f"g{i}": v for i, v in enumerate(g) if v is not None}
             inputs = dict(raw if raw is not None else kkt.state(), gz=gz, glam=glam, gmu=gmu, z=z, lam=lam, mu=mu,
                           status=status, active=active)
-            out = graphed_call(("dqp_backward", need, kkt.refine, raw is not None), fn, inputs)
+            out = graphed_call(("dqp_backward", need, kkt.refine, raw is not None), fn, inputs, options=eng)
             if out is not None:
                 return tuple(out.get(f"g{i}") for i in range(6)) + (None,)
-        return _backward_math(kkt, gz, glam, gmu, z, lam, mu, status, active, need) + (None,)
+        return _backward_math(kkt, gz, glam, gmu, z, lam, mu, status, active, need, eng.outer) + (None,)
 
 
-def _backward_math(kkt: BatchedKKT, gz, glam, gmu, z, lam, mu, status, active, need):
+def _backward_math(kkt: BatchedKKT, gz, glam, gmu, z, lam, mu, status, active, need, outer: str = "auto"):
     """The vector-Jacobian product (see IPMQPFunction.backward); ``(dP, dq, dC, dd, dA, db)``."""
     if mu is not None:
         gmu = gmu * active.to(mu.dtype)
@@ -543,7 +511,7 @@ def _backward_math(kkt: BatchedKKT, gz, glam, gmu, z, lam, mu, status, active, n
         okv = ok.unsqueeze(-1)
         yz, ylam, ymu, z, lam, mu = (None if t is None else torch.where(okv, t, torch.zeros_like(t))
                                      for t in (yz, ylam, ymu, z, lam, mu))
-    grads = dense_grads(yz, ylam, ymu, z, lam, mu, active, need=need)
+    grads = dense_grads(yz, ylam, ymu, z, lam, mu, active, need=need, outer=outer)
     return tuple(g if nd else None for g, nd in zip(grads, need))
 
 
@@ -602,7 +570,7 @@ def solve_qp_batch(P: Tensor, q: Tensor, C: Optional[Tensor] = None, d: Optional
         Any mix of batched and shared arguments; shared ones are broadcast with ``expand``, so
         their gradient is the *sum* over the batch.
     eps : float, optional
-        IPM relative tolerance. Default with the polish: ``POLISHED_IPM_EPS`` = 1e-8 for float64
+        IPM relative tolerance. Default with the polish: ``IPMOptions.polished_eps`` = 1e-8 for float64
         data (and float32 data on the CPU, solved in float64), 1e-5 for float32 on other devices;
         without the polish 1e-9 / 1e-5.
     max_iter : int
@@ -620,8 +588,9 @@ def solve_qp_batch(P: Tensor, q: Tensor, C: Optional[Tensor] = None, d: Optional
         iterations) and ``kkt_path`` (list of ``"cholesky"``, ``"augmented"`` or
         ``"minimum-norm"``: how the reduced KKT system was solved).
     **ipm_options
-        Further :func:`dqp.solvers.ipm.ipm_solve` keywords (check_every, form, ...), and
-        ``polish_rounds``.
+        Further :func:`dqp.solvers.ipm.ipm_solve` keywords (check_every, form, ...; ``options``: an
+        :class:`~dqp.solvers.ipm.IPMOptions` with the engine's tuning, the layer's polish included),
+        and ``polish_rounds``.
 
     Returns
     -------

@@ -67,15 +67,19 @@ import numpy as np
 import torch
 
 from dqp.errors import LayoutError, SettingsError, ShapeError, Status
-from dqp.linsolve.blocked import _tri_inverse, blocked_chol_solve, blocked_cholesky
+from dqp.linsolve.blocked import tri_inverse
+from dqp.linsolve.cholesky import (CholeskyFactor, CholeskyOptions, cholesky, cholesky_inplace, mv, potrs_inplace,
+                                   potrs_rows, potrs_rows_ok, tmv)
 from dqp.solvers import fused as _fused
 from dqp.solvers.base import ForwardSolver, register_solver
+from dqp.solvers.ipm.options import DEFAULT_OPTIONS, IPMOptions
 
 logger = logging.getLogger(__name__)
 
 Tensor = torch.Tensor
 
-__all__ = ["IPMResult", "ipm_solve", "IPMSolver", "default_eps", "clear_graph_cache", "INVERSE_SOLVE"]
+__all__ = ["IPMResult", "ipm_solve", "IPMSolver", "default_eps", "clear_graph_cache", "graphed_call", "factor_ok",
+           "form_by_cost", "fused_flag", "fused_reasons", "dual_factors", "graph_device_ok", "graph_stats"]
 
 
 @dataclass
@@ -123,351 +127,11 @@ def default_eps(dtype: torch.dtype) -> float:
 # small batched helpers (work for shared (k, n) and batched (B, k, n) matrices)
 # --------------------------------------------------------------------------------------------
 
-#: CPU fast paths through NumPy and SciPy's LAPACK (batched products, in-place Cholesky). Tests
-#: switch them off to run the code path that CUDA takes on the CPU.
-CPU_FAST_PATHS = True
-
-
-def _numpy_ok(M: Tensor, x: Tensor) -> bool:
-    """Whether a batched CPU product may go through NumPy (no autograd graph is being built)."""
-    return (CPU_FAST_PATHS and M.dim() == 3 and M.device.type == "cpu" and x.device.type == "cpu"
-            and M.dtype in (torch.float64, torch.float32) and x.dtype == M.dtype
-            and not (torch.is_grad_enabled() and (M.requires_grad or x.requires_grad)))
-
-
-def _mv(M: Tensor, x: Tensor) -> Tensor:
-    """``M x`` for x (B, n); M (k, n) or (B, k, n).
-
-    Batched on the CPU through NumPy's stacked ``matmul``: for B=128, k=n=100 in float64 it takes
-    0.15 ms where ``torch.matmul`` takes 0.86 ms (1 thread; torch's batched matrix-vector
-    product is a loop of small GEMMs). Zero-copy views both ways.
-    """
-    if _numpy_ok(M, x):
-        return torch.from_numpy(np.matmul(M.numpy(), x.detach().numpy()[..., None])[..., 0])
-    return torch.matmul(x.unsqueeze(-2), M.transpose(-1, -2)).squeeze(-2)
-
-
-def _tmv(M: Tensor, y: Tensor) -> Tensor:
-    """``Mᵀ y`` for y (B, k); M (k, n) or (B, k, n) (batched CPU: NumPy, as :func:`_mv`)."""
-    if _numpy_ok(M, y):
-        return torch.from_numpy(np.matmul(y.detach().numpy()[..., None, :], M.numpy())[..., 0, :])
-    return torch.matmul(y.unsqueeze(-2), M).squeeze(-2)
-
-
 def _amax(x: Tensor) -> Tensor:
     """Row-wise ∞-norm, 0 for empty rows."""
     if x.shape[-1] == 0:
         return x.new_zeros(x.shape[:-1])
     return torch.linalg.vector_norm(x, math.inf, dim=-1)     # one kernel (abs + amax: two); NaN propagates
-
-
-def _eye_like(k: int, ref: Tensor) -> Tensor:
-    return torch.eye(k, dtype=ref.dtype, device=ref.device)
-
-
-#: How solves with a batched Cholesky factor from :func:`_cholesky` run: ``"never"`` — two
-#: one-right-hand-side triangular solves each; ``"always"`` — the factor carries its explicit
-#: inverse ``L⁻¹`` (one many-right-hand-side triangular solve per factorization) and every solve
-#: is two batched matrix-vector products; ``"auto"`` (default) — the inverse on CUDA for small
-#: batches, where cuBLAS's one-right-hand-side batched ``trsm`` is latency-bound. Measured on an
-#: H100, float64, µs per call in a CUDA graph (experiments/gpu_kernels.py): B=128, k=100: inverse
-#: 104 vs two solves 266 (an IPM iteration solves twice); B=1024, k=100: 553 vs 377; B=128, k=500:
-#: 2524 vs 1868 — hence the inverse only while ``B·k² ≤ INVERSE_SOLVE_MAX_WORK`` (and where the
-#: blocked path below is not taken).
-INVERSE_SOLVE = "auto"
-INVERSE_SOLVE_MAX_WORK = 2_000_000
-
-#: Blocked Cholesky factorization and solves (:mod:`dqp.linsolve.blocked`) for batched factors:
-#: ``"never"``, ``"always"`` (any batched factor larger than its block) or ``"auto"`` (default: on
-#: CUDA for batched factors with ``k ≥ BLOCKED_MIN_K`` and too much work for the explicit inverse,
-#: ``B·k² > INVERSE_SOLVE_MAX_WORK``). ``BLOCK_SIZE``: the block size, or None for 64 below k = 256
-#: and 128 from there. Measured on an H100, float64, µs per factorization + two solves (an IPM
-#: iteration), CUDA graph (experiments/results/gpu_blocked.md): B=128, k=500: library 1813 + 2·933,
-#: blocked (nb 128) 2106 + 2·183; B=128, k=200: 324 + 2·289 vs (nb 64) 527 + 2·67; B=1024, k=100:
-#: 422 + 2·189 vs 736 + 2·83 — hence not below k = 160.
-BLOCKED = "auto"
-BLOCK_SIZE: Optional[int] = None
-BLOCKED_MIN_K = 160
-
-
-#: The blocked path's diagonal blocks: ``"kernel"`` (factorized and inverted in shared memory by
-#: :func:`dqp.solvers.fused.chol_block`, one thread block per matrix, one launch per block),
-#: ``"library"`` (``torch.linalg.cholesky_ex`` and a triangular inverse, ~10 launches per block) or
-#: ``"auto"`` (default: the kernel where it builds, CUDA and float64).
-BLOCK_DIAG = "auto"
-
-
-def _block_diag_factor(M: Tensor, nb: int):
-    """The ``diag_factor`` of :func:`dqp.linsolve.blocked.blocked_cholesky` for M (None: the library's)."""
-    if BLOCK_DIAG not in ("auto", "kernel", "library"):
-        raise SettingsError(f"dqp.solvers.ipm.BLOCK_DIAG must be 'auto', 'kernel' or 'library', got {BLOCK_DIAG!r}.")
-    if BLOCK_DIAG == "library":
-        return None
-    from dqp.solvers import fused
-    if BLOCK_DIAG == "auto" and not fused.chol_block_available(M.device, M.dtype, nb):
-        return None
-    return lambda W, j0, j1, info: fused.chol_block(W, j0, j1, info, tile=nb)
-
-
-def _block_size(k: int) -> int:
-    """Block size of the blocked path for a k × k factor."""
-    if BLOCK_SIZE is not None:
-        return int(BLOCK_SIZE)
-    return 64 if k < 256 else 128
-
-
-def _use_blocked(shape: Tuple[int, ...], device: torch.device) -> bool:
-    """Whether a batched factorization of this shape on this device takes the blocked path."""
-    if len(shape) != 3 or BLOCKED == "never" or shape[-1] <= _block_size(shape[-1]):
-        return False
-    if BLOCKED == "always":
-        return True
-    if BLOCKED != "auto":
-        raise SettingsError(f"dqp.solvers.ipm.BLOCKED must be 'auto', 'always' or 'never', got {BLOCKED!r}.")
-    k = shape[-1]
-    return device.type == "cuda" and k >= BLOCKED_MIN_K and shape[0] * k * k > INVERSE_SOLVE_MAX_WORK
-
-
-#: Batched Cholesky factors on CUDA (float64, k ≤ :data:`dqp.solvers.fused.KMAX`, not blocked) by
-#: the fused source's ``dqp_chol_block`` (:func:`dqp.solvers.fused.chol_block`: the factor and its
-#: inverse in one launch, one thread block per matrix) instead of ``cholesky_ex`` (+ the triangular
-#: inverse): ``"auto"`` (default) where the factor gets its inverse anyway (:func:`_use_inverse`),
-#: ``"always"`` wherever the kernel runs, ``"never"``. Measured on an H200, B=128, k=100, CUDA graph
-#: (results/gpu_blocked_session9b.md): 84 µs against 212 for ``cholesky_ex`` and the inverse.
-FACTOR_KERNEL = "auto"
-
-
-def _compiling() -> bool:
-    """Whether torch.compile is tracing the caller (its graphs take the library's ops only)."""
-    fn = getattr(getattr(torch, "compiler", None), "is_compiling", None)
-    if fn is None:                                       # (torch < 2.3)
-        fn = getattr(getattr(torch, "_dynamo", None), "is_compiling", lambda: False)
-    return bool(fn())
-
-
-def _factor_by_kernel(shape: Tuple[int, ...], device: torch.device, dtype: torch.dtype) -> bool:
-    if FACTOR_KERNEL not in ("auto", "always", "never"):
-        raise SettingsError(f"dqp.solvers.ipm.FACTOR_KERNEL must be 'auto', 'always' or 'never', "
-                            f"got {FACTOR_KERNEL!r}.")
-    if FACTOR_KERNEL == "never" or len(shape) != 3 or device.type != "cuda" or shape[0] == 0:
-        return False
-    if FACTOR_KERNEL == "auto" and not _use_inverse(shape, device):
-        return False
-    if _compiling():
-        return False                       # (torch.compile traces the library's ops, not a raw launch)
-    return _fused.chol_block_available(device, dtype, shape[-1])
-
-
-def _policy_key() -> tuple:
-    """The module-level linear-algebra policies that captured code reads (part of graph cache keys)."""
-    from dqp.linsolve import blocked
-    return (INVERSE_SOLVE, INVERSE_SOLVE_MAX_WORK, BLOCKED, BLOCK_SIZE, BLOCKED_MIN_K, blocked.TRI_INVERSE_LEAF,
-            SPLIT_GRAPHS, SETUP_PRODUCTS, BLOCK_DIAG, FACTOR_KERNEL, SOLVE_KERNEL)
-
-
-def _use_inverse(shape: Tuple[int, ...], device: torch.device) -> bool:
-    """Whether a batched factor of this shape on this device gets its explicit inverse."""
-    if len(shape) != 3 or INVERSE_SOLVE == "never":
-        return False
-    if INVERSE_SOLVE == "always":
-        return True
-    if INVERSE_SOLVE != "auto":
-        raise SettingsError(f"dqp.solvers.ipm.INVERSE_SOLVE must be 'auto', 'always' or 'never', "
-                            f"got {INVERSE_SOLVE!r}.")
-    return device.type == "cuda" and shape[0] * shape[-1] ** 2 <= INVERSE_SOLVE_MAX_WORK
-
-
-def _attach_inverse(L: Tensor) -> Tensor:
-    """Attach ``L⁻¹`` to the batched lower factor L (as ``L._dqp_linv``) where
-    :func:`_use_inverse` says so; returns L."""
-    if _use_inverse(tuple(L.shape), L.device):
-        eye = torch.eye(L.shape[-1], dtype=L.dtype, device=L.device).expand(L.shape)
-        L._dqp_linv = torch.linalg.solve_triangular(L, eye, upper=False)
-    return L
-
-
-def _chol_solve(L: Tensor, r: Tensor) -> Tensor:
-    """Solve ``L Lᵀ x = r`` with a (batched or shared) Cholesky factor; r (B, k) or (B, k, j).
-
-    Two ``solve_triangular`` calls: on CPU this is ~10× faster than ``torch.cholesky_solve``,
-    which copies its operands to column-major layout on every call. With an attached inverse
-    (:func:`_attach_inverse`): two batched products; with attached diagonal-block inverses (a
-    factor from the blocked path): block substitution (:func:`dqp.linsolve.blocked.blocked_chol_solve`).
-    """
-    vec = r.dim() == 2
-    dinv = getattr(L, "_dqp_dinv", None)
-    if dinv is not None:
-        return blocked_chol_solve(L, dinv, r)
-    Li = getattr(L, "_dqp_linv", None)
-    if Li is not None:
-        rr = r.unsqueeze(-1) if vec else r
-        x = torch.matmul(Li.mT, torch.matmul(Li, rr))
-        return x.squeeze(-1) if vec else x
-    if L.dim() == 2 and vec:
-        x = torch.linalg.solve_triangular(L, r.T, upper=False)
-        return torch.linalg.solve_triangular(L.mT, x, upper=True).T
-    if vec and _solve_by_kernel(L, r):
-        return _fused.chol_solve_vec(L, r)
-    rr = r.unsqueeze(-1) if vec else r
-    if L.dim() == 2:
-        L = L.expand(rr.shape[0], *L.shape)
-    x = torch.linalg.solve_triangular(L, rr, upper=False)
-    x = torch.linalg.solve_triangular(L.mT, x, upper=True)
-    return x.squeeze(-1) if vec else x
-
-
-def _cholesky(M: Tensor, overwrite: bool = False) -> Tuple[Tensor, Tensor]:
-    """Batched Cholesky ``M = L Lᵀ`` without the host sync of ``torch.linalg.cholesky``.
-
-    ``overwrite``: M is a scratch buffer the factorization may overwrite (the blocked path then
-    works in it instead of a copy).
-
-    On CPU, factorizing ``Mᵀ`` (= M, column-major view) as upper ``U`` lets LAPACK work without a
-    layout copy: about 2× faster than ``cholesky_ex(M)``; ``L = Uᵀ`` is a view. On CUDA the lower
-    factor is computed directly, by the blocked path where :func:`_use_blocked` says so (the
-    factor then carries its diagonal-block inverses for :func:`_chol_solve`).
-    """
-    if _use_blocked(tuple(M.shape), M.device):
-        nb = _block_size(M.shape[-1])
-        L, dinv, info = blocked_cholesky(M, nb, overwrite=overwrite and M.is_contiguous(),
-                                         diag_factor=_block_diag_factor(M, nb))
-        L._dqp_dinv = dinv
-        return L, info
-    if M.device.type != "cpu":
-        if _factor_by_kernel(tuple(M.shape), M.device, M.dtype):
-            # factor and inverse in one launch (dqp_chol_block, a thread block per matrix)
-            L = M.clone(memory_format=torch.contiguous_format)
-            info = torch.zeros(M.shape[0], dtype=torch.int32, device=M.device)
-            L._dqp_linv = _fused.chol_block(L, 0, M.shape[-1], info)
-            return L, info
-        # on CUDA the transpose trick costs two layout conversions and a triu kernel
-        L, info = torch.linalg.cholesky_ex(M)
-        return _attach_inverse(L), info
-    U, info = torch.linalg.cholesky_ex(M.mT, upper=True)
-    return _attach_inverse(U.mT), info
-
-
-#: Batched solves ``(L Lᵀ)⁻¹ r`` with one vector per factor on CUDA (float64, k ≤
-#: :data:`dqp.solvers.fused.KMAX`, a factor without an attached inverse) by the fused source's
-#: ``dqp_chol_solve_vec`` (:func:`dqp.solvers.fused.chol_solve_vec`: one launch that reads L once)
-#: instead of two ``solve_triangular``: ``"auto"`` (default) wherever the kernel runs, ``"never"``.
-SOLVE_KERNEL = "auto"
-
-
-def _solve_by_kernel(L: Tensor, r: Tensor) -> bool:
-    if SOLVE_KERNEL not in ("auto", "never"):
-        raise SettingsError(f"dqp.solvers.ipm.SOLVE_KERNEL must be 'auto' or 'never', got {SOLVE_KERNEL!r}.")
-    if SOLVE_KERNEL == "never" or L.device.type != "cuda" or L.dim() != 3 or r.dim() != 2 or r.dtype != L.dtype:
-        return False
-    if torch.is_grad_enabled() and (L.requires_grad or r.requires_grad):
-        return False                       # (the kernel has no autograd formula: the library's solves)
-    if _compiling():
-        return False                       # (torch.compile traces the library's ops, not a raw launch)
-    if r.shape[0] != L.shape[0] or _fused._layout(L) is None:
-        return False
-    return _fused.chol_solve_vec_available(L.device, L.dtype, L.shape[-1])
-
-
-#: What a factor from :func:`_cholesky` may carry for :func:`_chol_solve`: its explicit inverse
-#: (a tensor) or the inverses of its diagonal blocks (a list of tensors).
-_ATTACHED = ("_dqp_linv", "_dqp_dinv")
-
-
-def _map_attached(L: Tensor, out: Tensor, fn) -> Tensor:
-    """Give ``out`` the attachments of ``L``, each tensor of them mapped by ``fn``; returns out."""
-    for a in _ATTACHED:
-        att = getattr(L, a, None)
-        if att is not None:
-            setattr(out, a, fn(att) if isinstance(att, Tensor) else [fn(t) for t in att])
-    return out
-
-
-def _index_factor(L: Tensor, idx: Tensor) -> Tensor:
-    """``L[idx]`` for a batched matrix, keeping an attached inverse or diagonal-block inverses."""
-    return _map_attached(L, L[idx], lambda t: t[idx])
-
-
-def _cholesky_inplace(S: Tensor, rows: Optional[list] = None) -> Tuple[Tensor, Tensor]:
-    """Factorize the symmetric batch ``S`` (B, k, k), contiguous, *in place*; ``(L, info)``.
-
-    ``rows``: factorize only these batch elements (the others keep S and report info 0; the IPM
-    passes its unfinished instances, whose directions alone are used).
-
-    ``L`` is a view of ``S`` whose **lower triangle only** holds the factor (the strict upper
-    triangle keeps stale values): use it only through :func:`_chol_solve` (triangular solves read
-    one triangle). On CPU this calls LAPACK ``potrf`` per matrix on the buffer itself: no
-    allocation, no layout copy and no ``triu`` pass, which ``torch.linalg.cholesky_ex`` spends
-    more time on than on the factorization (measured, B=128, k=100, float64, 1 thread: 5.1 ms vs
-    8.2 ms, and an iteration reuses one buffer instead of allocating 10 MB twice). A NaN in S may
-    pass LAPACK's check; the IPM rejects the non-finite direction it gives. Elsewhere (CUDA, half
-    precision, a non-contiguous S) it falls back to :func:`_cholesky`.
-    """
-    potrf = _lapack_potrf(S)
-    if potrf is None:
-        return _cholesky(S, overwrite=True)
-    Sn = S.detach().numpy()
-    info = [0] * S.shape[0]
-    for i in (range(S.shape[0]) if rows is None else rows):
-        # S[i] is symmetric, so its row-major buffer is also its column-major buffer; the upper
-        # factor U of the column-major view is the lower factor L = Uᵀ of the row-major one, which
-        # keeps L row-major (torch's triangular solves are 2.5× slower on a column-major L)
-        _, info[i] = potrf(Sn[i].T, lower=0, clean=0, overwrite_a=1)
-    return S, torch.tensor(info, dtype=torch.int32)
-
-
-def _lapack_potrf(S: Tensor):
-    """SciPy's LAPACK ``?potrf`` for S's dtype when S can be factorized in place on the CPU."""
-    if not CPU_FAST_PATHS or S.device.type != "cpu" or S.dim() != 3 or not S.is_contiguous():
-        return None
-    return _lapack(S.dtype, "potrf")
-
-
-def _lapack(dtype: torch.dtype, name: str):
-    """SciPy's LAPACK routine ``d<name>`` / ``s<name>`` for float64 / float32, else None."""
-    prefix = {torch.float64: "d", torch.float32: "s"}.get(dtype)
-    if prefix is None:
-        return None
-    from scipy.linalg import lapack
-    return getattr(lapack, prefix + name)
-
-
-def _potrs_inplace(S: Tensor, r: Tensor, rows: Optional[list] = None) -> Tensor:
-    """Solve with the factor that :func:`_cholesky_inplace` left in ``S``: ``(L Lᵀ)⁻¹ r`` for r (B, k).
-
-    One LAPACK ``potrs`` per matrix, so both triangular sweeps run while that matrix is in cache:
-    one pass over the (B, k, k) factor instead of two (the batch does not fit in cache; on the
-    2-core CI machine a pass over B=128, k=100 float64 costs ~1 ms). ``rows``: only these
-    elements (the others return r unchanged).
-    """
-    potrs = _lapack(S.dtype, "potrs")
-    x = r.detach().clone(memory_format=torch.contiguous_format)
-    Sn, xn = S.detach().numpy(), x.numpy()
-    for i in (range(S.shape[0]) if rows is None else rows):
-        potrs(Sn[i].T, xn[i][:, None], lower=0, overwrite_b=1)
-    return x
-
-
-def _lapack_potrs_rows_ok(L: Tensor, R: Tensor) -> bool:
-    """Whether :func:`_potrs_rows` applies: CPU fast paths, a batched row-major factor (lower
-    triangle) and right-hand sides of its dtype, nothing that needs a gradient."""
-    return (CPU_FAST_PATHS and L.device.type == "cpu" and R.device.type == "cpu" and L.dim() == 3
-            and L.is_contiguous() and L.dtype in (torch.float64, torch.float32) and R.dtype == L.dtype
-            and not (torch.is_grad_enabled() and (L.requires_grad or R.requires_grad)))
-
-
-def _potrs_rows(L: Tensor, R: Tensor) -> Tensor:
-    """``R (L Lᵀ)⁻¹`` for the rows of R (B, k, n), i.e. ``((L Lᵀ)⁻¹ Rᵀ)ᵀ``, with one LAPACK ``potrs`` per
-    matrix (CPU; L as left by :func:`_cholesky` or :func:`_cholesky_inplace`, row-major, lower
-    triangle read). The rows of a row-major R are the columns of its column-major transpose, so
-    LAPACK solves in place in a copy of R: no layout conversion. Measured (B=128, n=k=100, float64,
-    2 threads): 17 ms against 33 ms for two batched ``solve_triangular`` calls with k right-hand
-    sides (the dual form's P⁻¹Cᵀ)."""
-    potrs = _lapack(L.dtype, "potrs")
-    X = R.detach().clone(memory_format=torch.contiguous_format)
-    Ln, Xn = L.detach().numpy(), X.numpy()
-    for i in range(X.shape[0]):
-        potrs(Ln[i].T, Xn[i].T, lower=0, overwrite_b=1)
-    return X
 
 
 def _max_step(v: Tensor, dv: Tensor, cap: float = 1e30) -> Tensor:
@@ -560,7 +224,8 @@ class _PrimalNewton:
     #: off in captured code (see ipm_solve's _make_body)
     cache_const = True
 
-    def __init__(self, P, C, A, B, n, m, p, reg_p, reg_d):
+    def __init__(self, P, C, A, B, n, m, p, reg_p, reg_d, lin: CholeskyOptions = DEFAULT_OPTIONS.linalg):
+        self.lin = lin
         self.P, self.C, self.A = P, C, A
         self.B, self.n, self.m, self.p = B, n, m, p
         self.reg_p, self.reg_d = reg_p, reg_d
@@ -585,14 +250,14 @@ class _PrimalNewton:
         # whose scale grows with W = μ/s
         rel = torch.where(delta > 1, delta * self.reg_fail * Hd.abs().amax(-1), torch.zeros_like(delta))
         Hd.add_((delta * self.reg_p + rel).unsqueeze(-1))
-        self.LH, info = _cholesky(H)
+        self.LH, info = cholesky(H, self.lin)
         ok = info == 0
         if self.p:
-            self.HiAt = _chol_solve(self.LH, A.transpose(-1, -2).expand(self.B, self.n, self.p))
+            self.HiAt = self.LH.solve(A.transpose(-1, -2).expand(self.B, self.n, self.p))
             S = torch.matmul(A, self.HiAt)
             Sd = torch.diagonal(S, dim1=-2, dim2=-1)
             Sd.add_((delta * self.reg_d * Sd.abs().amax(-1).clamp(min=1.0)).unsqueeze(-1))
-            self.LS, info2 = _cholesky(S)
+            self.LS, info2 = cholesky(S, self.lin)
             ok = ok & (info2 == 0)
         else:
             self.HiAt = self.LS = None
@@ -605,15 +270,15 @@ class _PrimalNewton:
         r = a
         if self.m:
             wc = c / winv
-            r = r + _tmv(self.C, wc)
-        v = _chol_solve(self.LH, r)
+            r = r + tmv(self.C, wc, self.lin)
+        v = self.LH.solve(r)
         dlam = None
         if self.p:
-            dlam = _chol_solve(self.LS, _mv(self.A, v) - bb)
+            dlam = self.LS.solve(mv(self.A, v, self.lin) - bb)
             v = v - torch.matmul(self.HiAt, dlam.unsqueeze(-1)).squeeze(-1)
         dmu = Cv = None
         if self.m:
-            Cv = _mv(self.C, v)
+            Cv = mv(self.C, v, self.lin)
             dmu = (Cv - c) / winv
         return v, dlam, dmu, Cv
 
@@ -621,14 +286,14 @@ class _PrimalNewton:
         """Newton direction ``(Δz, Δλ, Δμ, CΔz)``, refined on the unreduced system."""
         dz, dl, dm, Cdz = self.solve(a, bb, c, winv)
         for _ in range(refine):
-            e1 = a - _mv(self.P, dz)
+            e1 = a - mv(self.P, dz, self.lin)
             e2 = e3 = None
             if self.m:
-                e1 = e1 - _tmv(self.C, dm)
+                e1 = e1 - tmv(self.C, dm, self.lin)
                 e3 = c - Cdz + winv * dm
             if self.p:
-                e1 = e1 - _tmv(self.A, dl)
-                e2 = bb - _mv(self.A, dz)
+                e1 = e1 - tmv(self.A, dl, self.lin)
+                e2 = bb - mv(self.A, dz, self.lin)
             cz, cl, cm, Ccz = self.solve(e1, e2, e3, winv)
             dz = dz + cz
             if self.m:
@@ -638,25 +303,11 @@ class _PrimalNewton:
         return dz, dl, dm, Cdz
 
 
-#: How the dual form's one-time products ``P⁻¹Āᵀ`` and ``M = ĀP⁻¹Āᵀ`` are formed for a batched P
-#: on CUDA: ``"solve"`` — solves with P's Cholesky factor L (two triangular solves with k
-#: right-hand sides, or the substitution of a factor with an attached inverse or blocked);
-#: ``"inverse"`` — through ``X = L⁻¹`` (:func:`dqp.linsolve.blocked._tri_inverse`, mostly matrix
-#: products): ``W = XĀᵀ``, ``P⁻¹Āᵀ = XᵀW``, ``M = WᵀW``; ``"auto"`` (default) — the inverse
-#: where L carries neither an inverse nor block inverses (:func:`_cholesky`) and k ≥ n. Measured
-#: on an H200, float64, k = n, ms (experiments/kernel_probe.py): B=1024, n=100: solve 1.22,
-#: inverse 0.83; B=128, n=100 (L has its inverse): 0.12 vs 0.39; B=128, n=500 (blocked): 2.78
-#: vs 3.50. (The CPU and a shared P always solve.)
-SETUP_PRODUCTS = "auto"
-
-
-def _setup_by_inverse(LP: Tensor, k: int) -> bool:
-    if SETUP_PRODUCTS not in ("auto", "solve", "inverse"):
-        raise SettingsError(f"dqp.solvers.ipm.SETUP_PRODUCTS must be 'auto', 'solve' or 'inverse', "
-                            f"got {SETUP_PRODUCTS!r}.")
-    if SETUP_PRODUCTS == "solve" or LP.dim() != 3 or LP.device.type != "cuda":
+def _setup_by_inverse(LP: CholeskyFactor, k: int, setup_products: str) -> bool:
+    """Whether the dual form's one-time products go through ``L⁻¹`` (:attr:`IPMOptions.setup_products`)."""
+    if setup_products == "solve" or LP.dim() != 3 or LP.device.type != "cuda":
         return False
-    return SETUP_PRODUCTS == "inverse" or (k >= LP.shape[-1] and not any(hasattr(LP, a) for a in _ATTACHED))
+    return setup_products == "inverse" or (k >= LP.shape[-1] and LP.inverse is None and LP.block_inverses is None)
 
 
 class _DualNewton:
@@ -665,12 +316,14 @@ class _DualNewton:
     form = "dual"
     cache_const = True          # as _PrimalNewton.cache_const
 
-    def __init__(self, LP, P, C, A, B, n, m, p, reg_d, pre: Optional[Dict[str, Tensor]] = None,
-                 q: Optional[Tensor] = None):
-        """``pre``: the tensors that a solver for the same data computed (``Abar``, ``PiAbt``, ``M``,
-        ``Md``, and ``_Piq``, ``_g`` of :meth:`prime` for ``q``), used instead of computing them;
-        ``Abar`` may be left out where it is C or A itself (:func:`_init_graphed`)."""
+    def __init__(self, LP: CholeskyFactor, P, C, A, B, n, m, p, reg_d, pre: Optional[Dict[str, Tensor]] = None,
+                 q: Optional[Tensor] = None, options: IPMOptions = DEFAULT_OPTIONS):
+        """``LP``: P's Cholesky factor. ``pre``: the tensors that a solver for the same data computed
+        (``Abar``, ``PiAbt``, ``M``, ``Md``, and ``_Piq``, ``_g`` of :meth:`prime` for ``q``), used
+        instead of computing them; ``Abar`` may be left out where it is C or A itself
+        (:func:`_init_graphed`)."""
         self.LP = LP
+        self.lin = options.linalg
         self.B, self.n, self.m, self.p = B, n, m, p
         self.reg_d = reg_d
         k = m + p
@@ -689,19 +342,19 @@ class _DualNewton:
              C.expand(B, m, n) if (A.dim() == 3 or C.dim() == 3) else C], dim=-2))
         Abt = self.Abar.transpose(-1, -2)
         self.M = None
-        by_inverse = _setup_by_inverse(LP, k)
+        by_inverse = _setup_by_inverse(LP, k, options.setup_products)
         if LP.dim() == 2 and Abt.dim() == 2:
-            self.PiAbt = _chol_solve(LP, Abt.unsqueeze(0))[0]       # shared (n, k)
-        elif _lapack_potrs_rows_ok(LP, self.Abar):
-            self.PiAbt = _potrs_rows(LP, self.Abar.expand(B, k, n)).mT
+            self.PiAbt = LP.solve(Abt.unsqueeze(0))[0]               # shared (n, k)
+        elif potrs_rows_ok(LP.L, self.Abar, self.lin):
+            self.PiAbt = potrs_rows(LP.L, self.Abar.expand(B, k, n)).mT
         elif by_inverse:
-            X = _tri_inverse(LP)                                     # L⁻¹, mostly matrix products
-            LP._dqp_linv = X           # kept: later solves with L (P⁻¹q, the backward's) are products
+            X = tri_inverse(LP.L)                                    # L⁻¹, mostly matrix products
+            LP.inverse = X             # kept: later solves with L (P⁻¹q, the backward's) are products
             W = torch.matmul(X, Abt)                                 # L⁻¹Āᵀ
             self.PiAbt = torch.matmul(X.mT, W)
             self.M = torch.matmul(W.mT, W)                           # symmetric (to rounding)
         else:
-            self.PiAbt = _chol_solve(LP, Abt.expand(B, n, k))
+            self.PiAbt = LP.solve(Abt.expand(B, n, k))
         if self.M is None:
             self.M = torch.matmul(self.Abar, self.PiAbt)            # (k, k) or (B, k, k)
         self.Md = torch.diagonal(self.M, dim1=-2, dim2=-1).abs().amax(-1).clamp(min=1e-30)
@@ -712,10 +365,10 @@ class _DualNewton:
         if self.m == 0 and self.cache_const and self._const is not None:
             self.LS = self._const
             return self._const_ok
-        inplace = (self.m > 0 and CPU_FAST_PATHS and self.M.device.type == "cpu"
+        inplace = (self.m > 0 and self.lin.cpu_fast_paths and self.M.device.type == "cpu"
                    and self.M.dtype in (torch.float64, torch.float32))
         if inplace:
-            # CPU: one buffer for every iteration, factorized in place (_cholesky_inplace)
+            # CPU: one buffer for every iteration, factorized in place (cholesky_inplace)
             if getattr(self, "_Sbuf", None) is None:
                 self._Sbuf = torch.empty(self.B, self.k, self.k, dtype=self.M.dtype)
             S = self._Sbuf
@@ -728,7 +381,7 @@ class _DualNewton:
             Sd[:, self.p:].add_(winv)
         self._Sdiag = Sd - torch.diagonal(self.M, dim1=-2, dim2=-1)     # what was added to M
         rows = None if running is None or not inplace else torch.nonzero(running).flatten().tolist()
-        self.LS, info = _cholesky_inplace(S, rows) if inplace else _cholesky(S, overwrite=True)
+        self.LS, info = cholesky_inplace(S, self.lin, rows) if inplace else cholesky(S, self.lin, overwrite=True)
         self._lapack_rows = rows if inplace else False        # solves with LS go through _solve_S
         ok = info == 0
         if self.m == 0 and self.cache_const:
@@ -739,15 +392,15 @@ class _DualNewton:
         # predictor and corrector share a = −r_d: P⁻¹a and Ā P⁻¹a are computed once per iteration
         if self._a is not a:
             self._a = a
-            self._t = _chol_solve(self.LP, a)
-            self._At = _mv(self.Abar, self._t)
+            self._t = self.LP.solve(a)
+            self._At = mv(self.Abar, self._t, self.lin)
 
     def _solve_S(self, rhs: Tensor) -> Tensor:
         """``S⁻¹ rhs`` with the current factorization (LAPACK per matrix on CPU, else batched)."""
         rows = getattr(self, "_lapack_rows", False)
         if rows is not False:
-            return _potrs_inplace(self.LS, rhs, rows)
-        return _chol_solve(self.LS, rhs)
+            return potrs_inplace(self.LS.L, rhs, rows)
+        return self.LS.solve(rhs)
 
     def _dy(self, bb, c, refine, need_My: bool = True):
         parts = [x for x in (bb, c) if x is not None]
@@ -755,26 +408,26 @@ class _DualNewton:
         dy = self._solve_S(rhs)
         if not need_My and not refine:
             return dy, None
-        My = _mv(self.M, dy)
+        My = mv(self.M, dy, self.lin)
         for _ in range(refine):
             # refinement of the Schur system S Δy = rhs (k-space, cheap)
             dd = self._solve_S(rhs - My - self._Sdiag * dy)
             dy = dy + dd
-            My = My + _mv(self.M, dd)
+            My = My + mv(self.M, dd, self.lin)
         return dy, My
 
     def solve(self, a: Tensor, bb: Optional[Tensor], c: Optional[Tensor], winv: Optional[Tensor]):
         self._prepare(a)
         dy, _ = self._dy(bb, c, 0, need_My=False)
-        dz = self._t - _mv(self.PiAbt, dy)
+        dz = self._t - mv(self.PiAbt, dy, self.lin)
         dlam = dy[:, :self.p] if self.p else None
         dmu = dy[:, self.p:] if self.m else None
         return dz, dlam, dmu, None
 
     def prime(self, q):
         """Precompute ``P⁻¹q`` and ``ĀP⁻¹q`` for :meth:`set_point` (outside any CUDA graph)."""
-        self._Piq = _chol_solve(self.LP, q)
-        self._g = _mv(self.Abar, self._Piq)
+        self._Piq = self.LP.solve(q)
+        self._g = mv(self.Abar, self._Piq, self.lin)
         self._point = (q,)
 
     def set_point(self, q, z, y, Abar_z, My=None):
@@ -794,7 +447,7 @@ class _DualNewton:
             # a = −r_d at the point given to set_point: ĀP⁻¹a from k-space products only
             self._a = a
             My0 = getattr(self, "_My_given", None)
-            self.My_point = My0 if My0 is not None else _mv(self.M, self._y)
+            self.My_point = My0 if My0 is not None else mv(self.M, self._y, self.lin)
             self._At = -self._pending - self._g - self.My_point
             self._t = None
             self._pending = None
@@ -808,9 +461,9 @@ class _DualNewton:
         if not need_dz:
             dz = None
         elif self._t is None:
-            dz = -self._z - self._Piq - _mv(self.PiAbt, self._y + dy)
+            dz = -self._z - self._Piq - mv(self.PiAbt, self._y + dy, self.lin)
         else:
-            dz = self._t - _mv(self.PiAbt, dy)
+            dz = self._t - mv(self.PiAbt, dy, self.lin)
         dlam = dy[:, :self.p] if self.p else None
         dmu = Cdz = None
         # for a caller that tracks products across iterations: M Δy and Ā Δz of this direction
@@ -823,17 +476,17 @@ class _DualNewton:
         return dz, dlam, dmu, Cdz
 
 
-def _factor_ok(LP: Tensor, info: Tensor, P: Tensor) -> Tensor:
+def factor_ok(LP: CholeskyFactor, info: Tensor, P: Tensor) -> Tensor:
     """Per element: the Cholesky factor of P succeeded and P is well conditioned enough for the
     dual form (an estimate from the factor's diagonal: min pivot² ≥ limit · max |P_ii|)."""
-    diag = torch.diagonal(LP, dim1=-2, dim2=-1)
+    diag = LP.diagonal()
     dmin = diag.abs().amin(-1) ** 2
     dmax = torch.diagonal(P, dim1=-2, dim2=-1).abs().amax(-1).clamp(min=torch.finfo(P.dtype).tiny)
     limit = 1e-12 if P.dtype == torch.float64 else 1e-4
     return (info == 0) & torch.isfinite(diag).all(-1) & (dmin >= limit * dmax)
 
 
-def _form_by_cost(form, P, B, n, m, p, est_iters=15) -> str:
+def form_by_cost(form, P, B, n, m, p, est_iters=15) -> str:
     """The form to try, by the requested one and (``"auto"``) the estimated flops: ``"dual"`` still
     needs P's factor to succeed (:func:`_choose_form`)."""
     if form not in ("auto", "primal", "dual"):
@@ -850,17 +503,28 @@ def _form_by_cost(form, P, B, n, m, p, est_iters=15) -> str:
     return "primal" if cost_dual >= cost_primal or k == 0 else "dual"
 
 
-def _choose_form(form, P, B, n, m, p):
+def _choose_form(form, P, B, n, m, p, lin: CholeskyOptions):
     """Return (form, LP) — LP the Cholesky factor of P when the dual form is used."""
-    if _form_by_cost(form, P, B, n, m, p) == "primal":
+    if form_by_cost(form, P, B, n, m, p) == "primal":
         return "primal", None
-    LP, info = _cholesky(P)
-    if not bool(_factor_ok(LP, info, P).all()):      # (one host sync, outside the loop)
+    LP, info = cholesky(P, lin)
+    if not bool(factor_ok(LP, info, P).all()):      # (one host sync, outside the loop)
         if form == "dual":
             raise SettingsError("ipm_solve: form='dual' needs a positive definite, well-conditioned P; "
                                 "use form='primal' or 'auto'.")
         return "primal", None
     return "dual", LP
+
+
+def dual_factors(P: Tensor, C: Optional[Tensor], A: Optional[Tensor],
+                 options: IPMOptions = DEFAULT_OPTIONS) -> Tuple[Dict[str, Any], Tensor]:
+    """What the dual form hands the polish and the backward, as the IPM forms it: ``L`` = chol(P)
+    (a :class:`CholeskyFactor`), ``PiAbt`` = P⁻¹[A; C]ᵀ and ``M`` = [A; C]P⁻¹[A; C]ᵀ for a batched
+    P (B, n, n); computed without a host sync. Also returns where chol(P) passed :func:`factor_ok`."""
+    L, info = cholesky(P, options.linalg)
+    m, p = (C.shape[-2] if C is not None else 0), (A.shape[-2] if A is not None else 0)
+    nt = _DualNewton(L, P, C, A, P.shape[0], P.shape[-1], m, p, 0.0, options=options)
+    return dict(L=nt.LP, PiAbt=nt.PiAbt, M=nt.M), factor_ok(L, info, P)
 
 
 # --------------------------------------------------------------------------------------------
@@ -879,7 +543,7 @@ def _start(newton, q, C, d, b, B: int, m: int, one_m: Tensor, delta: Tensor):
     newton.factor(one_m if m else None, delta)
     z, lam, _, _ = newton.solve(-q, b, d if m else None, one_m if m else None)
     if m:
-        s_hat = d - _mv(C, z)
+        s_hat = d - mv(C, z, newton.lin)
         # (the W = I system gives μ̂ = Cz − d = −ŝ)
         def _shift(v):
             lo = v.amin(-1, keepdim=True)
@@ -905,12 +569,12 @@ def _start_placeholders(q: Tensor, B: int, m: int, p: int):
     return torch.zeros_like(q), q.new_ones(B, m), q.new_ones(B, m), q.new_zeros(B, p)
 
 
-def _init(P, q, C, d, A, b, B: int, n: int, m: int, p: int, fm: str, LP: Optional[Tensor],
-          start: bool = True):
+def _init(P, q, C, d, A, b, B: int, n: int, m: int, p: int, fm: str, LP: Optional[CholeskyFactor],
+          start: bool = True, options: IPMOptions = DEFAULT_OPTIONS):
     """Everything before the first interior-point iteration: the row scaling, the norms the checks
     read, the Newton solver of form ``fm`` (``LP``: P's Cholesky factor for the dual form) and the
     starting point. Device work only, no host sync (on CUDA it may run as a graph, see
-    :data:`SETUP_GRAPH`). Returns ``(C, d, A, b, c_scale, a_scale, norms, newton, S)``: the scaled
+    :attr:`IPMOptions.setup_graph`). Returns ``(C, d, A, b, c_scale, a_scale, norms, newton, S)``: the scaled
     constraints, their row norms, a dict of norms, the solver and the iteration's state.
     ``start=False``: the fused kernel computes the starting point (the same one) itself; the
     state's z, s, mu, lam are then placeholders."""
@@ -931,9 +595,9 @@ def _init(P, q, C, d, A, b, B: int, n: int, m: int, p: int, fm: str, LP: Optiona
     dnorm = _amax(d) if m else None
 
     if fm == "dual":
-        newton = _DualNewton(LP, P, C, A, B, n, m, p, reg_d)
+        newton = _DualNewton(LP, P, C, A, B, n, m, p, reg_d, options=options)
     else:
-        newton = _PrimalNewton(P, C, A, B, n, m, p, reg_p * pscale, reg_d)
+        newton = _PrimalNewton(P, C, A, B, n, m, p, reg_p * pscale, reg_d, options.linalg)
     delta = torch.ones(B, dtype=dtype, device=device)         # per-instance regularization multiplier
     one_m = torch.ones(B, m, dtype=dtype, device=device)
 
@@ -967,14 +631,6 @@ def _init(P, q, C, d, A, b, B: int, n: int, m: int, p: int, fm: str, LP: Optiona
     return C, d, A, b, c_scale, a_scale, norms, newton, S
 
 
-#: On CUDA, run :func:`_init` for the dual form (with P's factorization and the conditioning test
-#: of :func:`_choose_form`) as a cached CUDA graph (:func:`graphed_call`) where ``B·k²`` (k = max(n,
-#: m + p)) is at most ``SETUP_GRAPH_MAX_WORK``: its ~250 small operations cost ~3 ms of host time
-#: eagerly (B=128, n=m=100, H100), while the device idles. Above, the device work hides the launches.
-SETUP_GRAPH = True
-SETUP_GRAPH_MAX_WORK = 20_000_000
-
-
 def _row_scales(a_scale: Optional[Tensor], c_scale: Optional[Tensor], B: int) -> Tensor:
     """The row norms of ``[A; C]`` (B, k) from the scaling's per-block ones."""
     sc = [t.expand(B, t.shape[-1]) for t in (a_scale, c_scale) if t is not None]
@@ -991,7 +647,7 @@ _SETUP_DEFER_FAILED: set = set()
 
 
 def _init_graphed(P, q, C, d, A, b, B: int, n: int, m: int, p: int, minimal: bool = False,
-                  defer_ok: bool = False):
+                  defer_ok: bool = False, options: IPMOptions = DEFAULT_OPTIONS):
     """:func:`_init` with ``fm="dual"`` (P factorized inside) replayed from a cached graph; None
     when P's factor fails the dual form's test in some element (the caller then chooses the form
     eagerly, :func:`_choose_form`) or the graph cannot be used. ``minimal``: return only the state
@@ -1004,35 +660,36 @@ def _init_graphed(P, q, C, d, A, b, B: int, n: int, m: int, p: int, minimal: boo
     launches its work first (no host sync between the setup and the fused kernel), then reads it
     (:func:`_deferred_ok`); where it is False the caller must discard that work, add ``key`` to
     :data:`_SETUP_DEFER_FAILED` and start again."""
-    if B * max(n, m + p) ** 2 > SETUP_GRAPH_MAX_WORK:
+    if B * max(n, m + p) ** 2 > options.setup_graph_max_work:
         return None
     inputs = {k: v for k, v in zip(_GraphData._DATA, (P, q, C, d, A, b)) if v is not None}
     names = _GraphData._NEWTON["dual"]
 
     def fn(inp):
         P_, C_, A_ = inp["P"], inp.get("C"), inp.get("A")
-        LP, info = _cholesky(P_)
-        ok = _factor_ok(LP, info, P_).all()
+        LP, info = cholesky(P_, options.linalg)
+        ok = factor_ok(LP, info, P_).all()
         C2, d2, A2, b2, cs, as_, norms, nt, S = _init(P_, inp["q"], C_, inp.get("d"), A_, inp.get("b"),
-                                                      B, n, m, p, "dual", LP, start=not minimal)
+                                                      B, n, m, p, "dual", LP, start=not minimal, options=options)
         out = dict(ok=ok, C=C2, d=d2, A=A2, b=b2, c_scale=cs, a_scale=as_)
         out.update({"norm." + k: v for k, v in norms.items()})
         # (Abar when it is C or A itself: not a tensor of its own, see _DualNewton)
         out.update({"nt." + k: getattr(nt, k, None) for k in names
                     if not (k == "Abar" and (nt.Abar is C2 or nt.Abar is A2))})
         out.update({"S." + k: v for k, v in S.items() if not minimal or k in _FUSED_STATE})
-        return {k: v for k, v in out.items() if isinstance(v, Tensor)}
+        return {k: v for k, v in out.items() if isinstance(v, (Tensor, CholeskyFactor))}
 
     key = ("dqp_ipm_init", B, n, m, p, minimal)
     defer_ok = defer_ok and key not in _SETUP_DEFER_FAILED
     # (with the kernel to follow, ipm_solve reads the outputs only in work it queues before it
     # returns, except P's factor, which the result's factors keep: the rest is not copied)
-    out = graphed_call(key, fn, inputs, fresh=(lambda name: name.startswith("nt.LP")) if minimal else None)
+    out = graphed_call(key, fn, inputs, fresh=(lambda name: name.startswith("nt.LP")) if minimal else None,
+                       options=options)
     if out is None or (not defer_ok and not bool(out["ok"])):          # (one host sync, as in _choose_form)
         return None
     Cs, ds, As, bs = (out.get(k) for k in ("C", "d", "A", "b"))
     pre = {k[3:]: v for k, v in out.items() if k.startswith("nt.")}
-    newton = _DualNewton(pre["LP"], P, Cs, As, B, n, m, p, _regularization(P.dtype)[1], pre=pre, q=q)
+    newton = _DualNewton(pre["LP"], P, Cs, As, B, n, m, p, _regularization(P.dtype)[1], pre=pre, q=q, options=options)
     norms = {k: out.get("norm." + k) for k in ("pscale", "qnorm", "bnorm", "dnorm")}
     S = {k[2:]: v for k, v in out.items() if k.startswith("S.")}
     ok = None
@@ -1057,18 +714,19 @@ def _deferred_ok(deferred) -> bool:
     return bool(ok)
 
 
-def _fused_flag(fused: Optional[bool]):
-    """The effective ``fused`` setting: the call's, else :data:`dqp.solvers.fused.FUSED`."""
-    fused = _fused.FUSED if fused is None else fused
+def fused_flag(fused: Optional[bool], options: IPMOptions = DEFAULT_OPTIONS):
+    """The effective ``fused`` setting: the call's, else :attr:`KernelOptions.mode`."""
+    fused = options.kernel.mode if fused is None else fused
     if fused not in (True, False, "auto"):
         raise SettingsError(f"ipm_solve: fused must be True, False or None, got {fused!r}.")
     return fused
 
 
-def _fused_reasons(fused, fm: str, dtype: torch.dtype, device: torch.device, n: int, m: int, p: int,
-                   trace: Optional[list], refine: Optional[int] = None) -> list:
+def fused_reasons(fused, fm: str, dtype: torch.dtype, device: torch.device, n: int, m: int, p: int,
+                  trace: Optional[list], refine: Optional[int] = None, options: IPMOptions = DEFAULT_OPTIONS) -> list:
     """Why the fused kernel cannot run this solve (empty: it can)."""
-    fits = _fused.fused_available(device, dtype, n, m, p) or (device.type == "cpu" and fused is True)
+    fits = (_fused.fused_available(device, dtype, n, m, p, options.kernel)
+            or (device.type == "cpu" and fused is True))
     return [why for bad, why in (
         (fm != "dual", f"the {fm} form was chosen (the kernel runs the dual form: P positive definite "
                        "and well conditioned, form='dual' or 'auto')"),
@@ -1080,12 +738,13 @@ def _fused_reasons(fused, fm: str, dtype: torch.dtype, device: torch.device, n: 
 
 
 def _use_fused(fused: Optional[bool], fm: str, dtype: torch.dtype, device: torch.device, n: int, m: int,
-               p: int, trace: Optional[list], refine: Optional[int] = None) -> bool:
+               p: int, trace: Optional[list], refine: Optional[int] = None,
+               options: IPMOptions = DEFAULT_OPTIONS) -> bool:
     """Whether this solve runs the fused kernel (see ``ipm_solve``'s ``fused``)."""
-    fused = _fused_flag(fused)
+    fused = fused_flag(fused, options)
     if fused is False:
         return False
-    reasons = _fused_reasons(fused, fm, dtype, device, n, m, p, trace, refine)
+    reasons = fused_reasons(fused, fm, dtype, device, n, m, p, trace, refine, options)
     if fused == "auto":
         return not reasons
     if reasons:
@@ -1102,7 +761,7 @@ def ipm_solve(P: Tensor, q: Tensor, C: Optional[Tensor] = None, d: Optional[Tens
               stall_iters: int = 12, fallback64: bool = True, cuda_graph: bool = True,
               graph_cache: bool = True, compile: bool = False, fused: Optional[bool] = None,
               polish_rounds: int = 0, polish_eps: Union[None, float, Sequence[float]] = None,
-              trace: Optional[list] = None) -> IPMResult:
+              trace: Optional[list] = None, options: IPMOptions = DEFAULT_OPTIONS) -> IPMResult:
     """Solve a batch of convex QPs with a primal-dual interior-point method.
 
     Parameters
@@ -1146,14 +805,14 @@ def ipm_solve(P: Tensor, q: Tensor, C: Optional[Tensor] = None, d: Optional[Tens
         qpth's generator, n = m = 100: 1 of 128 instances stalls at a dual residual ~1e-3).
     cuda_graph : bool
         On CUDA, capture an interior-point step (residuals, factorization, predictor, corrector,
-        step) and the convergence check as CUDA graphs (one per step, :data:`SPLIT_GRAPHS`) and
+        step) and the convergence check as CUDA graphs (one per step, ``options.split_graphs``) and
         replay ``check_every`` steps and a check until every instance is done: nothing in them
         synchronizes with the host, which reads one flag per replay. Cuts the per-iteration launch
         overhead that dominates small problems. The dual form's setup runs as a cached graph too
-        (:data:`SETUP_GRAPH`, with ``graph_cache``). Falls back to eager execution if the capture fails.
+        (``options.setup_graph``, with ``graph_cache``). Falls back to eager execution if the capture fails.
     graph_cache : bool
         Keep the captured iteration for later calls with the same shapes, dtype, device, form and
-        options (LRU of ``GRAPH_CACHE_SIZE`` entries, ``GRAPH_CACHE_MAX_BYTES`` in all): those
+        options (LRU of ``options.graph_cache_size`` entries, ``options.graph_cache_max_bytes`` in all): those
         calls copy their data into the graph's static buffers instead of capturing again, so a
         training loop captures once. :func:`clear_graph_cache` frees them.
     compile : bool
@@ -1165,7 +824,7 @@ def ipm_solve(P: Tensor, q: Tensor, C: Optional[Tensor] = None, d: Optional[Tens
         iteration uncompiled (with its own warning). Off by default.
     fused : bool, optional
         Run the whole iteration loop as one fused kernel (:mod:`dqp.solvers.fused`: a thread
-        block per QP). ``None`` (default) follows :data:`dqp.solvers.fused.FUSED` (``"auto"``: on
+        block per QP). ``None`` (default) follows ``options.kernel.mode`` (``"auto"``: on
         CUDA for float64 dual-form problems whose Schur matrix fits a block's shared memory);
         ``True`` requires it (on the CPU it runs the kernel's C++ build, for tests) and raises
         :class:`~dqp.errors.SettingsError` where it does not apply; ``False``: the torch loop.
@@ -1184,6 +843,8 @@ def ipm_solve(P: Tensor, q: Tensor, C: Optional[Tensor] = None, d: Optional[Tens
     trace : list, optional
         Diagnostics: when given, a dict of per-instance tensors (residuals, gap, step lengths,
         regularization) is appended every iteration.
+    options : IPMOptions
+        Engine tuning (linear algebra, kernel, CUDA graphs); the defaults are measured.
 
     Returns
     -------
@@ -1193,9 +854,13 @@ def ipm_solve(P: Tensor, q: Tensor, C: Optional[Tensor] = None, d: Optional[Tens
     again = dict(eps=eps, max_iter=max_iter, check_every=check_every, form=form, separate_steps=separate_steps,
                  step_fraction=step_fraction, eps_infeasible=eps_infeasible, refine=refine,
                  stall_iters=stall_iters, fallback64=fallback64, cuda_graph=cuda_graph, graph_cache=graph_cache,
-                 compile=compile, fused=fused, polish_rounds=polish_rounds, polish_eps=polish_eps, trace=trace)
+                 compile=compile, fused=fused, polish_rounds=polish_rounds, polish_eps=polish_eps, trace=trace,
+                 options=options)
+    if not isinstance(options, IPMOptions):
+        raise SettingsError(f"ipm_solve: options must be an IPMOptions, got {type(options).__name__}.")
     P, q, C, d, A, b, B, n, m, p = _prepare(P, q, C, d, A, b)
     P0, q0, d0, b0 = P, q, d, b
+    lin = options.linalg
     dtype, device = P.dtype, P.device
     if max_iter < 1:
         raise SettingsError(f"ipm_solve: max_iter must be >= 1, got {max_iter}.")
@@ -1219,22 +884,24 @@ def ipm_solve(P: Tensor, q: Tensor, C: Optional[Tensor] = None, d: Optional[Tens
     f64 = dtype == torch.float64
 
     C_u, A_u = C, A
-    use_graph = cuda_graph and trace is None and _graph_device_ok(device)
+    use_graph = cuda_graph and trace is None and graph_device_ok(device, options)
     with torch.profiler.record_function("dqp::ipm_setup"):
         init = deferred = None
         fused_dual = None            # the kernel's verdict should the dual form be taken (decided once)
-        if use_graph and graph_cache and SETUP_GRAPH and _form_by_cost(form, P, B, n, m, p) == "dual":
-            fused_dual = _use_fused(fused, "dual", dtype, device, n, m, p, trace, refine)
+        if use_graph and graph_cache and options.setup_graph and form_by_cost(form, P, B, n, m, p) == "dual":
+            fused_dual = _use_fused(fused, "dual", dtype, device, n, m, p, trace, refine, options)
             # (with the kernel to follow, the dual form's test is read after its launch)
-            got = _init_graphed(P, q, C, d, A, b, B, n, m, p, minimal=fused_dual, defer_ok=fused_dual)
+            got = _init_graphed(P, q, C, d, A, b, B, n, m, p, minimal=fused_dual, defer_ok=fused_dual,
+                                options=options)
             if got is not None:
                 init, deferred = got
         if init is None:
-            fm, LP = _choose_form(form, P, B, n, m, p)
+            fm, LP = _choose_form(form, P, B, n, m, p, options.linalg)
             if fm == "dual":
-                fused_dual = _use_fused(fused, "dual", dtype, device, n, m, p, trace, refine)
+                fused_dual = _use_fused(fused, "dual", dtype, device, n, m, p, trace, refine, options)
             # (where the kernel follows, it computes the starting point itself)
-            init = _init(P, q, C, d, A, b, B, n, m, p, fm, LP, start=not (fm == "dual" and fused_dual))
+            init = _init(P, q, C, d, A, b, B, n, m, p, fm, LP, start=not (fm == "dual" and fused_dual),
+                         options=options)
     C, d, A, b, c_scale, a_scale, norms, newton, S = init
     fm = newton.form
     if refine is None:
@@ -1252,14 +919,14 @@ def ipm_solve(P: Tensor, q: Tensor, C: Optional[Tensor] = None, d: Optional[Tens
     eps_mid = stages[1] if (polish_rounds and len(stages) == 2 and eps < stages[1] < eps_first) else None
     fused_out = None
     if (fused_dual if (fm == "dual" and fused_dual is not None)
-            else _use_fused(fused, fm, dtype, device, n, m, p, trace, refine)):
+            else _use_fused(fused, fm, dtype, device, n, m, p, trace, refine, options)):
         with torch.profiler.record_function("dqp::ipm_fused"):
             fused_out = _fused.solve_dual(
                 P, q, C, d, A, b, newton.M, newton.PiAbt, newton._Piq, newton._g, norms, newton.Md, S,
                 max_iter=max_iter, stall_iters=stall_iters, separate_steps=separate_steps,
                 eps_inf=eps_inf, step_fraction=step_fraction, reg_d=newton.reg_d, wlo=wlo,
                 polish_rounds=polish_rounds, row_scale=_row_scales(a_scale, c_scale, B), start=True,
-                eps=eps_first, eps2=eps if eps_first > eps else None, eps_mid=eps_mid)
+                eps=eps_first, eps2=eps if eps_first > eps else None, eps_mid=eps_mid, opts=options.kernel)
         if deferred is not None and not _deferred_ok(deferred):
             # P failed the dual form's test in some element: the kernel's answer is void; this
             # setup graph tests before going on from now on, and the solve starts again
@@ -1271,8 +938,8 @@ def ipm_solve(P: Tensor, q: Tensor, C: Optional[Tensor] = None, d: Optional[Tens
     def _resid(z, s, mu, lam, D=live, T=None):
         P, q, C, d, A, b = D.P, D.q, D.C, D.d, D.A, D.b
         if T is None:
-            Pz, ATl, CTm = _mv(P, z), _tmv(A, lam) if p else None, _tmv(C, mu) if m else None
-            Az, Cz = _mv(A, z) if p else None, _mv(C, z) if m else None
+            Pz, ATl, CTm = mv(P, z, lin), tmv(A, lam, lin) if p else None, tmv(C, mu, lin) if m else None
+            Az, Cz = mv(A, z, lin) if p else None, mv(C, z, lin) if m else None
         else:   # products tracked by _step (see `track` below)
             Pz, ATl, CTm, Az, Cz = T["Pz"], T["ATl"], T["CTm"], T["Az"], T["Cz"]
         rd = Pz + q
@@ -1374,8 +1041,8 @@ def ipm_solve(P: Tensor, q: Tensor, C: Optional[Tensor] = None, d: Optional[Tens
             # Schur solve; one pass over [A; C] instead of recomputing P z, C z, Cᵀμ, A z, Aᵀλ, M y
             # (an error in a tracked product decays by (1 − α) per step: it enters the next
             # direction through the residual it is used for)
-            ATd = _tmv(D.A, dl_) if p else None
-            CTd = _tmv(D.C, dm_) if m else None
+            ATd = tmv(D.A, dl_, lin) if p else None
+            CTd = tmv(D.C, dm_, lin) if m else None
             Pdz = a - (ATd if p else 0.0) - (CTd if m else 0.0)
             apc, adc = ap.unsqueeze(-1), ad.unsqueeze(-1)
             Abdz = newton.last_Abdz
@@ -1534,7 +1201,7 @@ def ipm_solve(P: Tensor, q: Tensor, C: Optional[Tensor] = None, d: Optional[Tens
         # (the thread and stream too: a cached graph's static buffers are reused only by calls
         # that are ordered after one another on the device)
         return (fm, dtype, str(device), Bc, n, m, p, separate_steps, float(step_fraction), int(refine),
-                check_every, eps, eps_inf, int(stall_iters), _policy_key(), bool(compile), D.signature(),
+                check_every, eps, eps_inf, int(stall_iters), options, bool(compile), D.signature(),
                 threading.get_ident(),
                 torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0)
     gkey = _gkey(live, B) if fused_out is None else None
@@ -1556,21 +1223,23 @@ def ipm_solve(P: Tensor, q: Tensor, C: Optional[Tensor] = None, d: Optional[Tens
     checked = -1                      # the iteration whose iterate the last check saw
     # when the checks come (every `check_every` steps, more often in the tail: _CheckSchedule); the
     # same for the captured and the eager iterations
-    # (where the tail compaction applies, it deals with the tail: see TAIL_CHECKS)
-    sched = _CheckSchedule(check_every, B, TAIL_CHECKS and SPLIT_GRAPHS
-                           and not (COMPACT and B * max(n, m + p) ** 2 >= COMPACT_MIN_WORK))
+    # (where the tail compaction applies, it deals with the tail: see IPMOptions.tail_checks)
+    sched = _CheckSchedule(check_every, B, options.tail_checks and options.split_graphs
+                           and not (options.compact and B * max(n, m + p) ** 2 >= options.compact_min_work),
+                           options.tail_fraction)
     while fused_out is None:
         if use_graph and it == max(checked, 0) and sched.next <= max_iter:
             # GPU: the steps up to the next check and the check per graph replay; the host reads one
             # count per replay
             if graph is None:
                 with torch.profiler.record_function("dqp::ipm_capture"):
-                    graph, st = _graph_for(gkey, live, _make_body, S)
+                    graph, st = _graph_for(gkey, live, _make_body, S, options)
                 if graph is None:
                     use_graph = False
                     continue
                 S = st
             with torch.profiler.record_function("dqp::ipm_replay"):
+                _graph_stats["replays"] += 1
                 steps = sched.next - it
                 if sched.adaptive:
                     graph.replay(steps)           # (a _GraphChain: a graph per step)
@@ -1582,7 +1251,7 @@ def ipm_solve(P: Tensor, q: Tensor, C: Optional[Tensor] = None, d: Optional[Tens
                 if nleft == 0 or it == max_iter:
                     break
                 sched.checked(it, nleft)
-            bucket = _compact_size(nleft, Bc, max(n, m + p))
+            bucket = _compact_size(nleft, Bc, max(n, m + p), options)
             if bucket is not None:
                 with torch.profiler.record_function("dqp::ipm_compact"):
                     if full is None:
@@ -1670,8 +1339,25 @@ def ipm_solve(P: Tensor, q: Tensor, C: Optional[Tensor] = None, d: Optional[Tens
             res = _fallback64(res, bad, (P0, q0, C_u, d0, A_u, b0), dict(
                 eps=None, max_iter=max_iter, check_every=check_every, form=form,
                 separate_steps=separate_steps, step_fraction=step_fraction, refine=refine,
-                stall_iters=stall_iters, cuda_graph=cuda_graph, graph_cache=False))
+                stall_iters=stall_iters, cuda_graph=cuda_graph, graph_cache=False, options=options))
     return res
+
+
+def _clone_value(v):
+    """A copy of a tensor or a :class:`CholeskyFactor` on freshly allocated (dense) tensors."""
+    cl = lambda t: t.clone(memory_format=torch.contiguous_format)     # noqa: E731
+    return v.map(cl) if isinstance(v, CholeskyFactor) else cl(v)
+
+
+def _value_tensors(v) -> list:
+    """The tensors of a tensor or a :class:`CholeskyFactor`."""
+    return list(v.tensors().values()) if isinstance(v, CholeskyFactor) else [v]
+
+
+def _copy_value(dst, src) -> None:
+    """Copy ``src`` into ``dst`` (tensors or factors of the same structure)."""
+    for a, b in zip(_value_tensors(dst), _value_tensors(src)):
+        a.copy_(b)
 
 
 class _GraphData:
@@ -1695,19 +1381,19 @@ class _GraphData:
         # (the float64 dual form uses the identities of set_point: no solve with P in the loop)
         skip = ("LP",) if nt.form == "dual" and getattr(nt, "_point", None) is not None else ()
         return [(k, getattr(nt, k)) for k in self._NEWTON[nt.form]
-                if k not in skip and isinstance(getattr(nt, k, None), Tensor)
+                if k not in skip and isinstance(getattr(nt, k, None), (Tensor, CholeskyFactor))
                 and not any(getattr(nt, k) is t for t in data)]
 
     def signature(self) -> tuple:
         """Shapes (and so code paths) of every tensor the iteration reads."""
         sh = lambda t: None if t is None else tuple(t.shape)
         return (tuple(sh(getattr(self, k)) for k in self._DATA),
-                tuple((k, tuple(t.shape)) for k, t in self._newton_inputs()),
+                tuple((k, tuple(tuple(x.shape) for x in _value_tensors(t))) for k, t in self._newton_inputs()),
                 tuple((k, sh(t)) for k, t in sorted(self.norms.items())))
 
     def nbytes(self) -> int:
         """Device memory a :meth:`static` copy takes."""
-        ts = ([getattr(self, k) for k in self._DATA] + [t for _, t in self._newton_inputs()]
+        ts = ([getattr(self, k) for k in self._DATA] + [x for _, t in self._newton_inputs() for x in _value_tensors(t)]
               + list(self.norms.values()))
         return sum(t.numel() * t.element_size() for t in ts if t is not None)
 
@@ -1718,7 +1404,7 @@ class _GraphData:
         st = _GraphData(*(cl(getattr(self, k)) for k in self._DATA), nt,
                         {k: cl(t) for k, t in self.norms.items()})
         for k, t in self._newton_inputs():
-            setattr(nt, k, cl(t))
+            setattr(nt, k, _clone_value(t))
         for k in self._NEWTON[nt.form] + ("P", "C", "A"):        # aliases of the data
             for dk in self._DATA:
                 if getattr(self, dk) is not None and getattr(self.newton, k, None) is getattr(self, dk):
@@ -1736,11 +1422,13 @@ class _GraphData:
     def subset(self, idx: Tensor) -> "_GraphData":
         """The data of the batch rows ``idx`` (with a Newton solver for them), for tail compaction."""
         def pick(name, t):
+            if isinstance(t, CholeskyFactor):
+                return t.index(idx) if t.dim() == 3 else t
             if not isinstance(t, Tensor):
                 return t
             if name in self._VECTORS:
                 return t[idx] if t.dim() >= 1 else t
-            return _index_factor(t, idx) if t.dim() == 3 else t
+            return t[idx] if t.dim() == 3 else t
         nt = copy.copy(self.newton)
         nt.B = int(idx.numel())
         for k in self._NEWTON[nt.form] + ("P", "C", "A"):
@@ -1766,30 +1454,24 @@ class _GraphData:
             if t is not None:
                 t.copy_(getattr(src, k))
         for k, t in src._newton_inputs():
-            getattr(self.newton, k).copy_(t)
+            _copy_value(getattr(self.newton, k), t)
         for k, t in src.norms.items():
             if t is not None:
                 self.norms[k].copy_(t)
 
 
-def _graph_device_ok(device: torch.device) -> bool:
-    """Whether iterations on ``device`` are captured as CUDA graphs."""
-    return device.type == "cuda" and torch.cuda.is_available()
+def graph_device_ok(device: torch.device, options: IPMOptions = DEFAULT_OPTIONS) -> bool:
+    """Whether iterations on ``device`` run as (captured or, :attr:`IPMOptions.graphs`, emulated) graphs."""
+    return options.graphs == "emulate" or (device.type == "cuda" and torch.cuda.is_available())
 
 
-#: Tail compaction of the captured iterations: when at most ``COMPACT_FRACTION`` of the current
-#: batch is still running after a replay, the rest of the solve runs on those instances alone
-#: (padded with finished ones to a power of two, at least 8, so that a training loop meets few batch
-#: sizes and their graphs stay cached). Only where the batch is large enough for the saving to outweigh the new
-#: graph: ``B·k² ≥ COMPACT_MIN_WORK`` for the factorized size ``k``. ``COMPACT = False``: never.
-COMPACT = True
-COMPACT_FRACTION = 0.25
-COMPACT_MIN_WORK = 4_000_000
-
-
-def _compact_size(nleft: int, Bc: int, k: int) -> Optional[int]:
-    """Batch size to compact to (``None``: stay) with ``nleft`` of ``Bc`` instances running."""
-    if not COMPACT or nleft > COMPACT_FRACTION * Bc or Bc * k * k < COMPACT_MIN_WORK:
+def _compact_size(nleft: int, Bc: int, k: int, options: IPMOptions = DEFAULT_OPTIONS) -> Optional[int]:
+    """Batch size to compact to (``None``: stay) with ``nleft`` of ``Bc`` instances running: the
+    tail compaction of the captured iterations (:attr:`IPMOptions.compact`), padded with finished
+    instances to a power of two, at least 8, so that a training loop meets few batch sizes and
+    their graphs stay cached."""
+    if (not options.compact or nleft > options.compact_fraction * Bc
+            or Bc * k * k < options.compact_min_work):
         return None
     bucket = max(8, 1 << max(nleft - 1, 0).bit_length())
     return bucket if bucket < Bc else None
@@ -1801,14 +1483,20 @@ def _scatter_state(full: Dict[str, Tensor], gidx: Tensor, S: Dict[str, Tensor]) 
         v[gidx] = S[k]
 
 
-# captured iterations, keyed by shapes/dtype/device/form/options (LRU); see _graph_for
+# captured iterations, keyed by shapes/dtype/device/form/options (LRU); see _graph_for. The
+# cached static copies of the data (P, C, the Newton factors) live on the device as long as their
+# entry: entries are also evicted to keep their total below IPMOptions.graph_cache_max_bytes, and
+# a problem larger than it is captured per call without caching (GPU-bound; launches matter little)
 _GRAPH_CACHE: "OrderedDict[tuple, tuple]" = OrderedDict()
-GRAPH_CACHE_SIZE = 8
-# the cached static copies of the data (P, C, the Newton factors) live on the device as long as
-# their entry: entries are also evicted to keep their total below this many bytes, and a problem
-# larger than it is captured per call without caching (it is GPU-bound; launches matter little)
-GRAPH_CACHE_MAX_BYTES = 2 * 1024 ** 3
-_graph_stats = {"captures": 0, "hits": 0, "compactions": 0}
+_graph_stats = {"captures": 0, "hits": 0, "compactions": 0, "replays": 0}
+
+
+def graph_stats() -> Dict[str, Any]:
+    """Counters of the graph machinery since the process started (captures, cache hits, tail
+    compactions, iteration replays) and the cached graphs' names (``"iterations"``, and the
+    ``graphed_call`` keys' first entries): for diagnostics and tests."""
+    return dict(_graph_stats, iteration_graphs=len(_GRAPH_CACHE),
+                function_graphs=[k[0] for k in _FN_GRAPHS])
 
 
 def clear_graph_cache() -> None:
@@ -1818,17 +1506,17 @@ def clear_graph_cache() -> None:
     _SETUP_DEFER_FAILED.clear()
 
 
-def _graph_for(key, live, make_body, state):
+def _graph_for(key, live, make_body, state, options: IPMOptions = DEFAULT_OPTIONS):
     """The CUDA graph of ``make_body(data)`` (a function of the state dict) for ``live``'s data:
     from the cache (inputs and state copied into its static buffers) or freshly captured.
     ``(graph, static_state)`` or ``(None, None)`` when the capture fails. ``key=None``: capture
     without caching."""
     with torch.no_grad():
-        return _graph_for_impl(key, live, make_body, state)
+        return _graph_for_impl(key, live, make_body, state, options)
 
 
-def _graph_for_impl(key, live, make_body, state):
-    if key is not None and live.nbytes() > GRAPH_CACHE_MAX_BYTES:
+def _graph_for_impl(key, live, make_body, state, options: IPMOptions):
+    if key is not None and live.nbytes() > options.graph_cache_max_bytes:
         key = None
     ent = _GRAPH_CACHE.get(key) if key is not None else None
     if ent is not None:
@@ -1840,25 +1528,20 @@ def _graph_for_impl(key, live, make_body, state):
         _graph_stats["hits"] += 1
         return graph, st
     sdata = live.static() if key is not None else live
-    graph, st = _capture(make_body(sdata), state)
+    if options.graphs == "emulate":
+        graph = _EmulatedGraph(make_body(sdata), state, options.split_graphs)
+        st = graph.st
+    else:
+        graph, st = _capture(make_body(sdata), state, options.split_graphs)
     if graph is not None:
         _graph_stats["captures"] += 1
         if key is not None:
             _GRAPH_CACHE[key] = (graph, st, sdata)
-            while len(_GRAPH_CACHE) > max(int(GRAPH_CACHE_SIZE), 0) or (
+            while len(_GRAPH_CACHE) > max(int(options.graph_cache_size), 0) or (
                     len(_GRAPH_CACHE) > 1
-                    and sum(e[2].nbytes() for e in _GRAPH_CACHE.values()) > GRAPH_CACHE_MAX_BYTES):
+                    and sum(e[2].nbytes() for e in _GRAPH_CACHE.values()) > options.graph_cache_max_bytes):
                 _GRAPH_CACHE.popitem(last=False)
     return graph, st
-
-
-#: Capture the ``check_every`` steps and the check of a replay as one CUDA graph per step (and one
-#: for the check), replayed in sequence, instead of one graph for all. The device starts a graph
-#: only once ``cudaGraphLaunch`` has returned, which takes host time in proportion to the graph's
-#: nodes (~0.8 ms for the ~900 kernels of 4 steps at B=128, n=m=100 on an H100, while the device
-#: waits): with one graph per step the host launches the later steps while the device runs the
-#: first, and the device waits for one step's launch per replay only.
-SPLIT_GRAPHS = True
 
 
 class _GraphChain:
@@ -1874,23 +1557,16 @@ class _GraphChain:
                 g.replay()
 
 
-#: Check more often in the tail of a solve: once at most ``TAIL_FRACTION`` of the batch is still
-#: running, the next checks come after 1, 1, 2, 4, … steps (at most ``check_every``) instead of
-#: every ``check_every`` steps, so that the last instances do not step up to ``check_every − 1``
-#: times past their convergence while holding up the batch. Needs a graph per step
-#: (:data:`SPLIT_GRAPHS`); the eager iterations follow the same schedule. On qpth's generator
-#: (B=128, n=m=100) the slowest elements converge after 13 steps: 13 steps and checks at 4, 8, 12,
-#: 13 instead of 16 steps and checks at 4, 8, 12, 16 (H100, forward+backward: 17.7 vs 19.5 ms).
-#: Only for batches too small for the tail compaction (:data:`COMPACT`): with it, the extra checks
-#: also compact to more sizes (B=1024, n=m=100: 42.7 vs 39.8 ms; B=128, n=m=500: 118.5 vs 117.7 ms).
-TAIL_CHECKS = True
-TAIL_FRACTION = 0.1
-
-
 class _CheckSchedule:
-    """The iterations at which the IPM checks convergence (see :data:`TAIL_CHECKS`): ``next``."""
+    """The iterations at which the IPM checks convergence: ``next``. Adaptive (:attr:`IPMOptions.tail_checks`):
+    once at most ``tail_fraction`` of the batch is still running, the next checks come after 1, 1,
+    2, 4, … steps (at most ``check_every``), so that the last instances do not step up to
+    ``check_every − 1`` times past their convergence while holding up the batch. On qpth's generator
+    (B=128, n=m=100) the slowest elements converge after 13 steps: 13 steps and checks at 4, 8, 12,
+    13 instead of 16 steps (H100, forward+backward: 17.7 vs 19.5 ms)."""
 
-    def __init__(self, check_every: int, batch: int, adaptive: bool):
+    def __init__(self, check_every: int, batch: int, adaptive: bool, tail_fraction: float = 0.1):
+        self.tail_fraction = tail_fraction
         self.ce, self.batch = check_every, batch
         self.adaptive = adaptive and check_every > 1
         self.next = check_every
@@ -1899,7 +1575,7 @@ class _CheckSchedule:
     def checked(self, it: int, nleft: int) -> None:
         """Record a check at iteration ``it`` with ``nleft`` instances still running."""
         steps = self.ce
-        if self.adaptive and nleft <= TAIL_FRACTION * self.batch:
+        if self.adaptive and nleft <= self.tail_fraction * self.batch:
             steps = min(self.ce, 1 << max(self.tail - 1, 0))
             self.tail += 1
         self.next = it + steps
@@ -1923,13 +1599,14 @@ def _run_parts(parts, st: Dict[str, Tensor]) -> None:
             _write_back(st, fn(st))
 
 
-def _capture(body, state):
+def _capture(body, state, split: bool = True):
     """Capture ``state ← body(state)`` (dicts of tensors) as a CUDA graph; ``(graph, static_state)``.
-    With ``body.parts`` ((function, repeats) pairs that make up body) and :data:`SPLIT_GRAPHS`: one
-    graph per part, sharing a memory pool, as a :class:`_GraphChain`."""
+    With ``body.parts`` ((function, repeats) pairs that make up body) and ``split``
+    (:attr:`IPMOptions.split_graphs`): one graph per part, sharing a memory pool, as a
+    :class:`_GraphChain` (the host launches later steps while the device runs the first)."""
     try:
         with torch.no_grad():
-            parts = (getattr(body, "parts", None) if SPLIT_GRAPHS else None) or ((body, 1),)
+            parts = (getattr(body, "parts", None) if split else None) or ((body, 1),)
             st = {k: t.clone() for k, t in state.items()}
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
@@ -1954,52 +1631,40 @@ def _capture(body, state):
 # whole functions as cached CUDA graphs (the layer's polish and backward for small batches)
 # --------------------------------------------------------------------------------------------
 
-def _flatten(d: Dict[str, Any]) -> Dict[str, Tensor]:
-    """Tensors of ``d`` with their attached inverses as entries of their own (``key@attr[i]``)."""
+def _flatten(d: Dict[str, Any]) -> Tuple[Dict[str, Tensor], tuple]:
+    """The tensors of ``d``, a :class:`CholeskyFactor`'s as entries of their own (``key@name``), and
+    the factors' structure (their keys and options) for :func:`_unflatten`."""
     out: Dict[str, Tensor] = {}
+    spec = []
     for k, v in d.items():
-        if not isinstance(v, Tensor):
-            continue
-        out[k] = v
-        for a in _ATTACHED:
-            att = getattr(v, a, None)
-            if isinstance(att, Tensor):
-                out[f"{k}@{a}"] = att
-            elif att is not None:
-                for i, t in enumerate(att):
-                    out[f"{k}@{a}[{i}]"] = t
+        if isinstance(v, CholeskyFactor):
+            out.update({f"{k}@{name}": t for name, t in v.tensors().items()})
+            spec.append((k, v.options))
+        elif isinstance(v, Tensor):
+            out[k] = v
+    return out, tuple(spec)
+
+
+def _unflatten(flat: Dict[str, Tensor], spec: tuple) -> Dict[str, Any]:
+    """Inverse of :func:`_flatten`."""
+    out: Dict[str, Any] = {k: v for k, v in flat.items() if "@" not in k}
+    for k, opts in spec:
+        pre = k + "@"
+        out[k] = CholeskyFactor.from_tensors({n[len(pre):]: t for n, t in flat.items() if n.startswith(pre)}, opts)
     return out
 
 
-def _unflatten(flat: Dict[str, Tensor]) -> Dict[str, Tensor]:
-    """Inverse of :func:`_flatten`: attach the ``key@attr`` entries to their tensors again."""
-    out = {k: v for k, v in flat.items() if "@" not in k}
-    lists: Dict[Tuple[str, str], Dict[int, Tensor]] = {}
-    for k, v in flat.items():
-        if "@" not in k:
-            continue
-        base, a = k.split("@", 1)
-        if a.endswith("]"):
-            a, i = a[:-1].split("[")
-            lists.setdefault((base, a), {})[int(i)] = v
-        else:
-            setattr(out[base], a, v)
-    for (base, a), items in lists.items():
-        setattr(out[base], a, [items[i] for i in range(len(items))])
-    return out
-
-
+# whole functions replayed as cached CUDA graphs (graphed_call), LRU
 _FN_GRAPHS: "OrderedDict[tuple, tuple]" = OrderedDict()
-FN_GRAPH_CACHE_SIZE = 16
-#: Device memory the graphs of :func:`graphed_call` may hold (their static inputs and outputs,
-#: counted ×3 for the intermediates in their pools): None = a tenth of the device's memory. A call
-#: whose graph would not fit runs eagerly; older graphs are evicted to make room.
-FN_GRAPH_MAX_BYTES: Optional[int] = None
 
 
-def _fn_graph_budget(device: torch.device) -> int:
-    if FN_GRAPH_MAX_BYTES is not None:
-        return int(FN_GRAPH_MAX_BYTES)
+def _fn_graph_budget(device: torch.device, options: IPMOptions) -> int:
+    """Device memory the graphs of :func:`graphed_call` may hold (their static inputs and outputs,
+    counted ×3 for the intermediates in their pools): :attr:`IPMOptions.fn_graph_max_bytes`, else a
+    tenth of the device's memory. A call whose graph would not fit runs eagerly; older graphs are
+    evicted to make room."""
+    if options.fn_graph_max_bytes is not None:
+        return int(options.fn_graph_max_bytes)
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).total_memory // 10
     return 2 * 1024 ** 3
@@ -2009,66 +1674,110 @@ def _nbytes(d: Dict[str, Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in d.values())
 
 
-def _capture_fn(fn, static_in: Dict[str, Tensor]):
-    """Capture ``fn(static_in)`` (a dict of tensors → dict of tensors); ``(graph, static_out)``."""
+class _EmulatedGraph:
+    """A captured iteration's stand-in (:attr:`IPMOptions.graphs` ``"emulate"``): a replay runs the
+    body eagerly on the static buffers (under no_grad, as the capture does) and writes the result
+    back into them, as the captured graphs do."""
+
+    def __init__(self, body, state: Dict[str, Tensor], split: bool = True):
+        self.body, self.split = body, split
+        self.st = {k: t.clone() for k, t in state.items()}
+        self.replays = 0
+
+    def replay(self, steps: Optional[int] = None) -> None:
+        """As :meth:`_GraphChain.replay`: ``steps`` repeats the body's first part."""
+        self.replays += 1
+        parts = (getattr(self.body, "parts", None) if self.split else None) or ((self.body, 1),)
+        if steps is not None:
+            parts = ((parts[0][0], steps),) + tuple(parts[1:])
+        with torch.no_grad():
+            _run_parts(parts, self.st)
+
+
+class _EmulatedFnGraph:
+    """:func:`graphed_call`'s capture emulated (:attr:`IPMOptions.graphs` ``"emulate"``): a replay
+    runs ``fn`` on the static inputs and copies its outputs into static output buffers."""
+
+    def __init__(self, fn, static_in: Dict[str, Tensor], spec_in: tuple):
+        self.fn, self.static_in, self.spec_in = fn, static_in, spec_in
+        out, self.spec_out = self._run()
+        self.out = {k: v.clone() for k, v in out.items()}
+
+    def _run(self):
+        with torch.no_grad():
+            return _flatten(self.fn(_unflatten(self.static_in, self.spec_in)))
+
+    def replay(self) -> None:
+        for k, v in self._run()[0].items():
+            self.out[k].copy_(v)
+
+
+def _capture_fn(fn, static_in: Dict[str, Tensor], spec_in: tuple):
+    """Capture ``fn(static_in)`` (a dict of tensors → dict of tensors); ``(graph, static_out, spec_out)``."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
-        fn(_unflatten({k: v.clone() for k, v in static_in.items()}))         # warm-up
+        fn(_unflatten({k: v.clone() for k, v in static_in.items()}, spec_in))         # warm-up
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        out = _flatten(fn(_unflatten(static_in)))
-    return graph, out
+        out, spec_out = _flatten(fn(_unflatten(static_in, spec_in)))
+    return graph, out, spec_out
 
 
-def graphed_call(key: tuple, fn, inputs: Dict[str, Any],
-                 fresh: Optional[Callable[[str], bool]] = None) -> Optional[Dict[str, Tensor]]:
+def graphed_call(key: tuple, fn, inputs: Dict[str, Any], fresh: Optional[Callable[[str], bool]] = None,
+                 options: IPMOptions = DEFAULT_OPTIONS) -> Optional[Dict[str, Any]]:
     """``fn(inputs)`` replayed from a cached CUDA graph: the inputs are copied into the graph's
-    static buffers and the outputs are returned as fresh tensors (attached inverses included).
+    static buffers and the outputs are returned as fresh tensors (factors included).
 
     ``fresh``: only the outputs whose (flattened) name it accepts are copied; the others are the
     graph's static buffers themselves, for a caller that has queued all its reads of them before it
     returns (the next replay, on the same stream, comes after those reads).
 
-    ``fn`` takes and returns dicts of tensors and must not synchronize with the host or branch on
-    tensor values; the key must determine everything else it depends on (shapes, dtypes,
-    options). Returns None when the graph cannot be captured (the caller runs ``fn`` eagerly).
+    ``fn`` takes and returns dicts of tensors and :class:`CholeskyFactor` values and must not
+    synchronize with the host or branch on tensor values; the key must determine everything else
+    it depends on (shapes, dtypes, options). Returns None when the graph cannot be captured (the
+    caller runs ``fn`` eagerly).
     """
-    flat = _flatten(inputs)
+    flat, spec = _flatten(inputs)
     dev = next(iter(flat.values())).device
-    # besides the caller's key: the shapes, the module-level solve policies the code reads while
-    # capturing, and the thread and stream (static buffers are reused by ordered calls only)
+    # besides the caller's key: the shapes, the options the code reads while capturing, and the
+    # thread and stream (static buffers are reused by ordered calls only)
     key = key + tuple((k, tuple(v.shape), v.dtype, str(v.device)) for k, v in sorted(flat.items())) + (
-        _policy_key(), threading.get_ident(),
+        spec, options, threading.get_ident(),
         torch.cuda.current_stream(dev).cuda_stream if dev.type == "cuda" else 0)
     ent = _FN_GRAPHS.get(key)
     with torch.no_grad():
         if ent is None:
-            budget = _fn_graph_budget(dev)
+            budget = _fn_graph_budget(dev, options)
             if 3 * _nbytes(flat) > budget:
                 return None
             while _FN_GRAPHS and 3 * (_nbytes(flat) + sum(_nbytes(e[1]) + _nbytes(e[2]) for e in _FN_GRAPHS.values())) > budget:
                 _FN_GRAPHS.popitem(last=False)
             static_in = {k: v.clone(memory_format=torch.contiguous_format) for k, v in flat.items()}
             try:
-                graph, static_out = _capture_fn(fn, static_in)
+                if options.graphs == "emulate":
+                    graph = _EmulatedFnGraph(fn, static_in, spec)
+                    static_out, spec_out = graph.out, graph.spec_out
+                else:
+                    graph, static_out, spec_out = _capture_fn(fn, static_in, spec)
             except Exception as exc:  # pragma: no cover - depends on the CUDA/torch build
                 logger.warning("graphed_call: CUDA graph capture failed (%s: %s); running eagerly",
                                type(exc).__name__, exc)
                 return None
             _graph_stats["captures"] += 1
-            _FN_GRAPHS[key] = ent = (graph, static_in, static_out)
-            while len(_FN_GRAPHS) > FN_GRAPH_CACHE_SIZE:
+            _FN_GRAPHS[key] = ent = (graph, static_in, static_out, spec_out)
+            while len(_FN_GRAPHS) > options.fn_graph_cache_size:
                 _FN_GRAPHS.popitem(last=False)
         else:
             _FN_GRAPHS.move_to_end(key)
             _graph_stats["hits"] += 1
-        graph, static_in, static_out = ent
+        graph, static_in, static_out, spec_out = ent
         for k, v in flat.items():
             static_in[k].copy_(v)
         graph.replay()
-        return _unflatten({k: v.clone() if fresh is None or fresh(k) else v for k, v in static_out.items()})
+        return _unflatten({k: v.clone() if fresh is None or fresh(k) else v for k, v in static_out.items()},
+                          spec_out)
 
 
 def _fallback64(res: IPMResult, bad: Tensor, data, kw) -> IPMResult:
