@@ -88,10 +88,11 @@ def _fused_widen(P: Tensor, C: Optional[Tensor], A: Optional[Tensor], opts: Dict
     """CUDA, float32/float16 data: solve in float64 throughout when the fused float64 kernel
     (:mod:`dqp.solvers.fused`) takes the widened problem — the kernel runs the float64 problem
     faster than the float32 torch loop runs the float32 one (H200, qpth's generator, B=128,
-    n=m=100: experiments/README.md), and the answer is float64's."""
+    n=m=100), and the answer is float64's. On the CPU only where the kernel is required
+    (``fused=True``: its C++ build)."""
     options = _options(opts)
     flag = fused_flag(opts.get("fused"), options)
-    if flag is False or P.device.type != "cuda":
+    if flag is False or (P.device.type != "cuda" and flag is not True):
         return False
     B, n = P.shape[0], P.shape[-1]
     m = 0 if C is None else C.shape[-2]

@@ -95,6 +95,10 @@ class KernelOptions:
     cpu_function : callable, optional
         Tests: a function of k that returns the C++ function the CPU path calls instead of the
         build's ``dqp_ipm_dual_cpu`` (the same arguments; e.g. a multi-threaded test build's).
+    cpu_threads : int, optional
+        Threads the CPU build splits the batch over; None: ``torch.get_num_threads()``.
+    compiler : str, optional
+        The C++ compiler of the CPU build; None: ``CXX``, else ``c++``, ``g++`` or ``clang++`` on the PATH.
     """
 
     mode: Union[str, bool] = "auto"
@@ -104,6 +108,8 @@ class KernelOptions:
     cpu_kmax: int = 256
     cpu_tiles: bool = False
     cpu_function: Optional[Callable] = None
+    cpu_threads: Optional[int] = None
+    compiler: Optional[str] = None
 
     def __post_init__(self) -> None:
         if self.mode not in (True, False, "auto"):
@@ -114,7 +120,7 @@ class KernelOptions:
 _SRC = Path(__file__).with_name("fused_ipm.cu")
 _lock = threading.Lock()
 _cuda_kernels: Dict[tuple, object] = {}
-_cpu_libs: Dict[int, ctypes.CDLL] = {}
+_cpu_libs: Dict[tuple, ctypes.CDLL] = {}
 
 
 def _threads(threads: Optional[int] = None) -> int:
@@ -167,10 +173,13 @@ def _max_smem(device: torch.device) -> int:
     return int(getattr(props, "shared_memory_per_block_optin", 0) or getattr(props, "shared_memory_per_block", 49152))
 
 
-_cpu_build_ok: Optional[bool] = None
+_cpu_build_ok: Dict[Optional[str], bool] = {}          # per compiler (KernelOptions.compiler)
 
 
-def _compiler() -> Optional[str]:
+def _compiler(compiler: Optional[str] = None) -> Optional[str]:
+    """The C++ compiler: ``compiler``, else ``CXX``, else one on the PATH (None: none found)."""
+    if compiler:
+        return compiler
     return os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
 
 
@@ -195,21 +204,21 @@ def _cuda_build_available(device: torch.device, k: int, opts: KernelOptions = DE
         return False
 
 
-def _cpu_build_available() -> bool:
-    """Whether the C++ build (loops) exists or can be made; a failure is logged once and the
-    automatic choice then keeps the torch loop."""
-    global _cpu_build_ok
-    if _cpu_build_ok is None:
-        if _compiler() is None:
-            _cpu_build_ok = False
+def _cpu_build_available(compiler: Optional[str] = None) -> bool:
+    """Whether the C++ build (loops) exists or can be made with ``compiler``
+    (:attr:`KernelOptions.compiler`); a failure is logged once and the automatic choice then keeps
+    the torch loop."""
+    if compiler not in _cpu_build_ok:
+        if _compiler(compiler) is None:
+            _cpu_build_ok[compiler] = False
         else:
             try:
-                _cpu_library(0, tiles=False)
-                _cpu_build_ok = True
+                _cpu_library(0, tiles=False, compiler=compiler)
+                _cpu_build_ok[compiler] = True
             except SolverNotAvailableError as exc:
                 logger.warning("dqp fused IPM: the C++ build failed, the CPU keeps the torch loop: %s", exc)
-                _cpu_build_ok = False
-    return _cpu_build_ok
+                _cpu_build_ok[compiler] = False
+    return _cpu_build_ok[compiler]
 
 
 def fused_available(device: torch.device, dtype: torch.dtype, n: int, m: int, p: int,
@@ -224,7 +233,7 @@ def fused_available(device: torch.device, dtype: torch.dtype, n: int, m: int, p:
                 and smem_bytes(n, m, p, opts.threads) <= _max_smem(device)
                 and _cuda_build_available(device, m + p, opts))
     if device.type == "cpu":
-        return opts.cpu_auto and m + p <= opts.cpu_kmax and _cpu_build_available()
+        return opts.cpu_auto and m + p <= opts.cpu_kmax and _cpu_build_available(opts.compiler)
     return False
 
 
@@ -261,14 +270,16 @@ def _cuda_kernel(device: torch.device, k: int, profile: bool = False, threads: O
     return kern
 
 
-def _cpu_library(k: int, tiles: bool = False) -> ctypes.CDLL:
+def _cpu_library(k: int, tiles: bool = False, compiler: Optional[str] = None,
+                 cache_dir: Optional[Path] = None) -> ctypes.CDLL:
     """The kernel compiled as C++ (``-DDQP_CPU``) into a shared library, cached by source hash
-    (and by k for the tile build, ``tiles``: :attr:`KernelOptions.cpu_tiles`)."""
-    key = k if tiles else 0
+    (and by k for the tile build, ``tiles``: :attr:`KernelOptions.cpu_tiles`), with ``compiler``
+    (:func:`_compiler`) in ``cache_dir`` (:func:`_cache_dir`)."""
+    key = (k if tiles else 0, compiler, cache_dir)
     with _lock:
         if key in _cpu_libs:
             return _cpu_libs[key]
-        cxx = _compiler()
+        cxx = _compiler(compiler)
         if cxx is None:
             raise SolverNotAvailableError(
                 "fused IPM on the CPU: the kernel's C++ build needs a C++ compiler (c++, g++ or clang++) "
@@ -279,7 +290,7 @@ def _cpu_library(k: int, tiles: bool = False) -> ctypes.CDLL:
         ident = "\0".join((src, cxx, platform.node(), platform.machine(), platform.processor()))
         tag = hashlib.sha256(ident.encode()).hexdigest()[:16]
         name = f"dqp_fused_ipm_{tag}_tiles{k}.so" if tiles else f"dqp_fused_ipm_{tag}.so"
-        out = _cache_dir() / name
+        out = (Path(cache_dir) if cache_dir is not None else _cache_dir()) / name
         if not out.exists():
             # (per-process file names: concurrent first builds do not read each other's partial files)
             cpp = out.with_suffix(f".{os.getpid()}.{threading.get_ident()}.cpp")
@@ -315,17 +326,19 @@ def _cpu_library(k: int, tiles: bool = False) -> ctypes.CDLL:
         return lib
 
 
-def _cache_dir() -> Path:
-    """Where the C++ builds are kept: ``DQP_CACHE_DIR``, else a directory of this user's in the
-    temporary directory, created private (0700); one that another user owns or can write is not
-    used (a fresh private one is made instead)."""
-    env = os.environ.get("DQP_CACHE_DIR")
-    base = Path(env) if env else Path(tempfile.gettempdir()) / f"dqp-{os.getuid() if hasattr(os, 'getuid') else 'user'}"
+def _cache_dir(env: Optional[str] = None, tmp: Optional[str] = None) -> Path:
+    """Where the C++ builds are kept: ``env`` (default: the variable ``DQP_CACHE_DIR``), else a
+    directory of this user's in the temporary directory ``tmp`` (default: the system's), created
+    private (0700); one that another user owns or can write is not used (a fresh private one is
+    made instead)."""
+    env = os.environ.get("DQP_CACHE_DIR") if env is None else env
+    tmp = tempfile.gettempdir() if tmp is None else tmp
+    base = Path(env) if env else Path(tmp) / f"dqp-{os.getuid() if hasattr(os, 'getuid') else 'user'}"
     base.mkdir(mode=0o700, parents=True, exist_ok=True)
     if hasattr(os, "getuid") and not env:
         st = base.stat()
         if st.st_uid != os.getuid() or st.st_mode & 0o022:
-            return Path(tempfile.mkdtemp(prefix="dqp-"))
+            return Path(tempfile.mkdtemp(prefix="dqp-", dir=tmp))
     return base
 
 
@@ -333,11 +346,11 @@ _pool: Optional[ThreadPoolExecutor] = None
 _pool_pid = 0
 
 
-def _run_cpu(fn, args: list, B: int) -> None:
-    """Run the C++ build over the batch, split in contiguous ranges over ``torch.get_num_threads()``
-    threads (ctypes releases the GIL during each call)."""
+def _run_cpu(fn, args: list, B: int, threads: Optional[int] = None) -> None:
+    """Run the C++ build over the batch, split in contiguous ranges over ``threads`` (default
+    ``torch.get_num_threads()``) threads (ctypes releases the GIL during each call)."""
     global _pool, _pool_pid
-    nt = max(1, min(torch.get_num_threads(), B))
+    nt = max(1, min(torch.get_num_threads() if threads is None else int(threads), B))
     if nt == 1:
         fn(*args, 0, B)
         return
@@ -474,9 +487,9 @@ def solve_dual(P: Tensor, q: Tensor, C: Optional[Tensor], d: Optional[Tensor], A
             kern(grid=(B, 1, 1), block=(threads, 1, 1), args=tensors + scalars + prof,
                  shared_mem=smem_bytes(n, m, p, threads), stream=torch.cuda.current_stream(dev))
     else:
-        fn = (_cpu_library(k, opts.cpu_tiles).dqp_ipm_dual_cpu if opts.cpu_function is None
+        fn = (_cpu_library(k, opts.cpu_tiles, opts.compiler).dqp_ipm_dual_cpu if opts.cpu_function is None
               else opts.cpu_function(k))
-        _run_cpu(fn, [a.data_ptr() if isinstance(a, Tensor) else a for a in tensors] + scalars, B)
+        _run_cpu(fn, [a.data_ptr() if isinstance(a, Tensor) else a for a in tensors] + scalars, B, opts.cpu_threads)
     out = dict(z=z, s=s, mu=mu, lam=lam, status=status, iters=iters)
     if rounds:
         out.update(active=active, pflag=pflag, LS=LS)
@@ -540,7 +553,7 @@ def chol_block_available(device: torch.device, dtype: torch.dtype, nb: int) -> b
 
 
 def chol_block(W: Tensor, j0: int, j1: int, info: Tensor, tile: Optional[int] = None,
-               cpu_function: Optional[Callable] = None) -> Tensor:
+               cpu_function: Optional[Callable] = None, cpu_threads: Optional[int] = None) -> Tensor:
     """Factorize the diagonal blocks ``W[:, j0:j1, j0:j1]`` in place and return their inverses.
 
     The kernel's register-tile factorization, one thread block per matrix (the blocked
@@ -562,6 +575,8 @@ def chol_block(W: Tensor, j0: int, j1: int, info: Tensor, tile: Optional[int] = 
     cpu_function : callable, optional
         Tests: a function of the tile size class that returns the C++ function the CPU path calls
         instead of the build's ``dqp_chol_block_cpu`` (e.g. a multi-threaded test build's).
+    cpu_threads : int, optional
+        Threads the CPU build splits the batch over (default ``torch.get_num_threads()``).
 
     Returns
     -------
@@ -588,7 +603,7 @@ def chol_block(W: Tensor, j0: int, j1: int, info: Tensor, tile: Optional[int] = 
                            chol_block_words)
     elif W.device.type == "cpu":
         fn = _cpu_library(tile).dqp_chol_block_cpu if cpu_function is None else cpu_function(tile)
-        _run_cpu(fn, [base.data_ptr(), k * k, k, nb, Dinv.data_ptr(), info.data_ptr(), int(j0)], B)
+        _run_cpu(fn, [base.data_ptr(), k * k, k, nb, Dinv.data_ptr(), info.data_ptr(), int(j0)], B, cpu_threads)
     else:
         raise SettingsError(f"chol_block: no build for device type {W.device.type!r}.")
     return Dinv
@@ -620,7 +635,8 @@ def matrix_layout(L: Tensor) -> Optional[int]:
     return None
 
 
-def chol_solve_vec(L: Tensor, r: Tensor, cpu_function: Optional[Callable] = None) -> Tensor:
+def chol_solve_vec(L: Tensor, r: Tensor, cpu_function: Optional[Callable] = None,
+                   cpu_threads: Optional[int] = None) -> Tensor:
     """``(L Lᵀ)⁻¹ r`` for a batch of lower Cholesky factors and one vector each, in one launch.
 
     One thread block per matrix reads L's lower triangle once into shared memory and runs both
@@ -637,6 +653,8 @@ def chol_solve_vec(L: Tensor, r: Tensor, cpu_function: Optional[Callable] = None
     cpu_function : callable, optional
         Tests: a function of k that returns the C++ function the CPU path calls instead of the
         build's ``dqp_chol_solve_vec_cpu`` (e.g. a multi-threaded test build's).
+    cpu_threads : int, optional
+        Threads the CPU build splits the batch over (default ``torch.get_num_threads()``).
 
     Returns
     -------
@@ -662,7 +680,7 @@ def chol_solve_vec(L: Tensor, r: Tensor, cpu_function: Optional[Callable] = None
         _launch_per_matrix("dqp_chol_solve_vec", L.device, k, B, [L, sL, k, cm, x, k], chol_solve_words)
     elif L.device.type == "cpu":
         fn = _cpu_library(k).dqp_chol_solve_vec_cpu if cpu_function is None else cpu_function(k)
-        _run_cpu(fn, [L.data_ptr(), sL, k, cm, x.data_ptr(), k], B)
+        _run_cpu(fn, [L.data_ptr(), sL, k, cm, x.data_ptr(), k], B, cpu_threads)
     else:
         raise SettingsError(f"chol_solve_vec: no build for device type {L.device.type!r}.")
     return x

@@ -95,7 +95,8 @@ class IPMResult:
     status : (B,) int64, :class:`dqp.errors.Status` values.
     iterations : (B,) int64, iterations each instance ran.
     form : which elimination ran (``"primal"`` or ``"dual"``).
-    factors : for the dual form, ``L`` (Cholesky factor of P), ``PiAbt`` = P⁻¹[A; C]ᵀ and
+    fused : whether the fused kernel (:mod:`dqp.solvers.fused`) ran the iterations.
+    factors : for the dual form, ``L`` (Cholesky factor of P, a :class:`CholeskyFactor`), ``PiAbt`` = P⁻¹[A; C]ᵀ and
         ``M`` = [A; C] P⁻¹ [A; C]ᵀ in the caller's scaling, for reuse by
         :class:`dqp.linsolve.torch_batched.BatchedKKT` (the polish and the backward).
     polish : when the fused kernel ran with ``polish_rounds > 0``: ``active`` (B, m) bool,
@@ -114,8 +115,9 @@ class IPMResult:
     status: Tensor
     iterations: Tensor
     form: str = "primal"
-    factors: Optional[Dict[str, Tensor]] = None
+    factors: Optional[Dict[str, Any]] = None
     polish: Optional[Dict[str, Tensor]] = None
+    fused: bool = False
 
 
 def default_eps(dtype: torch.dtype) -> float:
@@ -1332,7 +1334,7 @@ def ipm_solve(P: Tensor, q: Tensor, C: Optional[Tensor] = None, d: Optional[Tens
         factors = dict(L=newton.LP, PiAbt=newton.PiAbt * sc.unsqueeze(-2),
                        M=newton.M * sc.unsqueeze(-1) * sc.unsqueeze(-2))
     res = IPMResult(z=z, lam=lam_out, mu=mu_out, s=s_out, status=status, iterations=iters, form=fm,
-                    factors=factors, polish=polished)
+                    factors=factors, polish=polished, fused=fused_out is not None)
     if fallback64 and dtype != torch.float64:
         bad = (status == int(Status.MAX_ITER)) | (status == NUM)
         if bool(bad.any()):
