@@ -64,19 +64,27 @@ polish (``polish=False``), the float32 path keeps its float32 factorization.
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, Optional, Tuple, Union
+import time
+import warnings
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
 
+import numpy as np
 import torch
 
 from dqp.errors import SettingsError, ShapeError, Status, error_for_statuses
+from dqp.result import SolveInfo
 from dqp.gradients import dense_grads
 from dqp.linsolve.torch_batched import PATH_NAMES, BatchedKKT
 from dqp.solvers.ipm import (DEFAULT_OPTIONS, IPMOptions, default_eps, dual_factors, form_by_cost, fused_flag,
                              fused_reasons, graph_device_ok, graphed_call, ipm_solve)
 
+if TYPE_CHECKING:  # pragma: no cover
+    from dqp.problem import QPBatch
+    from dqp.settings import Settings
+
 Tensor = torch.Tensor
 
-__all__ = ["IPMQPFunction", "solve_qp_batch", "classify_active", "polish"]
+__all__ = ["IPMQPFunction", "solve_qp_batch", "solve_settings_batch", "ipm_keywords", "classify_active", "polish"]
 
 
 def _cast(t: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
@@ -612,3 +620,140 @@ def solve_qp_batch(P: Tensor, q: Tensor, C: Optional[Tensor] = None, d: Optional
         if any(s != int(Status.SOLVED) for s in st):
             raise error_for_statuses([Status(s) for s in st], "dqp_ipm")
     return z, lam, mu, status, active
+
+
+# ------------------------------------------------------------------------------------------------
+# the layer's batched engine: Settings → this module's keywords, and SolveInfo from its results
+# ------------------------------------------------------------------------------------------------
+
+def ipm_keywords(settings: "Settings", dtype: torch.dtype, device: torch.device) -> Dict[str, Any]:
+    """The :func:`solve_qp_batch` keywords a :class:`~dqp.settings.Settings` asks for.
+
+    * ``eps_abs``/``eps_rel`` → the IPM's stopping tolerance (:meth:`IPMSolver.tolerance_keywords
+      <dqp.solvers.ipm.IPMSolver.tolerance_keywords>`); float32 data solved in float32 (off the CPU)
+      cannot go below float32's default (1e-5): a tighter request is raised to it, with a warning.
+    * ``refine_active`` → the polish on the IPM's active set (False: none); ``max_refine_iter``, when
+      changed from its default, → the polish's rounds (otherwise the engine's: 3, 6 for float32).
+    * ``qp_solver_keywords`` → any :func:`solve_qp_batch` keyword, over the above.
+
+    Options that only the element-wise engine has (``warm_start_from_previous``, ``omp_parallel``,
+    ``n_cpu``, ``dual_available=False``, an explicit ``fallback_solver``, ``fallback_on_unverified``
+    with one) give a warning here, naming the option: the batched IPM cannot honour them.
+    """
+    from dqp.settings import OPTIONS
+    from dqp.solvers.ipm import IPMSolver
+
+    s = settings
+    _warn_unsupported(s)
+    kw: Dict[str, Any] = dict(IPMSolver().tolerance_keywords(s.eps_abs, s.eps_rel))
+    native32 = dtype in (torch.float32, torch.float16, torch.bfloat16) and device.type != "cpu"
+    if native32 and kw["eps"] < default_eps(torch.float32):
+        if (s.eps_abs, s.eps_rel) != (OPTIONS["eps_abs"][0], OPTIONS["eps_rel"][0]):
+            warnings.warn(f"dQP: eps_abs={s.eps_abs}, eps_rel={s.eps_rel} is below what the float32 interior-point "
+                          f"method reaches; it stops at {default_eps(torch.float32)} (the polish then makes the "
+                          f"answer exact on its active set). Pass float64 data for a tighter IPM tolerance.",
+                          UserWarning, stacklevel=4)
+        kw["eps"] = None
+    kw["polish"] = bool(s.refine_active)
+    if s.max_refine_iter != OPTIONS["max_refine_iter"][0]:
+        kw["polish_rounds"] = max(int(s.max_refine_iter), 1)
+    kw.update(s.qp_solver_keywords or {})
+    return kw
+
+
+def _warn_unsupported(s: "Settings") -> None:
+    """Warn about the settings the batched IPM cannot honour (see :func:`ipm_keywords`)."""
+    from dqp.settings import build_settings
+    bad: List[str] = []
+    if s.warm_start_from_previous:
+        bad.append("warm_start_from_previous=True (an interior-point method starts from its own point)")
+    if s.omp_parallel:
+        bad.append("omp_parallel=True (the batch is one solve already)")
+    if s.dual_available is False:
+        bad.append("dual_available=False (the IPM's duals classify the active set; the polish recomputes them)")
+    if s.fallback_solver not in (build_settings().fallback_solver, None, ()):
+        bad.append(f"fallback_solver={s.fallback_solver!r} (failed elements are reported in layer.info.status; "
+                   "float32 failures are re-solved in float64)")
+    if bad:
+        warnings.warn("dQP: qp_solver='dqp_ipm' (the batched interior-point engine) ignores " + "; ".join(bad)
+                      + ". These options apply to the element-wise engine (a qpsolvers backend).",
+                      UserWarning, stacklevel=4)
+
+
+def solve_settings_batch(batch: "QPBatch", settings: "Settings") -> Tuple[Tensor, Tensor, Tensor, SolveInfo]:
+    """The batched engine behind the layer (``qp_solver="dqp_ipm"``): solve a validated dense batch
+    with the settings it can honour (:func:`ipm_keywords`); returns ``(z, lam, mu, info)`` with
+    empty ``(B, 0)`` duals where there are no such constraints and the per-element diagnostics."""
+    from dqp.layer import UnverifiedSolutionWarning
+
+    s = settings
+    t0 = time.perf_counter()
+    kw = ipm_keywords(s, batch.q.dtype, batch.q.device)
+    diag: dict = {}
+    z, lam, mu, status, active = solve_qp_batch(batch.P, batch.q, batch.C, batch.d, batch.A, batch.b,
+                                                on_failure="mask", diagnostics=diag, **kw)
+    elapsed = time.perf_counter() - t0
+    B = batch.B
+    st = [Status(int(x)) for x in status.tolist()]
+    info = SolveInfo(qp_solver="dqp_ipm", lin_solver="torch", status=st,
+                     active=[a for a in (active.cpu().numpy() if active is not None
+                                         else np.zeros((B, 0), bool))],
+                     verified=diag["verified"].tolist(), kkt_path=diag["kkt_path"],
+                     iterations=diag["iterations"].tolist(),
+                     solve_time=[elapsed / B] * B, messages=[""] * B)
+    if lam is None:
+        lam = batch.q.new_zeros(B, 0)
+    if mu is None:
+        mu = batch.q.new_zeros(B, 0)
+    zd = z.detach()
+    info.primal_residual, info.dual_residual, info.complementarity = _torch_residuals(batch, zd, lam.detach(), mu.detach())
+    info.n_weakly_active, info.complementarity_margin = _torch_margins(batch, zd, mu.detach(), active, s.eps_active)
+    if kw.get("polish", True):
+        unverified = [i for i, v in enumerate(info.verified) if st[i] == Status.SOLVED and not v]
+        for i in unverified:
+            info.messages[i] = ("the polished point was rejected (active set not confirmed): returned the "
+                                "interior-point solution; gradients use its active set")
+        if unverified:
+            warnings.warn(
+                f"dQP: the active set of batch element(s) {unverified[:10]} could not be verified by the "
+                f"polish of the interior-point solution (a degenerate problem): the IPM's point is returned "
+                f"and the gradient uses its active set. See layer.info.verified / messages.",
+                UnverifiedSolutionWarning, stacklevel=4)
+    return z, lam, mu, info
+
+
+def _torch_margins(batch: "QPBatch", z, mu, active, eps: float):
+    """Per element: weakly active rows (at the bound with a ~zero multiplier, the core path's rule)
+    and the strict-complementarity margin ``min(min_J μ, min_¬J slack)`` (lists)."""
+    B = batch.B
+    if batch.C is None or active is None:
+        return [0] * B, [float("inf")] * B
+    C, d = batch.C.detach(), batch.d.detach()
+    Cz = (C @ z.unsqueeze(-1)).squeeze(-1)
+    slack = d - Cz
+    size = torch.maximum(d.abs(), (C.abs() @ z.abs().unsqueeze(-1)).squeeze(-1))
+    at_bound = slack <= eps * size.clamp_min(torch.finfo(z.dtype).tiny)
+    zero_dual = mu <= eps * mu.amax(-1, keepdim=True).clamp_min(torch.finfo(z.dtype).tiny)
+    weak = (at_bound & zero_dual).sum(-1)
+    inf = torch.full_like(slack, float("inf"))
+    margin = torch.minimum(torch.where(active, mu, inf).amin(-1), torch.where(active, inf, slack).amin(-1))
+    return weak.tolist(), margin.tolist()
+
+
+def _torch_residuals(batch: "QPBatch", z, lam, mu):
+    """Residuals of a dense batch computed in torch (lists of floats)."""
+    P = batch.P.detach()
+    r_dual = (P @ z.unsqueeze(-1)).squeeze(-1) + batch.q.detach()
+    r_prim = torch.zeros(batch.B, dtype=z.dtype, device=z.device)
+    comp = torch.zeros_like(r_prim)
+    if batch.A is not None:
+        A = batch.A.detach()
+        r_dual = r_dual + (A.transpose(-1, -2) @ lam.unsqueeze(-1)).squeeze(-1)
+        r_prim = (A @ z.unsqueeze(-1)).squeeze(-1).sub(batch.b.detach()).abs().amax(-1)
+    if batch.C is not None:
+        C = batch.C.detach()
+        r_dual = r_dual + (C.transpose(-1, -2) @ mu.unsqueeze(-1)).squeeze(-1)
+        slack = batch.d.detach() - (C @ z.unsqueeze(-1)).squeeze(-1)
+        r_prim = torch.maximum(r_prim, (-slack).clamp_min(0).amax(-1))
+        comp = (mu * slack).abs().amax(-1)
+    return r_prim.tolist(), r_dual.abs().amax(-1).tolist(), comp.tolist()

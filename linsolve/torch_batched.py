@@ -296,7 +296,7 @@ class BatchedKKT:
             return
         self._materialize()
         sub._materialize()
-        B, n = self.B, self.n
+        B = self.B
         if self.m:
             self.a = self.a.clone()
             self.a[idx] = sub.a[rows]

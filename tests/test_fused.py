@@ -140,7 +140,7 @@ def test_graphed_setup_hands_the_kernel_a_minimal_state(monkeypatch):
     only the state the kernel reads; the result is the one of the eager setup, and a torch-loop call
     of the same shape gets the whole state from a graph of its own."""
     import dqp.solvers.ipm as ipm
-    from dqp.solvers.ipm.solve import _FUSED_STATE
+    from dqp.solvers.ipm.start import _FUSED_STATE
     P, q, C, d, A, b, *_ = known_qp(5, 7, 9, 2, seed=5)
     eager = ipm_solve(P, q, C, d, A, b, fused=True, cuda_graph=False)
     opts = _kernel_emu()
@@ -197,7 +197,7 @@ def test_graphed_layer_with_the_kernel_interleaved_calls():
     the call does not keep are reused buffers, the backward graph's inputs are copied per call),
     and the backward graph gets the polish's few raw tensors."""
     import dqp.solvers.ipm as ipm
-    from dqp.solvers.ipm.solve import _FN_GRAPHS
+    from dqp.solvers.ipm.graphs import _FN_GRAPHS
     data = [_qpth_problem(6, 9, 12, seed=s) for s in (7, 8)]
     w = torch.randn(6, 9, dtype=F64, generator=torch.Generator().manual_seed(3))
     opts = _kernel_emu()
@@ -237,7 +237,7 @@ def test_deferred_setup_test_that_fails_solves_again(monkeypatch, device, tol):
     and the solve starts again with the test first (the primal form, torch loop); later calls of
     that shape test first, with no wasted kernel run."""
     import dqp.solvers.ipm as ipm
-    from dqp.solvers.ipm.solve import _SETUP_DEFER_FAILED
+    from dqp.solvers.ipm.graphs import _SETUP_DEFER_FAILED
     P, q, C, d, A, b, *_ = known_qp(4, 7, 9, 2, seed=6, device=device)
     P = P.clone()
     P[2] = -P[2]
@@ -851,7 +851,8 @@ def test_kernel_starting_point_is_the_setups(n, m, p, shared, cpu_build, monkeyp
     """The kernel's own starting point (solve_dual(start=True), what ipm_solve runs) is _init's (the
     W = I system's z, λ and the shifted s, μ): one step from either gives the same iterate."""
     from dqp.linsolve.cholesky import cholesky
-    from dqp.solvers.ipm.solve import _init, _prepare
+    from dqp.solvers.ipm.problem import _prepare
+    from dqp.solvers.ipm.start import _init
     P, q, C, d, A, b, *_ = known_qp(6, n, m, p, seed=n + m + p)
     if shared:
         P, C, A = P[0], C[0], A[0]

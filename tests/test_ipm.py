@@ -483,11 +483,16 @@ def test_registry_entries():
     for name in ("dqp_ipm", "ipm", "dqp"):
         assert isinstance(get_solver(name), IPMSolver)
     assert IPMSolver.batched and not IPMSolver.sparse and IPMSolver.modules == ("torch",)
+    from dqp.problem import validate
+    from dqp.settings import build_settings
     P, q, C, d, *_ = known_qp(2, 4, 3, 0, seed=1)
-    res = get_solver("ipm").solve_batch(P, q, C, d, None, None, keywords={"eps": 1e-8, "max_iter": 50})
-    assert (res.status == 0).all()
-    with pytest.raises(SettingsError):
-        get_solver("ipm").solve_batch(P, q, C, d, None, None, keywords={"bogus": 1})
+    batch = validate(P, q, C, d, None, None)
+    z, lam, mu, info = get_solver("ipm").solve_batch(batch, build_settings(
+        qp_solver="ipm", qp_solver_keywords={"max_iter": 50, "options": LOOP}))
+    assert info.status == [Status.SOLVED] * 2 and info.kkt_path == ["cholesky"] * 2 and lam.shape == (2, 0)
+    assert max(info.primal_residual) < 1e-10 and z.shape == (2, 4) and mu.shape == (2, 3)
+    with pytest.raises(TypeError, match="bogus"):
+        get_solver("ipm").solve_batch(batch, build_settings(qp_solver="ipm", qp_solver_keywords={"bogus": 1}))
     lin = get_linsolver("batched")
     assert lin.name == "torch" and lin.batched
     kkt = lin.factor_batch(P, None, C, torch.ones(2, 3, dtype=torch.bool))
@@ -1041,7 +1046,7 @@ def test_tail_compaction_pads_with_finished_rows(monkeypatch):
 
 
 def test_compact_size_policy():
-    from dqp.solvers.ipm.solve import _compact_size
+    from dqp.solvers.ipm.graphs import _compact_size
     assert _compact_size(17, 1024, 100) == 32            # B·k² = 1e7: compacted, power of two
     assert _compact_size(3, 1024, 100) == 8               # at least 8
     assert _compact_size(300, 1024, 100) is None          # more than a quarter left
@@ -1097,7 +1102,7 @@ def test_tail_compaction_cuda(form, shared, dtype, p):
 
 def test_graph_cache_is_bounded():
     import dqp.solvers.ipm as ipm
-    from dqp.solvers.ipm.solve import _GRAPH_CACHE, _graph_for
+    from dqp.solvers.ipm.graphs import _GRAPH_CACHE, _graph_for
     P, q, C, d, *_ = known_qp(3, 4, 5, 0)
 
     class _Live:
@@ -1178,7 +1183,7 @@ def test_graph_parts_warm_up_sees_capture_layout():
     strides than the capture's and compile it again while capturing, which invalidates the capture
     (seen on an H100: every call fell back to eager iterations, 0.9 s instead of 16 ms)."""
     import dqp.solvers.ipm as ipm
-    from dqp.solvers.ipm.solve import _GRAPH_CACHE, _run_parts
+    from dqp.solvers.ipm.graphs import _GRAPH_CACHE, _run_parts
     P, q, C, d, *_ = known_qp(4, 6, 8, 0, seed=1)
     ipm.clear_graph_cache()
     ipm_solve(P, q, C, d, cuda_graph=True, check_every=2, max_iter=2, form="dual", options=EMU())
@@ -1200,7 +1205,7 @@ def test_graph_parts_warm_up_sees_capture_layout():
 def test_check_schedule():
     """_CheckSchedule: every check_every steps, then 1, 1, 2, 4, 4 … steps once at most
     TAIL_FRACTION of the batch runs; fixed when not adaptive or check_every is 1."""
-    from dqp.solvers.ipm.solve import _CheckSchedule
+    from dqp.solvers.ipm.graphs import _CheckSchedule
     s = _CheckSchedule(4, 100, True)
     seen = [s.next]
     for nleft in (100, 50, 10, 3, 2, 2, 1, 1):
@@ -1315,7 +1320,7 @@ def test_setup_products_by_inverse_match_solves(device):
     first one). On the CPU the setting does not apply. A bad value is refused."""
     import dqp.solvers.ipm as ipm
     from dqp.linsolve import blocked
-    from dqp.solvers.ipm.solve import _DualNewton, _setup_by_inverse
+    from dqp.solvers.ipm.newton import _DualNewton, _setup_by_inverse
     n, m, p = 70, 40, 5
     P, q, C, d, A, b, *_ = known_qp(3, n, m, p, seed=4, device=device)
     L = torch.linalg.cholesky(P)
@@ -1345,3 +1350,43 @@ def test_setup_products_by_inverse_match_solves(device):
     with pytest.raises(SettingsError, match="setup_products"):
         IPMOptions(setup_products="lu")
     ipm.clear_graph_cache()
+
+
+# ------------------------------------------------------------------------------------------------
+# the layer reaches the IPM through the solver registry, with the settings it honours
+# ------------------------------------------------------------------------------------------------
+
+def test_eps_abs_eps_rel_reach_the_ipm():
+    """eps_abs/eps_rel set the IPM's stopping tolerance: without the polish (refine_active=False) a
+    loose tolerance gives a less accurate z and residuals, a tight one the known solution; with the
+    polish they change the IPM's iterations, not the (polished, exact) answer."""
+    from dqp.layer import dQP_layer
+    P, q, C, d, A, b, z0, *_ = known_qp(8, 10, 12, 2, seed=5)
+    err, res, its, pol = {}, {}, {}, {}
+    for eps in (1e-3, 1e-10):
+        for polish in (False, True):
+            layer = dQP_layer(qp_solver="dqp_ipm", eps_abs=eps, eps_rel=eps, refine_active=polish,
+                              qp_solver_keywords={"options": LOOP})
+            z = layer(P, q, C, d, A, b)[0]
+            assert layer.info.status == [Status.SOLVED] * 8
+            if polish:
+                pol[eps] = _rel(z, z0)
+            else:
+                err[eps], its[eps] = _rel(z, z0), max(layer.info.iterations)
+                res[eps] = max(max(layer.info.dual_residual), max(layer.info.primal_residual))
+    assert err[1e-10] < 1e-8 < err[1e-3] and res[1e-10] < 1e-8 < res[1e-3]
+    assert its[1e-10] > its[1e-3]
+    assert pol[1e-3] < 1e-10 and pol[1e-10] < 1e-10                     # the polish: exact either way
+
+
+def test_settings_the_ipm_cannot_honour_warn():
+    from dqp.layer import dQP_layer
+    P, q, C, d, *_ = known_qp(3, 4, 5, 0, seed=1)
+    for opt, match in ((dict(warm_start_from_previous=True), "warm_start_from_previous"),
+                       (dict(omp_parallel=True), "omp_parallel"),
+                       (dict(dual_available=False), "dual_available"),
+                       (dict(fallback_solver="clarabel"), "fallback_solver")):
+        with pytest.warns(UserWarning, match=match):
+            dQP_layer(qp_solver="dqp_ipm", **opt)(P, q, C, d)
+    with pytest.raises(SettingsError, match="lin_solver"):
+        dQP_layer(qp_solver="dqp_ipm", lin_solver="qdldl")(P, q, C, d)

@@ -16,7 +16,7 @@ from dqp.linsolve.cholesky import (CholeskyFactor, CholeskyOptions, cholesky, ch
                                    potrs_rows, potrs_rows_ok)
 from dqp.solvers.ipm import IPMOptions, KernelOptions
 from dqp.solvers.ipm import ipm_solve as _ipm_solve
-from dqp.solvers.ipm.solve import _DualNewton
+from dqp.solvers.ipm.newton import _DualNewton
 
 #: These tests are of the torch loop; the fused kernel (which the float64 dual form takes by
 #: default where it can be built) has tests/test_fused.py.
