@@ -18,9 +18,13 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
+from dqp.linsolve.blocked import (
+    blocked_chol_solve,
+    blocked_cholesky,
+    diag_block_inverses,
+)
 
 from dqp.errors import SettingsError
-from dqp.linsolve.blocked import blocked_chol_solve, blocked_cholesky, diag_block_inverses
 
 Tensor = torch.Tensor
 

@@ -1021,7 +1021,7 @@ def test_tail_compaction_pads_with_finished_rows(monkeypatch):
     running row would count as running and hold the batch at its size)."""
     import sys as _sys
     import dqp.solvers.ipm as ipm
-    import dqp.solvers.ipm.solve as impl
+    import dqp.solvers.ipm.iterate as impl
     log = []
     orig = impl._compact_size
 

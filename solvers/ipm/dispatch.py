@@ -5,10 +5,10 @@ import logging
 from typing import Optional
 
 import torch
-
-from dqp.errors import SettingsError
 from dqp.solvers import fused as _fused
 from dqp.solvers.ipm.options import DEFAULT_OPTIONS, IPMOptions
+
+from dqp.errors import SettingsError
 
 logger = logging.getLogger(__name__)
 

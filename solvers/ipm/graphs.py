@@ -10,8 +10,7 @@ from collections import OrderedDict
 from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
-
-from dqp.linsolve.cholesky import (CholeskyFactor)
+from dqp.linsolve.cholesky import CholeskyFactor
 from dqp.solvers.ipm.options import DEFAULT_OPTIONS, IPMOptions
 
 logger = logging.getLogger(__name__)

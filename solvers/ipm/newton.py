@@ -5,12 +5,21 @@ import logging
 from typing import Any, Dict, Optional, Tuple
 
 import torch
+from dqp.linsolve.blocked import tri_inverse
+from dqp.linsolve.cholesky import (
+    CholeskyFactor,
+    CholeskyOptions,
+    cholesky,
+    cholesky_inplace,
+    mv,
+    potrs_inplace,
+    potrs_rows,
+    potrs_rows_ok,
+    tmv,
+)
+from dqp.solvers.ipm.options import DEFAULT_OPTIONS, IPMOptions
 
 from dqp.errors import SettingsError
-from dqp.linsolve.blocked import tri_inverse
-from dqp.linsolve.cholesky import (CholeskyFactor, CholeskyOptions, cholesky, cholesky_inplace, mv, potrs_inplace,
-                                   potrs_rows, potrs_rows_ok, tmv)
-from dqp.solvers.ipm.options import DEFAULT_OPTIONS, IPMOptions
 
 logger = logging.getLogger(__name__)
 

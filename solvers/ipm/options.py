@@ -12,9 +12,10 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Optional, Tuple, Union
 
-from dqp.errors import SettingsError
 from dqp.linsolve.cholesky import CholeskyOptions
 from dqp.solvers.fused import KernelOptions
+
+from dqp.errors import SettingsError
 
 __all__ = ["IPMOptions", "CholeskyOptions", "KernelOptions", "DEFAULT_OPTIONS"]
 

@@ -55,24 +55,21 @@ layer raises or masks on it).
 from __future__ import annotations
 
 import logging
-import threading
 import warnings
 from typing import Any, Dict, Optional, Sequence, Union
 
 import torch
-
-from dqp.errors import SettingsError, Status
-from dqp.linsolve.cholesky import (mv, tmv)
 from dqp.solvers import fused as _fused
 from dqp.solvers.base import ForwardSolver, register_solver
-from dqp.solvers.ipm.options import DEFAULT_OPTIONS, IPMOptions
 from dqp.solvers.ipm.dispatch import _use_fused
-from dqp.solvers.ipm.graphs import (_SETUP_DEFER_FAILED, _CheckSchedule, _GraphData,
-                                    _compact_size, _graph_for, _graph_stats, _scatter_state,
-                                    graph_device_ok)
-from dqp.solvers.ipm.newton import form_by_cost, _choose_form
-from dqp.solvers.ipm.problem import IPMResult, _amax, _max_step, _prepare, _row_scales, default_eps
+from dqp.solvers.ipm.graphs import _SETUP_DEFER_FAILED, _GraphData, graph_device_ok
+from dqp.solvers.ipm.iterate import Iteration, IterConfig, run_loop
+from dqp.solvers.ipm.newton import _choose_form, form_by_cost
+from dqp.solvers.ipm.options import DEFAULT_OPTIONS, IPMOptions
+from dqp.solvers.ipm.problem import IPMResult, _prepare, _row_scales, default_eps
 from dqp.solvers.ipm.start import _deferred_ok, _init, _init_graphed
+
+from dqp.errors import SettingsError, Status
 
 logger = logging.getLogger(__name__)
 
@@ -144,12 +141,9 @@ def ipm_solve(P: Tensor, q: Tensor, C: Optional[Tensor] = None, d: Optional[Tens
         calls copy their data into the graph's static buffers instead of capturing again, so a
         training loop captures once. :func:`clear_graph_cache` frees them.
     compile : bool
-        With ``cuda_graph``: compile the captured iteration with ``torch.compile`` first, which
-        fuses its element-wise work (about 100 small kernels per step) into a few generated
-        kernels. The first call for each shape then takes the compilation time (about 100 s on an
-        H100 host); later calls reuse the cached graph. Each capture compiles anew, and past
-        ``torch._dynamo.config.cache_size_limit`` captures in one process torch.compile runs the
-        iteration uncompiled (with its own warning). Off by default.
+        With ``cuda_graph``: compile the captured iteration with ``torch.compile`` first (its ~100
+        small element-wise kernels per step fused); the first call for each shape then takes the
+        compilation time (~100 s on an H100 host), later calls reuse the cached graph. Off by default.
     fused : bool, optional
         Run the whole iteration loop as one fused kernel (:mod:`dqp.solvers.fused`: a thread
         block per QP). ``None`` (default) follows ``options.kernel.mode`` (``"auto"``: on
@@ -161,13 +155,10 @@ def ipm_solve(P: Tensor, q: Tensor, C: Optional[Tensor] = None, d: Optional[Tens
         :func:`dqp.ipm_layer.polish` (at most this many rounds; 0: none) and return it in
         :attr:`IPMResult.polish`. The torch loop ignores it (``polish`` is None: the caller polishes).
     polish_eps : float, optional
-        With the kernel's polish (``polish_rounds > 0``) and ``polish_eps > eps``: two stages. The
-        IPM first stops at ``polish_eps`` and polishes; where the polish rejects a solved element's
-        point, that element goes on to ``eps`` (the iterates of a single solve at ``eps``) and is
-        polished again. So an element is either polished or solved to ``eps``, as without it, in
-        fewer iterations where the looser point already shows the active set. A pair
-        ``(eps_1, eps_2)`` with ``eps_1 > eps_2 > eps``: three stages, the stops and polishes at
-        eps_1, then (where rejected) eps_2, then eps. Ignored elsewhere.
+        With the kernel's polish (``polish_rounds > 0``) and ``polish_eps > eps``: the IPM first
+        stops at ``polish_eps`` and polishes; an element whose point the polish rejects goes on to
+        ``eps`` (the iterates of a single solve) and is polished again. A pair ``(eps_1, eps_2)``:
+        three stages (eps_1, then eps_2, then eps). Ignored elsewhere.
     trace : list, optional
         Diagnostics: when given, a dict of per-instance tensors (residuals, gap, step lengths,
         regularization) is appended every iteration.
@@ -179,17 +170,107 @@ def ipm_solve(P: Tensor, q: Tensor, C: Optional[Tensor] = None, d: Optional[Tens
     IPMResult
         Shapes ``(B, ·)``; B = 1 when no argument is batched.
     """
-    again = dict(eps=eps, max_iter=max_iter, check_every=check_every, form=form, separate_steps=separate_steps,
-                 step_fraction=step_fraction, eps_infeasible=eps_infeasible, refine=refine,
-                 stall_iters=stall_iters, fallback64=fallback64, cuda_graph=cuda_graph, graph_cache=graph_cache,
-                 compile=compile, fused=fused, polish_rounds=polish_rounds, polish_eps=polish_eps, trace=trace,
-                 options=options)
+    again = {k: v for k, v in locals().items() if k not in ("P", "q", "C", "d", "A", "b")}   # (the keywords)
     if not isinstance(options, IPMOptions):
         raise SettingsError(f"ipm_solve: options must be an IPMOptions, got {type(options).__name__}.")
     P, q, C, d, A, b, B, n, m, p = _prepare(P, q, C, d, A, b)
     P0, q0, d0, b0 = P, q, d, b
-    lin = options.linalg
     dtype, device = P.dtype, P.device
+    eps, stages, eps_inf, check_every = _checked_arguments(dtype, device, eps, max_iter, polish_rounds,
+                                                           step_fraction, polish_eps, eps_infeasible, check_every)
+    f64 = dtype == torch.float64
+    C_u, A_u = C, A
+    use_graph = cuda_graph and trace is None and graph_device_ok(device, options)
+    with torch.profiler.record_function("dqp::ipm_setup"):
+        init, deferred, fused_dual = _setup(P, q, C, d, A, b, B, n, m, p, form, fused, trace, refine,
+                                            use_graph and graph_cache, options)
+    C, d, A, b, c_scale, a_scale, norms, newton, S = init
+    fm = newton.form
+    if refine is None:
+        refine = 1 if fm == "primal" else 0
+    wlo = 1e-60 if f64 else 1e-16           # (IterConfig.wlo: the range of W⁻¹ = s/μ)
+    # the fused kernel runs the whole loop: nothing of the torch loop's machinery is needed then
+    fused_out = None
+    if (fused_dual if (fm == "dual" and fused_dual is not None)
+            else _use_fused(fused, fm, dtype, device, n, m, p, trace, refine, options)):
+        with torch.profiler.record_function("dqp::ipm_fused"):
+            fused_out = _fused.solve_dual(
+                P, q, C, d, A, b, newton.M, newton.PiAbt, newton._Piq, newton._g, norms, newton.Md, S,
+                max_iter=max_iter, stall_iters=stall_iters, separate_steps=separate_steps,
+                eps_inf=eps_inf, step_fraction=step_fraction, reg_d=newton.reg_d, wlo=wlo,
+                polish_rounds=polish_rounds, row_scale=_row_scales(a_scale, c_scale, B), start=True,
+                **_stage_tolerances(eps, stages, polish_rounds), opts=options.kernel)
+        if deferred is not None and not _deferred_ok(deferred):
+            # P failed the dual form's test in some element: the kernel's answer is void; this
+            # setup graph tests before going on from now on, and the solve starts again
+            _SETUP_DEFER_FAILED.add(deferred[0])
+            return ipm_solve(P0, q0, C_u, d0, A_u, b0, **again)
+
+    if fused_out is not None:
+        S = fused_out
+    else:
+        if compile and not use_graph:
+            warnings.warn(f"ipm_solve: compile=True compiles the captured CUDA-graph iteration; it has no effect "
+                          f"here (device {device.type}, cuda_graph={cuda_graph}, trace given: {trace is not None}) "
+                          "and the iterations run eagerly.", stacklevel=2)
+        cfg = IterConfig(n=n, m=m, p=p, dtype=dtype, device=device, form=fm, eps=eps, eps_inf=eps_inf,
+                         separate_steps=separate_steps, step_fraction=step_fraction, refine=refine,
+                         stall_iters=stall_iters, check_every=check_every, compile=compile, lin=options.linalg,
+                         track=fm == "dual" and f64 and not use_graph and m > 0)
+        S = _torch_loop(cfg, trace, _GraphData(P, q, C, d, A, b, newton, norms), S, B, max_iter, use_graph,
+                        graph_cache, options)
+    res = _result(S, fused_out is not None, newton, a_scale, c_scale, B, m, p)
+    if fallback64 and dtype != torch.float64:
+        bad = (res.status == int(Status.MAX_ITER)) | (res.status == int(Status.NUMERICAL))
+        if bool(bad.any()):
+            res = _fallback64(res, bad, (P0, q0, C_u, d0, A_u, b0), dict(
+                eps=None, max_iter=max_iter, check_every=check_every, form=form,
+                separate_steps=separate_steps, step_fraction=step_fraction, refine=refine,
+                stall_iters=stall_iters, cuda_graph=cuda_graph, graph_cache=False, options=options))
+    return res
+
+
+
+def _torch_loop(cfg: IterConfig, trace, live: _GraphData, S, B: int, max_iter: int, use_graph: bool,
+                graph_cache: bool, options: IPMOptions):
+    """The torch loop (:func:`dqp.solvers.ipm.iterate.run_loop`) of this solve; the final state."""
+    live.newton.tracking = cfg.track
+    return run_loop(Iteration(cfg, trace), live, S, B, max_iter, use_graph, graph_cache, options)
+
+
+def _setup(P, q, C, d, A, b, B: int, n: int, m: int, p: int, form: str, fused, trace, refine,
+           graphed: bool, options: IPMOptions):
+    """The setup (form, Newton solver, start): for the dual form as a cached graph where ``graphed``
+    (:func:`_init_graphed`), else eagerly. Returns ``(init, deferred, fused_dual)``: :func:`_init`'s
+    result, the graphed setup's deferred test (or None) and the kernel's verdict should the dual
+    form be taken (None where not decided)."""
+    dtype, device = P.dtype, P.device
+    fused_dual = None
+    if graphed and options.setup_graph and form_by_cost(form, P, B, n, m, p) == "dual":
+        fused_dual = _use_fused(fused, "dual", dtype, device, n, m, p, trace, refine, options)
+        # (with the kernel to follow, the dual form's test is read after its launch)
+        got = _init_graphed(P, q, C, d, A, b, B, n, m, p, minimal=fused_dual, defer_ok=fused_dual, options=options)
+        if got is not None:
+            return got[0], got[1], fused_dual
+    fm, LP = _choose_form(form, P, B, n, m, p, options.linalg)
+    if fm == "dual":
+        fused_dual = _use_fused(fused, "dual", dtype, device, n, m, p, trace, refine, options)
+    # (where the kernel follows, it computes the starting point itself)
+    init = _init(P, q, C, d, A, b, B, n, m, p, fm, LP, start=not (fm == "dual" and fused_dual), options=options)
+    return init, None, fused_dual
+
+
+def _stage_tolerances(eps: float, stages: tuple, polish_rounds: int) -> Dict[str, Any]:
+    """The kernel's stop tolerances: with its polish and a looser ``polish_eps``, two (or three)
+    stages, the first to polish_eps (:func:`dqp.solvers.fused.solve_dual`'s eps, eps2, eps_mid)."""
+    eps_first = max(stages[0], eps) if (polish_rounds and stages) else eps
+    eps_mid = stages[1] if (polish_rounds and len(stages) == 2 and eps < stages[1] < eps_first) else None
+    return dict(eps=eps_first, eps2=eps if eps_first > eps else None, eps_mid=eps_mid)
+
+
+def _checked_arguments(dtype, device, eps, max_iter, polish_rounds, step_fraction, polish_eps, eps_infeasible,
+                       check_every):
+    """``ipm_solve``'s arguments checked, defaults filled: ``(eps, polish stages, eps_inf, check_every)``."""
     if max_iter < 1:
         raise SettingsError(f"ipm_solve: max_iter must be >= 1, got {max_iter}.")
     if not (isinstance(polish_rounds, int) and polish_rounds >= 0):
@@ -208,468 +289,29 @@ def ipm_solve(P: Tensor, q: Tensor, C: Optional[Tensor] = None, d: Optional[Tens
     eps_inf = (1e-7 if dtype == torch.float64 else 1e-4) if eps_infeasible is None else float(eps_infeasible)
     if check_every is None:
         check_every = 1 if device.type == "cpu" else 4
-    check_every = max(int(check_every), 1)
-    f64 = dtype == torch.float64
+    return eps, stages, eps_inf, max(int(check_every), 1)
 
-    C_u, A_u = C, A
-    use_graph = cuda_graph and trace is None and graph_device_ok(device, options)
-    with torch.profiler.record_function("dqp::ipm_setup"):
-        init = deferred = None
-        fused_dual = None            # the kernel's verdict should the dual form be taken (decided once)
-        if use_graph and graph_cache and options.setup_graph and form_by_cost(form, P, B, n, m, p) == "dual":
-            fused_dual = _use_fused(fused, "dual", dtype, device, n, m, p, trace, refine, options)
-            # (with the kernel to follow, the dual form's test is read after its launch)
-            got = _init_graphed(P, q, C, d, A, b, B, n, m, p, minimal=fused_dual, defer_ok=fused_dual,
-                                options=options)
-            if got is not None:
-                init, deferred = got
-        if init is None:
-            fm, LP = _choose_form(form, P, B, n, m, p, options.linalg)
-            if fm == "dual":
-                fused_dual = _use_fused(fused, "dual", dtype, device, n, m, p, trace, refine, options)
-            # (where the kernel follows, it computes the starting point itself)
-            init = _init(P, q, C, d, A, b, B, n, m, p, fm, LP, start=not (fm == "dual" and fused_dual),
-                         options=options)
-    C, d, A, b, c_scale, a_scale, norms, newton, S = init
-    fm = newton.form
-    if refine is None:
-        refine = 1 if fm == "primal" else 0
-    Cscale = 1.0 if m else 0.0   # rows are unit norm after scaling
-    Ascale = 1.0 if p else 0.0
-    tiny = torch.finfo(dtype).tiny
-    wlo = 1e-60 if f64 else 1e-16
-    SOLVED, PINF, DINF, NUM = (int(Status.SOLVED), int(Status.PRIMAL_INFEASIBLE),
-                               int(Status.DUAL_INFEASIBLE), int(Status.NUMERICAL))
 
-    # the fused kernel runs the whole loop: nothing of the torch loop's machinery is needed then
-    # (with its polish and a looser polish_eps: two stages, the first to polish_eps)
-    eps_first = max(stages[0], eps) if (polish_rounds and stages) else eps
-    eps_mid = stages[1] if (polish_rounds and len(stages) == 2 and eps < stages[1] < eps_first) else None
-    fused_out = None
-    if (fused_dual if (fm == "dual" and fused_dual is not None)
-            else _use_fused(fused, fm, dtype, device, n, m, p, trace, refine, options)):
-        with torch.profiler.record_function("dqp::ipm_fused"):
-            fused_out = _fused.solve_dual(
-                P, q, C, d, A, b, newton.M, newton.PiAbt, newton._Piq, newton._g, norms, newton.Md, S,
-                max_iter=max_iter, stall_iters=stall_iters, separate_steps=separate_steps,
-                eps_inf=eps_inf, step_fraction=step_fraction, reg_d=newton.reg_d, wlo=wlo,
-                polish_rounds=polish_rounds, row_scale=_row_scales(a_scale, c_scale, B), start=True,
-                eps=eps_first, eps2=eps if eps_first > eps else None, eps_mid=eps_mid, opts=options.kernel)
-        if deferred is not None and not _deferred_ok(deferred):
-            # P failed the dual form's test in some element: the kernel's answer is void; this
-            # setup graph tests before going on from now on, and the solve starts again
-            _SETUP_DEFER_FAILED.add(deferred[0])
-            return ipm_solve(P0, q0, C_u, d0, A_u, b0, **again)
-
-    live = _GraphData(P, q, C, d, A, b, newton, norms)
-
-    def _resid(z, s, mu, lam, D=live, T=None):
-        P, q, C, d, A, b = D.P, D.q, D.C, D.d, D.A, D.b
-        if T is None:
-            Pz, ATl, CTm = mv(P, z, lin), tmv(A, lam, lin) if p else None, tmv(C, mu, lin) if m else None
-            Az, Cz = mv(A, z, lin) if p else None, mv(C, z, lin) if m else None
-        else:   # products tracked by _step (see `track` below)
-            Pz, ATl, CTm, Az, Cz = T["Pz"], T["ATl"], T["CTm"], T["Az"], T["Cz"]
-        rd = Pz + q
-        if p:
-            rd = rd + ATl
-        if m:
-            rd = rd + CTm
-        req = Az - b if p else None
-        rin = Cz + s - d if m else None
-        gap = (s * mu).sum(-1)
-        gscl = 1.0 + (z * Pz).sum(-1).abs() + (q * z).sum(-1).abs()
-        return Pz, rd, ATl, CTm, Az, Cz, req, rin, gap, gscl
-
-    def _step(S, R, D=live, it=0, scaled=(None, None, None, None)):
-        """One predictor-corrector step from the state S with its residuals R (from ``_resid``);
-        returns the updated entries of S. ``it``, ``scaled``: for ``trace`` only."""
-        z, s, mu, lam, delta, nfail, iters, done = (S[k] for k in ("z", "s", "mu", "lam", "delta", "nfail",
-                                                                 "iters", "done"))
-        _, rd, _, _, Az_s, Cz_s, req, rin, gap, gscl = R
-        pres, pscl, dres, dscl = scaled
-        newton, q = D.newton, D.q
-        running = ~done
-        iters = iters + running
-
-        # ---------------- predictor (affine) step
-        # W⁻¹ = s/μ, kept inside the range where W and W⁻¹ are finite in this dtype
-        winv = (s / mu).clamp(min=wlo, max=1.0 / wlo) if m else None
-        fact_ok = newton.factor(winv, delta, running if not use_graph else None)
-        if fm == "dual" and f64:
-            # (float64 only: in float32 the identities cancel badly — measured: every instance of
-            # qpth's generator at n = m = 100 stalls — so float32 solves with P each iteration)
-            yv = torch.cat([lam, mu], dim=-1) if (p and m) else (lam if p else mu)
-            Az_ = [v for v in (Az_s, Cz_s) if v is not None]
-            newton.set_point(q, z, yv, torch.cat(Az_, dim=-1) if len(Az_) > 1 else Az_[0],
-                             trk.get("My") if track else None)
-        a = -rd
-        bb = -req if p else None
-        nrin = -rin if m else None
-        c_aff = (nrin + s) if m else None          # −r_in + r_c/μ with r_c = s∘μ
-        # (s and μ, and their directions, are stacked (B, 2, m) where both take the same operations:
-        # one kernel for both; an iteration is a few hundred small kernels at B=128, n=m=100)
-        if m:
-            _, dl_a, dm_a, Cdz_a = newton.direction(a, bb, c_aff, winv, False, 0)
-            sm = torch.stack([s, mu], 1)
-            dsm_a = torch.stack([nrin - Cdz_a, dm_a], 1)                  # (Δs, Δμ) affine
-            st_a = _max_step(sm, dsm_a, 1.0)                             # (B, 2): primal, dual
-            if not separate_steps:
-                st_a = st_a.amin(-1, keepdim=True)
-            tau = gap / m
-            sm_a = torch.addcmul(sm, st_a.unsqueeze(-1), dsm_a)
-            mu_aff = (sm_a[:, 0] * sm_a[:, 1]).sum(-1) / m
-            sigma = (mu_aff / tau.clamp(min=tiny)).clamp(min=0.0, max=1.0) ** 3
-            # ---------------- corrector (centering + second order) with the same factorization
-            rc = torch.addcmul(s * mu, dsm_a[:, 0], dm_a).sub_((sigma * tau).unsqueeze(-1))
-            c_cor = torch.addcdiv(nrin, rc, mu)
-            dz_, dl_, dm_, Cdz = newton.direction(a, bb, c_cor, winv, True, refine)
-            dsm = torch.stack([nrin - Cdz, dm_], 1)
-            # fraction to the boundary, → 1 as the instance converges (per instance)
-            eta = (1.0 - (gap / gscl).sqrt()).clamp(min=step_fraction)
-            eta = torch.nan_to_num(eta, nan=step_fraction)       # (a NaN gap must not reach the step)
-            st = (eta.unsqueeze(-1) * _max_step(sm, dsm)).clamp(max=1.0)
-            if not separate_steps:
-                st = st.amin(-1, keepdim=True)
-            ap, ad = st[:, 0], st[:, -1]
-        else:
-            dz_, dl_, dm_, _ = newton.direction(a, bb, None, None, True, refine)
-            ap = torch.ones(z.shape[0], dtype=dtype, device=device)
-            ad = ap
-
-        # finite direction: a NaN or ±inf anywhere makes the sum non-finite (a sum that overflows
-        # counts as non-finite too)
-        tot = dz_.sum(-1)
-        if p:
-            tot = tot + dl_.sum(-1)
-        if m:
-            tot = tot + dsm.sum((-2, -1))
-        ok = fact_ok & torch.isfinite(tot)
-        upd = running & ok
-        # failed factorization / non-finite step: raise that instance's regularization and retry
-        # (δ ∈ [1, 1e12]: ×100 after a failure, ×0.5 after a success)
-        bad = running & ~ok
-        delta = (delta * torch.where(bad, 100.0, 0.5)).clamp(min=1.0, max=1e12)
-        nfail = (nfail + 1) * bad
-        if trace is not None:
-            sc = (lambda a, b: None if a is None else a / b)        # noqa: E731 (no check this iteration)
-            trace.append(dict(it=it, pres=sc(pres, pscl), dres=sc(dres, dscl), gap=gap / gscl, ap=ap, ad=ad,
-                              delta=delta, ok=ok, fact_ok=fact_ok, done=done.clone(), mumax=_amax(mu), smin=s.amin(-1) if m else None))
-        u = upd.unsqueeze(-1)
-        z = torch.where(u, torch.addcmul(z, ap.unsqueeze(-1), dz_), z)
-        if m:
-            # (clamp: keep strict interiority against round-off)
-            sm = torch.where(u.unsqueeze(-1), torch.addcmul(sm, st.unsqueeze(-1), dsm), sm).clamp_(min=tiny)
-            s, mu = sm[:, 0], sm[:, 1]
-        if p:
-            lam = torch.where(u, torch.addcmul(lam, ad.unsqueeze(-1), dl_), lam)
-        if track:
-            # products at the new iterate from this step's own quantities: P Δz = a − Āᵀ Δy (the
-            # first block row, which the dual form satisfies by construction), Ā Δz and M Δy from the
-            # Schur solve; one pass over [A; C] instead of recomputing P z, C z, Cᵀμ, A z, Aᵀλ, M y
-            # (an error in a tracked product decays by (1 − α) per step: it enters the next
-            # direction through the residual it is used for)
-            ATd = tmv(D.A, dl_, lin) if p else None
-            CTd = tmv(D.C, dm_, lin) if m else None
-            Pdz = a - (ATd if p else 0.0) - (CTd if m else 0.0)
-            apc, adc = ap.unsqueeze(-1), ad.unsqueeze(-1)
-            Abdz = newton.last_Abdz
-            upd_ = lambda v, dv, st: torch.where(u, torch.addcmul(v, st, dv), v)   # noqa: E731
-            trk.update(Pz=upd_(trk["Pz_cur"], Pdz, apc), My=upd_(newton.My_point, newton.last_My, adc),
-                       ATl=upd_(trk["ATl_cur"], ATd, adc) if p else None,
-                       CTm=upd_(trk["CTm_cur"], CTd, adc) if m else None,
-                       Az=upd_(Az_s, Abdz[:, :p], apc) if p else None,
-                       Cz=upd_(Cz_s, Abdz[:, p:], apc) if m else None)
-        return dict(z=z, s=s, mu=mu, lam=lam, delta=delta, nfail=nfail, iters=iters, it=S["it"] + 1)
-
-    def _check(S, R, D=live):
-        """Norms, convergence, infeasibility certificates, stalls and statuses at the iterate of
-        ``S`` with its residuals ``R`` (from ``_resid``). Device tensors only (it runs inside the
-        captured iteration); returns the updated entries of S and (pres, pscl, dres, dscl)."""
-        Pz, rd, ATl, CTm, Az, Cz, req, rin, gap, gscl = R
-        z, s, mu, lam = S["z"], S["s"], S["mu"], S["lam"]
-        q, b, d = D.q, D.b, D.d
-        pscale, qnorm, bnorm, dnorm = D.norms["pscale"], D.norms["qnorm"], D.norms["bnorm"], D.norms["dnorm"]
-        # (∞-norms are ≥ 0: max with 0 only where there is no constraint at all)
-        pres = pscl = None
-        if p:
-            pres = _amax(req)
-            pscl = torch.maximum(_amax(Az), bnorm)
-        if m:
-            pres = _amax(rin) if pres is None else torch.maximum(pres, _amax(rin))
-            ci = torch.maximum(torch.maximum(_amax(Cz), dnorm), _amax(s))
-            pscl = ci if pscl is None else torch.maximum(pscl, ci)
-        if pres is None:
-            pres = torch.zeros(z.shape[0], dtype=dtype, device=device)
-            pscl = torch.ones(z.shape[0], dtype=dtype, device=device)
-        else:
-            pscl = pscl.clamp(min=1.0)
-        dres = _amax(rd)
-        dscl = torch.maximum(_amax(Pz), qnorm)
-        if p:
-            dscl = torch.maximum(dscl, _amax(ATl))
-        if m:
-            dscl = torch.maximum(dscl, _amax(CTm))
-        dscl = dscl + 1.0
-        p_ok = pres <= eps * pscl
-        d_ok = dres <= eps * dscl
-        conv = p_ok & d_ok & (gap <= eps * gscl)
-
-        # ---------------- infeasibility certificates (only for instances that are not converging),
-        # from products already computed: the iterates and their change since the last check
-        Ay = (ATl + CTm) if (p and m) else (ATl if p else (CTm if m else torch.zeros_like(z)))
-        radius = 1e3 * (1.0 + _amax(z))
-        have_prev = S["have_prev"]
-
-        def _pcert(lv, mv, Ayv):
-            # y = (λ, μ) normalized: Aᵀŷ_λ + Cᵀŷ_μ = r and bᵀŷ_λ + dᵀŷ_μ = v < 0 prove that no
-            # feasible z has |rᵀz| < −v, i.e. none within ‖z‖∞ ≤ −v/‖r‖₁. Accept when r is
-            # tiny (a certificate) or when that ball is much larger than the iterates.
-            yn = torch.maximum(_amax(lv), _amax(mv)).clamp(min=tiny)
-            r = Ayv / yn.unsqueeze(-1)
-            val = ((b * lv).sum(-1) if p else 0.0) + ((d * mv).sum(-1) if m else 0.0)
-            val = val / yn
-            small = (_amax(r) <= eps_inf * (Ascale + Cscale)) | (r.abs().sum(-1) * radius <= -val)
-            return small & (val < -eps_inf), yn
-
-        def _dcert(x, Px, Ax, Cx):
-            xn = _amax(x).clamp(min=tiny)
-            okc = _amax(Px) <= eps_inf * pscale * xn
-            if p:
-                okc = okc & (_amax(Ax) <= eps_inf * Ascale * xn)
-            if m:
-                okc = okc & (Cx.amax(-1) <= eps_inf * Cscale * xn)
-            return okc & ((q * x).sum(-1) < -eps_inf * qnorm.clamp(min=tiny) * xn), xn
-
-        if m or p:
-            c1, ynorm = _pcert(lam, mu, Ay)
-            dmu_s = mu - S["prev_mu"] if m else mu
-            c2, dyn = _pcert(lam - S["prev_lam"], dmu_s, Ay - S["prev_Ay"])
-            if m:
-                c2 = c2 & (dmu_s.amin(-1) >= -eps_inf * dyn)
-            pinf = ((c1 & (ynorm > 1.0 / eps_inf ** 0.5)) | (c2 & have_prev)) & ~p_ok
-        else:
-            pinf = torch.zeros(z.shape[0], dtype=torch.bool, device=device)
-        e1, zn = _dcert(z, Pz, Az, Cz)
-        e2, _ = _dcert(z - S["prev_z"], Pz - S["prev_Pz"], Az - S["prev_Az"] if p else None,
-                       Cz - S["prev_Cz"] if m else None)
-        dinf = ((e1 & (zn > 1.0 / eps_inf ** 0.5)) | (e2 & have_prev)) & ~d_ok
-
-        done, status = S["done"], S["status"]
-        new_conv = conv & ~done
-        status = torch.where(new_conv, SOLVED, status)
-        done = done | conv
-        # a certificate must be seen twice (not necessarily in consecutive checks)
-        pinf_cnt = S["pinf_cnt"] + (pinf & ~done).to(torch.int64)
-        dinf_cnt = S["dinf_cnt"] + (dinf & ~done).to(torch.int64)
-        pinf_hit = (pinf_cnt >= 2) & ~done
-        dinf_hit = (dinf_cnt >= 2) & ~done & ~pinf_hit
-        status = torch.where(pinf_hit, PINF, status)
-        status = torch.where(dinf_hit, DINF, status)
-        done = done | pinf_hit | dinf_hit
-        # repeated factorization failures: a certificate seen once decides, else NUMERICAL
-        numfail = (S["nfail"] >= 8) & ~done
-        fail_st = torch.where(pinf_cnt > 0, PINF, torch.where(dinf_cnt > 0, DINF, NUM))
-        status = torch.where(numfail, fail_st, status)
-        done = done | numfail
-
-        # stall: no halving of the worst scaled residual for `stall_iters` iterations
-        merit = torch.maximum(torch.maximum(pres / pscl, dres / dscl), gap / gscl)
-        improved = merit < 0.5 * S["best"]
-        best = torch.where(improved, merit, S["best"])
-        last_impr = torch.where(improved, S["it"], S["last_impr"])
-        stalled = (S["it"] - last_impr >= stall_iters) & ~done
-        status = torch.where(stalled, NUM, status)
-        done = done | stalled
-        upd = dict(done=done, status=status, pinf_cnt=pinf_cnt, dinf_cnt=dinf_cnt, best=best,
-                   last_impr=last_impr, have_prev=torch.ones_like(have_prev),
-                   prev_z=z, prev_Pz=Pz, prev_lam=lam, prev_mu=mu, prev_Ay=Ay)
-        if p:
-            upd["prev_Az"] = Az
-        if m:
-            upd["prev_Cz"] = Cz
-        return upd, (pres, pscl, dres, dscl)
-
-    def _make_body(D):
-        """``check_every`` steps, then the check at the new iterate, as one function of the state:
-        what the CUDA graph captures."""
-        # a captured step factorizes every time: a factor cached by an earlier (warm-up or eager)
-        # call is a tensor outside the graph's static data, which a cached graph would keep reading
-        # after later calls refilled that data
-        D.newton.cache_const, D.newton._const = False, None
-
-        def one(S):
-            return {**S, **_step(S, _resid(S["z"], S["s"], S["mu"], S["lam"], D=D), D=D)}
-
-        def chk(S):
-            return {**S, **_check(S, _resid(S["z"], S["s"], S["mu"], S["lam"], D=D), D=D)[0]}
-
-        if compile:
-            # fuse the element-wise work between the factorizations and solves (torch.compile;
-            # the linear algebra stays ATen/cuSOLVER): compiled once per captured graph
-            one, chk = torch.compile(one, dynamic=False), torch.compile(chk, dynamic=False)
-
-        def body(S):
-            for _ in range(check_every):
-                S = one(S)
-            return chk(S)
-        # captured as one graph per part (see _capture): the host launches the next steps while the
-        # device runs the first
-        body.parts = ((one, check_every), (chk, 1))
-        return body
-
-    if compile and not use_graph:
-        warnings.warn(f"ipm_solve: compile=True compiles the captured CUDA-graph iteration; it has no effect "
-                      f"here (device {device.type}, cuda_graph={cuda_graph}, trace given: {trace is not None}) "
-                      "and the iterations run eagerly.", stacklevel=2)
-    def _gkey(D, Bc):
-        if not (use_graph and graph_cache):
-            return None
-        # cache key: everything the captured iterations depend on besides tensor values
-        # (the thread and stream too: a cached graph's static buffers are reused only by calls
-        # that are ordered after one another on the device)
-        return (fm, dtype, str(device), Bc, n, m, p, separate_steps, float(step_fraction), int(refine),
-                check_every, eps, eps_inf, int(stall_iters), options, bool(compile), D.signature(),
-                threading.get_ident(),
-                torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0)
-    gkey = _gkey(live, B) if fused_out is None else None
-    graph = None
-    # eager float64 dual form: carry P z, Aᵀλ, Cᵀμ, A z, C z and M y from step to step (see _step)
-    # instead of recomputing them — on the CPU each product is a pass over a (B, ·, n) matrix that
-    # does not fit in cache; recomputed exactly every `exact_every` iterations
-    track = fm == "dual" and f64 and not use_graph and m > 0
-    newton.tracking = track
-    trk: Dict[str, Any] = {}
-    exact_every = 5
-    # tail compaction (captured iterations only): once few instances are left, continue on those
-    # alone; `full` holds the whole batch's state, `gidx` the current rows' places in it
-    full: Optional[Dict[str, Tensor]] = None
-    gidx: Optional[Tensor] = None
-    Bc = B
-    # the iterate is checked after every `check_every`-th step and after the last one (max_iter)
-    it = 0
-    checked = -1                      # the iteration whose iterate the last check saw
-    # when the checks come (every `check_every` steps, more often in the tail: _CheckSchedule); the
-    # same for the captured and the eager iterations
-    # (where the tail compaction applies, it deals with the tail: see IPMOptions.tail_checks)
-    sched = _CheckSchedule(check_every, B, options.tail_checks and options.split_graphs
-                           and not (options.compact and B * max(n, m + p) ** 2 >= options.compact_min_work),
-                           options.tail_fraction)
-    while fused_out is None:
-        if use_graph and it == max(checked, 0) and sched.next <= max_iter:
-            # GPU: the steps up to the next check and the check per graph replay; the host reads one
-            # count per replay
-            if graph is None:
-                with torch.profiler.record_function("dqp::ipm_capture"):
-                    graph, st = _graph_for(gkey, live, _make_body, S, options)
-                if graph is None:
-                    use_graph = False
-                    continue
-                S = st
-            with torch.profiler.record_function("dqp::ipm_replay"):
-                _graph_stats["replays"] += 1
-                steps = sched.next - it
-                if sched.adaptive:
-                    graph.replay(steps)           # (a _GraphChain: a graph per step)
-                else:
-                    graph.replay()
-                it += steps
-                checked = it
-                nleft = int((~S["done"]).sum())
-                if nleft == 0 or it == max_iter:
-                    break
-                sched.checked(it, nleft)
-            bucket = _compact_size(nleft, Bc, max(n, m + p), options)
-            if bucket is not None:
-                with torch.profiler.record_function("dqp::ipm_compact"):
-                    if full is None:
-                        # (the graph's static buffers: copied, a cached graph overwrites them later)
-                        full = {k: v.clone() for k, v in S.items() if v.dim() >= 1}
-                    else:
-                        _scatter_state(full, gidx, S)
-                    run = torch.nonzero(~S["done"]).squeeze(-1)
-                    # pad with finished rows (there are Bc − nleft ≥ bucket − nleft of them): they take
-                    # no steps, keep their values and do not count as running in later reads
-                    fin = torch.nonzero(S["done"]).squeeze(-1)[:bucket - nleft]
-                    idx = torch.cat([run, fin])
-                    gidx = idx if gidx is None else gidx[idx]
-                    S = {k: (v[idx] if v.dim() >= 1 else v.clone()) for k, v in S.items()}
-                    live = live.subset(idx)
-                    Bc = bucket
-                    gkey = _gkey(live, Bc)
-                    graph = None
-                    _graph_stats["compactions"] += 1
-            continue
-        # ---------------- eager iteration (CPU; on the GPU the tail after the last replay)
-        with torch.profiler.record_function("dqp::ipm_eager_iteration"):
-            check = (it == sched.next or it == max_iter) and checked != it
-            use_T = track and "Pz" in trk and it % exact_every != 0
-            R = _resid(S["z"], S["s"], S["mu"], S["lam"], D=live, T=trk if use_T else None)
-            if track:
-                trk.update(Pz_cur=R[0], ATl_cur=R[2], CTm_cur=R[3])
-                if not use_T:
-                    trk.pop("My", None)          # exact M y too at the exact iterations
-            scaled = (None, None, None, None)
-            stop = False
-            if check:
-                upd, scaled = _check(S, R, D=live)
-                if use_T and bool((upd["done"] & ~S["done"]).any()):
-                    # a tracked product drifts from the exact one and can hide a residual (q scaled by
-                    # 1e8: SOLVED with a true scaled primal residual of 1.6e-7 against eps = 1e-9):
-                    # an element stops only on exact products
-                    R = _resid(S["z"], S["s"], S["mu"], S["lam"], D=live)
-                    trk.update(Pz_cur=R[0], ATl_cur=R[2], CTm_cur=R[3])
-                    trk.pop("My", None)
-                    upd, scaled = _check(S, R, D=live)
-                S = {**S, **upd}
-                checked = it
-                nleft = int((~S["done"]).sum())
-                stop = it == max_iter or nleft == 0
-                sched.checked(it, nleft)
-            if not stop:
-                S = {**S, **_step(S, R, D=live, it=it, scaled=scaled)}
-                it += 1
-        if stop:
-            break
-    if fused_out is not None:
-        S = fused_out
-    elif full is not None:
-        _scatter_state(full, gidx, S)
-        S = full
-    elif graph is not None:
-        # the static buffers belong to the graph (a cached graph overwrites them in a later call)
-        S = {k: S[k].clone() for k in ("z", "s", "mu", "lam", "status", "iters")}
-    z, s, mu, lam, status, iters = S["z"], S["s"], S["mu"], S["lam"], S["status"], S["iters"]
-    graph = st = S = None
-
-    # ---------------- undo the row scaling
-    lam_out = lam / a_scale if p else None
-    mu_out = mu / c_scale if m else None
-    s_out = s * c_scale if m else s
-    factors = None
-    polished = None
-    if fused_out is not None and "pflag" in fused_out:
-        pf = fused_out["pflag"]
-        polished = dict(active=fused_out["active"] if m else None, polished=(pf & 1) != 0,
-                        fallback=(pf & 2) != 0, ok=(pf & 4) != 0, LS=fused_out["LS"])
-    if fm == "dual":
+def _result(S: Dict[str, Tensor], fused: bool, newton, a_scale, c_scale, B: int, m: int, p: int) -> IPMResult:
+    """The :class:`IPMResult` of the final state: the row scaling undone, the kernel's polish and the
+    dual form's factors (in the caller's scaling) attached."""
+    lam_out = S["lam"] / a_scale if p else None
+    mu_out = S["mu"] / c_scale if m else None
+    s_out = S["s"] * c_scale if m else S["s"]
+    factors = polished = None
+    if fused and "pflag" in S:
+        pf = S["pflag"]
+        polished = dict(active=S["active"] if m else None, polished=(pf & 1) != 0,
+                        fallback=(pf & 2) != 0, ok=(pf & 4) != 0, LS=S["LS"])
+    if newton.form == "dual":
         sc = _row_scales(a_scale, c_scale, B)                                  # (B, k) row norms
         if newton.PiAbt.dim() == 2:
             # (P⁻¹Āᵀ is shared only when P, A and C are: their row norms are then one vector)
             sc = sc[0]
         factors = dict(L=newton.LP, PiAbt=newton.PiAbt * sc.unsqueeze(-2),
                        M=newton.M * sc.unsqueeze(-1) * sc.unsqueeze(-2))
-    res = IPMResult(z=z, lam=lam_out, mu=mu_out, s=s_out, status=status, iterations=iters, form=fm,
-                    factors=factors, polish=polished, fused=fused_out is not None)
-    if fallback64 and dtype != torch.float64:
-        bad = (status == int(Status.MAX_ITER)) | (status == NUM)
-        if bool(bad.any()):
-            res = _fallback64(res, bad, (P0, q0, C_u, d0, A_u, b0), dict(
-                eps=None, max_iter=max_iter, check_every=check_every, form=form,
-                separate_steps=separate_steps, step_fraction=step_fraction, refine=refine,
-                stall_iters=stall_iters, cuda_graph=cuda_graph, graph_cache=False, options=options))
-    return res
-
+    return IPMResult(z=S["z"], lam=lam_out, mu=mu_out, s=s_out, status=S["status"], iterations=S["iters"],
+                     form=newton.form, factors=factors, polish=polished, fused=fused)
 
 
 def _fallback64(res: IPMResult, bad: Tensor, data, kw) -> IPMResult:

@@ -7,13 +7,18 @@ import math
 from typing import Dict, Optional
 
 import torch
-
-from dqp.errors import Status
-from dqp.linsolve.cholesky import (CholeskyFactor, cholesky, mv)
+from dqp.linsolve.cholesky import CholeskyFactor, cholesky, mv
 from dqp.solvers.ipm.graphs import _SETUP_DEFER_FAILED, _GraphData, graphed_call
-from dqp.solvers.ipm.newton import _DualNewton, _PrimalNewton, _regularization, factor_ok
+from dqp.solvers.ipm.newton import (
+    _DualNewton,
+    _PrimalNewton,
+    _regularization,
+    factor_ok,
+)
 from dqp.solvers.ipm.options import DEFAULT_OPTIONS, IPMOptions
 from dqp.solvers.ipm.problem import _amax, _row_normalize
+
+from dqp.errors import Status
 
 logger = logging.getLogger(__name__)
 
