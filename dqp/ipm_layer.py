@@ -565,6 +565,56 @@ def _broadcast(P, q, C, d, A, b):
     return P, q, C, d, A, b
 
 
+#: Data whose constraint rows or objective have a norm outside [1/EQUILIBRATE_RANGE,
+#: EQUILIBRATE_RANGE] are scaled before the solve (:func:`_equilibrate`).
+EQUILIBRATE_RANGE = 1e3
+
+
+def _row_norms(M: Optional[Tensor]) -> Optional[Tensor]:
+    if M is None:
+        return None
+    nrm = torch.linalg.vector_norm(M, dim=-1)
+    return torch.where(nrm > 0, nrm, torch.ones_like(nrm))
+
+
+def _equilibrate(P, q, C, d, A, b):
+    """Scale badly scaled data: rows of C and A to unit 2-norm (with d, b) and the objective by
+    ``σ = max(max|P_ij|, ‖q‖∞)``, per element. The IPM row-normalizes internally; its polish and
+    the backward, whose acceptance tests are absolute in the data's units, need it where the rows
+    or the objective are far from unit size (``z`` is invariant; ``λ, μ`` scale back by σ/‖row‖).
+    Differentiable torch operations. Returns ``((P, q, C, d, A, b), (rc, ra, σ))`` — rc, ra of ones
+    where absent — or None where every scale is within :data:`EQUILIBRATE_RANGE` (one host read)."""
+    rc, ra = _row_norms(C), _row_norms(A)
+    sigma = torch.maximum(P.abs().flatten(-2).amax(-1), q.abs().amax(-1) if q.shape[-1] else q.new_zeros(q.shape[0]))
+    sigma = torch.where(sigma > 0, sigma, torch.ones_like(sigma))
+    scales = torch.cat([t.reshape(-1) for t in (rc, ra, sigma) if t is not None])
+    lo, hi = 1.0 / EQUILIBRATE_RANGE, EQUILIBRATE_RANGE
+    if not bool(((scales < lo) | (scales > hi)).any()):
+        return None
+    s3 = sigma.view(-1, 1, 1)
+    Ps, qs = P / s3, q / sigma.unsqueeze(-1)
+    Cs, ds = (None, None) if C is None else (C / rc.unsqueeze(-1), d / rc)
+    As, bs = (None, None) if A is None else (A / ra.unsqueeze(-1), b / ra)
+    ones = lambda M: None if M is None else q.new_ones(M.shape[:-1])       # noqa: E731
+    return (Ps, qs, Cs, ds, As, bs), (rc if C is not None else ones(C), ra if A is not None else ones(A), sigma)
+
+
+def _feasible(z: Tensor, C, d, A, b) -> Tensor:
+    """Per element: ``z`` satisfies the (unscaled) constraints to a tolerance relative to each row's
+    scale, ``|r_i| ≤ √ε·(|d_i| + |C_i||z|)`` — what a polished (verified) point must meet."""
+    tol = math.sqrt(torch.finfo(z.dtype).eps)
+    ok = torch.ones(z.shape[0], dtype=torch.bool, device=z.device)
+    for M, v, eq in ((C, d, False), (A, b, True)):
+        if M is None:
+            continue
+        M, v = M.detach(), v.detach()
+        r = torch.matmul(M, z.unsqueeze(-1)).squeeze(-1) - v
+        size = v.abs() + torch.matmul(M.abs(), z.abs().unsqueeze(-1)).squeeze(-1)
+        bad = (r.abs() if eq else r) > tol * size
+        ok = ok & ~bad.any(-1)
+    return ok
+
+
 def solve_qp_batch(P: Tensor, q: Tensor, C: Optional[Tensor] = None, d: Optional[Tensor] = None,
                    A: Optional[Tensor] = None, b: Optional[Tensor] = None, *, eps: Optional[float] = None,
                    max_iter: int = 100, on_failure: str = "raise", polish: bool = True,
@@ -611,9 +661,19 @@ def solve_qp_batch(P: Tensor, q: Tensor, C: Optional[Tensor] = None, d: Optional
     P, q, C, d, A, b = _broadcast(P, q, C, d, A, b)
     opts = dict(ipm_options)
     opts.update(eps=eps, max_iter=max_iter, polish=polish)
-    z, lam, mu, status, active, kkt = IPMQPFunction.apply(P, q, C, d, A, b, opts)
+    scaled = _equilibrate(P, q, C, d, A, b)
+    if scaled is None:
+        z, lam, mu, status, active, kkt = IPMQPFunction.apply(P, q, C, d, A, b, opts)
+    else:
+        # badly scaled data: solved (IPM, polish, backward) with unit rows and a unit objective; the
+        # scaling is differentiable, so autograd carries the gradients back through it
+        (Ps, qs, Cs, ds, As, bs), (rc, ra, sigma) = scaled
+        z, lam, mu, status, active, kkt = IPMQPFunction.apply(Ps, qs, Cs, ds, As, bs, opts)
+        mu = None if mu is None else mu * sigma.unsqueeze(-1) / rc
+        lam = None if lam is None else lam * sigma.unsqueeze(-1) / ra
     if diagnostics is not None:
-        diagnostics.update(verified=kkt.polished, iterations=kkt.iterations,
+        verified = kkt.polished & _feasible(z.detach(), C, d, A, b)
+        diagnostics.update(verified=verified, iterations=kkt.iterations,
                            kkt_path=[PATH_NAMES[i] for i in kkt.path.tolist()])
     if on_failure == "raise":
         st = status.tolist()

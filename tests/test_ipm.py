@@ -1390,3 +1390,42 @@ def test_settings_the_ipm_cannot_honour_warn():
             dQP_layer(qp_solver="dqp_ipm", **opt)(P, q, C, d)
     with pytest.raises(SettingsError, match="lin_solver"):
         dQP_layer(qp_solver="dqp_ipm", lin_solver="qdldl")(P, q, C, d)
+
+
+@pytest.mark.parametrize("what", ["rows", "objective"])
+@pytest.mark.parametrize("scale", [1e-7, 1e-8, 1e15])
+def test_scaling_the_data_does_not_change_the_answer(what, scale):
+    """Scaling C, d, A, b (or P, q) by one positive factor leaves z (and the gradient w.r.t. q, up to
+    the objective's factor) unchanged and every element verified; the duals scale by its inverse
+    (badly scaled data are equilibrated before the IPM, its polish and the backward)."""
+    P, q, C, d, A, b, *_ = known_qp(20, 10, 15, 3, seed=3)
+    w = torch.randn(20, 10, dtype=F64, generator=torch.Generator().manual_seed(1))
+
+    def run(P, q, C, d, A, b):
+        q = q.clone().requires_grad_(True)
+        diag = {}
+        z, lam, mu, status, _ = solve_qp_batch(P, q, C, d, A, b, diagnostics=diag)
+        (g,) = torch.autograd.grad((w * z).sum(), [q])
+        return z.detach(), lam, mu, g, diag["verified"]
+    ref = run(P, q, C, d, A, b)
+    if what == "rows":
+        got = run(P, q, C * scale, d * scale, A * scale, b * scale)
+        dual_factor, grad_factor = 1.0 / scale, 1.0
+    else:
+        got = run(P * scale, q * scale, C, d, A, b)
+        dual_factor, grad_factor = scale, 1.0 / scale
+    assert bool(ref[4].all()) and bool(got[4].all())
+    assert _rel(got[0], ref[0]) <= 1e-9
+    assert _rel(got[1], ref[1] * dual_factor) <= 1e-8 and _rel(got[2], ref[2] * dual_factor) <= 1e-8
+    assert _rel(got[3], ref[3] * grad_factor) <= 1e-8
+
+
+def test_verified_needs_the_unscaled_constraints_to_hold():
+    from dqp.ipm_layer import _feasible
+    C = torch.tensor([[[1e-8, 0.0]], [[1e15, 0.0]]], dtype=F64)
+    d = torch.tensor([[1e-8], [1e15]], dtype=F64)
+    z_ok = torch.tensor([[1.0, 5.0], [1.0, -3.0]], dtype=F64)
+    assert _feasible(z_ok, C, d, None, None).tolist() == [True, True]
+    assert _feasible(z_ok * 1.01, C, d, None, None).tolist() == [False, False]     # 1 % over, at any scale
+    A, b = C.clone(), d.clone()
+    assert _feasible(z_ok * 0.99, None, None, A, b).tolist() == [False, False]     # equalities: both sides
