@@ -74,6 +74,7 @@ import torch
 from dqp.errors import SettingsError, ShapeError, Status, error_for_statuses
 from dqp.result import SolveInfo
 from dqp.gradients import dense_grads
+from dqp.problem import INF_BOUND, INF_ROW_RATIO
 from dqp.linsolve.torch_batched import PATH_NAMES, BatchedKKT
 from dqp.solvers.ipm import (DEFAULT_OPTIONS, IPMOptions, default_eps, dual_factors, form_by_cost, fused_flag,
                              fused_reasons, graph_device_ok, graphed_call, ipm_solve)
@@ -615,6 +616,59 @@ def _feasible(z: Tensor, C, d, A, b) -> Tensor:
     return ok
 
 
+def _unbounded_rows(C: Optional[Tensor], d: Optional[Tensor]):
+    """Rows whose bound means "none" (``d_i ≥ INF_BOUND``, ``+inf``; see :mod:`dqp.problem`) cannot be active:
+    take them out.
+
+    Rows unbounded in every element are dropped; rows unbounded in some elements become ``0·z ≤ 1``
+    there (always satisfied, so their multiplier is 0; ``torch.where`` gives the original entries a
+    zero gradient). Returns ``(C, d, rows)`` with ``rows = (kept indices, m, masked (B, k))``, or
+    ``None`` when nothing changed.
+    """
+    if C is None:
+        return C, d, None
+    big = (d >= INF_BOUND) & (d >= INF_ROW_RATIO * C.detach().abs().amax(-1))
+    if not bool(big.any()):
+        return C, d, None
+    m = d.shape[-1]
+    idx = (~big.all(0)).nonzero().flatten()
+    C, d, big = C[:, idx], d[:, idx], big[:, idx]
+    if idx.numel() == 0:
+        return None, None, (idx, m, big)
+    if bool(big.any()):
+        C = torch.where(big.unsqueeze(-1), torch.zeros_like(C), C)
+        d = torch.where(big, torch.ones_like(d), d)
+    return C, d, (idx, m, big)
+
+
+def _restore_rows(mu: Optional[Tensor], active: Optional[Tensor], rows, like: Tensor):
+    """Multipliers and active flags of all ``m`` rows (the taken-out rows: 0 and inactive)."""
+    idx, m, big = rows
+    B = like.shape[0]
+    mu_full = like.new_zeros(B, m)
+    act_full = torch.zeros(B, m, dtype=torch.bool, device=like.device)
+    if mu is not None:
+        mu_full = mu_full.index_copy(1, idx, torch.where(big, torch.zeros_like(mu), mu))
+    if active is not None:
+        act_full[:, idx] = active & ~big
+    return mu_full, act_full
+
+
+def _check_ipm_options(options: Dict[str, Any]) -> None:
+    """Unknown ``ipm_solve`` keywords are a :class:`SettingsError` (with the closest valid name)."""
+    import difflib
+    import inspect
+
+    valid = [k for k in inspect.signature(ipm_solve).parameters if k not in ("P", "q", "C", "d", "A", "b")]
+    valid.append("polish_rounds")
+    unknown = [k for k in options if k not in valid]
+    if unknown:
+        hints = [f"{k!r}" + (f" (did you mean {c[0]!r}?)" if (c := difflib.get_close_matches(k, valid, n=1)) else "")
+                 for k in unknown]
+        raise SettingsError(f"qp_solver='dqp_ipm' has no option {', '.join(hints)}. Valid keywords "
+                            f"(qp_solver_keywords / solve_qp_batch): {', '.join(sorted(valid))}.")
+
+
 def solve_qp_batch(P: Tensor, q: Tensor, C: Optional[Tensor] = None, d: Optional[Tensor] = None,
                    A: Optional[Tensor] = None, b: Optional[Tensor] = None, *, eps: Optional[float] = None,
                    max_iter: int = 100, on_failure: str = "raise", polish: bool = True,
@@ -658,7 +712,9 @@ def solve_qp_batch(P: Tensor, q: Tensor, C: Optional[Tensor] = None, d: Optional
     """
     if on_failure not in ("raise", "mask"):
         raise SettingsError(f"solve_qp_batch: on_failure must be 'raise' or 'mask', got {on_failure!r}.")
+    _check_ipm_options(ipm_options)
     P, q, C, d, A, b = _broadcast(P, q, C, d, A, b)
+    C, d, rows = _unbounded_rows(C, d)
     opts = dict(ipm_options)
     opts.update(eps=eps, max_iter=max_iter, polish=polish)
     scaled = _equilibrate(P, q, C, d, A, b)
@@ -671,8 +727,11 @@ def solve_qp_batch(P: Tensor, q: Tensor, C: Optional[Tensor] = None, d: Optional
         z, lam, mu, status, active, kkt = IPMQPFunction.apply(Ps, qs, Cs, ds, As, bs, opts)
         mu = None if mu is None else mu * sigma.unsqueeze(-1) / rc
         lam = None if lam is None else lam * sigma.unsqueeze(-1) / ra
+    feasible = _feasible(z.detach(), C, d, A, b)
+    if rows is not None:
+        mu, active = _restore_rows(mu, active, rows, z)
     if diagnostics is not None:
-        verified = kkt.polished & _feasible(z.detach(), C, d, A, b)
+        verified = kkt.polished & feasible
         diagnostics.update(verified=verified, iterations=kkt.iterations,
                            kkt_path=[PATH_NAMES[i] for i in kkt.path.tolist()])
     if on_failure == "raise":
@@ -729,6 +788,9 @@ def _warn_unsupported(s: "Settings") -> None:
         bad.append("warm_start_from_previous=True (an interior-point method starts from its own point)")
     if s.omp_parallel:
         bad.append("omp_parallel=True (the batch is one solve already)")
+    if getattr(s, "time_limit", None) is not None:
+        bad.append(f"time_limit={s.time_limit} (the batched interior point has no clock: bound it with "
+                   "qp_solver_keywords={'max_iter': ...}, or pick qp_solver='clarabel')")
     if s.dual_available is False:
         bad.append("dual_available=False (the IPM's duals classify the active set; the polish recomputes them)")
     if s.fallback_solver not in (build_settings().fallback_solver, None, ()):
@@ -792,7 +854,7 @@ def _torch_margins(batch: "QPBatch", z, mu, active, eps: float):
     Cz = (C @ z.unsqueeze(-1)).squeeze(-1)
     slack = d - Cz
     size = torch.maximum(d.abs(), (C.abs() @ z.abs().unsqueeze(-1)).squeeze(-1))
-    at_bound = slack <= eps * size.clamp_min(torch.finfo(z.dtype).tiny)
+    at_bound = (slack <= eps * size.clamp_min(torch.finfo(z.dtype).tiny)) & torch.isfinite(slack)
     zero_dual = mu <= eps * mu.amax(-1, keepdim=True).clamp_min(torch.finfo(z.dtype).tiny)
     weak = (at_bound & zero_dual).sum(-1)
     inf = torch.full_like(slack, float("inf"))
@@ -815,5 +877,5 @@ def _torch_residuals(batch: "QPBatch", z, lam, mu):
         r_dual = r_dual + (C.transpose(-1, -2) @ mu.unsqueeze(-1)).squeeze(-1)
         slack = batch.d.detach() - (C @ z.unsqueeze(-1)).squeeze(-1)
         r_prim = torch.maximum(r_prim, (-slack).clamp_min(0).amax(-1))
-        comp = (mu * slack).abs().amax(-1)
+        comp = torch.where(torch.isfinite(slack), mu * slack, torch.zeros_like(slack)).abs().amax(-1)  # d_i = +inf
     return r_prim.tolist(), r_dual.abs().amax(-1).tolist(), comp.tolist()
