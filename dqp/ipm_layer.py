@@ -10,8 +10,14 @@ Two entry points:
   :func:`dqp.gradients.dense_grads`.
 * :func:`solve_qp_batch` — broadcasts shared arguments with ``expand`` (so autograd *sums*
   their gradients over the batch, DESIGN-NOTES §3), calls the Function and raises (or masks)
-  on failed elements. The core layer calls it for ``qp_solver="dqp_ipm"``; its signature is
-  stable.
+  on failed elements; its signature is stable.
+* :func:`solve_settings_batch` — the layer's batched engine (``qp_solver="dqp_ipm"``, reached through
+  :meth:`dqp.solvers.ipm.IPMSolver.solve_batch`): maps the :class:`~dqp.settings.Settings` it can
+  honour onto :func:`solve_qp_batch` (:func:`ipm_keywords`, warning about the others) and fills
+  :class:`~dqp.result.SolveInfo`.
+
+Engine tuning (the IPM's, the kernel's, the polish graphs') is one frozen
+:class:`~dqp.solvers.ipm.IPMOptions`, passed as the keyword ``options``.
 
 Active set. The IPM returns slacks ``s`` and duals ``μ`` with ``s∘μ ≈ 0``; row i is classified
 active when ``s_i/‖C_i‖ < μ_i‖C_i‖`` (slack smaller than the dual, both in the unit-row scaling),
