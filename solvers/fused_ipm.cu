@@ -194,7 +194,7 @@ DEV double warp_max(double v) {
 }
 #endif
 
-// -DDQP_PROFILE (experiments/fused_check.py): thread 0 of each block adds the clock cycles of
+// -DDQP_PROFILE: thread 0 of each block adds the clock cycles of
 // each phase of an iteration to prof[phase] (atomically, over all blocks).
 #if defined(DQP_PROFILE) && !defined(DQP_CPU)
 #define PROF_INIT long long prof_t = clock64();
@@ -386,7 +386,7 @@ DEV void chol_solve(const double* U, int k, int ld, const double* invd, double* 
 // triangle, 1/Ũ_jj in invd. Returns 1 when every pivot was positive and finite. invd: shared k
 // doubles; flag: shared int. W needs DQP_PAD doubles of slack after its k·ld (the unpredicated
 // reads of row k−1 run past it).
-// (Measured on an H200, k = 100, 512 threads, per factorization, session 6: a predicated version
+// (Measured on an H200, k = 100, 512 threads, per factorization: a predicated version
 // 201K cycles, one where warps skipped finished rows by a runtime branch 267K.)
 DEV int chol_upper(double* W, const double* Mdg, const double* Sd, int k, int ld, double* invd, int* flag,
                    const double* cm) {
@@ -411,10 +411,9 @@ DEV int chol_upper(double* W, const double* Mdg, const double* Sd, int k, int ld
     // Phase a0: the steps j ∈ [TY·a0, TY·(a0+1)), where row j is row a0 of its owner's tile and the
     // tile rows a < a0 (rows i < TY·a0 ≤ j) are finished: the update skips them, by compile-time
     // ranges (about half the work of updating every tile row at every step; the same operations
-    // on the live entries). Measured on an H200, k = 100, 384 threads (experiments/results/
-    // kernel_probe_session8_run{3,5}.md), cycles per factorization: 107K with a loop over all j
-    // (owner row j / TY, a runtime tile index resolved by a loop over a), 70K with these phases
-    // updating every row, 66K skipping the finished ones.
+    // on the live entries). Measured on an H200, k = 100, 384 threads, cycles per factorization:
+    // 107K with a loop over all j (owner row j / TY, a runtime tile index resolved by a loop over
+    // a), 70K with these phases updating every row, 66K skipping the finished ones.
 #pragma unroll
     for (int a0 = 0; a0 < DQP_RR; ++a0) {
         const int jend = TY * (a0 + 1) < k ? TY * (a0 + 1) : k;
