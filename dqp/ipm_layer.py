@@ -187,6 +187,7 @@ def polish(P: Tensor, q: Tensor, C: Optional[Tensor], d: Optional[Tensor], A: Op
     zp, lp, mp, ok, bad_rows = _attempt(kkt, q, b, C, d, active, solved, tol)
     z, lam, mu = _accept(ok, zp, lp, mp, z, lam, mu)
     polished = ok
+    nc = kkt.negative_curvature                  # (any round's K may show that P is not PSD)
     # later rounds: only the rejected elements, with the offending rows moved
     if C is not None and rounds > 1:
         idx = torch.nonzero(solved & ~ok).squeeze(-1)
@@ -209,8 +210,12 @@ def polish(P: Tensor, q: Tensor, C: Optional[Tensor], d: Optional[Tensor], A: Op
             polished = polished.clone()
             polished[gi] = True
             kkt.absorb(gi, sub, rows)
+            if sub.negative_curvature is not None:
+                nc = torch.zeros_like(solved) if nc is None else nc.clone()
+                nc[idx] |= sub.negative_curvature
             keep = torch.nonzero(~ok_s).squeeze(-1)
             idx, cur = idx[keep], (cur ^ bad_s)[keep]
+    kkt.negative_curvature = nc
     return z, lam, mu, active, kkt, polished
 
 
@@ -323,9 +328,40 @@ def _kkt_of_kernel(P: Tensor, C: Optional[Tensor], A: Optional[Tensor], active: 
     return kkt
 
 
-def _finish(res, z, lam, mu, active, kkt, polished, solved, dtype_in):
+def _not_psd(P: Tensor, res, kkt: BatchedKKT, solved: Tensor) -> Optional[Tensor]:
+    """(B,) bool: the elements whose P is not positive semidefinite, or None where none can be.
+
+    Only the primal form can meet such a P (the dual form needs P's Cholesky factor). Candidates
+    are the elements whose reduced KKT matrix showed negative curvature in the polish
+    (:attr:`BatchedKKT.negative_curvature`, known on the host without a synchronization) and, in
+    the primal form, those the IPM failed on; P's smallest eigenvalue decides, for them only. A
+    convex batch in the dual form costs nothing; in the primal form, one read of the statuses.
+    """
+    if res.form != "primal" or res.fused:
+        return None
+    cand = ~solved
+    if kkt.negative_curvature is not None:
+        cand = cand | kkt.negative_curvature
+    idx = torch.nonzero(cand).squeeze(-1)         # (the host sync: the primal form syncs per step anyway)
+    if idx.numel() == 0:
+        return None
+    B, n = solved.shape[0], P.shape[-1]
+    Pi = P.expand(B, n, n)[idx]
+    lo = torch.linalg.eigvalsh(Pi.double())[:, 0]
+    big = Pi.double().abs().flatten(-2).amax(-1)
+    bad = torch.zeros_like(solved)
+    bad[idx] = lo < -math.sqrt(torch.finfo(P.dtype).eps) * big
+    return bad
+
+
+def _finish(res, z, lam, mu, active, kkt, polished, solved, dtype_in, P: Optional[Tensor] = None):
     """IPMQPFunction.forward's outputs: per-element diagnostics on ``kkt``, the point in the input
-    dtype, zeros (never NaN) for failed elements."""
+    dtype, zeros (never NaN) for failed elements. With ``P``: elements whose P is not positive
+    semidefinite (:func:`_not_psd`) get ``Status.NOT_PSD`` and count as failed."""
+    bad = None if P is None else _not_psd(P, res, kkt, solved)
+    if bad is not None:
+        res.status = torch.where(bad, torch.full_like(res.status, int(Status.NOT_PSD)), res.status)
+        solved = solved & ~bad
     kkt.polished, kkt.iterations = polished & solved, res.iterations
     z, lam, mu = (_cast(t, dtype_in) for t in (z, lam, mu))
     sv = solved.unsqueeze(-1)
@@ -441,7 +477,7 @@ class IPMQPFunction(torch.autograd.Function):
             else:
                 kkt = BatchedKKT(P, A, C, active, batch=q.shape[0], factors=res.factors, options=eng.linalg)
                 polished = torch.zeros_like(solved)
-        return _finish(res, z, lam, mu, active, kkt, polished, solved, dtype_in)
+        return _finish(res, z, lam, mu, active, kkt, polished, solved, dtype_in, P)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
