@@ -63,6 +63,7 @@ polish (``polish=False``), the float32 path keeps its float32 factorization.
 """
 from __future__ import annotations
 
+import functools
 import math
 import time
 import warnings
@@ -694,6 +695,21 @@ def solve_qp_batch(P: Tensor, q: Tensor, C: Optional[Tensor] = None, d: Optional
     """
     if on_failure not in ("raise", "mask"):
         raise SettingsError(f"solve_qp_batch: on_failure must be 'raise' or 'mask', got {on_failure!r}.")
+    z, lam, mu, status, active, kkt, C, d, A, b = _solve(P, q, C, d, A, b, eps, max_iter, polish, ipm_options)
+    if diagnostics is not None:
+        verified = kkt.polished & _feasible(z.detach(), C, d, A, b)
+        diagnostics.update(verified=verified, iterations=kkt.iterations,
+                           kkt_path=[PATH_NAMES[i] for i in kkt.path.tolist()])
+    if on_failure == "raise":
+        st = status.tolist()
+        if any(s != int(Status.SOLVED) for s in st):
+            raise error_for_statuses([Status(s) for s in st], "dqp_ipm")
+    return z, lam, mu, status, active
+
+
+def _solve(P, q, C, d, A, b, eps, max_iter, polish, ipm_options):
+    """:func:`solve_qp_batch`'s solve, nothing read on the host: ``(z, lam, mu, status, active, kkt)``
+    and the broadcast ``C, d, A, b``."""
     P, q, C, d, A, b = _broadcast(P, q, C, d, A, b)
     opts = dict(ipm_options)
     opts.update(eps=eps, max_iter=max_iter, polish=polish)
@@ -707,15 +723,7 @@ def solve_qp_batch(P: Tensor, q: Tensor, C: Optional[Tensor] = None, d: Optional
         z, lam, mu, status, active, kkt = IPMQPFunction.apply(Ps, qs, Cs, ds, As, bs, opts)
         mu = None if mu is None else mu * sigma.unsqueeze(-1) / rc
         lam = None if lam is None else lam * sigma.unsqueeze(-1) / ra
-    if diagnostics is not None:
-        verified = kkt.polished & _feasible(z.detach(), C, d, A, b)
-        diagnostics.update(verified=verified, iterations=kkt.iterations,
-                           kkt_path=[PATH_NAMES[i] for i in kkt.path.tolist()])
-    if on_failure == "raise":
-        st = status.tolist()
-        if any(s != int(Status.SOLVED) for s in st):
-            raise error_for_statuses([Status(s) for s in st], "dqp_ipm")
-    return z, lam, mu, status, active
+    return z, lam, mu, status, active, kkt, C, d, A, b
 
 
 # ------------------------------------------------------------------------------------------------
@@ -757,9 +765,15 @@ def ipm_keywords(settings: "Settings", dtype: torch.dtype, device: torch.device)
     return kw
 
 
+@functools.lru_cache(maxsize=1)
+def _default_fallback() -> tuple:
+    """The default settings' fallback chain (built once: it asks which solvers are installed)."""
+    from dqp.settings import build_settings
+    return tuple(build_settings().fallback_solver)
+
+
 def _warn_unsupported(s: "Settings") -> None:
     """Warn about the settings the batched IPM cannot honour (see :func:`ipm_keywords`)."""
-    from dqp.settings import build_settings
     bad: List[str] = []
     if s.warm_start_from_previous:
         bad.append("warm_start_from_previous=True (an interior-point method starts from its own point)")
@@ -767,7 +781,7 @@ def _warn_unsupported(s: "Settings") -> None:
         bad.append("omp_parallel=True (the batch is one solve already)")
     if s.dual_available is False:
         bad.append("dual_available=False (the IPM's duals classify the active set; the polish recomputes them)")
-    if s.fallback_solver not in (build_settings().fallback_solver, None, ()):
+    if s.fallback_solver not in (_default_fallback(), None, ()):
         bad.append(f"fallback_solver={s.fallback_solver!r} (failed elements are reported in layer.info.status; "
                    "float32 failures are re-solved in float64)")
     if bad:
@@ -785,27 +799,36 @@ def solve_settings_batch(batch: "QPBatch", settings: "Settings") -> Tuple[Tensor
     s = settings
     t0 = time.perf_counter()
     kw = ipm_keywords(s, batch.q.dtype, batch.q.device)
-    diag: dict = {}
-    z, lam, mu, status, active = solve_qp_batch(batch.P, batch.q, batch.C, batch.d, batch.A, batch.b,
-                                                on_failure="mask", diagnostics=diag, **kw)
+    do_polish = kw.pop("polish", True)
+    z, lam, mu, status, active, kkt, C, d, A, b = _solve(batch.P, batch.q, batch.C, batch.d, batch.A, batch.b,
+                                                         kw.pop("eps", None), kw.pop("max_iter", 100), do_polish, kw)
+    diag = dict(verified=kkt.polished & _feasible(z.detach(), C, d, A, b), iterations=kkt.iterations,
+                kkt_path=lambda path=kkt.path: [PATH_NAMES[i] for i in path.tolist()])
     elapsed = time.perf_counter() - t0
     B = batch.B
-    st = [Status(int(x)) for x in status.tolist()]
-    info = SolveInfo(qp_solver="dqp_ipm", lin_solver="torch", status=st,
-                     active=[a for a in (active.cpu().numpy() if active is not None
-                                         else np.zeros((B, 0), bool))],
-                     verified=diag["verified"].tolist(), kkt_path=diag["kkt_path"],
-                     iterations=diag["iterations"].tolist(),
-                     solve_time=[elapsed / B] * B, messages=[""] * B)
     if lam is None:
         lam = batch.q.new_zeros(B, 0)
     if mu is None:
         mu = batch.q.new_zeros(B, 0)
-    zd = z.detach()
-    info.primal_residual, info.dual_residual, info.complementarity = _torch_residuals(batch, zd, lam.detach(), mu.detach())
-    info.n_weakly_active, info.complementarity_margin = _torch_margins(batch, zd, mu.detach(), active, s.eps_active)
-    if kw.get("polish", True):
-        unverified = [i for i, v in enumerate(info.verified) if st[i] == Status.SOLVED and not v]
+    if active is None:
+        active = torch.zeros(B, 0, dtype=torch.bool, device=z.device)
+    # the one host read of the call (the statuses decide raise/mask, ``verified`` the warning); the
+    # other diagnostics stay tensors until read (LazySolveInfo)
+    st_ver = torch.stack([status, diag["verified"].to(status.dtype)]).tolist()
+    st, verified = [Status(x) for x in st_ver[0]], [bool(v) for v in st_ver[1]]
+    zd, lamd, mud = z.detach(), lam.detach(), mu.detach()
+    residuals = _once(lambda: _torch_residuals(batch, zd, lamd, mud))
+    margins = _once(lambda: _torch_margins(batch, zd, mud, active, s.eps_active))
+    info = LazySolveInfo(
+        dict(active=lambda: list(active.cpu().numpy()), kkt_path=diag["kkt_path"],
+             iterations=lambda: diag["iterations"].tolist(),
+             primal_residual=lambda: residuals()[0], dual_residual=lambda: residuals()[1],
+             complementarity=lambda: residuals()[2], n_weakly_active=lambda: margins()[0],
+             complementarity_margin=lambda: margins()[1]),
+        active_mask=active, qp_solver="dqp_ipm", lin_solver="torch", status=st, verified=verified,
+        solve_time=[elapsed / B] * B, messages=[""] * B)
+    if do_polish:
+        unverified = [i for i, v in enumerate(verified) if st[i] == Status.SOLVED and not v]
         for i in unverified:
             info.messages[i] = ("the polished point was rejected (active set not confirmed): returned the "
                                 "interior-point solution; gradients use its active set")
@@ -816,6 +839,64 @@ def solve_settings_batch(batch: "QPBatch", settings: "Settings") -> Tuple[Tensor
                 f"and the gradient uses its active set. See layer.info.verified / messages.",
                 UnverifiedSolutionWarning, stacklevel=4)
     return z, lam, mu, info
+
+
+def _once(fn):
+    """``fn`` evaluated at the first call, its value kept."""
+    box: list = []
+
+    def get():
+        if not box:
+            box.append(fn())
+        return box[0]
+    return get
+
+
+class LazySolveInfo(SolveInfo):
+    """A :class:`SolveInfo` whose per-element lists are computed from the engine's tensors when
+    first read (each costs a host synchronization and some work: nothing is spent on diagnostics
+    nobody reads). Pickles and copies as a plain SolveInfo (every list materialized).
+
+    Parameters
+    ----------
+    fills : dict of str to callable
+        Field name → function returning that field's list.
+    active_mask : Tensor
+        The (B, m) active mask itself (:meth:`active_mask`).
+    **fields
+        The fields known now.
+    """
+
+    def __init__(self, fills: Dict[str, Any], active_mask: Tensor, **fields):
+        super().__init__(**fields)
+        for k in fills:
+            self.__dict__.pop(k, None)
+        self.__dict__["_fills"] = dict(fills)
+        self.__dict__["_active_mask"] = active_mask
+
+    def __getattr__(self, name: str):
+        fills = self.__dict__.get("_fills", {})
+        if name in fills:
+            value = fills.pop(name)()
+            self.__dict__[name] = value
+            return value
+        raise AttributeError(f"{type(self).__name__!s} has no attribute {name!r}")
+
+    def active_mask(self, m: int) -> Tensor:
+        """The (B, m) active mask as one tensor, on the data's device (no host copy)."""
+        return self._active_mask
+
+    def __getstate__(self):
+        for k in list(self.__dict__.get("_fills", {})):
+            getattr(self, k)
+        st = dict(self.__dict__)
+        st.pop("_fills", None)
+        st["_active_mask"] = st["_active_mask"].detach().cpu()
+        return st
+
+    def __setstate__(self, st):
+        self.__dict__.update(st)
+        self.__dict__["_fills"] = {}
 
 
 def _torch_margins(batch: "QPBatch", z, mu, active, eps: float):

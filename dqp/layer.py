@@ -238,7 +238,7 @@ class dQP_layer(nn.Module):  # noqa: N801  (the name users know from the referen
             mu = mu / rC
         if rA is not None:
             lam = lam / rA
-        active = torch.as_tensor(np.stack(info.active)) if batch.m else torch.zeros(batch.B, 0, dtype=torch.bool)
+        active = info.active_mask(batch.m)
         if not batch.batched and not s.empty_batch:
             z, lam, mu, active = z[0], lam[0], mu[0], active[0]
         self.active = active

@@ -89,6 +89,12 @@ class SolveInfo:
     solve_time: List[float] = field(default_factory=list)
     messages: List[str] = field(default_factory=list)
 
+    def active_mask(self, m: int) -> torch.Tensor:
+        """``active`` as one (B, m) bool tensor."""
+        if m and self.active:
+            return torch.as_tensor(np.stack(self.active))
+        return torch.zeros(len(self.status), 0, dtype=torch.bool)
+
     @property
     def failed(self) -> List[int]:
         """Indices of elements whose status is not SOLVED."""
