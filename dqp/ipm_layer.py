@@ -10,8 +10,14 @@ Two entry points:
   :func:`dqp.gradients.dense_grads`.
 * :func:`solve_qp_batch` — broadcasts shared arguments with ``expand`` (so autograd *sums*
   their gradients over the batch, DESIGN-NOTES §3), calls the Function and raises (or masks)
-  on failed elements. The core layer calls it for ``qp_solver="dqp_ipm"``; its signature is
-  stable.
+  on failed elements; its signature is stable.
+* :func:`solve_settings_batch` — the layer's batched engine (``qp_solver="dqp_ipm"``, reached through
+  :meth:`dqp.solvers.ipm.IPMSolver.solve_batch`): maps the :class:`~dqp.settings.Settings` it can
+  honour onto :func:`solve_qp_batch` (:func:`ipm_keywords`, warning about the others) and fills
+  :class:`~dqp.result.SolveInfo`.
+
+Engine tuning (the IPM's, the kernel's, the polish graphs') is one frozen
+:class:`~dqp.solvers.ipm.IPMOptions`, passed as the keyword ``options``.
 
 Active set. The IPM returns slacks ``s`` and duals ``μ`` with ``s∘μ ≈ 0``; row i is classified
 active when ``s_i/‖C_i‖ < μ_i‖C_i‖`` (slack smaller than the dual, both in the unit-row scaling),
@@ -75,6 +81,7 @@ import torch
 from dqp.errors import SettingsError, ShapeError, Status, error_for_statuses
 from dqp.result import SolveInfo
 from dqp.gradients import dense_grads
+from dqp.problem import INF_BOUND, INF_ROW_RATIO
 from dqp.linsolve.torch_batched import PATH_NAMES, BatchedKKT
 from dqp.solvers.ipm import (DEFAULT_OPTIONS, IPMOptions, default_eps, dual_factors, form_by_cost, fused_flag,
                              fused_reasons, graph_device_ok, graphed_call, ipm_solve)
@@ -652,6 +659,65 @@ def _feasible(z: Tensor, C, d, A, b) -> Tensor:
     return ok
 
 
+def _unbounded_rows(C: Optional[Tensor], d: Optional[Tensor]):
+    """Rows whose bound means "none" (``d_i ≥ INF_BOUND``, ``+inf``; see :mod:`dqp.problem`) cannot be active:
+    take them out.
+
+    Rows unbounded in every element are dropped; rows unbounded in some elements become ``0·z ≤ 1``
+    there (always satisfied, so their multiplier is 0; ``torch.where`` gives the original entries a
+    zero gradient). Returns ``(C, d, rows)`` with ``rows = (kept indices, m, masked (B, k))``, or
+    ``None`` when nothing changed.
+    """
+    if C is None:
+        return C, d, None
+    big = (d >= INF_BOUND) & (d >= INF_ROW_RATIO * C.detach().abs().amax(-1))
+    if not bool(big.any()):
+        return C, d, None
+    m = d.shape[-1]
+    idx = (~big.all(0)).nonzero().flatten()
+    C, d, big = C[:, idx], d[:, idx], big[:, idx]
+    if idx.numel() == 0:
+        return None, None, (idx, m, big)
+    if bool(big.any()):
+        C = torch.where(big.unsqueeze(-1), torch.zeros_like(C), C)
+        d = torch.where(big, torch.ones_like(d), d)
+    return C, d, (idx, m, big)
+
+
+def _restore_rows(mu: Optional[Tensor], active: Optional[Tensor], rows, like: Tensor):
+    """Multipliers and active flags of all ``m`` rows (the taken-out rows: 0 and inactive)."""
+    idx, m, big = rows
+    B = like.shape[0]
+    mu_full = like.new_zeros(B, m)
+    act_full = torch.zeros(B, m, dtype=torch.bool, device=like.device)
+    if mu is not None:
+        mu_full = mu_full.index_copy(1, idx, torch.where(big, torch.zeros_like(mu), mu))
+    if active is not None:
+        act_full[:, idx] = active & ~big
+    return mu_full, act_full
+
+
+@functools.lru_cache(maxsize=1)
+def _ipm_keyword_names() -> Tuple[str, ...]:
+    """The keywords :func:`solve_qp_batch` passes on (``ipm_solve``'s and ``polish_rounds``), read once."""
+    import inspect
+    return tuple(k for k in inspect.signature(ipm_solve).parameters
+                 if k not in ("P", "q", "C", "d", "A", "b")) + ("polish_rounds",)
+
+
+def _check_ipm_options(options: Dict[str, Any]) -> None:
+    """Unknown ``ipm_solve`` keywords are a :class:`SettingsError` (with the closest valid name)."""
+    import difflib
+
+    valid = list(_ipm_keyword_names())
+    unknown = [k for k in options if k not in valid]
+    if unknown:
+        hints = [f"{k!r}" + (f" (did you mean {c[0]!r}?)" if (c := difflib.get_close_matches(k, valid, n=1)) else "")
+                 for k in unknown]
+        raise SettingsError(f"qp_solver='dqp_ipm' has no option {', '.join(hints)}. Valid keywords "
+                            f"(qp_solver_keywords / solve_qp_batch): {', '.join(sorted(valid))}.")
+
+
 def solve_qp_batch(P: Tensor, q: Tensor, C: Optional[Tensor] = None, d: Optional[Tensor] = None,
                    A: Optional[Tensor] = None, b: Optional[Tensor] = None, *, eps: Optional[float] = None,
                    max_iter: int = 100, on_failure: str = "raise", polish: bool = True,
@@ -695,9 +761,9 @@ def solve_qp_batch(P: Tensor, q: Tensor, C: Optional[Tensor] = None, d: Optional
     """
     if on_failure not in ("raise", "mask"):
         raise SettingsError(f"solve_qp_batch: on_failure must be 'raise' or 'mask', got {on_failure!r}.")
-    z, lam, mu, status, active, kkt, C, d, A, b = _solve(P, q, C, d, A, b, eps, max_iter, polish, ipm_options)
+    z, lam, mu, status, active, kkt, feasible = _solve(P, q, C, d, A, b, eps, max_iter, polish, ipm_options)
     if diagnostics is not None:
-        verified = kkt.polished & _feasible(z.detach(), C, d, A, b)
+        verified = kkt.polished & feasible
         diagnostics.update(verified=verified, iterations=kkt.iterations,
                            kkt_path=[PATH_NAMES[i] for i in kkt.path.tolist()])
     if on_failure == "raise":
@@ -708,9 +774,11 @@ def solve_qp_batch(P: Tensor, q: Tensor, C: Optional[Tensor] = None, d: Optional
 
 
 def _solve(P, q, C, d, A, b, eps, max_iter, polish, ipm_options):
-    """:func:`solve_qp_batch`'s solve, nothing read on the host: ``(z, lam, mu, status, active, kkt)``
-    and the broadcast ``C, d, A, b``."""
+    """:func:`solve_qp_batch`'s solve, nothing read on the host: ``(z, lam, mu, status, active, kkt,
+    feasible)`` with ``feasible`` (B,) whether z satisfies the constraints (:func:`_feasible`)."""
+    _check_ipm_options(ipm_options)
     P, q, C, d, A, b = _broadcast(P, q, C, d, A, b)
+    C, d, rows = _unbounded_rows(C, d)
     opts = dict(ipm_options)
     opts.update(eps=eps, max_iter=max_iter, polish=polish)
     scaled = _equilibrate(P, q, C, d, A, b)
@@ -723,7 +791,10 @@ def _solve(P, q, C, d, A, b, eps, max_iter, polish, ipm_options):
         z, lam, mu, status, active, kkt = IPMQPFunction.apply(Ps, qs, Cs, ds, As, bs, opts)
         mu = None if mu is None else mu * sigma.unsqueeze(-1) / rc
         lam = None if lam is None else lam * sigma.unsqueeze(-1) / ra
-    return z, lam, mu, status, active, kkt, C, d, A, b
+    feasible = _feasible(z.detach(), C, d, A, b)
+    if rows is not None:
+        mu, active = _restore_rows(mu, active, rows, z)
+    return z, lam, mu, status, active, kkt, feasible
 
 
 # ------------------------------------------------------------------------------------------------
@@ -779,6 +850,9 @@ def _warn_unsupported(s: "Settings") -> None:
         bad.append("warm_start_from_previous=True (an interior-point method starts from its own point)")
     if s.omp_parallel:
         bad.append("omp_parallel=True (the batch is one solve already)")
+    if getattr(s, "time_limit", None) is not None:
+        bad.append(f"time_limit={s.time_limit} (the batched interior point has no clock: bound it with "
+                   "qp_solver_keywords={'max_iter': ...}, or pick qp_solver='clarabel')")
     if s.dual_available is False:
         bad.append("dual_available=False (the IPM's duals classify the active set; the polish recomputes them)")
     if s.fallback_solver not in (_default_fallback(), None, ()):
@@ -800,9 +874,9 @@ def solve_settings_batch(batch: "QPBatch", settings: "Settings") -> Tuple[Tensor
     t0 = time.perf_counter()
     kw = ipm_keywords(s, batch.q.dtype, batch.q.device)
     do_polish = kw.pop("polish", True)
-    z, lam, mu, status, active, kkt, C, d, A, b = _solve(batch.P, batch.q, batch.C, batch.d, batch.A, batch.b,
-                                                         kw.pop("eps", None), kw.pop("max_iter", 100), do_polish, kw)
-    diag = dict(verified=kkt.polished & _feasible(z.detach(), C, d, A, b), iterations=kkt.iterations,
+    z, lam, mu, status, active, kkt, feasible = _solve(batch.P, batch.q, batch.C, batch.d, batch.A, batch.b,
+                                                       kw.pop("eps", None), kw.pop("max_iter", 100), do_polish, kw)
+    diag = dict(verified=kkt.polished & feasible, iterations=kkt.iterations,
                 kkt_path=lambda path=kkt.path: [PATH_NAMES[i] for i in path.tolist()])
     elapsed = time.perf_counter() - t0
     B = batch.B
@@ -909,7 +983,7 @@ def _torch_margins(batch: "QPBatch", z, mu, active, eps: float):
     Cz = (C @ z.unsqueeze(-1)).squeeze(-1)
     slack = d - Cz
     size = torch.maximum(d.abs(), (C.abs() @ z.abs().unsqueeze(-1)).squeeze(-1))
-    at_bound = slack <= eps * size.clamp_min(torch.finfo(z.dtype).tiny)
+    at_bound = (slack <= eps * size.clamp_min(torch.finfo(z.dtype).tiny)) & torch.isfinite(slack)
     zero_dual = mu <= eps * mu.amax(-1, keepdim=True).clamp_min(torch.finfo(z.dtype).tiny)
     weak = (at_bound & zero_dual).sum(-1)
     inf = torch.full_like(slack, float("inf"))
@@ -932,5 +1006,5 @@ def _torch_residuals(batch: "QPBatch", z, lam, mu):
         r_dual = r_dual + (C.transpose(-1, -2) @ mu.unsqueeze(-1)).squeeze(-1)
         slack = batch.d.detach() - (C @ z.unsqueeze(-1)).squeeze(-1)
         r_prim = torch.maximum(r_prim, (-slack).clamp_min(0).amax(-1))
-        comp = (mu * slack).abs().amax(-1)
+        comp = torch.where(torch.isfinite(slack), mu * slack, torch.zeros_like(slack)).abs().amax(-1)  # d_i = +inf
     return r_prim.tolist(), r_dual.abs().amax(-1).tolist(), comp.tolist()

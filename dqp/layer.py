@@ -118,8 +118,9 @@ class dQP_layer(nn.Module):  # noqa: N801  (the name users know from the referen
         qp = s.qp_solver
         if qp == "auto":
             on_gpu = batch.device.type != "cpu"
-            qp = "dqp_ipm" if (not batch.sparse and (on_gpu or batch.B > 16) and "dqp_ipm" in available_solvers()) \
-                else "clarabel"
+            # by capability: a batched dense engine (the built-in IPM) for dense data on a GPU or large batches
+            engines = [n for n in available_solvers() if get_solver(n).batched and get_solver(n).dense]
+            qp = engines[0] if (engines and not batch.sparse and (on_gpu or batch.B > 16)) else "clarabel"
             logger.log(logging.INFO if s.verbose else logging.DEBUG,
                        "qp_solver='auto' picked %r (%s inputs, batch %d, %s)", qp,
                        "sparse" if batch.sparse else "dense", batch.B, batch.device)

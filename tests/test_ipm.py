@@ -491,7 +491,7 @@ def test_registry_entries():
         qp_solver="ipm", qp_solver_keywords={"max_iter": 50, "options": LOOP}))
     assert info.status == [Status.SOLVED] * 2 and info.kkt_path == ["cholesky"] * 2 and lam.shape == (2, 0)
     assert max(info.primal_residual) < 1e-10 and z.shape == (2, 4) and mu.shape == (2, 3)
-    with pytest.raises(TypeError, match="bogus"):
+    with pytest.raises(SettingsError, match="bogus"):
         get_solver("ipm").solve_batch(batch, build_settings(qp_solver="ipm", qp_solver_keywords={"bogus": 1}))
     lin = get_linsolver("batched")
     assert lin.name == "torch" and lin.batched
