@@ -85,6 +85,7 @@ from dqp.problem import INF_BOUND, INF_ROW_RATIO
 from dqp.linsolve.torch_batched import PATH_NAMES, BatchedKKT
 from dqp.solvers.ipm import (DEFAULT_OPTIONS, IPMOptions, default_eps, dual_factors, form_by_cost, fused_flag,
                              fused_reasons, graph_device_ok, graphed_call, ipm_solve)
+from dqp.transforms import first_order_only, reject_functorch
 
 if TYPE_CHECKING:  # pragma: no cover
     from dqp.problem import QPBatch
@@ -504,6 +505,7 @@ class IPMQPFunction(torch.autograd.Function):
     # dA z − db, dC_J z − dd_J) with K symmetric, so the vector-Jacobian product is obtained from
     # one solve K y = (ḡ_z, ḡ_λ, ḡ_μJ) and the formulas in dqp.gradients.dense_grads.
     @staticmethod
+    @first_order_only
     @torch.autograd.function.once_differentiable
     def backward(ctx, gz, glam, gmu, _gstatus=None, _gactive=None, _gkkt=None):
         """One solve with the saved KKT factorization, then :func:`dqp.gradients.dense_grads`."""
@@ -759,6 +761,7 @@ def solve_qp_batch(P: Tensor, q: Tensor, C: Optional[Tensor] = None, d: Optional
     z : (B, n); lam : (B, p) or None; mu : (B, m) or None; status : (B,) int64; active : (B, m) bool or None
         B = 1 when no argument is batched.
     """
+    reject_functorch((P, q, C, d, A, b), "solve_qp_batch")
     if on_failure not in ("raise", "mask"):
         raise SettingsError(f"solve_qp_batch: on_failure must be 'raise' or 'mask', got {on_failure!r}.")
     z, lam, mu, status, active, kkt, feasible = _solve(P, q, C, d, A, b, eps, max_iter, polish, ipm_options)

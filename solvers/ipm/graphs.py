@@ -4,6 +4,7 @@ CPU emulation (:attr:`IPMOptions.graphs`)."""
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 import threading
 from collections import OrderedDict
@@ -405,6 +406,22 @@ def _capture_fn(fn, static_in: Dict[str, Tensor], spec_in: tuple):
     return graph, out, spec_out
 
 
+def on_data_device(fn):
+    """Run ``fn`` with the CUDA device of its first CUDA tensor argument (positional, or a value of a
+    dict argument) as the current device: the streams, events, pinned buffers and graph captures
+    made inside take the current device, so the data on ``cuda:r`` never touch ``cuda:0``."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        for a in args:
+            for t in (a.values() if isinstance(a, dict) else (a,)):
+                if isinstance(t, Tensor) and t.device.type == "cuda":
+                    with torch.cuda.device(t.device):
+                        return fn(*args, **kwargs)
+        return fn(*args, **kwargs)
+    return wrapper
+
+
+@on_data_device
 def graphed_call(key: tuple, fn, inputs: Dict[str, Any], fresh: Optional[Callable[[str], bool]] = None,
                  options: IPMOptions = DEFAULT_OPTIONS) -> Optional[Dict[str, Any]]:
     """``fn(inputs)`` replayed from a cached CUDA graph: the inputs are copied into the graph's

@@ -62,7 +62,7 @@ import torch
 from dqp.solvers import fused as _fused
 from dqp.solvers.base import ForwardSolver, register_solver
 from dqp.solvers.ipm.dispatch import _use_fused
-from dqp.solvers.ipm.graphs import _SETUP_DEFER_FAILED, _GraphData, graph_device_ok
+from dqp.solvers.ipm.graphs import _SETUP_DEFER_FAILED, _GraphData, graph_device_ok, on_data_device
 from dqp.solvers.ipm.iterate import Iteration, IterConfig, run_loop
 from dqp.solvers.ipm.newton import _choose_form, form_by_cost
 from dqp.solvers.ipm.options import DEFAULT_OPTIONS, IPMOptions
@@ -78,6 +78,7 @@ Tensor = torch.Tensor
 __all__ = ["ipm_solve", "IPMSolver"]
 
 
+@on_data_device
 def ipm_solve(P: Tensor, q: Tensor, C: Optional[Tensor] = None, d: Optional[Tensor] = None,
               A: Optional[Tensor] = None, b: Optional[Tensor] = None, *, eps: Optional[float] = None,
               max_iter: int = 100, check_every: Optional[int] = None, form: str = "auto",
