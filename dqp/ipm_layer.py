@@ -953,9 +953,12 @@ class LazySolveInfo(SolveInfo):
 
     def __getattr__(self, name: str):
         fills = self.__dict__.get("_fills", {})
-        if name in fills:
-            value = fills.pop(name)()
+        fn = fills.get(name)
+        if fn is not None:
+            # (two threads reading it at once both compute the same value: no lock, nothing lost)
+            value = fn()
             self.__dict__[name] = value
+            fills.pop(name, None)
             return value
         raise AttributeError(f"{type(self).__name__!s} has no attribute {name!r}")
 
