@@ -50,10 +50,62 @@ class QDLDLSolver(LinearSolver):
     quasi_definite_only = True
 
     def factor(self, K: Matrix, n: Optional[int] = None) -> Factorization:
+        return _QDLDLFactorization(_as_csc(K), None)
+
+    def refactor(self, K: Matrix, previous: Optional[Factorization], n: Optional[int] = None) -> Factorization:
+        """A numeric refactorization (QDLDL's ``update``) when ``previous`` has ``K``'s pattern."""
+        Kc = _as_csc(K)
+        shared = previous.shared if isinstance(previous, _QDLDLFactorization) else None
+        if shared is not None and not shared.same_pattern(Kc):
+            shared = None
+        return _QDLDLFactorization(Kc, shared)
+
+
+class _SharedQDLDL:
+    """One QDLDL solver (its ordering and symbolic analysis) shared by factorizations of one pattern.
+
+    It holds the numeric factors of one of them at a time (``current``); another one that solves
+    refactorizes its own values first, so every factorization stays valid.
+    """
+
+    def __init__(self, K: sp.csc_matrix):
         import qdldl
 
-        F = qdldl.Solver(_as_csc(K))
-        return _CallableFactorization(_columnwise(lambda r: np.asarray(F.solve(np.ascontiguousarray(r)))))
+        self.indptr, self.indices = K.indptr.copy(), K.indices.copy()
+        self.solver = qdldl.Solver(K)
+        self.current: Optional["_QDLDLFactorization"] = None
+        self.lock = threading.Lock()
+
+    def same_pattern(self, K: sp.csc_matrix) -> bool:
+        return (K.shape[0] == len(self.indptr) - 1 and np.array_equal(K.indptr, self.indptr)
+                and np.array_equal(K.indices, self.indices))
+
+
+class _QDLDLFactorization(Factorization):
+    def __init__(self, K: sp.csc_matrix, shared: Optional[_SharedQDLDL]):
+        K.sort_indices()
+        self.K = K
+        if shared is None:
+            self.shared = _SharedQDLDL(K)
+        else:
+            self.shared = shared
+            with shared.lock:
+                shared.current = None  # until the update succeeds
+                shared.solver.update(K)
+        self.shared.current = self
+
+    def _solve_vec(self, r: np.ndarray) -> np.ndarray:
+        sh = self.shared
+        with sh.lock:
+            if sh.current is not self:  # another matrix of this pattern was factorized since
+                sh.current = None
+                sh.solver.update(self.K)
+                sh.current = self
+            return np.asarray(sh.solver.solve(np.ascontiguousarray(r)))
+
+    def solve(self, rhs: np.ndarray) -> np.ndarray:
+        rhs = np.asarray(rhs, dtype=np.float64)
+        return _columnwise(self._solve_vec)(rhs)
 
 
 @register_linsolver
