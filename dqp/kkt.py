@@ -229,7 +229,7 @@ class RobustKKT(Factorization):
         if solver.safe_on_singular and not (solver.quasi_definite_only and N > self.n):
             reg = 0.0
         else:  # a zero (2,2) block: a regularization tiny next to K's entries, undone by refinement
-            big = abs(self.K).max() if self.sparse else float(np.max(np.abs(self.K)))
+            big = np.max(np.abs(self.K.data if self.sparse else self.K), initial=0.0)
             reg = 1e-12 * max(float(big), 1e-300)
         return self._accept(solver, reg, steps=5)
 

@@ -346,6 +346,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--names", default=None, help="comma-separated Maros–Meszaros names")
     ap.add_argument("--solvers", default="piqp,clarabel")
     ap.add_argument("--dense-solvers", default="daqp,quadprog")
+    ap.add_argument("--families", default="mm,dense,loop", help="which cell families to run")
+    ap.add_argument("--loop-problem", default="PRIMALC1", help="the repeated-call loop's problem")
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--calls", type=int, default=100, help="calls of the repeated-call loop")
     ap.add_argument("--mm-dir", default=os.environ.get("DQP_MAROS_MESZAROS", str(HERE.parent.parent / "shared/data/maros_meszaros")))
@@ -363,17 +365,18 @@ def main(argv: Optional[List[str]] = None) -> int:
     if not Path(args.mm_dir).is_dir():
         names = []
     reps = 1 if args.short else args.reps
+    fams = set(args.families.split(","))
     cells: List[Dict[str, Any]] = []
-    for name in names:
+    for name in names if "mm" in fams else ():
         for solver in args.solvers.split(","):
             cells.append({"family": "mm", "name": name, "solver": solver, "dir": args.mm_dir})
     sizes, batches = ((10,), (1, 4)) if args.short else ((10, 50), (1, 32))
-    for solver in args.dense_solvers.split(","):
+    for solver in args.dense_solvers.split(",") if "dense" in fams else ():
         for n in sizes:
             for B in batches:
                 cells.append({"family": "dense", "solver": solver, "n": n, "B": B})
-    if names:
-        loop_name = names[0] if args.short else "QSCAGR7"
+    if names and "loop" in fams:
+        loop_name = names[0] if args.short else args.loop_problem
         cells.append({"family": "loop", "name": loop_name, "solver": args.solvers.split(",")[0], "dir": args.mm_dir,
                       "calls": 4 if args.short else args.calls})
     out = Path(args.out)
