@@ -257,6 +257,30 @@ def _include_weakly_active(P, q, C, d, A, b, out, linsolver, sparse: bool, eps: 
     return out
 
 
+def _repaired(data, out, eps: float, mats: Derived) -> Optional[np.ndarray]:
+    """The set after one repair of an unverified polish outcome (:func:`polish`'s rule: add the
+    violated inactive rows, else drop the active rows with negative duals); ``None`` if neither applies."""
+    P, q, C, d, A, b = data
+    z, lam, mu, active, kkt, verified, it = out
+    tol = max(1e-2 * eps, 1e-13)
+    Cz = _mv(C, z)
+    viol = (Cz - d) - tol * np.maximum(np.maximum(np.abs(d), _abs_rows(C, z, mats)), _TINY)
+    viol[active] = -np.inf
+    if np.any(viol > 0):
+        return active | (viol > 0)
+    J = np.flatnonzero(active)
+    if not len(J):
+        return None
+    row_norm = _inf(mats.abs_row_sums(C)[J])
+    mu_scale = tol * max(_inf(mu[J]), (_inf(_mv(P, z)) + _inf(q)) / max(row_norm, _TINY), _TINY)
+    neg = mu[J] < -mu_scale
+    if not np.any(neg):
+        return None
+    fixed = active.copy()
+    fixed[J[neg]] = False
+    return fixed
+
+
 def strict_complementarity_margin(slack: np.ndarray, mu: np.ndarray, active: np.ndarray) -> float:
     """``min(min_{i∈J} μ_i, min_{i∉J} slack_i)``: how far the solution is from a change of active set.
 
@@ -439,25 +463,32 @@ class Engine:
     def _polish_quick(self, data, sparse: bool, linsolver, x, mu0, start, slot, trace: PolishTrace,
                       mats: Derived):
         """The common case: the set detected at ``eps_active``, one unscaled factorization (reusing the
-        symbolic analysis of this slot's previous call), verified, with at most ``QUICK_REPAIRS``
-        repairs; then, once, the set of a 100× stricter threshold (interior-point duals of 1e-5 on
-        rows with a clear slack, or degenerate vertices, are its usual cause)."""
+        symbolic analysis of this slot's previous call), verified. When that fails: the set of a 100×
+        stricter threshold (interior-point points at 1e-8 leave duals of 1e-6–1e-5 on rows that
+        belong to a degenerate vertex's set: most of the Maros–Meszaros LPs), then at most
+        ``QUICK_REPAIRS`` repairs of the first set (a row wrongly in or out)."""
         s = self.settings
         P, q, C, d, A, b = data
         m = 0 if C is None else C.shape[0]
         active = detect_active(C, d, x, mu0, s.eps_active, mats)[0] if m else np.zeros(0, bool)
-        repairs = min(self.QUICK_REPAIRS, s.max_refine_iter) if s.refine_active else 0
-        out = polish(P, q, C, d, A, b, active, linsolver, sparse, s.eps_active, s.refine_active, repairs,
-                     start=start, quick=True, trace=trace, reuse=self._factors.get(slot), mats=mats)
+        run = lambda act, refine, repairs, reuse: polish(
+            P, q, C, d, A, b, act, linsolver, sparse, s.eps_active, refine, repairs, start=start, quick=True,
+            trace=trace, reuse=reuse, mats=mats)
+        out = run(active, False, 0, self._factors.get(slot))
         if (out is not None and out[5]) or not (m and s.refine_active):
             return out
+        reuse = None if out is None else out[4].factor
         strict = detect_active(C, d, x, mu0, 1e-2 * s.eps_active, mats)[0]
-        if np.array_equal(strict, active):
+        if not np.array_equal(strict, active):
+            cand = run(strict, False, 0, reuse)
+            if cand is not None and cand[5]:
+                return cand
+        repairs = min(self.QUICK_REPAIRS, s.max_refine_iter)
+        fixed = None if (out is None or not repairs) else _repaired(data, out, s.eps_active, mats)
+        if fixed is None:
             return out
-        cand = polish(P, q, C, d, A, b, strict, linsolver, sparse, s.eps_active, False, 0,
-                      start=start, quick=True, trace=trace, reuse=None if out is None else out[4].factor,
-                      mats=mats)
-        return cand if (cand is not None and (out is None or cand[5])) else out
+        cand = run(fixed, True, repairs - 1, reuse)
+        return cand if (cand is not None and cand[5]) else out
 
     def _polish_ladder(self, data, sparse: bool, linsolver, x, mu0, start, out, trace: PolishTrace,
                        mats: Derived):

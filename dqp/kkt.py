@@ -194,6 +194,8 @@ class RobustKKT(Factorization):
                 return
         self.D = ruiz_scaling(self.K)
         self.Ks = _scaled(self.K, self.D)
+        if quick and self._regularized_once(solver, delta):
+            return
         self._ladder(solver, delta)
 
     def _factor(self, lin: LinearSolver, M) -> Factorization:
@@ -233,6 +235,48 @@ class RobustKKT(Factorization):
             reg = 1e-12 * max(float(big), 1e-300)
         return self._accept(solver, reg, steps=5)
 
+    def _regularized_once(self, solver: LinearSolver, delta: float) -> bool:
+        """After a failed quick try: one factorization of the equilibrated ``K + diag(δI, −δI)``.
+
+        Refinement against the true ``K`` makes its solves exact when ``K`` is nonsingular (the
+        probe is then recovered: ``path="direct"``); when ``K`` is singular (dependent active rows, P
+        singular on the constraints' null space: most Maros–Meszaros LPs' sets) the probe is not, and
+        this is the ladder's regularized factorization (``path="regularized"``), made without the
+        ladder's attempts that a singular ``K`` fails. False when the factorization itself fails.
+        """
+        lin = self._regularized_solver(solver)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                self._F = self._factor(lin, _plus_reg(self.Ks, self.n, delta))
+                probe = self._probe
+                x = self._solve_scaled(self.Ks @ probe)
+        except Exception as exc:  # the ladder tries other solvers
+            logger.debug("regularized KKT factorization (%s) failed: %s", lin.name, exc)
+            self._F = None
+            return False
+        if not np.all(np.isfinite(x)):
+            self._F = None
+            return False
+        if not np.linalg.norm(x - probe) < 1e-6 * np.linalg.norm(probe):
+            self.path = REGULARIZED
+        return True
+
+    def _regularized_solver(self, solver: LinearSolver) -> LinearSolver:
+        """An indefinite factorization for the quasi-definite ``K + diag(δI, −δI)`` (a Schur-complement
+        Cholesky of it squares the regularization's conditioning and gives another derivative)."""
+        from dqp.linsolve.scipy_solvers import DenseLUSolver, SuperLUSolver
+
+        if solver.name in ("qdldl", "pardiso", "scipy_lu", "scipy_ldl"):
+            return solver
+        if not self.sparse:
+            return DenseLUSolver()
+        if self.K.shape[0] <= 5000:
+            return SuperLUSolver()
+        from dqp.linsolve import get_linsolver
+
+        return get_linsolver("qdldl")  # Kreg is quasi-definite: QDLDL's home ground
+
     def _ladder(self, solver: LinearSolver, delta: float) -> None:
         from dqp.linsolve.scipy_solvers import DenseLUSolver, SuperLUSolver
 
@@ -255,18 +299,7 @@ class RobustKKT(Factorization):
                 return
         self.path = REGULARIZED
         Kreg = _plus_reg(self.Ks, self.n, delta)
-        # an indefinite factorization of the quasi-definite Kreg (a Schur-complement Cholesky of it
-        # squares the regularization's conditioning and gives another derivative)
-        if solver.name in ("qdldl", "pardiso", "scipy_lu", "scipy_ldl"):
-            fallback = solver
-        elif not sparse:
-            fallback = DenseLUSolver()
-        elif N <= 5000:
-            fallback = SuperLUSolver()
-        else:
-            from dqp.linsolve import get_linsolver
-
-            fallback = get_linsolver("qdldl")  # Kreg is quasi-definite: QDLDL's home ground
+        fallback = self._regularized_solver(solver)
         try:
             self._F = self._factor(fallback, Kreg)
         except Exception:  # SuperLU factorizes any nonsingular (quasi-definite) Kreg
