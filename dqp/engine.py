@@ -257,9 +257,24 @@ def _include_weakly_active(P, q, C, d, A, b, out, linsolver, sparse: bool, eps: 
     return out
 
 
-def _repaired(data, out, eps: float, mats: Derived) -> Optional[np.ndarray]:
+def _clear_slack(C, d: np.ndarray, x: np.ndarray, mu: np.ndarray, eps: float, mats: Derived) -> np.ndarray:
+    """Rows whose slack is clearly larger than their dual, both relative: an interior-point point at
+    1e-8 leaves duals of 1e-5·‖μ‖∞ on rows with a slack of 1e-2, which the dual alone calls active.
+
+    The slack is measured against ``max(|d_i|, |C_i||x|, ‖C_i‖₁‖x‖∞)``: the last term keeps a bound
+    ``−x_j ≤ 0`` at ``x_j ≈ 1e-12`` small (its own terms alone would make it look slack).
+    """
+    slack = d - _mv(C, x)
+    size = np.maximum(np.maximum(np.abs(d), _abs_rows(C, x, mats)), mats.abs_row_sums(C) * _inf(x))
+    rel_slack = slack / np.maximum(size, _TINY)
+    rel_mu = mu / max(_inf(mu), _TINY)
+    return (rel_slack > eps) & (rel_slack > rel_mu)
+
+
+def _repaired(data, out, eps: float, mats: Derived) -> Tuple[Optional[np.ndarray], str]:
     """The set after one repair of an unverified polish outcome (:func:`polish`'s rule: add the
-    violated inactive rows, else drop the active rows with negative duals); ``None`` if neither applies."""
+    violated inactive rows, else drop the active rows with negative duals) and which (``"add"``,
+    ``"drop"``); ``(None, "")`` if neither applies."""
     P, q, C, d, A, b = data
     z, lam, mu, active, kkt, verified, it = out
     tol = max(1e-2 * eps, 1e-13)
@@ -267,18 +282,18 @@ def _repaired(data, out, eps: float, mats: Derived) -> Optional[np.ndarray]:
     viol = (Cz - d) - tol * np.maximum(np.maximum(np.abs(d), _abs_rows(C, z, mats)), _TINY)
     viol[active] = -np.inf
     if np.any(viol > 0):
-        return active | (viol > 0)
+        return active | (viol > 0), "add"
     J = np.flatnonzero(active)
     if not len(J):
-        return None
+        return None, ""
     row_norm = _inf(mats.abs_row_sums(C)[J])
     mu_scale = tol * max(_inf(mu[J]), (_inf(_mv(P, z)) + _inf(q)) / max(row_norm, _TINY), _TINY)
     neg = mu[J] < -mu_scale
     if not np.any(neg):
-        return None
+        return None, ""
     fixed = active.copy()
     fixed[J[neg]] = False
-    return fixed
+    return fixed, "drop"
 
 
 def strict_complementarity_margin(slack: np.ndarray, mu: np.ndarray, active: np.ndarray) -> float:
@@ -464,13 +479,14 @@ class Engine:
                       mats: Derived):
         """The common case: the set detected at ``eps_active``, one unscaled factorization (reusing the
         symbolic analysis of this slot's previous call), verified. When that fails: the set of a 100×
-        stricter threshold (interior-point points at 1e-8 leave duals of 1e-6–1e-5 on rows that
-        belong to a degenerate vertex's set: most of the Maros–Meszaros LPs), then at most
-        ``QUICK_REPAIRS`` repairs of the first set (a row wrongly in or out)."""
+        stricter threshold and at most ``QUICK_REPAIRS`` repairs of the first set, in the order its
+        failure suggests."""
         s = self.settings
         P, q, C, d, A, b = data
         m = 0 if C is None else C.shape[0]
         active = detect_active(C, d, x, mu0, s.eps_active, mats)[0] if m else np.zeros(0, bool)
+        if m and mu0 is not None:
+            active &= ~_clear_slack(C, d, x, mu0, s.eps_active, mats)
         run = lambda act, refine, repairs, reuse: polish(
             P, q, C, d, A, b, act, linsolver, sparse, s.eps_active, refine, repairs, start=start, quick=True,
             trace=trace, reuse=reuse, mats=mats)
@@ -478,17 +494,22 @@ class Engine:
         if (out is not None and out[5]) or not (m and s.refine_active):
             return out
         reuse = None if out is None else out[4].factor
+        # the first set failed: a negative dual (interior-point points leave duals of 1e-5 on inactive
+        # rows) is repaired first; violated rows (a degenerate vertex's set missing rows: most of the
+        # Maros–Meszaros LPs) are better found by the 100x stricter threshold's set, then repaired
+        repairs = min(self.QUICK_REPAIRS, s.max_refine_iter)
+        fixed, kind = (None, "") if (out is None or not repairs) else _repaired(data, out, s.eps_active, mats)
+        tries = [(fixed, True)] if kind == "drop" else []
         strict = detect_active(C, d, x, mu0, 1e-2 * s.eps_active, mats)[0]
         if not np.array_equal(strict, active):
-            cand = run(strict, False, 0, reuse)
+            tries.append((strict, False))
+        if kind == "add":
+            tries.append((fixed, True))
+        for act, refine in tries:
+            cand = run(act, refine, repairs - 1 if refine else 0, reuse)
             if cand is not None and cand[5]:
                 return cand
-        repairs = min(self.QUICK_REPAIRS, s.max_refine_iter)
-        fixed = None if (out is None or not repairs) else _repaired(data, out, s.eps_active, mats)
-        if fixed is None:
-            return out
-        cand = run(fixed, True, repairs - 1, reuse)
-        return cand if (cand is not None and cand[5]) else out
+        return out
 
     def _polish_ladder(self, data, sparse: bool, linsolver, x, mu0, start, out, trace: PolishTrace,
                        mats: Derived):

@@ -9,6 +9,7 @@ null-space component (a regularized, minimum-norm-like choice). The path taken i
 """
 from __future__ import annotations
 
+import functools
 import logging
 import warnings
 from typing import Optional, Tuple
@@ -343,9 +344,12 @@ class RobustKKT(Factorization):
 _REFINED = 1e-15
 
 
+@functools.lru_cache(maxsize=64)
 def _probe_vector(N: int) -> np.ndarray:
-    """A fixed pseudo-random vector of length ``N`` (the probe that tests a factorization)."""
-    return np.random.default_rng(0).standard_normal(N)
+    """A fixed pseudo-random vector of length ``N`` (the probe that tests a factorization; read only)."""
+    v = np.random.default_rng(0).standard_normal(N)
+    v.flags.writeable = False
+    return v
 
 
 def _plus_reg(K, n: int, delta: float):

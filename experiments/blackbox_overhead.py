@@ -85,6 +85,21 @@ def _dense_problem(n: int, m: int, B: int, seed: int):
     return P, q, C, d
 
 
+def _grid_problem(k: int, seed: int = 0):
+    """``min ½zᵀ(L + 10⁻²I)z + qᵀz s.t. z ≤ d``: L the 5-point Laplacian of a k×k grid (n = k²),
+    q normal, d uniform in [0.1, 0.15] (a fraction of the bounds active)."""
+    import scipy.sparse as sp
+
+    T = sp.diags([-1.0, 2.0, -1.0], [-1, 0, 1], shape=(k, k))
+    n = k * k
+    P = (sp.kron(sp.eye(k), T) + sp.kron(T, sp.eye(k)) + 1e-2 * sp.eye(n)).tocsc()
+    g = np.random.default_rng(seed)
+    C = sp.eye(n, format="csc")
+    for M in (P, C):
+        M.sort_indices()
+    return P, g.standard_normal(n), C, 0.1 + 0.05 * g.random(n), None, None
+
+
 def _csc_tensor(M, requires_grad: bool):
     import torch
 
@@ -196,6 +211,44 @@ def worker_dense(cell: Dict[str, Any], impl: str, reps: int) -> Dict[str, Any]:
     return {"n": n, "B": B, "t_fwd_bwd": _best(fwd_bwd, reps), **_info(layer)}
 
 
+def worker_grid(cell: Dict[str, Any], impl: str, reps: int) -> Dict[str, Any]:
+    """Large sparse cells: forward + backward next to the floor (raw solve + one factorization of the
+    reduced KKT system on dqp's active set), with the layer called repeatedly (a reused workspace)."""
+    import qdldl
+    import scipy.sparse as sp
+
+    prob = _grid_problem(cell["k"])
+    P, q, C, d, A, b = prob
+    rec: Dict[str, Any] = {"n": P.shape[0]}
+    layer = _layer(impl, cell["solver"], True)
+
+    def fwd_bwd():
+        args, _ = _sparse_inputs(prob, True)
+        layer(*args)[0].sum().backward()
+
+    rec["t_fwd_bwd"] = _best(fwd_bwd, reps)
+    rec.update(_info(layer))
+    if impl == "ours":
+        if cell["solver"] == "osqp":
+            import osqp
+
+            def raw():
+                s = osqp.OSQP()
+                s.setup(sp.triu(P, format="csc"), q, C, np.full(len(d), -1e30), d, verbose=False,
+                        eps_abs=1e-8, eps_rel=1e-8, max_iter=20000, polishing=False)
+                return s.solve()
+            rec["t_raw"] = _best(raw, reps)
+        else:
+            rec["t_raw"] = _best(lambda: _raw_solver(prob, cell["solver"]), reps)
+        J = np.flatnonzero(np.asarray(layer.info.active[0]))
+        CJ = C.tocsr()[J]
+        K = sp.bmat([[P, CJ.T], [CJ, -1e-12 * sp.eye(len(J))]], format="csc")
+        rec["t_factor"] = _best(lambda: qdldl.Solver(K), reps)
+        rec["floor"] = rec["t_raw"] + rec["t_factor"]
+        rec["iterations"] = layer.info.iterations[0]
+    return rec
+
+
 def worker_loop(cell: Dict[str, Any], impl: str, reps: int) -> Dict[str, Any]:
     prob = _mm_problem(cell["name"], cell["dir"])
     layer = _layer(impl, cell["solver"], True)
@@ -214,6 +267,56 @@ def worker_loop(cell: Dict[str, Any], impl: str, reps: int) -> Dict[str, Any]:
             "rest_over_first": statistics.median(rest) / times[0], **_info(layer)}
 
 
+#: stage -> (file suffix, function names) whose cumulative profile time the stage is
+STAGES = {
+    "validate": ("dqp/problem.py", ("validate",)),
+    "solver call": ("", ("solve_problem", "solve")),
+    "detection": ("dqp/engine.py", ("detect_active",)),
+    "assembly": ("dqp/kkt.py", ("assemble_kkt",)),
+    "equilibration": ("dqp/kkt.py", ("ruiz_scaling",)),
+    "factorizations": ("linsolve/scipy_solvers.py", ("factor", "refactor")),
+    "solves + refinement": ("dqp/kkt.py", ("_solve_scaled",)),
+    "polish (all)": ("dqp/engine.py", ("polish",)),
+    "result assembly": ("dqp/engine.py", ("_result",)),
+    "backward": ("dqp/autograd.py", ("backward",)),
+}
+
+
+def worker_stages(cell: Dict[str, Any], impl: str, reps: int) -> Dict[str, Any]:
+    """Where a forward + backward spends its time: cumulative profile time of each stage's functions
+    per call (the profiler inflates Python-heavy stages; read the shares, not the totals)."""
+    import cProfile
+    import pstats
+
+    prob = _mm_problem(cell["name"], cell["dir"])
+    layer = _layer(impl, cell["solver"], True)
+
+    def fwd_bwd():
+        args, _ = _sparse_inputs(prob, True)
+        layer(*args)[0].sum().backward()
+
+    fwd_bwd()
+    prof = cProfile.Profile()
+    t0 = time.perf_counter()
+    prof.enable()
+    for _ in range(reps):
+        fwd_bwd()
+    prof.disable()
+    rec: Dict[str, Any] = {"t_profiled": (time.perf_counter() - t0) / reps}
+    stats = pstats.Stats(prof).stats
+    solver_mod = "qpsolvers" if cell["solver"] != "osqp" else "osqp_native"
+    for stage, (suffix, funcs) in STAGES.items():
+        total = 0.0
+        for (fname, _, func), (_, _, _, cum, callers) in stats.items():
+            where = suffix or solver_mod
+            if func in funcs and where in fname.replace(os.sep, "/"):
+                # count only the outermost calls (no caller of the same stage)
+                if not any(c[2] in funcs and where in c[0] for c in callers):
+                    total += cum
+        rec[f"stage_{stage}"] = total / reps
+    return {**rec, **_info(layer)}
+
+
 def worker(args: argparse.Namespace) -> None:
     import torch
 
@@ -222,7 +325,8 @@ def worker(args: argparse.Namespace) -> None:
 
     warnings.simplefilter("ignore")
     cells = json.loads(Path(args.cells).read_text())
-    run = {"mm": worker_mm, "dense": worker_dense, "loop": worker_loop}
+    run = {"mm": worker_mm, "dense": worker_dense, "loop": worker_loop, "stages": worker_stages,
+           "grid": worker_grid}
     for cell in cells:
         try:
             rec = run[cell["family"]](cell, args.worker, args.reps)
@@ -235,6 +339,8 @@ def worker(args: argparse.Namespace) -> None:
 # ------------------------------------------------------------------------------------------ driver
 def _run_impl(impl: str, python: str, cells: List[Dict[str, Any]], reps: int, tmp: Path,
               pythonpath: Optional[str], timeout: float) -> List[Dict[str, Any]]:
+    if impl != "ours":
+        cells = [c for c in cells if c["family"] != "stages"]
     path = tmp / f"cells_{impl}.json"
     path.write_text(json.dumps(cells))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
@@ -266,7 +372,8 @@ def _gmean(xs: List[float]) -> float:
 
 def _key(r: Dict[str, Any], impl: Optional[str] = None) -> tuple:
     """A cell's identity (its defining fields, not its measured ones) and the implementation."""
-    fields = ("family", "name", "solver") if r["family"] != "dense" else ("family", "solver", "n", "B")
+    fields = {"dense": ("family", "solver", "n", "B"), "grid": ("family", "solver", "k")}.get(
+        r["family"], ("family", "name", "solver"))
     return tuple(r.get(k) for k in fields) + (impl or r["impl"],)
 
 
@@ -327,6 +434,35 @@ def report(rows: List[Dict[str, Any]], impls: List[str]) -> str:
                 cells += [_fmt(1e3 * o["t_fwd_bwd"]) if ok else o.get("status", "-")[:30],
                           _fmt(r["t_fwd_bwd"] / o["t_fwd_bwd"]) if ok else "-"]
             lines.append("| " + " | ".join(cells) + " |")
+    grid = [r for r in rows if r["family"] == "grid" and r["impl"] == "ours"]
+    if grid:
+        head = "| n | solver | raw solve | one KKT factorization | floor | dqp fwd+bwd | dqp / floor | iterations |"
+        sep = "|---|---|---|---|---|---|---|---|"
+        for impl in impls[1:]:
+            head += f" {impl} fwd+bwd | dqp/{impl} |"
+            sep += "---|---|"
+        lines += ["", "## Grid Laplacian (repeated calls on one layer; ms)", "", head, sep]
+        for r in grid:
+            if r.get("status") != "ok":
+                lines.append(f"| k={r['k']} | {r['solver']} | {r['status'][:60]} |")
+                continue
+            cells = [str(r["n"]), r["solver"], _fmt(1e3 * r["t_raw"]), _fmt(1e3 * r["t_factor"]), _fmt(1e3 * r["floor"]),
+                     _fmt(1e3 * r["t_fwd_bwd"]), _fmt(r["t_fwd_bwd"] / r["floor"]), _fmt(r.get("iterations"))]
+            for impl in impls[1:]:
+                o = by.get(_key(r, impl), {})
+                ok = o.get("status") == "ok"
+                cells += [_fmt(1e3 * o["t_fwd_bwd"]) if ok else o.get("status", "-")[:30],
+                          _fmt(r["t_fwd_bwd"] / o["t_fwd_bwd"]) if ok else "-"]
+            lines.append("| " + " | ".join(cells) + " |")
+    stages = [r for r in rows if r["family"] == "stages" and r.get("status") == "ok"]
+    if stages:
+        lines += ["", "## Where dqp's forward + backward spends its time (profiled, ms per call)", "",
+                  "| problem | solver | total | " + " | ".join(STAGES) + " | factorizations | path |",
+                  "|---|---|---|" + "---|" * len(STAGES) + "---|---|"]
+        for r in stages:
+            lines.append(f"| {r['name']} | {r['solver']} | {_fmt(1e3 * r['t_profiled'])} | "
+                         + " | ".join(_fmt(1e3 * r[f"stage_{k}"]) for k in STAGES)
+                         + f" | {_fmt(r.get('factorizations'))} | {_fmt(r.get('polish_path'))} |")
     loop = [r for r in rows if r["family"] == "loop"]
     if loop:
         lines += ["", "## Repeated calls (same pattern, new values; forward + backward, ms)", "",
@@ -346,8 +482,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--names", default=None, help="comma-separated Maros–Meszaros names")
     ap.add_argument("--solvers", default="piqp,clarabel")
     ap.add_argument("--dense-solvers", default="daqp,quadprog")
-    ap.add_argument("--families", default="mm,dense,loop", help="which cell families to run")
+    ap.add_argument("--families", default="mm,dense,loop,stages,grid", help="which cell families to run")
+    ap.add_argument("--grid", default="100", help="grid sides k of the grid-Laplacian cells (n = k²)")
+    ap.add_argument("--grid-solvers", default="osqp,clarabel,piqp")
     ap.add_argument("--loop-problem", default="PRIMALC1", help="the repeated-call loop's problem")
+    ap.add_argument("--stage-problems", default="QBANDM,QSCAGR7,CVXQP1_S,PRIMALC1",
+                    help="problems of the stage profile (family 'stages', dqp only)")
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--calls", type=int, default=100, help="calls of the repeated-call loop")
     ap.add_argument("--mm-dir", default=os.environ.get("DQP_MAROS_MESZAROS", str(HERE.parent.parent / "shared/data/maros_meszaros")))
@@ -375,6 +515,14 @@ def main(argv: Optional[List[str]] = None) -> int:
         for n in sizes:
             for B in batches:
                 cells.append({"family": "dense", "solver": solver, "n": n, "B": B})
+    if "grid" in fams:
+        for k in (int(x) for x in args.grid.split(",")):
+            for solver in args.grid_solvers.split(","):
+                cells.append({"family": "grid", "k": k, "solver": solver})
+    if "stages" in fams:
+        for name in args.stage_problems.split(","):
+            for solver in args.solvers.split(","):
+                cells.append({"family": "stages", "name": name, "solver": solver, "dir": args.mm_dir})
     if names and "loop" in fams:
         loop_name = names[0] if args.short else args.loop_problem
         cells.append({"family": "loop", "name": loop_name, "solver": args.solvers.split(",")[0], "dir": args.mm_dir,
