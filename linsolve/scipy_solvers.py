@@ -167,8 +167,17 @@ class DenseLUSolver(LinearSolver):
     description = "Dense LU (LAPACK getrf); the dense default for small systems."
 
     def factor(self, K: Matrix, n: Optional[int] = None) -> Factorization:
-        lu_piv = sla.lu_factor(_as_dense(K), check_finite=False)
-        return _CallableFactorization(lambda r: sla.lu_solve(lu_piv, r, check_finite=False))
+        from scipy.linalg.lapack import dgetrf, dgetrs
+
+        # LAPACK directly: SciPy's lu_factor/lu_solve wrappers cost more than the work at these sizes
+        lu, piv, info = dgetrf(np.array(_as_dense(K), dtype=np.float64, order="F"), overwrite_a=True)
+        if info < 0:  # pragma: no cover - an illegal argument
+            raise ValueError(f"dgetrf: illegal value in argument {-info}")
+
+        def solve(r: np.ndarray) -> np.ndarray:
+            x, info_s = dgetrs(lu, piv, r)
+            return x
+        return _CallableFactorization(solve)
 
 
 @register_linsolver
