@@ -346,6 +346,7 @@ class Engine:
         self.warm: List[Optional[Tuple[np.ndarray, ...]]] = []
         #: per batch slot, the last reduced-KKT factorization (its symbolic analysis is reused)
         self._factors: dict = {}
+        self._warned_warm = False
         self.used_linsolvers: set = set()
 
     # -- forward -----------------------------------------------------------------------------
@@ -575,6 +576,14 @@ class Engine:
                 self.solver.prune(B)
             self._factors = {k: v for k, v in self._factors.items() if k < B}
         use_warm = self.settings.warm_start_from_previous
+        if use_warm and not self.solver.warm_starts and not self._warned_warm:
+            self._warned_warm = True
+            from dqp.solvers import available_solvers, get_solver
+
+            users = [k for k in available_solvers() if get_solver(k).warm_starts]
+            warnings.warn(f"warm_start_from_previous=True has no effect with qp_solver={self.solver.name!r}: it does "
+                          f"not take starting values (solvers that do: {', '.join(users)}). Each call still reuses "
+                          f"the previous call's reduced-KKT analysis.", UserWarning, stacklevel=4)
 
         def run(i):
             return self.solve_element(nb.element(i), batch.sparse, self.warm[i] if use_warm else None, slot=i)

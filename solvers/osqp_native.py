@@ -57,6 +57,7 @@ class OSQPNative(ForwardSolver):
     extra = ""
     dense = True
     sparse = True
+    warm_starts = True
     description = ("ADMM (C); sparse; fast, moderately accurate (dqp polishes the result). Direct API: "
                    "workspace reused across calls, primal+dual warm starts.")
 
@@ -140,6 +141,6 @@ class OSQPNative(ForwardSolver):
 # the plain qpsolvers wrapper stays available under another name
 register_solver(type("QPSolvers_osqp_qpsolvers", (QPSolversBackend,), {
     "name": "osqp_qpsolvers", "qpsolvers_name": "osqp", "aliases": (), "modules": ("qpsolvers", "osqp"),
-    "extra": "", "dense": True, "sparse": True,
+    "extra": "", "dense": True, "sparse": True, "warm_starts": True,
     "description": "OSQP through qpsolvers (set up on every call, primal warm start only).",
 }))

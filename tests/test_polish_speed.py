@@ -3,6 +3,7 @@ black-box overhead study's short mode."""
 from __future__ import annotations
 
 import csv
+import warnings
 import subprocess
 import sys
 from pathlib import Path
@@ -127,3 +128,15 @@ def test_blackbox_overhead_short(tmp_path):
     assert {r["family"] for r in rows} >= {"dense"}
     text = out.with_suffix(".md").read_text()
     assert "Small dense problems" in text and "Command:" in text
+
+
+def test_warm_start_without_effect_is_said_once():
+    pytest.importorskip("piqp")
+    P, q, C, d, *_ = random_qp(5, 6, 0, seed=2)
+    layer = dQP.dQP_layer(qp_solver="piqp", warm_start_from_previous=True)
+    with pytest.warns(UserWarning, match="warm_start_from_previous=True has no effect with qp_solver='piqp'"):
+        layer(P, q, C, d)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        layer(P, q + 0.01, C, d)  # said once
+    assert get_solver("osqp").warm_starts and not get_solver("piqp").warm_starts
