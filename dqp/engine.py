@@ -456,7 +456,9 @@ class Engine:
         start = (raw.x, raw.y, raw.z)
         mats = Derived() if mats is None else mats
         out = self._polish_quick(data, sparse, linsolver, raw.x, mu0, start, slot, trace, mats)
-        if out is None or not out[5]:
+        # a failed solve's point rarely polishes: with a fallback solver to ask, the ladder is not worth its cost
+        has_fallback = any(fb != solver.name for fb in s.fallback_solver)
+        if (out is None or not out[5]) and (raw.status == Status.SOLVED or not has_fallback):
             trace.path = "ladder"
             out = self._polish_ladder(data, sparse, linsolver, raw.x, mu0, start, out, trace, mats)
         if out is None:

@@ -498,6 +498,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--families", default="mm,dense,loop,stages,grid", help="which cell families to run")
     ap.add_argument("--grid", default="100", help="grid sides k of the grid-Laplacian cells (n = k²)")
     ap.add_argument("--grid-solvers", default="osqp,clarabel,piqp")
+    ap.add_argument("--loop-solvers", default="osqp,piqp", help="forward solvers of the repeated-call loop")
     ap.add_argument("--loop-problem", default="PRIMALC1", help="the repeated-call loop's problem")
     ap.add_argument("--stage-problems", default="QBANDM,QSCAGR7,CVXQP1_S,PRIMALC1",
                     help="problems of the stage profile (family 'stages', dqp only)")
@@ -538,8 +539,9 @@ def main(argv: Optional[List[str]] = None) -> int:
                 cells.append({"family": "stages", "name": name, "solver": solver, "dir": args.mm_dir})
     if names and "loop" in fams:
         loop_name = names[0] if args.short else args.loop_problem
-        cells.append({"family": "loop", "name": loop_name, "solver": args.solvers.split(",")[0], "dir": args.mm_dir,
-                      "calls": 4 if args.short else args.calls})
+        for solver in args.loop_solvers.split(","):
+            cells.append({"family": "loop", "name": loop_name, "solver": solver, "dir": args.mm_dir,
+                          "calls": 4 if args.short else args.calls})
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / (out.name + "_work")
