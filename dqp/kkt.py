@@ -316,15 +316,17 @@ class RobustKKT(Factorization):
         K, F = self.Ks, self._F
         x = F.solve(rhs) if x0 is None else x0 + F.solve(rhs - K @ x0)
         norm_r = max(np.linalg.norm(rhs), 1e-300)
-        res = np.linalg.norm(rhs - K @ x) / norm_r
+        r = rhs - K @ x
+        res = np.linalg.norm(r) / norm_r
         for _ in range(self.refine_steps if steps is None else steps):
             if not np.isfinite(res) or res < _REFINED:
                 break
-            x_new = x + F.solve(rhs - K @ x)
-            res_new = np.linalg.norm(rhs - K @ x_new) / norm_r
+            x_new = x + F.solve(r)
+            r_new = rhs - K @ x_new
+            res_new = np.linalg.norm(r_new) / norm_r
             if not res_new < res:
                 break
-            x, res = x_new, res_new
+            x, r, res = x_new, r_new, res_new
         self.residual = float(res)
         return x
 
