@@ -544,8 +544,9 @@ def main(argv: Optional[List[str]] = None) -> int:
                           "calls": 4 if args.short else args.calls})
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / (out.name + "_work")
-    tmp.mkdir(exist_ok=True)
+    import tempfile
+
+    tmp = Path(tempfile.mkdtemp(prefix="blackbox_overhead_")).resolve()
     impls = [("ours", sys.executable, None)]
     if args.libdqp_python:
         impls.append(("libdqp", args.libdqp_python, None))
