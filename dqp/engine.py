@@ -126,7 +126,10 @@ def detect_active(C, d: np.ndarray, x: np.ndarray, mu: Optional[np.ndarray], eps
 
 
 def _inf(v) -> float:
-    return float(np.max(np.abs(v), initial=0.0)) if v is not None else 0.0
+    if v is None:
+        return 0.0
+    a = np.abs(v)
+    return float(a.max()) if a.size else 0.0
 
 
 def polish(P, q, C, d, A, b, active: np.ndarray, solver, sparse: bool, eps: float, refine: bool,
