@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
+import threading
 import time
 import warnings
 from typing import Optional, Tuple
@@ -17,6 +19,7 @@ from dqp.errors import SettingsError, Status, error_for_statuses
 from dqp.problem import QPBatch, SparseArg, validate
 from dqp.result import QPOutput, SolveInfo
 from dqp.settings import Settings, build_settings
+from dqp.transforms import graph_break, reject_functorch
 
 logger = logging.getLogger("dqp")
 
@@ -88,10 +91,19 @@ class dQP_layer(nn.Module):  # noqa: N801  (the name users know from the referen
     Attributes
     ----------
     active : Tensor or None
-        Active inequality constraints of the last call (bool, ``(m,)`` or ``(B, m)``).
+        Active inequality constraints of the *last call* (bool, ``(m,)`` or ``(B, m)``), whichever
+        thread made it. Each call's own are on its output: ``out.active``.
     info : SolveInfo or None
-        Diagnostics of the last call, per batch element (status, residuals, active-set
-        verification, KKT path, backward residual after ``backward``).
+        Diagnostics of the *last call*, per batch element (status, residuals, active-set
+        verification, KKT path, backward residual after ``backward``). Each call's own are on its
+        output, ``out.info``: read those when several threads share the layer.
+
+    Notes
+    -----
+    The layer can be called from several threads at once: each thread keeps its own solver
+    workspaces, thread pool and warm-start memory. It pickles, deep-copies and ``torch.save``-s at
+    any time; workspaces, pools and warm starts are not part of its state (they are rebuilt on the
+    next call, which starts cold).
 
     Examples
     --------
@@ -108,7 +120,26 @@ class dQP_layer(nn.Module):  # noqa: N801  (the name users know from the referen
         self.settings = settings if settings is not None else build_settings(**options)
         self.active: Optional[torch.Tensor] = None
         self.info: Optional[SolveInfo] = None
-        self._engines = {}
+        self._local = threading.local()
+
+    # -- state: solver workspaces, thread pools and warm starts are per thread and not saved ---------
+    def __getstate__(self) -> dict:
+        getter = getattr(super(), "__getstate__", None)     # (a copy: never edit the live __dict__)
+        state = dict(getter()) if getter is not None else self.__dict__.copy()
+        state.pop("_local", None)
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        self._local = threading.local()
+
+    @property
+    def _engines(self) -> dict:
+        """This thread's engines by ``(qp_solver, lin_solver)`` (fresh in a forked process)."""
+        local = self._local
+        if getattr(local, "pid", None) != os.getpid():
+            local.pid, local.engines = os.getpid(), {}
+        return local.engines
 
     # -- solver choice --------------------------------------------------------------------------
     def _choose(self, batch: QPBatch) -> Tuple[str, str]:
@@ -147,6 +178,7 @@ class dQP_layer(nn.Module):  # noqa: N801  (the name users know from the referen
         return self._engines[key]
 
     # -- call ---------------------------------------------------------------------------------
+    @graph_break   # torch.compile: the solve runs eagerly, the model around it compiles
     def forward(self, P: torch.Tensor, q: torch.Tensor, C: Optional[torch.Tensor] = None,
                 d: Optional[torch.Tensor] = None, A: Optional[torch.Tensor] = None,
                 b: Optional[torch.Tensor] = None) -> QPOutput:
@@ -175,6 +207,7 @@ class dQP_layer(nn.Module):  # noqa: N801  (the name users know from the referen
             An element failed (:class:`InfeasibleError`, :class:`UnboundedError`, ...) and
             ``on_failure='raise'``; the message names the batch elements.
         """
+        reject_functorch((P, q, C, d, A, b), "dQP_layer")
         s = self.settings
         t_start = time.perf_counter()
         batch = validate(P, q, C, d, A, b, sparse=s.solve_type == "sparse", check_psd=s.check_PSD)
@@ -225,7 +258,7 @@ class dQP_layer(nn.Module):  # noqa: N801  (the name users know from the referen
                     f"problem, e.g. a non-unique solution, or an inaccurate solver): the solver's point is returned "
                     f"and the gradient uses the detected active set. See layer.info.verified / messages; a tighter "
                     f"eps_abs or another qp_solver may help.", UnverifiedSolutionWarning, stacklevel=2)
-        self.info = info
+        self.info = info  # the last call's, whichever thread made it (the output carries its own)
         if s.on_failure == "raise":
             err = error_for_statuses(info.status, qp, info.messages)
             if err is not None:
@@ -245,7 +278,7 @@ class dQP_layer(nn.Module):  # noqa: N801  (the name users know from the referen
         fwd_time = time.perf_counter() - t_start if s.time else None
         if s.verbose:
             logger.info("dQP: %s", info.summary())
-        return QPOutput(z, lam, mu, solve_time, fwd_time)
+        return QPOutput(z, lam, mu, solve_time, fwd_time, info=info, active=active)
 
     def _forward_batched(self, batch: QPBatch, qp: str):
         """The batched (torch) path: the built-in interior-point method and batched KKT backward."""

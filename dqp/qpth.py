@@ -55,6 +55,7 @@ import torch
 from dqp.errors import LayoutError, NonFiniteError, NotPSDError, ShapeError
 from dqp.ipm_layer import solve_qp_batch
 from dqp.solvers.ipm import default_eps
+from dqp.transforms import graph_break, reject_functorch
 
 logger = logging.getLogger(__name__)
 
@@ -133,9 +134,11 @@ class QPFunction:
         return (f"QPFunction(eps={self.eps}, verbose={self.verbose}, maxIter={self.maxIter}, "
                 f"check_Q_spd={self.check_Q_spd}) [dqp batched IPM]")
 
+    @graph_break   # torch.compile: the solve runs eagerly, the model around it compiles
     def __call__(self, Q: torch.Tensor, p: torch.Tensor, G: torch.Tensor, h: torch.Tensor,
                  A: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         """Solve ``min ½zᵀQz + pᵀz s.t. Gz ≤ h, Az = b``; returns z of shape (B, n)."""
+        reject_functorch((Q, p, G, h, A, b), "dqp.qpth.QPFunction")
         if _present(G) != _present(h):
             raise ShapeError("QPFunction: G and h must both be given or both be empty "
                              f"(got G with {G.numel()} and h with {h.numel()} elements).")
