@@ -246,6 +246,8 @@ class dQP_layer(nn.Module):  # noqa: N801  (the name users know from the referen
             info.complementarity = [r.residuals[2] for r in rs]
             info.complementarity_margin = [r.margin for r in rs]
             info.kkt_path = [r.kkt.path if r.kkt is not None else "none" for r in rs]
+            info.polish_path = [r.polish_path for r in rs]
+            info.factorizations = [r.factorizations for r in rs]
             info.iterations = [r.iterations for r in rs]
             info.solve_time = [r.solve_time for r in rs]
             info.messages = [r.message for r in rs]
