@@ -134,6 +134,14 @@ STUDIES = [
      "subtitles": {"bilevel_warmstart": "n = 2000", "bilevel_warmstart_n300": "n = 300, more solvers"},
      "what": "100 outer gradient steps through a sparse denoising QP: what starting each solve from "
              "the previous solution saves, solver by solver, and that both loops reach the same point."},
+    {"title": "The layer's own cost on the batched path", "script": "layer_overhead.py",
+     "stems": ["layer_overhead_cpu", "layer_overhead_cuda"],
+     "subtitles": {"layer_overhead_cpu": "On the CPU", "layer_overhead_cuda": "On a GPU"},
+     "what": "dQP_layer(qp_solver='dqp_ipm') against dqp.qpth.QPFunction, the same engine behind two "
+             "front doors, called in turn in one process: what the general layer adds."},
+    {"title": "The CPU kernel under load", "script": "cpu_load_ab.py", "stems": ["cpu_load_ab"],
+     "what": "The C++ build of the batched solver's kernel with a static or a dynamic split of the batch "
+             "over threads, with and without another busy process, qpth beside it."},
     {"title": "Data-parallel training: weak scaling with DDP", "script": "ddp_scaling.py",
      "stems": ["ddp_scaling"], "command": "python experiments/ddp_scaling.py --sweep 8",
      "what": "One training step of an OptNet-style model under DistributedDataParallel on 1, 2, 4, ... "

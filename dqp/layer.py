@@ -9,7 +9,6 @@ import time
 import warnings
 from typing import Optional, Tuple
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -246,6 +245,8 @@ class dQP_layer(nn.Module):  # noqa: N801  (the name users know from the referen
             info.complementarity = [r.residuals[2] for r in rs]
             info.complementarity_margin = [r.margin for r in rs]
             info.kkt_path = [r.kkt.path if r.kkt is not None else "none" for r in rs]
+            info.polish_path = [r.polish_path for r in rs]
+            info.factorizations = [r.factorizations for r in rs]
             info.iterations = [r.iterations for r in rs]
             info.solve_time = [r.solve_time for r in rs]
             info.messages = [r.message for r in rs]
@@ -272,7 +273,7 @@ class dQP_layer(nn.Module):  # noqa: N801  (the name users know from the referen
             mu = mu / rC
         if rA is not None:
             lam = lam / rA
-        active = torch.as_tensor(np.stack(info.active)) if batch.m else torch.zeros(batch.B, 0, dtype=torch.bool)
+        active = info.active_mask(batch.m)
         if not batch.batched and not s.empty_batch:
             z, lam, mu, active = z[0], lam[0], mu[0], active[0]
         self.active = active
