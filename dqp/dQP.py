@@ -42,7 +42,9 @@ def call_single_qpsolvers(Q, q, G, h, A, b, kwargs: Mapping[str, Any]):
     Raises
     ------
     SolverFailedError
-        The solver returned no solution (libdqp raised a bare ``Exception("Exiting")``).
+        The solver returned no solution, or reported that it did not find one (``found`` is
+        False, e.g. an infeasible problem: some backends still fill ``x``). libdqp raised a bare
+        ``Exception("Exiting")`` on a missing ``x`` only.
     """
     import qpsolvers
 
@@ -51,10 +53,10 @@ def call_single_qpsolvers(Q, q, G, h, A, b, kwargs: Mapping[str, Any]):
 
     problem = qpsolvers.Problem(P=mat(Q), q=_vec(q), G=mat(G), h=_vec(h), A=mat(A), b=_vec(b))
     solution = qpsolvers.solve_problem(problem, **dict(kwargs))
-    if solution.x is None:
-        raise SolverFailedError(f"qpsolvers solver {dict(kwargs).get('solver')!r} returned no solution "
-                                f"(status {getattr(solution, 'found', None)!r}); check feasibility or try another "
-                                f"solver.", [0])
+    if solution.x is None or solution.found is False:
+        raise SolverFailedError(f"qpsolvers solver {dict(kwargs).get('solver')!r} did not find a solution "
+                                f"(found={solution.found!r}); check that the problem is feasible and bounded, or try "
+                                f"another solver.", [0])
     return solution
 
 

@@ -250,6 +250,8 @@ class dQP_layer(LibdqpAttributes, nn.Module):  # noqa: N801  (the name users kno
         self.active = active if batch.batched else active[0]
         if not batch.batched and not s.empty_batch:
             z, lam, mu = z[0], lam[0], mu[0]
+        if needs_grad:  # fresh tensors: an in-place edit by the caller (z.unsqueeze_(-1)) leaves the backward's intact
+            z, lam, mu = z.clone(), lam.clone(), mu.clone()
         solve_time = float(sum(info.solve_time)) if s.time else None
         fwd_time = time.perf_counter() - t_start if s.time else None
         if s.verbose:
