@@ -129,7 +129,7 @@ def test_device_mismatch_is_reported(prob):
 
 
 def test_edge_cases_n1_zero_rows_empty_constraints():
-    layer = dQP.dQP_layer(settings=dQP.build_settings(qp_solver="clarabel"))
+    layer = dQP.dQP_layer(settings=dQP.build_settings(qp_solver="clarabel", empty_batch=False))
     # n = 1 with a bound
     z, lam, mu, _, _ = layer(torch.ones(1, 1, dtype=torch.float64), torch.tensor([-3.0], dtype=torch.float64),
                              torch.ones(1, 1, dtype=torch.float64), torch.ones(1, dtype=torch.float64))
