@@ -100,22 +100,27 @@ class LibdqpAttributes:
 
     @property
     def nBatch(self) -> Optional[int]:  # noqa: N802  (libdqp's name)
+        """Batch size of the last call (1 for unbatched inputs)."""
         return None if self._last is None else self._last.batch.B
 
     @property
     def dim(self) -> Optional[int]:
+        """Number of variables n of the last call."""
         return None if self._last is None else self._last.batch.n
 
     @property
     def nIneq(self) -> Optional[int]:  # noqa: N802
+        """Number of inequality rows m (rows of C) of the last call."""
         return None if self._last is None else self._last.batch.m
 
     @property
     def nEq(self) -> Optional[int]:  # noqa: N802
+        """Number of equality rows p (rows of A) of the last call."""
         return None if self._last is None else self._last.batch.p
 
     @property
     def nActive(self) -> Union[None, int, np.ndarray]:  # noqa: N802
+        """Active inequalities: an int for unbatched inputs, an int array ``(B,)`` for batched ones."""
         if self._last is None:
             return None
         counts = np.array([int(np.sum(a)) for a in self.info.active], dtype=np.int64)
@@ -123,26 +128,32 @@ class LibdqpAttributes:
 
     @property
     def qp_solver(self) -> str:
+        """The forward solver of the last call (the settings' choice before any call)."""
         return self.info.qp_solver if self.info is not None else self.settings.qp_solver
 
     @property
     def lin_solver(self) -> str:
+        """The backward linear solver of the last call (the settings' choice before any call)."""
         return self.info.lin_solver if self.info is not None else self.settings.lin_solver
 
     @property
     def x_star_np(self) -> Optional[np.ndarray]:
+        """z of the last call as a float64 array, ``(n,)`` or ``(B, n)``."""
         return None if self._last is None else self._one(_np(self._last.z))
 
     @property
     def mu_star_np(self) -> Optional[np.ndarray]:
+        """Equality duals (dqp's λ) of the last call, ``(p,)`` or ``(B, p)``."""
         return None if self._last is None else self._one(_np(self._last.lam))
 
     @property
     def nu_star_with_inactive_np(self) -> Optional[np.ndarray]:  # noqa: N802
+        """All inequality duals (dqp's μ) of the last call, zero on inactive rows."""
         return None if self._last is None else self._one(_np(self._last.mu))
 
     @property
     def nu_star_np(self) -> Union[None, np.ndarray, List[np.ndarray]]:
+        """Duals of the active inequalities only, ``(nActive,)`` (a list per element when batched)."""
         if self._last is None:
             return None
         mu = _np(self._last.mu)
@@ -151,6 +162,7 @@ class LibdqpAttributes:
 
     @property
     def KKT_A_np(self):  # noqa: N802
+        """The reduced KKT matrix ``[[P, Āᵀ], [Ā, 0]]``, ``Ā = [A; C_J]``, of the last call (a list when batched)."""
         if self._last is None:
             return None
         from dqp.kkt import assemble_kkt

@@ -16,7 +16,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 #: The modules whose public API the docs promise (the API reference pages render these).
 PUBLIC_MODULES = ["dqp", "dqp.dQP", "dqp.settings", "dqp.result", "dqp.errors", "dqp.layer", "dqp.qpth",
-                  "dqp.ipm_layer", "dqp.solvers", "dqp.linsolve", "dqp.io", "dqp.diagnose"]
+                  "dqp.ipm_layer", "dqp.solvers", "dqp.linsolve", "dqp.io", "dqp.diagnose",
+                  "dqp.layer_compat", "dqp.sparse_helper", "dqp.lin_solvers", "dqp.qp_diagnostic", "dqp.benchmark"]
 #: Packages whose ``__init__`` re-exports objects defined in submodules.
 PACKAGES = {"dqp", "dqp.solvers", "dqp.linsolve"}
 

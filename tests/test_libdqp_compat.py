@@ -251,6 +251,15 @@ def test_initialize_torch_from_npz_missing_file(tmp_path):
         initialize_torch_from_npz(tmp_path / "missing.npz")
 
 
+def test_libdqp_top_level_names():
+    from dqp import get_sparse_solvers, initialize_torch_from_npz  # libdqp's package exports them
+    from dqp.sparse_helper import initialize_torch_from_npz as f
+
+    assert initialize_torch_from_npz is f and "qdldl" in get_sparse_solvers()
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        dqp.nope
+
+
 def test_csc_conversions():
     from dqp.sparse_helper import csc_scipy_to_torch, csc_torch_to_scipy
 
