@@ -18,6 +18,7 @@ the backward linear solvers are timed as well; nothing is printed (log level INF
 """
 from __future__ import annotations
 
+import logging
 import sys
 import types
 import warnings
@@ -29,6 +30,8 @@ import numpy as np
 from dqp.errors import InputError
 
 __all__ = ["benchmark"]
+
+logger = logging.getLogger("dqp.diagnose")
 
 
 def _flat(v: Any) -> Any:
@@ -94,6 +97,7 @@ def benchmark(save_name: str, Q=None, q=None, G=None, h=None, A=None, b=None, re
         name = save_name
     if plot:
         report.plot(f"{name}_qp.pdf")
+    logger.info("dqp.benchmark(%r): %s", save_name, report.recommendation())
     return report
 
 
