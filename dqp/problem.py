@@ -159,9 +159,7 @@ def _to_csc(name: str, M: torch.Tensor) -> torch.Tensor:
 
 
 def _sparse_arg(name: str, M, shape_rows: Optional[int], n: int) -> Tuple[SparseArg, int, Optional[int]]:
-    mats = list(M) if isinstance(M, (list, tuple)) else [M]
-    if not mats:
-        raise ShapeError(f"Argument {name} is an empty list; give one sparse matrix or one per batch element.")
+    mats = list(M) if isinstance(M, (list, tuple)) else [M]  # non-empty, first element 2-D (_mat_shape)
     csc = []
     for i, Mi in enumerate(mats):
         if not isinstance(Mi, torch.Tensor):
@@ -174,9 +172,7 @@ def _sparse_arg(name: str, M, shape_rows: Optional[int], n: int) -> Tuple[Sparse
     shapes = {tuple(c.shape) for c in csc}
     if len(shapes) != 1:
         raise ShapeError(f"Argument {name}: all matrices of a batch must have one shape, got {sorted(shapes)}.")
-    (r, c), = shapes
-    if c != n:
-        raise ShapeError(f"Argument {name} has {c} columns but P is {n} x {n}; expected ({'n' if name == 'P' else 'rows'}, {n}).")
+    (r, c), = shapes  # c == n: the first matrix was checked by _matrix_sizes
     ccols = [t.ccol_indices().cpu().numpy().astype(np.int64) for t in csc]
     rows = [t.row_indices().cpu().numpy().astype(np.int64) for t in csc]
     nnz = [len(x) for x in rows]

@@ -86,6 +86,11 @@ def test_shape_errors_name_the_wrong_argument(qp, over, words):
     assert words in str(e.value)
 
 
+def test_sparse_first_matrix_must_be_a_tensor(qp):
+    with pytest.raises(dqp.LayoutError, match="must be a torch sparse tensor, got str"):
+        dQP.dQP_layer(qp_solver="clarabel", solve_type="sparse")(["x"], qp[1])
+
+
 def test_column_q_with_large_problem_is_not_blamed_on_p():
     # the report: q of shape (50, 1) was rejected with "Argument P has shape (50, 50)"
     P, q, C, d, *_ = random_qp(50, 10, 0, seed=0)
