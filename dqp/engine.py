@@ -22,7 +22,9 @@ from typing import List, Optional, Sequence, Tuple
 import numpy as np
 import scipy.sparse as sp
 
-from dqp.errors import Status
+from dqp.certificates import check_keyword_failure, finalize, verified_status
+from dqp.errors import NotPSDError, Status
+from dqp.problem import drop_unbounded_rows, restore_rows
 from dqp.kkt import REGULARIZED, RobustKKT, auto_linsolver, warn_singular_once
 from dqp.linsolve import get_linsolver
 from dqp.settings import Settings
@@ -49,6 +51,9 @@ class ElementResult:
     message: str = ""
     residuals: Tuple[float, float, float] = (0.0, 0.0, 0.0)
     margin: float = float("inf")
+    nonconvex: bool = False
+    #: the solver's own duals ``(y, z)`` of an unverified point (judging how far it is from the KKT conditions)
+    raw_duals: Optional[Tuple[Optional[np.ndarray], Optional[np.ndarray]]] = None
 
 
 def _mv(M, x):
@@ -227,19 +232,6 @@ def residuals(P, q, C, d, A, b, z, lam, mu) -> Tuple[float, float, float]:
     return r_prim, float(np.max(np.abs(r_dual), initial=0.0)), comp
 
 
-def classify_failure(P, q, C, d, A, b) -> Status:
-    """Decide primal/dual infeasibility with Clarabel when a solver failed without saying why."""
-    try:
-        from dqp.solvers import get_solver
-
-        ref = get_solver("clarabel").solve(P, q, C, d, A, b)
-    except Exception:  # pragma: no cover - clarabel is a core dependency
-        return Status.SOLVER_ERROR
-    if ref.status in (Status.PRIMAL_INFEASIBLE, Status.DUAL_INFEASIBLE):
-        return ref.status
-    return Status.SOLVER_ERROR
-
-
 class Engine:
     """Runs the forward and backward of the element-wise (black-box solver) path."""
 
@@ -259,6 +251,18 @@ class Engine:
         return get_linsolver(name)
 
     def solve_element(self, data, sparse: bool, warm=None, slot: Optional[int] = None) -> ElementResult:
+        """Forward of one element, its failures classified from verified certificates.
+
+        Inequality rows with ``d_i = +inf`` (or ``≥ 1e20``) are left out of the solve: they can never
+        be active; their multipliers and gradients are zero.
+        """
+        data, keep, m_full = drop_unbounded_rows(data)
+        if keep is not None and warm is not None and len(warm[2]) == m_full:
+            warm = (warm[0], warm[1], warm[2][keep])
+        res = finalize(data, self._solve_chain(data, sparse, warm, slot), self.settings.time_limit is None)
+        return res if keep is None else restore_rows(res, keep, m_full)
+
+    def _solve_chain(self, data, sparse: bool, warm=None, slot: Optional[int] = None) -> ElementResult:
         """Forward of one element: direct KKT solve without inequalities, else solver + polish.
 
         When the chosen solver fails, or (``fallback_on_unverified``) its point cannot be verified, the
@@ -331,8 +335,10 @@ class Engine:
         P, q, C, d, A, b = data
         n, m, p = P.shape[0], 0 if C is None else C.shape[0], 0 if A is None else A.shape[0]
         kw = {**solver.tolerance_keywords(s.eps_abs, s.eps_rel), **(extra or {})}
-        if solver is self.solver:
-            kw.update(s.qp_solver_keywords)
+        if s.time_limit is not None:
+            kw.update(solver.time_limit_keywords(s.time_limit))
+        user_kw = s.qp_solver_keywords if solver is self.solver else {}
+        kw.update(user_kw)
         if s.verbose:
             kw.setdefault("verbose", True)
         initvals = None if warm is None else warm[0]
@@ -341,6 +347,14 @@ class Engine:
         raw: RawSolution = solver.solve(P, q, C, d, A, b, initvals=initvals, warm_duals=warm_duals,
                                         keywords=kw, slot=slot)
         solve_time = raw.info.get("time", time.perf_counter() - t0)
+        check_keyword_failure(solver.name, raw, user_kw)
+        if raw.status in (Status.PRIMAL_INFEASIBLE, Status.DUAL_INFEASIBLE) and \
+                verified_status(data, raw.status, raw.x, raw.y, raw.z) is None:
+            # a claim without a certificate that checks out is a failure, not a diagnosis (Clarabel
+            # called PRIMALC2 unbounded; HiGHS solves it): the fallback chain goes on
+            raw.info["raw_status"] = (f"claimed {raw.status.name} but its certificate did not verify; "
+                                      + str(raw.info.get("raw_status", "")))
+            raw.status = Status.NUMERICAL
 
         def failed(status: Status, message: str) -> ElementResult:
             return ElementResult(np.zeros(n), np.zeros(p), np.zeros(m), np.zeros(m, bool), status,
@@ -403,7 +417,8 @@ class Engine:
         if kkt.path == REGULARIZED:
             warn_singular_once()
         return ElementResult(z, lam, mu, active, Status.SOLVED, kkt, verified, it, n_weak,
-                             None if raw is None else raw.iterations, solve_time, message, res, margin)
+                             None if raw is None else raw.iterations, solve_time, message, res, margin,
+                             raw_duals=None if verified or raw is None else (raw.y, raw.z))
 
     def forward(self, batch) -> List[ElementResult]:
         self.used_linsolvers = set()
@@ -421,9 +436,23 @@ class Engine:
         if self.settings.omp_parallel and B > 1:
             if self._pool is None:
                 self._pool = ThreadPoolExecutor(max_workers=self.settings.n_cpu, thread_name_prefix="dqp")
-            results = list(self._pool.map(run, range(B)))
+            futures = [self._pool.submit(run, i) for i in range(B)]
+            try:
+                results = [f.result() for f in futures]
+            except KeyboardInterrupt:  # Ctrl-C: drop the elements not started yet, then stop
+                for f in futures:
+                    f.cancel()
+                raise
         else:
-            results = [run(i) for i in range(B)]
+            results = [run(i) for i in range(B)]  # a KeyboardInterrupt reaches Python between elements
+        bad = [i for i, r in enumerate(results) if r.nonconvex]
+        if bad:
+            raise NotPSDError(
+                f"Argument P is not positive semidefinite{f' (batch elements {bad[:10]})' if batch.batched else ''}: "
+                f"it has a negative eigenvalue (seen in the inertia of the reduced KKT factorization at the "
+                f"solver's point, or after the solve failed, and confirmed by P's smallest eigenvalue), so the QP "
+                f"is not convex and a solver's point is not its minimum. Build P as L @ L.T (+ eps*I); "
+                f"check_PSD=True tests every P before solving.")
         if use_warm:
             self.warm = [(r.z, r.lam, r.mu) if r.status == Status.SOLVED else None for r in results]
         return results

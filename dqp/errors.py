@@ -107,6 +107,10 @@ class SolverFailedError(SolveError):
     """The solver failed (numerical trouble or an internal error)."""
 
 
+class SolverKeywordWarning(UserWarning):
+    """A solver raised while ``qp_solver_keywords`` were given: a keyword may be the cause."""
+
+
 _STATUS_ERROR = {
     Status.MAX_ITER: MaxIterationsError,
     Status.PRIMAL_INFEASIBLE: InfeasibleError,

@@ -70,6 +70,7 @@ import torch
 
 from dqp.errors import SettingsError, ShapeError, Status, error_for_statuses
 from dqp.gradients import dense_grads
+from dqp.problem import INF_BOUND, INF_ROW_RATIO
 from dqp.linsolve.torch_batched import PATH_NAMES, BatchedKKT
 from dqp.solvers.ipm import default_eps, ipm_solve
 
@@ -588,6 +589,59 @@ def _broadcast(P, q, C, d, A, b):
     return P, q, C, d, A, b
 
 
+def _unbounded_rows(C: Optional[Tensor], d: Optional[Tensor]):
+    """Rows whose bound means "none" (``d_i ≥ INF_BOUND``, ``+inf``; see :mod:`dqp.problem`) cannot be active:
+    take them out.
+
+    Rows unbounded in every element are dropped; rows unbounded in some elements become ``0·z ≤ 1``
+    there (always satisfied, so their multiplier is 0; ``torch.where`` gives the original entries a
+    zero gradient). Returns ``(C, d, rows)`` with ``rows = (kept indices, m, masked (B, k))``, or
+    ``None`` when nothing changed.
+    """
+    if C is None:
+        return C, d, None
+    big = (d >= INF_BOUND) & (d >= INF_ROW_RATIO * C.detach().abs().amax(-1))
+    if not bool(big.any()):
+        return C, d, None
+    m = d.shape[-1]
+    idx = (~big.all(0)).nonzero().flatten()
+    C, d, big = C[:, idx], d[:, idx], big[:, idx]
+    if idx.numel() == 0:
+        return None, None, (idx, m, big)
+    if bool(big.any()):
+        C = torch.where(big.unsqueeze(-1), torch.zeros_like(C), C)
+        d = torch.where(big, torch.ones_like(d), d)
+    return C, d, (idx, m, big)
+
+
+def _restore_rows(mu: Optional[Tensor], active: Optional[Tensor], rows, like: Tensor):
+    """Multipliers and active flags of all ``m`` rows (the taken-out rows: 0 and inactive)."""
+    idx, m, big = rows
+    B = like.shape[0]
+    mu_full = like.new_zeros(B, m)
+    act_full = torch.zeros(B, m, dtype=torch.bool, device=like.device)
+    if mu is not None:
+        mu_full = mu_full.index_copy(1, idx, torch.where(big, torch.zeros_like(mu), mu))
+    if active is not None:
+        act_full[:, idx] = active & ~big
+    return mu_full, act_full
+
+
+def _check_ipm_options(options: Dict[str, Any]) -> None:
+    """Unknown ``ipm_solve`` keywords are a :class:`SettingsError` (with the closest valid name)."""
+    import difflib
+    import inspect
+
+    valid = [k for k in inspect.signature(ipm_solve).parameters if k not in ("P", "q", "C", "d", "A", "b")]
+    valid.append("polish_rounds")
+    unknown = [k for k in options if k not in valid]
+    if unknown:
+        hints = [f"{k!r}" + (f" (did you mean {c[0]!r}?)" if (c := difflib.get_close_matches(k, valid, n=1)) else "")
+                 for k in unknown]
+        raise SettingsError(f"qp_solver='dqp_ipm' has no option {', '.join(hints)}. Valid keywords "
+                            f"(qp_solver_keywords / solve_qp_batch): {', '.join(sorted(valid))}.")
+
+
 def solve_qp_batch(P: Tensor, q: Tensor, C: Optional[Tensor] = None, d: Optional[Tensor] = None,
                    A: Optional[Tensor] = None, b: Optional[Tensor] = None, *, eps: Optional[float] = None,
                    max_iter: int = 100, on_failure: str = "raise", polish: bool = True,
@@ -630,10 +684,14 @@ def solve_qp_batch(P: Tensor, q: Tensor, C: Optional[Tensor] = None, d: Optional
     """
     if on_failure not in ("raise", "mask"):
         raise SettingsError(f"solve_qp_batch: on_failure must be 'raise' or 'mask', got {on_failure!r}.")
+    _check_ipm_options(ipm_options)
     P, q, C, d, A, b = _broadcast(P, q, C, d, A, b)
+    C, d, rows = _unbounded_rows(C, d)
     opts = dict(ipm_options)
     opts.update(eps=eps, max_iter=max_iter, polish=polish)
     z, lam, mu, status, active, kkt = IPMQPFunction.apply(P, q, C, d, A, b, opts)
+    if rows is not None:
+        mu, active = _restore_rows(mu, active, rows, z)
     if diagnostics is not None:
         diagnostics.update(verified=kkt.polished, iterations=kkt.iterations,
                            kkt_path=[PATH_NAMES[i] for i in kkt.path.tolist()])

@@ -221,6 +221,23 @@ class RobustKKT(Factorization):
         except Exception:  # SuperLU factorizes any nonsingular (quasi-definite) Kreg
             self._F = SuperLUSolver().factor(sp.csc_matrix(Kreg))
 
+    def negative_curvature(self) -> bool:
+        """Whether the factorization shows P curving downward on the constraints' null space.
+
+        For a convex QP (P ⪰ 0) with independent constraint rows, ``K`` (and its quasi-definite
+        regularization) has exactly as many negative eigenvalues as constraint rows; more (read
+        from an LDLᵀ's D, or a flipped ``sign det K`` from an LU) means an indefinite reduced
+        Hessian. Free: it reads the factorization already made. ``False`` when it does not tell.
+        """
+        if self._F is None:
+            return False
+        k = self.K.shape[0] - self.n
+        neg = self._F.negative_eigenvalues()
+        if neg is not None:
+            return neg > k
+        sign = self._F.determinant_sign()
+        return sign is not None and sign != (-1) ** k
+
     def _solve_scaled(self, rhs: np.ndarray, x0: Optional[np.ndarray] = None) -> np.ndarray:
         K, F = self.Ks, self._F
         x = F.solve(rhs) if x0 is None else x0 + F.solve(rhs - K @ x0)

@@ -263,6 +263,11 @@ class dQP_layer(LibdqpAttributes, nn.Module):  # noqa: N801  (the name users kno
         from dqp.ipm_layer import solve_qp_batch
 
         s = self.settings
+        if s.time_limit is not None:
+            warnings.warn(f"time_limit={s.time_limit} is not honoured by qp_solver={qp!r} (the batched interior "
+                          f"point has no clock; qp_solver='auto' picked it for a dense batch of {batch.B} on "
+                          f"{batch.device}): bound it with qp_solver_keywords={{'max_iter': ...}}, or pick "
+                          f"qp_solver='clarabel'.", UserWarning, stacklevel=3)
         t0 = time.perf_counter()
         kw = dict(s.qp_solver_keywords)
         diag: dict = {}
@@ -313,7 +318,7 @@ def _torch_margins(batch: QPBatch, z, mu, active, eps: float):
     Cz = (C @ z.unsqueeze(-1)).squeeze(-1)
     slack = d - Cz
     size = torch.maximum(d.abs(), (C.abs() @ z.abs().unsqueeze(-1)).squeeze(-1))
-    at_bound = slack <= eps * size.clamp_min(torch.finfo(z.dtype).tiny)
+    at_bound = (slack <= eps * size.clamp_min(torch.finfo(z.dtype).tiny)) & torch.isfinite(slack)
     zero_dual = mu <= eps * mu.amax(-1, keepdim=True).clamp_min(torch.finfo(z.dtype).tiny)
     weak = (at_bound & zero_dual).sum(-1)
     inf = torch.full_like(slack, float("inf"))
@@ -336,5 +341,5 @@ def _torch_residuals(batch: QPBatch, z, lam, mu):
         r_dual = r_dual + (C.transpose(-1, -2) @ mu.unsqueeze(-1)).squeeze(-1)
         slack = batch.d.detach() - (C @ z.unsqueeze(-1)).squeeze(-1)
         r_prim = torch.maximum(r_prim, (-slack).clamp_min(0).amax(-1))
-        comp = (mu * slack).abs().amax(-1)
+        comp = torch.where(torch.isfinite(slack), mu * slack, torch.zeros_like(slack)).abs().amax(-1)  # d_i = +inf
     return r_prim.tolist(), r_dual.abs().amax(-1).tolist(), comp.tolist()

@@ -21,6 +21,17 @@ import torch
 from dqp.errors import (LayoutError, NonFiniteError, NotPSDError, NotSymmetricError, ShapeError)
 
 _NAMES = ("P", "q", "C", "d", "A", "b")
+#: an inequality bound ``d_i ≥ INF_BOUND`` (or ``+inf``) means "no bound" and the row is left out,
+#: unless the row is itself that large (``d_i < INF_ROW_RATIO·‖C_i‖∞``: data scaled as a whole keeps
+#: its rows); a left-out row could only be active for ``‖z‖∞ ≥ INF_ROW_RATIO / n``
+INF_BOUND = 1e20
+INF_ROW_RATIO = 1e10
+
+
+def unbounded_mask_np(C, d: np.ndarray) -> np.ndarray:
+    """Rows of one element whose bound means "none" (see :data:`INF_BOUND`)."""
+    row_max = np.asarray(abs(C).max(axis=1).todense()).ravel() if sp.issparse(C) else np.abs(C).max(axis=1)
+    return (d >= INF_BOUND) & (d >= INF_ROW_RATIO * row_max)
 _SPARSE_LAYOUTS = (torch.sparse_coo, torch.sparse_csr, torch.sparse_csc, torch.sparse_bsr, torch.sparse_bsc)
 
 
@@ -56,7 +67,13 @@ class SparseArg:
         k = self.index(i)
         lo = self.offsets[k]
         nnz = len(self.rows[k])
-        return sp.csc_matrix((values_np[lo:lo + nnz], self.rows[k], self.ccols[k]), shape=self.shape)
+        # a copy in canonical form (sorted rows, duplicates summed, as SciPy and torch's coalesce do):
+        # solvers sort and sum in place, which must never reach the caller's values
+        M = sp.csc_matrix((values_np[lo:lo + nnz].copy(), self.rows[k].copy(), self.ccols[k].copy()),
+                          shape=self.shape)
+        if not M.has_canonical_format:
+            M.sum_duplicates()
+        return M
 
     def col_indices(self, k: int) -> np.ndarray:
         """Column index of each stored value of distinct matrix ``k`` (CSC value order)."""
@@ -92,7 +109,8 @@ class NumpyBatch:
 
     def __init__(self, batch: QPBatch):
         self.batch = batch
-        conv = lambda t: None if t is None else t.detach().to("cpu", torch.float64).numpy()
+        # copies: a CPU float64 tensor's .numpy() shares its memory, and solvers may write into their input
+        conv = lambda t: None if t is None else np.array(t.detach().to("cpu", torch.float64).numpy(), copy=True)
         self._mats = {}
         for name in ("P", "C", "A"):
             M = getattr(batch, name)
@@ -130,9 +148,23 @@ def _check_dtype_device(name: str, x: torch.Tensor, ref: torch.Tensor) -> None:
                           f"to one device.")
 
 
+def _where(ok: torch.Tensor, t: torch.Tensor, batched: bool) -> str:
+    if batched and t.layout == torch.strided and t.dim() >= 2:
+        bad = (~ok).reshape(t.shape[0], -1).any(dim=1).nonzero().flatten().tolist()
+        return f" (batch elements {bad[:10]})"
+    return ""
+
+
 def _check_finite(name: str, t: torch.Tensor, batched: bool) -> None:
     vals = t.values() if t.layout in _SPARSE_LAYOUTS and t.layout != torch.sparse_coo else (
         t.coalesce().values() if t.layout == torch.sparse_coo else t)
+    if name == "d":  # +inf is "no bound" (the row is inactive); NaN and -inf are errors
+        ok = ~torch.isnan(vals) & (vals != float("-inf"))
+        if not bool(ok.all()):
+            raise NonFiniteError(f"Argument d contains NaN or -inf{_where(ok, t, batched)}. +inf (or any bound "
+                                 f">= {INF_BOUND:g}) marks an absent bound, but NaN has no meaning and "
+                                 f"C_i z <= -inf cannot hold; check the layer that produced d.")
+        return
     ok = torch.isfinite(vals)
     if not bool(ok.all()):
         where = ""
@@ -143,7 +175,45 @@ def _check_finite(name: str, t: torch.Tensor, batched: bool) -> None:
                              f"check the layer that produced {name} (e.g. for exploding values).")
 
 
+def check_compressed(name: str, ptr: np.ndarray, idx: np.ndarray, n_ptr: int, n_idx: int,
+                     kind: str = "CSC") -> None:
+    """O(nnz) structure check of a compressed sparse matrix; raises :class:`LayoutError`.
+
+    ``ptr`` (column pointers for CSC, row pointers for CSR) must have ``n_ptr + 1`` entries, start
+    at 0, never decrease and end at ``nnz = len(idx)``; every index must lie in ``[0, n_idx)``.
+    Duplicate and unsorted indices are allowed (they are summed and sorted on a copy).
+    """
+    ptr_name, idx_name = ("ccol_indices", "row_indices") if kind == "CSC" else ("crow_indices", "col_indices")
+    fix = (f"Build {name} with torch.sparse_csc_tensor(..., check_invariants=True) or from a dense tensor "
+           f"with .to_sparse_csc() to find the fault.")
+    if ptr.shape != (n_ptr + 1,):
+        raise LayoutError(f"Argument {name}: {kind} {ptr_name} must have {n_ptr + 1} entries, got {ptr.shape[0]}. {fix}")
+    if ptr[0] != 0 or ptr[-1] != len(idx):
+        raise LayoutError(f"Argument {name}: {kind} {ptr_name} must start at 0 and end at nnz = {len(idx)}, got "
+                          f"{int(ptr[0])} ... {int(ptr[-1])}. {fix}")
+    if n_ptr and np.any(np.diff(ptr) < 0):
+        raise LayoutError(f"Argument {name}: {kind} {ptr_name} must be nondecreasing (at position "
+                          f"{int(np.flatnonzero(np.diff(ptr) < 0)[0])}). {fix}")
+    if len(idx) and (idx.min() < 0 or idx.max() >= n_idx):
+        bad = int(idx.min()) if idx.min() < 0 else int(idx.max())
+        raise LayoutError(f"Argument {name}: {kind} {idx_name} must lie in [0, {n_idx}), found {bad}. {fix}")
+
+
+def _check_structure(name: str, M: torch.Tensor) -> None:
+    """Validate a sparse tensor's index structure before anything reads it (torch does not by default)."""
+    r, c = M.shape
+    if M.layout == torch.sparse_csc:
+        check_compressed(name, M.ccol_indices().cpu().numpy(), M.row_indices().cpu().numpy(), c, r, "CSC")
+    elif M.layout == torch.sparse_csr:
+        check_compressed(name, M.crow_indices().cpu().numpy(), M.col_indices().cpu().numpy(), r, c, "CSR")
+    elif M.layout == torch.sparse_coo:
+        idx = M._indices().cpu().numpy()
+        if idx.size and (idx.min() < 0 or np.any(idx.max(axis=1) >= np.array([r, c]))):
+            raise LayoutError(f"Argument {name}: COO indices must lie in [0, {r}) x [0, {c}).")
+
+
 def _to_csc(name: str, M: torch.Tensor) -> torch.Tensor:
+    _check_structure(name, M)
     if M.layout == torch.sparse_csc:
         if M.requires_grad and M.is_leaf:
             raise LayoutError(
@@ -434,3 +504,34 @@ def _check_psd(batch: QPBatch, tol: float = 1e-9) -> None:
         raise NotPSDError(f"Argument P is not positive semidefinite{where}: smallest eigenvalue "
                           f"{float(lo.min()):.3g}. The QP is then nonconvex. Build P as L @ L.T (+ eps*I), or "
                           f"turn off check_PSD if you know P is PSD up to rounding.")
+
+
+def drop_unbounded_rows(data):
+    """Leave out inequality rows whose bound means "none" (:data:`INF_BOUND`, ``+inf``) from one element.
+
+    Returns ``(data, keep, m)``: the reduced ``(P, q, C, d, A, b)``, the kept rows' mask (``None``
+    when nothing was dropped) and the original row count.
+    """
+    P, q, C, d, A, b = data
+    if C is None or not np.any(d >= INF_BOUND):
+        return data, None, 0 if C is None else C.shape[0]
+    keep = ~unbounded_mask_np(C, d)
+    m = len(d)
+    if keep.all():
+        return data, None, m
+    if not keep.any():
+        return (P, q, None, None, A, b), keep, m
+    Ck = (C.tocsr()[keep] if sp.issparse(C) else C[keep])
+    return (P, q, sp.csc_matrix(Ck) if sp.issparse(C) else Ck, d[keep], A, b), keep, m
+
+
+def restore_rows(res, keep: np.ndarray, m: int):
+    """Put the left-out rows back into an element's result: inactive, with zero multipliers."""
+    from dataclasses import replace
+
+    mu = np.zeros(m)
+    active = np.zeros(m, bool)
+    if len(res.mu):
+        mu[keep] = res.mu
+        active[keep] = res.active
+    return replace(res, mu=mu, active=active)

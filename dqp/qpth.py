@@ -59,7 +59,7 @@ from typing import Optional
 
 import torch
 
-from dqp.errors import DQPError, NotPSDError, SettingsError, ShapeError
+from dqp.errors import DQPError, LayoutError, NonFiniteError, NotPSDError, SettingsError, ShapeError
 from dqp.ipm_layer import solve_qp_batch
 from dqp.solvers.ipm import default_eps
 
@@ -99,6 +99,34 @@ class QPSolvers(Enum):
 
 def _present(x: Optional[torch.Tensor]) -> bool:
     return x is not None and x.numel() > 0
+
+
+def _check_inputs(**args: Optional[torch.Tensor]) -> None:
+    """float32/float64 tensors without NaN (``+inf`` in h is an absent bound): typed errors otherwise.
+
+    One host synchronization for all six arguments (the flags are reduced on the device first).
+    """
+    present = {}
+    for name, t in args.items():
+        if not isinstance(t, torch.Tensor):
+            raise LayoutError(f"QPFunction: {name} must be a torch tensor, got {type(t).__name__}.")
+        if not _present(t):
+            continue
+        if t.dtype not in (torch.float32, torch.float64):
+            raise LayoutError(f"QPFunction: {name} has dtype {t.dtype}; dqp solves in float32 or float64. "
+                              f"Convert with {name}.float() or {name}.double().")
+        present[name] = torch.isnan(t) | (t == float("-inf") if name == "h" else ~torch.isfinite(t))
+    if not present or not bool(torch.stack([f.any() for f in present.values()]).any()):
+        return
+    for name, bad in present.items():
+        if bool(bad.any()):
+            t = args[name]
+            where = ""
+            if t.dim() >= 2 and t.dim() == (2 if name in ("p", "h", "b") else 3):
+                where = f" (batch elements {bad.reshape(t.shape[0], -1).any(1).nonzero().flatten().tolist()[:10]})"
+            raise NonFiniteError(f"QPFunction: {name} contains NaN or Inf{where}" + (
+                " (+inf in h marks an absent bound; NaN and -inf are errors)" if name == "h" else "")
+                + "; check the layer that produced it.")
 
 
 class QPFunction:
@@ -156,6 +184,7 @@ class QPFunction:
         if _present(A) != _present(b):
             raise ShapeError("QPFunction: A and b must both be given or both be empty "
                              f"(got A with {A.numel()} and b with {b.numel()} elements).")
+        _check_inputs(Q=Q, p=p, G=G, h=h, A=A, b=b)
         C, d = (G, h) if _present(G) else (None, None)
         Ae, be = (A, b) if _present(A) else (None, None)
         if self.check_Q_spd:

@@ -68,6 +68,10 @@ OPTIONS: Dict[str, Tuple[Any, tuple, str]] = {
                                "not the problem: on Maros–Meszaros PIQP verifies GOULDQP3, QSCFXM1, QGROW22 "
                                "where Clarabel's point does not); a verified answer replaces it. One second opinion: the "
                                "chain stops at the first fallback that solves."),
+    "time_limit": (None, (float, int, type(None)), "Wall-clock limit in seconds for each element's solve, "
+                   "passed to the solver's own option (Clarabel, OSQP, HiGHS, SCS, QPALM); naming a solver without "
+                   "one (qp_solver or fallback_solver) raises SettingsError, and fallback_solver='auto' keeps only "
+                   "those with one. An element that hits it fails with MaxIterationsError."),
     "on_failure": ("raise", (str,), "'raise': a failed element raises a typed SolveError naming it. "
                    "'mask': failed elements return zeros, zero gradients and a status in layer.info."),
 }
@@ -119,6 +123,7 @@ class Settings(_MappingABC):
     check_PSD: bool = False
     fallback_solver: Tuple[str, ...] = AUTO_FALLBACKS   # build_settings keeps the installed ones
     fallback_on_unverified: bool = True
+    time_limit: Optional[float] = None
     on_failure: str = "raise"
 
     def replace(self, **changes: Any) -> "Settings":
@@ -213,7 +218,13 @@ def build_settings(**options: Any) -> Settings:
     if values["qp_solver"] != "auto":
         values["qp_solver"] = resolve_solver_name(values["qp_solver"])
         get_solver(values["qp_solver"])  # raises SolverNotAvailableError with the install hint
+    auto_chain = values["fallback_solver"] == "auto"
     values["fallback_solver"] = _fallback_chain(values["fallback_solver"])
+    if values["time_limit"] is not None and auto_chain:  # 'auto' keeps the solvers that can honour it
+        values["fallback_solver"] = tuple(n for n in values["fallback_solver"]
+                                          if get_solver(n).time_limit_keywords(1.0))
+    if values["time_limit"] is not None:
+        values["time_limit"] = _time_limit(values["time_limit"], values["qp_solver"], values["fallback_solver"])
     if values["lin_solver"] != "auto":
         values["lin_solver"] = resolve_linsolver_name(values["lin_solver"])
         get_linsolver(values["lin_solver"])
@@ -271,6 +282,22 @@ def _fallback_chain(value: Any) -> Tuple[str, ...]:
         if name not in out:
             out.append(name)
     return tuple(out)
+
+
+def _time_limit(seconds: Any, qp_solver: str, fallbacks: Tuple[str, ...]) -> float:
+    """Validate ``time_limit``: positive, and every named solver must have a time-limit option."""
+    from dqp.solvers import get_solver
+
+    if not float(seconds) > 0:
+        raise SettingsError(f"Option 'time_limit' must be a positive number of seconds or None, got {seconds!r}.")
+    names = ([qp_solver] if qp_solver != "auto" else ["clarabel"]) + list(fallbacks)
+    lacking = [n for n in dict.fromkeys(names) if not get_solver(n).time_limit_keywords(1.0)]
+    if lacking:
+        raise SettingsError(f"Option 'time_limit' cannot be honoured: {', '.join(map(repr, lacking))} "
+                            f"{'has' if len(lacking) == 1 else 'have'} no time-limit option. Use a solver that "
+                            f"has one (clarabel, osqp, highs, scs, qpalm), drop it from fallback_solver, or bound "
+                            f"the work with an iteration limit in qp_solver_keywords.")
+    return float(seconds)
 
 
 def options_table() -> str:

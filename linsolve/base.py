@@ -30,6 +30,15 @@ class Factorization(ABC):
     def solve(self, rhs: np.ndarray) -> np.ndarray:
         """Return ``K⁻¹ rhs``."""
 
+    def negative_eigenvalues(self) -> Optional[int]:
+        """The number of negative eigenvalues of ``K`` (its inertia, from an LDLᵀ), or ``None``
+        when the factorization does not reveal it."""
+        return None
+
+    def determinant_sign(self) -> Optional[int]:
+        """``sign(det K)`` (+1 or −1) when the factorization reveals it cheaply, else ``None``."""
+        return None
+
 
 class LinearSolver(Plugin, ABC):
     """Base class of backward linear solvers (see the module docstring).

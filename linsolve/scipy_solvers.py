@@ -17,11 +17,40 @@ from dqp.linsolve.base import Factorization, LinearSolver, Matrix, register_lins
 
 
 class _CallableFactorization(Factorization):
-    def __init__(self, solve_fn):
+    """A solve function, plus (optional, computed on request) the inertia or determinant sign."""
+
+    def __init__(self, solve_fn, negatives=None, det_sign=None):
         self._solve = solve_fn
+        self._negatives = negatives
+        self._det_sign = det_sign
 
     def solve(self, rhs: np.ndarray) -> np.ndarray:
         return self._solve(np.asarray(rhs, dtype=np.float64))
+
+    def negative_eigenvalues(self) -> Optional[int]:
+        return None if self._negatives is None else int(self._negatives())
+
+    def determinant_sign(self) -> Optional[int]:
+        return None if self._det_sign is None else int(self._det_sign())
+
+
+def _lu_det_sign(lu: np.ndarray, piv: np.ndarray) -> int:
+    """``sign(det)`` from LAPACK's getrf output: the signs of U's diagonal times the pivots' parity."""
+    flips = int(np.count_nonzero(piv != np.arange(len(piv)))) + int(np.count_nonzero(lu.diagonal() < 0))
+    return 0 if not np.all(lu.diagonal()) else (-1 if flips % 2 else 1)
+
+
+def _block_negatives(D: np.ndarray) -> int:
+    """Negative eigenvalues of a block-diagonal D with 1×1 and 2×2 blocks (Bunch–Kaufman's)."""
+    N, i, neg = D.shape[0], 0, 0
+    while i < N:
+        if i + 1 < N and D[i + 1, i] != 0.0:
+            neg += int(np.count_nonzero(np.linalg.eigvalsh(D[i:i + 2, i:i + 2]) < 0))
+            i += 2
+        else:
+            neg += int(D[i, i] < 0)
+            i += 1
+    return neg
 
 
 def _as_csc(K: Matrix) -> sp.csc_matrix:
@@ -53,7 +82,8 @@ class QDLDLSolver(LinearSolver):
         import qdldl
 
         F = qdldl.Solver(_as_csc(K))
-        return _CallableFactorization(_columnwise(lambda r: np.asarray(F.solve(np.ascontiguousarray(r)))))
+        return _CallableFactorization(_columnwise(lambda r: np.asarray(F.solve(np.ascontiguousarray(r)))),
+                                      negatives=lambda: np.count_nonzero(np.asarray(F.factors()[1]) < 0))
 
 
 @register_linsolver
@@ -116,7 +146,8 @@ class DenseLUSolver(LinearSolver):
 
     def factor(self, K: Matrix, n: Optional[int] = None) -> Factorization:
         lu_piv = sla.lu_factor(_as_dense(K), check_finite=False)
-        return _CallableFactorization(lambda r: sla.lu_solve(lu_piv, r, check_finite=False))
+        return _CallableFactorization(lambda r: sla.lu_solve(lu_piv, r, check_finite=False),
+                                      det_sign=lambda: _lu_det_sign(*lu_piv))
 
 
 @register_linsolver
@@ -140,7 +171,7 @@ class DenseLDLSolver(LinearSolver):
             return x
         if not np.all(np.isfinite(Dlu[0])) or np.min(np.abs(np.diag(Dlu[0]))) == 0.0:
             raise np.linalg.LinAlgError("singular D block in LDLᵀ")
-        return _CallableFactorization(solve)
+        return _CallableFactorization(solve, negatives=lambda: _block_negatives(D))
 
 
 @register_linsolver

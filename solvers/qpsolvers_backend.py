@@ -63,7 +63,8 @@ def tolerance_keywords(name: str, eps_abs: float, eps_rel: float) -> Dict[str, A
 
 _INFEASIBLE_WORDS = ("primal infeasible", "primalinfeasible", "primal_infeasible", "infeasible")
 _UNBOUNDED_WORDS = ("dual infeasible", "dualinfeasible", "dual_infeasible", "unbounded")
-_MAXITER_WORDS = ("max_iter", "maximum iterations", "maxiterations", "max iter", "iteration limit")
+_MAXITER_WORDS = ("max_iter", "maximum iterations", "maxiterations", "max iter", "iteration limit",
+                  "time limit", "time_limit", "timelimit", "max_time", "max time", "maxtime")
 
 
 def _status_text(extras: Dict[str, Any]) -> str:
@@ -125,7 +126,8 @@ class QPSolversBackend(ForwardSolver):
         return tolerance_keywords(self.backend(), eps_abs, eps_rel)
 
     #: the backends' own time-limit settings (seconds), as qpsolvers passes them through
-    _TIME_LIMIT = {"clarabel": "time_limit", "highs": "time_limit", "osqp": "time_limit", "scs": "time_limit_secs"}
+    _TIME_LIMIT = {"clarabel": "time_limit", "highs": "time_limit", "osqp": "time_limit", "scs": "time_limit_secs",
+                   "qpalm": "time_limit"}
 
     def time_limit_keywords(self, seconds: float) -> Dict[str, Any]:
         key = self._TIME_LIMIT.get(self.backend())
@@ -162,8 +164,13 @@ class QPSolversBackend(ForwardSolver):
             status = status_from_extras(extras) or Status.SOLVER_ERROR
         y = None if sol.y is None or A is None else np.asarray(sol.y, dtype=np.float64)
         z = None if sol.z is None or C is None else np.asarray(sol.z, dtype=np.float64)
-        if x is not None and not np.all(np.isfinite(x)):
+        # HiGHS (through qpsolvers) answers a failure with an empty x, not None
+        if x is not None and (x.shape != (P.shape[0],) or not np.all(np.isfinite(x))):
             x = None
+            if status == Status.SOLVED:
+                status = Status.SOLVER_ERROR
+        y = y if y is not None and y.shape == (A.shape[0],) else None
+        z = z if z is not None and z.shape == (C.shape[0],) else None
         return RawSolution(x, y, z, status, iterations=_iterations(extras), info=info)
 
 

@@ -92,3 +92,47 @@ def random_qp(n: int, m: int, p: int = 0, seed: int = 0, batch: int | None = Non
 
 def cuda_available() -> bool:
     return torch.cuda.is_available()
+
+
+def _snapshot(x):
+    """A deep copy of a tensor argument (a sparse tensor's indices and values), a list of them, or None."""
+    if isinstance(x, (list, tuple)):
+        return [_snapshot(t) for t in x]
+    if not isinstance(x, torch.Tensor):
+        return x
+    x = x.detach()
+    if x.layout == torch.sparse_csc:
+        return ("csc", x.ccol_indices().clone(), x.row_indices().clone(), x.values().clone())
+    if x.layout == torch.sparse_csr:
+        return ("csr", x.crow_indices().clone(), x.col_indices().clone(), x.values().clone())
+    if x.layout == torch.sparse_coo:
+        return ("coo", x._indices().clone(), x._values().clone())
+    return ("dense", x.clone())
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, list):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if not isinstance(a, tuple):
+        return a is b or a == b
+    return a[0] == b[0] and all(torch.equal(x, y) or (x.is_floating_point() and torch.equal(x.isnan(), y.isnan())
+                                                      and torch.equal(x.nan_to_num(), y.nan_to_num()))
+                                for x, y in zip(a[1:], b[1:]))
+
+
+class inputs_unchanged:
+    """Context manager: the given arguments (dense or sparse tensors, lists of them) are bit-for-bit the
+    same after the block (dqp never writes into a caller's tensor)."""
+
+    def __init__(self, *args):
+        self.args = args
+        self.before = [_snapshot(a) for a in args]
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        after = [_snapshot(a) for a in self.args]
+        changed = [i for i, (x, y) in enumerate(zip(self.before, after)) if not _same(x, y)]
+        assert not changed, f"arguments at positions {changed} were modified in place"
+        return False

@@ -166,7 +166,8 @@ def test_semidefinite_P_lp():
 
 
 def test_unverified_solution_is_flagged_and_warned():
-    """A solver that claims success with a wrong point: without refinement dqp cannot verify it."""
+    """A solver that claims success with a wrong point: without refinement dqp cannot verify it, and
+    a point that far from the KKT conditions is reported as a failure."""
     from dqp.layer import UnverifiedSolutionWarning
     from dqp.solvers import ForwardSolver, RawSolution, register_solver
     from dqp.solvers import base as sb
@@ -181,11 +182,13 @@ def test_unverified_solution_is_flagged_and_warned():
 
     try:
         P, q, C, d, *_ = random_qp(4, 6, 0, seed=2)
-        layer = dQP.dQP_layer(empty_batch=False, qp_solver="test_wrong_solver", refine_active=False, fallback_solver=None)
-        with pytest.warns(UnverifiedSolutionWarning, match="could not be verified"):
-            z = layer(P, q, C, d)[0]
-        assert layer.info.verified == [False] and "could not be verified" in layer.info.messages[0]
-        assert torch.allclose(z, torch.full((4,), 5.0, dtype=F64))
+        layer = dQP.dQP_layer(empty_batch=False, qp_solver="test_wrong_solver", refine_active=False, fallback_solver=None,
+                              on_failure="mask")
+        z = layer(P, q, C, d)[0]
+        # unverified and far from the KKT conditions: a failure (zeros, a status), not a warned answer
+        assert layer.info.verified == [False] and layer.info.status == [Status.NUMERICAL]
+        assert "far from the KKT conditions" in layer.info.messages[0]
+        assert torch.equal(z, torch.zeros(4, dtype=F64))
         # with refinement the same wrong start is repaired into the true solution
         good = dQP.dQP_layer(empty_batch=False, qp_solver="test_wrong_solver")(P, q, C, d)[0]
         ref = dQP.dQP_layer(empty_batch=False, qp_solver="clarabel")(P, q, C, d)[0]

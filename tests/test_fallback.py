@@ -88,8 +88,10 @@ def _qp_strong():
 @pytest.mark.parametrize("on_unverified", [True, False])
 def test_unverified_answer_triggers_the_chain(on_unverified):
     # the sloppy point (1.5, 0) puts the row z₁ ≤ 2 out of the active set; without repairs its polish
-    # (z = (3, 0)) fails the KKT check, so the answer is unverified
+    # (z = (3, 0)) fails the KKT check, so the answer is unverified, and too far from the KKT
+    # conditions to be returned: without the chain it is a failure
     layer = dQP.dQP_layer(settings=dQP.build_settings(empty_batch=False, qp_solver="test_sloppy", refine_active=False,
+                                                      on_failure="mask",
                                                       fallback_solver=("test_counting",),
                                                       fallback_on_unverified=on_unverified))
     P, q, C, d = _qp_strong()
@@ -103,21 +105,24 @@ def test_unverified_answer_triggers_the_chain(on_unverified):
         gd, = torch.autograd.grad(z[0], d)
         assert torch.allclose(gd, torch.ones(1, dtype=torch.float64), atol=1e-8)
     else:
-        with pytest.warns(UserWarning):
-            layer(P, q, C, d)
+        layer(P, q, C, d)
         assert CALLS == ["test_sloppy"]
-        assert layer.info.verified == [False]
+        assert layer.info.verified == [False] and layer.info.status == [Status.NUMERICAL]
 
 
-def test_unverified_answer_is_kept_when_no_fallback_verifies():
+def test_unverified_answer_is_judged_when_no_fallback_verifies():
+    """The chain's note survives; the far-off point is then a failure (issue 23 #6), not a warned answer."""
     layer = dQP.dQP_layer(settings=dQP.build_settings(empty_batch=False, qp_solver="test_sloppy", refine_active=False,
-                                                      fallback_solver=("test_failing",)))
-    with pytest.warns(UserWarning):
-        layer(*_qp_strong())
+                                                      fallback_solver=("test_failing",), on_failure="mask"))
+    layer(*_qp_strong())
     assert CALLS == ["test_sloppy", "test_failing"]
     assert layer.info.verified == [False]
-    assert layer.info.status == [Status.SOLVED]
-    assert any("no fallback verified it (test_failing: SOLVER_ERROR)" in msg for msg in layer.info.messages)
+    assert layer.info.status == [Status.NUMERICAL]
+    assert any("no fallback verified it (test_failing: SOLVER_ERROR)" in msg and "far from the KKT" in msg
+               for msg in layer.info.messages)
+    with pytest.raises(SolverFailedError, match="far from the KKT conditions"):
+        dQP.dQP_layer(settings=dQP.build_settings(qp_solver="test_sloppy", refine_active=False,
+                                                  fallback_solver=None))(*_qp_strong())
 
 
 def test_no_fallback_raises_with_the_solvers_message():

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from dqp import dQP
-from conftest import ALL_SOLVERS, SPARSE_SOLVERS, random_qp
+from conftest import ALL_SOLVERS, SPARSE_SOLVERS, inputs_unchanged, random_qp
 
 
 def qpth_problem(n=50, m=50, seed=3):
@@ -28,8 +28,9 @@ def layer_for(solver: str, **kw):
 def grads_of_sum(layer, P, q, C, d, A=None, b=None):
     ts = [t.clone().requires_grad_() for t in (P, q, C, d)]
     extra = [] if A is None else [t.clone().requires_grad_() for t in (A, b)]
-    z, lam, mu, _, _ = layer(*ts, *extra)
-    z.sum().backward()
+    with inputs_unchanged(*ts, *extra):  # dqp never writes into the caller's tensors
+        z, lam, mu, _, _ = layer(*ts, *extra)
+        z.sum().backward()
     return z.detach(), [t.grad for t in ts + extra]
 
 
@@ -183,8 +184,10 @@ def test_sparse_gradients_in_value_order(case):
     Ps, Pi, Pv = _coo_shuffled(P, 0)
     Cs, Ci, Cv = _coo_shuffled(C, 1)
     As, Ai, Av = _coo_shuffled(A, 2)
-    z2, lam2, mu2, _, _ = sl(Ps.to_sparse_csc(), q, Cs.to_sparse_csc(), d, As.to_sparse_csc(), b)
-    ((z2 * w).sum() + lam2.sum() + mu2.sum()).backward()
+    sparse_args = (Ps.to_sparse_csc(), q, Cs.to_sparse_csc(), d, As.to_sparse_csc(), b)
+    with inputs_unchanged(*sparse_args, Pv, Cv, Av):
+        z2, lam2, mu2, _, _ = sl(*sparse_args)
+        ((z2 * w).sum() + lam2.sum() + mu2.sum()).backward()
     assert torch.allclose(z2, z, atol=1e-9)
     for vals, idx, dense in ((Pv, Pi, Pd), (Cv, Ci, Cd), (Av, Ai, Ad)):
         assert torch.allclose(vals.grad, dense.grad[idx[0], idx[1]], atol=1e-8, rtol=1e-7)

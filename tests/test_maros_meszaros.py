@@ -114,3 +114,19 @@ def test_small_sweep_has_no_silent_nan(tmp_path):
            if r["status"] in ("nan", "crash", "timeout") or (r["status"] == "error" and r["typed"] != "True")]
     assert not bad, bad
     assert proc.returncode == 0
+
+
+@pytest.mark.slow
+@pytest.mark.skipif("piqp" not in __import__("dqp").solvers.available_solvers(), reason="piqp not installed")
+def test_small_set_with_piqp_is_solved_or_flagged(tmp_path):
+    """n, m ≤ 1000 with qp_solver='piqp' and its fallback chain: all 62 answered (verified, or flagged
+    unverified); a solver's unverified infeasibility claim (Clarabel's on PRIMALC2) no longer ends the chain."""
+    out = tmp_path / "mm_piqp"
+    proc = subprocess.run([sys.executable, str(REPO / "experiments" / "maros_meszaros.py"), "--impl", "ours",
+                           "--max-n", "1000", "--max-m", "1000", "--timeout-per-problem", "300", "--no-reference",
+                           "--solver", "piqp", "--out", str(out)], capture_output=True, text=True, timeout=3600)
+    with open(out.with_suffix(".csv")) as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 62, proc.stderr[-2000:]
+    bad = [(r["name"], r["status"], r["error_msg"][:200]) for r in rows if r["status"] != "ok"]
+    assert not bad, bad  # unverified answers are flagged (info_verified False, UnverifiedSolutionWarning)
