@@ -392,3 +392,23 @@ def test_qpth_masked_failures():
     assert torch.equal(p.grad[1], torch.zeros(n, dtype=torch.float64))
     with pytest.raises(dqp.SettingsError, match="on_failure"):
         QPFunction(on_failure="ignore")
+
+
+@pytest.mark.skipif("proxqp" not in __import__("dqp").solvers.available_solvers(), reason="proxsuite not installed")
+def test_far_unverified_primary_gives_way_to_a_closer_second_opinion():
+    # parameter_space.py's grid point θ = (5/6, 5/6) with proxqp at eps_abs=1e-4 and no refinement:
+    # proxqp's point is far from the KKT conditions (it was then a SolverFailedError), Clarabel's is
+    # close though not verifiable without repairs: Clarabel's point is returned
+    G = torch.tensor([[1, 0, -1], [-1, 0, -1], [0, 1, -1], [0, -1, -1], [0.75, 0.64, -1], [-0.75, -0.64, -1]],
+                     dtype=torch.float64)
+    t = 5.0 / 6.0
+    h = -1.0 + torch.tensor([t, -t, -t, t, t, -t], dtype=torch.float64)
+    P, q = torch.eye(3, dtype=torch.float64), torch.zeros(3, dtype=torch.float64)
+    layer = dQP.dQP_layer(settings=dQP.build_settings(eps_active=1e-7, eps_abs=1e-4, eps_rel=0, qp_solver="proxqp",
+                                                      refine_active=False))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        z = layer(P, q.unsqueeze(-1), G, h.unsqueeze(-1), None, None).z
+    ref = dQP.dQP_layer(qp_solver="clarabel")(P, q, G, h).z
+    assert layer.info.status == [dqp.Status.SOLVED] and "fallback_solver 'clarabel'" in layer.info.messages[0]
+    assert torch.allclose(z, ref, atol=1e-4)
