@@ -15,6 +15,7 @@ from dqp.errors import (  # noqa: F401
     NotSymmetricError, SettingsError, ShapeError, SolveError, SolverFailedError, SolverNotAvailableError,
     Status, UnboundedError,
 )
+from dqp.errors import NotSupportedError  # noqa: F401
 from dqp.layer import dQP_layer  # noqa: F401
 from dqp.result import QPOutput, SolveInfo  # noqa: F401
 from dqp.settings import Settings, build_settings  # noqa: F401
@@ -26,6 +27,7 @@ __all__ = [
     "DQPError", "SettingsError", "SolverNotAvailableError", "InputError", "ShapeError", "NonFiniteError",
     "NotSymmetricError", "NotPSDError", "LayoutError", "SolveError", "InfeasibleError", "UnboundedError",
     "MaxIterationsError", "SolverFailedError", "sparse_csc_tensor",
+    "NotSupportedError",
 ]
 _logging.getLogger("dqp").addHandler(_logging.NullHandler())
 

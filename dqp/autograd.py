@@ -11,6 +11,7 @@ from dqp.engine import ElementResult, Engine
 from dqp.errors import Status
 from dqp.gradients import dense_grads, pattern_grad
 from dqp.problem import QPBatch, SparseArg
+from dqp.transforms import first_order_only
 
 
 #: relative residual of the adjoint solve above which the gradient is reported as inaccurate
@@ -66,6 +67,7 @@ class QPFunction(torch.autograd.Function):
     #   ∇q = −y_z, ∇b = y_λ, ∇d_J = y_μ, ∇P = −½(y_z zᵀ + z y_zᵀ), ∇A = −(λ y_zᵀ + y_λ zᵀ),
     #   ∇C_J = −(μ_J y_zᵀ + y_μ zᵀ); inactive rows get zero (μ ≡ 0 near the solution).
     @staticmethod
+    @first_order_only
     @torch.autograd.function.once_differentiable
     def backward(ctx: Any, gz, glam, gmu):  # type: ignore[override]
         work: Work = ctx.work

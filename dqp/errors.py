@@ -74,6 +74,11 @@ class LayoutError(InputError):
     """A tensor layout, dtype or device combination dqp cannot use."""
 
 
+class NotSupportedError(DQPError, NotImplementedError):
+    """A feature dqp does not provide: a PyTorch feature the layer cannot take part in (``torch.func``
+    transforms, second derivatives) or qpth's ``SpQPFunction``; the message says what to use instead."""
+
+
 class SolveError(DQPError, RuntimeError):
     """The forward solve failed for one or more batch elements.
 

@@ -73,6 +73,7 @@ from dqp.gradients import dense_grads
 from dqp.problem import INF_BOUND, INF_ROW_RATIO
 from dqp.linsolve.torch_batched import PATH_NAMES, BatchedKKT
 from dqp.solvers.ipm import default_eps, ipm_solve
+from dqp.transforms import first_order_only, reject_functorch
 
 Tensor = torch.Tensor
 
@@ -485,6 +486,7 @@ class IPMQPFunction(torch.autograd.Function):
     # dA z − db, dC_J z − dd_J) with K symmetric, so the vector-Jacobian product is obtained from
     # one solve K y = (ḡ_z, ḡ_λ, ḡ_μJ) and the formulas in dqp.gradients.dense_grads.
     @staticmethod
+    @first_order_only
     @torch.autograd.function.once_differentiable
     def backward(ctx, gz, glam, gmu, _gstatus=None, _gactive=None, _gkkt=None):
         """One solve with the saved KKT factorization, then :func:`dqp.gradients.dense_grads`."""
@@ -682,6 +684,7 @@ def solve_qp_batch(P: Tensor, q: Tensor, C: Optional[Tensor] = None, d: Optional
     z : (B, n); lam : (B, p) or None; mu : (B, m) or None; status : (B,) int64; active : (B, m) bool or None
         B = 1 when no argument is batched.
     """
+    reject_functorch((P, q, C, d, A, b), "solve_qp_batch")
     if on_failure not in ("raise", "mask"):
         raise SettingsError(f"solve_qp_batch: on_failure must be 'raise' or 'mask', got {on_failure!r}.")
     _check_ipm_options(ipm_options)

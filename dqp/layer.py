@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
+import threading
 import time
 import warnings
 from typing import Optional, Tuple
@@ -18,6 +20,7 @@ from dqp.layer_compat import LastCall, LibdqpAttributes, detach_batch, resolve_k
 from dqp.problem import QPBatch, SparseArg, validate
 from dqp.result import QPOutput, SolveInfo
 from dqp.settings import Settings, build_settings, settings_from
+from dqp.transforms import graph_break, reject_functorch
 
 logger = logging.getLogger("dqp")
 
@@ -90,13 +93,22 @@ class dQP_layer(LibdqpAttributes, nn.Module):  # noqa: N801  (the name users kno
     Attributes
     ----------
     active : ndarray or None
-        Active inequality constraints of the last call (a NumPy bool array, as in libdqp: ``(m,)``
-        for unbatched inputs, ``(B, m)`` for batched ones).
+        Active inequality constraints of the *last call*, whichever thread made it, as libdqp has
+        them: a NumPy bool array, ``(m,)`` for unbatched inputs, ``(B, m)`` for batched ones. Each
+        call's own are on its output: ``out.active`` (a tensor shaped like the outputs).
     info : SolveInfo or None
-        Diagnostics of the last call, per batch element (status, residuals, active-set
-        verification, KKT path, backward residual after ``backward``).
+        Diagnostics of the *last call*, per batch element (status, residuals, active-set
+        verification, KKT path, backward residual after ``backward``). Each call's own are on its
+        output, ``out.info``: read those when several threads share the layer.
     nBatch, dim, nIneq, nEq, nActive, qp_solver, lin_solver, x_star_np, mu_star_np, nu_star_np, KKT_A_np
         libdqp's read-only attributes, derived from the last call (see :mod:`dqp.layer_compat`).
+
+    Notes
+    -----
+    The layer can be called from several threads at once: each thread keeps its own solver
+    workspaces, thread pool and warm-start memory. It pickles, deep-copies and ``torch.save``-s at
+    any time; workspaces, pools and warm starts are not part of its state (they are rebuilt on the
+    next call, which starts cold).
 
     Examples
     --------
@@ -112,7 +124,26 @@ class dQP_layer(LibdqpAttributes, nn.Module):  # noqa: N801  (the name users kno
         self.active: Optional[np.ndarray] = None
         self.info: Optional[SolveInfo] = None
         self._last: Optional[LastCall] = None
-        self._engines = {}
+        self._local = threading.local()
+
+    # -- state: solver workspaces, thread pools and warm starts are per thread and not saved ---------
+    def __getstate__(self) -> dict:
+        getter = getattr(super(), "__getstate__", None)     # (a copy: never edit the live __dict__)
+        state = dict(getter()) if getter is not None else self.__dict__.copy()
+        state.pop("_local", None)
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        self._local = threading.local()
+
+    @property
+    def _engines(self) -> dict:
+        """This thread's engines by ``(qp_solver, lin_solver)`` (fresh in a forked process)."""
+        local = self._local
+        if getattr(local, "pid", None) != os.getpid():
+            local.pid, local.engines = os.getpid(), {}
+        return local.engines
 
     # -- solver choice --------------------------------------------------------------------------
     def _choose(self, batch: QPBatch) -> Tuple[str, str]:
@@ -151,6 +182,7 @@ class dQP_layer(LibdqpAttributes, nn.Module):  # noqa: N801  (the name users kno
         return self._engines[key]
 
     # -- call ---------------------------------------------------------------------------------
+    @graph_break   # torch.compile: the solve runs eagerly, the model around it compiles
     def forward(self, P: Optional[torch.Tensor] = None, q: Optional[torch.Tensor] = None,
                 C: Optional[torch.Tensor] = None, d: Optional[torch.Tensor] = None,
                 A: Optional[torch.Tensor] = None, b: Optional[torch.Tensor] = None, *,
@@ -184,9 +216,10 @@ class dQP_layer(LibdqpAttributes, nn.Module):  # noqa: N801  (the name users kno
             An element failed (:class:`InfeasibleError`, :class:`UnboundedError`, ...) and
             ``on_failure='raise'``; the message names the batch elements.
         """
+        P, q, C, d, A, b = resolve_keywords(P, q, C, d, A, b, Q=Q, G=G, h=h)
+        reject_functorch((P, q, C, d, A, b), "dQP_layer")
         s = self.settings
         t_start = time.perf_counter()
-        P, q, C, d, A, b = resolve_keywords(P, q, C, d, A, b, Q=Q, G=G, h=h)
         batch = validate(P, q, C, d, A, b, sparse=s.solve_type == "sparse", check_psd=s.check_PSD)
         rC = rA = None
         if s.normalize_constraints:
@@ -233,7 +266,7 @@ class dQP_layer(LibdqpAttributes, nn.Module):  # noqa: N801  (the name users kno
                     f"problem, e.g. a non-unique solution, or an inaccurate solver): the solver's point is returned "
                     f"and the gradient uses the detected active set. See layer.info.verified / messages; a tighter "
                     f"eps_abs or another qp_solver may help.", UnverifiedSolutionWarning, stacklevel=2)
-        self.info = info
+        self.info = info  # the last call's, whichever thread made it (the output carries its own)
         if s.on_failure == "raise":
             err = error_for_statuses(info.status, qp, info.messages)
             if err is not None:
@@ -247,16 +280,17 @@ class dQP_layer(LibdqpAttributes, nn.Module):  # noqa: N801  (the name users kno
             lam = lam / rA
         active = np.stack(info.active).astype(bool) if batch.m else np.zeros((batch.B, 0), dtype=bool)
         self._last = LastCall(detach_batch(batch), z.detach(), lam.detach(), mu.detach())
-        self.active = active if batch.batched else active[0]
+        self.active = active if batch.batched else active[0]   # libdqp's attribute: a NumPy mask
+        out_active = torch.as_tensor(active)                        # the call's own, shaped like z
         if not batch.batched and not s.empty_batch:
-            z, lam, mu = z[0], lam[0], mu[0]
+            z, lam, mu, out_active = z[0], lam[0], mu[0], out_active[0]
         if needs_grad:  # fresh tensors: an in-place edit by the caller (z.unsqueeze_(-1)) leaves the backward's intact
             z, lam, mu = z.clone(), lam.clone(), mu.clone()
         solve_time = float(sum(info.solve_time)) if s.time else None
         fwd_time = time.perf_counter() - t_start if s.time else None
         if s.verbose:
             logger.info("dQP: %s", info.summary())
-        return QPOutput(z, lam, mu, solve_time, fwd_time)
+        return QPOutput(z, lam, mu, solve_time, fwd_time, info=info, active=out_active)
 
     def _forward_batched(self, batch: QPBatch, qp: str):
         """The batched (torch) path: the built-in interior-point method and batched KKT backward."""

@@ -27,7 +27,7 @@ What differs, on purpose
       a ``RuntimeError`` (qpth raises ``RuntimeError('Q is not SPD.')``), so either ``except``
       catches it.
     * ``SpQPFunction`` (qpth's sparse batched solver) is importable but not supported: calling it
-      raises :class:`NotSupportedError` (use ``QPFunction`` on dense tensors, or dqp's sparse layer
+      raises :class:`dqp.errors.NotSupportedError` (use ``QPFunction`` on dense tensors, or dqp's sparse layer
       ``dQP.dQP_layer(solve_type="sparse")``).
     * Degenerate problems qpth gets wrong are solved: an exactly zero starting slack (qpth's
       initial shift only fixes negative slacks), PSD Q with ``check_Q_spd=False`` (LPs; qpth
@@ -59,9 +59,10 @@ from typing import Optional
 
 import torch
 
-from dqp.errors import DQPError, LayoutError, NonFiniteError, NotPSDError, SettingsError, ShapeError
+from dqp.errors import LayoutError, NonFiniteError, NotPSDError, NotSupportedError, SettingsError, ShapeError
 from dqp.ipm_layer import solve_qp_batch
 from dqp.solvers.ipm import default_eps
+from dqp.transforms import graph_break, reject_functorch
 
 logger = logging.getLogger(__name__)
 
@@ -72,14 +73,10 @@ class QNotSPDError(NotPSDError, RuntimeError):
     """``check_Q_spd`` found a Q that is not positive definite (also a ``RuntimeError``, as in qpth)."""
 
 
-class NotSupportedError(DQPError, NotImplementedError):
-    """A qpth feature that dqp does not provide."""
-
-
 class SpQPFunction:
     """qpth's sparse batched QP solver: importable, not supported.
 
-    Constructing it raises :class:`NotSupportedError`, so code that only imports it (OptNet's sudoku
+    Constructing it raises :class:`dqp.errors.NotSupportedError`, so code that only imports it (OptNet's sudoku
     ``models.py``) loads, and code that uses it learns what to use instead.
     """
 
@@ -175,9 +172,11 @@ class QPFunction:
         return (f"QPFunction(eps={self.eps}, verbose={self.verbose}, maxIter={self.maxIter}, "
                 f"check_Q_spd={self.check_Q_spd}) [dqp batched IPM]")
 
+    @graph_break   # torch.compile: the solve runs eagerly, the model around it compiles
     def __call__(self, Q: torch.Tensor, p: torch.Tensor, G: torch.Tensor, h: torch.Tensor,
                  A: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         """Solve ``min ½zᵀQz + pᵀz s.t. Gz ≤ h, Az = b``; returns z of shape (B, n)."""
+        reject_functorch((Q, p, G, h, A, b), "dqp.qpth.QPFunction")
         if _present(G) != _present(h):
             raise ShapeError("QPFunction: G and h must both be given or both be empty "
                              f"(got G with {G.numel()} and h with {h.numel()} elements).")

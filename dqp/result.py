@@ -10,8 +10,20 @@ import torch
 from dqp.errors import Status
 
 
-class QPOutput(NamedTuple):
+class _Outputs(NamedTuple):
+    z: torch.Tensor
+    lam: torch.Tensor
+    mu: torch.Tensor
+    solve_time: Optional[float]
+    forward_time: Optional[float]
+
+
+class QPOutput(_Outputs):
     """What ``layer(P, q, C, d, A, b)`` returns; unpacks as ``z, lam, mu, solve_time, forward_time``.
+
+    The call's own diagnostics travel with it (``out.info``, ``out.active``), so callers that share
+    a layer between threads each read their own; ``layer.info`` / ``layer.active`` are the last
+    call's.
 
     Attributes
     ----------
@@ -25,13 +37,24 @@ class QPOutput(NamedTuple):
         Seconds spent in the forward solver (summed over the batch), when ``time=True``.
     forward_time : float or None
         Seconds for the whole forward pass, when ``time=True``.
+    info : SolveInfo or None
+        This call's per-element diagnostics (``backward_residual`` is filled by its backward).
+    active : Tensor or None
+        This call's active inequality constraints (bool, ``(m,)`` or ``(B, m)``).
     """
 
-    z: torch.Tensor
-    lam: torch.Tensor
-    mu: torch.Tensor
-    solve_time: Optional[float]
-    forward_time: Optional[float]
+    info: Optional["SolveInfo"] = None
+    active: Optional[torch.Tensor] = None
+
+    def __new__(cls, z, lam, mu, solve_time=None, forward_time=None, *, info: Optional["SolveInfo"] = None,
+                active: Optional[torch.Tensor] = None):
+        self = super().__new__(cls, z, lam, mu, solve_time, forward_time)
+        self.info, self.active = info, active
+        return self
+
+    def __repr__(self) -> str:
+        return f"QPOutput(z={self.z!r}, lam={self.lam!r}, mu={self.mu!r}, solve_time={self.solve_time!r}, " \
+               f"forward_time={self.forward_time!r})"
 
 
 @dataclass

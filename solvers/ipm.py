@@ -55,6 +55,7 @@ layer raises or masks on it).
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 import math
 import threading
@@ -1094,6 +1095,22 @@ def _use_fused(fused: Optional[bool], fm: str, dtype: torch.dtype, device: torch
     return True
 
 
+def _on_data_device(fn):
+    """Run ``fn`` with the CUDA device of its first CUDA tensor argument (positional, or a value of a
+    dict argument) as the current device: the streams, events, pinned buffers and graph captures
+    made inside take the current device, so the data on ``cuda:r`` never touch ``cuda:0``."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        for a in args:
+            for t in (a.values() if isinstance(a, dict) else (a,)):
+                if isinstance(t, Tensor) and t.device.type == "cuda":
+                    with torch.cuda.device(t.device):
+                        return fn(*args, **kwargs)
+        return fn(*args, **kwargs)
+    return wrapper
+
+
+@_on_data_device
 def ipm_solve(P: Tensor, q: Tensor, C: Optional[Tensor] = None, d: Optional[Tensor] = None,
               A: Optional[Tensor] = None, b: Optional[Tensor] = None, *, eps: Optional[float] = None,
               max_iter: int = 100, check_every: Optional[int] = None, form: str = "auto",
@@ -2022,6 +2039,7 @@ def _capture_fn(fn, static_in: Dict[str, Tensor]):
     return graph, out
 
 
+@_on_data_device
 def graphed_call(key: tuple, fn, inputs: Dict[str, Any],
                  fresh: Optional[Callable[[str], bool]] = None) -> Optional[Dict[str, Tensor]]:
     """``fn(inputs)`` replayed from a cached CUDA graph: the inputs are copied into the graph's

@@ -176,7 +176,10 @@ def test_libdqp_attributes_unbatched(qp):
     layer = dQP.dQP_layer(qp_solver="clarabel", lin_solver="qdldl")
     assert layer.nActive is None and layer.x_star_np is None and layer.KKT_A_np is None
     assert layer.qp_solver == "clarabel"
-    z, lam, mu, _, _ = layer(P, q, C, d, A, b)
+    out = layer(P, q, C, d, A, b)
+    z, lam, mu, _, _ = out
+    assert torch.is_tensor(out.active) and out.active.shape == (1, 5)  # dqp's per-call mask, shaped like z
+    assert np.array_equal(out.active[0].numpy(), layer.active)
     assert (layer.dim, layer.nIneq, layer.nEq, layer.nBatch) == (6, 5, 2, 1)
     assert isinstance(layer.active, np.ndarray) and layer.active.shape == (5,)
     assert layer.nActive == int(np.sum(layer.active)) == int((mu > 0).sum())
@@ -352,7 +355,7 @@ def test_call_single_qpsolvers():
 # qpth gaps
 # ---------------------------------------------------------------------------------------------
 def test_spqpfunction_imports_and_explains():
-    from dqp.qpth import NotSupportedError, SpQPFunction
+    from dqp.qpth import NotSupportedError, SpQPFunction  # also dqp.NotSupportedError
 
     with pytest.raises(NotImplementedError) as e:
         SpQPFunction(None, (4, 4), None, (2, 4), None, (1, 4), eps=1e-12)
