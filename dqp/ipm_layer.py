@@ -10,8 +10,14 @@ Two entry points:
   :func:`dqp.gradients.dense_grads`.
 * :func:`solve_qp_batch` — broadcasts shared arguments with ``expand`` (so autograd *sums*
   their gradients over the batch, DESIGN-NOTES §3), calls the Function and raises (or masks)
-  on failed elements. The core layer calls it for ``qp_solver="dqp_ipm"``; its signature is
-  stable.
+  on failed elements; its signature is stable.
+* :func:`solve_settings_batch` — the layer's batched engine (``qp_solver="dqp_ipm"``, reached through
+  :meth:`dqp.solvers.ipm.IPMSolver.solve_batch`): maps the :class:`~dqp.settings.Settings` it can
+  honour onto :func:`solve_qp_batch` (:func:`ipm_keywords`, warning about the others) and fills
+  :class:`~dqp.result.SolveInfo`.
+
+Engine tuning (the IPM's, the kernel's, the polish graphs') is one frozen
+:class:`~dqp.solvers.ipm.IPMOptions`, passed as the keyword ``options``.
 
 Active set. The IPM returns slacks ``s`` and duals ``μ`` with ``s∘μ ≈ 0``; row i is classified
 active when ``s_i/‖C_i‖ < μ_i‖C_i‖`` (slack smaller than the dual, both in the unit-row scaling),
@@ -64,44 +70,29 @@ polish (``polish=False``), the float32 path keeps its float32 factorization.
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, Optional, Tuple, Union
+import time
+import warnings
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
 
+import numpy as np
 import torch
 
 from dqp.errors import SettingsError, ShapeError, Status, error_for_statuses
+from dqp.result import SolveInfo
 from dqp.gradients import dense_grads
 from dqp.problem import INF_BOUND, INF_ROW_RATIO
 from dqp.linsolve.torch_batched import PATH_NAMES, BatchedKKT
-from dqp.solvers.ipm import default_eps, ipm_solve
+from dqp.solvers.ipm import (DEFAULT_OPTIONS, IPMOptions, default_eps, dual_factors, form_by_cost, fused_flag,
+                             fused_reasons, graph_device_ok, graphed_call, ipm_solve)
 from dqp.transforms import first_order_only, reject_functorch
+
+if TYPE_CHECKING:  # pragma: no cover
+    from dqp.problem import QPBatch
+    from dqp.settings import Settings
 
 Tensor = torch.Tensor
 
-__all__ = ["IPMQPFunction", "solve_qp_batch", "classify_active", "polish"]
-
-
-#: CPU, float32/float16 data: solve in float64 throughout (module docstring, "Low precision").
-#: Tests switch it off to run the GPU's path (float32 IPM, float64 polish) on the CPU.
-WIDEN_ON_CPU = True
-
-#: IPM tolerance (float64) when the polish follows: 1e-8 instead of 1e-9. Measured on qpth's
-#: generator (B=128, n=m=100 and 200): 2 fewer iterations for the slowest element (14 → 12, 15 → 14),
-#: the same final active sets, z within 5e-15 and gradients within 1e-15 (relative) of eps=1e-9.
-POLISHED_IPM_EPS = 1e-8
-
-#: Where the fused kernel polishes (float64, ``ipm_solve(polish_eps=...)``): the IPM first stops at
-#: this looser tolerance and polishes; an element whose polished point is rejected goes on to the
-#: IPM tolerance (POLISHED_IPM_EPS by default) and is polished again. Each element is then either
-#: polished or solved to that tolerance, as with one stage. None: one stage. Measured with the
-#: kernel's C++ build (experiments/polish_eps_study.py, results/polish_eps_study_*.md): on qpth's
-#: generator and on nearly-LP problems, z, the active sets and the backward's factor are bitwise
-#: those of one stage, in 10–16 % fewer iterations on average (the batch's largest count 1–3 fewer);
-#: at 1e-5 alone (without the second stage) 1–4 of 64 nearly-LP elements kept a rejected point
-#: with gradients 10–50 % off. (A keyword ``polish_eps`` of the call overrides it.) A pair
-#: ``(eps1, eps2)`` gives three stages; on an H200 (session 11, results/qpth_cuda_session11.md)
-#: 1e-3 and (1e-3, 1e-5) took 14–16 % fewer iterations on average than 1e-5 but no less time
-#: (15.4–15.6 vs 15.4 ms at B=1024, n=m=100): a rejected polish costs up to three factorizations.
-POLISH_STAGE_EPS: Union[None, float, Tuple[float, float]] = 1e-5
+__all__ = ["IPMQPFunction", "solve_qp_batch", "solve_settings_batch", "ipm_keywords", "classify_active", "polish"]
 
 
 def _cast(t: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
@@ -113,17 +104,28 @@ def _fused_widen(P: Tensor, C: Optional[Tensor], A: Optional[Tensor], opts: Dict
     """CUDA, float32/float16 data: solve in float64 throughout when the fused float64 kernel
     (:mod:`dqp.solvers.fused`) takes the widened problem — the kernel runs the float64 problem
     faster than the float32 torch loop runs the float32 one (H200, qpth's generator, B=128,
-    n=m=100: experiments/README.md), and the answer is float64's."""
-    from dqp.solvers.ipm import _form_by_cost, _fused_flag, _fused_reasons
-    flag = _fused_flag(opts.get("fused"))
-    if flag is False or P.device.type != "cuda":
+    n=m=100), and the answer is float64's. On the CPU only where the kernel is required
+    (``fused=True``: its C++ build)."""
+    options = _options(opts)
+    flag = fused_flag(opts.get("fused"), options)
+    if flag is False or (P.device.type != "cuda" and flag is not True):
         return False
     B, n = P.shape[0], P.shape[-1]
     m = 0 if C is None else C.shape[-2]
     p = 0 if A is None else A.shape[-2]
-    return (_form_by_cost(opts.get("form", "auto"), P, B, n, m, p) == "dual"
-            and not _fused_reasons(flag, "dual", torch.float64, P.device, n, m, p, opts.get("trace"),
-                                   opts.get("refine")))
+    return (form_by_cost(opts.get("form", "auto"), P, B, n, m, p) == "dual"
+            and not fused_reasons(flag, "dual", torch.float64, P.device, n, m, p, opts.get("trace"),
+                                  opts.get("refine"), options))
+
+
+def _options(opts: Dict[str, Any]) -> IPMOptions:
+    """The engine options of an options dict (``opts["options"]``, default :data:`DEFAULT_OPTIONS`)."""
+    options = opts.get("options")
+    if options is None:
+        return DEFAULT_OPTIONS
+    if not isinstance(options, IPMOptions):
+        raise SettingsError(f"options must be a dqp.solvers.ipm.IPMOptions, got {type(options).__name__}.")
+    return options
 
 
 def _wide_dtype(P: Tensor) -> Optional[torch.dtype]:
@@ -175,7 +177,8 @@ def _accept(ok: Tensor, zp, lp, mp, z, lam, mu):
 
 def polish(P: Tensor, q: Tensor, C: Optional[Tensor], d: Optional[Tensor], A: Optional[Tensor],
            b: Optional[Tensor], z: Tensor, lam: Optional[Tensor], mu: Optional[Tensor],
-           active: Optional[Tensor], solved: Tensor, *, rounds: int = 3, factors: Optional[dict] = None):
+           active: Optional[Tensor], solved: Tensor, *, rounds: int = 3, factors: Optional[dict] = None,
+           options: IPMOptions = DEFAULT_OPTIONS):
     """Solve the reduced KKT system for the active set and accept it where it is consistent.
 
     Round 1 factorizes the whole batch; the (usually few) rejected elements are retried with
@@ -188,7 +191,7 @@ def polish(P: Tensor, q: Tensor, C: Optional[Tensor], d: Optional[Tensor], A: Op
     tol = math.sqrt(torch.finfo(dtype).eps)
 
     # round 1: the whole batch (reusing the IPM's factorization of P when it has one)
-    kkt = BatchedKKT(P, A, C, active, batch=B, factors=factors)
+    kkt = BatchedKKT(P, A, C, active, batch=B, factors=factors, options=options.linalg)
     zp, lp, mp, ok, bad_rows = _attempt(kkt, q, b, C, d, active, solved, tol)
     z, lam, mu = _accept(ok, zp, lp, mp, z, lam, mu)
     polished = ok
@@ -219,34 +222,26 @@ def polish(P: Tensor, q: Tensor, C: Optional[Tensor], d: Optional[Tensor], A: Op
     return z, lam, mu, active, kkt, polished
 
 
-#: The polish and the backward run as cached CUDA graphs (:func:`dqp.solvers.ipm.graphed_call`)
-#: for float64 dual-form batches with ``B·k² ≤ POLISH_GRAPH_MAX_WORK`` (k = max(n, rows)): the
-#: eager code is bound by the host (hundreds of small kernels, a few synchronizations), while a
-#: polish whose every round runs on the whole batch costs little device time there. Larger
-#: batches take the eager polish, whose retry rounds run on the rejected elements only. Measured on
-#: an H100 (qpth's generator, forward+backward, experiments/gpu_probe.py): B=128, n=m=100 25.8 →
-#: 18.7 ms (backward alone 3.3 → 1.1 ms); B=1024, n=m=100 no clear difference (44.0 vs 47.2 ms);
-#: B=128, n=m=500 105.6 → 210.7 ms (the polish and backward graphs do not both fit the cache's
-#: memory budget and are captured again on every call) — hence the limit.
-POLISH_GRAPH = True
-POLISH_GRAPH_MAX_WORK = 2_000_000
-
-
 def _polish_graph_ok(P, q, C, A, res, opts) -> bool:
-    """Whether the polish (and then the backward) of this batch runs as a CUDA graph: the IPM took
-    its dual form (``res.factors``: P positive definite and well conditioned) and the polish runs in
-    float64 (for float32 data the graph factorizes P again in float64)."""
-    from dqp.solvers.ipm import _graph_device_ok
-    if not (POLISH_GRAPH and opts.get("cuda_graph", True) and res.factors is not None
-            and P.dtype == torch.float64 and _graph_device_ok(P.device)):
+    """Whether the polish (and then the backward) of this batch runs as a CUDA graph
+    (:attr:`IPMOptions.polish_graph`): the IPM took its dual form (``res.factors``: P positive
+    definite and well conditioned) and the polish runs in float64 (for float32 data the graph
+    factorizes P again in float64). The eager code is bound by the host (hundreds of small kernels,
+    a few synchronizations); larger batches (``B·k² > polish_graph_max_work``) take the eager
+    polish, whose retry rounds run on the rejected elements only. Measured on an H100 (qpth's
+    generator, forward+backward): B=128, n=m=100 25.8 → 18.7 ms; B=128, n=m=500 105.6 → 210.7 ms
+    (the polish and backward graphs do not both fit the cache's memory budget) — hence the limit."""
+    options = _options(opts)
+    if not (options.polish_graph and opts.get("cuda_graph", True) and res.factors is not None
+            and P.dtype == torch.float64 and graph_device_ok(P.device, options)):
         return False
     if C is None and A is None:
         return False
     k = (C.shape[-2] if C is not None else 0) + (A.shape[-2] if A is not None else 0)
-    return q.shape[0] * max(q.shape[-1], k) ** 2 <= POLISH_GRAPH_MAX_WORK
+    return q.shape[0] * max(q.shape[-1], k) ** 2 <= options.polish_graph_max_work
 
 
-def _polish_masked(P, q, C, d, A, b, z, lam, mu, active, solved, factors, rounds):
+def _polish_masked(P, q, C, d, A, b, z, lam, mu, active, solved, factors, rounds, options: IPMOptions):
     """:func:`polish` without host synchronization: every round on the whole batch (masks).
 
     Elements accepted in a round keep that round's point and factorization (:meth:`BatchedKKT.merge`).
@@ -255,7 +250,7 @@ def _polish_masked(P, q, C, d, A, b, z, lam, mu, active, solved, factors, rounds
     """
     tol = math.sqrt(torch.finfo(P.dtype).eps)
     B = q.shape[0]
-    kkt = BatchedKKT(P, A, C, active, batch=B, factors=factors, fallback=False)
+    kkt = BatchedKKT(P, A, C, active, batch=B, factors=factors, fallback=False, options=options.linalg)
     zp, lp, mp, ok, bad = _attempt(kkt, q, b, C, d, active, solved & kkt.ok, tol)
     fallback = solved & ~kkt.ok
     z, lam, mu = _accept(ok, zp, lp, mp, z, lam, mu)
@@ -264,7 +259,7 @@ def _polish_masked(P, q, C, d, A, b, z, lam, mu, active, solved, factors, rounds
         pending = solved & ~ok & ~fallback
         cur = torch.where(pending.unsqueeze(-1), active ^ bad, active)
         for _ in range(rounds - 1):
-            sub = BatchedKKT(P, A, C, cur, batch=B, factors=factors, fallback=False)
+            sub = BatchedKKT(P, A, C, cur, batch=B, factors=factors, fallback=False, options=options.linalg)
             zp, lp, mp, ok_s, bad_s = _attempt(sub, q, b, C, d, cur, pending & sub.ok, tol)
             fallback = fallback | (pending & ~sub.ok)
             acc = pending & ok_s
@@ -280,31 +275,20 @@ def _polish_masked(P, q, C, d, A, b, z, lam, mu, active, solved, factors, rounds
 _KKT_TENSORS = ("a", "Abar", "D", "HiAbt", "LS", "ok", "path", "rho")
 
 
-def _factors_of(P: Tensor, C: Optional[Tensor], A: Optional[Tensor]) -> Tuple[dict, Tensor]:
-    """What the IPM's dual form hands the polish (``L`` = chol(P), ``PiAbt`` = P⁻¹[A; C]ᵀ,
-    ``M`` = [A; C]P⁻¹[A; C]ᵀ), computed without a host sync; and where chol(P) succeeded."""
-    from dqp.solvers.ipm import _cholesky, _DualNewton, _factor_ok
-    L, info = _cholesky(P)
-    m, p = (C.shape[-2] if C is not None else 0), (A.shape[-2] if A is not None else 0)
-    nt = _DualNewton(L, P, C, A, P.shape[0], P.shape[-1], m, p, 0.0)   # P⁻¹Āᵀ, ĀP⁻¹Āᵀ as the IPM forms them
-    return dict(L=L, PiAbt=nt.PiAbt, M=nt.M), _factor_ok(L, info, P)
-
-
-def _polish_graphed(P, q, C, d, A, b, z, lam, mu, active, solved, factors, rounds):
+def _polish_graphed(P, q, C, d, A, b, z, lam, mu, active, solved, factors, rounds, options: IPMOptions):
     """:func:`_polish_masked` as a cached CUDA graph; None where the caller must run :func:`polish`.
     ``factors=None`` (float32 data polished in float64, which has no IPM factors of that dtype):
     they are computed inside the graph."""
-    from dqp.solvers.ipm import graphed_call
     own = factors is None
 
     def fn(t):
         if own:
-            f, pd = _factors_of(t["P"], t.get("C"), t.get("A"))
+            f, pd = dual_factors(t["P"], t.get("C"), t.get("A"), options)
         else:
             f, pd = dict(L=t["L"], PiAbt=t["PiAbt"], M=t["M"]), None
         zz, ll, mm, aa, kkt, pol, fb = _polish_masked(
             t["P"], t["q"], t.get("C"), t.get("d"), t.get("A"), t.get("b"), t["z"], t.get("lam"),
-            t.get("mu"), t.get("active"), t["solved"], f, rounds)
+            t.get("mu"), t.get("active"), t["solved"], f, rounds, options)
         out = {"z": zz, "polished": pol, "fallback": fb if pd is None else fb | (t["solved"] & ~pd)}
         out.update({k: v for k, v in (("lam", ll), ("mu", mm), ("active", aa)) if v is not None})
         out.update({"kkt." + k: getattr(kkt, k) for k in _KKT_TENSORS if getattr(kkt, k, None) is not None})
@@ -316,37 +300,32 @@ def _polish_graphed(P, q, C, d, A, b, z, lam, mu, active, solved, factors, round
         inputs.update(L=factors["L"], PiAbt=factors["PiAbt"], M=factors["M"])
     # (all rounds in one graph: on qpth's generator, B=128, n=m=100, the first round accepts 113–124
     # of the 128 elements, so a graph of the first round alone would nearly always need a second)
-    out = graphed_call(("dqp_polish", int(rounds), own), fn, inputs)
+    out = graphed_call(("dqp_polish", int(rounds), own), fn, inputs, options=options)
     if out is None or bool(out["fallback"].any()):
         return None
     st = {k[4:]: v for k, v in out.items() if k.startswith("kkt.")}
     st.update(P=P, A=A, C=C)
     if not own:
         st["L"] = factors["L"]
-    kkt = BatchedKKT.from_state(st)
+    kkt = BatchedKKT.from_state(st, options=options.linalg)
     kkt._graphed = True                         # its backward may run as a graph too
     return out["z"], out.get("lam"), out.get("mu"), out.get("active"), kkt, out["polished"]
 
 
-#: The backward of a batch whose polish ran in the fused kernel runs as a cached CUDA graph where
-#: ``B·k² ≤ BACKWARD_GRAPH_MAX_WORK`` (k = max(n, rows)), as after a graphed polish.
-BACKWARD_GRAPH_MAX_WORK = 20_000_000
-
-
 def _kkt_of_kernel(P: Tensor, C: Optional[Tensor], A: Optional[Tensor], active: Optional[Tensor],
-                   res, graphs: bool = True) -> BatchedKKT:
+                   res, graphs: bool = True, options: IPMOptions = DEFAULT_OPTIONS) -> BatchedKKT:
     """The :class:`BatchedKKT` (Cholesky path) of the polish the fused kernel ran: its factor of the
     reduced system's Schur complement (``res.polish["LS"]``) with the IPM's factors of P. Where its
     backward runs as a CUDA graph, the graph's inputs are the few tensors it is made of
-    (``kkt._raw``, for :meth:`BatchedKKT.from_schur_factor`), not its dozen derived ones."""
-    from dqp.solvers.ipm import _graph_device_ok
+    (``kkt._raw``, for :meth:`BatchedKKT.from_schur_factor`), not its dozen derived ones. Its
+    backward runs as a graph where ``B·k² ≤`` :attr:`IPMOptions.backward_graph_max_work`."""
     raw = dict(P=P, A=A, C=C, active=active, L=res.factors["L"], PiAbt=res.factors["PiAbt"],
                LS=res.polish["LS"], ok=res.polish["ok"])
-    kkt = BatchedKKT.from_schur_factor(**raw)
+    kkt = BatchedKKT.from_schur_factor(**raw, options=options.linalg)
     B, n = P.shape[0], P.shape[-1]
     k = (A.shape[-2] if A is not None else 0) + (C.shape[-2] if C is not None else 0)
-    kkt._graphed = (graphs and POLISH_GRAPH and _graph_device_ok(P.device)
-                    and B * max(n, k) ** 2 <= BACKWARD_GRAPH_MAX_WORK)
+    kkt._graphed = (graphs and options.polish_graph and graph_device_ok(P.device, options)
+                    and B * max(n, k) ** 2 <= options.backward_graph_max_work)
     if kkt._graphed:
         kkt._raw = raw
     return kkt
@@ -388,6 +367,7 @@ class IPMQPFunction(torch.autograd.Function):
     def forward(P, q, C, d, A, b, options: Optional[Dict[str, Any]] = None):
         """IPM solve, active-set classification and polish; returns ``(z, lam, mu, status, active, kkt)``."""
         opts = dict(options or {})
+        eng = _options(opts)
         do_polish = opts.pop("polish", True)
         rounds = opts.pop("polish_rounds", None)
         if P.dim() != 3 or q.dim() != 2:
@@ -396,7 +376,7 @@ class IPMQPFunction(torch.autograd.Function):
         P = 0.5 * (P + P.transpose(-1, -2))
         wide = _wide_dtype(P)
         dtype_in = P.dtype
-        if do_polish and wide is not None and ((P.device.type == "cpu" and WIDEN_ON_CPU)
+        if do_polish and wide is not None and ((P.device.type == "cpu" and eng.widen_on_cpu)
                                                or _fused_widen(P, C, A, opts)):
             # CPU, float32/float16 data: solve in float64 throughout and cast the answer back. The
             # float32 IPM gains nothing here (the CPU is not faster in float32 at these sizes) and
@@ -409,15 +389,15 @@ class IPMQPFunction(torch.autograd.Function):
             wide = None
         if do_polish and opts.get("eps") is None and P.dtype == torch.float64:
             # the polish makes the answer exact on the active set; the IPM only has to find that set
-            opts["eps"] = POLISHED_IPM_EPS
+            opts["eps"] = eng.polished_eps
         if rounds is None:
             rounds = 3 if wide is None else 6        # a float32 IPM point misclassifies more rows
         with torch.profiler.record_function("dqp::ipm_solve"):
             # (where the fused kernel runs, it polishes too, in the same launch: IPMResult.polish)
             # (the torch polish always runs its first round: so does the kernel's)
             kernel_polish = do_polish and wide is None
-            if kernel_polish and POLISH_STAGE_EPS is not None:
-                opts.setdefault("polish_eps", POLISH_STAGE_EPS)
+            if kernel_polish and eng.polish_stage_eps is not None:
+                opts.setdefault("polish_eps", eng.polish_stage_eps)
             res = ipm_solve(P, q, C, d, A, b, polish_rounds=max(int(rounds), 1) if kernel_polish else 0,
                             **opts)
         solved = res.status == int(Status.SOLVED)
@@ -426,7 +406,7 @@ class IPMQPFunction(torch.autograd.Function):
             # flags), which then waits for the kernel while the device works
             with torch.profiler.record_function("dqp::polish"):
                 active = res.polish["active"]
-                kkt = _kkt_of_kernel(P, C, A, active, res, graphs=opts.get("cuda_graph", True))
+                kkt = _kkt_of_kernel(P, C, A, active, res, graphs=opts.get("cuda_graph", True), options=eng)
                 out = _finish(res, res.z, res.lam, res.mu, active, kkt, res.polish["polished"], solved, dtype_in)
             fb = res.polish["fallback"]
             if not bool(fb.any()):
@@ -439,7 +419,8 @@ class IPMQPFunction(torch.autograd.Function):
                 if act is not None:
                     act = torch.where(fb.unsqueeze(-1), classify_active(C, res.s, res.mu) & solved.unsqueeze(-1), act)
                 z, lam, mu, active, kkt, polished = polish(P, q, C, d, A, b, res.z, res.lam, res.mu, act,
-                                                           solved & fb, rounds=rounds, factors=res.factors)
+                                                           solved & fb, rounds=rounds, factors=res.factors,
+                                                           options=eng)
             return _finish(res, z, lam, mu, active, kkt, polished | res.polish["polished"], solved, dtype_in)
         z, lam, mu = res.z, res.lam, res.mu
         active = classify_active(C, res.s, mu) if mu is not None else None
@@ -452,21 +433,21 @@ class IPMQPFunction(torch.autograd.Function):
                 wargs = [_cast(t, wide) for t in (P, q, C, d, A, b, z, lam, mu)]
                 out = None
                 if _polish_graph_ok(wargs[0], q, C, A, res, opts):
-                    out = _polish_graphed(*wargs, active, solved, None, rounds)
+                    out = _polish_graphed(*wargs, active, solved, None, rounds, eng)
                 if out is None:
-                    out = polish(*wargs, active, solved, rounds=rounds)
+                    out = polish(*wargs, active, solved, rounds=rounds, options=eng)
                 z, lam, mu, active, kkt, polished = out
             elif do_polish:
                 out = None
                 if _polish_graph_ok(P, q, C, A, res, opts):
-                    out = _polish_graphed(P, q, C, d, A, b, z, lam, mu, active, solved, res.factors, rounds)
+                    out = _polish_graphed(P, q, C, d, A, b, z, lam, mu, active, solved, res.factors, rounds, eng)
                 if out is not None:
                     z, lam, mu, active, kkt, polished = out
                 else:
                     z, lam, mu, active, kkt, polished = polish(P, q, C, d, A, b, z, lam, mu, active, solved,
-                                                               rounds=rounds, factors=res.factors)
+                                                               rounds=rounds, factors=res.factors, options=eng)
             else:
-                kkt = BatchedKKT(P, A, C, active, batch=q.shape[0], factors=res.factors)
+                kkt = BatchedKKT(P, A, C, active, batch=q.shape[0], factors=res.factors, options=eng.linalg)
                 polished = torch.zeros_like(solved)
         return _finish(res, z, lam, mu, active, kkt, polished, solved, dtype_in)
 
@@ -475,6 +456,7 @@ class IPMQPFunction(torch.autograd.Function):
         """Keep the factorized reduced KKT system and the solution for the backward."""
         z, lam, mu, status, active, kkt = output
         ctx.kkt = kkt
+        ctx.engine_options = _options(dict(inputs[6] or {})) if len(inputs) > 6 else DEFAULT_OPTIONS
         ctx.shapes = [None if t is None else t.shape for t in inputs[:6]]
         ctx.save_for_backward(z, lam, mu, status, active)
         ctx.mark_non_differentiable(status)
@@ -504,29 +486,30 @@ class IPMQPFunction(torch.autograd.Function):
         if mu is not None and gmu is None:
             gmu = torch.zeros_like(mu)
         need = tuple(ctx.needs_input_grad[:6])
+        eng: IPMOptions = ctx.engine_options
         if getattr(kkt, "_graphed", False):
             # the forward's polish ran as a CUDA graph: so does this (same shapes, Cholesky path)
-            from dqp.solvers.ipm import graphed_call
-
             raw = getattr(kkt, "_raw", None)
 
             def fn(t):
                 if raw is not None:
-                    k = BatchedKKT.from_schur_factor(**{n: t.get(n) for n in raw}, refine=kkt.refine)
+                    k = BatchedKKT.from_schur_factor(**{n: t.get(n) for n in raw}, refine=kkt.refine,
+                                                     options=eng.linalg)
                 else:
-                    k = BatchedKKT.from_state({n: t.get(n) for n in BatchedKKT._STATE}, refine=kkt.refine)
+                    k = BatchedKKT.from_state({n: t.get(n) for n in BatchedKKT._STATE}, refine=kkt.refine,
+                                              options=eng.linalg)
                 g = _backward_math(k, t["gz"], t.get("glam"), t.get("gmu"), t["z"], t.get("lam"), t.get("mu"),
-                                   t["status"], t.get("active"), need)
+                                   t["status"], t.get("active"), need, eng.outer)
                 return {f"g{i}": v for i, v in enumerate(g) if v is not None}
             inputs = dict(raw if raw is not None else kkt.state(), gz=gz, glam=glam, gmu=gmu, z=z, lam=lam, mu=mu,
                           status=status, active=active)
-            out = graphed_call(("dqp_backward", need, kkt.refine, raw is not None), fn, inputs)
+            out = graphed_call(("dqp_backward", need, kkt.refine, raw is not None), fn, inputs, options=eng)
             if out is not None:
                 return tuple(out.get(f"g{i}") for i in range(6)) + (None,)
-        return _backward_math(kkt, gz, glam, gmu, z, lam, mu, status, active, need) + (None,)
+        return _backward_math(kkt, gz, glam, gmu, z, lam, mu, status, active, need, eng.outer) + (None,)
 
 
-def _backward_math(kkt: BatchedKKT, gz, glam, gmu, z, lam, mu, status, active, need):
+def _backward_math(kkt: BatchedKKT, gz, glam, gmu, z, lam, mu, status, active, need, outer: str = "auto"):
     """The vector-Jacobian product (see IPMQPFunction.backward); ``(dP, dq, dC, dd, dA, db)``."""
     if mu is not None:
         gmu = gmu * active.to(mu.dtype)
@@ -546,7 +529,7 @@ def _backward_math(kkt: BatchedKKT, gz, glam, gmu, z, lam, mu, status, active, n
         okv = ok.unsqueeze(-1)
         yz, ylam, ymu, z, lam, mu = (None if t is None else torch.where(okv, t, torch.zeros_like(t))
                                      for t in (yz, ylam, ymu, z, lam, mu))
-    grads = dense_grads(yz, ylam, ymu, z, lam, mu, active, need=need)
+    grads = dense_grads(yz, ylam, ymu, z, lam, mu, active, need=need, outer=outer)
     return tuple(g if nd else None for g, nd in zip(grads, need))
 
 
@@ -589,6 +572,56 @@ def _broadcast(P, q, C, d, A, b):
         p = A.shape[-2]
         A, b = ex(A, (B, p, n)), ex(b, (B, p))
     return P, q, C, d, A, b
+
+
+#: Data whose constraint rows or objective have a norm outside [1/EQUILIBRATE_RANGE,
+#: EQUILIBRATE_RANGE] are scaled before the solve (:func:`_equilibrate`).
+EQUILIBRATE_RANGE = 1e3
+
+
+def _row_norms(M: Optional[Tensor]) -> Optional[Tensor]:
+    if M is None:
+        return None
+    nrm = torch.linalg.vector_norm(M, dim=-1)
+    return torch.where(nrm > 0, nrm, torch.ones_like(nrm))
+
+
+def _equilibrate(P, q, C, d, A, b):
+    """Scale badly scaled data: rows of C and A to unit 2-norm (with d, b) and the objective by
+    ``σ = max(max|P_ij|, ‖q‖∞)``, per element. The IPM row-normalizes internally; its polish and
+    the backward, whose acceptance tests are absolute in the data's units, need it where the rows
+    or the objective are far from unit size (``z`` is invariant; ``λ, μ`` scale back by σ/‖row‖).
+    Differentiable torch operations. Returns ``((P, q, C, d, A, b), (rc, ra, σ))`` — rc, ra of ones
+    where absent — or None where every scale is within :data:`EQUILIBRATE_RANGE` (one host read)."""
+    rc, ra = _row_norms(C), _row_norms(A)
+    sigma = torch.maximum(P.abs().flatten(-2).amax(-1), q.abs().amax(-1) if q.shape[-1] else q.new_zeros(q.shape[0]))
+    sigma = torch.where(sigma > 0, sigma, torch.ones_like(sigma))
+    scales = torch.cat([t.reshape(-1) for t in (rc, ra, sigma) if t is not None])
+    lo, hi = 1.0 / EQUILIBRATE_RANGE, EQUILIBRATE_RANGE
+    if not bool(((scales < lo) | (scales > hi)).any()):
+        return None
+    s3 = sigma.view(-1, 1, 1)
+    Ps, qs = P / s3, q / sigma.unsqueeze(-1)
+    Cs, ds = (None, None) if C is None else (C / rc.unsqueeze(-1), d / rc)
+    As, bs = (None, None) if A is None else (A / ra.unsqueeze(-1), b / ra)
+    ones = lambda M: None if M is None else q.new_ones(M.shape[:-1])       # noqa: E731
+    return (Ps, qs, Cs, ds, As, bs), (rc if C is not None else ones(C), ra if A is not None else ones(A), sigma)
+
+
+def _feasible(z: Tensor, C, d, A, b) -> Tensor:
+    """Per element: ``z`` satisfies the (unscaled) constraints to a tolerance relative to each row's
+    scale, ``|r_i| ≤ √ε·(|d_i| + |C_i||z|)`` — what a polished (verified) point must meet."""
+    tol = math.sqrt(torch.finfo(z.dtype).eps)
+    ok = torch.ones(z.shape[0], dtype=torch.bool, device=z.device)
+    for M, v, eq in ((C, d, False), (A, b, True)):
+        if M is None:
+            continue
+        M, v = M.detach(), v.detach()
+        r = torch.matmul(M, z.unsqueeze(-1)).squeeze(-1) - v
+        size = v.abs() + torch.matmul(M.abs(), z.abs().unsqueeze(-1)).squeeze(-1)
+        bad = (r.abs() if eq else r) > tol * size
+        ok = ok & ~bad.any(-1)
+    return ok
 
 
 def _unbounded_rows(C: Optional[Tensor], d: Optional[Tensor]):
@@ -658,7 +691,7 @@ def solve_qp_batch(P: Tensor, q: Tensor, C: Optional[Tensor] = None, d: Optional
         Any mix of batched and shared arguments; shared ones are broadcast with ``expand``, so
         their gradient is the *sum* over the batch.
     eps : float, optional
-        IPM relative tolerance. Default with the polish: ``POLISHED_IPM_EPS`` = 1e-8 for float64
+        IPM relative tolerance. Default with the polish: ``IPMOptions.polished_eps`` = 1e-8 for float64
         data (and float32 data on the CPU, solved in float64), 1e-5 for float32 on other devices;
         without the polish 1e-9 / 1e-5.
     max_iter : int
@@ -676,8 +709,9 @@ def solve_qp_batch(P: Tensor, q: Tensor, C: Optional[Tensor] = None, d: Optional
         iterations) and ``kkt_path`` (list of ``"cholesky"``, ``"augmented"`` or
         ``"minimum-norm"``: how the reduced KKT system was solved).
     **ipm_options
-        Further :func:`dqp.solvers.ipm.ipm_solve` keywords (check_every, form, ...), and
-        ``polish_rounds``.
+        Further :func:`dqp.solvers.ipm.ipm_solve` keywords (check_every, form, ...; ``options``: an
+        :class:`~dqp.solvers.ipm.IPMOptions` with the engine's tuning, the layer's polish included),
+        and ``polish_rounds``.
 
     Returns
     -------
@@ -692,14 +726,165 @@ def solve_qp_batch(P: Tensor, q: Tensor, C: Optional[Tensor] = None, d: Optional
     C, d, rows = _unbounded_rows(C, d)
     opts = dict(ipm_options)
     opts.update(eps=eps, max_iter=max_iter, polish=polish)
-    z, lam, mu, status, active, kkt = IPMQPFunction.apply(P, q, C, d, A, b, opts)
+    scaled = _equilibrate(P, q, C, d, A, b)
+    if scaled is None:
+        z, lam, mu, status, active, kkt = IPMQPFunction.apply(P, q, C, d, A, b, opts)
+    else:
+        # badly scaled data: solved (IPM, polish, backward) with unit rows and a unit objective; the
+        # scaling is differentiable, so autograd carries the gradients back through it
+        (Ps, qs, Cs, ds, As, bs), (rc, ra, sigma) = scaled
+        z, lam, mu, status, active, kkt = IPMQPFunction.apply(Ps, qs, Cs, ds, As, bs, opts)
+        mu = None if mu is None else mu * sigma.unsqueeze(-1) / rc
+        lam = None if lam is None else lam * sigma.unsqueeze(-1) / ra
+    feasible = _feasible(z.detach(), C, d, A, b)
     if rows is not None:
         mu, active = _restore_rows(mu, active, rows, z)
     if diagnostics is not None:
-        diagnostics.update(verified=kkt.polished, iterations=kkt.iterations,
+        verified = kkt.polished & feasible
+        diagnostics.update(verified=verified, iterations=kkt.iterations,
                            kkt_path=[PATH_NAMES[i] for i in kkt.path.tolist()])
     if on_failure == "raise":
         st = status.tolist()
         if any(s != int(Status.SOLVED) for s in st):
             raise error_for_statuses([Status(s) for s in st], "dqp_ipm")
     return z, lam, mu, status, active
+
+
+# ------------------------------------------------------------------------------------------------
+# the layer's batched engine: Settings → this module's keywords, and SolveInfo from its results
+# ------------------------------------------------------------------------------------------------
+
+def ipm_keywords(settings: "Settings", dtype: torch.dtype, device: torch.device) -> Dict[str, Any]:
+    """The :func:`solve_qp_batch` keywords a :class:`~dqp.settings.Settings` asks for.
+
+    * ``eps_abs``/``eps_rel`` → the IPM's stopping tolerance (:meth:`IPMSolver.tolerance_keywords
+      <dqp.solvers.ipm.IPMSolver.tolerance_keywords>`); float32 data solved in float32 (off the CPU)
+      cannot go below float32's default (1e-5): a tighter request is raised to it, with a warning.
+    * ``refine_active`` → the polish on the IPM's active set (False: none); ``max_refine_iter``, when
+      changed from its default, → the polish's rounds (otherwise the engine's: 3, 6 for float32).
+    * ``qp_solver_keywords`` → any :func:`solve_qp_batch` keyword, over the above.
+
+    Options that only the element-wise engine has (``warm_start_from_previous``, ``omp_parallel``,
+    ``n_cpu``, ``dual_available=False``, an explicit ``fallback_solver``, ``fallback_on_unverified``
+    with one) give a warning here, naming the option: the batched IPM cannot honour them.
+    """
+    from dqp.settings import OPTIONS
+    from dqp.solvers.ipm import IPMSolver
+
+    s = settings
+    _warn_unsupported(s)
+    kw: Dict[str, Any] = dict(IPMSolver().tolerance_keywords(s.eps_abs, s.eps_rel))
+    native32 = dtype in (torch.float32, torch.float16, torch.bfloat16) and device.type != "cpu"
+    if native32 and kw["eps"] < default_eps(torch.float32):
+        if (s.eps_abs, s.eps_rel) != (OPTIONS["eps_abs"][0], OPTIONS["eps_rel"][0]):
+            warnings.warn(f"dQP: eps_abs={s.eps_abs}, eps_rel={s.eps_rel} is below what the float32 interior-point "
+                          f"method reaches; it stops at {default_eps(torch.float32)} (the polish then makes the "
+                          f"answer exact on its active set). Pass float64 data for a tighter IPM tolerance.",
+                          UserWarning, stacklevel=4)
+        kw["eps"] = None
+    kw["polish"] = bool(s.refine_active)
+    if s.max_refine_iter != OPTIONS["max_refine_iter"][0]:
+        kw["polish_rounds"] = max(int(s.max_refine_iter), 1)
+    kw.update(s.qp_solver_keywords or {})
+    return kw
+
+
+def _warn_unsupported(s: "Settings") -> None:
+    """Warn about the settings the batched IPM cannot honour (see :func:`ipm_keywords`)."""
+    from dqp.settings import build_settings
+    bad: List[str] = []
+    if s.warm_start_from_previous:
+        bad.append("warm_start_from_previous=True (an interior-point method starts from its own point)")
+    if s.omp_parallel:
+        bad.append("omp_parallel=True (the batch is one solve already)")
+    if getattr(s, "time_limit", None) is not None:
+        bad.append(f"time_limit={s.time_limit} (the batched interior point has no clock: bound it with "
+                   "qp_solver_keywords={'max_iter': ...}, or pick qp_solver='clarabel')")
+    if s.dual_available is False:
+        bad.append("dual_available=False (the IPM's duals classify the active set; the polish recomputes them)")
+    if s.fallback_solver not in (build_settings().fallback_solver, None, ()):
+        bad.append(f"fallback_solver={s.fallback_solver!r} (failed elements are reported in layer.info.status; "
+                   "float32 failures are re-solved in float64)")
+    if bad:
+        warnings.warn("dQP: qp_solver='dqp_ipm' (the batched interior-point engine) ignores " + "; ".join(bad)
+                      + ". These options apply to the element-wise engine (a qpsolvers backend).",
+                      UserWarning, stacklevel=4)
+
+
+def solve_settings_batch(batch: "QPBatch", settings: "Settings") -> Tuple[Tensor, Tensor, Tensor, SolveInfo]:
+    """The batched engine behind the layer (``qp_solver="dqp_ipm"``): solve a validated dense batch
+    with the settings it can honour (:func:`ipm_keywords`); returns ``(z, lam, mu, info)`` with
+    empty ``(B, 0)`` duals where there are no such constraints and the per-element diagnostics."""
+    from dqp.layer import UnverifiedSolutionWarning
+
+    s = settings
+    t0 = time.perf_counter()
+    kw = ipm_keywords(s, batch.q.dtype, batch.q.device)
+    diag: dict = {}
+    z, lam, mu, status, active = solve_qp_batch(batch.P, batch.q, batch.C, batch.d, batch.A, batch.b,
+                                                on_failure="mask", diagnostics=diag, **kw)
+    elapsed = time.perf_counter() - t0
+    B = batch.B
+    st = [Status(int(x)) for x in status.tolist()]
+    info = SolveInfo(qp_solver="dqp_ipm", lin_solver="torch", status=st,
+                     active=[a for a in (active.cpu().numpy() if active is not None
+                                         else np.zeros((B, 0), bool))],
+                     verified=diag["verified"].tolist(), kkt_path=diag["kkt_path"],
+                     iterations=diag["iterations"].tolist(),
+                     solve_time=[elapsed / B] * B, messages=[""] * B)
+    if lam is None:
+        lam = batch.q.new_zeros(B, 0)
+    if mu is None:
+        mu = batch.q.new_zeros(B, 0)
+    zd = z.detach()
+    info.primal_residual, info.dual_residual, info.complementarity = _torch_residuals(batch, zd, lam.detach(), mu.detach())
+    info.n_weakly_active, info.complementarity_margin = _torch_margins(batch, zd, mu.detach(), active, s.eps_active)
+    if kw.get("polish", True):
+        unverified = [i for i, v in enumerate(info.verified) if st[i] == Status.SOLVED and not v]
+        for i in unverified:
+            info.messages[i] = ("the polished point was rejected (active set not confirmed): returned the "
+                                "interior-point solution; gradients use its active set")
+        if unverified:
+            warnings.warn(
+                f"dQP: the active set of batch element(s) {unverified[:10]} could not be verified by the "
+                f"polish of the interior-point solution (a degenerate problem): the IPM's point is returned "
+                f"and the gradient uses its active set. See layer.info.verified / messages.",
+                UnverifiedSolutionWarning, stacklevel=4)
+    return z, lam, mu, info
+
+
+def _torch_margins(batch: "QPBatch", z, mu, active, eps: float):
+    """Per element: weakly active rows (at the bound with a ~zero multiplier, the core path's rule)
+    and the strict-complementarity margin ``min(min_J μ, min_¬J slack)`` (lists)."""
+    B = batch.B
+    if batch.C is None or active is None:
+        return [0] * B, [float("inf")] * B
+    C, d = batch.C.detach(), batch.d.detach()
+    Cz = (C @ z.unsqueeze(-1)).squeeze(-1)
+    slack = d - Cz
+    size = torch.maximum(d.abs(), (C.abs() @ z.abs().unsqueeze(-1)).squeeze(-1))
+    at_bound = (slack <= eps * size.clamp_min(torch.finfo(z.dtype).tiny)) & torch.isfinite(slack)
+    zero_dual = mu <= eps * mu.amax(-1, keepdim=True).clamp_min(torch.finfo(z.dtype).tiny)
+    weak = (at_bound & zero_dual).sum(-1)
+    inf = torch.full_like(slack, float("inf"))
+    margin = torch.minimum(torch.where(active, mu, inf).amin(-1), torch.where(active, inf, slack).amin(-1))
+    return weak.tolist(), margin.tolist()
+
+
+def _torch_residuals(batch: "QPBatch", z, lam, mu):
+    """Residuals of a dense batch computed in torch (lists of floats)."""
+    P = batch.P.detach()
+    r_dual = (P @ z.unsqueeze(-1)).squeeze(-1) + batch.q.detach()
+    r_prim = torch.zeros(batch.B, dtype=z.dtype, device=z.device)
+    comp = torch.zeros_like(r_prim)
+    if batch.A is not None:
+        A = batch.A.detach()
+        r_dual = r_dual + (A.transpose(-1, -2) @ lam.unsqueeze(-1)).squeeze(-1)
+        r_prim = (A @ z.unsqueeze(-1)).squeeze(-1).sub(batch.b.detach()).abs().amax(-1)
+    if batch.C is not None:
+        C = batch.C.detach()
+        r_dual = r_dual + (C.transpose(-1, -2) @ mu.unsqueeze(-1)).squeeze(-1)
+        slack = batch.d.detach() - (C @ z.unsqueeze(-1)).squeeze(-1)
+        r_prim = torch.maximum(r_prim, (-slack).clamp_min(0).amax(-1))
+        comp = torch.where(torch.isfinite(slack), mu * slack, torch.zeros_like(slack)).abs().amax(-1)  # d_i = +inf
+    return r_prim.tolist(), r_dual.abs().amax(-1).tolist(), comp.tolist()

@@ -153,8 +153,9 @@ class dQP_layer(LibdqpAttributes, nn.Module):  # noqa: N801  (the name users kno
         qp = s.qp_solver
         if qp == "auto":
             on_gpu = batch.device.type != "cpu"
-            qp = "dqp_ipm" if (not batch.sparse and (on_gpu or batch.B > 16) and "dqp_ipm" in available_solvers()) \
-                else "clarabel"
+            # by capability: a batched dense engine (the built-in IPM) for dense data on a GPU or large batches
+            engines = [n for n in available_solvers() if get_solver(n).batched and get_solver(n).dense]
+            qp = engines[0] if (engines and not batch.sparse and (on_gpu or batch.B > 16)) else "clarabel"
             logger.log(logging.INFO if s.verbose else logging.DEBUG,
                        "qp_solver='auto' picked %r (%s inputs, batch %d, %s)", qp,
                        "sparse" if batch.sparse else "dense", batch.B, batch.device)
@@ -229,8 +230,11 @@ class dQP_layer(LibdqpAttributes, nn.Module):  # noqa: N801  (the name users kno
         needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs)
         from dqp.solvers import get_solver
 
-        if get_solver(qp).batched:
-            z, lam, mu, info = self._forward_batched(batch, qp)
+        solver = get_solver(qp)
+        if solver.batched:
+            # the batched engine (built-in IPM): it validates the settings it can honour and fills SolveInfo
+            z, lam, mu, info = solver.solve_batch(batch, s)
+            info.qp_solver = qp
         else:
             engine = self._engine(qp, lin)
             work = Work(engine, batch)
@@ -292,88 +296,7 @@ class dQP_layer(LibdqpAttributes, nn.Module):  # noqa: N801  (the name users kno
             logger.info("dQP: %s", info.summary())
         return QPOutput(z, lam, mu, solve_time, fwd_time, info=info, active=out_active)
 
-    def _forward_batched(self, batch: QPBatch, qp: str):
-        """The batched (torch) path: the built-in interior-point method and batched KKT backward."""
-        from dqp.ipm_layer import solve_qp_batch
-
-        s = self.settings
-        if s.time_limit is not None:
-            warnings.warn(f"time_limit={s.time_limit} is not honoured by qp_solver={qp!r} (the batched interior "
-                          f"point has no clock; qp_solver='auto' picked it for a dense batch of {batch.B} on "
-                          f"{batch.device}): bound it with qp_solver_keywords={{'max_iter': ...}}, or pick "
-                          f"qp_solver='clarabel'.", UserWarning, stacklevel=3)
-        t0 = time.perf_counter()
-        kw = dict(s.qp_solver_keywords)
-        diag: dict = {}
-        z, lam, mu, status, active = solve_qp_batch(batch.P, batch.q, batch.C, batch.d, batch.A, batch.b,
-                                                    on_failure="mask", diagnostics=diag, **kw)
-        elapsed = time.perf_counter() - t0
-        B = batch.B
-        st = [Status(int(x)) for x in status.tolist()]
-        info = SolveInfo(qp_solver=qp, lin_solver="torch", status=st,
-                         active=[a for a in (active.cpu().numpy() if active is not None
-                                             else np.zeros((B, 0), bool))],
-                         verified=diag["verified"].tolist(), kkt_path=diag["kkt_path"],
-                         iterations=diag["iterations"].tolist(),
-                         solve_time=[elapsed / B] * B, messages=[""] * B)
-        if lam is None:
-            lam = batch.q.new_zeros(B, 0)
-        if mu is None:
-            mu = batch.q.new_zeros(B, 0)
-        zd = z.detach()
-        info.primal_residual, info.dual_residual, info.complementarity = _torch_residuals(batch, zd, lam.detach(), mu.detach())
-        info.n_weakly_active, info.complementarity_margin = _torch_margins(batch, zd, mu.detach(), active, s.eps_active)
-        if kw.get("polish", True):
-            unverified = [i for i, v in enumerate(info.verified) if st[i] == Status.SOLVED and not v]
-            for i in unverified:
-                info.messages[i] = ("the polished point was rejected (active set not confirmed): returned the "
-                                    "interior-point solution; gradients use its active set")
-            if unverified:
-                warnings.warn(
-                    f"dQP: the active set of batch element(s) {unverified[:10]} could not be verified by the "
-                    f"polish of the interior-point solution (a degenerate problem): the IPM's point is returned "
-                    f"and the gradient uses its active set. See layer.info.verified / messages.",
-                    UnverifiedSolutionWarning, stacklevel=3)
-        return z, lam, mu, info
-
     def extra_repr(self) -> str:
         """The solver choice shown by ``repr(layer)``."""
         s = self.settings
         return f"qp_solver={s.qp_solver!r}, lin_solver={s.lin_solver!r}, solve_type={s.solve_type!r}"
-
-
-def _torch_margins(batch: QPBatch, z, mu, active, eps: float):
-    """Per element: weakly active rows (at the bound with a ~zero multiplier, the core path's rule)
-    and the strict-complementarity margin ``min(min_J μ, min_¬J slack)`` (lists)."""
-    B = batch.B
-    if batch.C is None or active is None:
-        return [0] * B, [float("inf")] * B
-    C, d = batch.C.detach(), batch.d.detach()
-    Cz = (C @ z.unsqueeze(-1)).squeeze(-1)
-    slack = d - Cz
-    size = torch.maximum(d.abs(), (C.abs() @ z.abs().unsqueeze(-1)).squeeze(-1))
-    at_bound = (slack <= eps * size.clamp_min(torch.finfo(z.dtype).tiny)) & torch.isfinite(slack)
-    zero_dual = mu <= eps * mu.amax(-1, keepdim=True).clamp_min(torch.finfo(z.dtype).tiny)
-    weak = (at_bound & zero_dual).sum(-1)
-    inf = torch.full_like(slack, float("inf"))
-    margin = torch.minimum(torch.where(active, mu, inf).amin(-1), torch.where(active, inf, slack).amin(-1))
-    return weak.tolist(), margin.tolist()
-
-
-def _torch_residuals(batch: QPBatch, z, lam, mu):
-    """Residuals of a dense batch computed in torch (lists of floats)."""
-    P = batch.P.detach()
-    r_dual = (P @ z.unsqueeze(-1)).squeeze(-1) + batch.q.detach()
-    r_prim = torch.zeros(batch.B, dtype=z.dtype, device=z.device)
-    comp = torch.zeros_like(r_prim)
-    if batch.A is not None:
-        A = batch.A.detach()
-        r_dual = r_dual + (A.transpose(-1, -2) @ lam.unsqueeze(-1)).squeeze(-1)
-        r_prim = (A @ z.unsqueeze(-1)).squeeze(-1).sub(batch.b.detach()).abs().amax(-1)
-    if batch.C is not None:
-        C = batch.C.detach()
-        r_dual = r_dual + (C.transpose(-1, -2) @ mu.unsqueeze(-1)).squeeze(-1)
-        slack = batch.d.detach() - (C @ z.unsqueeze(-1)).squeeze(-1)
-        r_prim = torch.maximum(r_prim, (-slack).clamp_min(0).amax(-1))
-        comp = torch.where(torch.isfinite(slack), mu * slack, torch.zeros_like(slack)).abs().amax(-1)  # d_i = +inf
-    return r_prim.tolist(), r_dual.abs().amax(-1).tolist(), comp.tolist()

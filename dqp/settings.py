@@ -33,21 +33,26 @@ OPTIONS: Dict[str, Tuple[Any, tuple, str]] = {
                    "batched torch for the batched IPM). Chosen independently of qp_solver: e.g. 'torch' "
                    "differentiates a black-box forward with one batched factorization on the data's device."),
     "solve_type": ("dense", (str,), "'dense' (torch dense tensors) or 'sparse' (torch CSC tensors)."),
-    "eps_abs": (1e-8, (float, int), "Absolute tolerance, translated to each solver's own keywords."),
+    "eps_abs": (1e-8, (float, int), "Absolute tolerance, translated to each solver's own keywords (the "
+                "batched IPM: its stopping tolerance, the tighter of eps_abs and eps_rel)."),
     "eps_rel": (1e-8, (float, int), "Relative tolerance, translated to each solver's own keywords (0 allowed)."),
     "eps_active": (1e-6, (float, int), "Active-set threshold: constraint i is active when its slack is "
                    "below eps_active·(1+|d_i|) or its dual above eps_active·max(1, ‖μ‖∞). With refine_active, "
                    "stricter and looser thresholds are tried when the set fails the KKT check."),
     "dual_available": (True, (bool, type(None)), "Use the solver's duals for the active set. False: detect from "
-                       "slacks only and compute the duals from the reduced KKT system."),
+                       "slacks only and compute the duals from the reduced KKT system (element-wise solvers; "
+                       "the batched IPM warns)."),
     "normalize_constraints": (False, (bool,), "Scale the rows of C and A to unit norm (differentiably) "
                               "before solving; duals are reported in the original scale."),
     "refine_active": (True, (bool,), "Polish the solution on the detected active set and repair the set "
-                      "(add violated rows, drop negative duals) until it is consistent."),
-    "max_refine_iter": (10, (int,), "Maximum repairs of the active set when refine_active=True."),
+                      "(add violated rows, drop negative duals) until it is consistent (the batched IPM: "
+                      "its polish)."),
+    "max_refine_iter": (10, (int,), "Maximum repairs of the active set when refine_active=True (the batched "
+                        "IPM: its polish rounds, when set; else 3, 6 for float32)."),
     "warm_start_from_previous": (False, (bool,), "Start each solve from the previous call's solution "
-                                 "(per batch element)."),
-    "omp_parallel": (False, (bool,), "Solve the elements of a batch concurrently (thread pool created once)."),
+                                 "(per batch element; element-wise solvers, the batched IPM warns)."),
+    "omp_parallel": (False, (bool,), "Solve the elements of a batch concurrently (thread pool created once; "
+                     "element-wise solvers, the batched IPM warns)."),
     "n_cpu": (None, (int, type(None)), "Workers for omp_parallel (default: os.cpu_count())."),
     "empty_batch": (True, (bool,), "Return outputs with a leading batch dimension of 1 for unbatched "
                     "inputs, as libdqp does (False: unbatched inputs give unbatched outputs)."),
@@ -62,7 +67,8 @@ OPTIONS: Dict[str, Tuple[Any, tuple, str]] = {
                         "are tried in turn before the failure is reported: a name, a sequence of names, "
                         "'auto' (the installed ones of " + ", ".join(repr(x) for x in AUTO_FALLBACKS) + ") "
                         "or None (no fallback). The first verified solution is kept; a certificate of "
-                        "infeasibility ends the chain."),
+                        "infeasibility ends the chain. Element-wise solvers; the batched IPM warns on an explicit "
+                        "chain ('auto': none there)."),
     "fallback_on_unverified": (True, (bool,), "Also run the fallback_solver chain when qp_solver's answer "
                                "is solved but its KKT point cannot be verified (often the solver's accuracy, "
                                "not the problem: on Maros–Meszaros PIQP verifies GOULDQP3, QSCFXM1, QGROW22 "

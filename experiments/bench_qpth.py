@@ -344,30 +344,23 @@ class DqpLoopMethod(_DqpBatchVariant):
 
 class Dqp1StageMethod(_DqpBatchVariant):
     """``solve_qp_batch(..., polish_eps=None)``: one IPM stage to 1e-8 before the kernel's polish
-    instead of the default two (dqp.ipm_layer.POLISH_STAGE_EPS), for a same-run comparison."""
+    instead of the default two (``IPMOptions.polish_stage_eps``), for a same-run comparison."""
 
     name = "dqp_1stage"
     kw = dict(polish_eps=None)
 
 
 class DqpLibDiagMethod(_DqpBatchVariant):
-    """dqp with ``dqp.solvers.ipm.BLOCK_DIAG = "library"``: the blocked factorization's diagonal
+    """dqp with ``CholeskyOptions(block_diag="library")``: the blocked factorization's diagonal
     blocks by the library's Cholesky and triangular inverse instead of the fused source's kernel
     (the torch loop at k > 160 on CUDA), for a same-run comparison."""
 
     name = "dqp_libdiag"
 
-    def _layer(self):
-        import dqp.solvers.ipm as ipm
-        inner = super()._layer()
-
-        def run(*args):
-            old, ipm.BLOCK_DIAG = ipm.BLOCK_DIAG, "library"
-            try:
-                return inner(*args)
-            finally:
-                ipm.BLOCK_DIAG = old
-        return run
+    @property
+    def kw(self):
+        from dqp.solvers.ipm import IPMOptions
+        return dict(options=IPMOptions().replace(linalg={"block_diag": "library"}))
 
 
 def _import_qpth():
@@ -467,34 +460,22 @@ class QpaxMethod(Method):
         return run, fetch
 
 
-class DqpPatchedMethod(DqpMethod):
-    """``dqp.qpth.QPFunction`` with module-level settings changed for its calls (``patch``:
-    ``(module, attribute, value)`` triples), for a same-run comparison with the default."""
+class DqpOptionsMethod(_DqpBatchVariant):
+    """``solve_qp_batch(..., options=IPMOptions(**changes))``: dqp with other engine options, for a
+    same-run comparison with the default."""
 
-    def __init__(self, name: str, patch: Tuple[Tuple[str, str, Any], ...]):
-        self.name, self.patch = name, patch
+    def __init__(self, name: str, changes: Dict[str, Any]):
+        self.name, self.changes = name, changes
 
-    def _layer(self):
-        import importlib
-        inner = super()._layer()
-
-        def run(*args):
-            saved = []
-            for mod, attr, val in self.patch:
-                m = importlib.import_module(mod)
-                saved.append((m, attr, getattr(m, attr)))
-                setattr(m, attr, val)
-            try:
-                return inner(*args)
-            finally:
-                for m, attr, val in saved:
-                    setattr(m, attr, val)
-        return run
+    @property
+    def kw(self):
+        from dqp.solvers.ipm import IPMOptions
+        return dict(options=IPMOptions(**self.changes))
 
 
-#: The kernel's first IPM stage(s) before the polish (``dqp.ipm_layer.POLISH_STAGE_EPS``): stops
+#: The kernel's first IPM stage(s) before the polish (``IPMOptions.polish_stage_eps``): stops
 #: and polishes at 1e-5 (the default), 1e-4, 1e-3, or 1e-3 then 1e-5 (three stages).
-STAGE_METHODS = [DqpPatchedMethod(name, (("dqp.ipm_layer", "POLISH_STAGE_EPS", eps),))
+STAGE_METHODS = [DqpOptionsMethod(name, {"polish_stage_eps": eps})
                  for name, eps in (("dqp_stage5", 1e-5), ("dqp_stage4", 1e-4), ("dqp_stage3", 1e-3),
                                    ("dqp_stage35", (1e-3, 1e-5)))]
 

@@ -1,6 +1,6 @@
 """How loose can the IPM stop before the polish? Iterations, polish acceptance and gradients.
 
-The layer stops the IPM at ``dqp.ipm_layer.POLISHED_IPM_EPS`` (float64) when the polish follows:
+The layer stops the IPM at ``IPMOptions.polished_eps`` (float64) when the polish follows:
 the polish makes the answer exact on the active set, so the IPM only has to find that set. For
 each tolerance: the batch's largest and mean iteration count (what a batched solve pays), the
 elements whose polished point was accepted, the reduced-system paths, and the gradients of
@@ -20,8 +20,8 @@ import os
 
 import torch
 
-import dqp.ipm_layer as il
 from dqp.ipm_layer import solve_qp_batch
+from dqp.solvers.ipm import IPMOptions
 
 
 def gen(B, n, m, seed, family="qpth"):
@@ -44,12 +44,12 @@ def gen(B, n, m, seed, family="qpth"):
 
 
 def run(data, w, eps, stage="default"):
-    il.POLISHED_IPM_EPS = eps
+    changes = dict(polished_eps=eps)
     if stage != "default":
-        il.POLISH_STAGE_EPS = stage
+        changes["polish_stage_eps"] = stage
     ins = [t.clone().requires_grad_() for t in data]
     diag = {}
-    z = solve_qp_batch(*ins, on_failure="mask", diagnostics=diag)[0]
+    z = solve_qp_batch(*ins, on_failure="mask", diagnostics=diag, options=IPMOptions(**changes))[0]
     (z * w).sum().backward()
     grads = [t.grad for t in ins]
     grads[0] = 0.5 * (grads[0] + grads[0].mT)
@@ -70,16 +70,15 @@ def main():
     ap.add_argument("--family", default="qpth", choices=["qpth", "nearly-lp"])
     ap.add_argument("--stages", default=None,
                     help="vary the kernel's polish stages instead of the IPM tolerance: a comma-separated list "
-                         "of eps1 or eps1:eps2 (dqp.ipm_layer.POLISH_STAGE_EPS; 'none': one stage), IPM at 1e-8")
+                         "of eps1 or eps1:eps2 (IPMOptions.polish_stage_eps; 'none': one stage), IPM at 1e-8")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     a = ap.parse_args()
-    default_stage = il.POLISH_STAGE_EPS
+    default_stage = IPMOptions().polish_stage_eps
     if a.stages:
         parse = lambda t: None if t == "none" else (tuple(float(x) for x in t.split(":")) if ":" in t else float(t))  # noqa: E731
         eps_list = [(1e-8, parse(t)) for t in a.stages.split(",")]
     else:
         eps_list = [(float(e), "default") for e in a.eps.split(",")]
-    default = il.POLISHED_IPM_EPS
     rows = []
     for cell in a.cells.split(","):
         B, n = (int(x) for x in cell.split("x"))
@@ -96,8 +95,6 @@ def main():
                            z_err=rel(z, z_ref), grad_err=max(rel(x, r) for x, r in zip(g, g_ref)))
                 rows.append(row)
                 print(json.dumps(row), flush=True)
-    il.POLISHED_IPM_EPS = default
-    il.POLISH_STAGE_EPS = default_stage
     lines = [f"# IPM tolerance before the polish ({a.family} problems, float64, CPU)\n",
              "Per cell and seed: iterations (max / mean over the batch), elements whose polished point was "
              "accepted, and the error of z and of the gradients against eps = 1e-10 (max |Δ| over the batch "

@@ -32,10 +32,9 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=100)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--fused", choices=("auto", "off"), default="auto",
-                    help="dqp.solvers.fused.FUSED: the kernel's C++ build (auto) or the torch loop (off)")
+                    help="the fused kernel's C++ build (auto, dqp.qpth.QPFunction) or the torch loop (off: "
+                         "solve_qp_batch(fused=False))")
     args = ap.parse_args()
-    import dqp.solvers.fused as fused_mod
-    fused_mod.FUSED = "auto" if args.fused == "auto" else False
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch.set_num_threads(args.threads)
     qpth = _import_qpth()
@@ -51,6 +50,9 @@ def main() -> None:
         return time.perf_counter() - t0
 
     ours = QPFunction(verbose=-1, check_Q_spd=False)
+    if args.fused == "off":
+        from dqp.ipm_layer import solve_qp_batch
+        ours = lambda Q, p, G, h, A, b: solve_qp_batch(Q, p, G, h, fused=False)[0]     # noqa: E731
     theirs = qpth.qp.QPFunction(verbose=-1, check_Q_spd=False)
     run(ours), run(theirs)
     ta, tb = [], []

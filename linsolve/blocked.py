@@ -28,7 +28,7 @@ import torch
 
 Tensor = torch.Tensor
 
-__all__ = ["blocked_cholesky", "blocked_chol_solve", "diag_block_inverses", "block_starts", "DiagFactor"]
+__all__ = ["blocked_cholesky", "blocked_chol_solve", "diag_block_inverses", "block_starts", "tri_inverse", "DiagFactor"]
 
 
 def block_starts(k: int, nb: int) -> List[Tuple[int, int]]:
@@ -38,11 +38,11 @@ def block_starts(k: int, nb: int) -> List[Tuple[int, int]]:
     return [(j0, min(j0 + nb, k)) for j0 in range(0, k, nb)]
 
 
-#: Largest triangle inverted by one triangular solve; bigger ones are split in two (see _tri_inverse).
+#: Largest triangle inverted by one triangular solve; bigger ones are split in two (see tri_inverse).
 TRI_INVERSE_LEAF = 64
 
 
-def _tri_inverse(Ljj: Tensor) -> Tensor:
+def tri_inverse(Ljj: Tensor) -> Tensor:
     """Inverse of a batch of lower-triangular blocks.
 
     Up to ``TRI_INVERSE_LEAF`` rows: one many-right-hand-side triangular solve. Larger: by halves,
@@ -55,8 +55,8 @@ def _tri_inverse(Ljj: Tensor) -> Tensor:
         eye = torch.eye(k, dtype=Ljj.dtype, device=Ljj.device).expand(Ljj.shape)
         return torch.linalg.solve_triangular(Ljj, eye, upper=False)
     h = k // 2
-    X11 = _tri_inverse(Ljj[..., :h, :h])
-    X22 = _tri_inverse(Ljj[..., h:, h:])
+    X11 = tri_inverse(Ljj[..., :h, :h])
+    X22 = tri_inverse(Ljj[..., h:, h:])
     X = torch.zeros_like(Ljj)
     X[..., :h, :h] = X11
     X[..., h:, h:] = X22
@@ -66,7 +66,7 @@ def _tri_inverse(Ljj: Tensor) -> Tensor:
 
 def diag_block_inverses(L: Tensor, nb: int) -> List[Tensor]:
     """Inverses of the diagonal ``nb × nb`` blocks of the batched lower factor ``L`` (B, k, k)."""
-    return [_tri_inverse(L[..., j0:j1, j0:j1]) for j0, j1 in block_starts(L.shape[-1], nb)]
+    return [tri_inverse(L[..., j0:j1, j0:j1]) for j0, j1 in block_starts(L.shape[-1], nb)]
 
 
 #: ``diag_factor(W, j0, j1, info) -> L_jj⁻¹``: factorizes the diagonal block ``W[:, j0:j1, j0:j1]`` of
@@ -89,7 +89,7 @@ def blocked_cholesky(M: Tensor, nb: int, overwrite: bool = False,
         Factorize M's own storage (M must then be contiguous; it becomes L). Default False: a copy.
     diag_factor : callable, optional
         Factorizes and inverts each diagonal block (:data:`DiagFactor`) instead of the library's
-        batched Cholesky and :func:`_tri_inverse`.
+        batched Cholesky and :func:`tri_inverse`.
 
     Returns
     -------
@@ -112,7 +112,7 @@ def blocked_cholesky(M: Tensor, nb: int, overwrite: bool = False,
         else:
             Ljj, inf = torch.linalg.cholesky_ex(W[:, j0:j1, j0:j1])
             info = torch.where((info == 0) & (inf > 0), inf + j0, info)
-            Dj = _tri_inverse(Ljj)
+            Dj = tri_inverse(Ljj)
             W[:, j0:j1, j0:j1] = Ljj
         dinv.append(Dj)
         if j1 < k:

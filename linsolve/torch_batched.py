@@ -37,9 +37,7 @@ import torch
 
 from dqp.errors import ShapeError
 from dqp.linsolve.base import LinearSolver, register_linsolver
-from dqp.linsolve.blocked import diag_block_inverses
-from dqp.solvers.ipm import (_ATTACHED, _chol_solve, _cholesky, _cholesky_inplace, _index_factor, _map_attached,
-                             _mv, _tmv)
+from dqp.linsolve.cholesky import DEFAULT_OPTIONS, CholeskyFactor, CholeskyOptions, cholesky, cholesky_inplace, mv, tmv
 
 logger = logging.getLogger(__name__)
 Tensor = torch.Tensor
@@ -87,32 +85,6 @@ def _masked_rows(P: Tensor, A: Optional[Tensor], C: Optional[Tensor], active: Op
     return a, Abar, D
 
 
-def _put_factor(L: Tensor, idx: Tensor, Ls: Tensor, rows: Tensor) -> None:
-    """``L[idx] = Ls[rows]`` for batched Cholesky factors, keeping what is attached to L — the
-    explicit inverse (:func:`dqp.solvers.ipm._attach_inverse`) or the blocked path's
-    diagonal-block inverses — for the new rows too (taken from Ls, or computed for those rows
-    where Ls was factorized another way)."""
-    new = Ls[rows]
-    L[idx] = new
-    Li = getattr(L, "_dqp_linv", None)
-    if Li is not None:
-        Lsi = getattr(Ls, "_dqp_linv", None)
-        if Lsi is not None:
-            Li[idx] = Lsi[rows]
-        else:
-            eye = torch.eye(new.shape[-1], dtype=new.dtype, device=new.device).expand(new.shape)
-            Li[idx] = torch.linalg.solve_triangular(new, eye, upper=False)
-    D = getattr(L, "_dqp_dinv", None)
-    if D is not None:
-        Ds = getattr(Ls, "_dqp_dinv", None)
-        if Ds is None or [t.shape[-1] for t in D] != [t.shape[-1] for t in Ds]:
-            Dn = diag_block_inverses(new, D[0].shape[-1])
-        else:
-            Dn = [t[rows] for t in Ds]
-        for t, tn in zip(D, Dn):
-            t[idx] = tn
-
-
 class BatchedKKT:
     """Factorization of a batch of masked reduced KKT matrices (see the module docstring).
 
@@ -135,6 +107,8 @@ class BatchedKKT:
         Default True: elements whose Cholesky path fails take the augmented or minimum-norm path
         (which reads the flags on the host). False: the Cholesky path only, without a host
         synchronization (capturable in a CUDA graph); ``ok`` says where it failed.
+    options : CholeskyOptions
+        How the Cholesky factors are computed (:mod:`dqp.linsolve.cholesky`).
 
     Attributes
     ----------
@@ -143,7 +117,8 @@ class BatchedKKT:
 
     def __init__(self, P: Tensor, A: Optional[Tensor], C: Optional[Tensor], active: Optional[Tensor],
                  *, batch: Optional[int] = None, refine: int = 1, factors: Optional[dict] = None,
-                 fallback: bool = True):
+                 fallback: bool = True, options: CholeskyOptions = DEFAULT_OPTIONS):
+        self.lin = options
         if A is not None and A.shape[-2] == 0:
             A = None
         if C is not None and C.shape[-2] == 0:
@@ -207,7 +182,8 @@ class BatchedKKT:
 
     @classmethod
     def from_schur_factor(cls, P: Tensor, A: Optional[Tensor], C: Optional[Tensor], active: Optional[Tensor],
-                          L: Tensor, PiAbt: Tensor, LS: Tensor, ok: Tensor, *, refine: int = 1) -> "BatchedKKT":
+                          L: CholeskyFactor, PiAbt: Tensor, LS: Tensor, ok: Tensor, *, refine: int = 1,
+                          options: CholeskyOptions = DEFAULT_OPTIONS) -> "BatchedKKT":
         """The Cholesky path from factors computed elsewhere: ``L`` = chol(P), ``PiAbt`` =
         P⁻¹[A; C]ᵀ and ``LS`` the lower Cholesky factor of the Schur complement S (the fused
         kernel's polish, :mod:`dqp.solvers.fused`); ``ok`` (B,) where LS passed the pivot test.
@@ -220,8 +196,11 @@ class BatchedKKT:
         B = (active if active is not None else LS).shape[0]
         a, rows, D = _masked_rows(P, A, C, active, B, mask=False)
         zeros = torch.zeros(B, dtype=P.dtype, device=P.device)
+        if not isinstance(LS, CholeskyFactor):
+            LS = CholeskyFactor(LS, options=options)
         self = cls.from_state(dict(P=P, A=A, C=C, a=a, Abar=rows, D=D, L=L, HiAbt=PiAbt,
-                                   LS=LS, ok=ok, path=zeros.to(torch.int64), rho=zeros), refine=refine)
+                                   LS=LS, ok=ok, path=zeros.to(torch.int64), rho=zeros), refine=refine,
+                              options=options)
         self._rm = 1.0 - D
         return self
 
@@ -236,16 +215,16 @@ class BatchedKKT:
 
     def _Av(self, x: Tensor) -> Tensor:
         """``Ā x``."""
-        y = _mv(self.Abar, x)
+        y = mv(self.Abar, x, self.lin)
         return y if self._rm is None else y * self._rm
 
     def _Atv(self, y: Tensor) -> Tensor:
         """``Āᵀ y``."""
-        return _tmv(self.Abar, y if self._rm is None else y * self._rm)
+        return tmv(self.Abar, y if self._rm is None else y * self._rm, self.lin)
 
     def _Hv(self, y: Tensor) -> Tensor:
         """``H⁻¹Āᵀ y``."""
-        return _mv(self.HiAbt, y if self._rm is None else y * self._rm)
+        return mv(self.HiAbt, y if self._rm is None else y * self._rm, self.lin)
 
     # tensors that describe a Cholesky-path factorization (see state() / from_state())
     _STATE = ("P", "A", "C", "a", "Abar", "D", "L", "HiAbt", "LS", "ok", "path", "rho")
@@ -258,9 +237,10 @@ class BatchedKKT:
         return {k: getattr(self, k) for k in self._STATE if getattr(self, k, None) is not None}
 
     @classmethod
-    def from_state(cls, st: dict, *, refine: int = 1) -> "BatchedKKT":
+    def from_state(cls, st: dict, *, refine: int = 1, options: CholeskyOptions = DEFAULT_OPTIONS) -> "BatchedKKT":
         """A factorization from the tensors of :meth:`state` (e.g. the outputs of a CUDA graph)."""
         self = cls.__new__(cls)
+        self.lin = options
         for k in cls._STATE:
             setattr(self, k, st.get(k))
         self.B, self.n = self.ok.shape[0], self.P.shape[-1]
@@ -285,16 +265,12 @@ class BatchedKKT:
         def pick(mine, theirs, name):
             if mine is None or mine is theirs:
                 return mine
-            out = torch.where(sel.view(-1, *([1] * (mine.dim() - 1))), theirs, mine)
-            for a in _ATTACHED:
-                am, at = getattr(mine, a, None), getattr(theirs, a, None)
-                if am is None:
-                    continue
-                if at is None:
-                    raise ValueError(f"BatchedKKT.merge: the {name} factors differ in their attached {a}")
-                setattr(out, a, pick(am, at, name) if isinstance(am, Tensor)
-                        else [pick(x, y, name) for x, y in zip(am, at)])
-            return out
+            if isinstance(mine, CholeskyFactor):
+                try:
+                    return mine.where(sel, theirs)
+                except ValueError:
+                    raise ValueError(f"BatchedKKT.merge: the {name} factors differ in their inverses") from None
+            return torch.where(sel.view(-1, *([1] * (mine.dim() - 1))), theirs, mine)
         for k in ("a", "Abar", "D", "HiAbt", "LS", "L", "ok", "path", "rho"):
             setattr(self, k, pick(getattr(self, k), getattr(other, k), k))
 
@@ -307,11 +283,12 @@ class BatchedKKT:
         factors = None
         if self._factors is not None:
             # the IPM's factor of P and P⁻¹[A; C]ᵀ do not depend on the active set: re-mask them
-            # (_index_factor: a factor keeps its attached inverse / diagonal-block inverses)
-            factors = {k: (_index_factor(v, idx) if v.dim() == 3 and v.shape[0] == self.B else v)
+            # (a factor keeps its inverse / diagonal-block inverses)
+            factors = {k: ((v.index(idx) if isinstance(v, CholeskyFactor) else v[idx])
+                           if v.dim() == 3 and v.shape[0] == self.B else v)
                        for k, v in self._factors.items()}
         return BatchedKKT(pick(self.P), pick(self.A), pick(self.C), active, batch=int(idx.numel()),
-                          refine=self.refine, factors=factors)
+                          refine=self.refine, factors=factors, options=self.lin)
 
     def absorb(self, idx: Tensor, sub: "BatchedKKT", rows: Tensor) -> None:
         """Take over the factorization of ``sub``'s elements ``rows`` as this batch's ``idx``."""
@@ -319,7 +296,7 @@ class BatchedKKT:
             return
         self._materialize()
         sub._materialize()
-        B, n = self.B, self.n
+        B = self.B
         if self.m:
             self.a = self.a.clone()
             self.a[idx] = sub.a[rows]
@@ -329,13 +306,11 @@ class BatchedKKT:
             self.Abar[idx] = sub.Abar[rows]
             self.D[idx] = sub.D[rows]
             self.HiAbt[idx] = sub.HiAbt[rows]
-            _put_factor(self.LS, idx, sub.LS, rows)
+            self.LS.put(idx, sub.LS, rows)
         if not (self.L.dim() == 2 and sub.L.dim() == 2) and (sub._L_fresh or self._L_fresh):
             # (both from the same precomputed factor of P: nothing to copy)
-            L = self.L.expand(B, n, n).clone()
-            if self.L.dim() == 3:
-                _map_attached(self.L, L, torch.clone)
-            _put_factor(L, idx, sub.L.expand(sub.B, n, n), rows)
+            L = self.L.expanded(B).map(torch.clone)
+            L.put(idx, sub.L.expanded(sub.B), rows)
             self.L = L
         self.rho = self.rho.clone()
         self.rho[idx] = sub.rho[rows]
@@ -385,14 +360,15 @@ class BatchedKKT:
         logger.info("BatchedKKT: %d batch elements have a singular reduced KKT matrix; using the "
                     "minimum-norm solution", idx.numel())
         # keep the Cholesky factors of those elements finite (their answers are overwritten)
+        # (plain factors from here: their triangular solves read the repaired rows)
         if self.L.dim() == 3:
-            L = self.L.clone()
+            L = self.L.L.clone()
             L[idx] = torch.eye(self.n, dtype=L.dtype, device=L.device)
-            self.L = L
+            self.L = CholeskyFactor(L, options=self.lin)
             if self.k:
-                LS = self.LS.clone()
+                LS = self.LS.L.clone()
                 LS[idx] = torch.eye(self.k, dtype=LS.dtype, device=LS.device)
-                self.LS = LS
+                self.LS = CholeskyFactor(LS, options=self.lin)
                 HiAbt = self.HiAbt.clone()
                 HiAbt[idx] = 0.0
                 self.HiAbt = HiAbt
@@ -406,8 +382,8 @@ class BatchedKKT:
         # (ρ is nonzero only after a failed attempt 0: no device read needed here)
         use_shared = Ps is not None and not self._augmented
         if use_shared:
-            L, info = _cholesky(Ps)
-            ok = ((info == 0) & self._pivots_ok(L, Ps)).expand(B)
+            L, info = cholesky(Ps, self.lin)
+            ok = ((info == 0) & self._pivots_ok(L.L, Ps)).expand(B)
             self.L = L                                                # (n, n)
         else:
             if k and self._augmented:
@@ -415,34 +391,34 @@ class BatchedKKT:
                 H = torch.addcmul(P.expand(B, n, n), rho.view(-1, 1, 1), AtA)
             else:
                 H = P.expand(B, n, n).clone()
-            L, info = _cholesky(H)
-            ok = (info == 0) & self._pivots_ok(L, H)
+            L, info = cholesky(H, self.lin)
+            ok = (info == 0) & self._pivots_ok(L.L, H)
             self.L = L                                                # (B, n, n)
         if k:
             Abt = self.Abar.transpose(-1, -2)                         # (B, n, k)
             if self.L.dim() == 2:
                 rhs = Abt.permute(1, 0, 2).reshape(n, B * k)         # one solve for the batch
-                self.HiAbt = _chol_solve(self.L, rhs.unsqueeze(0))[0].reshape(n, B, k).permute(1, 0, 2)
+                self.HiAbt = self.L.solve(rhs.unsqueeze(0))[0].reshape(n, B, k).permute(1, 0, 2)
             else:
-                self.HiAbt = _chol_solve(self.L, Abt)
+                self.HiAbt = self.L.solve(Abt)
             S = torch.matmul(self.Abar, self.HiAbt)
             torch.diagonal(S, dim1=-2, dim2=-1).add_(self.D)
-            self.LS, info2 = _cholesky(S)
-            ok = ok & (info2 == 0) & self._pivots_ok(self.LS, S)
-        return ok & torch.isfinite(self.L).flatten(-2).all(-1).expand(B)
+            self.LS, info2 = cholesky(S, self.lin)
+            ok = ok & (info2 == 0) & self._pivots_ok(self.LS.L, S)
+        return ok & torch.isfinite(self.L.L).flatten(-2).all(-1).expand(B)
 
     def _factor_pre(self, f: dict) -> Tensor:
         """Cholesky path from precomputed P⁻¹[A; C]ᵀ and [A; C]P⁻¹[A; C]ᵀ: mask, add D, factorize S."""
         cm = 1.0 - self.D                                             # 1 on the rows in the system
-        self.L = f["L"]
+        self.L = f["L"] if isinstance(f["L"], CholeskyFactor) else CholeskyFactor(f["L"], options=self.lin)
         self.HiAbt = f["PiAbt"] * cm.unsqueeze(-2)
         S = f["M"] * (cm.unsqueeze(-1) * cm.unsqueeze(-2))            # cm is 0/1: exact
         torch.diagonal(S, dim1=-2, dim2=-1).add_(self.D)
         big = self._diag_max(S)
-        self.LS, info = _cholesky_inplace(S)                          # S is a fresh buffer
-        ok = (info == 0) & self._pivots_ok(self.LS, None, big)
+        self.LS, info = cholesky_inplace(S, self.lin)                # S is a fresh buffer
+        ok = (info == 0) & self._pivots_ok(self.LS.L, None, big)
         if self.L.dim() == 3:
-            ok = ok & torch.isfinite(self.L).flatten(-2).all(-1)
+            ok = ok & torch.isfinite(self.L.L).flatten(-2).all(-1)
         return ok
 
     @staticmethod
@@ -461,17 +437,17 @@ class BatchedKKT:
         """Solve the (augmented, possibly regularized) system once."""
         if self.k and self._augmented:
             gz = gz + self.rho.unsqueeze(-1) * self._Atv(gy)
-        t = _chol_solve(self.L, gz)
+        t = self.L.solve(gz)
         if not self.k:
             return t, None
         rhs = self._Av(t) - gy
-        yy = _chol_solve(self.LS, rhs)
+        yy = self.LS.solve(rhs)
         yz = t - self._Hv(yy)
         return yz, yy
 
     def _residual(self, gz, gy, yz, yy):
         """g − K y for the true (unregularized, unaugmented) K."""
-        Pyz = _mv(self.P, yz)
+        Pyz = mv(self.P, yz, self.lin)
         if not self.k:
             return gz - Pyz, None
         rz = gz - Pyz - self._Atv(yy)
@@ -481,7 +457,7 @@ class BatchedKKT:
     def apply(self, yz: Tensor, ylam: Optional[Tensor] = None, ymu: Optional[Tensor] = None):
         """``K y`` (for checks)."""
         yy = self._pack(ylam, ymu, yz)
-        Pyz = _mv(self.P, yz)
+        Pyz = mv(self.P, yz, self.lin)
         if not self.k:
             return Pyz, None, None
         rz = Pyz + self._Atv(yy)

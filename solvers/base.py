@@ -94,8 +94,11 @@ class ForwardSolver(Plugin, ABC):
         """
         raise SettingsError(f"qp_solver={self.name!r} is a batched solver; it has no element-wise solve")
 
-    def solve_batch(self, problem, *, keywords=None, warm=None):  # pragma: no cover - interface
-        """Solve a whole batch given as torch tensors (batched solvers only)."""
+    def solve_batch(self, batch, settings):  # pragma: no cover - interface
+        """Solve a validated dense batch (:class:`dqp.problem.QPBatch`, torch tensors on the data's
+        device) differentiably with ``settings`` (:class:`dqp.settings.Settings`); returns
+        ``(z, lam, mu, info)`` with ``info`` a filled :class:`dqp.result.SolveInfo` (batched solvers
+        only). Settings the engine cannot honour raise or warn, never pass silently."""
         raise SettingsError(f"qp_solver={self.name!r} is an element-wise solver; it has no batched solve")
 
 

@@ -22,13 +22,13 @@ conditioned, chosen by ``ipm_solve``), at least one constraint, no ``trace``, an
   NVRTC through ``torch.cuda._compile_kernel``, a few seconds per size class.
 * on the CPU: the same source compiled as plain C++ (``-DDQP_CPU``: a "block" is one thread, its
   factorization and solves plain loops), with the batch split over ``torch.get_num_threads()``
-  threads, where a C++ compiler is available and m + p ≤ :data:`CPU_KMAX`. It is faster than the
-  torch loop there too (:data:`CPU_AUTO`). Without a compiler, or if the build fails (logged once),
+  threads, where a C++ compiler is available and m + p ≤ :attr:`KernelOptions.cpu_kmax`. It is faster than the
+  torch loop there too (:attr:`KernelOptions.cpu_auto`). Without a compiler, or if the build fails (logged once),
   the CPU keeps the torch loop.
 
-Everything else takes the torch loop. ``ipm_solve(fused=False)`` or ``FUSED = False`` forces the
+Everything else takes the torch loop. ``ipm_solve(fused=False)`` or ``KernelOptions(mode=False)`` forces the
 torch loop; ``fused=True`` requires the kernel. Tests also build the CUDA code's register-tile
-factorization as C++ (:data:`CPU_TILES`), so CI checks that logic too.
+factorization as C++ (:attr:`KernelOptions.cpu_tiles`), so CI checks that logic too.
 """
 from __future__ import annotations
 
@@ -43,7 +43,8 @@ import tempfile
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Dict, Optional, Tuple, Union
+from dataclasses import dataclass
+from typing import Callable, Dict, Optional, Tuple, Union
 
 import torch
 
@@ -53,42 +54,85 @@ logger = logging.getLogger(__name__)
 
 Tensor = torch.Tensor
 
-__all__ = ["FUSED", "THREADS", "smem_bytes", "fused_available", "solve_dual", "chol_block", "chol_block_available",
-           "chol_solve_vec", "chol_solve_vec_available"]
+__all__ = ["KernelOptions", "DEFAULT_THREADS", "smem_bytes", "fused_available", "solve_dual", "chol_block",
+           "chol_block_available", "chol_solve_vec", "chol_solve_vec_available", "matrix_layout"]
 
-#: ``"auto"``: the fused kernel wherever it applies on CUDA (module docstring); ``False``: never
-#: (the torch loop everywhere). ``ipm_solve(fused=...)`` overrides it per call.
-FUSED: Union[str, bool] = "auto"
-
-#: Threads per block, a multiple of 32 (environment variable ``DQP_FUSED_THREADS``, default 384;
-#: the kernel is compiled for it, ``-DDQP_THREADS``). Measured on an H200, n=m=100, float64
-#: (experiments/kernel_probe.py; results/kernel_probe_session8_run{1,2}.md, before the
-#: factorization's phases): cycles per block-iteration 293K with 384 threads, 324K with 512 (whose
-#: 128-register cap spills), 333K with 256, 360K with 320, 403K with 448; ``ipm_solve`` at B=1024
-#: 17.9–18.4 ms against 19.6–19.7 ms with 512.
-THREADS = int(os.environ.get("DQP_FUSED_THREADS", "384"))
+#: Threads per block of the helper kernels and the default of :attr:`KernelOptions.threads`, a
+#: multiple of 32 (environment variable ``DQP_FUSED_THREADS``, read at import; default 384; the
+#: kernel is compiled for it, ``-DDQP_THREADS``). Measured on an H200, n=m=100, float64: cycles per
+#: block-iteration 293K with 384 threads, 324K with 512 (whose 128-register cap spills), 333K with
+#: 256, 360K with 320, 403K with 448; ``ipm_solve`` at B=1024 17.9–18.4 ms against 19.6–19.7 ms with 512.
+DEFAULT_THREADS = int(os.environ.get("DQP_FUSED_THREADS", "384"))
 _MAXRED = 40          # reduction slots per warp (MAXRED in fused_ipm.cu, defined from here)
 
-#: Diagnostics: extra NVRTC options for the CUDA build (``("-lineinfo",)`` for a profiler's source view).
-NVRTC_OPTIONS: Tuple[str, ...] = ()
 
-#: Diagnostics (experiments/fused_check.py): a CUDA int64 tensor of 8 zeros makes every call run
-#: the kernel built with ``-DDQP_PROFILE``, which adds each iteration phase's clock cycles there.
-PROFILE: Optional[Tensor] = None
+@dataclass(frozen=True)
+class KernelOptions:
+    """How the fused kernel is chosen and built (a frozen value; part of every cache key).
+
+    Attributes
+    ----------
+    mode : {"auto", True, False}
+        ``"auto"``: the kernel wherever it applies (module docstring); ``True``: required (on the
+        CPU the C++ build, for tests; where it does not apply ``ipm_solve`` raises); ``False``:
+        never (the torch loop). ``ipm_solve(fused=...)`` overrides it per call.
+    threads : int
+        Threads per block of the CUDA build, a multiple of 32 from 32 to 1024.
+    nvrtc_options : tuple of str
+        Diagnostics: extra NVRTC options for the CUDA build (``("-lineinfo",)`` for a profiler).
+    cpu_auto : bool
+        CPU: ``mode="auto"`` takes the C++ build where it can be built (a C++ compiler on the PATH
+        or in ``CXX``; compiled on first use and cached) and m + p ≤ ``cpu_kmax``. Measured on a
+        2-core x86-64 machine, 2 threads, qpth's generator, ``ipm_solve`` alone, torch loop vs C++
+        build: n=m=50, B=128 171 vs 76 ms; n=m=100, B=128 ~400 vs ~240 ms; n=m=150, B=64 478 vs
+        355 ms; n=m=200, B=32 389 vs 309 ms; n=m=300, B=16 524 vs 508 ms — hence the limit.
+    cpu_kmax : int
+        See ``cpu_auto``.
+    cpu_tiles : bool
+        The C++ build: ``False`` its own loops over the triangle (one library for every k, built
+        with ``-O3 -march=native``); ``True``: the CUDA code's register-tile factorization and
+        solves, built per k, so that CPU tests exercise that logic.
+    cpu_function : callable, optional
+        Tests: a function of k that returns the C++ function the CPU path calls instead of the
+        build's ``dqp_ipm_dual_cpu`` (the same arguments; e.g. a multi-threaded test build's).
+    cpu_threads : int, optional
+        Threads the CPU build splits the batch over; None: ``torch.get_num_threads()``.
+    compiler : str, optional
+        The C++ compiler of the CPU build; None: ``CXX``, else ``c++``, ``g++`` or ``clang++`` on the PATH.
+    """
+
+    mode: Union[str, bool] = "auto"
+    threads: int = DEFAULT_THREADS
+    nvrtc_options: Tuple[str, ...] = ()
+    cpu_auto: bool = True
+    cpu_kmax: int = 256
+    cpu_tiles: bool = False
+    cpu_function: Optional[Callable] = None
+    cpu_threads: Optional[int] = None
+    compiler: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        if self.mode not in (True, False, "auto"):
+            raise SettingsError(f"KernelOptions.mode must be 'auto', True or False, got {self.mode!r}.")
+        _threads(self.threads)
+        object.__setattr__(self, "nvrtc_options", tuple(self.nvrtc_options))
 
 _SRC = Path(__file__).with_name("fused_ipm.cu")
 _lock = threading.Lock()
 _cuda_kernels: Dict[tuple, object] = {}
-_cpu_libs: Dict[int, ctypes.CDLL] = {}
+_cpu_libs: Dict[tuple, ctypes.CDLL] = {}
 
 
 def _threads(threads: Optional[int] = None) -> int:
-    """Threads per block (``threads`` or :data:`THREADS`), checked: a multiple of 32 in [32, 1024]."""
-    t = THREADS if threads is None else threads
+    """Threads per block (``threads`` or :data:`DEFAULT_THREADS`), checked: a multiple of 32 in [32, 1024]."""
+    t = DEFAULT_THREADS if threads is None else threads
     if not (isinstance(t, int) and 32 <= t <= 1024 and t % 32 == 0):
-        raise SettingsError(f"fused IPM: threads per block (dqp.solvers.fused.THREADS or DQP_FUSED_THREADS) "
+        raise SettingsError(f"fused IPM: threads per block (KernelOptions.threads or DQP_FUSED_THREADS) "
                             f"must be a multiple of 32 from 32 to 1024, got {t!r}.")
     return t
+
+
+DEFAULT_KERNEL = KernelOptions()
 
 
 def smem_bytes(n: int, m: int, p: int, threads: Optional[int] = None) -> int:
@@ -111,7 +155,7 @@ def _source() -> str:
     return defs + _SRC.read_text()
 
 
-#: Largest k = m + p the kernel takes on CUDA: each thread holds a ⌈k/(THREADS/32)⌉×⌈k/32⌉ tile of
+#: Largest k = m + p the kernel takes on CUDA: each thread holds a ⌈k/(threads/32)⌉×⌈k/32⌉ tile of
 #: S in registers (11×4 doubles at k = 128 with 384 threads); larger tiles would spill.
 KMAX = 128
 
@@ -129,34 +173,29 @@ def _max_smem(device: torch.device) -> int:
     return int(getattr(props, "shared_memory_per_block_optin", 0) or getattr(props, "shared_memory_per_block", 49152))
 
 
-#: CPU: ``FUSED="auto"`` takes the C++ build where it can be built (a C++ compiler on the PATH or in
-#: ``CXX``; compiled on first use, a few seconds, and cached: :func:`_cache_dir`) and
-#: m + p ≤ :data:`CPU_KMAX`. Measured on a 2-core x86-64 machine, 2 threads, qpth's generator,
-#: ``ipm_solve`` alone, torch loop vs C++ build: n=m=50, B=128 171 vs 76 ms; n=m=100, B=128
-#: ~400 vs ~240 ms; n=m=150, B=64 478 vs 355 ms; n=m=200, B=32 389 vs 309 ms; n=m=300, B=16
-#: 524 vs 508 ms (LAPACK's blocked factorization catches up) — hence the limit.
-CPU_AUTO = True
-CPU_KMAX = 256
-_cpu_build_ok: Optional[bool] = None
+_cpu_build_ok: Dict[Optional[str], bool] = {}          # per compiler (KernelOptions.compiler)
 
 
-def _compiler() -> Optional[str]:
+def _compiler(compiler: Optional[str] = None) -> Optional[str]:
+    """The C++ compiler: ``compiler``, else ``CXX``, else one on the PATH (None: none found)."""
+    if compiler:
+        return compiler
     return os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
 
 
 _cuda_build_failed: Dict[tuple, str] = {}
 
 
-def _cuda_build_available(device: torch.device, k: int) -> bool:
+def _cuda_build_available(device: torch.device, k: int, opts: KernelOptions = DEFAULT_KERNEL) -> bool:
     """Whether the kernel for this device and size class compiles (compiled here, cached); a failure
     (no NVRTC, a driver too old for the PTX, ...) is logged once and the automatic choice then keeps
     the torch loop."""
     idx = device.index if device.index is not None else torch.cuda.current_device()
-    key = (idx, _tiles(k, "cuda"), THREADS, tuple(NVRTC_OPTIONS))
+    key = (idx, _tiles(k, "cuda", opts.threads), opts.threads, opts.nvrtc_options)
     if key in _cuda_build_failed:
         return False
     try:
-        _cuda_kernel(device, k)
+        _cuda_kernel(device, k, threads=opts.threads, nvrtc_options=opts.nvrtc_options)
         return True
     except Exception as exc:  # noqa: BLE001 - any compile/load failure means: no kernel here
         _cuda_build_failed[key] = f"{type(exc).__name__}: {exc}"
@@ -165,33 +204,36 @@ def _cuda_build_available(device: torch.device, k: int) -> bool:
         return False
 
 
-def _cpu_build_available() -> bool:
-    """Whether the C++ build (loops) exists or can be made; a failure is logged once and the
-    automatic choice then keeps the torch loop."""
-    global _cpu_build_ok
-    if _cpu_build_ok is None:
-        if _compiler() is None:
-            _cpu_build_ok = False
+def _cpu_build_available(compiler: Optional[str] = None) -> bool:
+    """Whether the C++ build (loops) exists or can be made with ``compiler``
+    (:attr:`KernelOptions.compiler`); a failure is logged once and the automatic choice then keeps
+    the torch loop."""
+    if compiler not in _cpu_build_ok:
+        if _compiler(compiler) is None:
+            _cpu_build_ok[compiler] = False
         else:
             try:
-                _cpu_library(0, tiles=False)
-                _cpu_build_ok = True
+                _cpu_library(0, tiles=False, compiler=compiler)
+                _cpu_build_ok[compiler] = True
             except SolverNotAvailableError as exc:
                 logger.warning("dqp fused IPM: the C++ build failed, the CPU keeps the torch loop: %s", exc)
-                _cpu_build_ok = False
-    return _cpu_build_ok
+                _cpu_build_ok[compiler] = False
+    return _cpu_build_ok[compiler]
 
 
-def fused_available(device: torch.device, dtype: torch.dtype, n: int, m: int, p: int) -> bool:
+def fused_available(device: torch.device, dtype: torch.dtype, n: int, m: int, p: int,
+                    opts: KernelOptions = DEFAULT_KERNEL) -> bool:
     """Whether the fused kernel can solve this problem shape on ``device`` (CUDA, float64, at least
-    one and at most :data:`KMAX` constraints, the block's shared memory within the device's limit)."""
+    one and at most :data:`KMAX` constraints, the block's shared memory within the device's limit;
+    the CPU's C++ build as ``opts`` allow)."""
     if dtype != torch.float64 or m + p == 0 or n == 0:
         return False
     if device.type == "cuda":
         return (hasattr(torch.cuda, "_compile_kernel") and m + p <= KMAX
-                and smem_bytes(n, m, p) <= _max_smem(device) and _cuda_build_available(device, m + p))
+                and smem_bytes(n, m, p, opts.threads) <= _max_smem(device)
+                and _cuda_build_available(device, m + p, opts))
     if device.type == "cpu":
-        return CPU_AUTO and m + p <= CPU_KMAX and _cpu_build_available()
+        return opts.cpu_auto and m + p <= opts.cpu_kmax and _cpu_build_available(opts.compiler)
     return False
 
 
@@ -207,19 +249,19 @@ def _set_smem(kernel, nbytes: int) -> None:
 
 
 def _cuda_kernel(device: torch.device, k: int, profile: bool = False, threads: Optional[int] = None,
-                 name: str = "dqp_ipm_dual"):
+                 name: str = "dqp_ipm_dual", nvrtc_options: Tuple[str, ...] = ()):
     """The kernel ``name`` of the source for this device and size class, built for ``threads`` per
-    block (default :data:`THREADS`: the launch must use the same number, the kernel's block size is
-    a constant)."""
+    block (default :data:`DEFAULT_THREADS`: the launch must use the same number, the kernel's block
+    size is a constant)."""
     idx = device.index if device.index is not None else torch.cuda.current_device()
     threads = _threads(threads)
     rr, rc = _tiles(k, "cuda", threads)
-    key = (idx, rr, rc, threads, profile, tuple(NVRTC_OPTIONS), name)
+    key = (idx, rr, rc, threads, profile, tuple(nvrtc_options), name)
     with _lock:
         kern = _cuda_kernels.get(key)
         if kern is None:
             opts = (["-std=c++17", f"-DDQP_RR={rr}", f"-DDQP_RC={rc}", f"-DDQP_THREADS={threads}"]
-                    + (["-DDQP_PROFILE"] if profile else []) + list(NVRTC_OPTIONS))
+                    + (["-DDQP_PROFILE"] if profile else []) + list(nvrtc_options))
             with torch.cuda.device(idx):
                 kern = torch.cuda._compile_kernel(_source(), name, nvcc_options=opts)
                 _set_smem(kern, _max_smem(device))
@@ -228,22 +270,16 @@ def _cuda_kernel(device: torch.device, k: int, profile: bool = False, threads: O
     return kern
 
 
-#: The C++ build on the CPU: ``False`` (default) its own loops over the triangle for the
-#: factorization and solves, one library for every k, built with ``-O3 -march=native`` (it is
-#: compiled on the machine that runs it); ``True``: the CUDA code's register-tile factorization
-#: and solves, built per k, so that CPU tests exercise that logic.
-CPU_TILES = False
-
-
-def _cpu_library(k: int, tiles: Optional[bool] = None) -> ctypes.CDLL:
+def _cpu_library(k: int, tiles: bool = False, compiler: Optional[str] = None,
+                 cache_dir: Optional[Path] = None) -> ctypes.CDLL:
     """The kernel compiled as C++ (``-DDQP_CPU``) into a shared library, cached by source hash
-    (and by k for the tile build, ``tiles`` — default :data:`CPU_TILES`)."""
-    tiles = CPU_TILES if tiles is None else tiles
-    key = k if tiles else 0
+    (and by k for the tile build, ``tiles``: :attr:`KernelOptions.cpu_tiles`), with ``compiler``
+    (:func:`_compiler`) in ``cache_dir`` (:func:`_cache_dir`)."""
+    key = (k if tiles else 0, compiler, cache_dir)
     with _lock:
         if key in _cpu_libs:
             return _cpu_libs[key]
-        cxx = _compiler()
+        cxx = _compiler(compiler)
         if cxx is None:
             raise SolverNotAvailableError(
                 "fused IPM on the CPU: the kernel's C++ build needs a C++ compiler (c++, g++ or clang++) "
@@ -254,7 +290,7 @@ def _cpu_library(k: int, tiles: Optional[bool] = None) -> ctypes.CDLL:
         ident = "\0".join((src, cxx, platform.node(), platform.machine(), platform.processor()))
         tag = hashlib.sha256(ident.encode()).hexdigest()[:16]
         name = f"dqp_fused_ipm_{tag}_tiles{k}.so" if tiles else f"dqp_fused_ipm_{tag}.so"
-        out = _cache_dir() / name
+        out = (Path(cache_dir) if cache_dir is not None else _cache_dir()) / name
         if not out.exists():
             # (per-process file names: concurrent first builds do not read each other's partial files)
             cpp = out.with_suffix(f".{os.getpid()}.{threading.get_ident()}.cpp")
@@ -290,34 +326,31 @@ def _cpu_library(k: int, tiles: Optional[bool] = None) -> ctypes.CDLL:
         return lib
 
 
-def _cache_dir() -> Path:
-    """Where the C++ builds are kept: ``DQP_CACHE_DIR``, else a directory of this user's in the
-    temporary directory, created private (0700); one that another user owns or can write is not
-    used (a fresh private one is made instead)."""
-    env = os.environ.get("DQP_CACHE_DIR")
-    base = Path(env) if env else Path(tempfile.gettempdir()) / f"dqp-{os.getuid() if hasattr(os, 'getuid') else 'user'}"
+def _cache_dir(env: Optional[str] = None, tmp: Optional[str] = None) -> Path:
+    """Where the C++ builds are kept: ``env`` (default: the variable ``DQP_CACHE_DIR``), else a
+    directory of this user's in the temporary directory ``tmp`` (default: the system's), created
+    private (0700); one that another user owns or can write is not used (a fresh private one is
+    made instead)."""
+    env = os.environ.get("DQP_CACHE_DIR") if env is None else env
+    tmp = tempfile.gettempdir() if tmp is None else tmp
+    base = Path(env) if env else Path(tmp) / f"dqp-{os.getuid() if hasattr(os, 'getuid') else 'user'}"
     base.mkdir(mode=0o700, parents=True, exist_ok=True)
     if hasattr(os, "getuid") and not env:
         st = base.stat()
         if st.st_uid != os.getuid() or st.st_mode & 0o022:
-            return Path(tempfile.mkdtemp(prefix="dqp-"))
+            return Path(tempfile.mkdtemp(prefix="dqp-", dir=tmp))
     return base
 
-
-#: Tests only: ``None``, or a function of k that returns the C++ function the CPU path of
-#: :func:`solve_dual` calls instead of the build's ``dqp_ipm_dual_cpu`` (the same arguments; e.g.
-#: the multi-threaded test build's ``dqp_ipm_dual_threads``, tests/test_fused.py).
-_CPU_FN_OVERRIDE = None
 
 _pool: Optional[ThreadPoolExecutor] = None
 _pool_pid = 0
 
 
-def _run_cpu(fn, args: list, B: int) -> None:
-    """Run the C++ build over the batch, split in contiguous ranges over ``torch.get_num_threads()``
-    threads (ctypes releases the GIL during each call)."""
+def _run_cpu(fn, args: list, B: int, threads: Optional[int] = None) -> None:
+    """Run the C++ build over the batch, split in contiguous ranges over ``threads`` (default
+    ``torch.get_num_threads()``) threads (ctypes releases the GIL during each call)."""
     global _pool, _pool_pid
-    nt = max(1, min(torch.get_num_threads(), B))
+    nt = max(1, min(torch.get_num_threads() if threads is None else int(threads), B))
     if nt == 1:
         fn(*args, 0, B)
         return
@@ -360,7 +393,7 @@ def solve_dual(P: Tensor, q: Tensor, C: Optional[Tensor], d: Optional[Tensor], A
                step_fraction: float, reg_d: float, wlo: float, polish_rounds: int = 0,
                row_scale: Optional[Tensor] = None, eps2: Optional[float] = None,
                eps_mid: Optional[float] = None, start: bool = False,
-               profile: Optional[Tensor] = None) -> Dict[str, Tensor]:
+               profile: Optional[Tensor] = None, opts: KernelOptions = DEFAULT_KERNEL) -> Dict[str, Tensor]:
     """Run the interior-point iterations of the dual form from ``state`` (the starting point of
     :func:`dqp.solvers.ipm._init`) to the end, in one launch.
 
@@ -387,8 +420,6 @@ def solve_dual(P: Tensor, q: Tensor, C: Optional[Tensor], d: Optional[Tensor], A
     ``eps2 < eps_mid < eps``: three stages, the second stop and polish at ``eps_mid``.
     """
     dev, dt = P.device, P.dtype
-    if profile is None and PROFILE is not None and dev.type == "cuda":
-        profile = PROFILE
     if dt != torch.float64:
         raise SettingsError(f"fused IPM: float64 data only (got {dt}); use fused=False.")
     if dev.type not in ("cuda", "cpu"):
@@ -448,16 +479,17 @@ def solve_dual(P: Tensor, q: Tensor, C: Optional[Tensor], d: Optional[Tensor], A
     if B == 0:
         pass
     elif dev.type == "cuda":
-        # (THREADS read once: the kernel is compiled for exactly the block size it is launched with)
-        threads = _threads()
-        kern = _cuda_kernel(dev, k, profile is not None, threads=threads)
+        # (the kernel is compiled for exactly the block size it is launched with)
+        threads = _threads(opts.threads)
+        kern = _cuda_kernel(dev, k, profile is not None, threads=threads, nvrtc_options=opts.nvrtc_options)
         prof = [profile if profile is not None else one]     # (read only by a -DDQP_PROFILE build)
         with torch.cuda.device(dev):
             kern(grid=(B, 1, 1), block=(threads, 1, 1), args=tensors + scalars + prof,
                  shared_mem=smem_bytes(n, m, p, threads), stream=torch.cuda.current_stream(dev))
     else:
-        fn = _cpu_library(k).dqp_ipm_dual_cpu if _CPU_FN_OVERRIDE is None else _CPU_FN_OVERRIDE(k)
-        _run_cpu(fn, [a.data_ptr() if isinstance(a, Tensor) else a for a in tensors] + scalars, B)
+        fn = (_cpu_library(k, opts.cpu_tiles, opts.compiler).dqp_ipm_dual_cpu if opts.cpu_function is None
+              else opts.cpu_function(k))
+        _run_cpu(fn, [a.data_ptr() if isinstance(a, Tensor) else a for a in tensors] + scalars, B, opts.cpu_threads)
     out = dict(z=z, s=s, mu=mu, lam=lam, status=status, iters=iters)
     if rounds:
         out.update(active=active, pflag=pflag, LS=LS)
@@ -485,7 +517,7 @@ def _helper_available(device: torch.device, dtype: torch.dtype, k: int, words: i
     if device.type != "cuda" or dtype != torch.float64 or not 1 <= k <= KMAX:
         return False
     idx = device.index if device.index is not None else torch.cuda.current_device()
-    key = (idx, _tiles(k, "cuda"), THREADS, tuple(NVRTC_OPTIONS), name)
+    key = (idx, _tiles(k, "cuda"), DEFAULT_THREADS, (), name)
     if (key, words) in _helper_ok:                  # (asked per solve: the verdict is kept)
         return True
     if not hasattr(torch.cuda, "_compile_kernel") or 8 * words > _max_smem(device):
@@ -505,7 +537,7 @@ def _helper_available(device: torch.device, dtype: torch.dtype, k: int, words: i
 
 def _launch_per_matrix(name: str, device: torch.device, tile: int, B: int, args: list, words) -> None:
     """Launch the helper kernel ``name`` (built for the size class ``tile``) with one thread block of
-    :data:`THREADS` threads per matrix, ``words(tile, threads)`` doubles of shared memory each."""
+    :data:`DEFAULT_THREADS` threads per matrix, ``words(tile, threads)`` doubles of shared memory each."""
     threads = _threads()          # (read once: the kernel is compiled for the block size it is launched with)
     kern = _cuda_kernel(device, tile, threads=threads, name=name)
     with torch.cuda.device(device):
@@ -520,13 +552,8 @@ def chol_block_available(device: torch.device, dtype: torch.dtype, nb: int) -> b
                              "blocked Cholesky (diagonal blocks)", "the library's factorization")
 
 
-#: Tests only: ``None``, or a function of the tile size class that returns the C++ function the CPU
-#: path of :func:`chol_block` calls instead of the build's ``dqp_chol_block_cpu`` (e.g. the
-#: multi-threaded test build's ``dqp_chol_block_threads``).
-_CPU_CHOL_BLOCK_OVERRIDE = None
-
-
-def chol_block(W: Tensor, j0: int, j1: int, info: Tensor, tile: Optional[int] = None) -> Tensor:
+def chol_block(W: Tensor, j0: int, j1: int, info: Tensor, tile: Optional[int] = None,
+               cpu_function: Optional[Callable] = None, cpu_threads: Optional[int] = None) -> Tensor:
     """Factorize the diagonal blocks ``W[:, j0:j1, j0:j1]`` in place and return their inverses.
 
     The kernel's register-tile factorization, one thread block per matrix (the blocked
@@ -545,6 +572,11 @@ def chol_block(W: Tensor, j0: int, j1: int, info: Tensor, tile: Optional[int] = 
     tile : int, optional
         The size class the kernel is built for (≥ j1 − j0, default j1 − j0): a blocked
         factorization passes its block size, so that a smaller last block reuses the build.
+    cpu_function : callable, optional
+        Tests: a function of the tile size class that returns the C++ function the CPU path calls
+        instead of the build's ``dqp_chol_block_cpu`` (e.g. a multi-threaded test build's).
+    cpu_threads : int, optional
+        Threads the CPU build splits the batch over (default ``torch.get_num_threads()``).
 
     Returns
     -------
@@ -570,9 +602,8 @@ def chol_block(W: Tensor, j0: int, j1: int, info: Tensor, tile: Optional[int] = 
         _launch_per_matrix("dqp_chol_block", W.device, tile, B, [base, k * k, k, nb, Dinv, info, int(j0)],
                            chol_block_words)
     elif W.device.type == "cpu":
-        fn = _cpu_library(tile).dqp_chol_block_cpu if _CPU_CHOL_BLOCK_OVERRIDE is None else \
-            _CPU_CHOL_BLOCK_OVERRIDE(tile)
-        _run_cpu(fn, [base.data_ptr(), k * k, k, nb, Dinv.data_ptr(), info.data_ptr(), int(j0)], B)
+        fn = _cpu_library(tile).dqp_chol_block_cpu if cpu_function is None else cpu_function(tile)
+        _run_cpu(fn, [base.data_ptr(), k * k, k, nb, Dinv.data_ptr(), info.data_ptr(), int(j0)], B, cpu_threads)
     else:
         raise SettingsError(f"chol_block: no build for device type {W.device.type!r}.")
     return Dinv
@@ -592,13 +623,7 @@ def chol_solve_vec_available(device: torch.device, dtype: torch.dtype, k: int) -
                              "batched Cholesky solve", "the library's triangular solves")
 
 
-#: Tests only: ``None``, or a function of k that returns the C++ function the CPU path of
-#: :func:`chol_solve_vec` calls instead of the build's ``dqp_chol_solve_vec_cpu`` (e.g. the
-#: multi-threaded test build's ``dqp_chol_solve_vec_threads``).
-_CPU_CHOL_SOLVE_OVERRIDE = None
-
-
-def _layout(L: Tensor) -> Optional[int]:
+def matrix_layout(L: Tensor) -> Optional[int]:
     """0: each (k, k) matrix of L is row-major, 1: column-major, None: neither (or k = 1: 0)."""
     k = L.shape[-1]
     if L.stride(0) not in (0, k * k) and L.shape[0] > 1:
@@ -610,7 +635,8 @@ def _layout(L: Tensor) -> Optional[int]:
     return None
 
 
-def chol_solve_vec(L: Tensor, r: Tensor) -> Tensor:
+def chol_solve_vec(L: Tensor, r: Tensor, cpu_function: Optional[Callable] = None,
+                   cpu_threads: Optional[int] = None) -> Tensor:
     """``(L Lᵀ)⁻¹ r`` for a batch of lower Cholesky factors and one vector each, in one launch.
 
     One thread block per matrix reads L's lower triangle once into shared memory and runs both
@@ -624,6 +650,11 @@ def chol_solve_vec(L: Tensor, r: Tensor) -> Tensor:
         row-major or column-major order (strides ``(k², k, 1)`` or ``(k², 1, k)``; a batch stride of
         0 for one shared factor); k ≤ :data:`KMAX` on CUDA.
     r : (B, k) tensor of L's dtype and device
+    cpu_function : callable, optional
+        Tests: a function of k that returns the C++ function the CPU path calls instead of the
+        build's ``dqp_chol_solve_vec_cpu`` (e.g. a multi-threaded test build's).
+    cpu_threads : int, optional
+        Threads the CPU build splits the batch over (default ``torch.get_num_threads()``).
 
     Returns
     -------
@@ -632,7 +663,7 @@ def chol_solve_vec(L: Tensor, r: Tensor) -> Tensor:
     if L.dim() != 3 or L.shape[-2] != L.shape[-1] or L.dtype != torch.float64:
         raise SettingsError(f"chol_solve_vec: L must be a (B, k, k) float64 tensor, got {tuple(L.shape)} {L.dtype}.")
     B, k = L.shape[0], L.shape[-1]
-    cm = _layout(L)
+    cm = matrix_layout(L)
     if cm is None:
         raise SettingsError(f"chol_solve_vec: each matrix of L must be dense, row- or column-major (strides "
                             f"(k², k, 1) or (k², 1, k), batch stride 0 for a shared one), got strides {L.stride()}.")
@@ -648,9 +679,8 @@ def chol_solve_vec(L: Tensor, r: Tensor) -> Tensor:
             raise SettingsError(f"chol_solve_vec: factors of at most {KMAX} rows on CUDA, got k={k}.")
         _launch_per_matrix("dqp_chol_solve_vec", L.device, k, B, [L, sL, k, cm, x, k], chol_solve_words)
     elif L.device.type == "cpu":
-        fn = _cpu_library(k).dqp_chol_solve_vec_cpu if _CPU_CHOL_SOLVE_OVERRIDE is None else \
-            _CPU_CHOL_SOLVE_OVERRIDE(k)
-        _run_cpu(fn, [L.data_ptr(), sL, k, cm, x.data_ptr(), k], B)
+        fn = _cpu_library(k).dqp_chol_solve_vec_cpu if cpu_function is None else cpu_function(k)
+        _run_cpu(fn, [L.data_ptr(), sL, k, cm, x.data_ptr(), k], B, cpu_threads)
     else:
         raise SettingsError(f"chol_solve_vec: no build for device type {L.device.type!r}.")
     return x

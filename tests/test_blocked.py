@@ -11,20 +11,18 @@ import torch
 import dqp.solvers.ipm as ipm
 from dqp.errors import SettingsError
 from dqp.ipm_layer import solve_qp_batch
-from dqp.linsolve.blocked import (block_starts, blocked_chol_solve, blocked_cholesky, diag_block_inverses,
-                                  _tri_inverse)
+from dqp.linsolve.blocked import block_starts, blocked_chol_solve, blocked_cholesky, diag_block_inverses, tri_inverse
+from dqp.linsolve.cholesky import CholeskyOptions, cholesky
+from dqp.solvers.ipm import IPMOptions, KernelOptions
 
 F64 = torch.float64
 DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(
     not torch.cuda.is_available(), reason="needs CUDA")])]
 
 
-@pytest.fixture(autouse=True)
-def _torch_loop(monkeypatch):
-    """These tests are of the torch loop; the fused kernel (which the float64 dual form takes by
-    default where it can be built) has tests/test_fused.py."""
-    import dqp.solvers.fused as fused
-    monkeypatch.setattr(fused, "FUSED", False)
+#: These tests are of the torch loop; the fused kernel (which the float64 dual form takes by
+#: default where it can be built) has tests/test_fused.py.
+LOOP = IPMOptions(kernel=KernelOptions(mode=False))
 
 
 def _spd(B, k, seed=0, device="cpu", dtype=F64):
@@ -71,7 +69,7 @@ def test_blocked_cholesky_reports_first_bad_pivot_like_the_library():
 
 def test_triangular_inverse_by_halves():
     L = torch.linalg.cholesky(_spd(2, 200, seed=3))
-    X = _tri_inverse(L)                      # 200 > TRI_INVERSE_LEAF: split recursively
+    X = tri_inverse(L)                      # 200 > TRI_INVERSE_LEAF: split recursively
     eye = torch.eye(200, dtype=F64).expand(2, 200, 200)
     assert torch.allclose(X @ L, eye, rtol=0, atol=1e-10)
     assert torch.equal(X.triu(1), torch.zeros_like(X))
@@ -84,24 +82,23 @@ def test_block_size_must_be_positive():
         block_starts(10, 0)
 
 
-def test_blocked_policy(monkeypatch):
+def test_blocked_policy():
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
-    monkeypatch.setattr(ipm, "BLOCKED", "auto")
-    monkeypatch.setattr(ipm, "BLOCK_SIZE", None)
-    assert ipm._use_blocked((128, 500, 500), cuda)              # measured: blocked faster
-    assert ipm._use_blocked((128, 200, 200), cuda)
-    assert not ipm._use_blocked((1024, 100, 100), cuda)         # measured: library faster
-    assert not ipm._use_blocked((128, 100, 100), cuda)          # the explicit inverse's range
-    assert not ipm._use_blocked((128, 500, 500), cpu)           # CPU: LAPACK
-    assert not ipm._use_blocked((500, 500), cuda)               # shared factor
-    assert ipm._block_size(200) == 64 and ipm._block_size(500) == 128
-    monkeypatch.setattr(ipm, "BLOCKED", "always")
-    assert ipm._use_blocked((2, 100, 100), cpu) and not ipm._use_blocked((2, 40, 40), cpu)   # k ≤ nb: no blocks
-    monkeypatch.setattr(ipm, "BLOCKED", "never")
-    assert not ipm._use_blocked((128, 500, 500), cuda)
-    monkeypatch.setattr(ipm, "BLOCKED", "sometimes")
-    with pytest.raises(SettingsError, match="BLOCKED"):
-        ipm._use_blocked((128, 500, 500), cuda)
+    auto = CholeskyOptions()
+    assert auto.use_blocked((128, 500, 500), cuda)              # measured: blocked faster
+    assert auto.use_blocked((128, 200, 200), cuda)
+    assert not auto.use_blocked((1024, 100, 100), cuda)         # measured: library faster
+    assert not auto.use_blocked((128, 100, 100), cuda)          # the explicit inverse's range
+    assert not auto.use_blocked((128, 500, 500), cpu)           # CPU: LAPACK
+    assert not auto.use_blocked((500, 500), cuda)               # shared factor
+    assert auto.block_size_for(200) == 64 and auto.block_size_for(500) == 128
+    always = CholeskyOptions(blocked="always")
+    assert always.use_blocked((2, 100, 100), cpu) and not always.use_blocked((2, 40, 40), cpu)   # k ≤ nb: no blocks
+    assert not CholeskyOptions(blocked="never").use_blocked((128, 500, 500), cuda)
+    with pytest.raises(SettingsError, match="blocked"):
+        CholeskyOptions(blocked="sometimes")
+    with pytest.raises(SettingsError, match="block_size"):
+        CholeskyOptions(block_size=0)
 
 
 needs_cxx = pytest.mark.skipif(not (shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")),
@@ -169,45 +166,39 @@ def test_chol_block_rejects_blocks_larger_than_the_kernel_holds():
         fused.chol_block(W, 0, 150, torch.zeros(2, dtype=torch.int32, device="cuda"))
 
 
-def test_block_diag_policy(monkeypatch):
-    M = _spd(2, 200)
-    monkeypatch.setattr(ipm, "BLOCK_DIAG", "library")
-    assert ipm._block_diag_factor(M, 64) is None
-    monkeypatch.setattr(ipm, "BLOCK_DIAG", "auto")
-    assert ipm._block_diag_factor(M, 64) is None                  # the kernel: CUDA only
-    assert ipm._block_diag_factor(M.float(), 64) is None
-    monkeypatch.setattr(ipm, "BLOCK_DIAG", "kernel")
-    assert callable(ipm._block_diag_factor(M, 64))
-    monkeypatch.setattr(ipm, "BLOCK_DIAG", "fast")
-    with pytest.raises(SettingsError, match="BLOCK_DIAG"):
-        ipm._block_diag_factor(M, 64)
+def test_block_diag_policy():
+    M = _spd(2, 100)
+    assert CholeskyOptions(block_diag="library").diag_factor(M, 64) is None
+    assert CholeskyOptions(block_diag="auto").diag_factor(M, 64) is None          # the kernel: CUDA only
+    assert CholeskyOptions(block_diag="auto").diag_factor(M.float(), 64) is None
+    assert callable(CholeskyOptions(block_diag="kernel").diag_factor(M, 64))
+    with pytest.raises(SettingsError, match="block_diag"):
+        CholeskyOptions(block_diag="fast")
 
 
 @pytest.mark.parametrize("device,diag", [("cpu", "library"), pytest.param("cpu", "kernel", marks=needs_cxx),
                                          *[pytest.param("cuda", dg, marks=DEVICES[1].marks)
                                            for dg in ("library", "kernel")]])
-def test_layer_with_blocked_path_matches_plain(monkeypatch, device, diag):
+def test_layer_with_blocked_path_matches_plain(device, diag):
     """Forward and gradients of the IPM layer (IPM, polish, backward) with every batched Cholesky
     factorization and solve on the blocked path (diagonal blocks by the library or by the kernel)
     equal those with the library's plain factorization."""
-    monkeypatch.setattr(ipm, "BLOCK_DIAG", diag)
-    monkeypatch.setattr(ipm, "CPU_FAST_PATHS", False)
-    monkeypatch.setattr(ipm, "BLOCK_SIZE", 16)
-    _layer_same_across(monkeypatch, device, "BLOCKED")
+    base = LOOP.replace(linalg={"block_diag": diag, "cpu_fast_paths": False, "block_size": 16})
+    _layer_same_across(device, base, "blocked")
 
 
-def _layer_same_across(monkeypatch, device, setting, modes=("never", "always")):
+def _layer_same_across(device, base, setting, modes=("never", "always")):
     """The IPM layer's z and gradients (qpth's generator, B=6, n=m=40) are the same, to 1e-10, for
-    each value of ``dqp.solvers.ipm.<setting>`` in ``modes``."""
+    each value of ``base.linalg.<setting>`` in ``modes``."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
     from bench_qpth import make_problems
     ps = make_problems(6, 40, 40, 0, device)
     out = []
     for mode in modes:
-        monkeypatch.setattr(ipm, setting, mode)
+        opts = base.replace(linalg={setting: mode})
         ipm.clear_graph_cache()
         leaves = [x.detach().requires_grad_(True) for x in (ps.Q, ps.p, ps.G, ps.h)]
-        z = solve_qp_batch(*leaves, None, None)[0]
+        z = solve_qp_batch(*leaves, None, None, options=opts)[0]
         out.append((z, torch.autograd.grad((z * ps.w).sum(), leaves)))
     ipm.clear_graph_cache()
     (z0, g0) = out[0]
@@ -220,17 +211,16 @@ def _layer_same_across(monkeypatch, device, setting, modes=("never", "always")):
 @pytest.mark.parametrize("parent,child", [("inverse", "inverse"), ("blocked", "blocked"), ("blocked", "plain"),
                                           ("inverse", "plain"), ("plain", "blocked")])
 @pytest.mark.parametrize("with_factors", [True, False])
-def test_absorb_keeps_attached_inverses(monkeypatch, parent, child, with_factors):
+def test_absorb_keeps_factor_inverses(parent, child, with_factors):
     """The polish's retry merges a sub-batch factorization into the batch's (BatchedKKT.absorb):
-    the batch's factors keep their attached inverses for the new rows — taken over, or computed
-    where the sub-batch was factorized another way — and solves equal a fresh factorization."""
+    the batch's factors keep their inverses for the new rows — taken over, or computed where the
+    sub-batch was factorized another way — and solves equal a fresh factorization."""
     from dqp.linsolve.torch_batched import BatchedKKT
 
     def policy(mode):
-        monkeypatch.setattr(ipm, "INVERSE_SOLVE", "always" if mode == "inverse" else "never")
-        monkeypatch.setattr(ipm, "BLOCKED", "always" if mode == "blocked" else "never")
-        monkeypatch.setattr(ipm, "BLOCK_SIZE", 8)
-    monkeypatch.setattr(ipm, "CPU_FAST_PATHS", False)
+        return CholeskyOptions(inverse_solve="always" if mode == "inverse" else "never",
+                               blocked="always" if mode == "blocked" else "never", block_size=8,
+                               cpu_fast_paths=False)
     g = torch.Generator().manual_seed(0)
     B, n, m = 6, 24, 20
     P = _spd(B, n, seed=4)
@@ -238,59 +228,51 @@ def test_absorb_keeps_attached_inverses(monkeypatch, parent, child, with_factors
     a0 = torch.rand(B, m, generator=g) < 0.5
     a1 = torch.rand(B, m, generator=g) < 0.5
     idx, rows = torch.tensor([1, 4]), torch.tensor([0, 1])
-    policy(parent)
     factors = None
     if with_factors:
-        L, _ = ipm._cholesky(P.clone())
+        L, _ = cholesky(P.clone(), policy(parent))
         PiCt = torch.cholesky_solve(C.mT, torch.linalg.cholesky(P))
         factors = dict(L=L, PiAbt=PiCt, M=C @ PiCt)
-    kkt = BatchedKKT(P, None, C, a0, factors=factors)
-    policy(child)
-    sub = kkt.subset(idx, a1[idx])
+    kkt = BatchedKKT(P, None, C, a0, factors=factors, options=policy(parent))
+    sub = BatchedKKT(P[idx], None, C[idx], a1[idx], factors=None if factors is None else {
+        k: (v.index(idx) if k == "L" else v[idx]) for k, v in factors.items()}, options=policy(child))
     kkt.absorb(idx, sub, rows)
     merged = a0.clone()
     merged[idx] = a1[idx]
-    policy("plain")
-    ref = BatchedKKT(P, None, C, merged)
-    attach = {"inverse": "_dqp_linv", "blocked": "_dqp_dinv"}.get(parent)
-    if attach is not None:
-        assert getattr(kkt.LS, attach, None) is not None
+    ref = BatchedKKT(P, None, C, merged, options=policy("plain"))
+    if parent == "inverse":
+        assert kkt.LS.inverse is not None
+    if parent == "blocked":
+        assert kkt.LS.block_inverses is not None
     gz, gmu = torch.randn(B, n, generator=g, dtype=F64), torch.randn(B, m, generator=g, dtype=F64)
     yz, _, ymu = kkt.solve(gz, None, gmu, refine=0)
     rz, _, rmu = ref.solve(gz, None, gmu, refine=0)
     assert torch.allclose(yz, rz, rtol=1e-9, atol=1e-9) and torch.allclose(ymu, rmu, rtol=1e-9, atol=1e-9)
 
 
-def test_factor_kernel_policy(monkeypatch):
+def test_factor_kernel_policy():
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
-    monkeypatch.setattr(ipm, "FACTOR_KERNEL", "always")
-    assert not ipm._factor_by_kernel((8, 50, 50), cpu, F64)          # CUDA only
-    assert not ipm._factor_by_kernel((50, 50), cuda, F64)            # batched factors only
-    monkeypatch.setattr(ipm, "FACTOR_KERNEL", "never")
-    assert not ipm._factor_by_kernel((8, 50, 50), cuda, F64)
-    monkeypatch.setattr(ipm, "FACTOR_KERNEL", "auto")
-    assert not ipm._factor_by_kernel((1024, 100, 100), cuda, F64)    # no inverse for this much work
-    monkeypatch.setattr(ipm, "FACTOR_KERNEL", "always")
-    monkeypatch.setattr(ipm, "_compiling", lambda: True)
-    assert not ipm._factor_by_kernel((8, 50, 50), cuda, F64)         # torch.compile traces the library's ops
-    monkeypatch.setattr(ipm, "FACTOR_KERNEL", "kernel")
-    with pytest.raises(SettingsError, match="FACTOR_KERNEL"):
-        ipm._factor_by_kernel((8, 50, 50), cuda, F64)
+    always = CholeskyOptions(factor_kernel="always")
+    assert not always.factor_by_kernel((8, 50, 50), cpu, F64)          # CUDA only
+    assert not always.factor_by_kernel((50, 50), cuda, F64)            # batched factors only
+    assert not CholeskyOptions(factor_kernel="never").factor_by_kernel((8, 50, 50), cuda, F64)
+    assert not CholeskyOptions().factor_by_kernel((1024, 100, 100), cuda, F64)    # no inverse for this much work
+    with pytest.raises(SettingsError, match="factor_kernel"):
+        CholeskyOptions(factor_kernel="kernel")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.cuda
 @pytest.mark.parametrize("fused_on", [False, True])
-def test_layer_with_kernel_factors_matches_library(monkeypatch, fused_on):
+def test_layer_with_kernel_factors_matches_library(fused_on):
     """The IPM layer's forward and gradients with every batched Cholesky factor of size ≤ KMAX by
     dqp_chol_block (FACTOR_KERNEL="always") equal those with the library's (the torch loop and
     the fused kernel's setup); a non-positive-definite matrix is reported by both alike."""
-    import dqp.solvers.fused as fused
-    monkeypatch.setattr(fused, "FUSED", fused_on)
-    _layer_same_across(monkeypatch, "cuda", "FACTOR_KERNEL")
+    _layer_same_across("cuda", LOOP.replace(kernel={"mode": fused_on}), "factor_kernel", ("never", "always"))
     M = _spd(3, 30, device="cuda")
     M[1, 4, 4] = -1.0
-    L, info = ipm._cholesky(M)
+    L, info = cholesky(M, CholeskyOptions(factor_kernel="always"))
     _, info_lib = torch.linalg.cholesky_ex(M)
     assert info.tolist() == info_lib.tolist() and info[1] > 0
-    assert torch.allclose(L[0] @ L[0].mT, M[0]) and torch.allclose(L._dqp_linv[2] @ L[2], torch.eye(30, dtype=F64, device="cuda"))
+    assert torch.allclose(L.L[0] @ L.L[0].mT, M[0])
+    assert torch.allclose(L.inverse[2] @ L.L[2], torch.eye(30, dtype=F64, device="cuda"))

@@ -2,7 +2,7 @@
 
 On the CPU the kernel runs its C++ build (the same source with one thread per block; the default
 there where a compiler exists), in two variants: the CPU's own loops and the CUDA code's register
-tiles (``CPU_TILES``), so CI checks the kernel's logic: statuses, iteration counts and iterates equal
+tiles (``KernelOptions.cpu_tiles``), so CI checks the kernel's logic: statuses, iteration counts and iterates equal
 to the torch loop's, which checks every iteration on the CPU as the kernel does. A test build
 (-DDQP_CPU_THREADS) runs the CUDA code with several warps of real threads per block, its warp
 shuffles emulated, against the one-thread build. The CUDA tests (marked, skipped without a GPU)
@@ -18,10 +18,27 @@ import torch
 
 import dqp.solvers.fused as fused
 from dqp.errors import SettingsError, SolverNotAvailableError, Status
-from dqp.ipm_layer import solve_qp_batch
-from dqp.solvers.ipm import ipm_solve
+from dqp.ipm_layer import solve_qp_batch as _solve_qp_batch
+from dqp.linsolve.cholesky import CholeskyFactor, CholeskyOptions
+from dqp.solvers.ipm import IPMOptions, KernelOptions, graph_stats
+from dqp.solvers.ipm import ipm_solve as _ipm_solve
 
-from test_ipm import _emulate_graphs, _rel, known_qp
+from test_ipm import EMU, _rel, known_qp
+
+DEFAULT = IPMOptions()
+
+
+def ipm_solve(*args, options: IPMOptions = DEFAULT, **kw):
+    return _ipm_solve(*args, options=options, **kw)
+
+
+def solve_qp_batch(*args, options: IPMOptions = DEFAULT, **kw):
+    return _solve_qp_batch(*args, options=options, **kw)
+
+
+def _kernel_emu(**kernel) -> IPMOptions:
+    """Graphs emulated on the CPU (test_ipm.EMU) with the kernel's default mode ("auto")."""
+    return EMU().replace(kernel=dict(mode="auto", **kernel))
 
 F64, F32 = torch.float64, torch.float32
 
@@ -41,8 +58,9 @@ def _qpth_problem(B, n, m, seed=0, device="cpu"):
     return [t.to(device) for t in (Q, p, G, h)]
 
 
-def _same_as_loop(data, tol=1e-8, device="cpu", **kw):
+def _same_as_loop(data, tol=1e-8, device="cpu", options=DEFAULT, **kw):
     kw.setdefault("form", "dual")        # (m > n: "auto" would take the primal form, which has no kernel)
+    kw["options"] = options
     loop = ipm_solve(*data, fused=False, check_every=1, **kw)
     fus = ipm_solve(*data, fused=True, **kw)
     assert loop.form == fus.form == "dual"
@@ -62,10 +80,9 @@ CASES = [(8, 10, 3, False), (12, 9, 0, False), (10, 0, 4, False), (6, 15, 2, Fal
 
 
 @pytest.fixture(params=[False, True], ids=["loops", "tiles"])
-def cpu_build(request, monkeypatch):
-    """Both C++ builds: the CPU's own loops, and the CUDA code's register tiles (CPU_TILES)."""
-    monkeypatch.setattr(fused, "CPU_TILES", request.param)
-    return request.param
+def cpu_build(request):
+    """Both C++ builds: the CPU's own loops, and the CUDA code's register tiles (cpu_tiles): the options."""
+    return IPMOptions(kernel=KernelOptions(cpu_tiles=request.param))
 
 
 @needs_cxx
@@ -76,7 +93,7 @@ def test_cpu_build_matches_torch_loop(n, m, p, shared, cpu_build):
         P, C, A = P[0], C[0], A[0]
         z0 = lam0 = mu0 = None
     data = (P, q, C if m else None, d if m else None, A if p else None, b if p else None)
-    fus, _ = _same_as_loop(data)
+    fus, _ = _same_as_loop(data, options=cpu_build)
     assert bool((fus.status == int(Status.SOLVED)).all())
     if z0 is not None:
         assert _rel(fus.z, z0) <= 1e-6          # the known solution
@@ -88,7 +105,7 @@ def test_cpu_build_qpth_generator_and_infeasible_element(cpu_build):
     G, h = G.clone(), h.clone()
     G[3, 1] = -G[3, 0]
     h[3, 0] = h[3, 1] = -1.0               # g·z ≤ −1 and −g·z ≤ −1
-    fus, _ = _same_as_loop((Q, p, G, h, None, None), tol=1e-7)
+    fus, _ = _same_as_loop((Q, p, G, h, None, None), tol=1e-7, options=cpu_build)
     expect = torch.full((10,), int(Status.SOLVED))
     expect[3] = int(Status.PRIMAL_INFEASIBLE)
     assert torch.equal(fus.status, expect)
@@ -123,25 +140,26 @@ def test_graphed_setup_hands_the_kernel_a_minimal_state(monkeypatch):
     only the state the kernel reads; the result is the one of the eager setup, and a torch-loop call
     of the same shape gets the whole state from a graph of its own."""
     import dqp.solvers.ipm as ipm
+    from dqp.solvers.ipm.start import _FUSED_STATE
     P, q, C, d, A, b, *_ = known_qp(5, 7, 9, 2, seed=5)
     eager = ipm_solve(P, q, C, d, A, b, fused=True, cuda_graph=False)
-    _emulate_graphs(monkeypatch)
+    opts = _kernel_emu()
     ipm.clear_graph_cache()
-    c0 = dict(ipm._graph_stats)
+    c0 = graph_stats()
     seen = {}
     real = fused.solve_dual
 
     def spy(*a, **k):
         seen["state"] = sorted(a[12])
         return real(*a, **k)
-    monkeypatch.setattr(fused, "solve_dual", spy)
-    g = ipm_solve(P, q, C, d, A, b, fused=True)
-    assert seen["state"] == sorted(ipm._FUSED_STATE)
-    assert ipm._graph_stats["captures"] - c0["captures"] == 1          # the setup graph only
+    monkeypatch.setattr(fused, "solve_dual", spy)          # (a spy: the state the kernel is handed)
+    g = ipm_solve(P, q, C, d, A, b, fused=True, options=opts)
+    assert seen["state"] == sorted(_FUSED_STATE)
+    assert graph_stats()["captures"] - c0["captures"] == 1          # the setup graph only
     assert torch.equal(g.status, eager.status) and torch.equal(g.iterations, eager.iterations)
     assert _rel(g.z, eager.z) <= 1e-12 and _rel(g.mu, eager.mu) <= 1e-12
-    loop = ipm_solve(P, q, C, d, A, b, fused=False, check_every=1)
-    assert ipm._graph_stats["captures"] - c0["captures"] == 3          # + its setup and iterations
+    loop = ipm_solve(P, q, C, d, A, b, fused=False, check_every=1, options=opts)
+    assert graph_stats()["captures"] - c0["captures"] == 3          # + its setup and iterations
     assert torch.equal(loop.status, g.status)
     ipm.clear_graph_cache()
 
@@ -173,20 +191,22 @@ def test_a_fallback_leaves_the_other_elements_to_the_kernels_polish():
 
 
 @needs_cxx
-def test_graphed_layer_with_the_kernel_interleaved_calls(monkeypatch):
+def test_graphed_layer_with_the_kernel_interleaved_calls():
     """With (emulated) CUDA graphs and the kernel: two forward calls of one shape, then their two
     backward calls in reverse order, give each call's own gradients (the setup graph's outputs that
     the call does not keep are reused buffers, the backward graph's inputs are copied per call),
     and the backward graph gets the polish's few raw tensors."""
     import dqp.solvers.ipm as ipm
+    from dqp.solvers.ipm.graphs import _FN_GRAPHS
     data = [_qpth_problem(6, 9, 12, seed=s) for s in (7, 8)]
     w = torch.randn(6, 9, dtype=F64, generator=torch.Generator().manual_seed(3))
+    opts = _kernel_emu()
 
     def grads(eager):
         outs = []
         for d in data:
             ins = [t.clone().requires_grad_() for t in d]
-            z = solve_qp_batch(*ins, fused=True, form="dual", cuda_graph=not eager)[0]
+            z = solve_qp_batch(*ins, fused=True, form="dual", cuda_graph=not eager, options=opts)[0]
             outs.append((ins, z))
         res = []
         for ins, z in reversed(outs):
@@ -194,18 +214,17 @@ def test_graphed_layer_with_the_kernel_interleaved_calls(monkeypatch):
             res.append([z.detach()] + [t.grad for t in ins])
         return res
     ref = grads(eager=True)
-    _emulate_graphs(monkeypatch)
     ipm.clear_graph_cache()
-    keys = []
-    real = ipm.graphed_call
-    monkeypatch.setattr(ipm, "graphed_call", lambda key, fn, inputs, **k: keys.append((key, sorted(inputs)))
-                        or real(key, fn, inputs, **k))
+    c0 = graph_stats()
     got = grads(eager=False)
     for a, b in zip(got, ref):
         for x, y in zip(a, b):
             assert _rel(x, y) <= 1e-10
-    bwd = [names for key, names in keys if key[0] == "dqp_backward"]
-    assert len(bwd) == 2 and all("LS" in n and "Abar" not in n and "HiAbt" not in n for n in bwd)
+    # one backward graph, replayed by the second call; its inputs (names in the cache key)
+    bwd = [{e[0] for e in key if isinstance(e, tuple) and len(e) == 4 and isinstance(e[0], str)}
+           for key in _FN_GRAPHS if key[0] == "dqp_backward"]
+    assert len(bwd) == 1 and graph_stats()["hits"] - c0["hits"] >= 1
+    assert all("LS" in n and "Abar" not in n and "HiAbt" not in n for n in bwd)
     ipm.clear_graph_cache()
 
 
@@ -218,54 +237,44 @@ def test_deferred_setup_test_that_fails_solves_again(monkeypatch, device, tol):
     and the solve starts again with the test first (the primal form, torch loop); later calls of
     that shape test first, with no wasted kernel run."""
     import dqp.solvers.ipm as ipm
+    from dqp.solvers.ipm.graphs import _SETUP_DEFER_FAILED
     P, q, C, d, A, b, *_ = known_qp(4, 7, 9, 2, seed=6, device=device)
     P = P.clone()
     P[2] = -P[2]
     eager = ipm_solve(P, q, C, d, A, b, cuda_graph=False)
     assert eager.form == "primal"
-    if device == "cpu":
-        _emulate_graphs(monkeypatch)
+    opts = _kernel_emu() if device == "cpu" else DEFAULT
     ipm.clear_graph_cache()
     runs = []
     real = fused.solve_dual
-    monkeypatch.setattr(fused, "solve_dual", lambda *a, **k: runs.append(1) or real(*a, **k))
+    monkeypatch.setattr(fused, "solve_dual", lambda *a, **k: runs.append(1) or real(*a, **k))   # (counts launches)
     for _ in range(2):
-        g = ipm_solve(P, q, C, d, A, b)
-        assert len(runs) == 1 and g.form == "primal"
+        g = ipm_solve(P, q, C, d, A, b, options=opts)
+        assert len(runs) == 1 and g.form == "primal" and not g.fused
         assert torch.equal(g.status, eager.status) and _rel(g.z, eager.z) <= tol
-    assert len(ipm._SETUP_DEFER_FAILED) == 1
+    assert len(_SETUP_DEFER_FAILED) == 1
     ipm.clear_graph_cache()
-    assert not ipm._SETUP_DEFER_FAILED
+    assert not _SETUP_DEFER_FAILED
 
 
 @needs_cxx
-def test_auto_on_cpu_takes_the_cpp_build_unless_switched_off(monkeypatch):
-    calls = []
-    real = fused.solve_dual
-
-    def spy(*a, **k):
-        calls.append(1)
-        return real(*a, **k)
-    monkeypatch.setattr(fused, "solve_dual", spy)
+def test_auto_on_cpu_takes_the_cpp_build_unless_switched_off():
     P, q, C, d, A, b, *_ = known_qp(3, 5, 6, 1, seed=0)
-    assert bool((ipm_solve(P, q, C, d, A, b).status == 0).all()) and len(calls) == 1
-    monkeypatch.setattr(fused, "CPU_AUTO", False)
-    assert bool((ipm_solve(P, q, C, d, A, b).status == 0).all()) and len(calls) == 1
-    monkeypatch.setattr(fused, "CPU_AUTO", True)
-    monkeypatch.setattr(fused, "FUSED", False)
-    assert bool((ipm_solve(P, q, C, d, A, b, fused=None).status == 0).all()) and len(calls) == 1
+    res = ipm_solve(P, q, C, d, A, b)
+    assert bool((res.status == 0).all()) and res.fused
+    res = ipm_solve(P, q, C, d, A, b, options=IPMOptions(kernel=KernelOptions(cpu_auto=False)))
+    assert bool((res.status == 0).all()) and not res.fused
+    res = ipm_solve(P, q, C, d, A, b, fused=None, options=IPMOptions(kernel=KernelOptions(mode=False)))
+    assert bool((res.status == 0).all()) and not res.fused
 
 
-def test_auto_on_cpu_keeps_the_torch_loop_when_the_build_fails(monkeypatch, tmp_path, caplog):
-    monkeypatch.setattr(fused, "_cpu_libs", {})
-    monkeypatch.setattr(fused, "_cpu_build_ok", None)
-    monkeypatch.setenv("CXX", "false")
-    monkeypatch.setattr(fused.tempfile, "gettempdir", lambda: str(tmp_path))
+def test_auto_on_cpu_keeps_the_torch_loop_when_the_build_fails(caplog):
     P, q, C, d, A, b, *_ = known_qp(3, 5, 6, 1, seed=0)
+    opts = IPMOptions(kernel=KernelOptions(compiler="false"))          # a "compiler" that always fails
     with caplog.at_level("WARNING", logger="dqp.solvers.fused"):
-        res = ipm_solve(P, q, C, d, A, b)
-    assert bool((res.status == 0).all())
-    assert fused._cpu_build_ok is False and "C++ build failed" in caplog.text
+        res = ipm_solve(P, q, C, d, A, b, options=opts)
+    assert bool((res.status == 0).all()) and not res.fused
+    assert fused._cpu_build_ok["false"] is False and "C++ build failed" in caplog.text
 
 
 @pytest.mark.parametrize("what", ["float32", "primal", "trace", "bad_value"])
@@ -318,7 +327,7 @@ def _torch_polish(P, q, C, d, A, b, res, rounds=3):
     from dqp.ipm_layer import _polish_masked, classify_active
     solved = res.status == int(Status.SOLVED)
     act = classify_active(C, res.s, res.mu) & solved.unsqueeze(-1) if C is not None else None
-    return _polish_masked(P, q, C, d, A, b, res.z, res.lam, res.mu, act, solved, res.factors, rounds)
+    return _polish_masked(P, q, C, d, A, b, res.z, res.lam, res.mu, act, solved, res.factors, rounds, DEFAULT)
 
 
 @needs_cxx
@@ -328,7 +337,7 @@ def test_kernel_polish_matches_the_torch_polish(n, m, p, shared, eps, cpu_build)
     """ipm_solve(polish_rounds=3) with the kernel: from the same IPM point, the same active sets,
     accepted elements, fallbacks and polished point as the torch polish, and its factor of the
     reduced system (loose eps: misclassified rows, so that later rounds and fallbacks occur)."""
-    _check_kernel_polish(_polish_data(n, m, p, shared), eps)
+    _check_kernel_polish(_polish_data(n, m, p, shared), eps, options=cpu_build)
 
 
 @needs_cxx
@@ -338,7 +347,7 @@ def test_kernel_polish_fallbacks_and_rejections(eps, rounds, cpu_build):
     the pivot test) and some solved ones are rejected after every round; the kernel agrees with the
     torch polish on both, and a rejected element keeps its IPM point."""
     data = _qpth_problem(64, 20, 30, seed=1) + [None, None]
-    res, base, pol, fb = _check_kernel_polish(data, eps, rounds)
+    res, base, pol, fb = _check_kernel_polish(data, eps, rounds, options=cpu_build)
     solved = base.status == int(Status.SOLVED)
     assert bool(fb.any()) and bool((solved & ~pol & ~fb).any())
 
@@ -349,13 +358,13 @@ def test_kernel_polish_fallback_in_a_later_round(cpu_build):
     round's (their flags: fallback and ok); the kernel agrees with the torch polish there too, and
     the layer gives the torch path's z and gradients."""
     data = _qpth_problem(64, 10, 20, seed=0) + [None, None]
-    res, *_ = _check_kernel_polish(data, 1e-2, 3)
+    res, *_ = _check_kernel_polish(data, 1e-2, 3, options=cpu_build)
     assert bool((res.polish["fallback"] & res.polish["ok"]).any())
     w = torch.randn(64, 10, dtype=F64, generator=torch.Generator().manual_seed(4))
     out = {}
     for flag in (True, False):
         ins = [t.clone().requires_grad_() for t in data[:4]]
-        z = solve_qp_batch(*ins, fused=flag, form="dual", eps=1e-2, on_failure="mask")[0]
+        z = solve_qp_batch(*ins, fused=flag, form="dual", eps=1e-2, on_failure="mask", options=cpu_build)[0]
         (w * z).sum().backward()
         out[flag] = [z.detach()] + [t.grad for t in ins]
     for a, b in zip(out[True], out[False]):
@@ -374,8 +383,8 @@ def _polish_data(n, m, p, shared, B=16, device="cpu"):
     return [None if t is None else t.to(device) for t in data]
 
 
-def _check_kernel_polish(data, eps, rounds=3):
-    kw = dict(fused=True, form="dual", eps=eps)
+def _check_kernel_polish(data, eps, rounds=3, options=DEFAULT):
+    kw = dict(fused=True, form="dual", eps=eps, options=options)
     base = ipm_solve(*data, **kw)
     res = ipm_solve(*data, polish_rounds=rounds, **kw)
     assert torch.equal(res.status, base.status)
@@ -392,7 +401,7 @@ def _check_kernel_polish(data, eps, rounds=3):
         if t is not None:
             assert _rel(a[ok], t[ok]) <= 1e-9
     keep = ~fb & (base.status == int(Status.SOLVED))
-    assert _rel(kp["LS"][keep], torch.tril(kkt.LS)[keep]) <= 1e-10
+    assert _rel(kp["LS"][keep], torch.tril(kkt.LS.L)[keep]) <= 1e-10
     assert torch.equal(res.z[~pol], base.z[~pol])       # not accepted: the IPM point
     return res, base, pol, fb
 
@@ -405,7 +414,7 @@ def test_layer_takes_the_kernels_polish_and_falls_back_where_it_must(monkeypatch
     import dqp.ipm_layer as il
     calls = []
     real = il.polish
-    monkeypatch.setattr(il, "polish", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setattr(il, "polish", lambda *a, **k: calls.append(1) or real(*a, **k))     # (a spy)
     Q, p, G, h = _qpth_problem(64, 20, 30, seed=1)
     w = torch.randn(64, 20, dtype=F64, generator=torch.Generator().manual_seed(2))
     for eps, torch_polish in ((None, False), (1e-2, True)):
@@ -425,19 +434,15 @@ def test_layer_takes_the_kernels_polish_and_falls_back_where_it_must(monkeypatch
 
 
 def test_missing_compiler_is_a_clear_error(monkeypatch):
-    monkeypatch.setattr(fused, "_cpu_libs", {})
     monkeypatch.delenv("CXX", raising=False)
-    monkeypatch.setattr(fused.shutil, "which", lambda name: None)
+    monkeypatch.setattr(fused.shutil, "which", lambda name: None)        # (no compiler on the PATH)
     with pytest.raises(SolverNotAvailableError, match="needs a C\\+\\+ compiler"):
-        fused._cpu_library(7)
+        fused._cpu_library(7, compiler="")
 
 
-def test_compile_failure_is_a_clear_error(monkeypatch, tmp_path):
-    monkeypatch.setattr(fused, "_cpu_libs", {})
-    monkeypatch.setenv("CXX", "false")                 # a "compiler" that always fails
-    monkeypatch.setattr(fused.tempfile, "gettempdir", lambda: str(tmp_path))
+def test_compile_failure_is_a_clear_error(tmp_path):
     with pytest.raises(SolverNotAvailableError, match="compiling the kernel failed"):
-        fused._cpu_library(7)
+        fused._cpu_library(7, compiler="false", cache_dir=tmp_path)      # a "compiler" that always fails
 
 
 def test_tiles_and_shared_memory():
@@ -451,7 +456,7 @@ def test_tiles_and_shared_memory():
     cpu = torch.device("cpu")
     assert not fused.fused_available(cpu, F64, 10, 0, 0)                      # no constraints
     assert not fused.fused_available(cpu, F32, 10, 10, 0)                     # float64 only
-    assert not fused.fused_available(cpu, F64, 10, fused.CPU_KMAX + 1, 0)     # too large for the C++ build
+    assert not fused.fused_available(cpu, F64, 10, KernelOptions().cpu_kmax + 1, 0)     # too large for the C++ build
 
 
 # ------------------------------------------------------------------------------------------------
@@ -533,19 +538,19 @@ def test_float32_widening_for_the_kernel_is_cuda_only_and_optional():
 
 
 @needs_cxx
-def test_float32_data_widened_for_the_kernel(monkeypatch):
-    """Float32 data where the float64 kernel applies (forced here on the CPU, with the GPU's float32
-    path otherwise): solved, polished and differentiated in float64, returned in float32 — the same
-    answer and gradients as float64 data, to float32 rounding."""
+def test_float32_data_widened_for_the_kernel():
+    """Float32 data where the float64 kernel applies (required here on the CPU, fused=True, with the
+    GPU's float32 path otherwise): solved, polished and differentiated in float64, returned in
+    float32 — the same answer and gradients as float64 data, to float32 rounding."""
     import dqp.ipm_layer as lay
-    monkeypatch.setattr(lay, "WIDEN_ON_CPU", False)
-    monkeypatch.setattr(lay, "_fused_widen", lambda P, C, A, opts: True)
+    opts = IPMOptions(widen_on_cpu=False)
+    assert lay._fused_widen(*(t.float() for t in known_qp(2, 6, 8, 2)[0:5:2]), {"fused": True, "options": opts})
     P, q, C, d, A, b, *_ = known_qp(4, 6, 8, 2, seed=9)
     w = torch.randn(4, 6, dtype=F64, generator=torch.Generator().manual_seed(2))
     out = {}
     for dt in (F32, F64):
         ins = [t.to(dt).clone().requires_grad_() for t in (P, q, C, d, A, b)]
-        z = solve_qp_batch(*ins, fused=True)[0]
+        z = solve_qp_batch(*ins, fused=True, options=opts)[0]
         (w.to(dt) * z).sum().backward()
         assert z.dtype == dt and all(t.grad.dtype == dt for t in ins)
         out[dt] = [z.detach().double()] + [t.grad.double() for t in ins]
@@ -553,49 +558,40 @@ def test_float32_data_widened_for_the_kernel(monkeypatch):
         assert _rel(a, b_) <= 1e-5
 
 
-def test_threads_per_block_are_checked(monkeypatch):
+def test_threads_per_block_are_checked():
     for bad in (16, 100, 2048, "512"):
         with pytest.raises(SettingsError, match="multiple of 32"):
             fused._threads(bad)
-    monkeypatch.setattr(fused, "THREADS", 100)
-    with pytest.raises(SettingsError, match="DQP_FUSED_THREADS"):
-        fused.smem_bytes(10, 10, 0)
-    monkeypatch.setattr(fused, "THREADS", 1024)          # read at call time, not at import
-    assert fused.smem_bytes(10, 10, 0) == fused.smem_bytes(10, 10, 0, threads=1024)
+        with pytest.raises(SettingsError, match="KernelOptions.threads"):
+            KernelOptions(threads=bad)
+    assert fused.smem_bytes(10, 10, 0) == fused.smem_bytes(10, 10, 0, threads=fused.DEFAULT_THREADS)
+    assert fused.smem_bytes(10, 10, 0, threads=1024) > fused.smem_bytes(10, 10, 0, threads=64)
 
 
 @needs_cxx
-def test_refine_is_not_run_by_the_kernel(monkeypatch):
+def test_refine_is_not_run_by_the_kernel():
     P, q, C, d, A, b, *_ = known_qp(3, 5, 6, 1, seed=0)
     with pytest.raises(SettingsError, match="refine=1"):
         ipm_solve(P, q, C, d, A, b, fused=True, refine=1)
-
-    def boom(*a, **k):
-        raise AssertionError("the fused kernel ran")
-    monkeypatch.setattr(fused, "solve_dual", boom)
-    assert bool((ipm_solve(P, q, C, d, A, b, refine=1).status == 0).all())     # auto: the torch loop
+    res = ipm_solve(P, q, C, d, A, b, refine=1)
+    assert bool((res.status == 0).all()) and not res.fused                     # auto: the torch loop
 
 
-def test_cuda_build_failure_keeps_the_torch_loop(monkeypatch, caplog):
-    def fail(device, k, profile=False):
-        raise RuntimeError("no NVRTC here")
-    monkeypatch.setattr(fused, "_cuda_kernel", fail)
-    monkeypatch.setattr(fused, "_cuda_build_failed", {})
+def test_cuda_build_failure_keeps_the_torch_loop(caplog):
+    # (an NVRTC option no compiler knows: the build fails with or without a GPU here)
+    opts = KernelOptions(nvrtc_options=("--dqp-no-such-option",))
     with caplog.at_level("WARNING", logger="dqp.solvers.fused"):
-        assert not fused._cuda_build_available(torch.device("cuda", 0), 50)
-        assert not fused._cuda_build_available(torch.device("cuda", 0), 50)    # remembered
-    assert caplog.text.count("could not be built") == 1 and "no NVRTC here" in caplog.text
+        assert not fused._cuda_build_available(torch.device("cuda", 0), 50, opts)
+        assert not fused._cuda_build_available(torch.device("cuda", 0), 50, opts)    # remembered
+    assert caplog.text.count("could not be built") == 1
 
 
-def test_build_cache_directory_is_private(monkeypatch, tmp_path):
-    monkeypatch.setenv("DQP_CACHE_DIR", str(tmp_path / "mine"))
-    assert fused._cache_dir() == tmp_path / "mine"
-    monkeypatch.delenv("DQP_CACHE_DIR")
-    monkeypatch.setattr(fused.tempfile, "gettempdir", lambda: str(tmp_path))
-    d = fused._cache_dir()
+def test_build_cache_directory_is_private(tmp_path):
+    assert fused._cache_dir(env=str(tmp_path / "mine")) == tmp_path / "mine"
+    d = fused._cache_dir(env="", tmp=str(tmp_path))
     assert d.parent == tmp_path and (d.stat().st_mode & 0o777) == 0o700
     d.chmod(0o777)                                       # writable by others: not used
-    other = fused._cache_dir()
+    other = fused._cache_dir(env="", tmp=str(tmp_path))
     assert other != d and (other.stat().st_mode & 0o022) == 0
 
 
@@ -604,14 +600,13 @@ def test_cpu_pool_is_remade_after_fork(monkeypatch):
     """A pool inherited through fork has no threads: the batch split makes a new one (the pid it was
     made in differs), and the answers are those of one thread."""
     P, q, C, d, A, b, *_ = known_qp(6, 7, 9, 2, seed=4)
-    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
-    r1 = ipm_solve(P, q, C, d, A, b, fused=True)
+    two = IPMOptions(kernel=KernelOptions(cpu_threads=2))
+    r1 = ipm_solve(P, q, C, d, A, b, fused=True, options=two)
     old = fused._pool
     monkeypatch.setattr(fused, "_pool_pid", -1)               # as if inherited from a parent
-    r2 = ipm_solve(P, q, C, d, A, b, fused=True)
+    r2 = ipm_solve(P, q, C, d, A, b, fused=True, options=two)
     assert fused._pool is not old and fused._pool_pid > 0
-    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
-    r3 = ipm_solve(P, q, C, d, A, b, fused=True)
+    r3 = ipm_solve(P, q, C, d, A, b, fused=True, options=IPMOptions(kernel=KernelOptions(cpu_threads=1)))
     for r in (r2, r3):
         assert torch.equal(r.status, r1.status) and torch.equal(r.z, r1.z)
 
@@ -622,12 +617,7 @@ def test_cpu_fused_under_a_forked_dataloader_worker():
     with the batch split over the child's own pool."""
     import multiprocessing as mp
     P, q, C, d, A, b, *_ = known_qp(4, 6, 8, 1, seed=6)
-    real = torch.get_num_threads
-    torch.get_num_threads = lambda: 2
-    try:
-        ipm_solve(P, q, C, d, A, b, fused=True)                # the parent's pool exists now
-    finally:
-        torch.get_num_threads = real
+    ipm_solve(P, q, C, d, A, b, fused=True, options=IPMOptions(kernel=KernelOptions(cpu_threads=2)))   # the parent's pool
     assert fused._pool is not None
     ctx = mp.get_context("fork")
     with ctx.Pool(1) as pool:
@@ -639,8 +629,7 @@ def _child_solve(data):
     # as a DataLoader worker: one torch (OpenMP) thread — OpenMP used before a fork hangs in the
     # child — while the fused build still splits the batch over 2 threads of its own pool
     torch.set_num_threads(1)
-    fused.torch.get_num_threads = lambda: 2
-    return ipm_solve(*data, fused=True).status.tolist()
+    return ipm_solve(*data, fused=True, options=IPMOptions(kernel=KernelOptions(cpu_threads=2))).status.tolist()
 
 
 _threaded_libs: dict = {}
@@ -740,20 +729,20 @@ def test_register_tile_factorization_with_several_warps(threads, k):
 
 @needs_cxx
 @pytest.mark.parametrize("threads,k,nb,schedule", [(384, 300, 128, "free"), (64, 90, 40, "up"), (64, 90, 40, "down")])
-def test_blocked_diagonal_kernel_with_several_warps(threads, k, nb, schedule, monkeypatch):
+def test_blocked_diagonal_kernel_with_several_warps(threads, k, nb, schedule):
     """dqp_chol_block, the blocked factorization's diagonal step (register-tile factorization, the
     factor and its inverse formed in shared memory), run by several warps of real threads per block
     (CPU, -DDQP_CPU_THREADS, NaN-filled shared memory; serialized schedules make races show): the
     library's factor and info through blocked_cholesky, blocks of the built size and a smaller last one."""
     from dqp.linsolve.blocked import blocked_cholesky, block_starts
     lib = _threaded_library(threads, nb)
-    monkeypatch.setattr(fused, "_CPU_CHOL_BLOCK_OVERRIDE", lambda tile: lib.dqp_chol_block_threads)
-    monkeypatch.setattr(fused.torch, "get_num_threads", lambda: 2)
     g = torch.Generator().manual_seed(k)
     X = torch.randn(3, k, k, generator=g, dtype=F64)
     M = X @ X.mT / k + 0.1 * torch.eye(k, dtype=F64)
     M[2, k - 5, k - 5] = -1.0                               # not positive definite from row k − 5
-    diag = lambda W, j0, j1, info: fused.chol_block(W, j0, j1, info, tile=nb)    # noqa: E731
+    diag = lambda W, j0, j1, info: fused.chol_block(W, j0, j1, info, tile=nb,       # noqa: E731
+                                                    cpu_function=lambda tile: lib.dqp_chol_block_threads,
+                                                    cpu_threads=2)
     lib.dqp_threads_schedule(_SCHEDULES[schedule])
     try:
         L, dinv, info = blocked_cholesky(M, nb, diag_factor=diag)
@@ -786,7 +775,7 @@ def test_two_stage_polish_matches_one_stage(cpu_build):
     result — statuses, polished elements, z, active sets, the backward's factor — is that of one
     stage at 1e-8, in fewer iterations."""
     data = _nearly_lp(64, 50)
-    kw = dict(fused=True, form="dual", polish_rounds=3)
+    kw = dict(fused=True, form="dual", polish_rounds=3, options=cpu_build)
     one = ipm_solve(*data, eps=1e-8, **kw)
     loose = ipm_solve(*data, eps=1e-5, **kw)
     two = ipm_solve(*data, eps=1e-8, polish_eps=1e-5, **kw)
@@ -800,25 +789,24 @@ def test_two_stage_polish_matches_one_stage(cpu_build):
     assert torch.equal(two.iterations[rej], one.iterations[rej])
     assert bool((two.iterations <= one.iterations).all()) and int(two.iterations.sum()) < int(one.iterations.sum())
     # without the polish there is no second stage: polish_eps is ignored
-    plain = ipm_solve(*data, eps=1e-8, fused=True, form="dual", polish_eps=1e-5)
-    assert torch.equal(plain.iterations, ipm_solve(*data, eps=1e-8, fused=True, form="dual").iterations)
+    plain = ipm_solve(*data, eps=1e-8, fused=True, form="dual", polish_eps=1e-5, options=cpu_build)
+    assert torch.equal(plain.iterations, ipm_solve(*data, eps=1e-8, fused=True, form="dual", options=cpu_build).iterations)
 
 
 @needs_cxx
-def test_layer_two_stage_gradients_are_one_stage_gradients(monkeypatch):
-    """The layer's two stages (POLISH_STAGE_EPS) change iteration counts, not answers: z and the
-    gradients equal those of one stage on a batch where the loose point is rejected for some."""
-    import dqp.ipm_layer as il
+def test_layer_two_stage_gradients_are_one_stage_gradients():
+    """The layer's two stages (IPMOptions.polish_stage_eps) change iteration counts, not answers: z
+    and the gradients equal those of one stage on a batch where the loose point is rejected for some."""
     data = _nearly_lp(32, 40, seed=3)
     loose = ipm_solve(*data, eps=1e-5, fused=True, form="dual", polish_rounds=3)
     assert int((~loose.polish["polished"]).sum()) > 0          # (the second stage has work here)
     w = torch.randn(32, 40, dtype=F64, generator=torch.Generator().manual_seed(1))
     out = {}
     for stage_eps in (None, 1e-5):
-        monkeypatch.setattr(il, "POLISH_STAGE_EPS", stage_eps)
         ins = [t.clone().requires_grad_() for t in data]
         diag = {}
-        z = solve_qp_batch(*ins, fused=True, form="dual", diagnostics=diag)[0]
+        z = solve_qp_batch(*ins, fused=True, form="dual", diagnostics=diag,
+                           options=IPMOptions(polish_stage_eps=stage_eps))[0]
         (z * w).sum().backward()
         out[stage_eps] = (z.detach(), [t.grad for t in ins], diag["iterations"], diag["verified"])
     (z1, g1, it1, v1), (z2, g2, it2, v2) = out[None], out[1e-5]
@@ -842,7 +830,7 @@ def test_three_stage_polish_matches_one_stage(cpu_build):
     at 1e-5, then at 1e-8, along the one-stage iterates; the result is that of one stage, in fewer
     iterations than one stage, and the elements that reach the last stage take its iterations."""
     data = _nearly_lp(64, 50)
-    kw = dict(fused=True, form="dual", polish_rounds=3)
+    kw = dict(fused=True, form="dual", polish_rounds=3, options=cpu_build)
     one = ipm_solve(*data, eps=1e-8, **kw)
     three = ipm_solve(*data, eps=1e-8, polish_eps=(1e-3, 1e-5), **kw)
     mid = ipm_solve(*data, eps=1e-5, polish_eps=1e-3, **kw)
@@ -862,7 +850,9 @@ def test_three_stage_polish_matches_one_stage(cpu_build):
 def test_kernel_starting_point_is_the_setups(n, m, p, shared, cpu_build, monkeypatch):
     """The kernel's own starting point (solve_dual(start=True), what ipm_solve runs) is _init's (the
     W = I system's z, λ and the shifted s, μ): one step from either gives the same iterate."""
-    import dqp.solvers.ipm as ipm
+    from dqp.linsolve.cholesky import cholesky
+    from dqp.solvers.ipm.problem import _prepare
+    from dqp.solvers.ipm.start import _init
     P, q, C, d, A, b, *_ = known_qp(6, n, m, p, seed=n + m + p)
     if shared:
         P, C, A = P[0], C[0], A[0]
@@ -873,10 +863,10 @@ def test_kernel_starting_point_is_the_setups(n, m, p, shared, cpu_build, monkeyp
     def spy(*a, **k):
         seen.update(a=a, k=k)
         return real(*a, **k)
-    monkeypatch.setattr(fused, "solve_dual", spy)
-    ipm_solve(*data, fused=True, form="dual")
-    Pb, qb, Cb, db, Ab, bb, B, nn, mm, pp = ipm._prepare(*data)
-    torch_state = ipm._init(Pb, qb, Cb, db, Ab, bb, B, nn, mm, pp, "dual", ipm._cholesky(Pb)[0])[-1]
+    monkeypatch.setattr(fused, "solve_dual", spy)          # (a spy: the arguments the kernel is given)
+    ipm_solve(*data, fused=True, form="dual", options=cpu_build)
+    Pb, qb, Cb, db, Ab, bb, B, nn, mm, pp = _prepare(*data)
+    torch_state = _init(Pb, qb, Cb, db, Ab, bb, B, nn, mm, pp, "dual", cholesky(Pb)[0])[-1]
     kw = dict(seen["k"], max_iter=1, polish_rounds=0)
     args = list(seen["a"])
     own = real(*args, **dict(kw, start=True))
@@ -912,26 +902,25 @@ THREADED_CASES = [
 _SCHEDULES = {"free": 0, "up": 1, "down": -1}
 
 
-def _threaded_kernel_vs_one_thread(threads, n, m, p, B, opts, schedule, monkeypatch):
+def _threaded_kernel_vs_one_thread(threads, n, m, p, B, opts, schedule):
     """ipm_solve with the threaded build's whole kernel (dqp_ipm_dual_threads in place of the C++
-    build's dqp_ipm_dual_cpu, fused._CPU_FN_OVERRIDE) against the one-thread tile build; checks
+    build's dqp_ipm_dual_cpu, KernelOptions.cpu_function) against the one-thread tile build; checks
     everything but the polish's active sets, returns both results."""
     P, q, C, d, A, b, *_ = known_qp(B, n, m, p, seed=n + m + p)
     data = (P, q, C if m else None, d if m else None, A if p else None, b if p else None)
     kw = dict(fused=True, form="dual", **opts)
-    monkeypatch.setattr(fused, "CPU_TILES", True)
-    ref = ipm_solve(*data, **kw)
+    tiles = IPMOptions(kernel=KernelOptions(cpu_tiles=True))
+    ref = ipm_solve(*data, options=tiles, **kw)
     lib = _threaded_library(threads, m + p)
     calls = []
 
     def run(*args):
         calls.append((args[-5], args[-3]))          # (eps2, start)
         lib.dqp_ipm_dual_threads(*args)
-    monkeypatch.setattr(fused, "_CPU_FN_OVERRIDE", lambda k: run)
-    monkeypatch.setattr(fused.torch, "get_num_threads", lambda: 2)
+    threaded = IPMOptions(kernel=KernelOptions(cpu_tiles=True, cpu_function=lambda k: run, cpu_threads=2))
     lib.dqp_threads_schedule(_SCHEDULES[schedule])
     try:
-        got = ipm_solve(*data, **kw)
+        got = ipm_solve(*data, options=threaded, **kw)
     finally:
         lib.dqp_threads_schedule(0)
     assert len(calls) == 2 and all(c[1] == 1 for c in calls)             # start=True, two calls
@@ -946,19 +935,19 @@ def _threaded_kernel_vs_one_thread(threads, n, m, p, B, opts, schedule, monkeypa
         for key in ("polished", "fallback", "ok"):
             assert torch.equal(got.polish[key], ref.polish[key]), key
         assert _rel(got.polish["LS"], ref.polish["LS"]) <= 1e-9
-    return got, ref, data, kw
+    return got, ref, data, dict(kw, options=tiles)
 
 
 @needs_cxx
 @pytest.mark.parametrize("threads,n,m,p,B,opts,schedule", THREADED_CASES)
-def test_whole_kernel_with_several_warps(threads, n, m, p, B, opts, schedule, monkeypatch):
+def test_whole_kernel_with_several_warps(threads, n, m, p, B, opts, schedule):
     """The whole kernel (dqp_ipm_dual) run by several warps of real threads per block (CPU,
     -DDQP_CPU_THREADS: the block barrier, warp_sum/warp_max butterflies and shuffles of every warp
     emulated, the CUDA launch's shared memory, NaN-filled): through ipm_solve's own call of
     solve_dual (its start=True, eps2 for two stages; the batch split over the pool's threads, so
     blocks of two calls run at once), the same statuses, iteration counts, iterates and polish
     (flags, active sets, factor) as the one-thread tile build, up to summation order."""
-    got, ref, data, kw = _threaded_kernel_vs_one_thread(threads, n, m, p, B, opts, schedule, monkeypatch)
+    got, ref, data, kw = _threaded_kernel_vs_one_thread(threads, n, m, p, B, opts, schedule)
     if opts.get("polish_rounds"):
         assert torch.equal(got.polish["active"], ref.polish["active"])
         # (every element polished: its active set is written again on acceptance, after barriers —
@@ -973,21 +962,20 @@ def test_whole_kernel_with_several_warps(threads, n, m, p, B, opts, schedule, mo
 
 
 @needs_cxx
-def test_threaded_kernel_active_set_of_a_rejected_polish(monkeypatch):
+def test_threaded_kernel_active_set_of_a_rejected_polish():
     """eps = 0.1, three rounds, p > 0: some elements' polish is rejected in every round and the
     kernel's active set for them is the classification at the IPM point (as the torch polish's,
     test_kernel_polish_matches_the_torch_polish). Run one thread at a time, lowest index first: the
     kernel's act_out once read the mask cm[p+i] another thread writes, before the barrier (a race
     on CUDA for p > 0; now act_out comes from s and μ)."""
-    got, ref, *_ = _threaded_kernel_vs_one_thread(64, 8, 10, 3, 6, dict(polish_rounds=3, eps=1e-1), "up",
-                                                  monkeypatch)
+    got, ref, *_ = _threaded_kernel_vs_one_thread(64, 8, 10, 3, 6, dict(polish_rounds=3, eps=1e-1), "up")
     assert not bool(ref.polish["polished"].all())
     assert torch.equal(got.polish["active"], ref.polish["active"])
 
 
 @needs_cxx
 @pytest.mark.parametrize("threads,k,schedule", [(384, 100, "free"), (64, 45, "up"), (64, 45, "down"), (128, 1, "free")])
-def test_chol_solve_kernel_with_several_warps(threads, k, schedule, monkeypatch):
+def test_chol_solve_kernel_with_several_warps(threads, k, schedule):
     """dqp_chol_solve_vec, the batched (L Lᵀ)⁻¹ r of one launch, run by several warps of real threads
     per block (CPU, NaN-filled shared memory, serialized schedules): the library's solve, with
     garbage above L's diagonal (not read), row- and column-major factors, a shared factor (batch
@@ -1005,12 +993,11 @@ def test_chol_solve_kernel_with_several_warps(threads, k, schedule, monkeypatch)
     ref = torch.cholesky_solve(r.unsqueeze(-1), L0).squeeze(-1)
     ref_shared = torch.cholesky_solve(r.unsqueeze(-1), L0[1]).squeeze(-1)
     for override in (lambda kk: lib.dqp_chol_solve_vec_threads, None):
-        monkeypatch.setattr(fused, "_CPU_CHOL_SOLVE_OVERRIDE", override)
         lib.dqp_threads_schedule(_SCHEDULES[schedule])
         try:
-            x = fused.chol_solve_vec(L, r)
-            xc = fused.chol_solve_vec(Lc, r)
-            xs = fused.chol_solve_vec(L[1:2].expand(3, k, k), r)
+            x = fused.chol_solve_vec(L, r, cpu_function=override)
+            xc = fused.chol_solve_vec(Lc, r, cpu_function=override)
+            xs = fused.chol_solve_vec(L[1:2].expand(3, k, k), r, cpu_function=override)
         finally:
             lib.dqp_threads_schedule(0)
         assert _rel(x, ref) <= 1e-12 and _rel(xc, ref) <= 1e-12 and _rel(xs, ref_shared) <= 1e-12
@@ -1029,23 +1016,20 @@ def test_chol_solve_kernel_rejects_bad_arguments():
         fused.chol_solve_vec(L.to("meta"), r.to("meta"))
 
 
-def test_solve_kernel_policy(monkeypatch):
-    import dqp.solvers.ipm as ipm
+def test_solve_kernel_policy():
     L = torch.eye(4, dtype=F64).expand(2, 4, 4).contiguous()
     r = torch.ones(2, 4, dtype=F64)
-    assert not ipm._solve_by_kernel(L, r)                         # CUDA only
-    monkeypatch.setattr(ipm, "SOLVE_KERNEL", "kernel")
-    with pytest.raises(SettingsError, match="SOLVE_KERNEL"):
-        ipm._solve_by_kernel(L, r)
+    assert not CholeskyFactor(L)._solve_by_kernel(r)                         # CUDA only
+    with pytest.raises(SettingsError, match="solve_kernel"):
+        CholeskyOptions(solve_kernel="kernel")
 
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("k", [1, 33, 100, 128])
-def test_cuda_chol_solve_kernel_matches_library(k, monkeypatch):
+def test_cuda_chol_solve_kernel_matches_library(k):
     """On CUDA: dqp_chol_solve_vec against the library's solve (a batch, a shared factor), the
-    routing of dqp.solvers.ipm._chol_solve, and the IPM layer's gradients with and without it."""
-    import dqp.solvers.ipm as ipm
+    routing of CholeskyFactor.solve, and the IPM layer's gradients with and without it."""
     g = torch.Generator().manual_seed(k)
     X = torch.randn(5, k, k, generator=g, dtype=F64)
     L = torch.linalg.cholesky(X @ X.mT / k + 0.1 * torch.eye(k, dtype=F64)).cuda().contiguous()
@@ -1054,13 +1038,14 @@ def test_cuda_chol_solve_kernel_matches_library(k, monkeypatch):
     assert _rel(fused.chol_solve_vec(L, r), ref) <= 1e-12
     assert _rel(fused.chol_solve_vec(L.mT.contiguous().mT, r), ref) <= 1e-12          # column-major
     Lx, _ = torch.linalg.cholesky_ex(L @ L.mT)                                         # the library's layout
-    assert ipm._solve_by_kernel(Lx, r) and _rel(ipm._chol_solve(Lx, r), ref) <= 1e-10
-    assert ipm._solve_by_kernel(L, r) and _rel(ipm._chol_solve(L, r), ref) <= 1e-12
+    fx, fl = CholeskyFactor(Lx), CholeskyFactor(L)
+    assert fx._solve_by_kernel(r) and _rel(fx.solve(r), ref) <= 1e-10
+    assert fl._solve_by_kernel(r) and _rel(fl.solve(r), ref) <= 1e-12
     xs = fused.chol_solve_vec(L[2:3].expand(5, k, k), r)
     assert _rel(xs, torch.cholesky_solve(r.unsqueeze(-1), L[2]).squeeze(-1)) <= 1e-12
     with pytest.raises(SettingsError, match="at most"):
         fused.chol_solve_vec(torch.eye(fused.KMAX + 1, dtype=F64, device="cuda").expand(1, -1, -1).contiguous(),
                              torch.ones(1, fused.KMAX + 1, dtype=F64, device="cuda"))
     if k == 100:
-        from test_blocked import _layer_same_across
-        _layer_same_across(monkeypatch, "cuda", "SOLVE_KERNEL", modes=("never", "auto"))
+        from test_blocked import LOOP, _layer_same_across
+        _layer_same_across("cuda", LOOP, "solve_kernel", modes=("never", "auto"))

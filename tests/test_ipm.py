@@ -11,11 +11,14 @@ import torch
 
 from dqp.errors import (InfeasibleError, LayoutError, MaxIterationsError, SettingsError, ShapeError,
                         SolverFailedError, Status, UnboundedError)
-from dqp.ipm_layer import IPMQPFunction, classify_active, solve_qp_batch
+from dqp.ipm_layer import IPMQPFunction, classify_active
+from dqp.ipm_layer import solve_qp_batch as _solve_qp_batch
 from dqp.linsolve import get_linsolver
+from dqp.linsolve.cholesky import CholeskyFactor, CholeskyOptions, cholesky
 from dqp.linsolve.torch_batched import BatchedKKT
 from dqp.solvers import get_solver
-from dqp.solvers.ipm import IPMSolver, ipm_solve
+from dqp.solvers.ipm import IPMOptions, IPMSolver, KernelOptions, graph_stats
+from dqp.solvers.ipm import ipm_solve as _ipm_solve
 
 F64, F32 = torch.float64, torch.float32
 
@@ -23,12 +26,24 @@ DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skip
     not torch.cuda.is_available(), reason="needs CUDA")])]
 
 
-@pytest.fixture(autouse=True)
-def _torch_loop(monkeypatch):
-    """These tests are of the torch loop (its CUDA graphs, compaction, tail checks) on every device;
-    the fused kernel, which takes the float64 dual form on CUDA by default, has tests/test_fused.py."""
-    import dqp.solvers.fused as fused
-    monkeypatch.setattr(fused, "FUSED", False)
+#: These tests are of the torch loop (its CUDA graphs, compaction, tail checks) on every device;
+#: the fused kernel, which takes the float64 dual form on CUDA by default, has tests/test_fused.py.
+LOOP = IPMOptions(kernel=KernelOptions(mode=False))
+
+
+def EMU(fast_paths: bool = False, **changes) -> IPMOptions:
+    """The torch loop with its graph code paths emulated on the CPU (IPMOptions.graphs); ``fast_paths``
+    False: the CUDA code path (no NumPy/LAPACK shortcuts)."""
+    lin = {"cpu_fast_paths": fast_paths, **changes.pop("linalg", {})}
+    return LOOP.replace(graphs="emulate", linalg=lin, **changes)
+
+
+def ipm_solve(*args, options: IPMOptions = LOOP, **kw):
+    return _ipm_solve(*args, options=options, **kw)
+
+
+def solve_qp_batch(*args, options: IPMOptions = LOOP, **kw):
+    return _solve_qp_batch(*args, options=options, **kw)
 
 
 def known_qp(B, n, m, p, *, seed=0, dtype=F64, device="cpu", psd=False, n_active=None):
@@ -468,11 +483,16 @@ def test_registry_entries():
     for name in ("dqp_ipm", "ipm", "dqp"):
         assert isinstance(get_solver(name), IPMSolver)
     assert IPMSolver.batched and not IPMSolver.sparse and IPMSolver.modules == ("torch",)
+    from dqp.problem import validate
+    from dqp.settings import build_settings
     P, q, C, d, *_ = known_qp(2, 4, 3, 0, seed=1)
-    res = get_solver("ipm").solve_batch(P, q, C, d, None, None, keywords={"eps": 1e-8, "max_iter": 50})
-    assert (res.status == 0).all()
-    with pytest.raises(SettingsError):
-        get_solver("ipm").solve_batch(P, q, C, d, None, None, keywords={"bogus": 1})
+    batch = validate(P, q, C, d, None, None)
+    z, lam, mu, info = get_solver("ipm").solve_batch(batch, build_settings(
+        qp_solver="ipm", qp_solver_keywords={"max_iter": 50, "options": LOOP}))
+    assert info.status == [Status.SOLVED] * 2 and info.kkt_path == ["cholesky"] * 2 and lam.shape == (2, 0)
+    assert max(info.primal_residual) < 1e-10 and z.shape == (2, 4) and mu.shape == (2, 3)
+    with pytest.raises(SettingsError, match="bogus"):
+        get_solver("ipm").solve_batch(batch, build_settings(qp_solver="ipm", qp_solver_keywords={"bogus": 1}))
     lin = get_linsolver("batched")
     assert lin.name == "torch" and lin.batched
     kkt = lin.factor_batch(P, None, C, torch.ones(2, 3, dtype=torch.bool))
@@ -620,7 +640,7 @@ def test_schur_factor_row_mask_as_vector(rows):
     k = ref.k
     assert ref.path.tolist() == [0] * B
     rows_ = torch.cat([t.expand(B, t.shape[-2], n) for t in (A, C) if t is not None], -2)     # [A; C]
-    PiAbt = torch.cholesky_solve(rows_.mT, ref.L)
+    PiAbt = torch.cholesky_solve(rows_.mT, ref.L.L)
     kkt = BatchedKKT.from_schur_factor(P, A, C, a, ref.L, PiAbt, ref.LS, ref.ok)
     assert kkt._rm is not None
     gz = torch.randn(B, n, generator=g, dtype=F64)
@@ -642,18 +662,21 @@ def test_schur_factor_row_mask_as_vector(rows):
             assert torch.allclose(x, y, rtol=1e-12, atol=1e-12)
 
 
-def test_outer_products_by_matmul_and_by_mul_agree(monkeypatch):
-    import dqp.gradients as gr
+def test_outer_products_by_matmul_and_by_mul_agree():
+    from dqp.gradients import dense_grads
     g = torch.Generator().manual_seed(4)
-    u, w = torch.randn(2, 3, 5, generator=g, dtype=F64)
-    v, x = torch.randn(2, 3, 4, generator=g, dtype=F64)
-    ref = u.unsqueeze(-1) * v.unsqueeze(-2) + w.unsqueeze(-1) * x.unsqueeze(-2)
+    B, n, m = 2, 4, 3
+    yz, z = torch.randn(2, B, n, generator=g, dtype=F64)
+    ym, mu = torch.randn(2, B, m, generator=g, dtype=F64)
+    act = torch.ones(B, m, dtype=torch.bool)
+    ref = -(ym.unsqueeze(-1) * z.unsqueeze(-2) + mu.unsqueeze(-1) * yz.unsqueeze(-2))     # dC
     for how in ("matmul", "mul", "auto"):
-        monkeypatch.setattr(gr, "OUTER", how)
-        assert torch.allclose(gr._outer2(u, v, w, x), ref, rtol=1e-14, atol=1e-14)
-    monkeypatch.setattr(gr, "OUTER", "einsum")
-    with pytest.raises(SettingsError, match="OUTER"):
-        gr._outer2(u, v, w, x)
+        dC = dense_grads(yz, None, ym, z, None, mu, act, outer=how)[2]
+        assert torch.allclose(dC, ref, rtol=1e-14, atol=1e-14)
+    with pytest.raises(SettingsError, match="outer"):
+        dense_grads(yz, None, ym, z, None, mu, act, outer="einsum")
+    with pytest.raises(SettingsError, match="outer"):
+        IPMOptions(outer="einsum")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -667,16 +690,16 @@ def _graph_cases():
             ("primal", True, F32, 2), ("dual", False, F64, 0), ("primal", False, F64, 0)]
 
 
-def _run_twice_vs_eager(device, form, shared, dtype, p):
+def _run_twice_vs_eager(device, form, shared, dtype, p, options=LOOP):
     """Three calls with different data and one shape through the graph path vs eager."""
     import dqp.solvers.ipm as ipm
     ipm.clear_graph_cache()
-    c0 = dict(ipm._graph_stats)
+    c0 = graph_stats()
     for seed in range(3):
         P, q, C, d, A, b, *_ = known_qp(6, 7, 9, p, seed=seed, dtype=dtype, device=device)
         if shared:
             P = P[0]
-        kw = dict(form=form, check_every=3, fallback64=False)
+        kw = dict(form=form, check_every=3, fallback64=False, options=options)
         g = ipm_solve(P, q, C, d, A, b, cuda_graph=True, **kw)
         e = ipm_solve(P, q, C, d, A, b, cuda_graph=False, **kw)
         assert g.form == e.form == form
@@ -687,76 +710,17 @@ def _run_twice_vs_eager(device, form, shared, dtype, p):
             if x is not None:
                 assert _rel(x, y) <= tol
     # captured once, reused twice (the iterations, and the setup of the dual form: _init_graphed)
-    setup = 1 if (form == "dual" and ipm.SETUP_GRAPH) else 0
-    assert ipm._graph_stats["captures"] - c0["captures"] == 1 + setup
-    assert ipm._graph_stats["hits"] - c0["hits"] == 2 + 2 * setup
+    setup = 1 if (form == "dual" and options.setup_graph) else 0
+    assert graph_stats()["captures"] - c0["captures"] == 1 + setup
+    assert graph_stats()["hits"] - c0["hits"] == 2 + 2 * setup
 
 
-class _EmulatedGraph:
-    """Stands in for a captured CUDA graph on the CPU: a replay runs the body eagerly on the static
-    buffers (under no_grad, as the capture does) and writes the result back into them."""
-
-    def __init__(self, body, state):
-        self.body, self.st, self.n = body, {k: t.clone() for k, t in state.items()}, 0
-
-    def replay(self, steps=None):
-        """As :meth:`dqp.solvers.ipm._GraphChain.replay`: ``steps`` repeats the body's first part."""
-        import dqp.solvers.ipm as ipm
-        self.n += 1
-        with torch.no_grad():
-            if steps is None:
-                ipm._write_back(self.st, self.body(self.st))
-            else:
-                (one, _), (chk, _) = self.body.parts
-                ipm._run_parts(((one, steps), (chk, 1)), self.st)
-
-
-class _EmulatedFnGraph:
-    """:func:`dqp.solvers.ipm.graphed_call`'s capture on the CPU: a replay runs ``fn`` on the static
-    inputs and copies its outputs into static output buffers (fresh tensors from the first run)."""
-
-    def __init__(self, fn, static_in):
-        import dqp.solvers.ipm as ipm
-        self.fn, self.static_in, self.ipm = fn, static_in, ipm
-        self.out = {k: v.clone() for k, v in self._run().items()}
-
-    def _run(self):
-        with torch.no_grad():
-            return self.ipm._flatten(self.fn(self.ipm._unflatten(self.static_in)))
-
-    def replay(self):
-        for k, v in self._run().items():
-            self.out[k].copy_(v)
-
-
-def _emulate_graphs(monkeypatch, fast_paths=False):
-    """Route ipm_solve's CUDA-graph path through :class:`_EmulatedGraph` (and graphed_call through
-    :class:`_EmulatedFnGraph`) on the CPU; returns the list of iteration graphs it "captures".
-    ``fast_paths=False``: the CUDA code path (no NumPy/LAPACK)."""
-    import dqp.solvers.ipm as ipm
-    made = []
-
-    def fake_capture(body, state):
-        made.append(_EmulatedGraph(body, state))
-        return made[-1], made[-1].st
-
-    def fake_capture_fn(fn, static_in):
-        g = _EmulatedFnGraph(fn, static_in)
-        return g, g.out
-
-    monkeypatch.setattr(ipm, "_graph_device_ok", lambda dev: True)
-    monkeypatch.setattr(ipm, "_capture", fake_capture)
-    monkeypatch.setattr(ipm, "_capture_fn", fake_capture_fn)
-    monkeypatch.setattr(ipm, "CPU_FAST_PATHS", fast_paths)
-    return made
-
-
-def _layer_run(P, q, C, d, A, b, w, calls=2):
+def _layer_run(P, q, C, d, A, b, w, calls=2, options=LOOP):
     """Two forward+backward calls of solve_qp_batch; (z, lam, mu, active, verified, kkt_path, grads)."""
     for _ in range(calls):
         leaves = [None if x is None else x.detach().requires_grad_(True) for x in (P, q, C, d, A, b)]
         diag = {}
-        z, lam, mu, _, act = solve_qp_batch(*leaves, diagnostics=diag)
+        z, lam, mu, _, act = solve_qp_batch(*leaves, diagnostics=diag, options=options)
         loss = (z * w).sum() + mu.sum() + (lam.sum() if lam is not None else 0.0)
         grads = torch.autograd.grad(loss, [x for x in leaves if x is not None])
     return z, lam, mu, act, diag["verified"], diag["kkt_path"], grads
@@ -778,22 +742,20 @@ def _misclassify(monkeypatch, rows=4):
     monkeypatch.setattr(lay, "classify_active", wrong)
 
 
-def _graphs_vs_eager(monkeypatch, P, q, C, d, A, b, w):
-    """Two layer calls with POLISH_GRAPH off, then on: captures (IPM; IPM + polish + backward) and
-    cache hits of the second calls; returns both runs' outputs (see _layer_run)."""
-    import dqp.ipm_layer as lay
+def _graphs_vs_eager(options, P, q, C, d, A, b, w):
+    """Two layer calls with the polish graph off, then on: captures (IPM; IPM + polish + backward)
+    and cache hits of the second calls; returns both runs' outputs (see _layer_run)."""
     import dqp.solvers.ipm as ipm
     out = {}
     for graphed in (False, True):
-        monkeypatch.setattr(lay, "POLISH_GRAPH", graphed)
         ipm.clear_graph_cache()
-        c0 = dict(ipm._graph_stats)
-        out[graphed] = _layer_run(P, q, C, d, A, b, w)
-        # IPM setup (dual form) and iterations always; polish and backward only with POLISH_GRAPH: one
+        c0 = graph_stats()
+        out[graphed] = _layer_run(P, q, C, d, A, b, w, options=options.replace(polish_graph=graphed))
+        # IPM setup (dual form) and iterations always; polish and backward only with polish_graph: one
         # capture each, then hits
-        expect = (3 if graphed else 1) + (1 if ipm.SETUP_GRAPH else 0)
-        assert ipm._graph_stats["captures"] - c0["captures"] == expect
-        assert ipm._graph_stats["hits"] - c0["hits"] == expect
+        expect = (3 if graphed else 1) + (1 if options.setup_graph else 0)
+        assert graph_stats()["captures"] - c0["captures"] == expect
+        assert graph_stats()["hits"] - c0["hits"] == expect
     ipm.clear_graph_cache()
     return out[False], out[True]
 
@@ -809,14 +771,13 @@ def _same_outputs(e, g, tol):
 def test_polish_and_backward_graphs_match_eager_emulated(monkeypatch, p, retries):
     """The polish (every round on the whole batch) and the backward as cached graphs give the
     eager polish's points, active sets, verified flags and gradients; the second call replays."""
-    _emulate_graphs(monkeypatch)
     if retries:
         _misclassify(monkeypatch)
     P, q, C, d, A, b, *_ = known_qp(12, 8, 10, p, seed=7)
     if not p:
         A = b = None
     w = torch.randn(12, 8, dtype=F64, generator=torch.Generator().manual_seed(0))
-    e, g = _graphs_vs_eager(monkeypatch, P, q, C, d, A, b, w)
+    e, g = _graphs_vs_eager(EMU(), P, q, C, d, A, b, w)
     _same_outputs(e, g, 1e-12)
     assert e[4][4:].all()                               # (the misclassified ones need retries)
     if retries:
@@ -826,59 +787,53 @@ def test_polish_and_backward_graphs_match_eager_emulated(monkeypatch, p, retries
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("p", [0, 2])
-def test_polish_and_backward_graphs_cuda(monkeypatch, p):
+def test_polish_and_backward_graphs_cuda(p):
     P, q, C, d, A, b, *_ = known_qp(12, 8, 10, p, seed=7, device="cuda")
     if not p:
         A = b = None
     w = torch.randn(12, 8, dtype=F64, generator=torch.Generator().manual_seed(0)).cuda()
-    _same_outputs(*_graphs_vs_eager(monkeypatch, P, q, C, d, A, b, w), 1e-10)
+    _same_outputs(*_graphs_vs_eager(LOOP, P, q, C, d, A, b, w), 1e-10)
 
 
 @pytest.mark.parametrize("p", [0, 2])
-def test_polish_graph_float32_data_emulated(monkeypatch, p):
+def test_polish_graph_float32_data_emulated(p):
     """Float32 data on a GPU: the IPM runs in float32, the polish in float64 without IPM factors of
     that dtype; as a graph it factorizes P itself. Same answers and gradients as the eager polish."""
-    import dqp.ipm_layer as lay
-    _emulate_graphs(monkeypatch)
-    monkeypatch.setattr(lay, "WIDEN_ON_CPU", False)        # the GPU's path: float32 IPM, float64 polish
     P, q, C, d, A, b, *_ = known_qp(12, 8, 10, p, seed=11, dtype=F32)
     if not p:
         A = b = None
     w = torch.randn(12, 8, generator=torch.Generator().manual_seed(0)).to(F32)
-    e, g = _graphs_vs_eager(monkeypatch, P, q, C, d, A, b, w)
+    # widen_on_cpu=False: the GPU's path, float32 IPM and float64 polish
+    e, g = _graphs_vs_eager(EMU(widen_on_cpu=False), P, q, C, d, A, b, w)
     assert g[0].dtype == F32 and g[6][0].dtype == F32 and e[4].all()
     _same_outputs(e, g, 1e-6)
 
 
-def test_polish_graph_not_taken_without_dual_form(monkeypatch):
+def test_polish_graph_not_taken_without_dual_form():
     """Float32 data with a singular P: the IPM takes its primal form (no factors), and the polish
     runs eagerly rather than as a graph whose factorization of P would fail on every call."""
-    import dqp.ipm_layer as lay
     import dqp.solvers.ipm as ipm
-    _emulate_graphs(monkeypatch)
-    monkeypatch.setattr(lay, "WIDEN_ON_CPU", False)
     P, q, C, d, *_ = known_qp(6, 8, 10, 0, seed=2, dtype=F32)
     P = P.clone()
     P[:, :, 0] = P[:, 0, :] = 0.0                            # singular, still PSD
     ipm.clear_graph_cache()
-    _layer_run(P, q, C, d, None, None, torch.ones(6, 8), calls=1)
+    _layer_run(P, q, C, d, None, None, torch.ones(6, 8), calls=1, options=EMU(widen_on_cpu=False))
     # no polish or backward graph (the IPM's setup graph was tried for the dual form and rejected)
-    assert [k[0] for k in ipm._FN_GRAPHS] == ["dqp_ipm_init"]
+    assert graph_stats()["function_graphs"] == ["dqp_ipm_init"]
     ipm.clear_graph_cache()
 
 
 @pytest.mark.parametrize("form", ["auto", "dual"])
-def test_setup_graph_rejects_singular_P_emulated(monkeypatch, form):
+def test_setup_graph_rejects_singular_P_emulated(form):
     """The dual form's setup as a graph (_init_graphed) factorizes P inside; when that fails the
     test of _choose_form, the solve goes on as without the graph: the primal form for "auto" (same
     results as eager), an error naming the fix for "dual"."""
     import dqp.solvers.ipm as ipm
-    _emulate_graphs(monkeypatch)
     ipm.clear_graph_cache()
     P, q, C, d, *_ = known_qp(6, 8, 10, 0, seed=2)
     P = P.clone()
     P[:, :, 0] = P[:, 0, :] = 0.0                            # singular, still PSD
-    kw = dict(form=form, fallback64=False)
+    kw = dict(form=form, fallback64=False, options=EMU())
     if form == "dual":
         with pytest.raises(SettingsError, match="form='primal'"):
             ipm_solve(P, q, C, d, cuda_graph=True, **kw)
@@ -887,46 +842,39 @@ def test_setup_graph_rejects_singular_P_emulated(monkeypatch, form):
         e = ipm_solve(P, q, C, d, cuda_graph=False, **kw)
         assert g.form == e.form == "primal"
         assert torch.equal(g.status, e.status) and _rel(g.z, e.z) <= 1e-12
-    assert [k[0] for k in ipm._FN_GRAPHS] == ["dqp_ipm_init"]
+    assert graph_stats()["function_graphs"] == ["dqp_ipm_init"]
     ipm.clear_graph_cache()
 
 
 @pytest.mark.parametrize("setting", ["off", "too_large"])
-def test_setup_graph_switches_emulated(monkeypatch, setting):
-    """SETUP_GRAPH = False, or a batch above SETUP_GRAPH_MAX_WORK: the setup runs eagerly (no
+def test_setup_graph_switches_emulated(setting):
+    """setup_graph=False, or a batch above setup_graph_max_work: the setup runs eagerly (no
     graph of it), with the same results."""
     import dqp.solvers.ipm as ipm
-    _emulate_graphs(monkeypatch)
     ipm.clear_graph_cache()
     P, q, C, d, *_ = known_qp(6, 8, 10, 0, seed=1)
-    ref = ipm_solve(P, q, C, d, cuda_graph=True, form="dual")
-    assert [k[0] for k in ipm._FN_GRAPHS] == ["dqp_ipm_init"]
+    ref = ipm_solve(P, q, C, d, cuda_graph=True, form="dual", options=EMU())
+    assert graph_stats()["function_graphs"] == ["dqp_ipm_init"]
     ipm.clear_graph_cache()
-    if setting == "off":
-        monkeypatch.setattr(ipm, "SETUP_GRAPH", False)
-    else:
-        monkeypatch.setattr(ipm, "SETUP_GRAPH_MAX_WORK", 6 * 10 ** 2 - 1)
-    g = ipm_solve(P, q, C, d, cuda_graph=True, form="dual")
-    assert len(ipm._FN_GRAPHS) == 0
+    opts = EMU(setup_graph=False) if setting == "off" else EMU(setup_graph_max_work=6 * 10 ** 2 - 1)
+    g = ipm_solve(P, q, C, d, cuda_graph=True, form="dual", options=opts)
+    assert graph_stats()["function_graphs"] == []
     assert torch.equal(g.status, ref.status) and _rel(g.z, ref.z) <= 1e-12
     ipm.clear_graph_cache()
 
 
-def test_polish_graph_falls_back_to_eager_polish(monkeypatch):
+def test_polish_graph_falls_back_to_eager_polish():
     """An element whose reduced KKT matrix is singular on the Cholesky path (a duplicated active
     row): the graph's result is discarded and the eager polish (with its other paths) runs."""
-    import dqp.ipm_layer as lay
     import dqp.solvers.ipm as ipm
-    _emulate_graphs(monkeypatch)
     P, q, C, d, A, b, *_ = known_qp(6, 8, 10, 0, seed=3, n_active=3)
     C, d = torch.cat([C, C[:, :1]], dim=1), torch.cat([d, d[:, :1]], dim=1)   # row 0 twice, active
     A = b = None
     w = torch.ones(6, 8, dtype=F64)
     res = {}
     for graphed in (False, True):
-        monkeypatch.setattr(lay, "POLISH_GRAPH", graphed)
         ipm.clear_graph_cache()
-        res[graphed] = _layer_run(P, q, C, d, A, b, w, calls=1)
+        res[graphed] = _layer_run(P, q, C, d, A, b, w, calls=1, options=EMU(polish_graph=graphed))
     assert any(path != "cholesky" for path in res[True][5])    # the eager polish's other paths ran
     assert res[True][5] == res[False][5]
     for x, y in zip(res[False][6], res[True][6]):
@@ -934,108 +882,94 @@ def test_polish_graph_falls_back_to_eager_polish(monkeypatch):
     ipm.clear_graph_cache()
 
 
-def test_graphed_call_memory_budget_and_attachments(monkeypatch):
-    """graphed_call: inputs with attached inverses (a tensor and a list) reach fn and come back;
-    a call whose graph would not fit the memory budget returns None (the caller runs eagerly), and
-    older graphs are evicted to make room for a new one."""
+def test_graphed_call_memory_budget_and_factors():
+    """graphed_call: inputs with Cholesky factors (an inverse, block inverses) reach fn and come back;
+    the options are part of the key; a call whose graph would not fit the memory budget returns None
+    (the caller runs eagerly), and older graphs are evicted to make room for a new one."""
     import dqp.solvers.ipm as ipm
-    _emulate_graphs(monkeypatch)
+    opts = EMU()
     ipm.clear_graph_cache()
-    L = torch.eye(3, dtype=F64).expand(2, 3, 3).clone()
-    L._dqp_linv = 2 * L
-    L._dqp_dinv = [3 * L[:, :2, :2], 4 * L[:, 2:, 2:]]
+    L0 = torch.eye(3, dtype=F64).expand(2, 3, 3).clone()
+    L = CholeskyFactor(L0, inverse=2 * L0, block_inverses=[3 * L0[:, :2, :2], 4 * L0[:, 2:, 2:]])
 
     def fn(t):
-        out = t["L"] + t["x"].unsqueeze(-1)
-        out._dqp_linv = t["L"]._dqp_linv + 1
-        out._dqp_dinv = [D + 1 for D in t["L"]._dqp_dinv]
-        return {"y": out}
+        f = t["L"]
+        return {"y": CholeskyFactor(f.L + t["x"].unsqueeze(-1), f.inverse + 1, [D + 1 for D in f.block_inverses],
+                                    f.options)}
     x = torch.ones(2, 3, dtype=F64)
-    y = ipm.graphed_call(("t",), fn, {"L": L, "x": x})["y"]
-    assert torch.equal(y, L + 1) and torch.equal(y._dqp_linv, 2 * L + 1)
-    assert [torch.equal(a, b + 1) for a, b in zip(y._dqp_dinv, L._dqp_dinv)] == [True, True]
-    y2 = ipm.graphed_call(("t",), fn, {"L": L, "x": 2 * x})["y"]          # replay with new values
-    assert torch.equal(y2, L + 2) and len(ipm._FN_GRAPHS) == 1
-    monkeypatch.setattr(ipm, "INVERSE_SOLVE", "never")                   # a policy read while capturing
-    ipm.graphed_call(("t",), fn, {"L": L, "x": x})
-    assert len(ipm._FN_GRAPHS) == 2
+    y = ipm.graphed_call(("t",), fn, {"L": L, "x": x}, options=opts)["y"]
+    assert torch.equal(y.L, L0 + 1) and torch.equal(y.inverse, 2 * L0 + 1)
+    assert [torch.equal(a, b + 1) for a, b in zip(y.block_inverses, L.block_inverses)] == [True, True]
+    y2 = ipm.graphed_call(("t",), fn, {"L": L, "x": 2 * x}, options=opts)["y"]          # replay with new values
+    assert torch.equal(y2.L, L0 + 2) and len(graph_stats()["function_graphs"]) == 1
+    ipm.graphed_call(("t",), fn, {"L": L, "x": x}, options=EMU(linalg={"cpu_fast_paths": False, "inverse_solve": "never"}))
+    assert len(graph_stats()["function_graphs"]) == 2                     # other options: another graph
     ipm.clear_graph_cache()
-    monkeypatch.setattr(ipm, "FN_GRAPH_MAX_BYTES", 3 * 8 * (3 * 18 + 8 + 1 + 6) + 1)   # room for one such graph
-    assert ipm.graphed_call(("t",), fn, {"L": L, "x": x.expand(2, 3).clone()[:, :3]}) is not None
-    ipm.graphed_call(("u",), fn, {"L": L, "x": x})                           # evicts the older one
-    assert len(ipm._FN_GRAPHS) == 1
-    monkeypatch.setattr(ipm, "FN_GRAPH_MAX_BYTES", 100)
-    assert ipm.graphed_call(("v",), fn, {"L": L, "x": x}) is None            # does not fit at all
+    small = EMU(fn_graph_max_bytes=3 * 8 * (3 * 18 + 8 + 1 + 6) + 1)      # room for one such graph
+    assert ipm.graphed_call(("t",), fn, {"L": L, "x": x.expand(2, 3).clone()[:, :3]}, options=small) is not None
+    ipm.graphed_call(("u",), fn, {"L": L, "x": x}, options=small)                          # evicts the older one
+    assert len(graph_stats()["function_graphs"]) == 1
+    assert ipm.graphed_call(("v",), fn, {"L": L, "x": x}, options=EMU(fn_graph_max_bytes=100)) is None   # too large
     ipm.clear_graph_cache()
 
 
-def test_polish_graph_policy(monkeypatch):
+def test_polish_graph_policy():
     import dqp.ipm_layer as lay
-    import dqp.solvers.ipm as ipm
-    monkeypatch.setattr(ipm, "_graph_device_ok", lambda dev: True)
     P = torch.zeros(128, 100, 100, dtype=F64)
     q, C = torch.zeros(128, 100, dtype=F64), torch.zeros(128, 100, 100, dtype=F64)
     res = type("R", (), {"factors": {"L": None}})()
-    assert lay._polish_graph_ok(P, q, C, None, res, {})                  # B·k² = 1.28e6
-    monkeypatch.setattr(lay, "POLISH_GRAPH_MAX_WORK", 2_000_000)
-    assert not lay._polish_graph_ok(P, q, torch.zeros(128, 130, 100, dtype=F64), None, res, {})   # 2.2e6
-    assert not lay._polish_graph_ok(P.float(), q, C, None, res, {})      # (float32 data reach it in float64)
-    assert not lay._polish_graph_ok(P, q, None, None, res, {})           # no constraints
-    assert not lay._polish_graph_ok(P, q, C, None, res, {"cuda_graph": False})
-    assert not lay._polish_graph_ok(P, q, C, None, type("R", (), {"factors": None})(), {})   # primal form:
+    on = {"options": EMU()}                                             # (graphs on any device)
+    assert lay._polish_graph_ok(P, q, C, None, res, on)                  # B·k² = 1.28e6
+    assert not lay._polish_graph_ok(P, q, torch.zeros(128, 130, 100, dtype=F64), None, res, on)   # 2.2e6
+    assert not lay._polish_graph_ok(P.float(), q, C, None, res, on)      # (float32 data reach it in float64)
+    assert not lay._polish_graph_ok(P, q, None, None, res, on)           # no constraints
+    assert not lay._polish_graph_ok(P, q, C, None, res, dict(on, cuda_graph=False))
+    assert not lay._polish_graph_ok(P, q, C, None, type("R", (), {"factors": None})(), on)   # primal form:
     # P not (well enough) positive definite for the factors the graph relies on
-    monkeypatch.setattr(lay, "POLISH_GRAPH", False)
-    assert not lay._polish_graph_ok(P, q, C, None, res, {})
-    monkeypatch.setattr(ipm, "_graph_device_ok", lambda dev: False)
-    monkeypatch.setattr(lay, "POLISH_GRAPH", True)
-    assert not lay._polish_graph_ok(P, q, C, None, res, {})
+    assert not lay._polish_graph_ok(P, q, C, None, res, {"options": EMU(polish_graph=False)})
+    assert not lay._polish_graph_ok(P, q, C, None, res, {"options": LOOP})      # CPU, graphs not emulated
 
 
 @pytest.mark.parametrize("fast_paths", [True, False])
 @pytest.mark.parametrize("form,shared,dtype,p", _graph_cases())
-def test_graph_cache_refills_all_inputs_emulated(monkeypatch, form, shared, dtype, p, fast_paths):
+def test_graph_cache_refills_all_inputs_emulated(form, shared, dtype, p, fast_paths):
     """CPU: the capture replaced by an eager replay on the static buffers. A tensor that the
     iteration reads but the cache does not refill would keep the first call's values here
     exactly as in a real graph, so the later calls would differ from eager."""
     import dqp.solvers.ipm as ipm
     # fast_paths=False: the CUDA code path (no NumPy/LAPACK shortcuts) on the CPU
-    _emulate_graphs(monkeypatch, fast_paths)
-    _run_twice_vs_eager("cpu", form, shared, dtype, p)
+    _run_twice_vs_eager("cpu", form, shared, dtype, p, EMU(fast_paths))
     ipm.clear_graph_cache()
 
 
 @pytest.mark.parametrize("max_iter", [3, 6, 8])
-def test_graph_replays_and_eager_tail_emulated(monkeypatch, max_iter):
+def test_graph_replays_and_eager_tail_emulated(max_iter):
     """check_every=4 steps per replay; a max_iter that is not a multiple of it ends with eager
     iterations and a last check. Statuses, iteration counts and iterates equal the eager run's,
     MAX_ITER included (eps below round-off: no element converges)."""
     import dqp.solvers.ipm as ipm
-    made = _emulate_graphs(monkeypatch)
     ipm.clear_graph_cache()
     P, q, C, d, A, b, *_ = known_qp(5, 8, 12, 2, seed=4)
-    kw = dict(check_every=4, max_iter=max_iter, fallback64=False, form="primal", eps=1e-18)
+    kw = dict(check_every=4, max_iter=max_iter, fallback64=False, form="primal", eps=1e-18, options=EMU())
     e = ipm_solve(P, q, C, d, A, b, cuda_graph=False, **kw)
+    c0 = graph_stats()
     g = ipm_solve(P, q, C, d, A, b, cuda_graph=True, **kw)
+    c1 = graph_stats()
     ipm.clear_graph_cache()
-    assert [r.n for r in made] == ([max_iter // 4] if max_iter >= 4 else [])   # whole replays only
+    assert c1["replays"] - c0["replays"] == max_iter // 4                      # whole replays only
+    assert c1["captures"] - c0["captures"] == (1 if max_iter >= 4 else 0)
     assert torch.equal(g.status, e.status) and torch.equal(g.iterations, e.iterations)
     assert (e.status == int(Status.MAX_ITER)).all() and (e.iterations == max_iter).all()
     assert _rel(g.z, e.z) <= 1e-12 and _rel(g.mu, e.mu) <= 1e-12
 
 
-def _compacted_vs_eager(device, form, shared, dtype, p, max_iter=100):
+def _compacted_vs_eager(device, form, shared, dtype, p, max_iter=100, options=LOOP):
     """Tail compaction forced (any batch, any fraction): statuses, iteration counts and iterates
     equal the run without it, an infeasible element inside the batch included; a second call with
     the same shapes reuses the sub-batch graphs. (Checks every check_every steps in both runs:
-    the tail checks, TAIL_CHECKS, apply only where compaction does not.)"""
-    with pytest.MonkeyPatch.context() as mp:
-        import dqp.solvers.ipm as ipm
-        mp.setattr(ipm, "TAIL_CHECKS", False)
-        _compacted_vs_eager_fixed(device, form, shared, dtype, p, max_iter)
-
-
-def _compacted_vs_eager_fixed(device, form, shared, dtype, p, max_iter):
+    the tail checks apply only where compaction does not.)"""
     import dqp.solvers.ipm as ipm
+    options = options.replace(tail_checks=False)
     ipm.clear_graph_cache()
     P, q, C, d, A, b, *_ = known_qp(24, 7, 9, p, seed=5, dtype=dtype, device=device)
     d = d.clone()
@@ -1045,18 +979,16 @@ def _compacted_vs_eager_fixed(device, form, shared, dtype, p, max_iter):
     if shared:
         P = P[0]
     kw = dict(form=form, check_every=3, fallback64=False, max_iter=max_iter)
-    ref = ipm_solve(P, q, C, d, A, b, cuda_graph=True, **kw)
+    ref = ipm_solve(P, q, C, d, A, b, cuda_graph=True, options=options, **kw)
     assert ref.status[3] == int(Status.PRIMAL_INFEASIBLE)
     tol = 1e-12 if dtype == F64 else 1e-4
     for call in range(2):
-        c0 = dict(ipm._graph_stats)
-        with pytest.MonkeyPatch.context() as mp:
-            mp.setattr(ipm, "COMPACT_MIN_WORK", 0)
-            mp.setattr(ipm, "COMPACT_FRACTION", 1.0)
-            g = ipm_solve(P, q, C, d, A, b, cuda_graph=True, **kw)
-        assert ipm._graph_stats["compactions"] > c0["compactions"]
+        c0 = graph_stats()
+        g = ipm_solve(P, q, C, d, A, b, cuda_graph=True, options=options.replace(compact_min_work=0, compact_fraction=1.0),
+                      **kw)
+        assert graph_stats()["compactions"] > c0["compactions"]
         if call == 1:
-            assert ipm._graph_stats["captures"] == c0["captures"]      # every graph from the cache
+            assert graph_stats()["captures"] == c0["captures"]      # every graph from the cache
         # float64: identical; float32: the round-off of batched kernels depends on the batch they run
         # in, so an instance near stalling may end NUMERICAL in one run and SOLVED in the other —
         # compare the instances that neither run declared NUMERICAL
@@ -1073,16 +1005,14 @@ def _compacted_vs_eager_fixed(device, form, shared, dtype, p, max_iter):
 
 
 @pytest.mark.parametrize("form,shared,dtype,p", _graph_cases())
-def test_tail_compaction_emulated(monkeypatch, form, shared, dtype, p):
-    _emulate_graphs(monkeypatch)
-    _compacted_vs_eager("cpu", form, shared, dtype, p)
+def test_tail_compaction_emulated(form, shared, dtype, p):
+    _compacted_vs_eager("cpu", form, shared, dtype, p, options=EMU())
 
 
 @pytest.mark.parametrize("max_iter", [7, 11])
-def test_tail_compaction_then_eager_tail_emulated(monkeypatch, max_iter):
+def test_tail_compaction_then_eager_tail_emulated(max_iter):
     """A max_iter that is not a multiple of check_every: the eager tail runs on the compacted batch."""
-    _emulate_graphs(monkeypatch)
-    _compacted_vs_eager("cpu", "dual", False, F64, 2, max_iter=max_iter)
+    _compacted_vs_eager("cpu", "dual", False, F64, 2, max_iter=max_iter, options=EMU())
 
 
 def test_tail_compaction_pads_with_finished_rows(monkeypatch):
@@ -1091,49 +1021,47 @@ def test_tail_compaction_pads_with_finished_rows(monkeypatch):
     running row would count as running and hold the batch at its size)."""
     import sys as _sys
     import dqp.solvers.ipm as ipm
-    _emulate_graphs(monkeypatch)
+    import dqp.solvers.ipm.iterate as impl
     log = []
-    orig = ipm._compact_size
+    orig = impl._compact_size
 
-    def logged(nleft, Bc, k):
+    def logged(nleft, Bc, k, options):
         f = _sys._getframe(1).f_locals
         run = torch.nonzero(~f["S"]["done"]).squeeze(-1)
         real = run.numel() if f["gidx"] is None else f["gidx"][run].unique().numel()
         log.append((nleft, real, Bc))
-        return orig(nleft, Bc, k)
-    monkeypatch.setattr(ipm, "_compact_size", logged)
-    monkeypatch.setattr(ipm, "COMPACT_MIN_WORK", 0)
+        return orig(nleft, Bc, k, options)
+    monkeypatch.setattr(impl, "_compact_size", logged)           # (a spy: records what the solve sees)
     B = 128
     P, q, C, d, *_ = known_qp(B, 6, 10, 0, seed=1)
     scale = torch.exp(4 * torch.rand(B, generator=torch.Generator().manual_seed(0), dtype=F64))
     scale[:20] = 1e3                                         # a spread of iteration counts
     ipm.clear_graph_cache()
     res = ipm_solve(P * scale.view(-1, 1, 1), q, C, d, cuda_graph=True, check_every=1, form="primal",
-                    fallback64=False)
+                    fallback64=False, options=EMU(compact_min_work=0))
     ipm.clear_graph_cache()
     assert (res.status == int(Status.SOLVED)).all()
     assert all(nleft == real for nleft, real, _ in log)
     assert len({Bc for *_, Bc in log}) >= 3                 # compacted at least twice
 
 
-def test_compact_size_policy(monkeypatch):
-    import dqp.solvers.ipm as ipm
-    assert ipm._compact_size(17, 1024, 100) == 32            # B·k² = 1e7: compacted, power of two
-    assert ipm._compact_size(3, 1024, 100) == 8               # at least 8
-    assert ipm._compact_size(300, 1024, 100) is None          # more than a quarter left
-    assert ipm._compact_size(9, 128, 100) is None             # too little work to pay for a graph
-    assert ipm._compact_size(9, 128, 500) == 16
-    assert ipm._compact_size(5, 8, 500) is None               # nothing smaller than the batch
-    monkeypatch.setattr(ipm, "COMPACT", False)
-    assert ipm._compact_size(17, 1024, 100) is None
+def test_compact_size_policy():
+    from dqp.solvers.ipm.graphs import _compact_size
+    assert _compact_size(17, 1024, 100) == 32            # B·k² = 1e7: compacted, power of two
+    assert _compact_size(3, 1024, 100) == 8               # at least 8
+    assert _compact_size(300, 1024, 100) is None          # more than a quarter left
+    assert _compact_size(9, 128, 100) is None             # too little work to pay for a graph
+    assert _compact_size(9, 128, 500) == 16
+    assert _compact_size(5, 8, 500) is None               # nothing smaller than the batch
+    assert _compact_size(17, 1024, 100, IPMOptions(compact=False)) is None
 
 
-def _compiled_vs_eager(device):
+def _compiled_vs_eager(device, options=LOOP):
     import dqp.solvers.ipm as ipm
     ipm.clear_graph_cache()
     for seed in range(2):
         P, q, C, d, A, b, *_ = known_qp(4, 6, 7, 2, seed=seed, device=device)
-        kw = dict(check_every=3, fallback64=False)
+        kw = dict(check_every=3, fallback64=False, options=options)
         g = ipm_solve(P, q, C, d, A, b, compile=True, **kw)
         e = ipm_solve(P, q, C, d, A, b, cuda_graph=False, **kw)
         assert torch.equal(g.status, e.status) and torch.equal(g.iterations, e.iterations)
@@ -1141,16 +1069,15 @@ def _compiled_vs_eager(device):
             assert _rel(x, y) <= 1e-10
     # the compiled iteration was captured (a failed capture runs eagerly, with the same results, and
     # caches nothing)
-    assert len(ipm._GRAPH_CACHE) == 1
+    assert graph_stats()["iteration_graphs"] == 1
     ipm.clear_graph_cache()
 
 
 @pytest.mark.slow
-def test_compiled_graph_body_emulated(monkeypatch):
+def test_compiled_graph_body_emulated():
     """ipm_solve(compile=True): the torch.compile'd iteration (CUDA code path, CPU inductor) gives
     the eager iterates (slow: ~20 s of compilation)."""
-    _emulate_graphs(monkeypatch)
-    _compiled_vs_eager("cpu")
+    _compiled_vs_eager("cpu", EMU())
 
 
 @pytest.mark.cuda
@@ -1173,31 +1100,29 @@ def test_tail_compaction_cuda(form, shared, dtype, p):
     _compacted_vs_eager("cuda", form, shared, dtype, p)
 
 
-def test_graph_cache_is_bounded(monkeypatch):
+def test_graph_cache_is_bounded():
     import dqp.solvers.ipm as ipm
-    monkeypatch.setattr(ipm, "_graph_device_ok", lambda dev: True)
-    monkeypatch.setattr(ipm, "_capture", lambda body, state: (None, None))  # capture "fails"
-    ipm.clear_graph_cache()
+    from dqp.solvers.ipm.graphs import _GRAPH_CACHE, _graph_for
     P, q, C, d, *_ = known_qp(3, 4, 5, 0)
-    r = ipm_solve(P, q, C, d)                        # falls back to eager, caches nothing
-    assert (r.status == 0).all() and len(ipm._GRAPH_CACHE) == 0
-    monkeypatch.setattr(ipm, "GRAPH_CACHE_SIZE", 2)
-    monkeypatch.setattr(ipm, "_capture", lambda body, state: (object(), {k: t.clone() for k, t in state.items()}))
+
     class _Live:
         def static(self):
             return self
 
         def nbytes(self):
             return 100
+    ipm.clear_graph_cache()
+    # a capture that fails (a CUDA graph on the CPU): (None, None), the caller runs eagerly; nothing cached
+    assert _graph_for(("k", 0), _Live(), lambda D: None, {"q": q}, LOOP) == (None, None)
+    assert len(_GRAPH_CACHE) == 0
+    opts = EMU(graph_cache_size=2)
     for key in range(4):
-        ipm._graph_for(("k", key), _Live(), lambda D: None, {"q": q})
-    assert list(ipm._GRAPH_CACHE) == [("k", 2), ("k", 3)]
-    monkeypatch.setattr(ipm, "GRAPH_CACHE_MAX_BYTES", 150)             # room for one entry only
-    ipm._graph_for(("k", 4), _Live(), lambda D: None, {"q": q})
-    assert list(ipm._GRAPH_CACHE) == [("k", 4)]
-    monkeypatch.setattr(ipm, "GRAPH_CACHE_MAX_BYTES", 50)              # too large: not cached
-    ipm._graph_for(("k", 5), _Live(), lambda D: None, {"q": q})
-    assert list(ipm._GRAPH_CACHE) == [("k", 4)]
+        _graph_for(("k", key), _Live(), lambda D: None, {"q": q}, opts)
+    assert list(_GRAPH_CACHE) == [("k", 2), ("k", 3)]
+    _graph_for(("k", 4), _Live(), lambda D: None, {"q": q}, EMU(graph_cache_max_bytes=150))   # room for one
+    assert list(_GRAPH_CACHE) == [("k", 4)]
+    _graph_for(("k", 5), _Live(), lambda D: None, {"q": q}, EMU(graph_cache_max_bytes=50))    # too large
+    assert list(_GRAPH_CACHE) == [("k", 4)]
     ipm.clear_graph_cache()
 
 
@@ -1207,48 +1132,40 @@ def test_graph_cache_is_bounded(monkeypatch):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("form,p", [("primal", 2), ("dual", 2), ("dual", 0)])
-def test_inverse_solves_match_triangular_solves(monkeypatch, device, form, p):
+def test_inverse_solves_match_triangular_solves(device, form, p):
     """Forward (IPM + polish) and gradients agree whether solves with a batched Cholesky factor
-    use triangular solves or the factor's attached inverse."""
-    import dqp.solvers.ipm as ipm
+    use triangular solves or the factor's inverse."""
     P, q, C, d, A, b, z0, *_ = known_qp(5, 8, 10, p, seed=3, device=device)
     A, b = (A, b) if p else (None, None)
     out = {}
     for mode in ("trsm", "inverse"):
-        monkeypatch.setattr(ipm, "INVERSE_SOLVE", "always" if mode == "inverse" else "never")
+        opts = LOOP.replace(linalg={"inverse_solve": "always" if mode == "inverse" else "never"})
         leaves = [t.clone().requires_grad_(True) for t in (P, q, C, d)]
-        z, lam, mu, status, _ = solve_qp_batch(*leaves, A, b, form=form)
+        z, lam, mu, status, _ = solve_qp_batch(*leaves, A, b, form=form, options=opts)
         assert (status == 0).all()
         grads = torch.autograd.grad((z * z0).sum() + mu.sum(), leaves)
         out[mode] = (z, mu, *grads)
     if device == "cpu":
-        # the primal form and the polish/backward factorize through _cholesky: the inverse is used
-        monkeypatch.setattr(ipm, "INVERSE_SOLVE", "never")
-        L, _ = ipm._cholesky(P)
-        monkeypatch.setattr(ipm, "INVERSE_SOLVE", "always")
-        assert getattr(ipm._cholesky(P)[0], "_dqp_linv", None) is not None
-        assert getattr(L, "_dqp_linv", None) is None
+        # the primal form and the polish/backward factorize through cholesky(): the inverse is used
+        assert cholesky(P, CholeskyOptions(inverse_solve="always"))[0].inverse is not None
+        assert cholesky(P, CholeskyOptions(inverse_solve="never"))[0].inverse is None
     assert _rel(out["trsm"][0], z0) < 1e-8
     for x, y in zip(out["trsm"], out["inverse"]):
         assert _rel(x, y) < 1e-9
 
 
-def test_inverse_solve_policy(monkeypatch):
-    import dqp.solvers.ipm as ipm
+def test_inverse_solve_policy():
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
-    monkeypatch.setattr(ipm, "INVERSE_SOLVE", "auto")
-    assert ipm._use_inverse((128, 100, 100), cuda)             # measured: inverse faster
-    assert not ipm._use_inverse((1024, 100, 100), cuda)        # measured: triangular solves faster
-    assert not ipm._use_inverse((128, 500, 500), cuda)
-    assert not ipm._use_inverse((128, 100, 100), cpu)          # CPU: LAPACK paths
-    assert not ipm._use_inverse((100, 100), cuda)              # shared factor: many-RHS solves
-    monkeypatch.setattr(ipm, "INVERSE_SOLVE", "always")
-    assert ipm._use_inverse((4, 3, 3), cpu)
-    monkeypatch.setattr(ipm, "INVERSE_SOLVE", "never")
-    assert not ipm._use_inverse((4, 3, 3), cuda)
-    monkeypatch.setattr(ipm, "INVERSE_SOLVE", "sometimes")
-    with pytest.raises(SettingsError, match="INVERSE_SOLVE"):
-        ipm._use_inverse((4, 3, 3), cuda)
+    auto = CholeskyOptions()
+    assert auto.use_inverse((128, 100, 100), cuda)             # measured: inverse faster
+    assert not auto.use_inverse((1024, 100, 100), cuda)        # measured: triangular solves faster
+    assert not auto.use_inverse((128, 500, 500), cuda)
+    assert not auto.use_inverse((128, 100, 100), cpu)          # CPU: LAPACK paths
+    assert not auto.use_inverse((100, 100), cuda)              # shared factor: many-RHS solves
+    assert CholeskyOptions(inverse_solve="always").use_inverse((4, 3, 3), cpu)
+    assert not CholeskyOptions(inverse_solve="never").use_inverse((4, 3, 3), cuda)
+    with pytest.raises(SettingsError, match="inverse_solve"):
+        CholeskyOptions(inverse_solve="sometimes")
 
 
 def test_compile_without_graph_warns():
@@ -1259,50 +1176,43 @@ def test_compile_without_graph_warns():
     assert (r.status == 0).all()
 
 
-def test_graph_parts_warm_up_sees_capture_layout(monkeypatch):
+def test_graph_parts_warm_up_sees_capture_layout():
     """The capture's warm-up (_run_parts) calls each part of the iteration on buffers laid out as
     the graph's static ones. A step returns s and μ as views of one stacked tensor (strided); fed
     straight into the next part, torch.compile (compile=True) would compile that part for other
     strides than the capture's and compile it again while capturing, which invalidates the capture
     (seen on an H100: every call fell back to eager iterations, 0.9 s instead of 16 ms)."""
     import dqp.solvers.ipm as ipm
-    got = {}
-
-    def fake_capture(body, state):
-        got["parts"], got["state"] = body.parts, state
-        return None, None                                    # (the solve then runs eagerly)
-
-    monkeypatch.setattr(ipm, "_graph_device_ok", lambda dev: True)
-    monkeypatch.setattr(ipm, "_capture", fake_capture)
-    monkeypatch.setattr(ipm, "CPU_FAST_PATHS", False)
+    from dqp.solvers.ipm.graphs import _GRAPH_CACHE, _run_parts
     P, q, C, d, *_ = known_qp(4, 6, 8, 0, seed=1)
     ipm.clear_graph_cache()
-    ipm_solve(P, q, C, d, cuda_graph=True, check_every=2, form="dual")
+    ipm_solve(P, q, C, d, cuda_graph=True, check_every=2, max_iter=2, form="dual", options=EMU())
+    (graph, state, _), = _GRAPH_CACHE.values()                  # the emulated graph and its static state
     ipm.clear_graph_cache()
-    (one, n_one), (chk, n_chk) = got["parts"]
+    (one, n_one), (chk, n_chk) = graph.body.parts
     assert (n_one, n_chk) == (2, 1)
-    st = {k: t.clone() for k, t in got["state"].items()}
+    st = {k: t.clone() for k, t in state.items()}
     with torch.no_grad():
         assert not one(dict(st))["s"].is_contiguous()          # what a plain call chain would pass on
     seen = []
     rec = lambda fn: (lambda S: (seen.append({k: v.stride() for k, v in S.items()}), fn(S))[1])  # noqa: E731
     with torch.no_grad():
-        ipm._run_parts([(rec(one), n_one), (rec(chk), n_chk)], st)
+        _run_parts([(rec(one), n_one), (rec(chk), n_chk)], st)
     assert len(seen) == 3 and all(s == {k: v.stride() for k, v in st.items()} for s in seen)
-    assert not torch.equal(st["z"], got["state"]["z"])       # the parts wrote their results back
+    assert not torch.equal(st["z"], state["z"])              # the parts wrote their results back
 
 
 def test_check_schedule():
     """_CheckSchedule: every check_every steps, then 1, 1, 2, 4, 4 … steps once at most
     TAIL_FRACTION of the batch runs; fixed when not adaptive or check_every is 1."""
-    import dqp.solvers.ipm as ipm
-    s = ipm._CheckSchedule(4, 100, True)
+    from dqp.solvers.ipm.graphs import _CheckSchedule
+    s = _CheckSchedule(4, 100, True)
     seen = [s.next]
     for nleft in (100, 50, 10, 3, 2, 2, 1, 1):
         s.checked(seen[-1], nleft)
         seen.append(s.next)
     assert seen == [4, 8, 12, 13, 14, 16, 20, 24, 28]
-    for sch in (ipm._CheckSchedule(4, 100, False), ipm._CheckSchedule(1, 100, True)):
+    for sch in (_CheckSchedule(4, 100, False), _CheckSchedule(1, 100, True)):
         nxt = [sch.next]
         for nleft in (100, 3, 1, 1):
             sch.checked(nxt[-1], nleft)
@@ -1310,7 +1220,7 @@ def test_check_schedule():
         assert nxt == [sch.ce * i for i in range(1, 6)]
 
 
-def _tail_checks_vs_eager(monkeypatch, device, form, made=None):
+def _tail_checks_vs_eager(device, form, options=LOOP):
     """TAIL_CHECKS: the captured iterations (replays of a variable number of steps) and the eager
     ones follow the same check schedule: the same statuses, iteration counts and iterates; instances
     in the tail stop earlier than with checks every check_every steps only, none later. (A batch
@@ -1323,16 +1233,16 @@ def _tail_checks_vs_eager(monkeypatch, device, form, made=None):
     kw = dict(form=form, check_every=4, fallback64=False)
     out = {}
     for tail in (False, True):
-        monkeypatch.setattr(ipm, "TAIL_CHECKS", tail)
+        opts = options.replace(tail_checks=tail)
         ipm.clear_graph_cache()
-        if made is not None:
-            made.clear()
-        g = ipm_solve(P, q, C, d, cuda_graph=True, **kw)
-        e = ipm_solve(P, q, C, d, cuda_graph=False, **kw)
+        c0 = graph_stats()
+        g = ipm_solve(P, q, C, d, cuda_graph=True, options=opts, **kw)
+        n = graph_stats()["replays"] - c0["replays"]
+        e = ipm_solve(P, q, C, d, cuda_graph=False, options=opts, **kw)
         assert torch.equal(g.status, e.status) and torch.equal(g.iterations, e.iterations)
         # (the eager dual form carries products from step to step: round-off differs)
         assert _rel(g.z, e.z) <= 1e-9 and _rel(g.mu, e.mu) <= 1e-9
-        out[tail] = (g, None if made is None else sum(r.n for r in made))
+        out[tail] = (g, n)
     ipm.clear_graph_cache()
     (g0, n0), (g1, n1) = out[False], out[True]
     # (on CUDA one ill-conditioned element ended NUMERICAL in the primal form: compare the solved)
@@ -1341,52 +1251,49 @@ def _tail_checks_vs_eager(monkeypatch, device, form, made=None):
     i0, i1 = g0.iterations[ok], g1.iterations[ok]
     assert (i1 <= i0).all() and (i1 < i0).any()
     assert (i0 % 4 == 0).all() and not (i1 % 4 == 0).all()
-    assert n1 is None or n1 > n0                                 # more, shorter replays
+    assert n1 > n0                                               # more, shorter replays
     assert _rel(g1.z[ok], g0.z[ok]) <= 1e-6
 
 
 @pytest.mark.parametrize("form", ["dual", "primal"])
-def test_tail_checks_graph_matches_eager_emulated(monkeypatch, form):
-    _tail_checks_vs_eager(monkeypatch, "cpu", form, _emulate_graphs(monkeypatch))
+def test_tail_checks_graph_matches_eager_emulated(form):
+    _tail_checks_vs_eager("cpu", form, EMU())
 
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("form", ["dual", "primal"])
-def test_tail_checks_graph_matches_eager_cuda(monkeypatch, form):
-    _tail_checks_vs_eager(monkeypatch, "cuda", form)
+def test_tail_checks_graph_matches_eager_cuda(form):
+    _tail_checks_vs_eager("cuda", form)
 
 
-def test_tail_checks_left_to_compaction(monkeypatch):
-    """Where the tail compaction applies (B·k² ≥ COMPACT_MIN_WORK), the checks stay every
+def test_tail_checks_left_to_compaction():
+    """Where the tail compaction applies (B·k² ≥ compact_min_work), the checks stay every
     check_every steps (iteration counts multiples of it); without compaction the tail checks apply."""
-    import dqp.solvers.ipm as ipm
     P, q, C, d, *_ = known_qp(40, 8, 12, 0, seed=9)
     w = torch.logspace(0, 3, 8, dtype=F64)
     P = P.clone()
     P[:5] = w.unsqueeze(-1) * P[:5] * w
     kw = dict(form="dual", check_every=4, fallback64=False, cuda_graph=False)
-    monkeypatch.setattr(ipm, "COMPACT_MIN_WORK", 40 * 12 ** 2)
-    assert (ipm_solve(P, q, C, d, **kw).iterations % 4 == 0).all()
-    monkeypatch.setattr(ipm, "COMPACT", False)
-    assert not (ipm_solve(P, q, C, d, **kw).iterations % 4 == 0).all()
+    opts = LOOP.replace(compact_min_work=40 * 12 ** 2)
+    assert (ipm_solve(P, q, C, d, options=opts, **kw).iterations % 4 == 0).all()
+    assert not (ipm_solve(P, q, C, d, options=opts.replace(compact=False), **kw).iterations % 4 == 0).all()
 
 
 @pytest.mark.parametrize("form", ["dual", "primal"])
 @pytest.mark.parametrize("dtype", [F64, F32])
 @pytest.mark.parametrize("shared", [False, True])
-def test_equality_only_graph_cache_refactorizes_emulated(monkeypatch, form, dtype, shared):
+def test_equality_only_graph_cache_refactorizes_emulated(form, dtype, shared):
     """m == 0: the eager solvers keep their first factorization (it does not change across
     iterations), but a captured step must factorize: a cached graph replayed for new data read the
     first call's factor (found by review: z off by 4e62 in float64, primal form)."""
     import dqp.solvers.ipm as ipm
-    _emulate_graphs(monkeypatch)
     ipm.clear_graph_cache()
     for seed in range(3):
         P, q, C, d, A, b, *_ = known_qp(5, 7, 0, 2, seed=seed, dtype=dtype)
         if shared:
             P = P[0]
-        kw = dict(form=form, check_every=3, fallback64=False)
+        kw = dict(form=form, check_every=3, fallback64=False, options=EMU())
         g = ipm_solve(P * (10.0 ** seed), q, None, None, A, b, cuda_graph=True, **kw)
         e = ipm_solve(P * (10.0 ** seed), q, None, None, A, b, cuda_graph=False, **kw)
         assert torch.equal(g.status, e.status) and (g.status == int(Status.SOLVED)).all()
@@ -1406,13 +1313,14 @@ def test_dual_form_without_constraints_is_a_settings_error():
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_setup_products_by_inverse_match_solves(device, monkeypatch):
-    """SETUP_PRODUCTS="inverse" (CUDA, batched P: P⁻¹Āᵀ and M through X = L⁻¹, a triangle larger
-    than TRI_INVERSE_LEAF so that _tri_inverse recurses) gives the solves' P⁻¹Āᵀ and M, and the
+def test_setup_products_by_inverse_match_solves(device):
+    """setup_products="inverse" (CUDA, batched P: P⁻¹Āᵀ and M through X = L⁻¹, a triangle larger
+    than TRI_INVERSE_LEAF so that tri_inverse recurses) gives the solves' P⁻¹Āᵀ and M, and the
     same solution; the setting is part of the graph-cache key (the second solve is not the cached
     first one). On the CPU the setting does not apply. A bad value is refused."""
     import dqp.solvers.ipm as ipm
     from dqp.linsolve import blocked
+    from dqp.solvers.ipm.newton import _DualNewton, _setup_by_inverse
     n, m, p = 70, 40, 5
     P, q, C, d, A, b, *_ = known_qp(3, n, m, p, seed=4, device=device)
     L = torch.linalg.cholesky(P)
@@ -1422,25 +1330,102 @@ def test_setup_products_by_inverse_match_solves(device, monkeypatch):
     ipm.clear_graph_cache()
     out = {}
     for how in ("solve", "inverse"):
-        monkeypatch.setattr(ipm, "SETUP_PRODUCTS", how)
-        assert ipm._setup_by_inverse(L, m + p) == (how == "inverse" and device == "cuda")
-        nt = ipm._DualNewton(L.clone(), P, C, A, 3, n, m, p, 0.0)
+        opts = LOOP.replace(setup_products=how)
+        assert _setup_by_inverse(CholeskyFactor(L), m + p, how) == (how == "inverse" and device == "cuda")
+        nt = _DualNewton(CholeskyFactor(L.clone()), P, C, A, 3, n, m, p, 0.0, options=opts)
         # (by the inverse, the factor keeps X = L⁻¹ for later solves)
-        assert hasattr(nt.LP, "_dqp_linv") == (how == "inverse" and device == "cuda")
+        assert (nt.LP.inverse is not None) == (how == "inverse" and device == "cuda")
         assert (nt.PiAbt - Pi).abs().max() <= 1e-10 * Pi.abs().max()
         assert (nt.M - Ab @ Pi).abs().max() <= 1e-10 * nt.M.abs().max()
         assert (nt.M - nt.M.mT).abs().max() <= 1e-12 * nt.M.abs().max()
-        out[how] = ipm_solve(P, q, C, d, A, b, form="dual", fused=False)      # (no cache clearing)
+        out[how] = ipm_solve(P, q, C, d, A, b, form="dual", options=opts)      # (no cache clearing)
     ref, got = out["solve"], out["inverse"]
     assert (got.status == 0).all() and torch.equal(got.status, ref.status)
     assert (got.z - ref.z).abs().max() < 1e-8 * (1 + ref.z.abs().max())
-    # "auto": the inverse only on CUDA, for a batched factor without an attached inverse, k ≥ n
-    monkeypatch.setattr(ipm, "SETUP_PRODUCTS", "auto")
-    assert ipm._setup_by_inverse(L, n) == (device == "cuda") and not ipm._setup_by_inverse(L, n - 1)
-    L2 = L.clone()
-    L2._dqp_linv = L2
-    assert not ipm._setup_by_inverse(L2, n) and not ipm._setup_by_inverse(L[0], n)
-    monkeypatch.setattr(ipm, "SETUP_PRODUCTS", "lu")
-    with pytest.raises(SettingsError, match="SETUP_PRODUCTS"):
-        ipm._DualNewton(L, P, C, A, 3, n, m, p, 0.0)
+    # "auto": the inverse only on CUDA, for a batched factor without an inverse, k ≥ n
+    assert _setup_by_inverse(CholeskyFactor(L), n, "auto") == (device == "cuda")
+    assert not _setup_by_inverse(CholeskyFactor(L), n - 1, "auto")
+    assert not _setup_by_inverse(CholeskyFactor(L, inverse=L), n, "auto")
+    assert not _setup_by_inverse(CholeskyFactor(L[0]), n, "auto")
+    with pytest.raises(SettingsError, match="setup_products"):
+        IPMOptions(setup_products="lu")
     ipm.clear_graph_cache()
+
+
+# ------------------------------------------------------------------------------------------------
+# the layer reaches the IPM through the solver registry, with the settings it honours
+# ------------------------------------------------------------------------------------------------
+
+def test_eps_abs_eps_rel_reach_the_ipm():
+    """eps_abs/eps_rel set the IPM's stopping tolerance: without the polish (refine_active=False) a
+    loose tolerance gives a less accurate z and residuals, a tight one the known solution; with the
+    polish they change the IPM's iterations, not the (polished, exact) answer."""
+    from dqp.layer import dQP_layer
+    P, q, C, d, A, b, z0, *_ = known_qp(8, 10, 12, 2, seed=5)
+    err, res, its, pol = {}, {}, {}, {}
+    for eps in (1e-3, 1e-10):
+        for polish in (False, True):
+            layer = dQP_layer(qp_solver="dqp_ipm", eps_abs=eps, eps_rel=eps, refine_active=polish,
+                              qp_solver_keywords={"options": LOOP})
+            z = layer(P, q, C, d, A, b)[0]
+            assert layer.info.status == [Status.SOLVED] * 8
+            if polish:
+                pol[eps] = _rel(z, z0)
+            else:
+                err[eps], its[eps] = _rel(z, z0), max(layer.info.iterations)
+                res[eps] = max(max(layer.info.dual_residual), max(layer.info.primal_residual))
+    assert err[1e-10] < 1e-8 < err[1e-3] and res[1e-10] < 1e-8 < res[1e-3]
+    assert its[1e-10] > its[1e-3]
+    assert pol[1e-3] < 1e-10 and pol[1e-10] < 1e-10                     # the polish: exact either way
+
+
+def test_settings_the_ipm_cannot_honour_warn():
+    from dqp.layer import dQP_layer
+    P, q, C, d, *_ = known_qp(3, 4, 5, 0, seed=1)
+    for opt, match in ((dict(warm_start_from_previous=True), "warm_start_from_previous"),
+                       (dict(omp_parallel=True), "omp_parallel"),
+                       (dict(dual_available=False), "dual_available"),
+                       (dict(fallback_solver="clarabel"), "fallback_solver")):
+        with pytest.warns(UserWarning, match=match):
+            dQP_layer(qp_solver="dqp_ipm", **opt)(P, q, C, d)
+    with pytest.raises(SettingsError, match="lin_solver"):
+        dQP_layer(qp_solver="dqp_ipm", lin_solver="qdldl")(P, q, C, d)
+
+
+@pytest.mark.parametrize("what", ["rows", "objective"])
+@pytest.mark.parametrize("scale", [1e-7, 1e-8, 1e15])
+def test_scaling_the_data_does_not_change_the_answer(what, scale):
+    """Scaling C, d, A, b (or P, q) by one positive factor leaves z (and the gradient w.r.t. q, up to
+    the objective's factor) unchanged and every element verified; the duals scale by its inverse
+    (badly scaled data are equilibrated before the IPM, its polish and the backward)."""
+    P, q, C, d, A, b, *_ = known_qp(20, 10, 15, 3, seed=3)
+    w = torch.randn(20, 10, dtype=F64, generator=torch.Generator().manual_seed(1))
+
+    def run(P, q, C, d, A, b):
+        q = q.clone().requires_grad_(True)
+        diag = {}
+        z, lam, mu, status, _ = solve_qp_batch(P, q, C, d, A, b, diagnostics=diag)
+        (g,) = torch.autograd.grad((w * z).sum(), [q])
+        return z.detach(), lam, mu, g, diag["verified"]
+    ref = run(P, q, C, d, A, b)
+    if what == "rows":
+        got = run(P, q, C * scale, d * scale, A * scale, b * scale)
+        dual_factor, grad_factor = 1.0 / scale, 1.0
+    else:
+        got = run(P * scale, q * scale, C, d, A, b)
+        dual_factor, grad_factor = scale, 1.0 / scale
+    assert bool(ref[4].all()) and bool(got[4].all())
+    assert _rel(got[0], ref[0]) <= 1e-9
+    assert _rel(got[1], ref[1] * dual_factor) <= 1e-8 and _rel(got[2], ref[2] * dual_factor) <= 1e-8
+    assert _rel(got[3], ref[3] * grad_factor) <= 1e-8
+
+
+def test_verified_needs_the_unscaled_constraints_to_hold():
+    from dqp.ipm_layer import _feasible
+    C = torch.tensor([[[1e-8, 0.0]], [[1e15, 0.0]]], dtype=F64)
+    d = torch.tensor([[1e-8], [1e15]], dtype=F64)
+    z_ok = torch.tensor([[1.0, 5.0], [1.0, -3.0]], dtype=F64)
+    assert _feasible(z_ok, C, d, None, None).tolist() == [True, True]
+    assert _feasible(z_ok * 1.01, C, d, None, None).tolist() == [False, False]     # 1 % over, at any scale
+    A, b = C.clone(), d.clone()
+    assert _feasible(z_ok * 0.99, None, None, A, b).tolist() == [False, False]     # equalities: both sides

@@ -11,16 +11,20 @@ from __future__ import annotations
 import pytest
 import torch
 
-import dqp.solvers.ipm as ipm
 from dqp.errors import Status
+from dqp.linsolve.cholesky import (CholeskyFactor, CholeskyOptions, cholesky, cholesky_inplace, potrs_inplace,
+                                   potrs_rows, potrs_rows_ok)
+from dqp.solvers.ipm import IPMOptions, KernelOptions
+from dqp.solvers.ipm import ipm_solve as _ipm_solve
+from dqp.solvers.ipm.newton import _DualNewton
+
+#: These tests are of the torch loop; the fused kernel (which the float64 dual form takes by
+#: default where it can be built) has tests/test_fused.py.
+LOOP = IPMOptions(kernel=KernelOptions(mode=False))
 
 
-@pytest.fixture(autouse=True)
-def _torch_loop(monkeypatch):
-    """These tests are of the torch loop; the fused kernel (which the float64 dual form takes by
-    default where it can be built) has tests/test_fused.py."""
-    import dqp.solvers.fused as fused
-    monkeypatch.setattr(fused, "FUSED", False)
+def ipm_solve(*args, **kw):
+    return _ipm_solve(*args, options=LOOP, **kw)
 
 
 def _problems(B, n, m, p, seed=0, dtype=torch.float64):
@@ -61,7 +65,7 @@ def _true_residuals(P, q, C, d, A, b, r):
 @pytest.mark.parametrize("p", [0, 3])
 def test_dual_form_fast_paths_reach_true_tolerance(p):
     P, q, C, d, A, b = _problems(16, 20, 30, p)
-    r = ipm.ipm_solve(P, q, C, d, A, b, form="dual")
+    r = ipm_solve(P, q, C, d, A, b, form="dual")
     assert r.form == "dual"
     assert (r.status == int(Status.SOLVED)).all()
     dres, pres = _true_residuals(P, q, C, d, A, b, r)
@@ -78,7 +82,7 @@ def test_tracked_products_never_declare_a_false_convergence():
     P, q, C, d, A, b, *_ = known_qp(4, 8, 6, 3, seed=7)
     q = q.clone()
     q[3] *= 1e8
-    r = ipm.ipm_solve(P, q, C, d, A, b, form="dual", check_every=1)
+    r = ipm_solve(P, q, C, d, A, b, form="dual", check_every=1)
     dres, pres = _true_residuals(P, q, C, d, A, b, r)
     ok = r.status == int(Status.SOLVED)
     assert bool(ok[:3].all())
@@ -90,8 +94,8 @@ def test_tracked_products_never_declare_a_false_convergence():
 @pytest.mark.parametrize("p", [0, 3])
 def test_dual_form_matches_primal_form(p):
     P, q, C, d, A, b = _problems(12, 15, 25, p, seed=1)
-    rd = ipm.ipm_solve(P, q, C, d, A, b, form="dual")
-    rp = ipm.ipm_solve(P, q, C, d, A, b, form="primal")
+    rd = ipm_solve(P, q, C, d, A, b, form="dual")
+    rp = ipm_solve(P, q, C, d, A, b, form="primal")
     assert torch.allclose(rd.z, rp.z, atol=1e-6, rtol=1e-6)
     assert torch.allclose(rd.mu, rp.mu, atol=1e-6, rtol=1e-5)
 
@@ -101,42 +105,43 @@ def test_inplace_cholesky_and_potrs_match_torch():
     X = torch.randn(6, 9, 9, generator=g, dtype=torch.float64)
     S = X @ X.mT + torch.eye(9, dtype=torch.float64)
     r = torch.randn(6, 9, generator=g, dtype=torch.float64)
-    L, info = ipm._cholesky_inplace(S.clone())
+    L, info = cholesky_inplace(S.clone())
     assert (info == 0).all()
-    assert torch.allclose(L.tril(), torch.linalg.cholesky(S), atol=1e-12)
+    assert torch.allclose(L.L.tril(), torch.linalg.cholesky(S), atol=1e-12)
+    assert torch.allclose(L.solve(r), torch.linalg.solve(S, r.unsqueeze(-1)).squeeze(-1), atol=1e-10)
     F = S.clone()
-    ipm._cholesky_inplace(F)
-    x = ipm._potrs_inplace(F, r)
+    cholesky_inplace(F)
+    x = potrs_inplace(F, r)
     assert torch.allclose(x, torch.linalg.solve(S, r.unsqueeze(-1)).squeeze(-1), atol=1e-10)
     # rows: only those elements are factorized / solved
     G = S.clone()
-    _, info = ipm._cholesky_inplace(G, rows=[1, 4])
+    _, info = cholesky_inplace(G, rows=[1, 4])
     assert torch.equal(G[0], S[0]) and not torch.equal(G[1], S[1])
-    y = ipm._potrs_inplace(G, r, rows=[1])
+    y = potrs_inplace(G, r, rows=[1])
     assert torch.equal(y[0], r[0]) and torch.allclose(y[1], x[1], atol=1e-10)
 
 
 def test_inplace_cholesky_reports_non_pd():
     S = torch.eye(4, dtype=torch.float64).repeat(3, 1, 1)
     S[1, 2, 2] = -1.0
-    _, info = ipm._cholesky_inplace(S)
+    _, info = cholesky_inplace(S)
     assert info.tolist()[0] == 0 and info.tolist()[1] > 0 and info.tolist()[2] == 0
 
 
 def test_float32_dual_form_solves():
     P, q, C, d, A, b = _problems(8, 12, 18, 2, seed=2, dtype=torch.float32)
-    r = ipm.ipm_solve(P, q, C, d, A, b, form="dual")
+    r = ipm_solve(P, q, C, d, A, b, form="dual")
     assert (r.status == int(Status.SOLVED)).all()
-    r64 = ipm.ipm_solve(P.double(), q.double(), C.double(), d.double(), A.double(), b.double(), form="dual")
+    r64 = ipm_solve(P.double(), q.double(), C.double(), d.double(), A.double(), b.double(), form="dual")
     # (the float32 IPM stops at a relative residual of 1e-5; the polish makes z accurate)
     assert torch.allclose(r.z.double(), r64.z, atol=1e-2, rtol=1e-2)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("inplace", [False, True])
-def test_potrs_rows_matches_solve(monkeypatch, dtype, inplace):
-    """_potrs_rows (the dual form's P⁻¹Āᵀ on the CPU): rows of R (L Lᵀ)⁻¹, with L from _cholesky or
-    from _cholesky_inplace (whose strict upper triangle keeps stale values); the dual-form solver
+def test_potrs_rows_matches_solve(dtype, inplace):
+    """potrs_rows (the dual form's P⁻¹Āᵀ on the CPU): rows of R (L Lᵀ)⁻¹, with L from cholesky or
+    from cholesky_inplace (whose strict upper triangle keeps stale values); the dual-form solver
     gets the same P⁻¹Āᵀ with and without it."""
     g = torch.Generator().manual_seed(5)
     X = torch.randn(5, 8, 8, generator=g, dtype=torch.float64)
@@ -144,18 +149,19 @@ def test_potrs_rows_matches_solve(monkeypatch, dtype, inplace):
     R = torch.randn(5, 6, 8, generator=g, dtype=torch.float64)
     ref = torch.linalg.solve(P, R.mT).mT
     P, R = P.to(dtype), R.to(dtype)
-    L = ipm._cholesky_inplace(P.clone())[0] if inplace else ipm._cholesky(P)[0]
-    assert ipm._lapack_potrs_rows_ok(L, R)
+    L = (cholesky_inplace(P.clone())[0] if inplace else cholesky(P)[0]).L
+    assert potrs_rows_ok(L, R)
     Rc = R.clone()
-    out = ipm._potrs_rows(L, R)
+    out = potrs_rows(L, R)
     tol = 1e-10 if dtype == torch.float64 else 1e-3
     assert torch.equal(R, Rc) and out.dtype == dtype
     assert torch.allclose(out.double(), ref, atol=tol, rtol=tol)
-    L2 = ipm._cholesky(P)[0]
-    a = ipm._DualNewton(L2, P, R, None, 5, 8, 6, 0, 1e-12).PiAbt
+    L2 = cholesky(P)[0]
+    a = _DualNewton(L2, P, R, None, 5, 8, 6, 0, 1e-12).PiAbt
     # (not for a factor that needs a gradient, or off the CPU fast paths)
-    assert not ipm._lapack_potrs_rows_ok(L.detach().requires_grad_(True), R)
-    monkeypatch.setattr(ipm, "CPU_FAST_PATHS", False)
-    assert not ipm._lapack_potrs_rows_ok(L, R)
-    b = ipm._DualNewton(L2, P, R, None, 5, 8, 6, 0, 1e-12).PiAbt
+    assert not potrs_rows_ok(L.detach().requires_grad_(True), R)
+    slow = CholeskyOptions(cpu_fast_paths=False)
+    assert not potrs_rows_ok(L, R, slow)
+    b = _DualNewton(CholeskyFactor(L2.L, options=slow), P, R, None, 5, 8, 6, 0, 1e-12,
+                    options=LOOP.replace(linalg=slow)).PiAbt
     assert torch.allclose(a, b, atol=tol, rtol=tol)

@@ -64,7 +64,7 @@ def test_interface_errors():
     with pytest.raises(dqp.SettingsError, match="batched solver"):
         get_solver("dqp_ipm").solve(np.eye(2), np.zeros(2), None, None, None, None)
     with pytest.raises(dqp.SettingsError, match="element-wise solver"):
-        get_solver("clarabel").solve_batch(None)
+        get_solver("clarabel").solve_batch(None, None)
 
 
 def test_available_linsolvers_are_importable():
