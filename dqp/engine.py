@@ -51,9 +51,21 @@ class ElementResult:
     message: str = ""
     residuals: Tuple[float, float, float] = (0.0, 0.0, 0.0)
     margin: float = float("inf")
+    polish_path: str = ""
+    factorizations: int = 0
     nonconvex: bool = False
     #: the solver's own duals ``(y, z)`` of an unverified point (judging how far it is from the KKT conditions)
     raw_duals: Optional[Tuple[Optional[np.ndarray], Optional[np.ndarray]]] = None
+
+
+@dataclass
+class PolishTrace:
+    """How the polish of one element went: ``path`` (``"quick"``: verified on the detected set or after
+    at most three repairs, one factorization each; ``"ladder"``: equilibration, regularization,
+    threshold ladder and repairs) and the numeric factorizations of the reduced KKT it made."""
+
+    path: str = "quick"
+    factorizations: int = 0
 
 
 def _mv(M, x):
@@ -65,12 +77,44 @@ _TINY = np.finfo(np.float64).tiny
 _ROUND = 1e3 * np.finfo(np.float64).eps
 
 
-def _abs_rows(C, x: np.ndarray) -> np.ndarray:
+class Derived:
+    """Matrices derived from one element's data (``|M|``, ``Mᵀ``, ``|M|ᵀ``, CSR rows, ``|M|`` row sums),
+    each made once and shared by the detection, every polish round and the result: building a SciPy
+    sparse object costs tens of microseconds, more than the arithmetic on a small problem."""
+
+    def __init__(self) -> None:
+        self._memo: dict = {}
+
+    def _get(self, op: str, M, make):
+        key = (op, id(M))
+        hit = self._memo.get(key)
+        if hit is None:
+            hit = self._memo[key] = (M, make(M))  # M kept alive, so its id stays its own
+        return hit[1]
+
+    def abs(self, M):
+        return self._get("abs", M, abs)
+
+    def T(self, M):
+        return self._get("T", M, lambda X: X.T.tocsr() if sp.issparse(X) else X.T)
+
+    def absT(self, M):
+        return self._get("absT", M, lambda X: self.T(self.abs(X)))
+
+    def rows(self, M):
+        return self._get("rows", M, lambda X: X.tocsr() if sp.issparse(X) else X)
+
+    def abs_row_sums(self, M) -> np.ndarray:
+        return self._get("rowsum", M, lambda X: np.asarray(self.abs(X).sum(axis=1)).ravel())
+
+
+def _abs_rows(C, x: np.ndarray, mats: Optional[Derived] = None) -> np.ndarray:
     """``|C| |x|`` row by row: the natural size of ``C x`` (for scale-invariant tolerances)."""
-    return abs(C) @ np.abs(x)
+    return (abs(C) if mats is None else mats.abs(C)) @ np.abs(x)
 
 
-def detect_active(C, d: np.ndarray, x: np.ndarray, mu: Optional[np.ndarray], eps: float) -> Tuple[np.ndarray, int]:
+def detect_active(C, d: np.ndarray, x: np.ndarray, mu: Optional[np.ndarray], eps: float,
+                  mats: Optional[Derived] = None) -> Tuple[np.ndarray, int]:
     """Active inequalities from the slack and (when given) the dual, each relative to its own scale.
 
     Constraint ``i`` is active when ``d_i − C_i x ≤ eps·max(|d_i|, |C_i||x|)`` or
@@ -78,7 +122,7 @@ def detect_active(C, d: np.ndarray, x: np.ndarray, mu: Optional[np.ndarray], eps
     Returns the mask and the number of weakly active constraints (small slack *and* small dual).
     """
     slack = d - _mv(C, x)
-    near = slack <= eps * np.maximum(np.maximum(np.abs(d), _abs_rows(C, x)), _TINY)
+    near = slack <= eps * np.maximum(np.maximum(np.abs(d), _abs_rows(C, x, mats)), _TINY)
     if mu is None:
         return near, 0
     big = mu > eps * max(float(np.max(np.abs(mu), initial=0.0)), _TINY)
@@ -87,11 +131,16 @@ def detect_active(C, d: np.ndarray, x: np.ndarray, mu: Optional[np.ndarray], eps
 
 
 def _inf(v) -> float:
-    return float(np.max(np.abs(v), initial=0.0)) if v is not None else 0.0
+    if v is None:
+        return 0.0
+    a = np.abs(v)
+    return float(a.max()) if a.size else 0.0
 
 
 def polish(P, q, C, d, A, b, active: np.ndarray, solver, sparse: bool, eps: float, refine: bool,
-           max_iter: int, start: Optional[Tuple[np.ndarray, Optional[np.ndarray], Optional[np.ndarray]]] = None):
+           max_iter: int, start: Optional[Tuple[np.ndarray, Optional[np.ndarray], Optional[np.ndarray]]] = None,
+           quick: bool = False, trace: Optional[PolishTrace] = None, reuse=None,
+           mats: Optional[Derived] = None):
     """Solve the reduced KKT on ``active`` and verify; repair the set when ``refine``.
 
     The check is scale-invariant, with tolerance ``tol = 1e-2·eps`` relative to each quantity's own
@@ -102,6 +151,9 @@ def polish(P, q, C, d, A, b, active: np.ndarray, solver, sparse: bool, eps: floa
 
     ``start`` = the forward solver's ``(x, y, z)``: the refinement starts there, so when the reduced
     system is singular (a non-unique solution) the polished point stays next to the solver's.
+    ``quick`` tries one unscaled factorization per set before :class:`RobustKKT`'s ladder; ``reuse``
+    is an earlier factorization whose symbolic analysis a same-pattern system reuses; ``trace``
+    counts the factorizations; ``mats`` holds the element's derived matrices.
 
     Returns ``(z, lam, mu_full, active, kkt, verified, iterations)``, or ``None`` if the solve is
     not finite.
@@ -111,12 +163,16 @@ def polish(P, q, C, d, A, b, active: np.ndarray, solver, sparse: bool, eps: floa
     m = 0 if C is None else C.shape[0]
     tol = max(1e-2 * eps, 1e-13)
     active = active.copy()
-    Cr = None if C is None else (C.tocsr() if sp.issparse(C) else C)
+    mats = Derived() if mats is None else mats
+    Cr = None if C is None else mats.rows(C)
     best = None
     for it in range(max_iter + 1):
         J = np.flatnonzero(active)
         CJ = None if C is None else Cr[J]
-        kkt = RobustKKT(P, A, CJ, sparse, solver)
+        kkt = RobustKKT(P, A, CJ, sparse, solver, quick=quick, reuse=reuse)
+        reuse = kkt.factor
+        if trace is not None:
+            trace.factorizations += kkt.factorizations
         rhs = np.concatenate([-q, b if b is not None else np.zeros(0), d[J] if m else np.zeros(0)])
         x0 = None
         if start is not None:
@@ -131,17 +187,17 @@ def polish(P, q, C, d, A, b, active: np.ndarray, solver, sparse: bool, eps: floa
         mu[J] = muJ
         Pz = _mv(P, z)
         # stationarity and the equality-type rows (A, C_J) hold to tol relative to their terms
-        terms = [_abs_rows(P, z), q]  # |P||z|, not Pz: the terms' size survives cancellation
+        terms = [_abs_rows(P, z, mats), q]  # |P||z|, not Pz: the terms' size survives cancellation
         r_stat = Pz + q
         r_prim = 0.0
         scale_p = _TINY
         if p:
-            ATl = A.T @ lam
+            ATl = mats.T(A) @ lam
             r_stat = r_stat + ATl
-            terms.append(abs(A).T @ np.abs(lam))
+            terms.append(mats.absT(A) @ np.abs(lam))
             Az = _mv(A, z)
             r_prim = _inf(Az - b)
-            scale_p = max(scale_p, _inf(b), _inf(_abs_rows(A, z)))  # |A||z|: the size of the terms of Az
+            scale_p = max(scale_p, _inf(b), _inf(_abs_rows(A, z, mats)))  # |A||z|: the size of the terms of Az
         viol = np.zeros(m)
         neg = np.zeros(0, bool)
         mu_scale = _TINY
@@ -149,17 +205,17 @@ def polish(P, q, C, d, A, b, active: np.ndarray, solver, sparse: bool, eps: floa
             # the layer returns max(μ, 0): check stationarity for that point, so a negative μ_J within
             # the sign tolerance cannot hide a residual that its clipping creates
             mu_pos = np.maximum(mu, 0.0)
-            CTm = C.T @ mu_pos
+            CTm = mats.T(C) @ mu_pos
             r_stat = r_stat + CTm
-            terms.append(abs(C).T @ mu_pos)
+            terms.append(mats.absT(C) @ mu_pos)
             Cz = _mv(C, z)
-            row_size = np.maximum(np.maximum(np.abs(d), _abs_rows(C, z)), _TINY)
+            row_size = np.maximum(np.maximum(np.abs(d), _abs_rows(C, z, mats)), _TINY)
             viol = (Cz - d) - tol * row_size
             if len(J):
                 r_prim = max(r_prim, _inf(Cz[J] - d[J]))
                 scale_p = max(scale_p, _inf(row_size[J]))
                 viol[J] = -np.inf
-                row_norm = _inf(np.asarray(abs(CJ).sum(axis=1)).ravel())
+                row_norm = _inf(mats.abs_row_sums(C)[J])
                 mu_scale = tol * max(_inf(muJ), (_inf(Pz) + _inf(q)) / max(row_norm, _TINY), _TINY)
                 neg = muJ < -mu_scale
         # stationarity to tol relative to the size of its *vectors* (Pz, q, Aᵀλ, Cᵀμ), plus the
@@ -187,7 +243,8 @@ def polish(P, q, C, d, A, b, active: np.ndarray, solver, sparse: bool, eps: floa
     return z, lam, mu, active, kkt, verified, it
 
 
-def _include_weakly_active(P, q, C, d, A, b, out, linsolver, sparse: bool, eps: float):
+def _include_weakly_active(P, q, C, d, A, b, out, linsolver, sparse: bool, eps: float,
+                           trace: Optional[PolishTrace] = None, mats: Optional[Derived] = None):
     """Canonical treatment of weakly active rows: every row at its bound joins the active set.
 
     At a weakly active row (zero slack *and* zero multiplier) the solution map has a kink, and
@@ -197,14 +254,54 @@ def _include_weakly_active(P, q, C, d, A, b, out, linsolver, sparse: bool, eps: 
     """
     z, lam, mu, active, kkt, verified, it = out
     slack = d - _mv(C, z)
-    at_bound = (~active) & (slack <= eps * np.maximum(np.maximum(np.abs(d), _abs_rows(C, z)), _TINY))
+    at_bound = (~active) & (slack <= eps * np.maximum(np.maximum(np.abs(d), _abs_rows(C, z, mats)), _TINY))
     if not np.any(at_bound):
         return out
     cand = polish(P, q, C, d, A, b, active | at_bound, linsolver, sparse, eps, False, 0,
-                  start=(z, lam, mu))
+                  start=(z, lam, mu), quick=True, trace=trace, reuse=None if kkt is None else kkt.factor,
+                  mats=mats)
     if cand is not None and cand[5]:
         return cand[:6] + (it,)
     return out
+
+
+def _clear_slack(C, d: np.ndarray, x: np.ndarray, mu: np.ndarray, eps: float, mats: Derived) -> np.ndarray:
+    """Rows whose slack is clearly larger than their dual, both relative: an interior-point point at
+    1e-8 leaves duals of 1e-5·‖μ‖∞ on rows with a slack of 1e-2, which the dual alone calls active.
+
+    The slack is measured against ``max(|d_i|, |C_i||x|, ‖C_i‖₁‖x‖∞)``: the last term keeps a bound
+    ``−x_j ≤ 0`` at ``x_j ≈ 1e-12`` small (its own terms alone would make it look slack).
+    """
+    slack = d - _mv(C, x)
+    size = np.maximum(np.maximum(np.abs(d), _abs_rows(C, x, mats)), mats.abs_row_sums(C) * _inf(x))
+    rel_slack = slack / np.maximum(size, _TINY)
+    rel_mu = mu / max(_inf(mu), _TINY)
+    return (rel_slack > eps) & (rel_slack > rel_mu)
+
+
+def _repaired(data, out, eps: float, mats: Derived) -> Tuple[Optional[np.ndarray], str]:
+    """The set after one repair of an unverified polish outcome (:func:`polish`'s rule: add the
+    violated inactive rows, else drop the active rows with negative duals) and which (``"add"``,
+    ``"drop"``); ``(None, "")`` if neither applies."""
+    P, q, C, d, A, b = data
+    z, lam, mu, active, kkt, verified, it = out
+    tol = max(1e-2 * eps, 1e-13)
+    Cz = _mv(C, z)
+    viol = (Cz - d) - tol * np.maximum(np.maximum(np.abs(d), _abs_rows(C, z, mats)), _TINY)
+    viol[active] = -np.inf
+    if np.any(viol > 0):
+        return active | (viol > 0), "add"
+    J = np.flatnonzero(active)
+    if not len(J):
+        return None, ""
+    row_norm = _inf(mats.abs_row_sums(C)[J])
+    mu_scale = tol * max(_inf(mu[J]), (_inf(_mv(P, z)) + _inf(q)) / max(row_norm, _TINY), _TINY)
+    neg = mu[J] < -mu_scale
+    if not np.any(neg):
+        return None, ""
+    fixed = active.copy()
+    fixed[J[neg]] = False
+    return fixed, "drop"
 
 
 def strict_complementarity_margin(slack: np.ndarray, mu: np.ndarray, active: np.ndarray) -> float:
@@ -216,16 +313,17 @@ def strict_complementarity_margin(slack: np.ndarray, mu: np.ndarray, active: np.
     return float(np.min(vals)) if vals.size else float("inf")
 
 
-def residuals(P, q, C, d, A, b, z, lam, mu) -> Tuple[float, float, float]:
+def residuals(P, q, C, d, A, b, z, lam, mu, mats: Optional[Derived] = None) -> Tuple[float, float, float]:
     """Primal infeasibility, dual (stationarity) residual, complementarity (all ∞-norms)."""
+    mats = Derived() if mats is None else mats
     r_dual = _mv(P, z) + q
     r_prim = 0.0
     comp = 0.0
     if A is not None:
-        r_dual = r_dual + A.T @ lam
+        r_dual = r_dual + mats.T(A) @ lam
         r_prim = float(np.max(np.abs(_mv(A, z) - b), initial=0.0))
     if C is not None:
-        r_dual = r_dual + C.T @ mu
+        r_dual = r_dual + mats.T(C) @ mu
         s = d - _mv(C, z)
         r_prim = max(r_prim, float(np.max(np.maximum(-s, 0.0), initial=0.0)))
         comp = float(np.max(np.abs(mu * s), initial=0.0))
@@ -241,6 +339,9 @@ class Engine:
         self.lin_solver_name = lin_solver_name
         self._pool: Optional[ThreadPoolExecutor] = None
         self.warm: List[Optional[Tuple[np.ndarray, ...]]] = []
+        #: per batch slot, the last reduced-KKT factorization (its symbolic analysis is reused)
+        self._factors: dict = {}
+        self._warned_warm = False
         self.used_linsolvers: set = set()
 
     # -- forward -----------------------------------------------------------------------------
@@ -274,13 +375,17 @@ class Engine:
         P, q, C, d, A, b = data
         n, m, p = P.shape[0], 0 if C is None else C.shape[0], 0 if A is None else A.shape[0]
         linsolver = self._linsolver(sparse, n + p + m)
+        mats = Derived()  # |C|, Cᵀ, ... of this element, made once
         if m == 0:  # no inequalities: the KKT system *is* the problem; no solver needed
-            out = polish(P, q, C, d, A, b, np.zeros(0, bool), linsolver, sparse, s.eps_active, False, 0)
+            trace = PolishTrace()
+            out = polish(P, q, C, d, A, b, np.zeros(0, bool), linsolver, sparse, s.eps_active, False, 0,
+                         quick=True, trace=trace, reuse=self._factors.get(slot), mats=mats)
             if out is not None and out[5]:
-                return self._result(data, out, None, 0.0, "no inequalities: solved the KKT system directly")
+                return self._result(data, out, None, 0.0, "no inequalities: solved the KKT system directly",
+                                    trace, slot, mats)
         if warm is not None and (len(warm[0]), len(warm[1]), len(warm[2])) != (n, p, m):
             warm = None  # the problem changed size since the previous call
-        res = self._solve_with(self.solver, data, sparse, linsolver, warm, slot)
+        res = self._solve_with(self.solver, data, sparse, linsolver, warm, slot, mats=mats)
         if res.status == Status.SOLVED and (res.verified or not s.fallback_on_unverified):
             return res
         from dqp.solvers import get_solver
@@ -295,7 +400,7 @@ class Engine:
             # a second opinion on a solved-but-unverified answer gets a time limit (10× the first solve,
             # at least 1 s) where the solver has one: HiGHS took minutes on QPILOTNO
             extra = fsolver.time_limit_keywords(max(10.0 * res.solve_time, 1.0)) if kept is res else {}
-            res2 = self._solve_with(fsolver, data, sparse, linsolver, None, None, extra)
+            res2 = self._solve_with(fsolver, data, sparse, linsolver, None, None, extra, mats=mats)
             tried.append(f"{fb}: {res2.status.name}" + ("" if res2.status != Status.SOLVED or res2.verified
                                                           else " (unverified)"))
             res.solve_time += res2.solve_time
@@ -334,7 +439,7 @@ class Engine:
         return res
 
     def _solve_with(self, solver: ForwardSolver, data, sparse: bool, linsolver, warm, slot,
-                    extra: Optional[dict] = None) -> ElementResult:
+                    extra: Optional[dict] = None, mats: Optional[Derived] = None) -> ElementResult:
         s = self.settings
         P, q, C, d, A, b = data
         n, m, p = P.shape[0], 0 if C is None else C.shape[0], 0 if A is None else A.shape[0]
@@ -368,35 +473,98 @@ class Engine:
             return failed(raw.status, f"{solver.name}: " + (raw.info.get("error", "") or raw.info.get("raw_status", "")
                                                              or raw.status.name))
         mu0 = raw.z if (s.dual_available and raw.z is not None) else None
-        out = None
-        # The detection threshold is eps_active; when the set it gives cannot be verified (the solver's
-        # accuracy and eps_active disagree, as on badly scaled problems), stricter and looser thresholds
-        # are tried: the check, not the threshold, decides.
-        thresholds = [s.eps_active] + ([s.eps_active * f for f in (1e-2, 1e-4, 1e2)] if s.refine_active and m else [])
-        for k, eps in enumerate(thresholds):
-            active = detect_active(C, d, raw.x, mu0, eps)[0] if m else np.zeros(0, bool)
-            repairs = 0 if not s.refine_active else (s.max_refine_iter if k == 0 else min(3, s.max_refine_iter))
-            cand = polish(P, q, C, d, A, b, active, linsolver, sparse, s.eps_active, s.refine_active,
-                          repairs, start=(raw.x, raw.y, raw.z))
-            if out is None or (cand is not None and cand[5] and not out[5]):
-                out = cand
-            if out is not None and out[5]:
-                break
+        trace = PolishTrace()
+        start = (raw.x, raw.y, raw.z)
+        mats = Derived() if mats is None else mats
+        out = self._polish_quick(data, sparse, linsolver, raw.x, mu0, start, slot, trace, mats)
+        # a failed solve's point rarely polishes: with a fallback solver to ask, the ladder is not worth its cost
+        has_fallback = any(fb != solver.name for fb in s.fallback_solver)
+        if (out is None or not out[5]) and (raw.status == Status.SOLVED or not has_fallback):
+            trace.path = "ladder"
+            out = self._polish_ladder(data, sparse, linsolver, raw.x, mu0, start, out, trace, mats)
         if out is None:
             return failed(raw.status if raw.status != Status.SOLVED else Status.NUMERICAL,
                           f"{solver.name}: non-finite polished solution")
         verified = out[5]
         if verified and m:
-            out = _include_weakly_active(P, q, C, d, A, b, out, linsolver, sparse, s.eps_active)
+            out = _include_weakly_active(P, q, C, d, A, b, out, linsolver, sparse, s.eps_active, trace, mats)
         message = ""
         if raw.status != Status.SOLVED:
             if not verified:
                 return failed(raw.status, f"{solver.name} reported {raw.info.get('raw_status') or raw.status.name!r}; "
                                           f"no verified KKT point could be recovered from its output")
             message = f"{solver.name} reported {raw.status.name}; the polished solution passed the KKT check"
-        return self._result(data, out, raw, solve_time, message)
+        return self._result(data, out, raw, solve_time, message, trace, slot, mats)
 
-    def _result(self, data, out, raw: Optional[RawSolution], solve_time: float, message: str) -> ElementResult:
+    #: repairs of the quick polish (each one factorization) before the ladder takes over
+    QUICK_REPAIRS = 2
+
+    def _polish_quick(self, data, sparse: bool, linsolver, x, mu0, start, slot, trace: PolishTrace,
+                      mats: Derived):
+        """The common case: the set detected at ``eps_active``, one unscaled factorization (reusing the
+        symbolic analysis of this slot's previous call), verified. When that fails: the set of a 100×
+        stricter threshold and at most ``QUICK_REPAIRS`` repairs of the first set, in the order its
+        failure suggests."""
+        s = self.settings
+        P, q, C, d, A, b = data
+        m = 0 if C is None else C.shape[0]
+        active = detect_active(C, d, x, mu0, s.eps_active, mats)[0] if m else np.zeros(0, bool)
+        if m and mu0 is not None:
+            active &= ~_clear_slack(C, d, x, mu0, s.eps_active, mats)
+        run = lambda act, refine, repairs, reuse: polish(
+            P, q, C, d, A, b, act, linsolver, sparse, s.eps_active, refine, repairs, start=start, quick=True,
+            trace=trace, reuse=reuse, mats=mats)
+        out = run(active, False, 0, self._factors.get(slot))
+        if (out is not None and out[5]) or not (m and s.refine_active):
+            return out
+        reuse = None if out is None else out[4].factor
+        # the first set failed: a negative dual (interior-point points leave duals of 1e-5 on inactive
+        # rows) is repaired first; violated rows (a degenerate vertex's set missing rows: most of the
+        # Maros–Meszaros LPs) are better found by the 100x stricter threshold's set, then repaired
+        repairs = min(self.QUICK_REPAIRS, s.max_refine_iter)
+        fixed, kind = (None, "") if (out is None or not repairs) else _repaired(data, out, s.eps_active, mats)
+        tries = [(fixed, True)] if kind == "drop" else []
+        strict = detect_active(C, d, x, mu0, 1e-2 * s.eps_active, mats)[0]
+        if not np.array_equal(strict, active):
+            tries.append((strict, False))
+        if kind == "add":
+            tries.append((fixed, True))
+        for act, refine in tries:
+            cand = run(act, refine, repairs - 1 if refine else 0, reuse)
+            if cand is not None and cand[5]:
+                return cand
+        return out
+
+    def _polish_ladder(self, data, sparse: bool, linsolver, x, mu0, start, out, trace: PolishTrace,
+                       mats: Derived):
+        """When the quick polish fails: equilibrated factorizations, the full repair budget, and stricter
+        and looser thresholds (the solver's accuracy and ``eps_active`` may disagree, as on badly
+        scaled problems): the check, not the threshold, decides. ``out`` is the quick polish's outcome."""
+        s = self.settings
+        P, q, C, d, A, b = data
+        m = 0 if C is None else C.shape[0]
+        if s.refine_active and m:
+            # cheapest first (measured on Maros–Meszaros: the set as detected, the stricter thresholds' sets
+            # after one repair, and only then the long repair chains); every old attempt is kept
+            few = min(3, s.max_refine_iter)
+            steps = [(1.0, 0), (1e-2, few), (1e-4, few), (1.0, s.max_refine_iter), (1e2, few)]
+        else:
+            steps = [(1.0, 0)]
+        quick_out, out, first = out, None, None
+        for f, repairs in steps:
+            active = detect_active(C, d, x, mu0, f * s.eps_active, mats)[0] if m else np.zeros(0, bool)
+            cand = polish(P, q, C, d, A, b, active, linsolver, sparse, s.eps_active, s.refine_active,
+                          repairs, start=start, trace=trace, mats=mats)
+            if cand is not None and cand[5]:
+                return cand
+            if f == 1.0 and (first is None or repairs):
+                first = cand if cand is not None else first  # unverified: the full repair chain's outcome
+        out = first
+        return out if out is not None else quick_out
+
+    def _result(self, data, out, raw: Optional[RawSolution], solve_time: float, message: str,
+                trace: Optional[PolishTrace] = None, slot: Optional[int] = None,
+                mats: Optional[Derived] = None) -> ElementResult:
         """Assemble the element's result from a polish outcome (and the solver's point when unverified)."""
         s = self.settings
         P, q, C, d, A, b = data
@@ -413,15 +581,19 @@ class Engine:
         n_weak, margin = 0, float("inf")
         if m:  # weakly active: on the boundary with a (near) zero multiplier, after the polish
             slack = d - _mv(C, z)
-            at_bound = slack <= s.eps_active * np.maximum(np.maximum(np.abs(d), _abs_rows(C, z)), _TINY)
+            at_bound = slack <= s.eps_active * np.maximum(np.maximum(np.abs(d), _abs_rows(C, z, mats)), _TINY)
             zero_dual = mu <= s.eps_active * max(float(np.max(mu, initial=0.0)), _TINY)
             n_weak = int(np.count_nonzero(at_bound & zero_dual))
             margin = strict_complementarity_margin(slack, mu, active)
-        res = residuals(P, q, C, d, A, b, z, lam, mu)
+        res = residuals(P, q, C, d, A, b, z, lam, mu, mats)
         if kkt.path == REGULARIZED:
             warn_singular_once()
+        if slot is not None and kkt.factor is not None:
+            self._factors[slot] = kkt.factor  # its symbolic analysis serves this slot's next call
+        trace = trace or PolishTrace()
         return ElementResult(z, lam, mu, active, Status.SOLVED, kkt, verified, it, n_weak,
                              None if raw is None else raw.iterations, solve_time, message, res, margin,
+                             trace.path, trace.factorizations,
                              raw_duals=None if verified or raw is None else (raw.y, raw.z))
 
     def forward(self, batch) -> List[ElementResult]:
@@ -432,7 +604,16 @@ class Engine:
             self.warm = [None] * B
             if hasattr(self.solver, "prune"):  # per-slot workspaces (OSQP) of a larger batch
                 self.solver.prune(B)
+            self._factors = {k: v for k, v in self._factors.items() if k < B}
         use_warm = self.settings.warm_start_from_previous
+        if use_warm and not self.solver.warm_starts and not self._warned_warm:
+            self._warned_warm = True
+            from dqp.solvers import available_solvers, get_solver
+
+            users = [k for k in available_solvers() if get_solver(k).warm_starts]
+            warnings.warn(f"warm_start_from_previous=True has no effect with qp_solver={self.solver.name!r}: it does "
+                          f"not take starting values (solvers that do: {', '.join(users)}). Each call still reuses "
+                          f"the previous call's reduced-KKT analysis.", UserWarning, stacklevel=4)
 
         def run(i):
             return self.solve_element(nb.element(i), batch.sparse, self.warm[i] if use_warm else None, slot=i)

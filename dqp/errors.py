@@ -22,6 +22,7 @@ class Status(IntEnum):
     DUAL_INFEASIBLE = 3
     NUMERICAL = 4
     SOLVER_ERROR = 5
+    NOT_PSD = 6
 
     def describe(self) -> str:
         """What the status means, as a sentence fragment ("is primal infeasible (...)")."""
@@ -35,6 +36,7 @@ _STATUS_TEXT = {
     Status.DUAL_INFEASIBLE: "is dual infeasible (the objective is unbounded below)",
     Status.NUMERICAL: "ran into numerical trouble (ill-conditioning or non-finite iterates)",
     Status.SOLVER_ERROR: "failed inside the solver (no solution returned)",
+    Status.NOT_PSD: "has a P that is not positive semidefinite (a negative eigenvalue: the QP is not convex)",
 }
 
 
@@ -67,7 +69,18 @@ class NotSymmetricError(InputError):
 
 
 class NotPSDError(InputError):
-    """P is not positive semidefinite (only checked with ``check_PSD=True``)."""
+    """P is not positive semidefinite: tested up front with ``check_PSD=True``; otherwise found by
+    the solve (negative curvature in a factorization, confirmed by P's smallest eigenvalue).
+
+    Attributes
+    ----------
+    batch_indices : list of int
+        The elements whose P is not PSD, where known (``[0]`` for an unbatched problem).
+    """
+
+    def __init__(self, message: str, batch_indices: Sequence[int] = ()):
+        super().__init__(message)
+        self.batch_indices = list(batch_indices)
 
 
 class LayoutError(InputError):
@@ -130,18 +143,29 @@ _STATUS_FIX = {
     Status.DUAL_INFEASIBLE: "make P positive definite on the feasible directions or add bounds",
     Status.NUMERICAL: "rescale the data (normalize_constraints=True) or try another qp_solver",
     Status.SOLVER_ERROR: "try another qp_solver",
+    Status.NOT_PSD: "build P as L @ L.T (+ eps*I); check_PSD=True tests every P before solving",
 }
 
 
-def error_for_statuses(statuses: Sequence[Status], solver: str, details: Sequence[str] | None = None) -> SolveError | None:
+def error_for_statuses(statuses: Sequence[Status], solver: str,
+                       details: Sequence[str] | None = None) -> SolveError | NotPSDError | None:
     """Build the exception describing every failed element of a batch, or ``None`` if all solved.
 
-    The exception class follows the first failure; the message lists every failed element.
+    The exception class follows the first failure; the message lists every failed element. Elements
+    whose P is not positive semidefinite (``Status.NOT_PSD``) give a :class:`NotPSDError` naming them.
     """
     failed = [(i, Status(s)) for i, s in enumerate(statuses) if Status(s) != Status.SOLVED]
     if not failed:
         return None
     batched = len(statuses) > 1
+    bad = [i for i, s in failed if s == Status.NOT_PSD]
+    if bad:   # an input error: it explains the other failures too, so it is raised first
+        where = f" (batch elements {bad[:10]}{'...' if len(bad) > 10 else ''})" if batched else ""
+        return NotPSDError(
+            f"Argument P is not positive semidefinite{where}: it has a negative eigenvalue (seen as negative "
+            f"curvature in the factorization of qp_solver={solver!r}, or after its solve failed, and confirmed by P's smallest "
+            f"eigenvalue), so the QP is not convex and no point returned is its minimum. Fix: "
+            f"{_STATUS_FIX[Status.NOT_PSD]}. With on_failure='mask' these elements get status NOT_PSD.", bad)
     lines = []
     for i, s in failed[:20]:
         who = f"batch element {i}" if batched else "the problem"

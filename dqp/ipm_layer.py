@@ -69,6 +69,7 @@ polish (``polish=False``), the float32 path keeps its float32 factorization.
 """
 from __future__ import annotations
 
+import functools
 import math
 import time
 import warnings
@@ -195,6 +196,7 @@ def polish(P: Tensor, q: Tensor, C: Optional[Tensor], d: Optional[Tensor], A: Op
     zp, lp, mp, ok, bad_rows = _attempt(kkt, q, b, C, d, active, solved, tol)
     z, lam, mu = _accept(ok, zp, lp, mp, z, lam, mu)
     polished = ok
+    nc = kkt.negative_curvature                  # (any round's K may show that P is not PSD)
     # later rounds: only the rejected elements, with the offending rows moved
     if C is not None and rounds > 1:
         idx = torch.nonzero(solved & ~ok).squeeze(-1)
@@ -217,8 +219,12 @@ def polish(P: Tensor, q: Tensor, C: Optional[Tensor], d: Optional[Tensor], A: Op
             polished = polished.clone()
             polished[gi] = True
             kkt.absorb(gi, sub, rows)
+            if sub.negative_curvature is not None:
+                nc = torch.zeros_like(solved) if nc is None else nc.clone()
+                nc[idx] |= sub.negative_curvature
             keep = torch.nonzero(~ok_s).squeeze(-1)
             idx, cur = idx[keep], (cur ^ bad_s)[keep]
+    kkt.negative_curvature = nc
     return z, lam, mu, active, kkt, polished
 
 
@@ -331,9 +337,40 @@ def _kkt_of_kernel(P: Tensor, C: Optional[Tensor], A: Optional[Tensor], active: 
     return kkt
 
 
-def _finish(res, z, lam, mu, active, kkt, polished, solved, dtype_in):
+def _not_psd(P: Tensor, res, kkt: BatchedKKT, solved: Tensor) -> Optional[Tensor]:
+    """(B,) bool: the elements whose P is not positive semidefinite, or None where none can be.
+
+    Only the primal form can meet such a P (the dual form needs P's Cholesky factor). Candidates
+    are the elements whose reduced KKT matrix showed negative curvature in the polish
+    (:attr:`BatchedKKT.negative_curvature`, known on the host without a synchronization) and, in
+    the primal form, those the IPM failed on; P's smallest eigenvalue decides, for them only. A
+    convex batch in the dual form costs nothing; in the primal form, one read of the statuses.
+    """
+    if res.form != "primal" or res.fused:
+        return None
+    cand = ~solved
+    if kkt.negative_curvature is not None:
+        cand = cand | kkt.negative_curvature
+    idx = torch.nonzero(cand).squeeze(-1)         # (the host sync: the primal form syncs per step anyway)
+    if idx.numel() == 0:
+        return None
+    B, n = solved.shape[0], P.shape[-1]
+    Pi = P.expand(B, n, n)[idx]
+    lo = torch.linalg.eigvalsh(Pi.double())[:, 0]
+    big = Pi.double().abs().flatten(-2).amax(-1)
+    bad = torch.zeros_like(solved)
+    bad[idx] = lo < -math.sqrt(torch.finfo(P.dtype).eps) * big
+    return bad
+
+
+def _finish(res, z, lam, mu, active, kkt, polished, solved, dtype_in, P: Optional[Tensor] = None):
     """IPMQPFunction.forward's outputs: per-element diagnostics on ``kkt``, the point in the input
-    dtype, zeros (never NaN) for failed elements."""
+    dtype, zeros (never NaN) for failed elements. With ``P``: elements whose P is not positive
+    semidefinite (:func:`_not_psd`) get ``Status.NOT_PSD`` and count as failed."""
+    bad = None if P is None else _not_psd(P, res, kkt, solved)
+    if bad is not None:
+        res.status = torch.where(bad, torch.full_like(res.status, int(Status.NOT_PSD)), res.status)
+        solved = solved & ~bad
     kkt.polished, kkt.iterations = polished & solved, res.iterations
     z, lam, mu = (_cast(t, dtype_in) for t in (z, lam, mu))
     sv = solved.unsqueeze(-1)
@@ -449,7 +486,7 @@ class IPMQPFunction(torch.autograd.Function):
             else:
                 kkt = BatchedKKT(P, A, C, active, batch=q.shape[0], factors=res.factors, options=eng.linalg)
                 polished = torch.zeros_like(solved)
-        return _finish(res, z, lam, mu, active, kkt, polished, solved, dtype_in)
+        return _finish(res, z, lam, mu, active, kkt, polished, solved, dtype_in, P)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -662,13 +699,19 @@ def _restore_rows(mu: Optional[Tensor], active: Optional[Tensor], rows, like: Te
     return mu_full, act_full
 
 
+@functools.lru_cache(maxsize=1)
+def _ipm_keyword_names() -> Tuple[str, ...]:
+    """The keywords :func:`solve_qp_batch` passes on (``ipm_solve``'s and ``polish_rounds``), read once."""
+    import inspect
+    return tuple(k for k in inspect.signature(ipm_solve).parameters
+                 if k not in ("P", "q", "C", "d", "A", "b")) + ("polish_rounds",)
+
+
 def _check_ipm_options(options: Dict[str, Any]) -> None:
     """Unknown ``ipm_solve`` keywords are a :class:`SettingsError` (with the closest valid name)."""
     import difflib
-    import inspect
 
-    valid = [k for k in inspect.signature(ipm_solve).parameters if k not in ("P", "q", "C", "d", "A", "b")]
-    valid.append("polish_rounds")
+    valid = list(_ipm_keyword_names())
     unknown = [k for k in options if k not in valid]
     if unknown:
         hints = [f"{k!r}" + (f" (did you mean {c[0]!r}?)" if (c := difflib.get_close_matches(k, valid, n=1)) else "")
@@ -721,6 +764,21 @@ def solve_qp_batch(P: Tensor, q: Tensor, C: Optional[Tensor] = None, d: Optional
     reject_functorch((P, q, C, d, A, b), "solve_qp_batch")
     if on_failure not in ("raise", "mask"):
         raise SettingsError(f"solve_qp_batch: on_failure must be 'raise' or 'mask', got {on_failure!r}.")
+    z, lam, mu, status, active, kkt, feasible = _solve(P, q, C, d, A, b, eps, max_iter, polish, ipm_options)
+    if diagnostics is not None:
+        verified = kkt.polished & feasible
+        diagnostics.update(verified=verified, iterations=kkt.iterations,
+                           kkt_path=[PATH_NAMES[i] for i in kkt.path.tolist()])
+    if on_failure == "raise":
+        st = status.tolist()
+        if any(s != int(Status.SOLVED) for s in st):
+            raise error_for_statuses([Status(s) for s in st], "dqp_ipm")
+    return z, lam, mu, status, active
+
+
+def _solve(P, q, C, d, A, b, eps, max_iter, polish, ipm_options):
+    """:func:`solve_qp_batch`'s solve, nothing read on the host: ``(z, lam, mu, status, active, kkt,
+    feasible)`` with ``feasible`` (B,) whether z satisfies the constraints (:func:`_feasible`)."""
     _check_ipm_options(ipm_options)
     P, q, C, d, A, b = _broadcast(P, q, C, d, A, b)
     C, d, rows = _unbounded_rows(C, d)
@@ -739,15 +797,7 @@ def solve_qp_batch(P: Tensor, q: Tensor, C: Optional[Tensor] = None, d: Optional
     feasible = _feasible(z.detach(), C, d, A, b)
     if rows is not None:
         mu, active = _restore_rows(mu, active, rows, z)
-    if diagnostics is not None:
-        verified = kkt.polished & feasible
-        diagnostics.update(verified=verified, iterations=kkt.iterations,
-                           kkt_path=[PATH_NAMES[i] for i in kkt.path.tolist()])
-    if on_failure == "raise":
-        st = status.tolist()
-        if any(s != int(Status.SOLVED) for s in st):
-            raise error_for_statuses([Status(s) for s in st], "dqp_ipm")
-    return z, lam, mu, status, active
+    return z, lam, mu, status, active, kkt, feasible
 
 
 # ------------------------------------------------------------------------------------------------
@@ -789,9 +839,15 @@ def ipm_keywords(settings: "Settings", dtype: torch.dtype, device: torch.device)
     return kw
 
 
+@functools.lru_cache(maxsize=1)
+def _default_fallback() -> tuple:
+    """The default settings' fallback chain (built once: it asks which solvers are installed)."""
+    from dqp.settings import build_settings
+    return tuple(build_settings().fallback_solver)
+
+
 def _warn_unsupported(s: "Settings") -> None:
     """Warn about the settings the batched IPM cannot honour (see :func:`ipm_keywords`)."""
-    from dqp.settings import build_settings
     bad: List[str] = []
     if s.warm_start_from_previous:
         bad.append("warm_start_from_previous=True (an interior-point method starts from its own point)")
@@ -802,7 +858,7 @@ def _warn_unsupported(s: "Settings") -> None:
                    "qp_solver_keywords={'max_iter': ...}, or pick qp_solver='clarabel')")
     if s.dual_available is False:
         bad.append("dual_available=False (the IPM's duals classify the active set; the polish recomputes them)")
-    if s.fallback_solver not in (build_settings().fallback_solver, None, ()):
+    if s.fallback_solver not in (_default_fallback(), None, ()):
         bad.append(f"fallback_solver={s.fallback_solver!r} (failed elements are reported in layer.info.status; "
                    "float32 failures are re-solved in float64)")
     if bad:
@@ -820,27 +876,36 @@ def solve_settings_batch(batch: "QPBatch", settings: "Settings") -> Tuple[Tensor
     s = settings
     t0 = time.perf_counter()
     kw = ipm_keywords(s, batch.q.dtype, batch.q.device)
-    diag: dict = {}
-    z, lam, mu, status, active = solve_qp_batch(batch.P, batch.q, batch.C, batch.d, batch.A, batch.b,
-                                                on_failure="mask", diagnostics=diag, **kw)
+    do_polish = kw.pop("polish", True)
+    z, lam, mu, status, active, kkt, feasible = _solve(batch.P, batch.q, batch.C, batch.d, batch.A, batch.b,
+                                                       kw.pop("eps", None), kw.pop("max_iter", 100), do_polish, kw)
+    diag = dict(verified=kkt.polished & feasible, iterations=kkt.iterations,
+                kkt_path=lambda path=kkt.path: [PATH_NAMES[i] for i in path.tolist()])
     elapsed = time.perf_counter() - t0
     B = batch.B
-    st = [Status(int(x)) for x in status.tolist()]
-    info = SolveInfo(qp_solver="dqp_ipm", lin_solver="torch", status=st,
-                     active=[a for a in (active.cpu().numpy() if active is not None
-                                         else np.zeros((B, 0), bool))],
-                     verified=diag["verified"].tolist(), kkt_path=diag["kkt_path"],
-                     iterations=diag["iterations"].tolist(),
-                     solve_time=[elapsed / B] * B, messages=[""] * B)
     if lam is None:
         lam = batch.q.new_zeros(B, 0)
     if mu is None:
         mu = batch.q.new_zeros(B, 0)
-    zd = z.detach()
-    info.primal_residual, info.dual_residual, info.complementarity = _torch_residuals(batch, zd, lam.detach(), mu.detach())
-    info.n_weakly_active, info.complementarity_margin = _torch_margins(batch, zd, mu.detach(), active, s.eps_active)
-    if kw.get("polish", True):
-        unverified = [i for i, v in enumerate(info.verified) if st[i] == Status.SOLVED and not v]
+    if active is None:
+        active = torch.zeros(B, 0, dtype=torch.bool, device=z.device)
+    # the one host read of the call (the statuses decide raise/mask, ``verified`` the warning); the
+    # other diagnostics stay tensors until read (LazySolveInfo)
+    st_ver = torch.stack([status, diag["verified"].to(status.dtype)]).tolist()
+    st, verified = [Status(x) for x in st_ver[0]], [bool(v) for v in st_ver[1]]
+    zd, lamd, mud = z.detach(), lam.detach(), mu.detach()
+    residuals = _once(lambda: _torch_residuals(batch, zd, lamd, mud))
+    margins = _once(lambda: _torch_margins(batch, zd, mud, active, s.eps_active))
+    info = LazySolveInfo(
+        dict(active=lambda: list(active.cpu().numpy()), kkt_path=diag["kkt_path"],
+             iterations=lambda: diag["iterations"].tolist(),
+             primal_residual=lambda: residuals()[0], dual_residual=lambda: residuals()[1],
+             complementarity=lambda: residuals()[2], n_weakly_active=lambda: margins()[0],
+             complementarity_margin=lambda: margins()[1]),
+        active_mask=active, qp_solver="dqp_ipm", lin_solver="torch", status=st, verified=verified,
+        solve_time=[elapsed / B] * B, messages=[""] * B)
+    if do_polish:
+        unverified = [i for i, v in enumerate(verified) if st[i] == Status.SOLVED and not v]
         for i in unverified:
             info.messages[i] = ("the polished point was rejected (active set not confirmed): returned the "
                                 "interior-point solution; gradients use its active set")
@@ -851,6 +916,67 @@ def solve_settings_batch(batch: "QPBatch", settings: "Settings") -> Tuple[Tensor
                 f"and the gradient uses its active set. See layer.info.verified / messages.",
                 UnverifiedSolutionWarning, stacklevel=4)
     return z, lam, mu, info
+
+
+def _once(fn):
+    """``fn`` evaluated at the first call, its value kept."""
+    box: list = []
+
+    def get():
+        if not box:
+            box.append(fn())
+        return box[0]
+    return get
+
+
+class LazySolveInfo(SolveInfo):
+    """A :class:`SolveInfo` whose per-element lists are computed from the engine's tensors when
+    first read (each costs a host synchronization and some work: nothing is spent on diagnostics
+    nobody reads). Pickles and copies as a plain SolveInfo (every list materialized).
+
+    Parameters
+    ----------
+    fills : dict of str to callable
+        Field name → function returning that field's list.
+    active_mask : Tensor
+        The (B, m) active mask itself (:meth:`active_mask`).
+    **fields
+        The fields known now.
+    """
+
+    def __init__(self, fills: Dict[str, Any], active_mask: Tensor, **fields):
+        super().__init__(**fields)
+        for k in fills:
+            self.__dict__.pop(k, None)
+        self.__dict__["_fills"] = dict(fills)
+        self.__dict__["_active_mask"] = active_mask
+
+    def __getattr__(self, name: str):
+        fills = self.__dict__.get("_fills", {})
+        fn = fills.get(name)
+        if fn is not None:
+            # (two threads reading it at once both compute the same value: no lock, nothing lost)
+            value = fn()
+            self.__dict__[name] = value
+            fills.pop(name, None)
+            return value
+        raise AttributeError(f"{type(self).__name__!s} has no attribute {name!r}")
+
+    def active_mask(self, m: int) -> Tensor:
+        """The (B, m) active mask as one tensor, on the data's device (no host copy)."""
+        return self._active_mask
+
+    def __getstate__(self):
+        for k in list(self.__dict__.get("_fills", {})):
+            getattr(self, k)
+        st = dict(self.__dict__)
+        st.pop("_fills", None)
+        st["_active_mask"] = st["_active_mask"].detach().cpu()
+        return st
+
+    def __setstate__(self, st):
+        self.__dict__.update(st)
+        self.__dict__["_fills"] = {}
 
 
 def _torch_margins(batch: "QPBatch", z, mu, active, eps: float):

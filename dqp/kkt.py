@@ -9,6 +9,7 @@ null-space component (a regularized, minimum-norm-like choice). The path taken i
 """
 from __future__ import annotations
 
+import functools
 import logging
 import warnings
 from typing import Optional, Tuple
@@ -127,8 +128,14 @@ def _scaled(M, D):
 class RobustKKT(Factorization):
     """Factorization of a reduced KKT matrix with a regularized fallback.
 
-    ``K`` is first equilibrated (:func:`ruiz_scaling`). Then, in order, each attempt accepted only if a
-    probe solve (with iterative refinement) recovers a random vector to 1e-6:
+    With ``quick=True`` (the polish's first try) ``K`` is factorized once as it is: the chosen solver
+    on ``K`` (or, for solvers that need a quasi-definite matrix, on ``K + diag(δ₀I, −δ₀I)`` with ``δ₀``
+    tiny relative to ``K``'s largest entry), accepted when a probe solve with iterative refinement
+    recovers a fixed vector to 1e-6. Only when that fails does the ladder below run (on the same
+    assembled matrix).
+
+    The ladder: ``K`` is equilibrated (:func:`ruiz_scaling`); then, in order, each attempt accepted
+    only if the probe solve recovers its vector to 1e-6:
 
     1. the chosen solver on ``K``;
     2. the chosen solver on the quasi-definite ``K + diag(δ₀I, −δ₀I)`` with a tiny ``δ₀`` (how
@@ -153,6 +160,11 @@ class RobustKKT(Factorization):
         Factorizes ``K`` (and its regularization when needed).
     delta : float
         Regularization of the (equilibrated) singular fallback.
+    quick : bool
+        Try one unscaled factorization before the ladder.
+    reuse : Factorization, optional
+        An earlier factorization by the same solver: a matrix of the same pattern reuses its
+        symbolic analysis (:meth:`LinearSolver.refactor`).
 
     Attributes
     ----------
@@ -160,23 +172,116 @@ class RobustKKT(Factorization):
         ``"direct"`` (K nonsingular) or ``"regularized"`` (K singular).
     residual : float
         Relative residual of the last solve (after refinement): an estimate of the solve's error.
+    factorizations : int
+        Numeric factorizations made (1 when the quick try succeeds).
     """
 
     def __init__(self, P, A, CJ, sparse: bool, solver: LinearSolver, delta: float = 1e-8,
-                 refine_steps: int = 30):
-        from dqp.linsolve.scipy_solvers import DenseLUSolver, SuperLUSolver
-
+                 refine_steps: int = 30, quick: bool = False, reuse: Optional[Factorization] = None):
         self.n = P.shape[0]
         self.K = assemble_kkt(P, A, CJ, sparse)
-        N = self.K.shape[0]
-        self.D = ruiz_scaling(self.K)
-        self.Ks = _scaled(self.K, self.D)
+        self.sparse = sparse
         self.refine_steps = refine_steps
         self.residual = 0.0
         self.path = DIRECT
+        self.factorizations = 0
         self._F: Optional[Factorization] = None
-        probe = np.random.default_rng(0).standard_normal(N)
-        probe_rhs = self.Ks @ probe
+        self._reuse = reuse
+        N = self.K.shape[0]
+        self._probe = _probe_vector(N)
+        if quick:
+            self.D, self.Ks = np.ones(N), self.K
+            if self._quick(solver):
+                return
+        self.D = ruiz_scaling(self.K)
+        self.Ks = _scaled(self.K, self.D)
+        if quick and self._regularized_once(solver, delta):
+            return
+        self._ladder(solver, delta)
+
+    def _factor(self, lin: LinearSolver, M) -> Factorization:
+        """One numeric factorization (counted), reusing the symbolic analysis of the last one."""
+        self.factorizations += 1
+        M = M if self.sparse or lin.dense else sp.csc_matrix(M)
+        prev = self._F if self._F is not None else self._reuse
+        F = lin.refactor(M, prev, n=self.n)
+        self._reuse = F
+        return F
+
+    def _accept(self, lin: LinearSolver, reg: float, steps: int) -> bool:
+        """Factorize ``Ks`` (+ reg) with ``lin``; keep it when the probe solve recovers the probe."""
+        probe = self._probe
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                M = self.Ks if not reg else _plus_reg(self.Ks, self.n, reg)
+                self._F = self._factor(lin, M)
+                err = np.linalg.norm(self._solve_scaled(self.Ks @ probe, steps=steps) - probe) / np.linalg.norm(probe)
+            if np.isfinite(err) and err < 1e-6:
+                return True
+        except Exception as exc:  # a failed factorization just moves on to the next attempt
+            logger.debug("KKT factorization attempt (%s, reg=%s) failed: %s", lin.name, reg, exc)
+        self._F = None
+        return False
+
+    def _quick(self, solver: LinearSolver) -> bool:
+        """One factorization of the unscaled ``K`` (the common, well-posed case)."""
+        N = self.K.shape[0]
+        if N == 0:
+            return False
+        if solver.safe_on_singular and not (solver.quasi_definite_only and N > self.n):
+            reg = 0.0
+        else:  # a zero (2,2) block: a regularization tiny next to K's entries, undone by refinement
+            big = np.max(np.abs(self.K.data if self.sparse else self.K), initial=0.0)
+            reg = 1e-12 * max(float(big), 1e-300)
+        return self._accept(solver, reg, steps=5)
+
+    def _regularized_once(self, solver: LinearSolver, delta: float) -> bool:
+        """After a failed quick try: one factorization of the equilibrated ``K + diag(δI, −δI)``.
+
+        Refinement against the true ``K`` makes its solves exact when ``K`` is nonsingular (the
+        probe is then recovered: ``path="direct"``); when ``K`` is singular (dependent active rows, P
+        singular on the constraints' null space: most Maros–Meszaros LPs' sets) the probe is not, and
+        this is the ladder's regularized factorization (``path="regularized"``), made without the
+        ladder's attempts that a singular ``K`` fails. False when the factorization itself fails.
+        """
+        lin = self._regularized_solver(solver)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                self._F = self._factor(lin, _plus_reg(self.Ks, self.n, delta))
+                probe = self._probe
+                x = self._solve_scaled(self.Ks @ probe)
+        except Exception as exc:  # the ladder tries other solvers
+            logger.debug("regularized KKT factorization (%s) failed: %s", lin.name, exc)
+            self._F = None
+            return False
+        if not np.all(np.isfinite(x)):
+            self._F = None
+            return False
+        if not np.linalg.norm(x - probe) < 1e-6 * np.linalg.norm(probe):
+            self.path = REGULARIZED
+        return True
+
+    def _regularized_solver(self, solver: LinearSolver) -> LinearSolver:
+        """An indefinite factorization for the quasi-definite ``K + diag(δI, −δI)`` (a Schur-complement
+        Cholesky of it squares the regularization's conditioning and gives another derivative)."""
+        from dqp.linsolve.scipy_solvers import DenseLUSolver, SuperLUSolver
+
+        if solver.name in ("qdldl", "pardiso", "scipy_lu", "scipy_ldl"):
+            return solver
+        if not self.sparse:
+            return DenseLUSolver()
+        if self.K.shape[0] <= 5000:
+            return SuperLUSolver()
+        from dqp.linsolve import get_linsolver
+
+        return get_linsolver("qdldl")  # Kreg is quasi-definite: QDLDL's home ground
+
+    def _ladder(self, solver: LinearSolver, delta: float) -> None:
+        from dqp.linsolve.scipy_solvers import DenseLUSolver, SuperLUSolver
+
+        sparse, N = self.sparse, self.K.shape[0]
         # LAPACK's LU is safe on singular matrices; SuperLU only gets the (nonsingular) quasi-definite form
         # (SuperLU's fill-in makes it impractical beyond a few thousand rows: Pardiso there, if installed)
         if not sparse and N <= 3000:
@@ -191,35 +296,20 @@ class RobustKKT(Factorization):
         direct_ok = solver.safe_on_singular and not (solver.quasi_definite_only and N > self.n)
         attempts = ([(solver, 0.0)] if direct_ok else []) + [(solver, 1e-10)] + pivoting
         for lin, reg in attempts:
-            try:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")
-                    M = self.Ks if not reg else _plus_reg(self.Ks, self.n, reg)
-                    self._F = lin.factor(M if sparse or lin.dense else sp.csc_matrix(M), n=self.n)
-                    err = np.linalg.norm(self._solve_scaled(probe_rhs) - probe) / np.linalg.norm(probe)
-                if np.isfinite(err) and err < 1e-6:
-                    return
-            except Exception as exc:  # a failed factorization just moves on to the next attempt
-                logger.debug("KKT factorization attempt (%s, reg=%s) failed: %s", lin.name, reg, exc)
-            self._F = None
+            if self._accept(lin, reg, steps=self.refine_steps):
+                return
         self.path = REGULARIZED
         Kreg = _plus_reg(self.Ks, self.n, delta)
-        # an indefinite factorization of the quasi-definite Kreg (a Schur-complement Cholesky of it
-        # squares the regularization's conditioning and gives another derivative)
-        if solver.name in ("qdldl", "pardiso", "scipy_lu", "scipy_ldl"):
-            fallback = solver
-        elif not sparse:
-            fallback = DenseLUSolver()
-        elif N <= 5000:
-            fallback = SuperLUSolver()
-        else:
-            from dqp.linsolve import get_linsolver
-
-            fallback = get_linsolver("qdldl")  # Kreg is quasi-definite: QDLDL's home ground
+        fallback = self._regularized_solver(solver)
         try:
-            self._F = fallback.factor(Kreg if sparse or fallback.dense else sp.csc_matrix(Kreg), n=self.n)
+            self._F = self._factor(fallback, Kreg)
         except Exception:  # SuperLU factorizes any nonsingular (quasi-definite) Kreg
-            self._F = SuperLUSolver().factor(sp.csc_matrix(Kreg))
+            self._F = self._factor(SuperLUSolver(), sp.csc_matrix(Kreg))
+
+    @property
+    def factor(self) -> Optional[Factorization]:
+        """The linear solver's factorization in use (for reuse by a later call)."""
+        return self._F
 
     def negative_curvature(self) -> bool:
         """Whether the factorization shows P curving downward on the constraints' null space.
@@ -238,19 +328,22 @@ class RobustKKT(Factorization):
         sign = self._F.determinant_sign()
         return sign is not None and sign != (-1) ** k
 
-    def _solve_scaled(self, rhs: np.ndarray, x0: Optional[np.ndarray] = None) -> np.ndarray:
+    def _solve_scaled(self, rhs: np.ndarray, x0: Optional[np.ndarray] = None,
+                      steps: Optional[int] = None) -> np.ndarray:
         K, F = self.Ks, self._F
         x = F.solve(rhs) if x0 is None else x0 + F.solve(rhs - K @ x0)
         norm_r = max(np.linalg.norm(rhs), 1e-300)
-        res = np.linalg.norm(rhs - K @ x) / norm_r
-        for _ in range(self.refine_steps):
-            if not np.isfinite(res) or res < 1e-15:
+        r = rhs - K @ x
+        res = np.linalg.norm(r) / norm_r
+        for _ in range(self.refine_steps if steps is None else steps):
+            if not np.isfinite(res) or res < _REFINED:
                 break
-            x_new = x + F.solve(rhs - K @ x)
-            res_new = np.linalg.norm(rhs - K @ x_new) / norm_r
+            x_new = x + F.solve(r)
+            r_new = rhs - K @ x_new
+            res_new = np.linalg.norm(r_new) / norm_r
             if not res_new < res:
                 break
-            x, res = x_new, res_new
+            x, r, res = x_new, r_new, res_new
         self.residual = float(res)
         return x
 
@@ -266,6 +359,18 @@ class RobustKKT(Factorization):
         return D * xs
 
 
+#: relative residual at which iterative refinement stops (a few units of round-off)
+_REFINED = 1e-15
+
+
+@functools.lru_cache(maxsize=64)
+def _probe_vector(N: int) -> np.ndarray:
+    """A fixed pseudo-random vector of length ``N`` (the probe that tests a factorization; read only)."""
+    v = np.random.default_rng(0).standard_normal(N)
+    v.flags.writeable = False
+    return v
+
+
 def _plus_reg(K, n: int, delta: float):
     """``K + diag(δI_n, −δI)``; for CSC from :func:`assemble_kkt` the diagonal is stored, so only values change."""
     N = K.shape[0]
@@ -273,8 +378,17 @@ def _plus_reg(K, n: int, delta: float):
     if not sp.issparse(K):
         return K + np.diag(diag)
     R = K.copy()
-    R.setdiag(R.diagonal() + diag)  # no structural change: every diagonal entry exists
+    R.data[_diagonal_positions(R)] += diag  # no structural change: every diagonal entry is stored
     return R
+
+
+def _diagonal_positions(K: sp.csc_matrix) -> np.ndarray:
+    """Positions in ``K.data`` of the diagonal entries, column by column (each stored once)."""
+    cols = np.repeat(np.arange(K.shape[1]), np.diff(K.indptr))
+    pos = np.flatnonzero(K.indices == cols)
+    if len(pos) != K.shape[0]:
+        raise ValueError("the KKT matrix must store its whole diagonal")
+    return pos
 
 
 def auto_linsolver(sparse: bool, size: int) -> str:

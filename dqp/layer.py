@@ -121,7 +121,7 @@ class dQP_layer(LibdqpAttributes, nn.Module):  # noqa: N801  (the name users kno
         if settings is not None and options:
             raise SettingsError("Pass either settings=... or keyword options, not both.")
         self.settings = settings_from(settings) if settings is not None else build_settings(**options)
-        self.active: Optional[np.ndarray] = None
+        self._active_t: Optional[torch.Tensor] = None
         self.info: Optional[SolveInfo] = None
         self._last: Optional[LastCall] = None
         self._local = threading.local()
@@ -256,6 +256,8 @@ class dQP_layer(LibdqpAttributes, nn.Module):  # noqa: N801  (the name users kno
             info.complementarity = [r.residuals[2] for r in rs]
             info.complementarity_margin = [r.margin for r in rs]
             info.kkt_path = [r.kkt.path if r.kkt is not None else "none" for r in rs]
+            info.polish_path = [r.polish_path for r in rs]
+            info.factorizations = [r.factorizations for r in rs]
             info.iterations = [r.iterations for r in rs]
             info.solve_time = [r.solve_time for r in rs]
             info.messages = [r.message for r in rs]
@@ -282,10 +284,10 @@ class dQP_layer(LibdqpAttributes, nn.Module):  # noqa: N801  (the name users kno
             mu = mu / rC
         if rA is not None:
             lam = lam / rA
-        active = np.stack(info.active).astype(bool) if batch.m else np.zeros((batch.B, 0), dtype=bool)
+        active = info.active_mask(batch.m)   # (B, m) tensor, on the data's device for the batched engine
         self._last = LastCall(detach_batch(batch), z.detach(), lam.detach(), mu.detach())
-        self.active = active if batch.batched else active[0]   # libdqp's attribute: a NumPy mask
-        out_active = torch.as_tensor(active)                        # the call's own, shaped like z
+        self._active_t = active              # layer.active: libdqp's NumPy mask, made when it is read
+        out_active = active                  # the call's own, shaped like z
         if not batch.batched and not s.empty_batch:
             z, lam, mu, out_active = z[0], lam[0], mu[0], out_active[0]
         if needs_grad:  # fresh tensors: an in-place edit by the caller (z.unsqueeze_(-1)) leaves the backward's intact

@@ -11,7 +11,7 @@ attribute                   meaning (libdqp's letters: ``(x, μ, ν)`` = dqp's `
 ``dim, nIneq, nEq``         n, m (rows of C), p (rows of A)
 ``nBatch``                  batch size (1 for unbatched inputs)
 ``nActive``                 active inequalities: an ``int`` unbatched, an int array ``(B,)`` batched
-``active``                  (a tensor, dqp's own attribute) ``(m,)`` unbatched, ``(B, m)`` batched
+``active``                  a NumPy bool mask, ``(m,)`` unbatched, ``(B, m)`` batched (``out.active`` is the call's tensor)
 ``qp_solver, lin_solver``   the solvers used by the last call (the settings' before any call)
 ``x_star_np``               z as a float64 array ``(n,)`` / ``(B, n)``
 ``mu_star_np``              equality duals (dqp's λ) ``(p,)`` / ``(B, p)``
@@ -96,6 +96,16 @@ class LibdqpAttributes:
 
     def _one(self, a: np.ndarray) -> Union[np.ndarray, Any]:
         """Per-element array ``(B, ...)`` as libdqp shows it: element 0 alone when unbatched."""
+        return a if self._last.batch.batched else a[0]
+
+    @property
+    def active(self) -> Optional[np.ndarray]:
+        """Active inequalities of the last call as a NumPy bool array (libdqp's type): ``(m,)`` for
+        unbatched inputs, ``(B, m)`` for batched ones (copied from the device when read)."""
+        mask = getattr(self, "_active_t", None)
+        if mask is None or self._last is None:
+            return None
+        a = mask.detach().cpu().numpy().astype(bool)
         return a if self._last.batch.batched else a[0]
 
     @property

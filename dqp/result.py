@@ -85,6 +85,13 @@ class SolveInfo:
     kkt_path : list of str
         ``"direct"`` or ``"regularized"`` (singular reduced KKT: dependent active rows or a
         semidefinite P) for the factorization used by the polish and the backward.
+    polish_path : list of str
+        How the polish verified the point: ``"quick"`` (the detected set, one factorization of the
+        reduced KKT in the common case, at most a few repairs) or ``"ladder"`` (equilibration,
+        regularization, other thresholds and repairs after the quick try failed).
+    factorizations : list of int
+        Numeric factorizations of reduced KKT systems made by the polish (the last one serves the
+        backward).
     backward_residual : list of float or None
         Relative residual of the backward solve (filled after ``backward``): an error estimate.
     iterations : list of int or None
@@ -107,10 +114,18 @@ class SolveInfo:
     complementarity: List[float] = field(default_factory=list)
     complementarity_margin: List[float] = field(default_factory=list)
     kkt_path: List[str] = field(default_factory=list)
+    polish_path: List[str] = field(default_factory=list)
+    factorizations: List[int] = field(default_factory=list)
     backward_residual: List[Optional[float]] = field(default_factory=list)
     iterations: List[Optional[int]] = field(default_factory=list)
     solve_time: List[float] = field(default_factory=list)
     messages: List[str] = field(default_factory=list)
+
+    def active_mask(self, m: int) -> torch.Tensor:
+        """``active`` as one (B, m) bool tensor."""
+        if m and self.active:
+            return torch.as_tensor(np.stack(self.active))
+        return torch.zeros(len(self.status), 0, dtype=torch.bool)
 
     @property
     def failed(self) -> List[int]:

@@ -60,6 +60,14 @@ class LinearSolver(Plugin, ABC):
         variables), which block-structured solvers such as the Cholesky Schur complement need."""
         raise SettingsError(f"lin_solver={self.name!r} is batched; use its batched interface")
 
+    def refactor(self, K: Matrix, previous: Optional[Factorization], n: Optional[int] = None) -> Factorization:
+        """Factorize ``K``, reusing the symbolic analysis (ordering, elimination tree) of ``previous``
+        when this solver made it and ``K`` has the same sparsity pattern; ``previous`` stays valid.
+
+        The default factorizes from scratch; solvers with a separate numeric phase override it.
+        """
+        return self.factor(K, n=n)
+
 
 #: The linear-solver registry.
 LINSOLVERS: Registry[LinearSolver] = Registry("lin_solver", "linear solver")

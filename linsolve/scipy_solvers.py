@@ -79,11 +79,72 @@ class QDLDLSolver(LinearSolver):
     quasi_definite_only = True
 
     def factor(self, K: Matrix, n: Optional[int] = None) -> Factorization:
+        return _QDLDLFactorization(_as_csc(K), None)
+
+    def refactor(self, K: Matrix, previous: Optional[Factorization], n: Optional[int] = None) -> Factorization:
+        """A numeric refactorization (QDLDL's ``update``) when ``previous`` has ``K``'s pattern."""
+        Kc = _as_csc(K)
+        shared = previous.shared if isinstance(previous, _QDLDLFactorization) else None
+        if shared is not None and not shared.same_pattern(Kc):
+            shared = None
+        return _QDLDLFactorization(Kc, shared)
+
+
+class _SharedQDLDL:
+    """One QDLDL solver (its ordering and symbolic analysis) shared by factorizations of one pattern.
+
+    It holds the numeric factors of one of them at a time (``current``); another one that solves
+    refactorizes its own values first, so every factorization stays valid.
+    """
+
+    def __init__(self, K: sp.csc_matrix):
         import qdldl
 
-        F = qdldl.Solver(_as_csc(K))
-        return _CallableFactorization(_columnwise(lambda r: np.asarray(F.solve(np.ascontiguousarray(r)))),
-                                      negatives=lambda: np.count_nonzero(np.asarray(F.factors()[1]) < 0))
+        self.indptr, self.indices = K.indptr.copy(), K.indices.copy()
+        self.solver = qdldl.Solver(K)
+        self.current: Optional["_QDLDLFactorization"] = None
+        self.lock = threading.Lock()
+
+    def same_pattern(self, K: sp.csc_matrix) -> bool:
+        return (K.shape[0] == len(self.indptr) - 1 and np.array_equal(K.indptr, self.indptr)
+                and np.array_equal(K.indices, self.indices))
+
+
+class _QDLDLFactorization(Factorization):
+    def __init__(self, K: sp.csc_matrix, shared: Optional[_SharedQDLDL]):
+        K.sort_indices()
+        self.K = K
+        if shared is None:
+            self.shared = _SharedQDLDL(K)
+        else:
+            self.shared = shared
+            with shared.lock:
+                shared.current = None  # until the update succeeds
+                shared.solver.update(K)
+        self.shared.current = self
+
+    def _solve_vec(self, r: np.ndarray) -> np.ndarray:
+        sh = self.shared
+        with sh.lock:
+            if sh.current is not self:  # another matrix of this pattern was factorized since
+                sh.current = None
+                sh.solver.update(self.K)
+                sh.current = self
+            return np.asarray(sh.solver.solve(np.ascontiguousarray(r)))
+
+    def solve(self, rhs: np.ndarray) -> np.ndarray:
+        rhs = np.asarray(rhs, dtype=np.float64)
+        return _columnwise(self._solve_vec)(rhs)
+
+    def negative_eigenvalues(self) -> Optional[int]:
+        """Negative pivots of QDLDL's D: the inertia of the (quasi-definite) matrix factorized."""
+        sh = self.shared
+        with sh.lock:
+            if sh.current is not self:
+                sh.current = None
+                sh.solver.update(self.K)
+                sh.current = self
+            return int(np.count_nonzero(np.asarray(sh.solver.factors()[1]) < 0))
 
 
 @register_linsolver
@@ -145,9 +206,17 @@ class DenseLUSolver(LinearSolver):
     description = "Dense LU (LAPACK getrf); the dense default for small systems."
 
     def factor(self, K: Matrix, n: Optional[int] = None) -> Factorization:
-        lu_piv = sla.lu_factor(_as_dense(K), check_finite=False)
-        return _CallableFactorization(lambda r: sla.lu_solve(lu_piv, r, check_finite=False),
-                                      det_sign=lambda: _lu_det_sign(*lu_piv))
+        from scipy.linalg.lapack import dgetrf, dgetrs
+
+        # LAPACK directly: SciPy's lu_factor/lu_solve wrappers cost more than the work at these sizes
+        lu, piv, info = dgetrf(np.array(_as_dense(K), dtype=np.float64, order="F"), overwrite_a=True)
+        if info < 0:  # pragma: no cover - an illegal argument
+            raise ValueError(f"dgetrf: illegal value in argument {-info}")
+
+        def solve(r: np.ndarray) -> np.ndarray:
+            x, info_s = dgetrs(lu, piv, r)
+            return x
+        return _CallableFactorization(solve, det_sign=lambda: _lu_det_sign(lu, piv))
 
 
 @register_linsolver

@@ -113,7 +113,16 @@ class BatchedKKT:
     Attributes
     ----------
     path : (B,) int64 tensor, 0 = cholesky, 1 = augmented, 2 = minimum-norm (see PATH_NAMES).
+    negative_curvature : (B,) bool tensor or None
+        Elements whose K has more than k = p + m negative eigenvalues, which proves that P is not
+        positive semidefinite (P ⪰ 0 makes the quadratic form of K nonnegative on the n-dimensional
+        subspace of vectors (x, 0), so K has at most k negative eigenvalues). Read from the
+        minimum-norm path's eigendecomposition, which is where such an element ends: a negative
+        direction of P in the null space of the active rows fails both Cholesky paths. None where
+        that path did not run (nothing seen, no host synchronization).
     """
+
+    negative_curvature: Optional[Tensor] = None
 
     def __init__(self, P: Tensor, A: Optional[Tensor], C: Optional[Tensor], active: Optional[Tensor],
                  *, batch: Optional[int] = None, refine: int = 1, factors: Optional[dict] = None,
@@ -354,6 +363,9 @@ class BatchedKKT:
         K = 0.5 * (K + K.transpose(-1, -2))
         evals, V = torch.linalg.eigh(K)
         tol = evals.abs().amax(-1, keepdim=True) * K.shape[-1] * self._eps * 10
+        neg = torch.zeros(self.B, dtype=torch.bool, device=K.device)
+        neg[idx] = (evals < -tol).sum(-1) > self.k                   # (the docstring: P is not PSD)
+        self.negative_curvature = neg
         inv = torch.where(evals.abs() > tol, 1.0 / evals, torch.zeros_like(evals))
         self._pinv_idx, self._pinv_V, self._pinv_inv = idx, V, inv
         self.path[idx] = 2

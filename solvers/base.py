@@ -70,11 +70,15 @@ class ForwardSolver(Plugin, ABC):
         Whether it solves a whole batch of torch tensors at once.
     duals : bool
         Whether it returns dual variables.
+    warm_starts : bool
+        Whether it uses starting values (``warm_start_from_previous`` has no effect otherwise).
     description : str
         One line for docs and error messages.
     """
 
     duals: ClassVar[bool] = True
+    #: whether the solver starts from ``initvals`` / ``warm_duals`` (``warm_start_from_previous``)
+    warm_starts: ClassVar[bool] = False
 
     def tolerance_keywords(self, eps_abs: float, eps_rel: float) -> Dict[str, Any]:
         """Translate dqp's ``eps_abs``/``eps_rel`` to this solver's own keywords."""

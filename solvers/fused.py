@@ -21,8 +21,8 @@ conditioned, chosen by ``ipm_solve``), at least one constraint, no ``trace``, an
   register tile of S per thread). The source (``fused_ipm.cu``) is compiled at first use with
   NVRTC through ``torch.cuda._compile_kernel``, a few seconds per size class.
 * on the CPU: the same source compiled as plain C++ (``-DDQP_CPU``: a "block" is one thread, its
-  factorization and solves plain loops), with the batch split over ``torch.get_num_threads()``
-  threads, where a C++ compiler is available and m + p ≤ :attr:`KernelOptions.cpu_kmax`. It is faster than the
+  factorization and solves plain loops), with the batch split dynamically (small chunks taken in turn) over
+  ``torch.get_num_threads()`` threads, where a C++ compiler is available and m + p ≤ :attr:`KernelOptions.cpu_kmax`. It is faster than the
   torch loop there too (:attr:`KernelOptions.cpu_auto`). Without a compiler, or if the build fails (logged once),
   the CPU keeps the torch loop.
 
@@ -97,6 +97,10 @@ class KernelOptions:
         build's ``dqp_ipm_dual_cpu`` (the same arguments; e.g. a multi-threaded test build's).
     cpu_threads : int, optional
         Threads the CPU build splits the batch over; None: ``torch.get_num_threads()``.
+    cpu_split : {"dynamic", "static"}
+        How the CPU build splits the batch over its threads: small chunks taken in turn
+        (``"dynamic"``), so that a thread on a busy core does less and more threads are never
+        slower than fewer; or one contiguous range per thread (``"static"``, for comparison).
     compiler : str, optional
         The C++ compiler of the CPU build; None: ``CXX``, else ``c++``, ``g++`` or ``clang++`` on the PATH.
     """
@@ -109,12 +113,15 @@ class KernelOptions:
     cpu_tiles: bool = False
     cpu_function: Optional[Callable] = None
     cpu_threads: Optional[int] = None
+    cpu_split: str = "dynamic"
     compiler: Optional[str] = None
 
     def __post_init__(self) -> None:
         if self.mode not in (True, False, "auto"):
             raise SettingsError(f"KernelOptions.mode must be 'auto', True or False, got {self.mode!r}.")
         _threads(self.threads)
+        if self.cpu_split not in ("dynamic", "static"):
+            raise SettingsError(f"KernelOptions.cpu_split must be 'dynamic' or 'static', got {self.cpu_split!r}.")
         object.__setattr__(self, "nvrtc_options", tuple(self.nvrtc_options))
 
 _SRC = Path(__file__).with_name("fused_ipm.cu")
@@ -346,9 +353,18 @@ _pool: Optional[ThreadPoolExecutor] = None
 _pool_pid = 0
 
 
-def _run_cpu(fn, args: list, B: int, threads: Optional[int] = None) -> None:
-    """Run the C++ build over the batch, split in contiguous ranges over ``threads`` (default
-    ``torch.get_num_threads()``) threads (ctypes releases the GIL during each call)."""
+#: Chunks per thread of the CPU build's dynamic split (:attr:`KernelOptions.cpu_split`).
+_CHUNKS_PER_THREAD = 8
+
+
+def _run_cpu(fn, args: list, B: int, threads: Optional[int] = None, split: str = "dynamic") -> None:
+    """Run the C++ build over the batch on ``threads`` threads (default ``torch.get_num_threads()``;
+    the calling thread is one of them; ctypes releases the GIL during each call).
+
+    ``split="dynamic"``: the batch is cut into about ``_CHUNKS_PER_THREAD`` chunks per thread, which
+    the threads take in turn until none is left, so a thread slowed down (a core shared with another
+    process) takes fewer. ``"static"``: one contiguous range per thread.
+    """
     global _pool, _pool_pid
     nt = max(1, min(torch.get_num_threads() if threads is None else int(threads), B))
     if nt == 1:
@@ -356,12 +372,29 @@ def _run_cpu(fn, args: list, B: int, threads: Optional[int] = None) -> None:
         return
     with _lock:
         # (a pool inherited through fork, e.g. by a DataLoader worker, has no threads: a new one)
-        if _pool is None or _pool._max_workers < nt or _pool_pid != os.getpid():
-            _pool = ThreadPoolExecutor(max_workers=nt, thread_name_prefix="dqp-fused")
+        if _pool is None or _pool._max_workers < nt - 1 or _pool_pid != os.getpid():
+            _pool = ThreadPoolExecutor(max_workers=nt - 1, thread_name_prefix="dqp-fused")
             _pool_pid = os.getpid()
         pool = _pool
-    cuts = [B * i // nt for i in range(nt + 1)]
-    for f in [pool.submit(fn, *args, cuts[i], cuts[i + 1]) for i in range(nt)]:
+    if split == "static":
+        cuts = [B * i // nt for i in range(nt + 1)]
+        futures = [pool.submit(fn, *args, cuts[i], cuts[i + 1]) for i in range(1, nt)]
+        fn(*args, cuts[0], cuts[1])
+    else:
+        chunk = max(1, -(-B // (nt * _CHUNKS_PER_THREAD)))
+        starts = iter(range(0, B, chunk))
+        take = threading.Lock()
+
+        def work() -> None:
+            while True:
+                with take:
+                    b0 = next(starts, None)
+                if b0 is None:
+                    return
+                fn(*args, b0, min(b0 + chunk, B))
+        futures = [pool.submit(work) for _ in range(nt - 1)]
+        work()
+    for f in futures:
         f.result()
 
 
@@ -489,7 +522,8 @@ def solve_dual(P: Tensor, q: Tensor, C: Optional[Tensor], d: Optional[Tensor], A
     else:
         fn = (_cpu_library(k, opts.cpu_tiles, opts.compiler).dqp_ipm_dual_cpu if opts.cpu_function is None
               else opts.cpu_function(k))
-        _run_cpu(fn, [a.data_ptr() if isinstance(a, Tensor) else a for a in tensors] + scalars, B, opts.cpu_threads)
+        _run_cpu(fn, [a.data_ptr() if isinstance(a, Tensor) else a for a in tensors] + scalars, B, opts.cpu_threads,
+                 opts.cpu_split)
     out = dict(z=z, s=s, mu=mu, lam=lam, status=status, iters=iters)
     if rounds:
         out.update(active=active, pflag=pflag, LS=LS)

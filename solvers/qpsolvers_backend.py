@@ -42,6 +42,11 @@ BACKENDS: Dict[str, tuple] = {
 }
 
 
+#: backends whose qpsolvers wrapper passes ``initvals`` to the solver (the others ignore them)
+WARM_START_BACKENDS = frozenset({"osqp", "proxqp", "qpalm", "highs", "scs", "mosek", "sip", "pdhcg", "nppro",
+                                 "pyqpmad"})
+
+
 def _tol(eps_abs: float, eps_rel: float) -> Dict[str, Dict[str, Any]]:
     return {
         "clarabel": {"tol_gap_abs": eps_abs, "tol_gap_rel": eps_rel, "tol_feas": eps_abs},
@@ -185,6 +190,7 @@ def _make_backend(name: str, module: str, extra: str, formats: str, description:
         "dense": "D" in formats,
         "sparse": "S" in formats,
         "description": description,
+        "warm_starts": name in WARM_START_BACKENDS,
     })
     return register_solver(cls)
 

@@ -915,7 +915,7 @@ def _threaded_kernel_vs_one_thread(threads, n, m, p, B, opts, schedule):
     calls = []
 
     def run(*args):
-        calls.append((args[-5], args[-3]))          # (eps2, start)
+        calls.append((args[-5], args[-3], args[-2], args[-1]))          # (eps2, start, b0, b1)
         lib.dqp_ipm_dual_threads(*args)
     threaded = IPMOptions(kernel=KernelOptions(cpu_tiles=True, cpu_function=lambda k: run, cpu_threads=2))
     lib.dqp_threads_schedule(_SCHEDULES[schedule])
@@ -923,7 +923,8 @@ def _threaded_kernel_vs_one_thread(threads, n, m, p, B, opts, schedule):
         got = ipm_solve(*data, options=threaded, **kw)
     finally:
         lib.dqp_threads_schedule(0)
-    assert len(calls) == 2 and all(c[1] == 1 for c in calls)             # start=True, two calls
+    # start=True; the batch in chunks taken in turn by the two threads, every element once
+    assert all(c[1] == 1 for c in calls) and sorted(r for c in calls for r in range(c[2], c[3])) == list(range(B))
     assert all((c[0] > 0) == ("polish_eps" in opts) for c in calls)        # eps2: two stages
     assert torch.equal(got.status, ref.status) and torch.equal(got.iterations, ref.iterations)
     assert bool((ref.status == int(Status.SOLVED)).all())

@@ -1,0 +1,142 @@
+"""The polish's common case (one factorization), symbolic-analysis reuse, OSQP workspace reuse, and the
+black-box overhead study's short mode."""
+from __future__ import annotations
+
+import csv
+import warnings
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+import torch
+
+from dqp import dQP
+from dqp.kkt import assemble_kkt
+from dqp.linsolve import get_linsolver
+from dqp.solvers import get_solver
+
+from conftest import random_qp
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("solver,solve_type", [("clarabel", "dense"), ("clarabel", "sparse"), ("daqp", "dense")])
+def test_converged_solver_needs_one_factorization(solver, solve_type):
+    """A converged solver's detected set is right: one factorization, verified, and it serves the backward."""
+    pytest.importorskip(solver)
+    P, q, C, d, *_ = random_qp(8, 10, 0, seed=3)
+    if solve_type == "sparse":
+        P, C = P.to_sparse_csc(), C.to_sparse_csc()
+    qq = q.clone().requires_grad_()
+    layer = dQP.dQP_layer(qp_solver=solver, solve_type=solve_type)
+    z = layer(P, qq, C, d)[0]
+    assert layer.info.verified == [True]
+    assert layer.info.polish_path == ["quick"] and layer.info.factorizations == [1]
+    z.sum().backward()
+    # the same KKT system by hand: ∇q = −y_z with K y = (1, 0)
+    J = np.flatnonzero(layer.info.active[0])
+    Pd = P.to_dense().numpy() if solve_type == "sparse" else P.numpy()
+    Cd = (C.to_dense().numpy() if solve_type == "sparse" else C.numpy())[J]
+    K = assemble_kkt(Pd, None, Cd, False)
+    y = np.linalg.solve(K, np.concatenate([np.ones(8), np.zeros(len(J))]))
+    np.testing.assert_allclose(qq.grad.numpy(), -y[:8], rtol=1e-9, atol=1e-11)
+
+
+def test_failed_quick_check_goes_down_the_ladder():
+    """OSQP stopped early mislabels rows: the repairs or the ladder still verify, and the path says so."""
+    P, q, C, d, *_ = random_qp(10, 15, 0, seed=5)
+    layer = dQP.dQP_layer(qp_solver="osqp", eps_abs=1e-3, eps_rel=1e-3, fallback_solver=None)
+    layer(P, q, C, d)
+    ref = dQP.dQP_layer(qp_solver="clarabel")(P, q, C, d)[0]
+    assert layer.info.verified == [True]
+    assert layer.info.factorizations[0] >= 1 and layer.info.polish_path[0] in ("quick", "ladder")
+    assert torch.allclose(layer(P, q, C, d)[0], ref, atol=1e-8)
+
+
+def _kkt(seed: int, scale: float = 1.0):
+    g = np.random.default_rng(seed)
+    L = g.standard_normal((6, 6))
+    P = sp.csc_matrix(L @ L.T + np.eye(6))
+    G = sp.csc_matrix(np.where(g.random((3, 6)) < 0.6, g.standard_normal((3, 6)), 0.0) + np.eye(3, 6))
+    return assemble_kkt(P * scale, None, G, True, reg=1e-2)  # quasi-definite, well conditioned
+
+
+def test_qdldl_refactorization_keeps_older_factors_valid():
+    """A same-pattern refactorization reuses the symbolic analysis; the older factorization still solves
+    its own matrix (it refactorizes its values back when asked)."""
+    lin = get_linsolver("qdldl")
+    K1 = _kkt(0)
+    D = sp.diags(np.linspace(1.0, 2.0, K1.shape[0]))
+    K2 = sp.csc_matrix(D @ K1 @ D)  # new values, same (symmetric) pattern
+    K2.sort_indices()
+    F1 = lin.refactor(K1, None)
+    F2 = lin.refactor(K2, F1)
+    assert F2.shared is F1.shared  # one ordering for both
+    r = np.arange(K1.shape[0], dtype=float)
+    for _ in range(2):
+        np.testing.assert_allclose(K2 @ F2.solve(r), r, atol=1e-9)
+        np.testing.assert_allclose(K1 @ F1.solve(r), r, atol=1e-9)
+    # another pattern: a fresh analysis
+    K3 = _kkt(1)
+    F3 = lin.refactor(K3, F1)
+    assert F3.shared is not F1.shared
+    np.testing.assert_allclose(K3 @ F3.solve(r), r, atol=1e-9)
+
+
+def test_repeated_calls_reuse_the_analysis_and_stay_exact():
+    """Same pattern, new values: the layer's answers and gradients match a fresh layer's."""
+    P, q, C, d, *_ = random_qp(8, 10, 0, seed=7)
+    Ps, Cs = P.to_sparse_csc(), C.to_sparse_csc()
+    layer = dQP.dQP_layer(qp_solver="clarabel", solve_type="sparse")
+    for k in range(3):
+        qk = (q * (1 + 0.1 * k)).clone().requires_grad_()
+        z = layer(Ps, qk, Cs, d)[0]
+        z.sum().backward()
+        qf = qk.detach().clone().requires_grad_()
+        zf = dQP.dQP_layer(qp_solver="clarabel", solve_type="sparse")(Ps, qf, Cs, d)[0]
+        zf.sum().backward()
+        assert torch.allclose(z, zf, atol=1e-12) and torch.allclose(qk.grad, qf.grad, atol=1e-10)
+
+
+def test_osqp_reused_workspace_takes_no_more_iterations_than_a_fresh_one():
+    k = 12
+    T = sp.diags([-1.0, 2.0, -1.0], [-1, 0, 1], shape=(k, k))
+    Lap = (sp.kron(sp.eye(k), T) + sp.kron(T, sp.eye(k))).tocsc()
+    n = k * k
+    C = sp.eye(n, format="csc")
+    solver = get_solver("osqp")
+    kw = solver.tolerance_keywords(1e-8, 1e-8)
+    for seed in range(4):
+        g = np.random.default_rng(seed)
+        q, d = g.standard_normal(n), 0.1 + 0.05 * g.random(n)
+        fresh = get_solver("osqp").solve(Lap, q, C, d, None, None, keywords=kw)
+        reused = solver.solve(Lap, q, C, d, None, None, keywords=kw, slot=0)
+        assert reused.iterations <= fresh.iterations, (seed, reused.iterations, fresh.iterations)
+        np.testing.assert_allclose(reused.x, fresh.x, atol=1e-5)
+
+
+def test_blackbox_overhead_short(tmp_path):
+    out = tmp_path / "bbo"
+    proc = subprocess.run([sys.executable, str(ROOT / "experiments" / "blackbox_overhead.py"), "--short",
+                           "--out", str(out)], capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = list(csv.DictReader(open(out.with_suffix(".csv"))))
+    assert rows and all(r["status"] == "ok" for r in rows), [r["status"] for r in rows]
+    assert {r["family"] for r in rows} >= {"dense"}
+    text = out.with_suffix(".md").read_text()
+    assert "Small dense problems" in text and "Command:" in text
+
+
+def test_warm_start_without_effect_is_said_once():
+    pytest.importorskip("piqp")
+    P, q, C, d, *_ = random_qp(5, 6, 0, seed=2)
+    layer = dQP.dQP_layer(qp_solver="piqp", warm_start_from_previous=True)
+    with pytest.warns(UserWarning, match="warm_start_from_previous=True has no effect with qp_solver='piqp'"):
+        layer(P, q, C, d)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        layer(P, q + 0.01, C, d)  # said once
+    assert get_solver("osqp").warm_starts and not get_solver("piqp").warm_starts
