@@ -623,20 +623,27 @@ def _row_norms(M: Optional[Tensor]) -> Optional[Tensor]:
     return torch.where(nrm > 0, nrm, torch.ones_like(nrm))
 
 
+def _scales(P, q, C, A):
+    """Row norms of C and A (ones for zero rows) and the objective's scale ``σ = max(max|P_ij|, ‖q‖∞)``."""
+    rc, ra = _row_norms(C), _row_norms(A)
+    sigma = torch.maximum(P.abs().flatten(-2).amax(-1), q.abs().amax(-1) if q.shape[-1] else q.new_zeros(q.shape[0]))
+    return rc, ra, torch.where(sigma > 0, sigma, torch.ones_like(sigma))
+
+
+def _badly_scaled(rc, ra, sigma) -> Tensor:
+    """A device flag: some scale lies outside ``[1/EQUILIBRATE_RANGE, EQUILIBRATE_RANGE]``."""
+    scales = torch.cat([t.reshape(-1) for t in (rc, ra, sigma) if t is not None])
+    return ((scales < 1.0 / EQUILIBRATE_RANGE) | (scales > EQUILIBRATE_RANGE)).any()
+
+
 def _equilibrate(P, q, C, d, A, b):
     """Scale badly scaled data: rows of C and A to unit 2-norm (with d, b) and the objective by
     ``σ = max(max|P_ij|, ‖q‖∞)``, per element. The IPM row-normalizes internally; its polish and
     the backward, whose acceptance tests are absolute in the data's units, need it where the rows
     or the objective are far from unit size (``z`` is invariant; ``λ, μ`` scale back by σ/‖row‖).
-    Differentiable torch operations. Returns ``((P, q, C, d, A, b), (rc, ra, σ))`` — rc, ra of ones
-    where absent — or None where every scale is within :data:`EQUILIBRATE_RANGE` (one host read)."""
-    rc, ra = _row_norms(C), _row_norms(A)
-    sigma = torch.maximum(P.abs().flatten(-2).amax(-1), q.abs().amax(-1) if q.shape[-1] else q.new_zeros(q.shape[0]))
-    sigma = torch.where(sigma > 0, sigma, torch.ones_like(sigma))
-    scales = torch.cat([t.reshape(-1) for t in (rc, ra, sigma) if t is not None])
-    lo, hi = 1.0 / EQUILIBRATE_RANGE, EQUILIBRATE_RANGE
-    if not bool(((scales < lo) | (scales > hi)).any()):
-        return None
+    Differentiable torch operations. Returns ``((P, q, C, d, A, b), (rc, ra, σ))``, rc and ra of
+    ones where absent."""
+    rc, ra, sigma = _scales(P, q, C, A)
     s3 = sigma.view(-1, 1, 1)
     Ps, qs = P / s3, q / sigma.unsqueeze(-1)
     Cs, ds = (None, None) if C is None else (C / rc.unsqueeze(-1), d / rc)
@@ -661,20 +668,20 @@ def _feasible(z: Tensor, C, d, A, b) -> Tensor:
     return ok
 
 
-def _unbounded_rows(C: Optional[Tensor], d: Optional[Tensor]):
-    """Rows whose bound means "none" (``d_i ≥ INF_BOUND``, ``+inf``; see :mod:`dqp.problem`) cannot be active:
-    take them out.
+def _unbounded_mask(C: Optional[Tensor], d: Optional[Tensor]) -> Optional[Tensor]:
+    """(B, m) rows whose bound means "none" (``d_i ≥ INF_BOUND``, ``+inf``; see :mod:`dqp.problem`)."""
+    if C is None:
+        return None
+    return (d >= INF_BOUND) & (d >= INF_ROW_RATIO * C.detach().abs().amax(-1))
+
+
+def _unbounded_rows(C: Tensor, d: Tensor, big: Tensor):
+    """Take the rows marked in ``big`` (:func:`_unbounded_mask`) out: they cannot be active.
 
     Rows unbounded in every element are dropped; rows unbounded in some elements become ``0·z ≤ 1``
     there (always satisfied, so their multiplier is 0; ``torch.where`` gives the original entries a
-    zero gradient). Returns ``(C, d, rows)`` with ``rows = (kept indices, m, masked (B, k))``, or
-    ``None`` when nothing changed.
+    zero gradient). Returns ``(C, d, rows)`` with ``rows = (kept indices, m, masked (B, k))``.
     """
-    if C is None:
-        return C, d, None
-    big = (d >= INF_BOUND) & (d >= INF_ROW_RATIO * C.detach().abs().amax(-1))
-    if not bool(big.any()):
-        return C, d, None
     m = d.shape[-1]
     idx = (~big.all(0)).nonzero().flatten()
     C, d, big = C[:, idx], d[:, idx], big[:, idx]
@@ -764,7 +771,8 @@ def solve_qp_batch(P: Tensor, q: Tensor, C: Optional[Tensor] = None, d: Optional
     reject_functorch((P, q, C, d, A, b), "solve_qp_batch")
     if on_failure not in ("raise", "mask"):
         raise SettingsError(f"solve_qp_batch: on_failure must be 'raise' or 'mask', got {on_failure!r}.")
-    z, lam, mu, status, active, kkt, feasible = _solve(P, q, C, d, A, b, eps, max_iter, polish, ipm_options)
+    z, lam, mu, status, active, kkt, feasible = _solve(P, q, C, d, A, b, eps, max_iter, polish, ipm_options,
+                                                       check_feasible=diagnostics is not None)
     if diagnostics is not None:
         verified = kkt.polished & feasible
         diagnostics.update(verified=verified, iterations=kkt.iterations,
@@ -776,25 +784,34 @@ def solve_qp_batch(P: Tensor, q: Tensor, C: Optional[Tensor] = None, d: Optional
     return z, lam, mu, status, active
 
 
-def _solve(P, q, C, d, A, b, eps, max_iter, polish, ipm_options):
-    """:func:`solve_qp_batch`'s solve, nothing read on the host: ``(z, lam, mu, status, active, kkt,
-    feasible)`` with ``feasible`` (B,) whether z satisfies the constraints (:func:`_feasible`)."""
+def _solve(P, q, C, d, A, b, eps, max_iter, polish, ipm_options, check_feasible: bool = True):
+    """:func:`solve_qp_batch`'s solve: ``(z, lam, mu, status, active, kkt, feasible)`` with
+    ``feasible`` (B,) whether z satisfies the constraints (:func:`_feasible`; None unless
+    ``check_feasible``). One host read before the solve: whether rows must be taken out
+    (absent bounds) and whether the data must be equilibrated."""
     _check_ipm_options(ipm_options)
     P, q, C, d, A, b = _broadcast(P, q, C, d, A, b)
-    C, d, rows = _unbounded_rows(C, d)
+    with torch.no_grad():
+        big = _unbounded_mask(C, d)
+        scaled_badly = _badly_scaled(*_scales(P, q, C, A))
+        has_big, rescale = torch.stack([scaled_badly if big is None else big.any(), scaled_badly]).tolist()
+    rows = None
+    if has_big:
+        C, d, rows = _unbounded_rows(C, d, big)
+        with torch.no_grad():
+            rescale = rescale and bool(_badly_scaled(*_scales(P, q, C, A)))
     opts = dict(ipm_options)
     opts.update(eps=eps, max_iter=max_iter, polish=polish)
-    scaled = _equilibrate(P, q, C, d, A, b)
-    if scaled is None:
+    if not rescale:
         z, lam, mu, status, active, kkt = IPMQPFunction.apply(P, q, C, d, A, b, opts)
     else:
         # badly scaled data: solved (IPM, polish, backward) with unit rows and a unit objective; the
         # scaling is differentiable, so autograd carries the gradients back through it
-        (Ps, qs, Cs, ds, As, bs), (rc, ra, sigma) = scaled
+        (Ps, qs, Cs, ds, As, bs), (rc, ra, sigma) = _equilibrate(P, q, C, d, A, b)
         z, lam, mu, status, active, kkt = IPMQPFunction.apply(Ps, qs, Cs, ds, As, bs, opts)
         mu = None if mu is None else mu * sigma.unsqueeze(-1) / rc
         lam = None if lam is None else lam * sigma.unsqueeze(-1) / ra
-    feasible = _feasible(z.detach(), C, d, A, b)
+    feasible = _feasible(z.detach(), C, d, A, b) if check_feasible else None
     if rows is not None:
         mu, active = _restore_rows(mu, active, rows, z)
     return z, lam, mu, status, active, kkt, feasible

@@ -101,7 +101,9 @@ def _present(x: Optional[torch.Tensor]) -> bool:
 def _check_inputs(**args: Optional[torch.Tensor]) -> None:
     """float32/float64 tensors without NaN (``+inf`` in h is an absent bound): typed errors otherwise.
 
-    One host synchronization for all six arguments (the flags are reduced on the device first).
+    One host read for all six arguments: a NaN or ±inf makes a tensor's sum non-finite (``+inf``
+    in h is clamped away first), so one sum per tensor screens it; only a flagged batch (or a sum
+    that overflowed) is looked at entry by entry.
     """
     present = {}
     for name, t in args.items():
@@ -112,12 +114,17 @@ def _check_inputs(**args: Optional[torch.Tensor]) -> None:
         if t.dtype not in (torch.float32, torch.float64):
             raise LayoutError(f"QPFunction: {name} has dtype {t.dtype}; dqp solves in float32 or float64. "
                               f"Convert with {name}.float() or {name}.double().")
-        present[name] = torch.isnan(t) | (t == float("-inf") if name == "h" else ~torch.isfinite(t))
-    if not present or not bool(torch.stack([f.any() for f in present.values()]).any()):
+        present[name] = t.detach()
+    if not present:
         return
-    for name, bad in present.items():
+    with torch.no_grad():
+        sums = torch.stack([(t.clamp(max=0) if name == "h" else t).sum(dtype=torch.float64)
+                            for name, t in present.items()])
+        if bool(torch.isfinite(sums).all()):
+            return
+    for name, t in present.items():
+        bad = torch.isnan(t) | (t == float("-inf") if name == "h" else ~torch.isfinite(t))
         if bool(bad.any()):
-            t = args[name]
             where = ""
             if t.dim() >= 2 and t.dim() == (2 if name in ("p", "h", "b") else 3):
                 where = f" (batch elements {bad.reshape(t.shape[0], -1).any(1).nonzero().flatten().tolist()[:10]})"
