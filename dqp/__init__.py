@@ -32,3 +32,16 @@ __all__ = [
     "NotSupportedError", "UnverifiedSolutionWarning", "SingularKKTWarning", "GradientAccuracyWarning",
 ]
 _logging.getLogger("dqp").addHandler(_logging.NullHandler())
+
+#: libdqp's top-level helpers, imported on first use (``from dqp import initialize_torch_from_npz``).
+_LIBDQP_NAMES = {"initialize_torch_from_npz": "dqp.sparse_helper", "csc_torch_to_scipy": "dqp.sparse_helper",
+                 "csc_scipy_to_torch": "dqp.sparse_helper", "get_dense_solvers": "dqp.lin_solvers",
+                 "get_sparse_solvers": "dqp.lin_solvers"}
+
+
+def __getattr__(name: str):
+    if name in _LIBDQP_NAMES:
+        import importlib
+
+        return getattr(importlib.import_module(_LIBDQP_NAMES[name]), name)
+    raise AttributeError(f"module 'dqp' has no attribute {name!r}")

@@ -233,6 +233,16 @@ def check_keyword_failure(solver: str, raw, user_keywords) -> None:
                   SolverKeywordWarning, stacklevel=2)
 
 
+def unverified_distance(data, res) -> float:
+    """:func:`kkt_distance` of an element result's point, with its duals or the solver's own
+    (``res.raw_duals``) when those certify z better."""
+    dist = kkt_distance(data, res.z, res.lam, res.mu)
+    if dist > FAR_FROM_KKT and res.raw_duals is not None:
+        y, mu = res.raw_duals
+        dist = min(dist, kkt_distance(data, res.z, res.lam if y is None else y, res.mu if mu is None else mu))
+    return dist
+
+
 def finalize(data, res, search_on_max_iter: bool = True):
     """The element's final word: classify failures from verified certificates; reject bad points.
 
@@ -251,10 +261,7 @@ def finalize(data, res, search_on_max_iter: bool = True):
             return replace(res, nonconvex=True)
         if res.verified:
             return res
-        dist = kkt_distance(data, res.z, res.lam, res.mu)
-        if dist > FAR_FROM_KKT and res.raw_duals is not None:  # the solver's own duals may certify z better
-            y, mu = res.raw_duals
-            dist = min(dist, kkt_distance(data, res.z, res.lam if y is None else y, res.mu if mu is None else mu))
+        dist = unverified_distance(data, res)
         if dist <= FAR_FROM_KKT:
             return res
         res = replace(res, status=Status.NUMERICAL, z=np.zeros_like(res.z), lam=np.zeros_like(res.lam),

@@ -619,7 +619,8 @@ def _run_combo(problem: QPProblem, qp: str, lin: str, solve_type: str, w: np.nda
     try:
         with warnings.catch_warnings(record=True) as wlist:
             warnings.simplefilter("always")
-            layer = dQP_layer(settings=build_settings(qp_solver=qp, lin_solver=lin, solve_type=solve_type, **options))
+            layer = dQP_layer(settings=build_settings(qp_solver=qp, lin_solver=lin, solve_type=solve_type,
+                                                      **{"empty_batch": False, **options}))  # one problem: (n,) outputs
             wt = torch.as_tensor(w, dtype=torch.float64, device=device)
             for _ in range(repeat):
                 # fresh tensors each run: a sparse matrix built from its value leaves is a graph node

@@ -22,7 +22,7 @@ from typing import List, Optional, Tuple
 import numpy as np
 import scipy.sparse as sp
 
-from dqp.certificates import check_keyword_failure, finalize, verified_status
+from dqp.certificates import check_keyword_failure, finalize, unverified_distance, verified_status
 from dqp.errors import NotPSDError, Status
 from dqp.problem import drop_unbounded_rows, restore_rows
 from dqp.kkt import REGULARIZED, RobustKKT, auto_linsolver, warn_singular_once
@@ -413,7 +413,11 @@ class Engine:
                     res2.solve_time = res.solve_time
                     return res2
                 if kept is res:
-                    break      # an unverified primary gets one second opinion that solves, not the whole chain
+                    # an unverified primary gets one second opinion that solves, not the whole chain; the
+                    # point closer to the KKT conditions is kept (proxqp's can be far off where Clarabel's is not)
+                    if unverified_distance(data, res2) < unverified_distance(data, res):
+                        kept = res2
+                    break
                 kept = kept or res2
                 continue
             if res.status == Status.SOLVED:

@@ -88,8 +88,8 @@ class LayoutError(InputError):
 
 
 class NotSupportedError(DQPError, NotImplementedError):
-    """A PyTorch feature the layer cannot take part in (``torch.func`` transforms, second derivatives);
-    the message says what to use instead."""
+    """A feature dqp does not provide: a PyTorch feature the layer cannot take part in (``torch.func``
+    transforms, second derivatives) or qpth's ``SpQPFunction``; the message says what to use instead."""
 
 
 class SolveError(DQPError, RuntimeError):

@@ -15,9 +15,10 @@ from torch import nn
 from dqp.autograd import QPFunction, Work, run_forward
 from dqp.engine import Engine
 from dqp.errors import SettingsError, Status, error_for_statuses
+from dqp.layer_compat import LastCall, LibdqpAttributes, detach_batch, resolve_keywords
 from dqp.problem import QPBatch, SparseArg, validate
 from dqp.result import QPOutput, SolveInfo
-from dqp.settings import Settings, build_settings
+from dqp.settings import Settings, build_settings, settings_from
 from dqp.transforms import graph_break, reject_functorch
 
 logger = logging.getLogger("dqp")
@@ -77,25 +78,29 @@ def _data(M):
     return M.values if isinstance(M, SparseArg) else M
 
 
-class dQP_layer(nn.Module):  # noqa: N801  (the name users know from the reference implementation)
+class dQP_layer(LibdqpAttributes, nn.Module):  # noqa: N801  (the name users know from the reference implementation)
     """A differentiable QP layer: ``min ½zᵀPz + qᵀz  s.t.  Cz ≤ d,  Az = b``.
 
     Parameters
     ----------
-    settings : Settings, optional
-        From :func:`dqp.dQP.build_settings`. Keyword options may be given instead.
+    settings : Settings or dict, optional
+        From :func:`dqp.dQP.build_settings` (the layer keeps a copy), or a dict of options (as
+        libdqp's settings were). Keyword options may be given instead.
     **options
         Shortcut for ``settings=build_settings(**options)``.
 
     Attributes
     ----------
-    active : Tensor or None
-        Active inequality constraints of the *last call* (bool, ``(m,)`` or ``(B, m)``), whichever
-        thread made it. Each call's own are on its output: ``out.active``.
+    active : ndarray or None
+        Active inequality constraints of the *last call*, whichever thread made it, as libdqp has
+        them: a NumPy bool array, ``(m,)`` for unbatched inputs, ``(B, m)`` for batched ones. Each
+        call's own are on its output: ``out.active`` (a tensor shaped like the outputs).
     info : SolveInfo or None
         Diagnostics of the *last call*, per batch element (status, residuals, active-set
         verification, KKT path, backward residual after ``backward``). Each call's own are on its
         output, ``out.info``: read those when several threads share the layer.
+    nBatch, dim, nIneq, nEq, nActive, qp_solver, lin_solver, x_star_np, mu_star_np, nu_star_np, KKT_A_np
+        libdqp's read-only attributes, derived from the last call (see :mod:`dqp.layer_compat`).
 
     Notes
     -----
@@ -114,11 +119,10 @@ class dQP_layer(nn.Module):  # noqa: N801  (the name users know from the referen
         super().__init__()
         if settings is not None and options:
             raise SettingsError("Pass either settings=... or keyword options, not both.")
-        if settings is not None and not isinstance(settings, Settings):
-            raise SettingsError(f"settings must come from dQP.build_settings(...), got {type(settings).__name__}.")
-        self.settings = settings if settings is not None else build_settings(**options)
-        self.active: Optional[torch.Tensor] = None
+        self.settings = settings_from(settings) if settings is not None else build_settings(**options)
+        self._active_t: Optional[torch.Tensor] = None
         self.info: Optional[SolveInfo] = None
+        self._last: Optional[LastCall] = None
         self._local = threading.local()
 
     # -- state: solver workspaces, thread pools and warm starts are per thread and not saved ---------
@@ -179,13 +183,17 @@ class dQP_layer(nn.Module):  # noqa: N801  (the name users know from the referen
 
     # -- call ---------------------------------------------------------------------------------
     @graph_break   # torch.compile: the solve runs eagerly, the model around it compiles
-    def forward(self, P: torch.Tensor, q: torch.Tensor, C: Optional[torch.Tensor] = None,
-                d: Optional[torch.Tensor] = None, A: Optional[torch.Tensor] = None,
-                b: Optional[torch.Tensor] = None) -> QPOutput:
+    def forward(self, P: Optional[torch.Tensor] = None, q: Optional[torch.Tensor] = None,
+                C: Optional[torch.Tensor] = None, d: Optional[torch.Tensor] = None,
+                A: Optional[torch.Tensor] = None, b: Optional[torch.Tensor] = None, *,
+                Q: Optional[torch.Tensor] = None, G: Optional[torch.Tensor] = None,
+                h: Optional[torch.Tensor] = None) -> QPOutput:
         """Solve the QP(s) and return ``(z, lam, mu, solve_time, forward_time)``.
 
         Any argument may be batched or shared; a shared argument's gradient is the sum over the
-        batch. Outputs have the dtype and device of ``q``.
+        batch. Outputs have the dtype and device of ``q``. Vectors may also be columns
+        (``(k, 1)`` / ``(B, k, 1)``); outputs keep the shapes above. libdqp's keyword names
+        ``Q``, ``G``, ``h`` are accepted for ``P``, ``C``, ``d``.
 
         Parameters
         ----------
@@ -202,11 +210,13 @@ class dQP_layer(nn.Module):  # noqa: N801  (the name users know from the referen
         Raises
         ------
         InputError
-            Malformed data (:class:`ShapeError`, :class:`NonFiniteError`, ...).
+            Malformed data (:class:`ShapeError`, :class:`NonFiniteError`, ...), or one argument
+            given under both names (``P`` and ``Q``).
         SolveError
             An element failed (:class:`InfeasibleError`, :class:`UnboundedError`, ...) and
             ``on_failure='raise'``; the message names the batch elements.
         """
+        P, q, C, d, A, b = resolve_keywords(P, q, C, d, A, b, Q=Q, G=G, h=h)
         reject_functorch((P, q, C, d, A, b), "dQP_layer")
         s = self.settings
         t_start = time.perf_counter()
@@ -273,15 +283,19 @@ class dQP_layer(nn.Module):  # noqa: N801  (the name users know from the referen
             mu = mu / rC
         if rA is not None:
             lam = lam / rA
-        active = info.active_mask(batch.m)
+        active = info.active_mask(batch.m)   # (B, m) tensor, on the data's device for the batched engine
+        self._last = LastCall(detach_batch(batch), z.detach(), lam.detach(), mu.detach())
+        self._active_t = active              # layer.active: libdqp's NumPy mask, made when it is read
+        out_active = active                  # the call's own, shaped like z
         if not batch.batched and not s.empty_batch:
-            z, lam, mu, active = z[0], lam[0], mu[0], active[0]
-        self.active = active
+            z, lam, mu, out_active = z[0], lam[0], mu[0], out_active[0]
+        if needs_grad:  # fresh tensors: an in-place edit by the caller (z.unsqueeze_(-1)) leaves the backward's intact
+            z, lam, mu = z.clone(), lam.clone(), mu.clone()
         solve_time = float(sum(info.solve_time)) if s.time else None
         fwd_time = time.perf_counter() - t_start if s.time else None
         if s.verbose:
             logger.info("dQP: %s", info.summary())
-        return QPOutput(z, lam, mu, solve_time, fwd_time, info=info, active=active)
+        return QPOutput(z, lam, mu, solve_time, fwd_time, info=info, active=out_active)
 
     def extra_repr(self) -> str:
         """The solver choice shown by ``repr(layer)``."""

@@ -229,9 +229,7 @@ def _to_csc(name: str, M: torch.Tensor) -> torch.Tensor:
 
 
 def _sparse_arg(name: str, M, shape_rows: Optional[int], n: int) -> Tuple[SparseArg, int, Optional[int]]:
-    mats = list(M) if isinstance(M, (list, tuple)) else [M]
-    if not mats:
-        raise ShapeError(f"Argument {name} is an empty list; give one sparse matrix or one per batch element.")
+    mats = list(M) if isinstance(M, (list, tuple)) else [M]  # non-empty, first element 2-D (_mat_shape)
     csc = []
     for i, Mi in enumerate(mats):
         if not isinstance(Mi, torch.Tensor):
@@ -244,9 +242,7 @@ def _sparse_arg(name: str, M, shape_rows: Optional[int], n: int) -> Tuple[Sparse
     shapes = {tuple(c.shape) for c in csc}
     if len(shapes) != 1:
         raise ShapeError(f"Argument {name}: all matrices of a batch must have one shape, got {sorted(shapes)}.")
-    (r, c), = shapes
-    if c != n:
-        raise ShapeError(f"Argument {name} has {c} columns but q has {n} entries; expected ({'n' if name == 'P' else 'rows'}, {n}).")
+    (r, c), = shapes  # c == n: the first matrix was checked by _matrix_sizes
     ccols = [t.ccol_indices().cpu().numpy().astype(np.int64) for t in csc]
     rows = [t.row_indices().cpu().numpy().astype(np.int64) for t in csc]
     nnz = [len(x) for x in rows]
@@ -254,6 +250,87 @@ def _sparse_arg(name: str, M, shape_rows: Optional[int], n: int) -> Tuple[Sparse
     values = csc[0].values() if len(csc) == 1 else torch.cat([t.values() for t in csc])
     B = None if len(csc) == 1 and not isinstance(M, (list, tuple)) else len(csc)
     return SparseArg(values, ccols, rows, offsets, (r, c), shared=len(csc) == 1), r, B
+
+
+def _mat_shape(name: str, M, sparse: bool) -> Tuple[int, int]:
+    """``(rows, cols)`` of a matrix argument (a list of sparse matrices: of its first element)."""
+    if sparse:
+        if isinstance(M, torch.Tensor) and M.layout == torch.strided:
+            raise LayoutError(f"Argument {name}: solve_type='sparse' expects a torch sparse CSC tensor, got a "
+                              f"dense tensor. Use {name}.to_sparse_csc() or solve_type='dense'.")
+        first = M[0] if isinstance(M, (list, tuple)) and len(M) else M
+        if isinstance(M, (list, tuple)) and not len(M):
+            raise ShapeError(f"Argument {name} is an empty list; give one sparse matrix or one per batch element.")
+        if not isinstance(first, torch.Tensor):
+            raise LayoutError(f"Argument {name} must be a torch sparse tensor, got {_describe(first)}.")
+        if first.dim() != 2:
+            raise ShapeError(f"Argument {name}: each sparse matrix must be 2-D, got shape {tuple(first.shape)}. "
+                             f"Pass a batch of sparse matrices as a list.")
+        return int(first.shape[0]), int(first.shape[1])
+    if M.dim() not in (2, 3):
+        raise ShapeError(f"Argument {name} must have shape (k, n) or (B, k, n), got {tuple(M.shape)}.")
+    return int(M.shape[-2]), int(M.shape[-1])
+
+
+def _matrix_sizes(args: dict, sparse: bool) -> Tuple[int, dict]:
+    """``n`` and the row counts of C and A; the argument that disagrees with the others is named.
+
+    ``n`` is what most of P, q and the columns of C and A agree on (P decides a tie), so a shape
+    error names the argument that does not fit. The rows of C and A set the lengths of d and b.
+    """
+    rows, n_P = _mat_shape("P", args["P"], sparse)
+    if rows != n_P:
+        raise ShapeError(f"Argument P must be square, got {rows} x {n_P} (shape {_shape_of(args['P'])}).")
+    votes = {"P": n_P, "q": _vector_length(args["q"])}
+    sizes = {}
+    for name in ("C", "A"):
+        if args[name] is not None:
+            sizes[name], votes[name] = _mat_shape(name, args[name], sparse)
+    counts = {}
+    for v in votes.values():
+        counts[v] = counts.get(v, 0) + 1
+    n = max(counts, key=lambda v: (counts[v], v == n_P))
+    for name, v in votes.items():
+        if v == n or name == "q":
+            continue  # q's own message (with the accepted forms) comes from _as_vector
+        others = ", ".join(k for k, w in votes.items() if w == n)
+        if name == "P":
+            raise ShapeError(f"Argument P has shape {_shape_of(args['P'])} but {others} give n = {n}; "
+                             f"expected (..., {n}, {n}).")
+        raise ShapeError(f"Argument {name} has {v} columns but {others} give n = {n}; {name} must have "
+                         f"{n} columns (shape {_shape_of(args[name])}).")
+    return n, sizes
+
+
+def _vector_length(v: torch.Tensor) -> int:
+    """The length a vector argument claims: ``k`` for ``(k,)``, ``(B, k)``, ``(B, k, 1)``."""
+    return int(v.shape[-2]) if v.dim() == 3 else int(v.shape[-1]) if v.dim() else 0
+
+
+def _shape_of(M) -> str:
+    if isinstance(M, (list, tuple)):
+        return f"list of {len(M)} x {tuple(M[0].shape) if len(M) and hasattr(M[0], 'shape') else '?'}"
+    return str(tuple(M.shape))
+
+
+def _as_vector(name: str, v: torch.Tensor, k: int, mat: str) -> torch.Tensor:
+    """``v`` as ``(k,)`` or ``(B, k)``: column vectors ``(k, 1)`` / ``(B, k, 1)`` are squeezed.
+
+    ``k`` is set by ``mat`` (n for q, the rows of C for d, of A for b). A ``(1, 1)`` vector with
+    ``k = 1`` stays a batch of one (both readings give the same values).
+    """
+    given = tuple(v.shape)
+    if v.dim() == 3 and v.shape[-1] == 1:
+        v = v.squeeze(-1)
+    elif v.dim() == 2 and v.shape[-1] != k and v.shape[-1] == 1 and v.shape[0] == k:
+        v = v.squeeze(-1)
+    if v.dim() not in (1, 2) or v.shape[-1] != k:
+        letter = {"q": "n", "d": "m", "b": "p"}[name]
+        size = f"P is {k} x {k}" if name == "q" else f"{mat} has {k} rows"
+        raise ShapeError(f"Argument {name} has shape {given} but {size}; {name} must have shape "
+                         f"({letter},) or (B, {letter}), or be a column ({letter}, 1) / (B, {letter}, 1), "
+                         f"with {letter} = {k}.")
+    return v
 
 
 def validate(P, q, C=None, d=None, A=None, b=None, *, sparse: bool = False, check_psd: bool = False,
@@ -299,24 +376,22 @@ def validate(P, q, C=None, d=None, A=None, b=None, *, sparse: bool = False, chec
             raise LayoutError(f"Argument {name} is sparse ({x.layout}) but solve_type='dense'. Use "
                               f"solve_type='sparse' (torch CSC tensors), or {name}.to_dense().")
         _check_dtype_device(name, x, ref)
-    if q.dim() not in (1, 2):
-        raise ShapeError(f"Argument q must have shape (n,) or (B, n), got {tuple(q.shape)}.")
-    n = q.shape[-1]
+    n, sizes = _matrix_sizes(args, sparse)
+    q = args["q"] = _as_vector("q", q, n, "P")
     if n == 0:
         raise ShapeError("Argument q has zero entries: the QP needs at least one variable.")
     batch_sizes = {}
     if q.dim() == 2:
         batch_sizes["q"] = q.shape[0]
     vec_len = {}
-    for name in ("d", "b"):
-        v = args[name]
-        if v is None:
+    for name, mat in (("d", "C"), ("b", "A")):
+        if args[name] is None:
             continue
-        if v.dim() not in (1, 2):
-            raise ShapeError(f"Argument {name} must have shape (k,) or (B, k), got {tuple(v.shape)}.")
+        v = args[name] = _as_vector(name, args[name], sizes[mat], mat)
         vec_len[name] = v.shape[-1]
         if v.dim() == 2:
             batch_sizes[name] = v.shape[0]
+    d, b = args["d"], args["b"]
     mats = {}
     for name, vec in (("P", None), ("C", "d"), ("A", "b")):
         M = args[name]
@@ -324,24 +399,13 @@ def validate(P, q, C=None, d=None, A=None, b=None, *, sparse: bool = False, chec
             continue
         rows_expected = n if name == "P" else vec_len[vec]
         if sparse:
-            if isinstance(M, torch.Tensor) and M.layout == torch.strided:
-                raise LayoutError(f"Argument {name}: solve_type='sparse' expects a torch sparse CSC tensor, got a "
-                                  f"dense tensor. Use {name}.to_sparse_csc() or solve_type='dense'.")
             arg, r, Bm = _sparse_arg(name, M, rows_expected, n)
             _check_dtype_device(name, arg.values, ref)
-            if r != rows_expected:
-                raise ShapeError(f"Argument {name} has {r} rows but {'q' if name == 'P' else vec} has "
-                                 f"{rows_expected} entries; expected shape ({rows_expected}, {n}).")
             _check_finite(name, arg.values, False)
             mats[name] = arg
             if Bm is not None:
                 batch_sizes[name] = Bm
         else:
-            if M.dim() not in (2, 3):
-                raise ShapeError(f"Argument {name} must have shape (k, n) or (B, k, n), got {tuple(M.shape)}.")
-            if M.shape[-2:] != (rows_expected, n):
-                raise ShapeError(f"Argument {name} has shape {tuple(M.shape)}; expected (..., {rows_expected}, {n}) "
-                                 f"to match {'q' if name == 'P' else vec + ' and q'}.")
             if M.dim() == 3:
                 batch_sizes[name] = M.shape[0]
             mats[name] = M

@@ -20,8 +20,15 @@ What differs, on purpose
     * Failures are not silent: an infeasible, unbounded or unsolved element raises
       :class:`dqp.errors.InfeasibleError` / ``UnboundedError`` / ``MaxIterationsError`` /
       ``SolverFailedError`` naming the batch elements (qpth prints a warning and returns an
-      inaccurate point). ``check_Q_spd`` raises :class:`dqp.errors.NotPSDError` (a ``ValueError``;
-      qpth raises ``RuntimeError('Q is not SPD.')``).
+      inaccurate point). Opt in to qpth's keep-going behaviour with ``on_failure="mask"``: failed
+      elements then return zeros (with zero gradients) and their statuses are in
+      :attr:`QPFunction.status` — e.g. OptNet's ``cls optnet-eq``, whose first QPs are infeasible.
+      ``check_Q_spd`` raises :class:`QNotSPDError`, a :class:`dqp.errors.NotPSDError` that is also
+      a ``RuntimeError`` (qpth raises ``RuntimeError('Q is not SPD.')``), so either ``except``
+      catches it.
+    * ``SpQPFunction`` (qpth's sparse batched solver) is importable but not supported: calling it
+      raises :class:`dqp.errors.NotSupportedError` (use ``QPFunction`` on dense tensors, or dqp's sparse layer
+      ``dQP.dQP_layer(solve_type="sparse")``).
     * Degenerate problems qpth gets wrong are solved: an exactly zero starting slack (qpth's
       initial shift only fixes negative slacks), PSD Q with ``check_Q_spd=False`` (LPs; qpth
       LU-factorizes Q), no constraints at all (qpth asserts at least one), and m > n.
@@ -52,14 +59,32 @@ from typing import Optional
 
 import torch
 
-from dqp.errors import LayoutError, NonFiniteError, NotPSDError, ShapeError
+from dqp.errors import LayoutError, NonFiniteError, NotPSDError, NotSupportedError, SettingsError, ShapeError
 from dqp.ipm_layer import solve_qp_batch
 from dqp.solvers.ipm import default_eps
 from dqp.transforms import graph_break, reject_functorch
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["QPFunction", "QPSolvers"]
+__all__ = ["QPFunction", "QPSolvers", "SpQPFunction", "QNotSPDError", "NotSupportedError"]
+
+
+class QNotSPDError(NotPSDError, RuntimeError):
+    """``check_Q_spd`` found a Q that is not positive definite (also a ``RuntimeError``, as in qpth)."""
+
+
+class SpQPFunction:
+    """qpth's sparse batched QP solver: importable, not supported.
+
+    Constructing it raises :class:`dqp.errors.NotSupportedError`, so code that only imports it (OptNet's sudoku
+    ``models.py``) loads, and code that uses it learns what to use instead.
+    """
+
+    def __init__(self, *args, **kwargs):
+        raise NotSupportedError(
+            "dqp.qpth.SpQPFunction (qpth's sparse batched solver) is not supported. Use "
+            "dqp.qpth.QPFunction with dense tensors (Q.to_dense(), G.to_dense(), A.to_dense()), or dqp's "
+            "sparse layer: dqp.dQP.dQP_layer(solve_type='sparse') with torch sparse CSC matrices.")
 
 
 class QPSolvers(Enum):
@@ -125,17 +150,30 @@ class QPFunction:
     solver : QPSolvers
         Ignored (kept for compatibility).
     check_Q_spd : bool
-        Raise :class:`dqp.errors.NotPSDError` when Q is not positive definite.
+        Raise :class:`QNotSPDError` when Q is not positive definite.
+    on_failure : {"raise", "mask"}
+        dqp's addition. ``"raise"`` (default): an element that is infeasible, unbounded or unsolved
+        raises a typed :class:`dqp.errors.SolveError` naming it. ``"mask"``: such elements return
+        zeros (zero gradients) and the call goes on, like qpth; read :attr:`status`.
+
+    Attributes
+    ----------
+    status : Tensor or None
+        ``(B,)`` :class:`dqp.errors.Status` codes of the last call (0 = solved).
     """
 
     def __init__(self, eps: float = 1e-12, verbose: int = 0, notImprovedLim: int = 3, maxIter: int = 20,
-                 solver: QPSolvers = QPSolvers.PDIPM_BATCHED, check_Q_spd: bool = True):
+                 solver: QPSolvers = QPSolvers.PDIPM_BATCHED, check_Q_spd: bool = True, on_failure: str = "raise"):
+        if on_failure not in ("raise", "mask"):
+            raise SettingsError(f"QPFunction: on_failure must be 'raise' or 'mask', got {on_failure!r}.")
         self.eps = eps
         self.verbose = verbose
         self.notImprovedLim = notImprovedLim
         self.maxIter = maxIter
         self.solver = solver
         self.check_Q_spd = check_Q_spd
+        self.on_failure = on_failure
+        self.status: Optional[torch.Tensor] = None
 
     def __repr__(self) -> str:
         return (f"QPFunction(eps={self.eps}, verbose={self.verbose}, maxIter={self.maxIter}, "
@@ -161,7 +199,7 @@ class QPFunction:
             if bool((info != 0).any()):
                 bad = torch.nonzero(info != 0).flatten().tolist()
                 where = f" (batch elements {bad[:10]}{'...' if len(bad) > 10 else ''})" if Q.dim() == 3 else ""
-                raise NotPSDError(
+                raise QNotSPDError(
                     f"QPFunction: Q is not symmetric positive definite{where}. qpth requires Q ≻ 0; "
                     "dqp's solver also handles positive semidefinite Q (e.g. LPs with Q = 0): pass "
                     "check_Q_spd=False to allow it, or add a small multiple of the identity to Q.")
@@ -169,7 +207,13 @@ class QPFunction:
         # with the polish is accurate to round-off
         eps = float(self.eps) if float(self.eps) > default_eps(Q.dtype) else None
         z, _, _, status, _ = solve_qp_batch(Q, p, C, d, Ae, be, eps=eps, max_iter=max(int(self.maxIter), 100),
-                                            on_failure="raise")
+                                            on_failure=self.on_failure)
+        self.status = status
+        if self.on_failure == "mask" and bool((status != 0).any()):
+            bad = torch.nonzero(status != 0).flatten().tolist()
+            logger.warning("dqp.qpth.QPFunction: %d of %d batch elements failed (e.g. %s); their outputs and "
+                           "gradients are zero (on_failure='mask'; statuses in QPFunction.status).",
+                           len(bad), status.numel(), bad[:10])
         if self.verbose >= 1:
             logger.info("dqp.qpth.QPFunction: solved a batch of %d QPs (n=%d)", z.shape[0], z.shape[1])
         return z

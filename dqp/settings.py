@@ -2,13 +2,19 @@
 
 :func:`build_settings` is the one place options are checked; the layer trusts the resulting
 :class:`Settings`. The option table in the docs and README is generated from :data:`OPTIONS`.
+
+:class:`Settings` reads and writes like the dict that libdqp's ``build_settings`` returns:
+``settings["eps_abs"]``, ``settings["eps_abs"] = 1e-7`` (validated again, with the same typed
+errors), ``dict(settings)``, ``settings.items()``. A layer takes a copy when it is built, as libdqp's
+layer copies the dict into its attributes.
 """
 from __future__ import annotations
 
 import difflib
 import os
-from dataclasses import dataclass, field, fields
-from typing import Any, Dict, Mapping, Optional, Tuple
+from collections.abc import Mapping as _MappingABC
+from dataclasses import dataclass, field, fields, replace
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple
 
 from dqp.errors import SettingsError
 
@@ -48,8 +54,8 @@ OPTIONS: Dict[str, Tuple[Any, tuple, str]] = {
     "omp_parallel": (False, (bool,), "Solve the elements of a batch concurrently (thread pool created once; "
                      "element-wise solvers, the batched IPM warns)."),
     "n_cpu": (None, (int, type(None)), "Workers for omp_parallel (default: os.cpu_count())."),
-    "empty_batch": (False, (bool,), "Return outputs with a leading batch dimension of 1 for unbatched "
-                    "inputs (False: unbatched inputs give unbatched outputs)."),
+    "empty_batch": (True, (bool,), "Return outputs with a leading batch dimension of 1 for unbatched "
+                    "inputs, as libdqp does (False: unbatched inputs give unbatched outputs)."),
     "qp_solver_keywords": (None, (dict, type(None)), "Extra keyword arguments passed to the forward solver."),
     "verbose": (False, (bool,), "Log what the layer chooses and does at INFO level (logger 'dqp'), and "
                 "let the solver print its own output."),
@@ -82,9 +88,26 @@ _CHOICES = {
 }
 
 
+class UnknownOptionError(SettingsError, KeyError):
+    """``settings[key]`` with a key that is not an option (a ``KeyError`` too, as for a dict)."""
+
+    def __str__(self) -> str:  # KeyError would print the message in quotes
+        return str(self.args[0]) if self.args else ""
+
+
+#: Read-only keys of libdqp's settings dict that are not options (``settings[key]`` answers them).
+INFO_KEYS: Tuple[str, ...] = ("available_qp_solvers",)
+
+
 @dataclass(frozen=True)
-class Settings:
-    """Validated layer settings; build with :func:`build_settings`."""
+class Settings(_MappingABC):
+    """Validated layer settings; build with :func:`build_settings`.
+
+    Also a mapping from option name to value (libdqp's settings were a dict): item assignment
+    validates the new value with :func:`build_settings` and raises the same
+    :class:`~dqp.errors.SettingsError` / :class:`~dqp.errors.SolverNotAvailableError`, leaving the
+    settings unchanged. Attribute assignment stays an error.
+    """
 
     qp_solver: str = "auto"
     lin_solver: str = "auto"
@@ -99,7 +122,7 @@ class Settings:
     warm_start_from_previous: bool = False
     omp_parallel: bool = False
     n_cpu: Optional[int] = None
-    empty_batch: bool = False
+    empty_batch: bool = True
     qp_solver_keywords: Mapping[str, Any] = field(default_factory=dict)
     verbose: bool = False
     time: bool = False
@@ -112,6 +135,35 @@ class Settings:
     def replace(self, **changes: Any) -> "Settings":
         """A copy with some options changed (validated again)."""
         return build_settings(**{**self.as_dict(), **changes})
+
+    # -- the mapping protocol (libdqp's settings dict) ----------------------------------------
+    def __getitem__(self, key: str) -> Any:
+        if key in OPTIONS:
+            return getattr(self, key)
+        if key == "available_qp_solvers":
+            from dqp.solvers import available_solvers
+            return list(available_solvers())
+        raise UnknownOptionError(_unknown_message([key]))
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        if key in INFO_KEYS:
+            raise SettingsError(f"settings[{key!r}] is read-only information, not an option.")
+        new = self.replace(**{key: value})  # raises the typed errors; self is left unchanged
+        for f in fields(self):
+            object.__setattr__(self, f.name, getattr(new, f.name))
+
+    def __delitem__(self, key: str) -> None:
+        raise SettingsError(f"Options cannot be deleted (del settings[{key!r}]); set a value instead, "
+                            f"e.g. settings[{key!r}] = {OPTIONS[key][0]!r}." if key in OPTIONS
+                            else _unknown_message([key]))
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(OPTIONS)
+
+    def __len__(self) -> int:
+        return len(OPTIONS)
+
+    __hash__ = None  # mutable through item assignment
 
     def as_dict(self) -> Dict[str, Any]:
         """The options as a plain dict (what :func:`build_settings` accepts)."""
@@ -139,11 +191,7 @@ def build_settings(**options: Any) -> Settings:
 
     unknown = [k for k in options if k not in OPTIONS]
     if unknown:
-        hints = []
-        for k in unknown:
-            close = difflib.get_close_matches(k, OPTIONS, n=1)
-            hints.append(f"{k!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
-        raise SettingsError(f"Unknown option(s) {', '.join(hints)}. Valid options: {', '.join(OPTIONS)}.")
+        raise SettingsError(_unknown_message(unknown))
     values: Dict[str, Any] = {k: v[0] for k, v in OPTIONS.items()}
     values.update(options)
     for k, v in values.items():
@@ -187,6 +235,38 @@ def build_settings(**options: Any) -> Settings:
         values["lin_solver"] = resolve_linsolver_name(values["lin_solver"])
         get_linsolver(values["lin_solver"])
     return Settings(**values)
+
+
+def settings_from(value: Any) -> Settings:
+    """``Settings`` from what ``dQP_layer(settings=...)`` accepts: ``None`` (defaults), a
+    :class:`Settings` (copied, so later item assignment does not reach a built layer) or a mapping
+    of options such as a plain dict (validated; the informational ``available_qp_solvers`` key of
+    libdqp's dict is ignored).
+
+    Raises
+    ------
+    SettingsError
+        Any other type, or an invalid option in the mapping.
+    """
+    if value is None:
+        return build_settings()
+    if isinstance(value, Settings):
+        return replace(value)
+    if isinstance(value, Mapping):
+        bad = [k for k in value if not isinstance(k, str)]
+        if bad:
+            raise SettingsError(f"Option names must be strings, got {bad[:3]!r}.")
+        return build_settings(**{k: v for k, v in value.items() if k not in INFO_KEYS})
+    raise SettingsError(f"settings must be dQP.build_settings(...) or a dict of options, "
+                        f"got {type(value).__name__}.")
+
+
+def _unknown_message(keys: List[str]) -> str:
+    hints = []
+    for k in keys:
+        close = difflib.get_close_matches(str(k), OPTIONS, n=1)
+        hints.append(f"{k!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+    return f"Unknown option(s) {', '.join(hints)}. Valid options: {', '.join(OPTIONS)}."
 
 
 def _fallback_chain(value: Any) -> Tuple[str, ...]:

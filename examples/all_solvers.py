@@ -56,7 +56,7 @@ results = {}
 for name in available_solvers():
     solver = get_solver(name)
     kind = "batched" if solver.batched else "+".join(k for k, ok in (("dense", solver.dense), ("sparse", solver.sparse)) if ok)
-    settings = dQP.build_settings(qp_solver=name, solve_type="dense")
+    settings = dQP.build_settings(qp_solver=name, solve_type="dense", empty_batch=False)
     layer = dQP.dQP_layer(settings=settings)
     qt, dt = T(q).requires_grad_(), T(d).requires_grad_()
     try:

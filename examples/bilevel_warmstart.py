@@ -58,7 +58,8 @@ d = torch.zeros(2 * (n - 1), dtype=torch.float64)
 
 def train(warm: bool):
     layer = dQP.dQP_layer(settings=dQP.build_settings(
-        qp_solver="osqp", lin_solver="qdldl", solve_type="sparse", warm_start_from_previous=warm, time=True))
+        qp_solver="osqp", lin_solver="qdldl", solve_type="sparse", warm_start_from_previous=warm, time=True,
+        empty_batch=False))
     theta = torch.full((n - 1,), float(np.log(np.expm1(0.3))), dtype=torch.float64, requires_grad=True)
     losses, solve_times, iterations = [], [], []
     for _ in range(steps):

@@ -22,12 +22,13 @@ A = torch.ones(p, n, dtype=torch.float64, requires_grad=True)
 b = torch.ones(p, dtype=torch.float64, requires_grad=True)
 
 # 1. Dense: any installed qpsolvers backend forward, exact KKT backward.
-layer = dQP.dQP_layer(settings=dQP.build_settings(qp_solver="osqp", lin_solver="scipy LU", time=True))
+layer = dQP.dQP_layer(settings=dQP.build_settings(qp_solver="osqp", lin_solver="scipy LU", time=True,
+                                                  empty_batch=False))  # (n,) outputs for this unbatched problem
 z, lam, mu, solve_time, forward_time = layer(P, q, C, d, A, b)
 print("z   =", z.detach().numpy().round(6))
 print("lam =", lam.detach().numpy().round(6), " (equality duals)")
 print("mu  =", mu.detach().numpy().round(6), " (inequality duals; zero where inactive)")
-print("active set:", layer.active.nonzero().flatten().tolist())
+print("active set:", layer.active.nonzero()[0].tolist())
 print(f"solve {1e3 * solve_time:.2f} ms, forward {1e3 * forward_time:.2f} ms")
 print("diagnostics:", layer.info.summary())
 
@@ -41,7 +42,7 @@ vals = C.detach().to_sparse_csc().values().clone().requires_grad_()
 csc = C.detach().to_sparse_csc()
 C_sparse = torch.sparse_csc_tensor(csc.ccol_indices(), csc.row_indices(), vals, C.shape)
 sparse_layer = dQP.dQP_layer(settings=dQP.build_settings(qp_solver="clarabel", lin_solver="qdldl",
-                                                         solve_type="sparse"))
+                                                         solve_type="sparse", empty_batch=False))
 zs, *_ = sparse_layer(P.detach().to_sparse_csc(), q.detach(), C_sparse, d.detach(), A.detach().to_sparse_csc(),
                       b.detach())
 (zs ** 2).sum().backward()

@@ -108,7 +108,7 @@ def run_loop(spec: str, warm: bool, n: int, steps: int, lr: float, alpha: float,
     solver, eps = parse_spec(spec, eps)
     t, y, P, C, d = tv_problem(n, seed)
     settings = dQP.build_settings(qp_solver=solver, lin_solver="qdldl", solve_type="sparse", eps_abs=eps, eps_rel=eps,
-                                  warm_start_from_previous=warm, time=True)
+                                  warm_start_from_previous=warm, time=True, empty_batch=False)
     layer = dQP.dQP_layer(settings=settings)
     # α = softplus(θ), starting from the uniform weight ``alpha``
     theta = torch.full((n - 1,), float(np.log(np.expm1(alpha))), dtype=torch.float64, requires_grad=True)

@@ -350,7 +350,7 @@ def worker(args: argparse.Namespace) -> Dict[str, Any]:
     rec["module"] = str(Path(dqp.__file__).parent)
     (P, q, C, d, A, b), leaves = _torch_inputs(prob, impl)
     if impl == "ours":
-        settings = dQP.build_settings(solve_type="sparse", qp_solver=args.solver, time=True)
+        settings = dQP.build_settings(solve_type="sparse", qp_solver=args.solver, time=True, empty_batch=False)
     else:
         settings = dQP.build_settings(solve_type="sparse", qp_solver=args.solver, lin_solver=args.libdqp_lin_solver,
                                       empty_batch=False)

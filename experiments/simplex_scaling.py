@@ -157,11 +157,11 @@ def build_method(method: str, n: int, eps: float):
         from dqp import dQP
 
         if kind == "dqp-ipm":
-            settings = dQP.build_settings(qp_solver="dqp_ipm", solve_type="dense")
+            settings = dQP.build_settings(qp_solver="dqp_ipm", solve_type="dense", empty_batch=False)
             data = _dense_data(n)
         else:
             st = "sparse" if kind == "dqp-sparse" else "dense"
-            settings = dQP.build_settings(qp_solver=solver, solve_type=st, eps_abs=eps, eps_rel=eps,
+            settings = dQP.build_settings(qp_solver=solver, solve_type=st, eps_abs=eps, eps_rel=eps, empty_batch=False,
                                           **({"lin_solver": "qdldl"} if st == "sparse" else {}))
             data = _sparse_data(n) if st == "sparse" else _dense_data(n)
         layer = dQP.dQP_layer(settings=settings)

@@ -16,7 +16,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 #: The modules whose public API the docs promise (the API reference pages render these).
 PUBLIC_MODULES = ["dqp", "dqp.dQP", "dqp.settings", "dqp.result", "dqp.errors", "dqp.layer", "dqp.qpth",
-                  "dqp.ipm_layer", "dqp.solvers", "dqp.linsolve", "dqp.io", "dqp.diagnose"]
+                  "dqp.ipm_layer", "dqp.solvers", "dqp.linsolve", "dqp.io", "dqp.diagnose",
+                  "dqp.layer_compat", "dqp.sparse_helper", "dqp.lin_solvers", "dqp.qp_diagnostic", "dqp.benchmark"]
 #: Packages whose ``__init__`` re-exports objects defined in submodules.
 PACKAGES = {"dqp", "dqp.solvers", "dqp.linsolve"}
 
@@ -106,7 +107,7 @@ def test_mkdocs_build_strict(tmp_path):
     assert "qdldl" in options_html and "clarabel" in options_html  # solver tables filled in
     assert "eps_active·(1+|d_i|)" in options_html  # a '|' inside a description does not split the cell
     theory = (site / "theory" / "index.html").read_text(encoding="utf-8")
-    for question in ("Does dqp use a neural network to solve QPs?", "How is the forward pass solved?",
+    for question in ("Does dqp use a neural network to solve QPs?", "Does dqp solve the QP by solving its KKT conditions?",
                      "Why differentiate the KKT conditions", "Why take gradients with respect to P, q, C, d, A, b"):
         assert question in theory
     api = (site / "api" / "layer" / "index.html").read_text(encoding="utf-8")

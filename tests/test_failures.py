@@ -26,7 +26,7 @@ def infeasible_batch():
 @pytest.mark.parametrize("case", ALL_SOLVERS)
 def test_infeasible_element_is_named(case):
     with pytest.raises(dqp.InfeasibleError) as e:
-        dQP.dQP_layer(qp_solver=case.name)(*infeasible_batch())
+        dQP.dQP_layer(empty_batch=False, qp_solver=case.name)(*infeasible_batch())
     assert e.value.batch_indices == [1]
     assert "batch element 1" in str(e.value) and "on_failure='mask'" in str(e.value)
 
@@ -38,12 +38,12 @@ def test_unbounded_is_reported(solver):
     C = torch.tensor([[0.0, 1.0]], dtype=F64)
     d = torch.tensor([1.0], dtype=F64)
     with pytest.raises(dqp.UnboundedError, match="unbounded"):
-        dQP.dQP_layer(qp_solver=solver)(P, q, C, d)
+        dQP.dQP_layer(empty_batch=False, qp_solver=solver)(P, q, C, d)
 
 
 def test_mask_mode_returns_zeros_and_status():
     P, q, C, d = infeasible_batch()
-    layer = dQP.dQP_layer(qp_solver="clarabel", on_failure="mask")
+    layer = dQP.dQP_layer(empty_batch=False, qp_solver="clarabel", on_failure="mask")
     qq = q.clone().requires_grad_()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -66,21 +66,21 @@ def test_error_for_statuses_lists_all_failures():
 def test_max_iterations_is_recovered_or_reported():
     """OSQP stopped after 2 iterations: dqp either certifies the polished point or raises."""
     P, q, C, d, *_ = random_qp(10, 15, 0, seed=3)
-    layer = dQP.dQP_layer(qp_solver="osqp", qp_solver_keywords={"max_iter": 2}, refine_active=False)
+    layer = dQP.dQP_layer(empty_batch=False, qp_solver="osqp", qp_solver_keywords={"max_iter": 2}, refine_active=False)
     try:
         z = layer(P, q, C, d)[0]
     except dqp.SolveError as e:
         assert isinstance(e, (dqp.MaxIterationsError, dqp.SolverFailedError))
     else:
-        ref = dQP.dQP_layer(qp_solver="clarabel")(P, q, C, d)[0]
+        ref = dQP.dQP_layer(empty_batch=False, qp_solver="clarabel")(P, q, C, d)[0]
         assert layer.info.verified == [True] and torch.allclose(z, ref, atol=1e-8)
 
 
 def test_inaccurate_solver_is_repaired_by_refinement():
     """A loose OSQP tolerance mislabels constraints; refine_active repairs the set exactly."""
     P, q, C, d, *_ = random_qp(20, 40, 0, seed=8, frac_active=0.4)
-    ref = dQP.dQP_layer(qp_solver="clarabel")(P, q, C, d)[0]
-    layer = dQP.dQP_layer(qp_solver="osqp", eps_abs=1e-3, eps_rel=1e-3, eps_active=1e-7)
+    ref = dQP.dQP_layer(empty_batch=False, qp_solver="clarabel")(P, q, C, d)[0]
+    layer = dQP.dQP_layer(empty_batch=False, qp_solver="osqp", eps_abs=1e-3, eps_rel=1e-3, eps_active=1e-7)
     z = layer(P, q, C, d)[0]
     assert layer.info.verified == [True]
     assert torch.allclose(z, ref, atol=1e-9)
@@ -94,7 +94,7 @@ def test_duplicate_active_rows_licq_failure():
     q = torch.tensor([-2.0, 0.5, 0.1], dtype=F64)
     C = torch.tensor([[1.0, 0, 0], [1.0, 0, 0], [0, 1.0, 0]], dtype=F64)
     d = torch.tensor([1.0, 1.0, 5.0], dtype=F64)
-    layer = dQP.dQP_layer(qp_solver="clarabel")
+    layer = dQP.dQP_layer(empty_batch=False, qp_solver="clarabel")
     qq = q.clone().requires_grad_()
     with warnings.catch_warnings(record=True):
         warnings.simplefilter("always")
@@ -112,7 +112,7 @@ def test_more_active_rows_than_variables():
     q = torch.tensor([-3.0, -3.0], dtype=F64)
     C = torch.tensor([[1.0, 0], [0, 1.0], [1.0, 1.0], [2.0, 1.0]], dtype=F64)
     d = torch.tensor([1.0, 1.0, 2.0, 3.0], dtype=F64)
-    layer = dQP.dQP_layer(qp_solver="clarabel")
+    layer = dQP.dQP_layer(empty_batch=False, qp_solver="clarabel")
     qq = q.clone().requires_grad_()
     z = layer(P, qq, C, d)[0]
     z.sum().backward()
@@ -127,7 +127,7 @@ def test_weakly_active_constraint_is_flagged():
     q = torch.tensor([-1.0, 0.0], dtype=F64)
     C = torch.tensor([[1.0, 0.0]], dtype=F64)
     d = torch.tensor([1.0], dtype=F64)
-    layer = dQP.dQP_layer(qp_solver="clarabel")
+    layer = dQP.dQP_layer(empty_batch=False, qp_solver="clarabel")
     qq = q.clone().requires_grad_()
     z = layer(P, qq, C, d)[0]
     z.sum().backward()
@@ -140,7 +140,7 @@ def test_rank_deficient_equalities():
     q = torch.tensor([1.0, 2.0, 3.0], dtype=F64)
     A = torch.tensor([[1.0, 1.0, 0.0], [2.0, 2.0, 0.0]], dtype=F64)
     b = torch.tensor([1.0, 2.0], dtype=F64)
-    layer = dQP.dQP_layer(qp_solver="clarabel")
+    layer = dQP.dQP_layer(empty_batch=False, qp_solver="clarabel")
     qq = q.clone().requires_grad_()
     with warnings.catch_warnings(record=True):
         warnings.simplefilter("always")
@@ -157,7 +157,7 @@ def test_semidefinite_P_lp():
     q = torch.tensor([-1.0, -1.0], dtype=F64)
     C = torch.tensor([[1.0, 0], [0, 1.0], [-1.0, 0], [0, -1.0]], dtype=F64)
     d = torch.tensor([1.0, 2.0, 0.0, 0.0], dtype=F64)
-    layer = dQP.dQP_layer(qp_solver="clarabel")
+    layer = dQP.dQP_layer(empty_batch=False, qp_solver="clarabel")
     dd = d.clone().requires_grad_()
     z = layer(P, q, C, dd)[0]
     assert torch.allclose(z, torch.tensor([1.0, 2.0], dtype=F64), atol=1e-8)
@@ -181,7 +181,7 @@ def test_unverified_solution_is_flagged_and_warned():
 
     try:
         P, q, C, d, *_ = random_qp(4, 6, 0, seed=2)
-        layer = dQP.dQP_layer(qp_solver="test_wrong_solver", refine_active=False, fallback_solver=None,
+        layer = dQP.dQP_layer(empty_batch=False, qp_solver="test_wrong_solver", refine_active=False, fallback_solver=None,
                               on_failure="mask")
         z = layer(P, q, C, d)[0]
         # unverified and far from the KKT conditions: a failure (zeros, a status), not a warned answer
@@ -189,8 +189,8 @@ def test_unverified_solution_is_flagged_and_warned():
         assert "far from the KKT conditions" in layer.info.messages[0]
         assert torch.equal(z, torch.zeros(4, dtype=F64))
         # with refinement the same wrong start is repaired into the true solution
-        good = dQP.dQP_layer(qp_solver="test_wrong_solver")(P, q, C, d)[0]
-        ref = dQP.dQP_layer(qp_solver="clarabel")(P, q, C, d)[0]
+        good = dQP.dQP_layer(empty_batch=False, qp_solver="test_wrong_solver")(P, q, C, d)[0]
+        ref = dQP.dQP_layer(empty_batch=False, qp_solver="clarabel")(P, q, C, d)[0]
         assert torch.allclose(good, ref, atol=1e-8)
     finally:
         sb.SOLVERS.unregister("test_wrong_solver")
@@ -200,7 +200,7 @@ def test_complementarity_margin_reports_distance_to_active_set_change():
     P = torch.eye(2, dtype=F64)
     C = torch.tensor([[1.0, 0.0], [0.0, 1.0]], dtype=F64)
     d = torch.tensor([1.0, 1.0], dtype=F64)
-    layer = dQP.dQP_layer(qp_solver="clarabel")
+    layer = dQP.dQP_layer(empty_batch=False, qp_solver="clarabel")
     layer(P, torch.tensor([-3.0, -0.25], dtype=F64), C, d)  # z = (1, 0.25): mu_1 = 2, slack_2 = 0.75
     assert abs(layer.info.complementarity_margin[0] - 0.75) < 1e-8
     layer(P, torch.tensor([-1.0, 0.0], dtype=F64), C, d)  # z1 = 1 exactly with mu_1 = 0: weakly active
@@ -213,7 +213,7 @@ def test_non_unique_solution_lp_face():
     q = torch.tensor([-1.0, 0.0], dtype=F64)
     C = torch.cat([torch.eye(2), -torch.eye(2)]).double()
     d = torch.tensor([1.0, 1.0, 0.0, 0.0], dtype=F64)
-    layer = dQP.dQP_layer(qp_solver="clarabel")
+    layer = dQP.dQP_layer(empty_batch=False, qp_solver="clarabel")
     dd = d.clone().requires_grad_()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -231,7 +231,7 @@ def test_inaccurate_backward_solve_is_warned():
     q = torch.tensor([-2.0, 0.0], dtype=F64)
     C = torch.tensor([[1.0, 0.0], [1.0, 0.0]], dtype=F64)  # the same constraint twice
     d = torch.tensor([1.0, 1.0], dtype=F64)
-    layer = dQP.dQP_layer(qp_solver="clarabel")
+    layer = dQP.dQP_layer(empty_batch=False, qp_solver="clarabel")
     qq = q.clone().requires_grad_()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -244,7 +244,7 @@ def test_inaccurate_backward_solve_is_warned():
 def test_double_backward_raises_instead_of_returning_wrong_numbers():
     P, q, C, d, *_ = random_qp(3, 2, 0, seed=1)
     qq = q.clone().requires_grad_()
-    z = dQP.dQP_layer(qp_solver="clarabel")(P, qq, C, d)[0]
+    z = dQP.dQP_layer(empty_batch=False, qp_solver="clarabel")(P, qq, C, d)[0]
     with pytest.raises(dqp.NotSupportedError, match="second derivatives"):  # (tests/test_transforms.py)
         torch.autograd.grad((z ** 2).sum(), qq, create_graph=True)
 
@@ -253,7 +253,7 @@ def test_float32_inputs_built_as_LLt_are_accepted():
     torch.manual_seed(0)
     L = torch.randn(6, 6)
     P = L @ L.T + torch.eye(6)
-    z = dQP.dQP_layer(qp_solver="clarabel")(P, torch.ones(6), torch.ones(1, 6), -torch.ones(1))[0]
+    z = dQP.dQP_layer(empty_batch=False, qp_solver="clarabel")(P, torch.ones(6), torch.ones(1, 6), -torch.ones(1))[0]
     assert z.dtype == torch.float32 and torch.isfinite(z).all()
 
 
@@ -264,7 +264,7 @@ def test_normalize_constraints_survives_huge_rows(solve_type):
     for s in (1.0, 1e160):
         C = torch.tensor([[s, s]], dtype=F64)
         d = torch.tensor([-3.0 * s], dtype=F64)
-        layer = dQP.dQP_layer(qp_solver="clarabel", normalize_constraints=True, solve_type=solve_type)
+        layer = dQP.dQP_layer(empty_batch=False, qp_solver="clarabel", normalize_constraints=True, solve_type=solve_type)
         z = layer(P.to_sparse_csc() if solve_type == "sparse" else P, q,
                   C.to_sparse_csc() if solve_type == "sparse" else C, d)[0]
         assert torch.allclose(z, torch.tensor([-1.5, -1.5], dtype=F64), atol=1e-8), (s, z)
@@ -277,7 +277,7 @@ def test_scale_invariance_of_the_verified_solution():
     C = torch.tensor([[2.0, 1.0], [1.0, 1.0], [-1.0, -1.0]], dtype=F64)
     d = torch.tensor([2.0, 0.0, 2.0], dtype=F64)
     for s in (1.0, 1e-7, 1e7):
-        layer = dQP.dQP_layer(qp_solver="clarabel")
+        layer = dQP.dQP_layer(empty_batch=False, qp_solver="clarabel")
         z = layer(P, q, s * C, s * d)[0]
         assert layer.info.verified == [True]
         assert torch.allclose(z, torch.tensor([1.5, -1.5], dtype=F64), atol=1e-7), (s, z)
@@ -288,7 +288,7 @@ def test_unconstrained_problem_is_solved_without_a_solver():
     P = torch.diag(torch.full((n,), 4.0, dtype=F64)) - torch.diag(torch.ones(n - 1, dtype=F64), 1) \
         - torch.diag(torch.ones(n - 1, dtype=F64), -1)
     q = torch.ones(n, dtype=F64)
-    layer = dQP.dQP_layer()
+    layer = dQP.dQP_layer(empty_batch=False)
     z = layer(P, q)[0]
     assert torch.allclose(P @ z, -q, atol=1e-10) and "directly" in layer.info.messages[0]
 
@@ -303,7 +303,7 @@ def test_singular_fallback_does_not_depend_on_the_linear_solver():
         dd = d.clone().requires_grad_()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            z = dQP.dQP_layer(qp_solver="clarabel", lin_solver=lin)(P, q, C, dd)[0]
+            z = dQP.dQP_layer(empty_batch=False, qp_solver="clarabel", lin_solver=lin)(P, q, C, dd)[0]
             z[0].backward()
         grads.append(dd.grad)
     assert torch.allclose(grads[0], grads[1], atol=1e-6)

@@ -64,7 +64,7 @@ def _qp():
 
 
 def test_failed_solver_is_rescued_by_the_chain_in_order():
-    layer = dQP.dQP_layer(settings=dQP.build_settings(qp_solver="test_failing",
+    layer = dQP.dQP_layer(settings=dQP.build_settings(empty_batch=False, qp_solver="test_failing",
                                                       fallback_solver=("test_failing", "test_counting")))
     P, q, C, d = _qp()
     z = layer(P, q, C, d)[0]
@@ -90,7 +90,7 @@ def test_unverified_answer_triggers_the_chain(on_unverified):
     # the sloppy point (1.5, 0) puts the row z₁ ≤ 2 out of the active set; without repairs its polish
     # (z = (3, 0)) fails the KKT check, so the answer is unverified, and too far from the KKT
     # conditions to be returned: without the chain it is a failure
-    layer = dQP.dQP_layer(settings=dQP.build_settings(qp_solver="test_sloppy", refine_active=False,
+    layer = dQP.dQP_layer(settings=dQP.build_settings(empty_batch=False, qp_solver="test_sloppy", refine_active=False,
                                                       on_failure="mask",
                                                       fallback_solver=("test_counting",),
                                                       fallback_on_unverified=on_unverified))
@@ -112,7 +112,7 @@ def test_unverified_answer_triggers_the_chain(on_unverified):
 
 def test_unverified_answer_is_judged_when_no_fallback_verifies():
     """The chain's note survives; the far-off point is then a failure (issue 23 #6), not a warned answer."""
-    layer = dQP.dQP_layer(settings=dQP.build_settings(qp_solver="test_sloppy", refine_active=False,
+    layer = dQP.dQP_layer(settings=dQP.build_settings(empty_batch=False, qp_solver="test_sloppy", refine_active=False,
                                                       fallback_solver=("test_failing",), on_failure="mask"))
     layer(*_qp_strong())
     assert CALLS == ["test_sloppy", "test_failing"]
@@ -126,7 +126,7 @@ def test_unverified_answer_is_judged_when_no_fallback_verifies():
 
 
 def test_no_fallback_raises_with_the_solvers_message():
-    layer = dQP.dQP_layer(settings=dQP.build_settings(qp_solver="test_failing", fallback_solver=None))
+    layer = dQP.dQP_layer(settings=dQP.build_settings(empty_batch=False, qp_solver="test_failing", fallback_solver=None))
     with pytest.raises(SolverFailedError, match="boom"):
         layer(*_qp())
     assert CALLS == ["test_failing"]
@@ -136,7 +136,7 @@ def test_duplicates_and_the_primary_are_skipped():
     s = dQP.build_settings(qp_solver="test_failing", fallback_solver=["test_failing", "test_counting",
                                                                       "test_counting"])
     assert s.fallback_solver == ("test_failing", "test_counting")
-    layer = dQP.dQP_layer(settings=dQP.build_settings(qp_solver="test_failing",
+    layer = dQP.dQP_layer(settings=dQP.build_settings(empty_batch=False, qp_solver="test_failing",
                                                       fallback_solver=["test_failing"]))
     with pytest.raises(SolverFailedError):
         layer(*_qp())
@@ -149,7 +149,7 @@ def test_infeasibility_certificate_ends_the_chain():
     q = torch.zeros(1, dtype=torch.float64)
     C = torch.tensor([[1.0], [-1.0]], dtype=torch.float64)
     d = torch.tensor([-1.0, -1.0], dtype=torch.float64)
-    layer = dQP.dQP_layer(settings=dQP.build_settings(qp_solver="test_failing",
+    layer = dQP.dQP_layer(settings=dQP.build_settings(empty_batch=False, qp_solver="test_failing",
                                                       fallback_solver=("clarabel", "test_counting")))
     with pytest.raises(InfeasibleError):
         layer(P, q, C, d)
@@ -188,7 +188,7 @@ def test_maros_meszaros_almostsolved_is_rescued(name):
     import dqp.io
 
     P, q, C, d, A, b = dqp.io.load_maros_meszaros(MM_DIR / f"{name}.mat").to_qp().to_torch(sparse=True)
-    layer = dQP.dQP_layer(settings=dQP.build_settings(qp_solver="clarabel", solve_type="sparse"))
+    layer = dQP.dQP_layer(settings=dQP.build_settings(empty_batch=False, qp_solver="clarabel", solve_type="sparse"))
     z = layer(P, q, C, d, A, b)[0]
     assert torch.isfinite(z).all()
     assert layer.info.verified == [True]

@@ -99,7 +99,7 @@ def test_sparse_input_errors(prob):
         layer([P.to_sparse_csc(), "x"], prob["q"])
     with pytest.raises(dqp.ShapeError, match="2-D"):
         layer(P.unsqueeze(0).to_sparse_csc(), prob["q"])
-    with pytest.raises(dqp.ShapeError, match="columns"):
+    with pytest.raises(dqp.ShapeError, match=r"q has shape \(4,\) but P is 3 x 3"):
         layer(torch.eye(3, dtype=torch.float64).to_sparse_csc(), prob["q"])
     with pytest.raises(dqp.ShapeError, match="rows"):
         layer(P.to_sparse_csc(), prob["q"], prob["C"][:3].to_sparse_csc(), prob["d"])
@@ -130,7 +130,7 @@ def test_device_mismatch_is_reported(prob):
 
 
 def test_edge_cases_n1_zero_rows_empty_constraints():
-    layer = dQP.dQP_layer(settings=dQP.build_settings(qp_solver="clarabel"))
+    layer = dQP.dQP_layer(settings=dQP.build_settings(qp_solver="clarabel", empty_batch=False))
     # n = 1 with a bound
     z, lam, mu, _, _ = layer(torch.ones(1, 1, dtype=torch.float64), torch.tensor([-3.0], dtype=torch.float64),
                              torch.ones(1, 1, dtype=torch.float64), torch.ones(1, dtype=torch.float64))
@@ -158,7 +158,7 @@ def test_contradictory_bounds_are_infeasible():
 
 @pytest.mark.parametrize("over, words", [
     (dict(q=torch.zeros(0, 4, dtype=torch.float64)), "empty"),
-    (dict(d=torch.zeros(5, 1, 1, dtype=torch.float64)), "(k,) or (B, k)"),
+    (dict(d=torch.zeros(5, 1, 1, dtype=torch.float64)), "(m,) or (B, m)"),
     (dict(C=torch.zeros(1, 1, 5, 4, dtype=torch.float64)), "(k, n) or (B, k, n)"),
 ])
 def test_more_shape_errors(layer, prob, over, words):

@@ -27,7 +27,7 @@ def _solve(qp, q=None, d=None, solver="clarabel"):
         qt = torch.as_tensor(q, dtype=torch.float64)
     if d is not None:
         dt = torch.as_tensor(d, dtype=torch.float64)
-    layer = dQP.dQP_layer(settings=dQP.build_settings(solve_type="sparse", qp_solver=solver))
+    layer = dQP.dQP_layer(settings=dQP.build_settings(solve_type="sparse", qp_solver=solver, empty_batch=False))
     z, lam, mu, _, _ = layer(P, qt, C, dt, A, b)
     return layer, z, lam, mu, leaves
 

@@ -75,7 +75,7 @@ def test_manufactured_solution_duals_and_gradients(data, solver, sparse):
         assert torch.allclose(lam, lam_true, atol=1e-7)
     if m:
         assert torch.allclose(mu, mu_true, atol=1e-7)
-        assert torch.equal(layer.active, mu_true > 0)
+        assert np.array_equal(layer.active, (mu_true > 0).numpy())
     w = torch.linspace(-1.0, 1.0, z.shape[-1], dtype=torch.float64)
     loss = (z * w).sum() + (mu.sum() if m else 0.0)
     loss.backward()

@@ -59,13 +59,13 @@ def test_duplicate_and_unsorted_csc_entries_are_summed_on_a_copy(case):
     C = torch.tensor([[1.0, 1.0]], dtype=F64).to_sparse_csc()
     q = torch.tensor([-4.0, -6.0], dtype=F64, requires_grad=True)
     d = torch.tensor([1.5], dtype=F64)
-    layer = dQP.dQP_layer(qp_solver=case.name, solve_type="sparse")
+    layer = dQP.dQP_layer(empty_batch=False, qp_solver=case.name, solve_type="sparse")
     with _quiet(), inputs_unchanged(P, vals, q, C, d):
         z = layer(P, q, C, d)[0]
         (z * torch.tensor([1.0, 2.0], dtype=F64)).sum().backward()
     Pd = torch.tensor([[2.0, 0.5], [0.5, 3.0]], dtype=F64, requires_grad=True)
     qd = q.detach().clone().requires_grad_()
-    zr = dQP.dQP_layer(qp_solver="clarabel")(Pd, qd, C.to_dense(), d)[0]
+    zr = dQP.dQP_layer(empty_batch=False, qp_solver="clarabel")(Pd, qd, C.to_dense(), d)[0]
     (zr * torch.tensor([1.0, 2.0], dtype=F64)).sum().backward()
     assert torch.allclose(z.detach(), zr.detach(), atol=1e-7)
     assert torch.allclose(q.grad, qd.grad, atol=1e-6)
@@ -79,14 +79,14 @@ def test_inputs_are_unchanged_after_forward_and_backward(case):
     """Every solver of the table, dense batch (and sparse where it takes it), with equalities."""
     P, q, C, d, A, b, *_ = random_qp(5, 6, 1, seed=3, batch=2)
     args = [t.clone().requires_grad_() for t in (P, q, C, d, A, b)]
-    layer = dQP.dQP_layer(qp_solver=case.name)
+    layer = dQP.dQP_layer(empty_batch=False, qp_solver=case.name)
     with _quiet(), inputs_unchanged(*args):
         z, lam, mu, _, _ = layer(*args)
         (z.sum() + mu.sum() + lam.sum()).backward()
     if case.sparse:
         sargs = [P[0].to_sparse_csc(), q[0], C[0].to_sparse_csc(), d[0], A[0].to_sparse_csc(), b[0]]
         with _quiet(), inputs_unchanged(*sargs):
-            dQP.dQP_layer(qp_solver=case.name, solve_type="sparse")(*sargs)
+            dQP.dQP_layer(empty_batch=False, qp_solver=case.name, solve_type="sparse")(*sargs)
 
 
 # -- 2. malformed CSC structure ---------------------------------------------------------------------
@@ -104,7 +104,7 @@ def test_malformed_csc_is_a_layout_error(ccol, row, size, words):
     n = size[1]
     P = M if size == (2, 2) else torch.eye(n, dtype=F64).to_sparse_csc()
     C = None if size == (2, 2) else M
-    layer = dQP.dQP_layer(solve_type="sparse")
+    layer = dQP.dQP_layer(empty_batch=False, solve_type="sparse")
     with pytest.raises(LayoutError, match=words):
         layer(P, torch.ones(n, dtype=F64), C, None if C is None else torch.ones(size[0], dtype=F64))
 
@@ -112,10 +112,10 @@ def test_malformed_csc_is_a_layout_error(ccol, row, size, words):
 def test_malformed_csr_and_coo_are_layout_errors():
     csr = torch.sparse_csr_tensor(torch.tensor([0, 1, 2]), torch.tensor([0, 5]), torch.ones(2, dtype=F64), size=(2, 2))
     with pytest.raises(LayoutError, match="col_indices must lie in"):
-        dQP.dQP_layer(solve_type="sparse")(csr, torch.ones(2, dtype=F64))
+        dQP.dQP_layer(empty_batch=False, solve_type="sparse")(csr, torch.ones(2, dtype=F64))
     coo = torch.sparse_coo_tensor(torch.tensor([[0, 3], [0, 1]]), torch.ones(2, dtype=F64), size=(2, 2))
     with pytest.raises(LayoutError, match="COO indices"):
-        dQP.dQP_layer(solve_type="sparse")(coo, torch.ones(2, dtype=F64))
+        dQP.dQP_layer(empty_batch=False, solve_type="sparse")(coo, torch.ones(2, dtype=F64))
 
 
 # -- 4. non-convex P --------------------------------------------------------------------------------
@@ -125,7 +125,7 @@ def test_indefinite_P_is_not_psd_error(case):
     C, d = _box()
     P = torch.diag(torch.tensor([1.0, -1.0], dtype=F64))
     with _quiet(), pytest.raises(NotPSDError, match="not positive semidefinite"):
-        dQP.dQP_layer(qp_solver=case.name)(P, torch.zeros(2, dtype=F64), C, d)
+        dQP.dQP_layer(empty_batch=False, qp_solver=case.name)(P, torch.zeros(2, dtype=F64), C, d)
 
 
 @pytest.mark.parametrize("lin", ["qdldl", "scipy_ldl", "scipy_lu"])
@@ -136,10 +136,10 @@ def test_negative_curvature_read_from_the_factorization(lin):
     sparse = lin == "qdldl"
     with _quiet(), pytest.raises(NotPSDError, match=r"batch elements \[1\]"):
         if sparse:
-            dQP.dQP_layer(solve_type="sparse", lin_solver=lin)([p.to_sparse_csc() for p in P],
+            dQP.dQP_layer(empty_batch=False, solve_type="sparse", lin_solver=lin)([p.to_sparse_csc() for p in P],
                                                                torch.zeros(2, 3, dtype=F64), C.to_sparse_csc(), d)
         else:
-            dQP.dQP_layer(lin_solver=lin)(P, torch.zeros(2, 3, dtype=F64), C, d)
+            dQP.dQP_layer(empty_batch=False, lin_solver=lin)(P, torch.zeros(2, 3, dtype=F64), C, d)
 
 
 @pytest.mark.parametrize("P", [torch.zeros(2, 2, dtype=F64), torch.diag(torch.tensor([1.0, 0.0], dtype=F64)),
@@ -147,7 +147,7 @@ def test_negative_curvature_read_from_the_factorization(lin):
 def test_semidefinite_P_is_not_flagged(P):
     """LPs and rank-deficient P are convex: no NotPSDError, the verified solution is returned."""
     C, d = _box()
-    layer = dQP.dQP_layer()
+    layer = dQP.dQP_layer(empty_batch=False)
     with _quiet():
         z = layer(P, torch.tensor([-1.0, 0.5], dtype=F64), C, d)[0]
     assert layer.info.status == [Status.SOLVED]
@@ -205,7 +205,7 @@ def _unbounded():
 def test_failures_are_classified_from_verified_certificates(case, make, exc):
     """Before: daqp returned z₁ = 1 for z₁ = 1, z₁ = 2 with a warning; daqp, quadprog, HiGHS, CVXOPT
     and ECOS with fallback_solver=None raised SolverFailedError for infeasible/unbounded problems."""
-    layer = dQP.dQP_layer(qp_solver=case.name, fallback_solver=None)
+    layer = dQP.dQP_layer(empty_batch=False, qp_solver=case.name, fallback_solver=None)
     with _quiet(), pytest.raises(exc, match="verified|primal infeasible|unbounded"):
         layer(*make())
 
@@ -247,7 +247,7 @@ def test_false_unboundedness_claim_does_not_end_the_chain(claim_solvers):
     claim_solvers(lambda P: -np.ones(P.shape[0]))
     qp = load_maros_meszaros(MM_DIR / "PRIMALC2.mat").to_qp()
     P, q, C, d, A, b = qp.to_torch()
-    layer = dQP.dQP_layer(solve_type="sparse", qp_solver="test_crash",
+    layer = dQP.dQP_layer(empty_batch=False, solve_type="sparse", qp_solver="test_crash",
                           fallback_solver=("test_claims_unbounded", "highs"))
     with _quiet():
         z = layer(P, q, C, d, A, b)[0].numpy()
@@ -257,7 +257,7 @@ def test_false_unboundedness_claim_does_not_end_the_chain(claim_solvers):
 
 def test_true_unboundedness_claim_ends_the_chain(claim_solvers):
     claim_solvers(lambda P: np.array([0.0, 1.0]))
-    layer = dQP.dQP_layer(qp_solver="test_crash", fallback_solver=("test_claims_unbounded", "highs"))
+    layer = dQP.dQP_layer(empty_batch=False, qp_solver="test_crash", fallback_solver=("test_claims_unbounded", "highs"))
     with pytest.raises(UnboundedError, match="unbounded"):
         layer(*_unbounded())
     assert "highs" not in layer.info.messages[0]
@@ -271,8 +271,8 @@ def test_highs_empty_solution_is_a_typed_failure():
     C[0] *= 1e16
     args = (torch.eye(4, dtype=F64), -torch.ones(4, dtype=F64), C, torch.ones(3, dtype=F64))
     with _quiet(), pytest.raises(SolveError):
-        dQP.dQP_layer(qp_solver="highs", fallback_solver=None)(*args)
-    layer = dQP.dQP_layer(qp_solver="highs")
+        dQP.dQP_layer(empty_batch=False, qp_solver="highs", fallback_solver=None)(*args)
+    layer = dQP.dQP_layer(empty_batch=False, qp_solver="highs")
     with _quiet():
         z = layer(*args)[0]
     assert layer.info.status == [Status.SOLVED] and torch.isfinite(z).all()
@@ -283,7 +283,7 @@ def test_unverified_point_far_from_kkt_honours_on_failure_raise():
     C, d = _box()
     args = (torch.eye(2, dtype=F64) * 1e-20, -3e-20 * torch.ones(2, dtype=F64), C, d,
             torch.ones(1, 2, dtype=F64), torch.tensor([0.5], dtype=F64))
-    layer = dQP.dQP_layer(qp_solver="clarabel", fallback_solver=None)
+    layer = dQP.dQP_layer(empty_batch=False, qp_solver="clarabel", fallback_solver=None)
     try:
         with _quiet():
             z = layer(*args)[0]
@@ -319,13 +319,13 @@ def test_infinite_bounds_are_inactive_rows(solver, bound):
     """Before: +inf in d was rejected as non-finite, and 1e20 made the IPM fail ("numerical trouble")."""
     full, ref = _with_absent_rows(bound)
     leaves = [t.clone().requires_grad_() for t in full]
-    layer = dQP.dQP_layer(qp_solver=solver)
+    layer = dQP.dQP_layer(empty_batch=False, qp_solver=solver)
     with _quiet(), inputs_unchanged(*leaves):
         z, lam, mu, _, _ = layer(*leaves)
         (z.sum() + mu.sum()).backward()
     rleaves = [t.clone().requires_grad_() for t in ref]
     with _quiet():
-        zr, _, mur, _, _ = dQP.dQP_layer(qp_solver=solver)(*rleaves)
+        zr, _, mur, _, _ = dQP.dQP_layer(empty_batch=False, qp_solver=solver)(*rleaves)
         (zr.sum() + mur.sum()).backward()
     assert all(s == Status.SOLVED for s in layer.info.status)
     assert torch.allclose(z, zr, atol=1e-7) and torch.allclose(mu[:, :5], mur, atol=1e-7)
@@ -341,7 +341,7 @@ def test_infinite_bounds_sparse_and_qpth():
     C, d = _box(2)
     d = torch.tensor([1.0, float("inf"), 1.0, 1e25], dtype=F64)
     q = torch.tensor([-3.0, -3.0], dtype=F64)
-    z = dQP.dQP_layer(solve_type="sparse")(torch.eye(2, dtype=F64).to_sparse_csc(), q, C.to_sparse_csc(), d)[0]
+    z = dQP.dQP_layer(empty_batch=False, solve_type="sparse")(torch.eye(2, dtype=F64).to_sparse_csc(), q, C.to_sparse_csc(), d)[0]
     assert torch.allclose(z, torch.tensor([1.0, 3.0], dtype=F64), atol=1e-8)
     zq = QPFunction()(torch.eye(2, dtype=F64), q, C, d, torch.Tensor(), torch.Tensor())
     assert torch.allclose(zq[0], torch.tensor([1.0, 3.0], dtype=F64), atol=1e-8)
@@ -350,7 +350,7 @@ def test_infinite_bounds_sparse_and_qpth():
 def test_rows_scaled_with_the_data_are_kept():
     """The bound is huge *relative to its row*: C, d scaled together by 1e20 keep their rows."""
     C, d = _box(2, scale=1e20)
-    z = dQP.dQP_layer()(torch.eye(2, dtype=F64), torch.tensor([-3.0, 0.0], dtype=F64), C, d)[0]
+    z = dQP.dQP_layer(empty_batch=False)(torch.eye(2, dtype=F64), torch.tensor([-3.0, 0.0], dtype=F64), C, d)[0]
     assert torch.allclose(z, torch.tensor([1.0, 0.0], dtype=F64), atol=1e-8)
 
 
@@ -359,7 +359,7 @@ def test_nan_and_minus_inf_in_d_stay_errors(bad):
     C, d = _box()
     d[1] = bad
     with pytest.raises(NonFiniteError, match="d"):
-        dQP.dQP_layer()(torch.eye(2, dtype=F64), torch.zeros(2, dtype=F64), C, d)
+        dQP.dQP_layer(empty_batch=False)(torch.eye(2, dtype=F64), torch.zeros(2, dtype=F64), C, d)
     with pytest.raises(NonFiniteError, match="h"):
         QPFunction()(torch.eye(2, dtype=F64), torch.zeros(2, dtype=F64), C, d, torch.Tensor(), torch.Tensor())
 
@@ -370,7 +370,7 @@ def test_bad_solver_keyword_is_not_hidden_by_the_fallback_chain():
     """Before: OSQP failed on max_iter='ten' and Clarabel quietly answered."""
     C, d = _box()
     with pytest.raises(SettingsError, match="max_iter"):
-        dQP.dQP_layer(qp_solver="osqp", qp_solver_keywords={"max_iter": "ten"})(
+        dQP.dQP_layer(empty_batch=False, qp_solver="osqp", qp_solver_keywords={"max_iter": "ten"})(
             torch.eye(2, dtype=F64), torch.ones(2, dtype=F64), C, d)
 
 
@@ -378,7 +378,7 @@ def test_unknown_ipm_keyword_is_a_settings_error():
     """Before: an untyped TypeError from ipm_solve."""
     C, d = _box()
     with pytest.raises(SettingsError, match="max_iters.*did you mean 'max_iter'"):
-        dQP.dQP_layer(qp_solver="dqp_ipm", qp_solver_keywords={"max_iters": 5})(
+        dQP.dQP_layer(empty_batch=False, qp_solver="dqp_ipm", qp_solver_keywords={"max_iters": 5})(
             torch.eye(2, dtype=F64), torch.ones(2, dtype=F64), C, d)
     with pytest.raises(SettingsError, match="bogus"):
         solve_qp_batch(torch.eye(2, dtype=F64), torch.ones(2, dtype=F64), C, d, bogus=1)
@@ -415,13 +415,13 @@ def test_time_limit_is_validated():
 
 def test_time_limit_reaches_the_solver():
     P, q, C, d, *_ = random_qp(150, 300, 0, seed=4)
-    layer = dQP.dQP_layer(qp_solver="clarabel", time_limit=1e-9, fallback_solver=None, on_failure="mask")
+    layer = dQP.dQP_layer(empty_batch=False, qp_solver="clarabel", time_limit=1e-9, fallback_solver=None, on_failure="mask")
     with _quiet():
         layer(P, q, C, d)
     assert layer.info.status == [Status.MAX_ITER]
     with _quiet(), pytest.raises(MaxIterationsError):
-        dQP.dQP_layer(qp_solver="clarabel", time_limit=1e-9, fallback_solver=None)(P, q, C, d)
-    ok = dQP.dQP_layer(qp_solver="clarabel", time_limit=60.0)
+        dQP.dQP_layer(empty_batch=False, qp_solver="clarabel", time_limit=1e-9, fallback_solver=None)(P, q, C, d)
+    ok = dQP.dQP_layer(empty_batch=False, qp_solver="clarabel", time_limit=60.0)
     ok(P, q, C, d)
     assert ok.info.status == [Status.SOLVED]
 
@@ -429,13 +429,13 @@ def test_time_limit_reaches_the_solver():
 def test_time_limit_warns_on_the_batched_ipm():
     P, q, C, d, *_ = random_qp(4, 3, 0, seed=1, batch=20)
     with pytest.warns(UserWarning, match="time_limit"):
-        dQP.dQP_layer(time_limit=5.0)(P, q, C, d)  # qp_solver='auto' picks the IPM for B > 16
+        dQP.dQP_layer(empty_batch=False, time_limit=5.0)(P, q, C, d)  # qp_solver='auto' picks the IPM for B > 16
 
 
 @pytest.mark.parametrize("parallel", [False, True])
 def test_keyboard_interrupt_stops_between_elements(parallel):
     P, q, C, d, *_ = random_qp(20, 30, 0, seed=5, batch=600)
-    layer = dQP.dQP_layer(qp_solver="clarabel", omp_parallel=parallel, n_cpu=2)
+    layer = dQP.dQP_layer(empty_batch=False, qp_solver="clarabel", omp_parallel=parallel, n_cpu=2)
     timer = threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGINT))
     t0 = time.perf_counter()
     timer.start()
@@ -461,7 +461,7 @@ def test_solver_exception_with_keywords_warns():
     register_solver(Raises)
     try:
         C, d = _box()
-        layer = dQP.dQP_layer(qp_solver="test_raises", qp_solver_keywords={"rho": 0.1})
+        layer = dQP.dQP_layer(empty_batch=False, qp_solver="test_raises", qp_solver_keywords={"rho": 0.1})
         with pytest.warns(SolverKeywordWarning, match="rho"):
             z = layer(torch.eye(2, dtype=F64), torch.tensor([-3.0, 0.0], dtype=F64), C, d)[0]
         assert torch.allclose(z, torch.tensor([1.0, 0.0], dtype=F64), atol=1e-8)  # the chain answered

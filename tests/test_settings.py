@@ -96,7 +96,7 @@ def test_layer_constructor_checks():
     with pytest.raises(dqp.SettingsError, match="either"):
         dQP.dQP_layer(settings=dQP.build_settings(), qp_solver="osqp")
     with pytest.raises(dqp.SettingsError, match="build_settings"):
-        dQP.dQP_layer(settings={"qp_solver": "osqp"})
+        dQP.dQP_layer(settings=["qp_solver", "osqp"])
     layer = dQP.dQP_layer(qp_solver="osqp")
     assert layer.settings.qp_solver == "osqp" and "osqp" in repr(layer)
     s = layer.settings.replace(eps_active=1e-5)
@@ -148,10 +148,11 @@ def test_auto_reports_its_choice(caplog):
 
 def test_time_option_and_empty_batch():
     P, q, C, d, *_ = random_qp(3, 2, 0, seed=0)
-    out = dQP.dQP_layer(qp_solver="clarabel")(P, q, C, d)
+    out = dQP.dQP_layer(qp_solver="clarabel", empty_batch=False)(P, q, C, d)
     assert out.solve_time is None and out.forward_time is None and out.z.shape == (3,)
-    out = dQP.dQP_layer(qp_solver="clarabel", time=True, empty_batch=True)(P, q, C, d)
+    out = dQP.dQP_layer(qp_solver="clarabel", time=True)(P, q, C, d)  # empty_batch=True is the default
     assert out.solve_time > 0 and out.forward_time >= out.solve_time and out.z.shape == (1, 3)
+    assert out.mu.shape == (1, 2) and out.lam.shape == (1, 0)
 
 
 def test_warm_start_uses_previous_solution(monkeypatch):
