@@ -143,7 +143,7 @@ def _batched_torch_backward(ctx: Any, work: Work, z, lam, mu, gz, glam, gmu):
     """Backward on the data's device with the batched torch KKT solver (``lin_solver='torch'``).
 
     The forward (a black-box solver and the CPU polish) fixed the active sets; here one batched
-    factorization of the masked reduced KKT systems (DESIGN-NOTES §5) gives every adjoint at once.
+    factorization of the masked reduced KKT systems gives every adjoint at once.
     """
     from dqp.linsolve.torch_batched import BatchedKKT
 

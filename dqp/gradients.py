@@ -4,7 +4,7 @@ With the active set J and the symmetric reduced KKT matrix
 
     K = [[P, Aᵀ, C_Jᵀ], [A, 0, 0], [C_J, 0, 0]],
 
-the adjoint ``y = (y_z, y_λ, y_μ) = K⁻¹ (ḡ_z, ḡ_λ, ḡ_μJ)`` gives (DESIGN-NOTES §1)
+the adjoint ``y = (y_z, y_λ, y_μ) = K⁻¹ (ḡ_z, ḡ_λ, ḡ_μJ)`` gives
 
     ∇q = −y_z      ∇b = y_λ      ∇d_J = y_μ      ∇P = −½(y_z zᵀ + z y_zᵀ)
     ∇A = −(λ y_zᵀ + y_λ zᵀ)      ∇C_J = −(μ_J y_zᵀ + y_μ zᵀ)

@@ -1,4 +1,4 @@
-"""Batched masked reduced-KKT solves in torch, on any device (DESIGN-NOTES §5).
+"""Batched masked reduced-KKT solves in torch, on any device.
 
 For a batch of problems with active masks ``a ∈ {0,1}^m`` the reduced KKT matrix is kept the
 same size for every element:

@@ -117,27 +117,29 @@ def test_mkdocs_build_strict(tmp_path):
     assert ":class:" not in api
 
 
-def _load_hooks():
+def _load_hooks(results=None):
+    """A fresh instance of the docs hooks module (nothing shared with other tests), reading its
+    results from ``results`` when given."""
     if importlib.util.find_spec("mkdocs") is None:
         pytest.skip("mkdocs not installed: pip install -e '.[docs]'")
     spec = importlib.util.spec_from_file_location("dqp_docs_hooks", REPO / "docs" / "hooks.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
+    if results is not None:
+        mod.RESULTS = results
     return mod
 
 
-def test_benchmarks_page_without_results(tmp_path, monkeypatch):
-    hooks = _load_hooks()
-    monkeypatch.setattr(hooks, "RESULTS", tmp_path / "missing")
+def test_benchmarks_page_without_results(tmp_path):
+    hooks = _load_hooks(tmp_path / "missing")
     assert hooks._result_files() == []
     assert "No results yet" in hooks._benchmarks_section(files=None)
 
 
-def test_benchmarks_page_with_results(tmp_path, monkeypatch):
+def test_benchmarks_page_with_results(tmp_path):
     """A study's section: the command from its report, its plot, its tables with headings demoted."""
     from mkdocs.structure.files import File, Files
 
-    hooks = _load_hooks()
     res = tmp_path / "results"
     res.mkdir()
     (res / "simplex_scaling.md").write_text(
@@ -145,7 +147,7 @@ def test_benchmarks_page_with_results(tmp_path, monkeypatch):
         "| n | t |\n|---|---|\n| 10 | 1 ms |\n\nsee [data](simplex_scaling.csv) and [code](../simplex_scaling.py)\n")
     (res / "simplex_scaling.png").write_bytes(b"\x89PNG\r\n\x1a\n")
     (res / "simplex_scaling.csv").write_text("a,b\n1,2\n3,4\n")
-    monkeypatch.setattr(hooks, "RESULTS", res)
+    hooks = _load_hooks(res)
     files = Files([File(f"benchmarks/results/{p.name}", src_dir=str(tmp_path), dest_dir=str(tmp_path / "site"),
                         use_directory_urls=True) for p in sorted(res.iterdir())])
     page = hooks._benchmarks_section(files)

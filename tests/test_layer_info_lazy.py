@@ -10,7 +10,8 @@ import torch
 
 from dqp import dQP
 from dqp.errors import Status
-from dqp.ipm_layer import LazySolveInfo, solve_qp_batch
+from dqp.ipm_engine import LazySolveInfo
+from dqp.ipm_layer import solve_qp_batch
 from dqp.result import SolveInfo
 
 from test_ipm import known_qp

@@ -7,7 +7,7 @@ Solves a batch of convex QPs
 with Mehrotra's predictor-corrector on the slack form ``Cz + s = d, s ≥ 0``. The same code runs
 on CPU and CUDA, in float32 and float64, for a whole batch at once.
 
-Linear algebra (DESIGN-NOTES §6), Cholesky only (batched LU hangs on some MKL builds). The
+Linear algebra, Cholesky only (batched LU hangs on some MKL builds). The
 Newton system, after eliminating the slack step ``Δs = −r_in − CΔz``, reads
 
     [[P, Aᵀ, Cᵀ], [A, 0, 0], [C, 0, −W⁻¹]] [Δz; Δλ; Δμ] = [a; b; c],     W = diag(μ/s).
@@ -361,8 +361,8 @@ class IPMSolver(ForwardSolver):
     def solve_batch(self, batch, settings):
         """Solve a validated dense batch (:class:`dqp.problem.QPBatch`) differentiably with the
         settings (:class:`dqp.settings.Settings`) the engine honours; ``(z, lam, mu, info)``
-        (:func:`dqp.ipm_layer.solve_settings_batch`, which maps the settings and fills
+        (:func:`dqp.ipm_engine.solve_settings_batch`, which maps the settings and fills
         :class:`dqp.result.SolveInfo`). The keywords of :func:`ipm_solve` and of
         :func:`dqp.ipm_layer.solve_qp_batch` go in ``settings.qp_solver_keywords``."""
-        from dqp.ipm_layer import solve_settings_batch
+        from dqp.ipm_engine import solve_settings_batch
         return solve_settings_batch(batch, settings)
