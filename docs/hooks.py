@@ -188,14 +188,14 @@ def _ratio(ours, peer) -> str:
 
 def results_summary() -> str:
     """A markdown table of the float64 batched-QP results: device, B, n, times, dqp's speed-up."""
-    head = ("| device | B | n = m | dqp | qpth | qpax | dqp's speed-up over qpth | over qpax |\n"
+    head = ("| device | B | n = m | dqp | qpth | qpax | dqp vs qpth | dqp vs qpax |\n"
             "|---|--:|--:|--:|--:|--:|--:|--:|")
     lines = [head]
     for stem, batches in SUMMARY_ROWS.items():
         rows = [r for r in _read_cells(stem) if r["dtype"] == "float64"]
         meta = _meta(stem)
         threads = re.search(r"torch threads (\d+)", meta.get("host", ""))
-        device = meta.get("gpu") or (f"CPU, {threads.group(1)} thread{'s' if threads.group(1) != '1' else ''}"
+        device = meta.get("gpu", "").replace("NVIDIA ", "") or (f"CPU, {threads.group(1)} thread{'s' if threads.group(1) != '1' else ''}"
                                      if threads else stem)
         cells = {}
         for r in rows:
