@@ -154,15 +154,25 @@ def find_certificate(data) -> Tuple[Optional[Status], str]:
     return None, ""
 
 
+def _objective_length(P, q) -> float:
+    """``‖q‖∞ / max|P_ij|``: the length scale of the objective's minimizer (0 for an LP or q = 0)."""
+    pmax = float(abs(P).max()) if P.shape[0] else 0.0
+    qmax = _inf(q)
+    return qmax / pmax if pmax > 0 and qmax > 0 else 0.0
+
+
 def kkt_distance(data, z, lam, mu) -> float:
     """Largest KKT residual of ``(z, λ, μ)`` relative to the size of its terms (scale-invariant).
 
-    Primal violation relative to ``max(‖d‖∞, ‖|C||z|‖∞)`` (likewise for A, b), stationarity relative
+    Primal violation relative to ``max(‖d‖∞, ‖|C| ζ‖∞)`` (likewise for A, b), stationarity relative
     to the largest of ``‖Pz‖, ‖q‖, ‖Aᵀλ‖, ‖Cᵀμ‖``, complementarity ``max μ_i|s_i|`` relative to
-    ``‖μ‖∞·max(‖d‖∞, ‖|C||z|‖∞)`` (∞-norms: per-row ratios blow up on rows whose terms are ~0).
+    ``‖μ‖∞`` times that row size (∞-norms: per-row ratios blow up on rows whose terms are ~0). The
+    magnitude ``ζ = max(|z|, ‖q‖∞ / max|P_ij|)`` keeps the size meaningful where z* = 0 and d = 0
+    (nonnegativity constraints): there ``|C||z|`` is only the solver's round-off.
     """
     P, q, C, d, A, b = data
     tiny = np.finfo(float).tiny
+    zeta = np.maximum(np.abs(z), _objective_length(P, q))
     Pz = _mv(P, z)
     r = Pz + q
     sizes = [_inf(Pz), _inf(q)]
@@ -172,14 +182,14 @@ def kkt_distance(data, z, lam, mu) -> float:
         ATl = A.T @ lam
         r = r + ATl
         sizes.append(_inf(ATl))
-        size = max(_inf(b), _inf(abs(A) @ np.abs(z)), tiny)
+        size = max(_inf(b), _inf(abs(A) @ zeta), tiny)
         worst = max(worst, _inf(_mv(A, z) - b) / size)
     if C is not None and C.shape[0]:
         mu = np.zeros(C.shape[0]) if mu is None else np.maximum(mu, 0.0)
         CTm = C.T @ mu
         r = r + CTm
         sizes.append(_inf(CTm))
-        size = max(_inf(d), _inf(abs(C) @ np.abs(z)), tiny)
+        size = max(_inf(d), _inf(abs(C) @ zeta), tiny)
         slack = d - _mv(C, z)
         worst = max(worst, float(np.max(np.maximum(-slack, 0.0))) / size)
         worst = max(worst, _inf(mu * slack) / max(_inf(mu) * size, tiny))

@@ -9,8 +9,11 @@ Messages follow one pattern: *what* is wrong (naming the argument), *expected vs
 """
 from __future__ import annotations
 
+import contextlib
+import threading
+import warnings
 from enum import IntEnum
-from typing import Sequence
+from typing import Iterator, Sequence
 
 
 class Status(IntEnum):
@@ -179,3 +182,20 @@ def error_for_statuses(statuses: Sequence[Status], solver: str,
     msg = head + "\n" + "\n".join(lines) + (
         "\nTo keep training instead of raising, build the settings with on_failure='mask'.")
     return cls(msg, [i for i, _ in failed], [s for _, s in failed])
+
+
+@contextlib.contextmanager
+def numerics_quiet() -> Iterator[None]:
+    """Silence third-party numerics' warnings (conversions, singular factorizations) meanwhile.
+
+    ``warnings.catch_warnings`` swaps process-wide state and restores it on exit, so entered on a
+    worker thread (``omp_parallel``) it would undo filters that another thread set in between, a
+    caller's ``pytest.warns`` or ``catch_warnings`` among them. It is entered on the main thread
+    only; on worker threads such warnings pass through.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield

@@ -17,6 +17,7 @@ from typing import Optional
 import numpy as np
 import scipy.sparse as sp
 
+from dqp.errors import numerics_quiet
 from dqp.linsolve.base import Factorization, LinearSolver
 
 logger = logging.getLogger("dqp")
@@ -211,8 +212,7 @@ class RobustKKT(Factorization):
         """Factorize ``Ks`` (+ reg) with ``lin``; keep it when the probe solve recovers the probe."""
         probe = self._probe
         try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
+            with numerics_quiet():
                 M = self.Ks if not reg else _plus_reg(self.Ks, self.n, reg)
                 self._F = self._factor(lin, M)
                 err = np.linalg.norm(self._solve_scaled(self.Ks @ probe, steps=steps) - probe) / np.linalg.norm(probe)
@@ -246,8 +246,7 @@ class RobustKKT(Factorization):
         """
         lin = self._regularized_solver(solver)
         try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
+            with numerics_quiet():
                 self._F = self._factor(lin, _plus_reg(self.Ks, self.n, delta))
                 probe = self._probe
                 x = self._solve_scaled(self.Ks @ probe)

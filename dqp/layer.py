@@ -120,8 +120,6 @@ class dQP_layer(LibdqpAttributes, nn.Module):  # noqa: N801  (the name users kno
         if settings is not None and options:
             raise SettingsError("Pass either settings=... or keyword options, not both.")
         self.settings = settings_from(settings) if settings is not None else build_settings(**options)
-        self._active_t: Optional[torch.Tensor] = None
-        self.info: Optional[SolveInfo] = None
         self._last: Optional[LastCall] = None
         self._local = threading.local()
 
@@ -221,6 +219,7 @@ class dQP_layer(LibdqpAttributes, nn.Module):  # noqa: N801  (the name users kno
         s = self.settings
         t_start = time.perf_counter()
         batch = validate(P, q, C, d, A, b, sparse=s.solve_type == "sparse", check_psd=s.check_PSD)
+        given = batch
         rC = rA = None
         if s.normalize_constraints:
             batch, rC, rA = normalize_rows(batch)
@@ -271,7 +270,14 @@ class dQP_layer(LibdqpAttributes, nn.Module):  # noqa: N801  (the name users kno
                     f"problem, e.g. a non-unique solution, or an inaccurate solver): the solver's point is returned "
                     f"and the gradient uses the detected active set. See layer.info.verified / messages; a tighter "
                     f"eps_abs or another qp_solver may help.", UnverifiedSolutionWarning, stacklevel=2)
-        self.info = info  # the last call's, whichever thread made it (the output carries its own)
+        if rC is not None:
+            mu = mu / rC
+        if rA is not None:
+            lam = lam / rA
+        active = info.active_mask(batch.m)   # (B, m) tensor, on the data's device for the batched engine
+        # the last call's state, published by one assignment (concurrent callers and a call that raises
+        # never leave layer.info and the libdqp attributes describing different calls)
+        self._last = LastCall(detach_batch(given), z.detach(), lam.detach(), mu.detach(), info=info, active=active)
         if s.on_failure == "raise":
             err = error_for_statuses(info.status, qp, info.messages)
             if err is not None:
@@ -279,13 +285,6 @@ class dQP_layer(LibdqpAttributes, nn.Module):  # noqa: N801  (the name users kno
         elif info.failed:
             logger.warning("dQP: %d of %d batch elements failed (statuses in layer.info.status); their "
                            "outputs and gradients are zero.", len(info.failed), batch.B)
-        if rC is not None:
-            mu = mu / rC
-        if rA is not None:
-            lam = lam / rA
-        active = info.active_mask(batch.m)   # (B, m) tensor, on the data's device for the batched engine
-        self._last = LastCall(detach_batch(batch), z.detach(), lam.detach(), mu.detach())
-        self._active_t = active              # layer.active: libdqp's NumPy mask, made when it is read
         out_active = active                  # the call's own, shaped like z
         if not batch.batched and not s.empty_batch:
             z, lam, mu, out_active = z[0], lam[0], mu[0], out_active[0]

@@ -62,10 +62,12 @@ def resolve_keywords(P, q, C, d, A, b, Q=None, G=None, h=None):
 class LastCall:
     """What the libdqp attributes are computed from: the last call's detached data and outputs."""
 
-    batch: Any          # QPBatch with detached tensors
+    batch: Any          # QPBatch with detached tensors, in the caller's scaling
     z: torch.Tensor     # (B, n)
     lam: torch.Tensor   # (B, p)
     mu: torch.Tensor    # (B, m)
+    info: Any = None    # the call's SolveInfo
+    active: Optional[torch.Tensor] = None   # (B, m) bool
 
 
 def detach_batch(batch):
@@ -99,13 +101,18 @@ class LibdqpAttributes:
         return a if self._last.batch.batched else a[0]
 
     @property
+    def info(self):
+        """The last call's :class:`~dqp.result.SolveInfo` (whichever thread made it; each call's own is
+        ``out.info``), or None before the first call."""
+        return None if self._last is None else self._last.info
+
+    @property
     def active(self) -> Optional[np.ndarray]:
         """Active inequalities of the last call as a NumPy bool array (libdqp's type): ``(m,)`` for
         unbatched inputs, ``(B, m)`` for batched ones (copied from the device when read)."""
-        mask = getattr(self, "_active_t", None)
-        if mask is None or self._last is None:
+        if self._last is None or self._last.active is None:
             return None
-        a = mask.detach().cpu().numpy().astype(bool)
+        a = self._last.active.detach().cpu().numpy().astype(bool)
         return a if self._last.batch.batched else a[0]
 
     @property
@@ -133,18 +140,18 @@ class LibdqpAttributes:
         """Active inequalities: an int for unbatched inputs, an int array ``(B,)`` for batched ones."""
         if self._last is None:
             return None
-        counts = np.array([int(np.sum(a)) for a in self.info.active], dtype=np.int64)
+        counts = np.array([int(np.sum(a)) for a in self._last.info.active], dtype=np.int64)
         return counts if self._last.batch.batched else int(counts[0])
 
     @property
     def qp_solver(self) -> str:
         """The forward solver of the last call (the settings' choice before any call)."""
-        return self.info.qp_solver if self.info is not None else self.settings.qp_solver
+        return self._last.info.qp_solver if self._last is not None else self.settings.qp_solver
 
     @property
     def lin_solver(self) -> str:
         """The backward linear solver of the last call (the settings' choice before any call)."""
-        return self.info.lin_solver if self.info is not None else self.settings.lin_solver
+        return self._last.info.lin_solver if self._last is not None else self.settings.lin_solver
 
     @property
     def x_star_np(self) -> Optional[np.ndarray]:
@@ -167,7 +174,7 @@ class LibdqpAttributes:
         if self._last is None:
             return None
         mu = _np(self._last.mu)
-        per = [mu[i][np.asarray(a, dtype=bool)] if mu.shape[1] else mu[i][:0] for i, a in enumerate(self.info.active)]
+        per = [mu[i][np.asarray(a, dtype=bool)] if mu.shape[1] else mu[i][:0] for i, a in enumerate(self._last.info.active)]
         return per if self._last.batch.batched else per[0]
 
     @property
@@ -179,7 +186,7 @@ class LibdqpAttributes:
 
         np_batch = self._last.batch.numpy()
         out = []
-        for i, act in enumerate(self.info.active):
+        for i, act in enumerate(self._last.info.active):
             P, _, C, _, A, _ = np_batch.element(i)
             CJ = C[np.asarray(act, dtype=bool)] if C is not None else None
             out.append(assemble_kkt(P, A, CJ, sparse=self._last.batch.sparse))

@@ -10,6 +10,8 @@ layer copies the dict into its attributes.
 """
 from __future__ import annotations
 
+import copy
+
 import difflib
 import os
 from collections.abc import Mapping as _MappingABC
@@ -251,7 +253,7 @@ def settings_from(value: Any) -> Settings:
     if value is None:
         return build_settings()
     if isinstance(value, Settings):
-        return replace(value)
+        return replace(value, qp_solver_keywords=copy.deepcopy(value.qp_solver_keywords))
     if isinstance(value, Mapping):
         bad = [k for k in value if not isinstance(k, str)]
         if bad:

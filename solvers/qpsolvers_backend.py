@@ -9,13 +9,12 @@ from __future__ import annotations
 import importlib.util
 import logging
 import time
-import warnings
 from typing import Any, Dict, Optional
 
 import numpy as np
 import scipy.sparse as sp
 
-from dqp.errors import Status
+from dqp.errors import Status, numerics_quiet
 from dqp.solvers.base import ForwardSolver, RawSolution, register_solver
 
 logger = logging.getLogger("dqp")
@@ -153,8 +152,7 @@ class QPSolversBackend(ForwardSolver):
         kw = dict(keywords or {})
         t0 = time.perf_counter()
         try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
+            with numerics_quiet():
                 sol = qpsolvers.solve_problem(problem, solver=self.backend(), initvals=initvals, **kw)
         except Exception as exc:  # solvers raise many different types; classify below
             return RawSolution(None, None, None, Status.SOLVER_ERROR,

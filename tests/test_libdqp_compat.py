@@ -415,3 +415,46 @@ def test_far_unverified_primary_gives_way_to_a_closer_second_opinion():
     ref = dQP.dQP_layer(qp_solver="clarabel")(P, q, G, h).z
     assert layer.info.status == [dqp.Status.SOLVED] and "fallback_solver 'clarabel'" in layer.info.messages[0]
     assert torch.allclose(z, ref, atol=1e-4)
+
+
+def _small_qp():
+    P = torch.eye(3, dtype=torch.float64)
+    q = torch.tensor([-1.0, -1.0, -1.0], dtype=torch.float64)
+    C = torch.tensor([[1.0, 1.0, 1.0], [1.0, 0.0, 0.0]], dtype=torch.float64)
+    d = torch.tensor([1.0, 0.2], dtype=torch.float64)
+    return P, q, C, d
+
+
+def test_last_call_attributes_agree_after_a_call_that_raises():
+    """layer.info, layer.active and the libdqp attributes describe the same call, also when it raised."""
+    P, q, C, d = _small_qp()
+    layer = dQP.dQP_layer(qp_solver="clarabel", empty_batch=False)
+    layer(P, q, C, d)
+    C2 = torch.cat([C, -torch.ones(1, 3, dtype=torch.float64)])
+    d2 = torch.cat([d, torch.tensor([-5.0], dtype=torch.float64)])
+    with pytest.raises(dqp.InfeasibleError):
+        layer(P, q, C2, d2)
+    assert layer.info.status == [dqp.Status.PRIMAL_INFEASIBLE]
+    assert layer.active.shape == (3,) and layer.nIneq == 3 and layer.nActive == 0
+    assert layer.nu_star_with_inactive_np.shape[-1] == 3
+
+
+def test_kkt_matrix_in_the_callers_scaling_with_normalized_constraints():
+    """KKT_A_np holds the caller's rows (not the normalized ones), consistent with the duals returned."""
+    P, q, C, d = _small_qp()
+    A, b = torch.tensor([[0.0, 0.0, 4.0]], dtype=torch.float64), torch.tensor([0.4], dtype=torch.float64)
+    layer = dQP.dQP_layer(qp_solver="clarabel", empty_batch=False, normalize_constraints=True)
+    z, lam, mu, _, _ = layer(P, q, C, d, A, b)
+    J = layer.active
+    K = layer.KKT_A_np
+    K = K.toarray() if sp.issparse(K) else np.asarray(K)
+    x = np.concatenate([z.detach().numpy(), lam.detach().numpy(), mu.detach().numpy()[J]])
+    rhs = np.concatenate([-q.numpy(), b.numpy(), d.numpy()[J]])
+    assert np.abs(K @ x - rhs).max() < 1e-9
+
+
+def test_layer_settings_do_not_share_the_keyword_dict():
+    s = dQP.build_settings(qp_solver="clarabel", qp_solver_keywords={"max_iter": 50})
+    layer = dQP.dQP_layer(settings=s)
+    s["qp_solver_keywords"]["max_iter"] = 1
+    assert layer.settings.qp_solver_keywords == {"max_iter": 50}

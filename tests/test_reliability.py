@@ -467,3 +467,22 @@ def test_solver_exception_with_keywords_warns():
         assert torch.allclose(z, torch.tensor([1.0, 0.0], dtype=F64), atol=1e-8)  # the chain answered
     finally:
         SOLVERS.unregister("test_raises")
+
+
+@pytest.mark.parametrize("case", [c for c in ALL_SOLVERS if c.values[0].name in ("clarabel", "osqp", "piqp")])
+def test_solution_at_origin_with_zero_bounds_is_not_a_failure(case):
+    """z* = 0 with d = 0 (nonnegativity-like rows): |C||z| is only the solver's round-off there, so
+    the KKT distance must not be measured against it (it used to call the point far from KKT and
+    fail the element)."""
+    g = torch.Generator().manual_seed(7)
+    P, q = torch.eye(3, dtype=F64), torch.randn(2, 3, dtype=F64, generator=g)[1]
+    C, d = torch.randn(7, 3, dtype=F64, generator=g), torch.zeros(7, dtype=F64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out = dQP.dQP_layer(qp_solver=case.name, empty_batch=False)(P, q, C, d)
+    assert out.info.status == [dqp.Status.SOLVED]
+    assert float(out[0].abs().max()) < 1e-6
+    # the KKT distance of a point 1e-12 off the exact solution, with the exact multipliers, is small
+    data = (P.numpy(), q.numpy(), C.numpy(), d.numpy(), None, None)
+    mu = out[2].detach().numpy()
+    assert kkt_distance(data, np.array([1e-12, -1e-12, 1e-12]), None, mu) < 1e-3

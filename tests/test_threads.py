@@ -71,3 +71,30 @@ def test_four_threads_get_their_own_diagnostics(solver):
     assert not errors, errors[:3]
     # the layer's attributes are the last call's: one of the threads' own
     assert any(np.array_equal(layer.active, r[0].active.numpy()) for r in ref)  # layer.active: a NumPy mask (libdqp)
+
+
+def test_worker_threads_leave_the_callers_warning_filters_alone():
+    """Solves on worker threads (omp_parallel) must not swap the process-wide warning state: a
+    caller's catch_warnings/pytest.warns entered while a worker solves must keep recording after the
+    worker finishes (catch_warnings on the worker would restore the state from before the caller's)."""
+    import threading
+    import warnings
+
+    from dqp.errors import numerics_quiet
+
+    inside, release = threading.Event(), threading.Event()
+
+    def worker():
+        with numerics_quiet():
+            inside.set()
+            release.wait(5)
+
+    t = threading.Thread(target=worker)
+    t.start()
+    assert inside.wait(5)
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        release.set()
+        t.join(5)
+        warnings.warn("still recorded", UserWarning)
+    assert any("still recorded" in str(w.message) for w in rec)
