@@ -32,12 +32,10 @@ CERT_TOL = 1e-7
 FAR_FROM_KKT = 1e-3
 
 
-def _inf(v) -> float:
+def inf_norm(v) -> float:
+    """‖v‖∞ (0 for None or an empty vector)."""
     return float(np.max(np.abs(v), initial=0.0)) if v is not None and np.size(v) else 0.0
 
-
-def _mv(M, x):
-    return M @ x
 
 
 def primal_infeasibility_verified(C, d, A, b, y, w, tol: float = CERT_TOL) -> bool:
@@ -48,7 +46,7 @@ def primal_infeasibility_verified(C, d, A, b, y, w, tol: float = CERT_TOL) -> bo
     w = np.zeros(p) if (w is None or p == 0) else np.asarray(w, float)
     if len(y) != m or len(w) != p or not (np.all(np.isfinite(y)) and np.all(np.isfinite(w))):
         return False
-    scale = max(_inf(y), _inf(w))
+    scale = max(inf_norm(y), inf_norm(w))
     if scale == 0.0:
         return False
     y, w = y / scale, w / scale
@@ -65,7 +63,7 @@ def primal_infeasibility_verified(C, d, A, b, y, w, tol: float = CERT_TOL) -> bo
         size = size + abs(A).T @ np.abs(w)
         gap += float(b @ w)
         gap_size += float(np.abs(b) @ np.abs(w))
-    return _inf(r) <= tol * max(_inf(size), np.finfo(float).tiny) and gap < -tol * max(gap_size, np.finfo(float).tiny)
+    return inf_norm(r) <= tol * max(inf_norm(size), np.finfo(float).tiny) and gap < -tol * max(gap_size, np.finfo(float).tiny)
 
 
 def unboundedness_verified(P, q, C, A, v, tol: float = CERT_TOL) -> bool:
@@ -73,7 +71,7 @@ def unboundedness_verified(P, q, C, A, v, tol: float = CERT_TOL) -> bool:
     if v is None or not np.all(np.isfinite(v)):
         return False
     v = np.asarray(v, float)
-    scale = _inf(v)
+    scale = inf_norm(v)
     if scale == 0.0:
         return False
     v = v / scale
@@ -81,11 +79,11 @@ def unboundedness_verified(P, q, C, A, v, tol: float = CERT_TOL) -> bool:
     descent = float(q @ v)
     if not descent < -tol * max(float(np.abs(q) @ np.abs(v)), tiny):
         return False
-    if _inf(_mv(P, v)) > tol * max(_inf(abs(P) @ np.abs(v)), tiny) and _inf(_mv(P, v)) > tol * abs(descent):
+    if inf_norm(P @ v) > tol * max(inf_norm(abs(P) @ np.abs(v)), tiny) and inf_norm(P @ v) > tol * abs(descent):
         return False
-    if A is not None and A.shape[0] and np.any(np.abs(_mv(A, v)) > tol * np.maximum(abs(A) @ np.abs(v), tiny)):
+    if A is not None and A.shape[0] and np.any(np.abs(A @ v) > tol * np.maximum(abs(A) @ np.abs(v), tiny)):
         return False
-    if C is not None and C.shape[0] and np.any(_mv(C, v) > tol * np.maximum(abs(C) @ np.abs(v), tiny)):
+    if C is not None and C.shape[0] and np.any(C @ v > tol * np.maximum(abs(C) @ np.abs(v), tiny)):
         return False
     return True
 
@@ -157,7 +155,7 @@ def find_certificate(data) -> Tuple[Optional[Status], str]:
 def _objective_length(P, q) -> float:
     """``‖q‖∞ / max|P_ij|``: the length scale of the objective's minimizer (0 for an LP or q = 0)."""
     pmax = float(abs(P).max()) if P.shape[0] else 0.0
-    qmax = _inf(q)
+    qmax = inf_norm(q)
     return qmax / pmax if pmax > 0 and qmax > 0 else 0.0
 
 
@@ -173,27 +171,27 @@ def kkt_distance(data, z, lam, mu) -> float:
     P, q, C, d, A, b = data
     tiny = np.finfo(float).tiny
     zeta = np.maximum(np.abs(z), _objective_length(P, q))
-    Pz = _mv(P, z)
+    Pz = P @ z
     r = Pz + q
-    sizes = [_inf(Pz), _inf(q)]
+    sizes = [inf_norm(Pz), inf_norm(q)]
     worst = 0.0
     if A is not None and A.shape[0]:
         lam = np.zeros(A.shape[0]) if lam is None else lam
         ATl = A.T @ lam
         r = r + ATl
-        sizes.append(_inf(ATl))
-        size = max(_inf(b), _inf(abs(A) @ zeta), tiny)
-        worst = max(worst, _inf(_mv(A, z) - b) / size)
+        sizes.append(inf_norm(ATl))
+        size = max(inf_norm(b), inf_norm(abs(A) @ zeta), tiny)
+        worst = max(worst, inf_norm(A @ z - b) / size)
     if C is not None and C.shape[0]:
         mu = np.zeros(C.shape[0]) if mu is None else np.maximum(mu, 0.0)
         CTm = C.T @ mu
         r = r + CTm
-        sizes.append(_inf(CTm))
-        size = max(_inf(d), _inf(abs(C) @ zeta), tiny)
-        slack = d - _mv(C, z)
+        sizes.append(inf_norm(CTm))
+        size = max(inf_norm(d), inf_norm(abs(C) @ zeta), tiny)
+        slack = d - C @ z
         worst = max(worst, float(np.max(np.maximum(-slack, 0.0))) / size)
-        worst = max(worst, _inf(mu * slack) / max(_inf(mu) * size, tiny))
-    return max(worst, _inf(r) / max(max(sizes), tiny))
+        worst = max(worst, inf_norm(mu * slack) / max(inf_norm(mu) * size, tiny))
+    return max(worst, inf_norm(r) / max(max(sizes), tiny))
 
 
 def min_eigenvalue(P) -> Tuple[float, float]:

@@ -22,7 +22,7 @@ from typing import List, Optional, Tuple
 import numpy as np
 import scipy.sparse as sp
 
-from dqp.certificates import check_keyword_failure, finalize, unverified_distance, verified_status
+from dqp.certificates import check_keyword_failure, inf_norm, finalize, unverified_distance, verified_status
 from dqp.errors import NotPSDError, Status
 from dqp.problem import drop_unbounded_rows, restore_rows
 from dqp.kkt import REGULARIZED, RobustKKT, auto_linsolver, warn_singular_once
@@ -67,9 +67,6 @@ class PolishTrace:
     path: str = "quick"
     factorizations: int = 0
 
-
-def _mv(M, x):
-    return M @ x
 
 
 _TINY = np.finfo(np.float64).tiny
@@ -121,7 +118,7 @@ def detect_active(C, d: np.ndarray, x: np.ndarray, mu: Optional[np.ndarray], eps
     ``μ_i > eps·‖μ‖∞``: multiplying C and d (or P and q) by any factor leaves the set unchanged.
     Returns the mask and the number of weakly active constraints (small slack *and* small dual).
     """
-    slack = d - _mv(C, x)
+    slack = d - C @ x
     near = slack <= eps * np.maximum(np.maximum(np.abs(d), _abs_rows(C, x, mats)), _TINY)
     if mu is None:
         return near, 0
@@ -129,12 +126,6 @@ def detect_active(C, d: np.ndarray, x: np.ndarray, mu: Optional[np.ndarray], eps
     weak = int(np.count_nonzero(near & ~big))
     return near | big, weak
 
-
-def _inf(v) -> float:
-    if v is None:
-        return 0.0
-    a = np.abs(v)
-    return float(a.max()) if a.size else 0.0
 
 
 def polish(P, q, C, d, A, b, active: np.ndarray, solver, sparse: bool, eps: float, refine: bool,
@@ -185,7 +176,7 @@ def polish(P, q, C, d, A, b, active: np.ndarray, solver, sparse: bool, eps: floa
         z, lam, muJ = sol[:n], sol[n:n + p], sol[n + p:]
         mu = np.zeros(m)
         mu[J] = muJ
-        Pz = _mv(P, z)
+        Pz = P @ z
         # stationarity and the equality-type rows (A, C_J) hold to tol relative to their terms
         terms = [_abs_rows(P, z, mats), q]  # |P||z|, not Pz: the terms' size survives cancellation
         r_stat = Pz + q
@@ -195,9 +186,9 @@ def polish(P, q, C, d, A, b, active: np.ndarray, solver, sparse: bool, eps: floa
             ATl = mats.T(A) @ lam
             r_stat = r_stat + ATl
             terms.append(mats.absT(A) @ np.abs(lam))
-            Az = _mv(A, z)
-            r_prim = _inf(Az - b)
-            scale_p = max(scale_p, _inf(b), _inf(_abs_rows(A, z, mats)))  # |A||z|: the size of the terms of Az
+            Az = A @ z
+            r_prim = inf_norm(Az - b)
+            scale_p = max(scale_p, inf_norm(b), inf_norm(_abs_rows(A, z, mats)))  # |A||z|: the size of the terms of Az
         viol = np.zeros(m)
         neg = np.zeros(0, bool)
         mu_scale = _TINY
@@ -208,23 +199,23 @@ def polish(P, q, C, d, A, b, active: np.ndarray, solver, sparse: bool, eps: floa
             CTm = mats.T(C) @ mu_pos
             r_stat = r_stat + CTm
             terms.append(mats.absT(C) @ mu_pos)
-            Cz = _mv(C, z)
+            Cz = C @ z
             row_size = np.maximum(np.maximum(np.abs(d), _abs_rows(C, z, mats)), _TINY)
             viol = (Cz - d) - tol * row_size
             if len(J):
-                r_prim = max(r_prim, _inf(Cz[J] - d[J]))
-                scale_p = max(scale_p, _inf(row_size[J]))
+                r_prim = max(r_prim, inf_norm(Cz[J] - d[J]))
+                scale_p = max(scale_p, inf_norm(row_size[J]))
                 viol[J] = -np.inf
-                row_norm = _inf(mats.abs_row_sums(C)[J])
-                mu_scale = tol * max(_inf(muJ), (_inf(Pz) + _inf(q)) / max(row_norm, _TINY), _TINY)
+                row_norm = inf_norm(mats.abs_row_sums(C)[J])
+                mu_scale = tol * max(inf_norm(muJ), (inf_norm(Pz) + inf_norm(q)) / max(row_norm, _TINY), _TINY)
                 neg = muJ < -mu_scale
         # stationarity to tol relative to the size of its *vectors* (Pz, q, Aᵀλ, Cᵀμ), plus the
         # round-off that summing the terms leaves (relative to the terms, |P||z| + |A|ᵀ|λ| + ...):
         # measuring it against the terms alone accepted points whose huge, cancelling multipliers
         # hid a real residual (LISWET8: ‖Pz+q+Cᵀμ‖∞ = 4.6e-3 with ‖Cᵀμ‖∞ = 1.2, |C|ᵀ|μ| = 6.8e6)
-        vec_scale = max(_inf(Pz), _inf(q), _inf(ATl) if p else 0.0, _inf(CTm) if m else 0.0, _TINY)
-        scale_d = tol * vec_scale + _ROUND * max(_inf(t) for t in terms)
-        consistent = _inf(r_stat) <= scale_d and r_prim <= tol * scale_p
+        vec_scale = max(inf_norm(Pz), inf_norm(q), inf_norm(ATl) if p else 0.0, inf_norm(CTm) if m else 0.0, _TINY)
+        scale_d = tol * vec_scale + _ROUND * max(inf_norm(t) for t in terms)
+        consistent = inf_norm(r_stat) <= scale_d and r_prim <= tol * scale_p
         bad_primal = bool(m) and bool(np.any(viol > 0))
         verified = consistent and not bad_primal and not np.any(neg)
         score = (max(float(np.max(viol, initial=0.0)), 0.0) + float(np.sum(np.maximum(-muJ - mu_scale, 0.0)))
@@ -253,7 +244,7 @@ def _include_weakly_active(P, q, C, d, A, b, out, linsolver, sparse: bool, eps: 
     does not depend on which solver, tolerance or warm start produced the point.
     """
     z, lam, mu, active, kkt, verified, it = out
-    slack = d - _mv(C, z)
+    slack = d - C @ z
     at_bound = (~active) & (slack <= eps * np.maximum(np.maximum(np.abs(d), _abs_rows(C, z, mats)), _TINY))
     if not np.any(at_bound):
         return out
@@ -272,10 +263,10 @@ def _clear_slack(C, d: np.ndarray, x: np.ndarray, mu: np.ndarray, eps: float, ma
     The slack is measured against ``max(|d_i|, |C_i||x|, ‖C_i‖₁‖x‖∞)``: the last term keeps a bound
     ``−x_j ≤ 0`` at ``x_j ≈ 1e-12`` small (its own terms alone would make it look slack).
     """
-    slack = d - _mv(C, x)
-    size = np.maximum(np.maximum(np.abs(d), _abs_rows(C, x, mats)), mats.abs_row_sums(C) * _inf(x))
+    slack = d - C @ x
+    size = np.maximum(np.maximum(np.abs(d), _abs_rows(C, x, mats)), mats.abs_row_sums(C) * inf_norm(x))
     rel_slack = slack / np.maximum(size, _TINY)
-    rel_mu = mu / max(_inf(mu), _TINY)
+    rel_mu = mu / max(inf_norm(mu), _TINY)
     return (rel_slack > eps) & (rel_slack > rel_mu)
 
 
@@ -286,7 +277,7 @@ def _repaired(data, out, eps: float, mats: Derived) -> Tuple[Optional[np.ndarray
     P, q, C, d, A, b = data
     z, lam, mu, active, kkt, verified, it = out
     tol = max(1e-2 * eps, 1e-13)
-    Cz = _mv(C, z)
+    Cz = C @ z
     viol = (Cz - d) - tol * np.maximum(np.maximum(np.abs(d), _abs_rows(C, z, mats)), _TINY)
     viol[active] = -np.inf
     if np.any(viol > 0):
@@ -294,8 +285,8 @@ def _repaired(data, out, eps: float, mats: Derived) -> Tuple[Optional[np.ndarray
     J = np.flatnonzero(active)
     if not len(J):
         return None, ""
-    row_norm = _inf(mats.abs_row_sums(C)[J])
-    mu_scale = tol * max(_inf(mu[J]), (_inf(_mv(P, z)) + _inf(q)) / max(row_norm, _TINY), _TINY)
+    row_norm = inf_norm(mats.abs_row_sums(C)[J])
+    mu_scale = tol * max(inf_norm(mu[J]), (inf_norm(P @ z) + inf_norm(q)) / max(row_norm, _TINY), _TINY)
     neg = mu[J] < -mu_scale
     if not np.any(neg):
         return None, ""
@@ -316,15 +307,15 @@ def strict_complementarity_margin(slack: np.ndarray, mu: np.ndarray, active: np.
 def residuals(P, q, C, d, A, b, z, lam, mu, mats: Optional[Derived] = None) -> Tuple[float, float, float]:
     """Primal infeasibility, dual (stationarity) residual, complementarity (all ∞-norms)."""
     mats = Derived() if mats is None else mats
-    r_dual = _mv(P, z) + q
+    r_dual = P @ z + q
     r_prim = 0.0
     comp = 0.0
     if A is not None:
         r_dual = r_dual + mats.T(A) @ lam
-        r_prim = float(np.max(np.abs(_mv(A, z) - b), initial=0.0))
+        r_prim = float(np.max(np.abs(A @ z - b), initial=0.0))
     if C is not None:
         r_dual = r_dual + mats.T(C) @ mu
-        s = d - _mv(C, z)
+        s = d - C @ z
         r_prim = max(r_prim, float(np.max(np.maximum(-s, 0.0), initial=0.0)))
         comp = float(np.max(np.abs(mu * s), initial=0.0))
     return r_prim, float(np.max(np.abs(r_dual), initial=0.0)), comp
@@ -580,7 +571,7 @@ class Engine:
         mu = np.where(active, np.maximum(mu, 0.0), 0.0) if m else mu
         n_weak, margin = 0, float("inf")
         if m:  # weakly active: on the boundary with a (near) zero multiplier, after the polish
-            slack = d - _mv(C, z)
+            slack = d - C @ z
             at_bound = slack <= s.eps_active * np.maximum(np.maximum(np.abs(d), _abs_rows(C, z, mats)), _TINY)
             zero_dual = mu <= s.eps_active * max(float(np.max(mu, initial=0.0)), _TINY)
             n_weak = int(np.count_nonzero(at_bound & zero_dual))
