@@ -18,6 +18,7 @@ demo: setup
 
 lint: setup
 	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
 
 test: setup lint
 	$(PY) -m pytest -q --timeout=300

@@ -15,6 +15,7 @@
   ignored; symlinks ``dqp/*``, ``dqp/solvers``, ``dqp/linsolve``) and ``mkdocs.yml`` points the
   Python handler's ``paths`` there. Run ``mkdocs`` from the repository root.
 """
+
 from __future__ import annotations
 
 import os
@@ -60,8 +61,13 @@ _mirror_package()
 def _result_files():
     if not RESULTS.is_dir():
         return []
-    return sorted(p for p in RESULTS.rglob("*") if p.is_file() and p.suffix.lower() in _LINKABLE
-                  and not any(part.startswith(".") for part in p.relative_to(RESULTS).parts))
+    return sorted(
+        p
+        for p in RESULTS.rglob("*")
+        if p.is_file()
+        and p.suffix.lower() in _LINKABLE
+        and not any(part.startswith(".") for part in p.relative_to(RESULTS).parts)
+    )
 
 
 def on_files(files, config):
@@ -78,9 +84,11 @@ def _tables() -> dict:
     from dqp.settings import options_table
     from dqp.solvers import solver_table
 
-    return {"<!-- options-table -->": _escape_cells(options_table()),
-            "<!-- solver-table -->": _escape_cells(solver_table()),
-            "<!-- linsolver-table -->": _escape_cells(linsolver_table())}
+    return {
+        "<!-- options-table -->": _escape_cells(options_table()),
+        "<!-- solver-table -->": _escape_cells(solver_table()),
+        "<!-- linsolver-table -->": _escape_cells(linsolver_table()),
+    }
 
 
 def _escape_cells(table: str) -> str:
@@ -98,7 +106,7 @@ def _escape_cells(table: str) -> str:
     for line in lines:
         parts = cells(line)
         if len(parts) > ncols and not line.startswith("|---"):
-            parts = parts[:ncols - 1] + ["\\|".join(parts[ncols - 1:])]
+            parts = parts[: ncols - 1] + ["\\|".join(parts[ncols - 1 :])]
         out.append("|" + "|".join(parts) + "|")
     return "\n".join(out)
 
@@ -107,45 +115,73 @@ def _escape_cells(table: str) -> str:
 #: ``experiments/results/<stem>.{md,png,csv}``) and what the study answers. A study whose results are
 #: absent from the checkout is listed with its command and "no results yet".
 STUDIES = [
-    {"title": "Batched dense QPs: dqp vs qpth vs qpax", "script": "bench_qpth.py",
-     "stems": ["qpth_cuda", "qpth_cpu"],
-     "subtitles": {"qpth_cuda": "On a GPU", "qpth_cpu": "On the CPU"},
-     "what": "Many small dense QPs solved at once, the OptNet use case: forward plus backward of a "
-             "batch of qpth's random problems, on a GPU and on the CPU, with every gradient checked "
-             "against an independent reference."},
-    {"title": "The black-box path's own cost", "script": "blackbox_overhead.py",
-     "stems": ["blackbox_overhead", "blackbox_overhead_loop"],
-     "subtitles": {"blackbox_overhead": "Forward and backward next to the raw solver",
-                   "blackbox_overhead_loop": "Repeated calls with the same pattern"},
-     "command": "python experiments/blackbox_overhead.py --libdqp-python .peers/libdqp/bin/python",
-     "what": "What dqp adds to its forward solver's time when any qpsolvers backend solves the "
-             "forward: small Maros–Meszaros problems, small dense batches, repeated calls, large "
-             "sparse grids, next to the raw solver and to libdqp."},
-    {"title": "The Maros–Meszaros collection", "script": "maros_meszaros.py",
-     "stems": ["maros_meszaros"],
-     "what": "137 hard sparse QPs from the optimization literature through the layer, forward and "
-             "backward, next to libdqp: failures, KKT residuals, finite-difference checks, times."},
-    {"title": "Projection onto the simplex, n = 10 to 100 000", "script": "simplex_scaling.py",
-     "stems": ["simplex_scaling"],
-     "what": "How forward plus backward time grows with the problem size, against an exact "
-             "closed-form reference, for dqp's solvers and the peer libraries."},
-    {"title": "A bilevel loop with and without warm starts", "script": "bilevel_warmstart.py",
-     "stems": ["bilevel_warmstart", "bilevel_warmstart_n300"],
-     "subtitles": {"bilevel_warmstart": "n = 2000", "bilevel_warmstart_n300": "n = 300, more solvers"},
-     "what": "100 outer gradient steps through a sparse denoising QP: what starting each solve from "
-             "the previous solution saves, solver by solver, and that both loops reach the same point."},
-    {"title": "The layer's own cost on the batched path", "script": "layer_overhead.py",
-     "stems": ["layer_overhead_cpu", "layer_overhead_cuda"],
-     "subtitles": {"layer_overhead_cpu": "On the CPU", "layer_overhead_cuda": "On a GPU"},
-     "what": "dQP_layer(qp_solver='dqp_ipm') against dqp.qpth.QPFunction, the same engine behind two "
-             "front doors, called in turn in one process: what the general layer adds."},
-    {"title": "The CPU kernel under load", "script": "cpu_load_ab.py", "stems": ["cpu_load_ab"],
-     "what": "The C++ build of the batched solver's kernel with a static or a dynamic split of the batch "
-             "over threads, with and without another busy process, qpth beside it."},
-    {"title": "Data-parallel training: weak scaling with DDP", "script": "ddp_scaling.py",
-     "stems": ["ddp_scaling"], "command": "python experiments/ddp_scaling.py --sweep 8",
-     "what": "One training step of an OptNet-style model under DistributedDataParallel on 1, 2, 4, ... "
-             "GPUs at a fixed batch per GPU: the weak-scaling efficiency, and the largest batch per GPU."},
+    {
+        "title": "Batched dense QPs: dqp vs qpth vs qpax",
+        "script": "bench_qpth.py",
+        "stems": ["qpth_cuda", "qpth_cpu"],
+        "subtitles": {"qpth_cuda": "On a GPU", "qpth_cpu": "On the CPU"},
+        "what": "Many small dense QPs solved at once, the OptNet use case: forward plus backward of a "
+        "batch of qpth's random problems, on a GPU and on the CPU, with every gradient checked "
+        "against an independent reference.",
+    },
+    {
+        "title": "The black-box path's own cost",
+        "script": "blackbox_overhead.py",
+        "stems": ["blackbox_overhead", "blackbox_overhead_loop"],
+        "subtitles": {
+            "blackbox_overhead": "Forward and backward next to the raw solver",
+            "blackbox_overhead_loop": "Repeated calls with the same pattern",
+        },
+        "command": "python experiments/blackbox_overhead.py --libdqp-python .peers/libdqp/bin/python",
+        "what": "What dqp adds to its forward solver's time when any qpsolvers backend solves the "
+        "forward: small Maros–Meszaros problems, small dense batches, repeated calls, large "
+        "sparse grids, next to the raw solver and to libdqp.",
+    },
+    {
+        "title": "The Maros–Meszaros collection",
+        "script": "maros_meszaros.py",
+        "stems": ["maros_meszaros"],
+        "what": "137 hard sparse QPs from the optimization literature through the layer, forward and "
+        "backward, next to libdqp: failures, KKT residuals, finite-difference checks, times.",
+    },
+    {
+        "title": "Projection onto the simplex, n = 10 to 100 000",
+        "script": "simplex_scaling.py",
+        "stems": ["simplex_scaling"],
+        "what": "How forward plus backward time grows with the problem size, against an exact "
+        "closed-form reference, for dqp's solvers and the peer libraries.",
+    },
+    {
+        "title": "A bilevel loop with and without warm starts",
+        "script": "bilevel_warmstart.py",
+        "stems": ["bilevel_warmstart", "bilevel_warmstart_n300"],
+        "subtitles": {"bilevel_warmstart": "n = 2000", "bilevel_warmstart_n300": "n = 300, more solvers"},
+        "what": "100 outer gradient steps through a sparse denoising QP: what starting each solve from "
+        "the previous solution saves, solver by solver, and that both loops reach the same point.",
+    },
+    {
+        "title": "The layer's own cost on the batched path",
+        "script": "layer_overhead.py",
+        "stems": ["layer_overhead_cpu", "layer_overhead_cuda"],
+        "subtitles": {"layer_overhead_cpu": "On the CPU", "layer_overhead_cuda": "On a GPU"},
+        "what": "dQP_layer(qp_solver='dqp_ipm') against dqp.qpth.QPFunction, the same engine behind two "
+        "front doors, called in turn in one process: what the general layer adds.",
+    },
+    {
+        "title": "The CPU kernel under load",
+        "script": "cpu_load_ab.py",
+        "stems": ["cpu_load_ab"],
+        "what": "The C++ build of the batched solver's kernel with a static or a dynamic split of the batch "
+        "over threads, with and without another busy process, qpth beside it.",
+    },
+    {
+        "title": "Data-parallel training: weak scaling with DDP",
+        "script": "ddp_scaling.py",
+        "stems": ["ddp_scaling"],
+        "command": "python experiments/ddp_scaling.py --sweep 8",
+        "what": "One training step of an OptNet-style model under DistributedDataParallel on 1, 2, 4, ... "
+        "GPUs at a fixed batch per GPU: the weak-scaling efficiency, and the largest batch per GPU.",
+    },
 ]
 
 #: The README's results table is this summary (``tests/test_docs.py`` checks that they agree).
@@ -188,15 +224,15 @@ def _ratio(ours, peer) -> str:
 
 def results_summary() -> str:
     """A markdown table of the float64 batched-QP results: device, B, n, times, dqp's speed-up."""
-    head = ("| device | B | n = m | dqp | qpth | qpax | dqp vs qpth | dqp vs qpax |\n"
-            "|---|--:|--:|--:|--:|--:|--:|--:|")
+    head = "| device | B | n = m | dqp | qpth | qpax | dqp vs qpth | dqp vs qpax |\n|---|--:|--:|--:|--:|--:|--:|--:|"
     lines = [head]
     for stem, batches in SUMMARY_ROWS.items():
         rows = [r for r in _read_cells(stem) if r["dtype"] == "float64"]
         meta = _meta(stem)
         threads = re.search(r"torch threads (\d+)", meta.get("host", ""))
-        device = meta.get("gpu", "").replace("NVIDIA ", "") or (f"CPU, {threads.group(1)} thread{'s' if threads.group(1) != '1' else ''}"
-                                     if threads else stem)
+        device = meta.get("gpu", "").replace("NVIDIA ", "") or (
+            f"CPU, {threads.group(1)} thread{'s' if threads.group(1) != '1' else ''}" if threads else stem
+        )
         cells = {}
         for r in rows:
             cells[(int(r["B"]), int(r["n"]), r["method"])] = r
@@ -204,8 +240,10 @@ def results_summary() -> str:
             if batches is not None and B not in batches:
                 continue
             get = lambda m: cells.get((B, n, m))  # noqa: E731
-            lines.append(f"| {device} | {B} | {n} | {_ms(get('dqp'))} | {_ms(get('qpth'))} | {_ms(get('qpax'))} "
-                         f"| {_ratio(get('dqp'), get('qpth'))} | {_ratio(get('dqp'), get('qpax'))} |")
+            lines.append(
+                f"| {device} | {B} | {n} | {_ms(get('dqp'))} | {_ms(get('qpth'))} | {_ms(get('qpax'))} "
+                f"| {_ratio(get('dqp'), get('qpth'))} | {_ratio(get('dqp'), get('qpax'))} |"
+            )
     return "\n".join(lines) if len(lines) > 1 else "*(no results in `experiments/results/`)*"
 
 
@@ -270,14 +308,20 @@ def _benchmarks_section(files) -> str:
             if png.is_file():
                 out += [f"![{stem}]({RESULTS_URI}/{stem}.png)", ""]
             out += [_report_body(report, uri, files)]
-            data = [f"[{p.name}]({RESULTS_URI}/{p.name})" for p in (RESULTS / f"{stem}.csv", RESULTS / f"{stem}.json")
-                    if p.is_file()]
+            data = [
+                f"[{p.name}]({RESULTS_URI}/{p.name})"
+                for p in (RESULTS / f"{stem}.csv", RESULTS / f"{stem}.json")
+                if p.is_file()
+            ]
             if data:
                 out += ["Data: " + ", ".join(data), ""]
         if not found:
-            out += ['!!! note "No results yet"',
-                    f"    `experiments/results/` holds no report of this study in this checkout; run "
-                    f"`{study.get('command', 'python experiments/' + study['script'])}` and rebuild the docs.", ""]
+            out += [
+                '!!! note "No results yet"',
+                f"    `experiments/results/` holds no report of this study in this checkout; run "
+                f"`{study.get('command', 'python experiments/' + study['script'])}` and rebuild the docs.",
+                "",
+            ]
     return "\n".join(out)
 
 
@@ -290,8 +334,10 @@ def _examples_section() -> str:
     import ast
 
     folder = ROOT / "examples"
-    files = sorted(folder.glob("*.py"), key=lambda p: (EXAMPLES_ORDER.index(p.name)
-                                                        if p.name in EXAMPLES_ORDER else len(EXAMPLES_ORDER), p.name))
+    files = sorted(
+        folder.glob("*.py"),
+        key=lambda p: (EXAMPLES_ORDER.index(p.name) if p.name in EXAMPLES_ORDER else len(EXAMPLES_ORDER), p.name),
+    )
     out = []
     for path in files:
         source = path.read_text(encoding="utf-8")
@@ -303,9 +349,17 @@ def _examples_section() -> str:
         out += [f"## {path.stem.replace('_', ' ').capitalize()}", "", f"`examples/{path.name}`: {title}", ""]
         if rest.strip():
             out += ["```text", rest.strip("\n"), "```", ""]
-        out += [f"```bash\npython examples/{path.name}\n```", "",
-                f'??? example "Source of examples/{path.name}"', "",
-                "    ```python"] + [("    " + line) if line else "" for line in source.splitlines()] + ["    ```", ""]
+        out += (
+            [
+                f"```bash\npython examples/{path.name}\n```",
+                "",
+                f'??? example "Source of examples/{path.name}"',
+                "",
+                "    ```python",
+            ]
+            + [("    " + line) if line else "" for line in source.splitlines()]
+            + ["    ```", ""]
+        )
     return "\n".join(out)
 
 

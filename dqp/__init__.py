@@ -7,13 +7,26 @@
 * ``from dqp.qpth import QPFunction`` — the qpth/OptNet API on the built-in batched
   interior-point method (CPU or GPU).
 """
+
 import logging as _logging
 
 from dqp import dQP  # noqa: F401
 from dqp.errors import (  # noqa: F401
-    DQPError, InfeasibleError, InputError, LayoutError, MaxIterationsError, NonFiniteError, NotPSDError,
-    NotSymmetricError, SettingsError, ShapeError, SolveError, SolverFailedError, SolverNotAvailableError,
-    Status, UnboundedError,
+    DQPError,
+    InfeasibleError,
+    InputError,
+    LayoutError,
+    MaxIterationsError,
+    NonFiniteError,
+    NotPSDError,
+    NotSymmetricError,
+    SettingsError,
+    ShapeError,
+    SolveError,
+    SolverFailedError,
+    SolverNotAvailableError,
+    Status,
+    UnboundedError,
 )
 from dqp.autograd import GradientAccuracyWarning  # noqa: F401
 from dqp.errors import NotSupportedError  # noqa: F401
@@ -25,18 +38,43 @@ from dqp.sparse import sparse_csc_tensor  # noqa: F401
 
 __version__ = "0.1.0"
 __all__ = [
-    "dQP", "dQP_layer", "build_settings", "Settings", "QPOutput", "SolveInfo", "Status",
-    "DQPError", "SettingsError", "SolverNotAvailableError", "InputError", "ShapeError", "NonFiniteError",
-    "NotSymmetricError", "NotPSDError", "LayoutError", "SolveError", "InfeasibleError", "UnboundedError",
-    "MaxIterationsError", "SolverFailedError", "sparse_csc_tensor",
-    "NotSupportedError", "UnverifiedSolutionWarning", "SingularKKTWarning", "GradientAccuracyWarning",
+    "dQP",
+    "dQP_layer",
+    "build_settings",
+    "Settings",
+    "QPOutput",
+    "SolveInfo",
+    "Status",
+    "DQPError",
+    "SettingsError",
+    "SolverNotAvailableError",
+    "InputError",
+    "ShapeError",
+    "NonFiniteError",
+    "NotSymmetricError",
+    "NotPSDError",
+    "LayoutError",
+    "SolveError",
+    "InfeasibleError",
+    "UnboundedError",
+    "MaxIterationsError",
+    "SolverFailedError",
+    "sparse_csc_tensor",
+    "NotSupportedError",
+    "UnverifiedSolutionWarning",
+    "SingularKKTWarning",
+    "GradientAccuracyWarning",
 ]
 _logging.getLogger("dqp").addHandler(_logging.NullHandler())
 
 #: libdqp's top-level helpers, imported on first use (``from dqp import initialize_torch_from_npz``).
-_LIBDQP_NAMES = {"initialize_torch_from_npz": "dqp.sparse_helper", "csc_torch_to_scipy": "dqp.sparse_helper",
-                 "csc_scipy_to_torch": "dqp.sparse_helper", "get_dense_solvers": "dqp.lin_solvers",
-                 "get_sparse_solvers": "dqp.lin_solvers"}
+_LIBDQP_NAMES = {
+    "initialize_torch_from_npz": "dqp.sparse_helper",
+    "csc_torch_to_scipy": "dqp.sparse_helper",
+    "csc_scipy_to_torch": "dqp.sparse_helper",
+    "get_dense_solvers": "dqp.lin_solvers",
+    "get_sparse_solvers": "dqp.lin_solvers",
+}
 
 
 def __getattr__(name: str):

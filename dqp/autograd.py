@@ -1,4 +1,5 @@
 """The autograd Function of the element-wise path (black-box forward, KKT backward)."""
+
 from __future__ import annotations
 
 import warnings
@@ -96,17 +97,33 @@ class QPFunction(torch.autograd.Function):
                 f"{max(back_res[i] for i in inaccurate):.1e} (> {BACKWARD_TOL:g}); their gradients are inaccurate "
                 f"(a singular or very ill-conditioned reduced KKT system). See layer.info.backward_residual and "
                 f"kkt_path; normalize_constraints=True or another lin_solver may help.",
-                GradientAccuracyWarning, stacklevel=2)
+                GradientAccuracyWarning,
+                stacklevel=2,
+            )
         need = ctx.needs_input_grad  # (work, P, q, C, d, A, b)
         like = batch.q
         t = lambda a: torch.as_tensor(a, dtype=like.dtype).to(like.device)
         active = torch.as_tensor(np.stack([r.active for r in work.results])) if m else None
         if not batch.sparse:
-            dP, dq, dC, dd, dA, db = dense_grads(t(y_z), t(y_lam) if p else None, t(y_mu) if m else None,
-                                                 z, lam if p else None, mu if m else None,
-                                                 None if active is None else active.to(like.device), need[1:])
-            return (None, dP if need[1] else None, dq if need[2] else None, dC if need[3] else None,
-                    dd if need[4] else None, dA if need[5] else None, db if need[6] else None)
+            dP, dq, dC, dd, dA, db = dense_grads(
+                t(y_z),
+                t(y_lam) if p else None,
+                t(y_mu) if m else None,
+                z,
+                lam if p else None,
+                mu if m else None,
+                None if active is None else active.to(like.device),
+                need[1:],
+            )
+            return (
+                None,
+                dP if need[1] else None,
+                dq if need[2] else None,
+                dC if need[3] else None,
+                dd if need[4] else None,
+                dA if need[5] else None,
+                db if need[6] else None,
+            )
         # sparse: gradients on the stored values only, in the tensor's own value order
         zn, lamn, mun = (x.detach().to("cpu", torch.float64).numpy() for x in (z, lam, mu))
         a_np = active.numpy() if m else None
@@ -150,16 +167,16 @@ def _batched_torch_backward(ctx: Any, work: Work, z, lam, mu, gz, glam, gmu):
     batch = work.batch
     B, m, p = batch.B, batch.m, batch.p
     solved = torch.tensor([r.status == Status.SOLVED for r in work.results], device=z.device)
-    active = (torch.as_tensor(np.stack([r.active for r in work.results])).to(z.device) & solved.unsqueeze(-1)
-              if m else None)
+    active = (
+        torch.as_tensor(np.stack([r.active for r in work.results])).to(z.device) & solved.unsqueeze(-1) if m else None
+    )
     P, C, A = (None if M is None else M.detach() for M in (batch.P, batch.C, batch.A))
     kkt = BatchedKKT(P, A, C, active, batch=B)
     gz = torch.zeros_like(z) if gz is None else gz
     glam = (torch.zeros_like(lam) if glam is None else glam) if p else None
     gmu = ((torch.zeros_like(mu) if gmu is None else gmu) * active.to(mu.dtype)) if m else None
     y_z, y_lam, y_mu = kkt.solve(gz, glam, gmu)
-    grads = dense_grads(y_z, y_lam, y_mu, z, lam if p else None, mu if m else None, active,
-                        ctx.needs_input_grad[1:])
+    grads = dense_grads(y_z, y_lam, y_mu, z, lam if p else None, mu if m else None, active, ctx.needs_input_grad[1:])
     keep = solved.view(-1, 1)
     need = ctx.needs_input_grad[1:]
     out = []

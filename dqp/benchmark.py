@@ -16,6 +16,7 @@ reference solver (``ref_qp_solver`` is checked and included in the run, and a wa
 the backward linear solvers are timed as well; nothing is printed (log level INFO on
 ``dqp.diagnose`` shows progress; ``report.to_markdown()`` gives the table).
 """
+
 from __future__ import annotations
 
 import logging
@@ -40,8 +41,18 @@ def _flat(v: Any) -> Any:
     return v.reshape(-1) if v.ndim == 2 and v.shape[1] == 1 else v
 
 
-def benchmark(save_name: str, Q=None, q=None, G=None, h=None, A=None, b=None, ref_qp_solver: Optional[str] = None,
-              plot: bool = True, **diagnose_options: Any):
+def benchmark(
+    save_name: str,
+    Q=None,
+    q=None,
+    G=None,
+    h=None,
+    A=None,
+    b=None,
+    ref_qp_solver: Optional[str] = None,
+    plot: bool = True,
+    **diagnose_options: Any,
+):
     """Diagnose one QP across the installed solvers (libdqp's ``benchmark``).
 
     Parameters
@@ -81,15 +92,20 @@ def benchmark(save_name: str, Q=None, q=None, G=None, h=None, A=None, b=None, re
         get_solver(ref_qp_solver)  # SolverNotAvailableError with the pip command
         if diagnose_options.get("solvers") is not None and ref_qp_solver not in diagnose_options["solvers"]:
             diagnose_options["solvers"] = [*diagnose_options["solvers"], ref_qp_solver]
-        warnings.warn(f"dqp.benchmark: ref_qp_solver={ref_qp_solver!r} is run like every other solver; "
-                      f"correctness is judged against the consensus of all solvers, not this one.",
-                      UserWarning, stacklevel=2)
+        warnings.warn(
+            f"dqp.benchmark: ref_qp_solver={ref_qp_solver!r} is run like every other solver; "
+            f"correctness is judged against the consensus of all solvers, not this one.",
+            UserWarning,
+            stacklevel=2,
+        )
     diagnose_options.setdefault("progress", False)
     if Q is None:
         path = Path(save_name)
         if path.suffix.lower() != ".npz" or not path.is_file():
-            raise InputError(f"benchmark({save_name!r}) without data needs save_name to be an existing .npz "
-                             f"problem file; pass the problem (Q, q, G, h, A, b) otherwise.")
+            raise InputError(
+                f"benchmark({save_name!r}) without data needs save_name to be an existing .npz "
+                f"problem file; pass the problem (Q, q, G, h, A, b) otherwise."
+            )
         report = diagnose_problem(load_problem(path, allow_pickle=True), **diagnose_options)
         name = path.with_suffix("").as_posix()
     else:

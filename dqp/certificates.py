@@ -14,6 +14,7 @@ looks for one with two small bounded LPs (always feasible and bounded, so the LP
 the same way) when a solve failed without a verified reason. Only a verified certificate becomes an
 :class:`~dqp.errors.InfeasibleError` / :class:`~dqp.errors.UnboundedError`.
 """
+
 from __future__ import annotations
 
 import logging
@@ -35,7 +36,6 @@ FAR_FROM_KKT = 1e-3
 def inf_norm(v) -> float:
     """‖v‖∞ (0 for None or an empty vector)."""
     return float(np.max(np.abs(v), initial=0.0)) if v is not None and np.size(v) else 0.0
-
 
 
 def primal_infeasibility_verified(C, d, A, b, y, w, tol: float = CERT_TOL) -> bool:
@@ -63,7 +63,9 @@ def primal_infeasibility_verified(C, d, A, b, y, w, tol: float = CERT_TOL) -> bo
         size = size + abs(A).T @ np.abs(w)
         gap += float(b @ w)
         gap_size += float(np.abs(b) @ np.abs(w))
-    return inf_norm(r) <= tol * max(inf_norm(size), np.finfo(float).tiny) and gap < -tol * max(gap_size, np.finfo(float).tiny)
+    return inf_norm(r) <= tol * max(inf_norm(size), np.finfo(float).tiny) and gap < -tol * max(
+        gap_size, np.finfo(float).tiny
+    )
 
 
 def unboundedness_verified(P, q, C, A, v, tol: float = CERT_TOL) -> bool:
@@ -114,8 +116,15 @@ def _lp(c, Aeq, beq, G, h):
 
     n = len(c)
     try:
-        raw = get_solver("clarabel").solve(sp.csc_matrix((n, n)), c, G, h, Aeq, beq,
-                                           keywords={"tol_gap_abs": 1e-10, "tol_gap_rel": 1e-10, "tol_feas": 1e-10})
+        raw = get_solver("clarabel").solve(
+            sp.csc_matrix((n, n)),
+            c,
+            G,
+            h,
+            Aeq,
+            beq,
+            keywords={"tol_gap_abs": 1e-10, "tol_gap_rel": 1e-10, "tol_feas": 1e-10},
+        )
     except Exception as exc:  # pragma: no cover - clarabel is a core dependency
         logger.debug("certificate LP failed: %s", exc)
         return None
@@ -136,17 +145,29 @@ def find_certificate(data) -> Tuple[Optional[Status], str]:
     p = 0 if A is None else A.shape[0]
     if m + p:
         k = m + p
-        Aeq = sp.hstack([sp.csc_matrix(C.T) if m else sp.csc_matrix((n, 0)),
-                         sp.csc_matrix(A.T) if p else sp.csc_matrix((n, 0))], format="csc")
+        Aeq = sp.hstack(
+            [sp.csc_matrix(C.T) if m else sp.csc_matrix((n, 0)), sp.csc_matrix(A.T) if p else sp.csc_matrix((n, 0))],
+            format="csc",
+        )
         I = sp.identity(k, format="csc")
         lo = np.concatenate([np.zeros(m), -np.ones(p)])
-        yw = _lp(np.concatenate([d if m else np.zeros(0), b if p else np.zeros(0)]), Aeq, np.zeros(n),
-                 sp.vstack([I, -I], format="csc"), np.concatenate([np.ones(k), -lo]))
+        yw = _lp(
+            np.concatenate([d if m else np.zeros(0), b if p else np.zeros(0)]),
+            Aeq,
+            np.zeros(n),
+            sp.vstack([I, -I], format="csc"),
+            np.concatenate([np.ones(k), -lo]),
+        )
         if yw is not None and primal_infeasibility_verified(C, d, A, b, yw[:m], yw[m:]):
             return Status.PRIMAL_INFEASIBLE, "verified infeasibility certificate (y ≥ 0, Cᵀy + Aᵀw = 0, dᵀy + bᵀw < 0)"
     I = sp.identity(n, format="csc")
-    v = _lp(q, _stack([sp.csc_matrix(P), A]), np.zeros(n + p), _stack([C, I, -I]),
-            np.concatenate([np.zeros(m), np.ones(2 * n)]))
+    v = _lp(
+        q,
+        _stack([sp.csc_matrix(P), A]),
+        np.zeros(n + p),
+        _stack([C, I, -I]),
+        np.concatenate([np.zeros(m), np.ones(2 * n)]),
+    )
     if v is not None and unboundedness_verified(P, q, C, A, v):
         return Status.DUAL_INFEASIBLE, "verified unbounded direction (Pv = 0, Av = 0, Cv ≤ 0, qᵀv < 0)"
     return None, ""
@@ -213,8 +234,15 @@ def is_nonconvex(P, tol: float = 1e-9) -> bool:
     return lo < -tol * max(size, np.finfo(float).tiny)
 
 
-_KEYWORD_WORDS = ("keyword", "unknown option", "unknown setting", "unknown parameter", "not a valid setting",
-                  "has no attribute", "incompatible function arguments")
+_KEYWORD_WORDS = (
+    "keyword",
+    "unknown option",
+    "unknown setting",
+    "unknown parameter",
+    "not a valid setting",
+    "has no attribute",
+    "incompatible function arguments",
+)
 
 
 def check_keyword_failure(solver: str, raw, user_keywords) -> None:
@@ -232,13 +260,18 @@ def check_keyword_failure(solver: str, raw, user_keywords) -> None:
     text = str(err).lower()
     named = [k for k in user_keywords if k.lower() in text]
     if named or err.startswith("TypeError") or any(w in text for w in _KEYWORD_WORDS):
-        raise SettingsError(f"qp_solver={solver!r} rejected qp_solver_keywords={dict(user_keywords)!r}: {err}. "
-                            f"Fix or remove the keyword (see the solver's documentation for names and types).")
+        raise SettingsError(
+            f"qp_solver={solver!r} rejected qp_solver_keywords={dict(user_keywords)!r}: {err}. "
+            f"Fix or remove the keyword (see the solver's documentation for names and types)."
+        )
     import warnings
 
-    warnings.warn(f"qp_solver={solver!r} raised {err} with qp_solver_keywords={dict(user_keywords)!r}; if a "
-                  f"keyword is the cause, fix it (the fallback_solver chain may answer instead).",
-                  SolverKeywordWarning, stacklevel=2)
+    warnings.warn(
+        f"qp_solver={solver!r} raised {err} with qp_solver_keywords={dict(user_keywords)!r}; if a "
+        f"keyword is the cause, fix it (the fallback_solver chain may answer instead).",
+        SolverKeywordWarning,
+        stacklevel=2,
+    )
 
 
 def unverified_distance(data, res) -> float:
@@ -272,10 +305,17 @@ def finalize(data, res, search_on_max_iter: bool = True):
         dist = unverified_distance(data, res)
         if dist <= FAR_FROM_KKT:
             return res
-        res = replace(res, status=Status.NUMERICAL, z=np.zeros_like(res.z), lam=np.zeros_like(res.lam),
-                      mu=np.zeros_like(res.mu), active=np.zeros_like(res.active), kkt=None,
-                      message=f"the solver's point could not be verified and is far from the KKT conditions "
-                              f"(relative residual {dist:.2g} > {FAR_FROM_KKT:g}); " + res.message)
+        res = replace(
+            res,
+            status=Status.NUMERICAL,
+            z=np.zeros_like(res.z),
+            lam=np.zeros_like(res.lam),
+            mu=np.zeros_like(res.mu),
+            active=np.zeros_like(res.active),
+            kkt=None,
+            message=f"the solver's point could not be verified and is far from the KKT conditions "
+            f"(relative residual {dist:.2g} > {FAR_FROM_KKT:g}); " + res.message,
+        )
     # under a time limit, hitting it is the diagnosis (the LPs would spend the time it saved)
     skip = (Status.PRIMAL_INFEASIBLE, Status.DUAL_INFEASIBLE) + (() if search_on_max_iter else (Status.MAX_ITER,))
     if res.status not in skip:

@@ -8,6 +8,7 @@ Besides the layer and its settings, this module has the two helpers libdqp's scr
 :func:`call_single_qpsolvers` (one forward solve through :mod:`qpsolvers`, no gradient) and
 :func:`set_solver_tolerance` (a backend's own tolerance keywords).
 """
+
 from __future__ import annotations
 
 from typing import Any, Dict, Mapping
@@ -19,8 +20,7 @@ from dqp.errors import SolverFailedError
 from dqp.layer import dQP_layer  # noqa: F401
 from dqp.settings import Settings, build_settings, options_table  # noqa: F401
 
-__all__ = ["build_settings", "dQP_layer", "Settings", "options_table", "call_single_qpsolvers",
-           "set_solver_tolerance"]
+__all__ = ["build_settings", "dQP_layer", "Settings", "options_table", "call_single_qpsolvers", "set_solver_tolerance"]
 
 
 def _vec(v: Any):
@@ -54,14 +54,18 @@ def call_single_qpsolvers(Q, q, G, h, A, b, kwargs: Mapping[str, Any]):
     problem = qpsolvers.Problem(P=mat(Q), q=_vec(q), G=mat(G), h=_vec(h), A=mat(A), b=_vec(b))
     solution = qpsolvers.solve_problem(problem, **dict(kwargs))
     if solution.x is None or solution.found is False:
-        raise SolverFailedError(f"qpsolvers solver {dict(kwargs).get('solver')!r} did not find a solution "
-                                f"(found={solution.found!r}); check that the problem is feasible and bounded, or try "
-                                f"another solver.", [0])
+        raise SolverFailedError(
+            f"qpsolvers solver {dict(kwargs).get('solver')!r} did not find a solution "
+            f"(found={solution.found!r}); check that the problem is feasible and bounded, or try "
+            f"another solver.",
+            [0],
+        )
     return solution
 
 
-def set_solver_tolerance(qp_solver_keywords: Dict[str, Any], qp_solver: str, eps_abs: float,
-                         eps_rel: float) -> Dict[str, Any]:
+def set_solver_tolerance(
+    qp_solver_keywords: Dict[str, Any], qp_solver: str, eps_abs: float, eps_rel: float
+) -> Dict[str, Any]:
     """``qp_solver_keywords`` updated with ``qp_solver``'s own keywords for ``eps_abs``/``eps_rel``.
 
     The translation is dqp's (the one :func:`build_settings` applies); backends without tolerance

@@ -28,6 +28,7 @@ Combinations are ranked correct first, then fastest (forward + backward). Run it
 
 Library functions never print; :func:`main` (the CLI) prints the report.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -51,8 +52,16 @@ from dqp.io import PathLike, QPProblem, load_problem
 
 logger = logging.getLogger("dqp.diagnose")
 
-__all__ = ["ComboResult", "DiagnosisReport", "STATUS_CODES", "diagnose", "diagnose_problem", "diagnose_file",
-           "build_parser", "main"]
+__all__ = [
+    "ComboResult",
+    "DiagnosisReport",
+    "STATUS_CODES",
+    "diagnose",
+    "diagnose_problem",
+    "diagnose_file",
+    "build_parser",
+    "main",
+]
 
 #: Problems with more variables than this are not densified for dense-only batched solvers
 #: (the built-in IPM) unless ``dense=True`` is asked for.
@@ -61,18 +70,36 @@ DENSE_LIMIT = 2000
 #: are stored (and n ≤ DENSE_LIMIT); sparse otherwise. ``--dense``/``--sparse`` override it.
 DENSE_FRACTION = 0.1
 
-_BETA_WARNINGS = ("Sparse CSR tensor support is in beta", "Sparse CSC tensor support is in beta",
-                  "Sparse invariant checks are implicitly disabled")
+_BETA_WARNINGS = (
+    "Sparse CSR tensor support is in beta",
+    "Sparse CSC tensor support is in beta",
+    "Sparse invariant checks are implicitly disabled",
+)
 
 
 # ----------------------------------------------------------------------------------------------
 # running
 # ----------------------------------------------------------------------------------------------
-def diagnose(P, q, C=None, d=None, A=None, b=None, *, solvers: Optional[Sequence[str]] = None,
-             lin_solvers: Optional[Sequence[str]] = None, dense: Optional[bool] = None, repeat: int = 3,
-             tol: float = 1e-6, grad_tol: float = 1e-5, seed: int = 0,
-             options: Optional[Mapping[str, Any]] = None, progress: bool = True,
-             name: str = "problem", device: Optional[Union[str, torch.device]] = None) -> DiagnosisReport:
+def diagnose(
+    P,
+    q,
+    C=None,
+    d=None,
+    A=None,
+    b=None,
+    *,
+    solvers: Optional[Sequence[str]] = None,
+    lin_solvers: Optional[Sequence[str]] = None,
+    dense: Optional[bool] = None,
+    repeat: int = 3,
+    tol: float = 1e-6,
+    grad_tol: float = 1e-5,
+    seed: int = 0,
+    options: Optional[Mapping[str, Any]] = None,
+    progress: bool = True,
+    name: str = "problem",
+    device: Optional[Union[str, torch.device]] = None,
+) -> DiagnosisReport:
     """Run one QP through every installed solver combination and rank them.
 
     Parameters
@@ -126,9 +153,19 @@ def diagnose(P, q, C=None, d=None, A=None, b=None, *, solvers: Optional[Sequence
         The data fails dqp's validation (shapes, NaN, asymmetric P, ...).
     """
     problem, was_sparse = _as_problem(P, q, C, d, A, b, name)
-    return diagnose_problem(problem, solvers=solvers, lin_solvers=lin_solvers,
-                            dense=(not was_sparse) if dense is None else dense, repeat=repeat, tol=tol,
-                            grad_tol=grad_tol, seed=seed, options=options, progress=progress, device=device)
+    return diagnose_problem(
+        problem,
+        solvers=solvers,
+        lin_solvers=lin_solvers,
+        dense=(not was_sparse) if dense is None else dense,
+        repeat=repeat,
+        tol=tol,
+        grad_tol=grad_tol,
+        seed=seed,
+        options=options,
+        progress=progress,
+        device=device,
+    )
 
 
 def diagnose_file(path: PathLike, **kwargs: Any) -> DiagnosisReport:
@@ -141,11 +178,20 @@ def diagnose_file(path: PathLike, **kwargs: Any) -> DiagnosisReport:
     return diagnose_problem(load_problem(path), **kwargs)
 
 
-def diagnose_problem(problem: QPProblem, *, solvers: Optional[Sequence[str]] = None,
-                     lin_solvers: Optional[Sequence[str]] = None, dense: Optional[bool] = None, repeat: int = 3,
-                     tol: float = 1e-6, grad_tol: float = 1e-5, seed: int = 0,
-                     options: Optional[Mapping[str, Any]] = None, progress: bool = True,
-                     device: Optional[Union[str, torch.device]] = None) -> DiagnosisReport:
+def diagnose_problem(
+    problem: QPProblem,
+    *,
+    solvers: Optional[Sequence[str]] = None,
+    lin_solvers: Optional[Sequence[str]] = None,
+    dense: Optional[bool] = None,
+    repeat: int = 3,
+    tol: float = 1e-6,
+    grad_tol: float = 1e-5,
+    seed: int = 0,
+    options: Optional[Mapping[str, Any]] = None,
+    progress: bool = True,
+    device: Optional[Union[str, torch.device]] = None,
+) -> DiagnosisReport:
     """Diagnose a :class:`dqp.io.QPProblem` (see :func:`diagnose` for the parameters).
 
     A ``QPProblem`` always holds SciPy CSC matrices, so ``dense=None`` (the default) infers the
@@ -160,8 +206,10 @@ def diagnose_problem(problem: QPProblem, *, solvers: Optional[Sequence[str]] = N
     options = dict(options or {})
     reserved = sorted(set(options) & {"qp_solver", "lin_solver", "solve_type"})
     if reserved:
-        raise SettingsError(f"options may not set {', '.join(reserved)}: the diagnosis chooses them "
-                            f"(use solvers=..., lin_solvers=..., dense=...).")
+        raise SettingsError(
+            f"options may not set {', '.join(reserved)}: the diagnosis chooses them "
+            f"(use solvers=..., lin_solvers=..., dense=...)."
+        )
     build_settings(**options)  # validate the options once (raises SettingsError)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=UserWarning, message="Sparse")
@@ -187,8 +235,23 @@ def diagnose_problem(problem: QPProblem, *, solvers: Optional[Sequence[str]] = N
     consensus_size = _score(results, problem, tol, grad_tol)
     results.sort(key=lambda r: (not r.correct, not r.solved, r.t_total if np.isfinite(r.t_total) else math.inf))
     nnz = int(problem.P.nnz + problem.C.nnz + (problem.A.nnz if problem.A is not None else 0))
-    return DiagnosisReport(problem.name, problem.n, problem.n_ineq, problem.n_eq, nnz, not dense, results,
-                           skipped, repeat, tol, grad_tol, seed, consensus_size, str(dev), input_reason)
+    return DiagnosisReport(
+        problem.name,
+        problem.n,
+        problem.n_ineq,
+        problem.n_eq,
+        nnz,
+        not dense,
+        results,
+        skipped,
+        repeat,
+        tol,
+        grad_tol,
+        seed,
+        consensus_size,
+        str(dev),
+        input_reason,
+    )
 
 
 def _infer_dense(problem: QPProblem) -> Tuple[bool, str]:
@@ -198,12 +261,15 @@ def _infer_dense(problem: QPProblem) -> Tuple[bool, str]:
     nnz = problem.P.nnz + problem.C.nnz + (problem.A.nnz if problem.A is not None else 0)
     fill = nnz / size if size else 1.0
     dense = fill >= DENSE_FRACTION and n <= DENSE_LIMIT
-    return dense, (f"inferred from the data: {100 * fill:.3g} % of the matrix entries are stored; "
-                   f"{'--sparse' if dense else '--dense'} to override")
+    return dense, (
+        f"inferred from the data: {100 * fill:.3g} % of the matrix entries are stored; "
+        f"{'--sparse' if dense else '--dense'} to override"
+    )
 
 
-def _plan(problem: QPProblem, solvers: Optional[Sequence[str]], lin_solvers: Optional[Sequence[str]],
-          dense: bool) -> Tuple[List[Tuple[str, str, str]], List[Tuple[str, str, str]]]:
+def _plan(
+    problem: QPProblem, solvers: Optional[Sequence[str]], lin_solvers: Optional[Sequence[str]], dense: bool
+) -> Tuple[List[Tuple[str, str, str]], List[Tuple[str, str, str]]]:
     """The combinations to run ``(qp, lin, solve_type)`` and those skipped ``(qp, lin, reason)``."""
     from dqp.linsolve import available_linsolvers, registered_linsolvers, resolve_linsolver_name
     from dqp.solvers import available_solvers, registered_solvers, resolve_solver_name
@@ -211,7 +277,11 @@ def _plan(problem: QPProblem, solvers: Optional[Sequence[str]], lin_solvers: Opt
     skipped: List[Tuple[str, str, str]] = []
     reg_qp, reg_lin = registered_solvers(), registered_linsolvers()
     qps = available_solvers() if solvers is None else unique_in_order(resolve_solver_name(s) for s in solvers)
-    lins = available_linsolvers() if lin_solvers is None else unique_in_order(resolve_linsolver_name(s) for s in lin_solvers)
+    lins = (
+        available_linsolvers()
+        if lin_solvers is None
+        else unique_in_order(resolve_linsolver_name(s) for s in lin_solvers)
+    )
     for name in list(qps):
         if not reg_qp[name].is_available():
             skipped.append((name, "-", f"not installed ({reg_qp[name].install_hint()})"))
@@ -225,19 +295,24 @@ def _plan(problem: QPProblem, solvers: Optional[Sequence[str]], lin_solvers: Opt
         if reg_qp[qp].batched:
             batched_lins = [lin for lin in lins if reg_lin[lin].batched]
             if not batched_lins:
-                skipped.append((qp, "torch", "the batched IPM differentiates with lin_solver='torch', "
-                                             "which is not in lin_solvers"))
+                skipped.append(
+                    (qp, "torch", "the batched IPM differentiates with lin_solver='torch', which is not in lin_solvers")
+                )
                 continue
             if not dense and problem.n > DENSE_LIMIT:
-                skipped.append((qp, batched_lins[0], f"dense-only batched solver; n = {problem.n} > {DENSE_LIMIT} "
-                                                     f"(pass dense=True / --dense to force)"))
+                skipped.append(
+                    (
+                        qp,
+                        batched_lins[0],
+                        f"dense-only batched solver; n = {problem.n} > {DENSE_LIMIT} "
+                        f"(pass dense=True / --dense to force)",
+                    )
+                )
                 continue
             combos += [(qp, lin, "dense") for lin in batched_lins]
         else:
             combos += [(qp, lin, "dense" if dense else "sparse") for lin in lins if not reg_lin[lin].batched]
     return combos, skipped
-
-
 
 
 def _progress(items: List[Tuple[str, str, str]], enabled: bool) -> Iterator[Tuple[str, str, str]]:
@@ -258,8 +333,16 @@ def _progress(items: List[Tuple[str, str, str]], enabled: bool) -> Iterator[Tupl
         yield item
 
 
-def _run_combo(problem: QPProblem, qp: str, lin: str, solve_type: str, w: np.ndarray, repeat: int,
-               options: Mapping[str, Any], device: Optional[torch.device] = None) -> ComboResult:
+def _run_combo(
+    problem: QPProblem,
+    qp: str,
+    lin: str,
+    solve_type: str,
+    w: np.ndarray,
+    repeat: int,
+    options: Mapping[str, Any],
+    device: Optional[torch.device] = None,
+) -> ComboResult:
     """Forward + backward ``repeat`` times; record times, ``layer.info`` and the gradient."""
     from dqp.dQP import build_settings, dQP_layer
 
@@ -270,13 +353,17 @@ def _run_combo(problem: QPProblem, qp: str, lin: str, solve_type: str, w: np.nda
     try:
         with warnings.catch_warnings(record=True) as wlist:
             warnings.simplefilter("always")
-            layer = dQP_layer(settings=build_settings(qp_solver=qp, lin_solver=lin, solve_type=solve_type,
-                                                      **{"empty_batch": False, **options}))  # one problem: (n,) outputs
+            layer = dQP_layer(
+                settings=build_settings(
+                    qp_solver=qp, lin_solver=lin, solve_type=solve_type, **{"empty_batch": False, **options}
+                )
+            )  # one problem: (n,) outputs
             wt = torch.as_tensor(w, dtype=torch.float64, device=device)
             for _ in range(repeat):
                 # fresh tensors each run: a sparse matrix built from its value leaves is a graph node
-                (P, q, C, d, A, b), leaves = problem.to_torch(sparse=solve_type == "sparse", requires_grad=True, device=device,
-                                                              return_leaves=True)
+                (P, q, C, d, A, b), leaves = problem.to_torch(
+                    sparse=solve_type == "sparse", requires_grad=True, device=device, return_leaves=True
+                )
                 keys = [k for k in ("q", "d", "b") if k in leaves]
                 inputs = list(leaves.values())
                 _sync(device)
@@ -290,8 +377,11 @@ def _run_combo(problem: QPProblem, qp: str, lin: str, solve_type: str, w: np.nda
                 t_fwd.append(t1 - t0)
                 t_bwd.append(t2 - t1)
                 t_sol.append(float(sum(layer.info.solve_time)))
-            caught = unique_in_order(f"{x.category.__name__}: {x.message}" for x in wlist
-                             if not any(s in str(x.message) for s in _BETA_WARNINGS))
+            caught = unique_in_order(
+                f"{x.category.__name__}: {x.message}"
+                for x in wlist
+                if not any(s in str(x.message) for s in _BETA_WARNINGS)
+            )
     except Exception as exc:  # a diagnostic records every failure, typed or not
         res.status = "ERROR"
         res.error_class = type(exc).__name__
@@ -379,12 +469,15 @@ def _as_problem(P, q, C, d, A, b, name: str) -> Tuple[QPProblem, bool]:
     given = dict(C=C, d=d, A=A, b=b)
     for mat, vec, form in (("C", "d", "C z <= d"), ("A", "b", "A z = b")):
         if (given[mat] is None) != (given[vec] is None):
-            raise ShapeError(f"diagnose: {mat} and {vec} come together ({form}); got only "
-                             f"{mat if given[mat] is not None else vec}.")
+            raise ShapeError(
+                f"diagnose: {mat} and {vec} come together ({form}); got only {mat if given[mat] is not None else vec}."
+            )
     qv = _vec(q)
     if qv.ndim != 1:
-        raise ShapeError(f"diagnose takes one problem: q must have shape (n,), got {qv.shape}. "
-                         f"Pass one batch element (e.g. P[0], q[0], ...).")
+        raise ShapeError(
+            f"diagnose takes one problem: q must have shape (n,), got {qv.shape}. "
+            f"Pass one batch element (e.g. P[0], q[0], ...)."
+        )
     n = qv.shape[0]
     sparse_in = any(_is_sparse(M) for M in (P, C, A) if M is not None)
     Pm = _csc(P)
@@ -419,8 +512,10 @@ def _csc(M: Any) -> sp.csc_matrix:
         return sp.csc_matrix(M, dtype=np.float64)
     M = np.asarray(M, dtype=np.float64)
     if M.ndim != 2:
-        raise ShapeError(f"diagnose takes one problem: matrices must be 2-D, got shape {M.shape}. "
-                         f"Pass one batch element (e.g. P[0]).")
+        raise ShapeError(
+            f"diagnose takes one problem: matrices must be 2-D, got shape {M.shape}. "
+            f"Pass one batch element (e.g. P[0])."
+        )
     return sp.csc_matrix(M)
 
 
@@ -461,8 +556,12 @@ class _HelpFormatter(argparse.HelpFormatter):
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
-        if "default" not in text and action.default is not None and action.default is not False \
-                and action.default != argparse.SUPPRESS:
+        if (
+            "default" not in text
+            and action.default is not None
+            and action.default is not False
+            and action.default != argparse.SUPPRESS
+        ):
             text += " (default: %(default)s)"
         return text
 
@@ -470,26 +569,50 @@ class _HelpFormatter(argparse.HelpFormatter):
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``python -m dqp.diagnose`` / ``dqp-diagnose``."""
     ap = argparse.ArgumentParser(
-        prog="dqp-diagnose", formatter_class=_HelpFormatter,
+        prog="dqp-diagnose",
+        formatter_class=_HelpFormatter,
         description="Run a QP through every installed qp_solver x lin_solver pair of dqp (forward and "
-                    "backward), check the results, and rank the pairs: correct first, then fastest. "
-                    "The report goes to stdout (Markdown, or --json/--csv); progress and solver output "
-                    "go to stderr.")
-    ap.add_argument("problem", nargs="?", help="problem file: .npz (keys P, q[, C, d][, A, b]) or a "
-                                               "Maros-Meszaros .mat")
-    ap.add_argument("--solvers", nargs="+", metavar="NAME", default=None,
-                    help="forward solvers, space or comma separated (default: every installed one)")
-    ap.add_argument("--lin-solvers", nargs="+", metavar="NAME", default=None,
-                    help="backward linear solvers (default: every installed one)")
+        "backward), check the results, and rank the pairs: correct first, then fastest. "
+        "The report goes to stdout (Markdown, or --json/--csv); progress and solver output "
+        "go to stderr.",
+    )
+    ap.add_argument(
+        "problem", nargs="?", help="problem file: .npz (keys P, q[, C, d][, A, b]) or a Maros-Meszaros .mat"
+    )
+    ap.add_argument(
+        "--solvers",
+        nargs="+",
+        metavar="NAME",
+        default=None,
+        help="forward solvers, space or comma separated (default: every installed one)",
+    )
+    ap.add_argument(
+        "--lin-solvers",
+        nargs="+",
+        metavar="NAME",
+        default=None,
+        help="backward linear solvers (default: every installed one)",
+    )
     kind = ap.add_mutually_exclusive_group()
-    kind.add_argument("--dense", dest="dense", action="store_const", const=True, default=None,
-                      help="hand the data over as dense tensors (default: inferred from the data's fill)")
-    kind.add_argument("--sparse", dest="dense", action="store_const", const=False,
-                      help="hand the data over as sparse CSC tensors")
+    kind.add_argument(
+        "--dense",
+        dest="dense",
+        action="store_const",
+        const=True,
+        default=None,
+        help="hand the data over as dense tensors (default: inferred from the data's fill)",
+    )
+    kind.add_argument(
+        "--sparse", dest="dense", action="store_const", const=False, help="hand the data over as sparse CSC tensors"
+    )
     ap.add_argument("--repeat", type=int, default=3, help="timed runs per pair (the median is reported)")
     ap.add_argument("--tol", type=float, default=1e-6, help="largest relative KKT residual of a correct pair")
-    ap.add_argument("--grad-tol", type=float, default=1e-5,
-                    help="largest relative difference of z and the gradient to the consensus")
+    ap.add_argument(
+        "--grad-tol",
+        type=float,
+        default=1e-5,
+        help="largest relative difference of z and the gradient to the consensus",
+    )
     ap.add_argument("--seed", type=int, default=0, help="seed of the random linear loss w'z")
     ap.add_argument("--device", default="cpu", help="device of the tensors, e.g. cuda")
     ap.add_argument("--max-rows", type=int, default=None, help="show only the best N rows (default: all)")
@@ -514,8 +637,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         from dqp.linsolve import linsolver_table
         from dqp.solvers import solver_table
 
-        print("## Forward solvers (qp_solver)\n\n" + solver_table() + "\n\n## Linear solvers (lin_solver)\n\n"
-              + linsolver_table())
+        print(
+            "## Forward solvers (qp_solver)\n\n"
+            + solver_table()
+            + "\n\n## Linear solvers (lin_solver)\n\n"
+            + linsolver_table()
+        )
         return 0
     if not args.problem:
         ap.print_usage(sys.stderr)
@@ -526,9 +653,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         logger.setLevel(logging.INFO)
     try:
         with _stdout_to_stderr():
-            report = diagnose_file(args.problem, solvers=_names(args.solvers), lin_solvers=_names(args.lin_solvers),
-                                   dense=args.dense, repeat=args.repeat, tol=args.tol, grad_tol=args.grad_tol,
-                                   seed=args.seed, progress=not args.no_progress, device=args.device)
+            report = diagnose_file(
+                args.problem,
+                solvers=_names(args.solvers),
+                lin_solvers=_names(args.lin_solvers),
+                dense=args.dense,
+                repeat=args.repeat,
+                tol=args.tol,
+                grad_tol=args.grad_tol,
+                seed=args.seed,
+                progress=not args.no_progress,
+                device=args.device,
+            )
     except DQPError as exc:
         print(f"dqp-diagnose: error: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 2

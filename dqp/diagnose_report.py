@@ -1,6 +1,7 @@
 """The report of :func:`dqp.diagnose.diagnose`: one row per (forward, backward) solver pair, short
 status codes with each distinct message once below the table, and its text, Markdown, JSON and CSV
 renderings."""
+
 from __future__ import annotations
 
 import math
@@ -146,8 +147,13 @@ STATUS_CODES = {
     "error": "another dqp error (see the details)",
     "untyped-error": "an exception that is not a dqp error escaped (a bug: report it)",
 }
-_ERROR_CODES = {"InfeasibleError": "infeasible", "UnboundedError": "unbounded", "MaxIterationsError": "max-iter",
-                "NotPSDError": "not-psd", "SolverFailedError": "failed"}
+_ERROR_CODES = {
+    "InfeasibleError": "infeasible",
+    "UnboundedError": "unbounded",
+    "MaxIterationsError": "max-iter",
+    "NotPSDError": "not-psd",
+    "SolverFailedError": "failed",
+}
 
 
 @dataclass
@@ -222,18 +228,23 @@ class DiagnosisReport:
             solved = [x for x in self.results if x.solved]
             if not solved:
                 classes = sorted({x.error_class or x.status for x in self.results})
-                return (f"No combination solved this problem ({total} tried; failures: {', '.join(classes)}). "
-                        f"Check feasibility and scaling (normalize_constraints=True), or see the messages below.")
-            return (f"No combination met the tolerances ({len(solved)} of {total} solved; residual tol {self.tol:g}, "
-                    f"agreement tol {self.grad_tol:g}). The problem may be degenerate (weakly active "
-                    f"constraints, dependent active rows): see the verified/KKT path/weak columns.")
-        text = (f"Use `qp_solver={r.qp_solver!r}, lin_solver={r.lin_solver!r}` (solve_type={r.solve_type!r}): "
-                f"correct and fastest, {_ms(r.t_forward)} ms forward + {_ms(r.t_backward)} ms backward. "
-                f"{len(self.correct)} of {total} combinations are correct.")
+                return (
+                    f"No combination solved this problem ({total} tried; failures: {', '.join(classes)}). "
+                    f"Check feasibility and scaling (normalize_constraints=True), or see the messages below."
+                )
+            return (
+                f"No combination met the tolerances ({len(solved)} of {total} solved; residual tol {self.tol:g}, "
+                f"agreement tol {self.grad_tol:g}). The problem may be degenerate (weakly active "
+                f"constraints, dependent active rows): see the verified/KKT path/weak columns."
+            )
+        text = (
+            f"Use `qp_solver={r.qp_solver!r}, lin_solver={r.lin_solver!r}` (solve_type={r.solve_type!r}): "
+            f"correct and fastest, {_ms(r.t_forward)} ms forward + {_ms(r.t_backward)} ms backward. "
+            f"{len(self.correct)} of {total} combinations are correct."
+        )
         best_lin = [x for x in self.correct if x.qp_solver == r.qp_solver]
         if len(best_lin) > 1:
-            text += (f" With {r.qp_solver}, the linear solvers rank "
-                     f"{', '.join(x.lin_solver for x in best_lin[:4])}.")
+            text += f" With {r.qp_solver}, the linear solvers rank {', '.join(x.lin_solver for x in best_lin[:4])}."
         return text
 
     def to_markdown(self, max_rows: Optional[int] = None, message_chars: int = 400) -> str:
@@ -244,15 +255,20 @@ class DiagnosisReport:
         """
         kind = "sparse" if self.input_sparse else "dense"
         why = f" ({self.input_reason})" if self.input_reason else ""
-        lines = [f"# dqp solver diagnosis: {self.problem}", "",
-                 f"n = {self.n} variables, m = {self.m} inequalities, p = {self.p} equalities, "
-                 f"{self.nnz} stored nonzeros; {kind} input{why}; float64 on {self.device}; "
-                 f"median of {self.repeat} run(s); loss wᵀz with a random w (seed {self.seed}); "
-                 f"consensus of {self.consensus_size} solved pair(s).", "",
-                 f"**Recommendation.** {self.recommendation()}", "",
-                 "| rank | qp_solver | lin_solver | input | status | forward [ms] | backward [ms] "
-                 "| KKT residual | grad diff | details |",
-                 "|---:|---|---|---|---|---:|---:|---:|---:|---|"]
+        lines = [
+            f"# dqp solver diagnosis: {self.problem}",
+            "",
+            f"n = {self.n} variables, m = {self.m} inequalities, p = {self.p} equalities, "
+            f"{self.nnz} stored nonzeros; {kind} input{why}; float64 on {self.device}; "
+            f"median of {self.repeat} run(s); loss wᵀz with a random w (seed {self.seed}); "
+            f"consensus of {self.consensus_size} solved pair(s).",
+            "",
+            f"**Recommendation.** {self.recommendation()}",
+            "",
+            "| rank | qp_solver | lin_solver | input | status | forward [ms] | backward [ms] "
+            "| KKT residual | grad diff | details |",
+            "|---:|---|---|---|---|---:|---:|---:|---:|---|",
+        ]
         rows = self.results if max_rows is None else self.results[:max_rows]
         index: Dict[str, int] = {}
         for i, r in enumerate(rows, 1):
@@ -260,7 +276,8 @@ class DiagnosisReport:
             lines.append(
                 f"| {i} | {r.qp_solver} | {r.lin_solver} | {r.solve_type} | {r.code} | "
                 f"{_ms(r.t_forward)} | {_ms(r.t_backward)} | {_sci(r.rel_residual)} | {_sci(r.grad_rel_diff)} | "
-                f"{', '.join(f'[{k}]' for k in refs)} |")
+                f"{', '.join(f'[{k}]' for k in refs)} |"
+            )
         if max_rows is not None and len(self.results) > max_rows:
             lines.append(f"\n({len(self.results) - max_rows} more pairs not shown.)")
         codes = unique_in_order(r.code for r in rows)
@@ -271,9 +288,12 @@ class DiagnosisReport:
         if self.skipped:
             lines += ["", "Not run:", ""]
             lines += [f"- `{qp}` × `{lin}`: {reason}" for qp, lin, reason in self.skipped]
-        lines += ["", f"A pair is `ok` when it solved, its relative KKT residual is at most {self.tol:g}, z and the "
-                      f"gradient are within {self.grad_tol:g} (relative, ∞-norm) of the consensus (the "
-                      f"element-wise median over the pairs that solved), and the active-set check accepted it."]
+        lines += [
+            "",
+            f"A pair is `ok` when it solved, its relative KKT residual is at most {self.tol:g}, z and the "
+            f"gradient are within {self.grad_tol:g} (relative, ∞-norm) of the consensus (the "
+            f"element-wise median over the pairs that solved), and the active-set check accepted it.",
+        ]
         return "\n".join(lines)
 
     def to_dict(self) -> Dict[str, Any]:
@@ -281,13 +301,17 @@ class DiagnosisReport:
         ranked rows (:meth:`to_records`) and the pairs not run. NaN becomes ``None``."""
         head = {k: v for k, v in self.__dict__.items() if k not in ("results", "skipped")}
         rec = self.recommended
-        return _jsonable({**head, "recommendation": self.recommendation(),
-                          "recommended": None if rec is None else {"qp_solver": rec.qp_solver,
-                                                                   "lin_solver": rec.lin_solver,
-                                                                   "solve_type": rec.solve_type},
-                          "results": self.to_records(),
-                          "skipped": [{"qp_solver": qp, "lin_solver": lin, "reason": why}
-                                      for qp, lin, why in self.skipped]})
+        return _jsonable(
+            {
+                **head,
+                "recommendation": self.recommendation(),
+                "recommended": None
+                if rec is None
+                else {"qp_solver": rec.qp_solver, "lin_solver": rec.lin_solver, "solve_type": rec.solve_type},
+                "results": self.to_records(),
+                "skipped": [{"qp_solver": qp, "lin_solver": lin, "reason": why} for qp, lin, why in self.skipped],
+            }
+        )
 
     def to_csv(self) -> str:
         """The ranked rows as CSV text (header line first), for ``--csv``."""
@@ -318,8 +342,10 @@ class DiagnosisReport:
             from matplotlib.backends.backend_agg import FigureCanvasAgg
             from matplotlib.figure import Figure
         except ImportError as exc:
-            raise ImportError("Saving the diagnosis plot needs matplotlib: pip install matplotlib "
-                              "(or pip install 'dqp-torch[plots]').") from exc
+            raise ImportError(
+                "Saving the diagnosis plot needs matplotlib: pip install matplotlib "
+                "(or pip install 'dqp-torch[plots]')."
+            ) from exc
         path = Path(path)
         ran = [r for r in self.results if np.isfinite(r.t_total)]
         height = max(3.0, 0.22 * len(ran) + 1.2)
@@ -348,13 +374,15 @@ class DiagnosisReport:
         ax2.set_ylabel("gradient difference to consensus")
         best = self.recommended
         if best is not None:
-            ax2.annotate(f"{best.qp_solver} / {best.lin_solver}", (1e3 * best.t_total, max(best.grad_rel_diff, 1e-17)),
-                         fontsize=8)
+            ax2.annotate(
+                f"{best.qp_solver} / {best.lin_solver}",
+                (1e3 * best.t_total, max(best.grad_rel_diff, 1e-17)),
+                fontsize=8,
+            )
         fig.tight_layout()
         path.parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(str(path), dpi=110)
         return path
-
 
 
 # ----------------------------------------------------------------------------------------------
@@ -388,6 +416,7 @@ def _jsonable(x: Any) -> Any:
     if isinstance(x, float) and not math.isfinite(x):
         return None
     return x
+
 
 def unique_in_order(names: Iterable[str]) -> List[str]:
     out: List[str] = []

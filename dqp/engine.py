@@ -10,6 +10,7 @@ For each batch element (NumPy float64 on the CPU):
    whatever the forward solver's accuracy;
 4. the same factorization serves :func:`backward_element`.
 """
+
 from __future__ import annotations
 
 import logging
@@ -68,7 +69,6 @@ class PolishTrace:
     factorizations: int = 0
 
 
-
 _TINY = np.finfo(np.float64).tiny
 #: allowance for round-off in a KKT residual, relative to the size of the terms summed
 _ROUND = 1e3 * np.finfo(np.float64).eps
@@ -110,8 +110,9 @@ def _abs_rows(C, x: np.ndarray, mats: Optional[Derived] = None) -> np.ndarray:
     return (abs(C) if mats is None else mats.abs(C)) @ np.abs(x)
 
 
-def detect_active(C, d: np.ndarray, x: np.ndarray, mu: Optional[np.ndarray], eps: float,
-                  mats: Optional[Derived] = None) -> Tuple[np.ndarray, int]:
+def detect_active(
+    C, d: np.ndarray, x: np.ndarray, mu: Optional[np.ndarray], eps: float, mats: Optional[Derived] = None
+) -> Tuple[np.ndarray, int]:
     """Active inequalities from the slack and (when given) the dual, each relative to its own scale.
 
     Constraint ``i`` is active when ``d_i − C_i x ≤ eps·max(|d_i|, |C_i||x|)`` or
@@ -127,11 +128,25 @@ def detect_active(C, d: np.ndarray, x: np.ndarray, mu: Optional[np.ndarray], eps
     return near | big, weak
 
 
-
-def polish(P, q, C, d, A, b, active: np.ndarray, solver, sparse: bool, eps: float, refine: bool,
-           max_iter: int, start: Optional[Tuple[np.ndarray, Optional[np.ndarray], Optional[np.ndarray]]] = None,
-           quick: bool = False, trace: Optional[PolishTrace] = None, reuse=None,
-           mats: Optional[Derived] = None):
+def polish(
+    P,
+    q,
+    C,
+    d,
+    A,
+    b,
+    active: np.ndarray,
+    solver,
+    sparse: bool,
+    eps: float,
+    refine: bool,
+    max_iter: int,
+    start: Optional[Tuple[np.ndarray, Optional[np.ndarray], Optional[np.ndarray]]] = None,
+    quick: bool = False,
+    trace: Optional[PolishTrace] = None,
+    reuse=None,
+    mats: Optional[Derived] = None,
+):
     """Solve the reduced KKT on ``active`` and verify; repair the set when ``refine``.
 
     The check is scale-invariant, with tolerance ``tol = 1e-2·eps`` relative to each quantity's own
@@ -168,12 +183,17 @@ def polish(P, q, C, d, A, b, active: np.ndarray, solver, sparse: bool, eps: floa
         x0 = None
         if start is not None:
             sx, sy, sz = start
-            x0 = np.concatenate([sx, sy if (p and sy is not None) else np.zeros(p),
-                                 sz[J] if (m and sz is not None) else np.zeros(len(J))])
+            x0 = np.concatenate(
+                [
+                    sx,
+                    sy if (p and sy is not None) else np.zeros(p),
+                    sz[J] if (m and sz is not None) else np.zeros(len(J)),
+                ]
+            )
         sol = kkt.solve(rhs, x0=x0)
         if not np.all(np.isfinite(sol)):
             return None
-        z, lam, muJ = sol[:n], sol[n:n + p], sol[n + p:]
+        z, lam, muJ = sol[:n], sol[n : n + p], sol[n + p :]
         mu = np.zeros(m)
         mu[J] = muJ
         Pz = P @ z
@@ -218,8 +238,11 @@ def polish(P, q, C, d, A, b, active: np.ndarray, solver, sparse: bool, eps: floa
         consistent = inf_norm(r_stat) <= scale_d and r_prim <= tol * scale_p
         bad_primal = bool(m) and bool(np.any(viol > 0))
         verified = consistent and not bad_primal and not np.any(neg)
-        score = (max(float(np.max(viol, initial=0.0)), 0.0) + float(np.sum(np.maximum(-muJ - mu_scale, 0.0)))
-                 + (0.0 if consistent else 1.0))
+        score = (
+            max(float(np.max(viol, initial=0.0)), 0.0)
+            + float(np.sum(np.maximum(-muJ - mu_scale, 0.0)))
+            + (0.0 if consistent else 1.0)
+        )
         if best is None or score < best[0]:
             best = (score, z, lam, mu, active.copy(), kkt, verified, it)
         if verified or not refine or it == max_iter:
@@ -234,8 +257,20 @@ def polish(P, q, C, d, A, b, active: np.ndarray, solver, sparse: bool, eps: floa
     return z, lam, mu, active, kkt, verified, it
 
 
-def _include_weakly_active(P, q, C, d, A, b, out, linsolver, sparse: bool, eps: float,
-                           trace: Optional[PolishTrace] = None, mats: Optional[Derived] = None):
+def _include_weakly_active(
+    P,
+    q,
+    C,
+    d,
+    A,
+    b,
+    out,
+    linsolver,
+    sparse: bool,
+    eps: float,
+    trace: Optional[PolishTrace] = None,
+    mats: Optional[Derived] = None,
+):
     """Canonical treatment of weakly active rows: every row at its bound joins the active set.
 
     At a weakly active row (zero slack *and* zero multiplier) the solution map has a kink, and
@@ -248,9 +283,25 @@ def _include_weakly_active(P, q, C, d, A, b, out, linsolver, sparse: bool, eps: 
     at_bound = (~active) & (slack <= eps * np.maximum(np.maximum(np.abs(d), _abs_rows(C, z, mats)), _TINY))
     if not np.any(at_bound):
         return out
-    cand = polish(P, q, C, d, A, b, active | at_bound, linsolver, sparse, eps, False, 0,
-                  start=(z, lam, mu), quick=True, trace=trace, reuse=None if kkt is None else kkt.factor,
-                  mats=mats)
+    cand = polish(
+        P,
+        q,
+        C,
+        d,
+        A,
+        b,
+        active | at_bound,
+        linsolver,
+        sparse,
+        eps,
+        False,
+        0,
+        start=(z, lam, mu),
+        quick=True,
+        trace=trace,
+        reuse=None if kkt is None else kkt.factor,
+        mats=mats,
+    )
     if cand is not None and cand[5]:
         return cand[:6] + (it,)
     return out
@@ -369,11 +420,28 @@ class Engine:
         mats = Derived()  # |C|, Cᵀ, ... of this element, made once
         if m == 0:  # no inequalities: the KKT system *is* the problem; no solver needed
             trace = PolishTrace()
-            out = polish(P, q, C, d, A, b, np.zeros(0, bool), linsolver, sparse, s.eps_active, False, 0,
-                         quick=True, trace=trace, reuse=self._factors.get(slot), mats=mats)
+            out = polish(
+                P,
+                q,
+                C,
+                d,
+                A,
+                b,
+                np.zeros(0, bool),
+                linsolver,
+                sparse,
+                s.eps_active,
+                False,
+                0,
+                quick=True,
+                trace=trace,
+                reuse=self._factors.get(slot),
+                mats=mats,
+            )
             if out is not None and out[5]:
-                return self._result(data, out, None, 0.0, "no inequalities: solved the KKT system directly",
-                                    trace, slot, mats)
+                return self._result(
+                    data, out, None, 0.0, "no inequalities: solved the KKT system directly", trace, slot, mats
+                )
         if warm is not None and (len(warm[0]), len(warm[1]), len(warm[2])) != (n, p, m):
             warm = None  # the problem changed size since the previous call
         res = self._solve_with(self.solver, data, sparse, linsolver, warm, slot, mats=mats)
@@ -392,14 +460,17 @@ class Engine:
             # at least 1 s) where the solver has one: HiGHS took minutes on QPILOTNO
             extra = fsolver.time_limit_keywords(max(10.0 * res.solve_time, 1.0)) if kept is res else {}
             res2 = self._solve_with(fsolver, data, sparse, linsolver, None, None, extra, mats=mats)
-            tried.append(f"{fb}: {res2.status.name}" + ("" if res2.status != Status.SOLVED or res2.verified
-                                                          else " (unverified)"))
+            tried.append(
+                f"{fb}: {res2.status.name}" + ("" if res2.status != Status.SOLVED or res2.verified else " (unverified)")
+            )
             res.solve_time += res2.solve_time
             if res2.status == Status.SOLVED:
-                why = ("its point could not be verified" if res.status == Status.SOLVED
-                       else f"failed ({res.message or res.status.name})")
-                res2.message = (f"{self.solver.name} {why}; solved by fallback_solver {fb!r}. "
-                                + res2.message).strip()
+                why = (
+                    "its point could not be verified"
+                    if res.status == Status.SOLVED
+                    else f"failed ({res.message or res.status.name})"
+                )
+                res2.message = (f"{self.solver.name} {why}; solved by fallback_solver {fb!r}. " + res2.message).strip()
                 if res2.verified:
                     res2.solve_time = res.solve_time
                     return res2
@@ -412,7 +483,7 @@ class Engine:
                 kept = kept or res2
                 continue
             if res.status == Status.SOLVED:
-                continue                  # the primary found a point: a fallback's failure changes nothing
+                continue  # the primary found a point: a fallback's failure changes nothing
             if res2.status in (Status.PRIMAL_INFEASIBLE, Status.DUAL_INFEASIBLE):
                 res.status = res2.status  # a certificate (Clarabel's, PIQP's, HiGHS's) names the failure
                 break
@@ -422,15 +493,25 @@ class Engine:
             if kept is not res:
                 kept.solve_time = res.solve_time
             elif tried:
-                kept.message = (kept.message + "; " if kept.message else "") + "no fallback verified it (" + \
-                    ", ".join(tried) + ")"
+                kept.message = (
+                    (kept.message + "; " if kept.message else "") + "no fallback verified it (" + ", ".join(tried) + ")"
+                )
             return kept
         if tried:
             res.message += "; fallback solvers: " + ", ".join(tried)
         return res
 
-    def _solve_with(self, solver: ForwardSolver, data, sparse: bool, linsolver, warm, slot,
-                    extra: Optional[dict] = None, mats: Optional[Derived] = None) -> ElementResult:
+    def _solve_with(
+        self,
+        solver: ForwardSolver,
+        data,
+        sparse: bool,
+        linsolver,
+        warm,
+        slot,
+        extra: Optional[dict] = None,
+        mats: Optional[Derived] = None,
+    ) -> ElementResult:
         s = self.settings
         P, q, C, d, A, b = data
         n, m, p = P.shape[0], 0 if C is None else C.shape[0], 0 if A is None else A.shape[0]
@@ -444,25 +525,39 @@ class Engine:
         initvals = None if warm is None else warm[0]
         warm_duals = None if warm is None else (warm[1], warm[2])
         t0 = time.perf_counter()
-        raw: RawSolution = solver.solve(P, q, C, d, A, b, initvals=initvals, warm_duals=warm_duals,
-                                        keywords=kw, slot=slot)
+        raw: RawSolution = solver.solve(
+            P, q, C, d, A, b, initvals=initvals, warm_duals=warm_duals, keywords=kw, slot=slot
+        )
         solve_time = raw.info.get("time", time.perf_counter() - t0)
         check_keyword_failure(solver.name, raw, user_kw)
-        if raw.status in (Status.PRIMAL_INFEASIBLE, Status.DUAL_INFEASIBLE) and \
-                verified_status(data, raw.status, raw.x, raw.y, raw.z) is None:
+        if (
+            raw.status in (Status.PRIMAL_INFEASIBLE, Status.DUAL_INFEASIBLE)
+            and verified_status(data, raw.status, raw.x, raw.y, raw.z) is None
+        ):
             # a claim without a certificate that checks out is a failure, not a diagnosis (Clarabel
             # called PRIMALC2 unbounded; HiGHS solves it): the fallback chain goes on
-            raw.info["raw_status"] = (f"claimed {raw.status.name} but its certificate did not verify; "
-                                      + str(raw.info.get("raw_status", "")))
+            raw.info["raw_status"] = f"claimed {raw.status.name} but its certificate did not verify; " + str(
+                raw.info.get("raw_status", "")
+            )
             raw.status = Status.NUMERICAL
 
         def failed(status: Status, message: str) -> ElementResult:
-            return ElementResult(np.zeros(n), np.zeros(p), np.zeros(m), np.zeros(m, bool), status,
-                                 solve_time=solve_time, message=message, iterations=raw.iterations)
+            return ElementResult(
+                np.zeros(n),
+                np.zeros(p),
+                np.zeros(m),
+                np.zeros(m, bool),
+                status,
+                solve_time=solve_time,
+                message=message,
+                iterations=raw.iterations,
+            )
 
         if raw.x is None:
-            return failed(raw.status, f"{solver.name}: " + (raw.info.get("error", "") or raw.info.get("raw_status", "")
-                                                             or raw.status.name))
+            return failed(
+                raw.status,
+                f"{solver.name}: " + (raw.info.get("error", "") or raw.info.get("raw_status", "") or raw.status.name),
+            )
         mu0 = raw.z if (s.dual_available and raw.z is not None) else None
         trace = PolishTrace()
         start = (raw.x, raw.y, raw.z)
@@ -474,24 +569,28 @@ class Engine:
             trace.path = "ladder"
             out = self._polish_ladder(data, sparse, linsolver, raw.x, mu0, start, out, trace, mats)
         if out is None:
-            return failed(raw.status if raw.status != Status.SOLVED else Status.NUMERICAL,
-                          f"{solver.name}: non-finite polished solution")
+            return failed(
+                raw.status if raw.status != Status.SOLVED else Status.NUMERICAL,
+                f"{solver.name}: non-finite polished solution",
+            )
         verified = out[5]
         if verified and m:
             out = _include_weakly_active(P, q, C, d, A, b, out, linsolver, sparse, s.eps_active, trace, mats)
         message = ""
         if raw.status != Status.SOLVED:
             if not verified:
-                return failed(raw.status, f"{solver.name} reported {raw.info.get('raw_status') or raw.status.name!r}; "
-                                          f"no verified KKT point could be recovered from its output")
+                return failed(
+                    raw.status,
+                    f"{solver.name} reported {raw.info.get('raw_status') or raw.status.name!r}; "
+                    f"no verified KKT point could be recovered from its output",
+                )
             message = f"{solver.name} reported {raw.status.name}; the polished solution passed the KKT check"
         return self._result(data, out, raw, solve_time, message, trace, slot, mats)
 
     #: repairs of the quick polish (each one factorization) before the ladder takes over
     QUICK_REPAIRS = 2
 
-    def _polish_quick(self, data, sparse: bool, linsolver, x, mu0, start, slot, trace: PolishTrace,
-                      mats: Derived):
+    def _polish_quick(self, data, sparse: bool, linsolver, x, mu0, start, slot, trace: PolishTrace, mats: Derived):
         """The common case: the set detected at ``eps_active``, one unscaled factorization (reusing the
         symbolic analysis of this slot's previous call), verified. When that fails: the set of a 100×
         stricter threshold and at most ``QUICK_REPAIRS`` repairs of the first set, in the order its
@@ -503,8 +602,24 @@ class Engine:
         if m and mu0 is not None:
             active &= ~_clear_slack(C, d, x, mu0, s.eps_active, mats)
         run = lambda act, refine, repairs, reuse: polish(
-            P, q, C, d, A, b, act, linsolver, sparse, s.eps_active, refine, repairs, start=start, quick=True,
-            trace=trace, reuse=reuse, mats=mats)
+            P,
+            q,
+            C,
+            d,
+            A,
+            b,
+            act,
+            linsolver,
+            sparse,
+            s.eps_active,
+            refine,
+            repairs,
+            start=start,
+            quick=True,
+            trace=trace,
+            reuse=reuse,
+            mats=mats,
+        )
         out = run(active, False, 0, self._factors.get(slot))
         if (out is not None and out[5]) or not (m and s.refine_active):
             return out
@@ -526,8 +641,7 @@ class Engine:
                 return cand
         return out
 
-    def _polish_ladder(self, data, sparse: bool, linsolver, x, mu0, start, out, trace: PolishTrace,
-                       mats: Derived):
+    def _polish_ladder(self, data, sparse: bool, linsolver, x, mu0, start, out, trace: PolishTrace, mats: Derived):
         """When the quick polish fails: equilibrated factorizations, the full repair budget, and stricter
         and looser thresholds (the solver's accuracy and ``eps_active`` may disagree, as on badly
         scaled problems): the check, not the threshold, decides. ``out`` is the quick polish's outcome."""
@@ -544,8 +658,23 @@ class Engine:
         quick_out, out, first = out, None, None
         for f, repairs in steps:
             active = detect_active(C, d, x, mu0, f * s.eps_active, mats)[0] if m else np.zeros(0, bool)
-            cand = polish(P, q, C, d, A, b, active, linsolver, sparse, s.eps_active, s.refine_active,
-                          repairs, start=start, trace=trace, mats=mats)
+            cand = polish(
+                P,
+                q,
+                C,
+                d,
+                A,
+                b,
+                active,
+                linsolver,
+                sparse,
+                s.eps_active,
+                s.refine_active,
+                repairs,
+                start=start,
+                trace=trace,
+                mats=mats,
+            )
             if cand is not None and cand[5]:
                 return cand
             if f == 1.0 and (first is None or repairs):
@@ -553,9 +682,17 @@ class Engine:
         out = first
         return out if out is not None else quick_out
 
-    def _result(self, data, out, raw: Optional[RawSolution], solve_time: float, message: str,
-                trace: Optional[PolishTrace] = None, slot: Optional[int] = None,
-                mats: Optional[Derived] = None) -> ElementResult:
+    def _result(
+        self,
+        data,
+        out,
+        raw: Optional[RawSolution],
+        solve_time: float,
+        message: str,
+        trace: Optional[PolishTrace] = None,
+        slot: Optional[int] = None,
+        mats: Optional[Derived] = None,
+    ) -> ElementResult:
         """Assemble the element's result from a polish outcome (and the solver's point when unverified)."""
         s = self.settings
         P, q, C, d, A, b = data
@@ -566,8 +703,10 @@ class Engine:
             z = raw.x
             lam = raw.y if raw.y is not None else lam
             mu = np.maximum(raw.z, 0.0) if raw.z is not None else mu
-            message = ("active set could not be verified (degenerate problem or inaccurate solver); "
-                       "returned the solver's point, gradients use the detected active set")
+            message = (
+                "active set could not be verified (degenerate problem or inaccurate solver); "
+                "returned the solver's point, gradients use the detected active set"
+            )
         mu = np.where(active, np.maximum(mu, 0.0), 0.0) if m else mu
         n_weak, margin = 0, float("inf")
         if m:  # weakly active: on the boundary with a (near) zero multiplier, after the polish
@@ -582,10 +721,25 @@ class Engine:
         if slot is not None and kkt.factor is not None:
             self._factors[slot] = kkt.factor  # its symbolic analysis serves this slot's next call
         trace = trace or PolishTrace()
-        return ElementResult(z, lam, mu, active, Status.SOLVED, kkt, verified, it, n_weak,
-                             None if raw is None else raw.iterations, solve_time, message, res, margin,
-                             trace.path, trace.factorizations,
-                             raw_duals=None if verified or raw is None else (raw.y, raw.z))
+        return ElementResult(
+            z,
+            lam,
+            mu,
+            active,
+            Status.SOLVED,
+            kkt,
+            verified,
+            it,
+            n_weak,
+            None if raw is None else raw.iterations,
+            solve_time,
+            message,
+            res,
+            margin,
+            trace.path,
+            trace.factorizations,
+            raw_duals=None if verified or raw is None else (raw.y, raw.z),
+        )
 
     def forward(self, batch) -> List[ElementResult]:
         self.used_linsolvers = set()
@@ -602,9 +756,13 @@ class Engine:
             from dqp.solvers import available_solvers, get_solver
 
             users = [k for k in available_solvers() if get_solver(k).warm_starts]
-            warnings.warn(f"warm_start_from_previous=True has no effect with qp_solver={self.solver.name!r}: it does "
-                          f"not take starting values (solvers that do: {', '.join(users)}). Each call still reuses "
-                          f"the previous call's reduced-KKT analysis.", UserWarning, stacklevel=4)
+            warnings.warn(
+                f"warm_start_from_previous=True has no effect with qp_solver={self.solver.name!r}: it does "
+                f"not take starting values (solvers that do: {', '.join(users)}). Each call still reuses "
+                f"the previous call's reduced-KKT analysis.",
+                UserWarning,
+                stacklevel=4,
+            )
 
         def run(i):
             return self.solve_element(nb.element(i), batch.sparse, self.warm[i] if use_warm else None, slot=i)
@@ -628,7 +786,8 @@ class Engine:
                 f"it has a negative eigenvalue (seen in the inertia of the reduced KKT factorization at the "
                 f"solver's point, or after the solve failed, and confirmed by P's smallest eigenvalue), so the QP "
                 f"is not convex and a solver's point is not its minimum. Build P as L @ L.T (+ eps*I); "
-                f"check_PSD=True tests every P before solving.")
+                f"check_PSD=True tests every P before solving."
+            )
         if use_warm:
             self.warm = [(r.z, r.lam, r.mu) if r.status == Status.SOLVED else None for r in results]
         return results
@@ -642,5 +801,5 @@ class Engine:
         rhs = np.concatenate([gz, glam, gmu[J]])
         y = r.kkt.solve(rhs)
         y_mu = np.zeros(m)
-        y_mu[J] = y[n + p:]
-        return y[:n], y[n:n + p], y_mu, r.kkt.residual
+        y_mu[J] = y[n + p :]
+        return y[:n], y[n : n + p], y_mu, r.kkt.residual

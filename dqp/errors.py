@@ -7,6 +7,7 @@ all. The subclasses also derive from the matching builtin (``ValueError``, ``Imp
 Messages follow one pattern: *what* is wrong (naming the argument), *expected vs. actual*, and
 *how to fix it*.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -150,8 +151,9 @@ _STATUS_FIX = {
 }
 
 
-def error_for_statuses(statuses: Sequence[Status], solver: str,
-                       details: Sequence[str] | None = None) -> SolveError | NotPSDError | None:
+def error_for_statuses(
+    statuses: Sequence[Status], solver: str, details: Sequence[str] | None = None
+) -> SolveError | NotPSDError | None:
     """Build the exception describing every failed element of a batch, or ``None`` if all solved.
 
     The exception class follows the first failure; the message lists every failed element. Elements
@@ -162,13 +164,15 @@ def error_for_statuses(statuses: Sequence[Status], solver: str,
         return None
     batched = len(statuses) > 1
     bad = [i for i, s in failed if s == Status.NOT_PSD]
-    if bad:   # an input error: it explains the other failures too, so it is raised first
+    if bad:  # an input error: it explains the other failures too, so it is raised first
         where = f" (batch elements {bad[:10]}{'...' if len(bad) > 10 else ''})" if batched else ""
         return NotPSDError(
             f"Argument P is not positive semidefinite{where}: it has a negative eigenvalue (seen as negative "
             f"curvature in the factorization of qp_solver={solver!r}, or after its solve failed, and confirmed by P's smallest "
             f"eigenvalue), so the QP is not convex and no point returned is its minimum. Fix: "
-            f"{_STATUS_FIX[Status.NOT_PSD]}. With on_failure='mask' these elements get status NOT_PSD.", bad)
+            f"{_STATUS_FIX[Status.NOT_PSD]}. With on_failure='mask' these elements get status NOT_PSD.",
+            bad,
+        )
     lines = []
     for i, s in failed[:20]:
         who = f"batch element {i}" if batched else "the problem"
@@ -177,10 +181,17 @@ def error_for_statuses(statuses: Sequence[Status], solver: str,
     if len(failed) > 20:
         lines.append(f"  - ... and {len(failed) - 20} more")
     cls = _STATUS_ERROR[failed[0][1]]
-    head = (f"qp_solver={solver!r} failed on {len(failed)} of {len(statuses)} batch elements:" if batched
-            else f"qp_solver={solver!r} failed:")
-    msg = head + "\n" + "\n".join(lines) + (
-        "\nTo keep training instead of raising, build the settings with on_failure='mask'.")
+    head = (
+        f"qp_solver={solver!r} failed on {len(failed)} of {len(statuses)} batch elements:"
+        if batched
+        else f"qp_solver={solver!r} failed:"
+    )
+    msg = (
+        head
+        + "\n"
+        + "\n".join(lines)
+        + ("\nTo keep training instead of raising, build the settings with on_failure='mask'.")
+    )
     return cls(msg, [i for i, _ in failed], [s for _, s in failed])
 
 

@@ -12,6 +12,7 @@ the adjoint ``y = (y_z, y_λ, y_μ) = K⁻¹ (ḡ_z, ḡ_λ, ḡ_μJ)`` gives
 and zero for inactive rows. The functions here evaluate these formulas, batched, in torch
 (any device), or on a sparsity pattern without densifying.
 """
+
 from __future__ import annotations
 
 from typing import Optional, Sequence
@@ -38,9 +39,17 @@ def _outer2(u: torch.Tensor, v: torch.Tensor, w: torch.Tensor, x: torch.Tensor, 
     return torch.mul(u.unsqueeze(-1), v.unsqueeze(-2)).addcmul_(w.unsqueeze(-1), x.unsqueeze(-2))
 
 
-def dense_grads(y_z: torch.Tensor, y_lam: Optional[torch.Tensor], y_mu: Optional[torch.Tensor],
-                z: torch.Tensor, lam: Optional[torch.Tensor], mu: Optional[torch.Tensor],
-                active: Optional[torch.Tensor], need: Optional[Sequence[bool]] = None, outer: str = "auto"):
+def dense_grads(
+    y_z: torch.Tensor,
+    y_lam: Optional[torch.Tensor],
+    y_mu: Optional[torch.Tensor],
+    z: torch.Tensor,
+    lam: Optional[torch.Tensor],
+    mu: Optional[torch.Tensor],
+    active: Optional[torch.Tensor],
+    need: Optional[Sequence[bool]] = None,
+    outer: str = "auto",
+):
     """Dense gradients for a batch.
 
     Parameters
@@ -84,8 +93,9 @@ def dense_grads(y_z: torch.Tensor, y_lam: Optional[torch.Tensor], y_mu: Optional
     return dP, dq, dC, dd, dA, db
 
 
-def pattern_grad(u: np.ndarray, v: np.ndarray, w: np.ndarray, x: np.ndarray,
-                 rows: np.ndarray, cols: np.ndarray, scale: float = -1.0) -> np.ndarray:
+def pattern_grad(
+    u: np.ndarray, v: np.ndarray, w: np.ndarray, x: np.ndarray, rows: np.ndarray, cols: np.ndarray, scale: float = -1.0
+) -> np.ndarray:
     """Gradient ``scale·(u vᵀ + w xᵀ)`` evaluated only at ``(rows[k], cols[k])``, in that order.
 
     Used for sparse parameters: the result is aligned with the tensor's stored values, explicit

@@ -18,6 +18,7 @@ inequality ``A_i z ≤ u_i`` and a finite ``l_i`` gives ``−A_i z ≤ −l_i``.
 ``|bound| ≥ INFINITY_BOUND = 1e19`` (the collection encodes infinity as 1e20, sometimes stored as
 9.99999999999999e19) or ``±inf`` are dropped.
 """
+
 from __future__ import annotations
 
 import logging
@@ -126,8 +127,14 @@ class QPProblem:
             v = max(v, float(np.max(np.abs(self.A @ z - self.b))))
         return v
 
-    def to_torch(self, dtype: Any = None, sparse: bool = True, device: Any = None,
-                 requires_grad: bool = False, return_leaves: bool = False) -> Tuple[Any, ...]:
+    def to_torch(
+        self,
+        dtype: Any = None,
+        sparse: bool = True,
+        device: Any = None,
+        requires_grad: bool = False,
+        return_leaves: bool = False,
+    ) -> Tuple[Any, ...]:
         """Return ``(P, q, C, d, A, b)`` as torch tensors for :class:`dqp.dQP.dQP_layer`.
 
         Parameters
@@ -167,8 +174,9 @@ class QPProblem:
                 row = torch.as_tensor(M.indices.astype(np.int64), device=device)
                 if requires_grad:
                     return _csc_from_values(ccol, row, vals, M.shape)
-                return torch.sparse_csc_tensor(ccol, row, vals, size=M.shape, dtype=dtype, device=device,
-                                               check_invariants=True)
+                return torch.sparse_csc_tensor(
+                    ccol, row, vals, size=M.shape, dtype=dtype, device=device, check_invariants=True
+                )
             t = torch.as_tensor(M.toarray(), dtype=dtype, device=device).requires_grad_(requires_grad)
             leaves[key] = t
             return t
@@ -286,10 +294,18 @@ class MarosMeszarosProblem:
         else:
             A_eq, b_eq = None, None
         return QPProblem(
-            name=self.name, P=self.P, q=self.q, C=C, d=d, A=A_eq, b=b_eq, r=self.r,
+            name=self.name,
+            P=self.P,
+            q=self.q,
+            C=C,
+            d=d,
+            A=A_eq,
+            b=b_eq,
+            r=self.r,
             ineq_rows=np.concatenate([up_rows, lo_rows]).astype(np.int64),
             ineq_signs=np.concatenate([np.ones(len(up_rows)), -np.ones(len(lo_rows))]).astype(np.int64),
-            eq_rows=eq_rows.astype(np.int64))
+            eq_rows=eq_rows.astype(np.int64),
+        )
 
 
 @dataclass(frozen=True)
@@ -321,9 +337,11 @@ def _loadmat(path: Path, variable_names: Optional[Sequence[str]] = None) -> Dict
     try:
         return scipy.io.loadmat(str(path), variable_names=variable_names)
     except Exception as exc:  # scipy raises ValueError/TypeError/MatReadError on corrupt files
-        raise InputError(f"Could not read {str(path)!r} as a MATLAB .mat file "
-                         f"({type(exc).__name__}: {exc}). Expected the Maros–Meszaros layout with "
-                         f"variables {', '.join(_MM_KEYS)} (and optionally r, n, m).") from exc
+        raise InputError(
+            f"Could not read {str(path)!r} as a MATLAB .mat file "
+            f"({type(exc).__name__}: {exc}). Expected the Maros–Meszaros layout with "
+            f"variables {', '.join(_MM_KEYS)} (and optionally r, n, m)."
+        ) from exc
 
 
 def _vector(data: Dict[str, Any], key: str, path: Path, length: Optional[int] = None) -> np.ndarray:
@@ -338,24 +356,31 @@ def _vector(data: Dict[str, Any], key: str, path: Path, length: Optional[int] = 
         raise ShapeError(f"{key!r} in {str(path)!r} must be a vector, got shape {v.shape}.")
     v = v.reshape(-1)
     if length is not None and v.shape[0] != length:
-        raise ShapeError(f"{key!r} in {str(path)!r} has length {v.shape[0]}, expected {length} "
-                         f"(to match the other arrays).")
+        raise ShapeError(
+            f"{key!r} in {str(path)!r} has length {v.shape[0]}, expected {length} (to match the other arrays)."
+        )
     return v
 
 
-def _matrix(data: Dict[str, Any], key: str, path: Path, shape: Optional[Tuple[Optional[int], Optional[int]]] = None
-            ) -> sp.csc_matrix:
+def _matrix(
+    data: Dict[str, Any], key: str, path: Path, shape: Optional[Tuple[Optional[int], Optional[int]]] = None
+) -> sp.csc_matrix:
     raw = data[key]
     try:
-        M = sp.csc_matrix(raw, dtype=np.float64) if sp.issparse(raw) else sp.csc_matrix(
-            np.atleast_2d(np.asarray(raw, dtype=np.float64)))
+        M = (
+            sp.csc_matrix(raw, dtype=np.float64)
+            if sp.issparse(raw)
+            else sp.csc_matrix(np.atleast_2d(np.asarray(raw, dtype=np.float64)))
+        )
     except (TypeError, ValueError) as exc:
         raise InputError(f"{key!r} in {str(path)!r} is not a numeric matrix ({exc}).") from exc
     if shape is not None:
         for axis, want in enumerate(shape):
             if want is not None and M.shape[axis] != want:
-                raise ShapeError(f"{key!r} in {str(path)!r} has shape {M.shape}, expected "
-                                 f"{tuple('*' if s is None else s for s in shape)}.")
+                raise ShapeError(
+                    f"{key!r} in {str(path)!r} has shape {M.shape}, expected "
+                    f"{tuple('*' if s is None else s for s in shape)}."
+                )
     return _canonical_csc(M)
 
 
@@ -393,8 +418,10 @@ def _symmetric_P(P: sp.csc_matrix, path: Path, tol: float = 1e-10) -> sp.csc_mat
         scale = max(1.0, float(abs(P).max()))
         worst = float(asym.max())
         if worst > tol * scale:
-            raise NotSymmetricError(f"'P' in {str(path)!r} is not symmetric: max |P - Pᵀ| = {worst:.3g} "
-                                    f"(relative to max |P| = {scale:.3g}). dqp expects the full symmetric P.")
+            raise NotSymmetricError(
+                f"'P' in {str(path)!r} is not symmetric: max |P - Pᵀ| = {worst:.3g} "
+                f"(relative to max |P| = {scale:.3g}). dqp expects the full symmetric P."
+            )
     return P
 
 
@@ -426,9 +453,11 @@ def load_maros_meszaros(path: PathLike) -> MarosMeszarosProblem:
     data = _loadmat(path)
     missing = [k for k in _MM_KEYS if k not in data]
     if missing:
-        raise InputError(f"{str(path)!r} is missing the variable(s) {', '.join(map(repr, missing))}; "
-                         f"a Maros–Meszaros .mat file needs {', '.join(_MM_KEYS)} "
-                         f"for min ½xᵀPx + qᵀx + r s.t. l ≤ Ax ≤ u.")
+        raise InputError(
+            f"{str(path)!r} is missing the variable(s) {', '.join(map(repr, missing))}; "
+            f"a Maros–Meszaros .mat file needs {', '.join(_MM_KEYS)} "
+            f"for min ½xᵀPx + qᵀx + r s.t. l ≤ Ax ≤ u."
+        )
     P = _matrix(data, "P", path)
     _check_square(P, path)
     n = P.shape[1]
@@ -450,8 +479,10 @@ def load_maros_meszaros(path: PathLike) -> MarosMeszarosProblem:
         raise NonFiniteError(f"The bounds l/u in {str(path)!r} contain NaN (use ±1e20 or ±inf for no bound).")
     if np.any(l > u):
         bad = int(np.flatnonzero(l > u)[0])
-        raise InputError(f"{str(path)!r} has l > u in row {bad} (l={l[bad]:.6g}, u={u[bad]:.6g}): "
-                         f"the problem is trivially infeasible.")
+        raise InputError(
+            f"{str(path)!r} has l > u in row {bad} (l={l[bad]:.6g}, u={u[bad]:.6g}): "
+            f"the problem is trivially infeasible."
+        )
     P = _symmetric_P(P, path)
     return MarosMeszarosProblem(name=path.stem, P=P, q=q, A=A, l=l, u=u, r=r, path=path)
 
@@ -466,16 +497,16 @@ def maros_meszaros_dir() -> Optional[Path]:
     if os.environ.get(_ENV_DIR):
         candidates.append(Path(os.environ[_ENV_DIR]))
     repo = Path(__file__).resolve().parent.parent
-    candidates += [repo.parent / "shared" / "data" / "maros_meszaros",
-                   repo / "shared" / "data" / "maros_meszaros"]
+    candidates += [repo.parent / "shared" / "data" / "maros_meszaros", repo / "shared" / "data" / "maros_meszaros"]
     for c in candidates:
         if c.is_dir() and any(c.glob("*.mat")):
             return c
     return None
 
 
-def list_maros_meszaros(directory: Optional[PathLike] = None, max_n: Optional[int] = None,
-                        max_m: Optional[int] = None) -> List[MarosMeszarosEntry]:
+def list_maros_meszaros(
+    directory: Optional[PathLike] = None, max_n: Optional[int] = None, max_m: Optional[int] = None
+) -> List[MarosMeszarosEntry]:
     """List the problems of a directory of Maros–Meszaros ``.mat`` files, smallest first.
 
     Parameters
@@ -499,8 +530,10 @@ def list_maros_meszaros(directory: Optional[PathLike] = None, max_n: Optional[in
     if directory is None:
         directory = maros_meszaros_dir()
         if directory is None:
-            raise InputError("No Maros–Meszaros directory found: pass one, or set "
-                             f"${_ENV_DIR}, or put the files in <repo>/../shared/data/maros_meszaros.")
+            raise InputError(
+                "No Maros–Meszaros directory found: pass one, or set "
+                f"${_ENV_DIR}, or put the files in <repo>/../shared/data/maros_meszaros."
+            )
     directory = Path(directory)
     if not directory.is_dir():
         raise InputError(f"Maros–Meszaros directory {str(directory)!r} does not exist.")
@@ -512,7 +545,8 @@ def list_maros_meszaros(directory: Optional[PathLike] = None, max_n: Optional[in
         P, A = data["P"], data["A"]
         n, m = int(P.shape[0]), int(A.shape[0])
         nnz = int(P.nnz if sp.issparse(P) else np.count_nonzero(P)) + int(
-            A.nnz if sp.issparse(A) else np.count_nonzero(A))
+            A.nnz if sp.issparse(A) else np.count_nonzero(A)
+        )
         if (max_n is not None and n > max_n) or (max_m is not None and m > max_m):
             continue
         entries.append(MarosMeszarosEntry(name=f.stem, path=f, n=n, m=m, nnz=nnz))
@@ -544,9 +578,11 @@ def _npz_get(data: Any, key: str, path: Path, allow_pickle: bool) -> Any:
             try:
                 v = data[k]
             except ValueError as exc:  # object array and allow_pickle=False
-                raise InputError(f"{k!r} in {str(path)!r} is a pickled object; pass allow_pickle=True "
-                                 f"if you trust the file, or store matrices dense or as CSC components "
-                                 f"({k}_data, {k}_indices, {k}_indptr, {k}_shape; see save_problem).") from exc
+                raise InputError(
+                    f"{k!r} in {str(path)!r} is a pickled object; pass allow_pickle=True "
+                    f"if you trust the file, or store matrices dense or as CSC components "
+                    f"({k}_data, {k}_indices, {k}_indptr, {k}_shape; see save_problem)."
+                ) from exc
             if v.dtype == object and v.shape == ():
                 v = v[()]
             if v is None or (isinstance(v, np.ndarray) and v.dtype == object and v.size == 0):
@@ -586,15 +622,18 @@ def load_problem(path: PathLike, allow_pickle: bool = False) -> QPProblem:
     if suffix == ".mat":
         return load_maros_meszaros(path).to_qp()
     if suffix != ".npz":
-        raise InputError(f"Cannot load {str(path)!r}: unknown extension {path.suffix!r} "
-                         f"(expected .npz with keys P, q[, C, d][, A, b] or a Maros–Meszaros .mat).")
+        raise InputError(
+            f"Cannot load {str(path)!r}: unknown extension {path.suffix!r} "
+            f"(expected .npz with keys P, q[, C, d][, A, b] or a Maros–Meszaros .mat)."
+        )
     if not path.is_file():
         raise InputError(f"Problem file {str(path)!r} does not exist (or is not a file).")
     try:
         npz = np.load(str(path), allow_pickle=allow_pickle)
     except Exception as exc:
-        raise InputError(f"Could not read {str(path)!r} as a NumPy .npz archive "
-                         f"({type(exc).__name__}: {exc}).") from exc
+        raise InputError(
+            f"Could not read {str(path)!r} as a NumPy .npz archive ({type(exc).__name__}: {exc})."
+        ) from exc
     with npz:
         if not hasattr(npz, "files"):
             raise InputError(f"{str(path)!r} holds a single array, not an .npz archive with keys P, q, ...")
@@ -602,13 +641,15 @@ def load_problem(path: PathLike, allow_pickle: bool = False) -> QPProblem:
         r = float(np.asarray(npz["r"]).ravel()[0]) if "r" in npz.files else 0.0
     for k in ("P", "q"):
         if raw[k] is None:
-            raise InputError(f"{str(path)!r} is missing the required key {k!r} "
-                             f"(found: {', '.join(sorted(npz.files)) or 'nothing'}).")
+            raise InputError(
+                f"{str(path)!r} is missing the required key {k!r} (found: {', '.join(sorted(npz.files)) or 'nothing'})."
+            )
     for a, b in (("C", "d"), ("A", "b")):
         if (raw[a] is None) != (raw[b] is None):
             have, lack = (a, b) if raw[a] is not None else (b, a)
-            raise InputError(f"{str(path)!r} has {have!r} but is missing the key {lack!r}; "
-                             f"{a} and {b} must be given together.")
+            raise InputError(
+                f"{str(path)!r} has {have!r} but is missing the key {lack!r}; {a} and {b} must be given together."
+            )
     P = _matrix(raw, "P", path)
     _check_square(P, path)
     n = P.shape[1]
@@ -639,9 +680,11 @@ def save_problem(path: PathLike, problem: QPProblem) -> Path:
     path = Path(path)
     if path.suffix.lower() != ".npz":
         path = path.with_suffix(".npz")
-    out: Dict[str, np.ndarray] = {"q": np.asarray(problem.q, dtype=np.float64),
-                                  "d": np.asarray(problem.d, dtype=np.float64),
-                                  "r": np.array([problem.r], dtype=np.float64)}
+    out: Dict[str, np.ndarray] = {
+        "q": np.asarray(problem.q, dtype=np.float64),
+        "d": np.asarray(problem.d, dtype=np.float64),
+        "r": np.array([problem.r], dtype=np.float64),
+    }
     mats = {"P": problem.P, "C": problem.C}
     if problem.A is not None:
         mats["A"] = problem.A

@@ -2,6 +2,7 @@
 mapped onto :func:`dqp.ipm_layer.solve_qp_batch`'s keywords, and the per-element
 :class:`~dqp.result.SolveInfo` filled from its results without extra host reads (the diagnostics
 stay tensors until first read: :class:`LazySolveInfo`)."""
+
 from __future__ import annotations
 
 import functools
@@ -23,7 +24,6 @@ if TYPE_CHECKING:  # pragma: no cover
 
 Tensor = torch.Tensor
 __all__ = ["solve_settings_batch", "ipm_keywords", "LazySolveInfo"]
-
 
 
 def ipm_keywords(settings: "Settings", dtype: torch.dtype, device: torch.device) -> Dict[str, Any]:
@@ -49,10 +49,13 @@ def ipm_keywords(settings: "Settings", dtype: torch.dtype, device: torch.device)
     native32 = dtype in (torch.float32, torch.float16, torch.bfloat16) and device.type != "cpu"
     if native32 and kw["eps"] < default_eps(torch.float32):
         if (s.eps_abs, s.eps_rel) != (OPTIONS["eps_abs"][0], OPTIONS["eps_rel"][0]):
-            warnings.warn(f"dQP: eps_abs={s.eps_abs}, eps_rel={s.eps_rel} is below what the float32 interior-point "
-                          f"method reaches; it stops at {default_eps(torch.float32)} (the polish then makes the "
-                          f"answer exact on its active set). Pass float64 data for a tighter IPM tolerance.",
-                          UserWarning, stacklevel=4)
+            warnings.warn(
+                f"dQP: eps_abs={s.eps_abs}, eps_rel={s.eps_rel} is below what the float32 interior-point "
+                f"method reaches; it stops at {default_eps(torch.float32)} (the polish then makes the "
+                f"answer exact on its active set). Pass float64 data for a tighter IPM tolerance.",
+                UserWarning,
+                stacklevel=4,
+            )
         kw["eps"] = None
     kw["polish"] = bool(s.refine_active)
     if s.max_refine_iter != OPTIONS["max_refine_iter"][0]:
@@ -65,6 +68,7 @@ def ipm_keywords(settings: "Settings", dtype: torch.dtype, device: torch.device)
 def _default_fallback() -> tuple:
     """The default settings' fallback chain (built once: it asks which solvers are installed)."""
     from dqp.settings import build_settings
+
     return tuple(build_settings().fallback_solver)
 
 
@@ -76,17 +80,25 @@ def _warn_unsupported(s: "Settings") -> None:
     if s.omp_parallel:
         bad.append("omp_parallel=True (the batch is one solve already)")
     if getattr(s, "time_limit", None) is not None:
-        bad.append(f"time_limit={s.time_limit} (the batched interior point has no clock: bound it with "
-                   "qp_solver_keywords={'max_iter': ...}, or pick qp_solver='clarabel')")
+        bad.append(
+            f"time_limit={s.time_limit} (the batched interior point has no clock: bound it with "
+            "qp_solver_keywords={'max_iter': ...}, or pick qp_solver='clarabel')"
+        )
     if s.dual_available is False:
         bad.append("dual_available=False (the IPM's duals classify the active set; the polish recomputes them)")
     if s.fallback_solver not in (_default_fallback(), None, ()):
-        bad.append(f"fallback_solver={s.fallback_solver!r} (failed elements are reported in layer.info.status; "
-                   "float32 failures are re-solved in float64)")
+        bad.append(
+            f"fallback_solver={s.fallback_solver!r} (failed elements are reported in layer.info.status; "
+            "float32 failures are re-solved in float64)"
+        )
     if bad:
-        warnings.warn("dQP: qp_solver='dqp_ipm' (the batched interior-point engine) ignores " + "; ".join(bad)
-                      + ". These options apply to the element-wise engine (a qpsolvers backend).",
-                      UserWarning, stacklevel=4)
+        warnings.warn(
+            "dQP: qp_solver='dqp_ipm' (the batched interior-point engine) ignores "
+            + "; ".join(bad)
+            + ". These options apply to the element-wise engine (a qpsolvers backend).",
+            UserWarning,
+            stacklevel=4,
+        )
 
 
 def solve_settings_batch(batch: "QPBatch", settings: "Settings") -> Tuple[Tensor, Tensor, Tensor, SolveInfo]:
@@ -99,10 +111,23 @@ def solve_settings_batch(batch: "QPBatch", settings: "Settings") -> Tuple[Tensor
     t0 = time.perf_counter()
     kw = ipm_keywords(s, batch.q.dtype, batch.q.device)
     do_polish = kw.pop("polish", True)
-    z, lam, mu, status, active, kkt, feasible = _solve(batch.P, batch.q, batch.C, batch.d, batch.A, batch.b,
-                                                       kw.pop("eps", None), kw.pop("max_iter", 100), do_polish, kw)
-    diag = dict(verified=kkt.polished & feasible, iterations=kkt.iterations,
-                kkt_path=lambda path=kkt.path: [PATH_NAMES[i] for i in path.tolist()])
+    z, lam, mu, status, active, kkt, feasible = _solve(
+        batch.P,
+        batch.q,
+        batch.C,
+        batch.d,
+        batch.A,
+        batch.b,
+        kw.pop("eps", None),
+        kw.pop("max_iter", 100),
+        do_polish,
+        kw,
+    )
+    diag = dict(
+        verified=kkt.polished & feasible,
+        iterations=kkt.iterations,
+        kkt_path=lambda path=kkt.path: [PATH_NAMES[i] for i in path.tolist()],
+    )
     elapsed = time.perf_counter() - t0
     B = batch.B
     if lam is None:
@@ -119,24 +144,39 @@ def solve_settings_batch(batch: "QPBatch", settings: "Settings") -> Tuple[Tensor
     residuals = _once(lambda: _torch_residuals(batch, zd, lamd, mud))
     margins = _once(lambda: _torch_margins(batch, zd, mud, active, s.eps_active))
     info = LazySolveInfo(
-        dict(active=lambda: list(active.cpu().numpy()), kkt_path=diag["kkt_path"],
-             iterations=lambda: diag["iterations"].tolist(),
-             primal_residual=lambda: residuals()[0], dual_residual=lambda: residuals()[1],
-             complementarity=lambda: residuals()[2], n_weakly_active=lambda: margins()[0],
-             complementarity_margin=lambda: margins()[1]),
-        active_mask=active, qp_solver="dqp_ipm", lin_solver="torch", status=st, verified=verified,
-        solve_time=[elapsed / B] * B, messages=[""] * B)
+        dict(
+            active=lambda: list(active.cpu().numpy()),
+            kkt_path=diag["kkt_path"],
+            iterations=lambda: diag["iterations"].tolist(),
+            primal_residual=lambda: residuals()[0],
+            dual_residual=lambda: residuals()[1],
+            complementarity=lambda: residuals()[2],
+            n_weakly_active=lambda: margins()[0],
+            complementarity_margin=lambda: margins()[1],
+        ),
+        active_mask=active,
+        qp_solver="dqp_ipm",
+        lin_solver="torch",
+        status=st,
+        verified=verified,
+        solve_time=[elapsed / B] * B,
+        messages=[""] * B,
+    )
     if do_polish:
         unverified = [i for i, v in enumerate(verified) if st[i] == Status.SOLVED and not v]
         for i in unverified:
-            info.messages[i] = ("the polished point was rejected (active set not confirmed): returned the "
-                                "interior-point solution; gradients use its active set")
+            info.messages[i] = (
+                "the polished point was rejected (active set not confirmed): returned the "
+                "interior-point solution; gradients use its active set"
+            )
         if unverified:
             warnings.warn(
                 f"dQP: the active set of batch element(s) {unverified[:10]} could not be verified by the "
                 f"polish of the interior-point solution (a degenerate problem): the IPM's point is returned "
                 f"and the gradient uses its active set. See layer.info.verified / messages.",
-                UnverifiedSolutionWarning, stacklevel=4)
+                UnverifiedSolutionWarning,
+                stacklevel=4,
+            )
     return z, lam, mu, info
 
 
@@ -148,6 +188,7 @@ def _once(fn):
         if not box:
             box.append(fn())
         return box[0]
+
     return get
 
 

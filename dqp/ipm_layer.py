@@ -66,6 +66,7 @@ factorization cannot reuse the float32 IPM's factors, but the float32 polish it 
 back to the augmented path. The backward's float64 solve skips iterative refinement. Without the
 polish (``polish=False``), the float32 path keeps its float32 factorization.
 """
+
 from __future__ import annotations
 
 import functools
@@ -78,8 +79,18 @@ from dqp.errors import SettingsError, ShapeError, Status, error_for_statuses
 from dqp.gradients import dense_grads
 from dqp.problem import INF_BOUND, INF_ROW_RATIO
 from dqp.linsolve.torch_batched import PATH_NAMES, BatchedKKT
-from dqp.solvers.ipm import (DEFAULT_OPTIONS, IPMOptions, default_eps, dual_factors, form_by_cost, fused_flag,
-                             fused_reasons, graph_device_ok, graphed_call, ipm_solve)
+from dqp.solvers.ipm import (
+    DEFAULT_OPTIONS,
+    IPMOptions,
+    default_eps,
+    dual_factors,
+    form_by_cost,
+    fused_flag,
+    fused_reasons,
+    graph_device_ok,
+    graphed_call,
+    ipm_solve,
+)
 from dqp.transforms import first_order_only, reject_functorch
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -108,9 +119,9 @@ def _fused_widen(P: Tensor, C: Optional[Tensor], A: Optional[Tensor], opts: Dict
     B, n = P.shape[0], P.shape[-1]
     m = 0 if C is None else C.shape[-2]
     p = 0 if A is None else A.shape[-2]
-    return (form_by_cost(opts.get("form", "auto"), P, B, n, m, p) == "dual"
-            and not fused_reasons(flag, "dual", torch.float64, P.device, n, m, p, opts.get("trace"),
-                                  opts.get("refine"), options))
+    return form_by_cost(opts.get("form", "auto"), P, B, n, m, p) == "dual" and not fused_reasons(
+        flag, "dual", torch.float64, P.device, n, m, p, opts.get("trace"), opts.get("refine"), options
+    )
 
 
 def _options(opts: Dict[str, Any]) -> IPMOptions:
@@ -170,10 +181,23 @@ def _accept(ok: Tensor, zp, lp, mp, z, lam, mu):
     return z, lam, mu
 
 
-def polish(P: Tensor, q: Tensor, C: Optional[Tensor], d: Optional[Tensor], A: Optional[Tensor],
-           b: Optional[Tensor], z: Tensor, lam: Optional[Tensor], mu: Optional[Tensor],
-           active: Optional[Tensor], solved: Tensor, *, rounds: int = 3, factors: Optional[dict] = None,
-           options: IPMOptions = DEFAULT_OPTIONS):
+def polish(
+    P: Tensor,
+    q: Tensor,
+    C: Optional[Tensor],
+    d: Optional[Tensor],
+    A: Optional[Tensor],
+    b: Optional[Tensor],
+    z: Tensor,
+    lam: Optional[Tensor],
+    mu: Optional[Tensor],
+    active: Optional[Tensor],
+    solved: Tensor,
+    *,
+    rounds: int = 3,
+    factors: Optional[dict] = None,
+    options: IPMOptions = DEFAULT_OPTIONS,
+):
     """Solve the reduced KKT system for the active set and accept it where it is consistent.
 
     Round 1 factorizes the whole batch; the (usually few) rejected elements are retried with
@@ -190,7 +214,7 @@ def polish(P: Tensor, q: Tensor, C: Optional[Tensor], d: Optional[Tensor], A: Op
     zp, lp, mp, ok, bad_rows = _attempt(kkt, q, b, C, d, active, solved, tol)
     z, lam, mu = _accept(ok, zp, lp, mp, z, lam, mu)
     polished = ok
-    nc = kkt.negative_curvature                  # (any round's K may show that P is not PSD)
+    nc = kkt.negative_curvature  # (any round's K may show that P is not PSD)
     # later rounds: only the rejected elements, with the offending rows moved
     if C is not None and rounds > 1:
         idx = torch.nonzero(solved & ~ok).squeeze(-1)
@@ -199,9 +223,17 @@ def polish(P: Tensor, q: Tensor, C: Optional[Tensor], d: Optional[Tensor], A: Op
             if idx.numel() == 0:
                 break
             sub = kkt.subset(idx, cur)
-            pick = lambda M: M if M is None or M.dim() == 2 else M[idx]     # matrices: shared or batched
-            zp, lp, mp, ok_s, bad_s = _attempt(sub, q[idx], None if b is None else b[idx], pick(C), d[idx], cur,
-                                               torch.ones(idx.numel(), dtype=torch.bool, device=q.device), tol)
+            pick = lambda M: M if M is None or M.dim() == 2 else M[idx]  # matrices: shared or batched
+            zp, lp, mp, ok_s, bad_s = _attempt(
+                sub,
+                q[idx],
+                None if b is None else b[idx],
+                pick(C),
+                d[idx],
+                cur,
+                torch.ones(idx.numel(), dtype=torch.bool, device=q.device),
+                tol,
+            )
             rows = torch.nonzero(ok_s).squeeze(-1)
             gi = idx[rows]
             z[gi] = zp[rows]
@@ -232,8 +264,13 @@ def _polish_graph_ok(P, q, C, A, res, opts) -> bool:
     generator, forward+backward): B=128, n=m=100 25.8 → 18.7 ms; B=128, n=m=500 105.6 → 210.7 ms
     (the polish and backward graphs do not both fit the cache's memory budget) — hence the limit."""
     options = _options(opts)
-    if not (options.polish_graph and opts.get("cuda_graph", True) and res.factors is not None
-            and P.dtype == torch.float64 and graph_device_ok(P.device, options)):
+    if not (
+        options.polish_graph
+        and opts.get("cuda_graph", True)
+        and res.factors is not None
+        and P.dtype == torch.float64
+        and graph_device_ok(P.device, options)
+    ):
         return False
     if C is None and A is None:
         return False
@@ -287,14 +324,28 @@ def _polish_graphed(P, q, C, d, A, b, z, lam, mu, active, solved, factors, round
         else:
             f, pd = dict(L=t["L"], PiAbt=t["PiAbt"], M=t["M"]), None
         zz, ll, mm, aa, kkt, pol, fb = _polish_masked(
-            t["P"], t["q"], t.get("C"), t.get("d"), t.get("A"), t.get("b"), t["z"], t.get("lam"),
-            t.get("mu"), t.get("active"), t["solved"], f, rounds, options)
+            t["P"],
+            t["q"],
+            t.get("C"),
+            t.get("d"),
+            t.get("A"),
+            t.get("b"),
+            t["z"],
+            t.get("lam"),
+            t.get("mu"),
+            t.get("active"),
+            t["solved"],
+            f,
+            rounds,
+            options,
+        )
         out = {"z": zz, "polished": pol, "fallback": fb if pd is None else fb | (t["solved"] & ~pd)}
         out.update({k: v for k, v in (("lam", ll), ("mu", mm), ("active", aa)) if v is not None})
         out.update({"kkt." + k: getattr(kkt, k) for k in _KKT_TENSORS if getattr(kkt, k, None) is not None})
         if own:
             out["kkt.L"] = f["L"]
         return out
+
     inputs = dict(P=P, q=q, C=C, d=d, A=A, b=b, z=z, lam=lam, mu=mu, active=active, solved=solved)
     if not own:
         inputs.update(L=factors["L"], PiAbt=factors["PiAbt"], M=factors["M"])
@@ -308,24 +359,43 @@ def _polish_graphed(P, q, C, d, A, b, z, lam, mu, active, solved, factors, round
     if not own:
         st["L"] = factors["L"]
     kkt = BatchedKKT.from_state(st, options=options.linalg)
-    kkt._graphed = True                         # its backward may run as a graph too
+    kkt._graphed = True  # its backward may run as a graph too
     return out["z"], out.get("lam"), out.get("mu"), out.get("active"), kkt, out["polished"]
 
 
-def _kkt_of_kernel(P: Tensor, C: Optional[Tensor], A: Optional[Tensor], active: Optional[Tensor],
-                   res, graphs: bool = True, options: IPMOptions = DEFAULT_OPTIONS) -> BatchedKKT:
+def _kkt_of_kernel(
+    P: Tensor,
+    C: Optional[Tensor],
+    A: Optional[Tensor],
+    active: Optional[Tensor],
+    res,
+    graphs: bool = True,
+    options: IPMOptions = DEFAULT_OPTIONS,
+) -> BatchedKKT:
     """The :class:`BatchedKKT` (Cholesky path) of the polish the fused kernel ran: its factor of the
     reduced system's Schur complement (``res.polish["LS"]``) with the IPM's factors of P. Where its
     backward runs as a CUDA graph, the graph's inputs are the few tensors it is made of
     (``kkt._raw``, for :meth:`BatchedKKT.from_schur_factor`), not its dozen derived ones. Its
     backward runs as a graph where ``B·k² ≤`` :attr:`IPMOptions.backward_graph_max_work`."""
-    raw = dict(P=P, A=A, C=C, active=active, L=res.factors["L"], PiAbt=res.factors["PiAbt"],
-               LS=res.polish["LS"], ok=res.polish["ok"])
+    raw = dict(
+        P=P,
+        A=A,
+        C=C,
+        active=active,
+        L=res.factors["L"],
+        PiAbt=res.factors["PiAbt"],
+        LS=res.polish["LS"],
+        ok=res.polish["ok"],
+    )
     kkt = BatchedKKT.from_schur_factor(**raw, options=options.linalg)
     B, n = P.shape[0], P.shape[-1]
     k = (A.shape[-2] if A is not None else 0) + (C.shape[-2] if C is not None else 0)
-    kkt._graphed = (graphs and options.polish_graph and graph_device_ok(P.device, options)
-                    and B * max(n, k) ** 2 <= options.backward_graph_max_work)
+    kkt._graphed = (
+        graphs
+        and options.polish_graph
+        and graph_device_ok(P.device, options)
+        and B * max(n, k) ** 2 <= options.backward_graph_max_work
+    )
     if kkt._graphed:
         kkt._raw = raw
     return kkt
@@ -345,7 +415,7 @@ def _not_psd(P: Tensor, res, kkt: BatchedKKT, solved: Tensor) -> Optional[Tensor
     cand = ~solved
     if kkt.negative_curvature is not None:
         cand = cand | kkt.negative_curvature
-    idx = torch.nonzero(cand).squeeze(-1)         # (the host sync: the primal form syncs per step anyway)
+    idx = torch.nonzero(cand).squeeze(-1)  # (the host sync: the primal form syncs per step anyway)
     if idx.numel() == 0:
         return None
     B, n = solved.shape[0], P.shape[-1]
@@ -402,13 +472,18 @@ class IPMQPFunction(torch.autograd.Function):
         do_polish = opts.pop("polish", True)
         rounds = opts.pop("polish_rounds", None)
         if P.dim() != 3 or q.dim() != 2:
-            raise ShapeError("IPMQPFunction: pass batched tensors P (B,n,n), q (B,n), ...; "
-                             "use dqp.ipm_layer.solve_qp_batch to broadcast shared arguments.")
+            raise ShapeError(
+                "IPMQPFunction: pass batched tensors P (B,n,n), q (B,n), ...; "
+                "use dqp.ipm_layer.solve_qp_batch to broadcast shared arguments."
+            )
         P = 0.5 * (P + P.transpose(-1, -2))
         wide = _wide_dtype(P)
         dtype_in = P.dtype
-        if do_polish and wide is not None and ((P.device.type == "cpu" and eng.widen_on_cpu)
-                                               or _fused_widen(P, C, A, opts)):
+        if (
+            do_polish
+            and wide is not None
+            and ((P.device.type == "cpu" and eng.widen_on_cpu) or _fused_widen(P, C, A, opts))
+        ):
             # CPU, float32/float16 data: solve in float64 throughout and cast the answer back. The
             # float32 IPM gains nothing here (the CPU is not faster in float32 at these sizes) and
             # stalls: on qpth's generator, B=128, n=m=200, 68 of 128 elements re-solved in float64,
@@ -416,21 +491,20 @@ class IPMQPFunction(torch.autograd.Function):
             # float64 kernel takes the problem (_fused_widen)
             P, q, C, d, A, b = (_cast(t, wide) for t in (P, q, C, d, A, b))
             if opts.get("eps") is not None and opts["eps"] >= default_eps(dtype_in):
-                opts["eps"] = None                   # a float32-level tolerance → float64's default
+                opts["eps"] = None  # a float32-level tolerance → float64's default
             wide = None
         if do_polish and opts.get("eps") is None and P.dtype == torch.float64:
             # the polish makes the answer exact on the active set; the IPM only has to find that set
             opts["eps"] = eng.polished_eps
         if rounds is None:
-            rounds = 3 if wide is None else 6        # a float32 IPM point misclassifies more rows
+            rounds = 3 if wide is None else 6  # a float32 IPM point misclassifies more rows
         with torch.profiler.record_function("dqp::ipm_solve"):
             # (where the fused kernel runs, it polishes too, in the same launch: IPMResult.polish)
             # (the torch polish always runs its first round: so does the kernel's)
             kernel_polish = do_polish and wide is None
             if kernel_polish and eng.polish_stage_eps is not None:
                 opts.setdefault("polish_eps", eng.polish_stage_eps)
-            res = ipm_solve(P, q, C, d, A, b, polish_rounds=max(int(rounds), 1) if kernel_polish else 0,
-                            **opts)
+            res = ipm_solve(P, q, C, d, A, b, polish_rounds=max(int(rounds), 1) if kernel_polish else 0, **opts)
         solved = res.status == int(Status.SOLVED)
         if res.polish is not None:
             # the kernel polished: its outputs are queued before the one host sync (its fallback
@@ -449,9 +523,22 @@ class IPMQPFunction(torch.autograd.Function):
                 act = res.polish["active"]
                 if act is not None:
                     act = torch.where(fb.unsqueeze(-1), classify_active(C, res.s, res.mu) & solved.unsqueeze(-1), act)
-                z, lam, mu, active, kkt, polished = polish(P, q, C, d, A, b, res.z, res.lam, res.mu, act,
-                                                           solved & fb, rounds=rounds, factors=res.factors,
-                                                           options=eng)
+                z, lam, mu, active, kkt, polished = polish(
+                    P,
+                    q,
+                    C,
+                    d,
+                    A,
+                    b,
+                    res.z,
+                    res.lam,
+                    res.mu,
+                    act,
+                    solved & fb,
+                    rounds=rounds,
+                    factors=res.factors,
+                    options=eng,
+                )
             return _finish(res, z, lam, mu, active, kkt, polished | res.polish["polished"], solved, dtype_in)
         z, lam, mu = res.z, res.lam, res.mu
         active = classify_active(C, res.s, mu) if mu is not None else None
@@ -475,8 +562,9 @@ class IPMQPFunction(torch.autograd.Function):
                 if out is not None:
                     z, lam, mu, active, kkt, polished = out
                 else:
-                    z, lam, mu, active, kkt, polished = polish(P, q, C, d, A, b, z, lam, mu, active, solved,
-                                                               rounds=rounds, factors=res.factors, options=eng)
+                    z, lam, mu, active, kkt, polished = polish(
+                        P, q, C, d, A, b, z, lam, mu, active, solved, rounds=rounds, factors=res.factors, options=eng
+                    )
             else:
                 kkt = BatchedKKT(P, A, C, active, batch=q.shape[0], factors=res.factors, options=eng.linalg)
                 polished = torch.zeros_like(solved)
@@ -524,16 +612,39 @@ class IPMQPFunction(torch.autograd.Function):
 
             def fn(t):
                 if raw is not None:
-                    k = BatchedKKT.from_schur_factor(**{n: t.get(n) for n in raw}, refine=kkt.refine,
-                                                     options=eng.linalg)
+                    k = BatchedKKT.from_schur_factor(
+                        **{n: t.get(n) for n in raw}, refine=kkt.refine, options=eng.linalg
+                    )
                 else:
-                    k = BatchedKKT.from_state({n: t.get(n) for n in BatchedKKT._STATE}, refine=kkt.refine,
-                                              options=eng.linalg)
-                g = _backward_math(k, t["gz"], t.get("glam"), t.get("gmu"), t["z"], t.get("lam"), t.get("mu"),
-                                   t["status"], t.get("active"), need, eng.outer)
+                    k = BatchedKKT.from_state(
+                        {n: t.get(n) for n in BatchedKKT._STATE}, refine=kkt.refine, options=eng.linalg
+                    )
+                g = _backward_math(
+                    k,
+                    t["gz"],
+                    t.get("glam"),
+                    t.get("gmu"),
+                    t["z"],
+                    t.get("lam"),
+                    t.get("mu"),
+                    t["status"],
+                    t.get("active"),
+                    need,
+                    eng.outer,
+                )
                 return {f"g{i}": v for i, v in enumerate(g) if v is not None}
-            inputs = dict(raw if raw is not None else kkt.state(), gz=gz, glam=glam, gmu=gmu, z=z, lam=lam, mu=mu,
-                          status=status, active=active)
+
+            inputs = dict(
+                raw if raw is not None else kkt.state(),
+                gz=gz,
+                glam=glam,
+                gmu=gmu,
+                z=z,
+                lam=lam,
+                mu=mu,
+                status=status,
+                active=active,
+            )
             out = graphed_call(("dqp_backward", need, kkt.refine, raw is not None), fn, inputs, options=eng)
             if out is not None:
                 return tuple(out.get(f"g{i}") for i in range(6)) + (None,)
@@ -544,22 +655,26 @@ def _backward_math(kkt: BatchedKKT, gz, glam, gmu, z, lam, mu, status, active, n
     """The vector-Jacobian product (see IPMQPFunction.backward); ``(dP, dq, dC, dd, dA, db)``."""
     if mu is not None:
         gmu = gmu * active.to(mu.dtype)
-    dtype, wdt = z.dtype, kkt.P.dtype     # wdt float64 when the forward polished float32 data in float64
-    cast = lambda t, dt: None if t is None else t.to(dt)    # noqa: E731
+    dtype, wdt = z.dtype, kkt.P.dtype  # wdt float64 when the forward polished float32 data in float64
+    cast = lambda t, dt: None if t is None else t.to(dt)  # noqa: E731
     # a float64 solve of float32 data needs no iterative refinement for a float32 adjoint
-    yz, ylam, ymu = kkt.solve(cast(gz, wdt), cast(glam, wdt) if lam is not None else None,
-                              cast(gmu, wdt) if mu is not None else None,
-                              refine=0 if wdt != dtype else None)
+    yz, ylam, ymu = kkt.solve(
+        cast(gz, wdt),
+        cast(glam, wdt) if lam is not None else None,
+        cast(gmu, wdt) if mu is not None else None,
+        refine=0 if wdt != dtype else None,
+    )
     # the adjoint is accurate to the input dtype now; the outer products are formed in that dtype
     yz, ylam, ymu = cast(yz, dtype), cast(ylam, dtype), cast(ymu, dtype)
-    ok = (status == int(Status.SOLVED))
+    ok = status == int(Status.SOLVED)
     # failed elements get zero gradients: their vectors are zeroed before the outer products (every
     # gradient is a sum of products of them), not the (B, ·, n) results after (two passes each).
     # (on the CPU, reading the flags costs nothing: skip the masking when all solved)
     if not (ok.device.type == "cpu" and bool(ok.all())):
         okv = ok.unsqueeze(-1)
-        yz, ylam, ymu, z, lam, mu = (None if t is None else torch.where(okv, t, torch.zeros_like(t))
-                                     for t in (yz, ylam, ymu, z, lam, mu))
+        yz, ylam, ymu, z, lam, mu = (
+            None if t is None else torch.where(okv, t, torch.zeros_like(t)) for t in (yz, ylam, ymu, z, lam, mu)
+        )
     grads = dense_grads(yz, ylam, ymu, z, lam, mu, active, need=need, outer=outer)
     return tuple(g if nd else None for g, nd in zip(grads, need))
 
@@ -570,8 +685,9 @@ def _broadcast(P, q, C, d, A, b):
         if not isinstance(t, Tensor):
             raise ShapeError(f"solve_qp_batch: {name} must be a torch tensor, got {type(t).__name__}.")
     if q.dim() not in (1, 2) or P.dim() not in (2, 3):
-        raise ShapeError(f"solve_qp_batch: expected P (n,n)/(B,n,n) and q (n,)/(B,n), got "
-                         f"{tuple(P.shape)} and {tuple(q.shape)}.")
+        raise ShapeError(
+            f"solve_qp_batch: expected P (n,n)/(B,n,n) and q (n,)/(B,n), got {tuple(P.shape)} and {tuple(q.shape)}."
+        )
     n = q.shape[-1]
     if (C is None) != (d is None) or (A is None) != (b is None):
         raise ShapeError("solve_qp_batch: give C with d and A with b (or neither of a pair).")
@@ -586,14 +702,17 @@ def _broadcast(P, q, C, d, A, b):
     if len(sizes) > 1:
         raise ShapeError(f"solve_qp_batch: batched arguments disagree on the batch size: {sorted(sizes)}.")
     B = sizes.pop() if sizes else 1
+
     def ex(t, shape):
         if t is None:
             return None
         try:
             return t.expand(*shape) if t.dim() == len(shape) - 1 else t.expand(*shape)
         except RuntimeError as e:
-            raise ShapeError(f"solve_qp_batch: an argument of shape {tuple(t.shape)} does not fit "
-                             f"{tuple(shape)}: {e}") from None
+            raise ShapeError(
+                f"solve_qp_batch: an argument of shape {tuple(t.shape)} does not fit {tuple(shape)}: {e}"
+            ) from None
+
     P = ex(P, (B, n, n))
     q = ex(q, (B, n))
     if C is not None:
@@ -642,7 +761,7 @@ def _equilibrate(P, q, C, d, A, b):
     Ps, qs = P / s3, q / sigma.unsqueeze(-1)
     Cs, ds = (None, None) if C is None else (C / rc.unsqueeze(-1), d / rc)
     As, bs = (None, None) if A is None else (A / ra.unsqueeze(-1), b / ra)
-    ones = lambda M: None if M is None else q.new_ones(M.shape[:-1])       # noqa: E731
+    ones = lambda M: None if M is None else q.new_ones(M.shape[:-1])  # noqa: E731
     return (Ps, qs, Cs, ds, As, bs), (rc if C is not None else ones(C), ra if A is not None else ones(A), sigma)
 
 
@@ -704,8 +823,10 @@ def _restore_rows(mu: Optional[Tensor], active: Optional[Tensor], rows, like: Te
 def _ipm_keyword_names() -> Tuple[str, ...]:
     """The keywords :func:`solve_qp_batch` passes on (``ipm_solve``'s and ``polish_rounds``), read once."""
     import inspect
-    return tuple(k for k in inspect.signature(ipm_solve).parameters
-                 if k not in ("P", "q", "C", "d", "A", "b")) + ("polish_rounds",)
+
+    return tuple(k for k in inspect.signature(ipm_solve).parameters if k not in ("P", "q", "C", "d", "A", "b")) + (
+        "polish_rounds",
+    )
 
 
 def _check_ipm_options(options: Dict[str, Any]) -> None:
@@ -715,16 +836,31 @@ def _check_ipm_options(options: Dict[str, Any]) -> None:
     valid = list(_ipm_keyword_names())
     unknown = [k for k in options if k not in valid]
     if unknown:
-        hints = [f"{k!r}" + (f" (did you mean {c[0]!r}?)" if (c := difflib.get_close_matches(k, valid, n=1)) else "")
-                 for k in unknown]
-        raise SettingsError(f"qp_solver='dqp_ipm' has no option {', '.join(hints)}. Valid keywords "
-                            f"(qp_solver_keywords / solve_qp_batch): {', '.join(sorted(valid))}.")
+        hints = [
+            f"{k!r}" + (f" (did you mean {c[0]!r}?)" if (c := difflib.get_close_matches(k, valid, n=1)) else "")
+            for k in unknown
+        ]
+        raise SettingsError(
+            f"qp_solver='dqp_ipm' has no option {', '.join(hints)}. Valid keywords "
+            f"(qp_solver_keywords / solve_qp_batch): {', '.join(sorted(valid))}."
+        )
 
 
-def solve_qp_batch(P: Tensor, q: Tensor, C: Optional[Tensor] = None, d: Optional[Tensor] = None,
-                   A: Optional[Tensor] = None, b: Optional[Tensor] = None, *, eps: Optional[float] = None,
-                   max_iter: int = 100, on_failure: str = "raise", polish: bool = True,
-                   diagnostics: Optional[Dict[str, Any]] = None, **ipm_options) -> Tuple[Tensor, Optional[Tensor], Optional[Tensor], Tensor, Optional[Tensor]]:
+def solve_qp_batch(
+    P: Tensor,
+    q: Tensor,
+    C: Optional[Tensor] = None,
+    d: Optional[Tensor] = None,
+    A: Optional[Tensor] = None,
+    b: Optional[Tensor] = None,
+    *,
+    eps: Optional[float] = None,
+    max_iter: int = 100,
+    on_failure: str = "raise",
+    polish: bool = True,
+    diagnostics: Optional[Dict[str, Any]] = None,
+    **ipm_options,
+) -> Tuple[Tensor, Optional[Tensor], Optional[Tensor], Tensor, Optional[Tensor]]:
     """Solve a batch of QPs differentiably with the built-in IPM (stable entry point).
 
     Parameters
@@ -780,12 +916,14 @@ def solve_qp_batch(P: Tensor, q: Tensor, C: Optional[Tensor] = None, d: Optional
     reject_functorch((P, q, C, d, A, b), "solve_qp_batch")
     if on_failure not in ("raise", "mask"):
         raise SettingsError(f"solve_qp_batch: on_failure must be 'raise' or 'mask', got {on_failure!r}.")
-    z, lam, mu, status, active, kkt, feasible = _solve(P, q, C, d, A, b, eps, max_iter, polish, ipm_options,
-                                                       check_feasible=diagnostics is not None)
+    z, lam, mu, status, active, kkt, feasible = _solve(
+        P, q, C, d, A, b, eps, max_iter, polish, ipm_options, check_feasible=diagnostics is not None
+    )
     if diagnostics is not None:
         verified = kkt.polished & feasible
-        diagnostics.update(verified=verified, iterations=kkt.iterations,
-                           kkt_path=[PATH_NAMES[i] for i in kkt.path.tolist()])
+        diagnostics.update(
+            verified=verified, iterations=kkt.iterations, kkt_path=[PATH_NAMES[i] for i in kkt.path.tolist()]
+        )
     if on_failure == "raise":
         st = status.tolist()
         if any(s != int(Status.SOLVED) for s in st):

@@ -7,6 +7,7 @@ quasi-definite regularization ``K + diag(δI, −δI)`` and applies iterative re
 true ``K``. For a consistent right-hand side this converges to a solution of ``K y = r`` with a small
 null-space component (a regularized, minimum-norm-like choice). The path taken is recorded.
 """
+
 from __future__ import annotations
 
 import functools
@@ -38,9 +39,13 @@ def warn_singular_once() -> None:
     global _warned_singular
     if not _warned_singular:
         _warned_singular = True
-        warnings.warn("The reduced KKT matrix is singular (dependent active constraints or a semidefinite P): "
-                      "dqp used a regularized solve with iterative refinement (a minimum-norm-like derivative). "
-                      "See layer.info.kkt_path; this warning is shown once.", SingularKKTWarning, stacklevel=4)
+        warnings.warn(
+            "The reduced KKT matrix is singular (dependent active constraints or a semidefinite P): "
+            "dqp used a regularized solve with iterative refinement (a minimum-norm-like derivative). "
+            "See layer.info.kkt_path; this warning is shown once.",
+            SingularKKTWarning,
+            stacklevel=4,
+        )
 
 
 def assemble_kkt(P, A, CJ, sparse: bool, reg: float = 0.0):
@@ -176,8 +181,18 @@ class RobustKKT(Factorization):
         Numeric factorizations made (1 when the quick try succeeds).
     """
 
-    def __init__(self, P, A, CJ, sparse: bool, solver: LinearSolver, delta: float = 1e-8,
-                 refine_steps: int = 30, quick: bool = False, reuse: Optional[Factorization] = None):
+    def __init__(
+        self,
+        P,
+        A,
+        CJ,
+        sparse: bool,
+        solver: LinearSolver,
+        delta: float = 1e-8,
+        refine_steps: int = 30,
+        quick: bool = False,
+        reuse: Optional[Factorization] = None,
+    ):
         self.n = P.shape[0]
         self.K = assemble_kkt(P, A, CJ, sparse)
         self.sparse = sparse
@@ -289,8 +304,11 @@ class RobustKKT(Factorization):
         else:
             from dqp.linsolve import available_linsolvers, get_linsolver
 
-            pivoting = [(get_linsolver("pardiso"), 1e-12)] if ("pardiso" in available_linsolvers()
-                                                               and solver.name != "pardiso") else []
+            pivoting = (
+                [(get_linsolver("pardiso"), 1e-12)]
+                if ("pardiso" in available_linsolvers() and solver.name != "pardiso")
+                else []
+            )
         direct_ok = solver.safe_on_singular and not (solver.quasi_definite_only and N > self.n)
         attempts = ([(solver, 0.0)] if direct_ok else []) + [(solver, 1e-10)] + pivoting
         for lin, reg in attempts:
@@ -326,8 +344,9 @@ class RobustKKT(Factorization):
         sign = self._F.determinant_sign()
         return sign is not None and sign != (-1) ** k
 
-    def _solve_scaled(self, rhs: np.ndarray, x0: Optional[np.ndarray] = None,
-                      steps: Optional[int] = None) -> np.ndarray:
+    def _solve_scaled(
+        self, rhs: np.ndarray, x0: Optional[np.ndarray] = None, steps: Optional[int] = None
+    ) -> np.ndarray:
         K, F = self.Ks, self._F
         x = F.solve(rhs) if x0 is None else x0 + F.solve(rhs - K @ x0)
         norm_r = max(np.linalg.norm(rhs), 1e-300)

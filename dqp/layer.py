@@ -1,4 +1,5 @@
 """The dQP layer: ``nn.Module`` front door of dqp."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -41,10 +42,11 @@ def _row_scale_sparse(M: SparseArg, B: int) -> Tuple[SparseArg, torch.Tensor]:
     count = 1 if M.shared else B
     for k in range(count):
         lo, nnz = M.offsets[k], len(M.rows[k])
-        v = M.values[lo:lo + nnz]
+        v = M.values[lo : lo + nnz]
         rows = torch.as_tensor(M.rows[k], device=v.device)
         a = torch.zeros(M.shape[0], dtype=v.dtype, device=v.device).scatter_reduce(
-            0, rows, v.detach().abs(), reduce="amax", include_self=True)
+            0, rows, v.detach().abs(), reduce="amax", include_self=True
+        )
         a = torch.where(a > 0, a, torch.ones_like(a))  # scale first: no overflow beyond 1e154
         sq = torch.zeros(M.shape[0], dtype=v.dtype, device=v.device).index_add(0, rows, (v / a[rows]) ** 2)
         r = torch.where(sq > 0, a * sq.sqrt(), torch.ones_like(sq))
@@ -125,7 +127,7 @@ class dQP_layer(LibdqpAttributes, nn.Module):  # noqa: N801  (the name users kno
 
     # -- state: solver workspaces, thread pools and warm starts are per thread and not saved ---------
     def __getstate__(self) -> dict:
-        getter = getattr(super(), "__getstate__", None)     # (a copy: never edit the live __dict__)
+        getter = getattr(super(), "__getstate__", None)  # (a copy: never edit the live __dict__)
         state = dict(getter()) if getter is not None else self.__dict__.copy()
         state.pop("_local", None)
         return state
@@ -153,22 +155,33 @@ class dQP_layer(LibdqpAttributes, nn.Module):  # noqa: N801  (the name users kno
             # by capability: a batched dense engine (the built-in IPM) for dense data on a GPU or large batches
             engines = [n for n in available_solvers() if get_solver(n).batched and get_solver(n).dense]
             qp = engines[0] if (engines and not batch.sparse and (on_gpu or batch.B > 16)) else "clarabel"
-            logger.log(logging.INFO if s.verbose else logging.DEBUG,
-                       "qp_solver='auto' picked %r (%s inputs, batch %d, %s)", qp,
-                       "sparse" if batch.sparse else "dense", batch.B, batch.device)
+            logger.log(
+                logging.INFO if s.verbose else logging.DEBUG,
+                "qp_solver='auto' picked %r (%s inputs, batch %d, %s)",
+                qp,
+                "sparse" if batch.sparse else "dense",
+                batch.B,
+                batch.device,
+            )
         solver = get_solver(qp)
         if solver.batched and batch.sparse:
-            raise SettingsError(f"qp_solver={qp!r} is a batched dense solver; it does not take sparse input. "
-                                f"Use solve_type='dense' (P.to_dense()) or a sparse qp_solver such as 'clarabel'.")
+            raise SettingsError(
+                f"qp_solver={qp!r} is a batched dense solver; it does not take sparse input. "
+                f"Use solve_type='dense' (P.to_dense()) or a sparse qp_solver such as 'clarabel'."
+            )
         lin = s.lin_solver
         if solver.batched:
             if lin not in ("auto", "torch"):
-                raise SettingsError(f"qp_solver={qp!r} runs on torch tensors and differentiates with the batched "
-                                    f"torch KKT solver; use lin_solver='torch' or 'auto' (got {lin!r}).")
+                raise SettingsError(
+                    f"qp_solver={qp!r} runs on torch tensors and differentiates with the batched "
+                    f"torch KKT solver; use lin_solver='torch' or 'auto' (got {lin!r})."
+                )
             lin = "torch"
         elif lin == "torch" and batch.sparse:
-            raise SettingsError("lin_solver='torch' is a dense batched solver; with solve_type='sparse' pick a "
-                                "sparse linear solver ('qdldl', 'pardiso', 'scipy_splu') or 'auto'.")
+            raise SettingsError(
+                "lin_solver='torch' is a dense batched solver; with solve_type='sparse' pick a "
+                "sparse linear solver ('qdldl', 'pardiso', 'scipy_splu') or 'auto'."
+            )
         return qp, lin
 
     def _engine(self, qp: str, lin: str) -> Engine:
@@ -180,12 +193,20 @@ class dQP_layer(LibdqpAttributes, nn.Module):  # noqa: N801  (the name users kno
         return self._engines[key]
 
     # -- call ---------------------------------------------------------------------------------
-    @graph_break   # torch.compile: the solve runs eagerly, the model around it compiles
-    def forward(self, P: Optional[torch.Tensor] = None, q: Optional[torch.Tensor] = None,
-                C: Optional[torch.Tensor] = None, d: Optional[torch.Tensor] = None,
-                A: Optional[torch.Tensor] = None, b: Optional[torch.Tensor] = None, *,
-                Q: Optional[torch.Tensor] = None, G: Optional[torch.Tensor] = None,
-                h: Optional[torch.Tensor] = None) -> QPOutput:
+    @graph_break  # torch.compile: the solve runs eagerly, the model around it compiles
+    def forward(
+        self,
+        P: Optional[torch.Tensor] = None,
+        q: Optional[torch.Tensor] = None,
+        C: Optional[torch.Tensor] = None,
+        d: Optional[torch.Tensor] = None,
+        A: Optional[torch.Tensor] = None,
+        b: Optional[torch.Tensor] = None,
+        *,
+        Q: Optional[torch.Tensor] = None,
+        G: Optional[torch.Tensor] = None,
+        h: Optional[torch.Tensor] = None,
+    ) -> QPOutput:
         """Solve the QP(s) and return ``(z, lam, mu, solve_time, forward_time)``.
 
         Any argument may be batched or shared; a shared argument's gradient is the sum over the
@@ -261,20 +282,24 @@ class dQP_layer(LibdqpAttributes, nn.Module):  # noqa: N801  (the name users kno
             info.messages = [r.message for r in rs]
             if lin == "auto":
                 info.lin_solver = f"auto ({', '.join(sorted(engine.used_linsolvers))})"
-                logger.log(logging.INFO if s.verbose else logging.DEBUG, "lin_solver='auto' picked %s",
-                           info.lin_solver[6:-1])
+                logger.log(
+                    logging.INFO if s.verbose else logging.DEBUG, "lin_solver='auto' picked %s", info.lin_solver[6:-1]
+                )
             unverified = [i for i, r in enumerate(rs) if r.status == Status.SOLVED and not r.verified]
             if unverified:
                 warnings.warn(
                     f"dQP: the active set of batch element(s) {unverified[:10]} could not be verified (a degenerate "
                     f"problem, e.g. a non-unique solution, or an inaccurate solver): the solver's point is returned "
                     f"and the gradient uses the detected active set. See layer.info.verified / messages; a tighter "
-                    f"eps_abs or another qp_solver may help.", UnverifiedSolutionWarning, stacklevel=2)
+                    f"eps_abs or another qp_solver may help.",
+                    UnverifiedSolutionWarning,
+                    stacklevel=2,
+                )
         if rC is not None:
             mu = mu / rC
         if rA is not None:
             lam = lam / rA
-        active = info.active_mask(batch.m)   # (B, m) tensor, on the data's device for the batched engine
+        active = info.active_mask(batch.m)  # (B, m) tensor, on the data's device for the batched engine
         # the last call's state, published by one assignment (concurrent callers and a call that raises
         # never leave layer.info and the libdqp attributes describing different calls)
         self._last = LastCall(detach_batch(given), z.detach(), lam.detach(), mu.detach(), info=info, active=active)
@@ -283,9 +308,13 @@ class dQP_layer(LibdqpAttributes, nn.Module):  # noqa: N801  (the name users kno
             if err is not None:
                 raise err
         elif info.failed:
-            logger.warning("dQP: %d of %d batch elements failed (statuses in layer.info.status); their "
-                           "outputs and gradients are zero.", len(info.failed), batch.B)
-        out_active = active                  # the call's own, shaped like z
+            logger.warning(
+                "dQP: %d of %d batch elements failed (statuses in layer.info.status); their "
+                "outputs and gradients are zero.",
+                len(info.failed),
+                batch.B,
+            )
+        out_active = active  # the call's own, shaped like z
         if not batch.batched and not s.empty_batch:
             z, lam, mu, out_active = z[0], lam[0], mu[0], out_active[0]
         if needs_grad:  # fresh tensors: an in-place edit by the caller (z.unsqueeze_(-1)) leaves the backward's intact

@@ -24,6 +24,7 @@ attribute                   meaning (libdqp's letters: ``(x, μ, ν)`` = dqp's `
 
 Before the first call the per-call attributes are ``None``.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -52,8 +53,10 @@ def resolve_keywords(P, q, C, d, A, b, Q=None, G=None, h=None):
         if value is None:
             continue
         if given[name] is not None:
-            raise InputError(f"Argument {name} was given twice, as {name} and as {alias} (libdqp's name for it); "
-                             f"pass it once: layer(P, q, C, d, A, b) or layer(Q=..., q=..., G=..., h=..., A=..., b=...).")
+            raise InputError(
+                f"Argument {name} was given twice, as {name} and as {alias} (libdqp's name for it); "
+                f"pass it once: layer(P, q, C, d, A, b) or layer(Q=..., q=..., G=..., h=..., A=..., b=...)."
+            )
         given[name] = value
     return given["P"], q, given["C"], given["d"], A, b
 
@@ -62,12 +65,12 @@ def resolve_keywords(P, q, C, d, A, b, Q=None, G=None, h=None):
 class LastCall:
     """What the libdqp attributes are computed from: the last call's detached data and outputs."""
 
-    batch: Any          # QPBatch with detached tensors, in the caller's scaling
-    z: torch.Tensor     # (B, n)
-    lam: torch.Tensor   # (B, p)
-    mu: torch.Tensor    # (B, m)
-    info: Any = None    # the call's SolveInfo
-    active: Optional[torch.Tensor] = None   # (B, m) bool
+    batch: Any  # QPBatch with detached tensors, in the caller's scaling
+    z: torch.Tensor  # (B, n)
+    lam: torch.Tensor  # (B, p)
+    mu: torch.Tensor  # (B, m)
+    info: Any = None  # the call's SolveInfo
+    active: Optional[torch.Tensor] = None  # (B, m) bool
 
 
 def detach_batch(batch):
@@ -83,8 +86,9 @@ def detach_batch(batch):
             return dataclasses.replace(M, values=M.values.detach())
         return M.detach()
 
-    return dataclasses.replace(batch, P=det(batch.P), q=det(batch.q), C=det(batch.C), d=det(batch.d),
-                               A=det(batch.A), b=det(batch.b))
+    return dataclasses.replace(
+        batch, P=det(batch.P), q=det(batch.q), C=det(batch.C), d=det(batch.d), A=det(batch.A), b=det(batch.b)
+    )
 
 
 def _np(t: torch.Tensor) -> np.ndarray:
@@ -174,7 +178,9 @@ class LibdqpAttributes:
         if self._last is None:
             return None
         mu = _np(self._last.mu)
-        per = [mu[i][np.asarray(a, dtype=bool)] if mu.shape[1] else mu[i][:0] for i, a in enumerate(self._last.info.active)]
+        per = [
+            mu[i][np.asarray(a, dtype=bool)] if mu.shape[1] else mu[i][:0] for i, a in enumerate(self._last.info.active)
+        ]
         return per if self._last.batch.batched else per[0]
 
     @property

@@ -8,6 +8,7 @@ aliases of them and are accepted by :func:`dqp.dQP.build_settings` too.
 libdqp's solve helpers (``dense_solve``, ``sparse_solve``, ``dense_LSQ``, ``sparse_LSQ``) are not
 provided: use :func:`dqp.linsolve.get_linsolver` (``factor(K).solve(rhs)``).
 """
+
 from __future__ import annotations
 
 from typing import List
@@ -24,5 +25,4 @@ def get_dense_solvers() -> List[str]:
 
 def get_sparse_solvers() -> List[str]:
     """Installed linear solvers for ``solve_type="sparse"`` (registry names, preferred first)."""
-    return [name for name in available_linsolvers()
-            if get_linsolver(name).sparse and not get_linsolver(name).batched]
+    return [name for name in available_linsolvers() if get_linsolver(name).sparse and not get_linsolver(name).batched]

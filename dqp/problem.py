@@ -9,6 +9,7 @@ with ``expand``, so autograd sums their gradients over the batch). Sparse matric
 :class:`SparseArg`: one values tensor (the concatenation of each element's CSC values, or a single
 shared one) plus the CSC patterns.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -18,7 +19,7 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from dqp.errors import (LayoutError, NonFiniteError, NotPSDError, NotSymmetricError, ShapeError)
+from dqp.errors import LayoutError, NonFiniteError, NotPSDError, NotSymmetricError, ShapeError
 
 _NAMES = ("P", "q", "C", "d", "A", "b")
 #: an inequality bound ``d_i ≥ INF_BOUND`` (or ``+inf``) means "no bound" and the row is left out,
@@ -32,6 +33,8 @@ def unbounded_mask_np(C, d: np.ndarray) -> np.ndarray:
     """Rows of one element whose bound means "none" (see :data:`INF_BOUND`)."""
     row_max = np.asarray(abs(C).max(axis=1).todense()).ravel() if sp.issparse(C) else np.abs(C).max(axis=1)
     return (d >= INF_BOUND) & (d >= INF_ROW_RATIO * row_max)
+
+
 _SPARSE_LAYOUTS = (torch.sparse_coo, torch.sparse_csr, torch.sparse_csc, torch.sparse_bsr, torch.sparse_bsc)
 
 
@@ -69,8 +72,9 @@ class SparseArg:
         nnz = len(self.rows[k])
         # a copy in canonical form (sorted rows, duplicates summed, as SciPy and torch's coalesce do):
         # solvers sort and sum in place, which must never reach the caller's values
-        M = sp.csc_matrix((values_np[lo:lo + nnz].copy(), self.rows[k].copy(), self.ccols[k].copy()),
-                          shape=self.shape)
+        M = sp.csc_matrix(
+            (values_np[lo : lo + nnz].copy(), self.rows[k].copy(), self.ccols[k].copy()), shape=self.shape
+        )
         if not M.has_canonical_format:
             M.sum_duplicates()
         return M
@@ -127,9 +131,14 @@ class NumpyBatch:
 
     def element(self, i: int):
         """``(P, q, C, d, A, b)`` of element ``i`` (``None`` for absent constraints)."""
-        return (self.matrix("P", i), self.q[i], self.matrix("C", i),
-                None if self.d is None else self.d[i], self.matrix("A", i),
-                None if self.b is None else self.b[i])
+        return (
+            self.matrix("P", i),
+            self.q[i],
+            self.matrix("C", i),
+            None if self.d is None else self.d[i],
+            self.matrix("A", i),
+            None if self.b is None else self.b[i],
+        )
 
 
 def _describe(x) -> str:
@@ -141,11 +150,14 @@ def _describe(x) -> str:
 def _check_dtype_device(name: str, x: torch.Tensor, ref: torch.Tensor) -> None:
     """``x`` (a dense tensor or sparse values) must share q's floating dtype and device."""
     if x.dtype != ref.dtype:
-        raise LayoutError(f"Argument {name} has dtype {x.dtype} but q has {ref.dtype}; all arguments must "
-                          f"share one floating dtype (float32 or float64). Convert with .to({ref.dtype}).")
+        raise LayoutError(
+            f"Argument {name} has dtype {x.dtype} but q has {ref.dtype}; all arguments must "
+            f"share one floating dtype (float32 or float64). Convert with .to({ref.dtype})."
+        )
     if x.device != ref.device:
-        raise LayoutError(f"Argument {name} is on {x.device} but q is on {ref.device}; move all arguments "
-                          f"to one device.")
+        raise LayoutError(
+            f"Argument {name} is on {x.device} but q is on {ref.device}; move all arguments to one device."
+        )
 
 
 def _where(ok: torch.Tensor, t: torch.Tensor, batched: bool) -> str:
@@ -156,14 +168,19 @@ def _where(ok: torch.Tensor, t: torch.Tensor, batched: bool) -> str:
 
 
 def _check_finite(name: str, t: torch.Tensor, batched: bool) -> None:
-    vals = t.values() if t.layout in _SPARSE_LAYOUTS and t.layout != torch.sparse_coo else (
-        t.coalesce().values() if t.layout == torch.sparse_coo else t)
+    vals = (
+        t.values()
+        if t.layout in _SPARSE_LAYOUTS and t.layout != torch.sparse_coo
+        else (t.coalesce().values() if t.layout == torch.sparse_coo else t)
+    )
     if name == "d":  # +inf is "no bound" (the row is inactive); NaN and -inf are errors
         ok = ~torch.isnan(vals) & (vals != float("-inf"))
         if not bool(ok.all()):
-            raise NonFiniteError(f"Argument d contains NaN or -inf{_where(ok, t, batched)}. +inf (or any bound "
-                                 f">= {INF_BOUND:g}) marks an absent bound, but NaN has no meaning and "
-                                 f"C_i z <= -inf cannot hold; check the layer that produced d.")
+            raise NonFiniteError(
+                f"Argument d contains NaN or -inf{_where(ok, t, batched)}. +inf (or any bound "
+                f">= {INF_BOUND:g}) marks an absent bound, but NaN has no meaning and "
+                f"C_i z <= -inf cannot hold; check the layer that produced d."
+            )
         return
     ok = torch.isfinite(vals)
     if not bool(ok.all()):
@@ -171,12 +188,13 @@ def _check_finite(name: str, t: torch.Tensor, batched: bool) -> None:
         if batched and t.layout == torch.strided and t.dim() >= 2:
             bad = (~ok).reshape(t.shape[0], -1).any(dim=1).nonzero().flatten().tolist()
             where = f" (batch elements {bad[:10]})"
-        raise NonFiniteError(f"Argument {name} contains NaN or Inf{where}. dqp needs finite problem data; "
-                             f"check the layer that produced {name} (e.g. for exploding values).")
+        raise NonFiniteError(
+            f"Argument {name} contains NaN or Inf{where}. dqp needs finite problem data; "
+            f"check the layer that produced {name} (e.g. for exploding values)."
+        )
 
 
-def check_compressed(name: str, ptr: np.ndarray, idx: np.ndarray, n_ptr: int, n_idx: int,
-                     kind: str = "CSC") -> None:
+def check_compressed(name: str, ptr: np.ndarray, idx: np.ndarray, n_ptr: int, n_idx: int, kind: str = "CSC") -> None:
     """O(nnz) structure check of a compressed sparse matrix; raises :class:`LayoutError`.
 
     ``ptr`` (column pointers for CSC, row pointers for CSR) must have ``n_ptr + 1`` entries, start
@@ -184,16 +202,24 @@ def check_compressed(name: str, ptr: np.ndarray, idx: np.ndarray, n_ptr: int, n_
     Duplicate and unsorted indices are allowed (they are summed and sorted on a copy).
     """
     ptr_name, idx_name = ("ccol_indices", "row_indices") if kind == "CSC" else ("crow_indices", "col_indices")
-    fix = (f"Build {name} with torch.sparse_csc_tensor(..., check_invariants=True) or from a dense tensor "
-           f"with .to_sparse_csc() to find the fault.")
+    fix = (
+        f"Build {name} with torch.sparse_csc_tensor(..., check_invariants=True) or from a dense tensor "
+        f"with .to_sparse_csc() to find the fault."
+    )
     if ptr.shape != (n_ptr + 1,):
-        raise LayoutError(f"Argument {name}: {kind} {ptr_name} must have {n_ptr + 1} entries, got {ptr.shape[0]}. {fix}")
+        raise LayoutError(
+            f"Argument {name}: {kind} {ptr_name} must have {n_ptr + 1} entries, got {ptr.shape[0]}. {fix}"
+        )
     if ptr[0] != 0 or ptr[-1] != len(idx):
-        raise LayoutError(f"Argument {name}: {kind} {ptr_name} must start at 0 and end at nnz = {len(idx)}, got "
-                          f"{int(ptr[0])} ... {int(ptr[-1])}. {fix}")
+        raise LayoutError(
+            f"Argument {name}: {kind} {ptr_name} must start at 0 and end at nnz = {len(idx)}, got "
+            f"{int(ptr[0])} ... {int(ptr[-1])}. {fix}"
+        )
     if n_ptr and np.any(np.diff(ptr) < 0):
-        raise LayoutError(f"Argument {name}: {kind} {ptr_name} must be nondecreasing (at position "
-                          f"{int(np.flatnonzero(np.diff(ptr) < 0)[0])}). {fix}")
+        raise LayoutError(
+            f"Argument {name}: {kind} {ptr_name} must be nondecreasing (at position "
+            f"{int(np.flatnonzero(np.diff(ptr) < 0)[0])}). {fix}"
+        )
     if len(idx) and (idx.min() < 0 or idx.max() >= n_idx):
         bad = int(idx.min()) if idx.min() < 0 else int(idx.max())
         raise LayoutError(f"Argument {name}: {kind} {idx_name} must lie in [0, {n_idx}), found {bad}. {fix}")
@@ -220,12 +246,15 @@ def _to_csc(name: str, M: torch.Tensor) -> torch.Tensor:
                 f"Argument {name} is a sparse CSC leaf tensor with requires_grad=True; torch cannot "
                 f"accumulate gradients into it. Make the values the leaf instead: "
                 f"vals.requires_grad_(); {name} = dqp.sparse_csc_tensor(ccol, row, vals, size) (O(nnz) backward), "
-                f"then read vals.grad.")
+                f"then read vals.grad."
+            )
         return M
     if M.layout in (torch.sparse_coo, torch.sparse_csr):
         return M.to_sparse_csc()  # differentiable; gradients reach the original values in their order
-    raise LayoutError(f"Argument {name}: solve_type='sparse' expects a torch sparse CSC (or COO/CSR) tensor, "
-                      f"got {_describe(M)}. Convert with {name}.to_sparse_csc(), or use solve_type='dense'.")
+    raise LayoutError(
+        f"Argument {name}: solve_type='sparse' expects a torch sparse CSC (or COO/CSR) tensor, "
+        f"got {_describe(M)}. Convert with {name}.to_sparse_csc(), or use solve_type='dense'."
+    )
 
 
 def _sparse_arg(name: str, M, shape_rows: Optional[int], n: int) -> Tuple[SparseArg, int, Optional[int]]:
@@ -233,16 +262,20 @@ def _sparse_arg(name: str, M, shape_rows: Optional[int], n: int) -> Tuple[Sparse
     csc = []
     for i, Mi in enumerate(mats):
         if not isinstance(Mi, torch.Tensor):
-            raise LayoutError(f"Argument {name}{'' if len(mats) == 1 else f'[{i}]'} must be a torch sparse tensor, "
-                              f"got {_describe(Mi)}.")
+            raise LayoutError(
+                f"Argument {name}{'' if len(mats) == 1 else f'[{i}]'} must be a torch sparse tensor, "
+                f"got {_describe(Mi)}."
+            )
         if Mi.dim() != 2:
-            raise ShapeError(f"Argument {name}: each sparse matrix must be 2-D, got shape {tuple(Mi.shape)}. "
-                             f"Pass a batch of sparse matrices as a list.")
+            raise ShapeError(
+                f"Argument {name}: each sparse matrix must be 2-D, got shape {tuple(Mi.shape)}. "
+                f"Pass a batch of sparse matrices as a list."
+            )
         csc.append(_to_csc(name, Mi))
     shapes = {tuple(c.shape) for c in csc}
     if len(shapes) != 1:
         raise ShapeError(f"Argument {name}: all matrices of a batch must have one shape, got {sorted(shapes)}.")
-    (r, c), = shapes  # c == n: the first matrix was checked by _matrix_sizes
+    ((r, c),) = shapes  # c == n: the first matrix was checked by _matrix_sizes
     ccols = [t.ccol_indices().cpu().numpy().astype(np.int64) for t in csc]
     rows = [t.row_indices().cpu().numpy().astype(np.int64) for t in csc]
     nnz = [len(x) for x in rows]
@@ -256,16 +289,20 @@ def _mat_shape(name: str, M, sparse: bool) -> Tuple[int, int]:
     """``(rows, cols)`` of a matrix argument (a list of sparse matrices: of its first element)."""
     if sparse:
         if isinstance(M, torch.Tensor) and M.layout == torch.strided:
-            raise LayoutError(f"Argument {name}: solve_type='sparse' expects a torch sparse CSC tensor, got a "
-                              f"dense tensor. Use {name}.to_sparse_csc() or solve_type='dense'.")
+            raise LayoutError(
+                f"Argument {name}: solve_type='sparse' expects a torch sparse CSC tensor, got a "
+                f"dense tensor. Use {name}.to_sparse_csc() or solve_type='dense'."
+            )
         first = M[0] if isinstance(M, (list, tuple)) and len(M) else M
         if isinstance(M, (list, tuple)) and not len(M):
             raise ShapeError(f"Argument {name} is an empty list; give one sparse matrix or one per batch element.")
         if not isinstance(first, torch.Tensor):
             raise LayoutError(f"Argument {name} must be a torch sparse tensor, got {_describe(first)}.")
         if first.dim() != 2:
-            raise ShapeError(f"Argument {name}: each sparse matrix must be 2-D, got shape {tuple(first.shape)}. "
-                             f"Pass a batch of sparse matrices as a list.")
+            raise ShapeError(
+                f"Argument {name}: each sparse matrix must be 2-D, got shape {tuple(first.shape)}. "
+                f"Pass a batch of sparse matrices as a list."
+            )
         return int(first.shape[0]), int(first.shape[1])
     if M.dim() not in (2, 3):
         raise ShapeError(f"Argument {name} must have shape (k, n) or (B, k, n), got {tuple(M.shape)}.")
@@ -295,10 +332,13 @@ def _matrix_sizes(args: dict, sparse: bool) -> Tuple[int, dict]:
             continue  # q's own message (with the accepted forms) comes from _as_vector
         others = ", ".join(k for k, w in votes.items() if w == n)
         if name == "P":
-            raise ShapeError(f"Argument P has shape {_shape_of(args['P'])} but {others} give n = {n}; "
-                             f"expected (..., {n}, {n}).")
-        raise ShapeError(f"Argument {name} has {v} columns but {others} give n = {n}; {name} must have "
-                         f"{n} columns (shape {_shape_of(args[name])}).")
+            raise ShapeError(
+                f"Argument P has shape {_shape_of(args['P'])} but {others} give n = {n}; expected (..., {n}, {n})."
+            )
+        raise ShapeError(
+            f"Argument {name} has {v} columns but {others} give n = {n}; {name} must have "
+            f"{n} columns (shape {_shape_of(args[name])})."
+        )
     return n, sizes
 
 
@@ -327,14 +367,17 @@ def _as_vector(name: str, v: torch.Tensor, k: int, mat: str) -> torch.Tensor:
     if v.dim() not in (1, 2) or v.shape[-1] != k:
         letter = {"q": "n", "d": "m", "b": "p"}[name]
         size = f"P is {k} x {k}" if name == "q" else f"{mat} has {k} rows"
-        raise ShapeError(f"Argument {name} has shape {given} but {size}; {name} must have shape "
-                         f"({letter},) or (B, {letter}), or be a column ({letter}, 1) / (B, {letter}, 1), "
-                         f"with {letter} = {k}.")
+        raise ShapeError(
+            f"Argument {name} has shape {given} but {size}; {name} must have shape "
+            f"({letter},) or (B, {letter}), or be a column ({letter}, 1) / (B, {letter}, 1), "
+            f"with {letter} = {k}."
+        )
     return v
 
 
-def validate(P, q, C=None, d=None, A=None, b=None, *, sparse: bool = False, check_psd: bool = False,
-             sym_tol: float = 1e-9) -> QPBatch:
+def validate(
+    P, q, C=None, d=None, A=None, b=None, *, sparse: bool = False, check_psd: bool = False, sym_tol: float = 1e-9
+) -> QPBatch:
     """Check the problem data and broadcast it to a common batch.
 
     Parameters
@@ -355,8 +398,10 @@ def validate(P, q, C=None, d=None, A=None, b=None, *, sparse: bool = False, chec
     for mat, vec in (("C", "d"), ("A", "b")):
         if (args[mat] is None) != (args[vec] is None):
             given, missing = (mat, vec) if args[mat] is not None else (vec, mat)
-            raise ShapeError(f"Argument {given} is given but {missing} is None; constraints need both "
-                             f"({'C z <= d' if mat == 'C' else 'A z = b'}). Pass both or neither.")
+            raise ShapeError(
+                f"Argument {given} is given but {missing} is None; constraints need both "
+                f"({'C z <= d' if mat == 'C' else 'A z = b'}). Pass both or neither."
+            )
     if P is None or q is None:
         raise ShapeError("Arguments P and q are required.")
     # vectors: dense tensors of one floating dtype and device
@@ -373,8 +418,10 @@ def validate(P, q, C=None, d=None, A=None, b=None, *, sparse: bool = False, chec
         if not isinstance(x, torch.Tensor):
             raise LayoutError(f"Argument {name} must be a torch tensor, got {_describe(x)}.")
         if x.layout != torch.strided:
-            raise LayoutError(f"Argument {name} is sparse ({x.layout}) but solve_type='dense'. Use "
-                              f"solve_type='sparse' (torch CSC tensors), or {name}.to_dense().")
+            raise LayoutError(
+                f"Argument {name} is sparse ({x.layout}) but solve_type='dense'. Use "
+                f"solve_type='sparse' (torch CSC tensors), or {name}.to_dense()."
+            )
         _check_dtype_device(name, x, ref)
     n, sizes = _matrix_sizes(args, sparse)
     q = args["q"] = _as_vector("q", q, n, "P")
@@ -414,14 +461,16 @@ def validate(P, q, C=None, d=None, A=None, b=None, *, sparse: bool = False, chec
     if len(bs) == 2 and 1 in bs and not any(batch_sizes[k] == 1 for k in sparse_lists):
         bs.discard(1)  # a dense leading dimension of 1 broadcasts, as in torch
     if len(bs) > 1:
-        raise ShapeError(f"Batch sizes do not agree: {batch_sizes}. Give every batched argument the same "
-                         f"leading dimension B (unbatched arguments are shared across the batch).")
+        raise ShapeError(
+            f"Batch sizes do not agree: {batch_sizes}. Give every batched argument the same "
+            f"leading dimension B (unbatched arguments are shared across the batch)."
+        )
     batched = bool(bs)
     B = bs.pop() if bs else 1
     if B == 0:
         raise ShapeError("The batch is empty (B = 0).")
     sym_tol = max(sym_tol, 64 * torch.finfo(q.dtype).eps)
-    fast = not sparse and _dense_ok(args, sym_tol)     # (else the checks below name what is wrong)
+    fast = not sparse and _dense_ok(args, sym_tol)  # (else the checks below name what is wrong)
     for name in ("q", "d", "b") + (() if sparse else ("P", "C", "A")):
         x = args[name]
         if x is not None and not fast:
@@ -477,7 +526,8 @@ def _check_symmetric(batch: QPBatch, tol: float) -> None:
                 raise NotSymmetricError(
                     f"Argument P is not symmetric{where}: max |P - Pᵀ| = {asym:.3g}. dqp needs the full symmetric "
                     f"matrix (both triangles). If you store one triangle, use P + P.T - diag(P); if P is a "
-                    f"learned matrix, symmetrize it: 0.5 * (P + P.T).")
+                    f"learned matrix, symmetrize it: 0.5 * (P + P.T)."
+                )
             if P.shared:
                 break
         return
@@ -489,7 +539,8 @@ def _check_symmetric(batch: QPBatch, tol: float) -> None:
         where = f" (batch elements {bad[:10]})" if batch.batched else ""
         raise NotSymmetricError(
             f"Argument P is not symmetric{where}: max |P - Pᵀ| = {float(asym.max()):.3g}. Symmetrize it, "
-            f"e.g. P = 0.5 * (P + P.transpose(-1, -2)), or build it as L @ L.T.")
+            f"e.g. P = 0.5 * (P + P.transpose(-1, -2)), or build it as L @ L.T."
+        )
 
 
 def _check_psd(batch: QPBatch, tol: float = 1e-9) -> None:
@@ -516,9 +567,11 @@ def _check_psd(batch: QPBatch, tol: float = 1e-9) -> None:
     bad = (lo < -tol * scale).nonzero().flatten().tolist()
     if bad:
         where = f" (batch elements {bad[:10]})" if batch.batched else ""
-        raise NotPSDError(f"Argument P is not positive semidefinite{where}: smallest eigenvalue "
-                          f"{float(lo.min()):.3g}. The QP is then nonconvex. Build P as L @ L.T (+ eps*I), or "
-                          f"turn off check_PSD if you know P is PSD up to rounding.")
+        raise NotPSDError(
+            f"Argument P is not positive semidefinite{where}: smallest eigenvalue "
+            f"{float(lo.min()):.3g}. The QP is then nonconvex. Build P as L @ L.T (+ eps*I), or "
+            f"turn off check_PSD if you know P is PSD up to rounding."
+        )
 
 
 def drop_unbounded_rows(data):
@@ -536,7 +589,7 @@ def drop_unbounded_rows(data):
         return data, None, m
     if not keep.any():
         return (P, q, None, None, A, b), keep, m
-    Ck = (C.tocsr()[keep] if sp.issparse(C) else C[keep])
+    Ck = C.tocsr()[keep] if sp.issparse(C) else C[keep]
     return (P, q, sp.csc_matrix(Ck) if sp.issparse(C) else Ck, d[keep], A, b), keep, m
 
 

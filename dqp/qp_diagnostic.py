@@ -11,6 +11,7 @@ Data are NumPy arrays or SciPy sparse matrices; vectors may be columns ``(k, 1)`
 and plotting internals (``test_qp``, ``test_linear``, ``visualize_*``) are replaced by
 :mod:`dqp.diagnose`.
 """
+
 from __future__ import annotations
 
 from typing import Any, Optional, Tuple
@@ -52,13 +53,13 @@ def get_full_D(Q, q, G, h, A, b, x, nu, is_sparse: bool):  # noqa: N802  (libdqp
     p = 0 if A is None else np.asarray(A).shape[0]
     D = np.zeros((n + p + m, n + p + m))
     D[:n, :n] = Qd
-    D[:n, n + p:] = Gd.T * nu
-    D[n + p:, :n] = Gd
-    D[n + p:, n + p:] = -np.diag(slack)
+    D[:n, n + p :] = Gd.T * nu
+    D[n + p :, :n] = Gd
+    D[n + p :, n + p :] = -np.diag(slack)
     if p:
         Ad = np.asarray(A, dtype=np.float64)
-        D[:n, n:n + p] = Ad.T
-        D[n:n + p, :n] = Ad
+        D[:n, n : n + p] = Ad.T
+        D[n : n + p, :n] = Ad
     return D
 
 

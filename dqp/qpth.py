@@ -51,6 +51,7 @@ Parameter mapping
     (``CVXPY`` would solve element by element on the CPU — use ``dqp``'s core layer with a
     qpsolvers backend for that).
 """
+
 from __future__ import annotations
 
 import logging
@@ -84,7 +85,8 @@ class SpQPFunction:
         raise NotSupportedError(
             "dqp.qpth.SpQPFunction (qpth's sparse batched solver) is not supported. Use "
             "dqp.qpth.QPFunction with dense tensors (Q.to_dense(), G.to_dense(), A.to_dense()), or dqp's "
-            "sparse layer: dqp.dQP.dQP_layer(solve_type='sparse') with torch sparse CSC matrices.")
+            "sparse layer: dqp.dQP.dQP_layer(solve_type='sparse') with torch sparse CSC matrices."
+        )
 
 
 class QPSolvers(Enum):
@@ -112,14 +114,17 @@ def _check_inputs(**args: Optional[torch.Tensor]) -> None:
         if not _present(t):
             continue
         if t.dtype not in (torch.float32, torch.float64):
-            raise LayoutError(f"QPFunction: {name} has dtype {t.dtype}; dqp solves in float32 or float64. "
-                              f"Convert with {name}.float() or {name}.double().")
+            raise LayoutError(
+                f"QPFunction: {name} has dtype {t.dtype}; dqp solves in float32 or float64. "
+                f"Convert with {name}.float() or {name}.double()."
+            )
         present[name] = t.detach()
     if not present:
         return
     with torch.no_grad():
-        sums = torch.stack([(t.clamp(max=0) if name == "h" else t).sum(dtype=torch.float64)
-                            for name, t in present.items()])
+        sums = torch.stack(
+            [(t.clamp(max=0) if name == "h" else t).sum(dtype=torch.float64) for name, t in present.items()]
+        )
         if bool(torch.isfinite(sums).all()):
             return
     for name, t in present.items():
@@ -128,9 +133,11 @@ def _check_inputs(**args: Optional[torch.Tensor]) -> None:
             where = ""
             if t.dim() >= 2 and t.dim() == (2 if name in ("p", "h", "b") else 3):
                 where = f" (batch elements {bad.reshape(t.shape[0], -1).any(1).nonzero().flatten().tolist()[:10]})"
-            raise NonFiniteError(f"QPFunction: {name} contains NaN or Inf{where}" + (
-                " (+inf in h marks an absent bound; NaN and -inf are errors)" if name == "h" else "")
-                + "; check the layer that produced it.")
+            raise NonFiniteError(
+                f"QPFunction: {name} contains NaN or Inf{where}"
+                + (" (+inf in h marks an absent bound; NaN and -inf are errors)" if name == "h" else "")
+                + "; check the layer that produced it."
+            )
 
 
 class QPFunction:
@@ -162,8 +169,16 @@ class QPFunction:
         ``(B,)`` :class:`dqp.errors.Status` codes of the last call (0 = solved).
     """
 
-    def __init__(self, eps: float = 1e-12, verbose: int = 0, notImprovedLim: int = 3, maxIter: int = 20,
-                 solver: QPSolvers = QPSolvers.PDIPM_BATCHED, check_Q_spd: bool = True, on_failure: str = "raise"):
+    def __init__(
+        self,
+        eps: float = 1e-12,
+        verbose: int = 0,
+        notImprovedLim: int = 3,
+        maxIter: int = 20,
+        solver: QPSolvers = QPSolvers.PDIPM_BATCHED,
+        check_Q_spd: bool = True,
+        on_failure: str = "raise",
+    ):
         if on_failure not in ("raise", "mask"):
             raise SettingsError(f"QPFunction: on_failure must be 'raise' or 'mask', got {on_failure!r}.")
         self.eps = eps
@@ -176,20 +191,27 @@ class QPFunction:
         self.status: Optional[torch.Tensor] = None
 
     def __repr__(self) -> str:
-        return (f"QPFunction(eps={self.eps}, verbose={self.verbose}, maxIter={self.maxIter}, "
-                f"check_Q_spd={self.check_Q_spd}) [dqp batched IPM]")
+        return (
+            f"QPFunction(eps={self.eps}, verbose={self.verbose}, maxIter={self.maxIter}, "
+            f"check_Q_spd={self.check_Q_spd}) [dqp batched IPM]"
+        )
 
-    @graph_break   # torch.compile: the solve runs eagerly, the model around it compiles
-    def __call__(self, Q: torch.Tensor, p: torch.Tensor, G: torch.Tensor, h: torch.Tensor,
-                 A: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    @graph_break  # torch.compile: the solve runs eagerly, the model around it compiles
+    def __call__(
+        self, Q: torch.Tensor, p: torch.Tensor, G: torch.Tensor, h: torch.Tensor, A: torch.Tensor, b: torch.Tensor
+    ) -> torch.Tensor:
         """Solve ``min ½zᵀQz + pᵀz s.t. Gz ≤ h, Az = b``; returns z of shape (B, n)."""
         reject_functorch((Q, p, G, h, A, b), "dqp.qpth.QPFunction")
         if _present(G) != _present(h):
-            raise ShapeError("QPFunction: G and h must both be given or both be empty "
-                             f"(got G with {G.numel()} and h with {h.numel()} elements).")
+            raise ShapeError(
+                "QPFunction: G and h must both be given or both be empty "
+                f"(got G with {G.numel()} and h with {h.numel()} elements)."
+            )
         if _present(A) != _present(b):
-            raise ShapeError("QPFunction: A and b must both be given or both be empty "
-                             f"(got A with {A.numel()} and b with {b.numel()} elements).")
+            raise ShapeError(
+                "QPFunction: A and b must both be given or both be empty "
+                f"(got A with {A.numel()} and b with {b.numel()} elements)."
+            )
         _check_inputs(Q=Q, p=p, G=G, h=h, A=A, b=b)
         C, d = (G, h) if _present(G) else (None, None)
         Ae, be = (A, b) if _present(A) else (None, None)
@@ -202,18 +224,24 @@ class QPFunction:
                 raise QNotSPDError(
                     f"QPFunction: Q is not symmetric positive definite{where}. qpth requires Q ≻ 0; "
                     "dqp's solver also handles positive semidefinite Q (e.g. LPs with Q = 0): pass "
-                    "check_Q_spd=False to allow it, or add a small multiple of the identity to Q.")
+                    "check_Q_spd=False to allow it, or add a small multiple of the identity to Q."
+                )
         # qpth's eps below dqp's default means "as accurate as you can": dqp's default (None), which
         # with the polish is accurate to round-off
         eps = float(self.eps) if float(self.eps) > default_eps(Q.dtype) else None
-        z, _, _, status, _ = solve_qp_batch(Q, p, C, d, Ae, be, eps=eps, max_iter=max(int(self.maxIter), 100),
-                                            on_failure=self.on_failure)
+        z, _, _, status, _ = solve_qp_batch(
+            Q, p, C, d, Ae, be, eps=eps, max_iter=max(int(self.maxIter), 100), on_failure=self.on_failure
+        )
         self.status = status
         if self.on_failure == "mask" and bool((status != 0).any()):
             bad = torch.nonzero(status != 0).flatten().tolist()
-            logger.warning("dqp.qpth.QPFunction: %d of %d batch elements failed (e.g. %s); their outputs and "
-                           "gradients are zero (on_failure='mask'; statuses in QPFunction.status).",
-                           len(bad), status.numel(), bad[:10])
+            logger.warning(
+                "dqp.qpth.QPFunction: %d of %d batch elements failed (e.g. %s); their outputs and "
+                "gradients are zero (on_failure='mask'; statuses in QPFunction.status).",
+                len(bad),
+                status.numel(),
+                bad[:10],
+            )
         if self.verbose >= 1:
             logger.info("dqp.qpth.QPFunction: solved a batch of %d QPs (n=%d)", z.shape[0], z.shape[1])
         return z

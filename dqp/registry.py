@@ -4,6 +4,7 @@ A plugin is a class with a ``name`` (plus ``aliases``), the ``modules`` whose im
 it available, the pip ``extra`` that installs it, and the formats it takes. Error messages, the
 docs tables and ``python -m dqp.diagnose`` are all generated from the registries.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -89,14 +90,17 @@ class Registry(Generic[T]):
     def resolve(self, name: str) -> str:
         """Map a name or alias to the registry name; raise a :class:`SettingsError` listing the choices."""
         if not isinstance(name, str):
-            raise SettingsError(f"{self.option} must be a string, got {type(name).__name__}. "
-                                f"Valid choices: {', '.join(sorted(self._classes))}.")
+            raise SettingsError(
+                f"{self.option} must be a string, got {type(name).__name__}. "
+                f"Valid choices: {', '.join(sorted(self._classes))}."
+            )
         key = _norm(name)
         if key not in self._aliases:
             aliases = sorted(a for a in self._aliases if a not in self._classes)
             raise SettingsError(
                 f"{self.option}={name!r} is not a known {self.what}. Registered: {', '.join(sorted(self._classes))} "
-                f"(installed: {', '.join(self.available()) or 'none'}; aliases: {', '.join(aliases)}).")
+                f"(installed: {', '.join(self.available()) or 'none'}; aliases: {', '.join(aliases)})."
+            )
         return self._aliases[key]
 
     def get(self, name: str) -> T:
@@ -105,18 +109,20 @@ class Registry(Generic[T]):
         if not cls.is_available():
             raise SolverNotAvailableError(
                 f"{self.option}={cls.name!r} is registered but not installed. Install it with: "
-                f"{cls.install_hint()}. Installed: {', '.join(self.available()) or 'none'}.")
+                f"{cls.install_hint()}. Installed: {', '.join(self.available()) or 'none'}."
+            )
         return cls()
 
     def table(self, last: Tuple[str, str] = ("install", "install_hint")) -> str:
         """Markdown table: name, aliases, formats, installed, and one more column (``last``)."""
         head, attr = last
-        rows = [f"| name | aliases | dense | sparse | batched | installed | {head} |",
-                "|---|---|---|---|---|---|---|"]
+        rows = [f"| name | aliases | dense | sparse | batched | installed | {head} |", "|---|---|---|---|---|---|---|"]
         yn = lambda b: "yes" if b else "no"
         for n, c in sorted(self._classes.items()):
             val = getattr(c, attr)
             val = val() if callable(val) else val
-            rows.append(f"| `{n}` | {', '.join(c.aliases) or '-'} | {yn(c.dense)} | {yn(c.sparse)} | "
-                        f"{yn(c.batched)} | {yn(c.is_available())} | {val} |")
+            rows.append(
+                f"| `{n}` | {', '.join(c.aliases) or '-'} | {yn(c.dense)} | {yn(c.sparse)} | "
+                f"{yn(c.batched)} | {yn(c.is_available())} | {val} |"
+            )
         return "\n".join(rows)

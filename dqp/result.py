@@ -1,4 +1,5 @@
 """Outputs and diagnostics of a dQP layer call."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -46,15 +47,26 @@ class QPOutput(_Outputs):
     info: Optional["SolveInfo"] = None
     active: Optional[torch.Tensor] = None
 
-    def __new__(cls, z, lam, mu, solve_time=None, forward_time=None, *, info: Optional["SolveInfo"] = None,
-                active: Optional[torch.Tensor] = None):
+    def __new__(
+        cls,
+        z,
+        lam,
+        mu,
+        solve_time=None,
+        forward_time=None,
+        *,
+        info: Optional["SolveInfo"] = None,
+        active: Optional[torch.Tensor] = None,
+    ):
         self = super().__new__(cls, z, lam, mu, solve_time, forward_time)
         self.info, self.active = info, active
         return self
 
     def __repr__(self) -> str:
-        return f"QPOutput(z={self.z!r}, lam={self.lam!r}, mu={self.mu!r}, solve_time={self.solve_time!r}, " \
-               f"forward_time={self.forward_time!r})"
+        return (
+            f"QPOutput(z={self.z!r}, lam={self.lam!r}, mu={self.mu!r}, solve_time={self.solve_time!r}, "
+            f"forward_time={self.forward_time!r})"
+        )
 
 
 @dataclass
@@ -140,7 +152,9 @@ class SolveInfo:
     def summary(self) -> str:
         """A few lines for logs."""
         B = len(self.status)
-        return (f"qp_solver={self.qp_solver}, lin_solver={self.lin_solver}, {B - len(self.failed)}/{B} solved, "
-                f"max primal residual {max(self.primal_residual, default=0):.2e}, max dual residual "
-                f"{max(self.dual_residual, default=0):.2e}, weakly active {sum(self.n_weakly_active)}, "
-                f"regularized KKT {self.kkt_path.count('regularized')}")
+        return (
+            f"qp_solver={self.qp_solver}, lin_solver={self.lin_solver}, {B - len(self.failed)}/{B} solved, "
+            f"max primal residual {max(self.primal_residual, default=0):.2e}, max dual residual "
+            f"{max(self.dual_residual, default=0):.2e}, weakly active {sum(self.n_weakly_active)}, "
+            f"regularized KKT {self.kkt_path.count('regularized')}"
+        )

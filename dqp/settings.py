@@ -8,6 +8,7 @@
 errors), ``dict(settings)``, ``settings.items()``. A layer takes a copy when it is built, as libdqp's
 layer copies the dict into its attributes.
 """
+
 from __future__ import annotations
 
 import copy
@@ -28,66 +29,129 @@ AUTO_FALLBACKS: Tuple[str, ...] = ("clarabel", "piqp", "highs")
 
 #: name -> (default, allowed types, one-line description). The single source of truth.
 OPTIONS: Dict[str, Tuple[Any, tuple, str]] = {
-    "qp_solver": ("auto", (str, type(None)), "Forward solver: a registered name (see `dqp.solvers.solver_table()`), "
-                  "or 'auto' / None (the batched IPM for dense inputs on a GPU or large batches, Clarabel otherwise)."),
-    "lin_solver": ("auto", (str, type(None)), "Backward linear solver for the reduced KKT system: a registered name "
-                   "(see `dqp.linsolve.linsolver_table()`) or 'auto' / None (QDLDL for sparse, dense LU for dense, "
-                   "batched torch for the batched IPM). Chosen independently of qp_solver: e.g. 'torch' "
-                   "differentiates a black-box forward with one batched factorization on the data's device."),
+    "qp_solver": (
+        "auto",
+        (str, type(None)),
+        "Forward solver: a registered name (see `dqp.solvers.solver_table()`), "
+        "or 'auto' / None (the batched IPM for dense inputs on a GPU or large batches, Clarabel otherwise).",
+    ),
+    "lin_solver": (
+        "auto",
+        (str, type(None)),
+        "Backward linear solver for the reduced KKT system: a registered name "
+        "(see `dqp.linsolve.linsolver_table()`) or 'auto' / None (QDLDL for sparse, dense LU for dense, "
+        "batched torch for the batched IPM). Chosen independently of qp_solver: e.g. 'torch' "
+        "differentiates a black-box forward with one batched factorization on the data's device.",
+    ),
     "solve_type": ("dense", (str,), "'dense' (torch dense tensors) or 'sparse' (torch CSC tensors)."),
-    "eps_abs": (1e-8, (float, int), "Absolute tolerance, translated to each solver's own keywords (the "
-                "batched IPM: its stopping tolerance, the tighter of eps_abs and eps_rel)."),
+    "eps_abs": (
+        1e-8,
+        (float, int),
+        "Absolute tolerance, translated to each solver's own keywords (the "
+        "batched IPM: its stopping tolerance, the tighter of eps_abs and eps_rel).",
+    ),
     "eps_rel": (1e-8, (float, int), "Relative tolerance, translated to each solver's own keywords (0 allowed)."),
-    "eps_active": (1e-6, (float, int), "Active-set threshold: constraint i is active when its slack is "
-                   "below eps_active·(1+|d_i|) or its dual above eps_active·max(1, ‖μ‖∞). With refine_active, "
-                   "stricter and looser thresholds are tried when the set fails the KKT check."),
-    "dual_available": (True, (bool, type(None)), "Use the solver's duals for the active set. False: detect from "
-                       "slacks only and compute the duals from the reduced KKT system (element-wise solvers; "
-                       "the batched IPM warns)."),
-    "normalize_constraints": (False, (bool,), "Scale the rows of C and A to unit norm (differentiably) "
-                              "before solving; duals are reported in the original scale."),
-    "refine_active": (True, (bool,), "Polish the solution on the detected active set and repair the set "
-                      "(add violated rows, drop negative duals) until it is consistent (the batched IPM: "
-                      "its polish)."),
-    "max_refine_iter": (10, (int,), "Maximum repairs of the active set when refine_active=True (the batched "
-                        "IPM: its polish rounds, when set; else 3, 6 for float32)."),
-    "warm_start_from_previous": (False, (bool,), "Start each solve from the previous call's solution "
-                                 "(per batch element; element-wise solvers, the batched IPM warns)."),
-    "omp_parallel": (False, (bool,), "Solve the elements of a batch concurrently (thread pool created once; "
-                     "element-wise solvers, the batched IPM warns)."),
+    "eps_active": (
+        1e-6,
+        (float, int),
+        "Active-set threshold: constraint i is active when its slack is "
+        "below eps_active·(1+|d_i|) or its dual above eps_active·max(1, ‖μ‖∞). With refine_active, "
+        "stricter and looser thresholds are tried when the set fails the KKT check.",
+    ),
+    "dual_available": (
+        True,
+        (bool, type(None)),
+        "Use the solver's duals for the active set. False: detect from "
+        "slacks only and compute the duals from the reduced KKT system (element-wise solvers; "
+        "the batched IPM warns).",
+    ),
+    "normalize_constraints": (
+        False,
+        (bool,),
+        "Scale the rows of C and A to unit norm (differentiably) "
+        "before solving; duals are reported in the original scale.",
+    ),
+    "refine_active": (
+        True,
+        (bool,),
+        "Polish the solution on the detected active set and repair the set "
+        "(add violated rows, drop negative duals) until it is consistent (the batched IPM: "
+        "its polish).",
+    ),
+    "max_refine_iter": (
+        10,
+        (int,),
+        "Maximum repairs of the active set when refine_active=True (the batched "
+        "IPM: its polish rounds, when set; else 3, 6 for float32).",
+    ),
+    "warm_start_from_previous": (
+        False,
+        (bool,),
+        "Start each solve from the previous call's solution "
+        "(per batch element; element-wise solvers, the batched IPM warns).",
+    ),
+    "omp_parallel": (
+        False,
+        (bool,),
+        "Solve the elements of a batch concurrently (thread pool created once; "
+        "element-wise solvers, the batched IPM warns).",
+    ),
     "n_cpu": (None, (int, type(None)), "Workers for omp_parallel (default: os.cpu_count())."),
-    "empty_batch": (True, (bool,), "Return outputs with a leading batch dimension of 1 for unbatched "
-                    "inputs, as libdqp does (False: unbatched inputs give unbatched outputs)."),
+    "empty_batch": (
+        True,
+        (bool,),
+        "Return outputs with a leading batch dimension of 1 for unbatched "
+        "inputs, as libdqp does (False: unbatched inputs give unbatched outputs).",
+    ),
     "qp_solver_keywords": (None, (dict, type(None)), "Extra keyword arguments passed to the forward solver."),
-    "verbose": (False, (bool,), "Log what the layer chooses and does at INFO level (logger 'dqp'), and "
-                "let the solver print its own output."),
+    "verbose": (
+        False,
+        (bool,),
+        "Log what the layer chooses and does at INFO level (logger 'dqp'), and let the solver print its own output.",
+    ),
     "time": (False, (bool,), "Measure and return solve_time and forward_time (seconds); None otherwise."),
-    "check_PSD": (False, (bool,), "Check that P is positive semidefinite (an eigenvalue test) and raise "
-                  "NotPSDError if not."),
-    "fallback_solver": ("auto", (str, tuple, list, type(None)), "When qp_solver fails on an element "
-                        "(or claims infeasibility that a second opinion does not confirm), these solvers "
-                        "are tried in turn before the failure is reported: a name, a sequence of names, "
-                        "'auto' (the installed ones of " + ", ".join(repr(x) for x in AUTO_FALLBACKS) + ") "
-                        "or None (no fallback). The first verified solution is kept; a certificate of "
-                        "infeasibility ends the chain. Element-wise solvers; the batched IPM warns on an explicit "
-                        "chain ('auto': none there)."),
-    "fallback_on_unverified": (True, (bool,), "Also run the fallback_solver chain when qp_solver's answer "
-                               "is solved but its KKT point cannot be verified (often the solver's accuracy, "
-                               "not the problem: on Maros–Meszaros PIQP verifies GOULDQP3, QSCFXM1, QGROW22 "
-                               "where Clarabel's point does not); a verified answer replaces it. One second opinion: the "
-                               "chain stops at the first fallback that solves."),
-    "time_limit": (None, (float, int, type(None)), "Wall-clock limit in seconds for each element's solve, "
-                   "passed to the solver's own option (Clarabel, OSQP, HiGHS, SCS, QPALM); naming a solver without "
-                   "one (qp_solver or fallback_solver) raises SettingsError, and fallback_solver='auto' keeps only "
-                   "those with one. An element that hits it fails with MaxIterationsError."),
-    "on_failure": ("raise", (str,), "'raise': a failed element raises a typed SolveError naming it. "
-                   "'mask': failed elements return zeros, zero gradients and a status in layer.info."),
+    "check_PSD": (
+        False,
+        (bool,),
+        "Check that P is positive semidefinite (an eigenvalue test) and raise NotPSDError if not.",
+    ),
+    "fallback_solver": (
+        "auto",
+        (str, tuple, list, type(None)),
+        "When qp_solver fails on an element "
+        "(or claims infeasibility that a second opinion does not confirm), these solvers "
+        "are tried in turn before the failure is reported: a name, a sequence of names, "
+        "'auto' (the installed ones of " + ", ".join(repr(x) for x in AUTO_FALLBACKS) + ") "
+        "or None (no fallback). The first verified solution is kept; a certificate of "
+        "infeasibility ends the chain. Element-wise solvers; the batched IPM warns on an explicit "
+        "chain ('auto': none there).",
+    ),
+    "fallback_on_unverified": (
+        True,
+        (bool,),
+        "Also run the fallback_solver chain when qp_solver's answer "
+        "is solved but its KKT point cannot be verified (often the solver's accuracy, "
+        "not the problem: on Maros–Meszaros PIQP verifies GOULDQP3, QSCFXM1, QGROW22 "
+        "where Clarabel's point does not); a verified answer replaces it. One second opinion: the "
+        "chain stops at the first fallback that solves.",
+    ),
+    "time_limit": (
+        None,
+        (float, int, type(None)),
+        "Wall-clock limit in seconds for each element's solve, "
+        "passed to the solver's own option (Clarabel, OSQP, HiGHS, SCS, QPALM); naming a solver without "
+        "one (qp_solver or fallback_solver) raises SettingsError, and fallback_solver='auto' keeps only "
+        "those with one. An element that hits it fails with MaxIterationsError.",
+    ),
+    "on_failure": (
+        "raise",
+        (str,),
+        "'raise': a failed element raises a typed SolveError naming it. "
+        "'mask': failed elements return zeros, zero gradients and a status in layer.info.",
+    ),
 }
 
-_CHOICES = {
-    "solve_type": ("dense", "sparse"),
-    "on_failure": ("raise", "mask"),
-}
+_CHOICES = {"solve_type": ("dense", "sparse"), "on_failure": ("raise", "mask")}
 
 
 class UnknownOptionError(SettingsError, KeyError):
@@ -129,7 +193,7 @@ class Settings(_MappingABC):
     verbose: bool = False
     time: bool = False
     check_PSD: bool = False
-    fallback_solver: Tuple[str, ...] = AUTO_FALLBACKS   # build_settings keeps the installed ones
+    fallback_solver: Tuple[str, ...] = AUTO_FALLBACKS  # build_settings keeps the installed ones
     fallback_on_unverified: bool = True
     time_limit: Optional[float] = None
     on_failure: str = "raise"
@@ -144,6 +208,7 @@ class Settings(_MappingABC):
             return getattr(self, key)
         if key == "available_qp_solvers":
             from dqp.solvers import available_solvers
+
             return list(available_solvers())
         raise UnknownOptionError(_unknown_message([key]))
 
@@ -155,9 +220,12 @@ class Settings(_MappingABC):
             object.__setattr__(self, f.name, getattr(new, f.name))
 
     def __delitem__(self, key: str) -> None:
-        raise SettingsError(f"Options cannot be deleted (del settings[{key!r}]); set a value instead, "
-                            f"e.g. settings[{key!r}] = {OPTIONS[key][0]!r}." if key in OPTIONS
-                            else _unknown_message([key]))
+        raise SettingsError(
+            f"Options cannot be deleted (del settings[{key!r}]); set a value instead, "
+            f"e.g. settings[{key!r}] = {OPTIONS[key][0]!r}."
+            if key in OPTIONS
+            else _unknown_message([key])
+        )
 
     def __iter__(self) -> Iterator[str]:
         return iter(OPTIONS)
@@ -207,8 +275,9 @@ def build_settings(**options: Any) -> Settings:
     for k in ("eps_abs", "eps_rel", "eps_active"):
         lo_ok = float(values[k]) >= 0 if k == "eps_rel" else float(values[k]) > 0
         if not (lo_ok and float(values[k]) < 1):
-            raise SettingsError(f"Option {k!r} must lie in {'[0, 1)' if k == 'eps_rel' else '(0, 1)'}, "
-                                f"got {values[k]!r}.")
+            raise SettingsError(
+                f"Option {k!r} must lie in {'[0, 1)' if k == 'eps_rel' else '(0, 1)'}, got {values[k]!r}."
+            )
         values[k] = float(values[k])
     # None means "choose for me", as in the reference implementation
     for k in ("qp_solver", "lin_solver"):
@@ -229,8 +298,9 @@ def build_settings(**options: Any) -> Settings:
     auto_chain = values["fallback_solver"] == "auto"
     values["fallback_solver"] = _fallback_chain(values["fallback_solver"])
     if values["time_limit"] is not None and auto_chain:  # 'auto' keeps the solvers that can honour it
-        values["fallback_solver"] = tuple(n for n in values["fallback_solver"]
-                                          if get_solver(n).time_limit_keywords(1.0))
+        values["fallback_solver"] = tuple(
+            n for n in values["fallback_solver"] if get_solver(n).time_limit_keywords(1.0)
+        )
     if values["time_limit"] is not None:
         values["time_limit"] = _time_limit(values["time_limit"], values["qp_solver"], values["fallback_solver"])
     if values["lin_solver"] != "auto":
@@ -259,8 +329,7 @@ def settings_from(value: Any) -> Settings:
         if bad:
             raise SettingsError(f"Option names must be strings, got {bad[:3]!r}.")
         return build_settings(**{k: v for k, v in value.items() if k not in INFO_KEYS})
-    raise SettingsError(f"settings must be dQP.build_settings(...) or a dict of options, "
-                        f"got {type(value).__name__}.")
+    raise SettingsError(f"settings must be dQP.build_settings(...) or a dict of options, got {type(value).__name__}.")
 
 
 def _unknown_message(keys: List[str]) -> str:
@@ -276,6 +345,7 @@ def _fallback_chain(value: Any) -> Tuple[str, ...]:
     if value is None:
         return ()
     from dqp.solvers import available_solvers, get_solver, resolve_solver_name
+
     if value == "auto":
         have = set(available_solvers())
         return tuple(name for name in AUTO_FALLBACKS if name in have)
@@ -283,8 +353,9 @@ def _fallback_chain(value: Any) -> Tuple[str, ...]:
     out = []
     for name in names:
         if not isinstance(name, str):
-            raise SettingsError(f"Option 'fallback_solver' takes solver names, got {type(name).__name__} "
-                                f"{name!r} in {value!r}.")
+            raise SettingsError(
+                f"Option 'fallback_solver' takes solver names, got {type(name).__name__} {name!r} in {value!r}."
+            )
         name = resolve_solver_name(name)
         get_solver(name)  # raises SolverNotAvailableError with the install hint
         if name not in out:
@@ -301,10 +372,12 @@ def _time_limit(seconds: Any, qp_solver: str, fallbacks: Tuple[str, ...]) -> flo
     names = ([qp_solver] if qp_solver != "auto" else ["clarabel"]) + list(fallbacks)
     lacking = [n for n in dict.fromkeys(names) if not get_solver(n).time_limit_keywords(1.0)]
     if lacking:
-        raise SettingsError(f"Option 'time_limit' cannot be honoured: {', '.join(map(repr, lacking))} "
-                            f"{'has' if len(lacking) == 1 else 'have'} no time-limit option. Use a solver that "
-                            f"has one (clarabel, osqp, highs, scs, qpalm), drop it from fallback_solver, or bound "
-                            f"the work with an iteration limit in qp_solver_keywords.")
+        raise SettingsError(
+            f"Option 'time_limit' cannot be honoured: {', '.join(map(repr, lacking))} "
+            f"{'has' if len(lacking) == 1 else 'have'} no time-limit option. Use a solver that "
+            f"has one (clarabel, osqp, highs, scs, qpalm), drop it from fallback_solver, or bound "
+            f"the work with an iteration limit in qp_solver_keywords."
+        )
     return float(seconds)
 
 

@@ -1,4 +1,5 @@
 """Differentiable construction of sparse CSC tensors whose gradients live on the values."""
+
 from __future__ import annotations
 
 from typing import Any, Sequence
@@ -11,8 +12,7 @@ class _CSCFromValues(torch.autograd.Function):
 
     @staticmethod
     def forward(values: torch.Tensor, ccol: torch.Tensor, row: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
-        return torch.sparse_csc_tensor(ccol, row, values, size=tuple(size), dtype=values.dtype,
-                                       device=values.device)
+        return torch.sparse_csc_tensor(ccol, row, values, size=tuple(size), dtype=values.dtype, device=values.device)
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:
@@ -24,8 +24,12 @@ class _CSCFromValues(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor):
         ccol, row = ctx.saved_tensors
-        if grad.layout == torch.sparse_csc and grad.values().shape[0] == ctx.nnz and \
-                torch.equal(grad.ccol_indices(), ccol) and torch.equal(grad.row_indices(), row):
+        if (
+            grad.layout == torch.sparse_csc
+            and grad.values().shape[0] == ctx.nnz
+            and torch.equal(grad.ccol_indices(), ccol)
+            and torch.equal(grad.row_indices(), row)
+        ):
             return grad.values(), None, None, None
         dense = grad.to_dense() if grad.layout != torch.strided else grad
         cols = torch.repeat_interleave(torch.arange(ctx.size[1], device=ccol.device), ccol.diff())

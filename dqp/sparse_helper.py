@@ -8,6 +8,7 @@
 libdqp's differentiable sparse row normalizations (``sparse_row_norm``, ``sparse_row_normalize``)
 are not provided: dqp normalizes rows itself with ``normalize_constraints=True``.
 """
+
 from __future__ import annotations
 
 from typing import Optional, Tuple
@@ -33,11 +34,11 @@ def csc_torch_to_scipy(A: torch.Tensor) -> sp.csc_matrix:
     """
     if not isinstance(A, torch.Tensor) or A.layout != torch.sparse_csc or A.dim() != 2:
         what = f"layout {A.layout}, shape {tuple(A.shape)}" if isinstance(A, torch.Tensor) else type(A).__name__
-        raise LayoutError(f"csc_torch_to_scipy expects a 2-D torch sparse CSC tensor, got {what}; "
-                          f"convert with .to_sparse_csc().")
+        raise LayoutError(
+            f"csc_torch_to_scipy expects a 2-D torch sparse CSC tensor, got {what}; convert with .to_sparse_csc()."
+        )
     values = A.values().detach().to("cpu", torch.float64).numpy()
-    return sp.csc_matrix((values, A.row_indices().cpu().numpy(), A.ccol_indices().cpu().numpy()),
-                         shape=tuple(A.shape))
+    return sp.csc_matrix((values, A.row_indices().cpu().numpy(), A.ccol_indices().cpu().numpy()), shape=tuple(A.shape))
 
 
 def csc_scipy_to_torch(A, requires_grad: bool = False) -> torch.Tensor:
@@ -56,8 +57,9 @@ def csc_scipy_to_torch(A, requires_grad: bool = False) -> torch.Tensor:
     return torch.sparse_csc_tensor(ccol, row, values, size=M.shape, dtype=torch.float64)
 
 
-def initialize_torch_from_npz(filename: PathLike) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-                                                          Optional[torch.Tensor], Optional[torch.Tensor]]:
+def initialize_torch_from_npz(
+    filename: PathLike,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
     """``Q, q, G, h, A, b`` from a dQP-repository ``.npz`` file, as differentiable torch tensors.
 
     Matrices come back as torch sparse CSC tensors whose values require grad (their gradient flows

@@ -9,6 +9,7 @@
   with the forward's KKT factorization outside autograd, so its result would silently be a
   constant; :func:`first_order_only` raises instead.
 """
+
 from __future__ import annotations
 
 import functools
@@ -41,7 +42,8 @@ def reject_functorch(tensors: Iterable[Any], where: str) -> None:
             f"{where}: torch.func transforms (vmap, grad, jacrev, jacfwd, hessian) are not supported: the "
             f"forward runs a QP solver outside torch. Instead of vmap, pass the problems as a batch (a leading "
             f"dimension of P, q, C, d, A, b); for Jacobians use torch.autograd.functional.jacobian(f, x) "
-            f"(vectorize=False), which runs one backward pass per output entry.")
+            f"(vectorize=False), which runs one backward pass per output entry."
+        )
 
 
 def first_order_only(backward: Callable) -> Callable:
@@ -56,7 +58,8 @@ def first_order_only(backward: Callable) -> Callable:
                 "create_graph=True, e.g. for a gradient penalty, a Hessian-vector product or MAML). The "
                 "backward solves with the forward's KKT factorization outside autograd, so the gradient it "
                 "returns cannot be differentiated again. Compute the gradient without create_graph=True, or "
-                "keep the layer out of the part of the model that is differentiated twice.")
+                "keep the layer out of the part of the model that is differentiated twice."
+            )
         return backward(ctx, *grads)
 
     return wrapper

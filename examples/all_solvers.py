@@ -9,6 +9,7 @@ multipliers μ_J > 0 and λ; then set ``q = −Pz* − Aᵀλ − C_Jᵀμ_J``, 
 and the exact gradient of ``L = wᵀz*`` is one dense solve of the reduced KKT system
 ``[[P, Aᵀ, C_Jᵀ], [A, 0, 0], [C_J, 0, 0]] y = [w; 0; 0]``: ``∇q = −y_z``, ``∇d_J = y_μ``, ``∇d_¬J = 0``.
 """
+
 import os
 import time
 import warnings
@@ -46,16 +47,21 @@ K = np.block([[P, A.T, CJ.T], [A, np.zeros((p, p + len(CJ)))], [CJ, np.zeros((le
 y = np.linalg.solve(K, np.concatenate([w, np.zeros(p + len(CJ))]))
 grad_q_exact = -y[:n]
 grad_d_exact = np.zeros(m)
-grad_d_exact[active] = y[n + p:]
+grad_d_exact[active] = y[n + p :]
 
 print(f"QP with n={n}, {m} inequalities ({active.sum()} active), {p} equalities; exact z* and gradients known.\n")
-print(f"{'solver':<16}{'takes':<14}{'z error':>10}{'∇q error':>11}{'∇d error':>11}{'μ error':>10}"
-      f"{'fwd+bwd ms':>12}  note")
+print(
+    f"{'solver':<16}{'takes':<14}{'z error':>10}{'∇q error':>11}{'∇d error':>11}{'μ error':>10}{'fwd+bwd ms':>12}  note"
+)
 T = lambda a: torch.tensor(a, dtype=torch.float64)  # noqa: E731
 results = {}
 for name in available_solvers():
     solver = get_solver(name)
-    kind = "batched" if solver.batched else "+".join(k for k, ok in (("dense", solver.dense), ("sparse", solver.sparse)) if ok)
+    kind = (
+        "batched"
+        if solver.batched
+        else "+".join(k for k, ok in (("dense", solver.dense), ("sparse", solver.sparse)) if ok)
+    )
     settings = dQP.build_settings(qp_solver=name, solve_type="dense", empty_batch=False)
     layer = dQP.dQP_layer(settings=settings)
     qt, dt = T(q).requires_grad_(), T(d).requires_grad_()
@@ -73,9 +79,15 @@ for name in available_solvers():
     mu_err = np.max(np.abs(mu.detach().numpy() - mu_star))
     note = "" if solver.batched else ("verified" if all(layer.info.verified) else "NOT verified")
     results[name] = (z_err, gq_err, gd_err)
-    print(f"{name:<16}{kind:<14}{z_err:>10.1e}{gq_err:>11.1e}{gd_err:>11.1e}{mu_err:>10.1e}{1e3 * elapsed:>12.2f}  {note}")
+    print(
+        f"{name:<16}{kind:<14}{z_err:>10.1e}{gq_err:>11.1e}{gd_err:>11.1e}{mu_err:>10.1e}{1e3 * elapsed:>12.2f}  {note}"
+    )
 
 worst = max(max(v) for v in results.values()) if results else float("nan")
-print("\n(dense inputs for every solver; dqp converts them for sparse-only backends. The first dqp_ipm call "
-      "includes torch's one-time start-up.)")
-print(f"{len(results)} of {len(available_solvers())} installed solvers ran; worst error over z and gradients: {worst:.1e}")
+print(
+    "\n(dense inputs for every solver; dqp converts them for sparse-only backends. The first dqp_ipm call "
+    "includes torch's one-time start-up.)"
+)
+print(
+    f"{len(results)} of {len(available_solvers())} installed solvers ran; worst error over z and gradients: {worst:.1e}"
+)

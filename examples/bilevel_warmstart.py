@@ -17,6 +17,7 @@ dqp polishes every solution to the exact KKT point of its active set, so both ru
 losses — the warm start only changes how fast the forward solver gets there.
 (experiments/bilevel_warmstart.py is the full study.)
 """
+
 import os
 import warnings
 
@@ -44,8 +45,9 @@ t = torch.tensor(t)
 def to_torch_csc(M) -> torch.Tensor:
     M = sp.csc_matrix(M)
     M.sort_indices()
-    return torch.sparse_csc_tensor(torch.tensor(M.indptr), torch.tensor(M.indices), torch.tensor(M.data),
-                                   size=M.shape, dtype=torch.float64)
+    return torch.sparse_csc_tensor(
+        torch.tensor(M.indptr), torch.tensor(M.indices), torch.tensor(M.data), size=M.shape, dtype=torch.float64
+    )
 
 
 # the QP in w = (z, s): P = diag(I, 0), C = [[D, −I], [−D, −I]], d = 0
@@ -57,13 +59,20 @@ d = torch.zeros(2 * (n - 1), dtype=torch.float64)
 
 
 def train(warm: bool):
-    layer = dQP.dQP_layer(settings=dQP.build_settings(
-        qp_solver="osqp", lin_solver="qdldl", solve_type="sparse", warm_start_from_previous=warm, time=True,
-        empty_batch=False))
+    layer = dQP.dQP_layer(
+        settings=dQP.build_settings(
+            qp_solver="osqp",
+            lin_solver="qdldl",
+            solve_type="sparse",
+            warm_start_from_previous=warm,
+            time=True,
+            empty_batch=False,
+        )
+    )
     theta = torch.full((n - 1,), float(np.log(np.expm1(0.3))), dtype=torch.float64, requires_grad=True)
     losses, solve_times, iterations = [], [], []
     for _ in range(steps):
-        q = torch.cat([-y, torch.nn.functional.softplus(theta)])      # the learned linear term
+        q = torch.cat([-y, torch.nn.functional.softplus(theta)])  # the learned linear term
         w, _, _, solve_time, _ = layer(P, q, C, d)
         loss = 0.5 * ((w[:n] - t) ** 2).sum()
         theta.grad = None
@@ -79,13 +88,19 @@ def train(warm: bool):
 cold = train(warm=False)
 warm = train(warm=True)
 print(f"TV denoising QP: {2 * n - 1} variables, {2 * (n - 1)} inequalities; {steps} outer steps\n")
-print(f"{'step':>4} {'loss (cold)':>14} {'loss (warm)':>14} {'OSQP iters cold':>16} {'warm':>6} "
-      f"{'solve ms cold':>14} {'warm':>7}")
+print(
+    f"{'step':>4} {'loss (cold)':>14} {'loss (warm)':>14} {'OSQP iters cold':>16} {'warm':>6} "
+    f"{'solve ms cold':>14} {'warm':>7}"
+)
 for k in range(steps):
-    print(f"{k:>4} {cold[0][k]:>14.10f} {warm[0][k]:>14.10f} {str(cold[2][k]):>16} {str(warm[2][k]):>6} "
-          f"{1e3 * cold[1][k]:>14.2f} {1e3 * warm[1][k]:>7.2f}")
+    print(
+        f"{k:>4} {cold[0][k]:>14.10f} {warm[0][k]:>14.10f} {str(cold[2][k]):>16} {str(warm[2][k]):>6} "
+        f"{1e3 * cold[1][k]:>14.2f} {1e3 * warm[1][k]:>7.2f}"
+    )
 same = max(abs(a - b) for a, b in zip(cold[0], warm[0]))
 print(f"\nlargest loss difference cold vs warm: {same:.1e}")
-print(f"forward solve time, all steps: cold {sum(cold[1]):.3f} s, warm {sum(warm[1]):.3f} s; "
-      f"OSQP iterations: cold {sum(cold[2])}, warm {sum(warm[2])}")
+print(
+    f"forward solve time, all steps: cold {sum(cold[1]):.3f} s, warm {sum(warm[1]):.3f} s; "
+    f"OSQP iterations: cold {sum(cold[2])}, warm {sum(warm[2])}"
+)
 print(f"loss {cold[0][0]:.4f} -> {cold[0][-1]:.4f}")

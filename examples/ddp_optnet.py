@@ -21,6 +21,7 @@ Launch::
 
 Without ``torchrun`` it runs as one process (world size 1).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -41,16 +42,24 @@ from dqp import dQP
 class OptNetRegressor(nn.Module):
     """Linear map → QP layer with learnable Q, G, h; returns z* (B, n)."""
 
-    def __init__(self, n_features: int, n: int, m: int, solver: str = "ipm", dtype=torch.float64,
-                 seed: int = 0, eps: float = 1e-3):
+    def __init__(
+        self,
+        n_features: int,
+        n: int,
+        m: int,
+        solver: str = "ipm",
+        dtype=torch.float64,
+        seed: int = 0,
+        eps: float = 1e-3,
+    ):
         super().__init__()
         g = torch.Generator().manual_seed(seed)
         self.fc = nn.Linear(n_features, n, dtype=dtype)
         with torch.no_grad():
-            self.fc.weight.copy_(torch.randn(n, n_features, generator=g, dtype=dtype) / n_features ** 0.5)
+            self.fc.weight.copy_(torch.randn(n, n_features, generator=g, dtype=dtype) / n_features**0.5)
             self.fc.bias.copy_(0.1 * torch.randn(n, generator=g, dtype=dtype))
         self.L = nn.Parameter(torch.eye(n, dtype=dtype) + 0.1 * torch.randn(n, n, generator=g, dtype=dtype))
-        self.G = nn.Parameter(torch.randn(m, n, generator=g, dtype=dtype) / n ** 0.5)
+        self.G = nn.Parameter(torch.randn(m, n, generator=g, dtype=dtype) / n**0.5)
         self.z0 = nn.Parameter(0.1 * torch.randn(n, generator=g, dtype=dtype))
         self.s0 = nn.Parameter(0.2 + 0.1 * torch.rand(m, generator=g, dtype=dtype))
         self.eps = eps
@@ -63,8 +72,9 @@ class OptNetRegressor(nn.Module):
         return self.qp(Q, self.fc(x), self.G, h).z
 
 
-def make_data(N: int, n_features: int, n: int, m: int, dtype=torch.float64, seed: int = 1
-              ) -> Tuple[torch.Tensor, torch.Tensor]:
+def make_data(
+    N: int, n_features: int, n: int, m: int, dtype=torch.float64, seed: int = 1
+) -> Tuple[torch.Tensor, torch.Tensor]:
     """Inputs and a teacher model's solutions (on the CPU; the same on every rank)."""
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(N, n_features, generator=g, dtype=dtype)
@@ -74,8 +84,9 @@ def make_data(N: int, n_features: int, n: int, m: int, dtype=torch.float64, seed
     return x, y
 
 
-def batches(dataset: TensorDataset, batch_per_rank: int, world: int, ranks: Sequence[int], epoch: int,
-            seed: int = 0) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
+def batches(
+    dataset: TensorDataset, batch_per_rank: int, world: int, ranks: Sequence[int], epoch: int, seed: int = 0
+) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
     """The training batches of ``ranks`` (concatenated) for one epoch, as ``DistributedSampler`` splits
     the data among ``world`` processes: one rank in a DDP process; every rank in the single-process
     run that DDP's result must equal."""
@@ -88,8 +99,18 @@ def batches(dataset: TensorDataset, batch_per_rank: int, world: int, ranks: Sequ
         yield torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
 
-def train(model: nn.Module, dataset: TensorDataset, *, batch_per_rank: int, world: int, ranks: Sequence[int],
-          epochs: int, lr: float, device: torch.device, log=None) -> List[float]:
+def train(
+    model: nn.Module,
+    dataset: TensorDataset,
+    *,
+    batch_per_rank: int,
+    world: int,
+    ranks: Sequence[int],
+    epochs: int,
+    lr: float,
+    device: torch.device,
+    log=None,
+) -> List[float]:
     """Plain SGD on the mean squared error; returns the loss of every step (this process's batches)."""
     opt = torch.optim.SGD(model.parameters(), lr=lr)
     losses = []
@@ -98,7 +119,7 @@ def train(model: nn.Module, dataset: TensorDataset, *, batch_per_rank: int, worl
             xb, yb = xb.to(device), yb.to(device)
             loss = nn.functional.mse_loss(model(xb), yb)
             opt.zero_grad(set_to_none=True)
-            loss.backward()                   # DDP: gradients all-reduced (averaged) here
+            loss.backward()  # DDP: gradients all-reduced (averaged) here
             opt.step()
             losses.append(loss.item())
         if log is not None:
@@ -123,8 +144,11 @@ def _setup(solver: str, force_cpu: bool) -> Tuple[int, int, torch.device, Option
 
 def main(argv=None) -> float:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--solver", default="ipm", help="'ipm' (batched, rank's device) or a qpsolvers backend "
-                    "on CPU data, e.g. 'clarabel'")
+    ap.add_argument(
+        "--solver",
+        default="ipm",
+        help="'ipm' (batched, rank's device) or a qpsolvers backend on CPU data, e.g. 'clarabel'",
+    )
     ap.add_argument("--short", action="store_true", help="a few seconds (CI); also DQP_EXAMPLES_SHORT=1")
     ap.add_argument("--cpu", action="store_true", help="stay on the CPU (gloo) even with GPUs")
     ap.add_argument("--n-var", type=int, default=20, help="QP variables (and the output size)")
@@ -145,11 +169,22 @@ def main(argv=None) -> float:
     if backend is not None:
         model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
     if log:
-        log(f"{args.solver} on {device} ({backend or 'one process'}), n={args.n_var} m={args.n_ineq}, "
-            f"{args.batch} samples per rank and step, {args.dtype}")
+        log(
+            f"{args.solver} on {device} ({backend or 'one process'}), n={args.n_var} m={args.n_ineq}, "
+            f"{args.batch} samples per rank and step, {args.dtype}"
+        )
     t0 = time.perf_counter()
-    losses = train(model, TensorDataset(x, y), batch_per_rank=args.batch, world=world, ranks=[rank],
-                   epochs=args.epochs, lr=0.5, device=device, log=log)
+    losses = train(
+        model,
+        TensorDataset(x, y),
+        batch_per_rank=args.batch,
+        world=world,
+        ranks=[rank],
+        epochs=args.epochs,
+        lr=0.5,
+        device=device,
+        log=log,
+    )
     elapsed = time.perf_counter() - t0
     # every parameter of the QP received a gradient on this rank, and DDP kept the replicas equal
     params = list(model.parameters())

@@ -14,6 +14,7 @@ It uses the qpth-compatible API: only the import differs from qpth code.
 Run ``python examples/optnet_classifier.py`` (about a minute on a laptop CPU) or with
 ``--short`` / ``DQP_EXAMPLES_SHORT=1`` (a few seconds, used in CI).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,7 +34,7 @@ class OptNetHead(nn.Module):
         super().__init__()
         self.fc = nn.Linear(n_features, n_classes)
         self.L = nn.Parameter(0.5 * torch.eye(n_classes) + 0.05 * torch.randn(n_classes, n_classes))
-        self.G = nn.Parameter(torch.randn(n_ineq, n_classes) / n_classes ** 0.5)
+        self.G = nn.Parameter(torch.randn(n_ineq, n_classes) / n_classes**0.5)
         self.z0 = nn.Parameter(torch.zeros(n_classes))
         self.s0 = nn.Parameter(torch.ones(n_ineq))
         self.eps = eps
@@ -41,7 +42,7 @@ class OptNetHead(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n = self.L.shape[0]
         Q = self.L @ self.L.T + self.eps * torch.eye(n, dtype=x.dtype)
-        q = -self.fc(x)                                   # maximize the linear score, regularized
+        q = -self.fc(x)  # maximize the linear score, regularized
         h = self.G @ self.z0 + self.s0.abs() + 1e-3
         e = torch.Tensor()
         return QPFunction(verbose=-1)(Q, q, self.G, h, e, e)
@@ -82,17 +83,18 @@ def main(argv=None) -> float:
         perm = torch.randperm(n_train, generator=g)
         total = 0.0
         for i in range(0, n_train, batch):
-            idx = perm[i:i + batch]
+            idx = perm[i : i + batch]
             opt.zero_grad()
             loss = loss_fn(model(xtr[idx]), ytr[idx])
             loss.backward()
             opt.step()
             total += loss.item() * idx.numel()
-        print(f"epoch {epoch + 1}/{epochs}: train loss {total / n_train:.4f}, "
-              f"test accuracy {accuracy(xte, yte):.3f}")
+        print(f"epoch {epoch + 1}/{epochs}: train loss {total / n_train:.4f}, test accuracy {accuracy(xte, yte):.3f}")
     acc = accuracy(xte, yte)
-    print(f"OptNet head: test accuracy {acc0:.3f} -> {acc:.3f} "
-          f"(train {accuracy(xtr, ytr):.3f}) in {time.perf_counter() - t0:.1f} s")
+    print(
+        f"OptNet head: test accuracy {acc0:.3f} -> {acc:.3f} "
+        f"(train {accuracy(xtr, ytr):.3f}) in {time.perf_counter() - t0:.1f} s"
+    )
     assert acc > max(0.8, acc0 + 0.2), f"the QP layer did not learn (accuracy {acc:.3f})"
     return acc
 

@@ -20,6 +20,7 @@ import only.
 Run ``python examples/sudoku.py`` (a few minutes on a laptop CPU) or with ``--short`` /
 ``DQP_EXAMPLES_SHORT=1`` (fewer puzzles and epochs, seconds; used in CI).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,27 +33,27 @@ from torch import nn
 
 from dqp.qpth import QPFunction  # was: from qpth.qp import QPFunction
 
-N = 2                  # box size; the board is N² × N²
-D = N * N              # 4 digits
-NX = D ** 3            # 64 variables
+N = 2  # box size; the board is N² × N²
+D = N * N  # 4 digits
+NX = D**3  # 64 variables
 
 
 def sudoku_constraints() -> torch.Tensor:
     """The true equality constraints (cell, row, column, box: 'exactly one'), independent rows only."""
     rows = []
     idx = lambda r, c, v: (r * D + c) * D + v
-    for r, c in itertools.product(range(D), range(D)):          # each cell holds one digit
+    for r, c in itertools.product(range(D), range(D)):  # each cell holds one digit
         rows.append([idx(r, c, v) for v in range(D)])
-    for r, v in itertools.product(range(D), range(D)):          # each digit once per row
+    for r, v in itertools.product(range(D), range(D)):  # each digit once per row
         rows.append([idx(r, c, v) for c in range(D)])
-    for c, v in itertools.product(range(D), range(D)):          # ... per column
+    for c, v in itertools.product(range(D), range(D)):  # ... per column
         rows.append([idx(r, c, v) for r in range(D)])
-    for br, bc, v in itertools.product(range(N), range(N), range(D)):   # ... per box
+    for br, bc, v in itertools.product(range(N), range(N), range(D)):  # ... per box
         rows.append([idx(br * N + i, bc * N + j, v) for i in range(N) for j in range(N)])
     A = torch.zeros(len(rows), NX, dtype=torch.float64)
     for k, cols in enumerate(rows):
         A[k, cols] = 1.0
-    keep = []                                                      # greedy independent subset
+    keep = []  # greedy independent subset
     for k in range(A.shape[0]):
         if torch.linalg.matrix_rank(A[keep + [k]]) > len(keep):
             keep.append(k)
@@ -62,19 +63,21 @@ def sudoku_constraints() -> torch.Tensor:
 def random_grid(g: torch.Generator) -> torch.Tensor:
     """A random valid D×D grid of digits 0..D−1."""
     base = torch.tensor([[(N * (r % N) + r // N + c) % D for c in range(D)] for r in range(D)])
+
     def perm_groups():
         groups = torch.randperm(N, generator=g)
         return torch.cat([grp * N + torch.randperm(N, generator=g) for grp in groups])
+
     grid = base[perm_groups()][:, perm_groups()]
-    grid = torch.randperm(D, generator=g)[grid]                    # relabel digits
+    grid = torch.randperm(D, generator=g)[grid]  # relabel digits
     if torch.rand(1, generator=g).item() < 0.5:
         grid = grid.T
     return grid
 
 
 def make_data(n: int, n_blank: int, g: torch.Generator):
-    sols = torch.stack([random_grid(g) for _ in range(n)])                          # (n, D, D)
-    onehot = torch.nn.functional.one_hot(sols, D).double()                          # (n, D, D, D)
+    sols = torch.stack([random_grid(g) for _ in range(n)])  # (n, D, D)
+    onehot = torch.nn.functional.one_hot(sols, D).double()  # (n, D, D, D)
     mask = torch.ones(n, D * D, dtype=torch.float64)
     for i in range(n):
         mask[i, torch.randperm(D * D, generator=g)[:n_blank]] = 0.0
@@ -118,8 +121,10 @@ def main(argv=None) -> float:
     puzzles, sols = make_data(n_train + n_test, n_blank=6, g=g)
     ptr, strn, pte, ste = puzzles[:n_train], sols[:n_train], puzzles[n_train:], sols[n_train:]
     A_true = sudoku_constraints()
-    print(f"4x4 Sudoku: {n_train} training / {n_test} test puzzles; "
-          f"learning A of shape {tuple(A_true.shape)} from random values")
+    print(
+        f"4x4 Sudoku: {n_train} training / {n_test} test puzzles; "
+        f"learning A of shape {tuple(A_true.shape)} from random values"
+    )
 
     model = OptNetSudoku(A_true.shape[0])
     opt = torch.optim.Adam(model.parameters(), lr=0.1)
@@ -137,7 +142,7 @@ def main(argv=None) -> float:
         perm = torch.randperm(n_train, generator=g)
         total = 0.0
         for i in range(0, n_train, batch):
-            idx = perm[i:i + batch]
+            idx = perm[i : i + batch]
             opt.zero_grad()
             loss = mse(model(ptr[idx]), strn[idx])
             loss.backward()
@@ -147,11 +152,15 @@ def main(argv=None) -> float:
             print(f"epoch {epoch + 1}/{epochs}: train loss {total / n_train:.4f}")
         else:
             tl, te = evaluate()
-            print(f"epoch {epoch + 1}/{epochs}: train loss {total / n_train:.4f}, test loss {tl:.4f}, "
-                  f"test board error {te:.3f}")
+            print(
+                f"epoch {epoch + 1}/{epochs}: train loss {total / n_train:.4f}, test loss {tl:.4f}, "
+                f"test board error {te:.3f}"
+            )
     loss1, err1 = evaluate()
-    print(f"after {epochs} epochs ({time.perf_counter() - t0:.1f} s): test loss {loss0:.4f} -> {loss1:.4f}, "
-          f"board error {err0:.3f} -> {err1:.3f}")
+    print(
+        f"after {epochs} epochs ({time.perf_counter() - t0:.1f} s): test loss {loss0:.4f} -> {loss1:.4f}, "
+        f"board error {err0:.3f} -> {err1:.3f}"
+    )
     assert loss1 < 0.5 * loss0, "the OptNet layer did not learn the constraints"
     if not short:
         assert err1 < 0.1, f"test board error {err1:.3f} is not low"

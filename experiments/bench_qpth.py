@@ -33,6 +33,7 @@ Examples
     python experiments/bench_qpth.py --short --out /tmp/b           # seconds
     python experiments/bench_qpth.py --device cuda --dtypes float64,float32 --out results/
 """
+
 from __future__ import annotations
 
 import argparse
@@ -124,14 +125,16 @@ def _clarabel_solve(Q: np.ndarray, p: np.ndarray, G: np.ndarray, h: np.ndarray):
     s.max_iter = 200
     for name in ("tol_gap_abs", "tol_gap_rel", "tol_feas", "tol_ktratio"):
         setattr(s, name, 1e-11)
-    solver = clarabel.DefaultSolver(sparse.csc_matrix(np.triu(Q)), p, sparse.csc_matrix(G), h,
-                                    [clarabel.NonnegativeConeT(G.shape[0])], s)
+    solver = clarabel.DefaultSolver(
+        sparse.csc_matrix(np.triu(Q)), p, sparse.csc_matrix(G), h, [clarabel.NonnegativeConeT(G.shape[0])], s
+    )
     sol = solver.solve()
     return np.asarray(sol.x), np.asarray(sol.z), np.asarray(sol.s), str(sol.status)
 
 
-def reference_one(Q: np.ndarray, p: np.ndarray, G: np.ndarray, h: np.ndarray, w: np.ndarray,
-                  degenerate_tol: float = 1e-7):
+def reference_one(
+    Q: np.ndarray, p: np.ndarray, G: np.ndarray, h: np.ndarray, w: np.ndarray, degenerate_tol: float = 1e-7
+):
     """Exact solution and gradient of ``Σ w·z`` for one problem.
 
     Returns ``(z, grads, degenerate)``. The active set J starts from Clarabel's solution
@@ -165,8 +168,9 @@ def reference_one(Q: np.ndarray, p: np.ndarray, G: np.ndarray, h: np.ndarray, w:
     mu = np.zeros(m)
     mu[J] = muJ
     slack = h - G @ z
-    margin = min(np.min(muJ, initial=np.inf) / (1.0 + np.abs(mu).max()),
-                 np.min(slack[~J] / scale_h[~J], initial=np.inf))
+    margin = min(
+        np.min(muJ, initial=np.inf) / (1.0 + np.abs(mu).max()), np.min(slack[~J] / scale_h[~J], initial=np.inf)
+    )
     y = np.linalg.solve(K, np.concatenate([w, np.zeros(k)]))
     yz, ymu = y[:n], y[n:]
     gQ = -0.5 * (np.outer(yz, z) + np.outer(z, yz))
@@ -184,8 +188,7 @@ def compute_reference(ps: ProblemSet, k: int) -> Reference:
     arrs = {name: getattr(ps, name)[:k].cpu().numpy() for name in ("Q", "p", "G", "h", "w")}
     keep, zs, gs, ndeg = [], [], {name: [] for name in PARAMS}, 0
     for i in range(k):
-        z, g, deg = reference_one(arrs["Q"][i], arrs["p"][i], arrs["G"][i], arrs["h"][i],
-                                  arrs["w"][i])
+        z, g, deg = reference_one(arrs["Q"][i], arrs["p"][i], arrs["G"][i], arrs["h"][i], arrs["w"][i])
         if deg:
             ndeg += 1
             continue
@@ -195,13 +198,16 @@ def compute_reference(ps: ProblemSet, k: int) -> Reference:
             gs[name].append(g[name])
     n = ps.Q.shape[-1]
     stack = lambda xs, shape: np.stack(xs) if xs else np.zeros((0,) + shape)  # noqa: E731
-    return Reference(idx=np.asarray(keep, dtype=int), z=stack(zs, (n,)),
-                     grads={name: stack(gs[name], getattr(ps, name).shape[1:]) for name in PARAMS},
-                     n_degenerate=ndeg, n_total=k)
+    return Reference(
+        idx=np.asarray(keep, dtype=int),
+        z=stack(zs, (n,)),
+        grads={name: stack(gs[name], getattr(ps, name).shape[1:]) for name in PARAMS},
+        n_degenerate=ndeg,
+        n_total=k,
+    )
 
 
-def errors_vs_reference(ref: Reference, z: np.ndarray, grads: Dict[str, np.ndarray]
-                        ) -> Tuple[float, Dict[str, float]]:
+def errors_vs_reference(ref: Reference, z: np.ndarray, grads: Dict[str, np.ndarray]) -> Tuple[float, Dict[str, float]]:
     """(relative z error, relative gradient error per parameter) on the reference subset.
 
     Relative errors are ‖x − x_ref‖_F / ‖x_ref‖_F over the stacked subset; ∇Q is compared
@@ -238,8 +244,9 @@ class Method:
     def version(self) -> str:
         return ""
 
-    def prepare(self, ps: ProblemSet, dtype: torch.dtype, device: str
-                ) -> Tuple[Callable[[], object], Callable[[object], Tuple[np.ndarray, Dict]]]:
+    def prepare(
+        self, ps: ProblemSet, dtype: torch.dtype, device: str
+    ) -> Tuple[Callable[[], object], Callable[[object], Tuple[np.ndarray, Dict]]]:
         """Return ``(run, fetch)``: ``run()`` does fwd+bwd and syncs; ``fetch(out)`` → numpy."""
         raise NotImplementedError
 
@@ -263,8 +270,7 @@ class _TorchLayer(Method):
 
         def fetch(out):
             z, grads = out
-            return (z.double().cpu().numpy(),
-                    {name: g.double().cpu().numpy() for name, g in zip(PARAMS, grads)})
+            return (z.double().cpu().numpy(), {name: g.double().cpu().numpy() for name, g in zip(PARAMS, grads)})
 
         return run, fetch
 
@@ -281,10 +287,12 @@ class DqpMethod(_TorchLayer):
 
     def version(self):
         import dqp
+
         return getattr(dqp, "__version__", "?")
 
     def _layer(self):
         from dqp.qpth import QPFunction
+
         return QPFunction(verbose=-1, check_Q_spd=False)
 
 
@@ -306,6 +314,7 @@ class DqpBatchMethod(_TorchLayer):
 
     def _layer(self):
         from dqp.ipm_layer import solve_qp_batch
+
         return lambda Q, p, G, h, A, b: solve_qp_batch(Q, p, G, h)[0]
 
 
@@ -322,6 +331,7 @@ class _DqpBatchVariant(_TorchLayer):
 
     def _layer(self):
         from dqp.ipm_layer import solve_qp_batch
+
         kw = dict(self.kw)
         return lambda Q, p, G, h, A, b: solve_qp_batch(Q, p, G, h, **kw)[0]
 
@@ -360,6 +370,7 @@ class DqpLibDiagMethod(_DqpBatchVariant):
     @property
     def kw(self):
         from dqp.solvers.ipm import IPMOptions
+
         return dict(options=IPMOptions().replace(linalg={"block_diag": "library"}))
 
 
@@ -370,11 +381,14 @@ def _import_qpth():
     except ModuleNotFoundError as exc:
         if exc.name != "cvxpy":
             raise
-        log.info("qpth imports cvxpy eagerly; cvxpy is absent, so a stub module stands in "
-                 "(only qpth's CVXPY solver would use it; PDIPM_BATCHED is benchmarked)")
+        log.info(
+            "qpth imports cvxpy eagerly; cvxpy is absent, so a stub module stands in "
+            "(only qpth's CVXPY solver would use it; PDIPM_BATCHED is benchmarked)"
+        )
         sys.modules["cvxpy"] = types.ModuleType("cvxpy")
         import qpth  # noqa: F401
     import qpth.qp
+
     return qpth
 
 
@@ -390,6 +404,7 @@ class QpthMethod(_TorchLayer):
 
     def version(self):
         from importlib.metadata import version
+
         try:
             return version("qpth")
         except Exception:  # noqa: BLE001
@@ -414,6 +429,7 @@ class QpaxMethod(Method):
     def version(self):
         import jax
         from importlib.metadata import version
+
         try:
             v = version("qpax")
         except Exception:  # noqa: BLE001
@@ -422,6 +438,7 @@ class QpaxMethod(Method):
 
     def prepare(self, ps, dtype, device):
         import jax
+
         jax.config.update("jax_enable_x64", True)
         # full-precision float32 matmuls (JAX uses TF32 on NVIDIA GPUs by default; torch does not)
         jax.config.update("jax_default_matmul_precision", "highest")
@@ -434,15 +451,13 @@ class QpaxMethod(Method):
         except RuntimeError as exc:
             raise RuntimeError(f"JAX has no {platform_} device: {exc}") from exc
         np_dtype = np.float64 if dtype == torch.float64 else np.float32
-        args = [jax.device_put(getattr(ps, name).cpu().numpy().astype(np_dtype), dev)
-                for name in PARAMS + ("w",)]
+        args = [jax.device_put(getattr(ps, name).cpu().numpy().astype(np_dtype), dev) for name in PARAMS + ("w",)]
         n = ps.Q.shape[-1]
 
         def loss(Q, q, G, h, w):
             A = jnp.zeros((0, n), Q.dtype)
             b = jnp.zeros((0,), Q.dtype)
-            z = jax.vmap(lambda Q_, q_, G_, h_: qpax.solve_qp_primal(Q_, q_, A, b, G_, h_))(
-                Q, q, G, h)
+            z = jax.vmap(lambda Q_, q_, G_, h_: qpax.solve_qp_primal(Q_, q_, A, b, G_, h_))(Q, q, G, h)
             return jnp.sum(z * w), z
 
         f = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3), has_aux=True))
@@ -454,8 +469,10 @@ class QpaxMethod(Method):
 
         def fetch(out):
             (_, z), grads = out
-            return (np.asarray(z, dtype=np.float64),
-                    {name: np.asarray(g, dtype=np.float64) for name, g in zip(PARAMS, grads)})
+            return (
+                np.asarray(z, dtype=np.float64),
+                {name: np.asarray(g, dtype=np.float64) for name, g in zip(PARAMS, grads)},
+            )
 
         return run, fetch
 
@@ -470,19 +487,32 @@ class DqpOptionsMethod(_DqpBatchVariant):
     @property
     def kw(self):
         from dqp.solvers.ipm import IPMOptions
+
         return dict(options=IPMOptions(**self.changes))
 
 
 #: The kernel's first IPM stage(s) before the polish (``IPMOptions.polish_stage_eps``): stops
 #: and polishes at 1e-5 (the default), 1e-4, 1e-3, or 1e-3 then 1e-5 (three stages).
-STAGE_METHODS = [DqpOptionsMethod(name, {"polish_stage_eps": eps})
-                 for name, eps in (("dqp_stage5", 1e-5), ("dqp_stage4", 1e-4), ("dqp_stage3", 1e-3),
-                                   ("dqp_stage35", (1e-3, 1e-5)))]
+STAGE_METHODS = [
+    DqpOptionsMethod(name, {"polish_stage_eps": eps})
+    for name, eps in (("dqp_stage5", 1e-5), ("dqp_stage4", 1e-4), ("dqp_stage3", 1e-3), ("dqp_stage35", (1e-3, 1e-5)))
+]
 
 
-METHODS: Dict[str, Method] = {m.name: m for m in (DqpMethod(), QpthMethod(), QpaxMethod(),
-                                                 DqpBatchMethod(), DqpCompileMethod(), DqpLoopMethod(),
-                                                 Dqp1StageMethod(), DqpLibDiagMethod(), *STAGE_METHODS)}
+METHODS: Dict[str, Method] = {
+    m.name: m
+    for m in (
+        DqpMethod(),
+        QpthMethod(),
+        QpaxMethod(),
+        DqpBatchMethod(),
+        DqpCompileMethod(),
+        DqpLoopMethod(),
+        Dqp1StageMethod(),
+        DqpLibDiagMethod(),
+        *STAGE_METHODS,
+    )
+}
 
 
 # --------------------------------------------------------------------------------------------
@@ -512,8 +542,7 @@ class Cell:
     note: str = ""
 
 
-def estimate_time(done: Sequence[Cell], method: str, dtype: str, B: int, n: int
-                  ) -> Optional[float]:
+def estimate_time(done: Sequence[Cell], method: str, dtype: str, B: int, n: int) -> Optional[float]:
     """Estimated seconds of one fwd+bwd, from measured cells of the same method and dtype.
 
     Same B: extrapolate in n from the two largest smaller n with their measured exponent
@@ -545,8 +574,7 @@ WARMUP_S = 0.5
 WARMUP_CALLS = 20
 
 
-def run_cell(cell: Cell, method: Method, ps: ProblemSet, ref: Optional[Reference],
-             reps: int, budget_s: float) -> None:
+def run_cell(cell: Cell, method: Method, ps: ProblemSet, ref: Optional[Reference], reps: int, budget_s: float) -> None:
     """Warm up, then time up to ``reps`` repetitions (fewer if the budget runs out).
 
     The warm-up is one call (JIT compilation, handles, allocator, graph captures), then on a GPU
@@ -557,7 +585,7 @@ def run_cell(cell: Cell, method: Method, ps: ProblemSet, ref: Optional[Reference
     Every method gets the same warm-up."""
     device, dtype = cell.device, DTYPES[cell.dtype]
     prev_threads = torch.get_num_threads()
-    if (method.name == "qpth" and device == "cpu" and cell.n > 150 and prev_threads > 1):
+    if method.name == "qpth" and device == "cpu" and cell.n > 150 and prev_threads > 1:
         # Known MKL trap on this CPU build: batched LU (qpth's lu_factor) on matrices >~160
         # with several threads fails ("DLASWP") and can hang; one thread works.
         torch.set_num_threads(1)
@@ -575,8 +603,7 @@ def run_cell(cell: Cell, method: Method, ps: ProblemSet, ref: Optional[Reference
                 extra += 1
         z, grads = fetch(out)
         del out
-        cell.nonfinite = bool(not np.isfinite(z).all()
-                              or any(not np.isfinite(g).all() for g in grads.values()))
+        cell.nonfinite = bool(not np.isfinite(z).all() or any(not np.isfinite(g).all() for g in grads.values()))
         if ref is not None:
             cell.z_rel_err, eg = errors_vs_reference(ref, z, grads)
             for name, e in eg.items():
@@ -585,7 +612,7 @@ def run_cell(cell: Cell, method: Method, ps: ProblemSet, ref: Optional[Reference
             cell.ref_problems = len(ref.idx)
         del z, grads
         times: List[float] = []
-        spent = min(warm, 0.5 * budget_s)     # (a compiling warm-up must not eat the repetitions)
+        spent = min(warm, 0.5 * budget_s)  # (a compiling warm-up must not eat the repetitions)
         for _ in range(reps):
             t0 = time.perf_counter()
             out = run()
@@ -600,8 +627,7 @@ def run_cell(cell: Cell, method: Method, ps: ProblemSet, ref: Optional[Reference
     except Exception as exc:  # noqa: BLE001 - a failing cell must not stop the study
         msg = f"{type(exc).__name__}: {exc}".splitlines()[0][:160]
         cell.status = f"error: {msg}"
-        log.warning("%s %s B=%d n=%d %s failed: %s", device, cell.dtype, cell.B, cell.n,
-                    method.name, msg)
+        log.warning("%s %s B=%d n=%d %s failed: %s", device, cell.dtype, cell.B, cell.n, method.name, msg)
     finally:
         torch.set_num_threads(prev_threads)
         _free(device)
@@ -635,8 +661,9 @@ def _fmt_e(x: float) -> str:
     return "—" if not math.isfinite(x) else f"{x:.1e}"
 
 
-def write_outputs(cells: List[Cell], out: str, tag: str, meta: Dict[str, str],
-                  methods: Sequence[str], plot: bool = True) -> str:
+def write_outputs(
+    cells: List[Cell], out: str, tag: str, meta: Dict[str, str], methods: Sequence[str], plot: bool = True
+) -> str:
     """Write CSV and markdown (and a PNG if matplotlib is there); return the markdown text."""
     os.makedirs(out, exist_ok=True)
     csv_path = os.path.join(out, f"qpth_{tag}.csv")
@@ -645,20 +672,26 @@ def write_outputs(cells: List[Cell], out: str, tag: str, meta: Dict[str, str],
         wr.writeheader()
         for c in cells:
             wr.writerow(asdict(c))
-    md = [f"### qpth-style benchmark: {tag}", "",
-          "Forward + backward of `Σ w·z` w.r.t. Q, p, G, h (median wall time). "
-          "`err` = max relative error of the gradients (Q sym. part, p, G, h) vs the float64 "
-          "Clarabel + active-set KKT reference on the first problems of the batch.", ""]
+    md = [
+        f"### qpth-style benchmark: {tag}",
+        "",
+        "Forward + backward of `Σ w·z` w.r.t. Q, p, G, h (median wall time). "
+        "`err` = max relative error of the gradients (Q sym. part, p, G, h) vs the float64 "
+        "Clarabel + active-set KKT reference on the first problems of the batch.",
+        "",
+    ]
     md += [f"- {k}: {v}" for k, v in meta.items()] + [""]
     ours = [m for m in methods if m.startswith("dqp")]
     peers = [m for m in methods if not m.startswith("dqp")]
     for dtype in dict.fromkeys(c.dtype for c in cells):
         sub = [c for c in cells if c.dtype == dtype]
-        head = ["B", "n=m"] + [f"{m} time" for m in methods] \
-            + [f"{o} vs {p}" for o in ours for p in peers] \
+        head = (
+            ["B", "n=m"]
+            + [f"{m} time" for m in methods]
+            + [f"{o} vs {p}" for o in ours for p in peers]
             + [f"{m} err" for m in methods]
-        md += [f"#### {dtype}", "", "| " + " | ".join(head) + " |",
-               "|" + "---|" * len(head)]
+        )
+        md += [f"#### {dtype}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for B in dict.fromkeys(c.B for c in sub):
             for n in dict.fromkeys(c.n for c in sub if c.B == B):
                 get = {c.method: c for c in sub if c.B == B and c.n == n}
@@ -677,9 +710,17 @@ def write_outputs(cells: List[Cell], out: str, tag: str, meta: Dict[str, str],
         md.append("")
         worst = []
         for m in methods:
-            errs = {name: max((getattr(c, f"err_{name}") for c in sub if c.method == m
-                               and math.isfinite(getattr(c, f"err_{name}"))), default=float("nan"))
-                    for name in PARAMS}
+            errs = {
+                name: max(
+                    (
+                        getattr(c, f"err_{name}")
+                        for c in sub
+                        if c.method == m and math.isfinite(getattr(c, f"err_{name}"))
+                    ),
+                    default=float("nan"),
+                )
+                for name in PARAMS
+            }
             worst.append(f"{m}: " + ", ".join(f"∇{k} {_fmt_e(v)}" for k, v in errs.items()))
         md += ["Worst gradient error per parameter — " + "; ".join(worst) + ".", ""]
     notes = [f"- {c.dtype} B={c.B} n={c.n} {c.method}: {c.note}" for c in cells if c.note]
@@ -728,8 +769,9 @@ def remake(csv_path: str, out: str, tag: str, plot: bool = True) -> str:
     return write_outputs(cells, out, tag, meta, methods, plot=plot)
 
 
-def _plot(cells: List[Cell], path: str, tag: str, methods: Sequence[str],
-          meta: Optional[Dict[str, str]] = None) -> None:
+def _plot(
+    cells: List[Cell], path: str, tag: str, methods: Sequence[str], meta: Optional[Dict[str, str]] = None
+) -> None:
     """One panel per batch size: median forward+backward time against n = m, log-log.
 
     The title names the device and the versions (from ``meta``) so that a plot read on its own
@@ -737,6 +779,7 @@ def _plot(cells: List[Cell], path: str, tag: str, methods: Sequence[str],
     """
     try:
         import matplotlib
+
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
@@ -751,12 +794,15 @@ def _plot(cells: List[Cell], path: str, tag: str, methods: Sequence[str],
     for ax, B in zip(axes[0], Bs):
         for m in methods:
             for dtype in dict.fromkeys(c.dtype for c in cells):
-                pts = sorted((c.n, c.time_median_s) for c in cells
-                             if c.B == B and c.method == m and c.dtype == dtype
-                             and c.status == "ok")
+                pts = sorted(
+                    (c.n, c.time_median_s)
+                    for c in cells
+                    if c.B == B and c.method == m and c.dtype == dtype and c.status == "ok"
+                )
                 if pts:
-                    ax.plot(*zip(*pts), styles.get(dtype, ":"), marker="o", ms=3,
-                            color=colors.get(m), label=f"{m} {dtype}")
+                    ax.plot(
+                        *zip(*pts), styles.get(dtype, ":"), marker="o", ms=3, color=colors.get(m), label=f"{m} {dtype}"
+                    )
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_title(f"batch size B = {B}")
@@ -823,28 +869,40 @@ def profile_dqp(ps: ProblemSet, dtype: torch.dtype, device: str, reps: int) -> L
         sync()
     ev = prof.key_averages()
     count = {x.key: x.count for x in ev}
-    launches = sum(c for k, c in count.items() if k in ("cudaLaunchKernel", "cuLaunchKernel",
-                                                           "cudaLaunchKernelExC", "cuLaunchKernelEx"))
+    launches = sum(
+        c
+        for k, c in count.items()
+        if k in ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernelEx")
+    )
     syncs = {k: c for k, c in count.items() if "Synchronize" in k or "Memcpy" in k}
     from torch.autograd import DeviceType
-    dev_time = (sum(x.self_device_time_total for x in ev if x.device_type == DeviceType.CUDA) / 1e6
-                if cuda else float("nan"))
-    lines = [f"- B={ps.B} n=m={ps.Q.shape[-1]} {dtype}: ipm_solve {t_ipm * 1e3:.3g} ms, "
-             f"forward (no grad) {t_fwd * 1e3:.3g} ms, forward+backward {t_fb * 1e3:.3g} ms; "
-             f"IPM form '{res.form}', iterations median {it.median().item():.0f} / max "
-             f"{it.max().item():.0f}; statuses {sorted(set(res.status.tolist()))}",
-             f"  - one fwd+bwd under the profiler: {launches} kernel launches, GPU busy "
-             f"{dev_time * 1e3:.3g} ms (sum of kernel times), sync/copy calls {syncs}"]
+
+    dev_time = (
+        sum(x.self_device_time_total for x in ev if x.device_type == DeviceType.CUDA) / 1e6 if cuda else float("nan")
+    )
+    lines = [
+        f"- B={ps.B} n=m={ps.Q.shape[-1]} {dtype}: ipm_solve {t_ipm * 1e3:.3g} ms, "
+        f"forward (no grad) {t_fwd * 1e3:.3g} ms, forward+backward {t_fb * 1e3:.3g} ms; "
+        f"IPM form '{res.form}', iterations median {it.median().item():.0f} / max "
+        f"{it.max().item():.0f}; statuses {sorted(set(res.status.tolist()))}",
+        f"  - one fwd+bwd under the profiler: {launches} kernel launches, GPU busy "
+        f"{dev_time * 1e3:.3g} ms (sum of kernel times), sync/copy calls {syncs}",
+    ]
     sort = "self_cuda_time_total" if cuda else "self_cpu_time_total"
     table = ev.table(sort_by=sort, row_limit=18, max_name_column_width=48)
     lines += ["", "```", table, "```", ""]
     return lines
 
 
-def run_profile(args: argparse.Namespace, device: str, dtypes: List[str], sizes: List[int],
-                batches: List[int], tag: str) -> None:
-    out = [f"### dqp profile ({tag})", "", f"torch {torch.__version__}" + (
-        f", {torch.cuda.get_device_name()}" if device.startswith("cuda") else ""), ""]
+def run_profile(
+    args: argparse.Namespace, device: str, dtypes: List[str], sizes: List[int], batches: List[int], tag: str
+) -> None:
+    out = [
+        f"### dqp profile ({tag})",
+        "",
+        f"torch {torch.__version__}" + (f", {torch.cuda.get_device_name()}" if device.startswith("cuda") else ""),
+        "",
+    ]
     for B in batches:
         for n in sizes:
             ps = make_problems(B, n, n, seed=args.seed + 1000 * B + n, device=device)
@@ -871,37 +929,56 @@ def _csv_list(s: str, conv=str) -> List:
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtypes", default="float64,float32")
     ap.add_argument("--sizes", default="10,50,100,200,500", help="n = m values")
     ap.add_argument("--batches", default="1,128,1024")
     ap.add_argument("--methods", default=",".join(ALL_METHODS))
     ap.add_argument("--reps", type=int, default=5, help="timed repetitions after one warm-up")
-    ap.add_argument("--budget", type=float, default=60.0,
-                    help="seconds per cell: skip a cell whose estimated warm-up + one rep "
-                         "exceeds it, and stop repetitions when it is spent")
-    ap.add_argument("--deadline", type=float, default=float("inf"),
-                    help="seconds for the whole study; later cells are skipped (results so far "
-                         "are written after every cell)")
-    ap.add_argument("--ref-count", type=int, default=8,
-                    help="problems per batch checked against the float64 reference")
+    ap.add_argument(
+        "--budget",
+        type=float,
+        default=60.0,
+        help="seconds per cell: skip a cell whose estimated warm-up + one rep "
+        "exceeds it, and stop repetitions when it is spent",
+    )
+    ap.add_argument(
+        "--deadline",
+        type=float,
+        default=float("inf"),
+        help="seconds for the whole study; later cells are skipped (results so far are written after every cell)",
+    )
+    ap.add_argument("--ref-count", type=int, default=8, help="problems per batch checked against the float64 reference")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--short", action="store_true",
-                    help="tiny grid for a smoke test (n=m in {10, 20}, B in {1, 8}, 2 reps)")
+    ap.add_argument(
+        "--short", action="store_true", help="tiny grid for a smoke test (n=m in {10, 20}, B in {1, 8}, 2 reps)"
+    )
     ap.add_argument("--tag", default=None, help="file name tag (default: the device)")
     ap.add_argument("--out", default="experiments/results")
-    ap.add_argument("--threads", type=int, default=None,
-                    help="torch CPU threads (default: torch's). Under CPU load from other "
-                         "processes, set OMP_WAIT_POLICY=PASSIVE or use 1 thread: spinning "
-                         "OpenMP workers make tiny batched matmuls ~1000x slower")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch CPU threads (default: torch's). Under CPU load from other "
+        "processes, set OMP_WAIT_POLICY=PASSIVE or use 1 thread: spinning "
+        "OpenMP workers make tiny batched matmuls ~1000x slower",
+    )
     ap.add_argument("--no-plot", action="store_true")
-    ap.add_argument("--remake", metavar="CSV", default=None,
-                    help="only rewrite the markdown/PNG (tag from --tag) from a CSV of an earlier run")
-    ap.add_argument("--profile", action="store_true",
-                    help="instead of the comparison: profile dqp on the grid (IPM-only / forward / "
-                         "backward split, iterations, kernel launches, syncs, top ops)")
+    ap.add_argument(
+        "--remake",
+        metavar="CSV",
+        default=None,
+        help="only rewrite the markdown/PNG (tag from --tag) from a CSV of an earlier run",
+    )
+    ap.add_argument(
+        "--profile",
+        action="store_true",
+        help="instead of the comparison: profile dqp on the grid (IPM-only / forward / "
+        "backward split, iterations, kernel launches, syncs, top ops)",
+    )
     ap.add_argument("-v", "--verbose", action="store_true")
     args = ap.parse_args(argv)
     if args.short:
@@ -912,8 +989,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 def main(argv: Optional[Sequence[str]] = None) -> List[Cell]:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(message)s",
+        datefmt="%H:%M:%S",
+    )
     device = args.device
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -935,11 +1015,14 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Cell]:
         return []
 
     methods: List[str] = []
-    meta = {"command": "python " + " ".join([os.path.relpath(__file__)] + list(argv or sys.argv[1:])),
-            "torch": torch.__version__, "python": platform.python_version(),
-            "host": f"{platform.machine()}, {os.cpu_count()} CPUs, torch threads "
-                    f"{torch.get_num_threads()}, OMP_WAIT_POLICY="
-                    f"{os.environ.get('OMP_WAIT_POLICY', '(unset)')}"}
+    meta = {
+        "command": "python " + " ".join([os.path.relpath(__file__)] + list(argv or sys.argv[1:])),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "host": f"{platform.machine()}, {os.cpu_count()} CPUs, torch threads "
+        f"{torch.get_num_threads()}, OMP_WAIT_POLICY="
+        f"{os.environ.get('OMP_WAIT_POLICY', '(unset)')}",
+    }
     if device.startswith("cuda"):
         meta["gpu"] = torch.cuda.get_device_name()
     if hasattr(os, "getloadavg"):
@@ -961,6 +1044,7 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Cell]:
     cells: List[Cell] = []
     try:
         from tqdm import tqdm
+
         bar = tqdm(total=len(grid) * len(dtypes) * len(methods), desc="cells", file=sys.stderr)
     except ImportError:
         bar = None
@@ -971,8 +1055,14 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Cell]:
         t0 = time.perf_counter()
         ref = compute_reference(ps, args.ref_count) if args.ref_count > 0 else None
         if ref is not None:
-            log.info("B=%d n=m=%d: reference on %d problems (%d degenerate excluded) in %.1f s",
-                     B, n, len(ref.idx), ref.n_degenerate, time.perf_counter() - t0)
+            log.info(
+                "B=%d n=m=%d: reference on %d problems (%d degenerate excluded) in %.1f s",
+                B,
+                n,
+                len(ref.idx),
+                ref.n_degenerate,
+                time.perf_counter() - t0,
+            )
         for dtype in dtypes:
             for name in methods:
                 cell = Cell(device=device, dtype=dtype, B=B, n=n, m=m, method=name)
@@ -984,9 +1074,18 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Cell]:
                 else:
                     run_cell(cell, METHODS[name], ps, ref, args.reps, args.budget)
                 cells.append(cell)
-                log.info("%s %s B=%d n=m=%d %-5s %s  grad err %s  z err %s%s", device, dtype, B,
-                         n, name, _fmt_t(cell), _fmt_e(cell.grad_rel_err),
-                         _fmt_e(cell.z_rel_err), f"  [{cell.note}]" if cell.note else "")
+                log.info(
+                    "%s %s B=%d n=m=%d %-5s %s  grad err %s  z err %s%s",
+                    device,
+                    dtype,
+                    B,
+                    n,
+                    name,
+                    _fmt_t(cell),
+                    _fmt_e(cell.grad_rel_err),
+                    _fmt_e(cell.z_rel_err),
+                    f"  [{cell.note}]" if cell.note else "",
+                )
                 if bar is not None:
                     bar.update(1)
                 write_outputs(cells, args.out, tag, meta, methods, plot=False)

@@ -32,6 +32,7 @@ Outputs (``experiments/results/``): ``bilevel_warmstart.csv`` (per step), ``bile
 (summary table), ``bilevel_warmstart.png`` (forward-solver time per outer step, cold vs warm).
 The loss and y of the observation are those of ``tv_problem``; ``t`` has ``n // 200`` pieces.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -81,8 +82,12 @@ def tv_problem(n: int, seed: int):
         M = sp.csc_matrix(M)
         M.eliminate_zeros()
         M.sort_indices()
-        return torch.sparse_csc_tensor(torch.tensor(M.indptr, dtype=torch.int64), torch.tensor(M.indices, dtype=torch.int64),
-                                       torch.tensor(M.data, dtype=torch.float64), size=M.shape)
+        return torch.sparse_csc_tensor(
+            torch.tensor(M.indptr, dtype=torch.int64),
+            torch.tensor(M.indices, dtype=torch.int64),
+            torch.tensor(M.data, dtype=torch.float64),
+            size=M.shape,
+        )
 
     d = torch.zeros(2 * (n - 1), dtype=torch.float64)
     return torch.tensor(t), torch.tensor(y0), csc(P), csc(C), d
@@ -94,8 +99,9 @@ def parse_spec(spec: str, default_eps: float):
     return name, float(eps) if eps else default_eps
 
 
-def run_loop(spec: str, warm: bool, n: int, steps: int, lr: float, alpha: float, seed: int,
-             eps: float) -> Iterator[Dict[str, Any]]:
+def run_loop(
+    spec: str, warm: bool, n: int, steps: int, lr: float, alpha: float, seed: int, eps: float
+) -> Iterator[Dict[str, Any]]:
     """Gradient descent on θ through the dqp layer, one outer step per ``next()``.
 
     Yields each step's record, then once more ``{"steps": [...], "final_loss": L, "theta": θ}``.
@@ -107,8 +113,16 @@ def run_loop(spec: str, warm: bool, n: int, steps: int, lr: float, alpha: float,
 
     solver, eps = parse_spec(spec, eps)
     t, y, P, C, d = tv_problem(n, seed)
-    settings = dQP.build_settings(qp_solver=solver, lin_solver="qdldl", solve_type="sparse", eps_abs=eps, eps_rel=eps,
-                                  warm_start_from_previous=warm, time=True, empty_batch=False)
+    settings = dQP.build_settings(
+        qp_solver=solver,
+        lin_solver="qdldl",
+        solve_type="sparse",
+        eps_abs=eps,
+        eps_rel=eps,
+        warm_start_from_previous=warm,
+        time=True,
+        empty_batch=False,
+    )
     layer = dQP.dQP_layer(settings=settings)
     # α = softplus(θ), starting from the uniform weight ``alpha``
     theta = torch.full((n - 1,), float(np.log(np.expm1(alpha))), dtype=torch.float64, requires_grad=True)
@@ -125,12 +139,22 @@ def run_loop(spec: str, warm: bool, n: int, steps: int, lr: float, alpha: float,
         loss.backward()
         t2 = time.perf_counter()
         info = layer.info
-        steps_out.append({"solver": spec, "warm": warm, "step": k, "loss": float(loss.detach()),
-                          "solve_time": float(solve_time), "forward_time": float(fwd_time), "call_time": t1 - t0,
-                          "backward_time": t2 - t1, "iterations": info.iterations[0] if info.iterations else None,
-                          "verified": bool(info.verified[0]) if info.verified else None,
-                          "n_active": int(np.count_nonzero(info.active[0])) if info.active else None,
-                          "n_weak": int(info.n_weakly_active[0]) if info.n_weakly_active else None})
+        steps_out.append(
+            {
+                "solver": spec,
+                "warm": warm,
+                "step": k,
+                "loss": float(loss.detach()),
+                "solve_time": float(solve_time),
+                "forward_time": float(fwd_time),
+                "call_time": t1 - t0,
+                "backward_time": t2 - t1,
+                "iterations": info.iterations[0] if info.iterations else None,
+                "verified": bool(info.verified[0]) if info.verified else None,
+                "n_active": int(np.count_nonzero(info.active[0])) if info.active else None,
+                "n_weak": int(info.n_weakly_active[0]) if info.n_weakly_active else None,
+            }
+        )
         yield steps_out[-1]
         opt.step()
     with torch.no_grad():  # the loss at the final θ
@@ -173,37 +197,49 @@ def _f(x: Optional[float], spec: str) -> str:
     return "-" if x is None else format(x, spec)
 
 
-def write_markdown(rows: List[Dict[str, Any]], path: Path, args: argparse.Namespace, command: str,
-                   skipped: Dict[str, str]) -> str:
+def write_markdown(
+    rows: List[Dict[str, Any]], path: Path, args: argparse.Namespace, command: str, skipped: Dict[str, str]
+) -> str:
     import torch
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from simplex_scaling import git_version
 
-    out = ["# Bilevel loop with and without warm starts", "",
-           f"`{command}` — dqp {git_version()}, {platform.machine()} ({os.cpu_count()} CPUs), torch {torch.__version__}, "
-           f"python {platform.python_version()}, 1 thread. 1-D TV denoising QP, n={args.n} "
-           f"(QP: {2 * args.n - 1} variables, {2 * (args.n - 1)} inequalities), learned per-edge TV weights "
-           f"α = softplus(θ) from α={args.alpha}, {args.steps} gradient steps (lr={args.lr}), tolerance eps={args.eps}.", "",
-           "`solver@eps` runs that solver at forward tolerance eps (dqp polishes the result). "
-           "Forward-solver time summed over the outer steps (`layer.info.solve_time`), the whole forward "
-           "(solve + active-set polish + factorization), mean iterations per solve where the backend reports "
-           "them, and the final loss of both runs.", "",
-           "| solver | solve time cold | solve time warm | solve speed-up | forward cold | forward warm | "
-           "forward speed-up | iters cold | iters warm | final loss cold | final loss warm | |Δloss| | max |Δθ| |",
-           "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    out = [
+        "# Bilevel loop with and without warm starts",
+        "",
+        f"`{command}` — dqp {git_version()}, {platform.machine()} ({os.cpu_count()} CPUs), torch {torch.__version__}, "
+        f"python {platform.python_version()}, 1 thread. 1-D TV denoising QP, n={args.n} "
+        f"(QP: {2 * args.n - 1} variables, {2 * (args.n - 1)} inequalities), learned per-edge TV weights "
+        f"α = softplus(θ) from α={args.alpha}, {args.steps} gradient steps (lr={args.lr}), tolerance eps={args.eps}.",
+        "",
+        "`solver@eps` runs that solver at forward tolerance eps (dqp polishes the result). "
+        "Forward-solver time summed over the outer steps (`layer.info.solve_time`), the whole forward "
+        "(solve + active-set polish + factorization), mean iterations per solve where the backend reports "
+        "them, and the final loss of both runs.",
+        "",
+        "| solver | solve time cold | solve time warm | solve speed-up | forward cold | forward warm | "
+        "forward speed-up | iters cold | iters warm | final loss cold | final loss warm | |Δloss| | max |Δθ| |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
-        out.append(f"| {r['solver']} | {r['cold_solve_total']:.3g} s | {r['warm_solve_total']:.3g} s | "
-                   f"{r['solve_speedup']:.2f}× | {r['cold_forward_total']:.3g} s | {r['warm_forward_total']:.3g} s | "
-                   f"{r['forward_speedup']:.2f}× | {_f(r['cold_iters_mean'], '.1f')} | {_f(r['warm_iters_mean'], '.1f')} | "
-                   f"{r['cold_final_loss']:.10g} | {r['warm_final_loss']:.10g} | {r['loss_abs_diff']:.1e} | "
-                   f"{r['theta_max_diff']:.1e} |")
+        out.append(
+            f"| {r['solver']} | {r['cold_solve_total']:.3g} s | {r['warm_solve_total']:.3g} s | "
+            f"{r['solve_speedup']:.2f}× | {r['cold_forward_total']:.3g} s | {r['warm_forward_total']:.3g} s | "
+            f"{r['forward_speedup']:.2f}× | {_f(r['cold_iters_mean'], '.1f')} | {_f(r['warm_iters_mean'], '.1f')} | "
+            f"{r['cold_final_loss']:.10g} | {r['warm_final_loss']:.10g} | {r['loss_abs_diff']:.1e} | "
+            f"{r['theta_max_diff']:.1e} |"
+        )
     if rows:
-        out += ["", f"Initial loss {rows[0]['initial_loss']:.6g}. Unverified polishes (cold/warm): " +
-                ", ".join(f"{r['solver']} {r['cold_unverified']}/{r['warm_unverified']}" for r in rows) +
-                ". Outer steps with weakly active constraints (cold/warm; there the map is not differentiable and "
-                "the one-sided gradient may depend on the solver's point): " +
-                ", ".join(f"{r['solver']} {r['cold_weak_steps']}/{r['warm_weak_steps']}" for r in rows) + "."]
+        out += [
+            "",
+            f"Initial loss {rows[0]['initial_loss']:.6g}. Unverified polishes (cold/warm): "
+            + ", ".join(f"{r['solver']} {r['cold_unverified']}/{r['warm_unverified']}" for r in rows)
+            + ". Outer steps with weakly active constraints (cold/warm; there the map is not differentiable and "
+            "the one-sided gradient may depend on the solver's point): "
+            + ", ".join(f"{r['solver']} {r['cold_weak_steps']}/{r['warm_weak_steps']}" for r in rows)
+            + ".",
+        ]
     if skipped:
         out += ["", "Not run: " + "; ".join(f"{k} ({v})" for k, v in skipped.items()) + "."]
     text = "\n".join(out) + "\n"
@@ -211,8 +247,20 @@ def write_markdown(rows: List[Dict[str, Any]], path: Path, args: argparse.Namesp
     return text
 
 
-COLUMNS = ["solver", "warm", "step", "loss", "solve_time", "forward_time", "call_time", "backward_time", "iterations",
-           "verified", "n_active", "n_weak"]
+COLUMNS = [
+    "solver",
+    "warm",
+    "step",
+    "loss",
+    "solve_time",
+    "forward_time",
+    "call_time",
+    "backward_time",
+    "iterations",
+    "verified",
+    "n_active",
+    "n_weak",
+]
 
 
 def plot(csv_path: Path, png_path: Path) -> bool:
@@ -227,10 +275,10 @@ def plot(csv_path: Path, png_path: Path) -> bool:
     with open(csv_path) as f:
         for r in csv.DictReader(f):
             data.setdefault(r["solver"], {}).setdefault(r["warm"] == "True", []).append(
-                (int(r["step"]), float(r["solve_time"]), r["iterations"]))
+                (int(r["step"]), float(r["solve_time"]), r["iterations"])
+            )
     solvers = list(data)
-    fig, axes = plt.subplots(2, len(solvers), figsize=(3.2 * len(solvers), 5.6), dpi=90, squeeze=False,
-                             sharex=True)
+    fig, axes = plt.subplots(2, len(solvers), figsize=(3.2 * len(solvers), 5.6), dpi=90, squeeze=False, sharex=True)
     for j, s in enumerate(solvers):
         for warm, color in ((False, "tab:red"), (True, "tab:blue")):
             pts = sorted(data[s].get(warm, []))
@@ -240,8 +288,15 @@ def plot(csv_path: Path, png_path: Path) -> bool:
             if its:
                 axes[1][j].plot([p[0] for p in its], [p[1] for p in its], color=color, lw=1, label=lab)
         if not any(p[2] not in ("", "None") for v in data[s].values() for p in v):
-            axes[1][j].text(0.5, 0.5, "iterations not reported\nby this backend", ha="center", va="center",
-                            transform=axes[1][j].transAxes, fontsize=8)
+            axes[1][j].text(
+                0.5,
+                0.5,
+                "iterations not reported\nby this backend",
+                ha="center",
+                va="center",
+                transform=axes[1][j].transAxes,
+                fontsize=8,
+            )
         axes[0][j].set_title(s, fontsize=9)
         axes[1][j].set_xlabel("outer step")
         for i in range(2):
@@ -279,11 +334,13 @@ def driver(args: argparse.Namespace) -> int:
     all_steps: List[Dict[str, Any]] = []
     for s in solvers:
         t0 = time.perf_counter()
-        loops = {warm: run_loop(s, warm, args.n, args.steps, args.lr, args.alpha, args.seed, args.eps)
-                 for warm in (False, True)}
+        loops = {
+            warm: run_loop(s, warm, args.n, args.steps, args.lr, args.alpha, args.seed, args.eps)
+            for warm in (False, True)
+        }
         try:
             for k in range(args.steps + 1):  # interleaved, alternating which of the two goes first
-                for warm in ((False, True) if k % 2 == 0 else (True, False)):
+                for warm in (False, True) if k % 2 == 0 else (True, False):
                     out = next(loops[warm])
                     if k == args.steps:
                         runs[(s, warm)] = out
@@ -297,9 +354,14 @@ def driver(args: argparse.Namespace) -> int:
             st = runs[(s, warm)]["steps"]
             all_steps += st
             its = [x["iterations"] for x in st if x["iterations"] is not None]
-            logger.info("%-15s %-5s solve total %.3fs  final loss %.10g  mean iters %s", s, "warm" if warm else "cold",
-                        sum(x["solve_time"] for x in st), runs[(s, warm)]["final_loss"],
-                        _f(float(np.mean(its)) if its else None, ".1f"))
+            logger.info(
+                "%-15s %-5s solve total %.3fs  final loss %.10g  mean iters %s",
+                s,
+                "warm" if warm else "cold",
+                sum(x["solve_time"] for x in st),
+                runs[(s, warm)]["final_loss"],
+                _f(float(np.mean(its)) if its else None, ".1f"),
+            )
         logger.info("%-15s both loops %.1fs", s, time.perf_counter() - t0)
     rows = summarize(runs, solvers)
     out_dir = Path(args.out_dir)
@@ -313,15 +375,23 @@ def driver(args: argparse.Namespace) -> int:
     command = ("python experiments/bilevel_warmstart.py " + " ".join(args.argv)).strip()
     print(write_markdown(rows, md_path, args, command, skipped))
     for r in rows:
-        print(f"RESULT solver={r['solver']} loss_cold={r['cold_final_loss']:.17g} loss_warm={r['warm_final_loss']:.17g} "
-              f"solve_speedup={r['solve_speedup']:.4f} theta_max_diff={r['theta_max_diff']:.3e}")
+        print(
+            f"RESULT solver={r['solver']} loss_cold={r['cold_final_loss']:.17g} loss_warm={r['warm_final_loss']:.17g} "
+            f"solve_speedup={r['solve_speedup']:.4f} theta_max_diff={r['theta_max_diff']:.3e}"
+        )
     if args.no_plot:
         pass
     elif not plot(csv_path, png_path):
         for cand in (PEERS / "cvxpylayers" / "bin" / "python", PEERS / "bench" / "bin" / "python"):
-            if cand.exists() and subprocess.run([str(cand), str(Path(__file__).resolve()), "--plot", str(csv_path),
-                                                 str(png_path)], capture_output=True,
-                                                cwd=tempfile.gettempdir()).returncode == 0:
+            if (
+                cand.exists()
+                and subprocess.run(
+                    [str(cand), str(Path(__file__).resolve()), "--plot", str(csv_path), str(png_path)],
+                    capture_output=True,
+                    cwd=tempfile.gettempdir(),
+                ).returncode
+                == 0
+            ):
                 break
         else:
             logger.warning("matplotlib not available: no plot written")

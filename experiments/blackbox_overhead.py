@@ -32,6 +32,7 @@ Examples
     python experiments/blackbox_overhead.py --short --out /tmp/bbo          # smoke (seconds)
     python experiments/blackbox_overhead.py --libdqp-python /path/to/libdqp-venv/bin/python
 """
+
 from __future__ import annotations
 
 import argparse
@@ -49,8 +50,22 @@ from typing import Any, Dict, List, Optional
 import numpy as np
 
 HERE = Path(__file__).resolve().parent
-DEFAULT_MM = ("HS21", "HS35", "HS118", "DUALC1", "QAFIRO", "QADLITTL", "QSCAGR7", "QSHARE2B", "QBANDM",
-              "QRECIPE", "CVXQP1_S", "PRIMALC1", "QSC205", "AUG3DC")
+DEFAULT_MM = (
+    "HS21",
+    "HS35",
+    "HS118",
+    "DUALC1",
+    "QAFIRO",
+    "QADLITTL",
+    "QSCAGR7",
+    "QSHARE2B",
+    "QBANDM",
+    "QRECIPE",
+    "CVXQP1_S",
+    "PRIMALC1",
+    "QSC205",
+    "AUG3DC",
+)
 SHORT_MM = ("HS21", "HS35")
 
 
@@ -110,9 +125,13 @@ def _csc_tensor(M, requires_grad: bool):
     import torch
 
     vals = torch.tensor(M.data, dtype=torch.float64, requires_grad=requires_grad)
-    T = torch.sparse_csc_tensor(torch.tensor(M.indptr, dtype=torch.int64),
-                                torch.tensor(M.indices, dtype=torch.int64), vals, size=M.shape,
-                                dtype=torch.float64)
+    T = torch.sparse_csc_tensor(
+        torch.tensor(M.indptr, dtype=torch.int64),
+        torch.tensor(M.indices, dtype=torch.int64),
+        vals,
+        size=M.shape,
+        dtype=torch.float64,
+    )
     return T, vals
 
 
@@ -163,8 +182,10 @@ def _layer(impl: str, solver: str, sparse: bool):
 def _raw_solver(prob, solver: str) -> float:
     import qpsolvers
 
-    kw = {"piqp": {"eps_abs": 1e-8, "eps_rel": 1e-8},
-          "clarabel": {"tol_gap_abs": 1e-8, "tol_gap_rel": 1e-8, "tol_feas": 1e-8}}.get(solver, {})
+    kw = {
+        "piqp": {"eps_abs": 1e-8, "eps_rel": 1e-8},
+        "clarabel": {"tol_gap_abs": 1e-8, "tol_gap_rel": 1e-8, "tol_feas": 1e-8},
+    }.get(solver, {})
     P, q, C, d, A, b = prob
     return qpsolvers.solve_problem(qpsolvers.Problem(P, q, C, d, A, b), solver=solver, **kw)
 
@@ -245,9 +266,20 @@ def worker_grid(cell: Dict[str, Any], impl: str, reps: int) -> Dict[str, Any]:
 
             def raw():
                 s = osqp.OSQP()
-                s.setup(sp.triu(P, format="csc"), q, C, np.full(len(d), -1e30), d, verbose=False,
-                        eps_abs=1e-8, eps_rel=1e-8, max_iter=20000, polishing=False)
+                s.setup(
+                    sp.triu(P, format="csc"),
+                    q,
+                    C,
+                    np.full(len(d), -1e30),
+                    d,
+                    verbose=False,
+                    eps_abs=1e-8,
+                    eps_rel=1e-8,
+                    max_iter=20000,
+                    polishing=False,
+                )
                 return s.solve()
+
             rec["t_raw"] = _best(raw, reps)
         else:
             rec["t_raw"] = _best(lambda: _raw_solver(prob, cell["solver"]), reps)
@@ -274,8 +306,13 @@ def worker_loop(cell: Dict[str, Any], impl: str, reps: int) -> Dict[str, Any]:
         z.sum().backward()
         times.append(CLOCK() - t0)
     rest = times[1:] or times
-    return {"t_first": times[0], "t_rest_mean": statistics.fmean(rest), "t_rest_median": statistics.median(rest),
-            "rest_over_first": statistics.median(rest) / times[0], **_info(layer)}
+    return {
+        "t_first": times[0],
+        "t_rest_mean": statistics.fmean(rest),
+        "t_rest_median": statistics.median(rest),
+        "rest_over_first": statistics.median(rest) / times[0],
+        **_info(layer),
+    }
 
 
 #: stage -> (file suffix, function names) whose cumulative profile time the stage is
@@ -337,8 +374,7 @@ def worker(args: argparse.Namespace) -> None:
 
     warnings.simplefilter("ignore")
     cells = json.loads(Path(args.cells).read_text())
-    run = {"mm": worker_mm, "dense": worker_dense, "loop": worker_loop, "stages": worker_stages,
-           "grid": worker_grid}
+    run = {"mm": worker_mm, "dense": worker_dense, "loop": worker_loop, "stages": worker_stages, "grid": worker_grid}
     for cell in cells:
         try:
             rec = run[cell["family"]](cell, args.worker, args.reps)
@@ -349,8 +385,9 @@ def worker(args: argparse.Namespace) -> None:
 
 
 # ------------------------------------------------------------------------------------------ driver
-def _run_impl(impl: str, python: str, cells: List[Dict[str, Any]], reps: int, tmp: Path,
-              pythonpath: Optional[str], timeout: float) -> List[Dict[str, Any]]:
+def _run_impl(
+    impl: str, python: str, cells: List[Dict[str, Any]], reps: int, tmp: Path, pythonpath: Optional[str], timeout: float
+) -> List[Dict[str, Any]]:
     if impl != "ours":
         cells = [c for c in cells if c["family"] != "stages"]
     path = tmp / f"cells_{impl}.json"
@@ -361,8 +398,14 @@ def _run_impl(impl: str, python: str, cells: List[Dict[str, Any]], reps: int, tm
         env["PYTHONPATH"] = pythonpath
     # libdqp and other builds also import as ``dqp``: run them outside this checkout
     cwd = str(HERE.parent) if impl == "ours" else str(tmp)
-    proc = subprocess.run([python, str(Path(__file__).resolve()), "--worker", impl, "--cells", str(path),
-                           "--reps", str(reps)], capture_output=True, text=True, env=env, cwd=cwd, timeout=timeout)
+    proc = subprocess.run(
+        [python, str(Path(__file__).resolve()), "--worker", impl, "--cells", str(path), "--reps", str(reps)],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=cwd,
+        timeout=timeout,
+    )
     out = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
     if proc.returncode != 0 and not out:
         raise RuntimeError(f"{impl} worker failed: {proc.stderr[-2000:]}")
@@ -385,16 +428,21 @@ def _gmean(xs: List[float]) -> float:
 def _key(r: Dict[str, Any], impl: Optional[str] = None) -> tuple:
     """A cell's identity (its defining fields, not its measured ones) and the implementation."""
     fields = {"dense": ("family", "solver", "n", "B"), "grid": ("family", "solver", "k")}.get(
-        r["family"], ("family", "name", "solver"))
+        r["family"], ("family", "name", "solver")
+    )
     return tuple(r.get(k) for k in fields) + (impl or r["impl"],)
 
 
 def report(rows: List[Dict[str, Any]], impls: List[str]) -> str:
     by = {_key(r): r for r in rows}
-    lines = ["# Black-box path overhead", "",
-             "Ratios of times measured in one run (one thread per worker; CPU time of the worker process, "
-             "shared cores: compare ratios, not absolute times across runs). Times in ms, each the minimum "
-             "over the repetitions.", ""]
+    lines = [
+        "# Black-box path overhead",
+        "",
+        "Ratios of times measured in one run (one thread per worker; CPU time of the worker process, "
+        "shared cores: compare ratios, not absolute times across runs). Times in ms, each the minimum "
+        "over the repetitions.",
+        "",
+    ]
     mm = [r for r in rows if r["family"] == "mm" and r["impl"] == "ours"]
     if mm:
         head = "| problem | solver | n | m | raw | dqp fwd | fwd/raw | dqp fwd+bwd |"
@@ -409,10 +457,20 @@ def report(rows: List[Dict[str, Any]], impls: List[str]) -> str:
         for r in mm:
             raw = r.get("t_raw")
             ratio = r["t_fwd"] / raw if r.get("status") == "ok" and raw else float("nan")
-            s = summary.setdefault(r["solver"], {"ours": [], **{i: [] for i in impls[1:]}, **{f"fb_{i}": [] for i in impls[1:]}})
+            s = summary.setdefault(
+                r["solver"], {"ours": [], **{i: [] for i in impls[1:]}, **{f"fb_{i}": [] for i in impls[1:]}}
+            )
             s["ours"].append(ratio)
-            cells = [r["name"], r["solver"], _fmt(r.get("n")), _fmt(r.get("m")), _fmt(1e3 * raw if raw else None),
-                     _fmt(1e3 * r.get("t_fwd", float("nan"))), _fmt(ratio, 1), _fmt(1e3 * r.get("t_fwd_bwd", float("nan")))]
+            cells = [
+                r["name"],
+                r["solver"],
+                _fmt(r.get("n")),
+                _fmt(r.get("m")),
+                _fmt(1e3 * raw if raw else None),
+                _fmt(1e3 * r.get("t_fwd", float("nan"))),
+                _fmt(ratio, 1),
+                _fmt(1e3 * r.get("t_fwd_bwd", float("nan"))),
+            ]
             for impl in impls[1:]:
                 o = by.get(_key(r, impl), {})
                 ok = o.get("status") == "ok" and raw
@@ -423,15 +481,20 @@ def report(rows: List[Dict[str, Any]], impls: List[str]) -> str:
                 cells += [_fmt(ro, 1), _fmt(1e3 * o["t_fwd_bwd"]) if ok else o.get("status", "-")[:30], _fmt(fb)]
             cells += [_fmt(r.get("verified")), _fmt(r.get("polish_path")), _fmt(r.get("factorizations"))]
             lines.append("| " + " | ".join(cells) + " |")
-        lines += ["", "| solver | impl | median fwd/raw | geo-mean fwd/raw | worst fwd/raw | median dqp/impl fwd+bwd |",
-                  "|---|---|---|---|---|---|"]
+        lines += [
+            "",
+            "| solver | impl | median fwd/raw | geo-mean fwd/raw | worst fwd/raw | median dqp/impl fwd+bwd |",
+            "|---|---|---|---|---|---|",
+        ]
         for solver, s in summary.items():
             for impl in impls:
                 xs = [x for x in s[impl] if math.isfinite(x)]
                 fb = [x for x in s.get(f"fb_{impl}", []) if math.isfinite(x)]
-                lines.append(f"| {solver} | {impl} | {_fmt(statistics.median(xs) if xs else None, 1)} | "
-                             f"{_fmt(_gmean(xs), 1)} | {_fmt(max(xs) if xs else None, 1)} | "
-                             f"{_fmt(statistics.median(fb) if fb else None)} |")
+                lines.append(
+                    f"| {solver} | {impl} | {_fmt(statistics.median(xs) if xs else None, 1)} | "
+                    f"{_fmt(_gmean(xs), 1)} | {_fmt(max(xs) if xs else None, 1)} | "
+                    f"{_fmt(statistics.median(fb) if fb else None)} |"
+                )
     dense = [r for r in rows if r["family"] == "dense" and r["impl"] == "ours"]
     if dense:
         head, sep = "| solver | n | B | dqp fwd+bwd |", "|---|---|---|---|"
@@ -444,8 +507,10 @@ def report(rows: List[Dict[str, Any]], impls: List[str]) -> str:
             for impl in impls[1:]:
                 o = by.get(_key(r, impl), {})
                 ok = o.get("status") == "ok" and r.get("status") == "ok"
-                cells += [_fmt(1e3 * o["t_fwd_bwd"]) if ok else o.get("status", "-")[:30],
-                          _fmt(r["t_fwd_bwd"] / o["t_fwd_bwd"]) if ok else "-"]
+                cells += [
+                    _fmt(1e3 * o["t_fwd_bwd"]) if ok else o.get("status", "-")[:30],
+                    _fmt(r["t_fwd_bwd"] / o["t_fwd_bwd"]) if ok else "-",
+                ]
             lines.append("| " + " | ".join(cells) + " |")
     grid = [r for r in rows if r["family"] == "grid" and r["impl"] == "ours"]
     if grid:
@@ -459,33 +524,56 @@ def report(rows: List[Dict[str, Any]], impls: List[str]) -> str:
             if r.get("status") != "ok":
                 lines.append(f"| k={r['k']} | {r['solver']} | {r['status'][:60]} |")
                 continue
-            cells = [str(r["n"]), r["solver"], _fmt(1e3 * r["t_raw"]), _fmt(1e3 * r["t_factor"]), _fmt(1e3 * r["floor"]),
-                     _fmt(1e3 * r["t_fwd_bwd"]), _fmt(r["t_fwd_bwd"] / r["floor"]), _fmt(r.get("iterations"))]
+            cells = [
+                str(r["n"]),
+                r["solver"],
+                _fmt(1e3 * r["t_raw"]),
+                _fmt(1e3 * r["t_factor"]),
+                _fmt(1e3 * r["floor"]),
+                _fmt(1e3 * r["t_fwd_bwd"]),
+                _fmt(r["t_fwd_bwd"] / r["floor"]),
+                _fmt(r.get("iterations")),
+            ]
             for impl in impls[1:]:
                 o = by.get(_key(r, impl), {})
                 ok = o.get("status") == "ok"
-                cells += [_fmt(1e3 * o["t_fwd_bwd"]) if ok else o.get("status", "-")[:30],
-                          _fmt(r["t_fwd_bwd"] / o["t_fwd_bwd"]) if ok else "-"]
+                cells += [
+                    _fmt(1e3 * o["t_fwd_bwd"]) if ok else o.get("status", "-")[:30],
+                    _fmt(r["t_fwd_bwd"] / o["t_fwd_bwd"]) if ok else "-",
+                ]
             lines.append("| " + " | ".join(cells) + " |")
     stages = [r for r in rows if r["family"] == "stages" and r.get("status") == "ok"]
     if stages:
-        lines += ["", "## Where dqp's forward + backward spends its time (profiled, ms per call)", "",
-                  "| problem | solver | total | " + " | ".join(STAGES) + " | factorizations | path |",
-                  "|---|---|---|" + "---|" * len(STAGES) + "---|---|"]
+        lines += [
+            "",
+            "## Where dqp's forward + backward spends its time (profiled, ms per call)",
+            "",
+            "| problem | solver | total | " + " | ".join(STAGES) + " | factorizations | path |",
+            "|---|---|---|" + "---|" * len(STAGES) + "---|---|",
+        ]
         for r in stages:
-            lines.append(f"| {r['name']} | {r['solver']} | {_fmt(1e3 * r['t_profiled'])} | "
-                         + " | ".join(_fmt(1e3 * r[f"stage_{k}"]) for k in STAGES)
-                         + f" | {_fmt(r.get('factorizations'))} | {_fmt(r.get('polish_path'))} |")
+            lines.append(
+                f"| {r['name']} | {r['solver']} | {_fmt(1e3 * r['t_profiled'])} | "
+                + " | ".join(_fmt(1e3 * r[f"stage_{k}"]) for k in STAGES)
+                + f" | {_fmt(r.get('factorizations'))} | {_fmt(r.get('polish_path'))} |"
+            )
     loop = [r for r in rows if r["family"] == "loop"]
     if loop:
-        lines += ["", "## Repeated calls (same pattern, new values; forward + backward, ms)", "",
-                  "| problem | solver | impl | calls | first | median of the rest | rest / first |", "|---|---|---|---|---|---|---|"]
+        lines += [
+            "",
+            "## Repeated calls (same pattern, new values; forward + backward, ms)",
+            "",
+            "| problem | solver | impl | calls | first | median of the rest | rest / first |",
+            "|---|---|---|---|---|---|---|",
+        ]
         for r in loop:
             if r.get("status") != "ok":
                 lines.append(f"| {r['name']} | {r['solver']} | {r['impl']} | {r['calls']} | {r['status'][:40]} | | |")
                 continue
-            lines.append(f"| {r['name']} | {r['solver']} | {r['impl']} | {r['calls']} | {_fmt(1e3 * r['t_first'])} | "
-                         f"{_fmt(1e3 * r['t_rest_median'])} | {_fmt(r['rest_over_first'])} |")
+            lines.append(
+                f"| {r['name']} | {r['solver']} | {r['impl']} | {r['calls']} | {_fmt(1e3 * r['t_first'])} | "
+                f"{_fmt(1e3 * r['t_rest_median'])} | {_fmt(r['rest_over_first'])} |"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -500,11 +588,16 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--grid-solvers", default="osqp,clarabel,piqp")
     ap.add_argument("--loop-solvers", default="osqp,piqp", help="forward solvers of the repeated-call loop")
     ap.add_argument("--loop-problem", default="PRIMALC1", help="the repeated-call loop's problem")
-    ap.add_argument("--stage-problems", default="QBANDM,QSCAGR7,CVXQP1_S,PRIMALC1",
-                    help="problems of the stage profile (family 'stages', dqp only)")
+    ap.add_argument(
+        "--stage-problems",
+        default="QBANDM,QSCAGR7,CVXQP1_S,PRIMALC1",
+        help="problems of the stage profile (family 'stages', dqp only)",
+    )
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--calls", type=int, default=100, help="calls of the repeated-call loop")
-    ap.add_argument("--mm-dir", default=os.environ.get("DQP_MAROS_MESZAROS", str(HERE.parent.parent / "shared/data/maros_meszaros")))
+    ap.add_argument(
+        "--mm-dir", default=os.environ.get("DQP_MAROS_MESZAROS", str(HERE.parent.parent / "shared/data/maros_meszaros"))
+    )
     ap.add_argument("--libdqp-python", default=None, help="interpreter of a venv with libdqp==0.1.2")
     ap.add_argument("--compare-path", default=None, help="a directory whose dqp package is another build")
     ap.add_argument("--out", default=str(HERE / "results" / "blackbox_overhead"))
@@ -540,8 +633,15 @@ def main(argv: Optional[List[str]] = None) -> int:
     if names and "loop" in fams:
         loop_name = names[0] if args.short else args.loop_problem
         for solver in args.loop_solvers.split(","):
-            cells.append({"family": "loop", "name": loop_name, "solver": solver, "dir": args.mm_dir,
-                          "calls": 4 if args.short else args.calls})
+            cells.append(
+                {
+                    "family": "loop",
+                    "name": loop_name,
+                    "solver": solver,
+                    "dir": args.mm_dir,
+                    "calls": 4 if args.short else args.calls,
+                }
+            )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     import tempfile

@@ -11,6 +11,7 @@ Usage::
 
     OMP_WAIT_POLICY=PASSIVE python experiments/cpu_load_ab.py --rounds 7 --batch 128 --n 100
 """
+
 from __future__ import annotations
 
 import argparse
@@ -54,7 +55,7 @@ def main() -> None:
 
     cells = [(t, s) for t in (1, 2) for s in ("static", "dynamic", "qpth")]
     times = {(load, t, s): [] for load in (False, True) for t, s in cells}
-    for t, s in cells:                                    # warm-up (builds, caches)
+    for t, s in cells:  # warm-up (builds, caches)
         torch.set_num_threads(t)
         run(s)
     for r in range(args.rounds):
@@ -71,15 +72,18 @@ def main() -> None:
                 if busy is not None:
                     busy.kill()
                     busy.wait()
-    print(f"B={args.batch} n=m={args.n} float64 fwd+bwd, medians over {args.rounds} rounds "
-          f"(qpth {args.qpth_rounds}), ms")
+    print(
+        f"B={args.batch} n=m={args.n} float64 fwd+bwd, medians over {args.rounds} rounds (qpth {args.qpth_rounds}), ms"
+    )
     print("| load | threads | dqp static | dqp dynamic | qpth | qpth/dqp dynamic |")
     print("|---|---|---|---|---|---|")
     for load in (False, True):
         for t in (1, 2):
             med = {s: 1e3 * statistics.median(times[(load, t, s)]) for s in ("static", "dynamic", "qpth")}
-            print(f"| {'one busy process' if load else 'none'} | {t} | {med['static']:.0f} | {med['dynamic']:.0f} "
-                  f"| {med['qpth']:.0f} | {med['qpth'] / med['dynamic']:.2f} |")
+            print(
+                f"| {'one busy process' if load else 'none'} | {t} | {med['static']:.0f} | {med['dynamic']:.0f} "
+                f"| {med['qpth']:.0f} | {med['qpth'] / med['dynamic']:.2f} |"
+            )
 
 
 if __name__ == "__main__":

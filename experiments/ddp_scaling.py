@@ -19,6 +19,7 @@ On the CPU (gloo; a check that the script runs, not a measurement)::
 
     python experiments/ddp_scaling.py --sweep 2 --cpu --short
 """
+
 from __future__ import annotations
 
 import argparse
@@ -63,6 +64,7 @@ def _step_fn(model, opt, device, B: int, n: int, dtype):
         loss.backward()
         opt.step()
         return loss.detach()
+
     return step
 
 
@@ -100,11 +102,12 @@ def time_steps(ddp_model, device, B: int, n: int, dtype, warmup: int, reps: int)
 def _fits(model, device, B: int, n: int, dtype) -> bool:
     """Whether one step at batch B runs on every rank (no out-of-memory error)."""
     from dqp.solvers.ipm import clear_graph_cache
+
     ok = True
     try:
         opt = torch.optim.SGD(model.parameters(), lr=1e-3)
         loss = _step_fn(model, opt, device, B, n, dtype)()
-        if not bool(torch.isfinite(loss)):          # a step that "fits" must also be right
+        if not bool(torch.isfinite(loss)):  # a step that "fits" must also be right
             raise RuntimeError(f"batch {B}: non-finite loss {loss.item()}")
     except RuntimeError as exc:
         if not _out_of_memory(exc):
@@ -152,8 +155,16 @@ def run_cell(args) -> dict:
     dtype = getattr(torch, args.dtype)
     model = ex.OptNetRegressor(N_FEATURES, args.size, args.size, solver="ipm", dtype=dtype).to(device)
     ddp = ex.DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if backend else model
-    rec = dict(world=world, device=str(device), gpu=torch.cuda.get_device_name(device) if device.type == "cuda"
-               else "cpu", backend=backend or "none", dtype=args.dtype, n=args.size, m=args.size, torch=torch.__version__)
+    rec = dict(
+        world=world,
+        device=str(device),
+        gpu=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        backend=backend or "none",
+        dtype=args.dtype,
+        n=args.size,
+        m=args.size,
+        torch=torch.__version__,
+    )
     if args.max_batch:
         # (the plain model: an out-of-memory error inside DDP's backward leaves its reducer mid-reduction
         # and the other ranks waiting; DDP adds only its gradient buckets, the size of the parameters)
@@ -161,8 +172,13 @@ def run_cell(args) -> dict:
         rec.update(kind="max_batch", max_batch_per_gpu=best, search_limit=args.limit)
     else:
         times = time_steps(ddp, device, args.batch, args.size, dtype, args.warmup, args.reps)
-        rec.update(kind="step", batch_per_gpu=args.batch, step_s_median=statistics.median(times),
-                   step_s_min=min(times), reps=len(times))
+        rec.update(
+            kind="step",
+            batch_per_gpu=args.batch,
+            step_s_median=statistics.median(times),
+            step_s_min=min(times),
+            reps=len(times),
+        )
     del ddp, model
     gc.collect()
     if backend:
@@ -177,8 +193,17 @@ def run_cell(args) -> dict:
 
 def _launch(nproc: int, cell_args: list, json_path: Path) -> None:
     env = {**os.environ, "NCCL_NVLS_ENABLE": os.environ.get("NCCL_NVLS_ENABLE", "0")}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           str(Path(__file__).resolve()), *cell_args, "--json", str(json_path)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        str(Path(__file__).resolve()),
+        *cell_args,
+        "--json",
+        str(json_path),
+    ]
     print("+", " ".join(cmd), flush=True)
     subprocess.run(cmd, check=True, env=env, cwd=ROOT)
 
@@ -193,10 +218,26 @@ def sweep(args) -> None:
     timing = ["--warmup", str(args.warmup), "--reps", str(args.reps)]
     for dt in ("float32", "float64"):
         for k in counts:
-            _launch(k, ["--batch", str(args.batch), "--size", str(args.size), "--dtype", dt, *timing, *extra], json_path)
+            _launch(
+                k, ["--batch", str(args.batch), "--size", str(args.size), "--dtype", dt, *timing, *extra], json_path
+            )
     for dt in ("float32", "float64"):
-        _launch(1, ["--max-batch", "--size", str(args.max_batch_size), "--dtype", dt, "--batch", str(args.batch),
-                    "--limit", str(args.limit), *extra], json_path)
+        _launch(
+            1,
+            [
+                "--max-batch",
+                "--size",
+                str(args.max_batch_size),
+                "--dtype",
+                dt,
+                "--batch",
+                str(args.batch),
+                "--limit",
+                str(args.limit),
+                *extra,
+            ],
+            json_path,
+        )
     recs = [json.loads(line) for line in json_path.read_text().splitlines()]
     Path(args.out).write_text(table(recs, " ".join(sys.argv)))
     print(Path(args.out).read_text())
@@ -204,20 +245,27 @@ def sweep(args) -> None:
 
 def table(recs: list, command: str) -> str:
     steps = [r for r in recs if r["kind"] == "step"]
-    lines = ["# Data-parallel training step with the QP layer: weak scaling", "",
-             f"Command: `{command}`", "",
-             f"Device: {steps[0]['gpu'] if steps else '?'}; backend {steps[-1]['backend'] if steps else '?'}; "
-             f"torch {recs[0]['torch']}. One step = forward (batched IPM) + backward + all-reduce + SGD step; "
-             f"median of the slowest rank's step time.", "",
-             "| dtype | GPUs | batch per GPU | n = m | step (ms) | samples/s | weak-scaling efficiency |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        "# Data-parallel training step with the QP layer: weak scaling",
+        "",
+        f"Command: `{command}`",
+        "",
+        f"Device: {steps[0]['gpu'] if steps else '?'}; backend {steps[-1]['backend'] if steps else '?'}; "
+        f"torch {recs[0]['torch']}. One step = forward (batched IPM) + backward + all-reduce + SGD step; "
+        f"median of the slowest rank's step time.",
+        "",
+        "| dtype | GPUs | batch per GPU | n = m | step (ms) | samples/s | weak-scaling efficiency |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for dt in ("float32", "float64"):
         rows = sorted((r for r in steps if r["dtype"] == dt), key=lambda r: r["world"])
         base = next((r["step_s_median"] for r in rows if r["world"] == 1), None)
         for r in rows:
             eff = f"{100 * base / r['step_s_median']:.1f} %" if base else "-"
-            lines.append(f"| {dt} | {r['world']} | {r['batch_per_gpu']} | {r['n']} | {1e3 * r['step_s_median']:.2f} | "
-                         f"{r['world'] * r['batch_per_gpu'] / r['step_s_median']:.0f} | {eff} |")
+            lines.append(
+                f"| {dt} | {r['world']} | {r['batch_per_gpu']} | {r['n']} | {1e3 * r['step_s_median']:.2f} | "
+                f"{r['world'] * r['batch_per_gpu'] / r['step_s_median']:.0f} | {eff} |"
+            )
     lines += ["", "| dtype | n = m | largest batch per GPU (one step fits) |", "|---|---|---|"]
     for r in recs:
         if r["kind"] == "max_batch":

@@ -11,6 +11,7 @@ Usage::
     OMP_NUM_THREADS=1 python experiments/layer_overhead.py --device cpu --rounds 15
     python experiments/layer_overhead.py --device cuda --rounds 50 --batches 1 128 1024 --sizes 10 100 500
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,9 +37,13 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 128])
     ap.add_argument("--sizes", type=int, nargs="+", default=[10, 100])
-    ap.add_argument("--clock", choices=("wall", "process"), default="wall",
-                    help="process: this process's CPU time (CPU only, one thread: less sensitive to other "
-                         "processes on a shared machine)")
+    ap.add_argument(
+        "--clock",
+        choices=("wall", "process"),
+        default="wall",
+        help="process: this process's CPU time (CPU only, one thread: less sensitive to other "
+        "processes on a shared machine)",
+    )
     ap.add_argument("--info", action="store_true", help="read layer.info (every list) after each call")
     args = ap.parse_args()
     from dqp import dQP
@@ -47,8 +52,10 @@ def main() -> None:
     layer = dQP.dQP_layer(settings=dQP.build_settings(qp_solver="dqp_ipm"))
     door = QPFunction(verbose=-1, check_Q_spd=False)
     clock = time.process_time if args.clock == "process" else time.perf_counter
-    print(f"device {args.device}, threads {torch.get_num_threads()}, {args.clock} clock, float64 fwd+bwd, medians over "
-          f"{args.rounds} rounds, ms")
+    print(
+        f"device {args.device}, threads {torch.get_num_threads()}, {args.clock} clock, float64 fwd+bwd, medians over "
+        f"{args.rounds} rounds, ms"
+    )
     print("| B | n=m | dQP_layer | QPFunction | layer / QPFunction |")
     print("|---|---|---|---|---|")
     for B in args.batches:

@@ -31,6 +31,7 @@ Examples
     python experiments/maros_meszaros.py --impl both --timeout-per-problem 300 \\
         --out experiments/results/maros_meszaros_full          # all 137
 """
+
 from __future__ import annotations
 
 import argparse
@@ -58,10 +59,10 @@ MARKER = "@@MM_RESULT "
 logger = logging.getLogger("maros_meszaros")
 
 # thresholds (documented in the README section)
-FD_RTOL = 1e-3          # FD check passes if |fd − an| ≤ FD_RTOL·max(|fd|, |an|) + FD_ATOL
+FD_RTOL = 1e-3  # FD check passes if |fd − an| ≤ FD_RTOL·max(|fd|, |an|) + FD_ATOL
 FD_ATOL = 1e-8
 FD_STEPS = (1e-3, 1e-5, 1e-7)  # absolute steps along a unit direction (the closest agreement is kept)
-STRICT_TOL = 1e-6       # weakly active: slack ≤ tol·(1+|d_i|) and μ_i ≤ tol·(1+‖μ‖∞)
+STRICT_TOL = 1e-6  # weakly active: slack ≤ tol·(1+|d_i|) and μ_i ≤ tol·(1+‖μ‖∞)
 # reference solvers, tried in order until one reports success (Clarabel stalls on QISRAEL)
 REFERENCE_SOLVERS = (
     ("clarabel", dict(tol_gap_abs=1e-12, tol_gap_rel=1e-12, tol_feas=1e-12, tol_ktratio=1e-10, max_iter=400)),
@@ -69,7 +70,7 @@ REFERENCE_SOLVERS = (
     # default tolerances: with 1e-10 HiGHS never returns on QISRAEL; the polish makes it exact anyway
     ("highs", dict(time_limit=60.0)),
 )
-KKT_OK = 1e-5           # a "success" whose relative KKT residual exceeds this is flagged inaccurate
+KKT_OK = 1e-5  # a "success" whose relative KKT residual exceeds this is flagged inaccurate
 
 
 # =============================================================================================
@@ -81,8 +82,9 @@ def read_problem_npz(path: str) -> Dict[str, Any]:
     out: Dict[str, Any] = {"q": z["q"], "d": z["d"], "b": z["b"] if "b" in z.files else None}
     for k in ("P", "C", "A"):
         if f"{k}_data" in z.files:
-            out[k] = sp.csc_matrix((z[f"{k}_data"], z[f"{k}_indices"], z[f"{k}_indptr"]),
-                                   shape=tuple(int(s) for s in z[f"{k}_shape"]))
+            out[k] = sp.csc_matrix(
+                (z[f"{k}_data"], z[f"{k}_indices"], z[f"{k}_indptr"]), shape=tuple(int(s) for s in z[f"{k}_shape"])
+            )
         else:
             out[k] = None
     return out
@@ -128,9 +130,15 @@ def kkt_residuals(prob: Dict[str, Any], z: np.ndarray, lam: Optional[np.ndarray]
         scale_d = max(scale_d, float(np.max(np.abs(Atl))))
     dual = float(np.max(np.abs(stat))) if stat.size else 0.0
     scale_d = max(scale_d, float(np.max(np.abs(Pz))) if Pz.size else 0.0, float(np.max(np.abs(q))) if q.size else 0.0)
-    return {"prim_res": prim, "dual_res": dual, "comp_res": comp, "dual_neg": dneg,
-            "prim_rel": prim / scale_p, "dual_rel": dual / scale_d,
-            "comp_rel": comp / max(1.0, scale_p * float(np.max(np.abs(mu))) if mu.size else 1.0)}
+    return {
+        "prim_res": prim,
+        "dual_res": dual,
+        "comp_res": comp,
+        "dual_neg": dneg,
+        "prim_rel": prim / scale_p,
+        "dual_rel": dual / scale_d,
+        "comp_rel": comp / max(1.0, scale_p * float(np.max(np.abs(mu))) if mu.size else 1.0),
+    }
 
 
 def weakly_active_count(prob: Dict[str, Any], z: np.ndarray, mu: np.ndarray, tol: float = STRICT_TOL) -> int:
@@ -173,8 +181,9 @@ def _solve_kkt(K: sp.spmatrix, rhs: np.ndarray) -> Optional[np.ndarray]:
     return x
 
 
-def reference_solve(prob: Dict[str, Any], q: np.ndarray, d: np.ndarray
-                    ) -> Tuple[Optional[np.ndarray], Optional[np.ndarray], str]:
+def reference_solve(
+    prob: Dict[str, Any], q: np.ndarray, d: np.ndarray
+) -> Tuple[Optional[np.ndarray], Optional[np.ndarray], str]:
     """High-accuracy solve (first of REFERENCE_SOLVERS that succeeds), polished on its active set.
 
     Returns (z or None, μ or None, how) where how is 'polished:<solver>', 'raw:<solver>' (polish
@@ -212,9 +221,15 @@ def reference_solve(prob: Dict[str, Any], q: np.ndarray, d: np.ndarray
         slack = d - C @ z
         J = np.flatnonzero(mu > slack)
     n = P.shape[0]
-    rows = [M for M in ((A if A is not None and A.shape[0] else None), (C[J] if has_C and len(J) else None)) if M is not None]
+    rows = [
+        M
+        for M in ((A if A is not None and A.shape[0] else None), (C[J] if has_C and len(J) else None))
+        if M is not None
+    ]
     Abar = sp.vstack(rows, format="csc") if rows else sp.csc_matrix((0, n))
-    rhs_c = np.concatenate([b if A is not None and A.shape[0] else np.zeros(0), d[J] if has_C and len(J) else np.zeros(0)])
+    rhs_c = np.concatenate(
+        [b if A is not None and A.shape[0] else np.zeros(0), d[J] if has_C and len(J) else np.zeros(0)]
+    )
     k = Abar.shape[0]
     K = sp.bmat([[P, Abar.T], [Abar, None]], format="csc") if k else sp.csc_matrix(P)
     rhs = np.concatenate([-q, rhs_c])
@@ -231,19 +246,18 @@ def reference_solve(prob: Dict[str, Any], q: np.ndarray, d: np.ndarray
         ok = False
     if has_C and len(J):
         n_eq = A.shape[0] if A is not None else 0
-        muJ = x[n + n_eq:]
+        muJ = x[n + n_eq :]
         if np.min(muJ) < -1e-9 * max(1.0, float(np.max(np.abs(muJ)))):
             ok = False
     if not ok:
         return z, mu, f"raw:{used}"
     mu_p = np.zeros_like(mu)
     if has_C and len(J):
-        mu_p[J] = x[n + (A.shape[0] if A is not None else 0):]
+        mu_p[J] = x[n + (A.shape[0] if A is not None else 0) :]
     return zp, mu_p, f"polished:{used}"
 
 
-def fd_check(prob: Dict[str, Any], w: np.ndarray, grad_q: np.ndarray, grad_d: np.ndarray, name: str
-             ) -> Dict[str, Any]:
+def fd_check(prob: Dict[str, Any], w: np.ndarray, grad_q: np.ndarray, grad_d: np.ndarray, name: str) -> Dict[str, Any]:
     """Central FD of loss = wᵀz along a random unit direction in (q, d), re-solving with the reference."""
     n, m = prob["P"].shape[0], len(prob["d"])
     dq, dd = fd_direction(name, n, m)
@@ -264,8 +278,14 @@ def fd_check(prob: Dict[str, Any], w: np.ndarray, grad_q: np.ndarray, grad_d: np
         return {"fd_status": "error", "fd_note": "; ".join(sorted(hows)), "fd_an": an}
     err, fd, h = best
     ok = err <= FD_RTOL * max(abs(fd), abs(an)) + FD_ATOL
-    return {"fd_status": "pass" if ok else "fail", "fd_an": an, "fd_num": fd, "fd_h": h,
-            "fd_rel_err": err / max(abs(fd), abs(an), 1e-300), "fd_note": "/".join(sorted(hows))}
+    return {
+        "fd_status": "pass" if ok else "fail",
+        "fd_an": an,
+        "fd_num": fd,
+        "fd_h": h,
+        "fd_rel_err": err / max(abs(fd), abs(an), 1e-300),
+        "fd_note": "/".join(sorted(hows)),
+    }
 
 
 def _finite(*arrays: Optional[np.ndarray]) -> bool:
@@ -292,8 +312,12 @@ def _fast_csc(ccol, row, vals, size):
 
         @staticmethod
         def backward(ctx, grad):
-            if grad.layout == torch.sparse_csc and grad.values().shape == vals.shape and torch.equal(
-                    grad.ccol_indices(), ccol) and torch.equal(grad.row_indices(), row):
+            if (
+                grad.layout == torch.sparse_csc
+                and grad.values().shape == vals.shape
+                and torch.equal(grad.ccol_indices(), ccol)
+                and torch.equal(grad.row_indices(), row)
+            ):
                 return grad.values()
             dense = grad.to_dense() if grad.layout != torch.strided else grad
             cols = torch.repeat_interleave(torch.arange(size[1]), ccol.diff())
@@ -317,8 +341,9 @@ def _torch_inputs(prob: Dict[str, Any], impl: str):
         # gradients live on the values: the values are the leaf, the CSC tensor is built from them
         vals = torch.tensor(M.data, dtype=torch.float64, requires_grad=True)
         leaves[key] = vals
-        return _fast_csc(torch.tensor(M.indptr, dtype=torch.int64), torch.tensor(M.indices, dtype=torch.int64),
-                         vals, M.shape)
+        return _fast_csc(
+            torch.tensor(M.indptr, dtype=torch.int64), torch.tensor(M.indices, dtype=torch.int64), vals, M.shape
+        )
 
     def vec(key):
         v = prob[key]
@@ -341,9 +366,19 @@ def worker(args: argparse.Namespace) -> Dict[str, Any]:
     n = prob["P"].shape[0]
     m = len(prob["d"])
     p = 0 if prob["A"] is None else prob["A"].shape[0]
-    rec: Dict[str, Any] = {"name": name, "impl": impl, "solver": args.solver, "n": n, "m_ineq": m, "p_eq": p,
-                           "nnz": int(prob["P"].nnz + (prob["C"].nnz if prob["C"] is not None else 0)
-                                      + (prob["A"].nnz if prob["A"] is not None else 0))}
+    rec: Dict[str, Any] = {
+        "name": name,
+        "impl": impl,
+        "solver": args.solver,
+        "n": n,
+        "m_ineq": m,
+        "p_eq": p,
+        "nnz": int(
+            prob["P"].nnz
+            + (prob["C"].nnz if prob["C"] is not None else 0)
+            + (prob["A"].nnz if prob["A"] is not None else 0)
+        ),
+    }
     import dqp
     from dqp import dQP
 
@@ -352,8 +387,9 @@ def worker(args: argparse.Namespace) -> Dict[str, Any]:
     if impl == "ours":
         settings = dQP.build_settings(solve_type="sparse", qp_solver=args.solver, time=True, empty_batch=False)
     else:
-        settings = dQP.build_settings(solve_type="sparse", qp_solver=args.solver, lin_solver=args.libdqp_lin_solver,
-                                      empty_batch=False)
+        settings = dQP.build_settings(
+            solve_type="sparse", qp_solver=args.solver, lin_solver=args.libdqp_lin_solver, empty_batch=False
+        )
     layer = dQP.dQP_layer(settings=settings)
     w = loss_weights(name, n)
     stage = "forward"
@@ -380,10 +416,16 @@ def worker(args: argparse.Namespace) -> Dict[str, Any]:
         rec["t_forward_cold"], rec["t_backward_cold"] = t_cold
     except Exception as exc:  # noqa: BLE001 - the study records every failure with its class
         cls = type(exc)
-        rec.update(status="error", stage=stage, error_class=cls.__name__,
-                   error_module=cls.__module__, error_msg=str(exc).strip().replace("\n", " | ")[:400])
+        rec.update(
+            status="error",
+            stage=stage,
+            error_class=cls.__name__,
+            error_module=cls.__module__,
+            error_msg=str(exc).strip().replace("\n", " | ")[:400],
+        )
         try:
             from dqp.errors import DQPError  # ours only
+
             rec["typed"] = impl == "ours" and isinstance(exc, DQPError)
         except ImportError:
             rec["typed"] = False
@@ -403,8 +445,12 @@ def worker(args: argparse.Namespace) -> Dict[str, Any]:
     finite = _finite(zn, lamn, mun, gq, gd, *other_grads)
     rec["finite"] = finite
     if not finite:
-        rec.update(status="nan", stage="output", error_class="SilentNaN",
-                   error_msg="non-finite value in z, duals or gradients without an exception")
+        rec.update(
+            status="nan",
+            stage="output",
+            error_class="SilentNaN",
+            error_msg="non-finite value in z, duals or gradients without an exception",
+        )
         return rec
     rec["status"] = "ok"
     rec.update(kkt_residuals(prob, zn, lamn, mun))
@@ -427,9 +473,12 @@ def worker(args: argparse.Namespace) -> Dict[str, Any]:
         rec["ref_how"] = how
         if zr is not None:
             obj_ref = float(0.5 * zr @ (prob["P"] @ zr) + prob["q"] @ zr)
-            rec.update(objective_ref=obj_ref, obj_rel_err=abs(obj - obj_ref) / max(1.0, abs(obj_ref)),
-                       z_err_vs_ref=float(np.max(np.abs(zn - zr))) / max(1.0, float(np.max(np.abs(zr)))),
-                       n_weak_ref=weakly_active_count(prob, zr, mur) if how.startswith("polished") else -1)
+            rec.update(
+                objective_ref=obj_ref,
+                obj_rel_err=abs(obj - obj_ref) / max(1.0, abs(obj_ref)),
+                z_err_vs_ref=float(np.max(np.abs(zn - zr))) / max(1.0, float(np.max(np.abs(zr)))),
+                n_weak_ref=weakly_active_count(prob, zr, mur) if how.startswith("polished") else -1,
+            )
         # strict complementarity is judged on the polished reference solution (the same for every
         # implementation), not on each implementation's own (possibly less accurate) duals
         if args.no_fd:
@@ -450,11 +499,25 @@ def worker(args: argparse.Namespace) -> Dict[str, Any]:
 # =============================================================================================
 # Driver
 # =============================================================================================
-def run_worker(impl: str, python: str, npz: Path, name: str, args: argparse.Namespace, solver: str
-               ) -> Dict[str, Any]:
-    cmd = [python, str(Path(__file__).resolve()), "--impl", f"{impl}-worker", "--problem-npz", str(npz),
-           "--name", name, "--solver", solver, "--threads", str(args.threads), "--fd-max-n", str(args.fd_max_n),
-           "--libdqp-lin-solver", args.libdqp_lin_solver]
+def run_worker(impl: str, python: str, npz: Path, name: str, args: argparse.Namespace, solver: str) -> Dict[str, Any]:
+    cmd = [
+        python,
+        str(Path(__file__).resolve()),
+        "--impl",
+        f"{impl}-worker",
+        "--problem-npz",
+        str(npz),
+        "--name",
+        name,
+        "--solver",
+        solver,
+        "--threads",
+        str(args.threads),
+        "--fd-max-n",
+        str(args.fd_max_n),
+        "--libdqp-lin-solver",
+        args.libdqp_lin_solver,
+    ]
     if args.no_fd:
         cmd.append("--no-fd")
     if args.no_reference:
@@ -471,25 +534,82 @@ def run_worker(impl: str, python: str, npz: Path, name: str, args: argparse.Name
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout_per_problem, env=env, cwd=cwd)
     except subprocess.TimeoutExpired:
-        return {"name": name, "impl": impl, "solver": solver, "status": "timeout", "error_class": "Timeout",
-                "error_msg": f"no result within {args.timeout_per_problem} s (killed)", "wall": time.perf_counter() - t0}
+        return {
+            "name": name,
+            "impl": impl,
+            "solver": solver,
+            "status": "timeout",
+            "error_class": "Timeout",
+            "error_msg": f"no result within {args.timeout_per_problem} s (killed)",
+            "wall": time.perf_counter() - t0,
+        }
     wall = time.perf_counter() - t0
     for line in proc.stdout.splitlines()[::-1]:
         if line.startswith(MARKER):
-            rec = json.loads(line[len(MARKER):])
+            rec = json.loads(line[len(MARKER) :])
             rec["wall"] = wall
             return rec
     tail = (proc.stderr or proc.stdout or "").strip().splitlines()[-3:]
-    return {"name": name, "impl": impl, "solver": solver, "status": "crash", "error_class": f"Crash(rc={proc.returncode})",
-            "error_msg": " | ".join(tail)[:400], "wall": wall}
+    return {
+        "name": name,
+        "impl": impl,
+        "solver": solver,
+        "status": "crash",
+        "error_class": f"Crash(rc={proc.returncode})",
+        "error_msg": " | ".join(tail)[:400],
+        "wall": wall,
+    }
 
 
-COLUMNS = ["name", "impl", "solver", "n", "m_ineq", "p_eq", "nnz", "status", "stage", "error_class", "typed",
-           "error_msg", "t_forward", "t_backward", "bwd_fwd_ratio", "prim_res", "dual_res", "comp_res", "dual_neg",
-           "prim_rel", "dual_rel", "comp_rel", "n_active", "n_weak", "objective", "objective_ref", "obj_rel_err",
-           "z_err_vs_ref", "n_weak_ref", "ref_how", "fd_status", "fd_rel_err", "fd_an", "fd_num", "fd_h", "fd_note", "info_kkt_path",
-           "info_verified", "info_n_weakly_active", "info_refine_iterations", "libdqp_non_differentiable",
-           "fastest_solver", "fastest_t_forward", "t_forward_cold", "t_backward_cold", "wall", "module"]
+COLUMNS = [
+    "name",
+    "impl",
+    "solver",
+    "n",
+    "m_ineq",
+    "p_eq",
+    "nnz",
+    "status",
+    "stage",
+    "error_class",
+    "typed",
+    "error_msg",
+    "t_forward",
+    "t_backward",
+    "bwd_fwd_ratio",
+    "prim_res",
+    "dual_res",
+    "comp_res",
+    "dual_neg",
+    "prim_rel",
+    "dual_rel",
+    "comp_rel",
+    "n_active",
+    "n_weak",
+    "objective",
+    "objective_ref",
+    "obj_rel_err",
+    "z_err_vs_ref",
+    "n_weak_ref",
+    "ref_how",
+    "fd_status",
+    "fd_rel_err",
+    "fd_an",
+    "fd_num",
+    "fd_h",
+    "fd_note",
+    "info_kkt_path",
+    "info_verified",
+    "info_n_weakly_active",
+    "info_refine_iterations",
+    "libdqp_non_differentiable",
+    "fastest_solver",
+    "fastest_t_forward",
+    "t_forward_cold",
+    "t_backward_cold",
+    "wall",
+    "module",
+]
 
 
 def write_csv(rows: List[Dict[str, Any]], path: Path) -> None:
@@ -513,7 +633,9 @@ def read_csv_rows(path: Path) -> List[Dict[str, Any]]:
                     row[k] = v == "True"
                     continue
                 try:
-                    row[k] = int(v) if k in ("n", "m_ineq", "p_eq", "nnz", "n_active", "n_weak", "n_weak_ref") else float(v)
+                    row[k] = (
+                        int(v) if k in ("n", "m_ineq", "p_eq", "nnz", "n_active", "n_weak", "n_weak_ref") else float(v)
+                    )
                 except ValueError:
                     row[k] = v
             out.append(row)
@@ -535,13 +657,24 @@ def summarize(rows: List[Dict[str, Any]], impl: str) -> Dict[str, Any]:
     s["silent_nan"] = sum(1 for r in rs if r["status"] == "nan")
     s["timeouts"] = sum(1 for r in rs if r["status"] == "timeout")
     s["crashes"] = sum(1 for r in rs if r["status"] == "crash")
-    s["inaccurate"] = sum(1 for r in ok if max(r.get("prim_rel", 0), r.get("dual_rel", 0), r.get("comp_rel", 0)) > KKT_OK)
+    s["inaccurate"] = sum(
+        1 for r in ok if max(r.get("prim_rel", 0), r.get("dual_rel", 0), r.get("comp_rel", 0)) > KKT_OK
+    )
     s["obj_off"] = sum(1 for r in ok if (r.get("obj_rel_err") or 0) > 1e-6)
     s["unverified"] = sum(1 for r in ok if r.get("info_verified") is False) if impl == "ours" else "–"
     for k in ("pass", "fail", "skipped", "error"):
         s[f"fd_{k}"] = sum(1 for r in ok if r.get("fd_status") == k)
-    for k in ("prim_res", "dual_res", "comp_res", "prim_rel", "dual_rel", "comp_rel", "obj_rel_err", "z_err_vs_ref",
-              "fd_rel_err"):
+    for k in (
+        "prim_res",
+        "dual_res",
+        "comp_res",
+        "prim_rel",
+        "dual_rel",
+        "comp_rel",
+        "obj_rel_err",
+        "z_err_vs_ref",
+        "fd_rel_err",
+    ):
         vals = [(r.get(k), r["name"]) for r in ok if isinstance(r.get(k), (int, float))]
         s[f"worst_{k}"] = max(vals) if vals else (None, "")
     fw = [r["t_forward"] for r in ok]
@@ -562,55 +695,118 @@ def summarize(rows: List[Dict[str, Any]], impl: str) -> Dict[str, Any]:
 
 
 def write_markdown(rows: List[Dict[str, Any]], path: Path, impls: List[str], command: str, solver: str) -> str:
-    names = sorted({r["name"] for r in rows}, key=lambda nm: next((r.get("n", 0) + r.get("m_ineq", 0) + r.get("p_eq", 0))
-                                                                    for r in rows if r["name"] == nm and "n" in r) if any(
-        "n" in r for r in rows if r["name"] == nm) else 0)
+    names = sorted(
+        {r["name"] for r in rows},
+        key=lambda nm: (
+            next((r.get("n", 0) + r.get("m_ineq", 0) + r.get("p_eq", 0)) for r in rows if r["name"] == nm and "n" in r)
+            if any("n" in r for r in rows if r["name"] == nm)
+            else 0
+        ),
+    )
     sums = {i: summarize(rows, i) for i in impls}
-    L = [f"# Maros–Meszaros: forward + backward, {len(names)} problems", "",
-         f"Command: `{command})  ", f"Forward solver: `{solver}` for every implementation; loss = wᵀz (fixed random w); "
-         f"KKT residuals computed by the script from (z, λ, μ); FD = directional central difference in (q, d) "
-         f"re-solved with the reference solver (Clarabel at 1e-12, else ProxQP at 1e-10, else HiGHS) + active-set polish, steps {FD_STEPS} (closest kept), run only where the polished reference solution is strictly complementary (pass: |fd−an| ≤ {FD_RTOL:g}·max(|fd|,|an|) + {FD_ATOL:g}).", "",
-         "## Counts", "", "| | " + " | ".join(impls) + " |", "|---|" + "---|" * len(impls)]
-    labels = [("problems", "problems run"), ("ok", "forward + backward succeeded"), ("typed_errors", "typed dqp error (DQPError)"),
-              ("untyped_errors", "other exception"), ("silent_nan", "silent NaN/Inf (no exception)"),
-              ("timeouts", "timeout (killed)"), ("crashes", "crash (no result)"),
-              ("inaccurate", f"succeeded but relative KKT residual > {KKT_OK:g}"),
-              ("obj_off", "succeeded but objective off the reference by > 1e-6 (relative)"),
-              ("unverified", "succeeded, layer.info.verified False (ours only)"),
-              ("fd_pass", "FD check passed"), ("fd_fail", "FD check failed"),
-              ("fd_skipped", "FD skipped (reference not strictly complementary, or its reduced KKT singular)"), ("fd_error", "FD reference solve failed")]
+    L = [
+        f"# Maros–Meszaros: forward + backward, {len(names)} problems",
+        "",
+        f"Command: `{command})  ",
+        f"Forward solver: `{solver}` for every implementation; loss = wᵀz (fixed random w); "
+        f"KKT residuals computed by the script from (z, λ, μ); FD = directional central difference in (q, d) "
+        f"re-solved with the reference solver (Clarabel at 1e-12, else ProxQP at 1e-10, else HiGHS) + active-set polish, steps {FD_STEPS} (closest kept), run only where the polished reference solution is strictly complementary (pass: |fd−an| ≤ {FD_RTOL:g}·max(|fd|,|an|) + {FD_ATOL:g}).",
+        "",
+        "## Counts",
+        "",
+        "| | " + " | ".join(impls) + " |",
+        "|---|" + "---|" * len(impls),
+    ]
+    labels = [
+        ("problems", "problems run"),
+        ("ok", "forward + backward succeeded"),
+        ("typed_errors", "typed dqp error (DQPError)"),
+        ("untyped_errors", "other exception"),
+        ("silent_nan", "silent NaN/Inf (no exception)"),
+        ("timeouts", "timeout (killed)"),
+        ("crashes", "crash (no result)"),
+        ("inaccurate", f"succeeded but relative KKT residual > {KKT_OK:g}"),
+        ("obj_off", "succeeded but objective off the reference by > 1e-6 (relative)"),
+        ("unverified", "succeeded, layer.info.verified False (ours only)"),
+        ("fd_pass", "FD check passed"),
+        ("fd_fail", "FD check failed"),
+        ("fd_skipped", "FD skipped (reference not strictly complementary, or its reduced KKT singular)"),
+        ("fd_error", "FD reference solve failed"),
+    ]
     for key, lab in labels:
         L.append(f"| {lab} | " + " | ".join(str(sums[i][key]) for i in impls) + " |")
-    L += ["", "## Worst residuals over the successful problems", "", "| residual | " + " | ".join(impls) + " |",
-          "|---|" + "---|" * len(impls)]
-    for key, lab in [("prim_res", "primal feasibility (abs)"), ("dual_res", "stationarity ‖Pz+q+Aᵀλ+Cᵀμ‖∞ (abs)"),
-                     ("comp_res", "complementarity max|μᵢsᵢ| (abs)"), ("prim_rel", "primal (relative)"),
-                     ("dual_rel", "stationarity (relative)"), ("comp_rel", "complementarity (relative)"),
-                     ("obj_rel_err", "objective vs reference (relative)"),
-                     ("z_err_vs_ref", "‖z − z_ref‖∞ / max(1, ‖z_ref‖∞)"), ("fd_rel_err", "FD relative error (checked problems)")]:
-        L.append(f"| {lab} | " + " | ".join(f"{_fmt(sums[i]['worst_' + key][0])} ({sums[i]['worst_' + key][1]})" for i in impls) + " |")
+    L += [
+        "",
+        "## Worst residuals over the successful problems",
+        "",
+        "| residual | " + " | ".join(impls) + " |",
+        "|---|" + "---|" * len(impls),
+    ]
+    for key, lab in [
+        ("prim_res", "primal feasibility (abs)"),
+        ("dual_res", "stationarity ‖Pz+q+Aᵀλ+Cᵀμ‖∞ (abs)"),
+        ("comp_res", "complementarity max|μᵢsᵢ| (abs)"),
+        ("prim_rel", "primal (relative)"),
+        ("dual_rel", "stationarity (relative)"),
+        ("comp_rel", "complementarity (relative)"),
+        ("obj_rel_err", "objective vs reference (relative)"),
+        ("z_err_vs_ref", "‖z − z_ref‖∞ / max(1, ‖z_ref‖∞)"),
+        ("fd_rel_err", "FD relative error (checked problems)"),
+    ]:
+        L.append(
+            f"| {lab} | "
+            + " | ".join(f"{_fmt(sums[i]['worst_' + key][0])} ({sums[i]['worst_' + key][1]})" for i in impls)
+            + " |"
+        )
     warm = any(r.get("t_forward_cold") not in (None, "") for r in rows)
-    L += ["", "## Timings (successful problems; seconds, 1 thread)", "",
-          ("Each worker process ran forward + backward twice; the second (warm) call is reported, the first "
-           "(cold: library loading included) is the last row." if warm else
-           "One forward + backward per fresh worker process (cold: library loading included)."), "",
-          "| | " + " | ".join(impls) + " |", "|---|" + "---|" * len(impls)]
-    for key, lab, spec in [("fwd_total", "forward, total", ".2f"), ("bwd_total", "backward, total", ".2f"),
-                           ("fwd_median", "forward, median", ".2e"), ("bwd_median", "backward, median", ".2e"),
-                           ("ratio_median", "backward/forward, median", ".3f"), ("ratio_max", "backward/forward, max", ".3f")]:
+    L += [
+        "",
+        "## Timings (successful problems; seconds, 1 thread)",
+        "",
+        (
+            "Each worker process ran forward + backward twice; the second (warm) call is reported, the first "
+            "(cold: library loading included) is the last row."
+            if warm
+            else "One forward + backward per fresh worker process (cold: library loading included)."
+        ),
+        "",
+        "| | " + " | ".join(impls) + " |",
+        "|---|" + "---|" * len(impls),
+    ]
+    for key, lab, spec in [
+        ("fwd_total", "forward, total", ".2f"),
+        ("bwd_total", "backward, total", ".2f"),
+        ("fwd_median", "forward, median", ".2e"),
+        ("bwd_median", "backward, median", ".2e"),
+        ("ratio_median", "backward/forward, median", ".3f"),
+        ("ratio_max", "backward/forward, max", ".3f"),
+    ]:
         L.append(f"| {lab} | " + " | ".join(_fmt(sums[i][key], spec) for i in impls) + " |")
     if warm:
-        cold = {i: sum(float(r["t_forward_cold"]) for r in rows if r["impl"] == i and r["status"] == "ok"
-                       and r.get("t_forward_cold") not in (None, "")) for i in impls}
+        cold = {
+            i: sum(
+                float(r["t_forward_cold"])
+                for r in rows
+                if r["impl"] == i and r["status"] == "ok" and r.get("t_forward_cold") not in (None, "")
+            )
+            for i in impls
+        }
         L.append("| forward, total, cold first call | " + " | ".join(_fmt(cold[i], ".2f") for i in impls) + " |")
     if len(impls) == 2:
-        both = [(a, b) for a in rows if a["impl"] == impls[0] and a["status"] == "ok"
-                for b in rows if b["impl"] == impls[1] and b["name"] == a["name"] and b["status"] == "ok"]
+        both = [
+            (a, b)
+            for a in rows
+            if a["impl"] == impls[0] and a["status"] == "ok"
+            for b in rows
+            if b["impl"] == impls[1] and b["name"] == a["name"] and b["status"] == "ok"
+        ]
         if both:
             rf = [b["t_forward"] / a["t_forward"] for a, b in both if a["t_forward"] > 0]
             rb = [b["t_backward"] / a["t_backward"] for a, b in both if a["t_backward"] > 0]
-            L.append(f"| {impls[1]}/{impls[0]} time ratio on the {len(both)} problems both solved (median, forward / backward) | "
-                     f"{_fmt(float(np.median(rf)), '.2f')} | {_fmt(float(np.median(rb)), '.2f')} |")
+            L.append(
+                f"| {impls[1]}/{impls[0]} time ratio on the {len(both)} problems both solved (median, forward / backward) | "
+                f"{_fmt(float(np.median(rf)), '.2f')} | {_fmt(float(np.median(rb)), '.2f')} |"
+            )
     fast = [r for r in rows if r.get("fastest_solver")]
     if fast:
         L += ["", "## Fastest solver per problem (forward + backward succeeded)", ""]
@@ -621,19 +817,35 @@ def write_markdown(rows: List[Dict[str, Any]], path: Path, impls: List[str], com
             wins: Dict[str, int] = {}
             for r in fi:
                 wins[r["fastest_solver"]] = wins.get(r["fastest_solver"], 0) + 1
-            sp_up = [r["t_forward"] / r["fastest_t_forward"] for r in fi
-                     if r["status"] == "ok" and r.get("fastest_t_forward")]
+            sp_up = [
+                r["t_forward"] / r["fastest_t_forward"]
+                for r in fi
+                if r["status"] == "ok" and r.get("fastest_t_forward")
+            ]
             rescued = sum(1 for r in fi if r["status"] != "ok")
-            L.append(f"- **{i}**: fastest = " + ", ".join(f"{k} × {v}" for k, v in sorted(wins.items(), key=lambda kv: -kv[1]))
-                     + (f"; median forward speed-up over `{solver}` {float(np.median(sp_up)):.2f}×" if sp_up else "")
-                     + f"; {rescued} problem(s) that failed with `{solver}` went through with another solver")
+            L.append(
+                f"- **{i}**: fastest = "
+                + ", ".join(f"{k} × {v}" for k, v in sorted(wins.items(), key=lambda kv: -kv[1]))
+                + (f"; median forward speed-up over `{solver}` {float(np.median(sp_up)):.2f}×" if sp_up else "")
+                + f"; {rescued} problem(s) that failed with `{solver}` went through with another solver"
+            )
     L += ["", "## Failures by class", ""]
     for i in impls:
         fc = sums[i]["failures_by_class"]
-        L.append(f"- **{i}**: " + (", ".join(f"{k} × {v}" for k, v in sorted(fc.items(), key=lambda kv: -kv[1])) or "none"))
-    L += ["", "## Per problem", "", "Status, forward / backward time (ms), worst relative KKT residual, FD result.", "",
-          "| problem | n | m (ineq) | p (eq) | " + " | ".join(f"{i}: status | {i}: fwd ms | {i}: bwd ms | {i}: KKT rel | {i}: FD" for i in impls) + " |",
-          "|---|---|---|---|" + "---|---|---|---|---|" * len(impls)]
+        L.append(
+            f"- **{i}**: " + (", ".join(f"{k} × {v}" for k, v in sorted(fc.items(), key=lambda kv: -kv[1])) or "none")
+        )
+    L += [
+        "",
+        "## Per problem",
+        "",
+        "Status, forward / backward time (ms), worst relative KKT residual, FD result.",
+        "",
+        "| problem | n | m (ineq) | p (eq) | "
+        + " | ".join(f"{i}: status | {i}: fwd ms | {i}: bwd ms | {i}: KKT rel | {i}: FD" for i in impls)
+        + " |",
+        "|---|---|---|---|" + "---|---|---|---|---|" * len(impls),
+    ]
     for nm in names:
         rr = {r["impl"]: r for r in rows if r["name"] == nm}
         base = next((r for r in rr.values() if "n" in r), {})
@@ -648,8 +860,13 @@ def write_markdown(rows: List[Dict[str, Any]], path: Path, impls: List[str], com
             fd = r.get("fd_status", "–") if r["status"] == "ok" else "–"
             if fd == "fail":
                 fd = f"fail ({_fmt(r.get('fd_rel_err'))})"
-            cells += [st, _fmt(1e3 * r["t_forward"], ".1f") if r["status"] == "ok" else "–",
-                      _fmt(1e3 * r["t_backward"], ".1f") if r["status"] == "ok" else "–", _fmt(kkt), fd]
+            cells += [
+                st,
+                _fmt(1e3 * r["t_forward"], ".1f") if r["status"] == "ok" else "–",
+                _fmt(1e3 * r["t_backward"], ".1f") if r["status"] == "ok" else "–",
+                _fmt(kkt),
+                fd,
+            ]
         L.append("| " + " | ".join(cells) + " |")
     L += ["", "## Error messages", ""]
     for r in rows:
@@ -664,6 +881,7 @@ def plot(csv_path: Path, png_path: Path) -> bool:
     """Forward and backward time vs. problem size, per implementation, failures marked."""
     try:
         import matplotlib
+
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
@@ -679,21 +897,41 @@ def plot(csv_path: Path, png_path: Path) -> bool:
             ok = [r for r in rs if r["status"] == "ok"]
             bad = [r for r in rs if r["status"] != "ok"]
             size = lambda r: int(r["n"]) + int(r["m_ineq"]) + int(r["p_eq"])  # noqa: E731
+
             def flagged(r):  # succeeded, but the KKT residual or the objective says the answer is off
                 kkt = max(float(r[k] or 0) for k in ("prim_rel", "dual_rel", "comp_rel"))
                 return kkt > KKT_OK or float(r.get("obj_rel_err") or 0) > 1e-6 or r.get("fd_status") == "fail"
+
             good = [r for r in ok if not flagged(r)]
             off = [r for r in ok if flagged(r)]
             name = "dqp" if impl == "ours" else impl
-            ax.scatter([size(r) for r in good], [float(r[key]) for r in good], s=14, c=colors.get(impl),
-                       label=f"{name} ok", alpha=0.8)
+            ax.scatter(
+                [size(r) for r in good],
+                [float(r[key]) for r in good],
+                s=14,
+                c=colors.get(impl),
+                label=f"{name} ok",
+                alpha=0.8,
+            )
             if off:
-                ax.scatter([size(r) for r in off], [float(r[key]) for r in off], s=60, facecolors="none",
-                           edgecolors=colors.get(impl), linewidths=1.5,
-                           label=f"{name} returned, but KKT/objective/FD off")
+                ax.scatter(
+                    [size(r) for r in off],
+                    [float(r[key]) for r in off],
+                    s=60,
+                    facecolors="none",
+                    edgecolors=colors.get(impl),
+                    linewidths=1.5,
+                    label=f"{name} returned, but KKT/objective/FD off",
+                )
             if bad:
-                ax.scatter([size(r) for r in bad], [ymin * 0.3] * len(bad), marker="x", s=30, c=colors.get(impl),
-                           label=f"{name} failed")
+                ax.scatter(
+                    [size(r) for r in bad],
+                    [ymin * 0.3] * len(bad),
+                    marker="x",
+                    s=30,
+                    c=colors.get(impl),
+                    label=f"{name} failed",
+                )
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xlabel("problem size n + m + p (variables + inequalities + equalities)")
@@ -701,9 +939,12 @@ def plot(csv_path: Path, png_path: Path) -> bool:
         ax.grid(True, which="both", alpha=0.3)
     axes[0].set_ylabel("seconds")
     axes[0].legend(fontsize=8)
-    fig.suptitle("Maros–Meszaros collection, dqp vs libdqp, both with Clarabel forward at their default tolerances "
-                 "(CPU, x86_64)\nx = failed (drawn at the bottom); circled = returned, but the KKT residual, the "
-                 "objective or the finite-difference check is off", fontsize=10)
+    fig.suptitle(
+        "Maros–Meszaros collection, dqp vs libdqp, both with Clarabel forward at their default tolerances "
+        "(CPU, x86_64)\nx = failed (drawn at the bottom); circled = returned, but the KKT residual, the "
+        "objective or the finite-difference check is off",
+        fontsize=10,
+    )
     fig.tight_layout()
     fig.savefig(png_path, dpi=120)
     return True
@@ -713,10 +954,16 @@ def _git_state() -> str:
     """Commit of the checkout, plus the dqp source files with uncommitted changes (runs are
     taken while the library is being developed)."""
     try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
-                              timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "dqp", "solvers", "linsolve"], cwd=REPO,
-                               capture_output=True, text=True, timeout=10).stdout.split("\n")
+        head = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=10
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--", "dqp", "solvers", "linsolve"],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.split("\n")
         dirty = [ln[3:] for ln in dirty if ln.strip()]
     except (OSError, subprocess.SubprocessError):
         return "unknown"
@@ -741,8 +988,11 @@ def driver(args: argparse.Namespace) -> int:
     impls = ["ours", "libdqp"] if args.impl == "both" else [args.impl]
     libdqp_py = str(args.libdqp_python)
     if "libdqp" in impls and not Path(libdqp_py).exists():
-        logger.error("libdqp venv not found at %s (python -m venv .peers/libdqp && .peers/libdqp/bin/pip install "
-                     "-c constraints.txt libdqp)", libdqp_py)
+        logger.error(
+            "libdqp venv not found at %s (python -m venv .peers/libdqp && .peers/libdqp/bin/pip install "
+            "-c constraints.txt libdqp)",
+            libdqp_py,
+        )
         return 2
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -752,6 +1002,7 @@ def driver(args: argparse.Namespace) -> int:
     rows: List[Dict[str, Any]] = []
     try:
         from tqdm import tqdm  # type: ignore
+
         it = tqdm(entries, desc="Maros–Meszaros")
     except ImportError:
         it = entries
@@ -762,8 +1013,17 @@ def driver(args: argparse.Namespace) -> int:
                 qp = load_maros_meszaros(e.path).to_qp()
             except Exception as exc:  # noqa: BLE001 - a bad file is recorded, not fatal
                 for impl in impls:
-                    rows.append({"name": e.name, "impl": impl, "solver": args.solver, "status": "error",
-                                 "error_class": type(exc).__name__, "error_msg": str(exc)[:400], "typed": True})
+                    rows.append(
+                        {
+                            "name": e.name,
+                            "impl": impl,
+                            "solver": args.solver,
+                            "status": "error",
+                            "error_class": type(exc).__name__,
+                            "error_msg": str(exc)[:400],
+                            "typed": True,
+                        }
+                    )
                 continue
             npz = save_problem(Path(tmp) / f"{e.name}.npz", qp)
             for impl in impls:
@@ -781,9 +1041,15 @@ def driver(args: argparse.Namespace) -> int:
                     if best:
                         rec["fastest_solver"], rec["fastest_t_forward"] = best
                 rows.append(rec)
-            line = "; ".join(f"{r['impl']}: {r['status']}" + (f" ({r.get('error_class')})" if r["status"] != "ok" else
-                                                               f" fwd {1e3 * r['t_forward']:.1f} ms bwd {1e3 * r['t_backward']:.1f} ms")
-                             for r in rows[-len(impls):])
+            line = "; ".join(
+                f"{r['impl']}: {r['status']}"
+                + (
+                    f" ({r.get('error_class')})"
+                    if r["status"] != "ok"
+                    else f" fwd {1e3 * r['t_forward']:.1f} ms bwd {1e3 * r['t_backward']:.1f} ms"
+                )
+                for r in rows[-len(impls) :]
+            )
             msg = f"[{k + 1}/{len(entries)}] {e.name} (n={qp.n}, m={qp.n_ineq}, p={qp.n_eq}): {line}"
             if hasattr(it, "write"):
                 it.write(msg)
@@ -825,22 +1091,43 @@ def _plot_any(out: Path, libdqp_py: Path) -> None:
     if plot(out.with_suffix(".csv"), png):
         return
     if libdqp_py.exists():
-        subprocess.run([str(libdqp_py), str(Path(__file__).resolve()), "--impl", "plot", "--csv",
-                        str(out.with_suffix(".csv")), "--png", str(png)], cwd=tempfile.gettempdir(), check=False)
+        subprocess.run(
+            [
+                str(libdqp_py),
+                str(Path(__file__).resolve()),
+                "--impl",
+                "plot",
+                "--csv",
+                str(out.with_suffix(".csv")),
+                "--png",
+                str(png),
+            ],
+            cwd=tempfile.gettempdir(),
+            check=False,
+        )
     if not png.exists():
         logger.warning("matplotlib not available: no plot written")
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--impl", default="both", choices=["ours", "libdqp", "both", "ours-worker", "libdqp-worker", "plot", "report"],
-                    help="report: rebuild .md/.csv/.png at --out from the CSVs given with --merge")
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument(
+        "--impl",
+        default="both",
+        choices=["ours", "libdqp", "both", "ours-worker", "libdqp-worker", "plot", "report"],
+        help="report: rebuild .md/.csv/.png at --out from the CSVs given with --merge",
+    )
     ap.add_argument("--max-n", type=int, default=None)
     ap.add_argument("--max-m", type=int, default=None, help="max rows of l ≤ Ax ≤ u (the collection's m)")
     ap.add_argument("--names", default=None, help="comma-separated problem names")
-    ap.add_argument("--exclude-within", type=int, default=None,
-                    help="skip problems with n ≤ N and m ≤ N (the part a --max-n N --max-m N run covers)")
+    ap.add_argument(
+        "--exclude-within",
+        type=int,
+        default=None,
+        help="skip problems with n ≤ N and m ≤ N (the part a --max-n N --max-m N run covers)",
+    )
     ap.add_argument("--merge", default=None, help="comma list of earlier CSVs whose rows are added to the report")
     ap.add_argument("--limit", type=int, default=None, help="first N problems (smallest first)")
     ap.add_argument("--timeout-per-problem", type=float, default=600.0)
@@ -849,8 +1136,11 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     ap.add_argument("--libdqp-python", default=str(DEFAULT_LIBDQP_PY))
     ap.add_argument("--libdqp-lin-solver", default="scipy SPLU", help="libdqp's lin_solver (its sparse default)")
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--warm", action="store_true",
-                    help="time a second forward+backward in each worker (the first call, also recorded, loads libraries)")
+    ap.add_argument(
+        "--warm",
+        action="store_true",
+        help="time a second forward+backward in each worker (the first call, also recorded, loads libraries)",
+    )
     ap.add_argument("--no-fd", action="store_true", help="skip the finite-difference check")
     ap.add_argument("--no-reference", action="store_true", help="skip the reference solve (and FD)")
     ap.add_argument("--fd-max-n", type=int, default=5000, help="reference/FD only for n ≤ this")

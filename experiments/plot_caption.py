@@ -3,6 +3,7 @@
 Each report (``results/<stem>.md``) starts with the command and, after a dash, the code version,
 the machine and the threads; the plot repeats that line so that it can be read on its own.
 """
+
 from __future__ import annotations
 
 import re

@@ -30,6 +30,7 @@ Usage::
 Outputs: ``simplex_scaling.csv`` (one row per cell), ``simplex_scaling.md`` (time table, ratios,
 errors) and ``simplex_scaling.png`` (log-log time vs n).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -127,9 +128,13 @@ def _sparse_data(n: int):
 
         M = sp.csc_matrix(M)
         M.sort_indices()
-        return torch.sparse_csc_tensor(torch.tensor(M.indptr, dtype=torch.int64),
-                                       torch.tensor(M.indices, dtype=torch.int64),
-                                       torch.tensor(M.data, dtype=torch.float64), size=M.shape)
+        return torch.sparse_csc_tensor(
+            torch.tensor(M.indptr, dtype=torch.int64),
+            torch.tensor(M.indices, dtype=torch.int64),
+            torch.tensor(M.data, dtype=torch.float64),
+            size=M.shape,
+        )
+
     import scipy.sparse as sp
 
     P = csc(sp.identity(n))
@@ -161,8 +166,14 @@ def build_method(method: str, n: int, eps: float):
             data = _dense_data(n)
         else:
             st = "sparse" if kind == "dqp-sparse" else "dense"
-            settings = dQP.build_settings(qp_solver=solver, solve_type=st, eps_abs=eps, eps_rel=eps, empty_batch=False,
-                                          **({"lin_solver": "qdldl"} if st == "sparse" else {}))
+            settings = dQP.build_settings(
+                qp_solver=solver,
+                solve_type=st,
+                eps_abs=eps,
+                eps_rel=eps,
+                empty_batch=False,
+                **({"lin_solver": "qdldl"} if st == "sparse" else {}),
+            )
             data = _sparse_data(n) if st == "sparse" else _dense_data(n)
         layer = dQP.dQP_layer(settings=settings)
         P, C, d, A, b = data
@@ -171,17 +182,25 @@ def build_method(method: str, n: int, eps: float):
             z = layer(P, -x, C, d, A, b)[0]
             notes["info"] = layer.info
             return z
+
         return solve, notes
     if kind == "libdqp":
         from dqp import dQP  # libdqp's own package, in its own venv
 
-        settings = dQP.build_settings(solve_type="sparse", qp_solver=solver or "osqp", lin_solver="qdldl",
-                                      eps_abs=eps, eps_rel=eps, empty_batch=False)
+        settings = dQP.build_settings(
+            solve_type="sparse",
+            qp_solver=solver or "osqp",
+            lin_solver="qdldl",
+            eps_abs=eps,
+            eps_rel=eps,
+            empty_batch=False,
+        )
         layer = dQP.dQP_layer(settings=settings)
         P, C, d, A, b = _sparse_data(n)
 
         def solve(x):
             return layer(P, -x, C, d, A, b)[0]
+
         return solve, notes
     if kind == "qpth":
         from qpth.qp import QPFunction, QPSolvers
@@ -191,6 +210,7 @@ def build_method(method: str, n: int, eps: float):
 
         def solve(x):
             return f(P, -x, C, d, A, b)[0]
+
         return solve, notes
     if kind == "qplayer":
         from proxsuite.torch.qplayer import QPFunction
@@ -201,6 +221,7 @@ def build_method(method: str, n: int, eps: float):
 
         def solve(x):
             return f(P, -x, A, b, C, lo, d)[0].reshape(-1)
+
         return solve, notes
     if kind == "cvxpylayers":
         import cvxpy as cp
@@ -216,6 +237,7 @@ def build_method(method: str, n: int, eps: float):
 
         def solve(x):
             return layer(x, solver_args=args)[0]
+
         return solve, notes
     raise ValueError(f"unknown method {method!r}")
 
@@ -232,8 +254,12 @@ def worker(args: argparse.Namespace) -> Dict[str, Any]:
     x_np, w_np = inst["x"], inst["w"]
     z_ex = project_simplex(x_np)
     g_ex = exact_grad(z_ex, w_np)
-    rec: Dict[str, Any] = {"method": args.method, "n": args.n, "k_support": int(inst["k"]),
-                           "construction_err": float(np.max(np.abs(z_ex - inst["z_constructed"])) / np.max(z_ex))}
+    rec: Dict[str, Any] = {
+        "method": args.method,
+        "n": args.n,
+        "k_support": int(inst["k"]),
+        "construction_err": float(np.max(np.abs(z_ex - inst["z_constructed"])) / np.max(z_ex)),
+    }
     t0 = time.perf_counter()
     solve, notes = build_method(args.method, args.n, args.eps)
     rec["setup_time"] = time.perf_counter() - t0
@@ -266,8 +292,9 @@ def worker(args: argparse.Namespace) -> Dict[str, Any]:
     # best of the runs: this machine is shared, and the minimum is the least disturbed measurement
     tot = [a + b for a, b in zip(fwd, bwd)]
     best = int(np.argmin(tot))
-    rec.update(status="ok", t_forward=fwd[best], t_backward=bwd[best], reps=len(fwd),
-               t_total_median=float(np.median(tot)))
+    rec.update(
+        status="ok", t_forward=fwd[best], t_backward=bwd[best], reps=len(fwd), t_total_median=float(np.median(tot))
+    )
     rec["t_total"] = rec["t_forward"] + rec["t_backward"]
     rec["z_err"] = float(np.max(np.abs(zn - z_ex)) / np.max(np.abs(z_ex)))
     rec["grad_err"] = float(np.max(np.abs(gn - g_ex)) / max(np.max(np.abs(g_ex)), 1e-300))
@@ -299,9 +326,27 @@ def peer_python(method: str, override: Dict[str, str]) -> Optional[str]:
 
 
 def run_cell(method: str, n: int, python: str, args: argparse.Namespace) -> Dict[str, Any]:
-    cmd = [python, str(Path(__file__).resolve()), "--worker", "--method", method, "--n", str(n),
-           "--seed", str(args.seed), "--frac-active", str(args.frac_active), "--eps", str(args.eps),
-           "--threads", str(args.threads), "--reps", str(args.reps), "--rep-budget", str(args.rep_budget)]
+    cmd = [
+        python,
+        str(Path(__file__).resolve()),
+        "--worker",
+        "--method",
+        method,
+        "--n",
+        str(n),
+        "--seed",
+        str(args.seed),
+        "--frac-active",
+        str(args.frac_active),
+        "--eps",
+        str(args.eps),
+        "--threads",
+        str(args.threads),
+        "--reps",
+        str(args.reps),
+        "--rep-budget",
+        str(args.rep_budget),
+    ]
     env = dict(os.environ)
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "RAYON_NUM_THREADS"):
         env[var] = str(args.threads)
@@ -312,11 +357,10 @@ def run_cell(method: str, n: int, python: str, args: argparse.Namespace) -> Dict
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.cell_timeout, env=env, cwd=cwd)
     except subprocess.TimeoutExpired:
-        return {"method": method, "n": n, "status": "timeout",
-                "error": f"no result within {args.cell_timeout:.0f} s"}
+        return {"method": method, "n": n, "status": "timeout", "error": f"no result within {args.cell_timeout:.0f} s"}
     for line in proc.stdout.splitlines()[::-1]:
         if line.startswith(MARKER):
-            rec = json.loads(line[len(MARKER):])
+            rec = json.loads(line[len(MARKER) :])
             rec["wall"] = time.perf_counter() - t0
             return rec
     tail = " | ".join((proc.stderr or proc.stdout or "").strip().splitlines()[-2:])
@@ -389,8 +433,12 @@ def driver(args: argparse.Namespace) -> int:
         plotted = False
         for cand in (PEERS / "cvxpylayers" / "bin" / "python", PEERS / "bench" / "bin" / "python"):
             if cand.exists():
-                r = subprocess.run([str(cand), str(Path(__file__).resolve()), "--plot", str(csv_path), str(png_path)],
-                                   capture_output=True, text=True, cwd=tempfile.gettempdir())
+                r = subprocess.run(
+                    [str(cand), str(Path(__file__).resolve()), "--plot", str(csv_path), str(png_path)],
+                    capture_output=True,
+                    text=True,
+                    cwd=tempfile.gettempdir(),
+                )
                 if r.returncode == 0:
                     plotted = True
                     print(f"plot: {png_path}")
@@ -403,14 +451,39 @@ def driver(args: argparse.Namespace) -> int:
 
 def _log_row(rec: Dict[str, Any]) -> None:
     if rec.get("status") == "ok":
-        logger.info("%-24s n=%-7d fwd %.3es bwd %.3es z_err %.1e grad_err %.1e", rec["method"], rec["n"],
-                    rec["t_forward"], rec["t_backward"], rec["z_err"], rec["grad_err"])
+        logger.info(
+            "%-24s n=%-7d fwd %.3es bwd %.3es z_err %.1e grad_err %.1e",
+            rec["method"],
+            rec["n"],
+            rec["t_forward"],
+            rec["t_backward"],
+            rec["z_err"],
+            rec["grad_err"],
+        )
     else:
         logger.info("%-24s n=%-7d %s: %s", rec["method"], rec["n"], rec.get("status"), rec.get("error", ""))
 
 
-COLUMNS = ["method", "n", "status", "t_forward", "t_backward", "t_total", "t_total_median", "t_solver", "z_err", "grad_err", "reps", "iterations",
-           "verified", "k_support", "setup_time", "layer_setup_time", "wall", "error"]
+COLUMNS = [
+    "method",
+    "n",
+    "status",
+    "t_forward",
+    "t_backward",
+    "t_total",
+    "t_total_median",
+    "t_solver",
+    "z_err",
+    "grad_err",
+    "reps",
+    "iterations",
+    "verified",
+    "k_support",
+    "setup_time",
+    "layer_setup_time",
+    "wall",
+    "error",
+]
 
 
 def write_csv(rows: List[Dict[str, Any]], path: Path) -> None:
@@ -438,46 +511,71 @@ def _torch_version() -> str:
 def git_version() -> str:
     """Short commit of the repository, with ``+dirty`` when tracked dqp files are modified."""
     try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "dqp", "solvers", "linsolve"],
-                               capture_output=True, text=True, cwd=REPO).stdout.strip()
+        head = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no", "dqp", "solvers", "linsolve"],
+            capture_output=True,
+            text=True,
+            cwd=REPO,
+        ).stdout.strip()
         return head + ("+dirty" if dirty else "")
     except OSError:
         return "unknown"
 
 
-def write_markdown(rows: List[Dict[str, Any]], path: Path, methods: List[str], args: argparse.Namespace,
-                   command: str) -> str:
+def write_markdown(
+    rows: List[Dict[str, Any]], path: Path, methods: List[str], args: argparse.Namespace, command: str
+) -> str:
     grid = args.grid
     cell = {(r["method"], r["n"]): r for r in rows}
-    out = ["# Simplex projection scaling (forward + backward)", "",
-           f"`{command}` — dqp {git_version()}, {platform.machine()} ({os.cpu_count()} CPUs), "
-           f"torch {_torch_version()}, python {platform.python_version()}, {args.threads} thread(s) per worker, "
-           f"fraction of active bounds {args.frac_active}, tolerance eps={args.eps}, "
-           f"best of up to {args.reps} runs after a warm-up (medians in the CSV), cell budget {args.cell_timeout:.0f} s. "
-           f"Loss wᵀz*, gradient w.r.t. x; errors are relative (‖·‖∞ / ‖exact‖∞) against the sort-based "
-           f"closed form and its Jacobian diag(s) − ssᵀ/|s|.", "",
-           "## Forward + backward time", "",
-           "| method | " + " | ".join(f"n={n:g}" for n in grid) + " |",
-           "|---|" + "---|" * len(grid)]
+    out = [
+        "# Simplex projection scaling (forward + backward)",
+        "",
+        f"`{command}` — dqp {git_version()}, {platform.machine()} ({os.cpu_count()} CPUs), "
+        f"torch {_torch_version()}, python {platform.python_version()}, {args.threads} thread(s) per worker, "
+        f"fraction of active bounds {args.frac_active}, tolerance eps={args.eps}, "
+        f"best of up to {args.reps} runs after a warm-up (medians in the CSV), cell budget {args.cell_timeout:.0f} s. "
+        f"Loss wᵀz*, gradient w.r.t. x; errors are relative (‖·‖∞ / ‖exact‖∞) against the sort-based "
+        f"closed form and its Jacobian diag(s) − ssᵀ/|s|.",
+        "",
+        "## Forward + backward time",
+        "",
+        "| method | " + " | ".join(f"n={n:g}" for n in grid) + " |",
+        "|---|" + "---|" * len(grid),
+    ]
     for m in methods:
         cells = []
         for n in grid:
             r = cell.get((m, n), {})
             cells.append(_t(r.get("t_total")) if r.get("status") == "ok" else r.get("status", "-"))
         out.append(f"| {label(m)} | " + " | ".join(cells) + " |")
-    out += ["", "Forward / backward split (ms):", "",
-            "| method | " + " | ".join(f"n={n:g}" for n in grid) + " |", "|---|" + "---|" * len(grid)]
+    out += [
+        "",
+        "Forward / backward split (ms):",
+        "",
+        "| method | " + " | ".join(f"n={n:g}" for n in grid) + " |",
+        "|---|" + "---|" * len(grid),
+    ]
     for m in methods:
         cells = []
         for n in grid:
             r = cell.get((m, n), {})
-            cells.append(f"{r['t_forward'] * 1e3:.3g} / {r['t_backward'] * 1e3:.3g}" if r.get("status") == "ok"
-                         else r.get("status", "-"))
+            cells.append(
+                f"{r['t_forward'] * 1e3:.3g} / {r['t_backward'] * 1e3:.3g}"
+                if r.get("status") == "ok"
+                else r.get("status", "-")
+            )
         out.append(f"| {label(m)} | " + " | ".join(cells) + " |")
-    out += ["", "dqp: forward-solver share of the forward time (the rest is validation, active-set polish, "
-            "KKT factorization and verification):", "",
-            "| method | " + " | ".join(f"n={n:g}" for n in grid) + " |", "|---|" + "---|" * len(grid)]
+    out += [
+        "",
+        "dqp: forward-solver share of the forward time (the rest is validation, active-set polish, "
+        "KKT factorization and verification):",
+        "",
+        "| method | " + " | ".join(f"n={n:g}" for n in grid) + " |",
+        "|---|" + "---|" * len(grid),
+    ]
     for m in methods:
         if not m.startswith("dqp") or m == "dqp-ipm":
             continue
@@ -496,15 +594,22 @@ def write_markdown(rows: List[Dict[str, Any]], path: Path, methods: List[str], a
         if ok:
             t, m = min(ok)
             best[n] = (m, t)
-    out += ["", "## Ratios: peer time / fastest dqp time at the same n (> 1: dqp is faster)", "",
-            "fastest dqp: " + ", ".join(f"n={n:g}: {label(best[n][0])}" for n in grid if n in best), "",
-            "| peer | " + " | ".join(f"n={n:g}" for n in grid) + " |", "|---|" + "---|" * len(grid)]
+    out += [
+        "",
+        "## Ratios: peer time / fastest dqp time at the same n (> 1: dqp is faster)",
+        "",
+        "fastest dqp: " + ", ".join(f"n={n:g}: {label(best[n][0])}" for n in grid if n in best),
+        "",
+        "| peer | " + " | ".join(f"n={n:g}" for n in grid) + " |",
+        "|---|" + "---|" * len(grid),
+    ]
     for m in peers:
         cells = []
         for n in grid:
             r = cell.get((m, n), {})
-            cells.append(f"{r['t_total'] / best[n][1]:.3g}×" if r.get("status") == "ok" and n in best
-                         else r.get("status", "-"))
+            cells.append(
+                f"{r['t_total'] / best[n][1]:.3g}×" if r.get("status") == "ok" and n in best else r.get("status", "-")
+            )
         out.append(f"| {label(m)} | " + " | ".join(cells) + " |")
     for lib in [m for m in peers if m.startswith("libdqp")]:
         same = f"dqp-sparse:{lib.split(':')[1]}"
@@ -517,20 +622,36 @@ def write_markdown(rows: List[Dict[str, Any]], path: Path, methods: List[str], a
         if not any(c != "-" for c in cells):
             continue
         if "Same forward solver" not in "".join(out):
-            out += ["", "Same forward solver (libdqp time / dqp time, > 1: dqp is faster):", "",
-                    "| pair | " + " | ".join(f"n={n:g}" for n in grid) + " |", "|---|" + "---|" * len(grid)]
+            out += [
+                "",
+                "Same forward solver (libdqp time / dqp time, > 1: dqp is faster):",
+                "",
+                "| pair | " + " | ".join(f"n={n:g}" for n in grid) + " |",
+                "|---|" + "---|" * len(grid),
+            ]
         out.append(f"| {label(lib)} / {label(same)} | " + " | ".join(cells) + " |")
-    out += ["", "## Errors against the closed form (max over n of the relative ∞-norm error)", "",
-            "| method | z error | gradient error | cells |", "|---|---|---|---|"]
+    out += [
+        "",
+        "## Errors against the closed form (max over n of the relative ∞-norm error)",
+        "",
+        "| method | z error | gradient error | cells |",
+        "|---|---|---|---|",
+    ]
     for m in methods:
         ok = [cell[(m, n)] for n in grid if cell.get((m, n), {}).get("status") == "ok"]
         if ok:
-            out.append(f"| {label(m)} | {max(r['z_err'] for r in ok):.1e} | {max(r['grad_err'] for r in ok):.1e} | "
-                       f"{len(ok)} |")
+            out.append(
+                f"| {label(m)} | {max(r['z_err'] for r in ok):.1e} | {max(r['grad_err'] for r in ok):.1e} | {len(ok)} |"
+            )
         else:
             out.append(f"| {label(m)} | - | - | 0 |")
-    notes = sorted({(label(r["method"]), r.get("status"), r.get("error", "")) for r in rows
-                    if r.get("status") not in ("ok",) and r.get("error")})
+    notes = sorted(
+        {
+            (label(r["method"]), r.get("status"), r.get("error", ""))
+            for r in rows
+            if r.get("status") not in ("ok",) and r.get("error")
+        }
+    )
     if notes:
         out += ["", "## Cells that did not run", ""]
         for m, st, err in notes:
@@ -558,8 +679,15 @@ def plot(csv_path: Path, png_path: Path) -> bool:
     for i, (m, pts) in enumerate(series.items()):
         pts.sort()
         ours = m.startswith("dqp")
-        ax.loglog([p[0] for p in pts], [p[1] for p in pts], "-" if ours else "--", marker="o" if ours else "s",
-                  ms=4, color=cmap(i % 20), label=label(m))
+        ax.loglog(
+            [p[0] for p in pts],
+            [p[1] for p in pts],
+            "-" if ours else "--",
+            marker="o" if ours else "s",
+            ms=4,
+            color=cmap(i % 20),
+            label=label(m),
+        )
     ax.set_xlabel("n (simplex dimension)")
     ax.set_ylabel("forward + backward time [s]")
     from plot_caption import caption
@@ -573,7 +701,9 @@ def plot(csv_path: Path, png_path: Path) -> bool:
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--short", action="store_true", help="tiny grid, dqp only (seconds)")
     ap.add_argument("--grid", type=float, nargs="+", default=None, help="values of n")
     ap.add_argument("--frac-active", type=float, default=0.5)
@@ -588,8 +718,12 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     ap.add_argument("--dqp-dense", nargs="*", default=DQP_DENSE)
     ap.add_argument("--no-ipm", action="store_true")
     ap.add_argument("--peers", nargs="*", default=["libdqp", "qplayer", "qpth", "cvxpylayers"])
-    ap.add_argument("--libdqp-solver", nargs="+", default=["osqp", "piqp"],
-                    help="libdqp forward solvers (each compared with dqp on the same solver)")
+    ap.add_argument(
+        "--libdqp-solver",
+        nargs="+",
+        default=["osqp", "piqp"],
+        help="libdqp forward solvers (each compared with dqp on the same solver)",
+    )
     ap.add_argument("--peer-python", nargs="*", default=[], help="KIND=/path/to/python overrides")
     ap.add_argument("--out-stem", default=None)
     ap.add_argument("--out-dir", default=str(RESULTS))
@@ -627,9 +761,13 @@ def main(argv: Optional[List[str]] = None) -> int:
 
             where = traceback.extract_tb(exc.__traceback__)[-1]
             msg = str(exc).strip().splitlines()[0][:250] if str(exc).strip() else ""
-            rec = {"method": args.method, "n": args.n, "status": "error",
-                   "error": f"{type(exc).__name__}: {msg} (in {Path(where.filename).parent.name}/"
-                            f"{Path(where.filename).name}:{where.name})"}
+            rec = {
+                "method": args.method,
+                "n": args.n,
+                "status": "error",
+                "error": f"{type(exc).__name__}: {msg} (in {Path(where.filename).parent.name}/"
+                f"{Path(where.filename).name}:{where.name})",
+            }
         print(MARKER + json.dumps(rec), flush=True)
         return 0
     logging.basicConfig(level=logging.INFO, format="%(message)s")

@@ -1,4 +1,5 @@
 """Backward linear solvers of dqp (installed as ``dqp.linsolve``)."""
+
 from dqp.linsolve.base import (  # noqa: F401
     Factorization,
     LinearSolver,

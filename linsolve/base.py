@@ -9,6 +9,7 @@ Element-wise solvers take ``K`` as a NumPy array (dense) or a SciPy CSC matrix (
 Batched solvers (``batched = True``) work on torch tensors on any device; see
 :mod:`dqp.linsolve.torch_batched`.
 """
+
 from __future__ import annotations
 
 from abc import ABC, abstractmethod

@@ -20,6 +20,7 @@ with a factor from here agree with a plain Cholesky solve to round-off (the diag
 inverses are as well conditioned as the blocks; tests/test_blocked.py). Which path the IPM uses
 on which device and shape is decided in :mod:`dqp.solvers.ipm` from measurements.
 """
+
 from __future__ import annotations
 
 from typing import Callable, List, Optional, Tuple
@@ -75,8 +76,9 @@ def diag_block_inverses(L: Tensor, nb: int) -> List[Tensor]:
 DiagFactor = Callable[[Tensor, int, int, Tensor], Tensor]
 
 
-def blocked_cholesky(M: Tensor, nb: int, overwrite: bool = False,
-                     diag_factor: Optional[DiagFactor] = None) -> Tuple[Tensor, List[Tensor], Tensor]:
+def blocked_cholesky(
+    M: Tensor, nb: int, overwrite: bool = False, diag_factor: Optional[DiagFactor] = None
+) -> Tuple[Tensor, List[Tensor], Tensor]:
     """Batched Cholesky ``M = L Lᵀ`` in ``nb × nb`` blocks.
 
     Parameters
@@ -116,10 +118,10 @@ def blocked_cholesky(M: Tensor, nb: int, overwrite: bool = False,
             W[:, j0:j1, j0:j1] = Ljj
         dinv.append(Dj)
         if j1 < k:
-            panel = torch.matmul(W[:, j1:, j0:j1], Dj.mT)            # L21 = A21 L11⁻ᵀ
+            panel = torch.matmul(W[:, j1:, j0:j1], Dj.mT)  # L21 = A21 L11⁻ᵀ
             W[:, j1:, j0:j1] = panel
             W[:, j0:j1, j1:] = 0.0
-            W[:, j1:, j1:].baddbmm_(panel, panel.mT, alpha=-1.0)     # A22 − L21 L21ᵀ
+            W[:, j1:, j1:].baddbmm_(panel, panel.mT, alpha=-1.0)  # A22 − L21 L21ᵀ
     return W, dinv, info
 
 
@@ -134,13 +136,13 @@ def blocked_chol_solve(L: Tensor, dinv: List[Tensor], r: Tensor) -> Tensor:
     nb = dinv[0].shape[-1]
     blocks = block_starts(k, nb)
     y = torch.empty_like(rr)
-    for (j0, j1), Dj in zip(blocks, dinv):                    # L y = r
+    for (j0, j1), Dj in zip(blocks, dinv):  # L y = r
         t = rr[:, j0:j1]
         if j0:
             t = torch.baddbmm(t, L[:, j0:j1, :j0], y[:, :j0], alpha=-1.0)
         y[:, j0:j1] = torch.matmul(Dj, t)
     x = torch.empty_like(rr)
-    for (j0, j1), Dj in zip(reversed(blocks), reversed(dinv)):   # Lᵀ x = y
+    for (j0, j1), Dj in zip(reversed(blocks), reversed(dinv)):  # Lᵀ x = y
         t = y[:, j0:j1]
         if j1 < k:
             t = torch.baddbmm(t, L[:, j1:, j0:j1].mT, x[:, j1:], alpha=-1.0)

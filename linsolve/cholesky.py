@@ -10,6 +10,7 @@ batched KKT solver (:mod:`dqp.linsolve.torch_batched`) both use this module.
 Batched matrix-vector products (:func:`mv`, :func:`tmv`) live here too: on the CPU they go
 through NumPy's stacked ``matmul`` where no autograd graph is built (``cpu_fast_paths``).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -18,18 +19,25 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
-from dqp.linsolve.blocked import (
-    blocked_chol_solve,
-    blocked_cholesky,
-    diag_block_inverses,
-)
+from dqp.linsolve.blocked import blocked_chol_solve, blocked_cholesky, diag_block_inverses
 
 from dqp.errors import SettingsError
 
 Tensor = torch.Tensor
 
-__all__ = ["CholeskyOptions", "CholeskyFactor", "cholesky", "cholesky_inplace", "potrs_inplace", "potrs_rows",
-           "potrs_rows_ok", "mv", "tmv", "compiling", "lapack"]
+__all__ = [
+    "CholeskyOptions",
+    "CholeskyFactor",
+    "cholesky",
+    "cholesky_inplace",
+    "potrs_inplace",
+    "potrs_rows",
+    "potrs_rows_ok",
+    "mv",
+    "tmv",
+    "compiling",
+    "lapack",
+]
 
 _MODES3 = ("auto", "always", "never")
 
@@ -88,14 +96,20 @@ class CholeskyOptions:
     solve_kernel: str = "auto"
 
     def __post_init__(self) -> None:
-        for name, allowed in (("inverse_solve", _MODES3), ("blocked", _MODES3), ("factor_kernel", _MODES3),
-                              ("block_diag", ("auto", "kernel", "library")), ("solve_kernel", ("auto", "never"))):
+        for name, allowed in (
+            ("inverse_solve", _MODES3),
+            ("blocked", _MODES3),
+            ("factor_kernel", _MODES3),
+            ("block_diag", ("auto", "kernel", "library")),
+            ("solve_kernel", ("auto", "never")),
+        ):
             value = getattr(self, name)
             if value not in allowed:
                 raise SettingsError(f"CholeskyOptions.{name} must be one of {allowed}, got {value!r}.")
         if self.block_size is not None and not (isinstance(self.block_size, int) and self.block_size >= 1):
-            raise SettingsError(f"CholeskyOptions.block_size must be a positive integer or None, "
-                                f"got {self.block_size!r}.")
+            raise SettingsError(
+                f"CholeskyOptions.block_size must be a positive integer or None, got {self.block_size!r}."
+            )
 
     def replace(self, **changes) -> "CholeskyOptions":
         """A copy with ``changes`` (validated)."""
@@ -130,8 +144,9 @@ class CholeskyOptions:
         if self.factor_kernel == "auto" and not self.use_inverse(shape, device):
             return False
         if compiling():
-            return False                   # (torch.compile traces the library's ops, not a raw launch)
+            return False  # (torch.compile traces the library's ops, not a raw launch)
         from dqp.solvers import fused
+
         return fused.chol_block_available(device, dtype, shape[-1])
 
     def diag_factor(self, M: Tensor, nb: int) -> Optional[Callable]:
@@ -139,15 +154,22 @@ class CholeskyOptions:
         if self.block_diag == "library":
             return None
         from dqp.solvers import fused
+
         if self.block_diag == "auto" and not fused.chol_block_available(M.device, M.dtype, nb):
             return None
         return lambda W, j0, j1, info: fused.chol_block(W, j0, j1, info, tile=nb)
 
     def numpy_ok(self, M: Tensor, x: Tensor) -> bool:
         """Whether a batched CPU product may go through NumPy (no autograd graph is being built)."""
-        return (self.cpu_fast_paths and M.dim() == 3 and M.device.type == "cpu" and x.device.type == "cpu"
-                and M.dtype in (torch.float64, torch.float32) and x.dtype == M.dtype
-                and not (torch.is_grad_enabled() and (M.requires_grad or x.requires_grad)))
+        return (
+            self.cpu_fast_paths
+            and M.dim() == 3
+            and M.device.type == "cpu"
+            and x.device.type == "cpu"
+            and M.dtype in (torch.float64, torch.float32)
+            and x.dtype == M.dtype
+            and not (torch.is_grad_enabled() and (M.requires_grad or x.requires_grad))
+        )
 
 
 DEFAULT_OPTIONS = CholeskyOptions()
@@ -156,7 +178,7 @@ DEFAULT_OPTIONS = CholeskyOptions()
 def compiling() -> bool:
     """Whether torch.compile is tracing the caller (its graphs take the library's ops only)."""
     fn = getattr(getattr(torch, "compiler", None), "is_compiling", None)
-    if fn is None:                                       # (torch < 2.3)
+    if fn is None:  # (torch < 2.3)
         fn = getattr(getattr(torch, "_dynamo", None), "is_compiling", lambda: False)
     return bool(fn())
 
@@ -164,6 +186,7 @@ def compiling() -> bool:
 # --------------------------------------------------------------------------------------------
 # batched products (shared (k, n) and batched (B, k, n) matrices)
 # --------------------------------------------------------------------------------------------
+
 
 def mv(M: Tensor, x: Tensor, options: CholeskyOptions = DEFAULT_OPTIONS) -> Tensor:
     """``M x`` for x (B, n); M (k, n) or (B, k, n).
@@ -187,6 +210,7 @@ def tmv(M: Tensor, y: Tensor, options: CholeskyOptions = DEFAULT_OPTIONS) -> Ten
 # --------------------------------------------------------------------------------------------
 # the factor
 # --------------------------------------------------------------------------------------------
+
 
 @dataclass
 class CholeskyFactor:
@@ -233,9 +257,12 @@ class CholeskyFactor:
     # ---- structure
     def map(self, fn: Callable[[Tensor], Tensor]) -> "CholeskyFactor":
         """A factor whose every tensor is ``fn`` of this one's (``torch.clone``, an index, ...)."""
-        return CholeskyFactor(fn(self.L), None if self.inverse is None else fn(self.inverse),
-                              None if self.block_inverses is None else [fn(t) for t in self.block_inverses],
-                              self.options)
+        return CholeskyFactor(
+            fn(self.L),
+            None if self.inverse is None else fn(self.inverse),
+            None if self.block_inverses is None else [fn(t) for t in self.block_inverses],
+            self.options,
+        )
 
     def index(self, idx: Tensor) -> "CholeskyFactor":
         """The factors of the batch elements ``idx``."""
@@ -249,15 +276,19 @@ class CholeskyFactor:
 
     def where(self, sel: Tensor, other: "CholeskyFactor") -> "CholeskyFactor":
         """Per batch element: ``other``'s factor where ``sel`` ((B,) bool), else this one's."""
-        if (self.inverse is None) != (other.inverse is None) or \
-                (self.block_inverses is None) != (other.block_inverses is None):
+        if (self.inverse is None) != (other.inverse is None) or (self.block_inverses is None) != (
+            other.block_inverses is None
+        ):
             raise ValueError("CholeskyFactor.where: the factors differ in their inverses")
-        pick = lambda a, b: torch.where(sel.view(-1, *([1] * (a.dim() - 1))), b, a)   # noqa: E731
-        return CholeskyFactor(pick(self.L, other.L),
-                              None if self.inverse is None else pick(self.inverse, other.inverse),
-                              None if self.block_inverses is None else
-                              [pick(a, b) for a, b in zip(self.block_inverses, other.block_inverses)],
-                              self.options)
+        pick = lambda a, b: torch.where(sel.view(-1, *([1] * (a.dim() - 1))), b, a)  # noqa: E731
+        return CholeskyFactor(
+            pick(self.L, other.L),
+            None if self.inverse is None else pick(self.inverse, other.inverse),
+            None
+            if self.block_inverses is None
+            else [pick(a, b) for a, b in zip(self.block_inverses, other.block_inverses)],
+            self.options,
+        )
 
     def put(self, idx: Tensor, other: "CholeskyFactor", rows: Tensor) -> None:
         """``self[idx] = other[rows]`` in place (batched factors), keeping this factor's inverse or
@@ -293,8 +324,12 @@ class CholeskyFactor:
     def from_tensors(cls, tensors: Dict[str, Tensor], options: CholeskyOptions = DEFAULT_OPTIONS) -> "CholeskyFactor":
         """Inverse of :meth:`tensors`."""
         nblk = sum(1 for k in tensors if k.startswith("block_inverses["))
-        return cls(tensors["L"], tensors.get("inverse"),
-                   [tensors[f"block_inverses[{i}]"] for i in range(nblk)] if nblk else None, options)
+        return cls(
+            tensors["L"],
+            tensors.get("inverse"),
+            [tensors[f"block_inverses[{i}]"] for i in range(nblk)] if nblk else None,
+            options,
+        )
 
     # ---- solves
     def solve(self, r: Tensor) -> Tensor:
@@ -318,6 +353,7 @@ class CholeskyFactor:
             return torch.linalg.solve_triangular(L.mT, x, upper=True).T
         if vec and self._solve_by_kernel(r):
             from dqp.solvers import fused
+
             return fused.chol_solve_vec(L, r)
         rr = r.unsqueeze(-1) if vec else r
         if L.dim() == 2:
@@ -328,14 +364,20 @@ class CholeskyFactor:
 
     def _solve_by_kernel(self, r: Tensor) -> bool:
         L = self.L
-        if (self.options.solve_kernel == "never" or L.device.type != "cuda" or L.dim() != 3 or r.dim() != 2
-                or r.dtype != L.dtype):
+        if (
+            self.options.solve_kernel == "never"
+            or L.device.type != "cuda"
+            or L.dim() != 3
+            or r.dim() != 2
+            or r.dtype != L.dtype
+        ):
             return False
         if torch.is_grad_enabled() and (L.requires_grad or r.requires_grad):
-            return False                   # (the kernel has no autograd formula: the library's solves)
+            return False  # (the kernel has no autograd formula: the library's solves)
         if compiling():
-            return False                   # (torch.compile traces the library's ops, not a raw launch)
+            return False  # (torch.compile traces the library's ops, not a raw launch)
         from dqp.solvers import fused
+
         if r.shape[0] != L.shape[0] or fused.matrix_layout(L) is None:
             return False
         return fused.chol_solve_vec_available(L.device, L.dtype, L.shape[-1])
@@ -350,8 +392,9 @@ def _with_inverse(L: Tensor, options: CholeskyOptions) -> CholeskyFactor:
     return CholeskyFactor(L, inverse=inv, options=options)
 
 
-def cholesky(M: Tensor, options: CholeskyOptions = DEFAULT_OPTIONS,
-             overwrite: bool = False) -> Tuple[CholeskyFactor, Tensor]:
+def cholesky(
+    M: Tensor, options: CholeskyOptions = DEFAULT_OPTIONS, overwrite: bool = False
+) -> Tuple[CholeskyFactor, Tensor]:
     """Batched Cholesky ``M = L Lᵀ`` without the host sync of ``torch.linalg.cholesky``; ``(factor, info)``.
 
     ``overwrite``: M is a scratch buffer the factorization may overwrite (the blocked path then
@@ -364,13 +407,15 @@ def cholesky(M: Tensor, options: CholeskyOptions = DEFAULT_OPTIONS,
     """
     if options.use_blocked(tuple(M.shape), M.device):
         nb = options.block_size_for(M.shape[-1])
-        L, dinv, info = blocked_cholesky(M, nb, overwrite=overwrite and M.is_contiguous(),
-                                         diag_factor=options.diag_factor(M, nb))
+        L, dinv, info = blocked_cholesky(
+            M, nb, overwrite=overwrite and M.is_contiguous(), diag_factor=options.diag_factor(M, nb)
+        )
         return CholeskyFactor(L, block_inverses=dinv, options=options), info
     if M.device.type != "cpu":
         if options.factor_by_kernel(tuple(M.shape), M.device, M.dtype):
             # factor and inverse in one launch (dqp_chol_block, a thread block per matrix)
             from dqp.solvers import fused
+
             L = M.clone(memory_format=torch.contiguous_format)
             info = torch.zeros(M.shape[0], dtype=torch.int32, device=M.device)
             inv = fused.chol_block(L, 0, M.shape[-1], info)
@@ -388,11 +433,13 @@ def lapack(dtype: torch.dtype, name: str):
     if prefix is None:
         return None
     from scipy.linalg import lapack as _lp
+
     return getattr(_lp, prefix + name)
 
 
-def cholesky_inplace(S: Tensor, options: CholeskyOptions = DEFAULT_OPTIONS,
-                     rows: Optional[list] = None) -> Tuple[CholeskyFactor, Tensor]:
+def cholesky_inplace(
+    S: Tensor, options: CholeskyOptions = DEFAULT_OPTIONS, rows: Optional[list] = None
+) -> Tuple[CholeskyFactor, Tensor]:
     """Factorize the symmetric batch ``S`` (B, k, k), contiguous, *in place*; ``(factor, info)``.
 
     ``rows``: factorize only these batch elements (the others keep S and report info 0; the IPM
@@ -413,7 +460,7 @@ def cholesky_inplace(S: Tensor, options: CholeskyOptions = DEFAULT_OPTIONS,
         return cholesky(S, options, overwrite=True)
     Sn = S.detach().numpy()
     info = [0] * S.shape[0]
-    for i in (range(S.shape[0]) if rows is None else rows):
+    for i in range(S.shape[0]) if rows is None else rows:
         # S[i] is symmetric, so its row-major buffer is also its column-major buffer; the upper
         # factor U of the column-major view is the lower factor L = Uᵀ of the row-major one, which
         # keeps L row-major (torch's triangular solves are 2.5× slower on a column-major L)
@@ -431,7 +478,7 @@ def potrs_inplace(S: Tensor, r: Tensor, rows: Optional[list] = None) -> Tensor:
     potrs = lapack(S.dtype, "potrs")
     x = r.detach().clone(memory_format=torch.contiguous_format)
     Sn, xn = S.detach().numpy(), x.numpy()
-    for i in (range(S.shape[0]) if rows is None else rows):
+    for i in range(S.shape[0]) if rows is None else rows:
         potrs(Sn[i].T, xn[i][:, None], lower=0, overwrite_b=1)
     return x
 
@@ -439,9 +486,16 @@ def potrs_inplace(S: Tensor, r: Tensor, rows: Optional[list] = None) -> Tensor:
 def potrs_rows_ok(L: Tensor, R: Tensor, options: CholeskyOptions = DEFAULT_OPTIONS) -> bool:
     """Whether :func:`potrs_rows` applies: CPU fast paths, a batched row-major factor (lower
     triangle) and right-hand sides of its dtype, nothing that needs a gradient."""
-    return (options.cpu_fast_paths and L.device.type == "cpu" and R.device.type == "cpu" and L.dim() == 3
-            and L.is_contiguous() and L.dtype in (torch.float64, torch.float32) and R.dtype == L.dtype
-            and not (torch.is_grad_enabled() and (L.requires_grad or R.requires_grad)))
+    return (
+        options.cpu_fast_paths
+        and L.device.type == "cpu"
+        and R.device.type == "cpu"
+        and L.dim() == 3
+        and L.is_contiguous()
+        and L.dtype in (torch.float64, torch.float32)
+        and R.dtype == L.dtype
+        and not (torch.is_grad_enabled() and (L.requires_grad or R.requires_grad))
+    )
 
 
 def potrs_rows(L: Tensor, R: Tensor) -> Tensor:

@@ -3,6 +3,7 @@
 Each factorizes a symmetric KKT matrix once; :class:`dqp.kkt.RobustKKT` adds the singular-matrix
 fallback (regularization + iterative refinement) on top of any of them.
 """
+
 from __future__ import annotations
 
 import threading
@@ -45,7 +46,7 @@ def _block_negatives(D: np.ndarray) -> int:
     N, i, neg = D.shape[0], 0, 0
     while i < N:
         if i + 1 < N and D[i + 1, i] != 0.0:
-            neg += int(np.count_nonzero(np.linalg.eigvalsh(D[i:i + 2, i:i + 2]) < 0))
+            neg += int(np.count_nonzero(np.linalg.eigvalsh(D[i : i + 2, i : i + 2]) < 0))
             i += 2
         else:
             neg += int(D[i, i] < 0)
@@ -63,10 +64,12 @@ def _as_dense(K: Matrix) -> np.ndarray:
 
 def _columnwise(solve_vec):
     """Lift a solver of one right-hand side to (N,) or (N, k) right-hand sides."""
+
     def solve(rhs: np.ndarray) -> np.ndarray:
         if rhs.ndim == 1:
             return solve_vec(rhs)
         return np.stack([solve_vec(rhs[:, j]) for j in range(rhs.shape[1])], axis=1)
+
     return solve
 
 
@@ -106,8 +109,11 @@ class _SharedQDLDL:
         self.lock = threading.Lock()
 
     def same_pattern(self, K: sp.csc_matrix) -> bool:
-        return (K.shape[0] == len(self.indptr) - 1 and np.array_equal(K.indptr, self.indptr)
-                and np.array_equal(K.indices, self.indices))
+        return (
+            K.shape[0] == len(self.indptr) - 1
+            and np.array_equal(K.indptr, self.indptr)
+            and np.array_equal(K.indices, self.indices)
+        )
 
 
 class _QDLDLFactorization(Factorization):
@@ -164,6 +170,7 @@ class PardisoSolver(LinearSolver):
             ps = _pardiso_factorize(Kc, token)
             x = ps.solve(Kc, np.ascontiguousarray(rhs))
             return np.asarray(x).reshape(rhs.shape)
+
         return _CallableFactorization(solve)
 
 
@@ -216,6 +223,7 @@ class DenseLUSolver(LinearSolver):
         def solve(r: np.ndarray) -> np.ndarray:
             x, info_s = dgetrs(lu, piv, r)
             return x
+
         return _CallableFactorization(solve, det_sign=lambda: _lu_det_sign(lu, piv))
 
 
@@ -238,6 +246,7 @@ class DenseLDLSolver(LinearSolver):
             x = np.empty_like(w)
             x[perm] = sla.solve_triangular(L.T, w, lower=False, unit_diagonal=True, check_finite=False)
             return x
+
         if not np.all(np.isfinite(Dlu[0])) or np.min(np.abs(np.diag(Dlu[0]))) == 0.0:
             raise np.linalg.LinAlgError("singular D block in LDLᵀ")
         return _CallableFactorization(solve, negatives=lambda: _block_negatives(D))
@@ -248,8 +257,10 @@ class DenseCholeskySolver(LinearSolver):
     name = "scipy_cholesky"
     aliases = ("scipy Cholesky", "cholesky", "dense_cholesky")
     modules = ("scipy",)
-    description = ("Dense Cholesky of P and of the Schur complement G P⁻¹ Gᵀ (needs P ≻ 0 and independent "
-                   "active rows; otherwise dqp falls back automatically).")
+    description = (
+        "Dense Cholesky of P and of the Schur complement G P⁻¹ Gᵀ (needs P ≻ 0 and independent "
+        "active rows; otherwise dqp falls back automatically)."
+    )
 
     def factor(self, K: Matrix, n: Optional[int] = None) -> Factorization:
         if n is None:
@@ -260,7 +271,7 @@ class DenseCholeskySolver(LinearSolver):
         k = G.shape[0]
         if k:
             W = sla.solve_triangular(cH[0], G.T, lower=True, check_finite=False)  # L⁻¹Gᵀ
-            cS = sla.cho_factor(W.T @ W - E, lower=True, check_finite=False)    # G H⁻¹ Gᵀ − E
+            cS = sla.cho_factor(W.T @ W - E, lower=True, check_finite=False)  # G H⁻¹ Gᵀ − E
 
         def solve_vec(r: np.ndarray) -> np.ndarray:
             r1, r2 = r[:n], r[n:]
@@ -270,4 +281,5 @@ class DenseCholeskySolver(LinearSolver):
             y = sla.cho_solve(cS, G @ h - r2, check_finite=False)
             x = sla.cho_solve(cH, r1 - G.T @ y, check_finite=False)
             return np.concatenate([x, y])
+
         return _CallableFactorization(_columnwise(solve_vec))

@@ -28,6 +28,7 @@ answer's residual is at round-off level. :attr:`BatchedKKT.path` records, per el
 path ran (0, 1, 2). A shared P (2-D, or a batch view with stride 0 from ``expand``) is
 factorized once for the batch.
 """
+
 from __future__ import annotations
 
 import logging
@@ -58,8 +59,9 @@ def _shared(M: Optional[Tensor]) -> Optional[Tensor]:
     return None
 
 
-def _masked_rows(P: Tensor, A: Optional[Tensor], C: Optional[Tensor], active: Optional[Tensor], B: int,
-                 mask: bool = True):
+def _masked_rows(
+    P: Tensor, A: Optional[Tensor], C: Optional[Tensor], active: Optional[Tensor], B: int, mask: bool = True
+):
     """``(a, Abar, D)`` of the masked reduced system (module docstring): the active mask as P's
     dtype (None without C), ``Ā = [A; aC]`` (B, k, n) (None without rows) and ``D = diag(0, 1 − a)``
     as (B, k). ``mask=False``: ``Abar = [A; C]`` unmasked, and C or A itself (not a copy) where it
@@ -124,9 +126,19 @@ class BatchedKKT:
 
     negative_curvature: Optional[Tensor] = None
 
-    def __init__(self, P: Tensor, A: Optional[Tensor], C: Optional[Tensor], active: Optional[Tensor],
-                 *, batch: Optional[int] = None, refine: int = 1, factors: Optional[dict] = None,
-                 fallback: bool = True, options: CholeskyOptions = DEFAULT_OPTIONS):
+    def __init__(
+        self,
+        P: Tensor,
+        A: Optional[Tensor],
+        C: Optional[Tensor],
+        active: Optional[Tensor],
+        *,
+        batch: Optional[int] = None,
+        refine: int = 1,
+        factors: Optional[dict] = None,
+        fallback: bool = True,
+        options: CholeskyOptions = DEFAULT_OPTIONS,
+    ):
         self.lin = options
         if A is not None and A.shape[-2] == 0:
             A = None
@@ -154,7 +166,7 @@ class BatchedKKT:
         self.P = P
         self.A = A
         self.C = C
-        self._rm = None                           # (a row mask kept as a vector: from_schur_factor)
+        self._rm = None  # (a row mask kept as a vector: from_schur_factor)
         self.a, self.Abar, self.D = _masked_rows(P, A, C, active, B)
 
         # --- attempt 0: plain Cholesky (P shared → one factorization)
@@ -171,12 +183,14 @@ class BatchedKKT:
             # --- attempt 1: augmented H = P + ρĀᵀĀ for the elements that failed
             Pmax = P.abs().flatten(-2).amax(-1).expand(B)
             if self.k:
-                amax = (self.Abar ** 2).sum(-1).amax(-1)
+                amax = (self.Abar**2).sum(-1).amax(-1)
             else:
                 amax = torch.ones(B, dtype=dtype, device=device)
-            base = torch.where(Pmax > 0, Pmax, torch.ones_like(Pmax)) / torch.where(amax > 0, amax, torch.ones_like(amax))
+            base = torch.where(Pmax > 0, Pmax, torch.ones_like(Pmax)) / torch.where(
+                amax > 0, amax, torch.ones_like(amax)
+            )
             bad = ~ok
-            self._augmented = True                 # some element has ρ > 0 (see _solve_reg)
+            self._augmented = True  # some element has ρ > 0 (see _solve_reg)
             rho = torch.where(bad, base, rho)
             self.path = torch.where(bad, torch.ones_like(self.path), self.path)
             ok = self._factor(rho)
@@ -190,9 +204,20 @@ class BatchedKKT:
             self._pinv_idx = None
 
     @classmethod
-    def from_schur_factor(cls, P: Tensor, A: Optional[Tensor], C: Optional[Tensor], active: Optional[Tensor],
-                          L: CholeskyFactor, PiAbt: Tensor, LS: Tensor, ok: Tensor, *, refine: int = 1,
-                          options: CholeskyOptions = DEFAULT_OPTIONS) -> "BatchedKKT":
+    def from_schur_factor(
+        cls,
+        P: Tensor,
+        A: Optional[Tensor],
+        C: Optional[Tensor],
+        active: Optional[Tensor],
+        L: CholeskyFactor,
+        PiAbt: Tensor,
+        LS: Tensor,
+        ok: Tensor,
+        *,
+        refine: int = 1,
+        options: CholeskyOptions = DEFAULT_OPTIONS,
+    ) -> "BatchedKKT":
         """The Cholesky path from factors computed elsewhere: ``L`` = chol(P), ``PiAbt`` =
         P⁻¹[A; C]ᵀ and ``LS`` the lower Cholesky factor of the Schur complement S (the fused
         kernel's polish, :mod:`dqp.solvers.fused`); ``ok`` (B,) where LS passed the pivot test.
@@ -207,9 +232,24 @@ class BatchedKKT:
         zeros = torch.zeros(B, dtype=P.dtype, device=P.device)
         if not isinstance(LS, CholeskyFactor):
             LS = CholeskyFactor(LS, options=options)
-        self = cls.from_state(dict(P=P, A=A, C=C, a=a, Abar=rows, D=D, L=L, HiAbt=PiAbt,
-                                   LS=LS, ok=ok, path=zeros.to(torch.int64), rho=zeros), refine=refine,
-                              options=options)
+        self = cls.from_state(
+            dict(
+                P=P,
+                A=A,
+                C=C,
+                a=a,
+                Abar=rows,
+                D=D,
+                L=L,
+                HiAbt=PiAbt,
+                LS=LS,
+                ok=ok,
+                path=zeros.to(torch.int64),
+                rho=zeros,
+            ),
+            refine=refine,
+            options=options,
+        )
         self._rm = 1.0 - D
         return self
 
@@ -280,24 +320,40 @@ class BatchedKKT:
                 except ValueError:
                     raise ValueError(f"BatchedKKT.merge: the {name} factors differ in their inverses") from None
             return torch.where(sel.view(-1, *([1] * (mine.dim() - 1))), theirs, mine)
+
         for k in ("a", "Abar", "D", "HiAbt", "LS", "L", "ok", "path", "rho"):
             setattr(self, k, pick(getattr(self, k), getattr(other, k), k))
 
     def subset(self, idx: Tensor, active: Optional[Tensor]) -> "BatchedKKT":
         """A new :class:`BatchedKKT` for the batch elements ``idx`` with other active masks."""
+
         def pick(M):
             if M is None or M.dim() == 2 or _shared(M) is not None:
                 return None if M is None else (_shared(M) if M.dim() == 3 else M)
             return M[idx]
+
         factors = None
         if self._factors is not None:
             # the IPM's factor of P and P⁻¹[A; C]ᵀ do not depend on the active set: re-mask them
             # (a factor keeps its inverse / diagonal-block inverses)
-            factors = {k: ((v.index(idx) if isinstance(v, CholeskyFactor) else v[idx])
-                           if v.dim() == 3 and v.shape[0] == self.B else v)
-                       for k, v in self._factors.items()}
-        return BatchedKKT(pick(self.P), pick(self.A), pick(self.C), active, batch=int(idx.numel()),
-                          refine=self.refine, factors=factors, options=self.lin)
+            factors = {
+                k: (
+                    (v.index(idx) if isinstance(v, CholeskyFactor) else v[idx])
+                    if v.dim() == 3 and v.shape[0] == self.B
+                    else v
+                )
+                for k, v in self._factors.items()
+            }
+        return BatchedKKT(
+            pick(self.P),
+            pick(self.A),
+            pick(self.C),
+            active,
+            batch=int(idx.numel()),
+            refine=self.refine,
+            factors=factors,
+            options=self.lin,
+        )
 
     def absorb(self, idx: Tensor, sub: "BatchedKKT", rows: Tensor) -> None:
         """Take over the factorization of ``sub``'s elements ``rows`` as this batch's ``idx``."""
@@ -327,9 +383,15 @@ class BatchedKKT:
         self.path = self.path.clone()
         self.path[idx] = sub.path[rows]
         # merge the minimum-norm elements
-        keep = [] if self._pinv_idx is None else [
-            (i, V, inv) for i, V, inv in zip(self._pinv_idx.tolist(), self._pinv_V, self._pinv_inv)
-            if i not in set(idx.tolist())]
+        keep = (
+            []
+            if self._pinv_idx is None
+            else [
+                (i, V, inv)
+                for i, V, inv in zip(self._pinv_idx.tolist(), self._pinv_V, self._pinv_inv)
+                if i not in set(idx.tolist())
+            ]
+        )
         if sub._pinv_idx is not None:
             pos = {r: j for j, r in enumerate(rows.tolist())}
             for j, r in enumerate(sub._pinv_idx.tolist()):
@@ -364,13 +426,15 @@ class BatchedKKT:
         evals, V = torch.linalg.eigh(K)
         tol = evals.abs().amax(-1, keepdim=True) * K.shape[-1] * self._eps * 10
         neg = torch.zeros(self.B, dtype=torch.bool, device=K.device)
-        neg[idx] = (evals < -tol).sum(-1) > self.k                   # (the docstring: P is not PSD)
+        neg[idx] = (evals < -tol).sum(-1) > self.k  # (the docstring: P is not PSD)
         self.negative_curvature = neg
         inv = torch.where(evals.abs() > tol, 1.0 / evals, torch.zeros_like(evals))
         self._pinv_idx, self._pinv_V, self._pinv_inv = idx, V, inv
         self.path[idx] = 2
-        logger.info("BatchedKKT: %d batch elements have a singular reduced KKT matrix; using the "
-                    "minimum-norm solution", idx.numel())
+        logger.info(
+            "BatchedKKT: %d batch elements have a singular reduced KKT matrix; using the minimum-norm solution",
+            idx.numel(),
+        )
         # keep the Cholesky factors of those elements finite (their answers are overwritten)
         # (plain factors from here: their triangular solves read the repaired rows)
         if self.L.dim() == 3:
@@ -396,7 +460,7 @@ class BatchedKKT:
         if use_shared:
             L, info = cholesky(Ps, self.lin)
             ok = ((info == 0) & self._pivots_ok(L.L, Ps)).expand(B)
-            self.L = L                                                # (n, n)
+            self.L = L  # (n, n)
         else:
             if k and self._augmented:
                 AtA = torch.matmul(self.Abar.transpose(-1, -2), self.Abar)
@@ -405,11 +469,11 @@ class BatchedKKT:
                 H = P.expand(B, n, n).clone()
             L, info = cholesky(H, self.lin)
             ok = (info == 0) & self._pivots_ok(L.L, H)
-            self.L = L                                                # (B, n, n)
+            self.L = L  # (B, n, n)
         if k:
-            Abt = self.Abar.transpose(-1, -2)                         # (B, n, k)
+            Abt = self.Abar.transpose(-1, -2)  # (B, n, k)
             if self.L.dim() == 2:
-                rhs = Abt.permute(1, 0, 2).reshape(n, B * k)         # one solve for the batch
+                rhs = Abt.permute(1, 0, 2).reshape(n, B * k)  # one solve for the batch
                 self.HiAbt = self.L.solve(rhs.unsqueeze(0))[0].reshape(n, B, k).permute(1, 0, 2)
             else:
                 self.HiAbt = self.L.solve(Abt)
@@ -421,13 +485,13 @@ class BatchedKKT:
 
     def _factor_pre(self, f: dict) -> Tensor:
         """Cholesky path from precomputed P⁻¹[A; C]ᵀ and [A; C]P⁻¹[A; C]ᵀ: mask, add D, factorize S."""
-        cm = 1.0 - self.D                                             # 1 on the rows in the system
+        cm = 1.0 - self.D  # 1 on the rows in the system
         self.L = f["L"] if isinstance(f["L"], CholeskyFactor) else CholeskyFactor(f["L"], options=self.lin)
         self.HiAbt = f["PiAbt"] * cm.unsqueeze(-2)
-        S = f["M"] * (cm.unsqueeze(-1) * cm.unsqueeze(-2))            # cm is 0/1: exact
+        S = f["M"] * (cm.unsqueeze(-1) * cm.unsqueeze(-2))  # cm is 0/1: exact
         torch.diagonal(S, dim1=-2, dim2=-1).add_(self.D)
         big = self._diag_max(S)
-        self.LS, info = cholesky_inplace(S, self.lin)                # S is a fresh buffer
+        self.LS, info = cholesky_inplace(S, self.lin)  # S is a fresh buffer
         ok = (info == 0) & self._pivots_ok(self.LS.L, None, big)
         if self.L.dim() == 3:
             ok = ok & torch.isfinite(self.L.L).flatten(-2).all(-1)
@@ -489,10 +553,11 @@ class BatchedKKT:
     def _unpack(self, y):
         if y is None:
             return None, None
-        return (y[:, :self.p] if self.p else None), (y[:, self.p:] if self.m else None)
+        return (y[:, : self.p] if self.p else None), (y[:, self.p :] if self.m else None)
 
-    def solve(self, g_z: Tensor, g_lam: Optional[Tensor] = None, g_mu: Optional[Tensor] = None,
-              refine: Optional[int] = None) -> Tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
+    def solve(
+        self, g_z: Tensor, g_lam: Optional[Tensor] = None, g_mu: Optional[Tensor] = None, refine: Optional[int] = None
+    ) -> Tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
         """Solve ``K (y_z, y_λ, y_μ) = (g_z, g_λ, g_μ)`` for the batch (any missing g is 0).
 
         Returns ``(y_z, y_λ, y_μ)`` with ``y_λ``/``y_μ`` None when there are no such rows.
@@ -511,12 +576,14 @@ class BatchedKKT:
             idx = self._pinv_idx
             g = g_z[idx] if gy is None else torch.cat([g_z[idx], gy[idx]], dim=-1)
             V = self._pinv_V
-            y = torch.matmul(V, (self._pinv_inv * torch.matmul(g.unsqueeze(-2), V).squeeze(-2)).unsqueeze(-1)).squeeze(-1)
+            y = torch.matmul(V, (self._pinv_inv * torch.matmul(g.unsqueeze(-2), V).squeeze(-2)).unsqueeze(-1)).squeeze(
+                -1
+            )
             yz = yz.clone()
-            yz[idx] = y[:, :self.n]
+            yz[idx] = y[:, : self.n]
             if yy is not None:
                 yy = yy.clone()
-                yy[idx] = y[:, self.n:]
+                yy[idx] = y[:, self.n :]
         return (yz,) + self._unpack(yy)
 
 
@@ -532,7 +599,8 @@ class TorchBatchedSolver(LinearSolver):
     batched: ClassVar[bool] = True
     description: ClassVar[str] = "batched masked reduced-KKT Cholesky in torch (CPU and GPU)"
 
-    def factor_batch(self, P: Tensor, A: Optional[Tensor], C: Optional[Tensor], active: Optional[Tensor],
-                     **kwargs) -> BatchedKKT:
+    def factor_batch(
+        self, P: Tensor, A: Optional[Tensor], C: Optional[Tensor], active: Optional[Tensor], **kwargs
+    ) -> BatchedKKT:
         """Factorize a batch of masked reduced KKT matrices; see :class:`BatchedKKT`."""
         return BatchedKKT(P, A, C, active, **kwargs)

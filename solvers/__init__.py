@@ -1,4 +1,5 @@
 """Forward solvers of dqp (installed as ``dqp.solvers``)."""
+
 from dqp.solvers.base import (  # noqa: F401
     ForwardSolver,
     RawSolution,

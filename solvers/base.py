@@ -11,6 +11,7 @@ Register a solver by subclassing :class:`ForwardSolver` and decorating it with
 :func:`register_solver`. Availability is derived from imports, and error messages and docs list
 what is registered, so nothing is kept by hand in several places.
 """
+
 from __future__ import annotations
 
 from abc import ABC
@@ -89,8 +90,9 @@ class ForwardSolver(Plugin, ABC):
         return {}
 
     # Element-wise solvers implement solve(); batched solvers implement solve_batch().
-    def solve(self, P, q, C, d, A, b, *, initvals=None, warm_duals=None, keywords=None,
-              slot=None) -> RawSolution:  # pragma: no cover - interface
+    def solve(
+        self, P, q, C, d, A, b, *, initvals=None, warm_duals=None, keywords=None, slot=None
+    ) -> RawSolution:  # pragma: no cover - interface
         """Solve one problem given as NumPy/SciPy float64 data (``None`` for absent constraints).
 
         ``initvals`` / ``warm_duals`` = ``(lam, mu)`` warm-start the solve when the solver can use

@@ -30,6 +30,7 @@ Everything else takes the torch loop. ``ipm_solve(fused=False)`` or ``KernelOpti
 torch loop; ``fused=True`` requires the kernel. Tests also build the CUDA code's register-tile
 factorization as C++ (:attr:`KernelOptions.cpu_tiles`), so CI checks that logic too.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -54,8 +55,18 @@ logger = logging.getLogger(__name__)
 
 Tensor = torch.Tensor
 
-__all__ = ["KernelOptions", "DEFAULT_THREADS", "smem_bytes", "fused_available", "solve_dual", "chol_block",
-           "chol_block_available", "chol_solve_vec", "chol_solve_vec_available", "matrix_layout"]
+__all__ = [
+    "KernelOptions",
+    "DEFAULT_THREADS",
+    "smem_bytes",
+    "fused_available",
+    "solve_dual",
+    "chol_block",
+    "chol_block_available",
+    "chol_solve_vec",
+    "chol_solve_vec_available",
+    "matrix_layout",
+]
 
 #: Threads per block of the helper kernels and the default of :attr:`KernelOptions.threads`, a
 #: multiple of 32 (environment variable ``DQP_FUSED_THREADS``, read at import; default 384; the
@@ -63,7 +74,7 @@ __all__ = ["KernelOptions", "DEFAULT_THREADS", "smem_bytes", "fused_available", 
 #: block-iteration 293K with 384 threads, 324K with 512 (whose 128-register cap spills), 333K with
 #: 256, 360K with 320, 403K with 448; ``ipm_solve`` at B=1024 17.9–18.4 ms against 19.6–19.7 ms with 512.
 DEFAULT_THREADS = int(os.environ.get("DQP_FUSED_THREADS", "384"))
-_MAXRED = 40          # reduction slots per warp (MAXRED in fused_ipm.cu, defined from here)
+_MAXRED = 40  # reduction slots per warp (MAXRED in fused_ipm.cu, defined from here)
 
 
 @dataclass(frozen=True)
@@ -124,6 +135,7 @@ class KernelOptions:
             raise SettingsError(f"KernelOptions.cpu_split must be 'dynamic' or 'static', got {self.cpu_split!r}.")
         object.__setattr__(self, "nvrtc_options", tuple(self.nvrtc_options))
 
+
 _SRC = Path(__file__).with_name("fused_ipm.cu")
 _lock = threading.Lock()
 _cuda_kernels: Dict[tuple, object] = {}
@@ -134,8 +146,10 @@ def _threads(threads: Optional[int] = None) -> int:
     """Threads per block (``threads`` or :data:`DEFAULT_THREADS`), checked: a multiple of 32 in [32, 1024]."""
     t = DEFAULT_THREADS if threads is None else threads
     if not (isinstance(t, int) and 32 <= t <= 1024 and t % 32 == 0):
-        raise SettingsError(f"fused IPM: threads per block (KernelOptions.threads or DQP_FUSED_THREADS) "
-                            f"must be a multiple of 32 from 32 to 1024, got {t!r}.")
+        raise SettingsError(
+            f"fused IPM: threads per block (KernelOptions.threads or DQP_FUSED_THREADS) "
+            f"must be a multiple of 32 from 32 to 1024, got {t!r}."
+        )
     return t
 
 
@@ -150,7 +164,7 @@ def smem_bytes(n: int, m: int, p: int, threads: Optional[int] = None) -> int:
     k = m + p
     nwarps = threads // 32
     rr, rc = _tiles(k, "cuda", threads)
-    pad = 32 * rc + nwarps * rr           # DQP_PAD
+    pad = 32 * rc + nwarps * rr  # DQP_PAD
     words = k * (k | 1) + pad + 13 * k + (11 + nwarps) * n + 3 * (m + 1) + (nwarps + 1) * _MAXRED + 1
     return 8 * words
 
@@ -180,7 +194,7 @@ def _max_smem(device: torch.device) -> int:
     return int(getattr(props, "shared_memory_per_block_optin", 0) or getattr(props, "shared_memory_per_block", 49152))
 
 
-_cpu_build_ok: Dict[Optional[str], bool] = {}          # per compiler (KernelOptions.compiler)
+_cpu_build_ok: Dict[Optional[str], bool] = {}  # per compiler (KernelOptions.compiler)
 
 
 def _compiler(compiler: Optional[str] = None) -> Optional[str]:
@@ -206,8 +220,10 @@ def _cuda_build_available(device: torch.device, k: int, opts: KernelOptions = DE
         return True
     except Exception as exc:  # noqa: BLE001 - any compile/load failure means: no kernel here
         _cuda_build_failed[key] = f"{type(exc).__name__}: {exc}"
-        logger.warning("dqp fused IPM: the CUDA kernel could not be built (%s); the torch loop runs instead",
-                       _cuda_build_failed[key])
+        logger.warning(
+            "dqp fused IPM: the CUDA kernel could not be built (%s); the torch loop runs instead",
+            _cuda_build_failed[key],
+        )
         return False
 
 
@@ -228,17 +244,21 @@ def _cpu_build_available(compiler: Optional[str] = None) -> bool:
     return _cpu_build_ok[compiler]
 
 
-def fused_available(device: torch.device, dtype: torch.dtype, n: int, m: int, p: int,
-                    opts: KernelOptions = DEFAULT_KERNEL) -> bool:
+def fused_available(
+    device: torch.device, dtype: torch.dtype, n: int, m: int, p: int, opts: KernelOptions = DEFAULT_KERNEL
+) -> bool:
     """Whether the fused kernel can solve this problem shape on ``device`` (CUDA, float64, at least
     one and at most :data:`KMAX` constraints, the block's shared memory within the device's limit;
     the CPU's C++ build as ``opts`` allow)."""
     if dtype != torch.float64 or m + p == 0 or n == 0:
         return False
     if device.type == "cuda":
-        return (hasattr(torch.cuda, "_compile_kernel") and m + p <= KMAX
-                and smem_bytes(n, m, p, opts.threads) <= _max_smem(device)
-                and _cuda_build_available(device, m + p, opts))
+        return (
+            hasattr(torch.cuda, "_compile_kernel")
+            and m + p <= KMAX
+            and smem_bytes(n, m, p, opts.threads) <= _max_smem(device)
+            and _cuda_build_available(device, m + p, opts)
+        )
     if device.type == "cpu":
         return opts.cpu_auto and m + p <= opts.cpu_kmax and _cpu_build_available(opts.compiler)
     return False
@@ -251,12 +271,19 @@ def _set_smem(kernel, nbytes: int) -> None:
         return
     # older torch: cuFuncSetAttribute(CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES = 8) ourselves
     from torch.cuda._utils import _check_cuda, _get_gpu_runtime_library
+
     _check_cuda(_get_gpu_runtime_library().cuFuncSetAttribute(kernel.func, 8, ctypes.c_int(nbytes)))
     kernel._max_shared_mem_bytes = nbytes
 
 
-def _cuda_kernel(device: torch.device, k: int, profile: bool = False, threads: Optional[int] = None,
-                 name: str = "dqp_ipm_dual", nvrtc_options: Tuple[str, ...] = ()):
+def _cuda_kernel(
+    device: torch.device,
+    k: int,
+    profile: bool = False,
+    threads: Optional[int] = None,
+    name: str = "dqp_ipm_dual",
+    nvrtc_options: Tuple[str, ...] = (),
+):
     """The kernel ``name`` of the source for this device and size class, built for ``threads`` per
     block (default :data:`DEFAULT_THREADS`: the launch must use the same number, the kernel's block
     size is a constant)."""
@@ -267,8 +294,11 @@ def _cuda_kernel(device: torch.device, k: int, profile: bool = False, threads: O
     with _lock:
         kern = _cuda_kernels.get(key)
         if kern is None:
-            opts = (["-std=c++17", f"-DDQP_RR={rr}", f"-DDQP_RC={rc}", f"-DDQP_THREADS={threads}"]
-                    + (["-DDQP_PROFILE"] if profile else []) + list(nvrtc_options))
+            opts = (
+                ["-std=c++17", f"-DDQP_RR={rr}", f"-DDQP_RC={rc}", f"-DDQP_THREADS={threads}"]
+                + (["-DDQP_PROFILE"] if profile else [])
+                + list(nvrtc_options)
+            )
             with torch.cuda.device(idx):
                 kern = torch.cuda._compile_kernel(_source(), name, nvcc_options=opts)
                 _set_smem(kern, _max_smem(device))
@@ -277,8 +307,9 @@ def _cuda_kernel(device: torch.device, k: int, profile: bool = False, threads: O
     return kern
 
 
-def _cpu_library(k: int, tiles: bool = False, compiler: Optional[str] = None,
-                 cache_dir: Optional[Path] = None) -> ctypes.CDLL:
+def _cpu_library(
+    k: int, tiles: bool = False, compiler: Optional[str] = None, cache_dir: Optional[Path] = None
+) -> ctypes.CDLL:
     """The kernel compiled as C++ (``-DDQP_CPU``) into a shared library, cached by source hash
     (and by k for the tile build, ``tiles``: :attr:`KernelOptions.cpu_tiles`), with ``compiler``
     (:func:`_compiler`) in ``cache_dir`` (:func:`_cache_dir`)."""
@@ -290,7 +321,8 @@ def _cpu_library(k: int, tiles: bool = False, compiler: Optional[str] = None,
         if cxx is None:
             raise SolverNotAvailableError(
                 "fused IPM on the CPU: the kernel's C++ build needs a C++ compiler (c++, g++ or clang++) "
-                "on the PATH, or set CXX; or use fused=False (the torch loop).")
+                "on the PATH, or set CXX; or use fused=False (the torch loop)."
+            )
         src = _source()
         # (the build is -march=native: a cache directory shared between machines must not hand one
         # machine's library to another, so the host and the compiler are part of the name)
@@ -310,18 +342,19 @@ def _cpu_library(k: int, tiles: bool = False, compiler: Optional[str] = None,
                 flags = ["-O3", "-march=native"]
             cmd = [cxx, *flags, "-shared", "-fPIC", "-std=c++17", "-DDQP_CPU", str(cpp), "-o", str(tmp)]
             res = subprocess.run(cmd, capture_output=True, text=True)
-            if res.returncode != 0 and "-march=native" in cmd:        # (a compiler without it)
+            if res.returncode != 0 and "-march=native" in cmd:  # (a compiler without it)
                 cmd.remove("-march=native")
                 res = subprocess.run(cmd, capture_output=True, text=True)
             cpp.unlink(missing_ok=True)
             if res.returncode != 0:
-                raise SolverNotAvailableError(f"fused IPM on the CPU: compiling the kernel failed ({' '.join(cmd)}):\n"
-                                              f"{res.stderr[-4000:]}")
+                raise SolverNotAvailableError(
+                    f"fused IPM on the CPU: compiling the kernel failed ({' '.join(cmd)}):\n{res.stderr[-4000:]}"
+                )
             os.replace(tmp, out)
         lib = ctypes.CDLL(str(out))
         fn = lib.dqp_ipm_dual_cpu
         ptr, i32, f64 = ctypes.c_void_p, ctypes.c_int, ctypes.c_double
-        fn.argtypes = ([ptr, i32] * 8 + [ptr] * 3 + [ptr] * 5 + [ptr] * 6 + [ptr] * 4 + [i32] * 7 + [f64] * 7 + [i32] * 3)
+        fn.argtypes = [ptr, i32] * 8 + [ptr] * 3 + [ptr] * 5 + [ptr] * 6 + [ptr] * 4 + [i32] * 7 + [f64] * 7 + [i32] * 3
         fn.restype = None
         cb = lib.dqp_chol_block_cpu
         cb.argtypes = [ptr, i32, i32, i32, ptr, ptr, i32, i32, i32]
@@ -392,6 +425,7 @@ def _run_cpu(fn, args: list, B: int, threads: Optional[int] = None, split: str =
                 if b0 is None:
                     return
                 fn(*args, b0, min(b0 + chunk, B))
+
         futures = [pool.submit(work) for _ in range(nt - 1)]
         work()
     for f in futures:
@@ -419,14 +453,37 @@ def _vec(v: Optional[Tensor], like: Tensor) -> Tuple[Tensor, int]:
     return v, (v.stride(0) if v.shape[0] > 1 else 0)
 
 
-def solve_dual(P: Tensor, q: Tensor, C: Optional[Tensor], d: Optional[Tensor], A: Optional[Tensor],
-               b: Optional[Tensor], M: Tensor, PiAbt: Tensor, Piq: Tensor, g: Tensor,
-               norms: Dict[str, Optional[Tensor]], Md: Tensor, state: Dict[str, Tensor], *,
-               max_iter: int, stall_iters: int, separate_steps: bool, eps: float, eps_inf: float,
-               step_fraction: float, reg_d: float, wlo: float, polish_rounds: int = 0,
-               row_scale: Optional[Tensor] = None, eps2: Optional[float] = None,
-               eps_mid: Optional[float] = None, start: bool = False,
-               profile: Optional[Tensor] = None, opts: KernelOptions = DEFAULT_KERNEL) -> Dict[str, Tensor]:
+def solve_dual(
+    P: Tensor,
+    q: Tensor,
+    C: Optional[Tensor],
+    d: Optional[Tensor],
+    A: Optional[Tensor],
+    b: Optional[Tensor],
+    M: Tensor,
+    PiAbt: Tensor,
+    Piq: Tensor,
+    g: Tensor,
+    norms: Dict[str, Optional[Tensor]],
+    Md: Tensor,
+    state: Dict[str, Tensor],
+    *,
+    max_iter: int,
+    stall_iters: int,
+    separate_steps: bool,
+    eps: float,
+    eps_inf: float,
+    step_fraction: float,
+    reg_d: float,
+    wlo: float,
+    polish_rounds: int = 0,
+    row_scale: Optional[Tensor] = None,
+    eps2: Optional[float] = None,
+    eps_mid: Optional[float] = None,
+    start: bool = False,
+    profile: Optional[Tensor] = None,
+    opts: KernelOptions = DEFAULT_KERNEL,
+) -> Dict[str, Tensor]:
     """Run the interior-point iterations of the dual form from ``state`` (the starting point of
     :func:`dqp.solvers.ipm._init`) to the end, in one launch.
 
@@ -473,10 +530,16 @@ def solve_dual(P: Tensor, q: Tensor, C: Optional[Tensor], d: Optional[Tensor], A
     dv, sd = _vec(d, one)
     bv, sb = _vec(b, one)
     zero = one.expand(B)
-    nrm = torch.stack([norms["pscale"].expand(B), norms["qnorm"].expand(B),
-                       zero if norms.get("bnorm") is None else norms["bnorm"].expand(B),
-                       zero if norms.get("dnorm") is None else norms["dnorm"].expand(B),
-                       Md.expand(B)], dim=-1)
+    nrm = torch.stack(
+        [
+            norms["pscale"].expand(B),
+            norms["qnorm"].expand(B),
+            zero if norms.get("bnorm") is None else norms["bnorm"].expand(B),
+            zero if norms.get("dnorm") is None else norms["dnorm"].expand(B),
+            Md.expand(B),
+        ],
+        dim=-1,
+    )
     Piq = Piq.expand(B, n).contiguous()
     g = g.expand(B, k).contiguous()
     z0 = state["z"].contiguous()
@@ -502,28 +565,83 @@ def solve_dual(P: Tensor, q: Tensor, C: Optional[Tensor], d: Optional[Tensor], A
     else:
         pol = [one, one, one, one]
     # (an absent output gets the dummy: the kernel writes s, μ only when m > 0 and λ when p > 0)
-    tensors = [Pm, sP, qv, sq, Cm, sC, dv, sd, Am, sA, bv, sb, Mm, sM, Pi, sPi, Piq, g, nrm,
-               z0, s0, mu0, lam0, delta0, z, s if m else one, mu if m else one, lam if p else one,
-               status, iters] + pol
-    scalars = [int(n), int(m), int(p), int(max_iter), int(stall_iters), int(bool(separate_steps)), rounds,
-               float(eps), float(eps_inf), float(step_fraction), float(reg_d), float(wlo),
-               float(eps2) if eps2 is not None else 0.0, float(eps_mid) if eps_mid is not None else 0.0,
-               int(bool(start))]
+    tensors = [
+        Pm,
+        sP,
+        qv,
+        sq,
+        Cm,
+        sC,
+        dv,
+        sd,
+        Am,
+        sA,
+        bv,
+        sb,
+        Mm,
+        sM,
+        Pi,
+        sPi,
+        Piq,
+        g,
+        nrm,
+        z0,
+        s0,
+        mu0,
+        lam0,
+        delta0,
+        z,
+        s if m else one,
+        mu if m else one,
+        lam if p else one,
+        status,
+        iters,
+    ] + pol
+    scalars = [
+        int(n),
+        int(m),
+        int(p),
+        int(max_iter),
+        int(stall_iters),
+        int(bool(separate_steps)),
+        rounds,
+        float(eps),
+        float(eps_inf),
+        float(step_fraction),
+        float(reg_d),
+        float(wlo),
+        float(eps2) if eps2 is not None else 0.0,
+        float(eps_mid) if eps_mid is not None else 0.0,
+        int(bool(start)),
+    ]
     if B == 0:
         pass
     elif dev.type == "cuda":
         # (the kernel is compiled for exactly the block size it is launched with)
         threads = _threads(opts.threads)
         kern = _cuda_kernel(dev, k, profile is not None, threads=threads, nvrtc_options=opts.nvrtc_options)
-        prof = [profile if profile is not None else one]     # (read only by a -DDQP_PROFILE build)
+        prof = [profile if profile is not None else one]  # (read only by a -DDQP_PROFILE build)
         with torch.cuda.device(dev):
-            kern(grid=(B, 1, 1), block=(threads, 1, 1), args=tensors + scalars + prof,
-                 shared_mem=smem_bytes(n, m, p, threads), stream=torch.cuda.current_stream(dev))
+            kern(
+                grid=(B, 1, 1),
+                block=(threads, 1, 1),
+                args=tensors + scalars + prof,
+                shared_mem=smem_bytes(n, m, p, threads),
+                stream=torch.cuda.current_stream(dev),
+            )
     else:
-        fn = (_cpu_library(k, opts.cpu_tiles, opts.compiler).dqp_ipm_dual_cpu if opts.cpu_function is None
-              else opts.cpu_function(k))
-        _run_cpu(fn, [a.data_ptr() if isinstance(a, Tensor) else a for a in tensors] + scalars, B, opts.cpu_threads,
-                 opts.cpu_split)
+        fn = (
+            _cpu_library(k, opts.cpu_tiles, opts.compiler).dqp_ipm_dual_cpu
+            if opts.cpu_function is None
+            else opts.cpu_function(k)
+        )
+        _run_cpu(
+            fn,
+            [a.data_ptr() if isinstance(a, Tensor) else a for a in tensors] + scalars,
+            B,
+            opts.cpu_threads,
+            opts.cpu_split,
+        )
     out = dict(z=z, s=s, mu=mu, lam=lam, status=status, iters=iters)
     if rounds:
         out.update(active=active, pflag=pflag, LS=LS)
@@ -531,6 +649,7 @@ def solve_dual(P: Tensor, q: Tensor, C: Optional[Tensor], d: Optional[Tensor], A
 
 
 # ---- the diagonal blocks of the blocked Cholesky factorization (dqp.linsolve.blocked)
+
 
 def chol_block_words(nb: int, threads: Optional[int] = None) -> int:
     """Shared memory (doubles) of one block of ``dqp_chol_block`` for an nb × nb block
@@ -543,8 +662,9 @@ def chol_block_words(nb: int, threads: Optional[int] = None) -> int:
 _helper_ok: set = set()
 
 
-def _helper_available(device: torch.device, dtype: torch.dtype, k: int, words: int, name: str,
-                      what: str, instead: str) -> bool:
+def _helper_available(
+    device: torch.device, dtype: torch.dtype, k: int, words: int, name: str, what: str, instead: str
+) -> bool:
     """Whether the helper kernel ``name`` of the fused source runs for size k here: on CUDA, float64,
     1 ≤ k ≤ :data:`KMAX`, ``words`` doubles of shared memory within the device's limit, and the
     kernel builds (a failure is logged once, ``what`` failed and ``instead`` runs)."""
@@ -552,7 +672,7 @@ def _helper_available(device: torch.device, dtype: torch.dtype, k: int, words: i
         return False
     idx = device.index if device.index is not None else torch.cuda.current_device()
     key = (idx, _tiles(k, "cuda"), DEFAULT_THREADS, (), name)
-    if (key, words) in _helper_ok:                  # (asked per solve: the verdict is kept)
+    if (key, words) in _helper_ok:  # (asked per solve: the verdict is kept)
         return True
     if not hasattr(torch.cuda, "_compile_kernel") or 8 * words > _max_smem(device):
         return False
@@ -564,30 +684,50 @@ def _helper_available(device: torch.device, dtype: torch.dtype, k: int, words: i
         return True
     except Exception as exc:  # noqa: BLE001 - any compile/load failure: the library's routine
         _cuda_build_failed[key] = f"{type(exc).__name__}: {exc}"
-        logger.warning("dqp %s: the kernel could not be built (%s); %s runs instead", what,
-                       _cuda_build_failed[key], instead)
+        logger.warning(
+            "dqp %s: the kernel could not be built (%s); %s runs instead", what, _cuda_build_failed[key], instead
+        )
         return False
 
 
 def _launch_per_matrix(name: str, device: torch.device, tile: int, B: int, args: list, words) -> None:
     """Launch the helper kernel ``name`` (built for the size class ``tile``) with one thread block of
     :data:`DEFAULT_THREADS` threads per matrix, ``words(tile, threads)`` doubles of shared memory each."""
-    threads = _threads()          # (read once: the kernel is compiled for the block size it is launched with)
+    threads = _threads()  # (read once: the kernel is compiled for the block size it is launched with)
     kern = _cuda_kernel(device, tile, threads=threads, name=name)
     with torch.cuda.device(device):
-        kern(grid=(B, 1, 1), block=(threads, 1, 1), args=args, shared_mem=8 * words(tile, threads),
-             stream=torch.cuda.current_stream(device))
+        kern(
+            grid=(B, 1, 1),
+            block=(threads, 1, 1),
+            args=args,
+            shared_mem=8 * words(tile, threads),
+            stream=torch.cuda.current_stream(device),
+        )
 
 
 def chol_block_available(device: torch.device, dtype: torch.dtype, nb: int) -> bool:
     """Whether :func:`chol_block` runs for blocks of up to ``nb`` rows here: on CUDA, float64,
     nb ≤ :data:`KMAX` and the kernel builds (a failure is logged once, as for the IPM kernel)."""
-    return _helper_available(device, dtype, nb, chol_block_words(nb), "dqp_chol_block",
-                             "blocked Cholesky (diagonal blocks)", "the library's factorization")
+    return _helper_available(
+        device,
+        dtype,
+        nb,
+        chol_block_words(nb),
+        "dqp_chol_block",
+        "blocked Cholesky (diagonal blocks)",
+        "the library's factorization",
+    )
 
 
-def chol_block(W: Tensor, j0: int, j1: int, info: Tensor, tile: Optional[int] = None,
-               cpu_function: Optional[Callable] = None, cpu_threads: Optional[int] = None) -> Tensor:
+def chol_block(
+    W: Tensor,
+    j0: int,
+    j1: int,
+    info: Tensor,
+    tile: Optional[int] = None,
+    cpu_function: Optional[Callable] = None,
+    cpu_threads: Optional[int] = None,
+) -> Tensor:
     """Factorize the diagonal blocks ``W[:, j0:j1, j0:j1]`` in place and return their inverses.
 
     The kernel's register-tile factorization, one thread block per matrix (the blocked
@@ -621,20 +761,25 @@ def chol_block(W: Tensor, j0: int, j1: int, info: Tensor, tile: Optional[int] = 
     nb = j1 - j0
     tile = nb if tile is None else int(tile)
     if W.dim() != 3 or W.shape[-2] != k or not W.is_contiguous() or W.dtype != torch.float64:
-        raise SettingsError(f"chol_block: W must be a contiguous (B, k, k) float64 tensor, got {tuple(W.shape)} "
-                            f"{W.dtype}{'' if W.is_contiguous() else ', not contiguous'}.")
+        raise SettingsError(
+            f"chol_block: W must be a contiguous (B, k, k) float64 tensor, got {tuple(W.shape)} "
+            f"{W.dtype}{'' if W.is_contiguous() else ', not contiguous'}."
+        )
     if not (0 <= j0 < j1 <= k and nb <= tile) or info.dtype != torch.int32 or tuple(info.shape) != (B,):
-        raise SettingsError(f"chol_block: need 0 ≤ j0 < j1 ≤ k and j1 − j0 ≤ tile, info (B,) int32; got j0={j0}, "
-                            f"j1={j1}, k={k}, tile={tile}, info {tuple(info.shape)} {info.dtype}.")
+        raise SettingsError(
+            f"chol_block: need 0 ≤ j0 < j1 ≤ k and j1 − j0 ≤ tile, info (B,) int32; got j0={j0}, "
+            f"j1={j1}, k={k}, tile={tile}, info {tuple(info.shape)} {info.dtype}."
+        )
     Dinv = torch.empty(B, nb, nb, dtype=W.dtype, device=W.device)
     if B == 0:
         return Dinv
-    base = W.view(-1)[j0 * k + j0:]          # the block's first entry; row stride k, batch stride k²
+    base = W.view(-1)[j0 * k + j0 :]  # the block's first entry; row stride k, batch stride k²
     if W.device.type == "cuda":
         if tile > KMAX:
             raise SettingsError(f"chol_block: blocks of at most {KMAX} rows on CUDA, got tile={tile}.")
-        _launch_per_matrix("dqp_chol_block", W.device, tile, B, [base, k * k, k, nb, Dinv, info, int(j0)],
-                           chol_block_words)
+        _launch_per_matrix(
+            "dqp_chol_block", W.device, tile, B, [base, k * k, k, nb, Dinv, info, int(j0)], chol_block_words
+        )
     elif W.device.type == "cpu":
         fn = _cpu_library(tile).dqp_chol_block_cpu if cpu_function is None else cpu_function(tile)
         _run_cpu(fn, [base.data_ptr(), k * k, k, nb, Dinv.data_ptr(), info.data_ptr(), int(j0)], B, cpu_threads)
@@ -653,8 +798,15 @@ def chol_solve_words(k: int, threads: Optional[int] = None) -> int:
 def chol_solve_vec_available(device: torch.device, dtype: torch.dtype, k: int) -> bool:
     """Whether :func:`chol_solve_vec` runs for k × k factors here: on CUDA, float64, k ≤ :data:`KMAX`
     and the kernel builds (a failure is logged once; the library's triangular solves run instead)."""
-    return _helper_available(device, dtype, k, chol_solve_words(k), "dqp_chol_solve_vec",
-                             "batched Cholesky solve", "the library's triangular solves")
+    return _helper_available(
+        device,
+        dtype,
+        k,
+        chol_solve_words(k),
+        "dqp_chol_solve_vec",
+        "batched Cholesky solve",
+        "the library's triangular solves",
+    )
 
 
 def matrix_layout(L: Tensor) -> Optional[int]:
@@ -669,8 +821,9 @@ def matrix_layout(L: Tensor) -> Optional[int]:
     return None
 
 
-def chol_solve_vec(L: Tensor, r: Tensor, cpu_function: Optional[Callable] = None,
-                   cpu_threads: Optional[int] = None) -> Tensor:
+def chol_solve_vec(
+    L: Tensor, r: Tensor, cpu_function: Optional[Callable] = None, cpu_threads: Optional[int] = None
+) -> Tensor:
     """``(L Lᵀ)⁻¹ r`` for a batch of lower Cholesky factors and one vector each, in one launch.
 
     One thread block per matrix reads L's lower triangle once into shared memory and runs both
@@ -699,11 +852,15 @@ def chol_solve_vec(L: Tensor, r: Tensor, cpu_function: Optional[Callable] = None
     B, k = L.shape[0], L.shape[-1]
     cm = matrix_layout(L)
     if cm is None:
-        raise SettingsError(f"chol_solve_vec: each matrix of L must be dense, row- or column-major (strides "
-                            f"(k², k, 1) or (k², 1, k), batch stride 0 for a shared one), got strides {L.stride()}.")
+        raise SettingsError(
+            f"chol_solve_vec: each matrix of L must be dense, row- or column-major (strides "
+            f"(k², k, 1) or (k², 1, k), batch stride 0 for a shared one), got strides {L.stride()}."
+        )
     if tuple(r.shape) != (B, k) or r.dtype != L.dtype or r.device != L.device:
-        raise SettingsError(f"chol_solve_vec: r must be ({B}, {k}) {L.dtype} on {L.device}, got "
-                            f"{tuple(r.shape)} {r.dtype} on {r.device}.")
+        raise SettingsError(
+            f"chol_solve_vec: r must be ({B}, {k}) {L.dtype} on {L.device}, got "
+            f"{tuple(r.shape)} {r.dtype} on {r.device}."
+        )
     x = r.clone(memory_format=torch.contiguous_format)
     if B == 0 or k == 0:
         return x

@@ -8,6 +8,7 @@ from the configured step size ``rho`` again (OSQP keeps the value its last solve
 made a warm workspace take 2–3× the iterations of a fresh one). It replaces the qpsolvers
 entry under the name ``"osqp"`` (alias ``"osqp_qpsolvers"`` keeps the plain wrapper).
 """
+
 from __future__ import annotations
 
 import threading
@@ -58,8 +59,10 @@ class OSQPNative(ForwardSolver):
     dense = True
     sparse = True
     warm_starts = True
-    description = ("ADMM (C); sparse; fast, moderately accurate (dqp polishes the result). Direct API: "
-                   "workspace reused across calls, primal+dual warm starts.")
+    description = (
+        "ADMM (C); sparse; fast, moderately accurate (dqp polishes the result). Direct API: "
+        "workspace reused across calls, primal+dual warm starts."
+    )
 
     def __init__(self) -> None:
         self._workspaces: Dict[Any, Tuple[Any, tuple, Dict[str, Any]]] = {}
@@ -109,8 +112,7 @@ class OSQPNative(ForwardSolver):
                 y0 = None
                 if warm_duals is not None:
                     lam0, mu0 = warm_duals
-                    y0 = np.concatenate([mu0 if C is not None else np.zeros(0),
-                                         lam0 if A is not None else np.zeros(0)])
+                    y0 = np.concatenate([mu0 if C is not None else np.zeros(0), lam0 if A is not None else np.zeros(0)])
                 ws.warm_start(x=np.asarray(initvals, dtype=np.float64), y=y0)
             elif reused:  # a reused workspace remembers its last iterate: start cold when not asked to warm-start
                 ws.warm_start(x=np.zeros(n), y=np.zeros(M.shape[0]))
@@ -121,26 +123,49 @@ class OSQPNative(ForwardSolver):
             if slot is not None:
                 with self._lock:
                     self._workspaces.pop(slot, None)
-            return RawSolution(None, None, None, Status.SOLVER_ERROR,
-                               info={"error": f"{type(exc).__name__}: {exc}", "time": time.perf_counter() - t0})
+            return RawSolution(
+                None,
+                None,
+                None,
+                Status.SOLVER_ERROR,
+                info={"error": f"{type(exc).__name__}: {exc}", "time": time.perf_counter() - t0},
+            )
         elapsed = time.perf_counter() - t0
         text = str(res.info.status).lower()
-        status = Status.SOLVED if text.startswith("solved") and "inaccurate" not in text else (
-            status_from_extras({"status": text}) or Status.SOLVER_ERROR)
+        status = (
+            Status.SOLVED
+            if text.startswith("solved") and "inaccurate" not in text
+            else (status_from_extras({"status": text}) or Status.SOLVER_ERROR)
+        )
         x = np.asarray(res.x, dtype=np.float64)
         y = np.asarray(res.y, dtype=np.float64)
         m = 0 if C is None else C.shape[0]
         finite = np.all(np.isfinite(x))
-        return RawSolution(x if finite else None,
-                           y[m:] if A is not None else None,
-                           y[:m] if C is not None else None,
-                           status, iterations=int(res.info.iter),
-                           info={"time": elapsed, "raw_status": text, "warm": initvals is not None})
+        return RawSolution(
+            x if finite else None,
+            y[m:] if A is not None else None,
+            y[:m] if C is not None else None,
+            status,
+            iterations=int(res.info.iter),
+            info={"time": elapsed, "raw_status": text, "warm": initvals is not None},
+        )
 
 
 # the plain qpsolvers wrapper stays available under another name
-register_solver(type("QPSolvers_osqp_qpsolvers", (QPSolversBackend,), {
-    "name": "osqp_qpsolvers", "qpsolvers_name": "osqp", "aliases": (), "modules": ("qpsolvers", "osqp"),
-    "extra": "", "dense": True, "sparse": True, "warm_starts": True,
-    "description": "OSQP through qpsolvers (set up on every call, primal warm start only).",
-}))
+register_solver(
+    type(
+        "QPSolvers_osqp_qpsolvers",
+        (QPSolversBackend,),
+        {
+            "name": "osqp_qpsolvers",
+            "qpsolvers_name": "osqp",
+            "aliases": (),
+            "modules": ("qpsolvers", "osqp"),
+            "extra": "",
+            "dense": True,
+            "sparse": True,
+            "warm_starts": True,
+            "description": "OSQP through qpsolvers (set up on every call, primal warm start only).",
+        },
+    )
+)

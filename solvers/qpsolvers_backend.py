@@ -4,6 +4,7 @@ One registry entry per backend qpsolvers knows (installed or not), so ``qp_solve
 works or says exactly which package to install. Tolerances ``eps_abs``/``eps_rel`` are translated to
 each backend's own keywords in :data:`TOLERANCE_KEYWORDS`.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -42,8 +43,9 @@ BACKENDS: Dict[str, tuple] = {
 
 
 #: backends whose qpsolvers wrapper passes ``initvals`` to the solver (the others ignore them)
-WARM_START_BACKENDS = frozenset({"osqp", "proxqp", "qpalm", "highs", "scs", "mosek", "sip", "pdhcg", "nppro",
-                                 "pyqpmad"})
+WARM_START_BACKENDS = frozenset(
+    {"osqp", "proxqp", "qpalm", "highs", "scs", "mosek", "sip", "pdhcg", "nppro", "pyqpmad"}
+)
 
 
 def _tol(eps_abs: float, eps_rel: float) -> Dict[str, Dict[str, Any]]:
@@ -67,8 +69,19 @@ def tolerance_keywords(name: str, eps_abs: float, eps_rel: float) -> Dict[str, A
 
 _INFEASIBLE_WORDS = ("primal infeasible", "primalinfeasible", "primal_infeasible", "infeasible")
 _UNBOUNDED_WORDS = ("dual infeasible", "dualinfeasible", "dual_infeasible", "unbounded")
-_MAXITER_WORDS = ("max_iter", "maximum iterations", "maxiterations", "max iter", "iteration limit",
-                  "time limit", "time_limit", "timelimit", "max_time", "max time", "maxtime")
+_MAXITER_WORDS = (
+    "max_iter",
+    "maximum iterations",
+    "maxiterations",
+    "max iter",
+    "iteration limit",
+    "time limit",
+    "time_limit",
+    "timelimit",
+    "max_time",
+    "max time",
+    "maxtime",
+)
 
 
 def _status_text(extras: Dict[str, Any]) -> str:
@@ -130,8 +143,13 @@ class QPSolversBackend(ForwardSolver):
         return tolerance_keywords(self.backend(), eps_abs, eps_rel)
 
     #: the backends' own time-limit settings (seconds), as qpsolvers passes them through
-    _TIME_LIMIT = {"clarabel": "time_limit", "highs": "time_limit", "osqp": "time_limit", "scs": "time_limit_secs",
-                   "qpalm": "time_limit"}
+    _TIME_LIMIT = {
+        "clarabel": "time_limit",
+        "highs": "time_limit",
+        "osqp": "time_limit",
+        "scs": "time_limit_secs",
+        "qpalm": "time_limit",
+    }
 
     def time_limit_keywords(self, seconds: float) -> Dict[str, Any]:
         key = self._TIME_LIMIT.get(self.backend())
@@ -155,8 +173,13 @@ class QPSolversBackend(ForwardSolver):
             with numerics_quiet():
                 sol = qpsolvers.solve_problem(problem, solver=self.backend(), initvals=initvals, **kw)
         except Exception as exc:  # solvers raise many different types; classify below
-            return RawSolution(None, None, None, Status.SOLVER_ERROR,
-                               info={"error": f"{type(exc).__name__}: {exc}", "time": time.perf_counter() - t0})
+            return RawSolution(
+                None,
+                None,
+                None,
+                Status.SOLVER_ERROR,
+                info={"error": f"{type(exc).__name__}: {exc}", "time": time.perf_counter() - t0},
+            )
         elapsed = time.perf_counter() - t0
         extras = dict(sol.extras or {})
         x = None if sol.x is None else np.asarray(sol.x, dtype=np.float64)
@@ -178,16 +201,20 @@ class QPSolversBackend(ForwardSolver):
 
 
 def _make_backend(name: str, module: str, extra: str, formats: str, description: str):
-    cls = type(f"QPSolvers_{name}", (QPSolversBackend,), {
-        "name": name,
-        "aliases": (),
-        "modules": ("qpsolvers", module),
-        "extra": extra,
-        "dense": "D" in formats,
-        "sparse": "S" in formats,
-        "description": description,
-        "warm_starts": name in WARM_START_BACKENDS,
-    })
+    cls = type(
+        f"QPSolvers_{name}",
+        (QPSolversBackend,),
+        {
+            "name": name,
+            "aliases": (),
+            "modules": ("qpsolvers", module),
+            "extra": extra,
+            "dense": "D" in formats,
+            "sparse": "S" in formats,
+            "description": description,
+            "warm_starts": name in WARM_START_BACKENDS,
+        },
+    )
     return register_solver(cls)
 
 
@@ -198,8 +225,12 @@ def _register_all() -> None:
 
     names = list(BACKENDS) + [s for s in qpsolvers.available_solvers if s not in BACKENDS]
     for name in names:
-        default = (name, "", ("D" if name in qpsolvers.dense_solvers else "")
-                   + ("S" if name in qpsolvers.sparse_solvers else ""), f"qpsolvers backend {name!r}.")
+        default = (
+            name,
+            "",
+            ("D" if name in qpsolvers.dense_solvers else "") + ("S" if name in qpsolvers.sparse_solvers else ""),
+            f"qpsolvers backend {name!r}.",
+        )
         _make_backend(name, *BACKENDS.get(name, default))
 
 

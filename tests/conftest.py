@@ -1,4 +1,5 @@
 """Shared fixtures: random QP generators and the solver capability table."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -46,17 +47,22 @@ SOLVER_TABLE = [
 
 
 def installed(case: SolverCase):
-    return pytest.param(case, id=case.name, marks=pytest.mark.skipif(
-        not solvers.registered_solvers()[case.name].is_available(),
-        reason=f"{case.name} not installed"))
+    return pytest.param(
+        case,
+        id=case.name,
+        marks=pytest.mark.skipif(
+            not solvers.registered_solvers()[case.name].is_available(), reason=f"{case.name} not installed"
+        ),
+    )
 
 
 ALL_SOLVERS = [installed(c) for c in SOLVER_TABLE]
 SPARSE_SOLVERS = [installed(c) for c in SOLVER_TABLE if c.sparse]
 
 
-def random_qp(n: int, m: int, p: int = 0, seed: int = 0, batch: int | None = None, dtype=torch.float64,
-              frac_active: float = 0.3):
+def random_qp(
+    n: int, m: int, p: int = 0, seed: int = 0, batch: int | None = None, dtype=torch.float64, frac_active: float = 0.3
+):
     """qpth-style random QP with a known interior-ish solution and a fraction of active rows.
 
     ``P = UᵀU + 1e-3·I``, ``C`` normal, ``d = C z0 + s0`` with ``s0 = 0`` on ~frac_active of the rows
@@ -113,9 +119,11 @@ def _same(a, b) -> bool:
         return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
     if not isinstance(a, tuple):
         return a is b or a == b
-    return a[0] == b[0] and all(torch.equal(x, y) or (x.is_floating_point() and torch.equal(x.isnan(), y.isnan())
-                                                      and torch.equal(x.nan_to_num(), y.nan_to_num()))
-                                for x, y in zip(a[1:], b[1:]))
+    return a[0] == b[0] and all(
+        torch.equal(x, y)
+        or (x.is_floating_point() and torch.equal(x.isnan(), y.isnan()) and torch.equal(x.nan_to_num(), y.nan_to_num()))
+        for x, y in zip(a[1:], b[1:])
+    )
 
 
 class inputs_unchanged:

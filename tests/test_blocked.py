@@ -1,4 +1,5 @@
 """Blocked batched Cholesky and solves (dqp.linsolve.blocked) and the IPM's choice of them."""
+
 from __future__ import annotations
 
 import shutil
@@ -16,8 +17,12 @@ from dqp.linsolve.cholesky import CholeskyOptions, cholesky
 from dqp.solvers.ipm import IPMOptions, KernelOptions
 
 F64 = torch.float64
-DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(
-    not torch.cuda.is_available(), reason="needs CUDA")])]
+DEVICES = [
+    "cpu",
+    pytest.param(
+        "cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+    ),
+]
 
 
 #: These tests are of the torch loop; the fused kernel (which the float64 dual form takes by
@@ -39,7 +44,7 @@ def test_blocked_cholesky_and_solve_match_library(device, B, k, nb):
     L, dinv, info = blocked_cholesky(M, nb)
     assert (info == 0).all()
     assert torch.allclose(L, L0, rtol=0, atol=1e-12)
-    assert torch.equal(L.triu(1), torch.zeros_like(L))          # a clean lower factor
+    assert torch.equal(L.triu(1), torch.zeros_like(L))  # a clean lower factor
     assert len(dinv) == len(block_starts(k, nb))
     g = torch.Generator().manual_seed(1)
     for r in (torch.randn(B, k, generator=g, dtype=F64), torch.randn(B, k, 3, generator=g, dtype=F64)):
@@ -61,7 +66,7 @@ def test_blocked_cholesky_overwrites_only_when_asked():
 
 def test_blocked_cholesky_reports_first_bad_pivot_like_the_library():
     M = _spd(3, 70, seed=2)
-    M[1, 45, 45] = -1.0                       # leading minor 46 of element 1 is not positive definite
+    M[1, 45, 45] = -1.0  # leading minor 46 of element 1 is not positive definite
     _, _, info = blocked_cholesky(M, 16)
     _, info0 = torch.linalg.cholesky_ex(M)
     assert info.tolist() == info0.tolist() == [0, 46, 0]
@@ -69,7 +74,7 @@ def test_blocked_cholesky_reports_first_bad_pivot_like_the_library():
 
 def test_triangular_inverse_by_halves():
     L = torch.linalg.cholesky(_spd(2, 200, seed=3))
-    X = tri_inverse(L)                      # 200 > TRI_INVERSE_LEAF: split recursively
+    X = tri_inverse(L)  # 200 > TRI_INVERSE_LEAF: split recursively
     eye = torch.eye(200, dtype=F64).expand(2, 200, 200)
     assert torch.allclose(X @ L, eye, rtol=0, atol=1e-10)
     assert torch.equal(X.triu(1), torch.zeros_like(X))
@@ -85,15 +90,15 @@ def test_block_size_must_be_positive():
 def test_blocked_policy():
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
     auto = CholeskyOptions()
-    assert auto.use_blocked((128, 500, 500), cuda)              # measured: blocked faster
+    assert auto.use_blocked((128, 500, 500), cuda)  # measured: blocked faster
     assert auto.use_blocked((128, 200, 200), cuda)
-    assert not auto.use_blocked((1024, 100, 100), cuda)         # measured: library faster
-    assert not auto.use_blocked((128, 100, 100), cuda)          # the explicit inverse's range
-    assert not auto.use_blocked((128, 500, 500), cpu)           # CPU: LAPACK
-    assert not auto.use_blocked((500, 500), cuda)               # shared factor
+    assert not auto.use_blocked((1024, 100, 100), cuda)  # measured: library faster
+    assert not auto.use_blocked((128, 100, 100), cuda)  # the explicit inverse's range
+    assert not auto.use_blocked((128, 500, 500), cpu)  # CPU: LAPACK
+    assert not auto.use_blocked((500, 500), cuda)  # shared factor
     assert auto.block_size_for(200) == 64 and auto.block_size_for(500) == 128
     always = CholeskyOptions(blocked="always")
-    assert always.use_blocked((2, 100, 100), cpu) and not always.use_blocked((2, 40, 40), cpu)   # k ≤ nb: no blocks
+    assert always.use_blocked((2, 100, 100), cpu) and not always.use_blocked((2, 40, 40), cpu)  # k ≤ nb: no blocks
     assert not CholeskyOptions(blocked="never").use_blocked((128, 500, 500), cuda)
     with pytest.raises(SettingsError, match="blocked"):
         CholeskyOptions(blocked="sometimes")
@@ -101,12 +106,15 @@ def test_blocked_policy():
         CholeskyOptions(block_size=0)
 
 
-needs_cxx = pytest.mark.skipif(not (shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")),
-                               reason="the kernel's C++ build needs a C++ compiler")
+needs_cxx = pytest.mark.skipif(
+    not (shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")),
+    reason="the kernel's C++ build needs a C++ compiler",
+)
 
 
 def _kernel_diag(nb):
     import dqp.solvers.fused as fused
+
     return lambda W, j0, j1, info: fused.chol_block(W, j0, j1, info, tile=nb)
 
 
@@ -134,13 +142,14 @@ def test_kernel_diagonal_blocks_match_library(device, B, k, nb):
     bad[1, k // 2, k // 2] = -1.0
     bad[0, k - 1, k - 1] = float("nan")
     _, _, info = blocked_cholesky(bad, nb, diag_factor=_kernel_diag(nb))
-    _, info0 = torch.linalg.cholesky_ex(bad.cpu())     # (LAPACK: a NaN pivot fails; cuSOLVER may pass it on)
+    _, info0 = torch.linalg.cholesky_ex(bad.cpu())  # (LAPACK: a NaN pivot fails; cuSOLVER may pass it on)
     assert info.tolist() == info0.tolist() and info0[1] > 0 and info0[0] == k
 
 
 @needs_cxx
 def test_chol_block_rejects_bad_arguments():
     import dqp.solvers.fused as fused
+
     W = _spd(2, 20)
     info = torch.zeros(2, dtype=torch.int32)
     with pytest.raises(SettingsError, match="contiguous"):
@@ -161,6 +170,7 @@ def test_chol_block_rejects_bad_arguments():
 @pytest.mark.cuda
 def test_chol_block_rejects_blocks_larger_than_the_kernel_holds():
     import dqp.solvers.fused as fused
+
     W = _spd(2, 200, device="cuda")
     with pytest.raises(SettingsError, match="at most"):
         fused.chol_block(W, 0, 150, torch.zeros(2, dtype=torch.int32, device="cuda"))
@@ -169,16 +179,21 @@ def test_chol_block_rejects_blocks_larger_than_the_kernel_holds():
 def test_block_diag_policy():
     M = _spd(2, 100)
     assert CholeskyOptions(block_diag="library").diag_factor(M, 64) is None
-    assert CholeskyOptions(block_diag="auto").diag_factor(M, 64) is None          # the kernel: CUDA only
+    assert CholeskyOptions(block_diag="auto").diag_factor(M, 64) is None  # the kernel: CUDA only
     assert CholeskyOptions(block_diag="auto").diag_factor(M.float(), 64) is None
     assert callable(CholeskyOptions(block_diag="kernel").diag_factor(M, 64))
     with pytest.raises(SettingsError, match="block_diag"):
         CholeskyOptions(block_diag="fast")
 
 
-@pytest.mark.parametrize("device,diag", [("cpu", "library"), pytest.param("cpu", "kernel", marks=needs_cxx),
-                                         *[pytest.param("cuda", dg, marks=DEVICES[1].marks)
-                                           for dg in ("library", "kernel")]])
+@pytest.mark.parametrize(
+    "device,diag",
+    [
+        ("cpu", "library"),
+        pytest.param("cpu", "kernel", marks=needs_cxx),
+        *[pytest.param("cuda", dg, marks=DEVICES[1].marks) for dg in ("library", "kernel")],
+    ],
+)
 def test_layer_with_blocked_path_matches_plain(device, diag):
     """Forward and gradients of the IPM layer (IPM, polish, backward) with every batched Cholesky
     factorization and solve on the blocked path (diagonal blocks by the library or by the kernel)
@@ -192,6 +207,7 @@ def _layer_same_across(device, base, setting, modes=("never", "always")):
     each value of ``base.linalg.<setting>`` in ``modes``."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
     from bench_qpth import make_problems
+
     ps = make_problems(6, 40, 40, 0, device)
     out = []
     for mode in modes:
@@ -208,8 +224,10 @@ def _layer_same_across(device, base, setting, modes=("never", "always")):
             assert ((a - b).abs().max() / (1 + a.abs().max())).item() < 1e-10
 
 
-@pytest.mark.parametrize("parent,child", [("inverse", "inverse"), ("blocked", "blocked"), ("blocked", "plain"),
-                                          ("inverse", "plain"), ("plain", "blocked")])
+@pytest.mark.parametrize(
+    "parent,child",
+    [("inverse", "inverse"), ("blocked", "blocked"), ("blocked", "plain"), ("inverse", "plain"), ("plain", "blocked")],
+)
 @pytest.mark.parametrize("with_factors", [True, False])
 def test_absorb_keeps_factor_inverses(parent, child, with_factors):
     """The polish's retry merges a sub-batch factorization into the batch's (BatchedKKT.absorb):
@@ -218,9 +236,13 @@ def test_absorb_keeps_factor_inverses(parent, child, with_factors):
     from dqp.linsolve.torch_batched import BatchedKKT
 
     def policy(mode):
-        return CholeskyOptions(inverse_solve="always" if mode == "inverse" else "never",
-                               blocked="always" if mode == "blocked" else "never", block_size=8,
-                               cpu_fast_paths=False)
+        return CholeskyOptions(
+            inverse_solve="always" if mode == "inverse" else "never",
+            blocked="always" if mode == "blocked" else "never",
+            block_size=8,
+            cpu_fast_paths=False,
+        )
+
     g = torch.Generator().manual_seed(0)
     B, n, m = 6, 24, 20
     P = _spd(B, n, seed=4)
@@ -234,8 +256,14 @@ def test_absorb_keeps_factor_inverses(parent, child, with_factors):
         PiCt = torch.cholesky_solve(C.mT, torch.linalg.cholesky(P))
         factors = dict(L=L, PiAbt=PiCt, M=C @ PiCt)
     kkt = BatchedKKT(P, None, C, a0, factors=factors, options=policy(parent))
-    sub = BatchedKKT(P[idx], None, C[idx], a1[idx], factors=None if factors is None else {
-        k: (v.index(idx) if k == "L" else v[idx]) for k, v in factors.items()}, options=policy(child))
+    sub = BatchedKKT(
+        P[idx],
+        None,
+        C[idx],
+        a1[idx],
+        factors=None if factors is None else {k: (v.index(idx) if k == "L" else v[idx]) for k, v in factors.items()},
+        options=policy(child),
+    )
     kkt.absorb(idx, sub, rows)
     merged = a0.clone()
     merged[idx] = a1[idx]
@@ -253,10 +281,10 @@ def test_absorb_keeps_factor_inverses(parent, child, with_factors):
 def test_factor_kernel_policy():
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
     always = CholeskyOptions(factor_kernel="always")
-    assert not always.factor_by_kernel((8, 50, 50), cpu, F64)          # CUDA only
-    assert not always.factor_by_kernel((50, 50), cuda, F64)            # batched factors only
+    assert not always.factor_by_kernel((8, 50, 50), cpu, F64)  # CUDA only
+    assert not always.factor_by_kernel((50, 50), cuda, F64)  # batched factors only
     assert not CholeskyOptions(factor_kernel="never").factor_by_kernel((8, 50, 50), cuda, F64)
-    assert not CholeskyOptions().factor_by_kernel((1024, 100, 100), cuda, F64)    # no inverse for this much work
+    assert not CholeskyOptions().factor_by_kernel((1024, 100, 100), cuda, F64)  # no inverse for this much work
     with pytest.raises(SettingsError, match="factor_kernel"):
         CholeskyOptions(factor_kernel="kernel")
 

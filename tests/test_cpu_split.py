@@ -1,4 +1,5 @@
 """The CPU build of the fused kernel splits the batch dynamically over its threads."""
+
 from __future__ import annotations
 
 import shutil
@@ -13,8 +14,9 @@ from dqp.solvers.ipm import IPMOptions, KernelOptions, ipm_solve
 
 from test_ipm import known_qp
 
-needs_cxx = pytest.mark.skipif(not (shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")),
-                               reason="needs a C++ compiler")
+needs_cxx = pytest.mark.skipif(
+    not (shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")), reason="needs a C++ compiler"
+)
 
 
 def _recording(calls: list):
@@ -28,7 +30,9 @@ def _recording(calls: list):
             with lock:
                 calls.append((threading.get_ident(), args[-2], args[-1]))
             return real(*args)
+
         return fn
+
     return of_k
 
 

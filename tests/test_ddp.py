@@ -5,6 +5,7 @@ process trained on the full batch (each step's global batch = the ranks' batches
 averaged as DDP averages the gradients), and the example runs under ``torchrun``. With two or more
 GPUs (marked ``cuda``): the example on NCCL, and a solve on ``cuda:1`` that leaves ``cuda:0`` alone.
 """
+
 from __future__ import annotations
 
 import gc
@@ -50,16 +51,24 @@ def _worker(rank: int, init_file: str, out_file: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
     try:
         ex = _example()
-        for solver in SOLVERS:                       # (one pair of processes for both: start-up dominates)
+        for solver in SOLVERS:  # (one pair of processes for both: start-up dominates)
             model, data = _setup(ex, solver)
             ddp = ex.DDP(model)
-            ex.train(ddp, data, batch_per_rank=CFG["batch_per_rank"], world=WORLD, ranks=[rank],
-                     epochs=CFG["epochs"], lr=CFG["lr"], device=torch.device("cpu"))
+            ex.train(
+                ddp,
+                data,
+                batch_per_rank=CFG["batch_per_rank"],
+                world=WORLD,
+                ranks=[rank],
+                epochs=CFG["epochs"],
+                lr=CFG["lr"],
+                device=torch.device("cpu"),
+            )
             # every parameter used in the QP got a (finite, nonzero) gradient on this rank
             for name, p in model.named_parameters():
                 assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().max() > 0, (rank, name)
             torch.save({k: v.detach().clone() for k, v in model.state_dict().items()}, f"{out_file}.{solver}.{rank}")
-            del ddp, model            # the reducer holds the process group (see the example)
+            del ddp, model  # the reducer holds the process group (see the example)
             gc.collect()
     finally:
         dist.destroy_process_group()
@@ -84,10 +93,18 @@ def test_ddp_gloo_equals_single_process_full_batch(tmp_path):
         ranks = [torch.load(f"{tmp_path / 'params'}.{solver}.{r}") for r in range(WORLD)]
         model, data = _setup(ex, solver)
         init = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        ex.train(model, data, batch_per_rank=CFG["batch_per_rank"], world=WORLD, ranks=list(range(WORLD)),
-                 epochs=CFG["epochs"], lr=CFG["lr"], device=torch.device("cpu"))
+        ex.train(
+            model,
+            data,
+            batch_per_rank=CFG["batch_per_rank"],
+            world=WORLD,
+            ranks=list(range(WORLD)),
+            epochs=CFG["epochs"],
+            lr=CFG["lr"],
+            device=torch.device("cpu"),
+        )
         for name, ref in model.state_dict().items():
-            assert (ref - init[name]).abs().max() > 1e-3, name            # training moved every parameter
+            assert (ref - init[name]).abs().max() > 1e-3, name  # training moved every parameter
             for r in range(WORLD):
                 err = (ranks[r][name] - ref).abs().max().item()
                 assert err <= 1e-10, (solver, name, r, err)
@@ -95,8 +112,15 @@ def test_ddp_gloo_equals_single_process_full_batch(tmp_path):
 
 def _torchrun(*args: str, nproc: int = WORLD, timeout: float = 240.0) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           str(EXAMPLE), *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        str(EXAMPLE),
+        *args,
+    ]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO)
 
 
@@ -168,9 +192,23 @@ def test_scaling_study_runs_on_cpu(tmp_path):
     """experiments/ddp_scaling.py's sweep in its CPU check mode (1 and 2 gloo processes)."""
     out_md = tmp_path / "ddp_scaling.md"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    out = subprocess.run([sys.executable, str(REPO / "experiments" / "ddp_scaling.py"), "--sweep", "2", "--cpu",
-                          "--short", "--out", str(out_md)], capture_output=True, text=True, timeout=600, env=env,
-                         cwd=REPO)
+    out = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "experiments" / "ddp_scaling.py"),
+            "--sweep",
+            "2",
+            "--cpu",
+            "--short",
+            "--out",
+            str(out_md),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+        cwd=REPO,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     text = out_md.read_text()
     for dt in ("float32", "float64"):

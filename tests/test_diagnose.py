@@ -1,4 +1,5 @@
 """The solver diagnostic (dqp.diagnose): library function, ranking logic and the CLI."""
+
 from __future__ import annotations
 
 import subprocess
@@ -35,9 +36,9 @@ def _reference_grad(P, C, d, A, z0, w):
     K = np.block([[P, G.T], [G, np.zeros((k, k))]])
     y = np.linalg.solve(K, np.concatenate([w, np.zeros(k)]))
     gq = -y[:n]
-    gb = y[n:n + A.shape[0]]
+    gb = y[n : n + A.shape[0]]
     gd = np.zeros(C.shape[0])
-    gd[J] = y[n + A.shape[0]:]
+    gd[J] = y[n + A.shape[0] :]
     return np.concatenate([gq, gd, gb])
 
 
@@ -46,13 +47,28 @@ def test_diagnose_random_problem(dense):
     P, q, C, d, A, b, z0 = _problem()
     if not dense:
         P, C, A = (sp.csc_matrix(M.numpy()) for M in (P, C, A))
-    report = dg.diagnose(P, q, C, d, A, b, solvers=["clarabel", "daqp", "dqp_ipm"],
-                         lin_solvers=["scipy_lu", "qdldl", "torch"], seed=7, **FAST)
+    report = dg.diagnose(
+        P,
+        q,
+        C,
+        d,
+        A,
+        b,
+        solvers=["clarabel", "daqp", "dqp_ipm"],
+        lin_solvers=["scipy_lu", "qdldl", "torch"],
+        seed=7,
+        **FAST,
+    )
     assert report.input_sparse == (not dense)
     combos = {(r.qp_solver, r.lin_solver, r.solve_type) for r in report.results}
     st = "dense" if dense else "sparse"
-    assert combos == {("clarabel", "scipy_lu", st), ("clarabel", "qdldl", st), ("daqp", "scipy_lu", st),
-                      ("daqp", "qdldl", st), ("dqp_ipm", "torch", "dense")}
+    assert combos == {
+        ("clarabel", "scipy_lu", st),
+        ("clarabel", "qdldl", st),
+        ("daqp", "scipy_lu", st),
+        ("daqp", "qdldl", st),
+        ("dqp_ipm", "torch", "dense"),
+    }
     assert all(r.correct for r in report.results), report.to_markdown()
     assert report.consensus_size == 5
     # ranked: fastest first among the correct ones
@@ -96,8 +112,18 @@ def test_diagnose_infeasible_problem_records_typed_failures():
 
 
 def _fake(qp, grad, t, residual=0.0, verified=True):
-    r = dg.ComboResult(qp, "scipy_lu", "dense", status="SOLVED", t_forward=t, t_backward=t,
-                       primal_residual=residual, dual_residual=0.0, complementarity=0.0, verified=verified)
+    r = dg.ComboResult(
+        qp,
+        "scipy_lu",
+        "dense",
+        status="SOLVED",
+        t_forward=t,
+        t_backward=t,
+        primal_residual=residual,
+        dual_residual=0.0,
+        complementarity=0.0,
+        verified=verified,
+    )
     r.grad = np.asarray(grad, float)
     r.z = np.ones(2)
     return r
@@ -125,8 +151,9 @@ def test_diagnose_skips_uninstalled_and_dense_only(monkeypatch):
     missing = [n for n, c in registered_solvers().items() if not c.is_available()]
     monkeypatch.setattr(dg, "DENSE_LIMIT", 2)
     Ps, Cs, As = (sp.csc_matrix(M.numpy()) for M in (P, C, A))
-    report = dg.diagnose(Ps, q, Cs, d, As, b, solvers=["clarabel", "dqp_ipm"] + missing[:1],
-                         lin_solvers=["qdldl", "torch"], **FAST)
+    report = dg.diagnose(
+        Ps, q, Cs, d, As, b, solvers=["clarabel", "dqp_ipm"] + missing[:1], lin_solvers=["qdldl", "torch"], **FAST
+    )
     assert [(r.qp_solver, r.lin_solver) for r in report.results] == [("clarabel", "qdldl")]
     reasons = {qp: why for qp, _, why in report.skipped}
     assert "DENSE_LIMIT" not in reasons["dqp_ipm"] and "n = 3 > 2" in reasons["dqp_ipm"]
@@ -137,18 +164,24 @@ def test_diagnose_skips_uninstalled_and_dense_only(monkeypatch):
     assert [r.qp_solver for r in report.results] == ["dqp_ipm"] and report.results[0].correct
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    (dict(repeat=0), "repeat must be a positive integer"),
-    (dict(repeat=True), "repeat must be a positive integer"),
-    (dict(options={"qp_solver": "osqp"}), "options may not set qp_solver"),
-    (dict(options={"eps_abs": 2.0}), "eps_abs"),
-    (dict(solvers=["no_such_solver"]), "not a known solver"),
-    (dict(solvers=["clarabel"], lin_solvers=["torch"]), "No solver combination to run"),
-    (dict(solvers=["dqp_ipm"], lin_solvers=["qdldl"]), "differentiates with lin_solver='torch'"),
-    (dict(device="not-a-device"), "is not a torch device"),
-    pytest.param(dict(device="cuda"), "CUDA is not available",
-                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available here")),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(repeat=0), "repeat must be a positive integer"),
+        (dict(repeat=True), "repeat must be a positive integer"),
+        (dict(options={"qp_solver": "osqp"}), "options may not set qp_solver"),
+        (dict(options={"eps_abs": 2.0}), "eps_abs"),
+        (dict(solvers=["no_such_solver"]), "not a known solver"),
+        (dict(solvers=["clarabel"], lin_solvers=["torch"]), "No solver combination to run"),
+        (dict(solvers=["dqp_ipm"], lin_solvers=["qdldl"]), "differentiates with lin_solver='torch'"),
+        (dict(device="not-a-device"), "is not a torch device"),
+        pytest.param(
+            dict(device="cuda"),
+            "CUDA is not available",
+            marks=pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available here"),
+        ),
+    ],
+)
 def test_diagnose_settings_errors(kwargs, match):
     P, q, C, d, A, b, _ = _problem(n=3, m=4, p=1)
     with pytest.raises(SettingsError, match=match):
@@ -178,11 +211,12 @@ def test_progress_falls_back_to_logging(monkeypatch, caplog):
     monkeypatch.setitem(sys.modules, "tqdm.auto", None)
     P, q, C, d, A, b, _ = _problem(n=3, m=4, p=1)
     with caplog.at_level("INFO", logger="dqp.diagnose"):
-        dg.diagnose(P, q, C, d, A, b, solvers=["clarabel"], lin_solvers=["scipy_lu", "qdldl"], repeat=1,
-                    progress=True)
+        dg.diagnose(P, q, C, d, A, b, solvers=["clarabel"], lin_solvers=["scipy_lu", "qdldl"], repeat=1, progress=True)
     msgs = [r.getMessage() for r in caplog.records if r.name == "dqp.diagnose"]
-    assert msgs == ["diagnose [1/2] qp_solver=clarabel lin_solver=scipy_lu (dense)",
-                    "diagnose [2/2] qp_solver=clarabel lin_solver=qdldl (dense)"]
+    assert msgs == [
+        "diagnose [1/2] qp_solver=clarabel lin_solver=scipy_lu (dense)",
+        "diagnose [2/2] qp_solver=clarabel lin_solver=qdldl (dense)",
+    ]
 
 
 def test_plot_and_missing_matplotlib(tmp_path, monkeypatch):
@@ -203,8 +237,13 @@ def test_plot_and_missing_matplotlib(tmp_path, monkeypatch):
 def _cli(*args, cwd, timeout=240):
     # run outside the checkout: `python -m` puts the working directory first on sys.path, and the
     # checkout's dqp/ lacks dqp.solvers (installed from solvers/) in a non-editable install
-    return subprocess.run([sys.executable, "-m", "dqp.diagnose", *map(str, args)], capture_output=True,
-                          text=True, cwd=cwd, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "dqp.diagnose", *map(str, args)],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        timeout=timeout,
+    )
 
 
 def _check_ranked_table(stdout, name):
@@ -213,7 +252,11 @@ def _check_ranked_table(stdout, name):
     rows = [l for l in lines if l.startswith("| ") and l.split("|")[1].strip().isdigit()]
     assert [int(l.split("|")[1]) for l in rows] == [1, 2, 3, 4]
     assert {tuple(c.strip() for c in l.split("|")[2:4]) for l in rows} == {
-        ("clarabel", "qdldl"), ("clarabel", "scipy_lu"), ("osqp", "qdldl"), ("osqp", "scipy_lu")}
+        ("clarabel", "qdldl"),
+        ("clarabel", "scipy_lu"),
+        ("osqp", "qdldl"),
+        ("osqp", "scipy_lu"),
+    }
     assert all(l.split("|")[5].strip() == "ok" for l in rows)
     assert "**Recommendation.** Use `qp_solver=" in stdout
 
@@ -228,8 +271,20 @@ def test_cli_maros_meszaros_subprocess(tmp_path):
     path = _mm("HS21")
     pytest.importorskip("matplotlib", reason="matplotlib (bench extra) not installed")
     out = tmp_path / "plot.png"
-    proc = _cli(path, "--solvers", "clarabel", "osqp", "--lin-solvers", "qdldl,scipy_lu", "--repeat", "1",
-                "--no-progress", "--out", out, cwd=tmp_path)
+    proc = _cli(
+        path,
+        "--solvers",
+        "clarabel",
+        "osqp",
+        "--lin-solvers",
+        "qdldl,scipy_lu",
+        "--repeat",
+        "1",
+        "--no-progress",
+        "--out",
+        out,
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr
     _check_ranked_table(proc.stdout, "HS21")
     assert out.is_file() and out.stat().st_size > 1000
@@ -237,21 +292,58 @@ def test_cli_maros_meszaros_subprocess(tmp_path):
 
 def test_main_maros_meszaros_with_equalities(capsys):
     path = _mm("HS51")  # 3 equalities, no inequalities
-    assert dg.main([str(path), "--solvers", "clarabel,osqp", "--lin-solvers", "qdldl", "scipy_lu", "--repeat",
-                    "1", "--no-progress"]) == 0
+    assert (
+        dg.main(
+            [
+                str(path),
+                "--solvers",
+                "clarabel,osqp",
+                "--lin-solvers",
+                "qdldl",
+                "scipy_lu",
+                "--repeat",
+                "1",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     _check_ranked_table(capsys.readouterr().out, "HS51")
 
 
 def test_console_script_npz(tmp_path):
     P, q, C, d, A, b, _ = _problem(n=4, m=5, p=1)
-    prob = QPProblem("rand", sp.csc_matrix(P.numpy()), q.numpy(), sp.csc_matrix(C.numpy()), d.numpy(),
-                     sp.csc_matrix(A.numpy()), b.numpy())
+    prob = QPProblem(
+        "rand",
+        sp.csc_matrix(P.numpy()),
+        q.numpy(),
+        sp.csc_matrix(C.numpy()),
+        d.numpy(),
+        sp.csc_matrix(A.numpy()),
+        b.numpy(),
+    )
     path = save_problem(tmp_path / "rand.npz", prob)
     script = Path(sys.executable).parent / "dqp-diagnose"  # the console script of pyproject.toml
     if not script.is_file():
         pytest.skip(f"console script {script} not installed (pip install -e . creates it)")
-    proc = subprocess.run([str(script), str(path), "--solvers", "clarabel", "--lin-solvers", "qdldl", "--dense",
-                           "--repeat", "2", "--no-progress"], capture_output=True, text=True, cwd=tmp_path, timeout=240)
+    proc = subprocess.run(
+        [
+            str(script),
+            str(path),
+            "--solvers",
+            "clarabel",
+            "--lin-solvers",
+            "qdldl",
+            "--dense",
+            "--repeat",
+            "2",
+            "--no-progress",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=240,
+    )
     assert proc.returncode == 0, proc.stderr
     assert "| 1 | clarabel | qdldl | dense | ok |" in proc.stdout
     assert "median of 2 run(s)" in proc.stdout
@@ -275,17 +367,39 @@ def test_main_in_process(tmp_path, monkeypatch, capsys):
     assert dg.main([str(path), "--solvers", "nope", "--no-progress"]) == 2
     assert "SettingsError" in capsys.readouterr().err
     # infeasible -> no correct combination -> exit status 1
-    bad = QPProblem("bad", sp.eye(2, format="csc"), np.zeros(2), sp.csc_matrix(np.array([[1.0, 0], [-1.0, 0]])),
-                    np.array([-1.0, -1.0]))
+    bad = QPProblem(
+        "bad",
+        sp.eye(2, format="csc"),
+        np.zeros(2),
+        sp.csc_matrix(np.array([[1.0, 0], [-1.0, 0]])),
+        np.array([-1.0, -1.0]),
+    )
     bad_path = save_problem(tmp_path / "bad.npz", bad)
-    assert dg.main([str(bad_path), "--solvers", "clarabel", "--lin-solvers", "qdldl", "--repeat", "1",
-                    "--no-progress"]) == 1
+    assert (
+        dg.main([str(bad_path), "--solvers", "clarabel", "--lin-solvers", "qdldl", "--repeat", "1", "--no-progress"])
+        == 1
+    )
     assert "No combination solved" in capsys.readouterr().out
     # --out without matplotlib: a clear error, exit status 2
     monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
     monkeypatch.setitem(sys.modules, "matplotlib.backends.backend_agg", None)
-    assert dg.main([str(path), "--solvers", "clarabel", "--lin-solvers", "qdldl", "--repeat", "1",
-                    "--no-progress", "--out", str(tmp_path / "x.png")]) == 2
+    assert (
+        dg.main(
+            [
+                str(path),
+                "--solvers",
+                "clarabel",
+                "--lin-solvers",
+                "qdldl",
+                "--repeat",
+                "1",
+                "--no-progress",
+                "--out",
+                str(tmp_path / "x.png"),
+            ]
+        )
+        == 2
+    )
     assert "pip install matplotlib" in capsys.readouterr().err
 
 
@@ -293,8 +407,9 @@ def test_main_in_process(tmp_path, monkeypatch, capsys):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_diagnose_on_cuda():
     P, q, C, d, A, b, z0 = _problem()
-    report = dg.diagnose(P, q, C, d, A, b, solvers=["clarabel", "dqp_ipm"], lin_solvers=["scipy_lu", "torch"],
-                         device="cuda", **FAST)
+    report = dg.diagnose(
+        P, q, C, d, A, b, solvers=["clarabel", "dqp_ipm"], lin_solvers=["scipy_lu", "torch"], device="cuda", **FAST
+    )
     assert report.device.startswith("cuda")
     assert {(r.qp_solver, r.lin_solver) for r in report.results} == {("clarabel", "scipy_lu"), ("dqp_ipm", "torch")}
     assert all(r.correct for r in report.results), report.to_markdown()
@@ -308,8 +423,14 @@ def test_markdown_one_row_per_pair_and_each_message_once():
     long_warning = "SingularKKTWarning: " + "the reduced KKT matrix is singular " * 30
     for r in rows:
         r.notes.append(long_warning)
-    failed = dg.ComboResult("bad", "qdldl", "sparse", error_class="InfeasibleError",
-                            error_message="element 0: primal infeasible", status="PRIMAL_INFEASIBLE")
+    failed = dg.ComboResult(
+        "bad",
+        "qdldl",
+        "sparse",
+        error_class="InfeasibleError",
+        error_message="element 0: primal infeasible",
+        status="PRIMAL_INFEASIBLE",
+    )
     dg._score(rows + [failed], prob, tol=1e-6, grad_tol=1e-5)
     report = dg.DiagnosisReport("toy", 2, 0, 0, 2, True, rows + [failed], [], 1, 1e-6, 1e-5, 0, 3)
     md = report.to_markdown(message_chars=200)
@@ -338,8 +459,7 @@ def test_main_json_and_csv(capsys):
     import io
     import json
 
-    args = [str(_mm("HS21")), "--solvers", "clarabel,osqp", "--lin-solvers", "qdldl", "--repeat", "1",
-            "--no-progress"]
+    args = [str(_mm("HS21")), "--solvers", "clarabel,osqp", "--lin-solvers", "qdldl", "--repeat", "1", "--no-progress"]
     assert dg.main(args + ["--json"]) == 0
     data = json.loads(capsys.readouterr().out)
     assert data["problem"] == "HS21" and data["recommended"]["lin_solver"] == "qdldl"
@@ -356,8 +476,18 @@ def test_help_shows_defaults_and_stdout_has_only_the_report(tmp_path):
     for default in ("(default: 3)", "(default: 1e-06)", "(default: 1e-05)", "(default: 0)", "(default: cpu)"):
         assert default in help_text
     pytest.importorskip("highspy")
-    proc = _cli(_mm("HS21"), "--solvers", "highs", "--lin-solvers", "qdldl", "--repeat", "1", "--no-progress",
-                "--csv", cwd=tmp_path)
+    proc = _cli(
+        _mm("HS21"),
+        "--solvers",
+        "highs",
+        "--lin-solvers",
+        "qdldl",
+        "--repeat",
+        "1",
+        "--no-progress",
+        "--csv",
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.splitlines()[0].startswith("rank,qp_solver,lin_solver")
     assert "HiGHS" not in proc.stdout  # the solver's banner went to stderr

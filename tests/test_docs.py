@@ -1,4 +1,5 @@
 """Documentation: every public callable has a docstring, and the MkDocs site builds with --strict."""
+
 from __future__ import annotations
 
 import importlib
@@ -15,9 +16,25 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 #: The modules whose public API the docs promise (the API reference pages render these).
-PUBLIC_MODULES = ["dqp", "dqp.dQP", "dqp.settings", "dqp.result", "dqp.errors", "dqp.layer", "dqp.qpth",
-                  "dqp.ipm_layer", "dqp.solvers", "dqp.linsolve", "dqp.io", "dqp.diagnose",
-                  "dqp.layer_compat", "dqp.sparse_helper", "dqp.lin_solvers", "dqp.qp_diagnostic", "dqp.benchmark"]
+PUBLIC_MODULES = [
+    "dqp",
+    "dqp.dQP",
+    "dqp.settings",
+    "dqp.result",
+    "dqp.errors",
+    "dqp.layer",
+    "dqp.qpth",
+    "dqp.ipm_layer",
+    "dqp.solvers",
+    "dqp.linsolve",
+    "dqp.io",
+    "dqp.diagnose",
+    "dqp.layer_compat",
+    "dqp.sparse_helper",
+    "dqp.lin_solvers",
+    "dqp.qp_diagnostic",
+    "dqp.benchmark",
+]
 #: Packages whose ``__init__`` re-exports objects defined in submodules.
 PACKAGES = {"dqp", "dqp.solvers", "dqp.linsolve"}
 
@@ -58,10 +75,20 @@ def _own_members(cls):
 def test_public_api_is_not_empty():
     names = {name for modname in PUBLIC_MODULES for name, _ in _public_objects(modname)}
     # the objects the README and the API pages name must be found by the walk
-    for expected in ("dqp.dQP.build_settings", "dqp.dQP.dQP_layer", "dqp.dQP.Settings", "dqp.QPOutput",
-                     "dqp.SolveInfo", "dqp.DQPError", "dqp.qpth.QPFunction", "dqp.ipm_layer.solve_qp_batch",
-                     "dqp.io.load_problem", "dqp.solvers.solver_table", "dqp.linsolve.linsolver_table",
-                     "dqp.diagnose.diagnose"):
+    for expected in (
+        "dqp.dQP.build_settings",
+        "dqp.dQP.dQP_layer",
+        "dqp.dQP.Settings",
+        "dqp.QPOutput",
+        "dqp.SolveInfo",
+        "dqp.DQPError",
+        "dqp.qpth.QPFunction",
+        "dqp.ipm_layer.solve_qp_batch",
+        "dqp.io.load_problem",
+        "dqp.solvers.solver_table",
+        "dqp.linsolve.linsolver_table",
+        "dqp.diagnose.diagnose",
+    ):
         assert expected in names, f"{expected} not found among the public objects"
 
 
@@ -98,17 +125,29 @@ def test_mkdocs_build_strict(tmp_path):
     env = {**os.environ, "NO_MKDOCS_2_WARNING": "1"}
     # mkdocs must run in the repository root (mkdocs.yml's relative paths), but the checkout must not
     # shadow the installed dqp (dqp.solvers comes from solvers/): drop the working directory from sys.path
-    launcher = "import sys; sys.path = [p for p in sys.path if p not in ('', '.')]; from mkdocs.__main__ import cli; cli()"
-    proc = subprocess.run([sys.executable, "-c", launcher, "build", "--strict", "--site-dir", str(site)],
-                          cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
+    launcher = (
+        "import sys; sys.path = [p for p in sys.path if p not in ('', '.')]; from mkdocs.__main__ import cli; cli()"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", launcher, "build", "--strict", "--site-dir", str(site)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     options_html = (site / "options" / "index.html").read_text(encoding="utf-8")
     assert "eps_active" in options_html and "<!-- options-table -->" not in options_html
     assert "qdldl" in options_html and "clarabel" in options_html  # solver tables filled in
     assert "eps_active·(1+|d_i|)" in options_html  # a '|' inside a description does not split the cell
     theory = (site / "theory" / "index.html").read_text(encoding="utf-8")
-    for question in ("Does dqp use a neural network to solve QPs?", "Does dqp solve the QP by solving its KKT conditions?",
-                     "Why differentiate the KKT conditions", "Why take gradients with respect to P, q, C, d, A, b"):
+    for question in (
+        "Does dqp use a neural network to solve QPs?",
+        "Does dqp solve the QP by solving its KKT conditions?",
+        "Why differentiate the KKT conditions",
+        "Why take gradients with respect to P, q, C, d, A, b",
+    ):
         assert question in theory
     api = (site / "api" / "layer" / "index.html").read_text(encoding="utf-8")
     assert "build_settings" in api and "Validate options" in api  # rendered from the docstring
@@ -144,14 +183,24 @@ def test_benchmarks_page_with_results(tmp_path):
     res.mkdir()
     (res / "simplex_scaling.md").write_text(
         "# Simplex\n\n`python experiments/simplex_scaling.py --grid 10` on a test machine\n\n## Times\n\n"
-        "| n | t |\n|---|---|\n| 10 | 1 ms |\n\nsee [data](simplex_scaling.csv) and [code](../simplex_scaling.py)\n")
+        "| n | t |\n|---|---|\n| 10 | 1 ms |\n\nsee [data](simplex_scaling.csv) and [code](../simplex_scaling.py)\n"
+    )
     (res / "simplex_scaling.png").write_bytes(b"\x89PNG\r\n\x1a\n")
     (res / "simplex_scaling.csv").write_text("a,b\n1,2\n3,4\n")
     hooks = _load_hooks(res)
-    files = Files([File(f"benchmarks/results/{p.name}", src_dir=str(tmp_path), dest_dir=str(tmp_path / "site"),
-                        use_directory_urls=True) for p in sorted(res.iterdir())])
+    files = Files(
+        [
+            File(
+                f"benchmarks/results/{p.name}",
+                src_dir=str(tmp_path),
+                dest_dir=str(tmp_path / "site"),
+                use_directory_urls=True,
+            )
+            for p in sorted(res.iterdir())
+        ]
+    )
     page = hooks._benchmarks_section(files)
-    section = page[page.index("## Projection onto the simplex"):page.index("## A bilevel loop")]
+    section = page[page.index("## Projection onto the simplex") : page.index("## A bilevel loop")]
     assert "```bash\npython experiments/simplex_scaling.py --grid 10\n```" in section
     assert "![simplex_scaling](benchmarks/results/simplex_scaling.png)" in section
     assert "#### Times" in section and "# Simplex" not in section
@@ -216,8 +265,14 @@ def test_tutorial_code_runs_as_written(tmp_path):
     assert len(blocks) >= 6
     script = tmp_path / "tutorial.py"
     script.write_text("\n".join(blocks), encoding="utf-8")
-    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=280, cwd=tmp_path,
-                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    out = subprocess.run(
+        [sys.executable, str(script)],
+        capture_output=True,
+        text=True,
+        timeout=280,
+        cwd=tmp_path,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     assert "rows sum to one: True" in out.stdout and "same losses: True" in out.stdout
 
@@ -233,7 +288,7 @@ def _api_directives():
             if not line.startswith("::: "):
                 continue
             members = None
-            for opt in lines[i + 1:]:
+            for opt in lines[i + 1 :]:
                 if opt and not opt.startswith(" "):
                     break
                 if opt.strip() == "members:":
@@ -271,9 +326,12 @@ def test_api_reference_covers_every_public_name(modname):
     for qualname, obj in _public_objects(modname):
         name = qualname.rsplit(".", 1)[1]
         paths = {qualname, f"{getattr(obj, '__module__', '')}.{name}"}
-        covered = any(target in paths or _resolve(target) is obj
-                      or (target in (modname, obj.__module__) and (members is None or name in members))
-                      for target, members in directives)
+        covered = any(
+            target in paths
+            or _resolve(target) is obj
+            or (target in (modname, obj.__module__) and (members is None or name in members))
+            for target, members in directives
+        )
         if not covered:
             missing.append(qualname)
     assert not missing, "public names missing from docs/api/*.md:\n  " + "\n  ".join(missing)
@@ -306,11 +364,13 @@ def test_install_hints_use_the_distribution_name():
 def test_theory_page_answers_the_users_questions_first():
     """The questions new users ask are headings of their own, before the mathematics."""
     text = (REPO / "docs" / "theory.md").read_text(encoding="utf-8")
-    questions = ["### Does dqp use a neural network to solve QPs?",
-                 "### Is the point of a QP layer to solve QPs faster than Gurobi?",
-                 "### Does dqp solve the QP by solving its KKT conditions?",
-                 "### Why differentiate the KKT conditions, and what are the variables there?",
-                 "### Why take gradients with respect to P, q, C, d, A, b when they look like fixed data?"]
+    questions = [
+        "### Does dqp use a neural network to solve QPs?",
+        "### Is the point of a QP layer to solve QPs faster than Gurobi?",
+        "### Does dqp solve the QP by solving its KKT conditions?",
+        "### Why differentiate the KKT conditions, and what are the variables there?",
+        "### Why take gradients with respect to P, q, C, d, A, b when they look like fixed data?",
+    ]
     positions = [text.index(q) for q in questions]
     assert max(positions) < text.index("## The KKT conditions") < text.index("## The adjoint system")
     assert "| quadratic term | \\(Q\\) | `Q` | `P` |" in text  # OptNet's and qpth's names mapped to dqp's

@@ -1,4 +1,5 @@
 """Smoke tests of experiments/bench_qpth.py: its reference, its skip estimate, its short mode."""
+
 from __future__ import annotations
 
 import csv
@@ -51,29 +52,49 @@ def test_reference_gradient_matches_finite_differences(bench, seed):
 
 
 def test_estimate_scales_from_smaller_cells(bench):
-    done = [bench.Cell("cpu", "float64", 128, 100, 100, "qpth", time_median_s=0.5),
-            bench.Cell("cpu", "float64", 1, 500, 500, "qpth", time_median_s=0.1)]
+    done = [
+        bench.Cell("cpu", "float64", 128, 100, 100, "qpth", time_median_s=0.5),
+        bench.Cell("cpu", "float64", 1, 500, 500, "qpth", time_median_s=0.1),
+    ]
     # one point at the same B: cubic on the CPU; same n, B 1 -> 128: linear; the smaller one wins
     assert bench.estimate_time(done, "qpth", "float64", 128, 200) == pytest.approx(4.0)
     assert bench.estimate_time(done, "qpth", "float64", 128, 500) == pytest.approx(12.8)
     assert bench.estimate_time(done, "qpth", "float32", 128, 200) is None
     assert bench.estimate_time(done, "dqp", "float64", 128, 200) is None
     # two points: the measured exponent (here 1: 0.1 s at n=50, 0.2 s at n=100) extrapolates
-    gpu = [bench.Cell("cuda", "float64", 128, 50, 50, "qpth", time_median_s=0.1),
-           bench.Cell("cuda", "float64", 128, 100, 100, "qpth", time_median_s=0.2)]
+    gpu = [
+        bench.Cell("cuda", "float64", 128, 50, 50, "qpth", time_median_s=0.1),
+        bench.Cell("cuda", "float64", 128, 100, 100, "qpth", time_median_s=0.2),
+    ]
     assert bench.estimate_time(gpu, "qpth", "float64", 128, 500) == pytest.approx(1.0)
     # the exponent is clamped to [0.5, 3]
-    steep = [bench.Cell("cpu", "float64", 1, 10, 10, "dqp", time_median_s=0.001),
-             bench.Cell("cpu", "float64", 1, 20, 20, "dqp", time_median_s=0.1)]
+    steep = [
+        bench.Cell("cpu", "float64", 1, 10, 10, "dqp", time_median_s=0.001),
+        bench.Cell("cpu", "float64", 1, 20, 20, "dqp", time_median_s=0.1),
+    ]
     assert bench.estimate_time(steep, "dqp", "float64", 1, 40) == pytest.approx(0.8)
 
 
 def test_short_mode_runs_and_dqp_gradients_are_accurate(tmp_path):
     """`--short` runs in seconds and dqp's gradients meet the acceptance tolerances."""
     proc = subprocess.run(
-        [sys.executable, str(SCRIPT), "--short", "--device", "cpu", "--methods", "dqp,qpth",
-         "--out", str(tmp_path), "--no-plot"],
-        capture_output=True, text=True, timeout=240, cwd=ROOT)
+        [
+            sys.executable,
+            str(SCRIPT),
+            "--short",
+            "--device",
+            "cpu",
+            "--methods",
+            "dqp,qpth",
+            "--out",
+            str(tmp_path),
+            "--no-plot",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        cwd=ROOT,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = list(csv.DictReader(open(tmp_path / "qpth_cpu.csv")))
     dqp_rows = [r for r in rows if r["method"] == "dqp"]

@@ -1,4 +1,5 @@
 """Infeasible/unbounded problems, masked failures, and degenerate active sets."""
+
 from __future__ import annotations
 
 import warnings
@@ -181,8 +182,13 @@ def test_unverified_solution_is_flagged_and_warned():
 
     try:
         P, q, C, d, *_ = random_qp(4, 6, 0, seed=2)
-        layer = dQP.dQP_layer(empty_batch=False, qp_solver="test_wrong_solver", refine_active=False, fallback_solver=None,
-                              on_failure="mask")
+        layer = dQP.dQP_layer(
+            empty_batch=False,
+            qp_solver="test_wrong_solver",
+            refine_active=False,
+            fallback_solver=None,
+            on_failure="mask",
+        )
         z = layer(P, q, C, d)[0]
         # unverified and far from the KKT conditions: a failure (zeros, a status), not a warned answer
         assert layer.info.verified == [False] and layer.info.status == [Status.NUMERICAL]
@@ -227,6 +233,7 @@ def test_non_unique_solution_lp_face():
 def test_inaccurate_backward_solve_is_warned():
     """An inconsistent adjoint system (gradient w.r.t. a non-unique dual) cannot be solved: warn."""
     from dqp.autograd import GradientAccuracyWarning
+
     P = torch.eye(2, dtype=F64)
     q = torch.tensor([-2.0, 0.0], dtype=F64)
     C = torch.tensor([[1.0, 0.0], [1.0, 0.0]], dtype=F64)  # the same constraint twice
@@ -246,7 +253,7 @@ def test_double_backward_raises_instead_of_returning_wrong_numbers():
     qq = q.clone().requires_grad_()
     z = dQP.dQP_layer(empty_batch=False, qp_solver="clarabel")(P, qq, C, d)[0]
     with pytest.raises(dqp.NotSupportedError, match="second derivatives"):  # (tests/test_transforms.py)
-        torch.autograd.grad((z ** 2).sum(), qq, create_graph=True)
+        torch.autograd.grad((z**2).sum(), qq, create_graph=True)
 
 
 def test_float32_inputs_built_as_LLt_are_accepted():
@@ -264,9 +271,12 @@ def test_normalize_constraints_survives_huge_rows(solve_type):
     for s in (1.0, 1e160):
         C = torch.tensor([[s, s]], dtype=F64)
         d = torch.tensor([-3.0 * s], dtype=F64)
-        layer = dQP.dQP_layer(empty_batch=False, qp_solver="clarabel", normalize_constraints=True, solve_type=solve_type)
-        z = layer(P.to_sparse_csc() if solve_type == "sparse" else P, q,
-                  C.to_sparse_csc() if solve_type == "sparse" else C, d)[0]
+        layer = dQP.dQP_layer(
+            empty_batch=False, qp_solver="clarabel", normalize_constraints=True, solve_type=solve_type
+        )
+        z = layer(
+            P.to_sparse_csc() if solve_type == "sparse" else P, q, C.to_sparse_csc() if solve_type == "sparse" else C, d
+        )[0]
         assert torch.allclose(z, torch.tensor([-1.5, -1.5], dtype=F64), atol=1e-8), (s, z)
 
 
@@ -285,8 +295,11 @@ def test_scale_invariance_of_the_verified_solution():
 
 def test_unconstrained_problem_is_solved_without_a_solver():
     n = 300
-    P = torch.diag(torch.full((n,), 4.0, dtype=F64)) - torch.diag(torch.ones(n - 1, dtype=F64), 1) \
+    P = (
+        torch.diag(torch.full((n,), 4.0, dtype=F64))
+        - torch.diag(torch.ones(n - 1, dtype=F64), 1)
         - torch.diag(torch.ones(n - 1, dtype=F64), -1)
+    )
     q = torch.ones(n, dtype=F64)
     layer = dQP.dQP_layer(empty_batch=False)
     z = layer(P, q)[0]

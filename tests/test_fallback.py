@@ -1,4 +1,5 @@
 """The fallback_solver chain: when qp_solver fails on an element, other solvers are tried in turn."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -34,11 +35,17 @@ def _double(name: str, description: str, answer):
 
 
 # no solution (like a solver that crashed); Clarabel with a call log; an inaccurate "solved" point
-_Failing = _double("test_failing", "always fails",
-                   lambda *data: RawSolution(None, None, None, Status.SOLVER_ERROR, info={"raw_status": "boom"}))
+_Failing = _double(
+    "test_failing",
+    "always fails",
+    lambda *data: RawSolution(None, None, None, Status.SOLVER_ERROR, info={"raw_status": "boom"}),
+)
 _Counting = _double("test_counting", "Clarabel with a call log", lambda *data: get_solver("clarabel").solve(*data))
-_Sloppy = _double("test_sloppy", "an inaccurate 'solved' point",
-                  lambda *data: RawSolution(np.array([1.5, 0.0]), None, None, Status.SOLVED))
+_Sloppy = _double(
+    "test_sloppy",
+    "an inaccurate 'solved' point",
+    lambda *data: RawSolution(np.array([1.5, 0.0]), None, None, Status.SOLVED),
+)
 
 
 DOUBLES = (_Failing, _Counting, _Sloppy)
@@ -64,15 +71,18 @@ def _qp():
 
 
 def test_failed_solver_is_rescued_by_the_chain_in_order():
-    layer = dQP.dQP_layer(settings=dQP.build_settings(empty_batch=False, qp_solver="test_failing",
-                                                      fallback_solver=("test_failing", "test_counting")))
+    layer = dQP.dQP_layer(
+        settings=dQP.build_settings(
+            empty_batch=False, qp_solver="test_failing", fallback_solver=("test_failing", "test_counting")
+        )
+    )
     P, q, C, d = _qp()
     z = layer(P, q, C, d)[0]
     assert torch.allclose(z.detach(), torch.tensor([1.0, 0.0], dtype=torch.float64), atol=1e-8)
-    assert CALLS == ["test_failing", "test_counting"]           # the primary is not retried
+    assert CALLS == ["test_failing", "test_counting"]  # the primary is not retried
     assert layer.info.verified == [True]
     assert any("test_counting" in msg for msg in layer.info.messages)
-    g, = torch.autograd.grad(z[0], q)
+    (g,) = torch.autograd.grad(z[0], q)
     assert torch.allclose(g, torch.tensor([-1.0, 0.0], dtype=torch.float64), atol=1e-8)
 
 
@@ -90,19 +100,26 @@ def test_unverified_answer_triggers_the_chain(on_unverified):
     # the sloppy point (1.5, 0) puts the row z₁ ≤ 2 out of the active set; without repairs its polish
     # (z = (3, 0)) fails the KKT check, so the answer is unverified, and too far from the KKT
     # conditions to be returned: without the chain it is a failure
-    layer = dQP.dQP_layer(settings=dQP.build_settings(empty_batch=False, qp_solver="test_sloppy", refine_active=False,
-                                                      on_failure="mask",
-                                                      fallback_solver=("test_counting",),
-                                                      fallback_on_unverified=on_unverified))
+    layer = dQP.dQP_layer(
+        settings=dQP.build_settings(
+            empty_batch=False,
+            qp_solver="test_sloppy",
+            refine_active=False,
+            on_failure="mask",
+            fallback_solver=("test_counting",),
+            fallback_on_unverified=on_unverified,
+        )
+    )
     P, q, C, d = _qp_strong()
     if on_unverified:
         z = layer(P, q, C, d)[0]
         assert CALLS == ["test_sloppy", "test_counting"]
         assert layer.info.verified == [True]
         assert torch.allclose(z.detach(), torch.tensor([2.0, 0.0], dtype=torch.float64), atol=1e-8)
-        assert any("could not be verified; solved by fallback_solver 'test_counting'" in msg
-                   for msg in layer.info.messages)
-        gd, = torch.autograd.grad(z[0], d)
+        assert any(
+            "could not be verified; solved by fallback_solver 'test_counting'" in msg for msg in layer.info.messages
+        )
+        (gd,) = torch.autograd.grad(z[0], d)
         assert torch.allclose(gd, torch.ones(1, dtype=torch.float64), atol=1e-8)
     else:
         layer(P, q, C, d)
@@ -112,32 +129,44 @@ def test_unverified_answer_triggers_the_chain(on_unverified):
 
 def test_unverified_answer_is_judged_when_no_fallback_verifies():
     """The chain's note survives; the far-off point is then a failure (issue 23 #6), not a warned answer."""
-    layer = dQP.dQP_layer(settings=dQP.build_settings(empty_batch=False, qp_solver="test_sloppy", refine_active=False,
-                                                      fallback_solver=("test_failing",), on_failure="mask"))
+    layer = dQP.dQP_layer(
+        settings=dQP.build_settings(
+            empty_batch=False,
+            qp_solver="test_sloppy",
+            refine_active=False,
+            fallback_solver=("test_failing",),
+            on_failure="mask",
+        )
+    )
     layer(*_qp_strong())
     assert CALLS == ["test_sloppy", "test_failing"]
     assert layer.info.verified == [False]
     assert layer.info.status == [Status.NUMERICAL]
-    assert any("no fallback verified it (test_failing: SOLVER_ERROR)" in msg and "far from the KKT" in msg
-               for msg in layer.info.messages)
+    assert any(
+        "no fallback verified it (test_failing: SOLVER_ERROR)" in msg and "far from the KKT" in msg
+        for msg in layer.info.messages
+    )
     with pytest.raises(SolverFailedError, match="far from the KKT conditions"):
-        dQP.dQP_layer(settings=dQP.build_settings(qp_solver="test_sloppy", refine_active=False,
-                                                  fallback_solver=None))(*_qp_strong())
+        dQP.dQP_layer(settings=dQP.build_settings(qp_solver="test_sloppy", refine_active=False, fallback_solver=None))(
+            *_qp_strong()
+        )
 
 
 def test_no_fallback_raises_with_the_solvers_message():
-    layer = dQP.dQP_layer(settings=dQP.build_settings(empty_batch=False, qp_solver="test_failing", fallback_solver=None))
+    layer = dQP.dQP_layer(
+        settings=dQP.build_settings(empty_batch=False, qp_solver="test_failing", fallback_solver=None)
+    )
     with pytest.raises(SolverFailedError, match="boom"):
         layer(*_qp())
     assert CALLS == ["test_failing"]
 
 
 def test_duplicates_and_the_primary_are_skipped():
-    s = dQP.build_settings(qp_solver="test_failing", fallback_solver=["test_failing", "test_counting",
-                                                                      "test_counting"])
+    s = dQP.build_settings(qp_solver="test_failing", fallback_solver=["test_failing", "test_counting", "test_counting"])
     assert s.fallback_solver == ("test_failing", "test_counting")
-    layer = dQP.dQP_layer(settings=dQP.build_settings(empty_batch=False, qp_solver="test_failing",
-                                                      fallback_solver=["test_failing"]))
+    layer = dQP.dQP_layer(
+        settings=dQP.build_settings(empty_batch=False, qp_solver="test_failing", fallback_solver=["test_failing"])
+    )
     with pytest.raises(SolverFailedError):
         layer(*_qp())
     assert CALLS == ["test_failing"]
@@ -149,8 +178,11 @@ def test_infeasibility_certificate_ends_the_chain():
     q = torch.zeros(1, dtype=torch.float64)
     C = torch.tensor([[1.0], [-1.0]], dtype=torch.float64)
     d = torch.tensor([-1.0, -1.0], dtype=torch.float64)
-    layer = dQP.dQP_layer(settings=dQP.build_settings(empty_batch=False, qp_solver="test_failing",
-                                                      fallback_solver=("clarabel", "test_counting")))
+    layer = dQP.dQP_layer(
+        settings=dQP.build_settings(
+            empty_batch=False, qp_solver="test_failing", fallback_solver=("clarabel", "test_counting")
+        )
+    )
     with pytest.raises(InfeasibleError):
         layer(P, q, C, d)
     assert CALLS == ["test_failing"]
@@ -160,11 +192,10 @@ def test_auto_is_the_installed_subset_in_order():
     s = dQP.build_settings()
     have = set(available_solvers())
     assert s.fallback_solver == tuple(x for x in AUTO_FALLBACKS if x in have)
-    assert s.fallback_solver[0] == "clarabel"                   # a core dependency
+    assert s.fallback_solver[0] == "clarabel"  # a core dependency
 
 
-@pytest.mark.parametrize("bad, err", [((3,), SettingsError), ("no_such_solver", SettingsError),
-                                      (1.5, SettingsError)])
+@pytest.mark.parametrize("bad, err", [((3,), SettingsError), ("no_such_solver", SettingsError), (1.5, SettingsError)])
 def test_bad_fallback_values(bad, err):
     with pytest.raises(err):
         dQP.build_settings(fallback_solver=bad)
@@ -198,6 +229,6 @@ def test_maros_meszaros_almostsolved_is_rescued(name):
 
 def test_time_limit_keywords_come_from_the_backend():
     assert get_solver("clarabel").time_limit_keywords(2.5) == {"time_limit": 2.5}
-    assert get_solver("test_counting").time_limit_keywords(2.5) == {}     # no limit: nothing passed
+    assert get_solver("test_counting").time_limit_keywords(2.5) == {}  # no limit: nothing passed
     if "highs" in available_solvers():
         assert get_solver("highs").time_limit_keywords(1) == {"time_limit": 1.0}

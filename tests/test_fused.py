@@ -8,6 +8,7 @@ to the torch loop's, which checks every iteration on the CPU as the kernel does.
 shuffles emulated, against the one-thread build. The CUDA tests (marked, skipped without a GPU)
 run the real kernel.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -40,10 +41,13 @@ def _kernel_emu(**kernel) -> IPMOptions:
     """Graphs emulated on the CPU (test_ipm.EMU) with the kernel's default mode ("auto")."""
     return EMU().replace(kernel=dict(mode="auto", **kernel))
 
+
 F64, F32 = torch.float64, torch.float32
 
-needs_cxx = pytest.mark.skipif(not (shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")),
-                               reason="the kernel's C++ build needs a C++ compiler")
+needs_cxx = pytest.mark.skipif(
+    not (shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")),
+    reason="the kernel's C++ build needs a C++ compiler",
+)
 cuda = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
 
@@ -59,13 +63,13 @@ def _qpth_problem(B, n, m, seed=0, device="cpu"):
 
 
 def _same_as_loop(data, tol=1e-8, device="cpu", options=DEFAULT, **kw):
-    kw.setdefault("form", "dual")        # (m > n: "auto" would take the primal form, which has no kernel)
+    kw.setdefault("form", "dual")  # (m > n: "auto" would take the primal form, which has no kernel)
     kw["options"] = options
     loop = ipm_solve(*data, fused=False, check_every=1, **kw)
     fus = ipm_solve(*data, fused=True, **kw)
     assert loop.form == fus.form == "dual"
     assert torch.equal(fus.status, loop.status)
-    if device == "cpu":          # (the same arithmetic up to summation order: the same iterations)
+    if device == "cpu":  # (the same arithmetic up to summation order: the same iterations)
         assert torch.equal(fus.iterations, loop.iterations)
     ok = fus.status == int(Status.SOLVED)
     for a, b in ((fus.z, loop.z), (fus.mu, loop.mu), (fus.lam, loop.lam), (fus.s, loop.s)):
@@ -96,7 +100,7 @@ def test_cpu_build_matches_torch_loop(n, m, p, shared, cpu_build):
     fus, _ = _same_as_loop(data, options=cpu_build)
     assert bool((fus.status == int(Status.SOLVED)).all())
     if z0 is not None:
-        assert _rel(fus.z, z0) <= 1e-6          # the known solution
+        assert _rel(fus.z, z0) <= 1e-6  # the known solution
 
 
 @needs_cxx
@@ -104,7 +108,7 @@ def test_cpu_build_qpth_generator_and_infeasible_element(cpu_build):
     Q, p, G, h = _qpth_problem(10, 20, 20, seed=4)
     G, h = G.clone(), h.clone()
     G[3, 1] = -G[3, 0]
-    h[3, 0] = h[3, 1] = -1.0               # g·z ≤ −1 and −g·z ≤ −1
+    h[3, 0] = h[3, 1] = -1.0  # g·z ≤ −1 and −g·z ≤ −1
     fus, _ = _same_as_loop((Q, p, G, h, None, None), tol=1e-7, options=cpu_build)
     expect = torch.full((10,), int(Status.SOLVED))
     expect[3] = int(Status.PRIMAL_INFEASIBLE)
@@ -141,6 +145,7 @@ def test_graphed_setup_hands_the_kernel_a_minimal_state(monkeypatch):
     of the same shape gets the whole state from a graph of its own."""
     import dqp.solvers.ipm as ipm
     from dqp.solvers.ipm.start import _FUSED_STATE
+
     P, q, C, d, A, b, *_ = known_qp(5, 7, 9, 2, seed=5)
     eager = ipm_solve(P, q, C, d, A, b, fused=True, cuda_graph=False)
     opts = _kernel_emu()
@@ -152,14 +157,15 @@ def test_graphed_setup_hands_the_kernel_a_minimal_state(monkeypatch):
     def spy(*a, **k):
         seen["state"] = sorted(a[12])
         return real(*a, **k)
-    monkeypatch.setattr(fused, "solve_dual", spy)          # (a spy: the state the kernel is handed)
+
+    monkeypatch.setattr(fused, "solve_dual", spy)  # (a spy: the state the kernel is handed)
     g = ipm_solve(P, q, C, d, A, b, fused=True, options=opts)
     assert seen["state"] == sorted(_FUSED_STATE)
-    assert graph_stats()["captures"] - c0["captures"] == 1          # the setup graph only
+    assert graph_stats()["captures"] - c0["captures"] == 1  # the setup graph only
     assert torch.equal(g.status, eager.status) and torch.equal(g.iterations, eager.iterations)
     assert _rel(g.z, eager.z) <= 1e-12 and _rel(g.mu, eager.mu) <= 1e-12
     loop = ipm_solve(P, q, C, d, A, b, fused=False, check_every=1, options=opts)
-    assert graph_stats()["captures"] - c0["captures"] == 3          # + its setup and iterations
+    assert graph_stats()["captures"] - c0["captures"] == 3  # + its setup and iterations
     assert torch.equal(loop.status, g.status)
     ipm.clear_graph_cache()
 
@@ -182,6 +188,7 @@ def test_a_fallback_leaves_the_other_elements_to_the_kernels_polish():
         z, _, _, _, active = solve_qp_batch(*ins, fused=fused_flag, form="dual")
         z[:, 1].sum().backward()
         return [z.detach(), active] + [t.grad for t in ins]
+
     got, ref = run((P, q, C, d), True), run((P, q, C, d), False)
     alone = run((P[:1], q[:1], C[:1], d[:1]), True)
     for a, b, c in zip(got, ref, alone):
@@ -198,6 +205,7 @@ def test_graphed_layer_with_the_kernel_interleaved_calls():
     and the backward graph gets the polish's few raw tensors."""
     import dqp.solvers.ipm as ipm
     from dqp.solvers.ipm.graphs import _FN_GRAPHS
+
     data = [_qpth_problem(6, 9, 12, seed=s) for s in (7, 8)]
     w = torch.randn(6, 9, dtype=F64, generator=torch.Generator().manual_seed(3))
     opts = _kernel_emu()
@@ -213,6 +221,7 @@ def test_graphed_layer_with_the_kernel_interleaved_calls():
             (w * z).sum().backward()
             res.append([z.detach()] + [t.grad for t in ins])
         return res
+
     ref = grads(eager=True)
     ipm.clear_graph_cache()
     c0 = graph_stats()
@@ -221,16 +230,23 @@ def test_graphed_layer_with_the_kernel_interleaved_calls():
         for x, y in zip(a, b):
             assert _rel(x, y) <= 1e-10
     # one backward graph, replayed by the second call; its inputs (names in the cache key)
-    bwd = [{e[0] for e in key if isinstance(e, tuple) and len(e) == 4 and isinstance(e[0], str)}
-           for key in _FN_GRAPHS if key[0] == "dqp_backward"]
+    bwd = [
+        {e[0] for e in key if isinstance(e, tuple) and len(e) == 4 and isinstance(e[0], str)}
+        for key in _FN_GRAPHS
+        if key[0] == "dqp_backward"
+    ]
     assert len(bwd) == 1 and graph_stats()["hits"] - c0["hits"] >= 1
     assert all("LS" in n and "Abar" not in n and "HiAbt" not in n for n in bwd)
     ipm.clear_graph_cache()
 
 
-@pytest.mark.parametrize("device,tol", [
-    pytest.param("cpu", 1e-10, marks=needs_cxx, id="cpu-emulated-graphs"),
-    pytest.param("cuda", 1e-8, marks=cuda, id="cuda")])
+@pytest.mark.parametrize(
+    "device,tol",
+    [
+        pytest.param("cpu", 1e-10, marks=needs_cxx, id="cpu-emulated-graphs"),
+        pytest.param("cuda", 1e-8, marks=cuda, id="cuda"),
+    ],
+)
 def test_deferred_setup_test_that_fails_solves_again(monkeypatch, device, tol):
     """The graphed setup's dual-form test is read after the kernel's launch (on CUDA from pinned
     memory); where it fails (here an element with an indefinite P) the kernel's answer is dropped
@@ -238,6 +254,7 @@ def test_deferred_setup_test_that_fails_solves_again(monkeypatch, device, tol):
     that shape test first, with no wasted kernel run."""
     import dqp.solvers.ipm as ipm
     from dqp.solvers.ipm.graphs import _SETUP_DEFER_FAILED
+
     P, q, C, d, A, b, *_ = known_qp(4, 7, 9, 2, seed=6, device=device)
     P = P.clone()
     P[2] = -P[2]
@@ -247,7 +264,7 @@ def test_deferred_setup_test_that_fails_solves_again(monkeypatch, device, tol):
     ipm.clear_graph_cache()
     runs = []
     real = fused.solve_dual
-    monkeypatch.setattr(fused, "solve_dual", lambda *a, **k: runs.append(1) or real(*a, **k))   # (counts launches)
+    monkeypatch.setattr(fused, "solve_dual", lambda *a, **k: runs.append(1) or real(*a, **k))  # (counts launches)
     for _ in range(2):
         g = ipm_solve(P, q, C, d, A, b, options=opts)
         assert len(runs) == 1 and g.form == "primal" and not g.fused
@@ -270,7 +287,7 @@ def test_auto_on_cpu_takes_the_cpp_build_unless_switched_off():
 
 def test_auto_on_cpu_keeps_the_torch_loop_when_the_build_fails(caplog):
     P, q, C, d, A, b, *_ = known_qp(3, 5, 6, 1, seed=0)
-    opts = IPMOptions(kernel=KernelOptions(compiler="false"))          # a "compiler" that always fails
+    opts = IPMOptions(kernel=KernelOptions(compiler="false"))  # a "compiler" that always fails
     with caplog.at_level("WARNING", logger="dqp.solvers.fused"):
         res = ipm_solve(P, q, C, d, A, b, options=opts)
     assert bool((res.status == 0).all()) and not res.fused
@@ -300,8 +317,16 @@ def test_fused_true_where_it_does_not_apply_raises(what):
 def test_solve_dual_rejects_what_it_cannot_run():
     P, q, C, d, *_ = known_qp(2, 4, 5, 0, seed=0)
     st = dict(z=q.clone(), s=d.clone(), mu=d.clone(), lam=q.new_zeros(2, 0), delta=q.new_ones(2))
-    kw = dict(max_iter=5, stall_iters=5, separate_steps=True, eps=1e-9, eps_inf=1e-7, step_fraction=0.99,
-              reg_d=1e-12, wlo=1e-60)
+    kw = dict(
+        max_iter=5,
+        stall_iters=5,
+        separate_steps=True,
+        eps=1e-9,
+        eps_inf=1e-7,
+        step_fraction=0.99,
+        reg_d=1e-12,
+        wlo=1e-60,
+    )
     norms = dict(pscale=q.new_ones(2), qnorm=q.new_ones(2))
     M = torch.eye(5, dtype=F64)
     with pytest.raises(SettingsError, match="float64 data only"):
@@ -309,8 +334,9 @@ def test_solve_dual_rejects_what_it_cannot_run():
     with pytest.raises(SettingsError, match="no constraints"):
         fused.solve_dual(P, q, None, None, None, None, M, M, q, d, norms, M[0, 0], st, **kw)
     with pytest.raises(SettingsError, match="no build for device type"):
-        fused.solve_dual(P.to("meta"), q.to("meta"), C.to("meta"), d.to("meta"), None, None, M, M, q, d,
-                         norms, M[0, 0], st, **kw)
+        fused.solve_dual(
+            P.to("meta"), q.to("meta"), C.to("meta"), d.to("meta"), None, None, M, M, q, d, norms, M[0, 0], st, **kw
+        )
     with pytest.raises(SettingsError, match="needs row_scale"):
         fused.solve_dual(P, q, C, d, None, None, M, M, q, d, norms, M[0, 0], st, polish_rounds=3, **kw)
 
@@ -325,6 +351,7 @@ def test_polish_rounds_are_checked(bad):
 def _torch_polish(P, q, C, d, A, b, res, rounds=3):
     """dqp.ipm_layer's masked polish (the one its CUDA graph runs) from the IPM point of ``res``."""
     from dqp.ipm_layer import _polish_masked, classify_active
+
     solved = res.status == int(Status.SOLVED)
     act = classify_active(C, res.s, res.mu) & solved.unsqueeze(-1) if C is not None else None
     return _polish_masked(P, q, C, d, A, b, res.z, res.lam, res.mu, act, solved, res.factors, rounds, DEFAULT)
@@ -402,7 +429,7 @@ def _check_kernel_polish(data, eps, rounds=3, options=DEFAULT):
             assert _rel(a[ok], t[ok]) <= 1e-9
     keep = ~fb & (base.status == int(Status.SOLVED))
     assert _rel(kp["LS"][keep], torch.tril(kkt.LS.L)[keep]) <= 1e-10
-    assert torch.equal(res.z[~pol], base.z[~pol])       # not accepted: the IPM point
+    assert torch.equal(res.z[~pol], base.z[~pol])  # not accepted: the IPM point
     return res, base, pol, fb
 
 
@@ -412,9 +439,10 @@ def test_layer_takes_the_kernels_polish_and_falls_back_where_it_must(monkeypatch
     gradients match the torch loop's; where the kernel reports a fallback (eps = 1e-2 on this batch:
     an element's reduced system fails the pivot test) the torch polish runs instead."""
     import dqp.ipm_layer as il
+
     calls = []
     real = il.polish
-    monkeypatch.setattr(il, "polish", lambda *a, **k: calls.append(1) or real(*a, **k))     # (a spy)
+    monkeypatch.setattr(il, "polish", lambda *a, **k: calls.append(1) or real(*a, **k))  # (a spy)
     Q, p, G, h = _qpth_problem(64, 20, 30, seed=1)
     w = torch.randn(64, 20, dtype=F64, generator=torch.Generator().manual_seed(2))
     for eps, torch_polish in ((None, False), (1e-2, True)):
@@ -435,14 +463,14 @@ def test_layer_takes_the_kernels_polish_and_falls_back_where_it_must(monkeypatch
 
 def test_missing_compiler_is_a_clear_error(monkeypatch):
     monkeypatch.delenv("CXX", raising=False)
-    monkeypatch.setattr(fused.shutil, "which", lambda name: None)        # (no compiler on the PATH)
+    monkeypatch.setattr(fused.shutil, "which", lambda name: None)  # (no compiler on the PATH)
     with pytest.raises(SolverNotAvailableError, match="needs a C\\+\\+ compiler"):
         fused._cpu_library(7, compiler="")
 
 
 def test_compile_failure_is_a_clear_error(tmp_path):
     with pytest.raises(SolverNotAvailableError, match="compiling the kernel failed"):
-        fused._cpu_library(7, compiler="false", cache_dir=tmp_path)      # a "compiler" that always fails
+        fused._cpu_library(7, compiler="false", cache_dir=tmp_path)  # a "compiler" that always fails
 
 
 def test_tiles_and_shared_memory():
@@ -454,14 +482,15 @@ def test_tiles_and_shared_memory():
     assert fused.smem_bytes(100, 100, 0, threads=512) <= 227 * 1024
     assert fused.smem_bytes(fused.KMAX, fused.KMAX, 0, threads=512) <= 227 * 1024
     cpu = torch.device("cpu")
-    assert not fused.fused_available(cpu, F64, 10, 0, 0)                      # no constraints
-    assert not fused.fused_available(cpu, F32, 10, 10, 0)                     # float64 only
-    assert not fused.fused_available(cpu, F64, 10, KernelOptions().cpu_kmax + 1, 0)     # too large for the C++ build
+    assert not fused.fused_available(cpu, F64, 10, 0, 0)  # no constraints
+    assert not fused.fused_available(cpu, F32, 10, 10, 0)  # float64 only
+    assert not fused.fused_available(cpu, F64, 10, KernelOptions().cpu_kmax + 1, 0)  # too large for the C++ build
 
 
 # ------------------------------------------------------------------------------------------------
 # CUDA: the real kernel
 # ------------------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("n,m,p,shared", CASES)
 @pytest.mark.parametrize("_", [0], ids=["cuda"])
@@ -514,6 +543,7 @@ def test_cuda_auto_uses_the_kernel_and_gradients_match():
     def spy(*a, **k):
         calls.append(1)
         return real(*a, **k)
+
     w = torch.randn(64, 30, dtype=F64, device="cuda")
     out = {}
     for flag in (None, False):
@@ -525,15 +555,16 @@ def test_cuda_auto_uses_the_kernel_and_gradients_match():
             fused.solve_dual = real
         (w * z).sum().backward()
         out[flag] = [z.detach()] + [t.grad for t in ins]
-    assert len(calls) == 1                         # the automatic choice took the kernel
+    assert len(calls) == 1  # the automatic choice took the kernel
     for a, b in zip(out[None], out[False]):
         assert _rel(a, b) <= 1e-8
 
 
 def test_float32_widening_for_the_kernel_is_cuda_only_and_optional():
     import dqp.ipm_layer as lay
+
     P, q, C, d, A, b, *_ = known_qp(3, 5, 6, 1, seed=0, dtype=F32)
-    assert not lay._fused_widen(P, C, A, {})                     # CPU: the kernel is not automatic
+    assert not lay._fused_widen(P, C, A, {})  # CPU: the kernel is not automatic
     assert not lay._fused_widen(P, C, A, {"fused": False})
 
 
@@ -543,6 +574,7 @@ def test_float32_data_widened_for_the_kernel():
     GPU's float32 path otherwise): solved, polished and differentiated in float64, returned in
     float32 — the same answer and gradients as float64 data, to float32 rounding."""
     import dqp.ipm_layer as lay
+
     opts = IPMOptions(widen_on_cpu=False)
     assert lay._fused_widen(*(t.float() for t in known_qp(2, 6, 8, 2)[0:5:2]), {"fused": True, "options": opts})
     P, q, C, d, A, b, *_ = known_qp(4, 6, 8, 2, seed=9)
@@ -574,7 +606,7 @@ def test_refine_is_not_run_by_the_kernel():
     with pytest.raises(SettingsError, match="refine=1"):
         ipm_solve(P, q, C, d, A, b, fused=True, refine=1)
     res = ipm_solve(P, q, C, d, A, b, refine=1)
-    assert bool((res.status == 0).all()) and not res.fused                     # auto: the torch loop
+    assert bool((res.status == 0).all()) and not res.fused  # auto: the torch loop
 
 
 def test_cuda_build_failure_keeps_the_torch_loop(caplog):
@@ -582,7 +614,7 @@ def test_cuda_build_failure_keeps_the_torch_loop(caplog):
     opts = KernelOptions(nvrtc_options=("--dqp-no-such-option",))
     with caplog.at_level("WARNING", logger="dqp.solvers.fused"):
         assert not fused._cuda_build_available(torch.device("cuda", 0), 50, opts)
-        assert not fused._cuda_build_available(torch.device("cuda", 0), 50, opts)    # remembered
+        assert not fused._cuda_build_available(torch.device("cuda", 0), 50, opts)  # remembered
     assert caplog.text.count("could not be built") == 1
 
 
@@ -590,7 +622,7 @@ def test_build_cache_directory_is_private(tmp_path):
     assert fused._cache_dir(env=str(tmp_path / "mine")) == tmp_path / "mine"
     d = fused._cache_dir(env="", tmp=str(tmp_path))
     assert d.parent == tmp_path and (d.stat().st_mode & 0o777) == 0o700
-    d.chmod(0o777)                                       # writable by others: not used
+    d.chmod(0o777)  # writable by others: not used
     other = fused._cache_dir(env="", tmp=str(tmp_path))
     assert other != d and (other.stat().st_mode & 0o022) == 0
 
@@ -603,7 +635,7 @@ def test_cpu_pool_is_remade_after_fork(monkeypatch):
     two = IPMOptions(kernel=KernelOptions(cpu_threads=2))
     r1 = ipm_solve(P, q, C, d, A, b, fused=True, options=two)
     old = fused._pool
-    monkeypatch.setattr(fused, "_pool_pid", -1)               # as if inherited from a parent
+    monkeypatch.setattr(fused, "_pool_pid", -1)  # as if inherited from a parent
     r2 = ipm_solve(P, q, C, d, A, b, fused=True, options=two)
     assert fused._pool is not old and fused._pool_pid > 0
     r3 = ipm_solve(P, q, C, d, A, b, fused=True, options=IPMOptions(kernel=KernelOptions(cpu_threads=1)))
@@ -616,8 +648,11 @@ def test_cpu_fused_under_a_forked_dataloader_worker():
     """The CPU build in a forked child process (DataLoader workers fork after the parent used it),
     with the batch split over the child's own pool."""
     import multiprocessing as mp
+
     P, q, C, d, A, b, *_ = known_qp(4, 6, 8, 1, seed=6)
-    ipm_solve(P, q, C, d, A, b, fused=True, options=IPMOptions(kernel=KernelOptions(cpu_threads=2)))   # the parent's pool
+    ipm_solve(
+        P, q, C, d, A, b, fused=True, options=IPMOptions(kernel=KernelOptions(cpu_threads=2))
+    )  # the parent's pool
     assert fused._pool is not None
     ctx = mp.get_context("fork")
     with ctx.Pool(1) as pool:
@@ -646,6 +681,7 @@ def _threaded_library(threads: int, k: int):
     import subprocess
     import tempfile
     from pathlib import Path
+
     if (threads, k) in _threaded_libs:
         return _threaded_libs[threads, k]
     rr, rc = fused._tiles(k, "cuda", threads)
@@ -654,8 +690,23 @@ def _threaded_library(threads: int, k: int):
     src.write_text(fused._source())
     lib = d / "k.so"
     cxx = fused._compiler()
-    cmd = [cxx, "-std=c++20", "-O1", "-pthread", "-shared", "-fPIC", "-DDQP_CPU", "-DDQP_CPU_TILES",
-           "-DDQP_CPU_THREADS", f"-DDQP_THREADS={threads}", f"-DDQP_RR={rr}", f"-DDQP_RC={rc}", str(src), "-o", str(lib)]
+    cmd = [
+        cxx,
+        "-std=c++20",
+        "-O1",
+        "-pthread",
+        "-shared",
+        "-fPIC",
+        "-DDQP_CPU",
+        "-DDQP_CPU_TILES",
+        "-DDQP_CPU_THREADS",
+        f"-DDQP_THREADS={threads}",
+        f"-DDQP_RR={rr}",
+        f"-DDQP_RC={rc}",
+        str(src),
+        "-o",
+        str(lib),
+    ]
     res = subprocess.run(cmd, capture_output=True, text=True)
     if res.returncode != 0 and ("c++20" in res.stderr or "barrier" in res.stderr):
         pytest.skip(f"the C++ compiler has no C++20 (std::barrier): {res.stderr[-300:]}")
@@ -668,8 +719,9 @@ def _threaded_library(threads: int, k: int):
     so.dqp_threads_schedule.restype = None
     so.dqp_threads_schedule.argtypes = [ctypes.c_int]
     so.dqp_ipm_dual_threads.restype = None
-    so.dqp_ipm_dual_threads.argtypes = ([ptr, i32] * 8 + [ptr] * 3 + [ptr] * 5 + [ptr] * 6 + [ptr] * 4
-                                        + [i32] * 7 + [f64] * 7 + [i32] * 3)
+    so.dqp_ipm_dual_threads.argtypes = (
+        [ptr, i32] * 8 + [ptr] * 3 + [ptr] * 5 + [ptr] * 6 + [ptr] * 4 + [i32] * 7 + [f64] * 7 + [i32] * 3
+    )
     so.dqp_chol_block_threads.restype = None
     so.dqp_chol_block_threads.argtypes = [ptr, i32, i32, i32, ptr, ptr, i32, i32, i32]
     _threaded_libs[threads, k] = so
@@ -701,24 +753,32 @@ def test_register_tile_factorization_with_several_warps(threads, k):
         if case == "indefinite":
             Sd = Sd - 2.0 * float(torch.linalg.eigvalsh(M).max())
         W = torch.full((k * ld + pad,), float("nan"), dtype=F64)
-        Wm = W[:k * ld].view(k, ld)
-        Wm[:, :k] = 1e300 * torch.randn(k, k, generator=g, dtype=F64)        # garbage above
+        Wm = W[: k * ld].view(k, ld)
+        Wm[:, :k] = 1e300 * torch.randn(k, k, generator=g, dtype=F64)  # garbage above
         low = torch.tril(torch.ones(k, k, dtype=torch.bool), -1)
         Wm[:, :k][low] = M[low]
         invd = torch.zeros(k, dtype=F64)
-        Mdg = torch.diagonal(M).clone()                     # (held: ctypes gets its pointer)
+        Mdg = torch.diagonal(M).clone()  # (held: ctypes gets its pointer)
         x = torch.randn(k, generator=g, dtype=F64)
         xs = x.clone()
-        ok = fn(W.data_ptr(), Mdg.data_ptr(), Sd.data_ptr(), k, ld, invd.data_ptr(),
-                None if cm is None else cm.data_ptr(), xs.data_ptr())
-        assert torch.equal(Wm[:, :k][low], M[low])                       # the lower triangle (M) untouched
+        ok = fn(
+            W.data_ptr(),
+            Mdg.data_ptr(),
+            Sd.data_ptr(),
+            k,
+            ld,
+            invd.data_ptr(),
+            None if cm is None else cm.data_ptr(),
+            xs.data_ptr(),
+        )
+        assert torch.equal(Wm[:, :k][low], M[low])  # the lower triangle (M) untouched
         if case == "indefinite":
             assert ok == 0
             continue
         assert ok == 1
         S = (M * cm[:, None] * cm[None, :] if cm is not None else M) + torch.diag(Sd)
-        U = torch.linalg.cholesky(S).T                                      # S = UᵀU, U upper
-        Ut = torch.diagonal(U)[:, None] * U                                 # Ũ = D^{1/2} U
+        U = torch.linalg.cholesky(S).T  # S = UᵀU, U upper
+        Ut = torch.diagonal(U)[:, None] * U  # Ũ = D^{1/2} U
         got = torch.triu(Wm[:, :k])
         assert (got - Ut).abs().max() <= 1e-12 * Ut.abs().max()
         assert (invd - 1.0 / torch.diagonal(Ut)).abs().max() <= 1e-12 * (1.0 / torch.diagonal(Ut)).abs().max()
@@ -734,14 +794,21 @@ def test_blocked_diagonal_kernel_with_several_warps(threads, k, nb, schedule):
     (CPU, -DDQP_CPU_THREADS, NaN-filled shared memory; serialized schedules make races show): the
     library's factor and info through blocked_cholesky, blocks of the built size and a smaller last one."""
     from dqp.linsolve.blocked import blocked_cholesky, block_starts
+
     lib = _threaded_library(threads, nb)
     g = torch.Generator().manual_seed(k)
     X = torch.randn(3, k, k, generator=g, dtype=F64)
     M = X @ X.mT / k + 0.1 * torch.eye(k, dtype=F64)
-    M[2, k - 5, k - 5] = -1.0                               # not positive definite from row k − 5
-    diag = lambda W, j0, j1, info: fused.chol_block(W, j0, j1, info, tile=nb,       # noqa: E731
-                                                    cpu_function=lambda tile: lib.dqp_chol_block_threads,
-                                                    cpu_threads=2)
+    M[2, k - 5, k - 5] = -1.0  # not positive definite from row k − 5
+    diag = lambda W, j0, j1, info: fused.chol_block(
+        W,
+        j0,
+        j1,
+        info,
+        tile=nb,  # noqa: E731
+        cpu_function=lambda tile: lib.dqp_chol_block_threads,
+        cpu_threads=2,
+    )
     lib.dqp_threads_schedule(_SCHEDULES[schedule])
     try:
         L, dinv, info = blocked_cholesky(M, nb, diag_factor=diag)
@@ -779,7 +846,7 @@ def test_two_stage_polish_matches_one_stage(cpu_build):
     loose = ipm_solve(*data, eps=1e-5, **kw)
     two = ipm_solve(*data, eps=1e-8, polish_eps=1e-5, **kw)
     rej = (loose.status == int(Status.SOLVED)) & ~loose.polish["polished"]
-    assert 0 < int(rej.sum()) < 64                        # the second stage ran for some elements
+    assert 0 < int(rej.sum()) < 64  # the second stage ran for some elements
     assert bool(one.polish["polished"].all())
     assert torch.equal(two.status, one.status) and torch.equal(two.polish["polished"], one.polish["polished"])
     assert torch.equal(two.polish["active"], one.polish["active"])
@@ -789,7 +856,9 @@ def test_two_stage_polish_matches_one_stage(cpu_build):
     assert bool((two.iterations <= one.iterations).all()) and int(two.iterations.sum()) < int(one.iterations.sum())
     # without the polish there is no second stage: polish_eps is ignored
     plain = ipm_solve(*data, eps=1e-8, fused=True, form="dual", polish_eps=1e-5, options=cpu_build)
-    assert torch.equal(plain.iterations, ipm_solve(*data, eps=1e-8, fused=True, form="dual", options=cpu_build).iterations)
+    assert torch.equal(
+        plain.iterations, ipm_solve(*data, eps=1e-8, fused=True, form="dual", options=cpu_build).iterations
+    )
 
 
 @needs_cxx
@@ -798,14 +867,15 @@ def test_layer_two_stage_gradients_are_one_stage_gradients():
     and the gradients equal those of one stage on a batch where the loose point is rejected for some."""
     data = _nearly_lp(32, 40, seed=3)
     loose = ipm_solve(*data, eps=1e-5, fused=True, form="dual", polish_rounds=3)
-    assert int((~loose.polish["polished"]).sum()) > 0          # (the second stage has work here)
+    assert int((~loose.polish["polished"]).sum()) > 0  # (the second stage has work here)
     w = torch.randn(32, 40, dtype=F64, generator=torch.Generator().manual_seed(1))
     out = {}
     for stage_eps in (None, 1e-5):
         ins = [t.clone().requires_grad_() for t in data]
         diag = {}
-        z = solve_qp_batch(*ins, fused=True, form="dual", diagnostics=diag,
-                           options=IPMOptions(polish_stage_eps=stage_eps))[0]
+        z = solve_qp_batch(
+            *ins, fused=True, form="dual", diagnostics=diag, options=IPMOptions(polish_stage_eps=stage_eps)
+        )[0]
         (z * w).sum().backward()
         out[stage_eps] = (z.detach(), [t.grad for t in ins], diag["iterations"], diag["verified"])
     (z1, g1, it1, v1), (z2, g2, it2, v2) = out[None], out[1e-5]
@@ -833,9 +903,9 @@ def test_three_stage_polish_matches_one_stage(cpu_build):
     one = ipm_solve(*data, eps=1e-8, **kw)
     three = ipm_solve(*data, eps=1e-8, polish_eps=(1e-3, 1e-5), **kw)
     mid = ipm_solve(*data, eps=1e-5, polish_eps=1e-3, **kw)
-    rej = (mid.status == int(Status.SOLVED)) & ~mid.polish["polished"]      # rejected at 1e-3 and 1e-5
+    rej = (mid.status == int(Status.SOLVED)) & ~mid.polish["polished"]  # rejected at 1e-3 and 1e-5
     rej1 = ~ipm_solve(*data, eps=1e-3, **kw).polish["polished"]
-    assert int(rej1.sum()) > int(rej.sum()) > 0                              # all three stages ran
+    assert int(rej1.sum()) > int(rej.sum()) > 0  # all three stages ran
     assert torch.equal(three.status, one.status) and torch.equal(three.polish["polished"], one.polish["polished"])
     assert torch.equal(three.polish["active"], one.polish["active"])
     assert (three.z - one.z).abs().max() <= 1e-13 * one.z.abs().max()
@@ -852,6 +922,7 @@ def test_kernel_starting_point_is_the_setups(n, m, p, shared, cpu_build, monkeyp
     from dqp.linsolve.cholesky import cholesky
     from dqp.solvers.ipm.problem import _prepare
     from dqp.solvers.ipm.start import _init
+
     P, q, C, d, A, b, *_ = known_qp(6, n, m, p, seed=n + m + p)
     if shared:
         P, C, A = P[0], C[0], A[0]
@@ -862,7 +933,8 @@ def test_kernel_starting_point_is_the_setups(n, m, p, shared, cpu_build, monkeyp
     def spy(*a, **k):
         seen.update(a=a, k=k)
         return real(*a, **k)
-    monkeypatch.setattr(fused, "solve_dual", spy)          # (a spy: the arguments the kernel is given)
+
+    monkeypatch.setattr(fused, "solve_dual", spy)  # (a spy: the arguments the kernel is given)
     ipm_solve(*data, fused=True, form="dual", options=cpu_build)
     Pb, qb, Cb, db, Ab, bb, B, nn, mm, pp = _prepare(*data)
     torch_state = _init(Pb, qb, Cb, db, Ab, bb, B, nn, mm, pp, "dual", cholesky(Pb)[0])[-1]
@@ -895,8 +967,8 @@ THREADED_CASES = [
     (128, 12, 40, 0, 2, dict(polish_rounds=3), "down"),
     (128, 20, 33, 5, 2, dict(polish_rounds=0), "free"),
     (128, 20, 33, 5, 4, dict(polish_rounds=3, polish_eps=1e-1), "free"),
-    (384, 60, 60, 8, 2, dict(polish_rounds=3, polish_eps=1e-1), "free"),   # the CUDA build's block size
-    (64, 8, 10, 3, 6, dict(polish_rounds=3, polish_eps=(3e-1, 1e-1)), "up"),    # three stages
+    (384, 60, 60, 8, 2, dict(polish_rounds=3, polish_eps=1e-1), "free"),  # the CUDA build's block size
+    (64, 8, 10, 3, 6, dict(polish_rounds=3, polish_eps=(3e-1, 1e-1)), "up"),  # three stages
 ]
 _SCHEDULES = {"free": 0, "up": 1, "down": -1}
 
@@ -914,8 +986,9 @@ def _threaded_kernel_vs_one_thread(threads, n, m, p, B, opts, schedule):
     calls = []
 
     def run(*args):
-        calls.append((args[-5], args[-3], args[-2], args[-1]))          # (eps2, start, b0, b1)
+        calls.append((args[-5], args[-3], args[-2], args[-1]))  # (eps2, start, b0, b1)
         lib.dqp_ipm_dual_threads(*args)
+
     threaded = IPMOptions(kernel=KernelOptions(cpu_tiles=True, cpu_function=lambda k: run, cpu_threads=2))
     lib.dqp_threads_schedule(_SCHEDULES[schedule])
     try:
@@ -924,7 +997,7 @@ def _threaded_kernel_vs_one_thread(threads, n, m, p, B, opts, schedule):
         lib.dqp_threads_schedule(0)
     # start=True; the batch in chunks taken in turn by the two threads, every element once
     assert all(c[1] == 1 for c in calls) and sorted(r for c in calls for r in range(c[2], c[3])) == list(range(B))
-    assert all((c[0] > 0) == ("polish_eps" in opts) for c in calls)        # eps2: two stages
+    assert all((c[0] > 0) == ("polish_eps" in opts) for c in calls)  # eps2: two stages
     assert torch.equal(got.status, ref.status) and torch.equal(got.iterations, ref.iterations)
     assert bool((ref.status == int(Status.SOLVED)).all())
     for key in ("z", "s", "mu", "lam"):
@@ -953,7 +1026,7 @@ def test_whole_kernel_with_several_warps(threads, n, m, p, B, opts, schedule):
         # (every element polished: its active set is written again on acceptance, after barriers —
         # see test_threaded_kernel_active_set_of_a_rejected_polish for the one written before)
         assert bool(ref.polish["polished"].all())
-        if "polish_eps" in opts:         # (the cases exercise both stages)
+        if "polish_eps" in opts:  # (the cases exercise both stages)
             pe = opts["polish_eps"]
             loose = ipm_solve(*data, **dict(kw, eps=pe[-1] if isinstance(pe, tuple) else pe, polish_eps=None))
             again = ~loose.polish["polished"]
@@ -982,13 +1055,21 @@ def test_chol_solve_kernel_with_several_warps(threads, k, schedule):
     stride 0); and the C++ build."""
     lib = _threaded_library(threads, k)
     lib.dqp_chol_solve_vec_threads.restype = None
-    lib.dqp_chol_solve_vec_threads.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int,
-                                               ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int]
+    lib.dqp_chol_solve_vec_threads.argtypes = [
+        ctypes.c_void_p,
+        ctypes.c_int,
+        ctypes.c_int,
+        ctypes.c_int,
+        ctypes.c_void_p,
+        ctypes.c_int,
+        ctypes.c_int,
+        ctypes.c_int,
+    ]
     g = torch.Generator().manual_seed(k)
     X = torch.randn(3, k, k, generator=g, dtype=F64)
     L0 = torch.linalg.cholesky(X @ X.mT / k + 0.1 * torch.eye(k, dtype=F64))
     L = (L0 + torch.triu(1e300 * torch.randn(3, k, k, generator=g, dtype=F64), 1)).contiguous()
-    Lc = L.mT.contiguous().mT                              # column-major
+    Lc = L.mT.contiguous().mT  # column-major
     r = torch.randn(3, k, generator=g, dtype=F64)
     ref = torch.cholesky_solve(r.unsqueeze(-1), L0).squeeze(-1)
     ref_shared = torch.cholesky_solve(r.unsqueeze(-1), L0[1]).squeeze(-1)
@@ -1019,7 +1100,7 @@ def test_chol_solve_kernel_rejects_bad_arguments():
 def test_solve_kernel_policy():
     L = torch.eye(4, dtype=F64).expand(2, 4, 4).contiguous()
     r = torch.ones(2, 4, dtype=F64)
-    assert not CholeskyFactor(L)._solve_by_kernel(r)                         # CUDA only
+    assert not CholeskyFactor(L)._solve_by_kernel(r)  # CUDA only
     with pytest.raises(SettingsError, match="solve_kernel"):
         CholeskyOptions(solve_kernel="kernel")
 
@@ -1036,16 +1117,19 @@ def test_cuda_chol_solve_kernel_matches_library(k):
     r = torch.randn(5, k, generator=g, dtype=F64).cuda()
     ref = torch.cholesky_solve(r.unsqueeze(-1), L).squeeze(-1)
     assert _rel(fused.chol_solve_vec(L, r), ref) <= 1e-12
-    assert _rel(fused.chol_solve_vec(L.mT.contiguous().mT, r), ref) <= 1e-12          # column-major
-    Lx, _ = torch.linalg.cholesky_ex(L @ L.mT)                                         # the library's layout
+    assert _rel(fused.chol_solve_vec(L.mT.contiguous().mT, r), ref) <= 1e-12  # column-major
+    Lx, _ = torch.linalg.cholesky_ex(L @ L.mT)  # the library's layout
     fx, fl = CholeskyFactor(Lx), CholeskyFactor(L)
     assert fx._solve_by_kernel(r) and _rel(fx.solve(r), ref) <= 1e-10
     assert fl._solve_by_kernel(r) and _rel(fl.solve(r), ref) <= 1e-12
     xs = fused.chol_solve_vec(L[2:3].expand(5, k, k), r)
     assert _rel(xs, torch.cholesky_solve(r.unsqueeze(-1), L[2]).squeeze(-1)) <= 1e-12
     with pytest.raises(SettingsError, match="at most"):
-        fused.chol_solve_vec(torch.eye(fused.KMAX + 1, dtype=F64, device="cuda").expand(1, -1, -1).contiguous(),
-                             torch.ones(1, fused.KMAX + 1, dtype=F64, device="cuda"))
+        fused.chol_solve_vec(
+            torch.eye(fused.KMAX + 1, dtype=F64, device="cuda").expand(1, -1, -1).contiguous(),
+            torch.ones(1, fused.KMAX + 1, dtype=F64, device="cuda"),
+        )
     if k == 100:
         from test_blocked import LOOP, _layer_same_across
+
         _layer_same_across("cuda", LOOP, "solve_kernel", modes=("never", "auto"))

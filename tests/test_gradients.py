@@ -1,4 +1,5 @@
 """Gradients of the element-wise path: every solver, dense/sparse, batched, broadcast, FD, gradcheck."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -251,6 +252,7 @@ def test_leading_dimension_one_broadcasts_like_torch():
     z = layer(P, q1, C, d)[0]
     assert z.shape == (3, 4)
     z.sum().backward()
-    total = sum(torch.autograd.functional.jacobian(lambda qq: layer(P[i], qq, C[i], d[i])[0].sum(), q[0])
-                for i in range(3))
+    total = sum(
+        torch.autograd.functional.jacobian(lambda qq: layer(P[i], qq, C[i], d[i])[0].sum(), q[0]) for i in range(3)
+    )
     assert torch.allclose(q1.grad[0], total, atol=1e-8)

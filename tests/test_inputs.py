@@ -1,4 +1,5 @@
 """Bad input gets a specific, explained error (never a silent NaN)."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -25,30 +26,49 @@ def call(layer, prob, **over):
     return layer(**{**prob, **over})
 
 
-@pytest.mark.parametrize("over, exc, words", [
-    (dict(P=torch.eye(3, dtype=torch.float64)), dqp.ShapeError, ["P", "(..., 4, 4)"]),
-    (dict(q=torch.zeros(4, 1, 1, dtype=torch.float64)), dqp.ShapeError, ["q", "(n,)"]),
-    (dict(C=torch.zeros(5, 3, dtype=torch.float64)), dqp.ShapeError, ["C"]),
-    (dict(d=torch.zeros(7, dtype=torch.float64)), dqp.ShapeError, ["C"]),
-    (dict(b=torch.zeros(3, dtype=torch.float64)), dqp.ShapeError, ["A"]),
-    (dict(d=None), dqp.ShapeError, ["C", "d"]),
-    (dict(A=None), dqp.ShapeError, ["b", "A"]),
-    (dict(q=torch.zeros(0, dtype=torch.float64), P=torch.zeros(0, 0, dtype=torch.float64), C=None, d=None, A=None,
-          b=None), dqp.ShapeError, ["zero"]),
-    (dict(q=torch.zeros(3, 4, dtype=torch.float64), d=torch.zeros(2, 5, dtype=torch.float64)), dqp.ShapeError,
-     ["Batch sizes"]),
-    (dict(q=torch.tensor([0.0, float("nan"), 0.0, 0.0], dtype=torch.float64)), dqp.NonFiniteError, ["q", "NaN"]),
-    (dict(d=torch.full((5,), float("-inf"), dtype=torch.float64)), dqp.NonFiniteError, ["d", "-inf"]),
-    (dict(d=torch.full((5,), float("nan"), dtype=torch.float64)), dqp.NonFiniteError, ["d", "NaN"]),
-    (dict(P=torch.tensor([[1.0, 2, 0, 0], [0, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]], dtype=torch.float64)),
-     dqp.NotSymmetricError, ["symmetric", "0.5 * (P + P"]),
-    (dict(q=torch.zeros(4, dtype=torch.float32)), dqp.LayoutError, ["dtype", "q"]),
-    (dict(q=torch.zeros(4, dtype=torch.int64)), dqp.LayoutError, ["floating"]),
-    (dict(P=[1, 2]), dqp.LayoutError, ["torch tensor"]),
-    (dict(q=[0.0] * 4), dqp.LayoutError, ["dense torch tensor"]),
-    (dict(P=torch.eye(4, dtype=torch.float64).to_sparse_csc()), dqp.LayoutError, ["solve_type='sparse'"]),
-    (dict(P=None), dqp.ShapeError, ["required"]),
-])
+@pytest.mark.parametrize(
+    "over, exc, words",
+    [
+        (dict(P=torch.eye(3, dtype=torch.float64)), dqp.ShapeError, ["P", "(..., 4, 4)"]),
+        (dict(q=torch.zeros(4, 1, 1, dtype=torch.float64)), dqp.ShapeError, ["q", "(n,)"]),
+        (dict(C=torch.zeros(5, 3, dtype=torch.float64)), dqp.ShapeError, ["C"]),
+        (dict(d=torch.zeros(7, dtype=torch.float64)), dqp.ShapeError, ["C"]),
+        (dict(b=torch.zeros(3, dtype=torch.float64)), dqp.ShapeError, ["A"]),
+        (dict(d=None), dqp.ShapeError, ["C", "d"]),
+        (dict(A=None), dqp.ShapeError, ["b", "A"]),
+        (
+            dict(
+                q=torch.zeros(0, dtype=torch.float64),
+                P=torch.zeros(0, 0, dtype=torch.float64),
+                C=None,
+                d=None,
+                A=None,
+                b=None,
+            ),
+            dqp.ShapeError,
+            ["zero"],
+        ),
+        (
+            dict(q=torch.zeros(3, 4, dtype=torch.float64), d=torch.zeros(2, 5, dtype=torch.float64)),
+            dqp.ShapeError,
+            ["Batch sizes"],
+        ),
+        (dict(q=torch.tensor([0.0, float("nan"), 0.0, 0.0], dtype=torch.float64)), dqp.NonFiniteError, ["q", "NaN"]),
+        (dict(d=torch.full((5,), float("-inf"), dtype=torch.float64)), dqp.NonFiniteError, ["d", "-inf"]),
+        (dict(d=torch.full((5,), float("nan"), dtype=torch.float64)), dqp.NonFiniteError, ["d", "NaN"]),
+        (
+            dict(P=torch.tensor([[1.0, 2, 0, 0], [0, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]], dtype=torch.float64)),
+            dqp.NotSymmetricError,
+            ["symmetric", "0.5 * (P + P"],
+        ),
+        (dict(q=torch.zeros(4, dtype=torch.float32)), dqp.LayoutError, ["dtype", "q"]),
+        (dict(q=torch.zeros(4, dtype=torch.int64)), dqp.LayoutError, ["floating"]),
+        (dict(P=[1, 2]), dqp.LayoutError, ["torch tensor"]),
+        (dict(q=[0.0] * 4), dqp.LayoutError, ["dense torch tensor"]),
+        (dict(P=torch.eye(4, dtype=torch.float64).to_sparse_csc()), dqp.LayoutError, ["solve_type='sparse'"]),
+        (dict(P=None), dqp.ShapeError, ["required"]),
+    ],
+)
 def test_bad_input_raises_specific_error(layer, prob, over, exc, words):
     with pytest.raises(exc) as info:
         call(layer, prob, **over)
@@ -87,8 +107,13 @@ def test_sparse_input_errors(prob):
     P = prob["P"]
     with pytest.raises(dqp.LayoutError, match="to_sparse_csc"):
         layer(P, prob["q"])  # dense P with solve_type='sparse'
-    leaf = torch.sparse_csc_tensor(P.to_sparse_csc().ccol_indices(), P.to_sparse_csc().row_indices(),
-                                   P.to_sparse_csc().values(), P.shape, requires_grad=True)
+    leaf = torch.sparse_csc_tensor(
+        P.to_sparse_csc().ccol_indices(),
+        P.to_sparse_csc().row_indices(),
+        P.to_sparse_csc().values(),
+        P.shape,
+        requires_grad=True,
+    )
     with pytest.raises(dqp.LayoutError, match="leaf"):
         layer(leaf, prob["q"])
     with pytest.raises(dqp.ShapeError, match="empty list"):
@@ -132,14 +157,26 @@ def test_device_mismatch_is_reported(prob):
 def test_edge_cases_n1_zero_rows_empty_constraints():
     layer = dQP.dQP_layer(settings=dQP.build_settings(qp_solver="clarabel", empty_batch=False))
     # n = 1 with a bound
-    z, lam, mu, _, _ = layer(torch.ones(1, 1, dtype=torch.float64), torch.tensor([-3.0], dtype=torch.float64),
-                             torch.ones(1, 1, dtype=torch.float64), torch.ones(1, dtype=torch.float64))
-    assert torch.allclose(z, torch.tensor([1.0], dtype=torch.float64)) and torch.allclose(mu, torch.tensor([2.0], dtype=torch.float64))
+    z, lam, mu, _, _ = layer(
+        torch.ones(1, 1, dtype=torch.float64),
+        torch.tensor([-3.0], dtype=torch.float64),
+        torch.ones(1, 1, dtype=torch.float64),
+        torch.ones(1, dtype=torch.float64),
+    )
+    assert torch.allclose(z, torch.tensor([1.0], dtype=torch.float64)) and torch.allclose(
+        mu, torch.tensor([2.0], dtype=torch.float64)
+    )
     # zero-row C and A behave like absent constraints
     P = torch.eye(2, dtype=torch.float64)
     q = torch.tensor([1.0, -1.0], dtype=torch.float64)
-    z, lam, mu, _, _ = layer(P, q, torch.zeros(0, 2, dtype=torch.float64), torch.zeros(0, dtype=torch.float64),
-                             torch.zeros(0, 2, dtype=torch.float64), torch.zeros(0, dtype=torch.float64))
+    z, lam, mu, _, _ = layer(
+        P,
+        q,
+        torch.zeros(0, 2, dtype=torch.float64),
+        torch.zeros(0, dtype=torch.float64),
+        torch.zeros(0, 2, dtype=torch.float64),
+        torch.zeros(0, dtype=torch.float64),
+    )
     assert torch.allclose(z, -q) and lam.shape == (0,) and mu.shape == (0,)
     # a zero row in C with d >= 0 is harmless
     C = torch.tensor([[0.0, 0.0], [1.0, 0.0]], dtype=torch.float64)
@@ -156,11 +193,14 @@ def test_contradictory_bounds_are_infeasible():
         layer(torch.ones(1, 1, dtype=torch.float64), torch.zeros(1, dtype=torch.float64), C, d)
 
 
-@pytest.mark.parametrize("over, words", [
-    (dict(q=torch.zeros(0, 4, dtype=torch.float64)), "empty"),
-    (dict(d=torch.zeros(5, 1, 1, dtype=torch.float64)), "(m,) or (B, m)"),
-    (dict(C=torch.zeros(1, 1, 5, 4, dtype=torch.float64)), "(k, n) or (B, k, n)"),
-])
+@pytest.mark.parametrize(
+    "over, words",
+    [
+        (dict(q=torch.zeros(0, 4, dtype=torch.float64)), "empty"),
+        (dict(d=torch.zeros(5, 1, 1, dtype=torch.float64)), "(m,) or (B, m)"),
+        (dict(C=torch.zeros(1, 1, 5, 4, dtype=torch.float64)), "(k, n) or (B, k, n)"),
+    ],
+)
 def test_more_shape_errors(layer, prob, over, words):
     with pytest.raises(dqp.ShapeError) as e:
         call(layer, prob, **over)
@@ -174,8 +214,9 @@ def test_batched_solver_pairings(prob):
         dQP.dQP_layer(qp_solver="dqp_ipm", lin_solver="qdldl")(prob["P"], prob["q"])
 
 
-@pytest.mark.parametrize("dtype, words", [(torch.complex128, "dtype"), (torch.int64, "dtype"),
-                                          (torch.float32, "dtype")])
+@pytest.mark.parametrize(
+    "dtype, words", [(torch.complex128, "dtype"), (torch.int64, "dtype"), (torch.float32, "dtype")]
+)
 def test_sparse_values_must_match_q_dtype(prob, dtype, words):
     layer = dQP.dQP_layer(qp_solver="clarabel", solve_type="sparse")
     P = prob["P"].to(dtype).to_sparse_csc()

@@ -1,4 +1,5 @@
 """Tests for dqp.io: the Maros–Meszaros loader, the conversion to dqp's form, and load_problem."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -10,8 +11,15 @@ import scipy.sparse as sp
 import torch
 
 from dqp.errors import InputError, NonFiniteError, NotSymmetricError, ShapeError
-from dqp.io import (INFINITY_BOUND, QPProblem, list_maros_meszaros, load_maros_meszaros, load_problem,
-                    maros_meszaros_dir, save_problem)
+from dqp.io import (
+    INFINITY_BOUND,
+    QPProblem,
+    list_maros_meszaros,
+    load_maros_meszaros,
+    load_problem,
+    maros_meszaros_dir,
+    save_problem,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 MM_DIR = REPO / "tests" / "data" / "maros_meszaros"  # a small subset shipped with the tests
@@ -209,17 +217,20 @@ def test_corrupt_file_raises(tmp_path):
         load_maros_meszaros(f)
 
 
-@pytest.mark.parametrize("override, error, pattern", [
-    ({"q": np.ones((3, 1))}, ShapeError, "'q'.*length 3"),
-    ({"l": np.zeros((2, 1))}, ShapeError, "'l'.*length 2"),
-    ({"A": sp.csc_matrix(np.ones((3, 3)))}, ShapeError, "'A'.*shape"),
-    ({"n": np.array([[7]])}, ShapeError, "n=7"),
-    ({"P": sp.csc_matrix(np.array([[2.0, 1.0], [3.0, 4.0]]))}, NotSymmetricError, "not symmetric"),
-    ({"P": sp.csc_matrix(np.ones((2, 3)))}, ShapeError, "square"),
-    ({"q": np.array([[np.nan], [0.0]])}, NonFiniteError, "NaN"),
-    ({"l": np.array([[np.nan], [0.0], [0.0]])}, NonFiniteError, "NaN"),
-    ({"l": np.array([[2.0], [0.0], [0.0]])}, InputError, "l > u"),
-])
+@pytest.mark.parametrize(
+    "override, error, pattern",
+    [
+        ({"q": np.ones((3, 1))}, ShapeError, "'q'.*length 3"),
+        ({"l": np.zeros((2, 1))}, ShapeError, "'l'.*length 2"),
+        ({"A": sp.csc_matrix(np.ones((3, 3)))}, ShapeError, "'A'.*shape"),
+        ({"n": np.array([[7]])}, ShapeError, "n=7"),
+        ({"P": sp.csc_matrix(np.array([[2.0, 1.0], [3.0, 4.0]]))}, NotSymmetricError, "not symmetric"),
+        ({"P": sp.csc_matrix(np.ones((2, 3)))}, ShapeError, "square"),
+        ({"q": np.array([[np.nan], [0.0]])}, NonFiniteError, "NaN"),
+        ({"l": np.array([[np.nan], [0.0], [0.0]])}, NonFiniteError, "NaN"),
+        ({"l": np.array([[2.0], [0.0], [0.0]])}, InputError, "l > u"),
+    ],
+)
 def test_bad_data_raises_typed_error(tmp_path, override, error, pattern):
     f = _write_mm(tmp_path / "t.mat", **override)
     with pytest.raises(error, match=pattern):
@@ -245,9 +256,16 @@ def test_list_filters_synthetic(tmp_path):
 
 # ------------------------------------------------------------------ load_problem (.npz)
 def _qp() -> QPProblem:
-    return QPProblem(name="x", P=sp.csc_matrix(np.array([[2.0, 0.5], [0.5, 1.0]])), q=np.array([1.0, -1.0]),
-                     C=sp.csc_matrix(np.array([[1.0, 2.0], [0.0, -1.0], [1.0, 0.0]])), d=np.array([1.0, 0.0, 4.0]),
-                     A=sp.csc_matrix(np.array([[1.0, 1.0]])), b=np.array([0.5]), r=2.0)
+    return QPProblem(
+        name="x",
+        P=sp.csc_matrix(np.array([[2.0, 0.5], [0.5, 1.0]])),
+        q=np.array([1.0, -1.0]),
+        C=sp.csc_matrix(np.array([[1.0, 2.0], [0.0, -1.0], [1.0, 0.0]])),
+        d=np.array([1.0, 0.0, 4.0]),
+        A=sp.csc_matrix(np.array([[1.0, 1.0]])),
+        b=np.array([0.5]),
+        r=2.0,
+    )
 
 
 def test_save_load_roundtrip(tmp_path):
@@ -271,8 +289,9 @@ def test_npz_dense_and_optional_keys(tmp_path):
 
 def test_npz_libdqp_names_with_pickle(tmp_path):
     f = tmp_path / "lib.npz"
-    np.savez(f, Q=sp.csc_matrix(np.eye(2)), q=np.zeros(2), G=sp.csc_matrix(np.ones((1, 2))), h=np.ones(1),
-             A=None, b=None)
+    np.savez(
+        f, Q=sp.csc_matrix(np.eye(2)), q=np.zeros(2), G=sp.csc_matrix(np.ones((1, 2))), h=np.ones(1), A=None, b=None
+    )
     with pytest.raises(InputError, match="allow_pickle=True"):
         load_problem(f)
     qp = load_problem(f, allow_pickle=True)
@@ -300,13 +319,16 @@ def test_npz_half_pair(tmp_path, have, lack):
         load_problem(f)
 
 
-@pytest.mark.parametrize("arrays, error, pattern", [
-    ({"P": np.eye(2), "q": np.ones(3)}, ShapeError, "'q'"),
-    ({"P": np.eye(2), "q": np.ones(2), "C": np.ones((1, 3)), "d": np.ones(1)}, ShapeError, "'C'"),
-    ({"P": np.eye(2), "q": np.ones(2), "C": np.ones((2, 2)), "d": np.ones(1)}, ShapeError, "'d'"),
-    ({"P": np.eye(2), "q": np.array([np.inf, 0.0])}, NonFiniteError, "'q'"),
-    ({"P": np.array([[1.0, 2.0], [0.5, 1.0]]), "q": np.ones(2)}, NotSymmetricError, "symmetric"),
-])
+@pytest.mark.parametrize(
+    "arrays, error, pattern",
+    [
+        ({"P": np.eye(2), "q": np.ones(3)}, ShapeError, "'q'"),
+        ({"P": np.eye(2), "q": np.ones(2), "C": np.ones((1, 3)), "d": np.ones(1)}, ShapeError, "'C'"),
+        ({"P": np.eye(2), "q": np.ones(2), "C": np.ones((2, 2)), "d": np.ones(1)}, ShapeError, "'d'"),
+        ({"P": np.eye(2), "q": np.array([np.inf, 0.0])}, NonFiniteError, "'q'"),
+        ({"P": np.array([[1.0, 2.0], [0.5, 1.0]]), "q": np.ones(2)}, NotSymmetricError, "symmetric"),
+    ],
+)
 def test_npz_bad_data(tmp_path, arrays, error, pattern):
     f = tmp_path / "b.npz"
     np.savez(f, **arrays)
@@ -316,8 +338,14 @@ def test_npz_bad_data(tmp_path, arrays, error, pattern):
 
 def test_npz_inconsistent_csc_components(tmp_path):
     f = tmp_path / "c.npz"
-    np.savez(f, P_data=np.ones(2), P_indices=np.array([0, 5]), P_indptr=np.array([0, 1, 2]),
-             P_shape=np.array([2, 2]), q=np.ones(2))
+    np.savez(
+        f,
+        P_data=np.ones(2),
+        P_indices=np.array([0, 5]),
+        P_indptr=np.array([0, 1, 2]),
+        P_shape=np.array([2, 2]),
+        q=np.ones(2),
+    )
     with pytest.raises(InputError, match="CSC components"):
         load_problem(f)
 

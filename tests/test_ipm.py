@@ -3,14 +3,23 @@
 References: problems built with a known primal-dual solution (strict complementarity by
 construction), and Clarabel through qpsolvers on random QPs.
 """
+
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
 
-from dqp.errors import (InfeasibleError, LayoutError, MaxIterationsError, SettingsError, ShapeError,
-                        SolverFailedError, Status, UnboundedError)
+from dqp.errors import (
+    InfeasibleError,
+    LayoutError,
+    MaxIterationsError,
+    SettingsError,
+    ShapeError,
+    SolverFailedError,
+    Status,
+    UnboundedError,
+)
 from dqp.ipm_layer import IPMQPFunction, classify_active
 from dqp.ipm_layer import solve_qp_batch as _solve_qp_batch
 from dqp.linsolve import get_linsolver
@@ -22,8 +31,12 @@ from dqp.solvers.ipm import ipm_solve as _ipm_solve
 
 F64, F32 = torch.float64, torch.float32
 
-DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(
-    not torch.cuda.is_available(), reason="needs CUDA")])]
+DEVICES = [
+    "cpu",
+    pytest.param(
+        "cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+    ),
+]
 
 
 #: These tests are of the torch loop (its CUDA graphs, compaction, tail checks) on every device;
@@ -65,8 +78,11 @@ def known_qp(B, n, m, p, *, seed=0, dtype=F64, device="cpu", psd=False, n_active
     slack[:, k:] = 0.5 + torch.rand(B, m - k, generator=g, dtype=F64)
     d = (C @ z0.unsqueeze(-1)).squeeze(-1) + slack
     b = (A @ z0.unsqueeze(-1)).squeeze(-1)
-    q = -(P @ z0.unsqueeze(-1)).squeeze(-1) - (A.transpose(1, 2) @ lam0.unsqueeze(-1)).squeeze(-1) \
+    q = (
+        -(P @ z0.unsqueeze(-1)).squeeze(-1)
+        - (A.transpose(1, 2) @ lam0.unsqueeze(-1)).squeeze(-1)
         - (C.transpose(1, 2) @ mu0.unsqueeze(-1)).squeeze(-1)
+    )
     out = [t.to(dtype=dtype, device=device) for t in (P, q, C, d, A, b, z0, lam0, mu0)]
     return out
 
@@ -78,6 +94,7 @@ def _rel(a, b):
 # ------------------------------------------------------------------------------------------------
 # forward accuracy
 # ------------------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype,tol", [(F64, 1e-6), (F32, 2e-3)])
@@ -114,10 +131,15 @@ def test_ipm_vs_clarabel(n, m, p):
     b = 0.1 * torch.randn(B, p, generator=g, dtype=F64)
     res = ipm_solve(P, q, C, d, A if p else None, b if p else None)
     for i in range(B):
-        prob = qpsolvers.Problem(P[i].numpy(), q[i].numpy(), C[i].numpy(), d[i].numpy(),
-                                 A[i].numpy() if p else None, b[i].numpy() if p else None)
-        sol = qpsolvers.solve_problem(prob, solver="clarabel", tol_feas=1e-10, tol_gap_abs=1e-10,
-                                      tol_gap_rel=1e-10)
+        prob = qpsolvers.Problem(
+            P[i].numpy(),
+            q[i].numpy(),
+            C[i].numpy(),
+            d[i].numpy(),
+            A[i].numpy() if p else None,
+            b[i].numpy() if p else None,
+        )
+        sol = qpsolvers.solve_problem(prob, solver="clarabel", tol_feas=1e-10, tol_gap_abs=1e-10, tol_gap_rel=1e-10)
         if not sol.found:
             assert res.status[i] == int(Status.PRIMAL_INFEASIBLE)
             continue
@@ -131,11 +153,12 @@ def test_ipm_vs_clarabel(n, m, p):
 def test_shared_and_batched_mix_equals_expanded():
     P, q, C, d, A, b, *_ = known_qp(4, 6, 5, 2, seed=3)
     shared = ipm_solve(P[0], q, C[0], d[0], A[0], b[0])
-    expanded = ipm_solve(P[0].expand(4, 6, 6), q, C[0].expand(4, 5, 6), d[0].expand(4, 5),
-                         A[0].expand(4, 2, 6), b[0].expand(4, 2))
+    expanded = ipm_solve(
+        P[0].expand(4, 6, 6), q, C[0].expand(4, 5, 6), d[0].expand(4, 5), A[0].expand(4, 2, 6), b[0].expand(4, 2)
+    )
     assert (shared.status == 0).all() and (expanded.status == 0).all()
     assert torch.allclose(shared.z, expanded.z, atol=1e-8)
-    one = ipm_solve(P[0], q[0], C[0], d[0])          # nothing batched -> B = 1
+    one = ipm_solve(P[0], q[0], C[0], d[0])  # nothing batched -> B = 1
     assert one.z.shape == (1, 6)
 
 
@@ -143,7 +166,7 @@ def test_finished_instances_stop_changing():
     """An instance that converged early keeps its iterate while others run on."""
     P, q, C, d, A, b, *_ = known_qp(3, 6, 8, 0, seed=5)
     qs = q.clone()
-    qs[1] *= 1e3                                          # a harder instance (more iterations)
+    qs[1] *= 1e3  # a harder instance (more iterations)
     res_all = ipm_solve(P, qs, C, d)
     res_0 = ipm_solve(P[:1], qs[:1], C[:1], d[:1])
     assert res_all.iterations[0] == res_0.iterations[0]
@@ -153,6 +176,7 @@ def test_finished_instances_stop_changing():
 # ------------------------------------------------------------------------------------------------
 # degenerate and special problems (via the polished layer)
 # ------------------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype,tol", [(F64, 1e-10), (F32, 1e-5)])
@@ -222,7 +246,7 @@ def test_dependent_active_rows():
     d = torch.tensor([1.0, 1.0], dtype=F64, requires_grad=True)
     z, lam, mu, status, active = solve_qp_batch(P, q, C, d)
     assert torch.allclose(z, torch.tensor([[1.0, 2.0]], dtype=F64), atol=1e-8)
-    assert abs(mu.sum().item() - 1.0) < 1e-8          # only the sum of the duals is determined
+    assert abs(mu.sum().item() - 1.0) < 1e-8  # only the sum of the duals is determined
     z.sum().backward()
     assert torch.isfinite(C.grad).all() and torch.isfinite(d.grad).all()
     # d(z1)/d(d_i): moving both bounds moves z1 one-for-one; min-norm splits it evenly
@@ -233,6 +257,7 @@ def test_dependent_active_rows():
 # infeasible, unbounded, iteration limit, numerical failure: statuses and errors
 # ------------------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [F64, F32])
 def test_infeasible_element_in_batch(device, dtype):
@@ -240,7 +265,7 @@ def test_infeasible_element_in_batch(device, dtype):
     P = torch.eye(2, **kw).expand(3, 2, 2)
     q = torch.zeros(3, 2, **kw)
     C = torch.tensor([[1.0, 0.0], [-1.0, 0.0]], **kw)
-    d = torch.tensor([[1.0, 1.0], [-1.0, -1.0], [1.0, 0.0]], **kw)    # element 1: x ≤ −1 and x ≥ 1
+    d = torch.tensor([[1.0, 1.0], [-1.0, -1.0], [1.0, 0.0]], **kw)  # element 1: x ≤ −1 and x ≥ 1
     res = ipm_solve(P, q, C, d)
     assert res.status.tolist() == [0, int(Status.PRIMAL_INFEASIBLE), 0]
     with pytest.raises(InfeasibleError) as ei:
@@ -256,9 +281,14 @@ def test_infeasible_element_in_batch(device, dtype):
 
 
 def test_infeasible_equalities():
-    res = ipm_solve(torch.eye(2, dtype=F64), torch.zeros(2, dtype=F64),
-                    torch.tensor([[1.0, 0.0]], dtype=F64), torch.tensor([1.0], dtype=F64),
-                    torch.tensor([[1.0, 0.0]], dtype=F64), torch.tensor([2.0], dtype=F64))
+    res = ipm_solve(
+        torch.eye(2, dtype=F64),
+        torch.zeros(2, dtype=F64),
+        torch.tensor([[1.0, 0.0]], dtype=F64),
+        torch.tensor([1.0], dtype=F64),
+        torch.tensor([[1.0, 0.0]], dtype=F64),
+        torch.tensor([2.0], dtype=F64),
+    )
     assert res.status.tolist() == [int(Status.PRIMAL_INFEASIBLE)]
 
 
@@ -304,6 +334,7 @@ def test_nonfinite_data_gives_numerical_status():
 # gradients
 # ------------------------------------------------------------------------------------------------
 
+
 def _fn(P, q, C, d, A, b):
     z, lam, mu, _, _ = solve_qp_batch(P, q, C, d, A, b)
     return z, lam, mu
@@ -318,7 +349,7 @@ def test_gradcheck(device, case):
     elif case == "batched":
         args = [P, q, C, d, A, b]
     else:
-        args = [P[0], q, C[0], d[0], A, b[0]]       # P, C, d, b shared
+        args = [P[0], q, C[0], d[0], A, b[0]]  # P, C, d, b shared
     args = [t.detach().clone().requires_grad_() for t in args]
     assert torch.autograd.gradcheck(_fn, args, eps=1e-6, atol=1e-6, rtol=1e-5, fast_mode=True)
 
@@ -402,17 +433,18 @@ def test_ipm_function_requires_batched_inputs():
 # BatchedKKT
 # ------------------------------------------------------------------------------------------------
 
+
 def _dense_K(P, A, C, a):
     B, n, _ = P.shape
     p, m = A.shape[1], C.shape[1]
     K = torch.zeros(B, n + p + m, n + p + m, dtype=P.dtype)
     aC = C * a.unsqueeze(-1).to(P.dtype)
     K[:, :n, :n] = P
-    K[:, :n, n:n + p] = A.transpose(1, 2)
-    K[:, n:n + p, :n] = A
-    K[:, :n, n + p:] = aC.transpose(1, 2)
-    K[:, n + p:, :n] = aC
-    K[:, n + p:, n + p:] = -torch.diag_embed(1 - a.to(P.dtype))
+    K[:, :n, n : n + p] = A.transpose(1, 2)
+    K[:, n : n + p, :n] = A
+    K[:, :n, n + p :] = aC.transpose(1, 2)
+    K[:, n + p :, :n] = aC
+    K[:, n + p :, n + p :] = -torch.diag_embed(1 - a.to(P.dtype))
     return K
 
 
@@ -430,14 +462,14 @@ def test_batched_kkt_paths(case, path):
     A = torch.randn(B, p, n, generator=g, dtype=F64)
     C = torch.randn(B, m, n, generator=g, dtype=F64)
     a = torch.zeros(B, m, dtype=torch.bool)
-    a[:, :n - p] = True
+    a[:, : n - p] = True
     if case == "dependent":
         C[:, 1] = C[:, 0]
     K = _dense_K(P, A, C, a)
     rhs = torch.randn(B, n + p + m, generator=g, dtype=F64)
     kkt = BatchedKKT(P, A, C, a)
     assert kkt.path.tolist() == [path] * B
-    yz, yl, ym = kkt.solve(rhs[:, :n], rhs[:, n:n + p], rhs[:, n + p:])
+    yz, yl, ym = kkt.solve(rhs[:, :n], rhs[:, n : n + p], rhs[:, n + p :])
     y = torch.cat([yz, yl, ym], 1)
     if case == "dependent":
         ref = (torch.linalg.pinv(K) @ rhs.unsqueeze(-1)).squeeze(-1)
@@ -464,14 +496,18 @@ def test_batched_kkt_errors():
     with pytest.raises(ShapeError):
         BatchedKKT(P, None, torch.eye(3, dtype=F64), None)
     with pytest.raises(ShapeError):
-        BatchedKKT(torch.eye(3, dtype=F64).expand(2, 3, 3), None, torch.eye(3, dtype=F64).expand(3, 3, 3),
-                   torch.ones(3, 3, dtype=torch.bool))
+        BatchedKKT(
+            torch.eye(3, dtype=F64).expand(2, 3, 3),
+            None,
+            torch.eye(3, dtype=F64).expand(3, 3, 3),
+            torch.ones(3, 3, dtype=torch.bool),
+        )
 
 
 def test_classify_active_is_scale_invariant_in_rows():
     C = torch.tensor([[[1.0, 0.0], [0.0, 100.0]]], dtype=F64)
-    s = torch.tensor([[1e-9, 1e-7]], dtype=F64)      # second row: slack 1e-9 in unit-row scaling
-    mu = torch.tensor([[1.0, 1e-2]], dtype=F64)      # second row: μ = 1 in unit-row scaling
+    s = torch.tensor([[1e-9, 1e-7]], dtype=F64)  # second row: slack 1e-9 in unit-row scaling
+    mu = torch.tensor([[1.0, 1e-2]], dtype=F64)  # second row: μ = 1 in unit-row scaling
     assert classify_active(C, s, mu).tolist() == [[True, True]]
 
 
@@ -479,16 +515,19 @@ def test_classify_active_is_scale_invariant_in_rows():
 # registry and argument checking
 # ------------------------------------------------------------------------------------------------
 
+
 def test_registry_entries():
     for name in ("dqp_ipm", "ipm", "dqp"):
         assert isinstance(get_solver(name), IPMSolver)
     assert IPMSolver.batched and not IPMSolver.sparse and IPMSolver.modules == ("torch",)
     from dqp.problem import validate
     from dqp.settings import build_settings
+
     P, q, C, d, *_ = known_qp(2, 4, 3, 0, seed=1)
     batch = validate(P, q, C, d, None, None)
-    z, lam, mu, info = get_solver("ipm").solve_batch(batch, build_settings(
-        qp_solver="ipm", qp_solver_keywords={"max_iter": 50, "options": LOOP}))
+    z, lam, mu, info = get_solver("ipm").solve_batch(
+        batch, build_settings(qp_solver="ipm", qp_solver_keywords={"max_iter": 50, "options": LOOP})
+    )
     assert info.status == [Status.SOLVED] * 2 and info.kkt_path == ["cholesky"] * 2 and lam.shape == (2, 0)
     assert max(info.primal_residual) < 1e-10 and z.shape == (2, 4) and mu.shape == (2, 3)
     with pytest.raises(SettingsError, match="bogus"):
@@ -559,15 +598,17 @@ def test_zero_row_constraints_are_absent():
 
 def test_polish_repairs_a_wrong_active_set_on_a_sub_batch():
     from dqp.ipm_layer import polish
+
     P, q, C, d, A, b, z0, lam0, mu0 = known_qp(3, 6, 8, 1, seed=21, n_active=2)
     true_active = torch.zeros(3, 8, dtype=torch.bool)
     true_active[:, :2] = True
     guess = true_active.clone()
-    guess[1] = False                                  # element 1: misses both active rows
-    guess[2, 5] = True                                # element 2: one inactive row marked active
+    guess[1] = False  # element 1: misses both active rows
+    guess[2, 5] = True  # element 2: one inactive row marked active
     solved = torch.ones(3, dtype=torch.bool)
-    z, lam, mu, active, kkt, polished = polish(P, q, C, d, A, b, torch.zeros_like(z0), torch.zeros_like(lam0),
-                                               torch.zeros_like(mu0), guess, solved)
+    z, lam, mu, active, kkt, polished = polish(
+        P, q, C, d, A, b, torch.zeros_like(z0), torch.zeros_like(lam0), torch.zeros_like(mu0), guess, solved
+    )
     assert polished.all()
     assert torch.equal(active, true_active)
     assert _rel(z, z0) < 1e-12 and _rel(mu, mu0) < 1e-10 and _rel(lam, lam0) < 1e-10
@@ -591,14 +632,14 @@ def test_float32_stall_falls_back_to_float64():
     h = (G @ z0.unsqueeze(-1)).squeeze(-1) + torch.rand(B, n, generator=g, dtype=F32)
     data32 = (Q, p, G, h)
     plain = ipm_solve(*data32, fallback64=False)
-    failed = (plain.status != 0)
+    failed = plain.status != 0
     assert failed.any()
     assert set(plain.status[failed].tolist()) <= {int(Status.NUMERICAL), int(Status.MAX_ITER)}
     fixed = ipm_solve(*data32)
     ref = ipm_solve(*[t.double() for t in data32])
     assert (fixed.status == 0).all() and fixed.z.dtype == F32
-    assert _rel(fixed.z[failed].double(), ref.z[failed]) < 1e-6        # re-solved in float64
-    assert _rel(fixed.z.double(), ref.z) < 1e-2                        # float32 IPM, cond(P) ~ 1e5
+    assert _rel(fixed.z[failed].double(), ref.z[failed]) < 1e-6  # re-solved in float64
+    assert _rel(fixed.z.double(), ref.z) < 1e-2  # float32 IPM, cond(P) ~ 1e5
 
 
 @pytest.mark.parametrize("shared", [False, True])
@@ -636,10 +677,10 @@ def test_schur_factor_row_mask_as_vector(rows):
         a = torch.zeros(B, m, dtype=torch.bool)
         a[:, :3] = True
         a[1, 5] = True
-    ref = BatchedKKT(P, A, C, a)                   # the masked matrices, factorized here
+    ref = BatchedKKT(P, A, C, a)  # the masked matrices, factorized here
     k = ref.k
     assert ref.path.tolist() == [0] * B
-    rows_ = torch.cat([t.expand(B, t.shape[-2], n) for t in (A, C) if t is not None], -2)     # [A; C]
+    rows_ = torch.cat([t.expand(B, t.shape[-2], n) for t in (A, C) if t is not None], -2)  # [A; C]
     PiAbt = torch.cholesky_solve(rows_.mT, ref.L.L)
     kkt = BatchedKKT.from_schur_factor(P, A, C, a, ref.L, PiAbt, ref.LS, ref.ok)
     assert kkt._rm is not None
@@ -654,7 +695,7 @@ def test_schur_factor_row_mask_as_vector(rows):
     for x, y in zip(kkt.apply(yz, yl, ym), (gz, gl, gm)):
         if y is not None:
             assert _rel(x, y) < 1e-10
-    st = kkt.state()                                # forms the masked matrices
+    st = kkt.state()  # forms the masked matrices
     assert kkt._rm is None and k == ref.k
     assert torch.allclose(st["Abar"], ref.Abar) and torch.allclose(st["HiAbt"], ref.HiAbt, atol=1e-12)
     for x, y in zip(kkt.solve(gz, gl, gm), ref.solve(gz, gl, gm)):
@@ -664,12 +705,13 @@ def test_schur_factor_row_mask_as_vector(rows):
 
 def test_outer_products_by_matmul_and_by_mul_agree():
     from dqp.gradients import dense_grads
+
     g = torch.Generator().manual_seed(4)
     B, n, m = 2, 4, 3
     yz, z = torch.randn(2, B, n, generator=g, dtype=F64)
     ym, mu = torch.randn(2, B, m, generator=g, dtype=F64)
     act = torch.ones(B, m, dtype=torch.bool)
-    ref = -(ym.unsqueeze(-1) * z.unsqueeze(-2) + mu.unsqueeze(-1) * yz.unsqueeze(-2))     # dC
+    ref = -(ym.unsqueeze(-1) * z.unsqueeze(-2) + mu.unsqueeze(-1) * yz.unsqueeze(-2))  # dC
     for how in ("matmul", "mul", "auto"):
         dC = dense_grads(yz, None, ym, z, None, mu, act, outer=how)[2]
         assert torch.allclose(dC, ref, rtol=1e-14, atol=1e-14)
@@ -683,16 +725,25 @@ def test_outer_products_by_matmul_and_by_mul_agree():
 # CUDA-graph cache: a captured iteration is reused by later calls with the same shapes
 # ------------------------------------------------------------------------------------------------
 
+
 def _graph_cases():
     # (form, P shared, dtype, p): both Newton forms, the float64 dual identities, float32, and
     # no equalities (the dual form's [A; C] is then C itself)
-    return [("dual", False, F64, 2), ("dual", True, F64, 2), ("primal", False, F64, 2), ("dual", False, F32, 2),
-            ("primal", True, F32, 2), ("dual", False, F64, 0), ("primal", False, F64, 0)]
+    return [
+        ("dual", False, F64, 2),
+        ("dual", True, F64, 2),
+        ("primal", False, F64, 2),
+        ("dual", False, F32, 2),
+        ("primal", True, F32, 2),
+        ("dual", False, F64, 0),
+        ("primal", False, F64, 0),
+    ]
 
 
 def _run_twice_vs_eager(device, form, shared, dtype, p, options=LOOP):
     """Three calls with different data and one shape through the graph path vs eager."""
     import dqp.solvers.ipm as ipm
+
     ipm.clear_graph_cache()
     c0 = graph_stats()
     for seed in range(3):
@@ -730,6 +781,7 @@ def _misclassify(monkeypatch, rows=4):
     """Make the active-set classification drop one active row of the first ``rows`` elements, so
     that the polish rejects round 1 there and accepts round 2 (row moved back)."""
     import dqp.ipm_layer as lay
+
     orig = lay.classify_active
 
     def wrong(C, s, mu):
@@ -739,6 +791,7 @@ def _misclassify(monkeypatch, rows=4):
             if j.numel():
                 a[i, j[0]] = False
         return a
+
     monkeypatch.setattr(lay, "classify_active", wrong)
 
 
@@ -746,6 +799,7 @@ def _graphs_vs_eager(options, P, q, C, d, A, b, w):
     """Two layer calls with the polish graph off, then on: captures (IPM; IPM + polish + backward)
     and cache hits of the second calls; returns both runs' outputs (see _layer_run)."""
     import dqp.solvers.ipm as ipm
+
     out = {}
     for graphed in (False, True):
         ipm.clear_graph_cache()
@@ -779,9 +833,9 @@ def test_polish_and_backward_graphs_match_eager_emulated(monkeypatch, p, retries
     w = torch.randn(12, 8, dtype=F64, generator=torch.Generator().manual_seed(0))
     e, g = _graphs_vs_eager(EMU(), P, q, C, d, A, b, w)
     _same_outputs(e, g, 1e-12)
-    assert e[4][4:].all()                               # (the misclassified ones need retries)
+    assert e[4][4:].all()  # (the misclassified ones need retries)
     if retries:
-        assert e[4][:4].any()                           # verified after a retry round
+        assert e[4][:4].any()  # verified after a retry round
 
 
 @pytest.mark.cuda
@@ -813,9 +867,10 @@ def test_polish_graph_not_taken_without_dual_form():
     """Float32 data with a singular P: the IPM takes its primal form (no factors), and the polish
     runs eagerly rather than as a graph whose factorization of P would fail on every call."""
     import dqp.solvers.ipm as ipm
+
     P, q, C, d, *_ = known_qp(6, 8, 10, 0, seed=2, dtype=F32)
     P = P.clone()
-    P[:, :, 0] = P[:, 0, :] = 0.0                            # singular, still PSD
+    P[:, :, 0] = P[:, 0, :] = 0.0  # singular, still PSD
     ipm.clear_graph_cache()
     _layer_run(P, q, C, d, None, None, torch.ones(6, 8), calls=1, options=EMU(widen_on_cpu=False))
     # no polish or backward graph (the IPM's setup graph was tried for the dual form and rejected)
@@ -829,10 +884,11 @@ def test_setup_graph_rejects_singular_P_emulated(form):
     test of _choose_form, the solve goes on as without the graph: the primal form for "auto" (same
     results as eager), an error naming the fix for "dual"."""
     import dqp.solvers.ipm as ipm
+
     ipm.clear_graph_cache()
     P, q, C, d, *_ = known_qp(6, 8, 10, 0, seed=2)
     P = P.clone()
-    P[:, :, 0] = P[:, 0, :] = 0.0                            # singular, still PSD
+    P[:, :, 0] = P[:, 0, :] = 0.0  # singular, still PSD
     kw = dict(form=form, fallback64=False, options=EMU())
     if form == "dual":
         with pytest.raises(SettingsError, match="form='primal'"):
@@ -851,12 +907,13 @@ def test_setup_graph_switches_emulated(setting):
     """setup_graph=False, or a batch above setup_graph_max_work: the setup runs eagerly (no
     graph of it), with the same results."""
     import dqp.solvers.ipm as ipm
+
     ipm.clear_graph_cache()
     P, q, C, d, *_ = known_qp(6, 8, 10, 0, seed=1)
     ref = ipm_solve(P, q, C, d, cuda_graph=True, form="dual", options=EMU())
     assert graph_stats()["function_graphs"] == ["dqp_ipm_init"]
     ipm.clear_graph_cache()
-    opts = EMU(setup_graph=False) if setting == "off" else EMU(setup_graph_max_work=6 * 10 ** 2 - 1)
+    opts = EMU(setup_graph=False) if setting == "off" else EMU(setup_graph_max_work=6 * 10**2 - 1)
     g = ipm_solve(P, q, C, d, cuda_graph=True, form="dual", options=opts)
     assert graph_stats()["function_graphs"] == []
     assert torch.equal(g.status, ref.status) and _rel(g.z, ref.z) <= 1e-12
@@ -867,15 +924,16 @@ def test_polish_graph_falls_back_to_eager_polish():
     """An element whose reduced KKT matrix is singular on the Cholesky path (a duplicated active
     row): the graph's result is discarded and the eager polish (with its other paths) runs."""
     import dqp.solvers.ipm as ipm
+
     P, q, C, d, A, b, *_ = known_qp(6, 8, 10, 0, seed=3, n_active=3)
-    C, d = torch.cat([C, C[:, :1]], dim=1), torch.cat([d, d[:, :1]], dim=1)   # row 0 twice, active
+    C, d = torch.cat([C, C[:, :1]], dim=1), torch.cat([d, d[:, :1]], dim=1)  # row 0 twice, active
     A = b = None
     w = torch.ones(6, 8, dtype=F64)
     res = {}
     for graphed in (False, True):
         ipm.clear_graph_cache()
         res[graphed] = _layer_run(P, q, C, d, A, b, w, calls=1, options=EMU(polish_graph=graphed))
-    assert any(path != "cholesky" for path in res[True][5])    # the eager polish's other paths ran
+    assert any(path != "cholesky" for path in res[True][5])  # the eager polish's other paths ran
     assert res[True][5] == res[False][5]
     for x, y in zip(res[False][6], res[True][6]):
         assert _rel(y, x) <= 1e-12
@@ -887,6 +945,7 @@ def test_graphed_call_memory_budget_and_factors():
     the options are part of the key; a call whose graph would not fit the memory budget returns None
     (the caller runs eagerly), and older graphs are evicted to make room for a new one."""
     import dqp.solvers.ipm as ipm
+
     opts = EMU()
     ipm.clear_graph_cache()
     L0 = torch.eye(3, dtype=F64).expand(2, 3, 3).clone()
@@ -894,40 +953,45 @@ def test_graphed_call_memory_budget_and_factors():
 
     def fn(t):
         f = t["L"]
-        return {"y": CholeskyFactor(f.L + t["x"].unsqueeze(-1), f.inverse + 1, [D + 1 for D in f.block_inverses],
-                                    f.options)}
+        return {
+            "y": CholeskyFactor(f.L + t["x"].unsqueeze(-1), f.inverse + 1, [D + 1 for D in f.block_inverses], f.options)
+        }
+
     x = torch.ones(2, 3, dtype=F64)
     y = ipm.graphed_call(("t",), fn, {"L": L, "x": x}, options=opts)["y"]
     assert torch.equal(y.L, L0 + 1) and torch.equal(y.inverse, 2 * L0 + 1)
     assert [torch.equal(a, b + 1) for a, b in zip(y.block_inverses, L.block_inverses)] == [True, True]
-    y2 = ipm.graphed_call(("t",), fn, {"L": L, "x": 2 * x}, options=opts)["y"]          # replay with new values
+    y2 = ipm.graphed_call(("t",), fn, {"L": L, "x": 2 * x}, options=opts)["y"]  # replay with new values
     assert torch.equal(y2.L, L0 + 2) and len(graph_stats()["function_graphs"]) == 1
-    ipm.graphed_call(("t",), fn, {"L": L, "x": x}, options=EMU(linalg={"cpu_fast_paths": False, "inverse_solve": "never"}))
-    assert len(graph_stats()["function_graphs"]) == 2                     # other options: another graph
+    ipm.graphed_call(
+        ("t",), fn, {"L": L, "x": x}, options=EMU(linalg={"cpu_fast_paths": False, "inverse_solve": "never"})
+    )
+    assert len(graph_stats()["function_graphs"]) == 2  # other options: another graph
     ipm.clear_graph_cache()
-    small = EMU(fn_graph_max_bytes=3 * 8 * (3 * 18 + 8 + 1 + 6) + 1)      # room for one such graph
+    small = EMU(fn_graph_max_bytes=3 * 8 * (3 * 18 + 8 + 1 + 6) + 1)  # room for one such graph
     assert ipm.graphed_call(("t",), fn, {"L": L, "x": x.expand(2, 3).clone()[:, :3]}, options=small) is not None
-    ipm.graphed_call(("u",), fn, {"L": L, "x": x}, options=small)                          # evicts the older one
+    ipm.graphed_call(("u",), fn, {"L": L, "x": x}, options=small)  # evicts the older one
     assert len(graph_stats()["function_graphs"]) == 1
-    assert ipm.graphed_call(("v",), fn, {"L": L, "x": x}, options=EMU(fn_graph_max_bytes=100)) is None   # too large
+    assert ipm.graphed_call(("v",), fn, {"L": L, "x": x}, options=EMU(fn_graph_max_bytes=100)) is None  # too large
     ipm.clear_graph_cache()
 
 
 def test_polish_graph_policy():
     import dqp.ipm_layer as lay
+
     P = torch.zeros(128, 100, 100, dtype=F64)
     q, C = torch.zeros(128, 100, dtype=F64), torch.zeros(128, 100, 100, dtype=F64)
     res = type("R", (), {"factors": {"L": None}})()
-    on = {"options": EMU()}                                             # (graphs on any device)
-    assert lay._polish_graph_ok(P, q, C, None, res, on)                  # B·k² = 1.28e6
-    assert not lay._polish_graph_ok(P, q, torch.zeros(128, 130, 100, dtype=F64), None, res, on)   # 2.2e6
-    assert not lay._polish_graph_ok(P.float(), q, C, None, res, on)      # (float32 data reach it in float64)
-    assert not lay._polish_graph_ok(P, q, None, None, res, on)           # no constraints
+    on = {"options": EMU()}  # (graphs on any device)
+    assert lay._polish_graph_ok(P, q, C, None, res, on)  # B·k² = 1.28e6
+    assert not lay._polish_graph_ok(P, q, torch.zeros(128, 130, 100, dtype=F64), None, res, on)  # 2.2e6
+    assert not lay._polish_graph_ok(P.float(), q, C, None, res, on)  # (float32 data reach it in float64)
+    assert not lay._polish_graph_ok(P, q, None, None, res, on)  # no constraints
     assert not lay._polish_graph_ok(P, q, C, None, res, dict(on, cuda_graph=False))
-    assert not lay._polish_graph_ok(P, q, C, None, type("R", (), {"factors": None})(), on)   # primal form:
+    assert not lay._polish_graph_ok(P, q, C, None, type("R", (), {"factors": None})(), on)  # primal form:
     # P not (well enough) positive definite for the factors the graph relies on
     assert not lay._polish_graph_ok(P, q, C, None, res, {"options": EMU(polish_graph=False)})
-    assert not lay._polish_graph_ok(P, q, C, None, res, {"options": LOOP})      # CPU, graphs not emulated
+    assert not lay._polish_graph_ok(P, q, C, None, res, {"options": LOOP})  # CPU, graphs not emulated
 
 
 @pytest.mark.parametrize("fast_paths", [True, False])
@@ -937,6 +1001,7 @@ def test_graph_cache_refills_all_inputs_emulated(form, shared, dtype, p, fast_pa
     iteration reads but the cache does not refill would keep the first call's values here
     exactly as in a real graph, so the later calls would differ from eager."""
     import dqp.solvers.ipm as ipm
+
     # fast_paths=False: the CUDA code path (no NumPy/LAPACK shortcuts) on the CPU
     _run_twice_vs_eager("cpu", form, shared, dtype, p, EMU(fast_paths))
     ipm.clear_graph_cache()
@@ -948,6 +1013,7 @@ def test_graph_replays_and_eager_tail_emulated(max_iter):
     iterations and a last check. Statuses, iteration counts and iterates equal the eager run's,
     MAX_ITER included (eps below round-off: no element converges)."""
     import dqp.solvers.ipm as ipm
+
     ipm.clear_graph_cache()
     P, q, C, d, A, b, *_ = known_qp(5, 8, 12, 2, seed=4)
     kw = dict(check_every=4, max_iter=max_iter, fallback64=False, form="primal", eps=1e-18, options=EMU())
@@ -956,7 +1022,7 @@ def test_graph_replays_and_eager_tail_emulated(max_iter):
     g = ipm_solve(P, q, C, d, A, b, cuda_graph=True, **kw)
     c1 = graph_stats()
     ipm.clear_graph_cache()
-    assert c1["replays"] - c0["replays"] == max_iter // 4                      # whole replays only
+    assert c1["replays"] - c0["replays"] == max_iter // 4  # whole replays only
     assert c1["captures"] - c0["captures"] == (1 if max_iter >= 4 else 0)
     assert torch.equal(g.status, e.status) and torch.equal(g.iterations, e.iterations)
     assert (e.status == int(Status.MAX_ITER)).all() and (e.iterations == max_iter).all()
@@ -969,13 +1035,14 @@ def _compacted_vs_eager(device, form, shared, dtype, p, max_iter=100, options=LO
     the same shapes reuses the sub-batch graphs. (Checks every check_every steps in both runs:
     the tail checks apply only where compaction does not.)"""
     import dqp.solvers.ipm as ipm
+
     options = options.replace(tail_checks=False)
     ipm.clear_graph_cache()
     P, q, C, d, A, b, *_ = known_qp(24, 7, 9, p, seed=5, dtype=dtype, device=device)
     d = d.clone()
     d[3, 0], d[3, 1] = -1.0, -1.0
     C = C.clone()
-    C[3, 1] = -C[3, 0]                         # c₀ᵀz ≤ −1 and −c₀ᵀz ≤ −1: element 3 infeasible
+    C[3, 1] = -C[3, 0]  # c₀ᵀz ≤ −1 and −c₀ᵀz ≤ −1: element 3 infeasible
     if shared:
         P = P[0]
     kw = dict(form=form, check_every=3, fallback64=False, max_iter=max_iter)
@@ -984,11 +1051,12 @@ def _compacted_vs_eager(device, form, shared, dtype, p, max_iter=100, options=LO
     tol = 1e-12 if dtype == F64 else 1e-4
     for call in range(2):
         c0 = graph_stats()
-        g = ipm_solve(P, q, C, d, A, b, cuda_graph=True, options=options.replace(compact_min_work=0, compact_fraction=1.0),
-                      **kw)
+        g = ipm_solve(
+            P, q, C, d, A, b, cuda_graph=True, options=options.replace(compact_min_work=0, compact_fraction=1.0), **kw
+        )
         assert graph_stats()["compactions"] > c0["compactions"]
         if call == 1:
-            assert graph_stats()["captures"] == c0["captures"]      # every graph from the cache
+            assert graph_stats()["captures"] == c0["captures"]  # every graph from the cache
         # float64: identical; float32: the round-off of batched kernels depends on the batch they run
         # in, so an instance near stalling may end NUMERICAL in one run and SOLVED in the other —
         # compare the instances that neither run declared NUMERICAL
@@ -1022,6 +1090,7 @@ def test_tail_compaction_pads_with_finished_rows(monkeypatch):
     import sys as _sys
     import dqp.solvers.ipm as ipm
     import dqp.solvers.ipm.iterate as impl
+
     log = []
     orig = impl._compact_size
 
@@ -1031,33 +1100,45 @@ def test_tail_compaction_pads_with_finished_rows(monkeypatch):
         real = run.numel() if f["gidx"] is None else f["gidx"][run].unique().numel()
         log.append((nleft, real, Bc))
         return orig(nleft, Bc, k, options)
-    monkeypatch.setattr(impl, "_compact_size", logged)           # (a spy: records what the solve sees)
+
+    monkeypatch.setattr(impl, "_compact_size", logged)  # (a spy: records what the solve sees)
     B = 128
     P, q, C, d, *_ = known_qp(B, 6, 10, 0, seed=1)
     scale = torch.exp(4 * torch.rand(B, generator=torch.Generator().manual_seed(0), dtype=F64))
-    scale[:20] = 1e3                                         # a spread of iteration counts
+    scale[:20] = 1e3  # a spread of iteration counts
     ipm.clear_graph_cache()
-    res = ipm_solve(P * scale.view(-1, 1, 1), q, C, d, cuda_graph=True, check_every=1, form="primal",
-                    fallback64=False, options=EMU(compact_min_work=0))
+    res = ipm_solve(
+        P * scale.view(-1, 1, 1),
+        q,
+        C,
+        d,
+        cuda_graph=True,
+        check_every=1,
+        form="primal",
+        fallback64=False,
+        options=EMU(compact_min_work=0),
+    )
     ipm.clear_graph_cache()
     assert (res.status == int(Status.SOLVED)).all()
     assert all(nleft == real for nleft, real, _ in log)
-    assert len({Bc for *_, Bc in log}) >= 3                 # compacted at least twice
+    assert len({Bc for *_, Bc in log}) >= 3  # compacted at least twice
 
 
 def test_compact_size_policy():
     from dqp.solvers.ipm.graphs import _compact_size
-    assert _compact_size(17, 1024, 100) == 32            # B·k² = 1e7: compacted, power of two
-    assert _compact_size(3, 1024, 100) == 8               # at least 8
-    assert _compact_size(300, 1024, 100) is None          # more than a quarter left
-    assert _compact_size(9, 128, 100) is None             # too little work to pay for a graph
+
+    assert _compact_size(17, 1024, 100) == 32  # B·k² = 1e7: compacted, power of two
+    assert _compact_size(3, 1024, 100) == 8  # at least 8
+    assert _compact_size(300, 1024, 100) is None  # more than a quarter left
+    assert _compact_size(9, 128, 100) is None  # too little work to pay for a graph
     assert _compact_size(9, 128, 500) == 16
-    assert _compact_size(5, 8, 500) is None               # nothing smaller than the batch
+    assert _compact_size(5, 8, 500) is None  # nothing smaller than the batch
     assert _compact_size(17, 1024, 100, IPMOptions(compact=False)) is None
 
 
 def _compiled_vs_eager(device, options=LOOP):
     import dqp.solvers.ipm as ipm
+
     ipm.clear_graph_cache()
     for seed in range(2):
         P, q, C, d, A, b, *_ = known_qp(4, 6, 7, 2, seed=seed, device=device)
@@ -1103,6 +1184,7 @@ def test_tail_compaction_cuda(form, shared, dtype, p):
 def test_graph_cache_is_bounded():
     import dqp.solvers.ipm as ipm
     from dqp.solvers.ipm.graphs import _GRAPH_CACHE, _graph_for
+
     P, q, C, d, *_ = known_qp(3, 4, 5, 0)
 
     class _Live:
@@ -1111,6 +1193,7 @@ def test_graph_cache_is_bounded():
 
         def nbytes(self):
             return 100
+
     ipm.clear_graph_cache()
     # a capture that fails (a CUDA graph on the CPU): (None, None), the caller runs eagerly; nothing cached
     assert _graph_for(("k", 0), _Live(), lambda D: None, {"q": q}, LOOP) == (None, None)
@@ -1119,9 +1202,9 @@ def test_graph_cache_is_bounded():
     for key in range(4):
         _graph_for(("k", key), _Live(), lambda D: None, {"q": q}, opts)
     assert list(_GRAPH_CACHE) == [("k", 2), ("k", 3)]
-    _graph_for(("k", 4), _Live(), lambda D: None, {"q": q}, EMU(graph_cache_max_bytes=150))   # room for one
+    _graph_for(("k", 4), _Live(), lambda D: None, {"q": q}, EMU(graph_cache_max_bytes=150))  # room for one
     assert list(_GRAPH_CACHE) == [("k", 4)]
-    _graph_for(("k", 5), _Live(), lambda D: None, {"q": q}, EMU(graph_cache_max_bytes=50))    # too large
+    _graph_for(("k", 5), _Live(), lambda D: None, {"q": q}, EMU(graph_cache_max_bytes=50))  # too large
     assert list(_GRAPH_CACHE) == [("k", 4)]
     ipm.clear_graph_cache()
 
@@ -1129,6 +1212,7 @@ def test_graph_cache_is_bounded():
 # ------------------------------------------------------------------------------------------------
 # solves with an explicit inverse of the Cholesky factor (INVERSE_SOLVE)
 # ------------------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("form,p", [("primal", 2), ("dual", 2), ("dual", 0)])
@@ -1157,11 +1241,11 @@ def test_inverse_solves_match_triangular_solves(device, form, p):
 def test_inverse_solve_policy():
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
     auto = CholeskyOptions()
-    assert auto.use_inverse((128, 100, 100), cuda)             # measured: inverse faster
-    assert not auto.use_inverse((1024, 100, 100), cuda)        # measured: triangular solves faster
+    assert auto.use_inverse((128, 100, 100), cuda)  # measured: inverse faster
+    assert not auto.use_inverse((1024, 100, 100), cuda)  # measured: triangular solves faster
     assert not auto.use_inverse((128, 500, 500), cuda)
-    assert not auto.use_inverse((128, 100, 100), cpu)          # CPU: LAPACK paths
-    assert not auto.use_inverse((100, 100), cuda)              # shared factor: many-RHS solves
+    assert not auto.use_inverse((128, 100, 100), cpu)  # CPU: LAPACK paths
+    assert not auto.use_inverse((100, 100), cuda)  # shared factor: many-RHS solves
     assert CholeskyOptions(inverse_solve="always").use_inverse((4, 3, 3), cpu)
     assert not CholeskyOptions(inverse_solve="never").use_inverse((4, 3, 3), cuda)
     with pytest.raises(SettingsError, match="inverse_solve"):
@@ -1184,28 +1268,30 @@ def test_graph_parts_warm_up_sees_capture_layout():
     (seen on an H100: every call fell back to eager iterations, 0.9 s instead of 16 ms)."""
     import dqp.solvers.ipm as ipm
     from dqp.solvers.ipm.graphs import _GRAPH_CACHE, _run_parts
+
     P, q, C, d, *_ = known_qp(4, 6, 8, 0, seed=1)
     ipm.clear_graph_cache()
     ipm_solve(P, q, C, d, cuda_graph=True, check_every=2, max_iter=2, form="dual", options=EMU())
-    (graph, state, _), = _GRAPH_CACHE.values()                  # the emulated graph and its static state
+    ((graph, state, _),) = _GRAPH_CACHE.values()  # the emulated graph and its static state
     ipm.clear_graph_cache()
     (one, n_one), (chk, n_chk) = graph.body.parts
     assert (n_one, n_chk) == (2, 1)
     st = {k: t.clone() for k, t in state.items()}
     with torch.no_grad():
-        assert not one(dict(st))["s"].is_contiguous()          # what a plain call chain would pass on
+        assert not one(dict(st))["s"].is_contiguous()  # what a plain call chain would pass on
     seen = []
-    rec = lambda fn: (lambda S: (seen.append({k: v.stride() for k, v in S.items()}), fn(S))[1])  # noqa: E731
+    rec = lambda fn: lambda S: (seen.append({k: v.stride() for k, v in S.items()}), fn(S))[1]  # noqa: E731
     with torch.no_grad():
         _run_parts([(rec(one), n_one), (rec(chk), n_chk)], st)
     assert len(seen) == 3 and all(s == {k: v.stride() for k, v in st.items()} for s in seen)
-    assert not torch.equal(st["z"], state["z"])              # the parts wrote their results back
+    assert not torch.equal(st["z"], state["z"])  # the parts wrote their results back
 
 
 def test_check_schedule():
     """_CheckSchedule: every check_every steps, then 1, 1, 2, 4, 4 … steps once at most
     TAIL_FRACTION of the batch runs; fixed when not adaptive or check_every is 1."""
     from dqp.solvers.ipm.graphs import _CheckSchedule
+
     s = _CheckSchedule(4, 100, True)
     seen = [s.next]
     for nleft in (100, 50, 10, 3, 2, 2, 1, 1):
@@ -1226,10 +1312,11 @@ def _tail_checks_vs_eager(device, form, options=LOOP):
     in the tail stop earlier than with checks every check_every steps only, none later. (A batch
     too small for the tail compaction, which would take over otherwise.)"""
     import dqp.solvers.ipm as ipm
+
     P, q, C, d, A, b, *_ = known_qp(40, 8, 12, 0, seed=9, device=device)
     P = P.clone()
     w = torch.logspace(0, 3, 8, dtype=F64, device=device)
-    P[:5] = w.unsqueeze(-1) * P[:5] * w                      # a few harder (ill-conditioned) elements
+    P[:5] = w.unsqueeze(-1) * P[:5] * w  # a few harder (ill-conditioned) elements
     kw = dict(form=form, check_every=4, fallback64=False)
     out = {}
     for tail in (False, True):
@@ -1251,7 +1338,7 @@ def _tail_checks_vs_eager(device, form, options=LOOP):
     i0, i1 = g0.iterations[ok], g1.iterations[ok]
     assert (i1 <= i0).all() and (i1 < i0).any()
     assert (i0 % 4 == 0).all() and not (i1 % 4 == 0).all()
-    assert n1 > n0                                               # more, shorter replays
+    assert n1 > n0  # more, shorter replays
     assert _rel(g1.z[ok], g0.z[ok]) <= 1e-6
 
 
@@ -1275,7 +1362,7 @@ def test_tail_checks_left_to_compaction():
     P = P.clone()
     P[:5] = w.unsqueeze(-1) * P[:5] * w
     kw = dict(form="dual", check_every=4, fallback64=False, cuda_graph=False)
-    opts = LOOP.replace(compact_min_work=40 * 12 ** 2)
+    opts = LOOP.replace(compact_min_work=40 * 12**2)
     assert (ipm_solve(P, q, C, d, options=opts, **kw).iterations % 4 == 0).all()
     assert not (ipm_solve(P, q, C, d, options=opts.replace(compact=False), **kw).iterations % 4 == 0).all()
 
@@ -1288,14 +1375,15 @@ def test_equality_only_graph_cache_refactorizes_emulated(form, dtype, shared):
     iterations), but a captured step must factorize: a cached graph replayed for new data read the
     first call's factor (found by review: z off by 4e62 in float64, primal form)."""
     import dqp.solvers.ipm as ipm
+
     ipm.clear_graph_cache()
     for seed in range(3):
         P, q, C, d, A, b, *_ = known_qp(5, 7, 0, 2, seed=seed, dtype=dtype)
         if shared:
             P = P[0]
         kw = dict(form=form, check_every=3, fallback64=False, options=EMU())
-        g = ipm_solve(P * (10.0 ** seed), q, None, None, A, b, cuda_graph=True, **kw)
-        e = ipm_solve(P * (10.0 ** seed), q, None, None, A, b, cuda_graph=False, **kw)
+        g = ipm_solve(P * (10.0**seed), q, None, None, A, b, cuda_graph=True, **kw)
+        e = ipm_solve(P * (10.0**seed), q, None, None, A, b, cuda_graph=False, **kw)
         assert torch.equal(g.status, e.status) and (g.status == int(Status.SOLVED)).all()
         assert _rel(g.z, e.z) <= (1e-12 if dtype == F64 else 1e-5)
     ipm.clear_graph_cache()
@@ -1321,6 +1409,7 @@ def test_setup_products_by_inverse_match_solves(device):
     import dqp.solvers.ipm as ipm
     from dqp.linsolve import blocked
     from dqp.solvers.ipm.newton import _DualNewton, _setup_by_inverse
+
     n, m, p = 70, 40, 5
     P, q, C, d, A, b, *_ = known_qp(3, n, m, p, seed=4, device=device)
     L = torch.linalg.cholesky(P)
@@ -1338,7 +1427,7 @@ def test_setup_products_by_inverse_match_solves(device):
         assert (nt.PiAbt - Pi).abs().max() <= 1e-10 * Pi.abs().max()
         assert (nt.M - Ab @ Pi).abs().max() <= 1e-10 * nt.M.abs().max()
         assert (nt.M - nt.M.mT).abs().max() <= 1e-12 * nt.M.abs().max()
-        out[how] = ipm_solve(P, q, C, d, A, b, form="dual", options=opts)      # (no cache clearing)
+        out[how] = ipm_solve(P, q, C, d, A, b, form="dual", options=opts)  # (no cache clearing)
     ref, got = out["solve"], out["inverse"]
     assert (got.status == 0).all() and torch.equal(got.status, ref.status)
     assert (got.z - ref.z).abs().max() < 1e-8 * (1 + ref.z.abs().max())
@@ -1356,17 +1445,24 @@ def test_setup_products_by_inverse_match_solves(device):
 # the layer reaches the IPM through the solver registry, with the settings it honours
 # ------------------------------------------------------------------------------------------------
 
+
 def test_eps_abs_eps_rel_reach_the_ipm():
     """eps_abs/eps_rel set the IPM's stopping tolerance: without the polish (refine_active=False) a
     loose tolerance gives a less accurate z and residuals, a tight one the known solution; with the
     polish they change the IPM's iterations, not the (polished, exact) answer."""
     from dqp.layer import dQP_layer
+
     P, q, C, d, A, b, z0, *_ = known_qp(8, 10, 12, 2, seed=5)
     err, res, its, pol = {}, {}, {}, {}
     for eps in (1e-3, 1e-10):
         for polish in (False, True):
-            layer = dQP_layer(qp_solver="dqp_ipm", eps_abs=eps, eps_rel=eps, refine_active=polish,
-                              qp_solver_keywords={"options": LOOP})
+            layer = dQP_layer(
+                qp_solver="dqp_ipm",
+                eps_abs=eps,
+                eps_rel=eps,
+                refine_active=polish,
+                qp_solver_keywords={"options": LOOP},
+            )
             z = layer(P, q, C, d, A, b)[0]
             assert layer.info.status == [Status.SOLVED] * 8
             if polish:
@@ -1376,16 +1472,19 @@ def test_eps_abs_eps_rel_reach_the_ipm():
                 res[eps] = max(max(layer.info.dual_residual), max(layer.info.primal_residual))
     assert err[1e-10] < 1e-8 < err[1e-3] and res[1e-10] < 1e-8 < res[1e-3]
     assert its[1e-10] > its[1e-3]
-    assert pol[1e-3] < 1e-10 and pol[1e-10] < 1e-10                     # the polish: exact either way
+    assert pol[1e-3] < 1e-10 and pol[1e-10] < 1e-10  # the polish: exact either way
 
 
 def test_settings_the_ipm_cannot_honour_warn():
     from dqp.layer import dQP_layer
+
     P, q, C, d, *_ = known_qp(3, 4, 5, 0, seed=1)
-    for opt, match in ((dict(warm_start_from_previous=True), "warm_start_from_previous"),
-                       (dict(omp_parallel=True), "omp_parallel"),
-                       (dict(dual_available=False), "dual_available"),
-                       (dict(fallback_solver="clarabel"), "fallback_solver")):
+    for opt, match in (
+        (dict(warm_start_from_previous=True), "warm_start_from_previous"),
+        (dict(omp_parallel=True), "omp_parallel"),
+        (dict(dual_available=False), "dual_available"),
+        (dict(fallback_solver="clarabel"), "fallback_solver"),
+    ):
         with pytest.warns(UserWarning, match=match):
             dQP_layer(qp_solver="dqp_ipm", **opt)(P, q, C, d)
     with pytest.raises(SettingsError, match="lin_solver"):
@@ -1407,6 +1506,7 @@ def test_scaling_the_data_does_not_change_the_answer(what, scale):
         z, lam, mu, status, _ = solve_qp_batch(P, q, C, d, A, b, diagnostics=diag)
         (g,) = torch.autograd.grad((w * z).sum(), [q])
         return z.detach(), lam, mu, g, diag["verified"]
+
     ref = run(P, q, C, d, A, b)
     if what == "rows":
         got = run(P, q, C * scale, d * scale, A * scale, b * scale)
@@ -1422,10 +1522,11 @@ def test_scaling_the_data_does_not_change_the_answer(what, scale):
 
 def test_verified_needs_the_unscaled_constraints_to_hold():
     from dqp.ipm_layer import _feasible
+
     C = torch.tensor([[[1e-8, 0.0]], [[1e15, 0.0]]], dtype=F64)
     d = torch.tensor([[1e-8], [1e15]], dtype=F64)
     z_ok = torch.tensor([[1.0, 5.0], [1.0, -3.0]], dtype=F64)
     assert _feasible(z_ok, C, d, None, None).tolist() == [True, True]
-    assert _feasible(z_ok * 1.01, C, d, None, None).tolist() == [False, False]     # 1 % over, at any scale
+    assert _feasible(z_ok * 1.01, C, d, None, None).tolist() == [False, False]  # 1 % over, at any scale
     A, b = C.clone(), d.clone()
-    assert _feasible(z_ok * 0.99, None, None, A, b).tolist() == [False, False]     # equalities: both sides
+    assert _feasible(z_ok * 0.99, None, None, A, b).tolist() == [False, False]  # equalities: both sides

@@ -6,14 +6,22 @@ These tests check that the answers are those of the plain batched code: converge
 satisfy the stopping rule when the residuals are recomputed from scratch, and the primal form
 (which uses none of the fast paths) finds the same points.
 """
+
 from __future__ import annotations
 
 import pytest
 import torch
 
 from dqp.errors import Status
-from dqp.linsolve.cholesky import (CholeskyFactor, CholeskyOptions, cholesky, cholesky_inplace, potrs_inplace,
-                                   potrs_rows, potrs_rows_ok)
+from dqp.linsolve.cholesky import (
+    CholeskyFactor,
+    CholeskyOptions,
+    cholesky,
+    cholesky_inplace,
+    potrs_inplace,
+    potrs_rows,
+    potrs_rows_ok,
+)
 from dqp.solvers.ipm import IPMOptions, KernelOptions
 from dqp.solvers.ipm import ipm_solve as _ipm_solve
 from dqp.solvers.ipm.newton import _DualNewton
@@ -56,8 +64,9 @@ def _true_residuals(P, q, C, d, A, b, r):
         ATl = (A.mT @ lam.unsqueeze(-1)).squeeze(-1)
         rd = rd + ATl
         terms.append(ATl.abs().amax(-1))
-        rp = torch.maximum(rp, ((A @ z.unsqueeze(-1)).squeeze(-1) - b).abs().amax(-1)
-                           / torch.linalg.vector_norm(A, dim=-1).amin(-1))
+        rp = torch.maximum(
+            rp, ((A @ z.unsqueeze(-1)).squeeze(-1) - b).abs().amax(-1) / torch.linalg.vector_norm(A, dim=-1).amin(-1)
+        )
     dres = rd.abs().amax(-1) / (1.0 + torch.stack(terms).amax(0))
     return dres, rp
 
@@ -79,6 +88,7 @@ def test_tracked_products_never_declare_a_false_convergence():
     once reported SOLVED at a true scaled primal residual of 1.6e-7 (eps = 1e-9). An element now
     stops only on exact products: SOLVED elements meet the rule when it is recomputed from scratch."""
     from test_ipm import known_qp
+
     P, q, C, d, A, b, *_ = known_qp(4, 8, 6, 3, seed=7)
     q = q.clone()
     q[3] *= 1e8
@@ -162,6 +172,7 @@ def test_potrs_rows_matches_solve(dtype, inplace):
     assert not potrs_rows_ok(L.detach().requires_grad_(True), R)
     slow = CholeskyOptions(cpu_fast_paths=False)
     assert not potrs_rows_ok(L, R, slow)
-    b = _DualNewton(CholeskyFactor(L2.L, options=slow), P, R, None, 5, 8, 6, 0, 1e-12,
-                    options=LOOP.replace(linalg=slow)).PiAbt
+    b = _DualNewton(
+        CholeskyFactor(L2.L, options=slow), P, R, None, 5, 8, 6, 0, 1e-12, options=LOOP.replace(linalg=slow)
+    ).PiAbt
     assert torch.allclose(a, b, atol=tol, rtol=tol)

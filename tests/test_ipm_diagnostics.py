@@ -1,5 +1,6 @@
 """layer.info on the batched interior-point path: per-element verified flag, KKT path, iterations,
 complementarity margin and weakly active count, as on the element-wise path."""
+
 from __future__ import annotations
 
 import math
@@ -26,7 +27,7 @@ def test_layer_info_is_filled_per_element():
     layer = dQP.dQP_layer(settings=dQP.build_settings(qp_solver="dqp_ipm"))
     P, q, C, d = _batch()
     with warnings.catch_warnings():
-        warnings.simplefilter("error")          # nothing to warn about on these
+        warnings.simplefilter("error")  # nothing to warn about on these
         z, lam, mu = layer(P, q, C, d)[:3]
     info = layer.info
     assert info.status == [Status.SOLVED] * 4
@@ -57,11 +58,10 @@ def test_diagnostics_without_polish():
     P, q, C, d = _batch()
     diag = {}
     solve_qp_batch(P, q, C, d, polish=False, diagnostics=diag)
-    assert diag["verified"].tolist() == [False] * 4      # nothing was verified without the polish
+    assert diag["verified"].tolist() == [False] * 4  # nothing was verified without the polish
     assert len(diag["kkt_path"]) == 4 and diag["iterations"].shape == (4,)
-    layer = dQP.dQP_layer(settings=dQP.build_settings(qp_solver="dqp_ipm",
-                                                      qp_solver_keywords={"polish": False}))
+    layer = dQP.dQP_layer(settings=dQP.build_settings(qp_solver="dqp_ipm", qp_solver_keywords={"polish": False}))
     with warnings.catch_warnings():
-        warnings.simplefilter("error")          # no UnverifiedSolutionWarning when the polish is off
+        warnings.simplefilter("error")  # no UnverifiedSolutionWarning when the polish is off
         layer(P, q, C, d)
     assert layer.info.verified == [False] * 4

@@ -5,6 +5,7 @@ row norm) can still be classified wrongly; a float32 polish accepted such a row 
 slightly negative, passed the √eps₃₂ test) and the gradients were off by 1e-2…1e-1. The polish now
 runs in float64 for float32 data (see the module docstring of dqp.ipm_layer).
 """
+
 from __future__ import annotations
 
 import pytest
@@ -28,7 +29,7 @@ def qpth_problems(B: int, n: int, m: int, seed: int):
     h = (G @ z0.unsqueeze(-1)).squeeze(-1) + torch.rand(B, m, generator=g, dtype=F64)
     p = torch.randn(B, n, generator=g, dtype=F64)
     w = torch.randn(B, n, generator=g, dtype=F64)
-    r = lambda x: x.to(F32).to(F64)      # noqa: E731 - data exactly representable in float32
+    r = lambda x: x.to(F32).to(F64)  # noqa: E731 - data exactly representable in float32
     return r(0.5 * (Q + Q.transpose(1, 2))), r(p), r(G), r(h), r(w)
 
 
@@ -75,6 +76,6 @@ def test_float32_outputs_keep_dtype_with_equalities(polish):
     args64 = [t.detach().double().requires_grad_() for t in args]
     z6, lam6, mu6, *_ = IPMQPFunction.apply(*args64, {})
     grads64 = torch.autograd.grad((z6 * w).sum() + lam6.sum() + mu6.sum(), args64)
-    tol = 1e-5 if polish else 1e-2          # without the polish: the float32 IPM point (eps 1e-5)
+    tol = 1e-5 if polish else 1e-2  # without the polish: the float32 IPM point (eps 1e-5)
     for a, b in zip(grads, grads64):
         assert ((a.double() - b).abs().max() / (1 + b.abs().max())).item() < tol

@@ -1,5 +1,6 @@
 """A non-convex (indefinite) P on the batched IPM: never a verified point, a NotPSDError naming
 the elements (or status NOT_PSD with on_failure='mask')."""
+
 import pytest
 import torch
 

@@ -1,5 +1,6 @@
 """The batched engine's layer.info: lists computed from tensors on first read, the same values,
 picklable and copyable; layer.active as one tensor."""
+
 from __future__ import annotations
 
 import copy
@@ -28,16 +29,18 @@ def test_lazy_lists_match_the_data():
     layer, out, (P, q, C, d, A, b) = _layer_call()
     info = layer.info
     assert isinstance(info, LazySolveInfo) and isinstance(info, SolveInfo)
-    assert "primal_residual" not in vars(info)          # not computed until read
+    assert "primal_residual" not in vars(info)  # not computed until read
     z = out.z
-    r_prim = torch.maximum((A @ z.unsqueeze(-1)).squeeze(-1).sub(b).abs().amax(-1),
-                           ((C @ z.unsqueeze(-1)).squeeze(-1) - d).clamp_min(0).amax(-1))
+    r_prim = torch.maximum(
+        (A @ z.unsqueeze(-1)).squeeze(-1).sub(b).abs().amax(-1),
+        ((C @ z.unsqueeze(-1)).squeeze(-1) - d).clamp_min(0).amax(-1),
+    )
     assert np.allclose(info.primal_residual, r_prim.tolist(), atol=1e-14)
     assert len(info.dual_residual) == len(info.complementarity) == 5
     assert info.status == [Status.SOLVED] * 5 and info.verified == [True] * 5
     _, _, _, _, active = solve_qp_batch(P, q, C, d, A, b)
-    assert torch.equal(out.active, active)                       # the call's tensor
-    assert np.array_equal(layer.active, active.numpy())          # libdqp's NumPy mask
+    assert torch.equal(out.active, active)  # the call's tensor
+    assert np.array_equal(layer.active, active.numpy())  # libdqp's NumPy mask
     assert [a.tolist() for a in info.active] == active.tolist()
     assert info.kkt_path == ["cholesky"] * 5 and len(info.iterations) == 5
     assert len(info.n_weakly_active) == len(info.complementarity_margin) == 5

@@ -5,6 +5,7 @@ Column vectors, ``Q=/G=/h=`` keywords, settings as a mapping (and plain dicts), 
 (``sparse_helper``, ``lin_solvers``, ``qp_diagnostic``, ``benchmark``), ``dQP.call_single_qpsolvers``
 and the qpth gaps (``SpQPFunction``, masked failures, the non-SPD error as a ``RuntimeError``).
 """
+
 from __future__ import annotations
 
 import warnings
@@ -70,14 +71,17 @@ def test_argument_given_twice_raises(qp, kw):
         dQP.dQP_layer(qp_solver="clarabel")(P, q, C, d, A, b, **{alias: {"Q": P, "G": C, "h": d}[alias]})
 
 
-@pytest.mark.parametrize("over, words", [
-    (dict(q=torch.zeros(6, 2, dtype=torch.float64)), "Argument q has shape (6, 2) but P is 6 x 6"),
-    (dict(d=torch.zeros(4, 1, dtype=torch.float64)), "Argument d has shape (4, 1) but C has 5 rows"),
-    (dict(b=torch.zeros(2, 3, 1, dtype=torch.float64)), "Argument b has shape (2, 3, 1) but A has 2 rows"),
-    (dict(C=torch.zeros(5, 4, dtype=torch.float64)), "Argument C has 4 columns but P, q, A give n = 6"),
-    (dict(P=torch.eye(5, dtype=torch.float64)), "Argument P has shape (5, 5) but q, C, A give n = 6"),
-    (dict(P=torch.zeros(6, 5, dtype=torch.float64)), "Argument P must be square, got 6 x 5"),
-])
+@pytest.mark.parametrize(
+    "over, words",
+    [
+        (dict(q=torch.zeros(6, 2, dtype=torch.float64)), "Argument q has shape (6, 2) but P is 6 x 6"),
+        (dict(d=torch.zeros(4, 1, dtype=torch.float64)), "Argument d has shape (4, 1) but C has 5 rows"),
+        (dict(b=torch.zeros(2, 3, 1, dtype=torch.float64)), "Argument b has shape (2, 3, 1) but A has 2 rows"),
+        (dict(C=torch.zeros(5, 4, dtype=torch.float64)), "Argument C has 4 columns but P, q, A give n = 6"),
+        (dict(P=torch.eye(5, dtype=torch.float64)), "Argument P has shape (5, 5) but q, C, A give n = 6"),
+        (dict(P=torch.zeros(6, 5, dtype=torch.float64)), "Argument P must be square, got 6 x 5"),
+    ],
+)
 def test_shape_errors_name_the_wrong_argument(qp, over, words):
     args = dict(zip("PqCdAb", qp))
     args.update(over)
@@ -114,16 +118,20 @@ def test_settings_read_and_write_like_a_dict():
     assert layer.settings.eps_abs == 1e-7
 
 
-@pytest.mark.parametrize("key, value, exc, words", [
-    ("eps_abs", 2.0, dqp.SettingsError, "(0, 1)"),
-    ("qp_solver", "no_such_solver", dqp.SettingsError, "no_such_solver"),
-    ("qp_solver", "mosek", dqp.SolverNotAvailableError, "pip install"),
-    ("eps_abss", 1e-3, dqp.SettingsError, "did you mean 'eps_abs'"),
-    ("available_qp_solvers", [], dqp.SettingsError, "read-only"),
-])
+@pytest.mark.parametrize(
+    "key, value, exc, words",
+    [
+        ("eps_abs", 2.0, dqp.SettingsError, "(0, 1)"),
+        ("qp_solver", "no_such_solver", dqp.SettingsError, "no_such_solver"),
+        ("qp_solver", "mosek", dqp.SolverNotAvailableError, "pip install"),
+        ("eps_abss", 1e-3, dqp.SettingsError, "did you mean 'eps_abs'"),
+        ("available_qp_solvers", [], dqp.SettingsError, "read-only"),
+    ],
+)
 def test_settings_item_assignment_validates(key, value, exc, words):
     if key == "qp_solver" and value == "mosek":
         from dqp.solvers import available_solvers
+
         if "mosek" in available_solvers():
             pytest.skip("mosek is installed here")
     s = dQP.build_settings(qp_solver="clarabel")
@@ -199,16 +207,31 @@ def test_libdqp_attributes_unbatched(qp):
 def test_libdqp_attributes_batched_sparse():
     P, q, C, d, A, b, *_ = random_qp(5, 4, 1, seed=2, batch=2)
     layer = dQP.dQP_layer(qp_solver="clarabel", solve_type="sparse")
-    z, _, mu, _, _ = layer([M.to_sparse_csc() for M in P], q, [M.to_sparse_csc() for M in C], d,
-                           [M.to_sparse_csc() for M in A], b)
+    z, _, mu, _, _ = layer(
+        [M.to_sparse_csc() for M in P], q, [M.to_sparse_csc() for M in C], d, [M.to_sparse_csc() for M in A], b
+    )
     assert layer.nBatch == 2 and layer.active.shape == (2, 4) and layer.nActive.shape == (2,)
     assert layer.x_star_np.shape == (2, 5) and len(layer.nu_star_np) == 2
     Ks = layer.KKT_A_np
     assert len(Ks) == 2 and all(sp.issparse(K) and K.shape[0] == 5 + 1 + n for K, n in zip(Ks, layer.nActive))
 
 
-@pytest.mark.parametrize("name", ["nActive", "nBatch", "dim", "nIneq", "nEq", "qp_solver", "lin_solver",
-                                  "x_star_np", "mu_star_np", "nu_star_np", "KKT_A_np"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "nActive",
+        "nBatch",
+        "dim",
+        "nIneq",
+        "nEq",
+        "qp_solver",
+        "lin_solver",
+        "x_star_np",
+        "mu_star_np",
+        "nu_star_np",
+        "KKT_A_np",
+    ],
+)
 def test_libdqp_attributes_are_read_only(name):
     layer = dQP.dQP_layer()
     with pytest.raises(AttributeError):
@@ -230,8 +253,14 @@ def test_inplace_edit_of_outputs_keeps_backward(qp):
 # ---------------------------------------------------------------------------------------------
 def _save_libdqp_npz(path, with_eq=True):
     P, q, C, d, A, b, *_ = random_qp(6, 5, 2, seed=4)
-    data = dict(Q=sp.csc_matrix(P.numpy()), q=q.numpy(), G=sp.csc_matrix(C.numpy()), h=d.numpy(),
-                A=sp.csc_matrix(A.numpy()) if with_eq else None, b=b.numpy() if with_eq else None)
+    data = dict(
+        Q=sp.csc_matrix(P.numpy()),
+        q=q.numpy(),
+        G=sp.csc_matrix(C.numpy()),
+        h=d.numpy(),
+        A=sp.csc_matrix(A.numpy()) if with_eq else None,
+        b=b.numpy() if with_eq else None,
+    )
     np.savez(path, **data)  # pickled SciPy matrices, as the dQP repository stores them
     return P, q, C, d, A, b
 
@@ -338,8 +367,9 @@ def test_benchmark_is_callable_and_routes_to_diagnose(tmp_path, monkeypatch):
 
 def test_call_single_qpsolvers():
     P, q, C, d, *_ = (t.numpy() for t in random_qp(4, 3, 0, seed=0)[:6])
-    sol = dQP.call_single_qpsolvers(P, q[:, None], C, d[:, None], None, None,
-                                    {"solver": "clarabel", "verbose": False, "initvals": None})
+    sol = dQP.call_single_qpsolvers(
+        P, q[:, None], C, d[:, None], None, None, {"solver": "clarabel", "verbose": False, "initvals": None}
+    )
     ref = dQP.dQP_layer(qp_solver="clarabel", empty_batch=False)(*(torch.tensor(a) for a in (P, q, C, d)))
     assert np.allclose(sol.x, ref.z.numpy(), atol=1e-6) and np.allclose(sol.z, ref.mu.numpy(), atol=1e-6)
     infeasible = (np.eye(2), np.zeros(2), np.array([[1.0, 0.0], [-1.0, 0.0]]), np.array([-1.0, -1.0]))
@@ -402,13 +432,15 @@ def test_far_unverified_primary_gives_way_to_a_closer_second_opinion():
     # parameter_space.py's grid point θ = (5/6, 5/6) with proxqp at eps_abs=1e-4 and no refinement:
     # proxqp's point is far from the KKT conditions (it was then a SolverFailedError), Clarabel's is
     # close though not verifiable without repairs: Clarabel's point is returned
-    G = torch.tensor([[1, 0, -1], [-1, 0, -1], [0, 1, -1], [0, -1, -1], [0.75, 0.64, -1], [-0.75, -0.64, -1]],
-                     dtype=torch.float64)
+    G = torch.tensor(
+        [[1, 0, -1], [-1, 0, -1], [0, 1, -1], [0, -1, -1], [0.75, 0.64, -1], [-0.75, -0.64, -1]], dtype=torch.float64
+    )
     t = 5.0 / 6.0
     h = -1.0 + torch.tensor([t, -t, -t, t, t, -t], dtype=torch.float64)
     P, q = torch.eye(3, dtype=torch.float64), torch.zeros(3, dtype=torch.float64)
-    layer = dQP.dQP_layer(settings=dQP.build_settings(eps_active=1e-7, eps_abs=1e-4, eps_rel=0, qp_solver="proxqp",
-                                                      refine_active=False))
+    layer = dQP.dQP_layer(
+        settings=dQP.build_settings(eps_active=1e-7, eps_abs=1e-4, eps_rel=0, qp_solver="proxqp", refine_active=False)
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         z = layer(P, q.unsqueeze(-1), G, h.unsqueeze(-1), None, None).z

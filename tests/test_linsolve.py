@@ -1,4 +1,5 @@
 """Linear solvers on their own: accuracy, interface errors, and the singular fallback."""
+
 from __future__ import annotations
 
 

@@ -1,4 +1,5 @@
 """Small Maros–Meszaros problems through the dQP layer (sparse), and the sweep as a slow test."""
+
 from __future__ import annotations
 
 import csv
@@ -61,8 +62,18 @@ def test_tiny_problem_forward_backward(name):
     assert prim < 1e-8 and dual < 1e-8 and comp < 1e-8 and dneg < 1e-10, (prim, dual, comp, dneg)
     # objective matches an independent high-accuracy solve of the original two-sided problem
     qpsolvers = pytest.importorskip("qpsolvers")
-    ref = qpsolvers.solve_qp(qp.P, qp.q, qp.C if qp.n_ineq else None, qp.d if qp.n_ineq else None, qp.A, qp.b,
-                             solver="clarabel", tol_gap_abs=1e-12, tol_gap_rel=1e-12, tol_feas=1e-12)
+    ref = qpsolvers.solve_qp(
+        qp.P,
+        qp.q,
+        qp.C if qp.n_ineq else None,
+        qp.d if qp.n_ineq else None,
+        qp.A,
+        qp.b,
+        solver="clarabel",
+        tol_gap_abs=1e-12,
+        tol_gap_rel=1e-12,
+        tol_feas=1e-12,
+    )
     assert qp.objective(zn) == pytest.approx(qp.objective(ref), rel=1e-8, abs=1e-8)
 
     w = torch.as_tensor(np.random.default_rng(0).standard_normal(qp.n))
@@ -98,20 +109,43 @@ def test_tiny_problem_directional_fd(name):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(maros_meszaros_dir() is None, reason="the full Maros–Meszaros collection is not present "
-                    "(set DQP_MAROS_MESZAROS_DIR or put it in ../shared/data/maros_meszaros)")
+@pytest.mark.skipif(
+    maros_meszaros_dir() is None,
+    reason="the full Maros–Meszaros collection is not present "
+    "(set DQP_MAROS_MESZAROS_DIR or put it in ../shared/data/maros_meszaros)",
+)
 def test_small_sweep_has_no_silent_nan(tmp_path):
     """All n, m ≤ 1000 problems: each goes through or raises a typed dqp error; no silent NaN."""
     out = tmp_path / "mm"
-    proc = subprocess.run([sys.executable, str(REPO / "experiments" / "maros_meszaros.py"), "--impl", "ours",
-                           "--max-n", "1000", "--max-m", "1000", "--timeout-per-problem", "300", "--no-reference",
-                           "--out", str(out)], capture_output=True, text=True, timeout=3600)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "experiments" / "maros_meszaros.py"),
+            "--impl",
+            "ours",
+            "--max-n",
+            "1000",
+            "--max-m",
+            "1000",
+            "--timeout-per-problem",
+            "300",
+            "--no-reference",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=3600,
+    )
     assert out.with_suffix(".csv").exists(), proc.stderr[-2000:]
     with open(out.with_suffix(".csv")) as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 62
-    bad = [(r["name"], r["status"], r["error_class"], r["error_msg"][:200]) for r in rows
-           if r["status"] in ("nan", "crash", "timeout") or (r["status"] == "error" and r["typed"] != "True")]
+    bad = [
+        (r["name"], r["status"], r["error_class"], r["error_msg"][:200])
+        for r in rows
+        if r["status"] in ("nan", "crash", "timeout") or (r["status"] == "error" and r["typed"] != "True")
+    ]
     assert not bad, bad
     assert proc.returncode == 0
 
@@ -123,9 +157,28 @@ def test_small_set_with_piqp_is_solved_or_flagged(tmp_path):
     """n, m ≤ 1000 with qp_solver='piqp' and its fallback chain: all 62 answered (verified, or flagged
     unverified); a solver's unverified infeasibility claim (Clarabel's on PRIMALC2) no longer ends the chain."""
     out = tmp_path / "mm_piqp"
-    proc = subprocess.run([sys.executable, str(REPO / "experiments" / "maros_meszaros.py"), "--impl", "ours",
-                           "--max-n", "1000", "--max-m", "1000", "--timeout-per-problem", "300", "--no-reference",
-                           "--solver", "piqp", "--out", str(out)], capture_output=True, text=True, timeout=3600)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "experiments" / "maros_meszaros.py"),
+            "--impl",
+            "ours",
+            "--max-n",
+            "1000",
+            "--max-m",
+            "1000",
+            "--timeout-per-problem",
+            "300",
+            "--no-reference",
+            "--solver",
+            "piqp",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=3600,
+    )
     with open(out.with_suffix(".csv")) as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 62, proc.stderr[-2000:]

@@ -4,6 +4,7 @@ After forward (and backward) calls with every kind of solver — a qpsolvers bac
 workspaces, warm starts, the thread pool of ``omp_parallel`` and the batched IPM — the copy gives
 the same solutions and gradients as the original; solver workspaces and pools are rebuilt lazily.
 """
+
 from __future__ import annotations
 
 import copy
@@ -47,7 +48,7 @@ def _solve_and_grad(layer, data):
     P, q, C, d = (t.clone() for t in data)
     q.requires_grad_(True)
     z = layer(P, q, C, d)[0]
-    (z ** 2).sum().backward()
+    (z**2).sum().backward()
     return z.detach(), q.grad
 
 
@@ -59,7 +60,7 @@ def test_layer_copies_after_calls(kind, copier):
     P, q, C, d, *_ = random_qp(5, 6, 0, seed=3, batch=3)
     layer = dQP.dQP_layer(settings=dQP.build_settings(**KINDS[kind]))
     z0, g0 = _solve_and_grad(layer, (P, q, C, d))
-    _solve_and_grad(layer, (P, q, C, d))          # workspaces / warm starts / pool now in use
+    _solve_and_grad(layer, (P, q, C, d))  # workspaces / warm starts / pool now in use
     twin = COPIES[copier](layer)
     assert twin.settings == layer.settings
     assert twin.info is not None and twin.info.status == layer.info.status
@@ -140,7 +141,7 @@ class _QPDataset(torch.utils.data.Dataset):
         return self.data[1].shape[0]
 
     def __getitem__(self, i):
-        return self.layer(*self.data)[0][i]     # (the whole batch: the thread pool is used)
+        return self.layer(*self.data)[0][i]  # (the whole batch: the thread pool is used)
 
 
 @pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="needs fork")
@@ -149,8 +150,9 @@ def test_layer_in_forked_dataloader_workers():
     inherited through fork has no threads, so the workers start their own (per process)."""
     P, q, C, d, *_ = random_qp(4, 5, 0, seed=8, batch=6)
     layer = dQP.dQP_layer(qp_solver="clarabel", omp_parallel=True, n_cpu=2)
-    ref = layer(P, q, C, d)[0]                    # the parent's pool now exists
-    loader = torch.utils.data.DataLoader(_QPDataset(layer, (P, q, C, d)), batch_size=3, num_workers=2,
-                                         multiprocessing_context="fork", timeout=120)
+    ref = layer(P, q, C, d)[0]  # the parent's pool now exists
+    loader = torch.utils.data.DataLoader(
+        _QPDataset(layer, (P, q, C, d)), batch_size=3, num_workers=2, multiprocessing_context="fork", timeout=120
+    )
     got = torch.cat(list(loader))
     torch.testing.assert_close(got, ref, rtol=1e-7, atol=1e-8)

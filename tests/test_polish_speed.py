@@ -1,5 +1,6 @@
 """The polish's common case (one factorization), symbolic-analysis reuse, OSQP workspace reuse, and the
 black-box overhead study's short mode."""
+
 from __future__ import annotations
 
 import csv
@@ -120,8 +121,13 @@ def test_osqp_reused_workspace_takes_no_more_iterations_than_a_fresh_one():
 
 def test_blackbox_overhead_short(tmp_path):
     out = tmp_path / "bbo"
-    proc = subprocess.run([sys.executable, str(ROOT / "experiments" / "blackbox_overhead.py"), "--short",
-                           "--out", str(out)], capture_output=True, text=True, timeout=600, cwd=ROOT)
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "experiments" / "blackbox_overhead.py"), "--short", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=ROOT,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = list(csv.DictReader(open(out.with_suffix(".csv"))))
     assert rows and all(r["status"] == "ok" for r in rows), [r["status"] for r in rows]

@@ -4,6 +4,7 @@ z*, λ*, μ* are known exactly, so the forward is checked against them, and the 
 central finite differences (the solution map is smooth there: strict complementarity and LICQ
 hold by construction).
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -23,7 +24,7 @@ def manufactured(draw):
     m = draw(st.integers(0, 8))
     k = draw(st.integers(0, min(m, n - p)))  # number of active inequalities (LICQ: k + p <= n)
     batch = draw(st.sampled_from([None, 2]))
-    seed = draw(st.integers(0, 2 ** 31 - 1))
+    seed = draw(st.integers(0, 2**31 - 1))
     g = np.random.default_rng(seed)
     items = []
     for _ in range(batch or 1):
@@ -54,8 +55,7 @@ def _solve(layer, P, q, C, d, A, b, m, p, sparse):
     Cm, dm = (C, d) if m else (None, None)
     Am, bm = (A, b) if p else (None, None)
     if sparse:
-        conv = (lambda M: None if M is None else (
-            [x.to_sparse_csc() for x in M] if M.dim() == 3 else M.to_sparse_csc()))
+        conv = lambda M: None if M is None else ([x.to_sparse_csc() for x in M] if M.dim() == 3 else M.to_sparse_csc())
         return layer(conv(P), q, conv(Cm), dm, conv(Am), bm)
     return layer(P, q, Cm, dm, Am, bm)
 
@@ -81,8 +81,12 @@ def test_manufactured_solution_duals_and_gradients(data, solver, sparse):
     loss.backward()
     g = np.random.default_rng(0)
     h = 1e-6
-    f = lambda qq, dd: float(((_solve(layer, P, qq, C, dd, A, b, m, p, sparse)[0] * w).sum()
-                              + (_solve(layer, P, qq, C, dd, A, b, m, p, sparse)[2].sum() if m else 0.0)))
+    f = lambda qq, dd: float(
+        (
+            (_solve(layer, P, qq, C, dd, A, b, m, p, sparse)[0] * w).sum()
+            + (_solve(layer, P, qq, C, dd, A, b, m, p, sparse)[2].sum() if m else 0.0)
+        )
+    )
     Dq = torch.tensor(g.standard_normal(tuple(q.shape)))
     fd = (f(q + h * Dq, d) - f(q - h * Dq, d)) / (2 * h)
     assert abs(fd - float((qv.grad * Dq).sum())) < 1e-5 * max(1.0, abs(fd))

@@ -1,4 +1,5 @@
 """Tests of the qpth-compatible QPFunction (dqp.qpth)."""
+
 from __future__ import annotations
 
 import pytest
@@ -9,8 +10,12 @@ from dqp.ipm_layer import solve_qp_batch
 from dqp.qpth import QPFunction, QPSolvers
 
 F64, F32 = torch.float64, torch.float32
-DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(
-    not torch.cuda.is_available(), reason="needs CUDA")])]
+DEVICES = [
+    "cpu",
+    pytest.param(
+        "cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+    ),
+]
 
 
 def qpth_problem(B, n, m, p=0, *, seed=0, dtype=F64, device="cpu"):
@@ -51,25 +56,33 @@ def test_matches_clarabel():
     e = torch.Tensor()
     z = QPFunction(verbose=-1)(Q, p, G, h, e, e)
     for i in range(3):
-        sol = qpsolvers.solve_qp(Q[i].numpy(), p[i].numpy(), G[i].numpy(), h[i].numpy(), solver="clarabel",
-                                 tol_feas=1e-10, tol_gap_abs=1e-10, tol_gap_rel=1e-10)
+        sol = qpsolvers.solve_qp(
+            Q[i].numpy(),
+            p[i].numpy(),
+            G[i].numpy(),
+            h[i].numpy(),
+            solver="clarabel",
+            tol_feas=1e-10,
+            tol_gap_abs=1e-10,
+            tol_gap_rel=1e-10,
+        )
         assert torch.allclose(z[i], torch.from_numpy(sol), atol=1e-7)
 
 
 def test_unbatched_inputs_return_batch_of_one():
     Q, p, G, h, A, b = qpth_problem(1, 4, 5, 1, seed=3)
     z = QPFunction(verbose=-1)(Q[0], p[0], G[0], h[0], A[0], b[0])
-    assert z.shape == (1, 4)                                         # as qpth returns
+    assert z.shape == (1, 4)  # as qpth returns
     z_b = QPFunction(verbose=-1)(Q, p, G, h, A, b)
     assert torch.allclose(z, z_b, atol=1e-10)
 
 
 def test_empty_constraint_tensors():
     Q, p, G, h, A, b = qpth_problem(2, 4, 5, 2, seed=4)
-    e = torch.Tensor()                                               # float32 and empty, as in qpth docs
+    e = torch.Tensor()  # float32 and empty, as in qpth docs
     z_ineq = QPFunction(verbose=-1)(Q, p, G, h, e, e)
     z_eq = QPFunction(verbose=-1)(Q, p, e, e, A, b)
-    z_none = QPFunction(verbose=-1)(Q, p, e, e, e, e)                # qpth asserts here; dqp solves it
+    z_none = QPFunction(verbose=-1)(Q, p, e, e, e, e)  # qpth asserts here; dqp solves it
     assert torch.allclose(z_ineq, solve_qp_batch(Q, p, G, h)[0], atol=1e-10)
     assert torch.allclose(z_eq, solve_qp_batch(Q, p, None, None, A, b)[0], atol=1e-10)
     assert torch.allclose(A @ z_eq.unsqueeze(-1), b.unsqueeze(-1), atol=1e-9)
@@ -92,7 +105,7 @@ def test_broadcast_gradients_are_summed():
         gG += Gi.grad
         gh += hi.grad
     assert torch.allclose(Gs.grad, gG, atol=1e-9) and torch.allclose(hs.grad, gh, atol=1e-9)
-    assert gh.abs().max() > 0                                         # some constraint is active
+    assert gh.abs().max() > 0  # some constraint is active
 
 
 def test_gradcheck_all_inputs():
@@ -115,7 +128,7 @@ def test_zero_starting_slack_qpth_gets_wrong(dtype, tol):
 
 
 def test_check_Q_spd():
-    Q = torch.zeros(3, 3, dtype=F64)                                 # an LP
+    Q = torch.zeros(3, 3, dtype=F64)  # an LP
     p = torch.tensor([1.0, -1.0, 0.5], dtype=F64)
     G = torch.cat([torch.eye(3), -torch.eye(3)]).to(F64)
     h = torch.ones(6, dtype=F64)
@@ -132,10 +145,16 @@ def test_constructor_compatibility():
     Q, p, G, h, A, b = qpth_problem(2, 4, 5, 0, seed=7)
     e = torch.Tensor()
     z0 = QPFunction()(Q, p, G, h, e, e)
-    for kw in (dict(eps=1e-6), dict(maxIter=5), dict(notImprovedLim=1), dict(verbose=1),
-               dict(solver=QPSolvers.CVXPY), dict(solver=QPSolvers.PDIPM_BATCHED)):
+    for kw in (
+        dict(eps=1e-6),
+        dict(maxIter=5),
+        dict(notImprovedLim=1),
+        dict(verbose=1),
+        dict(solver=QPSolvers.CVXPY),
+        dict(solver=QPSolvers.PDIPM_BATCHED),
+    ):
         z = QPFunction(**kw)(Q, p, G, h, e, e)
-        assert torch.allclose(z, z0, atol=1e-8), kw                   # maxIter=5 is raised to 100
+        assert torch.allclose(z, z0, atol=1e-8), kw  # maxIter=5 is raised to 100
     assert "dqp" in repr(QPFunction())
 
 
@@ -159,14 +178,16 @@ def test_mismatched_empty_pairs_raise():
         QPFunction()(Q, p, G, h, A, e)
 
 
-@pytest.mark.parametrize("script,expect", [("optnet_classifier.py", "OptNet head: test accuracy"),
-                                           ("sudoku.py", "after 2 epochs")])
+@pytest.mark.parametrize(
+    "script,expect", [("optnet_classifier.py", "OptNet head: test accuracy"), ("sudoku.py", "after 2 epochs")]
+)
 def test_examples_short_mode(script, expect):
     """The qpth-API examples run unchanged in their short mode and reach their own assertions."""
     import os
     import subprocess
     import sys
     from pathlib import Path
+
     path = Path(__file__).resolve().parents[1] / "examples" / script
     env = {**os.environ, "DQP_EXAMPLES_SHORT": "1", "OMP_NUM_THREADS": "1"}
     out = subprocess.run([sys.executable, str(path)], capture_output=True, text=True, timeout=280, env=env)

@@ -3,6 +3,7 @@
 Each test reproduces one reported failure (the behaviour before the fix is in its docstring) and
 checks the fix through the public API.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -20,10 +21,18 @@ import torch
 
 import dqp
 from dqp import dQP
-from dqp.certificates import (kkt_distance, primal_infeasibility_verified,
-                              unboundedness_verified)
-from dqp.errors import (InfeasibleError, LayoutError, MaxIterationsError, NonFiniteError, NotPSDError,
-                        SettingsError, SolveError, Status, UnboundedError)
+from dqp.certificates import kkt_distance, primal_infeasibility_verified, unboundedness_verified
+from dqp.errors import (
+    InfeasibleError,
+    LayoutError,
+    MaxIterationsError,
+    NonFiniteError,
+    NotPSDError,
+    SettingsError,
+    SolveError,
+    Status,
+    UnboundedError,
+)
 from dqp.ipm_layer import solve_qp_batch
 from dqp.qpth import QPFunction
 from dqp.solvers import get_solver
@@ -90,14 +99,17 @@ def test_inputs_are_unchanged_after_forward_and_backward(case):
 
 
 # -- 2. malformed CSC structure ---------------------------------------------------------------------
-@pytest.mark.parametrize("ccol,row,size,words", [
-    ([0, 1, 2], [0, -1], (2, 2), "row_indices must lie in"),      # before: SIGABRT
-    ([0, 1, 2], [0, 2], (2, 2), "row_indices must lie in"),
-    ([0, 1, 1], [0, 1], (2, 2), "end at nnz"),                     # before: a silently wrong z
-    ([0, 2, 1, 2], [0, 1], (2, 3), "nondecreasing"),               # before: an untyped ValueError
-    ([1, 1, 2], [0, 1], (2, 2), "start at 0"),
-    ([0, 1], [0], (2, 2), "3 entries"),
-])
+@pytest.mark.parametrize(
+    "ccol,row,size,words",
+    [
+        ([0, 1, 2], [0, -1], (2, 2), "row_indices must lie in"),  # before: SIGABRT
+        ([0, 1, 2], [0, 2], (2, 2), "row_indices must lie in"),
+        ([0, 1, 1], [0, 1], (2, 2), "end at nnz"),  # before: a silently wrong z
+        ([0, 2, 1, 2], [0, 1], (2, 3), "nondecreasing"),  # before: an untyped ValueError
+        ([1, 1, 2], [0, 1], (2, 2), "start at 0"),
+        ([0, 1], [0], (2, 2), "3 entries"),
+    ],
+)
 def test_malformed_csc_is_a_layout_error(ccol, row, size, words):
     vals = torch.ones(len(row), dtype=F64)
     M = torch.sparse_csc_tensor(torch.tensor(ccol), torch.tensor(row), vals, size=size)
@@ -136,14 +148,16 @@ def test_negative_curvature_read_from_the_factorization(lin):
     sparse = lin == "qdldl"
     with _quiet(), pytest.raises(NotPSDError, match=r"batch elements \[1\]"):
         if sparse:
-            dQP.dQP_layer(empty_batch=False, solve_type="sparse", lin_solver=lin)([p.to_sparse_csc() for p in P],
-                                                               torch.zeros(2, 3, dtype=F64), C.to_sparse_csc(), d)
+            dQP.dQP_layer(empty_batch=False, solve_type="sparse", lin_solver=lin)(
+                [p.to_sparse_csc() for p in P], torch.zeros(2, 3, dtype=F64), C.to_sparse_csc(), d
+            )
         else:
             dQP.dQP_layer(empty_batch=False, lin_solver=lin)(P, torch.zeros(2, 3, dtype=F64), C, d)
 
 
-@pytest.mark.parametrize("P", [torch.zeros(2, 2, dtype=F64), torch.diag(torch.tensor([1.0, 0.0], dtype=F64)),
-                               torch.ones(2, 2, dtype=F64)])
+@pytest.mark.parametrize(
+    "P", [torch.zeros(2, 2, dtype=F64), torch.diag(torch.tensor([1.0, 0.0], dtype=F64)), torch.ones(2, 2, dtype=F64)]
+)
 def test_semidefinite_P_is_not_flagged(P):
     """LPs and rank-deficient P are convex: no NotPSDError, the verified solution is returned."""
     C, d = _box()
@@ -162,8 +176,9 @@ def test_inertia_of_the_linear_solvers():
     assert get_linsolver("scipy_ldl").factor(K).negative_eigenvalues() == neg
     assert get_linsolver("scipy_lu").factor(K).determinant_sign() == int(np.sign(np.linalg.det(K)))
     Kq = np.array([[2.0, 0, 1], [0, -1.0, 0], [1, 0, -1.0]])  # quasi-definite-like, no pivoting needed
-    assert get_linsolver("qdldl").factor(sp.csc_matrix(Kq)).negative_eigenvalues() == \
-        int(np.sum(np.linalg.eigvalsh(Kq) < 0))
+    assert get_linsolver("qdldl").factor(sp.csc_matrix(Kq)).negative_eigenvalues() == int(
+        np.sum(np.linalg.eigvalsh(Kq) < 0)
+    )
 
 
 # -- 5. certificates, verified before they are believed ---------------------------------------------
@@ -178,14 +193,20 @@ def test_certificate_checks_are_scale_invariant():
     C = np.array([[0.0, -1.0]])
     for s in (1e-8, 1.0, 1e8):
         assert unboundedness_verified(P * s, q * s, C * s, None, np.array([0.0, 1.0]))
-        assert not unboundedness_verified(P * s, q * s, C * s, None, np.array([1.0, 1.0]))   # Pv ≠ 0
+        assert not unboundedness_verified(P * s, q * s, C * s, None, np.array([1.0, 1.0]))  # Pv ≠ 0
         assert not unboundedness_verified(P * s, q * s, -C * s, None, np.array([0.0, 1.0]))  # Cv > 0
 
 
 def _infeasible_eq():
     C, d = _box()
-    return (torch.eye(2, dtype=F64), torch.zeros(2, dtype=F64), C, d,
-            torch.tensor([[1.0, 0.0], [1.0, 0.0]], dtype=F64), torch.tensor([1.0, 2.0], dtype=F64))
+    return (
+        torch.eye(2, dtype=F64),
+        torch.zeros(2, dtype=F64),
+        C,
+        d,
+        torch.tensor([[1.0, 0.0], [1.0, 0.0]], dtype=F64),
+        torch.tensor([1.0, 2.0], dtype=F64),
+    )
 
 
 def _infeasible_ineq():
@@ -195,13 +216,18 @@ def _infeasible_ineq():
 
 def _unbounded():
     C = torch.tensor([[0.0, -1.0], [1.0, 0.0], [-1.0, 0.0]], dtype=F64)
-    return (torch.diag(torch.tensor([1.0, 0.0], dtype=F64)), torch.tensor([0.0, -1.0], dtype=F64), C,
-            torch.tensor([0.0, 1.0, 1.0], dtype=F64))
+    return (
+        torch.diag(torch.tensor([1.0, 0.0], dtype=F64)),
+        torch.tensor([0.0, -1.0], dtype=F64),
+        C,
+        torch.tensor([0.0, 1.0, 1.0], dtype=F64),
+    )
 
 
 @pytest.mark.parametrize("case", ELEMENTWISE)
-@pytest.mark.parametrize("make,exc", [(_infeasible_eq, InfeasibleError), (_infeasible_ineq, InfeasibleError),
-                                      (_unbounded, UnboundedError)])
+@pytest.mark.parametrize(
+    "make,exc", [(_infeasible_eq, InfeasibleError), (_infeasible_ineq, InfeasibleError), (_unbounded, UnboundedError)]
+)
 def test_failures_are_classified_from_verified_certificates(case, make, exc):
     """Before: daqp returned z₁ = 1 for z₁ = 1, z₁ = 2 with a warning; daqp, quadprog, HiGHS, CVXOPT
     and ECOS with fallback_solver=None raised SolverFailedError for infeasible/unbounded problems."""
@@ -217,6 +243,7 @@ def _claims_unbounded(direction):
 
         def solve(self, P, q, C, d, A, b, **kw):
             return RawSolution(direction(P), None, None, Status.DUAL_INFEASIBLE)
+
     return Claim
 
 
@@ -232,6 +259,7 @@ def claim_solvers():
     def install(direction):
         register_solver(_claims_unbounded(direction))
         register_solver(_Crash)
+
     yield install
     for name in ("test_claims_unbounded", "test_crash"):
         if name in SOLVERS.classes():
@@ -247,8 +275,12 @@ def test_false_unboundedness_claim_does_not_end_the_chain(claim_solvers):
     claim_solvers(lambda P: -np.ones(P.shape[0]))
     qp = load_maros_meszaros(MM_DIR / "PRIMALC2.mat").to_qp()
     P, q, C, d, A, b = qp.to_torch()
-    layer = dQP.dQP_layer(empty_batch=False, solve_type="sparse", qp_solver="test_crash",
-                          fallback_solver=("test_claims_unbounded", "highs"))
+    layer = dQP.dQP_layer(
+        empty_batch=False,
+        solve_type="sparse",
+        qp_solver="test_crash",
+        fallback_solver=("test_claims_unbounded", "highs"),
+    )
     with _quiet():
         z = layer(P, q, C, d, A, b)[0].numpy()
     assert layer.info.status == [Status.SOLVED] and layer.info.verified == [True]
@@ -281,8 +313,14 @@ def test_highs_empty_solution_is_a_typed_failure():
 def test_unverified_point_far_from_kkt_honours_on_failure_raise():
     """P, q × 1e-20: the solver's unverified point came back SOLVED with only a warning."""
     C, d = _box()
-    args = (torch.eye(2, dtype=F64) * 1e-20, -3e-20 * torch.ones(2, dtype=F64), C, d,
-            torch.ones(1, 2, dtype=F64), torch.tensor([0.5], dtype=F64))
+    args = (
+        torch.eye(2, dtype=F64) * 1e-20,
+        -3e-20 * torch.ones(2, dtype=F64),
+        C,
+        d,
+        torch.ones(1, 2, dtype=F64),
+        torch.tensor([0.5], dtype=F64),
+    )
     layer = dQP.dQP_layer(empty_batch=False, qp_solver="clarabel", fallback_solver=None)
     try:
         with _quiet():
@@ -332,7 +370,7 @@ def test_infinite_bounds_are_inactive_rows(solver, bound):
     assert torch.equal(mu[:, 5:], torch.zeros(4, 2, dtype=F64))
     assert torch.allclose(leaves[1].grad, rleaves[1].grad, atol=1e-6)
     assert torch.allclose(leaves[3].grad[:, :5], rleaves[3].grad, atol=1e-6)
-    assert torch.equal(leaves[3].grad[:, 5:], torch.zeros(4, 2, dtype=F64))   # the absent rows' gradient is 0
+    assert torch.equal(leaves[3].grad[:, 5:], torch.zeros(4, 2, dtype=F64))  # the absent rows' gradient is 0
     assert torch.equal(leaves[2].grad[:, 5:], torch.zeros(4, 2, 6, dtype=F64))
     assert np.isfinite(layer.info.complementarity).all()
 
@@ -341,7 +379,9 @@ def test_infinite_bounds_sparse_and_qpth():
     C, d = _box(2)
     d = torch.tensor([1.0, float("inf"), 1.0, 1e25], dtype=F64)
     q = torch.tensor([-3.0, -3.0], dtype=F64)
-    z = dQP.dQP_layer(empty_batch=False, solve_type="sparse")(torch.eye(2, dtype=F64).to_sparse_csc(), q, C.to_sparse_csc(), d)[0]
+    z = dQP.dQP_layer(empty_batch=False, solve_type="sparse")(
+        torch.eye(2, dtype=F64).to_sparse_csc(), q, C.to_sparse_csc(), d
+    )[0]
     assert torch.allclose(z, torch.tensor([1.0, 3.0], dtype=F64), atol=1e-8)
     zq = QPFunction()(torch.eye(2, dtype=F64), q, C, d, torch.Tensor(), torch.Tensor())
     assert torch.allclose(zq[0], torch.tensor([1.0, 3.0], dtype=F64), atol=1e-8)
@@ -371,7 +411,8 @@ def test_bad_solver_keyword_is_not_hidden_by_the_fallback_chain():
     C, d = _box()
     with pytest.raises(SettingsError, match="max_iter"):
         dQP.dQP_layer(empty_batch=False, qp_solver="osqp", qp_solver_keywords={"max_iter": "ten"})(
-            torch.eye(2, dtype=F64), torch.ones(2, dtype=F64), C, d)
+            torch.eye(2, dtype=F64), torch.ones(2, dtype=F64), C, d
+        )
 
 
 def test_unknown_ipm_keyword_is_a_settings_error():
@@ -379,7 +420,8 @@ def test_unknown_ipm_keyword_is_a_settings_error():
     C, d = _box()
     with pytest.raises(SettingsError, match="max_iters.*did you mean 'max_iter'"):
         dQP.dQP_layer(empty_batch=False, qp_solver="dqp_ipm", qp_solver_keywords={"max_iters": 5})(
-            torch.eye(2, dtype=F64), torch.ones(2, dtype=F64), C, d)
+            torch.eye(2, dtype=F64), torch.ones(2, dtype=F64), C, d
+        )
     with pytest.raises(SettingsError, match="bogus"):
         solve_qp_batch(torch.eye(2, dtype=F64), torch.ones(2, dtype=F64), C, d, bogus=1)
 
@@ -415,7 +457,9 @@ def test_time_limit_is_validated():
 
 def test_time_limit_reaches_the_solver():
     P, q, C, d, *_ = random_qp(150, 300, 0, seed=4)
-    layer = dQP.dQP_layer(empty_batch=False, qp_solver="clarabel", time_limit=1e-9, fallback_solver=None, on_failure="mask")
+    layer = dQP.dQP_layer(
+        empty_batch=False, qp_solver="clarabel", time_limit=1e-9, fallback_solver=None, on_failure="mask"
+    )
     with _quiet():
         layer(P, q, C, d)
     assert layer.info.status == [Status.MAX_ITER]

@@ -1,4 +1,5 @@
 """The user's own example runs unchanged and prints the analytical values; examples run."""
+
 from __future__ import annotations
 
 import os
@@ -25,14 +26,24 @@ def test_seed_example_prints_analytical_values():
     out = subprocess.run([sys.executable, str(SEED)], capture_output=True, text=True, timeout=120, cwd=SHARED)
     assert out.returncode == 0, out.stderr
     text = out.stdout
-    for ours, exact in [("dQP z*:", "Analytical z*:"), ("dQP μ* :", "Analytical μ*:"),
-                        ("dQP ∇_P L:", "Analytical ∇_P L:"), ("dQP ∇_q L:", "Analytical ∇_q L:"),
-                        ("dQP ∇_C L:", "Analytical ∇_C L:"), ("dQP ∇_d L:", "Analytical ∇_d L:")]:
+    for ours, exact in [
+        ("dQP z*:", "Analytical z*:"),
+        ("dQP μ* :", "Analytical μ*:"),
+        ("dQP ∇_P L:", "Analytical ∇_P L:"),
+        ("dQP ∇_q L:", "Analytical ∇_q L:"),
+        ("dQP ∇_C L:", "Analytical ∇_C L:"),
+        ("dQP ∇_d L:", "Analytical ∇_d L:"),
+    ]:
         np.testing.assert_allclose(_arrays(text, ours), _arrays(text, exact), atol=1e-6)
 
 
 def test_quickstart_runs():
-    out = subprocess.run([sys.executable, str(REPO / "examples" / "quickstart.py")], capture_output=True,
-                         text=True, timeout=120, env={**os.environ, "DQP_EXAMPLES_SHORT": "1"})
+    out = subprocess.run(
+        [sys.executable, str(REPO / "examples" / "quickstart.py")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "DQP_EXAMPLES_SHORT": "1"},
+    )
     assert out.returncode == 0, out.stderr
     assert "sparse z matches dense: True" in out.stdout

@@ -1,4 +1,5 @@
 """Settings validation, registries, and the layer's options (each with a behavioural check)."""
+
 from __future__ import annotations
 
 import logging
@@ -14,21 +15,24 @@ from dqp.solvers import ForwardSolver, register_solver, registered_solvers, solv
 from conftest import random_qp
 
 
-@pytest.mark.parametrize("kw, words", [
-    (dict(qp_sovler="osqp"), ["qp_sovler", "did you mean 'qp_solver'"]),
-    (dict(qp_solver="nope"), ["not a known solver", "clarabel"]),
-    (dict(lin_solver="nope"), ["not a known linear solver", "qdldl"]),
-    (dict(qp_solver=3), ["expects str"]),
-    (dict(lin_solver=3), ["expects str"]),
-    (dict(solve_type="csc"), ["'dense', 'sparse'"]),
-    (dict(eps_abs=-1.0), ["(0, 1)"]),
-    (dict(eps_active="1e-6"), ["expects float"]),
-    (dict(refine_active=1), ["expects bool"]),
-    (dict(max_refine_iter=True), ["expects int, got bool"]),
-    (dict(max_refine_iter=-1), [">= 0"]),
-    (dict(n_cpu=0), ["positive"]),
-    (dict(on_failure="ignore"), ["'raise', 'mask'"]),
-])
+@pytest.mark.parametrize(
+    "kw, words",
+    [
+        (dict(qp_sovler="osqp"), ["qp_sovler", "did you mean 'qp_solver'"]),
+        (dict(qp_solver="nope"), ["not a known solver", "clarabel"]),
+        (dict(lin_solver="nope"), ["not a known linear solver", "qdldl"]),
+        (dict(qp_solver=3), ["expects str"]),
+        (dict(lin_solver=3), ["expects str"]),
+        (dict(solve_type="csc"), ["'dense', 'sparse'"]),
+        (dict(eps_abs=-1.0), ["(0, 1)"]),
+        (dict(eps_active="1e-6"), ["expects float"]),
+        (dict(refine_active=1), ["expects bool"]),
+        (dict(max_refine_iter=True), ["expects int, got bool"]),
+        (dict(max_refine_iter=-1), [">= 0"]),
+        (dict(n_cpu=0), ["positive"]),
+        (dict(on_failure="ignore"), ["'raise', 'mask'"]),
+    ],
+)
 def test_bad_settings(kw, words):
     with pytest.raises(dqp.SettingsError) as e:
         dQP.build_settings(**kw)
@@ -39,6 +43,7 @@ def test_bad_settings(kw, words):
 def test_registry_lookups_reject_non_strings():
     from dqp.linsolve import resolve_linsolver_name
     from dqp.solvers import resolve_solver_name
+
     with pytest.raises(dqp.SettingsError, match="must be a string"):
         resolve_solver_name(3)
     with pytest.raises(dqp.SettingsError, match="must be a string"):
@@ -46,8 +51,13 @@ def test_registry_lookups_reject_non_strings():
 
 
 def test_reference_aliases_are_accepted():
-    for alias, name in [("qdldl", "qdldl"), ("pardiso", "pardiso"), ("scipy SPLU", "scipy_splu"),
-                        ("scipy LU", "scipy_lu"), ("scipy LDL", "scipy_ldl")]:
+    for alias, name in [
+        ("qdldl", "qdldl"),
+        ("pardiso", "pardiso"),
+        ("scipy SPLU", "scipy_splu"),
+        ("scipy LU", "scipy_lu"),
+        ("scipy LDL", "scipy_ldl"),
+    ]:
         assert dQP.build_settings(lin_solver=alias).lin_solver == name
     assert dQP.build_settings(qp_solver="OSQP").qp_solver == "osqp"
 
@@ -73,6 +83,7 @@ def test_missing_package_gives_install_hint():
     finally:
         from dqp.solvers import base as sb
         from dqp.linsolve import base as lb
+
         sb.SOLVERS.unregister("missing_test_solver")
         lb.LINSOLVERS.unregister("missing_test_lin")
 

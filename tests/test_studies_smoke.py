@@ -4,6 +4,7 @@ Each runs in a subprocess in its short mode (seconds, dqp only: no peer venv nee
 checks what it prints and writes against exact answers: the closed-form simplex projection and its
 Jacobian, a QP built around a known solution, and equal losses with and without warm starts.
 """
+
 from __future__ import annotations
 
 import csv
@@ -19,8 +20,15 @@ SHORT_ENV = {**os.environ, "DQP_EXAMPLES_SHORT": "1", "OMP_NUM_THREADS": "1", "M
 
 
 def _run(args, timeout=180, **kw):
-    out = subprocess.run([sys.executable, *map(str, args)], capture_output=True, text=True, timeout=timeout,
-                         env=SHORT_ENV, cwd=REPO, **kw)
+    out = subprocess.run(
+        [sys.executable, *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=SHORT_ENV,
+        cwd=REPO,
+        **kw,
+    )
     assert out.returncode == 0, f"exit {out.returncode}\nstdout:\n{out.stdout[-2000:]}\nstderr:\n{out.stderr[-2000:]}"
     return out.stdout
 
@@ -43,8 +51,12 @@ def test_simplex_closed_form_reference():
         w = inst["w"]
         g = ss.exact_grad(z, w)
         h = 1e-7 / max(n, 1)
-        fd = np.array([(w @ ss.project_simplex(inst["x"] + h * e) - w @ ss.project_simplex(inst["x"] - h * e)) / (2 * h)
-                       for e in np.eye(n)[: min(n, 40)]])
+        fd = np.array(
+            [
+                (w @ ss.project_simplex(inst["x"] + h * e) - w @ ss.project_simplex(inst["x"] - h * e)) / (2 * h)
+                for e in np.eye(n)[: min(n, 40)]
+            ]
+        )
         np.testing.assert_allclose(g[: len(fd)], fd, atol=1e-6 * max(1.0, np.abs(g).max()))
 
 
@@ -65,8 +77,11 @@ def test_simplex_scaling_short(tmp_path):
 
 def test_bilevel_warmstart_short(tmp_path):
     out = _run([REPO / "experiments" / "bilevel_warmstart.py", "--short", "--no-plot", "--out-dir", tmp_path])
-    results = re.findall(r"RESULT solver=(\S+) loss_cold=(\S+) loss_warm=(\S+) solve_speedup=(\S+) "
-                         r"theta_max_diff=(\S+)", out)
+    results = re.findall(
+        r"RESULT solver=(\S+) loss_cold=(\S+) loss_warm=(\S+) solve_speedup=(\S+) "
+        r"theta_max_diff=(\S+)",
+        out,
+    )
     assert {r[0] for r in results} >= {"osqp", "clarabel"}, out
     for solver, cold, warm, speedup, dtheta in results:
         cold, warm = float(cold), float(warm)

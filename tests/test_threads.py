@@ -3,6 +3,7 @@
 The issue's failure: callers read ``layer.active`` / ``layer.info`` after their call and got another
 thread's (31 of 400 calls). ``out.info`` and ``out.active`` belong to the call that returned them.
 """
+
 from __future__ import annotations
 
 import threading
@@ -44,7 +45,7 @@ def test_four_threads_get_their_own_diagnostics(solver):
     ref = [_call(layer, data[k]) for k in range(THREADS)]
     assert ref[0][0].info.status[1] == Status.PRIMAL_INFEASIBLE
     assert all(r[0].info.status == [Status.SOLVED] * 2 for r in ref[1:])
-    assert len({tuple(r[0].active.sum(-1).tolist()) for r in ref}) > 1   # the threads' sets differ
+    assert len({tuple(r[0].active.sum(-1).tolist()) for r in ref}) > 1  # the threads' sets differ
     errors = []
     barrier = threading.Barrier(THREADS)
 

@@ -1,5 +1,6 @@
 """PyTorch program transforms: ``torch.compile`` (a clean graph break), ``torch.func`` and second
 derivatives (typed :class:`dqp.NotSupportedError`)."""
+
 from __future__ import annotations
 
 import pytest
@@ -27,7 +28,7 @@ class _Model(nn.Module):
         if isinstance(self.qp, QpthFunction):
             z = self.qp(P, q, C, d, torch.empty(0, dtype=x.dtype), torch.empty(0, dtype=x.dtype))
         else:
-            out = self.qp(P, q, C, d)      # the output object (with .info) crosses the graph break
+            out = self.qp(P, q, C, d)  # the output object (with .info) crosses the graph break
             z = out.z + 0.5 * out.mu.sum(-1, keepdim=True)
         return torch.tanh(z).pow(2).sum()
 
@@ -61,7 +62,7 @@ def test_compiled_model_matches_eager(front):
     # the code around the layer was compiled: the linear map before it and the loss after it
     code = "\n".join(gm.code for gm in graphs)
     assert graphs and "linear" in code and "tanh" in code
-    assert "dqp" not in code                         # the solve itself runs eagerly
+    assert "dqp" not in code  # the solve itself runs eagerly
     compiled2 = torch.compile(model, backend="aot_eager")
     loss2, g2 = _grads(compiled2, P, x, C, d)
     torch.testing.assert_close(loss2, loss0, rtol=1e-12, atol=1e-12)
@@ -104,12 +105,15 @@ def test_autograd_functional_jacobian_is_the_alternative(front):
     assert J.shape == (2, 4, 2, 4)
     qq = q.clone().requires_grad_(True)
     z = f(qq)
-    row, = torch.autograd.grad(z[1, 2], qq)
+    (row,) = torch.autograd.grad(z[1, 2], qq)
     torch.testing.assert_close(J[1, 2], row, rtol=1e-9, atol=1e-12)
 
 
-@pytest.mark.parametrize("options", [dict(qp_solver="clarabel"), dict(qp_solver="clarabel", lin_solver="torch"),
-                                     dict(qp_solver="dqp_ipm")], ids=["clarabel", "torch_backward", "dqp_ipm"])
+@pytest.mark.parametrize(
+    "options",
+    [dict(qp_solver="clarabel"), dict(qp_solver="clarabel", lin_solver="torch"), dict(qp_solver="dqp_ipm")],
+    ids=["clarabel", "torch_backward", "dqp_ipm"],
+)
 def test_second_derivatives_raise_not_supported(options):
     """A gradient penalty (create_graph=True). Before: the inner gradient silently had no graph, so the
     penalty's own gradient was dropped (or torch's once_differentiable error)."""
@@ -118,8 +122,8 @@ def test_second_derivatives_raise_not_supported(options):
     q = q.clone().requires_grad_(True)
     z = layer(P, q, C, d)[0]
     with pytest.raises(dqp.NotSupportedError, match="second derivatives.*create_graph=True"):
-        torch.autograd.grad((z ** 2).sum(), q, create_graph=True)
-    g, = torch.autograd.grad((z ** 2).sum(), q)    # first order is unaffected
+        torch.autograd.grad((z**2).sum(), q, create_graph=True)
+    (g,) = torch.autograd.grad((z**2).sum(), q)  # first order is unaffected
     assert torch.isfinite(g).all()
 
 

@@ -1,4 +1,5 @@
 """Whether a solve runs the fused kernel (:mod:`dqp.solvers.fused`) or the torch loop."""
+
 from __future__ import annotations
 
 import logging
@@ -23,24 +24,50 @@ def fused_flag(fused: Optional[bool], options: IPMOptions = DEFAULT_OPTIONS):
     return fused
 
 
-def fused_reasons(fused, fm: str, dtype: torch.dtype, device: torch.device, n: int, m: int, p: int,
-                  trace: Optional[list], refine: Optional[int] = None, options: IPMOptions = DEFAULT_OPTIONS) -> list:
+def fused_reasons(
+    fused,
+    fm: str,
+    dtype: torch.dtype,
+    device: torch.device,
+    n: int,
+    m: int,
+    p: int,
+    trace: Optional[list],
+    refine: Optional[int] = None,
+    options: IPMOptions = DEFAULT_OPTIONS,
+) -> list:
     """Why the fused kernel cannot run this solve (empty: it can)."""
-    fits = (_fused.fused_available(device, dtype, n, m, p, options.kernel)
-            or (device.type == "cpu" and fused is True))
-    return [why for bad, why in (
-        (fm != "dual", f"the {fm} form was chosen (the kernel runs the dual form: P positive definite "
-                       "and well conditioned, form='dual' or 'auto')"),
-        (dtype != torch.float64, f"the data are {dtype} (the kernel is float64)"),
-        (m + p == 0, "the problem has no constraints"),
-        (trace is not None, "trace is given"),
-        (refine not in (None, 0), f"refine={refine} (the kernel does not refine the Newton direction)"),
-        (not fits, f"no fused build fits on {device} (CUDA, shared memory for k = {m + p})")) if bad]
+    fits = _fused.fused_available(device, dtype, n, m, p, options.kernel) or (device.type == "cpu" and fused is True)
+    return [
+        why
+        for bad, why in (
+            (
+                fm != "dual",
+                f"the {fm} form was chosen (the kernel runs the dual form: P positive definite "
+                "and well conditioned, form='dual' or 'auto')",
+            ),
+            (dtype != torch.float64, f"the data are {dtype} (the kernel is float64)"),
+            (m + p == 0, "the problem has no constraints"),
+            (trace is not None, "trace is given"),
+            (refine not in (None, 0), f"refine={refine} (the kernel does not refine the Newton direction)"),
+            (not fits, f"no fused build fits on {device} (CUDA, shared memory for k = {m + p})"),
+        )
+        if bad
+    ]
 
 
-def _use_fused(fused: Optional[bool], fm: str, dtype: torch.dtype, device: torch.device, n: int, m: int,
-               p: int, trace: Optional[list], refine: Optional[int] = None,
-               options: IPMOptions = DEFAULT_OPTIONS) -> bool:
+def _use_fused(
+    fused: Optional[bool],
+    fm: str,
+    dtype: torch.dtype,
+    device: torch.device,
+    n: int,
+    m: int,
+    p: int,
+    trace: Optional[list],
+    refine: Optional[int] = None,
+    options: IPMOptions = DEFAULT_OPTIONS,
+) -> bool:
     """Whether this solve runs the fused kernel (see ``ipm_solve``'s ``fused``)."""
     fused = fused_flag(fused, options)
     if fused is False:
@@ -49,6 +76,9 @@ def _use_fused(fused: Optional[bool], fm: str, dtype: torch.dtype, device: torch
     if fused == "auto":
         return not reasons
     if reasons:
-        raise SettingsError("ipm_solve: fused=True does not apply here: " + "; ".join(reasons)
-                            + ". Use fused=None (automatic) or False.")
+        raise SettingsError(
+            "ipm_solve: fused=True does not apply here: "
+            + "; ".join(reasons)
+            + ". Use fused=None (automatic) or False."
+        )
     return True

@@ -1,6 +1,7 @@
 """CUDA-graph machinery of the batched IPM: the captured iterations and their cache, the tail
 compaction and check schedule, whole functions as cached graphs (:func:`graphed_call`), and their
 CPU emulation (:attr:`IPMOptions.graphs`)."""
+
 from __future__ import annotations
 
 import copy
@@ -26,7 +27,7 @@ _SETUP_DEFER_FAILED: set = set()
 
 def _clone_value(v):
     """A copy of a tensor or a :class:`CholeskyFactor` on freshly allocated (dense) tensors."""
-    cl = lambda t: t.clone(memory_format=torch.contiguous_format)     # noqa: E731
+    cl = lambda t: t.clone(memory_format=torch.contiguous_format)  # noqa: E731
     return v.map(cl) if isinstance(v, CholeskyFactor) else cl(v)
 
 
@@ -61,32 +62,40 @@ class _GraphData:
         data = [getattr(self, k) for k in self._DATA]
         # (the float64 dual form uses the identities of set_point: no solve with P in the loop)
         skip = ("LP",) if nt.form == "dual" and getattr(nt, "_point", None) is not None else ()
-        return [(k, getattr(nt, k)) for k in self._NEWTON[nt.form]
-                if k not in skip and isinstance(getattr(nt, k, None), (Tensor, CholeskyFactor))
-                and not any(getattr(nt, k) is t for t in data)]
+        return [
+            (k, getattr(nt, k))
+            for k in self._NEWTON[nt.form]
+            if k not in skip
+            and isinstance(getattr(nt, k, None), (Tensor, CholeskyFactor))
+            and not any(getattr(nt, k) is t for t in data)
+        ]
 
     def signature(self) -> tuple:
         """Shapes (and so code paths) of every tensor the iteration reads."""
         sh = lambda t: None if t is None else tuple(t.shape)
-        return (tuple(sh(getattr(self, k)) for k in self._DATA),
-                tuple((k, tuple(tuple(x.shape) for x in _value_tensors(t))) for k, t in self._newton_inputs()),
-                tuple((k, sh(t)) for k, t in sorted(self.norms.items())))
+        return (
+            tuple(sh(getattr(self, k)) for k in self._DATA),
+            tuple((k, tuple(tuple(x.shape) for x in _value_tensors(t))) for k, t in self._newton_inputs()),
+            tuple((k, sh(t)) for k, t in sorted(self.norms.items())),
+        )
 
     def nbytes(self) -> int:
         """Device memory a :meth:`static` copy takes."""
-        ts = ([getattr(self, k) for k in self._DATA] + [x for _, t in self._newton_inputs() for x in _value_tensors(t)]
-              + list(self.norms.values()))
+        ts = (
+            [getattr(self, k) for k in self._DATA]
+            + [x for _, t in self._newton_inputs() for x in _value_tensors(t)]
+            + list(self.norms.values())
+        )
         return sum(t.numel() * t.element_size() for t in ts if t is not None)
 
     def static(self) -> "_GraphData":
         """A copy on freshly allocated tensors (materialized: expanded views become dense)."""
         cl = lambda t: None if t is None else t.clone(memory_format=torch.contiguous_format)
         nt = copy.copy(self.newton)
-        st = _GraphData(*(cl(getattr(self, k)) for k in self._DATA), nt,
-                        {k: cl(t) for k, t in self.norms.items()})
+        st = _GraphData(*(cl(getattr(self, k)) for k in self._DATA), nt, {k: cl(t) for k, t in self.norms.items()})
         for k, t in self._newton_inputs():
             setattr(nt, k, _clone_value(t))
-        for k in self._NEWTON[nt.form] + ("P", "C", "A"):        # aliases of the data
+        for k in self._NEWTON[nt.form] + ("P", "C", "A"):  # aliases of the data
             for dk in self._DATA:
                 if getattr(self, dk) is not None and getattr(self.newton, k, None) is getattr(self, dk):
                     setattr(nt, k, getattr(st, dk))
@@ -94,7 +103,7 @@ class _GraphData:
             nt._a = nt._pending = None
             if getattr(nt, "_point", None) is not None:
                 nt._point = (st.q,)
-                nt.LP = None                     # not read in the loop; do not keep it alive
+                nt.LP = None  # not read in the loop; do not keep it alive
         return st
 
     # per-instance tensors (B, ·) whatever their rank; the matrices are batched when 3-D
@@ -102,6 +111,7 @@ class _GraphData:
 
     def subset(self, idx: Tensor) -> "_GraphData":
         """The data of the batch rows ``idx`` (with a Newton solver for them), for tail compaction."""
+
         def pick(name, t):
             if isinstance(t, CholeskyFactor):
                 return t.index(idx) if t.dim() == 3 else t
@@ -110,14 +120,16 @@ class _GraphData:
             if name in self._VECTORS:
                 return t[idx] if t.dim() >= 1 else t
             return t[idx] if t.dim() == 3 else t
+
         nt = copy.copy(self.newton)
         nt.B = int(idx.numel())
         for k in self._NEWTON[nt.form] + ("P", "C", "A"):
             if hasattr(nt, k):
                 setattr(nt, k, pick(k, getattr(nt, k)))
-        sub = _GraphData(*(pick(k, getattr(self, k)) for k in self._DATA), nt,
-                         {k: pick("q", t) for k, t in self.norms.items()})
-        for k in self._NEWTON[nt.form] + ("P", "C", "A"):        # keep aliases of the data aliases
+        sub = _GraphData(
+            *(pick(k, getattr(self, k)) for k in self._DATA), nt, {k: pick("q", t) for k, t in self.norms.items()}
+        )
+        for k in self._NEWTON[nt.form] + ("P", "C", "A"):  # keep aliases of the data aliases
             for dk in self._DATA:
                 if getattr(self, dk) is not None and getattr(self.newton, k, None) is getattr(self, dk):
                     setattr(nt, k, getattr(sub, dk))
@@ -151,8 +163,7 @@ def _compact_size(nleft: int, Bc: int, k: int, options: IPMOptions = DEFAULT_OPT
     tail compaction of the captured iterations (:attr:`IPMOptions.compact`), padded with finished
     instances to a power of two, at least 8, so that a training loop meets few batch sizes and
     their graphs stay cached."""
-    if (not options.compact or nleft > options.compact_fraction * Bc
-            or Bc * k * k < options.compact_min_work):
+    if not options.compact or nleft > options.compact_fraction * Bc or Bc * k * k < options.compact_min_work:
         return None
     bucket = max(8, 1 << max(nleft - 1, 0).bit_length())
     return bucket if bucket < Bc else None
@@ -176,8 +187,7 @@ def graph_stats() -> Dict[str, Any]:
     """Counters of the graph machinery since the process started (captures, cache hits, tail
     compactions, iteration replays) and the cached graphs' names (``"iterations"``, and the
     ``graphed_call`` keys' first entries): for diagnostics and tests."""
-    return dict(_graph_stats, iteration_graphs=len(_GRAPH_CACHE),
-                function_graphs=[k[0] for k in _FN_GRAPHS])
+    return dict(_graph_stats, iteration_graphs=len(_GRAPH_CACHE), function_graphs=[k[0] for k in _FN_GRAPHS])
 
 
 def clear_graph_cache() -> None:
@@ -219,8 +229,9 @@ def _graph_for_impl(key, live, make_body, state, options: IPMOptions):
         if key is not None:
             _GRAPH_CACHE[key] = (graph, st, sdata)
             while len(_GRAPH_CACHE) > max(int(options.graph_cache_size), 0) or (
-                    len(_GRAPH_CACHE) > 1
-                    and sum(e[2].nbytes() for e in _GRAPH_CACHE.values()) > options.graph_cache_max_bytes):
+                len(_GRAPH_CACHE) > 1
+                and sum(e[2].nbytes() for e in _GRAPH_CACHE.values()) > options.graph_cache_max_bytes
+            ):
                 _GRAPH_CACHE.popitem(last=False)
     return graph, st
 
@@ -292,7 +303,7 @@ def _capture(body, state, split: bool = True):
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
-                _run_parts(parts, {k: t.clone() for k, t in state.items()})   # warm-up
+                _run_parts(parts, {k: t.clone() for k, t in state.items()})  # warm-up
             torch.cuda.current_stream().wait_stream(side)
             graphs = []
             for fn, reps in parts:
@@ -311,6 +322,7 @@ def _capture(body, state, split: bool = True):
 # --------------------------------------------------------------------------------------------
 # whole functions as cached CUDA graphs (the layer's polish and backward for small batches)
 # --------------------------------------------------------------------------------------------
+
 
 def _flatten(d: Dict[str, Any]) -> Tuple[Dict[str, Tensor], tuple]:
     """The tensors of ``d``, a :class:`CholeskyFactor`'s as entries of their own (``key@name``), and
@@ -331,7 +343,7 @@ def _unflatten(flat: Dict[str, Tensor], spec: tuple) -> Dict[str, Any]:
     out: Dict[str, Any] = {k: v for k, v in flat.items() if "@" not in k}
     for k, opts in spec:
         pre = k + "@"
-        out[k] = CholeskyFactor.from_tensors({n[len(pre):]: t for n, t in flat.items() if n.startswith(pre)}, opts)
+        out[k] = CholeskyFactor.from_tensors({n[len(pre) :]: t for n, t in flat.items() if n.startswith(pre)}, opts)
     return out
 
 
@@ -348,7 +360,7 @@ def _fn_graph_budget(device: torch.device, options: IPMOptions) -> int:
         return int(options.fn_graph_max_bytes)
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).total_memory // 10
-    return 2 * 1024 ** 3
+    return 2 * 1024**3
 
 
 def _nbytes(d: Dict[str, Tensor]) -> int:
@@ -398,7 +410,7 @@ def _capture_fn(fn, static_in: Dict[str, Tensor], spec_in: tuple):
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
-        fn(_unflatten({k: v.clone() for k, v in static_in.items()}, spec_in))         # warm-up
+        fn(_unflatten({k: v.clone() for k, v in static_in.items()}, spec_in))  # warm-up
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
@@ -410,20 +422,27 @@ def on_data_device(fn):
     """Run ``fn`` with the CUDA device of its first CUDA tensor argument (positional, or a value of a
     dict argument) as the current device: the streams, events, pinned buffers and graph captures
     made inside take the current device, so the data on ``cuda:r`` never touch ``cuda:0``."""
+
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         for a in args:
-            for t in (a.values() if isinstance(a, dict) else (a,)):
+            for t in a.values() if isinstance(a, dict) else (a,):
                 if isinstance(t, Tensor) and t.device.type == "cuda":
                     with torch.cuda.device(t.device):
                         return fn(*args, **kwargs)
         return fn(*args, **kwargs)
+
     return wrapper
 
 
 @on_data_device
-def graphed_call(key: tuple, fn, inputs: Dict[str, Any], fresh: Optional[Callable[[str], bool]] = None,
-                 options: IPMOptions = DEFAULT_OPTIONS) -> Optional[Dict[str, Any]]:
+def graphed_call(
+    key: tuple,
+    fn,
+    inputs: Dict[str, Any],
+    fresh: Optional[Callable[[str], bool]] = None,
+    options: IPMOptions = DEFAULT_OPTIONS,
+) -> Optional[Dict[str, Any]]:
     """``fn(inputs)`` replayed from a cached CUDA graph: the inputs are copied into the graph's
     static buffers and the outputs are returned as fresh tensors (factors included).
 
@@ -440,16 +459,26 @@ def graphed_call(key: tuple, fn, inputs: Dict[str, Any], fresh: Optional[Callabl
     dev = next(iter(flat.values())).device
     # besides the caller's key: the shapes, the options the code reads while capturing, and the
     # thread and stream (static buffers are reused by ordered calls only)
-    key = key + tuple((k, tuple(v.shape), v.dtype, str(v.device)) for k, v in sorted(flat.items())) + (
-        spec, options, threading.get_ident(),
-        torch.cuda.current_stream(dev).cuda_stream if dev.type == "cuda" else 0)
+    key = (
+        key
+        + tuple((k, tuple(v.shape), v.dtype, str(v.device)) for k, v in sorted(flat.items()))
+        + (
+            spec,
+            options,
+            threading.get_ident(),
+            torch.cuda.current_stream(dev).cuda_stream if dev.type == "cuda" else 0,
+        )
+    )
     ent = _FN_GRAPHS.get(key)
     with torch.no_grad():
         if ent is None:
             budget = _fn_graph_budget(dev, options)
             if 3 * _nbytes(flat) > budget:
                 return None
-            while _FN_GRAPHS and 3 * (_nbytes(flat) + sum(_nbytes(e[1]) + _nbytes(e[2]) for e in _FN_GRAPHS.values())) > budget:
+            while (
+                _FN_GRAPHS
+                and 3 * (_nbytes(flat) + sum(_nbytes(e[1]) + _nbytes(e[2]) for e in _FN_GRAPHS.values())) > budget
+            ):
                 _FN_GRAPHS.popitem(last=False)
             static_in = {k: v.clone(memory_format=torch.contiguous_format) for k, v in flat.items()}
             try:
@@ -459,8 +488,9 @@ def graphed_call(key: tuple, fn, inputs: Dict[str, Any], fresh: Optional[Callabl
                 else:
                     graph, static_out, spec_out = _capture_fn(fn, static_in, spec)
             except Exception as exc:  # pragma: no cover - depends on the CUDA/torch build
-                logger.warning("graphed_call: CUDA graph capture failed (%s: %s); running eagerly",
-                               type(exc).__name__, exc)
+                logger.warning(
+                    "graphed_call: CUDA graph capture failed (%s: %s); running eagerly", type(exc).__name__, exc
+                )
                 return None
             _graph_stats["captures"] += 1
             _FN_GRAPHS[key] = ent = (graph, static_in, static_out, spec_out)
@@ -473,5 +503,4 @@ def graphed_call(key: tuple, fn, inputs: Dict[str, Any], fresh: Optional[Callabl
         for k, v in flat.items():
             static_in[k].copy_(v)
         graph.replay()
-        return _unflatten({k: v.clone() if fresh is None or fresh(k) else v for k, v in static_out.items()},
-                          spec_out)
+        return _unflatten({k: v.clone() if fresh is None or fresh(k) else v for k, v in static_out.items()}, spec_out)

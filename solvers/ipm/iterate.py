@@ -5,6 +5,7 @@ The state of a solve is explicit: :class:`IterConfig` (what one solve fixes), :c
 (the step and the check as methods of it, and the products it carries from step to step) and the
 state dict ``S`` of device tensors (what a CUDA graph's static buffers hold).
 """
+
 from __future__ import annotations
 
 import threading
@@ -13,14 +14,7 @@ from typing import Any, Dict, Optional
 
 import torch
 from dqp.linsolve.cholesky import CholeskyOptions, mv, tmv
-from dqp.solvers.ipm.graphs import (
-    _CheckSchedule,
-    _compact_size,
-    _graph_for,
-    _graph_stats,
-    _GraphData,
-    _scatter_state,
-)
+from dqp.solvers.ipm.graphs import _CheckSchedule, _compact_size, _graph_for, _graph_stats, _GraphData, _scatter_state
 from dqp.solvers.ipm.options import IPMOptions
 from dqp.solvers.ipm.problem import _amax, _max_step
 
@@ -28,8 +22,12 @@ from dqp.errors import Status
 
 Tensor = torch.Tensor
 
-SOLVED, PINF, DINF, NUM = (int(Status.SOLVED), int(Status.PRIMAL_INFEASIBLE), int(Status.DUAL_INFEASIBLE),
-                           int(Status.NUMERICAL))
+SOLVED, PINF, DINF, NUM = (
+    int(Status.SOLVED),
+    int(Status.PRIMAL_INFEASIBLE),
+    int(Status.DUAL_INFEASIBLE),
+    int(Status.NUMERICAL),
+)
 
 #: Eager float64 dual form with tracked products (:attr:`IterConfig.track`): every this many
 #: iterations the products are recomputed exactly.
@@ -127,8 +125,9 @@ class Iteration:
             # qpth's generator at n = m = 100 stalls — so float32 solves with P each iteration)
             yv = torch.cat([lam, mu], dim=-1) if (p and m) else (lam if p else mu)
             Az_ = [v for v in (Az_s, Cz_s) if v is not None]
-            newton.set_point(D.q, z, yv, torch.cat(Az_, dim=-1) if len(Az_) > 1 else Az_[0],
-                             self.trk.get("My") if c.track else None)
+            newton.set_point(
+                D.q, z, yv, torch.cat(Az_, dim=-1) if len(Az_) > 1 else Az_[0], self.trk.get("My") if c.track else None
+            )
         a = -rd
         bb = -req if p else None
         nrin = -rin if m else None
@@ -138,11 +137,11 @@ class Iteration:
             return dz_, dl_, dm_, None, None, None, ap, ap, fact_ok, a
         # (s and μ, and their directions, are stacked (B, 2, m) where both take the same operations:
         # one kernel for both; an iteration is a few hundred small kernels at B=128, n=m=100)
-        c_aff = nrin + s                           # −r_in + r_c/μ with r_c = s∘μ
+        c_aff = nrin + s  # −r_in + r_c/μ with r_c = s∘μ
         _, dl_a, dm_a, Cdz_a = newton.direction(a, bb, c_aff, winv, False, 0)
         sm = torch.stack([s, mu], 1)
-        dsm_a = torch.stack([nrin - Cdz_a, dm_a], 1)                  # (Δs, Δμ) affine
-        st_a = _max_step(sm, dsm_a, 1.0)                             # (B, 2): primal, dual
+        dsm_a = torch.stack([nrin - Cdz_a, dm_a], 1)  # (Δs, Δμ) affine
+        st_a = _max_step(sm, dsm_a, 1.0)  # (B, 2): primal, dual
         if not c.separate_steps:
             st_a = st_a.amin(-1, keepdim=True)
         tau = gap / m
@@ -156,14 +155,15 @@ class Iteration:
         dsm = torch.stack([nrin - Cdz, dm_], 1)
         # fraction to the boundary, → 1 as the instance converges (per instance)
         eta = (1.0 - (gap / gscl).sqrt()).clamp(min=c.step_fraction)
-        eta = torch.nan_to_num(eta, nan=c.step_fraction)       # (a NaN gap must not reach the step)
+        eta = torch.nan_to_num(eta, nan=c.step_fraction)  # (a NaN gap must not reach the step)
         st = (eta.unsqueeze(-1) * _max_step(sm, dsm)).clamp(max=1.0)
         if not c.separate_steps:
             st = st.amin(-1, keepdim=True)
         return dz_, dl_, dm_, dsm, sm, st, st[:, 0], st[:, -1], fact_ok, a
 
-    def step(self, S: Dict[str, Tensor], R, D: _GraphData, it: int = 0,
-             scaled=(None, None, None, None)) -> Dict[str, Tensor]:
+    def step(
+        self, S: Dict[str, Tensor], R, D: _GraphData, it: int = 0, scaled=(None, None, None, None)
+    ) -> Dict[str, Tensor]:
         """One predictor-corrector step from the state S with its residuals R (:meth:`residuals`);
         returns the updated entries of S. ``it``, ``scaled``: for ``trace`` only."""
         c = self.cfg
@@ -188,10 +188,23 @@ class Iteration:
         nfail = (nfail + 1) * bad
         if self.trace is not None:
             pres, pscl, dres, dscl = scaled
-            sc = (lambda x, y: None if x is None else x / y)        # noqa: E731 (no check this iteration)
-            self.trace.append(dict(it=it, pres=sc(pres, pscl), dres=sc(dres, dscl), gap=R[8] / R[9], ap=ap,
-                                   ad=ad, delta=delta, ok=ok, fact_ok=fact_ok, done=done.clone(),
-                                   mumax=_amax(mu), smin=s.amin(-1) if m else None))
+            sc = lambda x, y: None if x is None else x / y  # noqa: E731 (no check this iteration)
+            self.trace.append(
+                dict(
+                    it=it,
+                    pres=sc(pres, pscl),
+                    dres=sc(dres, dscl),
+                    gap=R[8] / R[9],
+                    ap=ap,
+                    ad=ad,
+                    delta=delta,
+                    ok=ok,
+                    fact_ok=fact_ok,
+                    done=done.clone(),
+                    mumax=_amax(mu),
+                    smin=s.amin(-1) if m else None,
+                )
+            )
         u = upd.unsqueeze(-1)
         z = torch.where(u, torch.addcmul(z, ap.unsqueeze(-1), dz_), z)
         if m:
@@ -218,12 +231,15 @@ class Iteration:
         Pdz = a - (ATd if p else 0.0) - (CTd if m else 0.0)
         apc, adc = ap.unsqueeze(-1), ad.unsqueeze(-1)
         Abdz = newton.last_Abdz
-        upd_ = lambda v, dv, st: torch.where(u, torch.addcmul(v, st, dv), v)   # noqa: E731
-        trk.update(Pz=upd_(trk["Pz_cur"], Pdz, apc), My=upd_(newton.My_point, newton.last_My, adc),
-                   ATl=upd_(trk["ATl_cur"], ATd, adc) if p else None,
-                   CTm=upd_(trk["CTm_cur"], CTd, adc) if m else None,
-                   Az=upd_(Az_s, Abdz[:, :p], apc) if p else None,
-                   Cz=upd_(Cz_s, Abdz[:, p:], apc) if m else None)
+        upd_ = lambda v, dv, st: torch.where(u, torch.addcmul(v, st, dv), v)  # noqa: E731
+        trk.update(
+            Pz=upd_(trk["Pz_cur"], Pdz, apc),
+            My=upd_(newton.My_point, newton.last_My, adc),
+            ATl=upd_(trk["ATl_cur"], ATd, adc) if p else None,
+            CTm=upd_(trk["CTm_cur"], CTd, adc) if m else None,
+            Az=upd_(Az_s, Abdz[:, :p], apc) if p else None,
+            Cz=upd_(Cz_s, Abdz[:, p:], apc) if m else None,
+        )
 
     # ------------------------------------------------------------------ the check
     def _scaled_norms(self, S, R, D):
@@ -294,13 +310,14 @@ class Iteration:
             c2, dyn = self._primal_cert(D, lam - S["prev_lam"], dmu_s, Ay - S["prev_Ay"], radius)
             if m:
                 c2 = c2 & (dmu_s.amin(-1) >= -c.eps_inf * dyn)
-            pinf = ((c1 & (ynorm > 1.0 / c.eps_inf ** 0.5)) | (c2 & have_prev)) & ~p_ok
+            pinf = ((c1 & (ynorm > 1.0 / c.eps_inf**0.5)) | (c2 & have_prev)) & ~p_ok
         else:
             pinf = torch.zeros(z.shape[0], dtype=torch.bool, device=c.device)
         e1, zn = self._dual_cert(D, z, Pz, Az, Cz)
-        e2, _ = self._dual_cert(D, z - S["prev_z"], Pz - S["prev_Pz"], Az - S["prev_Az"] if p else None,
-                                Cz - S["prev_Cz"] if m else None)
-        dinf = ((e1 & (zn > 1.0 / c.eps_inf ** 0.5)) | (e2 & have_prev)) & ~d_ok
+        e2, _ = self._dual_cert(
+            D, z - S["prev_z"], Pz - S["prev_Pz"], Az - S["prev_Az"] if p else None, Cz - S["prev_Cz"] if m else None
+        )
+        dinf = ((e1 & (zn > 1.0 / c.eps_inf**0.5)) | (e2 & have_prev)) & ~d_ok
         return pinf, dinf, Ay
 
     def check(self, S: Dict[str, Tensor], R, D: _GraphData):
@@ -338,9 +355,20 @@ class Iteration:
         stalled = (S["it"] - last_impr >= c.stall_iters) & ~done
         status = torch.where(stalled, NUM, status)
         done = done | stalled
-        upd = dict(done=done, status=status, pinf_cnt=pinf_cnt, dinf_cnt=dinf_cnt, best=best,
-                   last_impr=last_impr, have_prev=torch.ones_like(S["have_prev"]),
-                   prev_z=S["z"], prev_Pz=Pz, prev_lam=S["lam"], prev_mu=S["mu"], prev_Ay=Ay)
+        upd = dict(
+            done=done,
+            status=status,
+            pinf_cnt=pinf_cnt,
+            dinf_cnt=dinf_cnt,
+            best=best,
+            last_impr=last_impr,
+            have_prev=torch.ones_like(S["have_prev"]),
+            prev_z=S["z"],
+            prev_Pz=Pz,
+            prev_lam=S["lam"],
+            prev_mu=S["mu"],
+            prev_Ay=Ay,
+        )
         if c.p:
             upd["prev_Az"] = R[4]
         if c.m:
@@ -372,6 +400,7 @@ class Iteration:
             for _ in range(c.check_every):
                 S = one(S)
             return chk(S)
+
         # captured as one graph per part (see _capture): the host launches the next steps while the
         # device runs the first
         body.parts = ((one, c.check_every), (chk, 1))
@@ -382,10 +411,27 @@ class Iteration:
         (the thread and stream too: a cached graph's static buffers are reused only by calls that
         are ordered after one another on the device)."""
         c = self.cfg
-        return (c.form, c.dtype, str(c.device), Bc, c.n, c.m, c.p, c.separate_steps, float(c.step_fraction),
-                int(c.refine), c.check_every, c.eps, c.eps_inf, int(c.stall_iters), options, bool(c.compile),
-                D.signature(), threading.get_ident(),
-                torch.cuda.current_stream(c.device).cuda_stream if c.device.type == "cuda" else 0)
+        return (
+            c.form,
+            c.dtype,
+            str(c.device),
+            Bc,
+            c.n,
+            c.m,
+            c.p,
+            c.separate_steps,
+            float(c.step_fraction),
+            int(c.refine),
+            c.check_every,
+            c.eps,
+            c.eps_inf,
+            int(c.stall_iters),
+            options,
+            bool(c.compile),
+            D.signature(),
+            threading.get_ident(),
+            torch.cuda.current_stream(c.device).cuda_stream if c.device.type == "cuda" else 0,
+        )
 
     def eager_step(self, S, D, it: int, check: bool, last: bool):
         """One eager iteration: the check where due (on exact products), then the step unless the
@@ -397,7 +443,7 @@ class Iteration:
         if c.track:
             trk.update(Pz_cur=R[0], ATl_cur=R[2], CTm_cur=R[3])
             if not use_T:
-                trk.pop("My", None)          # exact M y too at the exact iterations
+                trk.pop("My", None)  # exact M y too at the exact iterations
         scaled = (None, None, None, None)
         nleft = None
         if check:
@@ -436,7 +482,7 @@ def _compact(S, live, bucket: int, nleft: int, comp: _Compaction):
     else:
         _scatter_state(comp.full, gidx, S)
     run = torch.nonzero(~S["done"]).squeeze(-1)
-    fin = torch.nonzero(S["done"]).squeeze(-1)[:bucket - nleft]
+    fin = torch.nonzero(S["done"]).squeeze(-1)[: bucket - nleft]
     idx = torch.cat([run, fin])
     comp.gidx = idx if gidx is None else gidx[idx]
     S = {k: (v[idx] if v.dim() >= 1 else v.clone()) for k, v in S.items()}
@@ -444,8 +490,16 @@ def _compact(S, live, bucket: int, nleft: int, comp: _Compaction):
     return S, live.subset(idx)
 
 
-def run_loop(itr: Iteration, live: _GraphData, S: Dict[str, Tensor], B: int, max_iter: int,
-             use_graph: bool, graph_cache: bool, options: IPMOptions) -> Dict[str, Tensor]:
+def run_loop(
+    itr: Iteration,
+    live: _GraphData,
+    S: Dict[str, Tensor],
+    B: int,
+    max_iter: int,
+    use_graph: bool,
+    graph_cache: bool,
+    options: IPMOptions,
+) -> Dict[str, Tensor]:
     """The torch loop: iterations until every instance is done or ``max_iter``. With graphs, the
     steps up to the next check and the check per (captured) replay, the host reading one count per
     replay, and the tail compaction; eagerly (the CPU; on the GPU the tail after the last replay)
@@ -456,10 +510,13 @@ def run_loop(itr: Iteration, live: _GraphData, S: Dict[str, Tensor], B: int, max
     gkey = itr.graph_key(live, B, options) if (use_graph and graph_cache) else None
     graph = None
     comp = _Compaction()
-    Bc, it, checked = B, 0, -1                 # checked: the iteration whose iterate the last check saw
-    sched = _CheckSchedule(c.check_every, B, options.tail_checks and options.split_graphs
-                           and not (options.compact and B * k ** 2 >= options.compact_min_work),
-                           options.tail_fraction)
+    Bc, it, checked = B, 0, -1  # checked: the iteration whose iterate the last check saw
+    sched = _CheckSchedule(
+        c.check_every,
+        B,
+        options.tail_checks and options.split_graphs and not (options.compact and B * k**2 >= options.compact_min_work),
+        options.tail_fraction,
+    )
     while True:
         itr.graphed = use_graph
         if use_graph and it == max(checked, 0) and sched.next <= max_iter:
@@ -473,13 +530,13 @@ def run_loop(itr: Iteration, live: _GraphData, S: Dict[str, Tensor], B: int, max
             with torch.profiler.record_function("dqp::ipm_replay"):
                 _graph_stats["replays"] += 1
                 steps = sched.next - it
-                graph.replay(steps) if sched.adaptive else graph.replay()      # (adaptive: a graph per step)
+                graph.replay(steps) if sched.adaptive else graph.replay()  # (adaptive: a graph per step)
                 it = checked = it + steps
                 nleft = int((~S["done"]).sum())
                 if nleft == 0 or it == max_iter:
                     break
                 sched.checked(it, nleft)
-            gidx = comp.gidx                                                  # noqa: F841 (read by tests' spies)
+            gidx = comp.gidx  # noqa: F841 (read by tests' spies)
             bucket = _compact_size(nleft, Bc, k, options)
             if bucket is not None:
                 with torch.profiler.record_function("dqp::ipm_compact"):

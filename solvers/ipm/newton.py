@@ -1,4 +1,5 @@
 """The Newton systems of the batched IPM: the primal and the dual elimination, and the choice of form."""
+
 from __future__ import annotations
 
 import logging
@@ -28,6 +29,7 @@ Tensor = torch.Tensor
 
 # Newton-system solvers
 # --------------------------------------------------------------------------------------------
+
 
 class _PrimalNewton:
     """``H = P + CᵀWC + δI`` (n×n Cholesky), equalities by the Schur complement ``A H⁻¹ Aᵀ``."""
@@ -127,10 +129,23 @@ class _DualNewton:
     """``P ≻ 0``: ``S = Ā P⁻¹ Āᵀ + diag(0, W⁻¹) + δ_d I`` with ``Ā = [A; C]``; ``Ā P⁻¹ Āᵀ`` formed once."""
 
     form = "dual"
-    cache_const = True          # as _PrimalNewton.cache_const
+    cache_const = True  # as _PrimalNewton.cache_const
 
-    def __init__(self, LP: CholeskyFactor, P, C, A, B, n, m, p, reg_d, pre: Optional[Dict[str, Tensor]] = None,
-                 q: Optional[Tensor] = None, options: IPMOptions = DEFAULT_OPTIONS):
+    def __init__(
+        self,
+        LP: CholeskyFactor,
+        P,
+        C,
+        A,
+        B,
+        n,
+        m,
+        p,
+        reg_d,
+        pre: Optional[Dict[str, Tensor]] = None,
+        q: Optional[Tensor] = None,
+        options: IPMOptions = DEFAULT_OPTIONS,
+    ):
         """``LP``: P's Cholesky factor. ``pre``: the tensors that a solver for the same data computed
         (``Abar``, ``PiAbt``, ``M``, ``Md``, and ``_Piq``, ``_g`` of :meth:`prime` for ``q``), used
         instead of computing them; ``Abar`` may be left out where it is C or A itself
@@ -150,26 +165,38 @@ class _DualNewton:
             if "_Piq" in pre:
                 self._Piq, self._g, self._point = pre["_Piq"], pre["_g"], (q,)
             return
-        self.Abar = A if C is None else (C if A is None else torch.cat(
-            [A.expand(B, p, n) if (A.dim() == 3 or C.dim() == 3) else A,
-             C.expand(B, m, n) if (A.dim() == 3 or C.dim() == 3) else C], dim=-2))
+        self.Abar = (
+            A
+            if C is None
+            else (
+                C
+                if A is None
+                else torch.cat(
+                    [
+                        A.expand(B, p, n) if (A.dim() == 3 or C.dim() == 3) else A,
+                        C.expand(B, m, n) if (A.dim() == 3 or C.dim() == 3) else C,
+                    ],
+                    dim=-2,
+                )
+            )
+        )
         Abt = self.Abar.transpose(-1, -2)
         self.M = None
         by_inverse = _setup_by_inverse(LP, k, options.setup_products)
         if LP.dim() == 2 and Abt.dim() == 2:
-            self.PiAbt = LP.solve(Abt.unsqueeze(0))[0]               # shared (n, k)
+            self.PiAbt = LP.solve(Abt.unsqueeze(0))[0]  # shared (n, k)
         elif potrs_rows_ok(LP.L, self.Abar, self.lin):
             self.PiAbt = potrs_rows(LP.L, self.Abar.expand(B, k, n)).mT
         elif by_inverse:
-            X = tri_inverse(LP.L)                                    # L⁻¹, mostly matrix products
-            LP.inverse = X             # kept: later solves with L (P⁻¹q, the backward's) are products
-            W = torch.matmul(X, Abt)                                 # L⁻¹Āᵀ
+            X = tri_inverse(LP.L)  # L⁻¹, mostly matrix products
+            LP.inverse = X  # kept: later solves with L (P⁻¹q, the backward's) are products
+            W = torch.matmul(X, Abt)  # L⁻¹Āᵀ
             self.PiAbt = torch.matmul(X.mT, W)
-            self.M = torch.matmul(W.mT, W)                           # symmetric (to rounding)
+            self.M = torch.matmul(W.mT, W)  # symmetric (to rounding)
         else:
             self.PiAbt = LP.solve(Abt.expand(B, n, k))
         if self.M is None:
-            self.M = torch.matmul(self.Abar, self.PiAbt)            # (k, k) or (B, k, k)
+            self.M = torch.matmul(self.Abar, self.PiAbt)  # (k, k) or (B, k, k)
         self.Md = torch.diagonal(self.M, dim1=-2, dim2=-1).abs().amax(-1).clamp(min=1e-30)
 
     def factor(self, winv: Optional[Tensor], delta: Tensor, running: Optional[Tensor] = None) -> Tensor:
@@ -178,8 +205,12 @@ class _DualNewton:
         if self.m == 0 and self.cache_const and self._const is not None:
             self.LS = self._const
             return self._const_ok
-        inplace = (self.m > 0 and self.lin.cpu_fast_paths and self.M.device.type == "cpu"
-                   and self.M.dtype in (torch.float64, torch.float32))
+        inplace = (
+            self.m > 0
+            and self.lin.cpu_fast_paths
+            and self.M.device.type == "cpu"
+            and self.M.dtype in (torch.float64, torch.float32)
+        )
         if inplace:
             # CPU: one buffer for every iteration, factorized in place (cholesky_inplace)
             if getattr(self, "_Sbuf", None) is None:
@@ -191,11 +222,11 @@ class _DualNewton:
         Sd = torch.diagonal(S, dim1=-2, dim2=-1)
         Sd.add_((delta * self.reg_d * self.Md).unsqueeze(-1))
         if self.m:
-            Sd[:, self.p:].add_(winv)
-        self._Sdiag = Sd - torch.diagonal(self.M, dim1=-2, dim2=-1)     # what was added to M
+            Sd[:, self.p :].add_(winv)
+        self._Sdiag = Sd - torch.diagonal(self.M, dim1=-2, dim2=-1)  # what was added to M
         rows = None if running is None or not inplace else torch.nonzero(running).flatten().tolist()
         self.LS, info = cholesky_inplace(S, self.lin, rows) if inplace else cholesky(S, self.lin, overwrite=True)
-        self._lapack_rows = rows if inplace else False        # solves with LS go through _solve_S
+        self._lapack_rows = rows if inplace else False  # solves with LS go through _solve_S
         ok = info == 0
         if self.m == 0 and self.cache_const:
             self._const, self._const_ok = self.LS, ok
@@ -233,8 +264,8 @@ class _DualNewton:
         self._prepare(a)
         dy, _ = self._dy(bb, c, 0, need_My=False)
         dz = self._t - mv(self.PiAbt, dy, self.lin)
-        dlam = dy[:, :self.p] if self.p else None
-        dmu = dy[:, self.p:] if self.m else None
+        dlam = dy[:, : self.p] if self.p else None
+        dmu = dy[:, self.p :] if self.m else None
         return dz, dlam, dmu, None
 
     def prime(self, q):
@@ -277,15 +308,15 @@ class _DualNewton:
             dz = -self._z - self._Piq - mv(self.PiAbt, self._y + dy, self.lin)
         else:
             dz = self._t - mv(self.PiAbt, dy, self.lin)
-        dlam = dy[:, :self.p] if self.p else None
+        dlam = dy[:, : self.p] if self.p else None
         dmu = Cdz = None
         # for a caller that tracks products across iterations: M Δy and Ā Δz of this direction
         # (no kernel otherwise: on the GPU this runs inside the captured iteration)
         self.last_My = My
         self.last_Abdz = None if (My is None or not getattr(self, "tracking", False)) else self._At - My
         if self.m:
-            dmu = dy[:, self.p:]
-            Cdz = (self._At[:, self.p:] - My[:, self.p:]) if My is not None else c + self._Sdiag[:, self.p:] * dmu
+            dmu = dy[:, self.p :]
+            Cdz = (self._At[:, self.p :] - My[:, self.p :]) if My is not None else c + self._Sdiag[:, self.p :] * dmu
         return dz, dlam, dmu, Cdz
 
 
@@ -306,13 +337,14 @@ def form_by_cost(form, P, B, n, m, p, est_iters=15) -> str:
         raise SettingsError(f"ipm_solve: form must be 'auto', 'primal' or 'dual', got {form!r}.")
     k = m + p
     if form == "dual" and k == 0:
-        raise SettingsError("ipm_solve: form='dual' eliminates the constraints, and this problem has "
-                            "none; use form='auto' or 'primal'.")
+        raise SettingsError(
+            "ipm_solve: form='dual' eliminates the constraints, and this problem has none; use form='auto' or 'primal'."
+        )
     if form != "auto":
         return form
     nb = 1 if P.dim() == 2 else B
-    cost_primal = est_iters * B * (2.0 * m * n * n + n ** 3 / 3 + 2.0 * p * n * n + p ** 3 / 3)
-    cost_dual = nb * (n ** 3 / 3 + 2.0 * n * n * k + 2.0 * n * k * k) + est_iters * B * (k ** 3 / 3 + 4.0 * n * k)
+    cost_primal = est_iters * B * (2.0 * m * n * n + n**3 / 3 + 2.0 * p * n * n + p**3 / 3)
+    cost_dual = nb * (n**3 / 3 + 2.0 * n * n * k + 2.0 * n * k * k) + est_iters * B * (k**3 / 3 + 4.0 * n * k)
     return "primal" if cost_dual >= cost_primal or k == 0 else "dual"
 
 
@@ -321,16 +353,18 @@ def _choose_form(form, P, B, n, m, p, lin: CholeskyOptions):
     if form_by_cost(form, P, B, n, m, p) == "primal":
         return "primal", None
     LP, info = cholesky(P, lin)
-    if not bool(factor_ok(LP, info, P).all()):      # (one host sync, outside the loop)
+    if not bool(factor_ok(LP, info, P).all()):  # (one host sync, outside the loop)
         if form == "dual":
-            raise SettingsError("ipm_solve: form='dual' needs a positive definite, well-conditioned P; "
-                                "use form='primal' or 'auto'.")
+            raise SettingsError(
+                "ipm_solve: form='dual' needs a positive definite, well-conditioned P; use form='primal' or 'auto'."
+            )
         return "primal", None
     return "dual", LP
 
 
-def dual_factors(P: Tensor, C: Optional[Tensor], A: Optional[Tensor],
-                 options: IPMOptions = DEFAULT_OPTIONS) -> Tuple[Dict[str, Any], Tensor]:
+def dual_factors(
+    P: Tensor, C: Optional[Tensor], A: Optional[Tensor], options: IPMOptions = DEFAULT_OPTIONS
+) -> Tuple[Dict[str, Any], Tensor]:
     """What the dual form hands the polish and the backward, as the IPM forms it: ``L`` = chol(P)
     (a :class:`CholeskyFactor`), ``PiAbt`` = P⁻¹[A; C]ᵀ and ``M`` = [A; C]P⁻¹[A; C]ᵀ for a batched
     P (B, n, n); computed without a host sync. Also returns where chol(P) passed :func:`factor_ok`."""
@@ -341,6 +375,7 @@ def dual_factors(P: Tensor, C: Optional[Tensor], A: Optional[Tensor],
 
 
 # --------------------------------------------------------------------------------------------
+
 
 def _regularization(dtype: torch.dtype) -> Tuple[float, float]:
     """Primal and dual regularization of the Newton systems (relative, see the solvers)."""

@@ -6,6 +6,7 @@ kernel's (:class:`KernelOptions`), the CUDA-graph machinery and the layer's poli
 a measured default; two configurations can live in one process, and every cache keys on the
 options object (it is hashable).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -90,7 +91,7 @@ class IPMOptions:
     setup_graph: bool = True
     setup_graph_max_work: int = 20_000_000
     graph_cache_size: int = 8
-    graph_cache_max_bytes: int = 2 * 1024 ** 3
+    graph_cache_max_bytes: int = 2 * 1024**3
     split_graphs: bool = True
     tail_checks: bool = True
     tail_fraction: float = 0.1
@@ -114,8 +115,9 @@ class IPMOptions:
         if not isinstance(self.kernel, KernelOptions):
             raise SettingsError(f"IPMOptions.kernel must be a KernelOptions, got {type(self.kernel).__name__}.")
         if self.setup_products not in ("auto", "solve", "inverse"):
-            raise SettingsError(f"IPMOptions.setup_products must be 'auto', 'solve' or 'inverse', "
-                                f"got {self.setup_products!r}.")
+            raise SettingsError(
+                f"IPMOptions.setup_products must be 'auto', 'solve' or 'inverse', got {self.setup_products!r}."
+            )
         if self.graphs not in ("cuda", "emulate"):
             raise SettingsError(f"IPMOptions.graphs must be 'cuda' or 'emulate', got {self.graphs!r}.")
         if self.outer not in ("auto", "matmul", "mul"):

@@ -1,4 +1,5 @@
 """Problem preparation of the batched IPM: input checks, the batch, row scaling, the result type."""
+
 from __future__ import annotations
 
 import logging
@@ -62,11 +63,12 @@ def default_eps(dtype: torch.dtype) -> float:
 # small batched helpers (work for shared (k, n) and batched (B, k, n) matrices)
 # --------------------------------------------------------------------------------------------
 
+
 def _amax(x: Tensor) -> Tensor:
     """Row-wise ∞-norm, 0 for empty rows."""
     if x.shape[-1] == 0:
         return x.new_zeros(x.shape[:-1])
-    return torch.linalg.vector_norm(x, math.inf, dim=-1)     # one kernel (abs + amax: two); NaN propagates
+    return torch.linalg.vector_norm(x, math.inf, dim=-1)  # one kernel (abs + amax: two); NaN propagates
 
 
 def _max_step(v: Tensor, dv: Tensor, cap: float = 1e30) -> Tensor:
@@ -81,19 +83,22 @@ def _max_step(v: Tensor, dv: Tensor, cap: float = 1e30) -> Tensor:
 # input normalization
 # --------------------------------------------------------------------------------------------
 
+
 def _prepare(P, q, C, d, A, b):
     """Check shapes, find the batch size, drop 0-row constraints. Returns tensors + (B, n, m, p)."""
     if not isinstance(P, Tensor) or not isinstance(q, Tensor):
-        raise LayoutError("ipm_solve: P and q must be torch tensors "
-                          f"(got {type(P).__name__}, {type(q).__name__}).")
+        raise LayoutError(f"ipm_solve: P and q must be torch tensors (got {type(P).__name__}, {type(q).__name__}).")
     dtype, device = P.dtype, P.device
     if not dtype.is_floating_point:
-        raise LayoutError(f"ipm_solve: P must be a floating tensor (got dtype {dtype}); "
-                          "convert with P.double() or P.float().")
+        raise LayoutError(
+            f"ipm_solve: P must be a floating tensor (got dtype {dtype}); convert with P.double() or P.float()."
+        )
     for name, t in (("q", q), ("C", C), ("d", d), ("A", A), ("b", b)):
         if t is not None and (t.dtype != dtype or t.device != device):
-            raise LayoutError(f"ipm_solve: {name} has dtype {t.dtype} on {t.device}, but P has dtype "
-                              f"{dtype} on {device}; pass all data with one dtype on one device.")
+            raise LayoutError(
+                f"ipm_solve: {name} has dtype {t.dtype} on {t.device}, but P has dtype "
+                f"{dtype} on {device}; pass all data with one dtype on one device."
+            )
     if q.dim() not in (1, 2):
         raise ShapeError(f"ipm_solve: q must be (n,) or (B, n), got shape {tuple(q.shape)}.")
     n = q.shape[-1]
@@ -148,6 +153,7 @@ def _row_normalize(M: Optional[Tensor], v: Optional[Tensor]):
 
 
 # --------------------------------------------------------------------------------------------
+
 
 def _row_scales(a_scale: Optional[Tensor], c_scale: Optional[Tensor], B: int) -> Tensor:
     """The row norms of ``[A; C]`` (B, k) from the scaling's per-block ones."""

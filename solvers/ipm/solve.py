@@ -52,6 +52,7 @@ normalized residual ‖r‖ only reaches ~1e-6.
 Statuses are :class:`dqp.errors.Status` values; a non-SOLVED status is never silent (the
 layer raises or masks on it).
 """
+
 from __future__ import annotations
 
 import logging
@@ -79,15 +80,33 @@ __all__ = ["ipm_solve", "IPMSolver"]
 
 
 @on_data_device
-def ipm_solve(P: Tensor, q: Tensor, C: Optional[Tensor] = None, d: Optional[Tensor] = None,
-              A: Optional[Tensor] = None, b: Optional[Tensor] = None, *, eps: Optional[float] = None,
-              max_iter: int = 100, check_every: Optional[int] = None, form: str = "auto",
-              separate_steps: bool = True, step_fraction: float = 0.995,
-              eps_infeasible: Optional[float] = None, refine: Optional[int] = None,
-              stall_iters: int = 12, fallback64: bool = True, cuda_graph: bool = True,
-              graph_cache: bool = True, compile: bool = False, fused: Optional[bool] = None,
-              polish_rounds: int = 0, polish_eps: Union[None, float, Sequence[float]] = None,
-              trace: Optional[list] = None, options: IPMOptions = DEFAULT_OPTIONS) -> IPMResult:
+def ipm_solve(
+    P: Tensor,
+    q: Tensor,
+    C: Optional[Tensor] = None,
+    d: Optional[Tensor] = None,
+    A: Optional[Tensor] = None,
+    b: Optional[Tensor] = None,
+    *,
+    eps: Optional[float] = None,
+    max_iter: int = 100,
+    check_every: Optional[int] = None,
+    form: str = "auto",
+    separate_steps: bool = True,
+    step_fraction: float = 0.995,
+    eps_infeasible: Optional[float] = None,
+    refine: Optional[int] = None,
+    stall_iters: int = 12,
+    fallback64: bool = True,
+    cuda_graph: bool = True,
+    graph_cache: bool = True,
+    compile: bool = False,
+    fused: Optional[bool] = None,
+    polish_rounds: int = 0,
+    polish_eps: Union[None, float, Sequence[float]] = None,
+    trace: Optional[list] = None,
+    options: IPMOptions = DEFAULT_OPTIONS,
+) -> IPMResult:
     """Solve a batch of convex QPs with a primal-dual interior-point method.
 
     Parameters
@@ -171,36 +190,62 @@ def ipm_solve(P: Tensor, q: Tensor, C: Optional[Tensor] = None, d: Optional[Tens
     IPMResult
         Shapes ``(B, ·)``; B = 1 when no argument is batched.
     """
-    again = {k: v for k, v in locals().items() if k not in ("P", "q", "C", "d", "A", "b")}   # (the keywords)
+    again = {k: v for k, v in locals().items() if k not in ("P", "q", "C", "d", "A", "b")}  # (the keywords)
     if not isinstance(options, IPMOptions):
         raise SettingsError(f"ipm_solve: options must be an IPMOptions, got {type(options).__name__}.")
     P, q, C, d, A, b, B, n, m, p = _prepare(P, q, C, d, A, b)
     P0, q0, d0, b0 = P, q, d, b
     dtype, device = P.dtype, P.device
-    eps, stages, eps_inf, check_every = _checked_arguments(dtype, device, eps, max_iter, polish_rounds,
-                                                           step_fraction, polish_eps, eps_infeasible, check_every)
+    eps, stages, eps_inf, check_every = _checked_arguments(
+        dtype, device, eps, max_iter, polish_rounds, step_fraction, polish_eps, eps_infeasible, check_every
+    )
     f64 = dtype == torch.float64
     C_u, A_u = C, A
     use_graph = cuda_graph and trace is None and graph_device_ok(device, options)
     with torch.profiler.record_function("dqp::ipm_setup"):
-        init, deferred, fused_dual = _setup(P, q, C, d, A, b, B, n, m, p, form, fused, trace, refine,
-                                            use_graph and graph_cache, options)
+        init, deferred, fused_dual = _setup(
+            P, q, C, d, A, b, B, n, m, p, form, fused, trace, refine, use_graph and graph_cache, options
+        )
     C, d, A, b, c_scale, a_scale, norms, newton, S = init
     fm = newton.form
     if refine is None:
         refine = 1 if fm == "primal" else 0
-    wlo = 1e-60 if f64 else 1e-16           # (IterConfig.wlo: the range of W⁻¹ = s/μ)
+    wlo = 1e-60 if f64 else 1e-16  # (IterConfig.wlo: the range of W⁻¹ = s/μ)
     # the fused kernel runs the whole loop: nothing of the torch loop's machinery is needed then
     fused_out = None
-    if (fused_dual if (fm == "dual" and fused_dual is not None)
-            else _use_fused(fused, fm, dtype, device, n, m, p, trace, refine, options)):
+    if (
+        fused_dual
+        if (fm == "dual" and fused_dual is not None)
+        else _use_fused(fused, fm, dtype, device, n, m, p, trace, refine, options)
+    ):
         with torch.profiler.record_function("dqp::ipm_fused"):
             fused_out = _fused.solve_dual(
-                P, q, C, d, A, b, newton.M, newton.PiAbt, newton._Piq, newton._g, norms, newton.Md, S,
-                max_iter=max_iter, stall_iters=stall_iters, separate_steps=separate_steps,
-                eps_inf=eps_inf, step_fraction=step_fraction, reg_d=newton.reg_d, wlo=wlo,
-                polish_rounds=polish_rounds, row_scale=_row_scales(a_scale, c_scale, B), start=True,
-                **_stage_tolerances(eps, stages, polish_rounds), opts=options.kernel)
+                P,
+                q,
+                C,
+                d,
+                A,
+                b,
+                newton.M,
+                newton.PiAbt,
+                newton._Piq,
+                newton._g,
+                norms,
+                newton.Md,
+                S,
+                max_iter=max_iter,
+                stall_iters=stall_iters,
+                separate_steps=separate_steps,
+                eps_inf=eps_inf,
+                step_fraction=step_fraction,
+                reg_d=newton.reg_d,
+                wlo=wlo,
+                polish_rounds=polish_rounds,
+                row_scale=_row_scales(a_scale, c_scale, B),
+                start=True,
+                **_stage_tolerances(eps, stages, polish_rounds),
+                opts=options.kernel,
+            )
         if deferred is not None and not _deferred_ok(deferred):
             # P failed the dual form's test in some element: the kernel's answer is void; this
             # setup graph tests before going on from now on, and the solve starts again
@@ -211,36 +256,92 @@ def ipm_solve(P: Tensor, q: Tensor, C: Optional[Tensor] = None, d: Optional[Tens
         S = fused_out
     else:
         if compile and not use_graph:
-            warnings.warn(f"ipm_solve: compile=True compiles the captured CUDA-graph iteration; it has no effect "
-                          f"here (device {device.type}, cuda_graph={cuda_graph}, trace given: {trace is not None}) "
-                          "and the iterations run eagerly.", stacklevel=2)
-        cfg = IterConfig(n=n, m=m, p=p, dtype=dtype, device=device, form=fm, eps=eps, eps_inf=eps_inf,
-                         separate_steps=separate_steps, step_fraction=step_fraction, refine=refine,
-                         stall_iters=stall_iters, check_every=check_every, compile=compile, lin=options.linalg,
-                         track=fm == "dual" and f64 and not use_graph and m > 0)
-        S = _torch_loop(cfg, trace, _GraphData(P, q, C, d, A, b, newton, norms), S, B, max_iter, use_graph,
-                        graph_cache, options)
+            warnings.warn(
+                f"ipm_solve: compile=True compiles the captured CUDA-graph iteration; it has no effect "
+                f"here (device {device.type}, cuda_graph={cuda_graph}, trace given: {trace is not None}) "
+                "and the iterations run eagerly.",
+                stacklevel=2,
+            )
+        cfg = IterConfig(
+            n=n,
+            m=m,
+            p=p,
+            dtype=dtype,
+            device=device,
+            form=fm,
+            eps=eps,
+            eps_inf=eps_inf,
+            separate_steps=separate_steps,
+            step_fraction=step_fraction,
+            refine=refine,
+            stall_iters=stall_iters,
+            check_every=check_every,
+            compile=compile,
+            lin=options.linalg,
+            track=fm == "dual" and f64 and not use_graph and m > 0,
+        )
+        S = _torch_loop(
+            cfg, trace, _GraphData(P, q, C, d, A, b, newton, norms), S, B, max_iter, use_graph, graph_cache, options
+        )
     res = _result(S, fused_out is not None, newton, a_scale, c_scale, B, m, p)
     if fallback64 and dtype != torch.float64:
         bad = (res.status == int(Status.MAX_ITER)) | (res.status == int(Status.NUMERICAL))
         if bool(bad.any()):
-            res = _fallback64(res, bad, (P0, q0, C_u, d0, A_u, b0), dict(
-                eps=None, max_iter=max_iter, check_every=check_every, form=form,
-                separate_steps=separate_steps, step_fraction=step_fraction, refine=refine,
-                stall_iters=stall_iters, cuda_graph=cuda_graph, graph_cache=False, options=options))
+            res = _fallback64(
+                res,
+                bad,
+                (P0, q0, C_u, d0, A_u, b0),
+                dict(
+                    eps=None,
+                    max_iter=max_iter,
+                    check_every=check_every,
+                    form=form,
+                    separate_steps=separate_steps,
+                    step_fraction=step_fraction,
+                    refine=refine,
+                    stall_iters=stall_iters,
+                    cuda_graph=cuda_graph,
+                    graph_cache=False,
+                    options=options,
+                ),
+            )
     return res
 
 
-
-def _torch_loop(cfg: IterConfig, trace, live: _GraphData, S, B: int, max_iter: int, use_graph: bool,
-                graph_cache: bool, options: IPMOptions):
+def _torch_loop(
+    cfg: IterConfig,
+    trace,
+    live: _GraphData,
+    S,
+    B: int,
+    max_iter: int,
+    use_graph: bool,
+    graph_cache: bool,
+    options: IPMOptions,
+):
     """The torch loop (:func:`dqp.solvers.ipm.iterate.run_loop`) of this solve; the final state."""
     live.newton.tracking = cfg.track
     return run_loop(Iteration(cfg, trace), live, S, B, max_iter, use_graph, graph_cache, options)
 
 
-def _setup(P, q, C, d, A, b, B: int, n: int, m: int, p: int, form: str, fused, trace, refine,
-           graphed: bool, options: IPMOptions):
+def _setup(
+    P,
+    q,
+    C,
+    d,
+    A,
+    b,
+    B: int,
+    n: int,
+    m: int,
+    p: int,
+    form: str,
+    fused,
+    trace,
+    refine,
+    graphed: bool,
+    options: IPMOptions,
+):
     """The setup (form, Newton solver, start): for the dual form as a cached graph where ``graphed``
     (:func:`_init_graphed`), else eagerly. Returns ``(init, deferred, fused_dual)``: :func:`_init`'s
     result, the graphed setup's deferred test (or None) and the kernel's verdict should the dual
@@ -269,8 +370,9 @@ def _stage_tolerances(eps: float, stages: tuple, polish_rounds: int) -> Dict[str
     return dict(eps=eps_first, eps2=eps if eps_first > eps else None, eps_mid=eps_mid)
 
 
-def _checked_arguments(dtype, device, eps, max_iter, polish_rounds, step_fraction, polish_eps, eps_infeasible,
-                       check_every):
+def _checked_arguments(
+    dtype, device, eps, max_iter, polish_rounds, step_fraction, polish_eps, eps_infeasible, check_every
+):
     """``ipm_solve``'s arguments checked, defaults filled: ``(eps, polish stages, eps_inf, check_every)``."""
     if max_iter < 1:
         raise SettingsError(f"ipm_solve: max_iter must be >= 1, got {max_iter}.")
@@ -281,12 +383,18 @@ def _checked_arguments(dtype, device, eps, max_iter, polish_rounds, step_fractio
     eps = default_eps(dtype) if eps is None else float(eps)
     if not eps > 0:
         raise SettingsError(f"ipm_solve: eps must be positive, got {eps}.")
-    stages = () if polish_eps is None else (tuple(float(t) for t in polish_eps)
-                                            if isinstance(polish_eps, (tuple, list)) else (float(polish_eps),))
-    if polish_eps is not None and not (1 <= len(stages) <= 2 and all(t > 0 for t in stages)
-                                       and (len(stages) == 1 or stages[0] > stages[1])):
-        raise SettingsError(f"ipm_solve: polish_eps must be a positive tolerance, a pair of them (the looser "
-                            f"first) or None, got {polish_eps!r}.")
+    stages = (
+        ()
+        if polish_eps is None
+        else (tuple(float(t) for t in polish_eps) if isinstance(polish_eps, (tuple, list)) else (float(polish_eps),))
+    )
+    if polish_eps is not None and not (
+        1 <= len(stages) <= 2 and all(t > 0 for t in stages) and (len(stages) == 1 or stages[0] > stages[1])
+    ):
+        raise SettingsError(
+            f"ipm_solve: polish_eps must be a positive tolerance, a pair of them (the looser "
+            f"first) or None, got {polish_eps!r}."
+        )
     eps_inf = (1e-7 if dtype == torch.float64 else 1e-4) if eps_infeasible is None else float(eps_infeasible)
     if check_every is None:
         check_every = 1 if device.type == "cpu" else 4
@@ -302,17 +410,33 @@ def _result(S: Dict[str, Tensor], fused: bool, newton, a_scale, c_scale, B: int,
     factors = polished = None
     if fused and "pflag" in S:
         pf = S["pflag"]
-        polished = dict(active=S["active"] if m else None, polished=(pf & 1) != 0,
-                        fallback=(pf & 2) != 0, ok=(pf & 4) != 0, LS=S["LS"])
+        polished = dict(
+            active=S["active"] if m else None,
+            polished=(pf & 1) != 0,
+            fallback=(pf & 2) != 0,
+            ok=(pf & 4) != 0,
+            LS=S["LS"],
+        )
     if newton.form == "dual":
-        sc = _row_scales(a_scale, c_scale, B)                                  # (B, k) row norms
+        sc = _row_scales(a_scale, c_scale, B)  # (B, k) row norms
         if newton.PiAbt.dim() == 2:
             # (P⁻¹Āᵀ is shared only when P, A and C are: their row norms are then one vector)
             sc = sc[0]
-        factors = dict(L=newton.LP, PiAbt=newton.PiAbt * sc.unsqueeze(-2),
-                       M=newton.M * sc.unsqueeze(-1) * sc.unsqueeze(-2))
-    return IPMResult(z=S["z"], lam=lam_out, mu=mu_out, s=s_out, status=S["status"], iterations=S["iters"],
-                     form=newton.form, factors=factors, polish=polished, fused=fused)
+        factors = dict(
+            L=newton.LP, PiAbt=newton.PiAbt * sc.unsqueeze(-2), M=newton.M * sc.unsqueeze(-1) * sc.unsqueeze(-2)
+        )
+    return IPMResult(
+        z=S["z"],
+        lam=lam_out,
+        mu=mu_out,
+        s=s_out,
+        status=S["status"],
+        iterations=S["iters"],
+        form=newton.form,
+        factors=factors,
+        polish=polished,
+        fused=fused,
+    )
 
 
 def _fallback64(res: IPMResult, bad: Tensor, data, kw) -> IPMResult:
@@ -323,19 +447,27 @@ def _fallback64(res: IPMResult, bad: Tensor, data, kw) -> IPMResult:
     logger.info("ipm_solve: re-solving %d float32 instances in float64", idx.numel())
     r64 = ipm_solve(sel(P, 3), sel(q, 2), sel(C, 3), sel(d, 2), sel(A, 3), sel(b, 2), fallback64=False, **kw)
     dt = res.z.dtype
+
     def put(dst, src):
         if dst is None:
             return None
         dst = dst.clone()
         dst[idx] = src.to(dt)
         return dst
+
     status = res.status.clone()
     status[idx] = r64.status
     iters = res.iterations.clone()
     iters[idx] = iters[idx] + r64.iterations
-    return IPMResult(z=put(res.z, r64.z), lam=put(res.lam, r64.lam), mu=put(res.mu, r64.mu),
-                     s=put(res.s, r64.s) if res.s.shape[-1] else res.s, status=status, iterations=iters,
-                     form=res.form)
+    return IPMResult(
+        z=put(res.z, r64.z),
+        lam=put(res.lam, r64.lam),
+        mu=put(res.mu, r64.mu),
+        s=put(res.s, r64.s) if res.s.shape[-1] else res.s,
+        status=status,
+        iterations=iters,
+        form=res.form,
+    )
 
 
 @register_solver
@@ -365,4 +497,5 @@ class IPMSolver(ForwardSolver):
         :class:`dqp.result.SolveInfo`). The keywords of :func:`ipm_solve` and of
         :func:`dqp.ipm_layer.solve_qp_batch` go in ``settings.qp_solver_keywords``."""
         from dqp.ipm_engine import solve_settings_batch
+
         return solve_settings_batch(batch, settings)

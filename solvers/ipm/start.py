@@ -1,5 +1,6 @@
 """Everything before the first interior-point iteration: the Newton solver, the norms and the starting
 point (eagerly, or for the dual form as a cached CUDA graph)."""
+
 from __future__ import annotations
 
 import logging
@@ -9,12 +10,7 @@ from typing import Dict, Optional
 import torch
 from dqp.linsolve.cholesky import CholeskyFactor, cholesky, mv
 from dqp.solvers.ipm.graphs import _SETUP_DEFER_FAILED, _GraphData, graphed_call
-from dqp.solvers.ipm.newton import (
-    _DualNewton,
-    _PrimalNewton,
-    _regularization,
-    factor_ok,
-)
+from dqp.solvers.ipm.newton import _DualNewton, _PrimalNewton, _regularization, factor_ok
 from dqp.solvers.ipm.options import DEFAULT_OPTIONS, IPMOptions
 from dqp.solvers.ipm.problem import _amax, _row_normalize
 
@@ -33,10 +29,12 @@ def _start(newton, q, C, d, b, B: int, m: int, one_m: Tensor, delta: Tensor):
     z, lam, _, _ = newton.solve(-q, b, d if m else None, one_m if m else None)
     if m:
         s_hat = d - mv(C, z, newton.lin)
+
         # (the W = I system gives μ̂ = Cz − d = −ŝ)
         def _shift(v):
             lo = v.amin(-1, keepdim=True)
-            return torch.where(lo > 0, v, v + (1.0 - lo))      # strictly ≥ 1 when shifted
+            return torch.where(lo > 0, v, v + (1.0 - lo))  # strictly ≥ 1 when shifted
+
         s = _shift(s_hat)
         mu = _shift(-s_hat)
     else:
@@ -44,8 +42,9 @@ def _start(newton, q, C, d, b, B: int, m: int, one_m: Tensor, delta: Tensor):
         mu = q.new_zeros(B, 0)
     if lam is None:
         lam = q.new_zeros(B, 0)
-    bad0 = ~(torch.isfinite(z).all(-1) & torch.isfinite(s).all(-1) & torch.isfinite(mu).all(-1)
-             & torch.isfinite(lam).all(-1))
+    bad0 = ~(
+        torch.isfinite(z).all(-1) & torch.isfinite(s).all(-1) & torch.isfinite(mu).all(-1) & torch.isfinite(lam).all(-1)
+    )
     z = torch.where(bad0.unsqueeze(-1), torch.zeros_like(z), z)
     s = torch.where(bad0.unsqueeze(-1), torch.ones_like(s), s)
     mu = torch.where(bad0.unsqueeze(-1), torch.ones_like(mu), mu)
@@ -58,8 +57,22 @@ def _start_placeholders(q: Tensor, B: int, m: int, p: int):
     return torch.zeros_like(q), q.new_ones(B, m), q.new_ones(B, m), q.new_zeros(B, p)
 
 
-def _init(P, q, C, d, A, b, B: int, n: int, m: int, p: int, fm: str, LP: Optional[CholeskyFactor],
-          start: bool = True, options: IPMOptions = DEFAULT_OPTIONS):
+def _init(
+    P,
+    q,
+    C,
+    d,
+    A,
+    b,
+    B: int,
+    n: int,
+    m: int,
+    p: int,
+    fm: str,
+    LP: Optional[CholeskyFactor],
+    start: bool = True,
+    options: IPMOptions = DEFAULT_OPTIONS,
+):
     """Everything before the first interior-point iteration: the row scaling, the norms the checks
     read, the Newton solver of form ``fm`` (``LP``: P's Cholesky factor for the dual form) and the
     starting point. Device work only, no host sync (on CUDA it may run as a graph, see
@@ -80,14 +93,14 @@ def _init(P, q, C, d, A, b, B: int, n: int, m: int, p: int, fm: str, LP: Optiona
     Pscale = P.abs().flatten(-2).amax(-1).expand(B) if n else P.new_zeros(B)
     pscale = Pscale.clamp(min=1.0)
     qnorm = _amax(q)
-    bnorm = _amax(b) if p else None          # constant: once, not at every check
+    bnorm = _amax(b) if p else None  # constant: once, not at every check
     dnorm = _amax(d) if m else None
 
     if fm == "dual":
         newton = _DualNewton(LP, P, C, A, B, n, m, p, reg_d, options=options)
     else:
         newton = _PrimalNewton(P, C, A, B, n, m, p, reg_p * pscale, reg_d, options.linalg)
-    delta = torch.ones(B, dtype=dtype, device=device)         # per-instance regularization multiplier
+    delta = torch.ones(B, dtype=dtype, device=device)  # per-instance regularization multiplier
     one_m = torch.ones(B, m, dtype=dtype, device=device)
 
     # ---- starting point: solve the KKT system with W = I, then shift s and μ into the interior
@@ -96,10 +109,13 @@ def _init(P, q, C, d, A, b, B: int, n: int, m: int, p: int, fm: str, LP: Optiona
     else:
         z, s, mu, lam = _start(newton, q, C, d, b, B, m, one_m, delta)
 
-    zB = lambda k: torch.zeros(B, k, dtype=dtype, device=device)      # noqa: E731
+    zB = lambda k: torch.zeros(B, k, dtype=dtype, device=device)  # noqa: E731
     # the iteration's whole state, device tensors only (the CUDA graph's static buffers)
     S: Dict[str, Tensor] = dict(
-        z=z, s=s, mu=mu, lam=lam,
+        z=z,
+        s=s,
+        mu=mu,
+        lam=lam,
         delta=delta,
         nfail=torch.zeros(B, dtype=torch.int64, device=device),
         iters=torch.zeros(B, dtype=torch.int64, device=device),
@@ -112,21 +128,39 @@ def _init(P, q, C, d, A, b, B: int, n: int, m: int, p: int, fm: str, LP: Optiona
         it=torch.zeros((), dtype=torch.int64, device=device),
         # the previous check's iterate (certificates along the step); have_prev: there was one
         have_prev=torch.zeros((), dtype=torch.bool, device=device),
-        prev_z=zB(n), prev_Pz=zB(n), prev_Az=zB(p), prev_Cz=zB(m), prev_lam=zB(p), prev_mu=zB(m),
-        prev_Ay=zB(n))
+        prev_z=zB(n),
+        prev_Pz=zB(n),
+        prev_Az=zB(p),
+        prev_Cz=zB(m),
+        prev_lam=zB(p),
+        prev_mu=zB(m),
+        prev_Ay=zB(n),
+    )
     if fm == "dual" and dtype == torch.float64:
         newton.prime(q)
     norms = dict(pscale=pscale, qnorm=qnorm, bnorm=bnorm, dnorm=dnorm)
     return C, d, A, b, c_scale, a_scale, norms, newton, S
 
 
-
 #: The state entries the fused kernel reads (:func:`dqp.solvers.fused.solve_dual`).
 _FUSED_STATE = ("z", "s", "mu", "lam", "delta")
 
 
-def _init_graphed(P, q, C, d, A, b, B: int, n: int, m: int, p: int, minimal: bool = False,
-                  defer_ok: bool = False, options: IPMOptions = DEFAULT_OPTIONS):
+def _init_graphed(
+    P,
+    q,
+    C,
+    d,
+    A,
+    b,
+    B: int,
+    n: int,
+    m: int,
+    p: int,
+    minimal: bool = False,
+    defer_ok: bool = False,
+    options: IPMOptions = DEFAULT_OPTIONS,
+):
     """:func:`_init` with ``fm="dual"`` (P factorized inside) replayed from a cached graph; None
     when P's factor fails the dual form's test in some element (the caller then chooses the form
     eagerly, :func:`_choose_form`) or the graph cannot be used. ``minimal``: return only the state
@@ -148,13 +182,15 @@ def _init_graphed(P, q, C, d, A, b, B: int, n: int, m: int, p: int, minimal: boo
         P_, C_, A_ = inp["P"], inp.get("C"), inp.get("A")
         LP, info = cholesky(P_, options.linalg)
         ok = factor_ok(LP, info, P_).all()
-        C2, d2, A2, b2, cs, as_, norms, nt, S = _init(P_, inp["q"], C_, inp.get("d"), A_, inp.get("b"),
-                                                      B, n, m, p, "dual", LP, start=not minimal, options=options)
+        C2, d2, A2, b2, cs, as_, norms, nt, S = _init(
+            P_, inp["q"], C_, inp.get("d"), A_, inp.get("b"), B, n, m, p, "dual", LP, start=not minimal, options=options
+        )
         out = dict(ok=ok, C=C2, d=d2, A=A2, b=b2, c_scale=cs, a_scale=as_)
         out.update({"norm." + k: v for k, v in norms.items()})
         # (Abar when it is C or A itself: not a tensor of its own, see _DualNewton)
-        out.update({"nt." + k: getattr(nt, k, None) for k in names
-                    if not (k == "Abar" and (nt.Abar is C2 or nt.Abar is A2))})
+        out.update(
+            {"nt." + k: getattr(nt, k, None) for k in names if not (k == "Abar" and (nt.Abar is C2 or nt.Abar is A2))}
+        )
         out.update({"S." + k: v for k, v in S.items() if not minimal or k in _FUSED_STATE})
         return {k: v for k, v in out.items() if isinstance(v, (Tensor, CholeskyFactor))}
 
@@ -162,9 +198,10 @@ def _init_graphed(P, q, C, d, A, b, B: int, n: int, m: int, p: int, minimal: boo
     defer_ok = defer_ok and key not in _SETUP_DEFER_FAILED
     # (with the kernel to follow, ipm_solve reads the outputs only in work it queues before it
     # returns, except P's factor, which the result's factors keep: the rest is not copied)
-    out = graphed_call(key, fn, inputs, fresh=(lambda name: name.startswith("nt.LP")) if minimal else None,
-                       options=options)
-    if out is None or (not defer_ok and not bool(out["ok"])):          # (one host sync, as in _choose_form)
+    out = graphed_call(
+        key, fn, inputs, fresh=(lambda name: name.startswith("nt.LP")) if minimal else None, options=options
+    )
+    if out is None or (not defer_ok and not bool(out["ok"])):  # (one host sync, as in _choose_form)
         return None
     Cs, ds, As, bs = (out.get(k) for k in ("C", "d", "A", "b"))
     pre = {k[3:]: v for k, v in out.items() if k.startswith("nt.")}
