@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import threading
 import warnings
 from typing import Optional
 
@@ -53,28 +54,17 @@ def assemble_kkt(P, A, CJ, sparse: bool, reg: float = 0.0):
 
     ``A`` and ``CJ`` may be ``None`` or have zero rows. Returns a SciPy CSC matrix when ``sparse``
     (with every diagonal entry stored, explicit zeros included, so a regularization only changes
-    values), else a dense ndarray.
+    values), else a dense ndarray. Sparse blocks in CSC or CSR form are placed through a
+    :class:`_KKTLayout` kept per sparsity pattern (a layer called in a loop assembles its reduced
+    systems by scattering values, without rebuilding the structure).
     """
     n = P.shape[0]
     blocks = [M for M in (A, CJ) if M is not None and M.shape[0] > 0]
     if sparse:
-        Pc = sp.coo_matrix(P)
-        rows, cols, vals = [Pc.row], [Pc.col], [Pc.data]
-        off = n
-        for M in blocks:
-            Mc = sp.coo_matrix(M)
-            rows += [Mc.row + off, Mc.col]  # the block and its transpose
-            cols += [Mc.col, Mc.row + off]
-            vals += [Mc.data, Mc.data]
-            off += M.shape[0]
-        N = off
-        diag = np.arange(N)
-        rows.append(diag)
-        cols.append(diag)
-        vals.append(np.concatenate([np.full(n, reg), np.full(N - n, -reg)]))
-        K = sp.csc_matrix((np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))), shape=(N, N))
-        K.sum_duplicates()
-        return K
+        layout = _KKTLayout.get(P, blocks)
+        if layout is not None:
+            return layout.assemble(P, blocks, reg)
+        return _assemble_coo(P, blocks, reg)
     G = np.vstack([np.asarray(M.toarray() if sp.issparse(M) else M) for M in blocks]) if blocks else np.zeros((0, n))
     k = G.shape[0]
     Pd = np.asarray(P.toarray() if sp.issparse(P) else P, dtype=np.float64)
@@ -84,6 +74,107 @@ def assemble_kkt(P, A, CJ, sparse: bool, reg: float = 0.0):
     K[n:, :n] = G
     K[n:, n:] = -reg * np.eye(k)
     return K
+
+
+def _assemble_coo(P, blocks, reg: float) -> sp.csc_matrix:
+    """The sparse KKT matrix through COO triplets (any SciPy format, duplicates summed)."""
+    n = P.shape[0]
+    Pc = sp.coo_matrix(P)
+    rows, cols, vals = [Pc.row], [Pc.col], [Pc.data]
+    off = n
+    for M in blocks:
+        Mc = sp.coo_matrix(M)
+        rows += [Mc.row + off, Mc.col]  # the block and its transpose
+        cols += [Mc.col, Mc.row + off]
+        vals += [Mc.data, Mc.data]
+        off += M.shape[0]
+    N = off
+    diag = np.arange(N)
+    rows.append(diag)
+    cols.append(diag)
+    vals.append(np.concatenate([np.full(n, reg), np.full(N - n, -reg)]))
+    K = sp.csc_matrix((np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))), shape=(N, N))
+    K.sum_duplicates()
+    return K
+
+
+def _entries(M):
+    """``(rows, cols)`` of the stored entries of a CSC or CSR matrix, in the order of ``M.data``."""
+    major = np.repeat(np.arange(len(M.indptr) - 1), np.diff(M.indptr))
+    return (M.indices, major) if M.format == "csc" else (major, M.indices)
+
+
+class _KKTLayout:
+    """The structure of a sparse reduced KKT matrix for given patterns of ``P`` and the constraint
+    blocks: ``indptr``/``indices`` of ``K`` and where each stored value of each block lands in
+    ``K.data``. Assembling another matrix of the same patterns is then a scatter of the values.
+
+    Kept per pattern in a small cache (the last ``CACHE`` patterns): a layer called in a loop, and the
+    polish rounds of one call, meet the same patterns again.
+    """
+
+    CACHE = 32
+    _cache: "dict" = {}
+    _lock = threading.Lock()
+
+    def __init__(self, P, blocks) -> None:
+        n = P.shape[0]
+        rows, cols = [], []
+        r, c = _entries(P)
+        rows.append(r)
+        cols.append(c)
+        off = n
+        for M in blocks:
+            r, c = _entries(M)
+            rows += [r + off, c]  # the block and its transpose
+            cols += [c, r + off]
+            off += M.shape[0]
+        N = off
+        diag = np.arange(N)
+        rows.append(diag)
+        cols.append(diag)
+        rr, cc = np.concatenate(rows).astype(np.int64), np.concatenate(cols).astype(np.int64)
+        keys, target = np.unique(cc * N + rr, return_inverse=True)  # column-major: CSC order, duplicates merged
+        self.N, self.n = N, n
+        self.indices = (keys % N).astype(np.int32)
+        self.indptr = np.concatenate([[0], np.cumsum(np.bincount(keys // N, minlength=N))]).astype(np.int32)
+        # positions in K.data of P's values, of each block and its transpose, and of the diagonal
+        sizes = [P.nnz] + [k for M in blocks for k in (M.nnz, M.nnz)] + [N]
+        self.targets = np.split(target.ravel(), np.cumsum(sizes)[:-1])
+
+    @staticmethod
+    def _key(P, blocks) -> Optional[tuple]:
+        parts = []
+        for M in (P, *blocks):
+            if not sp.issparse(M) or M.format not in ("csc", "csr") or not M.has_canonical_format:
+                return None  # (duplicates must be summed: the layout places each value once)
+            parts += [M.format, M.shape, M.indptr.tobytes(), M.indices.tobytes()]
+        return tuple(parts)
+
+    @classmethod
+    def get(cls, P, blocks) -> Optional["_KKTLayout"]:
+        """The layout of these patterns (made once), or ``None`` for formats other than CSC/CSR."""
+        key = cls._key(P, blocks)
+        if key is None:
+            return None
+        layout = cls._cache.get(key)
+        if layout is None:
+            layout = cls(P, blocks)
+            with cls._lock:
+                if len(cls._cache) >= cls.CACHE:
+                    cls._cache.pop(next(iter(cls._cache)))
+                cls._cache[key] = layout
+        return layout
+
+    def assemble(self, P, blocks, reg: float) -> sp.csc_matrix:
+        data = np.zeros(len(self.indices))
+        data[self.targets[0]] = P.data
+        for k, M in enumerate(blocks):
+            data[self.targets[1 + 2 * k]] = M.data
+            data[self.targets[2 + 2 * k]] = M.data
+        if reg:
+            data[self.targets[-1]] += np.concatenate([np.full(self.n, reg), np.full(self.N - self.n, -reg)])
+        return sp.csc_matrix((data, self.indices.copy(), self.indptr.copy()), shape=(self.N, self.N))
 
 
 def ruiz_scaling(K, iters: int = 15) -> np.ndarray:

@@ -104,9 +104,22 @@ class _SharedQDLDL:
         import qdldl
 
         self.indptr, self.indices = K.indptr.copy(), K.indices.copy()
-        self.solver = qdldl.Solver(K)
+        # QDLDL reads the upper triangle: its positions in K.data, taken once per pattern (QDLDL's own
+        # extraction builds several SciPy matrices per call, more than a small factorization costs)
+        cols = np.repeat(np.arange(K.shape[1]), np.diff(K.indptr))
+        self.upper = K.indices <= cols
+        counts = np.bincount(cols[self.upper], minlength=K.shape[1])
+        self.U = sp.csc_matrix(
+            (K.data[self.upper], K.indices[self.upper], np.concatenate([[0], np.cumsum(counts)])), shape=K.shape
+        )
+        self.solver = qdldl.Solver(self.U, upper=True)
         self.current: Optional["_QDLDLFactorization"] = None
         self.lock = threading.Lock()
+
+    def update(self, K: sp.csc_matrix) -> None:
+        """Numeric refactorization with ``K``'s values (the caller holds the lock)."""
+        self.U.data[:] = K.data[self.upper]
+        self.solver.update(self.U, upper=True)
 
     def same_pattern(self, K: sp.csc_matrix) -> bool:
         return (
@@ -126,7 +139,7 @@ class _QDLDLFactorization(Factorization):
             self.shared = shared
             with shared.lock:
                 shared.current = None  # until the update succeeds
-                shared.solver.update(K)
+                shared.update(K)
         self.shared.current = self
 
     def _solve_vec(self, r: np.ndarray) -> np.ndarray:
@@ -134,7 +147,7 @@ class _QDLDLFactorization(Factorization):
         with sh.lock:
             if sh.current is not self:  # another matrix of this pattern was factorized since
                 sh.current = None
-                sh.solver.update(self.K)
+                sh.update(self.K)
                 sh.current = self
             return np.asarray(sh.solver.solve(np.ascontiguousarray(r)))
 
@@ -148,7 +161,7 @@ class _QDLDLFactorization(Factorization):
         with sh.lock:
             if sh.current is not self:
                 sh.current = None
-                sh.solver.update(self.K)
+                sh.update(self.K)
                 sh.current = self
             return int(np.count_nonzero(np.asarray(sh.solver.factors()[1]) < 0))
 
