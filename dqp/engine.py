@@ -26,7 +26,7 @@ import scipy.sparse as sp
 from dqp.certificates import check_keyword_failure, inf_norm, finalize, unverified_distance, verified_status
 from dqp.errors import NotPSDError, Status
 from dqp.problem import drop_unbounded_rows, restore_rows
-from dqp.kkt import REGULARIZED, RobustKKT, auto_linsolver, warn_singular_once
+from dqp.kkt import REGULARIZED, FactorPool, RobustKKT, auto_linsolver, warn_singular_once
 from dqp.linsolve import get_linsolver
 from dqp.settings import Settings
 from dqp.solvers.base import ForwardSolver, RawSolution
@@ -158,7 +158,8 @@ def polish(
     ``start`` = the forward solver's ``(x, y, z)``: the refinement starts there, so when the reduced
     system is singular (a non-unique solution) the polished point stays next to the solver's.
     ``quick`` tries one unscaled factorization per set before :class:`RobustKKT`'s ladder; ``reuse``
-    is an earlier factorization whose symbolic analysis a same-pattern system reuses; ``trace``
+    is a :class:`FactorPool` (or one factorization) whose symbolic analyses same-pattern systems
+    reuse, and which receives this polish's factorizations; ``trace``
     counts the factorizations; ``mats`` holds the element's derived matrices.
 
     Returns ``(z, lam, mu_full, active, kkt, verified, iterations)``, or ``None`` if the solve is
@@ -172,11 +173,11 @@ def polish(
     mats = Derived() if mats is None else mats
     Cr = None if C is None else mats.rows(C)
     best = None
+    pool = reuse if isinstance(reuse, FactorPool) else FactorPool([reuse])
     for it in range(max_iter + 1):
         J = np.flatnonzero(active)
         CJ = None if C is None else Cr[J]
-        kkt = RobustKKT(P, A, CJ, sparse, solver, quick=quick, reuse=reuse)
-        reuse = kkt.factor
+        kkt = RobustKKT(P, A, CJ, sparse, solver, quick=quick, reuse=pool)
         if trace is not None:
             trace.factorizations += kkt.factorizations
         rhs = np.concatenate([-q, b if b is not None else np.zeros(0), d[J] if m else np.zeros(0)])
@@ -270,6 +271,7 @@ def _include_weakly_active(
     eps: float,
     trace: Optional[PolishTrace] = None,
     mats: Optional[Derived] = None,
+    pool: Optional[FactorPool] = None,
 ):
     """Canonical treatment of weakly active rows: every row at its bound joins the active set.
 
@@ -299,7 +301,7 @@ def _include_weakly_active(
         start=(z, lam, mu),
         quick=True,
         trace=trace,
-        reuse=None if kkt is None else kkt.factor,
+        reuse=pool if pool is not None else (None if kkt is None else kkt.factor),
         mats=mats,
     )
     if cand is not None and cand[5]:
@@ -381,7 +383,7 @@ class Engine:
         self.lin_solver_name = lin_solver_name
         self._pool: Optional[ThreadPoolExecutor] = None
         self.warm: List[Optional[Tuple[np.ndarray, ...]]] = []
-        #: per batch slot, the last reduced-KKT factorization (its symbolic analysis is reused)
+        #: per batch slot, the recent reduced-KKT factorizations (their symbolic analyses are reused)
         self._factors: dict = {}
         self._warned_warm = False
         self.used_linsolvers: set = set()
@@ -435,12 +437,19 @@ class Engine:
                 0,
                 quick=True,
                 trace=trace,
-                reuse=self._factors.get(slot),
+                reuse=self._factor_pool(slot),
                 mats=mats,
             )
             if out is not None and out[5]:
                 return self._result(
-                    data, out, None, 0.0, "no inequalities: solved the KKT system directly", trace, slot, mats
+                    data,
+                    out,
+                    None,
+                    0.0,
+                    "no inequalities: solved the KKT system directly",
+                    trace,
+                    self._factor_pool(slot),
+                    mats,
                 )
         if warm is not None and (len(warm[0]), len(warm[1]), len(warm[2])) != (n, p, m):
             warm = None  # the problem changed size since the previous call
@@ -562,12 +571,13 @@ class Engine:
         trace = PolishTrace()
         start = (raw.x, raw.y, raw.z)
         mats = Derived() if mats is None else mats
-        out = self._polish_quick(data, sparse, linsolver, raw.x, mu0, start, slot, trace, mats)
+        pool = self._factor_pool(slot)
+        out = self._polish_quick(data, sparse, linsolver, raw.x, mu0, start, pool, trace, mats)
         # a failed solve's point rarely polishes: with a fallback solver to ask, the ladder is not worth its cost
         has_fallback = any(fb != solver.name for fb in s.fallback_solver)
         if (out is None or not out[5]) and (raw.status == Status.SOLVED or not has_fallback):
             trace.path = "ladder"
-            out = self._polish_ladder(data, sparse, linsolver, raw.x, mu0, start, out, trace, mats)
+            out = self._polish_ladder(data, sparse, linsolver, raw.x, mu0, start, out, trace, mats, pool)
         if out is None:
             return failed(
                 raw.status if raw.status != Status.SOLVED else Status.NUMERICAL,
@@ -575,7 +585,7 @@ class Engine:
             )
         verified = out[5]
         if verified and m:
-            out = _include_weakly_active(P, q, C, d, A, b, out, linsolver, sparse, s.eps_active, trace, mats)
+            out = _include_weakly_active(P, q, C, d, A, b, out, linsolver, sparse, s.eps_active, trace, mats, pool)
         message = ""
         if raw.status != Status.SOLVED:
             if not verified:
@@ -585,14 +595,25 @@ class Engine:
                     f"no verified KKT point could be recovered from its output",
                 )
             message = f"{solver.name} reported {raw.status.name}; the polished solution passed the KKT check"
-        return self._result(data, out, raw, solve_time, message, trace, slot, mats)
+        return self._result(data, out, raw, solve_time, message, trace, pool, mats)
+
+    def _factor_pool(self, slot: Optional[int]) -> FactorPool:
+        """The factorizations kept for batch slot ``slot`` (a fresh pool for ``None``: a fallback solve)."""
+        if slot is None:
+            return FactorPool()
+        pool = self._factors.get(slot)
+        if pool is None:
+            pool = self._factors[slot] = FactorPool()
+        return pool
 
     #: repairs of the quick polish (each one factorization) before the ladder takes over
     QUICK_REPAIRS = 2
 
-    def _polish_quick(self, data, sparse: bool, linsolver, x, mu0, start, slot, trace: PolishTrace, mats: Derived):
+    def _polish_quick(
+        self, data, sparse: bool, linsolver, x, mu0, start, pool: FactorPool, trace: PolishTrace, mats: Derived
+    ):
         """The common case: the set detected at ``eps_active``, one unscaled factorization (reusing the
-        symbolic analysis of this slot's previous call), verified. When that fails: the set of a 100×
+        symbolic analysis of this slot's earlier calls, kept in ``pool``), verified. When that fails: the set of a 100×
         stricter threshold and at most ``QUICK_REPAIRS`` repairs of the first set, in the order its
         failure suggests."""
         s = self.settings
@@ -620,10 +641,9 @@ class Engine:
             reuse=reuse,
             mats=mats,
         )
-        out = run(active, False, 0, self._factors.get(slot))
+        out = run(active, False, 0, pool)
         if (out is not None and out[5]) or not (m and s.refine_active):
             return out
-        reuse = None if out is None else out[4].factor
         # the first set failed: a negative dual (interior-point points leave duals of 1e-5 on inactive
         # rows) is repaired first; violated rows (a degenerate vertex's set missing rows: most of the
         # Maros–Meszaros LPs) are better found by the 100x stricter threshold's set, then repaired
@@ -636,12 +656,14 @@ class Engine:
         if kind == "add":
             tries.append((fixed, True))
         for act, refine in tries:
-            cand = run(act, refine, repairs - 1 if refine else 0, reuse)
+            cand = run(act, refine, repairs - 1 if refine else 0, pool)
             if cand is not None and cand[5]:
                 return cand
         return out
 
-    def _polish_ladder(self, data, sparse: bool, linsolver, x, mu0, start, out, trace: PolishTrace, mats: Derived):
+    def _polish_ladder(
+        self, data, sparse: bool, linsolver, x, mu0, start, out, trace: PolishTrace, mats: Derived, pool=None
+    ):
         """When the quick polish fails: equilibrated factorizations, the full repair budget, and stricter
         and looser thresholds (the solver's accuracy and ``eps_active`` may disagree, as on badly
         scaled problems): the check, not the threshold, decides. ``out`` is the quick polish's outcome."""
@@ -673,6 +695,7 @@ class Engine:
                 repairs,
                 start=start,
                 trace=trace,
+                reuse=pool,
                 mats=mats,
             )
             if cand is not None and cand[5]:
@@ -690,7 +713,7 @@ class Engine:
         solve_time: float,
         message: str,
         trace: Optional[PolishTrace] = None,
-        slot: Optional[int] = None,
+        pool: Optional[FactorPool] = None,
         mats: Optional[Derived] = None,
     ) -> ElementResult:
         """Assemble the element's result from a polish outcome (and the solver's point when unverified)."""
@@ -718,8 +741,8 @@ class Engine:
         res = residuals(P, q, C, d, A, b, z, lam, mu, mats)
         if kkt.path == REGULARIZED:
             warn_singular_once()
-        if slot is not None and kkt.factor is not None:
-            self._factors[slot] = kkt.factor  # its symbolic analysis serves this slot's next call
+        if pool is not None:
+            pool.add(kkt.factor)  # the factorization in use first: its analysis serves this slot's next call
         trace = trace or PolishTrace()
         return ElementResult(
             z,

@@ -14,7 +14,7 @@ import functools
 import logging
 import threading
 import warnings
-from typing import Optional
+from typing import Iterator, List, Optional, Union
 
 import numpy as np
 import scipy.sparse as sp
@@ -221,6 +221,29 @@ def _scaled(M, D):
     return S
 
 
+class FactorPool:
+    """The last few factorizations of one batch slot, one per symbolic analysis: a later factorization
+    of the same pattern (the polish's sets repeat from call to call, and within a call across its
+    rounds) reuses one of them (:meth:`LinearSolver.refactor`)."""
+
+    def __init__(self, factors=(), size: int = 4) -> None:
+        self.size = size
+        self._items: List[Factorization] = []
+        for F in factors:
+            self.add(F)
+
+    def add(self, F: Optional[Factorization]) -> None:
+        """Keep ``F`` (newest first), replacing one that shares its analysis."""
+        if F is None:
+            return
+        key = getattr(F, "analysis", F)
+        items = [G for G in self._items if getattr(G, "analysis", G) is not key]
+        self._items = [F, *items][: self.size]
+
+    def __iter__(self) -> Iterator[Factorization]:
+        return iter(list(self._items))
+
+
 class RobustKKT(Factorization):
     """Factorization of a reduced KKT matrix with a regularized fallback.
 
@@ -258,9 +281,9 @@ class RobustKKT(Factorization):
         Regularization of the (equilibrated) singular fallback.
     quick : bool
         Try one unscaled factorization before the ladder.
-    reuse : Factorization, optional
-        An earlier factorization by the same solver: a matrix of the same pattern reuses its
-        symbolic analysis (:meth:`LinearSolver.refactor`).
+    reuse : FactorPool or Factorization, optional
+        Earlier factorizations: a matrix of the same pattern reuses the symbolic analysis of one made
+        by the same solver (:meth:`LinearSolver.refactor`). A pool also receives this system's own.
 
     Attributes
     ----------
@@ -282,7 +305,7 @@ class RobustKKT(Factorization):
         delta: float = 1e-8,
         refine_steps: int = 30,
         quick: bool = False,
-        reuse: Optional[Factorization] = None,
+        reuse: Union["FactorPool", Factorization, None] = None,
     ):
         self.n = P.shape[0]
         self.K = assemble_kkt(P, A, CJ, sparse)
@@ -292,7 +315,8 @@ class RobustKKT(Factorization):
         self.path = DIRECT
         self.factorizations = 0
         self._F: Optional[Factorization] = None
-        self._reuse = reuse
+        self._last: Optional[Factorization] = None
+        self._pool = reuse if isinstance(reuse, FactorPool) else FactorPool([reuse])
         N = self.K.shape[0]
         self._probe = _probe_vector(N)
         if quick:
@@ -306,12 +330,14 @@ class RobustKKT(Factorization):
         self._ladder(solver, delta)
 
     def _factor(self, lin: LinearSolver, M) -> Factorization:
-        """One numeric factorization (counted), reusing the symbolic analysis of the last one."""
+        """One numeric factorization (counted), reusing the symbolic analysis of an earlier one of the
+        same pattern (this system's last, or one in the pool)."""
         self.factorizations += 1
         M = M if self.sparse or lin.dense else sp.csc_matrix(M)
-        prev = self._F if self._F is not None else self._reuse
-        F = lin.refactor(M, prev, n=self.n)
-        self._reuse = F
+        last = self._F if self._F is not None else self._last
+        F = lin.refactor(M, [last, *self._pool] if last is not None else list(self._pool), n=self.n)
+        self._last = F
+        self._pool.add(F)
         return F
 
     def _accept(self, lin: LinearSolver, reg: float, steps: int) -> bool:

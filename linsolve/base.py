@@ -61,9 +61,10 @@ class LinearSolver(Plugin, ABC):
         variables), which block-structured solvers such as the Cholesky Schur complement need."""
         raise SettingsError(f"lin_solver={self.name!r} is batched; use its batched interface")
 
-    def refactor(self, K: Matrix, previous: Optional[Factorization], n: Optional[int] = None) -> Factorization:
+    def refactor(self, K: Matrix, previous=None, n: Optional[int] = None) -> Factorization:
         """Factorize ``K``, reusing the symbolic analysis (ordering, elimination tree) of ``previous``
-        when this solver made it and ``K`` has the same sparsity pattern; ``previous`` stays valid.
+        (a factorization or a list of them, ``None`` entries allowed) when this solver made it and
+        ``K`` has the same sparsity pattern; ``previous`` stays valid.
 
         The default factorizes from scratch; solvers with a separate numeric phase override it.
         """

@@ -84,12 +84,14 @@ class QDLDLSolver(LinearSolver):
     def factor(self, K: Matrix, n: Optional[int] = None) -> Factorization:
         return _QDLDLFactorization(_as_csc(K), None)
 
-    def refactor(self, K: Matrix, previous: Optional[Factorization], n: Optional[int] = None) -> Factorization:
-        """A numeric refactorization (QDLDL's ``update``) when ``previous`` has ``K``'s pattern."""
+    def refactor(self, K: Matrix, previous=None, n: Optional[int] = None) -> Factorization:
+        """A numeric refactorization (QDLDL's ``update``) when one of ``previous`` has ``K``'s pattern."""
         Kc = _as_csc(K)
-        shared = previous.shared if isinstance(previous, _QDLDLFactorization) else None
-        if shared is not None and not shared.same_pattern(Kc):
-            shared = None
+        Kc.sort_indices()
+        prev = previous if isinstance(previous, (list, tuple)) else [previous]
+        shared = next(
+            (F.shared for F in prev if isinstance(F, _QDLDLFactorization) and F.shared.same_pattern(Kc)), None
+        )
         return _QDLDLFactorization(Kc, shared)
 
 
@@ -130,6 +132,11 @@ class _SharedQDLDL:
 
 
 class _QDLDLFactorization(Factorization):
+    @property
+    def analysis(self) -> _SharedQDLDL:
+        """The symbolic analysis this factorization shares with others of its pattern."""
+        return self.shared
+
     def __init__(self, K: sp.csc_matrix, shared: Optional[_SharedQDLDL]):
         K.sort_indices()
         self.K = K
