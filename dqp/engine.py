@@ -67,6 +67,9 @@ class PolishTrace:
 
     path: str = "quick"
     factorizations: int = 0
+    #: a reduced KKT matrix of this element was singular: the ladder's later sets (of the same
+    #: degenerate problem) skip the attempts that a singular matrix fails
+    singular: bool = False
 
 
 _TINY = np.finfo(np.float64).tiny
@@ -177,9 +180,11 @@ def polish(
     for it in range(max_iter + 1):
         J = np.flatnonzero(active)
         CJ = None if C is None else Cr[J]
-        kkt = RobustKKT(P, A, CJ, sparse, solver, quick=quick, reuse=pool)
+        hint = trace is not None and trace.singular and not quick
+        kkt = RobustKKT(P, A, CJ, sparse, solver, quick=quick, reuse=pool, singular_hint=hint)
         if trace is not None:
             trace.factorizations += kkt.factorizations
+            trace.singular = trace.singular or kkt.path == REGULARIZED
         rhs = np.concatenate([-q, b if b is not None else np.zeros(0), d[J] if m else np.zeros(0)])
         x0 = None
         if start is not None:

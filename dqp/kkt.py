@@ -281,6 +281,10 @@ class RobustKKT(Factorization):
         Regularization of the (equilibrated) singular fallback.
     quick : bool
         Try one unscaled factorization before the ladder.
+    singular_hint : bool
+        An earlier reduced system of the same problem was singular: after equilibration, go straight
+        to the regularized factorization (accepted as ``"direct"`` when its refined probe solve shows
+        ``K`` nonsingular after all), skipping the attempts a singular ``K`` fails.
     reuse : FactorPool or Factorization, optional
         Earlier factorizations: a matrix of the same pattern reuses the symbolic analysis of one made
         by the same solver (:meth:`LinearSolver.refactor`). A pool also receives this system's own.
@@ -306,6 +310,7 @@ class RobustKKT(Factorization):
         refine_steps: int = 30,
         quick: bool = False,
         reuse: Union["FactorPool", Factorization, None] = None,
+        singular_hint: bool = False,
     ):
         self.n = P.shape[0]
         self.K = assemble_kkt(P, A, CJ, sparse)
@@ -325,9 +330,9 @@ class RobustKKT(Factorization):
                 return
         self.D = ruiz_scaling(self.K)
         self.Ks = _scaled(self.K, self.D)
-        if quick and self._regularized_once(solver, delta):
+        if (quick or singular_hint) and self._regularized_once(solver, delta):
             return
-        self._ladder(solver, delta)
+        self._ladder(solver, delta, attempts=not singular_hint)
 
     def _factor(self, lin: LinearSolver, M) -> Factorization:
         """One numeric factorization (counted), reusing the symbolic analysis of an earlier one of the
@@ -408,7 +413,7 @@ class RobustKKT(Factorization):
 
         return get_linsolver("qdldl")  # Kreg is quasi-definite: QDLDL's home ground
 
-    def _ladder(self, solver: LinearSolver, delta: float) -> None:
+    def _ladder(self, solver: LinearSolver, delta: float, attempts: bool = True) -> None:
         from dqp.linsolve.scipy_solvers import DenseLUSolver, SuperLUSolver
 
         sparse, N = self.sparse, self.K.shape[0]
@@ -427,17 +432,21 @@ class RobustKKT(Factorization):
                 else []
             )
         direct_ok = solver.safe_on_singular and not (solver.quasi_definite_only and N > self.n)
-        attempts = ([(solver, 0.0)] if direct_ok else []) + [(solver, 1e-10)] + pivoting
-        for lin, reg in attempts:
+        tries = ([(solver, 0.0)] if direct_ok else []) + [(solver, 1e-10)] + pivoting
+        for lin, reg in tries if attempts else ():
             if self._accept(lin, reg, steps=self.refine_steps):
                 return
         self.path = REGULARIZED
         Kreg = _plus_reg(self.Ks, self.n, delta)
         fallback = self._regularized_solver(solver)
-        try:
-            self._F = self._factor(fallback, Kreg)
-        except Exception:  # SuperLU factorizes any nonsingular (quasi-definite) Kreg
-            self._F = self._factor(SuperLUSolver(), sp.csc_matrix(Kreg))
+        if attempts or not sparse:
+            try:
+                self._F = self._factor(fallback, Kreg)
+                return
+            except Exception:  # SuperLU factorizes any nonsingular (quasi-definite) Kreg
+                pass
+        # (after a failed regularized factorization by the chosen solver: not repeated)
+        self._F = self._factor(SuperLUSolver(), sp.csc_matrix(Kreg))
 
     @property
     def factor(self) -> Optional[Factorization]:
