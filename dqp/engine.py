@@ -84,6 +84,8 @@ class Derived:
 
     def __init__(self) -> None:
         self._memo: dict = {}
+        #: polish rounds by set (see :func:`_polish_round`)
+        self.rounds: dict = {}
 
     def _get(self, op: str, M, make):
         key = (op, id(M))
@@ -131,6 +133,109 @@ def detect_active(
     return near | big, weak
 
 
+@dataclass
+class _Round:
+    """One polish round: the reduced KKT solve on a set and its check (see :func:`polish`)."""
+
+    z: np.ndarray
+    lam: np.ndarray
+    mu: np.ndarray
+    kkt: RobustKKT
+    verified: bool
+    score: float
+    bad_primal: bool
+    viol: np.ndarray
+    neg: np.ndarray
+    J: np.ndarray
+
+
+def _polish_round(P, q, C, d, A, b, active, solver, sparse, tol, start, quick, trace, pool, mats) -> Optional[_Round]:
+    """Solve the reduced KKT system on ``active`` and check the point; ``None`` if not finite.
+
+    Memoized per element (in ``mats``): the ladder's thresholds and repair chains meet the same sets
+    again, and a round is a function of its set (and of the start point and factorization mode).
+    """
+    hint = trace is not None and trace.singular and not quick
+    key = (active.tobytes(), quick, hint, id(start))
+    hit = mats.rounds.get(key)
+    if hit is not None:
+        return hit[1]
+    n = P.shape[0]
+    p = 0 if A is None else A.shape[0]
+    m = 0 if C is None else C.shape[0]
+    Cr = None if C is None else mats.rows(C)
+    J = np.flatnonzero(active)
+    CJ = None if C is None else Cr[J]
+    kkt = RobustKKT(P, A, CJ, sparse, solver, quick=quick, reuse=pool, singular_hint=hint)
+    if trace is not None:
+        trace.factorizations += kkt.factorizations
+        trace.singular = trace.singular or kkt.path == REGULARIZED
+    rhs = np.concatenate([-q, b if b is not None else np.zeros(0), d[J] if m else np.zeros(0)])
+    x0 = None
+    if start is not None:
+        sx, sy, sz = start
+        x0 = np.concatenate(
+            [sx, sy if (p and sy is not None) else np.zeros(p), sz[J] if (m and sz is not None) else np.zeros(len(J))]
+        )
+    sol = kkt.solve(rhs, x0=x0)
+    if not np.all(np.isfinite(sol)):
+        mats.rounds[key] = (start, None)
+        return None
+    z, lam, muJ = sol[:n], sol[n : n + p], sol[n + p :]
+    mu = np.zeros(m)
+    mu[J] = muJ
+    Pz = P @ z
+    # stationarity and the equality-type rows (A, C_J) hold to tol relative to their terms
+    terms = [_abs_rows(P, z, mats), q]  # |P||z|, not Pz: the terms' size survives cancellation
+    r_stat = Pz + q
+    r_prim = 0.0
+    scale_p = _TINY
+    if p:
+        ATl = mats.T(A) @ lam
+        r_stat = r_stat + ATl
+        terms.append(mats.absT(A) @ np.abs(lam))
+        Az = A @ z
+        r_prim = inf_norm(Az - b)
+        scale_p = max(scale_p, inf_norm(b), inf_norm(_abs_rows(A, z, mats)))  # |A||z|: the size of the terms of Az
+    viol = np.zeros(m)
+    neg = np.zeros(0, bool)
+    mu_scale = _TINY
+    if m:
+        # the layer returns max(μ, 0): check stationarity for that point, so a negative μ_J within
+        # the sign tolerance cannot hide a residual that its clipping creates
+        mu_pos = np.maximum(mu, 0.0)
+        CTm = mats.T(C) @ mu_pos
+        r_stat = r_stat + CTm
+        terms.append(mats.absT(C) @ mu_pos)
+        Cz = C @ z
+        row_size = np.maximum(np.maximum(np.abs(d), _abs_rows(C, z, mats)), _TINY)
+        viol = (Cz - d) - tol * row_size
+        if len(J):
+            r_prim = max(r_prim, inf_norm(Cz[J] - d[J]))
+            scale_p = max(scale_p, inf_norm(row_size[J]))
+            viol[J] = -np.inf
+            row_norm = inf_norm(mats.abs_row_sums(C)[J])
+            mu_scale = tol * max(inf_norm(muJ), (inf_norm(Pz) + inf_norm(q)) / max(row_norm, _TINY), _TINY)
+            neg = muJ < -mu_scale
+    # stationarity to tol relative to the size of its *vectors* (Pz, q, Aᵀλ, Cᵀμ), plus the
+    # round-off that summing the terms leaves (relative to the terms, |P||z| + |A|ᵀ|λ| + ...):
+    # measuring it against the terms alone accepted points whose huge, cancelling multipliers
+    # hid a real residual (LISWET8: ‖Pz+q+Cᵀμ‖∞ = 4.6e-3 with ‖Cᵀμ‖∞ = 1.2, |C|ᵀ|μ| = 6.8e6)
+    vec_scale = max(inf_norm(Pz), inf_norm(q), inf_norm(ATl) if p else 0.0, inf_norm(CTm) if m else 0.0, _TINY)
+    scale_d = tol * vec_scale + _ROUND * max(inf_norm(t) for t in terms)
+    consistent = inf_norm(r_stat) <= scale_d and r_prim <= tol * scale_p
+    bad_primal = bool(m) and bool(np.any(viol > 0))
+    verified = consistent and not bad_primal and not np.any(neg)
+    score = (
+        max(float(np.max(viol, initial=0.0)), 0.0)
+        + float(np.sum(np.maximum(-muJ - mu_scale, 0.0)))
+        + (0.0 if consistent else 1.0)
+    )
+    out = _Round(z, lam, mu, kkt, verified, score, bad_primal, viol, neg, J)
+    mats.rounds[key] = (start, out)  # (start kept alive: its id stays its own)
+    return out
+
+
 def polish(
     P,
     q,
@@ -168,95 +273,24 @@ def polish(
     Returns ``(z, lam, mu_full, active, kkt, verified, iterations)``, or ``None`` if the solve is
     not finite.
     """
-    n = P.shape[0]
-    p = 0 if A is None else A.shape[0]
-    m = 0 if C is None else C.shape[0]
     tol = max(1e-2 * eps, 1e-13)
     active = active.copy()
     mats = Derived() if mats is None else mats
-    Cr = None if C is None else mats.rows(C)
     best = None
     pool = reuse if isinstance(reuse, FactorPool) else FactorPool([reuse])
     for it in range(max_iter + 1):
-        J = np.flatnonzero(active)
-        CJ = None if C is None else Cr[J]
-        hint = trace is not None and trace.singular and not quick
-        kkt = RobustKKT(P, A, CJ, sparse, solver, quick=quick, reuse=pool, singular_hint=hint)
-        if trace is not None:
-            trace.factorizations += kkt.factorizations
-            trace.singular = trace.singular or kkt.path == REGULARIZED
-        rhs = np.concatenate([-q, b if b is not None else np.zeros(0), d[J] if m else np.zeros(0)])
-        x0 = None
-        if start is not None:
-            sx, sy, sz = start
-            x0 = np.concatenate(
-                [
-                    sx,
-                    sy if (p and sy is not None) else np.zeros(p),
-                    sz[J] if (m and sz is not None) else np.zeros(len(J)),
-                ]
-            )
-        sol = kkt.solve(rhs, x0=x0)
-        if not np.all(np.isfinite(sol)):
+        r = _polish_round(P, q, C, d, A, b, active, solver, sparse, tol, start, quick, trace, pool, mats)
+        if r is None:
             return None
-        z, lam, muJ = sol[:n], sol[n : n + p], sol[n + p :]
-        mu = np.zeros(m)
-        mu[J] = muJ
-        Pz = P @ z
-        # stationarity and the equality-type rows (A, C_J) hold to tol relative to their terms
-        terms = [_abs_rows(P, z, mats), q]  # |P||z|, not Pz: the terms' size survives cancellation
-        r_stat = Pz + q
-        r_prim = 0.0
-        scale_p = _TINY
-        if p:
-            ATl = mats.T(A) @ lam
-            r_stat = r_stat + ATl
-            terms.append(mats.absT(A) @ np.abs(lam))
-            Az = A @ z
-            r_prim = inf_norm(Az - b)
-            scale_p = max(scale_p, inf_norm(b), inf_norm(_abs_rows(A, z, mats)))  # |A||z|: the size of the terms of Az
-        viol = np.zeros(m)
-        neg = np.zeros(0, bool)
-        mu_scale = _TINY
-        if m:
-            # the layer returns max(μ, 0): check stationarity for that point, so a negative μ_J within
-            # the sign tolerance cannot hide a residual that its clipping creates
-            mu_pos = np.maximum(mu, 0.0)
-            CTm = mats.T(C) @ mu_pos
-            r_stat = r_stat + CTm
-            terms.append(mats.absT(C) @ mu_pos)
-            Cz = C @ z
-            row_size = np.maximum(np.maximum(np.abs(d), _abs_rows(C, z, mats)), _TINY)
-            viol = (Cz - d) - tol * row_size
-            if len(J):
-                r_prim = max(r_prim, inf_norm(Cz[J] - d[J]))
-                scale_p = max(scale_p, inf_norm(row_size[J]))
-                viol[J] = -np.inf
-                row_norm = inf_norm(mats.abs_row_sums(C)[J])
-                mu_scale = tol * max(inf_norm(muJ), (inf_norm(Pz) + inf_norm(q)) / max(row_norm, _TINY), _TINY)
-                neg = muJ < -mu_scale
-        # stationarity to tol relative to the size of its *vectors* (Pz, q, Aᵀλ, Cᵀμ), plus the
-        # round-off that summing the terms leaves (relative to the terms, |P||z| + |A|ᵀ|λ| + ...):
-        # measuring it against the terms alone accepted points whose huge, cancelling multipliers
-        # hid a real residual (LISWET8: ‖Pz+q+Cᵀμ‖∞ = 4.6e-3 with ‖Cᵀμ‖∞ = 1.2, |C|ᵀ|μ| = 6.8e6)
-        vec_scale = max(inf_norm(Pz), inf_norm(q), inf_norm(ATl) if p else 0.0, inf_norm(CTm) if m else 0.0, _TINY)
-        scale_d = tol * vec_scale + _ROUND * max(inf_norm(t) for t in terms)
-        consistent = inf_norm(r_stat) <= scale_d and r_prim <= tol * scale_p
-        bad_primal = bool(m) and bool(np.any(viol > 0))
-        verified = consistent and not bad_primal and not np.any(neg)
-        score = (
-            max(float(np.max(viol, initial=0.0)), 0.0)
-            + float(np.sum(np.maximum(-muJ - mu_scale, 0.0)))
-            + (0.0 if consistent else 1.0)
-        )
+        z, lam, mu, kkt, verified, score = r.z, r.lam, r.mu, r.kkt, r.verified, r.score
         if best is None or score < best[0]:
             best = (score, z, lam, mu, active.copy(), kkt, verified, it)
         if verified or not refine or it == max_iter:
             break
-        if bad_primal:
-            active[viol > 0] = True
-        elif np.any(neg):
-            active[J[neg]] = False
+        if r.bad_primal:
+            active[r.viol > 0] = True
+        elif np.any(r.neg):
+            active[r.J[r.neg]] = False
         else:  # inconsistent reduced system (dependent rows with incompatible right-hand sides)
             break
     _, z, lam, mu, active, kkt, verified, it = best

@@ -384,7 +384,8 @@ class RobustKKT(Factorization):
         lin = self._regularized_solver(solver)
         try:
             with numerics_quiet():
-                self._F = self._factor(lin, _plus_reg(self.Ks, self.n, delta))
+                Kreg = _plus_reg(self.Ks, self.n, delta)
+                self._F = self._factor(lin, Kreg)
                 probe = self._probe
                 x = self._solve_scaled(self.Ks @ probe)
         except Exception as exc:  # the ladder tries other solvers
@@ -396,7 +397,36 @@ class RobustKKT(Factorization):
             return False
         if not np.linalg.norm(x - probe) < 1e-6 * np.linalg.norm(probe):
             self.path = REGULARIZED
+            self._stabilize(lin, Kreg)
         return True
+
+    def _stabilize(self, lin: LinearSolver, Kreg) -> None:
+        """Redo an inaccurate regularized factorization with a pivoting LU, keeping the better.
+
+        The probe's right-hand side is consistent, so refinement on a stable factorization of the
+        regularization drives its residual to round-off even when ``K`` is singular; a residual it
+        cannot remove means an unstable factorization (an LDLᵀ without pivoting on a badly scaled
+        matrix), whose polished points fail the KKT check. Costs one factorization, only then.
+        """
+        res = self.residual
+        if not res > _UNSTABLE:
+            return
+        from dqp.linsolve.scipy_solvers import DenseLUSolver, SuperLUSolver
+
+        N = self.K.shape[0]
+        piv = DenseLUSolver() if not self.sparse else (SuperLUSolver() if N <= 5000 else None)
+        if piv is None or piv.name == lin.name:
+            return
+        F = self._F
+        try:
+            with numerics_quiet():
+                self._F = self._factor(piv, sp.csc_matrix(Kreg) if self.sparse else Kreg)
+                x = self._solve_scaled(self.Ks @ self._probe)
+            if np.all(np.isfinite(x)) and self.residual < res:
+                return
+        except Exception as exc:  # keep the first factorization
+            logger.debug("pivoting regularized KKT factorization failed: %s", exc)
+        self._F, self.residual = F, res
 
     def _regularized_solver(self, solver: LinearSolver) -> LinearSolver:
         """An indefinite factorization for the quasi-definite ``K + diag(δI, −δI)`` (a Schur-complement
@@ -442,6 +472,9 @@ class RobustKKT(Factorization):
         if attempts or not sparse:
             try:
                 self._F = self._factor(fallback, Kreg)
+                with numerics_quiet():
+                    self._solve_scaled(self.Ks @ self._probe)
+                self._stabilize(fallback, Kreg)
                 return
             except Exception:  # SuperLU factorizes any nonsingular (quasi-definite) Kreg
                 pass
@@ -504,6 +537,9 @@ class RobustKKT(Factorization):
 
 #: relative residual at which iterative refinement stops (a few units of round-off)
 _REFINED = 1e-15
+#: relative residual of a refined solve with a consistent right-hand side above which the
+#: (regularized) factorization is judged unstable
+_UNSTABLE = 1e-9
 
 
 @functools.lru_cache(maxsize=64)
