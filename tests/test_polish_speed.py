@@ -15,6 +15,7 @@ import scipy.sparse as sp
 import torch
 
 from dqp import dQP
+from dqp.io import maros_meszaros_dir
 from dqp.kkt import assemble_kkt
 from dqp.linsolve import get_linsolver
 from dqp.solvers import get_solver
@@ -146,3 +147,113 @@ def test_warm_start_without_effect_is_said_once():
         warnings.simplefilter("error")
         layer(P, q + 0.01, C, d)  # said once
     assert get_solver("osqp").warm_starts and not get_solver("piqp").warm_starts
+
+
+def _random_csc(rows: int, cols: int, density: float, seed: int) -> sp.csc_matrix:
+    M = sp.random(rows, cols, density=density, format="csc", random_state=seed)
+    M.sort_indices()
+    return M
+
+
+@pytest.mark.parametrize("reg", [0.0, 1e-3])
+def test_kkt_layout_assembles_what_the_triplets_do(reg):
+    """The per-pattern layout gives the matrix the COO assembly gives, bit for bit, on first use and on
+    a later call with new values (CSC and CSR blocks; a P without some diagonal entries)."""
+    from dqp.kkt import _assemble_coo
+
+    for seed in range(4):
+        L = _random_csc(7, 7, 0.3, seed)
+        P = sp.csc_matrix(L + L.T)
+        P.sort_indices()
+        A = _random_csc(2, 7, 0.5, seed + 10)
+        CJ = _random_csc(4, 7, 0.4, seed + 20).tocsr()
+        for scale in (1.0, -3.0):  # the second call hits the cached layout
+            Ps, As, Cs = P * scale, A * scale, CJ * scale
+            K = assemble_kkt(Ps, As, Cs, True, reg=reg)
+            ref = _assemble_coo(Ps, [As, Cs], reg)
+            assert K.format == "csc" and K.has_sorted_indices
+            np.testing.assert_array_equal(K.indptr, ref.indptr)
+            np.testing.assert_array_equal(K.indices, ref.indices)
+            np.testing.assert_array_equal(K.data, ref.data)
+    # duplicate entries (not canonical): summed, as the triplet assembly does
+    Pd = sp.csc_matrix((np.array([1.0, 2.0, 3.0]), np.array([0, 0, 1]), np.array([0, 2, 3])), shape=(2, 2))
+    K = assemble_kkt(Pd, None, None, True)
+    np.testing.assert_array_equal(K.toarray(), [[3.0, 0.0], [0.0, 3.0]])
+
+
+@pytest.mark.parametrize("sorted_rows", [True, False])
+def test_sparse_symmetry_check_measures_the_asymmetry(sorted_rows):
+    """P's symmetry is checked from its CSC arrays: an entry without its mirror counts in full."""
+    from dqp.errors import NotSymmetricError
+    from dqp.problem import validate
+
+    rows = [0, 1, 0, 1] if sorted_rows else [1, 0, 1, 0]
+    vals = [4.0, 1.0, 1.5, 3.0] if sorted_rows else [1.0, 4.0, 3.0, 1.5]
+    P = torch.sparse_csc_tensor(torch.tensor([0, 2, 4]), torch.tensor(rows), torch.tensor(vals, dtype=torch.float64))
+    q = torch.zeros(2, dtype=torch.float64)
+    with pytest.raises(NotSymmetricError, match=r"max \|P - Pᵀ\| = 0\.5"):
+        validate(P, q, sparse=True)
+    lone = torch.sparse_csc_tensor(
+        torch.tensor([0, 1, 3]), torch.tensor([0, 0, 1]), torch.tensor([4.0, 2.0, 3.0], dtype=torch.float64)
+    )
+    with pytest.raises(NotSymmetricError, match=r"max \|P - Pᵀ\| = 2"):
+        validate(lone, q, sparse=True)
+    sym = torch.sparse_csc_tensor(
+        torch.tensor([0, 2, 4]), torch.tensor([0, 1, 0, 1]), torch.tensor([4.0, 1.0, 1.0, 3.0], dtype=torch.float64)
+    )
+    assert validate(sym, q, sparse=True).n == 2
+
+
+def test_factor_pool_serves_each_pattern_its_own_analysis():
+    """A pool keeps one factorization per symbolic analysis; a refactorization picks the one of its pattern."""
+    from dqp.kkt import FactorPool, RobustKKT
+
+    lin = get_linsolver("qdldl")
+    K1, K3 = _kkt(0), _kkt(1)
+    F1, F3 = lin.refactor(K1, None), lin.refactor(K3, None)
+    pool = FactorPool([F1, F3])
+    F = lin.refactor(sp.csc_matrix(K1 * 2.0), list(pool))
+    assert F.analysis is F1.analysis
+    F = lin.refactor(sp.csc_matrix(K3 * 2.0), list(pool))
+    assert F.analysis is F3.analysis
+    pool.add(F)
+    assert len(list(pool)) == 2  # F replaced F3 (one analysis, one entry)
+    # the reduced systems of two alternating active sets: after the first round, no new analysis
+    P, q, C, d, *_ = random_qp(6, 8, 0, seed=1)
+    Ps, Cr = sp.csc_matrix(P.numpy()), sp.csr_matrix(C.numpy())
+    pool = FactorPool()
+    seen = []
+    for J in ([0, 2], [1, 3, 4], [0, 2], [1, 3, 4]):
+        kkt = RobustKKT(Ps, None, Cr[J], True, lin, quick=True, reuse=pool)
+        seen.append(kkt.factor.analysis)
+    assert seen[2] is seen[0] and seen[3] is seen[1] and seen[0] is not seen[1]
+
+
+@pytest.mark.skipif(maros_meszaros_dir() is None, reason="the full Maros–Meszaros collection is not present")
+def test_degenerate_problems_polish_within_a_bounded_count():
+    """PRIMALC8's reduced systems are singular and badly scaled: QDLDL's regularized solve is inaccurate
+    and is redone with a pivoting LU, which verifies on the detected set. QPCSTAIR needs seven repairs
+    on the ladder; its singular sets skip the attempts a singular matrix fails."""
+    from dqp.io import load_maros_meszaros
+
+    for name, path, most in (("PRIMALC8", "quick", 4), ("QPCSTAIR", "ladder", 30)):
+        qp = load_maros_meszaros(maros_meszaros_dir() / f"{name}.mat").to_qp()
+        P, C, A = (None if M is None else _csc_tensor(M) for M in (qp.P, qp.C, qp.A))
+        vec = lambda v: None if v is None else torch.as_tensor(v, dtype=torch.float64)
+        layer = dQP.dQP_layer(qp_solver="piqp", solve_type="sparse", eps_abs=1e-8, eps_rel=1e-8)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            layer(P, vec(qp.q), C, vec(qp.d), A, vec(qp.b))
+        assert layer.info.verified == [True], name
+        assert layer.info.polish_path == [path] and layer.info.factorizations[0] <= most, (name, layer.info)
+
+
+def _csc_tensor(M) -> torch.Tensor:
+    M = sp.csc_matrix(M)
+    M.sort_indices()
+    return torch.sparse_csc_tensor(
+        torch.as_tensor(M.indptr, dtype=torch.int64),
+        torch.as_tensor(M.indices, dtype=torch.int64),
+        torch.as_tensor(M.data, dtype=torch.float64),
+        size=M.shape,
+    )
