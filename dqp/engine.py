@@ -155,7 +155,7 @@ def _polish_round(P, q, C, d, A, b, active, solver, sparse, tol, start, quick, t
     Memoized per element (in ``mats``): the ladder's thresholds and repair chains meet the same sets
     again, and a round is a function of its set (and of the start point and factorization mode).
     """
-    hint = trace is not None and trace.singular and not quick
+    hint = trace is not None and trace.singular
     key = (active.tobytes(), quick, hint, id(start))
     hit = mats.rounds.get(key)
     if hit is not None:

@@ -324,7 +324,7 @@ class RobustKKT(Factorization):
         self._pool = reuse if isinstance(reuse, FactorPool) else FactorPool([reuse])
         N = self.K.shape[0]
         self._probe = _probe_vector(N)
-        if quick:
+        if quick and not singular_hint:
             self.D, self.Ks = np.ones(N), self.K
             if self._quick(solver):
                 return
