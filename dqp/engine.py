@@ -67,8 +67,8 @@ class PolishTrace:
 
     path: str = "quick"
     factorizations: int = 0
-    #: a reduced KKT matrix of this element was singular: the ladder's later sets (of the same
-    #: degenerate problem) skip the attempts that a singular matrix fails
+    #: a reduced KKT matrix of this element was singular: its later sets (of the same degenerate
+    #: problem) go straight to the regularized factorization, skipping the tries a singular matrix fails
     singular: bool = False
 
 
