@@ -514,25 +514,11 @@ def solve_dual(
     one = P.new_zeros(1)  # (stands in for every absent argument and output: the kernel does not touch it)
     inputs = _inputs(P, q, C, d, A, b, M, PiAbt, Piq, g, norms, Md, state, one)
     out, outputs = _outputs(P, B, n, m, p, rounds, row_scale, one)
-    scalars = [
-        int(n),
-        int(m),
-        int(p),
-        int(max_iter),
-        int(stall_iters),
-        int(bool(separate_steps)),
-        rounds,
-        float(eps),
-        float(eps_inf),
-        float(step_fraction),
-        float(reg_d),
-        float(wlo),
-        float(eps2) if eps2 is not None else 0.0,
-        float(eps_mid) if eps_mid is not None else 0.0,
-        int(bool(start)),
-    ]
+    ints = [n, m, p, max_iter, stall_iters, bool(separate_steps), rounds]
+    floats = [eps, eps_inf, step_fraction, reg_d, wlo, eps2 or 0.0, eps_mid or 0.0]  # (0: no such stage)
+    scalars = [int(v) for v in ints] + [float(v) for v in floats] + [int(bool(start))]
     if B:
-        _launch(inputs + outputs, scalars, P.device, B, n, m, p, profile, opts, one)
+        _launch(inputs + outputs, scalars, B, (n, m, p), profile, opts, one)
     return out
 
 
@@ -613,17 +599,15 @@ def _outputs(
 def _launch(
     tensors: list,
     scalars: list,
-    dev: torch.device,
     B: int,
-    n: int,
-    m: int,
-    p: int,
+    nmp: Tuple[int, int, int],
     profile: Optional[Tensor],
     opts: KernelOptions,
     one: Tensor,
 ) -> None:
     """Launch the kernel over the batch: a thread block per problem on CUDA, the C++ build's
-    threads on the CPU."""
+    threads on the CPU. ``nmp``: the problem's sizes ``(n, m, p)``."""
+    dev, (n, m, p) = tensors[0].device, nmp
     k = m + p
     if dev.type == "cuda":
         # (the kernel is compiled for exactly the block size it is launched with)
