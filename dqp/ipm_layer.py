@@ -86,14 +86,23 @@ def _cast(t: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
     return None if t is None else t.to(dtype)
 
 
+#: Compute capabilities whose float64 rate is at least half the float32 rate (data-centre GPUs).
+_FULL_FP64 = {(6, 0), (7, 0), (8, 0), (9, 0), (10, 0)}
+
+
 def _fused_widen(P: Tensor, C: Optional[Tensor], A: Optional[Tensor], opts: Dict[str, Any]) -> bool:
-    """CUDA, float32/float16 data: solve in float64 throughout when the fused float64 kernel
-    (:mod:`dqp.solvers.fused`) takes the widened problem — the kernel runs the float64 problem
-    faster than the float32 torch loop runs the float32 one (H200, qpth's generator, B=128,
-    n=m=100), and the answer is float64's. On the CPU only where the kernel is required
-    (``fused=True``: its C++ build)."""
+    """CUDA, float32/float16 data: whether to solve in float64 throughout
+    (:attr:`IPMOptions.widen_on_cuda`). By default where the fused float64 kernel
+    (:mod:`dqp.solvers.fused`) takes the widened problem — it runs the float64 problem faster than
+    the float32 torch loop runs the float32 one (H200, qpth's generator, B=128, n=m=100) — and on
+    GPUs with full-rate float64, where the float64 torch loop beats the float32 one too; the answer
+    is float64's. On the CPU only where the kernel is required (``fused=True``: its C++ build)."""
     options = _options(opts)
     flag = fused_flag(opts.get("fused"), options)
+    if P.device.type == "cuda" and options.widen_on_cuda is not None:
+        return options.widen_on_cuda
+    if P.device.type == "cuda" and torch.cuda.get_device_capability(P.device) in _FULL_FP64:
+        return True
     if flag is False or (P.device.type != "cuda" and flag is not True):
         return False
     B, n = P.shape[0], P.shape[-1]
