@@ -519,6 +519,22 @@ def solve_dual(
     ``eps2`` (the iterates of a single stage at ``eps2``) and polishes again. ``iters`` counts both.
     ``eps2 < eps_mid < eps``: three stages, the second stop and polish at ``eps_mid``.
     """
+    B, n, m, p = _sizes(P, q, C, A)
+    rounds = int(polish_rounds)
+    one = P.new_zeros(1)  # (stands in for every absent argument and output: the kernel does not touch it)
+    inputs = _inputs(P, q, C, d, A, b, M, PiAbt, Piq, g, norms, Md, state, one)
+    out, outputs = _outputs(P, B, n, m, p, rounds, row_scale, one)
+    ints = [n, m, p, max_iter, stall_iters, bool(separate_steps), rounds]
+    floats = [eps, eps_inf, step_fraction, reg_d, wlo, eps2 or 0.0, eps_mid or 0.0]  # (0: no such stage)
+    scalars = [int(v) for v in ints] + [float(v) for v in floats] + [int(bool(start))]
+    if B:
+        _launch(inputs + outputs, scalars, B, (n, m, p), profile, opts, one)
+    return out
+
+
+def _sizes(P: Tensor, q: Tensor, C: Optional[Tensor], A: Optional[Tensor]) -> Tuple[int, int, int, int]:
+    """``(B, n, m, p)`` of a problem :func:`solve_dual` takes; a :class:`SettingsError` for one it
+    cannot (not float64, no build for the device, no constraints)."""
     dev, dt = P.device, P.dtype
     if dt != torch.float64:
         raise SettingsError(f"fused IPM: float64 data only (got {dt}); use fused=False.")
@@ -527,18 +543,16 @@ def solve_dual(
     B, n = q.shape
     m = 0 if C is None else C.shape[-2]
     p = 0 if A is None else A.shape[-2]
-    k = m + p
-    if k == 0:
+    if m + p == 0:
         raise SettingsError("fused IPM: the problem has no constraints (the dual form needs some); use fused=False.")
-    one = P.new_zeros(1)
-    Pm, sP = _mat(P, one)
-    Cm, sC = _mat(C, one)
-    Am, sA = _mat(A, one)
-    Mm, sM = _mat(M, one)
-    Pi, sPi = _mat(PiAbt, one)
-    qv, sq = _vec(q, one)
-    dv, sd = _vec(d, one)
-    bv, sb = _vec(b, one)
+    return B, n, m, p
+
+
+def _inputs(P, q, C, d, A, b, M, PiAbt, Piq, g, norms, Md, state, one: Tensor) -> list:
+    """The kernel's input arguments in its order: the data and the dual form's tensors (each matrix
+    and vector with its batch stride), the norms of the convergence check and the starting state."""
+    B, n = q.shape
+    m, p = (0 if C is None else C.shape[-2]), (0 if A is None else A.shape[-2])
     zero = one.expand(B)
     nrm = torch.stack(
         [
@@ -550,83 +564,62 @@ def solve_dual(
         ],
         dim=-1,
     )
-    Piq = Piq.expand(B, n).contiguous()
-    g = g.expand(B, k).contiguous()
-    z0 = state["z"].contiguous()
-    s0 = state["s"].contiguous() if m else one
-    mu0 = state["mu"].contiguous() if m else one
-    lam0 = state["lam"].contiguous() if p else one
-    delta0 = state["delta"].contiguous()
-    z = torch.empty(B, n, dtype=dt, device=dev)
-    s = torch.empty(B, m, dtype=dt, device=dev)
-    mu = torch.empty(B, m, dtype=dt, device=dev)
-    lam = torch.empty(B, p, dtype=dt, device=dev)
-    status = torch.empty(B, dtype=torch.int64, device=dev)
-    iters = torch.empty(B, dtype=torch.int64, device=dev)
-    rounds = int(polish_rounds)
-    if rounds:
-        if row_scale is None or tuple(row_scale.shape[-1:]) != (k,):
-            raise SettingsError("fused IPM: polish_rounds > 0 needs row_scale, the (B, k) row norms of [A; C].")
-        sc = row_scale.to(dt).expand(B, k).contiguous()
-        active = torch.empty(B, m, dtype=torch.bool, device=dev)
-        pflag = torch.empty(B, dtype=torch.int64, device=dev)
-        LS = torch.empty(B, k, k, dtype=dt, device=dev)
-        pol = [sc, active if m else one, pflag, LS]
-    else:
-        pol = [one, one, one, one]
-    # (an absent output gets the dummy: the kernel writes s, μ only when m > 0 and λ when p > 0)
-    tensors = [
-        Pm,
-        sP,
-        qv,
-        sq,
-        Cm,
-        sC,
-        dv,
-        sd,
-        Am,
-        sA,
-        bv,
-        sb,
-        Mm,
-        sM,
-        Pi,
-        sPi,
-        Piq,
-        g,
-        nrm,
-        z0,
-        s0,
-        mu0,
-        lam0,
-        delta0,
-        z,
-        s if m else one,
-        mu if m else one,
-        lam if p else one,
-        status,
-        iters,
-    ] + pol
-    scalars = [
-        int(n),
-        int(m),
-        int(p),
-        int(max_iter),
-        int(stall_iters),
-        int(bool(separate_steps)),
-        rounds,
-        float(eps),
-        float(eps_inf),
-        float(step_fraction),
-        float(reg_d),
-        float(wlo),
-        float(eps2) if eps2 is not None else 0.0,
-        float(eps_mid) if eps_mid is not None else 0.0,
-        int(bool(start)),
+    data = [*_mat(P, one), *_vec(q, one), *_mat(C, one), *_vec(d, one), *_mat(A, one), *_vec(b, one)]
+    dual = [*_mat(M, one), *_mat(PiAbt, one), Piq.expand(B, n).contiguous(), g.expand(B, m + p).contiguous(), nrm]
+    start = [
+        state["z"].contiguous(),
+        state["s"].contiguous() if m else one,
+        state["mu"].contiguous() if m else one,
+        state["lam"].contiguous() if p else one,
+        state["delta"].contiguous(),
     ]
-    if B == 0:
-        pass
-    elif dev.type == "cuda":
+    return data + dual + start
+
+
+def _outputs(
+    P: Tensor, B: int, n: int, m: int, p: int, rounds: int, row_scale: Optional[Tensor], one: Tensor
+) -> Tuple[Dict[str, Tensor], list]:
+    """The kernel's output buffers: ``(out, args)``, the result dict of :func:`solve_dual` and the
+    launch arguments in the kernel's order (the polish's row norms, an input, among them)."""
+    dev, dt, k = P.device, P.dtype, m + p
+    out = dict(
+        z=torch.empty(B, n, dtype=dt, device=dev),
+        s=torch.empty(B, m, dtype=dt, device=dev),
+        mu=torch.empty(B, m, dtype=dt, device=dev),
+        lam=torch.empty(B, p, dtype=dt, device=dev),
+        status=torch.empty(B, dtype=torch.int64, device=dev),
+        iters=torch.empty(B, dtype=torch.int64, device=dev),
+    )
+    # (an absent output gets the dummy: the kernel writes s, μ only when m > 0 and λ when p > 0)
+    args = [out["z"], out["s"] if m else one, out["mu"] if m else one, out["lam"] if p else one]
+    args += [out["status"], out["iters"]]
+    if not rounds:
+        return out, args + [one, one, one, one]
+    if row_scale is None or tuple(row_scale.shape[-1:]) != (k,):
+        raise SettingsError("fused IPM: polish_rounds > 0 needs row_scale, the (B, k) row norms of [A; C].")
+    out.update(
+        active=torch.empty(B, m, dtype=torch.bool, device=dev),
+        pflag=torch.empty(B, dtype=torch.int64, device=dev),
+        LS=torch.empty(B, k, k, dtype=dt, device=dev),
+    )
+    sc = row_scale.to(dt).expand(B, k).contiguous()
+    return out, args + [sc, out["active"] if m else one, out["pflag"], out["LS"]]
+
+
+def _launch(
+    tensors: list,
+    scalars: list,
+    B: int,
+    nmp: Tuple[int, int, int],
+    profile: Optional[Tensor],
+    opts: KernelOptions,
+    one: Tensor,
+) -> None:
+    """Launch the kernel over the batch: a thread block per problem on CUDA, the C++ build's
+    threads on the CPU. ``nmp``: the problem's sizes ``(n, m, p)``."""
+    dev, (n, m, p) = tensors[0].device, nmp
+    k = m + p
+    if dev.type == "cuda":
         # (the kernel is compiled for exactly the block size it is launched with)
         threads = _threads(opts.threads)
         kern = _cuda_kernel(dev, k, profile is not None, threads=threads, nvrtc_options=opts.nvrtc_options)
@@ -652,10 +645,6 @@ def solve_dual(
             opts.cpu_threads,
             opts.cpu_split,
         )
-    out = dict(z=z, s=s, mu=mu, lam=lam, status=status, iters=iters)
-    if rounds:
-        out.update(active=active, pflag=pflag, LS=LS)
-    return out
 
 
 # ---- the diagonal blocks of the blocked Cholesky factorization (dqp.linsolve.blocked)

@@ -349,8 +349,8 @@ def test_polish_rounds_are_checked(bad):
 
 
 def _torch_polish(P, q, C, d, A, b, res, rounds=3):
-    """dqp.ipm_layer's masked polish (the one its CUDA graph runs) from the IPM point of ``res``."""
-    from dqp.ipm_layer import _polish_masked, classify_active
+    """dqp.ipm_polish's masked polish (the one its CUDA graph runs) from the IPM point of ``res``."""
+    from dqp.ipm_polish import _polish_masked, classify_active
 
     solved = res.status == int(Status.SOLVED)
     act = classify_active(C, res.s, res.mu) & solved.unsqueeze(-1) if C is not None else None
