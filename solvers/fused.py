@@ -18,8 +18,11 @@ When it runs (:data:`FUSED` ``"auto"``): float64, the dual form (P positive defi
 conditioned, chosen by ``ipm_solve``), at least one constraint, no ``trace``, and
 
 * on CUDA: 1 ≤ m + p ≤ :data:`KMAX` (128; S, M and the iterate in one block's shared memory, a
-  register tile of S per thread). The source (``fused_ipm.cu``) is compiled at first use with
-  NVRTC through ``torch.cuda._compile_kernel``, a few seconds per size class.
+  register tile of S per thread) and the kernel for the size class built. The source
+  (``fused_ipm.cu``) is compiled by NVRTC to machine code for the device at first use of a size
+  class (tens of seconds; meanwhile the torch loop solves, :attr:`KernelOptions.cuda_build`) and
+  kept in the cache directory (:func:`dqp.solvers.build_cache.cache_dir`), from where later
+  processes load it in milliseconds.
 * on the CPU: the same source compiled as plain C++ (``-DDQP_CPU``: a "block" is one thread, its
   factorization and solves plain loops), with the batch split dynamically (small chunks taken in turn) over
   ``torch.get_num_threads()`` threads, where a C++ compiler is available and m + p ≤ :attr:`KernelOptions.cpu_kmax`. It is faster than the
@@ -40,7 +43,6 @@ import os
 import platform
 import shutil
 import subprocess
-import tempfile
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -50,6 +52,7 @@ from typing import Callable, Dict, Optional, Tuple, Union
 import torch
 
 from dqp.errors import SettingsError, SolverNotAvailableError, Status
+from dqp.solvers import build_cache as _build_cache
 
 logger = logging.getLogger(__name__)
 
@@ -114,6 +117,12 @@ class KernelOptions:
         slower than fewer; or one contiguous range per thread (``"static"``, for comparison).
     compiler : str, optional
         The C++ compiler of the CPU build; None: ``CXX``, else ``c++``, ``g++`` or ``clang++`` on the PATH.
+    cuda_build : {"background", "wait"}
+        CUDA, ``mode="auto"``: what a solve does when its size class's kernel is not built yet
+        (neither loaded nor in the cache directory). ``"background"``: the build starts on a
+        background thread and the solve (and every one until the build is done) runs the torch
+        loop, so the first call of a new size takes the torch loop's time instead of the
+        compiler's; ``"wait"``: the solve waits for the build. ``fused=True`` always waits.
     """
 
     mode: Union[str, bool] = "auto"
@@ -126,6 +135,7 @@ class KernelOptions:
     cpu_threads: Optional[int] = None
     cpu_split: str = "dynamic"
     compiler: Optional[str] = None
+    cuda_build: str = "background"
 
     def __post_init__(self) -> None:
         if self.mode not in (True, False, "auto"):
@@ -133,12 +143,16 @@ class KernelOptions:
         _threads(self.threads)
         if self.cpu_split not in ("dynamic", "static"):
             raise SettingsError(f"KernelOptions.cpu_split must be 'dynamic' or 'static', got {self.cpu_split!r}.")
+        if self.cuda_build not in ("background", "wait"):
+            raise SettingsError(f"KernelOptions.cuda_build must be 'background' or 'wait', got {self.cuda_build!r}.")
         object.__setattr__(self, "nvrtc_options", tuple(self.nvrtc_options))
 
 
 _SRC = Path(__file__).with_name("fused_ipm.cu")
 _lock = threading.Lock()
 _cuda_kernels: Dict[tuple, object] = {}
+#: The CUDA builds of the source (one module per size class provides all three kernels).
+_builds = _build_cache.CudaBuilds(lambda: _source(), ("dqp_ipm_dual", "dqp_chol_block", "dqp_chol_solve_vec"))
 _cpu_libs: Dict[tuple, ctypes.CDLL] = {}
 
 
@@ -204,26 +218,23 @@ def _compiler(compiler: Optional[str] = None) -> Optional[str]:
     return os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
 
 
-_cuda_build_failed: Dict[tuple, str] = {}
-
-
-def _cuda_build_available(device: torch.device, k: int, opts: KernelOptions = DEFAULT_KERNEL) -> bool:
-    """Whether the kernel for this device and size class compiles (compiled here, cached); a failure
-    (no NVRTC, a driver too old for the PTX, ...) is logged once and the automatic choice then keeps
-    the torch loop."""
-    idx = device.index if device.index is not None else torch.cuda.current_device()
-    key = (idx, _tiles(k, "cuda", opts.threads), opts.threads, opts.nvrtc_options)
-    if key in _cuda_build_failed:
+def _cuda_build_available(
+    device: torch.device, k: int, opts: KernelOptions = DEFAULT_KERNEL, wait: Optional[bool] = None
+) -> bool:
+    """Whether the kernel for this device and size class is built (loaded, read from the cache
+    directory, or compiled now). ``wait`` (default: ``opts.cuda_build == "wait"``) False: a build
+    that must be compiled starts in the background and the answer is False until it is done, so
+    the solve takes the torch loop meanwhile. A failure (no NVRTC, a driver older than the
+    compiler, ...) is logged once and the answer is then always False."""
+    wait = opts.cuda_build == "wait" if wait is None else wait
+    flags = _cuda_flags(k, False, opts.threads, opts.nvrtc_options)
+    if _builds.failure(device, flags) is not None:
         return False
     try:
-        _cuda_kernel(device, k, threads=opts.threads, nvrtc_options=opts.nvrtc_options)
-        return True
-    except Exception as exc:  # noqa: BLE001 - any compile/load failure means: no kernel here
-        _cuda_build_failed[key] = f"{type(exc).__name__}: {exc}"
-        logger.warning(
-            "dqp fused IPM: the CUDA kernel could not be built (%s); the torch loop runs instead",
-            _cuda_build_failed[key],
-        )
+        return _builds.get(device, flags, wait=wait) is not None
+    except Exception as exc:  # noqa: BLE001 - any compile/load failure means: no kernel here (logged once:
+        # the failure is kept and answered above from now on)
+        logger.warning("dqp fused IPM: the CUDA kernel could not be built (%s); the torch loop runs instead", exc)
         return False
 
 
@@ -245,19 +256,25 @@ def _cpu_build_available(compiler: Optional[str] = None) -> bool:
 
 
 def fused_available(
-    device: torch.device, dtype: torch.dtype, n: int, m: int, p: int, opts: KernelOptions = DEFAULT_KERNEL
+    device: torch.device,
+    dtype: torch.dtype,
+    n: int,
+    m: int,
+    p: int,
+    opts: KernelOptions = DEFAULT_KERNEL,
+    wait: Optional[bool] = None,
 ) -> bool:
     """Whether the fused kernel can solve this problem shape on ``device`` (CUDA, float64, at least
-    one and at most :data:`KMAX` constraints, the block's shared memory within the device's limit;
-    the CPU's C++ build as ``opts`` allow)."""
+    one and at most :data:`KMAX` constraints, the block's shared memory within the device's limit,
+    the kernel built: ``wait`` as in :func:`_cuda_build_available`; the CPU's C++ build as ``opts``
+    allow)."""
     if dtype != torch.float64 or m + p == 0 or n == 0:
         return False
     if device.type == "cuda":
         return (
-            hasattr(torch.cuda, "_compile_kernel")
-            and m + p <= KMAX
+            m + p <= KMAX
             and smem_bytes(n, m, p, opts.threads) <= _max_smem(device)
-            and _cuda_build_available(device, m + p, opts)
+            and _cuda_build_available(device, m + p, opts, wait)
         )
     if device.type == "cpu":
         return opts.cpu_auto and m + p <= opts.cpu_kmax and _cpu_build_available(opts.compiler)
@@ -276,6 +293,21 @@ def _set_smem(kernel, nbytes: int) -> None:
     kernel._max_shared_mem_bytes = nbytes
 
 
+def _cuda_flags(k: int, profile: bool, threads: Optional[int], nvrtc_options: Tuple[str, ...]) -> Tuple[str, ...]:
+    """The NVRTC options of the build for size class k: the register tile and block size are
+    compile-time constants of the kernel."""
+    threads = _threads(threads)
+    rr, rc = _tiles(k, "cuda", threads)
+    return (
+        "-std=c++17",
+        f"-DDQP_RR={rr}",
+        f"-DDQP_RC={rc}",
+        f"-DDQP_THREADS={threads}",
+        *(("-DDQP_PROFILE",) if profile else ()),
+        *nvrtc_options,
+    )
+
+
 def _cuda_kernel(
     device: torch.device,
     k: int,
@@ -286,24 +318,18 @@ def _cuda_kernel(
 ):
     """The kernel ``name`` of the source for this device and size class, built for ``threads`` per
     block (default :data:`DEFAULT_THREADS`: the launch must use the same number, the kernel's block
-    size is a constant)."""
+    size is a constant); compiled now if it is not built yet."""
     idx = device.index if device.index is not None else torch.cuda.current_device()
-    threads = _threads(threads)
-    rr, rc = _tiles(k, "cuda", threads)
-    key = (idx, rr, rc, threads, profile, tuple(nvrtc_options), name)
-    with _lock:
-        kern = _cuda_kernels.get(key)
-        if kern is None:
-            opts = (
-                ["-std=c++17", f"-DDQP_RR={rr}", f"-DDQP_RC={rc}", f"-DDQP_THREADS={threads}"]
-                + (["-DDQP_PROFILE"] if profile else [])
-                + list(nvrtc_options)
-            )
-            with torch.cuda.device(idx):
-                kern = torch.cuda._compile_kernel(_source(), name, nvcc_options=opts)
-                _set_smem(kern, _max_smem(device))
-            _cuda_kernels[key] = kern
-            logger.info("dqp fused IPM: %s compiled for device %d, tile %dx%d", name, idx, rr, rc)
+    flags = _cuda_flags(k, profile, threads, tuple(nvrtc_options))
+    key = (idx, flags, name)
+    kern = _cuda_kernels.get(key)
+    if kern is None:
+        kern = _builds.get(device, flags, wait=True)[name]
+        with _lock:
+            if key not in _cuda_kernels:
+                with torch.cuda.device(idx):
+                    _set_smem(kern, _max_smem(device))
+                _cuda_kernels[key] = kern
     return kern
 
 
@@ -312,7 +338,7 @@ def _cpu_library(
 ) -> ctypes.CDLL:
     """The kernel compiled as C++ (``-DDQP_CPU``) into a shared library, cached by source hash
     (and by k for the tile build, ``tiles``: :attr:`KernelOptions.cpu_tiles`), with ``compiler``
-    (:func:`_compiler`) in ``cache_dir`` (:func:`_cache_dir`)."""
+    (:func:`_compiler`) in ``cache_dir`` (:func:`dqp.solvers.build_cache.cache_dir`)."""
     key = (k if tiles else 0, compiler, cache_dir)
     with _lock:
         if key in _cpu_libs:
@@ -329,7 +355,7 @@ def _cpu_library(
         ident = "\0".join((src, cxx, platform.node(), platform.machine(), platform.processor()))
         tag = hashlib.sha256(ident.encode()).hexdigest()[:16]
         name = f"dqp_fused_ipm_{tag}_tiles{k}.so" if tiles else f"dqp_fused_ipm_{tag}.so"
-        out = (Path(cache_dir) if cache_dir is not None else _cache_dir()) / name
+        out = (Path(cache_dir) if cache_dir is not None else _build_cache.cache_dir()) / name
         if not out.exists():
             # (per-process file names: concurrent first builds do not read each other's partial files)
             cpp = out.with_suffix(f".{os.getpid()}.{threading.get_ident()}.cpp")
@@ -364,22 +390,6 @@ def _cpu_library(
         cs.restype = None
         _cpu_libs[key] = lib
         return lib
-
-
-def _cache_dir(env: Optional[str] = None, tmp: Optional[str] = None) -> Path:
-    """Where the C++ builds are kept: ``env`` (default: the variable ``DQP_CACHE_DIR``), else a
-    directory of this user's in the temporary directory ``tmp`` (default: the system's), created
-    private (0700); one that another user owns or can write is not used (a fresh private one is
-    made instead)."""
-    env = os.environ.get("DQP_CACHE_DIR") if env is None else env
-    tmp = tempfile.gettempdir() if tmp is None else tmp
-    base = Path(env) if env else Path(tmp) / f"dqp-{os.getuid() if hasattr(os, 'getuid') else 'user'}"
-    base.mkdir(mode=0o700, parents=True, exist_ok=True)
-    if hasattr(os, "getuid") and not env:
-        st = base.stat()
-        if st.st_uid != os.getuid() or st.st_mode & 0o022:
-            return Path(tempfile.mkdtemp(prefix="dqp-", dir=tmp))
-    return base
 
 
 _pool: Optional[ThreadPoolExecutor] = None
@@ -509,6 +519,22 @@ def solve_dual(
     ``eps2`` (the iterates of a single stage at ``eps2``) and polishes again. ``iters`` counts both.
     ``eps2 < eps_mid < eps``: three stages, the second stop and polish at ``eps_mid``.
     """
+    B, n, m, p = _sizes(P, q, C, A)
+    rounds = int(polish_rounds)
+    one = P.new_zeros(1)  # (stands in for every absent argument and output: the kernel does not touch it)
+    inputs = _inputs(P, q, C, d, A, b, M, PiAbt, Piq, g, norms, Md, state, one)
+    out, outputs = _outputs(P, B, n, m, p, rounds, row_scale, one)
+    ints = [n, m, p, max_iter, stall_iters, bool(separate_steps), rounds]
+    floats = [eps, eps_inf, step_fraction, reg_d, wlo, eps2 or 0.0, eps_mid or 0.0]  # (0: no such stage)
+    scalars = [int(v) for v in ints] + [float(v) for v in floats] + [int(bool(start))]
+    if B:
+        _launch(inputs + outputs, scalars, B, (n, m, p), profile, opts, one)
+    return out
+
+
+def _sizes(P: Tensor, q: Tensor, C: Optional[Tensor], A: Optional[Tensor]) -> Tuple[int, int, int, int]:
+    """``(B, n, m, p)`` of a problem :func:`solve_dual` takes; a :class:`SettingsError` for one it
+    cannot (not float64, no build for the device, no constraints)."""
     dev, dt = P.device, P.dtype
     if dt != torch.float64:
         raise SettingsError(f"fused IPM: float64 data only (got {dt}); use fused=False.")
@@ -517,18 +543,16 @@ def solve_dual(
     B, n = q.shape
     m = 0 if C is None else C.shape[-2]
     p = 0 if A is None else A.shape[-2]
-    k = m + p
-    if k == 0:
+    if m + p == 0:
         raise SettingsError("fused IPM: the problem has no constraints (the dual form needs some); use fused=False.")
-    one = P.new_zeros(1)
-    Pm, sP = _mat(P, one)
-    Cm, sC = _mat(C, one)
-    Am, sA = _mat(A, one)
-    Mm, sM = _mat(M, one)
-    Pi, sPi = _mat(PiAbt, one)
-    qv, sq = _vec(q, one)
-    dv, sd = _vec(d, one)
-    bv, sb = _vec(b, one)
+    return B, n, m, p
+
+
+def _inputs(P, q, C, d, A, b, M, PiAbt, Piq, g, norms, Md, state, one: Tensor) -> list:
+    """The kernel's input arguments in its order: the data and the dual form's tensors (each matrix
+    and vector with its batch stride), the norms of the convergence check and the starting state."""
+    B, n = q.shape
+    m, p = (0 if C is None else C.shape[-2]), (0 if A is None else A.shape[-2])
     zero = one.expand(B)
     nrm = torch.stack(
         [
@@ -540,83 +564,62 @@ def solve_dual(
         ],
         dim=-1,
     )
-    Piq = Piq.expand(B, n).contiguous()
-    g = g.expand(B, k).contiguous()
-    z0 = state["z"].contiguous()
-    s0 = state["s"].contiguous() if m else one
-    mu0 = state["mu"].contiguous() if m else one
-    lam0 = state["lam"].contiguous() if p else one
-    delta0 = state["delta"].contiguous()
-    z = torch.empty(B, n, dtype=dt, device=dev)
-    s = torch.empty(B, m, dtype=dt, device=dev)
-    mu = torch.empty(B, m, dtype=dt, device=dev)
-    lam = torch.empty(B, p, dtype=dt, device=dev)
-    status = torch.empty(B, dtype=torch.int64, device=dev)
-    iters = torch.empty(B, dtype=torch.int64, device=dev)
-    rounds = int(polish_rounds)
-    if rounds:
-        if row_scale is None or tuple(row_scale.shape[-1:]) != (k,):
-            raise SettingsError("fused IPM: polish_rounds > 0 needs row_scale, the (B, k) row norms of [A; C].")
-        sc = row_scale.to(dt).expand(B, k).contiguous()
-        active = torch.empty(B, m, dtype=torch.bool, device=dev)
-        pflag = torch.empty(B, dtype=torch.int64, device=dev)
-        LS = torch.empty(B, k, k, dtype=dt, device=dev)
-        pol = [sc, active if m else one, pflag, LS]
-    else:
-        pol = [one, one, one, one]
-    # (an absent output gets the dummy: the kernel writes s, μ only when m > 0 and λ when p > 0)
-    tensors = [
-        Pm,
-        sP,
-        qv,
-        sq,
-        Cm,
-        sC,
-        dv,
-        sd,
-        Am,
-        sA,
-        bv,
-        sb,
-        Mm,
-        sM,
-        Pi,
-        sPi,
-        Piq,
-        g,
-        nrm,
-        z0,
-        s0,
-        mu0,
-        lam0,
-        delta0,
-        z,
-        s if m else one,
-        mu if m else one,
-        lam if p else one,
-        status,
-        iters,
-    ] + pol
-    scalars = [
-        int(n),
-        int(m),
-        int(p),
-        int(max_iter),
-        int(stall_iters),
-        int(bool(separate_steps)),
-        rounds,
-        float(eps),
-        float(eps_inf),
-        float(step_fraction),
-        float(reg_d),
-        float(wlo),
-        float(eps2) if eps2 is not None else 0.0,
-        float(eps_mid) if eps_mid is not None else 0.0,
-        int(bool(start)),
+    data = [*_mat(P, one), *_vec(q, one), *_mat(C, one), *_vec(d, one), *_mat(A, one), *_vec(b, one)]
+    dual = [*_mat(M, one), *_mat(PiAbt, one), Piq.expand(B, n).contiguous(), g.expand(B, m + p).contiguous(), nrm]
+    start = [
+        state["z"].contiguous(),
+        state["s"].contiguous() if m else one,
+        state["mu"].contiguous() if m else one,
+        state["lam"].contiguous() if p else one,
+        state["delta"].contiguous(),
     ]
-    if B == 0:
-        pass
-    elif dev.type == "cuda":
+    return data + dual + start
+
+
+def _outputs(
+    P: Tensor, B: int, n: int, m: int, p: int, rounds: int, row_scale: Optional[Tensor], one: Tensor
+) -> Tuple[Dict[str, Tensor], list]:
+    """The kernel's output buffers: ``(out, args)``, the result dict of :func:`solve_dual` and the
+    launch arguments in the kernel's order (the polish's row norms, an input, among them)."""
+    dev, dt, k = P.device, P.dtype, m + p
+    out = dict(
+        z=torch.empty(B, n, dtype=dt, device=dev),
+        s=torch.empty(B, m, dtype=dt, device=dev),
+        mu=torch.empty(B, m, dtype=dt, device=dev),
+        lam=torch.empty(B, p, dtype=dt, device=dev),
+        status=torch.empty(B, dtype=torch.int64, device=dev),
+        iters=torch.empty(B, dtype=torch.int64, device=dev),
+    )
+    # (an absent output gets the dummy: the kernel writes s, μ only when m > 0 and λ when p > 0)
+    args = [out["z"], out["s"] if m else one, out["mu"] if m else one, out["lam"] if p else one]
+    args += [out["status"], out["iters"]]
+    if not rounds:
+        return out, args + [one, one, one, one]
+    if row_scale is None or tuple(row_scale.shape[-1:]) != (k,):
+        raise SettingsError("fused IPM: polish_rounds > 0 needs row_scale, the (B, k) row norms of [A; C].")
+    out.update(
+        active=torch.empty(B, m, dtype=torch.bool, device=dev),
+        pflag=torch.empty(B, dtype=torch.int64, device=dev),
+        LS=torch.empty(B, k, k, dtype=dt, device=dev),
+    )
+    sc = row_scale.to(dt).expand(B, k).contiguous()
+    return out, args + [sc, out["active"] if m else one, out["pflag"], out["LS"]]
+
+
+def _launch(
+    tensors: list,
+    scalars: list,
+    B: int,
+    nmp: Tuple[int, int, int],
+    profile: Optional[Tensor],
+    opts: KernelOptions,
+    one: Tensor,
+) -> None:
+    """Launch the kernel over the batch: a thread block per problem on CUDA, the C++ build's
+    threads on the CPU. ``nmp``: the problem's sizes ``(n, m, p)``."""
+    dev, (n, m, p) = tensors[0].device, nmp
+    k = m + p
+    if dev.type == "cuda":
         # (the kernel is compiled for exactly the block size it is launched with)
         threads = _threads(opts.threads)
         kern = _cuda_kernel(dev, k, profile is not None, threads=threads, nvrtc_options=opts.nvrtc_options)
@@ -642,10 +645,6 @@ def solve_dual(
             opts.cpu_threads,
             opts.cpu_split,
         )
-    out = dict(z=z, s=s, mu=mu, lam=lam, status=status, iters=iters)
-    if rounds:
-        out.update(active=active, pflag=pflag, LS=LS)
-    return out
 
 
 # ---- the diagonal blocks of the blocked Cholesky factorization (dqp.linsolve.blocked)
@@ -670,23 +669,18 @@ def _helper_available(
     kernel builds (a failure is logged once, ``what`` failed and ``instead`` runs)."""
     if device.type != "cuda" or dtype != torch.float64 or not 1 <= k <= KMAX:
         return False
-    idx = device.index if device.index is not None else torch.cuda.current_device()
-    key = (idx, _tiles(k, "cuda"), DEFAULT_THREADS, (), name)
-    if (key, words) in _helper_ok:  # (asked per solve: the verdict is kept)
+    flags = _cuda_flags(k, False, None, ())
+    key = (device.index if device.index is not None else torch.cuda.current_device(), flags, name, words)
+    if key in _helper_ok:  # (asked per solve: the verdict is kept)
         return True
-    if not hasattr(torch.cuda, "_compile_kernel") or 8 * words > _max_smem(device):
-        return False
-    if key in _cuda_build_failed:
+    if 8 * words > _max_smem(device) or _builds.failure(device, flags) is not None:
         return False
     try:
         _cuda_kernel(device, k, name=name)
-        _helper_ok.add((key, words))
+        _helper_ok.add(key)
         return True
     except Exception as exc:  # noqa: BLE001 - any compile/load failure: the library's routine
-        _cuda_build_failed[key] = f"{type(exc).__name__}: {exc}"
-        logger.warning(
-            "dqp %s: the kernel could not be built (%s); %s runs instead", what, _cuda_build_failed[key], instead
-        )
+        logger.warning("dqp %s: the kernel could not be built (%s); %s runs instead", what, exc, instead)
         return False
 
 

@@ -349,8 +349,8 @@ def test_polish_rounds_are_checked(bad):
 
 
 def _torch_polish(P, q, C, d, A, b, res, rounds=3):
-    """dqp.ipm_layer's masked polish (the one its CUDA graph runs) from the IPM point of ``res``."""
-    from dqp.ipm_layer import _polish_masked, classify_active
+    """dqp.ipm_polish's masked polish (the one its CUDA graph runs) from the IPM point of ``res``."""
+    from dqp.ipm_polish import _polish_masked, classify_active
 
     solved = res.status == int(Status.SOLVED)
     act = classify_active(C, res.s, res.mu) & solved.unsqueeze(-1) if C is not None else None
@@ -611,20 +611,16 @@ def test_refine_is_not_run_by_the_kernel():
 
 def test_cuda_build_failure_keeps_the_torch_loop(caplog):
     # (an NVRTC option no compiler knows: the build fails with or without a GPU here)
-    opts = KernelOptions(nvrtc_options=("--dqp-no-such-option",))
+    opts = KernelOptions(nvrtc_options=("--dqp-no-such-option",), cuda_build="wait")
     with caplog.at_level("WARNING", logger="dqp.solvers.fused"):
         assert not fused._cuda_build_available(torch.device("cuda", 0), 50, opts)
         assert not fused._cuda_build_available(torch.device("cuda", 0), 50, opts)  # remembered
     assert caplog.text.count("could not be built") == 1
 
 
-def test_build_cache_directory_is_private(tmp_path):
-    assert fused._cache_dir(env=str(tmp_path / "mine")) == tmp_path / "mine"
-    d = fused._cache_dir(env="", tmp=str(tmp_path))
-    assert d.parent == tmp_path and (d.stat().st_mode & 0o777) == 0o700
-    d.chmod(0o777)  # writable by others: not used
-    other = fused._cache_dir(env="", tmp=str(tmp_path))
-    assert other != d and (other.stat().st_mode & 0o022) == 0
+def test_kernel_options_cuda_build_is_checked():
+    with pytest.raises(SettingsError, match="cuda_build must be 'background' or 'wait', got 'later'"):
+        KernelOptions(cuda_build="later")
 
 
 @needs_cxx
@@ -1133,3 +1129,20 @@ def test_cuda_chol_solve_kernel_matches_library(k):
         from test_blocked import LOOP, _layer_same_across
 
         _layer_same_across("cuda", LOOP, "solve_kernel", modes=("never", "auto"))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("widen", [None, False])
+def test_cuda_float32_beyond_the_kernel_size_is_solved_in_float64(widen):
+    """k = 150 > KMAX: float32 data on a full-rate-float64 GPU take the float64 torch loop (default),
+    or the float32 IPM with a float64 polish (widen_on_cuda=False); both answers and gradients are
+    float32 tensors that agree with the float64 solve."""
+    P, q, C, d, A, b, *_ = known_qp(4, 30, 150, 0, seed=11, device="cuda")
+    opts = IPMOptions(widen_on_cuda=widen)
+    ref = solve_qp_batch(P, q, C, d, options=opts)[0]
+    args = [t.float().requires_grad_() for t in (P, q, C, d)]
+    z = solve_qp_batch(*args, options=opts)[0]
+    z.sum().backward()
+    assert z.dtype == torch.float32 and args[1].grad.dtype == torch.float32
+    assert _rel(z.double(), ref) <= 1e-5

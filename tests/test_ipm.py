@@ -977,21 +977,21 @@ def test_graphed_call_memory_budget_and_factors():
 
 
 def test_polish_graph_policy():
-    import dqp.ipm_layer as lay
+    from dqp.ipm_polish import _polish_graph_ok as ok
 
     P = torch.zeros(128, 100, 100, dtype=F64)
     q, C = torch.zeros(128, 100, dtype=F64), torch.zeros(128, 100, 100, dtype=F64)
     res = type("R", (), {"factors": {"L": None}})()
-    on = {"options": EMU()}  # (graphs on any device)
-    assert lay._polish_graph_ok(P, q, C, None, res, on)  # B·k² = 1.28e6
-    assert not lay._polish_graph_ok(P, q, torch.zeros(128, 130, 100, dtype=F64), None, res, on)  # 2.2e6
-    assert not lay._polish_graph_ok(P.float(), q, C, None, res, on)  # (float32 data reach it in float64)
-    assert not lay._polish_graph_ok(P, q, None, None, res, on)  # no constraints
-    assert not lay._polish_graph_ok(P, q, C, None, res, dict(on, cuda_graph=False))
-    assert not lay._polish_graph_ok(P, q, C, None, type("R", (), {"factors": None})(), on)  # primal form:
+    on = EMU()  # (graphs on any device)
+    assert ok(P, q, C, None, res, on)  # B·k² = 1.28e6
+    assert not ok(P, q, torch.zeros(128, 130, 100, dtype=F64), None, res, on)  # 2.2e6
+    assert not ok(P.float(), q, C, None, res, on)  # (float32 data reach it in float64)
+    assert not ok(P, q, None, None, res, on)  # no constraints
+    assert not ok(P, q, C, None, res, on, cuda_graph=False)
+    assert not ok(P, q, C, None, type("R", (), {"factors": None})(), on)  # primal form:
     # P not (well enough) positive definite for the factors the graph relies on
-    assert not lay._polish_graph_ok(P, q, C, None, res, {"options": EMU(polish_graph=False)})
-    assert not lay._polish_graph_ok(P, q, C, None, res, {"options": LOOP})  # CPU, graphs not emulated
+    assert not ok(P, q, C, None, res, EMU(polish_graph=False))
+    assert not ok(P, q, C, None, res, LOOP)  # CPU, graphs not emulated
 
 
 @pytest.mark.parametrize("fast_paths", [True, False])

@@ -37,7 +37,10 @@ def fused_reasons(
     options: IPMOptions = DEFAULT_OPTIONS,
 ) -> list:
     """Why the fused kernel cannot run this solve (empty: it can)."""
-    fits = _fused.fused_available(device, dtype, n, m, p, options.kernel) or (device.type == "cpu" and fused is True)
+    # (fused=True waits for a CUDA build that is not done yet; "auto" may take the torch loop meanwhile)
+    fits = _fused.fused_available(device, dtype, n, m, p, options.kernel, wait=True if fused is True else None) or (
+        device.type == "cpu" and fused is True
+    )
     return [
         why
         for bad, why in (

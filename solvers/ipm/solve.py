@@ -194,118 +194,121 @@ def ipm_solve(
     if not isinstance(options, IPMOptions):
         raise SettingsError(f"ipm_solve: options must be an IPMOptions, got {type(options).__name__}.")
     P, q, C, d, A, b, B, n, m, p = _prepare(P, q, C, d, A, b)
-    P0, q0, d0, b0 = P, q, d, b
+    given = (P, q, C, d, A, b)  # (before the row scaling: a restart and the float64 re-solve start from these)
     dtype, device = P.dtype, P.device
     eps, stages, eps_inf, check_every = _checked_arguments(
         dtype, device, eps, max_iter, polish_rounds, step_fraction, polish_eps, eps_infeasible, check_every
     )
-    f64 = dtype == torch.float64
-    C_u, A_u = C, A
     use_graph = cuda_graph and trace is None and graph_device_ok(device, options)
     with torch.profiler.record_function("dqp::ipm_setup"):
         init, deferred, fused_dual = _setup(
             P, q, C, d, A, b, B, n, m, p, form, fused, trace, refine, use_graph and graph_cache, options
         )
     C, d, A, b, c_scale, a_scale, norms, newton, S = init
-    fm = newton.form
     if refine is None:
-        refine = 1 if fm == "primal" else 0
-    wlo = 1e-60 if f64 else 1e-16  # (IterConfig.wlo: the range of W⁻¹ = s/μ)
+        refine = 1 if newton.form == "primal" else 0
+    live = _GraphData(P, q, C, d, A, b, newton, norms)
     # the fused kernel runs the whole loop: nothing of the torch loop's machinery is needed then
-    fused_out = None
-    if (
+    fused_run = (
         fused_dual
-        if (fm == "dual" and fused_dual is not None)
-        else _use_fused(fused, fm, dtype, device, n, m, p, trace, refine, options)
-    ):
-        with torch.profiler.record_function("dqp::ipm_fused"):
-            fused_out = _fused.solve_dual(
-                P,
-                q,
-                C,
-                d,
-                A,
-                b,
-                newton.M,
-                newton.PiAbt,
-                newton._Piq,
-                newton._g,
-                norms,
-                newton.Md,
-                S,
-                max_iter=max_iter,
-                stall_iters=stall_iters,
-                separate_steps=separate_steps,
-                eps_inf=eps_inf,
-                step_fraction=step_fraction,
-                reg_d=newton.reg_d,
-                wlo=wlo,
-                polish_rounds=polish_rounds,
-                row_scale=_row_scales(a_scale, c_scale, B),
-                start=True,
-                **_stage_tolerances(eps, stages, polish_rounds),
-                opts=options.kernel,
-            )
+        if (newton.form == "dual" and fused_dual is not None)
+        else _use_fused(fused, newton.form, dtype, device, n, m, p, trace, refine, options)
+    )
+    if fused_run:
+        S = _fused_loop(live, S, _row_scales(a_scale, c_scale, B), eps, stages, eps_inf, again)
         if deferred is not None and not _deferred_ok(deferred):
             # P failed the dual form's test in some element: the kernel's answer is void; this
             # setup graph tests before going on from now on, and the solve starts again
             _SETUP_DEFER_FAILED.add(deferred[0])
-            return ipm_solve(P0, q0, C_u, d0, A_u, b0, **again)
-
-    if fused_out is not None:
-        S = fused_out
+            return ipm_solve(*given, **again)
     else:
-        if compile and not use_graph:
-            warnings.warn(
-                f"ipm_solve: compile=True compiles the captured CUDA-graph iteration; it has no effect "
-                f"here (device {device.type}, cuda_graph={cuda_graph}, trace given: {trace is not None}) "
-                "and the iterations run eagerly.",
-                stacklevel=2,
-            )
-        cfg = IterConfig(
-            n=n,
-            m=m,
-            p=p,
-            dtype=dtype,
-            device=device,
-            form=fm,
-            eps=eps,
-            eps_inf=eps_inf,
-            separate_steps=separate_steps,
-            step_fraction=step_fraction,
-            refine=refine,
-            stall_iters=stall_iters,
-            check_every=check_every,
-            compile=compile,
-            lin=options.linalg,
-            track=fm == "dual" and f64 and not use_graph and m > 0,
-        )
-        S = _torch_loop(
-            cfg, trace, _GraphData(P, q, C, d, A, b, newton, norms), S, B, max_iter, use_graph, graph_cache, options
-        )
-    res = _result(S, fused_out is not None, newton, a_scale, c_scale, B, m, p)
+        cfg = _iter_config(live, n, m, p, eps, eps_inf, refine, check_every, use_graph, again)
+        S = _torch_loop(cfg, trace, live, S, B, max_iter, use_graph, graph_cache, options)
+    res = _result(S, bool(fused_run), newton, a_scale, c_scale, B, m, p)
     if fallback64 and dtype != torch.float64:
-        bad = (res.status == int(Status.MAX_ITER)) | (res.status == int(Status.NUMERICAL))
-        if bool(bad.any()):
-            res = _fallback64(
-                res,
-                bad,
-                (P0, q0, C_u, d0, A_u, b0),
-                dict(
-                    eps=None,
-                    max_iter=max_iter,
-                    check_every=check_every,
-                    form=form,
-                    separate_steps=separate_steps,
-                    step_fraction=step_fraction,
-                    refine=refine,
-                    stall_iters=stall_iters,
-                    cuda_graph=cuda_graph,
-                    graph_cache=False,
-                    options=options,
-                ),
-            )
+        res = _fallback64(res, given, again, check_every, refine)
     return res
+
+
+def _fused_loop(
+    live: _GraphData, S, row_scale: Tensor, eps: float, stages: tuple, eps_inf: float, kw: Dict[str, Any]
+) -> Dict[str, Tensor]:
+    """The whole iteration loop (and, with ``polish_rounds``, the polish) as one launch of the fused
+    kernel (:func:`dqp.solvers.fused.solve_dual`) from the dual form's setup; the final state.
+    ``kw``: :func:`ipm_solve`'s keywords."""
+    newton, polish_rounds = live.newton, kw["polish_rounds"]
+    wlo = 1e-60 if live.P.dtype == torch.float64 else 1e-16  # (IterConfig.wlo: the range of W⁻¹ = s/μ)
+    with torch.profiler.record_function("dqp::ipm_fused"):
+        return _fused.solve_dual(
+            live.P,
+            live.q,
+            live.C,
+            live.d,
+            live.A,
+            live.b,
+            newton.M,
+            newton.PiAbt,
+            newton._Piq,
+            newton._g,
+            live.norms,
+            newton.Md,
+            S,
+            max_iter=kw["max_iter"],
+            stall_iters=kw["stall_iters"],
+            separate_steps=kw["separate_steps"],
+            eps_inf=eps_inf,
+            step_fraction=kw["step_fraction"],
+            reg_d=newton.reg_d,
+            wlo=wlo,
+            polish_rounds=polish_rounds,
+            row_scale=row_scale,
+            start=True,
+            **_stage_tolerances(eps, stages, polish_rounds),
+            opts=kw["options"].kernel,
+        )
+
+
+def _iter_config(
+    live: _GraphData,
+    n: int,
+    m: int,
+    p: int,
+    eps: float,
+    eps_inf: float,
+    refine: int,
+    check_every: int,
+    use_graph: bool,
+    kw: Dict[str, Any],
+) -> IterConfig:
+    """The torch loop's configuration from :func:`ipm_solve`'s checked arguments and keywords ``kw``
+    (warns where ``compile`` cannot act: it compiles the captured CUDA-graph iteration only)."""
+    dtype, device = live.P.dtype, live.P.device
+    if kw["compile"] and not use_graph:
+        warnings.warn(
+            f"ipm_solve: compile=True compiles the captured CUDA-graph iteration; it has no effect "
+            f"here (device {device.type}, cuda_graph={kw['cuda_graph']}, trace given: {kw['trace'] is not None}) "
+            "and the iterations run eagerly.",
+            stacklevel=3,
+        )
+    form = live.newton.form
+    return IterConfig(
+        n=n,
+        m=m,
+        p=p,
+        dtype=dtype,
+        device=device,
+        form=form,
+        eps=eps,
+        eps_inf=eps_inf,
+        separate_steps=kw["separate_steps"],
+        step_fraction=kw["step_fraction"],
+        refine=refine,
+        stall_iters=kw["stall_iters"],
+        check_every=check_every,
+        compile=kw["compile"],
+        lin=kw["options"].linalg,
+        track=form == "dual" and dtype == torch.float64 and not use_graph and m > 0,
+    )
 
 
 def _torch_loop(
@@ -439,8 +442,16 @@ def _result(S: Dict[str, Tensor], fused: bool, newton, a_scale, c_scale, B: int,
     )
 
 
-def _fallback64(res: IPMResult, bad: Tensor, data, kw) -> IPMResult:
-    """Re-solve the instances ``bad`` in float64 and write them back (cast to res's dtype)."""
+def _fallback64(res: IPMResult, data, kw: Dict[str, Any], check_every: int, refine: int) -> IPMResult:
+    """Re-solve the instances that ended with MAX_ITER or NUMERICAL in float64 and write them back
+    (cast to res's dtype). ``data``: the problem; ``kw``: :func:`ipm_solve`'s keywords, of which the
+    re-solve keeps the iteration's (with the checked ``check_every`` and the form's ``refine``),
+    float64's default tolerance and no graph cache."""
+    bad = (res.status == int(Status.MAX_ITER)) | (res.status == int(Status.NUMERICAL))
+    if not bool(bad.any()):
+        return res
+    kept = ("max_iter", "form", "separate_steps", "step_fraction", "stall_iters", "cuda_graph", "options")
+    kw = dict(eps=None, check_every=check_every, refine=refine, graph_cache=False, **{k: kw[k] for k in kept})
     idx = torch.nonzero(bad).squeeze(-1)
     P, q, C, d, A, b = data
     sel = lambda M, nd: None if M is None else (M[idx] if M.dim() == nd else M).double()
