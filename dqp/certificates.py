@@ -35,7 +35,10 @@ FAR_FROM_KKT = 1e-3
 
 def inf_norm(v) -> float:
     """‖v‖∞ (0 for None or an empty vector)."""
-    return float(np.max(np.abs(v), initial=0.0)) if v is not None and np.size(v) else 0.0
+    if v is None:
+        return 0.0
+    a = np.abs(v)
+    return float(a.max()) if a.size else 0.0
 
 
 def primal_infeasibility_verified(C, d, A, b, y, w, tol: float = CERT_TOL) -> bool:

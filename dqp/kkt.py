@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import threading
 import warnings
 from typing import Iterator, List, Optional, Union
@@ -508,15 +509,15 @@ class RobustKKT(Factorization):
     ) -> np.ndarray:
         K, F = self.Ks, self._F
         x = F.solve(rhs) if x0 is None else x0 + F.solve(rhs - K @ x0)
-        norm_r = max(np.linalg.norm(rhs), 1e-300)
+        norm_r = max(_norm(rhs), 1e-300)
         r = rhs - K @ x
-        res = np.linalg.norm(r) / norm_r
+        res = _norm(r) / norm_r
         for _ in range(self.refine_steps if steps is None else steps):
             if not np.isfinite(res) or res < _REFINED:
                 break
             x_new = x + F.solve(r)
             r_new = rhs - K @ x_new
-            res_new = np.linalg.norm(r_new) / norm_r
+            res_new = _norm(r_new) / norm_r
             if not res_new < res:
                 break
             x, r, res = x_new, r_new, res_new
@@ -533,6 +534,12 @@ class RobustKKT(Factorization):
         D = self.D if rhs.ndim == 1 else self.D[:, None]
         xs = self._solve_scaled(D * rhs, None if x0 is None else np.asarray(x0, dtype=np.float64) / D)
         return D * xs
+
+
+def _norm(x: np.ndarray) -> float:
+    """The 2-norm of a vector or of a matrix's entries (as ``np.linalg.norm``, without its dispatch)."""
+    x = x.ravel()
+    return math.sqrt(float(x @ x))
 
 
 #: relative residual at which iterative refinement stops (a few units of round-off)
