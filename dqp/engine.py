@@ -607,10 +607,10 @@ class Engine:
                 f"{solver.name}: " + (raw.info.get("error", "") or raw.info.get("raw_status", "") or raw.status.name),
             )
         mu0 = raw.z if (s.dual_available and raw.z is not None) else None
-        trace = PolishTrace()
+        pool = self._factor_pool(slot)
+        trace = PolishTrace(singular=pool.singular)  # a slot whose last call met a singular system
         start = (raw.x, raw.y, raw.z)
         mats = Derived() if mats is None else mats
-        pool = self._factor_pool(slot)
         out = self._polish_quick(data, sparse, linsolver, raw.x, mu0, start, pool, trace, mats)
         # a failed solve's point rarely polishes: with a fallback solver to ask, the ladder is not worth its cost
         has_fallback = any(fb != solver.name for fb in s.fallback_solver)
@@ -782,6 +782,7 @@ class Engine:
             warn_singular_once()
         if pool is not None:
             pool.add(kkt.factor)  # the factorization in use first: its analysis serves this slot's next call
+            pool.singular = trace is not None and trace.singular
         trace = trace or PolishTrace()
         return ElementResult(
             z,

@@ -230,6 +230,8 @@ class FactorPool:
     def __init__(self, factors=(), size: int = 4) -> None:
         self.size = size
         self._items: List[Factorization] = []
+        #: the last call's polish met a singular reduced system (the next starts from the regularized form)
+        self.singular = False
         for F in factors:
             self.add(F)
 
