@@ -12,4 +12,5 @@ from dqp.solvers.base import (  # noqa: F401
 )
 from dqp.solvers import qpsolvers_backend  # noqa: F401,E402  (registers the qpsolvers backends)
 from dqp.solvers import osqp_native  # noqa: F401,E402  (OSQP direct: workspace reuse, dual warm start)
+from dqp.solvers import piqp_native  # noqa: F401,E402  (PIQP direct on sparse data: workspace reuse)
 from dqp.solvers import ipm  # noqa: F401,E402  (registers the built-in interior-point method)

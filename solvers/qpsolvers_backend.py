@@ -181,23 +181,28 @@ class QPSolversBackend(ForwardSolver):
                 info={"error": f"{type(exc).__name__}: {exc}", "time": time.perf_counter() - t0},
             )
         elapsed = time.perf_counter() - t0
-        extras = dict(sol.extras or {})
-        x = None if sol.x is None else np.asarray(sol.x, dtype=np.float64)
-        info = {"time": elapsed, "raw_status": _status_text(extras)[:200]}
-        if sol.found and x is not None and np.all(np.isfinite(x)):
-            status = Status.SOLVED
-        else:
-            status = status_from_extras(extras) or Status.SOLVER_ERROR
-        y = None if sol.y is None or A is None else np.asarray(sol.y, dtype=np.float64)
-        z = None if sol.z is None or C is None else np.asarray(sol.z, dtype=np.float64)
-        # HiGHS (through qpsolvers) answers a failure with an empty x, not None
-        if x is not None and (x.shape != (P.shape[0],) or not np.all(np.isfinite(x))):
-            x = None
-            if status == Status.SOLVED:
-                status = Status.SOLVER_ERROR
-        y = y if y is not None and y.shape == (A.shape[0],) else None
-        z = z if z is not None and z.shape == (C.shape[0],) else None
-        return RawSolution(x, y, z, status, iterations=_iterations(extras), info=info)
+        return raw_solution(sol.found, sol.x, sol.y, sol.z, dict(sol.extras or {}), elapsed, P.shape[0], C, A)
+
+
+def raw_solution(found: bool, x, y, z, extras: Dict[str, Any], elapsed: float, n: int, C, A) -> RawSolution:
+    """A backend's answer (primal ``x``, duals ``y`` of ``A``, ``z`` of ``C``, raw ``extras``) as a
+    :class:`RawSolution`: status from ``found`` and the extras, malformed vectors dropped."""
+    x = None if x is None else np.asarray(x, dtype=np.float64)
+    info = {"time": elapsed, "raw_status": _status_text(extras)[:200]}
+    if found and x is not None and np.all(np.isfinite(x)):
+        status = Status.SOLVED
+    else:
+        status = status_from_extras(extras) or Status.SOLVER_ERROR
+    y = None if y is None or A is None else np.asarray(y, dtype=np.float64)
+    z = None if z is None or C is None else np.asarray(z, dtype=np.float64)
+    # HiGHS (through qpsolvers) answers a failure with an empty x, not None
+    if x is not None and (x.shape != (n,) or not np.all(np.isfinite(x))):
+        x = None
+        if status == Status.SOLVED:
+            status = Status.SOLVER_ERROR
+    y = y if y is not None and y.shape == (A.shape[0],) else None
+    z = z if z is not None and z.shape == (C.shape[0],) else None
+    return RawSolution(x, y, z, status, iterations=_iterations(extras), info=info)
 
 
 def _make_backend(name: str, module: str, extra: str, formats: str, description: str):
