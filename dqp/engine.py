@@ -156,7 +156,8 @@ def _polish_round(P, q, C, d, A, b, active, solver, sparse, tol, start, quick, t
     again, and a round is a function of its set (and of the start point and factorization mode).
     """
     hint = trace is not None and trace.singular
-    key = (active.tobytes(), quick, hint, id(start))
+    # (after a singular system the quick and the ladder's factorizations are the same regularized one)
+    key = (active.tobytes(), quick and not hint, hint, id(start))
     hit = mats.rounds.get(key)
     if hit is not None:
         return hit[1]
