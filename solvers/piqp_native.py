@@ -28,8 +28,9 @@ def _pattern(M: sp.csc_matrix) -> Tuple[Any, ...]:
 
 
 def _csc(M, n: int) -> sp.csc_matrix:
-    """``M`` as sorted CSC, or an empty ``(0, n)`` block for an absent constraint (as qpsolvers passes it)."""
-    out = sp.csc_matrix((0, n)) if M is None else sp.csc_matrix(M, copy=True)
+    """``M`` as sorted CSC (PIQP copies its input), or an empty ``(0, n)`` block for an absent constraint
+    (as qpsolvers passes it)."""
+    out = sp.csc_matrix((0, n)) if M is None else (M if M.format == "csc" else sp.csc_matrix(M))
     out.sort_indices()
     return out
 
