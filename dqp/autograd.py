@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import warnings
 from typing import Any, List, Optional, Tuple
 
@@ -154,6 +155,11 @@ class QPFunction(torch.autograd.Function):
         dd = t(y_mu * a_np) if (m and need[4]) else None
         db = t(y_lam) if (p and need[6]) else None
         return None, dP, dq, dC, dd, dA, db
+
+
+# torch's Function.apply binds its arguments through inspect.signature(forward) on every call, tens of
+# microseconds on a small problem; a signature stored on the function is returned as it is
+QPFunction.forward.__signature__ = inspect.signature(QPFunction.forward)
 
 
 def _batched_torch_backward(ctx: Any, work: Work, z, lam, mu, gz, glam, gmu):
