@@ -546,11 +546,14 @@ def test_cuda_auto_uses_the_kernel_and_gradients_match():
 
     w = torch.randn(64, 30, dtype=F64, device="cuda")
     out = {}
+    # (cuda_build="wait": the first call of this size class waits for its build instead of taking
+    # the torch loop while it compiles)
+    wait = IPMOptions(kernel=KernelOptions(cuda_build="wait"))
     for flag in (None, False):
         ins = [t.clone().requires_grad_() for t in (Q, p, G, h)]
         fused.solve_dual = spy
         try:
-            z = solve_qp_batch(*ins, fused=flag)[0]
+            z = solve_qp_batch(*ins, fused=flag, options=wait)[0]
         finally:
             fused.solve_dual = real
         (w * z).sum().backward()
