@@ -5,7 +5,7 @@ analysis of its KKT system again. In a training or bilevel loop the patterns of 
 change between calls: this backend keeps one PIQP workspace per batch element and, when the patterns
 and settings are those of its last call, passes the new values with ``update`` (PIQP recomputes its
 equilibration and refactorizes numerically). Dense data, a call without a batch slot (a fallback
-solve) and PIQP releases before 0.6 go through qpsolvers as before. It replaces the qpsolvers entry
+solve) and PIQP versions before 0.6 go through qpsolvers as before. It replaces the qpsolvers entry
 under the name ``"piqp"``.
 """
 

@@ -83,19 +83,19 @@ def test_worker_threads_leave_the_callers_warning_filters_alone():
 
     from dqp.errors import numerics_quiet
 
-    inside, release = threading.Event(), threading.Event()
+    inside, go_on = threading.Event(), threading.Event()
 
     def worker():
         with numerics_quiet():
             inside.set()
-            release.wait(5)
+            go_on.wait(5)
 
     t = threading.Thread(target=worker)
     t.start()
     assert inside.wait(5)
     with warnings.catch_warnings(record=True) as rec:
         warnings.simplefilter("always")
-        release.set()
+        go_on.set()
         t.join(5)
         warnings.warn("still recorded", UserWarning)
     assert any("still recorded" in str(w.message) for w in rec)
