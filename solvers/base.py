@@ -51,6 +51,13 @@ class RawSolution:
     iterations: Optional[int] = None
     info: Dict[str, Any] = field(default_factory=dict)
 
+    @classmethod
+    def error(cls, exc: BaseException, elapsed: float) -> "RawSolution":
+        """The answer of a solver call that raised ``exc`` after ``elapsed`` seconds (no point)."""
+        return cls(
+            None, None, None, Status.SOLVER_ERROR, info={"error": f"{type(exc).__name__}: {exc}", "time": elapsed}
+        )
+
 
 class ForwardSolver(Plugin, ABC):
     """Base class of forward solvers.

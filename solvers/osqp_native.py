@@ -123,13 +123,7 @@ class OSQPNative(ForwardSolver):
             if slot is not None:
                 with self._lock:
                     self._workspaces.pop(slot, None)
-            return RawSolution(
-                None,
-                None,
-                None,
-                Status.SOLVER_ERROR,
-                info={"error": f"{type(exc).__name__}: {exc}", "time": time.perf_counter() - t0},
-            )
+            return RawSolution.error(exc, time.perf_counter() - t0)
         elapsed = time.perf_counter() - t0
         text = str(res.info.status).lower()
         status = (

@@ -18,7 +18,7 @@ from typing import Any, Dict, Tuple
 import numpy as np
 import scipy.sparse as sp
 
-from dqp.errors import Status, numerics_quiet
+from dqp.errors import numerics_quiet
 from dqp.solvers.base import RawSolution, register_solver
 from dqp.solvers.qpsolvers_backend import BACKENDS, QPSolversBackend, raw_solution
 
@@ -99,13 +99,7 @@ class PIQPNative(QPSolversBackend):
         except Exception as exc:  # PIQP raises ValueError on bad data: the next call sets up afresh
             with self._lock:
                 self._workspaces.pop(slot, None)
-            return RawSolution(
-                None,
-                None,
-                None,
-                Status.SOLVER_ERROR,
-                info={"error": f"{type(exc).__name__}: {exc}", "time": time.perf_counter() - t0},
-            )
+            return RawSolution.error(exc, time.perf_counter() - t0)
         res = ws.result
         # copies: the workspace's result vectors are overwritten by its next solve
         x, y, z = (np.array(v, dtype=np.float64, copy=True) for v in (res.x, res.y, res.z_u))

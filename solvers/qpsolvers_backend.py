@@ -173,13 +173,7 @@ class QPSolversBackend(ForwardSolver):
             with numerics_quiet():
                 sol = qpsolvers.solve_problem(problem, solver=self.backend(), initvals=initvals, **kw)
         except Exception as exc:  # solvers raise many different types; classify below
-            return RawSolution(
-                None,
-                None,
-                None,
-                Status.SOLVER_ERROR,
-                info={"error": f"{type(exc).__name__}: {exc}", "time": time.perf_counter() - t0},
-            )
+            return RawSolution.error(exc, time.perf_counter() - t0)
         elapsed = time.perf_counter() - t0
         return raw_solution(sol.found, sol.x, sol.y, sol.z, dict(sol.extras or {}), elapsed, P.shape[0], C, A)
 
