@@ -93,10 +93,15 @@ def _assemble_coo(P, blocks, reg: float) -> sp.csc_matrix:
     diag = np.arange(N)
     rows.append(diag)
     cols.append(diag)
-    vals.append(np.concatenate([np.full(n, reg), np.full(N - n, -reg)]))
+    vals.append(_reg_diagonal(n, N, reg))
     K = sp.csc_matrix((np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))), shape=(N, N))
     K.sum_duplicates()
     return K
+
+
+def _reg_diagonal(n: int, N: int, reg: float) -> np.ndarray:
+    """The regularization on the KKT diagonal: +reg on the n primal rows, −reg on the N − n dual rows."""
+    return np.concatenate([np.full(n, reg), np.full(N - n, -reg)])
 
 
 def _entries(M):
@@ -174,7 +179,7 @@ class _KKTLayout:
             data[self.targets[1 + 2 * k]] = M.data
             data[self.targets[2 + 2 * k]] = M.data
         if reg:
-            data[self.targets[-1]] += np.concatenate([np.full(self.n, reg), np.full(self.N - self.n, -reg)])
+            data[self.targets[-1]] += _reg_diagonal(self.n, self.N, reg)
         return sp.csc_matrix((data, self.indices.copy(), self.indptr.copy()), shape=(self.N, self.N))
 
 
