@@ -15,6 +15,20 @@ from dqp import dQP
 from dqp.io import load_maros_meszaros, maros_meszaros_dir
 
 REPO = Path(__file__).resolve().parent.parent
+
+
+def _sweep(out: Path, *extra: str) -> subprocess.CompletedProcess:
+    """The maintained study on every problem with n, m ≤ 1000 (dqp only, no reference), CSV at ``out``."""
+    args = ["--impl", "ours", "--max-n", "1000", "--max-m", "1000", "--timeout-per-problem", "300", "--no-reference"]
+    cmd = [sys.executable, str(REPO / "experiments" / "maros_meszaros.py"), *args, *extra, "--out", str(out)]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
+
+
+def _rows(out: Path) -> list:
+    with open(out.with_suffix(".csv")) as f:
+        return list(csv.DictReader(f))
+
+
 MM_DIR = REPO / "tests" / "data" / "maros_meszaros"  # a small subset shipped with the tests
 
 # tiny problems covering: inequalities only (HS21, HS35, HS118), an equality (TAME, DUALC1),
@@ -117,29 +131,9 @@ def test_tiny_problem_directional_fd(name):
 def test_small_sweep_has_no_silent_nan(tmp_path):
     """All n, m ≤ 1000 problems: each goes through or raises a typed dqp error; no silent NaN."""
     out = tmp_path / "mm"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            str(REPO / "experiments" / "maros_meszaros.py"),
-            "--impl",
-            "ours",
-            "--max-n",
-            "1000",
-            "--max-m",
-            "1000",
-            "--timeout-per-problem",
-            "300",
-            "--no-reference",
-            "--out",
-            str(out),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=3600,
-    )
+    proc = _sweep(out)
     assert out.with_suffix(".csv").exists(), proc.stderr[-2000:]
-    with open(out.with_suffix(".csv")) as f:
-        rows = list(csv.DictReader(f))
+    rows = _rows(out)
     assert len(rows) == 62
     bad = [
         (r["name"], r["status"], r["error_class"], r["error_msg"][:200])
@@ -157,30 +151,8 @@ def test_small_set_with_piqp_is_solved_or_flagged(tmp_path):
     """n, m ≤ 1000 with qp_solver='piqp' and its fallback chain: all 62 answered (verified, or flagged
     unverified); a solver's unverified infeasibility claim (Clarabel's on PRIMALC2) no longer ends the chain."""
     out = tmp_path / "mm_piqp"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            str(REPO / "experiments" / "maros_meszaros.py"),
-            "--impl",
-            "ours",
-            "--max-n",
-            "1000",
-            "--max-m",
-            "1000",
-            "--timeout-per-problem",
-            "300",
-            "--no-reference",
-            "--solver",
-            "piqp",
-            "--out",
-            str(out),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=3600,
-    )
-    with open(out.with_suffix(".csv")) as f:
-        rows = list(csv.DictReader(f))
+    proc = _sweep(out, "--solver", "piqp")
+    rows = _rows(out)
     assert len(rows) == 62, proc.stderr[-2000:]
     bad = [(r["name"], r["status"], r["error_msg"][:200]) for r in rows if r["status"] != "ok"]
     assert not bad, bad  # unverified answers are flagged (info_verified False, UnverifiedSolutionWarning)
