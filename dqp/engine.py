@@ -115,7 +115,7 @@ class Derived:
     def op(self, M):
         """``M`` for products and the checks' derived matrices: a dense copy of a small sparse matrix
         (made once), else ``M`` itself (see :data:`DENSE_CHECKS`)."""
-        if not sp.issparse(M) or M.shape[0] * M.shape[1] > DENSE_CHECKS:
+        if isinstance(M, np.ndarray) or not sp.issparse(M) or M.shape[0] * M.shape[1] > DENSE_CHECKS:
             return M
         return self._get("op", M, lambda X: X.toarray())
 
