@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""qpth-style benchmark of dqp's batched interior-point layer against qpth and qpax.
+"""qpth-style benchmark of dqp's batched interior-point layer against qpth, qpax and cuPIQP.
 
 Problems follow the generator of the qpth/OptNet benchmark (no equality constraints)::
 
@@ -17,10 +17,15 @@ are rounded to float32-representable values once, so one reference serves both d
 Methods
 -------
 dqp   ``dqp.qpth.QPFunction`` (the drop-in replacement for ``qpth.qp.QPFunction``)
+dqp_layer  ``dqp.dQP.dQP_layer`` with ``qp_solver="dqp_ipm"`` (the same engine through the main
+      door: its input checks and per-element diagnostics included)
 qpth  ``qpth.qp.QPFunction`` (PDIPM_BATCHED), if importable
 qpax  ``qpax.solve_qp_primal`` under ``jax.jit(jax.value_and_grad(Σ w·vmap(solve)))``, if
       importable; note that qpax differentiates a *relaxed* QP (``target_kappa=1e-3``) by
       design, so its gradient differs from the exact one at the 1e-2 level.
+cupiqp  ``cupiqp.torch.DenseSolverLayer`` (CUDA only), if importable: set up once per cell with
+      the cell's data (``settings.enable_grad = True``), then called with ``P, c, G, h_u``; its
+      default tolerances (float64 1e-8 / 1e-9, float32 1e-4).
 
 ``check_Q_spd=False`` is passed to both torch layers (the check is an eigen-decomposition,
 not solver work); all other options are each library's defaults.
@@ -61,7 +66,7 @@ import torch  # noqa: E402
 log = logging.getLogger("bench_qpth")
 
 DTYPES = {"float64": torch.float64, "float32": torch.float32}
-ALL_METHODS = ("dqp", "qpth", "qpax")
+ALL_METHODS = ("dqp", "dqp_layer", "qpth", "qpax", "cupiqp")
 PARAMS = ("Q", "p", "G", "h")
 
 
@@ -318,6 +323,71 @@ class DqpBatchMethod(_TorchLayer):
         return lambda Q, p, G, h, A, b: solve_qp_batch(Q, p, G, h)[0]
 
 
+class DqpLayerMethod(_TorchLayer):
+    """``dQP_layer(settings=build_settings(qp_solver="dqp_ipm"))``: the main door on the same engine."""
+
+    name = "dqp_layer"
+
+    def available(self):
+        return DqpMethod().available()
+
+    def version(self):
+        return DqpMethod().version()
+
+    def _layer(self):
+        from dqp import dQP
+
+        layer = dQP.dQP_layer(settings=dQP.build_settings(qp_solver="dqp_ipm", empty_batch=False))
+        return lambda Q, p, G, h, A, b: layer(Q, p, G, h)[0]
+
+
+class CupiqpMethod(Method):
+    """cuPIQP's differentiable dense layer (GPU only)."""
+
+    name = "cupiqp"
+
+    def available(self):
+        if not torch.cuda.is_available():
+            return False, "cuPIQP runs on CUDA only"
+        try:
+            import cupiqp.torch  # noqa: F401
+        except Exception as exc:  # noqa: BLE001
+            return False, f"cupiqp not importable: {exc!r}"
+        return True, ""
+
+    def version(self):
+        from importlib.metadata import version
+
+        try:
+            return f"{version('cupiqp')} (warp {version('warp-lang')})"
+        except Exception:  # noqa: BLE001
+            return "?"
+
+    def prepare(self, ps, dtype, device):
+        if not device.startswith("cuda"):
+            raise RuntimeError("cuPIQP runs on CUDA only")
+        import cupiqp.torch
+
+        leaves = [getattr(ps, name).to(dtype).detach().contiguous().requires_grad_(True) for name in PARAMS]
+        w = ps.w.to(dtype)
+        layer = cupiqp.torch.DenseSolverLayer(dtype=dtype, device=device)
+        layer.settings.enable_grad = True
+        Q, p, G, h = (x.detach() for x in leaves)
+        layer.setup(Q, p, G=G, h_u=h)
+
+        def run():
+            z = layer(P=leaves[0], c=leaves[1], G=leaves[2], h_u=leaves[3])
+            grads = torch.autograd.grad((z * w).sum(), leaves)
+            torch.cuda.synchronize()
+            return z.detach().clone(), grads  # (z is a view of the layer's buffer)
+
+        def fetch(out):
+            z, grads = out
+            return (z.double().cpu().numpy(), {name: g.double().cpu().numpy() for name, g in zip(PARAMS, grads)})
+
+        return run, fetch
+
+
 class _DqpBatchVariant(_TorchLayer):
     """``solve_qp_batch(..., **kw)``: dqp with non-default IPM options (the subclass's ``kw``)."""
 
@@ -503,8 +573,10 @@ METHODS: Dict[str, Method] = {
     m.name: m
     for m in (
         DqpMethod(),
+        DqpLayerMethod(),
         QpthMethod(),
         QpaxMethod(),
+        CupiqpMethod(),
         DqpBatchMethod(),
         DqpCompileMethod(),
         DqpLoopMethod(),
@@ -661,6 +733,26 @@ def _fmt_e(x: float) -> str:
     return "—" if not math.isfinite(x) else f"{x:.1e}"
 
 
+def _ratio(a: Optional[Cell], b: Optional[Cell]) -> str:
+    """``a``'s time over ``b``'s (e.g. ``1.04×``), or — where either did not run."""
+    if not (a and b and a.status == "ok" and b.status == "ok"):
+        return "—"
+    return f"{a.time_median_s / b.time_median_s:.2f}×"
+
+
+def _dtype_table(cells: List[Cell], ours: Sequence[str]) -> List[str]:
+    """Markdown lines: float32 time over float64 time, per cell, for dqp's methods."""
+    if {"float32", "float64"} - {c.dtype for c in cells} or not ours:
+        return []
+    get = {(c.method, c.dtype, c.B, c.n): c for c in cells}
+    head = ["B", "n=m"] + [f"{m} float32 / float64" for m in ours]
+    md = ["#### float32 time / float64 time", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for B, n in dict.fromkeys((c.B, c.n) for c in cells):
+        row = [str(B), str(n)] + [_ratio(get.get((m, "float32", B, n)), get.get((m, "float64", B, n))) for m in ours]
+        md.append("| " + " | ".join(row) + " |")
+    return md + [""]
+
+
 def write_outputs(
     cells: List[Cell], out: str, tag: str, meta: Dict[str, str], methods: Sequence[str], plot: bool = True
 ) -> str:
@@ -681,14 +773,16 @@ def write_outputs(
         "",
     ]
     md += [f"- {k}: {v}" for k, v in meta.items()] + [""]
-    ours = [m for m in methods if m.startswith("dqp")]
+    ours = ["dqp"] if "dqp" in methods else [m for m in methods if m.startswith("dqp")]
     peers = [m for m in methods if not m.startswith("dqp")]
+    door = "dqp" in methods and "dqp_layer" in methods  # (the layer's cost over QPFunction's)
     for dtype in dict.fromkeys(c.dtype for c in cells):
         sub = [c for c in cells if c.dtype == dtype]
         head = (
             ["B", "n=m"]
             + [f"{m} time" for m in methods]
             + [f"{o} vs {p}" for o in ours for p in peers]
+            + (["dqp_layer / dqp"] if door else [])
             + [f"{m} err" for m in methods]
         )
         md += [f"#### {dtype}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -705,6 +799,8 @@ def write_outputs(
                             row.append(f"{r:.1f}×" if r >= 1 else f"{r:.2g}×")
                         else:
                             row.append("—")
+                if door:
+                    row.append(_ratio(get.get("dqp_layer"), get.get("dqp")))
                 row += [_fmt_e(get[m].grad_rel_err) if m in get else "—" for m in methods]
                 md.append("| " + " | ".join(row) + " |")
         md.append("")
@@ -723,6 +819,7 @@ def write_outputs(
             }
             worst.append(f"{m}: " + ", ".join(f"∇{k} {_fmt_e(v)}" for k, v in errs.items()))
         md += ["Worst gradient error per parameter — " + "; ".join(worst) + ".", ""]
+    md += _dtype_table(cells, [m for m in methods if m.startswith("dqp")])
     notes = [f"- {c.dtype} B={c.B} n={c.n} {c.method}: {c.note}" for c in cells if c.note]
     if notes:
         md += ["Notes:", ""] + notes + [""]
@@ -790,7 +887,7 @@ def _plot(
         return
     fig, axes = plt.subplots(1, len(Bs), figsize=(4.2 * len(Bs), 3.6), squeeze=False)
     styles = {"float64": "-", "float32": "--"}
-    colors = {"dqp": "C0", "qpth": "C1", "qpax": "C2", "dqp_batch": "C3"}
+    colors = {"dqp": "C0", "qpth": "C1", "qpax": "C2", "dqp_batch": "C3", "dqp_layer": "C4", "cupiqp": "C5"}
     for ax, B in zip(axes[0], Bs):
         for m in methods:
             for dtype in dict.fromkeys(c.dtype for c in cells):
@@ -936,6 +1033,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     ap.add_argument("--dtypes", default="float64,float32")
     ap.add_argument("--sizes", default="10,50,100,200,500", help="n = m values")
     ap.add_argument("--batches", default="1,128,1024")
+    ap.add_argument(
+        "--cells", default="", help="more (B, n) cells beside the grid, as BxN, comma-separated (e.g. 8192x50)"
+    )
     ap.add_argument("--methods", default=",".join(ALL_METHODS))
     ap.add_argument("--reps", type=int, default=5, help="timed repetitions after one warm-up")
     ap.add_argument(
@@ -1041,6 +1141,7 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Cell]:
         raise SystemExit("no method available")
 
     grid = [(B, n) for B in batches for n in sizes]
+    grid += [tuple(int(x) for x in c.lower().split("x")) for c in _csv_list(args.cells)]
     cells: List[Cell] = []
     try:
         from tqdm import tqdm

@@ -8,7 +8,10 @@ options, so its solves follow them too. The interior-point method (:mod:`dqp.sol
 batched KKT solver (:mod:`dqp.linsolve.torch_batched`) both use this module.
 
 Batched matrix-vector products (:func:`mv`, :func:`tmv`) live here too: on the CPU they go
-through NumPy's stacked ``matmul`` where no autograd graph is built (``cpu_fast_paths``).
+through NumPy's ``einsum`` where no autograd graph is built (``cpu_fast_paths``). Nothing here calls
+a BLAS of NumPy's or SciPy's with work large enough for it to start its own threads: those pools
+ignore ``torch.set_num_threads``, and a pool thread that shares its core with another busy process
+stalls the whole call.
 """
 
 from __future__ import annotations
@@ -31,8 +34,6 @@ __all__ = [
     "cholesky",
     "cholesky_inplace",
     "potrs_inplace",
-    "potrs_rows",
-    "potrs_rows_ok",
     "mv",
     "tmv",
     "compiling",
@@ -191,19 +192,20 @@ def compiling() -> bool:
 def mv(M: Tensor, x: Tensor, options: CholeskyOptions = DEFAULT_OPTIONS) -> Tensor:
     """``M x`` for x (B, n); M (k, n) or (B, k, n).
 
-    Batched on the CPU through NumPy's stacked ``matmul``: for B=128, k=n=100 in float64 it takes
-    0.15 ms where ``torch.matmul`` takes 0.86 ms (1 thread; torch's batched matrix-vector
-    product is a loop of small GEMMs). Zero-copy views both ways.
+    Batched on the CPU through NumPy's ``einsum`` (its own loops, one thread, no BLAS): for B=128,
+    k=n=100 in float64 it takes 0.4 ms where ``torch.matmul`` takes 1.4 ms (1 thread; torch's
+    batched matrix-vector product is a loop of small GEMMs) and NumPy's stacked ``matmul`` 1.2 ms
+    (whose BLAS threads stall when another process is busy on a core). Zero-copy views both ways.
     """
     if options.numpy_ok(M, x):
-        return torch.from_numpy(np.matmul(M.numpy(), x.detach().numpy()[..., None])[..., 0])
+        return torch.from_numpy(np.einsum("...kn,...n->...k", M.numpy(), x.detach().numpy()))
     return torch.matmul(x.unsqueeze(-2), M.transpose(-1, -2)).squeeze(-2)
 
 
 def tmv(M: Tensor, y: Tensor, options: CholeskyOptions = DEFAULT_OPTIONS) -> Tensor:
-    """``Mᵀ y`` for y (B, k); M (k, n) or (B, k, n) (batched CPU: NumPy, as :func:`mv`)."""
+    """``Mᵀ y`` for y (B, k); M (k, n) or (B, k, n) (batched CPU: NumPy's ``einsum``, as :func:`mv`)."""
     if options.numpy_ok(M, y):
-        return torch.from_numpy(np.matmul(y.detach().numpy()[..., None, :], M.numpy())[..., 0, :])
+        return torch.from_numpy(np.einsum("...kn,...k->...n", M.numpy(), y.detach().numpy()))
     return torch.matmul(y.unsqueeze(-2), M).squeeze(-2)
 
 
@@ -481,32 +483,3 @@ def potrs_inplace(S: Tensor, r: Tensor, rows: Optional[list] = None) -> Tensor:
     for i in range(S.shape[0]) if rows is None else rows:
         potrs(Sn[i].T, xn[i][:, None], lower=0, overwrite_b=1)
     return x
-
-
-def potrs_rows_ok(L: Tensor, R: Tensor, options: CholeskyOptions = DEFAULT_OPTIONS) -> bool:
-    """Whether :func:`potrs_rows` applies: CPU fast paths, a batched row-major factor (lower
-    triangle) and right-hand sides of its dtype, nothing that needs a gradient."""
-    return (
-        options.cpu_fast_paths
-        and L.device.type == "cpu"
-        and R.device.type == "cpu"
-        and L.dim() == 3
-        and L.is_contiguous()
-        and L.dtype in (torch.float64, torch.float32)
-        and R.dtype == L.dtype
-        and not (torch.is_grad_enabled() and (L.requires_grad or R.requires_grad))
-    )
-
-
-def potrs_rows(L: Tensor, R: Tensor) -> Tensor:
-    """``R (L Lᵀ)⁻¹`` for the rows of R (B, k, n), with one LAPACK ``potrs`` per matrix (CPU; L
-    row-major, lower triangle read). The rows of a row-major R are the columns of its column-major
-    transpose, so LAPACK solves in place in a copy of R: no layout conversion. Measured (B=128,
-    n=k=100, float64, 2 threads): 17 ms against 33 ms for two batched ``solve_triangular`` calls
-    with k right-hand sides."""
-    potrs = lapack(L.dtype, "potrs")
-    X = R.detach().clone(memory_format=torch.contiguous_format)
-    Ln, Xn = L.detach().numpy(), X.numpy()
-    for i in range(X.shape[0]):
-        potrs(Ln[i].T, Xn[i].T, lower=0, overwrite_b=1)
-    return X

@@ -7,17 +7,7 @@ from typing import Any, Dict, Optional, Tuple
 
 import torch
 from dqp.linsolve.blocked import tri_inverse
-from dqp.linsolve.cholesky import (
-    CholeskyFactor,
-    CholeskyOptions,
-    cholesky,
-    cholesky_inplace,
-    mv,
-    potrs_inplace,
-    potrs_rows,
-    potrs_rows_ok,
-    tmv,
-)
+from dqp.linsolve.cholesky import CholeskyFactor, CholeskyOptions, cholesky, cholesky_inplace, mv, potrs_inplace, tmv
 from dqp.solvers.ipm.options import DEFAULT_OPTIONS, IPMOptions
 
 from dqp.errors import SettingsError
@@ -185,8 +175,6 @@ class _DualNewton:
         by_inverse = _setup_by_inverse(LP, k, options.setup_products)
         if LP.dim() == 2 and Abt.dim() == 2:
             self.PiAbt = LP.solve(Abt.unsqueeze(0))[0]  # shared (n, k)
-        elif potrs_rows_ok(LP.L, self.Abar, self.lin):
-            self.PiAbt = potrs_rows(LP.L, self.Abar.expand(B, k, n)).mT
         elif by_inverse:
             X = tri_inverse(LP.L)  # L⁻¹, mostly matrix products
             LP.inverse = X  # kept: later solves with L (P⁻¹q, the backward's) are products
