@@ -205,13 +205,17 @@ def ruiz_scaling(K, iters: int = 15) -> np.ndarray:
         cols = M.indices
         nonempty = np.diff(M.indptr) > 0
         starts = M.indptr[:-1][nonempty]
+        full = bool(nonempty.all())  # (every row stored, as assemble_kkt's diagonal makes it: no scatter)
     else:
         absK = np.abs(np.asarray(K))
     for _ in range(iters):
         if sp.issparse(K):
-            row = np.ones(N)
-            if absdata.size:
-                row[nonempty] = np.maximum.reduceat(absdata * D[rows] * D[cols], starts)
+            if full:
+                row = np.maximum.reduceat(absdata * D.take(rows) * D.take(cols), starts)
+            else:
+                row = np.ones(N)
+                if absdata.size:
+                    row[nonempty] = np.maximum.reduceat(absdata * D[rows] * D[cols], starts)
         else:
             row = (D[:, None] * absK * D[None, :]).max(axis=1)
         row = np.where(row > 0, row, 1.0)
