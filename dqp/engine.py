@@ -90,6 +90,11 @@ _ROUND = 1e3 * np.finfo(np.float64).eps
 DENSE_CHECKS = 10_000
 
 
+def _transpose(M):
+    """``Mᵀ`` (CSR for a sparse ``M``: its rows are ``M``'s columns, for fast products)."""
+    return M.T.tocsr() if sp.issparse(M) else M.T
+
+
 def _op(M, mats: Optional["Derived"]):
     """``M`` for a product (its dense copy when ``mats`` keeps one)."""
     return M if mats is None else mats.op(M)
@@ -123,7 +128,7 @@ class Derived:
         return self._get("abs", M, lambda X: abs(self.op(X)))
 
     def T(self, M):
-        return self._get("T", M, lambda X: (lambda Y: Y.T.tocsr() if sp.issparse(Y) else Y.T)(self.op(X)))
+        return self._get("T", M, lambda X: _transpose(self.op(X)))
 
     def absT(self, M):
         return self._get("absT", M, lambda X: self.T(self.abs(X)))
