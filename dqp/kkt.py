@@ -26,8 +26,9 @@ from dqp.linsolve.base import Factorization, LinearSolver
 logger = logging.getLogger("dqp")
 
 #: a sparse reduced KKT matrix of at most this many entries (rows × columns) is multiplied as a dense
-#: copy (refinement residuals, probes); it is still factorized sparse
-DENSE_PRODUCTS = 10_000
+#: copy (refinement residuals, probes); it is still factorized sparse. The copy lives as long as the
+#: factorization (until the backward), so the bound keeps it at 20 kB per batch element
+DENSE_PRODUCTS = 2_500
 
 #: paths recorded in the diagnostics
 DIRECT, REGULARIZED = "direct", "regularized"
