@@ -499,13 +499,18 @@ def validate(
         if x is not None and not fast:
             _check_finite(name, x, x.dim() == (2 if name in "qdb" else 3))
 
+    # (no expand where the leading dimension is already B: one autograd node less per argument)
     def expand_vec(v):
-        return None if v is None else (v if v.dim() == 2 else v.unsqueeze(0)).expand(B, -1)
+        if v is None:
+            return None
+        v = v if v.dim() == 2 else v.unsqueeze(0)
+        return v if v.shape[0] == B else v.expand(B, -1)
 
     def expand_mat(M):
         if M is None or isinstance(M, SparseArg):
             return M
-        return (M if M.dim() == 3 else M.unsqueeze(0)).expand(B, -1, -1)
+        M = M if M.dim() == 3 else M.unsqueeze(0)
+        return M if M.shape[0] == B else M.expand(B, -1, -1)
 
     Pm, Cm, Am = expand_mat(mats["P"]), expand_mat(mats.get("C")), expand_mat(mats.get("A"))
     qv, dv, bv = expand_vec(q), expand_vec(d), expand_vec(b)
