@@ -57,15 +57,19 @@ def _mirror(ccol: np.ndarray, rows: np.ndarray, n: int) -> Optional[Tuple[np.nda
 
 
 class PatternCache:
-    """The last ``size`` checked patterns, by their bytes (thread safe; a bounded, oldest-out cache).
+    """The last checked patterns (thread safe; bounded, oldest out): at most ``size`` of them and at
+    most ``max_entries`` stored indices in all (large patterns are few and cheap next to their solve).
 
     ``get(ccol, rows, shape, check)`` returns the :class:`CheckedPattern` of these arrays, running
     ``check(ccol, rows)`` (which raises on a malformed structure) only the first time they are seen.
+    Patterns are found by a hash of their arrays and confirmed by comparing the arrays themselves.
     """
 
-    def __init__(self, size: int = 64) -> None:
+    def __init__(self, size: int = 64, max_entries: int = 4_000_000) -> None:
         self.size = size
+        self.max_entries = max_entries
         self._items: dict = {}
+        self._entries = 0
         self._lock = threading.Lock()
 
     def get(
@@ -75,16 +79,22 @@ class PatternCache:
         shape: Tuple[int, int],
         check: Callable[[np.ndarray, np.ndarray], None],
     ) -> CheckedPattern:
-        key = (shape, ccol.dtype.str, rows.dtype.str, ccol.tobytes(), rows.tobytes())
+        key = (shape, len(ccol), len(rows), hash(ccol.tobytes()), hash(rows.tobytes()))
         hit = self._items.get(key)
-        if hit is not None:
+        if hit is not None and np.array_equal(hit.ccol, ccol) and np.array_equal(hit.rows, rows):
             return hit
         check(ccol, rows)
         pattern = CheckedPattern(ccol, rows, shape)
+        size = len(ccol) + len(rows)
         with self._lock:
-            if len(self._items) >= self.size:
-                self._items.pop(next(iter(self._items)))
-            self._items[key] = pattern
+            old = self._items.pop(key, None)  # (a hash collision: the newer pattern replaces it)
+            self._entries -= 0 if old is None else len(old.ccol) + len(old.rows)
+            if size <= self.max_entries:  # (a pattern beyond the whole budget is checked, not kept)
+                while self._items and (len(self._items) >= self.size or self._entries + size > self.max_entries):
+                    first = self._items.pop(next(iter(self._items)))
+                    self._entries -= len(first.ccol) + len(first.rows)
+                self._items[key] = pattern
+                self._entries += size
         return pattern
 
     def __len__(self) -> int:
@@ -93,6 +103,7 @@ class PatternCache:
     def clear(self) -> None:
         with self._lock:
             self._items.clear()
+            self._entries = 0
 
 
 #: the patterns :func:`dqp.problem.validate` has checked (bounded; shared by every layer of the process)

@@ -52,6 +52,21 @@ def test_cache_is_bounded_oldest_out():
     assert len(cache) == 0
 
 
+def test_cache_keeps_at_most_its_entry_budget():
+    cache, check = PatternCache(size=8, max_entries=20), _Counter()
+    small = _csc(np.eye(3))[:2]  # 4 + 3 entries
+    big = _csc(np.ones((4, 4)))[:2]  # 5 + 16 entries: over the budget, checked but not kept
+    cache.get(*small, (3, 3), check)
+    pat = cache.get(*big, (4, 4), check)
+    assert pat.shape == (4, 4) and len(cache) == 1
+    cache.get(*big, (4, 4), check)
+    assert check.calls == 3
+    two = _csc(np.eye(2))[:2]  # 3 + 2 entries: fits beside the first
+    cache.get(*two, (2, 2), check)
+    cache.get(*small, (3, 3), check)
+    assert len(cache) == 2 and check.calls == 4
+
+
 def test_a_failed_check_is_not_kept():
     cache = PatternCache()
 
