@@ -15,8 +15,9 @@ class CheckedPattern:
 
     Attributes
     ----------
-    ccol, rows : ndarray (int64, read only)
-        Column pointers and row indices (copies: the caller's tensors may change later).
+    ccol, rows : ndarray (int64)
+        Column pointers and row indices (copies: the caller's tensors may change later; never
+        written to).
     mirror : tuple or None
         For a square pattern in canonical form (sorted rows, no duplicates): ``(pos, found)``, where
         each stored entry's transpose is stored (``found``) and at which position (``pos``); ``None``
@@ -24,10 +25,9 @@ class CheckedPattern:
     """
 
     def __init__(self, ccol: np.ndarray, rows: np.ndarray, shape: Tuple[int, int]) -> None:
+        # (copies, writable: torch.as_tensor warns on read-only arrays; no code writes into them)
         self.ccol = np.array(ccol, dtype=np.int64)
         self.rows = np.array(rows, dtype=np.int64)
-        self.ccol.flags.writeable = False
-        self.rows.flags.writeable = False
         self.shape = shape
         self.mirror = _mirror(self.ccol, self.rows, shape[0]) if shape[0] == shape[1] else None
 
