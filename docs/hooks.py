@@ -185,7 +185,8 @@ STUDIES = [
 ]
 
 #: The README's results table is this summary (``tests/test_docs.py`` checks that they agree).
-SUMMARY_ROWS = {"qpth_cuda": None, "qpth_cpu": [128]}  # stem -> batch sizes shown (None: all)
+#: stem -> the cells shown: batch sizes, (B, n) pairs, or None for all.
+SUMMARY_ROWS = {"qpth_cuda": [(1, 10), (128, 100), (128, 500), (1024, 100), (1024, 500)], "qpth_cpu": [128]}
 
 
 def _read_cells(stem: str):
@@ -237,7 +238,7 @@ def results_summary() -> str:
         for r in rows:
             cells[(int(r["B"]), int(r["n"]), r["method"])] = r
         for B, n in dict.fromkeys((int(r["B"]), int(r["n"])) for r in rows):
-            if batches is not None and B not in batches:
+            if batches is not None and B not in batches and (B, n) not in batches:
                 continue
             get = lambda m: cells.get((B, n, m))  # noqa: E731
             lines.append(
