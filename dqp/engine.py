@@ -73,8 +73,31 @@ class PolishTrace:
 
 
 _TINY = np.finfo(np.float64).tiny
+#: relative residual of a polish solve (after refinement) above which its reduced system is taken as
+#: inconsistent: rows active at the solution are missing, or dependent rows disagree. Its point lies
+#: far out along the regularization and its violations name no useful repair, so a repair chain stops
+#: there (on the small Maros–Meszaros problems, every chain that verified ran through systems
+#: consistent to 1e-3 or better; from inconsistent ones the violations only grew, 20 rounds on QBANDM)
+INCONSISTENT = 1e-2
 #: allowance for round-off in a KKT residual, relative to the size of the terms summed
 _ROUND = 1e3 * np.finfo(np.float64).eps
+
+
+#: a sparse matrix of at most this many entries (rows × columns) is also kept dense for the checks'
+#: products (the reduced KKT systems are still assembled from the sparse one): on a small problem a
+#: SciPy sparse product costs about 5 µs and a derived SciPy matrix (``|M|``, ``Mᵀ``) 25 µs of
+#: overhead, a small dense product 1 µs
+DENSE_CHECKS = 10_000
+
+
+def _transpose(M):
+    """``Mᵀ`` (CSR for a sparse ``M``: its rows are ``M``'s columns, for fast products)."""
+    return M.T.tocsr() if sp.issparse(M) else M.T
+
+
+def _op(M, mats: Optional["Derived"]):
+    """``M`` for a product (its dense copy when ``mats`` keeps one)."""
+    return M if mats is None else mats.op(M)
 
 
 class Derived:
@@ -94,11 +117,18 @@ class Derived:
             hit = self._memo[key] = (M, make(M))  # M kept alive, so its id stays its own
         return hit[1]
 
+    def op(self, M):
+        """``M`` for products and the checks' derived matrices: a dense copy of a small sparse matrix
+        (made once), else ``M`` itself (see :data:`DENSE_CHECKS`)."""
+        if isinstance(M, np.ndarray) or not sp.issparse(M) or M.shape[0] * M.shape[1] > DENSE_CHECKS:
+            return M
+        return self._get("op", M, lambda X: X.toarray())
+
     def abs(self, M):
-        return self._get("abs", M, abs)
+        return self._get("abs", M, lambda X: abs(self.op(X)))
 
     def T(self, M):
-        return self._get("T", M, lambda X: X.T.tocsr() if sp.issparse(X) else X.T)
+        return self._get("T", M, lambda X: _transpose(self.op(X)))
 
     def absT(self, M):
         return self._get("absT", M, lambda X: self.T(self.abs(X)))
@@ -124,13 +154,26 @@ def detect_active(
     ``μ_i > eps·‖μ‖∞``: multiplying C and d (or P and q) by any factor leaves the set unchanged.
     Returns the mask and the number of weakly active constraints (small slack *and* small dual).
     """
-    slack = d - C @ x
+    slack = d - _op(C, mats) @ x
     near = slack <= eps * np.maximum(np.maximum(np.abs(d), _abs_rows(C, x, mats)), _TINY)
     if mu is None:
         return near, 0
     big = mu > eps * max(float(np.max(np.abs(mu), initial=0.0)), _TINY)
     weak = int(np.count_nonzero(near & ~big))
     return near | big, weak
+
+
+def _row_block(Cr, J: np.ndarray):
+    """Rows ``J`` of a CSR matrix (or ndarray) in that order: ``Cr[J]``, without the 90 µs of SciPy's
+    fancy indexing on a small matrix (the same arrays: a CSR matrix with sorted indices)."""
+    if not sp.issparse(Cr):
+        return Cr[J]
+    starts = Cr.indptr[J]
+    counts = Cr.indptr[J + 1] - starts
+    indptr = np.zeros(len(J) + 1, dtype=Cr.indptr.dtype)
+    np.cumsum(counts, out=indptr[1:])
+    pos = np.repeat(starts - indptr[:-1], counts) + np.arange(indptr[-1], dtype=Cr.indptr.dtype)
+    return sp.csr_matrix((Cr.data[pos], Cr.indices[pos], indptr), shape=(len(J), Cr.shape[1]))
 
 
 @dataclass
@@ -147,6 +190,8 @@ class _Round:
     viol: np.ndarray
     neg: np.ndarray
     J: np.ndarray
+    #: relative residual of the reduced KKT solve after refinement (see :data:`INCONSISTENT`)
+    residual: float = 0.0
 
 
 def _polish_round(P, q, C, d, A, b, active, solver, sparse, tol, start, quick, trace, pool, mats) -> Optional[_Round]:
@@ -166,7 +211,7 @@ def _polish_round(P, q, C, d, A, b, active, solver, sparse, tol, start, quick, t
     m = 0 if C is None else C.shape[0]
     Cr = None if C is None else mats.rows(C)
     J = np.flatnonzero(active)
-    CJ = None if C is None else Cr[J]
+    CJ = None if C is None else _row_block(Cr, J)
     kkt = RobustKKT(P, A, CJ, sparse, solver, quick=quick, reuse=pool, singular_hint=hint)
     if trace is not None:
         trace.factorizations += kkt.factorizations
@@ -179,13 +224,14 @@ def _polish_round(P, q, C, d, A, b, active, solver, sparse, tol, start, quick, t
             [sx, sy if (p and sy is not None) else np.zeros(p), sz[J] if (m and sz is not None) else np.zeros(len(J))]
         )
     sol = kkt.solve(rhs, x0=x0)
+    solve_residual = kkt.residual
     if not np.all(np.isfinite(sol)):
         mats.rounds[key] = (start, None)
         return None
     z, lam, muJ = sol[:n], sol[n : n + p], sol[n + p :]
     mu = np.zeros(m)
     mu[J] = muJ
-    Pz = P @ z
+    Pz = mats.op(P) @ z
     # stationarity and the equality-type rows (A, C_J) hold to tol relative to their terms
     terms = [_abs_rows(P, z, mats), q]  # |P||z|, not Pz: the terms' size survives cancellation
     r_stat = Pz + q
@@ -195,7 +241,7 @@ def _polish_round(P, q, C, d, A, b, active, solver, sparse, tol, start, quick, t
         ATl = mats.T(A) @ lam
         r_stat = r_stat + ATl
         terms.append(mats.absT(A) @ np.abs(lam))
-        Az = A @ z
+        Az = mats.op(A) @ z
         r_prim = inf_norm(Az - b)
         scale_p = max(scale_p, inf_norm(b), inf_norm(_abs_rows(A, z, mats)))  # |A||z|: the size of the terms of Az
     viol = np.zeros(m)
@@ -208,7 +254,7 @@ def _polish_round(P, q, C, d, A, b, active, solver, sparse, tol, start, quick, t
         CTm = mats.T(C) @ mu_pos
         r_stat = r_stat + CTm
         terms.append(mats.absT(C) @ mu_pos)
-        Cz = C @ z
+        Cz = mats.op(C) @ z
         row_size = np.maximum(np.maximum(np.abs(d), _abs_rows(C, z, mats)), _TINY)
         viol = (Cz - d) - tol * row_size
         if len(J):
@@ -232,7 +278,7 @@ def _polish_round(P, q, C, d, A, b, active, solver, sparse, tol, start, quick, t
         + float(np.sum(np.maximum(-muJ - mu_scale, 0.0)))
         + (0.0 if consistent else 1.0)
     )
-    out = _Round(z, lam, mu, kkt, verified, score, bad_primal, viol, neg, J)
+    out = _Round(z, lam, mu, kkt, verified, score, bad_primal, viol, neg, J, solve_residual)
     mats.rounds[key] = (start, out)  # (start kept alive: its id stays its own)
     return out
 
@@ -269,7 +315,8 @@ def polish(
     ``quick`` tries one unscaled factorization per set before :class:`RobustKKT`'s ladder; ``reuse``
     is a :class:`FactorPool` (or one factorization) whose symbolic analyses same-pattern systems
     reuse, and which receives this polish's factorizations; ``trace``
-    counts the factorizations; ``mats`` holds the element's derived matrices.
+    counts the factorizations; ``mats`` holds the element's derived matrices. Repairs stop at a set
+    whose reduced system is inconsistent (:data:`INCONSISTENT`).
 
     Returns ``(z, lam, mu_full, active, kkt, verified, iterations)``, or ``None`` if the solve is
     not finite.
@@ -286,7 +333,7 @@ def polish(
         z, lam, mu, kkt, verified, score = r.z, r.lam, r.mu, r.kkt, r.verified, r.score
         if best is None or score < best[0]:
             best = (score, z, lam, mu, active.copy(), kkt, verified, it)
-        if verified or not refine or it == max_iter:
+        if verified or not refine or it == max_iter or r.residual > INCONSISTENT:
             break
         if r.bad_primal:
             active[r.viol > 0] = True
@@ -321,7 +368,7 @@ def _include_weakly_active(
     does not depend on which solver, tolerance or warm start produced the point.
     """
     z, lam, mu, active, kkt, verified, it = out
-    slack = d - C @ z
+    slack = d - _op(C, mats) @ z
     at_bound = (~active) & (slack <= eps * np.maximum(np.maximum(np.abs(d), _abs_rows(C, z, mats)), _TINY))
     if not np.any(at_bound):
         return out
@@ -356,7 +403,7 @@ def _clear_slack(C, d: np.ndarray, x: np.ndarray, mu: np.ndarray, eps: float, ma
     The slack is measured against ``max(|d_i|, |C_i||x|, ‖C_i‖₁‖x‖∞)``: the last term keeps a bound
     ``−x_j ≤ 0`` at ``x_j ≈ 1e-12`` small (its own terms alone would make it look slack).
     """
-    slack = d - C @ x
+    slack = d - mats.op(C) @ x
     size = np.maximum(np.maximum(np.abs(d), _abs_rows(C, x, mats)), mats.abs_row_sums(C) * inf_norm(x))
     rel_slack = slack / np.maximum(size, _TINY)
     rel_mu = mu / max(inf_norm(mu), _TINY)
@@ -370,7 +417,7 @@ def _repaired(data, out, eps: float, mats: Derived) -> Tuple[Optional[np.ndarray
     P, q, C, d, A, b = data
     z, lam, mu, active, kkt, verified, it = out
     tol = max(1e-2 * eps, 1e-13)
-    Cz = C @ z
+    Cz = mats.op(C) @ z
     viol = (Cz - d) - tol * np.maximum(np.maximum(np.abs(d), _abs_rows(C, z, mats)), _TINY)
     viol[active] = -np.inf
     if np.any(viol > 0):
@@ -379,7 +426,7 @@ def _repaired(data, out, eps: float, mats: Derived) -> Tuple[Optional[np.ndarray
     if not len(J):
         return None, ""
     row_norm = inf_norm(mats.abs_row_sums(C)[J])
-    mu_scale = tol * max(inf_norm(mu[J]), (inf_norm(P @ z) + inf_norm(q)) / max(row_norm, _TINY), _TINY)
+    mu_scale = tol * max(inf_norm(mu[J]), (inf_norm(mats.op(P) @ z) + inf_norm(q)) / max(row_norm, _TINY), _TINY)
     neg = mu[J] < -mu_scale
     if not np.any(neg):
         return None, ""
@@ -400,15 +447,15 @@ def strict_complementarity_margin(slack: np.ndarray, mu: np.ndarray, active: np.
 def residuals(P, q, C, d, A, b, z, lam, mu, mats: Optional[Derived] = None) -> Tuple[float, float, float]:
     """Primal infeasibility, dual (stationarity) residual, complementarity (all ∞-norms)."""
     mats = Derived() if mats is None else mats
-    r_dual = P @ z + q
+    r_dual = mats.op(P) @ z + q
     r_prim = 0.0
     comp = 0.0
     if A is not None:
         r_dual = r_dual + mats.T(A) @ lam
-        r_prim = float(np.max(np.abs(A @ z - b), initial=0.0))
+        r_prim = float(np.max(np.abs(mats.op(A) @ z - b), initial=0.0))
     if C is not None:
         r_dual = r_dual + mats.T(C) @ mu
-        s = d - C @ z
+        s = d - mats.op(C) @ z
         r_prim = max(r_prim, float(np.max(np.maximum(-s, 0.0), initial=0.0)))
         comp = float(np.max(np.abs(mu * s), initial=0.0))
     return r_prim, float(np.max(np.abs(r_dual), initial=0.0)), comp
@@ -773,7 +820,7 @@ class Engine:
         mu = np.where(active, np.maximum(mu, 0.0), 0.0) if m else mu
         n_weak, margin = 0, float("inf")
         if m:  # weakly active: on the boundary with a (near) zero multiplier, after the polish
-            slack = d - C @ z
+            slack = d - _op(C, mats) @ z
             at_bound = slack <= s.eps_active * np.maximum(np.maximum(np.abs(d), _abs_rows(C, z, mats)), _TINY)
             zero_dual = mu <= s.eps_active * max(float(np.max(mu, initial=0.0)), _TINY)
             n_weak = int(np.count_nonzero(at_bound & zero_dual))

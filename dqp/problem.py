@@ -20,6 +20,7 @@ import scipy.sparse as sp
 import torch
 
 from dqp.errors import LayoutError, NonFiniteError, NotPSDError, NotSymmetricError, ShapeError
+from dqp.patterns import PATTERNS, CheckedPattern
 
 _NAMES = ("P", "q", "C", "d", "A", "b")
 #: an inequality bound ``d_i ≥ INF_BOUND`` (or ``+inf``) means "no bound" and the row is left out,
@@ -61,6 +62,8 @@ class SparseArg:
     offsets: List[int]
     shape: Tuple[int, int]
     shared: bool
+    #: the checked patterns (with their transpose positions), one per distinct matrix, when known
+    patterns: Optional[List[CheckedPattern]] = None
 
     def index(self, i: int) -> int:
         return 0 if self.shared else i
@@ -167,7 +170,18 @@ def _where(ok: torch.Tensor, t: torch.Tensor, batched: bool) -> str:
     return ""
 
 
+def _finite_numpy(name: str, t: torch.Tensor) -> bool:
+    """True when a dense CPU float32/float64 tensor surely passes :func:`_check_finite` (one NumPy
+    reduction; False leaves the decision to the detailed check, which names the fault)."""
+    if t.layout != torch.strided or t.device.type != "cpu" or t.dtype not in (torch.float32, torch.float64):
+        return False
+    x = t.detach().numpy()
+    return bool((x > -np.inf).all()) if name == "d" else bool(np.isfinite(x).all())  # (NaN > -inf is False)
+
+
 def _check_finite(name: str, t: torch.Tensor, batched: bool) -> None:
+    if _finite_numpy(name, t):
+        return
     vals = (
         t.values()
         if t.layout in _SPARSE_LAYOUTS and t.layout != torch.sparse_coo
@@ -238,8 +252,16 @@ def _check_structure(name: str, M: torch.Tensor) -> None:
             raise LayoutError(f"Argument {name}: COO indices must lie in [0, {r}) x [0, {c}).")
 
 
+def _pattern(name: str, M: torch.Tensor) -> CheckedPattern:
+    """The checked pattern of a CSC tensor (its structure checked the first time it is seen)."""
+    r, c = M.shape
+    check = lambda ptr, idx: check_compressed(name, ptr, idx, c, r, "CSC")
+    return PATTERNS.get(M.ccol_indices().cpu().numpy(), M.row_indices().cpu().numpy(), (r, c), check)
+
+
 def _to_csc(name: str, M: torch.Tensor) -> torch.Tensor:
-    _check_structure(name, M)
+    if M.layout != torch.sparse_csc:  # (a CSC tensor's structure is checked once per pattern, by _pattern)
+        _check_structure(name, M)
     if M.layout == torch.sparse_csc:
         if M.requires_grad and M.is_leaf:
             raise LayoutError(
@@ -276,13 +298,14 @@ def _sparse_arg(name: str, M, shape_rows: Optional[int], n: int) -> Tuple[Sparse
     if len(shapes) != 1:
         raise ShapeError(f"Argument {name}: all matrices of a batch must have one shape, got {sorted(shapes)}.")
     ((r, c),) = shapes  # c == n: the first matrix was checked by _matrix_sizes
-    ccols = [t.ccol_indices().cpu().numpy().astype(np.int64) for t in csc]
-    rows = [t.row_indices().cpu().numpy().astype(np.int64) for t in csc]
+    patterns = [_pattern(name, t) for t in csc]
+    ccols = [pat.ccol for pat in patterns]
+    rows = [pat.rows for pat in patterns]
     nnz = [len(x) for x in rows]
     offsets = list(np.concatenate([[0], np.cumsum(nnz)[:-1]]).astype(int))
     values = csc[0].values() if len(csc) == 1 else torch.cat([t.values() for t in csc])
     B = None if len(csc) == 1 and not isinstance(M, (list, tuple)) else len(csc)
-    return SparseArg(values, ccols, rows, offsets, (r, c), shared=len(csc) == 1), r, B
+    return SparseArg(values, ccols, rows, offsets, (r, c), shared=len(csc) == 1, patterns=patterns), r, B
 
 
 def _mat_shape(name: str, M, sparse: bool) -> Tuple[int, int]:
@@ -476,13 +499,18 @@ def validate(
         if x is not None and not fast:
             _check_finite(name, x, x.dim() == (2 if name in "qdb" else 3))
 
+    # (no expand where the leading dimension is already B: one autograd node less per argument)
     def expand_vec(v):
-        return None if v is None else (v if v.dim() == 2 else v.unsqueeze(0)).expand(B, -1)
+        if v is None:
+            return None
+        v = v if v.dim() == 2 else v.unsqueeze(0)
+        return v if v.shape[0] == B else v.expand(B, -1)
 
     def expand_mat(M):
         if M is None or isinstance(M, SparseArg):
             return M
-        return (M if M.dim() == 3 else M.unsqueeze(0)).expand(B, -1, -1)
+        M = M if M.dim() == 3 else M.unsqueeze(0)
+        return M if M.shape[0] == B else M.expand(B, -1, -1)
 
     Pm, Cm, Am = expand_mat(mats["P"]), expand_mat(mats.get("C")), expand_mat(mats.get("A"))
     qv, dv, bv = expand_vec(q), expand_vec(d), expand_vec(b)
@@ -532,7 +560,8 @@ def _check_symmetric(batch: QPBatch, tol: float) -> None:
         vals = P.values.detach().to("cpu", torch.float64).numpy()
         for k in range(len(P.rows)):
             v = vals[P.offsets[k] : P.offsets[k] + len(P.rows[k])]
-            asym = _csc_asymmetry(P.ccols[k], P.rows[k], v, P.shape[0])
+            pat = P.patterns[k] if P.patterns is not None else None
+            asym = pat.asymmetry(v) if pat is not None else _csc_asymmetry(P.ccols[k], P.rows[k], v, P.shape[0])
             if asym is None:  # duplicate or unsorted entries: on a summed copy
                 M = P.scipy(k, vals)
                 asym = abs(M - M.T).max() if M.nnz else 0.0
@@ -563,17 +592,7 @@ def _check_symmetric(batch: QPBatch, tol: float) -> None:
 def _csc_asymmetry(ccol: np.ndarray, rows: np.ndarray, vals: np.ndarray, n: int) -> Optional[float]:
     """``max |M − Mᵀ|`` of a square CSC matrix from its arrays (no SciPy object); ``None`` when the
     pattern is not canonical (unsorted or duplicate row indices)."""
-    if not len(vals):
-        return 0.0
-    cols = np.repeat(np.arange(n, dtype=np.int64), np.diff(ccol))
-    keys = cols * n + rows  # column-major position: increasing for a canonical pattern
-    if len(keys) > 1 and not np.all(keys[1:] > keys[:-1]):
-        return None
-    mirror = rows.astype(np.int64) * n + cols  # the position of each entry's transpose
-    pos = np.minimum(np.searchsorted(keys, mirror), len(keys) - 1)
-    found = keys[pos] == mirror
-    diff = np.where(found, vals - vals[pos], vals)  # an entry without a stored mirror differs by itself
-    return float(np.max(np.abs(diff)))
+    return CheckedPattern(ccol, rows, (n, n)).asymmetry(vals)
 
 
 def _check_psd(batch: QPBatch, tol: float = 1e-9) -> None:

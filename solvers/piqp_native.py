@@ -11,6 +11,7 @@ under the name ``"piqp"``.
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
 from typing import Any, Dict, Tuple
@@ -30,9 +31,17 @@ def _pattern(M: sp.csc_matrix) -> Tuple[Any, ...]:
 def _csc(M, n: int) -> sp.csc_matrix:
     """``M`` as sorted CSC (PIQP copies its input), or an empty ``(0, n)`` block for an absent constraint
     (as qpsolvers passes it)."""
-    out = sp.csc_matrix((0, n)) if M is None else (M if M.format == "csc" else sp.csc_matrix(M))
+    if M is None:
+        return _empty(n)
+    out = M if M.format == "csc" else sp.csc_matrix(M)
     out.sort_indices()
     return out
+
+
+@functools.lru_cache(maxsize=16)
+def _empty(n: int) -> sp.csc_matrix:
+    """The empty ``(0, n)`` block, made once per ``n`` (PIQP only reads it)."""
+    return sp.csc_matrix((0, n))
 
 
 @register_solver
@@ -60,6 +69,7 @@ class PIQPNative(QPSolversBackend):
                 del self._workspaces[slot]
 
     @staticmethod
+    @functools.lru_cache(maxsize=1)
     def _new_interface() -> bool:
         import piqp
 

@@ -38,6 +38,22 @@ def test_linear_solvers_solve_kkt(name, sparse):
     assert X.shape == rhs.shape and np.linalg.norm(K @ X - rhs) < 1e-10 * np.linalg.norm(rhs)
 
 
+@pytest.mark.parametrize("n,k", [(6, 3), (60, 20)])  # K below and above the size multiplied as a dense copy
+def test_sparse_kkt_products_agree_with_the_dense_path(n, k):
+    P, G = kkt_blocks(n, k)
+    rhs = np.random.default_rng(2).standard_normal(n + k)
+    dense = RobustKKT(P, None, G, False, get_linsolver("scipy_lu")).solve(rhs)
+    F = RobustKKT(P, None, G, True, get_linsolver("qdldl"), quick=True)
+    first, again = F.solve(rhs), F.solve(rhs)  # the second reuses the products' copy
+    assert np.array_equal(first, again)
+    assert np.linalg.norm(first - dense) <= 1e-12 * np.linalg.norm(dense)
+    # a singular system: the equilibrated matrix replaces the first (the copy follows it)
+    Gs = np.vstack([G, G[:1]])
+    S = RobustKKT(P, None, Gs, True, get_linsolver("qdldl"), quick=True)
+    b = assemble_kkt(P, None, Gs, False) @ np.ones(n + k + 1)  # consistent
+    assert S.path == REGULARIZED and np.allclose(assemble_kkt(P, None, Gs, False) @ S.solve(b), b, atol=1e-9)
+
+
 def test_cholesky_needs_block_size():
     P, G = kkt_blocks()
     with pytest.raises(ValueError, match="primal block size"):

@@ -248,6 +248,25 @@ def test_degenerate_problems_polish_within_a_bounded_count():
         assert layer.info.polish_path == [path] and layer.info.factorizations[0] <= most, (name, layer.info)
 
 
+@pytest.mark.skipif(maros_meszaros_dir() is None, reason="the full Maros–Meszaros collection is not present")
+def test_repairs_stop_at_an_inconsistent_reduced_system():
+    """QBANDM's sets give inconsistent reduced systems whose repairs only grow the violations: the
+    chains stop there (12 factorizations, 25 before), and the answer stays flagged unverified. QBRANDY
+    (Clarabel) verifies after a repair from a set consistent to 1e-3, below the stopping threshold."""
+    from dqp.io import load_maros_meszaros
+
+    for name, solver, verified, most in (("QBANDM", "piqp", False, 16), ("QBRANDY", "clarabel", True, 8)):
+        qp = load_maros_meszaros(maros_meszaros_dir() / f"{name}.mat").to_qp()
+        P, C, A = (None if M is None else _csc_tensor(M) for M in (qp.P, qp.C, qp.A))
+        vec = lambda v: None if v is None else torch.as_tensor(v, dtype=torch.float64)
+        layer = dQP.dQP_layer(qp_solver=solver, solve_type="sparse", eps_abs=1e-8, eps_rel=1e-8)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            layer(P, vec(qp.q), C, vec(qp.d), A, vec(qp.b))
+        assert layer.info.verified == [verified], name
+        assert layer.info.factorizations[0] <= most, (name, layer.info.factorizations)
+
+
 def _csc_tensor(M) -> torch.Tensor:
     M = sp.csc_matrix(M)
     M.sort_indices()
