@@ -486,7 +486,11 @@ def test_keyboard_interrupt_stops_between_elements(parallel):
     try:
         with pytest.raises(KeyboardInterrupt):
             layer(P, q, C, d)
-            time.sleep(5)  # finished before the signal (a very fast machine): wait for it here
+            # finished before the signal (a fast machine): wait for it here, in short sleeps, so that the
+            # main thread looks at pending signals often (a signal taken by another thread does not
+            # interrupt a long sleep) and a timer thread scheduled late on a loaded machine still counts
+            for _ in range(2000):
+                time.sleep(0.01)
     finally:
         timer.cancel()
     assert time.perf_counter() - t0 < 30
