@@ -14,6 +14,7 @@ For each batch element (NumPy float64 on the CPU):
 from __future__ import annotations
 
 import logging
+import math
 import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -74,10 +75,11 @@ class PolishTrace:
 
 _TINY = np.finfo(np.float64).tiny
 #: relative residual of a polish solve (after refinement) above which its reduced system is taken as
-#: inconsistent: rows active at the solution are missing, or dependent rows disagree. Its point lies
-#: far out along the regularization and its violations name no useful repair, so a repair chain stops
-#: there (on the small Maros–Meszaros problems, every chain that verified ran through systems
-#: consistent to 1e-3 or better; from inconsistent ones the violations only grew, 20 rounds on QBANDM)
+#: inconsistent: rows active at the solution are missing, or dependent rows disagree. A repair chain
+#: stops at a repaired set that is inconsistent and no more consistent than the set it repaired: the
+#: repairs are then making things worse (on QBANDM the residual grew from 1e-4 to 0.5 and the
+#: violations from 2e5 to 1e11 over 20 rounds). A first set that is inconsistent is repaired (a tiny
+#: problem whose detected set holds more rows than variables verifies after one repair).
 INCONSISTENT = 1e-2
 #: allowance for round-off in a KKT residual, relative to the size of the terms summed
 _ROUND = 1e3 * np.finfo(np.float64).eps
@@ -315,8 +317,9 @@ def polish(
     ``quick`` tries one unscaled factorization per set before :class:`RobustKKT`'s ladder; ``reuse``
     is a :class:`FactorPool` (or one factorization) whose symbolic analyses same-pattern systems
     reuse, and which receives this polish's factorizations; ``trace``
-    counts the factorizations; ``mats`` holds the element's derived matrices. Repairs stop at a set
-    whose reduced system is inconsistent (:data:`INCONSISTENT`).
+    counts the factorizations; ``mats`` holds the element's derived matrices. Repairs stop at a
+    repaired set whose reduced system is inconsistent and no better than the one before
+    (:data:`INCONSISTENT`).
 
     Returns ``(z, lam, mu_full, active, kkt, verified, iterations)``, or ``None`` if the solve is
     not finite.
@@ -326,6 +329,7 @@ def polish(
     mats = Derived() if mats is None else mats
     best = None
     pool = reuse if isinstance(reuse, FactorPool) else FactorPool([reuse])
+    before = math.inf  # (the residual of the set this round's set repaired)
     for it in range(max_iter + 1):
         r = _polish_round(P, q, C, d, A, b, active, solver, sparse, tol, start, quick, trace, pool, mats)
         if r is None:
@@ -333,8 +337,10 @@ def polish(
         z, lam, mu, kkt, verified, score = r.z, r.lam, r.mu, r.kkt, r.verified, r.score
         if best is None or score < best[0]:
             best = (score, z, lam, mu, active.copy(), kkt, verified, it)
-        if verified or not refine or it == max_iter or r.residual > INCONSISTENT:
+        worse = r.residual > INCONSISTENT and r.residual >= before
+        if verified or not refine or it == max_iter or worse:
             break
+        before = r.residual
         if r.bad_primal:
             active[r.viol > 0] = True
         elif np.any(r.neg):

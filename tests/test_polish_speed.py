@@ -267,6 +267,28 @@ def test_repairs_stop_at_an_inconsistent_reduced_system():
         assert layer.info.factorizations[0] <= most, (name, layer.info.factorizations)
 
 
+@pytest.mark.parametrize("solver", ["clarabel", "piqp"])
+def test_a_first_inconsistent_set_is_repaired(solver):
+    """A tiny problem (2 variables, one equality, three inactive rows) whose first reduced system is
+    inconsistent verifies after a repair: the chain stops only at a repaired set that is inconsistent
+    and no better than the one before (it used to stop at the first set and fail the element)."""
+    F = torch.float64
+    P = torch.tensor([[1.1973, 0.0357], [0.0357, 1.6667]], dtype=F)
+    q = torch.tensor([0.2652, -0.2678], dtype=F)
+    C = torch.tensor([[1.9155, 0.2781], [-0.4804, 2.3253], [1.1086, 0.2778]], dtype=F)
+    d = torch.tensor([1.7062, 2.1189, 1.8894], dtype=F)
+    A = torch.tensor([[-0.7433, 0.0373]], dtype=F)
+    b = torch.tensor([-0.2556], dtype=F)
+    layer = dQP.dQP_layer(qp_solver=solver, empty_batch=False)
+    z, lam, mu = layer(P, q, C, d, A, b)[:3]
+    assert layer.info.verified == [True] and layer.info.status[0] == 0
+    # the exact solution: the equality's KKT system (no inequality is active)
+    K = torch.cat([torch.cat([P, A.T], 1), torch.cat([A, torch.zeros(1, 1, dtype=F)], 1)])
+    ref = torch.linalg.solve(K, torch.cat([-q, b]))
+    assert torch.allclose(z, ref[:2], atol=1e-9) and torch.allclose(lam, ref[2:], atol=1e-9)
+    assert torch.all(mu == 0)
+
+
 def _csc_tensor(M) -> torch.Tensor:
     M = sp.csc_matrix(M)
     M.sort_indices()
