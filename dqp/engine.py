@@ -14,7 +14,6 @@ For each batch element (NumPy float64 on the CPU):
 from __future__ import annotations
 
 import logging
-import math
 import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -74,13 +73,6 @@ class PolishTrace:
 
 
 _TINY = np.finfo(np.float64).tiny
-#: relative residual of a polish solve (after refinement) above which its reduced system is taken as
-#: inconsistent: rows active at the solution are missing, or dependent rows disagree. A repair chain
-#: stops at a repaired set that is inconsistent and no more consistent than the set it repaired: the
-#: repairs are then making things worse (on QBANDM the residual grew from 1e-4 to 0.5 and the
-#: violations from 2e5 to 1e11 over 20 rounds). A first set that is inconsistent is repaired (a tiny
-#: problem whose detected set holds more rows than variables verifies after one repair).
-INCONSISTENT = 1e-2
 #: allowance for round-off in a KKT residual, relative to the size of the terms summed
 _ROUND = 1e3 * np.finfo(np.float64).eps
 
@@ -192,8 +184,6 @@ class _Round:
     viol: np.ndarray
     neg: np.ndarray
     J: np.ndarray
-    #: relative residual of the reduced KKT solve after refinement (see :data:`INCONSISTENT`)
-    residual: float = 0.0
 
 
 def _polish_round(P, q, C, d, A, b, active, solver, sparse, tol, start, quick, trace, pool, mats) -> Optional[_Round]:
@@ -226,7 +216,6 @@ def _polish_round(P, q, C, d, A, b, active, solver, sparse, tol, start, quick, t
             [sx, sy if (p and sy is not None) else np.zeros(p), sz[J] if (m and sz is not None) else np.zeros(len(J))]
         )
     sol = kkt.solve(rhs, x0=x0)
-    solve_residual = kkt.residual
     if not np.all(np.isfinite(sol)):
         mats.rounds[key] = (start, None)
         return None
@@ -280,7 +269,7 @@ def _polish_round(P, q, C, d, A, b, active, solver, sparse, tol, start, quick, t
         + float(np.sum(np.maximum(-muJ - mu_scale, 0.0)))
         + (0.0 if consistent else 1.0)
     )
-    out = _Round(z, lam, mu, kkt, verified, score, bad_primal, viol, neg, J, solve_residual)
+    out = _Round(z, lam, mu, kkt, verified, score, bad_primal, viol, neg, J)
     mats.rounds[key] = (start, out)  # (start kept alive: its id stays its own)
     return out
 
@@ -317,9 +306,7 @@ def polish(
     ``quick`` tries one unscaled factorization per set before :class:`RobustKKT`'s ladder; ``reuse``
     is a :class:`FactorPool` (or one factorization) whose symbolic analyses same-pattern systems
     reuse, and which receives this polish's factorizations; ``trace``
-    counts the factorizations; ``mats`` holds the element's derived matrices. Repairs stop at a
-    repaired set whose reduced system is inconsistent and no better than the one before
-    (:data:`INCONSISTENT`).
+    counts the factorizations; ``mats`` holds the element's derived matrices.
 
     Returns ``(z, lam, mu_full, active, kkt, verified, iterations)``, or ``None`` if the solve is
     not finite.
@@ -329,7 +316,6 @@ def polish(
     mats = Derived() if mats is None else mats
     best = None
     pool = reuse if isinstance(reuse, FactorPool) else FactorPool([reuse])
-    before = math.inf  # (the residual of the set this round's set repaired)
     for it in range(max_iter + 1):
         r = _polish_round(P, q, C, d, A, b, active, solver, sparse, tol, start, quick, trace, pool, mats)
         if r is None:
@@ -337,10 +323,8 @@ def polish(
         z, lam, mu, kkt, verified, score = r.z, r.lam, r.mu, r.kkt, r.verified, r.score
         if best is None or score < best[0]:
             best = (score, z, lam, mu, active.copy(), kkt, verified, it)
-        worse = r.residual > INCONSISTENT and r.residual >= before
-        if verified or not refine or it == max_iter or worse:
+        if verified or not refine or it == max_iter:
             break
-        before = r.residual
         if r.bad_primal:
             active[r.viol > 0] = True
         elif np.any(r.neg):

@@ -249,13 +249,13 @@ def test_degenerate_problems_polish_within_a_bounded_count():
 
 
 @pytest.mark.skipif(maros_meszaros_dir() is None, reason="the full Maros–Meszaros collection is not present")
-def test_repairs_stop_at_an_inconsistent_reduced_system():
-    """QBANDM's sets give inconsistent reduced systems whose repairs only grow the violations: the
-    chains stop there (12 factorizations, 25 before), and the answer stays flagged unverified. QBRANDY
-    (Clarabel) verifies after a repair from a set consistent to 1e-3, below the stopping threshold."""
+def test_degenerate_problems_keep_their_verdicts():
+    """QBANDM's detected sets give inconsistent reduced systems whose repairs do not converge: the
+    answer stays flagged unverified, within the repair budget. QBRANDY (Clarabel) verifies after a
+    repair."""
     from dqp.io import load_maros_meszaros
 
-    for name, solver, verified, most in (("QBANDM", "piqp", False, 16), ("QBRANDY", "clarabel", True, 8)):
+    for name, solver, verified, most in (("QBANDM", "piqp", False, 40), ("QBRANDY", "clarabel", True, 8)):
         qp = load_maros_meszaros(maros_meszaros_dir() / f"{name}.mat").to_qp()
         P, C, A = (None if M is None else _csc_tensor(M) for M in (qp.P, qp.C, qp.A))
         vec = lambda v: None if v is None else torch.as_tensor(v, dtype=torch.float64)
@@ -267,25 +267,49 @@ def test_repairs_stop_at_an_inconsistent_reduced_system():
         assert layer.info.factorizations[0] <= most, (name, layer.info.factorizations)
 
 
+#: Small manufactured problems (equalities, every inequality inactive) whose first detected set gives
+#: an inconsistent reduced system: the repairs go through more inconsistent sets before they verify.
+#: A rule that stopped the chain at such a set failed both (with Clarabel and PIQP alike).
+_REPAIRED = [
+    (
+        [[1.1973, 0.0357], [0.0357, 1.6667]],
+        [0.2652, -0.2678],
+        [[1.9155, 0.2781], [-0.4804, 2.3253], [1.1086, 0.2778]],
+        [1.7062, 2.1189, 1.8894],
+        [[-0.7433, 0.0373]],
+        [-0.2556],
+    ),
+    (
+        [[0.6478, 0.1052, -0.1373], [0.1052, 0.6429, -0.2083], [-0.1373, -0.2083, 1.5309]],
+        [2.6642, 0.9789, -0.6124],
+        [
+            [-1.2654, -0.6233, 0.0413],
+            [-2.3250, -0.2188, -1.2459],
+            [-0.7323, -0.5443, -0.3163],
+            [0.4116, 1.0425, -0.1285],
+            [1.3665, -0.6652, 0.3515],
+            [0.9035, 0.0940, -0.7435],
+        ],
+        [0.4662, -0.9390, 0.2796, 2.2032, 1.3301, 1.5663],
+        [[-0.9217, -0.4577, 0.2202], [-1.0096, -0.2092, -0.1592]],
+        [-0.5185, -0.6475],
+    ),
+]
+
+
+@pytest.mark.parametrize("case", range(len(_REPAIRED)))
 @pytest.mark.parametrize("solver", ["clarabel", "piqp"])
-def test_a_first_inconsistent_set_is_repaired(solver):
-    """A tiny problem (2 variables, one equality, three inactive rows) whose first reduced system is
-    inconsistent verifies after a repair: the chain stops only at a repaired set that is inconsistent
-    and no better than the one before (it used to stop at the first set and fail the element)."""
-    F = torch.float64
-    P = torch.tensor([[1.1973, 0.0357], [0.0357, 1.6667]], dtype=F)
-    q = torch.tensor([0.2652, -0.2678], dtype=F)
-    C = torch.tensor([[1.9155, 0.2781], [-0.4804, 2.3253], [1.1086, 0.2778]], dtype=F)
-    d = torch.tensor([1.7062, 2.1189, 1.8894], dtype=F)
-    A = torch.tensor([[-0.7433, 0.0373]], dtype=F)
-    b = torch.tensor([-0.2556], dtype=F)
-    layer = dQP.dQP_layer(qp_solver=solver, empty_batch=False)
+def test_sets_repaired_through_inconsistent_systems_verify(solver, case):
+    """The repair chain goes on through inconsistent reduced systems and verifies the exact solution."""
+    P, q, C, d, A, b = (torch.tensor(x, dtype=torch.float64) for x in _REPAIRED[case])
+    layer = dQP.dQP_layer(qp_solver=solver, empty_batch=False, fallback_solver=[])
     z, lam, mu = layer(P, q, C, d, A, b)[:3]
     assert layer.info.verified == [True] and layer.info.status[0] == 0
-    # the exact solution: the equality's KKT system (no inequality is active)
-    K = torch.cat([torch.cat([P, A.T], 1), torch.cat([A, torch.zeros(1, 1, dtype=F)], 1)])
+    # the exact solution: the equalities' KKT system (no inequality is active)
+    p = A.shape[0]
+    K = torch.cat([torch.cat([P, A.T], 1), torch.cat([A, torch.zeros(p, p, dtype=torch.float64)], 1)])
     ref = torch.linalg.solve(K, torch.cat([-q, b]))
-    assert torch.allclose(z, ref[:2], atol=1e-9) and torch.allclose(lam, ref[2:], atol=1e-9)
+    assert torch.allclose(z, ref[:-p], atol=1e-9) and torch.allclose(lam, ref[-p:], atol=1e-9)
     assert torch.all(mu == 0)
 
 
