@@ -19,6 +19,7 @@ from dqp.io import maros_meszaros_dir
 from dqp.kkt import assemble_kkt
 from dqp.linsolve import get_linsolver
 from dqp.solvers import get_solver
+from dqp.sparse_helper import csc_scipy_to_torch
 
 from conftest import random_qp
 
@@ -238,7 +239,7 @@ def test_degenerate_problems_polish_within_a_bounded_count():
 
     for name, path, most in (("PRIMALC8", "quick", 4), ("QPCSTAIR", "ladder", 30)):
         qp = load_maros_meszaros(maros_meszaros_dir() / f"{name}.mat").to_qp()
-        P, C, A = (None if M is None else _csc_tensor(M) for M in (qp.P, qp.C, qp.A))
+        P, C, A = (None if M is None else csc_scipy_to_torch(M) for M in (qp.P, qp.C, qp.A))
         vec = lambda v: None if v is None else torch.as_tensor(v, dtype=torch.float64)
         layer = dQP.dQP_layer(qp_solver="piqp", solve_type="sparse", eps_abs=1e-8, eps_rel=1e-8)
         with warnings.catch_warnings():
@@ -257,7 +258,7 @@ def test_degenerate_problems_keep_their_verdicts():
 
     for name, solver, verified, most in (("QBANDM", "piqp", False, 40), ("QBRANDY", "clarabel", True, 8)):
         qp = load_maros_meszaros(maros_meszaros_dir() / f"{name}.mat").to_qp()
-        P, C, A = (None if M is None else _csc_tensor(M) for M in (qp.P, qp.C, qp.A))
+        P, C, A = (None if M is None else csc_scipy_to_torch(M) for M in (qp.P, qp.C, qp.A))
         vec = lambda v: None if v is None else torch.as_tensor(v, dtype=torch.float64)
         layer = dQP.dQP_layer(qp_solver=solver, solve_type="sparse", eps_abs=1e-8, eps_rel=1e-8)
         with warnings.catch_warnings():
@@ -311,17 +312,6 @@ def test_sets_repaired_through_inconsistent_systems_verify(solver, case):
     ref = torch.linalg.solve(K, torch.cat([-q, b]))
     assert torch.allclose(z, ref[:-p], atol=1e-9) and torch.allclose(lam, ref[-p:], atol=1e-9)
     assert torch.all(mu == 0)
-
-
-def _csc_tensor(M) -> torch.Tensor:
-    M = sp.csc_matrix(M)
-    M.sort_indices()
-    return torch.sparse_csc_tensor(
-        torch.as_tensor(M.indptr, dtype=torch.int64),
-        torch.as_tensor(M.indices, dtype=torch.int64),
-        torch.as_tensor(M.data, dtype=torch.float64),
-        size=M.shape,
-    )
 
 
 def test_piqp_reused_workspace_matches_a_fresh_setup():
