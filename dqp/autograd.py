@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 import warnings
 from typing import Any, List, Optional, Tuple
 
@@ -13,7 +12,7 @@ from dqp.engine import ElementResult, Engine
 from dqp.errors import Status
 from dqp.gradients import dense_grads, pattern_grad
 from dqp.problem import QPBatch, SparseArg
-from dqp.transforms import first_order_only
+from dqp.transforms import first_order_only, fixed_signature
 
 
 #: relative residual of the adjoint solve above which the gradient is reported as inaccurate
@@ -45,6 +44,7 @@ def run_forward(work: Work) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return _stack(work.results, "z", like), _stack(work.results, "lam", like), _stack(work.results, "mu", like)
 
 
+@fixed_signature
 class QPFunction(torch.autograd.Function):
     """``(P, q, C, d, A, b) ↦ (z, λ, μ)`` with the active-set KKT backward.
 
@@ -155,11 +155,6 @@ class QPFunction(torch.autograd.Function):
         dd = t(y_mu * a_np) if (m and need[4]) else None
         db = t(y_lam) if (p and need[6]) else None
         return None, dP, dq, dC, dd, dA, db
-
-
-# torch's Function.apply binds its arguments through inspect.signature(forward) on every call, tens of
-# microseconds on a small problem; a signature stored on the function is returned as it is
-QPFunction.forward.__signature__ = inspect.signature(QPFunction.forward)
 
 
 def _batched_torch_backward(ctx: Any, work: Work, z, lam, mu, gz, glam, gmu):

@@ -51,7 +51,6 @@ polish (``polish=False``), the float32 path keeps its float32 factorization.
 from __future__ import annotations
 
 import functools
-import inspect
 import math
 from typing import TYPE_CHECKING, Any, Dict, Optional, Tuple
 
@@ -72,7 +71,7 @@ from dqp.solvers.ipm import (
     graphed_call,
     ipm_solve,
 )
-from dqp.transforms import first_order_only, reject_functorch
+from dqp.transforms import first_order_only, fixed_signature, reject_functorch
 
 if TYPE_CHECKING:  # pragma: no cover
     pass
@@ -150,6 +149,7 @@ def _finish(res, z, lam, mu, active, kkt, polished, solved, dtype_in, P: Optiona
     return z, lam, mu, res.status, active, kkt
 
 
+@fixed_signature
 class IPMQPFunction(torch.autograd.Function):
     """Batched QP solve with gradients w.r.t. all of ``(P, q, C, d, A, b)``.
 
@@ -353,11 +353,6 @@ class IPMQPFunction(torch.autograd.Function):
             if out is not None:
                 return tuple(out.get(f"g{i}") for i in range(6)) + (None,)
         return _backward_math(kkt, gz, glam, gmu, z, lam, mu, status, active, need, eng.outer) + (None,)
-
-
-# torch's Function.apply binds its arguments through inspect.signature(forward) on every call, tens of
-# microseconds on a small problem; a signature stored on the function is returned as it is
-IPMQPFunction.forward.__signature__ = inspect.signature(IPMQPFunction.forward)
 
 
 def _backward_math(kkt: BatchedKKT, gz, glam, gmu, z, lam, mu, status, active, need, outer: str = "auto"):

@@ -5,6 +5,8 @@
 * ``torch.func`` transforms (vmap, grad, jacrev, jacfwd, hessian): not supported (the forward calls
   solvers outside torch). :func:`reject_functorch` raises :class:`~dqp.errors.NotSupportedError`
   naming what to use instead.
+* ``torch.autograd.Function.apply`` binds its arguments through ``inspect.signature(forward)`` on
+  every call; :func:`fixed_signature` stores the signature once.
 * Second derivatives (``create_graph=True`` through the layer): not supported. The backward solves
   with the forward's KKT factorization outside autograd, so its result would silently be a
   constant; :func:`first_order_only` raises instead.
@@ -13,11 +15,20 @@
 from __future__ import annotations
 
 import functools
+import inspect
 from typing import Any, Callable, Iterable
 
 import torch
 
 from dqp.errors import NotSupportedError
+
+
+def fixed_signature(cls: type) -> type:
+    """Decorate a ``torch.autograd.Function``: store its ``forward``'s signature on the function.
+    ``Function.apply`` binds its arguments through ``inspect.signature(forward)`` on every call, tens
+    of microseconds on a small problem; a stored signature is returned as it is."""
+    cls.forward.__signature__ = inspect.signature(cls.forward)
+    return cls
 
 
 def graph_break(fn: Callable) -> Callable:
