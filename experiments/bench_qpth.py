@@ -256,12 +256,26 @@ class Method:
         raise NotImplementedError
 
 
+def _dist_version(name: str) -> str:
+    """The installed version of the distribution ``name`` ("?" when it cannot be read)."""
+    from importlib.metadata import version
+
+    try:
+        return version(name)
+    except Exception:  # noqa: BLE001
+        return "?"
+
+
 class _TorchLayer(Method):
     def _layer(self):
         raise NotImplementedError
 
+    def _cell_layer(self, ps, dtype, device):
+        """The layer for one cell (a layer that needs the cell's data first overrides this)."""
+        return self._layer()
+
     def prepare(self, ps, dtype, device):
-        layer = self._layer()
+        layer = self._cell_layer(ps, dtype, device)
         leaves = [getattr(ps, name).to(dtype).detach().requires_grad_(True) for name in PARAMS]
         w = ps.w.to(dtype)
         e = torch.empty(0, dtype=dtype, device=device)
@@ -341,7 +355,7 @@ class DqpLayerMethod(_TorchLayer):
         return lambda Q, p, G, h, A, b: layer(Q, p, G, h)[0]
 
 
-class CupiqpMethod(Method):
+class CupiqpMethod(_TorchLayer):
     """cuPIQP's differentiable dense layer (GPU only)."""
 
     name = "cupiqp"
@@ -356,36 +370,20 @@ class CupiqpMethod(Method):
         return True, ""
 
     def version(self):
-        from importlib.metadata import version
+        return f"{_dist_version('cupiqp')} (warp {_dist_version('warp-lang')})"
 
-        try:
-            return f"{version('cupiqp')} (warp {version('warp-lang')})"
-        except Exception:  # noqa: BLE001
-            return "?"
-
-    def prepare(self, ps, dtype, device):
+    def _cell_layer(self, ps, dtype, device):
+        """Set up once with the cell's data; each call loads the values and solves."""
         if not device.startswith("cuda"):
             raise RuntimeError("cuPIQP runs on CUDA only")
         import cupiqp.torch
 
-        leaves = [getattr(ps, name).to(dtype).detach().contiguous().requires_grad_(True) for name in PARAMS]
-        w = ps.w.to(dtype)
         layer = cupiqp.torch.DenseSolverLayer(dtype=dtype, device=device)
         layer.settings.enable_grad = True
-        Q, p, G, h = (x.detach() for x in leaves)
+        Q, p, G, h = (getattr(ps, name).to(dtype).contiguous() for name in PARAMS)
         layer.setup(Q, p, G=G, h_u=h)
-
-        def run():
-            z = layer(P=leaves[0], c=leaves[1], G=leaves[2], h_u=leaves[3])
-            grads = torch.autograd.grad((z * w).sum(), leaves)
-            torch.cuda.synchronize()
-            return z.detach().clone(), grads  # (z is a view of the layer's buffer)
-
-        def fetch(out):
-            z, grads = out
-            return (z.double().cpu().numpy(), {name: g.double().cpu().numpy() for name, g in zip(PARAMS, grads)})
-
-        return run, fetch
+        # (the output is a view of the layer's buffer, which the next call overwrites)
+        return lambda Q, p, G, h, A, b: layer(P=Q, c=p, G=G, h_u=h).clone()
 
 
 class _DqpBatchVariant(_TorchLayer):
@@ -473,12 +471,7 @@ class QpthMethod(_TorchLayer):
         return True, ""
 
     def version(self):
-        from importlib.metadata import version
-
-        try:
-            return version("qpth")
-        except Exception:  # noqa: BLE001
-            return "?"
+        return _dist_version("qpth")
 
     def _layer(self):
         qpth = _import_qpth()
@@ -498,13 +491,8 @@ class QpaxMethod(Method):
 
     def version(self):
         import jax
-        from importlib.metadata import version
 
-        try:
-            v = version("qpax")
-        except Exception:  # noqa: BLE001
-            v = "?"
-        return f"{v} (jax {jax.__version__})"
+        return f"{_dist_version('qpax')} (jax {jax.__version__})"
 
     def prepare(self, ps, dtype, device):
         import jax
