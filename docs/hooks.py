@@ -186,7 +186,7 @@ STUDIES = [
 
 #: The README's results table is this summary (``tests/test_docs.py`` checks that they agree).
 #: stem -> the cells shown: batch sizes, (B, n) pairs, or None for all.
-SUMMARY_ROWS = {"qpth_cuda": [(1, 10), (128, 100), (128, 500), (1024, 100), (1024, 500)], "qpth_cpu": [128]}
+SUMMARY_ROWS = {"qpth_cuda": [(1, 10), (128, 100), (128, 200), (128, 500), (1024, 100), (1024, 500)], "qpth_cpu": [128]}
 
 
 def _read_cells(stem: str):
@@ -225,7 +225,10 @@ def _ratio(ours, peer) -> str:
 
 def results_summary() -> str:
     """A markdown table of the float64 batched-QP results: device, B, n, times, dqp's speed-up."""
-    head = "| device | B | n = m | dqp | qpth | qpax | dqp vs qpth | dqp vs qpax |\n|---|--:|--:|--:|--:|--:|--:|--:|"
+    head = (
+        "| device | B | n = m | dqp | qpth | qpax | cuPIQP | dqp vs qpth | dqp vs qpax | dqp vs cuPIQP |\n"
+        "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|"
+    )
     lines = [head]
     for stem, batches in SUMMARY_ROWS.items():
         rows = [r for r in _read_cells(stem) if r["dtype"] == "float64"]
@@ -243,7 +246,8 @@ def results_summary() -> str:
             get = lambda m: cells.get((B, n, m))  # noqa: E731
             lines.append(
                 f"| {device} | {B} | {n} | {_ms(get('dqp'))} | {_ms(get('qpth'))} | {_ms(get('qpax'))} "
-                f"| {_ratio(get('dqp'), get('qpth'))} | {_ratio(get('dqp'), get('qpax'))} |"
+                f"| {_ms(get('cupiqp'))} | {_ratio(get('dqp'), get('qpth'))} | {_ratio(get('dqp'), get('qpax'))} "
+                f"| {_ratio(get('dqp'), get('cupiqp'))} |"
             )
     return "\n".join(lines) if len(lines) > 1 else "*(no results in `experiments/results/`)*"
 
