@@ -138,6 +138,14 @@ STUDIES = [
         "sparse grids, next to the raw solver and to libdqp.",
     },
     {
+        "title": "Batches in a thread pool",
+        "script": "parallel_batches.py",
+        "stems": ["parallel_batches"],
+        "what": "A batch of black-box solves one after another, in a thread pool and with "
+        "omp_parallel='auto' (the default), called in turn in one process: where the pool pays, and "
+        "that the automatic choice takes it there and only there.",
+    },
+    {
         "title": "The Maros–Meszaros collection",
         "script": "maros_meszaros.py",
         "stems": ["maros_meszaros"],

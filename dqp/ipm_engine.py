@@ -77,7 +77,7 @@ def _warn_unsupported(s: "Settings") -> None:
     bad: List[str] = []
     if s.warm_start_from_previous:
         bad.append("warm_start_from_previous=True (an interior-point method starts from its own point)")
-    if s.omp_parallel:
+    if s.omp_parallel is True:
         bad.append("omp_parallel=True (the batch is one solve already)")
     if getattr(s, "time_limit", None) is not None:
         bad.append(

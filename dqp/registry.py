@@ -113,16 +113,21 @@ class Registry(Generic[T]):
             )
         return cls()
 
-    def table(self, last: Tuple[str, str] = ("install", "install_hint")) -> str:
-        """Markdown table: name, aliases, formats, installed, and one more column (``last``)."""
+    def table(
+        self, last: Tuple[str, str] = ("install", "install_hint"), flags: Tuple[Tuple[str, str], ...] = ()
+    ) -> str:
+        """Markdown table: name, aliases, formats, the yes/no ``flags`` (column, attribute), installed, and
+        one more column (``last``)."""
         head, attr = last
-        rows = [f"| name | aliases | dense | sparse | batched | installed | {head} |", "|---|---|---|---|---|---|---|"]
+        cols = ["name", "aliases", "dense", "sparse", "batched", *(f for f, _ in flags), "installed", head]
+        rows = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
         yn = lambda b: "yes" if b else "no"
         for n, c in sorted(self._classes.items()):
             val = getattr(c, attr)
             val = val() if callable(val) else val
+            marks = "".join(f"{yn(getattr(c, a))} | " for _, a in flags)
             rows.append(
                 f"| `{n}` | {', '.join(c.aliases) or '-'} | {yn(c.dense)} | {yn(c.sparse)} | "
-                f"{yn(c.batched)} | {yn(c.is_available())} | {val} |"
+                f"{yn(c.batched)} | {marks}{yn(c.is_available())} | {val} |"
             )
         return "\n".join(rows)

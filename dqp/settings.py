@@ -17,7 +17,7 @@ import difflib
 import os
 from collections.abc import Mapping as _MappingABC
 from dataclasses import dataclass, field, fields, replace
-from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple, Union
 
 from dqp.errors import SettingsError
 
@@ -91,10 +91,12 @@ OPTIONS: Dict[str, Tuple[Any, tuple, str]] = {
         "(per batch element; element-wise solvers, the batched IPM warns).",
     ),
     "omp_parallel": (
-        False,
-        (bool,),
-        "Solve the elements of a batch concurrently (thread pool created once; "
-        "element-wise solvers, the batched IPM warns).",
+        "auto",
+        (bool, str),
+        "Solve the elements of a batch concurrently in a thread pool (created once): True, False, or "
+        "'auto': only with a forward solver that releases the GIL while it solves (the solver table's "
+        "'parallel' column), and only when the call's first element took 5 ms of CPU time or more (element-wise "
+        "solvers; the batched IPM is one solve already: it ignores 'auto' and warns for True).",
     ),
     "n_cpu": (None, (int, type(None)), "Workers for omp_parallel (default: os.cpu_count())."),
     "empty_batch": (
@@ -151,7 +153,7 @@ OPTIONS: Dict[str, Tuple[Any, tuple, str]] = {
     ),
 }
 
-_CHOICES = {"solve_type": ("dense", "sparse"), "on_failure": ("raise", "mask")}
+_CHOICES = {"solve_type": ("dense", "sparse"), "on_failure": ("raise", "mask"), "omp_parallel": (True, False, "auto")}
 
 
 class UnknownOptionError(SettingsError, KeyError):
@@ -186,7 +188,7 @@ class Settings(_MappingABC):
     refine_active: bool = True
     max_refine_iter: int = 10
     warm_start_from_previous: bool = False
-    omp_parallel: bool = False
+    omp_parallel: Union[bool, str] = "auto"
     n_cpu: Optional[int] = None
     empty_batch: bool = True
     qp_solver_keywords: Mapping[str, Any] = field(default_factory=dict)

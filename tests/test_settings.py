@@ -31,6 +31,8 @@ from conftest import random_qp
         (dict(max_refine_iter=-1), [">= 0"]),
         (dict(n_cpu=0), ["positive"]),
         (dict(on_failure="ignore"), ["'raise', 'mask'"]),
+        (dict(omp_parallel="yes"), ["omp_parallel", "True, False, 'auto'"]),
+        (dict(omp_parallel=1), ["omp_parallel", "expects bool or str"]),
     ],
 )
 def test_bad_settings(kw, words):
@@ -195,6 +197,43 @@ def test_omp_parallel_matches_serial():
     layer(P, q, C, d)
     assert layer._engines[("clarabel", "auto")]._pool is pool  # created once, reused
     assert torch.allclose(serial, par, atol=1e-12)
+
+
+def _parallel_records(caplog, layer, *args):
+    with caplog.at_level(logging.DEBUG, logger="dqp"):
+        caplog.clear()
+        out = layer(*args)
+    return out, [r for r in caplog.records if "omp_parallel='auto'" in r.getMessage()]
+
+
+def test_omp_parallel_auto_is_the_default_and_pools_only_long_elements_of_gil_free_solvers(caplog):
+    """'auto': the pool for the rest of the batch only when the first element took PARALLEL_MIN_ELEMENT_S
+    (5 ms) and the solver releases the GIL; the answers are those of the sequential solve."""
+    assert dQP.build_settings().omp_parallel == "auto"
+    from dqp.engine import Engine
+    from dqp.solvers import get_solver
+
+    assert get_solver("clarabel").releases_gil and not get_solver("piqp").releases_gil
+    long_ = random_qp(120, 120, 0, seed=3, batch=3)[:4]  # Clarabel: tens of ms per element
+    short = random_qp(4, 5, 0, seed=3, batch=3)[:4]  # well under 1 ms
+    serial = dQP.dQP_layer(qp_solver="clarabel", omp_parallel=False)(*long_)[0]
+    auto = dQP.dQP_layer(qp_solver="clarabel", n_cpu=2)
+    z, recs = _parallel_records(caplog, auto, *long_)
+    assert len(recs) == 1 and "2 workers" in recs[0].getMessage()
+    assert float(recs[0].getMessage().split("took ")[1].split(" ms")[0]) >= 1e3 * Engine.PARALLEL_MIN_ELEMENT_S
+    assert torch.allclose(z[0], serial, atol=1e-12)
+    auto(*short)  # (a new shape's first call builds the element's workspaces: not what is measured)
+    assert not _parallel_records(caplog, auto, *short)[1]
+    assert not _parallel_records(caplog, dQP.dQP_layer(qp_solver="piqp", n_cpu=2), *long_)[1]
+    assert not _parallel_records(caplog, dQP.dQP_layer(qp_solver="clarabel", n_cpu=1), *long_)[1]
+
+
+def test_solver_table_says_which_solvers_run_in_parallel():
+    head, _, *body = solver_table().splitlines()
+    col = [c.strip() for c in head.split("|")].index("parallel")
+    cells = {line.split("|")[1].strip(): line.split("|")[col].strip() for line in body}
+    assert cells["`clarabel`"] == "yes" and cells["`osqp`"] == "yes"
+    assert cells["`piqp`"] == "no" and cells["`dqp_ipm`"] == "no"
 
 
 def test_dual_available_false_gives_same_duals():

@@ -75,6 +75,21 @@ def test_simplex_scaling_short(tmp_path):
     assert (tmp_path / "simplex_scaling_short.md").read_text().count("| dqp-") >= 2 * len(methods)
 
 
+def test_parallel_batches_short(tmp_path):
+    """The thread-pool study: every mode (sequential, pool, auto) gives the sequential answers."""
+    _run([REPO / "experiments" / "parallel_batches.py", "--short", "--out", tmp_path])
+    rows = [
+        r
+        for r in (tmp_path / "parallel_batches.md").read_text().splitlines()
+        if r.startswith("| grid") or r.startswith("| dense")
+    ]
+    assert len(rows) == 2
+    for r in rows:
+        cells = [c.strip() for c in r.strip("|").split("|")]
+        assert all(float(c) > 0 for c in cells[4:7]), r  # times
+        assert float(cells[-1]) <= 1e-12, r  # z and ∇q of every mode
+
+
 def test_bilevel_warmstart_short(tmp_path):
     out = _run([REPO / "experiments" / "bilevel_warmstart.py", "--short", "--no-plot", "--out-dir", tmp_path])
     results = re.findall(
