@@ -192,6 +192,53 @@ class dQP_layer(LibdqpAttributes, nn.Module):  # noqa: N801  (the name users kno
             self._engines[key] = Engine(self.settings, get_solver(qp), lin)
         return self._engines[key]
 
+    def _solve_elementwise(self, batch: QPBatch, qp: str, lin: str, inputs: tuple, needs_grad: bool):
+        """The element-wise engine: each element solved by ``qp``, polished and verified, the gradient
+        through the reduced KKT system; returns ``(z, lam, mu, info)`` with ``info`` filled per element."""
+        engine = self._engine(qp, lin)
+        work = Work(engine, batch)
+        info = SolveInfo(qp_solver=qp, lin_solver=lin)
+        work.info = info
+        if needs_grad:
+            z, lam, mu = QPFunction.apply(work, *inputs)
+        else:
+            with torch.no_grad():
+                z, lam, mu = run_forward(work)
+        rs = work.results
+        info.status = [r.status for r in rs]
+        info.active = [r.active for r in rs]
+        info.n_weakly_active = [r.n_weak for r in rs]
+        info.verified = [r.verified for r in rs]
+        info.refine_iterations = [r.refine_iterations for r in rs]
+        info.primal_residual = [r.residuals[0] for r in rs]
+        info.dual_residual = [r.residuals[1] for r in rs]
+        info.complementarity = [r.residuals[2] for r in rs]
+        info.complementarity_margin = [r.margin for r in rs]
+        info.kkt_path = [r.kkt.path if r.kkt is not None else "none" for r in rs]
+        info.polish_path = [r.polish_path for r in rs]
+        info.factorizations = [r.factorizations for r in rs]
+        info.iterations = [r.iterations for r in rs]
+        info.solve_time = [r.solve_time for r in rs]
+        info.messages = [r.message for r in rs]
+        if lin == "auto":
+            info.lin_solver = f"auto ({', '.join(sorted(engine.used_linsolvers))})"
+            logger.log(
+                logging.INFO if self.settings.verbose else logging.DEBUG,
+                "lin_solver='auto' picked %s",
+                info.lin_solver[6:-1],
+            )
+        unverified = [i for i, r in enumerate(rs) if r.status == Status.SOLVED and not r.verified]
+        if unverified:
+            warnings.warn(
+                f"dQP: the active set of batch element(s) {unverified[:10]} could not be verified (a degenerate "
+                f"problem, e.g. a non-unique solution, or an inaccurate solver): the solver's point is returned "
+                f"and the gradient uses the detected active set. See layer.info.verified / messages; a tighter "
+                f"eps_abs or another qp_solver may help.",
+                UnverifiedSolutionWarning,
+                stacklevel=3,
+            )
+        return z, lam, mu, info
+
     # -- call ---------------------------------------------------------------------------------
     @graph_break  # torch.compile: the solve runs eagerly, the model around it compiles
     def forward(
@@ -255,46 +302,7 @@ class dQP_layer(LibdqpAttributes, nn.Module):  # noqa: N801  (the name users kno
             z, lam, mu, info = solver.solve_batch(batch, s)
             info.qp_solver = qp
         else:
-            engine = self._engine(qp, lin)
-            work = Work(engine, batch)
-            info = SolveInfo(qp_solver=qp, lin_solver=lin)
-            work.info = info
-            if needs_grad:
-                z, lam, mu = QPFunction.apply(work, *inputs)
-            else:
-                with torch.no_grad():
-                    z, lam, mu = run_forward(work)
-            rs = work.results
-            info.status = [r.status for r in rs]
-            info.active = [r.active for r in rs]
-            info.n_weakly_active = [r.n_weak for r in rs]
-            info.verified = [r.verified for r in rs]
-            info.refine_iterations = [r.refine_iterations for r in rs]
-            info.primal_residual = [r.residuals[0] for r in rs]
-            info.dual_residual = [r.residuals[1] for r in rs]
-            info.complementarity = [r.residuals[2] for r in rs]
-            info.complementarity_margin = [r.margin for r in rs]
-            info.kkt_path = [r.kkt.path if r.kkt is not None else "none" for r in rs]
-            info.polish_path = [r.polish_path for r in rs]
-            info.factorizations = [r.factorizations for r in rs]
-            info.iterations = [r.iterations for r in rs]
-            info.solve_time = [r.solve_time for r in rs]
-            info.messages = [r.message for r in rs]
-            if lin == "auto":
-                info.lin_solver = f"auto ({', '.join(sorted(engine.used_linsolvers))})"
-                logger.log(
-                    logging.INFO if s.verbose else logging.DEBUG, "lin_solver='auto' picked %s", info.lin_solver[6:-1]
-                )
-            unverified = [i for i, r in enumerate(rs) if r.status == Status.SOLVED and not r.verified]
-            if unverified:
-                warnings.warn(
-                    f"dQP: the active set of batch element(s) {unverified[:10]} could not be verified (a degenerate "
-                    f"problem, e.g. a non-unique solution, or an inaccurate solver): the solver's point is returned "
-                    f"and the gradient uses the detected active set. See layer.info.verified / messages; a tighter "
-                    f"eps_abs or another qp_solver may help.",
-                    UnverifiedSolutionWarning,
-                    stacklevel=2,
-                )
+            z, lam, mu, info = self._solve_elementwise(batch, qp, lin, inputs, needs_grad)
         if rC is not None:
             mu = mu / rC
         if rA is not None:
