@@ -427,25 +427,8 @@ def validate(
             )
     if P is None or q is None:
         raise ShapeError("Arguments P and q are required.")
-    # vectors: dense tensors of one floating dtype and device
     ref = q
-    if not isinstance(q, torch.Tensor) or q.layout != torch.strided:
-        raise LayoutError(f"Argument q must be a dense torch tensor, got {_describe(q)}.")
-    if not q.is_floating_point():
-        raise LayoutError(f"Argument q must be floating point (float32/float64), got {q.dtype}. Use q.double().")
-    if q.device.type == "meta":
-        raise LayoutError("Argument q is a 'meta' tensor (no data); dqp needs real values on a CPU or CUDA device.")
-    for name, x in args.items():
-        if x is None or (sparse and name in ("P", "C", "A")):
-            continue
-        if not isinstance(x, torch.Tensor):
-            raise LayoutError(f"Argument {name} must be a torch tensor, got {_describe(x)}.")
-        if x.layout != torch.strided:
-            raise LayoutError(
-                f"Argument {name} is sparse ({x.layout}) but solve_type='dense'. Use "
-                f"solve_type='sparse' (torch CSC tensors), or {name}.to_dense()."
-            )
-        _check_dtype_device(name, x, ref)
+    _check_layouts(args, sparse)
     n, sizes = _matrix_sizes(args, sparse)
     q = args["q"] = _as_vector("q", q, n, "P")
     if n == 0:
@@ -479,19 +462,7 @@ def validate(
             if M.dim() == 3:
                 batch_sizes[name] = M.shape[0]
             mats[name] = M
-    bs = set(batch_sizes.values())
-    sparse_lists = {k for k in batch_sizes if sparse and k in ("P", "C", "A")}
-    if len(bs) == 2 and 1 in bs and not any(batch_sizes[k] == 1 for k in sparse_lists):
-        bs.discard(1)  # a dense leading dimension of 1 broadcasts, as in torch
-    if len(bs) > 1:
-        raise ShapeError(
-            f"Batch sizes do not agree: {batch_sizes}. Give every batched argument the same "
-            f"leading dimension B (unbatched arguments are shared across the batch)."
-        )
-    batched = bool(bs)
-    B = bs.pop() if bs else 1
-    if B == 0:
-        raise ShapeError("The batch is empty (B = 0).")
+    batched, B = _common_batch(batch_sizes, sparse)
     sym_tol = max(sym_tol, 64 * torch.finfo(q.dtype).eps)
     fast = not sparse and _dense_ok(args, sym_tol)  # (else the checks below name what is wrong)
     for name in ("q", "d", "b") + (() if sparse else ("P", "C", "A")):
@@ -527,6 +498,49 @@ def validate(
     if check_psd:
         _check_psd(batch)
     return batch
+
+
+def _check_layouts(args: dict, sparse: bool) -> None:
+    """Every argument a tensor of ``q``'s floating dtype and device; dense, except the matrices of
+    sparse input (checked with their patterns)."""
+    q = args["q"]
+    if not isinstance(q, torch.Tensor) or q.layout != torch.strided:
+        raise LayoutError(f"Argument q must be a dense torch tensor, got {_describe(q)}.")
+    if not q.is_floating_point():
+        raise LayoutError(f"Argument q must be floating point (float32/float64), got {q.dtype}. Use q.double().")
+    if q.device.type == "meta":
+        raise LayoutError("Argument q is a 'meta' tensor (no data); dqp needs real values on a CPU or CUDA device.")
+    for name, x in args.items():
+        if x is None or (sparse and name in ("P", "C", "A")):
+            continue
+        if not isinstance(x, torch.Tensor):
+            raise LayoutError(f"Argument {name} must be a torch tensor, got {_describe(x)}.")
+        if x.layout != torch.strided:
+            raise LayoutError(
+                f"Argument {name} is sparse ({x.layout}) but solve_type='dense'. Use "
+                f"solve_type='sparse' (torch CSC tensors), or {name}.to_dense()."
+            )
+        _check_dtype_device(name, x, q)
+
+
+def _common_batch(batch_sizes: dict, sparse: bool) -> Tuple[bool, int]:
+    """``(batched, B)`` from the leading dimensions of the batched arguments (name -> size).
+
+    A dense leading dimension of 1 broadcasts, as in torch; a list of one sparse matrix does not.
+    """
+    bs = set(batch_sizes.values())
+    sparse_lists = {k for k in batch_sizes if sparse and k in ("P", "C", "A")}
+    if len(bs) == 2 and 1 in bs and not any(batch_sizes[k] == 1 for k in sparse_lists):
+        bs.discard(1)
+    if len(bs) > 1:
+        raise ShapeError(
+            f"Batch sizes do not agree: {batch_sizes}. Give every batched argument the same "
+            f"leading dimension B (unbatched arguments are shared across the batch)."
+        )
+    B = bs.pop() if bs else 1
+    if B == 0:
+        raise ShapeError("The batch is empty (B = 0).")
+    return bool(batch_sizes), B
 
 
 def _dense_ok(args: dict, tol: float) -> bool:
