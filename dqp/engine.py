@@ -884,7 +884,7 @@ class Engine:
 
     #: ``omp_parallel="auto"``: the rest of a batch goes to the thread pool when its first element took at
     #: least this much CPU time. Measured on 2 cores (forward + backward, B = 4 to 32, two workers against
-    #: one): with solvers that release the GIL, 1.2–2.0x faster from about 5 ms per element; below it the
+    #: one): with solvers that run without the GIL, 1.2–2.0x faster from about 5 ms per element; below it the
     #: layer's own Python work, which holds the GIL, makes the pool slower (0.5–1.04x at 0.4–5 ms). The
     #: first element, solved alone to decide, costs a little of the gain (auto: 1.3–1.8x there).
     PARALLEL_MIN_ELEMENT_S = 5e-3
@@ -896,7 +896,7 @@ class Engine:
         s = self.settings
         workers = min(s.n_cpu, B)
         mode = s.omp_parallel
-        if workers < 2 or mode is False or (mode == "auto" and not self.solver.releases_gil):
+        if workers < 2 or mode is False or (mode == "auto" and not self.solver.gil_free):
             return [run(i) for i in range(B)]
         first: List[ElementResult] = []
         if mode == "auto":  # the first element decides whether the others are worth the pool

@@ -94,7 +94,7 @@ OPTIONS: Dict[str, Tuple[Any, tuple, str]] = {
         "auto",
         (bool, str),
         "Solve the elements of a batch concurrently in a thread pool (created once): True, False, or "
-        "'auto': only with a forward solver that releases the GIL while it solves (the solver table's "
+        "'auto': only with a forward solver that runs without the GIL while it solves (the solver table's "
         "'parallel' column), and only when the call's first element took 5 ms of CPU time or more (element-wise "
         "solvers; the batched IPM is one solve already: it ignores 'auto' and warns for True).",
     ),

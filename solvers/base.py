@@ -80,7 +80,7 @@ class ForwardSolver(Plugin, ABC):
         Whether it returns dual variables.
     warm_starts : bool
         Whether it uses starting values (``warm_start_from_previous`` has no effect otherwise).
-    releases_gil : bool
+    gil_free : bool
         Whether its solve runs without holding Python's GIL, so that the elements of a batch gain from
         a thread pool (``omp_parallel="auto"`` uses one only then).
     description : str
@@ -90,8 +90,8 @@ class ForwardSolver(Plugin, ABC):
     duals: ClassVar[bool] = True
     #: whether the solver starts from ``initvals`` / ``warm_duals`` (``warm_start_from_previous``)
     warm_starts: ClassVar[bool] = False
-    #: whether its solve releases the GIL (``omp_parallel="auto"``)
-    releases_gil: ClassVar[bool] = False
+    #: whether its solve runs without the GIL (``omp_parallel="auto"``)
+    gil_free: ClassVar[bool] = False
 
     def tolerance_keywords(self, eps_abs: float, eps_rel: float) -> Dict[str, Any]:
         """Translate dqp's ``eps_abs``/``eps_rel`` to this solver's own keywords."""
@@ -132,4 +132,4 @@ get_solver = SOLVERS.get
 
 def solver_table() -> str:
     """Markdown table of registered forward solvers (docs and ``python -m dqp.diagnose``)."""
-    return SOLVERS.table(("install", "install_hint"), flags=(("parallel", "releases_gil"),))
+    return SOLVERS.table(("install", "install_hint"), flags=(("parallel", "gil_free"),))

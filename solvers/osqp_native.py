@@ -59,7 +59,7 @@ class OSQPNative(ForwardSolver):
     dense = True
     sparse = True
     warm_starts = True
-    releases_gil = True
+    gil_free = True
     description = (
         "ADMM (C); sparse; fast, moderately accurate (dqp polishes the result). Direct API: "
         "workspace reused across calls, primal+dual warm starts."

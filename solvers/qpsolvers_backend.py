@@ -48,7 +48,7 @@ WARM_START_BACKENDS = frozenset(
 )
 
 
-#: backends whose solve releases the GIL: measured with 4 solves of a 2025-variable problem (dense
+#: backends whose solve runs without the GIL: measured with 4 solves of a 2025-variable problem (dense
 #: for daqp and quadprog) on 2 threads against one after another, 1.4–1.8x faster for these; PIQP,
 #: ProxQP and CVXOPT hold it (0.74–0.9x), OSQP through qpsolvers sets up under it (1.1x; dqp's own
 #: OSQP backend, which reuses its workspace, is 1.7x)
@@ -219,7 +219,7 @@ def _make_backend(name: str, module: str, extra: str, formats: str, description:
             "sparse": "S" in formats,
             "description": description,
             "warm_starts": name in WARM_START_BACKENDS,
-            "releases_gil": name in GIL_FREE_BACKENDS,
+            "gil_free": name in GIL_FREE_BACKENDS,
         },
     )
     return register_solver(cls)

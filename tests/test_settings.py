@@ -208,12 +208,12 @@ def _parallel_records(caplog, layer, *args):
 
 def test_omp_parallel_auto_is_the_default_and_pools_only_long_elements_of_gil_free_solvers(caplog):
     """'auto': the pool for the rest of the batch only when the first element took PARALLEL_MIN_ELEMENT_S
-    (5 ms) and the solver releases the GIL; the answers are those of the sequential solve."""
+    (5 ms) and the solver runs without the GIL; the answers are those of the sequential solve."""
     assert dQP.build_settings().omp_parallel == "auto"
     from dqp.engine import Engine
     from dqp.solvers import get_solver
 
-    assert get_solver("clarabel").releases_gil and not get_solver("piqp").releases_gil
+    assert get_solver("clarabel").gil_free and not get_solver("piqp").gil_free
     long_ = random_qp(120, 120, 0, seed=3, batch=3)[:4]  # Clarabel: tens of ms per element
     short = random_qp(4, 5, 0, seed=3, batch=3)[:4]  # well under 1 ms
     serial = dQP.dQP_layer(qp_solver="clarabel", omp_parallel=False)(*long_)[0]
