@@ -157,6 +157,13 @@ def detect_active(
     return near | big, weak
 
 
+def _cpu_timed(fn, i):
+    """``(fn(i), the CPU time the calling thread spent in it)``."""
+    t0 = time.thread_time()
+    out = fn(i)
+    return out, time.thread_time() - t0
+
+
 def _row_block(Cr, J: np.ndarray):
     """Rows ``J`` of a CSR matrix (or ndarray) in that order: ``Cr[J]``, without the 90 µs of SciPy's
     fancy indexing on a small matrix (the same arrays: a CSR matrix with sorted indices)."""
@@ -459,6 +466,8 @@ class Engine:
         self.solver = solver
         self.lin_solver_name = lin_solver_name
         self._pool: Optional[ThreadPoolExecutor] = None
+        #: ``omp_parallel="auto"``: the CPU time per element of the last call, by problem shape
+        self._element_cpu_s: dict = {}
         self.warm: List[Optional[Tuple[np.ndarray, ...]]] = []
         #: per batch slot, the recent reduced-KKT factorizations (their symbolic analyses are reused)
         self._factors: dict = {}
@@ -868,7 +877,7 @@ class Engine:
         def run(i):
             return self.solve_element(nb.element(i), batch.sparse, self.warm[i] if use_warm else None, slot=i)
 
-        results = self._run_all(run, B)
+        results = self._run_all(run, B, (batch.n, batch.m, batch.p, batch.sparse))
         bad = [i for i, r in enumerate(results) if r.nonconvex]
         if bad:
             raise NotPSDError(
@@ -882,37 +891,50 @@ class Engine:
             self.warm = [(r.z, r.lam, r.mu) if r.status == Status.SOLVED else None for r in results]
         return results
 
-    #: ``omp_parallel="auto"``: the rest of a batch goes to the thread pool when its first element took at
-    #: least this much CPU time. Measured on 2 cores (forward + backward, B = 4 to 32, two workers against
-    #: one): with solvers that run without the GIL, 1.2–2.0x faster from about 5 ms per element; below it the
-    #: layer's own Python work, which holds the GIL, makes the pool slower (0.5–1.04x at 0.4–5 ms). The
-    #: first element, solved alone to decide, costs a little of the gain (auto: 1.3–1.8x there).
-    PARALLEL_MIN_ELEMENT_S = 5e-3
+    #: ``omp_parallel="auto"``: a batch goes to the thread pool when its elements take at least this much
+    #: CPU time each. Measured on 2 cores (forward + backward, B = 4 to 32, two workers against one), with
+    #: solvers that run without the GIL: 1.2–2.1x faster from 4.7 ms per element, 0.89–1.16x at 4.4 ms,
+    #: 0.7–1.3x at 3.1 ms, 0.54–0.97x at 0.3–0.7 ms (the layer's own Python work holds the GIL).
+    PARALLEL_MIN_ELEMENT_S = 4e-3
 
-    def _run_all(self, run, B: int) -> List[ElementResult]:
+    def _run_all(self, run, B: int, shape: tuple) -> List[ElementResult]:
         """``run(i)`` for every element: in the thread pool (``omp_parallel``), or one after another.
-        A KeyboardInterrupt reaches Python between sequential elements; in the pool, the elements not
-        started yet are dropped."""
+
+        ``'auto'`` decides from the CPU time per element of the last call with the same ``shape``
+        (a CPU time, not a wall time: a preemption by another process, or a wait for the GIL, does not
+        count); a shape not seen yet solves its first element alone to measure it. A KeyboardInterrupt
+        reaches Python between sequential elements; in the pool, the elements not started yet are dropped.
+        """
         s = self.settings
-        workers = min(s.n_cpu, B)
         mode = s.omp_parallel
-        if workers < 2 or mode is False or (mode == "auto" and not self.solver.gil_free):
+        if min(s.n_cpu, B) < 2 or mode is False or (mode == "auto" and not self.solver.gil_free):
             return [run(i) for i in range(B)]
-        first: List[ElementResult] = []
-        if mode == "auto":  # the first element decides whether the others are worth the pool
-            t0 = time.thread_time()  # (its CPU time: a wall clock would count a preemption by another process)
-            first.append(run(0))
-            took = time.thread_time() - t0
-            if took < self.PARALLEL_MIN_ELEMENT_S:
-                return first + [run(i) for i in range(1, B)]
+        if mode is True:
+            return self._pooled(run, range(B))
+        timed = lambda i: _cpu_timed(run, i)  # noqa: E731
+        done = []
+        per_element = self._element_cpu_s.get(shape)
+        if per_element is None:
+            done.append(timed(0))
+            per_element = done[0][1]
+        rest = range(len(done), B)
+        if per_element >= self.PARALLEL_MIN_ELEMENT_S:
             logger.debug(
-                "omp_parallel='auto': element 0 took %.1f ms of CPU time; %d workers for the rest", took * 1e3, workers
+                "omp_parallel='auto': %.1f ms of CPU time per element; %d workers", per_element * 1e3, min(s.n_cpu, B)
             )
+            done += self._pooled(timed, rest)
+        else:
+            done += [timed(i) for i in rest]
+        self._element_cpu_s[shape] = float(np.median([t for _, t in done]))
+        return [r for r, _ in done]
+
+    def _pooled(self, fn, indices) -> list:
+        """``fn(i)`` for each index on the thread pool (created once), in order."""
         if self._pool is None:
-            self._pool = ThreadPoolExecutor(max_workers=s.n_cpu, thread_name_prefix="dqp")
-        futures = [self._pool.submit(run, i) for i in range(len(first), B)]
+            self._pool = ThreadPoolExecutor(max_workers=self.settings.n_cpu, thread_name_prefix="dqp")
+        futures = [self._pool.submit(fn, i) for i in indices]
         try:
-            return first + [f.result() for f in futures]
+            return [f.result() for f in futures]
         except KeyboardInterrupt:
             for f in futures:
                 f.cancel()

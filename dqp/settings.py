@@ -95,8 +95,9 @@ OPTIONS: Dict[str, Tuple[Any, tuple, str]] = {
         (bool, str),
         "Solve the elements of a batch concurrently in a thread pool (created once): True, False, or "
         "'auto': only with a forward solver that runs without the GIL while it solves (the solver table's "
-        "'parallel' column), and only when the call's first element took 5 ms of CPU time or more (element-wise "
-        "solvers; the batched IPM is one solve already: it ignores 'auto' and warns for True).",
+        "'parallel' column) and elements that take 4 ms of CPU time or more each, as measured on the last "
+        "call of the same problem shape (or on the first element of a new one). Element-wise solvers; the "
+        "batched IPM is one solve already: it ignores 'auto' and warns for True.",
     ),
     "n_cpu": (None, (int, type(None)), "Workers for omp_parallel (default: os.cpu_count())."),
     "empty_batch": (
