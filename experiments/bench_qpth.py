@@ -44,6 +44,7 @@ from __future__ import annotations
 import argparse
 import csv
 import gc
+import importlib
 import json
 import logging
 import math
@@ -266,6 +267,16 @@ def _dist_version(name: str) -> str:
         return "?"
 
 
+def _importable(what: str, load: Callable[[], Any]) -> Tuple[bool, str]:
+    """A method's ``available()`` answer: ``(True, "")`` when ``load()`` imports what it needs, else
+    ``(False, why)`` (any import failure is reported, not raised)."""
+    try:
+        load()
+    except Exception as exc:  # noqa: BLE001
+        return False, f"{what} not importable: {exc!r}"
+    return True, ""
+
+
 class _TorchLayer(Method):
     def _layer(self):
         raise NotImplementedError
@@ -298,11 +309,7 @@ class DqpMethod(_TorchLayer):
     name = "dqp"
 
     def available(self):
-        try:
-            from dqp.qpth import QPFunction  # noqa: F401
-        except Exception as exc:  # noqa: BLE001 - report any import failure
-            return False, f"dqp.qpth not importable: {exc!r}"
-        return True, ""
+        return _importable("dqp.qpth", lambda: importlib.import_module("dqp.qpth"))
 
     def version(self):
         import dqp
@@ -338,11 +345,7 @@ class DqpBatchMethod(_TorchLayer):
     name = "dqp_batch"
 
     def available(self):
-        try:
-            from dqp.ipm_layer import solve_qp_batch  # noqa: F401
-        except Exception as exc:  # noqa: BLE001
-            return False, f"dqp.ipm_layer not importable: {exc!r}"
-        return True, ""
+        return _importable("dqp.ipm_layer", lambda: importlib.import_module("dqp.ipm_layer"))
 
     def version(self):
         return DqpMethod().version()
@@ -383,11 +386,7 @@ class CupiqpMethod(_TorchLayer):
     def available(self):
         if not torch.cuda.is_available():
             return False, "cuPIQP runs on CUDA only"
-        try:
-            import cupiqp.torch  # noqa: F401
-        except Exception as exc:  # noqa: BLE001
-            return False, f"cupiqp not importable: {exc!r}"
-        return True, ""
+        return _importable("cupiqp", lambda: importlib.import_module("cupiqp.torch"))
 
     def version(self):
         return f"{_dist_version('cupiqp')} (warp {_dist_version('warp-lang')})"
@@ -484,11 +483,7 @@ class QpthMethod(_TorchLayer):
     name = "qpth"
 
     def available(self):
-        try:
-            _import_qpth()
-        except Exception as exc:  # noqa: BLE001
-            return False, f"qpth not importable: {exc!r}"
-        return True, ""
+        return _importable("qpth", _import_qpth)
 
     def version(self):
         return _dist_version("qpth")
@@ -502,12 +497,7 @@ class QpaxMethod(Method):
     name = "qpax"
 
     def available(self):
-        try:
-            import jax  # noqa: F401
-            import qpax  # noqa: F401
-        except Exception as exc:  # noqa: BLE001
-            return False, f"jax/qpax not importable: {exc!r}"
-        return True, ""
+        return _importable("jax/qpax", lambda: [importlib.import_module(m) for m in ("jax", "qpax")])
 
     def version(self):
         import jax
