@@ -211,12 +211,12 @@ def ruiz_scaling(K, iters: int = 15) -> np.ndarray:
         absK = np.abs(np.asarray(K))
     for _ in range(iters):
         if sp.issparse(K):
+            stored = np.maximum.reduceat(absdata * D.take(rows) * D.take(cols), starts) if absdata.size else absdata
             if full:
-                row = np.maximum.reduceat(absdata * D.take(rows) * D.take(cols), starts)
-            else:
+                row = stored
+            else:  # (rows with no entry keep 1)
                 row = np.ones(N)
-                if absdata.size:
-                    row[nonempty] = np.maximum.reduceat(absdata * D[rows] * D[cols], starts)
+                row[nonempty] = stored
         else:
             row = (D[:, None] * absK * D[None, :]).max(axis=1)
         row = np.where(row > 0, row, 1.0)
