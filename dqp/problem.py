@@ -240,11 +240,10 @@ def check_compressed(name: str, ptr: np.ndarray, idx: np.ndarray, n_ptr: int, n_
 
 
 def _check_structure(name: str, M: torch.Tensor) -> None:
-    """Validate a sparse tensor's index structure before anything reads it (torch does not by default)."""
+    """Validate a CSR or COO tensor's index structure before its conversion reads it (torch does not
+    by default); a CSC tensor's is checked once per pattern (:func:`_pattern`)."""
     r, c = M.shape
-    if M.layout == torch.sparse_csc:
-        check_compressed(name, M.ccol_indices().cpu().numpy(), M.row_indices().cpu().numpy(), c, r, "CSC")
-    elif M.layout == torch.sparse_csr:
+    if M.layout == torch.sparse_csr:
         check_compressed(name, M.crow_indices().cpu().numpy(), M.col_indices().cpu().numpy(), r, c, "CSR")
     elif M.layout == torch.sparse_coo:
         idx = M._indices().cpu().numpy()
@@ -260,9 +259,7 @@ def _pattern(name: str, M: torch.Tensor) -> CheckedPattern:
 
 
 def _to_csc(name: str, M: torch.Tensor) -> torch.Tensor:
-    if M.layout != torch.sparse_csc:  # (a CSC tensor's structure is checked once per pattern, by _pattern)
-        _check_structure(name, M)
-    if M.layout == torch.sparse_csc:
+    if M.layout == torch.sparse_csc:  # (its structure is checked once per pattern, by _pattern)
         if M.requires_grad and M.is_leaf:
             raise LayoutError(
                 f"Argument {name} is a sparse CSC leaf tensor with requires_grad=True; torch cannot "
@@ -271,6 +268,7 @@ def _to_csc(name: str, M: torch.Tensor) -> torch.Tensor:
                 f"then read vals.grad."
             )
         return M
+    _check_structure(name, M)
     if M.layout in (torch.sparse_coo, torch.sparse_csr):
         return M.to_sparse_csc()  # differentiable; gradients reach the original values in their order
     raise LayoutError(
