@@ -466,8 +466,8 @@ class Engine:
         self.solver = solver
         self.lin_solver_name = lin_solver_name
         self._pool: Optional[ThreadPoolExecutor] = None
-        #: ``omp_parallel="auto"``: the CPU time per element of the last call, by problem shape
-        self._element_cpu_s: dict = {}
+        #: ``omp_parallel="auto"``: ``(problem shape, CPU time per element)`` of the last call
+        self._element_cpu: Optional[Tuple[tuple, float]] = None
         self.warm: List[Optional[Tuple[np.ndarray, ...]]] = []
         #: per batch slot, the recent reduced-KKT factorizations (their symbolic analyses are reused)
         self._factors: dict = {}
@@ -900,9 +900,9 @@ class Engine:
     def _run_all(self, run, B: int, shape: tuple) -> List[ElementResult]:
         """``run(i)`` for every element: in the thread pool (``omp_parallel``), or one after another.
 
-        ``'auto'`` decides from the CPU time per element of the last call with the same ``shape``
-        (a CPU time, not a wall time: a preemption by another process, or a wait for the GIL, does not
-        count); a shape not seen yet solves its first element alone to measure it. A KeyboardInterrupt
+        ``'auto'`` decides from the CPU time per element of the previous call when it had the same
+        ``shape`` (a CPU time, not a wall time: a preemption by another process, or a wait for the GIL,
+        does not count); otherwise the call solves its first element alone to measure it. A KeyboardInterrupt
         reaches Python between sequential elements; in the pool, the elements not started yet are dropped.
         """
         s = self.settings
@@ -913,7 +913,8 @@ class Engine:
             return self._pooled(run, range(B))
         timed = lambda i: _cpu_timed(run, i)  # noqa: E731
         done = []
-        per_element = self._element_cpu_s.get(shape)
+        last = self._element_cpu
+        per_element = last[1] if last is not None and last[0] == shape else None
         if per_element is None:
             done.append(timed(0))
             per_element = done[0][1]
@@ -925,7 +926,7 @@ class Engine:
             done += self._pooled(timed, rest)
         else:
             done += [timed(i) for i in rest]
-        self._element_cpu_s[shape] = float(np.median([t for _, t in done]))
+        self._element_cpu = (shape, float(np.median([t for _, t in done])))
         return [r for r, _ in done]
 
     def _pooled(self, fn, indices) -> list:

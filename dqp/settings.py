@@ -95,8 +95,8 @@ OPTIONS: Dict[str, Tuple[Any, tuple, str]] = {
         (bool, str),
         "Solve the elements of a batch concurrently in a thread pool (created once): True, False, or "
         "'auto': only with a forward solver that runs without the GIL while it solves (the solver table's "
-        "'parallel' column) and elements that take 4 ms of CPU time or more each, as measured on the last "
-        "call of the same problem shape (or on the first element of a new one). Element-wise solvers; the "
+        "'parallel' column) and elements that take 4 ms of CPU time or more each, as measured on the previous "
+        "call when it had the same problem shape (else on the call's first element). Element-wise solvers; the "
         "batched IPM is one solve already: it ignores 'auto' and warns for True.",
     ),
     "n_cpu": (None, (int, type(None)), "Workers for omp_parallel (default: os.cpu_count())."),
