@@ -356,26 +356,17 @@ class DqpBatchMethod(_TorchLayer):
         return lambda Q, p, G, h, A, b: solve_qp_batch(Q, p, G, h)[0]
 
 
-class DqpLayerMethod(_TorchLayer):
-    """``dQP_layer(settings=build_settings(qp_solver="dqp_ipm"))``: the main door on the same engine."""
+class DqpLayerMethod(DqpMethod):
+    """``dQP_layer(settings=build_settings(qp_solver="dqp_ipm"))``: the main door on the same engine
+    (availability, version and kernel builds as :class:`DqpMethod`)."""
 
     name = "dqp_layer"
-
-    def available(self):
-        return DqpMethod().available()
-
-    def version(self):
-        return DqpMethod().version()
 
     def _layer(self):
         from dqp import dQP
 
         layer = dQP.dQP_layer(settings=dQP.build_settings(qp_solver="dqp_ipm", empty_batch=False))
         return lambda Q, p, G, h, A, b: layer(Q, p, G, h)[0]
-
-    def _cell_layer(self, ps, dtype, device):
-        _build_kernel(ps, dtype, device)
-        return self._layer()
 
 
 class CupiqpMethod(_TorchLayer):
