@@ -58,6 +58,7 @@ import torch
 
 from dqp.errors import SettingsError, ShapeError, Status, error_for_statuses
 from dqp.gradients import dense_grads
+from dqp.ipm_host import on_host, solve_on_host
 from dqp.ipm_polish import _kkt_of_kernel, _not_psd, _polish_graph_ok, _polish_graphed, classify_active, polish
 from dqp.problem import INF_BOUND, INF_ROW_RATIO
 from dqp.linsolve.torch_batched import PATH_NAMES, BatchedKKT
@@ -642,6 +643,8 @@ def _solve(P, q, C, d, A, b, eps, max_iter, polish, ipm_options, check_feasible:
     (absent bounds) and whether the data must be equilibrated."""
     _check_ipm_options(ipm_options)
     P, q, C, d, A, b = _broadcast(P, q, C, d, A, b)
+    if on_host(P, C, A, _options(ipm_options)):
+        return solve_on_host(_solve, (P, q, C, d, A, b), P.device, eps, max_iter, polish, ipm_options, check_feasible)
     with torch.no_grad():
         big = _unbounded_mask(C, d)
         scaled_badly = _badly_scaled(*_scales(P, q, C, A))

@@ -89,6 +89,10 @@ class IPMOptions:
         Layer, CUDA: the polish and the backward as cached CUDA graphs for float64 dual-form
         batches with ``B·k² ≤ polish_graph_max_work`` (after the kernel's polish: the backward up
         to ``backward_graph_max_work``). H100, B=128, n=m=100: 25.8 → 18.7 ms forward+backward.
+    host_max_work : int
+        Layer, CUDA data: a batch whose work ``B·k³`` (``k = n + m + p``) is at most this is solved
+        on the host CPU, copies included (:mod:`dqp.ipm_host`): a few small QPs are latency-bound on
+        the GPU. 0: never.
     outer : {"auto", "matmul", "mul"}
         How the gradients' outer products ``u vᵀ + w xᵀ`` are formed (:func:`dqp.gradients.dense_grads`).
     """
@@ -116,6 +120,7 @@ class IPMOptions:
     polish_graph: bool = True
     polish_graph_max_work: int = 2_000_000
     backward_graph_max_work: int = 20_000_000
+    host_max_work: int = 0
     outer: str = "auto"
 
     def __post_init__(self) -> None:
@@ -133,6 +138,11 @@ class IPMOptions:
             raise SettingsError(f"IPMOptions.widen_on_cuda must be None, True or False, got {self.widen_on_cuda!r}.")
         if self.outer not in ("auto", "matmul", "mul"):
             raise SettingsError(f"IPMOptions.outer must be 'auto', 'matmul' or 'mul', got {self.outer!r}.")
+        if not (isinstance(self.host_max_work, int) and self.host_max_work >= 0):
+            raise SettingsError(
+                f"IPMOptions.host_max_work must be a non-negative int (0: never solve CUDA data on the host), "
+                f"got {self.host_max_work!r}."
+            )
         if not self.polished_eps > 0:
             raise SettingsError(f"IPMOptions.polished_eps must be positive, got {self.polished_eps!r}.")
         if isinstance(self.polish_stage_eps, list):
