@@ -56,6 +56,7 @@ from typing import TYPE_CHECKING, Any, Dict, Optional, Tuple
 
 import torch
 
+from dqp.cpu_threads import batch_work, serial_if_small
 from dqp.errors import SettingsError, ShapeError, Status, error_for_statuses
 from dqp.gradients import dense_grads
 from dqp.ipm_host import on_host, solve_on_host
@@ -124,6 +125,14 @@ def _options(opts: Dict[str, Any]) -> IPMOptions:
     return options
 
 
+def _rows(M: Optional[Tensor]) -> int:
+    return 0 if M is None else M.shape[-2]
+
+
+def _cols(v: Optional[Tensor]) -> int:
+    return 0 if v is None else v.shape[-1]
+
+
 def _wide_dtype(P: Tensor) -> Optional[torch.dtype]:
     """float64 for float32/float16/bfloat16 data on a device with float64 (the polish dtype), else None."""
     if P.dtype == torch.float64 or not P.dtype.is_floating_point or P.device.type == "mps":
@@ -172,6 +181,12 @@ class IPMQPFunction(torch.autograd.Function):
     @staticmethod
     def forward(P, q, C, d, A, b, options: Optional[Dict[str, Any]] = None):
         """IPM solve, active-set classification and polish; returns ``(z, lam, mu, status, active, kkt)``."""
+        work = batch_work(P.shape[0], P.shape[-1], _rows(C), _rows(A))
+        with serial_if_small(P.device, work, _options(dict(options or {})).cpu_serial_max_work):
+            return IPMQPFunction._forward(P, q, C, d, A, b, options)
+
+    @staticmethod
+    def _forward(P, q, C, d, A, b, options: Optional[Dict[str, Any]] = None):
         opts = dict(options or {})
         eng = _options(opts)
         do_polish = opts.pop("polish", True)
@@ -296,7 +311,11 @@ class IPMQPFunction(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, gz, glam, gmu, _gstatus=None, _gactive=None, _gkkt=None):
         """One solve with the saved KKT factorization, then :func:`dqp.gradients.dense_grads`."""
-        with torch.profiler.record_function("dqp::backward"):
+        z, lam, mu = ctx.saved_tensors[:3]
+        work = batch_work(z.shape[0], z.shape[-1], _cols(mu), _cols(lam))
+        with torch.profiler.record_function("dqp::backward"), serial_if_small(
+            z.device, work, ctx.engine_options.cpu_serial_max_work
+        ):
             return IPMQPFunction._backward(ctx, gz, glam, gmu)
 
     @staticmethod

@@ -17,10 +17,11 @@ DEVICE = IPMOptions(host_max_work=0)
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 
-@pytest.mark.parametrize("value", [-1, 1.5, "big", None])
-def test_host_max_work_must_be_a_non_negative_int(value):
-    with pytest.raises(SettingsError, match="host_max_work must be a non-negative int"):
-        IPMOptions(host_max_work=value)
+@pytest.mark.parametrize("name", ["host_max_work", "cpu_serial_max_work"])
+@pytest.mark.parametrize("value", [-1, 1.5, "big", None, True])
+def test_work_limits_must_be_non_negative_ints(name, value):
+    with pytest.raises(SettingsError, match=f"{name} must be a non-negative int"):
+        IPMOptions(**{name: value})
 
 
 def test_cpu_data_is_never_rerouted():

@@ -93,6 +93,10 @@ class IPMOptions:
         Layer, CUDA data: a batch whose work ``B·k³`` (``k = n + m + p``) is at most this is solved
         on the host CPU, copies included (:mod:`dqp.ipm_host`): a few small QPs are latency-bound on
         the GPU. 0: never.
+    cpu_serial_max_work : int
+        Layer, CPU data: a batch whose work ``B·k³`` is at most this runs on one torch thread
+        (:mod:`dqp.cpu_threads`): a second thread gains at most a fraction of a millisecond there,
+        and waits milliseconds for a core that another process keeps busy. 0: never.
     outer : {"auto", "matmul", "mul"}
         How the gradients' outer products ``u vᵀ + w xᵀ`` are formed (:func:`dqp.gradients.dense_grads`).
     """
@@ -121,6 +125,7 @@ class IPMOptions:
     polish_graph_max_work: int = 2_000_000
     backward_graph_max_work: int = 20_000_000
     host_max_work: int = 0
+    cpu_serial_max_work: int = 10_000_000
     outer: str = "auto"
 
     def __post_init__(self) -> None:
@@ -138,11 +143,10 @@ class IPMOptions:
             raise SettingsError(f"IPMOptions.widen_on_cuda must be None, True or False, got {self.widen_on_cuda!r}.")
         if self.outer not in ("auto", "matmul", "mul"):
             raise SettingsError(f"IPMOptions.outer must be 'auto', 'matmul' or 'mul', got {self.outer!r}.")
-        if not (isinstance(self.host_max_work, int) and self.host_max_work >= 0):
-            raise SettingsError(
-                f"IPMOptions.host_max_work must be a non-negative int (0: never solve CUDA data on the host), "
-                f"got {self.host_max_work!r}."
-            )
+        for name in ("host_max_work", "cpu_serial_max_work"):
+            value = getattr(self, name)
+            if not (isinstance(value, int) and not isinstance(value, bool) and value >= 0):
+                raise SettingsError(f"IPMOptions.{name} must be a non-negative int (0: never), got {value!r}.")
         if not self.polished_eps > 0:
             raise SettingsError(f"IPMOptions.polished_eps must be positive, got {self.polished_eps!r}.")
         if isinstance(self.polish_stage_eps, list):
