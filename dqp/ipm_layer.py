@@ -473,16 +473,17 @@ def _feasible(z: Tensor, C, d, A, b) -> Tensor:
     """Per element: ``z`` satisfies the (unscaled) constraints to a tolerance relative to each row's
     scale, ``|r_i| ≤ √ε·(|d_i| + |C_i||z|)`` — what a polished (verified) point must meet."""
     tol = math.sqrt(torch.finfo(z.dtype).eps)
-    ok = torch.ones(z.shape[0], dtype=torch.bool, device=z.device)
-    for M, v, eq in ((C, d, False), (A, b, True)):
-        if M is None:
-            continue
-        M, v = M.detach(), v.detach()
-        r = torch.matmul(M, z.unsqueeze(-1)).squeeze(-1) - v
-        size = v.abs() + torch.matmul(M.abs(), z.abs().unsqueeze(-1)).squeeze(-1)
-        bad = (r.abs() if eq else r) > tol * size
-        ok = ok & ~bad.any(-1)
-    return ok
+    zc, zabs = z.unsqueeze(-1), z.abs().unsqueeze(-1)
+    bad = None
+    with torch.no_grad():
+        for M, v, eq in ((C, d, False), (A, b, True)):
+            if M is None:
+                continue
+            r = torch.matmul(M, zc).squeeze(-1).sub_(v)
+            size = torch.matmul(M.abs(), zabs).squeeze(-1).add_(v.abs()).mul_(tol)
+            rows = torch.gt(r.abs_() if eq else r, size).any(-1)
+            bad = rows if bad is None else bad.logical_or_(rows)
+    return torch.ones(z.shape[0], dtype=torch.bool, device=z.device) if bad is None else bad.logical_not_()
 
 
 def _unbounded_mask(C: Optional[Tensor], d: Optional[Tensor]) -> Optional[Tensor]:
