@@ -122,6 +122,7 @@ def solve_settings_batch(batch: "QPBatch", settings: "Settings") -> Tuple[Tensor
         kw.pop("max_iter", 100),
         do_polish,
         kw,
+        checks=batch.deferred,
     )
     diag = dict(
         verified=kkt.polished & feasible,

@@ -59,7 +59,7 @@ import torch
 from dqp.errors import SettingsError, ShapeError, Status, error_for_statuses
 from dqp.gradients import dense_grads
 from dqp.ipm_polish import _kkt_of_kernel, _not_psd, _polish_graph_ok, _polish_graphed, classify_active, polish
-from dqp.problem import INF_BOUND, INF_ROW_RATIO
+from dqp.problem import INF_BOUND, INF_ROW_RATIO, DeferredChecks
 from dqp.linsolve.torch_batched import PATH_NAMES, BatchedKKT
 from dqp.solvers.ipm import (
     DEFAULT_OPTIONS,
@@ -636,17 +636,35 @@ def solve_qp_batch(
     return z, lam, mu, status, active
 
 
-def _solve(P, q, C, d, A, b, eps, max_iter, polish, ipm_options, check_feasible: bool = True):
+def _solve(
+    P,
+    q,
+    C,
+    d,
+    A,
+    b,
+    eps,
+    max_iter,
+    polish,
+    ipm_options,
+    check_feasible: bool = True,
+    checks: Optional[DeferredChecks] = None,
+):
     """:func:`solve_qp_batch`'s solve: ``(z, lam, mu, status, active, kkt, feasible)`` with
     ``feasible`` (B,) whether z satisfies the constraints (:func:`_feasible`; None unless
     ``check_feasible``). One host read before the solve: whether rows must be taken out
-    (absent bounds) and whether the data must be equilibrated."""
+    (absent bounds), whether the data must be equilibrated and, with ``checks`` (the layer's
+    :class:`dqp.problem.DeferredChecks`), whether the data passed validation's screen (the
+    detailed checks then raise the typed error)."""
     _check_ipm_options(ipm_options)
     P, q, C, d, A, b = _broadcast(P, q, C, d, A, b)
     with torch.no_grad():
         big = _unbounded_mask(C, d)
         scaled_badly = _badly_scaled(*_scales(P, q, C, A))
-        has_big, rescale = torch.stack([scaled_badly if big is None else big.any(), scaled_badly]).tolist()
+        flags = [scaled_badly if big is None else big.any(), scaled_badly] + ([] if checks is None else [checks.ok])
+        has_big, rescale, *data_ok = torch.stack(flags).tolist()
+    if data_ok and not data_ok[0]:
+        checks.run()
     rows = None
     if has_big:
         C, d, rows = _unbounded_rows(C, d, big)

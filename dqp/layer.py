@@ -288,12 +288,17 @@ class dQP_layer(LibdqpAttributes, nn.Module):  # noqa: N801  (the name users kno
         reject_functorch((P, q, C, d, A, b), "dQP_layer")
         s = self.settings
         t_start = time.perf_counter()
-        batch = validate(P, q, C, d, A, b, sparse=s.solve_type == "sparse", check_psd=s.check_PSD)
+        # off the CPU the value checks' host read waits for the solver's first one (QPBatch.deferred);
+        # on the CPU their NumPy screen costs no device round trip
+        defer = isinstance(q, torch.Tensor) and q.device.type != "cpu"
+        batch = validate(P, q, C, d, A, b, sparse=s.solve_type == "sparse", check_psd=s.check_PSD, defer_checks=defer)
         given = batch
         rC = rA = None
         if s.normalize_constraints:
             batch, rC, rA = normalize_rows(batch)
         qp, lin, solver = self._choose(batch)
+        if batch.deferred is not None and not (solver.batched and solver.reads_deferred_checks):
+            batch.deferred.check()
         inputs = (_data(batch.P), batch.q, _data(batch.C), batch.d, _data(batch.A), batch.b)
         needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs)
         if solver.batched:

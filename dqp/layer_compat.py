@@ -90,6 +90,7 @@ def detach_batch(batch):
     new = copy.copy(batch)
     new.P, new.q, new.C, new.d = det(batch.P), det(batch.q), det(batch.C), det(batch.d)
     new.A, new.b = det(batch.A), det(batch.b)
+    new.deferred = None  # (its checks hold the caller's tensors)
     return new
 
 
