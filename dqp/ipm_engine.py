@@ -123,6 +123,7 @@ def solve_settings_batch(batch: "QPBatch", settings: "Settings") -> Tuple[Tensor
         do_polish,
         kw,
         checks=batch.deferred,
+        broadcast=False,
     )
     diag = dict(
         verified=kkt.polished & feasible,

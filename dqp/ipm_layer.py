@@ -649,15 +649,19 @@ def _solve(
     ipm_options,
     check_feasible: bool = True,
     checks: Optional[DeferredChecks] = None,
+    broadcast: bool = True,
 ):
     """:func:`solve_qp_batch`'s solve: ``(z, lam, mu, status, active, kkt, feasible)`` with
     ``feasible`` (B,) whether z satisfies the constraints (:func:`_feasible`; None unless
     ``check_feasible``). One host read before the solve: whether rows must be taken out
     (absent bounds), whether the data must be equilibrated and, with ``checks`` (the layer's
     :class:`dqp.problem.DeferredChecks`), whether the data passed validation's screen (the
-    detailed checks then raise the typed error)."""
+    detailed checks then raise the typed error). ``broadcast=False``: the arguments are a
+    validated batch already (:class:`dqp.problem.QPBatch`: every one ``(B, ...)``, absent
+    constraints None), used as they are (no expand: no autograd node per argument)."""
     _check_ipm_options(ipm_options)
-    P, q, C, d, A, b = _broadcast(P, q, C, d, A, b)
+    if broadcast:
+        P, q, C, d, A, b = _broadcast(P, q, C, d, A, b)
     with torch.no_grad():
         big = _unbounded_mask(C, d)
         scaled_badly = _badly_scaled(*_scales(P, q, C, A))
