@@ -156,3 +156,39 @@ def test_layer_errors_do_not_depend_on_the_device(device):
         with pytest.raises(err) as here:
             layer(*[t.to(device) for t in args])
         assert str(here.value) == str(on_cpu.value)
+
+
+def _feasible_by_definition(z, C, d, A, b):
+    """``|r_i| ≤ √ε·(|v_i| + |M_i||z|)`` per row, as :func:`dqp.ipm_layer._feasible` documents it."""
+    tol = torch.finfo(z.dtype).eps ** 0.5
+    ok = torch.ones(z.shape[0], dtype=torch.bool)
+    for M, v, eq in ((C, d, False), (A, b, True)):
+        if M is not None:
+            r = (M @ z.unsqueeze(-1)).squeeze(-1) - v
+            size = v.abs() + (M.abs() @ z.abs().unsqueeze(-1)).squeeze(-1)
+            ok = ok & ~((r.abs() if eq else r) > tol * size).any(-1)
+    return ok
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_feasible_matches_its_definition(dtype):
+    """Residuals near the tolerance, zero bounds (where the cheap bound tol·|v| does not decide)."""
+    from dqp.ipm_layer import _feasible
+
+    g = torch.Generator().manual_seed(4)
+    tol = torch.finfo(dtype).eps ** 0.5
+    decided = collections.Counter()
+    for trial in range(400):
+        B, n, m, p = 4, 5, 6, 2
+        C, A = torch.randn(B, m, n, generator=g).to(dtype), torch.randn(B, p, n, generator=g).to(dtype)
+        z = torch.randn(B, n, generator=g).to(dtype) * 10.0 ** (trial % 7 - 5)
+        noise = tol * 10.0 ** (trial % 4 - 3)
+        d = (C @ z.unsqueeze(-1)).squeeze(-1) + noise * torch.randn(B, m, generator=g).to(dtype)
+        if trial % 3 == 0:
+            d[:, 0] = 0.0
+        b = (A @ z.unsqueeze(-1)).squeeze(-1) + noise * torch.randn(B, p, generator=g).to(dtype)
+        for args in ((z, C, d, None, None), (z, C, d, A, b), (z, None, None, A, b)):
+            got = _feasible(*args)
+            assert torch.equal(got, _feasible_by_definition(*args))
+            decided[bool(got.all())] += 1
+    assert decided[True] and decided[False]  # both outcomes were exercised
