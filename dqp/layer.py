@@ -241,6 +241,14 @@ class dQP_layer(LibdqpAttributes, nn.Module):  # noqa: N801  (the name users kno
             )
         return z, lam, mu, info
 
+    def _validated(self, P, q, C, d, A, b) -> QPBatch:
+        """:func:`dqp.problem.validate` with the settings' options. Off the CPU the value checks' host
+        read is left to the solver's first one (``QPBatch.deferred``); on the CPU their NumPy screen
+        costs no device round trip and runs at once."""
+        s = self.settings
+        defer = isinstance(q, torch.Tensor) and q.device.type != "cpu"
+        return validate(P, q, C, d, A, b, sparse=s.solve_type == "sparse", check_psd=s.check_PSD, defer_checks=defer)
+
     # -- call ---------------------------------------------------------------------------------
     @graph_break  # torch.compile: the solve runs eagerly, the model around it compiles
     def forward(
@@ -288,10 +296,7 @@ class dQP_layer(LibdqpAttributes, nn.Module):  # noqa: N801  (the name users kno
         reject_functorch((P, q, C, d, A, b), "dQP_layer")
         s = self.settings
         t_start = time.perf_counter()
-        # off the CPU the value checks' host read waits for the solver's first one (QPBatch.deferred);
-        # on the CPU their NumPy screen costs no device round trip
-        defer = isinstance(q, torch.Tensor) and q.device.type != "cpu"
-        batch = validate(P, q, C, d, A, b, sparse=s.solve_type == "sparse", check_psd=s.check_PSD, defer_checks=defer)
+        batch = self._validated(P, q, C, d, A, b)
         given = batch
         rC = rA = None
         if s.normalize_constraints:

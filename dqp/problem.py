@@ -510,7 +510,23 @@ def validate(
     if not fast:
         _check_finite_all(args, sparse)
 
-    # (no expand where the leading dimension is already B: one autograd node less per argument)
+    batch = _expanded_batch(mats, q, d, b, B, n, vec_len, batched, sparse)
+    # rounding in the user's own P = L @ L.T is ~n·eps relative: allow for it in the working precision
+    if not fast:
+        _check_symmetric(batch, sym_tol)
+    if check_psd:
+        _check_psd(batch)
+    if ok is not None:
+        batch.deferred = DeferredChecks(ok, _detailed_checks(args, copy.copy(batch), sym_tol))
+    return batch
+
+
+def _expanded_batch(
+    mats: dict, q: torch.Tensor, d, b, B: int, n: int, vec_len: dict, batched: bool, sparse: bool
+) -> QPBatch:
+    """The :class:`QPBatch` of checked arguments, each dense one with the leading dimension B
+    (no expand where it is B already: one autograd node less per argument)."""
+
     def expand_vec(v):
         if v is None:
             return None
@@ -531,15 +547,7 @@ def validate(
         Cm = dv = None
     if p == 0:
         Am = bv = None
-    batch = QPBatch(Pm, qv, Cm, dv, Am, bv, B, n, m, p, batched, sparse, q.dtype, q.device)
-    # rounding in the user's own P = L @ L.T is ~n·eps relative: allow for it in the working precision
-    if not fast:
-        _check_symmetric(batch, sym_tol)
-    if check_psd:
-        _check_psd(batch)
-    if ok is not None:
-        batch.deferred = DeferredChecks(ok, _detailed_checks(args, copy.copy(batch), sym_tol))
-    return batch
+    return QPBatch(Pm, qv, Cm, dv, Am, bv, B, n, m, p, batched, sparse, q.dtype, q.device)
 
 
 def _check_finite_all(args: dict, sparse: bool) -> None:
