@@ -159,7 +159,7 @@ def error_for_statuses(
     The exception class follows the first failure; the message lists every failed element. Elements
     whose P is not positive semidefinite (``Status.NOT_PSD``) give a :class:`NotPSDError` naming them.
     """
-    failed = [(i, Status(s)) for i, s in enumerate(statuses) if Status(s) != Status.SOLVED]
+    failed = [(i, Status(s)) for i, s in enumerate(statuses) if s != Status.SOLVED]
     if not failed:
         return None
     batched = len(statuses) > 1

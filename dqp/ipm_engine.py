@@ -122,6 +122,8 @@ def solve_settings_batch(batch: "QPBatch", settings: "Settings") -> Tuple[Tensor
         kw.pop("max_iter", 100),
         do_polish,
         kw,
+        checks=batch.deferred,
+        broadcast=False,
     )
     diag = dict(
         verified=kkt.polished & feasible,
@@ -138,8 +140,9 @@ def solve_settings_batch(batch: "QPBatch", settings: "Settings") -> Tuple[Tensor
         active = torch.zeros(B, 0, dtype=torch.bool, device=z.device)
     # the one host read of the call (the statuses decide raise/mask, ``verified`` the warning); the
     # other diagnostics stay tensors until read (LazySolveInfo)
-    st_ver = torch.stack([status, diag["verified"].to(status.dtype)]).tolist()
-    st, verified = [Status(x) for x in st_ver[0]], [bool(v) for v in st_ver[1]]
+    codes, ver = torch.stack([status, diag["verified"].to(status.dtype)]).tolist()
+    st = [Status(x) for x in codes] if any(codes) else [Status.SOLVED] * B
+    verified = [v != 0 for v in ver]
     zd, lamd, mud = z.detach(), lam.detach(), mu.detach()
     residuals = _once(lambda: _torch_residuals(batch, zd, lamd, mud))
     margins = _once(lambda: _torch_margins(batch, zd, mud, active, s.eps_active))

@@ -61,7 +61,7 @@ from dqp.errors import SettingsError, ShapeError, Status, error_for_statuses
 from dqp.gradients import dense_grads
 from dqp.ipm_host import on_host, solve_on_host
 from dqp.ipm_polish import _kkt_of_kernel, _not_psd, _polish_graph_ok, _polish_graphed, classify_active, polish
-from dqp.problem import INF_BOUND, INF_ROW_RATIO
+from dqp.problem import INF_BOUND, INF_ROW_RATIO, DeferredChecks
 from dqp.linsolve.torch_batched import PATH_NAMES, BatchedKKT
 from dqp.solvers.ipm import (
     DEFAULT_OPTIONS,
@@ -493,16 +493,23 @@ def _feasible(z: Tensor, C, d, A, b) -> Tensor:
     """Per element: ``z`` satisfies the (unscaled) constraints to a tolerance relative to each row's
     scale, ``|r_i| ≤ √ε·(|d_i| + |C_i||z|)`` — what a polished (verified) point must meet."""
     tol = math.sqrt(torch.finfo(z.dtype).eps)
-    ok = torch.ones(z.shape[0], dtype=torch.bool, device=z.device)
-    for M, v, eq in ((C, d, False), (A, b, True)):
-        if M is None:
-            continue
-        M, v = M.detach(), v.detach()
-        r = torch.matmul(M, z.unsqueeze(-1)).squeeze(-1) - v
-        size = v.abs() + torch.matmul(M.abs(), z.abs().unsqueeze(-1)).squeeze(-1)
-        bad = (r.abs() if eq else r) > tol * size
-        ok = ok & ~bad.any(-1)
-    return ok
+    zc, zabs = z.unsqueeze(-1), None
+    bad = None
+    with torch.no_grad():
+        for M, v, eq in ((C, d, False), (A, b, True)):
+            if M is None:
+                continue
+            r = torch.matmul(M, zc).squeeze(-1).sub_(v)
+            excess = r.abs_() if eq else r
+            # tol·|v_i| is a lower bound of the rounded tol·(|v_i| + |M_i||z|) (rounding is monotone):
+            # rows within it pass without |M||z|. On the CPU reading that flag costs nothing
+            if excess.device.type == "cpu" and not bool(torch.gt(excess, v.abs().mul_(tol)).any()):
+                continue
+            zabs = z.abs().unsqueeze(-1) if zabs is None else zabs
+            size = torch.matmul(M.abs(), zabs).squeeze(-1).add_(v.abs()).mul_(tol)
+            rows = torch.gt(excess, size).any(-1)
+            bad = rows if bad is None else bad.logical_or_(rows)
+    return torch.ones(z.shape[0], dtype=torch.bool, device=z.device) if bad is None else bad.logical_not_()
 
 
 def _unbounded_mask(C: Optional[Tensor], d: Optional[Tensor]) -> Optional[Tensor]:
@@ -655,19 +662,43 @@ def solve_qp_batch(
     return z, lam, mu, status, active
 
 
-def _solve(P, q, C, d, A, b, eps, max_iter, polish, ipm_options, check_feasible: bool = True):
+def _solve(
+    P,
+    q,
+    C,
+    d,
+    A,
+    b,
+    eps,
+    max_iter,
+    polish,
+    ipm_options,
+    check_feasible: bool = True,
+    checks: Optional[DeferredChecks] = None,
+    broadcast: bool = True,
+):
     """:func:`solve_qp_batch`'s solve: ``(z, lam, mu, status, active, kkt, feasible)`` with
     ``feasible`` (B,) whether z satisfies the constraints (:func:`_feasible`; None unless
     ``check_feasible``). One host read before the solve: whether rows must be taken out
-    (absent bounds) and whether the data must be equilibrated."""
+    (absent bounds), whether the data must be equilibrated and, with ``checks`` (the layer's
+    :class:`dqp.problem.DeferredChecks`), whether the data passed validation's screen (the
+    detailed checks then raise the typed error). ``broadcast=False``: the arguments are a
+    validated batch already (:class:`dqp.problem.QPBatch`: every one ``(B, ...)``, absent
+    constraints None), used as they are (no expand: no autograd node per argument)."""
     _check_ipm_options(ipm_options)
-    P, q, C, d, A, b = _broadcast(P, q, C, d, A, b)
+    if broadcast:
+        P, q, C, d, A, b = _broadcast(P, q, C, d, A, b)
     if on_host(P, C, A, _options(ipm_options)):
+        if checks is not None:
+            checks.check()  # (the data's screen, read before the copy to the host)
         return solve_on_host(_solve, (P, q, C, d, A, b), P.device, eps, max_iter, polish, ipm_options, check_feasible)
     with torch.no_grad():
         big = _unbounded_mask(C, d)
         scaled_badly = _badly_scaled(*_scales(P, q, C, A))
-        has_big, rescale = torch.stack([scaled_badly if big is None else big.any(), scaled_badly]).tolist()
+        flags = [scaled_badly if big is None else big.any(), scaled_badly] + ([] if checks is None else [checks.ok])
+        has_big, rescale, *data_ok = torch.stack(flags).tolist()
+    if data_ok and not data_ok[0]:
+        checks.run()
     rows = None
     if has_big:
         C, d, rows = _unbounded_rows(C, d, big)

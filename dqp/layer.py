@@ -20,6 +20,7 @@ from dqp.layer_compat import LastCall, LibdqpAttributes, detach_batch, resolve_k
 from dqp.problem import QPBatch, SparseArg, validate
 from dqp.result import QPOutput, SolveInfo
 from dqp.settings import Settings, build_settings, settings_from
+from dqp.solvers.base import ForwardSolver
 from dqp.transforms import graph_break, reject_functorch
 
 logger = logging.getLogger("dqp")
@@ -145,7 +146,8 @@ class dQP_layer(LibdqpAttributes, nn.Module):  # noqa: N801  (the name users kno
         return local.engines
 
     # -- solver choice --------------------------------------------------------------------------
-    def _choose(self, batch: QPBatch) -> Tuple[str, str]:
+    def _choose(self, batch: QPBatch) -> Tuple[str, str, ForwardSolver]:
+        """``(qp_solver, lin_solver, solver)`` for this batch: the settings' choice with ``auto`` resolved."""
         from dqp.solvers import available_solvers, get_solver
 
         s = self.settings
@@ -182,7 +184,7 @@ class dQP_layer(LibdqpAttributes, nn.Module):  # noqa: N801  (the name users kno
                 "lin_solver='torch' is a dense batched solver; with solve_type='sparse' pick a "
                 "sparse linear solver ('qdldl', 'pardiso', 'scipy_splu') or 'auto'."
             )
-        return qp, lin
+        return qp, lin, solver
 
     def _engine(self, qp: str, lin: str) -> Engine:
         from dqp.solvers import get_solver
@@ -239,6 +241,14 @@ class dQP_layer(LibdqpAttributes, nn.Module):  # noqa: N801  (the name users kno
             )
         return z, lam, mu, info
 
+    def _validated(self, P, q, C, d, A, b) -> QPBatch:
+        """:func:`dqp.problem.validate` with the settings' options. Off the CPU the value checks' host
+        read is left to the solver's first one (``QPBatch.deferred``); on the CPU their NumPy screen
+        costs no device round trip and runs at once."""
+        s = self.settings
+        defer = isinstance(q, torch.Tensor) and q.device.type != "cpu"
+        return validate(P, q, C, d, A, b, sparse=s.solve_type == "sparse", check_psd=s.check_PSD, defer_checks=defer)
+
     # -- call ---------------------------------------------------------------------------------
     @graph_break  # torch.compile: the solve runs eagerly, the model around it compiles
     def forward(
@@ -286,17 +296,16 @@ class dQP_layer(LibdqpAttributes, nn.Module):  # noqa: N801  (the name users kno
         reject_functorch((P, q, C, d, A, b), "dQP_layer")
         s = self.settings
         t_start = time.perf_counter()
-        batch = validate(P, q, C, d, A, b, sparse=s.solve_type == "sparse", check_psd=s.check_PSD)
+        batch = self._validated(P, q, C, d, A, b)
         given = batch
         rC = rA = None
         if s.normalize_constraints:
             batch, rC, rA = normalize_rows(batch)
-        qp, lin = self._choose(batch)
+        qp, lin, solver = self._choose(batch)
+        if batch.deferred is not None and not (solver.batched and solver.reads_deferred_checks):
+            batch.deferred.check()
         inputs = (_data(batch.P), batch.q, _data(batch.C), batch.d, _data(batch.A), batch.b)
         needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs)
-        from dqp.solvers import get_solver
-
-        solver = get_solver(qp)
         if solver.batched:
             # the batched engine (built-in IPM): it validates the settings it can honour and fills SolveInfo
             z, lam, mu, info = solver.solve_batch(batch, s)
@@ -310,7 +319,8 @@ class dQP_layer(LibdqpAttributes, nn.Module):  # noqa: N801  (the name users kno
         active = info.active_mask(batch.m)  # (B, m) tensor, on the data's device for the batched engine
         # the last call's state, published by one assignment (concurrent callers and a call that raises
         # never leave layer.info and the libdqp attributes describing different calls)
-        self._last = LastCall(detach_batch(given), z.detach(), lam.detach(), mu.detach(), info=info, active=active)
+        last = LastCall(detach_batch(given), z.detach(), lam.detach(), mu.detach(), info=info, active=active)
+        object.__setattr__(self, "_last", last)  # a plain attribute (not a parameter, buffer or submodule)
         if s.on_failure == "raise":
             err = error_for_statuses(info.status, qp, info.messages)
             if err is not None:
@@ -326,7 +336,8 @@ class dQP_layer(LibdqpAttributes, nn.Module):  # noqa: N801  (the name users kno
         if not batch.batched and not s.empty_batch:
             z, lam, mu, out_active = z[0], lam[0], mu[0], out_active[0]
         if needs_grad:  # fresh tensors: an in-place edit by the caller (z.unsqueeze_(-1)) leaves the backward's intact
-            z, lam, mu = z.clone(), lam.clone(), mu.clone()
+            # (an output without a graph, e.g. the empty lam of a QP without equalities, is fresh already)
+            z, lam, mu = (t.clone() if t.requires_grad else t for t in (z, lam, mu))
         solve_time = float(sum(info.solve_time)) if s.time else None
         fwd_time = time.perf_counter() - t_start if s.time else None
         if s.verbose:

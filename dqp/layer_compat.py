@@ -27,6 +27,8 @@ Before the first call the per-call attributes are ``None``.
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, List, Optional, Union
 
@@ -34,6 +36,7 @@ import numpy as np
 import torch
 
 from dqp.errors import InputError
+from dqp.problem import SparseArg
 
 #: libdqp's argument names and dqp's.
 KEYWORD_ALIASES = {"Q": "P", "G": "C", "h": "d"}
@@ -47,6 +50,8 @@ def resolve_keywords(P, q, C, d, A, b, Q=None, G=None, h=None):
     InputError
         One argument given under both names (e.g. ``P`` and ``Q``).
     """
+    if Q is None and G is None and h is None:
+        return P, q, C, d, A, b
     given = {"P": P, "C": C, "d": d}
     for alias, name in KEYWORD_ALIASES.items():
         value = {"Q": Q, "G": G, "h": h}[alias]
@@ -75,20 +80,18 @@ class LastCall:
 
 def detach_batch(batch):
     """A copy of a :class:`dqp.problem.QPBatch` that holds no autograd graph."""
-    import dataclasses
-
-    from dqp.problem import SparseArg
 
     def det(M):
-        if M is None:
-            return None
         if isinstance(M, SparseArg):
-            return dataclasses.replace(M, values=M.values.detach())
-        return M.detach()
+            return M if not M.values.requires_grad else dataclasses.replace(M, values=M.values.detach())
+        return M.detach() if M is not None and M.requires_grad else M
 
-    return dataclasses.replace(
-        batch, P=det(batch.P), q=det(batch.q), C=det(batch.C), d=det(batch.d), A=det(batch.A), b=det(batch.b)
-    )
+    # (a shallow copy with six fields set: dataclasses.replace re-runs __init__ over every field)
+    new = copy.copy(batch)
+    new.P, new.q, new.C, new.d = det(batch.P), det(batch.q), det(batch.C), det(batch.d)
+    new.A, new.b = det(batch.A), det(batch.b)
+    new.deferred = None  # (its checks hold the caller's tensors)
+    return new
 
 
 def _np(t: torch.Tensor) -> np.ndarray:

@@ -12,8 +12,10 @@ shared one) plus the CSC patterns.
 
 from __future__ import annotations
 
+import copy
+import math
 from dataclasses import dataclass
-from typing import List, Optional, Tuple, Union
+from typing import Callable, List, Optional, Tuple, Union
 
 import numpy as np
 import scipy.sparse as sp
@@ -88,8 +90,33 @@ class SparseArg:
 
 
 @dataclass
+class DeferredChecks:
+    """Value checks of dense data left to the solver's first host read (``validate(..., defer_checks=True)``).
+
+    Attributes
+    ----------
+    ok : Tensor
+        0-dim bool on the data's device: every argument finite and P symmetric (:func:`_dense_ok`'s test).
+    run : callable
+        The detailed checks: raise the typed error naming the fault; return when ``ok`` was a false
+        alarm (a sum that overflowed).
+    """
+
+    ok: torch.Tensor
+    run: Callable[[], None]
+
+    def check(self) -> None:
+        """Read ``ok`` (one host read) and run the detailed checks where it is False."""
+        if not bool(self.ok):
+            self.run()
+
+
+@dataclass
 class QPBatch:
-    """A validated batch of QPs. Absent constraints are ``None``; ``m``/``p`` are then 0."""
+    """A validated batch of QPs. Absent constraints are ``None``; ``m``/``p`` are then 0.
+
+    ``deferred``: the value checks still to be read (:class:`DeferredChecks`), None once done.
+    """
 
     P: Union[torch.Tensor, SparseArg]
     q: torch.Tensor
@@ -105,6 +132,7 @@ class QPBatch:
     sparse: bool
     dtype: torch.dtype
     device: torch.device
+    deferred: Optional[DeferredChecks] = None
 
     def numpy(self) -> "NumpyBatch":
         """float64 CPU copies for element-wise solvers (one transfer for the whole batch)."""
@@ -397,7 +425,17 @@ def _as_vector(name: str, v: torch.Tensor, k: int, mat: str) -> torch.Tensor:
 
 
 def validate(
-    P, q, C=None, d=None, A=None, b=None, *, sparse: bool = False, check_psd: bool = False, sym_tol: float = 1e-9
+    P,
+    q,
+    C=None,
+    d=None,
+    A=None,
+    b=None,
+    *,
+    sparse: bool = False,
+    check_psd: bool = False,
+    sym_tol: float = 1e-9,
+    defer_checks: bool = False,
 ) -> QPBatch:
     """Check the problem data and broadcast it to a common batch.
 
@@ -410,6 +448,10 @@ def validate(
         Whether the matrices are sparse (CSC, or COO/CSR converted differentiably).
     check_psd : bool
         Also check that P is positive semidefinite.
+    defer_checks : bool
+        Dense data without ``check_psd``: compute the finiteness and symmetry screen as a device flag
+        and leave its host read to the solver (``QPBatch.deferred``), which reads it with its own;
+        the typed errors are the same, raised at that read.
 
     Raises
     ------
@@ -462,13 +504,29 @@ def validate(
             mats[name] = M
     batched, B = _common_batch(batch_sizes, sparse)
     sym_tol = max(sym_tol, 64 * torch.finfo(q.dtype).eps)
-    fast = not sparse and _dense_ok(args, sym_tol)  # (else the checks below name what is wrong)
-    for name in ("q", "d", "b") + (() if sparse else ("P", "C", "A")):
-        x = args[name]
-        if x is not None and not fast:
-            _check_finite(name, x, x.dim() == (2 if name in "qdb" else 3))
+    defer = defer_checks and not sparse and not check_psd
+    ok = _dense_ok_flag(args, sym_tol) if defer else None
+    fast = defer or (not sparse and _dense_ok(args, sym_tol))  # (else the checks below name what is wrong)
+    if not fast:
+        _check_finite_all(args, sparse)
 
-    # (no expand where the leading dimension is already B: one autograd node less per argument)
+    batch = _expanded_batch(mats, q, d, b, B, n, vec_len, batched, sparse)
+    # rounding in the user's own P = L @ L.T is ~n·eps relative: allow for it in the working precision
+    if not fast:
+        _check_symmetric(batch, sym_tol)
+    if check_psd:
+        _check_psd(batch)
+    if ok is not None:
+        batch.deferred = DeferredChecks(ok, _detailed_checks(args, copy.copy(batch), sym_tol))
+    return batch
+
+
+def _expanded_batch(
+    mats: dict, q: torch.Tensor, d, b, B: int, n: int, vec_len: dict, batched: bool, sparse: bool
+) -> QPBatch:
+    """The :class:`QPBatch` of checked arguments, each dense one with the leading dimension B
+    (no expand where it is B already: one autograd node less per argument)."""
+
     def expand_vec(v):
         if v is None:
             return None
@@ -489,13 +547,26 @@ def validate(
         Cm = dv = None
     if p == 0:
         Am = bv = None
-    batch = QPBatch(Pm, qv, Cm, dv, Am, bv, B, n, m, p, batched, sparse, q.dtype, q.device)
-    # rounding in the user's own P = L @ L.T is ~n·eps relative: allow for it in the working precision
-    if not fast:
-        _check_symmetric(batch, sym_tol)
-    if check_psd:
-        _check_psd(batch)
-    return batch
+    return QPBatch(Pm, qv, Cm, dv, Am, bv, B, n, m, p, batched, sparse, q.dtype, q.device)
+
+
+def _check_finite_all(args: dict, sparse: bool) -> None:
+    """:func:`_check_finite` on every argument given (the matrices of sparse input are checked with
+    their patterns)."""
+    for name in ("q", "d", "b") + (() if sparse else ("P", "C", "A")):
+        x = args[name]
+        if x is not None:
+            _check_finite(name, x, x.dim() == (2 if name in "qdb" else 3))
+
+
+def _detailed_checks(args: dict, batch: QPBatch, tol: float) -> Callable[[], None]:
+    """The checks :func:`validate` runs on dense data that fails its screen, as a function."""
+
+    def run() -> None:
+        _check_finite_all(args, False)
+        _check_symmetric(batch, tol)
+
+    return run
 
 
 def _check_layouts(args: dict, sparse: bool) -> None:
@@ -548,15 +619,35 @@ def _dense_ok(args: dict, tol: float) -> bool:
     # non-finite entries make its asymmetry NaN, which fails the comparison)
     if args["q"].device.type == "cpu" and args["q"].dtype in (torch.float32, torch.float64):
         return _dense_ok_numpy(args, tol)  # the same test on CPU arrays: a few microseconds, not tens
-    flags = [torch.isfinite(x.detach().sum()) for name, x in args.items() if x is not None and name != "P"]
+    return bool(_dense_ok_flag(args, tol))
+
+
+def _dense_ok_flag(args: dict, tol: float) -> torch.Tensor:
+    """:func:`_dense_ok`'s test as a 0-dim bool tensor on the data's device (no host read)."""
+    sums = torch.stack([x.detach().sum() for name, x in args.items() if x is not None and name != "P"])
     Pd = args["P"].detach()
     asym = torch.sub(Pd, Pd.transpose(-1, -2)).abs_().amax(dim=(-1, -2))
-    flags.append((asym <= tol * (1.0 + Pd.abs().amax(dim=(-1, -2)))).all())
-    return bool(torch.stack(flags).all())
+    return torch.isfinite(sums).all() & (asym <= tol * (1.0 + Pd.abs().amax(dim=(-1, -2)))).all()
 
 
 def _dense_ok_numpy(args: dict, tol: float) -> bool:
-    """:func:`_dense_ok` on CPU tensors of float32/float64 (every argument shares q's dtype and device)."""
+    """:func:`_dense_ok` on CPU tensors of float32/float64 (every argument shares q's dtype and device).
+
+    The common case costs one sum per argument and one comparison of P with its transpose: a finite
+    total means every argument is finite, and an exactly symmetric finite P passes the tolerance test
+    (its asymmetry is 0). Anything else takes the tolerance test itself (:func:`_dense_ok_tolerance`).
+    """
+    arrays = [x.detach().numpy() for x in args.values() if x is not None]  # P first
+    with np.errstate(all="ignore"):
+        total = sum(float(np.add.reduce(a, axis=None)) for a in arrays)
+        Pd = arrays[0]
+        if math.isfinite(total) and np.equal(Pd, np.swapaxes(Pd, -1, -2)).all():
+            return True
+    return _dense_ok_tolerance(args, tol)
+
+
+def _dense_ok_tolerance(args: dict, tol: float) -> bool:
+    """:func:`_dense_ok_numpy`'s full test: every argument's sum finite, P symmetric to ``tol``."""
     with np.errstate(all="ignore"):
         for name, x in args.items():
             if x is not None and name != "P" and not np.isfinite(x.detach().numpy().sum()):

@@ -83,6 +83,10 @@ class ForwardSolver(Plugin, ABC):
     gil_free : bool
         Whether its solve runs without holding Python's GIL, so that the elements of a batch gain from
         a thread pool (``omp_parallel="auto"`` uses one only then).
+    reads_deferred_checks : bool
+        Whether its ``solve_batch`` reads a batch's deferred value checks
+        (:class:`dqp.problem.DeferredChecks`) with its own first host read; the layer reads them
+        before calling any other solver.
     description : str
         One line for docs and error messages.
     """
@@ -92,6 +96,8 @@ class ForwardSolver(Plugin, ABC):
     warm_starts: ClassVar[bool] = False
     #: whether its solve runs without the GIL (``omp_parallel="auto"``)
     gil_free: ClassVar[bool] = False
+    #: whether ``solve_batch`` reads ``batch.deferred`` itself (see the class docstring)
+    reads_deferred_checks: ClassVar[bool] = False
 
     def tolerance_keywords(self, eps_abs: float, eps_rel: float) -> Dict[str, Any]:
         """Translate dqp's ``eps_abs``/``eps_rel`` to this solver's own keywords."""

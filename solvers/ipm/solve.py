@@ -492,6 +492,7 @@ class IPMSolver(ForwardSolver):
     sparse = False
     batched = True
     duals = True
+    reads_deferred_checks = True
     description = "built-in batched primal-dual interior point (Mehrotra), pure torch, CPU and GPU"
 
     def tolerance_keywords(self, eps_abs: float, eps_rel: float) -> Dict[str, Any]:
