@@ -313,8 +313,9 @@ class IPMQPFunction(torch.autograd.Function):
         """One solve with the saved KKT factorization, then :func:`dqp.gradients.dense_grads`."""
         z, lam, mu = ctx.saved_tensors[:3]
         work = batch_work(z.shape[0], z.shape[-1], _cols(mu), _cols(lam))
-        with torch.profiler.record_function("dqp::backward"), serial_if_small(
-            z.device, work, ctx.engine_options.cpu_serial_max_work
+        with (
+            torch.profiler.record_function("dqp::backward"),
+            serial_if_small(z.device, work, ctx.engine_options.cpu_serial_max_work),
         ):
             return IPMQPFunction._backward(ctx, gz, glam, gmu)
 
