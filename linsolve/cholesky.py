@@ -428,7 +428,8 @@ def cholesky(
     potrf = _cpu_potrf(M, options)
     if potrf is not None:
         L = M.detach() if overwrite and M.is_contiguous() else M.detach().clone(memory_format=torch.contiguous_format)
-        return _with_inverse(L, options), _potrf_batch(potrf, L, clean=True)
+        info = _potrf_batch(potrf, L, clean=True)
+        return _with_inverse(L, options), info
     U, info = torch.linalg.cholesky_ex(M.mT, upper=True)
     return _with_inverse(U.mT, options), info
 
