@@ -90,6 +90,19 @@ def test_parallel_batches_short(tmp_path):
         assert float(cells[-1]) <= 1e-12, r  # z and ∇q of every mode
 
 
+def test_cpu_small_load_short(tmp_path):
+    """The small-batch load study: a row per cell and load, and the same answers at 1 and 2 threads."""
+    _run([REPO / "experiments" / "cpu_small_load.py", "--short", "--out", tmp_path / "load"])
+    rows = [
+        r for r in (tmp_path / "load.md").read_text().splitlines() if r.startswith("| 1x10") or r.startswith("| 4x10")
+    ]
+    assert len(rows) == 4
+    for r in rows:
+        cells = [c.strip() for c in r.strip("|").split("|")]
+        assert float(cells[3]) > 0 and float(cells[4]) > 0, r
+        assert float(cells[6]) <= 1e-12, r
+
+
 def test_bilevel_warmstart_short(tmp_path):
     out = _run([REPO / "experiments" / "bilevel_warmstart.py", "--short", "--no-plot", "--out-dir", tmp_path])
     results = re.findall(
