@@ -183,6 +183,13 @@ STUDIES = [
         "over threads, with and without another busy process, qpth beside it.",
     },
     {
+        "title": "Small CPU batches under load",
+        "script": "cpu_small_load.py",
+        "stems": ["cpu_small_load"],
+        "what": "dqp.qpth.QPFunction on one to 128 small QPs at 1 and 2 torch threads, with and without "
+        "another process busy on a core, this build beside the one before small batches ran on one thread.",
+    },
+    {
         "title": "Data-parallel training: weak scaling with DDP",
         "script": "ddp_scaling.py",
         "stems": ["ddp_scaling"],
