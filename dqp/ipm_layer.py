@@ -181,8 +181,12 @@ class IPMQPFunction(torch.autograd.Function):
     @staticmethod
     def forward(P, q, C, d, A, b, options: Optional[Dict[str, Any]] = None):
         """IPM solve, active-set classification and polish; returns ``(z, lam, mu, status, active, kkt)``."""
+        eng = _options(dict(options or {}))
         work = batch_work(P.shape[0], P.shape[-1], _rows(C), _rows(A))
-        with serial_if_small(P.device, work, _options(dict(options or {})).cpu_serial_max_work):
+        with serial_if_small(P.device, work, eng.cpu_serial_max_work) as threads:
+            if threads is not None and eng.kernel.cpu_threads is None:
+                # the kernel's C++ build keeps the caller's threads (its split is dynamic)
+                options = {**(options or {}), "options": eng.replace(kernel={"cpu_threads": threads})}
             return IPMQPFunction._forward(P, q, C, d, A, b, options)
 
     @staticmethod

@@ -1,4 +1,4 @@
-"""Small batches on the CPU with another process busy on one core: 1 and 2 torch threads.
+"""Small and mid-size batches on the CPU with another process busy on one core: 1 and 2 torch threads.
 
 A torch operation that starts a parallel region waits for the worker thread that shares the busy
 core, so a solve of a few small QPs can take many times its work. ``IPMOptions.cpu_serial_max_work``
@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 HERE = Path(__file__).resolve().parent
-CELLS = ((1, 10), (1, 50), (1, 100), (8, 50), (32, 50), (128, 50))
+CELLS = ((1, 10), (1, 50), (1, 100), (8, 50), (16, 100), (32, 50), (128, 50), (128, 100))
 SHORT_CELLS = ((1, 10), (4, 10))
 
 

@@ -19,8 +19,9 @@ def two_threads():
 
 
 def test_small_work_runs_on_one_thread_and_restores(two_threads):
-    with serial_if_small(CPU, 10, 100):
+    with serial_if_small(CPU, 10, 100) as threads:
         assert torch.get_num_threads() == 1
+        assert threads == 2  # the caller's count, for the kernel's own threads
     assert torch.get_num_threads() == 2
 
 
@@ -33,8 +34,8 @@ def test_restored_after_an_exception(two_threads):
 
 @pytest.mark.parametrize("work,max_work,device", [(101, 100, CPU), (10, 0, CPU), (10, 100, torch.device("meta"))])
 def test_large_work_disabled_or_other_devices_keep_the_threads(two_threads, work, max_work, device):
-    with serial_if_small(device, work, max_work):
-        assert torch.get_num_threads() == 2
+    with serial_if_small(device, work, max_work) as threads:
+        assert torch.get_num_threads() == 2 and threads is None
 
 
 def test_batch_work():

@@ -94,9 +94,11 @@ class IPMOptions:
         on the host CPU, copies included (:mod:`dqp.ipm_host`): a few small QPs are latency-bound on
         the GPU. 0: never.
     cpu_serial_max_work : int
-        Layer, CPU data: a batch whose work ``B·k³`` is at most this runs on one torch thread
-        (:mod:`dqp.cpu_threads`): a second thread gains at most a fraction of a millisecond there,
-        and waits milliseconds for a core that another process keeps busy. 0: never.
+        Layer, CPU data: a batch whose work ``B·k³`` is at most this runs its torch operations on one
+        thread, while the fused kernel's C++ build keeps the caller's threads (:mod:`dqp.cpu_threads`).
+        Up to there a second thread gained nothing for the torch operations on an idle machine
+        (2 cores, up to 128 QPs with n = m = 50), and waited for a core another process kept busy
+        (up to 1.6× slower; 30× for one QP). 0: never.
     outer : {"auto", "matmul", "mul"}
         How the gradients' outer products ``u vᵀ + w xᵀ`` are formed (:func:`dqp.gradients.dense_grads`).
     """
@@ -125,7 +127,7 @@ class IPMOptions:
     polish_graph_max_work: int = 2_000_000
     backward_graph_max_work: int = 20_000_000
     host_max_work: int = 0
-    cpu_serial_max_work: int = 10_000_000
+    cpu_serial_max_work: int = 200_000_000
     outer: str = "auto"
 
     def __post_init__(self) -> None:
