@@ -7,7 +7,7 @@ on one thread (``torch.set_num_threads(1)`` for the duration of the call, then t
 again) and hands the caller the previous count, which the fused kernel's C++ build keeps: its
 batch is split over its own threads dynamically, so a thread on a busy core simply takes fewer
 problems. Up to 128 QPs with n = m = 50, the torch operations gained nothing from a second thread
-on an idle machine, and lost up to 1.6× under load.
+on an idle machine, and lost up to 3× under load.
 
 The thread count is process-wide: another Python thread running torch operations at the same
 moment runs them on one thread too, until the call returns.
