@@ -97,8 +97,8 @@ class IPMOptions:
         Layer, CPU data: a batch whose work ``B·k³`` is at most this runs its torch operations on one
         thread, while the fused kernel's C++ build keeps the caller's threads (:mod:`dqp.cpu_threads`).
         Up to there a second thread gained nothing for the torch operations on an idle machine
-        (2 cores, up to 128 QPs with n = m = 50), and waited for a core another process kept busy
-        (up to 1.6× slower; 30× for one QP). 0: never.
+        (2 cores, up to 128 QPs with n = m = 50), and waited for a core another process kept busy:
+        1.3–3.1× slower than one thread before (``experiments/results/cpu_small_load.md``). 0: never.
     outer : {"auto", "matmul", "mul"}
         How the gradients' outer products ``u vᵀ + w xᵀ`` are formed (:func:`dqp.gradients.dense_grads`).
     """
