@@ -57,3 +57,26 @@ def test_solve_answers_do_not_depend_on_the_thread_count(two_threads):
         assert torch.get_num_threads() == 2
     assert torch.allclose(out["serial"][0], out["threads"][0], atol=1e-12)
     assert torch.allclose(out["serial"][1], out["threads"][1], atol=1e-10)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_cpu_cholesky_per_matrix_matches_torch(dtype):
+    """The CPU factorization through LAPACK per matrix: torch's factor and info codes, a clean upper
+    triangle, the caller's matrix untouched; with autograd it stays on torch (gradients flow)."""
+    from dqp.linsolve.cholesky import cholesky
+
+    g = torch.Generator().manual_seed(1)
+    U = torch.randn(4, 6, 6, generator=g, dtype=torch.float64)
+    S = (U @ U.mT + torch.eye(6, dtype=torch.float64)).to(dtype)
+    S[2] = -S[2]  # not positive definite: its info is the order of the first failing minor
+    keep = S.clone()
+    F, info = cholesky(S)
+    L0, info0 = torch.linalg.cholesky_ex(S)
+    assert torch.equal(info, info0) and torch.equal(S, keep)
+    ok = [0, 1, 3]
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    assert torch.allclose(F.L[ok], L0[ok], atol=tol) and not torch.triu(F.L[ok], 1).any()
+    Sg = S[ok].detach().clone().requires_grad_(True)
+    Fg, _ = cholesky(Sg)
+    Fg.L.sum().backward()
+    assert Sg.grad is not None and torch.isfinite(Sg.grad).all()
