@@ -356,6 +356,15 @@ def _torch_inputs(prob: Dict[str, Any], impl: str):
     return (mat("P"), vec("q"), mat("C"), vec("d"), mat("A"), vec("b")), leaves
 
 
+def _which_dqp(impl: str, dqp) -> str:
+    """The package the worker imported as ``dqp``, by distribution and version (not a path)."""
+    from importlib import metadata
+
+    if impl == "libdqp":
+        return f"libdqp {metadata.version('libdqp')}"
+    return f"dqp {getattr(dqp, '__version__', '?')}"
+
+
 def worker(args: argparse.Namespace) -> Dict[str, Any]:
     import torch
 
@@ -382,7 +391,7 @@ def worker(args: argparse.Namespace) -> Dict[str, Any]:
     import dqp
     from dqp import dQP
 
-    rec["module"] = str(Path(dqp.__file__).parent)
+    rec["module"] = _which_dqp(impl, dqp)
     (P, q, C, d, A, b), leaves = _torch_inputs(prob, impl)
     if impl == "ours":
         settings = dQP.build_settings(solve_type="sparse", qp_solver=args.solver, time=True, empty_batch=False)
