@@ -19,16 +19,15 @@ from typing import Callable, List, Optional, Sequence, Tuple
 import torch
 
 from dqp.cpu_threads import batch_work
+from dqp.linsolve.cholesky import compiling
+from dqp.linsolve.torch_batched import BatchedKKT
 from dqp.solvers.ipm import IPMOptions
 
 Tensor = torch.Tensor
 
 
 def _capturing_or_compiling() -> bool:
-    compiling = getattr(getattr(torch, "compiler", None), "is_compiling", None)
-    if compiling is not None and compiling():
-        return True
-    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+    return compiling() or (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
 
 
 def on_host(P: Tensor, C: Optional[Tensor], A: Optional[Tensor], options: IPMOptions) -> bool:
@@ -67,7 +66,7 @@ def solve_on_host(
     for x in out:
         if isinstance(x, Tensor):
             x = x.to(device, non_blocking=True)
-        elif x is not None and hasattr(x, "polished"):
+        elif isinstance(x, BatchedKKT):
             for name in ("polished", "iterations"):
                 v = getattr(x, name, None)
                 if isinstance(v, Tensor):
