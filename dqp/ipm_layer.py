@@ -125,12 +125,14 @@ def _options(opts: Dict[str, Any]) -> IPMOptions:
     return options
 
 
+@functools.lru_cache(maxsize=16)
+def _with_kernel_threads(options: IPMOptions, threads: int) -> IPMOptions:
+    """``options`` whose kernel splits its batch over ``threads`` (made once per pair: options are frozen)."""
+    return options.replace(kernel={"cpu_threads": threads})
+
+
 def _rows(M: Optional[Tensor]) -> int:
     return 0 if M is None else M.shape[-2]
-
-
-def _cols(v: Optional[Tensor]) -> int:
-    return 0 if v is None else v.shape[-1]
 
 
 def _wide_dtype(P: Tensor) -> Optional[torch.dtype]:
@@ -186,7 +188,7 @@ class IPMQPFunction(torch.autograd.Function):
         with serial_if_small(P.device, work, eng.cpu_serial_max_work) as threads:
             if threads is not None and eng.kernel.cpu_threads is None:
                 # the kernel's C++ build keeps the caller's threads (its split is dynamic)
-                options = {**(options or {}), "options": eng.replace(kernel={"cpu_threads": threads})}
+                options = {**(options or {}), "options": _with_kernel_threads(eng, threads)}
             return IPMQPFunction._forward(P, q, C, d, A, b, options)
 
     @staticmethod
@@ -301,6 +303,8 @@ class IPMQPFunction(torch.autograd.Function):
         ctx.kkt = kkt
         ctx.engine_options = _options(dict(inputs[6] or {})) if len(inputs) > 6 else DEFAULT_OPTIONS
         ctx.shapes = [None if t is None else t.shape for t in inputs[:6]]
+        P = inputs[0]
+        ctx.work = batch_work(P.shape[0], P.shape[-1], _rows(inputs[2]), _rows(inputs[4]))
         ctx.save_for_backward(z, lam, mu, status, active)
         ctx.mark_non_differentiable(status)
         if active is not None:
@@ -315,11 +319,9 @@ class IPMQPFunction(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, gz, glam, gmu, _gstatus=None, _gactive=None, _gkkt=None):
         """One solve with the saved KKT factorization, then :func:`dqp.gradients.dense_grads`."""
-        z, lam, mu = ctx.saved_tensors[:3]
-        work = batch_work(z.shape[0], z.shape[-1], _cols(mu), _cols(lam))
         with (
             torch.profiler.record_function("dqp::backward"),
-            serial_if_small(z.device, work, ctx.engine_options.cpu_serial_max_work),
+            serial_if_small(ctx.kkt.P.device, ctx.work, ctx.engine_options.cpu_serial_max_work),
         ):
             return IPMQPFunction._backward(ctx, gz, glam, gmu)
 
