@@ -489,9 +489,7 @@ def cholesky_inplace(
     pass LAPACK's check; the IPM rejects the non-finite direction it gives. Elsewhere (CUDA, half
     precision, a non-contiguous S, ``cpu_fast_paths`` off) it falls back to :func:`cholesky`.
     """
-    potrf = None
-    if options.cpu_fast_paths and S.device.type == "cpu" and S.dim() == 3 and S.is_contiguous():
-        potrf = lapack(S.dtype, "potrf")
+    potrf = _cpu_potrf(S, options) if S.is_contiguous() else None
     if potrf is None:
         return cholesky(S, options, overwrite=True)
     return CholeskyFactor(S, options=options), _potrf_batch(potrf, S.detach(), clean=False, rows=rows)
