@@ -146,13 +146,22 @@ def detect_active(
 
     Constraint ``i`` is active when ``d_i − C_i x ≤ eps·max(|d_i|, |C_i||x|)`` or
     ``μ_i > eps·‖μ‖∞``: multiplying C and d (or P and q) by any factor leaves the set unchanged.
+    A row whose slack is small only at the scale of the whole point, ``d_i − C_i x ≤ eps·‖C_i‖₁‖x‖∞``
+    (a bound ``x_j ≥ 0`` where an interior-point method left ``x_j ≈ 1e-4`` next to entries of 1e3),
+    is active when its dual is not negligible either, ``μ_i > 1e-2·eps·‖μ‖∞``: on Maros–Meszaros
+    such rows with duals of 1e-7·‖μ‖∞ belong to the verified set (they pin a non-unique solution),
+    while slack rows at that scale carry duals below 1e-8·‖μ‖∞.
     Returns the mask and the number of weakly active constraints (small slack *and* small dual).
     """
     slack = d - _op(C, mats) @ x
-    near = slack <= eps * np.maximum(np.maximum(np.abs(d), _abs_rows(C, x, mats)), _TINY)
+    own = np.maximum(np.maximum(np.abs(d), _abs_rows(C, x, mats)), _TINY)
+    near = slack <= eps * own
     if mu is None:
         return near, 0
-    big = mu > eps * max(float(np.max(np.abs(mu), initial=0.0)), _TINY)
+    mu_max = max(float(np.max(np.abs(mu), initial=0.0)), _TINY)
+    big = mu > eps * mu_max
+    rowsum = mats.abs_row_sums(C) if mats is not None else np.asarray(abs(C).sum(axis=1)).ravel()
+    near |= (slack <= eps * rowsum * inf_norm(x)) & (mu > 1e-2 * eps * mu_max)
     weak = int(np.count_nonzero(near & ~big))
     return near | big, weak
 

@@ -40,6 +40,11 @@ class Factorization(ABC):
         """``sign(det K)`` (+1 or −1) when the factorization reveals it cheaply, else ``None``."""
         return None
 
+    def reciprocal_condition(self) -> Optional[float]:
+        """An estimate of ``1 / cond₁(K)`` from a backward-stable factorization (LAPACK's ``gecon``
+        after a pivoting LU), or ``None`` when the factorization does not give one cheaply."""
+        return None
+
 
 class LinearSolver(Plugin, ABC):
     """Base class of backward linear solvers (see the module docstring).

@@ -20,10 +20,11 @@ from dqp.linsolve.base import Factorization, LinearSolver, Matrix, register_lins
 class _CallableFactorization(Factorization):
     """A solve function, plus (optional, computed on request) the inertia or determinant sign."""
 
-    def __init__(self, solve_fn, negatives=None, det_sign=None):
+    def __init__(self, solve_fn, negatives=None, det_sign=None, rcond=None):
         self._solve = solve_fn
         self._negatives = negatives
         self._det_sign = det_sign
+        self._rcond = rcond
 
     def solve(self, rhs: np.ndarray) -> np.ndarray:
         return self._solve(np.asarray(rhs, dtype=np.float64))
@@ -34,11 +35,25 @@ class _CallableFactorization(Factorization):
     def determinant_sign(self) -> Optional[int]:
         return None if self._det_sign is None else int(self._det_sign())
 
+    def reciprocal_condition(self) -> Optional[float]:
+        return None if self._rcond is None else float(self._rcond())
+
 
 def _lu_det_sign(lu: np.ndarray, piv: np.ndarray) -> int:
     """``sign(det)`` from LAPACK's getrf output: the signs of U's diagonal times the pivots' parity."""
     flips = int(np.count_nonzero(piv != np.arange(len(piv)))) + int(np.count_nonzero(lu.diagonal() < 0))
     return 0 if not np.all(lu.diagonal()) else (-1 if flips % 2 else 1)
+
+
+def _lu_rcond(lu: np.ndarray, norm1: float, info: int) -> float:
+    """LAPACK's estimate of ``1 / cond₁(K)`` from getrf's output (0 for an exactly singular or
+    non-finite ``K``)."""
+    from scipy.linalg.lapack import dgecon
+
+    if info > 0 or not (0.0 < norm1 < np.inf) or lu.shape[0] == 0:
+        return 0.0
+    rcond, _ = dgecon(lu, norm1, norm="1")
+    return float(rcond) if np.isfinite(rcond) else 0.0
 
 
 def _block_negatives(D: np.ndarray) -> int:
@@ -236,7 +251,9 @@ class DenseLUSolver(LinearSolver):
         from scipy.linalg.lapack import dgetrf, dgetrs
 
         # LAPACK directly: SciPy's lu_factor/lu_solve wrappers cost more than the work at these sizes
-        lu, piv, info = dgetrf(np.array(_as_dense(K), dtype=np.float64, order="F"), overwrite_a=True)
+        Kd = np.array(_as_dense(K), dtype=np.float64, order="F")
+        norm1 = float(np.abs(Kd).sum(axis=0).max(initial=0.0))  # before getrf overwrites Kd
+        lu, piv, info = dgetrf(Kd, overwrite_a=True)
         if info < 0:  # pragma: no cover - an illegal argument
             raise ValueError(f"dgetrf: illegal value in argument {-info}")
 
@@ -244,7 +261,9 @@ class DenseLUSolver(LinearSolver):
             x, info_s = dgetrs(lu, piv, r)
             return x
 
-        return _CallableFactorization(solve, det_sign=lambda: _lu_det_sign(lu, piv))
+        return _CallableFactorization(
+            solve, det_sign=lambda: _lu_det_sign(lu, piv), rcond=lambda: _lu_rcond(lu, norm1, info)
+        )
 
 
 @register_linsolver

@@ -251,12 +251,15 @@ def test_degenerate_problems_polish_within_a_bounded_count():
 
 @pytest.mark.skipif(maros_meszaros_dir() is None, reason="the full Maros–Meszaros collection is not present")
 def test_degenerate_problems_keep_their_verdicts():
-    """QBANDM's detected sets give inconsistent reduced systems whose repairs do not converge: the
+    """QISRAEL's detected sets give inconsistent reduced systems whose repairs do not converge: the
     answer stays flagged unverified, within the repair budget. QBRANDY (Clarabel) verifies after a
-    repair."""
+    repair. QBANDM verifies on the quick path: its first set holds the bounds that PIQP left at 1e-4
+    next to entries of 1e3 (slack small at the point's scale, dual 1e-7 of the largest), which pin
+    its non-unique solution; without them no repair chain verified it in 25 factorizations."""
     from dqp.io import load_maros_meszaros
 
-    for name, solver, verified, most in (("QBANDM", "piqp", False, 40), ("QBRANDY", "clarabel", True, 8)):
+    cases = (("QISRAEL", "piqp", False, 40), ("QBRANDY", "clarabel", True, 8), ("QBANDM", "piqp", True, 5))
+    for name, solver, verified, most in cases:
         qp = load_maros_meszaros(maros_meszaros_dir() / f"{name}.mat").to_qp()
         P, C, A = (None if M is None else csc_scipy_to_torch(M) for M in (qp.P, qp.C, qp.A))
         vec = lambda v: None if v is None else torch.as_tensor(v, dtype=torch.float64)
@@ -346,3 +349,20 @@ def test_piqp_reused_workspace_matches_a_fresh_setup():
         z = layer(Ps, qk, Cs, d)[0]
         zf = dQP.dQP_layer(qp_solver="piqp", solve_type="sparse")(Ps, qk, Cs, d)[0]
         assert torch.allclose(z, zf, atol=1e-10)
+
+
+def test_detection_takes_bounds_at_the_point_scale_with_a_dual():
+    """A bound ``−x_j ≤ 0`` at ``x_j = 1e-4`` next to ``‖x‖∞ = 1e3`` is active when its dual is
+    1e-7 of the largest (an interior-point method's degenerate active row), not when it is 1e-10 (a
+    slack row); a row's own-scale test (slack against ``|d_i|`` and ``|C_i||x|``) is unchanged."""
+    from dqp.engine import detect_active
+
+    x = np.array([1e3, 1e-4, 1e-4, 5.0])
+    C = -np.eye(4)  # bounds x ≥ 0
+    d = np.zeros(4)
+    mu = np.array([0.0, 1e-7, 1e-10, 0.0])
+    mu[0] = 1.0  # the largest dual (row 0 is far from its bound: the dual alone makes it active)
+    active, _ = detect_active(C, d, x, mu, 1e-6)
+    assert active.tolist() == [True, True, False, False]
+    active_no_dual, _ = detect_active(C, d, x, None, 1e-6)
+    assert active_no_dual.tolist() == [False, False, False, False]

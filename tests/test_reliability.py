@@ -181,6 +181,25 @@ def test_inertia_of_the_linear_solvers():
     )
 
 
+def test_lu_reports_its_condition():
+    """The dense LU's condition estimate (LAPACK gecon) is within a small factor of 1/cond₁(K), and 0 for
+    an exactly singular K; the solvers that do not estimate it say so with None."""
+    from dqp.linsolve import get_linsolver
+
+    g = np.random.default_rng(3)
+    for scale in (1.0, 1e-6, 1e-11):
+        K = g.standard_normal((8, 8))
+        U, s, Vt = np.linalg.svd(K)
+        K = U @ np.diag(np.linspace(1.0, scale, 8)) @ Vt
+        exact = 1.0 / np.linalg.cond(K, 1)
+        est = get_linsolver("scipy_lu").factor(K).reciprocal_condition()
+        assert exact / 10 <= est <= exact * 10, (scale, est, exact)
+    singular = np.array([[1.0, 2.0], [2.0, 4.0]])
+    assert get_linsolver("scipy_lu").factor(singular).reciprocal_condition() == 0.0
+    Kq = np.array([[2.0, 0, 1], [0, -1.0, 0], [1, 0, -1.0]])
+    assert get_linsolver("qdldl").factor(sp.csc_matrix(Kq)).reciprocal_condition() is None
+
+
 # -- 5. certificates, verified before they are believed ---------------------------------------------
 def test_certificate_checks_are_scale_invariant():
     A = np.array([[1.0, 0.0], [1.0, 0.0]])
