@@ -548,7 +548,8 @@ class Engine:
                 )
         if warm is not None and (len(warm[0]), len(warm[1]), len(warm[2])) != (n, p, m):
             warm = None  # the problem changed size since the previous call
-        res = self._solve_with(self.solver, data, sparse, linsolver, warm, slot, mats=mats)
+        chain = [fb for fb in s.fallback_solver if fb != self.solver.name]
+        res = self._solve_with(self.solver, data, sparse, linsolver, warm, slot, mats=mats, more_to_ask=bool(chain))
         if res.status == Status.SOLVED and (res.verified or not s.fallback_on_unverified):
             return res
         from dqp.solvers import get_solver
@@ -556,14 +557,14 @@ class Engine:
         # an unverified answer (the primary's first) is kept unless a fallback verifies one
         kept: Optional[ElementResult] = res if res.status == Status.SOLVED else None
         tried = []
-        for fb in s.fallback_solver:
-            if fb == self.solver.name:
-                continue
+        for k, fb in enumerate(chain):
             fsolver = get_solver(fb)
             # a second opinion on a solved-but-unverified answer gets a time limit (10× the first solve,
             # at least 1 s) where the solver has one: HiGHS took minutes on QPILOTNO
             extra = fsolver.time_limit_keywords(max(10.0 * res.solve_time, 1.0)) if kept is res else {}
-            res2 = self._solve_with(fsolver, data, sparse, linsolver, None, None, extra, mats=mats)
+            res2 = self._solve_with(
+                fsolver, data, sparse, linsolver, None, None, extra, mats=mats, more_to_ask=k + 1 < len(chain)
+            )
             tried.append(
                 f"{fb}: {res2.status.name}" + ("" if res2.status != Status.SOLVED or res2.verified else " (unverified)")
             )
@@ -615,7 +616,10 @@ class Engine:
         slot,
         extra: Optional[dict] = None,
         mats: Optional[Derived] = None,
+        more_to_ask: bool = False,
     ) -> ElementResult:
+        """One solver's answer, polished and verified. ``more_to_ask``: a fallback solver that has not
+        been tried yet remains in the chain (then a failed solve's point skips the ladder)."""
         s = self.settings
         P, q, C, d, A, b = data
         n, m, p = P.shape[0], 0 if C is None else C.shape[0], 0 if A is None else A.shape[0]
@@ -668,9 +672,9 @@ class Engine:
         start = (raw.x, raw.y, raw.z)
         mats = Derived() if mats is None else mats
         out = self._polish_quick(data, sparse, linsolver, raw.x, mu0, start, pool, trace, mats)
-        # a failed solve's point rarely polishes: with a fallback solver to ask, the ladder is not worth its cost
-        has_fallback = any(fb != solver.name for fb in s.fallback_solver)
-        if (out is None or not out[5]) and (raw.status == Status.SOLVED or not has_fallback):
+        # a failed solve's point rarely polishes: with a fallback solver still to ask, the ladder is not worth
+        # its cost; the chain's last solver gets it (HiGHS's failed point on QSIERRA verifies after the ladder)
+        if (out is None or not out[5]) and (raw.status == Status.SOLVED or not more_to_ask):
             trace.path = "ladder"
             out = self._polish_ladder(data, sparse, linsolver, raw.x, mu0, start, out, trace, mats, pool)
         if out is None:
