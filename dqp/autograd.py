@@ -33,7 +33,7 @@ class Work:
 
 
 def _stack(results: List[ElementResult], attr: str, like: torch.Tensor) -> torch.Tensor:
-    arr = np.stack([getattr(r, attr) for r in results])
+    arr = getattr(results[0], attr)[None] if len(results) == 1 else np.stack([getattr(r, attr) for r in results])
     return torch.as_tensor(arr, dtype=like.dtype).to(like.device)
 
 

@@ -158,7 +158,7 @@ def detect_active(
     near = slack <= eps * own
     if mu is None:
         return near, 0
-    mu_max = max(float(np.max(np.abs(mu), initial=0.0)), _TINY)
+    mu_max = max(float(np.abs(mu).max(initial=0.0)), _TINY)
     big = mu > eps * mu_max
     rowsum = mats.abs_row_sums(C) if mats is not None else np.asarray(abs(C).sum(axis=1)).ravel()
     near |= (slack <= eps * rowsum * inf_norm(x)) & (mu > 1e-2 * eps * mu_max)
@@ -242,7 +242,7 @@ def _polish_round(P, q, C, d, A, b, active, solver, sparse, tol, start, quick, t
             [sx, sy if (p and sy is not None) else np.zeros(p), sz[J] if (m and sz is not None) else np.zeros(len(J))]
         )
     sol = kkt.solve(rhs, x0=x0)
-    if not np.all(np.isfinite(sol)):
+    if not np.isfinite(sol).all():
         mats.rounds[key] = (start, None)
         return None
     z, lam, muJ = sol[:n], sol[n : n + p], sol[n + p :]
@@ -288,11 +288,11 @@ def _polish_round(P, q, C, d, A, b, active, solver, sparse, tol, start, quick, t
     vec_scale = max(inf_norm(Pz), inf_norm(q), inf_norm(ATl) if p else 0.0, inf_norm(CTm) if m else 0.0, _TINY)
     scale_d = tol * vec_scale + _ROUND * max(inf_norm(t) for t in terms)
     consistent = inf_norm(r_stat) <= scale_d and r_prim <= tol * scale_p
-    bad_primal = bool(m) and bool(np.any(viol > 0))
-    verified = consistent and not bad_primal and not np.any(neg)
+    bad_primal = bool(m) and bool((viol > 0).any())
+    verified = consistent and not bad_primal and not neg.any()
     score = (
-        max(float(np.max(viol, initial=0.0)), 0.0)
-        + float(np.sum(np.maximum(-muJ - mu_scale, 0.0)))
+        max(float(viol.max(initial=0.0)), 0.0)
+        + float(np.maximum(-muJ - mu_scale, 0.0).sum())
         + (0.0 if consistent else 1.0)
     )
     out = _Round(z, lam, mu, kkt, verified, score, bad_primal, viol, neg, J)
@@ -353,7 +353,7 @@ def polish(
             break
         if r.bad_primal:
             active[r.viol > 0] = True
-        elif np.any(r.neg):
+        elif r.neg.any():
             active[r.J[r.neg]] = False
         else:  # inconsistent reduced system (dependent rows with incompatible right-hand sides)
             break
@@ -386,7 +386,7 @@ def _include_weakly_active(
     z, lam, mu, active, kkt, verified, it = out
     slack = d - _op(C, mats) @ z
     at_bound = (~active) & (slack <= eps * np.maximum(np.maximum(np.abs(d), _abs_rows(C, z, mats)), _TINY))
-    if not np.any(at_bound):
+    if not at_bound.any():
         return out
     cand = polish(
         P,
@@ -436,7 +436,7 @@ def _repaired(data, out, eps: float, mats: Derived) -> Tuple[Optional[np.ndarray
     Cz = mats.op(C) @ z
     viol = (Cz - d) - tol * np.maximum(np.maximum(np.abs(d), _abs_rows(C, z, mats)), _TINY)
     viol[active] = -np.inf
-    if np.any(viol > 0):
+    if (viol > 0).any():
         return active | (viol > 0), "add"
     J = np.flatnonzero(active)
     if not len(J):
@@ -444,7 +444,7 @@ def _repaired(data, out, eps: float, mats: Derived) -> Tuple[Optional[np.ndarray
     row_norm = inf_norm(mats.abs_row_sums(C)[J])
     mu_scale = tol * max(inf_norm(mu[J]), (inf_norm(mats.op(P) @ z) + inf_norm(q)) / max(row_norm, _TINY), _TINY)
     neg = mu[J] < -mu_scale
-    if not np.any(neg):
+    if not neg.any():
         return None, ""
     fixed = active.copy()
     fixed[J[neg]] = False
@@ -468,13 +468,13 @@ def residuals(P, q, C, d, A, b, z, lam, mu, mats: Optional[Derived] = None) -> T
     comp = 0.0
     if A is not None:
         r_dual = r_dual + mats.T(A) @ lam
-        r_prim = float(np.max(np.abs(mats.op(A) @ z - b), initial=0.0))
+        r_prim = float(np.abs(mats.op(A) @ z - b).max(initial=0.0))
     if C is not None:
         r_dual = r_dual + mats.T(C) @ mu
         s = d - mats.op(C) @ z
-        r_prim = max(r_prim, float(np.max(np.maximum(-s, 0.0), initial=0.0)))
-        comp = float(np.max(np.abs(mu * s), initial=0.0))
-    return r_prim, float(np.max(np.abs(r_dual), initial=0.0)), comp
+        r_prim = max(r_prim, float((-s).max(initial=0.0)))
+        comp = float(np.abs(mu * s).max(initial=0.0))
+    return r_prim, float(np.abs(r_dual).max(initial=0.0)), comp
 
 
 class Engine:
@@ -844,7 +844,7 @@ class Engine:
         if m:  # weakly active: on the boundary with a (near) zero multiplier, after the polish
             slack = d - _op(C, mats) @ z
             at_bound = slack <= s.eps_active * np.maximum(np.maximum(np.abs(d), _abs_rows(C, z, mats)), _TINY)
-            zero_dual = mu <= s.eps_active * max(float(np.max(mu, initial=0.0)), _TINY)
+            zero_dual = mu <= s.eps_active * max(float(mu.max(initial=0.0)), _TINY)
             n_weak = int(np.count_nonzero(at_bound & zero_dual))
             margin = strict_complementarity_margin(slack, mu, active)
         res = residuals(P, q, C, d, A, b, z, lam, mu, mats)

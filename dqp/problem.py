@@ -736,7 +736,7 @@ def drop_unbounded_rows(data):
     when nothing was dropped) and the original row count.
     """
     P, q, C, d, A, b = data
-    if C is None or not np.any(d >= INF_BOUND):
+    if C is None or not (d >= INF_BOUND).any():
         return data, None, 0 if C is None else C.shape[0]
     keep = ~unbounded_mask_np(C, d)
     m = len(d)

@@ -189,15 +189,16 @@ def raw_solution(found: bool, x, y, z, extras: Dict[str, Any], elapsed: float, n
     """A backend's answer (primal ``x``, duals ``y`` of ``A``, ``z`` of ``C``, raw ``extras``) as a
     :class:`RawSolution`: status from ``found`` and the extras, malformed vectors dropped."""
     x = None if x is None else np.asarray(x, dtype=np.float64)
+    finite = x is not None and bool(np.isfinite(x).all())
     info = {"time": elapsed, "raw_status": _status_text(extras)[:200]}
-    if found and x is not None and np.all(np.isfinite(x)):
+    if found and finite:
         status = Status.SOLVED
     else:
         status = status_from_extras(extras) or Status.SOLVER_ERROR
     y = None if y is None or A is None else np.asarray(y, dtype=np.float64)
     z = None if z is None or C is None else np.asarray(z, dtype=np.float64)
     # HiGHS (through qpsolvers) answers a failure with an empty x, not None
-    if x is not None and (x.shape != (n,) or not np.all(np.isfinite(x))):
+    if x is not None and (x.shape != (n,) or not finite):
         x = None
         if status == Status.SOLVED:
             status = Status.SOLVER_ERROR
