@@ -89,11 +89,6 @@ def _transpose(M):
     return M.T.tocsr() if sp.issparse(M) else M.T
 
 
-def _op(M, mats: Optional["Derived"]):
-    """``M`` for a product (its dense copy when ``mats`` keeps one)."""
-    return M if mats is None else mats.op(M)
-
-
 class Derived:
     """Matrices derived from one element's data (``|M|``, ``Mᵀ``, ``|M|ᵀ``, CSR rows, ``|M|`` row sums),
     each made once and shared by the detection, every polish round and the result: building a SciPy
@@ -133,10 +128,31 @@ class Derived:
     def abs_row_sums(self, M) -> np.ndarray:
         return self._get("rowsum", M, lambda X: np.asarray(self.abs(X).sum(axis=1)).ravel())
 
+    def _pair(self, op: str, M, x: np.ndarray, make):
+        key = (op, id(M), id(x))
+        hit = self._memo.get(key)
+        if hit is None:
+            hit = self._memo[key] = (M, x, make())  # M and x kept alive, so their ids stay their own
+        return hit[2]
+
+    def times(self, M, x: np.ndarray) -> np.ndarray:
+        """``M x``, once per (matrix, point): detection, the checks and the result read it repeatedly
+        (``x`` is never written to after it is made)."""
+        return self._pair("Mx", M, x, lambda: self.op(M) @ x)
+
+    def abs_times(self, M, x: np.ndarray) -> np.ndarray:
+        """``|M| |x|``, once per (matrix, point)."""
+        return self._pair("|M||x|", M, x, lambda: self.abs(M) @ np.abs(x))
+
 
 def _abs_rows(C, x: np.ndarray, mats: Optional[Derived] = None) -> np.ndarray:
     """``|C| |x|`` row by row: the natural size of ``C x`` (for scale-invariant tolerances)."""
-    return (abs(C) if mats is None else mats.abs(C)) @ np.abs(x)
+    return abs(C) @ np.abs(x) if mats is None else mats.abs_times(C, x)
+
+
+def _times(M, x: np.ndarray, mats: Optional[Derived] = None) -> np.ndarray:
+    """``M x`` (made once per point when ``mats`` keeps the element's products)."""
+    return M @ x if mats is None else mats.times(M, x)
 
 
 def detect_active(
@@ -153,7 +169,7 @@ def detect_active(
     while slack rows at that scale carry duals below 1e-8·‖μ‖∞.
     Returns the mask and the number of weakly active constraints (small slack *and* small dual).
     """
-    slack = d - _op(C, mats) @ x
+    slack = d - _times(C, x, mats)
     own = np.maximum(np.maximum(np.abs(d), _abs_rows(C, x, mats)), _TINY)
     near = slack <= eps * own
     if mu is None:
@@ -248,7 +264,7 @@ def _polish_round(P, q, C, d, A, b, active, solver, sparse, tol, start, quick, t
     z, lam, muJ = sol[:n], sol[n : n + p], sol[n + p :]
     mu = np.zeros(m)
     mu[J] = muJ
-    Pz = mats.op(P) @ z
+    Pz = mats.times(P, z)
     # stationarity and the equality-type rows (A, C_J) hold to tol relative to their terms
     terms = [_abs_rows(P, z, mats), q]  # |P||z|, not Pz: the terms' size survives cancellation
     r_stat = Pz + q
@@ -258,7 +274,7 @@ def _polish_round(P, q, C, d, A, b, active, solver, sparse, tol, start, quick, t
         ATl = mats.T(A) @ lam
         r_stat = r_stat + ATl
         terms.append(mats.absT(A) @ np.abs(lam))
-        Az = mats.op(A) @ z
+        Az = mats.times(A, z)
         r_prim = inf_norm(Az - b)
         scale_p = max(scale_p, inf_norm(b), inf_norm(_abs_rows(A, z, mats)))  # |A||z|: the size of the terms of Az
     viol = np.zeros(m)
@@ -271,7 +287,7 @@ def _polish_round(P, q, C, d, A, b, active, solver, sparse, tol, start, quick, t
         CTm = mats.T(C) @ mu_pos
         r_stat = r_stat + CTm
         terms.append(mats.absT(C) @ mu_pos)
-        Cz = mats.op(C) @ z
+        Cz = mats.times(C, z)
         row_size = np.maximum(np.maximum(np.abs(d), _abs_rows(C, z, mats)), _TINY)
         viol = (Cz - d) - tol * row_size
         if len(J):
@@ -384,7 +400,7 @@ def _include_weakly_active(
     does not depend on which solver, tolerance or warm start produced the point.
     """
     z, lam, mu, active, kkt, verified, it = out
-    slack = d - _op(C, mats) @ z
+    slack = d - _times(C, z, mats)
     at_bound = (~active) & (slack <= eps * np.maximum(np.maximum(np.abs(d), _abs_rows(C, z, mats)), _TINY))
     if not at_bound.any():
         return out
@@ -419,7 +435,7 @@ def _clear_slack(C, d: np.ndarray, x: np.ndarray, mu: np.ndarray, eps: float, ma
     The slack is measured against ``max(|d_i|, |C_i||x|, ‖C_i‖₁‖x‖∞)``: the last term keeps a bound
     ``−x_j ≤ 0`` at ``x_j ≈ 1e-12`` small (its own terms alone would make it look slack).
     """
-    slack = d - mats.op(C) @ x
+    slack = d - mats.times(C, x)
     size = np.maximum(np.maximum(np.abs(d), _abs_rows(C, x, mats)), mats.abs_row_sums(C) * inf_norm(x))
     rel_slack = slack / np.maximum(size, _TINY)
     rel_mu = mu / max(inf_norm(mu), _TINY)
@@ -433,7 +449,7 @@ def _repaired(data, out, eps: float, mats: Derived) -> Tuple[Optional[np.ndarray
     P, q, C, d, A, b = data
     z, lam, mu, active, kkt, verified, it = out
     tol = max(1e-2 * eps, 1e-13)
-    Cz = mats.op(C) @ z
+    Cz = mats.times(C, z)
     viol = (Cz - d) - tol * np.maximum(np.maximum(np.abs(d), _abs_rows(C, z, mats)), _TINY)
     viol[active] = -np.inf
     if (viol > 0).any():
@@ -442,7 +458,7 @@ def _repaired(data, out, eps: float, mats: Derived) -> Tuple[Optional[np.ndarray
     if not len(J):
         return None, ""
     row_norm = inf_norm(mats.abs_row_sums(C)[J])
-    mu_scale = tol * max(inf_norm(mu[J]), (inf_norm(mats.op(P) @ z) + inf_norm(q)) / max(row_norm, _TINY), _TINY)
+    mu_scale = tol * max(inf_norm(mu[J]), (inf_norm(mats.times(P, z)) + inf_norm(q)) / max(row_norm, _TINY), _TINY)
     neg = mu[J] < -mu_scale
     if not neg.any():
         return None, ""
@@ -463,15 +479,15 @@ def strict_complementarity_margin(slack: np.ndarray, mu: np.ndarray, active: np.
 def residuals(P, q, C, d, A, b, z, lam, mu, mats: Optional[Derived] = None) -> Tuple[float, float, float]:
     """Primal infeasibility, dual (stationarity) residual, complementarity (all ∞-norms)."""
     mats = Derived() if mats is None else mats
-    r_dual = mats.op(P) @ z + q
+    r_dual = mats.times(P, z) + q
     r_prim = 0.0
     comp = 0.0
     if A is not None:
         r_dual = r_dual + mats.T(A) @ lam
-        r_prim = float(np.abs(mats.op(A) @ z - b).max(initial=0.0))
+        r_prim = float(np.abs(mats.times(A, z) - b).max(initial=0.0))
     if C is not None:
         r_dual = r_dual + mats.T(C) @ mu
-        s = d - mats.op(C) @ z
+        s = d - mats.times(C, z)
         r_prim = max(r_prim, float((-s).max(initial=0.0)))
         comp = float(np.abs(mu * s).max(initial=0.0))
     return r_prim, float(np.abs(r_dual).max(initial=0.0)), comp
@@ -842,7 +858,7 @@ class Engine:
         mu = np.where(active, np.maximum(mu, 0.0), 0.0) if m else mu
         n_weak, margin = 0, float("inf")
         if m:  # weakly active: on the boundary with a (near) zero multiplier, after the polish
-            slack = d - _op(C, mats) @ z
+            slack = d - _times(C, z, mats)
             at_bound = slack <= s.eps_active * np.maximum(np.maximum(np.abs(d), _abs_rows(C, z, mats)), _TINY)
             zero_dual = mu <= s.eps_active * max(float(mu.max(initial=0.0)), _TINY)
             n_weak = int(np.count_nonzero(at_bound & zero_dual))
