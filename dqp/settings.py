@@ -55,7 +55,8 @@ OPTIONS: Dict[str, Tuple[Any, tuple, str]] = {
         1e-6,
         (float, int),
         "Active-set threshold: constraint i is active when its slack is "
-        "below eps_active·(1+|d_i|) or its dual above eps_active·max(1, ‖μ‖∞). With refine_active, "
+        "below eps_active·max(|d_i|, |C_i||z|) or its dual above eps_active·‖μ‖∞ (the docs' theory "
+        "page gives the whole rule). With refine_active, "
         "stricter and looser thresholds are tried when the set fails the KKT check.",
     ),
     "dual_available": (

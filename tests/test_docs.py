@@ -140,7 +140,7 @@ def test_mkdocs_build_strict(tmp_path):
     options_html = (site / "options" / "index.html").read_text(encoding="utf-8")
     assert "eps_active" in options_html and "<!-- options-table -->" not in options_html
     assert "qdldl" in options_html and "clarabel" in options_html  # solver tables filled in
-    assert "eps_active·(1+|d_i|)" in options_html  # a '|' inside a description does not split the cell
+    assert "eps_active·max(|d_i|, |C_i||z|)" in options_html  # a '|' inside a description does not split the cell
     theory = (site / "theory" / "index.html").read_text(encoding="utf-8")
     for question in (
         "Does dqp use a neural network to solve QPs?",
