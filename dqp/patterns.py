@@ -22,6 +22,11 @@ class CheckedPattern:
         For a square pattern in canonical form (sorted rows, no duplicates): ``(pos, found)``, where
         each stored entry's transpose is stored (``found``) and at which position (``pos``); ``None``
         otherwise (a non-square or non-canonical pattern).
+    canonical : bool
+        Rows sorted within each column, no duplicates (SciPy's canonical format).
+    index_dtype : numpy dtype
+        int32 when every index and dimension fits, as SciPy stores them (an int64 index array costs
+        SciPy a scan of its contents and a converted copy on every matrix built from it).
     """
 
     def __init__(self, ccol: np.ndarray, rows: np.ndarray, shape: Tuple[int, int]) -> None:
@@ -29,7 +34,11 @@ class CheckedPattern:
         self.ccol = np.array(ccol, dtype=np.int64)
         self.rows = np.array(rows, dtype=np.int64)
         self.shape = shape
-        self.mirror = _mirror(self.ccol, self.rows, shape[0]) if shape[0] == shape[1] else None
+        keys = _column_major_keys(self.ccol, self.rows, shape[0])
+        self.canonical = len(keys) < 2 or bool((keys[1:] > keys[:-1]).all())
+        self.mirror = _mirror(keys, self.rows, shape[0]) if shape[0] == shape[1] and self.canonical else None
+        small = max(shape[0], shape[1], len(self.rows)) < np.iinfo(np.int32).max
+        self.index_dtype = np.dtype(np.int32 if small else np.int64)
 
     def asymmetry(self, vals: np.ndarray) -> Optional[float]:
         """``max |M − Mᵀ|`` for values ``vals`` on this (square) pattern; ``None`` when the pattern is
@@ -43,14 +52,18 @@ class CheckedPattern:
         return float(np.max(np.abs(diff)))
 
 
-def _mirror(ccol: np.ndarray, rows: np.ndarray, n: int) -> Optional[Tuple[np.ndarray, np.ndarray]]:
-    """Positions of each entry's transpose in a canonical square CSC pattern (see :class:`CheckedPattern`)."""
+def _column_major_keys(ccol: np.ndarray, rows: np.ndarray, n: int) -> np.ndarray:
+    """Each stored entry's column-major position ``col·n + row`` (increasing for a canonical pattern)."""
+    cols = np.repeat(np.arange(len(ccol) - 1, dtype=np.int64), np.diff(ccol))
+    return cols * n + rows
+
+
+def _mirror(keys: np.ndarray, rows: np.ndarray, n: int) -> Tuple[np.ndarray, np.ndarray]:
+    """Positions of each entry's transpose in a canonical square CSC pattern (see :class:`CheckedPattern`),
+    from its column-major ``keys``."""
     if not len(rows):
         return np.zeros(0, np.int64), np.zeros(0, bool)
-    cols = np.repeat(np.arange(n, dtype=np.int64), np.diff(ccol))
-    keys = cols * n + rows  # column-major position: increasing for a canonical pattern
-    if len(keys) > 1 and not np.all(keys[1:] > keys[:-1]):
-        return None
+    cols = keys // n
     mirror = rows * n + cols  # the position of each entry's transpose
     pos = np.minimum(np.searchsorted(keys, mirror), len(keys) - 1)
     return pos, keys[pos] == mirror

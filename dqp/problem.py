@@ -75,12 +75,16 @@ class SparseArg:
         k = self.index(i)
         lo = self.offsets[k]
         nnz = len(self.rows[k])
+        pat = self.patterns[k] if self.patterns is not None else None
+        idx = np.int64 if pat is None else pat.index_dtype  # (astype copies)
         # a copy in canonical form (sorted rows, duplicates summed, as SciPy and torch's coalesce do):
         # solvers sort and sum in place, which must never reach the caller's values
         M = sp.csc_matrix(
-            (values_np[lo : lo + nnz].copy(), self.rows[k].copy(), self.ccols[k].copy()), shape=self.shape
+            (values_np[lo : lo + nnz].copy(), self.rows[k].astype(idx), self.ccols[k].astype(idx)), shape=self.shape
         )
-        if not M.has_canonical_format:
+        if pat is not None and pat.canonical:
+            M.has_canonical_format = True  # (known from the checked pattern: no scan)
+        elif not M.has_canonical_format:
             M.sum_duplicates()
         return M
 
