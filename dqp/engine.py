@@ -233,20 +233,8 @@ def _polish_round(P, q, C, d, A, b, active, solver, sparse, tol, start, quick, t
     n = P.shape[0]
     p = 0 if A is None else A.shape[0]
     m = 0 if C is None else C.shape[0]
-    Cr = None if C is None else mats.rows(C)
     J = np.flatnonzero(active)
-    CJ = None if C is None else _row_block(Cr, J)
-    # the equilibration starts from this slot's last one (by row of the full system): one or two Ruiz
-    # steps instead of a dozen when the set or the values changed a little
-    warm = pool.scaling if (pool.scaling is not None and len(pool.scaling) == n + p + m) else None
-    rows = None if warm is None else np.concatenate([np.arange(n + p), n + p + J])
-    scale0 = None if warm is None else warm[rows]
-    kkt = RobustKKT(P, A, CJ, sparse, solver, quick=quick, reuse=pool, singular_hint=hint, scaling_start=scale0)
-    if kkt.equilibrated:
-        if warm is None:
-            warm = pool.scaling = np.ones(n + p + m)
-            rows = np.concatenate([np.arange(n + p), n + p + J])
-        warm[rows] = kkt.D
+    kkt = _reduced_kkt(P, A, C, J, solver, sparse, quick, hint, pool, mats)
     if trace is not None:
         trace.factorizations += kkt.factorizations
         trace.singular = trace.singular or kkt.path == REGULARIZED
@@ -262,6 +250,38 @@ def _polish_round(P, q, C, d, A, b, active, solver, sparse, tol, start, quick, t
         mats.rounds[key] = (start, None)
         return None
     z, lam, muJ = sol[:n], sol[n : n + p], sol[n + p :]
+    out = _checked(P, q, C, d, A, b, z, lam, muJ, J, kkt, tol, mats)
+    mats.rounds[key] = (start, out)  # (start kept alive: its id stays its own)
+    return out
+
+
+def _reduced_kkt(P, A, C, J: np.ndarray, solver, sparse: bool, quick: bool, hint: bool, pool, mats) -> RobustKKT:
+    """The factorized reduced KKT system of the rows ``J`` of ``C``.
+
+    Its equilibration starts from the slot's last one (``pool.scaling``, by row of the full system:
+    primal and equality rows, then every inequality row): one or two Ruiz steps instead of a dozen
+    when the set or the values changed a little; an equilibration made here is recorded there.
+    """
+    n = P.shape[0]
+    p = 0 if A is None else A.shape[0]
+    m = 0 if C is None else C.shape[0]
+    CJ = None if C is None else _row_block(mats.rows(C), J)
+    warm = pool.scaling if (pool.scaling is not None and len(pool.scaling) == n + p + m) else None
+    rows = None if warm is None else np.concatenate([np.arange(n + p), n + p + J])
+    scale0 = None if warm is None else warm[rows]
+    kkt = RobustKKT(P, A, CJ, sparse, solver, quick=quick, reuse=pool, singular_hint=hint, scaling_start=scale0)
+    if kkt.equilibrated:
+        if warm is None:
+            warm = pool.scaling = np.ones(n + p + m)
+            rows = np.concatenate([np.arange(n + p), n + p + J])
+        warm[rows] = kkt.D
+    return kkt
+
+
+def _checked(P, q, C, d, A, b, z, lam, muJ, J: np.ndarray, kkt: RobustKKT, tol: float, mats) -> _Round:
+    """The polished point ``(z, λ, μ_J)`` of a round and its check (see :func:`polish`)."""
+    p = len(lam)
+    m = 0 if C is None else C.shape[0]
     mu = np.zeros(m)
     mu[J] = muJ
     Pz = mats.times(P, z)
@@ -274,8 +294,7 @@ def _polish_round(P, q, C, d, A, b, active, solver, sparse, tol, start, quick, t
         ATl = mats.T(A) @ lam
         r_stat = r_stat + ATl
         terms.append(mats.absT(A) @ np.abs(lam))
-        Az = mats.times(A, z)
-        r_prim = inf_norm(Az - b)
+        r_prim = inf_norm(mats.times(A, z) - b)
         scale_p = max(scale_p, inf_norm(b), inf_norm(_abs_rows(A, z, mats)))  # |A||z|: the size of the terms of Az
     viol = np.zeros(m)
     neg = np.zeros(0, bool)
@@ -311,9 +330,7 @@ def _polish_round(P, q, C, d, A, b, active, solver, sparse, tol, start, quick, t
         + float(np.maximum(-muJ - mu_scale, 0.0).sum())
         + (0.0 if consistent else 1.0)
     )
-    out = _Round(z, lam, mu, kkt, verified, score, bad_primal, viol, neg, J)
-    mats.rounds[key] = (start, out)  # (start kept alive: its id stays its own)
-    return out
+    return _Round(z, lam, mu, kkt, verified, score, bad_primal, viol, neg, J)
 
 
 def polish(
@@ -532,9 +549,7 @@ class Engine:
         """Forward of one element: direct KKT solve without inequalities, else solver + polish.
 
         When the chosen solver fails, or (``fallback_on_unverified``) its point cannot be verified, the
-        ``fallback_solver`` chain is tried in turn (settings): the first verified answer wins, a
-        solved-but-unverified one (the primary's first) is kept if none verifies, and a certificate of
-        infeasibility stops a chain that started from a failure.
+        ``fallback_solver`` chain is tried in turn (:meth:`_fallbacks`).
         """
         s = self.settings
         P, q, C, d, A, b = data
@@ -542,45 +557,43 @@ class Engine:
         linsolver = self._linsolver(sparse, n + p + m)
         mats = Derived()  # |C|, Cᵀ, ... of this element, made once
         if m == 0:  # no inequalities: the KKT system *is* the problem; no solver needed
-            trace = PolishTrace()
-            out = polish(
-                P,
-                q,
-                C,
-                d,
-                A,
-                b,
-                np.zeros(0, bool),
-                linsolver,
-                sparse,
-                s.eps_active,
-                False,
-                0,
-                quick=True,
-                trace=trace,
-                reuse=self._factor_pool(slot),
-                mats=mats,
-            )
-            if out is not None and out[5]:
-                return self._result(
-                    data,
-                    out,
-                    None,
-                    0.0,
-                    "no inequalities: solved the KKT system directly",
-                    trace,
-                    self._factor_pool(slot),
-                    mats,
-                )
+            direct = self._solve_direct(data, sparse, linsolver, slot, mats)
+            if direct is not None:
+                return direct
         if warm is not None and (len(warm[0]), len(warm[1]), len(warm[2])) != (n, p, m):
             warm = None  # the problem changed size since the previous call
         chain = [fb for fb in s.fallback_solver if fb != self.solver.name]
         res = self._solve_with(self.solver, data, sparse, linsolver, warm, slot, mats=mats, more_to_ask=bool(chain))
         if res.status == Status.SOLVED and (res.verified or not s.fallback_on_unverified):
             return res
+        return self._fallbacks(res, chain, data, sparse, linsolver, mats)
+
+    def _solve_direct(
+        self, data, sparse: bool, linsolver, slot: Optional[int], mats: Derived
+    ) -> Optional[ElementResult]:
+        """Without inequalities the KKT system is the problem: its verified solution, else ``None``."""
+        P, q, C, d, A, b = data
+        trace = PolishTrace()
+        pool = self._factor_pool(slot)
+        none = np.zeros(0, bool)
+        eps = self.settings.eps_active
+        out = polish(
+            P, q, C, d, A, b, none, linsolver, sparse, eps, False, 0, quick=True, trace=trace, reuse=pool, mats=mats
+        )
+        if out is None or not out[5]:
+            return None
+        message = "no inequalities: solved the KKT system directly"
+        return self._result(data, out, None, 0.0, message, trace, pool, mats)
+
+    def _fallbacks(self, res: ElementResult, chain: List[str], data, sparse: bool, linsolver, mats) -> ElementResult:
+        """The ``fallback_solver`` chain after the primary's answer ``res`` failed or did not verify.
+
+        The first verified answer wins; a solved-but-unverified one (the primary's first) is kept if
+        none verifies, an unverified primary getting one second opinion that solves, not the whole
+        chain; a certificate of infeasibility stops a chain that started from a failure.
+        """
         from dqp.solvers import get_solver
 
-        # an unverified answer (the primary's first) is kept unless a fallback verifies one
         kept: Optional[ElementResult] = res if res.status == Status.SOLVED else None
         tried = []
         for k, fb in enumerate(chain):
@@ -606,8 +619,7 @@ class Engine:
                     res2.solve_time = res.solve_time
                     return res2
                 if kept is res:
-                    # an unverified primary gets one second opinion that solves, not the whole chain; the
-                    # point closer to the KKT conditions is kept (proxqp's can be far off where Clarabel's is not)
+                    # the point closer to the KKT conditions is kept (proxqp's can be far off where Clarabel's is not)
                     if unverified_distance(data, res2) < unverified_distance(data, res):
                         kept = res2
                     break
@@ -620,17 +632,17 @@ class Engine:
                 break
             if res.status == Status.SOLVER_ERROR:
                 res.status = res2.status
-        if kept is not None:
-            if kept is not res:
-                kept.solve_time = res.solve_time
-            elif tried:
-                kept.message = (
-                    (kept.message + "; " if kept.message else "") + "no fallback verified it (" + ", ".join(tried) + ")"
-                )
-            return kept
-        if tried:
-            res.message += "; fallback solvers: " + ", ".join(tried)
-        return res
+        if kept is None:
+            if tried:
+                res.message += "; fallback solvers: " + ", ".join(tried)
+            return res
+        if kept is not res:
+            kept.solve_time = res.solve_time
+        elif tried:
+            kept.message = (
+                (kept.message + "; " if kept.message else "") + "no fallback verified it (" + ", ".join(tried) + ")"
+            )
+        return kept
 
     def _solve_with(
         self,
@@ -649,31 +661,7 @@ class Engine:
         s = self.settings
         P, q, C, d, A, b = data
         n, m, p = P.shape[0], 0 if C is None else C.shape[0], 0 if A is None else A.shape[0]
-        kw = {**solver.tolerance_keywords(s.eps_abs, s.eps_rel), **(extra or {})}
-        if s.time_limit is not None:
-            kw.update(solver.time_limit_keywords(s.time_limit))
-        user_kw = s.qp_solver_keywords if solver is self.solver else {}
-        kw.update(user_kw)
-        if s.verbose:
-            kw.setdefault("verbose", True)
-        initvals = None if warm is None else warm[0]
-        warm_duals = None if warm is None else (warm[1], warm[2])
-        t0 = time.perf_counter()
-        raw: RawSolution = solver.solve(
-            P, q, C, d, A, b, initvals=initvals, warm_duals=warm_duals, keywords=kw, slot=slot
-        )
-        solve_time = raw.info.get("time", time.perf_counter() - t0)
-        check_keyword_failure(solver.name, raw, user_kw)
-        if (
-            raw.status in (Status.PRIMAL_INFEASIBLE, Status.DUAL_INFEASIBLE)
-            and verified_status(data, raw.status, raw.x, raw.y, raw.z) is None
-        ):
-            # a claim without a certificate that checks out is a failure, not a diagnosis (Clarabel
-            # called PRIMALC2 unbounded; HiGHS solves it): the fallback chain goes on
-            raw.info["raw_status"] = f"claimed {raw.status.name} but its certificate did not verify; " + str(
-                raw.info.get("raw_status", "")
-            )
-            raw.status = Status.NUMERICAL
+        raw, solve_time = self._raw_answer(solver, data, warm, slot, extra)
 
         def failed(status: Status, message: str) -> ElementResult:
             return ElementResult(
@@ -721,6 +709,35 @@ class Engine:
                 )
             message = f"{solver.name} reported {raw.status.name}; the polished solution passed the KKT check"
         return self._result(data, out, raw, solve_time, message, trace, pool, mats)
+
+    def _raw_answer(self, solver: ForwardSolver, data, warm, slot, extra: Optional[dict]) -> Tuple[RawSolution, float]:
+        """The solver's own answer (with the settings' keywords and the warm start) and its solve time;
+        an infeasibility claim whose certificate does not check out becomes a failure."""
+        s = self.settings
+        kw = {**solver.tolerance_keywords(s.eps_abs, s.eps_rel), **(extra or {})}
+        if s.time_limit is not None:
+            kw.update(solver.time_limit_keywords(s.time_limit))
+        user_kw = s.qp_solver_keywords if solver is self.solver else {}
+        kw.update(user_kw)
+        if s.verbose:
+            kw.setdefault("verbose", True)
+        initvals = None if warm is None else warm[0]
+        warm_duals = None if warm is None else (warm[1], warm[2])
+        t0 = time.perf_counter()
+        raw: RawSolution = solver.solve(*data, initvals=initvals, warm_duals=warm_duals, keywords=kw, slot=slot)
+        solve_time = raw.info.get("time", time.perf_counter() - t0)
+        check_keyword_failure(solver.name, raw, user_kw)
+        if (
+            raw.status in (Status.PRIMAL_INFEASIBLE, Status.DUAL_INFEASIBLE)
+            and verified_status(data, raw.status, raw.x, raw.y, raw.z) is None
+        ):
+            # a claim without a certificate that checks out is a failure, not a diagnosis (Clarabel
+            # called PRIMALC2 unbounded; HiGHS solves it): the fallback chain goes on
+            raw.info["raw_status"] = f"claimed {raw.status.name} but its certificate did not verify; " + str(
+                raw.info.get("raw_status", "")
+            )
+            raw.status = Status.NUMERICAL
+        return raw, solve_time
 
     def _factor_pool(self, slot: Optional[int]) -> FactorPool:
         """The factorizations kept for batch slot ``slot`` (a fresh pool for ``None``: a fallback solve)."""
