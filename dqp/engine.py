@@ -256,26 +256,9 @@ def _polish_round(P, q, C, d, A, b, active, solver, sparse, tol, start, quick, t
 
 
 def _reduced_kkt(P, A, C, J: np.ndarray, solver, sparse: bool, quick: bool, hint: bool, pool, mats) -> RobustKKT:
-    """The factorized reduced KKT system of the rows ``J`` of ``C``.
-
-    Its equilibration starts from the slot's last one (``pool.scaling``, by row of the full system:
-    primal and equality rows, then every inequality row): one or two Ruiz steps instead of a dozen
-    when the set or the values changed a little; an equilibration made here is recorded there.
-    """
-    n = P.shape[0]
-    p = 0 if A is None else A.shape[0]
-    m = 0 if C is None else C.shape[0]
+    """The factorized reduced KKT system of the rows ``J`` of ``C`` (symbolic analyses from ``pool``)."""
     CJ = None if C is None else _row_block(mats.rows(C), J)
-    warm = pool.scaling if (pool.scaling is not None and len(pool.scaling) == n + p + m) else None
-    rows = None if warm is None else np.concatenate([np.arange(n + p), n + p + J])
-    scale0 = None if warm is None else warm[rows]
-    kkt = RobustKKT(P, A, CJ, sparse, solver, quick=quick, reuse=pool, singular_hint=hint, scaling_start=scale0)
-    if kkt.equilibrated:
-        if warm is None:
-            warm = pool.scaling = np.ones(n + p + m)
-            rows = np.concatenate([np.arange(n + p), n + p + J])
-        warm[rows] = kkt.D
-    return kkt
+    return RobustKKT(P, A, CJ, sparse, solver, quick=quick, reuse=pool, singular_hint=hint)
 
 
 def _checked(P, q, C, d, A, b, z, lam, muJ, J: np.ndarray, kkt: RobustKKT, tol: float, mats) -> _Round:

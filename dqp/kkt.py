@@ -188,16 +188,16 @@ class _KKTLayout:
         return sp.csc_matrix((data, self.indices.copy(), self.indptr.copy()), shape=(self.N, self.N))
 
 
-def ruiz_scaling(K, iters: int = 15, start: Optional[np.ndarray] = None) -> np.ndarray:
+def ruiz_scaling(K, iters: int = 15) -> np.ndarray:
     """Symmetric Ruiz equilibration: ``D`` with ``D K D`` of rows with ∞-norm ≈ 1 (to 1e-3).
 
     Badly scaled data (Maros–Meszaros problems have entries from 1e-6 to 1e7) makes the reduced KKT
-    matrix look numerically singular; equilibrating first restores accurate factorizations. From 1 the
-    iteration takes 12–13 steps on those problems; ``start`` (positive, length N), the scaling of a
-    similar matrix (the same problem's previous active set or call), usually takes one or two.
+    matrix look numerically singular; equilibrating first restores accurate factorizations. It always
+    starts from 1: on a singular system the regularized solve, and so the derivative, depends on the
+    scaling, which must then be a function of the matrix alone (not of the sets tried before it).
     """
     N = K.shape[0]
-    D = np.ones(N) if start is None else np.array(start, dtype=np.float64)
+    D = np.ones(N)
     if N == 0:
         return D
     if sp.issparse(K):
@@ -248,9 +248,6 @@ class FactorPool:
         self._items: List[Factorization] = []
         #: the last call's polish met a singular reduced system (the next starts from the regularized form)
         self.singular = False
-        #: the last equilibration of a reduced system by row of the full system (primal and equality rows,
-        #: then every inequality row; 1 where a row was never in a set): the next one's starting point
-        self.scaling: Optional[np.ndarray] = None
         for F in factors:
             self.add(F)
 
@@ -307,8 +304,6 @@ class RobustKKT(Factorization):
         An earlier reduced system of the same problem was singular: after equilibration, go straight
         to the regularized factorization (accepted as ``"direct"`` when its refined probe solve shows
         ``K`` nonsingular after all), skipping the attempts a singular ``K`` fails.
-    scaling_start : ndarray, optional
-        Where the equilibration starts (:func:`ruiz_scaling`'s ``start``), e.g. a similar system's.
     reuse : FactorPool or Factorization, optional
         Earlier factorizations: a matrix of the same pattern reuses the symbolic analysis of one made
         by the same solver (:meth:`LinearSolver.refactor`). A pool also receives this system's own.
@@ -318,7 +313,7 @@ class RobustKKT(Factorization):
     path : str
         ``"direct"`` (K nonsingular) or ``"regularized"`` (K singular).
     D : ndarray
-        The equilibration (ones when ``K`` was factorized unscaled); ``equilibrated`` says which.
+        The equilibration (ones when ``K`` was factorized unscaled).
     residual : float
         Relative residual of the last solve (after refinement): an estimate of the solve's error.
     factorizations : int
@@ -337,7 +332,6 @@ class RobustKKT(Factorization):
         quick: bool = False,
         reuse: Union["FactorPool", Factorization, None] = None,
         singular_hint: bool = False,
-        scaling_start: Optional[np.ndarray] = None,
     ):
         self.n = P.shape[0]
         self.K = assemble_kkt(P, A, CJ, sparse)
@@ -346,7 +340,6 @@ class RobustKKT(Factorization):
         self.residual = 0.0
         self.path = DIRECT
         self.factorizations = 0
-        self.equilibrated = False
         self._F: Optional[Factorization] = None
         self._last: Optional[Factorization] = None
         self._dense: Optional[tuple] = None
@@ -357,8 +350,7 @@ class RobustKKT(Factorization):
             self.D, self.Ks = np.ones(N), self.K
             if self._quick(solver):
                 return
-        self.D = ruiz_scaling(self.K, start=scaling_start)
-        self.equilibrated = True
+        self.D = ruiz_scaling(self.K)
         self.Ks = _scaled(self.K, self.D)
         if (quick or singular_hint) and self._regularized_once(solver, delta):
             return
