@@ -189,12 +189,14 @@ class _KKTLayout:
 
 
 def ruiz_scaling(K, iters: int = 15) -> np.ndarray:
-    """Symmetric Ruiz equilibration: ``D`` with ``D K D`` of rows with ∞-norm ≈ 1 (to 1e-3).
+    """Symmetric Ruiz equilibration: ``D`` with ``D K D`` of rows with ∞-norm within 10 % of 1.
 
     Badly scaled data (Maros–Meszaros problems have entries from 1e-6 to 1e7) makes the reduced KKT
-    matrix look numerically singular; equilibrating first restores accurate factorizations. It always
-    starts from 1: on a singular system the regularized solve, and so the derivative, depends on the
-    scaling, which must then be a function of the matrix alone (not of the sets tried before it).
+    matrix look numerically singular; equilibrating first restores accurate factorizations. Each step
+    halves the rows' distance from 1: 10 % takes about 6 steps on those problems, 0.1 % 13, and the
+    tighter scaling conditioned the factorizations no better (same verdicts on the 62 small problems).
+    It always starts from 1: on a singular system the regularized solve, and so the derivative,
+    depends on the scaling, which must then be a function of the matrix alone.
     """
     N = K.shape[0]
     D = np.ones(N)
@@ -222,7 +224,7 @@ def ruiz_scaling(K, iters: int = 15) -> np.ndarray:
         else:
             row = (D[:, None] * absK * D[None, :]).max(axis=1)
         row = np.where(row > 0, row, 1.0)
-        if np.max(np.abs(row - 1.0)) < 1e-3:
+        if np.max(np.abs(row - 1.0)) < 1e-1:
             break
         D = D / np.sqrt(row)
     return D

@@ -233,15 +233,17 @@ def test_factor_pool_serves_each_pattern_its_own_analysis():
 @pytest.mark.skipif(maros_meszaros_dir() is None, reason="the full Maros–Meszaros collection is not present")
 def test_degenerate_problems_polish_within_a_bounded_count():
     """PRIMALC8's reduced systems are singular and badly scaled: QDLDL's regularized solve is inaccurate
-    and is redone with a pivoting LU, which verifies on the detected set. QPCSTAIR needs seven repairs
-    on the ladder; its singular sets skip the attempts a singular matrix fails."""
+    and is redone with a pivoting LU, which verifies on the detected set. QBEACONF (Clarabel) needs
+    repairs on the ladder; its singular sets skip the attempts a singular matrix fails. QPCSTAIR
+    verifies after quick repairs."""
     from dqp.io import load_maros_meszaros
 
-    for name, path, most in (("PRIMALC8", "quick", 4), ("QPCSTAIR", "ladder", 30)):
+    cases = (("PRIMALC8", "piqp", "quick", 4), ("QBEACONF", "clarabel", "ladder", 30), ("QPCSTAIR", "piqp", "quick", 6))
+    for name, solver, path, most in cases:
         qp = load_maros_meszaros(maros_meszaros_dir() / f"{name}.mat").to_qp()
         P, C, A = (None if M is None else csc_scipy_to_torch(M) for M in (qp.P, qp.C, qp.A))
         vec = lambda v: None if v is None else torch.as_tensor(v, dtype=torch.float64)
-        layer = dQP.dQP_layer(qp_solver="piqp", solve_type="sparse", eps_abs=1e-8, eps_rel=1e-8)
+        layer = dQP.dQP_layer(qp_solver=solver, solve_type="sparse", eps_abs=1e-8, eps_rel=1e-8)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             layer(P, vec(qp.q), C, vec(qp.d), A, vec(qp.b))
