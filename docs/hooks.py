@@ -127,15 +127,19 @@ STUDIES = [
     {
         "title": "The black-box path's own cost",
         "script": "blackbox_overhead.py",
-        "stems": ["blackbox_overhead", "blackbox_overhead_loop"],
-        "subtitles": {
-            "blackbox_overhead": "Forward and backward next to the raw solver",
-            "blackbox_overhead_loop": "Repeated calls with the same pattern",
-        },
+        "stems": ["blackbox_overhead"],
         "command": "python experiments/blackbox_overhead.py --libdqp-python .peers/libdqp/bin/python",
         "what": "What dqp adds to its forward solver's time when any qpsolvers backend solves the "
         "forward: small Maros–Meszaros problems, small dense batches, repeated calls, large "
         "sparse grids, next to the raw solver and to libdqp.",
+    },
+    {
+        "title": "The polish on every small Maros–Meszaros problem",
+        "script": "polish_sweep.py",
+        "stems": ["polish_sweep"],
+        "command": "python experiments/polish_sweep.py --compare-path DIR",
+        "what": "The verdict, the polish path and the factorizations of each of the 62 problems with n, m "
+        "≤ 1000 (PIQP and Clarabel), next to another build: no verified answer may be lost.",
     },
     {
         "title": "Batches in a thread pool",

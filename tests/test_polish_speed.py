@@ -4,6 +4,7 @@ black-box overhead study's short mode."""
 from __future__ import annotations
 
 import csv
+import json
 import warnings
 import subprocess
 import sys
@@ -136,6 +137,23 @@ def test_blackbox_overhead_short(tmp_path):
     assert {r["family"] for r in rows} >= {"dense"}
     text = out.with_suffix(".md").read_text()
     assert "Small dense problems" in text and "Command:" in text
+
+
+def test_polish_sweep_short(tmp_path):
+    """The sweep's short mode: three tiny problems (shipped with the tests) verified with one or two
+    factorizations each, and the report names its command."""
+    out = tmp_path / "ps"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "experiments" / "polish_sweep.py"), "--short", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=ROOT,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = json.loads(out.with_suffix(".json").read_text())
+    assert len(rows) == 6 and all(r["verified"] and r["factorizations"] <= 2 for r in rows), rows
+    assert "Command: `python experiments/polish_sweep.py --short" in out.with_suffix(".md").read_text()
 
 
 def test_warm_start_without_effect_is_said_once():
