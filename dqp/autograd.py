@@ -33,7 +33,8 @@ class Work:
 
 
 def _stack(results: List[ElementResult], attr: str, like: torch.Tensor) -> torch.Tensor:
-    arr = getattr(results[0], attr)[None] if len(results) == 1 else np.stack([getattr(r, attr) for r in results])
+    # (a copy either way: the result's arrays also serve as the next call's warm start)
+    arr = getattr(results[0], attr)[None].copy() if len(results) == 1 else np.stack([getattr(r, attr) for r in results])
     return torch.as_tensor(arr, dtype=like.dtype).to(like.device)
 
 

@@ -90,9 +90,10 @@ def _transpose(M):
 
 
 class Derived:
-    """Matrices derived from one element's data (``|M|``, ``Mᵀ``, ``|M|ᵀ``, CSR rows, ``|M|`` row sums),
-    each made once and shared by the detection, every polish round and the result: building a SciPy
-    sparse object costs tens of microseconds, more than the arithmetic on a small problem."""
+    """Matrices derived from one element's data (``|M|``, ``Mᵀ``, ``|M|ᵀ``, CSR rows, ``|M|`` row sums)
+    and products with its points (``M x``, ``|M||x|``), each made once and shared by the detection,
+    every polish round and the result: building a SciPy sparse object costs tens of microseconds, more
+    than the arithmetic on a small problem."""
 
     def __init__(self) -> None:
         self._memo: dict = {}
@@ -671,7 +672,8 @@ class Engine:
         out = self._polish_quick(data, sparse, linsolver, raw.x, mu0, start, pool, trace, mats)
         # a failed solve's point rarely polishes: with a fallback solver still to ask, the ladder is not worth
         # its cost; the chain's last solver gets it (HiGHS's failed point on QSIERRA verifies after the ladder)
-        if (out is None or not out[5]) and (raw.status == Status.SOLVED or not more_to_ask):
+        certified = raw.status in (Status.PRIMAL_INFEASIBLE, Status.DUAL_INFEASIBLE)  # (checked: no KKT point)
+        if (out is None or not out[5]) and (raw.status == Status.SOLVED or not (more_to_ask or certified)):
             trace.path = "ladder"
             out = self._polish_ladder(data, sparse, linsolver, raw.x, mu0, start, out, trace, mats, pool)
         if out is None:

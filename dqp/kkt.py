@@ -271,11 +271,12 @@ class RobustKKT(Factorization):
     With ``quick=True`` (the polish's first try) ``K`` is factorized once as it is: the chosen solver
     on ``K`` (or, for solvers that need a quasi-definite matrix, on ``K + diag(δ₀I, −δ₀I)`` with ``δ₀``
     tiny relative to ``K``'s largest entry), accepted when a probe solve with iterative refinement
-    recovers a fixed vector to 1e-6. Only when that fails does the ladder below run (on the same
-    assembled matrix).
+    recovers a fixed vector to 1e-6 (or, for a factorization that estimates its condition, a pivoting
+    LU of ``K`` itself, when it is below 1e8). Only when that fails does the ladder below run (on the
+    same assembled matrix).
 
     The ladder: ``K`` is equilibrated (:func:`ruiz_scaling`); then, in order, each attempt accepted
-    only if the probe solve recovers its vector to 1e-6:
+    only if the probe solve recovers its vector to 1e-6 (or its condition estimate is below 1e8):
 
     1. the chosen solver on ``K``;
     2. the chosen solver on the quasi-definite ``K + diag(δ₀I, −δ₀I)`` with a tiny ``δ₀`` (how
@@ -370,14 +371,19 @@ class RobustKKT(Factorization):
         return F
 
     def _accept(self, lin: LinearSolver, reg: float, steps: int) -> bool:
-        """Factorize ``Ks`` (+ reg) with ``lin``; keep it when the probe solve recovers the probe."""
+        """Factorize ``Ks`` (+ reg) with ``lin``; keep it when the probe solve recovers the probe.
+
+        A factorization of ``Ks`` itself (no ``reg``) whose condition estimate shows it well
+        conditioned (``reciprocal_condition() > _WELL_CONDITIONED``) is kept without the probe: its
+        solves pass the probe's test by a wide margin. With ``reg`` the estimate is of ``Ks + reg``,
+        not of the ``Ks`` the refinement solves against, so the probe decides."""
         probe = self._probe
         try:
             with numerics_quiet():
                 M = self.Ks if not reg else _plus_reg(self.Ks, self.n, reg)
                 self._F = self._factor(lin, M)
                 rcond = self._F.reciprocal_condition()
-                if rcond is not None and rcond > _WELL_CONDITIONED:
+                if not reg and rcond is not None and rcond > _WELL_CONDITIONED:
                     return True
                 err = np.linalg.norm(self._solve_scaled(self._Kx(probe), steps=steps) - probe) / np.linalg.norm(probe)
             if np.isfinite(err) and err < 1e-6:
@@ -579,8 +585,9 @@ def _norm(x: np.ndarray) -> float:
 
 
 #: reciprocal condition number above which a backward-stable factorization (a pivoting LU) is
-#: accepted without the probe solve: its solves are accurate to about cond·ε ≤ 1e-8 relative, well
-#: inside the probe's 1e-6 test, so the probe would pass
+#: accepted without the probe solve: its solves are accurate to about cond·ε ≈ 2e-8 relative before
+#: refinement (LAPACK's estimate is within a small factor of the truth), well inside the probe's 1e-6
+#: test, so the probe would pass
 _WELL_CONDITIONED = 1e-8
 #: relative residual at which iterative refinement stops (a few units of round-off)
 _REFINED = 1e-15

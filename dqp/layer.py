@@ -57,7 +57,7 @@ def _row_scale_sparse(M: SparseArg, B: int) -> Tuple[SparseArg, torch.Tensor]:
     r = torch.stack(norms)
     if M.shared:
         r = r.expand(B, -1)
-    return SparseArg(vals, M.ccols, M.rows, M.offsets, M.shape, M.shared), r
+    return SparseArg(vals, M.ccols, M.rows, M.offsets, M.shape, M.shared, patterns=M.patterns), r
 
 
 def _scale_rows(M, v: torch.Tensor, B: int):

@@ -49,10 +49,8 @@ def small_problems(directory: str, max_size: int) -> List[str]:
 
 
 def _cell(name: str, solver: str, directory: str, reps: int) -> Dict[str, Any]:
-    import torch
-
-    sys.path.insert(0, str(HERE))
     import blackbox_overhead as bo
+    import torch
 
     prob = bo._mm_problem(name, directory)
     layer = bo._layer("ours", solver, True)
@@ -86,6 +84,7 @@ def worker(args: argparse.Namespace) -> None:
 
     warnings.simplefilter("ignore")
     torch.set_num_threads(1)
+    sys.path.insert(0, str(HERE))  # (blackbox_overhead's problem loaders)
     import dqp
 
     rows = []
@@ -143,7 +142,8 @@ def report(ours: Dict[str, Any], other: Optional[Dict[str, Any]], command: str) 
         gained = [k for k in both if a[k]["verified"] and not b[k]["verified"]]
         fa, fb = sum(a[k]["factorizations"] for k in both), sum(b[k]["factorizations"] for k in both)
         ta, tb = sum(a[k]["t_fwd"] for k in both), sum(b[k]["t_fwd"] for k in both)
-        ratio = statistics.median(a[k]["t_fwd"] / b[k]["t_fwd"] for k in both)
+        ratios = [a[k]["t_fwd"] / b[k]["t_fwd"] for k in both if b[k]["t_fwd"] > 0]
+        ratio = statistics.median(ratios) if ratios else float("nan")
         lines += [
             "",
             "## Next to the compared build",

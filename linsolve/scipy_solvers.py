@@ -50,7 +50,7 @@ def _lu_rcond(lu: np.ndarray, norm1: float, info: int) -> float:
     non-finite ``K``)."""
     from scipy.linalg.lapack import dgecon
 
-    if info > 0 or not (0.0 < norm1 < np.inf) or lu.shape[0] == 0:
+    if info > 0 or not (0.0 < norm1 < np.inf):  # singular, zero or non-finite K
         return 0.0
     rcond, _ = dgecon(lu, norm1, norm="1")
     return float(rcond) if np.isfinite(rcond) else 0.0

@@ -142,6 +142,8 @@ def test_blackbox_overhead_short(tmp_path):
 def test_polish_sweep_short(tmp_path):
     """The sweep's short mode: three tiny problems (shipped with the tests) verified with one or two
     factorizations each, and the report names its command."""
+    pytest.importorskip("piqp")
+    pytest.importorskip("clarabel")
     out = tmp_path / "ps"
     proc = subprocess.run(
         [sys.executable, str(ROOT / "experiments" / "polish_sweep.py"), "--short", "--out", str(out)],
@@ -152,8 +154,25 @@ def test_polish_sweep_short(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = json.loads(out.with_suffix(".json").read_text())
-    assert len(rows) == 6 and all(r["verified"] and r["factorizations"] <= 2 for r in rows), rows
+    assert len(rows) == 6 and all(r.get("verified") and r["factorizations"] <= 2 for r in rows), rows
     assert "Command: `python experiments/polish_sweep.py --short" in out.with_suffix(".md").read_text()
+
+
+def test_polish_sweep_says_which_build_failed(tmp_path):
+    """A compared build that cannot be imported stops the sweep with the worker's error."""
+    broken = tmp_path / "build" / "dqp"
+    broken.mkdir(parents=True)
+    (broken / "__init__.py").write_text('raise ImportError("this build is broken")\n')
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "experiments" / "polish_sweep.py"), "--short", "--out", str(tmp_path / "ps")]
+        + ["--compare-path", str(broken.parent)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=ROOT,
+    )
+    assert proc.returncode != 0
+    assert "compare worker failed" in proc.stderr and "this build is broken" in proc.stderr
 
 
 def test_warm_start_without_effect_is_said_once():

@@ -196,6 +196,11 @@ def test_lu_reports_its_condition():
         assert exact / 10 <= est <= exact * 10, (scale, est, exact)
     singular = np.array([[1.0, 2.0], [2.0, 4.0]])
     assert get_linsolver("scipy_lu").factor(singular).reciprocal_condition() == 0.0
+    assert get_linsolver("scipy_lu").factor(np.zeros((3, 3))).reciprocal_condition() == 0.0
+    for bad in (np.nan, np.inf):
+        M = np.eye(3)
+        M[1, 2] = bad
+        assert get_linsolver("scipy_lu").factor(M).reciprocal_condition() == 0.0
     Kq = np.array([[2.0, 0, 1], [0, -1.0, 0], [1, 0, -1.0]])
     assert get_linsolver("qdldl").factor(sp.csc_matrix(Kq)).reciprocal_condition() is None
 

@@ -299,6 +299,22 @@ def test_osqp_warm_start_saves_iterations():
     assert totals[True] < totals[False]
 
 
+def test_editing_the_output_leaves_the_warm_start_alone():
+    """A one-problem call's outputs are the caller's own: editing z in place (here to NaN) does not
+    reach the layer's warm start, so the next call starts from the previous solution and agrees."""
+    P, q, C, d, A, b, *_ = random_qp(20, 30, 2, seed=3)
+    layer = dQP.dQP_layer(qp_solver="osqp", warm_start_from_previous=True)
+    with torch.no_grad():
+        z, lam, mu = layer(P, q, C, d, A, b)[:3]
+        first, first_iterations = z.clone(), layer.info.iterations[0]
+        for t in (z, lam, mu):
+            t.fill_(float("nan"))
+        again = layer(P, q, C, d, A, b)[0]
+    # OSQP itself solved it, from the previous solution (a NaN start fails and Clarabel steps in)
+    assert layer.info.messages == [""] and layer.info.iterations[0] < first_iterations, layer.info
+    assert layer.info.verified == [True] and torch.allclose(again, first, atol=1e-9)
+
+
 def test_reference_defaults_are_accepted():
     """libdqp-style calls: None means 'choose', eps_rel may be 0."""
     s = dQP.build_settings(qp_solver=None, lin_solver=None, dual_available=None, eps_rel=0)
