@@ -13,6 +13,7 @@ shared one) plus the CSC patterns.
 from __future__ import annotations
 
 import copy
+import itertools
 import math
 from dataclasses import dataclass
 from typing import Callable, List, Optional, Tuple, Union
@@ -332,7 +333,7 @@ def _sparse_arg(name: str, M, shape_rows: Optional[int], n: int) -> Tuple[Sparse
     ccols = [pat.ccol for pat in patterns]
     rows = [pat.rows for pat in patterns]
     nnz = [len(x) for x in rows]
-    offsets = list(np.concatenate([[0], np.cumsum(nnz)[:-1]]).astype(int))
+    offsets = [0, *itertools.accumulate(nnz[:-1])]  # (Python ints; NumPy's cumsum costs 10 µs here)
     values = csc[0].values() if len(csc) == 1 else torch.cat([t.values() for t in csc])
     B = None if len(csc) == 1 and not isinstance(M, (list, tuple)) else len(csc)
     return SparseArg(values, ccols, rows, offsets, (r, c), shared=len(csc) == 1, patterns=patterns), r, B
