@@ -11,6 +11,19 @@ import torch
 
 import dqp.solvers as solvers
 
+try:  # (hypothesis is a test extra; the property tests import it themselves)
+    import os
+
+    from hypothesis import settings as _hyp
+
+    # The property tests draw the same examples on every run: a suite that passes or fails by chance
+    # says nothing about a change. HYPOTHESIS_PROFILE=explore draws new ones (and keeps failures).
+    _hyp.register_profile("repeatable", derandomize=True, database=None)
+    _hyp.register_profile("explore")
+    _hyp.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "repeatable"))
+except ImportError:  # pragma: no cover
+    pass
+
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 REPO = Path(__file__).resolve().parents[1]

@@ -1530,3 +1530,23 @@ def test_verified_needs_the_unscaled_constraints_to_hold():
     assert _feasible(z_ok * 1.01, C, d, None, None).tolist() == [False, False]  # 1 % over, at any scale
     A, b = C.clone(), d.clone()
     assert _feasible(z_ok * 0.99, None, None, A, b).tolist() == [False, False]  # equalities: both sides
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=AssertionError,
+    reason="known defect: on this one-variable QP with every row inactive the batched interior point's "
+    "iterates jump between the two ends of the feasible interval and it stops with NUMERICAL (a stall); "
+    "found by the property tests' random examples",
+)
+def test_one_variable_qp_with_inactive_rows():
+    from dqp import dQP
+
+    P = torch.tensor([[0.5158]], dtype=torch.float64)
+    q = torch.tensor([0.2763], dtype=torch.float64)
+    C = torch.tensor([[-0.1321], [0.6404], [0.1049]], dtype=torch.float64)
+    d = torch.tensor([1.2493, 1.5401, 1.6123], dtype=torch.float64)
+    layer = dQP.dQP_layer(qp_solver="dqp_ipm", on_failure="mask")
+    z = layer(P, q, C, d)[0]
+    assert layer.info.status[0].name == "SOLVED"
+    assert torch.allclose(z.reshape(-1), -q / P[0], atol=1e-8)
