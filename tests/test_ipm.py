@@ -1537,7 +1537,8 @@ def test_verified_needs_the_unscaled_constraints_to_hold():
     raises=AssertionError,
     reason="known defect: on this one-variable QP with every row inactive the batched interior point's "
     "iterates jump between the two ends of the feasible interval and it stops with NUMERICAL (a stall); "
-    "found by the property tests' random examples",
+    "its separate primal and dual step lengths do it: one common step (separate_steps=False) or a step "
+    "fraction of 0.9 converges to z = -q/P. Found by the property tests' random examples",
 )
 def test_one_variable_qp_with_inactive_rows():
     from dqp import dQP
@@ -1546,6 +1547,8 @@ def test_one_variable_qp_with_inactive_rows():
     q = torch.tensor([0.2763], dtype=torch.float64)
     C = torch.tensor([[-0.1321], [0.6404], [0.1049]], dtype=torch.float64)
     d = torch.tensor([1.2493, 1.5401, 1.6123], dtype=torch.float64)
+    common = ipm_solve(P, q, C, d, separate_steps=False)  # (the diagnosis: one common step converges)
+    assert int(common.status[0]) == int(Status.SOLVED) and torch.allclose(common.z.reshape(-1), -q / P[0], atol=1e-8)
     layer = dQP.dQP_layer(qp_solver="dqp_ipm", on_failure="mask")
     z = layer(P, q, C, d)[0]
     assert layer.info.status[0].name == "SOLVED"
