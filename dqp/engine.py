@@ -151,9 +151,14 @@ def _abs_rows(C, x: np.ndarray, mats: Optional[Derived] = None) -> np.ndarray:
     return abs(C) @ np.abs(x) if mats is None else mats.abs_times(C, x)
 
 
-def _times(M, x: np.ndarray, mats: Optional[Derived] = None) -> np.ndarray:
-    """``M x`` (made once per point when ``mats`` keeps the element's products)."""
-    return M @ x if mats is None else mats.times(M, x)
+def _row_sizes(C, d: np.ndarray, x: np.ndarray, mats: Derived) -> np.ndarray:
+    """``max(|d_i|, |C_i||x|)`` (at least tiny): the natural size of row ``i``'s slack at ``x``."""
+    return np.maximum(np.maximum(np.abs(d), mats.abs_times(C, x)), _TINY)
+
+
+def _point_sizes(C, x: np.ndarray, mats: Derived) -> np.ndarray:
+    """``‖C_i‖₁‖x‖∞``: the size of ``C_i x`` at the scale of the whole point."""
+    return mats.abs_row_sums(C) * inf_norm(x)
 
 
 def detect_active(
@@ -170,15 +175,14 @@ def detect_active(
     while slack rows at that scale carry duals below 1e-8·‖μ‖∞.
     Returns the mask and the number of weakly active constraints (small slack *and* small dual).
     """
-    slack = d - _times(C, x, mats)
-    own = np.maximum(np.maximum(np.abs(d), _abs_rows(C, x, mats)), _TINY)
-    near = slack <= eps * own
+    mats = Derived() if mats is None else mats
+    slack = d - mats.times(C, x)
+    near = slack <= eps * _row_sizes(C, d, x, mats)
     if mu is None:
         return near, 0
     mu_max = max(float(np.abs(mu).max(initial=0.0)), _TINY)
     big = mu > eps * mu_max
-    rowsum = mats.abs_row_sums(C) if mats is not None else np.asarray(abs(C).sum(axis=1)).ravel()
-    near |= (slack <= eps * rowsum * inf_norm(x)) & (mu > 1e-2 * eps * mu_max)
+    near |= (slack <= eps * _point_sizes(C, x, mats)) & (mu > 1e-2 * eps * mu_max)
     weak = int(np.count_nonzero(near & ~big))
     return near | big, weak
 
@@ -291,7 +295,7 @@ def _checked(P, q, C, d, A, b, z, lam, muJ, J: np.ndarray, kkt: RobustKKT, tol: 
         r_stat = r_stat + CTm
         terms.append(mats.absT(C) @ mu_pos)
         Cz = mats.times(C, z)
-        row_size = np.maximum(np.maximum(np.abs(d), _abs_rows(C, z, mats)), _TINY)
+        row_size = _row_sizes(C, d, z, mats)
         viol = (Cz - d) - tol * row_size
         if len(J):
             r_prim = max(r_prim, inf_norm(Cz[J] - d[J]))
@@ -401,8 +405,9 @@ def _include_weakly_active(
     does not depend on which solver, tolerance or warm start produced the point.
     """
     z, lam, mu, active, kkt, verified, it = out
-    slack = d - _times(C, z, mats)
-    at_bound = (~active) & (slack <= eps * np.maximum(np.maximum(np.abs(d), _abs_rows(C, z, mats)), _TINY))
+    mats = Derived() if mats is None else mats
+    slack = d - mats.times(C, z)
+    at_bound = (~active) & (slack <= eps * _row_sizes(C, d, z, mats))
     if not at_bound.any():
         return out
     cand = polish(
@@ -437,8 +442,7 @@ def _clear_slack(C, d: np.ndarray, x: np.ndarray, mu: np.ndarray, eps: float, ma
     ``−x_j ≤ 0`` at ``x_j ≈ 1e-12`` small (its own terms alone would make it look slack).
     """
     slack = d - mats.times(C, x)
-    size = np.maximum(np.maximum(np.abs(d), _abs_rows(C, x, mats)), mats.abs_row_sums(C) * inf_norm(x))
-    rel_slack = slack / np.maximum(size, _TINY)
+    rel_slack = slack / np.maximum(_row_sizes(C, d, x, mats), _point_sizes(C, x, mats))
     rel_mu = mu / max(inf_norm(mu), _TINY)
     return (rel_slack > eps) & (rel_slack > rel_mu)
 
@@ -451,7 +455,7 @@ def _repaired(data, out, eps: float, mats: Derived) -> Tuple[Optional[np.ndarray
     z, lam, mu, active, kkt, verified, it = out
     tol = max(1e-2 * eps, 1e-13)
     Cz = mats.times(C, z)
-    viol = (Cz - d) - tol * np.maximum(np.maximum(np.abs(d), _abs_rows(C, z, mats)), _TINY)
+    viol = (Cz - d) - tol * _row_sizes(C, d, z, mats)
     viol[active] = -np.inf
     if (viol > 0).any():
         return active | (viol > 0), "add"
@@ -847,6 +851,7 @@ class Engine:
         s = self.settings
         P, q, C, d, A, b = data
         m = 0 if C is None else C.shape[0]
+        mats = Derived() if mats is None else mats
         z, lam, mu, active, kkt, verified, it = out
         if not verified and raw is not None:
             # keep the solver's own primal-dual point: the set could not be made consistent
@@ -860,8 +865,8 @@ class Engine:
         mu = np.where(active, np.maximum(mu, 0.0), 0.0) if m else mu
         n_weak, margin = 0, float("inf")
         if m:  # weakly active: on the boundary with a (near) zero multiplier, after the polish
-            slack = d - _times(C, z, mats)
-            at_bound = slack <= s.eps_active * np.maximum(np.maximum(np.abs(d), _abs_rows(C, z, mats)), _TINY)
+            slack = d - mats.times(C, z)
+            at_bound = slack <= s.eps_active * _row_sizes(C, d, z, mats)
             zero_dual = mu <= s.eps_active * max(float(mu.max(initial=0.0)), _TINY)
             n_weak = int(np.count_nonzero(at_bound & zero_dual))
             margin = strict_complementarity_margin(slack, mu, active)
