@@ -122,15 +122,15 @@ def test_osqp_reused_workspace_takes_no_more_iterations_than_a_fresh_one():
         np.testing.assert_allclose(reused.x, fresh.x, atol=1e-5)
 
 
+def _study(script: str, *args: str) -> subprocess.CompletedProcess:
+    """``experiments/<script> --short *args`` in a subprocess, from the checkout."""
+    cmd = [sys.executable, str(ROOT / "experiments" / script), "--short", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
+
+
 def test_blackbox_overhead_short(tmp_path):
     out = tmp_path / "bbo"
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "experiments" / "blackbox_overhead.py"), "--short", "--out", str(out)],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        cwd=ROOT,
-    )
+    proc = _study("blackbox_overhead.py", "--out", str(out))
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = list(csv.DictReader(open(out.with_suffix(".csv"))))
     assert rows and all(r["status"] == "ok" for r in rows), [r["status"] for r in rows]
@@ -145,13 +145,7 @@ def test_polish_sweep_short(tmp_path):
     pytest.importorskip("piqp")
     pytest.importorskip("clarabel")
     out = tmp_path / "ps"
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "experiments" / "polish_sweep.py"), "--short", "--out", str(out)],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        cwd=ROOT,
-    )
+    proc = _study("polish_sweep.py", "--out", str(out))
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = json.loads(out.with_suffix(".json").read_text())
     assert len(rows) == 6 and all(r.get("verified") and r["factorizations"] <= 2 for r in rows), rows
@@ -163,14 +157,7 @@ def test_polish_sweep_says_which_build_failed(tmp_path):
     broken = tmp_path / "build" / "dqp"
     broken.mkdir(parents=True)
     (broken / "__init__.py").write_text('raise ImportError("this build is broken")\n')
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "experiments" / "polish_sweep.py"), "--short", "--out", str(tmp_path / "ps")]
-        + ["--compare-path", str(broken.parent)],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        cwd=ROOT,
-    )
+    proc = _study("polish_sweep.py", "--out", str(tmp_path / "ps"), "--compare-path", str(broken.parent))
     assert proc.returncode != 0
     assert "compare worker failed" in proc.stderr and "this build is broken" in proc.stderr
 
