@@ -640,7 +640,7 @@ def _dense_ok_numpy(args: dict, tol: float) -> bool:
 
     The common case costs one sum per argument and one comparison of P with its transpose: a finite
     total means every argument is finite, and an exactly symmetric finite P passes the tolerance test
-    (its asymmetry is 0). Anything else takes the tolerance test itself (:func:`_dense_ok_tolerance`).
+    (its asymmetry is 0). Anything else takes the tolerance test itself (:func:`_dense_ok_flag`).
     """
     arrays = [x.detach().numpy() for x in args.values() if x is not None]  # P first
     with np.errstate(all="ignore"):
@@ -648,18 +648,7 @@ def _dense_ok_numpy(args: dict, tol: float) -> bool:
         Pd = arrays[0]
         if math.isfinite(total) and np.equal(Pd, np.swapaxes(Pd, -1, -2)).all():
             return True
-    return _dense_ok_tolerance(args, tol)
-
-
-def _dense_ok_tolerance(args: dict, tol: float) -> bool:
-    """:func:`_dense_ok_numpy`'s full test: every argument's sum finite, P symmetric to ``tol``."""
-    with np.errstate(all="ignore"):
-        for name, x in args.items():
-            if x is not None and name != "P" and not np.isfinite(x.detach().numpy().sum()):
-                return False
-        Pd = args["P"].detach().numpy()
-        asym = np.abs(Pd - np.swapaxes(Pd, -1, -2)).max(axis=(-1, -2))
-        return bool(np.all(asym <= tol * (1.0 + np.abs(Pd).max(axis=(-1, -2)))))
+    return bool(_dense_ok_flag(args, tol))
 
 
 def _check_symmetric(batch: QPBatch, tol: float) -> None:
