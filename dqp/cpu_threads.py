@@ -42,3 +42,9 @@ def serial_if_small(device: torch.device, work: int, max_work: int) -> Iterator[
 def batch_work(B: int, n: int, m: int, p: int) -> int:
     """``B·k³`` with ``k = n + m + p``: the work measure of a batch of dense QPs."""
     return B * (n + m + p) ** 3
+
+
+def qp_batch_work(P: torch.Tensor, C: Optional[torch.Tensor], A: Optional[torch.Tensor]) -> int:
+    """:func:`batch_work` of the batch ``P (B, n, n)``, ``C (B, m, n)``, ``A (B, p, n)`` (absent: None)."""
+    rows = lambda M: 0 if M is None else M.shape[-2]  # noqa: E731
+    return batch_work(P.shape[0], P.shape[-1], rows(C), rows(A))

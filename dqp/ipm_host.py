@@ -18,7 +18,7 @@ from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 
-from dqp.cpu_threads import batch_work
+from dqp.cpu_threads import qp_batch_work
 from dqp.linsolve.cholesky import compiling
 from dqp.linsolve.torch_batched import BatchedKKT
 from dqp.solvers.ipm import IPMOptions
@@ -34,8 +34,7 @@ def on_host(P: Tensor, C: Optional[Tensor], A: Optional[Tensor], options: IPMOpt
     """Whether this (broadcast, ``(B, n, n)``) CUDA batch is solved on the host CPU."""
     if P.device.type != "cuda" or options.host_max_work <= 0:
         return False
-    m, p = (0 if C is None else C.shape[-2]), (0 if A is None else A.shape[-2])
-    return batch_work(P.shape[0], P.shape[-1], m, p) <= options.host_max_work and not _capturing_or_compiling()
+    return qp_batch_work(P, C, A) <= options.host_max_work and not _capturing_or_compiling()
 
 
 def to_host(tensors: Sequence[Optional[Tensor]]) -> List[Optional[Tensor]]:

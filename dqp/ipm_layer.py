@@ -56,7 +56,7 @@ from typing import TYPE_CHECKING, Any, Dict, Optional, Tuple
 
 import torch
 
-from dqp.cpu_threads import batch_work, serial_if_small
+from dqp.cpu_threads import qp_batch_work, serial_if_small
 from dqp.errors import SettingsError, ShapeError, Status, error_for_statuses
 from dqp.gradients import dense_grads
 from dqp.ipm_host import on_host, solve_on_host
@@ -131,10 +131,6 @@ def _with_kernel_threads(options: IPMOptions, threads: int) -> IPMOptions:
     return options.replace(kernel={"cpu_threads": threads})
 
 
-def _rows(M: Optional[Tensor]) -> int:
-    return 0 if M is None else M.shape[-2]
-
-
 def _wide_dtype(P: Tensor) -> Optional[torch.dtype]:
     """float64 for float32/float16/bfloat16 data on a device with float64 (the polish dtype), else None."""
     if P.dtype == torch.float64 or not P.dtype.is_floating_point or P.device.type == "mps":
@@ -184,7 +180,7 @@ class IPMQPFunction(torch.autograd.Function):
     def forward(P, q, C, d, A, b, options: Optional[Dict[str, Any]] = None):
         """IPM solve, active-set classification and polish; returns ``(z, lam, mu, status, active, kkt)``."""
         eng = _options(dict(options or {}))
-        work = batch_work(P.shape[0], P.shape[-1], _rows(C), _rows(A))
+        work = qp_batch_work(P, C, A)
         with serial_if_small(P.device, work, eng.cpu_serial_max_work) as threads:
             if threads is not None and eng.kernel.cpu_threads is None:
                 # the kernel's C++ build keeps the caller's threads (its split is dynamic)
@@ -303,8 +299,7 @@ class IPMQPFunction(torch.autograd.Function):
         ctx.kkt = kkt
         ctx.engine_options = _options(dict(inputs[6] or {})) if len(inputs) > 6 else DEFAULT_OPTIONS
         ctx.shapes = [None if t is None else t.shape for t in inputs[:6]]
-        P = inputs[0]
-        ctx.work = batch_work(P.shape[0], P.shape[-1], _rows(inputs[2]), _rows(inputs[4]))
+        ctx.work = qp_batch_work(inputs[0], inputs[2], inputs[4])
         ctx.save_for_backward(z, lam, mu, status, active)
         ctx.mark_non_differentiable(status)
         if active is not None:

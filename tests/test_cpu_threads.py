@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from dqp.cpu_threads import batch_work, serial_if_small
+from dqp.cpu_threads import batch_work, qp_batch_work, serial_if_small
 from dqp.ipm_layer import solve_qp_batch
 from dqp.solvers.ipm import IPMOptions
 
@@ -40,6 +40,8 @@ def test_large_work_disabled_or_other_devices_keep_the_threads(two_threads, work
 
 def test_batch_work():
     assert batch_work(3, 10, 5, 2) == 3 * 17**3
+    P, C, A = torch.zeros(3, 10, 10), torch.zeros(3, 5, 10), torch.zeros(3, 2, 10)
+    assert qp_batch_work(P, C, A) == batch_work(3, 10, 5, 2) and qp_batch_work(P, None, None) == 3 * 10**3
 
 
 def test_solve_answers_do_not_depend_on_the_thread_count(two_threads):
